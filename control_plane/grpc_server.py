@@ -1,0 +1,68 @@
+"""One way to start a grpc.aio server: the given services plus health checking and reflection.
+
+Every process of the system (scheduler replicas, llumlets, frontends, test sinks) starts its server here, so health
+and reflection are always on and the bound port is always reported the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+# (add_XServicer_to_server, servicer instance, full service name, e.g. "llumnix.v1.LlumletService")
+ServiceBinding = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
+
+DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, service: str, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(service, status)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    bindings: Sequence[ServiceBinding],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    options: Sequence[tuple[str, int]] = DEFAULT_OPTIONS,
+) -> RunningServer:
+    """Starts a server on host:port (port 0 picks a free one) with health + reflection; all services SERVING."""
+    server = grpc.aio.server(options=list(options))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    for add, servicer, name in bindings:
+        add(servicer, server)
+        names.append(name)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC server to {host}:{port}")
+    await server.start()
+    for _, _, name in bindings:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server=server, port=bound, health=health_servicer)
