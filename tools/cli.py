@@ -12,8 +12,12 @@ from typing import Any
 import click
 
 # name -> "module:attribute" under pyllumnix; add a line here to add a sub-command.
-COMMANDS: dict[str, str] = {}
-BENCH_COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "llumlet": "data_plane.llumlet.main:llumlet_command",
+}
+BENCH_COMMANDS: dict[str, str] = {
+    "dataplane": "tools.bench_dataplane:bench_dataplane",
+}
 
 
 class LazyGroup(click.Group):

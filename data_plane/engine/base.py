@@ -206,7 +206,13 @@ class Engine(ABC):
 
     @abstractmethod
     def read_blocks(self, block_ids: Sequence[int]) -> BlockBuffer:
-        """Copies the blocks' bytes into a new (len, block_bytes) buffer."""
+        """Copies the blocks' bytes into a new (len, block_bytes) buffer. May run in another thread while the engine
+        steps: pre-copy stages read completed blocks, whose bytes no longer change. Raises KeyError for a block
+        that is not in use."""
+
+    @abstractmethod
+    def export_state(self, request_id: str) -> MigrationState:
+        """A read-only snapshot of the request's continuation state (any phase). Raises UnknownRequestError."""
 
     @abstractmethod
     def suspend(self, request_id: str) -> MigrationState:
@@ -231,7 +237,8 @@ class Engine(ABC):
 
     @abstractmethod
     def write_blocks(self, block_ids: Sequence[int], data: BlockBuffer) -> None:
-        """Writes (len, block_bytes) bytes into reserved blocks."""
+        """Writes (len, block_bytes) bytes into reserved blocks. May run in another thread while the engine steps
+        (reserved blocks belong to no request yet)."""
 
     @abstractmethod
     def commit_incoming(self, state: MigrationState, block_ids: Sequence[int], now: float) -> None:

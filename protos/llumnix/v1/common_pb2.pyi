@@ -327,6 +327,7 @@ class RequestLoad(_message.Message):
     NUM_OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
     NUM_PREEMPTIONS_FIELD_NUMBER: _builtins.int
     ARRIVAL_TIME_FIELD_NUMBER: _builtins.int
+    FRONTEND_ADDRESS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     phase: Global___RequestPhase.ValueType
     priority: Global___Priority.ValueType
@@ -338,6 +339,8 @@ class RequestLoad(_message.Message):
     num_output_tokens: _builtins.int
     num_preemptions: _builtins.int
     arrival_time: _builtins.float
+    frontend_address: _builtins.str
+    """The frontend that owns the request (the scheduler reports a lost instance's requests there)."""
     def __init__(
         self,
         *,
@@ -350,10 +353,11 @@ class RequestLoad(_message.Message):
         num_output_tokens: _builtins.int = ...,
         num_preemptions: _builtins.int = ...,
         arrival_time: _builtins.float = ...,
+        frontend_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival_time", b"arrival_time", "demand_blocks", b"demand_blocks", "num_blocks", b"num_blocks", "num_output_tokens", b"num_output_tokens", "num_preemptions", b"num_preemptions", "num_prompt_tokens", b"num_prompt_tokens", "phase", b"phase", "priority", b"priority", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival_time", b"arrival_time", "demand_blocks", b"demand_blocks", "frontend_address", b"frontend_address", "num_blocks", b"num_blocks", "num_output_tokens", b"num_output_tokens", "num_preemptions", b"num_preemptions", "num_prompt_tokens", b"num_prompt_tokens", "phase", b"phase", "priority", b"priority", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

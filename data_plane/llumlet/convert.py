@@ -1,0 +1,150 @@
+"""Conversions between the engine's dataclasses and the v1 protos, in one place."""
+
+from __future__ import annotations
+
+from pyllumnix.data_plane.engine.base import (
+    Finish,
+    LoadSnapshot,
+    MigrationState,
+    Phase,
+    RequestLoadInfo,
+    RequestSpec,
+    Sampling,
+    TokenOutput,
+)
+from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
+
+_FINISH_TO_PB = {
+    Finish.STOP: common_pb2.FINISH_REASON_STOP,
+    Finish.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    Finish.ABORT: common_pb2.FINISH_REASON_ABORT,
+    Finish.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+_PHASE_TO_PB = {
+    Phase.WAITING: common_pb2.REQUEST_PHASE_WAITING,
+    Phase.RUNNING: common_pb2.REQUEST_PHASE_RUNNING,
+    Phase.SUSPENDED: common_pb2.REQUEST_PHASE_MIGRATING,
+    Phase.FINISHED: common_pb2.REQUEST_PHASE_FINISHED,
+}
+
+
+def priority_of(pb: int) -> int:
+    """UNSPECIFIED means NORMAL."""
+    return common_pb2.PRIORITY_NORMAL if pb == common_pb2.PRIORITY_UNSPECIFIED else pb
+
+
+def spec_from_pb(req: common_pb2.EngineRequest) -> RequestSpec:
+    s = req.sampling
+    sampling = Sampling(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p or 1.0,
+        top_k=s.top_k,
+        seed=s.seed if s.HasField("seed") else None,
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty or 1.0,
+    )
+    return RequestSpec(
+        request_id=req.request_id,
+        prompt_token_ids=tuple(req.prompt_token_ids),
+        sampling=sampling,
+        priority=priority_of(req.priority),
+        arrival_time=req.arrival_time,
+    )
+
+
+def spec_to_pb(spec: RequestSpec, frontend_address: str) -> common_pb2.EngineRequest:
+    s = spec.sampling
+    sampling = common_pb2.SamplingParams(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        stop_token_ids=list(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        presence_penalty=s.presence_penalty,
+        frequency_penalty=s.frequency_penalty,
+        repetition_penalty=s.repetition_penalty,
+    )
+    if s.seed is not None:
+        sampling.seed = s.seed
+    return common_pb2.EngineRequest(
+        request_id=spec.request_id,
+        prompt_token_ids=list(spec.prompt_token_ids),
+        sampling=sampling,
+        priority=spec.priority,  # type: ignore[arg-type]
+        frontend_address=frontend_address,
+        arrival_time=spec.arrival_time,
+    )
+
+
+def output_to_pb(out: TokenOutput, instance_id: str, num_prompt_tokens: int = 0) -> common_pb2.RequestOutput:
+    return common_pb2.RequestOutput(
+        request_id=out.request_id,
+        token_ids=list(out.token_ids),
+        first_token_index=out.first_index,
+        finished=out.finished,
+        finish_reason=_FINISH_TO_PB[out.finish] if out.finish else common_pb2.FINISH_REASON_UNSPECIFIED,
+        error=out.error,
+        instance_id=instance_id,
+        num_prompt_tokens=num_prompt_tokens,
+    )
+
+
+def request_load_to_pb(r: RequestLoadInfo) -> common_pb2.RequestLoad:
+    return common_pb2.RequestLoad(
+        request_id=r.request_id,
+        phase=_PHASE_TO_PB[r.phase],
+        priority=r.priority,  # type: ignore[arg-type]
+        num_blocks=r.num_blocks,
+        demand_blocks=r.demand_blocks,
+        num_prompt_tokens=r.num_prompt_tokens,
+        num_output_tokens=r.num_output_tokens,
+        num_preemptions=r.num_preemptions,
+        arrival_time=r.arrival_time,
+    )
+
+
+def load_to_pb(snap: LoadSnapshot, instance_id: str, seq: int, timestamp: float) -> common_pb2.InstanceLoad:
+    return common_pb2.InstanceLoad(
+        instance_id=instance_id,
+        seq=seq,
+        total_blocks=snap.total_blocks,
+        free_blocks=snap.free_blocks,
+        block_size=snap.block_size,
+        watermark_blocks=snap.watermark_blocks,
+        num_running=snap.num_running,
+        num_waiting=snap.num_waiting,
+        num_preempted=snap.num_preempted,
+        head_of_line_demand_blocks=snap.head_of_line_demand_blocks,
+        waiting_demand_blocks=snap.waiting_demand_blocks,
+        requests=[request_load_to_pb(r) for r in snap.requests],
+        reserved_blocks=snap.reserved_blocks,
+        total_preemptions=snap.total_preemptions,
+        timestamp=timestamp,
+    )
+
+
+def migration_state_to_pb(state: MigrationState, frontend_address: str) -> llumlet_pb2.MigratingRequest:
+    return llumlet_pb2.MigratingRequest(
+        request=spec_to_pb(state.spec, frontend_address),
+        output_token_ids=list(state.output_token_ids),
+        num_computed_tokens=state.num_computed_tokens,
+        num_preemptions=state.num_preemptions,
+        engine_state=state.engine_state,
+        first_token_time=state.first_token_time,
+    )
+
+
+def migration_state_from_pb(pb: llumlet_pb2.MigratingRequest) -> MigrationState:
+    return MigrationState(
+        spec=spec_from_pb(pb.request),
+        output_token_ids=tuple(pb.output_token_ids),
+        num_computed_tokens=pb.num_computed_tokens,
+        num_preemptions=pb.num_preemptions,
+        engine_state=pb.engine_state,
+        first_token_time=pb.first_token_time,
+    )

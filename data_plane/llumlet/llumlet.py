@@ -1,0 +1,206 @@
+"""The llumlet's core: one engine, its real-time step loop, and everything that touches the engine between steps.
+
+Every engine access holds ``engine_lock``; the step loop holds it for a whole step (compute, the modelled or measured
+duration, and handing the step's outputs to the pusher) and releases it between steps. So a handler that takes the
+lock (add, abort, a migration stage) always runs between two steps, after the previous step's outputs are queued, and
+asyncio's FIFO lock keeps the loop from starving them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pyllumnix.data_plane.engine.base import Engine, Finish, MigrationState, Phase, TokenOutput, UnknownRequestError
+from pyllumnix.data_plane.llumlet import convert
+from pyllumnix.data_plane.llumlet.output_push import OutputPusher
+from pyllumnix.protos.llumnix.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+class InstanceNotAcceptingError(Exception):
+    """The instance is draining or cordoned (FAILED_PRECONDITION)."""
+
+
+@dataclass
+class LlumletStats:
+    steps: int = 0
+    step_errors: int = 0
+    requests_added: int = 0
+    requests_finished: int = 0
+    migrations_in: int = 0
+    migrations_out: int = 0
+    last_step_duration: float = 0.0
+
+
+@dataclass
+class RequestOwner:
+    frontend_address: str
+    num_prompt_tokens: int
+    # Called with each output before it is pushed (tests and metrics hooks).
+    listeners: list[Callable[[TokenOutput], None]] = field(default_factory=list)
+
+
+class Llumlet:
+    """Runs ``engine`` in real time. ``step_in_thread`` runs each step in a worker thread (vLLM, whose step blocks);
+    the simulated engine steps inline (its step only computes and returns the modelled duration)."""
+
+    def __init__(self, engine: Engine, instance_id: str, *, step_in_thread: bool = False) -> None:
+        self.engine = engine
+        self.instance_id = instance_id
+        self.engine_lock = asyncio.Lock()
+        self.state: int = common_pb2.INSTANCE_STATE_ACTIVE
+        self.owners: dict[str, RequestOwner] = {}
+        self.stats = LlumletStats()
+        self.pusher = OutputPusher(instance_id, self._abort_orphans)
+        self._step_in_thread = step_in_thread
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._load_seq = 0
+        self._migrating_in = False
+        self._migrating_out = False
+        # Aborts that arrived while the request was suspended for a migration's last stage; the coordinator settles
+        # them (abort here if the migration fails, forward to the destination if it committed).
+        self.pending_aborts: dict[str, float] = {}
+        # Called after every step (under the lock) so migration coordinators can react between steps.
+        self.after_step: list[Callable[[], None]] = []
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"engine-{self.instance_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.pusher.close()
+
+    def wake(self) -> None:
+        self._work.set()
+
+    # --- serving ---
+    async def add_request(self, request: common_pb2.EngineRequest) -> None:
+        if self.state != common_pb2.INSTANCE_STATE_ACTIVE:
+            raise InstanceNotAcceptingError(
+                f"instance {self.instance_id} is {common_pb2.InstanceState.Name(self.state)}"  # type: ignore[arg-type]
+            )
+        spec = convert.spec_from_pb(request)
+        async with self.engine_lock:
+            self.engine.add_request(spec, time.time())
+            self.owners[spec.request_id] = RequestOwner(request.frontend_address, len(spec.prompt_token_ids))
+            self.stats.requests_added += 1
+        self.wake()
+
+    async def abort_request(self, request_id: str) -> None:
+        async with self.engine_lock:
+            if self.engine.phase(request_id) is Phase.SUSPENDED:
+                self.pending_aborts[request_id] = time.time()
+                return
+            out = self.engine.abort_request(request_id)
+            self._emit([out])
+
+    def adopt(self, state: MigrationState, frontend_address: str) -> None:
+        """Takes ownership of a request migrated in (call under engine_lock, right after commit_incoming)."""
+        self.owners[state.spec.request_id] = RequestOwner(frontend_address, len(state.spec.prompt_token_ids))
+
+    def _abort_orphans(self, request_ids: list[str]) -> None:
+        """Frontend gone or unaware of these requests: abort them so their blocks are freed."""
+
+        async def run() -> None:
+            for rid in request_ids:
+                with contextlib.suppress(UnknownRequestError):
+                    async with self.engine_lock:
+                        self.engine.abort_request(rid)
+                        self.owners.pop(rid, None)
+
+        asyncio.get_running_loop().create_task(run())
+
+    # --- load ---
+    def load_pb(self) -> common_pb2.InstanceLoad:
+        self._load_seq += 1
+        pb = convert.load_to_pb(self.engine.load(), self.instance_id, self._load_seq, time.time())
+        for r in pb.requests:
+            owner = self.owners.get(r.request_id)
+            if owner is not None:
+                r.frontend_address = owner.frontend_address
+        pb.state = self.state  # type: ignore[assignment]
+        pb.migrating_in = self._migrating_in
+        pb.migrating_out = self._migrating_out
+        pb.total_migrations_in = self.stats.migrations_in
+        pb.total_migrations_out = self.stats.migrations_out
+        return pb
+
+    def set_migrating(self, *, incoming: bool | None = None, outgoing: bool | None = None) -> None:
+        if incoming is not None:
+            self._migrating_in = incoming
+        if outgoing is not None:
+            self._migrating_out = outgoing
+
+    # --- outputs ---
+    def _emit(self, outputs: list[TokenOutput]) -> None:
+        by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
+        for out in outputs:
+            owner = self.owners.get(out.request_id)
+            if owner is None:
+                continue
+            for listener in owner.listeners:
+                listener(out)
+            by_frontend.setdefault(owner.frontend_address, []).append(
+                convert.output_to_pb(out, self.instance_id, owner.num_prompt_tokens)
+            )
+            if out.finished:
+                del self.owners[out.request_id]
+                self.stats.requests_finished += 1
+        for address, batch in by_frontend.items():
+            if address:
+                self.pusher.submit(address, batch)
+
+    def emit(self, outputs: list[TokenOutput]) -> None:
+        """Hands outputs produced outside a step (e.g. a migration abort) to the frontends."""
+        self._emit(outputs)
+
+    # --- the loop ---
+    async def _loop(self) -> None:
+        while True:
+            if not self.engine.has_work():
+                self._work.clear()
+                await self._work.wait()
+                continue
+            async with self.engine_lock:
+                t0 = time.monotonic()
+                try:
+                    if self._step_in_thread:
+                        result = await asyncio.to_thread(self.engine.step, time.time())
+                    else:
+                        result = self.engine.step(time.time())
+                except Exception as exc:  # an engine bug must not take the llumlet down
+                    log.exception("engine step failed on %s", self.instance_id)
+                    self.stats.step_errors += 1
+                    self._fail_all(f"engine step failed: {exc!r}")
+                    continue
+                remaining = result.duration - (time.monotonic() - t0)
+                if remaining > 0:
+                    await asyncio.sleep(remaining)
+                self.stats.steps += 1
+                self.stats.last_step_duration = time.monotonic() - t0
+                self._emit(result.outputs)
+                for hook in self.after_step:
+                    hook()
+            # let handlers waiting on the lock run between steps
+            await asyncio.sleep(0)
+
+    def _fail_all(self, message: str) -> None:
+        outputs: list[TokenOutput] = []
+        for rid in self.engine.request_ids():
+            with contextlib.suppress(UnknownRequestError):
+                aborted = self.engine.abort_request(rid)
+                outputs.append(
+                    TokenOutput(rid, (), aborted.first_index, finished=True, finish=Finish.ERROR, error=message)
+                )
+        self._emit(outputs)

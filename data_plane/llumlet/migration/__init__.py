@@ -1,0 +1,1 @@
+"""Live migration: the pure stage planner and the source/destination coordinators around it."""

@@ -1,0 +1,88 @@
+"""Streams this llumlet's load to the scheduler leader, following leadership changes.
+
+The leader is whoever the etcd election names; its election value is a serialized ``SchedulerReplica`` (replica id
+and gRPC address). When the leader changes, or its stream breaks, the reporter re-targets the new leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from pyllumnix.control_plane.etcd.client import EtcdClient
+from pyllumnix.control_plane.etcd.election import Election
+from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.protos.llumnix.v1 import admin_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def leader_address(value: bytes) -> str:
+    """The gRPC address in an election value (a serialized SchedulerReplica)."""
+    replica = admin_pb2.SchedulerReplica()
+    replica.ParseFromString(value)
+    return replica.grpc_address
+
+
+class LoadReporter:
+    def __init__(self, llumlet: Llumlet, client: EtcdClient, layout: KeyLayout, interval_s: float = 0.05) -> None:
+        self.llumlet = llumlet
+        self.election = Election(client, layout.election_prefix())
+        self.interval_s = interval_s
+        self.leader: str | None = None
+        self.reports_sent = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow(), name="load-reporter")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _follow(self) -> None:
+        """Runs one stream per leader; a new leader cancels the old stream."""
+        stream: asyncio.Task[None] | None = None
+        while True:
+            try:
+                async for info in self.election.observe():
+                    address = leader_address(info.value) if info is not None else None
+                    if address == self.leader and stream is not None and not stream.done():
+                        continue
+                    if stream is not None:
+                        stream.cancel()
+                    self.leader = address
+                    stream = None
+                    if address:
+                        log.info("%s reports load to leader %s", self.llumlet.instance_id, address)
+                        stream = asyncio.get_running_loop().create_task(self._stream_to(address))
+            except asyncio.CancelledError:
+                if stream is not None:
+                    stream.cancel()
+                raise
+            except Exception as exc:  # etcd unreachable for a while: keep trying
+                log.warning("leader watch failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+
+    async def _stream_to(self, address: str) -> None:
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(address) as channel:
+                    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+                    await stub.ReportLoad(self._reports())
+            except grpc.aio.AioRpcError as exc:
+                log.debug("load stream to %s ended: %s", address, exc.code().name)
+            await asyncio.sleep(self.interval_s * 4)
+
+    async def _reports(self) -> AsyncIterator[scheduler_pb2.ReportLoadRequest]:
+        while True:
+            yield scheduler_pb2.ReportLoadRequest(load=self.llumlet.load_pb())
+            self.reports_sent += 1
+            await asyncio.sleep(self.interval_s)
