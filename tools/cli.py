@@ -14,8 +14,10 @@ import click
 # name -> "module:attribute" under pyllumnix; add a line here to add a sub-command.
 COMMANDS: dict[str, str] = {
     "llumlet": "data_plane.llumlet.main:llumlet_command",
+    "scheduler": "control_plane.scheduler.main:scheduler_command",
 }
 BENCH_COMMANDS: dict[str, str] = {
+    "engine": "tools.bench_engine:bench_engine",
     "dataplane": "tools.bench_dataplane:bench_dataplane",
 }
 

@@ -121,12 +121,31 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         async def watch_lease() -> None:
             nonlocal exit_code
             await lease.lost.wait()
+            if stop.is_set():  # our own revoke at shutdown
+                return
             log.error("lease lost (%s): this instance is considered dead; stopping", lease.lost_reason)
             exit_code = EXIT_LEASE_LOST
             stop.set()
 
         asyncio.get_running_loop().create_task(watch_lease())
     loop = asyncio.get_running_loop()
+
+    async def exit_when_drained() -> None:
+        """A draining instance that holds nothing leaves: its requests went elsewhere, new ones cannot come."""
+        empty_since: float | None = None
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+            drained = (
+                llumlet.state == common_pb2.INSTANCE_STATE_DRAINING
+                and not engine.request_ids()
+                and not coordinator.busy
+            )
+            empty_since = (empty_since or time.monotonic()) if drained else None
+            if empty_since is not None and time.monotonic() - empty_since > 0.5:
+                log.info("instance %s drained; stopping", instance_id)
+                stop.set()
+
+    loop.create_task(exit_when_drained())
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)

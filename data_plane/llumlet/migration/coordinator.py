@@ -112,6 +112,11 @@ class MigrationCoordinator:
         for channel in self._channels.values():
             await channel.close()
 
+    @property
+    def busy(self) -> bool:
+        """A migration is in progress in either role."""
+        return bool(self._incoming or self._outgoing)
+
     def _stub(self, address: str) -> llumlet_pb2_grpc.LlumletServiceStub:
         channel = self._channels.get(address)
         if channel is None:

@@ -1,0 +1,202 @@
+"""Policy knobs with the paper's defaults, and their mapping to ``llumnix.v1.ClusterConfig``.
+
+``validate()`` raises ``ValueError`` with a message naming the field; the admin API maps it to INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+from pyllumnix.control_plane.policy.snapshot import Priority
+from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
+
+
+class Selection(enum.IntEnum):
+    """Mirrors ``llumnix.v1.MigrationSelection`` (same ints)."""
+
+    SR = 1
+    LR = 2
+    LCR = 3
+    FCW = 4
+
+
+DISPATCH_POLICIES = ("llumnix", "infaas++", "round-robin", "balanced")
+PAIRING_POLICIES = ("defrag", "balanced")
+
+_DISPATCH_TO_PB = {
+    "llumnix": config_pb2.DISPATCH_POLICY_LLUMNIX,
+    "infaas++": config_pb2.DISPATCH_POLICY_INFAAS_PP,
+    "round-robin": config_pb2.DISPATCH_POLICY_ROUND_ROBIN,
+    "balanced": config_pb2.DISPATCH_POLICY_BALANCED,
+}
+_PAIRING_TO_PB = {"defrag": config_pb2.PAIRING_POLICY_DEFRAG, "balanced": config_pb2.PAIRING_POLICY_BALANCED}
+
+# The LLaMA-7B profile has 1,300 blocks; the artifact reserves roughly all but 100 of them for high priority.
+DEFAULT_HIGH_HEADROOM_BLOCKS = 1200
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Everything the policy core reads from the cluster config. Defaults are the paper's."""
+
+    dispatch_policy: str = "llumnix"
+    enable_migration: bool = True
+    pairing_policy: str = "defrag"
+    migrate_out_threshold: float = 3.0
+    selection: Selection = Selection.SR
+    enable_defrag: bool = True
+    pairing_interval_ms: int = 100
+    last_stage_max_blocks: int = 4
+    max_stages: int = 3
+    pending_timeout_ms: int = 10_000
+    transfer_timeout_ms: int = 10_000
+    enable_scaling: bool = False
+    scale_up_threshold: float = 10.0
+    scale_down_threshold: float = 60.0
+    min_instances: int = 1
+    max_instances: int = 16
+    scaling_interval_ms: int = 10_000
+    normal_headroom_blocks: int = 0
+    high_headroom_blocks: int = DEFAULT_HIGH_HEADROOM_BLOCKS
+    load_report_interval_ms: int = 50
+
+    def headroom(self, priority: int) -> int:
+        """Blocks reserved on an instance holding requests of this priority."""
+        return self.high_headroom_blocks if priority >= Priority.HIGH else self.normal_headroom_blocks
+
+    @property
+    def migration_active(self) -> bool:
+        """INFaaS++ is the no-migration baseline, so it turns pairing off whatever the migration flag says."""
+        return self.enable_migration and self.dispatch_policy != "infaas++"
+
+    def validate(self) -> PolicyConfig:
+        """Returns self, or raises ValueError naming the first bad field."""
+        if self.dispatch_policy not in DISPATCH_POLICIES:
+            raise ValueError(f"dispatch_policy: unknown policy {self.dispatch_policy!r}; known: {DISPATCH_POLICIES}")
+        if self.pairing_policy not in PAIRING_POLICIES:
+            raise ValueError(f"pairing_policy: unknown policy {self.pairing_policy!r}; known: {PAIRING_POLICIES}")
+        if not isinstance(self.selection, Selection):
+            raise ValueError(f"selection: unknown selection {self.selection!r}")
+        for name in ("migrate_out_threshold", "scale_up_threshold", "scale_down_threshold"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name}: must be finite, got {value}")
+            if value < 0:
+                raise ValueError(f"{name}: must be >= 0, got {value}")
+        if self.scale_down_threshold <= self.scale_up_threshold:
+            raise ValueError(
+                f"scale_down_threshold ({self.scale_down_threshold}) must be greater than scale_up_threshold "
+                f"({self.scale_up_threshold})"
+            )
+        if self.min_instances < 1:
+            raise ValueError(f"min_instances: must be >= 1, got {self.min_instances}")
+        if self.max_instances < self.min_instances:
+            raise ValueError(
+                f"min_instances ({self.min_instances}) must not exceed max_instances ({self.max_instances})"
+            )
+        for name in (
+            "pairing_interval_ms",
+            "last_stage_max_blocks",
+            "max_stages",
+            "pending_timeout_ms",
+            "transfer_timeout_ms",
+            "scaling_interval_ms",
+            "load_report_interval_ms",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("normal_headroom_blocks", "high_headroom_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        return self
+
+    @classmethod
+    def from_proto(cls, pb: config_pb2.ClusterConfig) -> PolicyConfig:
+        """Reads a ClusterConfig (zero values mean "default") and validates it."""
+        d = cls()
+        dispatch = {v: k for k, v in _DISPATCH_TO_PB.items()}
+        pairing = {v: k for k, v in _PAIRING_TO_PB.items()}
+        dp = pb.dispatch.policy
+        pp = pb.migration.pairing_policy
+        sel = pb.migration.selection
+        m, s = pb.migration, pb.scaling
+        normal_hr, high_hr = d.normal_headroom_blocks, d.high_headroom_blocks
+        for h in pb.priority.headroom:
+            if h.priority >= common_pb2.PRIORITY_HIGH:
+                high_hr = h.headroom_blocks
+            else:
+                normal_hr = h.headroom_blocks
+        cfg = cls(
+            dispatch_policy=d.dispatch_policy if dp == 0 else dispatch.get(dp, f"<unknown enum {dp}>"),
+            enable_migration=not m.disable,
+            pairing_policy=d.pairing_policy if pp == 0 else pairing.get(pp, f"<unknown enum {pp}>"),
+            migrate_out_threshold=(
+                m.migrate_out_threshold if m.HasField("migrate_out_threshold") else d.migrate_out_threshold
+            ),
+            selection=d.selection if sel == 0 else _selection(sel),
+            enable_defrag=not m.disable_defrag,
+            pairing_interval_ms=m.pairing_interval_ms or d.pairing_interval_ms,
+            last_stage_max_blocks=m.last_stage_max_blocks or d.last_stage_max_blocks,
+            max_stages=m.max_stages or d.max_stages,
+            pending_timeout_ms=m.pending_timeout_ms or d.pending_timeout_ms,
+            transfer_timeout_ms=m.transfer_timeout_ms or d.transfer_timeout_ms,
+            enable_scaling=s.enable,
+            scale_up_threshold=s.scale_up_threshold if s.HasField("scale_up_threshold") else d.scale_up_threshold,
+            scale_down_threshold=(
+                s.scale_down_threshold if s.HasField("scale_down_threshold") else d.scale_down_threshold
+            ),
+            min_instances=s.min_instances or d.min_instances,
+            max_instances=s.max_instances or d.max_instances,
+            scaling_interval_ms=s.scaling_interval_ms or d.scaling_interval_ms,
+            normal_headroom_blocks=normal_hr,
+            high_headroom_blocks=high_hr,
+            load_report_interval_ms=pb.load_report_interval_ms or d.load_report_interval_ms,
+        )
+        return cfg.validate()
+
+    def to_proto(self) -> config_pb2.ClusterConfig:
+        """Writes every field explicitly, so the stored config does not depend on this build's defaults."""
+        self.validate()
+        return config_pb2.ClusterConfig(
+            dispatch=config_pb2.DispatchConfig(policy=_DISPATCH_TO_PB[self.dispatch_policy]),
+            migration=config_pb2.MigrationConfig(
+                disable=not self.enable_migration,
+                pairing_policy=_PAIRING_TO_PB[self.pairing_policy],
+                migrate_out_threshold=self.migrate_out_threshold,
+                selection=int(self.selection),  # type: ignore[arg-type]
+                disable_defrag=not self.enable_defrag,
+                pairing_interval_ms=self.pairing_interval_ms,
+                last_stage_max_blocks=self.last_stage_max_blocks,
+                max_stages=self.max_stages,
+                pending_timeout_ms=self.pending_timeout_ms,
+                transfer_timeout_ms=self.transfer_timeout_ms,
+            ),
+            scaling=config_pb2.ScalingConfig(
+                enable=self.enable_scaling,
+                scale_up_threshold=self.scale_up_threshold,
+                scale_down_threshold=self.scale_down_threshold,
+                min_instances=self.min_instances,
+                max_instances=self.max_instances,
+                scaling_interval_ms=self.scaling_interval_ms,
+            ),
+            priority=config_pb2.PriorityConfig(
+                headroom=[
+                    config_pb2.PriorityHeadroom(
+                        priority=common_pb2.PRIORITY_NORMAL, headroom_blocks=self.normal_headroom_blocks
+                    ),
+                    config_pb2.PriorityHeadroom(
+                        priority=common_pb2.PRIORITY_HIGH, headroom_blocks=self.high_headroom_blocks
+                    ),
+                ]
+            ),
+            load_report_interval_ms=self.load_report_interval_ms,
+        )
+
+
+def _selection(value: int) -> Selection:
+    try:
+        return Selection(value)
+    except ValueError:
+        raise ValueError(f"selection: unknown MigrationSelection {value}") from None

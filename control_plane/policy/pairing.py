@@ -1,0 +1,72 @@
+"""Migration pairing (every pairing interval): overloaded sources with underloaded destinations.
+
+Sources: migration freeness below ``migrate_out_threshold``, or preempted requests, or draining (-inf). Destinations:
+freeness above the threshold, ACTIVE and healthy, no preempted requests. Sources go most-loaded first, destinations
+least-loaded first, and the i-th is paired with the i-th. Instances already migrating (out or in) sit the round out:
+one migration at a time per instance and direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
+from pyllumnix.control_plane.policy.freeness import freest_first, migration_freeness, most_loaded_first
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, InstanceState, InstanceView
+
+_SOURCE_STATES = (InstanceState.ACTIVE, InstanceState.CORDONED, InstanceState.DRAINING)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrateOrder:
+    """Tell ``source`` to migrate one request (picked by ``selection``) to ``destination``."""
+
+    source: str
+    destination: str
+    selection: Selection
+
+
+def pair_instances(snapshot: ClusterSnapshot, config: PolicyConfig) -> list[MigrateOrder]:
+    if not config.migration_active:
+        return []
+    threshold = config.migrate_out_threshold
+    sources: list[tuple[tuple[float, str], InstanceView, float]] = []
+    dests: list[tuple[tuple[float, str], InstanceView, float]] = []
+    for v in snapshot.instances:
+        if not v.healthy or v.state not in _SOURCE_STATES:
+            continue
+        f = migration_freeness(v, config)
+        if f < threshold or v.num_preempted > 0 or v.state == InstanceState.DRAINING:
+            if not v.migrating_out and v.num_running + v.num_waiting > 0:
+                sources.append((most_loaded_first(f, v.instance_id), v, f))
+        elif f > threshold and v.state == InstanceState.ACTIVE and not v.migrating_in:
+            dests.append((freest_first(f, v.instance_id), v, f))
+    sources.sort(key=lambda t: t[0])
+    dests.sort(key=lambda t: t[0])
+    orders: list[MigrateOrder] = []
+    for (_, src, f_src), (_, dst, f_dst) in zip(sources, dests, strict=False):
+        if config.pairing_policy == "balanced" and not _narrows_gap(src, dst, f_src, f_dst, config):
+            continue
+        orders.append(MigrateOrder(src.instance_id, dst.instance_id, config.selection))
+    return orders
+
+
+def _narrows_gap(src: InstanceView, dst: InstanceView, f_src: float, f_dst: float, config: PolicyConfig) -> bool:
+    """Estimates moving one average request (its blocks, or the head waiting request's demand when nothing runs):
+    keep the pair only if the destination stays at or above the threshold and still at least as free as the source,
+    so the move narrows the gap rather than reversing it."""
+    if src.num_running > 0:
+        blocks = -(-src.running_blocks // src.num_running)
+        src_after = replace(src, num_running=src.num_running - 1, free_blocks=src.free_blocks + blocks)
+        dst_after = replace(dst, num_running=dst.num_running + 1, free_blocks=dst.free_blocks - blocks)
+    else:
+        blocks = src.head_of_line_demand_blocks
+        src_after = replace(src, num_waiting=src.num_waiting - 1)
+        dst_after = replace(
+            dst,
+            num_waiting=dst.num_waiting + 1,
+            head_of_line_demand_blocks=dst.head_of_line_demand_blocks if dst.num_waiting else blocks,
+        )
+    f_dst_after = migration_freeness(dst_after, config)
+    f_src_after = migration_freeness(src_after, config)
+    return f_dst_after >= config.migrate_out_threshold and f_dst_after >= f_src_after and f_dst > f_src

@@ -1,0 +1,92 @@
+"""Auto-scaling on the cluster's average freeness (the cluster as one virtual instance), every scaling interval.
+
+- Below ``min_instances``: bring the count up (cancelling drains first).
+- Average below ``scale_up_threshold``: enough instances to lift it back to the threshold, counting those already
+  starting, capped by ``max_instances``; draining instances are cancelled ("undrained") before new ones start, since
+  they are warm and already paid for.
+- Average, recomputed as if the candidate (fewest requests, then freest, then id) were removed, still above
+  ``scale_down_threshold``: drain that one instance (infinite virtual usage; it stops when empty). One drain at a
+  time and none while instances start, so a decision is never made on load that is still moving.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pyllumnix.control_plane.policy.config import PolicyConfig
+from pyllumnix.control_plane.policy.freeness import cluster_freeness, cluster_load, dispatch_freeness
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, InstanceState, InstanceView
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingDecision:
+    """Start ``start`` new instances, drain ``drain``, cancel the drain of ``cancel_drain``."""
+
+    start: int = 0
+    drain: tuple[str, ...] = ()
+    cancel_drain: tuple[str, ...] = ()
+    # The cluster average freeness the decision was made on (for metrics and logs).
+    cluster_freeness: float = math.inf
+
+    @property
+    def is_noop(self) -> bool:
+        return self.start == 0 and not self.drain and not self.cancel_drain
+
+
+def decide_scaling(snapshot: ClusterSnapshot, config: PolicyConfig, starting_count: int = 0) -> ScalingDecision:
+    """``starting_count``: instances the provider is starting that are not in the snapshot yet (STARTING views in the
+    snapshot are counted as well)."""
+    views = snapshot.instances
+    f = cluster_freeness(views, config)
+    if not config.enable_scaling:
+        return ScalingDecision(cluster_freeness=f)
+    draining = sorted(
+        (v for v in views if v.state == InstanceState.DRAINING), key=lambda v: (-v.num_requests, v.instance_id)
+    )
+    pending = starting_count + sum(1 for v in views if v.state == InstanceState.STARTING)
+    current = sum(1 for v in views if v.state != InstanceState.DRAINING) + starting_count
+    lo, hi = config.min_instances, config.max_instances
+
+    def grow(needed: int) -> ScalingDecision:
+        room = max(0, hi - current)
+        undrain = tuple(v.instance_id for v in draining[: min(needed, room)])
+        start = max(0, min(needed - len(undrain), room - len(undrain)))
+        return ScalingDecision(start=start, cancel_drain=undrain, cluster_freeness=f)
+
+    if current < lo:
+        return grow(lo - current)
+    if current > hi:
+        victim = _candidate(views, config)
+        return ScalingDecision(drain=(victim,) if victim else (), cluster_freeness=f)
+    if f < config.scale_up_threshold:
+        needed = _instances_to_reach(views, config, config.scale_up_threshold) - pending
+        return grow(needed) if needed > 0 else ScalingDecision(cluster_freeness=f)
+    if f > config.scale_down_threshold and not draining and pending == 0 and current - 1 >= lo:
+        victim = _candidate(views, config)
+        if victim is not None and cluster_freeness(views, config, removed=(victim,)) > config.scale_down_threshold:
+            return ScalingDecision(drain=(victim,), cluster_freeness=f)
+    return ScalingDecision(cluster_freeness=f)
+
+
+def _candidate(views: tuple[InstanceView, ...], config: PolicyConfig) -> str | None:
+    """The instance cheapest to remove: fewest requests, then freest, then lowest id; not mid-migration."""
+    cands = [
+        v for v in views if v.state == InstanceState.ACTIVE and v.healthy and not v.migrating_in and not v.migrating_out
+    ]
+    if not cands:
+        return None
+    return min(cands, key=lambda v: (v.num_requests, -dispatch_freeness(v, config), v.instance_id)).instance_id
+
+
+def _instances_to_reach(views: tuple[InstanceView, ...], config: PolicyConfig, target: float) -> int:
+    """Smallest n ≥ 1 with (num + n·M̄) / den ≥ target, M̄ the mean size of the active instances: what n empty new
+    instances would lift the average to. A cancelled drain is counted as one such instance."""
+    sizes = [v.total_blocks for v in views if v.state == InstanceState.ACTIVE and v.total_blocks > 0]
+    if not sizes:
+        sizes = [v.total_blocks for v in views if v.total_blocks > 0]
+    num, den = cluster_load(views, config)
+    if not sizes or den == 0:
+        return 1
+    mean = sum(sizes) / len(sizes)
+    return max(1, math.ceil((target * den - num) / mean))

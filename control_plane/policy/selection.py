@@ -1,0 +1,37 @@
+"""Which request a source instance migrates out (run by the llumlet on its own request list).
+
+SR: shortest running (fewest blocks: cheapest to move; the current default); LR: longest running; LCR: last-come
+running (the paper era's default); FCW: the head-of-line waiting request (moves without KV). High-priority requests
+are never picked: migration exists to protect them, not to disturb them. Ties break by arrival, then id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from pyllumnix.control_plane.policy.config import Selection
+from pyllumnix.control_plane.policy.snapshot import Priority, RequestPhase, RequestView
+
+_KEYS: dict[Selection, Callable[[RequestView], tuple[float, float, str]]] = {
+    Selection.SR: lambda r: (r.num_blocks, r.arrival_time, r.request_id),
+    Selection.LR: lambda r: (-r.num_blocks, r.arrival_time, r.request_id),
+    Selection.LCR: lambda r: (-r.arrival_time, 0.0, r.request_id),
+    Selection.FCW: lambda r: (r.arrival_time, 0.0, r.request_id),
+}
+
+
+def select_request(requests: Sequence[RequestView], selection: Selection, *, fallback: bool = True) -> str | None:
+    """The id of the request to migrate, or None. With ``fallback`` a running-request selection that finds no running
+    candidate takes the head waiting request, and FCW with an empty queue takes the shortest running one, so a
+    draining instance can always empty itself."""
+    movable = [r for r in requests if r.priority < Priority.HIGH]
+    running = [r for r in movable if r.phase == RequestPhase.RUNNING]
+    waiting = [r for r in movable if r.phase == RequestPhase.WAITING]
+    primary, other, other_sel = (
+        (waiting, running, Selection.SR) if selection == Selection.FCW else (running, waiting, Selection.FCW)
+    )
+    if primary:
+        return min(primary, key=_KEYS[selection]).request_id
+    if fallback and other:
+        return min(other, key=_KEYS[other_sel]).request_id
+    return None

@@ -1,0 +1,197 @@
+"""SchedulerService and AdminService servicers over a SchedulerReplica.
+
+A follower answers every call but GetLeader with FAILED_PRECONDITION and the leader's address in the trailing
+metadata key ``llumnix-leader``, so a client retries there and a write is never applied twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeAlias, TypeVar
+
+import grpc
+
+from pyllumnix.control_plane.policy.snapshot import InstanceState
+from pyllumnix.control_plane.scheduler.replica import NotLeaderError, SchedulerReplica, SchedulingError
+from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+
+LEADER_METADATA_KEY = "llumnix-leader"
+SCHEDULER_SERVICE = "llumnix.v1.SchedulerService"
+ADMIN_SERVICE = "llumnix.v1.AdminService"
+
+_R = TypeVar("_R")
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+async def _fail(context: Context, exc: Exception) -> NoReturn:
+    if isinstance(exc, NotLeaderError):
+        context.set_trailing_metadata(((LEADER_METADATA_KEY, exc.leader_address),))
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    elif isinstance(exc, SchedulingError):
+        await context.abort(exc.code, str(exc))
+    elif isinstance(exc, grpc.aio.AioRpcError):
+        await context.abort(exc.code(), exc.details() or exc.code().name)
+    raise exc
+
+
+async def _guard(context: Context, call: Callable[[], Awaitable[_R]]) -> _R:
+    try:
+        return await call()
+    except (NotLeaderError, SchedulingError, grpc.aio.AioRpcError) as exc:
+        await _fail(context, exc)
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
+    def __init__(self, replica: SchedulerReplica) -> None:
+        self.replica = replica
+
+    async def Dispatch(
+        self, request: scheduler_pb2.DispatchRequest, context: Context
+    ) -> scheduler_pb2.DispatchResponse:
+        async def call() -> scheduler_pb2.DispatchResponse:
+            iid, address = self.replica.dispatch(
+                request.request_id, request.priority, request.num_prompt_tokens, request.max_tokens
+            )
+            return scheduler_pb2.DispatchResponse(instance_id=iid, grpc_address=address)
+
+        return await _guard(context, call)
+
+    async def ReportLoad(
+        self, request_iterator: AsyncIterator[scheduler_pb2.ReportLoadRequest], context: Context
+    ) -> scheduler_pb2.ReportLoadResponse:
+        accepted = 0
+        try:
+            self.replica.require_leader()
+            async for report in request_iterator:
+                self.replica.require_leader()
+                if self.replica.report(report.load):
+                    accepted += 1
+        except NotLeaderError as exc:
+            await _fail(context, exc)
+        return scheduler_pb2.ReportLoadResponse(reports_accepted=accepted)
+
+    async def GetMembership(
+        self, request: scheduler_pb2.GetMembershipRequest, context: Context
+    ) -> scheduler_pb2.GetMembershipResponse:
+        async def call() -> scheduler_pb2.GetMembershipResponse:
+            self.replica.require_leader()
+            return scheduler_pb2.GetMembershipResponse(
+                instances=self.replica.cluster.statuses(self.replica.core.config, time.monotonic())
+            )
+
+        return await _guard(context, call)
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, replica: SchedulerReplica) -> None:
+        self.replica = replica
+
+    def _status(self, instance_id: str) -> Any:
+        return self.replica.cluster.status(instance_id, self.replica.core.config, time.monotonic())
+
+    async def ListInstances(
+        self, request: admin_pb2.ListInstancesRequest, context: Context
+    ) -> admin_pb2.ListInstancesResponse:
+        async def call() -> admin_pb2.ListInstancesResponse:
+            self.replica.require_leader()
+            return admin_pb2.ListInstancesResponse(
+                instances=self.replica.cluster.statuses(self.replica.core.config, time.monotonic())
+            )
+
+        return await _guard(context, call)
+
+    async def ListClusterRequests(
+        self, request: admin_pb2.ListClusterRequestsRequest, context: Context
+    ) -> admin_pb2.ListClusterRequestsResponse:
+        async def call() -> admin_pb2.ListClusterRequestsResponse:
+            self.replica.require_leader()
+            if request.instance_id:
+                self.replica.known(request.instance_id)
+            reply = admin_pb2.ListClusterRequestsResponse()
+            for iid, load in sorted(self.replica.cluster.loads.items()):
+                if request.instance_id and iid != request.instance_id:
+                    continue
+                for r in load.requests:
+                    reply.requests.add(instance_id=iid, request=r)
+            return reply
+
+        return await _guard(context, call)
+
+    async def MigrateRequest(
+        self, request: admin_pb2.MigrateRequestRequest, context: Context
+    ) -> admin_pb2.MigrateRequestResponse:
+        async def call() -> admin_pb2.MigrateRequestResponse:
+            result = await self.replica.migrate_request(request.request_id, request.destination_instance_id)
+            return admin_pb2.MigrateRequestResponse(result=result)
+
+        return await _guard(context, call)
+
+    async def _set_state(self, instance_id: str, state: InstanceState) -> Any:
+        await self.replica.set_instance_state(instance_id, state)
+        return self._status(instance_id)
+
+    async def DrainInstance(
+        self, request: admin_pb2.DrainInstanceRequest, context: Context
+    ) -> admin_pb2.DrainInstanceResponse:
+        async def call() -> admin_pb2.DrainInstanceResponse:
+            status = await self._set_state(request.instance_id, InstanceState.DRAINING)
+            return admin_pb2.DrainInstanceResponse(instance=status)
+
+        return await _guard(context, call)
+
+    async def CordonInstance(
+        self, request: admin_pb2.CordonInstanceRequest, context: Context
+    ) -> admin_pb2.CordonInstanceResponse:
+        async def call() -> admin_pb2.CordonInstanceResponse:
+            status = await self._set_state(request.instance_id, InstanceState.CORDONED)
+            return admin_pb2.CordonInstanceResponse(instance=status)
+
+        return await _guard(context, call)
+
+    async def UncordonInstance(
+        self, request: admin_pb2.UncordonInstanceRequest, context: Context
+    ) -> admin_pb2.UncordonInstanceResponse:
+        async def call() -> admin_pb2.UncordonInstanceResponse:
+            status = await self._set_state(request.instance_id, InstanceState.ACTIVE)
+            return admin_pb2.UncordonInstanceResponse(instance=status)
+
+        return await _guard(context, call)
+
+    async def Scale(self, request: admin_pb2.ScaleRequest, context: Context) -> admin_pb2.ScaleResponse:
+        async def call() -> admin_pb2.ScaleResponse:
+            current, target = await self.replica.scale_to(request.target_instances)
+            return admin_pb2.ScaleResponse(current_instances=current, target_instances=target)
+
+        return await _guard(context, call)
+
+    async def GetConfig(self, request: admin_pb2.GetConfigRequest, context: Context) -> admin_pb2.GetConfigResponse:
+        async def call() -> admin_pb2.GetConfigResponse:
+            self.replica.require_leader()
+            return admin_pb2.GetConfigResponse(
+                config=self.replica.core.config.to_proto(), revision=self.replica.config_revision
+            )
+
+        return await _guard(context, call)
+
+    async def SetConfig(self, request: admin_pb2.SetConfigRequest, context: Context) -> admin_pb2.SetConfigResponse:
+        async def call() -> admin_pb2.SetConfigResponse:
+            config, revision = await self.replica.set_config(
+                request.config, list(request.update_mask.paths), request.expected_revision
+            )
+            return admin_pb2.SetConfigResponse(config=config, revision=revision)
+
+        return await _guard(context, call)
+
+    async def GetLeader(self, request: admin_pb2.GetLeaderRequest, context: Context) -> admin_pb2.GetLeaderResponse:
+        leader = self.replica.leader
+        return admin_pb2.GetLeaderResponse(
+            leader_id=leader.replica_id,
+            leader_address=leader.address,
+            term=leader.term,
+            answered_by=admin_pb2.SchedulerReplica(
+                replica_id=self.replica.replica_id,
+                grpc_address=self.replica.grpc_address,
+                leader=self.replica.is_leader,
+            ),
+        )

@@ -1,0 +1,56 @@
+"""An in-test OutputSinkService: records every pushed output, like a frontend would receive them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from pyllumnix.control_plane.grpc_server import RunningServer, start_server
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
+
+
+class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[common_pb2.RequestOutput]] = {}
+        self.finished: dict[str, asyncio.Event] = {}
+        self.server: RunningServer | None = None
+
+    async def PushOutputs(
+        self, request: frontend_pb2.PushOutputsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> frontend_pb2.PushOutputsResponse:
+        for out in request.outputs:
+            self.outputs.setdefault(out.request_id, []).append(out)
+            if out.finished:
+                self.event(out.request_id).set()
+        return frontend_pb2.PushOutputsResponse()
+
+    def event(self, request_id: str) -> asyncio.Event:
+        return self.finished.setdefault(request_id, asyncio.Event())
+
+    async def wait(self, request_id: str, timeout: float = 30.0) -> list[common_pb2.RequestOutput]:
+        await asyncio.wait_for(self.event(request_id).wait(), timeout)
+        return self.outputs[request_id]
+
+    def tokens(self, request_id: str) -> list[int]:
+        """The stream as a frontend keeps it: a token counts only if its index is the next expected one."""
+        kept: list[int] = []
+        for out in self.outputs.get(request_id, []):
+            for i, tok in enumerate(out.token_ids):
+                if out.first_token_index + i == len(kept):
+                    kept.append(tok)
+        return kept
+
+    def raw_indices(self, request_id: str) -> list[int]:
+        return [o.first_token_index + i for o in self.outputs.get(request_id, []) for i in range(len(o.token_ids))]
+
+    async def start(self) -> str:
+        self.server = await start_server(
+            [(frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, self, "llumnix.v1.OutputSinkService")]
+        )
+        return self.server.address
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(None)

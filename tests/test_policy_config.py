@@ -1,0 +1,143 @@
+"""PolicyConfig: the paper's defaults, proto round trip, and validate()."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
+from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
+
+
+def test_defaults_are_the_papers() -> None:
+    c = PolicyConfig()
+    assert c.dispatch_policy == "llumnix"
+    assert c.migrate_out_threshold == 3.0
+    assert c.pairing_policy == "defrag"
+    assert c.selection == Selection.SR
+    assert c.enable_defrag and c.enable_migration
+    assert (c.scale_up_threshold, c.scale_down_threshold) == (10.0, 60.0)
+    assert (c.min_instances, c.max_instances) == (1, 16)
+    assert (c.pairing_interval_ms, c.scaling_interval_ms, c.load_report_interval_ms) == (100, 10_000, 50)
+    assert (c.last_stage_max_blocks, c.max_stages) == (4, 3)
+    # Roughly all but 100 of the 7B profile's 1,300 blocks.
+    assert c.headroom(common_pb2.PRIORITY_HIGH) == 1300 - 100
+    assert c.headroom(common_pb2.PRIORITY_NORMAL) == 0
+    assert c.headroom(common_pb2.PRIORITY_UNSPECIFIED) == 0
+    assert c.validate() is c
+
+
+def test_empty_proto_means_defaults() -> None:
+    assert PolicyConfig.from_proto(config_pb2.ClusterConfig()) == PolicyConfig()
+
+
+def test_proto_round_trip() -> None:
+    c = PolicyConfig(
+        dispatch_policy="balanced",
+        enable_migration=False,
+        pairing_policy="balanced",
+        migrate_out_threshold=0.0,
+        selection=Selection.LCR,
+        enable_defrag=False,
+        enable_scaling=True,
+        scale_up_threshold=5,
+        scale_down_threshold=55,
+        min_instances=2,
+        max_instances=8,
+        normal_headroom_blocks=7,
+        high_headroom_blocks=900,
+    )
+    assert PolicyConfig.from_proto(c.to_proto()) == c
+
+
+def test_explicit_zero_threshold_is_kept() -> None:
+    pb = config_pb2.ClusterConfig(migration=config_pb2.MigrationConfig(migrate_out_threshold=0.0))
+    assert PolicyConfig.from_proto(pb).migrate_out_threshold == 0.0
+
+
+def test_headroom_from_proto() -> None:
+    pb = config_pb2.ClusterConfig(
+        priority=config_pb2.PriorityConfig(
+            headroom=[config_pb2.PriorityHeadroom(priority=common_pb2.PRIORITY_HIGH, headroom_blocks=321)]
+        )
+    )
+    c = PolicyConfig.from_proto(pb)
+    assert (c.high_headroom_blocks, c.normal_headroom_blocks) == (321, 0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"migrate_out_threshold": -1.0}, "migrate_out_threshold"),
+        ({"scale_up_threshold": -0.5}, "scale_up_threshold"),
+        ({"scale_up_threshold": math.nan}, "scale_up_threshold"),
+        ({"scale_down_threshold": math.inf}, "scale_down_threshold"),
+        ({"scale_up_threshold": 60.0, "scale_down_threshold": 60.0}, "scale_down_threshold"),
+        ({"scale_up_threshold": 70.0}, "scale_down_threshold"),
+        ({"min_instances": 5, "max_instances": 4}, "min_instances"),
+        ({"min_instances": 0}, "min_instances"),
+        ({"dispatch_policy": "random"}, "dispatch_policy"),
+        ({"pairing_policy": "greedy"}, "pairing_policy"),
+        ({"pairing_interval_ms": 0}, "pairing_interval_ms"),
+        ({"max_stages": -1}, "max_stages"),
+        ({"high_headroom_blocks": -1}, "high_headroom_blocks"),
+    ],
+)
+def test_validate_rejects(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        replace(PolicyConfig(), **changes).validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("pb", "message"),
+    [
+        (config_pb2.ClusterConfig(dispatch=config_pb2.DispatchConfig(policy=99)), "dispatch_policy"),  # type: ignore[arg-type]
+        (config_pb2.ClusterConfig(migration=config_pb2.MigrationConfig(selection=42)), "selection"),  # type: ignore[arg-type]
+        (config_pb2.ClusterConfig(scaling=config_pb2.ScalingConfig(min_instances=20)), "min_instances"),
+        (config_pb2.ClusterConfig(scaling=config_pb2.ScalingConfig(scale_down_threshold=5)), "scale_down"),
+    ],
+)
+def test_from_proto_rejects(pb: config_pb2.ClusterConfig, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PolicyConfig.from_proto(pb)
+
+
+@given(
+    up=st.floats(-10, 100) | st.just(math.nan),
+    down=st.floats(-10, 100) | st.just(math.nan),
+    lo=st.integers(-2, 20),
+    hi=st.integers(-2, 20),
+    thr=st.floats(-5, 50),
+    policy=st.sampled_from(["llumnix", "infaas++", "round-robin", "balanced", "bogus"]),
+)
+def test_validate_accepts_exactly_the_valid_configs(
+    *, up: float, down: float, lo: int, hi: int, thr: float, policy: str
+) -> None:
+    c = replace(
+        PolicyConfig(),
+        scale_up_threshold=up,
+        scale_down_threshold=down,
+        min_instances=lo,
+        max_instances=hi,
+        migrate_out_threshold=thr,
+        dispatch_policy=policy,
+    )
+    valid = (
+        not math.isnan(up)
+        and not math.isnan(down)
+        and up >= 0
+        and down > up
+        and 1 <= lo <= hi
+        and thr >= 0
+        and policy != "bogus"
+    )
+    if valid:
+        assert c.validate() is c
+        assert PolicyConfig.from_proto(c.to_proto()) == c
+    else:
+        with pytest.raises(ValueError):
+            c.validate()

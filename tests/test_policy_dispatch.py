@@ -1,0 +1,135 @@
+"""Dispatch policies against hand-computed cases, plus properties over random snapshots."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyllumnix.control_plane.policy.config import PolicyConfig
+from pyllumnix.control_plane.policy.dispatch import DISPATCH_REGISTRY, make_dispatch_policy
+from pyllumnix.control_plane.policy.dispatch.round_robin import RoundRobinDispatch
+from pyllumnix.control_plane.policy.freeness import dispatch_freeness
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView, InstanceState, Priority
+from tests.test_policy_helpers import snapshots, view
+
+NORMAL = DispatchRequestView("n", Priority.NORMAL, num_prompt_tokens=32)
+HIGH = DispatchRequestView("h", Priority.HIGH, num_prompt_tokens=32)  # 2 blocks of 16
+
+
+def cluster(*extra: object) -> ClusterSnapshot:
+    return ClusterSnapshot.of(
+        [
+            view("a", free_blocks=600, num_running=4),  # F = 600/4 = 150
+            view("b", free_blocks=900, num_running=3, num_waiting=1, waiting_demand_blocks=60),  # (900-60)/4 = 210
+            view("c", free_blocks=950, num_running=1, num_running_high=1),  # holds high: (950 - H)/1
+            view("d", state=InstanceState.DRAINING),  # empty but draining
+            view("e", state=InstanceState.CORDONED),
+            view("f", healthy=False),
+            view("g", state=InstanceState.STARTING),
+            *extra,  # type: ignore[list-item]
+        ]
+    )
+
+
+def choose(policy: str, snap: ClusterSnapshot, req: DispatchRequestView, **cfg: object) -> str | None:
+    return make_dispatch_policy(policy, PolicyConfig(dispatch_policy=policy, **cfg)).choose(snap, req)  # type: ignore[arg-type]
+
+
+def test_llumnix_highest_freeness() -> None:
+    # H = 1200: c = (950-1200)/1 = -250 and holds high anyway; b (210) beats a (150).
+    assert choose("llumnix", cluster(), NORMAL) == "b"
+    # An empty ACTIVE instance is +inf.
+    assert choose("llumnix", cluster(view("h")), NORMAL) == "h"
+
+
+def test_llumnix_priority_aware() -> None:
+    # H = 500. Normal: c = (950-500)/1 = 450 is the freest but holds high, so b (210) is chosen.
+    assert choose("llumnix", cluster(), NORMAL, high_headroom_blocks=500) == "b"
+    # High, as if placed: a (600-500)/4 = 25, b (840-500)/4 = 85, c (950-500)/1 = 450; all fit (≥ 2 blocks) → c.
+    assert choose("llumnix", cluster(), HIGH, high_headroom_blocks=500) == "c"
+    # H = 1200: nowhere fits (a -600, b -360, c -250 left) → the freest as placed: b (840-1200)/4 = -90.
+    assert choose("llumnix", cluster(), HIGH) == "b"
+    # H = 840: only b has room for the headroom (840-840 = 0) but not the 2-block prefill; c: 950-840-2 = 108 ≥ 0 fits.
+    assert choose("llumnix", cluster(), HIGH, high_headroom_blocks=840) == "c"
+    # If only high-holding instances can take work, a normal request still goes there.
+    only_c = ClusterSnapshot.of(
+        [view("c", free_blocks=950, num_running=1, num_running_high=1), view("d", healthy=False)]
+    )
+    assert choose("llumnix", only_c, NORMAL) == "c"
+
+
+def test_infaas_least_memory_load() -> None:
+    # Free fraction after waiting demand: a 600/1000, b (900-60)/1000, c 950/1000 → c (not priority-aware).
+    assert choose("infaas++", cluster(), NORMAL) == "c"
+
+
+def test_balanced_fewest_requests_ties_by_id() -> None:
+    # Requests: a 4, b 4, c 1 → c; then with c at 4 as well, a wins the tie by id.
+    assert choose("balanced", cluster(), NORMAL) == "c"
+    snap = cluster().record_dispatch("c", 2).record_dispatch("c", 2).record_dispatch("c", 2)
+    assert choose("balanced", snap, NORMAL) == "a"
+
+
+def test_round_robin_cycles_in_id_order_and_survives_membership_changes() -> None:
+    rr = RoundRobinDispatch(PolicyConfig(dispatch_policy="round-robin"), random.Random(0))
+    snap = cluster()
+    rr.cursor = "a"
+    assert [rr.choose(snap, NORMAL) for _ in range(4)] == ["b", "c", "a", "b"]
+    # b leaves: the cursor is an id, so the next one after "b" is still "c".
+    assert rr.choose(snap.without(["b"]), NORMAL) == "c"
+    rr.cursor = "zzz"
+    assert rr.choose(snap, NORMAL) == "a"
+
+
+def test_dispatch_sees_its_own_recent_decisions() -> None:
+    """Between two load reports, recorded dispatches spread requests instead of herding on one instance."""
+    snap = ClusterSnapshot.of([view("a"), view("b"), view("c")])
+    policy = make_dispatch_policy("llumnix", PolicyConfig())
+    seen = []
+    for _ in range(3):
+        chosen = policy.choose(snap, NORMAL)
+        assert chosen is not None
+        seen.append(chosen)
+        snap = snap.record_dispatch(chosen, NORMAL.demand_blocks(16))
+    assert seen == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("policy", sorted(DISPATCH_REGISTRY))
+def test_none_when_nothing_can_take_requests(policy: str) -> None:
+    snap = ClusterSnapshot.of([view("d", state=InstanceState.DRAINING), view("f", healthy=False)])
+    assert choose(policy, snap, NORMAL) is None
+    assert choose(policy, ClusterSnapshot.of([]), NORMAL) is None
+
+
+def test_unknown_policy() -> None:
+    with pytest.raises(ValueError, match="unknown dispatch policy 'nope'"):
+        make_dispatch_policy("nope", PolicyConfig())
+
+
+@given(snapshots(), st.sampled_from(sorted(DISPATCH_REGISTRY)), st.sampled_from([NORMAL, HIGH]), st.integers(0, 9))
+def test_never_picks_an_instance_that_cannot_take_requests(
+    snap: ClusterSnapshot, policy: str, req: DispatchRequestView, seed: int
+) -> None:
+    p = make_dispatch_policy(policy, PolicyConfig(dispatch_policy=policy), random.Random(seed))
+    for _ in range(3):
+        chosen = p.choose(snap, req)
+        eligible = [v for v in snap if v.state == InstanceState.ACTIVE and v.healthy]
+        if not eligible:
+            assert chosen is None
+            return
+        v = snap.get(chosen) if chosen is not None else None
+        assert v is not None and v.accepts_requests
+        snap = snap.record_dispatch(v.instance_id, req.demand_blocks(v.block_size), req.priority)
+
+
+@given(snapshots())
+def test_llumnix_normal_matches_scalar_reference(snap: ClusterSnapshot) -> None:
+    cfg = PolicyConfig(high_headroom_blocks=300, normal_headroom_blocks=10)
+    eligible = [v for v in snap if v.accepts_requests]
+    expected = None
+    if eligible:
+        expected = min(eligible, key=lambda v: (v.holds_high, -dispatch_freeness(v, cfg), v.instance_id)).instance_id
+    assert make_dispatch_policy("llumnix", cfg).choose(snap, NORMAL) == expected
