@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf import field_mask_pb2
 
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.config_store import ConfigStore
@@ -448,8 +449,10 @@ class SchedulerReplica:
         self.require_leader()
         merged = self.core.config.to_proto()
         if paths:
-            for path in paths:
-                _copy_path(config, merged, path)
+            mask = field_mask_pb2.FieldMask(paths=paths)
+            if not mask.IsValidForDescriptor(config_pb2.ClusterConfig.DESCRIPTOR):
+                raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown config path in {paths}")
+            mask.MergeMessage(config, merged, replace_message_field=True, replace_repeated_field=True)
         else:
             merged = config
         try:
@@ -466,33 +469,3 @@ class SchedulerReplica:
         self.core.reconfigure(validated)
         self.config_revision = revision
         return stored, revision
-
-
-def _copy_path(src: config_pb2.ClusterConfig, dst: config_pb2.ClusterConfig, path: str) -> None:
-    """Copies one dotted field path (e.g. ``migration.migrate_out_threshold``) from src to dst."""
-    parts = path.split(".")
-    s: object = src
-    d: object = dst
-    for part in parts[:-1]:
-        if not _has_field(s, part):
-            raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown config path {path!r}")
-        s, d = getattr(s, part), getattr(d, part)
-    leaf = parts[-1]
-    if not _has_field(s, leaf):
-        raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown config path {path!r}")
-    field = s.DESCRIPTOR.fields_by_name[leaf]  # type: ignore[attr-defined]
-    if field.message_type is not None or field.label == field.LABEL_REPEATED:
-        getattr(d, leaf).Clear() if field.label == field.LABEL_REPEATED else d.ClearField(leaf)  # type: ignore[attr-defined]
-        if field.label == field.LABEL_REPEATED:
-            getattr(d, leaf).extend(getattr(s, leaf))
-        else:
-            getattr(d, leaf).CopyFrom(getattr(s, leaf))
-    elif field.has_presence and not s.HasField(leaf):  # type: ignore[attr-defined]
-        d.ClearField(leaf)  # type: ignore[attr-defined]
-    else:
-        setattr(d, leaf, getattr(s, leaf))
-
-
-def _has_field(message: object, name: str) -> bool:
-    descriptor = getattr(message, "DESCRIPTOR", None)
-    return descriptor is not None and name in descriptor.fields_by_name
