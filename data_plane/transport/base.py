@@ -1,0 +1,127 @@
+"""The data-plane transport interface: one endpoint per llumlet process, moving byte chunks keyed by name.
+
+The model is "expect, then receive": the destination registers each transfer it awaits (key and size, optionally the
+buffer to land in) after PreAllocate, the source sends chunks to the destination's published address, and the
+TransferStage handshake (gRPC) confirms the bytes. Keys name (migration id, stage, chunk index); see ``chunk_key``.
+
+Every operation takes an application timeout: a peer that died must never hang its caller. The UCX path runs without
+UCX error handling (the only way to shared-memory speed), so timeouts here plus the registry lease are how peer death
+is noticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+Bytes = npt.NDArray[np.uint8]
+Chunk = memoryview | npt.NDArray[np.generic] | bytes | bytearray
+"""Anything exposing a C-contiguous buffer; sent without copying where the transport allows."""
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class TransportError(Exception):
+    """A transfer failed: unreachable or dead peer, connection lost, size mismatch, closed endpoint."""
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """A transfer did not finish within its application timeout."""
+
+
+class TransportClosed(TransportError):
+    """The local endpoint is not started or already closed."""
+
+
+def chunk_key(migration_id: str, stage: int, index: int) -> str:
+    """The key of one chunk of one migration stage; both sides derive it independently."""
+    return f"{migration_id}/{stage}/{index}"
+
+
+def as_bytes_view(chunk: Chunk) -> memoryview:
+    """A flat byte view of ``chunk`` without copying; raises TransportError if it is not C-contiguous."""
+    view = chunk.data if isinstance(chunk, np.ndarray) else memoryview(chunk)
+    if not view.c_contiguous:
+        raise TransportError("chunk must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def make_out_buffer(nbytes: int, out: Bytes | None) -> Bytes:
+    """The flat uint8 destination for ``nbytes``: a view of ``out`` (no copy) or a new array."""
+    if out is None:
+        return np.empty(nbytes, dtype=np.uint8)
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise TransportError("out buffer must be writeable and C-contiguous")
+    flat = out.reshape(-1).view(np.uint8)
+    if flat.nbytes != nbytes:
+        raise TransportError(f"out buffer holds {flat.nbytes} bytes, expected {nbytes}")
+    return flat
+
+
+@dataclass
+class Expectation:
+    """One registered receive: where its bytes land and the future that completes with them."""
+
+    key: str
+    nbytes: int
+    buffer: Bytes
+    future: asyncio.Future[Bytes] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Transport(ABC):
+    """A data-plane endpoint. Coroutine methods run on the caller's event loop; the endpoint is not thread-safe."""
+
+    kind: str = ""
+
+    @abstractmethod
+    async def start(self) -> str:
+        """Starts the endpoint and returns the address to publish in the registry."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Stops the endpoint; pending receives fail with TransportClosed. Idempotent."""
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """The published address; raises TransportClosed before ``start``."""
+
+    @abstractmethod
+    async def send(self, peer: str, key: str, chunk: Chunk, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        """Sends one chunk to ``peer`` under ``key``; returns once the transport no longer needs ``chunk``.
+
+        Raises TransportTimeout after ``timeout`` seconds, TransportError if the peer is unreachable or dies."""
+
+    @abstractmethod
+    def expect(self, key: str, nbytes: int, out: Bytes | None = None) -> None:
+        """Registers a transfer of exactly ``nbytes`` under ``key``, landing in ``out`` (C-contiguous, any shape
+        of that many bytes) or a new buffer. Call before the sender may send, so bytes land without a copy."""
+
+    @abstractmethod
+    async def receive(self, key: str, timeout: float = DEFAULT_TIMEOUT_S) -> Bytes:
+        """Awaits an expected transfer and returns its flat uint8 buffer (a view of ``out`` when one was given).
+
+        Raises TransportTimeout after ``timeout`` seconds (the expectation is dropped), TransportError otherwise."""
+
+    @abstractmethod
+    def cancel(self, key: str) -> None:
+        """Drops an expectation (e.g. the migration aborted); unknown keys are ignored."""
+
+    async def __aenter__(self) -> Transport:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def await_expectation(exp: Expectation, timeout: float) -> Bytes:
+    """Waits for an expectation's future with a timeout, mapping the outcome onto transport errors."""
+    try:
+        return await asyncio.wait_for(asyncio.shield(exp.future), timeout)
+    except TimeoutError as e:
+        raise TransportTimeout(f"receive {exp.key!r}: no data within {timeout:.3g}s") from e

@@ -1,0 +1,277 @@
+"""TCP transport: framed chunks over one pooled connection per peer; the fallback when UCX is unavailable.
+
+Frame: ``!4sIQ`` header (magic, key length, payload length), the UTF-8 key, the payload. Built on the event loop's
+socket operations (``sock_sendall`` / ``sock_recv_into``) rather than streams: ``StreamReader`` has no ``readinto``
+and ``StreamWriter.write`` copies whatever the kernel does not take at once, while these send straight from the
+caller's buffer and receive straight into the expected buffer. A chunk that arrives before its expectation is kept
+in a new buffer (one extra copy when it is claimed into a given ``out``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pyllumnix.data_plane.transport.base import (
+    DEFAULT_TIMEOUT_S,
+    Bytes,
+    Chunk,
+    Expectation,
+    Transport,
+    TransportClosed,
+    TransportError,
+    TransportTimeout,
+    as_bytes_view,
+    await_expectation,
+    make_out_buffer,
+)
+
+_MAGIC = b"LLDP"
+_HEADER = struct.Struct("!4sIQ")
+_MAX_KEY = 4096
+_SOCK_BUF = 4 << 20
+
+
+def parse_tcp_address(address: str) -> tuple[str, int]:
+    """``tcp://host:port`` -> (host, port); raises TransportError on anything else."""
+    if not address.startswith("tcp://"):
+        raise TransportError(f"not a tcp address: {address!r}")
+    host, _, port = address[len("tcp://") :].rpartition(":")
+    if not host or not port.isdigit():
+        raise TransportError(f"bad tcp address: {address!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, _SOCK_BUF)
+
+
+def _peer_gone(sock: socket.socket) -> bool:
+    """True if a pooled connection was closed by the peer (it never sends, so readable means EOF or reset)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+class TcpTransport(Transport):
+    kind = "tcp"
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None) -> None:
+        self._host = host
+        self._port = port
+        self._advertise_host = advertise_host
+        self._address: str | None = None
+        self._listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server_socks: set[socket.socket] = set()
+        self._conns: dict[str, _Conn] = {}
+        self._expected: dict[str, Expectation] = {}
+        self._early: dict[str, Bytes] = {}
+
+    async def start(self) -> str:
+        if self._address is not None:
+            return self._address
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self._host, self._port))
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener = listener
+        port = listener.getsockname()[1]
+        host = self._advertise_host or (socket.gethostname() if self._host in ("0.0.0.0", "::") else self._host)
+        self._address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+        self._spawn(self._accept_loop(listener))
+        return self._address
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self._address = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sock in self._server_socks:
+            sock.close()
+        self._server_socks.clear()
+        for conn in self._conns.values():
+            conn.sock.close()
+        self._conns.clear()
+        for exp in self._expected.values():
+            if not exp.future.done():
+                exp.future.set_exception(TransportClosed("endpoint closed"))
+        self._expected.clear()
+        self._early.clear()
+
+    @property
+    def address(self) -> str:
+        if self._address is None:
+            raise TransportClosed("tcp endpoint not started")
+        return self._address
+
+    # --- receiving ---
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            _tune(sock)
+            self._server_socks.add(sock)
+            self._spawn(self._serve(sock))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        header = bytearray(_HEADER.size)
+        try:
+            while True:
+                if not await _recv_exact(loop, sock, memoryview(header)):
+                    return
+                magic, key_len, nbytes = _HEADER.unpack(header)
+                if magic != _MAGIC or key_len > _MAX_KEY:
+                    return  # not our protocol: drop the connection
+                raw_key = bytearray(key_len)
+                if not await _recv_exact(loop, sock, memoryview(raw_key)):
+                    return
+                key = raw_key.decode()
+                exp = self._expected.get(key)
+                direct = exp is not None and not exp.future.done() and exp.nbytes == nbytes
+                buf = exp.buffer if direct and exp is not None else np.empty(nbytes, dtype=np.uint8)
+                if not await _recv_exact(loop, sock, buf.data):
+                    if exp is not None and not exp.future.done():
+                        exp.future.set_exception(TransportError(f"{key!r}: peer closed mid-transfer"))
+                    return
+                self._deliver(key, buf, direct)
+        except OSError:
+            return
+        finally:
+            self._server_socks.discard(sock)
+            sock.close()
+
+    def _deliver(self, key: str, buf: Bytes, direct: bool) -> None:
+        exp = self._expected.get(key)
+        if exp is None:
+            self._early[key] = buf
+        elif exp.future.done():
+            return
+        elif buf.nbytes != exp.nbytes:
+            exp.future.set_exception(TransportError(f"{key!r}: got {buf.nbytes} bytes, expected {exp.nbytes}"))
+        else:
+            if not direct:
+                exp.buffer[:] = buf
+            exp.future.set_result(exp.buffer)
+
+    def expect(self, key: str, nbytes: int, out: Bytes | None = None) -> None:
+        if self._address is None:
+            raise TransportClosed("tcp endpoint not started")
+        if key in self._expected:
+            raise TransportError(f"{key!r} already expected")
+        early = self._early.pop(key, None)
+        reuse = early is not None and out is None and early.nbytes == nbytes
+        exp = Expectation(key, nbytes, early if reuse and early is not None else make_out_buffer(nbytes, out))
+        self._expected[key] = exp
+        if early is not None:
+            self._deliver(key, early, direct=early is exp.buffer)
+
+    async def receive(self, key: str, timeout: float = DEFAULT_TIMEOUT_S) -> Bytes:
+        exp = self._expected.get(key)
+        if exp is None:
+            raise TransportError(f"{key!r} was not expected")
+        try:
+            return await await_expectation(exp, timeout)
+        finally:
+            self._expected.pop(key, None)
+
+    def cancel(self, key: str) -> None:
+        exp = self._expected.pop(key, None)
+        if exp is not None and not exp.future.done():
+            exp.future.cancel()
+        self._early.pop(key, None)
+
+    # --- sending ---
+    async def _connect(self, peer: str) -> _Conn:
+        conn = self._conns.get(peer)
+        if conn is not None and not conn.lock.locked() and _peer_gone(conn.sock):
+            self._drop(peer, conn)
+            conn = None
+        if conn is None:
+            host, port = parse_tcp_address(peer)
+            loop = asyncio.get_running_loop()
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            _tune(sock)
+            try:
+                await loop.sock_connect(sock, sockaddr)
+            except BaseException:
+                sock.close()
+                raise
+            conn = self._conns.setdefault(peer, _Conn(sock))
+            if conn.sock is not sock:
+                sock.close()
+        return conn
+
+    def _drop(self, peer: str, conn: _Conn) -> None:
+        if self._conns.get(peer) is conn:
+            del self._conns[peer]
+        conn.sock.close()
+
+    async def send(self, peer: str, key: str, chunk: Chunk, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        if self._address is None:
+            raise TransportClosed("tcp endpoint not started")
+        view = as_bytes_view(chunk)
+        raw_key = key.encode()
+        header = _HEADER.pack(_MAGIC, len(raw_key), view.nbytes) + raw_key
+        loop = asyncio.get_running_loop()
+        conn: _Conn | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self._connect(peer)
+                async with conn.lock:
+                    await loop.sock_sendall(conn.sock, header)
+                    await loop.sock_sendall(conn.sock, view)
+        except TimeoutError as e:
+            if conn is not None:
+                self._drop(peer, conn)  # a partial frame poisons the connection
+            raise TransportTimeout(f"send {key!r} to {peer}: not done within {timeout:.3g}s") from e
+        except OSError as e:
+            if conn is not None:
+                self._drop(peer, conn)
+            raise TransportError(f"send {key!r} to {peer}: {e}") from e
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> bool:
+    """Fills ``view``; False on EOF before the first byte or in the middle."""
+    got = 0
+    total = view.nbytes
+    while got < total:
+        n = await loop.sock_recv_into(sock, view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True

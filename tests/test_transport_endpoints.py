@@ -1,0 +1,159 @@
+"""Send/receive, timeouts and failure paths of each transport (UCX only when ucxx imports)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from pyllumnix.data_plane.transport import (
+    Transport,
+    TransportError,
+    TransportTimeout,
+    make_transport,
+    ucx_available,
+)
+
+KINDS = [
+    "inproc",
+    "tcp",
+    pytest.param("ucx", marks=pytest.mark.skipif(not ucx_available(), reason="ucxx not importable (pyllumnix[ucx])")),
+]
+
+
+@pytest.fixture(params=KINDS)
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Transport, Transport]]:
+    a, b = make_transport(request.param), make_transport(request.param)
+    await a.start()
+    await b.start()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+def payload(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
+async def test_round_trip_into_given_buffer(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    data = payload(3 << 20)
+    out = np.zeros((3, 1 << 20), dtype=np.uint8)
+    b.expect("m1/0/0", data.nbytes, out=out)
+    await a.send(b.address, "m1/0/0", data, timeout=10)
+    got = await b.receive("m1/0/0", timeout=10)
+    assert np.array_equal(got, data)
+    assert np.shares_memory(got, out)
+    assert np.array_equal(out.reshape(-1), data)
+
+
+async def test_send_before_expect_and_many_keys(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    chunks = {f"m2/0/{i}": payload(1000 + i, seed=i) for i in range(5)}
+    sends = [asyncio.create_task(a.send(b.address, k, v, timeout=10)) for k, v in chunks.items()]
+    await asyncio.sleep(0.05)
+    for k, v in reversed(chunks.items()):
+        b.expect(k, v.nbytes)
+    for k, v in chunks.items():
+        assert np.array_equal(await b.receive(k, timeout=10), v)
+    await asyncio.gather(*sends)
+
+
+async def test_memoryview_and_empty_chunk(pair: tuple[Transport, Transport]) -> None:
+    a, b = pair
+    b.expect("mv", 4)
+    b.expect("empty", 0)
+    await a.send(b.address, "mv", memoryview(b"\x01\x02\x03\x04"), timeout=10)
+    await a.send(b.address, "empty", b"", timeout=10)
+    assert bytes(await b.receive("mv", timeout=10)) == b"\x01\x02\x03\x04"
+    assert (await b.receive("empty", timeout=10)).nbytes == 0
+
+
+async def test_receive_without_sender_times_out(pair: tuple[Transport, Transport]) -> None:
+    _, b = pair
+    b.expect("nobody", 16)
+    t0 = time.monotonic()
+    with pytest.raises(TransportTimeout):
+        await b.receive("nobody", timeout=0.3)
+    assert time.monotonic() - t0 < 2.0
+
+
+async def test_receive_unexpected_key_is_an_error(pair: tuple[Transport, Transport]) -> None:
+    _, b = pair
+    with pytest.raises(TransportError):
+        await b.receive("never-expected", timeout=0.1)
+
+
+async def test_duplicate_expect_is_an_error(pair: tuple[Transport, Transport]) -> None:
+    _, b = pair
+    b.expect("dup", 8)
+    with pytest.raises(TransportError):
+        b.expect("dup", 8)
+    b.cancel("dup")
+    b.expect("dup", 8)
+
+
+@pytest.mark.parametrize("kind", ["inproc", "tcp"])
+async def test_send_to_closed_peer_fails_fast(kind: str) -> None:
+    a, b = make_transport(kind), make_transport(kind)
+    await a.start()
+    peer = await b.start()
+    b.expect("warm", 4)
+    await a.send(peer, "warm", b"abcd", timeout=5)
+    await b.receive("warm", timeout=5)
+    await b.close()
+    t0 = time.monotonic()
+    with pytest.raises(TransportError):
+        for i in range(3):  # a pooled connection may absorb one small write before the reset shows
+            await a.send(peer, f"after-close-{i}", payload(1 << 20), timeout=2)
+            await asyncio.sleep(0.05)
+    assert time.monotonic() - t0 < 6.0
+    await a.close()
+
+
+async def test_tcp_size_mismatch_is_reported() -> None:
+    a, b = make_transport("tcp"), make_transport("tcp")
+    await a.start()
+    await b.start()
+    b.expect("k", 10)
+    await a.send(b.address, "k", b"12345", timeout=5)
+    with pytest.raises(TransportError, match="expected 10"):
+        await b.receive("k", timeout=5)
+    await a.close()
+    await b.close()
+
+
+async def test_close_fails_pending_receives() -> None:
+    b = make_transport("tcp")
+    await b.start()
+    b.expect("pending", 8)
+    waiter = asyncio.create_task(b.receive("pending", timeout=10))
+    await asyncio.sleep(0.01)
+    await b.close()
+    with pytest.raises(TransportError):
+        await waiter
+
+
+async def test_inproc_cost_model_delays_and_times_out() -> None:
+    a = make_transport("inproc", cost_fn=lambda n: n / 1e6)
+    b = make_transport("inproc")
+    await a.start()
+    await b.start()
+    b.expect("k", 20_000)
+    t0 = time.monotonic()
+    await a.send(b.address, "k", bytes(20_000), timeout=5)
+    assert time.monotonic() - t0 >= 0.015
+    with pytest.raises(TransportTimeout):
+        await a.send(b.address, "k2", bytes(1_000_000), timeout=0.05)
+    await a.close()
+    await b.close()
+
+
+def test_make_transport_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError):
+        make_transport("carrier-pigeon")
