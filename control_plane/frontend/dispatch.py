@@ -1,0 +1,54 @@
+"""What the frontend needs from dispatch: the ``Dispatcher`` protocol, satisfied by ``pyllumnix.clients.dispatch``
+(LeaderDispatcher, BypassDispatcher, FallbackDispatcher) and by the fakes in the tests.
+
+Optional hooks, called when a dispatcher has them: ``release(instance_id)`` exactly once per successful ``dispatch``
+(when the request ends, or at once when the instance refused it), so a bypass dispatcher's in-flight counts stay right;
+``refused(instance_id)`` when the instance refused AddRequest, so the retry can avoid it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
+
+from pyllumnix.protos.llumnix.v1 import common_pb2
+
+
+class Placement(NamedTuple):
+    instance_id: str
+    grpc_address: str
+
+
+class Dispatcher(Protocol):
+    async def dispatch(
+        self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int
+    ) -> tuple[str, str]:
+        """(instance_id, grpc_address) for a new request; raises when no instance can take it."""
+        ...
+
+
+@runtime_checkable
+class Releasing(Protocol):
+    def release(self, instance_id: str) -> None: ...
+
+
+@runtime_checkable
+class RefusalAware(Protocol):
+    def refused(self, instance_id: str) -> None: ...
+
+
+class RegistrySource(Protocol):
+    async def instances(self) -> Sequence[common_pb2.InstanceInfo]: ...
+
+
+class RegistryResolver:
+    """Looks up a migration destination's gRPC address in the registry (for aborting a migrated request)."""
+
+    def __init__(self, source: RegistrySource) -> None:
+        self.source = source
+
+    async def address_of(self, instance_id: str) -> str | None:
+        for info in await self.source.instances():
+            if info.instance_id == instance_id and info.grpc_address:
+                return info.grpc_address
+        return None

@@ -1,0 +1,162 @@
+"""``llumnix frontend``: the OpenAI HTTP API and gRPC Generate in front of the scheduler and the llumlets.
+
+Dispatch goes to the scheduler leader (``--scheduler``, redirects followed); when no leader answers it falls back to
+a bypass choice among the instances in the etcd registry (``--etcd``). Prints one JSON line ``{"event": "ready", ...}``
+on stdout once both servers listen; SIGTERM/SIGINT stop it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import click
+
+from pyllumnix.clients.dispatch import (
+    BypassDispatcher,
+    EtcdRegistrySource,
+    FallbackDispatcher,
+    LeaderDispatcher,
+    RegistrySource,
+    StaticRegistrySource,
+)
+from pyllumnix.control_plane.frontend.core import Frontend
+from pyllumnix.control_plane.frontend.dispatch import Dispatcher, RegistryResolver
+from pyllumnix.control_plane.frontend.http import start_http
+from pyllumnix.control_plane.frontend.service import start_grpc
+from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FrontendOptions:
+    schedulers: list[str] = field(default_factory=list)
+    etcd: list[str] = field(default_factory=list)
+    cluster: str = "default"
+    host: str = "127.0.0.1"
+    advertise_host: str = ""
+    http_port: int = 8000
+    grpc_port: int = 0
+    model: str = "llama-7b-a10"
+    max_model_len: int = 4096
+    tokenizer: str = "sim"
+    vocab_size: int = 32_000
+    dispatch_timeout: float = 0.5
+
+
+def make_tokenizer(opts: FrontendOptions) -> Tokenizer:
+    if opts.tokenizer == "sim":
+        return SimTokenizer(opts.vocab_size)
+    raise click.BadParameter(f"unknown tokenizer {opts.tokenizer!r} (available: sim)", param_hint="--tokenizer")
+
+
+async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None) -> int:
+    """Serves until ``stop`` is set (or SIGTERM/SIGINT); returns the process exit code."""
+    stop = stop or asyncio.Event()
+    etcd_client = None
+    source: RegistrySource = StaticRegistrySource()
+    if opts.etcd:
+        from pyllumnix.control_plane.etcd.client import EtcdClient
+        from pyllumnix.control_plane.etcd.keys import KeyLayout
+        from pyllumnix.control_plane.etcd.registry import InstanceRegistry
+
+        etcd_client = EtcdClient(opts.etcd)
+        source = EtcdRegistrySource(InstanceRegistry(etcd_client, KeyLayout(opts.cluster)))
+    bypass = BypassDispatcher(source)
+    leader = LeaderDispatcher(opts.schedulers, timeout=opts.dispatch_timeout) if opts.schedulers else None
+    dispatcher: Dispatcher = bypass
+    if leader is not None:
+        dispatcher = FallbackDispatcher(leader, bypass, leader_timeout=opts.dispatch_timeout)
+    frontend = Frontend(
+        model=opts.model,
+        max_model_len=opts.max_model_len,
+        tokenizer=make_tokenizer(opts),
+        dispatcher=dispatcher,
+        resolver=RegistryResolver(source),
+    )
+    grpc_server = await start_grpc(frontend, opts.host, opts.grpc_port, opts.advertise_host)
+    http_server = await start_http(frontend, opts.host, opts.http_port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    ready = {
+        "event": "ready",
+        "model": opts.model,
+        "http_port": http_server.port,
+        "grpc_address": frontend.sink_address,
+        "schedulers": opts.schedulers,
+    }
+    print(json.dumps(ready), flush=True)
+    await stop.wait()
+    log.info("stopping frontend")
+    await http_server.stop()
+    await grpc_server.stop()
+    await frontend.close()
+    if leader is not None:
+        await leader.close()
+    if etcd_client is not None:
+        await etcd_client.close()
+    return 0
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@click.command("frontend")
+@click.option("--scheduler", default="", help="Comma-separated scheduler replica addresses (host:port).")
+@click.option("--etcd", default="", help="Comma-separated etcd endpoints, for bypass dispatch when no leader answers.")
+@click.option("--cluster", default="default", show_default=True, help="Cluster name (etcd key prefix).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind host of both servers.")
+@click.option("--advertise-host", default="", help="Host llumlets use to push outputs here (default: --host).")
+@click.option("--http-port", default=8000, show_default=True, help="OpenAI HTTP API port (0: any free port).")
+@click.option("--grpc-port", default=0, show_default=True, help="gRPC port: Generate and the output sink.")
+@click.option("--model", default="llama-7b-a10", show_default=True, help="The served model's name.")
+@click.option("--max-model-len", default=4096, show_default=True, help="Prompt + output token limit.")
+@click.option("--tokenizer", type=click.Choice(["sim"]), default="sim", show_default=True)
+@click.option("--vocab-size", default=32_000, show_default=True, help="Vocabulary of the sim tokenizer.")
+@click.option("--dispatch-timeout", default=0.5, show_default=True, help="Deadline of one Dispatch call, seconds.")
+@click.option("--log-level", default="INFO", show_default=True)
+def frontend_command(
+    scheduler: str,
+    etcd: str,
+    cluster: str,
+    host: str,
+    advertise_host: str,
+    http_port: int,
+    grpc_port: int,
+    model: str,
+    max_model_len: int,
+    tokenizer: str,
+    vocab_size: int,
+    dispatch_timeout: float,
+    log_level: str,
+) -> None:
+    """Run a frontend (OpenAI HTTP + gRPC Generate)."""
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not scheduler and not etcd:
+        raise click.UsageError("give --scheduler and/or --etcd: there is nothing to dispatch to otherwise")
+    opts = FrontendOptions(
+        schedulers=_split(scheduler),
+        etcd=_split(etcd),
+        cluster=cluster,
+        host=host,
+        advertise_host=advertise_host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        model=model,
+        max_model_len=max_model_len,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        dispatch_timeout=dispatch_timeout,
+    )
+    sys.exit(asyncio.run(run_frontend(opts)))

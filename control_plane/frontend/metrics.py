@@ -1,0 +1,39 @@
+"""Prometheus metrics of one frontend, on a registry of its own.
+
+A private registry keeps several frontends in one process (tests) apart; ``registry`` is the hook through which the
+serve process adds its own collectors (per-instance freeness and other scheduler-side gauges) to the same /metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class FrontendMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "llumnix_frontend_requests", "Requests finished, by finish reason", ["finish_reason"], registry=r
+        )
+        self.rejected = Counter(
+            "llumnix_frontend_rejected_requests", "Requests refused, by status", ["code"], registry=r
+        )
+        self.inflight = Gauge("llumnix_frontend_inflight_requests", "Requests being served now", registry=r)
+        self.prompt_tokens = Counter("llumnix_frontend_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
+        self.generation_tokens = Counter("llumnix_frontend_generation_tokens", "Tokens streamed to clients", registry=r)
+        self.ttft = Histogram(
+            "llumnix_frontend_ttft_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "llumnix_frontend_e2e_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,203 @@
+"""OpenAI request bodies -> ``GenerationInput``, and ``Delta``s -> OpenAI response objects.
+
+Chat template (simple and documented, for models without their own): each message becomes ``<|{role}|>\\n{content}\\n``
+and the prompt ends with ``<|assistant|>\\n`` so the model answers as the assistant. A message's content may be a string
+or a list of ``{"type": "text", "text": ...}`` parts (concatenated).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pyllumnix.control_plane.frontend.core import GenerationInput
+from pyllumnix.control_plane.frontend.errors import InvalidRequestError
+from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
+from pyllumnix.protos.llumnix.v1 import common_pb2
+
+PRIORITIES: dict[str, common_pb2.Priority.ValueType] = {
+    "normal": common_pb2.PRIORITY_NORMAL,
+    "high": common_pb2.PRIORITY_HIGH,
+}
+FINISH_REASONS: dict[int, str] = {
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+# Fields whose non-default values this server cannot honour: rejected rather than silently ignored.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "echo": (None, False),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    inp: GenerationInput
+    stream: bool
+    include_usage: bool
+    chat: bool
+
+
+def parse_priority(value: object, param: str) -> common_pb2.Priority.ValueType:
+    if not isinstance(value, str) or value.lower() not in PRIORITIES:
+        raise InvalidRequestError(f"{param} must be one of {sorted(PRIORITIES)}, got {value!r}", param=param)
+    return PRIORITIES[value.lower()]
+
+
+def _number(body: Mapping[str, Any], key: str, default: float, *, integer: bool = False) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
+        raise InvalidRequestError(f"{key} must be {'an integer' if integer else 'a number'}", param=key)
+    return float(value)
+
+
+def _stops(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return [s for s in value if s]
+    raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
+
+
+def _completion_prompt(value: object) -> str | list[int]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return list(value)
+    if isinstance(value, list) and len(value) == 1:
+        return _completion_prompt(value[0])
+    if isinstance(value, list) and len(value) > 1:
+        raise InvalidRequestError("only one prompt per request is supported", param="prompt")
+    raise InvalidRequestError("prompt must be a string, a list of token ids, or a list of one of those", param="prompt")
+
+
+def _content(message: Mapping[str, Any], index: int) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError("only text content parts are supported", param=f"messages[{index}].content")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise InvalidRequestError("content must be a string or a list of text parts", param=f"messages[{index}].content")
+
+
+def render_chat(messages: object) -> str:
+    """The chat template described in the module docstring."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list", param="messages")
+    lines = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequestError("each message needs a string role", param=f"messages[{i}]")
+        lines.append(f"<|{message['role']}|>\n{_content(message, i)}\n")
+    return "".join(lines) + "<|assistant|>\n"
+
+
+def parse_request(
+    body: object,
+    *,
+    chat: bool,
+    tokenizer: Tokenizer,
+    max_model_len: int,
+    header_priority: str | None = None,
+    request_id: str = "",
+) -> ParsedRequest:
+    """Validates an OpenAI body. An omitted max_tokens means "up to the model's maximum length"."""
+    if not isinstance(body, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    for key, allowed in _UNSUPPORTED.items():
+        if key in body and body[key] not in allowed:
+            raise InvalidRequestError(f"{key} is not supported by this server", param=key)
+    if _number(body, "n", 1, integer=True) != 1:
+        raise InvalidRequestError("only n=1 is supported", param="n")
+    model = body.get("model", "")
+    if not isinstance(model, str):
+        raise InvalidRequestError("model must be a string", param="model")
+    prompt: str | list[int] = render_chat(body.get("messages")) if chat else _completion_prompt(body.get("prompt"))
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = int(_number(body, key, max(1, max_model_len - len(prompt_ids)), integer=True))
+    top_p = _number(body, "top_p", 1.0)
+    if not 0 < top_p <= 1:
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
+    sampling = common_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0),
+        top_p=top_p,
+        top_k=int(_number(body, "top_k", 0, integer=True)),
+        stop=_stops(body.get("stop")),
+        ignore_eos=bool(body.get("ignore_eos", False)),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        repetition_penalty=_number(body, "repetition_penalty", 0.0),
+    )
+    if body.get("seed") is not None:
+        sampling.seed = int(_number(body, "seed", 0, integer=True))
+    priority = common_pb2.PRIORITY_NORMAL
+    if header_priority is not None:
+        priority = parse_priority(header_priority, "X-Llumnix-Priority")
+    if body.get("priority") is not None:
+        priority = parse_priority(body["priority"], "priority")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidRequestError("stream must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise InvalidRequestError("stream_options must be an object", param="stream_options")
+    inp = GenerationInput(prompt_ids, sampling, priority, request_id, model)
+    return ParsedRequest(inp, stream, bool(options.get("include_usage", False)), chat)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def envelope(request_id: str, model: str, *, chat: bool, chunk: bool) -> dict[str, Any]:
+    kind = ("chat.completion.chunk" if chunk else "chat.completion") if chat else "text_completion"
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+    }
+
+
+def choice(text: str, finish_reason: str | None, *, chat: bool, chunk: bool, first: bool = False) -> dict[str, Any]:
+    if not chat:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    if chunk:
+        delta: dict[str, str] = {"role": "assistant", "content": text} if first else {"content": text}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    message = {"role": "assistant", "content": text}
+    return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+
+
+def finish_reason_name(reason: int, finished: bool) -> str | None:
+    return FINISH_REASONS.get(reason, "stop") if finished else None
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -1,0 +1,90 @@
+"""The FrontendService gRPC servicer (Generate, Abort) and ``start_grpc``, which serves it beside the output sink."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput
+from pyllumnix.control_plane.frontend.errors import FrontendError
+from pyllumnix.control_plane.frontend.sink import SERVICE_NAME as SINK_SERVICE_NAME
+from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
+from pyllumnix.control_plane.grpc_server import RunningServer, start_server
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
+
+SERVICE_NAME = "llumnix.v1.FrontendService"
+
+
+class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
+    """Cancelling a Generate call aborts the request (the handler is cancelled inside ``Frontend.open``)."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self.frontend = frontend
+
+    async def Generate(
+        self, request: frontend_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[frontend_pb2.GenerateResponse]:
+        prompt: str | list[int] = (
+            list(request.token_ids.ids) if request.WhichOneof("prompt") == "token_ids" else request.text
+        )
+        inp = GenerationInput(prompt, request.sampling, request.priority, request.request_id, request.model)
+        try:
+            async with self.frontend.open(inp) as tracked:
+                async for delta in tracked.deltas():
+                    reply = frontend_pb2.GenerateResponse(
+                        request_id=tracked.request_id,
+                        text=delta.text,
+                        token_ids=delta.token_ids,
+                        first_token_index=delta.first_token_index,
+                        finished=delta.finished,
+                        finish_reason=delta.finish_reason,
+                        instance_id=delta.instance_id,
+                    )
+                    if delta.finished:
+                        reply.usage.prompt_tokens = tracked.num_prompt_tokens
+                        reply.usage.completion_tokens = tracked.num_received
+                    yield reply
+                    if delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                        # The final message says ERROR; the status carries the cause (e.g. "instance lost").
+                        context.set_code(grpc.StatusCode.INTERNAL)
+                        context.set_details(delta.error or "request failed")
+        except FrontendError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def Abort(
+        self, request: frontend_pb2.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> frontend_pb2.AbortResponse:
+        try:
+            await self.frontend.abort(request.request_id)
+        except FrontendError as exc:
+            await context.abort(exc.code, exc.message)
+        return frontend_pb2.AbortResponse()
+
+
+def advertised(host: str, advertise_host: str, port: int) -> str:
+    """The address peers use to reach a server bound to ``host`` (a wildcard bind advertises the host name)."""
+    name = advertise_host or (host if host not in ("", "0.0.0.0", "::", "[::]") else socket.getfqdn())
+    return f"{name}:{port}"
+
+
+async def start_grpc(
+    frontend: Frontend, host: str = "127.0.0.1", port: int = 0, advertise_host: str = ""
+) -> RunningServer:
+    """Serves FrontendService + OutputSinkService on one port and points the frontend's sink address at it."""
+    server = await start_server(
+        [
+            (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, FrontendServicer(frontend), SERVICE_NAME),
+            (
+                frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server,
+                OutputSinkServicer(frontend.tracker),
+                SINK_SERVICE_NAME,
+            ),
+        ],
+        host=host,
+        port=port,
+    )
+    frontend.sink_address = advertised(host, advertise_host, server.port)
+    return server

@@ -1,0 +1,39 @@
+"""``llumnix frontend`` wiring: the process entry serves HTTP + gRPC and answers 503 while no scheduler is reachable."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from click.testing import CliRunner
+
+from pyllumnix.control_plane.frontend.main import FrontendOptions, frontend_command, run_frontend
+
+
+async def test_run_frontend_serves_and_stops(capsys: pytest.CaptureFixture[str]) -> None:
+    stop = asyncio.Event()
+    opts = FrontendOptions(schedulers=["127.0.0.1:1"], http_port=0, model="m", max_model_len=64, dispatch_timeout=0.2)
+    task = asyncio.create_task(run_frontend(opts, stop))
+    for _ in range(200):
+        out = capsys.readouterr().out
+        if out:
+            break
+        await asyncio.sleep(0.01)
+    ready = json.loads(out.splitlines()[0])
+    assert ready["event"] == "ready" and ready["grpc_address"]
+    url = f"http://127.0.0.1:{ready['http_port']}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/v1/models") as resp:
+            assert (await resp.json())["data"][0]["id"] == "m"
+        async with session.post(f"{url}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}) as resp:
+            assert resp.status == 503  # no leader, and the (empty) registry offers no bypass target
+    stop.set()
+    assert await asyncio.wait_for(task, 10) == 0
+
+
+def test_command_needs_somewhere_to_dispatch() -> None:
+    result = CliRunner().invoke(frontend_command, [])
+    assert result.exit_code != 0 and "--scheduler" in result.output
+    assert "--max-model-len" in CliRunner().invoke(frontend_command, ["--help"]).output

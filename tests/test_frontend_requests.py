@@ -1,0 +1,140 @@
+"""Request tracking without servers: in-order acceptance, stop strings, finish handling; the sim tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyllumnix.control_plane.frontend.errors import DuplicateRequestError
+from pyllumnix.control_plane.frontend.requests import Delta, RequestTracker, TrackedRequest
+from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
+from pyllumnix.protos.llumnix.v1 import common_pb2
+
+TOK = SimTokenizer()
+LENGTH = common_pb2.FINISH_REASON_LENGTH
+
+
+def out(
+    first: int,
+    ids: list[int],
+    *,
+    finished: bool = False,
+    reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED,
+    instance: str = "a",
+) -> common_pb2.RequestOutput:
+    return common_pb2.RequestOutput(
+        request_id="r",
+        token_ids=ids,
+        first_token_index=first,
+        finished=finished,
+        finish_reason=reason,
+        instance_id=instance,
+    )
+
+
+def tracked(stop: list[str] | None = None) -> TrackedRequest:
+    return TrackedRequest("r", [5, 6], TOK.detokenizer([5, 6]), stop=stop or [])
+
+
+def drain(req: TrackedRequest) -> list[Delta]:
+    items = []
+    while not req._queue.empty():
+        items.append(req._queue.get_nowait())
+    return items
+
+
+def test_sim_tokenizer_is_deterministic_and_readable() -> None:
+    a, b = SimTokenizer(), SimTokenizer()
+    text = "The quick brown fox jumps over the lazy dog"
+    assert a.encode(text) == b.encode(text)
+    assert len(a.encode(text * 4)) > 3 * len(a.encode(text))  # roughly proportional to the length
+    assert all(a.NUM_SPECIAL <= t < a.vocab_size for t in a.encode(text))
+    assert a.encode("") == []
+    words = [a.word(t) for t in (3, 100, 31_999)]
+    assert all(w.startswith(" ") and w[1:].isalpha() for w in words) and len(set(words)) == 3
+    assert a.word(a.eos_token_id) == ""
+    assert a.detokenizer([]).add([100, 101]) == a.word(100) + a.word(101)
+
+
+def test_duplicates_and_resends_are_dropped() -> None:
+    req = tracked()
+    req.accept(out(0, [10, 11]))
+    req.accept(out(0, [10, 11]))  # pure duplicate
+    req.accept(out(1, [11, 12]))  # overlapping re-send: only 12 is new
+    req.accept(out(3, [13], finished=True, reason=LENGTH, instance="b"))
+    deltas = drain(req)
+    assert [d.token_ids for d in deltas] == [[10, 11], [12], [13]]
+    assert [d.first_token_index for d in deltas] == [0, 2, 3]
+    assert req.num_received == 4 and req.finished and req.finish_reason == LENGTH
+    assert req.text == TOK.detokenizer([]).add([10, 11, 12, 13])
+    assert req.instance_id == "b"
+
+
+def test_gap_is_held_until_filled() -> None:
+    req = tracked()
+    req.accept(out(0, [10]))
+    req.accept(out(2, [12], finished=True, reason=LENGTH))  # index 1 missing
+    assert req.num_received == 1 and req.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED
+    req.accept(out(1, [11]))
+    assert req.num_received == 3 and req.finish_reason == LENGTH
+    assert [d.token_ids for d in drain(req)] == [[10], [11], [12]]
+
+
+def test_stale_output_does_not_move_the_request_back() -> None:
+    req = tracked()
+    req.accept(out(0, [10, 11], instance="a"))
+    req.accept(out(2, [12], instance="b"))  # migrated to b
+    req.accept(out(0, [10, 11], instance="a"))  # late re-send from the source
+    assert req.instance_id == "b"
+
+
+def test_error_final_output_ends_the_request_whatever_its_index() -> None:
+    req = tracked()
+    req.accept(out(0, [10, 11]))
+    req.accept(
+        common_pb2.RequestOutput(
+            request_id="r", finished=True, finish_reason=common_pb2.FINISH_REASON_ERROR, error="instance a lost"
+        )
+    )
+    last = drain(req)[-1]
+    assert last.finished and last.finish_reason == common_pb2.FINISH_REASON_ERROR and last.error == "instance a lost"
+
+
+def test_stop_string_spanning_tokens_truncates_and_calls_on_stop() -> None:
+    words = [TOK.word(t) for t in (100, 101, 102, 103)]
+    stop = words[1][-2:] + words[2][:3]  # starts in one token's text, ends in the next one's
+    stopped: list[str] = []
+    req = TrackedRequest(
+        "r", [5], TOK.detokenizer([5]), stop=[stop, "never-seen"], on_stop=lambda r: stopped.append(r.request_id)
+    )
+    for i, t in enumerate((100, 101, 102, 103)):  # 103 comes after the stop: ignored
+        req.accept(out(i, [t]))
+    assert req.finished and req.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert req.text == words[0] + words[1][:-2]
+    assert "".join(d.text for d in drain(req)) == req.text
+    assert req.num_received == 3 and stopped == ["r"]
+
+
+def test_text_that_may_start_a_stop_string_is_held_back() -> None:
+    word = TOK.word(100)
+    req = TrackedRequest("r", [5], TOK.detokenizer([5]), stop=[word + "!"])
+    req.accept(out(0, [100]))
+    assert drain(req) == [Delta("", [100], 0, "a")]  # the word could be the start of the stop string
+    req.accept(out(1, [101], finished=True, reason=LENGTH))
+    assert "".join(d.text for d in drain(req)) == word + TOK.word(101)
+
+
+def test_tracker_ids_are_unique_and_unknown_ids_are_reported() -> None:
+    tracker = RequestTracker()
+    tracker.add(tracked())
+    with pytest.raises(DuplicateRequestError):
+        tracker.add(tracked())
+    unknown = tracker.route(
+        "a",
+        [
+            out(0, [1]),
+            common_pb2.RequestOutput(request_id="gone"),
+            common_pb2.RequestOutput(request_id="done", finished=True),
+        ],
+    )
+    assert unknown == ["gone"]
+    assert tracker.inflight() == {"a": 1}
