@@ -1,1 +1,47 @@
-"""clients package."""
+"""Python client library of a Llumnix cluster: generation, the operator API, and request dispatch helpers."""
+
+from pyllumnix.clients.channel import CallKind, EndpointPool, TlsConfig
+from pyllumnix.clients.client import (
+    AsyncLlumnixClient,
+    GenerationChunk,
+    GenerationResult,
+    LlumnixClient,
+    Usage,
+)
+from pyllumnix.clients.errors import (
+    AbortedError,
+    AlreadyExistsError,
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    LlumnixError,
+    NoLeaderError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+__all__ = [
+    "AbortedError",
+    "AlreadyExistsError",
+    "AsyncLlumnixClient",
+    "CallKind",
+    "CancelledError",
+    "DeadlineExceededError",
+    "EndpointPool",
+    "FailedPreconditionError",
+    "GenerationChunk",
+    "GenerationResult",
+    "InternalError",
+    "InvalidArgumentError",
+    "LlumnixClient",
+    "LlumnixError",
+    "NoLeaderError",
+    "NotFoundError",
+    "ResourceExhaustedError",
+    "TlsConfig",
+    "UnavailableError",
+    "Usage",
+]

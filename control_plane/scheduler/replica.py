@@ -244,7 +244,9 @@ class SchedulerReplica:
         snapshot = self.cluster.snapshot(time.monotonic())
         choice = self.core.dispatch(snapshot, request)
         if choice is None:
-            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, f"no instance can take requests ({len(snapshot)} known)")
+            raise SchedulingError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"no instance can take requests ({len(snapshot)} known)"
+            )
         view = snapshot.get(choice)
         assert view is not None
         self.cluster.record_dispatch(choice, request.demand_blocks(view.block_size), request.priority)

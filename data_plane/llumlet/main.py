@@ -127,7 +127,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
             exit_code = EXIT_LEASE_LOST
             stop.set()
 
-        asyncio.get_running_loop().create_task(watch_lease())
+        lease_watch = asyncio.get_running_loop().create_task(watch_lease())
     loop = asyncio.get_running_loop()
 
     async def exit_when_drained() -> None:
@@ -145,7 +145,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
                 log.info("instance %s drained; stopping", instance_id)
                 stop.set()
 
-    loop.create_task(exit_when_drained())
+    drain_watch = loop.create_task(exit_when_drained())
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -158,6 +158,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     }
     print(json.dumps(ready), flush=True)
     await stop.wait()
+    drain_watch.cancel()
     log.info("llumlet %s stopping", instance_id)
     if reporter is not None:
         await reporter.stop()

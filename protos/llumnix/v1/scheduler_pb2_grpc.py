@@ -60,7 +60,7 @@ class SchedulerServiceServicer:
 
     def Dispatch(self, request, context):
         """Chooses the instance for a new request.
-        Errors: INVALID_ARGUMENT (empty id, non-positive lengths), UNAVAILABLE (no instance can take requests),
+        Errors: INVALID_ARGUMENT (empty id, non-positive lengths), RESOURCE_EXHAUSTED (no instance can take requests),
         FAILED_PRECONDITION (not the leader).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -37,7 +37,7 @@ class SchedulerServiceStub:
     def __new__(cls, channel: _aio.Channel) -> SchedulerServiceAsyncStub: ...
     Dispatch: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DispatchRequest, _scheduler_pb2.DispatchResponse]
     """Chooses the instance for a new request.
-    Errors: INVALID_ARGUMENT (empty id, non-positive lengths), UNAVAILABLE (no instance can take requests),
+    Errors: INVALID_ARGUMENT (empty id, non-positive lengths), RESOURCE_EXHAUSTED (no instance can take requests),
     FAILED_PRECONDITION (not the leader).
     """
     ReportLoad: _grpc.StreamUnaryMultiCallable[_scheduler_pb2.ReportLoadRequest, _scheduler_pb2.ReportLoadResponse]
@@ -56,7 +56,7 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Dispatch: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DispatchRequest, _scheduler_pb2.DispatchResponse]  # type: ignore[assignment]
     """Chooses the instance for a new request.
-    Errors: INVALID_ARGUMENT (empty id, non-positive lengths), UNAVAILABLE (no instance can take requests),
+    Errors: INVALID_ARGUMENT (empty id, non-positive lengths), RESOURCE_EXHAUSTED (no instance can take requests),
     FAILED_PRECONDITION (not the leader).
     """
     ReportLoad: _aio.StreamUnaryMultiCallable[_scheduler_pb2.ReportLoadRequest, _scheduler_pb2.ReportLoadResponse]  # type: ignore[assignment]
@@ -78,7 +78,7 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.DispatchResponse, _abc.Awaitable[_scheduler_pb2.DispatchResponse]]:
         """Chooses the instance for a new request.
-        Errors: INVALID_ARGUMENT (empty id, non-positive lengths), UNAVAILABLE (no instance can take requests),
+        Errors: INVALID_ARGUMENT (empty id, non-positive lengths), RESOURCE_EXHAUSTED (no instance can take requests),
         FAILED_PRECONDITION (not the leader).
         """
 

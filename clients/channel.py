@@ -1,0 +1,409 @@
+"""Leader-aware, failover-aware unary calls over a set of gRPC endpoints (grpc.aio, insecure or TLS).
+
+Retry rules (the one place they are decided; see :class:`CallKind`):
+
+* ``READ`` calls (ListInstances, ListClusterRequests, GetConfig, GetLeader, GetMembership, Dispatch, Abort) are
+  idempotent: on UNAVAILABLE or DEADLINE_EXCEEDED they are retried, with tenacity, at the next endpoint until the call's
+  deadline or attempt budget is spent.
+* ``WRITE`` calls (MigrateRequest, DrainInstance, Cordon/Uncordon, Scale, SetConfig) move to another endpoint only
+  when they certainly did not start: the channel never became READY, so nothing was sent, or a replica refused them as
+  a follower (FAILED_PRECONDITION with the "llumnix-leader" trailer), which the protocol guarantees applies nothing.
+  An UNAVAILABLE or DEADLINE_EXCEEDED after sending is raised with ``may_have_started=True`` and never re-sent.
+* Generate streams (:meth:`EndpointPool.ready_endpoint`) fail over only while looking for a READY frontend; once the
+  stream is opened it is never re-submitted (the request may already be running).
+
+A follower's refusal that names the leader is followed once at that address, which is then remembered and tried first
+by later leader calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from pyllumnix.clients.errors import NoLeaderError, UnavailableError, from_rpc_error
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+LEADER_METADATA_KEY = "llumnix-leader"
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_CONNECT_TIMEOUT = 1.0
+
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    # Notice a restarted replica quickly; grpc's default backoff grows to 120 s.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    # The retry rules above are ours; grpc's transparent retries must not re-send a write behind our back.
+    ("grpc.enable_retries", 0),
+    ("grpc.max_receive_message_length", 64 << 20),
+)
+
+_TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_SCHEMES = ("grpc://", "grpcs://", "http://", "https://")
+
+
+class CallKind(enum.Enum):
+    """How a failed call may be retried (module docstring)."""
+
+    READ = "read"
+    WRITE = "write"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS material for the channels; every field optional (no root certs: the system trust store)."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    server_name_override: str | None = None
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_name: str | None = None,
+    ) -> TlsConfig:
+        """Reads PEM files; a client certificate needs its key and vice versa."""
+        if (cert is None) != (key is None):
+            raise ValueError("a client certificate and its key must be given together")
+        return cls(
+            root_certificates=Path(ca).read_bytes() if ca else None,
+            certificate_chain=Path(cert).read_bytes() if cert else None,
+            private_key=Path(key).read_bytes() if key else None,
+            server_name_override=server_name or None,
+        )
+
+    def credentials(self) -> Any:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+    def options(self) -> list[tuple[str, str]]:
+        if self.server_name_override:
+            return [("grpc.ssl_target_name_override", self.server_name_override)]
+        return []
+
+
+def normalize_endpoints(endpoints: str | Iterable[str]) -> list[str]:
+    """``"a:1,b:2"`` or ``["grpc://a:1", "b:2"]`` -> ``["a:1", "b:2"]`` (order kept, duplicates dropped)."""
+    items = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    out: list[str] = []
+    for item in items:
+        for raw in item.split(","):
+            ep = raw.strip()
+            for scheme in _SCHEMES:
+                if ep.startswith(scheme):
+                    ep = ep[len(scheme) :]
+            ep = ep.rstrip("/")
+            if not ep:
+                continue
+            if ":" not in ep:
+                raise ValueError(f"endpoint must be host:port, got {raw.strip()!r}")
+            if ep not in out:
+                out.append(ep)
+    return out
+
+
+def leader_from_error(exc: grpc.aio.AioRpcError) -> str | None:
+    """The leader named by a follower's refusal: None when this is not such a refusal, "" when the leader is unknown."""
+    if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == LEADER_METADATA_KEY:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return None
+
+
+def describe(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details()}"
+
+
+class _TryNext(Exception):
+    """An attempt failed in a way that is safe to retry elsewhere."""
+
+    def __init__(self, address: str, reason: str, *, no_leader: bool = False) -> None:
+        super().__init__(f"{address}: {reason}")
+        self.address = address
+        self.reason = reason
+        self.no_leader = no_leader
+
+
+class EndpointPool:
+    """Channels to a fixed list of endpoints (plus leader addresses learned from redirects), opened lazily.
+
+    Not thread-safe: use it from one event loop (the sync client runs one private loop for this reason).
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Iterable[str],
+        *,
+        tls: TlsConfig | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        rounds: int = 2,
+        role: str = "scheduler",
+    ) -> None:
+        self._endpoints = normalize_endpoints(endpoints)
+        if not self._endpoints:
+            raise ValueError(f"at least one {role} endpoint is required")
+        if timeout <= 0 or connect_timeout <= 0 or rounds < 1:
+            raise ValueError("timeout and connect_timeout must be positive, rounds >= 1")
+        self.tls = tls
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.rounds = rounds
+        self.role = role
+        self._index = 0
+        self._leader: str | None = None
+        self._channels: dict[str, Any] = {}
+        self._closed = False
+
+    @property
+    def endpoints(self) -> list[str]:
+        return list(self._endpoints)
+
+    @property
+    def current(self) -> str:
+        return self._endpoints[self._index]
+
+    @property
+    def leader_hint(self) -> str | None:
+        """The leader address learned from the latest redirect (None when unknown)."""
+        return self._leader
+
+    def channel(self, address: str) -> Any:
+        """The grpc.aio channel to ``address`` (opened on first use, inside the running loop)."""
+        if self._closed:
+            raise RuntimeError("the client is closed")
+        ch = self._channels.get(address)
+        if ch is None:
+            options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+            if self.tls is not None:
+                options += self.tls.options()
+                ch = grpc.aio.secure_channel(address, self.tls.credentials(), options=options)
+            else:
+                ch = grpc.aio.insecure_channel(address, options=options)
+            self._channels[address] = ch
+        return ch
+
+    async def wait_ready(self, address: str, timeout: float) -> str:
+        """Connects to ``address``; returns "READY" or why not (a channel state name or "timeout")."""
+        ch = self.channel(address)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        state = ch.get_state(try_to_connect=True)
+        while state != grpc.ChannelConnectivity.READY:
+            if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+                return str(state.name)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return "timeout"
+            try:
+                await asyncio.wait_for(ch.wait_for_state_change(state), remaining)
+            except TimeoutError:
+                return "timeout"
+            state = ch.get_state(try_to_connect=True)
+        return "READY"
+
+    def _failed(self, address: str) -> None:
+        if address == self._leader:
+            self._leader = None
+        if self._endpoints[self._index] == address:
+            self._index = (self._index + 1) % len(self._endpoints)
+
+    def _next_target(self, prefer_leader: bool, skip: set[str]) -> str:
+        if prefer_leader and self._leader is not None and self._leader not in skip:
+            return self._leader
+        return self._endpoints[self._index]
+
+    async def call(
+        self,
+        invoke: Callable[[Any, float], Awaitable[R]],
+        *,
+        what: str,
+        kind: CallKind,
+        prefer_leader: bool = False,
+        timeout: float | None = None,
+    ) -> R:
+        """Runs ``invoke(channel, seconds_left)`` under the retry rules of ``kind``; raises a LlumnixError."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout if timeout is not None else self.timeout)
+        per_round = len(self._endpoints) + (1 if prefer_leader else 0)
+        max_attempts = per_round * self.rounds
+        failures: list[_TryNext] = []
+        skip: set[str] = set()
+
+        def stop(state: RetryCallState) -> bool:
+            return state.attempt_number >= max_attempts or loop.time() >= deadline
+
+        def wait(state: RetryCallState) -> float:
+            # No pause while other endpoints are left to try; a short backoff between rounds.
+            if state.attempt_number % per_round:
+                return 0.0
+            backoff = min(0.05 * 2.0 ** (state.attempt_number // per_round - 1), 0.5)
+            return max(min(backoff, deadline - loop.time()), 0.0)
+
+        def before_retry(state: RetryCallState) -> None:
+            if state.attempt_number % per_round == 0:
+                skip.clear()
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_TryNext),
+            stop=stop,
+            wait=wait,
+            before_sleep=before_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    target = self._next_target(prefer_leader, skip)
+                    try:
+                        return await self._attempt(invoke, target, what, kind, prefer_leader, deadline)
+                    except _TryNext as err:
+                        failures.append(err)
+                        skip.add(err.address)
+                        self._failed(err.address)
+                        log.debug("%s on %s failed, trying elsewhere: %s", what, err.address, err.reason)
+                        raise
+        except _TryNext:
+            pass
+        tried = list(dict.fromkeys([*self._endpoints, *(f.address for f in failures)]))
+        last = failures[-1].reason if failures else "deadline exceeded"
+        if failures and all(f.no_leader for f in failures):
+            raise NoLeaderError(
+                f"{what}: no {self.role} leader reachable via [{', '.join(tried)}] (last: {last})",
+                endpoints=tried,
+                details=last,
+            )
+        raise UnavailableError(
+            f"{what}: no {self.role} reachable at [{', '.join(tried)}] (last error: {last})",
+            endpoints=tried,
+            details=last,
+        )
+
+    async def _attempt(
+        self,
+        invoke: Callable[[Any, float], Awaitable[R]],
+        target: str,
+        what: str,
+        kind: CallKind,
+        prefer_leader: bool,
+        deadline: float,
+    ) -> R:
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise _TryNext(target, "deadline exceeded before the call was sent")
+        ready = await self.wait_ready(target, min(self.connect_timeout, remaining))
+        # A READ may go out on a failed channel: grpc fails it at once without sending, with the cause in its details.
+        if ready != "READY" and not (kind is CallKind.READ and ready == "TRANSIENT_FAILURE"):
+            raise _TryNext(target, f"could not connect ({ready})")
+        try:
+            return await invoke(self.channel(target), max(deadline - loop.time(), 0.001))
+        except grpc.aio.AioRpcError as exc:
+            leader = leader_from_error(exc)
+            if leader is not None:
+                return await self._follow(invoke, target, leader, what, kind, deadline)
+            raise self._classify(exc, target, kind) from None
+
+    async def _follow(
+        self,
+        invoke: Callable[[Any, float], Awaitable[R]],
+        follower: str,
+        leader: str,
+        what: str,
+        kind: CallKind,
+        deadline: float,
+    ) -> R:
+        """One retry at the leader a follower named (a refused call applied nothing, so this is always safe)."""
+        if not leader or leader == follower:
+            raise _TryNext(follower, "replica is not the leader and knows no leader", no_leader=True)
+        self._leader = leader
+        log.debug("%s: %s redirected to leader %s", what, follower, leader)
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        ready = await self.wait_ready(leader, min(self.connect_timeout, max(remaining, 0.0)))
+        if ready != "READY":
+            raise _TryNext(leader, f"could not connect to the leader named by {follower} ({ready})", no_leader=True)
+        try:
+            return await invoke(self.channel(leader), max(deadline - loop.time(), 0.001))
+        except grpc.aio.AioRpcError as exc:
+            moved = leader_from_error(exc)
+            if moved is not None:
+                # Leadership moved again; the next attempt starts from the newly named leader (if any).
+                self._leader = moved or None
+                raise _TryNext(leader, f"leader moved to {moved or 'unknown'}", no_leader=True) from None
+            raise self._classify(exc, leader, kind) from None
+
+    def _classify(self, exc: grpc.aio.AioRpcError, address: str, kind: CallKind) -> Exception:
+        if exc.code() in _TRANSIENT and kind is CallKind.READ:
+            return _TryNext(address, describe(exc))
+        return from_rpc_error(exc, endpoint=address, endpoints=[address], may_have_started=True)
+
+    async def ready_endpoint(self, timeout: float | None = None) -> tuple[str, Any]:
+        """A READY endpoint and its channel, for calls that must not be re-sent once started (Generate).
+
+        Only the connection is retried here, so a caller that then starts its stream on the returned channel sends it
+        exactly once.
+        """
+        loop = asyncio.get_running_loop()
+        budget = timeout if timeout is not None else self.timeout
+        deadline = loop.time() + budget
+        reasons: list[str] = []
+        for round_no in range(self.rounds):
+            for _ in range(len(self._endpoints)):
+                address = self.current
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                ready = await self.wait_ready(address, min(self.connect_timeout, remaining))
+                if ready == "READY":
+                    return address, self.channel(address)
+                reasons.append(f"{address}: {ready}")
+                self._failed(address)
+            if round_no + 1 < self.rounds and deadline - loop.time() > 0:
+                await asyncio.sleep(min(0.1 * 2**round_no, max(deadline - loop.time(), 0.0)))
+        raise UnavailableError(
+            f"no {self.role} reachable at [{', '.join(self._endpoints)}] ({'; '.join(reasons[-3:]) or 'timeout'})",
+            endpoints=self._endpoints,
+            details="; ".join(reasons),
+            may_have_started=False,
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        channels, self._channels = list(self._channels.values()), {}
+        for ch in channels:
+            await ch.close()
+
+    async def __aenter__(self) -> EndpointPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def endpoints_or_none(endpoints: str | Sequence[str] | None) -> list[str] | None:
+    """Normalized endpoints, or None when nothing was given."""
+    if endpoints is None:
+        return None
+    out = normalize_endpoints(endpoints)
+    return out or None

@@ -1,0 +1,292 @@
+"""Where a new request goes: ask the scheduler leader, or, when no leader is reachable, pick from the registry alone.
+
+The bypass keeps the cluster serving through a scheduler outage at the cost of placement quality: it balances by the
+requests this dispatcher itself has in flight (it sees no load reports) and never migrates anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, cast, runtime_checkable
+
+from pyllumnix.clients.channel import CallKind, EndpointPool, TlsConfig
+from pyllumnix.clients.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Dispatcher(Protocol):
+    """Chooses the instance of a new request; ``release`` is called once when a dispatched request ends."""
+
+    async def dispatch(
+        self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int
+    ) -> tuple[str, str]: ...
+
+    def release(self, instance_id: str) -> None: ...
+
+
+class RegistrySource(Protocol):
+    """The registry's current instances (entries of dead instances are gone once their lease expires)."""
+
+    async def instances(self) -> Sequence[common_pb2.InstanceInfo]: ...
+
+
+class StaticRegistrySource:
+    """A registry held in memory: for tests and fixed deployments; ``set`` replaces the list."""
+
+    def __init__(self, infos: Iterable[common_pb2.InstanceInfo] = ()) -> None:
+        self._infos = list(infos)
+
+    def set(self, infos: Iterable[common_pb2.InstanceInfo]) -> None:
+        self._infos = list(infos)
+
+    async def instances(self) -> Sequence[common_pb2.InstanceInfo]:
+        return list(self._infos)
+
+
+class _Snapshot(Protocol):
+    @property
+    def entries(self) -> Mapping[str, bytes]: ...
+
+
+class RegistryLister(Protocol):
+    """What :class:`EtcdRegistrySource` needs of ``control_plane.etcd.registry.InstanceRegistry``."""
+
+    async def list(self) -> _Snapshot: ...
+
+
+class EtcdRegistrySource:
+    """Instances read from the etcd registry (serialized InstanceInfo values), cached for ``max_age`` seconds.
+
+    When etcd cannot be read, the last good list is used for up to ``stale_for`` seconds so a short etcd hiccup does
+    not stop bypass dispatch; after that the error propagates.
+    """
+
+    def __init__(self, registry: RegistryLister, *, max_age: float = 0.5, stale_for: float = 10.0) -> None:
+        self._registry = registry
+        self.max_age = max_age
+        self.stale_for = stale_for
+        self._cache: list[common_pb2.InstanceInfo] = []
+        self._read_at = float("-inf")
+
+    async def instances(self) -> Sequence[common_pb2.InstanceInfo]:
+        now = time.monotonic()
+        if now - self._read_at <= self.max_age:
+            return list(self._cache)
+        try:
+            snapshot = await self._registry.list()
+        except Exception:
+            if now - self._read_at <= self.stale_for:
+                log.warning("registry read failed; using the list from %.1fs ago", now - self._read_at)
+                return list(self._cache)
+            raise
+        infos: list[common_pb2.InstanceInfo] = []
+        for instance_id, value in sorted(snapshot.entries.items()):
+            info = common_pb2.InstanceInfo()
+            try:
+                info.ParseFromString(value)
+            except Exception:
+                log.warning("registry entry %s is not an InstanceInfo; skipped", instance_id)
+                continue
+            if not info.instance_id:
+                info.instance_id = instance_id
+            infos.append(info)
+        self._cache, self._read_at = infos, now
+        return list(infos)
+
+
+def _check(request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
+    if not request_id:
+        raise InvalidArgumentError("request_id is empty")
+    if num_prompt_tokens <= 0 or max_tokens <= 0:
+        raise InvalidArgumentError("num_prompt_tokens and max_tokens must be positive")
+
+
+class LeaderDispatcher:
+    """SchedulerService.Dispatch at the leader (redirects followed, failover on UNAVAILABLE; see channel.py).
+
+    Dispatch is retried like a read: it only chooses an instance, nothing is started by it.
+    """
+
+    def __init__(
+        self,
+        scheduler_endpoints: str | Sequence[str] | EndpointPool,
+        *,
+        tls: TlsConfig | None = None,
+        timeout: float = 2.0,
+    ) -> None:
+        if isinstance(scheduler_endpoints, EndpointPool):
+            self.pool, self._owns_pool = scheduler_endpoints, False
+        else:
+            self.pool = EndpointPool(scheduler_endpoints, tls=tls, timeout=timeout, role="scheduler")
+            self._owns_pool = True
+        self.timeout = timeout
+
+    async def dispatch(
+        self,
+        request_id: str,
+        priority: int,
+        num_prompt_tokens: int,
+        max_tokens: int,
+        *,
+        timeout: float | None = None,
+    ) -> tuple[str, str]:
+        request = scheduler_pb2.DispatchRequest(
+            request_id=request_id,
+            priority=cast(common_pb2.Priority.ValueType, priority),
+            num_prompt_tokens=num_prompt_tokens,
+            max_tokens=max_tokens,
+        )
+
+        async def invoke(channel: Any, left: float) -> scheduler_pb2.DispatchResponse:
+            reply: scheduler_pb2.DispatchResponse = await scheduler_pb2_grpc.SchedulerServiceStub(channel).Dispatch(
+                request, timeout=left
+            )
+            return reply
+
+        reply = await self.pool.call(
+            invoke, what="Dispatch", kind=CallKind.READ, prefer_leader=True, timeout=timeout or self.timeout
+        )
+        return reply.instance_id, reply.grpc_address
+
+    def release(self, instance_id: str) -> None:
+        """Nothing to do: the leader counts requests from the instances' load reports."""
+
+    async def close(self) -> None:
+        if self._owns_pool:
+            await self.pool.close()
+
+
+class BypassDispatcher:
+    """Picks the registry instance with the fewest requests in flight through this dispatcher (ties: lowest id).
+
+    Instances missing from the registry, or without a gRPC address, are never chosen. No migration happens here.
+    """
+
+    def __init__(
+        self,
+        registry: RegistrySource,
+        *,
+        refusal_cooldown: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.refusal_cooldown = refusal_cooldown
+        self._clock = clock
+        self._in_flight: Counter[str] = Counter()
+        # instance id -> until when it is avoided (it refused a request: draining, cordoned, full).
+        self._avoid: dict[str, float] = {}
+
+    @property
+    def in_flight(self) -> dict[str, int]:
+        return {k: v for k, v in self._in_flight.items() if v > 0}
+
+    async def dispatch(
+        self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int
+    ) -> tuple[str, str]:
+        _check(request_id, num_prompt_tokens, max_tokens)
+        infos = [i for i in await self.registry.instances() if i.instance_id and i.grpc_address]
+        if not infos:
+            raise UnavailableError("bypass dispatch: the registry lists no instance")
+        now = self._clock()
+        self._avoid = {k: until for k, until in self._avoid.items() if until > now}
+        # Instances that just refused a request come last; if every instance did, the least loaded one is tried.
+        best = min(infos, key=lambda i: (i.instance_id in self._avoid, self._in_flight[i.instance_id], i.instance_id))
+        self.acquire(best.instance_id)
+        return best.instance_id, best.grpc_address
+
+    def acquire(self, instance_id: str) -> None:
+        """Counts a request placed on ``instance_id`` by someone else (the leader), so a later bypass sees it."""
+        self._in_flight[instance_id] += 1
+
+    def refused(self, instance_id: str) -> None:
+        """The instance refused AddRequest: avoid it for ``refusal_cooldown`` seconds (the frontend then retries)."""
+        self._avoid[instance_id] = self._clock() + self.refusal_cooldown
+
+    def release(self, instance_id: str) -> None:
+        if self._in_flight[instance_id] > 1:
+            self._in_flight[instance_id] -= 1
+        else:
+            self._in_flight.pop(instance_id, None)
+
+
+class FallbackDispatcher:
+    """The leader with a short deadline; the bypass when it is unreachable, times out, or there is no leader.
+
+    After a failure the leader is skipped for ``retry_leader_after`` seconds, so an outage does not add the leader
+    deadline to every request. Every placement (either path) is counted in the bypass, so its balance is right from
+    the first request after a failover.
+    """
+
+    def __init__(
+        self,
+        leader: Dispatcher,
+        bypass: BypassDispatcher,
+        *,
+        leader_timeout: float = 0.5,
+        retry_leader_after: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.leader = leader
+        self.bypass = bypass
+        self.leader_timeout = leader_timeout
+        self.retry_leader_after = retry_leader_after
+        self._clock = clock
+        self._leader_down_until = float("-inf")
+        self.bypassed = 0
+
+    @property
+    def mode(self) -> str:
+        """ "leader" or "bypass": which path the next dispatch will try first."""
+        return "bypass" if self._clock() < self._leader_down_until else "leader"
+
+    async def dispatch(
+        self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int
+    ) -> tuple[str, str]:
+        if self.mode == "leader":
+            try:
+                instance_id, address = await asyncio.wait_for(
+                    self._ask_leader(request_id, priority, num_prompt_tokens, max_tokens), self.leader_timeout
+                )
+            except (UnavailableError, DeadlineExceededError, TimeoutError) as exc:
+                log.warning("leader dispatch failed (%s); bypassing the scheduler", exc or type(exc).__name__)
+                self._leader_down_until = self._clock() + self.retry_leader_after
+            else:
+                self.bypass.acquire(instance_id)
+                return instance_id, address
+        self.bypassed += 1
+        return await self.bypass.dispatch(request_id, priority, num_prompt_tokens, max_tokens)
+
+    def _ask_leader(
+        self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int
+    ) -> Awaitable[tuple[str, str]]:
+        if isinstance(self.leader, LeaderDispatcher):
+            return self.leader.dispatch(
+                request_id, priority, num_prompt_tokens, max_tokens, timeout=self.leader_timeout
+            )
+        return self.leader.dispatch(request_id, priority, num_prompt_tokens, max_tokens)
+
+    def release(self, instance_id: str) -> None:
+        self.bypass.release(instance_id)
+        self.leader.release(instance_id)
+
+    def refused(self, instance_id: str) -> None:
+        """Remembered by the bypass (the leader learns refusals from the instance's state in its load reports)."""
+        self.bypass.refused(instance_id)
+
+
+__all__ = [
+    "BypassDispatcher",
+    "Dispatcher",
+    "EtcdRegistrySource",
+    "FallbackDispatcher",
+    "LeaderDispatcher",
+    "RegistrySource",
+    "StaticRegistrySource",
+]

@@ -1,0 +1,176 @@
+"""Leader-aware calling: redirects, failover, and which calls are (never) retried."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from pyllumnix.clients import (
+    AsyncLlumnixClient,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NoLeaderError,
+    NotFoundError,
+    UnavailableError,
+)
+from pyllumnix.clients.channel import EndpointPool, normalize_endpoints
+from pyllumnix.clients.config_paths import ConfigPathError
+from pyllumnix.control_plane.grpc_server import RunningServer
+from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
+from tests.test_clients_fakes import Blackhole, FakeAdmin, Replica, dead_address, serve_replica, stop_all
+
+Cluster = tuple[list[RunningServer], list[Replica], list[FakeAdmin]]
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    """A leader and a follower that knows it."""
+    leader = Replica("s-0", leader=True)
+    s0, a0 = await serve_replica(leader)
+    follower = Replica("s-1", leader=False, leader_address=s0.address)
+    s1, a1 = await serve_replica(follower)
+    yield [s0, s1], [leader, follower], [a0, a1]
+    await stop_all([s0, s1])
+
+
+def test_normalize_endpoints() -> None:
+    assert normalize_endpoints(["grpc://a:1, b:2", "a:1", "http://c:3/"]) == ["a:1", "b:2", "c:3"]
+    with pytest.raises(ValueError, match="host:port"):
+        normalize_endpoints("nohost")
+
+
+async def test_write_follows_leader_redirect_once_and_remembers(cluster: Cluster) -> None:
+    servers, (leader, follower), _ = cluster
+    async with AsyncLlumnixClient(scheduler_endpoints=[servers[1].address]) as client:
+        st = await client.cordon("i-1")
+        assert st.state == common_pb2.INSTANCE_STATE_CORDONED
+        assert follower.calls["CordonInstance"] == 1
+        assert leader.calls["CordonInstance"] == 1
+        assert client.scheduler_pool.leader_hint == servers[0].address
+        # Remembered: the next write goes straight to the leader.
+        await client.uncordon("i-1")
+        assert follower.calls["UncordonInstance"] == 0
+        assert leader.calls["UncordonInstance"] == 1
+
+
+async def test_follower_without_known_leader_raises_no_leader() -> None:
+    lonely = Replica("s-9", leader=False, leader_address="")
+    server, _ = await serve_replica(lonely)
+    try:
+        async with AsyncLlumnixClient(scheduler_endpoints=[server.address], timeout=2) as client:
+            with pytest.raises(NoLeaderError) as err:
+                await client.scale(3)
+            assert server.address in err.value.endpoints
+            # Reads are answered by any replica.
+            assert len(await client.list_instances()) == 2
+    finally:
+        await server.stop(None)
+
+
+async def test_semantic_failed_precondition_is_not_a_redirect(cluster: Cluster) -> None:
+    servers, (leader, _), _ = cluster
+    leader.fail["Scale"] = (grpc.StatusCode.FAILED_PRECONDITION, "no instance provider")
+    async with AsyncLlumnixClient(scheduler_endpoints=[servers[0].address]) as client:
+        with pytest.raises(FailedPreconditionError, match="no instance provider"):
+            await client.scale(2)
+    assert leader.calls["Scale"] == 1
+
+
+async def test_failover_past_dead_endpoint_for_reads_and_writes(cluster: Cluster) -> None:
+    servers, (leader, _), _ = cluster
+    async with AsyncLlumnixClient(scheduler_endpoints=[dead_address(), servers[0].address], timeout=3) as client:
+        assert {s.info.instance_id for s in await client.list_instances()} == {"i-1", "i-2"}
+        # The dead endpoint never connected, so the write certainly did not start there: it moves on.
+        await client.cordon("i-2")
+    assert leader.calls["CordonInstance"] == 1
+
+
+async def test_write_fails_over_past_a_hung_endpoint(cluster: Cluster) -> None:
+    servers, (leader, _), _ = cluster
+    hole = Blackhole()
+    try:
+        client = AsyncLlumnixClient(scheduler_endpoints=[hole.address, servers[0].address], connect_timeout=0.2)
+        async with client:
+            await client.drain("i-1")
+    finally:
+        hole.close()
+    assert leader.calls["DrainInstance"] == 1
+
+
+async def test_write_is_not_resent_after_unavailable_mid_call(cluster: Cluster) -> None:
+    servers, (leader, _), _ = cluster
+    leader.fail["MigrateRequest"] = (grpc.StatusCode.UNAVAILABLE, "connection reset")
+    other = Replica("s-2", leader=True)
+    s2, _ = await serve_replica(other)
+    try:
+        async with AsyncLlumnixClient(scheduler_endpoints=[servers[0].address, s2.address]) as client:
+            with pytest.raises(UnavailableError) as err:
+                await client.migrate("r-1", "i-2")
+            assert err.value.may_have_started
+            assert leader.calls["MigrateRequest"] == 1
+            assert other.calls["MigrateRequest"] == 0
+            # A read with the same failure is retried at the next endpoint.
+            leader.fail["ListInstances"] = (grpc.StatusCode.UNAVAILABLE, "connection reset")
+            assert len(await client.list_instances()) == 2
+            assert other.calls["ListInstances"] == 1
+    finally:
+        await s2.stop(None)
+
+
+async def test_all_endpoints_dead_lists_them() -> None:
+    dead = [dead_address(), dead_address()]
+    async with AsyncLlumnixClient(scheduler_endpoints=dead, timeout=2) as client:
+        with pytest.raises(UnavailableError) as err:
+            await client.list_instances()
+        assert set(dead) <= set(err.value.endpoints)
+        assert not err.value.may_have_started
+        with pytest.raises(UnavailableError):
+            await client.cordon("i-1")
+
+
+async def test_errors_map_to_classes(cluster: Cluster) -> None:
+    servers, _, _ = cluster
+    async with AsyncLlumnixClient(scheduler_endpoints=[servers[0].address]) as client:
+        with pytest.raises(NotFoundError, match="i-404"):
+            await client.drain("i-404")
+        with pytest.raises(InvalidArgumentError, match="outside"):
+            await client.scale(99)
+        with pytest.raises(NotFoundError):
+            await client.list_requests("nope")
+
+
+async def test_set_config_sends_parsed_values_and_mask(cluster: Cluster) -> None:
+    servers, _, (admin, _) = cluster
+    async with AsyncLlumnixClient(scheduler_endpoints=[servers[1].address]) as client:
+        reply = await client.set_config(
+            {"dispatch.policy": "infaas++", "migration.migrate_out_threshold": 5, "migration.selection": "lcr"}
+        )
+        sent = admin.set_requests[-1]
+        assert sorted(sent.update_mask.paths) == [
+            "dispatch.policy",
+            "migration.migrate_out_threshold",
+            "migration.selection",
+        ]
+        assert sent.config.dispatch.policy == config_pb2.DISPATCH_POLICY_INFAAS_PP
+        assert sent.config.migration.migrate_out_threshold == 5.0
+        assert sent.config.migration.selection == common_pb2.MIGRATION_SELECTION_LCR
+        assert reply.config.migration.max_stages == 3  # untouched by the mask
+        assert await client.get_config_value("dispatch.policy") == "DISPATCH_POLICY_INFAAS_PP"
+        with pytest.raises(ConfigPathError):
+            await client.set_config({"migration.nope": 1})
+        assert len(admin.set_requests) == 1
+
+
+async def test_membership_and_leader(cluster: Cluster) -> None:
+    servers, _, _ = cluster
+    async with AsyncLlumnixClient(scheduler_endpoints=[servers[1].address, servers[0].address]) as client:
+        reply = await client.leader()
+        assert reply.leader_address == servers[0].address
+        assert (await client.membership()).revision == 5
+
+
+async def test_pool_requires_endpoints() -> None:
+    with pytest.raises(ValueError):
+        EndpointPool([])

@@ -1,0 +1,252 @@
+"""llmctl against a fake scheduler replica: table and json output, config parsing, errors and exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from click.testing import CliRunner, Result
+
+from pyllumnix.control_plane.grpc_server import RunningServer
+from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
+from pyllumnix.tools.llmctl import EXIT_ERROR, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE, cli
+from tests.test_clients_fakes import FakeAdmin, Replica, dead_address, serve_replica, stop_all
+
+ENV = {"COLUMNS": "200", "LLUMNIX_ENDPOINT": ""}
+
+
+async def llmctl(*args: str, env: dict[str, str] | None = None) -> Result:
+    """Runs the CLI in a worker thread (it runs its own event loop) while the fake server serves on this loop."""
+    runner = CliRunner()
+    return await asyncio.to_thread(runner.invoke, cli, list(args), env={**ENV, **(env or {})}, catch_exceptions=False)
+
+
+@pytest.fixture
+async def replica() -> AsyncIterator[tuple[RunningServer, Replica, FakeAdmin]]:
+    r = Replica("s-0", leader=True)
+    server, admin = await serve_replica(r)
+    yield server, r, admin
+    await server.stop(None)
+
+
+async def test_instances_table_and_json(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, _, _ = replica
+    res = await llmctl("-e", server.address, "instances")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    header = next(line for line in lines if "ID" in line)
+    for col in ("STATE", "FREENESS", "BLOCKS", "RUNNING", "WAITING", "PREEMPTED", "MIGRATING"):
+        assert col in header
+    row1 = next(line for line in lines if "i-1" in line)
+    assert "active" in row1 and "60/100" in row1 and "12.5" in row1
+    row2 = next(line for line in lines if "i-2" in line)
+    assert "inf" in row2 and "10/100" in row2 and "out" in row2
+
+    res = await llmctl("-e", server.address, "instances", "-o", "json")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    ids = [i["info"]["instance_id"] for i in data["instances"]]
+    assert ids == ["i-1", "i-2"]
+    assert data["instances"][0]["state"] == "INSTANCE_STATE_ACTIVE"
+    assert data["instances"][1]["freeness"] == "Infinity"
+    assert data["instances"][0]["load"]["num_preempted"] == 0  # every field printed, stable for scripts
+    # The group-level option works too.
+    res = await llmctl("-e", server.address, "--output", "json", "instances")
+    assert json.loads(res.stdout) == data
+
+
+async def test_requests_and_not_found(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, _, _ = replica
+    res = await llmctl("-e", server.address, "requests")
+    assert res.exit_code == 0, res.output
+    assert all(r in res.stdout for r in ("r-1", "r-2", "r-3")) and "running" in res.stdout
+    res = await llmctl("-e", server.address, "requests", "--instance", "i-2", "-o", "json")
+    assert [r["request"]["request_id"] for r in json.loads(res.stdout)["requests"]] == ["r-3"]
+    res = await llmctl("-e", server.address, "requests", "--instance", "i-9")
+    assert res.exit_code == EXIT_ERROR
+    assert "unknown instance 'i-9'" in res.stderr
+    assert "Traceback" not in res.output
+
+
+async def test_cordon_uncordon_scale_migrate_leader(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, r, admin = replica
+    ep = ["-e", server.address]
+    res = await llmctl(*ep, "cordon", "i-1")
+    assert res.exit_code == 0 and "cordoned i-1 (state: cordoned)" in res.stdout
+    assert admin.instances["i-1"].state == common_pb2.INSTANCE_STATE_CORDONED
+    res = await llmctl(*ep, "uncordon", "i-1", "-o", "json")
+    assert json.loads(res.stdout)["state"] == "INSTANCE_STATE_ACTIVE"
+    res = await llmctl(*ep, "cordon", "i-404")
+    assert res.exit_code == EXIT_ERROR and "unknown instance 'i-404'" in res.stderr
+
+    res = await llmctl(*ep, "scale", "4")
+    assert res.exit_code == 0 and "target instances: 4 (current: 2)" in res.stdout
+    res = await llmctl(*ep, "scale", "40")
+    assert res.exit_code == EXIT_USAGE and "invalid argument: target_instances outside [1, 16]" in res.stderr
+
+    res = await llmctl(*ep, "migrate", "r-1", "--to", "i-2")
+    assert res.exit_code == 0, res.output
+    assert "i-1 -> i-2: committed" in res.stdout and "downtime 3.5 ms" in res.stdout
+    res = await llmctl(*ep, "migrate", "r-1", "--to", "i-1")
+    assert res.exit_code == EXIT_USAGE and "destination is the request's instance" in res.stderr
+    res = await llmctl(*ep, "migrate", "r-nope", "--to", "i-2")
+    assert res.exit_code == EXIT_ERROR and "unknown request or instance" in res.stderr
+
+    r.fail["Scale"] = (grpc.StatusCode.FAILED_PRECONDITION, "no instance provider")
+    res = await llmctl(*ep, "scale", "2")
+    assert res.exit_code == EXIT_ERROR and "refused: no instance provider" in res.stderr
+
+    res = await llmctl(*ep, "leader")
+    assert res.exit_code == 0 and "s-leader" in res.stdout and server.address in res.stdout
+    res = await llmctl(*ep, "leader", "-o", "json")
+    assert json.loads(res.stdout)["term"] == "3"
+
+
+async def test_config_get(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, _, _ = replica
+    ep = ["-e", server.address]
+    res = await llmctl(*ep, "config", "get")
+    assert res.exit_code == 0, res.output
+    assert "migration.migrate_out_threshold" in res.stdout and "DISPATCH_POLICY_LLUMNIX" in res.stdout
+    assert "revision 7" in res.stdout
+    res = await llmctl(*ep, "config", "get", "migration.max_stages")
+    assert res.stdout.strip() == "3"
+    res = await llmctl(*ep, "config", "get", "scaling.scale_up_threshold", "-o", "json")
+    assert json.loads(res.stdout) == {"key": "scaling.scale_up_threshold", "value": None, "revision": "7"}
+    res = await llmctl(*ep, "config", "get", "-o", "json")
+    assert json.loads(res.stdout)["config"]["dispatch"]["policy"] == "DISPATCH_POLICY_LLUMNIX"
+    res = await llmctl(*ep, "config", "get", "migration.bogus")
+    assert res.exit_code == EXIT_USAGE and "unknown config key 'migration.bogus'" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "check"),
+    [
+        ("dispatch.policy", "infaas++", lambda c: c.dispatch.policy == config_pb2.DISPATCH_POLICY_INFAAS_PP),
+        ("dispatch.policy", "round-robin", lambda c: c.dispatch.policy == config_pb2.DISPATCH_POLICY_ROUND_ROBIN),
+        ("dispatch.policy", "Balanced", lambda c: c.dispatch.policy == config_pb2.DISPATCH_POLICY_BALANCED),
+        (
+            "dispatch.policy",
+            "DISPATCH_POLICY_LLUMNIX",
+            lambda c: c.dispatch.policy == config_pb2.DISPATCH_POLICY_LLUMNIX,
+        ),
+        ("migration.selection", "FCW", lambda c: c.migration.selection == common_pb2.MIGRATION_SELECTION_FCW),
+        ("migration.selection", "lr", lambda c: c.migration.selection == common_pb2.MIGRATION_SELECTION_LR),
+        ("migration.migrate_out_threshold", "2.5", lambda c: c.migration.migrate_out_threshold == 2.5),
+        ("migration.disable", "yes", lambda c: c.migration.disable is True),
+        ("scaling.max_instances", "12", lambda c: c.scaling.max_instances == 12),
+        (
+            "priority.headroom",
+            '[{"priority": "PRIORITY_HIGH", "headroom_blocks": 8}]',
+            lambda c: c.priority.headroom[0].headroom_blocks == 8,
+        ),
+    ],
+)
+async def test_config_set_parses_by_field_type(
+    replica: tuple[RunningServer, Replica, FakeAdmin], key: str, value: str, check: object
+) -> None:
+    server, _, admin = replica
+    res = await llmctl("-e", server.address, "config", "set", key, value)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith(f"{key} = ") and "(revision 8)" in res.stdout
+    sent = admin.set_requests[-1]
+    assert list(sent.update_mask.paths) == [key]
+    assert callable(check) and check(sent.config)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("dispatch.polcy", "llumnix", "unknown config key 'dispatch.polcy': dispatch has keys policy"),
+        ("nope", "1", "unknown config key 'nope'"),
+        ("dispatch", "{oops", "bad value for dispatch: expected JSON"),
+        ("dispatch", "1", "bad value for dispatch: Failed to parse"),
+        ("dispatch.policy", "fastest", "expected one of llumnix, infaas_pp, round_robin, balanced"),
+        ("dispatch.policy", "unspecified", "bad value 'unspecified'"),
+        ("migration.migrate_out_threshold", "high", "expected a number"),
+        ("migration.max_stages", "2.5", "expected an integer"),
+        ("migration.max_stages", "99999999999", "out of range"),
+        ("migration.disable", "maybe", "expected true or false"),
+    ],
+)
+async def test_config_set_rejects_bad_key_or_value_locally(
+    replica: tuple[RunningServer, Replica, FakeAdmin], key: str, value: str, message: str
+) -> None:
+    server, r, _ = replica
+    res = await llmctl("-e", server.address, "config", "set", key, value)
+    assert res.exit_code == EXIT_USAGE
+    assert message in res.stderr
+    assert r.calls["SetConfig"] == 0
+
+
+async def test_config_set_server_rejection_and_conflict(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, _, admin = replica
+    res = await llmctl("-e", server.address, "config", "set", "migration.max_stages", "4", "--expected-revision", "3")
+    assert res.exit_code == EXIT_ERROR and "conflict: stale expected_revision" in res.stderr
+    admin.reject_config = "migrate_out_threshold must not be negative"
+    res = await llmctl("-e", server.address, "config", "set", "migration.migrate_out_threshold", "-1")
+    assert res.exit_code == EXIT_USAGE
+    assert "invalid argument: migrate_out_threshold must not be negative" in res.stderr
+
+
+async def test_unreachable_cluster_names_endpoints() -> None:
+    dead = [dead_address(), dead_address()]
+    res = await llmctl("--endpoint", dead[0], "--endpoint", dead[1], "--timeout", "2", "instances")
+    assert res.exit_code == EXIT_UNAVAILABLE
+    assert f"cannot reach the cluster at [{dead[0]}, {dead[1]}]" in res.stderr
+    assert "Traceback" not in res.output
+    # The env var takes a comma list.
+    res = await llmctl("cordon", "i-1", env={"LLUMNIX_ENDPOINT": ",".join(dead)})
+    assert res.exit_code == EXIT_UNAVAILABLE and dead[1] in res.stderr
+    res = await llmctl("instances")
+    assert res.exit_code == EXIT_USAGE and "no endpoint" in res.output
+
+
+async def test_follower_endpoint_is_redirected_and_no_leader_is_exit_3() -> None:
+    leader = Replica("s-0", leader=True)
+    s0, admin = await serve_replica(leader)
+    follower = Replica("s-1", leader=False, leader_address=s0.address)
+    s1, _ = await serve_replica(follower)
+    orphan = Replica("s-2", leader=False, leader_address="")
+    s2, _ = await serve_replica(orphan)
+    try:
+        res = await llmctl("-e", s1.address, "cordon", "i-2")
+        assert res.exit_code == 0, res.output
+        assert admin.instances["i-2"].state == common_pb2.INSTANCE_STATE_CORDONED
+        res = await llmctl("-e", s2.address, "--timeout", "2", "cordon", "i-2")
+        assert res.exit_code == EXIT_UNAVAILABLE and "no scheduler leader reachable" in res.stderr
+    finally:
+        await stop_all([s0, s1, s2])
+
+
+async def test_drain_waits_with_progress_until_gone(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, _, admin = replica
+    res = await llmctl("-e", server.address, "drain", "i-1", "--interval", "0.05")
+    assert res.exit_code == 0, res.output
+    assert "drained i-1" in res.stdout
+    assert admin.requests["i-1"] == []
+    res = await llmctl("-e", server.address, "drain", "i-2", "--no-wait", "-o", "json")
+    data = json.loads(res.stdout)
+    assert data["instance"]["state"] == "INSTANCE_STATE_DRAINING" and data["waited"] is False
+
+
+async def test_drain_timeout_exit_code(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, _, admin = replica
+    admin.requests["i-1"] = [common_pb2.RequestLoad(request_id=f"r{i}") for i in range(1000)]
+    res = await llmctl("-e", server.address, "drain", "i-1", "--timeout", "0.3", "--interval", "0.1")
+    assert res.exit_code == EXIT_TIMEOUT
+    assert "timed out after 0.3s" in res.stderr and "still on i-1" in res.stderr
+
+
+async def test_watch_is_bounded_by_count(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, r, _ = replica
+    res = await llmctl("-e", server.address, "watch", "--interval", "0.05", "--count", "3", "-o", "json")
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(len(json.loads(x)["instances"]) == 2 for x in lines)
+    res = await llmctl("-e", server.address, "watch", "--interval", "0.05", "--count", "2")
+    assert res.exit_code == 0 and res.stdout.count("i-1") == 2
+    assert r.calls["ListInstances"] == 5

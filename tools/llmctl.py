@@ -1,0 +1,546 @@
+"""``llmctl``: the operator's command line for a Llumnix cluster (the AdminService of the scheduler replicas).
+
+Every command takes ``--output table|json``; json is the protobuf JSON mapping (snake_case field names, every field
+printed, enums by name), so scripts can rely on it. Exit codes (also in ``llmctl --help``):
+
+  0 success · 1 the cluster refused or failed the command (NOT_FOUND, FAILED_PRECONDITION, ...) · 2 usage error or
+  invalid argument (a local check or the server's INVALID_ARGUMENT) · 3 cluster unreachable / no leader ·
+  4 timed out waiting (drain --wait) · 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import click
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pyllumnix.clients import config_paths
+from pyllumnix.clients.channel import TlsConfig, normalize_endpoints
+from pyllumnix.clients.client import AsyncLlumnixClient
+from pyllumnix.clients.errors import (
+    AbortedError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    LlumnixError,
+    NoLeaderError,
+    NotFoundError,
+    UnavailableError,
+)
+from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, llumlet_pb2, scheduler_pb2
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_TIMEOUT = 4
+EXIT_INTERRUPTED = 130
+
+OUTPUTS = ("table", "json")
+ENV_ENDPOINT = "LLUMNIX_ENDPOINT"
+
+
+@dataclass
+class Settings:
+    endpoints: tuple[str, ...]
+    tls: bool
+    ca: str | None
+    cert: str | None
+    key: str | None
+    server_name: str | None
+    timeout: float
+    output: str
+
+
+# --- output helpers --------------------------------------------------------------------------------------------
+
+
+def console(stderr: bool = False) -> Console:
+    """A console bound to the current stdout/stderr (so click's test runner captures it)."""
+    return Console(file=sys.stderr if stderr else sys.stdout, soft_wrap=False, highlight=False)
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def emit_json(data: Message | dict[str, Any], *, compact: bool = False) -> None:
+    payload = to_dict(data) if isinstance(data, Message) else data
+    click.echo(json.dumps(payload, indent=None if compact else 2, sort_keys=False))
+
+
+def enum_short(value: int, enum: Any, prefix: str) -> str:
+    name = str(enum.Name(value)) if value in enum.values() else str(value)
+    return name.removeprefix(prefix).lower()
+
+
+def fmt_freeness(value: float) -> str:
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.1f}"
+
+
+def instances_table(instances: Sequence[scheduler_pb2.InstanceStatus], title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left")
+    for name, justify in (
+        ("ID", "left"),
+        ("STATE", "left"),
+        ("FREENESS", "right"),
+        ("BLOCKS", "right"),
+        ("RUNNING", "right"),
+        ("WAITING", "right"),
+        ("PREEMPTED", "right"),
+        ("MIGRATING", "left"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for st in sorted(instances, key=lambda s: s.info.instance_id or s.load.instance_id):
+        load = st.load
+        total = load.total_blocks or st.info.total_blocks
+        used = f"{total - load.free_blocks}/{total}" if st.HasField("load") else f"-/{total}"
+        migrating = [d for d, on in (("in", load.migrating_in), ("out", load.migrating_out)) if on]
+        table.add_row(
+            st.info.instance_id or load.instance_id,
+            enum_short(st.state, common_pb2.InstanceState, "INSTANCE_STATE_"),
+            fmt_freeness(st.freeness),
+            used,
+            str(load.num_running),
+            str(load.num_waiting),
+            str(load.num_preempted),
+            ",".join(migrating) or "-",
+        )
+    return table
+
+
+def kv_table(rows: Sequence[tuple[str, str]]) -> Table:
+    table = Table(show_header=True)
+    table.add_column("KEY", no_wrap=True)
+    table.add_column("VALUE", overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def status_line(verb: str, st: scheduler_pb2.InstanceStatus) -> str:
+    state = enum_short(st.state, common_pb2.InstanceState, "INSTANCE_STATE_")
+    return f"{verb} {st.info.instance_id or st.load.instance_id} (state: {state})"
+
+
+# --- running commands ------------------------------------------------------------------------------------------
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"llmctl: {message}", err=True)
+    raise SystemExit(code)
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    obj = ctx.find_object(Settings)
+    if obj is None:  # pragma: no cover - the group always sets it
+        raise click.UsageError("llmctl settings missing")
+    return obj
+
+
+def output_of(ctx: click.Context, output: str | None) -> str:
+    return output or settings_of(ctx).output
+
+
+def make_client(settings: Settings) -> AsyncLlumnixClient:
+    try:
+        endpoints = normalize_endpoints(settings.endpoints)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if not endpoints:
+        raise click.UsageError(f"no endpoint: pass --endpoint HOST:PORT or set {ENV_ENDPOINT}")
+    tls: TlsConfig | None = None
+    if settings.tls or settings.ca or settings.cert or settings.key:
+        try:
+            tls = TlsConfig.from_files(settings.ca, settings.cert, settings.key, settings.server_name)
+        except (OSError, ValueError) as exc:
+            raise click.UsageError(f"TLS: {exc}") from None
+    return AsyncLlumnixClient(scheduler_endpoints=endpoints, tls=tls, timeout=settings.timeout)
+
+
+def run(ctx: click.Context, body: Callable[[AsyncLlumnixClient], Awaitable[T]], *, subject: str = "") -> T:
+    """Runs ``body`` with a client and turns every client error into a message and an exit code (no traceback)."""
+    client = make_client(settings_of(ctx))
+
+    async def main() -> T:
+        async with client:
+            return await body(client)
+
+    try:
+        return asyncio.run(main())
+    except NotFoundError as exc:
+        fail(f"unknown {subject or 'object'}: {exc.details}" if subject else f"not found: {exc.details}", EXIT_ERROR)
+    except InvalidArgumentError as exc:
+        fail(f"invalid argument: {exc.details}", EXIT_USAGE)
+    except NoLeaderError as exc:
+        fail(f"no scheduler leader reachable via [{', '.join(exc.endpoints)}]: {exc.details}", EXIT_UNAVAILABLE)
+    except UnavailableError as exc:
+        if not exc.may_have_started:
+            where = ", ".join(exc.endpoints or client.scheduler_pool.endpoints)
+            fail(f"cannot reach the cluster at [{where}]: {exc.details}", EXIT_UNAVAILABLE)
+        fail(f"connection lost during the call, it may or may not have been applied: {exc}", EXIT_UNAVAILABLE)
+    except FailedPreconditionError as exc:
+        fail(f"refused: {exc.details}", EXIT_ERROR)
+    except AbortedError as exc:
+        fail(f"conflict: {exc.details}", EXIT_ERROR)
+    except LlumnixError as exc:
+        fail(f"{exc.code or 'error'}: {exc.details}", EXIT_ERROR)
+    except KeyboardInterrupt:
+        fail("interrupted", EXIT_INTERRUPTED)
+
+
+output_option = click.option(
+    "--output",
+    "-o",
+    type=click.Choice(OUTPUTS),
+    default=None,
+    help="table (default) or json (protobuf JSON, stable for scripts).",
+)
+
+
+# --- the commands ----------------------------------------------------------------------------------------------
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
+    epilog="Exit codes: 0 ok, 1 refused/not found/other error, 2 usage or invalid argument, 3 cluster unreachable "
+    "or no leader, 4 timed out waiting, 130 interrupted.",
+)
+@click.option(
+    "--endpoint",
+    "-e",
+    "endpoints",
+    multiple=True,
+    envvar=ENV_ENDPOINT,
+    metavar="HOST:PORT",
+    help=f"Scheduler replica address; repeat or comma-separate for several (env {ENV_ENDPOINT}).",
+)
+@click.option("--tls/--no-tls", default=False, help="Use TLS (implied by --ca/--cert/--key).")
+@click.option("--ca", type=click.Path(dir_okay=False), default=None, help="PEM root certificates.")
+@click.option("--cert", type=click.Path(dir_okay=False), default=None, help="PEM client certificate (mTLS).")
+@click.option("--key", type=click.Path(dir_okay=False), default=None, help="PEM client private key (mTLS).")
+@click.option("--server-name", default=None, help="TLS server name override.")
+@click.option("--timeout", type=click.FloatRange(min=0.01), default=10.0, show_default=True, help="Seconds per call.")
+@output_option
+@click.version_option(package_name="pyllumnix")
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    endpoints: tuple[str, ...],
+    tls: bool,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    server_name: str | None,
+    timeout: float,
+    output: str | None,
+) -> None:
+    """Operate a Llumnix cluster: instances, requests, migration, drain/cordon, scaling, config, leader."""
+    ctx.obj = Settings(endpoints, tls, ca, cert, key, server_name, timeout, output or "table")
+
+
+@cli.command()
+@output_option
+@click.pass_context
+def instances(ctx: click.Context, output: str | None) -> None:
+    """List instances with their state and load."""
+    found = run(ctx, lambda c: c.list_instances())
+    if output_of(ctx, output) == "json":
+        emit_json(admin_pb2.ListInstancesResponse(instances=found))
+    else:
+        console().print(instances_table(found))
+
+
+@cli.command()
+@click.option("--instance", "-i", "instance_id", default="", help="Only this instance's requests.")
+@output_option
+@click.pass_context
+def requests(ctx: click.Context, instance_id: str, output: str | None) -> None:
+    """List requests (of one instance or of every instance)."""
+    found = run(ctx, lambda c: c.list_requests(instance_id), subject=f"instance {instance_id!r}")
+    if output_of(ctx, output) == "json":
+        emit_json(admin_pb2.ListClusterRequestsResponse(requests=found))
+        return
+    table = Table()
+    for name in ("REQUEST", "INSTANCE", "PHASE", "PRIORITY"):
+        table.add_column(name, no_wrap=True)
+    for name in ("BLOCKS", "PROMPT", "OUTPUT", "PREEMPTIONS"):
+        table.add_column(name, no_wrap=True, justify="right")
+    for item in sorted(found, key=lambda r: (r.instance_id, r.request.arrival_time, r.request.request_id)):
+        r = item.request
+        table.add_row(
+            r.request_id,
+            item.instance_id,
+            enum_short(r.phase, common_pb2.RequestPhase, "REQUEST_PHASE_"),
+            enum_short(r.priority, common_pb2.Priority, "PRIORITY_"),
+            str(r.num_blocks),
+            str(r.num_prompt_tokens),
+            str(r.num_output_tokens),
+            str(r.num_preemptions),
+        )
+    console().print(table)
+
+
+@cli.command()
+@click.argument("request_id", metavar="REQUEST")
+@click.option("--to", "destination", required=True, metavar="INSTANCE", help="Destination instance id.")
+@output_option
+@click.pass_context
+def migrate(ctx: click.Context, request_id: str, destination: str, output: str | None) -> None:
+    """Live-migrate one request to another instance."""
+    result = run(ctx, lambda c: c.migrate(request_id, destination), subject=f"request or instance ({request_id!r})")
+    if output_of(ctx, output) == "json":
+        emit_json(result)
+        return
+    outcome = enum_short(result.outcome, llumlet_pb2.MigrationOutcome, "MIGRATION_OUTCOME_")
+    text = (
+        f"migration {result.migration_id or '-'} of {result.request_id or request_id}: "
+        f"{result.source_instance_id or '?'} -> {result.destination_instance_id or destination}: {outcome}"
+    )
+    if result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED:
+        text += f" ({result.stages} stages, downtime {result.downtime_ms:.1f} ms, total {result.total_ms:.1f} ms)"
+    elif result.reason:
+        text += f" ({result.reason})"
+    click.echo(text)
+
+
+async def _wait_drained(
+    client: AsyncLlumnixClient, instance_id: str, timeout: float, interval: float, show: bool
+) -> int:
+    """Polls the instance's requests until none is left or it is gone; returns how many remain (0: drained)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    progress = Progress(
+        TextColumn("draining {task.fields[instance]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("requests moved"),
+        TimeElapsedColumn(),
+        console=console(stderr=True),
+        disable=not show,
+        transient=False,
+    )
+    remaining = -1
+    with progress:
+        task = progress.add_task("drain", total=None, instance=instance_id)
+        initial: int | None = None
+        while True:
+            try:
+                remaining = len(await client.list_requests(instance_id))
+            except NotFoundError:
+                remaining = 0  # the instance stopped: drained
+            if initial is None:
+                initial = remaining
+            initial = max(initial, remaining)
+            progress.update(task, total=max(initial, 1), completed=(initial - remaining) if initial else 1)
+            if remaining == 0 or loop.time() >= deadline:
+                return remaining
+            await asyncio.sleep(min(interval, max(deadline - loop.time(), 0.0)))
+
+
+@cli.command()
+@click.argument("instance_id", metavar="INSTANCE")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the instance is empty or gone.")
+@click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=600.0, show_default=True)
+@click.option("--interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True, help="Poll period (s).")
+@output_option
+@click.pass_context
+def drain(
+    ctx: click.Context, instance_id: str, wait: bool, wait_timeout: float, interval: float, output: str | None
+) -> None:
+    """Drain an instance: it takes nothing new, migrates its requests out and stops when empty."""
+    fmt = output_of(ctx, output)
+
+    async def body(c: AsyncLlumnixClient) -> tuple[scheduler_pb2.InstanceStatus, int]:
+        status = await c.drain(instance_id)
+        if not wait:
+            return status, -1
+        left = await _wait_drained(c, instance_id, wait_timeout, interval, show=fmt == "table")
+        return status, left
+
+    status, left = run(ctx, body, subject=f"instance {instance_id!r}")
+    if fmt == "json":
+        emit_json({"instance": to_dict(status), "waited": wait, "drained": left == 0, "remaining_requests": left})
+    elif not wait:
+        click.echo(status_line("draining", status))
+    elif left == 0:
+        click.echo(f"drained {instance_id}")
+    if wait and left > 0:
+        fail(f"timed out after {wait_timeout:g}s: {left} request(s) still on {instance_id}", EXIT_TIMEOUT)
+
+
+@cli.command()
+@click.argument("instance_id", metavar="INSTANCE")
+@output_option
+@click.pass_context
+def cordon(ctx: click.Context, instance_id: str, output: str | None) -> None:
+    """Stop dispatching and migrating to an instance (it keeps serving what it has)."""
+    status = run(ctx, lambda c: c.cordon(instance_id), subject=f"instance {instance_id!r}")
+    if output_of(ctx, output) == "json":
+        emit_json(status)
+    else:
+        click.echo(status_line("cordoned", status))
+
+
+@cli.command()
+@click.argument("instance_id", metavar="INSTANCE")
+@output_option
+@click.pass_context
+def uncordon(ctx: click.Context, instance_id: str, output: str | None) -> None:
+    """Make a cordoned instance eligible again."""
+    status = run(ctx, lambda c: c.uncordon(instance_id), subject=f"instance {instance_id!r}")
+    if output_of(ctx, output) == "json":
+        emit_json(status)
+    else:
+        click.echo(status_line("uncordoned", status))
+
+
+@cli.command()
+@click.argument("target", type=click.IntRange(min=0), metavar="N")
+@output_option
+@click.pass_context
+def scale(ctx: click.Context, target: int, output: str | None) -> None:
+    """Set the target number of instances."""
+    reply = run(ctx, lambda c: c.scale(target))
+    if output_of(ctx, output) == "json":
+        emit_json(reply)
+    else:
+        click.echo(f"target instances: {reply.target_instances} (current: {reply.current_instances})")
+
+
+@cli.command()
+@output_option
+@click.pass_context
+def leader(ctx: click.Context, output: str | None) -> None:
+    """Show the scheduler leader."""
+    reply = run(ctx, lambda c: c.leader())
+    if output_of(ctx, output) == "json":
+        emit_json(reply)
+        return
+    by = reply.answered_by
+    rows = [
+        ("leader", reply.leader_id or "(none)"),
+        ("address", reply.leader_address or "-"),
+        ("term", str(reply.term)),
+        ("answered by", f"{by.replica_id} ({by.grpc_address}{', leader' if by.leader else ''})"),
+    ]
+    console().print(kv_table(rows))
+
+
+@cli.group()
+def config() -> None:
+    """Read or change the cluster config (KEY is a dotted path, e.g. migration.migrate_out_threshold)."""
+
+
+@config.command("get")
+@click.argument("key", required=False)
+@output_option
+@click.pass_context
+def config_get(ctx: click.Context, key: str | None, output: str | None) -> None:
+    """Show the whole config, or one KEY."""
+    if key is not None:
+        try:
+            config_paths.resolve(key)
+        except config_paths.ConfigPathError as exc:
+            fail(str(exc), EXIT_USAGE)
+    reply = run(ctx, lambda c: c.get_config())
+    fmt = output_of(ctx, output)
+    if key is not None:
+        value = config_paths.get_path(reply.config, key)
+        if fmt == "json":
+            emit_json({"key": key, "value": value, "revision": str(reply.revision)})
+        else:
+            click.echo(config_paths.format_value(value))
+        return
+    if fmt == "json":
+        emit_json(reply)
+        return
+    rows = [(p, config_paths.format_value(config_paths.get_path(reply.config, p))) for p in config_paths.all_paths()]
+    table = kv_table(rows)
+    table.caption = f"revision {reply.revision}"
+    console().print(table)
+
+
+# ignore_unknown_options lets a negative VALUE ("-1") through as an argument instead of an unknown option.
+@config.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("key")
+@click.argument("value")
+@click.option("--expected-revision", type=int, default=0, help="Apply only if the stored config is at this revision.")
+@output_option
+@click.pass_context
+def config_set(ctx: click.Context, key: str, value: str, expected_revision: int, output: str | None) -> None:
+    """Set one KEY to VALUE (parsed by the key's type; enums by name, e.g. dispatch.policy round-robin)."""
+    try:
+        config_paths.make_update({key: value})
+    except config_paths.ConfigPathError as exc:
+        fail(str(exc), EXIT_USAGE)
+    reply = run(ctx, lambda c: c.set_config({key: value}, expected_revision=expected_revision))
+    if output_of(ctx, output) == "json":
+        emit_json(reply)
+    else:
+        shown = config_paths.format_value(config_paths.get_path(reply.config, key))
+        click.echo(f"{key} = {shown} (revision {reply.revision})")
+
+
+@cli.command()
+@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True, help="Seconds.")
+@click.option("--count", type=click.IntRange(min=0), default=0, help="Refreshes before exiting (0: until Ctrl-C).")
+@output_option
+@click.pass_context
+def watch(ctx: click.Context, interval: float, count: int, output: str | None) -> None:
+    """Live view of the instances table (json: one line per refresh)."""
+    fmt = output_of(ctx, output)
+    out = console()
+
+    async def body(c: AsyncLlumnixClient) -> None:
+        live: Live | None = None
+        if fmt == "table" and out.is_terminal:
+            live = Live(console=out, auto_refresh=False)
+            live.start()
+        try:
+            n = 0
+            while True:
+                found = await c.list_instances()
+                n += 1
+                if fmt == "json":
+                    emit_json(admin_pb2.ListInstancesResponse(instances=found), compact=True)
+                else:
+                    title = f"{time.strftime('%H:%M:%S')}  ({len(found)} instances, every {interval:g}s)"
+                    table = instances_table(found, title=title)
+                    if live is not None:
+                        live.update(table, refresh=True)
+                    else:
+                        out.print(table)
+                if count and n >= count:
+                    return
+                await asyncio.sleep(interval)
+        finally:
+            if live is not None:
+                live.stop()
+
+    run(ctx, body)
+
+
+def main() -> None:
+    """Entry point of the ``llmctl`` script."""
+    cli(prog_name="llmctl")
+
+
+if __name__ == "__main__":
+    main()
