@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "llumlet": "data_plane.llumlet.main:llumlet_command",
     "scheduler": "control_plane.scheduler.main:scheduler_command",
     "frontend": "control_plane.frontend.main:frontend_command",
+    "serve": "tools.serve:serve_command",
 }
 BENCH_COMMANDS: dict[str, str] = {
     "engine": "tools.bench_engine:bench_engine",
