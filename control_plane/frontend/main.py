@@ -25,6 +25,7 @@ from pyllumnix.clients.dispatch import (
     RegistrySource,
     StaticRegistrySource,
 )
+from pyllumnix.control_plane.frontend.cluster_metrics import ClusterMetrics
 from pyllumnix.control_plane.frontend.core import Frontend
 from pyllumnix.control_plane.frontend.dispatch import Dispatcher, RegistryResolver
 from pyllumnix.control_plane.frontend.http import start_http
@@ -82,6 +83,11 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
     )
     grpc_server = await start_grpc(frontend, opts.host, opts.grpc_port, opts.advertise_host)
     http_server = await start_http(frontend, opts.host, opts.http_port)
+    cluster_metrics = None
+    if leader is not None:
+        cluster_metrics = ClusterMetrics(leader.pool)
+        frontend.metrics.add_collector(cluster_metrics)
+        cluster_metrics.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -96,6 +102,8 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
     print(json.dumps(ready), flush=True)
     await stop.wait()
     log.info("stopping frontend")
+    if cluster_metrics is not None:
+        await cluster_metrics.stop()
     await http_server.stop()
     await grpc_server.stop()
     await frontend.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,13 +19,22 @@ from dataclasses import dataclass, field
 from pyllumnix.data_plane.engine.base import Engine, Finish, MigrationState, Phase, TokenOutput, UnknownRequestError
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher
-from pyllumnix.protos.llumnix.v1 import common_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
 
 log = logging.getLogger(__name__)
 
 
 class InstanceNotAcceptingError(Exception):
     """The instance is draining or cordoned (FAILED_PRECONDITION)."""
+
+
+DOWNTIME_BUCKETS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 500.0, 1000.0, math.inf)
+
+
+def _empty_migration_stats() -> common_pb2.MigrationStats:
+    return common_pb2.MigrationStats(
+        downtime_bucket_le_ms=list(DOWNTIME_BUCKETS_MS), downtime_bucket_counts=[0] * len(DOWNTIME_BUCKETS_MS)
+    )
 
 
 @dataclass
@@ -36,6 +46,21 @@ class LlumletStats:
     migrations_in: int = 0
     migrations_out: int = 0
     last_step_duration: float = 0.0
+    migration: common_pb2.MigrationStats = field(default_factory=_empty_migration_stats)
+
+    def record_migration(self, result: llumlet_pb2.MigrationResult) -> None:
+        """Counts an outgoing migration by outcome; committed ones feed the downtime histogram."""
+        stats = self.migration
+        if result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED:
+            stats.committed += 1
+            stats.downtime_sum_ms += result.downtime_ms
+            for i, bound in enumerate(DOWNTIME_BUCKETS_MS):
+                if result.downtime_ms <= bound:
+                    stats.downtime_bucket_counts[i] += 1
+        elif result.outcome == llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION:
+            stats.aborted_by_destination += 1
+        else:
+            stats.aborted_by_source += 1
 
 
 @dataclass
@@ -134,6 +159,7 @@ class Llumlet:
         pb.migrating_out = self._migrating_out
         pb.total_migrations_in = self.stats.migrations_in
         pb.total_migrations_out = self.stats.migrations_out
+        pb.migration_stats.CopyFrom(self.stats.migration)
         return pb
 
     def set_migrating(self, *, incoming: bool | None = None, outgoing: bool | None = None) -> None:

@@ -101,6 +101,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     )
     registration = None
     reporter = None
+    background: list[asyncio.Task[None]] = []
     exit_code = 0
     if opts.etcd:
         from pyllumnix.control_plane.etcd.client import EtcdClient
@@ -127,7 +128,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
             exit_code = EXIT_LEASE_LOST
             stop.set()
 
-        lease_watch = asyncio.get_running_loop().create_task(watch_lease())
+        background.append(asyncio.get_running_loop().create_task(watch_lease()))
     loop = asyncio.get_running_loop()
 
     async def exit_when_drained() -> None:
@@ -145,7 +146,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
                 log.info("instance %s drained; stopping", instance_id)
                 stop.set()
 
-    drain_watch = loop.create_task(exit_when_drained())
+    background.append(loop.create_task(exit_when_drained()))
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -158,7 +159,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     }
     print(json.dumps(ready), flush=True)
     await stop.wait()
-    drain_watch.cancel()
+    for task in background:
+        task.cancel()
     log.info("llumlet %s stopping", instance_id)
     if reporter is not None:
         await reporter.stop()

@@ -217,7 +217,9 @@ class MigrationCoordinator:
                         )
                 self.llumlet.wake()
         result.total_ms = (time.monotonic() - t0) * 1000
+        self.llumlet.stats.record_migration(result)
         self.results.append(result)
+        del self.results[:-100]
         return result
 
     async def _restore(self, rid: str) -> None:

@@ -389,6 +389,7 @@ class InstanceLoad(_message.Message):
     TOTAL_MIGRATIONS_IN_FIELD_NUMBER: _builtins.int
     TOTAL_MIGRATIONS_OUT_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
+    MIGRATION_STATS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     seq: _builtins.int
     """Monotonic per instance; receivers ignore older snapshots."""
@@ -416,6 +417,10 @@ class InstanceLoad(_message.Message):
     """Engine time of this snapshot (the engine's clock, seconds)."""
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___RequestLoad]: ...
+    @_builtins.property
+    def migration_stats(self) -> Global___MigrationStats:
+        """Outgoing migrations of this instance since it started."""
+
     def __init__(
         self,
         *,
@@ -439,14 +444,57 @@ class InstanceLoad(_message.Message):
         total_migrations_in: _builtins.int = ...,
         total_migrations_out: _builtins.int = ...,
         timestamp: _builtins.float = ...,
+        migration_stats: Global___MigrationStats | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["migration_stats", b"migration_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "free_blocks", b"free_blocks", "head_of_line_demand_blocks", b"head_of_line_demand_blocks", "instance_id", b"instance_id", "migrating_in", b"migrating_in", "migrating_out", b"migrating_out", "num_preempted", b"num_preempted", "num_running", b"num_running", "num_waiting", b"num_waiting", "requests", b"requests", "reserved_blocks", b"reserved_blocks", "seq", b"seq", "state", b"state", "timestamp", b"timestamp", "total_blocks", b"total_blocks", "total_migrations_in", b"total_migrations_in", "total_migrations_out", b"total_migrations_out", "total_preemptions", b"total_preemptions", "waiting_demand_blocks", b"waiting_demand_blocks", "watermark_blocks", b"watermark_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "free_blocks", b"free_blocks", "head_of_line_demand_blocks", b"head_of_line_demand_blocks", "instance_id", b"instance_id", "migrating_in", b"migrating_in", "migrating_out", b"migrating_out", "migration_stats", b"migration_stats", "num_preempted", b"num_preempted", "num_running", b"num_running", "num_waiting", b"num_waiting", "requests", b"requests", "reserved_blocks", b"reserved_blocks", "seq", b"seq", "state", b"state", "timestamp", b"timestamp", "total_blocks", b"total_blocks", "total_migrations_in", b"total_migrations_in", "total_migrations_out", b"total_migrations_out", "total_preemptions", b"total_preemptions", "waiting_demand_blocks", b"waiting_demand_blocks", "watermark_blocks", b"watermark_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstanceLoad: _TypeAlias = InstanceLoad  # noqa: Y015
+
+@_typing.final
+class MigrationStats(_message.Message):
+    """Counts and a downtime histogram of an instance's outgoing migrations (cumulative since start)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    ABORTED_BY_SOURCE_FIELD_NUMBER: _builtins.int
+    ABORTED_BY_DESTINATION_FIELD_NUMBER: _builtins.int
+    DOWNTIME_BUCKET_LE_MS_FIELD_NUMBER: _builtins.int
+    DOWNTIME_BUCKET_COUNTS_FIELD_NUMBER: _builtins.int
+    DOWNTIME_SUM_MS_FIELD_NUMBER: _builtins.int
+    committed: _builtins.int
+    aborted_by_source: _builtins.int
+    aborted_by_destination: _builtins.int
+    downtime_sum_ms: _builtins.float
+    @_builtins.property
+    def downtime_bucket_le_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Histogram of last-stage downtime of committed migrations: downtime_bucket_counts[i] counts downtimes
+        <= downtime_bucket_le_ms[i] (cumulative, Prometheus style); the last bound is +inf.
+        """
+
+    @_builtins.property
+    def downtime_bucket_counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        committed: _builtins.int = ...,
+        aborted_by_source: _builtins.int = ...,
+        aborted_by_destination: _builtins.int = ...,
+        downtime_bucket_le_ms: _abc.Iterable[_builtins.float] | None = ...,
+        downtime_bucket_counts: _abc.Iterable[_builtins.int] | None = ...,
+        downtime_sum_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aborted_by_destination", b"aborted_by_destination", "aborted_by_source", b"aborted_by_source", "committed", b"committed", "downtime_bucket_counts", b"downtime_bucket_counts", "downtime_bucket_le_ms", b"downtime_bucket_le_ms", "downtime_sum_ms", b"downtime_sum_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MigrationStats: _TypeAlias = MigrationStats  # noqa: Y015
 
 @_typing.final
 class InstanceInfo(_message.Message):
