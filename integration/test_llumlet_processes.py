@@ -50,8 +50,18 @@ async def wait_for(predicate_coro: object, timeout: float, what: str) -> float:
 async def test_two_llumlets_register_serve_and_expire(
     etcd1: EmbeddedEtcd, procs: Processes, sink: RecordingSink, etcd_cluster_name: str
 ) -> None:
-    common = ["--etcd", ",".join(etcd1.endpoints), "--cluster", etcd_cluster_name, "--profile", "tiny",
-              "--transport", "tcp", "--lease-ttl", "1"]
+    common = [
+        "--etcd",
+        ",".join(etcd1.endpoints),
+        "--cluster",
+        etcd_cluster_name,
+        "--profile",
+        "tiny",
+        "--transport",
+        "tcp",
+        "--lease-ttl",
+        "1",
+    ]
     a = procs.start("llumlet-a", "llumlet", "--instance-id", "a", *common)
     b = procs.start("llumlet-b", "llumlet", "--instance-id", "b", *common)
     client = EtcdClient(etcd1.endpoints)
@@ -83,8 +93,10 @@ async def test_two_llumlets_register_serve_and_expire(
             await stubs[0].AddRequest(llumlet_pb2.AddRequestRequest(request=long_req), timeout=5)
             bad = [
                 (engine_request("long", sink.server.address), grpc.StatusCode.ALREADY_EXISTS),
-                (engine_request("big", sink.server.address, prompt_len=500, max_tokens=100),
-                 grpc.StatusCode.INVALID_ARGUMENT),
+                (
+                    engine_request("big", sink.server.address, prompt_len=500, max_tokens=100),
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                ),
                 (engine_request("zero", sink.server.address, max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT),
                 (engine_request("neg", sink.server.address, max_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT),
             ]
@@ -100,8 +112,10 @@ async def test_two_llumlets_register_serve_and_expire(
 
         # SIGKILL: no deregistration, the lease (TTL 1 s) expires and the entry disappears
         b.kill()
+
         async def b_gone() -> bool:
             return "b" not in (await registry.list()).entries
+
         took = await wait_for(b_gone, 5.0, "b's registry entry expiring")
         assert took < 4.0
         assert "a" in (await registry.list()).entries

@@ -149,7 +149,7 @@ async def test_dispatch_migration_and_leader_failover(
 
 
 async def test_admin_bad_input(etcd1: EmbeddedEtcd, procs: Processes, etcd_cluster_name: str) -> None:
-    schedulers, llumlets = start_cluster(procs, etcd1, etcd_cluster_name, 1)
+    schedulers, _llumlets = start_cluster(procs, etcd1, etcd_cluster_name, 1)
     leader = await leader_of([s.address for s in schedulers])
     follower = next(s for s in schedulers if s.address != leader.leader_address)
     async with (
@@ -207,7 +207,7 @@ async def test_autoscaling_adds_under_load_and_drains_when_idle(
 
     assert sink.server is not None
     llumlet_args = "--profile tiny --transport tcp --lease-ttl 1"
-    schedulers, llumlets = start_cluster(
+    schedulers, _llumlets = start_cluster(
         procs, etcd1, etcd_cluster_name, 1, ("--provider", "local", "--llumlet-args", llumlet_args)
     )
     try:

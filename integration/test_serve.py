@@ -54,7 +54,9 @@ def client(cluster: Component) -> openai.OpenAI:
 
 def llmctl(cluster: Component, *args: str) -> subprocess.CompletedProcess[str]:
     endpoints = ",".join(cluster.ready["schedulers"])
-    return subprocess.run([LLMCTL, "--endpoint", endpoints, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [LLMCTL, "--endpoint", endpoints, *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def llmctl_json(cluster: Component, *args: str) -> Any:

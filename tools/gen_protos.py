@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import re
 import shutil
 import subprocess
@@ -60,7 +61,9 @@ def generate(out: Path) -> list[Path]:
             f"--mypy_grpc_out={dest}",
             *files,
         ]
-        subprocess.run(cmd, check=True, cwd=REPO)
+        # protoc finds the mypy plugins on PATH; the venv's bin folder is not on it when run as .venv/bin/python.
+        env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+        subprocess.run(cmd, check=True, cwd=REPO, env=env)
         prefix = "pyllumnix.protos" + ("" if str(rel_root) == "." else "." + ".".join(rel_root.parts))
         for path in sorted((dest / sub).rglob("*")):
             if path.is_dir():
