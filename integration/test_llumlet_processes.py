@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from integration.procs import Processes
-from integration.sink import RecordingSink
+from pyllumnix.tools.recording_sink import RecordingSink
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.control_plane.etcd.keys import KeyLayout

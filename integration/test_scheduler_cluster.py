@@ -13,7 +13,7 @@ import pytest
 
 from integration.cluster import add_request, get_load, leader_of, list_instances, submit
 from integration.procs import Component, Processes
-from integration.sink import RecordingSink
+from pyllumnix.tools.recording_sink import RecordingSink
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, config_pb2
 

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
 BENCH_COMMANDS: dict[str, str] = {
     "engine": "tools.bench_engine:bench_engine",
     "dataplane": "tools.bench_dataplane:bench_dataplane",
+    "migration": "tools.bench_migration:bench_migration",
 }
 
 

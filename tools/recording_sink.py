@@ -1,4 +1,5 @@
-"""An in-test OutputSinkService: records every pushed output, like a frontend would receive them."""
+"""A minimal OutputSinkService that records every pushed output, as a frontend would receive them (tests and
+benchmarks use it in place of a frontend)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,137 @@
+"""Real KV payload bytes for the simulated engine, so migration moves (and tests can check) actual data.
+
+Each token's slot (``bytes_per_token`` bytes) in its block holds one 64-bit value repeated, a hash of (request id,
+token position): cheap to write (one broadcast store per block) and checkable after any copy. Block memory exists only
+while a block holds data, so a 7B-sized pool costs memory in proportion to the blocks in use. Freed arrays are kept as
+spares (up to ``spare_bytes``) and reused: a fresh 8 MiB array costs page faults on first touch, which made real-time
+steps overrun their modelled duration; ``prewarm`` fills the spares up front, as vLLM allocates its KV cache at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from pyllumnix.data_plane.engine.base import BlockBuffer
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def request_key(request_id: str) -> int:
+    """Stable 64-bit hash of a request id (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little")
+
+
+def token_values(key: int, start: int, end: int) -> npt.NDArray[np.uint64]:
+    """splitmix64 of (key, position) for positions [start, end)."""
+    x = np.arange(start, end, dtype=np.uint64) * _GOLDEN ^ np.uint64(key)
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _fill_block(block: npt.NDArray[np.uint8], values: npt.NDArray[np.uint64], first_slot: int, bpt: int) -> None:
+    words = block.view(np.uint64).reshape(-1, bpt // 8)
+    words[first_slot : first_slot + len(values)] = values[:, None]
+
+
+def expected_block_bytes(
+    request_id: str, block_index: int, num_tokens: int, *, block_size: int, bytes_per_token: int
+) -> npt.NDArray[np.uint8]:
+    """The bytes logical block ``block_index`` of a request holds once its first ``num_tokens`` tokens have KV
+    (slots past ``num_tokens`` are zero)."""
+    block = np.zeros(block_size * bytes_per_token, dtype=np.uint8)
+    start = block_index * block_size
+    end = min(num_tokens, start + block_size)
+    if end > start:
+        _fill_block(block, token_values(request_key(request_id), start, end), 0, bytes_per_token)
+    return block
+
+
+class PayloadStore:
+    """Block id -> bytes. ``enabled=False`` keeps nothing (large-scale simulation) and reads back zeros."""
+
+    def __init__(
+        self, block_size: int, bytes_per_token: int, *, enabled: bool = True, spare_bytes: int = 1 << 30
+    ) -> None:
+        self.block_size = block_size
+        self.bytes_per_token = bytes_per_token
+        self.block_bytes = block_size * bytes_per_token
+        self.enabled = enabled
+        self.max_spares = spare_bytes // self.block_bytes
+        self._blocks: dict[int, npt.NDArray[np.uint8]] = {}
+        self._spares: list[npt.NDArray[np.uint8]] = []
+
+    @property
+    def num_materialized(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def num_spares(self) -> int:
+        return len(self._spares)
+
+    def prewarm(self, n: int) -> None:
+        """Creates up to ``n`` spare arrays (within the spare cap), touching every page now rather than mid-step."""
+        while self.enabled and len(self._spares) < min(n, self.max_spares):
+            block = np.empty(self.block_bytes, dtype=np.uint8)
+            block.fill(0)
+            self._spares.append(block)
+
+    def _new_array(self) -> npt.NDArray[np.uint8]:
+        """An array with unspecified content: callers overwrite or zero all of it."""
+        try:
+            return self._spares.pop()  # may race with another thread's pop (write_blocks runs off the step thread)
+        except IndexError:
+            return np.empty(self.block_bytes, dtype=np.uint8)
+
+    def _block(self, block_id: int, first_slot: int, end_slot: int) -> npt.NDArray[np.uint8]:
+        """The block's array; a new one gets zeros outside slots [first_slot, end_slot), which the caller fills."""
+        block = self._blocks.get(block_id)
+        if block is None:
+            block = self._new_array()
+            bpt = self.bytes_per_token
+            block[: first_slot * bpt] = 0
+            block[end_slot * bpt :] = 0
+            self._blocks[block_id] = block
+        return block
+
+    def drop(self, block_ids: Sequence[int]) -> None:
+        for b in block_ids:
+            block = self._blocks.pop(b, None)
+            if block is not None and len(self._spares) < self.max_spares:
+                self._spares.append(block)
+
+    def fill(self, block_ids: Sequence[int], key: int, start: int, end: int) -> None:
+        """Writes the KV of token positions [start, end) of the request whose logical blocks are ``block_ids``."""
+        if not self.enabled or end <= start:
+            return
+        values = token_values(key, start, end)
+        bs = self.block_size
+        for index in range(start // bs, (end - 1) // bs + 1):
+            lo, hi = max(start, index * bs), min(end, (index + 1) * bs)
+            block = self._block(block_ids[index], lo - index * bs, hi - index * bs)
+            _fill_block(block, values[lo - start : hi - start], lo - index * bs, self.bytes_per_token)
+
+    def read(self, block_ids: Sequence[int]) -> BlockBuffer:
+        out = np.zeros((len(block_ids), self.block_bytes), dtype=np.uint8)
+        if self.enabled:
+            for i, b in enumerate(block_ids):
+                block = self._blocks.get(b)
+                if block is not None:
+                    out[i] = block
+        return out
+
+    def write(self, block_ids: Sequence[int], data: BlockBuffer) -> None:
+        if not self.enabled:
+            return
+        for i, b in enumerate(block_ids):
+            block = self._blocks.get(b)
+            if block is None:
+                block = self._new_array()
+            np.copyto(block, data[i])
+            self._blocks[b] = block

@@ -1,0 +1,39 @@
+"""Cluster config in one etcd key: typed get/put, compare-and-swap on revision, watch."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pyllumnix.control_plane.etcd.client import EtcdClient
+from pyllumnix.control_plane.etcd.config_store import ConfigStore
+from pyllumnix.control_plane.etcd.errors import ConfigConflictError
+from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.protos.llumnix.v1 import config_pb2
+
+pytestmark = pytest.mark.integration
+
+
+async def test_cas_and_watch(etcd_client: EtcdClient, etcd_cluster_name: str) -> None:
+    store = ConfigStore(etcd_client, KeyLayout(etcd_cluster_name).config_key, config_pb2.ClusterConfig)
+    assert await store.get() == (None, 0)
+    changes = store.watch()
+    assert await asyncio.wait_for(changes.__anext__(), 3) == (None, 0)
+
+    cfg = config_pb2.ClusterConfig()
+    rev1 = await store.put(cfg, expected_revision=0)
+    with pytest.raises(ConfigConflictError) as info:
+        await store.put(cfg, expected_revision=0)  # created meanwhile
+    assert info.value.current_revision == rev1
+    got, rev = await store.get()
+    assert got == cfg and rev == rev1
+    rev2 = await store.put(cfg, expected_revision=rev1)
+    assert rev2 > rev1
+    with pytest.raises(ConfigConflictError):
+        await store.put(cfg, expected_revision=rev1)  # stale
+
+    seen = [await asyncio.wait_for(changes.__anext__(), 3) for _ in range(2)]
+    assert [r for _, r in seen] == [rev1, rev2]
+    assert all(m == cfg for m, _ in seen)
+    await changes.aclose()
