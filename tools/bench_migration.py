@@ -1,8 +1,8 @@
 """``llumnix bench migration``: live-migration downtime vs sequence length, next to a blocking copy and recompute.
 
 Two llumlet processes (sim engine, real KV payload of the profile's size, real time) migrate one request of each
-length mid-decode over the chosen transport. A second pair whose last stage takes every block measures the blocking
-(single-stage, stop-and-copy) migration of the same request; ``recompute_ms`` is the profile's modelled prefill of
+length mid-decode over the chosen transport, then a request of the same length back with a last stage that takes
+every block (the blocking, single-stage stop-and-copy migration); ``recompute_ms`` is the profile's modelled prefill of
 the same tokens (what a migration by recomputation would stall for). All figures come from the same run.
 
 - ``downtime_ms``: the request stopped on the source until the destination installed it (its next step continues it).
@@ -29,10 +29,12 @@ from pyllumnix.tools.recording_sink import RecordingSink
 
 OUTPUT_TOKENS = 64
 MIGRATE_AFTER_TOKENS = 8
+# A last stage that takes every block: the blocking, single-stage copy.
+BLOCKING = 1 << 30
 
 
 async def _migrate_once(
-    src: str, dst: str, dst_id: str, sink: RecordingSink, rid: str, length: int
+    src: str, dst: str, dst_id: str, sink: RecordingSink, rid: str, length: int, last_stage_max_blocks: int = 0
 ) -> llumlet_pb2.MigrationResult:
     prompt = [(i * 31) % 30000 + 3 for i in range(length - OUTPUT_TOKENS // 2)]
     request = common_pb2.EngineRequest(
@@ -51,7 +53,11 @@ async def _migrate_once(
             await asyncio.sleep(0.005)
         reply = await stub.MigrateOut(
             llumlet_pb2.MigrateOutRequest(
-                destination_instance_id=dst_id, destination_grpc_address=dst, request_id=rid, wait=True
+                destination_instance_id=dst_id,
+                destination_grpc_address=dst,
+                request_id=rid,
+                wait=True,
+                last_stage_max_blocks=last_stage_max_blocks,
             ),
             timeout=120,
         )
@@ -71,33 +77,28 @@ async def run_bench(
     sink = RecordingSink()
     await sink.start()
     launcher = Launcher(Path(tempfile.mkdtemp(prefix="bench-migration-")))
+    kv_bytes = max(lengths) * (bytes_per_token or profile.bytes_per_token)
+    # Each side touches the KV memory of the longest request up front, as a GPU's preallocated KV pool would be.
+    prewarm_mib = (kv_bytes + profile.block_bytes * 8) >> 20
     common = ["--profile", profile_name, "--transport", transport, "--transfer-timeout", "60"]
+    common += ["--prewarm-kv-mib", str(prewarm_mib)]
     if bytes_per_token:
         common += ["--bytes-per-token", str(bytes_per_token)]
     try:
-        live = [launcher.start(f"live-{i}", "llumlet", "--instance-id", f"live-{i}", *common) for i in range(2)]
-        blocking = [
-            launcher.start(
-                f"blocking-{i}",
-                "llumlet",
-                "--instance-id",
-                f"blocking-{i}",
-                *common,
-                "--last-stage-max-blocks",
-                "1000000",
-            )
+        live = [
+            launcher.start(f"llumlet-{i}", "llumlet", "--instance-id", f"llumlet-{i}", *common, timeout=300)
             for i in range(2)
         ]
         rows = []
         for length in lengths:
             downtimes, totals, blocking_ms, stages = [], [], [], []
             for r in range(repeats):
-                res = await _migrate_once(live[0].address, live[1].address, "live-1", sink, f"l{length}-{r}", length)
+                res = await _migrate_once(live[0].address, live[1].address, "llumlet-1", sink, f"l{length}-{r}", length)
                 downtimes.append(res.downtime_ms)
                 totals.append(res.total_ms)
                 stages.append(res.stages)
                 blk = await _migrate_once(
-                    blocking[0].address, blocking[1].address, "blocking-1", sink, f"b{length}-{r}", length
+                    live[1].address, live[0].address, "llumlet-0", sink, f"b{length}-{r}", length, BLOCKING
                 )
                 blocking_ms.append(blk.downtime_ms)
             rows.append(

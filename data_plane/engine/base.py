@@ -205,8 +205,9 @@ class Engine(ABC):
     def num_computed_tokens(self, request_id: str) -> int: ...
 
     @abstractmethod
-    def read_blocks(self, block_ids: Sequence[int]) -> BlockBuffer:
-        """Copies the blocks' bytes into a new (len, block_bytes) buffer. May run in another thread while the engine
+    def read_blocks(self, block_ids: Sequence[int], out: BlockBuffer | None = None) -> BlockBuffer:
+        """Copies the blocks' bytes into ``out`` (shape (len, block_bytes); reused buffers spare the page faults of
+        fresh memory) or a new buffer, and returns it. May run in another thread while the engine
         steps: pre-copy stages read completed blocks, whose bytes no longer change. Raises KeyError for a block
         that is not in use."""
 

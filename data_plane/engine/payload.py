@@ -117,13 +117,19 @@ class PayloadStore:
             block = self._block(block_ids[index], lo - index * bs, hi - index * bs)
             _fill_block(block, values[lo - start : hi - start], lo - index * bs, self.bytes_per_token)
 
-    def read(self, block_ids: Sequence[int]) -> BlockBuffer:
-        out = np.zeros((len(block_ids), self.block_bytes), dtype=np.uint8)
-        if self.enabled:
-            for i, b in enumerate(block_ids):
-                block = self._blocks.get(b)
-                if block is not None:
-                    out[i] = block
+    def read(self, block_ids: Sequence[int], out: BlockBuffer | None = None) -> BlockBuffer:
+        """Copies the blocks into ``out`` (a reused, already touched buffer avoids page faults) or a new buffer."""
+        shape = (len(block_ids), self.block_bytes)
+        if out is None:
+            out = np.zeros(shape, dtype=np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8:
+            raise ValueError(f"out has shape {out.shape} {out.dtype}, need {shape} uint8")
+        for i, b in enumerate(block_ids):
+            block = self._blocks.get(b) if self.enabled else None
+            if block is not None:
+                np.copyto(out[i], block)
+            else:
+                out[i].fill(0)
         return out
 
     def write(self, block_ids: Sequence[int], data: BlockBuffer) -> None:

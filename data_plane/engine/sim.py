@@ -220,11 +220,11 @@ class SimEngine(Engine):
     def num_computed_tokens(self, request_id: str) -> int:
         return self._get(request_id).num_computed_tokens
 
-    def read_blocks(self, block_ids: Sequence[int]) -> BlockBuffer:
+    def read_blocks(self, block_ids: Sequence[int], out: BlockBuffer | None = None) -> BlockBuffer:
         """Safe from another thread while ``step`` runs: the in-use check is repeated after the copy, so a block freed
         meanwhile raises KeyError instead of returning stale or zero bytes."""
         self._check_in_use(block_ids)
-        data = self.payload.read(block_ids)
+        data = self.payload.read(block_ids, out)
         self._check_in_use(block_ids)
         return data
 

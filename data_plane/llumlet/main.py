@@ -47,7 +47,17 @@ class LlumletOptions:
     bytes_per_token: int | None = None
     total_blocks: int | None = None
     block_size: int | None = None
+    # Sim engine: KV payload memory to allocate and touch at start (page faults then, not mid-step or mid-migration).
+    prewarm_kv_mib: int = 0
     model: str = ""
+    # vLLM engine (--engine vllm): settings passed to vLLM V1 (see pyllumnix.data_plane.engine.vllm.engine).
+    vllm_dtype: str = "float32"
+    vllm_max_model_len: int = 512
+    vllm_kv_cache_bytes: int | None = 64 << 20
+    vllm_gpu_memory_utilization: float | None = None
+    vllm_max_num_seqs: int | None = None
+    vllm_enforce_eager: bool = True
+    vllm_seed: int = 0
     etcd: list[str] = field(default_factory=list)
     cluster: str = "default"
     transport: str = "auto"
@@ -64,8 +74,38 @@ def make_engine(opts: LlumletOptions) -> Engine:
         profile = get_profile(opts.profile)
         if opts.bytes_per_token:
             profile = dataclasses.replace(profile, bytes_per_token=opts.bytes_per_token)
-        return SimEngine(profile, payload=opts.payload, total_blocks=opts.total_blocks, block_size=opts.block_size)
-    raise click.BadParameter(f"unknown engine {opts.engine!r} (available: sim)", param_hint="--engine")
+        prewarm_bytes = opts.prewarm_kv_mib << 20
+        return SimEngine(
+            profile,
+            payload=opts.payload,
+            total_blocks=opts.total_blocks,
+            block_size=opts.block_size,
+            payload_spare_bytes=max(1 << 30, prewarm_bytes),
+            prewarm_blocks=prewarm_bytes // profile.block_bytes if opts.payload else 0,
+        )
+    if opts.engine == "vllm":
+        if not opts.model:
+            raise click.BadParameter("--engine vllm needs --model PATH", param_hint="--model")
+        from pyllumnix.data_plane.engine.vllm.adapter import VllmUnavailableError
+        from pyllumnix.data_plane.engine.vllm.engine import VllmEngine, VllmEngineConfig
+
+        try:
+            return VllmEngine(
+                VllmEngineConfig(
+                    model=opts.model,
+                    dtype=opts.vllm_dtype,
+                    max_model_len=opts.vllm_max_model_len,
+                    block_size=opts.block_size or 32,
+                    kv_cache_memory_bytes=opts.vllm_kv_cache_bytes or None,
+                    gpu_memory_utilization=opts.vllm_gpu_memory_utilization,
+                    max_num_seqs=opts.vllm_max_num_seqs,
+                    enforce_eager=opts.vllm_enforce_eager,
+                    seed=opts.vllm_seed,
+                )
+            )
+        except VllmUnavailableError as exc:
+            raise click.UsageError(str(exc)) from exc
+    raise click.BadParameter(f"unknown engine {opts.engine!r} (available: sim, vllm)", param_hint="--engine")
 
 
 async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -> int:
@@ -73,7 +113,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     stop = stop or asyncio.Event()
     instance_id = opts.instance_id or f"llumlet-{uuid.uuid4().hex[:8]}"
     engine = make_engine(opts)
-    llumlet = Llumlet(engine, instance_id)
+    llumlet = Llumlet(engine, instance_id, step_in_thread=opts.engine == "vllm")
     transport = make_transport(opts.transport)
     data_plane_address = await transport.start()
     coordinator = MigrationCoordinator(llumlet, transport, opts.migration)
@@ -83,6 +123,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     )
     advertise = opts.advertise_host or (opts.host if opts.host not in ("0.0.0.0", "::") else socket.gethostname())
     grpc_address = f"{advertise}:{server.port}"
+    coordinator.prewarm()
     llumlet.start()
     coordinator.start()
     info = common_pb2.InstanceInfo(
@@ -180,12 +221,34 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 @click.option("--host", default="127.0.0.1", show_default=True, help="gRPC bind host.")
 @click.option("--port", default=0, show_default=True, help="gRPC port (0: any free port).")
 @click.option("--advertise-host", default="", help="Host others use to reach this llumlet (default: --host).")
-@click.option("--engine", type=click.Choice(["sim"]), default="sim", show_default=True)
+@click.option("--engine", type=click.Choice(["sim", "vllm"]), default="sim", show_default=True)
+@click.option("--model", default="", help="Model path or name (vLLM engine).")
+@click.option("--dtype", "vllm_dtype", default="float32", show_default=True, help="vLLM: model dtype.")
+@click.option("--max-model-len", "vllm_max_model_len", default=512, show_default=True, help="vLLM: max tokens.")
+@click.option(
+    "--kv-cache-bytes",
+    "vllm_kv_cache_bytes",
+    type=int,
+    default=64 << 20,
+    show_default=True,
+    help="vLLM: KV cache size in bytes (0: let vLLM size it from --gpu-memory-utilization).",
+)
+@click.option("--gpu-memory-utilization", "vllm_gpu_memory_utilization", type=float, default=None, help="vLLM (GPU).")
+@click.option("--max-num-seqs", "vllm_max_num_seqs", type=int, default=None, help="vLLM: max running requests.")
+@click.option("--enforce-eager/--no-enforce-eager", "vllm_enforce_eager", default=True, show_default=True)
+@click.option("--seed", "vllm_seed", default=0, show_default=True, help="vLLM: engine seed.")
 @click.option("--profile", default="llama-7b-a10", show_default=True, help="Latency/capacity profile (sim engine).")
 @click.option("--payload/--no-payload", default=True, show_default=True, help="Real KV bytes in every block.")
 @click.option("--bytes-per-token", type=int, default=None, help="Override the profile's KV bytes per token.")
 @click.option("--total-blocks", type=int, default=None, help="Override the profile's KV block count.")
 @click.option("--block-size", type=int, default=None, help="Override the profile's tokens per block.")
+@click.option(
+    "--prewarm-kv-mib",
+    type=int,
+    default=0,
+    show_default=True,
+    help="KV payload memory to allocate and touch at start (sim engine).",
+)
 @click.option("--etcd", default="", help="Comma-separated etcd endpoints; empty runs unregistered.")
 @click.option("--cluster", default="default", show_default=True, help="Cluster name (etcd key prefix).")
 @click.option("--transport", type=click.Choice(["auto", "ucx", "tcp", "inproc"]), default="auto", show_default=True)
@@ -204,11 +267,20 @@ def llumlet_command(
     port: int,
     advertise_host: str,
     engine: str,
+    model: str,
+    vllm_dtype: str,
+    vllm_max_model_len: int,
+    vllm_kv_cache_bytes: int,
+    vllm_gpu_memory_utilization: float | None,
+    vllm_max_num_seqs: int | None,
+    vllm_enforce_eager: bool,
+    vllm_seed: int,
     profile: str,
     payload: bool,
     bytes_per_token: int | None,
     total_blocks: int | None,
     block_size: int | None,
+    prewarm_kv_mib: int,
     etcd: str,
     cluster: str,
     transport: str,
@@ -230,11 +302,20 @@ def llumlet_command(
         port=port,
         advertise_host=advertise_host,
         engine=engine,
+        model=model,
+        vllm_dtype=vllm_dtype,
+        vllm_max_model_len=vllm_max_model_len,
+        vllm_kv_cache_bytes=vllm_kv_cache_bytes or None,
+        vllm_gpu_memory_utilization=vllm_gpu_memory_utilization,
+        vllm_max_num_seqs=vllm_max_num_seqs,
+        vllm_enforce_eager=vllm_enforce_eager,
+        vllm_seed=vllm_seed,
         profile=profile,
         payload=payload,
         bytes_per_token=bytes_per_token,
         total_blocks=total_blocks,
         block_size=block_size,
+        prewarm_kv_mib=prewarm_kv_mib,
         etcd=[e for e in etcd.split(",") if e],
         cluster=cluster,
         transport=transport,

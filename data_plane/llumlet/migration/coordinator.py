@@ -39,7 +39,13 @@ from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.migration.plan import GiveUp, MigrationLimits, next_stage
 from pyllumnix.data_plane.llumlet.service import MigrationError
 from pyllumnix.data_plane.transport.base import Transport, TransportError
-from pyllumnix.data_plane.transport.fusion import DEFAULT_CHUNK_BYTES, receive_blocks, send_blocks
+from pyllumnix.data_plane.transport.fusion import (
+    DEFAULT_CHUNK_BYTES,
+    ChunkBuffers,
+    plan_chunks,
+    receive_blocks,
+    send_blocks,
+)
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -97,6 +103,18 @@ class MigrationCoordinator:
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
         self.results: list[llumlet_pb2.MigrationResult] = []
+        # Warm chunk buffers, one set per concurrent transfer (taken from and returned to these pools).
+        self._send_pool: list[ChunkBuffers] = []
+        self._recv_pool: list[ChunkBuffers] = []
+
+    def prewarm(self) -> None:
+        """Touches one set of send and receive buffers now, so the first migration pays no page faults."""
+        engine = self.llumlet.engine
+        blocks = plan_chunks(1, engine.block_bytes, self.settings.chunk_bytes).blocks_per_chunk
+        for pool, count in ((self._send_pool, 3), (self._recv_pool, 4)):
+            buffers = ChunkBuffers(count)
+            buffers.prewarm(blocks, engine.block_bytes)
+            pool.append(buffers)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -134,6 +152,11 @@ class MigrationCoordinator:
             raise MigrationError(grpc.StatusCode.NOT_FOUND, f"request {request.request_id} is not on {me}")
         if len(self._outgoing) >= self.settings.max_out:
             raise MigrationError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{me} is already migrating out")
+        if request.last_stage_max_blocks < 0:
+            raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "last_stage_max_blocks must be >= 0")
+        limits = self.settings.limits
+        if request.last_stage_max_blocks:
+            limits = MigrationLimits(request.last_stage_max_blocks, limits.max_stages)
         count = max(1, request.max_requests)
         migration_ids = [f"{me}-{uuid.uuid4().hex[:12]}" for _ in range(count)]
         self._outgoing.add(migration_ids[0])
@@ -147,7 +170,7 @@ class MigrationCoordinator:
                     if rid is None:
                         break
                     result = await self._migrate_one(
-                        mid, rid, request.destination_instance_id, request.destination_grpc_address
+                        limits, mid, rid, request.destination_instance_id, request.destination_grpc_address
                     )
                     results.append(result)
                     if result.outcome != llumlet_pb2.MIGRATION_OUTCOME_COMMITTED or request.request_id:
@@ -174,7 +197,9 @@ class MigrationCoordinator:
         selected = Selection(selection) if selection in Selection._value2member_map_ else Selection.SR
         return select_request([RequestView.from_engine(r) for r in snap.requests], selected)
 
-    async def _migrate_one(self, mid: str, rid: str, dst_id: str, dst_address: str) -> llumlet_pb2.MigrationResult:
+    async def _migrate_one(
+        self, limits: MigrationLimits, mid: str, rid: str, dst_id: str, dst_address: str
+    ) -> llumlet_pb2.MigrationResult:
         """Runs one migration to its end; never raises for protocol failures (they become the result's outcome)."""
         result = llumlet_pb2.MigrationResult(
             migration_id=mid,
@@ -186,7 +211,7 @@ class MigrationCoordinator:
         stub = self._stub(dst_address)
         suspended = False
         try:
-            suspended = await self._run_stages(mid, rid, stub, result)
+            suspended = await self._run_stages(limits, mid, rid, stub, result)
             result.outcome = llumlet_pb2.MIGRATION_OUTCOME_COMMITTED
             self.llumlet.stats.migrations_out += 1
         except _SourceAbort as exc:
@@ -260,11 +285,15 @@ class MigrationCoordinator:
             return phase, engine.block_ids(rid), preemptions
 
     async def _run_stages(
-        self, mid: str, rid: str, stub: llumlet_pb2_grpc.LlumletServiceStub, result: llumlet_pb2.MigrationResult
+        self,
+        limits: MigrationLimits,
+        mid: str,
+        rid: str,
+        stub: llumlet_pb2_grpc.LlumletServiceStub,
+        result: llumlet_pb2.MigrationResult,
     ) -> bool:
         """Returns True once committed (the request is suspended here and must be released)."""
         engine = self.llumlet.engine
-        limits = self.settings.limits
         owner = self.llumlet.owners.get(rid)
         frontend = owner.frontend_address if owner else ""
         phase, block_ids, preemptions0 = await self._snapshot(rid)
@@ -362,9 +391,11 @@ class MigrationCoordinator:
         if not src_ids:
             return 0, 0
         engine = self.llumlet.engine
+        buffers = self._send_pool.pop() if self._send_pool else ChunkBuffers(3)
 
         def read(ids: Sequence[int]) -> BlockBuffer:
-            return engine.read_blocks(ids)
+            # send_blocks gathers one chunk ahead of the one in flight: three buffers in turn never overlap
+            return engine.read_blocks(ids, buffers.rotate(len(ids), engine.block_bytes))
 
         try:
             sent = await send_blocks(
@@ -382,6 +413,8 @@ class MigrationCoordinator:
             raise _SourceAbort(f"source blocks vanished during the copy: {exc!r}") from exc
         except TransportError as exc:
             raise _DestinationAbort(f"data plane: {exc}") from exc
+        finally:
+            self._send_pool.append(buffers)
         return sent.nbytes, sent.crc32 or 0
 
     # ------------------------------------------------------------------ destination role
@@ -437,16 +470,21 @@ class MigrationCoordinator:
         def write(block_ids: Sequence[int], data: BlockBuffer) -> None:
             engine.write_blocks(block_ids, data)
 
-        got = await receive_blocks(
-            self.transport,
-            f"{mid}/{stage}",
-            ids,
-            engine.block_bytes,
-            write,
-            chunk_bytes=self.settings.chunk_bytes,
-            timeout=self.settings.transfer_timeout_s,
-            checksum=self.settings.verify_crc,
-        )
+        buffers = self._recv_pool.pop() if self._recv_pool else ChunkBuffers(4)
+        try:
+            got = await receive_blocks(
+                self.transport,
+                f"{mid}/{stage}",
+                ids,
+                engine.block_bytes,
+                write,
+                chunk_bytes=self.settings.chunk_bytes,
+                timeout=self.settings.transfer_timeout_s,
+                checksum=self.settings.verify_crc,
+                buffers=buffers,
+            )
+        finally:
+            self._recv_pool.append(buffers)
         return got.nbytes, got.crc32 or 0
 
     async def transfer_stage(self, request: llumlet_pb2.TransferStageRequest) -> llumlet_pb2.TransferStageResponse:

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from pyllumnix.protos.llumnix.v1 import common_pb2 as llumnix_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llumnix/v1/llumlet.proto\x12\nllumnix.v1\x1a\x17llumnix/v1/common.proto\"?\n\x11\x41\x64\x64RequestRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.llumnix.v1.EngineRequest\")\n\x12\x41\x64\x64RequestResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\")\n\x13\x41\x62ortRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x16\n\x14\x41\x62ortRequestResponse\"\x10\n\x0eGetLoadRequest\"9\n\x0fGetLoadResponse\x12&\n\x04load\x18\x01 \x01(\x0b\x32\x18.llumnix.v1.InstanceLoad\"(\n\x11StreamLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\"<\n\x12StreamLoadResponse\x12&\n\x04load\x18\x01 \x01(\x0b\x32\x18.llumnix.v1.InstanceLoad\"\x15\n\x13ListRequestsRequest\"A\n\x14ListRequestsResponse\x12)\n\x08requests\x18\x01 \x03(\x0b\x32\x17.llumnix.v1.RequestLoad\"C\n\x17SetInstanceStateRequest\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.llumnix.v1.InstanceState\"D\n\x18SetInstanceStateResponse\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.llumnix.v1.InstanceState\"\x82\x02\n\x0fMigrationResult\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1a\n\x12source_instance_id\x18\x03 \x01(\t\x12\x1f\n\x17\x64\x65stination_instance_id\x18\x04 \x01(\t\x12-\n\x07outcome\x18\x05 \x01(\x0e\x32\x1c.llumnix.v1.MigrationOutcome\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0e\n\x06stages\x18\x07 \x01(\x05\x12\x13\n\x0b\x64owntime_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\x12\x12\n\nbytes_sent\x18\n \x01(\x03\"\xc1\x01\n\x11MigrateOutRequest\x12\x1f\n\x17\x64\x65stination_instance_id\x18\x01 \x01(\t\x12 \n\x18\x64\x65stination_grpc_address\x18\x02 \x01(\t\x12\x31\n\tselection\x18\x03 \x01(\x0e\x32\x1e.llumnix.v1.MigrationSelection\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0cmax_requests\x18\x05 \x01(\x05\x12\x0c\n\x04wait\x18\x06 \x01(\x08\"Y\n\x12MigrateOutResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.llumnix.v1.MigrationResult\x12\x15\n\rmigration_ids\x18\x02 \x03(\t\"\xbe\x01\n\x10MigratingRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.llumnix.v1.EngineRequest\x12\x18\n\x10output_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x04 \x01(\x05\x12\x14\n\x0c\x65ngine_state\x18\x05 \x01(\x0c\x12\x18\n\x10\x66irst_token_time\x18\x06 \x01(\x01\"\xbb\x01\n\x12PreAllocateRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x1a\n\x12source_instance_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12-\n\x07request\x18\x05 \x01(\x0b\x32\x1c.llumnix.v1.MigratingRequest\x12!\n\x19source_data_plane_address\x18\x06 \x01(\t\"D\n\x13PreAllocateResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x1a\n\x12\x64\x61ta_plane_address\x18\x02 \x01(\t\"~\n\x14TransferStageRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\x12\x0c\n\x04last\x18\x06 \x01(\x08\"/\n\x15TransferStageResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"p\n\x16\x43ommitMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.llumnix.v1.MigratingRequest\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\".\n\x17\x43ommitMigrationResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"=\n\x15\x41\x62ortMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x16\x41\x62ortMigrationResponse\x12\x14\n\x0c\x66reed_blocks\x18\x01 \x01(\x05*\xad\x01\n\x10MigrationOutcome\x12!\n\x1dMIGRATION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMIGRATION_OUTCOME_COMMITTED\x10\x01\x12\'\n#MIGRATION_OUTCOME_ABORTED_BY_SOURCE\x10\x02\x12,\n(MIGRATION_OUTCOME_ABORTED_BY_DESTINATION\x10\x03\x32\x9d\x07\n\x0eLlumletService\x12K\n\nAddRequest\x12\x1d.llumnix.v1.AddRequestRequest\x1a\x1e.llumnix.v1.AddRequestResponse\x12Q\n\x0c\x41\x62ortRequest\x12\x1f.llumnix.v1.AbortRequestRequest\x1a .llumnix.v1.AbortRequestResponse\x12\x42\n\x07GetLoad\x12\x1a.llumnix.v1.GetLoadRequest\x1a\x1b.llumnix.v1.GetLoadResponse\x12M\n\nStreamLoad\x12\x1d.llumnix.v1.StreamLoadRequest\x1a\x1e.llumnix.v1.StreamLoadResponse0\x01\x12Q\n\x0cListRequests\x12\x1f.llumnix.v1.ListRequestsRequest\x1a .llumnix.v1.ListRequestsResponse\x12]\n\x10SetInstanceState\x12#.llumnix.v1.SetInstanceStateRequest\x1a$.llumnix.v1.SetInstanceStateResponse\x12K\n\nMigrateOut\x12\x1d.llumnix.v1.MigrateOutRequest\x1a\x1e.llumnix.v1.MigrateOutResponse\x12N\n\x0bPreAllocate\x12\x1e.llumnix.v1.PreAllocateRequest\x1a\x1f.llumnix.v1.PreAllocateResponse\x12T\n\rTransferStage\x12 .llumnix.v1.TransferStageRequest\x1a!.llumnix.v1.TransferStageResponse\x12Z\n\x0f\x43ommitMigration\x12\".llumnix.v1.CommitMigrationRequest\x1a#.llumnix.v1.CommitMigrationResponse\x12W\n\x0e\x41\x62ortMigration\x12!.llumnix.v1.AbortMigrationRequest\x1a\".llumnix.v1.AbortMigrationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18llumnix/v1/llumlet.proto\x12\nllumnix.v1\x1a\x17llumnix/v1/common.proto\"?\n\x11\x41\x64\x64RequestRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.llumnix.v1.EngineRequest\")\n\x12\x41\x64\x64RequestResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\")\n\x13\x41\x62ortRequestRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x16\n\x14\x41\x62ortRequestResponse\"\x10\n\x0eGetLoadRequest\"9\n\x0fGetLoadResponse\x12&\n\x04load\x18\x01 \x01(\x0b\x32\x18.llumnix.v1.InstanceLoad\"(\n\x11StreamLoadRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\x05\"<\n\x12StreamLoadResponse\x12&\n\x04load\x18\x01 \x01(\x0b\x32\x18.llumnix.v1.InstanceLoad\"\x15\n\x13ListRequestsRequest\"A\n\x14ListRequestsResponse\x12)\n\x08requests\x18\x01 \x03(\x0b\x32\x17.llumnix.v1.RequestLoad\"C\n\x17SetInstanceStateRequest\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.llumnix.v1.InstanceState\"D\n\x18SetInstanceStateResponse\x12(\n\x05state\x18\x01 \x01(\x0e\x32\x19.llumnix.v1.InstanceState\"\x82\x02\n\x0fMigrationResult\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x1a\n\x12source_instance_id\x18\x03 \x01(\t\x12\x1f\n\x17\x64\x65stination_instance_id\x18\x04 \x01(\t\x12-\n\x07outcome\x18\x05 \x01(\x0e\x32\x1c.llumnix.v1.MigrationOutcome\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x0e\n\x06stages\x18\x07 \x01(\x05\x12\x13\n\x0b\x64owntime_ms\x18\x08 \x01(\x01\x12\x10\n\x08total_ms\x18\t \x01(\x01\x12\x12\n\nbytes_sent\x18\n \x01(\x03\"\xe0\x01\n\x11MigrateOutRequest\x12\x1f\n\x17\x64\x65stination_instance_id\x18\x01 \x01(\t\x12 \n\x18\x64\x65stination_grpc_address\x18\x02 \x01(\t\x12\x31\n\tselection\x18\x03 \x01(\x0e\x32\x1e.llumnix.v1.MigrationSelection\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0cmax_requests\x18\x05 \x01(\x05\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12\x1d\n\x15last_stage_max_blocks\x18\x07 \x01(\x05\"Y\n\x12MigrateOutResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.llumnix.v1.MigrationResult\x12\x15\n\rmigration_ids\x18\x02 \x03(\t\"\xbe\x01\n\x10MigratingRequest\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.llumnix.v1.EngineRequest\x12\x18\n\x10output_token_ids\x18\x02 \x03(\x05\x12\x1b\n\x13num_computed_tokens\x18\x03 \x01(\x05\x12\x17\n\x0fnum_preemptions\x18\x04 \x01(\x05\x12\x14\n\x0c\x65ngine_state\x18\x05 \x01(\x0c\x12\x18\n\x10\x66irst_token_time\x18\x06 \x01(\x01\"\xbb\x01\n\x12PreAllocateRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x1a\n\x12source_instance_id\x18\x02 \x01(\t\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12-\n\x07request\x18\x05 \x01(\x0b\x32\x1c.llumnix.v1.MigratingRequest\x12!\n\x19source_data_plane_address\x18\x06 \x01(\t\"D\n\x13PreAllocateResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\x05\x12\x1a\n\x12\x64\x61ta_plane_address\x18\x02 \x01(\t\"~\n\x14TransferStageRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\x12\x11\n\tnum_bytes\x18\x04 \x01(\x03\x12\r\n\x05\x63rc32\x18\x05 \x01(\r\x12\x0c\n\x04last\x18\x06 \x01(\x08\"/\n\x15TransferStageResponse\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x03\"p\n\x16\x43ommitMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12-\n\x07request\x18\x02 \x01(\x0b\x32\x1c.llumnix.v1.MigratingRequest\x12\x11\n\tblock_ids\x18\x03 \x03(\x05\".\n\x17\x43ommitMigrationResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"=\n\x15\x41\x62ortMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\".\n\x16\x41\x62ortMigrationResponse\x12\x14\n\x0c\x66reed_blocks\x18\x01 \x01(\x05*\xad\x01\n\x10MigrationOutcome\x12!\n\x1dMIGRATION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bMIGRATION_OUTCOME_COMMITTED\x10\x01\x12\'\n#MIGRATION_OUTCOME_ABORTED_BY_SOURCE\x10\x02\x12,\n(MIGRATION_OUTCOME_ABORTED_BY_DESTINATION\x10\x03\x32\x9d\x07\n\x0eLlumletService\x12K\n\nAddRequest\x12\x1d.llumnix.v1.AddRequestRequest\x1a\x1e.llumnix.v1.AddRequestResponse\x12Q\n\x0c\x41\x62ortRequest\x12\x1f.llumnix.v1.AbortRequestRequest\x1a .llumnix.v1.AbortRequestResponse\x12\x42\n\x07GetLoad\x12\x1a.llumnix.v1.GetLoadRequest\x1a\x1b.llumnix.v1.GetLoadResponse\x12M\n\nStreamLoad\x12\x1d.llumnix.v1.StreamLoadRequest\x1a\x1e.llumnix.v1.StreamLoadResponse0\x01\x12Q\n\x0cListRequests\x12\x1f.llumnix.v1.ListRequestsRequest\x1a .llumnix.v1.ListRequestsResponse\x12]\n\x10SetInstanceState\x12#.llumnix.v1.SetInstanceStateRequest\x1a$.llumnix.v1.SetInstanceStateResponse\x12K\n\nMigrateOut\x12\x1d.llumnix.v1.MigrateOutRequest\x1a\x1e.llumnix.v1.MigrateOutResponse\x12N\n\x0bPreAllocate\x12\x1e.llumnix.v1.PreAllocateRequest\x1a\x1f.llumnix.v1.PreAllocateResponse\x12T\n\rTransferStage\x12 .llumnix.v1.TransferStageRequest\x1a!.llumnix.v1.TransferStageResponse\x12Z\n\x0f\x43ommitMigration\x12\".llumnix.v1.CommitMigrationRequest\x1a#.llumnix.v1.CommitMigrationResponse\x12W\n\x0e\x41\x62ortMigration\x12!.llumnix.v1.AbortMigrationRequest\x1a\".llumnix.v1.AbortMigrationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llumnix.v1.llumlet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MIGRATIONOUTCOME']._serialized_start=2102
-  _globals['_MIGRATIONOUTCOME']._serialized_end=2275
+  _globals['_MIGRATIONOUTCOME']._serialized_start=2133
+  _globals['_MIGRATIONOUTCOME']._serialized_end=2306
   _globals['_ADDREQUESTREQUEST']._serialized_start=65
   _globals['_ADDREQUESTREQUEST']._serialized_end=128
   _globals['_ADDREQUESTRESPONSE']._serialized_start=130
@@ -61,27 +61,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MIGRATIONRESULT']._serialized_start=651
   _globals['_MIGRATIONRESULT']._serialized_end=909
   _globals['_MIGRATEOUTREQUEST']._serialized_start=912
-  _globals['_MIGRATEOUTREQUEST']._serialized_end=1105
-  _globals['_MIGRATEOUTRESPONSE']._serialized_start=1107
-  _globals['_MIGRATEOUTRESPONSE']._serialized_end=1196
-  _globals['_MIGRATINGREQUEST']._serialized_start=1199
-  _globals['_MIGRATINGREQUEST']._serialized_end=1389
-  _globals['_PREALLOCATEREQUEST']._serialized_start=1392
-  _globals['_PREALLOCATEREQUEST']._serialized_end=1579
-  _globals['_PREALLOCATERESPONSE']._serialized_start=1581
-  _globals['_PREALLOCATERESPONSE']._serialized_end=1649
-  _globals['_TRANSFERSTAGEREQUEST']._serialized_start=1651
-  _globals['_TRANSFERSTAGEREQUEST']._serialized_end=1777
-  _globals['_TRANSFERSTAGERESPONSE']._serialized_start=1779
-  _globals['_TRANSFERSTAGERESPONSE']._serialized_end=1826
-  _globals['_COMMITMIGRATIONREQUEST']._serialized_start=1828
-  _globals['_COMMITMIGRATIONREQUEST']._serialized_end=1940
-  _globals['_COMMITMIGRATIONRESPONSE']._serialized_start=1942
-  _globals['_COMMITMIGRATIONRESPONSE']._serialized_end=1988
-  _globals['_ABORTMIGRATIONREQUEST']._serialized_start=1990
-  _globals['_ABORTMIGRATIONREQUEST']._serialized_end=2051
-  _globals['_ABORTMIGRATIONRESPONSE']._serialized_start=2053
-  _globals['_ABORTMIGRATIONRESPONSE']._serialized_end=2099
-  _globals['_LLUMLETSERVICE']._serialized_start=2278
-  _globals['_LLUMLETSERVICE']._serialized_end=3203
+  _globals['_MIGRATEOUTREQUEST']._serialized_end=1136
+  _globals['_MIGRATEOUTRESPONSE']._serialized_start=1138
+  _globals['_MIGRATEOUTRESPONSE']._serialized_end=1227
+  _globals['_MIGRATINGREQUEST']._serialized_start=1230
+  _globals['_MIGRATINGREQUEST']._serialized_end=1420
+  _globals['_PREALLOCATEREQUEST']._serialized_start=1423
+  _globals['_PREALLOCATEREQUEST']._serialized_end=1610
+  _globals['_PREALLOCATERESPONSE']._serialized_start=1612
+  _globals['_PREALLOCATERESPONSE']._serialized_end=1680
+  _globals['_TRANSFERSTAGEREQUEST']._serialized_start=1682
+  _globals['_TRANSFERSTAGEREQUEST']._serialized_end=1808
+  _globals['_TRANSFERSTAGERESPONSE']._serialized_start=1810
+  _globals['_TRANSFERSTAGERESPONSE']._serialized_end=1857
+  _globals['_COMMITMIGRATIONREQUEST']._serialized_start=1859
+  _globals['_COMMITMIGRATIONREQUEST']._serialized_end=1971
+  _globals['_COMMITMIGRATIONRESPONSE']._serialized_start=1973
+  _globals['_COMMITMIGRATIONRESPONSE']._serialized_end=2019
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_start=2021
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_end=2082
+  _globals['_ABORTMIGRATIONRESPONSE']._serialized_start=2084
+  _globals['_ABORTMIGRATIONRESPONSE']._serialized_end=2130
+  _globals['_LLUMLETSERVICE']._serialized_start=2309
+  _globals['_LLUMLETSERVICE']._serialized_end=3234
 # @@protoc_insertion_point(module_scope)

@@ -326,6 +326,7 @@ class MigrateOutRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MAX_REQUESTS_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
+    LAST_STAGE_MAX_BLOCKS_FIELD_NUMBER: _builtins.int
     destination_instance_id: _builtins.str
     destination_grpc_address: _builtins.str
     selection: _common_pb2.MigrationSelection.ValueType
@@ -336,6 +337,10 @@ class MigrateOutRequest(_message.Message):
     """At most this many requests, one after another (0 means 1)."""
     wait: _builtins.bool
     """Answer when the migrations end (with their results) instead of when they start."""
+    last_stage_max_blocks: _builtins.int
+    """Overrides the llumlet's last_stage_max_blocks for this order (0: keep it). A huge value makes a blocking,
+    single stop-and-copy migration (benchmarks compare the two).
+    """
     def __init__(
         self,
         *,
@@ -345,10 +350,11 @@ class MigrateOutRequest(_message.Message):
         request_id: _builtins.str = ...,
         max_requests: _builtins.int = ...,
         wait: _builtins.bool = ...,
+        last_stage_max_blocks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_grpc_address", b"destination_grpc_address", "destination_instance_id", b"destination_instance_id", "max_requests", b"max_requests", "request_id", b"request_id", "selection", b"selection", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_grpc_address", b"destination_grpc_address", "destination_instance_id", b"destination_instance_id", "last_stage_max_blocks", b"last_stage_max_blocks", "max_requests", b"max_requests", "request_id", b"request_id", "selection", b"selection", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
