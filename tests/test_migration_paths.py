@@ -365,10 +365,11 @@ async def test_destination_abort_when_commit_fails(sink: RecordingSink) -> None:
         migration = asyncio.ensure_future(a.stub.MigrateOut(migrate(a, b, "r")))
         await asyncio.sleep(0.1)
         # the same id arrives at the destination directly while the stages run: the commit must fail
-        await b.stub.AddRequest(request("r", sink, 10, 5))
+        await b.stub.AddRequest(request("r", sink, 10, 400))
         result = (await migration).results[0]
         assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION
         assert "commit" in result.reason
+        await b.stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id="r"))
         await settle(a, b)
         assert (a.free, b.free) == (a.engine.total_blocks, b.engine.total_blocks)
     finally:

@@ -27,20 +27,30 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grp
 from pyllumnix.tools.launch import Launcher
 from pyllumnix.tools.recording_sink import RecordingSink
 
-OUTPUT_TOKENS = 64
+# Enough output that the request never finishes during its migration on a loaded machine; it is aborted on the
+# destination right after the measurement.
+OUTPUT_TOKENS = 512
 MIGRATE_AFTER_TOKENS = 8
 # A last stage that takes every block: the blocking, single-stage copy.
 BLOCKING = 1 << 30
 
 
 async def _migrate_once(
-    src: str, dst: str, dst_id: str, sink: RecordingSink, rid: str, length: int, last_stage_max_blocks: int = 0
+    src: str,
+    dst: str,
+    dst_id: str,
+    sink: RecordingSink,
+    rid: str,
+    length: int,
+    max_model_len: int,
+    last_stage_max_blocks: int = 0,
 ) -> llumlet_pb2.MigrationResult:
-    prompt = [(i * 31) % 30000 + 3 for i in range(length - OUTPUT_TOKENS // 2)]
+    prompt = [(i * 31) % 30000 + 3 for i in range(length - min(128, length // 2))]
+    max_tokens = min(OUTPUT_TOKENS, max_model_len - len(prompt))
     request = common_pb2.EngineRequest(
         request_id=rid,
         prompt_token_ids=prompt,
-        sampling=common_pb2.SamplingParams(max_tokens=OUTPUT_TOKENS, seed=1, ignore_eos=True),
+        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, seed=1, ignore_eos=True),
         frontend_address=sink.server.address if sink.server else "",
     )
     async with grpc.aio.insecure_channel(src) as channel:
@@ -61,12 +71,17 @@ async def _migrate_once(
             ),
             timeout=120,
         )
-    await sink.wait(rid, timeout=120)
     result: llumlet_pb2.MigrationResult = reply.results[0]
     if result.outcome != llumlet_pb2.MIGRATION_OUTCOME_COMMITTED:
         raise RuntimeError(f"migration of {rid} did not commit: {result.reason}")
-    if len(sink.tokens(rid)) != OUTPUT_TOKENS:
-        raise RuntimeError(f"{rid}: {len(sink.tokens(rid))} tokens kept, expected {OUTPUT_TOKENS}")
+    kept = len(sink.tokens(rid))
+    async with grpc.aio.insecure_channel(dst) as channel:
+        await llumlet_pb2_grpc.LlumletServiceStub(channel).AbortRequest(
+            llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=30
+        )
+    await sink.wait(rid, timeout=120)
+    if sink.raw_indices(rid) != list(range(len(sink.tokens(rid)))) or len(sink.tokens(rid)) < kept:
+        raise RuntimeError(f"{rid}: the token stream has a gap or a duplicate")
     return result
 
 
@@ -89,16 +104,19 @@ async def run_bench(
             launcher.start(f"llumlet-{i}", "llumlet", "--instance-id", f"llumlet-{i}", *common, timeout=300)
             for i in range(2)
         ]
-        rows = []
+        rows: list[dict[str, Any]] = []
+        max_len = profile.max_model_len
         for length in lengths:
             downtimes, totals, blocking_ms, stages = [], [], [], []
             for r in range(repeats):
-                res = await _migrate_once(live[0].address, live[1].address, "llumlet-1", sink, f"l{length}-{r}", length)
+                res = await _migrate_once(
+                    live[0].address, live[1].address, "llumlet-1", sink, f"l{length}-{r}", length, max_len
+                )
                 downtimes.append(res.downtime_ms)
                 totals.append(res.total_ms)
                 stages.append(res.stages)
                 blk = await _migrate_once(
-                    live[1].address, live[0].address, "llumlet-0", sink, f"b{length}-{r}", length, BLOCKING
+                    live[1].address, live[0].address, "llumlet-0", sink, f"b{length}-{r}", length, max_len, BLOCKING
                 )
                 blocking_ms.append(blk.downtime_ms)
             rows.append(

@@ -9,8 +9,8 @@ It runs vLLM V1's ``EngineCore`` in-process (uni-process executor, no engine-cor
   (``req_to_blocks``, ``num_cached_block``).
 - ``Request`` (``num_computed_tokens``, ``append_output_token_ids``, ``status``, ``num_preemptions``).
 - The worker's model runner (``model_executor.driver_worker.worker.model_runner``): ``kv_caches`` (one tensor per
-  layer, ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` on CPU, K and V on the last axis; other layouts
-  work too, as long as axis 0 is the block), ``requests`` (``CachedRequestState``) and ``input_batch``.
+  layer, ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` on CPU, K and V on the last axis; GPU layouts
+  with the block on axis 0 or 1 work too, strided or not), ``requests`` (``CachedRequestState``) and ``input_batch``.
 
 How live migration works without recomputing anything (see the package README for the full story):
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -204,14 +203,18 @@ class CoreAdapter:
         self.eos_token_id: int | None = hf_eos if isinstance(hf_eos, int) else None
         self._generation_config: dict[str, Any] = dict(vllm_config.model_config.try_get_generation_config() or {})
         self._block_hasher = self.core.request_block_hasher
-        caches = list(self.model_runner.kv_caches)
-        self._layer_caches = [self._flatten_cache(t) for t in caches]
-        self._layer_bytes = [int(t.shape[1]) for t in self._layer_caches]
+        self._layer_caches = list(self.model_runner.kv_caches)
+        self._block_axes = [self._block_axis(t) for t in self._layer_caches]
+        self._layer_bytes = [
+            int(t.numel() // int(t.shape[ax])) * int(t.element_size())
+            for t, ax in zip(self._layer_caches, self._block_axes, strict=True)
+        ]
         self.block_bytes = sum(self._layer_bytes)
         self._reserved: dict[int, Any] = {}
         self._suspended: dict[str, Suspended] = {}
         self._pool_lock = threading.Lock()
         self._last_sched_out: Any = None
+        self._stashed: list[CoreStep] = []
         original_schedule = self.scheduler.schedule
 
         def capture_schedule(*args: Any, **kw: Any) -> Any:
@@ -221,13 +224,14 @@ class CoreAdapter:
 
         self.scheduler.schedule = capture_schedule
 
-    def _flatten_cache(self, t: Any) -> Any:
-        """A (num_blocks, bytes_per_block) uint8 view of one layer's KV tensor (axis 0 must be the block)."""
-        if int(t.shape[0]) != int(self.block_pool.num_gpu_blocks):
-            raise VllmUnavailableError(f"unexpected KV cache layout {tuple(t.shape)}: axis 0 is not the block")
-        if not t.is_contiguous():
-            raise VllmUnavailableError("KV cache tensor is not contiguous")
-        return t.view(self._torch.uint8).view(int(t.shape[0]), -1)
+    def _block_axis(self, t: Any) -> int:
+        """The axis of one layer's KV tensor that indexes blocks: 0 on CPU (``[blocks, kv_heads, block, 2*dim]``),
+        1 for GPU backends that put K/V first (``[2, blocks, ...]``)."""
+        n = int(self.block_pool.num_gpu_blocks)
+        for axis in (0, 1):
+            if t.dim() > axis and int(t.shape[axis]) == n:
+                return axis
+        raise VllmUnavailableError(f"unexpected KV cache layout {tuple(t.shape)}: no block axis of size {n}")
 
     # ------------------------------------------------------------------ requests
     def make_sampling_params(self, s: SamplingArgs) -> Any:
@@ -265,7 +269,6 @@ class CoreAdapter:
         return req
 
     def add(self, request_id: str, prompt: Sequence[int], s: SamplingArgs, arrival_time: float, priority: int) -> None:
-        self._forget_finished(request_id)
         req = self._make_request(request_id, prompt, s, arrival_time, priority)
         self.core.add_request(req)
 
@@ -323,6 +326,19 @@ class CoreAdapter:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> CoreStep:
+        result = self._step_once()
+        if self._stashed:
+            stashed, self._stashed = self._stashed, []
+            stashed.append(result)
+            result = CoreStep(
+                [o for r in stashed for o in r.outputs],
+                sum(r.num_prefill_tokens for r in stashed),
+                sum(r.num_decode_tokens for r in stashed),
+                tuple(p for r in stashed for p in r.preempted),
+            )
+        return result
+
+    def _step_once(self) -> CoreStep:
         self._last_sched_out = None
         outputs_by_client, _executed = self.core.step()
         so = self._last_sched_out
@@ -350,26 +366,36 @@ class CoreAdapter:
             return False
         return int(self.block_pool.blocks[block_id].ref_cnt) > 0
 
-    def read(self, block_ids: Sequence[int]) -> np.ndarray[Any, np.dtype[np.uint8]]:
+    def read(
+        self, block_ids: Sequence[int], out: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+    ) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        """Copies the blocks (all layers, K and V) into ``out`` or a new (n, block_bytes) uint8 array."""
         n = len(block_ids)
-        out = np.empty((n, self.block_bytes), dtype=np.uint8)
+        if out is None:
+            out = np.empty((n, self.block_bytes), dtype=np.uint8)
         if n == 0:
             return out
-        idx = self._torch.tensor(list(block_ids), dtype=self._torch.long)
+        torch = self._torch
+        idx = torch.tensor(list(block_ids), dtype=torch.long)
         off = 0
-        for layer, nbytes in zip(self._layer_caches, self._layer_bytes, strict=True):
-            out[:, off : off + nbytes] = layer.index_select(0, idx.to(layer.device)).cpu().numpy()
+        for layer, axis, nbytes in zip(self._layer_caches, self._block_axes, self._layer_bytes, strict=True):
+            sel = layer.index_select(axis, idx.to(layer.device)).movedim(axis, 0).contiguous()
+            out[:, off : off + nbytes] = sel.view(torch.uint8).reshape(n, nbytes).cpu().numpy()
             off += nbytes
         return out
 
     def write(self, block_ids: Sequence[int], data: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
         if not block_ids:
             return
-        idx = self._torch.tensor(list(block_ids), dtype=self._torch.long)
-        src = self._torch.from_numpy(np.ascontiguousarray(data))
+        torch = self._torch
+        n = len(block_ids)
+        idx = torch.tensor(list(block_ids), dtype=torch.long)
+        src = torch.from_numpy(np.ascontiguousarray(data))
         off = 0
-        for layer, nbytes in zip(self._layer_caches, self._layer_bytes, strict=True):
-            layer.index_copy_(0, idx.to(layer.device), src[:, off : off + nbytes].to(layer.device))
+        for layer, axis, nbytes in zip(self._layer_caches, self._block_axes, self._layer_bytes, strict=True):
+            shape = [n, *[int(d) for i, d in enumerate(layer.shape) if i != axis]]
+            chunk = src[:, off : off + nbytes].to(layer.device).contiguous().view(layer.dtype).reshape(shape)
+            layer.index_copy_(axis, idx.to(layer.device), chunk.movedim(0, axis))
             off += nbytes
 
     def reserve(self, n: int) -> list[int]:
@@ -431,14 +457,15 @@ class CoreAdapter:
         self.abort(request_id)
 
     # ------------------------------------------------------------------ install (migration commit)
-    def _forget_finished(self, request_id: str) -> None:
-        """A request id that finished here and comes back before the next step: drop the worker's stale state now,
-        so the pending "finished" notice cannot remove the new incarnation's state."""
+    def _flush_finished(self, request_id: str) -> None:
+        """A request id that finished here (e.g. migrated out) and comes back before the worker heard of its end:
+        run one step now so the worker drops the old incarnation's state before the new one is installed. Outputs
+        of that step (other requests) are kept for the next ``step``."""
         if request_id in self.scheduler.finished_req_ids:
-            self.scheduler.finished_req_ids.discard(request_id)
-            self.model_runner.requests.pop(request_id, None)
-            if self.model_runner.input_batch.remove_request(request_id) is not None:
-                self.model_runner.input_batch.condense()
+            self._stashed.append(self._step_once())
+
+    def has_pending_finished(self) -> bool:
+        return bool(self.scheduler.finished_req_ids)
 
     def install(
         self,
@@ -455,11 +482,11 @@ class CoreAdapter:
     ) -> None:
         """Installs a migrated request. With KV (``num_computed_tokens > 0``) it runs on the reserved blocks; without
         KV but with outputs it waits as a preempted request (recomputed when admitted); else it is a fresh request."""
-        self._forget_finished(request_id)
         if num_computed_tokens == 0 and not output_token_ids:
             self.free_reserved(block_ids)
             self.add(request_id, prompt, s, arrival_time, priority)
             return
+        self._flush_finished(request_id)
         req = self._make_request(request_id, prompt, s, arrival_time, priority)
         if output_token_ids:
             req.append_output_token_ids(list(output_token_ids))

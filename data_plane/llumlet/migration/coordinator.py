@@ -184,11 +184,13 @@ class MigrationCoordinator:
                 self.llumlet.set_migrating(outgoing=bool(self._outgoing))
             return results
 
-        if request.wait:
-            return llumlet_pb2.MigrateOutResponse(results=await run_all())
+        # The migration runs in its own task: a caller that goes away (a scheduler leader killed while waiting) must
+        # not cancel it halfway, with the request suspended and a reservation held on the destination.
         task = asyncio.get_running_loop().create_task(run_all())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if request.wait:
+            return llumlet_pb2.MigrateOutResponse(results=await asyncio.shield(task))
         return llumlet_pb2.MigrateOutResponse(migration_ids=migration_ids[:1])
 
     async def _select(self, selection: int) -> str | None:
@@ -227,6 +229,11 @@ class MigrationCoordinator:
             result.outcome = llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE
             result.reason = f"internal error: {exc!r}"
             await self._tell_abort(stub, mid, result.reason)
+        except asyncio.CancelledError:  # llumlet shutting down: free the destination's reservation, keep the request
+            result.outcome = llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE
+            result.reason = "source shutting down"
+            await asyncio.shield(self._tell_abort(stub, mid, result.reason))
+            raise
         finally:
             if result.outcome != llumlet_pb2.MIGRATION_OUTCOME_COMMITTED:
                 await self._restore(rid)
@@ -343,12 +350,15 @@ class MigrationCoordinator:
             stage_dst = list(reply.block_ids)
             if len(stage_dst) != plan.count:
                 raise _DestinationAbort(f"destination reserved {len(stage_dst)} blocks, asked {plan.count}")
+            t_reserved = time.monotonic()
             nbytes, crc = await self._send_stage(mid, plan.index, reply.data_plane_address, src_ids)
+            t_sent = time.monotonic()
             result.bytes_sent += nbytes
             notice = llumlet_pb2.TransferStageRequest(
                 migration_id=mid, stage=plan.index, block_ids=stage_dst, num_bytes=nbytes, crc32=crc, last=plan.last
             )
             await self._call(stub.TransferStage(notice, timeout=self.settings.transfer_timeout_s), "transfer")
+            t_acked = time.monotonic()
             dst_ids.extend(stage_dst)
             copied += plan.count
             result.stages = plan.index + 1
@@ -363,8 +373,24 @@ class MigrationCoordinator:
         commit = llumlet_pb2.CommitMigrationRequest(
             migration_id=mid, request=convert.migration_state_to_pb(state, frontend), block_ids=dst_ids
         )
+        t_flushed = time.monotonic()
         await self._call(stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s), "commit")
-        result.downtime_ms = (time.monotonic() - stopped_at) * 1000
+        done = time.monotonic()
+        result.downtime_ms = (done - stopped_at) * 1000
+        log.info(
+            "migration %s of %s committed: %d stages, downtime %.1f ms = reserve %.1f + send %d blocks %.1f + "
+            "transfer ack %.1f + flush %.1f + commit %.1f",
+            mid,
+            rid,
+            result.stages,
+            result.downtime_ms,
+            (t_reserved - stopped_at) * 1000,
+            len(src_ids),
+            (t_sent - t_reserved) * 1000,
+            (t_acked - t_sent) * 1000,
+            (t_flushed - t_acked) * 1000,
+            (done - t_flushed) * 1000,
+        )
         return True
 
     async def _suspend_if(self, condition: bool, rid: str) -> MigrationState | None:
