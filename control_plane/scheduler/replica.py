@@ -249,7 +249,9 @@ class SchedulerReplica:
             )
         view = snapshot.get(choice)
         assert view is not None
-        self.cluster.record_dispatch(choice, request.demand_blocks(view.block_size), request.priority)
+        self.cluster.record_dispatch(
+            choice, request_id, request.demand_blocks(view.block_size), request.priority, time.monotonic()
+        )
         return choice, self.cluster.infos[choice].grpc_address
 
     # ------------------------------------------------------------------ llumlet calls
@@ -399,7 +401,7 @@ class SchedulerReplica:
             llumlet_pb2.SetInstanceStateRequest(state=int(state)),  # type: ignore[arg-type]
             timeout=LLUMLET_CALL_TIMEOUT_S,
         )
-        self.cluster.set_override(instance_id, state)
+        self.cluster.set_override(instance_id, state, time.monotonic())
 
     async def migrate_request(self, request_id: str, destination: str) -> llumlet_pb2.MigrationResult:
         self.require_leader()
