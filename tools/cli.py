@@ -16,11 +16,13 @@ COMMANDS: dict[str, str] = {
     "llumlet": "data_plane.llumlet.main:llumlet_command",
     "scheduler": "control_plane.scheduler.main:scheduler_command",
     "frontend": "control_plane.frontend.main:frontend_command",
+    "sim": "tools.sim.cli:sim",
     "serve": "tools.serve:serve_command",
 }
 BENCH_COMMANDS: dict[str, str] = {
     "engine": "tools.bench_engine:bench_engine",
     "dataplane": "tools.bench_dataplane:bench_dataplane",
+    "sim": "tools.sim.bench:bench_sim",
     "migration": "tools.bench_migration:bench_migration",
 }
 

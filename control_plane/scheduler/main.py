@@ -39,7 +39,7 @@ async def run_scheduler(
     port: int = 0,
     replica_id: str = "",
     provider: InstanceProvider | None = None,
-    election_ttl: int = 2,
+    election_ttl: int = 1,
     seed: int = 0,
     stop: asyncio.Event | None = None,
 ) -> int:
@@ -90,7 +90,13 @@ async def run_scheduler(
 )
 @click.option("--llumlet-args", default="", help="Arguments for llumlets the local provider starts (shell syntax).")
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Logs of provider-started llumlets.")
-@click.option("--election-ttl", default=2, show_default=True, help="Leader lease TTL, seconds.")
+@click.option(
+    "--election-ttl",
+    default=1,
+    show_default=True,
+    help="Leader lease TTL, seconds: a standby takes over within about this long after the leader dies "
+    "(etcd may round it up to its minimum TTL).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the policy core's randomness.")
 @click.option("--log-level", default="INFO", show_default=True)
 def scheduler_command(

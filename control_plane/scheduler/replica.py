@@ -78,7 +78,7 @@ class SchedulerReplica:
         *,
         provider: InstanceProvider | None = None,
         seed: int = 0,
-        election_ttl: int = 2,
+        election_ttl: int = 1,
         stale_after: float = 1.0,
     ) -> None:
         self.client = client
