@@ -1,0 +1,35 @@
+"""One simulated instance: a real ``SimEngine`` plus what a llumlet would know about it (state, migration slots)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyllumnix.control_plane.policy.snapshot import InstanceState
+from pyllumnix.data_plane.engine.sim import SimEngine
+
+
+def instance_id(index: int) -> str:
+    """Zero-padded so the snapshot's id order (its tie-break order) is creation order."""
+    return f"inst-{index:04d}"
+
+
+@dataclass(eq=False)
+class SimInstance:
+    instance_id: str
+    engine: SimEngine
+    started_at: float
+    state: InstanceState = InstanceState.ACTIVE
+    migrating_in: bool = False
+    migrating_out: bool = False
+    # A step event is queued for this instance.
+    step_pending: bool = False
+    # End of the step in progress (valid while step_pending): the engine's state already reflects it.
+    busy_until: float = 0.0
+    # The engine changed since its last load report reached the snapshot.
+    dirty: bool = True
+    removed_at: float | None = None
+    steps: int = field(default=0)
+
+    @property
+    def busy_migrating(self) -> bool:
+        return self.migrating_in or self.migrating_out
