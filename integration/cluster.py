@@ -25,7 +25,9 @@ async def leader_of(addresses: list[str], timeout: float = 10.0) -> admin_pb2.Ge
         for address in addresses:
             try:
                 async with grpc.aio.insecure_channel(address) as ch:
-                    reply = await admin_pb2_grpc.AdminServiceStub(ch).GetLeader(admin_pb2.GetLeaderRequest(), timeout=1)
+                    reply: admin_pb2.GetLeaderResponse = await admin_pb2_grpc.AdminServiceStub(ch).GetLeader(
+                        admin_pb2.GetLeaderRequest(), timeout=1
+                    )
                 if reply.leader_address:
                     return reply
             except grpc.aio.AioRpcError:
@@ -34,7 +36,7 @@ async def leader_of(addresses: list[str], timeout: float = 10.0) -> admin_pb2.Ge
     raise TimeoutError(f"no leader among {addresses}")
 
 
-async def list_instances(leader: str) -> list[object]:
+async def list_instances(leader: str) -> list[scheduler_pb2.InstanceStatus]:
     async with grpc.aio.insecure_channel(leader) as ch:
         reply = await admin_pb2_grpc.AdminServiceStub(ch).ListInstances(admin_pb2.ListInstancesRequest(), timeout=2)
     return list(reply.instances)
@@ -46,14 +48,15 @@ async def submit(leader: str, request_id: str, sink: str, prompt_len: int, max_t
         choice = await scheduler_pb2_grpc.SchedulerServiceStub(ch).Dispatch(
             scheduler_pb2.DispatchRequest(
                 request_id=request_id,
-                priority=priority,
+                priority=priority,  # type: ignore[arg-type]
                 num_prompt_tokens=prompt_len,
-                max_tokens=max_tokens,  # type: ignore[arg-type]
+                max_tokens=max_tokens,
             ),
             timeout=2,
         )
     await add_request(choice.grpc_address, request_id, sink, prompt_len, max_tokens, priority)
-    return choice.instance_id
+    instance_id: str = choice.instance_id
+    return instance_id
 
 
 async def add_request(

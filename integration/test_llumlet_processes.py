@@ -10,12 +10,12 @@ import grpc
 import pytest
 
 from integration.procs import Processes
-from pyllumnix.tools.recording_sink import RecordingSink
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.control_plane.etcd.registry import InstanceRegistry
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.tools.recording_sink import RecordingSink
 
 pytestmark = pytest.mark.integration
 

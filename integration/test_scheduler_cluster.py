@@ -64,7 +64,7 @@ async def wait_reporting(leader: str, n: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         instances = await list_instances(leader)
-        if sum(1 for i in instances if i.load.seq > 0) >= n:  # type: ignore[attr-defined]
+        if sum(1 for i in instances if i.load.seq > 0) >= n:
             return
         await asyncio.sleep(0.1)
     raise TimeoutError(f"fewer than {n} instances report to {leader}")
@@ -235,7 +235,7 @@ async def test_autoscaling_adds_under_load_and_drains_when_idle(
             await admin_pb2_grpc.AdminServiceStub(ch).SetConfig(request, timeout=2)
 
         # sustained load on the single instance: its average freeness drops below 10 -> one more instance
-        rids = []
+        rids: list[str] = []
         deadline = time.monotonic() + 30
         scaled_up = False
         i = 0

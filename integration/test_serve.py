@@ -105,7 +105,8 @@ class Stream(threading.Thread):
                 self.started.set()
                 self.chunks += 1
                 self.text += chunk.choices[0].text
-                self.finish_reason = chunk.choices[0].finish_reason or self.finish_reason
+                if chunk.choices[0].finish_reason:
+                    self.finish_reason = chunk.choices[0].finish_reason
         except BaseException as exc:
             self.error = exc
             self.started.set()

@@ -4,16 +4,15 @@ transport with a modelled cost): KV bytes and token streams on success, and ever
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import pytest
 
-from pyllumnix.tools.recording_sink import RecordingSink
 from pyllumnix.control_plane.grpc_server import RunningServer, start_server
-from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
+from pyllumnix.data_plane.engine.base import MigrationState, RequestSpec, Sampling
 from pyllumnix.data_plane.engine.payload import expected_block_bytes
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
@@ -22,6 +21,7 @@ from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
 from pyllumnix.data_plane.transport.inproc import InprocTransport
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.tools.recording_sink import RecordingSink
 
 OUTCOME = llumlet_pb2.MigrationOutcome
 
@@ -152,11 +152,11 @@ async def test_migration_moves_kv_bytes_and_keeps_the_token_stream(sink: Recordi
         captured: dict[str, object] = {}
         original_commit = b.engine.commit_incoming
 
-        def spy(state: object, block_ids: list[int], now: float) -> None:
+        def spy(state: MigrationState, block_ids: Sequence[int], now: float) -> None:
             # the destination's bytes, right before it resumes the request, against the deterministic KV content
             captured["blocks"] = b.engine.read_blocks(block_ids)
-            captured["tokens"] = state.num_computed_tokens  # type: ignore[attr-defined]
-            original_commit(state, block_ids, now)  # type: ignore[arg-type]
+            captured["tokens"] = state.num_computed_tokens
+            original_commit(state, block_ids, now)
 
         b.engine.commit_incoming = spy  # type: ignore[method-assign]
         reply = await a.stub.MigrateOut(migrate(a, b, "r"))

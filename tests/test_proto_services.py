@@ -84,13 +84,18 @@ class Admin(admin_pb2_grpc.AdminServiceServicer):
 
 @pytest.fixture
 async def channel() -> AsyncIterator[grpc.aio.Channel]:
+    # Each fake implements only the calls it is asked here; the others keep the generated UNIMPLEMENTED answers.
+    scheduler = Scheduler()  # type: ignore[abstract]
+    llumlet = Llumlet()  # type: ignore[abstract]
+    frontend = Frontend()  # type: ignore[abstract]
+    admin = Admin()  # type: ignore[abstract]
     running = await start_server(
         [
-            (scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, Scheduler(), "llumnix.v1.SchedulerService"),
-            (llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, Llumlet(), "llumnix.v1.LlumletService"),
-            (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, Frontend(), "llumnix.v1.FrontendService"),
+            (scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, scheduler, "llumnix.v1.SchedulerService"),
+            (llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, llumlet, "llumnix.v1.LlumletService"),
+            (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, frontend, "llumnix.v1.FrontendService"),
             (frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, Sink(), "llumnix.v1.OutputSinkService"),
-            (admin_pb2_grpc.add_AdminServiceServicer_to_server, Admin(), "llumnix.v1.AdminService"),
+            (admin_pb2_grpc.add_AdminServiceServicer_to_server, admin, "llumnix.v1.AdminService"),
         ]
     )
     async with grpc.aio.insecure_channel(running.address) as ch:

@@ -24,6 +24,7 @@ BENCH_COMMANDS: dict[str, str] = {
     "dataplane": "tools.bench_dataplane:bench_dataplane",
     "sim": "tools.sim.bench:bench_sim",
     "migration": "tools.bench_migration:bench_migration",
+    "serving": "tools.bench_serving:bench_serving",
 }
 
 

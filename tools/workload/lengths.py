@@ -145,7 +145,8 @@ class Zipf:
 
     def sample(self, n: int, rng: np.random.Generator) -> IntArray:
         ranks = rng.choice(len(self._pmf), size=n, p=self._pmf).astype(np.float64) + 1.0
-        return np.minimum(np.ceil(self._scale * ranks), self.max_len).astype(np.int64)
+        lengths: IntArray = np.minimum(np.ceil(self._scale * ranks), self.max_len).astype(np.int64)
+        return lengths
 
 
 @dataclass(frozen=True)
