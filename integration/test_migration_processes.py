@@ -122,3 +122,53 @@ async def test_micro_benchmark_migrates_continuously_without_losing_tokens(
     assert all(load.free_blocks == load.total_blocks for load in loads)
     moved = [i for i in range(n_requests) if len({o.instance_id for o in sink.outputs[f"m{i}"]}) > 1]
     assert len(moved) >= 5
+
+
+def unmigrated_tokens(prompt: list[int], max_tokens: int, seed: int) -> list[int]:
+    """The request's tokens on one engine, never migrated (the sim engine is deterministic)."""
+    from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
+    from pyllumnix.data_plane.engine.sim import SimEngine
+
+    engine = SimEngine("tiny", payload=False)
+    engine.add_request(RequestSpec("x", tuple(prompt), Sampling(max_tokens, seed=seed, ignore_eos=True)), 0.0)
+    tokens: list[int] = []
+    while engine.has_work():
+        for out in engine.step(0.0).outputs:
+            tokens.extend(out.token_ids)
+    return tokens
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+async def test_migrated_kv_bytes_and_tokens_match_across_processes(
+    procs: Launcher, sink: RecordingSink, transport: str
+) -> None:
+    """The destinations run with --verify-kv: a commit goes through only if every block's bytes equal the source's
+    (the sim engine's payload is a deterministic function of request and position)."""
+    assert sink.server is not None
+    common = ["--profile", "tiny", "--transport", transport, "--verify-kv"]
+    a = procs.start("a", "llumlet", "--instance-id", "a", *common)
+    b = procs.start("b", "llumlet", "--instance-id", "b", *common)
+    async with grpc.aio.insecure_channel(a.address) as ch:
+        stub = llumlet_pb2_grpc.LlumletServiceStub(ch)
+        for progress in (1, 40, 150):
+            rid = f"r{progress}"
+            await add_request(a.address, rid, sink.server.address, 100, 250)
+            while len(sink.tokens(rid)) < progress:
+                await asyncio.sleep(0.002)
+            reply = await stub.MigrateOut(
+                llumlet_pb2.MigrateOutRequest(
+                    destination_instance_id="b", destination_grpc_address=b.address, request_id=rid, wait=True
+                ),
+                timeout=30,
+            )
+            result = reply.results[0]
+            assert result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED, result.reason
+            assert result.bytes_sent > 0
+            await sink.wait(rid)
+            prompt = [(i * 7 + len(rid)) % 200 + 1 for i in range(100)]
+            assert sink.tokens(rid) == unmigrated_tokens(prompt, 250, hash(rid) % 1000)
+            assert sink.raw_indices(rid) == list(range(250))
+            assert {o.instance_id for o in sink.outputs[rid]} == {"a", "b"}
+    for comp in (a, b):
+        load = await get_load(comp.address)
+        assert load.free_blocks == load.total_blocks

@@ -14,7 +14,14 @@ import pytest
 from integration.cluster import add_request, get_load, leader_of, list_instances, submit
 from integration.procs import Component, Processes
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, config_pb2, scheduler_pb2, scheduler_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    common_pb2,
+    config_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 from pyllumnix.tools.recording_sink import RecordingSink
 
 pytestmark = pytest.mark.integration
@@ -260,3 +267,28 @@ async def test_autoscaling_adds_under_load_and_drains_when_idle(
     finally:
         # provider-started llumlets run in their own sessions: stop any left
         subprocess.run(["pkill", "-TERM", "-f", f"--cluster {etcd_cluster_name}"], check=False)
+
+
+async def test_lost_instance_requests_are_reported_failed(
+    etcd1: EmbeddedEtcd, procs: Processes, sink: RecordingSink, etcd_cluster_name: str
+) -> None:
+    assert sink.server is not None
+    schedulers, llumlets = start_cluster(procs, etcd1, etcd_cluster_name, 2)
+    leader = await leader_of([s.address for s in schedulers])
+    await wait_reporting(leader.leader_address, 2)
+    for i in range(3):
+        await add_request(llumlets[1].address, f"doomed{i}", sink.server.address, 32, 400)
+    while len(sink.tokens("doomed2")) < 2:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)  # a load report lists them at the leader
+    llumlets[1].kill()
+    for i in range(3):
+        outs = await sink.wait(f"doomed{i}", timeout=10)
+        last = outs[-1]
+        assert last.finish_reason == common_pb2.FINISH_REASON_ERROR
+        assert "l1" in last.error and "lost" in last.error
+        assert len(sink.tokens(f"doomed{i}")) < 400
+    # the survivor keeps serving
+    await submit(leader.leader_address, "alive", sink.server.address, 16, 8)
+    await sink.wait("alive")
+    assert {o.instance_id for o in sink.outputs["alive"]} == {"l0"}

@@ -32,7 +32,7 @@ from pyllumnix.data_plane.engine.base import (
     UnknownRequestError,
 )
 from pyllumnix.data_plane.engine.block_pool import BlockPool
-from pyllumnix.data_plane.engine.payload import PayloadStore, request_key
+from pyllumnix.data_plane.engine.payload import PayloadStore, expected_block_bytes, request_key
 from pyllumnix.data_plane.engine.profile import Profile, get_profile
 from pyllumnix.data_plane.engine.scheduler import Scheduler, SimRequest
 from pyllumnix.data_plane.engine.tokens import decode_state, encode_state, next_token, request_seed
@@ -61,8 +61,12 @@ class SimEngine(Engine):
         max_model_len: int | None = None,
         payload_spare_bytes: int = 1 << 30,
         prewarm_blocks: int = 0,
+        verify_incoming: bool = False,
     ) -> None:
         prof = get_profile(profile) if isinstance(profile, str) else profile
+        # Check a migrated request's KV bytes against their deterministic content before installing it (tests: a
+        # commit that goes through proves every block arrived intact; costs a compare of all its bytes).
+        self.verify_incoming = verify_incoming
         overrides: dict[str, Any] = {
             "block_size": block_size,
             "total_blocks": total_blocks,
@@ -292,6 +296,15 @@ class SimEngine(Engine):
             )
         self.payload.write(block_ids, data)
 
+    def _verify_payload(self, request_id: str, block_ids: Sequence[int], num_tokens: int) -> None:
+        data = self.payload.read(block_ids)
+        for i in range(len(block_ids)):
+            expected = expected_block_bytes(
+                request_id, i, num_tokens, block_size=self.block_size, bytes_per_token=self.profile.bytes_per_token
+            )
+            if not np.array_equal(data[i], expected):
+                raise InvalidStateError(f"{request_id}: KV payload of block {i} differs from the source's")
+
     def commit_incoming(self, state: MigrationState, block_ids: Sequence[int], now: float) -> None:
         """A request with KV is installed running (it starts last, so it is the first preemption victim); one without
         KV joins the waiting queue by arrival time, and any blocks reserved for it return to the free pool. A running
@@ -313,6 +326,8 @@ class SimEngine(Engine):
             raise InvalidStateError(
                 f"{spec.request_id}: {len(block_ids)} blocks for {state.num_computed_tokens} tokens (need {needed})"
             )
+        if self.verify_incoming and self.payload.enabled:
+            self._verify_payload(spec.request_id, block_ids, state.num_computed_tokens)
         seed = decode_state(state.engine_state)
         req = SimRequest(
             spec,

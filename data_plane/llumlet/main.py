@@ -49,6 +49,8 @@ class LlumletOptions:
     block_size: int | None = None
     # Sim engine: KV payload memory to allocate and touch at start (page faults then, not mid-step or mid-migration).
     prewarm_kv_mib: int = 0
+    # Sim engine: check every migrated-in request's KV bytes before installing it (tests).
+    verify_kv: bool = False
     model: str = ""
     # vLLM engine (--engine vllm): settings passed to vLLM V1 (see pyllumnix.data_plane.engine.vllm.engine).
     vllm_dtype: str = "float32"
@@ -82,6 +84,7 @@ def make_engine(opts: LlumletOptions) -> Engine:
             block_size=opts.block_size,
             payload_spare_bytes=max(1 << 30, prewarm_bytes),
             prewarm_blocks=prewarm_bytes // profile.block_bytes if opts.payload else 0,
+            verify_incoming=opts.verify_kv,
         )
     if opts.engine == "vllm":
         if not opts.model:
@@ -243,6 +246,12 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 @click.option("--total-blocks", type=int, default=None, help="Override the profile's KV block count.")
 @click.option("--block-size", type=int, default=None, help="Override the profile's tokens per block.")
 @click.option(
+    "--verify-kv/--no-verify-kv",
+    default=False,
+    show_default=True,
+    help="Sim engine: refuse a migrated-in request whose KV bytes differ from the source's (tests).",
+)
+@click.option(
     "--prewarm-kv-mib",
     type=int,
     default=0,
@@ -280,6 +289,7 @@ def llumlet_command(
     bytes_per_token: int | None,
     total_blocks: int | None,
     block_size: int | None,
+    verify_kv: bool,
     prewarm_kv_mib: int,
     etcd: str,
     cluster: str,
@@ -316,6 +326,7 @@ def llumlet_command(
         total_blocks=total_blocks,
         block_size=block_size,
         prewarm_kv_mib=prewarm_kv_mib,
+        verify_kv=verify_kv,
         etcd=[e for e in etcd.split(",") if e],
         cluster=cluster,
         transport=transport,
