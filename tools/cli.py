@@ -25,6 +25,7 @@ BENCH_COMMANDS: dict[str, str] = {
     "sim": "tools.sim.bench:bench_sim",
     "migration": "tools.bench_migration:bench_migration",
     "serving": "tools.bench_serving:bench_serving",
+    "dispatch": "tools.bench_dispatch:bench_dispatch",
 }
 
 

@@ -1,0 +1,585 @@
+"""``llumnix bench dispatch``: the global scheduler's dispatch cost, in process and served over gRPC.
+
+1. In-process decision latency: ``bench_dispatch_core.measure_dispatch_latency`` (``PolicyCore.dispatch`` on a random
+   snapshot of N instances), run in this process before anything else starts.
+2. Served throughput: a real ``SchedulerReplica`` with its ``SchedulerService`` and ``AdminService`` on one
+   ``start_server`` server (health + reflection on) runs in a spawned child process and wins the election of a real
+   embedded etcd. This process (the client) keeps K calls in flight for a fixed time, alternating rounds of the bare
+   unary call on that same server (gRPC health ``Check``: same server, event loop and transport, no scheduler work) and
+   ``Dispatch`` (unique request ids), and reports the median rate of the rounds of each kind and their ratio.
+
+Bench harness in the child (not the production path, said here so the figures are read right):
+
+- The N synthetic instances are registered for real (one etcd lease, N registry keys); the replica learns them through
+  its own registry watch. Nothing listens at their llumlet addresses, so migration is switched off through the
+  replica's own ``set_config`` (the pairing loop would otherwise order migrations to nowhere); the cost of one
+  ``pair()`` pass over the same cluster is measured and reported instead (``pairing_pass_ms``).
+- Load reports are injected with ``replica.report(load)`` (what ``ReportLoad`` calls per streamed message, minus the
+  stream's protobuf parsing): every instance once at start, then round-robin so each instance reports every
+  ``1/report_hz`` s during every round (default 2 Hz, a tenth of a llumlet's 20 Hz; 2,048 reports/s at N=1,024).
+  ``--report-hz 0`` turns them off. Reports never list dispatched requests, so each dispatch counts on its instance for
+  the scheduler's ``pending_ttl`` (2 s), as a request that has not reached its llumlet yet would.
+- ``replica.dispatch`` is wrapped with a timer, giving the served decision latency (``served_dispatch``): the policy
+  decision plus ``ClusterState`` work (folding buffered reports into the snapshot, the staleness scan, recording).
+  ``cluster.snapshot``, ``core.dispatch`` and ``cluster.record_dispatch`` are timed alike (``parts_us_per_call``).
+  Server CPU per call (the child's process time over the calls of a round) is reported next to the rates: on a shared
+  machine it is steadier than the rates themselves; ``server_cpu_ratio`` (bare over Dispatch, the injected reports'
+  time taken out) is the rate ratio to expect where the scheduler process has a core to itself and is the bottleneck.
+
+If the ratio is below the target (or with ``--profile``), one more Dispatch round runs under cProfile in the child and
+the top functions by own time are reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import cProfile
+import io
+import itertools
+import json
+import multiprocessing
+import pstats
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pyllumnix.control_plane.etcd.client import EtcdClient
+from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.control_plane.etcd.lease import Lease
+from pyllumnix.control_plane.grpc_server import start_server
+from pyllumnix.control_plane.policy.config import PolicyConfig
+from pyllumnix.control_plane.policy.pairing import pair_instances
+from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
+from pyllumnix.control_plane.scheduler.service import (
+    ADMIN_SERVICE,
+    SCHEDULER_SERVICE,
+    AdminServicer,
+    SchedulerServicer,
+)
+from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from pyllumnix.tools.bench_dispatch_core import measure_dispatch_latency
+
+TARGET_P99_MS = 0.5
+TARGET_RATIO = 0.8
+CLUSTER = "bench-dispatch"
+TOTAL_BLOCKS = 1300
+BLOCK_SIZE = 16
+CHILD_START_TIMEOUT_S = 120.0
+CALL_TIMEOUT_S = 10.0
+
+
+# ---------------------------------------------------------------------------------------------------------------- child
+def _synthetic_load(rng: random.Random, instance_id: str) -> common_pb2.InstanceLoad:
+    """A plausible llumlet report: up to 32 running requests (10 % of instances hold a high-priority one)."""
+    load = common_pb2.InstanceLoad(
+        instance_id=instance_id,
+        total_blocks=TOTAL_BLOCKS,
+        block_size=BLOCK_SIZE,
+        watermark_blocks=13,
+        state=common_pb2.INSTANCE_STATE_ACTIVE,
+    )
+    used = 0
+    for j in range(rng.randint(0, 32)):
+        blocks = min(rng.randint(1, 40), TOTAL_BLOCKS - used)
+        used += blocks
+        high = j == 0 and rng.random() < 0.1
+        load.requests.add(
+            request_id=f"{instance_id}-r{j}",
+            phase=common_pb2.REQUEST_PHASE_RUNNING,
+            priority=common_pb2.PRIORITY_HIGH if high else common_pb2.PRIORITY_NORMAL,
+            num_blocks=blocks,
+            num_prompt_tokens=blocks * BLOCK_SIZE - 8,
+            num_output_tokens=8,
+        )
+    load.num_running = len(load.requests)
+    if rng.random() < 0.2:
+        load.num_waiting = rng.randint(1, 4)
+        load.head_of_line_demand_blocks = rng.randint(1, 64)
+        load.waiting_demand_blocks = load.head_of_line_demand_blocks + rng.randint(0, 64)
+    load.free_blocks = TOTAL_BLOCKS - used
+    return load
+
+
+class _ChildStats:
+    """Counters the parent reads at the start and end of each round."""
+
+    def __init__(self) -> None:
+        self.reports = 0
+        self.report_s = 0.0
+        self.dispatch_s: list[float] = []
+        # Seconds spent in the parts of replica.dispatch, summed over the round.
+        self.parts: dict[str, float] = {}
+        self.terms: set[int] = set()
+
+
+async def _report_loop(
+    replica: SchedulerReplica, templates: list[list[common_pb2.InstanceLoad]], hz: float, stats: _ChildStats
+) -> None:
+    """Round-robin reports at ``hz`` per instance; catches up after a late wake-up so the rate holds under load."""
+    n = len(templates)
+    rate = hz * n
+    seq = itertools.count(1_000_000)
+    order = itertools.cycle(range(n))
+    start = time.monotonic()
+    sent = 0
+    while True:
+        await asyncio.sleep(0.01)
+        due = int((time.monotonic() - start) * rate) - sent
+        t0 = time.perf_counter()
+        for _ in range(due):
+            i = next(order)
+            variants = templates[i]
+            load = common_pb2.InstanceLoad()
+            load.CopyFrom(variants[sent % len(variants)])
+            load.seq = next(seq)
+            replica.report(load)
+            sent += 1
+        stats.report_s += time.perf_counter() - t0
+        stats.reports += max(0, due)
+
+
+def _time_parts(replica: SchedulerReplica, stats: _ChildStats) -> None:
+    """Times the parts of replica.dispatch (harness instrumentation: one perf_counter pair per part)."""
+    cluster, core = replica.cluster, replica.core
+    parts: list[tuple[Any, str, str]] = [
+        (cluster, "snapshot", "cluster.snapshot (staleness scan + report fold)"),
+        (core, "dispatch", "core.dispatch (policy decision)"),
+        (cluster, "record_dispatch", "cluster.record_dispatch"),
+    ]
+    for owner, attr, label in parts:
+        original = getattr(owner, attr)
+
+        def timed(*args: Any, _original: Any = original, _label: str = label) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _original(*args)
+            finally:
+                stats.parts[_label] = stats.parts.get(_label, 0.0) + time.perf_counter() - t0
+                if _label.startswith("core"):
+                    stats.terms.add(replica.leader.term)
+
+        setattr(owner, attr, timed)
+
+
+def _pairing_pass_ms(replica: SchedulerReplica) -> float:
+    """Median cost of one migration-pairing pass over the live snapshot (what the 100 ms pairing loop would spend)."""
+    snapshot = replica.cluster.snapshot(time.monotonic())
+    config = PolicyConfig()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        pair_instances(snapshot, config)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+async def _serve(conn: Connection, endpoints: list[str], instances: int, report_hz: float, seed: int) -> None:
+    client = EtcdClient(endpoints)
+    layout = KeyLayout(CLUSTER)
+    replica = SchedulerReplica(client, layout, "bench-scheduler", "", seed=seed)
+    server = await start_server(
+        [
+            (scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, SchedulerServicer(replica), SCHEDULER_SERVICE),
+            (admin_pb2_grpc.add_AdminServiceServicer_to_server, AdminServicer(replica), ADMIN_SERVICE),
+        ]
+    )
+    replica.grpc_address = server.address
+    await replica.start()
+    deadline = time.monotonic() + 30
+    while not replica.is_leader:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the bench replica did not win the election")
+        await asyncio.sleep(0.02)
+    # No llumlets behind the synthetic instances: no migration orders (see the module docstring).
+    await replica.set_config(PolicyConfig(enable_migration=False).to_proto(), [], 0)
+
+    rng = random.Random(seed)
+    ids = [f"instance-{i:05d}" for i in range(instances)]
+    lease = await Lease.grant(client, 60)
+    for chunk in range(0, instances, 64):
+        await asyncio.gather(
+            *(
+                replica.registry.register(
+                    iid,
+                    common_pb2.InstanceInfo(
+                        instance_id=iid,
+                        grpc_address=f"127.0.0.1:{20000 + i}",
+                        transport="tcp",
+                        engine="sim",
+                        total_blocks=TOTAL_BLOCKS,
+                        block_size=BLOCK_SIZE,
+                    ).SerializeToString(),
+                    lease,
+                )
+                for i, iid in enumerate(ids[chunk : chunk + 64], start=chunk)
+            )
+        )
+    while len(replica.cluster.infos) < instances:
+        if time.monotonic() > deadline + 30:
+            raise TimeoutError(f"the replica saw {len(replica.cluster.infos)} of {instances} registrations")
+        await asyncio.sleep(0.02)
+    templates = [[_synthetic_load(rng, iid) for _ in range(4)] for iid in ids]
+    for i, variants in enumerate(templates):
+        first = common_pb2.InstanceLoad()
+        first.CopyFrom(variants[0])
+        first.seq = i + 1
+        replica.report(first)
+    known = len(replica.cluster.snapshot(time.monotonic()))
+
+    stats = _ChildStats()
+    original = replica.dispatch
+
+    def timed_dispatch(request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int) -> tuple[str, str]:
+        t0 = time.perf_counter()
+        try:
+            return original(request_id, priority, num_prompt_tokens, max_tokens)
+        finally:
+            stats.dispatch_s.append(time.perf_counter() - t0)
+
+    replica.dispatch = timed_dispatch  # type: ignore[method-assign]
+    _time_parts(replica, stats)
+    reporter = asyncio.create_task(_report_loop(replica, templates, report_hz, stats)) if report_hz > 0 else None
+
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    marks: dict[str, float] = {}
+    profiler: list[cProfile.Profile] = []
+
+    def on_command() -> None:
+        command, arg = conn.recv()
+        reply: dict[str, Any] = {}
+        if command == "round_start":
+            marks.update(cpu=time.process_time(), reports=stats.reports, report_s=stats.report_s)
+            stats.dispatch_s = []
+            stats.parts = {}
+            stats.terms = {replica.leader.term}
+        elif command == "round_end":
+            reports = stats.reports - marks["reports"]
+            reply = {
+                "cpu_s": time.process_time() - marks["cpu"],
+                "reports": reports,
+                "report_s": stats.report_s - marks["report_s"],
+                "report_us_mean": (stats.report_s - marks["report_s"]) / reports * 1e6 if reports else 0.0,
+                "dispatch_s": stats.dispatch_s,
+                "parts_s": stats.parts,
+                "leader": replica.is_leader,
+                "leader_terms": len(stats.terms | {replica.leader.term}),
+            }
+        elif command == "profile_start":
+            profiler[:] = [cProfile.Profile(time.thread_time)]
+            profiler[0].enable()
+        elif command == "profile_stop":
+            profiler[0].disable()
+            reply = {"rows": _profile_rows(profiler[0], int(arg))}
+        elif command == "stop":
+            stopped.set()
+        conn.send(reply)
+
+    loop.add_reader(conn.fileno(), on_command)
+    conn.send(
+        {
+            "address": server.address,
+            "known_instances": known,
+            "leader": replica.is_leader,
+            "pairing_pass_ms": _pairing_pass_ms(replica),
+        }
+    )
+    await stopped.wait()
+    loop.remove_reader(conn.fileno())
+    if reporter is not None:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+    await replica.stop()
+    await lease.revoke(best_effort=True)
+    await server.stop(0.5)
+    await client.close()
+
+
+def _profile_rows(profile: cProfile.Profile, top: int) -> list[dict[str, Any]]:
+    stats = pstats.Stats(profile, stream=io.StringIO())
+    raw: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = stats.stats  # type: ignore[attr-defined]
+    rows = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [
+        {
+            "function": f"{Path(file).name}:{line}({name})" if line else name,
+            "ncalls": nc,
+            "tottime_ms": round(tt * 1e3, 2),
+            "cumtime_ms": round(ct * 1e3, 2),
+        }
+        for (file, line, name), (_, nc, tt, ct, _) in rows
+    ]
+
+
+def _child_main(conn: Connection, endpoints: list[str], instances: int, report_hz: float, seed: int) -> None:
+    """Entry of the spawned scheduler process."""
+    asyncio.run(_serve(conn, endpoints, instances, report_hz, seed))
+
+
+# --------------------------------------------------------------------------------------------------------------- client
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else 0.0
+
+
+async def _ask(conn: Connection, command: str, arg: Any = None, timeout: float = 30.0) -> dict[str, Any]:
+    conn.send((command, arg))
+    if not await asyncio.to_thread(conn.poll, timeout):
+        raise TimeoutError(f"the scheduler process did not answer {command!r}")
+    reply: dict[str, Any] = conn.recv()
+    return reply
+
+
+async def _round(
+    conn: Connection, kind: str, call: Callable[[], Awaitable[Any]], concurrency: int, duration: float
+) -> dict[str, Any]:
+    """K workers calling back to back for ``duration`` seconds; only OK calls count."""
+    await _ask(conn, "round_start")
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    deadline = start + duration
+
+    async def worker() -> None:
+        while (t0 := time.perf_counter()) < deadline:
+            try:
+                await call()
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    client_cpu = time.process_time() - cpu0
+    child = await _ask(conn, "round_end")
+    ok = len(latencies)
+    row: dict[str, Any] = {
+        "kind": kind,
+        "calls": ok,
+        "errors": errors,
+        "elapsed_s": round(elapsed, 3),
+        "rps": round(ok / elapsed, 1),
+        "rpc_p50_ms": round(_pct(latencies, 0.50) * 1e3, 3),
+        "rpc_p99_ms": round(_pct(latencies, 0.99) * 1e3, 3),
+        "server_cpu_us_per_call": round(child["cpu_s"] / max(ok, 1) * 1e6, 1),
+        "server_cpu_us_per_call_excl_reports": round((child["cpu_s"] - child["report_s"]) / max(ok, 1) * 1e6, 1),
+        "client_cpu_us_per_call": round(client_cpu / max(ok, 1) * 1e6, 1),
+        "reports_per_s": round(child["reports"] / elapsed, 1),
+        "report_us_mean": round(child["report_us_mean"], 2),
+        "leader": child["leader"],
+        "leader_terms": child["leader_terms"],
+    }
+    if kind == "dispatch":
+        row["_served_dispatch_s"] = child["dispatch_s"]
+        row["served_parts_us_per_call"] = {k: round(v / max(ok, 1) * 1e6, 1) for k, v in child["parts_s"].items()}
+    return row
+
+
+async def run_bench(
+    instances: int,
+    concurrency: int,
+    duration: float,
+    rounds: int,
+    decisions: int,
+    report_hz: float,
+    seed: int,
+    profile: bool,
+) -> dict[str, Any]:
+    core = measure_dispatch_latency(instances, decisions, seed)
+    async with EmbeddedEtcd() as etcd:
+        ctx = multiprocessing.get_context("spawn")
+        conn, child_conn = ctx.Pipe()
+        proc = ctx.Process(
+            target=_child_main, args=(child_conn, etcd.endpoints, instances, report_hz, seed), daemon=True
+        )
+        proc.start()
+        child_conn.close()
+        try:
+            if not await asyncio.to_thread(conn.poll, CHILD_START_TIMEOUT_S):
+                raise TimeoutError("the scheduler process did not become ready")
+            try:
+                ready: dict[str, Any] = conn.recv()
+            except EOFError:
+                await asyncio.to_thread(proc.join, 5)
+                raise RuntimeError(
+                    f"the scheduler process exited before it was ready (exit code {proc.exitcode})"
+                ) from None
+            return await _measure(conn, ready, core, instances, concurrency, duration, rounds, report_hz, seed, profile)
+        finally:
+            with contextlib.suppress(Exception):
+                await _ask(conn, "stop", timeout=5)
+            await asyncio.to_thread(proc.join, 10)
+            if proc.is_alive():
+                proc.terminate()
+                await asyncio.to_thread(proc.join, 5)
+
+
+async def _measure(
+    conn: Connection,
+    ready: dict[str, Any],
+    core: dict[str, Any],
+    instances: int,
+    concurrency: int,
+    duration: float,
+    rounds: int,
+    report_hz: float,
+    seed: int,
+    profile: bool,
+) -> dict[str, Any]:
+    rng = random.Random(seed + 1)
+    shapes = [
+        (
+            common_pb2.PRIORITY_HIGH if rng.random() < 0.1 else common_pb2.PRIORITY_NORMAL,
+            rng.randint(16, 2048),
+            rng.randint(16, 512),
+        )
+        for _ in range(4096)
+    ]
+    ids = itertools.count()
+    health_request = health_pb2.HealthCheckRequest(service="")
+    async with grpc.aio.insecure_channel(ready["address"]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+
+        async def bare() -> Any:
+            return await health.Check(health_request, timeout=CALL_TIMEOUT_S)
+
+        async def dispatch() -> Any:
+            k = next(ids)
+            priority, prompt, max_tokens = shapes[k % len(shapes)]
+            request = scheduler_pb2.DispatchRequest(
+                request_id=f"bench-{k}", priority=priority, num_prompt_tokens=prompt, max_tokens=max_tokens
+            )
+            return await scheduler.Dispatch(request, timeout=CALL_TIMEOUT_S)
+
+        calls = {"bare": bare, "dispatch": dispatch}
+        warm = min(0.5, duration / 2)
+        for kind in ("bare", "dispatch"):
+            await _round(conn, kind, calls[kind], concurrency, warm)
+        results: dict[str, list[dict[str, Any]]] = {"bare": [], "dispatch": []}
+        for _ in range(rounds):
+            for kind in ("bare", "dispatch"):
+                results[kind].append(await _round(conn, kind, calls[kind], concurrency, duration))
+
+        served: list[float] = []
+        for row in results["dispatch"]:
+            served += row.pop("_served_dispatch_s")
+        bare_rps = statistics.median(r["rps"] for r in results["bare"])
+        dispatch_rps = statistics.median(r["rps"] for r in results["dispatch"])
+        ratio = dispatch_rps / bare_rps if bare_rps else 0.0
+        report: dict[str, Any] = {
+            "instances": instances,
+            "known_instances": ready["known_instances"],
+            "concurrency": concurrency,
+            "duration_s": duration,
+            "rounds": rounds,
+            "aggregate": "median of rounds",
+            "in_process": core,
+            "served_dispatch": {
+                "calls": len(served),
+                "p50_ms": round(_pct(served, 0.50) * 1e3, 4),
+                "p99_ms": round(_pct(served, 0.99) * 1e3, 4),
+                "mean_ms": round(statistics.fmean(served) * 1e3, 4) if served else 0.0,
+                "parts_us_per_call": {
+                    label: statistics.median(r["served_parts_us_per_call"].get(label, 0.0) for r in results["dispatch"])
+                    for label in results["dispatch"][0]["served_parts_us_per_call"]
+                },
+            },
+            "grpc": {
+                "bare_call": "grpc.health.v1.Health/Check on the scheduler's server",
+                "bare_rps": round(bare_rps, 1),
+                "dispatch_rps": round(dispatch_rps, 1),
+                "ratio": round(ratio, 3),
+                "best_ratio": round(
+                    max(r["rps"] for r in results["dispatch"]) / max(r["rps"] for r in results["bare"]), 3
+                ),
+                "bare_server_cpu_us_per_call": statistics.median(r["server_cpu_us_per_call"] for r in results["bare"]),
+                "dispatch_server_cpu_us_per_call": statistics.median(
+                    r["server_cpu_us_per_call"] for r in results["dispatch"]
+                ),
+                "server_cpu_ratio": round(
+                    statistics.median(r["server_cpu_us_per_call_excl_reports"] for r in results["bare"])
+                    / statistics.median(r["server_cpu_us_per_call_excl_reports"] for r in results["dispatch"]),
+                    3,
+                ),
+                "errors": sum(sum(r["errors"].values()) for r in results["bare"] + results["dispatch"]),
+                "leader_changes": sum(r["leader_terms"] - 1 for r in results["bare"] + results["dispatch"]),
+                "bare_rounds": results["bare"],
+                "dispatch_rounds": results["dispatch"],
+            },
+            "load_reports": {
+                "per_instance_hz": report_hz,
+                "injected": "replica.report() in the scheduler process (bench harness)" if report_hz > 0 else "off",
+                "reports_per_s_during_dispatch": statistics.median(r["reports_per_s"] for r in results["dispatch"]),
+            },
+            "pairing_pass_ms": round(ready["pairing_pass_ms"], 3),
+            "targets": {"in_process_p99_ms": TARGET_P99_MS, "ratio": TARGET_RATIO},
+            "meets": {
+                "in_process_p99": float(core["p99_ms"]) <= TARGET_P99_MS,
+                "ratio": ratio >= TARGET_RATIO,
+            },
+        }
+        if profile or ratio < TARGET_RATIO:
+            await _ask(conn, "profile_start")
+            row = await _round(conn, "dispatch", dispatch, concurrency, duration)
+            rows = (await _ask(conn, "profile_stop", 25))["rows"]
+            report["profile"] = {"rps_under_profiler": row["rps"], "top_by_own_time": rows}
+    return report
+
+
+@click.command("dispatch")
+@click.option("--instances", default=1024, show_default=True, help="Synthetic instances in the cluster state.")
+@click.option("--concurrency", default=64, show_default=True, help="Calls the client keeps in flight.")
+@click.option("--duration", default=2.0, show_default=True, help="Seconds per measured round.")
+@click.option("--rounds", default=3, show_default=True, help="Rounds of each kind, alternating (median reported).")
+@click.option("--decisions", default=5000, show_default=True, help="Decisions of the in-process latency run.")
+@click.option(
+    "--report-hz",
+    default=2.0,
+    show_default=True,
+    help="Load reports per instance per second during the rounds (llumlets send 20; 0: off).",
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--profile", is_flag=True, help="Profile a Dispatch round in the scheduler even if the ratio is met.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
+def bench_dispatch(
+    instances: int,
+    concurrency: int,
+    duration: float,
+    rounds: int,
+    decisions: int,
+    report_hz: float,
+    seed: int,
+    profile: bool,
+    json_path: Path | None,
+) -> None:
+    """Dispatch decision latency in process, and Dispatch RPCs/s next to a bare gRPC call on the same server."""
+    report = asyncio.run(run_bench(instances, concurrency, duration, rounds, decisions, report_hz, seed, profile))
+    text = json.dumps(report, indent=2)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    click.echo(text)
+    core, g = report["in_process"], report["grpc"]
+    trouble = ""
+    if g["errors"] or g["leader_changes"]:
+        trouble = f" | {g['errors']} failed calls, {g['leader_changes']} leader changes"
+    click.echo(
+        f"dispatch N={instances} | in-process p50 {core['p50_ms']:.3f} ms p99 {core['p99_ms']:.3f} ms "
+        f"(target <= {TARGET_P99_MS}) | served p99 {report['served_dispatch']['p99_ms']:.3f} ms | "
+        f"gRPC bare {g['bare_rps']:.0f}/s dispatch {g['dispatch_rps']:.0f}/s ratio {g['ratio']:.2f} "
+        f"(target >= {TARGET_RATIO}) | server CPU/call bare {g['bare_server_cpu_us_per_call']:.0f} us "
+        f"dispatch {g['dispatch_server_cpu_us_per_call']:.0f} us (cpu ratio {g['server_cpu_ratio']:.2f}) | "
+        f"median of {rounds} rounds, {concurrency} in flight{trouble}"
+    )
