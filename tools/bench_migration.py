@@ -5,6 +5,13 @@ length mid-decode over the chosen transport, then a request of the same length b
 every block (the blocking, single-stage stop-and-copy migration); ``recompute_ms`` is the profile's modelled prefill of
 the same tokens (what a migration by recomputation would stall for). All figures come from the same run.
 
+``--engine vllm --model PATH``: the same on two real vLLM llumlets (CPU settings as ``llumnix serve`` uses), and
+``recompute_ms`` is measured, not modelled: the time to first token of a fresh request of ``seq_len`` prompt tokens
+(``max_tokens=1``) on the idle destination engine, AddRequest to its token at the sink, i.e. what re-adding the
+request there and prefilling it again would stall it for (``ttft_floor_ms``: the same for an 8-token prompt, the fixed
+part). Lengths are limited by the model's maximum length (``--max-model-len``, the tiny model's 1024 by default);
+each request keeps at least ``VLLM_MIN_OUTPUT`` tokens to decode so it is still running when the migration commits.
+
 - ``downtime_ms``: the request stopped on the source until the destination installed it (its next step continues it).
 - ``total_ms``: migrate-out order to commit.
 - ``decode_step_ms``: the profile's modelled decode step at that length (batch 1), the paper's yardstick.
@@ -33,6 +40,10 @@ OUTPUT_TOKENS = 512
 MIGRATE_AFTER_TOKENS = 8
 # A last stage that takes every block: the blocking, single-stage copy.
 BLOCKING = 1 << 30
+VLLM_LENGTHS = "64,128,256,512,768"
+VLLM_MAX_MODEL_LEN = 1024
+VLLM_MIN_OUTPUT = 256
+TTFT_FLOOR_TOKENS = 8
 
 
 async def _migrate_once(
@@ -41,12 +52,12 @@ async def _migrate_once(
     dst_id: str,
     sink: RecordingSink,
     rid: str,
-    length: int,
-    max_model_len: int,
+    prompt: list[int],
+    max_tokens: int,
     last_stage_max_blocks: int = 0,
+    strict_stream: bool = True,
 ) -> llumlet_pb2.MigrationResult:
-    prompt = [(i * 31) % 30000 + 3 for i in range(length - min(128, length // 2))]
-    max_tokens = min(OUTPUT_TOKENS, max_model_len - len(prompt))
+    """One request migrated mid-decode; ``strict_stream``: no output pushed twice either (else: no gap)."""
     request = common_pb2.EngineRequest(
         request_id=rid,
         prompt_token_ids=prompt,
@@ -76,13 +87,22 @@ async def _migrate_once(
         raise RuntimeError(f"migration of {rid} did not commit: {result.reason}")
     kept = len(sink.tokens(rid))
     async with grpc.aio.insecure_channel(dst) as channel:
-        await llumlet_pb2_grpc.LlumletServiceStub(channel).AbortRequest(
-            llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=30
-        )
+        try:
+            await llumlet_pb2_grpc.LlumletServiceStub(channel).AbortRequest(
+                llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=30
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # NOT_FOUND: it finished on the destination already
+                raise
     await sink.wait(rid, timeout=120)
-    if sink.raw_indices(rid) != list(range(len(sink.tokens(rid)))) or len(sink.tokens(rid)) < kept:
+    raw, n = sink.raw_indices(rid), len(sink.tokens(rid))
+    if (raw if strict_stream else sorted(set(raw))) != list(range(n)) or n < kept:
         raise RuntimeError(f"{rid}: the token stream has a gap or a duplicate")
     return result
+
+
+def _sim_prompt(length: int) -> list[int]:
+    return [(i * 31) % 30000 + 3 for i in range(length - min(128, length // 2))]
 
 
 async def run_bench(
@@ -109,14 +129,16 @@ async def run_bench(
         for length in lengths:
             downtimes, totals, blocking_ms, stages = [], [], [], []
             for r in range(repeats):
+                prompt = _sim_prompt(length)
+                max_tokens = min(OUTPUT_TOKENS, max_len - len(prompt))
                 res = await _migrate_once(
-                    live[0].address, live[1].address, "llumlet-1", sink, f"l{length}-{r}", length, max_len
+                    live[0].address, live[1].address, "llumlet-1", sink, f"l{length}-{r}", prompt, max_tokens
                 )
                 downtimes.append(res.downtime_ms)
                 totals.append(res.total_ms)
                 stages.append(res.stages)
                 blk = await _migrate_once(
-                    live[1].address, live[0].address, "llumlet-0", sink, f"b{length}-{r}", length, max_len, BLOCKING
+                    live[1].address, live[0].address, "llumlet-0", sink, f"b{length}-{r}", prompt, max_tokens, BLOCKING
                 )
                 blocking_ms.append(blk.downtime_ms)
             rows.append(
@@ -138,6 +160,7 @@ async def run_bench(
         await sink.stop()
     first, last = rows[0], rows[-1]
     return {
+        "engine": "sim",
         "profile": profile_name,
         "transport": live[0].ready.get("transport", transport),
         "bytes_per_token": bytes_per_token or profile.bytes_per_token,
@@ -152,17 +175,150 @@ async def run_bench(
     }
 
 
+async def _ttft_ms(address: str, sink: RecordingSink, rid: str, prompt: list[int]) -> float:
+    """AddRequest to the first (and only) token at the sink: a fresh prefill of ``prompt`` on that engine."""
+    request = common_pb2.EngineRequest(
+        request_id=rid,
+        prompt_token_ids=prompt,
+        sampling=common_pb2.SamplingParams(max_tokens=1, ignore_eos=True),
+        frontend_address=sink.server.address if sink.server else "",
+    )
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = llumlet_pb2_grpc.LlumletServiceStub(channel)
+        await stub.GetLoad(llumlet_pb2.GetLoadRequest(), timeout=30)  # the channel is connected before timing
+        start = time.perf_counter()
+        await stub.AddRequest(llumlet_pb2.AddRequestRequest(request=request), timeout=30)
+        await sink.wait(rid, timeout=120)
+        return (time.perf_counter() - start) * 1000
+
+
+def _vllm_prompt(length: int, salt: int) -> list[int]:
+    """Token ids inside any vocabulary of 500+ ids, past the usual specials; distinct per salt."""
+    return [(i * 31 + salt * 7) % 500 + 3 for i in range(length)]
+
+
+async def run_vllm_bench(
+    model: str, transport: str, lengths: list[int], repeats: int, max_model_len: int, kv_cache_bytes: int
+) -> dict[str, Any]:
+    from pyllumnix.tools.serve import VLLM_CPU_ENV
+
+    too_long = [n for n in lengths if n - MIGRATE_AFTER_TOKENS + VLLM_MIN_OUTPUT > max_model_len]
+    if too_long:
+        raise click.BadParameter(
+            f"lengths {too_long} leave under {VLLM_MIN_OUTPUT} tokens to decode within --max-model-len {max_model_len}",
+            param_hint="--lengths",
+        )
+    sink = RecordingSink()
+    await sink.start()
+    launcher = Launcher(Path(tempfile.mkdtemp(prefix="bench-migration-vllm-")))
+    common = ["--engine", "vllm", "--model", model, "--max-model-len", str(max_model_len)]
+    common += ["--kv-cache-bytes", str(kv_cache_bytes), "--transport", transport, "--transfer-timeout", "60"]
+    rows: list[dict[str, Any]] = []
+    try:
+        live = [
+            launcher.start(
+                f"llumlet-{i}", "llumlet", "--instance-id", f"llumlet-{i}", *common, timeout=300, env=VLLM_CPU_ENV
+            )
+            for i in range(2)
+        ]
+        # Warm-up: the first forward passes of a fresh process are slow (allocations, kernel selection).
+        for i, comp in enumerate(live):
+            for j, n in enumerate((max(lengths), TTFT_FLOOR_TOKENS, max(lengths))):
+                await _ttft_ms(comp.address, sink, f"warm-{i}-{j}", _vllm_prompt(n, 100 + j))
+        floor = min(
+            [await _ttft_ms(live[1].address, sink, f"floor-{r}", _vllm_prompt(TTFT_FLOOR_TOKENS, r)) for r in range(3)]
+        )
+        for length in lengths:
+            downtimes, totals, blocking_ms, stages, sent, prefill = [], [], [], [], [], []
+            for r in range(repeats):
+                prompt = _vllm_prompt(length - MIGRATE_AFTER_TOKENS, r)
+                max_tokens = max_model_len - len(prompt)
+                res = await _migrate_once(
+                    live[0].address,
+                    live[1].address,
+                    "llumlet-1",
+                    sink,
+                    f"l{length}-{r}",
+                    prompt,
+                    max_tokens,
+                    strict_stream=False,
+                )
+                downtimes.append(res.downtime_ms)
+                totals.append(res.total_ms)
+                stages.append(res.stages)
+                sent.append(res.bytes_sent)
+                blk = await _migrate_once(
+                    live[1].address,
+                    live[0].address,
+                    "llumlet-0",
+                    sink,
+                    f"b{length}-{r}",
+                    prompt,
+                    max_tokens,
+                    BLOCKING,
+                    strict_stream=False,
+                )
+                blocking_ms.append(blk.downtime_ms)
+                # Recompute on the destination engine, now idle: a fresh prefill of the whole sequence.
+                prefill.append(await _ttft_ms(live[1].address, sink, f"p{length}-{r}", _vllm_prompt(length, 50 + r)))
+            rows.append(
+                {
+                    "seq_len": length,
+                    "downtime_ms": round(min(downtimes), 2),
+                    "downtime_ms_all": [round(x, 2) for x in downtimes],
+                    "total_ms": round(min(totals), 2),
+                    "stages": max(stages),
+                    "blocking_copy_ms": round(min(blocking_ms), 2),
+                    "recompute_ms": round(min(prefill), 2),
+                    "recompute_ms_all": [round(x, 2) for x in prefill],
+                    "kv_kib_sent": round(max(sent) / 1024, 1),
+                }
+            )
+            click.echo(json.dumps(rows[-1]), err=True)
+    finally:
+        launcher.stop_all()
+        await sink.stop()
+    first, last = rows[0], rows[-1]
+    return {
+        "engine": "vllm",
+        "model": model,
+        "max_model_len": max_model_len,
+        "transport": live[0].ready.get("transport", transport),
+        "repeats": repeats,
+        "ttft_floor_ms": round(floor, 2),
+        "rows": rows,
+        "ratios": {
+            "downtime_last_over_first": round(last["downtime_ms"] / first["downtime_ms"], 3),
+            "recompute_over_downtime_last": round(last["recompute_ms"] / last["downtime_ms"], 2),
+            "recompute_last_over_first": round(last["recompute_ms"] / first["recompute_ms"], 2),
+            "blocking_over_downtime_last": round(last["blocking_copy_ms"] / last["downtime_ms"], 2),
+        },
+    }
+
+
 @click.command("migration")
-@click.option("--engine", type=click.Choice(["sim"]), default="sim", show_default=True)
-@click.option("--profile", default="llama-7b-a10", show_default=True)
+@click.option("--engine", type=click.Choice(["sim", "vllm"]), default="sim", show_default=True)
+@click.option("--profile", default="llama-7b-a10", show_default=True, help="sim: latency profile.")
+@click.option("--model", default="", help="vllm: a local Hugging Face model directory.")
+@click.option(
+    "--max-model-len", default=VLLM_MAX_MODEL_LEN, show_default=True, help="vllm: the engines' maximum length."
+)
+@click.option("--kv-cache-bytes", default=64 << 20, show_default=True, help="vllm: KV cache per engine.")
 @click.option("--transport", type=click.Choice(["ucx", "tcp", "auto"]), default="ucx", show_default=True)
-@click.option("--lengths", default="256,512,1024,2048,4096,8192", show_default=True)
+@click.option(
+    "--lengths",
+    default="",
+    help=f"Sequence lengths (default: sim 256,512,1024,2048,4096,8192; vllm {VLLM_LENGTHS}).",
+)
 @click.option("--bytes-per-token", type=int, default=None, help="Override the profile's KV bytes per token.")
 @click.option("--repeats", default=2, show_default=True, help="Migrations per length (the minimum is reported).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
 def bench_migration(
     engine: str,
     profile: str,
+    model: str,
+    max_model_len: int,
+    kv_cache_bytes: int,
     transport: str,
     lengths: str,
     bytes_per_token: int | None,
@@ -170,14 +326,30 @@ def bench_migration(
     json_path: Path | None,
 ) -> None:
     """Migration downtime vs sequence length, with blocking copy and recompute in the same run."""
+    if not lengths:
+        lengths = VLLM_LENGTHS if engine == "vllm" else "256,512,1024,2048,4096,8192"
     seq = [int(x) for x in lengths.split(",") if x]
-    report = asyncio.run(run_bench(profile, transport, seq, bytes_per_token, repeats))
+    if engine == "vllm":
+        if not model:
+            raise click.UsageError("--engine vllm needs --model PATH")
+        report = asyncio.run(run_vllm_bench(model, transport, seq, repeats, max_model_len, kv_cache_bytes))
+    else:
+        report = asyncio.run(run_bench(profile, transport, seq, bytes_per_token, repeats))
     text = json.dumps(report, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")
     click.echo(text)
     r = report["ratios"]
     down = " ".join(f"{row['seq_len']}:{row['downtime_ms']}" for row in report["rows"])
+    if engine == "vllm":
+        recompute = " ".join(f"{row['seq_len']}:{row['recompute_ms']}" for row in report["rows"])
+        click.echo(
+            f"vllm migration downtime ms {down} | measured recompute (prefill TTFT) ms {recompute} "
+            f"(floor {report['ttft_floor_ms']}) | downtime({seq[-1]})/downtime({seq[0]})="
+            f"{r['downtime_last_over_first']} | recompute/downtime({seq[-1]})={r['recompute_over_downtime_last']} | "
+            f"blocking copy/downtime({seq[-1]})={r['blocking_over_downtime_last']}"
+        )
+        return
     click.echo(
         f"migration downtime ms {down} | downtime({seq[-1]})/downtime({seq[0]})={r['downtime_last_over_first']} "
         f"(target <= 1.5) | max downtime/decode step={r['max_downtime_over_decode_step']} (target <= 1) | "

@@ -11,12 +11,18 @@ the command line win over the file.
 The sim engine's KV payload is scaled down by default (``--bytes-per-token 8192``: 128 KiB blocks instead of 7B's
 8 MiB), so four instances fit in a laptop's memory; the latency model stays LLaMA-7B. Pass ``--bytes-per-token
 524288`` for full-size KV.
+
+``--engine vllm --model PATH`` serves a real model (a local Hugging Face directory) with vLLM V1: every llumlet gets
+``--engine vllm --model PATH --max-model-len N`` and the CPU settings that work on a small machine (one OpenMP thread
+per instance, no thread pinning, in-process engine core, offline hub; any already set in the environment win), and the
+frontend gets the model's own tokenizer (``--tokenizer hf``) and the same maximum length. The OpenAI model id is PATH.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -37,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "engine": "sim",
     "profile": "llama-7b-a10",
     "model": "",
+    "max_model_len": 0,
     "bytes_per_token": 8192,
     "transport": "auto",
     "host": "127.0.0.1",
@@ -74,9 +81,60 @@ def resolve(ctx: click.Context, file_config: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+# vLLM on a CPU machine (docs: PLATFORM.md): one OpenMP thread per instance and no pinning, or instances fight over
+# the cores; the engine core in the llumlet's process; no hub access; quiet logs.
+VLLM_CPU_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+}
+VLLM_MAX_MODEL_LEN = 512
+
+
+def _model_max_len(path: str) -> int | None:
+    """The model's own limit (config.json's max_position_embeddings), when it has one."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def engine_settings(opts: dict[str, Any]) -> tuple[list[str], list[str], dict[str, str]]:
+    """(llumlet args, frontend args, environment of every child) for the chosen engine."""
+    engine = str(opts["engine"])
+    if engine == "vllm":
+        model = str(opts["model"])
+        if not model:
+            raise click.UsageError("--engine vllm needs --model PATH (a local Hugging Face model directory)")
+        max_len = int(opts["max_model_len"] or 0)
+        if not max_len:
+            max_len = min(VLLM_MAX_MODEL_LEN, _model_max_len(model) or VLLM_MAX_MODEL_LEN)
+        llumlet = ["--engine", "vllm", "--model", model, "--max-model-len", str(max_len)]
+        frontend = ["--model", model, "--tokenizer", "hf", "--tokenizer-path", model, "--max-model-len", str(max_len)]
+        env = {k: v for k, v in VLLM_CPU_ENV.items() if k not in os.environ}
+        return llumlet, frontend, env
+    llumlet = ["--engine", engine, "--profile", str(opts["profile"])]
+    if opts["bytes_per_token"]:
+        llumlet += ["--bytes-per-token", str(opts["bytes_per_token"])]
+    if opts["model"] and engine != "sim":
+        llumlet += ["--model", str(opts["model"])]
+    frontend = ["--model", str(opts["model"] or opts["profile"])]
+    if engine == "sim":
+        from pyllumnix.data_plane.engine.profile import get_profile
+
+        max_len = int(opts["max_model_len"] or 0) or get_profile(str(opts["profile"])).max_model_len
+        frontend += ["--max-model-len", str(max_len)]
+    return llumlet, frontend, {}
+
+
 def start_cluster(opts: dict[str, Any], launcher: Launcher) -> dict[str, Any]:
     """Starts every component; returns what to print (addresses)."""
     info: dict[str, Any] = {"log_dir": str(launcher.log_dir)}
+    engine_args, frontend_args, env = engine_settings(opts)
     etcd_endpoints = opts["etcd"]
     if not etcd_endpoints:
         from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
@@ -86,20 +144,7 @@ def start_cluster(opts: dict[str, Any], launcher: Launcher) -> dict[str, Any]:
         etcd_endpoints = ",".join(etcd.endpoints)
         info["embedded_etcd"] = etcd.endpoints
     common = ["--etcd", etcd_endpoints, "--cluster", str(opts["cluster"])]
-    llumlet_args = [
-        "--engine",
-        str(opts["engine"]),
-        "--profile",
-        str(opts["profile"]),
-        "--transport",
-        str(opts["transport"]),
-        "--host",
-        str(opts["host"]),
-    ]
-    if opts["bytes_per_token"]:
-        llumlet_args += ["--bytes-per-token", str(opts["bytes_per_token"])]
-    if opts["model"] and opts["engine"] != "sim":
-        llumlet_args += ["--model", str(opts["model"])]
+    llumlet_args = [*engine_args, "--transport", str(opts["transport"]), "--host", str(opts["host"])]
     llumlet_args += str(opts["llumlet_args"]).split()
     schedulers = []
     for i in range(int(opts["schedulers"])):
@@ -122,21 +167,24 @@ def start_cluster(opts: dict[str, Any], launcher: Launcher) -> dict[str, Any]:
             "--host",
             str(opts["host"]),
             *provider_args,
+            env=env,
         )
         schedulers.append(comp.address)
     info["schedulers"] = schedulers
     llumlets = []
     for i in range(int(opts["llumlets"])):
         comp = launcher.start(
-            f"llumlet-{i}", "llumlet", *common, "--instance-id", f"instance-{i}", *llumlet_args, timeout=120.0
+            f"llumlet-{i}",
+            "llumlet",
+            *common,
+            "--instance-id",
+            f"instance-{i}",
+            *llumlet_args,
+            timeout=300.0 if opts["engine"] == "vllm" else 120.0,
+            env=env,
         )
         llumlets.append(comp.ready["instance_id"])
     info["instances"] = llumlets
-    model_args = ["--model", str(opts["model"] or opts["profile"])]
-    if opts["engine"] == "sim":
-        from pyllumnix.data_plane.engine.profile import get_profile
-
-        model_args += ["--max-model-len", str(get_profile(str(opts["profile"])).max_model_len)]
     frontend = launcher.start(
         "frontend",
         "frontend",
@@ -149,7 +197,9 @@ def start_cluster(opts: dict[str, Any], launcher: Launcher) -> dict[str, Any]:
         str(opts["http_port"]),
         "--grpc-port",
         str(opts["grpc_port"]),
-        *model_args,
+        *frontend_args,
+        timeout=120.0,
+        env=env,
     )
     info["http"] = f"http://{opts['host']}:{frontend.ready['http_port']}"
     info["grpc"] = frontend.ready["grpc_address"]
@@ -174,6 +224,12 @@ launcher_etcd: list[Any] = []
 @click.option("--engine", default=DEFAULTS["engine"], show_default=True, help="sim or vllm.")
 @click.option("--profile", default=DEFAULTS["profile"], show_default=True, help="Sim engine latency profile.")
 @click.option("--model", default=DEFAULTS["model"], help="Model name (sim) or path (vllm).")
+@click.option(
+    "--max-model-len",
+    type=int,
+    default=DEFAULTS["max_model_len"],
+    help=f"Prompt + output limit (default: the sim profile's; vllm: min({VLLM_MAX_MODEL_LEN}, the model's)).",
+)
 @click.option(
     "--bytes-per-token",
     type=int,

@@ -30,7 +30,7 @@ from pyllumnix.control_plane.frontend.core import Frontend
 from pyllumnix.control_plane.frontend.dispatch import Dispatcher, RegistryResolver
 from pyllumnix.control_plane.frontend.http import start_http
 from pyllumnix.control_plane.frontend.service import start_grpc
-from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer, Tokenizer
+from pyllumnix.control_plane.frontend.tokenizer import HfTokenizer, SimTokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,8 @@ class FrontendOptions:
     model: str = "llama-7b-a10"
     max_model_len: int = 4096
     tokenizer: str = "sim"
+    # hf: the tokenizer directory (default: ``model``, the model path as vLLM is given it).
+    tokenizer_path: str = ""
     vocab_size: int = 32_000
     dispatch_timeout: float = 0.5
 
@@ -54,7 +56,15 @@ class FrontendOptions:
 def make_tokenizer(opts: FrontendOptions) -> Tokenizer:
     if opts.tokenizer == "sim":
         return SimTokenizer(opts.vocab_size)
-    raise click.BadParameter(f"unknown tokenizer {opts.tokenizer!r} (available: sim)", param_hint="--tokenizer")
+    if opts.tokenizer == "hf":
+        path = opts.tokenizer_path or opts.model
+        try:
+            return HfTokenizer(path)
+        except (OSError, ValueError, ImportError) as exc:
+            raise click.BadParameter(
+                f"cannot load a tokenizer from {path!r}: {exc}", param_hint="--tokenizer-path"
+            ) from exc
+    raise click.BadParameter(f"unknown tokenizer {opts.tokenizer!r} (available: sim, hf)", param_hint="--tokenizer")
 
 
 async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None) -> int:
@@ -128,7 +138,14 @@ def _split(value: str) -> list[str]:
 @click.option("--grpc-port", default=0, show_default=True, help="gRPC port: Generate and the output sink.")
 @click.option("--model", default="llama-7b-a10", show_default=True, help="The served model's name.")
 @click.option("--max-model-len", default=4096, show_default=True, help="Prompt + output token limit.")
-@click.option("--tokenizer", type=click.Choice(["sim"]), default="sim", show_default=True)
+@click.option(
+    "--tokenizer",
+    type=click.Choice(["sim", "hf"]),
+    default="sim",
+    show_default=True,
+    help="sim: the sim engine's; hf: a Hugging Face tokenizer directory (real models).",
+)
+@click.option("--tokenizer-path", default="", help="hf: the tokenizer directory (default: --model, a model path).")
 @click.option("--vocab-size", default=32_000, show_default=True, help="Vocabulary of the sim tokenizer.")
 @click.option("--dispatch-timeout", default=0.5, show_default=True, help="Deadline of one Dispatch call, seconds.")
 @click.option("--log-level", default="INFO", show_default=True)
@@ -143,6 +160,7 @@ def frontend_command(
     model: str,
     max_model_len: int,
     tokenizer: str,
+    tokenizer_path: str,
     vocab_size: int,
     dispatch_timeout: float,
     log_level: str,
@@ -164,6 +182,7 @@ def frontend_command(
         model=model,
         max_model_len=max_model_len,
         tokenizer=tokenizer,
+        tokenizer_path=tokenizer_path,
         vocab_size=vocab_size,
         dispatch_timeout=dispatch_timeout,
     )

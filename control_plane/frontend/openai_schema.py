@@ -133,6 +133,9 @@ def parse_request(
     if not isinstance(model, str):
         raise InvalidRequestError("model must be a string", param="model")
     prompt: str | list[int] = render_chat(body.get("messages")) if chat else _completion_prompt(body.get("prompt"))
+    if chat:  # validated above; the model's own chat template wins where the tokenizer has one
+        own = getattr(tokenizer, "render_chat", None)
+        prompt = (own(body["messages"]) if own is not None else None) or prompt
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = int(_number(body, key, max(1, max_model_len - len(prompt_ids)), integer=True))

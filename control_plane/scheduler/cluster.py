@@ -16,8 +16,18 @@ import math
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.freeness import migration_freeness
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, InstanceState, InstanceView, from_instance_load
+from pyllumnix.control_plane.policy.snapshot import (
+    ClusterSnapshot,
+    InstanceState,
+    InstanceView,
+    Priority,
+    from_instance_load,
+    normalize_priority,
+)
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
+
+# Silent instances are looked for at most this often (an O(instances) scan, kept off the per-dispatch path).
+STALE_SCAN_INTERVAL_S = 0.1
 
 
 class ClusterState:
@@ -34,6 +44,7 @@ class ClusterState:
         self.pending_ttl = pending_ttl
         # instance -> request id -> (demand blocks, priority, dispatch time)
         self._dispatched: dict[str, dict[str, tuple[int, int, float]]] = {}
+        self._last_stale_scan = float("-inf")
 
     # --- membership ---
     def set_registry(self, entries: dict[str, common_pb2.InstanceInfo]) -> list[str]:
@@ -86,9 +97,15 @@ class ClusterState:
         listed = {r.request_id for r in load.requests}
         for rid in [rid for rid, (_, _, t) in pending.items() if rid in listed or now - t > self.pending_ttl]:
             del pending[rid]
-        for demand, priority, _ in pending.values():
-            view = view.with_dispatch(demand, priority)
-        return view
+        if not pending:
+            return view
+        return dataclasses.replace(
+            view,
+            dispatched_since_report=view.dispatched_since_report + len(pending),
+            dispatched_demand_blocks=view.dispatched_demand_blocks + sum(d for d, _, _ in pending.values()),
+            dispatched_high=view.dispatched_high
+            + sum(1 for _, p, _ in pending.values() if normalize_priority(p) == Priority.HIGH),
+        )
 
     def set_override(self, instance_id: str, state: InstanceState, now: float) -> None:
         self.overrides[instance_id] = state
@@ -98,23 +115,28 @@ class ClusterState:
 
     def snapshot(self, now: float) -> ClusterSnapshot:
         """The policy snapshot with every buffered report applied and silent instances marked unhealthy."""
-        for iid, t in self.report_times.items():
-            if iid not in self._unhealthy and now - t > self.stale_after:
-                self._unhealthy.add(iid)
-                view = self._pending.get(iid) or self._snapshot.get(iid)
-                if view is not None:
-                    self._pending[iid] = dataclasses.replace(view, healthy=False)
+        if now - self._last_stale_scan >= STALE_SCAN_INTERVAL_S:  # an O(n) scan: not on every dispatch
+            self._last_stale_scan = now
+            for iid, t in self.report_times.items():
+                if iid not in self._unhealthy and now - t > self.stale_after:
+                    self._unhealthy.add(iid)
+                    view = self._pending.get(iid) or self._snapshot.get(iid)
+                    if view is not None:
+                        self._pending[iid] = dataclasses.replace(view, healthy=False)
         if self._pending:
             self._snapshot = self._snapshot.updated(self._pending.values())
             self._pending.clear()
         return self._snapshot
 
     def record_dispatch(self, instance_id: str, request_id: str, demand_blocks: int, priority: int, now: float) -> None:
+        """Counts a dispatched request on its instance (one snapshot update, buffered reports folded in)."""
         self._dispatched.setdefault(instance_id, {})[request_id] = (demand_blocks, priority, now)
-        if self._pending:
-            self._snapshot = self._snapshot.updated(self._pending.values())
-            self._pending.clear()
-        self._snapshot = self._snapshot.record_dispatch(instance_id, demand_blocks, priority)
+        view = self._pending.get(instance_id) or self._snapshot.get(instance_id)
+        if view is None:
+            raise KeyError(instance_id)
+        self._pending[instance_id] = view.with_dispatch(demand_blocks, priority)
+        self._snapshot = self._snapshot.updated(self._pending.values())
+        self._pending.clear()
 
     # --- views for the admin API ---
     def status(self, instance_id: str, config: PolicyConfig, now: float) -> scheduler_pb2.InstanceStatus:

@@ -63,7 +63,7 @@ class LlumletOptions:
     etcd: list[str] = field(default_factory=list)
     cluster: str = "default"
     transport: str = "auto"
-    lease_ttl: int = 2
+    lease_ttl: int = 3
     load_interval_ms: int = 50
     migration: MigrationSettings = field(default_factory=MigrationSettings)
 
@@ -261,7 +261,13 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 @click.option("--etcd", default="", help="Comma-separated etcd endpoints; empty runs unregistered.")
 @click.option("--cluster", default="default", show_default=True, help="Cluster name (etcd key prefix).")
 @click.option("--transport", type=click.Choice(["auto", "ucx", "tcp", "inproc"]), default="auto", show_default=True)
-@click.option("--lease-ttl", default=2, show_default=True, help="Registry lease TTL, seconds.")
+@click.option(
+    "--lease-ttl",
+    default=3,
+    show_default=True,
+    help="Registry lease TTL, seconds: an instance that dies leaves the registry (and its requests are failed) "
+    "this long after its last renewal.",
+)
 @click.option("--load-interval-ms", default=50, show_default=True, help="Load report period.")
 @click.option("--last-stage-max-blocks", default=4, show_default=True)
 @click.option("--max-stages", default=3, show_default=True)
