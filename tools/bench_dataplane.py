@@ -21,12 +21,21 @@ from typing import Any
 import click
 import numpy as np
 
+from pyllumnix.data_plane.host_memory import host_buffer
 from pyllumnix.data_plane.transport import Transport, make_transport, ucx_available
 from pyllumnix.data_plane.transport.ucx import UCX_ENV_DEFAULTS, configure_ucx_env
 
 MiB = 1 << 20
 GiB = 1 << 30
 WARMUP = 2
+
+
+def _filled(nbytes: int) -> np.ndarray:
+    """A touched buffer from the allocator the data plane itself uses (huge pages where possible), so the transports
+    and the memcpy reference run on the same kind of memory."""
+    buf = host_buffer(nbytes)
+    buf.fill(1)
+    return buf
 
 
 def iterations(nbytes: int) -> int:
@@ -39,8 +48,8 @@ def gib_s(nbytes: int, count: int, seconds: float) -> float:
 
 
 def bench_memcpy(nbytes: int) -> float:
-    src = np.ones(nbytes, dtype=np.uint8)
-    dst = np.empty_like(src)
+    src = _filled(nbytes)
+    dst = host_buffer(nbytes)
     for _ in range(WARMUP):
         np.copyto(dst, src)
     count = iterations(nbytes)
@@ -53,8 +62,8 @@ def bench_memcpy(nbytes: int) -> float:
 def bench_memcpy_ring(nbytes: int) -> float:
     """memcpy with the transports' memory footprint: one source into a ring of two destinations (at 16 MiB this
     no longer fits a 32 MiB L3, like the cross-process transfers)."""
-    src = np.ones(nbytes, dtype=np.uint8)
-    ring = [np.empty_like(src), np.empty_like(src)]
+    src = _filled(nbytes)
+    ring = [host_buffer(nbytes), host_buffer(nbytes)]
     for i in range(WARMUP):
         np.copyto(ring[i % 2], src)
     count = iterations(nbytes)
@@ -91,7 +100,7 @@ def bench_socket(sizes: list[int]) -> dict[int, float]:
     try:
         sock = socket.create_connection(("127.0.0.1", conn.recv()))
         for nbytes in sizes:
-            data = memoryview(np.ones(nbytes, dtype=np.uint8).data)
+            data = memoryview(_filled(nbytes).data)
             for count, timed in ((WARMUP, False), (iterations(nbytes), True)):
                 conn.send((nbytes, count))
                 t0 = time.monotonic()
@@ -117,7 +126,7 @@ def _transport_receiver(kind: str, conn: Connection) -> None:
             if msg is None:
                 break
             prefix, nbytes, count = msg
-            ring = [np.empty(nbytes, dtype=np.uint8) for _ in range(2)]
+            ring = [host_buffer(nbytes) for _ in range(2)]
             for i in range(min(2, count)):
                 transport.expect(f"{prefix}/{i}", nbytes, out=ring[i])
             conn.send("ready")
@@ -134,7 +143,7 @@ def _transport_receiver(kind: str, conn: Connection) -> None:
 async def _send_rounds(transport: Transport, peer: str, conn: Connection, sizes: list[int]) -> dict[int, float]:
     out: dict[int, float] = {}
     for nbytes in sizes:
-        data = np.ones(nbytes, dtype=np.uint8)
+        data = _filled(nbytes)
         for count, timed in ((WARMUP, False), (iterations(nbytes), True)):
             prefix = f"{nbytes}-{'t' if timed else 'w'}"
             conn.send((prefix, nbytes, count))
@@ -177,8 +186,8 @@ def bench_inproc(sizes: list[int]) -> dict[int, float]:
         await b.start()
         out: dict[int, float] = {}
         for nbytes in sizes:
-            data = np.ones(nbytes, dtype=np.uint8)
-            dst = np.empty(nbytes, dtype=np.uint8)
+            data = _filled(nbytes)
+            dst = host_buffer(nbytes)
             for count, timed in ((WARMUP, False), (iterations(nbytes), True)):
                 t0 = time.monotonic()
                 for i in range(count):

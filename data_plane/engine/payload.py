@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pyllumnix.data_plane.engine.base import BlockBuffer
+from pyllumnix.data_plane.host_memory import host_buffer
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -78,7 +79,7 @@ class PayloadStore:
     def prewarm(self, n: int) -> None:
         """Creates up to ``n`` spare arrays (within the spare cap), touching every page now rather than mid-step."""
         while self.enabled and len(self._spares) < min(n, self.max_spares):
-            block = np.empty(self.block_bytes, dtype=np.uint8)
+            block = host_buffer(self.block_bytes)
             block.fill(0)
             self._spares.append(block)
 
@@ -87,7 +88,7 @@ class PayloadStore:
         try:
             return self._spares.pop()  # may race with another thread's pop (write_blocks runs off the step thread)
         except IndexError:
-            return np.empty(self.block_bytes, dtype=np.uint8)
+            return host_buffer(self.block_bytes)
 
     def _block(self, block_id: int, first_slot: int, end_slot: int) -> npt.NDArray[np.uint8]:
         """The block's array; a new one gets zeros outside slots [first_slot, end_slot), which the caller fills."""

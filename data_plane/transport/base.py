@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from pyllumnix.data_plane.host_memory import host_buffer
+
 Bytes = npt.NDArray[np.uint8]
 Chunk = memoryview | npt.NDArray[np.generic] | bytes | bytearray
 """Anything exposing a C-contiguous buffer; sent without copying where the transport allows."""
@@ -53,7 +55,7 @@ def as_bytes_view(chunk: Chunk) -> memoryview:
 def make_out_buffer(nbytes: int, out: Bytes | None) -> Bytes:
     """The flat uint8 destination for ``nbytes``: a view of ``out`` (no copy) or a new array."""
     if out is None:
-        return np.empty(nbytes, dtype=np.uint8)
+        return host_buffer(nbytes)
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise TransportError("out buffer must be writeable and C-contiguous")
     flat = out.reshape(-1).view(np.uint8)

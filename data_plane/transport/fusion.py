@@ -17,9 +17,8 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from pyllumnix.data_plane.engine.base import BlockBuffer
+from pyllumnix.data_plane.host_memory import host_buffer
 from pyllumnix.data_plane.transport.base import DEFAULT_TIMEOUT_S, Transport, TransportError, TransportTimeout
 
 DEFAULT_CHUNK_BYTES = 16 << 20
@@ -76,7 +75,8 @@ class ChunkBuffers:
         i = slot % len(self._arrays)
         array = self._arrays[i]
         if array is None or array.shape[1] != block_bytes or array.shape[0] < n_blocks:
-            array = np.ones((n_blocks, block_bytes), dtype=np.uint8)  # ones, not empty: touch every page now
+            array = host_buffer(n_blocks * block_bytes).reshape(n_blocks, block_bytes)
+            array.fill(1)  # touch every page now, not mid-transfer
             self._arrays[i] = array
         return array[:n_blocks]
 
