@@ -102,6 +102,12 @@ def _synthetic_load(rng: random.Random, instance_id: str) -> common_pb2.Instance
             num_output_tokens=8,
         )
     load.num_running = len(load.requests)
+    # The aggregates a llumlet sends with every report (data_plane/llumlet/convert.py), so the leader skips the list.
+    for r in load.requests:
+        load.summary.running_blocks += r.num_blocks
+        if r.priority == common_pb2.PRIORITY_HIGH:
+            load.summary.num_running_high += 1
+            load.summary.running_high_blocks += r.num_blocks
     if rng.random() < 0.2:
         load.num_waiting = rng.randint(1, 4)
         load.head_of_line_demand_blocks = rng.randint(1, 64)

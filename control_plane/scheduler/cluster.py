@@ -86,32 +86,29 @@ class ClusterState:
             del self.overrides[iid]
             override = None
         self._unhealthy.discard(iid)
-        self._pending[iid] = self._with_dispatched(from_instance_load(load, state=override), load, now)
+        self._pending[iid] = self._view(load, override, now)
         return True
 
-    def _with_dispatched(self, view: InstanceView, load: common_pb2.InstanceLoad, now: float) -> InstanceView:
-        """The reported view plus the requests dispatched here that the report does not list yet."""
-        pending = self._dispatched.get(view.instance_id)
+    def _view(self, load: common_pb2.InstanceLoad, state: InstanceState | None, now: float) -> InstanceView:
+        """The reported view plus the requests dispatched there that the report does not list yet."""
+        pending = self._dispatched.get(load.instance_id)
         if not pending:
-            return view
+            return from_instance_load(load, state=state)
         listed = {r.request_id for r in load.requests}
         for rid in [rid for rid, (_, _, t) in pending.items() if rid in listed or now - t > self.pending_ttl]:
             del pending[rid]
-        if not pending:
-            return view
-        return dataclasses.replace(
-            view,
-            dispatched_since_report=view.dispatched_since_report + len(pending),
-            dispatched_demand_blocks=view.dispatched_demand_blocks + sum(d for d, _, _ in pending.values()),
-            dispatched_high=view.dispatched_high
-            + sum(1 for _, p, _ in pending.values() if normalize_priority(p) == Priority.HIGH),
+        dispatched = (
+            len(pending),
+            sum(d for d, _, _ in pending.values()),
+            sum(1 for _, p, _ in pending.values() if normalize_priority(p) == Priority.HIGH),
         )
+        return from_instance_load(load, state=state, dispatched=dispatched)
 
     def set_override(self, instance_id: str, state: InstanceState, now: float) -> None:
         self.overrides[instance_id] = state
         load = self.loads.get(instance_id)
         if load is not None:
-            self._pending[instance_id] = self._with_dispatched(from_instance_load(load, state=state), load, now)
+            self._pending[instance_id] = self._view(load, state, now)
 
     def snapshot(self, now: float) -> ClusterSnapshot:
         """The policy snapshot with every buffered report applied and silent instances marked unhealthy."""
@@ -129,14 +126,13 @@ class ClusterState:
         return self._snapshot
 
     def record_dispatch(self, instance_id: str, request_id: str, demand_blocks: int, priority: int, now: float) -> None:
-        """Counts a dispatched request on its instance (one snapshot update, buffered reports folded in)."""
+        """Counts a dispatched request on its instance. Buffered like a report: the next ``snapshot()`` folds it in
+        with everything else pending, so a dispatch costs one snapshot update, not two."""
         self._dispatched.setdefault(instance_id, {})[request_id] = (demand_blocks, priority, now)
         view = self._pending.get(instance_id) or self._snapshot.get(instance_id)
         if view is None:
             raise KeyError(instance_id)
         self._pending[instance_id] = view.with_dispatch(demand_blocks, priority)
-        self._snapshot = self._snapshot.updated(self._pending.values())
-        self._pending.clear()
 
     # --- views for the admin API ---
     def status(self, instance_id: str, config: PolicyConfig, now: float) -> scheduler_pb2.InstanceStatus:

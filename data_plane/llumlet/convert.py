@@ -108,6 +108,21 @@ def request_load_to_pb(r: RequestLoadInfo) -> common_pb2.RequestLoad:
     )
 
 
+def _summary(snap: LoadSnapshot) -> common_pb2.LoadSummary:
+    """The same aggregates the policy core would compute from the request list (running includes suspended)."""
+    summary = common_pb2.LoadSummary()
+    for r in snap.requests:
+        high = r.priority >= common_pb2.PRIORITY_HIGH
+        if r.phase in (Phase.RUNNING, Phase.SUSPENDED):
+            summary.running_blocks += r.num_blocks
+            if high:
+                summary.num_running_high += 1
+                summary.running_high_blocks += r.num_blocks
+        elif r.phase is Phase.WAITING and high:
+            summary.num_waiting_high += 1
+    return summary
+
+
 def load_to_pb(snap: LoadSnapshot, instance_id: str, seq: int, timestamp: float) -> common_pb2.InstanceLoad:
     return common_pb2.InstanceLoad(
         instance_id=instance_id,
@@ -122,6 +137,7 @@ def load_to_pb(snap: LoadSnapshot, instance_id: str, seq: int, timestamp: float)
         head_of_line_demand_blocks=snap.head_of_line_demand_blocks,
         waiting_demand_blocks=snap.waiting_demand_blocks,
         requests=[request_load_to_pb(r) for r in snap.requests],
+        summary=_summary(snap),
         reserved_blocks=snap.reserved_blocks,
         total_preemptions=snap.total_preemptions,
         timestamp=timestamp,

@@ -390,6 +390,7 @@ class InstanceLoad(_message.Message):
     TOTAL_MIGRATIONS_OUT_FIELD_NUMBER: _builtins.int
     TIMESTAMP_FIELD_NUMBER: _builtins.int
     MIGRATION_STATS_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     seq: _builtins.int
     """Monotonic per instance; receivers ignore older snapshots."""
@@ -421,6 +422,10 @@ class InstanceLoad(_message.Message):
     def migration_stats(self) -> Global___MigrationStats:
         """Outgoing migrations of this instance since it started."""
 
+    @_builtins.property
+    def summary(self) -> Global___LoadSummary:
+        """Aggregates of `requests` that the policies read, computed by the llumlet so the leader need not walk the list."""
+
     def __init__(
         self,
         *,
@@ -445,14 +450,45 @@ class InstanceLoad(_message.Message):
         total_migrations_out: _builtins.int = ...,
         timestamp: _builtins.float = ...,
         migration_stats: Global___MigrationStats | None = ...,
+        summary: Global___LoadSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["migration_stats", b"migration_stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["migration_stats", b"migration_stats", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "free_blocks", b"free_blocks", "head_of_line_demand_blocks", b"head_of_line_demand_blocks", "instance_id", b"instance_id", "migrating_in", b"migrating_in", "migrating_out", b"migrating_out", "migration_stats", b"migration_stats", "num_preempted", b"num_preempted", "num_running", b"num_running", "num_waiting", b"num_waiting", "requests", b"requests", "reserved_blocks", b"reserved_blocks", "seq", b"seq", "state", b"state", "timestamp", b"timestamp", "total_blocks", b"total_blocks", "total_migrations_in", b"total_migrations_in", "total_migrations_out", b"total_migrations_out", "total_preemptions", b"total_preemptions", "waiting_demand_blocks", b"waiting_demand_blocks", "watermark_blocks", b"watermark_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_size", b"block_size", "free_blocks", b"free_blocks", "head_of_line_demand_blocks", b"head_of_line_demand_blocks", "instance_id", b"instance_id", "migrating_in", b"migrating_in", "migrating_out", b"migrating_out", "migration_stats", b"migration_stats", "num_preempted", b"num_preempted", "num_running", b"num_running", "num_waiting", b"num_waiting", "requests", b"requests", "reserved_blocks", b"reserved_blocks", "seq", b"seq", "state", b"state", "summary", b"summary", "timestamp", b"timestamp", "total_blocks", b"total_blocks", "total_migrations_in", b"total_migrations_in", "total_migrations_out", b"total_migrations_out", "total_preemptions", b"total_preemptions", "waiting_demand_blocks", b"waiting_demand_blocks", "watermark_blocks", b"watermark_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstanceLoad: _TypeAlias = InstanceLoad  # noqa: Y015
+
+@_typing.final
+class LoadSummary(_message.Message):
+    """Per-priority aggregates of an instance's requests (running includes migrating)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUM_RUNNING_HIGH_FIELD_NUMBER: _builtins.int
+    RUNNING_HIGH_BLOCKS_FIELD_NUMBER: _builtins.int
+    NUM_WAITING_HIGH_FIELD_NUMBER: _builtins.int
+    RUNNING_BLOCKS_FIELD_NUMBER: _builtins.int
+    num_running_high: _builtins.int
+    running_high_blocks: _builtins.int
+    num_waiting_high: _builtins.int
+    running_blocks: _builtins.int
+    def __init__(
+        self,
+        *,
+        num_running_high: _builtins.int = ...,
+        running_high_blocks: _builtins.int = ...,
+        num_waiting_high: _builtins.int = ...,
+        running_blocks: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_running_high", b"num_running_high", "num_waiting_high", b"num_waiting_high", "running_blocks", b"running_blocks", "running_high_blocks", b"running_high_blocks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoadSummary: _TypeAlias = LoadSummary  # noqa: Y015
 
 @_typing.final
 class MigrationStats(_message.Message):
