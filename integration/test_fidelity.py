@@ -16,8 +16,8 @@ from pyllumnix.tools.workload import generate
 
 pytestmark = pytest.mark.integration
 
-# 4 instances of the LLaMA-7B profile, 100 requests of 1,024 prompt tokens and 32 output tokens at 3 req/s (~35 s).
-WORKLOAD = "fixed:poisson:rate=3:n=100:in=1024:out=32"
+# 4 instances of the LLaMA-7B profile, 120 requests of 512 prompt tokens and 32 output tokens at 4 req/s (~35 s).
+WORKLOAD = "fixed:poisson:rate=4:n=120:in=512:out=32"
 TOLERANCE = 0.15
 
 
