@@ -76,31 +76,36 @@ async def test_vllm_llumlets_migrate_mid_decode(procs: Processes, sink: Recordin
         expected = sink.tokens("ref")
         assert len(expected) == max_tokens
 
-        # The same request on A, plus a neighbour that keeps A busy; migrate it to B mid-decode.
-        await stub_a.AddRequest(
-            llumlet_pb2.AddRequestRequest(request=engine_request("mig", sink.server.address, max_tokens)), timeout=10
-        )
+        # The same request three times on A, plus a neighbour that keeps A busy; each copy migrates to B at its own
+        # progress point while the others keep decoding on either side.
+        progress = {"m10": 10, "m100": 100, "m300": 300}
+        for rid in progress:
+            await stub_a.AddRequest(
+                llumlet_pb2.AddRequestRequest(request=engine_request(rid, sink.server.address, max_tokens)), timeout=10
+            )
         other = engine_request("other", sink.server.address, 300)
         other.prompt_token_ids[:] = list(range(10, 30))
         await stub_a.AddRequest(llumlet_pb2.AddRequestRequest(request=other), timeout=10)
-        while len(sink.tokens("mig")) < 100:
-            await asyncio.sleep(0.005)
-        reply = await stub_a.MigrateOut(
-            llumlet_pb2.MigrateOutRequest(
-                destination_instance_id="b", destination_grpc_address=b.address, request_id="mig", wait=True
-            ),
-            timeout=60,
-        )
-        assert len(reply.results) == 1
-        result = reply.results[0]
-        assert result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED, result.reason
-        assert result.bytes_sent > 0
-        outs = await sink.wait("mig", timeout=120)
+        for rid, at in progress.items():
+            while len(sink.tokens(rid)) < at:
+                await asyncio.sleep(0.002)
+            reply = await stub_a.MigrateOut(
+                llumlet_pb2.MigrateOutRequest(
+                    destination_instance_id="b", destination_grpc_address=b.address, request_id=rid, wait=True
+                ),
+                timeout=60,
+            )
+            assert len(reply.results) == 1
+            result = reply.results[0]
+            assert result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED, f"{rid}: {result.reason}"
+            assert result.bytes_sent > 0
         await sink.wait("other", timeout=120)
-        assert sink.tokens("mig") == expected, "migrated stream differs from the unmigrated run"
-        assert sorted(set(sink.raw_indices("mig"))) == list(range(max_tokens))
-        assert {o.instance_id for o in outs} == {"a", "b"}
-        assert outs[-1].instance_id == "b" and outs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        for rid in progress:
+            outs = await sink.wait(rid, timeout=120)
+            assert sink.tokens(rid) == expected, f"{rid}: migrated stream differs from the unmigrated run"
+            assert sorted(set(sink.raw_indices(rid))) == list(range(max_tokens))
+            assert {o.instance_id for o in outs} == {"a", "b"}
+            assert outs[-1].instance_id == "b" and outs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
 
         for stub in (stub_a, stub_b):  # every block is back
             load = (await stub.GetLoad(llumlet_pb2.GetLoadRequest(), timeout=10)).load
