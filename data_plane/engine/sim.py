@@ -23,7 +23,6 @@ from pyllumnix.data_plane.engine.base import (
     InvalidStateError,
     LoadSnapshot,
     MigrationState,
-    OutOfBlocksError,
     Phase,
     RequestLoadInfo,
     RequestSpec,
@@ -32,6 +31,7 @@ from pyllumnix.data_plane.engine.base import (
     UnknownRequestError,
 )
 from pyllumnix.data_plane.engine.block_pool import BlockPool
+from pyllumnix.data_plane.engine.checks import check_block_data, check_reservation, check_reserved
 from pyllumnix.data_plane.engine.payload import PayloadStore, expected_block_bytes, request_key
 from pyllumnix.data_plane.engine.profile import Profile, get_profile
 from pyllumnix.data_plane.engine.scheduler import Scheduler, SimRequest
@@ -272,17 +272,11 @@ class SimEngine(Engine):
 
     # --- migration, destination side ---
     def reserve_blocks(self, n: int) -> list[int]:
-        if n < 0:
-            raise InvalidRequestError(f"cannot reserve {n} blocks")
-        free = self.pool.num_free
-        if free - n < self.scheduler.watermark_blocks:
-            raise OutOfBlocksError(f"reserve {n}: {free} free, watermark {self.scheduler.watermark_blocks}")
+        check_reservation(n, self.pool.num_free, self.scheduler.watermark_blocks)
         return self.pool.reserve(n)
 
     def _check_reserved(self, block_ids: Sequence[int]) -> None:
-        not_reserved = [b for b in block_ids if not self.pool.is_reserved(b)]
-        if not_reserved or len(set(block_ids)) != len(block_ids):
-            raise InvalidStateError(f"blocks not reserved (or repeated): {not_reserved or list(block_ids)}")
+        check_reserved(block_ids, self.pool.is_reserved)
 
     def free_reserved(self, block_ids: Sequence[int]) -> None:
         self._check_reserved(block_ids)
@@ -290,10 +284,7 @@ class SimEngine(Engine):
 
     def write_blocks(self, block_ids: Sequence[int], data: BlockBuffer) -> None:
         self._check_reserved(block_ids)
-        if data.shape != (len(block_ids), self.block_bytes) or data.dtype != np.uint8:
-            raise InvalidRequestError(
-                f"block data {data.dtype}{data.shape} does not match ({len(block_ids)}, {self.block_bytes}) uint8"
-            )
+        check_block_data(block_ids, data, self.block_bytes)
         self.payload.write(block_ids, data)
 
     def _verify_payload(self, request_id: str, block_ids: Sequence[int], num_tokens: int) -> None:

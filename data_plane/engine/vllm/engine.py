@@ -27,7 +27,6 @@ from pyllumnix.data_plane.engine.base import (
     InvalidStateError,
     LoadSnapshot,
     MigrationState,
-    OutOfBlocksError,
     Phase,
     RequestLoadInfo,
     RequestSpec,
@@ -36,6 +35,7 @@ from pyllumnix.data_plane.engine.base import (
     TokenOutput,
     UnknownRequestError,
 )
+from pyllumnix.data_plane.engine.checks import check_block_data, check_reservation, check_reserved
 from pyllumnix.data_plane.engine.vllm.adapter import CoreAdapter, CoreConfig, ReqView, SamplingArgs
 
 ENGINE_STATE_VERSION = 1
@@ -335,17 +335,11 @@ class VllmEngine(Engine):
 
     # --- migration, destination side ---
     def reserve_blocks(self, n: int) -> list[int]:
-        if n < 0:
-            raise InvalidRequestError(f"cannot reserve {n} blocks")
-        free = self.core.num_free_blocks()
-        if free - n < self.watermark_blocks:
-            raise OutOfBlocksError(f"reserve {n}: {free} free, watermark {self.watermark_blocks}")
+        check_reservation(n, self.core.num_free_blocks(), self.watermark_blocks)
         return self.core.reserve(n)
 
     def _check_reserved(self, block_ids: Sequence[int]) -> None:
-        not_reserved = [b for b in block_ids if not self.core.is_reserved(b)]
-        if not_reserved or len(set(block_ids)) != len(block_ids):
-            raise InvalidStateError(f"blocks not reserved (or repeated): {not_reserved or list(block_ids)}")
+        check_reserved(block_ids, self.core.is_reserved)
 
     def free_reserved(self, block_ids: Sequence[int]) -> None:
         self._check_reserved(block_ids)
@@ -353,10 +347,7 @@ class VllmEngine(Engine):
 
     def write_blocks(self, block_ids: Sequence[int], data: BlockBuffer) -> None:
         self._check_reserved(block_ids)
-        if data.shape != (len(block_ids), self.block_bytes) or data.dtype != np.uint8:
-            raise InvalidRequestError(
-                f"block data {data.dtype}{data.shape} does not match ({len(block_ids)}, {self.block_bytes}) uint8"
-            )
+        check_block_data(block_ids, data, self.block_bytes)
         self.core.write(block_ids, data)
 
     def commit_incoming(self, state: MigrationState, block_ids: Sequence[int], now: float) -> None:
