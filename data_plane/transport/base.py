@@ -121,6 +121,30 @@ class Transport(ABC):
         await self.close()
 
 
+class BufferingTransport(Transport):
+    """Shared receive side of transports that match arriving chunks to expectations themselves (in-process and TCP):
+    ``_expected`` holds registered transfers, ``_early`` the chunks that arrived before their expectation."""
+
+    def __init__(self) -> None:
+        self._expected: dict[str, Expectation] = {}
+        self._early: dict[str, Bytes] = {}
+
+    async def receive(self, key: str, timeout: float = DEFAULT_TIMEOUT_S) -> Bytes:
+        exp = self._expected.get(key)
+        if exp is None:
+            raise TransportError(f"{key!r} was not expected")
+        try:
+            return await await_expectation(exp, timeout)
+        finally:
+            self._expected.pop(key, None)
+
+    def cancel(self, key: str) -> None:
+        exp = self._expected.pop(key, None)
+        if exp is not None and not exp.future.done():
+            exp.future.cancel()
+        self._early.pop(key, None)
+
+
 async def await_expectation(exp: Expectation, timeout: float) -> Bytes:
     """Waits for an expectation's future with a timeout, mapping the outcome onto transport errors."""
     try:

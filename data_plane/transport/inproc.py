@@ -15,15 +15,14 @@ import numpy as np
 
 from pyllumnix.data_plane.transport.base import (
     DEFAULT_TIMEOUT_S,
+    BufferingTransport,
     Bytes,
     Chunk,
     Expectation,
-    Transport,
     TransportClosed,
     TransportError,
     TransportTimeout,
     as_bytes_view,
-    await_expectation,
     make_out_buffer,
 )
 
@@ -31,16 +30,14 @@ _REGISTRY: dict[str, InprocTransport] = {}
 _IDS = itertools.count()
 
 
-class InprocTransport(Transport):
+class InprocTransport(BufferingTransport):
     kind = "inproc"
 
     def __init__(self, name: str | None = None, cost_fn: Callable[[int], float] | None = None) -> None:
         self._name = name
         self._cost_fn = cost_fn
         self._address: str | None = None
-        self._expected: dict[str, Expectation] = {}
-        # Chunks that arrived before their expectation (copied).
-        self._early: dict[str, Bytes] = {}
+        super().__init__()
 
     async def start(self) -> str:
         if self._address is None:
@@ -105,18 +102,3 @@ class InprocTransport(Transport):
         early = self._early.pop(key, None)
         if early is not None:
             self._deliver(key, early.data)
-
-    async def receive(self, key: str, timeout: float = DEFAULT_TIMEOUT_S) -> Bytes:
-        exp = self._expected.get(key)
-        if exp is None:
-            raise TransportError(f"{key!r} was not expected")
-        try:
-            return await await_expectation(exp, timeout)
-        finally:
-            self._expected.pop(key, None)
-
-    def cancel(self, key: str) -> None:
-        exp = self._expected.pop(key, None)
-        if exp is not None and not exp.future.done():
-            exp.future.cancel()
-        self._early.pop(key, None)

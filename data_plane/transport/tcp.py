@@ -21,15 +21,14 @@ import numpy as np
 
 from pyllumnix.data_plane.transport.base import (
     DEFAULT_TIMEOUT_S,
+    BufferingTransport,
     Bytes,
     Chunk,
     Expectation,
-    Transport,
     TransportClosed,
     TransportError,
     TransportTimeout,
     as_bytes_view,
-    await_expectation,
     make_out_buffer,
 )
 
@@ -73,7 +72,7 @@ def _peer_gone(sock: socket.socket) -> bool:
         return True
 
 
-class TcpTransport(Transport):
+class TcpTransport(BufferingTransport):
     kind = "tcp"
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None) -> None:
@@ -85,8 +84,7 @@ class TcpTransport(Transport):
         self._tasks: set[asyncio.Task[None]] = set()
         self._server_socks: set[socket.socket] = set()
         self._conns: dict[str, _Conn] = {}
-        self._expected: dict[str, Expectation] = {}
-        self._early: dict[str, Bytes] = {}
+        super().__init__()
 
     async def start(self) -> str:
         if self._address is not None:
@@ -197,21 +195,6 @@ class TcpTransport(Transport):
         self._expected[key] = exp
         if early is not None:
             self._deliver(key, early, direct=early is exp.buffer)
-
-    async def receive(self, key: str, timeout: float = DEFAULT_TIMEOUT_S) -> Bytes:
-        exp = self._expected.get(key)
-        if exp is None:
-            raise TransportError(f"{key!r} was not expected")
-        try:
-            return await await_expectation(exp, timeout)
-        finally:
-            self._expected.pop(key, None)
-
-    def cancel(self, key: str) -> None:
-        exp = self._expected.pop(key, None)
-        if exp is not None and not exp.future.done():
-            exp.future.cancel()
-        self._early.pop(key, None)
 
     # --- sending ---
     async def _connect(self, peer: str) -> _Conn:
