@@ -72,3 +72,12 @@ $(VENV)/.vllm: $(VENV)/.installed
 # Real-vLLM tests only (in-process migration between two engines, then two llumlet processes): ~2 min on 2 cores.
 test-vllm: vllm link
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests/test_vllm_migration.py integration/test_vllm_processes.py
+
+# The simulator's paper comparisons at full size (10,000 requests per run, 16 instances; ~1 h on 2 cores):
+# docs/sim/full/<scenario>/COMPARE.md + plots, summarized in docs/sim/REPORT.md.
+.PHONY: sim-report
+sim-report: link
+	$(VENV)/bin/llumnix sim compare --scenario paper-fig11 --requests 10000 --load-scale 1 --out docs/sim/full/fig11-paper-rates
+	$(VENV)/bin/llumnix sim compare --scenario paper-fig11 --requests 10000 --load-scale 3 --out docs/sim/full/fig11-3x-rates
+	$(VENV)/bin/llumnix sim compare --scenario paper-fig13 --requests 10000 --load-scale 1 --out docs/sim/full/fig13
+	$(VENV)/bin/llumnix sim compare --scenario paper-fig14 --requests 10000 --load-scale 1 --out docs/sim/full/fig14
