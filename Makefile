@@ -78,6 +78,6 @@ test-vllm: vllm link
 .PHONY: sim-report
 sim-report: link
 	$(VENV)/bin/llumnix sim compare --scenario paper-fig11 --requests 10000 --load-scale 1 --out docs/sim/full/fig11-paper-rates
-	$(VENV)/bin/llumnix sim compare --scenario paper-fig11 --requests 10000 --load-scale 3 --out docs/sim/full/fig11-3x-rates
+	$(VENV)/bin/llumnix sim compare --scenario paper-fig11 --requests 10000 --load-scale 2 --out docs/sim/full/fig11-2x-rates
 	$(VENV)/bin/llumnix sim compare --scenario paper-fig13 --requests 10000 --load-scale 1 --out docs/sim/full/fig13
 	$(VENV)/bin/llumnix sim compare --scenario paper-fig14 --requests 10000 --load-scale 1 --out docs/sim/full/fig14
