@@ -13,8 +13,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -43,24 +42,8 @@ _FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH, "abort": Finish.ABORT, 
 _PHASE = {"running": Phase.RUNNING, "waiting": Phase.WAITING, "suspended": Phase.SUSPENDED}
 
 
-@dataclass(frozen=True)
-class VllmEngineConfig:
-    """vLLM settings (defaults: the ones that work on a 2-core CPU machine with a tiny model)."""
-
-    model: str
-    dtype: str = "float32"
-    max_model_len: int = 512
-    block_size: int = 32
-    kv_cache_memory_bytes: int | None = 64 << 20
-    gpu_memory_utilization: float | None = None
-    seed: int = 0
-    enforce_eager: bool = True
-    enable_prefix_caching: bool = False
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    # Fraction of the blocks a migration reservation may not take (vLLM V1 itself has no watermark).
-    watermark: float = 0.01
-    extra_engine_args: dict[str, Any] = field(default_factory=dict)
+# The engine's vLLM settings are the adapter's (one dataclass; the adapter is where they meet vLLM).
+VllmEngineConfig = CoreConfig
 
 
 @dataclass
@@ -107,29 +90,15 @@ def decode_engine_state(data: bytes) -> bytes | None:
 class VllmEngine(Engine):
     """``VllmEngine(VllmEngineConfig(model=PATH))``: one in-process vLLM V1 engine core."""
 
-    def __init__(self, config: VllmEngineConfig) -> None:
+    def __init__(self, config: VllmEngineConfig, *, watermark: float = 0.01) -> None:
+        """``watermark``: the fraction of blocks a migration reservation may not take (vLLM V1 has none itself)."""
         self.config = config
-        self.core = CoreAdapter(
-            CoreConfig(
-                model=config.model,
-                dtype=config.dtype,
-                max_model_len=config.max_model_len,
-                block_size=config.block_size,
-                kv_cache_memory_bytes=config.kv_cache_memory_bytes,
-                gpu_memory_utilization=config.gpu_memory_utilization,
-                seed=config.seed,
-                enforce_eager=config.enforce_eager,
-                enable_prefix_caching=config.enable_prefix_caching,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                extra_engine_args=dict(config.extra_engine_args),
-            )
-        )
+        self.core = CoreAdapter(config)
         self.block_size = self.core.block_size
         self.total_blocks = self.core.num_blocks
         self.max_model_len = self.core.max_model_len
         self.block_bytes = self.core.block_bytes
-        self.watermark_blocks = math.ceil(config.watermark * self.total_blocks)
+        self.watermark_blocks = math.ceil(watermark * self.total_blocks)
         self._reqs: dict[str, _Tracked] = {}
         self._total_preemptions = 0
 
