@@ -144,6 +144,14 @@ class BufferingTransport(Transport):
             exp.future.cancel()
         self._early.pop(key, None)
 
+    def _fail_pending(self) -> None:
+        """On close: every pending receive fails with TransportClosed; early chunks are dropped."""
+        for exp in self._expected.values():
+            if not exp.future.done():
+                exp.future.set_exception(TransportClosed("endpoint closed"))
+        self._expected.clear()
+        self._early.clear()
+
 
 async def await_expectation(exp: Expectation, timeout: float) -> Bytes:
     """Waits for an expectation's future with a timeout, mapping the outcome onto transport errors."""

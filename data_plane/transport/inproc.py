@@ -52,11 +52,7 @@ class InprocTransport(BufferingTransport):
         if self._address is not None:
             _REGISTRY.pop(self._address, None)
             self._address = None
-        for exp in self._expected.values():
-            if not exp.future.done():
-                exp.future.set_exception(TransportClosed("endpoint closed"))
-        self._expected.clear()
-        self._early.clear()
+        self._fail_pending()
 
     @property
     def address(self) -> str:

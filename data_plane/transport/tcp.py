@@ -122,11 +122,7 @@ class TcpTransport(BufferingTransport):
         for conn in self._conns.values():
             conn.sock.close()
         self._conns.clear()
-        for exp in self._expected.values():
-            if not exp.future.done():
-                exp.future.set_exception(TransportClosed("endpoint closed"))
-        self._expected.clear()
-        self._early.clear()
+        self._fail_pending()
 
     @property
     def address(self) -> str:
