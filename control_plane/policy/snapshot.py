@@ -12,7 +12,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -221,26 +221,12 @@ def from_instance_load(
         seen = bool(pb.requests)
     else:
         rh, rhb, wh, rb, seen = _priority_split((r.phase, r.priority, r.num_blocks) for r in pb.requests)
-    if not seen:
-        rb = max(0, pb.total_blocks - pb.free_blocks - pb.reserved_blocks)
-    return InstanceView(
-        instance_id=pb.instance_id,
+    return _view_of(
+        pb,
+        pb.instance_id,
+        (rh, rhb, wh, rb, seen),
         state=state,
         healthy=healthy,
-        total_blocks=pb.total_blocks,
-        free_blocks=pb.free_blocks,
-        block_size=pb.block_size,
-        watermark_blocks=pb.watermark_blocks,
-        num_running=pb.num_running,
-        num_waiting=pb.num_waiting,
-        num_preempted=pb.num_preempted,
-        head_of_line_demand_blocks=pb.head_of_line_demand_blocks,
-        waiting_demand_blocks=pb.waiting_demand_blocks,
-        num_running_high=rh,
-        running_high_blocks=rhb,
-        num_waiting_high=wh,
-        running_blocks=rb,
-        reserved_blocks=pb.reserved_blocks,
         migrating_in=pb.migrating_in,
         migrating_out=pb.migrating_out,
         dispatched_since_report=dispatched[0],
@@ -265,12 +251,31 @@ def from_load_snapshot(
     rh, rhb, wh, rb, seen = _priority_split(
         (phase_of.get(r.phase.value, RequestPhase.FINISHED), r.priority, r.num_blocks) for r in load.requests
     )
+    return _view_of(
+        load,
+        instance_id,
+        (rh, rhb, wh, rb, seen),
+        state=state,
+        healthy=healthy,
+        migrating_in=migrating_in,
+        migrating_out=migrating_out,
+        seq=seq,
+    )
+
+
+def _view_of(
+    load: common_pb2.InstanceLoad | LoadSnapshot,
+    instance_id: str,
+    split: tuple[int, int, int, int, bool],
+    **extra: Any,
+) -> InstanceView:
+    """The view of a proto report or an engine snapshot: both name their engine figures alike. Without a request
+    list, the blocks in use count as running blocks."""
+    rh, rhb, wh, rb, seen = split
     if not seen:
         rb = max(0, load.total_blocks - load.free_blocks - load.reserved_blocks)
     return InstanceView(
         instance_id=instance_id,
-        state=state,
-        healthy=healthy,
         total_blocks=load.total_blocks,
         free_blocks=load.free_blocks,
         block_size=load.block_size,
@@ -285,9 +290,7 @@ def from_load_snapshot(
         num_waiting_high=wh,
         running_blocks=rb,
         reserved_blocks=load.reserved_blocks,
-        migrating_in=migrating_in,
-        migrating_out=migrating_out,
-        seq=seq,
+        **extra,
     )
 
 
