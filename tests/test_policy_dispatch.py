@@ -13,7 +13,7 @@ from pyllumnix.control_plane.policy.dispatch import DISPATCH_REGISTRY, make_disp
 from pyllumnix.control_plane.policy.dispatch.round_robin import RoundRobinDispatch
 from pyllumnix.control_plane.policy.freeness import dispatch_freeness
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView, InstanceState, Priority
-from tests.test_policy_helpers import snapshots, view
+from tests.test_policy_helpers import instance_views, snapshots, view
 
 NORMAL = DispatchRequestView("n", Priority.NORMAL, num_prompt_tokens=32)
 HIGH = DispatchRequestView("h", Priority.HIGH, num_prompt_tokens=32)  # 2 blocks of 16
@@ -133,3 +133,28 @@ def test_llumnix_normal_matches_scalar_reference(snap: ClusterSnapshot) -> None:
     if eligible:
         expected = min(eligible, key=lambda v: (v.holds_high, -dispatch_freeness(v, cfg), v.instance_id)).instance_id
     assert make_dispatch_policy("llumnix", cfg).choose(snap, NORMAL) == expected
+
+
+@given(snapshots(min_size=1), st.data())
+def test_llumnix_kept_keys_equal_a_fresh_computation(snap: ClusterSnapshot, data: st.DataObject) -> None:
+    """The policy patches its normal-request keys along a chain of derived snapshots (reports, dispatches, a headroom
+    change, a branch off an older snapshot); every choice must equal that of a policy computing from scratch."""
+    kept = make_dispatch_policy("llumnix", PolicyConfig())
+    history = [snap]
+    for step in range(12):
+        action = data.draw(st.sampled_from(["report", "dispatch", "headroom", "branch"]))
+        if action == "report":
+            ids = data.draw(st.lists(st.sampled_from(snap.ids), unique=True, max_size=3))
+            snap = snap.updated([data.draw(instance_views(i)) for i in ids])
+        elif action == "dispatch":
+            chosen = kept.choose(snap, NORMAL)
+            if chosen is not None:
+                snap = snap.record_dispatch(chosen, 2)
+        elif action == "headroom":
+            kept.config = PolicyConfig(normal_headroom_blocks=data.draw(st.integers(0, 50)))
+        else:
+            snap = data.draw(st.sampled_from(history))
+        history.append(snap)
+        fresh = make_dispatch_policy("llumnix", kept.config)
+        for req in (NORMAL, HIGH):
+            assert kept.choose(snap, req) == fresh.choose(snap, req), (step, action)

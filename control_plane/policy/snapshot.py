@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
+import operator
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -111,15 +113,24 @@ class InstanceView:
 
     def with_dispatch(self, demand_blocks: int, priority: int = Priority.NORMAL) -> InstanceView:
         """The view after one more request was sent here (until the next load report replaces it)."""
-        # Field-by-field copy: ~35 % cheaper than dataclasses.replace, and this runs once per dispatch.
-        fields = {name: getattr(self, name) for name in _VIEW_FIELDS}
-        fields["dispatched_since_report"] = self.dispatched_since_report + 1
-        fields["dispatched_demand_blocks"] = self.dispatched_demand_blocks + demand_blocks
-        fields["dispatched_high"] = self.dispatched_high + (1 if normalize_priority(priority) == Priority.HIGH else 0)
-        return InstanceView(**fields)
+        # Positional copy from one attrgetter call: this runs once per dispatch, and dataclasses.replace (keyword
+        # arguments, field introspection) costs about twice as much.
+        values = list(_view_values(self))
+        values[_DISPATCHED] += 1
+        values[_DISPATCHED + 1] += demand_blocks
+        values[_DISPATCHED + 2] += 1 if normalize_priority(priority) == Priority.HIGH else 0
+        return InstanceView(*values)
 
 
 _VIEW_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(InstanceView))
+_view_values = operator.attrgetter(*_VIEW_FIELDS)
+# dispatched_since_report, dispatched_demand_blocks, dispatched_high are consecutive fields.
+_DISPATCHED = _VIEW_FIELDS.index("dispatched_since_report")
+assert _VIEW_FIELDS[_DISPATCHED : _DISPATCHED + 3] == (
+    "dispatched_since_report",
+    "dispatched_demand_blocks",
+    "dispatched_high",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,22 +314,55 @@ _FLOAT_COLS = ("avail", "load", "total")
 _BOOL_COLS = ("eligible", "draining", "holds_high", "holds_normal")
 
 
-@dataclass(frozen=True, slots=True, eq=False)
 class SnapshotColumns:
     """Per-instance numbers in snapshot order (sorted by instance id), read-only. ``avail`` = free - waiting demand -
-    demand dispatched since the report; ``load`` = running + waiting + dispatched since the report."""
+    demand dispatched since the report; ``load`` = running + waiting + dispatched since the report.
 
-    avail: FloatArray
-    load: FloatArray
-    total: FloatArray
-    block_size: IntArray
-    eligible: BoolArray
-    draining: BoolArray
-    holds_high: BoolArray
-    holds_normal: BoolArray
-    # The 2-D arrays the columns above are rows of (copied whole by ``ClusterSnapshot.updated``).
-    floats: FloatArray
-    bools: BoolArray
+    Held as three arrays (floats rows: avail, load, total; bools rows: eligible, draining, holds_high, holds_normal)
+    with the named columns as row views made on access: a derived snapshot is built per dispatch, and building eight
+    views each time would cost more than the few accesses a decision makes."""
+
+    __slots__ = ("block_size", "bools", "floats")
+
+    def __init__(self, floats: FloatArray, block_size: IntArray, bools: BoolArray) -> None:
+        self.floats = floats
+        self.block_size = block_size
+        self.bools = bools
+
+    @property
+    def avail(self) -> FloatArray:
+        row: FloatArray = self.floats[0]
+        return row
+
+    @property
+    def load(self) -> FloatArray:
+        row: FloatArray = self.floats[1]
+        return row
+
+    @property
+    def total(self) -> FloatArray:
+        row: FloatArray = self.floats[2]
+        return row
+
+    @property
+    def eligible(self) -> BoolArray:
+        row: BoolArray = self.bools[0]
+        return row
+
+    @property
+    def draining(self) -> BoolArray:
+        row: BoolArray = self.bools[1]
+        return row
+
+    @property
+    def holds_high(self) -> BoolArray:
+        row: BoolArray = self.bools[2]
+        return row
+
+    @property
+    def holds_normal(self) -> BoolArray:
+        row: BoolArray = self.bools[3]
+        return row
 
 
 def _row(v: InstanceView) -> tuple[tuple[float, ...], int, tuple[bool, ...]]:
@@ -345,23 +389,56 @@ def _build_columns(views: tuple[InstanceView, ...]) -> SnapshotColumns:
 
 
 def _freeze(fl: FloatArray, bs: IntArray, bo: BoolArray) -> SnapshotColumns:
-    for a in (fl, bs, bo):
-        a.setflags(write=False)
-    return SnapshotColumns(
-        avail=fl[0], load=fl[1], total=fl[2], block_size=bs, eligible=bo[0], draining=bo[1], holds_high=bo[2],
-        holds_normal=bo[3], floats=fl, bools=bo,
-    )  # fmt: skip
+    fl.flags.writeable = False
+    bs.flags.writeable = False
+    bo.flags.writeable = False
+    return SnapshotColumns(fl, bs, bo)
 
 
-@dataclass(frozen=True, slots=True)
+# A chain of derived snapshots keeps its replaced views in a delta over a shared base tuple; past this many the
+# views are materialized into a fresh tuple (a pass over every instance) and the chain starts over.
+_MAX_DELTA = 64
+_serials = itertools.count(1)
+
+
 class ClusterSnapshot:
-    """All instances, sorted by id (the deterministic tie-break order). Immutable: updates return a new snapshot."""
+    """All instances, sorted by id (the deterministic tie-break order). Immutable: updates return a new snapshot.
 
-    instances: tuple[InstanceView, ...]
+    Deriving a snapshot from another (``updated``) costs O(changed instances), not O(instances): the views live in a
+    base tuple shared along the chain plus a small delta, and the columns are copied, not rebuilt. The dispatch path
+    derives one snapshot per decision, so a pass over 1,024 view objects per decision (refcount traffic that misses
+    the cache) would dominate it. ``serial``/``parent_serial``/``changed`` let a policy keep derived arrays up to date
+    by patching the changed positions (see ``LlumnixDispatch``)."""
+
+    __slots__ = ("_base", "_delta", "_views", "changed", "columns", "ids", "parent_serial", "positions", "serial")
+
     ids: tuple[str, ...]
     positions: Mapping[str, int]
-    # Derived from ``instances``; compared through them (numpy arrays have no boolean ==).
-    columns: SnapshotColumns = field(compare=False)
+    columns: SnapshotColumns
+    serial: int
+    parent_serial: int
+    changed: tuple[int, ...]
+
+    def __init__(
+        self,
+        ids: tuple[str, ...],
+        positions: Mapping[str, int],
+        columns: SnapshotColumns,
+        base: tuple[InstanceView, ...],
+        delta: dict[int, InstanceView] | None = None,
+        *,
+        parent_serial: int = 0,
+        changed: tuple[int, ...] = (),
+    ) -> None:
+        self.ids = ids
+        self.positions = positions
+        self.columns = columns
+        self.serial = next(_serials)
+        self.parent_serial = parent_serial
+        self.changed = changed
+        self._base = base
+        self._delta = delta or {}
+        self._views: tuple[InstanceView, ...] | None = None if self._delta else base
 
     @classmethod
     def of(cls, views: Iterable[InstanceView]) -> ClusterSnapshot:
@@ -370,10 +447,20 @@ class ClusterSnapshot:
         positions = {iid: i for i, iid in enumerate(ids)}
         if len(positions) != len(ordered):
             raise ValueError("duplicate instance_id in snapshot")
-        return cls(ordered, ids, positions, _build_columns(ordered))
+        return cls(ids, positions, _build_columns(ordered), ordered)
+
+    @property
+    def instances(self) -> tuple[InstanceView, ...]:
+        """Every view in id order (materialized on first use)."""
+        if self._views is None:
+            lst = list(self._base)
+            for i, v in self._delta.items():
+                lst[i] = v
+            self._views = tuple(lst)
+        return self._views
 
     def __len__(self) -> int:
-        return len(self.instances)
+        return len(self.ids)
 
     def __iter__(self) -> Iterator[InstanceView]:
         return iter(self.instances)
@@ -381,30 +468,54 @@ class ClusterSnapshot:
     def __contains__(self, instance_id: object) -> bool:
         return instance_id in self.positions
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ClusterSnapshot):
+            return NotImplemented
+        return self.ids == other.ids and self.instances == other.instances
+
+    __hash__ = None  # type: ignore[assignment]  # equality by content, and mutable caches inside
+
+    def __repr__(self) -> str:
+        return f"ClusterSnapshot({len(self)} instances, serial={self.serial})"
+
     def get(self, instance_id: str) -> InstanceView | None:
         i = self.positions.get(instance_id)
-        return None if i is None else self.instances[i]
+        if i is None:
+            return None
+        if self._views is not None:
+            return self._views[i]
+        v = self._delta.get(i)
+        return self._base[i] if v is None else v
 
     def updated(self, views: Iterable[InstanceView]) -> ClusterSnapshot:
         """Replaces (or adds) views; one batch costs one copy of the columns, so apply reports in batches."""
-        batch = list(views)
-        if any(v.instance_id not in self.positions for v in batch):
-            merged = {v.instance_id: v for v in self.instances}
-            merged.update((v.instance_id, v) for v in batch)
-            return ClusterSnapshot.of(merged.values())
+        batch = views if isinstance(views, (list, tuple)) else list(views)
+        positions = self.positions
         c = self.columns
-        fl = c.floats.copy()
-        bs = c.block_size.copy()
-        bo = c.bools.copy()
-        lst = list(self.instances)
+        fl, bs, bo = c.floats.copy(), c.block_size, c.bools.copy()
+        base, delta = (self._views, {}) if self._views is not None else (self._base, self._delta.copy())
+        changed = []
         for v in batch:
-            i = self.positions[v.instance_id]
-            lst[i] = v
+            i = positions.get(v.instance_id)
+            if i is None:  # a new instance: rebuild
+                merged = {v.instance_id: v for v in self.instances}
+                merged.update((v.instance_id, v) for v in batch)
+                return ClusterSnapshot.of(merged.values())
+            delta[i] = v
+            changed.append(i)
             f, b, flags = _row(v)
             fl[:, i] = f
-            bs[i] = b
             bo[:, i] = flags
-        return ClusterSnapshot(tuple(lst), self.ids, self.positions, _freeze(fl, bs, bo))
+            if bs[i] != b:  # block sizes do not change in practice: copied only when one does
+                if bs is c.block_size:
+                    bs = bs.copy()
+                bs[i] = b
+        snap = ClusterSnapshot(
+            self.ids, positions, _freeze(fl, bs, bo), base, delta, parent_serial=self.serial, changed=tuple(changed)
+        )
+        if len(delta) > _MAX_DELTA:
+            snap._base, snap._delta = snap.instances, {}
+        return snap
 
     def without(self, instance_ids: Iterable[str]) -> ClusterSnapshot:
         gone = set(instance_ids)

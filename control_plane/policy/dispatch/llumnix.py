@@ -2,35 +2,112 @@
 
 A high-priority request prefers instances where its headroom (and its prefill) still fits; a normal request avoids
 instances that hold high-priority requests while any other instance can take it. Both tiers rank by freeness.
+
+The ranking keys depend only on the snapshot and the headroom config, not on the request (a high request adds only a
+fit test against its prompt). So they are kept per snapshot and, when the next snapshot was derived from the one they
+were computed for (``ClusterSnapshot.updated``: a report or a dispatch changed a few instances), patched at the changed
+positions instead of recomputed over every instance. The patch is the scalar form of the same arithmetic, so the
+choice is exactly the full computation's (checked by property tests).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
-from pyllumnix.control_plane.policy.dispatch.base import DispatchPolicy, argmax_where
+from pyllumnix.control_plane.policy.dispatch.base import DispatchPolicy
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView, FloatArray, Priority
+
+NOT_A_CANDIDATE = -math.inf
+
+
+@dataclass(slots=True)
+class _Keys:
+    """Ranking keys for one snapshot. Freeness is finite or +inf, never -inf, so -inf marks "not a candidate".
+
+    ``normal_*``: freeness with the instance's current headroom; ``preferred`` also excludes instances holding a
+    high-priority request. ``high_*``: freeness as if a high request were placed there (it then holds the high
+    headroom); ``high_num`` is that numerator, for the request's fit test."""
+
+    serial: int
+    headroom: tuple[int, int]
+    normal_preferred: FloatArray
+    normal_eligible: FloatArray
+    high_num: FloatArray
+    high_eligible: FloatArray
 
 
 class LlumnixDispatch(DispatchPolicy):
     name = "llumnix"
+    _keys: _Keys | None = None
 
     def choose(self, snapshot: ClusterSnapshot, request: DispatchRequestView) -> str | None:
-        c = snapshot.columns
-        cfg = self.config
+        if len(snapshot) == 0:
+            return None
+        keys = self._keys_for(snapshot)
         if request.priority >= Priority.HIGH:
-            # Freeness as if it were placed here: the instance then holds the high-priority headroom.
-            num = c.avail - (cfg.high_headroom_blocks + cfg.normal_headroom_blocks * c.holds_normal)
-            demand = -(-request.num_prompt_tokens // np.maximum(c.block_size, 1))
-            preferred = c.eligible & (num - demand >= 0)
+            block_size = snapshot.columns.block_size
+            demand = -(-request.num_prompt_tokens // np.maximum(block_size, 1))
+            preferred = np.where(keys.high_num >= demand, keys.high_eligible, NOT_A_CANDIDATE)
+            fallback = keys.high_eligible
         else:
-            num = c.avail - (cfg.high_headroom_blocks * c.holds_high + cfg.normal_headroom_blocks * c.holds_normal)
-            preferred = c.eligible & ~c.holds_high
-        freeness = freeness_of(num, c.load)
-        i = argmax_where(freeness, preferred)
-        if i is None:
-            i = argmax_where(freeness, c.eligible)
-        return None if i is None else snapshot.ids[i]
+            preferred, fallback = keys.normal_preferred, keys.normal_eligible
+        i = int(preferred.argmax())  # ties: the lowest index, i.e. the lowest instance id
+        if preferred[i] == NOT_A_CANDIDATE:
+            i = int(fallback.argmax())
+            if fallback[i] == NOT_A_CANDIDATE:
+                return None
+        return snapshot.ids[i]
+
+    def _keys_for(self, snapshot: ClusterSnapshot) -> _Keys:
+        headroom = (self.config.high_headroom_blocks, self.config.normal_headroom_blocks)
+        keys = self._keys
+        if keys is not None and keys.headroom == headroom:
+            if keys.serial == snapshot.serial:
+                return keys
+            if keys.serial == snapshot.parent_serial:
+                _patch(keys, snapshot)
+                return keys
+        self._keys = keys = _full(snapshot, headroom)
+        return keys
+
+
+def _full(snapshot: ClusterSnapshot, headroom: tuple[int, int]) -> _Keys:
+    c = snapshot.columns
+    high, normal = headroom
+    normal_eligible = np.where(
+        c.eligible, freeness_of(c.avail - (high * c.holds_high + normal * c.holds_normal), c.load), NOT_A_CANDIDATE
+    )
+    high_num = c.avail - (high + normal * c.holds_normal)
+    return _Keys(
+        serial=snapshot.serial,
+        headroom=headroom,
+        normal_preferred=np.where(c.holds_high, NOT_A_CANDIDATE, normal_eligible),
+        normal_eligible=normal_eligible,
+        high_num=high_num,
+        high_eligible=np.where(c.eligible, freeness_of(high_num, c.load), NOT_A_CANDIDATE),
+    )
+
+
+def _patch(keys: _Keys, snapshot: ClusterSnapshot) -> None:
+    """Moves ``keys`` (computed for the parent of ``snapshot``) to ``snapshot`` by recomputing the changed positions,
+    in place: the keys are this policy's own state for the latest snapshot it saw, and ``serial`` says which."""
+    # Rows of floats: avail, load, total; of bools: eligible, draining, holds_high, holds_normal.
+    floats, bools = snapshot.columns.floats, snapshot.columns.bools
+    high, normal = keys.headroom
+    for i in snapshot.changed:
+        avail, load = float(floats[0, i]), float(floats[1, i])
+        eligible, holds_high, holds_normal = bool(bools[0, i]), int(bools[2, i]), int(bools[3, i])
+        num = avail - (high * holds_high + normal * holds_normal)
+        f = num / load if load > 0 else math.inf
+        keys.normal_eligible[i] = f if eligible else NOT_A_CANDIDATE
+        keys.normal_preferred[i] = NOT_A_CANDIDATE if holds_high else keys.normal_eligible[i]
+        num = avail - (high + normal * holds_normal)
+        keys.high_num[i] = num
+        keys.high_eligible[i] = (num / load if load > 0 else math.inf) if eligible else NOT_A_CANDIDATE
+    keys.serial = snapshot.serial
 
 
 def freeness_of(num: FloatArray, load: FloatArray) -> FloatArray:
