@@ -309,7 +309,7 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 
-# Column order of SnapshotColumns / _row().
+# Column order of SnapshotColumns / row_values().
 _FLOAT_COLS = ("avail", "load", "total")
 _BOOL_COLS = ("eligible", "draining", "holds_high", "holds_normal")
 
@@ -365,7 +365,9 @@ class SnapshotColumns:
         return row
 
 
-def _row(v: InstanceView) -> tuple[tuple[float, ...], int, tuple[bool, ...]]:
+def row_values(v: InstanceView) -> tuple[tuple[float, float, float], int, tuple[bool, bool, bool, bool]]:
+    """One instance's column values: (avail, load, total), block size, (eligible, draining, holds_high,
+    holds_normal). A policy keeping derived arrays patches them from these, exactly as the columns are written."""
     floats = (
         float(v.free_blocks - v.waiting_demand_blocks - v.dispatched_demand_blocks),
         float(v.num_requests),
@@ -381,10 +383,25 @@ def _build_columns(views: tuple[InstanceView, ...]) -> SnapshotColumns:
     bs = np.empty(n, dtype=np.int64)
     bo = np.empty((len(_BOOL_COLS), n), dtype=np.bool_)
     for i, v in enumerate(views):
-        f, b, flags = _row(v)
+        f, b, flags = row_values(v)
         fl[:, i] = f
         bs[i] = b
         bo[:, i] = flags
+    return _freeze(fl, bs, bo)
+
+
+def _patched_columns(c: SnapshotColumns, rows: Iterable[tuple[int, InstanceView]]) -> SnapshotColumns:
+    """A copy of ``c`` with the given rows rewritten (block sizes copied only if one changes: they do not in
+    practice)."""
+    fl, bs, bo = c.floats.copy(), c.block_size, c.bools.copy()
+    for i, v in rows:
+        f, b, flags = row_values(v)
+        fl[:, i] = f
+        bo[:, i] = flags
+        if bs[i] != b:
+            if bs is c.block_size:
+                bs = bs.copy()
+            bs[i] = b
     return _freeze(fl, bs, bo)
 
 
@@ -395,8 +412,8 @@ def _freeze(fl: FloatArray, bs: IntArray, bo: BoolArray) -> SnapshotColumns:
     return SnapshotColumns(fl, bs, bo)
 
 
-# A chain of derived snapshots keeps its replaced views in a delta over a shared base tuple; past this many the
-# views are materialized into a fresh tuple (a pass over every instance) and the chain starts over.
+# A derived snapshot keeps what changed since an ancestor as a small delta over that ancestor's views (a shared tuple)
+# and columns; past this many changed instances both are materialized and the chain starts over.
 _MAX_DELTA = 64
 _serials = itertools.count(1)
 
@@ -404,17 +421,29 @@ _serials = itertools.count(1)
 class ClusterSnapshot:
     """All instances, sorted by id (the deterministic tie-break order). Immutable: updates return a new snapshot.
 
-    Deriving a snapshot from another (``updated``) costs O(changed instances), not O(instances): the views live in a
-    base tuple shared along the chain plus a small delta, and the columns are copied, not rebuilt. The dispatch path
-    derives one snapshot per decision, so a pass over 1,024 view objects per decision (refcount traffic that misses
-    the cache) would dominate it. ``serial``/``parent_serial``/``changed`` let a policy keep derived arrays up to date
-    by patching the changed positions (see ``LlumnixDispatch``)."""
+    Deriving a snapshot from another (``updated``) costs O(changed instances), not O(instances): the views and the
+    columns of an ancestor are shared and the changes since it kept in a delta; each is materialized on first use
+    (and then serves as the base of the next derived snapshots). The dispatch path derives one snapshot per decision
+    and, with the Llumnix policy, reads no column: its kept keys are patched from ``changed`` (positions changed since
+    the parent, identified by ``parent_serial``) and ``view_at``. A pass over 1,024 view objects or a copy of the
+    columns per decision would otherwise dominate a dispatch."""
 
-    __slots__ = ("_base", "_delta", "_views", "changed", "columns", "ids", "parent_serial", "positions", "serial")
+    __slots__ = (
+        "_base",
+        "_col_base",
+        "_col_delta",
+        "_columns",
+        "_delta",
+        "_views",
+        "changed",
+        "ids",
+        "parent_serial",
+        "positions",
+        "serial",
+    )
 
     ids: tuple[str, ...]
     positions: Mapping[str, int]
-    columns: SnapshotColumns
     serial: int
     parent_serial: int
     changed: tuple[int, ...]
@@ -423,22 +452,27 @@ class ClusterSnapshot:
         self,
         ids: tuple[str, ...],
         positions: Mapping[str, int],
-        columns: SnapshotColumns,
         base: tuple[InstanceView, ...],
+        columns: SnapshotColumns,
         delta: dict[int, InstanceView] | None = None,
+        col_delta: dict[int, InstanceView] | None = None,
         *,
         parent_serial: int = 0,
         changed: tuple[int, ...] = (),
     ) -> None:
+        """``base`` with ``delta`` applied are the views; ``columns`` with ``col_delta`` applied the columns. The
+        delta dicts are never mutated once given here (derived snapshots copy them), so they may be shared."""
         self.ids = ids
         self.positions = positions
-        self.columns = columns
         self.serial = next(_serials)
         self.parent_serial = parent_serial
         self.changed = changed
         self._base = base
         self._delta = delta or {}
         self._views: tuple[InstanceView, ...] | None = None if self._delta else base
+        self._col_base = columns
+        self._col_delta = col_delta or {}
+        self._columns: SnapshotColumns | None = None if self._col_delta else columns
 
     @classmethod
     def of(cls, views: Iterable[InstanceView]) -> ClusterSnapshot:
@@ -447,7 +481,7 @@ class ClusterSnapshot:
         positions = {iid: i for i, iid in enumerate(ids)}
         if len(positions) != len(ordered):
             raise ValueError("duplicate instance_id in snapshot")
-        return cls(ids, positions, _build_columns(ordered), ordered)
+        return cls(ids, positions, ordered, _build_columns(ordered))
 
     @property
     def instances(self) -> tuple[InstanceView, ...]:
@@ -458,6 +492,13 @@ class ClusterSnapshot:
                 lst[i] = v
             self._views = tuple(lst)
         return self._views
+
+    @property
+    def columns(self) -> SnapshotColumns:
+        """The per-instance numbers as arrays (materialized on first use)."""
+        if self._columns is None:
+            self._columns = _patched_columns(self._col_base, self._col_delta.items())
+        return self._columns
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -473,27 +514,34 @@ class ClusterSnapshot:
             return NotImplemented
         return self.ids == other.ids and self.instances == other.instances
 
-    __hash__ = None  # type: ignore[assignment]  # equality by content, and mutable caches inside
+    __hash__ = None  # type: ignore[assignment]  # equality by content, and caches inside
 
     def __repr__(self) -> str:
         return f"ClusterSnapshot({len(self)} instances, serial={self.serial})"
 
+    def view_at(self, position: int) -> InstanceView:
+        if self._views is not None:
+            return self._views[position]
+        v = self._delta.get(position)
+        return self._base[position] if v is None else v
+
     def get(self, instance_id: str) -> InstanceView | None:
         i = self.positions.get(instance_id)
-        if i is None:
-            return None
-        if self._views is not None:
-            return self._views[i]
-        v = self._delta.get(i)
-        return self._base[i] if v is None else v
+        return None if i is None else self.view_at(i)
 
     def updated(self, views: Iterable[InstanceView]) -> ClusterSnapshot:
-        """Replaces (or adds) views; one batch costs one copy of the columns, so apply reports in batches."""
+        """Replaces (or adds) views. O(changed instances) unless a new instance forces a rebuild."""
         batch = views if isinstance(views, (list, tuple)) else list(views)
         positions = self.positions
-        c = self.columns
-        fl, bs, bo = c.floats.copy(), c.block_size, c.bools.copy()
-        base, delta = (self._views, {}) if self._views is not None else (self._base, self._delta.copy())
+        views_fresh, columns_fresh = self._views is not None, self._columns is not None
+        base, delta = (self.instances, {}) if views_fresh else (self._base, self._delta.copy())
+        # Where the views and the columns start from the same snapshot, one delta serves both.
+        if columns_fresh:
+            col_base, col_delta = self.columns, (delta if views_fresh else {})
+        elif not views_fresh and self._col_delta is self._delta:
+            col_base, col_delta = self._col_base, delta
+        else:
+            col_base, col_delta = self._col_base, self._col_delta.copy()
         changed = []
         for v in batch:
             i = positions.get(v.instance_id)
@@ -502,19 +550,15 @@ class ClusterSnapshot:
                 merged.update((v.instance_id, v) for v in batch)
                 return ClusterSnapshot.of(merged.values())
             delta[i] = v
+            col_delta[i] = v
             changed.append(i)
-            f, b, flags = _row(v)
-            fl[:, i] = f
-            bo[:, i] = flags
-            if bs[i] != b:  # block sizes do not change in practice: copied only when one does
-                if bs is c.block_size:
-                    bs = bs.copy()
-                bs[i] = b
         snap = ClusterSnapshot(
-            self.ids, positions, _freeze(fl, bs, bo), base, delta, parent_serial=self.serial, changed=tuple(changed)
+            self.ids, positions, base, col_base, delta, col_delta, parent_serial=self.serial, changed=tuple(changed)
         )
         if len(delta) > _MAX_DELTA:
             snap._base, snap._delta = snap.instances, {}
+        if len(col_delta) > _MAX_DELTA:
+            snap._col_base, snap._col_delta = snap.columns, {}
         return snap
 
     def without(self, instance_ids: Iterable[str]) -> ClusterSnapshot:

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyllumnix.control_plane.policy.dispatch.base import DispatchPolicy
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView, FloatArray, Priority
+from pyllumnix.control_plane.policy.snapshot import (
+    ClusterSnapshot,
+    DispatchRequestView,
+    FloatArray,
+    IntArray,
+    Priority,
+    row_values,
+)
 
 NOT_A_CANDIDATE = -math.inf
 
@@ -29,7 +36,7 @@ class _Keys:
 
     ``normal_*``: freeness with the instance's current headroom; ``preferred`` also excludes instances holding a
     high-priority request. ``high_*``: freeness as if a high request were placed there (it then holds the high
-    headroom); ``high_num`` is that numerator, for the request's fit test."""
+    headroom); ``high_num`` is that numerator and ``block_size`` the instance's, for the request's fit test."""
 
     serial: int
     headroom: tuple[int, int]
@@ -37,6 +44,7 @@ class _Keys:
     normal_eligible: FloatArray
     high_num: FloatArray
     high_eligible: FloatArray
+    block_size: IntArray
 
 
 class LlumnixDispatch(DispatchPolicy):
@@ -48,8 +56,7 @@ class LlumnixDispatch(DispatchPolicy):
             return None
         keys = self._keys_for(snapshot)
         if request.priority >= Priority.HIGH:
-            block_size = snapshot.columns.block_size
-            demand = -(-request.num_prompt_tokens // np.maximum(block_size, 1))
+            demand = -(-request.num_prompt_tokens // np.maximum(keys.block_size, 1))
             preferred = np.where(keys.high_num >= demand, keys.high_eligible, NOT_A_CANDIDATE)
             fallback = keys.high_eligible
         else:
@@ -88,18 +95,17 @@ def _full(snapshot: ClusterSnapshot, headroom: tuple[int, int]) -> _Keys:
         normal_eligible=normal_eligible,
         high_num=high_num,
         high_eligible=np.where(c.eligible, freeness_of(high_num, c.load), NOT_A_CANDIDATE),
+        block_size=c.block_size.copy(),
     )
 
 
 def _patch(keys: _Keys, snapshot: ClusterSnapshot) -> None:
     """Moves ``keys`` (computed for the parent of ``snapshot``) to ``snapshot`` by recomputing the changed positions,
     in place: the keys are this policy's own state for the latest snapshot it saw, and ``serial`` says which."""
-    # Rows of floats: avail, load, total; of bools: eligible, draining, holds_high, holds_normal.
-    floats, bools = snapshot.columns.floats, snapshot.columns.bools
     high, normal = keys.headroom
     for i in snapshot.changed:
-        avail, load = float(floats[0, i]), float(floats[1, i])
-        eligible, holds_high, holds_normal = bool(bools[0, i]), int(bools[2, i]), int(bools[3, i])
+        (avail, load, _), block_size, (eligible, _, holds_high, holds_normal) = row_values(snapshot.view_at(i))
+        keys.block_size[i] = block_size
         num = avail - (high * holds_high + normal * holds_normal)
         f = num / load if load > 0 else math.inf
         keys.normal_eligible[i] = f if eligible else NOT_A_CANDIDATE
