@@ -241,7 +241,8 @@ class SchedulerReplica:
         if num_prompt_tokens <= 0 or max_tokens <= 0:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, "num_prompt_tokens and max_tokens must be > 0")
         request = DispatchRequestView(request_id, normalize_priority(priority), num_prompt_tokens, max_tokens)
-        snapshot = self.cluster.snapshot(time.monotonic())
+        now = time.monotonic()
+        snapshot = self.cluster.snapshot(now)
         choice = self.core.dispatch(snapshot, request)
         if choice is None:
             raise SchedulingError(
@@ -249,9 +250,7 @@ class SchedulerReplica:
             )
         view = snapshot.get(choice)
         assert view is not None
-        self.cluster.record_dispatch(
-            choice, request_id, request.demand_blocks(view.block_size), request.priority, time.monotonic()
-        )
+        self.cluster.record_dispatch(choice, request_id, request.demand_blocks(view.block_size), request.priority, now)
         return choice, self.cluster.infos[choice].grpc_address
 
     # ------------------------------------------------------------------ llumlet calls
