@@ -83,7 +83,7 @@ def _socket_receiver(conn: Connection) -> None:
         if msg is None:
             return
         nbytes, count = msg
-        buf = memoryview(bytearray(nbytes))
+        buf = memoryview(_filled(nbytes).data)  # same touched memory as the other receivers
         for _ in range(count):
             got = 0
             while got < nbytes:
@@ -126,7 +126,7 @@ def _transport_receiver(kind: str, conn: Connection) -> None:
             if msg is None:
                 break
             prefix, nbytes, count = msg
-            ring = [host_buffer(nbytes) for _ in range(2)]
+            ring = [_filled(nbytes) for _ in range(2)]  # touched now, not mid-transfer (as ChunkBuffers does)
             for i in range(min(2, count)):
                 transport.expect(f"{prefix}/{i}", nbytes, out=ring[i])
             conn.send("ready")
