@@ -3,8 +3,10 @@
 The references are measured in the same run so the ratios compare like with like on a noisy host: numpy memcpy (the
 ceiling for a same-host copy) and a plain Python TCP socket (``sendall`` / ``recv_into``, no framing). Each transport
 sends chunks of each size from this process to a receiver child (spawned) that expects them into a ring of two
-preallocated buffers, as block fusion does. Time runs from the first timed send to the receiver's last completion
-(both read CLOCK_MONOTONIC, which is system-wide), after untimed warm-up transfers.
+preallocated buffers, as block fusion does; like ChunkBuffers (and like the memcpy destination after its warm-up),
+every receiving buffer is touched before the clock starts, so no run pays first-touch page faults. Time runs from the
+first timed send to the receiver's last completion (both read CLOCK_MONOTONIC, which is system-wide), after untimed
+warm-up transfers.
 """
 
 from __future__ import annotations

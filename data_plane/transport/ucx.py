@@ -19,6 +19,11 @@ defaults there, each overridable by the environment:
   ``UCX_TLS=rc,sm,self``.
 - ``UCXPY_PROGRESS_MODE``: ``blocking`` (progress driven by the event loop from the worker's epoll fd; fastest here).
 - ``UCX_RNDV_FRAG_MEM_TYPE``: ``host`` (ucxx defaults to ``cuda`` staging, pointless without a GPU).
+- ``UCX_CMA_SEG_SIZE``: ``4M``. Same-host rendezvous is a CMA ``process_vm_readv`` done by the receiver's worker
+  progress, one segment per progress call (UCX's default is 512K). With ``blocking`` progress each call is one trip
+  through the event loop, so a 16 MiB chunk took 32 trips; with 4 MiB segments a 16 MiB transfer measured ~10 %
+  faster (interleaved A/B, 8 runs each: best 11.5-12.4 vs 10.2-11.2 GiB/s) while one call still blocks the loop
+  for only ~0.3 ms (16M measured the same as 4M).
 
 A timed-out operation cannot be cancelled individually in ucxx: its request and buffer are parked until the peer
 completes it or the process ends (bounded by the number of timeouts; keys are never reused).
@@ -52,6 +57,7 @@ UCX_ENV_DEFAULTS: dict[str, str] = {
     "UCX_TLS": "sm,self,tcp",
     "UCXPY_PROGRESS_MODE": "blocking",
     "UCX_RNDV_FRAG_MEM_TYPE": "host",
+    "UCX_CMA_SEG_SIZE": "4M",
     "UCX_WARN_UNUSED_ENV_VARS": "n",
 }
 
