@@ -8,7 +8,7 @@ one migration at a time per instance and direction.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.freeness import freest_first, migration_freeness, most_loaded_first
@@ -57,13 +57,12 @@ def _narrows_gap(src: InstanceView, dst: InstanceView, f_src: float, f_dst: floa
     so the move narrows the gap rather than reversing it."""
     if src.num_running > 0:
         blocks = -(-src.running_blocks // src.num_running)
-        src_after = replace(src, num_running=src.num_running - 1, free_blocks=src.free_blocks + blocks)
-        dst_after = replace(dst, num_running=dst.num_running + 1, free_blocks=dst.free_blocks - blocks)
+        src_after = src._replace(num_running=src.num_running - 1, free_blocks=src.free_blocks + blocks)
+        dst_after = dst._replace(num_running=dst.num_running + 1, free_blocks=dst.free_blocks - blocks)
     else:
         blocks = src.head_of_line_demand_blocks
-        src_after = replace(src, num_waiting=src.num_waiting - 1)
-        dst_after = replace(
-            dst,
+        src_after = src._replace(num_waiting=src.num_waiting - 1)
+        dst_after = dst._replace(
             num_waiting=dst.num_waiting + 1,
             head_of_line_demand_blocks=dst.head_of_line_demand_blocks if dst.num_waiting else blocks,
         )

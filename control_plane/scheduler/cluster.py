@@ -11,7 +11,6 @@ the request never went there, or a burst of dispatches would herd onto it.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
@@ -119,7 +118,7 @@ class ClusterState:
                     self._unhealthy.add(iid)
                     view = self._pending.get(iid) or self._snapshot.get(iid)
                     if view is not None:
-                        self._pending[iid] = dataclasses.replace(view, healthy=False)
+                        self._pending[iid] = view._replace(healthy=False)
         if self._pending:
             self._snapshot = self._snapshot.updated(self._pending.values())
             self._pending.clear()

@@ -16,7 +16,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from pyllumnix.control_plane.policy.core import PolicyCore
@@ -207,7 +207,7 @@ class ClusterSimulator:
             view = self.snapshot.get(inst.instance_id)
             if view is not None:
                 views.append(
-                    replace(view, state=inst.state, migrating_in=inst.migrating_in, migrating_out=inst.migrating_out)
+                    view._replace(state=inst.state, migrating_in=inst.migrating_in, migrating_out=inst.migrating_out)
                 )
         if views:
             self.snapshot = self.snapshot.updated(views)
