@@ -362,7 +362,10 @@ class SnapshotColumns:
         return row
 
 
-def row_values(v: InstanceView) -> tuple[tuple[float, float, float], int, tuple[bool, bool, bool, bool]]:
+Row = tuple[tuple[float, float, float], int, tuple[bool, bool, bool, bool]]
+
+
+def row_values(v: InstanceView) -> Row:
     """One instance's column values: (avail, load, total), block size, (eligible, draining, holds_high,
     holds_normal). A policy keeping derived arrays patches them from these, exactly as the columns are written."""
     floats = (
@@ -387,18 +390,23 @@ def _build_columns(views: tuple[InstanceView, ...]) -> SnapshotColumns:
     return _freeze(fl, bs, bo)
 
 
-def _patched_columns(c: SnapshotColumns, rows: Iterable[tuple[int, InstanceView]]) -> SnapshotColumns:
-    """A copy of ``c`` with the given rows rewritten (block sizes copied only if one changes: they do not in
-    practice)."""
-    fl, bs, bo = c.floats.copy(), c.block_size, c.bools.copy()
-    for i, v in rows:
-        f, b, flags = row_values(v)
-        fl[:, i] = f
-        bo[:, i] = flags
-        if bs[i] != b:
-            if bs is c.block_size:
-                bs = bs.copy()
-            bs[i] = b
+def _patched_columns(c: SnapshotColumns, entries: Iterable[tuple[int, tuple[InstanceView, Row]]]) -> SnapshotColumns:
+    """A copy of ``c`` with the given rows rewritten, in one fancy-indexed assignment per array (this runs when a
+    chain of derived snapshots is rebased, with up to ``_MAX_DELTA`` rows)."""
+    positions: list[int] = []
+    floats: list[tuple[float, float, float]] = []
+    sizes: list[int] = []
+    flags: list[tuple[bool, bool, bool, bool]] = []
+    for i, (_, (f, b, flag)) in entries:
+        positions.append(i)
+        floats.append(f)
+        sizes.append(b)
+        flags.append(flag)
+    fl, bs, bo = c.floats.copy(), c.block_size.copy(), c.bools.copy()
+    if positions:
+        fl[:, positions] = np.array(floats, dtype=np.float64).T
+        bs[positions] = sizes
+        bo[:, positions] = np.array(flags, dtype=np.bool_).T
     return _freeze(fl, bs, bo)
 
 
@@ -451,13 +459,14 @@ class ClusterSnapshot:
         positions: Mapping[str, int],
         base: tuple[InstanceView, ...],
         columns: SnapshotColumns,
-        delta: dict[int, InstanceView] | None = None,
-        col_delta: dict[int, InstanceView] | None = None,
+        delta: dict[int, tuple[InstanceView, Row]] | None = None,
+        col_delta: dict[int, tuple[InstanceView, Row]] | None = None,
         *,
         parent_serial: int = 0,
         changed: tuple[int, ...] = (),
     ) -> None:
-        """``base`` with ``delta`` applied are the views; ``columns`` with ``col_delta`` applied the columns. The
+        """``base`` with ``delta`` applied are the views; ``columns`` with ``col_delta`` applied the columns. A delta
+        maps a position to its new view and that view's ``row_values`` (computed once, when the view comes in). The
         delta dicts are never mutated once given here (derived snapshots copy them), so they may be shared."""
         self.ids = ids
         self.positions = positions
@@ -485,7 +494,7 @@ class ClusterSnapshot:
         """Every view in id order (materialized on first use)."""
         if self._views is None:
             lst = list(self._base)
-            for i, v in self._delta.items():
+            for i, (v, _) in self._delta.items():
                 lst[i] = v
             self._views = tuple(lst)
         return self._views
@@ -519,8 +528,13 @@ class ClusterSnapshot:
     def view_at(self, position: int) -> InstanceView:
         if self._views is not None:
             return self._views[position]
-        v = self._delta.get(position)
-        return self._base[position] if v is None else v
+        entry = self._delta.get(position)
+        return self._base[position] if entry is None else entry[0]
+
+    def row_at(self, position: int) -> Row:
+        """``row_values`` of the view at ``position`` (kept from when it came in, for the changed positions)."""
+        entry = self._delta.get(position) or self._col_delta.get(position)
+        return row_values(self.view_at(position)) if entry is None else entry[1]
 
     def get(self, instance_id: str) -> InstanceView | None:
         i = self.positions.get(instance_id)
@@ -546,8 +560,7 @@ class ClusterSnapshot:
                 merged = {v.instance_id: v for v in self.instances}
                 merged.update((v.instance_id, v) for v in batch)
                 return ClusterSnapshot.of(merged.values())
-            delta[i] = v
-            col_delta[i] = v
+            delta[i] = col_delta[i] = (v, row_values(v))
             changed.append(i)
         snap = ClusterSnapshot(
             self.ids, positions, base, col_base, delta, col_delta, parent_serial=self.serial, changed=tuple(changed)

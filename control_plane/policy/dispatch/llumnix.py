@@ -24,7 +24,6 @@ from pyllumnix.control_plane.policy.snapshot import (
     FloatArray,
     IntArray,
     Priority,
-    row_values,
 )
 
 NOT_A_CANDIDATE = -math.inf
@@ -104,7 +103,7 @@ def _patch(keys: _Keys, snapshot: ClusterSnapshot) -> None:
     in place: the keys are this policy's own state for the latest snapshot it saw, and ``serial`` says which."""
     high, normal = keys.headroom
     for i in snapshot.changed:
-        (avail, load, _), block_size, (eligible, _, holds_high, holds_normal) = row_values(snapshot.view_at(i))
+        (avail, load, _), block_size, (eligible, _, holds_high, holds_normal) = snapshot.row_at(i)
         keys.block_size[i] = block_size
         num = avail - (high * holds_high + normal * holds_normal)
         f = num / load if load > 0 else math.inf
