@@ -1,7 +1,15 @@
 """``llumnix bench dataplane``: one-way throughput of each data-plane transport between two processes.
 
 The references are measured in the same run so the ratios compare like with like on a noisy host: numpy memcpy (the
-ceiling for a same-host copy) and a plain Python TCP socket (``sendall`` / ``recv_into``, no framing). Each transport
+ceiling for a same-host copy) and a plain Python TCP socket (``sendall`` / ``recv_into``, no framing).
+
+memcpy is measured two ways. ``memcpy_ring`` copies one source into a ring of two destinations: the same data movement
+and memory footprint as a transfer (one send buffer, a receive ring of two), so it is the reference the UCX target is
+checked against. ``memcpy`` copies between the same two buffers over and over: at 16 MiB the pair (32 MiB) stays
+resident in a 32 MiB L3, which no transfer into a receive ring can be, so it reads up to ~1.5x faster; it is reported
+as the cache-resident ceiling. (``../shared/PLATFORM.md``'s 16 MiB memcpy, 7.7 GiB/s, is the DRAM-bound figure.)
+
+Each transport
 sends chunks of each size from this process to a receiver child (spawned) that expects them into a ring of two
 preallocated buffers, as block fusion does; like ChunkBuffers (and like the memcpy destination after its warm-up),
 every receiving buffer is touched before the clock starts, so no run pays first-touch page faults. Time runs from the
@@ -30,6 +38,8 @@ from pyllumnix.data_plane.transport.ucx import UCX_ENV_DEFAULTS, configure_ucx_e
 MiB = 1 << 20
 GiB = 1 << 30
 WARMUP = 2
+# The issue's targets for UCX at 16 MiB, against the like-for-like memcpy (see the module docstring) and the socket.
+TARGETS = {"ucx16_over_memcpy_ring16": 0.8, "ucx16_over_socket16": 2.0}
 
 
 def _filled(nbytes: int) -> np.ndarray:
@@ -278,6 +288,8 @@ def bench_dataplane(
         "statistic": "best of repeat",
         "samples": {k: {f"{n / MiB:g}": [round(x, 3) for x in v] for n, v in r.items()} for k, r in samples.items()},
         "skipped": skipped,
+        "targets": TARGETS,
+        "meets": {k: (ratios[k] or 0.0) >= v for k, v in TARGETS.items()},
     }
     text = json.dumps(report, indent=2)
     click.echo(text)
@@ -285,7 +297,9 @@ def bench_dataplane(
         with open(json_path, "w") as f:
             f.write(text + "\n")
     parts = " ".join(f"{k}={v.get('16', '-')}" for k, v in gib.items())
+    meets = " ".join(f"{k}>={v}:{'yes' if report['meets'][k] else 'NO'}" for k, v in TARGETS.items())
     click.echo(
-        f"dataplane 16MiB GiB/s: {parts} | ucx16/memcpy16={ratios['ucx16_over_memcpy16']} "
-        f"ucx16/memcpy_ring16={ratios['ucx16_over_memcpy_ring16']} ucx16/socket16={ratios['ucx16_over_socket16']}"
+        f"dataplane 16MiB GiB/s: {parts} | ucx16/memcpy_ring16={ratios['ucx16_over_memcpy_ring16']} "
+        f"ucx16/socket16={ratios['ucx16_over_socket16']} "
+        f"(cache-resident ucx16/memcpy16={ratios['ucx16_over_memcpy16']}) | targets {meets}"
     )
