@@ -27,6 +27,7 @@ def test_bench_dispatch_reports_positive_figures(tmp_path: Path) -> None:
     grpc_figures = report["grpc"]
     for key in ("bare_rps", "dispatch_rps", "ratio", "bare_server_cpu_us_per_call", "dispatch_server_cpu_us_per_call"):
         assert grpc_figures[key] > 0, key
+    assert len(grpc_figures["pair_ratios"]) == 1 and grpc_figures["ratio"] == grpc_figures["pair_ratios"][0]
     for row in grpc_figures["bare_rounds"] + grpc_figures["dispatch_rounds"]:
         assert row["errors"] == {} and row["leader"] and row["calls"] > 0
     assert report["load_reports"]["reports_per_s_during_dispatch"] > 0
