@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -141,3 +143,14 @@ def test_chains_of_derived_snapshots_equal_rebuilds(snap: ClusterSnapshot, data:
     assert snap == full
     for name in ("avail", "load", "total", "block_size", "eligible", "draining", "holds_high", "holds_normal"):
         assert np.array_equal(getattr(snap.columns, name), getattr(full.columns, name)), name
+
+
+def test_pickled_snapshot_is_rebuilt_with_a_fresh_serial_and_single_views_are_refused() -> None:
+    s = ClusterSnapshot.of([view("a"), view("b")]).updated([view("a", free_blocks=7)])
+    copy = pickle.loads(pickle.dumps(s))
+    assert copy == s and copy.serial != s.serial and copy.parent_serial == 0
+    assert np.array_equal(copy.columns.avail, s.columns.avail)
+    with pytest.raises(TypeError, match="iterable"):
+        s.updated(view("a"))  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        s.columns.floats = s.columns.floats  # type: ignore[misc]

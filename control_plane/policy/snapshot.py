@@ -60,7 +60,7 @@ class InstanceView(NamedTuple):
     consecutive decisions between two reports do not all herd onto the same instance.
 
     A named tuple rather than a frozen dataclass: one is built per load report and per dispatch, and a frozen
-    dataclass's ``__init__`` (one ``object.__setattr__`` per field) costs ~7x as much for these 25 fields."""
+    dataclass's ``__init__`` (one ``object.__setattr__`` per field) costs ~7x as much for its 23 fields."""
 
     instance_id: str
     state: InstanceState = InstanceState.ACTIVE
@@ -311,20 +311,17 @@ _FLOAT_COLS = ("avail", "load", "total")
 _BOOL_COLS = ("eligible", "draining", "holds_high", "holds_normal")
 
 
-class SnapshotColumns:
+class SnapshotColumns(NamedTuple):
     """Per-instance numbers in snapshot order (sorted by instance id), read-only. ``avail`` = free - waiting demand -
     demand dispatched since the report; ``load`` = running + waiting + dispatched since the report.
 
-    Held as three arrays (floats rows: avail, load, total; bools rows: eligible, draining, holds_high, holds_normal)
-    with the named columns as row views made on access: a derived snapshot is built per dispatch, and building eight
-    views each time would cost more than the few accesses a decision makes."""
+    Held as three read-only arrays (floats rows: avail, load, total; bools rows: eligible, draining, holds_high,
+    holds_normal) with the named columns as row views made on access: columns are rebuilt as snapshots are derived,
+    and building eight views each time would cost more than the few accesses a decision makes."""
 
-    __slots__ = ("block_size", "bools", "floats")
-
-    def __init__(self, floats: FloatArray, block_size: IntArray, bools: BoolArray) -> None:
-        self.floats = floats
-        self.block_size = block_size
-        self.bools = bools
+    floats: FloatArray
+    block_size: IntArray
+    bools: BoolArray
 
     @property
     def avail(self) -> FloatArray:
@@ -522,6 +519,11 @@ class ClusterSnapshot:
 
     __hash__ = None  # type: ignore[assignment]  # equality by content, and caches inside
 
+    def __reduce__(self) -> tuple[Any, tuple[tuple[InstanceView, ...]]]:
+        """Pickles as its views: the unpickled copy is rebuilt with a serial of its own process, so no policy there
+        can take it for the snapshot its kept keys were computed for."""
+        return (ClusterSnapshot.of, (self.instances,))
+
     def __repr__(self) -> str:
         return f"ClusterSnapshot({len(self)} instances, serial={self.serial})"
 
@@ -542,6 +544,8 @@ class ClusterSnapshot:
 
     def updated(self, views: Iterable[InstanceView]) -> ClusterSnapshot:
         """Replaces (or adds) views. O(changed instances) unless a new instance forces a rebuild."""
+        if isinstance(views, InstanceView):  # a tuple itself: iterating it would walk its fields
+            raise TypeError("updated() takes an iterable of InstanceView, not one view")
         batch = views if isinstance(views, (list, tuple)) else list(views)
         positions = self.positions
         views_fresh, columns_fresh = self._views is not None, self._columns is not None
