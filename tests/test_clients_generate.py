@@ -82,7 +82,9 @@ async def test_abort_and_early_exit_cancel() -> None:
     server = await serve_frontend(fe)
     try:
         async with AsyncLlumnixClient(frontend_endpoints=[server.address]) as client:
-            stream = client.generate([1], max_tokens=1000, request_id="long")
+            # Long enough that the fake (1 ms per token) is still streaming when the client leaves, however slow
+            # the machine: a stream that ended by itself would not be cancelled.
+            stream = client.generate([1], max_tokens=1_000_000, request_id="long")
             first = await stream.__anext__()
             assert first.request_id == "long"
             await client.abort("long")
