@@ -567,8 +567,8 @@ async def _measure(
 @click.command("dispatch")
 @click.option("--instances", default=1024, show_default=True, help="Synthetic instances in the cluster state.")
 @click.option("--concurrency", default=64, show_default=True, help="Calls the client keeps in flight.")
-@click.option("--duration", default=2.0, show_default=True, help="Seconds per measured round.")
-@click.option("--rounds", default=3, show_default=True, help="Rounds of each kind, alternating (median reported).")
+@click.option("--duration", default=3.0, show_default=True, help="Seconds per measured round.")
+@click.option("--rounds", default=5, show_default=True, help="Rounds of each kind, alternating (paired).")
 @click.option("--decisions", default=5000, show_default=True, help="Decisions of the in-process latency run.")
 @click.option(
     "--report-hz",
