@@ -35,6 +35,11 @@ from pyllumnix.protos.third_party.etcd.api.mvccpb import kv_pb2
 
 log = logging.getLogger(__name__)
 
+# Besides the transient codes, a watch stream torn down under it (its member killed mid-stream, a connection reset)
+# ends with CANCELLED or with INTERNAL "Internal error from Core" from grpc itself: the watch reconnects (a read, safe
+# to repeat) rather than failing. Anything else (bad range, auth) is the caller's to see.
+STREAM_BROKEN_CODES = frozenset({grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL})
+
 
 class EventType(enum.Enum):
     PUT = "put"
@@ -181,7 +186,7 @@ class Watch:
                 if self._is_aborted():
                     return
                 raise_if_cancelling(exc)
-                if not is_transient(exc) and exc.code() != grpc.StatusCode.CANCELLED:
+                if not is_transient(exc) and exc.code() not in STREAM_BROKEN_CODES:
                     raise translate("watch", exc) from exc
                 log.debug("watch %r on %s failed: %s", self.key, stubs.address, describe(exc))
                 self.client.failover(index)
