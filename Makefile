@@ -37,7 +37,7 @@ lint: install
 
 typecheck: link
 	$(VENV)/bin/mypy -p pyllumnix.control_plane -p pyllumnix.data_plane -p pyllumnix.clients -p pyllumnix.tools
-	$(VENV)/bin/mypy tests integration --explicit-package-bases
+	$(VENV)/bin/mypy conftest.py tests integration --explicit-package-bases
 
 unit: link
 	$(VENV)/bin/pytest -q tests

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -18,14 +17,6 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grp
 from pyllumnix.tools.recording_sink import RecordingSink
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[RecordingSink]:
-    s = RecordingSink()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def engine_request(rid: str, sink: str, prompt_len: int = 20, max_tokens: int = 16) -> common_pb2.EngineRequest:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -22,14 +21,6 @@ pytestmark = pytest.mark.integration
 # 7B-sized KV (512 KiB per token), not prewarmed: a 4k-token request's stage 0 moves 2 GiB into fresh memory and
 # takes seconds, long enough to kill a process in the middle of it.
 BIG = ["--profile", "llama-7b-a10", "--transport", "tcp", "--transfer-timeout", "5", "--pending-timeout", "1"]
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[RecordingSink]:
-    s = RecordingSink()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 async def start_big_migration(src: Component, dst: Component, sink: RecordingSink, rid: str) -> None:

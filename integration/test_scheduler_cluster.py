@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -25,14 +24,6 @@ from pyllumnix.protos.llumnix.v1 import (
 from pyllumnix.tools.recording_sink import RecordingSink
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[RecordingSink]:
-    s = RecordingSink()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def start_cluster(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -33,14 +32,6 @@ VLLM_ENV = {
     "HF_HUB_OFFLINE": "1",
     "VLLM_LOGGING_LEVEL": "WARNING",
 }
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[RecordingSink]:
-    s = RecordingSink()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 @pytest.fixture(scope="module")

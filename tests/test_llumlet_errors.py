@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-
-import pytest
 
 from pyllumnix.data_plane.engine.base import StepResult
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.protos.llumnix.v1 import common_pb2
 from pyllumnix.tools.recording_sink import RecordingSink
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[RecordingSink]:
-    s = RecordingSink()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def request(rid: str, sink: RecordingSink) -> common_pb2.EngineRequest:

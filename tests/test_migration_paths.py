@@ -4,7 +4,7 @@ transport with a modelled cost): KV bytes and token streams on success, and ever
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -78,14 +78,6 @@ async def make_node(
     coordinator.start()
     channel = grpc.aio.insecure_channel(server.address)
     return Node(llumlet, coordinator, server, transport, engine, llumlet_pb2_grpc.LlumletServiceStub(channel), channel)
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[RecordingSink]:
-    s = RecordingSink()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def request(rid: str, sink: RecordingSink, prompt_len: int, max_tokens: int) -> llumlet_pb2.AddRequestRequest:
