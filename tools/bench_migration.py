@@ -101,6 +101,20 @@ async def _migrate_once(
     return result
 
 
+def _measured_row(
+    length: int, downtimes: list[float], totals: list[float], stages: list[int], blocking_ms: list[float]
+) -> dict[str, Any]:
+    """The figures both engines' rows share: best of the repeats (all downtimes kept), stages at most."""
+    return {
+        "seq_len": length,
+        "downtime_ms": round(min(downtimes), 2),
+        "downtime_ms_all": [round(x, 2) for x in downtimes],
+        "total_ms": round(min(totals), 2),
+        "stages": max(stages),
+        "blocking_copy_ms": round(min(blocking_ms), 2),
+    }
+
+
 def _sim_prompt(length: int) -> list[int]:
     return [(i * 31) % 30000 + 3 for i in range(length - min(128, length // 2))]
 
@@ -143,12 +157,7 @@ async def run_bench(
                 blocking_ms.append(blk.downtime_ms)
             rows.append(
                 {
-                    "seq_len": length,
-                    "downtime_ms": round(min(downtimes), 2),
-                    "downtime_ms_all": [round(x, 2) for x in downtimes],
-                    "total_ms": round(min(totals), 2),
-                    "stages": max(stages),
-                    "blocking_copy_ms": round(min(blocking_ms), 2),
+                    **_measured_row(length, downtimes, totals, stages, blocking_ms),
                     "recompute_ms": round(profile.prefill_ms(length), 2),
                     "decode_step_ms": round(profile.decode_ms(1, length), 2),
                     "kv_mib": round(length * (bytes_per_token or profile.bytes_per_token) / 2**20, 1),
@@ -263,12 +272,7 @@ async def run_vllm_bench(
                 prefill.append(await _ttft_ms(live[1].address, sink, f"p{length}-{r}", _vllm_prompt(length, 50 + r)))
             rows.append(
                 {
-                    "seq_len": length,
-                    "downtime_ms": round(min(downtimes), 2),
-                    "downtime_ms_all": [round(x, 2) for x in downtimes],
-                    "total_ms": round(min(totals), 2),
-                    "stages": max(stages),
-                    "blocking_copy_ms": round(min(blocking_ms), 2),
+                    **_measured_row(length, downtimes, totals, stages, blocking_ms),
                     "recompute_ms": round(min(prefill), 2),
                     "recompute_ms_all": [round(x, 2) for x in prefill],
                     "kv_kib_sent": round(max(sent) / 1024, 1),

@@ -26,6 +26,13 @@ def _cdf(ax: Any, values: Sequence[float], label: str) -> None:
     ax.plot(xs, np.arange(1, xs.size + 1) / xs.size, label=label)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def latency_cdfs(runs: Mapping[str, Sequence[RequestRecord]], path: Path, title: str = "") -> Path:
     """Prefill and end-to-end latency CDFs (log x), one line per run (and per priority when a run has both)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -46,10 +53,7 @@ def latency_cdfs(runs: Mapping[str, Sequence[RequestRecord]], path: Path, title:
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def instances_over_time(series: Mapping[str, Sequence[tuple[float, int]]], path: Path, title: str = "") -> Path:
@@ -64,10 +68,7 @@ def instances_over_time(series: Mapping[str, Sequence[tuple[float, int]]], path:
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def metric_lines(
@@ -94,7 +95,4 @@ def metric_lines(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
