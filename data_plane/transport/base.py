@@ -121,13 +121,15 @@ class Transport(ABC):
         await self.close()
 
 
-class BufferingTransport(Transport):
-    """Shared receive side of transports that match arriving chunks to expectations themselves (in-process and TCP):
-    ``_expected`` holds registered transfers, ``_early`` the chunks that arrived before their expectation."""
+class ExpectingTransport(Transport):
+    """The receive bookkeeping every transport shares: ``_expected`` holds the registered transfers; ``receive``,
+    ``cancel`` and ``_fail_pending`` (on close) drop them and call ``_forget`` for what a transport keeps per key."""
 
     def __init__(self) -> None:
         self._expected: dict[str, Expectation] = {}
-        self._early: dict[str, Bytes] = {}
+
+    def _forget(self, key: str) -> None:
+        """Drops what the transport keeps for ``key`` besides its expectation (nothing by default)."""
 
     async def receive(self, key: str, timeout: float = DEFAULT_TIMEOUT_S) -> Bytes:
         exp = self._expected.get(key)
@@ -137,19 +139,37 @@ class BufferingTransport(Transport):
             return await await_expectation(exp, timeout)
         finally:
             self._expected.pop(key, None)
+            self._forget(key)
 
     def cancel(self, key: str) -> None:
         exp = self._expected.pop(key, None)
         if exp is not None and not exp.future.done():
             exp.future.cancel()
+        self._forget(key)
+
+    def _fail_pending(self) -> None:
+        """On close: every pending receive fails with TransportClosed."""
+        for key, exp in self._expected.items():
+            if not exp.future.done():
+                exp.future.set_exception(TransportClosed("endpoint closed"))
+            self._forget(key)
+        self._expected.clear()
+
+
+class BufferingTransport(ExpectingTransport):
+    """Shared receive side of transports that match arriving chunks to expectations themselves (in-process and TCP):
+    ``_early`` holds the chunks that arrived before their expectation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._early: dict[str, Bytes] = {}
+
+    def _forget(self, key: str) -> None:
         self._early.pop(key, None)
 
     def _fail_pending(self) -> None:
-        """On close: every pending receive fails with TransportClosed; early chunks are dropped."""
-        for exp in self._expected.values():
-            if not exp.future.done():
-                exp.future.set_exception(TransportClosed("endpoint closed"))
-        self._expected.clear()
+        """Early chunks are dropped too."""
+        super()._fail_pending()
         self._early.clear()
 
 

@@ -44,12 +44,11 @@ from pyllumnix.data_plane.transport.base import (
     Bytes,
     Chunk,
     Expectation,
-    Transport,
+    ExpectingTransport,
     TransportClosed,
     TransportError,
     TransportTimeout,
     as_bytes_view,
-    await_expectation,
     make_out_buffer,
 )
 
@@ -106,17 +105,17 @@ def _park(task: asyncio.Task[Any]) -> None:
     task.add_done_callback(_PARKED.discard)
 
 
-class UcxTransport(Transport):
+class UcxTransport(ExpectingTransport):
     kind = "ucx"
 
     def __init__(self, tls: str | None = None, progress_mode: str | None = None) -> None:
+        super().__init__()
         self._tls = tls
         self._progress_mode = progress_mode
         self._ucxx: ModuleType | None = None
         self._nonce = secrets.token_hex(6)
         self._address: str | None = None
         self._endpoints: dict[bytes, Any] = {}
-        self._expected: dict[str, Expectation] = {}
         self._recv_tasks: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> str:
@@ -134,14 +133,7 @@ class UcxTransport(Transport):
 
     async def close(self) -> None:
         self._address = None
-        for key, exp in self._expected.items():
-            if not exp.future.done():
-                exp.future.set_exception(TransportClosed("endpoint closed"))
-            task = self._recv_tasks.get(key)
-            if task is not None and not task.done():
-                _park(task)
-        self._expected.clear()
-        self._recv_tasks.clear()
+        self._fail_pending()
         endpoints, self._endpoints = self._endpoints, {}
         for ep in endpoints.values():
             try:
@@ -180,22 +172,8 @@ class UcxTransport(Transport):
             if not exp.future.done():
                 exp.future.set_result(exp.buffer)
 
-    async def receive(self, key: str, timeout: float = DEFAULT_TIMEOUT_S) -> Bytes:
-        exp = self._expected.get(key)
-        if exp is None:
-            raise TransportError(f"{key!r} was not expected")
-        try:
-            return await await_expectation(exp, timeout)
-        finally:
-            self._expected.pop(key, None)
-            task = self._recv_tasks.pop(key, None)
-            if task is not None and not task.done():
-                _park(task)
-
-    def cancel(self, key: str) -> None:
-        exp = self._expected.pop(key, None)
-        if exp is not None and not exp.future.done():
-            exp.future.cancel()
+    def _forget(self, key: str) -> None:
+        """A receive that did not complete stays posted in UCX: its task is parked, not cancelled (see _park)."""
         task = self._recv_tasks.pop(key, None)
         if task is not None and not task.done():
             _park(task)
