@@ -486,3 +486,47 @@ class GetLeaderResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetLeaderResponse: _TypeAlias = GetLeaderResponse  # noqa: Y015
+
+@_typing.final
+class ResignLeaderRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResignLeaderRequest: _TypeAlias = ResignLeaderRequest  # noqa: Y015
+
+@_typing.final
+class ResignLeaderResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESIGNED_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    HOLD_OFF_MS_FIELD_NUMBER: _builtins.int
+    term: _builtins.int
+    hold_off_ms: _builtins.int
+    """How long the resigned replica stays out of the election."""
+    @_builtins.property
+    def resigned(self) -> Global___SchedulerReplica:
+        """The replica that resigned and the term it gave up."""
+
+    def __init__(
+        self,
+        *,
+        resigned: Global___SchedulerReplica | None = ...,
+        term: _builtins.int = ...,
+        hold_off_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["resigned", b"resigned"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hold_off_ms", b"hold_off_ms", "resigned", b"resigned", "term", b"term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResignLeaderResponse: _TypeAlias = ResignLeaderResponse  # noqa: Y015

@@ -87,6 +87,11 @@ class AdminServiceStub:
                 request_serializer=llumnix_dot_v1_dot_admin__pb2.GetLeaderRequest.SerializeToString,
                 response_deserializer=llumnix_dot_v1_dot_admin__pb2.GetLeaderResponse.FromString,
                 _registered_method=True)
+        self.ResignLeader = channel.unary_unary(
+                '/llumnix.v1.AdminService/ResignLeader',
+                request_serializer=llumnix_dot_v1_dot_admin__pb2.ResignLeaderRequest.SerializeToString,
+                response_deserializer=llumnix_dot_v1_dot_admin__pb2.ResignLeaderResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -139,8 +144,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Scale(self, request, context):
-        """Sets the target instance count. Errors: INVALID_ARGUMENT (outside [min, max] instances), FAILED_PRECONDITION
-        (no instance provider).
+        """Sets the target instance count; the target is stored in etcd, so a new leader keeps converging to it.
+        Errors: INVALID_ARGUMENT (outside [scaling.min_instances, min(scaling.max_instances, the provider's cap)]),
+        FAILED_PRECONDITION (no instance provider).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -153,8 +159,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetConfig(self, request, context):
-        """Errors: INVALID_ARGUMENT (negative thresholds, unknown mask paths, UNSPECIFIED enums; the old config stays),
-        ABORTED (expected_revision is stale).
+        """Errors: INVALID_ARGUMENT (a value outside its documented range, unknown mask paths, UNSPECIFIED enums; the
+        message names the field, its range and the value; the old config stays), ABORTED (expected_revision is stale).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +168,14 @@ class AdminServiceServicer:
 
     def GetLeader(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResignLeader(self, request, context):
+        """The leader steps down gracefully: it deletes its election key (a standby takes over at once) and does not
+        campaign again for hold_off_ms. Errors: FAILED_PRECONDITION (not the leader; "llumnix-leader" trailer).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -218,6 +232,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetLeader,
                     request_deserializer=llumnix_dot_v1_dot_admin__pb2.GetLeaderRequest.FromString,
                     response_serializer=llumnix_dot_v1_dot_admin__pb2.GetLeaderResponse.SerializeToString,
+            ),
+            'ResignLeader': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResignLeader,
+                    request_deserializer=llumnix_dot_v1_dot_admin__pb2.ResignLeaderRequest.FromString,
+                    response_serializer=llumnix_dot_v1_dot_admin__pb2.ResignLeaderResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +512,33 @@ class AdminService:
             '/llumnix.v1.AdminService/GetLeader',
             llumnix_dot_v1_dot_admin__pb2.GetLeaderRequest.SerializeToString,
             llumnix_dot_v1_dot_admin__pb2.GetLeaderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResignLeader(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llumnix.v1.AdminService/ResignLeader',
+            llumnix_dot_v1_dot_admin__pb2.ResignLeaderRequest.SerializeToString,
+            llumnix_dot_v1_dot_admin__pb2.ResignLeaderResponse.FromString,
             options,
             channel_credentials,
             insecure,

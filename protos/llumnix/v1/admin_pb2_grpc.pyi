@@ -52,15 +52,20 @@ class AdminServiceStub:
     UncordonInstance: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UncordonInstanceRequest, _admin_pb2.UncordonInstanceResponse]
     """Errors: NOT_FOUND."""
     Scale: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ScaleRequest, _admin_pb2.ScaleResponse]
-    """Sets the target instance count. Errors: INVALID_ARGUMENT (outside [min, max] instances), FAILED_PRECONDITION
-    (no instance provider).
+    """Sets the target instance count; the target is stored in etcd, so a new leader keeps converging to it.
+    Errors: INVALID_ARGUMENT (outside [scaling.min_instances, min(scaling.max_instances, the provider's cap)]),
+    FAILED_PRECONDITION (no instance provider).
     """
     GetConfig: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetConfigRequest, _admin_pb2.GetConfigResponse]
     SetConfig: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetConfigRequest, _admin_pb2.SetConfigResponse]
-    """Errors: INVALID_ARGUMENT (negative thresholds, unknown mask paths, UNSPECIFIED enums; the old config stays),
-    ABORTED (expected_revision is stale).
+    """Errors: INVALID_ARGUMENT (a value outside its documented range, unknown mask paths, UNSPECIFIED enums; the
+    message names the field, its range and the value; the old config stays), ABORTED (expected_revision is stale).
     """
     GetLeader: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetLeaderRequest, _admin_pb2.GetLeaderResponse]
+    ResignLeader: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResignLeaderRequest, _admin_pb2.ResignLeaderResponse]
+    """The leader steps down gracefully: it deletes its election key (a standby takes over at once) and does not
+    campaign again for hold_off_ms. Errors: FAILED_PRECONDITION (not the leader; "llumnix-leader" trailer).
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -86,15 +91,20 @@ class AdminServiceAsyncStub(AdminServiceStub):
     UncordonInstance: _aio.UnaryUnaryMultiCallable[_admin_pb2.UncordonInstanceRequest, _admin_pb2.UncordonInstanceResponse]  # type: ignore[assignment]
     """Errors: NOT_FOUND."""
     Scale: _aio.UnaryUnaryMultiCallable[_admin_pb2.ScaleRequest, _admin_pb2.ScaleResponse]  # type: ignore[assignment]
-    """Sets the target instance count. Errors: INVALID_ARGUMENT (outside [min, max] instances), FAILED_PRECONDITION
-    (no instance provider).
+    """Sets the target instance count; the target is stored in etcd, so a new leader keeps converging to it.
+    Errors: INVALID_ARGUMENT (outside [scaling.min_instances, min(scaling.max_instances, the provider's cap)]),
+    FAILED_PRECONDITION (no instance provider).
     """
     GetConfig: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetConfigRequest, _admin_pb2.GetConfigResponse]  # type: ignore[assignment]
     SetConfig: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetConfigRequest, _admin_pb2.SetConfigResponse]  # type: ignore[assignment]
-    """Errors: INVALID_ARGUMENT (negative thresholds, unknown mask paths, UNSPECIFIED enums; the old config stays),
-    ABORTED (expected_revision is stale).
+    """Errors: INVALID_ARGUMENT (a value outside its documented range, unknown mask paths, UNSPECIFIED enums; the
+    message names the field, its range and the value; the old config stays), ABORTED (expected_revision is stale).
     """
     GetLeader: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetLeaderRequest, _admin_pb2.GetLeaderResponse]  # type: ignore[assignment]
+    ResignLeader: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResignLeaderRequest, _admin_pb2.ResignLeaderResponse]  # type: ignore[assignment]
+    """The leader steps down gracefully: it deletes its election key (a standby takes over at once) and does not
+    campaign again for hold_off_ms. Errors: FAILED_PRECONDITION (not the leader; "llumnix-leader" trailer).
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator API, served by every scheduler replica. Reads are answered by any replica; writes (migrate, drain,
@@ -159,8 +169,9 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ScaleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ScaleResponse, _abc.Awaitable[_admin_pb2.ScaleResponse]]:
-        """Sets the target instance count. Errors: INVALID_ARGUMENT (outside [min, max] instances), FAILED_PRECONDITION
-        (no instance provider).
+        """Sets the target instance count; the target is stored in etcd, so a new leader keeps converging to it.
+        Errors: INVALID_ARGUMENT (outside [scaling.min_instances, min(scaling.max_instances, the provider's cap)]),
+        FAILED_PRECONDITION (no instance provider).
         """
 
     @_abc_1.abstractmethod
@@ -176,8 +187,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetConfigRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SetConfigResponse, _abc.Awaitable[_admin_pb2.SetConfigResponse]]:
-        """Errors: INVALID_ARGUMENT (negative thresholds, unknown mask paths, UNSPECIFIED enums; the old config stays),
-        ABORTED (expected_revision is stale).
+        """Errors: INVALID_ARGUMENT (a value outside its documented range, unknown mask paths, UNSPECIFIED enums; the
+        message names the field, its range and the value; the old config stays), ABORTED (expected_revision is stale).
         """
 
     @_abc_1.abstractmethod
@@ -186,5 +197,15 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetLeaderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetLeaderResponse, _abc.Awaitable[_admin_pb2.GetLeaderResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ResignLeader(
+        self,
+        request: _admin_pb2.ResignLeaderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ResignLeaderResponse, _abc.Awaitable[_admin_pb2.ResignLeaderResponse]]:
+        """The leader steps down gracefully: it deletes its election key (a standby takes over at once) and does not
+        campaign again for hold_off_ms. Errors: FAILED_PRECONDITION (not the leader; "llumnix-leader" trailer).
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

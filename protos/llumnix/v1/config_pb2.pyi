@@ -108,20 +108,20 @@ class MigrationConfig(_message.Message):
     """Default true. Stored as "disable" so the zero value keeps migration on."""
     pairing_policy: Global___PairingPolicy.ValueType
     migrate_out_threshold: _builtins.float
-    """Instances with freeness below this are sources, above are destinations. Default 3."""
+    """Instances with freeness below this are sources, above are destinations. Default 3; range [0, 1000000]."""
     selection: _common_pb2.MigrationSelection.ValueType
     disable_defrag: _builtins.bool
     """Default true (head-of-line demand counts in migration freeness)."""
     pairing_interval_ms: _builtins.int
-    """Pairing loop period. Default 100 ms."""
+    """Pairing loop period. Default 100 ms; range [10, 60000]."""
     last_stage_max_blocks: _builtins.int
-    """Remaining blocks at or below which the stop-and-copy stage runs. Default 4."""
+    """Remaining blocks at or below which the stop-and-copy stage runs. Default 4; range [1, 4096]."""
     max_stages: _builtins.int
-    """Non-final stages allowed before the migration aborts. Default 3."""
+    """Non-final stages allowed before the migration aborts. Default 3; range [1, 64]."""
     pending_timeout_ms: _builtins.int
-    """Destination frees a reservation when the source is silent this long. Default 10000 ms."""
+    """Destination frees a reservation when the source is silent this long. Default 10000 ms; range [100, 600000]."""
     transfer_timeout_ms: _builtins.int
-    """Source restores the request when a stage's transfer takes longer. Default 10000 ms."""
+    """Source restores the request when a stage's transfer takes longer. Default 10000 ms; range [100, 600000]."""
     def __init__(
         self,
         *,
@@ -158,15 +158,17 @@ class ScalingConfig(_message.Message):
     SCALING_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     enable: _builtins.bool
     scale_up_threshold: _builtins.float
-    """Scale up when the cluster's average freeness falls below. Default 10."""
+    """Scale up when the cluster's average freeness falls below. Default 10; range [0, 1000000]."""
     scale_down_threshold: _builtins.float
-    """Scale down one instance when the average, recomputed without it, stays above. Default 60."""
+    """Scale down one instance when the average, recomputed without it, stays above. Default 60; range [0, 1000000]
+    and greater than scale_up_threshold.
+    """
     min_instances: _builtins.int
-    """Default 1."""
+    """Default 1; range [1, 4096]."""
     max_instances: _builtins.int
-    """Default 16."""
+    """Default 16; range [1, 4096] and >= min_instances. The instance provider may cap it lower."""
     scaling_interval_ms: _builtins.int
-    """Scaling loop period. Default 10000 ms."""
+    """Scaling loop period. Default 10000 ms; range [100, 3600000]."""
     def __init__(
         self,
         *,
@@ -202,6 +204,7 @@ class PriorityHeadroom(_message.Message):
     HEADROOM_BLOCKS_FIELD_NUMBER: _builtins.int
     priority: _common_pb2.Priority.ValueType
     headroom_blocks: _builtins.int
+    """Range [0, 1000000]."""
     def __init__(
         self,
         *,
@@ -246,7 +249,9 @@ class ClusterConfig(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     LOAD_REPORT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     load_report_interval_ms: _builtins.int
-    """Llumlet load report period. Default 50 ms."""
+    """Llumlet load report period. Default 50 ms; range [10, 1000] (an instance silent for 20 periods, at least 1 s,
+    counts as unhealthy).
+    """
     @_builtins.property
     def dispatch(self) -> Global___DispatchConfig: ...
     @_builtins.property
@@ -271,3 +276,27 @@ class ClusterConfig(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClusterConfig: _TypeAlias = ClusterConfig  # noqa: Y015
+
+@_typing.final
+class ScaleTarget(_message.Message):
+    """The manual scale target (`llmctl scale N`), stored in etcd under its own key so that it outlives the leader that
+    set it: every replica watches it and a new leader keeps converging to it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_INSTANCES_FIELD_NUMBER: _builtins.int
+    target_instances: _builtins.int
+    """> 0; absent key: the autoscaler (if enabled) decides."""
+    def __init__(
+        self,
+        *,
+        target_instances: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["target_instances", b"target_instances"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScaleTarget: _TypeAlias = ScaleTarget  # noqa: Y015
