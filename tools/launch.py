@@ -1,26 +1,102 @@
 """Starts components as child processes (``python -m pyllumnix.tools.cli <component> ...``) and waits until each
 prints its ``{"event": "ready", ...}`` line. Used by ``llumnix serve`` and by the integration tests.
 
-Each child's stderr goes to ``<log_dir>/<name>.log``; a child that exits or stays silent past the deadline raises with
-the tail of its log, so a failed start explains itself.
+Each child runs in its own session (its own process group, out of reach of a terminal's Ctrl-C, so its supervisor
+decides the stop order) and is stopped through that group: whatever the component started in its group goes with it,
+and nothing is ever signalled by name. Its stderr goes to ``<log_dir>/<name>.log`` and its stdout to
+``<log_dir>/<name>.out`` (a file, not a pipe: a chatty child never blocks on a pipe nobody reads after startup). A
+child that exits or stays silent past the deadline raises with the tail of its log, and is stopped first (SIGTERM to
+its group, SIGKILL after a grace period), so a failed start leaves nothing behind: a ``serve`` that does not become
+ready stops its own etcd, schedulers and llumlets.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+PR_SET_PDEATHSIG = 1
+
 
 class LaunchError(RuntimeError):
     """A component did not become ready."""
+
+
+class LaunchInterrupted(LaunchError):
+    """Waiting for a component was cut short by the caller (``should_stop`` became true)."""
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is still there (zombies count until reaped)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Sends ``sig`` to a process group we created; a group that is already gone is fine."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def _pdeathsig_preexec(sig: int) -> Callable[[], None]:
+    """A ``preexec_fn`` asking the kernel to send ``sig`` to the child when its parent dies (Linux), so the children
+    of a supervisor that is SIGKILLed still stop. The libc handle is resolved before the fork."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    prctl = libc.prctl
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return preexec
+
+
+def spawn(
+    argv: list[str],
+    *,
+    stdout: Any,
+    stderr: Any,
+    env: dict[str, str] | None = None,
+    die_with_parent: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Popen in a new session (own process group); optionally SIGTERMed by the kernel when this process dies."""
+    preexec = _pdeathsig_preexec(signal.SIGTERM) if die_with_parent and sys.platform == "linux" else None
+    return subprocess.Popen(
+        argv,
+        stdout=stdout,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        preexec_fn=preexec,  # noqa: PLW1509 (prctl only; resolved before the fork)
+    )
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exit code 3`` / ``signal SIGKILL`` / ``running``: how a child ended, for logs."""
+    if returncode is None:
+        return "running"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
 
 
 @dataclass
@@ -29,71 +105,120 @@ class Component:
     proc: subprocess.Popen[bytes]
     log_path: Path
     ready: dict[str, Any] = field(default_factory=dict)
+    out_path: Path | None = None
 
     @property
     def address(self) -> str:
         return str(self.ready["grpc_address"])
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def pgid(self) -> int:
+        """The component's process group (its own session: the group id is its pid)."""
+        return self.proc.pid
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL to the component's whole process group (a crash: nothing gets to clean up)."""
+        if self.alive() or group_alive(self.pgid):
+            signal_group(self.pgid, signal.SIGKILL)
+        if self.proc.returncode is None:
             self.proc.wait(10)
 
-    def terminate(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+    def terminate(
+        self, timeout: float = 10.0, hurry: Callable[[], bool] | None = None, *, signalled: bool = False
+    ) -> int:
+        """SIGTERM to the process group (unless the caller ``signalled`` it already: a second SIGTERM can hit a
+        component whose handlers are gone mid-shutdown), SIGKILL to the group after ``timeout`` (or as soon as
+        ``hurry()`` is true); then waits for the group to be empty. Returns the component's exit code."""
         if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            if not signalled:
+                signal_group(self.pgid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while self.proc.poll() is None and time.monotonic() < deadline and not (hurry is not None and hurry()):
+                time.sleep(0.02)
+        if self.proc.poll() is None:
+            signal_group(self.pgid, signal.SIGKILL)
+            self.proc.wait(10)
+        # The leader is gone; anything it left in its group (a helper process) gets a moment, then SIGKILL.
+        deadline = time.monotonic() + 2.0
+        while group_alive(self.pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if group_alive(self.pgid):
+            signal_group(self.pgid, signal.SIGKILL)
         return self.proc.returncode
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        if self.out_path is not None and self.out_path.exists():
+            out = self.out_path.read_text(errors="replace")
+            if out.strip():
+                text += f"\n--- stdout ---\n{out}"
+        return text
 
 
 class Launcher:
-    """Tracks every started component; ``stop_all`` ends them in reverse start order."""
+    """Tracks every started component; ``stop_all`` ends them in reverse start order.
 
-    def __init__(self, log_dir: Path) -> None:
+    ``die_with_parent``: children get SIGTERM from the kernel if this process dies (``llumnix serve`` sets it; only
+    for launchers used from the main thread, since the kernel ties it to the thread that forked).
+    """
+
+    def __init__(self, log_dir: Path, die_with_parent: bool = False) -> None:
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.components: list[Component] = []
+        self.die_with_parent = die_with_parent
 
-    def start(self, name: str, *args: str, timeout: float = 30.0, env: dict[str, str] | None = None) -> Component:
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Component:
+        """Starts a component without waiting for it (see :meth:`wait_ready`); its logs are appended to."""
         log_path = self.log_dir / f"{name}.log"
+        out_path = self.log_dir / f"{name}.out"
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
+        out_path.write_bytes(b"")  # the ready line of this start, not of an earlier one
+        with open(log_path, "ab") as log, open(out_path, "ab") as out:
+            proc = spawn(
                 [sys.executable, "-m", "pyllumnix.tools.cli", *args],
-                stdout=subprocess.PIPE,
+                stdout=out,
                 stderr=log,
-                stdin=subprocess.DEVNULL,
                 env=full_env,
+                die_with_parent=self.die_with_parent,
             )
-        comp = Component(name, proc, log_path)
+        comp = Component(name, proc, log_path, out_path=out_path)
         self.components.append(comp)
-        comp.ready = self._wait_ready(comp, timeout)
+        return comp
+
+    def start(
+        self,
+        name: str,
+        *args: str,
+        timeout: float = 30.0,
+        env: dict[str, str] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Component:
+        comp = self.spawn(name, *args, env=env)
+        comp.ready = self.wait_ready(comp, timeout, should_stop)
         return comp
 
     @staticmethod
-    def _wait_ready(comp: Component, timeout: float) -> dict[str, Any]:
-        stdout = comp.proc.stdout
-        assert stdout is not None
+    def wait_ready(comp: Component, timeout: float, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """The component's ready line; on exit, deadline or ``should_stop()`` the component is stopped and this
+        raises (:class:`LaunchInterrupted` for ``should_stop``)."""
+        assert comp.out_path is not None
         deadline = time.monotonic() + timeout
+        offset = 0
         buf = b""
-        while time.monotonic() < deadline:
-            if comp.proc.poll() is not None:
-                raise LaunchError(f"{comp.name} exited with {comp.proc.returncode}:\n{comp.log()[-3000:]}")
-            readable, _, _ = select.select([stdout], [], [], 0.1)
-            if not readable:
-                continue
-            buf += os.read(stdout.fileno(), 65536)
+        while True:
+            with open(comp.out_path, "rb") as out:
+                out.seek(offset)
+                chunk = out.read()
+            offset += len(chunk)
+            buf += chunk
             *lines, buf = buf.split(b"\n")
             for line in lines:
                 try:
@@ -102,7 +227,17 @@ class Launcher:
                     continue
                 if isinstance(msg, dict) and msg.get("event") == "ready":
                     return msg
-        comp.kill()
+            if comp.proc.poll() is not None:
+                comp.terminate(0)  # its group may still hold processes it started
+                raise LaunchError(f"{comp.name} exited with {comp.proc.returncode}:\n{comp.log()[-3000:]}")
+            if should_stop is not None and should_stop():
+                comp.terminate(5.0)
+                raise LaunchInterrupted(f"{comp.name}: start interrupted")
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        # A graceful stop first: a component that started children of its own (serve) stops them.
+        comp.terminate(10.0)
         raise LaunchError(f"{comp.name} not ready within {timeout:g} s:\n{comp.log()[-3000:]}")
 
     def stop_all(self, timeout: float = 10.0) -> None:

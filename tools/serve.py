@@ -21,19 +21,28 @@ frontend gets the model's own tokenizer (``--tokenizer hf``) and the same maximu
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
+import logging
 import os
+import select
+import shlex
 import signal
+import subprocess
 import sys
 import tempfile
-import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
-from pyllumnix.tools.launch import Launcher, LaunchError
+from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd, Member
+from pyllumnix.tools.launch import Component, Launcher, LaunchError, describe_exit, signal_group, spawn
 
 DEFAULTS: dict[str, Any] = {
     "etcd": "",
@@ -131,82 +140,407 @@ def engine_settings(opts: dict[str, Any]) -> tuple[list[str], list[str], dict[st
     return llumlet, frontend, {}
 
 
-def start_cluster(opts: dict[str, Any], launcher: Launcher) -> dict[str, Any]:
-    """Starts every component; returns what to print (addresses)."""
-    info: dict[str, Any] = {"log_dir": str(launcher.log_dir)}
-    engine_args, frontend_args, env = engine_settings(opts)
-    etcd_endpoints = opts["etcd"]
-    if not etcd_endpoints:
-        from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+SCHEDULER_STOP_FLAG = "--stop-instances-on-exit"
+# Restart backoff of a crashed component: 0.5 s, doubling per consecutive crash, at most 30 s; a component that ran
+# for RESET_AFTER seconds starts again from the shortest delay.
+BACKOFF_BASE = 0.5
+BACKOFF_MAX = 30.0
+RESET_AFTER = 30.0
+STOP_TIMEOUT = 10.0
+PR_SET_CHILD_SUBREAPER = 36
 
-        etcd = EmbeddedEtcd(1, data_dir=launcher.log_dir / "etcd-data").start()
-        launcher_etcd.append(etcd)
-        etcd_endpoints = ",".join(etcd.endpoints)
-        info["embedded_etcd"] = etcd.endpoints
-    common = ["--etcd", etcd_endpoints, "--cluster", str(opts["cluster"])]
-    llumlet_args = [*engine_args, "--transport", str(opts["transport"]), "--host", str(opts["host"])]
-    llumlet_args += str(opts["llumlet_args"]).split()
-    schedulers = []
-    for i in range(int(opts["schedulers"])):
-        provider_args = []
-        if opts["provider"] == "local":
-            provider_args = [
-                "--provider",
-                "local",
-                "--llumlet-args",
-                " ".join([*llumlet_args, *common]),
-                "--log-dir",
-                str(launcher.log_dir),
-            ]
-        comp = launcher.start(
-            f"scheduler-{i}",
-            "scheduler",
-            *common,
-            "--replica-id",
-            f"scheduler-{i}",
-            "--host",
-            str(opts["host"]),
-            *provider_args,
-            env=env,
+log = logging.getLogger("pyllumnix.serve")
+
+
+class ServeEtcd(EmbeddedEtcd):
+    """The embedded etcd member in its own session (Ctrl-C reaches serve only, which stops etcd last) and SIGTERMed
+    by the kernel should serve die."""
+
+    def _spawn(self, m: Member, state: str) -> None:
+        m.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(m.log_path, "ab") as out:
+            m.process = spawn(self._command(m, state), stdout=out, stderr=subprocess.STDOUT, die_with_parent=True)
+
+
+@dataclass
+class Child:
+    """One supervised component: how to start incarnation n, whether it comes back after a clean exit."""
+
+    name: str
+    kind: str  # etcd | scheduler | llumlet | frontend
+    launch: Callable[[int], Component]
+    # A drained llumlet exits 0 on purpose and stays gone; the other components exit only when told to.
+    restart_on_success: bool = True
+    comp: Component | None = None
+    incarnation: int = 0
+    failures: int = 0
+    restarts: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None
+    last_exit: str = ""
+
+    def info(self) -> dict[str, Any]:
+        comp = self.comp
+        state = "stopped"
+        if self.restart_at is not None:
+            state = "restarting"
+        elif comp is not None and comp.alive():
+            state = "running"
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "pid": comp.pid if comp is not None else None,
+            "pgid": comp.pgid if comp is not None else None,
+            "address": comp.ready.get("grpc_address") if comp is not None else None,
+            "instance_id": comp.ready.get("instance_id") if comp is not None else None,
+            "log": str(comp.log_path) if comp is not None else None,
+            "state": state,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+        }
+
+
+def _scheduler_has_stop_flag() -> bool:
+    """Whether ``llumnix scheduler`` has ``--stop-instances-on-exit`` (its local provider stops the llumlets it
+    started when the replica exits), so serve's stop leaves no provider-started llumlet behind."""
+    from pyllumnix.control_plane.scheduler.main import scheduler_command
+
+    return any(p.name == "stop_instances_on_exit" for p in scheduler_command.params)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _children_of(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid`` (Linux /proc), i.e. processes this process may wait for."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses, so split after the last ')'.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+class Supervisor:
+    """``llumnix serve``'s process supervisor, single-threaded and signal-safe.
+
+    Signal handlers only append the signal to a list; ``signal.set_wakeup_fd`` writes a byte to a pipe, which the
+    loop ``select``s on (SIGCHLD too, so a child's death wakes it at once). Nothing waits on a lock a handler could
+    need (a ``threading.Event`` set from a handler deadlocks when the handler interrupts the waiter inside the
+    event's own lock). On Linux serve is a child subreaper: llumlets a crashed scheduler replica started are
+    re-parented to serve, reaped as they exit and stopped with the rest.
+    """
+
+    def __init__(self, opts: dict[str, Any], log_dir: Path) -> None:
+        self.opts = opts
+        self.log_dir = log_dir
+        self.launcher = Launcher(log_dir, die_with_parent=True)
+        self.children: list[Child] = []
+        self.signals: list[int] = []
+        self.etcd: ServeEtcd | None = None
+        self.status_path = log_dir / "serve.json"
+        self.state = "starting"
+        self.info: dict[str, Any] = {"log_dir": str(log_dir), "pid": os.getpid(), "status_file": str(self.status_path)}
+        self.adopted: set[int] = set()
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+
+    # -- signals ----------------------------------------------------------------------------------------------
+    def install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGCHLD, self._on_child)
+        if sys.platform == "linux":
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)  # no locks here: runs between two bytecodes of whatever the main thread does
+
+    def _on_child(self, _signum: int, _frame: object) -> None:
+        """Nothing: the wakeup fd already woke the loop."""
+
+    def stopping(self) -> bool:
+        return bool(self.signals)
+
+    def _hurry(self) -> bool:
+        """A second Ctrl-C/SIGTERM: SIGKILL what is left instead of waiting."""
+        return len(self.signals) > 1
+
+    def _sleep(self, seconds: float) -> None:
+        """Waits on the wakeup pipe (a signal or a child's death cuts it short)."""
+        if seconds > 0:
+            select.select([self._wake_r], [], [], seconds)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+
+    # -- status -----------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        info = dict(self.info)
+        info["state"] = self.state
+        info["components"] = [c.info() for c in self.children]
+        info["instances"] = [
+            c.comp.ready["instance_id"]
+            for c in self.children
+            if c.kind == "llumlet" and c.comp is not None and c.comp.alive() and "instance_id" in c.comp.ready
+        ]
+        return info
+
+    def write_status(self) -> None:
+        """``<log-dir>/serve.json``: every component with its pid, process group, address, state and restarts,
+        replaced atomically on every change (for operators and tests: signal what you mean by PID)."""
+        tmp = self.status_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.status(), indent=1))
+        os.replace(tmp, self.status_path)
+
+    # -- starting ---------------------------------------------------------------------------------------------
+    def add(self, child: Child) -> Child:
+        """Starts a child's first incarnation and supervises it from then on."""
+        self.children.append(child)
+        child.started_at = time.monotonic()
+        try:
+            child.comp = child.launch(0)
+        finally:
+            self.write_status()
+        log.info("started %s (pid %d)%s", child.name, child.comp.pid, self._where(child.comp))
+        return child
+
+    @staticmethod
+    def _where(comp: Component) -> str:
+        address = comp.ready.get("grpc_address")
+        return f" at {address}" if address else ""
+
+    def _launcher_start(self, name: str, args: list[str], timeout: float, env: dict[str, str]) -> Component:
+        comp = self.launcher.spawn(name, *args, env=env)
+        # The launcher keeps only live incarnations; serve stops children itself, tier by tier.
+        self.launcher.components = [c for c in self.launcher.components if c.alive()]
+        comp.ready = self.launcher.wait_ready(comp, timeout, self.stopping)
+        return comp
+
+    def start_cluster(self) -> None:
+        opts = self.opts
+        engine_args, frontend_args, env = engine_settings(opts)
+        etcd_endpoints = str(opts["etcd"])
+        if not etcd_endpoints:
+            etcd = ServeEtcd(1, data_dir=self.log_dir / "etcd-data")
+            self.etcd = etcd
+
+            def launch_etcd(n: int) -> Component:
+                if n == 0:
+                    etcd.start()
+                else:
+                    etcd.restart_member(0)
+                    etcd.wait_healthy(30.0)
+                m = etcd.members[0]
+                assert m.process is not None
+                return Component("etcd", m.process, m.log_path, ready={"grpc_address": m.endpoint})
+
+            self.add(Child("etcd", "etcd", launch_etcd))
+            etcd_endpoints = ",".join(etcd.endpoints)
+            self.info["embedded_etcd"] = etcd.endpoints
+        common = ["--etcd", etcd_endpoints, "--cluster", str(opts["cluster"])]
+        llumlet_args = [*engine_args, "--transport", str(opts["transport"]), "--host", str(opts["host"])]
+        llumlet_args += str(opts["llumlet_args"]).split()
+        host = str(opts["host"])
+
+        schedulers: list[str] = []
+        for i in range(int(opts["schedulers"])):
+            args = [*common, "--replica-id", f"scheduler-{i}", "--host", host]
+            if opts["provider"] == "local":
+                args += ["--provider", "local", "--llumlet-args", shlex.join([*llumlet_args, *common])]
+                args += ["--log-dir", str(self.log_dir)]
+                if _scheduler_has_stop_flag():
+                    args.append(SCHEDULER_STOP_FLAG)
+            child = self.add(Child(f"scheduler-{i}", "scheduler", self._scheduler_launch(f"scheduler-{i}", args, env)))
+            assert child.comp is not None
+            schedulers.append(child.comp.address)
+            if self.stopping():
+                return
+        self.info["schedulers"] = schedulers
+
+        timeout = 300.0 if opts["engine"] == "vllm" else 120.0
+        for i in range(int(opts["llumlets"])):
+
+            def launch_llumlet(n: int, i: int = i) -> Component:
+                # A restarted llumlet is a new instance: the old id's lease must expire so the leader reports the
+                # requests that died with it failed, instead of waiting on them forever.
+                iid = f"instance-{i}" if n == 0 else f"instance-{i}-r{n}"
+                args = ["llumlet", *common, "--instance-id", iid, *llumlet_args]
+                return self._launcher_start(f"llumlet-{i}", args, timeout, env)
+
+            self.add(Child(f"llumlet-{i}", "llumlet", launch_llumlet, restart_on_success=False))
+            if self.stopping():
+                return
+
+        ports = {"http": str(opts["http_port"]), "grpc": str(opts["grpc_port"])}
+
+        def launch_frontend(n: int) -> Component:
+            args = ["frontend", *common, "--scheduler", ",".join(schedulers), "--host", host]
+            args += ["--http-port", ports["http"], "--grpc-port", ports["grpc"], *frontend_args]
+            comp = self._launcher_start("frontend", args, 120.0, env)
+            # A restart comes back on the same ports (chosen by the OS the first time when 0 was asked).
+            ports["http"] = str(comp.ready["http_port"])
+            ports["grpc"] = str(comp.ready["grpc_address"]).rsplit(":", 1)[1]
+            return comp
+
+        frontend = self.add(Child("frontend", "frontend", launch_frontend))
+        assert frontend.comp is not None
+        self.info["http"] = f"http://{host}:{frontend.comp.ready['http_port']}"
+        self.info["grpc"] = frontend.comp.ready["grpc_address"]
+
+    def _scheduler_launch(self, name: str, args: list[str], env: dict[str, str]) -> Callable[[int], Component]:
+        port: list[str] = []
+
+        def launch(n: int) -> Component:
+            # A restarted replica binds its first address again: the frontend and llmctl know replicas by address.
+            comp = self._launcher_start(name, ["scheduler", *args, *(["--port", port[0]] if port else [])], 60.0, env)
+            if not port:
+                port.append(comp.address.rsplit(":", 1)[1])
+            return comp
+
+        return launch
+
+    # -- supervising ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Until a signal: notes every exit, restarts crashed components with backoff, reaps adopted orphans."""
+        while not self.stopping():
+            self._sleep(0.5)
+            if self.stopping():
+                break
+            self.check_children()
+            self.reap_adopted()
+
+    def check_children(self) -> None:
+        now = time.monotonic()
+        changed = False
+        for child in self.children:
+            comp = child.comp
+            if child.restart_at is None and comp is not None and not comp.alive():
+                changed = True
+                self._note_exit(child, comp, now)
+            if child.restart_at is not None and now >= child.restart_at and not self.stopping():
+                changed = True
+                self._restart(child)
+        if changed:
+            self.write_status()
+
+    def _note_exit(self, child: Child, comp: Component, now: float) -> None:
+        child.last_exit = describe_exit(comp.proc.returncode)
+        ran = now - child.started_at
+        try:
+            text = comp.log_path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        tail = " | ".join(text.strip().splitlines()[-3:]) or "(empty)"
+        log.warning(
+            "%s (pid %d) exited: %s after %.1f s; log tail: %s", child.name, comp.pid, child.last_exit, ran, tail
         )
-        schedulers.append(comp.address)
-    info["schedulers"] = schedulers
-    llumlets = []
-    for i in range(int(opts["llumlets"])):
-        comp = launcher.start(
-            f"llumlet-{i}",
-            "llumlet",
-            *common,
-            "--instance-id",
-            f"instance-{i}",
-            *llumlet_args,
-            timeout=300.0 if opts["engine"] == "vllm" else 120.0,
-            env=env,
-        )
-        llumlets.append(comp.ready["instance_id"])
-    info["instances"] = llumlets
-    frontend = launcher.start(
-        "frontend",
-        "frontend",
-        *common,
-        "--scheduler",
-        ",".join(schedulers),
-        "--host",
-        str(opts["host"]),
-        "--http-port",
-        str(opts["http_port"]),
-        "--grpc-port",
-        str(opts["grpc_port"]),
-        *frontend_args,
-        timeout=120.0,
-        env=env,
-    )
-    info["http"] = f"http://{opts['host']}:{frontend.ready['http_port']}"
-    info["grpc"] = frontend.ready["grpc_address"]
-    return info
+        comp.terminate(0)  # anything left in its process group
+        if comp.proc.returncode == 0 and not child.restart_on_success:
+            log.info("%s left on purpose (exit code 0, e.g. drained); not restarted", child.name)
+            return
+        child.failures = 1 if ran >= RESET_AFTER else child.failures + 1
+        delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (child.failures - 1))
+        child.restart_at = now + delay
+        log.info("restarting %s in %.1f s (restart %d)", child.name, delay, child.restarts + 1)
 
+    def _restart(self, child: Child) -> None:
+        child.restart_at = None
+        child.incarnation += 1
+        child.restarts += 1
+        child.started_at = time.monotonic()
+        try:
+            child.comp = child.launch(child.incarnation)
+        except (LaunchError, RuntimeError, TimeoutError, OSError) as exc:
+            if self.stopping():
+                return
+            child.failures += 1
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (child.failures - 1))
+            child.restart_at = time.monotonic() + delay
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("restart of %s failed (%s); next try in %.1f s", child.name, first, delay)
+            return
+        log.info("restarted %s (pid %d)%s", child.name, child.comp.pid, self._where(child.comp))
 
-launcher_etcd: list[Any] = []
+    def reap_adopted(self) -> None:
+        """Orphans re-parented to serve (it is a subreaper): logged once, reaped when they exit."""
+        if sys.platform != "linux":
+            return
+        known = {c.comp.pid for c in self.children if c.comp is not None}
+        for pid in _children_of(os.getpid()):
+            if pid in known or pid in self.adopted:
+                continue
+            self.adopted.add(pid)
+            log.info("adopted orphan pid %d (%s)", pid, _cmdline(pid)[:200])
+        for pid in list(self.adopted):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                self.adopted.discard(pid)
+                continue
+            if done:
+                self.adopted.discard(pid)
+                log.info("adopted pid %d exited: %s", pid, describe_exit(os.waitstatus_to_exitcode(status)))
+
+    # -- stopping ---------------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Reverse start order, one tier at a time (frontend, llumlets, schedulers, etcd): SIGTERM to each process
+        group of the tier, SIGKILL to what is left after STOP_TIMEOUT (at once on a second signal); then whatever
+        was re-parented to serve. Every exit is logged."""
+        self.state = "stopping"
+        with contextlib.suppress(OSError):
+            self.write_status()
+        for kind in ("frontend", "llumlet", "scheduler", "etcd"):
+            tier = [c for c in self.children if c.kind == kind and c.comp is not None]
+            for child in tier:
+                child.restart_at = None
+                assert child.comp is not None
+                if child.comp.alive():
+                    signal_group(child.comp.pgid, signal.SIGTERM)
+            for child in tier:
+                assert child.comp is not None
+                was_running = child.comp.proc.returncode is None
+                code = child.comp.terminate(STOP_TIMEOUT, hurry=self._hurry, signalled=True)
+                if was_running:
+                    child.last_exit = describe_exit(code)
+                    log.info("stopped %s (pid %d): %s", child.name, child.comp.pid, child.last_exit)
+        self.reap_adopted()
+        self._stop_adopted()
+        self.state = "stopped"
+        with contextlib.suppress(OSError):
+            self.write_status()
+
+    def _stop_adopted(self) -> None:
+        if not self.adopted:
+            return
+        for pid in self.adopted:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.adopted and time.monotonic() < deadline and not self._hurry():
+            time.sleep(0.05)
+            self.reap_adopted()
+        for pid in list(self.adopted):
+            log.warning("adopted pid %d did not stop; SIGKILL", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.adopted.clear()
 
 
 @click.command("serve")
@@ -252,36 +586,36 @@ launcher_etcd: list[Any] = []
 @click.option("--llumlet-args", default=DEFAULTS["llumlet_args"], help="Extra arguments for every llumlet.")
 @click.pass_context
 def serve_command(ctx: click.Context, /, config_path: Path | None, **_: Any) -> None:
-    """Run a complete local cluster: etcd, schedulers, llumlets and a frontend."""
+    """Run a complete local cluster: etcd, schedulers, llumlets and a frontend (supervised: a crashed component is
+    restarted with backoff; Ctrl-C/SIGTERM stops everything in reverse order)."""
     opts = resolve(ctx, load_config(config_path))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s serve: %(message)s")
     log_dir = Path(opts["log_dir"]) if opts["log_dir"] else Path(tempfile.mkdtemp(prefix="llumnix-serve-"))
-    launcher = Launcher(log_dir)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    log_dir.mkdir(parents=True, exist_ok=True)
+    engine_settings(opts)  # bad engine options fail here, before anything starts
+    supervisor = Supervisor(opts, log_dir)
+    supervisor.install_signals()
     code = 0
     try:
-        info = start_cluster(opts, launcher)
-        click.echo(json.dumps({"event": "ready", **info}), nl=True)
-        click.echo(
-            f"llumnix serving: OpenAI API at {info['http']}/v1, gRPC at {info['grpc']}, "
-            f"admin (llmctl -e) at {','.join(info['schedulers'])}; logs in {log_dir}",
-            err=True,
-        )
-        sys.stdout.flush()
-        while not stop.wait(0.5):
-            dead = [c.name for c in launcher.components if not c.alive() and c.name.startswith("frontend")]
-            if dead:
-                click.echo(f"{dead[0]} exited; stopping the cluster (see {log_dir})", err=True)
-                code = 1
-                break
+        supervisor.start_cluster()
+        if not supervisor.stopping():
+            supervisor.state = "running"
+            supervisor.write_status()
+            info = supervisor.status()
+            click.echo(json.dumps({"event": "ready", **info}))
+            sys.stdout.flush()
+            click.echo(
+                f"llumnix serving: OpenAI API at {info['http']}/v1, gRPC at {info['grpc']}, "
+                f"admin (llmctl -e) at {','.join(info['schedulers'])}; logs and serve.json in {log_dir}",
+                err=True,
+            )
+            supervisor.run()
+        if supervisor.signals:
+            log.info("%s received; stopping the cluster", signal.Signals(supervisor.signals[0]).name)
     except LaunchError as exc:
-        click.echo(f"error: {exc}", err=True)
-        code = 1
+        if not supervisor.stopping():
+            click.echo(f"error: {exc}", err=True)
+            code = 1
     finally:
-        launcher.stop_all()
-        for etcd in launcher_etcd:
-            with contextlib.suppress(Exception):
-                etcd.stop()
-        launcher_etcd.clear()
+        supervisor.stop()
     sys.exit(code)
