@@ -64,6 +64,22 @@ class MigrationSettings:
     verify_crc: bool = False
 
 
+class MigrationHooks:
+    """Named points of a source-side migration at which a test acts (aborts the request, stops a peer, waits for a
+    preemption) so that each abort path runs at a known stage instead of after a guessed sleep. Every default does
+    nothing; production passes no hooks. ``stage`` is the index of the stage the point precedes (for the commit: the
+    number of stages transferred)."""
+
+    async def before_stage(self, migration_id: str, request_id: str, stage: int) -> None:
+        """Top of each stage, before the source re-reads the request (phase, blocks, preemptions)."""
+
+    async def before_last_stage(self, migration_id: str, request_id: str, stage: int) -> None:
+        """The request is suspended for the stop-and-copy stage; its blocks are not pre-allocated yet."""
+
+    async def before_commit(self, migration_id: str, request_id: str, stage: int) -> None:
+        """Every stage is transferred, outputs flushed and the last client-abort check done; the commit RPC is next."""
+
+
 class _SourceAbort(Exception):
     """The source gives up (the request changed under the migration)."""
 
@@ -93,10 +109,17 @@ class _Incoming:
 class MigrationCoordinator:
     """Implements the service's MigrationHandler protocol for one llumlet."""
 
-    def __init__(self, llumlet: Llumlet, transport: Transport, settings: MigrationSettings | None = None) -> None:
+    def __init__(
+        self,
+        llumlet: Llumlet,
+        transport: Transport,
+        settings: MigrationSettings | None = None,
+        hooks: MigrationHooks | None = None,
+    ) -> None:
         self.llumlet = llumlet
         self.transport = transport
         self.settings = settings or MigrationSettings()
+        self.hooks = hooks
         self._incoming: dict[str, _Incoming] = {}
         self._outgoing: set[str] = set()
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -312,6 +335,8 @@ class MigrationCoordinator:
         dst_ids: list[int] = []
         copied = 0
         for stage_index in itertools.count():
+            if self.hooks is not None:
+                await self.hooks.before_stage(mid, rid, stage_index)
             if state is None:
                 phase, block_ids, preemptions = await self._snapshot(rid)
                 if phase is not Phase.RUNNING or preemptions != preemptions0:
@@ -335,6 +360,8 @@ class MigrationCoordinator:
                     len(block_ids),
                 )
                 assert not isinstance(plan, GiveUp)
+            if plan.last and self.hooks is not None:
+                await self.hooks.before_last_stage(mid, rid, plan.index)
             src_ids = block_ids[plan.first : plan.first + plan.count]
             pre = llumlet_pb2.PreAllocateRequest(
                 migration_id=mid,
@@ -373,6 +400,8 @@ class MigrationCoordinator:
         commit = llumlet_pb2.CommitMigrationRequest(
             migration_id=mid, request=convert.migration_state_to_pb(state, frontend), block_ids=dst_ids
         )
+        if self.hooks is not None:
+            await self.hooks.before_commit(mid, rid, result.stages)
         t_flushed = time.monotonic()
         await self._call(stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s), "commit")
         done = time.monotonic()
