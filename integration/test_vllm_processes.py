@@ -66,6 +66,7 @@ async def test_vllm_llumlets_migrate_mid_decode(procs: Processes, sink: Recordin
         await sink.wait("ref", timeout=120)
         expected = sink.tokens("ref")
         assert len(expected) == max_tokens
+        assert sink.raw_indices("ref") == list(range(max_tokens)), "ref: a token lost or pushed twice"
 
         # The same request three times on A, plus a neighbour that keeps A busy; each copy migrates to B at its own
         # progress point while the others keep decoding on either side.
@@ -94,7 +95,7 @@ async def test_vllm_llumlets_migrate_mid_decode(procs: Processes, sink: Recordin
         for rid in progress:
             outs = await sink.wait(rid, timeout=120)
             assert sink.tokens(rid) == expected, f"{rid}: migrated stream differs from the unmigrated run"
-            assert sorted(set(sink.raw_indices(rid))) == list(range(max_tokens))
+            assert sink.raw_indices(rid) == list(range(max_tokens)), f"{rid}: a token lost or pushed twice"
             assert {o.instance_id for o in outs} == {"a", "b"}
             assert outs[-1].instance_id == "b" and outs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
 
