@@ -11,13 +11,20 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, cast, runtime_checkable
+from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
 
 from pyllumnix.clients.channel import CallKind, EndpointPool, TlsConfig
-from pyllumnix.clients.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
+from pyllumnix.clients.errors import DeadlineExceededError, InvalidArgumentError, LlumnixError, UnavailableError
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+class Readiness(NamedTuple):
+    """Whether a dispatcher can place a request now, and why (or why not), for a readiness probe."""
+
+    ready: bool
+    reason: str
 
 
 @runtime_checkable
@@ -65,7 +72,8 @@ class EtcdRegistrySource:
     """Instances read from the etcd registry (serialized InstanceInfo values), cached for ``max_age`` seconds.
 
     When etcd cannot be read, the last good list is used for up to ``stale_for`` seconds so a short etcd hiccup does
-    not stop bypass dispatch; after that the error propagates.
+    not stop bypass dispatch; after that the failure is raised as :class:`UnavailableError` (never the etcd client's
+    own exception, so callers map it to "unavailable, retry later" like any other).
     """
 
     def __init__(self, registry: RegistryLister, *, max_age: float = 0.5, stale_for: float = 10.0) -> None:
@@ -81,11 +89,13 @@ class EtcdRegistrySource:
             return list(self._cache)
         try:
             snapshot = await self._registry.list()
-        except Exception:
+        except Exception as exc:
             if now - self._read_at <= self.stale_for:
                 log.warning("registry read failed; using the list from %.1fs ago", now - self._read_at)
                 return list(self._cache)
-            raise
+            if isinstance(exc, LlumnixError):
+                raise
+            raise UnavailableError(f"instance registry unreadable: {exc}", details=str(exc)) from exc
         infos: list[common_pb2.InstanceInfo] = []
         for instance_id, value in sorted(snapshot.entries.items()):
             info = common_pb2.InstanceInfo()
@@ -155,6 +165,26 @@ class LeaderDispatcher:
         )
         return reply.instance_id, reply.grpc_address
 
+    async def readiness(self, *, timeout: float | None = None) -> Readiness:
+        """Ready when the leader answers GetMembership (only a leader does) and lists an ACTIVE instance."""
+
+        async def invoke(channel: Any, left: float) -> scheduler_pb2.GetMembershipResponse:
+            reply: scheduler_pb2.GetMembershipResponse = await scheduler_pb2_grpc.SchedulerServiceStub(
+                channel
+            ).GetMembership(scheduler_pb2.GetMembershipRequest(), timeout=left)
+            return reply
+
+        try:
+            reply = await self.pool.call(
+                invoke, what="GetMembership", kind=CallKind.READ, prefer_leader=True, timeout=timeout or self.timeout
+            )
+        except LlumnixError as exc:
+            return Readiness(False, f"scheduler leader: {exc}")
+        active = sum(1 for s in reply.instances if s.state == common_pb2.INSTANCE_STATE_ACTIVE)
+        if not active:
+            return Readiness(False, f"scheduler leader: no ACTIVE instance ({len(reply.instances)} known)")
+        return Readiness(True, f"scheduler leader: {active} ACTIVE instance(s)")
+
     def release(self, instance_id: str) -> None:
         """Nothing to do: the leader counts requests from the instances' load reports."""
 
@@ -200,6 +230,16 @@ class BypassDispatcher:
         best = min(infos, key=lambda i: (i.instance_id in self._avoid, self._in_flight[i.instance_id], i.instance_id))
         self.acquire(best.instance_id)
         return best.instance_id, best.grpc_address
+
+    async def readiness(self) -> Readiness:
+        """Ready when the registry can be read and lists an instance with a gRPC address."""
+        try:
+            infos = [i for i in await self.registry.instances() if i.instance_id and i.grpc_address]
+        except Exception as exc:
+            return Readiness(False, f"bypass: {exc}")
+        if not infos:
+            return Readiness(False, "bypass: the registry lists no instance")
+        return Readiness(True, f"bypass: {len(infos)} registered instance(s)")
 
     def acquire(self, instance_id: str) -> None:
         """Counts a request placed on ``instance_id`` by someone else (the leader), so a later bypass sees it."""
@@ -263,6 +303,26 @@ class FallbackDispatcher:
         self.bypassed += 1
         return await self.bypass.dispatch(request_id, priority, num_prompt_tokens, max_tokens)
 
+    async def readiness(self) -> Readiness:
+        """Ready when the leader can dispatch, or else the bypass can; the reason names both when neither can."""
+        check = getattr(self.leader, "readiness", None)
+        leader: Readiness | None = None
+        if check is not None:
+            try:
+                if isinstance(self.leader, LeaderDispatcher):
+                    answer = await self.leader.readiness(timeout=self.leader_timeout)
+                else:
+                    answer = await asyncio.wait_for(check(), self.leader_timeout)
+            except Exception as exc:
+                answer = Readiness(False, f"scheduler leader: {exc or type(exc).__name__}")
+            if answer.ready:
+                return answer
+            leader = answer
+        bypass = await self.bypass.readiness()
+        if bypass.ready or leader is None:
+            return bypass
+        return Readiness(False, f"{leader.reason}; {bypass.reason}")
+
     def _ask_leader(
         self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int
     ) -> Awaitable[tuple[str, str]]:
@@ -287,6 +347,7 @@ __all__ = [
     "EtcdRegistrySource",
     "FallbackDispatcher",
     "LeaderDispatcher",
+    "Readiness",
     "RegistrySource",
     "StaticRegistrySource",
 ]

@@ -15,6 +15,7 @@ from pyllumnix.clients.dispatch import (
     StaticRegistrySource,
 )
 from pyllumnix.clients.errors import InvalidArgumentError, NoLeaderError, UnavailableError
+from pyllumnix.control_plane.etcd.errors import EtcdUnavailableError
 from pyllumnix.protos.llumnix.v1 import common_pb2
 from tests.test_clients_fakes import Replica, dead_address, serve_replica, stop_all
 
@@ -128,7 +129,7 @@ class _Lister:
     async def list(self) -> _Snap:
         self.reads += 1
         if self.fail:
-            raise ConnectionError("etcd down")
+            raise EtcdUnavailableError("range", ["127.0.0.1:1"], 1.0, "connection refused")
         return _Snap(dict(self.entries))
 
 
@@ -142,7 +143,8 @@ async def test_etcd_registry_source_parses_caches_and_tolerates_a_blip() -> None
     assert len(await source.instances()) == 2  # stale but recent
     assert lister.reads == 2
     fresh = EtcdRegistrySource(lister)
-    with pytest.raises(ConnectionError):
+    # The etcd client's own exception never escapes: it is "unavailable" like any other (HTTP 503, not 500).
+    with pytest.raises(UnavailableError, match="registry unreadable"):
         await fresh.instances()
 
 

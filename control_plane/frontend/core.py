@@ -3,30 +3,41 @@
 Both user surfaces (gRPC Generate and the OpenAI HTTP API) go through ``Frontend.open``, an async context manager, so
 "the client went away" means the same thing everywhere: leaving the context with the request unfinished aborts it on
 whichever instance holds it now.
+
+Protection of the event loop and of the cluster lives here too, so both surfaces get it: an in-flight limit (beyond it
+OverloadedError, HTTP 429 / RESOURCE_EXHAUSTED), a prompt size cap checked before tokenising, tokenising of large
+prompts on a worker thread, range checks of every sampling parameter, a bounded dispatch, and an idle timeout and
+optional deadline on every request's output stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 
-from pyllumnix.clients.errors import LlumnixError
+from pyllumnix.clients.dispatch import Readiness
+from pyllumnix.clients.errors import LlumnixError, ResourceExhaustedError
 from pyllumnix.control_plane.frontend.channels import ChannelPool
-from pyllumnix.control_plane.frontend.dispatch import Dispatcher, RefusalAware, Releasing
+from pyllumnix.control_plane.frontend.dispatch import Dispatcher, ReadinessAware, RefusalAware, Releasing
 from pyllumnix.control_plane.frontend.errors import (
     DuplicateRequestError,
     FrontendError,
     InvalidRequestError,
     ModelNotFoundError,
     NoCapacityError,
+    OverloadedError,
+    PayloadTooLargeError,
     RequestFailedError,
     RequestNotFoundError,
 )
@@ -36,9 +47,78 @@ from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-# AddRequest failures that prove the request was not added, so dispatching it again is safe.
-_RETRYABLE_ADD = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION)
+# AddRequest failures that prove the request was not added, so dispatching it again is safe (RESOURCE_EXHAUSTED: the
+# instance's queue is full).
+_RETRYABLE_ADD = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+# Limits of the sampling parameters (OpenAI's where it has them: at most 4 stop strings, penalties in [-2, 2]).
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_TEMPERATURE = 100.0
+PENALTY_RANGE = (-2.0, 2.0)
+MAX_REPETITION_PENALTY = 10.0
+# Bytes of prompt text allowed per token of the model's length when no explicit cap is given (a token is rarely more
+# than 16 bytes of text), and the least such cap: enough that no valid prompt is refused, small enough that tokenising
+# it cannot stall anything.
+AUTO_PROMPT_BYTES_PER_TOKEN = 32
+MIN_AUTO_PROMPT_BYTES = 64 << 10
+# Prompts of more characters than this are tokenised on a worker thread (below it the hop costs more than it saves).
+OFFLOAD_CHARS = 16 << 10
+
+
+def utf8_len_over(text: str, limit: int) -> bool:
+    """Whether ``text`` is more than ``limit`` UTF-8 bytes, without encoding it when the answer is clear already."""
+    if len(text) > limit:
+        return True
+    if len(text) * 4 <= limit or text.isascii():
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
+
+
+def check_text(value: str, param: str) -> None:
+    """Text must be valid Unicode (no lone surrogates: JSON allows ``"\\ud800"``, UTF-8 and protobuf do not)."""
+    if value.isascii():
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequestError(f"{param} is not valid Unicode text: {exc.reason}", param=param) from exc
+
+
+def _check_range(value: float, param: str, lo: float, hi: float) -> None:
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise InvalidRequestError(f"{param} must be a finite number in [{lo:g}, {hi:g}], got {value}", param=param)
+
+
+def check_sampling(s: common_pb2.SamplingParams, vocab_size: int) -> None:
+    """Range and finiteness of every field, as both surfaces hand them in (the wire's 0 means "unset" where noted in
+    common.proto)."""
+    _check_range(s.temperature, "temperature", 0.0, MAX_TEMPERATURE)
+    if not math.isfinite(s.top_p) or not 0 <= s.top_p <= 1:  # 0 means "unset" (1.0) on the wire
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {s.top_p}", param="top_p")
+    if s.top_k < -1:
+        raise InvalidRequestError(f"top_k must be -1 or 0 (disabled) or positive, got {s.top_k}", param="top_k")
+    _check_range(s.presence_penalty, "presence_penalty", *PENALTY_RANGE)
+    _check_range(s.frequency_penalty, "frequency_penalty", *PENALTY_RANGE)
+    # 0 means "unset" (1.0) on the wire
+    if s.repetition_penalty != 0 and not 0 < s.repetition_penalty <= MAX_REPETITION_PENALTY:
+        raise InvalidRequestError(
+            f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {s.repetition_penalty}",
+            param="repetition_penalty",
+        )
+    if len(s.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(s.stop)}", param="stop")
+    for stop in s.stop:
+        if len(stop) > MAX_STOP_CHARS:
+            raise InvalidRequestError(f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
+    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequestError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids", param="stop_token_ids")
+    bad = [t for t in s.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"stop token ids out of vocabulary: {bad[:5]}", param="stop_token_ids")
 
 
 class InstanceResolver(Protocol):
@@ -57,6 +137,8 @@ class GenerationInput:
     request_id: str = ""
     # Empty means the served model.
     model: str = ""
+    # True: ``sampling.max_tokens`` is unset and means "up to the model's maximum length" (the OpenAI default).
+    fill_max_tokens: bool = False
 
 
 class Frontend:
@@ -75,9 +157,18 @@ class Frontend:
         channels: ChannelPool | None = None,
         dispatch_attempts: int = 3,
         call_timeout: float = 2.0,
+        idle_timeout: float | None = 30.0,
+        request_timeout: float | None = None,
+        max_inflight: int = 256,
+        max_prompt_bytes: int = 0,
+        dispatch_timeout: float = 5.0,
+        readiness_timeout: float = 1.0,
     ) -> None:
-        if max_model_len <= 0 or dispatch_attempts <= 0:
-            raise ValueError("max_model_len and dispatch_attempts must be positive")
+        """``idle_timeout``: seconds a request may go without output before it is ended and aborted (None: never);
+        ``request_timeout``: overall deadline per request (None: none); ``max_inflight``: requests this frontend serves
+        at once (beyond: OverloadedError); ``max_prompt_bytes``: prompt text cap (0: derived from max_model_len)."""
+        if max_model_len <= 0 or dispatch_attempts <= 0 or max_inflight <= 0:
+            raise ValueError("max_model_len, dispatch_attempts and max_inflight must be positive")
         self.model = model
         self.max_model_len = max_model_len
         self.tokenizer = tokenizer
@@ -88,7 +179,19 @@ class Frontend:
         self.channels = channels if channels is not None else ChannelPool()
         self.dispatch_attempts = dispatch_attempts
         self.call_timeout = call_timeout
+        self.idle_timeout = idle_timeout if idle_timeout else None
+        self.request_timeout = request_timeout if request_timeout else None
+        self.max_inflight = max_inflight
+        self.max_prompt_bytes = max_prompt_bytes or max(
+            MIN_AUTO_PROMPT_BYTES, max_model_len * AUTO_PROMPT_BYTES_PER_TOKEN
+        )
+        self.dispatch_timeout = dispatch_timeout
+        self.readiness_timeout = readiness_timeout
         self.tracker = RequestTracker()
+        # Requests admitted and not yet released (tracked ones plus those still being validated).
+        self._admitted = 0
+        # Heavy per-request CPU work (tokenising a long prompt, parsing a large body) runs here, off the event loop.
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="frontend-cpu")
         self.created = int(time.time())
         self._addresses: dict[str, str] = {}
         # request id -> the instance its dispatch chose (what the dispatcher's ``release`` expects back).
@@ -104,10 +207,42 @@ class Frontend:
         finally:
             self.release(request)
 
+    @property
+    def inflight(self) -> int:
+        """Requests admitted and not yet released: what the in-flight limit counts."""
+        return self._admitted
+
+    def check_admission(self) -> None:
+        """Raises OverloadedError when the in-flight limit is reached (cheap: callers may shed before parsing)."""
+        if self._admitted >= self.max_inflight:
+            exc = OverloadedError(f"this frontend is serving its limit of {self.max_inflight} requests; retry later")
+            self.metrics.rejected.labels(exc.code.name).inc()
+            raise exc
+
+    async def offload(self, fn: Callable[..., T], *args: object) -> T:
+        """Runs ``fn(*args)`` on the frontend's worker threads, so heavy CPU work does not stall the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def readiness(self) -> Readiness:
+        """Whether a request could be served now: the sink serves and the dispatcher has somewhere to send it."""
+        if not self.sink_address:
+            return Readiness(False, "the output sink is not serving yet")
+        if not isinstance(self.dispatcher, ReadinessAware):
+            return Readiness(True, "dispatcher has no readiness check")
+        try:
+            return await asyncio.wait_for(self.dispatcher.readiness(), self.readiness_timeout)
+        except TimeoutError:
+            return Readiness(False, f"the dispatcher's readiness check took over {self.readiness_timeout:g}s")
+        except Exception as exc:
+            log.warning("readiness check failed", exc_info=True)
+            return Readiness(False, f"the dispatcher's readiness check failed: {exc}")
+
     async def submit(self, inp: GenerationInput) -> TrackedRequest:
         """Validates, tracks and places a request; the caller must ``release`` it. Raises FrontendError."""
+        self.check_admission()
+        self._admitted += 1
         try:
-            prompt_ids = self._validate(inp)
+            prompt_ids, max_tokens = await self._validate(inp)
             request = TrackedRequest(
                 request_id=inp.request_id or uuid.uuid4().hex,
                 prompt_token_ids=prompt_ids,
@@ -115,15 +250,19 @@ class Frontend:
                 stop=[s for s in inp.sampling.stop if s],
                 priority=inp.priority or common_pb2.PRIORITY_NORMAL,
                 on_stop=self._abort_soon,
+                idle_timeout=self.idle_timeout,
+                deadline=time.monotonic() + self.request_timeout if self.request_timeout else None,
             )
             self.tracker.add(request)
-        except FrontendError as exc:
-            self.metrics.rejected.labels(exc.code.name).inc()
+        except BaseException as exc:
+            self._admitted -= 1
+            if isinstance(exc, FrontendError):
+                self.metrics.rejected.labels(exc.code.name).inc()
             raise
         self.metrics.inflight.inc()
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         try:
-            await self._place(request, self._engine_request(request, inp.sampling))
+            await self._place(request, self._engine_request(request, inp.sampling, max_tokens))
         except BaseException as exc:
             if isinstance(exc, FrontendError):
                 self.metrics.rejected.labels(exc.code.name).inc()
@@ -139,10 +278,13 @@ class Frontend:
             request.finish(common_pb2.FINISH_REASON_ABORT)
             self._abort_soon(request)
         self.tracker.remove(request.request_id)
+        self._admitted -= 1
         self._release_dispatch(request.request_id)
         self.metrics.inflight.dec()
         if not record:
             return
+        if request.timed_out:
+            self.metrics.timeouts.inc()
         now = time.time()
         reason = common_pb2.FinishReason.Name(request.finish_reason).removeprefix("FINISH_REASON_").lower()
         self.metrics.requests.labels(reason).inc()
@@ -160,36 +302,68 @@ class Frontend:
             request.finish(common_pb2.FINISH_REASON_ABORT)
             self._abort_soon(request)
 
-    def _validate(self, inp: GenerationInput) -> list[int]:
+    async def _validate(self, inp: GenerationInput) -> tuple[list[int], int]:
+        """The prompt's token ids and the max_tokens to use; every check that needs no tokens runs first, so a bad
+        or oversized request costs no tokenising."""
         if inp.model and inp.model != self.model:
+            check_text(inp.model, "model")
             raise ModelNotFoundError(f"the model {inp.model!r} does not exist (served: {self.model!r})", param="model")
+        s = inp.sampling
+        if not inp.fill_max_tokens and s.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be positive, got {s.max_tokens}", param="max_tokens")
+        if s.max_tokens >= self.max_model_len:
+            raise InvalidRequestError(
+                f"max_tokens ({s.max_tokens}) leaves no room for a prompt within the model's maximum length of"
+                f" {self.max_model_len}",
+                param="max_tokens",
+            )
+        check_sampling(s, self.tokenizer.vocab_size)
+        for stop in s.stop:
+            check_text(stop, "stop")
+        check_text(inp.request_id, "request_id")
         if isinstance(inp.prompt, str):
-            prompt_ids = self.tokenizer.encode(inp.prompt) if inp.prompt else []
+            if utf8_len_over(inp.prompt, self.max_prompt_bytes):
+                raise PayloadTooLargeError(
+                    f"the prompt is over {self.max_prompt_bytes} bytes (this model takes at most"
+                    f" {self.max_model_len} tokens)",
+                    param="prompt",
+                )
+            check_text(inp.prompt, "prompt")
+            prompt_ids = await self._tokenize(inp.prompt) if inp.prompt else []
         else:
+            if len(inp.prompt) >= self.max_model_len:
+                raise InvalidRequestError(
+                    f"the prompt has {len(inp.prompt)} tokens; the model's maximum length is {self.max_model_len}",
+                    param="prompt",
+                )
             prompt_ids = list(inp.prompt)
             bad = [t for t in prompt_ids if not 0 <= t < self.tokenizer.vocab_size]
             if bad:
                 raise InvalidRequestError(f"token ids out of vocabulary: {bad[:5]}", param="prompt")
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty", param="prompt")
-        s = inp.sampling
-        if s.max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be positive, got {s.max_tokens}", param="max_tokens")
-        if len(prompt_ids) + s.max_tokens > self.max_model_len:
+        max_tokens = s.max_tokens
+        if inp.fill_max_tokens and max_tokens <= 0:
+            max_tokens = max(1, self.max_model_len - len(prompt_ids))
+        if len(prompt_ids) + max_tokens > self.max_model_len:
             raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({s.max_tokens}) exceeds the model's maximum length"
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's maximum length"
                 f" of {self.max_model_len}",
                 param="max_tokens",
             )
-        if s.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {s.temperature}", param="temperature")
-        if not 0 <= s.top_p <= 1:  # 0 means "unset" (1.0) on the wire
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {s.top_p}", param="top_p")
-        return prompt_ids
+        return prompt_ids, max_tokens
 
-    def _engine_request(self, request: TrackedRequest, sampling: common_pb2.SamplingParams) -> common_pb2.EngineRequest:
+    async def _tokenize(self, text: str) -> list[int]:
+        if len(text) <= OFFLOAD_CHARS:
+            return self.tokenizer.encode(text)
+        return await self.offload(self.tokenizer.encode, text)
+
+    def _engine_request(
+        self, request: TrackedRequest, sampling: common_pb2.SamplingParams, max_tokens: int
+    ) -> common_pb2.EngineRequest:
         engine_sampling = common_pb2.SamplingParams()
         engine_sampling.CopyFrom(sampling)
+        engine_sampling.max_tokens = max_tokens
         eos = self.tokenizer.eos_token_id
         if eos is not None and not sampling.ignore_eos and eos not in sampling.stop_token_ids:
             engine_sampling.stop_token_ids.append(eos)
@@ -207,6 +381,7 @@ class Frontend:
         if not self.sink_address:
             raise NoCapacityError("frontend output sink is not serving yet")
         refusals: list[str] = []
+        codes: set[grpc.StatusCode] = set()
         for _ in range(self.dispatch_attempts):
             instance_id, address = await self._dispatch(request, engine_request.sampling.max_tokens)
             self._addresses[instance_id] = address
@@ -223,6 +398,7 @@ class Frontend:
                 self._release_dispatch(request.request_id)
                 if code in _RETRYABLE_ADD:
                     refusals.append(f"{instance_id}: {code.name} {exc.details()}")
+                    codes.add(code)
                     if isinstance(self.dispatcher, RefusalAware):
                         self.dispatcher.refused(instance_id)
                     continue
@@ -234,19 +410,29 @@ class Frontend:
             if request.finished:  # aborted by the client while being added
                 self._abort_soon(request)
             return
+        if codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
+            raise OverloadedError(f"every instance tried is full ({'; '.join(refusals)}); retry later")
         raise NoCapacityError(f"no instance accepted the request ({'; '.join(refusals)})")
 
     async def _dispatch(self, request: TrackedRequest, max_tokens: int) -> tuple[str, str]:
         """The dispatcher's choice; client-library errors (clients/dispatch.py) become frontend errors."""
         try:
-            instance_id, address = await self.dispatcher.dispatch(
-                request.request_id, request.priority, request.num_prompt_tokens, max_tokens
+            instance_id, address = await asyncio.wait_for(
+                self.dispatcher.dispatch(request.request_id, request.priority, request.num_prompt_tokens, max_tokens),
+                self.dispatch_timeout,
             )
         except FrontendError:
             raise
+        except TimeoutError as exc:
+            raise NoCapacityError(f"dispatch did not answer within {self.dispatch_timeout:g}s") from exc
+        except ResourceExhaustedError as exc:
+            raise OverloadedError(f"the cluster is full: {exc}") from exc
         except LlumnixError as exc:
             if exc.code == "INVALID_ARGUMENT":
                 raise InvalidRequestError(f"rejected by the scheduler: {exc}") from exc
+            raise NoCapacityError(f"no instance can take the request: {exc}") from exc
+        except Exception as exc:  # e.g. a registry client's own error: still "cannot dispatch now", never a 500
+            log.warning("dispatch of %s failed", request.request_id, exc_info=True)
             raise NoCapacityError(f"no instance can take the request: {exc}") from exc
         return instance_id, address
 
@@ -286,3 +472,4 @@ class Frontend:
         if self._background:
             await asyncio.wait(set(self._background), timeout=self.call_timeout)
         await self.channels.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)

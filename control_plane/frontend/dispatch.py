@@ -3,7 +3,8 @@
 
 Optional hooks, called when a dispatcher has them: ``release(instance_id)`` exactly once per successful ``dispatch``
 (when the request ends, or at once when the instance refused it), so a bypass dispatcher's in-flight counts stay right;
-``refused(instance_id)`` when the instance refused AddRequest, so the retry can avoid it.
+``refused(instance_id)`` when the instance refused AddRequest, so the retry can avoid it; ``readiness()`` for the
+readiness probe (whether a request could be dispatched now, and why not).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
+from pyllumnix.clients.dispatch import Readiness
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
 
@@ -35,6 +37,11 @@ class Releasing(Protocol):
 @runtime_checkable
 class RefusalAware(Protocol):
     def refused(self, instance_id: str) -> None: ...
+
+
+@runtime_checkable
+class ReadinessAware(Protocol):
+    async def readiness(self) -> Readiness: ...
 
 
 class RegistrySource(Protocol):

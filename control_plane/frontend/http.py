@@ -1,17 +1,23 @@
 """OpenAI-compatible HTTP API (aiohttp) over a ``Frontend``.
 
-Routes: POST /v1/completions, POST /v1/chat/completions (streaming SSE or not), GET /v1/models, GET /health,
-GET /metrics (Prometheus), POST /v1/requests/{request_id}/abort.
+Routes: POST /v1/completions, POST /v1/chat/completions (streaming SSE or not), GET /v1/models, GET /metrics
+(Prometheus), POST /v1/requests/{request_id}/abort, and two probes: GET /livez (liveness: 200 while the event loop
+runs) and GET /health = GET /readyz (readiness: 200 only when a request could be dispatched now, i.e. the scheduler
+leader or the registry bypass has an instance; else 503 with ``{"status", "reason"}``).
 
 Priority: the body field ``"priority": "normal" | "high"`` or the header ``X-Llumnix-Priority: normal | high``; when
 both are given the body wins. Request id: an optional ``X-Request-Id`` header names the request (409 if in use); every
 response carries ``X-Request-Id``, which the abort route takes. ``n`` must be 1. Errors are OpenAI-style bodies
 ``{"error": {"message", "type", "param", "code"}}``: malformed input 400, unknown model or request 404, id in use 409,
-no capacity 503, a failed request (instance lost) 500. A client that disconnects aborts its request.
+a body or prompt over the size caps 413, this frontend's in-flight limit or full instances 429 (with Retry-After),
+no capacity (no leader and nothing to bypass to, etcd unreachable) 503 (with Retry-After), a request that got no
+output in time 504, a failed request (instance lost) 500. A client that disconnects aborts its request; so does one
+that takes nothing from its stream for the idle timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -23,13 +29,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pyllumnix.control_plane.frontend.core import Frontend
-from pyllumnix.control_plane.frontend.errors import FrontendError, ModelNotFoundError, RequestFailedError
+from pyllumnix.control_plane.frontend.errors import FrontendError, RequestFailedError, RequestTimeoutError
 from pyllumnix.control_plane.frontend.openai_schema import (
     ParsedRequest,
     choice,
     envelope,
     error_body,
     finish_reason_name,
+    load_json,
     parse_request,
     usage,
 )
@@ -40,18 +47,26 @@ log = logging.getLogger(__name__)
 
 PRIORITY_HEADER = "X-Llumnix-Priority"
 REQUEST_ID_HEADER = "X-Request-Id"
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+# Bodies larger than this are parsed on a worker thread (json.loads of a few MiB takes tens of milliseconds).
+OFFLOAD_BODY_BYTES = 64 << 10
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def error_response(
-    status: int, message: str, type_: str, param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> web.Response:
-    return web.json_response(error_body(message, type_, param, code), status=status)
+    return web.json_response(error_body(message, type_, param, code), status=status, headers=headers)
 
 
 def frontend_error_response(exc: FrontendError) -> web.Response:
-    code = "model_not_found" if isinstance(exc, ModelNotFoundError) else exc.code.name.lower()
-    return error_response(exc.http_status, exc.message, exc.openai_type, exc.param, code)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return error_response(exc.http_status, exc.message, exc.openai_type, exc.param, exc.openai_code, headers)
 
 
 @web.middleware
@@ -64,24 +79,30 @@ async def openai_errors(request: web.Request, handler: _Handler) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason, "invalid_request_error", code=str(exc.status))
+        message = exc.text if exc.status == 413 and exc.text else exc.reason
+        return error_response(exc.status, message, "invalid_request_error", code=str(exc.status))
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error_response(500, "internal server error", "server_error", code="internal")
 
 
 class HttpApi:
-    def __init__(self, frontend: Frontend) -> None:
+    """``max_body_bytes``: request body cap (aiohttp answers 413 beyond it, before reading the rest)."""
+
+    def __init__(self, frontend: Frontend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.frontend = frontend
+        self.max_body_bytes = max_body_bytes
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[openai_errors])
+        app = web.Application(middlewares=[openai_errors], client_max_size=self.max_body_bytes)
         app.add_routes(
             [
                 web.post("/v1/completions", self.completions),
                 web.post("/v1/chat/completions", self.chat_completions),
                 web.get("/v1/models", self.models),
+                web.get("/livez", self.livez),
                 web.get("/health", self.health),
+                web.get("/readyz", self.health),
                 web.get("/metrics", self.metrics),
                 web.post("/v1/requests/{request_id}/abort", self.abort),
             ]
@@ -95,18 +116,22 @@ class HttpApi:
         return await self._generate(request, chat=True)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except ValueError:
-            return error_response(400, "the request body is not valid JSON", "invalid_request_error")
-        parsed = parse_request(
-            body,
-            chat=chat,
-            tokenizer=self.frontend.tokenizer,
-            max_model_len=self.frontend.max_model_len,
-            header_priority=request.headers.get(PRIORITY_HEADER),
-            request_id=request.headers.get(REQUEST_ID_HEADER, ""),
-        )
+        self.frontend.check_admission()  # shed before reading and parsing the body
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
+        raw = await request.read()
+
+        def parse() -> ParsedRequest:
+            return parse_request(
+                load_json(raw),
+                chat=chat,
+                tokenizer=self.frontend.tokenizer,
+                max_model_len=self.frontend.max_model_len,
+                header_priority=request.headers.get(PRIORITY_HEADER),
+                request_id=request.headers.get(REQUEST_ID_HEADER, ""),
+            )
+
+        parsed = await self.frontend.offload(parse) if len(raw) > OFFLOAD_BODY_BYTES else parse()
         async with self.frontend.open(parsed.inp) as tracked:
             if parsed.stream:
                 return await self._stream(request, parsed, tracked)
@@ -114,6 +139,8 @@ class HttpApi:
 
     async def _complete(self, parsed: ParsedRequest, tracked: TrackedRequest) -> web.Response:
         async for delta in tracked.deltas():
+            if tracked.timed_out:
+                raise RequestTimeoutError(delta.error)
             if delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
                 raise RequestFailedError(f"request {tracked.request_id} failed: {delta.error or 'engine error'}")
         body = envelope(tracked.request_id, self.frontend.model, chat=parsed.chat, chunk=False)
@@ -131,15 +158,31 @@ class HttpApi:
             }
         )
         await response.prepare(request)
+        idle = self.frontend.idle_timeout
+
+        async def write(data: bytes) -> None:
+            # A client that takes nothing for the idle timeout holds a slot for nothing: it is dropped like one that
+            # left (the write blocks once the socket's buffers are full).
+            try:
+                async with asyncio.timeout(idle):
+                    await response.write(data)
+            except TimeoutError:
+                log.warning("request %s: client took no output for %gs; dropping it", tracked.request_id, idle)
+                if request.transport is not None:
+                    request.transport.abort()
+                raise ConnectionResetError("client not reading") from None
 
         async def send(obj: dict[str, Any]) -> None:
-            await response.write(f"data: {json.dumps(obj)}\n\n".encode())
+            await write(f"data: {json.dumps(obj)}\n\n".encode())
 
         model = self.frontend.model
         # A write to a client that left raises; leaving ``Frontend.open`` then aborts the request.
         with contextlib.suppress(ConnectionResetError):
             first = True
             async for delta in tracked.deltas():
+                if tracked.timed_out:
+                    await send(error_body(delta.error, "timeout_error", code="deadline_exceeded"))
+                    break
                 if delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
                     message = f"request {tracked.request_id} failed: {delta.error or 'engine error'}"
                     await send(error_body(message, "server_error", code="internal"))
@@ -159,7 +202,7 @@ class HttpApi:
                     chunk["choices"] = []
                     chunk["usage"] = usage(tracked.num_prompt_tokens, tracked.num_received)
                     await send(chunk)
-            await response.write(b"data: [DONE]\n\n")
+            await write(b"data: [DONE]\n\n")
             await response.write_eof()
         return response
 
@@ -173,9 +216,15 @@ class HttpApi:
         }
         return web.json_response({"object": "list", "data": [model]})
 
+    async def livez(self, request: web.Request) -> web.Response:
+        """Liveness: answers while the event loop runs; says nothing about the cluster."""
+        return web.json_response({"status": "ok"})
+
     async def health(self, request: web.Request) -> web.Response:
-        ready = bool(self.frontend.sink_address)
-        return web.json_response({"status": "ok" if ready else "starting"}, status=200 if ready else 503)
+        """Readiness: 200 only when a request could be dispatched now; 503 with the reason otherwise."""
+        ready, reason = await self.frontend.readiness()
+        body = {"status": "ok" if ready else "unavailable", "reason": reason, "inflight": self.frontend.inflight}
+        return web.json_response(body, status=200 if ready else 503, headers=None if ready else {"Retry-After": "2"})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.frontend.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -199,9 +248,11 @@ class HttpServer:
         await self.runner.cleanup()
 
 
-async def start_http(frontend: Frontend, host: str = "127.0.0.1", port: int = 0) -> HttpServer:
+async def start_http(
+    frontend: Frontend, host: str = "127.0.0.1", port: int = 0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> HttpServer:
     """Serves the API on host:port (0 picks a free port). Handlers are cancelled when their client disconnects."""
-    runner = web.AppRunner(HttpApi(frontend).app(), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(HttpApi(frontend, max_body_bytes).app(), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

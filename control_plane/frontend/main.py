@@ -51,6 +51,15 @@ class FrontendOptions:
     tokenizer_path: str = ""
     vocab_size: int = 32_000
     dispatch_timeout: float = 0.5
+    # Seconds a request may go without output (or a client without reading) before it is ended and aborted; 0: never.
+    idle_timeout: float = 30.0
+    # Overall deadline of a request, seconds; 0: none.
+    request_timeout: float = 0.0
+    max_inflight: int = 256
+    max_body_bytes: int = 4 << 20
+    # 0: derived from max_model_len.
+    max_prompt_bytes: int = 0
+    max_grpc_message_bytes: int = 4 << 20
 
 
 def make_tokenizer(opts: FrontendOptions) -> Tokenizer:
@@ -90,9 +99,15 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         tokenizer=make_tokenizer(opts),
         dispatcher=dispatcher,
         resolver=RegistryResolver(source),
+        idle_timeout=opts.idle_timeout or None,
+        request_timeout=opts.request_timeout or None,
+        max_inflight=opts.max_inflight,
+        max_prompt_bytes=opts.max_prompt_bytes,
     )
-    grpc_server = await start_grpc(frontend, opts.host, opts.grpc_port, opts.advertise_host)
-    http_server = await start_http(frontend, opts.host, opts.http_port)
+    grpc_server = await start_grpc(
+        frontend, opts.host, opts.grpc_port, opts.advertise_host, max_message_bytes=opts.max_grpc_message_bytes
+    )
+    http_server = await start_http(frontend, opts.host, opts.http_port, max_body_bytes=opts.max_body_bytes)
     cluster_metrics = None
     if leader is not None:
         cluster_metrics = ClusterMetrics(leader.pool)
@@ -148,6 +163,37 @@ def _split(value: str) -> list[str]:
 @click.option("--tokenizer-path", default="", help="hf: the tokenizer directory (default: --model, a model path).")
 @click.option("--vocab-size", default=32_000, show_default=True, help="Vocabulary of the sim tokenizer.")
 @click.option("--dispatch-timeout", default=0.5, show_default=True, help="Deadline of one Dispatch call, seconds.")
+@click.option(
+    "--idle-timeout",
+    default=30.0,
+    show_default=True,
+    help="End (and abort) a request that gets no output, or whose client reads nothing, for this long; 0: never.",
+)
+@click.option("--request-timeout", default=0.0, show_default=True, help="Overall deadline per request, s; 0: none.")
+@click.option(
+    "--max-inflight",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Requests served at once; beyond it HTTP 429 / RESOURCE_EXHAUSTED with Retry-After.",
+)
+@click.option(
+    "--max-body-bytes", default=4 << 20, show_default=True, type=click.IntRange(min=1024), help="HTTP body cap (413)."
+)
+@click.option(
+    "--max-prompt-bytes",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Prompt text cap, checked before tokenising (413); 0: 32 bytes per --max-model-len token, at least 64 KiB.",
+)
+@click.option(
+    "--max-grpc-message-bytes",
+    default=4 << 20,
+    show_default=True,
+    type=click.IntRange(min=1024),
+    help="gRPC message cap.",
+)
 @click.option("--log-level", default="INFO", show_default=True)
 def frontend_command(
     scheduler: str,
@@ -163,6 +209,12 @@ def frontend_command(
     tokenizer_path: str,
     vocab_size: int,
     dispatch_timeout: float,
+    idle_timeout: float,
+    request_timeout: float,
+    max_inflight: int,
+    max_body_bytes: int,
+    max_prompt_bytes: int,
+    max_grpc_message_bytes: int,
     log_level: str,
 ) -> None:
     """Run a frontend (OpenAI HTTP + gRPC Generate)."""
@@ -185,5 +237,11 @@ def frontend_command(
         tokenizer_path=tokenizer_path,
         vocab_size=vocab_size,
         dispatch_timeout=dispatch_timeout,
+        idle_timeout=idle_timeout,
+        request_timeout=request_timeout,
+        max_inflight=max_inflight,
+        max_body_bytes=max_body_bytes,
+        max_prompt_bytes=max_prompt_bytes,
+        max_grpc_message_bytes=max_grpc_message_bytes,
     )
     sys.exit(asyncio.run(run_frontend(opts)))

@@ -22,6 +22,11 @@ class FrontendMetrics:
         self.rejected = Counter(
             "llumnix_frontend_rejected_requests", "Requests refused, by status", ["code"], registry=r
         )
+        self.timeouts = Counter(
+            "llumnix_frontend_timed_out_requests",
+            "Requests ended for lack of output (idle timeout, deadline)",
+            registry=r,
+        )
         self.inflight = Gauge("llumnix_frontend_inflight_requests", "Requests being served now", registry=r)
         self.prompt_tokens = Counter("llumnix_frontend_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("llumnix_frontend_generation_tokens", "Tokens streamed to clients", registry=r)

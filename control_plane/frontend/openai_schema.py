@@ -3,16 +3,23 @@
 Chat template (simple and documented, for models without their own): each message becomes ``<|{role}|>\\n{content}\\n``
 and the prompt ends with ``<|assistant|>\\n`` so the model answers as the assistant. A message's content may be a string
 or a list of ``{"type": "text", "text": ...}`` parts (concatenated).
+
+Bodies are checked before anything expensive happens: ``load_json`` refuses non-finite numbers, nesting deeper than
+``MAX_JSON_DEPTH`` and strings that are not valid Unicode (lone surrogates); ``parse_request`` checks every field's JSON
+type (booleans must be JSON booleans) and that integers fit their protobuf fields. Tokenising happens later, in
+``Frontend.submit``, after the size and range checks.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pyllumnix.control_plane.frontend.core import GenerationInput
+from pyllumnix.control_plane.frontend.core import GenerationInput, check_text
 from pyllumnix.control_plane.frontend.errors import InvalidRequestError
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
 from pyllumnix.protos.llumnix.v1 import common_pb2
@@ -39,6 +46,46 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
+MAX_JSON_DEPTH = 32
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def load_json(raw: bytes | str) -> object:
+    """Parses a request body; raises InvalidRequestError for anything but well-formed, finite, valid-Unicode JSON
+    nested at most MAX_JSON_DEPTH deep (deeper bodies would otherwise end in RecursionError somewhere)."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise InvalidRequestError(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from exc
+    except ValueError as exc:  # includes UnicodeDecodeError
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    _check_tree(body)
+    return body
+
+
+def _check_tree(body: object) -> None:
+    """Depth and text validity of every value, iteratively (the check itself must not recurse)."""
+    stack: list[tuple[object, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            check_text(value, "body")
+        elif isinstance(value, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise InvalidRequestError(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    check_text(key, "body")
+                    stack.append((item, depth + 1))
+            else:
+                stack.extend((item, depth + 1) for item in value)
+
+
 @dataclass(frozen=True)
 class ParsedRequest:
     inp: GenerationInput
@@ -53,16 +100,46 @@ def parse_priority(value: object, param: str) -> common_pb2.Priority.ValueType:
     return PRIORITIES[value.lower()]
 
 
-def _number(body: Mapping[str, Any], key: str, default: float, *, integer: bool = False) -> float:
+def _number(body: Mapping[str, Any], key: str, default: float) -> float:
+    """A finite JSON number (ints too); range checks of sampling values are ``core.check_sampling``'s."""
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int | float) or (integer and not isinstance(value, int)):
-        raise InvalidRequestError(f"{key} must be {'an integer' if integer else 'a number'}", param=key)
-    return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequestError(f"{key} must be a number", param=key)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise InvalidRequestError(f"{key} must be a finite number", param=key)
+    return number
+
+
+def _integer(body: Mapping[str, Any], key: str, default: int, bounds: tuple[int, int] = INT32) -> int:
+    """A JSON integer that fits its protobuf field (``bounds``: int32 unless said otherwise)."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequestError(f"{key} must be an integer", param=key)
+    if not bounds[0] <= value <= bounds[1]:
+        raise InvalidRequestError(f"{key} must be in [{bounds[0]}, {bounds[1]}], got {value}", param=key)
+    return value
+
+
+def _boolean(body: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    """A JSON boolean: ``"false"`` (a non-empty string) must not silently read as true."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{key} must be a boolean (true or false), got {value!r:.40}", param=key)
+    return value
 
 
 def _stops(value: object) -> list[str]:
+    """Stop strings; their number and length limits are ``core.check_sampling``'s (shared with gRPC)."""
     if value is None:
         return []
     if isinstance(value, str):
@@ -76,6 +153,8 @@ def _completion_prompt(value: object) -> str | list[int]:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        if not all(INT32[0] <= t <= INT32[1] for t in value):
+            raise InvalidRequestError("token ids must fit 32 bits", param="prompt")
         return list(value)
     if isinstance(value, list) and len(value) == 1:
         return _completion_prompt(value[0])
@@ -127,7 +206,7 @@ def parse_request(
     for key, allowed in _UNSUPPORTED.items():
         if key in body and body[key] not in allowed:
             raise InvalidRequestError(f"{key} is not supported by this server", param=key)
-    if _number(body, "n", 1, integer=True) != 1:
+    if _integer(body, "n", 1, INT64) != 1:
         raise InvalidRequestError("only n=1 is supported", param="n")
     model = body.get("model", "")
     if not isinstance(model, str):
@@ -136,38 +215,57 @@ def parse_request(
     if chat:  # validated above; the model's own chat template wins where the tokenizer has one
         own = getattr(tokenizer, "render_chat", None)
         prompt = (own(body["messages"]) if own is not None else None) or prompt
-    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = int(_number(body, key, max(1, max_model_len - len(prompt_ids)), integer=True))
+    # Omitted: 0 here, filled in by the frontend from the prompt's token count ("up to the model's maximum length").
+    max_tokens = _integer(body, key, 0)
+    if body.get(key) is not None and max_tokens <= 0:
+        raise InvalidRequestError(f"{key} must be positive, got {max_tokens}", param="max_tokens")
     top_p = _number(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
+    repetition_penalty = _number(body, "repetition_penalty", 0.0)
+    if body.get("repetition_penalty") is not None and repetition_penalty <= 0:
+        raise InvalidRequestError(
+            f"repetition_penalty must be positive, got {repetition_penalty}", param="repetition_penalty"
+        )
+    temperature = _number(body, "temperature", 1.0)
+    # float32 on the wire: check the range here, where 1e300 is still 1e300 and not inf.
+    for name, value, hi in (("temperature", temperature, 1e6), ("repetition_penalty", repetition_penalty, 1e6)):
+        if abs(value) > hi:
+            raise InvalidRequestError(f"{name} is out of range: {value}", param=name)
     sampling = common_pb2.SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0),
+        temperature=temperature,
         top_p=top_p,
-        top_k=int(_number(body, "top_k", 0, integer=True)),
+        top_k=_integer(body, "top_k", 0),
         stop=_stops(body.get("stop")),
-        ignore_eos=bool(body.get("ignore_eos", False)),
-        presence_penalty=_number(body, "presence_penalty", 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0),
-        repetition_penalty=_number(body, "repetition_penalty", 0.0),
+        ignore_eos=_boolean(body, "ignore_eos"),
+        presence_penalty=_bounded(body, "presence_penalty"),
+        frequency_penalty=_bounded(body, "frequency_penalty"),
+        repetition_penalty=repetition_penalty,
     )
     if body.get("seed") is not None:
-        sampling.seed = int(_number(body, "seed", 0, integer=True))
+        sampling.seed = _integer(body, "seed", 0, INT64)
     priority = common_pb2.PRIORITY_NORMAL
     if header_priority is not None:
         priority = parse_priority(header_priority, "X-Llumnix-Priority")
     if body.get("priority") is not None:
         priority = parse_priority(body["priority"], "priority")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise InvalidRequestError("stream must be a boolean", param="stream")
+    stream = _boolean(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise InvalidRequestError("stream_options must be an object", param="stream_options")
-    inp = GenerationInput(prompt_ids, sampling, priority, request_id, model)
-    return ParsedRequest(inp, stream, bool(options.get("include_usage", False)), chat)
+    include_usage = _boolean(options, "include_usage")
+    inp = GenerationInput(prompt, sampling, priority, request_id, model, fill_max_tokens=max_tokens == 0)
+    return ParsedRequest(inp, stream, include_usage, chat)
+
+
+def _bounded(body: Mapping[str, Any], key: str) -> float:
+    """A penalty: finite and small enough for float32 (its real range is checked by ``core.check_sampling``)."""
+    value = _number(body, key, 0.0)
+    if abs(value) > 1e6:
+        raise InvalidRequestError(f"{key} is out of range: {value}", param=key)
+    return value
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

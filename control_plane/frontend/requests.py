@@ -3,6 +3,10 @@
 Outputs for one request can come from several llumlets (a migration moves it) and can repeat (a push retried, a
 source re-sending before it hands over). A token is kept only if its index equals the number already received, so
 duplicates and stale re-sends are dropped; an output that starts beyond that count is held until the gap is filled.
+
+A reader of ``deltas()`` never waits forever: after ``idle_timeout`` seconds without output (or past ``deadline``) the
+request ends here with FINISH_REASON_ERROR and ``timed_out`` set, and ``on_stop`` lets the frontend abort it on its
+instance (whose pushes may have stopped for good: the llumlet gave up, the frontend stalled).
 """
 
 from __future__ import annotations
@@ -26,6 +30,58 @@ ERROR = common_pb2.FINISH_REASON_ERROR
 _TERMINAL_ANYWHERE = (ABORT, ERROR)
 
 
+def _failure(pattern: str) -> list[int]:
+    """KMP failure function: fail[i] = length of the longest proper prefix of pattern[: i + 1] that is also a suffix."""
+    fail = [0] * len(pattern)
+    k = 0
+    for i in range(1, len(pattern)):
+        while k and pattern[i] != pattern[k]:
+            k = fail[k - 1]
+        if pattern[i] == pattern[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
+class StopMatcher:
+    """Finds the first stop string in text that arrives piece by piece (one KMP automaton per stop string).
+
+    Feeding a piece costs O(len(piece) x number of stops), whatever the length of the text so far, so a long output
+    does not make every later token slower. ``partial`` is the length of the longest text suffix that is a proper
+    prefix of some stop string: text a client must not see yet, since it may still turn out to be a stop.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)
+
+    @property
+    def partial(self) -> int:
+        return max(self._state, default=0)
+
+    def feed(self, text: str) -> int | None:
+        """Offset in ``text`` where the first stop string to complete starts (negative: it began in earlier text);
+        of stops completing on the same character the longest wins. None if none completed."""
+        stops, fail, state = self.stops, self._fail, self._state
+        for pos, ch in enumerate(text):
+            hit: int | None = None
+            for j, stop in enumerate(stops):
+                k = state[j]
+                while k and stop[k] != ch:
+                    k = fail[j][k - 1]
+                if stop[k] == ch:
+                    k += 1
+                if k == len(stop):
+                    start = pos + 1 - k
+                    hit = start if hit is None else min(hit, start)
+                    k = fail[j][k - 1]
+                state[j] = k
+            if hit is not None:
+                return hit
+        return None
+
+
 @dataclass(frozen=True)
 class Delta:
     """What a client receives next: new text and ids, and on the last one the finish reason."""
@@ -47,24 +103,41 @@ class TrackedRequest:
     stop: Sequence[str] = ()
     priority: common_pb2.Priority.ValueType = common_pb2.PRIORITY_NORMAL
     arrival_time: float = field(default_factory=time.time)
-    # Called once when a stop string ends the request here, so the frontend can abort it on its instance.
+    # Called once when this side ends the request (a stop string, a timeout), so the frontend aborts it on its instance.
     on_stop: Callable[[TrackedRequest], None] | None = None
+    # Seconds ``deltas()`` waits for the next output before ending the request (None: forever).
+    idle_timeout: float | None = None
+    # ``time.monotonic()`` by which the request must have finished (None: no overall deadline).
+    deadline: float | None = None
     # The instance that holds the request now (the dispatch target, then whoever pushed its latest tokens).
     instance_id: str = ""
     num_received: int = field(default=0, init=False)
-    # Everything shown to the client so far plus any tail held back while it could still become a stop string.
-    text: str = field(default="", init=False)
     finished: bool = field(default=False, init=False)
     finish_reason: common_pb2.FinishReason.ValueType = field(default=common_pb2.FINISH_REASON_UNSPECIFIED, init=False)
     error: str = field(default="", init=False)
+    # True when the frontend ended the request because no output came in time (idle timeout or deadline).
+    timed_out: bool = field(default=False, init=False)
     first_token_time: float | None = field(default=None, init=False)
-    _emitted: int = field(default=0, init=False)
+    # Text shown to the client so far (pieces, joined only on demand) and the tail held back while it could still
+    # become a stop string.
+    _shown: list[str] = field(default_factory=list, init=False)
+    _pending: str = field(default="", init=False)
+    _matcher: StopMatcher | None = field(default=None, init=False)
     _held: dict[int, common_pb2.RequestOutput] = field(default_factory=dict, init=False)
     _queue: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue, init=False)
+
+    def __post_init__(self) -> None:
+        stops = [s for s in self.stop if s]
+        self._matcher = StopMatcher(stops) if stops else None
 
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def text(self) -> str:
+        """Everything shown to the client so far plus any tail held back while it could still become a stop string."""
+        return "".join(self._shown) + self._pending
 
     def accept(self, output: common_pb2.RequestOutput, instance_id: str = "") -> None:
         """Takes one pushed output (``instance_id``: the pusher's, used when the output does not name one)."""
@@ -109,39 +182,27 @@ class TrackedRequest:
         text = self.detokenizer.add(new) if new else ""
         if output.finished:
             text += self.detokenizer.flush()
-        self.text += text
-        if self.stop and self._apply_stop_strings(new, first):
-            return
+        if self._matcher is not None:
+            hit = self._matcher.feed(text)
+            if hit is not None:
+                # By the hold-back rule the stop string starts in the pending tail or in ``text``, never earlier.
+                self._pending = (self._pending + text)[: max(0, len(self._pending) + hit)]
+                self._finish(new, first, STOP, "")
+                if self.on_stop is not None:
+                    self.on_stop(self)
+                return
+        self._pending += text
         if output.finished:
             self._finish(new, first, output.finish_reason, output.error)
             return
-        self._emit(new, first, upto=len(self.text) - self._held_back())
+        self._emit(new, first, held=self._matcher.partial if self._matcher is not None else 0)
 
-    def _apply_stop_strings(self, new: list[int], first: int) -> bool:
-        longest = max(len(s) for s in self.stop)
-        start = max(0, self._emitted - longest + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if not hits:
-            return False
-        self.text = self.text[: min(hits)]
-        self._finish(new, first, STOP, "")
-        if self.on_stop is not None:
-            self.on_stop(self)
-        return True
-
-    def _held_back(self) -> int:
-        """Length of the text tail that could still become a stop string (not shown to the client yet)."""
-        pending = len(self.text) - self._emitted
-        for k in range(min(pending, max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
-        return 0
-
-    def _emit(self, new: list[int], first: int, upto: int) -> None:
-        upto = max(upto, self._emitted)
-        text = self.text[self._emitted : upto]
-        self._emitted = upto
+    def _emit(self, new: list[int], first: int, held: int) -> None:
+        cut = len(self._pending) - held
+        text = self._pending[:cut]
+        if text:
+            self._shown.append(text)
+            self._pending = self._pending[cut:]
         if text or new:
             self._queue.put_nowait(Delta(text, new, first, self.instance_id))
 
@@ -150,8 +211,9 @@ class TrackedRequest:
         self.finish_reason = reason
         self.error = error
         self._held.clear()
-        text = self.text[self._emitted :]
-        self._emitted = len(self.text)
+        text, self._pending = self._pending, ""
+        if text:
+            self._shown.append(text)
         self._queue.put_nowait(Delta(text, new, first, self.instance_id, True, reason, error))
 
     def finish(self, reason: common_pb2.FinishReason.ValueType, error: str = "") -> None:
@@ -159,10 +221,38 @@ class TrackedRequest:
         if not self.finished:
             self._finish([], self.num_received, reason, error)
 
+    def expire(self, why: str) -> None:
+        """Ends the request here as timed out (ERROR) and lets ``on_stop`` abort it on its instance."""
+        if self.finished:
+            return
+        self.timed_out = True
+        self.finish(ERROR, why)
+        if self.on_stop is not None:
+            self.on_stop(self)
+
+    def _wait_limit(self) -> tuple[float | None, str]:
+        """How long the next wait for output may last, and what to say when it runs out."""
+        limit, why = self.idle_timeout, f"no output for {self.idle_timeout:g}s"
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if limit is None or left < limit:
+                limit, why = max(0.0, left), "the request's deadline passed"
+        return limit, why
+
     async def deltas(self) -> AsyncIterator[Delta]:
-        """The client's view, until (and including) the finishing delta."""
+        """The client's view, until (and including) the finishing delta; ends by timeout rather than waiting forever."""
         while True:
-            delta = await self._queue.get()
+            limit, why = self._wait_limit()
+            if limit is None or not self._queue.empty():
+                delta = await self._queue.get()
+            else:
+                try:
+                    async with asyncio.timeout(limit):
+                        delta = await self._queue.get()
+                except TimeoutError:
+                    log.warning("request %s on %s: %s; ending it", self.request_id, self.instance_id or "?", why)
+                    self.expire(f"request {self.request_id} timed out: {why}")
+                    continue
             yield delta
             if delta.finished:
                 return

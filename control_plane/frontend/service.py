@@ -1,4 +1,10 @@
-"""The FrontendService gRPC servicer (Generate, Abort) and ``start_grpc``, which serves it beside the output sink."""
+"""The FrontendService gRPC servicer (Generate, Abort) and ``start_grpc``, which serves it beside the output sink.
+
+Generate gets the same checks and limits as the HTTP API (``Frontend.submit``); errors map to INVALID_ARGUMENT,
+RESOURCE_EXHAUSTED (overload; ``retry-after`` trailing metadata, seconds), UNAVAILABLE (no capacity; ``retry-after``),
+DEADLINE_EXCEEDED (no output in time). Messages are capped at ``DEFAULT_MAX_MESSAGE_BYTES`` both ways: a larger one
+is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +18,19 @@ from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput
 from pyllumnix.control_plane.frontend.errors import FrontendError
 from pyllumnix.control_plane.frontend.sink import SERVICE_NAME as SINK_SERVICE_NAME
 from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
-from pyllumnix.control_plane.grpc_server import RunningServer, start_server
+from pyllumnix.control_plane.grpc_server import DEFAULT_OPTIONS, RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
 SERVICE_NAME = "llumnix.v1.FrontendService"
+# Generate requests are small (a prompt within the model's length); output pushes carry a few tokens per request.
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """grpc_server's defaults with the message size caps replaced."""
+    capped = {"grpc.max_send_message_length", "grpc.max_receive_message_length"}
+    options = [(k, v) for k, v in DEFAULT_OPTIONS if k not in capped]
+    return [*options, *((k, max_message_bytes) for k in sorted(capped))]
 
 
 class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
@@ -31,6 +46,7 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
             list(request.token_ids.ids) if request.WhichOneof("prompt") == "token_ids" else request.text
         )
         inp = GenerationInput(prompt, request.sampling, request.priority, request.request_id, request.model)
+        timed_out = ""
         try:
             async with self.frontend.open(inp) as tracked:
                 async for delta in tracked.deltas():
@@ -47,12 +63,17 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
                         reply.usage.prompt_tokens = tracked.num_prompt_tokens
                         reply.usage.completion_tokens = tracked.num_received
                     yield reply
-                    if delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                    if tracked.timed_out:
+                        timed_out = delta.error or "no output in time"
+                    elif delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
                         # The final message says ERROR; the status carries the cause (e.g. "instance lost").
                         context.set_code(grpc.StatusCode.INTERNAL)
                         context.set_details(delta.error or "request failed")
         except FrontendError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, trailing_metadata=exc.trailing_metadata())
+        if timed_out:
+            context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+            context.set_details(timed_out)
 
     async def Abort(
         self, request: frontend_pb2.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -71,7 +92,11 @@ def advertised(host: str, advertise_host: str, port: int) -> str:
 
 
 async def start_grpc(
-    frontend: Frontend, host: str = "127.0.0.1", port: int = 0, advertise_host: str = ""
+    frontend: Frontend,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    advertise_host: str = "",
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> RunningServer:
     """Serves FrontendService + OutputSinkService on one port and points the frontend's sink address at it."""
     server = await start_server(
@@ -85,6 +110,7 @@ async def start_grpc(
         ],
         host=host,
         port=port,
+        options=server_options(max_message_bytes),
     )
     frontend.sink_address = advertised(host, advertise_host, server.port)
     return server
