@@ -1,12 +1,12 @@
 """Maps the repository's top-level folders into the ``pyllumnix`` import namespace.
 
-``control_plane/x.py`` installs as ``pyllumnix.control_plane.x`` (likewise data_plane, clients, tools, protos). The
+``control_plane/x.py`` installs as ``pyllumnix.control_plane.x`` (likewise infra, data_plane, clients, tools, protos). The
 package list is computed, so a new sub-package needs no edit here.
 """
 
 from setuptools import find_namespace_packages, setup
 
-FOLDERS = ("control_plane", "data_plane", "clients", "tools", "protos")
+FOLDERS = ("infra", "control_plane", "data_plane", "clients", "tools", "protos")
 
 # "pyllumnix" itself is a namespace package: it has no folder (a folder of that name in the checkout would shadow the
 # installed mapping whenever the repository root is on sys.path).

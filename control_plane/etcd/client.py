@@ -16,7 +16,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
@@ -95,12 +96,57 @@ class TxnResult:
     responses: list[rpc_pb2.ResponseOp]
 
 
+@dataclass(frozen=True)
+class EtcdTls:
+    """TLS to etcd: the CA that signed the members' certificates and, for ``--client-cert-auth``, our certificate.
+
+    Without ``cert``/``key`` the client still verifies etcd but shows no certificate (a member that requires client
+    certificates then fails the handshake, reported as EtcdUnavailableError after the retry budget).
+    """
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("an etcd client certificate and its key must be given together")
+
+    @classmethod
+    def from_files(
+        cls,
+        ca: str | Path,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_name: str | None = None,
+    ) -> EtcdTls:
+        return cls(
+            ca=Path(ca).read_bytes(),
+            cert=Path(cert).read_bytes() if cert else None,
+            key=Path(key).read_bytes() if key else None,
+            server_name=server_name or None,
+        )
+
+    def credentials(self) -> Any:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
 class Stubs:
     """The gRPC channel to one endpoint and the stubs on it."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: EtcdTls | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            options = [*CHANNEL_OPTIONS, *tls.options()]
+            self.channel = grpc.aio.secure_channel(address, tls.credentials(), options=options)
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.watch = rpc_pb2_grpc.WatchStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
@@ -177,14 +223,26 @@ class EndpointRing:
 
 
 class EtcdClient:
-    """Unary KV/lease calls with failover; the watch and lease modules open their streams through :meth:`pick`."""
+    """Unary KV/lease calls with failover; the watch and lease modules open their streams through :meth:`pick`.
 
-    def __init__(self, endpoints: Sequence[str], *, call_timeout: float = 0.5, retry_budget: float = 2.5) -> None:
+    ``tls`` connects with TLS (and a client certificate, when it has one) to every endpoint; without it the channels
+    are plaintext, as before.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        call_timeout: float = 0.5,
+        retry_budget: float = 2.5,
+        tls: EtcdTls | None = None,
+    ) -> None:
         if call_timeout <= 0 or retry_budget <= 0:
             raise ValueError("call_timeout and retry_budget must be positive")
         self._ring = EndpointRing(endpoints)
         self.call_timeout = call_timeout
         self.retry_budget = retry_budget
+        self.tls = tls
         self._stubs: dict[str, Stubs] = {}
         self._closed = False
 
@@ -204,7 +262,7 @@ class EtcdClient:
         address = self._ring.endpoints[index]
         stubs = self._stubs.get(address)
         if stubs is None:
-            stubs = self._stubs[address] = Stubs(address)
+            stubs = self._stubs[address] = Stubs(address, self.tls)
         return index, stubs
 
     def failover(self, index: int) -> None:

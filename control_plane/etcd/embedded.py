@@ -3,6 +3,8 @@
 Members listen on 127.0.0.1 with free ports; data lives in a temporary folder (under /dev/shm when there is one).
 ``fast=True`` (the default) uses ``--unsafe-no-fsync`` and a 50 ms heartbeat / 250 ms election timeout so a killed
 leader is replaced in well under a second; ``llumnix serve`` may pass a persistent ``data_dir`` and ``fast=False``.
+``tls=EtcdServerTls(...)`` serves clients and peers over TLS and, by default, requires a client certificate signed
+by the given CA on both (``--client-cert-auth``, ``--peer-client-cert-auth``); without it everything is plaintext.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from types import TracebackType
 
 import grpc
 
+from pyllumnix.control_plane.etcd.client import EtcdTls
 from pyllumnix.protos.third_party.etcd.api.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 
 
@@ -41,6 +44,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class EtcdServerTls:
+    """PEM files for serving TLS: the CA trusted for client and peer certificates, the members' certificate and key
+    (SANs for 127.0.0.1, usable for server and client auth since members also dial each other), and a client
+    certificate the embedded cluster's own health checks present (required when ``client_cert_auth``)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    client_cert_auth: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key must be given together")
+        if self.client_cert_auth and self.client_cert is None:
+            raise ValueError("client_cert_auth needs a client certificate for the embedded cluster's health checks")
+
+    def client_tls(self) -> EtcdTls:
+        """Client-side TLS for :class:`EtcdClient` with the health-check certificate (or none)."""
+        return EtcdTls.from_files(self.ca, self.client_cert, self.client_key)
+
+    def flags(self) -> list[str]:
+        out = [
+            f"--trusted-ca-file={self.ca}",
+            f"--cert-file={self.cert}",
+            f"--key-file={self.key}",
+            f"--peer-trusted-ca-file={self.ca}",
+            f"--peer-cert-file={self.cert}",
+            f"--peer-key-file={self.key}",
+        ]
+        if self.client_cert_auth:
+            out += ["--client-cert-auth", "--peer-client-cert-auth"]
+        return out
+
+
 @dataclass
 class Member:
     name: str
@@ -50,6 +90,7 @@ class Member:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     member_id: int = 0
+    scheme: str = "http"
 
     @property
     def endpoint(self) -> str:
@@ -57,7 +98,11 @@ class Member:
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"{self.scheme}://127.0.0.1:{self.peer_port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"{self.scheme}://{self.endpoint}"
 
     @property
     def running(self) -> bool:
@@ -75,6 +120,7 @@ class EmbeddedEtcd:
         fast: bool = True,
         client_ports: list[int] | None = None,
         start_timeout: float = 15.0,
+        tls: EtcdServerTls | None = None,
     ) -> None:
         if members < 1:
             raise ValueError("members must be >= 1")
@@ -83,6 +129,7 @@ class EmbeddedEtcd:
         self.size = members
         self.fast = fast
         self.start_timeout = start_timeout
+        self.tls = tls
         self._own_dir = data_dir is None
         if data_dir is None:
             base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
@@ -96,6 +143,7 @@ class EmbeddedEtcd:
                 peer_port=free_port(),
                 data_dir=self.data_dir / f"m{i}",
                 log_path=self.data_dir / f"m{i}.log",
+                scheme="https" if tls is not None else "http",
             )
             for i in range(members)
         ]
@@ -111,8 +159,8 @@ class EmbeddedEtcd:
             str(etcd_binary()),
             f"--name={m.name}",
             f"--data-dir={m.data_dir}",
-            f"--listen-client-urls=http://{m.endpoint}",
-            f"--advertise-client-urls=http://{m.endpoint}",
+            f"--listen-client-urls={m.client_url}",
+            f"--advertise-client-urls={m.client_url}",
             f"--listen-peer-urls={m.peer_url}",
             f"--initial-advertise-peer-urls={m.peer_url}",
             f"--initial-cluster={cluster}",
@@ -121,6 +169,8 @@ class EmbeddedEtcd:
             "--log-level=warn",
             "--logger=zap",
         ]
+        if self.tls is not None:
+            cmd += self.tls.flags()
         if self.fast:
             cmd += ["--unsafe-no-fsync", "--heartbeat-interval=50", "--election-timeout=250"]
         return cmd
@@ -145,7 +195,7 @@ class EmbeddedEtcd:
         return self
 
     def _status(self, m: Member, timeout: float = 0.3) -> rpc_pb2.StatusResponse | None:
-        with grpc.insecure_channel(m.endpoint) as channel:
+        with self._channel(m) as channel:
             try:
                 resp: rpc_pb2.StatusResponse = rpc_pb2_grpc.MaintenanceStub(channel).Status(
                     rpc_pb2.StatusRequest(), timeout=timeout
@@ -153,6 +203,16 @@ class EmbeddedEtcd:
                 return resp
             except grpc.RpcError:
                 return None
+
+    def _channel(self, m: Member) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(m.endpoint)
+        tls = self.tls.client_tls()
+        return grpc.secure_channel(m.endpoint, tls.credentials())
+
+    def client_tls(self) -> EtcdTls | None:
+        """What an :class:`EtcdClient` needs to reach this cluster (None when it is plaintext)."""
+        return self.tls.client_tls() if self.tls is not None else None
 
     def wait_healthy(self, timeout: float | None = None) -> None:
         """Waits until every running member reports the same raft leader."""
@@ -256,8 +316,12 @@ class EmbeddedEtcd:
 
 
 def start_embedded(
-    members: int = 1, *, data_dir: str | Path | None = None, client_port: int | None = None
+    members: int = 1,
+    *,
+    data_dir: str | Path | None = None,
+    client_port: int | None = None,
+    tls: EtcdServerTls | None = None,
 ) -> EmbeddedEtcd:
     """Entry for ``llumnix serve``: a started single-node (or N-node) etcd; call ``stop()`` on shutdown."""
     ports = [client_port] if client_port is not None and members == 1 else None
-    return EmbeddedEtcd(members, data_dir=data_dir, fast=True, client_ports=ports).start()
+    return EmbeddedEtcd(members, data_dir=data_dir, fast=True, client_ports=ports, tls=tls).start()

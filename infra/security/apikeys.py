@@ -1,0 +1,294 @@
+"""API keys for users and admins: created, verified, listed and revoked in etcd, stored only as hashes.
+
+A key looks like ``llx_<id>_<secret>``: ``id`` (16 hex digits) names the etcd record
+``<root>/<cluster>/apikeys/<id>`` so a check is one read, never a scan; ``secret`` is 256 random bits. The record
+keeps ``sha256(key)``, a name and a role (``user`` or ``admin``; an admin key may do everything a user key may).
+
+Why plain SHA-256 and not a slow password hash: slow hashes (scrypt, argon2) protect *low-entropy* secrets that an
+attacker with the stored hashes could guess. These keys are generated, 256-bit random tokens: no dictionary and no
+brute force gets near them, so one SHA-256 is as safe as a slow hash while keeping each check at microseconds on the
+request path. A stolen etcd dump therefore yields no usable key. Hashes are compared with ``hmac.compare_digest``.
+
+Checks cache positive answers for ``cache_ttl`` seconds (default 2): a revocation takes effect at once in the process
+that revoked and within ``cache_ttl`` everywhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from aiohttp import web
+
+from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.security.authz import guard_handler
+
+KEY_PREFIX = "llx"
+API_ROLES = ("user", "admin")
+_KEY_RE = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_-]{{43}})$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+
+
+class ApiKeyError(Exception):
+    """A key that does not authenticate (missing, malformed, unknown or revoked)."""
+
+
+class ApiKeyStoreError(Exception):
+    """The key store could not answer (etcd unreachable): neither yes nor no."""
+
+
+class _Value(Protocol):
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def value(self) -> bytes: ...
+
+
+class _Range(Protocol):
+    @property
+    def kvs(self) -> Sequence[_Value]: ...
+
+
+class KV(Protocol):
+    """The part of :class:`~pyllumnix.control_plane.etcd.client.EtcdClient` the store uses (fakes in unit tests)."""
+
+    async def get(self, key: str | bytes) -> _Value | None: ...
+    async def put(self, key: str | bytes, value: bytes, *, lease: int = 0) -> int: ...
+    async def delete(self, key: str | bytes) -> int: ...
+    async def get_prefix(self, prefix: str | bytes, *, revision: int = 0) -> _Range: ...
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A stored key's public part (never the key itself)."""
+
+    id: str
+    name: str
+    role: str
+    created: float
+
+    def allows(self, role: str) -> bool:
+        """An admin key may act as a user; a user key only as a user."""
+        return self.role in ("admin", role)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_id(key: str) -> str:
+    """The record id inside a well-formed key; ApiKeyError if it is not one."""
+    m = _KEY_RE.fullmatch(key.strip())
+    if m is None:
+        raise ApiKeyError(f"malformed API key (expected {KEY_PREFIX}_<16 hex>_<43 chars>)")
+    return m.group(1)
+
+
+def apikeys_prefix(layout: KeyLayout) -> str:
+    return f"{layout.base}apikeys/"
+
+
+class ApiKeyStore:
+    """create / verify / revoke / list against etcd (or any :class:`KV`)."""
+
+    def __init__(
+        self, kv: KV, layout: KeyLayout, *, cache_ttl: float = 2.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.kv = kv
+        self.prefix = apikeys_prefix(layout)
+        self.cache_ttl = cache_ttl
+        self._clock = clock
+        self._cache: dict[str, tuple[ApiKey, str, float]] = {}  # id -> (record, hash, expiry)
+
+    async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
+        try:
+            return await coro
+        except Exception as exc:  # the etcd layer's own errors name endpoints and budget
+            raise ApiKeyStoreError(f"API key store unavailable ({what}): {exc}") from exc
+
+    async def create(self, name: str, role: str = "user") -> tuple[str, ApiKey]:
+        """A new key for ``name``; returns ``(key, record)``. The key is shown once: only its hash is kept."""
+        if role not in API_ROLES:
+            raise ValueError(f"role must be one of {', '.join(API_ROLES)}, got {role!r}")
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"key name must be 1-64 of letters, digits and ._@- : {name!r}")
+        if any(k.name == name for k in await self.list()):
+            raise ValueError(f"an API key named {name!r} exists; revoke it first")
+        kid = secrets.token_hex(8)
+        key = f"{KEY_PREFIX}_{kid}_{secrets.token_urlsafe(32)}"
+        record = ApiKey(kid, name, role, time.time())
+        body = {"name": name, "role": role, "created": record.created, "sha256": hash_key(key)}
+        await self._call("create", self.kv.put(self.prefix + kid, json.dumps(body).encode()))
+        return key, record
+
+    async def verify(self, key: str) -> ApiKey:
+        """The record of a valid key; ApiKeyError if it is not one, ApiKeyStoreError if etcd cannot say."""
+        kid = key_id(key)
+        digest = hash_key(key.strip())
+        now = self._clock()
+        cached = self._cache.get(kid)
+        if cached is not None and cached[2] > now:
+            record, stored = cached[0], cached[1]
+        else:
+            kv = await self._call("verify", self.kv.get(self.prefix + kid))
+            if kv is None:
+                self._cache.pop(kid, None)
+                raise ApiKeyError("unknown or revoked API key")
+            record, stored = self._parse(kid, kv.value)
+            self._cache[kid] = (record, stored, now + self.cache_ttl)
+        if not hmac.compare_digest(digest, stored):
+            raise ApiKeyError("unknown or revoked API key")
+        return record
+
+    async def revoke(self, name_or_id: str) -> ApiKey:
+        """Deletes the key with this name (or id); ValueError if there is none."""
+        for record in await self.list():
+            if name_or_id in (record.name, record.id):
+                await self._call("revoke", self.kv.delete(self.prefix + record.id))
+                self._cache.pop(record.id, None)
+                return record
+        raise ValueError(f"no API key named {name_or_id!r}")
+
+    async def list(self) -> list[ApiKey]:
+        result = await self._call("list", self.kv.get_prefix(self.prefix))
+        out = []
+        for kv in result.kvs:
+            kid = kv.key.decode()[len(self.prefix) :]
+            out.append(self._parse(kid, kv.value)[0])
+        return sorted(out, key=lambda k: (k.created, k.id))
+
+    @staticmethod
+    def _parse(kid: str, value: bytes) -> tuple[ApiKey, str]:
+        data = json.loads(value)
+        return ApiKey(kid, str(data["name"]), str(data["role"]), float(data["created"])), str(data["sha256"])
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The key in an ``Authorization: Bearer <key>`` value; None when absent or another scheme."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class AuthFailure:
+    """How a request failed authentication: HTTP status, gRPC status, OpenAI error type/code, message."""
+
+    http_status: int
+    grpc_code: grpc.StatusCode
+    type: str
+    code: str
+    message: str
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
+
+
+async def authenticate(store: ApiKeyStore, authorization: str | None, required_role: str) -> ApiKey | AuthFailure:
+    """One decision shared by the HTTP middleware and the gRPC interceptor."""
+    token = bearer_token(authorization)
+    if token is None:
+        return AuthFailure(
+            401,
+            grpc.StatusCode.UNAUTHENTICATED,
+            "authentication_error",
+            "missing_api_key",
+            "no API key: send the header 'Authorization: Bearer <key>'",
+        )
+    try:
+        record = await store.verify(token)
+    except ApiKeyError as exc:
+        return AuthFailure(401, grpc.StatusCode.UNAUTHENTICATED, "authentication_error", "invalid_api_key", str(exc))
+    except ApiKeyStoreError as exc:
+        return AuthFailure(503, grpc.StatusCode.UNAVAILABLE, "server_error", "auth_unavailable", str(exc))
+    if not record.allows(required_role):
+        return AuthFailure(
+            403,
+            grpc.StatusCode.PERMISSION_DENIED,
+            "permission_error",
+            "insufficient_permissions",
+            f"API key {record.name!r} has role {record.role}; this needs role {required_role}",
+        )
+    return record
+
+
+REQUEST_KEY = "llumnix.api_key"
+"""Where the middleware leaves the caller's :class:`ApiKey` on an aiohttp request (``request[REQUEST_KEY]``)."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def api_key_middleware(
+    store: ApiKeyStore,
+    *,
+    exempt: Sequence[str] = ("/health", "/metrics"),
+    admin_prefixes: Sequence[str] = (),
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """An aiohttp middleware: every path except ``exempt`` needs a user key, paths under ``admin_prefixes`` an admin
+    key; failures answer 401/403/503 with an OpenAI-style error body."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in exempt:
+            return await handler(request)
+        role = "admin" if any(request.path.startswith(p) for p in admin_prefixes) else "user"
+        outcome = await authenticate(store, request.headers.get("Authorization"), role)
+        if isinstance(outcome, AuthFailure):
+            headers = {"WWW-Authenticate": 'Bearer realm="llumnix"'} if outcome.http_status == 401 else None
+            return web.json_response(outcome.body(), status=outcome.http_status, headers=headers)
+        request[REQUEST_KEY] = outcome
+        return await handler(request)
+
+    return middleware
+
+
+DEFAULT_GRPC_RULES: dict[str, str] = {"/llumnix.v1.FrontendService/*": "user"}
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Bearer keys on gRPC: methods matching ``rules`` (full name or ``/pkg.Service/*`` -> role) need a key with
+    that role in the ``authorization`` metadata; other methods pass through untouched."""
+
+    def __init__(self, store: ApiKeyStore, rules: Mapping[str, str] = DEFAULT_GRPC_RULES) -> None:
+        for role in rules.values():
+            if role not in API_ROLES:
+                raise ValueError(f"rule role must be one of {', '.join(API_ROLES)}, got {role!r}")
+        self.store = store
+        self.rules = dict(rules)
+
+    def required_role(self, method: str) -> str | None:
+        return self.rules.get(method) or self.rules.get(method.rsplit("/", 1)[0] + "/*")
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        role = self.required_role(handler_call_details.method)
+        if handler is None or role is None:
+            return handler
+        authorization = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                authorization = value.decode() if isinstance(value, bytes) else value
+        outcome = await authenticate(self.store, authorization, role)
+        if not isinstance(outcome, AuthFailure):
+            return handler
+        failure = outcome
+
+        async def refuse(context: Any) -> None:
+            await context.abort(failure.grpc_code, failure.message)
+
+        return guard_handler(handler, refuse)

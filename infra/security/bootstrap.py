@@ -1,0 +1,144 @@
+"""Secure by default for a local cluster: a throwaway CA, a certificate per component, the token secret, an admin key.
+
+``llumnix serve`` calls :func:`bootstrap_local` for its folder (reusing the CA and certificates already there, so a
+restart keeps working), starts etcd with the ``etcd`` certificates, then :func:`provision_admin` creates an admin API
+key (hashed in etcd) and writes the client context file so ``llmctl`` works with no flags. New components (llumlets
+started by the autoscaler) get certificates from :meth:`ClusterSecurity.ensure`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyllumnix.infra.security.apikeys import ApiKeyStore
+from pyllumnix.infra.security.ca import DEFAULT_HOSTS, CertificateAuthority, CertPaths, Identity, _write_private
+from pyllumnix.infra.security.context import ClientContext, save_context
+from pyllumnix.infra.security.tokens import new_secret
+
+SECRET_FILE = "cluster-secret"
+
+
+@dataclass
+class ClusterSecurity:
+    """A cluster's security folder: ``ca.pem``/``ca-key.pem``, ``<role>-<id>.pem``/``-key.pem``, the token secret."""
+
+    directory: Path
+    cluster: str
+    hosts: tuple[str, ...] = DEFAULT_HOSTS
+    issued: dict[Identity, CertPaths] = field(default_factory=dict)
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.directory / "ca-key.pem"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.directory / SECRET_FILE
+
+    def secret(self) -> bytes:
+        """The cluster secret for capability and transfer tokens (frontends and llumlets' destinations need it)."""
+        return self.secret_path.read_bytes()
+
+    def authority(self) -> CertificateAuthority:
+        return CertificateAuthority.load(self.ca_cert, self.ca_key)
+
+    def paths(self, role: str, id: str) -> CertPaths:
+        """The files of a component that already has a certificate here."""
+        identity = Identity(self.cluster, role, id)
+        cached = self.issued.get(identity)
+        if cached is not None:
+            return cached
+        p = CertPaths(self.ca_cert, self.directory / f"{role}-{id}.pem", self.directory / f"{role}-{id}-key.pem")
+        if not (p.cert.exists() and p.key.exists()):
+            raise FileNotFoundError(f"no certificate for {identity} in {self.directory}; call ensure() first")
+        self.issued[identity] = p
+        return p
+
+    def ensure(self, role: str, id: str, hosts: Iterable[str] = ()) -> CertPaths:
+        """The component's files, issuing its certificate first if it has none (``hosts`` added to the defaults)."""
+        try:
+            return self.paths(role, id)
+        except FileNotFoundError:
+            pass
+        identity = Identity(self.cluster, role, id)
+        issued = self.authority().issue(identity, [*self.hosts, *hosts])
+        paths = issued.write(self.directory, self.ca_cert)
+        self.issued[identity] = paths
+        return paths
+
+
+DEFAULT_COMPONENTS: Mapping[str, Sequence[str]] = {
+    "etcd": ("etcd",),
+    "scheduler": ("s0", "s1"),
+    "frontend": ("f0",),
+    "admin": ("admin",),
+    "client": ("client",),
+}
+
+
+def bootstrap_local(
+    directory: str | Path,
+    cluster: str = "llumnix",
+    *,
+    components: Mapping[str, Sequence[str]] = DEFAULT_COMPONENTS,
+    llumlets: Sequence[str] = (),
+    hosts: Sequence[str] = DEFAULT_HOSTS,
+) -> ClusterSecurity:
+    """Creates (or reuses) the CA, the token secret and a certificate for every named component."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(d, 0o700)
+    security = ClusterSecurity(d, cluster, tuple(dict.fromkeys(hosts)))
+    if not (security.ca_cert.exists() and security.ca_key.exists()):
+        CertificateAuthority.create(f"llumnix {cluster} local CA").write(d)
+    if not security.secret_path.exists():
+        _write_private(security.secret_path, new_secret())
+    wanted = {role: list(ids) for role, ids in components.items()}
+    wanted.setdefault("llumlet", []).extend(llumlets)
+    for role, ids in wanted.items():
+        for id in ids:
+            security.ensure(role, id)
+    return security
+
+
+async def provision_admin(
+    security: ClusterSecurity,
+    store: ApiKeyStore,
+    *,
+    context_path: str | Path | None = None,
+    context_name: str | None = None,
+    scheduler: Sequence[str] = (),
+    frontend: Sequence[str] = (),
+    http: str = "",
+    etcd: Sequence[str] = (),
+    admin_id: str = "admin",
+) -> tuple[str, Path]:
+    """Creates an admin API key (replacing an earlier one of the same name) and writes the context file.
+
+    Returns the key (shown once) and the context file's path.
+    """
+    name = f"{admin_id}@{security.cluster}"
+    if any(k.name == name for k in await store.list()):
+        await store.revoke(name)
+    key, _ = await store.create(name, "admin")
+    paths = security.ensure("admin", admin_id)
+    ctx = ClientContext(
+        name=context_name or security.cluster,
+        cluster=security.cluster,
+        scheduler=list(scheduler),
+        frontend=list(frontend),
+        http=http,
+        etcd=list(etcd),
+        ca=paths.ca,
+        cert=paths.cert,
+        key=paths.key,
+        api_key=key,
+    )
+    return key, save_context(ctx, context_path)
