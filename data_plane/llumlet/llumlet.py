@@ -4,12 +4,18 @@ Every engine access holds ``engine_lock``; the step loop holds it for a whole st
 duration, and handing the step's outputs to the pusher) and releases it between steps. So a handler that takes the
 lock (add, abort, a migration stage) always runs between two steps, after the previous step's outputs are queued, and
 asyncio's FIFO lock keeps the loop from starving them.
+
+Every request that ends here ends with a final output to its frontend: finished by the engine, aborted (its message
+says by whom), failed by an engine error, or failed because the instance shuts down. The one exception is a frontend
+that could not be reached for the whole push budget (see ``output_push``): its requests are aborted here to free
+their blocks, and the pusher queues their final ERROR outputs in case it comes back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -18,7 +24,7 @@ from dataclasses import dataclass, field
 
 from pyllumnix.data_plane.engine.base import Engine, Finish, MigrationState, Phase, TokenOutput, UnknownRequestError
 from pyllumnix.data_plane.llumlet import convert
-from pyllumnix.data_plane.llumlet.output_push import OutputPusher
+from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
 
 log = logging.getLogger(__name__)
@@ -26,6 +32,16 @@ log = logging.getLogger(__name__)
 
 class InstanceNotAcceptingError(Exception):
     """The instance is draining or cordoned (FAILED_PRECONDITION)."""
+
+
+class QueueFullError(Exception):
+    """The instance's waiting queue is at its limit (RESOURCE_EXHAUSTED: try another instance, or later)."""
+
+
+# Seconds a stopping llumlet waits for its last outputs (the shutdown errors) to reach their frontends.
+STOP_DRAIN_S = 2.0
+# Seconds ``stop`` waits for the step in progress to end.
+STOP_STEP_WAIT_S = 5.0
 
 
 DOWNTIME_BUCKETS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 500.0, 1000.0, math.inf)
@@ -73,25 +89,43 @@ class RequestOwner:
 
 class Llumlet:
     """Runs ``engine`` in real time. ``step_in_thread`` runs each step in a worker thread (vLLM, whose step blocks);
-    the simulated engine steps inline (its step only computes and returns the modelled duration)."""
+    the simulated engine steps inline (its step only computes and returns the modelled duration).
 
-    def __init__(self, engine: Engine, instance_id: str, *, step_in_thread: bool = False) -> None:
+    ``max_waiting``: ``add_request`` refuses (QueueFullError) while this many requests wait (None: no limit), so a
+    burst queues at the frontend or goes elsewhere instead of piling up behind one instance.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        instance_id: str,
+        *,
+        step_in_thread: bool = False,
+        push: PushSettings | None = None,
+        max_waiting: int | None = None,
+    ) -> None:
+        if max_waiting is not None and max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
         self.engine = engine
         self.instance_id = instance_id
+        self.max_waiting = max_waiting
         self.engine_lock = asyncio.Lock()
         self.state: int = common_pb2.INSTANCE_STATE_ACTIVE
         self.owners: dict[str, RequestOwner] = {}
         self.stats = LlumletStats()
-        self.pusher = OutputPusher(instance_id, self._abort_orphans)
+        self.pusher = OutputPusher(instance_id, self._abort_orphans, self._frontend_unreachable, push)
         self._step_in_thread = step_in_thread
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._load_seq = 0
         self._migrating_in = False
         self._migrating_out = False
         # Aborts that arrived while the request was suspended for a migration's last stage; the coordinator settles
         # them (abort here if the migration fails, forward to the destination if it committed).
         self.pending_aborts: dict[str, float] = {}
+        # Why a pending abort was asked for, when not by the client (its final output carries this message).
+        self.abort_reasons: dict[str, str] = {}
         # Called after every step (under the lock) so migration coordinators can react between steps.
         self.after_step: list[Callable[[], None]] = []
 
@@ -99,11 +133,25 @@ class Llumlet:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"engine-{self.instance_id}")
 
-    async def stop(self) -> None:
+    async def stop(self, drain_timeout: float = STOP_DRAIN_S) -> None:
+        """Stops stepping; requests still here end with an ERROR output (sent for up to ``drain_timeout``)."""
+        clean = True
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Let the loop leave between two steps: a step running in a worker thread cannot be interrupted, and the
+            # engine must not be touched while it runs.
+            self._stopping = True
+            self._work.set()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), STOP_STEP_WAIT_S)
+            except TimeoutError:
+                clean = not self._step_in_thread
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        if clean:
+            async with self.engine_lock:
+                self._fail_all(f"instance {self.instance_id} is shutting down")
+        await self.pusher.drain(drain_timeout)
         await self.pusher.close()
 
     def wake(self) -> None:
@@ -117,34 +165,72 @@ class Llumlet:
             )
         spec = convert.spec_from_pb(request)
         async with self.engine_lock:
+            if self.max_waiting is not None:
+                waiting = self.engine.load().num_waiting
+                if waiting >= self.max_waiting:
+                    raise QueueFullError(
+                        f"instance {self.instance_id} has {waiting} requests waiting, its limit is {self.max_waiting}"
+                    )
             self.engine.add_request(spec, time.time())
             self.owners[spec.request_id] = RequestOwner(request.frontend_address, len(spec.prompt_token_ids))
             self.stats.requests_added += 1
         self.wake()
 
-    async def abort_request(self, request_id: str) -> None:
+    async def abort_request(self, request_id: str, reason: str = "") -> None:
+        """Aborts a request; its frontend gets a final ABORT output saying why (``reason``, default: by its client).
+
+        A request suspended for a migration's last stage is only marked; the coordinator settles it.
+        """
         async with self.engine_lock:
             if self.engine.phase(request_id) is Phase.SUSPENDED:
                 self.pending_aborts[request_id] = time.time()
+                if reason:
+                    self.abort_reasons[request_id] = reason
                 return
             out = self.engine.abort_request(request_id)
-            self._emit([out])
+            message = self.abort_reasons.pop(request_id, "") or reason or "aborted by its client"
+            self._emit([dataclasses.replace(out, error=f"{message} (on instance {self.instance_id})")])
 
     def adopt(self, state: MigrationState, frontend_address: str) -> None:
         """Takes ownership of a request migrated in (call under engine_lock, right after commit_incoming)."""
         self.owners[state.spec.request_id] = RequestOwner(frontend_address, len(state.spec.prompt_token_ids))
 
     def _abort_orphans(self, request_ids: list[str]) -> None:
-        """Frontend gone or unaware of these requests: abort them so their blocks are freed."""
+        """The frontend does not know these requests: abort them (no output: nobody waits for it) to free blocks."""
+        asyncio.get_running_loop().create_task(self._abort_silently(request_ids, {}))
 
-        async def run() -> None:
-            for rid in request_ids:
-                with contextlib.suppress(UnknownRequestError):
-                    async with self.engine_lock:
-                        self.engine.abort_request(rid)
-                        self.owners.pop(rid, None)
+    def _frontend_unreachable(self, address: str, notified: list[str]) -> None:
+        """The pusher gave up on ``address`` after its whole budget and queued final ERROR outputs for ``notified``;
+        every request this instance still holds for that frontend is aborted (blocks freed), and those not yet
+        notified get their final ERROR output queued too, in case the frontend comes back."""
+        told = set(notified)
+        doomed = {rid for rid, owner in self.owners.items() if owner.frontend_address == address} | told
+        message = f"instance {self.instance_id} could not deliver outputs to frontend {address}; request aborted"
+        notices = {rid: message for rid in doomed if rid not in told}
+        asyncio.get_running_loop().create_task(self._abort_silently(sorted(doomed), notices))
 
-        asyncio.get_running_loop().create_task(run())
+    async def _abort_silently(self, request_ids: list[str], notices: dict[str, str]) -> None:
+        """Aborts requests without the usual ABORT output; ``notices`` (id -> message) get a final ERROR output."""
+        for rid in request_ids:
+            async with self.engine_lock:
+                owner = self.owners.get(rid)
+                try:
+                    if self.engine.phase(rid) is Phase.SUSPENDED:  # its migration coordinator settles it
+                        self.pending_aborts[rid] = time.time()
+                        continue
+                    out = self.engine.abort_request(rid)
+                except UnknownRequestError:
+                    self.owners.pop(rid, None)
+                    continue
+                self.owners.pop(rid, None)
+                if rid in notices and owner is not None and owner.frontend_address:
+                    final = TokenOutput(
+                        rid, (), out.first_index, finished=True, finish=Finish.ERROR, error=notices[rid]
+                    )
+                    self.pusher.submit(
+                        owner.frontend_address,
+                        [convert.output_to_pb(final, self.instance_id, owner.num_prompt_tokens)],
+                    )
 
     # --- load ---
     def load_pb(self) -> common_pb2.InstanceLoad:
@@ -193,7 +279,7 @@ class Llumlet:
 
     # --- the loop ---
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             if not self.engine.has_work():
                 self._work.clear()
                 await self._work.wait()
@@ -222,9 +308,15 @@ class Llumlet:
             await asyncio.sleep(0)
 
     def _fail_all(self, message: str) -> None:
+        """Ends every request with an ERROR output (call under engine_lock). A request suspended for a migration is
+        left to its coordinator, with the message kept for the abort it will settle."""
         outputs: list[TokenOutput] = []
         for rid in self.engine.request_ids():
             with contextlib.suppress(UnknownRequestError):
+                if self.engine.phase(rid) is Phase.SUSPENDED:
+                    self.pending_aborts[rid] = time.time()
+                    self.abort_reasons[rid] = message
+                    continue
                 aborted = self.engine.abort_request(rid)
                 outputs.append(
                     TokenOutput(rid, (), aborted.first_index, finished=True, finish=Finish.ERROR, error=message)

@@ -1,8 +1,14 @@
 """``llumnix llumlet``: one engine instance with its gRPC service, data-plane endpoint and etcd registration.
 
 Prints one JSON line ``{"event": "ready", ...}`` on stdout once it serves (addresses included), so supervisors and
-tests can wait for it. SIGTERM/SIGINT deregisters (revokes the lease) and stops cleanly; losing the lease (etcd says
-this instance is dead, and the scheduler has failed its requests) stops it with exit code 3.
+tests can wait for it. SIGTERM/SIGINT deregisters (revokes the lease) and stops cleanly: requests still here end with
+an ERROR output to their frontends.
+
+Losing the registry lease (etcd unreachable, or this process stalled, for longer than ``--lease-ttl``) no longer stops
+the llumlet (it used to exit with code 3, and nothing restarted it): it keeps serving its requests and registers again
+under a new lease with the same instance id and InstanceInfo, retrying etcd with backoff until that succeeds (see
+``registration``). The default TTL of 5 s, renewed every TTL/3, rides out a stall of about 3 s without losing the
+lease at all; a dead llumlet leaves the registry 5 s after its last renewal.
 """
 
 from __future__ import annotations
@@ -26,13 +32,12 @@ from pyllumnix.data_plane.engine.base import Engine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
+from pyllumnix.data_plane.llumlet.output_push import PushSettings
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
 from pyllumnix.data_plane.transport.factory import make_transport
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-EXIT_LEASE_LOST = 3
 
 
 @dataclass
@@ -63,8 +68,14 @@ class LlumletOptions:
     etcd: list[str] = field(default_factory=list)
     cluster: str = "default"
     transport: str = "auto"
-    lease_ttl: int = 3
+    lease_ttl: int = 5
     load_interval_ms: int = 50
+    # Seconds one batch of outputs may keep failing to reach its frontend before that frontend's requests are aborted.
+    push_budget_s: float = 30.0
+    # Seconds an output sender (a channel and a task per frontend address) may stay idle before it closes.
+    sink_idle_s: float = 60.0
+    # AddRequest answers RESOURCE_EXHAUSTED while this many requests wait here (0: no limit).
+    max_waiting: int = 256
     migration: MigrationSettings = field(default_factory=MigrationSettings)
 
 
@@ -116,7 +127,13 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     stop = stop or asyncio.Event()
     instance_id = opts.instance_id or f"llumlet-{uuid.uuid4().hex[:8]}"
     engine = make_engine(opts)
-    llumlet = Llumlet(engine, instance_id, step_in_thread=opts.engine == "vllm")
+    llumlet = Llumlet(
+        engine,
+        instance_id,
+        step_in_thread=opts.engine == "vllm",
+        push=PushSettings(budget_s=opts.push_budget_s, idle_close_s=opts.sink_idle_s),
+        max_waiting=opts.max_waiting or None,
+    )
     transport = make_transport(opts.transport)
     data_plane_address = await transport.start()
     coordinator = MigrationCoordinator(llumlet, transport, opts.migration)
@@ -144,35 +161,21 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         block_bytes=engine.block_bytes,
     )
     registration = None
+    client = None
     reporter = None
     background: list[asyncio.Task[None]] = []
-    exit_code = 0
     if opts.etcd:
         from pyllumnix.control_plane.etcd.client import EtcdClient
         from pyllumnix.control_plane.etcd.keys import KeyLayout
-        from pyllumnix.control_plane.etcd.lease import Lease
-        from pyllumnix.control_plane.etcd.registry import InstanceRegistry
+        from pyllumnix.data_plane.llumlet.registration import InstanceRegistration
         from pyllumnix.data_plane.llumlet.reporter import LoadReporter
 
         client = EtcdClient(opts.etcd)
         layout = KeyLayout(opts.cluster)
-        lease = await Lease.grant(client, opts.lease_ttl)
-        registry = InstanceRegistry(client, layout)
-        await registry.register(instance_id, info.SerializeToString(), lease)
-        registration = (client, lease)
+        registration = InstanceRegistration(client, layout, instance_id, info.SerializeToString(), opts.lease_ttl)
+        await registration.start()
         reporter = LoadReporter(llumlet, client, layout, opts.load_interval_ms / 1000)
         reporter.start()
-
-        async def watch_lease() -> None:
-            nonlocal exit_code
-            await lease.lost.wait()
-            if stop.is_set():  # our own revoke at shutdown
-                return
-            log.error("lease lost (%s): this instance is considered dead; stopping", lease.lost_reason)
-            exit_code = EXIT_LEASE_LOST
-            stop.set()
-
-        background.append(asyncio.get_running_loop().create_task(watch_lease()))
     loop = asyncio.get_running_loop()
 
     async def exit_when_drained() -> None:
@@ -209,14 +212,14 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     if reporter is not None:
         await reporter.stop()
     if registration is not None:
-        client, lease = registration
-        await lease.revoke(best_effort=True)
+        await registration.close()
+    if client is not None:
         await client.close()
     await server.stop(1.0)
     await coordinator.close()
     await llumlet.stop()
     await transport.close()
-    return exit_code
+    return 0
 
 
 @click.command("llumlet")
@@ -263,10 +266,33 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 @click.option("--transport", type=click.Choice(["auto", "ucx", "tcp", "inproc"]), default="auto", show_default=True)
 @click.option(
     "--lease-ttl",
-    default=3,
+    type=click.IntRange(min=1),
+    default=5,
     show_default=True,
-    help="Registry lease TTL, seconds: an instance that dies leaves the registry (and its requests are failed) "
-    "this long after its last renewal.",
+    help="Registry lease TTL, seconds (renewed every TTL/3): an instance that dies leaves the registry (and its "
+    "requests are failed) this long after its last renewal; a lost lease is replaced while the llumlet serves on.",
+)
+@click.option(
+    "--push-budget",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds outputs may keep failing to reach a frontend (retried with backoff, in order) before its "
+    "requests are aborted here.",
+)
+@click.option(
+    "--sink-idle-close",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds an output channel to a frontend may stay unused before it is closed.",
+)
+@click.option(
+    "--max-waiting",
+    type=click.IntRange(min=0),
+    default=256,
+    show_default=True,
+    help="AddRequest is refused (RESOURCE_EXHAUSTED) while this many requests wait here (0: no limit).",
 )
 @click.option("--load-interval-ms", default=50, show_default=True, help="Load report period.")
 @click.option("--last-stage-max-blocks", default=4, show_default=True)
@@ -301,6 +327,9 @@ def llumlet_command(
     cluster: str,
     transport: str,
     lease_ttl: int,
+    push_budget: float,
+    sink_idle_close: float,
+    max_waiting: int,
     load_interval_ms: int,
     last_stage_max_blocks: int,
     max_stages: int,
@@ -337,6 +366,9 @@ def llumlet_command(
         cluster=cluster,
         transport=transport,
         lease_ttl=lease_ttl,
+        push_budget_s=push_budget,
+        sink_idle_s=sink_idle_close,
+        max_waiting=max_waiting,
         load_interval_ms=load_interval_ms,
         migration=MigrationSettings(
             limits=MigrationLimits(last_stage_max_blocks, max_stages),

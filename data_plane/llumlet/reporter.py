@@ -2,6 +2,9 @@
 
 The leader is whoever the etcd election names; its election value is a serialized ``SchedulerReplica`` (replica id
 and gRPC address). When the leader changes, or its stream breaks, the reporter re-targets the new leader.
+
+Neither an etcd outage nor a leader blip stops it: the stream to the last known leader goes on while etcd is away,
+a broken stream is reopened (after a short pause, whatever the error), and the leader watch is reopened with backoff.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
+from pyllumnix.control_plane.etcd.client import EtcdClient, raise_if_cancelling
 from pyllumnix.control_plane.etcd.election import Election
 from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
@@ -36,6 +39,7 @@ class LoadReporter:
         self.interval_s = interval_s
         self.leader: str | None = None
         self.reports_sent = 0
+        self.streams_ended = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -50,9 +54,11 @@ class LoadReporter:
     async def _follow(self) -> None:
         """Runs one stream per leader; a new leader cancels the old stream."""
         stream: asyncio.Task[None] | None = None
+        backoff = 0.5
         while True:
             try:
                 async for info in self.election.observe():
+                    backoff = 0.5
                     address = leader_address(info.value) if info is not None else None
                     if address == self.leader and stream is not None and not stream.done():
                         continue
@@ -67,9 +73,12 @@ class LoadReporter:
                 if stream is not None:
                     stream.cancel()
                 raise
-            except Exception as exc:  # etcd unreachable for a while: keep trying
-                log.warning("leader watch failed (%s); retrying", exc)
-                await asyncio.sleep(0.5)
+            except Exception as exc:  # etcd unreachable for a while: keep trying (the current stream goes on)
+                log.warning("leader watch failed (%s); retrying in %.1f s", exc, backoff)
+            else:
+                log.debug("leader watch ended; reopening in %.1f s", backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     async def _stream_to(self, address: str) -> None:
         while True:
@@ -78,7 +87,13 @@ class LoadReporter:
                     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
                     await stub.ReportLoad(self._reports())
             except grpc.aio.AioRpcError as exc:
+                raise_if_cancelling(exc)
                 log.debug("load stream to %s ended: %s", address, exc.code().name)
+            except Exception as exc:  # whatever broke this stream, the next one may work: never stop reporting
+                log.warning("load stream to %s failed: %r", address, exc)
+            else:
+                log.debug("load stream to %s closed by the scheduler", address)
+            self.streams_ended += 1
             await asyncio.sleep(self.interval_s * 4)
 
     async def _reports(self) -> AsyncIterator[scheduler_pb2.ReportLoadRequest]:

@@ -17,7 +17,7 @@ from pyllumnix.data_plane.engine.base import (
     UnknownRequestError,
 )
 from pyllumnix.data_plane.llumlet.convert import request_load_to_pb
-from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llumlet
+from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llumlet, QueueFullError
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
 SERVICE_NAME = "llumnix.v1.LlumletService"
@@ -31,6 +31,8 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (OutOfBlocksError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (InvalidStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (InstanceNotAcceptingError, grpc.StatusCode.FAILED_PRECONDITION),
+    # The waiting queue is full: the frontend answers HTTP 429 (or tries another instance).
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
 )
 
 
@@ -77,7 +79,7 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
         try:
             await self.llumlet.add_request(request.request)
-        except (EngineError, InstanceNotAcceptingError) as exc:
+        except (EngineError, InstanceNotAcceptingError, QueueFullError) as exc:
             await abort_with(context, exc)
         return llumlet_pb2.AddRequestResponse(instance_id=self.llumlet.instance_id)
 
