@@ -1,52 +1,110 @@
-"""Profiles: the 7B constants follow the paper, the latency model's shape, and the registry's error."""
+"""Profiles: properties the latency model must have (monotone, additive, linear where it says so) and its constants
+re-derived here from the paper's figures and the hardware numbers the profile's comment cites, independently of the
+profile's own table (a constant typed wrong, or a table that stops being monotone, fails here)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
+import numpy as np
 import pytest
 
-from pyllumnix.data_plane.engine.profile import LLAMA_7B_A10, PROFILES, TINY, get_profile
+from pyllumnix.data_plane.engine.profile import LLAMA_7B_A10, PROFILES, TINY, Profile, get_profile
+
+# The paper's 7B recompute (prefill) latencies, ms (PAPER.md, Fig. 10), and the hardware figures the profile cites.
+PAPER_PREFILL_MS = {256: 58.0, 512: 110.0, 1024: 220.0, 2048: 436.0, 4096: 940.0, 8192: 1995.0}
+PAPER_7B_DOWNTIME_MS = 26.0  # "shorter than one decode step"
+A10_GB_S = 600e9
+WEIGHTS_BYTES = 13.5e9
+LAYERS, HIDDEN, FP16 = 32, 4096, 2
 
 
-def test_llama_7b_kv_geometry() -> None:
+def test_llama_7b_kv_geometry_follows_the_model() -> None:
     p = get_profile("llama-7b-a10")
-    assert p.bytes_per_token == 512 * 1024
-    assert p.block_bytes == 8 * 1024 * 1024
-    assert p.block_size == 16
-    assert p.max_num_batched_tokens == 12800
-    assert 1200 <= p.total_blocks <= 1500
-    assert p.watermark_blocks == 13
+    assert p.bytes_per_token == 2 * LAYERS * HIDDEN * FP16  # K and V, every layer, fp16
+    assert p.block_bytes == p.block_size * p.bytes_per_token == 8 * 1024 * 1024
+    # capacity: the A10's memory left after the weights, in blocks (24 GB ... 24 GiB bounds the profile's choice)
+    low, high = (24e9 - WEIGHTS_BYTES) / p.block_bytes, (24 * 2**30 - WEIGHTS_BYTES) / p.block_bytes
+    assert low <= p.total_blocks <= high, (low, p.total_blocks, high)
+    assert p.watermark_blocks == int(p.watermark * p.total_blocks)
+    assert p.max_model_len <= (p.total_blocks - p.watermark_blocks) * p.block_size  # a longest request fits
 
 
-@pytest.mark.parametrize(("tokens", "paper_ms"), [(256, 58), (512, 110), (1024, 220), (2048, 436), (8192, 1995)])
-def test_llama_7b_prefill_matches_paper(tokens: int, paper_ms: float) -> None:
+@pytest.mark.parametrize(("tokens", "paper_ms"), sorted(PAPER_PREFILL_MS.items()))
+def test_llama_7b_prefill_is_the_paper_figure(tokens: int, paper_ms: float) -> None:
     assert LLAMA_7B_A10.prefill_ms(tokens) == pytest.approx(paper_ms, rel=0.01)
 
 
-def test_prefill_table_interpolates_and_fit_outside() -> None:
-    p = LLAMA_7B_A10
-    assert p.prefill_ms(768) == pytest.approx((110 + 220) / 2)
-    assert p.prefill_ms(100) == pytest.approx(0.2114 * 100 + 3.04)
-    assert p.prefill_ms(12000) == pytest.approx(0.2114 * 12000 + 3.04)
-    assert p.prefill_ms(0) == 0.0
-    untabled = dataclasses.replace(p, prefill_table=())
-    assert untabled.prefill_ms(1024) == pytest.approx(0.2114 * 1024 + 3.04)
+def test_prefill_fit_is_the_least_squares_line_through_the_short_prompt_figures() -> None:
+    points = [(t, m) for t, m in PAPER_PREFILL_MS.items() if t <= 2048]
+    slope, intercept = np.polyfit([t for t, _ in points], [m for _, m in points], 1)
+    assert LLAMA_7B_A10.prefill_a_ms == pytest.approx(slope, rel=1e-3)
+    assert LLAMA_7B_A10.prefill_b_ms == pytest.approx(intercept, rel=1e-2)
+    # outside the table the fit applies: below 256 tokens and above 8k
+    for tokens in (1, 100, 255, 9000, 12800):
+        assert LLAMA_7B_A10.prefill_ms(tokens) == pytest.approx(slope * tokens + intercept, rel=1e-2)
+    # the fit meets the table at its lower end (no jump where short prompts enter the table)
+    assert LLAMA_7B_A10.prefill_ms(255) == pytest.approx(LLAMA_7B_A10.prefill_ms(256), rel=0.03)
 
 
-def test_decode_step_exceeds_paper_downtime_and_grows() -> None:
+def test_prefill_interpolates_linearly_between_paper_points() -> None:
+    for (t0, m0), (t1, m1) in itertools.pairwise(sorted(PAPER_PREFILL_MS.items())):
+        for frac in (0.25, 0.5, 0.75):
+            t = int(t0 + frac * (t1 - t0))
+            expected = m0 + (m1 - m0) * (t - t0) / (t1 - t0)
+            assert LLAMA_7B_A10.prefill_ms(t) == pytest.approx(expected), t
+
+
+@pytest.mark.parametrize("profile", [LLAMA_7B_A10, TINY], ids=lambda p: p.name)
+def test_prefill_and_decode_are_monotone(profile: Profile) -> None:
+    top = profile.max_num_batched_tokens
+    # within the table (and below it, through the fit) more tokens never cost less
+    end = profile.prefill_table[-1][0] if profile.prefill_table else top
+    costs = [profile.prefill_ms(t) for t in range(1, end + 1)]
+    assert all(b >= a for a, b in itertools.pairwise(costs))
+    above = [profile.prefill_ms(t) for t in range(end + 1, top + 1, 7)]
+    assert all(b >= a for a, b in itertools.pairwise(above))
+    for batch in (1, 4, 8):
+        ctx = [profile.decode_ms(batch, c) for c in range(batch, 8192, 97)]
+        assert all(b > a for a, b in itertools.pairwise(ctx))
+    assert all(profile.decode_ms(b + 1, 1000) > profile.decode_ms(b, 1000) for b in range(1, 64))
+    assert profile.prefill_ms(0) == profile.decode_ms(0, 0) == 0.0
+
+
+def test_decode_constants_follow_from_bandwidth_and_the_paper() -> None:
     p = LLAMA_7B_A10
-    one = p.decode_ms(1, 256)
-    assert 26 < one < 65  # longer than the 7B migration downtime, shorter than a 30B step
-    assert p.decode_ms(32, 32 * 256) > p.decode_ms(8, 8 * 256) > one
-    assert p.decode_ms(0, 0) == 0.0
-    assert p.step_seconds(256, 1, 256) == pytest.approx((58 + one) / 1000)
+    # each context token's KV read once per step at the A10's bandwidth
+    assert p.decode_b_ms == pytest.approx(p.bytes_per_token / A10_GB_S * 1e3, rel=0.01)
+    # the base step at least streams the weights once, and one step is longer than the paper's 7B downtime
+    assert p.decode_c_ms >= WEIGHTS_BYTES / A10_GB_S * 1e3
+    assert p.decode_ms(1, 1) > PAPER_7B_DOWNTIME_MS
+    # ... and shorter than the 30B step on 4 x A10 (~65 ms) at a full batch's context of a 2k-token request
+    assert p.decode_ms(1, 2048) < 65.0
+
+
+def test_decode_is_linear_in_batch_and_context() -> None:
+    """Independent of the coefficients: second differences vanish and a step splits into its parts."""
+    for p in (LLAMA_7B_A10, TINY):
+        base = p.decode_ms(1, 0)
+        per_seq = p.decode_ms(2, 0) - base
+        per_token = p.decode_ms(1, 1000) - base
+        for batch, ctx in ((8, 2048), (32, 8192), (200, 20000)):
+            expected = base + per_seq * (batch - 1) + per_token * ctx / 1000
+            assert p.decode_ms(batch, ctx) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_step_costs_its_prefill_plus_its_decode() -> None:
+    for p in (LLAMA_7B_A10, TINY):
+        for prefill, batch, ctx in ((0, 1, 256), (256, 0, 0), (768, 8, 4096), (100, 3, 300)):
+            expected = (p.prefill_ms(prefill) + p.decode_ms(batch, ctx)) / 1000
+            assert p.step_seconds(prefill, batch, ctx) == pytest.approx(expected)
 
 
 def test_tiny_is_small_and_fast() -> None:
     assert TINY.block_bytes <= 64 * 1024
     assert TINY.total_blocks <= 128
-    assert TINY.step_seconds(256, 8, 2048) < 0.05
+    assert TINY.step_seconds(TINY.max_num_batched_tokens, TINY.max_num_seqs, TINY.max_model_len * 8) < 0.05
 
 
 def test_unknown_profile_lists_names() -> None:
