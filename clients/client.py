@@ -420,6 +420,13 @@ class AsyncLlumnixClient:
     async def leader(self) -> admin_pb2.GetLeaderResponse:
         return await self._admin("GetLeader", admin_pb2.GetLeaderRequest(), admin_pb2.GetLeaderResponse, CallKind.READ)
 
+    async def resign_leader(self) -> admin_pb2.ResignLeaderResponse:
+        """The current leader steps down (a standby takes over at once; it stays out of the election for
+        ``hold_off_ms``). Sent to a follower, the call is redirected to the leader; with no leader: NoLeaderError."""
+        return await self._admin(
+            "ResignLeader", admin_pb2.ResignLeaderRequest(), admin_pb2.ResignLeaderResponse, CallKind.WRITE
+        )
+
     async def membership(self) -> scheduler_pb2.GetMembershipResponse:
         """SchedulerService.GetMembership at the leader (registry joined with the latest load)."""
 
@@ -595,6 +602,9 @@ class LlumnixClient:
 
     def leader(self) -> admin_pb2.GetLeaderResponse:
         return self._run(self._client.leader())
+
+    def resign_leader(self) -> admin_pb2.ResignLeaderResponse:
+        return self._run(self._client.resign_leader())
 
     def membership(self) -> scheduler_pb2.GetMembershipResponse:
         return self._run(self._client.membership())

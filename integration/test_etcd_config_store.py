@@ -8,7 +8,7 @@ import pytest
 
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.config_store import ConfigStore
-from pyllumnix.control_plane.etcd.errors import ConfigConflictError
+from pyllumnix.control_plane.etcd.errors import ConfigConflictError, UndecodableValueError
 from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.protos.llumnix.v1 import config_pb2
 
@@ -36,4 +36,26 @@ async def test_cas_and_watch(etcd_client: EtcdClient, etcd_cluster_name: str) ->
     seen = [await asyncio.wait_for(changes.__anext__(), 3) for _ in range(2)]
     assert [r for _, r in seen] == [rev1, rev2]
     assert all(m == cfg for m, _ in seen)
+    await changes.aclose()
+
+
+async def test_undecodable_value_is_skipped_by_watch_and_named_by_get(
+    etcd_client: EtcdClient, etcd_cluster_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage at the key never ends the watch: it is logged once and skipped, and the next valid write is seen."""
+    key = KeyLayout(etcd_cluster_name).config_key
+    store = ConfigStore(etcd_client, key, config_pb2.ClusterConfig)
+    bad_rev = await etcd_client.put(key, b"not a protobuf")
+    with pytest.raises(UndecodableValueError, match=f"revision {bad_rev}"):
+        await store.get()
+    changes = store.watch()  # its initial snapshot is the garbage: skipped, nothing yielded
+    next_item = asyncio.ensure_future(changes.__anext__())
+    await asyncio.sleep(0.3)
+    assert not next_item.done()
+    await etcd_client.put(key, b"\xff\xff\xff")  # more garbage while watching: skipped as well
+    good = config_pb2.ClusterConfig(load_report_interval_ms=70)
+    good_rev = await store.put(good)
+    assert await asyncio.wait_for(next_item, 3) == (good, good_rev)
+    logged = [r for r in caplog.records if "is not a valid llumnix.v1.ClusterConfig" in r.getMessage()]
+    assert len(logged) == 2, [r.getMessage() for r in logged]  # once per bad revision
     await changes.aclose()

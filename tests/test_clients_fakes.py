@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from pyllumnix.control_plane.grpc_server import RunningServer, start_server
+from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_target
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -113,6 +114,13 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.revision = 7
         self.set_requests: list[admin_pb2.SetConfigRequest] = []
         self.reject_config: str = ""
+        # What the next MigrateRequest ends as (the real llumlet reports aborts as an outcome, not an error).
+        self.migration_outcome = llumlet_pb2.MIGRATION_OUTCOME_COMMITTED
+        self.migration_reason = ""
+        # The instance provider's cap the fake Scale checks against (the real check, shared with the scheduler).
+        self.provider_cap: int | None = None
+        self.scale_reply_target: int | None = None
+        self.resigned = 0
 
     async def _instance(self, instance_id: str, context: Any) -> scheduler_pb2.InstanceStatus:
         st = self.instances.get(instance_id)
@@ -153,7 +161,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
                         request_id=request.request_id,
                         source_instance_id=iid,
                         destination_instance_id=request.destination_instance_id,
-                        outcome=llumlet_pb2.MIGRATION_OUTCOME_COMMITTED,
+                        outcome=self.migration_outcome,
+                        reason=self.migration_reason,
                         stages=2,
                         downtime_ms=3.5,
                         total_ms=40.0,
@@ -182,9 +191,12 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
 
     async def Scale(self, request: Any, context: Any) -> admin_pb2.ScaleResponse:
         await self.r.gate("Scale", context, leader_only=True)
-        if not 1 <= request.target_instances <= 16:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "target_instances outside [1, 16]")
-        return admin_pb2.ScaleResponse(current_instances=len(self.instances), target_instances=request.target_instances)
+        try:
+            check_scale_target(request.target_instances, PolicyConfig.from_proto(self.config), self.provider_cap)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        target = request.target_instances if self.scale_reply_target is None else self.scale_reply_target
+        return admin_pb2.ScaleResponse(current_instances=len(self.instances), target_instances=target)
 
     async def GetConfig(self, request: Any, context: Any) -> admin_pb2.GetConfigResponse:
         await self.r.gate("GetConfig", context, leader_only=False)
@@ -206,6 +218,12 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         me = admin_pb2.SchedulerReplica(replica_id=self.r.replica_id, grpc_address=self.r.address, leader=self.r.leader)
         leader_address = self.r.address if self.r.leader else self.r.leader_address
         return admin_pb2.GetLeaderResponse(leader_id="s-leader", leader_address=leader_address, term=3, answered_by=me)
+
+    async def ResignLeader(self, request: Any, context: Any) -> admin_pb2.ResignLeaderResponse:
+        await self.r.gate("ResignLeader", context, leader_only=True)
+        self.resigned += 1
+        me = admin_pb2.SchedulerReplica(replica_id=self.r.replica_id, grpc_address=self.r.address)
+        return admin_pb2.ResignLeaderResponse(resigned=me, term=3, hold_off_ms=3000)
 
 
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):

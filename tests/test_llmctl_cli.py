@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from pyllumnix.control_plane.grpc_server import RunningServer
-from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2, llumlet_pb2
 from pyllumnix.tools.llmctl import EXIT_ERROR, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE, cli
 from tests.test_clients_fakes import FakeAdmin, Replica, dead_address, serve_replica, stop_all
 
@@ -85,7 +85,11 @@ async def test_cordon_uncordon_scale_migrate_leader(replica: tuple[RunningServer
     res = await llmctl(*ep, "scale", "4")
     assert res.exit_code == 0 and "target instances: 4 (current: 2)" in res.stdout
     res = await llmctl(*ep, "scale", "40")
-    assert res.exit_code == EXIT_USAGE and "invalid argument: target_instances outside [1, 16]" in res.stderr
+    assert res.exit_code == EXIT_USAGE
+    assert "invalid argument: target_instances: 40 is outside the range [1, 16]" in res.stderr
+    admin.provider_cap = 3  # the fake runs the scheduler's own check: the provider's cap binds first
+    res = await llmctl(*ep, "scale", "4")
+    assert res.exit_code == EXIT_USAGE and "outside the range [1, 3]" in res.stderr and "provider cap 3" in res.stderr
 
     res = await llmctl(*ep, "migrate", "r-1", "--to", "i-2")
     assert res.exit_code == 0, res.output
@@ -250,3 +254,50 @@ async def test_watch_is_bounded_by_count(replica: tuple[RunningServer, Replica, 
     res = await llmctl("-e", server.address, "watch", "--interval", "0.05", "--count", "2")
     assert res.exit_code == 0 and res.stdout.count("i-1") == 2
     assert r.calls["ListInstances"] == 5
+
+
+async def test_aborted_migration_exits_1_with_outcome_and_reason(
+    replica: tuple[RunningServer, Replica, FakeAdmin],
+) -> None:
+    """The migration was carried out but aborted: the request did not move, so llmctl must not report success."""
+    server, _, admin = replica
+    admin.migration_outcome = llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION
+    admin.migration_reason = "destination out of blocks"
+    res = await llmctl("-e", server.address, "migrate", "r-1", "--to", "i-2")
+    assert res.exit_code == EXIT_ERROR, res.output
+    assert "i-1 -> i-2: aborted_by_destination (destination out of blocks)" in res.stdout
+    assert "request r-1 was not migrated: aborted_by_destination (destination out of blocks)" in res.stderr
+    res = await llmctl("-e", server.address, "migrate", "r-1", "--to", "i-2", "-o", "json")
+    assert res.exit_code == EXIT_ERROR
+    assert json.loads(res.stdout)["outcome"] == "MIGRATION_OUTCOME_ABORTED_BY_DESTINATION"
+
+
+async def test_leader_resign_follows_the_redirect_and_no_leader_is_exit_3() -> None:
+    leader = Replica("s-0", leader=True)
+    s0, admin = await serve_replica(leader)
+    follower = Replica("s-1", leader=False, leader_address=s0.address)
+    s1, follower_admin = await serve_replica(follower)
+    orphan = Replica("s-2", leader=False, leader_address="")
+    s2, _ = await serve_replica(orphan)
+    try:
+        res = await llmctl("-e", s1.address, "leader", "resign")
+        assert res.exit_code == 0, res.output
+        assert "s-0 resigned leadership (term 3); it stays out of the election for 3s" in res.stdout
+        assert (admin.resigned, follower_admin.resigned) == (1, 0)
+        res = await llmctl("-e", s0.address, "leader", "resign", "-o", "json")
+        assert json.loads(res.stdout)["resigned"]["replica_id"] == "s-0"
+        res = await llmctl("-e", s2.address, "--timeout", "2", "leader", "resign")
+        assert res.exit_code == EXIT_UNAVAILABLE and "no scheduler leader reachable" in res.stderr
+        res = await llmctl("-e", s0.address, "leader")  # the plain `leader` still shows it
+        assert res.exit_code == 0 and "s-leader" in res.stdout
+    finally:
+        await stop_all([s0, s1, s2])
+
+
+async def test_scale_reply_with_another_target_is_not_success(
+    replica: tuple[RunningServer, Replica, FakeAdmin],
+) -> None:
+    server, _, admin = replica
+    admin.scale_reply_target = 2  # a cluster that answers OK but set another target
+    res = await llmctl("-e", server.address, "scale", "5")
+    assert res.exit_code == EXIT_ERROR and "set the target to 2, not 5" in res.stderr

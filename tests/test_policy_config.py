@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
+from pyllumnix.control_plane.policy.config import RANGES, PolicyConfig, Selection, check_scale_target
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 
 
@@ -141,3 +141,70 @@ def test_validate_accepts_exactly_the_valid_configs(
     else:
         with pytest.raises(ValueError):
             c.validate()
+
+
+@pytest.mark.parametrize(
+    ("pb", "message"),
+    [
+        # The values the reliability review got accepted: each is now refused with field, range and value.
+        (
+            config_pb2.ClusterConfig(scaling=config_pb2.ScalingConfig(max_instances=1_000_000)),
+            "scaling.max_instances: 1000000 is outside the range [1, 4096]",
+        ),
+        (
+            config_pb2.ClusterConfig(load_report_interval_ms=2_147_483_647),
+            "load_report_interval_ms: 2147483647 is outside the range [10, 1000]",
+        ),
+        (
+            config_pb2.ClusterConfig(migration=config_pb2.MigrationConfig(migrate_out_threshold=1e308)),
+            "migration.migrate_out_threshold: 1e+308 is outside the range [0.0, 1000000.0]",
+        ),
+        (
+            config_pb2.ClusterConfig(migration=config_pb2.MigrationConfig(pairing_interval_ms=1)),
+            "migration.pairing_interval_ms: 1 is outside the range [10, 60000]",
+        ),
+        (
+            config_pb2.ClusterConfig(migration=config_pb2.MigrationConfig(max_stages=1000)),
+            "migration.max_stages: 1000 is outside the range [1, 64]",
+        ),
+        (
+            config_pb2.ClusterConfig(scaling=config_pb2.ScalingConfig(scaling_interval_ms=2_000_000_000)),
+            "scaling.scaling_interval_ms: 2000000000 is outside the range [100, 3600000]",
+        ),
+    ],
+)
+def test_upper_bounds_are_enforced_with_field_range_and_value(pb: config_pb2.ClusterConfig, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        PolicyConfig.from_proto(pb)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("name", sorted(RANGES))
+def test_every_range_bound_is_inclusive_and_enforced(name: str) -> None:
+    """Both ends of every range are accepted and one step beyond either is refused, for every numeric knob."""
+    lo, hi = RANGES[name]
+    base = PolicyConfig(scale_up_threshold=0.0, scale_down_threshold=1.0)
+    step: float = 1 if isinstance(getattr(base, name), int) else 0.5
+    for ok in (lo, hi):
+        c = replace(base, **{name: type(getattr(base, name))(ok)})
+        if name in ("scale_up_threshold", "scale_down_threshold", "min_instances", "max_instances"):
+            continue  # their pairwise constraint is covered above; only the range matters here
+        assert c.validate() is c
+    for bad in (lo - step, hi + step):
+        with pytest.raises(ValueError, match=name):
+            replace(base, **{name: type(getattr(base, name))(bad)}).validate()
+
+
+def test_scale_target_check_names_the_range_and_the_provider_cap() -> None:
+    cfg = PolicyConfig(min_instances=2, max_instances=100)
+    check_scale_target(2, cfg)
+    check_scale_target(100, cfg)
+    check_scale_target(64, cfg, provider_cap=64)
+    with pytest.raises(ValueError, match=r"target_instances: 1 is outside the range \[2, 100\]"):
+        check_scale_target(1, cfg)
+    with pytest.raises(ValueError) as err:
+        check_scale_target(1_000_000, cfg, provider_cap=64)
+    assert str(err.value) == (
+        "target_instances: 1000000 is outside the range [2, 64] "
+        "(scaling.min_instances 2, scaling.max_instances 100, provider cap 64)"
+    )

@@ -305,19 +305,23 @@ def requests(ctx: click.Context, instance_id: str, output: str | None) -> None:
 def migrate(ctx: click.Context, request_id: str, destination: str, output: str | None) -> None:
     """Live-migrate one request to another instance."""
     result = run(ctx, lambda c: c.migrate(request_id, destination), subject=f"request or instance ({request_id!r})")
+    committed = result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED
+    outcome = enum_short(result.outcome, llumlet_pb2.MigrationOutcome, "MIGRATION_OUTCOME_")
     if output_of(ctx, output) == "json":
         emit_json(result)
-        return
-    outcome = enum_short(result.outcome, llumlet_pb2.MigrationOutcome, "MIGRATION_OUTCOME_")
-    text = (
-        f"migration {result.migration_id or '-'} of {result.request_id or request_id}: "
-        f"{result.source_instance_id or '?'} -> {result.destination_instance_id or destination}: {outcome}"
-    )
-    if result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED:
-        text += f" ({result.stages} stages, downtime {result.downtime_ms:.1f} ms, total {result.total_ms:.1f} ms)"
-    elif result.reason:
-        text += f" ({result.reason})"
-    click.echo(text)
+    else:
+        text = (
+            f"migration {result.migration_id or '-'} of {result.request_id or request_id}: "
+            f"{result.source_instance_id or '?'} -> {result.destination_instance_id or destination}: {outcome}"
+        )
+        if committed:
+            text += f" ({result.stages} stages, downtime {result.downtime_ms:.1f} ms, total {result.total_ms:.1f} ms)"
+        elif result.reason:
+            text += f" ({result.reason})"
+        click.echo(text)
+    if not committed:
+        # The request did not move: the operation did not happen, whatever the call returned.
+        fail(f"request {request_id} was not migrated: {outcome} ({result.reason or 'no reason given'})", EXIT_ERROR)
 
 
 async def _wait_drained(
@@ -422,13 +426,17 @@ def scale(ctx: click.Context, target: int, output: str | None) -> None:
         emit_json(reply)
     else:
         click.echo(f"target instances: {reply.target_instances} (current: {reply.current_instances})")
+    if reply.target_instances != target:
+        fail(f"the cluster set the target to {reply.target_instances}, not {target}", EXIT_ERROR)
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @output_option
 @click.pass_context
 def leader(ctx: click.Context, output: str | None) -> None:
-    """Show the scheduler leader."""
+    """Show the scheduler leader (`leader resign`: make it step down)."""
+    if ctx.invoked_subcommand is not None:
+        return
     reply = run(ctx, lambda c: c.leader())
     if output_of(ctx, output) == "json":
         emit_json(reply)
@@ -441,6 +449,24 @@ def leader(ctx: click.Context, output: str | None) -> None:
         ("answered by", f"{by.replica_id} ({by.grpc_address}{', leader' if by.leader else ''})"),
     ]
     console().print(kv_table(rows))
+
+
+@leader.command("resign")
+@output_option
+@click.pass_context
+def leader_resign(ctx: click.Context, output: str | None) -> None:
+    """The current leader steps down gracefully: a standby takes over at once, the old leader stays out of the
+    election for a short hold-off. Exit 3 when there is no leader."""
+    reply = run(ctx, lambda c: c.resign_leader())
+    if not reply.resigned.replica_id:
+        fail("the cluster answered but named no resigned replica", EXIT_ERROR)
+    if output_of(ctx, output) == "json":
+        emit_json(reply)
+        return
+    click.echo(
+        f"{reply.resigned.replica_id} resigned leadership (term {reply.term}); "
+        f"it stays out of the election for {reply.hold_off_ms / 1000:g}s"
+    )
 
 
 @cli.group()
@@ -496,6 +522,10 @@ def config_set(ctx: click.Context, key: str, value: str, expected_revision: int,
     else:
         shown = config_paths.format_value(config_paths.get_path(reply.config, key))
         click.echo(f"{key} = {shown} (revision {reply.revision})")
+    wanted, _ = config_paths.make_update({key: value})
+    if config_paths.get_path(reply.config, key) != config_paths.get_path(wanted, key) or reply.revision <= 0:
+        held = config_paths.get_path(reply.config, key)
+        fail(f"{key} was not applied as asked (the cluster holds {held!r})", EXIT_ERROR)
 
 
 @cli.command()

@@ -1,15 +1,23 @@
-"""One etcd key holding a serialized protobuf (the cluster config), with compare-and-swap on its revision."""
+"""One etcd key holding a serialized protobuf (the cluster config), with compare-and-swap on its revision.
+
+A value that does not parse (written by a foreign tool, a truncated write, another schema) is never fatal: ``get``
+raises :class:`UndecodableValueError`, ``watch`` logs it once per revision and skips it, so the watchers keep their
+last good value and see the next valid write at once, instead of failing and restarting on the same bad value.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 from typing import Generic, TypeVar
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.errors import ConfigConflictError
+from pyllumnix.control_plane.etcd.errors import ConfigConflictError, UndecodableValueError
 from pyllumnix.control_plane.etcd.watch import EventType, Watch
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
 
@@ -22,15 +30,18 @@ class ConfigStore(Generic[M]):
         self.key = key
         self.message_type = message_type
 
-    def _parse(self, data: bytes) -> M:
+    def _parse(self, data: bytes, revision: int) -> M:
         msg = self.message_type()
-        msg.ParseFromString(data)
+        try:
+            msg.ParseFromString(data)
+        except DecodeError as exc:
+            raise UndecodableValueError(self.key, revision, self.message_type.DESCRIPTOR.full_name, str(exc)) from exc
         return msg
 
     async def get(self) -> tuple[M | None, int]:
-        """The stored message and its mod revision, or ``(None, 0)``."""
+        """The stored message and its mod revision, or ``(None, 0)``; UndecodableValueError if it does not parse."""
         kv = await self.client.get(self.key)
-        return (self._parse(kv.value), kv.mod_revision) if kv is not None else (None, 0)
+        return (self._parse(kv.value, kv.mod_revision), kv.mod_revision) if kv is not None else (None, 0)
 
     async def put(self, message: M, *, expected_revision: int | None = None) -> int:
         """Stores ``message``; with ``expected_revision`` only if the key is still at it (0: must not exist yet).
@@ -48,13 +59,22 @@ class ConfigStore(Generic[M]):
         raise ConfigConflictError(self.key, expected_revision, current.mod_revision if current is not None else 0)
 
     async def watch(self) -> AsyncGenerator[tuple[M | None, int], None]:
-        """The current value first, then every change (``None`` after a delete), each with its revision."""
+        """The current value first, then every change (``None`` after a delete), each with its revision.
+
+        An undecodable value is logged (once per revision) and skipped: nothing is yielded for it.
+        """
+        skipped: set[int] = set()
         async with Watch(self.client, self.key, initial_snapshot=True) as w:
             async for ev in w:
-                if ev.type is EventType.RESYNC:
-                    kv = ev.snapshot[0] if ev.snapshot else None
-                    yield (self._parse(kv.value), kv.mod_revision) if kv is not None else (None, 0)
-                elif ev.type is EventType.PUT and ev.kv is not None:
-                    yield self._parse(ev.kv.value), ev.kv.mod_revision
-                else:
-                    yield None, ev.revision
+                kv = ev.snapshot[0] if ev.type is EventType.RESYNC and ev.snapshot else ev.kv
+                if ev.type is EventType.DELETE or kv is None:
+                    yield None, 0 if ev.type is EventType.RESYNC else ev.revision
+                    continue
+                try:
+                    message = self._parse(kv.value, kv.mod_revision)
+                except UndecodableValueError as exc:
+                    if kv.mod_revision not in skipped:
+                        skipped.add(kv.mod_revision)
+                        log.error("%s; ignored (the last valid value stays in effect)", exc)
+                    continue
+                yield message, kv.mod_revision

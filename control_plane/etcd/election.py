@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from pyllumnix.control_plane.etcd.client import (
     op_put,
     to_bytes,
 )
-from pyllumnix.control_plane.etcd.errors import EtcdError
+from pyllumnix.control_plane.etcd.errors import EtcdError, EtcdLeaseNotFoundError
 from pyllumnix.control_plane.etcd.keys import prefix_range_end
 from pyllumnix.control_plane.etcd.lease import Lease
 from pyllumnix.control_plane.etcd.watch import EventType, Watch, watch_prefix
@@ -121,6 +122,12 @@ async def _until_deleted(watch: Watch, key: bytes) -> None:
             return
 
 
+async def _back_off(delay: float, limit: float) -> float:
+    """Sleeps ``delay`` with +-25 % jitter (candidates that failed together retry apart); returns the next delay."""
+    await asyncio.sleep(delay * random.uniform(0.75, 1.25))
+    return min(delay * 2, limit)
+
+
 async def _stop(watch: Watch, *tasks: asyncio.Task[object]) -> None:
     """Aborts the watch (grpc may not honour a task cancellation alone) and cancels and reaps the tasks."""
     watch.abort()
@@ -134,12 +141,24 @@ async def _stop(watch: Watch, *tasks: asyncio.Task[object]) -> None:
 class Election:
     """Candidates for one role under ``prefix`` (see ``KeyLayout.election_prefix``)."""
 
-    def __init__(self, client: EtcdClient, prefix: str, *, ttl: int = 2) -> None:
+    def __init__(
+        self,
+        client: EtcdClient,
+        prefix: str,
+        *,
+        ttl: int = 2,
+        retry_initial: float = 0.1,
+        retry_max: float = 2.0,
+    ) -> None:
         if not prefix.endswith("/"):
             raise ValueError(f"election prefix must end with '/': {prefix!r}")
+        if not 0 < retry_initial <= retry_max:
+            raise ValueError(f"need 0 < retry_initial <= retry_max, got {retry_initial}, {retry_max}")
         self.client = client
         self.prefix = to_bytes(prefix)
         self.ttl = ttl
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
 
     async def _candidates(self) -> tuple[list[KeyValue], int]:
         resp = await self.client.range(
@@ -166,22 +185,48 @@ class Election:
         return LeaderInfo.from_kv(KeyValue.from_pb(resp.kvs[0])) if resp.kvs else None
 
     async def campaign(self, value: bytes) -> Leadership:
-        """Blocks until this candidate leads; retries through etcd outages and lease loss (cancel to give up)."""
+        """Blocks until this candidate leads; retries through etcd outages and lease loss (cancel to give up).
+
+        Failed attempts back off exponentially with jitter (``retry_initial`` doubling up to ``retry_max``), so an
+        etcd outage or a lease lost again and again costs a few calls per second, not a tight loop of grants.
+        """
+        backoff = self.retry_initial
         while True:
-            lease = await Lease.grant(self.client, self.ttl)
+            try:
+                lease = await Lease.grant(self.client, self.ttl)
+            except EtcdError as exc:
+                log.warning("campaign on %r: lease grant failed, retrying in %.2fs: %s", self.prefix, backoff, exc)
+                backoff = await _back_off(backoff, self.retry_max)
+                continue
             try:
                 leadership = await self._campaign_with(lease, value)
             except asyncio.CancelledError:
                 await asyncio.shield(lease.revoke(best_effort=True))
                 raise
             except EtcdError as exc:
-                log.warning("campaign on %r failed, retrying: %s", self.prefix, exc)
+                log.warning("campaign on %r failed, retrying in %.2fs: %s", self.prefix, backoff, exc)
                 await lease.revoke(best_effort=True)
-                await asyncio.sleep(0.1)
+                backoff = await _back_off(backoff, self.retry_max)
                 continue
             if leadership is not None:
                 return leadership
+            log.info("campaign on %r: lease %x lost while waiting; retrying in %.2fs", self.prefix, lease.id, backoff)
             await lease.revoke(best_effort=True)
+            backoff = await _back_off(backoff, self.retry_max)
+
+    async def depose(self, leader: LeaderInfo) -> bool:
+        """Revokes a leader's lease (its key vanishes, the next candidate wins at once); False if already gone.
+
+        Only for a leader known to be dead (its process no longer accepts connections): a live leader that is merely
+        slow must be left to its lease, which it steps down on by itself. A leader that is in fact alive sees its key
+        deleted (and its next keep-alive refused) and steps down, so even a wrong call leaves at most one leader.
+        """
+        try:
+            await self.client.lease_revoke(leader.lease)
+        except EtcdLeaseNotFoundError:
+            return False
+        log.warning("deposed the leader holding %s (lease %x)", leader.key.decode(errors="replace"), leader.lease)
+        return True
 
     async def _campaign_with(self, lease: Lease, value: bytes) -> Leadership | None:
         """Leadership, or None if the lease was lost while waiting (the caller starts over with a new lease)."""

@@ -51,3 +51,12 @@ class ConfigConflictError(EtcdError):
         super().__init__(
             f"config {key!r} changed concurrently: expected revision {expected_revision}, found {current_revision}"
         )
+
+
+class UndecodableValueError(EtcdError):
+    """A stored value does not parse as the message type expected at its key (written by something else)."""
+
+    def __init__(self, key: str, revision: int, type_name: str, error: str) -> None:
+        self.key = key
+        self.revision = revision
+        super().__init__(f"value of {key!r} at revision {revision} is not a valid {type_name}: {error}")

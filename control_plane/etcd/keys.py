@@ -32,7 +32,7 @@ def _check_segment(name: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class KeyLayout:
-    """``<root>/<cluster>/{instances/<id>, election/<name>/<lease hex>, config}``."""
+    """``<root>/<cluster>/{instances/<id>, election/<name>/<lease hex>, config, scale_target}``."""
 
     cluster: str
     root: str = DEFAULT_ROOT
@@ -55,7 +55,7 @@ class KeyLayout:
 
     def instance_id(self, key: bytes | str) -> str:
         """Inverse of :meth:`instance_key`."""
-        text = key.decode() if isinstance(key, bytes) else key
+        text = key.decode(errors="replace") if isinstance(key, bytes) else key
         if not text.startswith(self.instances_prefix):
             raise ValueError(f"{text!r} is not an instance key of {self.instances_prefix!r}")
         return text[len(self.instances_prefix) :]
@@ -66,3 +66,8 @@ class KeyLayout:
     @property
     def config_key(self) -> str:
         return f"{self.base}config"
+
+    @property
+    def scale_target_key(self) -> str:
+        """The manual scale target (a serialized ``llumnix.v1.ScaleTarget``), kept apart from the policy config."""
+        return f"{self.base}scale_target"

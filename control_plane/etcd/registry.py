@@ -25,13 +25,18 @@ class RegistryEventType(enum.Enum):
 
 @dataclass(frozen=True)
 class RegistryEvent:
-    """ADD/UPDATE/REMOVE of one instance, or RESYNC: ``snapshot`` is the full registry at ``revision``."""
+    """ADD/UPDATE/REMOVE of one instance, or RESYNC: ``snapshot`` is the full registry at ``revision``.
+
+    ``mod_revisions`` gives each snapshot entry's own mod revision (with ``revision`` for ADD/UPDATE, it lets a
+    consumer name a bad value by key and revision).
+    """
 
     type: RegistryEventType
     revision: int
     instance_id: str = ""
     value: bytes = b""
     snapshot: Mapping[str, bytes] = field(default_factory=dict)
+    mod_revisions: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,8 @@ class RegistryWatch:
         ev = await self.watch.__anext__()
         if ev.type is EventType.RESYNC:
             snap = {self._layout.instance_id(kv.key): kv.value for kv in ev.snapshot}
-            return RegistryEvent(RegistryEventType.RESYNC, ev.revision, snapshot=snap)
+            revs = {self._layout.instance_id(kv.key): kv.mod_revision for kv in ev.snapshot}
+            return RegistryEvent(RegistryEventType.RESYNC, ev.revision, snapshot=snap, mod_revisions=revs)
         assert ev.kv is not None
         instance_id = self._layout.instance_id(ev.kv.key)
         if ev.type is EventType.DELETE:

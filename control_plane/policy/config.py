@@ -72,44 +72,33 @@ class PolicyConfig:
         return self.enable_migration and self.dispatch_policy != "infaas++"
 
     def validate(self) -> PolicyConfig:
-        """Returns self, or raises ValueError naming the first bad field."""
+        """Returns self, or raises ValueError naming the first bad field, its range and its value.
+
+        Every number has an upper bound too: a huge interval silences a loop (a report interval of 2^31 ms would
+        never mark a silent instance unhealthy), a huge instance count would have a provider spawn that many
+        processes, a threshold of 1e308 overflows the freeness arithmetic.
+        """
         if self.dispatch_policy not in DISPATCH_POLICIES:
             raise ValueError(f"dispatch_policy: unknown policy {self.dispatch_policy!r}; known: {DISPATCH_POLICIES}")
         if self.pairing_policy not in PAIRING_POLICIES:
             raise ValueError(f"pairing_policy: unknown policy {self.pairing_policy!r}; known: {PAIRING_POLICIES}")
         if not isinstance(self.selection, Selection):
             raise ValueError(f"selection: unknown selection {self.selection!r}")
-        for name in ("migrate_out_threshold", "scale_up_threshold", "scale_down_threshold"):
+        for name, (lo, hi) in RANGES.items():
             value = getattr(self, name)
-            if not math.isfinite(value):
-                raise ValueError(f"{name}: must be finite, got {value}")
-            if value < 0:
-                raise ValueError(f"{name}: must be >= 0, got {value}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{_label(name)}: must be finite, got {value}")
+            if not lo <= value <= hi:
+                raise ValueError(f"{_label(name)}: {value} is outside the range [{lo}, {hi}]")
         if self.scale_down_threshold <= self.scale_up_threshold:
             raise ValueError(
                 f"scale_down_threshold ({self.scale_down_threshold}) must be greater than scale_up_threshold "
                 f"({self.scale_up_threshold})"
             )
-        if self.min_instances < 1:
-            raise ValueError(f"min_instances: must be >= 1, got {self.min_instances}")
         if self.max_instances < self.min_instances:
             raise ValueError(
                 f"min_instances ({self.min_instances}) must not exceed max_instances ({self.max_instances})"
             )
-        for name in (
-            "pairing_interval_ms",
-            "last_stage_max_blocks",
-            "max_stages",
-            "pending_timeout_ms",
-            "transfer_timeout_ms",
-            "scaling_interval_ms",
-            "load_report_interval_ms",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("normal_headroom_blocks", "high_headroom_blocks"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         return self
 
     @classmethod
@@ -192,6 +181,64 @@ class PolicyConfig:
                 ]
             ),
             load_report_interval_ms=self.load_report_interval_ms,
+        )
+
+
+# Inclusive [low, high] of every numeric knob (also documented per field in config.proto).
+MAX_THRESHOLD = 1_000_000.0
+MAX_INSTANCES = 4096
+RANGES: dict[str, tuple[float, float]] = {
+    "migrate_out_threshold": (0.0, MAX_THRESHOLD),
+    "scale_up_threshold": (0.0, MAX_THRESHOLD),
+    "scale_down_threshold": (0.0, MAX_THRESHOLD),
+    "pairing_interval_ms": (10, 60_000),
+    "last_stage_max_blocks": (1, 4096),
+    "max_stages": (1, 64),
+    "pending_timeout_ms": (100, 600_000),
+    "transfer_timeout_ms": (100, 600_000),
+    "min_instances": (1, MAX_INSTANCES),
+    "max_instances": (1, MAX_INSTANCES),
+    "scaling_interval_ms": (100, 3_600_000),
+    "normal_headroom_blocks": (0, 1_000_000),
+    "high_headroom_blocks": (0, 1_000_000),
+    "load_report_interval_ms": (10, 1000),
+}
+
+# The ClusterConfig path of each knob, so an error names what `llmctl config set` takes.
+PATHS: dict[str, str] = {
+    "migrate_out_threshold": "migration.migrate_out_threshold",
+    "pairing_interval_ms": "migration.pairing_interval_ms",
+    "last_stage_max_blocks": "migration.last_stage_max_blocks",
+    "max_stages": "migration.max_stages",
+    "pending_timeout_ms": "migration.pending_timeout_ms",
+    "transfer_timeout_ms": "migration.transfer_timeout_ms",
+    "scale_up_threshold": "scaling.scale_up_threshold",
+    "scale_down_threshold": "scaling.scale_down_threshold",
+    "min_instances": "scaling.min_instances",
+    "max_instances": "scaling.max_instances",
+    "scaling_interval_ms": "scaling.scaling_interval_ms",
+    "normal_headroom_blocks": "priority.headroom[PRIORITY_NORMAL].headroom_blocks",
+    "high_headroom_blocks": "priority.headroom[PRIORITY_HIGH].headroom_blocks",
+    "load_report_interval_ms": "load_report_interval_ms",
+}
+
+
+def _label(name: str) -> str:
+    path = PATHS.get(name, name)
+    return path if path.endswith(name) else f"{path} ({name})"
+
+
+def check_scale_target(target: int, config: PolicyConfig, provider_cap: int | None = None) -> None:
+    """Raises ValueError unless ``target`` instances lie in [min_instances, min(max_instances, provider_cap)].
+
+    The one check of `Scale` (the scheduler and the test fakes share it, so their messages cannot drift).
+    """
+    high = config.max_instances if provider_cap is None else min(config.max_instances, provider_cap)
+    if not config.min_instances <= target <= high:
+        cap = "" if provider_cap is None else f", provider cap {provider_cap}"
+        raise ValueError(
+            f"target_instances: {target} is outside the range [{config.min_instances}, {high}] "
+            f"(scaling.min_instances {config.min_instances}, scaling.max_instances {config.max_instances}{cap})"
         )
 
 

@@ -1,7 +1,7 @@
 """``llumnix scheduler``: one replica of the global scheduler (several run at once; etcd elects the leader).
 
 Prints one JSON line ``{"event": "ready", ...}`` once it serves. SIGTERM/SIGINT resigns leadership (so a standby
-takes over at once) and stops.
+takes over at once) and stops; with ``--stop-instances-on-exit`` it also stops the llumlets its provider started.
 """
 
 from __future__ import annotations
@@ -21,8 +21,12 @@ import click
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.control_plane.grpc_server import start_server
-from pyllumnix.control_plane.scheduler.provider import InstanceProvider, LocalProcessProvider
-from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
+from pyllumnix.control_plane.scheduler.provider import (
+    DEFAULT_LOCAL_MAX_INSTANCES,
+    InstanceProvider,
+    LocalProcessProvider,
+)
+from pyllumnix.control_plane.scheduler.replica import ReplicaTiming, SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import (
     ADMIN_SERVICE,
     SCHEDULER_SERVICE,
@@ -39,7 +43,7 @@ async def run_scheduler(
     port: int = 0,
     replica_id: str = "",
     provider: InstanceProvider | None = None,
-    election_ttl: int = 1,
+    timing: ReplicaTiming | None = None,
     seed: int = 0,
     stop: asyncio.Event | None = None,
 ) -> int:
@@ -47,9 +51,7 @@ async def run_scheduler(
     replica_id = replica_id or f"scheduler-{uuid.uuid4().hex[:6]}"
     client = EtcdClient(etcd)
     # The replica advertises its address in the election, so bind the server first and start the replica after.
-    replica = SchedulerReplica(
-        client, KeyLayout(cluster), replica_id, "", provider=provider, seed=seed, election_ttl=election_ttl
-    )
+    replica = SchedulerReplica(client, KeyLayout(cluster), replica_id, "", provider=provider, seed=seed, timing=timing)
     server = await start_server(
         [
             (scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, SchedulerServicer(replica), SCHEDULER_SERVICE),
@@ -67,11 +69,13 @@ async def run_scheduler(
             loop.add_signal_handler(sig, stop.set)
     print(json.dumps({"event": "ready", "replica_id": replica_id, "grpc_address": address}), flush=True)
     await stop.wait()
-    await replica.stop()
-    await server.stop(1.0)
-    if provider is not None:
-        await provider.close()
-    await client.close()
+    try:
+        await replica.stop()
+        await server.stop(1.0)
+    finally:
+        if provider is not None:
+            await provider.close()  # with --stop-instances-on-exit: stops and waits for its llumlets
+        await client.close()
     return 0
 
 
@@ -92,10 +96,55 @@ async def run_scheduler(
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Logs of provider-started llumlets.")
 @click.option(
     "--election-ttl",
-    default=1,
+    type=click.IntRange(min=1),
+    default=ReplicaTiming.election_ttl,
     show_default=True,
-    help="Leader lease TTL, seconds: a standby takes over within about this long after the leader dies "
-    "(etcd may round it up to its minimum TTL).",
+    help="Leader lease TTL, seconds. A stall (CPU, etcd) shorter than about 2/3 of it costs no leadership change; a "
+    "leader whose host vanishes is replaced after about this long (etcd may round it up to its minimum TTL).",
+)
+@click.option(
+    "--leader-probe-interval",
+    type=click.FloatRange(min=0),
+    default=ReplicaTiming.leader_probe_interval,
+    show_default=True,
+    help="Seconds between a follower's connection probes of the leader's port; two refusals in a row (the leader "
+    "process is gone) make it revoke the leader's lease, so a standby leads within about a second. 0: off.",
+)
+@click.option(
+    "--instance-grace",
+    type=click.FloatRange(min=0),
+    default=ReplicaTiming.instance_grace,
+    show_default=True,
+    help="Seconds an instance whose registry key vanished may take to re-register before its requests are reported "
+    "failed (sooner if its port refuses connections: the process is gone).",
+)
+@click.option(
+    "--resign-hold-off",
+    type=click.FloatRange(min=0),
+    default=ReplicaTiming.resign_hold_off,
+    show_default=True,
+    help="Seconds a replica stays out of the election after `llmctl leader resign`.",
+)
+@click.option(
+    "--max-instances",
+    "provider_max_instances",
+    type=click.IntRange(min=1),
+    default=DEFAULT_LOCAL_MAX_INSTANCES,
+    show_default=True,
+    help="Hard cap on the llumlets the local provider runs at once; `llmctl scale` beyond it is refused.",
+)
+@click.option(
+    "--stop-instances-on-exit/--keep-instances-on-exit",
+    default=False,
+    show_default=True,
+    help="On exit, stop the llumlets the local provider started (SIGTERM, SIGKILL after --stop-timeout) and wait.",
+)
+@click.option(
+    "--stop-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds a provider-started llumlet gets to exit after SIGTERM before SIGKILL.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the policy core's randomness.")
 @click.option("--log-level", default="INFO", show_default=True)
@@ -109,6 +158,12 @@ def scheduler_command(
     llumlet_args: str,
     log_dir: Path | None,
     election_ttl: int,
+    leader_probe_interval: float,
+    instance_grace: float,
+    resign_hold_off: float,
+    provider_max_instances: int,
+    stop_instances_on_exit: bool,
+    stop_timeout: float,
     seed: int,
     log_level: str,
 ) -> None:
@@ -122,7 +177,17 @@ def scheduler_command(
         args = shlex.split(llumlet_args)
         if "--etcd" not in args:
             args += ["--etcd", ",".join(endpoints), "--cluster", cluster]
-        instance_provider = LocalProcessProvider(args, log_dir)
-    sys.exit(
-        asyncio.run(run_scheduler(endpoints, cluster, host, port, replica_id, instance_provider, election_ttl, seed))
+        instance_provider = LocalProcessProvider(
+            args,
+            log_dir,
+            max_instances=provider_max_instances,
+            stop_on_close=stop_instances_on_exit,
+            stop_timeout=stop_timeout,
+        )
+    timing = ReplicaTiming(
+        election_ttl=election_ttl,
+        leader_probe_interval=leader_probe_interval,
+        instance_grace=instance_grace,
+        resign_hold_off=resign_hold_off,
     )
+    sys.exit(asyncio.run(run_scheduler(endpoints, cluster, host, port, replica_id, instance_provider, timing, seed)))

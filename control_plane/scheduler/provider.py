@@ -21,10 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyllumnix.tools.launch import describe_exit
+
 log = logging.getLogger(__name__)
 
 
 class InstanceProvider(ABC):
+    #: The most instances this provider runs at once (None: no cap of its own); `Scale` beyond it is refused.
+    max_instances: int | None = None
+
     @abstractmethod
     async def start_instances(self, count: int) -> list[str]:
         """Starts ``count`` instances; returns their ids (they register themselves in etcd when ready)."""
@@ -41,20 +46,57 @@ class InstanceProvider(ABC):
         """Called when an instance appears in the registry."""
 
     async def close(self) -> None:  # noqa: B027 (optional hook)
-        """Releases the provider (started instances keep running)."""
+        """Releases the provider (started instances keep running unless the provider was told otherwise)."""
+
+
+DEFAULT_LOCAL_MAX_INSTANCES = 64
 
 
 class LocalProcessProvider(InstanceProvider):
-    """Spawns ``llumnix llumlet`` processes on this host, in their own session so they outlive this replica."""
+    """Spawns ``llumnix llumlet`` processes on this host, each in its own session (its own process group).
 
-    def __init__(self, llumlet_args: Sequence[str], log_dir: Path | None = None, id_prefix: str = "auto") -> None:
+    By default they outlive this replica (another replica's provider cannot adopt them, but they keep serving).
+    With ``stop_on_close`` the replica's exit stops every llumlet this provider started and waits for them: SIGTERM
+    to its process group, SIGKILL after ``stop_timeout``. Every child's exit is logged with its code.
+    ``max_instances`` caps the live children: a request beyond it starts only up to the cap.
+    """
+
+    def __init__(
+        self,
+        llumlet_args: Sequence[str],
+        log_dir: Path | None = None,
+        id_prefix: str = "auto",
+        *,
+        max_instances: int = DEFAULT_LOCAL_MAX_INSTANCES,
+        stop_on_close: bool = False,
+        stop_timeout: float = 10.0,
+    ) -> None:
+        if max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1, got {max_instances}")
         self.llumlet_args = list(llumlet_args)
         self.log_dir = log_dir
         self.id_prefix = id_prefix
+        self.max_instances = self._cap = max_instances
+        self.stop_on_close = stop_on_close
+        self.stop_timeout = stop_timeout
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self._starting: set[str] = set()
+        self._reapers: set[asyncio.Task[None]] = set()
+
+    def alive(self) -> dict[str, asyncio.subprocess.Process]:
+        """The children still running."""
+        return {iid: p for iid, p in self.processes.items() if p.returncode is None}
 
     async def start_instances(self, count: int) -> list[str]:
+        room = self._cap - len(self.alive())
+        if count > room:
+            log.warning(
+                "asked to start %d llumlets; the provider cap of %d instances leaves room for %d",
+                count,
+                self._cap,
+                max(room, 0),
+            )
+            count = max(room, 0)
         ids = []
         for _ in range(count):
             iid = f"{self.id_prefix}-{uuid.uuid4().hex[:6]}"
@@ -74,22 +116,60 @@ class LocalProcessProvider(InstanceProvider):
             self._starting.add(iid)
             ids.append(iid)
             log.info("started llumlet %s (pid %d)", iid, proc.pid)
+            reaper = asyncio.get_running_loop().create_task(self._log_exit(iid, proc), name=f"reap-{iid}")
+            self._reapers.add(reaper)
+            reaper.add_done_callback(self._reapers.discard)
         return ids
+
+    @staticmethod
+    async def _log_exit(instance_id: str, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        (log.info if code == 0 else log.warning)(
+            "llumlet %s (pid %d) exited: %s", instance_id, proc.pid, describe_exit(code)
+        )
 
     async def stop_instance(self, instance_id: str) -> bool:
         proc = self.processes.pop(instance_id, None)
         self._starting.discard(instance_id)
         if proc is None:
             return False
+        await self._terminate(instance_id, proc)
+        return True
+
+    async def _terminate(self, instance_id: str, proc: asyncio.subprocess.Process) -> None:
+        """SIGTERM to the child's process group, SIGKILL after ``stop_timeout``; returns once it is reaped."""
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), 10)
+                await asyncio.wait_for(proc.wait(), self.stop_timeout)
             except TimeoutError:
+                log.warning(
+                    "llumlet %s (pid %d) ignored SIGTERM for %.0fs; killing it",
+                    instance_id,
+                    proc.pid,
+                    self.stop_timeout,
+                )
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-        return True
+                await proc.wait()
+
+    async def close(self) -> None:
+        """With ``stop_on_close``: stops every child still running (all at once) and waits for each."""
+        if self.stop_on_close:
+            children = self.alive()
+            if children:
+                log.info("stopping %d llumlet(s) this provider started: %s", len(children), ", ".join(sorted(children)))
+            await asyncio.gather(*(self._terminate(iid, p) for iid, p in children.items()))
+            self.processes.clear()
+            self._starting.clear()
+        # Let the reapers log the exits they saw; the rest (children left running) are not waited for.
+        for reaper in list(self._reapers):
+            if reaper.done() or self.stop_on_close:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reaper
+            else:
+                reaper.cancel()
 
     def starting(self) -> set[str]:
         for iid in list(self._starting):

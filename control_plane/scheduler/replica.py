@@ -3,6 +3,14 @@ reports, dispatches, runs the pairing loop (migrate-out orders) and the scaling 
 
 The policy core is pure; this module is its I/O edge: etcd (election, registry, config), gRPC to llumlets and, for a
 lost instance, to the frontends of its requests.
+
+Timing (``ReplicaTiming``; README "Control plane" has the reasoning): the election lease lasts 6 s, renewed every 2 s,
+so a CPU or etcd stall of up to ~3 s costs no leadership change; a leader that *died* is replaced sooner than its
+lease: followers probe its gRPC port every 0.25 s, and two refused connections in a row (the process is gone; a
+stalled process still accepts connections) make them revoke its lease. An instance whose registry key vanishes is not
+written off at once: it may be an etcd blip, after which it re-registers under the same id. Its requests are failed
+only when its process is gone (connection refused twice) or it neither answers nor re-registers within
+``instance_grace`` (10 s); meanwhile it gets no new request.
 """
 
 from __future__ import annotations
@@ -11,19 +19,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import field_mask_pb2
+from google.protobuf.message import DecodeError
 
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.config_store import ConfigStore
-from pyllumnix.control_plane.etcd.election import Election, Leadership
-from pyllumnix.control_plane.etcd.errors import EtcdError
+from pyllumnix.control_plane.etcd.election import Election, LeaderInfo, Leadership
+from pyllumnix.control_plane.etcd.errors import ConfigConflictError, EtcdError
 from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.control_plane.etcd.registry import InstanceRegistry, RegistryEventType
-from pyllumnix.control_plane.policy.config import PolicyConfig
+from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_target
 from pyllumnix.control_plane.policy.core import PolicyCore
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.snapshot import DispatchRequestView, InstanceState, normalize_priority
@@ -43,6 +52,84 @@ log = logging.getLogger(__name__)
 
 LLUMLET_CALL_TIMEOUT_S = 2.0
 MIGRATE_WAIT_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class ReplicaTiming:
+    """Failure-detection knobs of a replica (``llumnix scheduler`` flags); the defaults are reasoned in the README.
+
+    - ``election_ttl``: the leader's lease. It is renewed every TTL/3 and counts as lost locally a TTL after the
+      last renewal was sent, so a stall of up to 2/3 TTL minus one renewal round trip costs nothing: 6 s tolerates a
+      ~3 s stall of this process or of etcd with a second to spare. A leader that dies while its host stays up is
+      not waited for: see the probe below. Only a leader host that vanishes (no refusal, just silence) costs the TTL.
+    - ``leader_probe_interval`` / ``leader_probe_failures``: followers try a TCP connect to the leader's gRPC port
+      this often; that many refusals in a row (a port nobody listens on: the process is gone) make them revoke the
+      leader's lease, so a standby leads within about a second of a SIGKILL. A stalled or busy leader still accepts
+      connections (the kernel completes the handshake), so it is never deposed this way. 0 turns probing off.
+    - ``instance_grace`` / ``instance_probe_interval`` / ``instance_probe_timeout``: how long a vanished instance may
+      take to re-register before its requests are reported failed (see ``_watch_grace``).
+    - ``resign_hold_off``: after ``ResignLeader`` the replica stays out of the election this long.
+    """
+
+    election_ttl: int = 6
+    leader_probe_interval: float = 0.25
+    leader_probe_failures: int = 2
+    instance_grace: float = 10.0
+    instance_probe_interval: float = 0.5
+    instance_probe_timeout: float = 1.0
+    resign_hold_off: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.election_ttl < 1:
+            raise ValueError(f"election_ttl must be >= 1 s, got {self.election_ttl}")
+        if self.leader_probe_interval < 0 or self.leader_probe_failures < 1:
+            raise ValueError("leader_probe_interval must be >= 0 and leader_probe_failures >= 1")
+        if self.instance_grace < 0 or self.instance_probe_interval <= 0 or self.instance_probe_timeout <= 0:
+            raise ValueError("instance_grace must be >= 0, the instance probe interval and timeout > 0")
+        if self.resign_hold_off < 0:
+            raise ValueError(f"resign_hold_off must be >= 0, got {self.resign_hold_off}")
+
+
+async def port_refuses(address: str, timeout: float) -> bool | None:
+    """True if nothing listens at ``host:port`` (connection refused), False if a connection opens, None if unknown
+    (timeout, unreachable host, bad address): only a refusal proves a process gone, silence proves nothing."""
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout)
+    except ConnectionRefusedError:
+        return True
+    except (OSError, TimeoutError, ValueError):
+        return None
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return False
+
+
+def parse_instance_info(instance_id: str, value: bytes) -> common_pb2.InstanceInfo:
+    """The InstanceInfo of a registry entry; ValueError if it does not parse or names another instance."""
+    info = common_pb2.InstanceInfo()
+    try:
+        info.ParseFromString(value)
+    except DecodeError as exc:
+        raise ValueError(f"not an InstanceInfo ({exc})") from None
+    if info.instance_id != instance_id:
+        raise ValueError(f"its instance_id {info.instance_id!r} is not the key's {instance_id!r}")
+    if not info.grpc_address:
+        raise ValueError("it has no grpc_address")
+    return info
+
+
+@dataclass
+class Vanished:
+    """An instance whose registry key disappeared while it held requests (leader only): not dispatchable, its
+    requests kept until it re-registers (same id), proves dead, or the grace runs out."""
+
+    info: common_pb2.InstanceInfo
+    load: common_pb2.InstanceLoad
+    since: float
+    last_alive: float | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
 class NotLeaderError(Exception):
@@ -66,6 +153,8 @@ class LeaderView:
     replica_id: str = ""
     address: str = ""
     term: int = 0
+    # The leader's election entry (to depose it once its process is known dead); None while unknown.
+    entry: LeaderInfo | None = None
 
 
 class SchedulerReplica:
@@ -78,9 +167,10 @@ class SchedulerReplica:
         *,
         provider: InstanceProvider | None = None,
         seed: int = 0,
-        election_ttl: int = 1,
+        timing: ReplicaTiming | None = None,
         stale_after: float = 1.0,
     ) -> None:
+        self.timing = timing or ReplicaTiming()
         self.client = client
         self.layout = layout
         self.replica_id = replica_id
@@ -89,9 +179,12 @@ class SchedulerReplica:
         self.core = PolicyCore(PolicyConfig(), seed=seed)
         self.cluster = ClusterState(stale_after=stale_after)
         self.registry = InstanceRegistry(client, layout)
-        self.election = Election(client, layout.election_prefix(), ttl=election_ttl)
+        self.election = Election(client, layout.election_prefix(), ttl=self.timing.election_ttl)
         self.config_store: ConfigStore[config_pb2.ClusterConfig] = ConfigStore(
             client, layout.config_key, config_pb2.ClusterConfig
+        )
+        self.scale_store: ConfigStore[config_pb2.ScaleTarget] = ConfigStore(
+            client, layout.scale_target_key, config_pb2.ScaleTarget
         )
         self.config_revision = 0
         self.leadership: Leadership | None = None
@@ -104,7 +197,13 @@ class SchedulerReplica:
         self._leader_tasks: list[asyncio.Task[None]] = []
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._order_in_flight: dict[str, float] = {}
-        self._scale_target: int | None = None
+        # The manual scale target, as stored in etcd (watched by every replica, so a new leader has it).
+        self.scale_target: int | None = None
+        self.vanished: dict[str, Vanished] = {}
+        self.depositions = 0
+        self._hold_off_until = 0.0
+        # (instance id, mod revision) of registry values already reported undecodable.
+        self._bad_entries: set[tuple[str, int]] = set()
         # Hook for metrics: called with each finished migration result.
         self.on_migration: list[Callable[[llumlet_pb2.MigrationResult], None]] = []
 
@@ -123,9 +222,12 @@ class SchedulerReplica:
         self._tasks = [
             loop.create_task(self._forever(self._watch_registry), name="registry-watch"),
             loop.create_task(self._forever(self._watch_config), name="config-watch"),
+            loop.create_task(self._forever(self._watch_scale_target), name="scale-target-watch"),
             loop.create_task(self._forever(self._observe_leader), name="leader-observe"),
             loop.create_task(self._forever(self._lead), name="campaign"),
         ]
+        if self.timing.leader_probe_interval > 0:
+            self._tasks.append(loop.create_task(self._forever(self._probe_leader), name="leader-probe"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -156,23 +258,49 @@ class SchedulerReplica:
         async with self.registry.watch() as events:
             async for ev in events:
                 if ev.type is RegistryEventType.RESYNC:
-                    entries = {iid: self._parse_info(v) for iid, v in ev.snapshot.items()}
-                    for iid in self.cluster.set_registry(entries):
-                        await self._instance_lost(iid, None)
-                    for iid in entries:
-                        self._registered(iid)
+                    entries = self._parse_entries(ev.snapshot, ev.mod_revisions)
+                    for iid in [i for i in self.cluster.infos if i not in entries]:
+                        self._instance_vanished(iid)
+                    for info in entries.values():
+                        self._instance_registered(info)
+                    self.cluster.set_registry(entries)
                 elif ev.type is RegistryEventType.REMOVE:
-                    load = self.cluster.remove(ev.instance_id)
-                    await self._instance_lost(ev.instance_id, load)
+                    self._instance_vanished(ev.instance_id)
                 else:
-                    self.cluster.upsert(self._parse_info(ev.value))
-                    self._registered(ev.instance_id)
+                    entry = self._parse_entries({ev.instance_id: ev.value}, {ev.instance_id: ev.revision})
+                    if ev.instance_id in entry:
+                        self._instance_registered(entry[ev.instance_id])
 
-    @staticmethod
-    def _parse_info(value: bytes) -> common_pb2.InstanceInfo:
-        info = common_pb2.InstanceInfo()
-        info.ParseFromString(value)
-        return info
+    def _parse_entries(
+        self, values: Mapping[str, bytes], revisions: Mapping[str, int]
+    ) -> dict[str, common_pb2.InstanceInfo]:
+        """The registry entries that parse; a bad one is logged once per key and revision and skipped (it must not
+        end the watch: a restarted watch reads it again, and no instance registered after it would be seen)."""
+        infos = {}
+        for iid, value in values.items():
+            try:
+                infos[iid] = parse_instance_info(iid, value)
+            except ValueError as exc:
+                mark = (iid, revisions.get(iid, 0))
+                if mark not in self._bad_entries:
+                    self._bad_entries.add(mark)
+                    log.error("registry entry %r at revision %d skipped: %s", iid, mark[1], exc)
+        return infos
+
+    def _instance_registered(self, info: common_pb2.InstanceInfo) -> None:
+        iid = info.instance_id
+        gone = self.vanished.pop(iid, None)
+        if gone is not None:
+            if gone.task is not None:
+                gone.task.cancel()
+            if (gone.info.started_at, gone.info.grpc_address) == (info.started_at, info.grpc_address):
+                log.info("instance %s re-registered after %.1fs; its requests stay", iid, time.monotonic() - gone.since)
+            else:
+                # Another process under the same id: whatever the old one held is gone with it.
+                reason = "it restarted (a new process re-registered under its id)"
+                asyncio.get_running_loop().create_task(self._fail_requests(iid, gone.load, reason))
+        self.cluster.upsert(info)
+        self._registered(iid)
 
     def _registered(self, instance_id: str) -> None:
         if self.provider is not None:
@@ -189,19 +317,31 @@ class SchedulerReplica:
             self.config_revision = revision if message is not None else 0
             self.cluster.stale_after = max(1.0, 20 * config.load_report_interval_ms / 1000)
 
+    async def _watch_scale_target(self) -> None:
+        async for message, _ in self.scale_store.watch():
+            target = message.target_instances if message is not None else 0
+            self.scale_target = target if target > 0 else None
+
     async def _observe_leader(self) -> None:
         async for info in self.election.observe():
             if info is None:
                 self.leader = LeaderView()
             else:
                 replica = admin_pb2.SchedulerReplica()
-                replica.ParseFromString(info.value)
-                self.leader = LeaderView(replica.replica_id, replica.grpc_address, info.create_revision)
+                try:
+                    replica.ParseFromString(info.value)
+                except DecodeError:
+                    log.error("election entry %r is not a SchedulerReplica; leader address unknown", info.key)
+                self.leader = LeaderView(replica.replica_id, replica.grpc_address, info.create_revision, info)
             self.leader_changed.set()
             self.leader_changed = asyncio.Event()
 
     # ------------------------------------------------------------------ leadership
     async def _lead(self) -> None:
+        hold = self._hold_off_until - time.monotonic()
+        if hold > 0:
+            log.info("%s stays out of the election for %.1fs (it resigned)", self.replica_id, hold)
+            await asyncio.sleep(hold)
         leadership = await self.election.campaign(self._value())
         self.leadership = leadership
         self.leader = LeaderView(self.replica_id, self.grpc_address, leadership.revision)
@@ -219,12 +359,54 @@ class SchedulerReplica:
             self.leadership = None
 
     async def _stop_leader_tasks(self) -> None:
-        for task in self._leader_tasks:
+        # A follower keeps no loads: the vanished instances' grace watches end with the term.
+        tasks = self._leader_tasks + [v.task for v in self.vanished.values() if v.task is not None]
+        self.vanished.clear()
+        for task in tasks:
             task.cancel()
-        for task in self._leader_tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._leader_tasks = []
+
+    async def resign_leader(self) -> tuple[int, float]:
+        """Steps down now (the election key is deleted, a standby takes over at once) and stays out of the election
+        for ``timing.resign_hold_off``; returns the term given up and the hold-off."""
+        self.require_leader()
+        leadership = self.leadership
+        assert leadership is not None
+        hold_off = self.timing.resign_hold_off
+        self._hold_off_until = time.monotonic() + hold_off
+        log.info("%s resigns leadership (term %d) on request", self.replica_id, leadership.revision)
+        await leadership.resign()
+        return leadership.revision, hold_off
+
+    async def _probe_leader(self) -> None:
+        """Follower side: deposes a leader whose process is gone (its port refuses connections), see ReplicaTiming."""
+        refused = 0
+        probed: LeaderInfo | None = None
+        while True:
+            await asyncio.sleep(self.timing.leader_probe_interval)
+            view = self.leader
+            if view.entry is None or not view.address or view.replica_id == self.replica_id or self.is_leader:
+                refused = 0
+                continue
+            if view.entry != probed:
+                probed, refused = view.entry, 0
+            result = await port_refuses(view.address, max(self.timing.leader_probe_interval, 0.5))
+            refused = refused + 1 if result is True else 0
+            if refused >= self.timing.leader_probe_failures and self.leader.entry == probed:
+                log.warning(
+                    "%s: leader %s at %s refused %d connections in a row: its process is gone; revoking its lease",
+                    self.replica_id,
+                    view.replica_id,
+                    view.address,
+                    refused,
+                )
+                with contextlib.suppress(EtcdError):
+                    if await self.election.depose(probed):
+                        self.depositions += 1
+                refused = 0
 
     def require_leader(self) -> None:
         if not self.is_leader:
@@ -232,7 +414,13 @@ class SchedulerReplica:
 
     # ------------------------------------------------------------------ load and dispatch
     def report(self, load: common_pb2.InstanceLoad) -> bool:
-        return self.cluster.report(load, time.monotonic())
+        now = time.monotonic()
+        if self.cluster.report(load, now):
+            return True
+        gone = self.vanished.get(load.instance_id)
+        if gone is not None:  # not registered, but alive: keep its latest request list
+            gone.load, gone.last_alive = load, now
+        return False
 
     def dispatch(self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int) -> tuple[str, str]:
         self.require_leader()
@@ -324,7 +512,7 @@ class SchedulerReplica:
             await asyncio.sleep(config.scaling_interval_ms / 1000)
             if self.provider is None:
                 continue
-            if self._scale_target is not None:
+            if self.scale_target is not None:
                 await self._converge_to_target()
                 continue
             if not config.enable_scaling:
@@ -341,28 +529,94 @@ class SchedulerReplica:
 
     async def _converge_to_target(self) -> None:
         """Manual scale: start or drain instances until the active count meets the target."""
-        assert self.provider is not None and self._scale_target is not None
+        assert self.provider is not None and self.scale_target is not None
         active = sorted(
             iid
             for iid, load in self.cluster.loads.items()
             if load.state != common_pb2.INSTANCE_STATE_DRAINING and iid in self.cluster.infos
         )
         starting = len(self.provider.starting())
-        missing = self._scale_target - len(active) - starting
+        target = self.scale_target
+        missing = target - len(active) - starting
         if missing > 0:
             await self.provider.start_instances(missing)
-        elif len(active) > self._scale_target:
+        elif len(active) > target:
             snapshot = self.cluster.snapshot(time.monotonic())
             by_load = sorted(active, key=lambda i: (getattr(snapshot.get(i), "num_requests", 0), i))
-            for iid in by_load[: len(active) - self._scale_target]:
+            for iid in by_load[: len(active) - target]:
                 await self.set_instance_state(iid, InstanceState.DRAINING)
 
     # ------------------------------------------------------------------ lost instances
-    async def _instance_lost(self, instance_id: str, load: common_pb2.InstanceLoad | None) -> None:
-        """Reports the requests of an instance whose lease expired as failed to their frontends (leader only)."""
+    def _instance_vanished(self, instance_id: str) -> None:
+        """The registry key is gone: no more dispatch there at once; its requests wait out the grace (leader)."""
+        info = self.cluster.infos.get(instance_id)
+        load = self.cluster.remove(instance_id)
         log.warning("instance %s left the registry", instance_id)
-        if not self.is_leader or load is None:
+        if not self.is_leader or info is None or load is None or not load.requests:
             return
+        gone = Vanished(info, load, time.monotonic())
+        self.vanished[instance_id] = gone
+        gone.task = asyncio.get_running_loop().create_task(self._watch_grace(instance_id, gone), name="grace")
+
+    async def _watch_grace(self, instance_id: str, gone: Vanished) -> None:
+        """Waits for a vanished instance to re-register (``_instance_registered`` cancels this), probing it meanwhile.
+
+        Its requests are reported failed when its port refuses connections twice in a row (the process is gone), or
+        when the grace ends with no re-registration and no sign of life in the last probe rounds. An instance that
+        still answers (or still reports load) is alive and keeps its requests: they reach their frontends directly.
+        """
+        timing = self.timing
+        deadline = gone.since + timing.instance_grace
+        refused = 0
+        warned = False
+        while True:
+            alive = await self._probe_instance(gone)
+            if alive:
+                gone.last_alive = time.monotonic()
+                refused = 0
+            elif await port_refuses(gone.info.grpc_address, timing.instance_probe_timeout) is True:
+                refused += 1
+            else:
+                refused = 0
+            now = time.monotonic()
+            if refused >= 2:
+                reason = "its process is gone (connection refused)"
+                break
+            if now >= deadline:
+                recent = timing.instance_probe_timeout + 2 * timing.instance_probe_interval
+                if gone.last_alive is None or now - gone.last_alive > recent:
+                    reason = f"no answer and no re-registration within {timing.instance_grace:g}s"
+                    break
+                if not warned:
+                    warned = True
+                    log.warning("instance %s answers but has not re-registered; keeping its requests", instance_id)
+                deadline = now + timing.instance_grace
+            await asyncio.sleep(timing.instance_probe_interval)
+        if self.vanished.get(instance_id) is gone:
+            del self.vanished[instance_id]
+            await self._fail_requests(instance_id, gone.load, reason)
+
+    async def _probe_instance(self, gone: Vanished) -> bool:
+        """True if the instance answers GetLoad within the probe timeout (its fresh request list is kept)."""
+        address = gone.info.grpc_address
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        try:
+            reply = await llumlet_pb2_grpc.LlumletServiceStub(channel).GetLoad(
+                llumlet_pb2.GetLoadRequest(), timeout=self.timing.instance_probe_timeout
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        if reply.load.instance_id == gone.info.instance_id:
+            gone.load = reply.load
+        return True
+
+    async def _fail_requests(self, instance_id: str, load: common_pb2.InstanceLoad, reason: str) -> None:
+        """Reports the requests of a lost instance as failed to their frontends (leader only)."""
+        if not self.is_leader:
+            return
+        log.warning("instance %s is lost: %s; failing its %d request(s)", instance_id, reason, len(load.requests))
         by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
         for r in load.requests:
             if not r.frontend_address:
@@ -373,7 +627,7 @@ class SchedulerReplica:
                     first_token_index=r.num_output_tokens,
                     finished=True,
                     finish_reason=common_pb2.FINISH_REASON_ERROR,
-                    error=f"instance {instance_id} was lost (its registry lease expired); the request failed",
+                    error=f"instance {instance_id} was lost ({reason}); the request failed",
                     instance_id=instance_id,
                 )
             )
@@ -433,16 +687,20 @@ class SchedulerReplica:
         return result
 
     async def scale_to(self, target: int) -> tuple[int, int]:
+        """Stores the manual target in etcd (a later leader keeps it) and starts converging to it."""
         self.require_leader()
-        config = self.core.config
         if self.provider is None:
             raise SchedulingError(grpc.StatusCode.FAILED_PRECONDITION, "this scheduler has no instance provider")
-        if not config.min_instances <= target <= config.max_instances:
-            raise SchedulingError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"target {target} outside [{config.min_instances}, {config.max_instances}] instances",
-            )
-        self._scale_target = target
+        try:
+            check_scale_target(target, self.core.config, self.provider.max_instances)
+        except ValueError as exc:
+            raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        try:
+            await self.scale_store.put(config_pb2.ScaleTarget(target_instances=target))
+        except EtcdError as exc:
+            raise SchedulingError(grpc.StatusCode.UNAVAILABLE, f"cannot store the scale target: {exc}") from exc
+        self.require_leader()  # the term may have ended during the write: the next leader converges then
+        self.scale_target = target
         await self._converge_to_target()
         return len(self.cluster.infos), target
 
@@ -463,8 +721,6 @@ class SchedulerReplica:
         except ValueError as exc:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         stored = validated.to_proto()
-        from pyllumnix.control_plane.etcd.errors import ConfigConflictError
-
         try:
             revision = await self.config_store.put(stored, expected_revision=expected_revision or None)
         except ConfigConflictError as exc:

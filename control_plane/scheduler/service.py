@@ -184,6 +184,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
         return await _guard(context, call)
 
+    async def ResignLeader(
+        self, request: admin_pb2.ResignLeaderRequest, context: Context
+    ) -> admin_pb2.ResignLeaderResponse:
+        async def call() -> admin_pb2.ResignLeaderResponse:
+            term, hold_off = await self.replica.resign_leader()
+            return admin_pb2.ResignLeaderResponse(
+                resigned=admin_pb2.SchedulerReplica(
+                    replica_id=self.replica.replica_id, grpc_address=self.replica.grpc_address, leader=False
+                ),
+                term=term,
+                hold_off_ms=round(hold_off * 1000),
+            )
+
+        return await _guard(context, call)
+
     async def GetLeader(self, request: admin_pb2.GetLeaderRequest, context: Context) -> admin_pb2.GetLeaderResponse:
         leader = self.replica.leader
         return admin_pb2.GetLeaderResponse(
