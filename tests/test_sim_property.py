@@ -70,10 +70,26 @@ def test_random_operations_keep_blocks_and_tokens(sequence: list[Op]) -> None:
     run_ops(sequence)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(pressure_ops)
-def test_memory_pressure_preempts_without_changing_tokens(sequence: list[Op]) -> None:
-    run_ops(sequence)
+def test_memory_pressure_preempts_without_changing_tokens() -> None:
+    """The invariants under memory pressure; and the pressure is real: at least a third of the generated cases preempt
+    (counted over the run; 35 of 60 with the fixed seed), so a change that stops preemption, or a strategy that stops
+    reaching it, fails here instead of passing on cases that never preempt."""
+    preemptions: list[int] = []
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+    @given(pressure_ops)
+    def run(sequence: list[Op]) -> None:
+        preemptions.append(run_ops(sequence))
+
+    run()
+    preempting = sum(1 for n in preemptions if n > 0)
+    assert preempting >= len(preemptions) // 3, f"only {preempting} of {len(preemptions)} cases preempted"
+
+
+def test_a_preempting_case_is_checked() -> None:
+    """Two long requests outgrow the 12 blocks together: the newer one must be preempted and recomputed, and its
+    tokens still equal the ones it produces alone (run_ops checks them)."""
+    assert run_ops([("add", 40, 30), ("add", 40, 30), ("step", 60, 0), ("step", 60, 0)]) >= 1
 
 
 def run_ops(sequence: list[Op]) -> int:
