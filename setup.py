@@ -1,7 +1,7 @@
 """Maps the repository's top-level folders into the ``pyllumnix`` import namespace.
 
-``control_plane/x.py`` installs as ``pyllumnix.control_plane.x`` (likewise infra, data_plane, clients, tools, protos). The
-package list is computed, so a new sub-package needs no edit here.
+``control_plane/x.py`` installs as ``pyllumnix.control_plane.x`` (likewise infra, data_plane, clients, tools,
+protos). The package list is computed, so a new sub-package needs no edit here.
 """
 
 from setuptools import find_namespace_packages, setup

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import grpc
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.infra.security.authz import guard_handler
@@ -223,7 +224,7 @@ async def authenticate(store: ApiKeyStore, authorization: str | None, required_r
     return record
 
 
-REQUEST_KEY = "llumnix.api_key"
+REQUEST_KEY = web.RequestKey("llumnix.api_key", ApiKey)
 """Where the middleware leaves the caller's :class:`ApiKey` on an aiohttp request (``request[REQUEST_KEY]``)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -234,7 +235,7 @@ def api_key_middleware(
     *,
     exempt: Sequence[str] = ("/health", "/metrics"),
     admin_prefixes: Sequence[str] = (),
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """An aiohttp middleware: every path except ``exempt`` needs a user key, paths under ``admin_prefixes`` an admin
     key; failures answer 401/403/503 with an OpenAI-style error body."""
 

@@ -86,3 +86,26 @@ def client_ssl_context(paths: CertPaths, *, check_hostname: bool = True) -> ssl.
     ctx.check_hostname = check_hostname
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+def tls_failure_hint(details: str) -> str:
+    """A sentence explaining a connection failure of a mutual-TLS channel, or "" when it does not look like one.
+
+    grpc reports a refused client certificate differently depending on who noticed: the client sees "Tls handshake
+    failed" when it rejects the server (or the server sends an alert), but under TLS 1.3 a grpc server that rejects
+    the *client's* certificate just closes the connection, which the client reports as "Socket closed". Clients
+    append this hint to their UNAVAILABLE errors so the user learns where to look.
+    """
+    text = details.lower()
+    if "expired" in text:
+        return "a certificate has expired: issue a new one"
+    if "certificate_verify_failed" in text or "certificate verify failed" in text:
+        return "the server's certificate is not signed by the CA this client trusts"
+    if "handshake failed" in text or "bad_certificate" in text or "certificate_required" in text:
+        return "the TLS handshake failed: check that both sides use certificates from the same cluster CA"
+    if "socket closed" in text or "connection reset" in text:
+        return (
+            "the server closed the connection; with mutual TLS this usually means it refused this client's "
+            "certificate (missing, expired, or from another CA)"
+        )
+    return ""
