@@ -5,6 +5,9 @@ the leader. A candidate waits for the deletion of the key created just before it
 checks again. A leader steps down (``lost`` set, ``is_leader`` False) when its key disappears or its lease is lost;
 the lease counts as lost a full TTL after the last renewal was sent, which is no later than etcd's own expiry, so an
 old leader stops acting as leader before a successor can win (the successor wins within about 2 x TTL).
+``Election.depose`` revokes a leader's lease for a caller that knows the leader's process is gone (the scheduler's
+followers: its port refuses connections), so a dead leader is replaced without waiting for its TTL. A failed campaign
+attempt backs off exponentially (with jitter) instead of retrying in a tight loop.
 """
 
 from __future__ import annotations
