@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "frontend": "control_plane.frontend.main:frontend_command",
     "sim": "tools.sim.cli:sim",
     "serve": "tools.serve:serve_command",
+    "drill": "tools.drill.cli:drill_command",
 }
 BENCH_COMMANDS: dict[str, str] = {
     "engine": "tools.bench_engine:bench_engine",
