@@ -27,12 +27,26 @@ class _StreamEnded(Exception):
 
 
 class Lease:
-    """A granted lease; renewed every TTL/3 by a background task until revoked, lost or ``stop_keepalive``."""
+    """A granted lease; renewed every ``renew_every`` seconds (default TTL/3) by a background task until revoked,
+    lost or ``stop_keepalive``.
 
-    def __init__(self, client: EtcdClient, lease_id: int, ttl: int, *, keepalive: bool = True) -> None:
+    A stall of this process (or an etcd outage) loses the lease once it outlasts TTL minus the time since the last
+    renewal, so the renewal period bounds the stall that is always survived: TTL - renew_every.
+    """
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        lease_id: int,
+        ttl: int,
+        *,
+        keepalive: bool = True,
+        renew_every: float | None = None,
+    ) -> None:
         self.client = client
         self.id = lease_id
         self.ttl = ttl
+        self.renew_every = max(renew_every if renew_every is not None else ttl / 3.0, 0.1)
         self.lost = asyncio.Event()
         self.lost_reason: str | None = None
         self._deadline = time.monotonic() + ttl
@@ -42,11 +56,13 @@ class Lease:
             self._keepalive = asyncio.create_task(self._keep_alive(), name=f"lease-{lease_id:x}-keepalive")
 
     @classmethod
-    async def grant(cls, client: EtcdClient, ttl: int, *, keepalive: bool = True) -> Lease:
-        """Grants a lease of ``ttl`` seconds (>= 1) and starts keeping it alive."""
+    async def grant(
+        cls, client: EtcdClient, ttl: int, *, keepalive: bool = True, renew_every: float | None = None
+    ) -> Lease:
+        """Grants a lease of ``ttl`` seconds (>= 1) and starts keeping it alive (every ``renew_every`` s, TTL/3)."""
         sent = time.monotonic()
         lease_id, granted = await client.lease_grant(ttl)
-        lease = cls(client, lease_id, granted, keepalive=keepalive)
+        lease = cls(client, lease_id, granted, keepalive=keepalive, renew_every=renew_every)
         lease._deadline = sent + granted
         return lease
 
@@ -111,7 +127,7 @@ class Lease:
             await asyncio.sleep(left)
 
     async def _keep_alive(self) -> None:
-        interval = max(self.ttl / 3.0, 0.1)
+        interval = self.renew_every
         request = rpc_pb2.LeaseKeepAliveRequest(ID=self.id)
         backoff = 0.05
         while not self.lost.is_set():
