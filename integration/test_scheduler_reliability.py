@@ -151,6 +151,11 @@ async def test_undecodable_registry_and_config_values_are_skipped(
                 await etcd_client.put(layout.instance_key(f"junk-{iid}"), b'{"json": "not protobuf"}')
             assert all(set(r.cluster.infos) == {"i-new", "i-newer"} for r, _ in rs)
             assert all(r.core.config == rs[0][0].core.config for r, _ in rs)  # defaults: the garbage is ignored
+            # a well-formed config outside today's ranges (an older build's, a foreign writer's) is skipped as well
+            huge = config_pb2.ClusterConfig(load_report_interval_ms=2_147_483_647)
+            await etcd_client.put(layout.config_key, huge.SerializeToString())
+            await asyncio.sleep(0.5)
+            assert all(r.core.config.load_report_interval_ms == 50 for r, _ in rs)
             _, revision = await leader.set_config(
                 config_pb2.ClusterConfig(load_report_interval_ms=70), ["load_report_interval_ms"], 0
             )

@@ -12,6 +12,7 @@ import json
 import logging
 import shlex
 import signal
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -26,7 +27,7 @@ from pyllumnix.control_plane.scheduler.provider import (
     InstanceProvider,
     LocalProcessProvider,
 )
-from pyllumnix.control_plane.scheduler.replica import ReplicaTiming, SchedulerReplica
+from pyllumnix.control_plane.scheduler.replica import WILDCARD_HOSTS, ReplicaTiming, SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import (
     ADMIN_SERVICE,
     SCHEDULER_SERVICE,
@@ -46,6 +47,7 @@ async def run_scheduler(
     timing: ReplicaTiming | None = None,
     seed: int = 0,
     stop: asyncio.Event | None = None,
+    advertise_host: str = "",
 ) -> int:
     stop = stop or asyncio.Event()
     replica_id = replica_id or f"scheduler-{uuid.uuid4().hex[:6]}"
@@ -60,7 +62,9 @@ async def run_scheduler(
         host,
         port,
     )
-    address = f"{host}:{server.port}"
+    # Others (clients following the leader trailer, followers probing the leader) connect here: never a wildcard.
+    advertise = advertise_host or (host if host not in WILDCARD_HOSTS else socket.gethostname())
+    address = f"{advertise}:{server.port}"
     replica.grpc_address = address
     await replica.start()
     loop = asyncio.get_running_loop()
@@ -83,6 +87,11 @@ async def run_scheduler(
 @click.option("--etcd", required=True, help="Comma-separated etcd endpoints.")
 @click.option("--cluster", default="default", show_default=True, help="Cluster name (etcd key prefix).")
 @click.option("--host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--advertise-host",
+    default="",
+    help="Host others use to reach this replica (default: --host; the hostname when --host is a wildcard).",
+)
 @click.option("--port", default=0, show_default=True, help="gRPC port (0: any free port).")
 @click.option("--replica-id", default="", help="Unique replica id (default: scheduler-<random>).")
 @click.option(
@@ -152,6 +161,7 @@ def scheduler_command(
     etcd: str,
     cluster: str,
     host: str,
+    advertise_host: str,
     port: int,
     replica_id: str,
     provider: str,
@@ -190,4 +200,18 @@ def scheduler_command(
         instance_grace=instance_grace,
         resign_hold_off=resign_hold_off,
     )
-    sys.exit(asyncio.run(run_scheduler(endpoints, cluster, host, port, replica_id, instance_provider, timing, seed)))
+    sys.exit(
+        asyncio.run(
+            run_scheduler(
+                endpoints,
+                cluster,
+                host,
+                port,
+                replica_id,
+                instance_provider,
+                timing,
+                seed,
+                advertise_host=advertise_host,
+            )
+        )
+    )

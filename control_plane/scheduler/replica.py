@@ -90,6 +90,10 @@ class ReplicaTiming:
             raise ValueError(f"resign_hold_off must be >= 0, got {self.resign_hold_off}")
 
 
+# Bind-all addresses: an advertised one names no particular host, so a refusal there proves nothing about the leader.
+WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+
+
 async def port_refuses(address: str, timeout: float) -> bool | None:
     """True if nothing listens at ``host:port`` (connection refused), False if a connection opens, None if unknown
     (timeout, unreachable host, bad address): only a refusal proves a process gone, silence proves nothing."""
@@ -308,8 +312,8 @@ class SchedulerReplica:
 
     async def _watch_config(self) -> None:
         async for message, revision in self.config_store.watch():
-            config = PolicyConfig.from_proto(message) if message is not None else PolicyConfig()
-            try:
+            try:  # a stored config outside today's ranges (older build, foreign writer) is skipped, not fatal
+                config = PolicyConfig.from_proto(message) if message is not None else PolicyConfig()
                 self.core.reconfigure(config)
             except ValueError as exc:
                 log.error("ignoring invalid config at revision %d: %s", revision, exc)
@@ -388,7 +392,12 @@ class SchedulerReplica:
         while True:
             await asyncio.sleep(self.timing.leader_probe_interval)
             view = self.leader
-            if view.entry is None or not view.address or view.replica_id == self.replica_id or self.is_leader:
+            if (
+                view.entry is None
+                or view.address.rpartition(":")[0] in WILDCARD_HOSTS
+                or view.replica_id == self.replica_id
+                or self.is_leader
+            ):
                 refused = 0
                 continue
             if view.entry != probed:
