@@ -3,9 +3,10 @@
 Every command takes ``--output table|json``; json is the protobuf JSON mapping (snake_case field names, every field
 printed, enums by name), so scripts can rely on it. Exit codes (also in ``llmctl --help``):
 
-  0 success · 1 the cluster refused or failed the command (NOT_FOUND, FAILED_PRECONDITION, ...) · 2 usage error or
-  invalid argument (a local check or the server's INVALID_ARGUMENT) · 3 cluster unreachable / no leader ·
-  4 timed out waiting (drain --wait) · 130 interrupted.
+  0 success · 1 the cluster refused or failed the command (NOT_FOUND, FAILED_PRECONDITION, ...), or the operation
+  did not happen although the call returned (an aborted migration, another scale target or config value) ·
+  2 usage error or invalid argument (a local check or the server's INVALID_ARGUMENT) · 3 cluster unreachable / no
+  leader · 4 timed out waiting (drain --wait) · 130 interrupted.
 """
 
 from __future__ import annotations
@@ -219,8 +220,8 @@ output_option = click.option(
 
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
-    epilog="Exit codes: 0 ok, 1 refused/not found/other error, 2 usage or invalid argument, 3 cluster unreachable "
-    "or no leader, 4 timed out waiting, 130 interrupted.",
+    epilog="Exit codes: 0 ok, 1 refused/not found/not done (e.g. migration aborted), 2 usage or invalid argument, "
+    "3 cluster unreachable or no leader, 4 timed out waiting, 130 interrupted.",
 )
 @click.option(
     "--endpoint",
