@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 import grpc
 import pytest
 
+from integration.cluster import leader_of, list_instances
 from integration.procs import Component, Processes
 from pyllumnix.control_plane.etcd.client import EtcdClient, KeyValue
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
@@ -94,6 +95,9 @@ async def test_an_etcd_outage_longer_than_the_lease_ttl_does_not_stop_a_llumlet(
     own_etcd: EmbeddedEtcd, procs: Processes, sink: RecordingSink, etcd_cluster_name: str
 ) -> None:
     ttl, outage, tokens = 2, 5.0, 400
+    scheduler = procs.start(
+        "s0", "scheduler", "--etcd", ",".join(own_etcd.endpoints), "--cluster", etcd_cluster_name, "--replica-id", "s0"
+    )
     llumlet = start_llumlet(procs, own_etcd, etcd_cluster_name, "--lease-ttl", str(ttl))
     client = EtcdClient(own_etcd.endpoints)
     try:
@@ -118,8 +122,24 @@ async def test_an_etcd_outage_longer_than_the_lease_ttl_does_not_stop_a_llumlet(
         assert after is not None and after.value == before.value, "same instance id, same InstanceInfo"
         await sink.wait("r", timeout=60)
         assert sink.raw_indices("r") == list(range(tokens)), "every token exactly once, in order"
-        assert sink.outputs["r"][-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert [o.finish_reason for o in sink.outputs["r"] if o.finished] == [common_pb2.FINISH_REASON_LENGTH]
         assert "re-registering under a new lease" in llumlet.log()
+
+        # Its load reporter survived the blip too: the leader gets fresh reports from it.
+        leader = (await leader_of([scheduler.address], timeout=20)).leader_address
+
+        seen: dict[str, int] = {}
+
+        async def reporting() -> bool:
+            """A report of ``a`` newer than the first one seen (seqs: the leader stamps reports with its own clock)."""
+            status = {i.info.instance_id: i for i in await list_instances(leader)}
+            if "a" not in status or status["a"].load.seq == 0:
+                return False
+            seq = seen.setdefault("first", status["a"].load.seq)
+            return status["a"].load.seq > seq
+
+        await until(reporting, 20, "load reports reaching the leader after the outage")
+
         assert llumlet.terminate() == 0
         assert await entry(client, etcd_cluster_name) is None, "a clean stop still deregisters at once"
     finally:
