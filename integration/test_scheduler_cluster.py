@@ -4,14 +4,25 @@ of an overloaded instance's requests, leader failover without losing a request, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
+import itertools
+import math
+import os
+import re
+import signal
 import time
 from collections import Counter
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from integration.cluster import add_request, get_load, leader_of, list_instances, submit
 from integration.procs import Component, Processes
+from pyllumnix.clients import AsyncLlumnixClient, DeadlineExceededError, LlumnixError
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
@@ -69,9 +80,37 @@ async def wait_reporting(leader: str, n: int, timeout: float = 10.0) -> None:
 
 
 def assert_complete(sink: RecordingSink, rid: str, max_tokens: int) -> None:
-    indices = sink.raw_indices(rid)
-    assert sorted(set(indices)) == list(range(max_tokens)), f"{rid}: lost tokens"
+    """Every token exactly once, in order, across every instance that produced the request's outputs."""
+    assert sink.raw_indices(rid) == list(range(max_tokens)), f"{rid}: lost, duplicated or reordered tokens"
     assert len(sink.tokens(rid)) == max_tokens
+
+
+async def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Polls ``check`` (plain or async) until it returns something truthy; fails with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def listed_at_leader(leader: str, instance_id: str, request_ids: Collection[str]) -> bool:
+    """Whether the leader's latest load report of ``instance_id`` lists every one of ``request_ids``."""
+    for inst in await list_instances(leader):
+        if inst.info.instance_id == instance_id:
+            return set(request_ids) <= {r.request_id for r in inst.load.requests}
+    return False
+
+
+async def no_pending_dispatches(leader: str) -> bool:
+    """Every instance idle in the leader's view: nothing running and no dispatched-but-unreported request counted
+    (that would make its freeness finite)."""
+    return all(math.isinf(i.freeness) and i.freeness > 0 for i in await list_instances(leader))
 
 
 async def test_dispatch_migration_and_leader_failover(
@@ -92,7 +131,8 @@ async def test_dispatch_migration_and_leader_failover(
             burst[(await stub.Dispatch(request, timeout=2)).instance_id] += 1
             await asyncio.sleep(0.03)  # reports arrive meanwhile
     assert burst == {"l0": 2, "l1": 2, "l2": 2, "l3": 2}, burst
-    await asyncio.sleep(2.2)  # those never arrive: they stop counting after the pending TTL
+    # those never arrive at a llumlet: they stop counting after the pending TTL
+    await wait_until(lambda: no_pending_dispatches(leader.leader_address), 10, "the pending dispatches to expire")
     placed: Counter[str] = Counter()
     for i in range(8):
         placed[await submit(leader.leader_address, f"d{i}", sink.server.address, 64, 150)] += 1
@@ -101,7 +141,7 @@ async def test_dispatch_migration_and_leader_failover(
         await sink.wait(f"d{i}")
         assert_complete(sink, f"d{i}", 150)
     await add_request(llumlets[3].address, "busy", sink.server.address, 200, 150)
-    await asyncio.sleep(0.3)
+    await wait_until(lambda: listed_at_leader(leader.leader_address, "l3", ["busy"]), 5, "a report listing busy")
     placed = Counter()
     for i in range(3):
         placed[await submit(leader.leader_address, f"e{i}", sink.server.address, 32, 64)] += 1
@@ -116,32 +156,22 @@ async def test_dispatch_migration_and_leader_failover(
         await asyncio.sleep(0.1)
     assert (await get_load(overloaded.address)).total_migrations_out > 0, "no migration out of the overloaded one"
 
-    # 3. kill the leader mid-stream: the standby leads within 2 s, llumlets re-target, dispatch resumes
-    in_flight = [f"f{i}" for i in range(4)]
-    for rid in in_flight:
-        await submit(leader.leader_address, rid, sink.server.address, 32, 200)
+    # 3. kill the leader (SIGKILL to its process group) while a real frontend dispatches continuously: every request
+    #    finishes token-exact or gets a clear error, none hangs; the standby leads well within the design's 3 s
+    fe = start_frontend(procs, etcd1, etcd_cluster_name, schedulers)
     old = next(s for s in schedulers if s.address == leader.leader_address)
     standby = next(s for s in schedulers if s is not old)
-    old.kill()
-    t0 = time.monotonic()
-    while True:
-        new = await leader_of([standby.address])
-        if new.leader_id == standby.name:
-            break
-        assert time.monotonic() - t0 < 5
-        await asyncio.sleep(0.05)
-    took = time.monotonic() - t0
-    assert took < 2.0, f"failover took {took:.2f} s"
-    await wait_reporting(standby.address, 4, timeout=5)
+    report = await failover_under_load(fe, old, standby)
+    print(f"scheduler failover under load: {report}")
+    await wait_reporting(standby.address, 4, timeout=10)
     for i in range(4):
         await submit(standby.address, f"after{i}", sink.server.address, 32, 16)
 
-    # no request lost: everything submitted finishes with every token exactly once in the kept stream
+    # every request submitted around the scheduler finishes with every token exactly once
     for rid, n in [
         ("busy", 150),
         *((f"e{i}", 64) for i in range(3)),
         *((f"o{i}", 300) for i in range(8)),
-        *((r, 200) for r in in_flight),
         *((f"after{i}", 16) for i in range(4)),
     ]:
         await sink.wait(rid, timeout=60)
@@ -152,6 +182,72 @@ async def test_dispatch_migration_and_leader_failover(
     for comp in llumlets:
         load = await get_load(comp.address)
         assert load.free_blocks == load.total_blocks
+
+
+def start_frontend(procs: Processes, etcd: EmbeddedEtcd, cluster: str, schedulers: list[Component]) -> Component:
+    return procs.start(
+        "fe",
+        "frontend",
+        *("--etcd", ",".join(etcd.endpoints), "--cluster", cluster),
+        *("--scheduler", ",".join(s.address for s in schedulers), "--http-port", "0"),
+        *("--model", "tiny", "--max-model-len", "512"),
+    )
+
+
+async def failover_under_load(fe: Component, old: Component, standby: Component) -> str:
+    """Three clients loop on Generate through the frontend; the leader ``old`` is SIGKILLed mid-load. Returns the
+    figures (takeover time from the kill, request outcomes, longest gap between completions); asserts the bounds."""
+    prompts = [([(7 * i + 3 * k) % 200 + 1 for i in range(24)], 300 + k) for k in range(4)]
+    results: list[tuple[float, str, str]] = []  # (end, outcome, detail)
+    async with AsyncLlumnixClient(frontend_endpoints=fe.address, timeout=10) as client:
+        expected = [
+            (await client.generate_text(p, max_tokens=24, seed=seed, ignore_eos=True, timeout=30)).token_ids
+            for p, seed in prompts
+        ]
+        stop = asyncio.Event()
+
+        async def worker(k: int) -> None:
+            i = k
+            while not stop.is_set():
+                (prompt, seed), want = prompts[i % len(prompts)], expected[i % len(prompts)]
+                i += 1
+                try:
+                    got = await client.generate_text(prompt, max_tokens=24, seed=seed, ignore_eos=True, timeout=30)
+                    outcome, detail = ("ok", "") if got.token_ids == want else ("mismatch", str(got.token_ids))
+                except DeadlineExceededError as exc:
+                    outcome, detail = "hang", str(exc)
+                except LlumnixError as exc:
+                    outcome, detail = ("error", f"{exc.code}: {exc}") if str(exc) else ("unclear", repr(exc))
+                results.append((time.monotonic(), outcome, detail))
+
+        tasks = [asyncio.create_task(worker(k)) for k in range(3)]
+        await wait_until(lambda: ok_count(results, 0.0) >= 6, 30, "load to flow before the kill")
+        t_kill = time.monotonic()
+        old.kill()
+
+        async def standby_leads() -> bool:
+            return (await leader_of([standby.address])).leader_id == standby.name
+
+        await wait_until(standby_leads, 10, "the standby to lead")
+        took = time.monotonic() - t_kill
+        await asyncio.sleep(2.0)  # a measurement window after the takeover, not a synchronisation
+        stop.set()
+        _, pending = await asyncio.wait(tasks, timeout=60)
+        assert not pending, "a request hangs"
+    counts = Counter(outcome for _, outcome, _ in results)
+    ok_times = sorted(t for t, outcome, _ in results if outcome == "ok")
+    gap = max((b - a for a, b in itertools.pairwise(ok_times)), default=0.0)
+    report = f"takeover {took:.2f} s after the kill; {len(results)} requests {dict(counts)}; longest gap {gap:.2f} s"
+    bad = [r for r in results if r[1] in ("mismatch", "hang", "unclear")]
+    assert not bad, (report, bad)
+    assert ok_count(results, t_kill) >= 6, f"requests stopped finishing after the kill: {report}"
+    assert gap < 5.0, report
+    assert took < 2.0, report
+    return report
+
+
+def ok_count(results: list[tuple[float, str, str]], since: float) -> int:
+    return sum(1 for t, outcome, _ in results if outcome == "ok" and t > since)
 
 
 async def test_admin_bad_input(etcd1: EmbeddedEtcd, procs: Processes, etcd_cluster_name: str) -> None:
@@ -206,15 +302,57 @@ async def test_admin_bad_input(etcd1: EmbeddedEtcd, procs: Processes, etcd_clust
         assert seen == applied.revision
 
 
-async def test_autoscaling_adds_under_load_and_drains_when_idle(
-    etcd1: EmbeddedEtcd, procs: Processes, sink: RecordingSink, etcd_cluster_name: str, tmp_path: object
-) -> None:
-    import subprocess
+# Autoscaling runs on the LLaMA-7B latency profile (30 ms decode steps: a 400-token request runs for seconds, long
+# enough to be drained mid-stream) with a small KV cache (600 blocks of 16 tokens, just above one max-length request)
+# so a dozen 1,000-token prompts overload it.
+SCALING_LLUMLET_ARGS = ("--profile", "llama-7b-a10", "--total-blocks", "600", "--bytes-per-token", "2048")
 
+
+def provider_started(log_dir: Path) -> dict[str, int]:
+    """instance id -> pid of every llumlet a scheduler replica's local provider started (from the replicas' logs)."""
+    started: dict[str, int] = {}
+    for path in log_dir.glob("s[0-9].log"):
+        for iid, pid in re.findall(r"started llumlet (\S+) \(pid (\d+)\)", path.read_text(errors="replace")):
+            started[iid] = int(pid)
+    return started
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+async def set_scaling(leader: str, scaling: config_pb2.ScalingConfig, *paths: str) -> None:
+    request = admin_pb2.SetConfigRequest(config=config_pb2.ClusterConfig(scaling=scaling))
+    request.update_mask.paths.extend(paths or ["scaling"])
+    async with grpc.aio.insecure_channel(leader) as ch:
+        await admin_pb2_grpc.AdminServiceStub(ch).SetConfig(request, timeout=2)
+
+
+async def test_autoscaling_adds_under_load_and_drains_running_requests(
+    etcd1: EmbeddedEtcd, procs: Processes, sink: RecordingSink, etcd_cluster_name: str
+) -> None:
+    """Sustained load adds an instance; scale-down then drains an instance whose request is still running: the
+    request migrates and finishes token-exact elsewhere, and the drained llumlet's process exits. Replicas run with
+    --stop-instances-on-exit: when they stop, no provider-started llumlet is left (checked by pid)."""
     assert sink.server is not None
-    llumlet_args = "--profile tiny --transport tcp --lease-ttl 1"
-    schedulers, _llumlets = start_cluster(
-        procs, etcd1, etcd_cluster_name, 1, ("--provider", "local", "--llumlet-args", llumlet_args)
+    llumlet_args = " ".join([*SCALING_LLUMLET_ARGS, "--transport", "tcp", "--lease-ttl", "1"])
+    schedulers, _ = start_cluster(
+        procs,
+        etcd1,
+        etcd_cluster_name,
+        0,
+        ("--provider", "local", "--llumlet-args", llumlet_args, "--stop-instances-on-exit"),
+    )
+    first = procs.start(
+        "l0",
+        "llumlet",
+        *("--etcd", ",".join(etcd1.endpoints), "--cluster", etcd_cluster_name, "--instance-id", "l0"),
+        *SCALING_LLUMLET_ARGS,
+        *("--transport", "tcp", "--lease-ttl", "1"),
     )
     try:
         leader = await leader_of([s.address for s in schedulers])
@@ -222,42 +360,74 @@ async def test_autoscaling_adds_under_load_and_drains_when_idle(
         scaling = config_pb2.ScalingConfig(
             enable=True,
             scale_up_threshold=10,
-            scale_down_threshold=60,
+            scale_down_threshold=100,
             min_instances=1,
             max_instances=2,
             scaling_interval_ms=300,
         )
-        request = admin_pb2.SetConfigRequest(config=config_pb2.ClusterConfig(scaling=scaling))
-        request.update_mask.paths.append("scaling")
-        async with grpc.aio.insecure_channel(leader.leader_address) as ch:
-            await admin_pb2_grpc.AdminServiceStub(ch).SetConfig(request, timeout=2)
+        await set_scaling(leader.leader_address, scaling)
 
         # sustained load on the single instance: its average freeness drops below 10 -> one more instance
         rids: list[str] = []
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         scaled_up = False
         i = 0
         while time.monotonic() < deadline and not scaled_up:
             if sum(1 for r in rids if r not in sink.finished or not sink.finished[r].is_set()) < 12:
                 rid = f"load{i}"
                 i += 1
-                await submit(leader.leader_address, rid, sink.server.address, 64, 120)
+                await submit(leader.leader_address, rid, sink.server.address, 1000, 120)
                 rids.append(rid)
             scaled_up = len(await list_instances(leader.leader_address)) >= 2
             await asyncio.sleep(0.05)
         assert scaled_up, "no instance added under sustained load"
-
-        # idle: the average freeness is high -> one instance is drained (its requests migrate) and stops
+        # hold the scaler while the load drains, so the drain below meets the requests placed for it
+        await set_scaling(leader.leader_address, config_pb2.ScalingConfig(enable=False), "scaling.enable")
+        await wait_reporting(leader.leader_address, 2, timeout=30)
         for rid in rids:
-            await sink.wait(rid, timeout=60)
+            await sink.wait(rid, timeout=120)
             assert_complete(sink, rid, 120)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(await list_instances(leader.leader_address)) > 1:
-            await asyncio.sleep(0.1)
-        assert len(await list_instances(leader.leader_address)) == 1, "no instance drained and stopped when idle"
+
+        # one long request on each instance, then scale-down resumes: the cluster is mostly free, so one instance is
+        # drained while its request runs; the request migrates to the other instance
+        statuses = await list_instances(leader.leader_address)
+        keepers: dict[str, str] = {}
+        for k, status in enumerate(statuses):
+            rid = f"keep{k}"
+            keepers[status.info.instance_id] = rid
+            await add_request(status.info.grpc_address, rid, sink.server.address, 32, 400)
+
+        async def keepers_listed() -> bool:
+            return all([await listed_at_leader(leader.leader_address, iid, [rid]) for iid, rid in keepers.items()])
+
+        await wait_until(keepers_listed, 5, "reports listing the long requests")
+        await set_scaling(leader.leader_address, scaling)
+
+        async def one_left() -> list[str]:
+            ids = [i.info.instance_id for i in await list_instances(leader.leader_address)]
+            return ids if len(ids) == 1 else []
+
+        (survivor,) = await wait_until(one_left, 60, "an instance to be drained and to leave")
+        (victim,) = set(keepers) - {survivor}
+        moving = keepers[victim]
+        for rid in keepers.values():
+            await sink.wait(rid, timeout=60)
+            assert_complete(sink, rid, 400)
+        producers = [o.instance_id for o in sink.outputs[moving] if o.token_ids]
+        assert producers[0] == victim and producers[-1] == survivor, f"{moving} did not migrate: {set(producers)}"
+        # the drained llumlet's process exits (by its pid: ours, or the one the provider started)
+        victim_pid = first.pid if victim == "l0" else provider_started(procs.log_dir)[victim]
+        await wait_until(lambda: pid_gone(victim_pid), 30, f"the drained llumlet {victim} to exit")
     finally:
-        # provider-started llumlets run in their own sessions: stop any left
-        subprocess.run(["pkill", "-TERM", "-f", f"--cluster {etcd_cluster_name}"], check=False)
+        for comp in [*schedulers, first]:
+            comp.terminate(30)
+        started = provider_started(procs.log_dir)
+        left = {iid: pid for iid, pid in started.items() if not pid_gone(pid)}
+        for pid in left.values():  # provider llumlets run in their own sessions: their pid is their group
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    assert started, "the provider started no llumlet"
+    assert not left, f"provider-started llumlets outlived their scheduler replicas: {left}"
 
 
 async def test_lost_instance_requests_are_reported_failed(
@@ -269,9 +439,8 @@ async def test_lost_instance_requests_are_reported_failed(
     await wait_reporting(leader.leader_address, 2)
     for i in range(3):
         await add_request(llumlets[1].address, f"doomed{i}", sink.server.address, 32, 400)
-    while len(sink.tokens("doomed2")) < 2:
-        await asyncio.sleep(0.02)
-    await asyncio.sleep(0.2)  # a load report lists them at the leader
+    doomed = [f"doomed{i}" for i in range(3)]
+    await wait_until(lambda: listed_at_leader(leader.leader_address, "l1", doomed), 10, "a report listing them")
     llumlets[1].kill()
     for i in range(3):
         outs = await sink.wait(f"doomed{i}", timeout=10)

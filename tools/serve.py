@@ -147,6 +147,8 @@ BACKOFF_BASE = 0.5
 BACKOFF_MAX = 30.0
 RESET_AFTER = 30.0
 STOP_TIMEOUT = 10.0
+# A scheduler replica stops the llumlets its provider started before it exits (up to its own --stop-timeout, 10 s).
+SCHEDULER_STOP_TIMEOUT = 25.0
 PR_SET_CHILD_SUBREAPER = 36
 
 log = logging.getLogger("pyllumnix.serve")
@@ -198,14 +200,6 @@ class Child:
             "restarts": self.restarts,
             "last_exit": self.last_exit,
         }
-
-
-def _scheduler_has_stop_flag() -> bool:
-    """Whether ``llumnix scheduler`` has ``--stop-instances-on-exit`` (its local provider stops the llumlets it
-    started when the replica exits), so serve's stop leaves no provider-started llumlet behind."""
-    from pyllumnix.control_plane.scheduler.main import scheduler_command
-
-    return any(p.name == "stop_instances_on_exit" for p in scheduler_command.params)
 
 
 def _cmdline(pid: int) -> str:
@@ -362,9 +356,8 @@ class Supervisor:
             args = [*common, "--replica-id", f"scheduler-{i}", "--host", host]
             if opts["provider"] == "local":
                 args += ["--provider", "local", "--llumlet-args", shlex.join([*llumlet_args, *common])]
-                args += ["--log-dir", str(self.log_dir)]
-                if _scheduler_has_stop_flag():
-                    args.append(SCHEDULER_STOP_FLAG)
+                # the replica's provider stops the llumlets it started when the replica exits
+                args += ["--log-dir", str(self.log_dir), SCHEDULER_STOP_FLAG]
             child = self.add(Child(f"scheduler-{i}", "scheduler", self._scheduler_launch(f"scheduler-{i}", args, env)))
             assert child.comp is not None
             schedulers.append(child.comp.address)
@@ -514,7 +507,8 @@ class Supervisor:
             for child in tier:
                 assert child.comp is not None
                 was_running = child.comp.proc.returncode is None
-                code = child.comp.terminate(STOP_TIMEOUT, hurry=self._hurry, signalled=True)
+                timeout = SCHEDULER_STOP_TIMEOUT if kind == "scheduler" else STOP_TIMEOUT
+                code = child.comp.terminate(timeout, hurry=self._hurry, signalled=True)
                 if was_running:
                     child.last_exit = describe_exit(code)
                     log.info("stopped %s (pid %d): %s", child.name, child.comp.pid, child.last_exit)
