@@ -4,8 +4,8 @@
 Every process the drill starts is a child it knows by PID: schedulers, llumlets and the frontend through
 :class:`~pyllumnix.tools.launch.Launcher`, etcd members through :class:`EmbeddedEtcd`. Stalls are SIGSTOP/SIGCONT of
 those PIDs; ``stop`` continues whatever is stopped and ends everything, also after a failure or Ctrl-C.
-Schedulers, llumlets and the frontend get fixed ports, so a restarted component is reachable where it was before
-(the frontend's ``--scheduler`` list stays valid).
+Schedulers and the frontend get fixed ports, so a restarted one is reachable where it was before (the frontend's
+``--scheduler`` list stays valid); a restarted llumlet gets a new port and re-registers its address.
 """
 
 from __future__ import annotations
@@ -124,7 +124,11 @@ class LocalCluster:
         self.schedulers[replica_id] = comp
         return comp
 
-    def start_llumlet(self, instance_id: str) -> Component:
+    def start_llumlet(self, instance_id: str, *, new_port: bool = False) -> Component:
+        """``new_port``: a restarted llumlet listens elsewhere, as a replacement instance would (the drill judges each
+        fault on its own; a restart on the old address is a separate question)."""
+        if new_port:
+            self.llumlet_ports[instance_id] = free_port()
         comp = self._start(
             instance_id,
             "llumlet",

@@ -8,6 +8,7 @@ leader and every instance).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -92,10 +93,11 @@ async def _busiest_llumlet(ctx: FaultContext) -> str:
 
 
 async def _wait_registered_fresh(ctx: FaultContext, instance_id: str, timeout: float) -> str:
-    """Until the leader lists ``instance_id`` ACTIVE with a load report under a second old: "" then, else what the
-    leader showed last (for the report)."""
+    """Until the leader lists ``instance_id`` ACTIVE and takes load reports from it again (its report sequence
+    number moves): "" then, else what the leader showed last (for the report)."""
     deadline = time.monotonic() + timeout
     last = "no leader answered"
+    first_seq: int | None = None
     while time.monotonic() < deadline:
         statuses = await ctx.observer.list_instances()
         if statuses is not None:
@@ -103,10 +105,14 @@ async def _wait_registered_fresh(ctx: FaultContext, instance_id: str, timeout: f
         for s in statuses or []:
             if s.info.instance_id != instance_id:
                 continue
-            age = time.time() - s.last_report_time
-            if s.state == common_pb2.INSTANCE_STATE_ACTIVE and age < 1.0:
+            state = common_pb2.InstanceState.Name(s.state)
+            last = f"listed {state}, load report seq {s.load.seq} not advancing"
+            if s.state != common_pb2.INSTANCE_STATE_ACTIVE:
+                continue
+            if first_seq is None:
+                first_seq = s.load.seq
+            elif s.load.seq > first_seq:
                 return ""
-            last = f"listed {common_pb2.InstanceState.Name(s.state)}, last load report {age:.1f} s old"
         await asyncio.sleep(0.1)
     return last
 
@@ -218,7 +224,7 @@ async def llumlet_kill(ctx: FaultContext) -> None:
 
     async def restart() -> None:
         await _wait_gone(ctx, instance_id, OBSERVE_TIMEOUT_S)
-        await asyncio.to_thread(cluster.start_llumlet, instance_id)
+        await asyncio.to_thread(functools.partial(cluster.start_llumlet, instance_id, new_port=True))
 
     ctx.heal_steps.append(restart)
 
@@ -353,7 +359,7 @@ async def heal(ctx: FaultContext, timeout: float = 30.0) -> tuple[bool, str]:
             ctx.record.notes.append(f"{instance_id} had exited (code {code}); restarted")
             try:
                 await _wait_gone(ctx, instance_id, OBSERVE_TIMEOUT_S)
-                await asyncio.to_thread(cluster.start_llumlet, instance_id)
+                await asyncio.to_thread(functools.partial(cluster.start_llumlet, instance_id, new_port=True))
             except Exception as exc:
                 ctx.record.notes.append(f"restart of {instance_id} failed: {type(exc).__name__}: {str(exc)[:500]}")
     return await ctx.observer.wait_healthy(ctx.instances, timeout)

@@ -343,9 +343,18 @@ def judge(
             f"held: {held} requests: {blocks.requests}" if held or any(blocks.requests.values()) else "",
         )
     )
-    # A stall shorter than the bound need not cost the leadership (its lease may outlive it).
-    short_stall = scenario.fault == "leader-stall" and scenario.seconds <= LEADER_DEADLINE_S
-    if scenario.kind.replaces_leader and not short_stall:
+    if scenario.fault == "leader-stall":
+        # A stalled leader may keep its lease (the election lease can outlive a short stall) or be replaced; either
+        # way exactly one replica must answer as leader soon after it runs again.
+        t = fault.recovery_s
+        checks.append(
+            Check(
+                f"one leader within {LEADER_DEADLINE_S:g} s after the stall",
+                t is not None and t <= LEADER_DEADLINE_S,
+                f"{t:.2f} s" if t is not None else "no single leader seen",
+            )
+        )
+    elif scenario.kind.replaces_leader:
         t = fault.time_to_new_leader_s
         checks.append(
             Check(
