@@ -253,15 +253,12 @@ def _one_round(sizes: list[int], kinds: list[str], skipped: dict[str, str]) -> d
 @click.option("--sizes", default="1,16,256", show_default=True, help="Chunk sizes in MiB, comma-separated.")
 @click.option("--transports", default="ucx,tcp,inproc", show_default=True, help="Transports to measure.")
 @click.option("--ucx-tls", default=None, help=f"UCX_TLS for this run (default: env or {UCX_ENV_DEFAULTS['UCX_TLS']}).")
-@click.option("--progress-mode", default=None, help="UCXPY_PROGRESS_MODE (default: env or blocking).")
 @click.option("--repeat", default=3, show_default=True, help="Rounds; each figure is the best round.")
-def bench_dataplane(
-    json_path: str | None, sizes: str, transports: str, ucx_tls: str | None, progress_mode: str | None, repeat: int
-) -> None:
+def bench_dataplane(json_path: str | None, sizes: str, transports: str, ucx_tls: str | None, repeat: int) -> None:
     """One-way GiB/s between two processes per transport, with memcpy and a plain socket as references."""
     size_list = [int(float(s) * MiB) for s in sizes.split(",") if s.strip()]
     kinds = [k.strip() for k in transports.split(",") if k.strip()]
-    configure_ucx_env(ucx_tls, progress_mode)  # children inherit the environment
+    configure_ucx_env(ucx_tls)  # children inherit the environment
     samples: dict[str, dict[int, list[float]]] = {}
     skipped: dict[str, str] = {}
     for _ in range(repeat):  # interleaved rounds, so interference from other processes hits every row alike

@@ -1,15 +1,36 @@
-"""UCX transport over ``ucxx``: worker-address endpoints, error handling off, tag send / worker-level tag receive.
+"""UCX transport over ``ucxx``'s core API: worker-address endpoints, error handling off, tag send / worker-level tag
+receive, and a UCX worker driven by the asyncio event loop without ever spinning.
 
 Why this shape (see PLATFORM.md, "UCX"): listener endpoints force UCX peer error handling, and UCX then only uses
-``tcp`` (~1 GiB/s on one host). Endpoints made from the peer's *worker address* with ``endpoint_error_handling=False``
-use shared memory (``sm``: posix/sysv FIFOs, CMA rendezvous) at memcpy-class speed. The price: a send to a dead peer
-never fails by itself, so every operation here is bounded by an application timeout (``asyncio.wait_for``) and peer
-death is otherwise the caller's to detect (the registry lease).
+``tcp`` (~1 GiB/s on one host). Endpoints made from the peer's *worker address* with error handling off use shared
+memory (``sm``: posix/sysv FIFOs, CMA rendezvous) at memcpy-class speed. The price: a send to a dead peer never fails
+by itself, so every operation here is bounded by an application timeout and peer death is otherwise the caller's to
+detect (the registry lease).
 
-Tags, not active messages: the receiver posts a tag receive on its *worker* straight into the expected buffer
-(``ucxx.recv``), so it needs no endpoint back to the sender and the bytes land without a copy (rendezvous for large
-chunks). The 64-bit tag is a hash of the receiving endpoint's nonce and the key; the published address is
-``ucx://<nonce>@<worker address hex>``, so several endpoints may share one process's UCX worker.
+Tags, not active messages: the receiver posts a tag receive on its *worker* straight into the expected buffer, so it
+needs no endpoint back to the sender and the bytes land without a copy (rendezvous for large chunks). The 64-bit tag
+is a hash of the receiving endpoint's nonce and the key; the published address is ``ucx://<nonce>@<worker address
+hex>``.
+
+Progress (``UcxProgress``). ucxx's own asyncio layer (``ucxx.core`` / ``UCXPY_PROGRESS_MODE``) is not used, because
+in 0.52 it makes every idle process that ever took part in a transfer spin a core:
+
+- its ``blocking`` mode arms the worker once at start and never again (ucx-py re-created the arm task on each wake-up;
+  ucxx's reader callback lost that line). UCX only drains a worker's wake-up fds (the shared-memory transport's
+  signal socket) in ``ucp_worker_arm``, so after the first message the epoll fd stays readable for good and the event
+  loop calls the reader back-to-back forever;
+- without its notifier thread (``thread`` modes only) every request is awaited with ``wait_yield``, a ``while not
+  completed: await asyncio.sleep(0)`` loop, so each outstanding receive (a posted window slot, a receive parked after a
+  timeout) spins the loop too;
+- and if its single arm is lost (its 1 s progress timer cancels the arm task when the loop was starved for a second,
+  as under CPU load), the worker is never armed, no wake-up ever comes, and the process progresses UCX once a second:
+  a rendezvous needs several progress calls on each side per chunk, so a multi-GiB stage crawls into its timeout.
+
+Here one ``UcxProgress`` per transport owns its worker: the event loop watches the worker's epoll fd; every wake-up,
+and every newly posted request, runs one pass that progresses the worker, completes the asyncio futures of finished
+requests, and re-arms the worker (``ucp_worker_arm`` drains the fds; ``BUSY`` means more to progress first). Idle,
+nothing runs. While requests are in flight a timer also progresses every ``RESCUE_INTERVAL_S`` (a lost wake-up would
+otherwise stall a transfer); it stops when none are.
 
 UCX reads its configuration when the process's UCX context is created (first ``start``); ``configure_ucx_env`` sets
 defaults there, each overridable by the environment:
@@ -17,25 +38,23 @@ defaults there, each overridable by the environment:
 - ``UCX_TLS``: ``sm,self,tcp`` (shared memory on one host, TCP across hosts). Multi-node InfiniBand needs a system
   UCX built with verbs (``RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY=true``; the PyPI libucx has no IB) and
   ``UCX_TLS=rc,sm,self``.
-- ``UCXPY_PROGRESS_MODE``: ``blocking`` (progress driven by the event loop from the worker's epoll fd; fastest here).
 - ``UCX_RNDV_FRAG_MEM_TYPE``: ``host`` (ucxx defaults to ``cuda`` staging, pointless without a GPU).
 - ``UCX_CMA_SEG_SIZE``: ``4M``. Same-host rendezvous is a CMA ``process_vm_readv`` done by the receiver's worker
-  progress, one segment per progress call (UCX's default is 512K). With ``blocking`` progress each call is one trip
-  through the event loop, so a 16 MiB chunk took 32 trips; with 4 MiB segments a 16 MiB transfer measured ~10 %
-  faster (interleaved A/B, 8 runs each: best 11.5-12.4 vs 10.2-11.2 GiB/s) while one call still blocks the loop
-  for only ~0.3 ms (16M measured the same as 4M).
+  progress; 4 MiB segments measured ~10 % faster than UCX's 512K default for 16 MiB chunks.
 
-A timed-out operation cannot be cancelled individually in ucxx: its request and buffer are parked until the peer
-completes it or the process ends (bounded by the number of timeouts; keys are never reused).
+A timed-out operation cannot be cancelled individually through ucxx: its request and buffer stay referenced until the
+peer completes it or the endpoint closes (bounded by the number of timeouts; keys are never reused). Closing the
+transport cancels them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import secrets
-from collections.abc import Coroutine
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -54,34 +73,40 @@ from pyllumnix.data_plane.transport.base import (
 
 UCX_ENV_DEFAULTS: dict[str, str] = {
     "UCX_TLS": "sm,self,tcp",
-    "UCXPY_PROGRESS_MODE": "blocking",
     "UCX_RNDV_FRAG_MEM_TYPE": "host",
     "UCX_CMA_SEG_SIZE": "4M",
     "UCX_WARN_UNUSED_ENV_VARS": "n",
 }
 
-# Operations that timed out, kept alive with their buffers (ucxx cannot cancel one request).
-_PARKED: set[asyncio.Task[Any]] = set()
+RESCUE_INTERVAL_S = 0.1
+"""While requests are in flight, the worker is also progressed this often (a safety net for a lost wake-up)."""
+
+# Progress + arm rounds in one pass before yielding to the event loop (arm said BUSY each time: traffic is flowing).
+_MAX_ROUNDS = 16
 
 
-def configure_ucx_env(tls: str | None = None, progress_mode: str | None = None) -> None:
-    """Sets UCX defaults before the UCX context exists; explicit arguments win over the environment."""
+def configure_ucx_env(tls: str | None = None) -> None:
+    """Sets UCX defaults before the UCX context exists; an explicit ``tls`` wins over the environment."""
     for name, value in UCX_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if tls:
         os.environ["UCX_TLS"] = tls
-    if progress_mode:
-        os.environ["UCXPY_PROGRESS_MODE"] = progress_mode
 
 
 def import_ucxx() -> ModuleType:
-    """Imports ucxx; raises TransportError if it is missing or its native libraries fail to load."""
+    """Imports ucxx's core (Cython) API; raises TransportError if it is missing or its native libraries fail."""
     try:
-        import ucxx
+        from ucxx._lib import libucxx
     except Exception as e:  # ImportError, or OSError from the bundled libucx
         raise TransportError(f"ucxx unavailable: {e}") from e
-    module: ModuleType = ucxx
+    module: ModuleType = libucxx
     return module
+
+
+@functools.cache
+def _context(lib: ModuleType) -> Any:
+    """The process's UCX context (one, as UCX intends: each transport gets its own worker on it)."""
+    return lib.UCXContext(feature_flags=(lib.Feature.TAG, lib.Feature.WAKEUP))
 
 
 def ucx_tag(nonce: str, key: str) -> int:
@@ -100,44 +125,168 @@ def parse_ucx_address(address: str) -> tuple[str, bytes]:
         raise TransportError(f"bad ucx address: {address[:40]!r}") from e
 
 
-def _park(task: asyncio.Task[Any]) -> None:
-    _PARKED.add(task)
-    task.add_done_callback(_PARKED.discard)
+@dataclass
+class _InFlight:
+    """A posted UCX request, what it needs kept alive (buffer, endpoint) and the future its caller awaits."""
+
+    request: Any
+    future: asyncio.Future[None]
+    keep: tuple[Any, ...]
+    what: str
+
+
+class UcxProgress:
+    """Progresses one UCX worker from an asyncio event loop: on wake-ups and new requests only, never in a loop.
+
+    The protocol ``ucp_worker_arm`` asks for: progress until arm succeeds (it returns BUSY while events wait), then
+    sleep on the epoll fd. Every pass ends armed, and every request posted schedules a pass, so nothing in flight is
+    ever left without a wake-up. Not thread-safe: all calls on the loop's thread."""
+
+    def __init__(self, worker: Any, loop: asyncio.AbstractEventLoop, rescue_interval: float = RESCUE_INTERVAL_S):
+        self._worker = worker
+        self._loop = loop
+        self._rescue_interval = rescue_interval
+        self._inflight: list[_InFlight] = []
+        self._pass: asyncio.Handle | None = None
+        self._rescue: asyncio.TimerHandle | None = None
+        self._closed = False
+        worker.init_blocking_progress_mode()
+        self._fd: int = worker.epoll_file_descriptor
+        loop.add_reader(self._fd, self._on_wakeup)
+        self.passes = 0  # progress passes run, for tests and diagnostics
+        self.schedule()
+
+    def submit(self, request: Any, what: str, *keep: Any) -> asyncio.Future[None]:
+        """Tracks a posted request; the future completes (or fails with TransportError) when UCX finishes it. If the
+        caller stops waiting, the request stays tracked (UCX may still write into ``keep``) until it ends or close."""
+        if self._closed:
+            raise TransportClosed("ucx endpoint closed")
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._inflight.append(_InFlight(request, future, keep, what))
+        self.schedule()
+        return future
+
+    def schedule(self) -> None:
+        """Runs a progress pass soon (once, however often asked before it runs)."""
+        if self._pass is None and not self._closed:
+            self._pass = self._loop.call_soon(self._run)
+
+    def _on_wakeup(self) -> None:
+        self._run()
+
+    def _run(self) -> None:
+        if self._pass is not None:
+            self._pass.cancel()
+            self._pass = None
+        if self._closed:
+            return
+        self.passes += 1
+        for _ in range(_MAX_ROUNDS):
+            self._worker.progress()
+            self._complete()
+            if self._worker.arm():
+                break
+        else:
+            self.schedule()  # still busy: let other callbacks run, then continue
+        self._set_rescue()
+
+    def _complete(self) -> None:
+        if not self._inflight:
+            return
+        still: list[_InFlight] = []
+        for op in self._inflight:
+            if not op.request.completed:
+                still.append(op)
+                continue
+            if op.future.done():  # its caller gave up (timeout) or closed
+                continue
+            try:
+                op.request.check_error()
+            except Exception as e:
+                op.future.set_exception(TransportError(f"{op.what}: {e}"))
+            else:
+                op.future.set_result(None)
+        self._inflight = still
+
+    def _set_rescue(self) -> None:
+        waiting = any(not op.future.done() for op in self._inflight)
+        if waiting and self._rescue is None:
+            self._rescue = self._loop.call_later(self._rescue_interval, self._on_rescue)
+        elif not waiting and self._rescue is not None:
+            self._rescue.cancel()
+            self._rescue = None
+
+    def _on_rescue(self) -> None:
+        self._rescue = None
+        self._run()
+
+    @property
+    def inflight(self) -> int:
+        """Requests UCX has not finished (including those whose caller gave up)."""
+        return len(self._inflight)
+
+    def close(self) -> None:
+        """Stops watching the worker; requests still in flight fail with TransportClosed (the caller then cancels them
+        in UCX and drops the worker)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        for handle in (self._pass, self._rescue):
+            if handle is not None:
+                handle.cancel()
+        self._pass = self._rescue = None
+        for op in self._inflight:
+            if not op.future.done():
+                op.future.set_exception(TransportClosed(f"{op.what}: endpoint closed"))
 
 
 class UcxTransport(ExpectingTransport):
     kind = "ucx"
 
-    def __init__(self, tls: str | None = None, progress_mode: str | None = None) -> None:
+    def __init__(self, tls: str | None = None, rescue_interval: float = RESCUE_INTERVAL_S) -> None:
         super().__init__()
         self._tls = tls
-        self._progress_mode = progress_mode
-        self._ucxx: ModuleType | None = None
+        self._rescue_interval = rescue_interval
+        self._lib: ModuleType | None = None
+        self._worker: Any = None
+        self._progress: UcxProgress | None = None
         self._nonce = secrets.token_hex(6)
         self._address: str | None = None
         self._endpoints: dict[bytes, Any] = {}
-        self._recv_tasks: dict[str, asyncio.Task[None]] = {}
+        self._receives: dict[str, asyncio.Future[None]] = {}
 
     async def start(self) -> str:
         if self._address is None:
-            configure_ucx_env(self._tls, self._progress_mode)
-            ucxx = import_ucxx()
+            configure_ucx_env(self._tls)
+            lib = import_ucxx()
             try:
-                ucxx.continuous_ucx_progress()  # progress on this event loop (worker-level receives need it)
-                worker_address = ucxx.get_worker_address().tobytes()
+                worker = lib.UCXWorker(_context(lib))
+                progress = UcxProgress(worker, asyncio.get_running_loop(), self._rescue_interval)
+                worker_address = worker.address.tobytes()
             except Exception as e:
                 raise TransportError(f"ucx start failed: {e}") from e
-            self._ucxx = ucxx
+            self._lib, self._worker, self._progress = lib, worker, progress
             self._address = f"ucx://{self._nonce}@{worker_address.hex()}"
         return self._address
 
     async def close(self) -> None:
+        if self._address is None:
+            return
         self._address = None
         self._fail_pending()
         endpoints, self._endpoints = self._endpoints, {}
+        worker, self._worker = self._worker, None
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.close()
+        try:
+            worker.cancel_inflight_requests(period=10**8, max_attempts=1)
+        except Exception:
+            pass
         for ep in endpoints.values():
             try:
-                await asyncio.wait_for(ep.close(period=10**8), 1.0)
+                ep.close_blocking(period=10**8, max_attempts=1)
             except Exception:
                 pass
 
@@ -147,70 +296,74 @@ class UcxTransport(ExpectingTransport):
             raise TransportClosed("ucx endpoint not started")
         return self._address
 
-    def _lib(self) -> ModuleType:
-        if self._ucxx is None or self._address is None:
+    @property
+    def progress(self) -> UcxProgress:
+        if self._progress is None or self._address is None:
             raise TransportClosed("ucx endpoint not started")
-        return self._ucxx
+        return self._progress
+
+    def _started(self) -> tuple[ModuleType, UcxProgress]:
+        if self._lib is None or self._progress is None or self._address is None:
+            raise TransportClosed("ucx endpoint not started")
+        return self._lib, self._progress
 
     # --- receiving ---
     def expect(self, key: str, nbytes: int, out: Bytes | None = None) -> None:
-        ucxx = self._lib()
+        lib, progress = self._started()
         if key in self._expected:
             raise TransportError(f"{key!r} already expected")
         exp = Expectation(key, nbytes, make_out_buffer(nbytes, out))
-        self._expected[key] = exp
-        self._recv_tasks[key] = _spawn(self._post_recv(ucxx, exp, ucx_tag(self._nonce, key)))
+        from ucxx._lib.arr import Array
 
-    @staticmethod
-    async def _post_recv(ucxx: ModuleType, exp: Expectation, tag: int) -> None:
-        try:
-            await ucxx.recv(exp.buffer, tag)
-        except Exception as e:
-            if not exp.future.done():
-                exp.future.set_exception(TransportError(f"receive {exp.key!r}: {e}"))
-        else:
-            if not exp.future.done():
-                exp.future.set_result(exp.buffer)
+        request = self._worker.tag_recv(Array(exp.buffer), lib.UCXXTag(ucx_tag(self._nonce, key)))
+        done = progress.submit(request, f"receive {key!r}", exp.buffer)
+        done.add_done_callback(lambda f: _settle(exp, f))
+        self._expected[key] = exp
+        self._receives[key] = done
 
     def _forget(self, key: str) -> None:
-        """A receive that did not complete stays posted in UCX: its task is parked, not cancelled (see _park)."""
-        task = self._recv_tasks.pop(key, None)
-        if task is not None and not task.done():
-            _park(task)
+        """A receive that did not complete stays posted in UCX (ucxx cannot cancel one request); its buffer stays
+        referenced by the progress driver until a matching send lands or the transport closes."""
+        done = self._receives.pop(key, None)
+        if done is not None and not done.done():
+            done.cancel()
 
     # --- sending ---
-    async def _endpoint(self, worker_address: bytes) -> Any:
+    def _endpoint(self, lib: ModuleType, worker_address: bytes) -> Any:
         ep = self._endpoints.get(worker_address)
         if ep is None:
-            ucxx = self._lib()
-            ep = await ucxx.create_endpoint_from_worker_address(
-                ucxx.get_ucx_address_from_buffer(worker_address), endpoint_error_handling=False
-            )
-            ep = self._endpoints.setdefault(worker_address, ep)
+            address = lib.UCXAddress.create_from_buffer(worker_address)
+            ep = lib.UCXEndpoint.create_from_worker_address(self._worker, address, False)
+            self._endpoints[worker_address] = ep
         return ep
 
-    async def _send(self, worker_address: bytes, view: memoryview, tag: int) -> None:
-        ep = await self._endpoint(worker_address)
-        await ep.send(view, tag=tag, force_tag=True)
-
     async def send(self, peer: str, key: str, chunk: Chunk, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        self._lib()
+        lib, progress = self._started()
         nonce, worker_address = parse_ucx_address(peer)
         view = as_bytes_view(chunk)
-        task = _spawn(self._send(worker_address, view, ucx_tag(nonce, key)))
+        from ucxx._lib.arr import Array
+
         try:
-            await asyncio.wait_for(asyncio.shield(task), timeout)
-        except TimeoutError as e:
-            _park(task)
-            # Without error handling the endpoint cannot tell us more; forget it so a later send reconnects.
-            self._endpoints.pop(worker_address, None)
-            raise TransportTimeout(f"send {key!r}: not done within {timeout:.3g}s (peer dead or not receiving)") from e
-        except TransportError:
-            raise
+            ep = self._endpoint(lib, worker_address)
+            request = ep.tag_send(Array(view), lib.UCXXTag(ucx_tag(nonce, key)))
         except Exception as e:
             self._endpoints.pop(worker_address, None)
             raise TransportError(f"send {key!r}: {e}") from e
+        done = progress.submit(request, f"send {key!r}", view, ep)
+        try:
+            await asyncio.wait_for(done, timeout)
+        except TimeoutError as e:
+            # Without error handling the endpoint cannot tell us more; forget it so a later send reconnects.
+            self._endpoints.pop(worker_address, None)
+            raise TransportTimeout(f"send {key!r}: not done within {timeout:.3g}s (peer dead or not receiving)") from e
 
 
-def _spawn(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    return asyncio.get_running_loop().create_task(coro)
+def _settle(exp: Expectation, done: asyncio.Future[None]) -> None:
+    """Completes an expectation from its UCX receive's outcome."""
+    if exp.future.done() or done.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        exp.future.set_exception(error)
+    else:
+        exp.future.set_result(exp.buffer)
