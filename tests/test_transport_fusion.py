@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import zlib
 from collections.abc import Sequence
 
@@ -11,7 +12,9 @@ import pytest
 
 from pyllumnix.data_plane.engine.base import BlockBuffer
 from pyllumnix.data_plane.transport import (
+    DEFAULT_TIMEOUT_S,
     TransportError,
+    TransportStalled,
     TransportTimeout,
     make_transport,
     plan_chunks,
@@ -19,6 +22,8 @@ from pyllumnix.data_plane.transport import (
     send_blocks,
     ucx_available,
 )
+from pyllumnix.data_plane.transport.base import Chunk
+from pyllumnix.data_plane.transport.inproc import InprocTransport
 
 KINDS = [
     "inproc",
@@ -146,4 +151,78 @@ async def test_send_blocks_to_dead_peer_raises() -> None:
     pool = BlockPool(8, 1024, seed=3)
     with pytest.raises(TransportError):
         await send_blocks(a, peer, "x", pool.read, list(range(8)), 1024, 2048, timeout=2)
+    await a.close()
+
+
+class FreezingTransport(InprocTransport):
+    """From its ``freeze_at``-th send on, a send makes no progress until its timeout: a transfer that stopped moving
+    while its peer is alive (the shape of a transport that stopped progressing)."""
+
+    def __init__(self, freeze_at: int) -> None:
+        super().__init__()
+        self.freeze_at = freeze_at
+        self.sent = 0
+
+    async def send(self, peer: str, key: str, chunk: Chunk, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        if self.sent >= self.freeze_at:
+            await asyncio.sleep(timeout)
+            raise TransportTimeout(f"send {key!r}: not done within {timeout:.3g}s")
+        self.sent += 1
+        await super().send(peer, key, chunk, timeout)
+
+
+async def test_stalled_transfer_fails_within_the_stall_timeout_on_both_sides() -> None:
+    """The stage may take 30 s; a transfer that completes no chunk for 0.3 s fails as stalled on each side."""
+    a, b = FreezingTransport(freeze_at=2), make_transport("inproc")
+    await a.start()
+    await b.start()
+    src, dst = BlockPool(10, 1024, seed=4), BlockPool(10, 1024)
+    ids = list(range(10))  # 2 blocks a chunk -> 5 chunks
+    t0 = time.monotonic()
+    recv = asyncio.create_task(receive_blocks(b, "m/0", ids, 1024, dst.write, 2048, timeout=30, stall_timeout=0.3))
+    with pytest.raises(TransportStalled, match=r"send m/0/2.*0\.3s \(2 of 5 chunks, 4096 of 10240 bytes"):
+        await send_blocks(a, b.address, "m/0", src.read, ids, 1024, 2048, timeout=30, stall_timeout=0.3)
+    with pytest.raises(TransportStalled, match=r"receive m/0/2.*\(2 of 5 chunks"):
+        await recv
+    assert time.monotonic() - t0 < 5.0
+    assert np.array_equal(dst.data[:4], src.data[:4])  # what did arrive was scattered
+    b.expect("m/0/2", 2048)  # the receiver cancelled its outstanding expectations
+    await a.close()
+    await b.close()
+
+
+async def test_without_stall_timeout_only_the_stage_timeout_applies() -> None:
+    a, b = FreezingTransport(freeze_at=1), make_transport("inproc")
+    await a.start()
+    await b.start()
+    pool = BlockPool(4, 1024, seed=5)
+    with pytest.raises(TransportTimeout) as info:
+        await send_blocks(a, b.address, "n/0", pool.read, [0, 1, 2, 3], 1024, 1024, timeout=0.4, stall_timeout=None)
+    assert not isinstance(info.value, TransportStalled)
+    await a.close()
+    await b.close()
+
+
+async def test_slow_but_steady_transfer_is_not_a_stall() -> None:
+    """The watchdog bounds the gap between chunks, not the stage: 6 chunks of 0.15 s each outlast the stall timeout
+    together and still complete."""
+    a, b = make_transport("inproc", cost_fn=lambda n: 0.15), make_transport("inproc")
+    await a.start()
+    await b.start()
+    src, dst = BlockPool(6, 512, seed=6), BlockPool(6, 512)
+    ids = list(range(6))
+    recv = asyncio.create_task(receive_blocks(b, "s/0", ids, 512, dst.write, 512, timeout=30, stall_timeout=0.6))
+    sent = await send_blocks(a, b.address, "s/0", src.read, ids, 512, 512, timeout=30, stall_timeout=0.6)
+    got = await recv
+    assert sent.n_chunks == got.n_chunks == 6
+    assert np.array_equal(dst.data, src.data)
+    await a.close()
+    await b.close()
+
+
+async def test_stall_timeout_must_be_positive() -> None:
+    a = make_transport("inproc")
+    await a.start()
+    with pytest.raises(ValueError):
+        await send_blocks(a, a.address, "z", BlockPool(1, 8).read, [0], 8, stall_timeout=0)
     await a.close()

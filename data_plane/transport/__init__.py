@@ -5,12 +5,14 @@ from pyllumnix.data_plane.transport.base import (
     Transport,
     TransportClosed,
     TransportError,
+    TransportStalled,
     TransportTimeout,
     chunk_key,
 )
 from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.data_plane.transport.fusion import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_STALL_TIMEOUT_S,
     TransferResult,
     plan_chunks,
     receive_blocks,
@@ -19,11 +21,13 @@ from pyllumnix.data_plane.transport.fusion import (
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_STALL_TIMEOUT_S",
     "DEFAULT_TIMEOUT_S",
     "TransferResult",
     "Transport",
     "TransportClosed",
     "TransportError",
+    "TransportStalled",
     "TransportTimeout",
     "chunk_key",
     "make_transport",

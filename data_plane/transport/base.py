@@ -35,6 +35,11 @@ class TransportTimeout(TransportError, TimeoutError):
     """A transfer did not finish within its application timeout."""
 
 
+class TransportStalled(TransportTimeout):
+    """A transfer made no progress (no chunk completed) for its stall timeout, well before its overall deadline: the
+    peer died, or it (or this side) stopped driving the transfer. Raised by the chunked transfers in ``fusion``."""
+
+
 class TransportClosed(TransportError):
     """The local endpoint is not started or already closed."""
 

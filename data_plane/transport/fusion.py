@@ -7,6 +7,11 @@ chunk into its reserved blocks (``write_fn``) while the next ones arrive into a 
 
 Both sides derive the chunking from (n_blocks, block_bytes, chunk_bytes) alone, so no extra metadata travels; the
 optional CRC-32 (``zlib.crc32`` over the bytes in block order) is what TransferStage carries.
+
+Two clocks bound a transfer: ``timeout`` the whole stage, and ``stall_timeout`` the time since the last chunk
+completed (a progress watchdog). A multi-GiB stage needs a stage timeout of tens of seconds under load, but a transfer
+that stopped moving (a dead peer, a transport that stopped progressing) must fail within seconds with
+``TransportStalled``, not sit out the stage timeout.
 """
 
 from __future__ import annotations
@@ -19,9 +24,18 @@ from dataclasses import dataclass
 
 from pyllumnix.data_plane.engine.base import BlockBuffer
 from pyllumnix.data_plane.host_memory import host_buffer
-from pyllumnix.data_plane.transport.base import DEFAULT_TIMEOUT_S, Transport, TransportError, TransportTimeout
+from pyllumnix.data_plane.transport.base import (
+    DEFAULT_TIMEOUT_S,
+    Transport,
+    TransportError,
+    TransportStalled,
+    TransportTimeout,
+)
 
 DEFAULT_CHUNK_BYTES = 16 << 20
+DEFAULT_STALL_TIMEOUT_S = 5.0
+"""No chunk completed for this long: the transfer is failed as stalled. A 16 MiB chunk takes milliseconds (tens of
+milliseconds on a loaded host); this leaves room for a slow gather and a starved event loop."""
 
 ReadFn = Callable[[Sequence[int]], BlockBuffer]
 WriteFn = Callable[[Sequence[int], BlockBuffer], None]
@@ -105,6 +119,44 @@ def _remaining(deadline: float, what: str) -> float:
     return left
 
 
+class _Watchdog:
+    """The two clocks of one transfer: the stage deadline and the stall deadline (last chunk completed + stall)."""
+
+    def __init__(self, what: str, timeout: float, stall_timeout: float | None, n_chunks: int, nbytes: int) -> None:
+        if stall_timeout is not None and stall_timeout <= 0:
+            raise ValueError("stall_timeout must be positive (or None)")
+        self._loop = asyncio.get_running_loop()
+        self.what = what
+        self.deadline = self._loop.time() + timeout
+        self.stall_timeout = stall_timeout
+        self.last_progress = self._loop.time()
+        self.n_chunks, self.nbytes = n_chunks, nbytes
+        self.chunks_done = self.bytes_done = 0
+
+    def budget(self, step: str) -> tuple[float, bool]:
+        """Seconds ``step`` may take, and whether the stall clock (not the stage deadline) is what binds it."""
+        left = _remaining(self.deadline, f"{self.what}: {step}")
+        if self.stall_timeout is None:
+            return left, False
+        stall_left = self.last_progress + self.stall_timeout - self._loop.time()
+        if stall_left < left:
+            if stall_left <= 0:
+                raise self.stalled(step)
+            return stall_left, True
+        return left, False
+
+    def progressed(self, nbytes: int) -> None:
+        self.chunks_done += 1
+        self.bytes_done += nbytes
+        self.last_progress = self._loop.time()
+
+    def stalled(self, step: str) -> TransportStalled:
+        return TransportStalled(
+            f"{self.what}: stalled at {step}, no chunk completed for {self.stall_timeout:g}s "
+            f"({self.chunks_done} of {self.n_chunks} chunks, {self.bytes_done} of {self.nbytes} bytes done)"
+        )
+
+
 async def send_blocks(
     transport: Transport,
     peer: str,
@@ -115,15 +167,17 @@ async def send_blocks(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S,
     checksum: bool = False,
     gather_in_thread: bool = True,
 ) -> TransferResult:
     """Sends the blocks as fused chunks, gathering the next chunk while the current one is sent.
 
-    ``timeout`` bounds the whole stage. ``gather_in_thread=False`` calls ``read_fn`` on the event loop (for engines
-    that must not be read from another thread); it then overlaps nothing."""
+    ``timeout`` bounds the whole stage; ``stall_timeout`` (None: off) the time from one chunk sent to the next
+    (gather included), raising TransportStalled. ``gather_in_thread=False`` calls ``read_fn`` on the event loop (for
+    engines that must not be read from another thread); it then overlaps nothing."""
     plan = plan_chunks(len(block_ids), block_bytes, chunk_bytes)
-    deadline = asyncio.get_running_loop().time() + timeout
+    clock = _Watchdog(f"send_blocks {key_prefix}", timeout, stall_timeout, plan.n_chunks, plan.n_blocks * block_bytes)
 
     def gather(index: int, crc: int) -> tuple[BlockBuffer, int]:
         start, stop = plan.bounds(index)
@@ -144,14 +198,24 @@ async def send_blocks(
             pending = asyncio.ensure_future(gather_async(0, crc))
         for index in range(plan.n_chunks):
             assert pending is not None
-            data, crc = await asyncio.wait_for(pending, _remaining(deadline, "gather"))
+            step = f"gather {index}"
+            limit, stall_binds = clock.budget(step)
+            try:
+                data, crc = await asyncio.wait_for(pending, limit)
+            except TimeoutError as e:
+                if stall_binds:
+                    raise clock.stalled(step) from e
+                raise TransportTimeout(f"send_blocks {key_prefix}: gather did not finish in time") from e
             pending = asyncio.ensure_future(gather_async(index + 1, crc)) if index + 1 < plan.n_chunks else None
             key = chunk_key_of(key_prefix, index)
-            await transport.send(peer, key, data, timeout=_remaining(deadline, f"send {key}"))
-    except TimeoutError as e:
-        if isinstance(e, TransportTimeout):
-            raise
-        raise TransportTimeout(f"send_blocks {key_prefix}: gather did not finish in time") from e
+            limit, stall_binds = clock.budget(f"send {key}")
+            try:
+                await transport.send(peer, key, data, timeout=limit)
+            except TransportTimeout as e:
+                if stall_binds and not isinstance(e, TransportStalled):
+                    raise clock.stalled(f"send {key}") from e
+                raise
+            clock.progressed(data.nbytes)
     finally:
         if pending is not None:
             pending.cancel()
@@ -167,6 +231,7 @@ async def receive_blocks(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
+    stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S,
     checksum: bool = False,
     window: int = 4,
     scatter_in_thread: bool = True,
@@ -175,13 +240,16 @@ async def receive_blocks(
     """Receives a stage sent by ``send_blocks`` and scatters each chunk into ``dst_block_ids`` as it arrives.
 
     Up to ``window`` chunks are expected ahead into reusable buffers, so the transport lands bytes without a copy
-    while earlier chunks are scattered. ``timeout`` bounds the whole stage; on any error the outstanding
-    expectations are cancelled and the error propagates (the destination then frees its reservation). ``buffers``
-    (at least ``window`` of them) are reused instead of fresh ones."""
+    while earlier chunks are scattered. ``timeout`` bounds the whole stage, ``stall_timeout`` (None: off) the wait
+    for the next chunk after the previous one was scattered (the first: from the start), raising TransportStalled; on
+    any error the outstanding expectations are cancelled and the error propagates (the destination then frees its
+    reservation). ``buffers`` (at least ``window`` of them) are reused instead of fresh ones."""
     if window < 1:
         raise ValueError("window must be >= 1")
     plan = plan_chunks(len(dst_block_ids), block_bytes, chunk_bytes)
-    deadline = asyncio.get_running_loop().time() + timeout
+    clock = _Watchdog(
+        f"receive_blocks {key_prefix}", timeout, stall_timeout, plan.n_chunks, plan.n_blocks * block_bytes
+    )
     if buffers is None:
         buffers = ChunkBuffers(window)
     ring = [buffers.get(i, plan.blocks_per_chunk, block_bytes) for i in range(min(len(buffers), plan.n_chunks))]
@@ -205,12 +273,19 @@ async def receive_blocks(
     try:
         for index in range(plan.n_chunks):
             key = chunk_key_of(key_prefix, index)
-            await transport.receive(key, timeout=_remaining(deadline, f"receive {key}"))
+            limit, stall_binds = clock.budget(f"receive {key}")
+            try:
+                await transport.receive(key, timeout=limit)
+            except TransportTimeout as e:
+                if stall_binds and not isinstance(e, TransportStalled):
+                    raise clock.stalled(f"receive {key}") from e
+                raise
             outstanding.remove(key)
             if scatter_in_thread:
                 crc = await asyncio.to_thread(scatter, index, crc)
             else:
                 crc = scatter(index, crc)
+            clock.progressed(plan.nbytes(index))
             ahead = index + len(ring)
             if ahead < plan.n_chunks:
                 key = chunk_key_of(key_prefix, ahead)
