@@ -34,8 +34,9 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grp
 from pyllumnix.tools.launch import Launcher
 from pyllumnix.tools.recording_sink import RecordingSink
 
-# Enough output that the request never finishes during its migration on a loaded machine; it is aborted on the
-# destination right after the measurement.
+# Enough output that the request never finishes during its migration on a loaded machine (512 decode steps of the
+# 7B profile are ~16 s; a 4 GiB stage on a loaded 2-core host takes a few); it is aborted on the destination right
+# after the measurement. At the profile's maximum length the prompt is shortened to keep this much room.
 OUTPUT_TOKENS = 512
 MIGRATE_AFTER_TOKENS = 8
 # A last stage that takes every block: the blocking, single-stage copy.
@@ -115,8 +116,11 @@ def _measured_row(
     }
 
 
-def _sim_prompt(length: int) -> list[int]:
-    return [(i * 31) % 30000 + 3 for i in range(length - min(128, length // 2))]
+def _sim_prompt(length: int, max_model_len: int) -> list[int]:
+    """The prompt for a ``length`` row: the sequence migrates at ~``length`` tokens, and ``OUTPUT_TOKENS`` still
+    fit after the prompt (at the model's maximum length the prompt gives way: 7,680 tokens for 8,192)."""
+    n = max(1, min(length - min(128, length // 2), max_model_len - OUTPUT_TOKENS))
+    return [(i * 31) % 30000 + 3 for i in range(n)]
 
 
 async def run_bench(
@@ -143,8 +147,8 @@ async def run_bench(
         for length in lengths:
             downtimes, totals, blocking_ms, stages = [], [], [], []
             for r in range(repeats):
-                prompt = _sim_prompt(length)
-                max_tokens = min(OUTPUT_TOKENS, max_len - len(prompt))
+                prompt = _sim_prompt(length, max_len)
+                max_tokens = OUTPUT_TOKENS
                 res = await _migrate_once(
                     live[0].address, live[1].address, "llumlet-1", sink, f"l{length}-{r}", prompt, max_tokens
                 )
@@ -161,6 +165,7 @@ async def run_bench(
                     "recompute_ms": round(profile.prefill_ms(length), 2),
                     "decode_step_ms": round(profile.decode_ms(1, length), 2),
                     "kv_mib": round(length * (bytes_per_token or profile.bytes_per_token) / 2**20, 1),
+                    "prompt_tokens": len(_sim_prompt(length, max_len)),
                 }
             )
             click.echo(json.dumps(rows[-1]), err=True)
