@@ -217,6 +217,8 @@ class Llumlet:
                 try:
                     if self.engine.phase(rid) is Phase.SUSPENDED:  # its migration coordinator settles it
                         self.pending_aborts[rid] = time.time()
+                        if rid in notices:
+                            self.abort_reasons[rid] = notices[rid]
                         continue
                     out = self.engine.abort_request(rid)
                 except UnknownRequestError:
@@ -234,6 +236,10 @@ class Llumlet:
 
     # --- load ---
     def load_pb(self) -> common_pb2.InstanceLoad:
+        if self.abort_reasons:  # rare: drop the reasons of requests that left (e.g. migrated out) meanwhile
+            here = set(self.engine.request_ids())
+            for rid in [r for r in self.abort_reasons if r not in here and r not in self.pending_aborts]:
+                del self.abort_reasons[rid]
         self._load_seq += 1
         pb = convert.load_to_pb(self.engine.load(), self.instance_id, self._load_seq, time.time())
         for r in pb.requests:
