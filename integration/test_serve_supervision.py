@@ -22,7 +22,7 @@ from typing import Any
 import openai
 import pytest
 
-from pyllumnix.tools.launch import Launcher
+from pyllumnix.tools.launch import Launcher, LaunchError
 
 pytestmark = pytest.mark.integration
 
@@ -175,3 +175,26 @@ def test_signal_storm_during_startup_stops_promptly(tmp_path: Path) -> None:
     assert not [pid for pid in pids if not gone(pid)], pids
     assert st["state"] == "stopped"
     assert "error" not in serve.log().lower(), serve.log()[-3000:]
+
+
+def test_launcher_timeout_stops_serve_and_its_children(tmp_path: Path) -> None:
+    """A serve that is not ready by the launcher's deadline is stopped through its process group with a grace period:
+    it stops its own etcd and schedulers (the old launcher SIGKILLed serve alone and orphaned them)."""
+    launcher = Launcher(tmp_path / "launcher")
+    components = tmp_path / "components"
+    serve = launcher.spawn(
+        "serve",
+        "serve",
+        *("--schedulers", "2", "--llumlets", "2", "--profile", "tiny", "--transport", "tcp"),
+        *("--http-port", "0", "--grpc-port", "0", "--log-dir", str(components)),
+    )
+    try:
+        wait_for(lambda: len(status(components).get("components", [])) >= 2, 60, "serve to start two components")
+        pids = {c["pid"] for c in status(components)["components"] if c["pid"]}
+        with pytest.raises(LaunchError, match="not ready"):
+            Launcher.wait_ready(serve, 0.1)
+        assert serve.proc.returncode == 0, serve.log()[-3000:]  # it stopped on SIGTERM, not SIGKILL
+    finally:
+        serve.terminate(5)
+    pids |= {c["pid"] for c in status(components)["components"] if c["pid"]}
+    assert not [pid for pid in pids if not gone(pid)], pids

@@ -2,8 +2,16 @@
 
 Embedded etcd (unless ``--etcd`` is given), scheduler replicas (default 2, so failover works out of the box), N
 llumlets (default 4: the simulated engine with the LLaMA-7B-on-A10 latency profile, in real time) and a frontend
-(OpenAI HTTP API + gRPC). Each component is a child process with its own log file under ``--log-dir``. Ctrl-C or
-SIGTERM stops them all (frontend first, etcd last).
+(OpenAI HTTP API + gRPC). Each component is a child process in its own process group with its own log file under
+``--log-dir``.
+
+serve supervises them: every exit is logged with its exit code or signal and the tail of the component's log; a
+crashed component is restarted with backoff (0.5 s doubling to 30 s; a scheduler replica and the frontend on their
+first addresses, a llumlet as a new instance ``instance-<i>-r<n>``); a llumlet that exits 0 (drained) stays gone.
+Ctrl-C/SIGTERM/SIGHUP stops everything in reverse order (frontend, llumlets, scheduler replicas, which stop the
+llumlets their provider started, then etcd), each through its process group; a second signal SIGKILLs what is left.
+The ready line (stdout) and ``<log-dir>/serve.json`` (rewritten on every change) list each component with its pid,
+process group, address and restarts, so operators and tests signal processes by pid, never by name.
 
 A YAML ``--config`` file may set any option (keys are the option names with dashes or underscores); flags given on
 the command line win over the file.
