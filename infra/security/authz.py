@@ -190,6 +190,9 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, cluster: str, table: RoleTable = PROJECT_ROLES) -> None:
         self.cluster = cluster
         self.table = table
+        # method -> (the service's handler, our guarded copy): services hand out the same handler object for every
+        # call of a method, so the wrapper is built once per method instead of once per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -200,13 +203,18 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None  # grpc answers UNIMPLEMENTED
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
 
         async def guard(context: Any) -> None:
             denial = authorize(method, caller_identity(context), self.cluster, self.table)
             if denial is not None:
                 await context.abort(denial.code, denial.message)
 
-        return guard_handler(handler, guard)
+        wrapped = guard_handler(handler, guard)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 async def require_self(context: Any, instance_id: str, *, role: str = "llumlet") -> Identity:

@@ -7,6 +7,7 @@ Python's ``getpeercert()`` returns an empty dict unless the certificate was veri
 
 from __future__ import annotations
 
+import functools
 import ssl
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -38,8 +39,22 @@ def identity_from_auth_context(auth: Mapping[str, Sequence[bytes]]) -> Identity:
     return Identity.parse(uris[0].decode(errors="replace"))
 
 
+@functools.lru_cache(maxsize=4096)
+def _parse_uri(uri: bytes) -> Identity:
+    return Identity.parse(uri.decode(errors="replace"))
+
+
 def peer_identity(context: Any) -> Identity:
-    """The identity of the caller of a grpc.aio (or sync) ``ServicerContext``."""
+    """The identity of the caller of a grpc.aio (or sync) ``ServicerContext``.
+
+    The per-call path reads only the verified peer's SANs (``peer_identities``), not the whole auth context with its
+    PEM, and parses each distinct URI once; the full auth context is read only to explain a refusal.
+    """
+    names = context.peer_identities()
+    if names:
+        uris = [n for n in names if n.startswith(_PREFIX)]
+        if len(uris) == 1:
+            return _parse_uri(uris[0])
     return identity_from_auth_context(context.auth_context())
 
 
