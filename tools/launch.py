@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import signal
@@ -54,11 +55,16 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """The C library (for prctl), loaded once."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
 def _pdeathsig_preexec(sig: int) -> Callable[[], None]:
     """A ``preexec_fn`` asking the kernel to send ``sig`` to the child when its parent dies (Linux), so the children
     of a supervisor that is SIGKILLed still stop. The libc handle is resolved before the fork."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    prctl = libc.prctl
+    prctl = libc().prctl
 
     def preexec() -> None:
         prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)

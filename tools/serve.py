@@ -29,8 +29,6 @@ frontend gets the model's own tokenizer (``--tokenizer hf``) and the same maximu
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -50,7 +48,7 @@ import click
 import yaml
 
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd, Member
-from pyllumnix.tools.launch import Component, Launcher, LaunchError, describe_exit, signal_group, spawn
+from pyllumnix.tools.launch import Component, Launcher, LaunchError, describe_exit, libc, signal_group, spawn
 
 DEFAULTS: dict[str, Any] = {
     "etcd": "",
@@ -266,8 +264,7 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGCHLD, self._on_child)
         if sys.platform == "linux":
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+            libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)  # no locks here: runs between two bytecodes of whatever the main thread does
