@@ -33,10 +33,12 @@ def test_registry_value_checks() -> None:
 
 def test_timing_defaults_and_checks() -> None:
     t = ReplicaTiming()
-    # The lease survives a stall of up to TTL - TTL/3 (renewal period) minus a renewal round trip: >= 3 s with margin.
-    assert t.election_ttl - t.election_ttl / 3 >= 3.5
+    # The lease survives a stall of up to TTL - renewal period minus a renewal round trip: >= 3 s with margin.
+    assert t.election_ttl - t.election_renew_every >= 4.0
     assert t.leader_probe_interval * t.leader_probe_failures <= 1.0 and t.instance_grace == 10.0
     with pytest.raises(ValueError):
         ReplicaTiming(election_ttl=0)
     with pytest.raises(ValueError):
         ReplicaTiming(leader_probe_failures=0)
+    with pytest.raises(ValueError, match="election_renew_every"):
+        ReplicaTiming(election_ttl=2, election_renew_every=2.0)

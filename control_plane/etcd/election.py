@@ -150,6 +150,7 @@ class Election:
         prefix: str,
         *,
         ttl: int = 2,
+        renew_every: float | None = None,
         retry_initial: float = 0.1,
         retry_max: float = 2.0,
     ) -> None:
@@ -160,6 +161,8 @@ class Election:
         self.client = client
         self.prefix = to_bytes(prefix)
         self.ttl = ttl
+        # Keep-alive period of a candidate's lease (None: TTL/3); a stall up to TTL - renew_every is survived.
+        self.renew_every = renew_every
         self.retry_initial = retry_initial
         self.retry_max = retry_max
 
@@ -196,7 +199,7 @@ class Election:
         backoff = self.retry_initial
         while True:
             try:
-                lease = await Lease.grant(self.client, self.ttl)
+                lease = await Lease.grant(self.client, self.ttl, renew_every=self.renew_every)
             except EtcdError as exc:
                 log.warning("campaign on %r: lease grant failed, retrying in %.2fs: %s", self.prefix, backoff, exc)
                 backoff = await _back_off(backoff, self.retry_max)

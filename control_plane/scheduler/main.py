@@ -108,8 +108,16 @@ async def run_scheduler(
     type=click.IntRange(min=1),
     default=ReplicaTiming.election_ttl,
     show_default=True,
-    help="Leader lease TTL, seconds. A stall (CPU, etcd) shorter than about 2/3 of it costs no leadership change; a "
-    "leader whose host vanishes is replaced after about this long (etcd may round it up to its minimum TTL).",
+    help="Leader lease TTL, seconds. A stall (CPU, etcd) shorter than the TTL minus the renewal period costs no "
+    "leadership change; a leader whose host vanishes is replaced after about this long (etcd may round it up to its "
+    "minimum TTL).",
+)
+@click.option(
+    "--election-renew-every",
+    type=click.FloatRange(min=0.1),
+    default=ReplicaTiming.election_renew_every,
+    show_default=True,
+    help="Seconds between renewals of the leader's lease (less than --election-ttl).",
 )
 @click.option(
     "--leader-probe-interval",
@@ -168,6 +176,7 @@ def scheduler_command(
     llumlet_args: str,
     log_dir: Path | None,
     election_ttl: int,
+    election_renew_every: float,
     leader_probe_interval: float,
     instance_grace: float,
     resign_hold_off: float,
@@ -196,6 +205,7 @@ def scheduler_command(
         )
     timing = ReplicaTiming(
         election_ttl=election_ttl,
+        election_renew_every=election_renew_every,
         leader_probe_interval=leader_probe_interval,
         instance_grace=instance_grace,
         resign_hold_off=resign_hold_off,

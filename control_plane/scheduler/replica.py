@@ -4,9 +4,9 @@ reports, dispatches, runs the pairing loop (migrate-out orders) and the scaling 
 The policy core is pure; this module is its I/O edge: etcd (election, registry, config), gRPC to llumlets and, for a
 lost instance, to the frontends of its requests.
 
-Timing (``ReplicaTiming``; README "Control plane" has the reasoning): the election lease lasts 6 s, renewed every 2 s,
-so a CPU or etcd stall of up to ~3 s costs no leadership change; a leader that *died* is replaced sooner than its
-lease: followers probe its gRPC port every 0.25 s, and two refused connections in a row (the process is gone; a
+Timing (``ReplicaTiming``; README "Control plane" has the reasoning): the election lease lasts 6 s, renewed every
+second, so a CPU or etcd stall of up to ~4 s costs no leadership change; a leader that *died* is replaced sooner than
+its lease: followers probe its gRPC port every 0.25 s, and two refused connections in a row (the process is gone; a
 stalled process still accepts connections) make them revoke its lease. An instance whose registry key vanishes is not
 written off at once: it may be an etcd blip, after which it re-registers under the same id. Its requests are failed
 only when its process is gone (connection refused twice) or it neither answers nor re-registers within
@@ -58,9 +58,10 @@ MIGRATE_WAIT_TIMEOUT_S = 60.0
 class ReplicaTiming:
     """Failure-detection knobs of a replica (``llumnix scheduler`` flags); the defaults are reasoned in the README.
 
-    - ``election_ttl``: the leader's lease. It is renewed every TTL/3 and counts as lost locally a TTL after the
-      last renewal was sent, so a stall of up to 2/3 TTL minus one renewal round trip costs nothing: 6 s tolerates a
-      ~3 s stall of this process or of etcd with a second to spare. A leader that dies while its host stays up is
+    - ``election_ttl`` / ``election_renew_every``: the leader's lease, renewed every ``election_renew_every``; it
+      counts as lost locally a TTL after the last renewal was sent, so a stall of up to TTL - renew_every minus one
+      renewal round trip costs nothing: 6 s renewed every 1 s tolerates a ~3 s stall of this process or of etcd
+      with more than a second to spare. A leader that dies while its host stays up is
       not waited for: see the probe below. Only a leader host that vanishes (no refusal, just silence) costs the TTL.
     - ``leader_probe_interval`` / ``leader_probe_failures``: followers try a TCP connect to the leader's gRPC port
       this often; that many refusals in a row (a port nobody listens on: the process is gone) make them revoke the
@@ -72,6 +73,7 @@ class ReplicaTiming:
     """
 
     election_ttl: int = 6
+    election_renew_every: float = 1.0
     leader_probe_interval: float = 0.25
     leader_probe_failures: int = 2
     instance_grace: float = 10.0
@@ -82,6 +84,8 @@ class ReplicaTiming:
     def __post_init__(self) -> None:
         if self.election_ttl < 1:
             raise ValueError(f"election_ttl must be >= 1 s, got {self.election_ttl}")
+        if not 0 < self.election_renew_every < self.election_ttl:
+            raise ValueError(f"election_renew_every must lie in (0, election_ttl), got {self.election_renew_every}")
         if self.leader_probe_interval < 0 or self.leader_probe_failures < 1:
             raise ValueError("leader_probe_interval must be >= 0 and leader_probe_failures >= 1")
         if self.instance_grace < 0 or self.instance_probe_interval <= 0 or self.instance_probe_timeout <= 0:
@@ -183,7 +187,12 @@ class SchedulerReplica:
         self.core = PolicyCore(PolicyConfig(), seed=seed)
         self.cluster = ClusterState(stale_after=stale_after)
         self.registry = InstanceRegistry(client, layout)
-        self.election = Election(client, layout.election_prefix(), ttl=self.timing.election_ttl)
+        self.election = Election(
+            client,
+            layout.election_prefix(),
+            ttl=self.timing.election_ttl,
+            renew_every=self.timing.election_renew_every,
+        )
         self.config_store: ConfigStore[config_pb2.ClusterConfig] = ConfigStore(
             client, layout.config_key, config_pb2.ClusterConfig
         )
