@@ -13,9 +13,9 @@ import grpc
 
 from pyllumnix.control_plane.frontend.core import Frontend
 from pyllumnix.control_plane.frontend.dispatch import Dispatcher, Placement
-from pyllumnix.control_plane.frontend.http import HttpServer, start_http
+from pyllumnix.control_plane.frontend.http import DEFAULT_MAX_BODY_BYTES, HttpServer, start_http
 from pyllumnix.control_plane.frontend.service import start_grpc
-from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
+from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer, Tokenizer
 from pyllumnix.control_plane.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import (
     common_pb2,
@@ -47,6 +47,8 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
     ``messy`` pushes every output twice and re-sends the previous token with the next one, as a retried push or a
     migration hand-over would. ``refuse`` makes the first AddRequest calls fail FAILED_PRECONDITION (draining).
     ``fail_after`` ends each request with the scheduler's "instance lost" notice after that many tokens.
+    ``silent_after`` stops pushing after that many tokens without finishing (a llumlet that gave up pushing);
+    ``refuse_code`` is the status of the refusals (RESOURCE_EXHAUSTED: the instance's queue is full).
     """
 
     def __init__(
@@ -58,6 +60,8 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         messy: bool = True,
         refuse: int = 0,
         fail_after: int | None = None,
+        silent_after: int | None = None,
+        refuse_code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION,
     ) -> None:
         self.instance_id = instance_id
         self.tokens = tokens
@@ -65,6 +69,8 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         self.messy = messy
         self.refuse = refuse
         self.fail_after = fail_after
+        self.silent_after = silent_after
+        self.refuse_code = refuse_code
         self.added: list[common_pb2.EngineRequest] = []
         self.aborted: list[str] = []
         self.aborted_event = asyncio.Event()
@@ -87,7 +93,7 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
     async def AddRequest(self, request: llumlet_pb2.AddRequestRequest, context: Any) -> llumlet_pb2.AddRequestResponse:
         if self.refuse > 0:
             self.refuse -= 1
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "instance is draining")
+            await context.abort(self.refuse_code, "instance refuses new requests")
         self.added.append(request.request)
         self._tasks[request.request.request_id] = asyncio.get_running_loop().create_task(self._run(request.request))
         return llumlet_pb2.AddRequestResponse(instance_id=self.instance_id)
@@ -120,6 +126,8 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         n = min(n, er.sampling.max_tokens)
         for i in range(n):
             await asyncio.sleep(self.delay)
+            if self.silent_after is not None and i == self.silent_after:
+                await asyncio.Event().wait()  # holds the request, pushes nothing more (until aborted)
             if self.fail_after is not None and i == self.fail_after:
                 lost = common_pb2.RequestOutput(
                     request_id=er.request_id,
@@ -240,8 +248,16 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def running_stack(llumlets: list[FakeLlumlet], dispatcher: Dispatcher | None = None) -> AsyncIterator[Stack]:
-    """A frontend (gRPC + HTTP on 127.0.0.1) over ``llumlets``; by default each request goes to the next llumlet."""
+async def running_stack(
+    llumlets: list[FakeLlumlet],
+    dispatcher: Dispatcher | None = None,
+    *,
+    tokenizer: Tokenizer = TOKENIZER,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    **frontend_options: Any,
+) -> AsyncIterator[Stack]:
+    """A frontend (gRPC + HTTP on 127.0.0.1) over ``llumlets``; by default each request goes to the next llumlet.
+    ``frontend_options`` go to ``Frontend`` (idle_timeout, max_inflight, ...)."""
     book = AddressBook()
     placements = []
     servers = []
@@ -253,12 +269,13 @@ async def running_stack(llumlets: list[FakeLlumlet], dispatcher: Dispatcher | No
     frontend = Frontend(
         model=MODEL,
         max_model_len=MAX_MODEL_LEN,
-        tokenizer=TOKENIZER,
+        tokenizer=tokenizer,
         dispatcher=dispatcher or StaticDispatcher(placements),
         resolver=book,
+        **frontend_options,
     )
     grpc_server = await start_grpc(frontend)
-    http_server = await start_http(frontend)
+    http_server = await start_http(frontend, max_body_bytes=max_body_bytes)
     stack = Stack(frontend, grpc_server, http_server, {x.instance_id: x for x in llumlets}, servers, book)
     try:
         yield stack

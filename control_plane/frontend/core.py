@@ -191,7 +191,9 @@ class Frontend:
         # Requests admitted and not yet released (tracked ones plus those still being validated).
         self._admitted = 0
         # Heavy per-request CPU work (tokenising a long prompt, parsing a large body) runs here, off the event loop.
-        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="frontend-cpu")
+        # One thread: the work is mostly Python (GIL-bound), so more threads would add contention with the loop, not
+        # throughput.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="frontend-cpu")
         self.created = int(time.time())
         self._addresses: dict[str, str] = {}
         # request id -> the instance its dispatch chose (what the dispatcher's ``release`` expects back).

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pyllumnix.control_plane.frontend.core import GenerationInput, check_text
+from pyllumnix.control_plane.frontend.core import MAX_STOP_STRINGS, GenerationInput, check_text
 from pyllumnix.control_plane.frontend.errors import InvalidRequestError
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
 from pyllumnix.protos.llumnix.v1 import common_pb2
@@ -47,6 +48,8 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 
 
 MAX_JSON_DEPTH = 32
+# A JSON escape of a UTF-16 surrogate: the only way a lone surrogate gets into a parsed body (UTF-8 cannot carry one).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 
@@ -55,7 +58,7 @@ def _no_constant(name: str) -> object:
     raise ValueError(f"{name} is not a valid JSON number")
 
 
-def load_json(raw: bytes | str) -> object:
+def load_json(raw: bytes) -> object:
     """Parses a request body; raises InvalidRequestError for anything but well-formed, finite, valid-Unicode JSON
     nested at most MAX_JSON_DEPTH deep (deeper bodies would otherwise end in RecursionError somewhere)."""
     try:
@@ -64,17 +67,22 @@ def load_json(raw: bytes | str) -> object:
         raise InvalidRequestError(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from exc
     except ValueError as exc:  # includes UnicodeDecodeError
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
-    _check_tree(body)
+    # Walking the parsed tree is Python work: skip it when the raw bytes already prove it unnecessary (too few
+    # brackets to nest past the limit, no surrogate escape), which is the common case and the large-body case.
+    texts = _SURROGATE_ESCAPE.search(raw) is not None
+    if texts or raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        _check_tree(body, texts=texts)
     return body
 
 
-def _check_tree(body: object) -> None:
-    """Depth and text validity of every value, iteratively (the check itself must not recurse)."""
+def _check_tree(body: object, *, texts: bool = True) -> None:
+    """Depth of every value and (``texts``) validity of every string, iteratively (the check must not recurse)."""
     stack: list[tuple[object, int]] = [(body, 1)]
     while stack:
         value, depth = stack.pop()
         if isinstance(value, str):
-            check_text(value, "body")
+            if texts:
+                check_text(value, "body")
         elif isinstance(value, dict | list):
             if depth > MAX_JSON_DEPTH:
                 raise InvalidRequestError(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
@@ -144,6 +152,8 @@ def _stops(value: object) -> list[str]:
         return []
     if isinstance(value, str):
         return [value] if value else []
+    if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:  # before any per-item work
+        raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(value)}", param="stop")
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
         return [s for s in value if s]
     raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
