@@ -6,11 +6,13 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 
 from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.infra.security.apikeys import ApiKeyStore
+from pyllumnix.infra.security.apikeys import ApiKeyInterceptor, ApiKeyStore
+from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import bootstrap_local, provision_admin
 from pyllumnix.infra.security.ca import Identity, identities_in
 from pyllumnix.infra.security.context import (
@@ -20,7 +22,9 @@ from pyllumnix.infra.security.context import (
     load_context,
     save_context,
 )
-from tests.test_infra_apikeys import FakeKV
+from pyllumnix.infra.security.tls import grpc_server_credentials
+from pyllumnix.protos.llumnix.v1 import frontend_pb2, frontend_pb2_grpc
+from tests.test_infra_apikeys import FakeKV, Frontend
 
 
 def test_context_path() -> None:
@@ -126,3 +130,28 @@ async def test_bootstrap_and_admin_context(tmp_path: Path) -> None:
     assert key2 != key and [k.name for k in await store.list()] == ["admin@c1"]
     with pytest.raises(Exception, match="unknown or revoked"):
         await store.verify(key)
+
+
+async def test_context_channel_credentials_carry_tls_and_the_api_key(tmp_path: Path) -> None:
+    """One set of channel credentials from the context: mTLS to a role-checked server, the Bearer key on each call."""
+    security = bootstrap_local(tmp_path / "pki", "c1")
+    store = ApiKeyStore(FakeKV(), KeyLayout("c1"), cache_ttl=0)
+    ctx_file = tmp_path / "context.yaml"
+    await provision_admin(security, store, context_path=ctx_file)
+    ctx = load_context(ctx_file)
+    assert ctx is not None
+    server = grpc.aio.server(interceptors=[RoleInterceptor("c1"), ApiKeyInterceptor(store)])
+    frontend_pb2_grpc.add_FrontendServiceServicer_to_server(Frontend(), server)  # type: ignore[abstract]
+    port = server.add_secure_port("127.0.0.1:0", grpc_server_credentials(security.paths("frontend", "f0")))
+    await server.start()
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", ctx.channel_credentials()) as channel:
+            await frontend_pb2_grpc.FrontendServiceStub(channel).Abort(frontend_pb2.AbortRequest(), timeout=5)
+        ctx.api_key = ""
+        async with grpc.aio.secure_channel(f"127.0.0.1:{port}", ctx.channel_credentials()) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await frontend_pb2_grpc.FrontendServiceStub(channel).Abort(frontend_pb2.AbortRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await server.stop(None)
+    assert ClientContext(name="plain").channel_credentials() is None

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
 
 from pyllumnix.infra.security.ca import CertPaths
@@ -87,6 +88,21 @@ class ClientContext:
         if self.ca is None:
             return {}
         return {"ca": self.ca, "cert": self.cert, "key": self.key, "server_name": self.server_name or None}
+
+    def channel_credentials(self) -> Any:
+        """grpc channel credentials for this context: TLS with the context's CA (and client certificate), plus its API
+        key as ``authorization: Bearer …`` on every call (grpc sends call credentials only over TLS). None when the
+        context has no CA (plaintext: pass :meth:`grpc_metadata` per call instead)."""
+        if self.ca is None:
+            return None
+        ssl_creds = grpc.ssl_channel_credentials(
+            root_certificates=self.ca.read_bytes(),
+            private_key=self.key.read_bytes() if self.key else None,
+            certificate_chain=self.cert.read_bytes() if self.cert else None,
+        )
+        if not self.api_key:
+            return ssl_creds
+        return grpc.composite_channel_credentials(ssl_creds, grpc.access_token_call_credentials(self.api_key))
 
     def grpc_metadata(self) -> tuple[tuple[str, str], ...]:
         """Call metadata carrying the API key (``authorization: Bearer …``), empty without one."""
