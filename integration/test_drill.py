@@ -67,3 +67,42 @@ def test_short_drill_passes(tmp_path: Path) -> None:
     for pid in data["config"]["pids"]:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.mark.timeout(180)
+def test_interrupted_drill_stops_everything_it_started(tmp_path: Path) -> None:
+    """SIGTERM while the frontend is SIGSTOPped by the drill: the drill continues and stops every process it started,
+    reports the interruption and exits 1."""
+    report = tmp_path / "drill.json"
+    args = [
+        LLUMNIX,
+        "drill",
+        "--json",
+        str(report),
+        "--log-dir",
+        str(tmp_path / "logs"),
+        "--scenario",
+        "frontend-stall 60",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "frontend-stall 60: running" in line:
+                break
+        else:
+            pytest.fail(f"the drill never started its scenario (exit {proc.wait()})")
+        time.sleep(5)  # warmup (2 s), then the frontend is stopped
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    data = json.loads(report.read_text())
+    assert data["passed"] is False and data["error"] == "interrupted"
+    assert len(data["config"]["pids"]) >= 5
+    for pid in data["config"]["pids"]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
