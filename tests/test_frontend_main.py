@@ -29,6 +29,12 @@ async def test_run_frontend_serves_and_stops(capsys: pytest.CaptureFixture[str])
             assert (await resp.json())["data"][0]["id"] == "m"
         async with session.post(f"{url}/v1/completions", json={"model": "m", "prompt": "hi", "max_tokens": 2}) as resp:
             assert resp.status == 503  # no leader, and the (empty) registry offers no bypass target
+            assert "Retry-After" in resp.headers
+        async with session.get(f"{url}/livez") as resp:
+            assert resp.status == 200
+        async with session.get(f"{url}/health") as resp:  # readiness: nothing to dispatch to
+            reason = (await resp.json())["reason"]
+            assert resp.status == 503 and "scheduler leader" in reason and "bypass" in reason
     stop.set()
     assert await asyncio.wait_for(task, 10) == 0
 
@@ -36,4 +42,7 @@ async def test_run_frontend_serves_and_stops(capsys: pytest.CaptureFixture[str])
 def test_command_needs_somewhere_to_dispatch() -> None:
     result = CliRunner().invoke(frontend_command, [])
     assert result.exit_code != 0 and "--scheduler" in result.output
-    assert "--max-model-len" in CliRunner().invoke(frontend_command, ["--help"]).output
+    help_text = CliRunner().invoke(frontend_command, ["--help"]).output
+    for flag in ("--max-model-len", "--idle-timeout", "--request-timeout", "--max-inflight", "--max-body-bytes"):
+        assert flag in help_text
+    assert "--max-prompt-bytes" in help_text and "--max-grpc-message-bytes" in help_text

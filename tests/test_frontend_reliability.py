@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import statistics
 import sys
 import time
@@ -478,3 +479,58 @@ async def test_liveness_answers_fast_while_large_bad_payloads_arrive() -> None:
         assert median < 0.1 and worst < 0.5, (median, worst)
         assert stack.llumlets["i-1"].added == []
         assert_clean(stack)
+
+
+class _BigWordTokenizer(SimTokenizer):
+    """Each generated token reads as 512 KiB of text, so a stream fills a non-reading client's socket quickly."""
+
+    def word(self, token_id: int) -> str:
+        return "x" * (512 << 10) if token_id >= self.NUM_SPECIAL else ""
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_request_aborted() -> None:
+    """500 never-reading streams held every slot: a stream whose client takes nothing for the idle timeout is
+    dropped, its request aborted on the instance and its slot freed, although the instance keeps producing."""
+    llumlet = FakeLlumlet("i-1", delay=0.05, messy=False)
+    async with running_stack([llumlet], tokenizer=_BigWordTokenizer(), idle_timeout=1.0) as stack:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", stack.http.port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        body = json.dumps({"model": MODEL, "prompt": "a", "max_tokens": 200, "stream": True}).encode()
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        try:
+            # Never read: 200 tokens at 50 ms would take 10 s; the abort must come well before the end.
+            await asyncio.wait_for(llumlet.aborted_event.wait(), 8)
+            assert llumlet.aborted == [llumlet.added[0].request_id]
+            for _ in range(200):
+                if stack.frontend.inflight == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert_clean(stack)
+        finally:
+            writer.close()
+
+
+async def test_a_grpc_client_that_stops_reading_is_dropped_and_its_request_aborted() -> None:
+    llumlet = FakeLlumlet("i-1", delay=0.05, messy=False)
+    big = _BigWordTokenizer()
+    async with (
+        running_stack([llumlet], tokenizer=big, idle_timeout=1.0) as stack,
+        grpc.aio.insecure_channel(stack.grpc.address) as channel,
+    ):
+        call = frontend_pb2_grpc.FrontendServiceStub(channel).Generate(
+            frontend_pb2.GenerateRequest(text="a", sampling=common_pb2.SamplingParams(max_tokens=200)), timeout=30
+        )
+        # Never read: 200 tokens at 50 ms would take 10 s; the abort must come well before the end.
+        await asyncio.wait_for(llumlet.aborted_event.wait(), 8)
+        assert llumlet.aborted == [llumlet.added[0].request_id]
+        for _ in range(200):
+            if stack.frontend.inflight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert_clean(stack)
+        call.cancel()

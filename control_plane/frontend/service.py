@@ -8,6 +8,8 @@ is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +22,8 @@ from pyllumnix.control_plane.frontend.sink import SERVICE_NAME as SINK_SERVICE_N
 from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
 from pyllumnix.control_plane.grpc_server import DEFAULT_OPTIONS, RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "llumnix.v1.FrontendService"
 # Generate requests are small (a prompt within the model's length); output pushes carry a few tokens per request.
@@ -34,7 +38,8 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
-    """Cancelling a Generate call aborts the request (the handler is cancelled inside ``Frontend.open``)."""
+    """Cancelling a Generate call aborts the request (the handler is cancelled inside ``Frontend.open``). So does a
+    client that takes no message for the frontend's idle timeout: the RPC's task is cancelled while its send blocks."""
 
     def __init__(self, frontend: Frontend) -> None:
         self.frontend = frontend
@@ -47,6 +52,9 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
         )
         inp = GenerationInput(prompt, request.sampling, request.priority, request.request_id, request.model)
         timed_out = ""
+        idle = self.frontend.idle_timeout
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         try:
             async with self.frontend.open(inp) as tracked:
                 async for delta in tracked.deltas():
@@ -62,7 +70,14 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
                     if delta.finished:
                         reply.usage.prompt_tokens = tracked.num_prompt_tokens
                         reply.usage.completion_tokens = tracked.num_received
-                    yield reply
+                    # The send happens while this generator is suspended at ``yield``, in this task: a client that
+                    # reads nothing (flow control stalls the send) would otherwise hold its slot forever.
+                    watchdog = loop.call_later(idle, self._drop, task, tracked.request_id) if idle and task else None
+                    try:
+                        yield reply
+                    finally:
+                        if watchdog is not None:
+                            watchdog.cancel()
                     if tracked.timed_out:
                         timed_out = delta.error or "no output in time"
                     elif delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
@@ -74,6 +89,12 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
         if timed_out:
             context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
             context.set_details(timed_out)
+
+    def _drop(self, task: asyncio.Task[Any], request_id: str) -> None:
+        log.warning(
+            "Generate %s: client took no output for %gs; cancelling the call", request_id, self.frontend.idle_timeout
+        )
+        task.cancel()
 
     async def Abort(
         self, request: frontend_pb2.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]
