@@ -36,7 +36,8 @@ from pyllumnix.tools.launch import LaunchError
 
 
 def _scenario_help() -> str:
-    faults = "; ".join(f"{k.name}{' ' + k.param[0].upper() if k.param else ''}: {k.help}" for k in FAULTS.values())
+    metavar = {"seconds": " S", "requests": " N", None: ""}
+    faults = "; ".join(f"{k.name}{metavar[k.param]}: {k.help}" for k in FAULTS.values())
     return f"Fault(s) to inject, repeatable or comma-separated. {faults}; all = {', '.join(ALL)}."
 
 
@@ -57,7 +58,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 @click.option("--etcd-members", default=0, help="etcd members to start (default: 3 if a scenario needs it, else 1).")
 @click.option("--profile", default="llama-7b-a10", show_default=True, help="Sim engine latency profile.")
 @click.option("--bytes-per-token", default=64, show_default=True, help="Sim engine KV payload per token.")
-@click.option("--transport", default="tcp", show_default=True, help="Llumlet data plane: tcp|ucx|auto.")
+@click.option(
+    "--transport", type=click.Choice(["tcp", "ucx", "auto"]), default="tcp", show_default=True, help="Data plane."
+)
 @click.option("--rate", default=8.0, show_default=True, help="Streams started per second during each scenario.")
 @click.option("--warmup", default=2.0, show_default=True, help="Seconds of load before the fault.")
 @click.option("--tail", default=3.0, show_default=True, help="Seconds of load after the fault is over.")
@@ -69,7 +72,13 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 )
 @click.option("--settle", default=15.0, show_default=True, help="Seconds to wait for KV blocks to be freed.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the request catalog (prompts, seeds, lengths).")
-@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write the JSON report here.",
+)
 @click.option("--log-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Component logs.")
 def drill_command(
     scenario_values: tuple[str, ...],
@@ -91,7 +100,14 @@ def drill_command(
     json_path: Path | None,
     log_dir: Path | None,
 ) -> None:
-    """Failover drill: streaming load with known seeds under injected faults, judged token for token."""
+    """Failover drill: streaming load with known seeds under injected faults, judged token for token.
+
+    Starts a local cluster (etcd, schedulers, sim-engine llumlets, a frontend), or attaches to one with --frontend and
+    --scheduler (then only faults that signal no process run). Every stream is compared with a fault-free reference
+    run; per fault it reports the time to a new leader, the longest gap without a first token, streams lost / hung /
+    altered / ended with a clear error, and KV blocks still held. JSON on stdout, a summary on stderr; exit 0 when
+    every check passed, 1 otherwise.
+    """
     try:
         scenarios = parse_scenarios(scenario_values)
     except ScenarioError as exc:
