@@ -59,8 +59,8 @@ class PushSettings:
     max_backoff_s: float = 2.0
     # A sender with nothing to send this long closes its channel and ends.
     idle_close_s: float = 60.0
-    # ``flush``'s default wait (a migration's request is suspended meanwhile; on timeout the migration aborts).
-    flush_timeout_s: float = 5.0
+    # flush's default wait, as before (a migration's request is suspended meanwhile; on timeout it aborts).
+    flush_timeout_s: float = 6.0
 
     def __post_init__(self) -> None:
         if min(self.budget_s, self.attempt_timeout_s, self.max_attempt_timeout_s, self.idle_close_s) <= 0:
