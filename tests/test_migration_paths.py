@@ -30,7 +30,7 @@ from pyllumnix.data_plane.llumlet.migration.coordinator import (
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
 from pyllumnix.data_plane.transport.inproc import InprocTransport
-from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 
 OUTCOME = llumlet_pb2.MigrationOutcome
@@ -680,3 +680,19 @@ async def test_bad_migrate_out_orders_change_nothing(sink: RecordingSink) -> Non
     finally:
         await a.close()
         await b.close()
+
+
+async def test_recording_sink_shows_a_pushed_duplicate(sink: RecordingSink) -> None:
+    """The strict stream checks (``raw_indices == list(range(n))``) rely on the sink keeping every pushed index,
+    duplicates included: a token pushed twice must show up there even though the frontend-style ``tokens`` drops it."""
+    assert sink.server is not None
+    outputs = [
+        common_pb2.RequestOutput(request_id="d", first_token_index=0, token_ids=[5, 6], instance_id="a"),
+        common_pb2.RequestOutput(request_id="d", first_token_index=1, token_ids=[6, 7], instance_id="b"),
+    ]
+    async with grpc.aio.insecure_channel(sink.server.address) as ch:
+        await frontend_pb2_grpc.OutputSinkServiceStub(ch).PushOutputs(
+            frontend_pb2.PushOutputsRequest(outputs=outputs), timeout=5
+        )
+    assert sink.tokens("d") == [5, 6, 7]
+    assert sink.raw_indices("d") == [0, 1, 1, 2] != list(range(len(sink.tokens("d"))))
