@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from pyllumnix.control_plane.frontend.errors import DuplicateRequestError
@@ -138,3 +141,41 @@ def test_tracker_ids_are_unique_and_unknown_ids_are_reported() -> None:
     )
     assert unknown == ["gone"]
     assert tracker.inflight() == {"a": 1}
+
+
+async def test_outputs_without_tokens_keep_a_request_alive_and_silence_ends_it() -> None:
+    ended: list[str] = []
+    req = TrackedRequest("r", [5], TOK.detokenizer([5]), idle_timeout=0.3, on_stop=lambda r: ended.append("abort"))
+
+    async def heartbeat() -> None:
+        for _ in range(6):  # 0.6 s of outputs with no new tokens (a queued request), then its only token
+            await asyncio.sleep(0.1)
+            req.accept(out(0, []))
+        req.accept(out(0, [100], finished=True, reason=LENGTH))
+
+    beating = asyncio.create_task(heartbeat())
+    deltas = [d async for d in req.deltas()]
+    await beating
+    assert not req.timed_out and deltas[-1].finish_reason == LENGTH and ended == []
+
+    silent = TrackedRequest("s", [5], TOK.detokenizer([5]), idle_timeout=0.2, on_stop=lambda r: ended.append("abort"))
+    silent.accept(out(0, [100]))
+    started = time.monotonic()
+    deltas = [d async for d in silent.deltas()]
+    assert time.monotonic() - started >= 0.2
+    assert silent.timed_out and silent.finished and ended == ["abort"]
+    assert deltas[-1].finish_reason == common_pb2.FINISH_REASON_ERROR and "no output for 0.2s" in deltas[-1].error
+
+
+async def test_deadline_ends_a_request_that_keeps_producing() -> None:
+    req = TrackedRequest("r", [5], TOK.detokenizer([5]), idle_timeout=5.0, deadline=time.monotonic() + 0.3)
+
+    async def produce() -> None:
+        for i in range(100):
+            await asyncio.sleep(0.02)
+            req.accept(out(i, [100 + i]))
+
+    producing = asyncio.create_task(produce())
+    deltas = [d async for d in req.deltas()]
+    producing.cancel()
+    assert req.timed_out and "deadline" in deltas[-1].error and 0 < req.num_received < 100

@@ -411,6 +411,7 @@ class Frontend:
                 raise RequestFailedError(f"instance {instance_id}: {code.name} {exc.details()}") from exc
             if request.finished:  # aborted by the client while being added
                 self._abort_soon(request)
+            request.touch()
             return
         if codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}:
             raise OverloadedError(f"every instance tried is full ({'; '.join(refusals)}); retry later")

@@ -4,7 +4,8 @@ Outputs for one request can come from several llumlets (a migration moves it) an
 source re-sending before it hands over). A token is kept only if its index equals the number already received, so
 duplicates and stale re-sends are dropped; an output that starts beyond that count is held until the gap is filled.
 
-A reader of ``deltas()`` never waits forever: after ``idle_timeout`` seconds without output (or past ``deadline``) the
+A reader of ``deltas()`` never waits forever: after ``idle_timeout`` seconds in which no output arrived (any pushed
+output counts, also one without new tokens, so a llumlet can keep a queued request alive), or past ``deadline``, the
 request ends here with FINISH_REASON_ERROR and ``timed_out`` set, and ``on_stop`` lets the frontend abort it on its
 instance (whose pushes may have stopped for good: the llumlet gave up, the frontend stalled).
 """
@@ -12,6 +13,7 @@ instance (whose pushes may have stopped for good: the llumlet gave up, the front
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -118,6 +120,8 @@ class TrackedRequest:
     # True when the frontend ended the request because no output came in time (idle timeout or deadline).
     timed_out: bool = field(default=False, init=False)
     first_token_time: float | None = field(default=None, init=False)
+    # ``time.monotonic()`` of the latest sign of life (an output pushed, the request placed).
+    _last_heard: float = field(default_factory=time.monotonic, init=False)
     # Text shown to the client so far (pieces, joined only on demand) and the tail held back while it could still
     # become a stop string.
     _shown: list[str] = field(default_factory=list, init=False)
@@ -143,6 +147,7 @@ class TrackedRequest:
         """Takes one pushed output (``instance_id``: the pusher's, used when the output does not name one)."""
         if self.finished:
             return
+        self._last_heard = time.monotonic()
         if output.first_token_index > self.num_received:
             if output.finished and output.finish_reason in _TERMINAL_ANYWHERE:
                 self._apply(output, instance_id, new=[])
@@ -230,29 +235,39 @@ class TrackedRequest:
         if self.on_stop is not None:
             self.on_stop(self)
 
+    def touch(self) -> None:
+        """Restarts the idle clock (the request was just placed: waiting for dispatch is not the instance's silence)."""
+        self._last_heard = time.monotonic()
+
     def _wait_limit(self) -> tuple[float | None, str]:
-        """How long the next wait for output may last, and what to say when it runs out."""
-        limit, why = self.idle_timeout, f"no output for {self.idle_timeout:g}s"
-        if self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            if limit is None or left < limit:
-                limit, why = max(0.0, left), "the request's deadline passed"
+        """How long the next wait for output may last (<= 0: time is up), and what to say when it runs out."""
+        now = time.monotonic()
+        limit: float | None = None
+        why = ""
+        if self.idle_timeout is not None:
+            limit, why = self.idle_timeout - (now - self._last_heard), f"no output for {self.idle_timeout:g}s"
+        if self.deadline is not None and (limit is None or self.deadline - now < limit):
+            limit, why = self.deadline - now, "the request's deadline passed"
         return limit, why
+
+    async def _next(self) -> Delta:
+        while self._queue.empty():
+            limit, why = self._wait_limit()
+            if limit is None:
+                break
+            if limit <= 0:
+                log.warning("request %s on %s: %s; ending it", self.request_id, self.instance_id or "?", why)
+                self.expire(f"request {self.request_id} timed out: {why}")
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(limit):
+                    return await self._queue.get()
+        return await self._queue.get()
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """The client's view, until (and including) the finishing delta; ends by timeout rather than waiting forever."""
         while True:
-            limit, why = self._wait_limit()
-            if limit is None or not self._queue.empty():
-                delta = await self._queue.get()
-            else:
-                try:
-                    async with asyncio.timeout(limit):
-                        delta = await self._queue.get()
-                except TimeoutError:
-                    log.warning("request %s on %s: %s; ending it", self.request_id, self.instance_id or "?", why)
-                    self.expire(f"request {self.request_id} timed out: {why}")
-                    continue
+            delta = await self._next()
             yield delta
             if delta.finished:
                 return
