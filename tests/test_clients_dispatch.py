@@ -159,3 +159,27 @@ async def test_bypass_avoids_an_instance_that_refused_for_a_while() -> None:
     assert (await bypass.dispatch("r3", 1, 1, 1))[0] == "a"  # everyone refused: the least loaded
     now[0] = 3.0
     assert (await bypass.dispatch("r4", 1, 1, 1))[0] == "a"  # cooldown over: fewest in flight again
+
+
+async def test_readiness_leader_first_then_bypass_and_why_not() -> None:
+    server, _ = await serve_replica(Replica("a"))
+    try:
+        leader = LeaderDispatcher([server.address])
+        answer = await FallbackDispatcher(leader, BypassDispatcher(StaticRegistrySource())).readiness()
+        await leader.close()
+        assert answer.ready and "scheduler leader: 1 ACTIVE" in answer.reason
+    finally:
+        await stop_all([server])
+    registry = StaticRegistrySource()
+    dead = LeaderDispatcher([dead_address()], timeout=0.3)
+    fallback = FallbackDispatcher(dead, BypassDispatcher(registry))
+    answer = await fallback.readiness()
+    assert not answer.ready and "scheduler leader" in answer.reason and "registry lists no instance" in answer.reason
+    registry.set([info("a")])
+    answer = await fallback.readiness()
+    assert answer.ready and answer.reason == "bypass: 1 registered instance(s)"
+    await dead.close()
+    lister = _Lister()
+    lister.fail = True
+    answer = await BypassDispatcher(EtcdRegistrySource(lister)).readiness()
+    assert not answer.ready and "etcd unavailable" in answer.reason
