@@ -16,15 +16,12 @@ Progress (``UcxProgress``). ucxx's own asyncio layer (``ucxx.core`` / ``UCXPY_PR
 in 0.52 it makes every idle process that ever took part in a transfer spin a core:
 
 - its ``blocking`` mode arms the worker once at start and never again (ucx-py re-created the arm task on each wake-up;
-  ucxx's reader callback lost that line). UCX only drains a worker's wake-up fds (the shared-memory transport's
-  signal socket) in ``ucp_worker_arm``, so after the first message the epoll fd stays readable for good and the event
+  ucxx's reader callback lost that line). UCX drains a worker's wake-up fds (the shared-memory transport's signal
+  socket) only in ``ucp_worker_arm``, so after the first message the epoll fd stays readable for good and the event
   loop calls the reader back-to-back forever;
 - without its notifier thread (``thread`` modes only) every request is awaited with ``wait_yield``, a ``while not
   completed: await asyncio.sleep(0)`` loop, so each outstanding receive (a posted window slot, a receive parked after a
-  timeout) spins the loop too;
-- and if its single arm is lost (its 1 s progress timer cancels the arm task when the loop was starved for a second,
-  as under CPU load), the worker is never armed, no wake-up ever comes, and the process progresses UCX once a second:
-  a rendezvous needs several progress calls on each side per chunk, so a multi-GiB stage crawls into its timeout.
+  timeout) spins the loop too.
 
 Here one ``UcxProgress`` per transport owns its worker: the event loop watches the worker's epoll fd; every wake-up,
 and every newly posted request, runs one pass that progresses the worker, completes the asyncio futures of finished
@@ -154,6 +151,7 @@ class UcxProgress:
         self._fd: int = worker.epoll_file_descriptor
         loop.add_reader(self._fd, self._on_wakeup)
         self.passes = 0  # progress passes run, for tests and diagnostics
+        self.rescued = 0  # requests the rescue timer found completed (a wake-up that never came, or a starved loop)
         self.schedule()
 
     def submit(self, request: Any, what: str, *keep: Any) -> asyncio.Future[None]:
@@ -218,7 +216,9 @@ class UcxProgress:
 
     def _on_rescue(self) -> None:
         self._rescue = None
+        before = sum(not op.future.done() for op in self._inflight)
         self._run()
+        self.rescued += before - sum(not op.future.done() for op in self._inflight)
 
     @property
     def inflight(self) -> int:
