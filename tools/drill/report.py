@@ -167,6 +167,12 @@ class FaultRecord:
     exited_llumlets: list[str] = field(default_factory=list)
     skipped: str = ""
     notes: list[str] = field(default_factory=list)
+    # The leader before the scenario and after it ended ("replica (term N)"): a fault that is not about the leader
+    # may still cost an election (etcd paused past the election lease), which this shows.
+    leader_before: str = ""
+    leader_after: str = ""
+    # Wall time of the whole scenario (load, fault, waiting for every stream, blocks).
+    duration_s: float = 0.0
 
 
 @dataclass
@@ -474,6 +480,8 @@ def render(report: DrillReport, console: Any) -> None:
                 console.print(f"[red]✗[/red] {r.scenario.label}: {c.name}" + (f" — {c.detail}" if c.detail else ""))
         for note in r.fault.notes:
             console.print(f"  {r.scenario.label}: {note}")
+        if r.fault.leader_before != r.fault.leader_after:
+            console.print(f"  {r.scenario.label}: leader {r.fault.leader_before} -> {r.fault.leader_after}")
     if report.error:
         console.print(f"[red]drill error:[/red] {report.error}")
     console.print("[green]drill passed[/green]" if report.passed else "[red]drill failed[/red]")

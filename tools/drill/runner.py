@@ -125,6 +125,7 @@ class Drill:
         record = FaultRecord(scenario.label)
         if not healthy:
             record.notes.append(f"before the fault: {missing}")
+        record.leader_before = await self._leader(observer)
         started = self.clock()
         load = OpenLoop(client, self.specs, self.opts.rate, scenario.fault)
         ctx = FaultContext(
@@ -153,6 +154,8 @@ class Drill:
         await asyncio.gather(*ctx.observers)
         probes = await ctx.prober.stop() if ctx.prober is not None else []
         blocks = await self._blocks(observer)
+        record.duration_s = round(self.clock() - started, 3)
+        record.leader_after = await self._leader(observer)
         if self.cluster is not None:
             record.exited_llumlets = [i for i in self.cluster.exited_llumlets() if i not in record.killed_instances]
         ok, missing = await heal(ctx)
@@ -168,6 +171,11 @@ class Drill:
             started,
             healthy_before=healthy,
         )
+
+    @staticmethod
+    async def _leader(observer: Observer) -> str:
+        seen = await observer.wait_leader(5.0)
+        return f"{seen.replica_id} (term {seen.term})" if seen is not None else "none"
 
     async def _blocks(self, observer: Observer) -> BlockReport:
         """KV blocks and requests each reachable llumlet still holds, polled until none or the settle time passed."""
