@@ -191,6 +191,19 @@ def test_lost_hung_altered_and_unexpected_errors_each_fail() -> None:
     assert len(j["failures"]) == 4
 
 
+def test_failures_list_what_fails_first() -> None:
+    refused = [
+        rec(sent=0.1 * i, status="RESOURCE_EXHAUSTED", reason=None, error="full", tokens=[], first=None)
+        for i in range(60)
+    ]
+    records = [*served(), *refused, rec(sent=9.0, reason=None)]
+    result = judge(Scenario("burst", 60), fault(), records, REFS, clean_blocks(), [], 0.0)
+    j = result.to_json()
+    assert j["failures"][0]["outcome"] == LOST
+    assert len(j["failures"]) == 50 and j["failures_left_off"] == 11
+    assert j["errors_allowed"] == 60
+
+
 def test_held_blocks_or_requests_fail() -> None:
     blocks = BlockReport(used_blocks={"i0": 3, "i1": 0}, requests={"i0": ["r"], "i1": []})
     result = judge(Scenario("burst", 10), fault(), served(), REFS, blocks, [], 0.0)

@@ -235,6 +235,8 @@ class ScenarioResult:
             for r, c in zip(self.records, self.classifications, strict=True)
             if c.outcome != FINISHED or c.altered
         ]
+        # What fails the scenario first (the list is cut at 50; a burst may bring hundreds of allowed refusals).
+        failures.sort(key=lambda f: (f["allowed"] and not f["altered"], f["sent_at"]))
         return {
             "scenario": self.scenario.label,
             "passed": self.passed,
