@@ -357,7 +357,9 @@ class Frontend:
         return prompt_ids, max_tokens
 
     async def _tokenize(self, text: str) -> list[int]:
-        if len(text) <= OFFLOAD_CHARS:
+        """Long prompts, and every prompt of a tokenizer that encodes without the GIL (HF), go to the worker thread;
+        the single worker also keeps an HF tokenizer's encodes from overlapping each other."""
+        if len(text) <= OFFLOAD_CHARS and not getattr(self.tokenizer, "encodes_without_gil", False):
             return self.tokenizer.encode(text)
         return await self.offload(self.tokenizer.encode, text)
 

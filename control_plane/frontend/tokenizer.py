@@ -122,6 +122,9 @@ class HfTokenizer:
     ``tokenizers`` backend because detokenization runs once per output token.
     """
 
+    # The fast tokenizer's encode runs in Rust with the GIL released: the frontend encodes on its worker thread.
+    encodes_without_gil = True
+
     def __init__(self, path: str | Path) -> None:
         from transformers import AutoTokenizer
 
