@@ -39,7 +39,7 @@ class FakeFrontend(frontend_pb2_grpc.FrontendServiceServicer):
         mode = request.token_ids.ids[0]
         rid = request.request_id
         if mode == 6:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the cluster is full")
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the cluster is full", (("retry-after", "2"),))
         if mode == 5:
             await asyncio.sleep(30)
         yield frontend_pb2.GenerateResponse(request_id=rid, token_ids=TOKENS[:2], first_token_index=0, instance_id="a")

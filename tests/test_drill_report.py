@@ -240,6 +240,15 @@ def test_etcd_pause_checks() -> None:
     ok = judge(Scenario("etcd-pause", 1), f, [inflight, *served()], REFS, clean_blocks(), probes, 0.0)
     assert ok.passed, [(c.name, c.detail) for c in ok.checks]
 
+    # A gRPC refusal must carry a retry-after trailer like HTTP's Retry-After.
+    refusal = rec(sent=1.5, first=None, tokens=[], status="UNAVAILABLE", reason=None, error="etcd unreachable")
+    no_trailer = judge(Scenario("etcd-pause", 1), f, [refusal, *served()], REFS, clean_blocks(), probes, 0.0)
+    assert failed(no_trailer.checks) == {"new requests served or answered 503 + Retry-After"}
+    refusal.retry_after = "1"
+    with_trailer = judge(Scenario("etcd-pause", 1), f, [refusal, *served()], REFS, clean_blocks(), probes, 0.0)
+    assert with_trailer.passed
+    assert with_trailer.to_json()["refusals"] == {"count": 1, "by_status": {"UNAVAILABLE": 1}, "without_retry_after": 0}
+
     broken = rec(sent=0.5, first=0.6, ended=2.0, status="UNAVAILABLE", reason=None, error="no instance")
     no_retry = [ProbeRecord(1.1, 503, None, 0.01), ProbeRecord(1.2, 500, None, 0.01, "internal")]
     slow = fault(injected_at=1.0, resumed_at=1.8, recovery_s=6.0)

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import grpc
@@ -89,6 +90,7 @@ class StreamClient:
             call.cancel()
         except grpc.aio.AioRpcError as exc:
             rec.status = exc.code().name
+            rec.retry_after = _metadata(exc.trailing_metadata(), "retry-after")
             details = exc.details() or ""
             rec.error = f"{rec.error}; {details}" if rec.error and details not in rec.error else details or rec.error
         rec.ended_at = self.clock()
@@ -108,6 +110,15 @@ class StreamClient:
             rec.instances.append(msg.instance_id)
         if msg.finished:
             rec.finish_reason = FINISH_REASONS.get(msg.finish_reason, "unspecified")
+
+
+def _metadata(metadata: Any, key: str) -> str | None:
+    """One value of a call's (trailing) metadata, None when absent."""
+    for item in metadata or ():
+        k, v = item[0], item[1]
+        if k == key:
+            return v.decode() if isinstance(v, bytes) else str(v)
+    return None
 
 
 class OpenLoop:

@@ -70,6 +70,8 @@ class RequestRecord:
     error: str = ""
     instances: list[str] = field(default_factory=list)
     deadline_hit: bool = False
+    # The "retry-after" trailer of an error status (the frontend sets it on refusals a client should retry).
+    retry_after: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,8 +120,13 @@ def _is_finished(record: RequestRecord) -> bool:
     return record.finish_reason in ("stop", "length") and record.status == "OK" and not record.deadline_hit
 
 
+def _rejected(record: RequestRecord) -> bool:
+    """Refused before its first token (an admission or placement refusal, not a failure mid-stream)."""
+    return record.first_token_at is None and not record.token_ids
+
+
 def _error_allowed(record: RequestRecord, policy: ErrorPolicy) -> bool:
-    rejected = record.first_token_at is None and not record.token_ids
+    rejected = _rejected(record)
     if policy.allowed is AllowedErrors.ANY_CLEAR:
         return True
     if policy.allowed is AllowedErrors.KILLED_INSTANCE:
@@ -210,6 +217,9 @@ class ScenarioResult:
             1 for c in self.classifications if c.outcome == outcome and (allowed is None or c.allowed == allowed)
         )
 
+    def _pairs(self) -> list[tuple[RequestRecord, Classification]]:
+        return list(zip(self.records, self.classifications, strict=True))
+
     @property
     def altered(self) -> int:
         return sum(1 for c in self.classifications if c.altered)
@@ -258,6 +268,13 @@ class ScenarioResult:
             "requests_held": self.blocks.requests,
             "blocks_unreachable": self.blocks.unreachable,
             "blocks_settle_s": round(self.blocks.settle_s, 3),
+            "refusals": {
+                "count": sum(1 for r, c in self._pairs() if c.outcome == ERROR and _rejected(r)),
+                "by_status": _count_by(r.status for r, c in self._pairs() if c.outcome == ERROR and _rejected(r)),
+                "without_retry_after": sum(
+                    1 for r, c in self._pairs() if c.outcome == ERROR and _rejected(r) and not r.retry_after
+                ),
+            },
             "probes": {
                 "sent": len(self.probes),
                 "by_status": _count_by(str(p.status) for p in self.probes),
@@ -398,12 +415,15 @@ def judge(
         )
         no_retry = sum(1 for p in probes if p.status == 503 and not p.retry_after)
         bad = [p for p in probes if p.status not in (200, 503)]
+        refused = [(r, c) for r, c in zip(records, classes, strict=True) if c.outcome == ERROR and _rejected(r)]
+        grpc_no_retry = sum(1 for r, _ in refused if r.status == "UNAVAILABLE" and not r.retry_after)
         checks.append(
             Check(
                 "new requests served or answered 503 + Retry-After",
-                no_retry == 0 and not bad,
-                f"{len(probes)} probes, {no_retry} 503 without Retry-After, other: "
-                f"{_sample(f'{p.status} {p.error}' for p in bad)}",
+                no_retry == 0 and not bad and grpc_no_retry == 0,
+                f"HTTP: {len(probes)} probes, {no_retry} 503 without Retry-After, other: "
+                f"{_sample(f'{p.status} {p.error}' for p in bad)}; gRPC: {len(refused)} refused, "
+                f"{grpc_no_retry} UNAVAILABLE without a retry-after trailer",
             )
         )
         t = fault.recovery_s
