@@ -611,8 +611,8 @@ def serve_command(ctx: click.Context, /, config_path: Path | None, **_: Any) -> 
             supervisor.run()
         if supervisor.signals:
             log.info("%s received; stopping the cluster", signal.Signals(supervisor.signals[0]).name)
-    except LaunchError as exc:
-        if not supervisor.stopping():
+    except (LaunchError, RuntimeError, TimeoutError, OSError) as exc:  # a component (or etcd) did not start
+        if not supervisor.stopping() or not isinstance(exc, LaunchError):
             click.echo(f"error: {exc}", err=True)
             code = 1
     finally:
