@@ -381,7 +381,7 @@ async def test_client_abort_while_the_commit_is_in_flight_reaches_the_destinatio
 
 
 async def test_source_abort_when_request_is_preempted(sink: RecordingSink) -> None:
-    a, b = await make_node("a", total_blocks=30), await make_node("b")
+    a, b = await make_node("a", total_blocks=32), await make_node("b")
     hooks = Hooks()
     a.coordinator.hooks = hooks
 
@@ -394,7 +394,8 @@ async def test_source_abort_when_request_is_preempted(sink: RecordingSink) -> No
 
     hooks.actions[("before_stage", 1)] = wait_for_preemption
     try:
-        await a.stub.AddRequest(request("old", sink, 180, 300))  # 12 blocks, grows to 30: all of a's memory
+        # 12 blocks each; together they outgrow a's 32 after ~64 tokens each; "old" alone then grows to 30
+        await a.stub.AddRequest(request("old", sink, 180, 300))
         await wait_tokens(sink, "old", 1)
         await a.stub.AddRequest(request("new", sink, 180, 300))  # most recent: the preemption victim
         await wait_tokens(sink, "new", 1)
@@ -407,7 +408,7 @@ async def test_source_abort_when_request_is_preempted(sink: RecordingSink) -> No
             assert sink.tokens(rid) == unmigrated_tokens(180, 300)
             assert {o.instance_id for o in sink.outputs[rid]} == {"a"}
         await settle(a, b)
-        assert (a.free, b.free) == (30, b.engine.total_blocks)
+        assert (a.free, b.free) == (32, b.engine.total_blocks)
     finally:
         await a.close()
         await b.close()
@@ -450,13 +451,17 @@ async def test_source_gives_up_when_stages_do_not_converge(sink: RecordingSink) 
 async def test_destination_refuses_without_blocks_slot_or_when_cordoned(sink: RecordingSink) -> None:
     a, b = await make_node("a"), await make_node("b", total_blocks=32)
     try:
-        await b.stub.AddRequest(request("filler", sink, 350, 150))  # 22 blocks: b keeps fewer than 13 free
+        async with b.llumlet.engine_lock:  # b keeps 10 blocks free throughout (a request could finish too early)
+            held = b.engine.reserve_blocks(22)
         await a.stub.AddRequest(request("r", sink, 200, 200))  # 13+ blocks: more than b has free
         await wait_tokens(sink, "r", 2)
         result = (await a.stub.MigrateOut(migrate(a, b, "r"))).results[0]
         assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION
         assert result.reason.startswith("pre-allocate: RESOURCE_EXHAUSTED: "), result.reason
         assert result.stages == 0
+        assert b.free == 10, "the refused pre-allocation left nothing reserved"
+        async with b.llumlet.engine_lock:
+            b.engine.free_reserved(held)
         await b.stub.SetInstanceState(llumlet_pb2.SetInstanceStateRequest(state=common_pb2.INSTANCE_STATE_CORDONED))
         await a.stub.AddRequest(request("small", sink, 20, 200))
         result = (await a.stub.MigrateOut(migrate(a, b, "small"))).results[0]
@@ -480,7 +485,7 @@ async def test_destination_refuses_without_blocks_slot_or_when_cordoned(sink: Re
             assert second[0].outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION
             assert second[0].reason == "pre-allocate: ABORTED: b has no free migration slot"
             assert first.outcome == OUTCOME.MIGRATION_OUTCOME_COMMITTED, first.reason
-            for rid, p, n in (("r", 200, 200), ("small", 20, 200), ("c1", 20, 300), ("filler", 350, 150)):
+            for rid, p, n in (("r", 200, 200), ("small", 20, 200), ("c1", 20, 300)):
                 await sink.wait(rid, timeout=60)
                 assert sink.tokens(rid) == unmigrated_tokens(p, n)
                 assert_stream_exact(sink, rid)
@@ -496,17 +501,17 @@ async def test_destination_refuses_without_blocks_slot_or_when_cordoned(sink: Re
 
 @pytest.mark.parametrize("point", ["before_stage", "before_last_stage"])
 async def test_destination_abort_when_transfer_times_out(sink: RecordingSink, point: str) -> None:
-    """The data plane stalls (a modelled 1 s per chunk against the destination's 0.3 s): in the pre-copy stage 0, or
+    """The data plane stalls (a modelled 3 s per chunk against the destination's 1 s): in the pre-copy stage 0, or
     in the stop-and-copy stage 1 while the request is suspended; either way the source keeps the request."""
     delay = Delay(0.0)
     stage = 0 if point == "before_stage" else 1
 
     async def stall() -> None:
-        delay.seconds = 1.0
+        delay.seconds = 3.0
 
     hooks = Hooks({(point, stage): stall})
     a = await make_node("a", delay=delay, hooks=hooks)
-    b = await make_node("b", settings=MigrationSettings(transfer_timeout_s=0.3, verify_crc=True))
+    b = await make_node("b", settings=MigrationSettings(transfer_timeout_s=1.0, verify_crc=True))
     try:
         await a.stub.AddRequest(request("r", sink, 100, 300))
         await wait_tokens(sink, "r", 1)
