@@ -524,6 +524,9 @@ class MigrationCoordinator:
 
         def write(block_ids: Sequence[int], data: BlockBuffer) -> None:
             engine.write_blocks(block_ids, data)
+            incoming = self._incoming.get(mid)
+            if incoming is not None:  # bytes arriving: the source is alive, the reaper must not free a live stage
+                incoming.last_touch = time.monotonic()
 
         buffers = self._recv_pool.pop() if self._recv_pool else ChunkBuffers(4)
         try:
