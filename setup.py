@@ -15,7 +15,8 @@ package_dir: dict[str, str] = {}
 for folder in FOLDERS:
     packages.append(f"pyllumnix.{folder}")
     package_dir[f"pyllumnix.{folder}"] = folder
-    for sub in find_namespace_packages(where=folder, exclude=["*__pycache__*", "*.egg-info*"]):
+    # clients/node is the Node.js client (node_modules, dist): not Python.
+    for sub in find_namespace_packages(where=folder, exclude=["*__pycache__*", "*.egg-info*", "node", "node.*"]):
         packages.append(f"pyllumnix.{folder}.{sub}")
 
 setup(packages=packages, package_dir=package_dir)
