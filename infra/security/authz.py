@@ -48,6 +48,8 @@ PROJECT_ROLE_TABLE: dict[str, frozenset[str]] = {
     # A frontend: llumlets push outputs (the holder check is a capability token, see tokens.py); the leader pushes
     # the failure of requests whose instance died.
     "/llumnix.v1.OutputSinkService/PushOutputs": frozenset({"llumlet", "scheduler"}),
+    # A migration source hands its request over to the destination (the holder check is its capability token).
+    "/llumnix.v1.OutputSinkService/HandOver": frozenset({"llumlet"}),
     # The user-facing gRPC API (API keys decide more; see apikeys.py).
     "/llumnix.v1.FrontendService/Generate": frozenset({"client", "admin"}),
     "/llumnix.v1.FrontendService/Abort": frozenset({"client", "admin"}),

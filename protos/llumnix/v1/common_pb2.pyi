@@ -234,12 +234,17 @@ class EngineRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     FRONTEND_ADDRESS_FIELD_NUMBER: _builtins.int
     ARRIVAL_TIME_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     priority: Global___Priority.ValueType
     frontend_address: _builtins.str
     """gRPC address of the OutputSinkService that owns this request; outputs are pushed there."""
     arrival_time: _builtins.float
     """Arrival time at the frontend, Unix seconds; used for FCFS order and latency metrics."""
+    capability: _builtins.str
+    """Capability token the frontend issued to the instance that holds this request (empty when the cluster runs
+    without TLS). The holder sends it with every output; the frontend accepts outputs only from the current holder.
+    """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     @_builtins.property
@@ -253,10 +258,11 @@ class EngineRequest(_message.Message):
         priority: Global___Priority.ValueType = ...,
         frontend_address: _builtins.str = ...,
         arrival_time: _builtins.float = ...,
+        capability: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival_time", b"arrival_time", "frontend_address", b"frontend_address", "priority", b"priority", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arrival_time", b"arrival_time", "capability", b"capability", "frontend_address", b"frontend_address", "priority", b"priority", "prompt_token_ids", b"prompt_token_ids", "request_id", b"request_id", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -276,6 +282,7 @@ class RequestOutput(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     first_token_index: _builtins.int
     """Index of token_ids[0] among the request's generated tokens (0 = first generated token). A receiver keeps a token
@@ -288,6 +295,8 @@ class RequestOutput(_message.Message):
     instance_id: _builtins.str
     """The instance that produced these tokens."""
     num_prompt_tokens: _builtins.int
+    capability: _builtins.str
+    """The pusher's capability token for this request (EngineRequest.capability, or the one a migration handed over)."""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """New token ids, in order."""
@@ -303,10 +312,11 @@ class RequestOutput(_message.Message):
         error: _builtins.str = ...,
         instance_id: _builtins.str = ...,
         num_prompt_tokens: _builtins.int = ...,
+        capability: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "first_token_index", b"first_token_index", "instance_id", b"instance_id", "num_prompt_tokens", b"num_prompt_tokens", "request_id", b"request_id", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "error", b"error", "finish_reason", b"finish_reason", "finished", b"finished", "first_token_index", b"first_token_index", "instance_id", b"instance_id", "num_prompt_tokens", b"num_prompt_tokens", "request_id", b"request_id", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

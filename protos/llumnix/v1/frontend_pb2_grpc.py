@@ -162,6 +162,11 @@ class OutputSinkServiceStub:
                 request_serializer=llumnix_dot_v1_dot_frontend__pb2.PushOutputsRequest.SerializeToString,
                 response_deserializer=llumnix_dot_v1_dot_frontend__pb2.PushOutputsResponse.FromString,
                 _registered_method=True)
+        self.HandOver = channel.unary_unary(
+                '/llumnix.v1.OutputSinkService/HandOver',
+                request_serializer=llumnix_dot_v1_dot_frontend__pb2.HandOverRequest.SerializeToString,
+                response_deserializer=llumnix_dot_v1_dot_frontend__pb2.HandOverResponse.FromString,
+                _registered_method=True)
 
 
 class OutputSinkServiceServicer:
@@ -176,6 +181,15 @@ class OutputSinkServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HandOver(self, request, context):
+        """A migration source that holds a request asks for the destination's capability token before it commits. The
+        source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
+        request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OutputSinkServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +197,11 @@ def add_OutputSinkServiceServicer_to_server(servicer, server):
                     servicer.PushOutputs,
                     request_deserializer=llumnix_dot_v1_dot_frontend__pb2.PushOutputsRequest.FromString,
                     response_serializer=llumnix_dot_v1_dot_frontend__pb2.PushOutputsResponse.SerializeToString,
+            ),
+            'HandOver': grpc.unary_unary_rpc_method_handler(
+                    servicer.HandOver,
+                    request_deserializer=llumnix_dot_v1_dot_frontend__pb2.HandOverRequest.FromString,
+                    response_serializer=llumnix_dot_v1_dot_frontend__pb2.HandOverResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -213,6 +232,33 @@ class OutputSinkService:
             '/llumnix.v1.OutputSinkService/PushOutputs',
             llumnix_dot_v1_dot_frontend__pb2.PushOutputsRequest.SerializeToString,
             llumnix_dot_v1_dot_frontend__pb2.PushOutputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HandOver(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llumnix.v1.OutputSinkService/HandOver',
+            llumnix_dot_v1_dot_frontend__pb2.HandOverRequest.SerializeToString,
+            llumnix_dot_v1_dot_frontend__pb2.HandOverResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,11 @@ class OutputSinkServiceStub:
     """A batch of outputs (at most one per request per engine step). Unknown requests are listed in the response so the
     llumlet can abort them.
     """
+    HandOver: _grpc.UnaryUnaryMultiCallable[_frontend_pb2.HandOverRequest, _frontend_pb2.HandOverResponse]
+    """A migration source that holds a request asks for the destination's capability token before it commits. The
+    source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
+    request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class OutputSinkServiceAsyncStub(OutputSinkServiceStub):
@@ -98,6 +103,11 @@ class OutputSinkServiceAsyncStub(OutputSinkServiceStub):
     PushOutputs: _aio.UnaryUnaryMultiCallable[_frontend_pb2.PushOutputsRequest, _frontend_pb2.PushOutputsResponse]  # type: ignore[assignment]
     """A batch of outputs (at most one per request per engine step). Unknown requests are listed in the response so the
     llumlet can abort them.
+    """
+    HandOver: _aio.UnaryUnaryMultiCallable[_frontend_pb2.HandOverRequest, _frontend_pb2.HandOverResponse]  # type: ignore[assignment]
+    """A migration source that holds a request asks for the destination's capability token before it commits. The
+    source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
+    request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
     """
 
 class OutputSinkServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -111,6 +121,17 @@ class OutputSinkServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_frontend_pb2.PushOutputsResponse, _abc.Awaitable[_frontend_pb2.PushOutputsResponse]]:
         """A batch of outputs (at most one per request per engine step). Unknown requests are listed in the response so the
         llumlet can abort them.
+        """
+
+    @_abc_1.abstractmethod
+    def HandOver(
+        self,
+        request: _frontend_pb2.HandOverRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_frontend_pb2.HandOverResponse, _abc.Awaitable[_frontend_pb2.HandOverResponse]]:
+        """A migration source that holds a request asks for the destination's capability token before it commits. The
+        source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
+        request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
         """
 
 def add_OutputSinkServiceServicer_to_server(servicer: OutputSinkServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

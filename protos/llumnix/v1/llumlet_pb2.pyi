@@ -472,8 +472,11 @@ class PreAllocateResponse(_message.Message):
 
     BLOCK_IDS_FIELD_NUMBER: _builtins.int
     DATA_PLANE_ADDRESS_FIELD_NUMBER: _builtins.int
+    TRANSFER_TOKEN_FIELD_NUMBER: _builtins.int
     data_plane_address: _builtins.str
     """Data-plane address to send the blocks to."""
+    transfer_token: _builtins.str
+    """One-time token binding the data-plane transfer to this migration and source (empty without TLS)."""
     @_builtins.property
     def block_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Destination block ids reserved for this stage, in the order the source will send its blocks."""
@@ -483,10 +486,11 @@ class PreAllocateResponse(_message.Message):
         *,
         block_ids: _abc.Iterable[_builtins.int] | None = ...,
         data_plane_address: _builtins.str = ...,
+        transfer_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_ids", b"block_ids", "data_plane_address", b"data_plane_address"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_ids", b"block_ids", "data_plane_address", b"data_plane_address", "transfer_token", b"transfer_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -557,7 +561,10 @@ class CommitMigrationRequest(_message.Message):
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
     BLOCK_IDS_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
+    capability: _builtins.str
+    """The destination's capability token for the request, from the frontend's HandOver (empty without TLS)."""
     @_builtins.property
     def request(self) -> Global___MigratingRequest: ...
     @_builtins.property
@@ -570,10 +577,11 @@ class CommitMigrationRequest(_message.Message):
         migration_id: _builtins.str = ...,
         request: Global___MigratingRequest | None = ...,
         block_ids: _abc.Iterable[_builtins.int] | None = ...,
+        capability: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_ids", b"block_ids", "migration_id", b"migration_id", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_ids", b"block_ids", "capability", b"capability", "migration_id", b"migration_id", "request", b"request"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

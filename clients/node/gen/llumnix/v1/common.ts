@@ -303,6 +303,11 @@ export interface EngineRequest {
   frontendAddress: string;
   /** Arrival time at the frontend, Unix seconds; used for FCFS order and latency metrics. */
   arrivalTime: number;
+  /**
+   * Capability token the frontend issued to the instance that holds this request (empty when the cluster runs
+   * without TLS). The holder sends it with every output; the frontend accepts outputs only from the current holder.
+   */
+  capability: string;
 }
 
 /** New tokens of one request, produced by one or more engine steps. */
@@ -322,6 +327,8 @@ export interface RequestOutput {
   /** The instance that produced these tokens. */
   instanceId: string;
   numPromptTokens: number;
+  /** The pusher's capability token for this request (EngineRequest.capability, or the one a migration handed over). */
+  capability: string;
 }
 
 /** Per-request load as the policies see it. */
@@ -708,7 +715,15 @@ export const SamplingParams: MessageFns<SamplingParams> = {
 };
 
 function createBaseEngineRequest(): EngineRequest {
-  return { requestId: "", promptTokenIds: [], sampling: undefined, priority: 0, frontendAddress: "", arrivalTime: 0 };
+  return {
+    requestId: "",
+    promptTokenIds: [],
+    sampling: undefined,
+    priority: 0,
+    frontendAddress: "",
+    arrivalTime: 0,
+    capability: "",
+  };
 }
 
 export const EngineRequest: MessageFns<EngineRequest> = {
@@ -734,6 +749,9 @@ export const EngineRequest: MessageFns<EngineRequest> = {
     }
     if (message.arrivalTime !== 0) {
       writer.uint32(49).double(message.arrivalTime);
+    }
+    if (message.capability !== "") {
+      writer.uint32(58).string(message.capability);
     }
     return writer;
   },
@@ -809,6 +827,14 @@ export const EngineRequest: MessageFns<EngineRequest> = {
             message.arrivalTime = reader.double();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.capability = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -845,6 +871,7 @@ export const EngineRequest: MessageFns<EngineRequest> = {
         : isSet(object.arrival_time)
         ? globalThis.Number(object.arrival_time)
         : 0,
+      capability: isSet(object.capability) ? globalThis.String(object.capability) : "",
     };
   },
 
@@ -868,6 +895,9 @@ export const EngineRequest: MessageFns<EngineRequest> = {
     if (message.arrivalTime !== 0) {
       obj.arrivalTime = floatToJson(message.arrivalTime);
     }
+    if (message.capability !== "") {
+      obj.capability = message.capability;
+    }
     return obj;
   },
 
@@ -884,6 +914,7 @@ export const EngineRequest: MessageFns<EngineRequest> = {
     message.priority = object.priority ?? 0;
     message.frontendAddress = object.frontendAddress ?? "";
     message.arrivalTime = object.arrivalTime ?? 0;
+    message.capability = object.capability ?? "";
     return message;
   },
 };
@@ -898,6 +929,7 @@ function createBaseRequestOutput(): RequestOutput {
     error: "",
     instanceId: "",
     numPromptTokens: 0,
+    capability: "",
   };
 }
 
@@ -930,6 +962,9 @@ export const RequestOutput: MessageFns<RequestOutput> = {
     }
     if (message.numPromptTokens !== 0) {
       writer.uint32(64).int32(message.numPromptTokens);
+    }
+    if (message.capability !== "") {
+      writer.uint32(74).string(message.capability);
     }
     return writer;
   },
@@ -1021,6 +1056,14 @@ export const RequestOutput: MessageFns<RequestOutput> = {
             message.numPromptTokens = reader.int32();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.capability = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1067,6 +1110,7 @@ export const RequestOutput: MessageFns<RequestOutput> = {
         : isSet(object.num_prompt_tokens)
         ? globalThis.Number(object.num_prompt_tokens)
         : 0,
+      capability: isSet(object.capability) ? globalThis.String(object.capability) : "",
     };
   },
 
@@ -1096,6 +1140,9 @@ export const RequestOutput: MessageFns<RequestOutput> = {
     if (message.numPromptTokens !== 0) {
       obj.numPromptTokens = Math.round(message.numPromptTokens);
     }
+    if (message.capability !== "") {
+      obj.capability = message.capability;
+    }
     return obj;
   },
 
@@ -1112,6 +1159,7 @@ export const RequestOutput: MessageFns<RequestOutput> = {
     message.error = object.error ?? "";
     message.instanceId = object.instanceId ?? "";
     message.numPromptTokens = object.numPromptTokens ?? 0;
+    message.capability = object.capability ?? "";
     return message;
   },
 };

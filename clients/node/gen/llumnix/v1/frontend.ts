@@ -82,6 +82,19 @@ export interface PushOutputsResponse {
   unknownRequestIds: string[];
 }
 
+export interface HandOverRequest {
+  requestId: string;
+  /** The caller's current capability token for the request. */
+  capability: string;
+  /** The migration destination that will hold the request after the commit. */
+  newInstanceId: string;
+}
+
+export interface HandOverResponse {
+  /** The destination's capability token (sent to it with CommitMigration). */
+  capability: string;
+}
+
 function createBaseTokenIds(): TokenIds {
   return { ids: [] };
 }
@@ -942,6 +955,182 @@ export const PushOutputsResponse: MessageFns<PushOutputsResponse> = {
   },
 };
 
+function createBaseHandOverRequest(): HandOverRequest {
+  return { requestId: "", capability: "", newInstanceId: "" };
+}
+
+export const HandOverRequest: MessageFns<HandOverRequest> = {
+  encode(message: HandOverRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.capability !== "") {
+      writer.uint32(18).string(message.capability);
+    }
+    if (message.newInstanceId !== "") {
+      writer.uint32(26).string(message.newInstanceId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HandOverRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHandOverRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.capability = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.newInstanceId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HandOverRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      capability: isSet(object.capability) ? globalThis.String(object.capability) : "",
+      newInstanceId: isSet(object.newInstanceId)
+        ? globalThis.String(object.newInstanceId)
+        : isSet(object.new_instance_id)
+        ? globalThis.String(object.new_instance_id)
+        : "",
+    };
+  },
+
+  toJSON(message: HandOverRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.capability !== "") {
+      obj.capability = message.capability;
+    }
+    if (message.newInstanceId !== "") {
+      obj.newInstanceId = message.newInstanceId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HandOverRequest>): HandOverRequest {
+    return HandOverRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HandOverRequest>): HandOverRequest {
+    const message = createBaseHandOverRequest();
+    message.requestId = object.requestId ?? "";
+    message.capability = object.capability ?? "";
+    message.newInstanceId = object.newInstanceId ?? "";
+    return message;
+  },
+};
+
+function createBaseHandOverResponse(): HandOverResponse {
+  return { capability: "" };
+}
+
+export const HandOverResponse: MessageFns<HandOverResponse> = {
+  encode(message: HandOverResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.capability !== "") {
+      writer.uint32(10).string(message.capability);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): HandOverResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseHandOverResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.capability = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): HandOverResponse {
+    return { capability: isSet(object.capability) ? globalThis.String(object.capability) : "" };
+  },
+
+  toJSON(message: HandOverResponse): unknown {
+    const obj: any = {};
+    if (message.capability !== "") {
+      obj.capability = message.capability;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<HandOverResponse>): HandOverResponse {
+    return HandOverResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<HandOverResponse>): HandOverResponse {
+    const message = createBaseHandOverResponse();
+    message.capability = object.capability ?? "";
+    return message;
+  },
+};
+
 /** The user-facing gRPC API of a frontend (the OpenAI HTTP API is served beside it). */
 export type FrontendServiceService = typeof FrontendServiceService;
 export const FrontendServiceService = {
@@ -1037,6 +1226,20 @@ export const OutputSinkServiceService = {
     responseSerialize: (value: PushOutputsResponse): Buffer => Buffer.from(PushOutputsResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): PushOutputsResponse => PushOutputsResponse.decode(value),
   },
+  /**
+   * A migration source that holds a request asks for the destination's capability token before it commits. The
+   * source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
+   * request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
+   */
+  handOver: {
+    path: "/llumnix.v1.OutputSinkService/HandOver" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: HandOverRequest): Buffer => Buffer.from(HandOverRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): HandOverRequest => HandOverRequest.decode(value),
+    responseSerialize: (value: HandOverResponse): Buffer => Buffer.from(HandOverResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): HandOverResponse => HandOverResponse.decode(value),
+  },
 } as const;
 
 export interface OutputSinkServiceServer extends UntypedServiceImplementation {
@@ -1045,6 +1248,12 @@ export interface OutputSinkServiceServer extends UntypedServiceImplementation {
    * llumlet can abort them.
    */
   pushOutputs: handleUnaryCall<PushOutputsRequest, PushOutputsResponse>;
+  /**
+   * A migration source that holds a request asks for the destination's capability token before it commits. The
+   * source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
+   * request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
+   */
+  handOver: handleUnaryCall<HandOverRequest, HandOverResponse>;
 }
 
 export interface OutputSinkServiceClient extends Client {
@@ -1066,6 +1275,26 @@ export interface OutputSinkServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: PushOutputsResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * A migration source that holds a request asks for the destination's capability token before it commits. The
+   * source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
+   * request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
+   */
+  handOver(
+    request: HandOverRequest,
+    callback: (error: ServiceError | null, response: HandOverResponse) => void,
+  ): ClientUnaryCall;
+  handOver(
+    request: HandOverRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: HandOverResponse) => void,
+  ): ClientUnaryCall;
+  handOver(
+    request: HandOverRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: HandOverResponse) => void,
   ): ClientUnaryCall;
 }
 

@@ -199,6 +199,8 @@ export interface PreAllocateResponse {
   blockIds: number[];
   /** Data-plane address to send the blocks to. */
   dataPlaneAddress: string;
+  /** One-time token binding the data-plane transfer to this migration and source (empty without TLS). */
+  transferToken: string;
 }
 
 export interface TransferStageRequest {
@@ -224,6 +226,8 @@ export interface CommitMigrationRequest {
     | undefined;
   /** All destination block ids of the request, in logical order. */
   blockIds: number[];
+  /** The destination's capability token for the request, from the frontend's HandOver (empty without TLS). */
+  capability: string;
 }
 
 export interface CommitMigrationResponse {
@@ -1930,7 +1934,7 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
 };
 
 function createBasePreAllocateResponse(): PreAllocateResponse {
-  return { blockIds: [], dataPlaneAddress: "" };
+  return { blockIds: [], dataPlaneAddress: "", transferToken: "" };
 }
 
 export const PreAllocateResponse: MessageFns<PreAllocateResponse> = {
@@ -1944,6 +1948,9 @@ export const PreAllocateResponse: MessageFns<PreAllocateResponse> = {
     }
     if (message.dataPlaneAddress !== "") {
       writer.uint32(18).string(message.dataPlaneAddress);
+    }
+    if (message.transferToken !== "") {
+      writer.uint32(26).string(message.transferToken);
     }
     return writer;
   },
@@ -1987,6 +1994,14 @@ export const PreAllocateResponse: MessageFns<PreAllocateResponse> = {
             message.dataPlaneAddress = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.transferToken = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2011,6 +2026,11 @@ export const PreAllocateResponse: MessageFns<PreAllocateResponse> = {
         : isSet(object.data_plane_address)
         ? globalThis.String(object.data_plane_address)
         : "",
+      transferToken: isSet(object.transferToken)
+        ? globalThis.String(object.transferToken)
+        : isSet(object.transfer_token)
+        ? globalThis.String(object.transfer_token)
+        : "",
     };
   },
 
@@ -2022,6 +2042,9 @@ export const PreAllocateResponse: MessageFns<PreAllocateResponse> = {
     if (message.dataPlaneAddress !== "") {
       obj.dataPlaneAddress = message.dataPlaneAddress;
     }
+    if (message.transferToken !== "") {
+      obj.transferToken = message.transferToken;
+    }
     return obj;
   },
 
@@ -2032,6 +2055,7 @@ export const PreAllocateResponse: MessageFns<PreAllocateResponse> = {
     const message = createBasePreAllocateResponse();
     message.blockIds = object.blockIds?.map((e) => e) || [];
     message.dataPlaneAddress = object.dataPlaneAddress ?? "";
+    message.transferToken = object.transferToken ?? "";
     return message;
   },
 };
@@ -2285,7 +2309,7 @@ export const TransferStageResponse: MessageFns<TransferStageResponse> = {
 };
 
 function createBaseCommitMigrationRequest(): CommitMigrationRequest {
-  return { migrationId: "", request: undefined, blockIds: [] };
+  return { migrationId: "", request: undefined, blockIds: [], capability: "" };
 }
 
 export const CommitMigrationRequest: MessageFns<CommitMigrationRequest> = {
@@ -2302,6 +2326,9 @@ export const CommitMigrationRequest: MessageFns<CommitMigrationRequest> = {
         writer.int32(v);
       }
       writer.join();
+    }
+    if (message.capability !== "") {
+      writer.uint32(34).string(message.capability);
     }
     return writer;
   },
@@ -2353,6 +2380,14 @@ export const CommitMigrationRequest: MessageFns<CommitMigrationRequest> = {
 
             break;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.capability = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2378,6 +2413,7 @@ export const CommitMigrationRequest: MessageFns<CommitMigrationRequest> = {
         : globalThis.Array.isArray(object?.block_ids)
         ? object.block_ids.map((e: any) => globalThis.Number(e))
         : [],
+      capability: isSet(object.capability) ? globalThis.String(object.capability) : "",
     };
   },
 
@@ -2392,6 +2428,9 @@ export const CommitMigrationRequest: MessageFns<CommitMigrationRequest> = {
     if (message.blockIds?.length) {
       obj.blockIds = message.blockIds.map((e) => Math.round(e));
     }
+    if (message.capability !== "") {
+      obj.capability = message.capability;
+    }
     return obj;
   },
 
@@ -2405,6 +2444,7 @@ export const CommitMigrationRequest: MessageFns<CommitMigrationRequest> = {
       ? MigratingRequest.fromPartial(object.request)
       : undefined;
     message.blockIds = object.blockIds?.map((e) => e) || [];
+    message.capability = object.capability ?? "";
     return message;
   },
 };
