@@ -1,19 +1,29 @@
-"""llmctl against a fake scheduler replica: table and json output, config parsing, errors and exit codes."""
+"""llmctl against a fake scheduler replica: table/wide/json/yaml/name output, config parsing, errors and exit codes."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+import yaml
 from click.testing import CliRunner, Result
 
 from pyllumnix.control_plane.grpc_server import RunningServer
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2, llumlet_pb2
 from pyllumnix.tools.llmctl import EXIT_ERROR, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE, cli
-from tests.test_clients_fakes import FakeAdmin, Replica, dead_address, serve_replica, stop_all
+from tests.test_clients_fakes import (
+    FakeAdmin,
+    Replica,
+    dead_address,
+    instance,
+    request_load,
+    serve_replica,
+    stop_all,
+)
 
 ENV = {"COLUMNS": "200", "LLUMNIX_ENDPOINT": ""}
 
@@ -301,3 +311,139 @@ async def test_scale_reply_with_another_target_is_not_success(
     admin.scale_reply_target = 2  # a cluster that answers OK but set another target
     res = await llmctl("-e", server.address, "scale", "5")
     assert res.exit_code == EXIT_ERROR and "set the target to 2, not 5" in res.stderr
+
+
+# --- output formats (-o table|wide|json|yaml|name) ---------------------------------------------------------------
+
+LONG_ID = "instance-" + "0123456789abcdef" * 4  # longer than any narrow terminal's share of an 8-column table
+
+
+def strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+async def test_piped_table_shows_full_ids_in_a_narrow_terminal(
+    replica: tuple[RunningServer, Replica, FakeAdmin],
+) -> None:
+    """`llmctl instances | cat` with COLUMNS=40: every id in full, plain columns (no box, no ellipsis, no padding)."""
+    server, _, admin = replica
+    admin.instances[LONG_ID] = instance(LONG_ID, free=70)
+    admin.requests[LONG_ID] = [request_load("r-" + "f" * 50)]
+    for args, wanted in ((["instances"], LONG_ID), (["requests"], "r-" + "f" * 50)):
+        res = await llmctl("-e", server.address, *args, env={"COLUMNS": "40"})
+        assert res.exit_code == 0, res.output
+        assert wanted in res.stdout
+        assert "…" not in res.stdout and "│" not in res.stdout and "━" not in res.stdout
+        assert all(line == line.rstrip() for line in res.stdout.splitlines())
+    res = await llmctl("-e", server.address, "instances", env={"COLUMNS": "40"})
+    header, *rows = res.stdout.splitlines()
+    assert header.split() == ["ID", "STATE", "FREENESS", "BLOCKS", "RUNNING", "WAITING", "PREEMPTED", "MIGRATING"]
+    by_id = {row.split()[0]: row.split() for row in rows}
+    assert by_id[LONG_ID] == [LONG_ID, "active", "12.5", "30/100", "3", "1", "0", "-"]
+    assert by_id["i-2"][2:4] == ["inf", "10/100"]
+    # the columns line up: each row's STATE starts where the header's does
+    col = header.index("STATE")
+    assert all(row[col : col + 6] == "active" for row in rows)
+
+
+async def test_terminal_table_grows_instead_of_truncating(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    """On a (forced) 40-column terminal the boxed table is widened to fit the long id rather than cut with '…'."""
+    server, _, admin = replica
+    admin.instances[LONG_ID] = instance(LONG_ID)
+    res = await llmctl(
+        "-e", server.address, "instances", env={"COLUMNS": "40", "FORCE_COLOR": "1", "TTY_COMPATIBLE": "1"}
+    )
+    assert res.exit_code == 0, res.output
+    out = strip_ansi(res.stdout)
+    assert "┃" in out or "│" in out, out  # rich's terminal rendering
+    assert LONG_ID in out and "…" not in out
+
+
+async def test_wide_shows_the_extra_columns(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, _, admin = replica
+    admin.instances["i-1"].info.engine = "sim"
+    admin.instances["i-1"].load.total_migrations_in = 4
+    admin.instances["i-1"].load.total_migrations_out = 2
+    res = await llmctl("-e", server.address, "instances", "-o", "wide", env={"COLUMNS": "40"})
+    assert res.exit_code == 0, res.output
+    header, *rows = res.stdout.splitlines()
+    for col in ("ADDRESS", "ENGINE", "MODEL", "TRANSPORT", "HOST", "PREEMPTIONS", "MIGRATIONS IN/OUT", "REPORTED"):
+        assert col in header
+    row1 = next(r for r in rows if r.startswith("i-1 "))
+    assert "i-1:1" in row1 and " sim " in row1 and "4/2" in row1
+    res = await llmctl("-e", server.address, "requests", "-o", "wide")
+    assert "DEMAND" in res.stdout and "FRONTEND" in res.stdout and "r-3" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["instances"],
+        ["requests"],
+        ["requests", "--instance", "i-2"],
+        ["leader"],
+        ["config", "get"],
+        ["config", "get", "migration.max_stages"],
+        ["cordon", "i-1"],
+        ["uncordon", "i-1"],
+        ["drain", "i-2", "--no-wait"],
+        ["migrate", "r-1", "--to", "i-2"],
+        ["scale", "4"],
+        ["config", "set", "migration.max_stages", "4"],
+        ["leader", "resign"],
+    ],
+)
+async def test_json_and_yaml_carry_the_same_data(
+    replica: tuple[RunningServer, Replica, FakeAdmin], args: list[str]
+) -> None:
+    """Every command's -o yaml parses to exactly what its -o json parses to (fresh server state for each)."""
+    server, _, _ = replica
+    as_json = await llmctl("-e", server.address, *args, "-o", "json")
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    assert data  # not an empty object
+    # mutating commands are idempotent on the fake (cordon twice, same target, same value), so re-running is fair
+    as_yaml = await llmctl("-e", server.address, *args, "-o", "yaml")
+    assert as_yaml.exit_code == 0, as_yaml.output
+    if args[0] in ("config",) and args[1] == "set":
+        data["revision"] = str(int(data["revision"]) + 1)  # each SetConfig bumps the revision
+    assert yaml.safe_load(as_yaml.stdout) == data
+    assert not as_yaml.stdout.lstrip().startswith("{")  # block style, not JSON-in-YAML
+
+
+async def test_name_output_is_kind_slash_id(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, _, _ = replica
+    ep = ["-e", server.address]
+
+    async def names(*args: str) -> list[str]:
+        res = await llmctl(*ep, *args, "-o", "name")
+        assert res.exit_code == 0, res.output
+        return res.stdout.splitlines()
+
+    assert await names("instances") == ["instance/i-1", "instance/i-2"]
+    assert await names("requests") == ["request/r-1", "request/r-2", "request/r-3"]
+    assert await names("requests", "--instance", "i-2") == ["request/r-3"]
+    assert await names("cordon", "i-1") == ["instance/i-1"]
+    assert await names("uncordon", "i-1") == ["instance/i-1"]
+    assert await names("drain", "i-2", "--no-wait") == ["instance/i-2"]
+    assert await names("migrate", "r-1", "--to", "i-2") == ["request/r-1"]
+    assert await names("leader") == ["scheduler/s-leader"]
+    assert await names("leader", "resign") == ["scheduler/s-0"]
+    assert await names("config", "get", "migration.max_stages") == ["config/migration.max_stages"]
+    assert "config/dispatch.policy" in await names("config", "get")
+    assert await names("config", "set", "migration.max_stages", "4") == ["config/migration.max_stages"]
+    # the group-level option too
+    res = await llmctl(*ep, "-o", "name", "instances")
+    assert res.stdout.splitlines() == ["instance/i-1", "instance/i-2"]
+    res = await llmctl(*ep, "scale", "3", "-o", "name")
+    assert res.exit_code == EXIT_USAGE and "scale names no object" in res.output
+
+
+async def test_watch_yaml_and_name(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    server, _, _ = replica
+    res = await llmctl("-e", server.address, "watch", "--interval", "0.05", "--count", "2", "-o", "yaml")
+    assert res.exit_code == 0, res.output
+    docs = list(yaml.safe_load_all(res.stdout))
+    assert len(docs) == 2 and all([i["info"]["instance_id"] for i in d["instances"]] == ["i-1", "i-2"] for d in docs)
+    res = await llmctl("-e", server.address, "watch", "--interval", "0.05", "--count", "2", "-o", "name")
+    assert res.stdout == "instance/i-1\ninstance/i-2\n\ninstance/i-1\ninstance/i-2\n\n"

@@ -1,7 +1,11 @@
 """``llmctl``: the operator's command line for a Llumnix cluster (the AdminService of the scheduler replicas).
 
-Every command takes ``--output table|json``; json is the protobuf JSON mapping (snake_case field names, every field
-printed, enums by name), so scripts can rely on it. Exit codes (also in ``llmctl --help``):
+Every command takes ``--output`` / ``-o`` with kubectl's meanings: ``table`` (default), ``wide`` (the table with more
+columns), ``json`` and ``yaml`` (the same data: the protobuf JSON mapping with snake_case field names, every field
+printed, enums by name, so scripts can rely on it), ``name`` (``instance/<id>``, ``request/<id>``, ... one a line).
+Tables never truncate a cell: on a terminal they are as wide as their content needs; piped or redirected they are
+plain space-aligned columns with full ids (no box drawing, no colour, no trailing spaces). Exit codes (also in
+``llmctl --help``):
 
   0 success · 1 the cluster refused or failed the command (NOT_FOUND, FAILED_PRECONDITION, ...), or the operation
   did not happen although the call returned (an aborted migration, another scale target or config value) ·
@@ -12,6 +16,7 @@ printed, enums by name), so scripts can rely on it. Exit codes (also in ``llmctl
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import math
 import sys
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import click
+import yaml
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from rich.console import Console
@@ -51,7 +57,10 @@ EXIT_UNAVAILABLE = 3
 EXIT_TIMEOUT = 4
 EXIT_INTERRUPTED = 130
 
-OUTPUTS = ("table", "json")
+OUTPUTS = ("table", "wide", "json", "yaml", "name")
+TABLES = ("table", "wide")
+# Width of the console a table is laid out on before it is printed: wide enough that no cell is ever truncated.
+UNBOUNDED_WIDTH = 1 << 16
 ENV_ENDPOINT = "LLUMNIX_ENDPOINT"
 
 
@@ -75,6 +84,39 @@ def console(stderr: bool = False) -> Console:
     return Console(file=sys.stderr if stderr else sys.stdout, soft_wrap=False, highlight=False)
 
 
+def new_table(columns: Sequence[tuple[str, str]], *, title: str | None = None) -> Table:
+    """A table whose cells never wrap (print_table makes room for them instead of truncating)."""
+    table = Table(title=title, title_justify="left")
+    for name, justify in columns:
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    return table
+
+
+def print_table(table: Table) -> None:
+    """Prints a table with every cell in full (kubectl never truncates either).
+
+    On a terminal: rich's boxed table, widened past the terminal when its content needs it (the terminal wraps the
+    line; an ellipsis would lose data). Piped or redirected: plain columns separated by two spaces, no trailing
+    spaces, the same for every consumer (grep, awk, logs).
+    """
+    out = console()
+    if out.is_terminal:
+        needed = Console(width=UNBOUNDED_WIDTH).measure(table).maximum
+        if needed > out.width:
+            out = Console(file=sys.stdout, soft_wrap=False, highlight=False, width=needed)
+        out.print(table)
+        return
+    table.box = None
+    table.show_edge = False
+    table.pad_edge = False
+    table.header_style = ""
+    table.title_style = ""
+    table.caption_style = ""
+    buf = io.StringIO()
+    Console(file=buf, width=UNBOUNDED_WIDTH, soft_wrap=False, highlight=False, color_system=None).print(table)
+    click.echo("\n".join(line.rstrip() for line in buf.getvalue().splitlines()))
+
+
 def to_dict(msg: Message) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
@@ -82,6 +124,32 @@ def to_dict(msg: Message) -> dict[str, Any]:
 def emit_json(data: Message | dict[str, Any], *, compact: bool = False) -> None:
     payload = to_dict(data) if isinstance(data, Message) else data
     click.echo(json.dumps(payload, indent=None if compact else 2, sort_keys=False))
+
+
+def emit_yaml(data: Message | dict[str, Any], *, document_start: bool = False) -> None:
+    """The same data as ``-o json`` (it parses to equal objects), as YAML; ``document_start`` begins it with ---."""
+    payload = to_dict(data) if isinstance(data, Message) else data
+    text = yaml.safe_dump(
+        payload, sort_keys=False, default_flow_style=False, allow_unicode=True, explicit_start=document_start
+    )
+    click.echo(text, nl=False)
+
+
+def emit_data(fmt: str, data: Message | dict[str, Any]) -> bool:
+    """Prints ``data`` for ``-o json`` or ``-o yaml``; False for the other formats (the caller prints those)."""
+    if fmt == "json":
+        emit_json(data)
+    elif fmt == "yaml":
+        emit_yaml(data)
+    else:
+        return False
+    return True
+
+
+def emit_names(kind: str, ids: Sequence[str]) -> None:
+    """``-o name``: one ``kind/id`` a line, as kubectl prints ``pod/web-0``."""
+    for ident in ids:
+        click.echo(f"{kind}/{ident}")
 
 
 def enum_short(value: int, enum: Any, prefix: str) -> str:
@@ -95,9 +163,22 @@ def fmt_freeness(value: float) -> str:
     return f"{value:.1f}"
 
 
-def instances_table(instances: Sequence[scheduler_pb2.InstanceStatus], title: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left")
-    for name, justify in (
+def instance_id_of(st: scheduler_pb2.InstanceStatus) -> str:
+    return st.info.instance_id or st.load.instance_id
+
+
+def fmt_age(unix_seconds: float, now: float) -> str:
+    """Seconds since a unix time, as kubectl's AGE column ("-" when never)."""
+    if unix_seconds <= 0:
+        return "-"
+    age = max(now - unix_seconds, 0.0)
+    return f"{age:.1f}s" if age < 60 else f"{age / 60:.0f}m" if age < 3600 else f"{age / 3600:.0f}h"
+
+
+def instances_table(
+    instances: Sequence[scheduler_pb2.InstanceStatus], title: str | None = None, *, wide: bool = False
+) -> Table:
+    columns = [
         ("ID", "left"),
         ("STATE", "left"),
         ("FREENESS", "right"),
@@ -106,15 +187,27 @@ def instances_table(instances: Sequence[scheduler_pb2.InstanceStatus], title: st
         ("WAITING", "right"),
         ("PREEMPTED", "right"),
         ("MIGRATING", "left"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-    for st in sorted(instances, key=lambda s: s.info.instance_id or s.load.instance_id):
-        load = st.load
-        total = load.total_blocks or st.info.total_blocks
+    ]
+    if wide:
+        columns += [
+            ("ADDRESS", "left"),
+            ("ENGINE", "left"),
+            ("MODEL", "left"),
+            ("TRANSPORT", "left"),
+            ("HOST", "left"),
+            ("PREEMPTIONS", "right"),
+            ("MIGRATIONS IN/OUT", "right"),
+            ("REPORTED", "right"),
+        ]
+    table = new_table(columns, title=title)
+    now = time.time()
+    for st in sorted(instances, key=instance_id_of):
+        load, info = st.load, st.info
+        total = load.total_blocks or info.total_blocks
         used = f"{total - load.free_blocks}/{total}" if st.HasField("load") else f"-/{total}"
         migrating = [d for d, on in (("in", load.migrating_in), ("out", load.migrating_out)) if on]
-        table.add_row(
-            st.info.instance_id or load.instance_id,
+        row = [
+            instance_id_of(st),
             enum_short(st.state, common_pb2.InstanceState, "INSTANCE_STATE_"),
             fmt_freeness(st.freeness),
             used,
@@ -122,14 +215,24 @@ def instances_table(instances: Sequence[scheduler_pb2.InstanceStatus], title: st
             str(load.num_waiting),
             str(load.num_preempted),
             ",".join(migrating) or "-",
-        )
+        ]
+        if wide:
+            row += [
+                info.grpc_address or "-",
+                info.engine or "-",
+                info.model or "-",
+                info.transport or "-",
+                info.hostname or "-",
+                str(load.total_preemptions),
+                f"{load.total_migrations_in}/{load.total_migrations_out}",
+                fmt_age(st.last_report_time, now),
+            ]
+        table.add_row(*row)
     return table
 
 
 def kv_table(rows: Sequence[tuple[str, str]]) -> Table:
-    table = Table(show_header=True)
-    table.add_column("KEY", no_wrap=True)
-    table.add_column("VALUE", overflow="fold")
+    table = new_table([("KEY", "left"), ("VALUE", "left")])
     for key, value in rows:
         table.add_row(key, value)
     return table
@@ -211,7 +314,8 @@ output_option = click.option(
     "-o",
     type=click.Choice(OUTPUTS),
     default=None,
-    help="table (default) or json (protobuf JSON, stable for scripts).",
+    help="table (default), wide (more columns), json or yaml (protobuf JSON mapping, stable for scripts), "
+    "name (kind/id lines).",
 )
 
 
@@ -261,11 +365,14 @@ def cli(
 @click.pass_context
 def instances(ctx: click.Context, output: str | None) -> None:
     """List instances with their state and load."""
+    fmt = output_of(ctx, output)
     found = run(ctx, lambda c: c.list_instances())
-    if output_of(ctx, output) == "json":
-        emit_json(admin_pb2.ListInstancesResponse(instances=found))
+    if emit_data(fmt, admin_pb2.ListInstancesResponse(instances=found)):
+        return
+    if fmt == "name":
+        emit_names("instance", sorted(instance_id_of(st) for st in found))
     else:
-        console().print(instances_table(found))
+        print_table(instances_table(found, wide=fmt == "wide"))
 
 
 @cli.command()
@@ -274,18 +381,24 @@ def instances(ctx: click.Context, output: str | None) -> None:
 @click.pass_context
 def requests(ctx: click.Context, instance_id: str, output: str | None) -> None:
     """List requests (of one instance or of every instance)."""
+    fmt = output_of(ctx, output)
     found = run(ctx, lambda c: c.list_requests(instance_id), subject=f"instance {instance_id!r}")
-    if output_of(ctx, output) == "json":
-        emit_json(admin_pb2.ListClusterRequestsResponse(requests=found))
+    if emit_data(fmt, admin_pb2.ListClusterRequestsResponse(requests=found)):
         return
-    table = Table()
-    for name in ("REQUEST", "INSTANCE", "PHASE", "PRIORITY"):
-        table.add_column(name, no_wrap=True)
-    for name in ("BLOCKS", "PROMPT", "OUTPUT", "PREEMPTIONS"):
-        table.add_column(name, no_wrap=True, justify="right")
-    for item in sorted(found, key=lambda r: (r.instance_id, r.request.arrival_time, r.request.request_id)):
+    ordered = sorted(found, key=lambda r: (r.instance_id, r.request.arrival_time, r.request.request_id))
+    if fmt == "name":
+        emit_names("request", [item.request.request_id for item in ordered])
+        return
+    wide = fmt == "wide"
+    columns = [("REQUEST", "left"), ("INSTANCE", "left"), ("PHASE", "left"), ("PRIORITY", "left")]
+    columns += [(name, "right") for name in ("BLOCKS", "PROMPT", "OUTPUT", "PREEMPTIONS")]
+    if wide:
+        columns += [("DEMAND", "right"), ("AGE", "right"), ("FRONTEND", "left")]
+    table = new_table(columns)
+    now = time.time()
+    for item in ordered:
         r = item.request
-        table.add_row(
+        row = [
             r.request_id,
             item.instance_id,
             enum_short(r.phase, common_pb2.RequestPhase, "REQUEST_PHASE_"),
@@ -294,8 +407,11 @@ def requests(ctx: click.Context, instance_id: str, output: str | None) -> None:
             str(r.num_prompt_tokens),
             str(r.num_output_tokens),
             str(r.num_preemptions),
-        )
-    console().print(table)
+        ]
+        if wide:
+            row += [str(r.demand_blocks), fmt_age(r.arrival_time, now), r.frontend_address or "-"]
+        table.add_row(*row)
+    print_table(table)
 
 
 @cli.command()
@@ -308,8 +424,11 @@ def migrate(ctx: click.Context, request_id: str, destination: str, output: str |
     result = run(ctx, lambda c: c.migrate(request_id, destination), subject=f"request or instance ({request_id!r})")
     committed = result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED
     outcome = enum_short(result.outcome, llumlet_pb2.MigrationOutcome, "MIGRATION_OUTCOME_")
-    if output_of(ctx, output) == "json":
-        emit_json(result)
+    fmt = output_of(ctx, output)
+    if emit_data(fmt, result):
+        pass
+    elif fmt == "name":
+        emit_names("request", [result.request_id or request_id])
     else:
         text = (
             f"migration {result.migration_id or '-'} of {result.request_id or request_id}: "
@@ -376,12 +495,15 @@ def drain(
         status = await c.drain(instance_id)
         if not wait:
             return status, -1
-        left = await _wait_drained(c, instance_id, wait_timeout, interval, show=fmt == "table")
+        show = fmt in TABLES and console(stderr=True).is_terminal
+        left = await _wait_drained(c, instance_id, wait_timeout, interval, show=show)
         return status, left
 
     status, left = run(ctx, body, subject=f"instance {instance_id!r}")
-    if fmt == "json":
-        emit_json({"instance": to_dict(status), "waited": wait, "drained": left == 0, "remaining_requests": left})
+    if emit_data(fmt, {"instance": to_dict(status), "waited": wait, "drained": left == 0, "remaining_requests": left}):
+        pass
+    elif fmt == "name":
+        emit_names("instance", [instance_id_of(status) or instance_id])
     elif not wait:
         click.echo(status_line("draining", status))
     elif left == 0:
@@ -397,8 +519,11 @@ def drain(
 def cordon(ctx: click.Context, instance_id: str, output: str | None) -> None:
     """Stop dispatching and migrating to an instance (it keeps serving what it has)."""
     status = run(ctx, lambda c: c.cordon(instance_id), subject=f"instance {instance_id!r}")
-    if output_of(ctx, output) == "json":
-        emit_json(status)
+    fmt = output_of(ctx, output)
+    if emit_data(fmt, status):
+        return
+    if fmt == "name":
+        emit_names("instance", [instance_id_of(status) or instance_id])
     else:
         click.echo(status_line("cordoned", status))
 
@@ -410,8 +535,11 @@ def cordon(ctx: click.Context, instance_id: str, output: str | None) -> None:
 def uncordon(ctx: click.Context, instance_id: str, output: str | None) -> None:
     """Make a cordoned instance eligible again."""
     status = run(ctx, lambda c: c.uncordon(instance_id), subject=f"instance {instance_id!r}")
-    if output_of(ctx, output) == "json":
-        emit_json(status)
+    fmt = output_of(ctx, output)
+    if emit_data(fmt, status):
+        return
+    if fmt == "name":
+        emit_names("instance", [instance_id_of(status) or instance_id])
     else:
         click.echo(status_line("uncordoned", status))
 
@@ -422,10 +550,11 @@ def uncordon(ctx: click.Context, instance_id: str, output: str | None) -> None:
 @click.pass_context
 def scale(ctx: click.Context, target: int, output: str | None) -> None:
     """Set the target number of instances."""
+    fmt = output_of(ctx, output)
+    if fmt == "name":
+        raise click.UsageError("scale names no object: use -o table, wide, json or yaml")
     reply = run(ctx, lambda c: c.scale(target))
-    if output_of(ctx, output) == "json":
-        emit_json(reply)
-    else:
+    if not emit_data(fmt, reply):
         click.echo(f"target instances: {reply.target_instances} (current: {reply.current_instances})")
     if reply.target_instances != target:
         fail(f"the cluster set the target to {reply.target_instances}, not {target}", EXIT_ERROR)
@@ -438,9 +567,12 @@ def leader(ctx: click.Context, output: str | None) -> None:
     """Show the scheduler leader (`leader resign`: make it step down)."""
     if ctx.invoked_subcommand is not None:
         return
+    fmt = output_of(ctx, output)
     reply = run(ctx, lambda c: c.leader())
-    if output_of(ctx, output) == "json":
-        emit_json(reply)
+    if emit_data(fmt, reply):
+        return
+    if fmt == "name":
+        emit_names("scheduler", [reply.leader_id] if reply.leader_id else [])
         return
     by = reply.answered_by
     rows = [
@@ -449,7 +581,7 @@ def leader(ctx: click.Context, output: str | None) -> None:
         ("term", str(reply.term)),
         ("answered by", f"{by.replica_id} ({by.grpc_address}{', leader' if by.leader else ''})"),
     ]
-    console().print(kv_table(rows))
+    print_table(kv_table(rows))
 
 
 @leader.command("resign")
@@ -461,8 +593,11 @@ def leader_resign(ctx: click.Context, output: str | None) -> None:
     reply = run(ctx, lambda c: c.resign_leader())
     if not reply.resigned.replica_id:
         fail("the cluster answered but named no resigned replica", EXIT_ERROR)
-    if output_of(ctx, output) == "json":
-        emit_json(reply)
+    fmt = output_of(ctx, output)
+    if emit_data(fmt, reply):
+        return
+    if fmt == "name":
+        emit_names("scheduler", [reply.resigned.replica_id])
         return
     click.echo(
         f"{reply.resigned.replica_id} resigned leadership (term {reply.term}); "
@@ -490,18 +625,22 @@ def config_get(ctx: click.Context, key: str | None, output: str | None) -> None:
     fmt = output_of(ctx, output)
     if key is not None:
         value = config_paths.get_path(reply.config, key)
-        if fmt == "json":
-            emit_json({"key": key, "value": value, "revision": str(reply.revision)})
+        if emit_data(fmt, {"key": key, "value": value, "revision": str(reply.revision)}):
+            return
+        if fmt == "name":
+            emit_names("config", [key])
         else:
             click.echo(config_paths.format_value(value))
         return
-    if fmt == "json":
-        emit_json(reply)
+    if emit_data(fmt, reply):
+        return
+    if fmt == "name":
+        emit_names("config", list(config_paths.all_paths()))
         return
     rows = [(p, config_paths.format_value(config_paths.get_path(reply.config, p))) for p in config_paths.all_paths()]
     table = kv_table(rows)
     table.caption = f"revision {reply.revision}"
-    console().print(table)
+    print_table(table)
 
 
 # ignore_unknown_options lets a negative VALUE ("-1") through as an argument instead of an unknown option.
@@ -518,8 +657,11 @@ def config_set(ctx: click.Context, key: str, value: str, expected_revision: int,
     except config_paths.ConfigPathError as exc:
         fail(str(exc), EXIT_USAGE)
     reply = run(ctx, lambda c: c.set_config({key: value}, expected_revision=expected_revision))
-    if output_of(ctx, output) == "json":
-        emit_json(reply)
+    fmt = output_of(ctx, output)
+    if emit_data(fmt, reply):
+        pass
+    elif fmt == "name":
+        emit_names("config", [key])
     else:
         shown = config_paths.format_value(config_paths.get_path(reply.config, key))
         click.echo(f"{key} = {shown} (revision {reply.revision})")
@@ -535,13 +677,14 @@ def config_set(ctx: click.Context, key: str, value: str, expected_revision: int,
 @output_option
 @click.pass_context
 def watch(ctx: click.Context, interval: float, count: int, output: str | None) -> None:
-    """Live view of the instances table (json: one line per refresh)."""
+    """Live view of the instances table (json: one line per refresh; yaml: one document per refresh; name: the
+    instance names of each refresh, then an empty line)."""
     fmt = output_of(ctx, output)
     out = console()
 
     async def body(c: AsyncLlumnixClient) -> None:
         live: Live | None = None
-        if fmt == "table" and out.is_terminal:
+        if fmt in TABLES and out.is_terminal:
             live = Live(console=out, auto_refresh=False)
             live.start()
         try:
@@ -551,13 +694,18 @@ def watch(ctx: click.Context, interval: float, count: int, output: str | None) -
                 n += 1
                 if fmt == "json":
                     emit_json(admin_pb2.ListInstancesResponse(instances=found), compact=True)
+                elif fmt == "yaml":
+                    emit_yaml(admin_pb2.ListInstancesResponse(instances=found), document_start=True)
+                elif fmt == "name":
+                    emit_names("instance", sorted(instance_id_of(st) for st in found))
+                    click.echo("")
                 else:
                     title = f"{time.strftime('%H:%M:%S')}  ({len(found)} instances, every {interval:g}s)"
-                    table = instances_table(found, title=title)
+                    table = instances_table(found, title=title, wide=fmt == "wide")
                     if live is not None:
                         live.update(table, refresh=True)
                     else:
-                        out.print(table)
+                        print_table(table)
                 if count and n >= count:
                     return
                 await asyncio.sleep(interval)
