@@ -8,6 +8,11 @@ Protection of the event loop and of the cluster lives here too, so both surfaces
 OverloadedError, HTTP 429 / RESOURCE_EXHAUSTED), a prompt size cap checked before tokenising, tokenising of large
 prompts on a worker thread, range checks of every sampling parameter, a bounded dispatch, and an idle timeout and
 optional deadline on every request's output stream.
+
+Authorization: each request records the id of the API key that created it (``owner``); only that key or an admin key
+may abort it (PermissionDeniedError, HTTP 403). A frontend without API keys has no owners and no such check. Every
+placement grants the chosen instance a capability token for the request (see ``requests.HolderLedger`` and ``sink``).
+Client-chosen request ids are at most ``MAX_REQUEST_ID_CHARS`` characters of ``REQUEST_ID_CHARS``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import grpc
+from aiohttp import web
 
 from pyllumnix.clients.dispatch import Readiness
 from pyllumnix.clients.errors import LlumnixError, ResourceExhaustedError
@@ -38,12 +45,14 @@ from pyllumnix.control_plane.frontend.errors import (
     NoCapacityError,
     OverloadedError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     RequestFailedError,
     RequestNotFoundError,
 )
 from pyllumnix.control_plane.frontend.metrics import FrontendMetrics
 from pyllumnix.control_plane.frontend.requests import RequestTracker, TrackedRequest
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
+from pyllumnix.infra.security.apikeys import REQUEST_KEY, ApiKey, ApiKeyError, bearer_token, key_id
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
 
 log = logging.getLogger(__name__)
@@ -68,6 +77,55 @@ MIN_AUTO_PROMPT_BYTES = 64 << 10
 # Prompts of more characters than this are tokenised on a worker thread. Measured here: the sim tokenizer takes ~1.7 ms
 # for 1 Ki characters, ~8.5 ms for 4 Ki, ~37 ms for 16 Ki; the thread hop ~40 us. Below 2 Ki the hop is not worth it.
 OFFLOAD_CHARS = 2 << 10
+
+
+# Client-chosen request ids: they appear in URLs, logs, metrics labels and etcd-free lookups, so short and plain.
+MAX_REQUEST_ID_CHARS = 128
+REQUEST_ID_CHARS = "letters, digits and . _ : -"
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]+")
+
+
+def check_request_id(request_id: str) -> None:
+    """A client-chosen request id: at most MAX_REQUEST_ID_CHARS of REQUEST_ID_CHARS (InvalidRequestError, 400)."""
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequestError(
+            f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS} allowed", param="request_id"
+        )
+    if not _REQUEST_ID_RE.fullmatch(request_id):
+        raise InvalidRequestError(f"request_id may contain only {REQUEST_ID_CHARS}", param="request_id")
+
+
+def api_key_of(request: web.Request) -> ApiKey | None:
+    """The caller's API key as the frontend's API-key middleware left it on an aiohttp request (None: no keys)."""
+    key = request.get(REQUEST_KEY)
+    return key if isinstance(key, ApiKey) else None
+
+
+def grpc_api_key_of(context: object) -> ApiKey | None:
+    """The caller's API key on the gRPC surface, from its ``authorization`` metadata (the ApiKeyInterceptor has
+    verified it already; only its id is read here, so a gRPC caller counts as a user key: it may abort its own
+    requests). None when the call carries no key (a frontend without API keys)."""
+    metadata = getattr(context, "invocation_metadata", lambda: None)() or ()
+    for name, value in metadata:
+        if name != "authorization":
+            continue
+        token = bearer_token(value.decode() if isinstance(value, bytes) else value)
+        if token is None:
+            return None
+        try:
+            return ApiKey(id=key_id(token), name=key_id(token), role="user", created=0.0)
+        except ApiKeyError:
+            return None
+    return None
+
+
+def may_act_on(owner_key_id: str, caller: ApiKey | None) -> bool:
+    """Whether ``caller`` may act on (abort, see) a request created by key ``owner_key_id``."""
+    if caller is not None and caller.role == "admin":
+        return True
+    if not owner_key_id:  # created on a frontend without API keys
+        return True
+    return caller is not None and caller.id == owner_key_id
 
 
 def utf8_len_over(text: str, limit: int) -> bool:
@@ -202,9 +260,10 @@ class Frontend:
         self._background: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
-    async def open(self, inp: GenerationInput) -> AsyncIterator[TrackedRequest]:
-        """Submits ``inp``; the body reads ``request.deltas()``; leaving early aborts the request."""
-        request = await self.submit(inp)
+    async def open(self, inp: GenerationInput, *, owner: ApiKey | None = None) -> AsyncIterator[TrackedRequest]:
+        """Submits ``inp`` for ``owner`` (the caller's API key); the body reads ``request.deltas()``; leaving early
+        aborts the request."""
+        request = await self.submit(inp, owner=owner)
         try:
             yield request
         finally:
@@ -240,7 +299,7 @@ class Frontend:
             log.warning("readiness check failed", exc_info=True)
             return Readiness(False, f"the dispatcher's readiness check failed: {exc}")
 
-    async def submit(self, inp: GenerationInput) -> TrackedRequest:
+    async def submit(self, inp: GenerationInput, *, owner: ApiKey | None = None) -> TrackedRequest:
         """Validates, tracks and places a request; the caller must ``release`` it. Raises FrontendError."""
         self.check_admission()
         self._admitted += 1
@@ -255,6 +314,8 @@ class Frontend:
                 on_stop=self._abort_soon,
                 idle_timeout=self.idle_timeout,
                 deadline=time.monotonic() + self.request_timeout if self.request_timeout else None,
+                max_tokens=max_tokens,
+                owner_key_id=owner.id if owner is not None else "",
             )
             self.tracker.add(request)
         except BaseException as exc:
@@ -296,14 +357,26 @@ class Frontend:
         if request.first_token_time is not None:
             self.metrics.ttft.observe(max(0.0, request.first_token_time - request.arrival_time))
 
-    async def abort(self, request_id: str) -> None:
-        """Aborts a request this frontend owns; its stream ends with FINISH_REASON_ABORT. Raises NOT_FOUND."""
+    async def abort(self, request_id: str, caller: ApiKey | None = None) -> None:
+        """Aborts a request this frontend owns; its stream ends with FINISH_REASON_ABORT. Raises NOT_FOUND, and
+        PermissionDeniedError when ``caller`` (the caller's API key) is neither the request's creator nor an admin."""
         request = self.tracker.get(request_id)
         if request is None:
             raise RequestNotFoundError(f"no request {request_id!r} on this frontend", param="request_id")
+        if not may_act_on(request.owner_key_id, caller):
+            who = f"API key {caller.name!r}" if caller is not None else "a caller without an API key"
+            raise PermissionDeniedError(
+                f"request {request_id!r} was created by another API key; {who} may not abort it", param="request_id"
+            )
         if not request.finished:
             request.finish(common_pb2.FINISH_REASON_ABORT)
             self._abort_soon(request)
+
+    def requests_of(self, caller: ApiKey | None) -> list[TrackedRequest]:
+        """The requests ``caller`` may see: its own, or every one for an admin (and on a frontend without keys)."""
+        if caller is None or caller.role == "admin":
+            return self.tracker.owned_by(None)
+        return self.tracker.owned_by(caller.id)
 
     async def _validate(self, inp: GenerationInput) -> tuple[list[int], int]:
         """The prompt's token ids and the max_tokens to use; every check that needs no tokens runs first, so a bad
@@ -323,7 +396,8 @@ class Frontend:
         check_sampling(s, self.tokenizer.vocab_size)
         for stop in s.stop:
             check_text(stop, "stop")
-        check_text(inp.request_id, "request_id")
+        if inp.request_id:
+            check_request_id(inp.request_id)
         if isinstance(inp.prompt, str):
             if utf8_len_over(inp.prompt, self.max_prompt_bytes):
                 raise PayloadTooLargeError(
@@ -392,6 +466,7 @@ class Frontend:
             self._addresses[instance_id] = address
             self._dispatched[request.request_id] = instance_id
             request.instance_id = instance_id
+            engine_request.capability = self.tracker.ledger.grant(request.request_id, instance_id)
             add = llumlet_pb2.AddRequestRequest(request=engine_request)
             try:
                 await self.channels.llumlet(address).AddRequest(add, timeout=self.call_timeout)

@@ -10,6 +10,7 @@ import grpc
 
 _HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
@@ -20,6 +21,7 @@ _HTTP_STATUS: dict[grpc.StatusCode, int] = {
 
 _OPENAI_TYPE: dict[int, str] = {
     400: "invalid_request_error",
+    403: "permission_error",
     404: "not_found_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
@@ -82,6 +84,12 @@ class ModelNotFoundError(FrontendError):
     @property
     def openai_code(self) -> str:
         return "model_not_found"
+
+
+class PermissionDeniedError(FrontendError):
+    """The caller's API key may not act on this request (it belongs to another key; HTTP 403)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class RequestNotFoundError(FrontendError):

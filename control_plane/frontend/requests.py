@@ -8,12 +8,18 @@ A reader of ``deltas()`` never waits forever: after ``idle_timeout`` seconds in 
 output counts, also one without new tokens, so a llumlet can keep a queued request alive), or past ``deadline``, the
 request ends here with FINISH_REASON_ERROR and ``timed_out`` set, and ``on_stop`` lets the frontend abort it on its
 instance (whose pushes may have stopped for good: the llumlet gave up, the frontend stalled).
+
+Who may push outputs for a request is the :class:`HolderLedger`'s business: the frontend grants the instance it adds
+the request to a capability token, a migration source hands the request over (``hand_over``) before it commits, and
+the destination's token becomes the only valid one with its first accepted output. Whatever a pusher sends, a request
+never shows more than its ``max_tokens`` tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 
 from pyllumnix.control_plane.frontend.errors import DuplicateRequestError
 from pyllumnix.control_plane.frontend.tokenizer import IncrementalDetokenizer
+from pyllumnix.infra.security.tokens import Capability, CapabilityTokens, TokenError, new_secret
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -113,6 +120,10 @@ class TrackedRequest:
     deadline: float | None = None
     # The instance that holds the request now (the dispatch target, then whoever pushed its latest tokens).
     instance_id: str = ""
+    # Most tokens the request may show (0: no cap); outputs beyond it are dropped, whoever pushes them.
+    max_tokens: int = 0
+    # Id of the API key that created the request ("" on a frontend without API keys): who may abort it.
+    owner_key_id: str = ""
     num_received: int = field(default=0, init=False)
     finished: bool = field(default=False, init=False)
     finish_reason: common_pb2.FinishReason.ValueType = field(default=common_pb2.FINISH_REASON_UNSPECIFIED, init=False)
@@ -163,6 +174,14 @@ class TrackedRequest:
             return
         skip = self.num_received - output.first_token_index
         new = list(output.token_ids[skip:])
+        if self.max_tokens and len(new) > self.max_tokens - self.num_received:
+            log.warning(
+                "request %s: output from %s runs past max_tokens %d; extra tokens dropped",
+                self.request_id,
+                output.instance_id or instance_id or "?",
+                self.max_tokens,
+            )
+            new = new[: max(0, self.max_tokens - self.num_received)]
         current = output.first_token_index + len(output.token_ids) >= self.num_received
         if new or (output.finished and (current or output.finish_reason in _TERMINAL_ANYWHERE)):
             self._apply(output, instance_id, new)
@@ -273,11 +292,105 @@ class TrackedRequest:
                 return
 
 
-class RequestTracker:
-    """The requests this frontend owns, by id."""
+class StaleCapabilityError(TokenError):
+    """A genuine token of the caller that no longer (or not yet) authorizes it: the request moved on or ended."""
 
-    def __init__(self) -> None:
+
+@dataclass
+class _Holding:
+    current: Capability
+    token: str
+    # A migration's destination, handed the request by the current holder; it becomes current with its first output.
+    pending: Capability | None = None
+    pending_token: str = ""
+
+
+class HolderLedger:
+    """Which instance may push outputs for each request, by capability token (see the module docstring).
+
+    Two phases on a migration: after ``hand_over`` both the source's token and the destination's are valid; the
+    destination's first accepted output retires the source's, so a migration whose commit fails leaves the request
+    with the source. The frontend is the only issuer and checker, so its secret never leaves this process.
+    """
+
+    def __init__(self, tokens: CapabilityTokens | None = None) -> None:
+        self.tokens = tokens if tokens is not None else CapabilityTokens(new_secret(), "frontend")
+        self._held: dict[str, _Holding] = {}
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def grant(self, request_id: str, instance_id: str) -> str:
+        """The token sent with AddRequest to ``instance_id``; a re-dispatch (the previous instance refused) replaces
+        the previous grant."""
+        prev = self._held.get(request_id)
+        cap = Capability(request_id, instance_id, prev.current.generation + 1 if prev else 0)
+        token = self.tokens.issue(request_id, instance_id, generation=cap.generation)
+        self._held[request_id] = _Holding(cap, token)
+        return token
+
+    def holders(self, request_id: str) -> tuple[str, ...]:
+        """The current holder and, during a hand-over, the destination ((): nobody)."""
+        held = self._held.get(request_id)
+        if held is None:
+            return ()
+        if held.pending is None:
+            return (held.current.holder_instance_id,)
+        return held.current.holder_instance_id, held.pending.holder_instance_id
+
+    def check(self, token: str, *, request_id: str, caller_instance_id: str) -> Capability:
+        """Accepts an output of ``caller_instance_id`` for ``request_id``; StaleCapabilityError (a genuine but outdated
+        token, or a request nobody holds) or TokenError (forged, missing, another instance's) otherwise."""
+        held = self._held.get(request_id)
+        if held is None:
+            raise StaleCapabilityError(f"request {request_id!r} is not held by anyone here (finished or unknown)")
+        if _same(token, held.token) and held.current.holder_instance_id == caller_instance_id:
+            return held.current
+        pending = held.pending
+        mine = pending is not None and pending.holder_instance_id == caller_instance_id
+        if pending is not None and mine and _same(token, held.pending_token):
+            held.current, held.token, held.pending, held.pending_token = pending, token, None, ""
+            return pending
+        if not token:
+            raise TokenError(f"output for request {request_id!r} carries no capability token")
+        cap = self.tokens.verify(token, request_id=request_id, holder_instance_id=caller_instance_id)
+        raise StaleCapabilityError(
+            f"capability token generation {cap.generation} of {caller_instance_id} for request {request_id!r} is "
+            f"stale: the request is held by {held.current.holder_instance_id} (generation {held.current.generation})"
+        )
+
+    def hand_over(self, token: str, *, request_id: str, caller_instance_id: str, new_instance_id: str) -> str:
+        """The current holder hands the request to a migration destination: returns the destination's token (the
+        same one again when asked twice for the same destination, e.g. after a lost answer)."""
+        if not new_instance_id or new_instance_id == caller_instance_id:
+            raise TokenError(f"{caller_instance_id} cannot hand request {request_id!r} over to {new_instance_id!r}")
+        held = self._held.get(request_id)
+        if held is None:
+            raise StaleCapabilityError(f"request {request_id!r} is not held by anyone here (finished or unknown)")
+        if not (_same(token, held.token) and held.current.holder_instance_id == caller_instance_id):
+            self.check(token, request_id=request_id, caller_instance_id=caller_instance_id)  # raises: says why
+            raise StaleCapabilityError(f"{caller_instance_id} does not hold request {request_id!r} now")
+        if held.pending is not None and held.pending.holder_instance_id == new_instance_id:
+            return held.pending_token
+        cap = Capability(request_id, new_instance_id, held.current.generation + 1)
+        held.pending = cap
+        held.pending_token = self.tokens.issue(request_id, new_instance_id, generation=cap.generation)
+        return held.pending_token
+
+    def forget(self, request_id: str) -> None:
+        self._held.pop(request_id, None)
+
+
+def _same(a: str, b: str) -> bool:
+    return bool(a) and hmac.compare_digest(a.encode(), b.encode())
+
+
+class RequestTracker:
+    """The requests this frontend owns, by id, and who may push their outputs (``ledger``)."""
+
+    def __init__(self, ledger: HolderLedger | None = None) -> None:
         self._requests: dict[str, TrackedRequest] = {}
+        self.ledger = ledger if ledger is not None else HolderLedger()
 
     def __len__(self) -> int:
         return len(self._requests)
@@ -292,6 +405,11 @@ class RequestTracker:
 
     def remove(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
+        self.ledger.forget(request_id)
+
+    def owned_by(self, key_id: str | None) -> list[TrackedRequest]:
+        """The requests an API key created (None: every request, for an admin or a frontend without keys)."""
+        return [r for r in self._requests.values() if key_id is None or r.owner_key_id == key_id]
 
     def route(self, instance_id: str, outputs: Sequence[common_pb2.RequestOutput]) -> list[str]:
         """Hands outputs to their requests; returns the ids this frontend does not own (the llumlet aborts them)."""

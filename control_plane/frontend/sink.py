@@ -1,15 +1,54 @@
-"""The OutputSinkService servicer: llumlets push outputs here; they go to the requests this frontend tracks."""
+"""The OutputSinkService servicer: llumlets push outputs here; they go to the requests this frontend tracks.
+
+Who may push what (checked per output, from the caller's certificate identity, on a TLS connection):
+
+- a llumlet pushes as itself (``PushOutputsRequest.instance_id`` is its own id) and, for each request this frontend
+  tracks, with the capability token the request's current holder was given (``HolderLedger``). A forged, missing or
+  foreign token refuses the whole push (PERMISSION_DENIED: an attack, nothing is applied); a genuine but outdated
+  token (the request migrated on, or ended) drops that output and lists its id as unknown, so the llumlet stops it;
+- the scheduler pushes only token-less ERROR finishes, for requests held by the instance it declared lost;
+- nobody else (the role table says the same; this holds also where no RoleInterceptor is installed).
+
+A plaintext connection exists only on a frontend started with ``--insecure`` (a TLS server has no plaintext port):
+there the checks are skipped with one warning, as there is no identity to check. ``max_tokens`` is enforced for
+every pusher by the tracked request itself.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, TypeAlias
 
 import grpc
 
-from pyllumnix.control_plane.frontend.requests import RequestTracker
-from pyllumnix.protos.llumnix.v1 import frontend_pb2, frontend_pb2_grpc
+from pyllumnix.control_plane.frontend.requests import RequestTracker, StaleCapabilityError
+from pyllumnix.infra.security.authz import caller_identity
+from pyllumnix.infra.security.ca import Identity, IdentityError
+from pyllumnix.infra.security.tokens import TokenError
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "llumnix.v1.OutputSinkService"
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+def is_plaintext(context: Any) -> bool:
+    """Whether the call came over a connection without TLS (only an ``--insecure`` server has one)."""
+    auth = context.auth_context() or {}
+    return b"ssl" not in auth.get("transport_security_type", ())
+
+
+async def authenticated_caller(context: Any, what: str) -> Identity | None:
+    """The caller's identity; None on a plaintext (insecure-mode) connection; UNAUTHENTICATED on a TLS connection
+    without a usable identity."""
+    identity = caller_identity(context)
+    if isinstance(identity, IdentityError):
+        if is_plaintext(context):
+            return None
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{what} needs a cluster identity: {identity}")
+        raise AssertionError("context.abort raises")  # pragma: no cover
+    return identity
 
 
 class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
@@ -18,10 +57,104 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
     def __init__(self, tracker: RequestTracker) -> None:
         self.tracker = tracker
         self.pushes = 0
+        # Outputs dropped because their capability was outdated, and pushes refused outright.
+        self.stale_outputs = 0
+        self.refused_pushes = 0
+        self._warned_insecure = False
+
+    async def _caller(self, context: Context, what: str) -> Identity | None:
+        identity = await authenticated_caller(context, what)
+        if identity is None and not self._warned_insecure:
+            self._warned_insecure = True
+            log.warning("output sink: plaintext connection (--insecure): pushes are not checked for their sender")
+        return identity
+
+    async def _refuse(self, context: Context, message: str) -> None:
+        self.refused_pushes += 1
+        log.warning("output push refused: %s", message)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)
 
     async def PushOutputs(
         self, request: frontend_pb2.PushOutputsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> frontend_pb2.PushOutputsResponse:
         self.pushes += 1
-        unknown = self.tracker.route(request.instance_id, request.outputs)
-        return frontend_pb2.PushOutputsResponse(unknown_request_ids=unknown)
+        caller = await self._caller(context, "PushOutputs")
+        outputs: list[common_pb2.RequestOutput] = list(request.outputs)
+        refused: list[str] = []
+        if caller is not None:
+            if caller.role == "llumlet":
+                outputs, refused = await self._from_llumlet(request, caller, context)
+            elif caller.role == "scheduler":
+                outputs = await self._from_scheduler(request, context)
+            else:
+                await self._refuse(context, f"caller {caller.role} {caller.id} may not push outputs")
+        unknown = self.tracker.route(request.instance_id, outputs)
+        return frontend_pb2.PushOutputsResponse(unknown_request_ids=unknown + refused)
+
+    async def _from_llumlet(
+        self, request: frontend_pb2.PushOutputsRequest, caller: Identity, context: Context
+    ) -> tuple[list[common_pb2.RequestOutput], list[str]]:
+        if request.instance_id != caller.id:
+            await self._refuse(context, f"caller llumlet {caller.id} may not push outputs as {request.instance_id!r}")
+        accepted: list[common_pb2.RequestOutput] = []
+        stale: list[str] = []
+        ledger = self.tracker.ledger
+        for out in request.outputs:
+            if self.tracker.get(out.request_id) is None:
+                accepted.append(out)  # answered as unknown: the llumlet aborts it
+                continue
+            try:
+                ledger.check(out.capability, request_id=out.request_id, caller_instance_id=caller.id)
+            except StaleCapabilityError as exc:
+                self.stale_outputs += 1
+                log.info("output of %s from %s dropped: %s", out.request_id, caller.id, exc)
+                if out.request_id not in stale:
+                    stale.append(out.request_id)
+                continue
+            except TokenError as exc:
+                await self._refuse(context, f"llumlet {caller.id} may not push outputs for {out.request_id!r}: {exc}")
+            accepted.append(out)
+        return accepted, stale
+
+    async def _from_scheduler(
+        self, request: frontend_pb2.PushOutputsRequest, context: Context
+    ) -> list[common_pb2.RequestOutput]:
+        """The leader's "instance lost" notices: ERROR finishes without tokens, for requests that instance holds."""
+        accepted: list[common_pb2.RequestOutput] = []
+        for out in request.outputs:
+            if not out.finished or out.finish_reason != common_pb2.FINISH_REASON_ERROR or out.token_ids:
+                await self._refuse(
+                    context,
+                    f"the scheduler may push only token-less ERROR finishes (instance lost); not {out.request_id!r}",
+                )
+            holders = self.tracker.ledger.holders(out.request_id)
+            if self.tracker.get(out.request_id) is not None and request.instance_id not in holders:
+                log.info("lost-instance notice for %s ignored: held by %s", out.request_id, holders or "nobody")
+                continue
+            accepted.append(out)
+        if request.outputs and not accepted:
+            await self._refuse(context, f"no request in this push is held by instance {request.instance_id!r}")
+        return accepted
+
+    async def HandOver(
+        self, request: frontend_pb2.HandOverRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> frontend_pb2.HandOverResponse:
+        caller = await self._caller(context, "HandOver")
+        if self.tracker.get(request.request_id) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} on this frontend")
+        if caller is None:
+            return frontend_pb2.HandOverResponse()  # insecure mode: pushes are not checked, so no token is needed
+        if caller.role != "llumlet":
+            await self._refuse(context, f"caller {caller.role} {caller.id} may not hand requests over")
+        try:
+            token = self.tracker.ledger.hand_over(
+                request.capability,
+                request_id=request.request_id,
+                caller_instance_id=caller.id,
+                new_instance_id=request.new_instance_id,
+            )
+        except TokenError as exc:
+            await self._refuse(context, f"llumlet {caller.id} may not hand over {request.request_id!r}: {exc}")
+            raise AssertionError("context.abort raises") from exc  # pragma: no cover
+        log.info("request %s: %s hands over to %s", request.request_id, caller.id, request.new_instance_id)
+        return frontend_pb2.HandOverResponse(capability=token)
