@@ -1,70 +1,211 @@
 """``llumnix bench serving``: replays a workload against a running cluster's frontend (gRPC ``Generate``) in real time
-and reports the paper's latency metrics, computed by the same code as the simulator's (``tools.metrics``).
+and reports the paper's latency metrics, computed by the same code as the simulator's (``tools.metrics``), plus the
+result block of ``vllm bench serve`` (same fields, same JSON key names, same definitions) so runs compare directly.
 
 Each request is sent at its arrival time with ``input_len`` prompt tokens and ``max_tokens = output_len`` (EOS
-ignored, so lengths are exact); the time of every streamed chunk is recorded.
+ignored, so lengths are exact); the time of every streamed chunk is recorded. A request that fails gets its error
+counted (``failed``, ``errors``) instead of ending the run. stdout carries only the JSON report (``| jq`` works); the
+result block, the one-line summary and the progress bar (on a terminal only) go to stderr.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
+import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from pyllumnix.clients.client import AsyncLlumnixClient
+from pyllumnix.clients.errors import LlumnixError
 from pyllumnix.tools.metrics import RequestRecord, summarize
+from pyllumnix.tools.progress import progress_bar
 from pyllumnix.tools.workload import RequestArrival, generate
 
+RESULT_WIDTH = 50
 
-async def _one(client: AsyncLlumnixClient, arrival: RequestArrival, t0: float, wall0: float) -> RequestRecord:
+
+@dataclass
+class Outcome:
+    """One request's record, the times of its token-carrying chunks (for ITL) and its error, if it failed."""
+
+    record: RequestRecord
+    chunk_times: list[float] = field(default_factory=list)
+    error: str = ""
+    exception: LlumnixError | None = None
+
+
+def prompt_of(arrival: RequestArrival) -> list[int]:
+    """Deterministic prompt tokens (crc32, not hash(): the same run sends the same prompts in every process)."""
+    salt = zlib.crc32(arrival.request_id.encode())
+    return [(i * 7919 + salt) % 30000 + 3 for i in range(arrival.input_len)]
+
+
+async def _one(client: AsyncLlumnixClient, arrival: RequestArrival, t0: float, wall0: float) -> Outcome:
     await asyncio.sleep(max(0.0, t0 + arrival.arrival_time_s - time.monotonic()))
     sent = time.monotonic() - t0
-    prompt = [(i * 7919 + hash(arrival.request_id)) % 30000 + 3 for i in range(arrival.input_len)]
     token_times: list[float] = []
+    chunk_times: list[float] = []
     first = finish = None
-    async for chunk in client.generate(
-        prompt,
-        max_tokens=arrival.output_len,
-        ignore_eos=True,
-        priority="high" if arrival.priority >= 2 else "normal",
-        request_id=f"{arrival.request_id}-{wall0:.0f}",
-    ):
-        now = time.monotonic() - t0
-        token_times.extend([now] * len(chunk.token_ids))
-        if chunk.token_ids and first is None:
-            first = now
-        if chunk.finished:
-            finish = now
-    return RequestRecord(
+    error = ""
+    exception: LlumnixError | None = None
+    try:
+        async for chunk in client.generate(
+            prompt_of(arrival),
+            max_tokens=arrival.output_len,
+            ignore_eos=True,
+            priority="high" if arrival.priority >= 2 else "normal",
+            request_id=f"{arrival.request_id}-{wall0:.0f}",
+        ):
+            now = time.monotonic() - t0
+            if chunk.token_ids:
+                token_times.extend([now] * len(chunk.token_ids))
+                chunk_times.append(now)
+                if first is None:
+                    first = now
+            if chunk.finished:
+                finish = now
+                if chunk.finish_reason in ("abort", "error"):
+                    error = f"finished with {chunk.finish_reason}"
+    except LlumnixError as exc:
+        finish, error, exception = None, f"{exc.code or 'error'}: {exc.details}", exc
+    record = RequestRecord(
         request_id=arrival.request_id,
         priority=arrival.priority,
         arrival=sent,
         first_token_time=first,
-        finish_time=finish,
+        finish_time=finish if not error else None,
         num_output_tokens=len(token_times),
         input_len=arrival.input_len,
         token_times=tuple(token_times),
     )
+    return Outcome(record, chunk_times, error, exception)
 
 
 async def replay(frontends: Sequence[str], arrivals: Sequence[RequestArrival]) -> list[RequestRecord]:
+    """The records of every request; the first client error is raised (callers that need every request to finish)."""
+    outcomes, _ = await replay_outcomes(frontends, arrivals)
+    for o in outcomes:
+        if o.exception is not None:
+            raise o.exception
+    return [o.record for o in outcomes]
+
+
+async def replay_outcomes(frontends: Sequence[str], arrivals: Sequence[RequestArrival]) -> tuple[list[Outcome], float]:
+    """Runs every request; returns the outcomes and the benchmark duration (first send to last end, as vLLM's)."""
     async with AsyncLlumnixClient(frontend_endpoints=list(frontends), timeout=30.0) as client:
-        t0 = time.monotonic()
-        return list(await asyncio.gather(*(_one(client, a, t0, time.time()) for a in arrivals)))
+        with progress_bar() as bar:
+            task = bar.add_task("requests", total=len(arrivals))
+
+            async def tracked(arrival: RequestArrival, t0: float, wall0: float) -> Outcome:
+                try:
+                    return await _one(client, arrival, t0, wall0)
+                finally:
+                    bar.advance(task)
+
+            t0 = time.monotonic()
+            wall0 = time.time()
+            outcomes = list(await asyncio.gather(*(tracked(a, t0, wall0) for a in arrivals)))
+            return outcomes, time.monotonic() - t0
+
+
+def _stats(name: str, values_s: Sequence[float]) -> dict[str, float | None]:
+    """mean/median/std/p99 in ms with vLLM's key names (numpy's linear percentile, as vLLM); None without data."""
+    if not values_s:
+        return {f"{k}_{name}_ms": None for k in ("mean", "median", "std", "p99")}
+    ms = np.asarray(values_s, dtype=float) * 1000.0
+    return {
+        f"mean_{name}_ms": float(np.mean(ms)),
+        f"median_{name}_ms": float(np.median(ms)),
+        f"std_{name}_ms": float(np.std(ms)),
+        f"p99_{name}_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def serving_result(outcomes: Sequence[Outcome], duration_s: float) -> dict[str, Any]:
+    """``vllm bench serve``'s result fields, from the same records as the rest of the report.
+
+    TTFT: first token minus send. TPOT (per request with > 1 token): (finish - first token) / (tokens - 1). ITL: the
+    gaps between successive token-carrying chunks of each request. Throughputs count completed requests over the
+    benchmark duration.
+    """
+    done = [o for o in outcomes if not o.error and o.record.finish_time is not None]
+    ttft = [o.record.first_token_time - o.record.arrival for o in done if o.record.first_token_time is not None]
+    tpot = [
+        (o.record.finish_time - o.record.first_token_time) / (o.record.num_output_tokens - 1)
+        for o in done
+        if o.record.num_output_tokens > 1 and o.record.first_token_time is not None and o.record.finish_time
+    ]
+    itl = [b - a for o in done for a, b in zip(o.chunk_times, o.chunk_times[1:], strict=False)]
+    total_in = sum(o.record.input_len for o in done)
+    total_out = sum(o.record.num_output_tokens for o in done)
+    per_s = 1.0 / duration_s if duration_s > 0 else 0.0
+    return {
+        "completed": len(done),
+        "failed": len(outcomes) - len(done),
+        "duration": duration_s,
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "request_throughput": len(done) * per_s,
+        "output_throughput": total_out * per_s,
+        "total_token_throughput": (total_in + total_out) * per_s,
+        **_stats("ttft", ttft),
+        **_stats("tpot", tpot),
+        **_stats("itl", itl),
+    }
+
+
+def result_block(result: dict[str, Any]) -> str:
+    """The result block as ``vllm bench serve`` prints it (same labels and order)."""
+
+    def line(label: str, value: Any, fmt: str = ".2f") -> str:
+        shown = "-" if value is None else format(value, fmt) if isinstance(value, float) else str(value)
+        return f"{label:<40} {shown:<10}"
+
+    def section(title: str) -> str:
+        return f"{title:-^{RESULT_WIDTH}}"
+
+    rows = [
+        f"{' Serving Benchmark Result ':=^{RESULT_WIDTH}}",
+        line("Successful requests:", result["completed"]),
+        line("Failed requests:", result["failed"]),
+        line("Benchmark duration (s):", result["duration"]),
+        line("Total input tokens:", result["total_input_tokens"]),
+        line("Total generated tokens:", result["total_output_tokens"]),
+        line("Request throughput (req/s):", result["request_throughput"]),
+        line("Output token throughput (tok/s):", result["output_throughput"]),
+        line("Total Token throughput (tok/s):", result["total_token_throughput"]),
+    ]
+    for key, title, label in (
+        ("ttft", "Time to First Token", "TTFT"),
+        ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"),
+        ("itl", "Inter-token Latency", "ITL"),
+    ):
+        rows.append(section(title))
+        rows.append(line(f"Mean {label} (ms):", result[f"mean_{key}_ms"]))
+        rows.append(line(f"Median {label} (ms):", result[f"median_{key}_ms"]))
+        rows.append(line(f"P99 {label} (ms):", result[f"p99_{key}_ms"]))
+    rows.append("=" * RESULT_WIDTH)
+    return "\n".join(r.rstrip() for r in rows)
 
 
 def run_serving_bench(frontends: Sequence[str], workload: str, seed: int, max_model_len: int) -> dict[str, Any]:
     arrivals = generate(workload, seed, max_model_len=max_model_len)
     t = time.monotonic()
-    records = asyncio.run(replay(frontends, arrivals))
-    summary = summarize(records)
+    outcomes, duration = asyncio.run(replay_outcomes(frontends, arrivals))
+    summary = summarize([o.record for o in outcomes])
     summary["workload"] = workload
     summary["wall_s"] = time.monotonic() - t
+    # vLLM's key names at the top level, so `vllm bench serve` JSON and this one compare field by field.
+    summary.update(serving_result(outcomes, duration))
+    summary["errors"] = sorted({o.error for o in outcomes if o.error})[:10]
     return summary
 
 
@@ -75,15 +216,24 @@ def run_serving_bench(frontends: Sequence[str], workload: str, seed: int, max_mo
 @click.option("--max-model-len", default=8192, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
 def bench_serving(frontends: str, workload: str, seed: int, max_model_len: int, json_path: Path | None) -> None:
-    """Replay a workload against a live cluster; latency metrics as JSON."""
+    """Replay a workload against a live cluster: JSON on stdout; vLLM-style result block and summary on stderr."""
     summary = run_serving_bench([f for f in frontends.split(",") if f], workload, seed, max_model_len)
     text = json.dumps(summary, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")
     click.echo(text)
+    click.echo(result_block(summary), err=True)
     overall = summary["overall"]
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     click.echo(
         f"serving {workload}: {overall['num_finished']}/{overall['num_requests']} finished, "
-        f"prefill mean {overall['prefill_s']['mean']:.4f} s p99 {overall['prefill_s']['p99']:.4f} s, "
-        f"decode mean {overall['decode_s']['mean']:.4f} s/token"
+        f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.1f} tok/s, "
+        f"TTFT mean {fmt(summary['mean_ttft_ms'], '.1f')} ms p99 {fmt(summary['p99_ttft_ms'], '.1f')} ms, "
+        f"TPOT mean {fmt(summary['mean_tpot_ms'], '.2f')} ms, ITL p99 {fmt(summary['p99_itl_ms'], '.2f')} ms",
+        err=True,
     )
+    if summary["failed"]:
+        sys.exit(1)
