@@ -252,3 +252,25 @@ def test_commit_validates_blocks_and_state() -> None:
     with pytest.raises(InvalidRequestError):
         dst.commit_incoming(too_far, dst.reserve_blocks(3), 0.0)
     assert dst.request_ids() == []
+
+
+def test_waiting_request_migrates_only_where_it_can_be_admitted() -> None:
+    """A request without KV is committed only if the destination could admit it now (its demand behind the waiting
+    requests ahead of it, above the watermark); otherwise the commit raises OutOfBlocksError (a destination abort:
+    the source resumes it), and nothing leaks. Before, it was queued there whatever the destination held."""
+    src = SimEngine("tiny")
+    src.add_request(spec("w", 200, arrival=3.0), 0.0)
+    dst = SimEngine("tiny", total_blocks=32)
+    dst.add_request(spec("big", 300, max_tokens=200, arrival=0.0), 0.0)
+    dst.step(0.0)  # big runs on 19 of 32 blocks: 13 free, w needs 13 (200 tokens + 1)
+    dst.add_request(spec("queued", 40, arrival=1.0), 0.0)  # 3 blocks ahead of w
+    state = src.suspend("w")
+    with pytest.raises(OutOfBlocksError):
+        dst.commit_incoming(state, [], 0.0)
+    assert dst.load().free_blocks == 13 and [r.request_id for r in dst.scheduler.waiting] == ["queued"]
+    src.resume("w")
+    assert src.phase("w") is Phase.WAITING
+    # a request arriving before the queued one jumps it: only its own demand counts, and it fits
+    src.add_request(spec("early", 150, arrival=0.5), 0.0)
+    dst.commit_incoming(src.suspend("early"), [], 0.0)
+    assert [r.request_id for r in dst.scheduler.waiting] == ["early", "queued"]

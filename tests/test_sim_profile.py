@@ -17,6 +17,9 @@ PAPER_PREFILL_MS = {256: 58.0, 512: 110.0, 1024: 220.0, 2048: 436.0, 4096: 940.0
 PAPER_7B_DOWNTIME_MS = 26.0  # "shorter than one decode step"
 A10_GB_S = 600e9
 WEIGHTS_BYTES = 13.5e9
+# The artifact's profiled KV pool (blocks) by max-batched-tokens, gpu memory utilisation 0.9 (PAPER.md, artifact).
+ARTIFACT_BLOCKS = {4400: 862, 8700: 831, 7500: 832, 12000: 792}
+ARTIFACT_DECODE_S_PER_TOKEN = (0.047, 0.075)
 LAYERS, HIDDEN, FP16 = 32, 4096, 2
 
 
@@ -24,9 +27,13 @@ def test_llama_7b_kv_geometry_follows_the_model() -> None:
     p = get_profile("llama-7b-a10")
     assert p.bytes_per_token == 2 * LAYERS * HIDDEN * FP16  # K and V, every layer, fp16
     assert p.block_bytes == p.block_size * p.bytes_per_token == 8 * 1024 * 1024
-    # capacity: the A10's memory left after the weights, in blocks (24 GB ... 24 GiB bounds the profile's choice)
-    low, high = (24e9 - WEIGHTS_BYTES) / p.block_bytes, (24 * 2**30 - WEIGHTS_BYTES) / p.block_bytes
-    assert low <= p.total_blocks <= high, (low, p.total_blocks, high)
+    # capacity: the artifact's pool at Fig. 11's ~12k batched tokens, which must lie below what 90 % of the card
+    # minus the weights could hold with no activation reserve at all
+    assert p.total_blocks == ARTIFACT_BLOCKS[12000]
+    assert p.total_blocks < (0.9 * 24e9 - WEIGHTS_BYTES) / p.block_bytes
+    # a longer step's activations take more memory: the artifact's pool shrinks as max-batched-tokens grows
+    sizes = [ARTIFACT_BLOCKS[t] for t in sorted(ARTIFACT_BLOCKS)]
+    assert sizes[0] > sizes[-1] == p.total_blocks
     assert p.watermark_blocks == int(p.watermark * p.total_blocks)
     assert p.max_model_len <= (p.total_blocks - p.watermark_blocks) * p.block_size  # a longest request fits
 
@@ -74,11 +81,18 @@ def test_prefill_and_decode_are_monotone(profile: Profile) -> None:
 
 def test_decode_constants_follow_from_bandwidth_and_the_paper() -> None:
     p = LLAMA_7B_A10
-    # each context token's KV read once per step at the A10's bandwidth
-    assert p.decode_b_ms == pytest.approx(p.bytes_per_token / A10_GB_S * 1e3, rel=0.01)
-    # the base step at least streams the weights once, and one step is longer than the paper's 7B downtime
-    assert p.decode_c_ms >= WEIGHTS_BYTES / A10_GB_S * 1e3
+    # the weights and each context token's KV are streamed once per step at one and the same effective bandwidth,
+    # a fraction of the A10's peak (memory-bound kernels never reach 100 %, and a realistic era reached ~50-80 %)
+    effective = WEIGHTS_BYTES / (p.decode_c_ms / 1e3)
+    assert 0.5 * A10_GB_S <= effective <= 0.8 * A10_GB_S
+    assert p.decode_b_ms == pytest.approx(p.bytes_per_token / effective * 1e3, rel=0.01)
+    # one step is longer than the paper's 7B downtime ("shorter than one decode step")
     assert p.decode_ms(1, 1) > PAPER_7B_DOWNTIME_MS
+    # a decode-only step of a typical batch (8-32 sequences of ~500 tokens) lies within the artifact's measured
+    # per-token decode latency: prefill stalls, which the measured figure includes, can only add to it
+    lo, hi = ARTIFACT_DECODE_S_PER_TOKEN
+    assert p.decode_ms(8, 8 * 500) / 1e3 < hi
+    assert lo * 0.9 < p.decode_ms(32, 32 * 500) / 1e3 < hi
     # ... and shorter than the 30B step on 4 x A10 (~65 ms) at a full batch's context of a 2k-token request
     assert p.decode_ms(1, 2048) < 65.0
 

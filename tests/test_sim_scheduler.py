@@ -235,3 +235,38 @@ def test_finish_reasons() -> None:
                     finals.append(out.finish)
         assert got == free_run[:expected_len]
         assert finals == [expected_finish]
+
+
+def test_split_steps_prefill_alone_and_stall_every_decode() -> None:
+    """vLLM 0.1.x (the paper's engine): a step prefills the admissible waiting requests and nothing else, so the
+    running batch does not decode in it; with nothing admissible the step decodes only. Mixed mode (the default)
+    decodes and prefills in the same step."""
+    split = SimEngine("tiny", split_steps=True, max_num_batched_tokens=512, total_blocks=32)
+    mixed = SimEngine("tiny", max_num_batched_tokens=512)
+    for engine in (split, mixed):
+        engine.add_request(spec("a", 40, max_tokens=10), 0.0)
+        first = engine.step(0.0)
+        assert (first.num_prefill_tokens, first.num_decode_tokens) == (40, 0)
+        engine.add_request(spec("b", 40, max_tokens=10), 0.0)
+    s, m = split.step(1.0), mixed.step(1.0)
+    assert (m.num_prefill_tokens, m.num_decode_tokens) == (40, 1)
+    assert (s.num_prefill_tokens, s.num_decode_tokens) == (40, 0)
+    assert [o.request_id for o in s.outputs] == ["b"]
+    assert s.duration == pytest.approx(split.profile.prefill_ms(40) / 1000)
+    nxt = split.step(2.0)  # nothing waits: a decode-only step of both
+    assert (nxt.num_prefill_tokens, nxt.num_decode_tokens) == (0, 2)
+    assert nxt.duration == pytest.approx(split.profile.decode_ms(2, 41 + 41) / 1000)
+    # a head that cannot be admitted (watermark) does not stall decodes
+    split.add_request(spec("huge", 500, max_tokens=4), 0.0)
+    blocked = split.step(3.0)
+    assert waiting_ids(split) == ["huge"] and blocked.num_decode_tokens == 2
+
+
+def test_split_steps_preempted_requests_readmit_before_decoding() -> None:
+    engine = SimEngine("tiny", split_steps=True, total_blocks=8, max_model_len=128)
+    engine.add_request(spec("r0", 32, max_tokens=60), 0.0)
+    engine.add_request(spec("r1", 32, max_tokens=60, arrival=1.0), 0.0)
+    tokens = drain(engine)
+    assert engine.scheduler.total_preemptions > 0
+    assert {k: len(v) for k, v in tokens.items()} == {"r0": 60, "r1": 60}
+    assert engine.pool.num_free == 8

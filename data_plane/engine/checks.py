@@ -17,6 +17,17 @@ def check_reservation(n: int, free: int, watermark: int) -> None:
         raise OutOfBlocksError(f"reserve {n}: {free} free, watermark {watermark}")
 
 
+def check_waiting_admission(request_id: str, demand: int, demand_ahead: int, free: int, watermark: int) -> None:
+    """A migrated-in request without KV must be admissible on arrival: its prefill demand, plus that of the waiting
+    requests it would queue behind, fits in ``free`` above the watermark (the artifact's destination pre-allocates a
+    waiting request's blocks and refuses it behind an earlier waiting head). Raises OutOfBlocksError otherwise."""
+    if free - demand_ahead - demand < watermark:
+        raise OutOfBlocksError(
+            f"{request_id}: a waiting request needs {demand} blocks behind {demand_ahead} queued; {free} free, "
+            f"watermark {watermark}"
+        )
+
+
 def check_reserved(block_ids: Sequence[int], is_reserved: Callable[[int], bool]) -> None:
     """Every id reserved, none repeated."""
     not_reserved = [b for b in block_ids if not is_reserved(b)]

@@ -17,6 +17,10 @@ class Profile:
     ``prefill_ms = prefill_a_ms * tokens + prefill_b_ms`` (or linear interpolation in ``prefill_table`` when the token
     count lies inside it); ``decode_ms = decode_a_ms * batch + decode_b_ms * context_tokens + decode_c_ms``. A step
     that mixes prefill and decode costs the sum of both parts.
+
+    ``split_steps``: a step is either prefill-only or decode-only (vLLM 0.1.x, the paper's engine): whenever waiting
+    requests can be admitted the step prefills only them, so every decode on the instance stalls for that prefill.
+    False (default) is today's mixed continuous batching (vLLM V1).
     """
 
     name: str
@@ -35,6 +39,7 @@ class Profile:
     watermark: float = 0.01
     # (tokens, ms) points, ascending in tokens; empty = the linear fit everywhere.
     prefill_table: tuple[tuple[int, float], ...] = field(default=())
+    split_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.total_blocks <= 0:
@@ -84,30 +89,41 @@ class Profile:
         return (self.prefill_ms(prefill_tokens) + self.decode_ms(decode_batch, decode_context_tokens)) / 1000.0
 
 
-# LLaMA-7B, fp16, one A10 24 GB, vLLM block size 16. Derivation from /work/shared/PAPER.md (Fig. 10, recompute 7B):
-#   prefill (= recompute) ms at 256/512/1k/2k/4k/8k tokens: 58/110/220/436/940/1,995 -> kept as the table; the
-#   least-squares line through 256..2k (the short-prompt regime most trace requests fall in) is
-#   0.2114 ms/token + 3.04 ms, used outside the table (below 256 tokens, and multi-prompt batches above 8k, whose
-#   attention is per prompt and so closer to linear than one 8k sequence).
-#   decode: the paper's last-stage downtime (<= 26 ms for 7B) is "shorter than one decode step", so a step is > 26 ms;
-#   the weights (13.5 GB) streamed once per step at A10's ~600 GB/s take 22.5 ms; 30B on 4 x A10 is ~65 ms/step
-#   (8k recompute 3.5 s ~ 54 steps). Base 30 ms per step; each context token's KV (512 KiB) read at 600 GB/s adds
-#   0.00087 ms; 0.15 ms per sequence covers sampling and per-sequence kernels (an estimate, not a paper figure).
-#   KV bytes/token = 2 (K,V) x 32 layers x 4096 hidden x 2 bytes = 512 KiB; block of 16 tokens = 8 MiB.
-#   Blocks: 24 GB - 13.5 GB weights = 10.5 GB / 8 MiB ~ 1,250 (1,460 if the card's 24 GiB were counted); we take
-#   ~1,300 blocks (~20.8k tokens), as the brief and the paper's setup suggest.
-#   max_num_batched_tokens 12,800 (paper); max_model_len 8,192 (the migration benchmark's longest sequence);
-#   max_num_seqs 256 (vLLM default).
+# LLaMA-7B, fp16, one A10 24 GB, vLLM block size 16: the paper's testbed as its artifact ran it (/work/shared/PAPER.md,
+# "The authors' artifact").
+#   KV pool: the artifact's profiling (vllm/simulator/profiling.py, gpu memory utilisation 0.9) gives 862 / 831 / 832 /
+#     792 blocks at max-batched-tokens 4,400 / 8,700 / 7,500 / 12,000: the weights (13.5 GB) and the activation reserve
+#     for a 12k-token step come out of 0.9 x 24 GB first. Fig. 11 ran at ~12k batched tokens -> 792 blocks (12,672
+#     tokens). A request can reach 12,288 tokens (input and output each capped at 6,144), so max_model_len = 12,288
+#     (768 blocks, still above the 1 % watermark of 792).
+#   prefill (= recompute) ms at 256/512/1k/2k/4k/8k tokens: Fig. 10's 7B recompute 58/110/220/436/940/1,995, kept as
+#     the table; outside it the least-squares line through 256..2k (0.2114 ms/token + 3.04 ms).
+#   decode step: the artifact's GPU re-run measured a mean decode latency of 0.047-0.075 s per token on every trace,
+#     prefill stalls included (its vLLM 0.1.x ran a step as prefill-only or decode-only: split_steps). A decode step
+#     streams the weights once and every context token's KV once. At the ~64 % of the A10's 600 GB/s peak that
+#     memory-bound kernels of that era reached, the weights take 13.5 GB / 384 GB/s = 35 ms (c) and each context token's
+#     512 KiB another 0.001365 ms (b); 0.15 ms per sequence (a) covers sampling and per-sequence kernel launches. A step
+#     of a typical L-L batch (~20 sequences, ~10k context tokens) is then ~52 ms, and with the prefills interleaved the
+#     simulated mean per-token decode latency at the paper's rates lands inside 0.047-0.075 s (docs/sim/REPORT.md,
+#     calibration table). 35 ms also keeps a step above the paper's 7B last-stage downtime (<= 26 ms, "shorter than one
+#     decode step") and below the 30B step on 4 x A10 (~65 ms).
+#   KV bytes/token = 2 (K,V) x 32 layers x 4096 hidden x 2 bytes = 512 KiB; a block of 16 tokens = 8 MiB.
+#   max_num_batched_tokens 12,800 (paper); max_num_seqs 256 (vLLM default); watermark 1 % (artifact).
+#   split_steps stays False here (the live llumlet's engine is V1-like); the paper scenarios turn it on per run.
+A10_PEAK_BYTES_PER_S = 600e9
+A10_KERNEL_EFFICIENCY = 0.64
+LLAMA_7B_WEIGHT_BYTES = 13.5e9
+_KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2
 LLAMA_7B_A10 = Profile(
     name="llama-7b-a10",
     prefill_a_ms=0.2114,
     prefill_b_ms=3.04,
     decode_a_ms=0.15,
-    decode_b_ms=0.00087,
-    decode_c_ms=30.0,
-    bytes_per_token=2 * 32 * 4096 * 2,
-    total_blocks=1300,
-    max_model_len=8192,
+    decode_b_ms=round(_KV_BYTES_PER_TOKEN / (A10_PEAK_BYTES_PER_S * A10_KERNEL_EFFICIENCY) * 1e3, 6),
+    decode_c_ms=round(LLAMA_7B_WEIGHT_BYTES / (A10_PEAK_BYTES_PER_S * A10_KERNEL_EFFICIENCY) * 1e3, 3),
+    bytes_per_token=_KV_BYTES_PER_TOKEN,
+    total_blocks=792,
+    max_model_len=12288,
     max_num_seqs=256,
     max_num_batched_tokens=12800,
     block_size=16,

@@ -8,6 +8,10 @@ Per step (as vLLM V1's ``Scheduler.schedule``):
 2. only if nothing was preempted, waiting requests are admitted in queue order while the batch has a sequence slot,
    the token budget covers the whole (re)computation, and free blocks minus their demand stay at or above the
    watermark. The head blocks everyone behind it (head-of-line blocking, which is what makes fragmentation visible).
+
+With ``split_steps`` (vLLM 0.1.x, the paper's engine) the order is reversed and a step is never mixed: waiting
+requests are admitted first (same rules); if any was, the step prefills only them and every running request waits;
+otherwise the step decodes the running batch (1. above). A prefill thus stalls every decode on the instance.
 """
 
 from __future__ import annotations
@@ -77,8 +81,10 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         watermark_blocks: int,
+        split_steps: bool = False,
     ) -> None:
         self.pool = pool
+        self.split_steps = split_steps
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -172,6 +178,10 @@ class Scheduler:
     def schedule(self) -> Schedule:
         budget = self.max_num_batched_tokens
         scheduled: list[Scheduled] = []
+        if self.split_steps:
+            self._admit(scheduled, budget)
+            if scheduled:
+                return Schedule(scheduled, [])
         preempted: list[SimRequest] = []
         i = 0
         while i < len(self.running):
@@ -194,19 +204,28 @@ class Scheduler:
             scheduled.append(Scheduled(req, num_new, self._is_prefill(req, num_new)))
             budget -= num_new
             i += 1
-        if not preempted:
-            while self.waiting and len(self.running) + self.num_suspended_running < self.max_num_seqs:
-                req = self.waiting[0]
-                num_new = req.num_tokens - req.num_computed_tokens
-                need = self.blocks_for(req.num_tokens) - len(req.block_ids)
-                if num_new > budget or self.pool.num_free - need < self.watermark_blocks:
-                    break
-                self.waiting.pop(0)
-                req.block_ids.extend(self.pool.allocate(need))
-                self.start_running(req)
-                scheduled.append(Scheduled(req, num_new, True))
-                budget -= num_new
+        if not preempted and not self.split_steps:
+            self._admit(scheduled, budget)
         return Schedule(scheduled, preempted)
+
+    def _admit(self, scheduled: list[Scheduled], budget: int) -> None:
+        """Admits waiting requests in queue order while a sequence slot, the token budget and the watermark allow."""
+        while self.waiting and len(self.running) + self.num_suspended_running < self.max_num_seqs:
+            req = self.waiting[0]
+            num_new = req.num_tokens - req.num_computed_tokens
+            need = self.blocks_for(req.num_tokens) - len(req.block_ids)
+            if num_new > budget or self.pool.num_free - need < self.watermark_blocks:
+                break
+            self.waiting.pop(0)
+            req.block_ids.extend(self.pool.allocate(need))
+            self.start_running(req)
+            scheduled.append(Scheduled(req, num_new, True))
+            budget -= num_new
+
+    def waiting_demand_ahead(self, arrival_time: float) -> int:
+        """Blocks the waiting requests that a fresh request arriving at ``arrival_time`` would queue behind need."""
+        key: QueueKey = (1, arrival_time, 1 << 62)
+        return sum(self.demand_blocks(r) for r in self.waiting if r.queue_key < key)
 
     @staticmethod
     def _is_prefill(req: SimRequest, num_new: int) -> bool:

@@ -31,7 +31,12 @@ from pyllumnix.data_plane.engine.base import (
     UnknownRequestError,
 )
 from pyllumnix.data_plane.engine.block_pool import BlockPool
-from pyllumnix.data_plane.engine.checks import check_block_data, check_reservation, check_reserved
+from pyllumnix.data_plane.engine.checks import (
+    check_block_data,
+    check_reservation,
+    check_reserved,
+    check_waiting_admission,
+)
 from pyllumnix.data_plane.engine.payload import PayloadStore, expected_block_bytes, request_key
 from pyllumnix.data_plane.engine.profile import Profile, get_profile
 from pyllumnix.data_plane.engine.scheduler import Scheduler, SimRequest
@@ -59,6 +64,7 @@ class SimEngine(Engine):
         max_num_seqs: int | None = None,
         max_num_batched_tokens: int | None = None,
         max_model_len: int | None = None,
+        split_steps: bool | None = None,
         payload_spare_bytes: int = 1 << 30,
         prewarm_blocks: int = 0,
         verify_incoming: bool = False,
@@ -74,6 +80,7 @@ class SimEngine(Engine):
             "max_num_seqs": max_num_seqs,
             "max_num_batched_tokens": max_num_batched_tokens,
             "max_model_len": max_model_len,
+            "split_steps": split_steps,
         }
         prof = dataclasses.replace(prof, **{k: v for k, v in overrides.items() if v is not None})
         self.profile = prof
@@ -92,6 +99,7 @@ class SimEngine(Engine):
             max_num_seqs=prof.max_num_seqs,
             max_num_batched_tokens=prof.max_num_batched_tokens,
             watermark_blocks=prof.watermark_blocks,
+            split_steps=prof.split_steps,
         )
         self._requests: dict[str, SimRequest] = {}
 
@@ -299,7 +307,10 @@ class SimEngine(Engine):
     def commit_incoming(self, state: MigrationState, block_ids: Sequence[int], now: float) -> None:
         """A request with KV is installed running (it starts last, so it is the first preemption victim); one without
         KV joins the waiting queue by arrival time, and any blocks reserved for it return to the free pool. A running
-        commit is not refused for a full batch (max_num_seqs): the destination's reservation is the admission check."""
+        commit is not refused for a full batch (max_num_seqs): the destination's reservation is the admission check.
+        A request without KV is refused (``OutOfBlocksError``, a destination abort: it stays on the source) unless the
+        destination could admit it now: its prefill demand plus that of the requests it would queue behind must fit
+        above the watermark. Otherwise it would just wait here instead of there, holding no blocks anywhere."""
         spec = state.spec
         if spec.request_id in self._requests:
             raise DuplicateRequestError(spec.request_id)
@@ -312,6 +323,15 @@ class SimEngine(Engine):
         if len(state.output_token_ids) >= spec.sampling.max_tokens:
             raise InvalidRequestError(f"{spec.request_id}: already produced max_tokens")
         self._check_reserved(block_ids)
+        if not state.num_computed_tokens:
+            sched = self.scheduler
+            check_waiting_admission(
+                spec.request_id,
+                sched.blocks_for(num_tokens),
+                sched.waiting_demand_ahead(spec.arrival_time),
+                self.pool.num_free + len(block_ids),
+                sched.watermark_blocks,
+            )
         needed = self.scheduler.blocks_for(state.num_computed_tokens)
         if state.num_computed_tokens and len(block_ids) != needed:
             raise InvalidStateError(

@@ -34,7 +34,12 @@ from pyllumnix.data_plane.engine.base import (
     TokenOutput,
     UnknownRequestError,
 )
-from pyllumnix.data_plane.engine.checks import check_block_data, check_reservation, check_reserved
+from pyllumnix.data_plane.engine.checks import (
+    check_block_data,
+    check_reservation,
+    check_reserved,
+    check_waiting_admission,
+)
 from pyllumnix.data_plane.engine.vllm.adapter import CoreAdapter, CoreConfig, ReqView, SamplingArgs
 
 ENGINE_STATE_VERSION = 1
@@ -321,7 +326,9 @@ class VllmEngine(Engine):
 
     def commit_incoming(self, state: MigrationState, block_ids: Sequence[int], now: float) -> None:
         """With KV: installed running on the reserved blocks (appended last: the first preemption victim). Without
-        KV: waiting (preempted, recomputed when admitted, if it has outputs); its reserved blocks are freed."""
+        KV: waiting (preempted, recomputed when admitted, if it has outputs); its reserved blocks are freed. Without KV
+        it is refused (``OutOfBlocksError``: a destination abort, it stays on the source) unless its prefill demand,
+        behind every request already waiting here (V1's queue is FCFS), fits above the watermark."""
         spec = state.spec
         if spec.request_id in self._reqs:
             raise DuplicateRequestError(spec.request_id)
@@ -337,6 +344,18 @@ class VllmEngine(Engine):
         if bad:
             raise InvalidRequestError(f"{spec.request_id}: output token ids outside the vocabulary: {bad[:5]}")
         self._check_reserved(block_ids)
+        if not state.num_computed_tokens:
+            ahead = 0
+            for rid in self.core.waiting_ids():
+                view = self.core.view(rid)
+                ahead += self._demand(view) if view is not None else 0
+            check_waiting_admission(
+                spec.request_id,
+                -(-num_tokens // self.block_size),
+                ahead,
+                self.core.num_free_blocks() + len(block_ids),
+                self.watermark_blocks,
+            )
         needed = -(-state.num_computed_tokens // self.block_size)
         if state.num_computed_tokens and len(block_ids) != needed:
             raise InvalidStateError(
