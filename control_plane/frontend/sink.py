@@ -22,8 +22,8 @@ from typing import Any, TypeAlias
 import grpc
 
 from pyllumnix.control_plane.frontend.requests import RequestTracker, StaleCapabilityError
-from pyllumnix.infra.security.authz import caller_identity
-from pyllumnix.infra.security.ca import Identity, IdentityError
+from pyllumnix.infra.security.authz import authenticated_caller
+from pyllumnix.infra.security.ca import Identity
 from pyllumnix.infra.security.tokens import TokenError
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
@@ -33,22 +33,10 @@ SERVICE_NAME = "llumnix.v1.OutputSinkService"
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
-def is_plaintext(context: Any) -> bool:
-    """Whether the call came over a connection without TLS (only an ``--insecure`` server has one)."""
-    auth = context.auth_context() or {}
-    return b"ssl" not in auth.get("transport_security_type", ())
-
-
-async def authenticated_caller(context: Any, what: str) -> Identity | None:
-    """The caller's identity; None on a plaintext (insecure-mode) connection; UNAUTHENTICATED on a TLS connection
-    without a usable identity."""
-    identity = caller_identity(context)
-    if isinstance(identity, IdentityError):
-        if is_plaintext(context):
-            return None
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{what} needs a cluster identity: {identity}")
-        raise AssertionError("context.abort raises")  # pragma: no cover
-    return identity
+def _holder_error_notice(out: common_pb2.RequestOutput) -> bool:
+    """A token-less final ERROR/ABORT without tokens (what a llumlet's pusher queues when it gives up)."""
+    ended = out.finish_reason in (common_pb2.FINISH_REASON_ERROR, common_pb2.FINISH_REASON_ABORT)
+    return out.finished and ended and not out.token_ids
 
 
 class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
@@ -102,6 +90,9 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         for out in request.outputs:
             if self.tracker.get(out.request_id) is None:
                 accepted.append(out)  # answered as unknown: the llumlet aborts it
+                continue
+            if not out.capability and _holder_error_notice(out) and caller.id in ledger.holders(out.request_id):
+                accepted.append(out)  # the pusher's own "gave up" notice: it may end what it holds, never add to it
                 continue
             try:
                 ledger.check(out.capability, request_id=out.request_id, caller_instance_id=caller.id)

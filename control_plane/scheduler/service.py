@@ -2,6 +2,11 @@
 
 A follower answers every call but GetLeader with FAILED_PRECONDITION and the leader's address in the trailing
 metadata key ``llumnix-leader``, so a client retries there and a write is never applied twice.
+
+ReportLoad: a llumlet reports only its own load (each message's ``instance_id`` is the caller's certificate id,
+else PERMISSION_DENIED), and reports of one instance closer together than ``min_report_interval`` are dropped (not
+counted as accepted), so no caller can make the leader do more than a bounded amount of work. Both checks are skipped
+on a plaintext (``--insecure``) connection, which has no identity; the floor still applies per reported instance.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import grpc
 
 from pyllumnix.control_plane.policy.snapshot import InstanceState
 from pyllumnix.control_plane.scheduler.replica import NotLeaderError, SchedulerReplica, SchedulingError
+from pyllumnix.infra.security.authz import authenticated_caller, require_self
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 LEADER_METADATA_KEY = "llumnix-leader"
 SCHEDULER_SERVICE = "llumnix.v1.SchedulerService"
 ADMIN_SERVICE = "llumnix.v1.AdminService"
 
+# Reports of one instance closer together than this are dropped (a llumlet reports every 50 ms by default).
+MIN_REPORT_INTERVAL_S = 0.005
 _R = TypeVar("_R")
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
@@ -43,8 +51,12 @@ async def _guard(context: Context, call: Callable[[], Awaitable[_R]]) -> _R:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
-    def __init__(self, replica: SchedulerReplica) -> None:
+    def __init__(self, replica: SchedulerReplica, *, min_report_interval: float = MIN_REPORT_INTERVAL_S) -> None:
         self.replica = replica
+        self.min_report_interval = min_report_interval
+        # instance id -> time.monotonic() of its latest accepted report; reports dropped by the floor.
+        self._last_report: dict[str, float] = {}
+        self.reports_throttled = 0
 
     async def Dispatch(
         self, request: scheduler_pb2.DispatchRequest, context: Context
@@ -62,11 +74,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request_iterator: AsyncIterator[scheduler_pb2.ReportLoadRequest], context: Context
     ) -> scheduler_pb2.ReportLoadResponse:
         accepted = 0
+        caller = await authenticated_caller(context, "ReportLoad")
         try:
             self.replica.require_leader()
             async for report in request_iterator:
+                if caller is not None:
+                    await require_self(context, report.load.instance_id)
                 self.replica.require_leader()
+                iid = report.load.instance_id
+                now = time.monotonic()
+                last = self._last_report.get(iid)
+                if last is not None and now - last < self.min_report_interval:
+                    self.reports_throttled += 1
+                    continue
                 if self.replica.report(report.load):
+                    self._last_report[iid] = now
                     accepted += 1
         except NotLeaderError as exc:
             await _fail(context, exc)

@@ -81,7 +81,10 @@ def spec_to_pb(spec: RequestSpec, frontend_address: str) -> common_pb2.EngineReq
     )
 
 
-def output_to_pb(out: TokenOutput, instance_id: str, num_prompt_tokens: int = 0) -> common_pb2.RequestOutput:
+def output_to_pb(
+    out: TokenOutput, instance_id: str, num_prompt_tokens: int = 0, capability: str = ""
+) -> common_pb2.RequestOutput:
+    """``capability``: the holder's token for the request (the frontend accepts outputs only with it)."""
     return common_pb2.RequestOutput(
         request_id=out.request_id,
         token_ids=list(out.token_ids),
@@ -91,6 +94,7 @@ def output_to_pb(out: TokenOutput, instance_id: str, num_prompt_tokens: int = 0)
         error=out.error,
         instance_id=instance_id,
         num_prompt_tokens=num_prompt_tokens,
+        capability=capability,
     )
 
 

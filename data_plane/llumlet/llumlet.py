@@ -9,6 +9,10 @@ Every request that ends here ends with a final output to its frontend: finished 
 says by whom), failed by an engine error, or failed because the instance shuts down. The one exception is a frontend
 that could not be reached for the whole push budget (see ``output_push``): its requests are aborted here to free
 their blocks, and the pusher queues their final ERROR outputs in case it comes back.
+
+Each request's outputs carry the capability token its frontend granted this instance (``EngineRequest.capability``,
+or the one a migration handed over); before a migration commits, the source asks the frontend to hand the request
+over (``hand_over``) and sends the destination's token with the commit.
 """
 
 from __future__ import annotations
@@ -21,11 +25,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
 
 from pyllumnix.data_plane.engine.base import Engine, Finish, MigrationState, Phase, TokenOutput, UnknownRequestError
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
-from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +90,8 @@ class LlumletStats:
 class RequestOwner:
     frontend_address: str
     num_prompt_tokens: int
+    # The frontend's capability token for this instance holding the request (empty on an insecure cluster).
+    capability: str = ""
     # Called with each output before it is pushed (tests and metrics hooks).
     listeners: list[Callable[[TokenOutput], None]] = field(default_factory=list)
 
@@ -128,6 +137,8 @@ class Llumlet:
         self.abort_reasons: dict[str, str] = {}
         # Called after every step (under the lock) so migration coordinators can react between steps.
         self.after_step: list[Callable[[], None]] = []
+        # Opens a channel to a frontend's output sink (for ``hand_over``): mutual TLS when the process is configured.
+        self.sink_channel: Callable[[str], Any] = _open_channel
 
     # --- lifecycle ---
     def start(self) -> None:
@@ -172,7 +183,9 @@ class Llumlet:
                         f"instance {self.instance_id} has {waiting} requests waiting, its limit is {self.max_waiting}"
                     )
             self.engine.add_request(spec, time.time())
-            self.owners[spec.request_id] = RequestOwner(request.frontend_address, len(spec.prompt_token_ids))
+            self.owners[spec.request_id] = RequestOwner(
+                request.frontend_address, len(spec.prompt_token_ids), capability=request.capability
+            )
             self.stats.requests_added += 1
         self.wake()
 
@@ -191,9 +204,33 @@ class Llumlet:
             message = self.abort_reasons.pop(request_id, "") or reason or "aborted by its client"
             self._emit([dataclasses.replace(out, error=f"{message} (on instance {self.instance_id})")])
 
-    def adopt(self, state: MigrationState, frontend_address: str) -> None:
-        """Takes ownership of a request migrated in (call under engine_lock, right after commit_incoming)."""
-        self.owners[state.spec.request_id] = RequestOwner(frontend_address, len(state.spec.prompt_token_ids))
+    def adopt(self, state: MigrationState, frontend_address: str, capability: str = "") -> None:
+        """Takes ownership of a request migrated in (call under engine_lock, right after commit_incoming);
+        ``capability``: the token the source obtained for this instance with ``hand_over``."""
+        self.owners[state.spec.request_id] = RequestOwner(
+            frontend_address, len(state.spec.prompt_token_ids), capability=capability
+        )
+
+    async def hand_over(self, request_id: str, destination_instance_id: str, *, timeout: float = 2.0) -> str:
+        """Asks the request's frontend for ``destination_instance_id``'s capability token (before the commit).
+
+        Empty when this instance holds no token for it (an insecure cluster). Raises grpc.aio.AioRpcError when the
+        frontend refuses or cannot be reached: the migration must then not commit (the destination could not push).
+        """
+        owner = self.owners.get(request_id)
+        if owner is None or not owner.capability or not owner.frontend_address:
+            return ""
+        channel = self.sink_channel(owner.frontend_address)
+        try:
+            reply = await frontend_pb2_grpc.OutputSinkServiceStub(channel).HandOver(
+                frontend_pb2.HandOverRequest(
+                    request_id=request_id, capability=owner.capability, new_instance_id=destination_instance_id
+                ),
+                timeout=timeout,
+            )
+        finally:
+            await channel.close()
+        return str(reply.capability)
 
     def _abort_orphans(self, request_ids: list[str]) -> None:
         """The frontend does not know these requests: abort them (no output: nobody waits for it) to free blocks."""
@@ -231,7 +268,7 @@ class Llumlet:
                     )
                     self.pusher.submit(
                         owner.frontend_address,
-                        [convert.output_to_pb(final, self.instance_id, owner.num_prompt_tokens)],
+                        [convert.output_to_pb(final, self.instance_id, owner.num_prompt_tokens, owner.capability)],
                     )
 
     # --- load ---
@@ -270,7 +307,7 @@ class Llumlet:
             for listener in owner.listeners:
                 listener(out)
             by_frontend.setdefault(owner.frontend_address, []).append(
-                convert.output_to_pb(out, self.instance_id, owner.num_prompt_tokens)
+                convert.output_to_pb(out, self.instance_id, owner.num_prompt_tokens, owner.capability)
             )
             if out.finished:
                 del self.owners[out.request_id]
@@ -328,3 +365,12 @@ class Llumlet:
                     TokenOutput(rid, (), aborted.first_index, finished=True, finish=Finish.ERROR, error=message)
                 )
         self._emit(outputs)
+
+
+def _open_channel(address: str) -> Any:
+    """The process's channel factory (mutual TLS once ``infra.security.runtime`` is configured, else plaintext)."""
+    try:
+        from pyllumnix.infra.security.runtime import open_channel
+    except ImportError:  # pragma: no cover - the runtime module ships with infra.security
+        return grpc.aio.insecure_channel(address)
+    return open_channel(address)

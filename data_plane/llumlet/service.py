@@ -1,9 +1,22 @@
-"""The LlumletService gRPC servicer: validates input, maps engine errors to status codes, delegates migration."""
+"""The LlumletService gRPC servicer: validates input, maps engine errors to status codes, delegates migration.
+
+Authorization beyond the role table (checked from the caller's certificate identity; skipped, with one warning, on a
+plaintext connection, which only a llumlet started with ``--insecure`` has):
+
+- orders (MigrateOut, SetInstanceState) come from the scheduler leader only: each carries the leader's term
+  (``llumnix-term`` metadata, see ``infra.security.fencing``); an order without a term is refused (PERMISSION_DENIED),
+  one from an older term than the newest seen here FAILED_PRECONDITION;
+- MigrateOut sends only to an instance of the registry whose registered address is the one given (``registry``);
+- the destination side of a migration is bound to its source: PreAllocate's ``source_instance_id`` is the caller,
+  one reservation per source at a time, and TransferStage/CommitMigration/AbortMigration only from that source;
+  a commit must name the request and frontend address its first stage announced.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
@@ -18,11 +31,19 @@ from pyllumnix.data_plane.engine.base import (
 )
 from pyllumnix.data_plane.llumlet.convert import request_load_to_pb
 from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llumlet, QueueFullError
+from pyllumnix.infra.security.authz import authenticated_caller, is_plaintext
+from pyllumnix.infra.security.ca import Identity
+from pyllumnix.infra.security.fencing import StaleTermError, TermFence, term_from_metadata
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "llumnix.v1.LlumletService"
 _R = TypeVar("_R")
 MIN_STREAM_INTERVAL_MS = 5
+# Concurrent StreamLoad streams one caller (certificate identity; not counted without TLS) may hold: with the
+# interval floor this bounds the snapshots per second any caller can make this llumlet build.
+MAX_STREAMS_PER_CALLER = 4
 
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (DuplicateRequestError, grpc.StatusCode.ALREADY_EXISTS),
@@ -48,8 +69,30 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: Exception
     raise AssertionError("unreachable")  # context.abort raises
 
 
+Registry = Callable[[str], Awaitable[str | None]]
+"""Instance id -> its registered gRPC address (None: not registered); see :func:`registry_resolver`."""
+
+
+def registry_resolver(registry: Any) -> Registry:
+    """A :data:`Registry` over an ``InstanceRegistry`` (etcd): reads the instance's entry at each order."""
+
+    async def address_of(instance_id: str) -> str | None:
+        value = await registry.get(instance_id)
+        if value is None:
+            return None
+        info = common_pb2.InstanceInfo()
+        info.ParseFromString(value)
+        return str(info.grpc_address)
+
+    return address_of
+
+
 class MigrationHandler(Protocol):
     """The migration coordinator's gRPC-facing side (source and destination roles)."""
+
+    def incoming_source(self, migration_id: str) -> str | None: ...
+    def incoming_request(self, migration_id: str) -> llumlet_pb2.MigratingRequest | None: ...
+    def incoming_from(self, source_instance_id: str) -> list[str]: ...
 
     async def migrate_out(self, request: llumlet_pb2.MigrateOutRequest) -> llumlet_pb2.MigrateOutResponse: ...
     async def pre_allocate(self, request: llumlet_pb2.PreAllocateRequest) -> llumlet_pb2.PreAllocateResponse: ...
@@ -67,10 +110,70 @@ class MigrationError(Exception):
 
 
 class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
-    def __init__(self, llumlet: Llumlet, migration: MigrationHandler | None = None, stream_interval_ms: int = 50):
+    """``registry``: where MigrateOut checks its destination (None: unchecked, with a warning; a llumlet that runs
+    without etcd has no registry to ask)."""
+
+    def __init__(
+        self,
+        llumlet: Llumlet,
+        migration: MigrationHandler | None = None,
+        stream_interval_ms: int = 50,
+        *,
+        registry: Registry | None = None,
+    ):
         self.llumlet = llumlet
         self.migration = migration
         self.stream_interval_ms = stream_interval_ms
+        self.registry = registry
+        self.fence = TermFence()
+        self._warned: set[str] = set()
+        self._streams: dict[str, int] = {}
+
+    def _warn_once(self, what: str, message: str) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning("%s", message)
+
+    async def _caller(self, context: grpc.aio.ServicerContext[Any, Any], what: str) -> Identity | None:
+        caller = await authenticated_caller(context, what)
+        if caller is None:
+            self._warn_once("insecure", f"llumlet {self.llumlet.instance_id}: plaintext calls (--insecure) unchecked")
+        return caller
+
+    async def _admit_order(self, context: grpc.aio.ServicerContext[Any, Any], what: str) -> None:
+        """A leader's order: from role scheduler with a term not older than the newest seen here."""
+        caller = await self._caller(context, what)
+        term = term_from_metadata(context.invocation_metadata())
+        if caller is None and term is None:
+            return
+        if caller is not None and caller.role != "scheduler":
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"{what}: caller {caller.role} {caller.id} is not the scheduler"
+            )
+        if term is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what}: the order carries no leader term")
+        try:
+            self.fence.admit(term)
+        except StaleTermError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{what}: {exc}")
+
+    async def _check_destination(
+        self, context: grpc.aio.ServicerContext[Any, Any], request: llumlet_pb2.MigrateOutRequest
+    ) -> None:
+        if self.registry is None:
+            self._warn_once("registry", "MigrateOut destinations are not checked: this llumlet has no registry")
+            return
+        dst = request.destination_instance_id
+        registered = await self.registry(dst) if dst else None
+        if registered is None:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, f"MigrateOut: destination {dst!r} is not a registered instance"
+            )
+        if registered != request.destination_grpc_address:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"MigrateOut: destination {dst} is registered at {registered}, not {request.destination_grpc_address}",
+            )
 
     async def AddRequest(
         self, request: llumlet_pb2.AddRequestRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -103,9 +206,22 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         interval_ms = request.interval_ms or self.stream_interval_ms
         if interval_ms < MIN_STREAM_INTERVAL_MS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"interval_ms must be >= {MIN_STREAM_INTERVAL_MS}")
-        while True:
-            yield llumlet_pb2.StreamLoadResponse(load=self.llumlet.load_pb())
-            await asyncio.sleep(interval_ms / 1000)
+        caller = await self._caller(context, "StreamLoad")
+        who = f"{caller.role}/{caller.id}" if caller is not None else ""  # insecure: no identity to count by
+        if who and self._streams.get(who, 0) >= MAX_STREAMS_PER_CALLER:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{who} already holds {MAX_STREAMS_PER_CALLER} load streams on {self.llumlet.instance_id}",
+            )
+        self._streams[who] = self._streams.get(who, 0) + 1
+        try:
+            while True:
+                yield llumlet_pb2.StreamLoadResponse(load=self.llumlet.load_pb())
+                await asyncio.sleep(interval_ms / 1000)
+        finally:
+            self._streams[who] -= 1
+            if not self._streams[who]:
+                del self._streams[who]
 
     async def ListRequests(
         self, request: llumlet_pb2.ListRequestsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -121,6 +237,7 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
             common_pb2.INSTANCE_STATE_CORDONED,
             common_pb2.INSTANCE_STATE_DRAINING,
         )
+        await self._admit_order(context, "SetInstanceState")
         if request.state not in allowed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "state must be ACTIVE, CORDONED or DRAINING")
         self.llumlet.state = request.state
@@ -146,6 +263,9 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
     async def MigrateOut(
         self, request: llumlet_pb2.MigrateOutRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llumlet_pb2.MigrateOutResponse:
+        await self._admit_order(context, "MigrateOut")
+        if not is_plaintext(context):
+            await self._check_destination(context, request)
         handler = await self._migration(context)
         return await self._delegate(context, handler.migrate_out(request))
 
@@ -153,22 +273,66 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         self, request: llumlet_pb2.PreAllocateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llumlet_pb2.PreAllocateResponse:
         handler = await self._migration(context)
+        caller = await self._caller(context, "PreAllocate")
+        if caller is not None:
+            if caller.role != "llumlet" or caller.id != request.source_instance_id:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"PreAllocate: caller {caller.role} {caller.id} may not reserve for source "
+                    f"{request.source_instance_id!r}",
+                )
+            source = handler.incoming_source(request.migration_id)
+            if source is not None and source != caller.id:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"PreAllocate: migration {request.migration_id} belongs to source {source}, not {caller.id}",
+                )
+            held = [m for m in handler.incoming_from(caller.id) if m != request.migration_id]
+            if source is None and held:
+                await context.abort(
+                    grpc.StatusCode.ABORTED, f"PreAllocate: source {caller.id} already holds reservation {held[0]}"
+                )
         return await self._delegate(context, handler.pre_allocate(request))
 
     async def TransferStage(
         self, request: llumlet_pb2.TransferStageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llumlet_pb2.TransferStageResponse:
         handler = await self._migration(context)
+        await self._from_source(context, handler, request.migration_id, "TransferStage")
         return await self._delegate(context, handler.transfer_stage(request))
 
     async def CommitMigration(
         self, request: llumlet_pb2.CommitMigrationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llumlet_pb2.CommitMigrationResponse:
         handler = await self._migration(context)
+        await self._from_source(context, handler, request.migration_id, "CommitMigration")
+        announced = handler.incoming_request(request.migration_id)
+        if announced is not None:
+            got, want = request.request.request, announced.request
+            if got.request_id != want.request_id or got.frontend_address != want.frontend_address:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"CommitMigration: migration {request.migration_id} announced request {want.request_id} of "
+                    f"frontend {want.frontend_address}; the commit names {got.request_id} of {got.frontend_address}",
+                )
         return await self._delegate(context, handler.commit(request))
 
     async def AbortMigration(
         self, request: llumlet_pb2.AbortMigrationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llumlet_pb2.AbortMigrationResponse:
         handler = await self._migration(context)
+        await self._from_source(context, handler, request.migration_id, "AbortMigration")
         return await handler.abort(request)
+
+    async def _from_source(
+        self, context: grpc.aio.ServicerContext[Any, Any], handler: MigrationHandler, migration_id: str, what: str
+    ) -> None:
+        """Only the source holding a migration's reservation may drive it (unknown migrations fall through to the
+        handler, which answers NOT_FOUND, or success for an idempotent abort)."""
+        caller = await self._caller(context, what)
+        source = handler.incoming_source(migration_id)
+        if caller is not None and source is not None and (caller.role != "llumlet" or caller.id != source):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{what}: migration {migration_id} belongs to source {source}, not {caller.role} {caller.id}",
+            )

@@ -235,3 +235,22 @@ async def require_self(context: Any, instance_id: str, *, role: str = "llumlet")
             f"caller {identity.role} {identity.id} may not act for {role} {instance_id!r}",
         )
     return identity
+
+
+def is_plaintext(context: Any) -> bool:
+    """Whether a call came over a connection without TLS (a server opened with ``--insecure``: a TLS server has no
+    plaintext port), so there is no identity to check."""
+    auth = context.auth_context() or {}
+    return b"ssl" not in auth.get("transport_security_type", ())
+
+
+async def authenticated_caller(context: Any, what: str) -> Identity | None:
+    """The caller's identity for per-request checks; None on a plaintext (``--insecure``) connection, where such
+    checks are skipped; UNAUTHENTICATED (naming ``what``) on a TLS connection without a usable identity."""
+    identity = caller_identity(context)
+    if not isinstance(identity, IdentityError):
+        return identity
+    if is_plaintext(context):
+        return None
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{what} needs a cluster identity: {identity}")
+    raise AssertionError("context.abort raises")  # pragma: no cover

@@ -153,6 +153,20 @@ class MigrationCoordinator:
         for channel in self._channels.values():
             await channel.close()
 
+    def incoming_source(self, migration_id: str) -> str | None:
+        """The source instance that holds migration ``migration_id``'s reservation here (None: no such migration)."""
+        incoming = self._incoming.get(migration_id)
+        return incoming.source_instance_id if incoming is not None else None
+
+    def incoming_request(self, migration_id: str) -> llumlet_pb2.MigratingRequest | None:
+        """The request a migration's first stage announced (what its commit must match)."""
+        incoming = self._incoming.get(migration_id)
+        return incoming.request if incoming is not None else None
+
+    def incoming_from(self, source_instance_id: str) -> list[str]:
+        """Migrations ``source_instance_id`` holds a reservation for here."""
+        return [mid for mid, inc in self._incoming.items() if inc.source_instance_id == source_instance_id]
+
     @property
     def busy(self) -> bool:
         """A migration is in progress in either role."""
@@ -334,6 +348,7 @@ class MigrationCoordinator:
         first_pb = convert.migration_state_to_pb(state, frontend) if state else await self._peek_state(rid, frontend)
         dst_ids: list[int] = []
         copied = 0
+        capability = ""  # the destination's capability token, from the frontend (once stage 0 is reserved)
         for stage_index in itertools.count():
             if self.hooks is not None:
                 await self.hooks.before_stage(mid, rid, stage_index)
@@ -377,6 +392,9 @@ class MigrationCoordinator:
             stage_dst = list(reply.block_ids)
             if len(stage_dst) != plan.count:
                 raise _DestinationAbort(f"destination reserved {len(stage_dst)} blocks, asked {plan.count}")
+            if plan.index == 0:
+                # Outside the downtime: the source's own token stays valid until the destination's first output.
+                capability = await self._hand_over(rid, result.destination_instance_id)
             t_reserved = time.monotonic()
             nbytes, crc = await self._send_stage(mid, plan.index, reply.data_plane_address, src_ids)
             t_sent = time.monotonic()
@@ -398,7 +416,10 @@ class MigrationCoordinator:
         if rid in self.llumlet.pending_aborts:
             raise _SourceAbort(f"request {rid} was aborted by its client during migration")
         commit = llumlet_pb2.CommitMigrationRequest(
-            migration_id=mid, request=convert.migration_state_to_pb(state, frontend), block_ids=dst_ids
+            migration_id=mid,
+            request=convert.migration_state_to_pb(state, frontend),
+            block_ids=dst_ids,
+            capability=capability,
         )
         if self.hooks is not None:
             await self.hooks.before_commit(mid, rid, result.stages)
@@ -421,6 +442,14 @@ class MigrationCoordinator:
             (done - t_flushed) * 1000,
         )
         return True
+
+    async def _hand_over(self, rid: str, dst_id: str) -> str:
+        """The destination's capability token from the request's frontend; a refusal aborts the migration (the
+        destination could not push the request's outputs)."""
+        try:
+            return await self.llumlet.hand_over(rid, dst_id, timeout=self.settings.transfer_timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise _SourceAbort(f"the frontend refused the hand-over: {exc.code().name}: {exc.details()}") from exc
 
     async def _suspend_if(self, condition: bool, rid: str) -> MigrationState | None:
         if not condition:
@@ -591,7 +620,7 @@ class MigrationCoordinator:
         try:
             async with self.llumlet.engine_lock:
                 self.llumlet.engine.commit_incoming(state, incoming.block_ids, time.time())
-                self.llumlet.adopt(state, request.request.request.frontend_address)
+                self.llumlet.adopt(state, request.request.request.frontend_address, request.capability)
         except (DuplicateRequestError, InvalidRequestError, EngineError) as exc:
             await self._free_incoming(mid, f"commit failed: {exc}")
             raise MigrationError(grpc.StatusCode.FAILED_PRECONDITION, f"commit failed: {exc}") from exc
