@@ -68,6 +68,8 @@ class TlsConfig:
     certificate_chain: bytes | None = None
     private_key: bytes | None = None
     server_name_override: str | None = None
+    # Sent as ``authorization: Bearer <key>`` on every call (grpc sends call credentials over TLS only).
+    api_key: str | None = None
 
     @classmethod
     def from_files(
@@ -76,6 +78,7 @@ class TlsConfig:
         cert: str | Path | None = None,
         key: str | Path | None = None,
         server_name: str | None = None,
+        api_key: str | None = None,
     ) -> TlsConfig:
         """Reads PEM files; a client certificate needs its key and vice versa."""
         if (cert is None) != (key is None):
@@ -85,14 +88,18 @@ class TlsConfig:
             certificate_chain=Path(cert).read_bytes() if cert else None,
             private_key=Path(key).read_bytes() if key else None,
             server_name_override=server_name or None,
+            api_key=api_key or None,
         )
 
     def credentials(self) -> Any:
-        return grpc.ssl_channel_credentials(
+        ssl_creds = grpc.ssl_channel_credentials(
             root_certificates=self.root_certificates,
             private_key=self.private_key,
             certificate_chain=self.certificate_chain,
         )
+        if not self.api_key:
+            return ssl_creds
+        return grpc.composite_channel_credentials(ssl_creds, grpc.access_token_call_credentials(self.api_key))
 
     def options(self) -> list[tuple[str, str]]:
         if self.server_name_override:

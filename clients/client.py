@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from pyllumnix.clients import config_paths
 from pyllumnix.clients.channel import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, CallKind, EndpointPool, TlsConfig
 from pyllumnix.clients.errors import InvalidArgumentError, LlumnixError, NotFoundError, UnavailableError, from_rpc_error
+from pyllumnix.infra.security.context import ClientContext, context_path, load_context
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -155,6 +156,14 @@ def build_generate_request(
     return request
 
 
+def tls_from_context(ctx: ClientContext) -> TlsConfig | None:
+    """The context's CA, client certificate and API key as channel TLS (None: a plaintext context)."""
+    files = ctx.tls_files()
+    if not files:
+        return None
+    return TlsConfig.from_files(**files, api_key=ctx.api_key or None)
+
+
 class AsyncLlumnixClient:
     """Generate/Abort at ``frontend_endpoints``, admin calls at ``scheduler_endpoints`` (``endpoints`` is used for a
     role whose own list is not given, e.g. one address serving both).
@@ -178,7 +187,16 @@ class AsyncLlumnixClient:
         fe = frontend_endpoints if frontend_endpoints is not None else endpoints
         se = scheduler_endpoints if scheduler_endpoints is not None else endpoints
         if not fe and not se:
-            raise ValueError("give endpoints, frontend_endpoints or scheduler_endpoints")
+            # No endpoints: the client context file (written by `llumnix serve`) says where and with what.
+            ctx = load_context()
+            if ctx is None:
+                raise ValueError(
+                    "give endpoints, frontend_endpoints or scheduler_endpoints (or run `llumnix serve`, which writes "
+                    f"the client context file {context_path()})"
+                )
+            fe, se = ctx.frontend, ctx.scheduler
+            if tls is None:
+                tls = tls_from_context(ctx)
         self.timeout = timeout
         self.generate_timeout = generate_timeout
         common: dict[str, Any] = {"tls": tls, "timeout": timeout, "connect_timeout": connect_timeout}

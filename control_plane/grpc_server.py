@@ -1,7 +1,10 @@
-"""One way to start a grpc.aio server: the given services plus health checking and reflection.
+"""One way to start a grpc.aio server: the given services plus health checking (and reflection when asked for).
 
 Every process of the system (scheduler replicas, llumlets, frontends, test sinks) starts its server here, so health
-and reflection are always on and the bound port is always reported the same way.
+is always on, the bound port is always reported the same way, and security is applied in one place: with the
+process's security settings (``infra.security.runtime``) secure, the port requires CA-signed client certificates
+and a ``RoleInterceptor`` checks each call's method against the caller's role. Reflection is off unless the settings
+(``--reflection``) or the caller ask for it: it hands out the whole schema to anyone who may connect.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.runtime import SecuritySettings
 
 # (add_XServicer_to_server, servicer instance, full service name, e.g. "llumnix.v1.LlumletService")
 ServiceBinding = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
@@ -48,17 +54,34 @@ async def start_server(
     host: str = "127.0.0.1",
     port: int = 0,
     options: Sequence[tuple[str, int]] = DEFAULT_OPTIONS,
+    *,
+    security: SecuritySettings | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    credentials: Any = None,
+    reflection_on: bool | None = None,
 ) -> RunningServer:
-    """Starts a server on host:port (port 0 picks a free one) with health + reflection; all services SERVING."""
-    server = grpc.aio.server(options=list(options))
+    """Starts a server on host:port (port 0 picks a free one) with health; all services SERVING.
+
+    ``security`` defaults to the process's settings. ``credentials`` replaces the port's (a public port: server-only
+    TLS, callers authenticated by ``interceptors`` such as API keys, no role check); ``reflection_on`` overrides the
+    settings' ``--reflection``.
+    """
+    settings = security if security is not None else runtime.current()
+    chain = list(interceptors)
+    if credentials is None:
+        credentials = runtime.server_port_credentials(settings)
+        chain = [*runtime.server_interceptors(settings), *chain]
+    server = grpc.aio.server(options=list(options), interceptors=chain or None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    names = [health.SERVICE_NAME]
     for add, servicer, name in bindings:
         add(servicer, server)
         names.append(name)
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if settings.reflection if reflection_on is None else reflection_on:
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+    address = f"{host}:{port}"
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     await server.start()

@@ -1,4 +1,4 @@
-"""Every v1 service round-trips through a real grpc.aio server that has health checking and reflection on."""
+"""Every v1 service round-trips through a real grpc.aio server that has health checking and (asked for) reflection on."""
 
 from __future__ import annotations
 
@@ -96,7 +96,8 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
             (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, frontend, "llumnix.v1.FrontendService"),
             (frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, Sink(), "llumnix.v1.OutputSinkService"),
             (admin_pb2_grpc.add_AdminServiceServicer_to_server, admin, "llumnix.v1.AdminService"),
-        ]
+        ],
+        reflection_on=True,  # off by default (--reflection)
     )
     async with grpc.aio.insecure_channel(running.address) as ch:
         yield ch

@@ -173,19 +173,61 @@ class Launcher:
 
     ``die_with_parent``: children get SIGTERM from the kernel if this process dies (``llumnix serve`` sets it; only
     for launchers used from the main thread, since the kernel ties it to the thread that forked).
+
+    ``secure``: a local PKI (``<log_dir>/pki``, or ``pki_dir``) is created and every child gets it
+    (``$LLUMNIX_TLS_DIR``; the folder holds the CA key, so each component issues its own certificate for its role and
+    id), so they talk mutual TLS with role checks; the caller reaches them with :meth:`channel` /
+    :meth:`security`. Not secure: children run ``--insecure`` (``$LLUMNIX_INSECURE``). Components that are given
+    their own ``--tls-dir``/``--insecure`` (``serve``) decide for themselves.
     """
 
-    def __init__(self, log_dir: Path, die_with_parent: bool = False) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        die_with_parent: bool = False,
+        *,
+        secure: bool = False,
+        pki_dir: Path | None = None,
+        cluster: str = "llumnix",
+    ) -> None:
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.components: list[Component] = []
         self.die_with_parent = die_with_parent
+        self.secure = secure
+        self.pki: Any = None  # ClusterSecurity (imported lazily: serve's supervisor need not load cryptography)
+        if secure:
+            from pyllumnix.infra.security.bootstrap import bootstrap_local
+
+            self.pki = bootstrap_local(pki_dir or log_dir / "pki", cluster)
+
+    def child_env(self) -> dict[str, str]:
+        """The environment that tells a child how to secure itself (see the class docstring)."""
+        if self.pki is not None:
+            return {"LLUMNIX_TLS_DIR": str(self.pki.directory)}
+        return {"LLUMNIX_INSECURE": "1"}
+
+    def security(self, role: str = "admin", id: str = "harness") -> Any:
+        """``SecuritySettings`` for this process acting as ``role`` (certificate issued on first use); insecure
+        settings when the launcher is not secure. Pass to ``open_channel(..., settings=)`` or ``start_server``."""
+        from pyllumnix.infra.security.runtime import INSECURE, SecuritySettings, identity_of
+
+        if self.pki is None:
+            return INSECURE
+        paths = self.pki.ensure(role, id)
+        return SecuritySettings(paths, identity_of(paths.cert), tls_dir=self.pki.directory)
+
+    def channel(self, address: str, role: str = "admin", options: Any = ()) -> Any:
+        """A grpc.aio channel to a component, as ``role`` (mutual TLS when secure)."""
+        from pyllumnix.infra.security.runtime import open_channel
+
+        return open_channel(address, options, settings=self.security(role, f"harness-{role}"))
 
     def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Component:
         """Starts a component without waiting for it (see :meth:`wait_ready`); its logs are appended to."""
         log_path = self.log_dir / f"{name}.log"
         out_path = self.log_dir / f"{name}.out"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.child_env(), **(env or {})}
         out_path.write_bytes(b"")  # the ready line of this start, not of an earlier one
         with open(log_path, "ab") as log, open(out_path, "ab") as out:
             proc = spawn(

@@ -67,6 +67,9 @@ DEFAULTS: dict[str, Any] = {
     "log_dir": "",
     "provider": "local",
     "llumlet_args": "",
+    "insecure": False,
+    "tls_dir": "",
+    "context": "",
 }
 
 
@@ -87,11 +90,15 @@ def load_config(path: Path | None) -> dict[str, Any]:
 
 
 def resolve(ctx: click.Context, file_config: dict[str, Any]) -> dict[str, Any]:
-    """Defaults < config file < flags given on the command line."""
+    """Defaults < config file < flags given on the command line (or their environment variables)."""
     merged = dict(DEFAULTS)
     merged.update(file_config)
     for name, value in ctx.params.items():
-        if name in DEFAULTS and ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+        source = ctx.get_parameter_source(name)
+        if name in DEFAULTS and source in (
+            click.core.ParameterSource.COMMANDLINE,
+            click.core.ParameterSource.ENVIRONMENT,
+        ):
             merged[name] = value
     return merged
 
@@ -246,6 +253,7 @@ class Supervisor:
         self.opts = opts
         self.log_dir = log_dir
         self.launcher = Launcher(log_dir, die_with_parent=True)
+        self.pki: Any = None  # ClusterSecurity when secure (the default)
         self.children: list[Child] = []
         self.signals: list[int] = []
         self.etcd: ServeEtcd | None = None
@@ -330,12 +338,86 @@ class Supervisor:
         comp.ready = self.launcher.wait_ready(comp, timeout, self.stopping)
         return comp
 
+    def setup_security(self) -> list[str]:
+        """Secure by default: a local PKI (CA reused across restarts of serve) with a certificate for every component
+        (llumlets started later by a provider issue theirs from the same folder). Returns the security flags every
+        child gets: ``--tls-dir DIR``, or ``--insecure`` with a warning."""
+        opts = self.opts
+        if opts["insecure"]:
+            log.warning("--insecure: plaintext gRPC and etcd, no certificates, no API keys; for isolated development")
+            self.info["secure"] = False
+            return ["--insecure"]
+        from pyllumnix.infra.security.bootstrap import bootstrap_local
+
+        tls_dir = Path(str(opts["tls_dir"])) if opts["tls_dir"] else self.log_dir / "pki"
+        cluster = str(opts["cluster"])
+        components = {
+            "etcd": ["etcd"],
+            "scheduler": [f"scheduler-{i}" for i in range(int(opts["schedulers"]))],
+            "frontend": ["f0"],
+            "admin": ["admin"],
+        }
+        hosts = ["localhost", "127.0.0.1", "::1", str(opts["host"])]
+        self.pki = bootstrap_local(
+            tls_dir,
+            cluster,
+            components=components,
+            llumlets=[f"instance-{i}" for i in range(int(opts["llumlets"]))],
+            hosts=hosts,
+        )
+        self.info["secure"] = True
+        self.info["tls_dir"] = str(tls_dir)
+        return ["--tls-dir", str(tls_dir)]
+
+    def provision_admin(self) -> None:
+        """Creates the admin API key (in etcd, hashed) and writes the client context file (0600) that ``llmctl`` and
+        the client library read when given no flags."""
+        if self.pki is None:
+            return
+        import asyncio
+
+        from pyllumnix.control_plane.etcd.keys import KeyLayout
+        from pyllumnix.infra.security import runtime
+        from pyllumnix.infra.security.apikeys import ApiKeyStore
+        from pyllumnix.infra.security.bootstrap import provision_admin
+
+        paths = self.pki.ensure("admin", "admin")
+        admin = runtime.SecuritySettings(paths, runtime.identity_of(paths.cert))
+        etcd = [e for e in str(self.info["etcd"]).split(",") if e]
+
+        async def provision() -> tuple[str, Path]:
+            client = runtime.etcd_client(etcd, admin)
+            try:
+                store = ApiKeyStore(client, KeyLayout(str(self.opts["cluster"])))
+                return await provision_admin(
+                    self.pki,
+                    store,
+                    context_path=str(self.opts["context"]) or None,
+                    scheduler=list(self.info["schedulers"]),
+                    frontend=[str(self.info["grpc"])],
+                    http=str(self.info["http"]),
+                    etcd=etcd,
+                )
+            finally:
+                await client.close()
+
+        _, path = asyncio.run(provision())
+        self.info["context"] = str(path)
+
     def start_cluster(self) -> None:
         opts = self.opts
         engine_args, frontend_args, env = engine_settings(opts)
+        security_args = self.setup_security()
         etcd_endpoints = str(opts["etcd"])
         if not etcd_endpoints:
-            etcd = ServeEtcd(1, data_dir=self.log_dir / "etcd-data")
+            etcd_tls = None
+            if self.pki is not None:
+                from pyllumnix.control_plane.etcd.embedded import EtcdServerTls
+
+                server = self.pki.ensure("etcd", "etcd")
+                health = self.pki.ensure("admin", "admin")
+                etcd_tls = EtcdServerTls(server.ca, server.cert, server.key, health.cert, health.key)
+            etcd = ServeEtcd(1, data_dir=self.log_dir / "etcd-data", tls=etcd_tls)
             self.etcd = etcd
 
             def launch_etcd(n: int) -> Component:
@@ -349,9 +431,11 @@ class Supervisor:
                 return Component("etcd", m.process, m.log_path, ready={"grpc_address": m.endpoint})
 
             self.add(Child("etcd", "etcd", launch_etcd))
-            etcd_endpoints = ",".join(etcd.endpoints)
+            scheme = "https://" if etcd_tls is not None else ""
+            etcd_endpoints = ",".join(scheme + e for e in etcd.endpoints)
             self.info["embedded_etcd"] = etcd.endpoints
-        common = ["--etcd", etcd_endpoints, "--cluster", str(opts["cluster"])]
+        self.info["etcd"] = etcd_endpoints
+        common = ["--etcd", etcd_endpoints, "--cluster", str(opts["cluster"]), *security_args]
         llumlet_args = [*engine_args, "--transport", str(opts["transport"]), "--host", str(opts["host"])]
         llumlet_args += str(opts["llumlet_args"]).split()
         host = str(opts["host"])
@@ -387,7 +471,7 @@ class Supervisor:
         ports = {"http": str(opts["http_port"]), "grpc": str(opts["grpc_port"])}
 
         def launch_frontend(n: int) -> Component:
-            args = ["frontend", *common, "--scheduler", ",".join(schedulers), "--host", host]
+            args = ["frontend", *common, "--scheduler", ",".join(schedulers), "--host", host, "--frontend-id", "f0"]
             args += ["--http-port", ports["http"], "--grpc-port", ports["grpc"], *frontend_args]
             comp = self._launcher_start("frontend", args, 120.0, env)
             # A restart comes back on the same ports (chosen by the OS the first time when 0 was asked).
@@ -399,6 +483,8 @@ class Supervisor:
         assert frontend.comp is not None
         self.info["http"] = f"http://{host}:{frontend.comp.ready['http_port']}"
         self.info["grpc"] = frontend.comp.ready["grpc_address"]
+        if not self.stopping():
+            self.provision_admin()
 
     def _scheduler_launch(self, name: str, args: list[str], env: dict[str, str]) -> Callable[[int], Component]:
         port: list[str] = []
@@ -583,6 +669,21 @@ class Supervisor:
     help="Instance provider for autoscaling and `llmctl scale`.",
 )
 @click.option("--llumlet-args", default=DEFAULTS["llumlet_args"], help="Extra arguments for every llumlet.")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    default=DEFAULTS["insecure"],
+    envvar="LLUMNIX_INSECURE",
+    help="No TLS, no certificates, no API keys (isolated development only). Default: a local PKI, mutual TLS on "
+    "every hop, etcd with client certificates, an admin API key in the client context file. Env: LLUMNIX_INSECURE=1 "
+    "(what an insecure test launcher sets).",
+)
+@click.option("--tls-dir", default=DEFAULTS["tls_dir"], help="The local PKI folder (default: <log-dir>/pki; reused).")
+@click.option(
+    "--context",
+    default=DEFAULTS["context"],
+    help="Client context file to write (default: $LLUMNIX_CONTEXT or ~/.config/llumnix/context.yaml).",
+)
 @click.pass_context
 def serve_command(ctx: click.Context, /, config_path: Path | None, **_: Any) -> None:
     """Run a complete local cluster: etcd, schedulers, llumlets and a frontend (supervised: a crashed component is
@@ -608,6 +709,13 @@ def serve_command(ctx: click.Context, /, config_path: Path | None, **_: Any) -> 
                 f"admin (llmctl -e) at {','.join(info['schedulers'])}; logs and serve.json in {log_dir}",
                 err=True,
             )
+            if info.get("context"):
+                click.echo(
+                    f"secure (mutual TLS, PKI in {info['tls_dir']}); client context with the admin API key: "
+                    f"{info['context']} (llmctl uses it with no flags; the key: "
+                    f"`python -m pyllumnix.infra.security.context api-key`)",
+                    err=True,
+                )
             supervisor.run()
         if supervisor.signals:
             log.info("%s received; stopping the cluster", signal.Signals(supervisor.signals[0]).name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2_grpc, scheduler_pb2_grpc
 
 
@@ -14,7 +15,7 @@ class ChannelPool:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = open_channel(address)
         return channel
 
     def llumlet(self, address: str) -> llumlet_pb2_grpc.LlumletServiceStub:

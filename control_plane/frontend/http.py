@@ -21,11 +21,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pyllumnix.control_plane.frontend.core import Frontend
@@ -41,9 +43,13 @@ from pyllumnix.control_plane.frontend.openai_schema import (
     usage,
 )
 from pyllumnix.control_plane.frontend.requests import TrackedRequest
+from pyllumnix.infra.security.apikeys import ApiKeyStore, api_key_middleware
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
 log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = ("/livez", "/readyz", "/health", "/metrics")
+"""Paths served without an API key (probes and Prometheus scrapes)."""
 
 PRIORITY_HEADER = "X-Llumnix-Priority"
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -89,12 +95,19 @@ async def openai_errors(request: web.Request, handler: _Handler) -> web.StreamRe
 class HttpApi:
     """``max_body_bytes``: request body cap (aiohttp answers 413 beyond it, before reading the rest)."""
 
-    def __init__(self, frontend: Frontend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    def __init__(
+        self, frontend: Frontend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_keys: ApiKeyStore | None = None
+    ) -> None:
         self.frontend = frontend
         self.max_body_bytes = max_body_bytes
+        self.api_keys = api_keys
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[openai_errors], client_max_size=self.max_body_bytes)
+        middlewares: list[Middleware] = [openai_errors]
+        if self.api_keys is not None:
+            # Probes and metrics stay open (load balancers and Prometheus have no key); everything else needs one.
+            middlewares.append(api_key_middleware(self.api_keys, exempt=PUBLIC_PATHS))
+        app = web.Application(middlewares=middlewares, client_max_size=self.max_body_bytes)
         app.add_routes(
             [
                 web.post("/v1/completions", self.completions),
@@ -239,22 +252,34 @@ class HttpApi:
 class HttpServer:
     runner: web.AppRunner
     port: int
+    https: bool = False
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.https else 'http'}://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
         await self.runner.cleanup()
 
 
 async def start_http(
-    frontend: Frontend, host: str = "127.0.0.1", port: int = 0, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    frontend: Frontend,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    *,
+    api_keys: ApiKeyStore | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> HttpServer:
-    """Serves the API on host:port (0 picks a free port). Handlers are cancelled when their client disconnects."""
-    runner = web.AppRunner(HttpApi(frontend, max_body_bytes).app(), handler_cancellation=True, access_log=None)
+    """Serves the API on host:port (0 picks a free port). Handlers are cancelled when their client disconnects.
+
+    ``api_keys``: every path but :data:`PUBLIC_PATHS` needs ``Authorization: Bearer <key>`` (401/403 with an OpenAI
+    error body otherwise); ``ssl_context``: HTTPS.
+    """
+    app = HttpApi(frontend, max_body_bytes, api_keys).app()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
-    return HttpServer(runner, int(bound))
+    return HttpServer(runner, int(bound), https=ssl_context is not None)

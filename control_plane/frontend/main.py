@@ -14,9 +14,11 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
 
+from pyllumnix.clients.channel import TlsConfig
 from pyllumnix.clients.dispatch import (
     BypassDispatcher,
     EtcdRegistrySource,
@@ -29,8 +31,12 @@ from pyllumnix.control_plane.frontend.cluster_metrics import ClusterMetrics
 from pyllumnix.control_plane.frontend.core import Frontend
 from pyllumnix.control_plane.frontend.dispatch import Dispatcher, RegistryResolver
 from pyllumnix.control_plane.frontend.http import start_http
-from pyllumnix.control_plane.frontend.service import start_grpc
+from pyllumnix.control_plane.frontend.service import advertised, start_grpc
 from pyllumnix.control_plane.frontend.tokenizer import HfTokenizer, SimTokenizer, Tokenizer
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.apikeys import ApiKeyStore
+from pyllumnix.infra.security.runtime import security_options
+from pyllumnix.infra.security.tls import server_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,10 @@ class FrontendOptions:
     # 0: derived from max_model_len.
     max_prompt_bytes: int = 0
     max_grpc_message_bytes: int = 4 << 20
+    # HTTPS for the OpenAI API with this component's certificate (secure mode only); default plain HTTP + API keys.
+    https: bool = False
+    # Secure mode: API keys (in etcd) on the OpenAI API and the public gRPC port; False only for tests of the rest.
+    api_keys: bool = True
 
 
 def make_tokenizer(opts: FrontendOptions) -> Tokenizer:
@@ -81,15 +91,23 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
     stop = stop or asyncio.Event()
     etcd_client = None
     source: RegistrySource = StaticRegistrySource()
+    security = runtime.current()
+    api_keys: ApiKeyStore | None = None
     if opts.etcd:
-        from pyllumnix.control_plane.etcd.client import EtcdClient
         from pyllumnix.control_plane.etcd.keys import KeyLayout
         from pyllumnix.control_plane.etcd.registry import InstanceRegistry
 
-        etcd_client = EtcdClient(opts.etcd)
+        etcd_client = runtime.etcd_client(opts.etcd)
         source = EtcdRegistrySource(InstanceRegistry(etcd_client, KeyLayout(opts.cluster)))
+        if security.secure and opts.api_keys:
+            api_keys = ApiKeyStore(etcd_client, KeyLayout(opts.cluster))
     bypass = BypassDispatcher(source)
-    leader = LeaderDispatcher(opts.schedulers, timeout=opts.dispatch_timeout) if opts.schedulers else None
+    tls = (
+        TlsConfig.from_files(security.paths.ca, security.paths.cert, security.paths.key)
+        if security.paths is not None
+        else None
+    )
+    leader = LeaderDispatcher(opts.schedulers, tls=tls, timeout=opts.dispatch_timeout) if opts.schedulers else None
     dispatcher: Dispatcher = bypass
     if leader is not None:
         dispatcher = FallbackDispatcher(leader, bypass, leader_timeout=opts.dispatch_timeout)
@@ -105,9 +123,24 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         max_prompt_bytes=opts.max_prompt_bytes,
     )
     grpc_server = await start_grpc(
-        frontend, opts.host, opts.grpc_port, opts.advertise_host, max_message_bytes=opts.max_grpc_message_bytes
+        frontend,
+        opts.host,
+        opts.grpc_port,
+        opts.advertise_host,
+        max_message_bytes=opts.max_grpc_message_bytes,
+        api_keys=api_keys,
     )
-    http_server = await start_http(frontend, opts.host, opts.http_port, max_body_bytes=opts.max_body_bytes)
+    ssl_context = None
+    if opts.https and security.paths is not None:
+        ssl_context = server_ssl_context(security.paths, require_client_cert=False)
+    http_server = await start_http(
+        frontend,
+        opts.host,
+        opts.http_port,
+        max_body_bytes=opts.max_body_bytes,
+        api_keys=api_keys,
+        ssl_context=ssl_context,
+    )
     cluster_metrics = None
     if leader is not None:
         cluster_metrics = ClusterMetrics(leader.pool)
@@ -121,7 +154,11 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         "event": "ready",
         "model": opts.model,
         "http_port": http_server.port,
-        "grpc_address": frontend.sink_address,
+        "http_url": http_server.url,
+        "grpc_address": advertised(opts.host, opts.advertise_host, grpc_server.port),
+        "sink_address": frontend.sink_address,
+        "secure": security.secure,
+        "api_keys": api_keys is not None,
         "schedulers": opts.schedulers,
     }
     print(json.dumps(ready), flush=True)
@@ -194,6 +231,9 @@ def _split(value: str) -> list[str]:
     type=click.IntRange(min=1024),
     help="gRPC message cap.",
 )
+@click.option("--frontend-id", default="f0", show_default=True, help="This frontend's id (its certificate's).")
+@click.option("--https", is_flag=True, default=False, help="Serve the OpenAI API over HTTPS (this frontend's cert).")
+@security_options
 @click.option("--log-level", default="INFO", show_default=True)
 def frontend_command(
     scheduler: str,
@@ -215,14 +255,21 @@ def frontend_command(
     max_body_bytes: int,
     max_prompt_bytes: int,
     max_grpc_message_bytes: int,
+    frontend_id: str,
+    https: bool,
     log_level: str,
+    **security: Any,
 ) -> None:
-    """Run a frontend (OpenAI HTTP + gRPC Generate)."""
+    """Run a frontend (OpenAI HTTP + gRPC Generate). Secure by default: give its certificates (--tls-dir or
+    --ca/--cert/--key) or --insecure; with certificates, callers need an API key (kept in etcd: give --etcd)."""
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if not scheduler and not etcd:
         raise click.UsageError("give --scheduler and/or --etcd: there is nothing to dispatch to otherwise")
+    settings = runtime.configure_from_cli("frontend", frontend_id, security)
+    if settings.secure and not etcd:
+        raise click.UsageError("a secure frontend checks API keys, which live in etcd: give --etcd")
     opts = FrontendOptions(
         schedulers=_split(scheduler),
         etcd=_split(etcd),
@@ -243,5 +290,6 @@ def frontend_command(
         max_body_bytes=max_body_bytes,
         max_prompt_bytes=max_prompt_bytes,
         max_grpc_message_bytes=max_grpc_message_bytes,
+        https=https,
     )
     sys.exit(asyncio.run(run_frontend(opts)))

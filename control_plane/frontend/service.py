@@ -1,4 +1,5 @@
-"""The FrontendService gRPC servicer (Generate, Abort) and ``start_grpc``, which serves it beside the output sink.
+"""The FrontendService gRPC servicer (Generate, Abort) and ``start_grpc``, which serves it and the output sink
+(one plaintext port when insecure; a public server-TLS + API key port and a mutual-TLS sink port when secure).
 
 Generate gets the same checks and limits as the HTTP API (``Frontend.submit``); errors map to INVALID_ARGUMENT,
 RESOURCE_EXHAUSTED (overload; ``retry-after`` trailing metadata, seconds), UNAVAILABLE (no capacity; ``retry-after``),
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -21,6 +23,10 @@ from pyllumnix.control_plane.frontend.errors import FrontendError
 from pyllumnix.control_plane.frontend.sink import SERVICE_NAME as SINK_SERVICE_NAME
 from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
 from pyllumnix.control_plane.grpc_server import DEFAULT_OPTIONS, RunningServer, start_server
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.apikeys import ApiKeyInterceptor, ApiKeyStore
+from pyllumnix.infra.security.runtime import SecuritySettings
+from pyllumnix.infra.security.tls import grpc_server_credentials
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -112,26 +118,72 @@ def advertised(host: str, advertise_host: str, port: int) -> str:
     return f"{name}:{port}"
 
 
+@dataclass
+class FrontendGrpc:
+    """The frontend's gRPC listeners: the public one (FrontendService) and the output sink llumlets push to.
+
+    Secure (the process's settings have a certificate): the sink is its own mutual-TLS port with the role check
+    (python grpc cannot make client certificates optional on one port), and the public port has server-only TLS with
+    API keys (``authorization: Bearer``). Insecure: one plaintext port serves both, as before.
+    """
+
+    public: RunningServer
+    sink: RunningServer | None = None
+
+    @property
+    def port(self) -> int:
+        return self.public.port
+
+    @property
+    def address(self) -> str:
+        return self.public.address
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        await self.public.stop(grace)
+        if self.sink is not None:
+            await self.sink.stop(grace)
+
+
 async def start_grpc(
     frontend: Frontend,
     host: str = "127.0.0.1",
     port: int = 0,
     advertise_host: str = "",
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-) -> RunningServer:
-    """Serves FrontendService + OutputSinkService on one port and points the frontend's sink address at it."""
-    server = await start_server(
-        [
-            (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, FrontendServicer(frontend), SERVICE_NAME),
-            (
-                frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server,
-                OutputSinkServicer(frontend.tracker),
-                SINK_SERVICE_NAME,
-            ),
-        ],
-        host=host,
-        port=port,
-        options=server_options(max_message_bytes),
+    *,
+    api_keys: ApiKeyStore | None = None,
+    security: SecuritySettings | None = None,
+    sink_port: int = 0,
+) -> FrontendGrpc:
+    """Serves FrontendService and OutputSinkService and points the frontend's sink address at the sink's port."""
+    settings = security if security is not None else runtime.current()
+    options = server_options(max_message_bytes)
+    public_binding = (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, FrontendServicer(frontend), SERVICE_NAME)
+    sink_binding = (
+        frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server,
+        OutputSinkServicer(frontend.tracker),
+        SINK_SERVICE_NAME,
     )
-    frontend.sink_address = advertised(host, advertise_host, server.port)
-    return server
+    key_check = [ApiKeyInterceptor(api_keys)] if api_keys is not None else []
+    if settings.paths is None:
+        server = await start_server(
+            [public_binding, sink_binding], host=host, port=port, options=options, interceptors=key_check
+        )
+        frontend.sink_address = advertised(host, advertise_host, server.port)
+        return FrontendGrpc(server)
+    sink = await start_server([sink_binding], host=host, port=sink_port, options=options, security=settings)
+    try:
+        public = await start_server(
+            [public_binding],
+            host=host,
+            port=port,
+            options=options,
+            security=settings,
+            interceptors=key_check,
+            credentials=grpc_server_credentials(settings.paths, require_client_cert=False),
+        )
+    except BaseException:
+        await sink.stop(0)
+        raise
+    frontend.sink_address = advertised(host, advertise_host, sink.port)
+    return FrontendGrpc(public, sink)

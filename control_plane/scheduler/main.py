@@ -16,10 +16,10 @@ import socket
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import click
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.control_plane.grpc_server import start_server
 from pyllumnix.control_plane.scheduler.provider import (
@@ -34,6 +34,8 @@ from pyllumnix.control_plane.scheduler.service import (
     AdminServicer,
     SchedulerServicer,
 )
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, scheduler_pb2_grpc
 
 
@@ -51,7 +53,7 @@ async def run_scheduler(
 ) -> int:
     stop = stop or asyncio.Event()
     replica_id = replica_id or f"scheduler-{uuid.uuid4().hex[:6]}"
-    client = EtcdClient(etcd)
+    client = runtime.etcd_client(etcd)
     # The replica advertises its address in the election, so bind the server first and start the replica after.
     replica = SchedulerReplica(client, KeyLayout(cluster), replica_id, "", provider=provider, seed=seed, timing=timing)
     server = await start_server(
@@ -164,6 +166,7 @@ async def run_scheduler(
     help="Seconds a provider-started llumlet gets to exit after SIGTERM before SIGKILL.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the policy core's randomness.")
+@security_options
 @click.option("--log-level", default="INFO", show_default=True)
 def scheduler_command(
     etcd: str,
@@ -185,23 +188,30 @@ def scheduler_command(
     stop_timeout: float,
     seed: int,
     log_level: str,
+    **security: Any,
 ) -> None:
-    """Run one scheduler replica."""
+    """Run one scheduler replica. Secure by default: give its certificates (--tls-dir or --ca/--cert/--key; the
+    certificate's id is the replica id) or --insecure."""
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    replica_id = replica_id or f"scheduler-{uuid.uuid4().hex[:6]}"
+    settings = runtime.configure_from_cli("scheduler", replica_id, security)
     endpoints = [e for e in etcd.split(",") if e]
     instance_provider: InstanceProvider | None = None
     if provider == "local":
         args = shlex.split(llumlet_args)
         if "--etcd" not in args:
             args += ["--etcd", ",".join(endpoints), "--cluster", cluster]
+        if not any(a in args for a in ("--tls-dir", "--ca", "--insecure")):
+            args += settings.child_args()  # the llumlets it starts join with this replica's PKI (or --insecure)
         instance_provider = LocalProcessProvider(
             args,
             log_dir,
             max_instances=provider_max_instances,
             stop_on_close=stop_instances_on_exit,
             stop_timeout=stop_timeout,
+            security=settings,
         )
     timing = ReplicaTiming(
         election_ttl=election_ttl,

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyllumnix.infra.security.runtime import SecuritySettings
 from pyllumnix.tools.launch import describe_exit
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class LocalProcessProvider(InstanceProvider):
         max_instances: int = DEFAULT_LOCAL_MAX_INSTANCES,
         stop_on_close: bool = False,
         stop_timeout: float = 10.0,
+        security: SecuritySettings | None = None,
     ) -> None:
         if max_instances < 1:
             raise ValueError(f"max_instances must be >= 1, got {max_instances}")
@@ -79,6 +81,7 @@ class LocalProcessProvider(InstanceProvider):
         self.max_instances = self._cap = max_instances
         self.stop_on_close = stop_on_close
         self.stop_timeout = stop_timeout
+        self.security = security
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self._starting: set[str] = set()
         self._reapers: set[asyncio.Task[None]] = set()
@@ -100,6 +103,9 @@ class LocalProcessProvider(InstanceProvider):
         ids = []
         for _ in range(count):
             iid = f"{self.id_prefix}-{uuid.uuid4().hex[:6]}"
+            if self.security is not None:
+                # A local PKI (CA key here) issues the new llumlet's certificate before it starts.
+                await asyncio.to_thread(self.security.ensure, "llumlet", iid)
             cmd = [sys.executable, "-m", "pyllumnix.tools.cli", "llumlet", "--instance-id", iid, *self.llumlet_args]
             stderr: Any = subprocess.DEVNULL
             if self.log_dir is not None:

@@ -38,6 +38,7 @@ from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.snapshot import DispatchRequestView, InstanceState, normalize_priority
 from pyllumnix.control_plane.scheduler.cluster import ClusterState
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
+from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     common_pb2,
@@ -466,7 +467,7 @@ class SchedulerReplica:
             raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"unknown instance {instance_id}")
         channel = self._channels.get(info.grpc_address)
         if channel is None:
-            channel = self._channels[info.grpc_address] = grpc.aio.insecure_channel(info.grpc_address)
+            channel = self._channels[info.grpc_address] = open_channel(info.grpc_address)
         return llumlet_pb2_grpc.LlumletServiceStub(channel)
 
     async def _pairing_loop(self) -> None:
@@ -619,7 +620,7 @@ class SchedulerReplica:
         address = gone.info.grpc_address
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = open_channel(address)
         try:
             reply = await llumlet_pb2_grpc.LlumletServiceStub(channel).GetLoad(
                 llumlet_pb2.GetLoadRequest(), timeout=self.timing.instance_probe_timeout
@@ -651,7 +652,7 @@ class SchedulerReplica:
             )
         for address, outputs in by_frontend.items():
             try:
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with open_channel(address) as channel:
                     await frontend_pb2_grpc.OutputSinkServiceStub(channel).PushOutputs(
                         frontend_pb2.PushOutputsRequest(instance_id=instance_id, outputs=outputs),
                         timeout=LLUMLET_CALL_TIMEOUT_S,

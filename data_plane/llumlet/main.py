@@ -24,6 +24,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
 
@@ -35,6 +36,8 @@ from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.output_push import PushSettings
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
 from pyllumnix.data_plane.transport.factory import make_transport
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -165,12 +168,11 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     reporter = None
     background: list[asyncio.Task[None]] = []
     if opts.etcd:
-        from pyllumnix.control_plane.etcd.client import EtcdClient
         from pyllumnix.control_plane.etcd.keys import KeyLayout
         from pyllumnix.data_plane.llumlet.registration import InstanceRegistration
         from pyllumnix.data_plane.llumlet.reporter import LoadReporter
 
-        client = EtcdClient(opts.etcd)
+        client = runtime.etcd_client(opts.etcd)
         layout = KeyLayout(opts.cluster)
         registration = InstanceRegistration(client, layout, instance_id, info.SerializeToString(), opts.lease_ttl)
         await registration.start()
@@ -301,6 +303,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     "--pending-timeout", default=10.0, show_default=True, help="Seconds before a silent source's reservation is freed."
 )
 @click.option("--transfer-timeout", default=10.0, show_default=True, help="Seconds a stage may take.")
+@security_options
 @click.option("--log-level", default="INFO", show_default=True)
 def llumlet_command(
     instance_id: str,
@@ -336,11 +339,15 @@ def llumlet_command(
     pending_timeout: float,
     transfer_timeout: float,
     log_level: str,
+    **security: Any,
 ) -> None:
-    """Run one engine instance (a llumlet)."""
+    """Run one engine instance (a llumlet). Secure by default: give its certificates (--tls-dir or --ca/--cert/--key;
+    the certificate's id is the instance id) or --insecure."""
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    instance_id = instance_id or f"llumlet-{uuid.uuid4().hex[:8]}"
+    runtime.configure_from_cli("llumlet", instance_id, security)
     opts = LlumletOptions(
         instance_id=instance_id,
         host=host,

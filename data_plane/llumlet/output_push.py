@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
+from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class _Sink:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = open_channel(address)
         self.stub = frontend_pb2_grpc.OutputSinkServiceStub(self.channel)
         self.pending: list[common_pb2.RequestOutput] = []
         # request id -> its newest message in ``pending`` (the one a next output can be merged into)

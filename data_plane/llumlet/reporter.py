@@ -20,6 +20,7 @@ from pyllumnix.control_plane.etcd.client import EtcdClient, raise_if_cancelling
 from pyllumnix.control_plane.etcd.election import Election
 from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import admin_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class LoadReporter:
     async def _stream_to(self, address: str) -> None:
         while True:
             try:
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with open_channel(address) as channel:
                     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
                     await stub.ReportLoad(self._reports())
             except grpc.aio.AioRpcError as exc:

@@ -19,6 +19,8 @@ from pyllumnix.infra.security.context import ClientContext, save_context
 from pyllumnix.infra.security.tokens import new_secret
 
 SECRET_FILE = "cluster-secret"
+CLUSTER_FILE = "cluster"
+"""The folder names its cluster (its certificates' trust domain): a component given only the folder knows it."""
 
 
 @dataclass
@@ -100,6 +102,9 @@ def bootstrap_local(
         CertificateAuthority.create(f"llumnix {cluster} local CA").write(d)
     if not security.secret_path.exists():
         _write_private(security.secret_path, new_secret())
+    cluster_file = d / CLUSTER_FILE
+    if not cluster_file.exists() or cluster_file.read_text().strip() != cluster:
+        cluster_file.write_text(cluster + "\n")
     wanted = {role: list(ids) for role, ids in components.items()}
     wanted.setdefault("llumlet", []).extend(llumlets)
     for role, ids in wanted.items():

@@ -75,13 +75,16 @@ def _now() -> datetime.datetime:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Writes ``data`` readable by the owner only (created 0600, never briefly world-readable)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Writes ``data`` readable by the owner only (created 0600, never briefly world-readable), atomically: a
+    component reading its files while another process issues them never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, data)
     finally:
         os.close(fd)
+    os.replace(tmp, path)
 
 
 def _private_dir(directory: Path) -> Path:
@@ -145,7 +148,7 @@ class IssuedCert:
         stem = name or f"{self.identity.role}-{self.identity.id}"
         cert_path, key_path = d / f"{stem}.pem", d / f"{stem}-key.pem"
         _write_private(key_path, self.key_pem)
-        cert_path.write_bytes(self.cert_pem)
+        _write_private(cert_path, self.cert_pem)  # after the key: a cert that exists has its key
         return CertPaths(ca=ca_cert, cert=cert_path, key=key_path)
 
 

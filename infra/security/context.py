@@ -214,3 +214,41 @@ def save_context(ctx: ClientContext, path: str | Path | None = None, *, make_cur
         os.close(fd)
     os.replace(tmp, p)
     return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pyllumnix.infra.security.context [api-key|path|show]``: what ``llumnix serve`` wrote, for scripts
+    (``export OPENAI_API_KEY=$(python -m pyllumnix.infra.security.context api-key)``)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    what = args[0] if args else "show"
+    if what == "path":
+        print(context_path())
+        return 0
+    try:
+        ctx = load_context()
+    except ContextError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if ctx is None:
+        print(f"error: no context file at {context_path()} (run `llumnix serve` first)", file=sys.stderr)
+        return 1
+    if what == "api-key":
+        if not ctx.api_key:
+            print(f"error: context {ctx.name!r} has no API key", file=sys.stderr)
+            return 1
+        print(ctx.api_key)
+        return 0
+    if what == "show":
+        shown = ctx.to_dict()
+        if shown.get("api_key"):
+            shown["api_key"] = shown["api_key"][:24] + "…"
+        print(yaml.safe_dump(shown, sort_keys=False), end="")
+        return 0
+    print(f"error: unknown command {what!r} (api-key, path, show)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

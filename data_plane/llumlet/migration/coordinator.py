@@ -46,6 +46,7 @@ from pyllumnix.data_plane.transport.fusion import (
     receive_blocks,
     send_blocks,
 )
+from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class MigrationCoordinator:
     def _stub(self, address: str) -> llumlet_pb2_grpc.LlumletServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = open_channel(address)
         return llumlet_pb2_grpc.LlumletServiceStub(channel)
 
     # ------------------------------------------------------------------ source role
