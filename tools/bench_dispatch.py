@@ -73,6 +73,7 @@ from pyllumnix.control_plane.scheduler.service import (
 )
 from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from pyllumnix.tools.bench_dispatch_core import measure_dispatch_latency
+from pyllumnix.tools.progress import Steps, progress_bar
 
 TARGET_P99_MS = 0.5
 TARGET_RATIO = 0.8
@@ -413,8 +414,13 @@ async def run_bench(
     seed: int,
     profile: bool,
     parts: bool = False,
+    steps: Steps | None = None,
 ) -> dict[str, Any]:
+    """The whole benchmark; ``steps`` (optional) is advanced per phase and round for a progress bar."""
+    steps = steps or Steps()
+    steps.describe(f"in-process latency ({decisions} decisions)")
     core = measure_dispatch_latency(instances, decisions, seed)
+    steps.step(f"starting a scheduler with {instances} instances")
     async with EmbeddedEtcd() as etcd:
         ctx = multiprocessing.get_context("spawn")
         conn, child_conn = ctx.Pipe()
@@ -433,8 +439,9 @@ async def run_bench(
                 raise RuntimeError(
                     f"the scheduler process exited before it was ready (exit code {proc.exitcode})"
                 ) from None
+            steps.step("warm-up")
             return await _measure(
-                conn, ready, core, instances, concurrency, duration, rounds, report_hz, seed, profile, parts
+                conn, ready, core, instances, concurrency, duration, rounds, report_hz, seed, profile, parts, steps
             )
         finally:
             with contextlib.suppress(Exception):
@@ -457,6 +464,7 @@ async def _measure(
     seed: int,
     profile: bool,
     parts: bool,
+    steps: Steps,
 ) -> dict[str, Any]:
     rng = random.Random(seed + 1)
     shapes = [
@@ -489,10 +497,12 @@ async def _measure(
         for kind in ("bare", "dispatch"):
             await _round(conn, kind, calls[kind], concurrency, warm)
         results: dict[str, list[dict[str, Any]]] = {"bare": [], "dispatch": []}
-        for _ in range(rounds):
+        for n in range(rounds):
             for kind in ("bare", "dispatch"):
+                steps.step(f"round {n + 1}/{rounds} {kind}")
                 results[kind].append(await _round(conn, kind, calls[kind], concurrency, duration))
 
+        steps.step("instrumented dispatch round")
         await _ask(conn, "instrument", parts)
         timed = await _round(conn, "dispatch", dispatch, concurrency, duration)
         await _ask(conn, "uninstrument")
@@ -556,11 +566,15 @@ async def _measure(
                 "ratio": ratio >= TARGET_RATIO,
             },
         }
+        steps.step("done")
         if profile or ratio < TARGET_RATIO:
+            steps.extend(1)
+            steps.describe("profiled dispatch round")
             await _ask(conn, "profile_start")
             row = await _round(conn, "dispatch", dispatch, concurrency, duration)
             rows = (await _ask(conn, "profile_stop", 25))["rows"]
             report["profile"] = {"rps_under_profiler": row["rps"], "top_by_own_time": rows}
+            steps.step("done")
     return report
 
 
@@ -592,10 +606,16 @@ def bench_dispatch(
     parts: bool,
     json_path: Path | None,
 ) -> None:
-    """Dispatch decision latency in process, and Dispatch RPCs/s next to a bare gRPC call on the same server."""
-    report = asyncio.run(
-        run_bench(instances, concurrency, duration, rounds, decisions, report_hz, seed, profile, parts)
-    )
+    """Dispatch decision latency in process, and Dispatch RPCs/s next to a bare gRPC call on the same server.
+
+    The JSON report is all that goes to stdout; the progress bar (a terminal only) and the summary line go to stderr.
+    """
+    with progress_bar() as bar:
+        # in-process run, scheduler start, warm-up, the paired rounds, the instrumented round
+        steps = Steps(bar, "bench dispatch", total=3 + 2 * rounds + 1)
+        report = asyncio.run(
+            run_bench(instances, concurrency, duration, rounds, decisions, report_hz, seed, profile, parts, steps)
+        )
     text = json.dumps(report, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")
@@ -611,5 +631,6 @@ def bench_dispatch(
         f"(target >= {TARGET_RATIO}; median of {rounds} paired rounds, ratio of medians "
         f"{g['ratio_of_medians']:.2f}) | server CPU/call bare {g['bare_server_cpu_us_per_call']:.0f} us "
         f"dispatch {g['dispatch_server_cpu_us_per_call']:.0f} us (cpu ratio {g['server_cpu_ratio']:.2f}) | "
-        f"{concurrency} in flight{trouble}"
+        f"{concurrency} in flight{trouble}",
+        err=True,
     )

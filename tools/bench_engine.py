@@ -17,6 +17,7 @@ from pyllumnix.data_plane.engine.base import RequestSpec, Sampling, StepResult
 from pyllumnix.data_plane.engine.clock import RealClock, StepPacer
 from pyllumnix.data_plane.engine.profile import PROFILES, get_profile
 from pyllumnix.data_plane.engine.sim import SimEngine
+from pyllumnix.tools.progress import Steps, progress_bar
 
 TARGET = 0.05
 PREWARM_BLOCKS = 128
@@ -75,7 +76,7 @@ def _spec(rid: str, prompt: int, max_tokens: int) -> RequestSpec:
     return RequestSpec(rid, tuple(range(1, prompt + 1)), sampling)
 
 
-async def run_shape(profile_name: str, shape: Shape, payload: bool) -> ShapeResult:
+async def run_shape(profile_name: str, shape: Shape, payload: bool, steps: Steps | None = None) -> ShapeResult:
     # Pre-warmed spare block arrays, as a live sim llumlet has after start-up (steady state reuses freed arrays).
     engine = TimedSimEngine(profile_name, payload=payload, prewarm_blocks=PREWARM_BLOCKS)
     clock = RealClock()
@@ -85,7 +86,10 @@ async def run_shape(profile_name: str, shape: Shape, payload: bool) -> ShapeResu
     else:
         for i in range(shape.batch):
             engine.add_request(_spec(f"d{i}", shape.prompt, shape.steps + 2), clock.now())
+    steps = steps or Steps()
+    steps.describe(shape.name)
     await pacer.step()  # warm-up (decode shapes: their prefill), not measured
+    steps.step(shape.name)
     engine.compute_s = 0.0
     modelled = 0.0
     start = clock.now()
@@ -94,6 +98,7 @@ async def run_shape(profile_name: str, shape: Shape, payload: bool) -> ShapeResu
             engine.add_request(_spec(f"p{k}", shape.prompt, 1), clock.now())
         result = await pacer.step()
         modelled += result.duration
+        steps.step(shape.name)
     measured = clock.now() - start
     n = shape.steps
     return ShapeResult(
@@ -101,8 +106,10 @@ async def run_shape(profile_name: str, shape: Shape, payload: bool) -> ShapeResu
     )
 
 
-async def run_all(profile_name: str, payload: bool, shapes: tuple[Shape, ...] = SHAPES) -> list[ShapeResult]:
-    return [await run_shape(profile_name, s, payload) for s in shapes]
+async def run_all(
+    profile_name: str, payload: bool, shapes: tuple[Shape, ...] = SHAPES, steps: Steps | None = None
+) -> list[ShapeResult]:
+    return [await run_shape(profile_name, s, payload, steps) for s in shapes]
 
 
 @click.command("engine")
@@ -110,9 +117,12 @@ async def run_all(profile_name: str, payload: bool, shapes: tuple[Shape, ...] = 
 @click.option("--payload/--no-payload", default=True, help="Write real KV bytes (as a live sim llumlet does).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench_engine(profile_name: str, payload: bool, json_path: Path | None) -> None:
-    """Modelled vs measured step time of the sim engine driven in real time."""
+    """Modelled vs measured step time of the sim engine driven in real time (JSON on stdout; the progress bar, on a
+    terminal only, and the summary line on stderr)."""
     profile = get_profile(profile_name)
-    results = asyncio.run(run_all(profile_name, payload))
+    with progress_bar(refresh_per_second=2) as bar:  # few redraws: the measured steps are paced in real time
+        steps = Steps(bar, "bench engine", total=sum(s.steps + 1 for s in SHAPES))
+        results = asyncio.run(run_all(profile_name, payload, SHAPES, steps))
     worst = max(abs(r.ratio - 1) for r in results)
     report = {
         "bench": "engine",
@@ -129,4 +139,6 @@ def bench_engine(profile_name: str, payload: bool, json_path: Path | None) -> No
         json_path.write_text(text + "\n")
     ratios = " ".join(f"{r.shape}={r.ratio:.3f}" for r in results)
     verdict = "OK" if worst <= TARGET else "OVER TARGET"
-    click.echo(f"engine[{profile.name}, payload={payload}] measured/modelled: {ratios}; worst {worst:.1%} {verdict}")
+    click.echo(
+        f"engine[{profile.name}, payload={payload}] measured/modelled: {ratios}; worst {worst:.1%} {verdict}", err=True
+    )

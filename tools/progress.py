@@ -33,13 +33,17 @@ def progress_enabled(console: Console) -> bool:
     return console.is_terminal
 
 
-def progress_bar(*, transient: bool = True) -> Progress:
+def progress_bar(*, transient: bool = True, refresh_per_second: float = 10) -> Progress:
     """A Progress on stderr (use as a context manager; ``add_task(description, total=N)``, ``advance``).
 
     Disabled (every call a no-op) unless :func:`progress_enabled`; ``transient`` clears the bar when done so the
     result block printed after it stays readable.
     """
     console = Console(file=sys.stderr, highlight=False)
+    enabled = progress_enabled(console)
+    if enabled and not console.is_terminal:
+        # forced on (LLUMNIX_PROGRESS=1) over a pipe: draw as on a terminal, or rich would keep the bar to itself
+        console = Console(file=sys.stderr, highlight=False, force_terminal=True)
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -49,6 +53,33 @@ def progress_bar(*, transient: bool = True) -> Progress:
         TextColumn("eta"),
         TimeRemainingColumn(),
         console=console,
-        disable=not progress_enabled(console),
+        disable=not enabled,
         transient=transient,
+        refresh_per_second=refresh_per_second,
     )
+
+
+class Steps:
+    """A counted task on a progress bar for code that runs in phases (rounds, shapes, cases); without a bar every call
+    is a no-op, so library callers pass nothing."""
+
+    def __init__(self, bar: Progress | None = None, description: str = "", total: int = 0) -> None:
+        self.bar = bar
+        self.description = description
+        self.task = bar.add_task(description, total=total) if bar is not None else None
+
+    def step(self, what: str = "", n: int = 1) -> None:
+        """``n`` steps done; ``what`` (shown after the description) names the one now running."""
+        if self.bar is not None and self.task is not None:
+            label = f"{self.description}: {what}" if what else self.description
+            self.bar.update(self.task, advance=n, description=label)
+
+    def describe(self, what: str) -> None:
+        """Names the step now running without counting one."""
+        self.step(what, n=0)
+
+    def extend(self, n: int) -> None:
+        """``n`` more steps than announced (e.g. a profiling round decided on the way)."""
+        if self.bar is not None and self.task is not None:
+            total = self.bar.tasks[self.task].total if self.task in self.bar.task_ids else None
+            self.bar.update(self.task, total=(total or 0) + n)

@@ -10,6 +10,7 @@ import click
 
 from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES
 from pyllumnix.data_plane.engine.profile import PROFILES
+from pyllumnix.tools.progress import progress_bar
 from pyllumnix.tools.sim.compare import run_scenario
 from pyllumnix.tools.sim.config import DEFAULT_BANDWIDTH_GBPS, DEFAULT_STAGE_LATENCY_MS, SimConfig, TransferModel
 from pyllumnix.tools.sim.runner import load_workload, run_case, write_run
@@ -91,7 +92,8 @@ def sim(
         arrivals = load_workload(spec, config.seed, config.profile, priority_share)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
-    result, summary = run_case(config, arrivals)
+    with progress_bar() as bar:  # stderr, a terminal only: stdout keeps its one JSON line
+        result, summary = run_case(config, arrivals, bar=bar, description=f"sim {config.policy}")
     summary["spec"] = spec
     paths = write_run(out, result, summary, config.policy)
     o = summary["overall"]
@@ -125,5 +127,6 @@ def compare(
     """Runs the policies of a paper experiment side by side on the same arrivals; writes COMPARE.md and plots."""
     sc = build(scenario, requests, instances, load_scale, seed)
     click.echo(f"{sc.name}: {len(sc.cases)} runs, load scale {sc.load_scale:g}", err=True)
-    run_scenario(sc, out, progress=lambda line: click.echo(line, err=True))
+    with progress_bar() as bar:  # stderr, a terminal only; the per-run lines print above it
+        run_scenario(sc, out, progress=lambda line: click.echo(line, err=True), bar=bar)
     click.echo(json.dumps({"scenario": sc.name, "runs": len(sc.cases), "report": str(out / "COMPARE.md")}))

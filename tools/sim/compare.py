@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyllumnix.tools.metrics.records import RequestRecord
 from pyllumnix.tools.metrics.summary import markdown_table
@@ -15,6 +15,9 @@ from pyllumnix.tools.sim import plots
 from pyllumnix.tools.sim.runner import load_workload, run_case
 from pyllumnix.tools.sim.scenarios import Scenario
 from pyllumnix.tools.workload.request import RequestArrival
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as ProgressBar
 
 Progress = Callable[[str], None]
 
@@ -83,8 +86,13 @@ def headline(scenario: Scenario, summaries: dict[str, dict[str, dict[str, Any]]]
     return "\n".join(lines) + "\n"
 
 
-def run_scenario(scenario: Scenario, out: Path, progress: Progress = lambda s: None) -> dict[str, Any]:
+def run_scenario(
+    scenario: Scenario, out: Path, progress: Progress = lambda s: None, bar: ProgressBar | None = None
+) -> dict[str, Any]:
+    """Runs every case; ``progress`` gets one line per finished case, ``bar`` (optional) shows the cases done and the
+    running case's virtual clock."""
     out.mkdir(parents=True, exist_ok=True)
+    overall = bar.add_task(f"{scenario.name} runs", total=len(scenario.cases)) if bar is not None else None
     workloads: dict[str, list[RequestArrival]] = {}
     summaries: dict[str, dict[str, dict[str, Any]]] = {}
     records: dict[str, dict[str, list[RequestRecord]]] = {}
@@ -93,7 +101,7 @@ def run_scenario(scenario: Scenario, out: Path, progress: Progress = lambda s: N
         arrivals = workloads.get(case.spec)
         if arrivals is None:
             arrivals = workloads[case.spec] = load_workload(case.spec, scenario.seed, case.config.profile)
-        result, summary = run_case(case.config, arrivals)
+        result, summary = run_case(case.config, arrivals, bar=bar, description=f"{case.group} {case.label}")
         summary["spec"] = case.spec
         summary["x"] = case.x
         summaries.setdefault(case.group, {})[case.label] = summary
@@ -103,6 +111,8 @@ def run_scenario(scenario: Scenario, out: Path, progress: Progress = lambda s: N
             f"{case.group:32s} {case.label:12s} prefill P99 {_get(summary, 'overall', 'prefill_s', 'p99') or 0:8.3f} s"
             f"  migrations {summary['migration']['committed']:5d}  wall {result.wall_s:5.1f} s"
         )
+        if bar is not None and overall is not None:
+            bar.advance(overall)
     (out / "compare.json").write_text(json.dumps(summaries, indent=2, sort_keys=True) + "\n")
     plot_paths = _plots(scenario, summaries, records, series, out)
     md = _markdown(scenario, summaries, plot_paths)

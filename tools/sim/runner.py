@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyllumnix.data_plane.engine.profile import get_profile
 from pyllumnix.tools.metrics.latency import decode_latency, e2e_latency, preemption_loss, prefill_latency
 from pyllumnix.tools.metrics.summary import markdown_table
 from pyllumnix.tools.sim import plots
-from pyllumnix.tools.sim.cluster import SimResult, simulate
+from pyllumnix.tools.sim.cluster import ClusterSimulator, SimResult
 from pyllumnix.tools.sim.config import SimConfig
 from pyllumnix.tools.sim.summary import run_summary
 from pyllumnix.tools.workload.request import RequestArrival
 from pyllumnix.tools.workload.spec import SyntheticSpec, generate, parse_spec
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+PROGRESS_POLL_S = 0.25
 
 
 def load_workload(spec: str, seed: int, profile: str, priority_share: float | None = None) -> list[RequestArrival]:
@@ -30,9 +36,39 @@ def load_workload(spec: str, seed: int, profile: str, priority_share: float | No
     return generate(parsed, seed, max_model_len=get_profile(profile).max_model_len)
 
 
-def run_case(config: SimConfig, arrivals: Sequence[RequestArrival]) -> tuple[SimResult, dict[str, Any]]:
-    result = simulate(config, arrivals)
+def run_case(
+    config: SimConfig, arrivals: Sequence[RequestArrival], *, bar: Progress | None = None, description: str = ""
+) -> tuple[SimResult, dict[str, Any]]:
+    """Simulates one case and summarizes it. With ``bar`` (an enabled rich Progress), a task follows the virtual
+    clock up to the last arrival (then the drain), polled from a side thread: the event loop itself stays untouched.
+    """
+    sim = ClusterSimulator(config, arrivals)
+    show = bar is not None and not bar.disable
+    result = _run_with_progress(sim, bar, description or config.policy) if show and bar else sim.run()
     return result, run_summary(result, {a.request_id: a.output_len for a in arrivals})
+
+
+def _run_with_progress(sim: ClusterSimulator, bar: Progress, description: str) -> SimResult:
+    horizon = max((a.arrival_time_s for a in sim.arrivals), default=0.0)
+    if sim.config.max_virtual_s is not None:
+        horizon = min(horizon, sim.config.max_virtual_s)
+    task = bar.add_task(f"{description} (virtual s)", total=max(horizon, 1e-9))
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(PROGRESS_POLL_S):
+            now = sim.now  # a float read (atomic); the simulator runs in the calling thread
+            label = f"{description} (virtual s)" if now <= horizon else f"{description} (draining)"
+            bar.update(task, completed=min(now, horizon), description=label)
+
+    poller = threading.Thread(target=poll, name="sim-progress", daemon=True)
+    poller.start()
+    try:
+        return sim.run()
+    finally:
+        stop.set()
+        poller.join()
+        bar.remove_task(task)
 
 
 def _fmt(value: float | None) -> str:
