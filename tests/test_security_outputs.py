@@ -1,0 +1,302 @@
+"""#13 attack: token injection into another request's stream, against the frontend's real output sink.
+
+The sink is served over mutual TLS with the role interceptor (as a secure frontend serves it); a real ``Frontend``
+places a request on a recording llumlet server, which receives the request's capability token with AddRequest. The
+victim's pushes are sent as llumlet ``i-1`` with that token; every attacker push (other roles, another llumlet,
+stolen or forged tokens, the scheduler pushing tokens or a failure for an instance that does not hold the request)
+is refused with PERMISSION_DENIED/UNAUTHENTICATED and the victim's stream stays token-exact, ends with the victim's
+finish, and never exceeds ``max_tokens``. A migration hand-over moves the right to push to the destination only.
+
+Before #13 the sink accepted every push: the attacker's tokens landed in the stream and its error ended it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput
+from pyllumnix.control_plane.frontend.dispatch import Placement
+from pyllumnix.control_plane.frontend.requests import TrackedRequest
+from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
+from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
+from pyllumnix.infra.security.authz import RoleInterceptor
+from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
+from pyllumnix.infra.security.ca import CertPaths
+from pyllumnix.infra.security.tls import grpc_server_credentials, secure_channel
+from pyllumnix.infra.security.tokens import CapabilityTokens, new_secret
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
+
+CLUSTER = "c1"
+DEADLINE = 5.0
+ERROR = common_pb2.FINISH_REASON_ERROR
+LENGTH = common_pb2.FINISH_REASON_LENGTH
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> ClusterSecurity:
+    security = bootstrap_local(tmp_path_factory.mktemp("pki"), CLUSTER, llumlets=["i-1", "i-2", "i-3"])
+    security.ensure("client", "u1")
+    return security
+
+
+class RecordingLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
+    """Takes AddRequest (recording the capability the frontend granted) and AbortRequest; generates nothing."""
+
+    def __init__(self) -> None:
+        self.added: list[common_pb2.EngineRequest] = []
+        self.aborted: list[str] = []
+
+    async def AddRequest(self, request: llumlet_pb2.AddRequestRequest, context: Any) -> llumlet_pb2.AddRequestResponse:
+        self.added.append(request.request)
+        return llumlet_pb2.AddRequestResponse(instance_id="i-1")
+
+    async def AbortRequest(
+        self, request: llumlet_pb2.AbortRequestRequest, context: Any
+    ) -> llumlet_pb2.AbortRequestResponse:
+        self.aborted.append(request.request_id)
+        return llumlet_pb2.AbortRequestResponse()
+
+
+class OneDispatcher:
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+
+    async def dispatch(self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int) -> Placement:
+        return self.placement
+
+
+@dataclass
+class Stack:
+    pki: ClusterSecurity
+    frontend: Frontend
+    sink: OutputSinkServicer
+    sink_address: str
+    llumlet: RecordingLlumlet
+
+    async def push(
+        self, role: str, id: str, instance_id: str, *outputs: common_pb2.RequestOutput
+    ) -> frontend_pb2.PushOutputsResponse:
+        async with secure_channel(self.sink_address, self.pki.paths(role, id)) as channel:
+            reply: frontend_pb2.PushOutputsResponse = await frontend_pb2_grpc.OutputSinkServiceStub(
+                channel
+            ).PushOutputs(frontend_pb2.PushOutputsRequest(instance_id=instance_id, outputs=outputs), timeout=DEADLINE)
+            return reply
+
+    async def hand_over(self, id: str, request_id: str, capability: str, new: str) -> str:
+        async with secure_channel(self.sink_address, self.pki.paths("llumlet", id)) as channel:
+            reply = await frontend_pb2_grpc.OutputSinkServiceStub(channel).HandOver(
+                frontend_pb2.HandOverRequest(request_id=request_id, capability=capability, new_instance_id=new),
+                timeout=DEADLINE,
+            )
+            return str(reply.capability)
+
+    async def refused(self, coro: Any, code: grpc.StatusCode, *needles: str) -> str:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(coro, DEADLINE + 2)
+        assert info.value.code() == code, info.value.details()
+        details = info.value.details() or ""
+        for needle in needles:
+            assert needle in details, details
+        return details
+
+
+@pytest.fixture
+async def stack(pki: ClusterSecurity) -> AsyncIterator[Stack]:
+    llumlet = RecordingLlumlet()  # type: ignore[abstract]
+    llumlet_server = grpc.aio.server()
+    llumlet_pb2_grpc.add_LlumletServiceServicer_to_server(llumlet, llumlet_server)
+    llumlet_port = llumlet_server.add_insecure_port("127.0.0.1:0")
+    await llumlet_server.start()
+    frontend = Frontend(
+        model="sim",
+        max_model_len=256,
+        tokenizer=SimTokenizer(),
+        dispatcher=OneDispatcher(Placement("i-1", f"127.0.0.1:{llumlet_port}")),
+        idle_timeout=30.0,
+    )
+    sink = OutputSinkServicer(frontend.tracker)
+    sink_server = grpc.aio.server(interceptors=[RoleInterceptor(CLUSTER)])
+    frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server(sink, sink_server)
+    port = sink_server.add_secure_port("127.0.0.1:0", grpc_server_credentials(pki.paths("frontend", "f0")))
+    await sink_server.start()
+    frontend.sink_address = f"127.0.0.1:{port}"
+    try:
+        yield Stack(pki, frontend, sink, frontend.sink_address, llumlet)
+    finally:
+        await frontend.close()
+        await sink_server.stop(None)
+        await llumlet_server.stop(None)
+
+
+def out(
+    rid: str,
+    first: int,
+    tokens: list[int],
+    capability: str,
+    *,
+    finish: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_UNSPECIFIED,
+    error: str = "",
+    instance_id: str = "i-1",
+) -> common_pb2.RequestOutput:
+    return common_pb2.RequestOutput(
+        request_id=rid,
+        token_ids=tokens,
+        first_token_index=first,
+        finished=finish != common_pb2.FINISH_REASON_UNSPECIFIED,
+        finish_reason=finish,
+        error=error,
+        instance_id=instance_id,
+        capability=capability,
+    )
+
+
+async def collect(request: TrackedRequest) -> tuple[list[int], int, str]:
+    tokens: list[int] = []
+    async with asyncio.timeout(DEADLINE):
+        async for delta in request.deltas():
+            tokens.extend(delta.token_ids)
+            if delta.finished:
+                return tokens, delta.finish_reason, delta.error
+    raise AssertionError("the stream ended without a finish")
+
+
+async def submit(stack: Stack, rid: str = "victim", max_tokens: int = 8) -> tuple[TrackedRequest, str]:
+    request = await stack.frontend.submit(
+        GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=max_tokens), request_id=rid)
+    )
+    added = stack.llumlet.added[-1]
+    assert added.request_id == rid and added.capability, "the frontend grants a capability with AddRequest"
+    return request, added.capability
+
+
+VICTIM = [101, 102, 103, 104, 105, 106, 107, 108]
+
+
+async def test_token_injection_is_refused_and_the_victim_stream_is_exact(stack: Stack, tmp_path: Path) -> None:
+    request, cap = await submit(stack)
+    assert (await stack.push("llumlet", "i-1", "i-1", out("victim", 0, VICTIM[:3], cap))).unknown_request_ids == []
+    foreign = list(range(1000, 1352))  # the 352 foreign words of the report
+    evil_end = dict(finish=ERROR, error="attacker's error text")
+
+    # Roles that may not push at all (the role table, and the sink itself).
+    for role, id in (("frontend", "f0"), ("admin", "admin"), ("client", "u1")):
+        await stack.refused(
+            stack.push(role, id, "i-1", out("victim", 3, foreign, cap, **evil_end)),  # type: ignore[arg-type]
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"caller role {role} may not call /llumnix.v1.OutputSinkService/PushOutputs",
+        )
+    # Another llumlet: as the victim's instance, with the stolen token, with no token, with a forged one.
+    await stack.refused(
+        stack.push("llumlet", "i-2", "i-1", out("victim", 3, foreign, cap)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "caller llumlet i-2 may not push outputs as 'i-1'",
+    )
+    await stack.refused(
+        stack.push("llumlet", "i-2", "i-2", out("victim", 3, foreign, cap, instance_id="i-2")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "was issued to 'i-1', not to the caller 'i-2'",
+    )
+    await stack.refused(
+        stack.push("llumlet", "i-2", "i-2", out("victim", 3, foreign, "", instance_id="i-2")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "carries no capability token",
+    )
+    forged = CapabilityTokens(new_secret(), "frontend").issue("victim", "i-2")
+    await stack.refused(
+        stack.push("llumlet", "i-2", "i-2", out("victim", 3, foreign, forged, instance_id="i-2")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "signature is invalid",
+    )
+    # The scheduler: never tokens; a failure only for the instance that holds the request.
+    await stack.refused(
+        stack.push("scheduler", "s0", "i-1", out("victim", 3, foreign, "")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "only token-less ERROR finishes",
+    )
+    await stack.refused(
+        stack.push("scheduler", "s0", "i-2", out("victim", 3, [], "", **evil_end)),  # type: ignore[arg-type]
+        grpc.StatusCode.PERMISSION_DENIED,
+        "held by instance 'i-2'",
+    )
+    # A client without a certificate fails the handshake within the deadline (UNAVAILABLE), never hangs.
+    no_cert = CertPaths(stack.pki.ca_cert, tmp_path / "none.pem", tmp_path / "none-key.pem")
+    async with grpc.aio.secure_channel(
+        stack.sink_address, grpc.ssl_channel_credentials(no_cert.ca.read_bytes())
+    ) as channel:
+        await stack.refused(
+            frontend_pb2_grpc.OutputSinkServiceStub(channel).PushOutputs(
+                frontend_pb2.PushOutputsRequest(instance_id="i-1", outputs=[out("victim", 3, foreign, cap)]),
+                timeout=DEADLINE,
+            ),
+            grpc.StatusCode.UNAVAILABLE,
+        )
+    assert not request.finished and request.num_received == 3
+
+    # The victim finishes; a push beyond max_tokens shows no more than max_tokens tokens.
+    await stack.push("llumlet", "i-1", "i-1", out("victim", 3, [*VICTIM[3:], 109, 110], cap, finish=LENGTH))
+    tokens, reason, error = await collect(request)
+    assert tokens == VICTIM
+    assert reason == LENGTH and error == ""
+    assert stack.sink.refused_pushes == 6  # the other three never reach the sink: the role interceptor refuses them
+
+
+async def test_lost_instance_notice_from_the_scheduler_ends_the_request(stack: Stack) -> None:
+    request, cap = await submit(stack, "r-lost")
+    await stack.push("llumlet", "i-1", "i-1", out("r-lost", 0, [7, 8], cap))
+    await stack.push("scheduler", "s0", "i-1", out("r-lost", 0, [], "", finish=ERROR, error="instance i-1 lost"))
+    tokens, reason, error = await collect(request)
+    assert tokens == [7, 8] and reason == ERROR and error == "instance i-1 lost"
+
+
+async def test_hand_over_moves_the_right_to_push_to_the_destination_only(stack: Stack) -> None:
+    request, cap1 = await submit(stack, "r-mig")
+    await stack.push("llumlet", "i-1", "i-1", out("r-mig", 0, VICTIM[:2], cap1))
+    # Only the holder may hand over, and only with its token.
+    await stack.refused(
+        stack.hand_over("i-3", "r-mig", cap1, "i-2"), grpc.StatusCode.PERMISSION_DENIED, "not to the caller 'i-3'"
+    )
+    cap2 = await stack.hand_over("i-1", "r-mig", cap1, "i-2")
+    assert cap2 and cap2 != cap1
+    assert await stack.hand_over("i-1", "r-mig", cap1, "i-2") == cap2, "a repeated hand-over answers the same token"
+    # Until the destination pushes, the source still may (its commit may yet fail).
+    await stack.push("llumlet", "i-1", "i-1", out("r-mig", 2, VICTIM[2:4], cap1))
+    # Nobody else can use the destination's token.
+    await stack.refused(
+        stack.push("llumlet", "i-3", "i-3", out("r-mig", 4, [666], cap2, instance_id="i-3")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "not to the caller 'i-3'",
+    )
+    reply = await stack.push("llumlet", "i-2", "i-2", out("r-mig", 4, VICTIM[4:6], cap2, instance_id="i-2"))
+    assert reply.unknown_request_ids == []
+    # The source's token is stale now: its late output is dropped and reported back, so it stops the request.
+    reply = await stack.push("llumlet", "i-1", "i-1", out("r-mig", 6, [666, 667], cap1))
+    assert list(reply.unknown_request_ids) == ["r-mig"]
+    await stack.refused(stack.hand_over("i-1", "r-mig", cap1, "i-3"), grpc.StatusCode.PERMISSION_DENIED, "is stale")
+    await stack.push("llumlet", "i-2", "i-2", out("r-mig", 6, VICTIM[6:], cap2, finish=LENGTH, instance_id="i-2"))
+    tokens, reason, _ = await collect(request)
+    assert tokens == VICTIM and reason == LENGTH
+    assert request.instance_id == "i-2"
+    assert len(stack.frontend.tracker.ledger) == 1, "the request is still tracked until released"
+    stack.frontend.release(request)
+    assert len(stack.frontend.tracker.ledger) == 0, "a released request leaves the ledger"
+
+
+async def test_a_pushers_own_give_up_notice_needs_no_token(stack: Stack) -> None:
+    """The llumlet's pusher queues token-less ERROR notices when it gives up: the holder may end its request."""
+    request, cap = await submit(stack, "r-gone")
+    await stack.push("llumlet", "i-1", "i-1", out("r-gone", 0, [9], cap))
+    await stack.refused(
+        stack.push("llumlet", "i-2", "i-2", out("r-gone", 1, [], "", finish=ERROR, error="x", instance_id="i-2")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "carries no capability token",
+    )
+    await stack.push("llumlet", "i-1", "i-1", out("r-gone", 1, [], "", finish=ERROR, error="could not deliver"))
+    tokens, reason, error = await collect(request)
+    assert tokens == [9] and reason == ERROR and error == "could not deliver"
