@@ -35,6 +35,7 @@ import os
 import select
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -357,7 +358,9 @@ class Supervisor:
             "frontend": ["f0"],
             "admin": ["admin"],
         }
-        hosts = ["localhost", "127.0.0.1", "::1", str(opts["host"])]
+        host = str(opts["host"])
+        # A wildcard bind advertises the host name: peers check the certificates against it.
+        hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname() if host in ("0.0.0.0", "::") else host]
         self.pki = bootstrap_local(
             tls_dir,
             cluster,

@@ -267,7 +267,7 @@ def frontend_command(
     )
     if not scheduler and not etcd:
         raise click.UsageError("give --scheduler and/or --etcd: there is nothing to dispatch to otherwise")
-    settings = runtime.configure_from_cli("frontend", frontend_id, security)
+    settings = runtime.configure_from_cli("frontend", frontend_id, security, [host, advertise_host])
     if settings.secure and not etcd:
         raise click.UsageError("a secure frontend checks API keys, which live in etcd: give --etcd")
     opts = FrontendOptions(

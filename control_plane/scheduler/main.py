@@ -196,7 +196,7 @@ def scheduler_command(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     replica_id = replica_id or f"scheduler-{uuid.uuid4().hex[:6]}"
-    settings = runtime.configure_from_cli("scheduler", replica_id, security)
+    settings = runtime.configure_from_cli("scheduler", replica_id, security, [host, advertise_host])
     endpoints = [e for e in etcd.split(",") if e]
     instance_provider: InstanceProvider | None = None
     if provider == "local":

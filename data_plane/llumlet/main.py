@@ -347,7 +347,7 @@ def llumlet_command(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     instance_id = instance_id or f"llumlet-{uuid.uuid4().hex[:8]}"
-    runtime.configure_from_cli("llumlet", instance_id, security)
+    runtime.configure_from_cli("llumlet", instance_id, security, [host, advertise_host])
     opts = LlumletOptions(
         instance_id=instance_id,
         host=host,

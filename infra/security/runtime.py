@@ -40,6 +40,8 @@ INSECURE_ENV = "LLUMNIX_INSECURE"
 CLUSTER_FILE = "cluster"
 """A PKI folder written by ``bootstrap_local`` names its cluster (trust domain) in this file."""
 
+WILDCARDS = ("0.0.0.0", "::", "[::]")
+
 HOW_TO_GET_CERTIFICATES = (
     "give --tls-dir DIR (a PKI folder as `llumnix serve` writes it: ca.pem and <role>-<id>.pem/-key.pem; also "
     f"${TLS_DIR_ENV}) or --ca/--cert/--key, or run the whole cluster with `llumnix serve`, which creates one; "
@@ -133,11 +135,13 @@ def from_options(
     insecure: bool = False,
     reflection: bool = False,
     env: dict[str, str] | None = None,
+    hosts: Sequence[str] = (),
 ) -> SecuritySettings:
     """Settings from a component's flags (``$LLUMNIX_TLS_DIR`` / ``$LLUMNIX_INSECURE`` when no flag says).
 
     ``--tls-dir``: this component's files are ``<role>-<id>.pem``/``-key.pem`` there; a folder that holds the CA key
-    too (a local PKI) issues them when missing, so llumlets with fresh ids start without a separate step.
+    too (a local PKI) issues them when missing, so llumlets with fresh ids start without a separate step; ``hosts``
+    (the names and addresses peers dial this component at) go into such a certificate beside the local defaults.
     """
     env = dict(os.environ) if env is None else env
     explicit = [v for v in (ca, cert, key) if v]
@@ -163,7 +167,7 @@ def from_options(
     authority: ClusterSecurity | None = None
     if pki.ca_key.exists() and pki.cluster:
         authority = pki
-        paths = pki.ensure(role, id)
+        paths = pki.ensure(role, id, [h for h in hosts if h and h not in WILDCARDS])
     elif cert_path.exists():
         paths = CertPaths(pki.ca_cert, cert_path, pki.directory / f"{role}-{id}-key.pem")
     else:
@@ -260,7 +264,7 @@ def security_options(func: F) -> F:
     return func
 
 
-def configure_from_cli(role: str, id: str, kwargs: dict[str, Any]) -> SecuritySettings:
+def configure_from_cli(role: str, id: str, kwargs: dict[str, Any], hosts: Sequence[str] = ()) -> SecuritySettings:
     """Pops the :func:`security_options` values from ``kwargs``, configures the process, exits 2 when unusable."""
     import click
 
@@ -274,6 +278,7 @@ def configure_from_cli(role: str, id: str, kwargs: dict[str, Any]) -> SecuritySe
             key=kwargs.pop("tls_key", "") or None,
             insecure=bool(kwargs.pop("insecure", False)),
             reflection=bool(kwargs.pop("reflection", False)),
+            hosts=hosts,
         )
     except (SecurityConfigError, OSError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)

@@ -1,0 +1,95 @@
+"""The process security settings: flags -> certificate (or a refusal that says how to get one), and start_server /
+open_channel applying them (mutual TLS required, role checked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pyllumnix.control_plane.grpc_server import start_server
+from pyllumnix.infra.security.bootstrap import bootstrap_local
+from pyllumnix.infra.security.runtime import (
+    SecurityConfigError,
+    SecuritySettings,
+    from_options,
+    identity_of,
+    open_channel,
+    split_etcd_endpoints,
+)
+
+
+def test_no_certificates_and_no_insecure_is_refused_with_the_way_out() -> None:
+    with pytest.raises(SecurityConfigError) as info:
+        from_options("llumlet", "i-1", env={})
+    message = str(info.value)
+    assert "--tls-dir" in message and "llumnix serve" in message and "--insecure" in message
+
+
+def test_insecure_by_flag_or_environment() -> None:
+    assert not from_options("llumlet", "i-1", insecure=True, env={}).secure
+    assert not from_options("llumlet", "i-1", env={"LLUMNIX_INSECURE": "1"}).secure
+    with pytest.raises(SecurityConfigError, match="contradicts"):
+        from_options("llumlet", "i-1", insecure=True, tls_dir="/nonexistent", env={})
+
+
+def test_local_pki_issues_the_component_certificate_with_its_hosts(tmp_path: Path) -> None:
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    settings = from_options("llumlet", "i-7", env={"LLUMNIX_TLS_DIR": str(pki.directory)}, hosts=["10.1.2.3", "::"])
+    assert settings.secure and settings.identity is not None
+    assert (settings.identity.cluster, settings.identity.role, settings.identity.id) == ("c1", "llumlet", "i-7")
+    assert settings.authority is not None and settings.child_args() == ["--tls-dir", str(pki.directory)]
+    assert settings.paths is not None
+    cert = x509.load_pem_x509_certificate(settings.paths.cert.read_bytes())
+    ips = {
+        str(ip)
+        for ip in cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.IPAddress
+        )
+    }
+    assert "10.1.2.3" in ips and "::" not in ips
+
+
+def test_a_folder_without_the_ca_key_needs_the_certificate(tmp_path: Path) -> None:
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    pki.ca_key.unlink()
+    with pytest.raises(SecurityConfigError, match="no certificate for llumlet 'i-9'"):
+        from_options("llumlet", "i-9", tls_dir=pki.directory, env={})
+    assert from_options("scheduler", "s0", tls_dir=pki.directory, env={}).secure  # bootstrap issued s0
+
+
+def test_a_certificate_of_another_role_is_refused(tmp_path: Path) -> None:
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    paths = pki.ensure("frontend", "f0")
+    with pytest.raises(SecurityConfigError, match="is a frontend certificate"):
+        from_options("scheduler", "s0", ca=paths.ca, cert=paths.cert, key=paths.key, env={})
+    with pytest.raises(SecurityConfigError, match="go together"):
+        from_options("frontend", "f0", ca=paths.ca, cert=paths.cert, env={})
+
+
+def test_etcd_endpoints_say_whether_tls() -> None:
+    assert split_etcd_endpoints(["https://a:1", "https://b:2"]) == (["a:1", "b:2"], True)
+    assert split_etcd_endpoints(["a:1", "http://b:2"]) == (["a:1", "b:2"], False)
+    with pytest.raises(SecurityConfigError, match="mixed"):
+        split_etcd_endpoints(["https://a:1", "b:2"])
+
+
+async def test_secure_server_requires_a_ca_signed_client(tmp_path: Path) -> None:
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    server_paths = pki.ensure("llumlet", "i-1")
+    server = await start_server([], security=SecuritySettings(server_paths, identity_of(server_paths.cert)))
+    try:
+        client_paths = pki.ensure("scheduler", "s0")
+        client = SecuritySettings(client_paths, identity_of(client_paths.cert))
+        async with open_channel(server.address, settings=client) as ch:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        async with grpc.aio.insecure_channel(server.address) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(0)
