@@ -24,10 +24,15 @@ def test_defaults_are_the_papers() -> None:
     assert (c.min_instances, c.max_instances) == (1, 16)
     assert (c.pairing_interval_ms, c.scaling_interval_ms, c.load_report_interval_ms) == (100, 10_000, 50)
     assert (c.last_stage_max_blocks, c.max_stages) == (4, 3)
-    # Roughly all but 100 of the 7B profile's 1,300 blocks.
-    assert c.headroom(common_pb2.PRIORITY_HIGH) == 1300 - 100
-    assert c.headroom(common_pb2.PRIORITY_NORMAL) == 0
-    assert c.headroom(common_pb2.PRIORITY_UNSPECIFIED) == 0
+    # All but 100 blocks of the instance, whatever its size (the artifact's total - 100), and never negative.
+    assert c.headroom(common_pb2.PRIORITY_HIGH, 792) == 792 - 100
+    assert c.headroom(common_pb2.PRIORITY_HIGH, 1300) == 1300 - 100
+    assert c.headroom(common_pb2.PRIORITY_HIGH, 64) == 0
+    assert c.headroom(common_pb2.PRIORITY_NORMAL, 792) == 0
+    assert c.headroom(common_pb2.PRIORITY_UNSPECIFIED, 792) == 0
+    # an absolute ClusterConfig headroom caps it
+    assert PolicyConfig(high_headroom_blocks=300).headroom(common_pb2.PRIORITY_HIGH, 792) == 300
+    assert (c.scaling_warmup_ms, c.drain_victim) == (100_000, "fewest-requests")
     assert c.validate() is c
 
 
@@ -84,6 +89,9 @@ def test_headroom_from_proto() -> None:
         ({"pairing_policy": "greedy"}, "pairing_policy"),
         ({"pairing_interval_ms": 0}, "pairing_interval_ms"),
         ({"max_stages": -1}, "max_stages"),
+        ({"drain_victim": "first"}, "drain_victim"),
+        ({"scaling_warmup_ms": -1}, "scaling_warmup_ms"),
+        ({"high_headroom_reserve_blocks": -5}, "high_headroom_reserve_blocks"),
         ({"high_headroom_blocks": -1}, "high_headroom_blocks"),
     ],
 )

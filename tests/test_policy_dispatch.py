@@ -39,7 +39,7 @@ def choose(policy: str, snap: ClusterSnapshot, req: DispatchRequestView, **cfg: 
 
 
 def test_llumnix_highest_freeness() -> None:
-    # H = 1200: c = (950-1200)/1 = -250 and holds high anyway; b (210) beats a (150).
+    # H = 1000 - 100: c = (950-900)/1 = 50 and holds high anyway; b (210) beats a (150).
     assert choose("llumnix", cluster(), NORMAL) == "b"
     # An empty ACTIVE instance is +inf.
     assert choose("llumnix", cluster(view("h")), NORMAL) == "h"
@@ -48,12 +48,11 @@ def test_llumnix_highest_freeness() -> None:
 def test_llumnix_priority_aware() -> None:
     # H = 500. Normal: c = (950-500)/1 = 450 is the freest but holds high, so b (210) is chosen.
     assert choose("llumnix", cluster(), NORMAL, high_headroom_blocks=500) == "b"
-    # High, as if placed: a (600-500)/4 = 25, b (840-500)/4 = 85, c (950-500)/1 = 450; all fit (≥ 2 blocks) → c.
+    # High: c already holds high work, so it is not charged the headroom again: 950/1 = 950; a (600-500)/4 = 25,
+    # b (840-500)/4 = 85 → c.
     assert choose("llumnix", cluster(), HIGH, high_headroom_blocks=500) == "c"
-    # H = 1200: nowhere fits (a -600, b -360, c -250 left) → the freest as placed: b (840-1200)/4 = -90.
-    assert choose("llumnix", cluster(), HIGH) == "b"
-    # H = 840: only b has room for the headroom (840-840 = 0) but not the 2-block prefill; c: 950-840-2 = 108 ≥ 0 fits.
-    assert choose("llumnix", cluster(), HIGH, high_headroom_blocks=840) == "c"
+    # Default H = total - 100 = 900: a (600-900) and b (840-900) have no room for the headroom; c (not charged) → c.
+    assert choose("llumnix", cluster(), HIGH) == "c"
     # If only high-holding instances can take work, a normal request still goes there.
     only_c = ClusterSnapshot.of(
         [view("c", free_blocks=950, num_running=1, num_running_high=1), view("d", healthy=False)]
@@ -61,9 +60,50 @@ def test_llumnix_priority_aware() -> None:
     assert choose("llumnix", only_c, NORMAL) == "c"
 
 
-def test_infaas_least_memory_load() -> None:
+def test_high_priority_requests_concentrate_and_normal_ones_keep_away() -> None:
+    """The artifact's behaviour: with the headroom relative to capacity (total - 100), high-priority requests gather
+    on the instance(s) already holding high-priority work, even when that instance is busier, while normal requests
+    avoid it. Before, every instance was charged the headroom for a high request, so they spread: the freest won."""
+    snap = ClusterSnapshot.of(
+        [
+            view("a", free_blocks=500, num_running=6, num_running_high=2),  # busy, holds high
+            view("b", free_blocks=900, num_running=2),  # much freer, no high work
+            view("c", free_blocks=950, num_running=1),
+        ]
+    )
+    policy = make_dispatch_policy("llumnix", PolicyConfig())
+    placed = []
+    for i in range(4):
+        req = DispatchRequestView(f"h{i}", Priority.HIGH, num_prompt_tokens=64)
+        chosen = policy.choose(snap, req)
+        assert chosen is not None
+        placed.append(chosen)
+        snap = snap.record_dispatch(chosen, req.demand_blocks(16), req.priority)
+    assert placed == ["a"] * 4
+    assert policy.choose(snap, NORMAL) == "c"
+    # With no high-priority work anywhere, the first one goes to the freest instance and the next follow it.
+    fresh = ClusterSnapshot.of([view("a", free_blocks=500, num_running=6), view("b", free_blocks=900, num_running=2)])
+    first = policy.choose(fresh, HIGH)
+    assert first == "b"
+    fresh = fresh.record_dispatch("b", 2, Priority.HIGH)
+    assert policy.choose(fresh, HIGH) == "b"
+
+
+def test_infaas_pp_is_llumnix_dispatch_without_migration() -> None:
+    """The artifact's INFaaS++: Llumnix's load-based dispatch, migration off. Before, it dispatched on the free-memory
+    fraction and picked c here (950/1000), though c holds high-priority work and a normal request avoids it."""
+    assert choose("infaas++", cluster(), NORMAL) == "b" == choose("llumnix", cluster(), NORMAL)
+    # load, not memory: x has more free memory but 10 requests ((900)/10 = 90), y less but 2 ((500)/2 = 250)
+    snap = ClusterSnapshot.of([view("x", free_blocks=900, num_running=10), view("y", free_blocks=500, num_running=2)])
+    assert choose("infaas++", snap, NORMAL) == "y"
+    assert choose("infaas-mem", snap, NORMAL) == "x"
+    assert not PolicyConfig(dispatch_policy="infaas++").migration_active
+    assert not PolicyConfig(dispatch_policy="infaas-mem").migration_active
+
+
+def test_infaas_mem_least_memory_load() -> None:
     # Free fraction after waiting demand: a 600/1000, b (900-60)/1000, c 950/1000 → c (not priority-aware).
-    assert choose("infaas++", cluster(), NORMAL) == "c"
+    assert choose("infaas-mem", cluster(), NORMAL) == "c"
 
 
 def test_balanced_fewest_requests_ties_by_id() -> None:

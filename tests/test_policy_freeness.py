@@ -28,7 +28,7 @@ from pyllumnix.control_plane.policy.virtual_usage import (
 from tests.test_policy_helpers import instance_views, view
 
 INF = math.inf
-DEFAULT = PolicyConfig()  # high headroom 1200, normal 0, de-frag on
+DEFAULT = PolicyConfig()  # high headroom total - 100 (900 on these 1,000-block views), normal 0, de-frag on
 NO_DEFRAG = PolicyConfig(enable_defrag=False)
 
 # (view kwargs, dispatch F, migration F with de-frag, migration F without de-frag)
@@ -41,8 +41,8 @@ CASES = [
     (dict(free_blocks=1000), INF, INF, INF),
     # Draining: one fake request of infinite usage: -inf in every form, even when empty.
     (dict(state=InstanceState.DRAINING, free_blocks=1000), -INF, -INF, -INF),
-    # One high-priority request among 2 running: headroom 1200 held. (1000-1200)/2 = -100 everywhere.
-    (dict(free_blocks=1000, num_running=2, num_running_high=1), -100.0, -100.0, -100.0),
+    # One high-priority request among 2 running: headroom 1000 - 100 held. (1000-900)/2 = 50 everywhere.
+    (dict(free_blocks=1000, num_running=2, num_running_high=1), 50.0, 50.0, 50.0),
     # Only a queued request: de-frag (500-64)/(0+1) = 436; without de-frag avail/R with R=0 is +inf.
     (dict(free_blocks=500, num_waiting=1, head_of_line_demand_blocks=64, waiting_demand_blocks=64),
      (500 - 64) / 1, 436.0, INF),
@@ -72,7 +72,7 @@ def test_request_virtual_usage_per_paper() -> None:
         RequestView("r4", RequestPhase.WAITING, Priority.NORMAL, demand_blocks=5, arrival_time=2.0),
         RequestView("r5", RequestPhase.FINISHED, Priority.NORMAL, num_blocks=3, arrival_time=0.1),
     ]
-    u = request_virtual_usages(reqs, cfg)
+    u = request_virtual_usages(reqs, cfg, total_blocks=2000)
     # Two normal (r1, r4) share 100; two high (r2, r3) share 1200.
     assert u == {
         "r1": 10 + 100 / 2,  # running: blocks + headroom share = 60
@@ -82,7 +82,11 @@ def test_request_virtual_usage_per_paper() -> None:
     }
     # Σ = physical 30 + head-of-line 8 + headroom 1300 = 1338.
     assert sum(u.values()) == 1338
-    assert request_virtual_usages(reqs, cfg, draining=True)[""] == INF
+    assert request_virtual_usages(reqs, cfg, total_blocks=2000, draining=True)[""] == INF
+    # The default high headroom is relative: all but 100 blocks of this instance (capped by high_headroom_blocks).
+    rel = request_virtual_usages(reqs, PolicyConfig(normal_headroom_blocks=100), total_blocks=800)
+    assert rel["r2"] == 20 + (800 - 100) / 2
+    assert request_virtual_usages(reqs, cfg, total_blocks=800)["r2"] == 20 + (800 - 100) / 2
 
 
 def test_practical_form_matches_the_definition() -> None:

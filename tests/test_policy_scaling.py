@@ -92,3 +92,21 @@ def test_decisions_stay_within_min_and_max(
     for i in d.cancel_drain:
         v = snap.get(i)
         assert v is not None and v.state == InstanceState.DRAINING
+
+
+def test_drain_victim_last_is_the_highest_numbered_instance() -> None:
+    """The artifact drains the last instance; ids compare naturally (i10 after i9). The default stays the cheapest
+    to empty (fewest requests)."""
+    snap = ClusterSnapshot.of(
+        [
+            view("i2"),
+            view("i9", free_blocks=990, num_running=1),
+            view("i10", free_blocks=900, num_running=3),
+            view("i11", state=InstanceState.DRAINING),  # not a candidate: already draining... and blocks the drain
+        ]
+    )
+    last = PolicyConfig(enable_scaling=True, drain_victim="last")
+    assert decide_scaling(snap, last).is_noop  # one drain at a time
+    snap = snap.without(["i11"])
+    assert decide_scaling(snap, last).drain == ("i10",)
+    assert decide_scaling(snap, CFG).drain == ("i2",)

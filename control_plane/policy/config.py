@@ -22,7 +22,11 @@ class Selection(enum.IntEnum):
     FCW = 4
 
 
-DISPATCH_POLICIES = ("llumnix", "infaas++", "round-robin", "balanced")
+DISPATCH_POLICIES = ("llumnix", "infaas++", "infaas-mem", "round-robin", "balanced")
+# Baselines that never migrate: INFaaS++ is Llumnix's own dispatch with migration off (the artifact's), infaas-mem the
+# least-memory-fraction variant this project used before (simulator only: ClusterConfig has no enum for it).
+NO_MIGRATION_POLICIES = ("infaas++", "infaas-mem")
+DRAIN_VICTIMS = ("fewest-requests", "last")
 PAIRING_POLICIES = ("defrag", "balanced")
 
 _DISPATCH_TO_PB = {
@@ -33,8 +37,10 @@ _DISPATCH_TO_PB = {
 }
 _PAIRING_TO_PB = {"defrag": config_pb2.PAIRING_POLICY_DEFRAG, "balanced": config_pb2.PAIRING_POLICY_BALANCED}
 
-# The LLaMA-7B profile has 1,300 blocks; the artifact reserves roughly all but 100 of them for high priority.
-DEFAULT_HIGH_HEADROOM_BLOCKS = 1200
+# The artifact's high-priority headroom is relative to the instance: total blocks - 100 (~1,600 tokens left for the
+# high-priority batch itself). ``high_headroom_blocks`` caps it (the ClusterConfig field; its maximum = no cap).
+DEFAULT_HIGH_HEADROOM_RESERVE_BLOCKS = 100
+DEFAULT_HIGH_HEADROOM_BLOCKS = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +67,29 @@ class PolicyConfig:
     normal_headroom_blocks: int = 0
     high_headroom_blocks: int = DEFAULT_HIGH_HEADROOM_BLOCKS
     load_report_interval_ms: int = 50
+    # Not in ClusterConfig (yet): these keep their defaults through to_proto/from_proto.
+    # The high headroom of an instance is min(high_headroom_blocks, total - high_headroom_reserve_blocks).
+    high_headroom_reserve_blocks: int = DEFAULT_HIGH_HEADROOM_RESERVE_BLOCKS
+    # No scaling decision before this long after the cluster started (the artifact waits 100 s for load to settle).
+    # The simulator honours it; the live scheduler's scaling loop does not read it yet.
+    scaling_warmup_ms: int = 100_000
+    # The instance a scale-down drains: "fewest-requests" (cheapest to empty) or "last" (highest id, the artifact's).
+    drain_victim: str = "fewest-requests"
 
-    def headroom(self, priority: int) -> int:
-        """Blocks reserved on an instance holding requests of this priority."""
-        return self.high_headroom_blocks if priority >= Priority.HIGH else self.normal_headroom_blocks
+    def headroom(self, priority: int, total_blocks: int) -> int:
+        """Blocks reserved on an instance of ``total_blocks`` holding requests of this priority."""
+        if priority >= Priority.HIGH:
+            return self.high_headroom(total_blocks)
+        return self.normal_headroom_blocks
+
+    def high_headroom(self, total_blocks: int) -> int:
+        """The high-priority headroom of an instance: all but ``high_headroom_reserve_blocks``, capped."""
+        return min(self.high_headroom_blocks, max(0, total_blocks - self.high_headroom_reserve_blocks))
 
     @property
     def migration_active(self) -> bool:
-        """INFaaS++ is the no-migration baseline, so it turns pairing off whatever the migration flag says."""
-        return self.enable_migration and self.dispatch_policy != "infaas++"
+        """The no-migration baselines turn pairing off whatever the migration flag says."""
+        return self.enable_migration and self.dispatch_policy not in NO_MIGRATION_POLICIES
 
     def validate(self) -> PolicyConfig:
         """Returns self, or raises ValueError naming the first bad field, its range and its value.
@@ -82,6 +102,8 @@ class PolicyConfig:
             raise ValueError(f"dispatch_policy: unknown policy {self.dispatch_policy!r}; known: {DISPATCH_POLICIES}")
         if self.pairing_policy not in PAIRING_POLICIES:
             raise ValueError(f"pairing_policy: unknown policy {self.pairing_policy!r}; known: {PAIRING_POLICIES}")
+        if self.drain_victim not in DRAIN_VICTIMS:
+            raise ValueError(f"drain_victim: unknown choice {self.drain_victim!r}; known: {DRAIN_VICTIMS}")
         if not isinstance(self.selection, Selection):
             raise ValueError(f"selection: unknown selection {self.selection!r}")
         for name, (lo, hi) in RANGES.items():
@@ -148,6 +170,8 @@ class PolicyConfig:
     def to_proto(self) -> config_pb2.ClusterConfig:
         """Writes every field explicitly, so the stored config does not depend on this build's defaults."""
         self.validate()
+        if self.dispatch_policy not in _DISPATCH_TO_PB:
+            raise ValueError(f"dispatch_policy: {self.dispatch_policy!r} is simulator-only (no ClusterConfig enum)")
         return config_pb2.ClusterConfig(
             dispatch=config_pb2.DispatchConfig(policy=_DISPATCH_TO_PB[self.dispatch_policy]),
             migration=config_pb2.MigrationConfig(
@@ -201,6 +225,8 @@ RANGES: dict[str, tuple[float, float]] = {
     "scaling_interval_ms": (100, 3_600_000),
     "normal_headroom_blocks": (0, 1_000_000),
     "high_headroom_blocks": (0, 1_000_000),
+    "high_headroom_reserve_blocks": (0, 1_000_000),
+    "scaling_warmup_ms": (0, 3_600_000),
     "load_report_interval_ms": (10, 1000),
 }
 

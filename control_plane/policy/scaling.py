@@ -4,8 +4,9 @@
 - Average below ``scale_up_threshold``: enough instances to lift it back to the threshold, counting those already
   starting, capped by ``max_instances``; draining instances are cancelled ("undrained") before new ones start, since
   they are warm and already paid for.
-- Average, recomputed as if the candidate (fewest requests, then freest, then id) were removed, still above
-  ``scale_down_threshold``: drain that one instance (infinite virtual usage; it stops when empty). One drain at a
+- Average, recomputed as if the candidate (``drain_victim``: "last" = the highest instance id, the artifact's choice;
+  "fewest-requests" = fewest requests, then freest, then id) were removed, still above ``scale_down_threshold``: drain
+  that one instance (infinite virtual usage; it stops when empty). One drain at a
   time and none while instances start, so a decision is never made on load that is still moving.
 """
 
@@ -70,12 +71,15 @@ def decide_scaling(snapshot: ClusterSnapshot, config: PolicyConfig, starting_cou
 
 
 def _candidate(views: tuple[InstanceView, ...], config: PolicyConfig) -> str | None:
-    """The instance cheapest to remove: fewest requests, then freest, then lowest id; not mid-migration."""
+    """The instance to drain, not mid-migration: the last (highest id) or the cheapest to remove (fewest requests,
+    then freest, then lowest id), per ``config.drain_victim``."""
     cands = [
         v for v in views if v.state == InstanceState.ACTIVE and v.healthy and not v.migrating_in and not v.migrating_out
     ]
     if not cands:
         return None
+    if config.drain_victim == "last":
+        return max(cands, key=lambda v: _id_order(v.instance_id)).instance_id
     return min(cands, key=lambda v: (v.num_requests, -dispatch_freeness(v, config), v.instance_id)).instance_id
 
 
@@ -90,3 +94,10 @@ def _instances_to_reach(views: tuple[InstanceView, ...], config: PolicyConfig, t
         return 1
     mean = sum(sizes) / len(sizes)
     return max(1, math.ceil((target * den - num) / mean))
+
+
+def _id_order(instance_id: str) -> tuple[str, int, str]:
+    """Natural order of ids such as ``i2`` < ``i10`` (the last-started instance of a numbered cluster comes last)."""
+    head = instance_id.rstrip("0123456789")
+    tail = instance_id[len(head) :]
+    return (head, int(tail) if tail else -1, instance_id)

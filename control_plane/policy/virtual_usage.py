@@ -25,17 +25,17 @@ def instance_headroom(view: InstanceView, config: PolicyConfig) -> int:
     """Σ headroom[p] over the priorities the instance holds (each request's shares sum to its priority's headroom)."""
     h = 0
     if view.holds_high:
-        h += config.high_headroom_blocks
+        h += config.high_headroom(view.total_blocks)
     if view.holds_normal:
         h += config.normal_headroom_blocks
     return h
 
 
 def request_virtual_usages(
-    requests: Sequence[RequestView], config: PolicyConfig, *, draining: bool = False
+    requests: Sequence[RequestView], config: PolicyConfig, *, total_blocks: int, draining: bool = False
 ) -> dict[str, float]:
-    """Virtual usage of each request on one instance (finished requests count 0). On a draining instance the extra
-    fake request is reported under the key ``""`` with +inf."""
+    """Virtual usage of each request on one instance of ``total_blocks`` (finished requests count 0). On a draining
+    instance the extra fake request is reported under the key ``""`` with +inf."""
     live = [r for r in requests if r.phase != RequestPhase.FINISHED]
     held: dict[Priority, int] = {}
     for r in live:
@@ -44,7 +44,7 @@ def request_virtual_usages(
     head = min(waiting, key=lambda r: (r.arrival_time, r.request_id)).request_id if waiting else None
     out: dict[str, float] = {}
     for r in live:
-        share = config.headroom(r.priority) / held[r.priority]
+        share = config.headroom(r.priority, total_blocks) / held[r.priority]
         if r.phase == RequestPhase.WAITING:
             out[r.request_id] = share + (r.demand_blocks if r.request_id == head else 0)
         else:

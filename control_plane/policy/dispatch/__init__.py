@@ -7,12 +7,13 @@ import random
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.dispatch.balanced import BalancedDispatch
 from pyllumnix.control_plane.policy.dispatch.base import DispatchPolicy
-from pyllumnix.control_plane.policy.dispatch.infaas import InfaasPlusPlusDispatch
+from pyllumnix.control_plane.policy.dispatch.infaas import InfaasMemDispatch, InfaasPlusPlusDispatch
 from pyllumnix.control_plane.policy.dispatch.llumnix import LlumnixDispatch
 from pyllumnix.control_plane.policy.dispatch.round_robin import RoundRobinDispatch
 
 DISPATCH_REGISTRY: dict[str, type[DispatchPolicy]] = {
-    cls.name: cls for cls in (LlumnixDispatch, InfaasPlusPlusDispatch, RoundRobinDispatch, BalancedDispatch)
+    cls.name: cls
+    for cls in (LlumnixDispatch, InfaasPlusPlusDispatch, InfaasMemDispatch, RoundRobinDispatch, BalancedDispatch)
 }
 
 
@@ -29,6 +30,7 @@ __all__ = [
     "DISPATCH_REGISTRY",
     "BalancedDispatch",
     "DispatchPolicy",
+    "InfaasMemDispatch",
     "InfaasPlusPlusDispatch",
     "LlumnixDispatch",
     "RoundRobinDispatch",

@@ -1,16 +1,26 @@
-"""INFaaS++ (the paper's strongest baseline): the least memory-loaded instance, i.e. the highest fraction of free
-blocks left after its waiting demand. Migration is off under this policy (see PolicyConfig.migration_active)."""
+"""The INFaaS++ baselines; migration is off under both (see PolicyConfig.migration_active).
+
+- ``infaas++``: the paper's strongest baseline as its artifact ran it: Llumnix's own load-based dispatch (highest
+  dispatch freeness, (free - all waiting demand) / (running + waiting)) with migration and de-fragmentation off.
+- ``infaas-mem``: the highest fraction of free blocks left after waiting demand; the variant this project used before
+  reading the artifact, kept for comparison (simulator only).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
 from pyllumnix.control_plane.policy.dispatch.base import DispatchPolicy, argmax_where
+from pyllumnix.control_plane.policy.dispatch.llumnix import LlumnixDispatch
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView
 
 
-class InfaasPlusPlusDispatch(DispatchPolicy):
+class InfaasPlusPlusDispatch(LlumnixDispatch):
     name = "infaas++"
+
+
+class InfaasMemDispatch(DispatchPolicy):
+    name = "infaas-mem"
 
     def choose(self, snapshot: ClusterSnapshot, request: DispatchRequestView) -> str | None:
         c = snapshot.columns

@@ -3,6 +3,12 @@
 A high-priority request prefers instances where its headroom (and its prefill) still fits; a normal request avoids
 instances that hold high-priority requests while any other instance can take it. Both tiers rank by freeness.
 
+The high headroom is relative to the instance (``PolicyConfig.high_headroom``: by default all but 100 blocks). As in
+the artifact, a high-priority request is charged it only where no high-priority work is yet: an instance already
+holding high-priority requests has paid it (its normal-request freeness carries it), so there the request sees the
+freeness without it. High-priority requests therefore concentrate on a few instances, whose batches stay small
+because normal requests are steered away from them.
+
 The ranking keys depend only on the snapshot and the headroom config, not on the request (a high request adds only a
 fit test against its prompt). So they are kept per snapshot and, when the next snapshot was derived from the one they
 were computed for (``ClusterSnapshot.updated``: a report or a dispatch changed a few instances), patched at the changed
@@ -34,11 +40,12 @@ class _Keys:
     """Ranking keys for one snapshot. Freeness is finite or +inf, never -inf, so -inf marks "not a candidate".
 
     ``normal_*``: freeness with the instance's current headroom; ``preferred`` also excludes instances holding a
-    high-priority request. ``high_*``: freeness as if a high request were placed there (it then holds the high
-    headroom); ``high_num`` is that numerator and ``block_size`` the instance's, for the request's fit test."""
+    high-priority request. ``high_*``: freeness as a high request sees it (charged the high headroom only where no
+    high-priority work is yet); ``high_num`` is that numerator and ``block_size`` the instance's, for the request's
+    fit test. ``headroom`` = (high cap, high reserve, normal) the keys were computed with."""
 
     serial: int
-    headroom: tuple[int, int]
+    headroom: tuple[int, int, int]
     normal_preferred: FloatArray
     normal_eligible: FloatArray
     high_num: FloatArray
@@ -68,7 +75,8 @@ class LlumnixDispatch(DispatchPolicy):
         return snapshot.ids[i]
 
     def _keys_for(self, snapshot: ClusterSnapshot) -> _Keys:
-        headroom = (self.config.high_headroom_blocks, self.config.normal_headroom_blocks)
+        cfg = self.config
+        headroom = (cfg.high_headroom_blocks, cfg.high_headroom_reserve_blocks, cfg.normal_headroom_blocks)
         keys = self._keys
         if keys is not None and keys.headroom == headroom:
             if keys.serial == snapshot.serial:
@@ -80,13 +88,20 @@ class LlumnixDispatch(DispatchPolicy):
         return keys
 
 
-def _full(snapshot: ClusterSnapshot, headroom: tuple[int, int]) -> _Keys:
+def _high_headroom(cap: float, reserve: float, total: FloatArray) -> FloatArray:
+    """``PolicyConfig.high_headroom`` over a column of instance sizes."""
+    out: FloatArray = np.minimum(cap, np.maximum(0.0, total - reserve))
+    return out
+
+
+def _full(snapshot: ClusterSnapshot, headroom: tuple[int, int, int]) -> _Keys:
     c = snapshot.columns
-    high, normal = headroom
+    cap, reserve, normal = headroom
+    high = _high_headroom(cap, reserve, c.total)
     normal_eligible = np.where(
         c.eligible, freeness_of(c.avail - (high * c.holds_high + normal * c.holds_normal), c.load), NOT_A_CANDIDATE
     )
-    high_num = c.avail - (high + normal * c.holds_normal)
+    high_num = c.avail - (high * ~c.holds_high + normal * c.holds_normal)
     return _Keys(
         serial=snapshot.serial,
         headroom=headroom,
@@ -101,15 +116,16 @@ def _full(snapshot: ClusterSnapshot, headroom: tuple[int, int]) -> _Keys:
 def _patch(keys: _Keys, snapshot: ClusterSnapshot) -> None:
     """Moves ``keys`` (computed for the parent of ``snapshot``) to ``snapshot`` by recomputing the changed positions,
     in place: the keys are this policy's own state for the latest snapshot it saw, and ``serial`` says which."""
-    high, normal = keys.headroom
+    cap, reserve, normal = keys.headroom
     for i in snapshot.changed:
-        (avail, load, _), block_size, (eligible, _, holds_high, holds_normal) = snapshot.row_at(i)
+        (avail, load, total), block_size, (eligible, _, holds_high, holds_normal) = snapshot.row_at(i)
+        high = min(float(cap), max(0.0, total - reserve))
         keys.block_size[i] = block_size
         num = avail - (high * holds_high + normal * holds_normal)
         f = num / load if load > 0 else math.inf
         keys.normal_eligible[i] = f if eligible else NOT_A_CANDIDATE
         keys.normal_preferred[i] = NOT_A_CANDIDATE if holds_high else keys.normal_eligible[i]
-        num = avail - (high + normal * holds_normal)
+        num = avail - (high * (not holds_high) + normal * holds_normal)
         keys.high_num[i] = num
         keys.high_eligible[i] = (num / load if load > 0 else math.inf) if eligible else NOT_A_CANDIDATE
     keys.serial = snapshot.serial
