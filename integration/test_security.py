@@ -24,12 +24,14 @@ from typing import Any
 import grpc
 import pytest
 
+from pyllumnix.clients import LlumnixClient
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.bootstrap import bootstrap_local
 from pyllumnix.infra.security.ca import Identity
+from pyllumnix.infra.security.context import load_context
 from pyllumnix.infra.security.runtime import SecuritySettings, identity_of, open_channel
 from pyllumnix.infra.security.tls import grpc_channel_credentials, tls_failure_hint
 from pyllumnix.protos.llumnix.v1 import (
@@ -263,3 +265,35 @@ def test_a_component_without_certificates_refuses_to_start(tmp_path: Path) -> No
     )
     assert done.returncode == 2, done
     assert "--tls-dir" in done.stderr and "llumnix serve" in done.stderr, done.stderr
+
+
+def test_serve_is_secure_by_default_and_clients_need_no_flags(tmp_path: Path, private_context_file: Path) -> None:
+    """`llumnix serve` with no security flags: PKI, etcd over TLS, the admin key in a 0600 context file; the client
+    library given no endpoints reads that file and works (Generate through the frontend, admin calls at the leader);
+    the OpenAI API wants the key."""
+    launcher = Launcher(tmp_path / "launcher")
+    serve = launcher.start(
+        "serve",
+        "serve",
+        *("--schedulers", "1", "--llumlets", "2", "--http-port", "0", "--grpc-port", "0"),
+        *("--log-dir", str(tmp_path / "cluster")),
+        env={"LLUMNIX_INSECURE": ""},  # what a user's shell has: nothing
+        timeout=240,
+    )
+    try:
+        ready = serve.ready
+        assert ready["secure"] is True and str(ready["etcd"]).startswith("https://"), ready
+        assert Path(ready["context"]) == private_context_file
+        assert private_context_file.stat().st_mode & 0o077 == 0
+        ctx = load_context()
+        assert ctx is not None and ctx.api_key.startswith("llx_")
+        with LlumnixClient(timeout=30) as client:
+            assert len(client.list_instances()) == 2
+            result = client.generate_text("Hello", max_tokens=4)
+            assert result.text and result.finish_reason != "error", result
+        completion = {"model": "llama-7b-a10", "prompt": "hello", "max_tokens": 2}
+        assert http(f"{ready['http']}/v1/completions", completion)[0] == 401
+        status, body = http(f"{ready['http']}/v1/completions", completion, key=ctx.api_key)
+        assert status == 200 and body["choices"], body
+    finally:
+        launcher.stop_all()
