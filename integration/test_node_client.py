@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pyllumnix.infra.security.ca import CertificateAuthority, Identity
 from pyllumnix.tools.launch import Component, Launcher
 
 pytestmark = pytest.mark.integration
@@ -105,15 +107,28 @@ def test_generated_code_matches_the_protos(node_modules: Path, tmp_path: Path) -
     assert not mismatch and not errors, f"clients/node/gen is stale ({mismatch or errors}): run `npm run generate`"
 
 
+def tls_material(directory: Path) -> Path:
+    """The project's CA, a scheduler (server) certificate and an admin (client) certificate, for the Node TLS tests."""
+    ca = CertificateAuthority.create()
+    (directory / "ca.pem").write_bytes(ca.cert_pem)
+    ca.issue(Identity("default", "scheduler", "s-0")).write(directory, directory / "ca.pem", name="server")
+    ca.issue(Identity("default", "admin", "ops")).write(directory, directory / "ca.pem", name="client")
+    return directory
+
+
 @needs_node
-def test_node_client_against_a_live_cluster(node_modules: Path, cluster: Component) -> None:
+def test_node_client_against_a_live_cluster(node_modules: Path, cluster: Component, tmp_path: Path) -> None:
     assert NPM is not None
     env = node_env(
         LLUMNIX_FRONTENDS=str(cluster.ready["grpc"]),
         LLUMNIX_SCHEDULERS=",".join(cluster.ready["schedulers"]),
         LLUMNIX_SERVE_STATUS=str(cluster.ready["status_file"]),
+        LLUMNIX_TEST_TLS_DIR=str(tls_material(tmp_path)),
     )
     done = run_in_group([NPM, "test"], env=env, timeout=480)
     print(done.stdout[-3000:])
     assert done.returncode == 0, done.stdout[-8000:]
-    assert "# fail 0" in done.stdout and "# pass 0" not in done.stdout
+    # every Node test ran (none skipped for want of the cluster or the TLS material) and passed
+    counts = dict(re.findall(r"^# (tests|pass|fail|skipped|cancelled) (\d+)$", done.stdout, re.MULTILINE))
+    assert counts.get("fail") == "0" and counts.get("skipped") == "0" and counts.get("cancelled") == "0", counts
+    assert int(counts.get("pass", "0")) >= 13, counts

@@ -6,6 +6,9 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+
 import { Metadata, Server, ServerCredentials, status, type sendUnaryData, type ServerUnaryCall } from "@grpc/grpc-js";
 
 import { AdminServiceService, type AdminServiceServer } from "../gen/llumnix/v1/admin";
@@ -17,6 +20,7 @@ import {
   LlumnixClient,
   NoLeaderError,
   normalizeEndpoints,
+  tlsFromFiles,
   UnavailableError,
 } from "../src";
 
@@ -35,7 +39,11 @@ function fail(code: status, details: string, trailer?: string): Partial<{ code: 
   return { code, details, metadata };
 }
 
-async function serve(behaviour: Behaviour, leaderAddress = ""): Promise<Fake> {
+async function serve(
+  behaviour: Behaviour,
+  leaderAddress = "",
+  creds: ServerCredentials = ServerCredentials.createInsecure(),
+): Promise<Fake> {
   const calls: Record<string, number> = {};
   const authorization: string[] = [];
   const answer =
@@ -70,7 +78,7 @@ async function serve(behaviour: Behaviour, leaderAddress = ""): Promise<Fake> {
   const server = new Server();
   server.addService(AdminServiceService, impl);
   const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync("127.0.0.1:0", ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    server.bindAsync("127.0.0.1:0", creds, (err, p) => (err ? reject(err) : resolve(p))),
   );
   return { server, address: `127.0.0.1:${port}`, calls, authorization };
 }
@@ -161,5 +169,59 @@ describe("retry rules (fake replicas)", () => {
     assert.equal(r.text, "abc");
     assert.deepEqual(r.instances, ["i-1", "i-2"]);
     assert.equal(r.finishReason, "length");
+  });
+});
+
+/**
+ * TLS material made by the pytest wrapper with the project's CA (pyllumnix.infra.security.ca): ca.pem, a scheduler
+ * certificate (server.pem, server-key.pem) and an admin client certificate (client.pem, client-key.pem).
+ */
+const TLS_DIR = process.env.LLUMNIX_TEST_TLS_DIR;
+
+describe("TLS, mTLS and API key (fake replica)", { skip: TLS_DIR ? false : "LLUMNIX_TEST_TLS_DIR not set" }, () => {
+  const dir = TLS_DIR ?? "";
+  const file = (name: string): string => join(dir, name);
+  let replica: Fake;
+  const clients: LlumnixClient[] = [];
+  const make = (opts: ConstructorParameters<typeof LlumnixClient>[0]): LlumnixClient => {
+    const c = new LlumnixClient({ timeoutMs: 3000, ...opts });
+    clients.push(c);
+    return c;
+  };
+
+  before(async () => {
+    const creds = ServerCredentials.createSsl(
+      readFileSync(file("ca.pem")),
+      [{ private_key: readFileSync(file("server-key.pem")), cert_chain: readFileSync(file("server.pem")) }],
+      true, // client certificates required, as llumnix serve will with security on
+    );
+    replica = await serve("leader", "", creds);
+  });
+  after(() => {
+    for (const c of clients) c.close();
+    replica?.server.forceShutdown();
+  });
+
+  test("mTLS with the client certificate and the API key as a Bearer token", async () => {
+    const tls = tlsFromFiles({ ca: file("ca.pem"), cert: file("client.pem"), key: file("client-key.pem") });
+    const c = make({ schedulerEndpoints: replica.address, tls, apiKey: "llx-test-key" });
+    assert.equal((await c.cordon("i-9"))?.state, InstanceState.INSTANCE_STATE_CORDONED);
+    assert.equal(replica.authorization[replica.authorization.length - 1], "Bearer llx-test-key");
+    // the server name can be given when the address is not one the certificate names
+    const byName = make({
+      schedulerEndpoints: replica.address,
+      tls: tlsFromFiles({ ca: file("ca.pem"), cert: file("client.pem"), key: file("client-key.pem"), serverName: "localhost" }),
+    });
+    assert.equal((await byName.listInstances())[0].info?.instanceId, "i-1");
+  });
+
+  test("no client certificate, or no TLS at all, is a clear UnavailableError and sends nothing", async () => {
+    const before = replica.calls.CordonInstance ?? 0;
+    const noCert = make({ schedulerEndpoints: replica.address, tls: tlsFromFiles({ ca: file("ca.pem") }) });
+    await assert.rejects(noCert.cordon("i-9"), UnavailableError);
+    const plain = make({ schedulerEndpoints: replica.address });
+    await assert.rejects(plain.cordon("i-9"), UnavailableError);
+    assert.equal(replica.calls.CordonInstance ?? 0, before);
+    assert.throws(() => tlsFromFiles({ cert: file("client.pem") }), /together/);
   });
 });
