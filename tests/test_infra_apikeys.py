@@ -225,7 +225,7 @@ async def test_grpc_interceptor(store: ApiKeyStore) -> None:
     user, _ = await store.create("alice", "user")
     server = grpc.aio.server(interceptors=[ApiKeyInterceptor(store)])
     frontend_pb2_grpc.add_FrontendServiceServicer_to_server(Frontend(), server)  # type: ignore[abstract]
-    frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server(Sink(), server)
+    frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server(Sink(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -94,7 +94,7 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
             (scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, scheduler, "llumnix.v1.SchedulerService"),
             (llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, llumlet, "llumnix.v1.LlumletService"),
             (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, frontend, "llumnix.v1.FrontendService"),
-            (frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, Sink(), "llumnix.v1.OutputSinkService"),
+            (frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, Sink(), "llumnix.v1.OutputSinkService"),  # type: ignore[abstract]
             (admin_pb2_grpc.add_AdminServiceServicer_to_server, admin, "llumnix.v1.AdminService"),
         ],
         reflection_on=True,  # off by default (--reflection)

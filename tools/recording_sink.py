@@ -27,6 +27,13 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
                 self.event(out.request_id).set()
         return frontend_pb2.PushOutputsResponse()
 
+    async def HandOver(
+        self, request: frontend_pb2.HandOverRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> frontend_pb2.HandOverResponse:
+        """Checks nothing and grants no token, as an insecure frontend answers (llumlets hand over only requests
+        that came with a capability, which this sink's users never give)."""
+        return frontend_pb2.HandOverResponse()
+
     def event(self, request_id: str) -> asyncio.Event:
         return self.finished.setdefault(request_id, asyncio.Event())
 

@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from pyllumnix.control_plane.frontend.core import Frontend
+from pyllumnix.control_plane.frontend.core import Frontend, api_key_of
 from pyllumnix.control_plane.frontend.errors import FrontendError, RequestFailedError, RequestTimeoutError
 from pyllumnix.control_plane.frontend.openai_schema import (
     ParsedRequest,
@@ -145,7 +145,7 @@ class HttpApi:
             )
 
         parsed = await self.frontend.offload(parse) if len(raw) > OFFLOAD_BODY_BYTES else parse()
-        async with self.frontend.open(parsed.inp) as tracked:
+        async with self.frontend.open(parsed.inp, owner=api_key_of(request)) as tracked:
             if parsed.stream:
                 return await self._stream(request, parsed, tracked)
             return await self._complete(parsed, tracked)
@@ -244,7 +244,7 @@ class HttpApi:
 
     async def abort(self, request: web.Request) -> web.Response:
         request_id = request.match_info["request_id"]
-        await self.frontend.abort(request_id)
+        await self.frontend.abort(request_id, api_key_of(request))
         return web.json_response({"id": request_id, "aborted": True})
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput
+from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput, grpc_api_key_of
 from pyllumnix.control_plane.frontend.errors import FrontendError
 from pyllumnix.control_plane.frontend.sink import SERVICE_NAME as SINK_SERVICE_NAME
 from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
@@ -62,7 +62,7 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         try:
-            async with self.frontend.open(inp) as tracked:
+            async with self.frontend.open(inp, owner=grpc_api_key_of(context)) as tracked:
                 async for delta in tracked.deltas():
                     reply = frontend_pb2.GenerateResponse(
                         request_id=tracked.request_id,
@@ -106,7 +106,7 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
         self, request: frontend_pb2.AbortRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> frontend_pb2.AbortResponse:
         try:
-            await self.frontend.abort(request.request_id)
+            await self.frontend.abort(request.request_id, grpc_api_key_of(context))
         except FrontendError as exc:
             await context.abort(exc.code, exc.message)
         return frontend_pb2.AbortResponse()

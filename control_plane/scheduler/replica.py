@@ -38,6 +38,7 @@ from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.snapshot import DispatchRequestView, InstanceState, normalize_priority
 from pyllumnix.control_plane.scheduler.cluster import ClusterState
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
+from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
@@ -427,6 +428,13 @@ class SchedulerReplica:
                         self.depositions += 1
                 refused = 0
 
+    def _order_metadata(self) -> tuple[tuple[str, str], ...]:
+        """This leader's term for an order's call metadata (llumlets refuse orders of older terms)."""
+        leadership = self.leadership
+        if leadership is None or not leadership.is_leader:
+            raise NotLeaderError(self.leader.address if self.leader.replica_id != self.replica_id else "")
+        return term_metadata(leadership.revision)
+
     def require_leader(self) -> None:
         if not self.is_leader:
             raise NotLeaderError(self.leader.address if self.leader.replica_id != self.replica_id else "")
@@ -496,10 +504,12 @@ class SchedulerReplica:
                 wait=True,
             )
             self.migrations_ordered += 1
-            reply = await self._llumlet(order.source).MigrateOut(request, timeout=MIGRATE_WAIT_TIMEOUT_S)
+            reply = await self._llumlet(order.source).MigrateOut(
+                request, timeout=MIGRATE_WAIT_TIMEOUT_S, metadata=self._order_metadata()
+            )
             for result in reply.results:
                 self._record_migration(result)
-        except (grpc.aio.AioRpcError, SchedulingError) as exc:
+        except (grpc.aio.AioRpcError, SchedulingError, NotLeaderError) as exc:
             log.debug("migrate-out order %s -> %s failed: %s", order.source, order.destination, exc)
         finally:
             self._order_in_flight.pop(order.source, None)
@@ -672,6 +682,7 @@ class SchedulerReplica:
         await self._llumlet(instance_id).SetInstanceState(
             llumlet_pb2.SetInstanceStateRequest(state=int(state)),  # type: ignore[arg-type]
             timeout=LLUMLET_CALL_TIMEOUT_S,
+            metadata=self._order_metadata(),
         )
         self.cluster.set_override(instance_id, state, time.monotonic())
 
@@ -696,7 +707,9 @@ class SchedulerReplica:
             wait=True,
         )
         try:
-            reply = await self._llumlet(source).MigrateOut(request, timeout=MIGRATE_WAIT_TIMEOUT_S)
+            reply = await self._llumlet(source).MigrateOut(
+                request, timeout=MIGRATE_WAIT_TIMEOUT_S, metadata=self._order_metadata()
+            )
         except grpc.aio.AioRpcError as exc:
             raise SchedulingError(exc.code(), exc.details() or exc.code().name) from exc
         if not reply.results:

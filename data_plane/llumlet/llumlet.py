@@ -27,11 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from pyllumnix.data_plane.engine.base import Engine, Finish, MigrationState, Phase, TokenOutput, UnknownRequestError
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
+from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2
 
 log = logging.getLogger(__name__)
@@ -138,7 +137,7 @@ class Llumlet:
         # Called after every step (under the lock) so migration coordinators can react between steps.
         self.after_step: list[Callable[[], None]] = []
         # Opens a channel to a frontend's output sink (for ``hand_over``): mutual TLS when the process is configured.
-        self.sink_channel: Callable[[str], Any] = _open_channel
+        self.sink_channel: Callable[[str], Any] = open_channel
 
     # --- lifecycle ---
     def start(self) -> None:
@@ -365,12 +364,3 @@ class Llumlet:
                     TokenOutput(rid, (), aborted.first_index, finished=True, finish=Finish.ERROR, error=message)
                 )
         self._emit(outputs)
-
-
-def _open_channel(address: str) -> Any:
-    """The process's channel factory (mutual TLS once ``infra.security.runtime`` is configured, else plaintext)."""
-    try:
-        from pyllumnix.infra.security.runtime import open_channel
-    except ImportError:  # pragma: no cover - the runtime module ships with infra.security
-        return grpc.aio.insecure_channel(address)
-    return open_channel(address)

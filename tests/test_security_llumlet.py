@@ -1,0 +1,349 @@
+"""#13 attacks on a llumlet: prompt/KV theft by migration orders, spoofed orders, hijacked migrations, slot hogging.
+
+A real llumlet (sim engine with payload, migration coordinator, in-process transport) is served over mutual TLS with
+the role interceptor; a victim request runs on it, its outputs going to a recording sink. Attackers call with other
+roles, with the scheduler's role but no or an old leader term, with a destination that is not registered or registered
+elsewhere, and as llumlets that do not hold the migration they drive. Every attack is refused with PERMISSION_DENIED
+(or FAILED_PRECONDITION for a stale term, ABORTED for a second reservation), the fake destination receives nothing,
+and the victim finishes token-exact with every block freed. Before #13 the llumlet obeyed every one of these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+
+from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
+from pyllumnix.data_plane.engine.sim import SimEngine
+from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings
+from pyllumnix.data_plane.llumlet.service import MAX_STREAMS_PER_CALLER, LlumletServicer
+from pyllumnix.data_plane.transport.inproc import InprocTransport
+from pyllumnix.infra.security.authz import RoleInterceptor
+from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
+from pyllumnix.infra.security.fencing import term_metadata
+from pyllumnix.infra.security.tls import grpc_server_credentials, secure_channel
+from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.tools.recording_sink import RecordingSink
+
+CLUSTER = "c1"
+DEADLINE = 5.0
+PROMPT = [(7 * i) % 250 + 1 for i in range(40)]
+MAX_TOKENS = 300
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> ClusterSecurity:
+    return bootstrap_local(tmp_path_factory.mktemp("pki"), CLUSTER, llumlets=["i-1", "i-2", "i-3"])
+
+
+class FakeDestination(llumlet_pb2_grpc.LlumletServiceServicer):
+    """An attacker's "destination": records anything a llumlet sends it."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+
+    async def PreAllocate(
+        self, request: llumlet_pb2.PreAllocateRequest, context: Any
+    ) -> llumlet_pb2.PreAllocateResponse:
+        self.received.append(
+            f"PreAllocate {request.request.request.request_id} {list(request.request.request.prompt_token_ids)[:3]}"
+        )
+        return llumlet_pb2.PreAllocateResponse()
+
+
+@dataclass
+class Node:
+    pki: ClusterSecurity
+    llumlet: Llumlet
+    engine: SimEngine
+    coordinator: MigrationCoordinator
+    servicer: LlumletServicer
+    address: str
+    sink: RecordingSink
+    fake: FakeDestination
+    fake_address: str
+    registry: dict[str, str]
+
+    def stub(self, role: str, id: str) -> tuple[grpc.aio.Channel, llumlet_pb2_grpc.LlumletServiceStub]:
+        channel = secure_channel(self.address, self.pki.paths(role, id))
+        return channel, llumlet_pb2_grpc.LlumletServiceStub(channel)
+
+    async def call(self, role: str, id: str, method: str, request: Any, **kwargs: Any) -> Any:
+        channel, stub = self.stub(role, id)
+        async with channel:
+            return await getattr(stub, method)(request, timeout=DEADLINE, **kwargs)
+
+
+async def refused(coro: Any, code: grpc.StatusCode, *needles: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await coro
+    assert time.monotonic() - start < DEADLINE + 2, "a refusal comes at once, never a hang"
+    assert info.value.code() == code, info.value.details()
+    for needle in needles:
+        assert needle in (info.value.details() or ""), info.value.details()
+
+
+@pytest.fixture
+async def node(pki: ClusterSecurity) -> AsyncIterator[Node]:
+    engine = SimEngine("tiny")
+    llumlet = Llumlet(engine, "i-1")
+    transport = InprocTransport()
+    await transport.start()
+    coordinator = MigrationCoordinator(llumlet, transport, MigrationSettings(pending_timeout_s=1.0))
+    registry: dict[str, str] = {}
+
+    async def resolve(instance_id: str) -> str | None:
+        return registry.get(instance_id)
+
+    servicer = LlumletServicer(llumlet, coordinator, registry=resolve)
+    server = grpc.aio.server(interceptors=[RoleInterceptor(CLUSTER)])
+    llumlet_pb2_grpc.add_LlumletServiceServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", grpc_server_credentials(pki.paths("llumlet", "i-1")))
+    await server.start()
+    fake = FakeDestination()  # type: ignore[abstract]
+    fake_server = grpc.aio.server()
+    llumlet_pb2_grpc.add_LlumletServiceServicer_to_server(fake, fake_server)
+    fake_port = fake_server.add_insecure_port("127.0.0.1:0")
+    await fake_server.start()
+    sink = RecordingSink()
+    await sink.start()
+    llumlet.start()
+    coordinator.start()
+    try:
+        yield Node(
+            pki,
+            llumlet,
+            engine,
+            coordinator,
+            servicer,
+            f"127.0.0.1:{port}",
+            sink,
+            fake,
+            f"127.0.0.1:{fake_port}",
+            registry,
+        )
+    finally:
+        await server.stop(None)
+        await fake_server.stop(None)
+        await coordinator.close()
+        await llumlet.stop()
+        await transport.close()
+        await sink.stop()
+
+
+def expected_tokens() -> list[int]:
+    engine = SimEngine("tiny", payload=False)
+    engine.add_request(RequestSpec("x", tuple(PROMPT), Sampling(MAX_TOKENS, seed=11, ignore_eos=True)), 0.0)
+    tokens: list[int] = []
+    while engine.has_work():
+        for out in engine.step(0.0).outputs:
+            tokens.extend(out.token_ids)
+    return tokens
+
+
+async def add_victim(node: Node) -> None:
+    assert node.sink.server is not None
+    await node.call(
+        "frontend",
+        "f0",
+        "AddRequest",
+        llumlet_pb2.AddRequestRequest(
+            request=common_pb2.EngineRequest(
+                request_id="victim",
+                prompt_token_ids=PROMPT,
+                sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, seed=11, ignore_eos=True),
+                frontend_address=node.sink.server.address,
+            )
+        ),
+    )
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+async def assert_victim_untouched(node: Node) -> None:
+    await node.sink.wait("victim")
+    assert node.sink.tokens("victim") == expected_tokens()
+    assert node.sink.outputs["victim"][-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    await until(lambda: node.engine.load().free_blocks == node.engine.load().total_blocks, "every block freed")
+    assert node.llumlet.stats.migrations_out == 0 and not node.coordinator.results
+    assert node.fake.received == [], "the fake destination must receive nothing"
+
+
+async def test_migration_orders_need_the_leader_and_a_registered_destination(node: Node) -> None:
+    await add_victim(node)
+    await until(lambda: len(node.sink.tokens("victim")) >= 2, "the victim to run")
+    steal = llumlet_pb2.MigrateOutRequest(
+        destination_instance_id="i-2", destination_grpc_address=node.fake_address, request_id="victim", wait=True
+    )
+    # Other roles may not order at all.
+    for role, id in (("frontend", "f0"), ("llumlet", "i-2"), ("admin", "admin")):
+        await refused(
+            node.call(role, id, "MigrateOut", steal),
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"caller role {role} may not call /llumnix.v1.LlumletService/MigrateOut",
+        )
+    # The scheduler's role without a leader term is not enough.
+    await refused(
+        node.call("scheduler", "s1", "MigrateOut", steal),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "the order carries no leader term",
+    )
+    # A term, but a destination that is not registered / registered at another address.
+    await refused(
+        node.call("scheduler", "s0", "MigrateOut", steal, metadata=term_metadata(7)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "destination 'i-2' is not a registered instance",
+    )
+    node.registry["i-2"] = "127.0.0.1:1"
+    await refused(
+        node.call("scheduler", "s0", "MigrateOut", steal, metadata=term_metadata(7)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"destination i-2 is registered at 127.0.0.1:1, not {node.fake_address}",
+    )
+    # A deposed leader (older term than one seen) is refused whatever it orders.
+    node.registry["i-2"] = node.fake_address
+    await refused(
+        node.call("scheduler", "s1", "MigrateOut", steal, metadata=term_metadata(5)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "stale leader: term 5 < 7",
+    )
+    drain = llumlet_pb2.SetInstanceStateRequest(state=common_pb2.INSTANCE_STATE_DRAINING)
+    await refused(
+        node.call("scheduler", "s1", "SetInstanceState", drain, metadata=term_metadata(5)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "stale leader",
+    )
+    await refused(
+        node.call("scheduler", "s1", "SetInstanceState", drain), grpc.StatusCode.PERMISSION_DENIED, "no leader term"
+    )
+    await refused(
+        node.call("admin", "admin", "SetInstanceState", drain),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "caller role admin may not call",
+    )
+    assert node.llumlet.state == common_pb2.INSTANCE_STATE_ACTIVE
+    # The current leader's order goes through (a newer term is admitted too).
+    cordon = llumlet_pb2.SetInstanceStateRequest(state=common_pb2.INSTANCE_STATE_CORDONED)
+    await node.call("scheduler", "s0", "SetInstanceState", cordon, metadata=term_metadata(8))
+    assert node.llumlet.state == common_pb2.INSTANCE_STATE_CORDONED
+    assert node.servicer.fence.highest_seen == 8
+    await assert_victim_untouched(node)
+
+
+def migrating(frontend: str) -> llumlet_pb2.MigratingRequest:
+    return llumlet_pb2.MigratingRequest(
+        request=common_pb2.EngineRequest(
+            request_id="incoming",
+            prompt_token_ids=[3, 4, 5, 6],
+            sampling=common_pb2.SamplingParams(max_tokens=8),
+            frontend_address=frontend,
+        ),
+        num_computed_tokens=0,
+    )
+
+
+def pre(mid: str, source: str, *, stage: int = 0, blocks: int = 2) -> llumlet_pb2.PreAllocateRequest:
+    request = llumlet_pb2.PreAllocateRequest(
+        migration_id=mid, source_instance_id=source, stage=stage, num_blocks=blocks
+    )
+    if stage == 0:
+        request.request.CopyFrom(migrating("127.0.0.1:7000"))
+    return request
+
+
+async def test_migration_destination_is_bound_to_its_source(node: Node) -> None:
+    await add_victim(node)
+    total = node.engine.load().total_blocks
+    # Only llumlets reserve, and only for themselves.
+    await refused(
+        node.call("frontend", "f0", "PreAllocate", pre("m0", "i-2")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "caller role frontend may not call",
+    )
+    await refused(
+        node.call("llumlet", "i-2", "PreAllocate", pre("m0", "i-3")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "caller llumlet i-2 may not reserve for source 'i-3'",
+    )
+    reply = await node.call("llumlet", "i-2", "PreAllocate", pre("m1", "i-2"))
+    assert len(reply.block_ids) == 2
+    assert node.coordinator.incoming_source("m1") == "i-2"
+    # One reservation per source: a second migration of i-2 cannot take more slots or blocks.
+    await refused(
+        node.call("llumlet", "i-2", "PreAllocate", pre("m2", "i-2")),
+        grpc.StatusCode.ABORTED,
+        "source i-2 already holds reservation m1",
+    )
+    # Another llumlet cannot drive, commit or abort i-2's migration.
+    await refused(
+        node.call("llumlet", "i-3", "PreAllocate", pre("m1", "i-3", stage=1)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "migration m1 belongs to source i-2, not i-3",
+    )
+    stage = llumlet_pb2.TransferStageRequest(migration_id="m1", stage=0, block_ids=list(reply.block_ids), last=True)
+    await refused(
+        node.call("llumlet", "i-3", "TransferStage", stage), grpc.StatusCode.PERMISSION_DENIED, "belongs to source i-2"
+    )
+    commit = llumlet_pb2.CommitMigrationRequest(
+        migration_id="m1", request=migrating("127.0.0.1:7000"), block_ids=list(reply.block_ids)
+    )
+    await refused(
+        node.call("llumlet", "i-3", "CommitMigration", commit),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "belongs to source i-2",
+    )
+    await refused(
+        node.call("llumlet", "i-3", "AbortMigration", llumlet_pb2.AbortMigrationRequest(migration_id="m1")),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "belongs to source i-2",
+    )
+    # Even the source cannot redirect the request's outputs to another frontend at the commit.
+    hijack = llumlet_pb2.CommitMigrationRequest(
+        migration_id="m1", request=migrating("127.0.0.1:6666"), block_ids=list(reply.block_ids)
+    )
+    await refused(
+        node.call("llumlet", "i-2", "CommitMigration", hijack),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "announced request incoming of frontend 127.0.0.1:7000; the commit names incoming of 127.0.0.1:6666",
+    )
+    assert node.coordinator.incoming_source("m1") == "i-2", "a refused call leaves the reservation as it was"
+    # A source that goes silent loses its reservation (pending timeout): blocks and the slot come back.
+    await until(lambda: node.coordinator.incoming_source("m1") is None, "the silent source's reservation to expire")
+    reply = await node.call("llumlet", "i-3", "PreAllocate", pre("m3", "i-3"))
+    assert len(reply.block_ids) == 2
+    await node.call("llumlet", "i-3", "AbortMigration", llumlet_pb2.AbortMigrationRequest(migration_id="m3"))
+    await assert_victim_untouched(node)
+    assert node.engine.load().free_blocks == total
+
+
+async def test_load_streams_per_caller_are_capped(node: Node) -> None:
+    channel, stub = node.stub("scheduler", "s0")
+    async with channel:
+        calls = [stub.StreamLoad(llumlet_pb2.StreamLoadRequest(interval_ms=50)) for _ in range(MAX_STREAMS_PER_CALLER)]
+        for call in calls:
+            await call.read()
+        extra = stub.StreamLoad(llumlet_pb2.StreamLoadRequest(interval_ms=50), timeout=DEADLINE)
+        await refused(extra.read(), grpc.StatusCode.RESOURCE_EXHAUSTED, f"already holds {MAX_STREAMS_PER_CALLER}")
+        # Another caller is not affected; a closed stream frees its place.
+        other, other_stub = node.stub("admin", "admin")
+        async with other:
+            await other_stub.StreamLoad(llumlet_pb2.StreamLoadRequest(interval_ms=50)).read()
+        calls[0].cancel()
+        await until(lambda: node.servicer._streams.get("scheduler/s0") == MAX_STREAMS_PER_CALLER - 1, "a place freed")
+        again = stub.StreamLoad(llumlet_pb2.StreamLoadRequest(interval_ms=50))
+        assert (await again.read()).load.instance_id == "i-1"
+        for call in [*calls[1:], again]:
+            call.cancel()
