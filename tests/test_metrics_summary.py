@@ -31,7 +31,7 @@ def _records(scale: float) -> list[RequestRecord]:
 def test_summarize() -> None:
     samples = [
         ClusterSample(0.0, (InstanceSample("i", 10, 100, 1, 5),)),  # head fits locally: 0
-        ClusterSample(5.0, (InstanceSample("i", 10, 100, 1, 50), InstanceSample("j", 60, 100))),  # 70 / 200
+        ClusterSample(5.0, (InstanceSample("i", 10, 100, 1, 50), InstanceSample("j", 60, 100))),  # 50 / 200
     ]
     s = summarize(_records(1.0), cluster_samples=samples, instance_series=[(0.0, 1), (5.0, 2)])
     json.dumps(s, allow_nan=False)
@@ -43,8 +43,8 @@ def test_summarize() -> None:
     assert s["overall"]["preemption_loss_s"] == 0.0
     # Runs until the last finish, 10 s: 2 requests / 10 s and 8 tokens / 10 s.
     assert (s["duration_s"], s["throughput_rps"], s["output_tokens_per_s"]) == (10.0, 0.2, 0.8)
-    # Fragmentation: 0 for [0, 5), 0.35 for [5, 10): 0.175. Instances: 1 x 5 s + 2 x 5 s = 15 s.
-    assert s["fragmentation"] == pytest.approx(0.175)
+    # Fragmentation: 0 for [0, 5), 0.25 for [5, 10) (the blocked head's 50 of the 70 free): 0.125. Instances: 1 x 5 s + 2 x 5 s = 15 s.
+    assert s["fragmentation"] == pytest.approx(0.125)
     assert s["instance_hours"] == pytest.approx(15 / 3600)
 
 

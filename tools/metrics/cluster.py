@@ -35,17 +35,23 @@ class ClusterSample:
 
 
 def fragmented_blocks(sample: ClusterSample) -> int:
-    """Free blocks that are free in total but unusable by the queue at this sample.
+    """Free blocks that are free in total but unusable by the queue at this sample (the paper's fragmentation: memory
+    the queued requests could use if it were not scattered over the instances).
 
-    Definition: let ``F`` be the cluster's total free blocks. If some instance is *blocked* (it has waiting requests
-    and its head-of-line request needs more blocks than the instance has free) while ``F`` >= that request's demand —
-    the memory exists in the cluster, only in the wrong places — then all ``F`` free blocks count as fragmented.
-    Otherwise (no blocked queue, or even the pooled memory could not admit any blocked head) nothing is fragmented.
+    Let ``F`` be the cluster's total free blocks. The *blocked* instances (waiting requests whose head-of-line request
+    needs more blocks than the instance has free) hold heads that pooled memory could admit: taking the heads
+    smallest first while their summed demand fits in ``F``, that summed demand is fragmented. Free memory no queue
+    could use (nothing blocked, or a head larger than even the pooled memory) is idle or truly exhausted, not
+    fragmented. (An earlier version counted all ``F`` as soon as one head could be admitted anywhere, which made one
+    small blocked head count the whole cluster's free memory.)
     """
     free = sum(i.free_blocks for i in sample.instances)
-    if any(i.blocked and i.head_demand_blocks <= free for i in sample.instances):
-        return free
-    return 0
+    used = 0
+    for demand in sorted(i.head_demand_blocks for i in sample.instances if i.blocked):
+        if used + demand > free:
+            break
+        used += demand
+    return used
 
 
 def fragmentation_fraction(sample: ClusterSample) -> float:
