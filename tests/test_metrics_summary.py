@@ -43,7 +43,8 @@ def test_summarize() -> None:
     assert s["overall"]["preemption_loss_s"] == 0.0
     # Runs until the last finish, 10 s: 2 requests / 10 s and 8 tokens / 10 s.
     assert (s["duration_s"], s["throughput_rps"], s["output_tokens_per_s"]) == (10.0, 0.2, 0.8)
-    # Fragmentation: 0 for [0, 5), 0.25 for [5, 10) (the blocked head's 50 of the 70 free): 0.125. Instances: 1 x 5 s + 2 x 5 s = 15 s.
+    # Fragmentation: 0 for [0, 5), 0.25 for [5, 10) (the blocked head's 50 of the 70 free): 0.125.
+    # Instances: 1 x 5 s + 2 x 5 s = 15 s.
     assert s["fragmentation"] == pytest.approx(0.125)
     assert s["instance_hours"] == pytest.approx(15 / 3600)
 
