@@ -22,6 +22,7 @@ import click
 from rich.console import Console
 
 from pyllumnix.tools.drill.cluster import ClusterOptions, LocalCluster
+from pyllumnix.tools.drill.credentials import PLAINTEXT, from_context
 from pyllumnix.tools.drill.report import DrillReport, render
 from pyllumnix.tools.drill.runner import Drill, DrillOptions
 from pyllumnix.tools.drill.scenarios import (
@@ -53,6 +54,13 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 @click.option("--frontend", default="", help="Attach: the frontend's gRPC address (no cluster is started).")
 @click.option("--scheduler", default="", help="Attach: comma-separated scheduler replica addresses.")
 @click.option("--http", "http_base", default="", help="Attach: the frontend's HTTP base URL (for HTTP probes).")
+@click.option(
+    "--context",
+    "context_path",
+    default=None,
+    help="Attach with a client context file (TLS + API key; endpoints unless given), e.g. what `llumnix serve` wrote.",
+)
+@click.option("--context-name", default=None, help="Attach: the context to use (default: the file's current one).")
 @click.option("--schedulers", default=2, show_default=True, help="Scheduler replicas to start.")
 @click.option("--llumlets", default=3, show_default=True, help="Llumlets (sim engine) to start.")
 @click.option("--etcd-members", default=0, help="etcd members to start (default: 3 if a scenario needs it, else 1).")
@@ -85,6 +93,8 @@ def drill_command(
     frontend: str,
     scheduler: str,
     http_base: str,
+    context_path: str | None,
+    context_name: str | None,
     schedulers: int,
     llumlets: int,
     etcd_members: int,
@@ -112,10 +122,19 @@ def drill_command(
         scenarios = parse_scenarios(scenario_values)
     except ScenarioError as exc:
         raise click.BadParameter(str(exc), param_hint="--scenario") from exc
-    attach = bool(frontend or scheduler)
+    attach = bool(frontend or scheduler or context_path or context_name)
+    credentials = PLAINTEXT
     if attach:
+        if context_path or context_name:
+            try:
+                credentials, ctx = from_context(context_path, context_name)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--context") from exc
+            frontend = frontend or (ctx.frontend[0] if ctx.frontend else "")
+            scheduler = scheduler or ",".join(ctx.scheduler)
+            http_base = http_base or ctx.http
         if not (frontend and scheduler):
-            raise click.UsageError("attach mode needs both --frontend and --scheduler")
+            raise click.UsageError("attach mode needs both --frontend and --scheduler (or a context naming them)")
         try:
             check_attach_mode(scenarios)
         except ScenarioError as exc:
@@ -138,6 +157,8 @@ def drill_command(
     config: dict[str, Any] = {
         "scenarios": [s.label for s in scenarios],
         "mode": "attach" if attach else "local",
+        # The local cluster runs --insecure, as test launchers do (the faults are about failover, not TLS).
+        "security": credentials.description if attach else "plaintext (local cluster started --insecure)",
         **asdict(opts),
     }
     signal.signal(signal.SIGTERM, _terminate)
@@ -153,6 +174,7 @@ def drill_command(
                 http_base=http_base,
                 cluster=None,
                 progress=console.print,
+                credentials=credentials,
             )
         else:
             directory = log_dir or Path(tempfile.mkdtemp(prefix="llumnix-drill-"))

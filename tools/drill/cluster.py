@@ -32,6 +32,7 @@ from pyllumnix.protos.llumnix.v1 import (
     llumlet_pb2_grpc,
     scheduler_pb2,
 )
+from pyllumnix.tools.drill.credentials import PLAINTEXT, Credentials
 from pyllumnix.tools.launch import Component, Launcher
 
 # Short reconnect backoff: a restarted component must be seen as soon as it listens, not after grpc's 1-120 s backoff.
@@ -238,15 +239,17 @@ class LeaderSeen:
 class Observer:
     """Read-only questions to the control plane; every call has a short deadline and returns None when unanswered."""
 
-    def __init__(self, schedulers: Sequence[str], timeout: float = 0.5) -> None:
+    def __init__(self, schedulers: Sequence[str], timeout: float = 0.5, credentials: Credentials = PLAINTEXT) -> None:
         self.schedulers = list(schedulers)
         self.timeout = timeout
+        self.credentials = credentials
+        self._md = credentials.call_metadata()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            ch = self._channels[address] = self.credentials.channel(address, CHANNEL_OPTIONS)
         return ch
 
     async def close(self) -> None:
@@ -258,7 +261,7 @@ class Observer:
         try:
             stub = admin_pb2_grpc.AdminServiceStub(self._channel(address))
             request = admin_pb2.GetLeaderRequest()
-            reply: admin_pb2.GetLeaderResponse = await stub.GetLeader(request, timeout=self.timeout)
+            reply: admin_pb2.GetLeaderResponse = await stub.GetLeader(request, timeout=self.timeout, metadata=self._md)
         except grpc.aio.AioRpcError:
             return None
         return reply
@@ -291,7 +294,7 @@ class Observer:
         for seen in await self.leaders():
             try:
                 reply = await admin_pb2_grpc.AdminServiceStub(self._channel(seen.address)).ListInstances(
-                    admin_pb2.ListInstancesRequest(), timeout=self.timeout * 4
+                    admin_pb2.ListInstancesRequest(), timeout=self.timeout * 4, metadata=self._md
                 )
             except grpc.aio.AioRpcError:
                 continue
@@ -301,12 +304,18 @@ class Observer:
     async def get_load(self, address: str) -> common_pb2.InstanceLoad | None:
         try:
             reply = await llumlet_pb2_grpc.LlumletServiceStub(self._channel(address)).GetLoad(
-                llumlet_pb2.GetLoadRequest(), timeout=self.timeout * 2
+                llumlet_pb2.GetLoadRequest(), timeout=self.timeout * 2, metadata=self._md
             )
         except grpc.aio.AioRpcError:
             return None
         load: common_pb2.InstanceLoad = reply.load
         return load
+
+    async def resign(self, address: str) -> None:
+        """AdminService.ResignLeader on ``address`` (raises the call's AioRpcError)."""
+        await admin_pb2_grpc.AdminServiceStub(self._channel(address)).ResignLeader(
+            admin_pb2.ResignLeaderRequest(), timeout=5, metadata=self._md
+        )
 
     async def active_instances(self) -> dict[str, str] | None:
         """instance id -> llumlet address of every ACTIVE instance the leader lists (None: no leader answered)."""

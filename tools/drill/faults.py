@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2
 from pyllumnix.tools.drill.cluster import LocalCluster, Observer
 from pyllumnix.tools.drill.load import Clock, HttpProber, OpenLoop, RequestSpec, StreamClient, burst, probe_generate
 from pyllumnix.tools.drill.report import FaultRecord
@@ -193,15 +193,14 @@ async def leader_resign(ctx: FaultContext) -> None:
         return
     ctx.record.old_leader = ctx.record.target = current.replica_id
     ctx.record.injected_at = ctx.clock()
-    async with grpc.aio.insecure_channel(current.address) as channel:
-        try:
-            await admin_pb2_grpc.AdminServiceStub(channel).ResignLeader(admin_pb2.ResignLeaderRequest(), timeout=5)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-                ctx.record.skipped = f"leader resign is not supported by this server ({current.address})"
-            else:
-                ctx.record.notes.append(f"ResignLeader failed: {exc.code().name} {exc.details()}")
-            return
+    try:
+        await ctx.observer.resign(current.address)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            ctx.record.skipped = f"leader resign is not supported by this server ({current.address})"
+        else:
+            ctx.record.notes.append(f"ResignLeader failed: {exc.code().name} {exc.details()}")
+        return
     ctx.observe(_measure_new_leader(ctx, current.term, ctx.observer.schedulers, OBSERVE_TIMEOUT_S))
 
 
@@ -256,7 +255,7 @@ async def etcd_pause(ctx: FaultContext) -> None:
     pids = cluster.etcd_pids()
     ctx.record.target = f"etcd ({len(pids)} member{'s' if len(pids) != 1 else ''})"
     if ctx.http_base:
-        ctx.prober = HttpProber(ctx.http_base, ctx.clock)
+        ctx.prober = HttpProber(ctx.http_base, ctx.clock, credentials=ctx.client.credentials)
         ctx.prober.start()
     ctx.record.injected_at = ctx.clock()
     for pid in pids:
@@ -283,7 +282,7 @@ async def _measure_service(ctx: FaultContext) -> None:
     assert ctx.record.resumed_at is not None
     deadline = time.monotonic() + OBSERVE_TIMEOUT_S
     while time.monotonic() < deadline:
-        if await probe_generate(ctx.client.address, ctx.probe_spec, 10.0):
+        if await probe_generate(ctx.client.address, ctx.probe_spec, 10.0, ctx.client.credentials):
             ctx.record.recovery_s = ctx.clock() - ctx.record.resumed_at
             return
         await asyncio.sleep(0.1)

@@ -24,6 +24,7 @@ import grpc
 
 from pyllumnix.clients.client import FINISH_REASONS
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
+from pyllumnix.tools.drill.credentials import PLAINTEXT, Credentials
 from pyllumnix.tools.drill.report import ProbeRecord, RequestRecord
 
 Clock = Callable[[], float]
@@ -54,11 +55,14 @@ def make_catalog(
 class StreamClient:
     """Generate streams against one frontend over a few channels (one HTTP/2 connection carries at most so many)."""
 
-    def __init__(self, address: str, clock: Clock, *, deadline: float, channels: int = 4) -> None:
+    def __init__(
+        self, address: str, clock: Clock, *, deadline: float, channels: int = 4, credentials: Credentials = PLAINTEXT
+    ) -> None:
         self.address = address
         self.clock = clock
         self.deadline = deadline
-        self._channels = [grpc.aio.insecure_channel(address) for _ in range(channels)]
+        self.credentials = credentials
+        self._channels = [credentials.channel(address) for _ in range(channels)]
         self._stubs = [frontend_pb2_grpc.FrontendServiceStub(ch) for ch in self._channels]
         self._next = itertools.count()
         self.tag = uuid.uuid4().hex[:6]
@@ -76,7 +80,9 @@ class StreamClient:
         request.token_ids.ids.extend(spec.prompt)
         rec = RequestRecord(request_id, spec.catalog, spec.index, sent_at=self.clock())
         # The gRPC deadline is a backstop a little past the drill's own; the drill's timeout is what marks "hung".
-        call = self._stubs[n % len(self._stubs)].Generate(request, timeout=self.deadline + 30)
+        call = self._stubs[n % len(self._stubs)].Generate(
+            request, timeout=self.deadline + 30, metadata=self.credentials.call_metadata()
+        )
         last = rec.sent_at
         try:
             async with asyncio.timeout(self.deadline):
@@ -174,8 +180,17 @@ class HttpProber:
     """Small non-streaming completions over the OpenAI HTTP API while a fault is active: each must succeed or be
     refused with a status (503 must carry Retry-After)."""
 
-    def __init__(self, base_url: str, clock: Clock, *, interval: float = 0.5, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        clock: Clock,
+        *,
+        interval: float = 0.5,
+        timeout: float = 30.0,
+        credentials: Credentials = PLAINTEXT,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.credentials = credentials
         self.clock = clock
         self.interval = interval
         self.timeout = timeout
@@ -209,7 +224,12 @@ class HttpProber:
         body = {"prompt": [11, 22, 33, 44], "max_tokens": 4, "seed": 7}
         sent = self.clock()
         try:
-            async with session.post(f"{self.base_url}/v1/completions", data=json.dumps(body)) as resp:
+            async with session.post(
+                f"{self.base_url}/v1/completions",
+                data=json.dumps(body),
+                headers=self.credentials.http_headers,
+                ssl=self.credentials.ssl_context() or True,
+            ) as resp:
                 text = await resp.text()
                 error = "" if resp.status == 200 else text[:300]
                 self.records.append(
@@ -219,9 +239,9 @@ class HttpProber:
             self.records.append(ProbeRecord(sent, 0, None, self.clock() - sent, f"{type(exc).__name__}: {exc}"))
 
 
-async def probe_generate(address: str, spec: RequestSpec, timeout: float) -> bool:
+async def probe_generate(address: str, spec: RequestSpec, timeout: float, credentials: Credentials = PLAINTEXT) -> bool:
     """One stream to the end: True when it finished (used to tell when full service is back)."""
-    client = StreamClient(address, time.monotonic, deadline=timeout, channels=1)
+    client = StreamClient(address, time.monotonic, deadline=timeout, channels=1, credentials=credentials)
     try:
         rec = await client.stream(spec, "probe")
     finally:

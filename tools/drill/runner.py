@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyllumnix.tools.drill.cluster import LocalCluster, Observer
+from pyllumnix.tools.drill.credentials import PLAINTEXT, Credentials
 from pyllumnix.tools.drill.faults import INJECTORS, FaultContext, heal
 from pyllumnix.tools.drill.load import OpenLoop, RequestSpec, StreamClient, make_catalog, run_all
 from pyllumnix.tools.drill.report import (
@@ -43,6 +44,7 @@ class Drill:
         http_base: str,
         cluster: LocalCluster | None,
         progress: Any,
+        credentials: Credentials = PLAINTEXT,
     ) -> None:
         self.opts = opts
         self.frontend = frontend
@@ -50,6 +52,7 @@ class Drill:
         self.http_base = http_base
         self.cluster = cluster
         self.progress = progress
+        self.credentials = credentials
         self.clock = time.monotonic
         self.specs = make_catalog("stream", opts.catalog_size, opts.seed, prompt_len=(16, 128), max_tokens=(16, 64))
         # Burst streams are short so N of them finish on a small machine within the deadline.
@@ -61,8 +64,10 @@ class Drill:
         self.progress(message)
 
     async def run(self, scenarios: list[Scenario]) -> DrillReport:
-        observer = Observer(self.schedulers)
-        client = StreamClient(self.frontend, self.clock, deadline=self.opts.request_deadline)
+        observer = Observer(self.schedulers, credentials=self.credentials)
+        client = StreamClient(
+            self.frontend, self.clock, deadline=self.opts.request_deadline, credentials=self.credentials
+        )
         report = DrillReport(config={}, reference={}, results=[])
         try:
             instances = await self._instances(observer)

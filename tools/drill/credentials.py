@@ -1,0 +1,64 @@
+"""How the drill reaches a cluster: plaintext (the local cluster it starts runs ``--insecure``, as test launchers do) or
+the TLS + API key of a client context file (attach mode against a secured cluster, e.g. one ``llumnix serve`` started,
+which writes that file)."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+
+@dataclass(frozen=True)
+class Credentials:
+    # grpc channel credentials (TLS, with the API key as call credentials); None: plaintext.
+    channel_credentials: Any = None
+    # Call metadata for plaintext channels (the API key, when a plaintext context has one).
+    metadata: tuple[tuple[str, str], ...] = ()
+    http_headers: dict[str, str] = field(default_factory=dict)
+    # CA of HTTPS endpoints (None: the system's).
+    ca: Path | None = None
+    description: str = "plaintext"
+
+    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        if self.channel_credentials is None:
+            return grpc.aio.insecure_channel(address, options=list(options))
+        return grpc.aio.secure_channel(address, self.channel_credentials, options=list(options))
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Per-call metadata (only plaintext channels need it: TLS channels carry the key themselves)."""
+        return self.metadata if self.channel_credentials is None and self.metadata else None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.ca is None:
+            return None
+        return ssl.create_default_context(cafile=str(self.ca))
+
+
+PLAINTEXT = Credentials()
+
+
+def from_context(path: str | None, name: str | None) -> tuple[Credentials, Any]:
+    """The credentials of a client context file (``path`` None: the default location) and the context itself.
+
+    Raises ValueError with the reason when the file is missing or unusable."""
+    from pyllumnix.infra.security.context import ContextError, context_path, load_context
+
+    try:
+        ctx = load_context(path, name)
+    except ContextError as exc:
+        raise ValueError(str(exc)) from exc
+    if ctx is None:
+        raise ValueError(f"no client context file at {path or context_path()}")
+    creds = Credentials(
+        channel_credentials=ctx.channel_credentials(),
+        metadata=ctx.grpc_metadata(),
+        http_headers=ctx.http_headers(),
+        ca=ctx.ca,
+        description=f"context {ctx.name!r} ({'TLS' if ctx.ca else 'plaintext'}{', API key' if ctx.api_key else ''})",
+    )
+    return creds, ctx
