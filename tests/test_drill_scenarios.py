@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -124,3 +125,30 @@ def test_cli_refuses_bad_usage_before_starting_anything(args: list[str], message
     result = CliRunner().invoke(drill_command, args)
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_attach_context_gives_endpoints_and_credentials(tmp_path: Path) -> None:
+    from pyllumnix.tools.drill.credentials import from_context
+
+    path = tmp_path / "context.yaml"
+    path.write_text(
+        "current-context: c\ncontexts:\n- name: c\n  frontend: [127.0.0.1:1]\n  scheduler: [127.0.0.1:2, 127.0.0.1:3]\n"
+        "  api_key: llx_secret\n"
+    )
+    path.chmod(0o600)
+    creds, ctx = from_context(str(path), None)
+    assert (ctx.frontend, ctx.scheduler) == (["127.0.0.1:1"], ["127.0.0.1:2", "127.0.0.1:3"])
+    # Plaintext context: the API key goes with every call and every HTTP probe.
+    assert creds.call_metadata() == (("authorization", "Bearer llx_secret"),)
+    assert creds.http_headers == {"Authorization": "Bearer llx_secret"}
+    assert "API key" in creds.description
+    with pytest.raises(ValueError, match="no client context file"):
+        from_context(str(tmp_path / "missing.yaml"), None)
+    path.chmod(0o644)
+    with pytest.raises(ValueError, match="accessible by others"):
+        from_context(str(path), None)
+
+
+def test_cli_refuses_a_missing_context(tmp_path: Path) -> None:
+    result = CliRunner().invoke(drill_command, ["--context", str(tmp_path / "nope.yaml"), "--scenario", "burst"])
+    assert result.exit_code == 2 and "no client context file" in result.output
