@@ -3,6 +3,8 @@ when idle, and stays within [min, max]."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from pyllumnix.tools.sim import SimConfig, load_workload, run_case
 
 
@@ -15,6 +17,7 @@ def _config(policy: str = "llumnix") -> SimConfig:
         min_instances=1,
         max_instances=5,
         scaling_interval_s=0.5,
+        scaling_warmup_s=0.0,
         startup_s=0.3,
     )
 
@@ -42,3 +45,14 @@ def test_idle_cluster_shrinks_to_min() -> None:
     result, _ = run_case(_config(), arrivals)
     counts = [n for _, n in result.instance_series]
     assert counts[0] == 2 and counts[-1] == 1 and min(counts) == 1
+
+
+def test_no_scaling_before_the_warm_up_and_the_last_instance_drains() -> None:
+    """The artifact waits 100 s before its first scaling decision (here 6 s); before, the first came at 10 s."""
+    arrivals = load_workload("fixed:const:rate=0.4:in=16:out=4:n=12", 0, "tiny")
+    config = dataclasses.replace(_config(), scaling_warmup_s=6.0, drain_victim="last")
+    result, _ = run_case(config, arrivals)
+    changes = [(t, n) for t, n in result.instance_series if n != 2]
+    assert changes and changes[0][0] >= 6.0, result.instance_series
+    no_warmup, _ = run_case(_config(), arrivals)
+    assert next(t for t, n in no_warmup.instance_series if n != 2) < 6.0

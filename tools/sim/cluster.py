@@ -31,7 +31,6 @@ from pyllumnix.control_plane.policy.snapshot import (
     from_load_snapshot,
 )
 from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
-from pyllumnix.data_plane.engine.profile import get_profile
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.tools.metrics.cluster import ClusterSample, InstanceSample
@@ -77,7 +76,7 @@ class SimResult:
 class ClusterSimulator:
     def __init__(self, config: SimConfig, arrivals: Sequence[RequestArrival]) -> None:
         self.config = config
-        self.profile = get_profile(config.profile)
+        self.profile = config.engine_profile()
         self.policy_config = config.policy_config()
         self.core = PolicyCore(self.policy_config, seed=config.seed)
         self.limits = MigrationLimits(self.policy_config.last_stage_max_blocks, self.policy_config.max_stages)
@@ -128,7 +127,8 @@ class ClusterSimulator:
         self._push(0.0, self._report_tick, live=False)
         self._push(self.policy_config.pairing_interval_ms / 1000.0, self._pair_tick, live=False)
         if self.config.autoscale:
-            self._push(self.config.scaling_interval_s, self._scale_tick, live=False)
+            first = max(self.config.scaling_interval_s, self.policy_config.scaling_warmup_ms / 1000.0)
+            self._push(first, self._scale_tick, live=False)
         self._push(0.0, self._sample_tick, live=False)
         horizon = self.config.max_virtual_s
         events = 0

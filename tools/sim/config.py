@@ -8,9 +8,11 @@ plotted 13-26 ms downtime. The per-stage latency (2 ms) stands for the pre-alloc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, PolicyConfig
+from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, DRAIN_VICTIMS, PolicyConfig
+from pyllumnix.data_plane.engine.profile import Profile, get_profile
 
 DEFAULT_BANDWIDTH_GBPS = 20.0
 DEFAULT_STAGE_LATENCY_MS = 2.0
@@ -47,15 +49,24 @@ class SimConfig:
     scale_up_threshold: float = 10.0
     scale_down_threshold: float = 60.0
     scaling_interval_s: float = 10.0
+    # First scaling decision at max(interval, warm-up): the artifact lets the load settle for 100 s.
+    scaling_warmup_s: float = 100.0
+    # The instance a scale-down drains: "last" (the artifact's) or "fewest-requests".
+    drain_victim: str = "last"
     startup_s: float = 5.0
+    # Engine steps are prefill-only or decode-only (vLLM 0.1.x, the paper's engine) instead of mixed (V1).
+    split_steps: bool = False
+    migrate_out_threshold: float = 3.0
     enable_migration: bool = True
     pairing_interval_ms: int = 100
     # How often an instance's load reaches the policy's snapshot (the live llumlet streams every 50 ms; each
     # report costs an engine load(), the simulator's main overhead, so the simulated default is the pairing interval).
     report_interval_ms: int = 100
     sample_interval_s: float = 1.0
-    # Blocks a high-priority request's instance keeps free (None: the policy default, sized for llama-7b-a10).
+    # Cap on the blocks a high-priority request's instance keeps free (None: the policy default, no cap); the
+    # headroom itself is total - high_headroom_reserve_blocks (None: the policy default, 100).
     high_headroom_blocks: int | None = None
+    high_headroom_reserve_blocks: int | None = None
     transfer: TransferModel = TransferModel()
     seed: int = 0
     # Stop the clock here even if requests are left (a guard against a wedged engine); None = run to completion.
@@ -70,14 +81,28 @@ class SimConfig:
             raise ValueError("with autoscale the initial instances must lie in [min_instances, max_instances]")
         if self.report_interval_ms <= 0 or self.sample_interval_s <= 0.0 or self.startup_s < 0.0:
             raise ValueError("report_interval_ms and sample_interval_s must be > 0, startup_s >= 0")
+        if self.scaling_warmup_s < 0.0 or self.drain_victim not in DRAIN_VICTIMS:
+            raise ValueError(f"scaling_warmup_s must be >= 0 and drain_victim one of {', '.join(DRAIN_VICTIMS)}")
+
+    def engine_profile(self) -> Profile:
+        """The named profile with this run's step mode."""
+        return dataclasses.replace(get_profile(self.profile), split_steps=self.split_steps)
 
     def policy_config(self) -> PolicyConfig:
         """The PolicyConfig the core runs with (paper defaults for everything not set here)."""
-        headroom = (
-            PolicyConfig().high_headroom_blocks if self.high_headroom_blocks is None else self.high_headroom_blocks
+        d = PolicyConfig()
+        headroom = d.high_headroom_blocks if self.high_headroom_blocks is None else self.high_headroom_blocks
+        reserve = (
+            d.high_headroom_reserve_blocks
+            if self.high_headroom_reserve_blocks is None
+            else self.high_headroom_reserve_blocks
         )
         return PolicyConfig(
             high_headroom_blocks=headroom,
+            high_headroom_reserve_blocks=reserve,
+            migrate_out_threshold=self.migrate_out_threshold,
+            scaling_warmup_ms=round(self.scaling_warmup_s * 1000),
+            drain_victim=self.drain_victim,
             dispatch_policy=self.policy,
             enable_migration=self.enable_migration,
             pairing_interval_ms=self.pairing_interval_ms,
