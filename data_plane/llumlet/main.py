@@ -34,7 +34,7 @@ from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.output_push import PushSettings
-from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
+from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, registry_resolver
 from pyllumnix.data_plane.transport.factory import make_transport
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
@@ -169,6 +169,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     background: list[asyncio.Task[None]] = []
     if opts.etcd:
         from pyllumnix.control_plane.etcd.keys import KeyLayout
+        from pyllumnix.control_plane.etcd.registry import InstanceRegistry
         from pyllumnix.data_plane.llumlet.registration import InstanceRegistration
         from pyllumnix.data_plane.llumlet.reporter import LoadReporter
 
@@ -176,6 +177,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         layout = KeyLayout(opts.cluster)
         registration = InstanceRegistration(client, layout, instance_id, info.SerializeToString(), opts.lease_ttl)
         await registration.start()
+        # MigrateOut sends only to registered instances at their registered address (#13).
+        servicer.registry = registry_resolver(InstanceRegistry(client, layout))
         reporter = LoadReporter(llumlet, client, layout, opts.load_interval_ms / 1000)
         reporter.start()
     loop = asyncio.get_running_loop()
