@@ -62,7 +62,9 @@ class MigrationSettings:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_in: int = 1
     max_out: int = 1
-    verify_crc: bool = False
+    # CRC-32 of every stage's bytes, checked by the destination before the commit (#13: on by default, so a corrupted
+    # or tampered transfer never becomes a request's KV; zlib.crc32 ran at ~0.5 GB/s on the shared dev machine).
+    verify_crc: bool = True
 
 
 class MigrationHooks:
