@@ -1,4 +1,6 @@
-"""The Node/TypeScript client (clients/node) against a live `llumnix serve` cluster, run by `npm test`.
+"""The Node/TypeScript client (clients/node) against a live, secure `llumnix serve` cluster (mutual TLS, API keys, as
+serve runs by default), run by `npm test`. The Node client finds the cluster and its credentials in the client context
+file serve writes (here into the test's folder, never the user's).
 
 Its tests stream a completion, follow a live migration token-exact, call the admin API and survive a graceful and a
 SIGKILLed leader change (the Node test kills the leader by the pid serve reports in serve.json). Skipped only where
@@ -82,7 +84,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Component]:
         "tcp",
         "--log-dir",
         str(launcher.log_dir / "components"),
+        "--context",
+        str(launcher.log_dir / "context.yaml"),
         timeout=120,
+        env={"LLUMNIX_INSECURE": ""},  # serve decides for itself: secure, its own PKI under the log dir
     )
     try:
         yield serve
@@ -119,10 +124,12 @@ def tls_material(directory: Path) -> Path:
 @needs_node
 def test_node_client_against_a_live_cluster(node_modules: Path, cluster: Component, tmp_path: Path) -> None:
     assert NPM is not None
+    assert cluster.ready.get("secure") is True, cluster.ready
     env = node_env(
         LLUMNIX_FRONTENDS=str(cluster.ready["grpc"]),
         LLUMNIX_SCHEDULERS=",".join(cluster.ready["schedulers"]),
         LLUMNIX_SERVE_STATUS=str(cluster.ready["status_file"]),
+        LLUMNIX_CONTEXT_FILE=str(cluster.ready["context"]),
         LLUMNIX_TEST_TLS_DIR=str(tls_material(tmp_path)),
     )
     done = run_in_group([NPM, "test"], env=env, timeout=480)
@@ -131,4 +138,4 @@ def test_node_client_against_a_live_cluster(node_modules: Path, cluster: Compone
     # every Node test ran (none skipped for want of the cluster or the TLS material) and passed
     counts = dict(re.findall(r"^# (tests|pass|fail|skipped|cancelled) (\d+)$", done.stdout, re.MULTILINE))
     assert counts.get("fail") == "0" and counts.get("skipped") == "0" and counts.get("cancelled") == "0", counts
-    assert int(counts.get("pass", "0")) >= 13, counts
+    assert int(counts.get("pass", "0")) >= 15, counts

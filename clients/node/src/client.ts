@@ -19,6 +19,7 @@ import { ClusterConfig } from "../gen/llumnix/v1/config";
 import { AbortRequest, FrontendServiceClient, GenerateRequest, type GenerateResponse } from "../gen/llumnix/v1/frontend";
 import type { MigrationResult } from "../gen/llumnix/v1/llumlet";
 import type { InstanceStatus } from "../gen/llumnix/v1/scheduler";
+import { contextPath, loadContext, tlsFromContext } from "./context";
 import { fromServiceError, InvalidArgumentError, isServiceError, LlumnixError, NotFoundError, UnavailableError } from "./errors";
 import { callMetadata, CallKind, EndpointPool, type TlsOptions } from "./pool";
 
@@ -139,6 +140,13 @@ export function buildGenerateRequest(prompt: string | number[], opts: GenerateOp
 }
 
 export interface ClientOptions {
+  /**
+   * With no endpoints at all, the client context file says where the cluster is and with which credentials (TLS,
+   * client certificate, API key): this path, else `$LLUMNIX_CONTEXT` or `~/.config/llumnix/context.yaml`.
+   */
+  contextFile?: string;
+  /** The context to use from that file (default: its current-context). */
+  contextName?: string;
   /** Used for a role whose own list is not given (e.g. one address serving both). */
   endpoints?: string | string[];
   frontendEndpoints?: string | string[];
@@ -185,14 +193,29 @@ export class LlumnixClient {
   private readonly admins = new WeakMap<Channel, AdminServiceClient>();
   private readonly fronts = new WeakMap<Channel, FrontendServiceClient>();
 
-  constructor(opts: ClientOptions) {
-    const fe = opts.frontendEndpoints ?? opts.endpoints;
-    const se = opts.schedulerEndpoints ?? opts.endpoints;
-    if (!fe?.length && !se?.length) throw new Error("give endpoints, frontendEndpoints or schedulerEndpoints");
+  constructor(opts: ClientOptions = {}) {
+    let fe = opts.frontendEndpoints ?? opts.endpoints;
+    let se = opts.schedulerEndpoints ?? opts.endpoints;
+    let tls = opts.tls;
+    let apiKey = opts.apiKey;
+    if (!fe?.length && !se?.length) {
+      // No endpoints: the client context file (written by `llumnix serve`) says where and with what.
+      const ctx = loadContext(opts.contextFile, opts.contextName);
+      if (ctx === undefined) {
+        throw new Error(
+          "give endpoints, frontendEndpoints or schedulerEndpoints (or run `llumnix serve`, which writes the client " +
+            `context file ${opts.contextFile ?? contextPath()})`,
+        );
+      }
+      fe = ctx.frontend;
+      se = ctx.scheduler;
+      tls = tls ?? tlsFromContext(ctx);
+      apiKey = apiKey ?? (ctx.apiKey || undefined);
+    }
     this.timeoutMs = opts.timeoutMs;
     this.generateTimeoutMs = opts.generateTimeoutMs;
-    this.apiKey = opts.apiKey;
-    const common = { tls: opts.tls, timeoutMs: opts.timeoutMs, connectTimeoutMs: opts.connectTimeoutMs };
+    this.apiKey = apiKey;
+    const common = { tls, timeoutMs: opts.timeoutMs, connectTimeoutMs: opts.connectTimeoutMs };
     this.frontends = fe?.length ? new EndpointPool(fe, { ...common, role: "frontend" }) : undefined;
     this.schedulers = se?.length ? new EndpointPool(se, { ...common, role: "scheduler" }) : undefined;
   }

@@ -1,5 +1,6 @@
 /** Public API of the Llumnix Node.js client. */
 export * from "./client";
+export * from "./context";
 export * from "./errors";
 export { CallKind, EndpointPool, LEADER_METADATA_KEY, leaderFromError, normalizeEndpoints, tlsFromFiles } from "./pool";
 export type { PoolOptions, TlsOptions } from "./pool";

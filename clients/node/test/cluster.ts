@@ -1,12 +1,14 @@
 /**
- * The live cluster the tests run against. The pytest wrapper (integration/test_node_client.py) starts
- * `llumnix serve` and passes its addresses in LLUMNIX_FRONTENDS / LLUMNIX_SCHEDULERS / LLUMNIX_SERVE_STATUS; run
- * alone (`npm test`), the tests start `llumnix serve` themselves (LLUMNIX_SERVE_BIN, default the repository's
- * .venv/bin/llumnix) in its own process group and stop that group when done.
+ * The live cluster the tests run against: a secure `llumnix serve` (mutual TLS, API keys), reached through the client
+ * context file it writes. The pytest wrapper (integration/test_node_client.py) starts it and passes
+ * LLUMNIX_FRONTENDS / LLUMNIX_SCHEDULERS / LLUMNIX_SERVE_STATUS / LLUMNIX_CONTEXT_FILE; run alone (`npm test`), the
+ * tests start `llumnix serve` themselves (LLUMNIX_SERVE_BIN, default the repository's .venv/bin/llumnix) in its own
+ * process group, with its context file in a temporary folder (never the user's), and stop that group when done.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { readFileSync } from "node:fs";
-import { resolve } from "node:path";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
 import { createInterface } from "node:readline";
 
 export interface Cluster {
@@ -14,6 +16,8 @@ export interface Cluster {
   schedulers: string[];
   /** serve.json: every component with its pid (the failover test kills the leader by that pid). */
   statusFile: string;
+  /** The client context file serve wrote (endpoints, CA, admin certificate, API key). */
+  contextFile: string;
   stop(): Promise<void>;
 }
 
@@ -39,24 +43,33 @@ function split(value: string): string[] {
 
 export async function startCluster(): Promise<Cluster> {
   const env = process.env;
-  if (env.LLUMNIX_FRONTENDS && env.LLUMNIX_SCHEDULERS && env.LLUMNIX_SERVE_STATUS) {
+  if (env.LLUMNIX_FRONTENDS && env.LLUMNIX_SCHEDULERS && env.LLUMNIX_SERVE_STATUS && env.LLUMNIX_CONTEXT_FILE) {
     return {
       frontends: split(env.LLUMNIX_FRONTENDS),
       schedulers: split(env.LLUMNIX_SCHEDULERS),
       statusFile: env.LLUMNIX_SERVE_STATUS,
+      contextFile: env.LLUMNIX_CONTEXT_FILE,
       stop: async () => {},
     };
   }
   const bin = env.LLUMNIX_SERVE_BIN ?? resolve(__dirname, "../../../../.venv/bin/llumnix");
-  const args = ["serve", "--http-port", "0", "--grpc-port", "0", "--transport", "tcp"];
-  const child = spawn(bin, args, { detached: true, stdio: ["ignore", "pipe", "inherit"] });
-  const stop = (): Promise<void> => stopGroup(child);
+  const dir = mkdtempSync(join(tmpdir(), "llumnix-node-"));
+  const contextFile = join(dir, "context.yaml");
+  const args = ["serve", "--http-port", "0", "--grpc-port", "0", "--transport", "tcp", "--log-dir", join(dir, "logs")];
+  args.push("--context", contextFile);
+  const childEnv = { ...env, LLUMNIX_INSECURE: "" }; // secure, as a user's serve is by default
+  const child = spawn(bin, args, { detached: true, stdio: ["ignore", "pipe", "inherit"], env: childEnv });
+  const stop = async (): Promise<void> => {
+    await stopGroup(child);
+    rmSync(dir, { recursive: true, force: true });
+  };
   try {
     const ready = await readyLine(child, 180_000);
     return {
       frontends: [String(ready.grpc)],
       schedulers: (ready.schedulers as string[]).map(String),
       statusFile: String(ready.status_file),
+      contextFile,
       stop,
     };
   } catch (err) {

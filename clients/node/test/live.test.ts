@@ -26,12 +26,10 @@ let client: LlumnixClient;
 
 before(async () => {
   cluster = await startCluster();
-  client = new LlumnixClient({
-    frontendEndpoints: cluster.frontends,
-    schedulerEndpoints: cluster.schedulers,
-    timeoutMs: 10_000,
-    generateTimeoutMs: 120_000,
-  });
+  // No endpoints: everything (addresses, CA, admin certificate, API key) comes from serve's context file.
+  client = new LlumnixClient({ contextFile: cluster.contextFile, timeoutMs: 10_000, generateTimeoutMs: 120_000 });
+  assert.deepEqual(client.schedulerPool.endpoints, cluster.schedulers);
+  assert.deepEqual(client.frontendPool.endpoints, cluster.frontends);
 });
 
 after(async () => {
@@ -94,6 +92,20 @@ describe("llumnix node client (live cluster)", () => {
     const again = await client.generateText("The quick brown fox", { maxTokens: 24, seed: 7 });
     assert.deepEqual(again.tokenIds, chunks.flatMap((c) => c.tokenIds));
     assert.equal(again.text, chunks.map((c) => c.text).join(""));
+  });
+
+  test("the secure cluster refuses a client without credentials, clearly", async () => {
+    const plain = new LlumnixClient({
+      frontendEndpoints: cluster.frontends,
+      schedulerEndpoints: cluster.schedulers,
+      timeoutMs: 3_000,
+    });
+    try {
+      await assert.rejects(plain.listInstances(), UnavailableError);
+      await assert.rejects(plain.generateText("hello", { maxTokens: 2 }), UnavailableError);
+    } finally {
+      plain.close();
+    }
   });
 
   test("bad input gets a clear error and abort of an unknown request is NOT_FOUND", async () => {

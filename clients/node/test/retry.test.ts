@@ -6,7 +6,8 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
-import { readFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 import { Metadata, Server, ServerCredentials, status, type sendUnaryData, type ServerUnaryCall } from "@grpc/grpc-js";
@@ -15,6 +16,7 @@ import { AdminServiceService, type AdminServiceServer } from "../gen/llumnix/v1/
 import { InstanceState } from "../gen/llumnix/v1/common";
 import { InstanceStatus } from "../gen/llumnix/v1/scheduler";
 import {
+  ContextError,
   GenerationResult,
   LEADER_METADATA_KEY,
   LlumnixClient,
@@ -155,6 +157,36 @@ describe("retry rules (fake replicas)", () => {
       assert.deepEqual(err.endpoints, dead);
       return true;
     });
+  });
+
+  test("with no endpoints the client context file gives them and the API key; unsafe or unknown contexts refused", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "llumnix-ctx-"));
+    try {
+      const file = join(dir, "context.yaml");
+      const yaml = [
+        "current-context: dev",
+        "contexts:",
+        "- name: other",
+        "  scheduler: [127.0.0.1:1]",
+        "- name: dev",
+        "  cluster: llumnix",
+        `  scheduler: [${follower.address}]`,
+        "  api_key: llx_from_context",
+        "",
+      ].join("\n");
+      writeFileSync(file, yaml, { mode: 0o600 });
+      const c = new LlumnixClient({ contextFile: file, timeoutMs: 3000 });
+      clients.push(c);
+      assert.deepEqual(c.schedulerPool.endpoints, [follower.address]);
+      await c.cordon("i-1"); // through the follower's redirect, with the context's key
+      assert.equal(leader.authorization[leader.authorization.length - 1], "Bearer llx_from_context");
+      assert.throws(() => new LlumnixClient({ contextFile: file, contextName: "nope" }), ContextError);
+      chmodSync(file, 0o644);
+      assert.throws(() => new LlumnixClient({ contextFile: file }), /accessible by others/);
+      assert.throws(() => new LlumnixClient({ contextFile: join(dir, "missing.yaml") }), /give endpoints/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   test("endpoints are normalized; duplicate tokens across a migration are dropped by index", () => {
