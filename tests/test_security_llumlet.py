@@ -347,3 +347,29 @@ async def test_load_streams_per_caller_are_capped(node: Node) -> None:
         assert (await again.read()).load.instance_id == "i-1"
         for call in [*calls[1:], again]:
             call.cancel()
+
+
+async def test_a_verifying_destination_refuses_a_stage_without_crc() -> None:
+    """Integrity checking cannot be switched off by the sender: a source that sends no CRC gets DATA_LOSS and keeps
+    the request (which then finishes token-exact there), and the destination frees what it reserved."""
+    from tests.test_migration_paths import make_node, migrate, request, unmigrated_tokens, wait_tokens
+
+    sink = RecordingSink()
+    await sink.start()
+    src = await make_node("src", settings=MigrationSettings(verify_crc=False))
+    dst = await make_node("dst")  # the default: verify_crc=True
+    try:
+        free = dst.free
+        await src.stub.AddRequest(request("r", sink, 64, 120), timeout=DEADLINE)
+        await wait_tokens(sink, "r", 4)
+        reply = await src.stub.MigrateOut(migrate(src, dst, "r"), timeout=30)
+        result = reply.results[0]
+        assert result.outcome == llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION, result
+        assert "DATA_LOSS" in result.reason and "crc 0" in result.reason, result.reason
+        await sink.wait("r")
+        assert sink.tokens("r") == unmigrated_tokens(64, 120)
+        await until(lambda: dst.free == free, "the destination to free its reservation")
+    finally:
+        await src.close()
+        await dst.close()
+        await sink.stop()

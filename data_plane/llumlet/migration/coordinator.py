@@ -593,7 +593,9 @@ class MigrationCoordinator:
             except (TransportError, TimeoutError) as exc:
                 await self._free_incoming(request.migration_id, f"transfer failed: {exc}")
                 raise MigrationError(grpc.StatusCode.DEADLINE_EXCEEDED, f"stage bytes did not arrive: {exc}") from exc
-        if nbytes != request.num_bytes or (request.crc32 and crc != request.crc32):
+        # With verification on, a stage without a CRC (or with a wrong one) is refused: the check cannot be skipped.
+        checked = self.settings.verify_crc or bool(request.crc32)
+        if nbytes != request.num_bytes or (checked and crc != request.crc32):
             await self._free_incoming(request.migration_id, "data mismatch")
             raise MigrationError(
                 grpc.StatusCode.DATA_LOSS,
