@@ -5,15 +5,24 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import tempfile
+import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.control_plane.grpc_server import RunningServer
-from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2, llumlet_pb2
+from pyllumnix.infra.security.apikeys import ApiKeyInterceptor, ApiKeyStore
+from pyllumnix.infra.security.authz import RoleInterceptor
+from pyllumnix.infra.security.bootstrap import bootstrap_local, provision_admin
+from pyllumnix.infra.security.context import load_context
+from pyllumnix.infra.security.tls import grpc_server_credentials
+from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, common_pb2, config_pb2, llumlet_pb2
 from pyllumnix.tools.llmctl import EXIT_ERROR, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE, cli
 from tests.test_clients_fakes import (
     FakeAdmin,
@@ -24,8 +33,11 @@ from tests.test_clients_fakes import (
     serve_replica,
     stop_all,
 )
+from tests.test_infra_apikeys import FakeKV
 
-ENV = {"COLUMNS": "200", "LLUMNIX_ENDPOINT": ""}
+# No context file unless a test writes one: a developer's own ~/.config/llumnix/context.yaml must not leak in.
+NO_CONTEXT = str(Path(tempfile.gettempdir()) / f"llmctl-test-no-context-{uuid.uuid4().hex}.yaml")
+ENV = {"COLUMNS": "200", "LLUMNIX_ENDPOINT": "", "LLUMNIX_CONTEXT": NO_CONTEXT, "LLUMNIX_API_KEY": ""}
 
 
 async def llmctl(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -447,3 +459,77 @@ async def test_watch_yaml_and_name(replica: tuple[RunningServer, Replica, FakeAd
     assert len(docs) == 2 and all([i["info"]["instance_id"] for i in d["instances"]] == ["i-1", "i-2"] for d in docs)
     res = await llmctl("-e", server.address, "watch", "--interval", "0.05", "--count", "2", "-o", "name")
     assert res.stdout == "instance/i-1\ninstance/i-2\n\ninstance/i-1\ninstance/i-2\n\n"
+
+
+# --- the client context file ------------------------------------------------------------------------------------
+
+
+def write_context(path: Path, body: str, mode: int = 0o600) -> Path:
+    path.write_text(body)
+    path.chmod(mode)
+    return path
+
+
+async def test_context_file_gives_the_endpoint_when_none_is_given(
+    replica: tuple[RunningServer, Replica, FakeAdmin], tmp_path: Path
+) -> None:
+    server, _, _ = replica
+    ctx = write_context(
+        tmp_path / "context.yaml",
+        "current-context: dev\ncontexts:\n"
+        f"- name: dev\n  scheduler: [{server.address}]\n"
+        f"- name: broken\n  scheduler: [{dead_address()}]\n",
+    )
+    env = {"LLUMNIX_CONTEXT": str(ctx)}
+    res = await llmctl("instances", "-o", "name", env=env)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == ["instance/i-1", "instance/i-2"]
+    res = await llmctl("--context", "broken", "--timeout", "2", "instances", env=env)
+    assert res.exit_code == EXIT_UNAVAILABLE and "cannot reach the cluster" in res.stderr
+    res = await llmctl("--context", "nope", "instances", env=env)
+    assert res.exit_code == EXIT_USAGE and "no context named 'nope'" in res.output
+    res = await llmctl("--context", "dev", "-e", server.address, "instances", env=env)
+    assert res.exit_code == EXIT_USAGE and "exclude each other" in res.output
+    ctx.chmod(0o644)  # a context file others can read is refused (it holds an API key)
+    res = await llmctl("instances", env=env)
+    assert res.exit_code == EXIT_USAGE and "accessible by others" in res.output
+    res = await llmctl("instances", env={"LLUMNIX_CONTEXT": str(tmp_path / "missing.yaml")})
+    assert res.exit_code == EXIT_USAGE and "missing.yaml does not exist" in res.output
+
+
+async def test_secure_context_gives_mtls_and_the_api_key(tmp_path: Path) -> None:
+    """The context `llumnix serve` writes (CA, admin certificate, API key) reaches a role- and key-checked replica with
+    no flags; the same context without its key is refused by the server, and llmctl says so (exit 1)."""
+    security = bootstrap_local(tmp_path / "pki", "c1")
+    store = ApiKeyStore(FakeKV(), KeyLayout("c1"), cache_ttl=0)
+    replica = Replica("s-0", leader=True)
+    admin = FakeAdmin(replica)
+    # The admin API is guarded by the admin certificate; here it also asks for the admin key, to see llmctl send it.
+    keyed = ApiKeyInterceptor(store, rules={"/llumnix.v1.AdminService/*": "admin"})
+    server = grpc.aio.server(interceptors=[RoleInterceptor("c1"), keyed])
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+    port = server.add_secure_port("127.0.0.1:0", grpc_server_credentials(security.paths("scheduler", "s0")))
+    await server.start()
+    try:
+        ctx_file = tmp_path / "context.yaml"
+        await provision_admin(security, store, context_path=ctx_file, scheduler=[f"127.0.0.1:{port}"])
+        res = await llmctl("instances", "-o", "name", env={"LLUMNIX_CONTEXT": str(ctx_file)})
+        assert res.exit_code == 0, res.output
+        assert res.stdout.splitlines() == ["instance/i-1", "instance/i-2"]
+        res = await llmctl("cordon", "i-1", env={"LLUMNIX_CONTEXT": str(ctx_file)})
+        assert res.exit_code == 0 and "cordoned i-1" in res.stdout, res.output
+        # the same certificates with another key: the server refuses, llmctl reports it
+        context = load_context(ctx_file)
+        assert context is not None and context.ca and context.cert and context.key
+        args = ["-e", f"127.0.0.1:{port}", "--ca", str(context.ca), "--cert", str(context.cert)]
+        args += ["--key", str(context.key), "--api-key", "llx_wrong", "instances"]
+        res = await llmctl(*args)
+        assert res.exit_code == EXIT_ERROR and "UNAUTHENTICATED" in res.stderr, res.output
+        res = await llmctl(*args[:-3], "instances", env={"LLUMNIX_API_KEY": context.api_key})
+        assert res.exit_code == 0, res.output
+        # no client certificate: the mTLS handshake fails, nothing is sent
+        res = await llmctl("-e", f"127.0.0.1:{port}", "--ca", str(context.ca), "--timeout", "2", "cordon", "i-2")
+        assert res.exit_code == EXIT_UNAVAILABLE, res.output
+        assert admin.instances["i-2"].state == common_pb2.INSTANCE_STATE_ACTIVE
+    finally:
+        await server.stop(None)

@@ -36,7 +36,7 @@ from rich.table import Table
 
 from pyllumnix.clients import config_paths
 from pyllumnix.clients.channel import TlsConfig, normalize_endpoints
-from pyllumnix.clients.client import AsyncLlumnixClient
+from pyllumnix.clients.client import AsyncLlumnixClient, tls_from_context
 from pyllumnix.clients.errors import (
     AbortedError,
     FailedPreconditionError,
@@ -46,6 +46,7 @@ from pyllumnix.clients.errors import (
     NotFoundError,
     UnavailableError,
 )
+from pyllumnix.infra.security.context import ContextError, context_path, load_context
 from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, llumlet_pb2, scheduler_pb2
 
 T = TypeVar("T")
@@ -62,6 +63,7 @@ TABLES = ("table", "wide")
 # Width of the console a table is laid out on before it is printed: wide enough that no cell is ever truncated.
 UNBOUNDED_WIDTH = 1 << 16
 ENV_ENDPOINT = "LLUMNIX_ENDPOINT"
+ENV_API_KEY = "LLUMNIX_API_KEY"
 
 
 @dataclass
@@ -74,6 +76,8 @@ class Settings:
     server_name: str | None
     timeout: float
     output: str
+    api_key: str | None = None
+    context: str | None = None
 
 
 # --- output helpers --------------------------------------------------------------------------------------------
@@ -263,16 +267,35 @@ def output_of(ctx: click.Context, output: str | None) -> str:
 
 
 def make_client(settings: Settings) -> AsyncLlumnixClient:
+    """A client from the flags; with no --endpoint, from the client context file (``llumnix serve`` writes it:
+    scheduler addresses, CA, admin certificate and API key), as the Python client does."""
     try:
         endpoints = normalize_endpoints(settings.endpoints)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if not endpoints:
-        raise click.UsageError(f"no endpoint: pass --endpoint HOST:PORT or set {ENV_ENDPOINT}")
+    tls_flags = settings.tls or settings.ca or settings.cert or settings.key or settings.api_key
     tls: TlsConfig | None = None
-    if settings.tls or settings.ca or settings.cert or settings.key:
+    if not endpoints:
         try:
-            tls = TlsConfig.from_files(settings.ca, settings.cert, settings.key, settings.server_name)
+            context = load_context(name=settings.context)
+        except ContextError as exc:
+            raise click.UsageError(str(exc)) from None
+        if context is None or not context.scheduler:
+            where = f"the client context file {context_path()} " + ("has none" if context else "does not exist")
+            raise click.UsageError(f"no endpoint: pass --endpoint HOST:PORT or set {ENV_ENDPOINT} ({where})")
+        endpoints = list(context.scheduler)
+        if not tls_flags:
+            try:
+                tls = tls_from_context(context)
+            except (OSError, ValueError) as exc:
+                raise click.UsageError(f"TLS files of context {context.name!r}: {exc}") from None
+    elif settings.context is not None:
+        raise click.UsageError("--context and --endpoint exclude each other (a context names its own endpoints)")
+    if tls is None and tls_flags:
+        try:
+            tls = TlsConfig.from_files(
+                settings.ca, settings.cert, settings.key, settings.server_name, api_key=settings.api_key
+            )
         except (OSError, ValueError) as exc:
             raise click.UsageError(f"TLS: {exc}") from None
     return AsyncLlumnixClient(scheduler_endpoints=endpoints, tls=tls, timeout=settings.timeout)
@@ -341,6 +364,20 @@ output_option = click.option(
 @click.option("--cert", type=click.Path(dir_okay=False), default=None, help="PEM client certificate (mTLS).")
 @click.option("--key", type=click.Path(dir_okay=False), default=None, help="PEM client private key (mTLS).")
 @click.option("--server-name", default=None, help="TLS server name override.")
+@click.option(
+    "--api-key",
+    envvar=ENV_API_KEY,
+    default=None,
+    help=f"API key, sent as 'authorization: Bearer' (implies --tls; env {ENV_API_KEY}).",
+)
+@click.option(
+    "--context",
+    "context_name",
+    default=None,
+    metavar="NAME",
+    help="Context of the client context file to use when no --endpoint is given (default: its current one; the "
+    "file: $LLUMNIX_CONTEXT or ~/.config/llumnix/context.yaml, written by `llumnix serve`).",
+)
 @click.option("--timeout", type=click.FloatRange(min=0.01), default=10.0, show_default=True, help="Seconds per call.")
 @output_option
 @click.version_option(package_name="pyllumnix")
@@ -353,11 +390,15 @@ def cli(
     cert: str | None,
     key: str | None,
     server_name: str | None,
+    api_key: str | None,
+    context_name: str | None,
     timeout: float,
     output: str | None,
 ) -> None:
     """Operate a Llumnix cluster: instances, requests, migration, drain/cordon, scaling, config, leader."""
-    ctx.obj = Settings(endpoints, tls, ca, cert, key, server_name, timeout, output or "table")
+    ctx.obj = Settings(
+        endpoints, tls, ca, cert, key, server_name, timeout, output or "table", api_key or None, context_name
+    )
 
 
 @cli.command()
