@@ -31,6 +31,7 @@ def test_sim_run_writes_outputs(tmp_path: Path) -> None:
 def test_sim_autoscale_flags(tmp_path: Path) -> None:
     args = ["sim", "--instances", "2", "--profile", "tiny", "--policy", "infaas++", "--autoscale", "--min", "1"]
     args += ["--max", "3", "--scale-up", "10", "--scale-down", "60", "--startup-s", "0.5", "--scaling-interval-s", "1"]
+    args += ["--scaling-warmup-s", "0", "--split-steps", "--migrate-out-threshold", "10"]
     args += ["--workload", "fixed:poisson:rate=20:in=32:out=16:n=30", "--out", str(tmp_path / "a")]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
@@ -46,10 +47,40 @@ def test_sim_needs_workload_and_out() -> None:
 def test_compare_smoke(tmp_path: Path) -> None:
     out = tmp_path / "cmp"
     args = ["sim", "compare", "--scenario", "paper-fig13", "--requests", "60", "--instances", "2", "--out", str(out)]
-    result = CliRunner().invoke(cli, args)
+    result = CliRunner().invoke(cli, [*args, "--seeds", "1"])
     assert result.exit_code == 0, result.output
     md = (out / "COMPARE.md").read_text()
     assert "## The paper" in md and "2.9-8.6x" in md
-    data = json.loads((out / "compare.json").read_text())
+    data = json.loads((out / "compare.json").read_text())["runs"]["0"]
     assert len(data) == 4 and all(set(runs) == {"no-priority", "priority"} for runs in data.values())
     assert (out / "prefill_p99_vs_cv.png").exists()
+
+
+def test_compare_fig11_reduced_smoke(tmp_path: Path) -> None:
+    """CI's reduced Fig. 11: two seeds of one trace on the calibrated testbed (prefill-only / decode-only steps),
+    Llumnix vs INFaaS++; the report carries median [min-max] ratios, the targets, the calibration table and tails."""
+    out = tmp_path / "fig11"
+    args = ["sim", "compare", "--scenario", "paper-fig11", "--requests", "40", "--instances", "2", "--seeds", "2"]
+    args += ["--traces", "M-M", "--policies", "llumnix", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["seeds"] == [0, 1]
+    for seed in ("0", "1"):
+        (group,) = doc["runs"][seed]
+        runs = doc["runs"][seed][group]
+        assert set(runs) == {"infaas++", "llumnix"}
+        for summary in runs.values():
+            assert summary["config"]["split_steps"] and summary["config"]["migrate_out_threshold"] == 10.0
+            assert summary["conservation"]["ok"] and summary["seed"] == int(seed)
+            assert set(summary["tail"]["prefill_s"]) == {"p50", "p99", "p999"}
+            assert 0.0 <= summary["tail"]["prefill_over_10s"] <= summary["tail"]["prefill_over_2s"] <= 1.0
+    # different seeds, different arrivals
+    assert doc["runs"]["0"][group]["infaas++"]["overall"] != doc["runs"]["1"][group]["infaas++"]["overall"]
+    md = (out / "COMPARE.md").read_text()
+    for heading in ("## Acceptance targets", "## Calibration", "## Absolute figures", "prefill P99.9", "0.047-0.075"):
+        assert heading in md, heading
+    assert "] |" in md  # a [min-max] spread beside the medians
+    assert (out / "latency_cdf.png").read_bytes()[:4] == b"\x89PNG"
+    bad = CliRunner().invoke(cli, [*args[:-2], "--traces", "X-Y", "--out", str(out)])
+    assert bad.exit_code != 0 and "unknown traces" in bad.output

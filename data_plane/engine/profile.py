@@ -111,7 +111,7 @@ class Profile:
 #   max_num_batched_tokens 12,800 (paper); max_num_seqs 256 (vLLM default); watermark 1 % (artifact).
 #   split_steps stays False here (the live llumlet's engine is V1-like); the paper scenarios turn it on per run.
 A10_PEAK_BYTES_PER_S = 600e9
-A10_KERNEL_EFFICIENCY = 0.64
+A10_KERNEL_EFFICIENCY = 0.5
 LLAMA_7B_WEIGHT_BYTES = 13.5e9
 _KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2
 LLAMA_7B_A10 = Profile(

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
-from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES
+from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, DRAIN_VICTIMS
 from pyllumnix.data_plane.engine.profile import PROFILES
 from pyllumnix.tools.progress import progress_bar
 from pyllumnix.tools.sim.compare import run_scenario
 from pyllumnix.tools.sim.config import DEFAULT_BANDWIDTH_GBPS, DEFAULT_STAGE_LATENCY_MS, SimConfig, TransferModel
 from pyllumnix.tools.sim.runner import load_workload, run_case, write_run
-from pyllumnix.tools.sim.scenarios import BUILDERS, build
+from pyllumnix.tools.sim.scenarios import BUILDERS, DEFAULT_SEEDS, build
 
 
 @click.group(invoke_without_command=True)
@@ -32,6 +32,10 @@ from pyllumnix.tools.sim.scenarios import BUILDERS, build
 @click.option("--scale-down", default=60.0, show_default=True, help="Scale-down freeness threshold.")
 @click.option("--scaling-interval-s", default=10.0, show_default=True)
 @click.option("--startup-s", default=5.0, show_default=True, help="Modelled instance start-up delay.")
+@click.option("--scaling-warmup-s", default=100.0, show_default=True, help="No scaling decision before this time.")
+@click.option("--drain-victim", type=click.Choice(DRAIN_VICTIMS), default="last", show_default=True)
+@click.option("--split-steps/--mixed-steps", default=False, show_default=True, help="Prefill-only/decode-only steps.")
+@click.option("--migrate-out-threshold", default=3.0, show_default=True, help="Pairing's freeness threshold.")
 @click.option("--bandwidth-gbps", default=DEFAULT_BANDWIDTH_GBPS, show_default=True, help="Migration copy rate.")
 @click.option("--stage-latency-ms", default=DEFAULT_STAGE_LATENCY_MS, show_default=True, help="Per migration stage.")
 @click.option("--pairing-interval-ms", default=100, show_default=True)
@@ -56,6 +60,10 @@ def sim(
     scale_down: float,
     scaling_interval_s: float,
     startup_s: float,
+    scaling_warmup_s: float,
+    drain_victim: str,
+    split_steps: bool,
+    migrate_out_threshold: float,
     bandwidth_gbps: float,
     stage_latency_ms: float,
     pairing_interval_ms: int,
@@ -83,6 +91,10 @@ def sim(
             scale_down_threshold=scale_down,
             scaling_interval_s=scaling_interval_s,
             startup_s=startup_s,
+            scaling_warmup_s=scaling_warmup_s,
+            drain_victim=drain_victim,
+            split_steps=split_steps,
+            migrate_out_threshold=migrate_out_threshold,
             pairing_interval_ms=pairing_interval_ms,
             report_interval_ms=report_interval_ms,
             transfer=TransferModel(bandwidth_gbps, stage_latency_ms),
@@ -120,13 +132,40 @@ def sim(
 @click.option("--requests", type=int, default=None, help="Requests per run (default per scenario; paper: 10000).")
 @click.option("--instances", type=int, default=None, help="Cluster size (fig14: the maximum). Default 16.")
 @click.option("--load-scale", type=float, default=None, help="Multiply the paper's rates (default per scenario).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="First seed.")
+@click.option("--seeds", default=DEFAULT_SEEDS, show_default=True, help="Seeds per case (seed, seed+1, ...).")
+@click.option("--traces", default=None, help="Comma-separated traces (paper-fig11*: S-S,M-M,L-L,S-L,L-S).")
+@click.option("--policies", default=None, help="Comma-separated policies to keep beside the baseline.")
 def compare(
-    scenario: str, out: Path, requests: int | None, instances: int | None, load_scale: float | None, seed: int
+    scenario: str,
+    out: Path,
+    requests: int | None,
+    instances: int | None,
+    load_scale: float | None,
+    seed: int,
+    seeds: int,
+    traces: str | None,
+    policies: str | None,
 ) -> None:
-    """Runs the policies of a paper experiment side by side on the same arrivals; writes COMPARE.md and plots."""
-    sc = build(scenario, requests, instances, load_scale, seed)
-    click.echo(f"{sc.name}: {len(sc.cases)} runs, load scale {sc.load_scale:g}", err=True)
+    """Runs the policies of a paper experiment side by side on the same arrivals, once per seed; writes COMPARE.md
+    (median and min-max of every ratio over the seeds), compare.json and plots."""
+    try:
+        sc = build(
+            scenario,
+            requests,
+            instances,
+            load_scale,
+            seed,
+            seeds=seeds,
+            traces=tuple(traces.split(",")) if traces else None,
+            policies=tuple(policies.split(",")) if policies else None,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"{sc.name}: {len(sc.cases)} runs x {len(sc.seeds)} seeds, load scale {sc.load_scale:g}", err=True)
     with progress_bar() as bar:  # stderr, a terminal only; the per-run lines print above it
         run_scenario(sc, out, progress=lambda line: click.echo(line, err=True), bar=bar)
-    click.echo(json.dumps({"scenario": sc.name, "runs": len(sc.cases), "report": str(out / "COMPARE.md")}))
+    runs = len(sc.cases) * len(sc.seeds)
+    click.echo(
+        json.dumps({"scenario": sc.name, "runs": runs, "seeds": list(sc.seeds), "report": str(out / "COMPARE.md")})
+    )

@@ -1,20 +1,37 @@
 """The paper's cluster experiments as lists of runs over shared arrivals (generated once per workload, replayed for
 every policy), with the paper's headline figures to print beside ours.
 
-Rates are the paper's (PAPER.md) for 16 instances, scaled by ``instances / 16`` and by ``load_scale``: the sim
-engine's LLaMA-7B profile serves these traces with far more headroom than the paper's testbed (steady-state KV use
-is ~30-40 % of an instance at the paper's rates), so Fig. 11 defaults to a higher load to reach the regime where the
-policies differ; the factor is printed with every result.
+Rates are the paper's (PAPER.md) for 16 instances, scaled by ``instances / 16`` and by ``load_scale`` (default 1: the
+calibrated ``llama-7b-a10`` profile is the artifact's testbed, 792 blocks and its measured decode speed). Every run
+uses the paper's engine step mode (prefill-only or decode-only steps, ``split_steps``) and the artifact's per-trace
+migrate-out threshold. Each scenario runs over several seeds (each seed: its own arrivals and lengths, replayed for
+every policy); the comparison reports the median and the spread of every ratio.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pyllumnix.tools.sim.config import SimConfig
 
 # The artifact's rate ranges for 16 x 7B (PAPER.md); we take the middle of each.
+PAPER_RATE_RANGES = {"S-S": (32.0, 38.0), "M-M": (7.4, 8.0), "L-L": (2.6, 3.2), "S-L": (4.1, 4.4), "L-S": (10.0, 22.0)}
 PAPER_RATES = {"S-S": 35.0, "M-M": 7.7, "L-L": 2.9, "S-L": 4.25, "L-S": 16.0}
+TRACES = tuple(PAPER_RATES)
+# The artifact's migrate-out threshold per trace.
+MIGRATE_OUT_THRESHOLDS = {"S-S": 3.0, "M-M": 10.0, "L-L": 3.0, "S-L": 10.0, "L-S": 3.0}
+# What the artifact's GPU re-run measured (its figure11.png): decode mean per token on every trace, INFaaS++ prefill
+# P99 per trace (s; None where not read off), INFaaS++ preemption loss range (s).
+ARTIFACT_DECODE_S = (0.047, 0.075)
+ARTIFACT_INFAAS_PREFILL_P99_S: dict[str, tuple[float, float] | None] = {
+    "S-S": (60.0, 100.0),
+    "M-M": (5.0, 15.0),
+    "L-L": (0.0, 190.0),
+    "S-L": None,
+    "L-S": None,
+}
+ARTIFACT_INFAAS_PREEMPTION_LOSS_S = (0.5, 7.7)
+DEFAULT_SEEDS = 5
 
 
 @dataclass(frozen=True)
@@ -38,38 +55,84 @@ class Scenario:
     paper: list[tuple[str, str]] = field(default_factory=list)
     load_scale: float = 1.0
     seed: int = 0
+    # Every case runs once per seed (arrivals and policy rng both seeded by it); ``seed`` is the first.
+    seeds: tuple[int, ...] = (0,)
+
+    def cases_for(self, seed: int) -> list[Case]:
+        """The cases with their configs seeded by ``seed``."""
+        return [replace(c, config=replace(c.config, seed=seed)) for c in self.cases]
+
+
+def _paper(trace: str, instances: int, **kw: object) -> SimConfig:
+    """A run on the paper's testbed: split steps and the trace's migrate-out threshold."""
+    return SimConfig(
+        instances=instances,
+        split_steps=True,
+        migrate_out_threshold=MIGRATE_OUT_THRESHOLDS[trace],
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def _trace_of(spec: str) -> str:
+    return spec.split(":", 1)[0]
 
 
 def _rate(rate: float, instances: int, load_scale: float) -> float:
     return round(rate * instances / 16 * load_scale, 4)
 
 
-def fig11(requests: int, instances: int, load_scale: float, seed: int) -> Scenario:
-    """Llumnix vs INFaaS++ and round-robin: the paper's traces at their middle rate, plus a rate sweep on M-M."""
-    policies = ("infaas++", "llumnix", "round-robin")
-    points: list[tuple[str, str, float]] = []
-    for trace in ("S-S", "M-M", "L-L"):
-        r = _rate(PAPER_RATES[trace], instances, load_scale)
-        points.append((f"{trace} rate={r:g}", f"{trace}:poisson:rate={r}:n={requests}", r))
-    for base in (7.4, 8.0):
-        r = _rate(base, instances, load_scale)
-        points.append((f"M-M rate={r:g}", f"M-M:poisson:rate={r}:n={requests}", r))
+FIG11_PAPER = [
+    ("end-to-end mean / P99", "up to 1.5x / 1.6x better than INFaaS++"),
+    ("prefill mean / P99", "up to 7.7x / 14.8x better"),
+    ("decode P99", "up to 2.0x better"),
+    ("preemption loss", "70.4 % lower on average"),
+    ("fragmentation", "7.9 % (INFaaS++) vs 0.7 % (Llumnix)"),
+]
+FIG11_POLICIES = ("infaas++", "llumnix", "round-robin")
+
+
+def _fig11_cases(points: list[tuple[str, str, float]], instances: int, policies: tuple[str, ...]) -> list[Case]:
     # Round-robin is the paper's naive baseline: no migration (the policy core would pair under it otherwise).
-    cases = [
-        Case(group, p, spec, SimConfig(instances=instances, policy=p, enable_migration=p == "llumnix", seed=seed), x)
+    return [
+        Case(group, p, spec, _paper(_trace_of(spec), instances, policy=p, enable_migration=p == "llumnix"), x)
         for group, spec, x in points
         for p in policies
     ]
-    paper = [
-        ("end-to-end mean / P99", "up to 1.5x / 1.6x better than INFaaS++"),
-        ("prefill mean / P99", "up to 7.7x / 14.8x better"),
-        ("decode P99", "up to 2.0x better"),
-        ("preemption loss", "70.4 % lower on average"),
-        ("fragmentation", "7.9 % (INFaaS++) vs 0.7 % (Llumnix)"),
-    ]
+
+
+def fig11(
+    requests: int, instances: int, load_scale: float, seed: int, traces: tuple[str, ...] = TRACES,
+    policies: tuple[str, ...] = FIG11_POLICIES,
+) -> Scenario:  # fmt: skip
+    """Llumnix vs INFaaS++ and round-robin: each of the paper's traces at the middle of the artifact's rate range."""
+    points: list[tuple[str, str, float]] = []
+    for trace in traces:
+        r = _rate(PAPER_RATES[trace], instances, load_scale)
+        points.append((f"{trace} rate={r:g}", f"{trace}:poisson:rate={r}:n={requests}", r))
     return Scenario(
-        "paper-fig11", "Serving: Llumnix vs INFaaS++ / round-robin", "infaas++", cases, "rate (req/s)", paper,
-        load_scale, seed,
+        "paper-fig11", "Serving: Llumnix vs INFaaS++ / round-robin", "infaas++",
+        _fig11_cases(points, instances, policies), "rate (req/s)", FIG11_PAPER, load_scale, seed,
+    )  # fmt: skip
+
+
+# Rate sweep factors around the artifact's range: below it, its low end, middle, high end, and beyond.
+SWEEP_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+
+
+def fig11_sweep(
+    requests: int, instances: int, load_scale: float, seed: int, traces: tuple[str, ...] = TRACES,
+    policies: tuple[str, ...] = ("infaas++", "llumnix"),
+) -> Scenario:  # fmt: skip
+    """Llumnix vs INFaaS++ over a rate sweep per trace (multiples of the artifact's middle rate): where the knee lies,
+    i.e. from which load on queues build and the policies part."""
+    points: list[tuple[str, str, float]] = []
+    for trace in traces:
+        for f in SWEEP_FACTORS:
+            r = _rate(PAPER_RATES[trace] * f, instances, load_scale)
+            points.append((f"{trace} rate={r:g}", f"{trace}:poisson:rate={r}:n={requests}", r))
+    return Scenario(
+        "paper-fig11-sweep", "Serving over a rate sweep: Llumnix vs INFaaS++", "infaas++",
+        _fig11_cases(points, instances, policies), "rate (req/s)", FIG11_PAPER, load_scale, seed,
     )  # fmt: skip
 
 
@@ -80,7 +143,7 @@ def fig13(requests: int, instances: int, load_scale: float, seed: int) -> Scenar
     for cv in (2, 4, 6, 8):
         spec = f"S-S:gamma:rate={r}:cv={cv}:n={requests}:priority_share=0.1"
         for label, aware in (("no-priority", False), ("priority", True)):
-            config = SimConfig(instances=instances, policy="llumnix", priorities=aware, seed=seed)
+            config = _paper("S-S", instances, policy="llumnix", priorities=aware, seed=seed)
             cases.append(Case(f"S-S cv={cv} rate={r:g}", label, spec, config, float(cv)))
     paper = [
         ("high-priority e2e mean", "1.2-1.5x better"),
@@ -102,9 +165,10 @@ def fig14(requests: int, instances: int, load_scale: float, seed: int) -> Scenar
     cases: list[Case] = []
 
     def config(policy: str, up: float = 10.0) -> SimConfig:
-        return SimConfig(
-            instances=start, policy=policy, autoscale=True, min_instances=1, max_instances=top,
-            scale_up_threshold=up, scale_down_threshold=up + 50.0, seed=seed,
+        # The artifact's scaler: first decision after a 100 s warm-up, the last instance drained (SimConfig defaults).
+        return _paper(
+            "L-L", start, policy=policy, autoscale=True, min_instances=1, max_instances=top,
+            enable_migration=policy == "llumnix", scale_up_threshold=up, scale_down_threshold=up + 50.0, seed=seed,
         )  # fmt: skip
 
     points = [(f"poisson rate={_rate(x, top, load_scale):g}", "poisson", _rate(x, top, load_scale), 0, x) for x in
@@ -130,17 +194,49 @@ def fig14(requests: int, instances: int, load_scale: float, seed: int) -> Scenar
     )  # fmt: skip
 
 
-BUILDERS = {"paper-fig11": fig11, "paper-fig13": fig13, "paper-fig14": fig14}
-# Defaults per scenario: (requests, instances, load_scale).
+BUILDERS = {"paper-fig11": fig11, "paper-fig11-sweep": fig11_sweep, "paper-fig13": fig13, "paper-fig14": fig14}
+# Defaults per scenario: (requests, instances, load_scale). The paper ran 10,000 requests per trace.
 DEFAULTS: dict[str, tuple[int, int, float]] = {
-    "paper-fig11": (3000, 16, 3.0),
-    "paper-fig13": (3000, 16, 1.0),
-    "paper-fig14": (1500, 16, 1.0),
+    "paper-fig11": (10000, 16, 1.0),
+    "paper-fig11-sweep": (10000, 16, 1.0),
+    "paper-fig13": (10000, 16, 1.0),
+    "paper-fig14": (10000, 16, 1.0),
 }
 
 
-def build(name: str, requests: int | None, instances: int | None, load_scale: float | None, seed: int) -> Scenario:
+def build(
+    name: str,
+    requests: int | None,
+    instances: int | None,
+    load_scale: float | None,
+    seed: int,
+    *,
+    seeds: int = DEFAULT_SEEDS,
+    traces: tuple[str, ...] | None = None,
+    policies: tuple[str, ...] | None = None,
+) -> Scenario:
+    """``seeds`` runs per case (seeds ``seed .. seed + seeds - 1``); ``traces`` restricts the Fig. 11 scenarios to some
+    traces, ``policies`` keeps only these policies (the baseline always stays)."""
     if name not in BUILDERS:
         raise ValueError(f"unknown scenario {name!r}; known: {', '.join(BUILDERS)}")
+    if seeds < 1:
+        raise ValueError("seeds must be >= 1")
     n, inst, scale = DEFAULTS[name]
-    return BUILDERS[name](requests or n, instances or inst, scale if load_scale is None else load_scale, seed)
+    args = (requests or n, instances or inst, scale if load_scale is None else load_scale, seed)
+    if traces is not None:
+        unknown = [t for t in traces if t not in PAPER_RATES]
+        if unknown or not traces:
+            raise ValueError(f"unknown traces {unknown}; known: {', '.join(TRACES)}")
+        if name not in ("paper-fig11", "paper-fig11-sweep"):
+            raise ValueError("traces apply to paper-fig11 and paper-fig11-sweep only")
+        sc = fig11(*args, traces=traces) if name == "paper-fig11" else fig11_sweep(*args, traces=traces)
+    else:
+        sc = BUILDERS[name](*args)
+    if policies is not None:
+        known = {c.label for c in sc.cases}
+        unknown = [p for p in policies if p not in known]
+        if unknown:
+            raise ValueError(f"unknown policies {unknown} for {name}; known: {', '.join(sorted(known))}")
+        keep = {sc.baseline, *policies}
+        sc = replace(sc, cases=[c for c in sc.cases if c.label in keep])
+    return replace(sc, seeds=tuple(range(seed, seed + seeds)))
