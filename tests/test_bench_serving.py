@@ -150,3 +150,23 @@ async def test_forced_progress_bar_goes_to_stderr_only(monkeypatch: pytest.Monke
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["completed"] == N
     assert f"{N}/{N}" in res.stderr and "requests" in res.stderr
+
+
+async def test_frontend_and_credentials_from_the_context_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --frontend the client context file (what `llumnix serve` writes) names the frontend; without either,
+    a usage error (exit 2) says where the context file was looked for."""
+    server = await serve_frontend(FakeFrontend("fe"))
+    try:
+        ctx = tmp_path / "context.yaml"
+        ctx.write_text(f"contexts:\n- name: dev\n  frontend: [{server.address}]\n")
+        ctx.chmod(0o600)
+        monkeypatch.setenv("LLUMNIX_CONTEXT", str(ctx))
+        args = ["bench", "serving", "--workload", WORKLOAD]
+        res = await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout)["completed"] == N
+        monkeypatch.setenv("LLUMNIX_CONTEXT", str(tmp_path / "none.yaml"))
+        res = await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+        assert res.exit_code == 2 and "none.yaml names none" in res.output
+    finally:
+        await server.stop(None)

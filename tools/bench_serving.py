@@ -23,8 +23,10 @@ from typing import Any
 import click
 import numpy as np
 
+from pyllumnix.clients.channel import TlsConfig
 from pyllumnix.clients.client import AsyncLlumnixClient
 from pyllumnix.clients.errors import LlumnixError
+from pyllumnix.infra.security.context import ContextError, context_path, load_context
 from pyllumnix.tools.metrics import RequestRecord, summarize
 from pyllumnix.tools.progress import progress_bar
 from pyllumnix.tools.workload import RequestArrival, generate
@@ -89,18 +91,26 @@ async def _one(client: AsyncLlumnixClient, arrival: RequestArrival, t0: float, w
     return Outcome(record, chunk_times, error, exception)
 
 
-async def replay(frontends: Sequence[str], arrivals: Sequence[RequestArrival]) -> list[RequestRecord]:
+async def replay(
+    frontends: Sequence[str], arrivals: Sequence[RequestArrival], tls: TlsConfig | None = None
+) -> list[RequestRecord]:
     """The records of every request; the first client error is raised (callers that need every request to finish)."""
-    outcomes, _ = await replay_outcomes(frontends, arrivals)
+    outcomes, _ = await replay_outcomes(frontends, arrivals, tls)
     for o in outcomes:
         if o.exception is not None:
             raise o.exception
     return [o.record for o in outcomes]
 
 
-async def replay_outcomes(frontends: Sequence[str], arrivals: Sequence[RequestArrival]) -> tuple[list[Outcome], float]:
-    """Runs every request; returns the outcomes and the benchmark duration (first send to last end, as vLLM's)."""
-    async with AsyncLlumnixClient(frontend_endpoints=list(frontends), timeout=30.0) as client:
+async def replay_outcomes(
+    frontends: Sequence[str], arrivals: Sequence[RequestArrival], tls: TlsConfig | None = None
+) -> tuple[list[Outcome], float]:
+    """Runs every request; returns the outcomes and the benchmark duration (first send to last end, as vLLM's).
+
+    No ``frontends``: the client context file gives the frontend and its credentials (as for the Python client).
+    """
+    endpoints = list(frontends) or None
+    async with AsyncLlumnixClient(frontend_endpoints=endpoints, tls=tls, timeout=30.0) as client:
         with progress_bar() as bar:
             task = bar.add_task("requests", total=len(arrivals))
 
@@ -196,10 +206,12 @@ def result_block(result: dict[str, Any]) -> str:
     return "\n".join(r.rstrip() for r in rows)
 
 
-def run_serving_bench(frontends: Sequence[str], workload: str, seed: int, max_model_len: int) -> dict[str, Any]:
+def run_serving_bench(
+    frontends: Sequence[str], workload: str, seed: int, max_model_len: int, tls: TlsConfig | None = None
+) -> dict[str, Any]:
     arrivals = generate(workload, seed, max_model_len=max_model_len)
     t = time.monotonic()
-    outcomes, duration = asyncio.run(replay_outcomes(frontends, arrivals))
+    outcomes, duration = asyncio.run(replay_outcomes(frontends, arrivals, tls))
     summary = summarize([o.record for o in outcomes])
     summary["workload"] = workload
     summary["wall_s"] = time.monotonic() - t
@@ -210,14 +222,48 @@ def run_serving_bench(frontends: Sequence[str], workload: str, seed: int, max_mo
 
 
 @click.command("serving")
-@click.option("--frontend", "frontends", required=True, help="Frontend gRPC address(es), comma-separated.")
+@click.option(
+    "--frontend",
+    "frontends",
+    default="",
+    help="Frontend gRPC address(es), comma-separated (default: the client context file `llumnix serve` writes, with "
+    "its TLS and API key).",
+)
 @click.option("--workload", required=True, help="Workload spec, e.g. 'fixed:poisson:rate=5:n=200:in=128:out=32'.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--max-model-len", default=8192, show_default=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
-def bench_serving(frontends: str, workload: str, seed: int, max_model_len: int, json_path: Path | None) -> None:
+@click.option("--ca", type=click.Path(dir_okay=False), default=None, help="PEM root certificates (TLS).")
+@click.option("--cert", type=click.Path(dir_okay=False), default=None, help="PEM client certificate (mTLS).")
+@click.option("--key", type=click.Path(dir_okay=False), default=None, help="PEM client private key (mTLS).")
+@click.option("--api-key", envvar="LLUMNIX_API_KEY", default=None, help="API key (implies TLS; env LLUMNIX_API_KEY).")
+def bench_serving(
+    frontends: str,
+    workload: str,
+    seed: int,
+    max_model_len: int,
+    json_path: Path | None,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    api_key: str | None,
+) -> None:
     """Replay a workload against a live cluster: JSON on stdout; vLLM-style result block and summary on stderr."""
-    summary = run_serving_bench([f for f in frontends.split(",") if f], workload, seed, max_model_len)
+    tls: TlsConfig | None = None
+    if ca or cert or key or api_key:
+        try:
+            tls = TlsConfig.from_files(ca, cert, key, api_key=api_key or None)
+        except (OSError, ValueError) as exc:
+            raise click.UsageError(f"TLS: {exc}") from None
+    endpoints = [f for f in frontends.split(",") if f]
+    if not endpoints:
+        try:
+            context = load_context()
+        except ContextError as exc:
+            raise click.UsageError(str(exc)) from None
+        if context is None or not context.frontend:
+            raise click.UsageError(f"no --frontend, and the client context file {context_path()} names none")
+    summary = run_serving_bench(endpoints, workload, seed, max_model_len, tls)
     text = json.dumps(summary, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")
