@@ -100,13 +100,16 @@ class Profile:
 #     the table; outside it the least-squares line through 256..2k (0.2114 ms/token + 3.04 ms).
 #   decode step: the artifact's GPU re-run measured a mean decode latency of 0.047-0.075 s per token on every trace,
 #     prefill stalls included (its vLLM 0.1.x ran a step as prefill-only or decode-only: split_steps). A decode step
-#     streams the weights once and every context token's KV once. At the ~64 % of the A10's 600 GB/s peak that
-#     memory-bound kernels of that era reached, the weights take 13.5 GB / 384 GB/s = 35 ms (c) and each context token's
-#     512 KiB another 0.001365 ms (b); 0.15 ms per sequence (a) covers sampling and per-sequence kernel launches. A step
-#     of a typical L-L batch (~20 sequences, ~10k context tokens) is then ~52 ms, and with the prefills interleaved the
-#     simulated mean per-token decode latency at the paper's rates lands inside 0.047-0.075 s (docs/sim/REPORT.md,
-#     calibration table). 35 ms also keeps a step above the paper's 7B last-stage downtime (<= 26 ms, "shorter than one
-#     decode step") and below the 30B step on 4 x A10 (~65 ms).
+#     streams the weights once and every context token's KV once. At half of the A10's 600 GB/s peak (what the
+#     memory-bound kernels of that era reached on it) the weights take 13.5 GB / 300 GB/s = 45 ms (c) and each context
+#     token's 512 KiB another 0.00175 ms (b); 0.15 ms per sequence (a) covers sampling and per-sequence kernel
+#     launches. A decode-only step of 1-16 sequences of ~768 tokens (the L-L mean) is then 46-69 ms, and with the
+#     prefill-only steps interleaved the simulated mean per-token decode latency at the paper's rates is ~0.057 s on M-M
+#     and ~0.075 s on L-L (2,000 requests, seed 0; docs/sim/REPORT.md has the calibration table per seed). At 64 %
+#     of peak (35 ms) the same runs gave 0.047 s and queues that hardly formed (INFaaS++ L-L prefill P99 1.4 s vs the
+#     artifact's up to 190 s); at 45 ms INFaaS++ L-L reaches P99 ~230 s, preemption loss ~4 s (artifact 0.5-7.7 s)
+#     and 7.7 % fragmentation (paper 7.9 %): the load regime of the paper's testbed. 45 ms also keeps a step above the
+#     paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
 #   KV bytes/token = 2 (K,V) x 32 layers x 4096 hidden x 2 bytes = 512 KiB; a block of 16 tokens = 8 MiB.
 #   max_num_batched_tokens 12,800 (paper); max_num_seqs 256 (vLLM default); watermark 1 % (artifact).
 #   split_steps stays False here (the live llumlet's engine is V1-like); the paper scenarios turn it on per run.
