@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
-from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings
+from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings, data_key
 from pyllumnix.data_plane.llumlet.service import MAX_STREAMS_PER_CALLER, LlumletServicer
+from pyllumnix.data_plane.transport.fusion import chunk_key_of
 from pyllumnix.data_plane.transport.inproc import InprocTransport
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
@@ -70,6 +73,7 @@ class Node:
     fake: FakeDestination
     fake_address: str
     registry: dict[str, str]
+    transport: InprocTransport
 
     def stub(self, role: str, id: str) -> tuple[grpc.aio.Channel, llumlet_pb2_grpc.LlumletServiceStub]:
         channel = secure_channel(self.address, self.pki.paths(role, id))
@@ -129,6 +133,7 @@ async def node(pki: ClusterSecurity) -> AsyncIterator[Node]:
             fake,
             f"127.0.0.1:{fake_port}",
             registry,
+            transport,
         )
     finally:
         await server.stop(None)
@@ -373,3 +378,37 @@ async def test_a_verifying_destination_refuses_a_stage_without_crc() -> None:
         await src.close()
         await dst.close()
         await sink.stop()
+
+
+async def test_only_the_answered_source_can_write_a_migrations_bytes(node: Node) -> None:
+    """Data-plane keys embed the one-time token of the PreAllocate answer: a peer that knows the migration id but not
+    the token writes nowhere, while the source's bytes land and pass the CRC check."""
+    reply = await node.call("llumlet", "i-2", "PreAllocate", pre("m1", "i-2"))
+    assert reply.transfer_token, "the destination answers a one-time data-plane token"
+    nbytes = len(reply.block_ids) * node.engine.block_bytes
+    forged = np.full(nbytes, 0xAB, dtype=np.uint8)
+    legit = np.arange(nbytes, dtype=np.uint64).astype(np.uint8)
+    attacker = InprocTransport()
+    source = InprocTransport()
+    await attacker.start()
+    await source.start()
+    try:
+        for key in ("m1/0/0", f"m1~{'A' * 24}/0/0", chunk_key_of(data_key("m1", "guess", 0), 0)):
+            await attacker.send(reply.data_plane_address, key, forged, timeout=DEADLINE)
+        await source.send(
+            reply.data_plane_address, chunk_key_of(data_key("m1", reply.transfer_token, 0), 0), legit, timeout=DEADLINE
+        )
+        stage = llumlet_pb2.TransferStageRequest(
+            migration_id="m1",
+            stage=0,
+            block_ids=list(reply.block_ids),
+            num_bytes=nbytes,
+            crc32=zlib.crc32(legit.data),
+            last=True,
+        )
+        got = await node.call("llumlet", "i-2", "TransferStage", stage)
+        assert got.bytes_received == nbytes, "exactly the source's bytes landed"
+    finally:
+        await attacker.close()
+        await source.close()
+        await node.call("llumlet", "i-2", "AbortMigration", llumlet_pb2.AbortMigrationRequest(migration_id="m1"))

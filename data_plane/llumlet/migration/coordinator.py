@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Sequence
@@ -107,6 +108,14 @@ class _Incoming:
     stage_blocks: dict[int, list[int]] = field(default_factory=dict)
     completed_stages: set[int] = field(default_factory=set)
     last_touch: float = 0.0
+    # One-time secret of this migration's data-plane keys (sent to the source with the first PreAllocate answer).
+    transfer_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+
+
+def data_key(migration_id: str, transfer_token: str, stage: int) -> str:
+    """The data-plane key prefix of one stage. It embeds the migration's one-time token (#13), so only the source the
+    destination answered can name a key the destination expects; frames under any other key land nowhere."""
+    return f"{migration_id}~{transfer_token}/{stage}" if transfer_token else f"{migration_id}/{stage}"
 
 
 class MigrationCoordinator:
@@ -352,6 +361,7 @@ class MigrationCoordinator:
         dst_ids: list[int] = []
         copied = 0
         capability = ""  # the destination's capability token, from the frontend (once stage 0 is reserved)
+        transfer_token = ""  # the destination's one-time data-plane token (its first PreAllocate answer)
         for stage_index in itertools.count():
             if self.hooks is not None:
                 await self.hooks.before_stage(mid, rid, stage_index)
@@ -396,10 +406,12 @@ class MigrationCoordinator:
             if len(stage_dst) != plan.count:
                 raise _DestinationAbort(f"destination reserved {len(stage_dst)} blocks, asked {plan.count}")
             if plan.index == 0:
+                transfer_token = reply.transfer_token
                 # Outside the downtime: the source's own token stays valid until the destination's first output.
                 capability = await self._hand_over(rid, result.destination_instance_id)
             t_reserved = time.monotonic()
-            nbytes, crc = await self._send_stage(mid, plan.index, reply.data_plane_address, src_ids)
+            key = data_key(mid, transfer_token, plan.index)
+            nbytes, crc = await self._send_stage(key, reply.data_plane_address, src_ids)
             t_sent = time.monotonic()
             result.bytes_sent += nbytes
             notice = llumlet_pb2.TransferStageRequest(
@@ -474,7 +486,7 @@ class MigrationCoordinator:
                 raise _SourceAbort(f"request {rid} finished or was aborted during migration") from exc
         return convert.migration_state_to_pb(state, frontend)
 
-    async def _send_stage(self, mid: str, stage: int, peer: str, src_ids: Sequence[int]) -> tuple[int, int]:
+    async def _send_stage(self, key: str, peer: str, src_ids: Sequence[int]) -> tuple[int, int]:
         if not src_ids:
             return 0, 0
         engine = self.llumlet.engine
@@ -488,7 +500,7 @@ class MigrationCoordinator:
             sent = await send_blocks(
                 self.transport,
                 peer,
-                f"{mid}/{stage}",
+                key,
                 read,
                 list(src_ids),
                 engine.block_bytes,
@@ -549,7 +561,9 @@ class MigrationCoordinator:
         if ids:
             task = asyncio.get_running_loop().create_task(self._receive_stage(mid, request.stage, ids))
             incoming.stages[request.stage] = task
-        return llumlet_pb2.PreAllocateResponse(block_ids=ids, data_plane_address=self.transport.address)
+        return llumlet_pb2.PreAllocateResponse(
+            block_ids=ids, data_plane_address=self.transport.address, transfer_token=incoming.transfer_token
+        )
 
     async def _receive_stage(self, mid: str, stage: int, ids: list[int]) -> tuple[int, int]:
         engine = self.llumlet.engine
@@ -560,11 +574,15 @@ class MigrationCoordinator:
             if incoming is not None:  # bytes arriving: the source is alive, the reaper must not free a live stage
                 incoming.last_touch = time.monotonic()
 
+        incoming = self._incoming.get(mid)
+        if incoming is None:  # freed before this stage's receive began
+            raise TransportError(f"migration {mid} is no longer expected here")
+        token = incoming.transfer_token
         buffers = self._recv_pool.pop() if self._recv_pool else ChunkBuffers(4)
         try:
             got = await receive_blocks(
                 self.transport,
-                f"{mid}/{stage}",
+                data_key(mid, token, stage),
                 ids,
                 engine.block_bytes,
                 write,
