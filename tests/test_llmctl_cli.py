@@ -379,7 +379,7 @@ async def test_wide_shows_the_extra_columns(replica: tuple[RunningServer, Replic
     res = await llmctl("-e", server.address, "instances", "-o", "wide", env={"COLUMNS": "40"})
     assert res.exit_code == 0, res.output
     header, *rows = res.stdout.splitlines()
-    for col in ("ADDRESS", "ENGINE", "MODEL", "TRANSPORT", "HOST", "PREEMPTIONS", "MIGRATIONS IN/OUT", "REPORTED"):
+    for col in ("ADDRESS", "ENGINE", "MODEL", "TRANSPORT", "HOST", "PREEMPTIONS", "MIGRATIONS IN/OUT"):
         assert col in header
     row1 = next(r for r in rows if r.startswith("i-1 "))
     assert "i-1:1" in row1 and " sim " in row1 and "4/2" in row1

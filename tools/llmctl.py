@@ -171,14 +171,6 @@ def instance_id_of(st: scheduler_pb2.InstanceStatus) -> str:
     return st.info.instance_id or st.load.instance_id
 
 
-def fmt_age(unix_seconds: float, now: float) -> str:
-    """Seconds since a unix time, as kubectl's AGE column ("-" when never)."""
-    if unix_seconds <= 0:
-        return "-"
-    age = max(now - unix_seconds, 0.0)
-    return f"{age:.1f}s" if age < 60 else f"{age / 60:.0f}m" if age < 3600 else f"{age / 3600:.0f}h"
-
-
 def instances_table(
     instances: Sequence[scheduler_pb2.InstanceStatus], title: str | None = None, *, wide: bool = False
 ) -> Table:
@@ -201,10 +193,8 @@ def instances_table(
             ("HOST", "left"),
             ("PREEMPTIONS", "right"),
             ("MIGRATIONS IN/OUT", "right"),
-            ("REPORTED", "right"),
         ]
     table = new_table(columns, title=title)
-    now = time.time()
     for st in sorted(instances, key=instance_id_of):
         load, info = st.load, st.info
         total = load.total_blocks or info.total_blocks
@@ -229,7 +219,6 @@ def instances_table(
                 info.hostname or "-",
                 str(load.total_preemptions),
                 f"{load.total_migrations_in}/{load.total_migrations_out}",
-                fmt_age(st.last_report_time, now),
             ]
         table.add_row(*row)
     return table
@@ -434,9 +423,8 @@ def requests(ctx: click.Context, instance_id: str, output: str | None) -> None:
     columns = [("REQUEST", "left"), ("INSTANCE", "left"), ("PHASE", "left"), ("PRIORITY", "left")]
     columns += [(name, "right") for name in ("BLOCKS", "PROMPT", "OUTPUT", "PREEMPTIONS")]
     if wide:
-        columns += [("DEMAND", "right"), ("AGE", "right"), ("FRONTEND", "left")]
+        columns += [("DEMAND", "right"), ("FRONTEND", "left")]
     table = new_table(columns)
-    now = time.time()
     for item in ordered:
         r = item.request
         row = [
@@ -450,7 +438,7 @@ def requests(ctx: click.Context, instance_id: str, output: str | None) -> None:
             str(r.num_preemptions),
         ]
         if wide:
-            row += [str(r.demand_blocks), fmt_age(r.arrival_time, now), r.frontend_address or "-"]
+            row += [str(r.demand_blocks), r.frontend_address or "-"]
         table.add_row(*row)
     print_table(table)
 
