@@ -12,6 +12,8 @@ is noticed.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -24,7 +26,13 @@ Bytes = npt.NDArray[np.uint8]
 Chunk = memoryview | npt.NDArray[np.generic] | bytes | bytearray
 """Anything exposing a C-contiguous buffer; sent without copying where the transport allows."""
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TIMEOUT_S = 30.0
+# Chunks that arrive before their expectation are kept within these bounds (#13): in all at most EARLY_MAX_BYTES, each
+# for at most EARLY_TTL_S; beyond them a chunk is dropped, so a peer writing keys nobody expects cannot fill memory.
+EARLY_MAX_BYTES = 256 << 20
+EARLY_TTL_S = 30.0
 
 
 class TransportError(Exception):
@@ -163,19 +171,70 @@ class ExpectingTransport(Transport):
 
 class BufferingTransport(ExpectingTransport):
     """Shared receive side of transports that match arriving chunks to expectations themselves (in-process and TCP):
-    ``_early`` holds the chunks that arrived before their expectation."""
+    ``_early`` holds the chunks that arrived before their expectation, bounded in bytes and age (``early_max_bytes``,
+    ``early_ttl_s``); ``early_dropped`` counts the chunks refused or expired."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, early_max_bytes: int = EARLY_MAX_BYTES, early_ttl_s: float = EARLY_TTL_S) -> None:
         super().__init__()
         self._early: dict[str, Bytes] = {}
+        self._early_at: dict[str, float] = {}
+        self._early_bytes = 0
+        self.early_max_bytes = early_max_bytes
+        self.early_ttl_s = early_ttl_s
+        self.early_dropped = 0
+
+    @property
+    def early_bytes(self) -> int:
+        return self._early_bytes
+
+    def early_room(self, nbytes: int) -> bool:
+        """Whether a chunk of ``nbytes`` for a key nobody expects yet may be kept now."""
+        self._prune_early()
+        return self._early_bytes + nbytes <= self.early_max_bytes
+
+    def _keep_early(self, key: str, buf: Bytes) -> bool:
+        """Keeps a chunk that arrived before its expectation; False (dropped, counted, logged) beyond the bounds."""
+        self._take_early(key)
+        if not self.early_room(buf.nbytes):
+            self.early_dropped += 1
+            log.warning(
+                "data plane: dropped %d bytes for unexpected key %r (%d of %d early bytes in use)",
+                buf.nbytes,
+                key,
+                self._early_bytes,
+                self.early_max_bytes,
+            )
+            return False
+        self._early[key] = buf
+        self._early_at[key] = time.monotonic()
+        self._early_bytes += buf.nbytes
+        return True
+
+    def _take_early(self, key: str) -> Bytes | None:
+        buf = self._early.pop(key, None)
+        if buf is not None:
+            self._early_bytes -= buf.nbytes
+            self._early_at.pop(key, None)
+        return buf
+
+    def _prune_early(self) -> None:
+        if not self._early_at:
+            return
+        cutoff = time.monotonic() - self.early_ttl_s
+        for key in [k for k, at in self._early_at.items() if at < cutoff]:
+            self._take_early(key)
+            self.early_dropped += 1
+            log.warning("data plane: dropped chunk %r, unclaimed for %.0f s", key, self.early_ttl_s)
 
     def _forget(self, key: str) -> None:
-        self._early.pop(key, None)
+        self._take_early(key)
 
     def _fail_pending(self) -> None:
         """Early chunks are dropped too."""
         super()._fail_pending()
         self._early.clear()
+        self._early_at.clear()
+        self._early_bytes = 0
 
 
 async def await_expectation(exp: Expectation, timeout: float) -> Bytes:

@@ -78,7 +78,10 @@ class InprocTransport(BufferingTransport):
     def _deliver(self, key: str, view: memoryview) -> None:
         exp = self._expected.get(key)
         if exp is None:
-            self._early[key] = np.frombuffer(view, dtype=np.uint8).copy()
+            if self.early_room(view.nbytes):
+                self._keep_early(key, np.frombuffer(view, dtype=np.uint8).copy())
+            else:
+                self.early_dropped += 1
             return
         if exp.future.done():
             return
@@ -95,6 +98,6 @@ class InprocTransport(BufferingTransport):
             raise TransportError(f"{key!r} already expected")
         exp = Expectation(key, nbytes, make_out_buffer(nbytes, out))
         self._expected[key] = exp
-        early = self._early.pop(key, None)
+        early = self._take_early(key)
         if early is not None:
             self._deliver(key, early.data)

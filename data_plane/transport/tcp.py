@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import struct
 from collections.abc import Coroutine
@@ -32,9 +33,14 @@ from pyllumnix.data_plane.transport.base import (
     make_out_buffer,
 )
 
+log = logging.getLogger(__name__)
+
 _MAGIC = b"LLDP"
 _HEADER = struct.Struct("!4sIQ")
 _MAX_KEY = 4096
+# The largest frame accepted (#13): a header may claim any size; bigger frames drop the connection before anything is
+# allocated. Migration chunks are 16 MiB by default (``fusion.DEFAULT_CHUNK_BYTES``).
+MAX_FRAME_BYTES = 1 << 30
 _SOCK_BUF = 4 << 20
 
 
@@ -149,12 +155,25 @@ class TcpTransport(BufferingTransport):
                 magic, key_len, nbytes = _HEADER.unpack(header)
                 if magic != _MAGIC or key_len > _MAX_KEY:
                     return  # not our protocol: drop the connection
+                if nbytes > MAX_FRAME_BYTES:
+                    log.warning(
+                        "data plane: frame of %d bytes (limit %d); dropping the connection", nbytes, MAX_FRAME_BYTES
+                    )
+                    return
                 raw_key = bytearray(key_len)
                 if not await _recv_exact(loop, sock, memoryview(raw_key)):
                     return
-                key = raw_key.decode()
+                key = raw_key.decode(errors="replace")
                 exp = self._expected.get(key)
                 direct = exp is not None and not exp.future.done() and exp.nbytes == nbytes
+                if not direct and not self.early_room(nbytes):
+                    self.early_dropped += 1
+                    log.warning(
+                        "data plane: %d bytes for unexpected key %r over the bound; dropping the connection",
+                        nbytes,
+                        key,
+                    )
+                    return
                 buf = exp.buffer if direct and exp is not None else np.empty(nbytes, dtype=np.uint8)
                 if not await _recv_exact(loop, sock, buf.data):
                     if exp is not None and not exp.future.done():
@@ -170,7 +189,7 @@ class TcpTransport(BufferingTransport):
     def _deliver(self, key: str, buf: Bytes, direct: bool) -> None:
         exp = self._expected.get(key)
         if exp is None:
-            self._early[key] = buf
+            self._keep_early(key, buf)
         elif exp.future.done():
             return
         elif buf.nbytes != exp.nbytes:
@@ -185,7 +204,7 @@ class TcpTransport(BufferingTransport):
             raise TransportClosed("tcp endpoint not started")
         if key in self._expected:
             raise TransportError(f"{key!r} already expected")
-        early = self._early.pop(key, None)
+        early = self._take_early(key)
         reuse = early is not None and out is None and early.nbytes == nbytes
         exp = Expectation(key, nbytes, early if reuse and early is not None else make_out_buffer(nbytes, out))
         self._expected[key] = exp
