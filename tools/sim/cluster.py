@@ -212,6 +212,15 @@ class ClusterSimulator:
         if views:
             self.snapshot = self.snapshot.updated(views)
 
+    def _restate_slots(self, *insts: SimInstance) -> None:
+        """Restates instances whose migration slots (taken and given back by the machines) changed."""
+        changed = []
+        for inst in insts:
+            view = self.snapshot.get(inst.instance_id)
+            if view is not None and (view.migrating_in, view.migrating_out) != (inst.migrating_in, inst.migrating_out):
+                changed.append(inst)
+        self._restate(*changed)
+
     def _wake(self, inst: SimInstance, t: float) -> None:
         if not inst.step_pending and inst.removed_at is None and inst.engine.has_work():
             inst.step_pending = True
@@ -367,10 +376,9 @@ class ClusterSimulator:
             return
         mig = MigrationProcess(src, dst, rid, self.limits, self.config.transfer, t)
         self.migrations.append(mig)
-        src.migrating_out = dst.migrating_in = True
-        self._restate(src, dst)
         self._in_flight += 1
         self._migration_stage(mig, t)
+        self._restate_slots(src, dst)
 
     def _migration_stage(self, mig: MigrationProcess, t: float) -> None:
         """Begins a stage between two steps of the source, as the live coordinator does under the engine lock: a
@@ -381,6 +389,7 @@ class ClusterSimulator:
             return
         duration = mig.begin_stage(t)
         mig.src.dirty = mig.dst.dirty = True
+        self._restate_slots(mig.src, mig.dst)
         if duration is None:
             self._end_migration(mig, t)
         else:
@@ -396,7 +405,6 @@ class ClusterSimulator:
     def _end_migration(self, mig: MigrationProcess, t: float) -> None:
         self._in_flight -= 1
         src, dst = mig.src, mig.dst
-        src.migrating_out = dst.migrating_in = False
         self._restate(src, dst)
         track = self.tracker.tracks[mig.request_id]
         committed = mig.outcome is Outcome.COMMITTED

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from pyllumnix.control_plane.policy.snapshot import InstanceState
 from pyllumnix.data_plane.engine.sim import SimEngine
+from pyllumnix.data_plane.llumlet.migration.events import Slots
 
 
 def instance_id(index: int) -> str:
@@ -19,8 +20,9 @@ class SimInstance:
     engine: SimEngine
     started_at: float
     state: InstanceState = InstanceState.ACTIVE
-    migrating_in: bool = False
-    migrating_out: bool = False
+    # Migration slots, taken and given back by the migration machines (one each way, as the llumlet's defaults).
+    out_slots: Slots = field(default_factory=lambda: Slots(1))
+    in_slots: Slots = field(default_factory=lambda: Slots(1))
     # A step event is queued for this instance.
     step_pending: bool = False
     # End of the step in progress (valid while step_pending): the engine's state already reflects it.
@@ -29,6 +31,14 @@ class SimInstance:
     dirty: bool = True
     removed_at: float | None = None
     steps: int = field(default=0)
+
+    @property
+    def migrating_out(self) -> bool:
+        return bool(self.out_slots.held)
+
+    @property
+    def migrating_in(self) -> bool:
+        return bool(self.in_slots.held)
 
     @property
     def busy_migrating(self) -> bool:
