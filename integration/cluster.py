@@ -1,12 +1,27 @@
-"""Helpers for integration tests that run a whole cluster: find the leader, dispatch and add like a frontend does."""
+"""Helpers for integration tests that run a whole cluster: find the leader, dispatch and add like a frontend does.
+
+Components run on mutual TLS with role checks (the ``procs`` fixture gives them the session's PKI), so the test
+process dials them with :func:`dial`: as a given role, or as whichever role each called method allows
+(:class:`RoutedChannel`). Plaintext when no PKI is set (the ``procs`` fixture sets it for each test).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
+from typing import Any
 
 import grpc
 
+from pyllumnix.clients.channel import TlsConfig
+from pyllumnix.control_plane.etcd.client import EtcdClient
+from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.security.apikeys import ApiKeyStore
+from pyllumnix.infra.security.authz import ANY_ROLE, PROJECT_ROLES
+from pyllumnix.infra.security.bootstrap import ClusterSecurity
+from pyllumnix.infra.security.fencing import term_metadata
+from pyllumnix.infra.security.runtime import INSECURE, SecuritySettings, identity_of, open_channel
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -17,6 +32,97 @@ from pyllumnix.protos.llumnix.v1 import (
     scheduler_pb2_grpc,
 )
 
+_HARNESS: dict[str, ClusterSecurity | None] = {"pki": None}
+
+
+def set_harness_pki(pki: ClusterSecurity | None) -> None:
+    """The PKI the test process takes its certificates from (None: plaintext)."""
+    _HARNESS["pki"] = pki
+
+
+def harness_security(role: str) -> SecuritySettings:
+    """This test process acting as ``role`` (certificate ``<role>-harness`` issued on first use)."""
+    pki = _HARNESS["pki"]
+    if pki is None:
+        return INSECURE
+    paths = pki.ensure(role, "harness")
+    return SecuritySettings(paths, identity_of(paths.cert), tls_dir=Path(pki.directory))
+
+
+# A test may call anything; each call goes out with a certificate of a role the role table allows for it.
+ROLE_PREFERENCE = ("admin", "scheduler", "frontend", "llumlet", "client")
+
+
+# Orders a llumlet takes only from a leader, with its term (``infra.security.fencing``). Tests that order directly
+# run no scheduler, so the harness is the leader of term 1 (a real leader's term, an etcd revision, is higher).
+LEADER_ORDERS = ("/llumnix.v1.LlumletService/MigrateOut", "/llumnix.v1.LlumletService/SetInstanceState")
+HARNESS_TERM = 1
+
+
+def _with_term(call: Any) -> Any:
+    """A unary multicallable that sends the harness's leader term unless the caller passes metadata itself."""
+
+    def invoke(request: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("metadata") is None:
+            kwargs["metadata"] = term_metadata(HARNESS_TERM)
+        return call(request, *args, **kwargs)
+
+    return invoke
+
+
+class RoutedChannel:
+    """Quacks like a grpc.aio channel for generated stubs: each method is called over a mutual-TLS channel whose
+    certificate has a role allowed to call it (``PROJECT_ROLE_TABLE``), so a test's stub may AddRequest (frontend),
+    MigrateOut (scheduler) and GetLoad (admin) on one "channel" while the servers keep checking every role; orders
+    carry the harness's leader term."""
+
+    def __init__(self, address: str, options: Any = ()) -> None:
+        self._address = address
+        self._options = options
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def for_method(self, method: str) -> grpc.aio.Channel:
+        allowed = PROJECT_ROLES.allowed(method) or frozenset()
+        role = next((r for r in ROLE_PREFERENCE if r in allowed or ANY_ROLE in allowed), "admin")
+        channel = self._channels.get(role)
+        if channel is None:
+            channel = self._channels[role] = open_channel(self._address, self._options, settings=harness_security(role))
+        return channel
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        call = self.for_method(method).unary_unary(method, *args, **kwargs)
+        return _with_term(call) if method in LEADER_ORDERS else call
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.for_method(method).unary_stream(method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.for_method(method).stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self.for_method(method).stream_stream(method, *args, **kwargs)
+
+    async def close(self, grace: float | None = None) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close(grace)
+
+    async def __aenter__(self) -> RoutedChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def dial(address: str, role: str | None = None, options: Any = ()) -> Any:
+    """A channel to a component: as ``role``, or (None) as whichever role each called method allows; plaintext when
+    the harness has no PKI."""
+    if _HARNESS["pki"] is None:
+        return grpc.aio.insecure_channel(address, options=list(options))
+    if role is None:
+        return RoutedChannel(address, options)
+    return open_channel(address, options, settings=harness_security(role))
+
 
 async def leader_of(addresses: list[str], timeout: float = 10.0) -> admin_pb2.GetLeaderResponse:
     """The leader as the first reachable replica reports it, once one is elected."""
@@ -24,7 +130,7 @@ async def leader_of(addresses: list[str], timeout: float = 10.0) -> admin_pb2.Ge
     while time.monotonic() < deadline:
         for address in addresses:
             try:
-                async with grpc.aio.insecure_channel(address) as ch:
+                async with dial(address, "admin") as ch:
                     reply: admin_pb2.GetLeaderResponse = await admin_pb2_grpc.AdminServiceStub(ch).GetLeader(
                         admin_pb2.GetLeaderRequest(), timeout=1
                     )
@@ -37,14 +143,14 @@ async def leader_of(addresses: list[str], timeout: float = 10.0) -> admin_pb2.Ge
 
 
 async def list_instances(leader: str) -> list[scheduler_pb2.InstanceStatus]:
-    async with grpc.aio.insecure_channel(leader) as ch:
+    async with dial(leader) as ch:
         reply = await admin_pb2_grpc.AdminServiceStub(ch).ListInstances(admin_pb2.ListInstancesRequest(), timeout=2)
     return list(reply.instances)
 
 
 async def submit(leader: str, request_id: str, sink: str, prompt_len: int, max_tokens: int, priority: int = 1) -> str:
     """Dispatch through the leader, then AddRequest on the chosen llumlet; returns the instance id."""
-    async with grpc.aio.insecure_channel(leader) as ch:
+    async with dial(leader, "frontend") as ch:
         choice = await scheduler_pb2_grpc.SchedulerServiceStub(ch).Dispatch(
             scheduler_pb2.DispatchRequest(
                 request_id=request_id,
@@ -70,14 +176,46 @@ async def add_request(
         frontend_address=sink,
         arrival_time=time.time(),
     )
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with dial(address, "frontend") as ch:
         await llumlet_pb2_grpc.LlumletServiceStub(ch).AddRequest(
             llumlet_pb2.AddRequestRequest(request=request), timeout=5
         )
 
 
 async def get_load(address: str) -> common_pb2.InstanceLoad:
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with dial(address) as ch:
         reply = await llumlet_pb2_grpc.LlumletServiceStub(ch).GetLoad(llumlet_pb2.GetLoadRequest(), timeout=2)
     load: common_pb2.InstanceLoad = reply.load
     return load
+
+
+async def api_key(etcd_endpoints: list[str], cluster: str, role: str = "user") -> str:
+    """A new API key of ``role`` in the test cluster's key store (secure frontends want one)."""
+    name = f"test-{role}-{time.monotonic_ns()}"
+    async with EtcdClient(etcd_endpoints) as etcd:
+        key, _ = await ApiKeyStore(etcd, KeyLayout(cluster)).create(name, role)
+    return key
+
+
+async def client_tls(etcd_endpoints: list[str], cluster: str) -> TlsConfig | None:
+    """What a user's client needs for a frontend's public port: the cluster CA and an API key (None: plaintext)."""
+    pki = _HARNESS["pki"]
+    if pki is None:
+        return None
+    return TlsConfig(root_certificates=pki.ca_cert.read_bytes(), api_key=await api_key(etcd_endpoints, cluster))
+
+
+async def http_headers(etcd_endpoints: list[str], cluster: str) -> dict[str, str]:
+    """The ``Authorization`` header for a secure frontend's OpenAI API (none when plaintext)."""
+    if _HARNESS["pki"] is None:
+        return {}
+    return {"Authorization": f"Bearer {await api_key(etcd_endpoints, cluster)}"}
+
+
+def llmctl_tls_args() -> list[str]:
+    """``llmctl``'s TLS flags with the harness's admin certificate (none when plaintext)."""
+    settings = harness_security("admin")
+    if settings.paths is None:
+        return []
+    p = settings.paths
+    return ["--ca", str(p.ca), "--cert", str(p.cert), "--key", str(p.key)]

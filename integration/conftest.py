@@ -4,9 +4,8 @@
   Tests sharing it keep apart by using their own key prefix (``etcd_cluster_name`` gives a unique cluster name).
 - ``etcd3``: a fresh 3-member cluster per test (tests kill members).
 - ``etcd_client``: an :class:`EtcdClient` on ``etcd1``, closed after the test.
-- ``procs``: component processes for one test (plaintext: ``--insecure`` via ``$LLUMNIX_INSECURE``; the modules
-  written before mutual TLS dial components with plaintext channels); ``secure_procs``: the same with a local PKI,
-  every component on mutual TLS with role checks (dial them with ``secure_procs.channel(address, role)``).
+- ``procs``: component processes for one test on mutual TLS with role checks (the session PKI ``harness_pki``);
+  dial them with ``integration.cluster.dial(address, role)``; ``sink`` (a RecordingSink) serves mutual TLS too.
 - The client context file goes to a per-session temp folder (``$LLUMNIX_CONTEXT``): nothing writes the user's.
 """
 
@@ -19,9 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from integration.cluster import harness_security, set_harness_pki
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
 from pyllumnix.tools.launch import Launcher
+from pyllumnix.tools.recording_sink import RecordingSink
 
 
 @pytest.fixture(scope="module")
@@ -48,24 +51,36 @@ async def etcd_client(etcd1: EmbeddedEtcd) -> AsyncIterator[EtcdClient]:
     await client.close()
 
 
+@pytest.fixture(scope="session")
+def harness_pki(tmp_path_factory: pytest.TempPathFactory) -> ClusterSecurity:
+    """One local PKI for the session's test clusters (a CA costs little, but one is enough: the etcd key prefix, not
+    the certificates, keeps test clusters apart)."""
+    return bootstrap_local(tmp_path_factory.mktemp("pki"), "llumnix")
+
+
 @pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Launcher]:
-    """Component processes for one test; all stopped at its end (logs under tmp_path)."""
-    p = Launcher(tmp_path)
+def procs(tmp_path: Path, harness_pki: ClusterSecurity) -> Iterator[Launcher]:
+    """Component processes for one test, secure: every component gets the session PKI (mutual TLS, role checks);
+    this process's in-process servers (the ``sink``) and product clients use it too (as a scheduler), and
+    ``integration.cluster.dial`` opens channels as any role. All stopped (and plaintext restored) at the end."""
+    p = Launcher(tmp_path, secure=True, pki_dir=harness_pki.directory)
+    set_harness_pki(harness_pki)
+    previous = runtime.configure(harness_security("scheduler"))
     try:
         yield p
     finally:
         p.stop_all()
+        runtime.configure(previous)
+        set_harness_pki(None)
 
 
 @pytest.fixture
-def secure_procs(tmp_path: Path) -> Iterator[Launcher]:
-    """Like ``procs``, on mutual TLS: a PKI under tmp_path, every component given it (see ``Launcher``)."""
-    p = Launcher(tmp_path, secure=True)
-    try:
-        yield p
-    finally:
-        p.stop_all()
+async def sink(procs: Launcher) -> AsyncIterator[RecordingSink]:
+    """The shared ``sink`` fixture, started after ``procs`` so it serves mutual TLS like the components."""
+    s = RecordingSink()
+    await s.start()
+    yield s
+    await s.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

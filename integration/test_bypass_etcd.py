@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 
+from integration.cluster import client_tls
 from integration.procs import Component, Processes
 from pyllumnix.clients import AsyncLlumnixClient
 from pyllumnix.clients.client import GenerationResult
@@ -78,7 +79,8 @@ async def test_frontend_without_scheduler_dispatches_through_the_etcd_registry(
         *("--http-port", "0", "--model", "tiny", "--max-model-len", "512"),
     )
     assert fe.ready["schedulers"] == []
-    async with AsyncLlumnixClient(frontend_endpoints=fe.address, timeout=10) as client:
+    tls = await client_tls(etcd1.endpoints, cluster)
+    async with AsyncLlumnixClient(frontend_endpoints=fe.address, timeout=10, tls=tls) as client:
         first = await burst(client, "a", 8)
         placed = Counter(r.instances[0] for r in first)
         assert placed == {"l0": 4, "l1": 4}, placed  # fewest in flight: concurrent requests alternate

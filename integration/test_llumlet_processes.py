@@ -8,6 +8,7 @@ import time
 import grpc
 import pytest
 
+from integration.cluster import dial
 from integration.procs import Processes
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
@@ -65,7 +66,7 @@ async def test_two_llumlets_register_serve_and_expire(
         assert info.grpc_address == a.address and info.data_plane_address and info.total_blocks > 0
 
         assert sink.server is not None
-        async with grpc.aio.insecure_channel(a.address) as ch_a, grpc.aio.insecure_channel(b.address) as ch_b:
+        async with dial(a.address) as ch_a, dial(b.address) as ch_b:
             stubs = [llumlet_pb2_grpc.LlumletServiceStub(ch_a), llumlet_pb2_grpc.LlumletServiceStub(ch_b)]
             for i in range(6):
                 req = engine_request(f"r{i}", sink.server.address, max_tokens=10 + i)

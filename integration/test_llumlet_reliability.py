@@ -11,10 +11,9 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
-import grpc
 import pytest
 
-from integration.cluster import leader_of, list_instances
+from integration.cluster import dial, leader_of, list_instances
 from integration.procs import Component, Processes
 from pyllumnix.control_plane.etcd.client import EtcdClient, KeyValue
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
@@ -66,7 +65,7 @@ async def add(address: str, sink: RecordingSink, rid: str, max_tokens: int) -> N
         sampling=common_pb2.SamplingParams(max_tokens=max_tokens, seed=5, ignore_eos=True),
         frontend_address=sink.server.address,
     )
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with dial(address) as channel:
         await llumlet_pb2_grpc.LlumletServiceStub(channel).AddRequest(
             llumlet_pb2.AddRequestRequest(request=request), timeout=5
         )

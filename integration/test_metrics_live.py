@@ -19,12 +19,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from integration.cluster import add_request, get_load, leader_of
+from integration.cluster import add_request, dial, get_load, http_headers, leader_of
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, config_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Component, Launcher
@@ -102,7 +101,7 @@ async def test_metrics_follow_what_happened(
     common = ["--etcd", ",".join(etcd1.endpoints), "--cluster", etcd_cluster_name]
     scheduler = procs.start("s0", "scheduler", *common, "--replica-id", "s0")
     await leader_of([scheduler.address])
-    async with grpc.aio.insecure_channel(scheduler.address) as ch:
+    async with dial(scheduler.address) as ch:
         admin = admin_pb2_grpc.AdminServiceStub(ch)
         await admin.SetConfig(
             admin_pb2.SetConfigRequest(
@@ -121,7 +120,8 @@ async def test_metrics_follow_what_happened(
     )
     url = f"http://127.0.0.1:{frontend.ready['http_port']}"
     timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    headers = await http_headers(etcd1.endpoints, etcd_cluster_name)  # the API key a secure frontend wants
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
         await frontend_metrics(session, url)
         await cluster_metrics(session, url, scheduler, l0, l1, sink)
 
@@ -225,7 +225,7 @@ async def cluster_metrics(
 
     # exactly two migrations, both out of l1: a1 to l0 (which lets b1 start on l1), then b1 to l0
     downtimes_ms: list[float] = []
-    async with grpc.aio.insecure_channel(scheduler.address) as ch:
+    async with dial(scheduler.address) as ch:
         admin = admin_pb2_grpc.AdminServiceStub(ch)
         for rid in ("a1", "b1"):
             if rid == "b1":
@@ -254,7 +254,7 @@ async def cluster_metrics(
 
     # end: abort the long requests; every gauge back to idle
     for address, rid in ((l0.address, "a0"), (l0.address, "a1")):
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with dial(address) as ch:
             await llumlet_pb2_grpc.LlumletServiceStub(ch).AbortRequest(
                 llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=5
             )

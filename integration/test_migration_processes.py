@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from integration.cluster import add_request, get_load, leader_of
+from integration.cluster import add_request, dial, get_load, leader_of
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Component, Launcher
@@ -36,7 +36,7 @@ async def start_big_migration(
         await asyncio.sleep(0.01)
 
     async def run() -> llumlet_pb2.MigrateOutResponse:
-        async with grpc.aio.insecure_channel(src.address) as ch:
+        async with dial(src.address) as ch:
             reply: llumlet_pb2.MigrateOutResponse = await llumlet_pb2_grpc.LlumletServiceStub(ch).MigrateOut(
                 llumlet_pb2.MigrateOutRequest(
                     destination_instance_id=dst.ready["instance_id"],
@@ -167,7 +167,7 @@ async def test_migrated_kv_bytes_and_tokens_match_across_processes(
     a = procs.start("a", "llumlet", "--instance-id", "a", *common)
     b = procs.start("b", "llumlet", "--instance-id", "b", *common)
     downtimes: list[float] = []
-    async with grpc.aio.insecure_channel(a.address) as ch:
+    async with dial(a.address) as ch:
         stub = llumlet_pb2_grpc.LlumletServiceStub(ch)
         for progress in (1, 40, 150):
             rid = f"r{progress}"

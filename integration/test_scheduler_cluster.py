@@ -20,9 +20,10 @@ from typing import Any
 import grpc
 import pytest
 
-from integration.cluster import add_request, get_load, leader_of, list_instances, submit
+from integration.cluster import add_request, client_tls, dial, get_load, leader_of, list_instances, submit
 from integration.procs import Component, Processes
 from pyllumnix.clients import AsyncLlumnixClient, DeadlineExceededError, LlumnixError
+from pyllumnix.clients.channel import TlsConfig
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
@@ -123,7 +124,7 @@ async def test_dispatch_migration_and_leader_failover(
 
     # 1. dispatch by freeness. A burst of dispatches on an idle cluster spreads evenly: the leader counts each
     #    dispatched request on its instance until a report lists it, so reports in between do not erase it.
-    async with grpc.aio.insecure_channel(leader.leader_address) as ch:
+    async with dial(leader.leader_address) as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
         burst: Counter[str] = Counter()
         for i in range(8):
@@ -161,7 +162,7 @@ async def test_dispatch_migration_and_leader_failover(
     fe = start_frontend(procs, etcd1, etcd_cluster_name, schedulers)
     old = next(s for s in schedulers if s.address == leader.leader_address)
     standby = next(s for s in schedulers if s is not old)
-    report = await failover_under_load(fe, old, standby)
+    report = await failover_under_load(fe, old, standby, await client_tls(etcd1.endpoints, etcd_cluster_name))
     print(f"scheduler failover under load: {report}")
     await wait_reporting(standby.address, 4, timeout=10)
     for i in range(4):
@@ -194,12 +195,12 @@ def start_frontend(procs: Processes, etcd: EmbeddedEtcd, cluster: str, scheduler
     )
 
 
-async def failover_under_load(fe: Component, old: Component, standby: Component) -> str:
+async def failover_under_load(fe: Component, old: Component, standby: Component, tls: TlsConfig | None) -> str:
     """Three clients loop on Generate through the frontend; the leader ``old`` is SIGKILLed mid-load. Returns the
     figures (takeover time from the kill, request outcomes, longest gap between completions); asserts the bounds."""
     prompts = [([(7 * i + 3 * k) % 200 + 1 for i in range(24)], 300 + k) for k in range(4)]
     results: list[tuple[float, str, str]] = []  # (end, outcome, detail)
-    async with AsyncLlumnixClient(frontend_endpoints=fe.address, timeout=10) as client:
+    async with AsyncLlumnixClient(frontend_endpoints=fe.address, timeout=10, tls=tls) as client:
         expected = [
             (await client.generate_text(p, max_tokens=24, seed=seed, ignore_eos=True, timeout=30)).token_ids
             for p, seed in prompts
@@ -255,8 +256,8 @@ async def test_admin_bad_input(etcd1: EmbeddedEtcd, procs: Processes, etcd_clust
     leader = await leader_of([s.address for s in schedulers])
     follower = next(s for s in schedulers if s.address != leader.leader_address)
     async with (
-        grpc.aio.insecure_channel(leader.leader_address) as ch,
-        grpc.aio.insecure_channel(follower.address) as fch,
+        dial(leader.leader_address) as ch,
+        dial(follower.address) as fch,
     ):
         admin = admin_pb2_grpc.AdminServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -328,7 +329,7 @@ def pid_gone(pid: int) -> bool:
 async def set_scaling(leader: str, scaling: config_pb2.ScalingConfig, *paths: str) -> None:
     request = admin_pb2.SetConfigRequest(config=config_pb2.ClusterConfig(scaling=scaling))
     request.update_mask.paths.extend(paths or ["scaling"])
-    async with grpc.aio.insecure_channel(leader) as ch:
+    async with dial(leader) as ch:
         await admin_pb2_grpc.AdminServiceStub(ch).SetConfig(request, timeout=2)
 
 

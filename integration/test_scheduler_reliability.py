@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from integration.cluster import add_request, get_load, leader_of
+from integration.cluster import add_request, dial, get_load, leader_of, llmctl_tls_args
 from integration.procs import Component, Processes
 from pyllumnix.control_plane.etcd.client import EtcdClient
 from pyllumnix.control_plane.etcd.config_store import ConfigStore
@@ -234,7 +234,7 @@ async def test_leader_process_stall_does_not_flap_and_a_dead_leader_is_replaced_
     standby = next(s for s in schedulers if s is not old)
 
     async def dispatch(address: str, rid: str) -> scheduler_pb2.DispatchResponse:
-        async with grpc.aio.insecure_channel(address) as ch:
+        async with dial(address) as ch:
             reply: scheduler_pb2.DispatchResponse = await scheduler_pb2_grpc.SchedulerServiceStub(ch).Dispatch(
                 scheduler_pb2.DispatchRequest(request_id=rid, num_prompt_tokens=8, max_tokens=4), timeout=0.5
             )
@@ -351,19 +351,19 @@ async def test_real_scale_cordon_uncordon_and_resign_through_llmctl(
         address = next(s.address for r, s in rs if r is leader)
         await wait_for(lambda: "l0" in leader.cluster.loads, 15, "l0 reports")
 
-        res = await llmctl("-e", address, "cordon", "l0")
+        res = await llmctl(*llmctl_tls_args(), "-e", address, "cordon", "l0")
         assert res.exit_code == 0 and "cordoned l0 (state: cordoned)" in res.stdout, res.output
         assert (await get_load(l0.address)).state == common_pb2.INSTANCE_STATE_CORDONED
-        res = await llmctl("-e", address, "uncordon", "l0", "-o", "json")
+        res = await llmctl(*llmctl_tls_args(), "-e", address, "uncordon", "l0", "-o", "json")
         assert res.exit_code == 0, res.output
         assert (await get_load(l0.address)).state == common_pb2.INSTANCE_STATE_ACTIVE
-        res = await llmctl("-e", address, "cordon", "nope")
+        res = await llmctl(*llmctl_tls_args(), "-e", address, "cordon", "nope")
         assert res.exit_code == EXIT_ERROR and "unknown instance" in res.stderr
 
-        res = await llmctl("-e", address, "scale", "1000000")
+        res = await llmctl(*llmctl_tls_args(), "-e", address, "scale", "1000000")
         assert res.exit_code == EXIT_USAGE
         assert "target_instances: 1000000 is outside the range [1, 2]" in res.stderr and "provider cap 2" in res.stderr
-        res = await llmctl("-e", address, "scale", "2")
+        res = await llmctl(*llmctl_tls_args(), "-e", address, "scale", "2")
         assert res.exit_code == 0 and "target instances: 2" in res.stdout, res.output
         stored, _ = await ConfigStore(etcd_client, layout.scale_target_key, config_pb2.ScaleTarget).get()
         assert stored is not None and stored.target_instances == 2
@@ -373,13 +373,14 @@ async def test_real_scale_cordon_uncordon_and_resign_through_llmctl(
         child = next(iter(started.processes.values()))
         await wait_for(lambda: len(leader.cluster.infos) == 2, 60, "the started llumlet registers")
 
-        res = await llmctl("-e", address, "leader", "resign")
+        res = await llmctl(*llmctl_tls_args(), "-e", address, "leader", "resign")
         assert res.exit_code == 0 and f"{leader.replica_id} resigned" in res.stdout, res.output
         await wait_for(lambda: follower.is_leader, 5, "the standby leads")
         assert follower.scale_target == 2 and not leader.is_leader
         # the resigned replica stays out of the election during its hold-off: the standby's key is the only one
         candidates, _ = await follower.election._candidates()
         assert len(candidates) == 1
-        res = await llmctl("-e", address, "leader", "resign")  # via the old leader: redirected to the new one
+        # via the old leader: redirected to the new one
+        res = await llmctl(*llmctl_tls_args(), "-e", address, "leader", "resign")
         assert res.exit_code == 0 and f"{follower.replica_id} resigned" in res.stdout, res.output
     assert child.returncode is not None, "the provider-started llumlet outlived its replica"

@@ -13,7 +13,7 @@ import os
 import grpc
 import pytest
 
-from integration.cluster import add_request
+from integration.cluster import add_request, dial
 from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.data_plane.transport import ucx_available
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
@@ -50,7 +50,7 @@ async def migrate(src: Component, dst: Component, sink: RecordingSink, rid: str)
     await add_request(src.address, rid, sink.server.address, 100, 400)
     while len(sink.tokens(rid)) < 2:
         await asyncio.sleep(0.005)
-    async with grpc.aio.insecure_channel(src.address) as ch:
+    async with dial(src.address) as ch:
         reply = await llumlet_pb2_grpc.LlumletServiceStub(ch).MigrateOut(
             llumlet_pb2.MigrateOutRequest(
                 destination_instance_id=dst.ready["instance_id"],
@@ -63,7 +63,7 @@ async def migrate(src: Component, dst: Component, sink: RecordingSink, rid: str)
     result = reply.results[0]
     assert result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED, result.reason
     assert result.bytes_sent > 0
-    async with grpc.aio.insecure_channel(dst.address) as ch:
+    async with dial(dst.address) as ch:
         try:
             await llumlet_pb2_grpc.LlumletServiceStub(ch).AbortRequest(
                 llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=10

@@ -10,9 +10,9 @@ import asyncio
 import os
 from pathlib import Path
 
-import grpc
 import pytest
 
+from integration.cluster import dial
 from integration.procs import Processes
 from pyllumnix.data_plane.engine.vllm import vllm_available
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
@@ -58,7 +58,7 @@ async def test_vllm_llumlets_migrate_mid_decode(procs: Processes, sink: Recordin
     b = procs.start("vllm-b", "llumlet", "--instance-id", "b", *common, timeout=180, env=VLLM_ENV)
     assert sink.server is not None
     max_tokens = 440
-    async with grpc.aio.insecure_channel(a.address) as ch_a, grpc.aio.insecure_channel(b.address) as ch_b:
+    async with dial(a.address) as ch_a, dial(b.address) as ch_b:
         stub_a, stub_b = llumlet_pb2_grpc.LlumletServiceStub(ch_a), llumlet_pb2_grpc.LlumletServiceStub(ch_b)
         # The unmigrated reference, on B.
         ref = engine_request("ref", sink.server.address, max_tokens)

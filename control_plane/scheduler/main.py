@@ -203,8 +203,6 @@ def scheduler_command(
         args = shlex.split(llumlet_args)
         if "--etcd" not in args:
             args += ["--etcd", ",".join(endpoints), "--cluster", cluster]
-        if not any(a in args for a in ("--tls-dir", "--ca", "--insecure")):
-            args += settings.child_args()  # the llumlets it starts join with this replica's PKI (or --insecure)
         instance_provider = LocalProcessProvider(
             args,
             log_dir,

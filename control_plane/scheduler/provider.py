@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import SecuritySettings
 from pyllumnix.tools.launch import describe_exit
 
@@ -51,6 +52,7 @@ class InstanceProvider(ABC):
 
 
 DEFAULT_LOCAL_MAX_INSTANCES = 64
+SECURITY_FLAGS = ("--tls-dir", "--ca", "--insecure")
 
 
 class LocalProcessProvider(InstanceProvider):
@@ -59,7 +61,9 @@ class LocalProcessProvider(InstanceProvider):
     By default they outlive this replica (another replica's provider cannot adopt them, but they keep serving).
     With ``stop_on_close`` the replica's exit stops every llumlet this provider started and waits for them: SIGTERM
     to its process group, SIGKILL after ``stop_timeout``. Every child's exit is logged with its code.
-    ``max_instances`` caps the live children: a request beyond it starts only up to the cap.
+    ``max_instances`` caps the live children: a request beyond it starts only up to the cap. Children join with
+    ``security`` (default: the process's settings): the same PKI folder or certificate files, or ``--insecure``,
+    unless ``llumlet_args`` already say; a local PKI issues each new llumlet's certificate first.
     """
 
     def __init__(
@@ -103,10 +107,12 @@ class LocalProcessProvider(InstanceProvider):
         ids = []
         for _ in range(count):
             iid = f"{self.id_prefix}-{uuid.uuid4().hex[:6]}"
-            if self.security is not None:
-                # A local PKI (CA key here) issues the new llumlet's certificate before it starts.
-                await asyncio.to_thread(self.security.ensure, "llumlet", iid)
+            security = self.security or runtime.current()
+            # A local PKI (CA key here) issues the new llumlet's certificate before it starts.
+            await asyncio.to_thread(security.ensure, "llumlet", iid)
             cmd = [sys.executable, "-m", "pyllumnix.tools.cli", "llumlet", "--instance-id", iid, *self.llumlet_args]
+            if not any(flag in self.llumlet_args for flag in SECURITY_FLAGS):
+                cmd += security.child_args()  # the same PKI as this process (or --insecure)
             stderr: Any = subprocess.DEVNULL
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
