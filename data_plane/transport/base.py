@@ -58,8 +58,14 @@ def chunk_key(migration_id: str, stage: int, index: int) -> str:
 
 
 def as_bytes_view(chunk: Chunk) -> memoryview:
-    """A flat byte view of ``chunk`` without copying; raises TransportError if it is not C-contiguous."""
-    view = chunk.data if isinstance(chunk, np.ndarray) else memoryview(chunk)
+    """A flat byte view of ``chunk`` without copying; raises TransportError if it is not C-contiguous, or is not
+    host memory (a device tensor goes through a device transport, or ``fusion``'s host staging)."""
+    if hasattr(chunk, "__cuda_array_interface__"):
+        raise TransportError("this transport carries host memory only; a device chunk needs a device endpoint")
+    try:
+        view = chunk.data if isinstance(chunk, np.ndarray) else memoryview(chunk)
+    except TypeError as e:
+        raise TransportError(f"chunk is not a host buffer: {type(chunk).__name__}") from e
     if not view.c_contiguous:
         raise TransportError("chunk must be C-contiguous")
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
