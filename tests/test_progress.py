@@ -58,7 +58,7 @@ def test_sim_compare_stdout_is_one_json_line_and_progress_goes_to_stderr(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LLUMNIX_PROGRESS", "1")
-    args = ["sim", "compare", "--scenario", "paper-fig13", "--requests", "40", "--instances", "2"]
+    args = ["sim", "compare", "--scenario", "paper-fig13", "--requests", "40", "--instances", "2", "--seeds", "1"]
     res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "cmp")], catch_exceptions=False)
     assert res.exit_code == 0, res.output
     runs = json.loads(res.stdout)["runs"]
