@@ -19,6 +19,7 @@ from pyllumnix.data_plane.engine.kv_layout import (  # noqa: E402
     KvLayoutMismatch,
     block_axis_and_split,
     check_compatible,
+    check_peer_layout,
     host_bytes_layout,
 )
 
@@ -198,3 +199,14 @@ def test_bad_buffers_are_refused() -> None:
         mover.scatter(ids, torch.empty((2, mover.block_bytes // 4), dtype=F32))
     with pytest.raises(KvLayoutError, match="no block axis"):
         BlockMover([torch.zeros(3, 5, 7)], N)
+
+
+def test_peer_layout_check_of_the_handshake_text() -> None:
+    local = KvLayout("page[2,4,2,8]", 512, "float32", 3, 16)
+    check_peer_layout(local, local.encode())
+    with pytest.raises(KvLayoutMismatch, match="no KV layout descriptor"):
+        check_peer_layout(local, "")
+    with pytest.raises(KvLayoutMismatch, match="bad KV layout"):
+        check_peer_layout(local, "garbage;x")
+    with pytest.raises(KvLayoutMismatch, match="dtype"):
+        check_peer_layout(local, KvLayout("page[2,4,2,8]", 512, "bfloat16", 3, 16).encode())

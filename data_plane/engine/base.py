@@ -17,12 +17,20 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from pyllumnix.data_plane.engine.device import READY, Ready
+from pyllumnix.data_plane.engine.kv_layout import KvLayout, host_bytes_layout
+
 BlockBuffer = npt.NDArray[np.uint8]
 """KV payload of n blocks: shape (n, block_bytes), C-contiguous."""
+
+KvBuffer = Any
+"""A block buffer on the engine's KV device: a ``BlockBuffer`` for host engines, or a contiguous uint8 torch tensor of
+shape (n, block_bytes) on ``Engine.kv_device`` (torch stays an optional dependency, hence ``Any``)."""
 
 
 class EngineError(Exception):
@@ -240,6 +248,27 @@ class Engine(ABC):
     def write_blocks(self, block_ids: Sequence[int], data: BlockBuffer) -> None:
         """Writes (len, block_bytes) bytes into reserved blocks. May run in another thread while the engine steps
         (reserved blocks belong to no request yet)."""
+
+    # --- device-memory hooks (defaults: a host-memory engine; GPU engines override) ---
+    @property
+    def kv_device(self) -> str:
+        """Where the KV blocks live: ``cpu`` or ``cuda:N``. Chunk buffers of a migration are allocated there."""
+        return "cpu"
+
+    def kv_layout(self) -> KvLayout:
+        """What a peer's blocks must match byte for byte (see ``kv_layout.check_compatible``)."""
+        return host_bytes_layout(self.block_bytes, self.block_size)
+
+    def read_blocks_async(self, block_ids: Sequence[int], out: KvBuffer | None = None) -> tuple[KvBuffer, Ready]:
+        """Like ``read_blocks`` into ``out`` on ``kv_device``; the copy may still run when this returns: the handle
+        says when ``out`` holds the bytes. Host engines copy synchronously and return a ready handle."""
+        return self.read_blocks(block_ids, out), READY
+
+    def write_blocks_async(self, block_ids: Sequence[int], data: KvBuffer) -> Ready:
+        """Like ``write_blocks`` from ``data`` on ``kv_device``; ``data`` must not be reused and the blocks not
+        committed before the handle is done."""
+        self.write_blocks(block_ids, data)
+        return READY
 
     @abstractmethod
     def commit_incoming(self, state: MigrationState, block_ids: Sequence[int], now: float) -> None:

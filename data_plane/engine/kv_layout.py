@@ -89,6 +89,18 @@ def check_compatible(local: KvLayout, remote: KvLayout) -> None:
         raise KvLayoutMismatch("KV cache layouts differ, blocks cannot migrate: " + "; ".join(diffs))
 
 
+def check_peer_layout(local: KvLayout, peer_encoded: str) -> None:
+    """The destination's check in the pre-allocation handshake: ``peer_encoded`` is the source's
+    ``KvLayout.encode()``. A peer that sent none is refused too (its blocks could mean anything)."""
+    if not peer_encoded:
+        raise KvLayoutMismatch(f"the peer sent no KV layout descriptor; this engine's is {local.encode()!r}")
+    try:
+        remote = KvLayout.decode(peer_encoded)
+    except KvLayoutError as e:
+        raise KvLayoutMismatch(str(e)) from e
+    check_compatible(local, remote)
+
+
 def block_axis_and_split(shape: Sequence[int], num_blocks: int) -> tuple[int, int]:
     """The axis of a layer tensor that indexes blocks (0, or 1 for K/V-first layouts) and how many kernel blocks
     make one manager block (vLLM may run attention with a smaller kernel block size: the axis then has

@@ -8,6 +8,12 @@ chunk into its reserved blocks (``write_fn``) while the next ones arrive into a 
 Both sides derive the chunking from (n_blocks, block_bytes, chunk_bytes) alone, so no extra metadata travels; the
 optional CRC-32 (``zlib.crc32`` over the bytes in block order) is what TransferStage carries.
 
+Device memory. Chunk buffers may be torch tensors on the engine's KV device (``ChunkBuffers(n, device=...)``), and
+``read_fn``/``write_fn`` may be an engine's asynchronous hooks, returning a ``Ready`` handle: a chunk is sent only once
+its gather kernel finished (ucxx ignores CUDA streams) and a ring slot is reused only once its scatter finished. A
+transport that carries device memory (UCX with ``device=``) gets device chunks as they are; the others (TCP,
+in-process) get them through a host staging buffer (page-locked on CUDA; on a CPU tensor, its own memory, no copy).
+
 Two clocks bound a transfer: ``timeout`` the whole stage, and ``stall_timeout`` the time since the last chunk
 completed (a progress watchdog). A multi-GiB stage needs a stage timeout of tens of seconds under load, but a transfer
 that stopped moving (a dead peer, a transport that stopped progressing) must fail within seconds with
@@ -21,8 +27,20 @@ import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from pyllumnix.data_plane.engine.base import BlockBuffer
+import numpy as np
+
+from pyllumnix.data_plane.engine.base import BlockBuffer, KvBuffer
+from pyllumnix.data_plane.engine.device import (
+    READY,
+    Ready,
+    device_buffer,
+    host_view,
+    is_torch_tensor,
+    normalize_device,
+    pinned_host_buffer,
+)
 from pyllumnix.data_plane.host_memory import host_buffer
 from pyllumnix.data_plane.transport.base import (
     DEFAULT_TIMEOUT_S,
@@ -37,8 +55,38 @@ DEFAULT_STALL_TIMEOUT_S = 5.0
 """No chunk completed for this long: the transfer is failed as stalled. A 16 MiB chunk takes milliseconds (tens of
 milliseconds on a loaded host); this leaves room for a slow gather and a starved event loop."""
 
-ReadFn = Callable[[Sequence[int]], BlockBuffer]
-WriteFn = Callable[[Sequence[int], BlockBuffer], None]
+ReadFn = Callable[[Sequence[int]], KvBuffer | tuple[KvBuffer, Ready]]
+"""Gathers blocks into a buffer (host array or device tensor), optionally with the handle of an asynchronous copy."""
+WriteFn = Callable[[Sequence[int], KvBuffer], Ready | None]
+"""Scatters a chunk into blocks, optionally returning the handle of an asynchronous copy."""
+
+
+def carries_device(transport: Transport) -> bool:
+    """True for a transport that sends and lands device memory directly (UCX created with ``device=``)."""
+    return bool(getattr(transport, "device", None))
+
+
+def _split_read(result: KvBuffer | tuple[KvBuffer, Ready]) -> tuple[KvBuffer, Ready]:
+    if isinstance(result, tuple):
+        data, ready = result
+        return data, ready
+    return result, READY
+
+
+def _nbytes(buf: KvBuffer) -> int:
+    return int(buf.nbytes) if isinstance(buf, np.ndarray) else int(buf.numel() * buf.element_size())
+
+
+def _is_contiguous(buf: KvBuffer) -> bool:
+    return bool(buf.flags.c_contiguous) if isinstance(buf, np.ndarray) else bool(buf.is_contiguous())
+
+
+def _on_device(buf: KvBuffer) -> bool:
+    return is_torch_tensor(buf) and buf.device.type != "cpu"
+
+
+def _flat(buf: KvBuffer) -> KvBuffer:
+    return buf.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -73,28 +121,50 @@ def chunk_key_of(key_prefix: str, index: int) -> str:
 class ChunkBuffers:
     """Chunk-sized buffers kept across stages and migrations. Fresh memory costs a page fault per page on first
     touch (measured here: ~0.4-3.5 GB/s against 25+ GB/s for a warm copy), which would dominate a stage's time; a
-    llumlet keeps one set for sending and one for receiving. Not shared between concurrent transfers."""
+    llumlet keeps one set for sending and one for receiving. Not shared between concurrent transfers.
 
-    def __init__(self, count: int) -> None:
+    ``device=None``: host numpy arrays (the host engines' path). ``device="cpu"`` or ``"cuda:N"``: uint8 torch
+    tensors on that device (the engine's ``kv_device``); a CUDA set also keeps one page-locked host staging buffer per
+    slot, used only with transports that cannot carry device memory."""
+
+    def __init__(self, count: int, device: str | None = None) -> None:
         if count < 1:
             raise ValueError("count must be >= 1")
-        self._arrays: list[BlockBuffer | None] = [None] * count
+        self.device = None if device is None else normalize_device(device)
+        self._arrays: list[KvBuffer | None] = [None] * count
+        self._staging: list[Any] = [None] * count
         self._next = 0
 
     def __len__(self) -> int:
         return len(self._arrays)
 
-    def get(self, slot: int, n_blocks: int, block_bytes: int) -> BlockBuffer:
+    def _new(self, n_blocks: int, block_bytes: int) -> KvBuffer:
+        if self.device is None:
+            array = host_buffer(n_blocks * block_bytes).reshape(n_blocks, block_bytes)
+            array.fill(1)  # touch every page now, not mid-transfer
+            return array
+        return device_buffer(n_blocks * block_bytes, self.device).view(n_blocks, block_bytes)
+
+    def get(self, slot: int, n_blocks: int, block_bytes: int) -> KvBuffer:
         """A (n_blocks, block_bytes) view of buffer ``slot % count``, grown (and touched) when too small."""
         i = slot % len(self._arrays)
         array = self._arrays[i]
         if array is None or array.shape[1] != block_bytes or array.shape[0] < n_blocks:
-            array = host_buffer(n_blocks * block_bytes).reshape(n_blocks, block_bytes)
-            array.fill(1)  # touch every page now, not mid-transfer
+            array = self._new(n_blocks, block_bytes)
             self._arrays[i] = array
         return array[:n_blocks]
 
-    def rotate(self, n_blocks: int, block_bytes: int) -> BlockBuffer:
+    def staging(self, slot: int, nbytes: int) -> BlockBuffer:
+        """A flat host view of ``nbytes`` for slot ``slot % count``: page-locked memory (fast, DMA-able copies)."""
+        i = slot % len(self._staging)
+        buf = self._staging[i]
+        if buf is None or buf.numel() < nbytes:
+            buf = pinned_host_buffer(nbytes)
+            buf.fill_(1)
+            self._staging[i] = buf
+        return host_view(buf[:nbytes])
+
+    def rotate(self, n_blocks: int, block_bytes: int) -> KvBuffer:
         """The next buffer in turn (for a reader that fills one while the previous ones are still being sent)."""
         self._next += 1
         return self.get(self._next, n_blocks, block_bytes)
@@ -102,6 +172,32 @@ class ChunkBuffers:
     def prewarm(self, n_blocks: int, block_bytes: int) -> None:
         for i in range(len(self._arrays)):
             self.get(i, n_blocks, block_bytes)
+
+
+def _wire_send(data: KvBuffer, transport: Transport, stage: Callable[[int], BlockBuffer]) -> KvBuffer:
+    """What goes on the wire for ``data``: device memory as is to a device transport, else host bytes (a CPU
+    tensor's own memory, or a copy into the staging buffer ``stage(nbytes)`` for device memory). Host memory handed
+    to a device transport is refused by the transport."""
+    if not is_torch_tensor(data):
+        return data
+    if _on_device(data):
+        if carries_device(transport):
+            return _flat(data)
+        host = stage(_nbytes(data))
+        import torch
+
+        torch.from_numpy(host).copy_(_flat(data))
+        return host
+    if carries_device(transport):
+        return _flat(data)  # the transport refuses it with a clear error
+    return host_view(_flat(data))
+
+
+def _host_bytes(buf: KvBuffer) -> memoryview:
+    """Bytes for the CRC: host memory as is, device memory copied back (checksums on a device path cost a copy)."""
+    if _on_device(buf):
+        return host_view(_flat(buf).cpu()).data
+    return host_view(_flat(buf)).data if is_torch_tensor(buf) else memoryview(buf).cast("B")
 
 
 @dataclass(frozen=True)
@@ -170,29 +266,40 @@ async def send_blocks(
     stall_timeout: float | None = DEFAULT_STALL_TIMEOUT_S,
     checksum: bool = False,
     gather_in_thread: bool = True,
+    staging: ChunkBuffers | None = None,
 ) -> TransferResult:
     """Sends the blocks as fused chunks, gathering the next chunk while the current one is sent.
 
     ``timeout`` bounds the whole stage; ``stall_timeout`` (None: off) the time from one chunk sent to the next
     (gather included), raising TransportStalled. ``gather_in_thread=False`` calls ``read_fn`` on the event loop (for
-    engines that must not be read from another thread); it then overlaps nothing."""
+    engines that must not be read from another thread); it then overlaps nothing. ``staging`` (two slots or more)
+    holds the host copies of device chunks for a host-only transport; fresh ones otherwise."""
     plan = plan_chunks(len(block_ids), block_bytes, chunk_bytes)
     clock = _Watchdog(f"send_blocks {key_prefix}", timeout, stall_timeout, plan.n_chunks, plan.n_blocks * block_bytes)
 
-    def gather(index: int, crc: int) -> tuple[BlockBuffer, int]:
-        start, stop = plan.bounds(index)
-        data = read_fn(block_ids[start:stop])
-        if data.nbytes != (stop - start) * block_bytes or not data.flags.c_contiguous:
-            raise TransportError(f"read_fn returned {data.shape} {data.dtype}, need ({stop - start}, {block_bytes})")
-        return data, zlib.crc32(data.data, crc) if checksum else crc
+    stage_bufs = staging if staging is not None else ChunkBuffers(2)
 
-    async def gather_async(index: int, crc: int) -> tuple[BlockBuffer, int]:
+    def gather(index: int, crc: int) -> tuple[KvBuffer, int]:
+        """Gathers chunk ``index``, waits for its copy, and returns what the transport sends."""
+        start, stop = plan.bounds(index)
+        data, ready = _split_read(read_fn(block_ids[start:stop]))
+        if _nbytes(data) != (stop - start) * block_bytes or not _is_contiguous(data):
+            raise TransportError(
+                f"read_fn returned {tuple(data.shape)} {data.dtype}, need contiguous ({stop - start}, {block_bytes})"
+            )
+        ready.wait()  # ucxx ignores CUDA streams: the gather kernel must be done before the bytes are sent
+        wire = _wire_send(data, transport, lambda nbytes: stage_bufs.staging(index, nbytes))
+        if checksum:
+            crc = zlib.crc32(wire.data if isinstance(wire, np.ndarray) else _host_bytes(wire), crc)
+        return wire, crc
+
+    async def gather_async(index: int, crc: int) -> tuple[KvBuffer, int]:
         if gather_in_thread:
             return await asyncio.to_thread(gather, index, crc)
         return gather(index, crc)
 
     crc = 0
-    pending: asyncio.Task[tuple[BlockBuffer, int]] | None = None
+    pending: asyncio.Task[tuple[KvBuffer, int]] | None = None
     try:
         if plan.n_chunks:
             pending = asyncio.ensure_future(gather_async(0, crc))
@@ -215,7 +322,7 @@ async def send_blocks(
                 if stall_binds and not isinstance(e, TransportStalled):
                     raise clock.stalled(f"send {key}") from e
                 raise
-            clock.progressed(data.nbytes)
+            clock.progressed(_nbytes(data))
     finally:
         if pending is not None:
             pending.cancel()
@@ -243,7 +350,9 @@ async def receive_blocks(
     while earlier chunks are scattered. ``timeout`` bounds the whole stage, ``stall_timeout`` (None: off) the wait
     for the next chunk after the previous one was scattered (the first: from the start), raising TransportStalled; on
     any error the outstanding expectations are cancelled and the error propagates (the destination then frees its
-    reservation). ``buffers`` (at least ``window`` of them) are reused instead of fresh ones."""
+    reservation). ``buffers`` (at least ``window`` of them) are reused instead of fresh ones; when they are device
+    tensors and the transport carries only host memory, chunks land in their staging buffers and are copied up before
+    ``write_fn``. A slot is expected again only after its scatter finished (``write_fn``'s handle)."""
     if window < 1:
         raise ValueError("window must be >= 1")
     plan = plan_chunks(len(dst_block_ids), block_bytes, chunk_bytes)
@@ -254,20 +363,36 @@ async def receive_blocks(
         buffers = ChunkBuffers(window)
     ring = [buffers.get(i, plan.blocks_per_chunk, block_bytes) for i in range(min(len(buffers), plan.n_chunks))]
 
-    def slot(index: int) -> BlockBuffer:
+    staged = bool(ring) and _on_device(ring[0]) and not carries_device(transport)
+
+    def slot(index: int) -> KvBuffer:
         start, stop = plan.bounds(index)
         return ring[index % len(ring)][: stop - start]
+
+    def landing(index: int) -> KvBuffer:
+        """Where the transport writes chunk ``index``: the slot itself, its host memory, or its staging buffer."""
+        if staged:
+            return buffers.staging(index % len(ring), plan.nbytes(index))
+        return _wire_send(slot(index), transport, lambda _n: host_view(slot(index)))
 
     def scatter(index: int, crc: int) -> int:
         start, stop = plan.bounds(index)
         blocks = slot(index)
-        write_fn(dst_block_ids[start:stop], blocks)
-        return zlib.crc32(blocks.data, crc) if checksum else crc
+        if staged:
+            import torch
+
+            _flat(blocks).copy_(torch.from_numpy(landing(index)))
+        ready = write_fn(dst_block_ids[start:stop], blocks)
+        if ready is not None:
+            ready.wait()  # the slot is expected (written) again next: its scatter must be done
+        if not checksum:
+            return crc
+        return zlib.crc32(landing(index).data if staged else _host_bytes(blocks), crc)
 
     outstanding: list[str] = []
     for index in range(len(ring)):
         key = chunk_key_of(key_prefix, index)
-        transport.expect(key, plan.nbytes(index), out=slot(index))
+        transport.expect(key, plan.nbytes(index), out=landing(index))
         outstanding.append(key)
     crc = 0
     try:
@@ -289,7 +414,7 @@ async def receive_blocks(
             ahead = index + len(ring)
             if ahead < plan.n_chunks:
                 key = chunk_key_of(key_prefix, ahead)
-                transport.expect(key, plan.nbytes(ahead), out=slot(ahead))
+                transport.expect(key, plan.nbytes(ahead), out=landing(ahead))
                 outstanding.append(key)
     finally:
         for key in outstanding:

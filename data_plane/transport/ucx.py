@@ -39,6 +39,17 @@ defaults there, each overridable by the environment:
 - ``UCX_CMA_SEG_SIZE``: ``4M``. Same-host rendezvous is a CMA ``process_vm_readv`` done by the receiver's worker
   progress; 4 MiB segments measured ~10 % faster than UCX's 512K default for 16 MiB chunks.
 
+Device memory (``UcxTransport(device="cuda:N")``): chunks are torch CUDA tensors (anything with
+``__cuda_array_interface__``), sent and landed by UCX without touching host memory: ``cuda_ipc`` between processes on
+one node (NVLink/PCIe peer copies; the processes must share an IPC namespace), GPUDirect RDMA over ``rc`` with a
+system UCX built with verbs. The defaults then become ``UCX_TLS=cuda_ipc,cuda_copy,sm,self,tcp`` (``rc,`` first when
+``RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY`` is true) and UCX's own rendezvous fragment memory type. ``start`` makes the
+device's CUDA context current on the event loop's thread, where every UCX call (and the ``cuda_ipc`` rkey unpacking,
+UCX >= 1.20) happens. ucxx ignores CUDA streams: callers send only chunks whose producing kernel has finished (the
+fusion pipeline waits for the gather's event). A device endpoint refuses host memory and a host endpoint device
+memory, with a clear TransportError, rather than let UCX guess. The UCX context is per process: the first endpoint
+started decides the configuration.
+
 A timed-out operation cannot be cancelled individually through ucxx: its request and buffer stay referenced until the
 peer completes it or the endpoint closes (bounded by the number of timeouts; keys are never reused). Closing the
 transport cancels them all.
@@ -55,6 +66,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from pyllumnix.data_plane.engine.device import import_torch, is_device_tensor, normalize_device
 from pyllumnix.data_plane.transport.base import (
     DEFAULT_TIMEOUT_S,
     Bytes,
@@ -82,12 +94,36 @@ RESCUE_INTERVAL_S = 0.1
 _MAX_ROUNDS = 16
 
 
-def configure_ucx_env(tls: str | None = None) -> None:
+UCX_DEVICE_TLS = "cuda_ipc,cuda_copy,sm,self,tcp"
+"""Same-node GPU-to-GPU over CUDA IPC, device<->host staging by cuda_copy, host chunks over sm/tcp."""
+
+
+def default_ucx_tls(device: bool) -> str:
+    """UCX_TLS default: host memory ``sm,self,tcp``; device memory adds ``cuda_ipc,cuda_copy``, and ``rc`` (GPUDirect
+    RDMA) when a system UCX with verbs is preferred over the wheel's (which has none)."""
+    if not device:
+        return UCX_ENV_DEFAULTS["UCX_TLS"]
+    system = os.environ.get("RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY", "").lower() in ("1", "true", "yes")
+    return ("rc," if system else "") + UCX_DEVICE_TLS
+
+
+def configure_ucx_env(tls: str | None = None, device: bool = False) -> None:
     """Sets UCX defaults before the UCX context exists; an explicit ``tls`` wins over the environment."""
-    for name, value in UCX_ENV_DEFAULTS.items():
+    defaults = dict(UCX_ENV_DEFAULTS, UCX_TLS=default_ucx_tls(device))
+    if device:
+        del defaults["UCX_RNDV_FRAG_MEM_TYPE"]  # host staging fragments would defeat device-to-device rendezvous
+    for name, value in defaults.items():
         os.environ.setdefault(name, value)
     if tls:
         os.environ["UCX_TLS"] = tls
+
+
+def make_cuda_context_current(device: str) -> None:
+    """Binds ``device``'s primary CUDA context to the calling thread (UCX's CUDA transports use the current one)."""
+    torch = import_torch()
+    torch.cuda.set_device(torch.device(device))
+    torch.empty(1, device=device).fill_(0)  # forces the primary context into existence on this thread
+    torch.cuda.synchronize(device)
 
 
 def import_ucxx() -> ModuleType:
@@ -244,8 +280,13 @@ class UcxProgress:
 class UcxTransport(ExpectingTransport):
     kind = "ucx"
 
-    def __init__(self, tls: str | None = None, rescue_interval: float = RESCUE_INTERVAL_S) -> None:
+    def __init__(
+        self, tls: str | None = None, rescue_interval: float = RESCUE_INTERVAL_S, device: str | None = None
+    ) -> None:
+        """``device`` (``cuda[:N]``): chunks are device memory on that GPU (DeviceUnavailableError without one);
+        None or ``cpu``: host memory."""
         super().__init__()
+        self.device: str | None = None if device in (None, "cpu") else normalize_device(str(device))
         self._tls = tls
         self._rescue_interval = rescue_interval
         self._lib: ModuleType | None = None
@@ -258,9 +299,11 @@ class UcxTransport(ExpectingTransport):
 
     async def start(self) -> str:
         if self._address is None:
-            configure_ucx_env(self._tls)
+            configure_ucx_env(self._tls, device=self.device is not None)
             lib = import_ucxx()
             try:
+                if self.device is not None:
+                    make_cuda_context_current(self.device)
                 worker = lib.UCXWorker(_context(lib))
                 progress = UcxProgress(worker, asyncio.get_running_loop(), self._rescue_interval)
                 worker_address = worker.address.tobytes()
@@ -307,12 +350,41 @@ class UcxTransport(ExpectingTransport):
             raise TransportClosed("ucx endpoint not started")
         return self._lib, self._progress
 
+    def _check_memory(self, what: str, buf: object) -> None:
+        """A device endpoint carries device memory only, a host endpoint host memory only."""
+        on_device = is_device_tensor(buf)
+        if self.device is not None and not on_device:
+            raise TransportError(
+                f"{what}: host memory given to a device UCX endpoint ({self.device}); stage it on the device, "
+                "or use a host endpoint"
+            )
+        if self.device is None and on_device:
+            raise TransportError(
+                f"{what}: device memory given to a host-memory UCX endpoint; create it with device=... "
+                "(or stage through host memory)"
+            )
+
+    def _device_out(self, nbytes: int, out: Any) -> Any:
+        """The flat uint8 device tensor a device receive lands in (``out`` viewed, or a new one)."""
+        torch = import_torch()
+        if out is None:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        if not out.is_contiguous():
+            raise TransportError("out buffer must be contiguous")
+        flat = out.reshape(-1).view(torch.uint8)
+        if int(flat.numel()) != nbytes:
+            raise TransportError(f"out buffer holds {int(flat.numel())} bytes, expected {nbytes}")
+        return flat
+
     # --- receiving ---
     def expect(self, key: str, nbytes: int, out: Bytes | None = None) -> None:
         lib, progress = self._started()
         if key in self._expected:
             raise TransportError(f"{key!r} already expected")
-        exp = Expectation(key, nbytes, make_out_buffer(nbytes, out))
+        if out is not None:
+            self._check_memory(f"expect {key!r}", out)
+        buffer = make_out_buffer(nbytes, out) if self.device is None else self._device_out(nbytes, out)
+        exp = Expectation(key, nbytes, buffer)
         from ucxx._lib.arr import Array
 
         request = self._worker.tag_recv(Array(exp.buffer), lib.UCXXTag(ucx_tag(self._nonce, key)))
@@ -340,7 +412,8 @@ class UcxTransport(ExpectingTransport):
     async def send(self, peer: str, key: str, chunk: Chunk, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         lib, progress = self._started()
         nonce, worker_address = parse_ucx_address(peer)
-        view = as_bytes_view(chunk)
+        self._check_memory(f"send {key!r}", chunk)
+        view: Any = as_bytes_view(chunk) if self.device is None else self._device_out(_device_nbytes(chunk), chunk)
         from ucxx._lib.arr import Array
 
         try:
@@ -356,6 +429,10 @@ class UcxTransport(ExpectingTransport):
             # Without error handling the endpoint cannot tell us more; forget it so a later send reconnects.
             self._endpoints.pop(worker_address, None)
             raise TransportTimeout(f"send {key!r}: not done within {timeout:.3g}s (peer dead or not receiving)") from e
+
+
+def _device_nbytes(chunk: Any) -> int:
+    return int(chunk.numel() * chunk.element_size())
 
 
 def _settle(exp: Expectation, done: asyncio.Future[None]) -> None:
