@@ -6,6 +6,7 @@ A user streams a request through the frontend's public gRPC API (server TLS + AP
   the frontend's output sink: PERMISSION_DENIED;
 - prompt/KV theft: MigrateOut orders to a fake destination, without a leader term, with a stale term, and with the
   leader's own term but an address the registry does not have: refused, and the fake destination receives nothing;
+- aborting it with another user's API key: HTTP 403;
 - a real migration ordered through the leader (admin MigrateRequest) moves the request: the source hands the
   request's capability over at the frontend, the destination pushes with it;
 
@@ -16,7 +17,10 @@ its finish, no error text, and the instance change visible.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +122,15 @@ async def user_key(c: Cluster) -> str:
     return key
 
 
+def http_post(url: str, key: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(url, data=b"", method="POST", headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 async def refused(coro: Any, code: grpc.StatusCode, needle: str) -> None:
     start = time.monotonic()
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -183,6 +196,12 @@ async def test_attacks_on_a_running_request_fail_and_its_stream_stays_exact(
                 grpc.StatusCode.PERMISSION_DENIED,
                 needle,
             )
+
+    # Another user's key may not abort the request (HTTP 403).
+    bob = await user_key(cluster)
+    abort_url = f"{cluster.frontend.ready['http_url']}/v1/requests/{rid}/abort"
+    status, body = await asyncio.to_thread(http_post, abort_url, bob)
+    assert status == 403 and body["error"]["type"] == "permission_error", body
 
     # Theft orders to a fake destination.
     steal = llumlet_pb2.MigrateOutRequest(
