@@ -84,3 +84,13 @@ def test_compare_fig11_reduced_smoke(tmp_path: Path) -> None:
     assert (out / "latency_cdf.png").read_bytes()[:4] == b"\x89PNG"
     bad = CliRunner().invoke(cli, [*args[:-2], "--traces", "X-Y", "--out", str(out)])
     assert bad.exit_code != 0 and "unknown traces" in bad.output
+    # two worker processes give the very same runs (each is deterministic), in the same order
+    par = tmp_path / "par"
+    result = CliRunner().invoke(cli, [*args[:-1], str(par), "--jobs", "2"])
+    assert result.exit_code == 0, result.output
+    doc2 = json.loads((par / "compare.json").read_text())
+    for seed, runs in doc["runs"].items():
+        for group, by_label in runs.items():
+            assert list(doc2["runs"][seed][group]) == list(by_label)
+            for label, summary in by_label.items():
+                assert doc2["runs"][seed][group][label]["overall"] == summary["overall"]

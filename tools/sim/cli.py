@@ -136,6 +136,7 @@ def sim(
 @click.option("--seeds", default=DEFAULT_SEEDS, show_default=True, help="Seeds per case (seed, seed+1, ...).")
 @click.option("--traces", default=None, help="Comma-separated traces (paper-fig11*: S-S,M-M,L-L,S-L,L-S).")
 @click.option("--policies", default=None, help="Comma-separated policies to keep beside the baseline.")
+@click.option("--jobs", default=1, show_default=True, help="Simulations run at once (worker processes).")
 def compare(
     scenario: str,
     out: Path,
@@ -146,6 +147,7 @@ def compare(
     seeds: int,
     traces: str | None,
     policies: str | None,
+    jobs: int,
 ) -> None:
     """Runs the policies of a paper experiment side by side on the same arrivals, once per seed; writes COMPARE.md
     (median and min-max of every ratio over the seeds), compare.json and plots."""
@@ -162,9 +164,11 @@ def compare(
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if jobs < 1:
+        raise click.UsageError("--jobs must be >= 1")
     click.echo(f"{sc.name}: {len(sc.cases)} runs x {len(sc.seeds)} seeds, load scale {sc.load_scale:g}", err=True)
     with progress_bar() as bar:  # stderr, a terminal only; the per-run lines print above it
-        run_scenario(sc, out, progress=lambda line: click.echo(line, err=True), bar=bar)
+        run_scenario(sc, out, progress=lambda line: click.echo(line, err=True), bar=bar, jobs=jobs)
     runs = len(sc.cases) * len(sc.seeds)
     click.echo(
         json.dumps({"scenario": sc.name, "runs": runs, "seeds": list(sc.seeds), "report": str(out / "COMPARE.md")})

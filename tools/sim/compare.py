@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import statistics
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +22,9 @@ from pyllumnix.tools.sim.scenarios import (
     ARTIFACT_DECODE_S,
     ARTIFACT_INFAAS_PREEMPTION_LOSS_S,
     ARTIFACT_INFAAS_PREFILL_P99_S,
+    Case,
     Scenario,
 )
-from pyllumnix.tools.workload.request import RequestArrival
 
 if TYPE_CHECKING:
     from rich.progress import Progress as ProgressBar
@@ -286,43 +288,72 @@ def targets(scenario: Scenario, by_seed: Sequence[Runs]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RunOutput = tuple[dict[str, Any], list[RequestRecord] | None, list[tuple[float, int]] | None, float]
+
+
+def _run_one(case: Case, seed: int, keep_records: bool, bar: ProgressBar | None = None) -> RunOutput:
+    """One case on one seed's arrivals: its summary, its records and instance series when kept, its wall time. A
+    module-level function so a worker process can run it."""
+    arrivals = load_workload(case.spec, seed, case.config.profile)
+    result, summary = run_case(case.config, arrivals, bar=bar, description=f"seed {seed} {case.group} {case.label}")
+    summary["spec"] = case.spec
+    summary["x"] = case.x
+    summary["seed"] = seed
+    if keep_records:
+        return summary, result.records, result.instance_series, result.wall_s
+    return summary, None, None, result.wall_s
+
+
 def run_scenario(
-    scenario: Scenario, out: Path, progress: Progress = lambda s: None, bar: ProgressBar | None = None
+    scenario: Scenario,
+    out: Path,
+    progress: Progress = lambda s: None,
+    bar: ProgressBar | None = None,
+    jobs: int = 1,
 ) -> list[Runs]:
     """Runs every case once per seed; ``progress`` gets one line per finished run, ``bar`` (optional) shows the runs
-    done and the running one's virtual clock. Returns the summaries per seed (in ``scenario.seeds`` order)."""
+    done (and, with one job, the running one's virtual clock). ``jobs`` > 1 runs that many simulations at once in
+    worker processes (each run is independent and deterministic, so the results are the same). Returns the
+    summaries per seed (in ``scenario.seeds`` order)."""
+    if jobs < 1:
+        raise ValueError("jobs must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
     total = len(scenario.cases) * len(scenario.seeds)
     overall = bar.add_task(f"{scenario.name} runs", total=total) if bar is not None else None
-    by_seed: list[Runs] = []
+    # Placeholders in case order, so the tables keep the scenario's order whatever finishes first.
+    by_seed: list[Runs] = [{} for _ in scenario.seeds]
+    work: list[tuple[int, Case]] = []
+    for k, seed in enumerate(scenario.seeds):
+        for case in scenario.cases_for(seed):
+            by_seed[k].setdefault(case.group, {})[case.label] = {}
+            work.append((k, case))
     # The first seed's records and instance series, for the plots (every seed's would hold ~all requests in memory).
     records: dict[str, dict[str, list[RequestRecord]]] = {}
     series: dict[str, dict[str, list[tuple[float, int]]]] = {}
-    for k, seed in enumerate(scenario.seeds):
-        workloads: dict[str, list[RequestArrival]] = {}
-        summaries: Runs = {}
-        for case in scenario.cases_for(seed):
-            arrivals = workloads.get(case.spec)
-            if arrivals is None:
-                arrivals = workloads[case.spec] = load_workload(case.spec, seed, case.config.profile)
-            result, summary = run_case(
-                case.config, arrivals, bar=bar, description=f"seed {seed} {case.group} {case.label}"
-            )
-            summary["spec"] = case.spec
-            summary["x"] = case.x
-            summary["seed"] = seed
-            summaries.setdefault(case.group, {})[case.label] = summary
-            if k == 0:
-                records.setdefault(case.group, {})[case.label] = result.records
-                series.setdefault(case.group, {})[case.label] = result.instance_series
-            progress(
-                f"seed {seed} {case.group:28s} {case.label:12s} prefill P99 "
-                f"{_get(summary, 'overall', 'prefill_s', 'p99') or 0:8.3f} s"
-                f"  migrations {summary['migration']['committed']:5d}  wall {result.wall_s:5.1f} s"
-            )
-            if bar is not None and overall is not None:
-                bar.advance(overall)
-        by_seed.append(summaries)
+
+    def done(k: int, case: Case, output: RunOutput) -> None:
+        summary, recs, ser, wall = output
+        by_seed[k][case.group][case.label] = summary
+        if recs is not None and ser is not None:
+            records.setdefault(case.group, {})[case.label] = recs
+            series.setdefault(case.group, {})[case.label] = ser
+        progress(
+            f"seed {scenario.seeds[k]} {case.group:28s} {case.label:12s} prefill P99 "
+            f"{_get(summary, 'overall', 'prefill_s', 'p99') or 0:8.3f} s"
+            f"  migrations {summary['migration']['committed']:5d}  wall {wall:5.1f} s"
+        )
+        if bar is not None and overall is not None:
+            bar.advance(overall)
+
+    if jobs == 1:
+        for k, case in work:
+            done(k, case, _run_one(case, scenario.seeds[k], k == 0, bar))
+    else:
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_one, case, scenario.seeds[k], k == 0): (k, case) for k, case in work}
+            for fut in as_completed(futures):
+                k, case = futures[fut]
+                done(k, case, fut.result())
     doc = {
         "scenario": scenario.name,
         "seeds": list(scenario.seeds),
