@@ -148,7 +148,9 @@ class Case:
             return SourceMigration(str(args["mid"]), str(args["rid"]), limits, slots), _SOURCE_EVENTS
         if kind == "destination":
             slots = ev.Slots(int(args.get("max_in", 1)), set(busy))
-            return DestinationMigration(str(args["mid"]), slots), _DESTINATION_EVENTS
+            return DestinationMigration(str(args["mid"]), slots, str(args.get("instance", "this instance"))), (
+                _DESTINATION_EVENTS
+            )
         raise ValueError(f"unknown machine {kind!r}")
 
 

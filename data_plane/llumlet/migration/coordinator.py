@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -26,18 +25,57 @@ import grpc
 from pyllumnix.control_plane.policy.config import Selection
 from pyllumnix.control_plane.policy.selection import select_request
 from pyllumnix.control_plane.policy.snapshot import RequestView
-from pyllumnix.data_plane.engine.base import (
-    BlockBuffer,
-    DuplicateRequestError,
-    EngineError,
-    InvalidRequestError,
-    MigrationState,
-    Phase,
-    UnknownRequestError,
-)
+from pyllumnix.data_plane.engine.base import BlockBuffer, MigrationState, UnknownRequestError
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
-from pyllumnix.data_plane.llumlet.migration.plan import GiveUp, MigrationLimits, next_stage
+from pyllumnix.data_plane.llumlet.migration import perform
+from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
+from pyllumnix.data_plane.llumlet.migration.events import (
+    AbortAsked,
+    AbortHere,
+    Accept,
+    ClientAborted,
+    Closed,
+    Commit,
+    CommitAsked,
+    CommitFailed,
+    Committed,
+    Copied,
+    Copy,
+    CopyFailed,
+    DestinationEvent,
+    Done,
+    Flush,
+    Flushed,
+    ForwardAbort,
+    Free,
+    Install,
+    Installed,
+    InstallFailed,
+    Observe,
+    Offered,
+    Outcome,
+    Receive,
+    Refusal,
+    Refuse,
+    Refused,
+    Release,
+    Reserve,
+    ReserveBlocks,
+    Reserved,
+    Resume,
+    Slots,
+    SourceAction,
+    SourceEvent,
+    SourceFailed,
+    SourceSilent,
+    StageLanded,
+    Start,
+    Suspend,
+    TellAbort,
+)
+from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
+from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
 from pyllumnix.data_plane.llumlet.service import MigrationError
 from pyllumnix.data_plane.transport.base import Transport, TransportError
 from pyllumnix.data_plane.transport.fusion import (
@@ -84,32 +122,56 @@ class MigrationHooks:
         """Every stage is transferred, outputs flushed and the last client-abort check done; the commit RPC is next."""
 
 
-class _SourceAbort(Exception):
-    """The source gives up (the request changed under the migration)."""
-
-
-class _DestinationAbort(Exception):
-    """The destination refused or failed; carries the gRPC status when there was one."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass
 class _Incoming:
-    """Destination-side record of one migration in progress."""
+    """Destination-side record of one migration in progress: its machine plus what the driver performs for it."""
 
     migration_id: str
     source_instance_id: str
     request: llumlet_pb2.MigratingRequest
-    block_ids: list[int] = field(default_factory=list)
+    machine: DestinationMigration
     stages: dict[int, asyncio.Task[tuple[int, int]]] = field(default_factory=dict)
-    stage_blocks: dict[int, list[int]] = field(default_factory=dict)
-    completed_stages: set[int] = field(default_factory=set)
     last_touch: float = 0.0
+    commit: llumlet_pb2.CommitMigrationRequest | None = None
     # One-time secret of this migration's data-plane keys (sent to the source with the first PreAllocate answer).
     transfer_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+
+
+@dataclass
+class _Outgoing:
+    """Source-side record of one migration: what the actions need that the machine does not decide."""
+
+    machine: SourceMigration
+    stub: llumlet_pb2_grpc.LlumletServiceStub
+    result: llumlet_pb2.MigrationResult
+    frontend: str
+    state: MigrationState | None = None
+    stage_dst: list[int] = field(default_factory=list)
+    dst_ids: list[int] = field(default_factory=list)
+    peer: str = ""
+    transfer_token: str = ""
+    capability: str = ""
+    stopped_at: float = 0.0
+    hooked_stage: int = -1
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+_REFUSAL_CODES = {
+    Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Refusal.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
+    Refusal.UNKNOWN: grpc.StatusCode.NOT_FOUND,
+    Refusal.NOT_ACCEPTING: grpc.StatusCode.FAILED_PRECONDITION,
+    Refusal.NO_SLOT: grpc.StatusCode.ABORTED,
+    Refusal.NO_BLOCKS: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Refusal.DATA_LOST: grpc.StatusCode.DATA_LOSS,
+    Refusal.TIMED_OUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Refusal.NOT_READY: grpc.StatusCode.FAILED_PRECONDITION,
+}
+_OUTCOMES = {
+    Outcome.COMMITTED: llumlet_pb2.MIGRATION_OUTCOME_COMMITTED,
+    Outcome.ABORTED_BY_SOURCE: llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE,
+    Outcome.ABORTED_BY_DESTINATION: llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION,
+}
 
 
 def data_key(migration_id: str, transfer_token: str, stage: int) -> str:
@@ -133,7 +195,9 @@ class MigrationCoordinator:
         self.settings = settings or MigrationSettings()
         self.hooks = hooks
         self._incoming: dict[str, _Incoming] = {}
-        self._outgoing: set[str] = set()
+        # max_out and max_in: the machines take a slot when they start and give it back when they end.
+        self._out_slots = Slots(self.settings.max_out)
+        self._in_slots = Slots(self.settings.max_in)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -161,7 +225,7 @@ class MigrationCoordinator:
         for task in list(self._tasks):
             task.cancel()
         for mid in list(self._incoming):
-            await self._free_incoming(mid, "llumlet shutting down")
+            await self._free_incoming(mid, AbortAsked("llumlet shutting down"))
         for channel in self._channels.values():
             await channel.close()
 
@@ -182,7 +246,7 @@ class MigrationCoordinator:
     @property
     def busy(self) -> bool:
         """A migration is in progress in either role."""
-        return bool(self._incoming or self._outgoing)
+        return bool(self._incoming or self._out_slots.held)
 
     def _stub(self, address: str) -> llumlet_pb2_grpc.LlumletServiceStub:
         channel = self._channels.get(address)
@@ -199,7 +263,7 @@ class MigrationCoordinator:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot migrate from {me} to itself")
         if request.request_id and request.request_id not in self.llumlet.engine.request_ids():
             raise MigrationError(grpc.StatusCode.NOT_FOUND, f"request {request.request_id} is not on {me}")
-        if len(self._outgoing) >= self.settings.max_out:
+        if self._out_slots.full:
             raise MigrationError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{me} is already migrating out")
         if request.last_stage_max_blocks < 0:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "last_stage_max_blocks must be >= 0")
@@ -208,13 +272,15 @@ class MigrationCoordinator:
             limits = MigrationLimits(request.last_stage_max_blocks, limits.max_stages)
         count = max(1, request.max_requests)
         migration_ids = [f"{me}-{uuid.uuid4().hex[:12]}" for _ in range(count)]
-        self._outgoing.add(migration_ids[0])
+        self._out_slots.take(migration_ids[0])  # now: a second order must find the slot taken
         self.llumlet.set_migrating(outgoing=True)
 
         async def run_all() -> list[llumlet_pb2.MigrationResult]:
             results: list[llumlet_pb2.MigrationResult] = []
             try:
                 for i, mid in enumerate(migration_ids):
+                    if i and not self._out_slots.take(mid):
+                        break  # another order took the slot between two migrations of this one
                     rid = request.request_id if request.request_id else await self._select(request.selection)
                     if rid is None:
                         break
@@ -224,13 +290,10 @@ class MigrationCoordinator:
                     results.append(result)
                     if result.outcome != llumlet_pb2.MIGRATION_OUTCOME_COMMITTED or request.request_id:
                         break
-                    if i + 1 < len(migration_ids):
-                        self._outgoing.add(migration_ids[i + 1])
-                    self._outgoing.discard(mid)
             finally:
                 for mid in migration_ids:
-                    self._outgoing.discard(mid)
-                self.llumlet.set_migrating(outgoing=bool(self._outgoing))
+                    self._out_slots.give(mid)
+                self.llumlet.set_migrating(outgoing=bool(self._out_slots.held))
             return results
 
         # The migration runs in its own task: a caller that goes away (a scheduler leader killed while waiting) must
@@ -259,59 +322,216 @@ class MigrationCoordinator:
             destination_instance_id=dst_id,
         )
         t0 = time.monotonic()
-        stub = self._stub(dst_address)
-        suspended = False
-        try:
-            suspended = await self._run_stages(limits, mid, rid, stub, result)
-            result.outcome = llumlet_pb2.MIGRATION_OUTCOME_COMMITTED
-            self.llumlet.stats.migrations_out += 1
-        except _SourceAbort as exc:
-            result.outcome = llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE
-            result.reason = str(exc)
-            await self._tell_abort(stub, mid, str(exc))
-        except _DestinationAbort as exc:
-            result.outcome = llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION
-            result.reason = str(exc)
-            await self._tell_abort(stub, mid, str(exc))
-        except Exception as exc:  # a bug must not lose the request: restore it and report
-            log.exception("migration %s failed", mid)
-            result.outcome = llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE
-            result.reason = f"internal error: {exc!r}"
-            await self._tell_abort(stub, mid, result.reason)
-        except asyncio.CancelledError:  # llumlet shutting down: free the destination's reservation, keep the request
-            result.outcome = llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE
-            result.reason = "source shutting down"
-            await asyncio.shield(self._tell_abort(stub, mid, result.reason))
-            raise
-        finally:
-            if result.outcome != llumlet_pb2.MIGRATION_OUTCOME_COMMITTED:
-                await self._restore(rid)
-            elif suspended:
-                async with self.llumlet.engine_lock:
-                    self.llumlet.engine.release_suspended(rid)
-                    self.llumlet.owners.pop(rid, None)
-                if self.llumlet.pending_aborts.pop(rid, None) is not None:
-                    # The client aborted while the commit was in flight: the request lives on the destination now.
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        await stub.AbortRequest(
-                            llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=CONTROL_TIMEOUT_S
-                        )
-                self.llumlet.wake()
+        owner = self.llumlet.owners.get(rid)
+        out = _Outgoing(
+            SourceMigration(mid, rid, limits, self._out_slots),
+            self._stub(dst_address),
+            result,
+            owner.frontend_address if owner else "",
+        )
+        await self._drive(out)
         result.total_ms = (time.monotonic() - t0) * 1000
         self.llumlet.stats.record_migration(result)
         self.results.append(result)
         del self.results[:-100]
         return result
 
-    async def _restore(self, rid: str) -> None:
-        async with self.llumlet.engine_lock:
-            with contextlib.suppress(UnknownRequestError):
-                if self.llumlet.engine.phase(rid) is Phase.SUSPENDED:
-                    self.llumlet.engine.resume(rid)
-        if self.llumlet.pending_aborts.pop(rid, None) is not None:
+    async def _drive(self, out: _Outgoing) -> None:
+        """Performs the machine's actions and feeds their results back until it is done. A client abort of the
+        suspended request (the llumlet only marks it in ``pending_aborts``) is fed in before every step and once more
+        after the end, so the machine settles it whenever it came."""
+        machine = out.machine
+        rid = machine.request_id
+        actions = machine.step(Start())
+        while actions:
+            action = actions.pop(0)
+            try:
+                event = await self._perform(out, action)
+            except asyncio.CancelledError:  # shutting down: free the destination's reservation, keep the request
+                await asyncio.shield(self._settle(out, machine.step(SourceFailed("source shutting down"))))
+                raise
+            except Exception as exc:  # a bug must not lose the request: restore it and report
+                log.exception("migration %s failed", machine.migration_id)
+                event = SourceFailed(f"internal error: {exc!r}")
+            if rid in self.llumlet.pending_aborts:
+                actions += machine.step(ClientAborted())
+            if event is not None:
+                actions += machine.step(event)
+            if not actions and rid in self.llumlet.pending_aborts:
+                actions += machine.step(ClientAborted())
+
+    async def _settle(self, out: _Outgoing, actions: list[SourceAction]) -> None:
+        """Performs the clean-up actions of an ending that interrupted the loop."""
+        for action in actions:
+            with contextlib.suppress(Exception):
+                await self._perform(out, action)
+
+    async def _perform(self, out: _Outgoing, action: SourceAction) -> SourceEvent | None:
+        """One action of the source machine; returns the event answering it (None for actions without one)."""
+        machine = out.machine
+        mid, rid = machine.migration_id, machine.request_id
+        engine = self.llumlet.engine
+        if isinstance(action, Observe):
+            if machine.state is SourceState.OBSERVING:
+                await self._hook_stage(out, machine.stages)
+            async with self.llumlet.engine_lock:
+                return perform.observe(engine, rid)
+        if isinstance(action, Suspend):
+            async with self.llumlet.engine_lock:
+                event, out.state = perform.suspend(engine, rid)
+            out.stopped_at = time.monotonic()
+            return event
+        if isinstance(action, Reserve):
+            return await self._reserve(out, action)
+        if isinstance(action, Copy):
+            return await self._copy(out, action)
+        if isinstance(action, Flush):
+            # Every token produced here must reach the frontend before the destination's first one.
+            if out.frontend:
+                await self.llumlet.pusher.flush(out.frontend)
+            return Flushed()
+        if isinstance(action, Commit):
+            return await self._commit(out)
+        if isinstance(action, TellAbort):
+            await self._tell_abort(out.stub, mid, action.reason)
+        elif isinstance(action, Resume):
+            async with self.llumlet.engine_lock:
+                perform.resume(engine, rid)
+            self.llumlet.wake()
+        elif isinstance(action, Release):
+            async with self.llumlet.engine_lock:
+                engine.release_suspended(rid)
+                self.llumlet.owners.pop(rid, None)
+            self.llumlet.stats.migrations_out += 1
+            self.llumlet.wake()
+        elif isinstance(action, AbortHere):
+            self.llumlet.pending_aborts.pop(rid, None)
             with contextlib.suppress(UnknownRequestError):
                 await self.llumlet.abort_request(rid)
-        self.llumlet.wake()
+            self.llumlet.wake()
+        elif isinstance(action, ForwardAbort):
+            # The client aborted while the commit was in flight: the request lives on the destination now.
+            self.llumlet.pending_aborts.pop(rid, None)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await out.stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=CONTROL_TIMEOUT_S)
+        elif isinstance(action, Done):
+            out.result.outcome = _OUTCOMES[action.outcome]
+            out.result.reason = action.reason
+        return None
+
+    async def _hook_stage(self, out: _Outgoing, stage: int) -> None:
+        """``before_stage`` once per stage: at its observation, or (suspended at the start) at its reservation."""
+        if self.hooks is not None and stage > out.hooked_stage:
+            out.hooked_stage = stage
+            await self.hooks.before_stage(out.machine.migration_id, out.machine.request_id, stage)
+
+    async def _reserve(self, out: _Outgoing, action: Reserve) -> SourceEvent:
+        machine, stage = out.machine, action.stage
+        mid, rid = machine.migration_id, machine.request_id
+        await self._hook_stage(out, stage.index)
+        if stage.last and self.hooks is not None:
+            await self.hooks.before_last_stage(mid, rid, stage.index)
+        pre = llumlet_pb2.PreAllocateRequest(
+            migration_id=mid,
+            source_instance_id=self.llumlet.instance_id,
+            stage=stage.index,
+            num_blocks=stage.count,
+            source_data_plane_address=self.transport.address,
+        )
+        if stage.index == 0:
+            state = out.state
+            if state is None:  # the destination validates the request before reserving
+                async with self.llumlet.engine_lock:
+                    try:
+                        state = self.llumlet.engine.export_state(rid)
+                    except UnknownRequestError:
+                        return SourceFailed(f"request {rid} finished or was aborted during migration")
+            pre.request.CopyFrom(convert.migration_state_to_pb(state, out.frontend))
+        reply, error = await self._rpc(
+            out.stub.PreAllocate(pre, timeout=self.settings.transfer_timeout_s), "pre-allocate"
+        )
+        if not isinstance(reply, llumlet_pb2.PreAllocateResponse):
+            return Refused(error)
+        out.stage_dst = list(reply.block_ids)
+        out.peer = reply.data_plane_address
+        if stage.index == 0 and len(out.stage_dst) == stage.count:
+            out.transfer_token = reply.transfer_token
+            # Outside the downtime: the source's own token stays valid until the destination's first output.
+            try:
+                out.capability = await self.llumlet.hand_over(
+                    rid, out.result.destination_instance_id, timeout=self.settings.transfer_timeout_s
+                )
+            except grpc.aio.AioRpcError as exc:
+                return SourceFailed(f"the frontend refused the hand-over: {exc.code().name}: {exc.details()}")
+        out.timings["reserved"] = time.monotonic()
+        return Reserved(stage.index, len(out.stage_dst))
+
+    async def _copy(self, out: _Outgoing, action: Copy) -> SourceEvent:
+        machine, stage = out.machine, action.stage
+        mid, rid = machine.migration_id, machine.request_id
+        async with self.llumlet.engine_lock:
+            try:
+                src_ids = self.llumlet.engine.block_ids(rid)[stage.first : stage.first + stage.count]
+            except UnknownRequestError:
+                return SourceFailed(f"request {rid} finished or was aborted during migration")
+        try:
+            nbytes, crc = await self._send_stage(data_key(mid, out.transfer_token, stage.index), out.peer, src_ids)
+        except (KeyError, IndexError) as exc:  # blocks freed under us: the request was preempted or aborted
+            return SourceFailed(f"source blocks vanished during the copy: {exc!r}")
+        except TransportError as exc:
+            return CopyFailed(f"data plane: {exc}")
+        out.timings["sent"] = time.monotonic()
+        out.result.bytes_sent += nbytes
+        notice = llumlet_pb2.TransferStageRequest(
+            migration_id=mid, stage=stage.index, block_ids=out.stage_dst, num_bytes=nbytes, crc32=crc, last=stage.last
+        )
+        reply, error = await self._rpc(
+            out.stub.TransferStage(notice, timeout=self.settings.transfer_timeout_s), "transfer"
+        )
+        if reply is None:
+            return CopyFailed(error)
+        out.timings["acked"] = time.monotonic()
+        out.timings["blocks"] = len(src_ids)
+        out.dst_ids.extend(out.stage_dst)
+        out.result.stages = stage.index + 1
+        return Copied(stage.index)
+
+    async def _commit(self, out: _Outgoing) -> SourceEvent:
+        machine = out.machine
+        mid, rid = machine.migration_id, machine.request_id
+        assert out.state is not None
+        commit = llumlet_pb2.CommitMigrationRequest(
+            migration_id=mid,
+            request=convert.migration_state_to_pb(out.state, out.frontend),
+            block_ids=out.dst_ids,
+            capability=out.capability,
+        )
+        if self.hooks is not None:
+            await self.hooks.before_commit(mid, rid, machine.stages)
+        t_flushed = time.monotonic()
+        reply, error = await self._rpc(
+            out.stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s), "commit"
+        )
+        if reply is None:
+            return CommitFailed(error)
+        done = time.monotonic()
+        out.result.downtime_ms = (done - out.stopped_at) * 1000
+        t = out.timings
+        log.info(
+            "migration %s of %s committed: %d stages, downtime %.1f ms = reserve %.1f + send %d blocks %.1f + "
+            "transfer ack %.1f + flush %.1f + commit %.1f",
+            mid,
+            rid,
+            out.result.stages,
+            out.result.downtime_ms,
+            (t.get("reserved", done) - out.stopped_at) * 1000,
+            int(t.get("blocks", 0)),
+            (t.get("sent", done) - t.get("reserved", done)) * 1000,
+            (t.get("acked", done) - t.get("sent", done)) * 1000,
+            (t_flushed - t.get("acked", done)) * 1000,
+            (done - t_flushed) * 1000,
+        )
+        return Committed()
 
     async def _tell_abort(self, stub: llumlet_pb2_grpc.LlumletServiceStub, mid: str, reason: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -319,172 +539,14 @@ class MigrationCoordinator:
                 llumlet_pb2.AbortMigrationRequest(migration_id=mid, reason=reason), timeout=CONTROL_TIMEOUT_S
             )
 
-    async def _call(self, coro: object, what: str) -> object:
+    async def _rpc(self, call: Awaitable[object], what: str) -> tuple[object | None, str]:
+        """A call to the destination: (its reply, "") or (None, why it failed)."""
         try:
-            return await asyncio.wait_for(coro, self.settings.transfer_timeout_s)  # type: ignore[arg-type]
+            return await asyncio.wait_for(call, self.settings.transfer_timeout_s), ""
         except grpc.aio.AioRpcError as exc:
-            raise _DestinationAbort(f"{what}: {exc.code().name}: {exc.details()}", exc.code()) from exc
-        except TimeoutError as exc:
-            raise _DestinationAbort(f"{what}: no answer within {self.settings.transfer_timeout_s:g} s") from exc
-
-    async def _snapshot(self, rid: str) -> tuple[Phase, list[int], int]:
-        """Phase, block ids and preemption count of the request, read between steps."""
-        engine = self.llumlet.engine
-        async with self.llumlet.engine_lock:
-            try:
-                phase = engine.phase(rid)
-            except UnknownRequestError as exc:
-                raise _SourceAbort(f"request {rid} finished or was aborted during migration") from exc
-            if phase is Phase.FINISHED:
-                raise _SourceAbort(f"request {rid} finished during migration")
-            preemptions = next((r.num_preemptions for r in engine.load().requests if r.request_id == rid), 0)
-            return phase, engine.block_ids(rid), preemptions
-
-    async def _run_stages(
-        self,
-        limits: MigrationLimits,
-        mid: str,
-        rid: str,
-        stub: llumlet_pb2_grpc.LlumletServiceStub,
-        result: llumlet_pb2.MigrationResult,
-    ) -> bool:
-        """Returns True once committed (the request is suspended here and must be released)."""
-        engine = self.llumlet.engine
-        owner = self.llumlet.owners.get(rid)
-        frontend = owner.frontend_address if owner else ""
-        phase, block_ids, preemptions0 = await self._snapshot(rid)
-        if phase is Phase.SUSPENDED:
-            raise _SourceAbort(f"request {rid} is already migrating")
-        state = await self._suspend_if(phase is Phase.WAITING, rid)
-        stopped_at = time.monotonic()
-        first_pb = convert.migration_state_to_pb(state, frontend) if state else await self._peek_state(rid, frontend)
-        dst_ids: list[int] = []
-        copied = 0
-        capability = ""  # the destination's capability token, from the frontend (once stage 0 is reserved)
-        transfer_token = ""  # the destination's one-time data-plane token (its first PreAllocate answer)
-        for stage_index in itertools.count():
-            if self.hooks is not None:
-                await self.hooks.before_stage(mid, rid, stage_index)
-            if state is None:
-                phase, block_ids, preemptions = await self._snapshot(rid)
-                if phase is not Phase.RUNNING or preemptions != preemptions0:
-                    raise _SourceAbort(f"request {rid} was preempted during migration")
-                plan = next_stage(limits, stage_index, copied, len(block_ids))
-                if isinstance(plan, GiveUp):
-                    raise _SourceAbort(plan.reason)
-                if plan.last:
-                    state = await self._suspend_if(True, rid)
-                    assert state is not None
-                    block_ids = engine.block_ids(rid)
-                    plan = next_stage(limits, stage_index, copied, len(block_ids))
-                    assert not isinstance(plan, GiveUp)
-                    stopped_at = time.monotonic()
-            else:  # suspended: whatever is left goes in one (last) stage
-                block_ids = engine.block_ids(rid)
-                plan = next_stage(
-                    MigrationLimits(max(1, len(block_ids) - copied), limits.max_stages),
-                    stage_index,
-                    copied,
-                    len(block_ids),
-                )
-                assert not isinstance(plan, GiveUp)
-            if plan.last and self.hooks is not None:
-                await self.hooks.before_last_stage(mid, rid, plan.index)
-            src_ids = block_ids[plan.first : plan.first + plan.count]
-            pre = llumlet_pb2.PreAllocateRequest(
-                migration_id=mid,
-                source_instance_id=self.llumlet.instance_id,
-                stage=plan.index,
-                num_blocks=plan.count,
-                source_data_plane_address=self.transport.address,
-            )
-            if plan.index == 0:
-                pre.request.CopyFrom(first_pb)
-            reply = await self._call(stub.PreAllocate(pre, timeout=self.settings.transfer_timeout_s), "pre-allocate")
-            assert isinstance(reply, llumlet_pb2.PreAllocateResponse)
-            stage_dst = list(reply.block_ids)
-            if len(stage_dst) != plan.count:
-                raise _DestinationAbort(f"destination reserved {len(stage_dst)} blocks, asked {plan.count}")
-            if plan.index == 0:
-                transfer_token = reply.transfer_token
-                # Outside the downtime: the source's own token stays valid until the destination's first output.
-                capability = await self._hand_over(rid, result.destination_instance_id)
-            t_reserved = time.monotonic()
-            key = data_key(mid, transfer_token, plan.index)
-            nbytes, crc = await self._send_stage(key, reply.data_plane_address, src_ids)
-            t_sent = time.monotonic()
-            result.bytes_sent += nbytes
-            notice = llumlet_pb2.TransferStageRequest(
-                migration_id=mid, stage=plan.index, block_ids=stage_dst, num_bytes=nbytes, crc32=crc, last=plan.last
-            )
-            await self._call(stub.TransferStage(notice, timeout=self.settings.transfer_timeout_s), "transfer")
-            t_acked = time.monotonic()
-            dst_ids.extend(stage_dst)
-            copied += plan.count
-            result.stages = plan.index + 1
-            if plan.last:
-                break
-        assert state is not None
-        # Every token produced here must reach the frontend before the destination's first one.
-        if frontend:
-            await self.llumlet.pusher.flush(frontend)
-        if rid in self.llumlet.pending_aborts:
-            raise _SourceAbort(f"request {rid} was aborted by its client during migration")
-        commit = llumlet_pb2.CommitMigrationRequest(
-            migration_id=mid,
-            request=convert.migration_state_to_pb(state, frontend),
-            block_ids=dst_ids,
-            capability=capability,
-        )
-        if self.hooks is not None:
-            await self.hooks.before_commit(mid, rid, result.stages)
-        t_flushed = time.monotonic()
-        await self._call(stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s), "commit")
-        done = time.monotonic()
-        result.downtime_ms = (done - stopped_at) * 1000
-        log.info(
-            "migration %s of %s committed: %d stages, downtime %.1f ms = reserve %.1f + send %d blocks %.1f + "
-            "transfer ack %.1f + flush %.1f + commit %.1f",
-            mid,
-            rid,
-            result.stages,
-            result.downtime_ms,
-            (t_reserved - stopped_at) * 1000,
-            len(src_ids),
-            (t_sent - t_reserved) * 1000,
-            (t_acked - t_sent) * 1000,
-            (t_flushed - t_acked) * 1000,
-            (done - t_flushed) * 1000,
-        )
-        return True
-
-    async def _hand_over(self, rid: str, dst_id: str) -> str:
-        """The destination's capability token from the request's frontend; a refusal aborts the migration (the
-        destination could not push the request's outputs)."""
-        try:
-            return await self.llumlet.hand_over(rid, dst_id, timeout=self.settings.transfer_timeout_s)
-        except grpc.aio.AioRpcError as exc:
-            raise _SourceAbort(f"the frontend refused the hand-over: {exc.code().name}: {exc.details()}") from exc
-
-    async def _suspend_if(self, condition: bool, rid: str) -> MigrationState | None:
-        if not condition:
-            return None
-        async with self.llumlet.engine_lock:
-            try:
-                return self.llumlet.engine.suspend(rid)
-            except UnknownRequestError as exc:
-                raise _SourceAbort(f"request {rid} finished or was aborted during migration") from exc
-            except EngineError as exc:
-                raise _SourceAbort(f"cannot suspend {rid}: {exc}") from exc
-
-    async def _peek_state(self, rid: str, frontend: str) -> llumlet_pb2.MigratingRequest:
-        """Request metadata for the first pre-allocation (the destination validates it before reserving)."""
-        async with self.llumlet.engine_lock:
-            try:
-                state = self.llumlet.engine.export_state(rid)
-            except UnknownRequestError as exc:
-                raise _SourceAbort(f"request {rid} finished or was aborted during migration") from exc
-        return convert.migration_state_to_pb(state, frontend)
+            return None, f"{what}: {exc.code().name}: {exc.details()}"
+        except TimeoutError:
+            return None, f"{what}: no answer within {self.settings.transfer_timeout_s:g} s"
 
     async def _send_stage(self, key: str, peer: str, src_ids: Sequence[int]) -> tuple[int, int]:
         if not src_ids:
@@ -508,62 +570,104 @@ class MigrationCoordinator:
                 timeout=self.settings.transfer_timeout_s,
                 checksum=self.settings.verify_crc,
             )
-        except (KeyError, IndexError) as exc:  # blocks freed under us: the request was preempted or aborted
-            raise _SourceAbort(f"source blocks vanished during the copy: {exc!r}") from exc
-        except TransportError as exc:
-            raise _DestinationAbort(f"data plane: {exc}") from exc
         finally:
             self._send_pool.append(buffers)
         return sent.nbytes, sent.crc32 or 0
 
     # ------------------------------------------------------------------ destination role
     async def pre_allocate(self, request: llumlet_pb2.PreAllocateRequest) -> llumlet_pb2.PreAllocateResponse:
-        engine = self.llumlet.engine
         mid = request.migration_id
         if not mid:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "migration_id is empty")
-        if request.num_blocks < 0:
-            raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "num_blocks must be >= 0")
         incoming = self._incoming.get(mid)
         if incoming is None:
-            if request.stage != 0:
-                raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {mid} (timed out?)")
-            if self.llumlet.state != common_pb2.INSTANCE_STATE_ACTIVE:
-                raise MigrationError(
-                    grpc.StatusCode.FAILED_PRECONDITION, f"{self.llumlet.instance_id} takes no requests"
+            machine = DestinationMigration(mid, self._in_slots, self.llumlet.instance_id)
+            incoming = _Incoming(mid, request.source_instance_id, request.request, machine)
+            accepting = self.llumlet.state == common_pb2.INSTANCE_STATE_ACTIVE
+            problem = None
+            if request.stage == 0 and request.num_blocks >= 0 and accepting:
+                problem = perform.admission_problem(
+                    self.llumlet.engine, convert.migration_state_from_pb(request.request)
                 )
-            if len(self._incoming) >= self.settings.max_in:
-                raise MigrationError(grpc.StatusCode.ABORTED, f"{self.llumlet.instance_id} has no free migration slot")
-            rid = request.request.request.request_id
-            if not rid:
-                raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "the first stage must carry the request")
-            if rid in engine.request_ids():
-                raise MigrationError(grpc.StatusCode.ALREADY_EXISTS, f"request {rid} is already here")
-            state = convert.migration_state_from_pb(request.request)
-            total = len(state.spec.prompt_token_ids) + state.spec.sampling.max_tokens
-            if total > engine.max_model_len:
-                raise MigrationError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request needs {total} tokens > max length {engine.max_model_len}",
-                )
-            incoming = _Incoming(mid, request.source_instance_id, request.request)
+            offer = Offered(request.stage, request.num_blocks, accepting, problem)
             self._incoming[mid] = incoming
             self.llumlet.set_migrating(incoming=True)
+        else:
+            offer = Offered(request.stage, request.num_blocks)
         incoming.last_touch = time.monotonic()
-        try:
-            async with self.llumlet.engine_lock:
-                ids = engine.reserve_blocks(request.num_blocks) if request.num_blocks else []
-        except EngineError:
-            await self._free_incoming(mid, "pre-allocation refused")
-            raise
-        incoming.block_ids.extend(ids)
-        incoming.stage_blocks[request.stage] = ids
-        if ids:
-            task = asyncio.get_running_loop().create_task(self._receive_stage(mid, request.stage, ids))
-            incoming.stages[request.stage] = task
+        answer = await self._answer(incoming, offer)
         return llumlet_pb2.PreAllocateResponse(
-            block_ids=ids, data_plane_address=self.transport.address, transfer_token=incoming.transfer_token
+            block_ids=answer.block_ids,
+            data_plane_address=self.transport.address,
+            transfer_token=incoming.transfer_token,
         )
+
+    async def _answer(self, incoming: _Incoming, event: DestinationEvent) -> Accept:
+        """The answer to one call of the source (a refusal raises MigrationError)."""
+        answer, _ = await self._step_incoming(incoming, event)
+        if answer is None:  # the migration ended meanwhile (aborted or reaped while this call waited)
+            raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {incoming.migration_id}")
+        return answer
+
+    async def _step_incoming(self, incoming: _Incoming, event: DestinationEvent) -> tuple[Accept | None, int]:
+        """Feeds one event to a destination machine and performs its actions: its answer, if any (a refusal raises
+        MigrationError), and how many reserved blocks were freed."""
+        engine = self.llumlet.engine
+        answer: Accept | None = None
+        refusal: Refuse | None = None
+        freed = 0
+        pending = incoming.machine.step(event)
+        while pending:
+            action = pending.pop(0)
+            if isinstance(action, ReserveBlocks):
+                async with self.llumlet.engine_lock:
+                    reserved = perform.reserve(engine, action.stage, action.count)
+                pending += incoming.machine.step(reserved)
+            elif isinstance(action, Receive):
+                task = asyncio.get_running_loop().create_task(
+                    self._receive_stage(incoming.migration_id, action.stage, list(action.block_ids))
+                )
+                incoming.stages[action.stage] = task
+            elif isinstance(action, Install):
+                pending += incoming.machine.step(await self._install(incoming, action.block_ids))
+            elif isinstance(action, Free):
+                freed += await self._free(incoming, action)
+            elif isinstance(action, Closed):
+                if self._incoming.get(incoming.migration_id) is incoming:
+                    del self._incoming[incoming.migration_id]
+                self.llumlet.set_migrating(incoming=bool(self._incoming))
+                if action.installed:
+                    self.llumlet.stats.migrations_in += 1
+                    self.llumlet.wake()
+            elif isinstance(action, Accept):
+                answer = action
+            elif isinstance(action, Refuse):
+                refusal = action
+        if refusal is not None:
+            raise MigrationError(_REFUSAL_CODES[refusal.kind], refusal.reason)
+        return answer, freed
+
+    async def _install(self, incoming: _Incoming, block_ids: Sequence[int]) -> Installed | InstallFailed:
+        commit = incoming.commit
+        assert commit is not None
+        state = convert.migration_state_from_pb(commit.request)
+        async with self.llumlet.engine_lock:
+            done = perform.install(self.llumlet.engine, state, block_ids, time.time())
+            if isinstance(done, Installed):
+                self.llumlet.adopt(state, commit.request.request.frontend_address, commit.capability)
+        return done
+
+    async def _free(self, incoming: _Incoming, action: Free) -> int:
+        for task in incoming.stages.values():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        incoming.stages.clear()
+        if action.block_ids:
+            async with self.llumlet.engine_lock:
+                self.llumlet.engine.free_reserved(action.block_ids)
+        log.info("migration %s in: freed %d blocks (%s)", incoming.migration_id, len(action.block_ids), action.reason)
+        return len(action.block_ids)
 
     async def _receive_stage(self, mid: str, stage: int, ids: list[int]) -> tuple[int, int]:
         engine = self.llumlet.engine
@@ -600,76 +704,45 @@ class MigrationCoordinator:
         if incoming is None:
             raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {request.migration_id}")
         incoming.last_touch = time.monotonic()
-        if list(request.block_ids) != incoming.stage_blocks.get(request.stage):
-            await self._free_incoming(request.migration_id, "stage block ids do not match the reservation")
-            raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "stage block ids do not match the reservation")
+        block_ids = tuple(request.block_ids)
         task = incoming.stages.get(request.stage)
-        nbytes, crc = 0, 0
-        if task is not None:
+        nbytes, crc, error, timed_out = 0, 0, "", False
+        if task is not None and incoming.machine.stage_blocks.get(request.stage) == block_ids:
             try:
                 nbytes, crc = await task
             except (TransportError, TimeoutError) as exc:
-                await self._free_incoming(request.migration_id, f"transfer failed: {exc}")
-                raise MigrationError(grpc.StatusCode.DEADLINE_EXCEEDED, f"stage bytes did not arrive: {exc}") from exc
+                error, timed_out = str(exc), True
         # With verification on, a stage without a CRC (or with a wrong one) is refused: the check cannot be skipped.
         checked = self.settings.verify_crc or bool(request.crc32)
-        if nbytes != request.num_bytes or (checked and crc != request.crc32):
-            await self._free_incoming(request.migration_id, "data mismatch")
-            raise MigrationError(
-                grpc.StatusCode.DATA_LOSS,
-                f"stage {request.stage}: got {nbytes} bytes crc {crc}, "
-                f"expected {request.num_bytes} crc {request.crc32}",
+        if not error and (nbytes != request.num_bytes or (checked and crc != request.crc32)):
+            error = (
+                f"stage {request.stage}: got {nbytes} bytes crc {crc}, expected {request.num_bytes} crc {request.crc32}"
             )
-        incoming.completed_stages.add(request.stage)
+        await self._answer(incoming, StageLanded(request.stage, block_ids, error, timed_out))
         incoming.last_touch = time.monotonic()
         return llumlet_pb2.TransferStageResponse(bytes_received=nbytes)
 
     async def commit(self, request: llumlet_pb2.CommitMigrationRequest) -> llumlet_pb2.CommitMigrationResponse:
-        mid = request.migration_id
-        incoming = self._incoming.get(mid)
+        incoming = self._incoming.get(request.migration_id)
         if incoming is None:
-            raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {mid}")
-        if (
-            set(incoming.stage_blocks)
-            - incoming.completed_stages
-            - {s for s, b in incoming.stage_blocks.items() if not b}
-        ):
-            await self._free_incoming(mid, "commit before every stage completed")
-            raise MigrationError(grpc.StatusCode.FAILED_PRECONDITION, "not every stage was transferred")
-        if list(request.block_ids) != incoming.block_ids:
-            await self._free_incoming(mid, "commit block ids do not match the reservation")
-            raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "block ids do not match the reservation")
-        state = convert.migration_state_from_pb(request.request)
-        try:
-            async with self.llumlet.engine_lock:
-                self.llumlet.engine.commit_incoming(state, incoming.block_ids, time.time())
-                self.llumlet.adopt(state, request.request.request.frontend_address, request.capability)
-        except (DuplicateRequestError, InvalidRequestError, EngineError) as exc:
-            await self._free_incoming(mid, f"commit failed: {exc}")
-            raise MigrationError(grpc.StatusCode.FAILED_PRECONDITION, f"commit failed: {exc}") from exc
-        del self._incoming[mid]
-        self.llumlet.set_migrating(incoming=bool(self._incoming))
-        self.llumlet.stats.migrations_in += 1
-        self.llumlet.wake()
+            raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {request.migration_id}")
+        incoming.commit = request
+        await self._answer(incoming, CommitAsked(tuple(request.block_ids)))
         return llumlet_pb2.CommitMigrationResponse(instance_id=self.llumlet.instance_id)
 
     async def abort(self, request: llumlet_pb2.AbortMigrationRequest) -> llumlet_pb2.AbortMigrationResponse:
-        freed = await self._free_incoming(request.migration_id, request.reason or "aborted by source")
-        return llumlet_pb2.AbortMigrationResponse(freed_blocks=freed)
+        return llumlet_pb2.AbortMigrationResponse(
+            freed_blocks=await self._free_incoming(
+                request.migration_id, AbortAsked(request.reason or "aborted by source")
+            )
+        )
 
-    async def _free_incoming(self, mid: str, reason: str) -> int:
-        incoming = self._incoming.pop(mid, None)
+    async def _free_incoming(self, mid: str, event: AbortAsked | SourceSilent) -> int:
+        incoming = self._incoming.get(mid)
         if incoming is None:
             return 0
-        for task in incoming.stages.values():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-        async with self.llumlet.engine_lock:
-            self.llumlet.engine.free_reserved(incoming.block_ids)
-        self.llumlet.set_migrating(incoming=bool(self._incoming))
-        log.info("migration %s in: freed %d blocks (%s)", mid, len(incoming.block_ids), reason)
-        return len(incoming.block_ids)
+        _, freed = await self._step_incoming(incoming, event)
+        return freed
 
     async def _reap_pending(self) -> None:
         """Frees reservations whose source went silent (presumed dead)."""
@@ -678,4 +751,6 @@ class MigrationCoordinator:
             now = time.monotonic()
             for mid, incoming in list(self._incoming.items()):
                 if now - incoming.last_touch > self.settings.pending_timeout_s:
-                    await self._free_incoming(mid, f"source silent for {self.settings.pending_timeout_s:g} s")
+                    await self._free_incoming(
+                        mid, SourceSilent(f"source silent for {self.settings.pending_timeout_s:g} s")
+                    )

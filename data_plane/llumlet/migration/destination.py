@@ -45,11 +45,13 @@ class DestinationState(enum.Enum):
 
 
 class DestinationMigration:
-    """One incoming migration (``migration_id`` keys its slot in ``slots``, the destination's ``max_in``)."""
+    """One incoming migration (``migration_id`` keys its slot in ``slots``, the destination's ``max_in``;
+    ``instance`` names the destination in refusals)."""
 
-    def __init__(self, migration_id: str, slots: Slots) -> None:
+    def __init__(self, migration_id: str, slots: Slots, instance: str = "this instance") -> None:
         self.migration_id = migration_id
         self.slots = slots
+        self.instance = instance
         self.state = DestinationState.NEW
         self.block_ids: list[int] = []
         self.stage_blocks: dict[int, tuple[int, ...]] = {}
@@ -82,11 +84,11 @@ class DestinationMigration:
         if event.num_blocks < 0:
             return self._refuse(Refusal.INVALID, "num_blocks must be >= 0")
         if not event.accepting:
-            return self._refuse(Refusal.NOT_ACCEPTING, "this instance takes no requests")
+            return self._refuse(Refusal.NOT_ACCEPTING, f"{self.instance} takes no requests")
         if event.invalid is not None:
             return self._refuse(event.invalid.kind, event.invalid.reason)
         if not self.slots.take(self.migration_id):
-            return self._refuse(Refusal.NO_SLOT, "no free migration slot")
+            return self._refuse(Refusal.NO_SLOT, f"{self.instance} has no free migration slot")
         return self._offer(event)
 
     def _offer(self, event: Offered) -> list[DestinationAction]:

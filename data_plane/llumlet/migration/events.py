@@ -49,7 +49,8 @@ class Suspended:
 
 @dataclass(frozen=True)
 class SourceFailed:
-    """The source lost the request under an action (suspend refused, blocks freed during a copy)."""
+    """The source gives up under an outstanding action: it lost the request (suspend refused, blocks freed during a
+    copy), the frontend refused the hand-over, the source shuts down, or its driver failed; accepted at any time."""
 
     reason: str
 

@@ -99,6 +99,8 @@ class SourceMigration:
     def step(self, event: SourceEvent) -> list[SourceAction]:
         if isinstance(event, ClientAborted):
             return self._client_aborted()
+        if isinstance(event, SourceFailed) and self.state not in (SourceState.NEW, SourceState.DONE):
+            return self._abort_by_source(event.reason)  # also while waiting for another answer (shutdown, a bug)
         handler = _HANDLERS.get((self.state, type(event)))
         if handler is None:
             if self.state is SourceState.DONE:
@@ -130,7 +132,7 @@ class SourceMigration:
         self._preemptions0 = event.preemptions
         if event.phase is Phase.WAITING:
             return self._suspend()
-        return self._next(self._observe)
+        return self._observe()
 
     def _observed(self, event: Observed) -> list[SourceAction]:
         gone = self._vanished(event)
@@ -152,7 +154,7 @@ class SourceMigration:
         plan = next_stage(limits, self.stages, self.blocks_copied, event.blocks)
         if isinstance(plan, GiveUp):
             return self._abort_by_source(plan.reason)
-        return self._next(lambda: self._reserve(plan))
+        return self._reserve(plan)
 
     def _reserved(self, event: Reserved) -> list[SourceAction]:
         stage = self.stage
@@ -161,7 +163,7 @@ class SourceMigration:
             raise ProtocolError(f"reserved stage {event.stage}, asked {stage.index}")
         if event.count != stage.count:
             return self._abort_by_destination(f"destination reserved {event.count} blocks, asked {stage.count}")
-        return self._next(lambda: self._copy(stage))
+        return self._copy(stage)
 
     def _copied(self, event: Copied) -> list[SourceAction]:
         stage = self.stage
@@ -170,19 +172,20 @@ class SourceMigration:
             raise ProtocolError(f"copied stage {event.stage}, sending {stage.index}")
         self.blocks_copied += stage.count
         self.stages = stage.index + 1
-        return self._next(self._observe if not stage.last else self._flush)
+        return self._observe() if not stage.last else self._flush()
 
     def _flushed(self, _: Flushed) -> list[SourceAction]:
-        return self._next(self._commit)
+        # The last check before the commit: a client abort that came during the migration stops it here (the stages
+        # run to the end first; only a suspended request's abort is deferred, and it is suspended for the last one).
+        if self.client_aborted:
+            return self._abort_by_source(f"request {self.request_id} was aborted by its client during migration")
+        return self._commit()
 
     def _committed(self, _: Committed) -> list[SourceAction]:
         actions: list[SourceAction] = [Release()]
         if self.client_aborted:
             actions.append(ForwardAbort())  # the request lives on the destination now
         return actions + self._finish(Outcome.COMMITTED, "")
-
-    def _source_failed(self, event: SourceFailed) -> list[SourceAction]:
-        return self._abort_by_source(event.reason)
 
     def _destination_failed(self, event: Refused | CopyFailed | CommitFailed) -> list[SourceAction]:
         return self._abort_by_destination(event.reason)
@@ -195,16 +198,10 @@ class SourceMigration:
             return [ForwardAbort()]
         if self.state is SourceState.DONE:
             return [AbortHere()]
-        # Acted on at the next decision (an action is outstanding; a commit in flight is settled by its answer).
+        # Acted on before the commit (a commit in flight is settled by its answer).
         return []
 
     # ------------------------------------------------------------------ helpers
-    def _next(self, proceed: Callable[[], list[SourceAction]]) -> list[SourceAction]:
-        """Every decision to go on first honours a client abort (the last one before the commit matters most)."""
-        if self.client_aborted:
-            return self._abort_by_source(f"request {self.request_id} was aborted by its client during migration")
-        return proceed()
-
     def _observe(self) -> list[SourceAction]:
         self.state = SourceState.OBSERVING
         return [Observe()]
@@ -262,13 +259,10 @@ _HANDLERS: dict[tuple[SourceState, type], Callable[[SourceMigration, Any], list[
     (SourceState.FIRST_LOOK, Observed): SourceMigration._first_look,
     (SourceState.OBSERVING, Observed): SourceMigration._observed,
     (SourceState.SUSPENDING, Suspended): SourceMigration._suspended,
-    (SourceState.SUSPENDING, SourceFailed): SourceMigration._source_failed,
     (SourceState.RESERVING, Reserved): SourceMigration._reserved,
     (SourceState.RESERVING, Refused): SourceMigration._destination_failed,
-    (SourceState.RESERVING, SourceFailed): SourceMigration._source_failed,
     (SourceState.COPYING, Copied): SourceMigration._copied,
     (SourceState.COPYING, CopyFailed): SourceMigration._destination_failed,
-    (SourceState.COPYING, SourceFailed): SourceMigration._source_failed,
     (SourceState.FLUSHING, Flushed): SourceMigration._flushed,
     (SourceState.COMMITTING, Committed): SourceMigration._committed,
     (SourceState.COMMITTING, CommitFailed): SourceMigration._destination_failed,
