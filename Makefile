@@ -78,11 +78,14 @@ $(VENV)/.vllm: $(VENV)/.installed
 test-vllm: vllm link
 	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests/test_vllm_migration.py integration/test_vllm_processes.py
 
-# The simulator's paper comparisons at full size (10,000 requests per run, 16 instances; ~1 h on 2 cores):
-# docs/sim/full/<scenario>/COMPARE.md + plots, summarized in docs/sim/REPORT.md.
+# The simulator's paper comparisons at full size on the calibrated testbed (issue #15: 5 seeds x 10,000 requests per
+# point, 16 instances): docs/sim/full/<scenario>/COMPARE.md + plots, summarized in docs/sim/REPORT.md. SIM_JOBS runs
+# that many simulations at once (one core each); REPORT.md gives the measured cost per run.
 .PHONY: sim-report
+SIM_JOBS ?= 2
+SIM_SEEDS ?= 5
 sim-report: link
-	$(VENV)/bin/llumnix sim compare --scenario paper-fig11 --requests 10000 --load-scale 1 --out docs/sim/full/fig11-paper-rates
-	$(VENV)/bin/llumnix sim compare --scenario paper-fig11 --requests 10000 --load-scale 2 --out docs/sim/full/fig11-2x-rates
-	$(VENV)/bin/llumnix sim compare --scenario paper-fig13 --requests 10000 --load-scale 1 --out docs/sim/full/fig13
-	$(VENV)/bin/llumnix sim compare --scenario paper-fig14 --requests 10000 --load-scale 1 --out docs/sim/full/fig14
+	$(VENV)/bin/llumnix sim compare --scenario paper-fig11 --requests 10000 --seeds $(SIM_SEEDS) --policies llumnix --jobs $(SIM_JOBS) --out docs/sim/full/fig11
+	$(VENV)/bin/llumnix sim compare --scenario paper-fig11-sweep --traces M-M,L-L --requests 10000 --seeds $(SIM_SEEDS) --jobs $(SIM_JOBS) --out docs/sim/full/fig11-sweep
+	$(VENV)/bin/llumnix sim compare --scenario paper-fig13 --requests 10000 --seeds $(SIM_SEEDS) --jobs $(SIM_JOBS) --out docs/sim/full/fig13
+	$(VENV)/bin/llumnix sim compare --scenario paper-fig14 --requests 10000 --seeds $(SIM_SEEDS) --jobs $(SIM_JOBS) --out docs/sim/full/fig14
