@@ -35,9 +35,10 @@ from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordina
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.output_push import PushSettings
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, registry_resolver
-from pyllumnix.data_plane.transport.factory import make_transport
+from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
+from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,28 @@ def make_engine(opts: LlumletOptions) -> Engine:
     raise click.BadParameter(f"unknown engine {opts.engine!r} (available: sim, vllm)", param_hint="--engine")
 
 
+def transport_options(kind: str, host: str = "127.0.0.1", advertise_host: str = "") -> tuple[str, dict[str, Any]]:
+    """(transport kind, its options): the TCP data plane binds the llumlet's ``--host`` and advertises its
+    ``--advertise-host``; under secure settings it is mutual TLS with the llumlet's certificate (peers must be
+    llumlets of the cluster). UCX has no TLS: its KV bytes go unencrypted (said once); ``--transport tcp`` keeps them
+    inside TLS."""
+    settings = runtime.current()
+    if kind == "auto":
+        kind = "ucx" if ucx_available() else "tcp"
+    if kind != "tcp":
+        if settings.paths is not None and kind == "ucx":
+            log.warning("the ucx data plane is not encrypted (KV bytes in the clear); --transport tcp uses TLS")
+        return kind, {}
+    options: dict[str, Any] = {"host": host, "advertise_host": advertise_host or None}
+    if settings.paths is not None:
+        options.update(
+            ssl_server=server_ssl_context(settings.paths),
+            ssl_client=client_ssl_context(settings.paths),
+            cluster=settings.cluster,
+        )
+    return kind, options
+
+
 async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -> int:
     """Serves until ``stop`` is set (or SIGTERM/SIGINT); returns the process exit code."""
     stop = stop or asyncio.Event()
@@ -137,7 +160,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         push=PushSettings(budget_s=opts.push_budget_s, idle_close_s=opts.sink_idle_s),
         max_waiting=opts.max_waiting or None,
     )
-    transport = make_transport(opts.transport)
+    kind, transport_opts = transport_options(opts.transport, opts.host, opts.advertise_host)
+    transport = make_transport(kind, **transport_opts)
     data_plane_address = await transport.start()
     coordinator = MigrationCoordinator(llumlet, transport, opts.migration)
     servicer = LlumletServicer(llumlet, coordinator, opts.load_interval_ms)

@@ -5,6 +5,11 @@ socket operations (``sock_sendall`` / ``sock_recv_into``) rather than streams: `
 and ``StreamWriter.write`` copies whatever the kernel does not take at once, while these send straight from the
 caller's buffer and receive straight into the expected buffer. A chunk that arrives before its expectation is kept
 in a new buffer (one extra copy when it is claimed into a given ``out``).
+
+With ``ssl_server``/``ssl_client`` contexts (a secure llumlet: its certificate, the cluster CA) every connection is
+mutual TLS on asyncio streams instead (Python's TLS cannot run on the loop's raw socket operations); the payload is
+then read in slices into the expected buffer and the sender must present a certificate of role ``llumlet`` of the
+same cluster, or the connection is dropped before a frame is read.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -58,6 +64,19 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
 class _Conn:
     sock: socket.socket
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # TLS mode: the stream pair (``sock`` is then the underlying socket, for the peer-gone check only).
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            self.sock.close()
+
+
+# TLS mode reads a payload in slices of this size (StreamReader buffers what it reads; this bounds that buffer).
+_TLS_SLICE = 1 << 20
 
 
 def _tune(sock: socket.socket) -> None:
@@ -81,15 +100,33 @@ def _peer_gone(sock: socket.socket) -> bool:
 class TcpTransport(BufferingTransport):
     kind = "tcp"
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, advertise_host: str | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        *,
+        ssl_server: ssl.SSLContext | None = None,
+        ssl_client: ssl.SSLContext | None = None,
+        cluster: str = "",
+        peer_role: str = "llumlet",
+    ) -> None:
+        if (ssl_server is None) != (ssl_client is None) or (ssl_server is not None and not cluster):
+            raise ValueError("TLS needs both contexts and the cluster its peers belong to")
         self._host = host
         self._port = port
         self._advertise_host = advertise_host
+        self._ssl_server = ssl_server
+        self._ssl_client = ssl_client
+        self._cluster = cluster
+        self._peer_role = peer_role
+        self._stream_server: asyncio.Server | None = None
         self._address: str | None = None
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._server_socks: set[socket.socket] = set()
         self._conns: dict[str, _Conn] = {}
+        self._tls_writers: set[asyncio.StreamWriter] = set()
         super().__init__()
 
     async def start(self) -> str:
@@ -105,8 +142,17 @@ class TcpTransport(BufferingTransport):
         port = listener.getsockname()[1]
         host = self._advertise_host or (socket.gethostname() if self._host in ("0.0.0.0", "::") else self._host)
         self._address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
-        self._spawn(self._accept_loop(listener))
+        if self._ssl_server is not None:
+            self._stream_server = await asyncio.start_server(
+                self._serve_tls, sock=listener, ssl=self._ssl_server, ssl_handshake_timeout=10.0
+            )
+        else:
+            self._spawn(self._accept_loop(listener))
         return self._address
+
+    @property
+    def secure(self) -> bool:
+        return self._ssl_server is not None
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -115,6 +161,9 @@ class TcpTransport(BufferingTransport):
 
     async def close(self) -> None:
         self._address = None
+        if self._stream_server is not None:
+            self._stream_server.close()
+            self._stream_server = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -126,8 +175,11 @@ class TcpTransport(BufferingTransport):
             sock.close()
         self._server_socks.clear()
         for conn in self._conns.values():
-            conn.sock.close()
+            conn.close()
         self._conns.clear()
+        for writer in list(self._tls_writers):
+            writer.close()
+        self._tls_writers.clear()
         self._fail_pending()
 
     @property
@@ -186,6 +238,69 @@ class TcpTransport(BufferingTransport):
             self._server_socks.discard(sock)
             sock.close()
 
+    async def _serve_tls(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One mutual-TLS connection: the peer must be a ``peer_role`` of our cluster; then frames as in ``_serve``."""
+        from pyllumnix.infra.security.ca import IdentityError
+        from pyllumnix.infra.security.identity import identity_from_transport
+
+        self._tls_writers.add(writer)
+        try:
+            try:
+                peer = identity_from_transport(writer.transport)
+            except IdentityError as exc:
+                log.warning("data plane: TLS peer without a usable identity (%s); dropping the connection", exc)
+                return
+            if peer.cluster != self._cluster or peer.role != self._peer_role:
+                log.warning(
+                    "data plane: %s may not send here (need a %s of cluster %r); dropping the connection",
+                    peer,
+                    self._peer_role,
+                    self._cluster,
+                )
+                return
+            while True:
+                try:
+                    header = await reader.readexactly(_HEADER.size)
+                except asyncio.IncompleteReadError:
+                    return
+                magic, key_len, nbytes = _HEADER.unpack(header)
+                if magic != _MAGIC or key_len > _MAX_KEY:
+                    return
+                if nbytes > MAX_FRAME_BYTES:
+                    log.warning(
+                        "data plane: frame of %d bytes (limit %d); dropping the connection", nbytes, MAX_FRAME_BYTES
+                    )
+                    return
+                key = (await reader.readexactly(key_len)).decode(errors="replace")
+                exp = self._expected.get(key)
+                direct = exp is not None and not exp.future.done() and exp.nbytes == nbytes
+                if not direct and not self.early_room(nbytes):
+                    self.early_dropped += 1
+                    log.warning(
+                        "data plane: %d bytes for unexpected key %r over the bound; dropping the connection",
+                        nbytes,
+                        key,
+                    )
+                    return
+                buf = exp.buffer if direct and exp is not None else np.empty(nbytes, dtype=np.uint8)
+                view = memoryview(buf.data).cast("B")
+                got = 0
+                try:
+                    while got < nbytes:
+                        piece = await reader.readexactly(min(_TLS_SLICE, nbytes - got))
+                        view[got : got + len(piece)] = piece
+                        got += len(piece)
+                except asyncio.IncompleteReadError:
+                    if exp is not None and not exp.future.done():
+                        exp.future.set_exception(TransportError(f"{key!r}: peer closed mid-transfer"))
+                    return
+                self._deliver(key, buf, direct)
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            return
+        finally:
+            self._tls_writers.discard(writer)
+            writer.close()
+
     def _deliver(self, key: str, buf: Bytes, direct: bool) -> None:
         exp = self._expected.get(key)
         if exp is None:
@@ -229,15 +344,24 @@ class TcpTransport(BufferingTransport):
             except BaseException:
                 sock.close()
                 raise
-            conn = self._conns.setdefault(peer, _Conn(sock))
-            if conn.sock is not sock:
-                sock.close()
+            fresh = _Conn(sock)
+            if self._ssl_client is not None:
+                try:
+                    fresh.reader, fresh.writer = await asyncio.open_connection(
+                        sock=sock, ssl=self._ssl_client, server_hostname=host, ssl_handshake_timeout=10.0
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+            conn = self._conns.setdefault(peer, fresh)
+            if conn is not fresh:
+                fresh.close()
         return conn
 
     def _drop(self, peer: str, conn: _Conn) -> None:
         if self._conns.get(peer) is conn:
             del self._conns[peer]
-        conn.sock.close()
+        conn.close()
 
     async def send(self, peer: str, key: str, chunk: Chunk, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         if self._address is None:
@@ -251,13 +375,18 @@ class TcpTransport(BufferingTransport):
             async with asyncio.timeout(timeout):
                 conn = await self._connect(peer)
                 async with conn.lock:
-                    await loop.sock_sendall(conn.sock, header)
-                    await loop.sock_sendall(conn.sock, view)
+                    if conn.writer is not None:
+                        conn.writer.write(header)
+                        conn.writer.write(view)
+                        await conn.writer.drain()
+                    else:
+                        await loop.sock_sendall(conn.sock, header)
+                        await loop.sock_sendall(conn.sock, view)
         except TimeoutError as e:
             if conn is not None:
                 self._drop(peer, conn)  # a partial frame poisons the connection
             raise TransportTimeout(f"send {key!r} to {peer}: not done within {timeout:.3g}s") from e
-        except OSError as e:
+        except (OSError, ssl.SSLError) as e:
             if conn is not None:
                 self._drop(peer, conn)
             raise TransportError(f"send {key!r} to {peer}: {e}") from e
