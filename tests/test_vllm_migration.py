@@ -16,6 +16,7 @@ import pytest
 
 from pyllumnix.data_plane.engine.base import (
     Engine,
+    InvalidRequestError,
     InvalidStateError,
     MigrationState,
     OutOfBlocksError,
@@ -336,3 +337,57 @@ def test_load_snapshot_reflects_vllm_state(pair: tuple[VllmEngine, VllmEngine]) 
     assert by_id["l0"].num_blocks == 4 and by_id["l0"].num_output_tokens == 1
     assert a.num_computed_tokens("l0") == 100
     assert a.block_bytes == 2 * 2 * 32 * 64 * 4  # layers x kv heads x block x (K|V head dims) x fp32
+
+
+def test_kv_blocks_take_the_one_kernel_path(pair: tuple[VllmEngine, VllmEngine]) -> None:
+    """vLLM carves every layer out of one buffer: the adapter must find the fused view (one gather/scatter kernel a
+    chunk), both engines report the same layout, and the device hooks move the same bytes as the host ones."""
+    import torch
+
+    from pyllumnix.data_plane.engine.kv_layout import check_compatible
+
+    a, b = pair
+    assert a.core.mover.fused and b.core.mover.fused
+    check_compatible(a.kv_layout(), b.kv_layout())
+    assert a.kv_layout().block_bytes == a.block_bytes
+    a.add_request(spec("f0", 70, 4, 5), 0.0)
+    out: Tokens = {}
+    while len(out.get("f0", [])) < 2:
+        collect(a, out)
+    ids = a.block_ids("f0")
+    assert len(ids) >= 2
+    host = a.read_blocks(ids)
+    assert host.any()
+    dev, ready = a.read_blocks_async(ids)
+    ready.wait()
+    assert isinstance(dev, torch.Tensor) and dev.device.type == a.kv_device.split(":")[0]
+    assert np.array_equal(dev.cpu().numpy(), host)
+    dst = b.reserve_blocks(len(ids))
+    b.write_blocks_async(dst, dev).wait()
+    assert np.array_equal(b.core.read(dst), host)  # reserved blocks are not readable through the engine API
+    b.free_reserved(dst)
+    with pytest.raises(InvalidRequestError, match="not uint8"):
+        a.read_blocks_async(ids, torch.empty((len(ids), a.block_bytes - 1), dtype=torch.uint8))
+
+
+def test_device_hooks_migrate_token_identically(pair: tuple[VllmEngine, VllmEngine]) -> None:
+    """The same migration as above, but every stage through ``read_blocks_async``/``write_blocks_async`` with
+    device buffers (what the fusion pipeline uses)."""
+    a, b = pair
+    specs = [spec("d0", 50, 40, 6), spec("d1", 45, 40, 7)]
+    ref = reference(a, specs)
+    out: Tokens = {}
+    for s in specs:
+        a.add_request(s, 0.0)
+    while len(out.get("d1", [])) < 9:
+        collect(a, out)
+    state = a.suspend("d1")
+    ids = a.block_ids("d1")
+    dst = b.reserve_blocks(len(ids))
+    data, ready = a.read_blocks_async(ids)
+    ready.wait()
+    b.write_blocks_async(dst, data).wait()
+    b.commit_incoming(state, dst, 0.0)
+    a.release_suspended("d1")
+    run_all([a, b], out)
+    assert out == ref

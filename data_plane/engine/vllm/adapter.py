@@ -38,6 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from pyllumnix.data_plane.engine.device import READY, CudaReady, Ready
+from pyllumnix.data_plane.engine.kv_layout import BlockMover, KvLayout, KvLayoutError
+
 # vLLM reads these at import or engine start; the in-process engine needs the first one.
 _ENV_DEFAULTS = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -204,12 +207,22 @@ class CoreAdapter:
         self._generation_config: dict[str, Any] = dict(vllm_config.model_config.try_get_generation_config() or {})
         self._block_hasher = self.core.request_block_hasher
         self._layer_caches = list(self.model_runner.kv_caches)
-        self._block_axes = [self._block_axis(t) for t in self._layer_caches]
-        self._layer_bytes = [
-            int(t.numel() // int(t.shape[ax])) * int(t.element_size())
-            for t, ax in zip(self._layer_caches, self._block_axes, strict=True)
-        ]
-        self.block_bytes = sum(self._layer_bytes)
+        try:
+            self.mover = BlockMover(self._layer_caches, int(self.block_pool.num_gpu_blocks), self.block_size)
+        except KvLayoutError as e:
+            raise VllmUnavailableError(str(e)) from e
+        self.block_bytes = self.mover.block_bytes
+        self.layout: KvLayout = self.mover.layout
+        kv_dev = self.mover.device
+        self.kv_device = "cpu" if kv_dev.type == "cpu" else f"{kv_dev.type}:{kv_dev.index}"
+        # On CUDA the block copies run on a side stream, ordered after the last engine step by an event, so a
+        # migration's gather/scatter overlaps the next step instead of queueing behind it on the default stream.
+        self._side_stream: Any = None
+        self._step_event: Any = None
+        if kv_dev.type == "cuda":
+            self._side_stream = torch.cuda.Stream(device=kv_dev)
+            self._step_event = torch.cuda.Event()
+            self._step_event.record(torch.cuda.current_stream(kv_dev))
         self._reserved: dict[int, Any] = {}
         self._suspended: dict[str, Suspended] = {}
         self._pool_lock = threading.Lock()
@@ -223,15 +236,6 @@ class CoreAdapter:
             return out
 
         self.scheduler.schedule = capture_schedule
-
-    def _block_axis(self, t: Any) -> int:
-        """The axis of one layer's KV tensor that indexes blocks: 0 on CPU (``[blocks, kv_heads, block, 2*dim]``),
-        1 for GPU backends that put K/V first (``[2, blocks, ...]``)."""
-        n = int(self.block_pool.num_gpu_blocks)
-        for axis in (0, 1):
-            if t.dim() > axis and int(t.shape[axis]) == n:
-                return axis
-        raise VllmUnavailableError(f"unexpected KV cache layout {tuple(t.shape)}: no block axis of size {n}")
 
     # ------------------------------------------------------------------ requests
     def make_sampling_params(self, s: SamplingArgs) -> Any:
@@ -341,6 +345,8 @@ class CoreAdapter:
     def _step_once(self) -> CoreStep:
         self._last_sched_out = None
         outputs_by_client, _executed = self.core.step()
+        if self._step_event is not None:
+            self._step_event.record(self._torch.cuda.current_stream(self.mover.device))
         so = self._last_sched_out
         prefill = decode = 0
         preempted: tuple[str, ...] = ()
@@ -369,34 +375,58 @@ class CoreAdapter:
     def read(
         self, block_ids: Sequence[int], out: np.ndarray[Any, np.dtype[np.uint8]] | None = None
     ) -> np.ndarray[Any, np.dtype[np.uint8]]:
-        """Copies the blocks (all layers, K and V) into ``out`` or a new (n, block_bytes) uint8 array."""
+        """Copies the blocks (all layers, K and V) into ``out`` or a new (n, block_bytes) uint8 host array. On a CPU
+        engine the gather kernel writes straight into ``out``; on a GPU it gathers on the device, then one copy."""
         n = len(block_ids)
         if out is None:
             out = np.empty((n, self.block_bytes), dtype=np.uint8)
         if n == 0:
             return out
         torch = self._torch
-        idx = torch.tensor(list(block_ids), dtype=torch.long)
-        off = 0
-        for layer, axis, nbytes in zip(self._layer_caches, self._block_axes, self._layer_bytes, strict=True):
-            sel = layer.index_select(axis, idx.to(layer.device)).movedim(axis, 0).contiguous()
-            out[:, off : off + nbytes] = sel.view(torch.uint8).reshape(n, nbytes).cpu().numpy()
-            off += nbytes
+        host = torch.from_numpy(out)
+        if self._side_stream is None:
+            self.mover.gather(self.mover.index(block_ids), host)
+            return out
+        staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.mover.device)
+        self.gather_async(block_ids, staged).wait()
+        host.copy_(staged)
         return out
+
+    def gather_async(self, block_ids: Sequence[int], out: Any) -> Ready:
+        """Gathers into ``out`` (uint8 (n, block_bytes) on the KV device) with one kernel when the layout allows;
+        on CUDA on the side stream after the last step, returning a handle on its completion."""
+        if self._side_stream is None:
+            self.mover.gather(self.mover.index(block_ids), out)
+            return READY
+        torch = self._torch
+        with torch.cuda.stream(self._side_stream):
+            self._side_stream.wait_event(self._step_event)
+            self.mover.gather(self.mover.index(block_ids), out)
+            done = torch.cuda.Event()
+            done.record(self._side_stream)
+        return CudaReady(done)
 
     def write(self, block_ids: Sequence[int], data: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
         if not block_ids:
             return
+        src = self._torch.from_numpy(np.ascontiguousarray(data))
+        if self._side_stream is not None:
+            src = src.to(self.mover.device)
+        self.scatter_async(block_ids, src).wait()
+
+    def scatter_async(self, block_ids: Sequence[int], data: Any) -> Ready:
+        """Scatters ``data`` (uint8 (n, block_bytes) on the KV device) into reserved blocks; the blocks must not be
+        committed (and ``data`` not reused) before the handle is done."""
+        if self._side_stream is None:
+            self.mover.scatter(self.mover.index(block_ids), data)
+            return READY
         torch = self._torch
-        n = len(block_ids)
-        idx = torch.tensor(list(block_ids), dtype=torch.long)
-        src = torch.from_numpy(np.ascontiguousarray(data))
-        off = 0
-        for layer, axis, nbytes in zip(self._layer_caches, self._block_axes, self._layer_bytes, strict=True):
-            shape = [n, *[int(d) for i, d in enumerate(layer.shape) if i != axis]]
-            chunk = src[:, off : off + nbytes].to(layer.device).contiguous().view(layer.dtype).reshape(shape)
-            layer.index_copy_(axis, idx.to(layer.device), chunk.movedim(0, axis))
-            off += nbytes
+        with torch.cuda.stream(self._side_stream):
+            self._side_stream.wait_event(self._step_event)
+            self.mover.scatter(self.mover.index(block_ids), data)
+            done = torch.cuda.Event()
+            done.record(self._side_stream)
+        return CudaReady(done)
 
     def reserve(self, n: int) -> list[int]:
         with self._pool_lock:

@@ -24,6 +24,7 @@ from pyllumnix.data_plane.engine.base import (
     Finish,
     InvalidRequestError,
     InvalidStateError,
+    KvBuffer,
     LoadSnapshot,
     MigrationState,
     Phase,
@@ -40,6 +41,8 @@ from pyllumnix.data_plane.engine.checks import (
     check_reserved,
     check_waiting_admission,
 )
+from pyllumnix.data_plane.engine.device import Ready, device_of
+from pyllumnix.data_plane.engine.kv_layout import KvLayout
 from pyllumnix.data_plane.engine.vllm.adapter import CoreAdapter, CoreConfig, ReqView, SamplingArgs
 
 ENGINE_STATE_VERSION = 1
@@ -323,6 +326,51 @@ class VllmEngine(Engine):
         self._check_reserved(block_ids)
         check_block_data(block_ids, data, self.block_bytes)
         self.core.write(block_ids, data)
+
+    # --- device-memory hooks: the migration's chunk buffers live on the KV device ---
+    @property
+    def kv_device(self) -> str:
+        return self.core.kv_device
+
+    def kv_layout(self) -> KvLayout:
+        return self.core.layout
+
+    def _device_buffer(self, block_ids: Sequence[int], buf: KvBuffer, what: str) -> KvBuffer:
+        """``buf`` as a torch tensor on the KV device (a host numpy array is wrapped, without copying, on a CPU
+        engine); anything else is refused with a clear error."""
+        torch = self.core._torch
+        if isinstance(buf, np.ndarray):
+            if self.kv_device != "cpu":
+                raise InvalidRequestError(f"{what}: host buffer given, the KV cache is on {self.kv_device}")
+            check_block_data(block_ids, buf, self.block_bytes)
+            return torch.from_numpy(buf)
+        if not isinstance(buf, torch.Tensor):
+            raise InvalidRequestError(f"{what}: not a block buffer: {type(buf).__name__}")
+        if device_of(buf) != self.kv_device:
+            raise InvalidRequestError(f"{what}: buffer on {device_of(buf)}, the KV cache is on {self.kv_device}")
+        if tuple(buf.shape) != (len(block_ids), self.block_bytes) or buf.dtype != torch.uint8:
+            raise InvalidRequestError(
+                f"{what}: buffer {buf.dtype}{tuple(buf.shape)} is not uint8({len(block_ids)}, {self.block_bytes})"
+            )
+        if not buf.is_contiguous():
+            raise InvalidRequestError(f"{what}: buffer must be contiguous")
+        return buf
+
+    def read_blocks_async(self, block_ids: Sequence[int], out: KvBuffer | None = None) -> tuple[KvBuffer, Ready]:
+        """Gathers on the KV device (one kernel on vLLM's shared buffer; a side stream on CUDA)."""
+        if out is None:
+            torch = self.core._torch
+            out = torch.empty((len(block_ids), self.block_bytes), dtype=torch.uint8, device=self.kv_device)
+        target = self._device_buffer(block_ids, out, "read_blocks_async")
+        self._check_in_use(block_ids)
+        ready = self.core.gather_async(block_ids, target)
+        self._check_in_use(block_ids)
+        return out, ready
+
+    def write_blocks_async(self, block_ids: Sequence[int], data: KvBuffer) -> Ready:
+        self._check_reserved(block_ids)
+        source = self._device_buffer(block_ids, data, "write_blocks_async")
+        return self.core.scatter_async(block_ids, source)
 
     def commit_incoming(self, state: MigrationState, block_ids: Sequence[int], now: float) -> None:
         """With KV: installed running on the reserved blocks (appended last: the first preemption victim). Without
