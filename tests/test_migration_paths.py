@@ -617,12 +617,6 @@ async def test_silent_source_loses_its_reservation_and_is_refused_after(sink: Re
         await b.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: MigrationCoordinator.close() cancels the migration task without awaiting it and closes its "
-    "gRPC channels at once, so the task's shielded AbortMigration fails with 'Channel is closed' and the destination "
-    "keeps the reservation until its pending timeout",
-)
 async def test_source_shutting_down_mid_migration_frees_the_destination_at_once(sink: RecordingSink) -> None:
     """The source llumlet closes while a migration waits between stages: it tells the destination, which frees the
     reservation now, not after its pending timeout (10 s here)."""

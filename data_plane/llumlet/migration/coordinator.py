@@ -80,6 +80,7 @@ from pyllumnix.data_plane.llumlet.service import MigrationError
 from pyllumnix.data_plane.transport.base import Transport, TransportError
 from pyllumnix.data_plane.transport.fusion import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_STALL_TIMEOUT_S,
     ChunkBuffers,
     plan_chunks,
     receive_blocks,
@@ -91,6 +92,8 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grp
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S = 2.0
+# Seconds ``close`` waits for cancelled migrations to settle (their shielded AbortMigration to the peer).
+CLOSE_WAIT_S = 5.0
 
 
 @dataclass
@@ -98,6 +101,9 @@ class MigrationSettings:
     limits: MigrationLimits = field(default_factory=MigrationLimits)
     pending_timeout_s: float = 10.0
     transfer_timeout_s: float = 10.0
+    # The transport's progress watchdog: a stage fails once no chunk completed for this long (None: only the stage's
+    # transfer_timeout_s bounds it).
+    stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     max_in: int = 1
     max_out: int = 1
@@ -220,10 +226,16 @@ class MigrationCoordinator:
         self._reaper = asyncio.get_running_loop().create_task(self._reap_pending(), name="migration-reaper")
 
     async def close(self) -> None:
+        """Cancels the migrations in progress and waits for them (up to CLOSE_WAIT_S) before closing the channels:
+        a cancelled source still tells its destination (a shielded AbortMigration), which then frees its
+        reservation at once instead of after its pending timeout."""
         if self._reaper is not None:
             self._reaper.cancel()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
         for mid in list(self._incoming):
             await self._free_incoming(mid, AbortAsked("llumlet shutting down"))
         for channel in self._channels.values():
@@ -329,11 +341,13 @@ class MigrationCoordinator:
             result,
             owner.frontend_address if owner else "",
         )
-        await self._drive(out)
-        result.total_ms = (time.monotonic() - t0) * 1000
-        self.llumlet.stats.record_migration(result)
-        self.results.append(result)
-        del self.results[:-100]
+        try:
+            await self._drive(out)
+        finally:  # also when cancelled (the llumlet shuts down): the result says how the migration ended
+            result.total_ms = (time.monotonic() - t0) * 1000
+            self.llumlet.stats.record_migration(result)
+            self.results.append(result)
+            del self.results[:-100]
         return result
 
     async def _drive(self, out: _Outgoing) -> None:
@@ -568,6 +582,7 @@ class MigrationCoordinator:
                 engine.block_bytes,
                 chunk_bytes=self.settings.chunk_bytes,
                 timeout=self.settings.transfer_timeout_s,
+                stall_timeout=self.settings.stall_timeout_s,
                 checksum=self.settings.verify_crc,
             )
         finally:
@@ -692,6 +707,7 @@ class MigrationCoordinator:
                 write,
                 chunk_bytes=self.settings.chunk_bytes,
                 timeout=self.settings.transfer_timeout_s,
+                stall_timeout=self.settings.stall_timeout_s,
                 checksum=self.settings.verify_crc,
                 buffers=buffers,
             )
