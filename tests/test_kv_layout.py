@@ -210,3 +210,19 @@ def test_peer_layout_check_of_the_handshake_text() -> None:
         check_peer_layout(local, "garbage;x")
     with pytest.raises(KvLayoutMismatch, match="dtype"):
         check_peer_layout(local, KvLayout("page[2,4,2,8]", 512, "bfloat16", 3, 16).encode())
+
+
+def test_block_copier_on_the_cpu_is_synchronous() -> None:
+    from pyllumnix.data_plane.engine.kv_layout import BlockCopier
+
+    src_layers, dst_layers = LAYOUTS["block-major"](), LAYOUTS["flash-2NBHD"]()
+    _fill(src_layers, 4)
+    src, dst = BlockCopier(BlockMover(src_layers, N)), BlockCopier(BlockMover(dst_layers, N))
+    assert not src.asynchronous
+    buf = torch.empty((3, src.mover.block_bytes), dtype=torch.uint8)
+    ready = src.gather_async([4, 1, 8], buf)
+    assert ready.done()
+    src.mark_step()  # a no-op without CUDA
+    dst.scatter_async([0, 2, 3], buf).wait()
+    # different physical layouts, same logical page: the bytes carry over
+    assert torch.equal(_reference_read(dst_layers, [0, 2, 3]), _reference_read(src_layers, [4, 1, 8]))

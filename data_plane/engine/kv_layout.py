@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pyllumnix.data_plane.engine.device import READY, CudaReady, Ready
+
 LAYOUT_HOST_BYTES = "bytes"
 """The layout of engines whose blocks are opaque host bytes (the simulated engine)."""
 
@@ -233,3 +235,52 @@ class BlockMover:
             src = data[:, off : off + self.page_bytes].contiguous().view(self.dtype).view(n, *self.page_shape)
             v.index_copy_(0, ids, src)
             off += self.page_bytes
+
+
+class BlockCopier:
+    """Runs a BlockMover's kernels for migration: synchronously on the CPU; on CUDA on a side stream, each copy
+    ordered after the engine's last step by an event (``mark_step``), so it overlaps the next step instead of
+    queueing behind it on the default stream, and returning a ``Ready`` handle on its own event."""
+
+    def __init__(self, mover: BlockMover) -> None:
+        self.mover = mover
+        self._torch = mover._torch
+        self._stream: Any = None
+        self._step_event: Any = None
+        if mover.device.type == "cuda":
+            torch = self._torch
+            self._stream = torch.cuda.Stream(device=mover.device)
+            self._step_event = torch.cuda.Event()
+            self.mark_step()
+
+    @property
+    def asynchronous(self) -> bool:
+        return self._stream is not None
+
+    def mark_step(self) -> None:
+        """Call after each engine step (on the engine's thread): later copies wait for the work enqueued so far."""
+        if self._step_event is not None:
+            self._step_event.record(self._torch.cuda.current_stream(self.mover.device))
+
+    def _run(self, fn: Any, block_ids: Sequence[int], buf: Any) -> Ready:
+        if self._stream is None:
+            fn(self.mover.index(block_ids), buf)
+            return READY
+        torch = self._torch
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(self._step_event)
+            fn(self.mover.index(block_ids), buf)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        # The buffers were allocated on other streams: keep the caching allocator from reusing them early.
+        buf.record_stream(self._stream)
+        return CudaReady(done)
+
+    def gather_async(self, block_ids: Sequence[int], out: Any) -> Ready:
+        """Gathers into ``out`` (uint8 (n, block_bytes) on the KV device)."""
+        return self._run(self.mover.gather, block_ids, out)
+
+    def scatter_async(self, block_ids: Sequence[int], data: Any) -> Ready:
+        """Scatters ``data`` into the blocks; the blocks must not be used (nor ``data`` reused) before the handle is
+        done."""
+        return self._run(self.mover.scatter, block_ids, data)

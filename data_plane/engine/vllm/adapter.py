@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from pyllumnix.data_plane.engine.device import READY, CudaReady, Ready
-from pyllumnix.data_plane.engine.kv_layout import BlockMover, KvLayout, KvLayoutError
+from pyllumnix.data_plane.engine.device import Ready
+from pyllumnix.data_plane.engine.kv_layout import BlockCopier, BlockMover, KvLayout, KvLayoutError
 
 # vLLM reads these at import or engine start; the in-process engine needs the first one.
 _ENV_DEFAULTS = {
@@ -215,14 +215,8 @@ class CoreAdapter:
         self.layout: KvLayout = self.mover.layout
         kv_dev = self.mover.device
         self.kv_device = "cpu" if kv_dev.type == "cpu" else f"{kv_dev.type}:{kv_dev.index}"
-        # On CUDA the block copies run on a side stream, ordered after the last engine step by an event, so a
-        # migration's gather/scatter overlaps the next step instead of queueing behind it on the default stream.
-        self._side_stream: Any = None
-        self._step_event: Any = None
-        if kv_dev.type == "cuda":
-            self._side_stream = torch.cuda.Stream(device=kv_dev)
-            self._step_event = torch.cuda.Event()
-            self._step_event.record(torch.cuda.current_stream(kv_dev))
+        # On CUDA the block copies run on a side stream, ordered after the last engine step by an event.
+        self.copier = BlockCopier(self.mover)
         self._reserved: dict[int, Any] = {}
         self._suspended: dict[str, Suspended] = {}
         self._pool_lock = threading.Lock()
@@ -345,8 +339,7 @@ class CoreAdapter:
     def _step_once(self) -> CoreStep:
         self._last_sched_out = None
         outputs_by_client, _executed = self.core.step()
-        if self._step_event is not None:
-            self._step_event.record(self._torch.cuda.current_stream(self.mover.device))
+        self.copier.mark_step()
         so = self._last_sched_out
         prefill = decode = 0
         preempted: tuple[str, ...] = ()
@@ -384,49 +377,31 @@ class CoreAdapter:
             return out
         torch = self._torch
         host = torch.from_numpy(out)
-        if self._side_stream is None:
+        if not self.copier.asynchronous:
             self.mover.gather(self.mover.index(block_ids), host)
             return out
         staged = torch.empty((n, self.block_bytes), dtype=torch.uint8, device=self.mover.device)
-        self.gather_async(block_ids, staged).wait()
+        self.copier.gather_async(block_ids, staged).wait()
         host.copy_(staged)
         return out
 
     def gather_async(self, block_ids: Sequence[int], out: Any) -> Ready:
         """Gathers into ``out`` (uint8 (n, block_bytes) on the KV device) with one kernel when the layout allows;
         on CUDA on the side stream after the last step, returning a handle on its completion."""
-        if self._side_stream is None:
-            self.mover.gather(self.mover.index(block_ids), out)
-            return READY
-        torch = self._torch
-        with torch.cuda.stream(self._side_stream):
-            self._side_stream.wait_event(self._step_event)
-            self.mover.gather(self.mover.index(block_ids), out)
-            done = torch.cuda.Event()
-            done.record(self._side_stream)
-        return CudaReady(done)
+        return self.copier.gather_async(block_ids, out)
 
     def write(self, block_ids: Sequence[int], data: np.ndarray[Any, np.dtype[np.uint8]]) -> None:
         if not block_ids:
             return
         src = self._torch.from_numpy(np.ascontiguousarray(data))
-        if self._side_stream is not None:
+        if self.copier.asynchronous:
             src = src.to(self.mover.device)
-        self.scatter_async(block_ids, src).wait()
+        self.copier.scatter_async(block_ids, src).wait()
 
     def scatter_async(self, block_ids: Sequence[int], data: Any) -> Ready:
         """Scatters ``data`` (uint8 (n, block_bytes) on the KV device) into reserved blocks; the blocks must not be
         committed (and ``data`` not reused) before the handle is done."""
-        if self._side_stream is None:
-            self.mover.scatter(self.mover.index(block_ids), data)
-            return READY
-        torch = self._torch
-        with torch.cuda.stream(self._side_stream):
-            self._side_stream.wait_event(self._step_event)
-            self.mover.scatter(self.mover.index(block_ids), data)
-            done = torch.cuda.Event()
-            done.record(self._side_stream)
-        return CudaReady(done)
+        return self.copier.scatter_async(block_ids, data)
 
     def reserve(self, n: int) -> list[int]:
         with self._pool_lock:
