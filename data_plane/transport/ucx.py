@@ -107,15 +107,27 @@ def default_ucx_tls(device: bool) -> str:
     return ("rc," if system else "") + UCX_DEVICE_TLS
 
 
+_DEFAULTED: set[str] = set()
+"""Variables ``configure_ucx_env`` set itself (not the user): a later call for device memory may replace them."""
+
+
 def configure_ucx_env(tls: str | None = None, device: bool = False) -> None:
-    """Sets UCX defaults before the UCX context exists; an explicit ``tls`` wins over the environment."""
+    """Sets UCX defaults before the UCX context exists; an explicit ``tls`` wins over the environment, and the
+    environment over the defaults. Defaults set by an earlier host-memory call (``ucx_available`` makes one) are
+    replaced by the device ones when a device endpoint configures UCX before the context exists."""
     defaults = dict(UCX_ENV_DEFAULTS, UCX_TLS=default_ucx_tls(device))
     if device:
         del defaults["UCX_RNDV_FRAG_MEM_TYPE"]  # host staging fragments would defeat device-to-device rendezvous
+        if "UCX_RNDV_FRAG_MEM_TYPE" in _DEFAULTED:
+            os.environ.pop("UCX_RNDV_FRAG_MEM_TYPE", None)
+            _DEFAULTED.discard("UCX_RNDV_FRAG_MEM_TYPE")
     for name, value in defaults.items():
-        os.environ.setdefault(name, value)
+        if name not in os.environ or name in _DEFAULTED:
+            os.environ[name] = value
+            _DEFAULTED.add(name)
     if tls:
         os.environ["UCX_TLS"] = tls
+        _DEFAULTED.discard("UCX_TLS")
 
 
 def make_cuda_context_current(device: str) -> None:
@@ -139,7 +151,21 @@ def import_ucxx() -> ModuleType:
 @functools.cache
 def _context(lib: ModuleType) -> Any:
     """The process's UCX context (one, as UCX intends: each transport gets its own worker on it)."""
+    _CONTEXT_TLS.append(os.environ.get("UCX_TLS", ""))
     return lib.UCXContext(feature_flags=(lib.Feature.TAG, lib.Feature.WAKEUP))
+
+
+_CONTEXT_TLS: list[str] = []
+"""UCX_TLS when the process's context was created (it cannot change afterwards)."""
+
+
+def _check_context_for_device() -> None:
+    """A device endpoint in a process whose UCX context was made without CUDA transports cannot work."""
+    if _CONTEXT_TLS and "cuda" not in _CONTEXT_TLS[0] and _CONTEXT_TLS[0] not in ("", "all"):
+        raise TransportError(
+            f"this process's UCX context was created with UCX_TLS={_CONTEXT_TLS[0]} (no CUDA transports); start "
+            "device endpoints before host ones, or set UCX_TLS to include cuda_copy,cuda_ipc"
+        )
 
 
 def ucx_tag(nonce: str, key: str) -> int:
@@ -303,6 +329,7 @@ class UcxTransport(ExpectingTransport):
             lib = import_ucxx()
             try:
                 if self.device is not None:
+                    _check_context_for_device()
                     make_cuda_context_current(self.device)
                 worker = lib.UCXWorker(_context(lib))
                 progress = UcxProgress(worker, asyncio.get_running_loop(), self._rescue_interval)
