@@ -193,3 +193,35 @@ async def test_device_ucx_endpoint_refuses_host_memory() -> None:
 def test_ready_handle_of_host_copies() -> None:
     assert READY.done()
     READY.wait()
+
+
+def test_device_ucx_defaults_replace_the_earlier_host_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyllumnix.data_plane.transport import ucx
+
+    for name in ("UCX_TLS", "UCX_RNDV_FRAG_MEM_TYPE", "RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ucx, "_DEFAULTED", set())
+    import os
+
+    ucx.configure_ucx_env()  # what ucx_available() does first
+    assert os.environ["UCX_TLS"] == "sm,self,tcp" and os.environ["UCX_RNDV_FRAG_MEM_TYPE"] == "host"
+    ucx.configure_ucx_env(device=True)
+    assert os.environ["UCX_TLS"] == "cuda_ipc,cuda_copy,sm,self,tcp"
+    assert "UCX_RNDV_FRAG_MEM_TYPE" not in os.environ
+    monkeypatch.setenv("RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY", "true")
+    ucx.configure_ucx_env(device=True)
+    assert os.environ["UCX_TLS"] == "rc,cuda_ipc,cuda_copy,sm,self,tcp"
+    monkeypatch.setenv("UCX_TLS", "tcp")  # the user's choice is never replaced
+    monkeypatch.setattr(ucx, "_DEFAULTED", set())
+    ucx.configure_ucx_env(device=True)
+    assert os.environ["UCX_TLS"] == "tcp"
+
+
+def test_device_endpoint_after_a_host_only_ucx_context_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyllumnix.data_plane.transport import ucx
+
+    monkeypatch.setattr(ucx, "_CONTEXT_TLS", ["sm,self,tcp"])
+    with pytest.raises(TransportError, match="no CUDA transports"):
+        ucx._check_context_for_device()
+    monkeypatch.setattr(ucx, "_CONTEXT_TLS", ["cuda_ipc,cuda_copy,sm,self,tcp"])
+    ucx._check_context_for_device()
