@@ -47,6 +47,7 @@ from pyllumnix.data_plane.llumlet.migration.events import (
     Resume,
     SourceAction,
     SourceEvent,
+    SourceFailed,
     StageLanded,
     Start,
     Suspend,
@@ -169,7 +170,9 @@ class MigrationProcess:
     def _reserve(self, stage: Stage, now: float) -> SourceEvent:
         offer = Offered(stage.index, stage.count)
         if stage.index == 0:
-            state = self._state or self.src.engine.export_state(self.request_id)
+            state = self._state or perform.peek(self.src.engine, self.request_id)
+            if isinstance(state, SourceFailed):
+                return state
             problem = perform.admission_problem(self.dst.engine, state)
             offer = Offered(stage.index, stage.count, self.dst.state == InstanceState.ACTIVE, problem)
         answer = self._call(offer, now)

@@ -456,10 +456,10 @@ class MigrationCoordinator:
             state = out.state
             if state is None:  # the destination validates the request before reserving
                 async with self.llumlet.engine_lock:
-                    try:
-                        state = self.llumlet.engine.export_state(rid)
-                    except UnknownRequestError:
-                        return SourceFailed(f"request {rid} finished or was aborted during migration")
+                    peeked = perform.peek(self.llumlet.engine, rid)
+                if isinstance(peeked, SourceFailed):
+                    return peeked
+                state = peeked
             pre.request.CopyFrom(convert.migration_state_to_pb(state, out.frontend))
         reply, error = await self._rpc(
             out.stub.PreAllocate(pre, timeout=self.settings.transfer_timeout_s), "pre-allocate"

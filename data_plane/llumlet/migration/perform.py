@@ -49,6 +49,14 @@ def suspend(engine: Engine, request_id: str) -> tuple[Suspended | SourceFailed, 
     return Suspended(len(engine.block_ids(request_id))), state
 
 
+def peek(engine: Engine, request_id: str) -> MigrationState | SourceFailed:
+    """The request's state for the first reservation (the destination validates it) without suspending it."""
+    try:
+        return engine.export_state(request_id)
+    except UnknownRequestError:
+        return SourceFailed(f"request {request_id} finished or was aborted during migration")
+
+
 def resume(engine: Engine, request_id: str) -> None:
     """Puts the request back into scheduling if it is still suspended (gone or running: nothing to do)."""
     try:
