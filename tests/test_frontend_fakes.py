@@ -49,6 +49,8 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
     ``fail_after`` ends each request with the scheduler's "instance lost" notice after that many tokens.
     ``silent_after`` stops pushing after that many tokens without finishing (a llumlet that gave up pushing);
     ``refuse_code`` is the status of the refusals (RESOURCE_EXHAUSTED: the instance's queue is full).
+    ``stall_add`` makes the first AddRequest calls hang (a stopped process: the caller's deadline passes) and still add
+    the request once ``wake`` is set, as a llumlet continued after SIGSTOP may.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         fail_after: int | None = None,
         silent_after: int | None = None,
         refuse_code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION,
+        stall_add: int = 0,
     ) -> None:
         self.instance_id = instance_id
         self.tokens = tokens
@@ -71,6 +74,10 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         self.fail_after = fail_after
         self.silent_after = silent_after
         self.refuse_code = refuse_code
+        self.stall_add = stall_add
+        self.wake = asyncio.Event()
+        self.stalled: list[str] = []
+        self._late: list[asyncio.Task[None]] = []
         self.added: list[common_pb2.EngineRequest] = []
         self.aborted: list[str] = []
         self.aborted_event = asyncio.Event()
@@ -94,6 +101,12 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         if self.refuse > 0:
             self.refuse -= 1
             await context.abort(self.refuse_code, "instance refuses new requests")
+        if self.stall_add > 0:
+            self.stall_add -= 1
+            self.stalled.append(request.request.request_id)
+            # Not in _tasks: an abort that arrives before the late add finds nothing to abort, as on a real llumlet.
+            self._late.append(asyncio.get_running_loop().create_task(self._late_add(request.request)))
+            await asyncio.Event().wait()  # never answers; the caller's deadline ends the call
         self.added.append(request.request)
         self._tasks[request.request.request_id] = asyncio.get_running_loop().create_task(self._run(request.request))
         return llumlet_pb2.AddRequestResponse(instance_id=self.instance_id)
@@ -109,6 +122,12 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         else:
             task.cancel()
         return llumlet_pb2.AbortRequestResponse()
+
+    async def _late_add(self, er: common_pb2.EngineRequest) -> None:
+        """Adds a stalled AddRequest's request once woken, whatever its caller decided meanwhile."""
+        await self.wake.wait()
+        self.added.append(er)
+        await self._run(er)
 
     def sink(self, address: str) -> frontend_pb2_grpc.OutputSinkServiceStub:
         if address not in self._channels:
@@ -162,7 +181,7 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         self._tasks.pop(er.request_id, None)
 
     async def close(self) -> None:
-        for task in self._tasks.values():
+        for task in [*self._tasks.values(), *self._late]:
             task.cancel()
         for channel in self._channels.values():
             await channel.close()

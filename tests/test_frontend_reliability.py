@@ -252,6 +252,34 @@ async def test_instances_refusing_with_full_queues_give_429_not_500() -> None:
         assert_clean(stack)
 
 
+async def test_an_add_request_that_times_out_is_aborted_there_and_placed_elsewhere() -> None:
+    """i-1 is stopped (its AddRequest never answers) but adds the request once it wakes up: the frontend must not
+    fail the request (it used to: UNAVAILABLE "did not answer in time"), nor show i-1's outputs beside i-2's. It aborts
+    the request on i-1 (best-effort), places it on i-2, and drops whatever i-1 pushes for it later."""
+    stalled = FakeLlumlet("i-1", stall_add=1, messy=False)
+    live = FakeLlumlet("i-2", delay=0.1, messy=False)
+    async with running_stack([stalled, live], call_timeout=0.5) as stack:
+        async with grpc.aio.insecure_channel(stack.grpc.address) as channel:
+            call = frontend_pb2_grpc.FrontendServiceStub(channel).Generate(
+                frontend_pb2.GenerateRequest(text="a", sampling=common_pb2.SamplingParams(max_tokens=8)), timeout=20
+            )
+            replies = [await call.read()]
+            rid = stalled.stalled[0]
+            assert [r.request_id for r in live.added] == [rid], "placed on i-2 after i-1's deadline"
+            await asyncio.wait_for(stalled.aborted_event.wait(), 5)
+            assert stalled.aborted == [rid], "i-1 was told to abort it"
+            stalled.wake.set()  # i-1 adds it after all and pushes all 8 tokens at once
+            while not replies[-1].finished:
+                replies.append(await call.read())
+            assert await call.code() == grpc.StatusCode.OK
+        assert rid in stalled.unknown_replies, "i-1's outputs were refused: it stops the request"
+        assert all(r.instance_id == "i-2" for r in replies if r.token_ids), "only i-2's outputs reach the client"
+        tokens = [t for r in replies for t in r.token_ids]
+        assert tokens == [token(i) for i in range(8)]
+        assert replies[-1].finished and replies[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        assert_clean(stack)
+
+
 async def _read_sse(resp: aiohttp.ClientResponse) -> list[Any]:
     events: list[Any] = []
     async for line in resp.content:
@@ -534,3 +562,36 @@ async def test_a_grpc_client_that_stops_reading_is_dropped_and_its_request_abort
             await asyncio.sleep(0.01)
         assert_clean(stack)
         call.cancel()
+
+
+def _rejected(stack: Stack, code: str) -> float:
+    return float(stack.frontend.metrics.rejected.labels(code)._value.get())
+
+
+async def test_schema_refusals_are_counted_and_unplaced_prompts_are_not() -> None:
+    """``llumnix_frontend_rejected_requests`` counts a request the HTTP schema refuses (it used to count only what
+    ``submit`` refused), and ``prompt_tokens`` counts only prompts that reached an instance (it used to count them
+    before placement)."""
+    full = [FakeLlumlet("i-1", refuse=10, refuse_code=grpc.StatusCode.FAILED_PRECONDITION)]
+    async with running_stack(full) as stack:
+        prompt_tokens = stack.frontend.metrics.prompt_tokens
+        status, _, payload = await post(
+            f"{stack.http.url}/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": -1}
+        )
+        assert status == 400 and assert_openai_error(payload)["param"] == "max_tokens"
+        assert _rejected(stack, "INVALID_ARGUMENT") == 1
+        status, _, payload = await post(f"{stack.http.url}/v1/completions", b"{not json")
+        assert status == 400 and _rejected(stack, "INVALID_ARGUMENT") == 2
+        status, _, payload = await post(
+            f"{stack.http.url}/v1/completions", {"model": MODEL, "prompt": "a b c", "max_tokens": 4}
+        )
+        assert status == 503, payload  # every instance refused: placement failed
+        assert _rejected(stack, "UNAVAILABLE") == 1
+        assert prompt_tokens._value.get() == 0, "a prompt that was never placed is not counted"
+        assert_clean(stack)
+    async with running_stack([FakeLlumlet("i-1")]) as stack:
+        status, _, payload = await post(
+            f"{stack.http.url}/v1/completions", {"model": MODEL, "prompt": "a b c", "max_tokens": 4}
+        )
+        assert status == 200, payload
+        assert stack.frontend.metrics.prompt_tokens._value.get() == payload["usage"]["prompt_tokens"] > 0

@@ -179,3 +179,31 @@ async def test_deadline_ends_a_request_that_keeps_producing() -> None:
     deltas = [d async for d in req.deltas()]
     producing.cancel()
     assert req.timed_out and "deadline" in deltas[-1].error and 0 < req.num_received < 100
+
+
+def test_a_heartbeat_never_replaces_an_output_held_for_a_gap() -> None:
+    """A llumlet's token-less "still here" output names the index of its next token; arriving while a real output
+    with that index waits for a gap to fill, it must not take that output's place (the tokens would be lost)."""
+    req = tracked()
+    req.accept(out(0, [10]))
+    req.accept(out(2, [12, 13]))  # held: index 1 has not arrived
+    heard = req._last_heard
+    time.sleep(0.01)
+    req.accept(out(2, []))  # the heartbeat
+    assert req._last_heard > heard, "a heartbeat restarts the idle clock"
+    req.accept(out(1, [11]))  # the gap fills
+    assert req.num_received == 4
+    assert [t for d in drain(req) for t in d.token_ids] == [10, 11, 12, 13]
+
+
+def test_outputs_of_a_revoked_instance_are_dropped_and_reported_unknown() -> None:
+    """After an AddRequest to ``a`` timed out the request went to ``b``: whatever ``a`` pushes later (it may have
+    added the request after all) is dropped, and the id goes back so ``a`` aborts it."""
+    tracker = RequestTracker()
+    req = tracked()
+    tracker.add(req)
+    req.revoke("a")
+    assert tracker.route("a", [out(0, [10, 11], instance="a")]) == ["r"]
+    assert tracker.route("b", [out(0, [20], instance="b")]) == []
+    assert tracker.route("a", [out(1, [], finished=True, reason=common_pb2.FINISH_REASON_ERROR)]) == []
+    assert not req.finished and [t for d in drain(req) for t in d.token_ids] == [20]

@@ -300,3 +300,23 @@ async def test_a_pushers_own_give_up_notice_needs_no_token(stack: Stack) -> None
     await stack.push("llumlet", "i-1", "i-1", out("r-gone", 1, [], "", finish=ERROR, error="could not deliver"))
     tokens, reason, error = await collect(request)
     assert tokens == [9] and reason == ERROR and error == "could not deliver"
+
+
+async def test_the_holders_heartbeat_keeps_the_request_alive_and_a_stale_one_is_dropped(stack: Stack) -> None:
+    """A llumlet's token-less, unfinished "still here" output restarts the request's idle clock when the holder
+    sends it with its token; a former holder's heartbeat is dropped and reported back (it stops the request)."""
+    request, cap1 = await submit(stack, "r-beat")
+    request.idle_timeout = 0.6
+    reader = asyncio.create_task(collect(request))
+    for _ in range(6):  # 1.2 s of heartbeats: twice the idle timeout
+        await asyncio.sleep(0.2)
+        reply = await stack.push("llumlet", "i-1", "i-1", out("r-beat", 0, [], cap1))
+        assert reply.unknown_request_ids == []
+    assert not reader.done() and not request.finished, "the holder's heartbeats keep the request alive"
+    cap2 = await stack.hand_over("i-1", "r-beat", cap1, "i-2")
+    await stack.push("llumlet", "i-2", "i-2", out("r-beat", 0, [4], cap2, instance_id="i-2"))
+    reply = await stack.push("llumlet", "i-1", "i-1", out("r-beat", 1, [], cap1))
+    assert list(reply.unknown_request_ids) == ["r-beat"], "the former holder's heartbeat is stale"
+    await stack.push("llumlet", "i-2", "i-2", out("r-beat", 1, [5], cap2, finish=LENGTH, instance_id="i-2"))
+    tokens, reason, _ = await asyncio.wait_for(reader, DEADLINE)
+    assert tokens == [4, 5] and reason == LENGTH

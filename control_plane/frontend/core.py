@@ -324,7 +324,6 @@ class Frontend:
                 self.metrics.rejected.labels(exc.code.name).inc()
             raise
         self.metrics.inflight.inc()
-        self.metrics.prompt_tokens.inc(len(prompt_ids))
         try:
             await self._place(request, self._engine_request(request, inp.sampling, max_tokens))
         except BaseException as exc:
@@ -332,7 +331,12 @@ class Frontend:
                 self.metrics.rejected.labels(exc.code.name).inc()
             self.release(request, record=False)
             raise
+        self.metrics.prompt_tokens.inc(len(prompt_ids))  # only prompts that reached an instance
         return request
+
+    def count_rejected(self, exc: FrontendError) -> None:
+        """Counts a refusal made before ``submit`` (a surface's own parsing: bad JSON, a schema error)."""
+        self.metrics.rejected.labels(exc.code.name).inc()
 
     def release(self, request: TrackedRequest, *, record: bool = True) -> None:
         """Forgets a request; if it is unfinished, finishes it as aborted and aborts it on its instance."""
@@ -463,6 +467,11 @@ class Frontend:
         codes: set[grpc.StatusCode] = set()
         for _ in range(self.dispatch_attempts):
             instance_id, address = await self._dispatch(request, engine_request.sampling.max_tokens)
+            if instance_id in request.revoked:  # it did not answer this request's AddRequest: do not wait on it again
+                self._release_now(instance_id)
+                refusals.append(f"{instance_id}: did not answer in time")
+                codes.add(grpc.StatusCode.DEADLINE_EXCEEDED)
+                continue
             self._addresses[instance_id] = address
             self._dispatched[request.request_id] = instance_id
             request.instance_id = instance_id
@@ -472,8 +481,19 @@ class Frontend:
                 await self.channels.llumlet(address).AddRequest(add, timeout=self.call_timeout)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.DEADLINE_EXCEEDED:  # maybe added: keep instance_id so release aborts it
-                    raise NoCapacityError(f"instance {instance_id} did not answer in time") from exc
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # Ambiguous: the instance may have added it (and may push outputs once it wakes up). Abort it
+                    # there, best-effort, and never accept its outputs for this request (``revoke``: the next grant
+                    # also makes its capability stale); then place the request elsewhere.
+                    self._abort_soon(request)
+                    request.revoke(instance_id)
+                    refusals.append(f"{instance_id}: did not answer in time")
+                    codes.add(code)
+                    request.instance_id = ""
+                    self._release_dispatch(request.request_id)
+                    if isinstance(self.dispatcher, RefusalAware):
+                        self.dispatcher.refused(instance_id)
+                    continue
                 request.instance_id = ""
                 self._release_dispatch(request.request_id)
                 if code in _RETRYABLE_ADD:
@@ -519,7 +539,12 @@ class Frontend:
 
     def _release_dispatch(self, request_id: str) -> None:
         instance_id = self._dispatched.pop(request_id, None)
-        if instance_id is not None and isinstance(self.dispatcher, Releasing):
+        if instance_id is not None:
+            self._release_now(instance_id)
+
+    def _release_now(self, instance_id: str) -> None:
+        """Gives back one dispatch to ``instance_id`` (the dispatcher's ``release`` hook)."""
+        if isinstance(self.dispatcher, Releasing):
             self.dispatcher.release(instance_id)
 
     def _abort_soon(self, request: TrackedRequest) -> None:

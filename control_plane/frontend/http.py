@@ -144,7 +144,11 @@ class HttpApi:
                 request_id=request.headers.get(REQUEST_ID_HEADER, ""),
             )
 
-        parsed = await self.frontend.offload(parse) if len(raw) > OFFLOAD_BODY_BYTES else parse()
+        try:
+            parsed = await self.frontend.offload(parse) if len(raw) > OFFLOAD_BODY_BYTES else parse()
+        except FrontendError as exc:
+            self.frontend.count_rejected(exc)
+            raise
         async with self.frontend.open(parsed.inp, owner=api_key_of(request)) as tracked:
             if parsed.stream:
                 return await self._stream(request, parsed, tracked)

@@ -5,9 +5,9 @@ source re-sending before it hands over). A token is kept only if its index equal
 duplicates and stale re-sends are dropped; an output that starts beyond that count is held until the gap is filled.
 
 A reader of ``deltas()`` never waits forever: after ``idle_timeout`` seconds in which no output arrived (any pushed
-output counts, also one without new tokens, so a llumlet can keep a queued request alive), or past ``deadline``, the
-request ends here with FINISH_REASON_ERROR and ``timed_out`` set, and ``on_stop`` lets the frontend abort it on its
-instance (whose pushes may have stopped for good: the llumlet gave up, the frontend stalled).
+output counts, also one without new tokens: a llumlet's heartbeat keeps a queued request alive), or past
+``deadline``, the request ends here with FINISH_REASON_ERROR and ``timed_out`` set, and ``on_stop`` lets the frontend
+abort it on its instance (whose pushes may have stopped for good: the llumlet gave up, the frontend stalled).
 
 Who may push outputs for a request is the :class:`HolderLedger`'s business: the frontend grants the instance it adds
 the request to a capability token, a migration source hands the request over (``hand_over``) before it commits, and
@@ -131,6 +131,9 @@ class TrackedRequest:
     # True when the frontend ended the request because no output came in time (idle timeout or deadline).
     timed_out: bool = field(default=False, init=False)
     first_token_time: float | None = field(default=None, init=False)
+    # Instances whose outputs for this request are dropped: an AddRequest to them timed out (they may hold it anyway,
+    # and are told to abort it), and the request was placed elsewhere.
+    revoked: set[str] = field(default_factory=set, init=False)
     # ``time.monotonic()`` of the latest sign of life (an output pushed, the request placed).
     _last_heard: float = field(default_factory=time.monotonic, init=False)
     # Text shown to the client so far (pieces, joined only on demand) and the tail held back while it could still
@@ -159,6 +162,8 @@ class TrackedRequest:
         if self.finished:
             return
         self._last_heard = time.monotonic()
+        if not output.token_ids and not output.finished:
+            return  # a holder's "still here" heartbeat: it only restarts the idle clock (never held as a gap)
         if output.first_token_index > self.num_received:
             if output.finished and output.finish_reason in _TERMINAL_ANYWHERE:
                 self._apply(output, instance_id, new=[])
@@ -253,6 +258,10 @@ class TrackedRequest:
         self.finish(ERROR, why)
         if self.on_stop is not None:
             self.on_stop(self)
+
+    def revoke(self, instance_id: str) -> None:
+        """Drops every later output of ``instance_id`` for this request (see ``revoked``)."""
+        self.revoked.add(instance_id)
 
     def touch(self) -> None:
         """Restarts the idle clock (the request was just placed: waiting for dispatch is not the instance's silence)."""
@@ -416,7 +425,8 @@ class RequestTracker:
         unknown: list[str] = []
         for output in outputs:
             request = self._requests.get(output.request_id)
-            if request is None:
+            if request is None or not request.revoked.isdisjoint((instance_id, output.instance_id)):
+                # Unknown, or from an instance the request was taken away from: the llumlet aborts it.
                 if not output.finished and output.request_id not in unknown:
                     unknown.append(output.request_id)
                 continue

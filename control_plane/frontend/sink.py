@@ -88,12 +88,19 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         stale: list[str] = []
         ledger = self.tracker.ledger
         for out in request.outputs:
-            if self.tracker.get(out.request_id) is None:
+            tracked = self.tracker.get(out.request_id)
+            if tracked is None:
                 accepted.append(out)  # answered as unknown: the llumlet aborts it
                 continue
-            if not out.capability and _holder_error_notice(out) and caller.id in ledger.holders(out.request_id):
-                accepted.append(out)  # the pusher's own "gave up" notice: it may end what it holds, never add to it
-                continue
+            if not out.capability and _holder_error_notice(out):
+                if caller.id in ledger.holders(out.request_id):
+                    accepted.append(out)  # the pusher's own "gave up" notice: it may end what it holds, never add to it
+                    continue
+                if caller.id in tracked.revoked:  # the request was taken from it (AddRequest timed out): drop it
+                    self.stale_outputs += 1
+                    if out.request_id not in stale:
+                        stale.append(out.request_id)
+                    continue
             try:
                 ledger.check(out.capability, request_id=out.request_id, caller_instance_id=caller.id)
             except StaleCapabilityError as exc:
@@ -131,10 +138,15 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         self, request: frontend_pb2.HandOverRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> frontend_pb2.HandOverResponse:
         caller = await self._caller(context, "HandOver")
-        if self.tracker.get(request.request_id) is None:
+        tracked = self.tracker.get(request.request_id)
+        if tracked is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} on this frontend")
+            raise AssertionError("context.abort raises")  # pragma: no cover
         if caller is None:
-            return frontend_pb2.HandOverResponse()  # insecure mode: pushes are not checked, so no token is needed
+            # Insecure mode: pushes are not checked, so no token is needed. A destination the request was once taken
+            # from (its AddRequest timed out) may hold it again by migration.
+            tracked.revoked.discard(request.new_instance_id)
+            return frontend_pb2.HandOverResponse()
         if caller.role != "llumlet":
             await self._refuse(context, f"caller {caller.role} {caller.id} may not hand requests over")
         try:
@@ -147,5 +159,6 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         except TokenError as exc:
             await self._refuse(context, f"llumlet {caller.id} may not hand over {request.request_id!r}: {exc}")
             raise AssertionError("context.abort raises") from exc  # pragma: no cover
+        tracked.revoked.discard(request.new_instance_id)
         log.info("request %s: %s hands over to %s", request.request_id, caller.id, request.new_instance_id)
         return frontend_pb2.HandOverResponse(capability=token)
