@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
+from pyllumnix.data_plane.llumlet import main
 from pyllumnix.data_plane.llumlet.main import LlumletOptions, llumlet_command
+from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
+from pyllumnix.infra.security import runtime
 
 
 @pytest.mark.parametrize(
@@ -29,3 +32,26 @@ def test_defaults_ride_out_short_stalls_and_slow_frontends() -> None:
     help_text = CliRunner().invoke(llumlet_command, ["--help"]).output
     for option in ("--push-budget", "--sink-idle-close", "--max-waiting", "--lease-ttl"):
         assert option in help_text
+
+
+def test_stall_timeout_and_output_heartbeat_reach_the_llumlet_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--stall-timeout`` is the transport watchdog of every migration stage (MigrationSettings.stall_timeout_s, 0:
+    off) and ``--output-heartbeat`` the llumlet's heartbeat period (0: off)."""
+    seen: list[LlumletOptions] = []
+
+    async def fake_run(opts: LlumletOptions, stop: object = None) -> int:
+        seen.append(opts)
+        return 0
+
+    monkeypatch.setattr(main, "run_llumlet", fake_run)
+    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: None)
+    result = CliRunner().invoke(llumlet_command, ["--insecure", "--stall-timeout", "2.5", "--output-heartbeat", "3"])
+    assert result.exit_code == 0, result.output
+    given = seen[-1]
+    assert given.migration.stall_timeout_s == 2.5 and given.heartbeat_s == 3.0
+    result = CliRunner().invoke(llumlet_command, ["--insecure", "--stall-timeout", "0", "--output-heartbeat", "0"])
+    assert result.exit_code == 0, result.output
+    off = seen[-1]
+    assert off.migration.stall_timeout_s is None and off.heartbeat_s == 0.0
+    assert CliRunner().invoke(llumlet_command, ["--stall-timeout", "-1"]).exit_code == 2
+    assert LlumletOptions().migration.stall_timeout_s == DEFAULT_STALL_TIMEOUT_S

@@ -13,6 +13,12 @@ their blocks, and the pusher queues their final ERROR outputs in case it comes b
 Each request's outputs carry the capability token its frontend granted this instance (``EngineRequest.capability``,
 or the one a migration handed over); before a migration commits, the source asks the frontend to hand the request
 over (``hand_over``) and sends the destination's token with the commit.
+
+A request that produced no output for ``heartbeat_s`` (queued behind others, preempted) gets a token-less, unfinished
+"still here" output: a frontend ends a request that it hears nothing of for its idle timeout (30 s by default), and a
+request may legitimately wait longer than that in a loaded instance's queue. The heartbeat carries the holder's
+capability like any output, so only the current holder can keep a request alive; a request suspended for a
+migration's last stage gets none (its holder is about to change).
 """
 
 from __future__ import annotations
@@ -48,6 +54,9 @@ class QueueFullError(Exception):
 STOP_DRAIN_S = 2.0
 # Seconds ``stop`` waits for the step in progress to end.
 STOP_STEP_WAIT_S = 5.0
+# Default seconds of silence after which a held request gets a heartbeat output: a third of the frontend's default
+# idle timeout (30 s), so two heartbeats may be lost or late before the frontend gives up.
+HEARTBEAT_S = 10.0
 
 
 DOWNTIME_BUCKETS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 500.0, 1000.0, math.inf)
@@ -93,6 +102,10 @@ class RequestOwner:
     capability: str = ""
     # Called with each output before it is pushed (tests and metrics hooks).
     listeners: list[Callable[[TokenOutput], None]] = field(default_factory=list)
+    # ``time.monotonic()`` of the latest output (or heartbeat) pushed for the request, and the index its next token
+    # will have (what a heartbeat names).
+    last_output: float = field(default_factory=time.monotonic)
+    next_index: int = 0
 
 
 class Llumlet:
@@ -100,7 +113,8 @@ class Llumlet:
     the simulated engine steps inline (its step only computes and returns the modelled duration).
 
     ``max_waiting``: ``add_request`` refuses (QueueFullError) while this many requests wait (None: no limit), so a
-    burst queues at the frontend or goes elsewhere instead of piling up behind one instance.
+    burst queues at the frontend or goes elsewhere instead of piling up behind one instance. ``heartbeat_s``: silence
+    after which a held request gets a "still here" output (None: never; see the module docstring).
     """
 
     def __init__(
@@ -111,9 +125,15 @@ class Llumlet:
         step_in_thread: bool = False,
         push: PushSettings | None = None,
         max_waiting: int | None = None,
+        heartbeat_s: float | None = HEARTBEAT_S,
     ) -> None:
         if max_waiting is not None and max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
+        if heartbeat_s is not None and not heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s must be positive (or None), got {heartbeat_s}")
+        self.heartbeat_s = heartbeat_s
+        self.heartbeats_sent = 0
+        self._heartbeat_task: asyncio.Task[None] | None = None
         self.engine = engine
         self.instance_id = instance_id
         self.max_waiting = max_waiting
@@ -142,10 +162,23 @@ class Llumlet:
     # --- lifecycle ---
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"engine-{self.instance_id}")
+        self.start_heartbeats()
+
+    def start_heartbeats(self) -> None:
+        """Starts the heartbeat task (``start`` does; tests of a llumlet that does not step call it alone)."""
+        if self.heartbeat_s is not None and self._heartbeat_task is None:
+            self._heartbeat_task = asyncio.get_running_loop().create_task(
+                self._heartbeat_loop(self.heartbeat_s), name=f"heartbeat-{self.instance_id}"
+            )
 
     async def stop(self, drain_timeout: float = STOP_DRAIN_S) -> None:
         """Stops stepping; requests still here end with an ERROR output (sent for up to ``drain_timeout``)."""
         clean = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
+            self._heartbeat_task = None
         if self._task is not None:
             # Let the loop leave between two steps: a step running in a worker thread cannot be interrupted, and the
             # engine must not be touched while it runs.
@@ -207,7 +240,10 @@ class Llumlet:
         """Takes ownership of a request migrated in (call under engine_lock, right after commit_incoming);
         ``capability``: the token the source obtained for this instance with ``hand_over``."""
         self.owners[state.spec.request_id] = RequestOwner(
-            frontend_address, len(state.spec.prompt_token_ids), capability=capability
+            frontend_address,
+            len(state.spec.prompt_token_ids),
+            capability=capability,
+            next_index=len(state.output_token_ids),
         )
 
     async def hand_over(self, request_id: str, destination_instance_id: str, *, timeout: float = 2.0) -> str:
@@ -299,10 +335,13 @@ class Llumlet:
     # --- outputs ---
     def _emit(self, outputs: list[TokenOutput]) -> None:
         by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
+        now = time.monotonic()
         for out in outputs:
             owner = self.owners.get(out.request_id)
             if owner is None:
                 continue
+            owner.last_output = now
+            owner.next_index = max(owner.next_index, out.first_index + len(out.token_ids))
             for listener in owner.listeners:
                 listener(out)
             by_frontend.setdefault(owner.frontend_address, []).append(
@@ -318,6 +357,41 @@ class Llumlet:
     def emit(self, outputs: list[TokenOutput]) -> None:
         """Hands outputs produced outside a step (e.g. a migration abort) to the frontends."""
         self._emit(outputs)
+
+    # --- heartbeats ---
+    async def send_heartbeats(self, silent_for: float) -> int:
+        """Queues a heartbeat for every held request that got no output for ``silent_for`` seconds (none for one
+        suspended for a migration's last stage); returns how many."""
+        now = time.monotonic()
+        by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
+        async with self.engine_lock:  # a consistent view of the phases: no step or migration stage meanwhile
+            for rid, owner in self.owners.items():
+                if not owner.frontend_address or now - owner.last_output < silent_for:
+                    continue
+                try:
+                    if self.engine.phase(rid) not in (Phase.WAITING, Phase.RUNNING):
+                        continue
+                except UnknownRequestError:
+                    continue
+                owner.last_output = now
+                beat = TokenOutput(rid, (), owner.next_index)
+                by_frontend.setdefault(owner.frontend_address, []).append(
+                    convert.output_to_pb(beat, self.instance_id, owner.num_prompt_tokens, owner.capability)
+                )
+        for address, batch in by_frontend.items():
+            self.pusher.submit(address, batch)
+        sent = sum(len(batch) for batch in by_frontend.values())
+        self.heartbeats_sent += sent
+        return sent
+
+    async def _heartbeat_loop(self, every: float) -> None:
+        """Looks for silent requests a few times per period, so a heartbeat is at most a quarter period late."""
+        while True:
+            await asyncio.sleep(every / 4)
+            try:
+                await self.send_heartbeats(every)
+            except Exception:  # a heartbeat must never take the llumlet down
+                log.exception("heartbeats on %s failed", self.instance_id)
 
     # --- the loop ---
     async def _loop(self) -> None:

@@ -30,12 +30,13 @@ import click
 
 from pyllumnix.control_plane.grpc_server import start_server
 from pyllumnix.data_plane.engine.base import Engine
-from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.data_plane.llumlet.llumlet import HEARTBEAT_S, Llumlet
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.output_push import PushSettings
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, registry_resolver
 from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
+from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
@@ -80,6 +81,9 @@ class LlumletOptions:
     sink_idle_s: float = 60.0
     # AddRequest answers RESOURCE_EXHAUSTED while this many requests wait here (0: no limit).
     max_waiting: int = 256
+    # Seconds of silence after which a held request gets a "still here" output (0: never), so a request queued here
+    # longer than its frontend's idle timeout is not ended by it.
+    heartbeat_s: float = HEARTBEAT_S
     migration: MigrationSettings = field(default_factory=MigrationSettings)
 
 
@@ -159,6 +163,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         step_in_thread=opts.engine == "vllm",
         push=PushSettings(budget_s=opts.push_budget_s, idle_close_s=opts.sink_idle_s),
         max_waiting=opts.max_waiting or None,
+        heartbeat_s=opts.heartbeat_s or None,
     )
     kind, transport_opts = transport_options(opts.transport, opts.host, opts.advertise_host)
     transport = make_transport(kind, **transport_opts)
@@ -330,6 +335,22 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     "--pending-timeout", default=10.0, show_default=True, help="Seconds before a silent source's reservation is freed."
 )
 @click.option("--transfer-timeout", default=10.0, show_default=True, help="Seconds a stage may take.")
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_STALL_TIMEOUT_S,
+    show_default=True,
+    help="Seconds a stage's transfer may go without a chunk completing before it fails (0: off, only"
+    " --transfer-timeout bounds it).",
+)
+@click.option(
+    "--output-heartbeat",
+    type=click.FloatRange(min=0),
+    default=HEARTBEAT_S,
+    show_default=True,
+    help="Seconds of silence after which a held request gets a token-less 'still here' output, so its frontend's"
+    " idle timeout does not end a request queued here (0: never). Keep it below a third of that timeout.",
+)
 @security_options
 @click.option("--log-level", default="INFO", show_default=True)
 def llumlet_command(
@@ -365,6 +386,8 @@ def llumlet_command(
     max_stages: int,
     pending_timeout: float,
     transfer_timeout: float,
+    stall_timeout: float,
+    output_heartbeat: float,
     log_level: str,
     **security: Any,
 ) -> None:
@@ -403,11 +426,13 @@ def llumlet_command(
         push_budget_s=push_budget,
         sink_idle_s=sink_idle_close,
         max_waiting=max_waiting,
+        heartbeat_s=output_heartbeat,
         load_interval_ms=load_interval_ms,
         migration=MigrationSettings(
             limits=MigrationLimits(last_stage_max_blocks, max_stages),
             pending_timeout_s=pending_timeout,
             transfer_timeout_s=transfer_timeout,
+            stall_timeout_s=stall_timeout or None,
         ),
     )
     sys.exit(asyncio.run(run_llumlet(opts)))
