@@ -291,6 +291,14 @@ def test_serve_is_secure_by_default_and_clients_need_no_flags(tmp_path: Path, pr
             assert len(client.list_instances()) == 2
             result = client.generate_text("Hello", max_tokens=4)
             assert result.text and result.finish_reason != "error", result
+        # llmctl with no flags: the context file gives the schedulers, the CA, the admin certificate
+        llmctl = str(Path(sys.executable).parent / "llmctl")
+        env = {k: v for k, v in os.environ.items() if k != "LLUMNIX_ENDPOINT"}
+        done = subprocess.run(
+            [llmctl, "-o", "json", "instances"], capture_output=True, check=False, text=True, timeout=60, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        assert len(json.loads(done.stdout)["instances"]) == 2
         completion = {"model": "llama-7b-a10", "prompt": "hello", "max_tokens": 2}
         assert http(f"{ready['http']}/v1/completions", completion)[0] == 401
         status, body = http(f"{ready['http']}/v1/completions", completion, key=ctx.api_key)

@@ -24,7 +24,11 @@ from typing import Any
 import openai
 import pytest
 
+from integration.cluster import leader_of, set_harness_pki
 from pyllumnix.clients import LlumnixClient
+from pyllumnix.clients.client import tls_from_context
+from pyllumnix.infra.security.context import ClientContext, load_context
+from pyllumnix.infra.security.runtime import open_local_pki
 from pyllumnix.tools.launch import Component, Launcher
 
 pytestmark = pytest.mark.integration
@@ -47,6 +51,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Component]:
         "--log-dir",
         str(launcher.log_dir / "components"),
         timeout=120,
+        env={"LLUMNIX_INSECURE": ""},  # secure, the default: PKI, TLS etcd, API keys, the client context file
     )
     try:
         yield serve
@@ -54,14 +59,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Component]:
         assert serve.terminate(30) == 0, serve.log()[-2000:]
 
 
+def context() -> ClientContext:
+    """What serve wrote for its users: endpoints, the CA, the admin certificate and API key."""
+    ctx = load_context()
+    assert ctx is not None, "serve wrote no client context"
+    return ctx
+
+
 def client(cluster: Component) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{cluster.ready['http']}/v1", api_key="unused", max_retries=0, timeout=60)
+    key = context().api_key
+    return openai.OpenAI(base_url=f"{cluster.ready['http']}/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def llmctl(cluster: Component, *args: str) -> subprocess.CompletedProcess[str]:
     endpoints = ",".join(cluster.ready["schedulers"])
+    ctx = context()
+    tls = ["--ca", str(ctx.ca), "--cert", str(ctx.cert), "--key", str(ctx.key)]
     return subprocess.run(
-        [LLMCTL, "--endpoint", endpoints, *args], capture_output=True, text=True, timeout=120, check=False
+        [LLMCTL, "--endpoint", endpoints, *tls, *args], capture_output=True, text=True, timeout=120, check=False
     )
 
 
@@ -166,7 +181,8 @@ class GrpcStream(threading.Thread):
 
     def run(self) -> None:
         try:
-            with LlumnixClient(frontend_endpoints=self.cluster.ready["grpc"], timeout=30) as c:
+            tls = tls_from_context(context())
+            with LlumnixClient(frontend_endpoints=self.cluster.ready["grpc"], timeout=30, tls=tls) as c:
                 for chunk in c.generate(
                     self.prompt,
                     max_tokens=self.max_tokens,
@@ -191,7 +207,7 @@ class GrpcStream(threading.Thread):
 
 
 def grpc_reference(cluster: Component, prompt: str, max_tokens: int, seed: int) -> list[int]:
-    with LlumnixClient(frontend_endpoints=cluster.ready["grpc"], timeout=30) as c:
+    with LlumnixClient(frontend_endpoints=cluster.ready["grpc"], timeout=30, tls=tls_from_context(context())) as c:
         result = c.generate_text(prompt, max_tokens=max_tokens, seed=seed, ignore_eos=True, timeout=120)
     return result.token_ids
 
@@ -240,7 +256,9 @@ def test_bad_input_gets_openai_errors(cluster: Component) -> None:
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="llama-7b-a10", prompt="x", max_tokens=bad)
     request = urllib.request.Request(
-        f"{cluster.ready['http']}/v1/completions", data=b"{not json", headers={"Content-Type": "application/json"}
+        f"{cluster.ready['http']}/v1/completions",
+        data=b"{not json",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {context().api_key}"},
     )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=10)
@@ -333,7 +351,7 @@ def test_leader_killed_under_continuous_load(cluster: Component) -> None:
     lock = threading.Lock()
 
     def worker(k: int) -> None:
-        c = openai.OpenAI(base_url=f"{cluster.ready['http']}/v1", api_key="unused", max_retries=0, timeout=30)
+        c = openai.OpenAI(base_url=f"{cluster.ready['http']}/v1", api_key=context().api_key, max_retries=0, timeout=30)
         i = k
         while not stop.is_set():
             prompt, n, seed = prompts[i % len(prompts)]
@@ -368,8 +386,6 @@ def test_leader_killed_under_continuous_load(cluster: Component) -> None:
     os.kill(old["pid"], signal.SIGKILL)
 
     async def takeover() -> float:
-        from integration.cluster import leader_of
-
         while True:
             reply = await leader_of([standby["address"]], timeout=10)
             if reply.leader_id == standby["name"]:
@@ -377,7 +393,12 @@ def test_leader_killed_under_continuous_load(cluster: Component) -> None:
             assert time.monotonic() - t_kill < 10, "no takeover"
             await asyncio.sleep(0.02)
 
-    took = asyncio.run(takeover())
+    # serve's own PKI: leader_of dials the replicas with an admin certificate issued from it
+    set_harness_pki(open_local_pki(Path(cluster.ready["tls_dir"])))
+    try:
+        took = asyncio.run(takeover())
+    finally:
+        set_harness_pki(None)
     # keep the load on past the takeover, then stop and account for every request
     time.sleep(3.0)  # a measurement window, not a synchronisation
     stop.set()

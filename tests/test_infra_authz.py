@@ -296,6 +296,9 @@ def test_every_project_rpc_has_a_rule() -> None:
         ("/llumnix.v1.OutputSinkService/PushOutputs", "client", False),
         ("/llumnix.v1.AdminService/Scale", "admin", True),
         ("/llumnix.v1.AdminService/SetConfig", "scheduler", False),
+        ("/llumnix.v1.AdminService/ListInstances", "frontend", True),  # the frontend's /metrics
+        ("/llumnix.v1.AdminService/ListClusterRequests", "frontend", False),
+        ("/llumnix.v1.AdminService/SetConfig", "frontend", False),
         ("/llumnix.v1.FrontendService/Generate", "client", True),
         ("/llumnix.v1.FrontendService/Generate", "llumlet", False),
         ("/grpc.health.v1.Health/Check", "etcd", True),

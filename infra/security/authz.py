@@ -29,8 +29,10 @@ PROJECT_ROLE_TABLE: dict[str, frozenset[str]] = {
     "/llumnix.v1.SchedulerService/Dispatch": frozenset({"frontend"}),
     "/llumnix.v1.SchedulerService/ReportLoad": frozenset({"llumlet"}),
     "/llumnix.v1.SchedulerService/GetMembership": frozenset({"frontend", "admin"}),
-    # The admin API (llmctl) is served by the scheduler replicas.
+    # The admin API (llmctl) is served by the scheduler replicas. Frontends read the instance list (their /metrics
+    # republishes the leader's per-instance figures); every other admin call, reads included, is the admins'.
     "/llumnix.v1.AdminService/*": frozenset({"admin"}),
+    "/llumnix.v1.AdminService/ListInstances": frozenset({"admin", "frontend"}),
     # A llumlet: requests come from frontends; the leader reads load and gives orders; aborts also come from the
     # leader (dead-peer clean-up) and from a migration source whose request was aborted during the commit.
     "/llumnix.v1.LlumletService/AddRequest": frozenset({"frontend"}),
