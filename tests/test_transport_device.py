@@ -225,3 +225,40 @@ def test_device_endpoint_after_a_host_only_ucx_context_is_refused(monkeypatch: p
         ucx._check_context_for_device()
     monkeypatch.setattr(ucx, "_CONTEXT_TLS", ["cuda_ipc,cuda_copy,sm,self,tcp"])
     ucx._check_context_for_device()
+
+
+async def test_sim_engine_default_hooks_take_torch_chunk_buffers() -> None:
+    """The host sim engine keeps its numpy hooks; the default async hooks fill and drain CPU torch chunk buffers
+    through their numpy views, so one fusion pipeline with device-side buffers serves every engine."""
+    from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
+    from pyllumnix.data_plane.engine.sim import SimEngine
+
+    src, dst = SimEngine("tiny", total_blocks=64), SimEngine("tiny", total_blocks=64)
+    assert src.kv_device == "cpu" and src.kv_layout().name == "bytes"
+    src.add_request(RequestSpec("p", tuple(range(3, 80)), Sampling(max_tokens=5)), 0.0)
+    for t in range(3):
+        src.step(float(t))
+    ids = src.block_ids("p")
+    dst_ids = dst.reserve_blocks(len(ids))
+    send_bufs, recv_bufs = ChunkBuffers(3, device="cpu"), ChunkBuffers(2, device="cpu")
+    a, b = make_transport("inproc"), make_transport("inproc")
+    await a.start()
+    await b.start()
+    try:
+
+        def read(chunk_ids: Sequence[int]) -> tuple[Any, Ready]:
+            return src.read_blocks_async(chunk_ids, send_bufs.rotate(len(chunk_ids), src.block_bytes))
+
+        chunk = 2 * src.block_bytes
+        recv = asyncio.create_task(
+            receive_blocks(b, "s/0", dst_ids, dst.block_bytes, dst.write_blocks_async, chunk, buffers=recv_bufs)
+        )
+        await send_blocks(a, b.address, "s/0", read, ids, src.block_bytes, chunk)
+        await recv
+    finally:
+        await a.close()
+        await b.close()
+    assert isinstance(send_bufs.get(0, 1, src.block_bytes), torch.Tensor)
+    state = src.suspend("p")
+    dst.commit_incoming(state, dst_ids, 0.0)  # the sim engine verifies the payload bytes on commit
+    assert np.array_equal(dst.read_blocks(dst_ids), src.read_blocks(ids))

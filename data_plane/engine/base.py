@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from pyllumnix.data_plane.engine.device import READY, Ready
+from pyllumnix.data_plane.engine.device import READY, Ready, host_view, is_torch_tensor
 from pyllumnix.data_plane.engine.kv_layout import KvLayout, host_bytes_layout
 
 BlockBuffer = npt.NDArray[np.uint8]
@@ -261,13 +261,17 @@ class Engine(ABC):
 
     def read_blocks_async(self, block_ids: Sequence[int], out: KvBuffer | None = None) -> tuple[KvBuffer, Ready]:
         """Like ``read_blocks`` into ``out`` on ``kv_device``; the copy may still run when this returns: the handle
-        says when ``out`` holds the bytes. Host engines copy synchronously and return a ready handle."""
+        says when ``out`` holds the bytes. Host engines copy synchronously and return a ready handle (a CPU torch
+        ``out`` is filled through its zero-copy numpy view, so torch chunk buffers work with every engine)."""
+        if out is not None and is_torch_tensor(out):
+            self.read_blocks(block_ids, host_view(out))
+            return out, READY
         return self.read_blocks(block_ids, out), READY
 
     def write_blocks_async(self, block_ids: Sequence[int], data: KvBuffer) -> Ready:
         """Like ``write_blocks`` from ``data`` on ``kv_device``; ``data`` must not be reused and the blocks not
         committed before the handle is done."""
-        self.write_blocks(block_ids, data)
+        self.write_blocks(block_ids, host_view(data) if is_torch_tensor(data) else data)
         return READY
 
     @abstractmethod
