@@ -11,6 +11,9 @@ It runs vLLM V1's ``EngineCore`` in-process (uni-process executor, no engine-cor
 - The worker's model runner (``model_executor.driver_worker.worker.model_runner``): ``kv_caches`` (one tensor per
   layer, ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` on CPU, K and V on the last axis; GPU layouts
   with the block on axis 0 or 1 work too, strided or not), ``requests`` (``CachedRequestState``) and ``input_batch``.
+  vLLM 0.32 carves all layers out of one buffer: ``kv_layout.BlockMover`` verifies that (one storage, one block
+  stride, layer offsets one stride apart) and then gathers/scatters a whole chunk of blocks of every layer with one
+  kernel, on a CUDA side stream ordered after the step (``BlockCopier``); otherwise it copies per layer, on the device.
 
 How live migration works without recomputing anything (see the package README for the full story):
 
