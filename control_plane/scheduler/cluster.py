@@ -2,7 +2,14 @@
 
 Reports arrive at up to 20 Hz per instance; they are buffered and folded into the policy snapshot in one batch before
 each decision (one copy of the snapshot's columns per batch instead of per report). An instance is in the snapshot
-once it is registered and has reported; it is unhealthy when its reports stop for ``stale_after`` seconds.
+once it is registered and has reported; it is unhealthy (no dispatch, no migration in) when its reports stop for
+``stale_after`` seconds, or sooner, for ``dispatch_stale_after`` seconds, while other instances' reports keep arriving:
+a request dispatched to a stalled instance waits for its AddRequest deadline before it can go elsewhere, so a silent
+instance must stop taking requests within a few report intervals. The relative rule keeps a stall of the scheduler
+itself (every report late at once) from emptying the cluster.
+
+``report_times`` are this process's ``time.monotonic()`` (staleness must not jump with the wall clock); the admin API
+converts them to Unix seconds, as the proto says.
 
 A dispatched request counts on its instance from the dispatch until a report lists it (or ``pending_ttl`` passes):
 a report taken between the dispatch and the request's arrival at the llumlet must not make the instance look as if
@@ -12,6 +19,7 @@ the request never went there, or a burst of dispatches would herd onto it.
 from __future__ import annotations
 
 import math
+import time
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.freeness import migration_freeness
@@ -30,13 +38,14 @@ STALE_SCAN_INTERVAL_S = 0.1
 
 
 class ClusterState:
-    def __init__(self, stale_after: float = 1.0, pending_ttl: float = 2.0) -> None:
+    def __init__(self, stale_after: float = 1.0, pending_ttl: float = 2.0, dispatch_stale_after: float = 0.3) -> None:
         self.infos: dict[str, common_pb2.InstanceInfo] = {}
         self.loads: dict[str, common_pb2.InstanceLoad] = {}
         self.report_times: dict[str, float] = {}
         # Drain/cordon decided here and sent to the llumlet; wins over the reported state until the llumlet agrees.
         self.overrides: dict[str, InstanceState] = {}
         self.stale_after = stale_after
+        self.dispatch_stale_after = min(dispatch_stale_after, stale_after)
         self._pending: dict[str, InstanceView] = {}
         self._snapshot = ClusterSnapshot.of(())
         self._unhealthy: set[str] = set()
@@ -113,8 +122,11 @@ class ClusterState:
         """The policy snapshot with every buffered report applied and silent instances marked unhealthy."""
         if now - self._last_stale_scan >= STALE_SCAN_INTERVAL_S:  # an O(n) scan: not on every dispatch
             self._last_stale_scan = now
+            newest = max(self.report_times.values(), default=now)
+            quiet = self.dispatch_stale_after
             for iid, t in self.report_times.items():
-                if iid not in self._unhealthy and now - t > self.stale_after:
+                silent = now - t > self.stale_after or (now - t > quiet and newest - t > quiet)
+                if iid not in self._unhealthy and silent:
                     self._unhealthy.add(iid)
                     view = self._pending.get(iid) or self._snapshot.get(iid)
                     if view is not None:
@@ -141,7 +153,9 @@ class ClusterState:
         load = self.loads.get(instance_id)
         if load is not None:
             status.load.CopyFrom(load)
-            status.last_report_time = self.report_times.get(instance_id, 0.0)
+            reported = self.report_times.get(instance_id)
+            if reported is not None:  # monotonic here; Unix seconds on the wire
+                status.last_report_time = time.time() - max(0.0, now - reported)
         if view is None:
             status.state = common_pb2.INSTANCE_STATE_STARTING
             status.freeness = math.inf

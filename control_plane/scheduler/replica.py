@@ -331,6 +331,7 @@ class SchedulerReplica:
                 continue
             self.config_revision = revision if message is not None else 0
             self.cluster.stale_after = max(1.0, 20 * config.load_report_interval_ms / 1000)
+            self.cluster.dispatch_stale_after = max(0.3, 6 * config.load_report_interval_ms / 1000)
 
     async def _watch_scale_target(self) -> None:
         async for message, _ in self.scale_store.watch():
@@ -460,8 +461,15 @@ class SchedulerReplica:
         snapshot = self.cluster.snapshot(now)
         choice = self.core.dispatch(snapshot, request)
         if choice is None:
+            if not any(view.accepts_requests for view in snapshot):
+                # Nothing to be full: no instance known, or none active and reporting (e.g. every lease expired while
+                # etcd was paused). That is unavailability (retry later, or the frontend's bypass), not overload.
+                raise SchedulingError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"no instance is available to take requests ({len(snapshot)} known, none active and reporting)",
+                )
             raise SchedulingError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"no instance can take requests ({len(snapshot)} known)"
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"no instance can take requests ({len(snapshot)} known, all full)"
             )
         view = snapshot.get(choice)
         assert view is not None

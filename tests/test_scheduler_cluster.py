@@ -1,0 +1,117 @@
+"""The scheduler's cluster view (``ClusterState``) and the leader's Dispatch answers when nothing can be chosen.
+
+Issue #12 follow-ups: an instance whose load reports stopped (a SIGSTOPped llumlet) stops taking requests within a few
+report intervals while the others keep reporting, not only after ``stale_after`` (1 s): requests sent there waited for
+their AddRequest deadline. A stall of the scheduler itself (every report late at once) must not empty the cluster.
+A leader with no instance to choose from answers UNAVAILABLE (503 + Retry-After at the frontend, or its bypass), not
+RESOURCE_EXHAUSTED (429 "the cluster is full"), which stays for instances that exist and are all full. The admin
+API's ``last_report_time`` is Unix seconds, as the proto says.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.control_plane.policy.config import PolicyConfig
+from pyllumnix.control_plane.scheduler.cluster import STALE_SCAN_INTERVAL_S, ClusterState
+from pyllumnix.control_plane.scheduler.replica import SchedulerReplica, SchedulingError
+from pyllumnix.protos.llumnix.v1 import common_pb2
+
+STEP = STALE_SCAN_INTERVAL_S  # snapshots further apart than this each scan for silent instances
+
+
+def load(instance_id: str, seq: int) -> common_pb2.InstanceLoad:
+    return common_pb2.InstanceLoad(
+        instance_id=instance_id,
+        seq=seq,
+        total_blocks=100,
+        free_blocks=100,
+        block_size=16,
+        state=common_pb2.INSTANCE_STATE_ACTIVE,
+    )
+
+
+def cluster_of(*ids: str, **kwargs: float) -> ClusterState:
+    cluster = ClusterState(**kwargs)
+    for iid in ids:
+        cluster.upsert(common_pb2.InstanceInfo(instance_id=iid, grpc_address=f"127.0.0.1:{1000 + len(iid)}"))
+    return cluster
+
+
+def accepting(cluster: ClusterState, now: float) -> set[str]:
+    return {v.instance_id for v in cluster.snapshot(now) if v.accepts_requests}
+
+
+def test_a_silent_instance_stops_taking_requests_while_the_others_report() -> None:
+    cluster = cluster_of("a", "b", stale_after=1.0, dispatch_stale_after=0.3)
+    cluster.report(load("a", 1), 0.0)
+    cluster.report(load("b", 1), 0.0)
+    assert accepting(cluster, 0.0) == {"a", "b"}
+    t, seq = 0.0, 1
+    while t < 0.5:  # b reports every 50 ms, a is stopped
+        t, seq = round(t + 0.05, 3), seq + 1
+        cluster.report(load("b", seq), t)
+    # 0.5 s of silence: within stale_after (1 s), yet not dispatchable (before the fix: still chosen until 1 s).
+    assert accepting(cluster, t + STEP) == {"b"}
+    cluster.report(load("a", 2), t + 2 * STEP)  # a is continued: dispatchable at once
+    assert accepting(cluster, t + 2 * STEP) == {"a", "b"}
+
+
+def test_a_stall_of_the_scheduler_itself_keeps_every_instance() -> None:
+    cluster = cluster_of("a", "b", stale_after=1.0, dispatch_stale_after=0.3)
+    cluster.report(load("a", 1), 0.0)
+    cluster.report(load("b", 1), 0.0)
+    # No report taken for 0.8 s, from anyone (the scheduler's loop was busy or stopped): nobody is singled out.
+    assert accepting(cluster, 0.8) == {"a", "b"}
+    # Past stale_after every silent instance is unhealthy, as before.
+    assert accepting(cluster, 1.2) == set()
+
+
+def test_last_report_time_is_unix_seconds() -> None:
+    cluster = cluster_of("a")
+    now = time.monotonic()
+    cluster.report(load("a", 1), now - 2.0)
+    status = cluster.status("a", PolicyConfig(), now)
+    assert status.last_report_time == pytest.approx(time.time() - 2.0, abs=0.5)
+
+
+def replica() -> SchedulerReplica:
+    """A leader's dispatch path without etcd: the replica's other parts are never started here."""
+    r = SchedulerReplica(cast(Any, object()), KeyLayout("c1"), "s0", "127.0.0.1:1")
+    r.require_leader = lambda: None  # type: ignore[method-assign]
+    return r
+
+
+def dispatch_error(r: SchedulerReplica) -> SchedulingError:
+    with pytest.raises(SchedulingError) as caught:
+        r.dispatch("req", common_pb2.PRIORITY_NORMAL, 10, 10)
+    return caught.value
+
+
+def test_no_instance_to_choose_from_is_unavailable_not_resource_exhausted() -> None:
+    r = replica()
+    err = dispatch_error(r)  # nothing registered (every lease expired while etcd was paused)
+    assert err.code == grpc.StatusCode.UNAVAILABLE and "0 known" in str(err)
+    # Registered and once reporting, but silent for longer than stale_after: still nothing to choose from.
+    r.cluster.upsert(common_pb2.InstanceInfo(instance_id="a", grpc_address="127.0.0.1:2"))
+    r.cluster.report(load("a", 1), time.monotonic() - 5.0)
+    time.sleep(STEP * 1.5)  # silent instances are looked for at most every STEP
+    err = dispatch_error(r)
+    assert err.code == grpc.StatusCode.UNAVAILABLE and "1 known" in str(err)
+    # A fresh report: dispatched there.
+    r.cluster.report(load("a", 2), time.monotonic())
+    assert r.dispatch("req", common_pb2.PRIORITY_NORMAL, 10, 10) == ("a", "127.0.0.1:2")
+
+
+def test_instances_that_exist_but_are_all_full_are_resource_exhausted() -> None:
+    r = replica()
+    r.cluster.upsert(common_pb2.InstanceInfo(instance_id="a", grpc_address="127.0.0.1:2"))
+    r.cluster.report(load("a", 1), time.monotonic())
+    r.core.dispatch = lambda snapshot, request: None  # type: ignore[method-assign]  # a policy that finds no room
+    err = dispatch_error(r)
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "all full" in str(err)
