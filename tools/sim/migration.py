@@ -14,49 +14,15 @@ import contextlib
 
 from pyllumnix.control_plane.policy.snapshot import InstanceState
 from pyllumnix.data_plane.engine.base import MigrationState, UnknownRequestError
+from pyllumnix.data_plane.llumlet.migration import events as ev
 from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
-from pyllumnix.data_plane.llumlet.migration.events import (
-    AbortAsked,
-    AbortHere,
-    Accept,
-    Commit,
-    CommitAsked,
-    CommitFailed,
-    Committed,
-    Copied,
-    Copy,
-    CopyFailed,
-    DestinationAction,
-    DestinationEvent,
-    Done,
-    Flush,
-    Flushed,
-    ForwardAbort,
-    Free,
-    Install,
-    Observe,
-    Offered,
-    Outcome,
-    Refuse,
-    Refused,
-    Release,
-    Reserve,
-    ReserveBlocks,
-    Reserved,
-    Resume,
-    SourceAction,
-    SourceEvent,
-    SourceFailed,
-    StageLanded,
-    Start,
-    Suspend,
-    TellAbort,
-)
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration
 from pyllumnix.tools.sim.config import TransferModel
 from pyllumnix.tools.sim.instance import SimInstance
+
+Outcome = ev.Outcome  # the machines' vocabulary, re-exported for the summary and tests
 
 __all__ = ["MigrationProcess", "Outcome"]
 
@@ -84,14 +50,14 @@ class MigrationProcess:
         mid = f"{src.instance_id}>{dst.instance_id}@{start_time!r}/{request_id}"
         self.source = SourceMigration(mid, request_id, limits, src.out_slots)
         self.destination = DestinationMigration(mid, dst.in_slots)
-        self._actions: list[SourceAction] = self.source.step(Start())
+        self._actions: list[ev.SourceAction] = self.source.step(ev.Start())
         self._state: MigrationState | None = None
         self._suspended_at = 0.0
         self._copying: Stage | None = None
         self._stage_ids: dict[int, tuple[int, ...]] = {}
 
     @property
-    def outcome(self) -> Outcome:
+    def outcome(self) -> ev.Outcome:
         return self.source.outcome
 
     @property
@@ -111,7 +77,7 @@ class MigrationProcess:
         """Performs actions up to the next copy: its duration, or None when the migration ended."""
         while self._actions:
             action = self._actions.pop(0)
-            if isinstance(action, Copy):
+            if isinstance(action, ev.Copy):
                 self._copying = action.stage
                 return self.transfer.stage_seconds(action.stage.count, self.src.engine.block_bytes)
             event = self._perform(action, now)
@@ -125,76 +91,76 @@ class MigrationProcess:
         stage = self._copying
         assert stage is not None
         self._copying = None
-        answer = self._call(StageLanded(stage.index, self._stage_ids.get(stage.index, ())), now)
-        event = Copied(stage.index) if isinstance(answer, Accept) else CopyFailed(f"transfer: {answer.reason}")
+        answer = self._call(ev.StageLanded(stage.index, self._stage_ids.get(stage.index, ())), now)
+        event = ev.Copied(stage.index) if isinstance(answer, ev.Accept) else ev.CopyFailed(f"transfer: {answer.reason}")
         self._actions = self.source.step(event)
-        if self._actions and isinstance(self._actions[0], Observe):
+        if self._actions and isinstance(self._actions[0], ev.Observe):
             return False
         return self.begin_stage(now) is None
 
     # --- the actions ---
-    def _perform(self, action: SourceAction, now: float) -> SourceEvent | None:
+    def _perform(self, action: ev.SourceAction, now: float) -> ev.SourceEvent | None:
         engine = self.src.engine
         rid = self.request_id
-        if isinstance(action, Observe):
+        if isinstance(action, ev.Observe):
             return perform.observe(engine, rid)
-        if isinstance(action, Suspend):
+        if isinstance(action, ev.Suspend):
             event, self._state = perform.suspend(engine, rid)
             self._suspended_at = now
             return event
-        if isinstance(action, Reserve):
+        if isinstance(action, ev.Reserve):
             return self._reserve(action.stage, now)
-        if isinstance(action, Flush):
-            return Flushed()  # outputs reach the tracker as they are produced
-        if isinstance(action, Commit):
+        if isinstance(action, ev.Flush):
+            return ev.Flushed()  # outputs reach the tracker as they are produced
+        if isinstance(action, ev.Commit):
             ids = tuple(b for _, stage_ids in sorted(self._stage_ids.items()) for b in stage_ids)
-            answer = self._call(CommitAsked(ids), now)
-            return Committed() if isinstance(answer, Accept) else CommitFailed(f"commit: {answer.reason}")
-        if isinstance(action, TellAbort):
-            self._call(AbortAsked(action.reason), now)
-        elif isinstance(action, Resume):
+            answer = self._call(ev.CommitAsked(ids), now)
+            return ev.Committed() if isinstance(answer, ev.Accept) else ev.CommitFailed(f"commit: {answer.reason}")
+        if isinstance(action, ev.TellAbort):
+            self._call(ev.AbortAsked(action.reason), now)
+        elif isinstance(action, ev.Resume):
             perform.resume(engine, rid)
-        elif isinstance(action, Release):
+        elif isinstance(action, ev.Release):
             engine.release_suspended(rid)
             self.downtime_s = now - self._suspended_at
-        elif isinstance(action, AbortHere):
+        elif isinstance(action, ev.AbortHere):
             with contextlib.suppress(UnknownRequestError):
                 engine.abort_request(rid)
-        elif isinstance(action, ForwardAbort):
+        elif isinstance(action, ev.ForwardAbort):
             with contextlib.suppress(UnknownRequestError):
                 self.dst.engine.abort_request(rid)
-        elif isinstance(action, Done):
+        elif isinstance(action, ev.Done):
             self.end_time = now
         return None
 
-    def _reserve(self, stage: Stage, now: float) -> SourceEvent:
-        offer = Offered(stage.index, stage.count)
+    def _reserve(self, stage: Stage, now: float) -> ev.SourceEvent:
+        offer = ev.Offered(stage.index, stage.count)
         if stage.index == 0:
             state = self._state or perform.peek(self.src.engine, self.request_id)
-            if isinstance(state, SourceFailed):
+            if isinstance(state, ev.SourceFailed):
                 return state
             problem = perform.admission_problem(self.dst.engine, state)
-            offer = Offered(stage.index, stage.count, self.dst.state == InstanceState.ACTIVE, problem)
+            offer = ev.Offered(stage.index, stage.count, self.dst.state == InstanceState.ACTIVE, problem)
         answer = self._call(offer, now)
-        if isinstance(answer, Refuse):
-            return Refused(f"pre-allocate: {answer.reason}")
+        if isinstance(answer, ev.Refuse):
+            return ev.Refused(f"pre-allocate: {answer.reason}")
         self._stage_ids[stage.index] = answer.block_ids
-        return Reserved(stage.index, len(answer.block_ids))
+        return ev.Reserved(stage.index, len(answer.block_ids))
 
-    def _call(self, event: DestinationEvent, now: float) -> Accept | Refuse:
+    def _call(self, event: ev.DestinationEvent, now: float) -> ev.Accept | ev.Refuse:
         """One call of the source into the destination: its machine's actions performed, and its answer."""
-        answer: Accept | Refuse = Accept()
-        pending: list[DestinationAction] = self.destination.step(event)
+        answer: ev.Accept | ev.Refuse = ev.Accept()
+        pending: list[ev.DestinationAction] = self.destination.step(event)
         engine = self.dst.engine
         while pending:
             action = pending.pop(0)
-            if isinstance(action, ReserveBlocks):
+            if isinstance(action, ev.ReserveBlocks):
                 pending += self.destination.step(perform.reserve(engine, action.stage, action.count))
-            elif isinstance(action, Install):
+            elif isinstance(action, ev.Install):
                 assert self._state is not None
                 pending += self.destination.step(perform.install(engine, self._state, action.block_ids, now))
-            elif isinstance(action, Free) and action.block_ids:
+            elif isinstance(action, ev.Free) and action.block_ids:
                 engine.free_reserved(action.block_ids)
-            elif isinstance(action, (Accept, Refuse)):
+            elif isinstance(action, (ev.Accept, ev.Refuse)):
                 answer = action
         return answer

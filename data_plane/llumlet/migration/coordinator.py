@@ -28,52 +28,9 @@ from pyllumnix.control_plane.policy.snapshot import RequestView
 from pyllumnix.data_plane.engine.base import BlockBuffer, MigrationState, UnknownRequestError
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.data_plane.llumlet.migration import events as ev
 from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
-from pyllumnix.data_plane.llumlet.migration.events import (
-    AbortAsked,
-    AbortHere,
-    Accept,
-    ClientAborted,
-    Closed,
-    Commit,
-    CommitAsked,
-    CommitFailed,
-    Committed,
-    Copied,
-    Copy,
-    CopyFailed,
-    DestinationEvent,
-    Done,
-    Flush,
-    Flushed,
-    ForwardAbort,
-    Free,
-    Install,
-    Installed,
-    InstallFailed,
-    Observe,
-    Offered,
-    Outcome,
-    Receive,
-    Refusal,
-    Refuse,
-    Refused,
-    Release,
-    Reserve,
-    ReserveBlocks,
-    Reserved,
-    Resume,
-    Slots,
-    SourceAction,
-    SourceEvent,
-    SourceFailed,
-    SourceSilent,
-    StageLanded,
-    Start,
-    Suspend,
-    TellAbort,
-)
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
 from pyllumnix.data_plane.llumlet.service import MigrationError
@@ -163,20 +120,20 @@ class _Outgoing:
 
 
 _REFUSAL_CODES = {
-    Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    Refusal.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
-    Refusal.UNKNOWN: grpc.StatusCode.NOT_FOUND,
-    Refusal.NOT_ACCEPTING: grpc.StatusCode.FAILED_PRECONDITION,
-    Refusal.NO_SLOT: grpc.StatusCode.ABORTED,
-    Refusal.NO_BLOCKS: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Refusal.DATA_LOST: grpc.StatusCode.DATA_LOSS,
-    Refusal.TIMED_OUT: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Refusal.NOT_READY: grpc.StatusCode.FAILED_PRECONDITION,
+    ev.Refusal.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ev.Refusal.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
+    ev.Refusal.UNKNOWN: grpc.StatusCode.NOT_FOUND,
+    ev.Refusal.NOT_ACCEPTING: grpc.StatusCode.FAILED_PRECONDITION,
+    ev.Refusal.NO_SLOT: grpc.StatusCode.ABORTED,
+    ev.Refusal.NO_BLOCKS: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ev.Refusal.DATA_LOST: grpc.StatusCode.DATA_LOSS,
+    ev.Refusal.TIMED_OUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ev.Refusal.NOT_READY: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _OUTCOMES = {
-    Outcome.COMMITTED: llumlet_pb2.MIGRATION_OUTCOME_COMMITTED,
-    Outcome.ABORTED_BY_SOURCE: llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE,
-    Outcome.ABORTED_BY_DESTINATION: llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION,
+    ev.Outcome.COMMITTED: llumlet_pb2.MIGRATION_OUTCOME_COMMITTED,
+    ev.Outcome.ABORTED_BY_SOURCE: llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE,
+    ev.Outcome.ABORTED_BY_DESTINATION: llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION,
 }
 
 
@@ -202,8 +159,8 @@ class MigrationCoordinator:
         self.hooks = hooks
         self._incoming: dict[str, _Incoming] = {}
         # max_out and max_in: the machines take a slot when they start and give it back when they end.
-        self._out_slots = Slots(self.settings.max_out)
-        self._in_slots = Slots(self.settings.max_in)
+        self._out_slots = ev.Slots(self.settings.max_out)
+        self._in_slots = ev.Slots(self.settings.max_in)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -237,7 +194,7 @@ class MigrationCoordinator:
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
         for mid in list(self._incoming):
-            await self._free_incoming(mid, AbortAsked("llumlet shutting down"))
+            await self._free_incoming(mid, ev.AbortAsked("llumlet shutting down"))
         for channel in self._channels.values():
             await channel.close()
 
@@ -356,79 +313,79 @@ class MigrationCoordinator:
         after the end, so the machine settles it whenever it came."""
         machine = out.machine
         rid = machine.request_id
-        actions = machine.step(Start())
+        actions = machine.step(ev.Start())
         while actions:
             action = actions.pop(0)
             try:
                 event = await self._perform(out, action)
             except asyncio.CancelledError:  # shutting down: free the destination's reservation, keep the request
-                await asyncio.shield(self._settle(out, machine.step(SourceFailed("source shutting down"))))
+                await asyncio.shield(self._settle(out, machine.step(ev.SourceFailed("source shutting down"))))
                 raise
             except Exception as exc:  # a bug must not lose the request: restore it and report
                 log.exception("migration %s failed", machine.migration_id)
-                event = SourceFailed(f"internal error: {exc!r}")
+                event = ev.SourceFailed(f"internal error: {exc!r}")
             if rid in self.llumlet.pending_aborts:
-                actions += machine.step(ClientAborted())
+                actions += machine.step(ev.ClientAborted())
             if event is not None:
                 actions += machine.step(event)
             if not actions and rid in self.llumlet.pending_aborts:
-                actions += machine.step(ClientAborted())
+                actions += machine.step(ev.ClientAborted())
 
-    async def _settle(self, out: _Outgoing, actions: list[SourceAction]) -> None:
+    async def _settle(self, out: _Outgoing, actions: list[ev.SourceAction]) -> None:
         """Performs the clean-up actions of an ending that interrupted the loop."""
         for action in actions:
             with contextlib.suppress(Exception):
                 await self._perform(out, action)
 
-    async def _perform(self, out: _Outgoing, action: SourceAction) -> SourceEvent | None:
+    async def _perform(self, out: _Outgoing, action: ev.SourceAction) -> ev.SourceEvent | None:
         """One action of the source machine; returns the event answering it (None for actions without one)."""
         machine = out.machine
         mid, rid = machine.migration_id, machine.request_id
         engine = self.llumlet.engine
-        if isinstance(action, Observe):
+        if isinstance(action, ev.Observe):
             if machine.state is SourceState.OBSERVING:
                 await self._hook_stage(out, machine.stages)
             async with self.llumlet.engine_lock:
                 return perform.observe(engine, rid)
-        if isinstance(action, Suspend):
+        if isinstance(action, ev.Suspend):
             async with self.llumlet.engine_lock:
                 event, out.state = perform.suspend(engine, rid)
             out.stopped_at = time.monotonic()
             return event
-        if isinstance(action, Reserve):
+        if isinstance(action, ev.Reserve):
             return await self._reserve(out, action)
-        if isinstance(action, Copy):
+        if isinstance(action, ev.Copy):
             return await self._copy(out, action)
-        if isinstance(action, Flush):
+        if isinstance(action, ev.Flush):
             # Every token produced here must reach the frontend before the destination's first one.
             if out.frontend:
                 await self.llumlet.pusher.flush(out.frontend)
-            return Flushed()
-        if isinstance(action, Commit):
+            return ev.Flushed()
+        if isinstance(action, ev.Commit):
             return await self._commit(out)
-        if isinstance(action, TellAbort):
+        if isinstance(action, ev.TellAbort):
             await self._tell_abort(out.stub, mid, action.reason)
-        elif isinstance(action, Resume):
+        elif isinstance(action, ev.Resume):
             async with self.llumlet.engine_lock:
                 perform.resume(engine, rid)
             self.llumlet.wake()
-        elif isinstance(action, Release):
+        elif isinstance(action, ev.Release):
             async with self.llumlet.engine_lock:
                 engine.release_suspended(rid)
                 self.llumlet.owners.pop(rid, None)
             self.llumlet.stats.migrations_out += 1
             self.llumlet.wake()
-        elif isinstance(action, AbortHere):
+        elif isinstance(action, ev.AbortHere):
             self.llumlet.pending_aborts.pop(rid, None)
             with contextlib.suppress(UnknownRequestError):
                 await self.llumlet.abort_request(rid)
             self.llumlet.wake()
-        elif isinstance(action, ForwardAbort):
+        elif isinstance(action, ev.ForwardAbort):
             # The client aborted while the commit was in flight: the request lives on the destination now.
             self.llumlet.pending_aborts.pop(rid, None)
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await out.stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=CONTROL_TIMEOUT_S)
-        elif isinstance(action, Done):
+        elif isinstance(action, ev.Done):
             out.result.outcome = _OUTCOMES[action.outcome]
             out.result.reason = action.reason
         return None
@@ -439,7 +396,7 @@ class MigrationCoordinator:
             out.hooked_stage = stage
             await self.hooks.before_stage(out.machine.migration_id, out.machine.request_id, stage)
 
-    async def _reserve(self, out: _Outgoing, action: Reserve) -> SourceEvent:
+    async def _reserve(self, out: _Outgoing, action: ev.Reserve) -> ev.SourceEvent:
         machine, stage = out.machine, action.stage
         mid, rid = machine.migration_id, machine.request_id
         await self._hook_stage(out, stage.index)
@@ -457,7 +414,7 @@ class MigrationCoordinator:
             if state is None:  # the destination validates the request before reserving
                 async with self.llumlet.engine_lock:
                     peeked = perform.peek(self.llumlet.engine, rid)
-                if isinstance(peeked, SourceFailed):
+                if isinstance(peeked, ev.SourceFailed):
                     return peeked
                 state = peeked
             pre.request.CopyFrom(convert.migration_state_to_pb(state, out.frontend))
@@ -465,7 +422,7 @@ class MigrationCoordinator:
             out.stub.PreAllocate(pre, timeout=self.settings.transfer_timeout_s), "pre-allocate"
         )
         if not isinstance(reply, llumlet_pb2.PreAllocateResponse):
-            return Refused(error)
+            return ev.Refused(error)
         out.stage_dst = list(reply.block_ids)
         out.peer = reply.data_plane_address
         if stage.index == 0 and len(out.stage_dst) == stage.count:
@@ -476,24 +433,24 @@ class MigrationCoordinator:
                     rid, out.result.destination_instance_id, timeout=self.settings.transfer_timeout_s
                 )
             except grpc.aio.AioRpcError as exc:
-                return SourceFailed(f"the frontend refused the hand-over: {exc.code().name}: {exc.details()}")
+                return ev.SourceFailed(f"the frontend refused the hand-over: {exc.code().name}: {exc.details()}")
         out.timings["reserved"] = time.monotonic()
-        return Reserved(stage.index, len(out.stage_dst))
+        return ev.Reserved(stage.index, len(out.stage_dst))
 
-    async def _copy(self, out: _Outgoing, action: Copy) -> SourceEvent:
+    async def _copy(self, out: _Outgoing, action: ev.Copy) -> ev.SourceEvent:
         machine, stage = out.machine, action.stage
         mid, rid = machine.migration_id, machine.request_id
         async with self.llumlet.engine_lock:
             try:
                 src_ids = self.llumlet.engine.block_ids(rid)[stage.first : stage.first + stage.count]
             except UnknownRequestError:
-                return SourceFailed(f"request {rid} finished or was aborted during migration")
+                return ev.SourceFailed(f"request {rid} finished or was aborted during migration")
         try:
             nbytes, crc = await self._send_stage(data_key(mid, out.transfer_token, stage.index), out.peer, src_ids)
         except (KeyError, IndexError) as exc:  # blocks freed under us: the request was preempted or aborted
-            return SourceFailed(f"source blocks vanished during the copy: {exc!r}")
+            return ev.SourceFailed(f"source blocks vanished during the copy: {exc!r}")
         except TransportError as exc:
-            return CopyFailed(f"data plane: {exc}")
+            return ev.CopyFailed(f"data plane: {exc}")
         out.timings["sent"] = time.monotonic()
         out.result.bytes_sent += nbytes
         notice = llumlet_pb2.TransferStageRequest(
@@ -503,14 +460,14 @@ class MigrationCoordinator:
             out.stub.TransferStage(notice, timeout=self.settings.transfer_timeout_s), "transfer"
         )
         if reply is None:
-            return CopyFailed(error)
+            return ev.CopyFailed(error)
         out.timings["acked"] = time.monotonic()
         out.timings["blocks"] = len(src_ids)
         out.dst_ids.extend(out.stage_dst)
         out.result.stages = stage.index + 1
-        return Copied(stage.index)
+        return ev.Copied(stage.index)
 
-    async def _commit(self, out: _Outgoing) -> SourceEvent:
+    async def _commit(self, out: _Outgoing) -> ev.SourceEvent:
         machine = out.machine
         mid, rid = machine.migration_id, machine.request_id
         assert out.state is not None
@@ -527,7 +484,7 @@ class MigrationCoordinator:
             out.stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s), "commit"
         )
         if reply is None:
-            return CommitFailed(error)
+            return ev.CommitFailed(error)
         done = time.monotonic()
         out.result.downtime_ms = (done - out.stopped_at) * 1000
         t = out.timings
@@ -545,7 +502,7 @@ class MigrationCoordinator:
             (t_flushed - t.get("acked", done)) * 1000,
             (done - t_flushed) * 1000,
         )
-        return Committed()
+        return ev.Committed()
 
     async def _tell_abort(self, stub: llumlet_pb2_grpc.LlumletServiceStub, mid: str, reason: str) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -604,11 +561,11 @@ class MigrationCoordinator:
                 problem = perform.admission_problem(
                     self.llumlet.engine, convert.migration_state_from_pb(request.request)
                 )
-            offer = Offered(request.stage, request.num_blocks, accepting, problem)
+            offer = ev.Offered(request.stage, request.num_blocks, accepting, problem)
             self._incoming[mid] = incoming
             self.llumlet.set_migrating(incoming=True)
         else:
-            offer = Offered(request.stage, request.num_blocks)
+            offer = ev.Offered(request.stage, request.num_blocks)
         incoming.last_touch = time.monotonic()
         answer = await self._answer(incoming, offer)
         return llumlet_pb2.PreAllocateResponse(
@@ -617,62 +574,62 @@ class MigrationCoordinator:
             transfer_token=incoming.transfer_token,
         )
 
-    async def _answer(self, incoming: _Incoming, event: DestinationEvent) -> Accept:
+    async def _answer(self, incoming: _Incoming, event: ev.DestinationEvent) -> ev.Accept:
         """The answer to one call of the source (a refusal raises MigrationError)."""
         answer, _ = await self._step_incoming(incoming, event)
         if answer is None:  # the migration ended meanwhile (aborted or reaped while this call waited)
             raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {incoming.migration_id}")
         return answer
 
-    async def _step_incoming(self, incoming: _Incoming, event: DestinationEvent) -> tuple[Accept | None, int]:
+    async def _step_incoming(self, incoming: _Incoming, event: ev.DestinationEvent) -> tuple[ev.Accept | None, int]:
         """Feeds one event to a destination machine and performs its actions: its answer, if any (a refusal raises
         MigrationError), and how many reserved blocks were freed."""
         engine = self.llumlet.engine
-        answer: Accept | None = None
-        refusal: Refuse | None = None
+        answer: ev.Accept | None = None
+        refusal: ev.Refuse | None = None
         freed = 0
         pending = incoming.machine.step(event)
         while pending:
             action = pending.pop(0)
-            if isinstance(action, ReserveBlocks):
+            if isinstance(action, ev.ReserveBlocks):
                 async with self.llumlet.engine_lock:
                     reserved = perform.reserve(engine, action.stage, action.count)
                 pending += incoming.machine.step(reserved)
-            elif isinstance(action, Receive):
+            elif isinstance(action, ev.Receive):
                 task = asyncio.get_running_loop().create_task(
                     self._receive_stage(incoming.migration_id, action.stage, list(action.block_ids))
                 )
                 incoming.stages[action.stage] = task
-            elif isinstance(action, Install):
+            elif isinstance(action, ev.Install):
                 pending += incoming.machine.step(await self._install(incoming, action.block_ids))
-            elif isinstance(action, Free):
+            elif isinstance(action, ev.Free):
                 freed += await self._free(incoming, action)
-            elif isinstance(action, Closed):
+            elif isinstance(action, ev.Closed):
                 if self._incoming.get(incoming.migration_id) is incoming:
                     del self._incoming[incoming.migration_id]
                 self.llumlet.set_migrating(incoming=bool(self._incoming))
                 if action.installed:
                     self.llumlet.stats.migrations_in += 1
                     self.llumlet.wake()
-            elif isinstance(action, Accept):
+            elif isinstance(action, ev.Accept):
                 answer = action
-            elif isinstance(action, Refuse):
+            elif isinstance(action, ev.Refuse):
                 refusal = action
         if refusal is not None:
             raise MigrationError(_REFUSAL_CODES[refusal.kind], refusal.reason)
         return answer, freed
 
-    async def _install(self, incoming: _Incoming, block_ids: Sequence[int]) -> Installed | InstallFailed:
+    async def _install(self, incoming: _Incoming, block_ids: Sequence[int]) -> ev.Installed | ev.InstallFailed:
         commit = incoming.commit
         assert commit is not None
         state = convert.migration_state_from_pb(commit.request)
         async with self.llumlet.engine_lock:
             done = perform.install(self.llumlet.engine, state, block_ids, time.time())
-            if isinstance(done, Installed):
+            if isinstance(done, ev.Installed):
                 self.llumlet.adopt(state, commit.request.request.frontend_address, commit.capability)
         return done
 
-    async def _free(self, incoming: _Incoming, action: Free) -> int:
+    async def _free(self, incoming: _Incoming, action: ev.Free) -> int:
         for task in incoming.stages.values():
             task.cancel()
             with contextlib.suppress(BaseException):
@@ -734,7 +691,7 @@ class MigrationCoordinator:
             error = (
                 f"stage {request.stage}: got {nbytes} bytes crc {crc}, expected {request.num_bytes} crc {request.crc32}"
             )
-        await self._answer(incoming, StageLanded(request.stage, block_ids, error, timed_out))
+        await self._answer(incoming, ev.StageLanded(request.stage, block_ids, error, timed_out))
         incoming.last_touch = time.monotonic()
         return llumlet_pb2.TransferStageResponse(bytes_received=nbytes)
 
@@ -743,17 +700,17 @@ class MigrationCoordinator:
         if incoming is None:
             raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {request.migration_id}")
         incoming.commit = request
-        await self._answer(incoming, CommitAsked(tuple(request.block_ids)))
+        await self._answer(incoming, ev.CommitAsked(tuple(request.block_ids)))
         return llumlet_pb2.CommitMigrationResponse(instance_id=self.llumlet.instance_id)
 
     async def abort(self, request: llumlet_pb2.AbortMigrationRequest) -> llumlet_pb2.AbortMigrationResponse:
         return llumlet_pb2.AbortMigrationResponse(
             freed_blocks=await self._free_incoming(
-                request.migration_id, AbortAsked(request.reason or "aborted by source")
+                request.migration_id, ev.AbortAsked(request.reason or "aborted by source")
             )
         )
 
-    async def _free_incoming(self, mid: str, event: AbortAsked | SourceSilent) -> int:
+    async def _free_incoming(self, mid: str, event: ev.AbortAsked | ev.SourceSilent) -> int:
         incoming = self._incoming.get(mid)
         if incoming is None:
             return 0
@@ -768,5 +725,5 @@ class MigrationCoordinator:
             for mid, incoming in list(self._incoming.items()):
                 if now - incoming.last_touch > self.settings.pending_timeout_s:
                     await self._free_incoming(
-                        mid, SourceSilent(f"source silent for {self.settings.pending_timeout_s:g} s")
+                        mid, ev.SourceSilent(f"source silent for {self.settings.pending_timeout_s:g} s")
                     )
