@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pyllumnix.data_plane.engine.profile import LLAMA_7B_A10
+from pyllumnix.data_plane.engine.profile import LLAMA_7B_A10, get_profile
+from pyllumnix.tools.bench_engine import SHAPES, Shape, fit_shape, shapes_for
 from pyllumnix.tools.cli import cli
 
 # (shape, modelled ms per step): a prefill step of one fresh prompt; a decode step of ``batch`` requests whose
@@ -54,11 +55,34 @@ def test_bench_engine_figures_agree_with_the_model_and_each_other(tmp_path: Path
     assert summary.endswith(" OK") == report["within_target"], summary
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: `bench engine --profile tiny` (offered by its --profile choice) crashes with a traceback: its "
-    "fixed 1024-token prefill shape exceeds tiny's max_model_len 512; it should scale the shapes or refuse clearly",
-)
 def test_bench_engine_every_offered_profile_runs_or_refuses_clearly(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["bench", "engine", "--profile", "tiny", "--no-payload"])
+    """``--profile tiny`` used to crash with a traceback (a 1024-token prefill against tiny's 512-token limit): the
+    shapes are scaled to what the profile can run, and the run reports them."""
+    out = tmp_path / "tiny.json"
+    result = CliRunner().invoke(cli, ["bench", "engine", "--profile", "tiny", "--no-payload", "--json", str(out)])
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    tiny = get_profile("tiny")
+    assert report["profile"] == "tiny" and report["shapes"]
+    for row in report["shapes"]:
+        shape = next(s for s in shapes_for(tiny) if s.name == row["shape"])
+        generated = 1 if shape.is_prefill else shape.steps + 2
+        assert shape.prompt + generated <= tiny.max_model_len and shape.batch <= tiny.max_num_seqs, shape
+        assert row["steps"] == shape.steps and row["modelled_ms"] > 0, row
+
+
+def test_shapes_that_fit_stay_and_the_others_shrink_to_the_profile() -> None:
+    assert shapes_for(P) == SHAPES, "the 7B profile runs the documented shapes unchanged"
+    tiny = get_profile("tiny")
+    fitted = {s.name: s for s in shapes_for(tiny)}
+    assert "prefill-256" in fitted, "a shape that fits keeps its name"
+    for shape in fitted.values():
+        generated = 1 if shape.is_prefill else shape.steps + 2
+        blocks = max(shape.batch, 1) * -(-(shape.prompt + generated) // tiny.block_size)
+        assert shape.prompt + generated <= tiny.max_model_len, shape
+        assert max(shape.batch, 1) * shape.prompt <= tiny.max_num_batched_tokens, shape
+        assert shape.batch <= tiny.max_num_seqs and blocks <= tiny.total_blocks, shape
+        assert shape.prompt % tiny.block_size == 0 or shape in SHAPES, shape
+    assert fit_shape(Shape("huge", 0, 10**6, 1), tiny) is not None
+    assert fit_shape(Shape("x", 1, 64, 600), tiny) is None, "600 decode steps alone overrun tiny's 512 tokens"

@@ -15,7 +15,7 @@ import click
 
 from pyllumnix.data_plane.engine.base import RequestSpec, Sampling, StepResult
 from pyllumnix.data_plane.engine.clock import RealClock, StepPacer
-from pyllumnix.data_plane.engine.profile import PROFILES, get_profile
+from pyllumnix.data_plane.engine.profile import PROFILES, Profile, get_profile
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.tools.progress import Steps, progress_bar
 
@@ -47,6 +47,46 @@ SHAPES = (
     Shape("decode-b8-ctx128", 8, 128, 40),
     Shape("decode-b32-ctx32", 32, 32, 30),
 )
+
+
+def fit_shape(shape: Shape, profile: Profile, budget_blocks: int = PREWARM_BLOCKS) -> Shape | None:
+    """``shape`` scaled down (whole blocks of prompt, fewer requests) to what ``profile`` can run as measured: a
+    prompt plus its generated tokens within ``max_model_len``, a decode batch within ``max_num_seqs`` and prefilled
+    in one step (``max_num_batched_tokens``), live KV within ``budget_blocks`` (the pre-warmed spares, or the whole
+    cache of a small profile). None when nothing of it fits. A shape that fits as it is comes back unchanged."""
+    bs = profile.block_size
+    blocks = min(budget_blocks, profile.total_blocks)
+
+    def fits(batch: int, prompt: int, generated: int) -> bool:
+        return (
+            prompt + generated <= profile.max_model_len
+            and max(batch, 1) * prompt <= profile.max_num_batched_tokens
+            and max(batch, 1) * -(-(prompt + generated) // bs) <= blocks
+        )
+
+    batch = min(shape.batch, profile.max_num_seqs)
+    generated = 1 if shape.is_prefill else shape.steps + 2
+    prompt = shape.prompt
+    if not fits(batch, prompt, generated):
+        prompt -= prompt % bs
+        while prompt >= bs and not fits(batch, prompt, generated):
+            prompt -= bs
+        if prompt < bs:
+            return None
+    if (batch, prompt) == (shape.batch, shape.prompt):
+        return shape
+    name = f"prefill-{prompt}" if shape.is_prefill else f"decode-b{batch}-ctx{prompt}"
+    return Shape(name, batch, prompt, shape.steps)
+
+
+def shapes_for(profile: Profile, shapes: tuple[Shape, ...] = SHAPES) -> tuple[Shape, ...]:
+    """The shapes that ``profile`` can run (see ``fit_shape``), without duplicates; the 7B profile runs SHAPES."""
+    fitted: dict[str, Shape] = {}
+    for shape in shapes:
+        fit = fit_shape(shape, profile)
+        if fit is not None:
+            fitted.setdefault(fit.name, fit)
+    return tuple(fitted.values())
 
 
 @dataclass(frozen=True)
@@ -120,9 +160,14 @@ def bench_engine(profile_name: str, payload: bool, json_path: Path | None) -> No
     """Modelled vs measured step time of the sim engine driven in real time (JSON on stdout; the progress bar, on a
     terminal only, and the summary line on stderr)."""
     profile = get_profile(profile_name)
+    shapes = shapes_for(profile)
+    if not shapes:
+        raise click.BadParameter(
+            f"profile {profile.name!r} is too small for any benchmark shape", param_hint="--profile"
+        )
     with progress_bar(refresh_per_second=2) as bar:  # few redraws: the measured steps are paced in real time
-        steps = Steps(bar, "bench engine", total=sum(s.steps + 1 for s in SHAPES))
-        results = asyncio.run(run_all(profile_name, payload, SHAPES, steps))
+        steps = Steps(bar, "bench engine", total=sum(s.steps + 1 for s in shapes))
+        results = asyncio.run(run_all(profile_name, payload, shapes, steps))
     worst = max(abs(r.ratio - 1) for r in results)
     report = {
         "bench": "engine",
