@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, DRAIN_VICTIMS, PolicyConfig
+from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, DRAIN_VICTIMS, PolicyConfig, Selection
 from pyllumnix.data_plane.engine.profile import Profile, get_profile
 
 DEFAULT_BANDWIDTH_GBPS = 20.0
@@ -57,6 +57,9 @@ class SimConfig:
     # Engine steps are prefill-only or decode-only (vLLM 0.1.x, the paper's engine) instead of mixed (V1).
     split_steps: bool = False
     migrate_out_threshold: float = 3.0
+    # Which request a source migrates out (the artifact's: LCR, the last-come running one, i.e. the next preemption
+    # victim of a vLLM batch).
+    selection: Selection = Selection.SR
     enable_migration: bool = True
     pairing_interval_ms: int = 100
     # How often an instance's load reaches the policy's snapshot (the live llumlet streams every 50 ms; each
@@ -101,6 +104,7 @@ class SimConfig:
             high_headroom_blocks=headroom,
             high_headroom_reserve_blocks=reserve,
             migrate_out_threshold=self.migrate_out_threshold,
+            selection=self.selection,
             scaling_warmup_ms=round(self.scaling_warmup_s * 1000),
             drain_victim=self.drain_victim,
             dispatch_policy=self.policy,
