@@ -11,6 +11,7 @@ stage the commit, release and downtime follow at once).
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 from pyllumnix.control_plane.policy.snapshot import InstanceState
 from pyllumnix.data_plane.engine.base import MigrationState, UnknownRequestError
@@ -25,6 +26,9 @@ from pyllumnix.tools.sim.instance import SimInstance
 Outcome = ev.Outcome  # the machines' vocabulary, re-exported for the summary and tests
 
 __all__ = ["MigrationProcess", "Outcome"]
+
+# Keys the migrations' slots: unique in the process (two orders for the same request and pair are two migrations).
+_SERIAL = itertools.count()
 
 
 class MigrationProcess:
@@ -47,7 +51,7 @@ class MigrationProcess:
         self.start_time = start_time
         self.end_time = 0.0
         self.downtime_s = 0.0
-        mid = f"{src.instance_id}>{dst.instance_id}@{start_time!r}/{request_id}"
+        mid = f"{src.instance_id}>{dst.instance_id}/{request_id}#{next(_SERIAL)}"
         self.source = SourceMigration(mid, request_id, limits, src.out_slots)
         self.destination = DestinationMigration(mid, dst.in_slots)
         self._actions: list[ev.SourceAction] = self.source.step(ev.Start())

@@ -1,5 +1,7 @@
-"""The migration coordinator of one llumlet: source role (runs the stages) and destination role (reserves, receives,
-commits), over gRPC for the handshake and a data-plane transport for the blocks.
+"""The migration coordinator of one llumlet: the driver of the migration machines (``source.py``,
+``destination.py``) in both roles. It decides nothing about the protocol: it performs each action the machines ask
+for (under the engine lock, over gRPC for the handshake, over the data-plane transport for the blocks) and feeds the
+result back as an event; the simulator (``tools/sim/migration.py``) drives the same machines on a virtual clock.
 
 Leak-freedom is the invariant every path keeps:
 - source-side abort (request finished, aborted or preempted meanwhile; stages did not converge): the source calls
