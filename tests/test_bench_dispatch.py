@@ -76,3 +76,17 @@ def test_bench_dispatch_figures_agree_with_each_other(tmp_path: Path) -> None:
     assert f"{g['ratio']:.2f}" in summary, summary
     if "profile" in report:
         assert report["profile"]["top_by_own_time"]
+
+
+def test_bench_dispatch_tls_runs_the_served_phase_over_mutual_tls(tmp_path: Path) -> None:
+    """--tls: a second served run against a mutual-TLS scheduler (role check on) answers every call, and the summary
+    compares it with the plaintext run."""
+    out = tmp_path / "dispatch.json"
+    args = ["bench", "dispatch", "--instances", "16", "--concurrency", "8", "--duration", "0.5", "--rounds", "2"]
+    args += ["--decisions", "100", "--report-hz", "5", "--tls", "--json", str(out)]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    mtls = report["mtls"]["grpc"]
+    assert mtls["errors"] == 0 and mtls["bare_rps"] > 0 and mtls["dispatch_rps"] > 0, mtls
+    assert "over mutual TLS" in result.output

@@ -47,6 +47,7 @@ import multiprocessing
 import pstats
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from multiprocessing.connection import Connection
@@ -71,6 +72,8 @@ from pyllumnix.control_plane.scheduler.service import (
     AdminServicer,
     SchedulerServicer,
 )
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.bootstrap import bootstrap_local
 from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from pyllumnix.tools.bench_dispatch_core import measure_dispatch_latency
 from pyllumnix.tools.progress import Steps, progress_bar
@@ -338,8 +341,13 @@ def _profile_rows(profile: cProfile.Profile, top: int) -> list[dict[str, Any]]:
     ]
 
 
-def _child_main(conn: Connection, endpoints: list[str], instances: int, report_hz: float, seed: int) -> None:
-    """Entry of the spawned scheduler process."""
+def _child_main(
+    conn: Connection, endpoints: list[str], instances: int, report_hz: float, seed: int, tls_dir: str = ""
+) -> None:
+    """Entry of the spawned scheduler process; with ``tls_dir`` its server is mutual TLS with the role check, as a
+    secure scheduler's (``start_server`` under the process's security settings)."""
+    if tls_dir:
+        runtime.configure(runtime.from_options("scheduler", "bench", tls_dir=tls_dir, env={}))
     asyncio.run(_serve(conn, endpoints, instances, report_hz, seed))
 
 
@@ -415,8 +423,10 @@ async def run_bench(
     profile: bool,
     parts: bool = False,
     steps: Steps | None = None,
+    tls_dir: str = "",
 ) -> dict[str, Any]:
-    """The whole benchmark; ``steps`` (optional) is advanced per phase and round for a progress bar."""
+    """The whole benchmark; ``steps`` (optional) is advanced per phase and round for a progress bar. ``tls_dir``: a
+    local PKI; the scheduler serves mutual TLS and the client calls with a frontend certificate."""
     steps = steps or Steps()
     steps.describe(f"in-process latency ({decisions} decisions)")
     core = measure_dispatch_latency(instances, decisions, seed)
@@ -425,7 +435,9 @@ async def run_bench(
         ctx = multiprocessing.get_context("spawn")
         conn, child_conn = ctx.Pipe()
         proc = ctx.Process(
-            target=_child_main, args=(child_conn, etcd.endpoints, instances, report_hz, seed), daemon=True
+            target=_child_main,
+            args=(child_conn, etcd.endpoints, instances, report_hz, seed, tls_dir),
+            daemon=True,
         )
         proc.start()
         child_conn.close()
@@ -441,7 +453,19 @@ async def run_bench(
                 ) from None
             steps.step("warm-up")
             return await _measure(
-                conn, ready, core, instances, concurrency, duration, rounds, report_hz, seed, profile, parts, steps
+                conn,
+                ready,
+                core,
+                instances,
+                concurrency,
+                duration,
+                rounds,
+                report_hz,
+                seed,
+                profile,
+                parts,
+                steps,
+                tls_dir,
             )
         finally:
             with contextlib.suppress(Exception):
@@ -465,6 +489,7 @@ async def _measure(
     profile: bool,
     parts: bool,
     steps: Steps,
+    tls_dir: str = "",
 ) -> dict[str, Any]:
     rng = random.Random(seed + 1)
     shapes = [
@@ -477,7 +502,8 @@ async def _measure(
     ]
     ids = itertools.count()
     health_request = health_pb2.HealthCheckRequest(service="")
-    async with grpc.aio.insecure_channel(ready["address"]) as channel:
+    client = runtime.from_options("frontend", "bench", tls_dir=tls_dir, env={}) if tls_dir else runtime.INSECURE
+    async with runtime.open_channel(ready["address"], settings=client) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
 
@@ -593,6 +619,12 @@ async def _measure(
 @click.option("--seed", default=0, show_default=True)
 @click.option("--profile", is_flag=True, help="Profile a Dispatch round in the scheduler even if the ratio is met.")
 @click.option("--parts", is_flag=True, help="Also time the parts of each Dispatch in the instrumented round.")
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Run the served phase twice, plaintext then mutual TLS (a throwaway local PKI; the role check on): the "
+    "report's 'mtls' block and the summary give the TLS run's rates and ratio.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
 def bench_dispatch(
     instances: int,
@@ -604,6 +636,7 @@ def bench_dispatch(
     seed: int,
     profile: bool,
     parts: bool,
+    tls: bool,
     json_path: Path | None,
 ) -> None:
     """Dispatch decision latency in process, and Dispatch RPCs/s next to a bare gRPC call on the same server.
@@ -612,10 +645,19 @@ def bench_dispatch(
     """
     with progress_bar() as bar:
         # in-process run, scheduler start, warm-up, the paired rounds, the instrumented round
-        steps = Steps(bar, "bench dispatch", total=3 + 2 * rounds + 1)
+        steps = Steps(bar, "bench dispatch", total=(3 + 2 * rounds + 1) * (2 if tls else 1))
         report = asyncio.run(
             run_bench(instances, concurrency, duration, rounds, decisions, report_hz, seed, profile, parts, steps)
         )
+        if tls:
+            with tempfile.TemporaryDirectory(prefix="bench-pki-") as pki:
+                bootstrap_local(pki, "bench")
+                secure = asyncio.run(
+                    run_bench(
+                        instances, concurrency, duration, rounds, decisions, report_hz, seed, False, False, steps, pki
+                    )
+                )
+            report["mtls"] = {"grpc": secure["grpc"], "served_dispatch": secure["served_dispatch"]}
     text = json.dumps(report, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")
@@ -634,3 +676,13 @@ def bench_dispatch(
         f"{concurrency} in flight{trouble}",
         err=True,
     )
+    if tls:
+        m = report["mtls"]["grpc"]
+        click.echo(
+            f"dispatch N={instances} over mutual TLS (role check on) | gRPC bare {m['bare_rps']:.0f}/s dispatch "
+            f"{m['dispatch_rps']:.0f}/s ratio {m['ratio']:.2f} | plaintext ratio {g['ratio']:.2f} | mTLS/plaintext "
+            f"dispatch rate {m['dispatch_rps'] / max(g['dispatch_rps'], 1e-9):.2f}, bare "
+            f"{m['bare_rps'] / max(g['bare_rps'], 1e-9):.2f} | "
+            f"server CPU/call dispatch {m['dispatch_server_cpu_us_per_call']:.0f} us",
+            err=True,
+        )
