@@ -24,8 +24,18 @@ from pyllumnix.control_plane.etcd.errors import EtcdUnavailableError
 from pyllumnix.control_plane.frontend.core import MAX_STOP_CHARS
 from pyllumnix.control_plane.frontend.requests import StopMatcher
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
-from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
+from pyllumnix.control_plane.grpc_server import RunningServer, start_server
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2_grpc
 from tests.test_frontend_fakes import MODEL, FakeLlumlet, Stack, running_stack, token
+
+
+async def start_llumlet_on(servicer: FakeLlumlet, port: int) -> RunningServer:
+    """A fake llumlet's server on a given port of 127.0.0.1 (a llumlet restarted where it was)."""
+    return await start_server(
+        [(llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, servicer, "llumnix.v1.LlumletService")],
+        "127.0.0.1",
+        port,
+    )
 
 
 async def post(url: str, body: bytes | dict[str, Any], **headers: str) -> tuple[int, dict[str, Any], Any]:
@@ -595,3 +605,32 @@ async def test_schema_refusals_are_counted_and_unplaced_prompts_are_not() -> Non
         )
         assert status == 200, payload
         assert stack.frontend.metrics.prompt_tokens._value.get() == payload["usage"]["prompt_tokens"] > 0
+
+
+async def test_a_llumlet_restarted_on_the_same_port_is_reached_at_once() -> None:
+    """The frontend's cached channel to a llumlet that went away sits in gRPC's reconnect backoff (1 s, growing to
+    120 s by default), failing calls at once with UNAVAILABLE: a llumlet restarted on the same port was refused for
+    seconds (the drill saw it). Now an UNAVAILABLE drops the channel, so the first request after the restart lands."""
+    first = FakeLlumlet("i-1", messy=False)
+    async with running_stack([first], call_timeout=1.0) as stack:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 2}
+        status, _, payload = await post(f"{stack.http.url}/v1/completions", body)
+        assert status == 200, payload
+        address = stack.book.addresses["i-1"]
+        port = int(address.rsplit(":", 1)[1])
+        for server in stack.servers:
+            await server.stop(None)
+        stack.servers.clear()
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:  # refused while it is down: the backoff of a kept channel would grow
+            status, headers, payload = await post(f"{stack.http.url}/v1/completions", body)
+            assert status == 503 and "Retry-After" in headers, payload
+            await asyncio.sleep(0.2)
+        restarted = FakeLlumlet("i-1", messy=False)
+        stack.servers.append(await start_llumlet_on(restarted, port))
+        stack.llumlets["i-1"] = restarted
+        status, _, payload = await post(f"{stack.http.url}/v1/completions", body)
+        assert status == 200, payload
+        assert len(restarted.added) == 1
+        assert stack.frontend.channels.discarded >= 1
+        assert_clean(stack)

@@ -53,7 +53,7 @@ from pyllumnix.control_plane.frontend.metrics import FrontendMetrics
 from pyllumnix.control_plane.frontend.requests import RequestTracker, TrackedRequest
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
 from pyllumnix.infra.security.apikeys import REQUEST_KEY, ApiKey, ApiKeyError, bearer_token, key_id
-from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -477,10 +477,13 @@ class Frontend:
             request.instance_id = instance_id
             engine_request.capability = self.tracker.ledger.grant(request.request_id, instance_id)
             add = llumlet_pb2.AddRequestRequest(request=engine_request)
+            channel = self.channels.channel(address)
             try:
-                await self.channels.llumlet(address).AddRequest(add, timeout=self.call_timeout)
+                await llumlet_pb2_grpc.LlumletServiceStub(channel).AddRequest(add, timeout=self.call_timeout)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
+                if code == grpc.StatusCode.UNAVAILABLE:  # the next call dials afresh (e.g. a restarted llumlet)
+                    self.channels.discard(address, channel)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     # Ambiguous: the instance may have added it (and may push outputs once it wakes up). Abort it
                     # there, best-effort, and never accept its outputs for this request (``revoke``: the next grant
@@ -565,11 +568,14 @@ class Frontend:
                 "abort %s: address of %s unknown; relying on the sink's unknown-request reply", request_id, instance_id
             )
             return
+        channel = self.channels.channel(address)
         try:
-            await self.channels.llumlet(address).AbortRequest(
+            await llumlet_pb2_grpc.LlumletServiceStub(channel).AbortRequest(
                 llumlet_pb2.AbortRequestRequest(request_id=request_id), timeout=self.call_timeout
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.channels.discard(address, channel)
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("abort %s on %s failed: %s", request_id, instance_id, exc.code().name)
 
