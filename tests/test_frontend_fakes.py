@@ -14,7 +14,7 @@ import grpc
 from pyllumnix.control_plane.frontend.core import Frontend
 from pyllumnix.control_plane.frontend.dispatch import Dispatcher, Placement
 from pyllumnix.control_plane.frontend.http import DEFAULT_MAX_BODY_BYTES, HttpServer, start_http
-from pyllumnix.control_plane.frontend.service import start_grpc
+from pyllumnix.control_plane.frontend.service import FrontendGrpc, start_grpc
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer, Tokenizer
 from pyllumnix.control_plane.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import (
@@ -249,7 +249,7 @@ class AddressBook:
 @dataclass
 class Stack:
     frontend: Frontend
-    grpc: RunningServer
+    grpc: FrontendGrpc
     http: HttpServer
     llumlets: dict[str, FakeLlumlet] = field(default_factory=dict)
     servers: list[RunningServer] = field(default_factory=list)
