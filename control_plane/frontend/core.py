@@ -460,7 +460,10 @@ class Frontend:
         )
 
     async def _place(self, request: TrackedRequest, engine_request: common_pb2.EngineRequest) -> None:
-        """Dispatch + AddRequest, dispatching again (a bounded number of times) when the instance refused."""
+        """Dispatch + AddRequest, dispatching again (a bounded number of times) when the instance refused, or did not
+        answer in time (DEADLINE_EXCEEDED is ambiguous: the instance may still add the request, so it is told to abort
+        it and its outputs for the request are dropped from then on; an instance that did not answer is not tried
+        again for the same request)."""
         if not self.sink_address:
             raise NoCapacityError("frontend output sink is not serving yet")
         refusals: list[str] = []
