@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,ucx
+EXTRAS ?= dev,ucx,ray
 
 .PHONY: install link serve test lint typecheck protos protos-check unit integration clean
 

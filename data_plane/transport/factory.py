@@ -25,7 +25,8 @@ def ucx_available() -> bool:
 
 def make_transport(kind: TransportKind | str, **opts: Any) -> Transport:
     """A new, not yet started endpoint. ``auto`` picks UCX if available, else TCP. Options go to the constructor:
-    ucx: ``tls``, ``rescue_interval``; tcp: ``host``, ``port``, ``advertise_host``; inproc: ``name``, ``cost_fn``."""
+    ucx: ``tls``, ``rescue_interval``, ``device``, ``host`` (its interface only); tcp: ``host``, ``port``,
+    ``advertise_host``; inproc: ``name``, ``cost_fn``."""
     if kind == "auto":
         kind = "ucx" if ucx_available() else "tcp"
     if kind == "ucx":

@@ -38,6 +38,11 @@ defaults there, each overridable by the environment:
 - ``UCX_RNDV_FRAG_MEM_TYPE``: ``host`` (ucxx defaults to ``cuda`` staging, pointless without a GPU).
 - ``UCX_CMA_SEG_SIZE``: ``4M``. Same-host rendezvous is a CMA ``process_vm_readv`` done by the receiver's worker
   progress; 4 MiB segments measured ~10 % faster than UCX's 512K default for 16 MiB chunks.
+- ``UCX_NET_DEVICES``: with ``UcxTransport(host=ADDR)`` (a llumlet's ``--host``), the one network interface that
+  holds ADDR (``lo`` for a loopback address), so UCX's TCP transport listens there only and the worker address it
+  publishes names no other interface: by default UCX listens on every interface and a peer on another host may pick
+  an address that is not routable from it (each host's own loopback, a docker bridge), and the first chunk then
+  waits for its deadline. A wildcard host leaves UCX's default (all interfaces).
 
 Device memory (``UcxTransport(device="cuda:N")``): chunks are torch CUDA tensors (anything with
 ``__cuda_array_interface__``), sent and landed by UCX without touching host memory: ``cuda_ipc`` between processes on
@@ -128,6 +133,30 @@ def configure_ucx_env(tls: str | None = None, device: bool = False) -> None:
     if tls:
         os.environ["UCX_TLS"] = tls
         _DEFAULTED.discard("UCX_TLS")
+
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def interface_of(host: str) -> str:
+    """The name of the network interface that holds the IP address ``host`` (TransportError if none does): UCX
+    selects network devices by interface name, not by address."""
+    import psutil
+
+    if host.startswith("127."):
+        host = "127.0.0.1"  # the whole 127/8 is on the loopback interface
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == host for a in addrs):
+            return name
+    raise TransportError(f"no network interface holds {host!r} (UCX binds interfaces by name; pass a local address)")
+
+
+def restrict_ucx_to_host(host: str | None) -> None:
+    """Sets ``UCX_NET_DEVICES`` to ``host``'s interface (an explicit environment value wins); a wildcard or no host
+    leaves UCX's default, every interface."""
+    if host is None or host in WILDCARD_HOSTS:
+        return
+    os.environ.setdefault("UCX_NET_DEVICES", interface_of(host))
 
 
 def make_cuda_context_current(device: str) -> None:
@@ -307,11 +336,17 @@ class UcxTransport(ExpectingTransport):
     kind = "ucx"
 
     def __init__(
-        self, tls: str | None = None, rescue_interval: float = RESCUE_INTERVAL_S, device: str | None = None
+        self,
+        tls: str | None = None,
+        rescue_interval: float = RESCUE_INTERVAL_S,
+        device: str | None = None,
+        host: str | None = None,
     ) -> None:
         """``device`` (``cuda[:N]``): chunks are device memory on that GPU (DeviceUnavailableError without one);
-        None or ``cpu``: host memory."""
+        None or ``cpu``: host memory. ``host``: the local address whose interface alone UCX's TCP transport uses
+        (``UCX_NET_DEVICES``; the process's first started endpoint decides it)."""
         super().__init__()
+        self._host = host
         self.device: str | None = None if device in (None, "cpu") else normalize_device(str(device))
         self._tls = tls
         self._rescue_interval = rescue_interval
@@ -326,6 +361,7 @@ class UcxTransport(ExpectingTransport):
     async def start(self) -> str:
         if self._address is None:
             configure_ucx_env(self._tls, device=self.device is not None)
+            restrict_ucx_to_host(self._host)
             lib = import_ucxx()
             try:
                 if self.device is not None:
