@@ -1,0 +1,338 @@
+"""RayInstanceProvider: Ray places and runs llumlets on a multi-host cluster; etcd stays the source of truth.
+
+Ray's part is placement and process lifetime only: the registry, the leases (liveness), the election and the
+configuration stay in etcd, exactly as with the local provider. A llumlet started here registers itself in etcd and
+its lease is what tells the scheduler it is alive; Ray's own view of a node or an actor is never consulted for that.
+
+Per instance: one placement group (its CPU/GPU bundle, pinned to one node through Ray's ``node:<ip>`` resource) and
+one detached, named actor (``llumlet-<id>``, in the Ray namespace ``llumnix-<cluster>``), so another replica (a new
+leader) can find it by name and stop it. Which node: ``placement="spread"`` picks the node holding the fewest of this
+provider's instances, ``"pack"`` the one holding the most that still has room; ``hosts`` restricts both to these node
+IPs (host pinning).
+
+The actor supervises the llumlet as a child process rather than running it in-process: the llumlet owns its event
+loop, signal handlers and (for vLLM) the engine's CUDA context and worker processes, none of which belong inside a Ray
+worker; a child is stopped by its process group (SIGTERM, then SIGKILL), its exit code is logged, and the actor stays
+responsive while the llumlet is busy. The llumlet binds and advertises the node's IP (``ray.util.get_node_ip_address``
+on the placed node), never a wildcard or a loopback address.
+
+Security: the certificate is issued *before* the actor is placed, for the node the placement group landed on (its IP
+in the certificate's names), and handed to the actor as PEM content (the files of this host do not exist on that
+one); the actor writes them to a private (0700) folder and removes it when the llumlet exits.
+
+Stop: the scheduler drains an instance before it stops it (a drained llumlet deregisters and exits by itself); stop
+then SIGTERMs whatever is left through the actor, kills the actor and removes the placement group.
+
+Failures are clear and leave nothing half-made: a Ray address that does not answer (``ray_connect_timeout``), a
+placement that cannot be satisfied (``placement_timeout``) or a node that disappears before the actor answers
+(``start_timeout``) raise ProviderError after removing the placement group and the actor; the llumlet never got to
+register, or its lease expires with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pyllumnix.control_plane.scheduler.provider import SECURITY_FLAGS, InstanceProvider
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.runtime import SecuritySettings
+
+log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "llumlet-"
+
+
+class ProviderError(Exception):
+    """Ray could not place or start an instance (the message says why; nothing was left behind)."""
+
+
+class LlumletSupervisor:
+    """The body of the Ray actor: runs one ``llumnix llumlet`` child on its node and stops it on request."""
+
+    def __init__(self, instance_id: str, args: list[str], pem: dict[str, bytes] | None) -> None:
+        import ray
+
+        self.instance_id = instance_id
+        self.node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        self._dir: str | None = None
+        cmd = [sys.executable, "-m", "pyllumnix.tools.cli", "llumlet", "--instance-id", instance_id, *args]
+        if "--host" not in args:
+            cmd += ["--host", self.node_ip]
+        if "--advertise-host" not in args:
+            cmd += ["--advertise-host", self.node_ip]
+        if pem is not None:
+            self._dir = tempfile.mkdtemp(prefix=f"llumnix-{instance_id}-")  # 0700
+            for name, content in pem.items():
+                path = os.path.join(self._dir, f"{name}.pem")
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                    f.write(content)
+            cmd += ["--ca", f"{self._dir}/ca.pem", "--cert", f"{self._dir}/cert.pem", "--key", f"{self._dir}/key.pem"]
+        elif not any(flag in args for flag in SECURITY_FLAGS):
+            cmd.append("--insecure")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def info(self) -> tuple[str, int]:
+        """(node IP, llumlet pid): answers once the actor runs on its node."""
+        return self.node_ip, self.proc.pid
+
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def terminate(self, timeout: float) -> int:
+        """SIGTERM to the llumlet's process group, SIGKILL after ``timeout``; returns its exit code."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        return int(self.proc.returncode)
+
+
+@dataclass
+class _Placed:
+    pg: Any
+    actor: Any
+    node_ip: str
+    registered: bool = False
+
+
+class RayInstanceProvider(InstanceProvider):
+    """Starts llumlets as detached Ray actors, one placement group each (see the module docstring)."""
+
+    def __init__(
+        self,
+        ray_address: str,
+        llumlet_args: Sequence[str],
+        *,
+        cluster: str = "llumnix",
+        id_prefix: str = "ray",
+        cpus: float = 1.0,
+        gpus: float = 0.0,
+        placement: str = "spread",
+        hosts: Sequence[str] = (),
+        max_instances: int | None = None,
+        stop_on_close: bool = False,
+        stop_timeout: float = 10.0,
+        ray_connect_timeout: float = 30.0,
+        placement_timeout: float = 30.0,
+        start_timeout: float = 60.0,
+        security: SecuritySettings | None = None,
+    ) -> None:
+        if placement not in ("spread", "pack"):
+            raise ValueError(f"placement must be 'spread' or 'pack', got {placement!r}")
+        if cpus < 0 or gpus < 0 or cpus + gpus <= 0:
+            raise ValueError(f"an instance needs CPUs or GPUs (cpus={cpus}, gpus={gpus})")
+        self.ray_address = ray_address
+        self.llumlet_args = list(llumlet_args)
+        self.namespace = f"llumnix-{cluster}"
+        self.id_prefix = id_prefix
+        self.cpus, self.gpus = cpus, gpus
+        self.placement = placement
+        self.hosts = list(hosts)
+        self.max_instances = max_instances
+        self.stop_on_close = stop_on_close
+        self.stop_timeout = stop_timeout
+        self.ray_connect_timeout = ray_connect_timeout
+        self.placement_timeout = placement_timeout
+        self.start_timeout = start_timeout
+        self.security = security
+        self.instances: dict[str, _Placed] = {}
+        self._connected = False
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ Ray connection
+    def _ray(self) -> Any:
+        try:
+            import ray
+        except ImportError as e:
+            raise ProviderError("the ray provider needs Ray: pip install 'pyllumnix[ray]'") from e
+        return ray
+
+    async def connect(self) -> None:
+        """Joins the Ray cluster as a driver (once); ProviderError if it does not answer in time."""
+        if self._connected:
+            return
+        ray = self._ray()
+        address = self.ray_address
+
+        def init() -> None:
+            ray.init(
+                address=address,
+                namespace=self.namespace,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ProviderError(f"--ray-address must be HOST:PORT of a Ray head (GCS), got {address!r}")
+        try:  # ray.init retries an unreachable GCS for a long time: a TCP probe first gives a prompt, clear error
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), self.ray_connect_timeout)
+            writer.close()
+        except (OSError, TimeoutError) as e:
+            raise ProviderError(f"the Ray head at {address} does not answer ({e or 'timed out'})") from e
+        try:
+            await asyncio.wait_for(asyncio.to_thread(init), self.ray_connect_timeout)
+        except TimeoutError as e:
+            raise ProviderError(
+                f"could not join the Ray cluster at {address} within {self.ray_connect_timeout}s"
+            ) from e
+        except Exception as e:
+            raise ProviderError(f"could not join the Ray cluster at {address}: {e}") from e
+        self._connected = True
+
+    def _nodes(self) -> dict[str, dict[str, float]]:
+        """Alive node IP -> its available resources."""
+        ray = self._ray()
+        nodes = {n["NodeManagerAddress"]: n for n in ray.nodes() if n.get("Alive")}
+        return {ip: dict(n.get("Resources", {})) for ip, n in nodes.items()}
+
+    def _choose_node(self) -> str:
+        nodes = self._nodes()
+        candidates = [ip for ip in nodes if not self.hosts or ip in self.hosts]
+        if not candidates:
+            wanted = f" among --ray-hosts {', '.join(self.hosts)}" if self.hosts else ""
+            raise ProviderError(f"no alive Ray node{wanted} (alive: {', '.join(sorted(nodes)) or 'none'})")
+        fits = [
+            ip for ip in candidates if nodes[ip].get("CPU", 0) >= self.cpus and nodes[ip].get("GPU", 0) >= self.gpus
+        ]
+        if not fits:
+            sizes = ", ".join(
+                f"{ip}: {nodes[ip].get('CPU', 0)} CPU / {nodes[ip].get('GPU', 0)} GPU" for ip in candidates
+            )
+            raise ProviderError(f"no Ray node can hold an instance of {self.cpus} CPU / {self.gpus} GPU ({sizes})")
+        mine = {ip: 0 for ip in fits}
+        for placed in self.instances.values():
+            if placed.node_ip in mine:
+                mine[placed.node_ip] += 1
+        key = (lambda ip: (mine[ip], ip)) if self.placement == "spread" else (lambda ip: (-mine[ip], ip))
+        return min(fits, key=key)
+
+    # ------------------------------------------------------------------ InstanceProvider
+    async def start_instances(self, count: int) -> list[str]:
+        await self.connect()
+        if self.max_instances is not None:
+            count = max(0, min(count, self.max_instances - len(self.instances)))
+        ids: list[str] = []
+        async with self._lock:  # placements one after the other: each choice sees the previous ones
+            for _ in range(count):
+                iid = f"{self.id_prefix}-{uuid.uuid4().hex[:6]}"
+                await self._start_one(iid)
+                ids.append(iid)
+        return ids
+
+    async def _start_one(self, iid: str) -> None:
+        ray = self._ray()
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        node_ip = self._choose_node()
+        bundle: dict[str, float] = {f"node:{node_ip}": 0.001}
+        if self.cpus:
+            bundle["CPU"] = self.cpus
+        if self.gpus:
+            bundle["GPU"] = self.gpus
+        pg = placement_group([bundle], strategy="STRICT_PACK", name=f"pg-{iid}", lifetime="detached")
+        actor = None
+        try:
+            try:
+                await asyncio.wait_for(pg.ready(), self.placement_timeout)
+            except TimeoutError as e:
+                raise ProviderError(
+                    f"placement of {iid} ({bundle}) not satisfied within {self.placement_timeout}s on node {node_ip}"
+                ) from e
+            security = self.security or runtime.current()
+            pem: dict[str, bytes] | None = None
+            if security.secure:
+                paths = await asyncio.to_thread(security.ensure, "llumlet", iid, [node_ip])
+                if paths is None:
+                    raise ProviderError(
+                        "a Ray-placed llumlet needs a certificate and this scheduler cannot issue one "
+                        "(run it with the PKI folder holding the CA key, as `llumnix serve` does)"
+                    )
+                pem = {"ca": paths.ca_pem(), "cert": paths.cert_pem(), "key": paths.key_pem()}
+            remote = ray.remote(num_cpus=0)(LlumletSupervisor)
+            actor = remote.options(
+                name=f"{ACTOR_PREFIX}{iid}",
+                namespace=self.namespace,
+                lifetime="detached",
+                max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
+            ).remote(iid, self.llumlet_args, pem)
+            try:
+                placed_ip, pid = await asyncio.wait_for(actor.info.remote(), self.start_timeout)
+            except TimeoutError as e:
+                raise ProviderError(f"{iid}'s actor on {node_ip} did not start within {self.start_timeout}s") from e
+            except Exception as e:  # the node died, the actor failed to construct, ...
+                raise ProviderError(f"{iid}'s actor on {node_ip} failed to start: {e}") from e
+        except BaseException:
+            if actor is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor, no_restart=True)
+            with contextlib.suppress(Exception):
+                remove_placement_group(pg)
+            raise
+        self.instances[iid] = _Placed(pg=pg, actor=actor, node_ip=placed_ip)
+        log.info("started llumlet %s on Ray node %s (pid %d there)", iid, placed_ip, pid)
+
+    async def stop_instance(self, instance_id: str) -> bool:
+        placed = self.instances.pop(instance_id, None)
+        if placed is None:
+            return False
+        await self._teardown(instance_id, placed)
+        return True
+
+    async def _teardown(self, instance_id: str, placed: _Placed) -> None:
+        ray = self._ray()
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            code = await asyncio.wait_for(placed.actor.terminate.remote(self.stop_timeout), self.stop_timeout + 10)
+            log.info("llumlet %s on %s exited with code %s", instance_id, placed.node_ip, code)
+        except Exception as e:  # the node or the actor is gone already: its process went with it
+            log.warning("llumlet %s on %s: no clean stop (%s)", instance_id, placed.node_ip, e)
+        with contextlib.suppress(Exception):
+            ray.kill(placed.actor, no_restart=True)
+        with contextlib.suppress(Exception):
+            remove_placement_group(placed.pg)
+
+    def starting(self) -> set[str]:
+        return {iid for iid, p in self.instances.items() if not p.registered}
+
+    def registered(self, instance_id: str) -> None:
+        placed = self.instances.get(instance_id)
+        if placed is not None:
+            placed.registered = True
+
+    def node_of(self, instance_id: str) -> str | None:
+        placed = self.instances.get(instance_id)
+        return placed.node_ip if placed is not None else None
+
+    async def close(self) -> None:
+        if self.stop_on_close:
+            await asyncio.gather(*(self._teardown(iid, p) for iid, p in self.instances.items()))
+            self.instances.clear()
+        if self._connected:
+            with contextlib.suppress(Exception):
+                self._ray().shutdown()
+            self._connected = False
