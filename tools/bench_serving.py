@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import click
 import numpy as np
 
@@ -89,6 +90,113 @@ async def _one(client: AsyncLlumnixClient, arrival: RequestArrival, t0: float, w
         token_times=tuple(token_times),
     )
     return Outcome(record, chunk_times, error, exception)
+
+
+def text_prompt_of(arrival: RequestArrival) -> str:
+    """A text prompt of exactly ``input_len`` tokens for the sim tokenizer (one token per word of up to 4 letters),
+    deterministic per request; routers that balance on text (cache-aware prefix trees) see distinct prompts."""
+    salt = zlib.crc32(arrival.request_id.encode())
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = []
+    for i in range(arrival.input_len):
+        n = (i * 7919 + salt) % (26**3)
+        words.append(letters[n % 26] + letters[(n // 26) % 26] + letters[(n // 676) % 26])
+    return " ".join(words)
+
+
+async def _one_openai(
+    session: aiohttp.ClientSession, url: str, model: str, arrival: RequestArrival, t0: float
+) -> Outcome:
+    """One streamed ``/v1/completions`` request (exact-length text prompt, EOS ignored, usage streamed); a token is
+    counted per the final usage block (chunks may carry several tokens' text)."""
+    await asyncio.sleep(max(0.0, t0 + arrival.arrival_time_s - time.monotonic()))
+    sent = time.monotonic() - t0
+    body = {
+        "model": model,
+        "prompt": text_prompt_of(arrival),
+        "max_tokens": arrival.output_len,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    chunk_times: list[float] = []
+    first = finish = None
+    completion_tokens = 0
+    error = ""
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+            else:
+                buf = b""
+                async for data in resp.content.iter_any():
+                    now = time.monotonic() - t0
+                    buf += data
+                    *events, buf = buf.split(b"\n\n")
+                    for event in events:
+                        line = event.strip()
+                        if not line.startswith(b"data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            finish = now
+                            continue
+                        msg = json.loads(payload)
+                        if "error" in msg:
+                            error = str(msg["error"].get("message", msg["error"]))[:200]
+                            continue
+                        if msg.get("usage"):
+                            completion_tokens = int(msg["usage"].get("completion_tokens", 0))
+                        choices = msg.get("choices") or []
+                        if choices and choices[0].get("text"):
+                            chunk_times.append(now)
+                            if first is None:
+                                first = now
+                if finish is None and not error:
+                    error = "stream ended without [DONE]"
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"[:200]
+    n = completion_tokens or len(chunk_times)
+    token_times: tuple[float, ...] = ()
+    if first is not None and finish is not None and n:
+        # Chunks may carry several tokens: spread the counted tokens over the chunk times (first and last exact).
+        token_times = tuple(
+            float(t)
+            for t in np.interp(np.linspace(0, len(chunk_times) - 1, n), np.arange(len(chunk_times)), chunk_times)
+        )
+    record = RequestRecord(
+        request_id=arrival.request_id,
+        priority=arrival.priority,
+        arrival=sent,
+        first_token_time=first,
+        finish_time=finish if not error else None,
+        num_output_tokens=n if not error else len(chunk_times),
+        input_len=arrival.input_len,
+        token_times=token_times,
+    )
+    return Outcome(record, chunk_times, error)
+
+
+async def replay_openai(
+    url: str, arrivals: Sequence[RequestArrival], model: str, api_key: str | None = None, timeout: float = 600.0
+) -> tuple[list[Outcome], float]:
+    """Runs every request against an OpenAI-compatible base URL (this project's frontend or any router)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    connector = aiohttp.TCPConnector(limit=0)
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with aiohttp.ClientSession(headers=headers, connector=connector, timeout=client_timeout) as session:
+        with progress_bar() as bar:
+            task = bar.add_task("requests", total=len(arrivals))
+
+            async def tracked(arrival: RequestArrival, t0: float) -> Outcome:
+                try:
+                    return await _one_openai(session, url.rstrip("/"), model, arrival, t0)
+                finally:
+                    bar.advance(task)
+
+            t0 = time.monotonic()
+            outcomes = list(await asyncio.gather(*(tracked(a, t0) for a in arrivals)))
+            return outcomes, time.monotonic() - t0
 
 
 async def replay(
@@ -207,11 +315,23 @@ def result_block(result: dict[str, Any]) -> str:
 
 
 def run_serving_bench(
-    frontends: Sequence[str], workload: str, seed: int, max_model_len: int, tls: TlsConfig | None = None
+    frontends: Sequence[str],
+    workload: str,
+    seed: int,
+    max_model_len: int,
+    tls: TlsConfig | None = None,
+    *,
+    openai_url: str = "",
+    model: str = "llama-7b-a10",
+    api_key: str | None = None,
 ) -> dict[str, Any]:
+    """``openai_url``: measure an OpenAI-compatible HTTP endpoint (streamed completions) instead of gRPC Generate."""
     arrivals = generate(workload, seed, max_model_len=max_model_len)
     t = time.monotonic()
-    outcomes, duration = asyncio.run(replay_outcomes(frontends, arrivals, tls))
+    if openai_url:
+        outcomes, duration = asyncio.run(replay_openai(openai_url, arrivals, model, api_key))
+    else:
+        outcomes, duration = asyncio.run(replay_outcomes(frontends, arrivals, tls))
     summary = summarize([o.record for o in outcomes])
     summary["workload"] = workload
     summary["wall_s"] = time.monotonic() - t
@@ -237,6 +357,13 @@ def run_serving_bench(
 @click.option("--cert", type=click.Path(dir_okay=False), default=None, help="PEM client certificate (mTLS).")
 @click.option("--key", type=click.Path(dir_okay=False), default=None, help="PEM client private key (mTLS).")
 @click.option("--api-key", envvar="LLUMNIX_API_KEY", default=None, help="API key (implies TLS; env LLUMNIX_API_KEY).")
+@click.option(
+    "--openai-url",
+    default="",
+    help="Measure an OpenAI-compatible base URL (e.g. http://127.0.0.1:8000; a router's) with streamed "
+    "/v1/completions (exact-length text prompts, ignore_eos, streamed usage) instead of gRPC Generate.",
+)
+@click.option("--model", default="llama-7b-a10", show_default=True, help="Model name sent in OpenAI mode.")
 def bench_serving(
     frontends: str,
     workload: str,
@@ -247,9 +374,17 @@ def bench_serving(
     cert: str | None,
     key: str | None,
     api_key: str | None,
+    openai_url: str,
+    model: str,
 ) -> None:
     """Replay a workload against a live cluster: JSON on stdout; vLLM-style result block and summary on stderr."""
     tls: TlsConfig | None = None
+    if openai_url:
+        summary = run_serving_bench(
+            [], workload, seed, max_model_len, openai_url=openai_url, model=model, api_key=api_key
+        )
+        _report(summary, workload, json_path)
+        return
     if ca or cert or key or api_key:
         try:
             tls = TlsConfig.from_files(ca, cert, key, api_key=api_key or None)
@@ -264,6 +399,10 @@ def bench_serving(
         if context is None or not context.frontend:
             raise click.UsageError(f"no --frontend, and the client context file {context_path()} names none")
     summary = run_serving_bench(endpoints, workload, seed, max_model_len, tls)
+    _report(summary, workload, json_path)
+
+
+def _report(summary: dict[str, Any], workload: str, json_path: Path | None) -> None:
     text = json.dumps(summary, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")

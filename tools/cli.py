@@ -27,6 +27,7 @@ BENCH_COMMANDS: dict[str, str] = {
     "migration": "tools.bench_migration:bench_migration",
     "serving": "tools.bench_serving:bench_serving",
     "dispatch": "tools.bench_dispatch:bench_dispatch",
+    "peers": "tools.bench_peers:bench_peers",
 }
 
 

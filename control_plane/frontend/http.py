@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP API (aiohttp) over a ``Frontend``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (streaming SSE or not), GET /v1/models, GET /metrics
-(Prometheus), POST /v1/requests/{request_id}/abort, and two probes: GET /livez (liveness: 200 while the event loop
+(Prometheus), GET /get_load (``{"load": requests in flight}``, what routers' load-aware policies poll),
+POST /v1/requests/{request_id}/abort, and two probes: GET /livez (liveness: 200 while the event loop
 runs) and GET /health = GET /readyz (readiness: 200 only when a request could be dispatched now, i.e. the scheduler
 leader or the registry bypass has an instance; else 503 with ``{"status", "reason"}``).
 
@@ -48,7 +49,7 @@ from pyllumnix.protos.llumnix.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = ("/livez", "/readyz", "/health", "/metrics")
+PUBLIC_PATHS = ("/livez", "/readyz", "/health", "/metrics", "/get_load")
 """Paths served without an API key (probes and Prometheus scrapes)."""
 
 PRIORITY_HEADER = "X-Llumnix-Priority"
@@ -117,6 +118,7 @@ class HttpApi:
                 web.get("/health", self.health),
                 web.get("/readyz", self.health),
                 web.get("/metrics", self.metrics),
+                web.get("/get_load", self.get_load),
                 web.post("/v1/requests/{request_id}/abort", self.abort),
             ]
         )
@@ -242,6 +244,11 @@ class HttpApi:
         ready, reason = await self.frontend.readiness()
         body = {"status": "ok" if ready else "unavailable", "reason": reason, "inflight": self.frontend.inflight}
         return web.json_response(body, status=200 if ready else 503, headers=None if ready else {"Retry-After": "2"})
+
+    async def get_load(self, request: web.Request) -> web.Response:
+        """The load routers poll (sglang-router / vllm-router ``power_of_two`` read ``load``): requests in flight here,
+        so a load-aware router in front of several frontends balances on what each one serves."""
+        return web.json_response({"load": self.frontend.inflight})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.frontend.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,505 @@
+"""``llumnix bench peers``: this project against the routers users can ``pip install`` (vllm-router, sglang-router),
+on the same simulated engines, measured by one client (``bench serving``'s OpenAI mode).
+
+Systems:
+
+- ``llumnix`` / ``infaas++``: ``llumnix serve`` (4 llumlets, one scheduler, a frontend) with its default security
+  (mutual TLS inside, plain-HTTP API with the API key from the context file it writes) -- measured as users get it;
+- ``vllm-router:<policy>`` / ``sglang-router:<policy>``: the router in front of one worker per engine instance, each
+  worker a llumlet + a frontend of its own (``--insecure``, loopback only, behind the router; the JSON says so).
+  The routers are installed at pinned versions into a throwaway virtualenv (``--peers-venv``; never ``.venv``).
+
+Each workload runs ``--repeats`` times per system (fresh processes every run); the report holds the median and the
+spread (min, max) of TTFT / TPOT / e2e P50-P99, throughput, and CPU seconds (utime + stime from /proc, so robust to
+other load on the machine) per request and per streamed token, per component, of every process the benchmark started.
+Every process must be alive after each run (else the run counts as failed). ``--smoke`` runs this project only with
+a few requests (CI). A chart (matplotlib) of TTFT P99 and CPU per request is written with ``--plot``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from pyllumnix.tools.bench_serving import replay_openai
+from pyllumnix.tools.launch import Launcher, spawn
+from pyllumnix.tools.metrics import summarize
+from pyllumnix.tools.workload import RequestArrival, generate
+
+PEER_PINS = {"vllm-router": "0.1.17", "sglang-router": "0.3.2"}
+DEFAULT_SYSTEMS = (
+    "llumnix",
+    "infaas++",
+    "vllm-router:round_robin",
+    "vllm-router:power_of_two",
+    "vllm-router:cache_aware",
+    "sglang-router:cache_aware",
+)
+DEFAULT_WORKLOADS = (
+    "M-M:poisson:rate=4:n=200:len_max=1024",
+    "M-M:gamma:rate=4:cv=4:n=200:len_max=1024",
+    "sharegpt:poisson:rate=2:n=200:len_max=1024",
+)
+_POLICY_NAMES = {"llumnix": "llumnix", "infaas++": "infaas++"}
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (its threads included), from /proc; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@dataclass
+class Proc:
+    """A process the benchmark started (or one its ``llumnix serve`` started), by component kind."""
+
+    name: str
+    kind: str  # llumlet | frontend | scheduler | etcd | router | serve
+    pid: int
+
+
+@dataclass
+class System:
+    """One running system: its OpenAI base URL, API key, the processes to account for and how to stop it."""
+
+    name: str
+    url: str
+    api_key: str | None
+    procs: list[Proc]
+    notes: dict[str, Any] = field(default_factory=dict)
+    stoppers: list[Any] = field(default_factory=list)
+
+    def stop(self) -> None:
+        for stop in reversed(self.stoppers):
+            try:
+                stop()
+            except Exception as exc:  # stop the rest anyway
+                click.echo(f"bench peers: stopping {self.name}: {exc}", err=True)
+
+
+# -- installing the peers ----------------------------------------------------------------------------------------
+def ensure_peers(venv: Path) -> Path:
+    """A virtualenv with the pinned routers (created once, reused); returns its bin folder."""
+    bin_dir = venv / "bin"
+    marker = venv / f".pins-{'-'.join(f'{k}{v}' for k, v in sorted(PEER_PINS.items()))}"
+    if marker.exists():
+        return bin_dir
+    if ".venv" in venv.resolve().parts:
+        raise click.UsageError(f"refusing to install the peers into {venv} (the project's .venv)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pins = [f"{k}=={v}" for k, v in PEER_PINS.items()]
+    subprocess.run([str(bin_dir / "pip"), "install", "-q", *pins], check=True)
+    marker.write_text("\n".join(pins) + "\n")
+    return bin_dir
+
+
+# -- starting the systems ----------------------------------------------------------------------------------------
+def _wait_http(url: str, timeout: float, what: str, procs: Sequence[Proc]) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not alive(p.pid):
+                raise RuntimeError(f"{what}: {p.name} (pid {p.pid}) exited while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{what}: {url} not ready within {timeout:g} s")
+
+
+def start_project(policy: str, work: Path, blocks: int, instances: int) -> System:
+    """``llumnix serve`` with its default security; the dispatch policy set through llmctl (as a user would)."""
+    log_dir = work / f"serve-{policy.replace('+', 'p')}"
+    context = log_dir / "context.yaml"
+    http_port = free_port()
+    env = {**os.environ, "LLUMNIX_CONTEXT": str(context), "PYTHONUNBUFFERED": "1"}
+    args = ["serve", "--llumlets", str(instances), "--schedulers", "1", "--transport", "tcp"]
+    args += [
+        "--llumlet-args",
+        f"--total-blocks {blocks}" if blocks else "",
+        "--log-dir",
+        str(log_dir),
+        "--context",
+        str(context),
+    ]
+    args += ["--http-port", str(http_port), "--grpc-port", str(free_port()), "--provider", "none"]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out = open(log_dir / "serve.stdout", "wb")  # noqa: SIM115 (closed by the stopper)
+    err = open(log_dir / "serve.stderr", "wb")  # noqa: SIM115
+    proc = spawn([sys.executable, "-m", "pyllumnix.tools.cli", *args], stdout=out, stderr=err, env=env)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        out.close()
+        err.close()
+
+    system = System(policy, f"http://127.0.0.1:{http_port}", None, [], stoppers=[stop])
+    try:
+        deadline = time.monotonic() + 180
+        ready: dict[str, Any] | None = None
+        while ready is None:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"llumnix serve exited {proc.returncode}: {(log_dir / 'serve.stderr').read_text()[-2000:]}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError("llumnix serve not ready within 180 s")
+            for line in (log_dir / "serve.stdout").read_text().splitlines():
+                if line.startswith("{") and '"ready"' in line:
+                    ready = json.loads(line)
+            time.sleep(0.2)
+        from pyllumnix.infra.security.context import load_context
+
+        ctx = load_context(path=context)
+        system.api_key = ctx.api_key if ctx is not None else None
+        for comp in ready.get("components", []):
+            kind = str(comp.get("kind", ""))
+            if comp.get("pid") and kind in ("llumlet", "frontend", "scheduler", "etcd"):
+                system.procs.append(Proc(str(comp.get("name", kind)), kind, int(comp["pid"])))
+        system.procs.append(Proc("serve", "serve", proc.pid))
+        if policy != "llumnix":
+            subprocess.run(
+                [str(Path(sys.executable).parent / "llmctl"), "config", "set", "dispatch.policy", _PB_POLICY[policy]],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+        system.notes = {
+            "security": "default (llumnix serve: mutual TLS between components, API key from the context file)",
+            "dispatch_policy": policy,
+            "command": ["llumnix", *args],
+        }
+        _wait_http(f"{system.url}/readyz", 60, policy, system.procs)
+    except BaseException:
+        system.stop()
+        raise
+    return system
+
+
+_PB_POLICY = {"infaas++": "DISPATCH_POLICY_INFAAS_PP", "llumnix": "DISPATCH_POLICY_LLUMNIX"}
+
+
+def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: Path) -> System:
+    """One worker (llumlet + frontend, ``--insecure`` on loopback) per instance, then the router in front."""
+    router, policy = spec.split(":", 1)
+    log_dir = work / spec.replace(":", "-")
+    launcher = Launcher(log_dir)  # not secure: the workers run --insecure (loopback, behind the router)
+    from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+
+    etcd = EmbeddedEtcd(1, data_dir=log_dir / "etcd")
+    system = System(spec, "", None, [], stoppers=[etcd.stop, launcher.stop_all])
+    try:
+        etcd.start()
+        assert etcd.members[0].process is not None
+        system.procs.append(Proc("etcd", "etcd", etcd.members[0].process.pid))
+        endpoints = ",".join(etcd.endpoints)
+        urls: list[str] = []
+        for i in range(instances):
+            common = ["--etcd", endpoints, "--cluster", f"peer{i}"]
+            ll = launcher.start(
+                f"llumlet-{i}", "llumlet", *common, "--instance-id", f"instance-{i}", "--transport", "tcp",
+                *(["--total-blocks", str(blocks)] if blocks else []), timeout=120,
+            )  # fmt: skip
+            port = free_port()
+            fe = launcher.start(
+                f"frontend-{i}", "frontend", *common, "--frontend-id", f"f{i}", "--http-port", str(port),
+                "--grpc-port", "0", timeout=120,
+            )  # fmt: skip
+            system.procs += [Proc(f"llumlet-{i}", "llumlet", ll.pid), Proc(f"frontend-{i}", "frontend", fe.pid)]
+            urls.append(f"http://127.0.0.1:{fe.ready.get('http_port', port)}")
+        for u in urls:
+            _wait_http(f"{u}/readyz", 60, spec, system.procs)
+        rport = free_port()
+        exe = peers_bin / router
+        cmd = [str(exe), "--host", "127.0.0.1", "--port", str(rport), "--policy", policy, "--worker-urls", *urls]
+        rlog = open(log_dir / "router.log", "wb")  # noqa: SIM115 (closed by the stopper)
+        rproc = spawn(cmd, stdout=rlog, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"})
+
+        def stop_router() -> None:
+            if rproc.poll() is None:
+                os.killpg(rproc.pid, signal.SIGTERM)
+                try:
+                    rproc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(rproc.pid, signal.SIGKILL)
+                    rproc.wait(5)
+            rlog.close()
+
+        system.stoppers.append(stop_router)
+        system.procs.append(Proc(router, "router", rproc.pid))
+        system.url = f"http://127.0.0.1:{rport}"
+        _wait_http(f"{system.url}/v1/models", 60, spec, system.procs)
+        version = subprocess.run([str(exe), "--version"], check=False, capture_output=True, text=True).stdout.strip()
+        system.notes = {
+            "router": router,
+            "version": PEER_PINS[router],
+            "version_reported": version,
+            "policy": policy,
+            "command": cmd,
+            "workers": "one llumlet + one frontend per instance, each worker --insecure on 127.0.0.1 behind the router",
+        }
+    except BaseException:
+        system.stop()
+        raise
+    return system
+
+
+# -- one run ------------------------------------------------------------------------------------------------------
+def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
+    if not values:
+        return {f"p{p}": None for p in (50, 90, 95, 99)}
+    arr = np.asarray(values, dtype=float)
+    return {f"p{p}": float(np.percentile(arr, p)) for p in (50, 90, 95, 99)}
+
+
+def run_once(system: System, arrivals: Sequence[RequestArrival]) -> dict[str, Any]:
+    """Replays the workload once; CPU per component over the run; every process checked alive afterwards."""
+    import asyncio
+
+    before = {p.pid: cpu_seconds(p.pid) for p in system.procs}
+    t = time.monotonic()
+    outcomes, duration = asyncio.run(replay_openai(system.url, arrivals, "llama-7b-a10", system.api_key))
+    wall = time.monotonic() - t
+    cpu_by_kind: dict[str, float] = {}
+    for p in system.procs:
+        cpu_by_kind[p.kind] = cpu_by_kind.get(p.kind, 0.0) + cpu_seconds(p.pid) - before[p.pid]
+    dead = [f"{p.name} (pid {p.pid})" for p in system.procs if not alive(p.pid)]
+    done = [o for o in outcomes if not o.error and o.record.finish_time is not None]
+    ttft = [o.record.first_token_time - o.record.arrival for o in done if o.record.first_token_time is not None]
+    e2e = [o.record.finish_time - o.record.arrival for o in done if o.record.finish_time is not None]
+    tpot = [
+        (o.record.finish_time - o.record.first_token_time) / (o.record.num_output_tokens - 1)
+        for o in done
+        if o.record.num_output_tokens > 1 and o.record.first_token_time is not None and o.record.finish_time
+    ]
+    tokens = sum(o.record.num_output_tokens for o in done)
+    n = max(1, len(done))
+    total_cpu = sum(cpu_by_kind.values())
+    token_path = cpu_by_kind.get("llumlet", 0.0) + cpu_by_kind.get("frontend", 0.0)
+    return {
+        "completed": len(done),
+        "failed": len(outcomes) - len(done),
+        "errors": sorted({o.error for o in outcomes if o.error})[:5],
+        "dead_processes": dead,
+        "duration_s": duration,
+        "wall_s": wall,
+        "request_throughput": len(done) / duration if duration else 0.0,
+        "output_throughput": tokens / duration if duration else 0.0,
+        "output_tokens": tokens,
+        "ttft_s": _percentiles(ttft),
+        "tpot_s": _percentiles(tpot),
+        "e2e_s": _percentiles(e2e),
+        "cpu_s": cpu_by_kind,
+        "cpu_ms_per_request": {k: 1000 * v / n for k, v in cpu_by_kind.items()} | {"total": 1000 * total_cpu / n},
+        "cpu_ms_per_token_llumlet_frontend": 1000 * token_path / max(1, tokens),
+        "summary": summarize([o.record for o in outcomes])["overall"],
+    }
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and spread (min, max) of every numeric leaf over the repeats."""
+
+    def leaves(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+        out: dict[str, float] = {}
+        for k, v in d.items():
+            if k == "summary":
+                continue
+            if isinstance(v, dict):
+                out.update(leaves(v, f"{prefix}{k}."))
+            elif isinstance(v, int | float) and not isinstance(v, bool):
+                out[f"{prefix}{k}"] = float(v)
+        return out
+
+    flat = [leaves(r) for r in runs]
+    keys = sorted({k for f in flat for k in f})
+    agg: dict[str, Any] = {}
+    for k in keys:
+        vals = [f[k] for f in flat if k in f]
+        agg[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+    return agg
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(report["results"])
+    systems = list(report["systems"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(systems))
+    for j, name in enumerate(systems):
+        ttft = [
+            report["results"][w].get(name, {}).get("median", {}).get("ttft_s.p99", {}).get("median", np.nan)
+            for w in workloads
+        ]
+        cpu = [
+            report["results"][w]
+            .get(name, {})
+            .get("median", {})
+            .get("cpu_ms_per_request.total", {})
+            .get("median", np.nan)
+            for w in workloads
+        ]
+        xs = np.arange(len(workloads)) + j * width
+        axes[0].bar(xs, ttft, width, label=name)
+        axes[1].bar(xs, cpu, width, label=name)
+    for ax, title in zip(axes, ("TTFT P99 (s, median of repeats)", "CPU per request, whole cluster (ms)"), strict=True):
+        ax.set_title(title)
+        ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
+        ax.set_xticklabels([w.split(":n=")[0] for w in workloads], rotation=15, fontsize=7)
+    axes[0].set_yscale("log")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@click.command("peers")
+@click.option("--systems", default=",".join(DEFAULT_SYSTEMS), show_default=True, help="Comma-separated systems.")
+@click.option("--workload", "workloads", multiple=True, help="Workload spec (repeatable; default: three).")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--instances", default=4, show_default=True)
+@click.option(
+    "--total-blocks",
+    default=0,
+    show_default=True,
+    help="KV blocks per sim instance (0: the profile's, 792; the issue's 520 no longer fits the profile's "
+    "max_model_len of 12,288 tokens).",
+)
+@click.option(
+    "--peers-venv",
+    type=click.Path(path_type=Path),
+    default=Path(tempfile.gettempdir()) / "llumnix-bench-peers",
+    show_default=True,
+    help="Throwaway virtualenv for the pinned routers (never the project's .venv).",
+)
+@click.option("--smoke", is_flag=True, help="CI: this project only (llumnix), 8 requests, one run.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
+def bench_peers(
+    systems: str,
+    workloads: tuple[str, ...],
+    repeats: int,
+    seed: int,
+    instances: int,
+    total_blocks: int,
+    peers_venv: Path,
+    smoke: bool,
+    json_path: Path | None,
+    plot_path: Path | None,
+) -> None:
+    """This project vs vllm-router and sglang-router on the same sim engines: JSON on stdout, summary on stderr."""
+    names = [s for s in systems.split(",") if s]
+    wl = list(workloads) or list(DEFAULT_WORKLOADS)
+    if smoke:
+        names, wl, repeats = ["llumnix"], ["fixed:poisson:rate=4:n=8:in=64:out=16"], 1
+    for n in names:
+        if n not in _POLICY_NAMES and n.split(":", 1)[0] not in PEER_PINS:
+            raise click.UsageError(f"unknown system {n!r}")
+    peers_bin = ensure_peers(peers_venv) if any(n.split(":")[0] in PEER_PINS for n in names) else None
+    work = Path(tempfile.mkdtemp(prefix="llumnix-bench-peers-"))
+    report: dict[str, Any] = {
+        "systems": {},
+        "workloads": wl,
+        "repeats": repeats,
+        "seed": seed,
+        "instances": instances,
+        "total_blocks": total_blocks,
+        "transport": "tcp",
+        "cpu": "utime+stime from /proc of every process started (llumlets, frontends, scheduler, etcd, serve, router)",
+        "results": {w: {} for w in wl},
+    }
+    failed = False
+    for name in names:
+        for w in wl:
+            arrivals = generate(w, seed)
+            runs: list[dict[str, Any]] = []
+            for r in range(repeats):
+                if name in _POLICY_NAMES:
+                    system = start_project(name, work, total_blocks, instances)
+                else:
+                    assert peers_bin is not None
+                    system = start_router(name, work, total_blocks, instances, peers_bin)
+                try:
+                    report["systems"][name] = system.notes
+                    res = run_once(system, arrivals)
+                finally:
+                    system.stop()
+                runs.append(res)
+                failed |= bool(res["failed"] or res["dead_processes"])
+                click.echo(
+                    f"{name} {w} run {r + 1}/{repeats}: {res['completed']}/{len(arrivals)} done, TTFT p99 "
+                    f"{res['ttft_s']['p99'] or float('nan'):.2f} s, "
+                    f"CPU {res['cpu_ms_per_request']['total']:.1f} ms/req, "
+                    f"llumlet+frontend {res['cpu_ms_per_token_llumlet_frontend']:.3f} ms/token"
+                    + (f", DEAD: {res['dead_processes']}" if res["dead_processes"] else ""),
+                    err=True,
+                )
+            report["results"][w][name] = {"runs": runs, "median": _aggregate(runs)}
+    shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(report, indent=1)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+    if plot_path is not None:
+        plot(report, plot_path)
+    click.echo(text)
+    for w in wl:
+        parts = []
+        for name in names:
+            m = report["results"][w][name]["median"]
+            parts.append(
+                f"{name} TTFT p99 {m['ttft_s.p99']['median']:.2f} s "
+                f"CPU {m['cpu_ms_per_request.total']['median']:.0f} ms/req"
+                if "ttft_s.p99" in m
+                else f"{name} -"
+            )
+        click.echo(f"peers {w}: " + "; ".join(parts), err=True)
+    if failed:
+        sys.exit(1)
