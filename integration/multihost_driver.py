@@ -1,0 +1,134 @@
+"""The scenario run inside emulated host A (``ip netns exec``): a scheduler replica there, the RayInstanceProvider
+placing a llumlet on host B, ``llmctl`` from A, bad placements, and stop. Prints one JSON line of what it saw.
+
+It runs in A's network namespace because only there are A's and B's addresses reachable; the test reads its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from pyllumnix.control_plane.scheduler.provider_ray import ProviderError, RayInstanceProvider
+from pyllumnix.infra.security.runtime import INSECURE
+
+
+def llmctl(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyllumnix.tools.llmctl", "-e", endpoint, "--no-tls", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def instances(endpoint: str) -> list[dict[str, Any]]:
+    done = llmctl(endpoint, "-o", "json", "instances")
+    if done.returncode != 0:
+        return []
+    data = json.loads(done.stdout or "{}")
+    found: list[dict[str, Any]] = data.get("instances", data if isinstance(data, list) else [])
+    return found
+
+
+async def wait_for(what: str, check: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        await asyncio.sleep(0.3)
+    raise TimeoutError(f"{what}: not within {timeout}s")
+
+
+async def wait_nodes(provider: RayInstanceProvider, count: int, timeout: float) -> None:
+    import ray
+
+    def alive() -> bool:
+        return len([n for n in ray.nodes() if n.get("Alive")]) >= count  # type: ignore[no-untyped-call]
+
+    await wait_for(f"{count} Ray nodes", alive, timeout)
+
+
+async def main(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: str, port: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    endpoint = f"{host_a}:{port}"
+    scheduler = subprocess.Popen(
+        [
+            sys.executable, "-m", "pyllumnix.tools.cli", "scheduler", "--etcd", etcd, "--cluster", cluster,
+            "--host", host_a, "--advertise-host", host_a, "--port", str(port), "--insecure",
+        ],
+        start_new_session=True,
+    )  # fmt: skip
+    llumlet_args = ["--etcd", etcd, "--cluster", cluster, "--engine", "sim", "--transport", "tcp", "--insecure"]
+    provider = RayInstanceProvider(
+        ray_address, llumlet_args, cluster=cluster, hosts=[host_b], cpus=1, security=INSECURE, placement_timeout=5
+    )
+    try:
+        await provider.connect()
+        await wait_nodes(provider, 2, 60)
+        (iid,) = await provider.start_instances(1)
+        out["instance"] = iid
+        out["node"] = provider.node_of(iid)
+        listed = await wait_for(
+            f"{iid} in llmctl instances", lambda: [i for i in instances(endpoint) if iid in json.dumps(i)], 60
+        )
+        out["listed"] = listed
+        out["table"] = llmctl(endpoint, "-o", "wide", "instances").stdout
+
+        # Bad placements: a clear error, and no placement group left behind.
+        import ray
+        from ray.util import placement_group_table
+
+        for name, bad in (
+            ("unknown_host", RayInstanceProvider(ray_address, llumlet_args, cluster=cluster, hosts=["10.77.255.9"])),
+            ("too_big", RayInstanceProvider(ray_address, llumlet_args, cluster=cluster, cpus=64)),
+            (  # fits the node, but its CPUs are taken (B has 2, our instance holds 1): the group never becomes ready
+                "busy",
+                RayInstanceProvider(
+                    ray_address, llumlet_args, cluster=cluster, hosts=[host_b], cpus=2, placement_timeout=3
+                ),
+            ),
+        ):
+            bad._connected = True  # the same driver connection
+            try:
+                await bad.start_instances(1)
+                out[name] = "started"
+            except ProviderError as e:
+                out[name] = str(e)
+
+        def live_groups() -> list[str]:
+            return sorted(str(g.get("name")) for g in placement_group_table().values() if g.get("state") != "REMOVED")
+
+        out["groups_before_stop"] = live_groups()
+        assert await provider.stop_instance(iid)
+        out["groups_after_stop"] = live_groups()
+        out["gone"] = bool(
+            await wait_for(f"{iid} gone", lambda: not [i for i in instances(endpoint) if iid in json.dumps(i)], 30)
+        )
+        out["actors"] = [a for a in ray.util.list_named_actors(all_namespaces=True) if cluster in str(a)]
+    finally:
+        provider.stop_on_close = True
+        await provider.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(scheduler.pid, signal.SIGTERM)
+        try:
+            scheduler.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(scheduler.pid, signal.SIGKILL)
+            scheduler.wait()
+    return out
+
+
+if __name__ == "__main__":
+    ray_address, etcd, host_a, host_b, cluster, port = sys.argv[1:7]
+    result = asyncio.run(main(ray_address, etcd, host_a, host_b, cluster, int(port)))
+    print("RESULT " + json.dumps(result), flush=True)

@@ -1,0 +1,83 @@
+"""Multi-host on Ray across emulated hosts (two network namespaces joined by a veth pair, a real Ray head and worker,
+real etcd): the RayInstanceProvider places a llumlet on host B, which binds and advertises B's address (what
+``llmctl`` run from host A shows); impossible placements fail clearly and leave no placement group; stop removes the
+actor and its group. Skips only where network namespaces cannot be created (not root)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from integration.multihost import TwoHosts, can_create_namespaces, two_hosts
+from pyllumnix.control_plane.scheduler.provider_ray import ProviderError, RayInstanceProvider
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'pyllumnix[ray]')")
+_NO_NETNS = can_create_namespaces()
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+    if _NO_NETNS is not None:
+        pytest.skip(f"cannot emulate hosts here: {_NO_NETNS}")
+    with two_hosts(tmp_path_factory.mktemp("multihost")) as made:
+        yield made
+
+
+@pytest.mark.timeout(150)
+def test_ray_places_llumlet_on_host_b(hosts: TwoHosts) -> None:
+    cluster = f"mh{uuid.uuid4().hex[:8]}"
+    done = hosts.a.run(
+        sys.executable, "-m", "integration.multihost_driver",
+        hosts.ray_address, hosts.etcd, hosts.a.ip, hosts.b.ip, cluster, "50071",
+        timeout=130, env=hosts.env(),
+    )  # fmt: skip
+    result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    out = json.loads(result_lines[-1][len("RESULT ") :])
+    iid = out["instance"]
+    assert out["node"] == hosts.b.ip
+    (listed,) = out["listed"]
+    # Every address the instance publishes is host B's, never a wildcard or a loopback address.
+    addresses = [v for k, v in _flatten(listed) if k.lower().endswith("address")]
+    assert addresses, listed
+    for address in addresses:
+        assert address.removeprefix("tcp://").startswith(f"{hosts.b.ip}:"), (address, listed)
+    assert hosts.b.ip in out["table"] and iid in out["table"]
+    assert "no alive Ray node among --ray-hosts 10.77.255.9" in out["unknown_host"]
+    assert "no Ray node can hold an instance of 64 CPU" in out["too_big"]
+    assert "not satisfied within 3" in out["busy"]
+    assert out["groups_before_stop"] == [f"pg-{iid}"]  # the failed placements left nothing
+    assert out["groups_after_stop"] == []
+    assert out["gone"] and out["actors"] == []
+
+
+def _flatten(value: object, key: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        return [kv for k, v in value.items() for kv in _flatten(v, k)]
+    if isinstance(value, list):
+        return [kv for v in value for kv in _flatten(v, key)]
+    return [(key, value)] if isinstance(value, str) else []
+
+
+def test_unreachable_ray_address_is_a_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once we leave: nothing listens there
+    provider = RayInstanceProvider(f"127.0.0.1:{port}", [], ray_connect_timeout=5)
+    with pytest.raises(ProviderError, match=f"the Ray head at 127.0.0.1:{port} does not answer"):
+        asyncio.run(provider.start_instances(1))
+    with pytest.raises(ProviderError, match="HOST:PORT"):
+        asyncio.run(RayInstanceProvider("nonsense", []).connect())
+
+
+def test_namespaces_are_removed(hosts: TwoHosts) -> None:
+    """The fixture's namespaces exist while it runs (the teardown is checked by the next run's unique names)."""
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert hosts.a.name in names and hosts.b.name in names
