@@ -57,6 +57,7 @@ DEFAULT_WORKLOADS = (
 )
 _POLICY_NAMES = {"llumnix": "llumnix", "infaas++": "infaas++"}
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+IDLE_SAMPLE_S = 3.0
 
 
 def free_port() -> int:
@@ -255,7 +256,8 @@ def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: 
             _wait_http(f"{u}/readyz", 60, spec, system.procs)
         rport = free_port()
         exe = peers_bin / router
-        cmd = [str(exe), "--host", "127.0.0.1", "--port", str(rport), "--policy", policy, "--worker-urls", *urls]
+        sub = ["launch"] if router == "sglang-router" else []  # sglang-router 0.3: `launch` = router only
+        cmd = [str(exe), *sub, "--host", "127.0.0.1", "--port", str(rport), "--policy", policy, "--worker-urls", *urls]
         rlog = open(log_dir / "router.log", "wb")  # noqa: SIM115 (closed by the stopper)
         rproc = spawn(cmd, stdout=rlog, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"})
 
@@ -300,6 +302,12 @@ def run_once(system: System, arrivals: Sequence[RequestArrival]) -> dict[str, An
     """Replays the workload once; CPU per component over the run; every process checked alive afterwards."""
     import asyncio
 
+    # The idle rate first (load reports, heartbeats, health checks): what the cluster burns with nothing to do.
+    idle0 = {p.pid: cpu_seconds(p.pid) for p in system.procs}
+    time.sleep(IDLE_SAMPLE_S)
+    idle_rate: dict[str, float] = {}
+    for p in system.procs:
+        idle_rate[p.kind] = idle_rate.get(p.kind, 0.0) + (cpu_seconds(p.pid) - idle0[p.pid]) / IDLE_SAMPLE_S
     before = {p.pid: cpu_seconds(p.pid) for p in system.procs}
     t = time.monotonic()
     outcomes, duration = asyncio.run(replay_openai(system.url, arrivals, "llama-7b-a10", system.api_key))
@@ -320,6 +328,7 @@ def run_once(system: System, arrivals: Sequence[RequestArrival]) -> dict[str, An
     n = max(1, len(done))
     total_cpu = sum(cpu_by_kind.values())
     token_path = cpu_by_kind.get("llumlet", 0.0) + cpu_by_kind.get("frontend", 0.0)
+    token_idle = (idle_rate.get("llumlet", 0.0) + idle_rate.get("frontend", 0.0)) * wall
     return {
         "completed": len(done),
         "failed": len(outcomes) - len(done),
@@ -336,6 +345,9 @@ def run_once(system: System, arrivals: Sequence[RequestArrival]) -> dict[str, An
         "cpu_s": cpu_by_kind,
         "cpu_ms_per_request": {k: 1000 * v / n for k, v in cpu_by_kind.items()} | {"total": 1000 * total_cpu / n},
         "cpu_ms_per_token_llumlet_frontend": 1000 * token_path / max(1, tokens),
+        # The same less what those processes burn idle over as long (their background work is not the token path).
+        "cpu_ms_per_token_llumlet_frontend_net_of_idle": 1000 * max(0.0, token_path - token_idle) / max(1, tokens),
+        "idle_cpu_s_per_s": idle_rate,
         "summary": summarize([o.record for o in outcomes])["overall"],
     }
 
@@ -457,6 +469,29 @@ def bench_peers(
         "results": {w: {} for w in wl},
     }
     failed = False
+    try:
+        _run_all(names, wl, repeats, seed, instances, total_blocks, peers_bin, work, report)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for w in wl:
+        for name in names:
+            failed |= any(r["failed"] or r["dead_processes"] for r in report["results"][w][name]["runs"])
+    _finish(report, names, wl, json_path, plot_path)
+    if failed:
+        sys.exit(1)
+
+
+def _run_all(
+    names: list[str],
+    wl: list[str],
+    repeats: int,
+    seed: int,
+    instances: int,
+    total_blocks: int,
+    peers_bin: Path | None,
+    work: Path,
+    report: dict[str, Any],
+) -> None:
     for name in names:
         for w in wl:
             arrivals = generate(w, seed)
@@ -473,7 +508,6 @@ def bench_peers(
                 finally:
                     system.stop()
                 runs.append(res)
-                failed |= bool(res["failed"] or res["dead_processes"])
                 click.echo(
                     f"{name} {w} run {r + 1}/{repeats}: {res['completed']}/{len(arrivals)} done, TTFT p99 "
                     f"{res['ttft_s']['p99'] or float('nan'):.2f} s, "
@@ -483,7 +517,11 @@ def bench_peers(
                     err=True,
                 )
             report["results"][w][name] = {"runs": runs, "median": _aggregate(runs)}
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def _finish(
+    report: dict[str, Any], names: list[str], wl: list[str], json_path: Path | None, plot_path: Path | None
+) -> None:
     text = json.dumps(report, indent=1)
     if json_path is not None:
         json_path.write_text(text + "\n")
@@ -501,5 +539,3 @@ def bench_peers(
                 else f"{name} -"
             )
         click.echo(f"peers {w}: " + "; ".join(parts), err=True)
-    if failed:
-        sys.exit(1)
