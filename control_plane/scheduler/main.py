@@ -98,11 +98,23 @@ async def run_scheduler(
 @click.option("--replica-id", default="", help="Unique replica id (default: scheduler-<random>).")
 @click.option(
     "--provider",
-    type=click.Choice(["none", "local"]),
+    type=click.Choice(["none", "local", "ray"]),
     default="none",
     show_default=True,
-    help="Instance provider for autoscaling and `llmctl scale` (local: spawn llumlet processes on this host).",
+    help="Instance provider for autoscaling and `llmctl scale` (local: spawn llumlet processes on this host; ray: "
+    "place llumlets on a Ray cluster, --ray-address).",
 )
+@click.option("--ray-address", default="", help="HOST:PORT of the Ray head (GCS) for --provider ray.")
+@click.option(
+    "--ray-placement",
+    type=click.Choice(["spread", "pack"]),
+    default="spread",
+    show_default=True,
+    help="--provider ray: put a new instance on the node holding the fewest (spread) or most (pack) instances.",
+)
+@click.option("--ray-hosts", default="", help="--provider ray: comma-separated node IPs to place on (default: any).")
+@click.option("--ray-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True, help="CPUs per instance.")
+@click.option("--ray-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True, help="GPUs per instance.")
 @click.option("--llumlet-args", default="", help="Arguments for llumlets the local provider starts (shell syntax).")
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Logs of provider-started llumlets.")
 @click.option(
@@ -176,6 +188,11 @@ def scheduler_command(
     port: int,
     replica_id: str,
     provider: str,
+    ray_address: str,
+    ray_placement: str,
+    ray_hosts: str,
+    ray_cpus: float,
+    ray_gpus: float,
     llumlet_args: str,
     log_dir: Path | None,
     election_ttl: int,
@@ -199,10 +216,28 @@ def scheduler_command(
     settings = runtime.configure_from_cli("scheduler", replica_id, security, [host, advertise_host])
     endpoints = [e for e in etcd.split(",") if e]
     instance_provider: InstanceProvider | None = None
+    args = shlex.split(llumlet_args)
+    if "--etcd" not in args:
+        args += ["--etcd", ",".join(endpoints), "--cluster", cluster]
+    if provider == "ray":
+        if not ray_address:
+            raise click.UsageError("--provider ray needs --ray-address HOST:PORT (the Ray head)")
+        from pyllumnix.control_plane.scheduler.provider_ray import RayInstanceProvider
+
+        instance_provider = RayInstanceProvider(
+            ray_address,
+            args,
+            cluster=cluster,
+            cpus=ray_cpus,
+            gpus=ray_gpus,
+            placement=ray_placement,
+            hosts=[h for h in ray_hosts.split(",") if h],
+            max_instances=provider_max_instances,
+            stop_on_close=stop_instances_on_exit,
+            stop_timeout=stop_timeout,
+            security=settings,
+        )
     if provider == "local":
-        args = shlex.split(llumlet_args)
-        if "--etcd" not in args:
-            args += ["--etcd", ",".join(endpoints), "--cluster", cluster]
         instance_provider = LocalProcessProvider(
             args,
             log_dir,

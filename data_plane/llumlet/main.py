@@ -134,13 +134,17 @@ def transport_options(kind: str, host: str = "127.0.0.1", advertise_host: str = 
     """(transport kind, its options): the TCP data plane binds the llumlet's ``--host`` and advertises its
     ``--advertise-host``; under secure settings it is mutual TLS with the llumlet's certificate (peers must be
     llumlets of the cluster). UCX has no TLS: its KV bytes go unencrypted (said once); ``--transport tcp`` keeps them
-    inside TLS."""
+    inside TLS. UCX uses only the interface of ``--host`` (of ``--advertise-host`` when ``--host`` is a wildcard), so
+    the worker address peers on other hosts get names no interface they cannot reach."""
     settings = runtime.current()
     if kind == "auto":
         kind = "ucx" if ucx_available() else "tcp"
-    if kind != "tcp":
-        if settings.paths is not None and kind == "ucx":
+    if kind == "ucx":
+        if settings.paths is not None:
             log.warning("the ucx data plane is not encrypted (KV bytes in the clear); --transport tcp uses TLS")
+        local = host if host not in ("", "0.0.0.0", "::", "[::]") else advertise_host
+        return kind, {"host": socket.gethostbyname(local)} if local else {}
+    if kind != "tcp":
         return kind, {}
     options: dict[str, Any] = {"host": host, "advertise_host": advertise_host or None}
     if settings.paths is not None:

@@ -63,10 +63,13 @@ transport cancels them all.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import hashlib
 import os
 import secrets
+import socket
+import struct
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -136,18 +139,23 @@ def configure_ucx_env(tls: str | None = None, device: bool = False) -> None:
 
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+_SIOCGIFADDR = 0x8915
 
 
 def interface_of(host: str) -> str:
     """The name of the network interface that holds the IP address ``host`` (TransportError if none does): UCX
-    selects network devices by interface name, not by address."""
-    import psutil
-
+    selects network devices by interface name, not by address. Linux, IPv4 (each interface's primary address, read
+    with the SIOCGIFADDR ioctl: no dependency for it)."""
     if host.startswith("127."):
         host = "127.0.0.1"  # the whole 127/8 is on the loopback interface
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.address.split("%")[0] == host for a in addrs):
-            return name
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                ifreq = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on it
+                continue
+            if socket.inet_ntoa(ifreq[20:24]) == host:
+                return name
     raise TransportError(f"no network interface holds {host!r} (UCX binds interfaces by name; pass a local address)")
 
 
