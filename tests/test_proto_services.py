@@ -1,4 +1,4 @@
-"""Every v1 service round-trips through a real grpc.aio server that has health checking and (asked for) reflection on."""
+"""Every v1 service round-trips through a real grpc.aio server with health checking and (asked for) reflection."""
 
 from __future__ import annotations
 
