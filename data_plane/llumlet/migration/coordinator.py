@@ -321,7 +321,9 @@ class MigrationCoordinator:
             try:
                 event = await self._perform(out, action)
             except asyncio.CancelledError:  # shutting down: free the destination's reservation, keep the request
-                await asyncio.shield(self._settle(out, machine.step(ev.SourceFailed("source shutting down"))))
+                # An ending's clean-up already under way goes on (the rest of its actions), else the machine ends now.
+                ending = actions + machine.step(ev.SourceFailed("source shutting down"))
+                await asyncio.shield(self._settle(out, ending))
                 raise
             except Exception as exc:  # a bug must not lose the request: restore it and report
                 log.exception("migration %s failed", machine.migration_id)
