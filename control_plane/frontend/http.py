@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,6 +92,42 @@ async def openai_errors(request: web.Request, handler: _Handler) -> web.StreamRe
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error_response(500, "internal server error", "server_error", code="internal")
+
+
+# Writes this small to a client whose socket buffer is empty cannot block (see ``HttpApi._stream``).
+_UNTIMED_WRITE_BYTES = 16 << 10
+_TEXT_MARK = "\x00llumnix-text\x00"
+
+
+class _ChunkTemplate:
+    """One stream's SSE chunks: a mid-stream chunk (text only, no finish reason) is the pre-rendered JSON around the
+    escaped text, byte for byte what ``json.dumps`` of the full chunk gives; the first and last chunks are rendered
+    in full. ``created`` is the stream's start (OpenAI streams keep one ``created`` for every chunk)."""
+
+    def __init__(self, request_id: str, model: str, *, chat: bool, include_usage: bool) -> None:
+        self.request_id, self.model, self.chat, self.include_usage = request_id, model, chat, include_usage
+        self.created = int(time.time())
+        whole = json.dumps(self._chunk(_TEXT_MARK, None, first=False))
+        mark = json.dumps(_TEXT_MARK)
+        head, tail = whole.split(mark)
+        self._head, self._tail = "data: " + head, tail + "\n\n"
+
+    def envelope(self) -> dict[str, Any]:
+        body = envelope(self.request_id, self.model, chat=self.chat, chunk=True)
+        body["created"] = self.created
+        return body
+
+    def _chunk(self, text: str, reason: str | None, *, first: bool) -> dict[str, Any]:
+        body = self.envelope()
+        body["choices"] = [choice(text, reason, chat=self.chat, chunk=True, first=first)]
+        if self.include_usage:
+            body["usage"] = None
+        return body
+
+    def render(self, text: str, reason: str | None, first: bool) -> str:
+        if first or reason is not None:
+            return f"data: {json.dumps(self._chunk(text, reason, first=first))}\n\n"
+        return self._head + json.dumps(text) + self._tail
 
 
 class HttpApi:
@@ -178,10 +215,15 @@ class HttpApi:
         )
         await response.prepare(request)
         idle = self.frontend.idle_timeout
+        transport = request.transport
 
         async def write(data: bytes) -> None:
             # A client that takes nothing for the idle timeout holds a slot for nothing: it is dropped like one that
-            # left (the write blocks once the socket's buffers are full).
+            # left. A write can block only once the socket's buffer is past its high-water mark, so the timer is armed
+            # only when something is still buffered (a client behind): no timer per token for one that keeps up.
+            if transport is not None and transport.get_write_buffer_size() == 0 and len(data) < _UNTIMED_WRITE_BYTES:
+                await response.write(data)
+                return
             try:
                 async with asyncio.timeout(idle):
                     await response.write(data)
@@ -191,36 +233,43 @@ class HttpApi:
                     request.transport.abort()
                 raise ConnectionResetError("client not reading") from None
 
-        async def send(obj: dict[str, Any]) -> None:
-            await write(f"data: {json.dumps(obj)}\n\n".encode())
+        def event(obj: dict[str, Any]) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
 
         model = self.frontend.model
+        chunks = _ChunkTemplate(tracked.request_id, model, chat=parsed.chat, include_usage=parsed.include_usage)
         # A write to a client that left raises; leaving ``Frontend.open`` then aborts the request.
         with contextlib.suppress(ConnectionResetError):
             first = True
-            async for delta in tracked.deltas():
-                if tracked.timed_out:
-                    await send(error_body(delta.error, "timeout_error", code="deadline_exceeded"))
+            ended = False
+            async for batch in tracked.delta_batches():
+                # Every delta already queued goes out in one write (one syscall, one chunked-encoding frame).
+                parts: list[str] = []
+                for delta in batch:
+                    if tracked.timed_out:
+                        parts.append(event(error_body(delta.error, "timeout_error", code="deadline_exceeded")))
+                        ended = True
+                        break
+                    if delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                        message = f"request {tracked.request_id} failed: {delta.error or 'engine error'}"
+                        parts.append(event(error_body(message, "server_error", code="internal")))
+                        ended = True
+                        break
+                    if not delta.text and not delta.finished and not first:
+                        continue
+                    parts.append(
+                        chunks.render(delta.text, finish_reason_name(delta.finish_reason, delta.finished), first)
+                    )
+                    first = False
+                if parts:
+                    await write("".join(parts).encode())
+                if ended:
                     break
-                if delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                    message = f"request {tracked.request_id} failed: {delta.error or 'engine error'}"
-                    await send(error_body(message, "server_error", code="internal"))
-                    break
-                if not delta.text and not delta.finished and not first:
-                    continue
-                chunk = envelope(tracked.request_id, model, chat=parsed.chat, chunk=True)
-                reason = finish_reason_name(delta.finish_reason, delta.finished)
-                chunk["choices"] = [choice(delta.text, reason, chat=parsed.chat, chunk=True, first=first)]
-                if parsed.include_usage:
-                    chunk["usage"] = None
-                await send(chunk)
-                first = False
-            else:
-                if parsed.include_usage:
-                    chunk = envelope(tracked.request_id, model, chat=parsed.chat, chunk=True)
-                    chunk["choices"] = []
-                    chunk["usage"] = usage(tracked.num_prompt_tokens, tracked.num_received)
-                    await send(chunk)
+            if not ended and parsed.include_usage:
+                chunk = chunks.envelope()
+                chunk["choices"] = []
+                chunk["usage"] = usage(tracked.num_prompt_tokens, tracked.num_received)
+                await write(event(chunk).encode())
             await write(b"data: [DONE]\n\n")
             await response.write_eof()
         return response

@@ -18,7 +18,6 @@ never shows more than its ``max_tokens`` tokens.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
@@ -143,6 +142,8 @@ class TrackedRequest:
     _matcher: StopMatcher | None = field(default=None, init=False)
     _held: dict[int, common_pb2.RequestOutput] = field(default_factory=dict, init=False)
     _queue: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue, init=False)
+    # The idle/deadline timer of a reader (see ``_next``); cancelled when the request ends.
+    _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         stops = [s for s in self.stop if s]
@@ -240,6 +241,9 @@ class TrackedRequest:
         self.finish_reason = reason
         self.error = error
         self._held.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         text, self._pending = self._pending, ""
         if text:
             self._shown.append(text)
@@ -279,18 +283,40 @@ class TrackedRequest:
         return limit, why
 
     async def _next(self) -> Delta:
-        while self._queue.empty():
-            limit, why = self._wait_limit()
-            if limit is None:
-                break
-            if limit <= 0:
-                log.warning("request %s on %s: %s; ending it", self.request_id, self.instance_id or "?", why)
-                self.expire(f"request {self.request_id} timed out: {why}")
-                break
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(limit):
-                    return await self._queue.get()
-        return await self._queue.get()
+        queue = self._queue
+        if queue.empty() and self._timer is None and not self.finished:
+            self._arm()
+        return await queue.get()
+
+    def _arm(self) -> None:
+        """One timer per request, re-armed only when it fires: a token restarts the idle clock by moving
+        ``_last_heard``, not by creating and cancelling a timer (which cost more than the token's own work)."""
+        limit, _ = self._wait_limit()
+        if limit is not None:
+            self._timer = asyncio.get_running_loop().call_later(max(0.0, limit), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.finished:
+            return
+        limit, why = self._wait_limit()
+        if limit is not None and limit <= 0:
+            log.warning("request %s on %s: %s; ending it", self.request_id, self.instance_id or "?", why)
+            self.expire(f"request {self.request_id} timed out: {why}")
+        else:
+            self._arm()
+
+    async def delta_batches(self) -> AsyncIterator[list[Delta]]:
+        """``deltas()`` with every delta already queued taken at once, so a burst (a push that carried several steps'
+        tokens, or a reader that fell behind) costs one write to the client instead of one per delta."""
+        while True:
+            batch = [await self._next()]
+            queue = self._queue
+            while not batch[-1].finished and not queue.empty():
+                batch.append(queue.get_nowait())
+            yield batch
+            if batch[-1].finished:
+                return
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """The client's view, until (and including) the finishing delta; ends by timeout rather than waiting forever."""
