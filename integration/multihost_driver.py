@@ -39,6 +39,15 @@ def instances(endpoint: str) -> list[dict[str, Any]]:
     return found
 
 
+def grpc_address(instance: Any) -> str:
+    """The ``grpc_address`` anywhere in one instance of ``llmctl -o json instances`` ("" if none)."""
+    if isinstance(instance, dict):
+        if isinstance(instance.get("grpc_address"), str):
+            return str(instance["grpc_address"])
+        return next((a for a in map(grpc_address, instance.values()) if a), "")
+    return ""
+
+
 async def wait_for(what: str, check: Any, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -128,7 +137,61 @@ async def main(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: s
     return out
 
 
+async def host_loss(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: str, port: int) -> dict[str, Any]:
+    """The scheduler's own Ray provider under ``llmctl scale 2`` (one instance per host, spread), then host B's link
+    goes down: B's instance must leave the registry within its lease TTL and the scheduler restore 2 on host A."""
+    out: dict[str, Any] = {}
+    endpoint = f"{host_a}:{port}"
+    llumlet_args = f"--engine sim --transport tcp --insecure --lease-ttl {LEASE_TTL_S}"
+    scheduler = subprocess.Popen(
+        [
+            sys.executable, "-m", "pyllumnix.tools.cli", "scheduler", "--etcd", etcd, "--cluster", cluster,
+            "--host", host_a, "--advertise-host", host_a, "--port", str(port), "--insecure",
+            "--provider", "ray", "--ray-address", ray_address, "--llumlet-args", llumlet_args,
+            "--stop-instances-on-exit",
+        ],
+        start_new_session=True,
+    )  # fmt: skip
+
+    def hosts_of() -> list[str]:
+        return sorted(grpc_address(i) for i in instances(endpoint))
+
+    try:
+        await wait_for("scheduler up", lambda: llmctl(endpoint, "leader").returncode == 0, 60)
+        scaled = llmctl(endpoint, "scale", "2")
+        out["scale"] = scaled.returncode, scaled.stdout + scaled.stderr
+
+        def two(on: str = "") -> list[str] | None:
+            found = hosts_of()
+            return found if len(found) == 2 and all(a and a.startswith(on) for a in found) else None
+
+        out["before"] = await wait_for("2 instances", two, 90)
+        subprocess.run(["ip", "-n", sys.argv[8], "link", "set", sys.argv[9], "down"], check=True)
+        t0 = time.monotonic()
+        await wait_for("B's instance gone", lambda: (h := hosts_of()) and not any(a.startswith(host_b) for a in h), 60)
+        out["gone_after_s"] = round(time.monotonic() - t0, 1)
+        try:
+            out["after"] = await wait_for("2 instances on A", lambda: two(f"{host_a}:"), 90)
+        except TimeoutError:
+            print("LISTED", json.dumps(instances(endpoint)), flush=True)
+            raise
+        out["restored_after_s"] = round(time.monotonic() - t0, 1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(scheduler.pid, signal.SIGTERM)
+        try:
+            scheduler.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(scheduler.pid, signal.SIGKILL)
+            scheduler.wait()
+    return out
+
+
+LEASE_TTL_S = 3
+
+
 if __name__ == "__main__":
     ray_address, etcd, host_a, host_b, cluster, port = sys.argv[1:7]
-    result = asyncio.run(main(ray_address, etcd, host_a, host_b, cluster, int(port)))
+    scenario = main if sys.argv[7:8] in ([], ["place"]) else host_loss  # host_loss: argv 8, 9 = B's netns, veth
+    result = asyncio.run(scenario(ray_address, etcd, host_a, host_b, cluster, int(port)))
     print("RESULT " + json.dumps(result), flush=True)

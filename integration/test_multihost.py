@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from integration.multihost import TwoHosts, can_create_namespaces, two_hosts
+from integration.multihost_driver import LEASE_TTL_S
 from pyllumnix.control_plane.scheduler.provider_ray import ProviderError, RayInstanceProvider
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'pyllumnix[ray]')")
@@ -81,3 +82,25 @@ def test_namespaces_are_removed(hosts: TwoHosts) -> None:
     """The fixture's namespaces exist while it runs (the teardown is checked by the next run's unique names)."""
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert hosts.a.name in names and hosts.b.name in names
+
+
+@pytest.mark.timeout(240)
+def test_host_b_lost_leaves_registry_and_capacity_is_restored_on_a(hosts: TwoHosts) -> None:
+    """Runs last (it takes B's link down). The scheduler's own Ray provider (``--provider ray``) spreads
+    ``llmctl scale 2`` over both hosts; when B's link goes down its instance leaves the registry within the lease TTL
+    (etcd on A stops hearing from it), and the scheduler starts a replacement on A (Ray declares B dead in ~3 s)."""
+    cluster = f"mh{uuid.uuid4().hex[:8]}"
+    done = hosts.a.run(
+        sys.executable, "-m", "integration.multihost_driver",
+        hosts.ray_address, hosts.etcd, hosts.a.ip, hosts.b.ip, cluster, "50072",
+        "host_loss", hosts.b.name, hosts.b.veth,
+        timeout=220, env=hosts.env(),
+    )  # fmt: skip
+    result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    out = json.loads(result_lines[-1][len("RESULT ") :])
+    assert out["scale"][0] == 0, out["scale"]
+    before = out["before"]
+    assert sorted(a.split(":")[0] for a in before) == [hosts.a.ip, hosts.b.ip], before  # spread: one per host
+    assert out["gone_after_s"] <= 3 * LEASE_TTL_S, out
+    assert all(a.startswith(f"{hosts.a.ip}:") for a in out["after"]) and len(out["after"]) == 2, out

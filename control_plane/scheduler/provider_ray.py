@@ -229,8 +229,24 @@ class RayInstanceProvider(InstanceProvider):
         return min(fits, key=key)
 
     # ------------------------------------------------------------------ InstanceProvider
+    async def _prune(self) -> None:
+        """Forgets instances whose node is gone (the host died: its llumlets went with it, their leases expire) and
+        removes their placement groups, so they neither count against ``max_instances`` nor hold a slot."""
+        from ray.util.placement_group import remove_placement_group
+
+        alive = set(await asyncio.to_thread(self._nodes))
+        for iid, placed in list(self.instances.items()):
+            if placed.node_ip not in alive:
+                log.warning("llumlet %s: its Ray node %s is gone; forgetting it", iid, placed.node_ip)
+                del self.instances[iid]
+                with contextlib.suppress(Exception):
+                    self._ray().kill(placed.actor, no_restart=True)
+                with contextlib.suppress(Exception):
+                    remove_placement_group(placed.pg)
+
     async def start_instances(self, count: int) -> list[str]:
         await self.connect()
+        await self._prune()
         if self.max_instances is not None:
             count = max(0, min(count, self.max_instances - len(self.instances)))
         ids: list[str] = []
@@ -246,7 +262,7 @@ class RayInstanceProvider(InstanceProvider):
         from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        node_ip = self._choose_node()
+        node_ip = await asyncio.to_thread(self._choose_node)
         bundle: dict[str, float] = {f"node:{node_ip}": 0.001}
         if self.cpus:
             bundle["CPU"] = self.cpus

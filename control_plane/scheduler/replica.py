@@ -562,7 +562,16 @@ class SchedulerReplica:
                 await self.set_instance_state(iid, InstanceState.DRAINING)
             if decision.start:
                 log.info("scaling up by %d (cluster freeness %.1f)", decision.start, decision.cluster_freeness)
-                await self.provider.start_instances(decision.start)
+                await self._start_instances(decision.start)
+
+    async def _start_instances(self, count: int) -> None:
+        """A provider that cannot start instances (Ray head gone, placement impossible) is logged and retried at the
+        next scaling pass, never the end of the scaling loop."""
+        assert self.provider is not None
+        try:
+            await self.provider.start_instances(count)
+        except Exception as exc:
+            log.warning("the instance provider could not start %d instance(s): %s", count, exc)
 
     async def _converge_to_target(self) -> None:
         """Manual scale: start or drain instances until the active count meets the target."""
@@ -576,7 +585,7 @@ class SchedulerReplica:
         target = self.scale_target
         missing = target - len(active) - starting
         if missing > 0:
-            await self.provider.start_instances(missing)
+            await self._start_instances(missing)
         elif len(active) > target:
             snapshot = self.cluster.snapshot(time.monotonic())
             by_load = sorted(active, key=lambda i: (getattr(snapshot.get(i), "num_requests", 0), i))
