@@ -17,12 +17,17 @@ import time
 from typing import Any
 
 from pyllumnix.control_plane.scheduler.provider_ray import ProviderError, RayInstanceProvider
-from pyllumnix.infra.security.runtime import INSECURE
+from pyllumnix.infra.security.runtime import INSECURE, from_options
+
+# The PKI folder of a secure scenario (llmctl then dials with the admin certificate).
+TLS_DIR: dict[str, str] = {}
 
 
 def llmctl(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
+    d = TLS_DIR.get("dir")
+    tls = ["--ca", f"{d}/ca.pem", "--cert", f"{d}/admin-admin.pem", "--key", f"{d}/admin-admin-key.pem"] if d else []
     return subprocess.run(
-        [sys.executable, "-m", "pyllumnix.tools.llmctl", "-e", endpoint, "--no-tls", *args],
+        [sys.executable, "-m", "pyllumnix.tools.llmctl", "-e", endpoint, *(tls or ["--no-tls"]), *args],
         check=False,
         capture_output=True,
         text=True,
@@ -68,19 +73,29 @@ async def wait_nodes(provider: RayInstanceProvider, count: int, timeout: float) 
 
 
 async def main(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: str, port: int) -> dict[str, Any]:
+    """Secure when argv[8] names a PKI folder (with the CA key and certificates naming both hosts' addresses): the
+    scheduler and llmctl use it, the provider issues the placed llumlet's certificate and hands it over as PEM."""
     out: dict[str, Any] = {}
     endpoint = f"{host_a}:{port}"
+    tls_dir = sys.argv[8] if len(sys.argv) > 8 else ""
+    security = INSECURE
+    flags = ["--insecure"]
+    if tls_dir:
+        TLS_DIR["dir"] = tls_dir
+        security = from_options("scheduler", "s1", tls_dir=tls_dir, hosts=[host_a])
+        flags = ["--tls-dir", tls_dir, "--replica-id", "s0"]
     scheduler = subprocess.Popen(
         [
             sys.executable, "-m", "pyllumnix.tools.cli", "scheduler", "--etcd", etcd, "--cluster", cluster,
-            "--host", host_a, "--advertise-host", host_a, "--port", str(port), "--insecure",
+            "--host", host_a, "--advertise-host", host_a, "--port", str(port), *flags,
         ],
         start_new_session=True,
     )  # fmt: skip
-    llumlet_args = ["--etcd", etcd, "--cluster", cluster, "--engine", "sim", "--transport", "tcp", "--insecure"]
+    llumlet_args = ["--etcd", etcd, "--cluster", cluster, "--engine", "sim", "--transport", "tcp"]
     provider = RayInstanceProvider(
-        ray_address, llumlet_args, cluster=cluster, hosts=[host_b], cpus=1, security=INSECURE, placement_timeout=5
+        ray_address, llumlet_args, cluster=cluster, hosts=[host_b], cpus=1, security=security, placement_timeout=5
     )
+    out["secure"] = security.secure
     try:
         await provider.connect()
         await wait_nodes(provider, 2, 60)

@@ -12,12 +12,15 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from integration.multihost import TwoHosts, can_create_namespaces, two_hosts
 from integration.multihost_driver import LEASE_TTL_S
 from pyllumnix.control_plane.scheduler.provider_ray import ProviderError, RayInstanceProvider
+from pyllumnix.infra.security.bootstrap import bootstrap_local
+from pyllumnix.infra.security.ca import DEFAULT_HOSTS
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'pyllumnix[ray]')")
 _NO_NETNS = can_create_namespaces()
@@ -32,17 +35,22 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
 
 
 @pytest.mark.timeout(150)
-def test_ray_places_llumlet_on_host_b(hosts: TwoHosts) -> None:
+def test_ray_places_llumlet_on_host_b(hosts: TwoHosts, tmp_path: Path) -> None:
+    """Secure (mutual TLS): the scheduler's certificate names A's address; the llumlet's is issued by the provider
+    for B after placement and reaches B as PEM content."""
     cluster = f"mh{uuid.uuid4().hex[:8]}"
+    pki = tmp_path / "pki"
+    bootstrap_local(pki, "llumnix", hosts=[*DEFAULT_HOSTS, hosts.a.ip, hosts.b.ip])
     done = hosts.a.run(
         sys.executable, "-m", "integration.multihost_driver",
-        hosts.ray_address, hosts.etcd, hosts.a.ip, hosts.b.ip, cluster, "50071",
+        hosts.ray_address, hosts.etcd, hosts.a.ip, hosts.b.ip, cluster, "50071", "place", str(pki),
         timeout=130, env=hosts.env(),
     )  # fmt: skip
     result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     out = json.loads(result_lines[-1][len("RESULT ") :])
     iid = out["instance"]
+    assert out["secure"] is True
     assert out["node"] == hosts.b.ip
     (listed,) = out["listed"]
     # Every address the instance publishes is host B's, never a wildcard or a loopback address.
