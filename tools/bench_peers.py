@@ -165,7 +165,9 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
     log_dir.mkdir(parents=True, exist_ok=True)
     out = open(log_dir / "serve.stdout", "wb")  # noqa: SIM115 (closed by the stopper)
     err = open(log_dir / "serve.stderr", "wb")  # noqa: SIM115
-    proc = spawn([sys.executable, "-m", "pyllumnix.tools.cli", *args], stdout=out, stderr=err, env=env)
+    proc = spawn(
+        [sys.executable, "-m", "pyllumnix.tools.cli", *args], stdout=out, stderr=err, env=env, die_with_parent=True
+    )
 
     def stop() -> None:
         if proc.poll() is None:
@@ -228,7 +230,9 @@ def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: 
     """One worker (llumlet + frontend, ``--insecure`` on loopback) per instance, then the router in front."""
     router, policy = spec.split(":", 1)
     log_dir = work / spec.replace(":", "-")
-    launcher = Launcher(log_dir)  # not secure: the workers run --insecure (loopback, behind the router)
+    launcher = Launcher(
+        log_dir, die_with_parent=True
+    )  # not secure: the workers run --insecure (loopback, behind the router)
     from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 
     etcd = EmbeddedEtcd(1, data_dir=log_dir / "etcd")
@@ -259,7 +263,9 @@ def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: 
         sub = ["launch"] if router == "sglang-router" else []  # sglang-router 0.3: `launch` = router only
         cmd = [str(exe), *sub, "--host", "127.0.0.1", "--port", str(rport), "--policy", policy, "--worker-urls", *urls]
         rlog = open(log_dir / "router.log", "wb")  # noqa: SIM115 (closed by the stopper)
-        rproc = spawn(cmd, stdout=rlog, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"})
+        rproc = spawn(
+            cmd, stdout=rlog, stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"}, die_with_parent=True
+        )
 
         def stop_router() -> None:
             if rproc.poll() is None:

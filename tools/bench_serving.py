@@ -93,15 +93,16 @@ async def _one(client: AsyncLlumnixClient, arrival: RequestArrival, t0: float, w
 
 
 def text_prompt_of(arrival: RequestArrival) -> str:
-    """A text prompt of exactly ``input_len`` tokens for the sim tokenizer (one token per word of up to 4 letters),
-    deterministic per request; routers that balance on text (cache-aware prefix trees) see distinct prompts."""
+    """A text prompt of exactly ``input_len`` tokens for the sim tokenizer (one token per 4 characters of a word,
+    whitespace a token of its own: so one word of 4 x ``input_len`` letters), deterministic per request; routers that
+    balance on text (cache-aware prefix trees) see distinct prompts."""
     salt = zlib.crc32(arrival.request_id.encode())
     letters = "abcdefghijklmnopqrstuvwxyz"
-    words = []
+    pieces = []
     for i in range(arrival.input_len):
-        n = (i * 7919 + salt) % (26**3)
-        words.append(letters[n % 26] + letters[(n // 26) % 26] + letters[(n // 676) % 26])
-    return " ".join(words)
+        n = (i * 7919 + salt) % (26**4)
+        pieces.append("".join(letters[(n // 26**k) % 26] for k in range(4)))
+    return "".join(pieces)
 
 
 async def _one_openai(
