@@ -120,6 +120,10 @@ class TwoHosts:
             RAY_health_check_failure_threshold="3",
             RAY_USAGE_STATS_ENABLED="0",
             PYTHONUNBUFFERED="1",
+            # Both emulated hosts are one kernel: UCX would take them for one host and pick shared memory / CMA,
+            # which cannot cross the PID namespaces ("Endpoint timeout"); real separate hosts reach each other only
+            # over the network, as here.
+            UCX_TLS="tcp,self",
         )
         return env
 

@@ -205,8 +205,101 @@ async def host_loss(ray_address: str, etcd: str, host_a: str, host_b: str, clust
 LEASE_TTL_S = 3
 
 
+async def migrate(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: str, port: int) -> dict[str, Any]:
+    """Two Ray-placed llumlets (spread: one per host, plaintext), a request started on B and live-migrated to A over
+    the data plane given in argv[8], across the veth; the sink (on A) records every token."""
+    import grpc
+
+    from integration.test_migration_processes import unmigrated_tokens
+    from pyllumnix.control_plane.grpc_server import start_server
+    from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
+    from pyllumnix.tools.recording_sink import RecordingSink
+
+    transport = sys.argv[8]
+    out: dict[str, Any] = {"transport": transport}
+    endpoint = f"{host_a}:{port}"
+    scheduler = subprocess.Popen(
+        [
+            sys.executable, "-m", "pyllumnix.tools.cli", "scheduler", "--etcd", etcd, "--cluster", cluster,
+            "--host", host_a, "--advertise-host", host_a, "--port", str(port), "--insecure",
+        ],
+        start_new_session=True,
+    )  # fmt: skip
+    args = ["--etcd", etcd, "--cluster", cluster, "--profile", "tiny", "--transport", transport, "--verify-kv"]
+    provider = RayInstanceProvider(ray_address, args, cluster=cluster, cpus=1, security=INSECURE)
+    sink = RecordingSink()
+    sink.server = await start_server(
+        [(frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, sink, "llumnix.v1.OutputSinkService")],
+        host=host_a,
+        security=INSECURE,
+    )
+    try:
+        await provider.connect()
+        await wait_nodes(provider, 2, 60)
+        ids = await provider.start_instances(2)
+        nodes = {provider.node_of(i): i for i in ids}
+        assert set(nodes) == {host_a, host_b}, nodes
+
+        def both() -> list[dict[str, Any]] | None:
+            found = instances(endpoint)
+            return found if len(found) == 2 else None
+
+        listed = await wait_for("2 instances", both, 60)
+        info = {i["info"]["instance_id"]: i["info"] for i in listed}
+        src, dst = info[nodes[host_b]], info[nodes[host_a]]
+        out["src"], out["dst"] = src["data_plane_address"], dst["data_plane_address"]
+        rid = "mh-r1"
+        prompt = [(i * 7 + 3) % 200 + 1 for i in range(100)]
+        request = common_pb2.EngineRequest(
+            request_id=rid,
+            prompt_token_ids=prompt,
+            sampling=common_pb2.SamplingParams(max_tokens=250, seed=7, ignore_eos=True),
+            frontend_address=f"{host_a}:{sink.server.port}",  # RunningServer.address is always 127.0.0.1
+            arrival_time=time.time(),
+        )
+        async with grpc.aio.insecure_channel(src["grpc_address"]) as ch:
+            stub = llumlet_pb2_grpc.LlumletServiceStub(ch)
+            await stub.AddRequest(llumlet_pb2.AddRequestRequest(request=request), timeout=10)
+            deadline = time.monotonic() + 30
+            while len(sink.tokens(rid)) < 40 and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            out["tokens_at_migrate"] = len(sink.tokens(rid))
+            reply = await stub.MigrateOut(
+                llumlet_pb2.MigrateOutRequest(
+                    destination_instance_id=dst["instance_id"],
+                    destination_grpc_address=dst["grpc_address"],
+                    request_id=rid,
+                    wait=True,
+                ),
+                timeout=60,
+            )
+        result = reply.results[0]
+        out["outcome"] = llumlet_pb2.MigrationOutcome.Name(result.outcome)
+        out["reason"] = result.reason
+        out["bytes_sent"] = result.bytes_sent
+        out["downtime_ms"] = result.downtime_ms
+        await sink.wait(rid, timeout=60)
+        out["tokens_identical"] = sink.tokens(rid) == unmigrated_tokens(prompt, 250, 7)
+        out["indices"] = sink.raw_indices(rid) == list(range(250))
+        out["instances"] = sorted({o.instance_id for o in sink.outputs[rid]})
+        out["src_id"], out["dst_id"] = src["instance_id"], dst["instance_id"]
+    finally:
+        await sink.server.stop()
+        provider.stop_on_close = True
+        await provider.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(scheduler.pid, signal.SIGTERM)
+        try:
+            scheduler.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(scheduler.pid, signal.SIGKILL)
+            scheduler.wait()
+    return out
+
+
 if __name__ == "__main__":
     ray_address, etcd, host_a, host_b, cluster, port = sys.argv[1:7]
-    scenario = main if sys.argv[7:8] in ([], ["place"]) else host_loss  # host_loss: argv 8, 9 = B's netns, veth
+    # place [PKI folder] | host_loss <B's netns> <B's veth> | migrate <transport>
+    scenario = {"place": main, "host_loss": host_loss, "migrate": migrate}[(sys.argv[7:8] or ["place"])[0]]
     result = asyncio.run(scenario(ray_address, etcd, host_a, host_b, cluster, int(port)))
     print("RESULT " + json.dumps(result), flush=True)

@@ -19,6 +19,7 @@ import pytest
 from integration.multihost import TwoHosts, can_create_namespaces, two_hosts
 from integration.multihost_driver import LEASE_TTL_S
 from pyllumnix.control_plane.scheduler.provider_ray import ProviderError, RayInstanceProvider
+from pyllumnix.data_plane.transport import ucx_available
 from pyllumnix.infra.security.bootstrap import bootstrap_local
 from pyllumnix.infra.security.ca import DEFAULT_HOSTS
 
@@ -90,6 +91,30 @@ def test_namespaces_are_removed(hosts: TwoHosts) -> None:
     """The fixture's namespaces exist while it runs (the teardown is checked by the next run's unique names)."""
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert hosts.a.name in names and hosts.b.name in names
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("transport", ["tcp", "ucx"])
+def test_request_migrates_from_host_b_to_host_a(hosts: TwoHosts, transport: str) -> None:
+    """Token-identical live migration B -> A across the veth (destination checks every KV block's bytes). Before
+    the addressing fixes TCP advertised tcp://127.0.0.1 ("Connect call failed") and UCX offered every interface."""
+    if transport == "ucx" and not ucx_available():
+        pytest.skip("ucxx not importable (pyllumnix[ucx])")
+    cluster = f"mh{uuid.uuid4().hex[:8]}"
+    done = hosts.a.run(
+        sys.executable, "-m", "integration.multihost_driver",
+        hosts.ray_address, hosts.etcd, hosts.a.ip, hosts.b.ip, cluster, "50073", "migrate", transport,
+        timeout=130, env=hosts.env(),
+    )  # fmt: skip
+    result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    out = json.loads(result_lines[-1][len("RESULT ") :])
+    if transport == "tcp":
+        assert out["src"].startswith(f"tcp://{hosts.b.ip}:") and out["dst"].startswith(f"tcp://{hosts.a.ip}:"), out
+    assert out["outcome"] == "MIGRATION_OUTCOME_COMMITTED", out["reason"]
+    assert out["bytes_sent"] > 0
+    assert out["tokens_identical"] and out["indices"], out
+    assert out["instances"] == sorted([out["src_id"], out["dst_id"]])
 
 
 @pytest.mark.timeout(240)
