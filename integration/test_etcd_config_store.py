@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -50,12 +51,17 @@ async def test_undecodable_value_is_skipped_by_watch_and_named_by_get(
         await store.get()
     changes = store.watch()  # its initial snapshot is the garbage: skipped, nothing yielded
     next_item = asyncio.ensure_future(changes.__anext__())
-    await asyncio.sleep(0.3)
+    # The watch has read its initial snapshot once it logged the garbage there (then it watches from that revision).
+    deadline = time.monotonic() + 5
+    while not any(f"revision {bad_rev}" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the watch never read its initial snapshot"
+        await asyncio.sleep(0.02)
     assert not next_item.done()
     await etcd_client.put(key, b"\xff\xff\xff")  # more garbage while watching: skipped as well
     good = config_pb2.ClusterConfig(load_report_interval_ms=70)
     good_rev = await store.put(good)
-    assert await asyncio.wait_for(next_item, 3) == (good, good_rev)
+    # The first thing the watch yields is the valid write: neither garbage revision ended it or came out of it.
+    assert await asyncio.wait_for(next_item, 5) == (good, good_rev)
     logged = [r for r in caplog.records if "is not a valid llumnix.v1.ClusterConfig" in r.getMessage()]
     assert len(logged) == 2, [r.getMessage() for r in logged]  # once per bad revision
     await changes.aclose()
