@@ -84,7 +84,10 @@ async def test_black_hole_endpoint_is_bounded_too() -> None:
     server.close()
 
 
-async def test_killing_the_leader_member_fails_over_within_2s(etcd3: EmbeddedEtcd) -> None:
+async def test_killing_the_leader_member_fails_over_within_a_lease_stall(etcd3: EmbeddedEtcd) -> None:
+    """After the member it talks to dies, the client's calls succeed again (on another member) well within the stall
+    a lease survives (llumlet leases: TTL 5 s - renewal period 1 s = 4 s), so no holder loses its lease to a member
+    kill. Without fail-over each call would spend its whole retry budget (2.5 s) and then fail."""
     leader = await asyncio.to_thread(etcd3.leader_index)
     # The client talks to the leader first: the worst case, its connection dies with it.
     endpoints = etcd3.endpoints[leader:] + etcd3.endpoints[:leader]
@@ -99,5 +102,6 @@ async def test_killing_the_leader_member_fails_over_within_2s(etcd3: EmbeddedEtc
         await client.put("/failover/l", b"v", lease=lease_id)
         elapsed = time.monotonic() - start
         assert kv is not None and kv.value == b"after"
-        assert elapsed < 2.0, f"operations after the leader kill took {elapsed:.2f}s"
+        # measured well under 1 s on an idle machine; the rest is margin for a loaded one
+        assert elapsed < 3.0, f"operations after the leader kill took {elapsed:.2f}s"
         assert client.current_endpoint != etcd3.endpoints[leader]
