@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "grpc_port": 50051,
     "log_dir": "",
     "provider": "local",
+    "ray_address": "",
     "llumlet_args": "",
     "insecure": False,
     "tls_dir": "",
@@ -450,6 +451,13 @@ class Supervisor:
                 args += ["--provider", "local", "--llumlet-args", shlex.join([*llumlet_args, *common])]
                 # the replica's provider stops the llumlets it started when the replica exits
                 args += ["--log-dir", str(self.log_dir), SCHEDULER_STOP_FLAG]
+            elif opts["provider"] == "ray":
+                # Ray-placed llumlets bind and advertise their node's IP, and get their certificate as PEM from the
+                # replica (this host's PKI paths mean nothing there): no --host and no security flags of ours.
+                ray_llumlet = [*engine_args, "--transport", str(opts["transport"]), *str(opts["llumlet_args"]).split()]
+                ray_llumlet += ["--etcd", etcd_endpoints, "--cluster", str(opts["cluster"])]
+                args += ["--provider", "ray", "--ray-address", str(opts["ray_address"])]
+                args += ["--llumlet-args", shlex.join(ray_llumlet), SCHEDULER_STOP_FLAG]
             child = self.add(Child(f"scheduler-{i}", "scheduler", self._scheduler_launch(f"scheduler-{i}", args, env)))
             assert child.comp is not None
             schedulers.append(child.comp.address)
@@ -666,11 +674,13 @@ class Supervisor:
 @click.option("--log-dir", default=DEFAULTS["log_dir"], help="Per-component logs (default: a temp dir).")
 @click.option(
     "--provider",
-    type=click.Choice(["local", "none"]),
+    type=click.Choice(["local", "none", "ray"]),
     default=DEFAULTS["provider"],
     show_default=True,
-    help="Instance provider for autoscaling and `llmctl scale`.",
+    help="Instance provider for autoscaling and `llmctl scale` (ray: llumlets placed on a Ray cluster, --ray-address;"
+    " give --host an address the Ray nodes reach).",
 )
+@click.option("--ray-address", default=DEFAULTS["ray_address"], help="HOST:PORT of the Ray head for --provider ray.")
 @click.option("--llumlet-args", default=DEFAULTS["llumlet_args"], help="Extra arguments for every llumlet.")
 @click.option(
     "--insecure",
@@ -696,6 +706,8 @@ def serve_command(ctx: click.Context, /, config_path: Path | None, **_: Any) -> 
     log_dir = Path(opts["log_dir"]) if opts["log_dir"] else Path(tempfile.mkdtemp(prefix="llumnix-serve-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     engine_settings(opts)  # bad engine options fail here, before anything starts
+    if opts["provider"] == "ray" and not opts["ray_address"]:
+        raise click.UsageError("--provider ray needs --ray-address HOST:PORT (the Ray head)")
     supervisor = Supervisor(opts, log_dir)
     supervisor.install_signals()
     code = 0
