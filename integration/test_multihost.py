@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from integration import multihost
 from integration.multihost import TwoHosts, can_create_namespaces, two_hosts
 from integration.multihost_driver import LEASE_TTL_S
 from pyllumnix.control_plane.scheduler.provider_ray import ProviderError, RayInstanceProvider
@@ -87,10 +88,25 @@ def test_unreachable_ray_address_is_a_clear_error() -> None:
         asyncio.run(RayInstanceProvider("nonsense", []).connect())
 
 
-def test_namespaces_are_removed(hosts: TwoHosts) -> None:
-    """The fixture's namespaces exist while it runs (the teardown is checked by the next run's unique names)."""
+def test_a_failed_setup_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray failing to start after the namespaces, the veth pair and etcd exist: the fixture still removes them all."""
+    if _NO_NETNS is not None:
+        pytest.skip(f"cannot emulate hosts here: {_NO_NETNS}")
+    seen: list[multihost.Host] = []
+
+    def fail(host: multihost.Host, *args: object) -> None:
+        seen.append(host)  # host A: its namespace, the veth pair and etcd exist now
+        raise RuntimeError("ray start failed (injected)")
+
+    monkeypatch.setattr(multihost, "_ray_start", fail)
+    with pytest.raises(RuntimeError, match="injected"), multihost.two_hosts():
+        pass
+    (a,) = seen
+    assert a.procs and all(p.poll() is not None for p in a.procs)  # etcd was started, and is gone
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert hosts.a.name in names and hosts.b.name in names
+    assert a.name not in names and a.name[:-1] + "b" not in names
+    links = subprocess.run(["ip", "link"], capture_output=True, text=True, check=True).stdout
+    assert a.veth not in links and a.veth[:-1] + "b" not in links
 
 
 @pytest.mark.timeout(150)
