@@ -108,13 +108,6 @@ async def test_revoked_elsewhere_is_reported_as_lost(etcd_client: EtcdClient) ->
     assert lease.lost_reason is not None and "TTL <= 0" in lease.lost_reason
 
 
-@pytest.mark.xfail(
-    reason="product bug: Lease._keep_alive awaits etcd with asyncio.wait_for, which on Python 3.11 swallows a "
-    "cancellation that arrives once the call's answer is in (fixed in 3.12); stop_keepalive() then leaves the task "
-    "renewing forever (seen: cancelling() == 1, task running, etcd TTL refreshed). Fix: asyncio.timeout() or a stop "
-    "flag checked by the loop. Also the root cause of this file's known flake.",
-    strict=False,
-)
 async def test_stop_keepalive_mid_renewal_stops_renewing(etcd_client: EtcdClient) -> None:
     """stop_keepalive right after a round trip with etcd (when a keep-alive answer is likely just in): every lease
     still ends. Without the bug all of them are lost within TTL + margin and gone from etcd."""

@@ -126,11 +126,15 @@ class Lease:
                 return
             await asyncio.sleep(left)
 
+    def _renewing(self) -> bool:
+        """Whether the keep-alive loop should go on: also checked so a stop is never lost to a swallowed cancel."""
+        return not self.lost.is_set() and self._keepalive is asyncio.current_task()
+
     async def _keep_alive(self) -> None:
         interval = self.renew_every
         request = rpc_pb2.LeaseKeepAliveRequest(ID=self.id)
         backoff = 0.05
-        while not self.lost.is_set():
+        while self._renewing():
             try:
                 index, stubs = self.client.pick()
             except EtcdClosedError:
@@ -138,10 +142,14 @@ class Lease:
             timeout = self.client.call_timeout
             call = stubs.lease.LeaseKeepAlive(metadata=REQUIRE_LEADER)
             try:
-                while not self.lost.is_set():
+                while self._renewing():
                     sent = time.monotonic()
-                    await asyncio.wait_for(call.write(request), timeout)
-                    resp = await asyncio.wait_for(call.read(), timeout)
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that lands
+                    # just as the answer arrives, and a cancelled keep-alive would then go on renewing.
+                    async with asyncio.timeout(timeout):
+                        await call.write(request)
+                    async with asyncio.timeout(timeout):
+                        resp = await call.read()
                     if resp is grpc.aio.EOF:
                         raise _StreamEnded("keep-alive stream closed by the server")
                     if resp.TTL <= 0:
