@@ -55,3 +55,27 @@ def test_stall_timeout_and_output_heartbeat_reach_the_llumlet_settings(monkeypat
     assert off.migration.stall_timeout_s is None and off.heartbeat_s == 0.0
     assert CliRunner().invoke(llumlet_command, ["--stall-timeout", "-1"]).exit_code == 2
     assert LlumletOptions().migration.stall_timeout_s == DEFAULT_STALL_TIMEOUT_S
+
+
+def test_a_small_total_blocks_starts_with_a_lowered_max_model_len() -> None:
+    """The 7B profile (792 blocks, max_model_len 12,288) with ``--total-blocks 520``: the llumlet used to die with a
+    ValueError traceback; now its engine serves requests up to what 520 blocks hold above the watermark."""
+    engine = main.make_engine(LlumletOptions(profile="llama-7b-a10", total_blocks=520, payload=False))
+    assert engine.total_blocks == 520 and engine.max_model_len == (520 - 5) * 16
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--total-blocks", "0"], "total_blocks must be positive"),
+        (["--bytes-per-token", "12"], "bytes_per_token must be a positive multiple of 8"),
+        (["--profile", "nope"], "unknown engine profile 'nope'"),
+    ],
+)
+def test_an_impossible_sim_engine_is_a_usage_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: None)
+    result = CliRunner().invoke(llumlet_command, ["--insecure", "--no-payload", *args])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert message in result.output

@@ -10,7 +10,8 @@ import itertools
 import numpy as np
 import pytest
 
-from pyllumnix.data_plane.engine.profile import LLAMA_7B_A10, PROFILES, TINY, Profile, get_profile
+from pyllumnix.data_plane.engine.profile import LLAMA_7B_A10, PROFILES, TINY, Profile, get_profile, with_overrides
+from pyllumnix.data_plane.engine.sim import SimEngine
 
 # The paper's 7B recompute (prefill) latencies, ms (PAPER.md, Fig. 10), and the hardware figures the profile cites.
 PAPER_PREFILL_MS = {256: 58.0, 512: 110.0, 1024: 220.0, 2048: 436.0, 4096: 940.0, 8192: 1995.0}
@@ -142,3 +143,27 @@ def test_unknown_profile_lists_names() -> None:
 def test_invalid_profiles_rejected(change: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         dataclasses.replace(TINY, **change)  # type: ignore[arg-type]
+
+
+def test_fewer_blocks_lower_max_model_len_to_what_fits_above_the_watermark(caplog: pytest.LogCaptureFixture) -> None:
+    """``--total-blocks`` smaller than the profile's max_model_len needs used to make an impossible profile (a llumlet
+    that could not start); without an explicit max_model_len it is lowered to what fits, and logged."""
+    with caplog.at_level("INFO", logger="pyllumnix.data_plane.engine.profile"):
+        small = with_overrides(LLAMA_7B_A10, total_blocks=520)
+    assert small.total_blocks == 520
+    assert small.max_model_len == (520 - 5) * 16 == 8240  # 1 % watermark of 520 = 5 blocks
+    assert "max_model_len 12288 lowered to 8240" in caplog.text
+    # a cache that holds the profile's max_model_len keeps it; no override is no change
+    assert with_overrides(LLAMA_7B_A10, total_blocks=1300).max_model_len == LLAMA_7B_A10.max_model_len
+    assert with_overrides(LLAMA_7B_A10, total_blocks=None) == LLAMA_7B_A10
+    # the engine applies the same rule to its keyword overrides
+    assert SimEngine(LLAMA_7B_A10, payload=False, total_blocks=600).max_model_len == (600 - 6) * 16
+
+
+def test_an_explicit_max_model_len_that_cannot_fit_is_an_error_naming_both_values() -> None:
+    with pytest.raises(
+        ValueError, match=r"max_model_len 12288 .* total_blocks 520 leaves 515 .* most that fits is 8240"
+    ):
+        with_overrides(LLAMA_7B_A10, total_blocks=520, max_model_len=12288)
+    with pytest.raises(ValueError, match="max_model_len 9000"):
+        SimEngine(LLAMA_7B_A10, payload=False, total_blocks=520, max_model_len=9000)

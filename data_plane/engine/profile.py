@@ -6,8 +6,13 @@ A profile is plain data so the simulator, the live sim llumlet and the benchmark
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,12 @@ class Profile:
         if tokens != sorted(set(tokens)):
             raise ValueError("prefill_table must be strictly ascending in tokens")
         if math.ceil(self.max_model_len / self.block_size) > self.total_blocks - self.watermark_blocks:
-            raise ValueError("a max_model_len request would never fit above the watermark")
+            raise ValueError(
+                f"max_model_len {self.max_model_len} would never fit above the watermark: it needs"
+                f" {math.ceil(self.max_model_len / self.block_size)} blocks of {self.block_size} tokens, total_blocks"
+                f" {self.total_blocks} leaves {self.total_blocks - self.watermark_blocks} above the watermark"
+                f" ({self.watermark:g}); the most that fits is {self.fitting_model_len}"
+            )
 
     @property
     def block_bytes(self) -> int:
@@ -66,6 +76,11 @@ class Profile:
     @property
     def watermark_blocks(self) -> int:
         return int(self.watermark * self.total_blocks)
+
+    @property
+    def fitting_model_len(self) -> int:
+        """The longest request the KV cache can hold above the watermark (what ``max_model_len`` may be at most)."""
+        return max(0, self.total_blocks - self.watermark_blocks) * self.block_size
 
     def prefill_ms(self, tokens: int) -> float:
         if tokens <= 0:
@@ -152,6 +167,36 @@ TINY = Profile(
     vocab_size=256,
     watermark=0.0,
 )
+
+
+def with_overrides(profile: Profile, **overrides: Any) -> Profile:
+    """``profile`` with the given (non-None) fields replaced.
+
+    A smaller KV cache (``total_blocks``, ``block_size`` or ``watermark`` overridden) without an explicit
+    ``max_model_len`` lowers ``max_model_len`` to what still fits above the watermark, and logs it: a test or a small
+    deployment asking for fewer blocks means "this much KV", not "a profile that cannot start". An explicit
+    ``max_model_len`` that does not fit stays an error (``ValueError`` naming both values), since silently serving
+    shorter requests than asked for would hide a misconfiguration.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "max_model_len" not in given and given.keys() & {"total_blocks", "block_size", "watermark"}:
+        total = int(given.get("total_blocks", profile.total_blocks))
+        block_size = int(given.get("block_size", profile.block_size))
+        watermark_blocks = int(float(given.get("watermark", profile.watermark)) * total)
+        fitting = (total - watermark_blocks) * block_size
+        # Nothing fits at all: leave it to the profile's own checks, which name the values.
+        if 0 < fitting < profile.max_model_len:
+            log.info(
+                "profile %s: max_model_len %d lowered to %d, what %d blocks of %d tokens hold above the watermark",
+                profile.name,
+                profile.max_model_len,
+                fitting,
+                total,
+                block_size,
+            )
+            given["max_model_len"] = fitting
+    return dataclasses.replace(profile, **given)
+
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (LLAMA_7B_A10, TINY)}
 

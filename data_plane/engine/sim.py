@@ -8,7 +8,6 @@ it. Outputs of a step are the tokens available at ``now + duration``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ from pyllumnix.data_plane.engine.checks import (
     check_waiting_admission,
 )
 from pyllumnix.data_plane.engine.payload import PayloadStore, expected_block_bytes, request_key
-from pyllumnix.data_plane.engine.profile import Profile, get_profile
+from pyllumnix.data_plane.engine.profile import Profile, get_profile, with_overrides
 from pyllumnix.data_plane.engine.scheduler import Scheduler, SimRequest
 from pyllumnix.data_plane.engine.tokens import decode_state, encode_state, next_token, request_seed
 
@@ -82,7 +81,7 @@ class SimEngine(Engine):
             "max_model_len": max_model_len,
             "split_steps": split_steps,
         }
-        prof = dataclasses.replace(prof, **{k: v for k, v in overrides.items() if v is not None})
+        prof = with_overrides(prof, **overrides)
         self.profile = prof
         self.block_size = prof.block_size
         self.total_blocks = prof.total_blocks

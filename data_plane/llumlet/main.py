@@ -92,19 +92,24 @@ def make_engine(opts: LlumletOptions) -> Engine:
         from pyllumnix.data_plane.engine.profile import get_profile
         from pyllumnix.data_plane.engine.sim import SimEngine
 
-        profile = get_profile(opts.profile)
-        if opts.bytes_per_token:
-            profile = dataclasses.replace(profile, bytes_per_token=opts.bytes_per_token)
-        prewarm_bytes = opts.prewarm_kv_mib << 20
-        return SimEngine(
-            profile,
-            payload=opts.payload,
-            total_blocks=opts.total_blocks,
-            block_size=opts.block_size,
-            payload_spare_bytes=max(1 << 30, prewarm_bytes),
-            prewarm_blocks=prewarm_bytes // profile.block_bytes if opts.payload else 0,
-            verify_incoming=opts.verify_kv,
-        )
+        try:
+            profile = get_profile(opts.profile)
+            if opts.bytes_per_token:
+                profile = dataclasses.replace(profile, bytes_per_token=opts.bytes_per_token)
+            prewarm_bytes = opts.prewarm_kv_mib << 20
+            return SimEngine(
+                profile,
+                payload=opts.payload,
+                total_blocks=opts.total_blocks,
+                block_size=opts.block_size,
+                payload_spare_bytes=max(1 << 30, prewarm_bytes),
+                prewarm_blocks=prewarm_bytes // profile.block_bytes if opts.payload else 0,
+                verify_incoming=opts.verify_kv,
+            )
+        except (KeyError, ValueError) as exc:
+            # An unknown profile or an impossible capacity (e.g. --total-blocks too small for the profile's
+            # max_model_len) is a usage error: a one-line message and exit 2, not a traceback.
+            raise click.UsageError(f"sim engine: {exc.args[0] if exc.args else exc}") from exc
     if opts.engine == "vllm":
         if not opts.model:
             raise click.BadParameter("--engine vllm needs --model PATH", param_hint="--model")
