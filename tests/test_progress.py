@@ -66,8 +66,13 @@ def test_sim_compare_stdout_is_one_json_line_and_progress_goes_to_stderr(
 
 
 def test_bench_engine_stdout_is_the_json_report(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One short shape (the bench's own smoke test covers the real ones); the summary line is on stderr."""
-    monkeypatch.setattr(bench_engine, "SHAPES", (bench_engine.Shape("prefill-256", 0, 256, 2),))
+    """One short shape (the bench's own smoke test covers the real ones); the summary line is on stderr.
+
+    The command takes its shapes from ``shapes_for(profile)`` (SHAPES fitted to the profile's limits; SHAPES is bound
+    as its default argument, so patching the module's SHAPES no longer reaches it): the one shape goes in there."""
+    fit = bench_engine.shapes_for
+    short = (bench_engine.Shape("prefill-256", 0, 256, 2),)
+    monkeypatch.setattr(bench_engine, "shapes_for", lambda profile: fit(profile, short))
     monkeypatch.setenv("LLUMNIX_PROGRESS", "1")
     res = CliRunner().invoke(cli, ["bench", "engine", "--no-payload"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
