@@ -234,3 +234,39 @@ def test_supervisor_loop_survives_a_signal_storm(tmp_path: Path, trial: int) -> 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+STOPPED_SUPERVISOR = """
+import sys
+from pathlib import Path
+from pyllumnix.tools.serve import Supervisor
+
+sup = Supervisor({}, Path(sys.argv[1]))
+sup.install_signals()
+sup.stop()
+print("stopped", flush=True)
+"""
+
+
+def test_signals_after_stop_do_not_kill_the_exiting_supervisor(tmp_path: Path) -> None:
+    """The rest of a storm (or a late Ctrl-C) that lands after serve stopped its cluster must not decide its exit
+    code. Python's shutdown restores SIGINT/SIGTERM to SIG_DFL, so before stop() ignored late signals the child died
+    of SIGINT while exiting (-2: 5 of 5 trials, and test_supervisor_loop_survives_a_signal_storm under load)."""
+    for trial in range(5):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", STOPPED_SUPERVISOR, str(tmp_path / str(trial))],
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == b"stopped\n"
+            while proc.poll() is None:  # until it has exited: the storm covers its whole shutdown
+                try:
+                    os.kill(proc.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    break
+            assert proc.wait(10) == 0, f"trial {trial}"
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)

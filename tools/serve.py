@@ -263,6 +263,7 @@ class Supervisor:
         self.state = "starting"
         self.info: dict[str, Any] = {"log_dir": str(log_dir), "pid": os.getpid(), "status_file": str(self.status_path)}
         self.adopted: set[int] = set()
+        self._signals_installed = False
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
@@ -273,8 +274,17 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         signal.signal(signal.SIGCHLD, self._on_child)
+        self._signals_installed = True
         if sys.platform == "linux":
             libc().prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+    def ignore_late_signals(self) -> None:
+        """Once stopped, a further SIGINT/SIGTERM/SIGHUP is ignored: nothing is left to stop, and serve's exit code
+        must say how the stop went. Left to Python, interpreter shutdown restores SIGINT/SIGTERM to SIG_DFL before the
+        process exits, so a late Ctrl-C (or the rest of a signal storm) killed serve during its own exit."""
+        if self._signals_installed:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_IGN)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)  # no locks here: runs between two bytecodes of whatever the main thread does
@@ -616,6 +626,7 @@ class Supervisor:
                     log.info("stopped %s (pid %d): %s", child.name, child.comp.pid, child.last_exit)
         self.reap_adopted()
         self._stop_adopted()
+        self.ignore_late_signals()
         self.state = "stopped"
         with contextlib.suppress(OSError):
             self.write_status()
