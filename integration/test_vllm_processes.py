@@ -68,19 +68,26 @@ async def test_vllm_llumlets_migrate_mid_decode(procs: Processes, sink: Recordin
         assert len(expected) == max_tokens
         assert sink.raw_indices("ref") == list(range(max_tokens)), "ref: a token lost or pushed twice"
 
-        # The same request three times on A, plus a neighbour that keeps A busy; each copy migrates to B at its own
-        # progress point while the others keep decoding on either side.
+        # The same request three times on A, next to a neighbour that keeps A busy; each copy migrates to B at its
+        # own progress point while the others keep decoding on either side. Each copy starts only after the previous
+        # one moved, and its progress is read from A's engine: the tiny model decodes hundreds of tokens a second,
+        # so copies started together (or progress read at the sink by a starved test process) could finish on A
+        # before their order, which A rightly answers NOT_FOUND.
+        other = engine_request("other", sink.server.address, 440)
+        other.prompt_token_ids[:] = list(range(10, 30))
+        await stub_a.AddRequest(llumlet_pb2.AddRequestRequest(request=other), timeout=10)
         progress = {"m10": 10, "m100": 100, "m300": 300}
-        for rid in progress:
+        for rid, at in progress.items():
             await stub_a.AddRequest(
                 llumlet_pb2.AddRequestRequest(request=engine_request(rid, sink.server.address, max_tokens)), timeout=10
             )
-        other = engine_request("other", sink.server.address, 300)
-        other.prompt_token_ids[:] = list(range(10, 30))
-        await stub_a.AddRequest(llumlet_pb2.AddRequestRequest(request=other), timeout=10)
-        for rid, at in progress.items():
-            while len(sink.tokens(rid)) < at:
-                await asyncio.sleep(0.002)
+            while True:
+                listed = (await stub_a.ListRequests(llumlet_pb2.ListRequestsRequest(), timeout=10)).requests
+                done = {r.request_id: r.num_output_tokens for r in listed}.get(rid)
+                assert done is not None, f"{rid} finished on A before it reached {at} tokens"
+                if done >= at:
+                    break
+                await asyncio.sleep(0.01)
             reply = await stub_a.MigrateOut(
                 llumlet_pb2.MigrateOutRequest(
                     destination_instance_id="b", destination_grpc_address=b.address, request_id=rid, wait=True
