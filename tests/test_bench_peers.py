@@ -55,3 +55,18 @@ def test_plot_writes_a_chart(tmp_path: Path) -> None:
     report["results"]["w:n=1"] = {"llumnix": {"median": med}, "vllm-router:round_robin": {"median": med}}
     plot(report, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+async def test_openai_mode_measures_a_streaming_frontend() -> None:
+    """One client for every system: streamed completions against this project's HTTP API (fake llumlet behind it)."""
+    from pyllumnix.tools.bench_serving import replay_openai, serving_result
+    from tests.test_frontend_fakes import FakeLlumlet, running_stack
+
+    arrivals = generate("fixed:const:rate=50:n=4:in=12:out=5", 0)
+    async with running_stack([FakeLlumlet("i-1", delay=0.002)]) as stack:
+        outcomes, duration = await replay_openai(stack.http.url, arrivals, stack.frontend.model)
+    assert [o.error for o in outcomes] == [""] * 4
+    assert [o.record.num_output_tokens for o in outcomes] == [5] * 4  # from the streamed usage block
+    result = serving_result(outcomes, duration)
+    assert result["completed"] == 4 and result["total_output_tokens"] == 20 and result["p99_ttft_ms"] is not None
+    assert [len(a.prompt_token_ids) for a in stack.llumlets["i-1"].added] == [12] * 4  # exact-length prompts
