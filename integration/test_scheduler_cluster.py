@@ -143,9 +143,8 @@ async def test_dispatch_migration_and_leader_failover(
         assert_complete(sink, f"d{i}", 150)
     await add_request(llumlets[3].address, "busy", sink.server.address, 200, 150)
     await wait_until(lambda: listed_at_leader(leader.leader_address, "l3", ["busy"]), 5, "a report listing busy")
-    placed = Counter()
-    for i in range(3):
-        placed[await submit(leader.leader_address, f"e{i}", sink.server.address, 32, 64)] += 1
+    e_on = {f"e{i}": await submit(leader.leader_address, f"e{i}", sink.server.address, 32, 64) for i in range(3)}
+    placed = Counter(e_on.values())
     assert placed == {"l0": 1, "l1": 1, "l2": 1}, placed
 
     # 2. an overloaded instance (requests added behind the scheduler's back) sheds requests by migration
@@ -153,9 +152,9 @@ async def test_dispatch_migration_and_leader_failover(
     for i in range(8):
         await add_request(overloaded.address, f"o{i}", sink.server.address, 96, 300)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (await get_load(overloaded.address)).total_migrations_out == 0:
+    while time.monotonic() < deadline and (await get_load(overloaded.address)).migration_stats.committed == 0:
         await asyncio.sleep(0.1)
-    assert (await get_load(overloaded.address)).total_migrations_out > 0, "no migration out of the overloaded one"
+    assert (await get_load(overloaded.address)).migration_stats.committed > 0, "no migration out of the overloaded one"
 
     # 3. kill the leader (SIGKILL to its process group) while a real frontend dispatches continuously: every request
     #    finishes token-exact or gets a clear error, none hangs; the standby leads well within the design's 3 s
@@ -177,12 +176,19 @@ async def test_dispatch_migration_and_leader_failover(
     ]:
         await sink.wait(rid, timeout=60)
         assert_complete(sink, rid, n)
-    moved = {o.instance_id for i in range(8) for o in sink.outputs[f"o{i}"]}
-    assert len(moved) > 1, "requests of the overloaded instance finished elsewhere too"
-    # blocks all back
-    for comp in llumlets:
-        load = await get_load(comp.address)
-        assert load.free_blocks == load.total_blocks
+    # the migrated request is one the overloaded instance held: one of o0..o7, or the e-request placed on it (the
+    # selection policy picks the shortest running request, which may be that one)
+    held = [f"o{i}" for i in range(8)] + [rid for rid, iid in e_on.items() if iid == overloaded.name]
+    moved = [rid for rid in held if {o.instance_id for o in sink.outputs[rid] if o.token_ids} - {overloaded.name}]
+    assert moved, "no request of the overloaded instance finished elsewhere"
+
+    # blocks all back: a migration the pairing loop began just as its request finished releases its reservation
+    # through the abort path, so poll (within the destination's pending timeout) rather than read once
+    async def all_free() -> bool:
+        loads = [await get_load(comp.address) for comp in llumlets]
+        return all(load.free_blocks == load.total_blocks and not load.migrating_in for load in loads)
+
+    await wait_until(all_free, 15, "every block back on every instance")
 
 
 def start_frontend(procs: Processes, etcd: EmbeddedEtcd, cluster: str, schedulers: list[Component]) -> Component:

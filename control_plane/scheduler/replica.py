@@ -555,7 +555,9 @@ class SchedulerReplica:
             if not config.enable_scaling:
                 continue
             snapshot = self.cluster.snapshot(time.monotonic())
-            decision = self.core.scale(snapshot, len(self.provider.starting()))
+            # An instance in its vanished grace period (lease lost in a blip, probably coming back) counts as starting:
+            # a blip must not make the scaler start a replacement it will have to drain again.
+            decision = self.core.scale(snapshot, len(self.provider.starting()) + len(self.vanished))
             for iid in decision.cancel_drain:
                 await self.set_instance_state(iid, InstanceState.ACTIVE)
             for iid in decision.drain:
