@@ -63,7 +63,7 @@ class _Snapshot(Protocol):
 
 
 class RegistryLister(Protocol):
-    """What :class:`EtcdRegistrySource` needs of ``control_plane.etcd.registry.InstanceRegistry``."""
+    """What :class:`EtcdRegistrySource` needs of ``infra.etcd.registry.InstanceRegistry``."""
 
     async def list(self) -> _Snapshot: ...
 

@@ -15,8 +15,8 @@ from typing import Any
 import grpc
 
 from pyllumnix.clients.channel import TlsConfig
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.authz import ANY_ROLE, PROJECT_ROLES
 from pyllumnix.infra.security.bootstrap import ClusterSecurity

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from integration.cluster import harness_security, set_harness_pki
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
 from pyllumnix.tools.launch import Launcher

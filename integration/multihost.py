@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyllumnix.control_plane.etcd.embedded import etcd_binary
+from pyllumnix.infra.etcd.embedded import etcd_binary
 
 VENV_BIN = Path(sys.executable).parent
 RAY_PORT = 6379

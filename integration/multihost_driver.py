@@ -211,7 +211,7 @@ async def migrate(ray_address: str, etcd: str, host_a: str, host_b: str, cluster
     import grpc
 
     from integration.test_migration_processes import unmigrated_tokens
-    from pyllumnix.control_plane.grpc_server import start_server
+    from pyllumnix.infra.grpc_server import start_server
     from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
     from pyllumnix.tools.recording_sink import RecordingSink
 

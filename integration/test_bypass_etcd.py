@@ -15,10 +15,10 @@ from integration.cluster import client_tls
 from integration.procs import Component, Processes
 from pyllumnix.clients import AsyncLlumnixClient
 from pyllumnix.clients.client import GenerationResult
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.etcd.registry import InstanceRegistry
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.registry import InstanceRegistry
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from pyllumnix.control_plane.etcd.client import EtcdClient, cmp_mod_revision, op_delete, op_put
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.errors import EtcdLeaseNotFoundError, EtcdUnavailableError
+from pyllumnix.infra.etcd.client import EtcdClient, cmp_mod_revision, op_delete, op_put
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.errors import EtcdLeaseNotFoundError, EtcdUnavailableError
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.config_store import ConfigStore
-from pyllumnix.control_plane.etcd.errors import ConfigConflictError, UndecodableValueError
-from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.config_store import ConfigStore
+from pyllumnix.infra.etcd.errors import ConfigConflictError, UndecodableValueError
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.protos.llumnix.v1 import config_pb2
 
 pytestmark = pytest.mark.integration

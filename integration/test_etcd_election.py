@@ -14,10 +14,10 @@ import time
 import pytest
 
 from integration.test_etcd_lease import stays_alive, stop_renewals
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.election import Election, LeaderInfo
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.election import Election, LeaderInfo
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
 
 pytestmark = pytest.mark.integration
 

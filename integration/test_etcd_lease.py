@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.lease import Lease
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.lease import Lease
 
 pytestmark = pytest.mark.integration
 

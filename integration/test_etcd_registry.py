@@ -7,11 +7,11 @@ import asyncio
 import pytest
 
 from integration.test_etcd_lease import stop_renewals
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.etcd.lease import Lease
-from pyllumnix.control_plane.etcd.registry import InstanceRegistry, RegistryEvent, RegistryEventType, RegistryWatch
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.lease import Lease
+from pyllumnix.infra.etcd.registry import InstanceRegistry, RegistryEvent, RegistryEventType, RegistryWatch
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
 pytestmark = pytest.mark.integration

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pyllumnix.control_plane.etcd.client import EtcdClient, EtcdTls
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd, EtcdServerTls
-from pyllumnix.control_plane.etcd.errors import EtcdUnavailableError
-from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.client import EtcdClient, EtcdTls
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, EtcdServerTls
+from pyllumnix.infra.etcd.errors import EtcdUnavailableError
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyError, ApiKeyStore
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
 from pyllumnix.infra.security.ca import CertificateAuthority, Identity

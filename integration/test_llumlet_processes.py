@@ -10,10 +10,10 @@ import pytest
 
 from integration.cluster import dial
 from integration.procs import Processes
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.etcd.registry import InstanceRegistry
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.registry import InstanceRegistry
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 

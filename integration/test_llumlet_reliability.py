@@ -15,9 +15,9 @@ import pytest
 
 from integration.cluster import dial, leader_of, list_instances
 from integration.procs import Component, Processes
-from pyllumnix.control_plane.etcd.client import EtcdClient, KeyValue
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.client import EtcdClient, KeyValue
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 

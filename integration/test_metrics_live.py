@@ -24,7 +24,7 @@ from google.protobuf import field_mask_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from integration.cluster import add_request, dial, get_load, http_headers, leader_of
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, config_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Component, Launcher
 from pyllumnix.tools.recording_sink import RecordingSink

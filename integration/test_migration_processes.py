@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from integration.cluster import add_request, dial, get_load, leader_of
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Component, Launcher
 from pyllumnix.tools.recording_sink import RecordingSink

@@ -19,7 +19,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 
 from integration.cluster import add_request, dial, get_load, http_headers, leader_of, list_instances, submit
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, config_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Launcher

@@ -24,7 +24,7 @@ from integration.cluster import add_request, client_tls, dial, get_load, leader_
 from integration.procs import Component, Processes
 from pyllumnix.clients import AsyncLlumnixClient, DeadlineExceededError, LlumnixError
 from pyllumnix.clients.channel import TlsConfig
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,

@@ -18,13 +18,6 @@ import pytest
 
 from integration.cluster import add_request, dial, get_load, leader_of, llmctl_tls_args
 from integration.procs import Component, Processes
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.config_store import ConfigStore
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.etcd.lease import Lease
-from pyllumnix.control_plane.etcd.registry import InstanceRegistry
-from pyllumnix.control_plane.grpc_server import RunningServer, start_server
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider, LocalProcessProvider
 from pyllumnix.control_plane.scheduler.replica import ReplicaTiming, SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import (
@@ -33,6 +26,13 @@ from pyllumnix.control_plane.scheduler.service import (
     AdminServicer,
     SchedulerServicer,
 )
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.config_store import ConfigStore
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.lease import Lease
+from pyllumnix.infra.etcd.registry import InstanceRegistry
+from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2_grpc,
     common_pb2,

@@ -25,9 +25,9 @@ import grpc
 import pytest
 
 from pyllumnix.clients import LlumnixClient
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.bootstrap import bootstrap_local
 from pyllumnix.infra.security.ca import Identity

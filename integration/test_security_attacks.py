@@ -28,11 +28,11 @@ from typing import Any
 import grpc
 import pytest
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.convert import spec_from_pb
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.infra.security.runtime import open_channel

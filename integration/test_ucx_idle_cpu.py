@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from integration.cluster import add_request, dial
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
 from pyllumnix.data_plane.transport import ucx_available
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Component, Launcher
 from pyllumnix.tools.recording_sink import RecordingSink

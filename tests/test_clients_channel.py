@@ -17,7 +17,7 @@ from pyllumnix.clients import (
 )
 from pyllumnix.clients.channel import EndpointPool, normalize_endpoints
 from pyllumnix.clients.config_paths import ConfigPathError
-from pyllumnix.control_plane.grpc_server import RunningServer
+from pyllumnix.infra.grpc_server import RunningServer
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 from tests.test_clients_fakes import Blackhole, FakeAdmin, Replica, dead_address, serve_replica, stop_all
 

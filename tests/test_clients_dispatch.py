@@ -15,7 +15,7 @@ from pyllumnix.clients.dispatch import (
     StaticRegistrySource,
 )
 from pyllumnix.clients.errors import InvalidArgumentError, NoLeaderError, UnavailableError
-from pyllumnix.control_plane.etcd.errors import EtcdUnavailableError
+from pyllumnix.infra.etcd.errors import EtcdUnavailableError
 from pyllumnix.protos.llumnix.v1 import common_pb2
 from tests.test_clients_fakes import Replica, dead_address, serve_replica, stop_all
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import grpc
 
-from pyllumnix.control_plane.grpc_server import RunningServer, start_server
 from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_target
+from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,

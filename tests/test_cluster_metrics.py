@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pyllumnix.clients.channel import EndpointPool
 from pyllumnix.control_plane.frontend.cluster_metrics import ClusterMetrics
-from pyllumnix.control_plane.grpc_server import RunningServer, start_server
 from pyllumnix.data_plane.llumlet.llumlet import DOWNTIME_BUCKETS_MS, LlumletStats
+from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, llumlet_pb2, scheduler_pb2
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

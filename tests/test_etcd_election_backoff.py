@@ -6,9 +6,9 @@ import asyncio
 import contextlib
 import time
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.election import Election
-from pyllumnix.control_plane.etcd.errors import EtcdUnavailableError
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.election import Election
+from pyllumnix.infra.etcd.errors import EtcdUnavailableError
 
 RETRY_INITIAL, RETRY_MAX = 0.05, 0.4
 ATTEMPTS = 6

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyllumnix.control_plane.etcd.client import EndpointRing, normalize_endpoint
-from pyllumnix.control_plane.etcd.keys import KeyLayout, prefix_range_end
+from pyllumnix.infra.etcd.client import EndpointRing, normalize_endpoint
+from pyllumnix.infra.etcd.keys import KeyLayout, prefix_range_end
 
 
 def test_prefix_range_end_examples() -> None:

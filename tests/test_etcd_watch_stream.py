@@ -14,10 +14,10 @@ from typing import Any
 import grpc
 import pytest
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.errors import EtcdRequestError
-from pyllumnix.control_plane.etcd.watch import EventType, Watch
-from pyllumnix.control_plane.grpc_server import RunningServer, start_server
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.errors import EtcdRequestError
+from pyllumnix.infra.etcd.watch import EventType, Watch
+from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.third_party.etcd.api.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from pyllumnix.protos.third_party.etcd.api.mvccpb import kv_pb2
 

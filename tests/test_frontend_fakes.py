@@ -16,7 +16,7 @@ from pyllumnix.control_plane.frontend.dispatch import Dispatcher, Placement
 from pyllumnix.control_plane.frontend.http import DEFAULT_MAX_BODY_BYTES, HttpServer, start_http
 from pyllumnix.control_plane.frontend.service import FrontendGrpc, start_grpc
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer, Tokenizer
-from pyllumnix.control_plane.grpc_server import RunningServer, start_server
+from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import (
     common_pb2,
     frontend_pb2,

@@ -20,11 +20,11 @@ import grpc
 import pytest
 
 from pyllumnix.clients.dispatch import BypassDispatcher, EtcdRegistrySource, StaticRegistrySource
-from pyllumnix.control_plane.etcd.errors import EtcdUnavailableError
 from pyllumnix.control_plane.frontend.core import MAX_STOP_CHARS
 from pyllumnix.control_plane.frontend.requests import StopMatcher
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
-from pyllumnix.control_plane.grpc_server import RunningServer, start_server
+from pyllumnix.infra.etcd.errors import EtcdUnavailableError
+from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2_grpc
 from tests.test_frontend_fakes import MODEL, FakeLlumlet, Stack, running_stack, token
 

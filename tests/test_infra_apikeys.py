@@ -13,7 +13,7 @@ import grpc
 import pytest
 from aiohttp import web
 
-from pyllumnix.control_plane.etcd.keys import KeyLayout, prefix_range_end
+from pyllumnix.infra.etcd.keys import KeyLayout, prefix_range_end
 from pyllumnix.infra.security.apikeys import (
     REQUEST_KEY,
     ApiKeyError,

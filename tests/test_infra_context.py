@@ -10,7 +10,7 @@ import grpc
 import pytest
 from cryptography import x509
 
-from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyInterceptor, ApiKeyStore
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import bootstrap_local, provision_admin

@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pyllumnix.control_plane.grpc_server import start_server
+from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.infra.security.bootstrap import bootstrap_local
 from pyllumnix.infra.security.runtime import (
     SecurityConfigError,

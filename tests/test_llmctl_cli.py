@@ -15,8 +15,8 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.grpc_server import RunningServer
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.grpc_server import RunningServer
 from pyllumnix.infra.security.apikeys import ApiKeyInterceptor, ApiKeyStore
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import bootstrap_local, provision_admin

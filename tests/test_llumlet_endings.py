@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from pyllumnix.control_plane.grpc_server import start_server
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
+from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 

@@ -13,10 +13,10 @@ import asyncio
 import grpc
 
 from pyllumnix.control_plane.frontend.dispatch import Placement
-from pyllumnix.control_plane.grpc_server import start_server
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
+from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 from tests.test_frontend_fakes import StaticDispatcher, running_stack

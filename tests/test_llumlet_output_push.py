@@ -12,11 +12,11 @@ from typing import Any
 import grpc
 import pytest
 
-from pyllumnix.control_plane.grpc_server import start_server
 from pyllumnix.data_plane.engine.profile import get_profile
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.output_push import FrontendUnreachableError, OutputPusher, PushSettings
+from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 

@@ -17,7 +17,6 @@ import grpc
 import numpy as np
 import pytest
 
-from pyllumnix.control_plane.grpc_server import RunningServer, start_server
 from pyllumnix.data_plane.engine.base import MigrationState, RequestSpec, Sampling
 from pyllumnix.data_plane.engine.payload import expected_block_bytes
 from pyllumnix.data_plane.engine.sim import SimEngine
@@ -30,6 +29,7 @@ from pyllumnix.data_plane.llumlet.migration.coordinator import (
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
 from pyllumnix.data_plane.transport.inproc import InprocTransport
+from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 

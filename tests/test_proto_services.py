@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from pyllumnix.control_plane.grpc_server import start_server
+from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,

@@ -16,10 +16,10 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.scheduler.cluster import STALE_SCAN_INTERVAL_S, ClusterState
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica, SchedulingError
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
 STEP = STALE_SCAN_INTERVAL_S  # snapshots further apart than this each scan for silent instances

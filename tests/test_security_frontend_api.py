@@ -19,12 +19,12 @@ import aiohttp
 import grpc
 import pytest
 
-from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.control_plane.frontend.core import Frontend
 from pyllumnix.control_plane.frontend.dispatch import Placement
 from pyllumnix.control_plane.frontend.http import HttpServer, start_http
 from pyllumnix.control_plane.frontend.requests import TrackedRequest
 from pyllumnix.control_plane.frontend.service import FrontendGrpc, start_grpc
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKey, ApiKeyStore
 from pyllumnix.protos.llumnix.v1 import frontend_pb2, frontend_pb2_grpc
 from tests.test_frontend_fakes import MAX_MODEL_LEN, MODEL, TOKENIZER, FakeLlumlet, StaticDispatcher, start_llumlet

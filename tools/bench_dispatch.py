@@ -58,11 +58,6 @@ import click
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.etcd.lease import Lease
-from pyllumnix.control_plane.grpc_server import start_server
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.pairing import pair_instances
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
@@ -72,6 +67,11 @@ from pyllumnix.control_plane.scheduler.service import (
     AdminServicer,
     SchedulerServicer,
 )
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.lease import Lease
+from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.bootstrap import bootstrap_local
 from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc

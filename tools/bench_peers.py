@@ -233,7 +233,7 @@ def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: 
     launcher = Launcher(
         log_dir, die_with_parent=True
     )  # not secure: the workers run --insecure (loopback, behind the router)
-    from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd
+    from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 
     etcd = EmbeddedEtcd(1, data_dir=log_dir / "etcd")
     system = System(spec, "", None, [], stoppers=[etcd.stop, launcher.stop_all])

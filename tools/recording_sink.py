@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 
-from pyllumnix.control_plane.grpc_server import RunningServer, start_server
+from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
 

@@ -48,7 +48,7 @@ from typing import Any
 import click
 import yaml
 
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd, Member
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, Member
 from pyllumnix.tools.launch import Component, Launcher, LaunchError, describe_exit, libc, signal_group, spawn
 
 DEFAULTS: dict[str, Any] = {
@@ -390,7 +390,7 @@ class Supervisor:
             return
         import asyncio
 
-        from pyllumnix.control_plane.etcd.keys import KeyLayout
+        from pyllumnix.infra.etcd.keys import KeyLayout
         from pyllumnix.infra.security import runtime
         from pyllumnix.infra.security.apikeys import ApiKeyStore
         from pyllumnix.infra.security.bootstrap import provision_admin
@@ -426,7 +426,7 @@ class Supervisor:
         if not etcd_endpoints:
             etcd_tls = None
             if self.pki is not None:
-                from pyllumnix.control_plane.etcd.embedded import EtcdServerTls
+                from pyllumnix.infra.etcd.embedded import EtcdServerTls
 
                 server = self.pki.ensure("etcd", "etcd")
                 health = self.pki.ensure("admin", "admin")

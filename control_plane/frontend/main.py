@@ -94,8 +94,8 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
     security = runtime.current()
     api_keys: ApiKeyStore | None = None
     if opts.etcd:
-        from pyllumnix.control_plane.etcd.keys import KeyLayout
-        from pyllumnix.control_plane.etcd.registry import InstanceRegistry
+        from pyllumnix.infra.etcd.keys import KeyLayout
+        from pyllumnix.infra.etcd.registry import InstanceRegistry
 
         etcd_client = runtime.etcd_client(opts.etcd)
         source = EtcdRegistrySource(InstanceRegistry(etcd_client, KeyLayout(opts.cluster)))

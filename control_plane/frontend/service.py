@@ -22,7 +22,7 @@ from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput, grp
 from pyllumnix.control_plane.frontend.errors import FrontendError
 from pyllumnix.control_plane.frontend.sink import SERVICE_NAME as SINK_SERVICE_NAME
 from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
-from pyllumnix.control_plane.grpc_server import DEFAULT_OPTIONS, RunningServer, start_server
+from pyllumnix.infra.grpc_server import DEFAULT_OPTIONS, RunningServer, start_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.apikeys import ApiKeyInterceptor, ApiKeyStore
 from pyllumnix.infra.security.runtime import SecuritySettings

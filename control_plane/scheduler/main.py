@@ -20,8 +20,6 @@ from typing import Any
 
 import click
 
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.grpc_server import start_server
 from pyllumnix.control_plane.scheduler.provider import (
     DEFAULT_LOCAL_MAX_INSTANCES,
     InstanceProvider,
@@ -34,6 +32,8 @@ from pyllumnix.control_plane.scheduler.service import (
     AdminServicer,
     SchedulerServicer,
 )
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, scheduler_pb2_grpc

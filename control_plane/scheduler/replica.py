@@ -26,18 +26,18 @@ import grpc
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import DecodeError
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.config_store import ConfigStore
-from pyllumnix.control_plane.etcd.election import Election, LeaderInfo, Leadership
-from pyllumnix.control_plane.etcd.errors import ConfigConflictError, EtcdError
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.etcd.registry import InstanceRegistry, RegistryEventType
 from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_target
 from pyllumnix.control_plane.policy.core import PolicyCore
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.snapshot import DispatchRequestView, InstanceState, normalize_priority
 from pyllumnix.control_plane.scheduler.cluster import ClusterState
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.config_store import ConfigStore
+from pyllumnix.infra.etcd.election import Election, LeaderInfo, Leadership
+from pyllumnix.infra.etcd.errors import ConfigConflictError, EtcdError
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.registry import InstanceRegistry, RegistryEventType
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import (

@@ -28,7 +28,6 @@ from typing import Any
 
 import click
 
-from pyllumnix.control_plane.grpc_server import start_server
 from pyllumnix.data_plane.engine.base import Engine
 from pyllumnix.data_plane.llumlet.llumlet import HEARTBEAT_S, Llumlet
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings
@@ -37,6 +36,7 @@ from pyllumnix.data_plane.llumlet.output_push import PushSettings
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, registry_resolver
 from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
+from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
@@ -206,10 +206,10 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     reporter = None
     background: list[asyncio.Task[None]] = []
     if opts.etcd:
-        from pyllumnix.control_plane.etcd.keys import KeyLayout
-        from pyllumnix.control_plane.etcd.registry import InstanceRegistry
         from pyllumnix.data_plane.llumlet.registration import InstanceRegistration
         from pyllumnix.data_plane.llumlet.reporter import LoadReporter
+        from pyllumnix.infra.etcd.keys import KeyLayout
+        from pyllumnix.infra.etcd.registry import InstanceRegistry
 
         client = runtime.etcd_client(opts.etcd)
         layout = KeyLayout(opts.cluster)

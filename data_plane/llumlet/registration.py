@@ -16,11 +16,11 @@ import time
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.errors import EtcdError
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.etcd.lease import Lease
-from pyllumnix.control_plane.etcd.registry import InstanceRegistry
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.errors import EtcdError
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.lease import Lease
+from pyllumnix.infra.etcd.registry import InstanceRegistry
 
 log = logging.getLogger(__name__)
 

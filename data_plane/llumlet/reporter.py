@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from pyllumnix.control_plane.etcd.client import EtcdClient, raise_if_cancelling
-from pyllumnix.control_plane.etcd.election import Election
-from pyllumnix.control_plane.etcd.keys import KeyLayout
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.infra.etcd.client import EtcdClient, raise_if_cancelling
+from pyllumnix.infra.etcd.election import Election
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import admin_pb2, scheduler_pb2, scheduler_pb2_grpc
 

@@ -29,7 +29,7 @@ import grpc
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from pyllumnix.control_plane.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.authz import guard_handler
 
 KEY_PREFIX = "llx"
@@ -59,7 +59,7 @@ class _Range(Protocol):
 
 
 class KV(Protocol):
-    """The part of :class:`~pyllumnix.control_plane.etcd.client.EtcdClient` the store uses (fakes in unit tests)."""
+    """The part of :class:`~pyllumnix.infra.etcd.client.EtcdClient` the store uses (fakes in unit tests)."""
 
     async def get(self, key: str | bytes) -> _Value | None: ...
     async def put(self, key: str | bytes, value: bytes, *, lease: int = 0) -> int: ...

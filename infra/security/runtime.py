@@ -222,7 +222,7 @@ def split_etcd_endpoints(endpoints: Sequence[str]) -> tuple[list[str], bool]:
 
 def etcd_client(endpoints: Sequence[str], settings: SecuritySettings | None = None, **kwargs: Any) -> Any:
     """An ``EtcdClient`` for these endpoints: TLS with this component's certificate for ``https://`` ones."""
-    from pyllumnix.control_plane.etcd.client import EtcdClient, EtcdTls
+    from pyllumnix.infra.etcd.client import EtcdClient, EtcdTls
 
     s = settings or current()
     plain, tls = split_etcd_endpoints(endpoints)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd, free_port
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, free_port
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,

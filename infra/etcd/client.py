@@ -22,14 +22,14 @@ from typing import Any, TypeVar
 import grpc
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from pyllumnix.control_plane.etcd.errors import (
+from pyllumnix.infra.etcd.errors import (
     EtcdClosedError,
     EtcdCompactedError,
     EtcdLeaseNotFoundError,
     EtcdRequestError,
     EtcdUnavailableError,
 )
-from pyllumnix.control_plane.etcd.keys import prefix_range_end
+from pyllumnix.infra.etcd.keys import prefix_range_end
 from pyllumnix.protos.third_party.etcd.api.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 from pyllumnix.protos.third_party.etcd.api.mvccpb import kv_pb2
 

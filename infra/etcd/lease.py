@@ -15,8 +15,8 @@ import time
 
 import grpc
 
-from pyllumnix.control_plane.etcd.client import REQUIRE_LEADER, EtcdClient, describe, raise_if_cancelling
-from pyllumnix.control_plane.etcd.errors import EtcdClosedError, EtcdError
+from pyllumnix.infra.etcd.client import REQUIRE_LEADER, EtcdClient, describe, raise_if_cancelling
+from pyllumnix.infra.etcd.errors import EtcdClosedError, EtcdError
 from pyllumnix.protos.third_party.etcd.api.etcdserverpb import rpc_pb2
 
 log = logging.getLogger(__name__)

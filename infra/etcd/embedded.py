@@ -24,7 +24,7 @@ from types import TracebackType
 
 import grpc
 
-from pyllumnix.control_plane.etcd.client import EtcdTls
+from pyllumnix.infra.etcd.client import EtcdTls
 from pyllumnix.protos.third_party.etcd.api.etcdserverpb import rpc_pb2, rpc_pb2_grpc
 
 

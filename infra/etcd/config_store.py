@@ -13,9 +13,9 @@ from typing import Generic, TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.errors import ConfigConflictError, UndecodableValueError
-from pyllumnix.control_plane.etcd.watch import EventType, Watch
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.errors import ConfigConflictError, UndecodableValueError
+from pyllumnix.infra.etcd.watch import EventType, Watch
 
 log = logging.getLogger(__name__)
 

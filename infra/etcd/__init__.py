@@ -3,11 +3,11 @@
 Built on our own grpc.aio stubs of etcd's v3 API (protos/third_party/etcd); see README.md in this folder.
 """
 
-from pyllumnix.control_plane.etcd.client import CasResult, EtcdClient, KeyValue, RangeResult, TxnResult
-from pyllumnix.control_plane.etcd.config_store import ConfigStore
-from pyllumnix.control_plane.etcd.election import Election, LeaderInfo, Leadership
-from pyllumnix.control_plane.etcd.embedded import EmbeddedEtcd, start_embedded
-from pyllumnix.control_plane.etcd.errors import (
+from pyllumnix.infra.etcd.client import CasResult, EtcdClient, KeyValue, RangeResult, TxnResult
+from pyllumnix.infra.etcd.config_store import ConfigStore
+from pyllumnix.infra.etcd.election import Election, LeaderInfo, Leadership
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, start_embedded
+from pyllumnix.infra.etcd.errors import (
     ConfigConflictError,
     EtcdClosedError,
     EtcdCompactedError,
@@ -16,16 +16,16 @@ from pyllumnix.control_plane.etcd.errors import (
     EtcdRequestError,
     EtcdUnavailableError,
 )
-from pyllumnix.control_plane.etcd.keys import KeyLayout, prefix_range_end
-from pyllumnix.control_plane.etcd.lease import Lease
-from pyllumnix.control_plane.etcd.registry import (
+from pyllumnix.infra.etcd.keys import KeyLayout, prefix_range_end
+from pyllumnix.infra.etcd.lease import Lease
+from pyllumnix.infra.etcd.registry import (
     InstanceRegistry,
     RegistryEvent,
     RegistryEventType,
     RegistrySnapshot,
     RegistryWatch,
 )
-from pyllumnix.control_plane.etcd.watch import EventType, Watch, WatchEvent, watch_prefix
+from pyllumnix.infra.etcd.watch import EventType, Watch, WatchEvent, watch_prefix
 
 __all__ = [
     "CasResult",

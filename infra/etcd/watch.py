@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from pyllumnix.control_plane.etcd.client import (
+from pyllumnix.infra.etcd.client import (
     REQUIRE_LEADER,
     EtcdClient,
     KeyValue,
@@ -28,8 +28,8 @@ from pyllumnix.control_plane.etcd.client import (
     to_bytes,
     translate,
 )
-from pyllumnix.control_plane.etcd.errors import EtcdUnavailableError
-from pyllumnix.control_plane.etcd.keys import prefix_range_end
+from pyllumnix.infra.etcd.errors import EtcdUnavailableError
+from pyllumnix.infra.etcd.keys import prefix_range_end
 from pyllumnix.protos.third_party.etcd.api.etcdserverpb import rpc_pb2
 from pyllumnix.protos.third_party.etcd.api.mvccpb import kv_pb2
 

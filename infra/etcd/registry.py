@@ -10,10 +10,10 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pyllumnix.control_plane.etcd.client import EtcdClient
-from pyllumnix.control_plane.etcd.keys import KeyLayout
-from pyllumnix.control_plane.etcd.lease import Lease
-from pyllumnix.control_plane.etcd.watch import EventType, Watch, watch_prefix
+from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.lease import Lease
+from pyllumnix.infra.etcd.watch import EventType, Watch, watch_prefix
 
 
 class RegistryEventType(enum.Enum):

@@ -19,7 +19,7 @@ import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
-from pyllumnix.control_plane.etcd.client import (
+from pyllumnix.infra.etcd.client import (
     EtcdClient,
     KeyValue,
     cmp_create_revision,
@@ -27,10 +27,10 @@ from pyllumnix.control_plane.etcd.client import (
     op_put,
     to_bytes,
 )
-from pyllumnix.control_plane.etcd.errors import EtcdError, EtcdLeaseNotFoundError
-from pyllumnix.control_plane.etcd.keys import prefix_range_end
-from pyllumnix.control_plane.etcd.lease import Lease
-from pyllumnix.control_plane.etcd.watch import EventType, Watch, watch_prefix
+from pyllumnix.infra.etcd.errors import EtcdError, EtcdLeaseNotFoundError
+from pyllumnix.infra.etcd.keys import prefix_range_end
+from pyllumnix.infra.etcd.lease import Lease
+from pyllumnix.infra.etcd.watch import EventType, Watch, watch_prefix
 from pyllumnix.protos.third_party.etcd.api.etcdserverpb import rpc_pb2
 
 log = logging.getLogger(__name__)
