@@ -437,6 +437,7 @@ class PreAllocateRequest(_message.Message):
     NUM_BLOCKS_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
     SOURCE_DATA_PLANE_ADDRESS_FIELD_NUMBER: _builtins.int
+    KV_LAYOUT_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     source_instance_id: _builtins.str
     stage: _builtins.int
@@ -444,6 +445,11 @@ class PreAllocateRequest(_message.Message):
     num_blocks: _builtins.int
     source_data_plane_address: _builtins.str
     """Source's data-plane address, so the destination can connect back if its transport needs it."""
+    kv_layout: _builtins.str
+    """First stage: the source engine's KV block layout descriptor (page shape, page bytes, dtype, layers, block size,
+    kernel split, device kind). The destination refuses a mismatch with FAILED_PRECONDITION naming both layouts,
+    before it reserves anything; an empty descriptor is refused too (its blocks could mean anything).
+    """
     @_builtins.property
     def request(self) -> Global___MigratingRequest:
         """First stage only: who is coming (checked against max length, priority, duplicates)."""
@@ -457,10 +463,11 @@ class PreAllocateRequest(_message.Message):
         num_blocks: _builtins.int = ...,
         request: Global___MigratingRequest | None = ...,
         source_data_plane_address: _builtins.str = ...,
+        kv_layout: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "num_blocks", b"num_blocks", "request", b"request", "source_data_plane_address", b"source_data_plane_address", "source_instance_id", b"source_instance_id", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_layout", b"kv_layout", "migration_id", b"migration_id", "num_blocks", b"num_blocks", "request", b"request", "source_data_plane_address", b"source_data_plane_address", "source_instance_id", b"source_instance_id", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
