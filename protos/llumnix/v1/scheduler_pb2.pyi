@@ -75,20 +75,57 @@ class ReportLoadRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LOAD_FIELD_NUMBER: _builtins.int
+    KEEP_ALIVE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def load(self) -> _common_pb2.InstanceLoad: ...
+    def load(self) -> _common_pb2.InstanceLoad:
+        """A full snapshot: something in it changed since the last one this stream carried (or the stream is new)."""
+
+    @_builtins.property
+    def keep_alive(self) -> Global___LoadKeepAlive:
+        """Nothing changed since the snapshot named here: the leader only refreshes the instance's report time."""
+
     def __init__(
         self,
         *,
         load: _common_pb2.InstanceLoad | None = ...,
+        keep_alive: Global___LoadKeepAlive | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keep_alive", b"keep_alive", "load", b"load", "report", b"report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_alive", b"keep_alive", "load", b"load", "report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_report: _TypeAlias = _typing.Literal["load", "keep_alive"]  # noqa: Y015
+    _WhichOneofArgType_report: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_report) -> _WhichOneofReturnType_report | None: ...
+
+Global___ReportLoadRequest: _TypeAlias = ReportLoadRequest  # noqa: Y015
+
+@_typing.final
+class LoadKeepAlive(_message.Message):
+    """"Still alive, load unchanged": a few bytes instead of a full snapshot with its request list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    seq: _builtins.int
+    """The seq of the latest full InstanceLoad this stream carried; the leader refreshes the instance only if that is
+    the snapshot it holds.
+    """
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ReportLoadRequest: _TypeAlias = ReportLoadRequest  # noqa: Y015
+Global___LoadKeepAlive: _TypeAlias = LoadKeepAlive  # noqa: Y015
 
 @_typing.final
 class ReportLoadResponse(_message.Message):

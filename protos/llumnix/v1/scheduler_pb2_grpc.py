@@ -68,8 +68,11 @@ class SchedulerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportLoad(self, request_iterator, context):
-        """Load snapshots streamed by a llumlet (every load_report_interval_ms). The stream ends with FAILED_PRECONDITION
-        when this replica stops leading; the llumlet then re-targets the new leader.
+        """Load streamed by a llumlet: a full snapshot when something in it changed (checked every load_report_interval_ms),
+        else a keep-alive at least every LOAD_KEEPALIVE_EVERY intervals (2), well inside the dispatch staleness bound of
+        max(0.3 s, 6 intervals). Each stream starts with a full snapshot. The stream ends with FAILED_PRECONDITION when
+        this replica stops leading (the llumlet re-targets the new leader) or when a keep-alive names a snapshot this
+        leader does not hold (the llumlet opens a new stream, which starts with a full snapshot).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,8 +41,11 @@ class SchedulerServiceStub:
     FAILED_PRECONDITION (not the leader).
     """
     ReportLoad: _grpc.StreamUnaryMultiCallable[_scheduler_pb2.ReportLoadRequest, _scheduler_pb2.ReportLoadResponse]
-    """Load snapshots streamed by a llumlet (every load_report_interval_ms). The stream ends with FAILED_PRECONDITION
-    when this replica stops leading; the llumlet then re-targets the new leader.
+    """Load streamed by a llumlet: a full snapshot when something in it changed (checked every load_report_interval_ms),
+    else a keep-alive at least every LOAD_KEEPALIVE_EVERY intervals (2), well inside the dispatch staleness bound of
+    max(0.3 s, 6 intervals). Each stream starts with a full snapshot. The stream ends with FAILED_PRECONDITION when
+    this replica stops leading (the llumlet re-targets the new leader) or when a keep-alive names a snapshot this
+    leader does not hold (the llumlet opens a new stream, which starts with a full snapshot).
     """
     GetMembership: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetMembershipRequest, _scheduler_pb2.GetMembershipResponse]
     """The instances the leader knows (registry membership joined with the latest load)."""
@@ -60,8 +63,11 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     FAILED_PRECONDITION (not the leader).
     """
     ReportLoad: _aio.StreamUnaryMultiCallable[_scheduler_pb2.ReportLoadRequest, _scheduler_pb2.ReportLoadResponse]  # type: ignore[assignment]
-    """Load snapshots streamed by a llumlet (every load_report_interval_ms). The stream ends with FAILED_PRECONDITION
-    when this replica stops leading; the llumlet then re-targets the new leader.
+    """Load streamed by a llumlet: a full snapshot when something in it changed (checked every load_report_interval_ms),
+    else a keep-alive at least every LOAD_KEEPALIVE_EVERY intervals (2), well inside the dispatch staleness bound of
+    max(0.3 s, 6 intervals). Each stream starts with a full snapshot. The stream ends with FAILED_PRECONDITION when
+    this replica stops leading (the llumlet re-targets the new leader) or when a keep-alive names a snapshot this
+    leader does not hold (the llumlet opens a new stream, which starts with a full snapshot).
     """
     GetMembership: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetMembershipRequest, _scheduler_pb2.GetMembershipResponse]  # type: ignore[assignment]
     """The instances the leader knows (registry membership joined with the latest load)."""
@@ -88,8 +94,11 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_scheduler_pb2.ReportLoadRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.ReportLoadResponse, _abc.Awaitable[_scheduler_pb2.ReportLoadResponse]]:
-        """Load snapshots streamed by a llumlet (every load_report_interval_ms). The stream ends with FAILED_PRECONDITION
-        when this replica stops leading; the llumlet then re-targets the new leader.
+        """Load streamed by a llumlet: a full snapshot when something in it changed (checked every load_report_interval_ms),
+        else a keep-alive at least every LOAD_KEEPALIVE_EVERY intervals (2), well inside the dispatch staleness bound of
+        max(0.3 s, 6 intervals). Each stream starts with a full snapshot. The stream ends with FAILED_PRECONDITION when
+        this replica stops leading (the llumlet re-targets the new leader) or when a keep-alive names a snapshot this
+        leader does not hold (the llumlet opens a new stream, which starts with a full snapshot).
         """
 
     @_abc_1.abstractmethod
