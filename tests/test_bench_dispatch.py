@@ -78,15 +78,21 @@ def test_bench_dispatch_figures_agree_with_each_other(tmp_path: Path) -> None:
         assert report["profile"]["top_by_own_time"]
 
 
-def test_bench_dispatch_tls_runs_the_served_phase_over_mutual_tls(tmp_path: Path) -> None:
-    """--tls: a second served run against a mutual-TLS scheduler (role check on) answers every call, and the summary
-    compares it with the plaintext run."""
+def test_bench_dispatch_compare_tls_interleaves_plaintext_and_mutual_tls(tmp_path: Path) -> None:
+    """--compare-tls: one run serves a plaintext and a mutual-TLS port (role check on) on the same replica; every call
+    on both answers, and the headline mTLS/plaintext rate ratio is the median of the per-round quotients."""
     out = tmp_path / "dispatch.json"
-    args = ["bench", "dispatch", "--instances", "16", "--concurrency", "8", "--duration", "0.5", "--rounds", "2"]
-    args += ["--decisions", "100", "--report-hz", "5", "--tls", "--json", str(out)]
+    args = ["bench", "dispatch", "--instances", "16", "--concurrency", "8", "--duration", "0.5", "--rounds", "3"]
+    args += ["--decisions", "100", "--report-hz", "5", "--compare-tls", "--json", str(out)]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    mtls = report["mtls"]["grpc"]
+    plain, mtls, cost = report["grpc"], report["mtls"]["grpc"], report["mtls"]["vs_plaintext"]
     assert mtls["errors"] == 0 and mtls["bare_rps"] > 0 and mtls["dispatch_rps"] > 0, mtls
-    assert "over mutual TLS" in result.output
+    assert len(mtls["dispatch_rounds"]) == len(plain["dispatch_rounds"]) == 3
+    quotients = [m["rps"] / p["rps"] for p, m in zip(plain["dispatch_rounds"], mtls["dispatch_rounds"], strict=True)]
+    assert cost["dispatch_pair_ratios"] == pytest.approx(quotients, abs=1e-3)
+    assert cost["dispatch_rate_ratio"] == pytest.approx(statistics.median(quotients), abs=1e-3)
+    assert report["meets"]["tls_dispatch_rate_ratio"] == cost["meets"]
+    summary = result.output.strip().splitlines()[-1]
+    assert "mTLS vs plaintext" in summary and f"rate ratio {cost['dispatch_rate_ratio']:.2f}" in summary, summary
