@@ -1,4 +1,4 @@
-"""Python client library of a Llumnix cluster: generation, the operator API, and request dispatch helpers."""
+"""Python client library of a Llumnix cluster: generation and the operator API (channels, retries, errors)."""
 
 from pyllumnix.clients.channel import CallKind, EndpointPool, TlsConfig
 from pyllumnix.clients.client import (

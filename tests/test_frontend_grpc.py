@@ -7,8 +7,13 @@ import asyncio
 import grpc
 import pytest
 
-from pyllumnix.clients.dispatch import BypassDispatcher, FallbackDispatcher, LeaderDispatcher, StaticRegistrySource
 from pyllumnix.control_plane.frontend.dispatch import Placement
+from pyllumnix.control_plane.frontend.routing import (
+    BypassDispatcher,
+    FallbackDispatcher,
+    LeaderDispatcher,
+    StaticRegistrySource,
+)
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 from tests.test_frontend_fakes import (
     MAX_MODEL_LEN,

@@ -19,9 +19,9 @@ import aiohttp
 import grpc
 import pytest
 
-from pyllumnix.clients.dispatch import BypassDispatcher, EtcdRegistrySource, StaticRegistrySource
 from pyllumnix.control_plane.frontend.core import MAX_STOP_CHARS
 from pyllumnix.control_plane.frontend.requests import StopMatcher
+from pyllumnix.control_plane.frontend.routing import BypassDispatcher, EtcdRegistrySource, StaticRegistrySource
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
 from pyllumnix.infra.etcd.errors import EtcdUnavailableError
 from pyllumnix.infra.grpc_server import RunningServer, start_server

@@ -1,4 +1,4 @@
-"""Dispatch helpers: the leader path, the registry bypass (fewest in flight) and the fallback between them."""
+"""The frontend's routing: the leader path, the registry bypass (fewest in flight) and the fallback between them."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ from dataclasses import dataclass
 
 import pytest
 
-from pyllumnix.clients.dispatch import (
+from pyllumnix.clients.errors import InvalidArgumentError, NoLeaderError, UnavailableError
+from pyllumnix.control_plane.frontend.dispatch import Dispatcher
+from pyllumnix.control_plane.frontend.routing import (
     BypassDispatcher,
-    Dispatcher,
     EtcdRegistrySource,
     FallbackDispatcher,
     LeaderDispatcher,
     StaticRegistrySource,
 )
-from pyllumnix.clients.errors import InvalidArgumentError, NoLeaderError, UnavailableError
 from pyllumnix.infra.etcd.errors import EtcdUnavailableError
 from pyllumnix.protos.llumnix.v1 import common_pb2
 from tests.test_clients_fakes import Replica, dead_address, serve_replica, stop_all

@@ -33,10 +33,9 @@ from typing import Protocol, TypeVar
 import grpc
 from aiohttp import web
 
-from pyllumnix.clients.dispatch import Readiness
 from pyllumnix.clients.errors import LlumnixError, ResourceExhaustedError
 from pyllumnix.control_plane.frontend.channels import ChannelPool
-from pyllumnix.control_plane.frontend.dispatch import Dispatcher, ReadinessAware, RefusalAware, Releasing
+from pyllumnix.control_plane.frontend.dispatch import Dispatcher, Readiness, ReadinessAware, RefusalAware, Releasing
 from pyllumnix.control_plane.frontend.errors import (
     DuplicateRequestError,
     FrontendError,
@@ -522,7 +521,7 @@ class Frontend:
         raise NoCapacityError(f"no instance accepted the request ({'; '.join(refusals)})")
 
     async def _dispatch(self, request: TrackedRequest, max_tokens: int) -> tuple[str, str]:
-        """The dispatcher's choice; client-library errors (clients/dispatch.py) become frontend errors."""
+        """The dispatcher's choice; client-library errors (routing.py) become frontend errors."""
         try:
             instance_id, address = await asyncio.wait_for(
                 self.dispatcher.dispatch(request.request_id, request.priority, request.num_prompt_tokens, max_tokens),

@@ -1,5 +1,6 @@
-"""What the frontend needs from dispatch: the ``Dispatcher`` protocol, satisfied by ``pyllumnix.clients.dispatch``
-(LeaderDispatcher, BypassDispatcher, FallbackDispatcher) and by the fakes in the tests.
+"""What the frontend needs from dispatch: the ``Dispatcher`` protocol and its optional hooks, satisfied by the
+routing in :mod:`pyllumnix.control_plane.frontend.routing` (LeaderDispatcher, BypassDispatcher, FallbackDispatcher)
+and by the fakes in the tests.
 
 Optional hooks, called when a dispatcher has them: ``release(instance_id)`` exactly once per successful ``dispatch``
 (when the request ends, or at once when the instance refused it), so a bypass dispatcher's in-flight counts stay right;
@@ -12,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
-from pyllumnix.clients.dispatch import Readiness
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
 
@@ -21,6 +21,14 @@ class Placement(NamedTuple):
     grpc_address: str
 
 
+class Readiness(NamedTuple):
+    """Whether a dispatcher can place a request now, and why (or why not), for a readiness probe."""
+
+    ready: bool
+    reason: str
+
+
+@runtime_checkable
 class Dispatcher(Protocol):
     async def dispatch(
         self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int
@@ -45,6 +53,8 @@ class ReadinessAware(Protocol):
 
 
 class RegistrySource(Protocol):
+    """The registry's current instances (entries of dead instances are gone once their lease expires)."""
+
     async def instances(self) -> Sequence[common_pb2.InstanceInfo]: ...
 
 

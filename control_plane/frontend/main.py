@@ -19,18 +19,17 @@ from typing import Any
 import click
 
 from pyllumnix.clients.channel import TlsConfig
-from pyllumnix.clients.dispatch import (
+from pyllumnix.control_plane.frontend.cluster_metrics import ClusterMetrics
+from pyllumnix.control_plane.frontend.core import Frontend
+from pyllumnix.control_plane.frontend.dispatch import Dispatcher, RegistryResolver, RegistrySource
+from pyllumnix.control_plane.frontend.http import start_http
+from pyllumnix.control_plane.frontend.routing import (
     BypassDispatcher,
     EtcdRegistrySource,
     FallbackDispatcher,
     LeaderDispatcher,
-    RegistrySource,
     StaticRegistrySource,
 )
-from pyllumnix.control_plane.frontend.cluster_metrics import ClusterMetrics
-from pyllumnix.control_plane.frontend.core import Frontend
-from pyllumnix.control_plane.frontend.dispatch import Dispatcher, RegistryResolver
-from pyllumnix.control_plane.frontend.http import start_http
 from pyllumnix.control_plane.frontend.service import advertised, start_grpc
 from pyllumnix.control_plane.frontend.tokenizer import HfTokenizer, SimTokenizer, Tokenizer
 from pyllumnix.infra.security import runtime

@@ -1,4 +1,5 @@
-"""Where a new request goes: ask the scheduler leader, or, when no leader is reachable, pick from the registry alone.
+"""The frontend's routing: where a new request goes. Ask the scheduler leader, or, when no leader is reachable, pick
+from the registry alone.
 
 The bypass keeps the cluster serving through a scheduler outage at the cost of placement quality: it balances by the
 requests this dispatcher itself has in flight (it sees no load reports) and never migrates anything.
@@ -11,37 +12,14 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, Protocol, cast, runtime_checkable
+from typing import Any, Protocol, cast
 
 from pyllumnix.clients.channel import CallKind, EndpointPool, TlsConfig
 from pyllumnix.clients.errors import DeadlineExceededError, InvalidArgumentError, LlumnixError, UnavailableError
+from pyllumnix.control_plane.frontend.dispatch import Dispatcher, Readiness, RegistrySource, Releasing
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-class Readiness(NamedTuple):
-    """Whether a dispatcher can place a request now, and why (or why not), for a readiness probe."""
-
-    ready: bool
-    reason: str
-
-
-@runtime_checkable
-class Dispatcher(Protocol):
-    """Chooses the instance of a new request; ``release`` is called once when a dispatched request ends."""
-
-    async def dispatch(
-        self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int
-    ) -> tuple[str, str]: ...
-
-    def release(self, instance_id: str) -> None: ...
-
-
-class RegistrySource(Protocol):
-    """The registry's current instances (entries of dead instances are gone once their lease expires)."""
-
-    async def instances(self) -> Sequence[common_pb2.InstanceInfo]: ...
 
 
 class StaticRegistrySource:
@@ -334,7 +312,8 @@ class FallbackDispatcher:
 
     def release(self, instance_id: str) -> None:
         self.bypass.release(instance_id)
-        self.leader.release(instance_id)
+        if isinstance(self.leader, Releasing):
+            self.leader.release(instance_id)
 
     def refused(self, instance_id: str) -> None:
         """Remembered by the bypass (the leader learns refusals from the instance's state in its load reports)."""
@@ -343,11 +322,8 @@ class FallbackDispatcher:
 
 __all__ = [
     "BypassDispatcher",
-    "Dispatcher",
     "EtcdRegistrySource",
     "FallbackDispatcher",
     "LeaderDispatcher",
-    "Readiness",
-    "RegistrySource",
     "StaticRegistrySource",
 ]
