@@ -18,14 +18,12 @@ from pyllumnix.control_plane.policy.selection import select_request
 from pyllumnix.control_plane.policy.snapshot import (
     ClusterSnapshot,
     DispatchRequestView,
-    InstanceState,
     InstanceView,
-    Priority,
-    RequestPhase,
     RequestView,
     from_instance_load,
     from_load_snapshot,
 )
+from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase
 
 __all__ = [
     "DISPATCH_POLICIES",

@@ -9,7 +9,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from pyllumnix.control_plane.policy.snapshot import Priority
+from pyllumnix.infra.vocabulary import Priority
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 
 

@@ -8,7 +8,6 @@ instances is a handful of vectorized operations instead of a Python loop; updati
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -17,42 +16,15 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+# Re-exported (explicitly, for mypy) until every caller imports them from infra.vocabulary.
+from pyllumnix.infra.vocabulary import InstanceState as InstanceState  # noqa: PLC0414
+from pyllumnix.infra.vocabulary import Priority as Priority  # noqa: PLC0414
+from pyllumnix.infra.vocabulary import RequestPhase as RequestPhase  # noqa: PLC0414
+from pyllumnix.infra.vocabulary import normalize_priority as normalize_priority  # noqa: PLC0414
+
 if TYPE_CHECKING:
     from pyllumnix.data_plane.engine.base import LoadSnapshot, RequestLoadInfo
     from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
-
-
-class InstanceState(enum.IntEnum):
-    """Mirrors ``llumnix.v1.InstanceState`` (same ints)."""
-
-    UNSPECIFIED = 0
-    ACTIVE = 1
-    CORDONED = 2
-    DRAINING = 3
-    STARTING = 4
-
-
-class Priority(enum.IntEnum):
-    """Mirrors ``llumnix.v1.Priority`` (same ints); UNSPECIFIED is treated as NORMAL."""
-
-    UNSPECIFIED = 0
-    NORMAL = 1
-    HIGH = 2
-
-
-def normalize_priority(value: int) -> Priority:
-    """UNSPECIFIED (and anything unknown below HIGH) is NORMAL; anything at or above HIGH is HIGH."""
-    return Priority.HIGH if value >= Priority.HIGH else Priority.NORMAL
-
-
-class RequestPhase(enum.IntEnum):
-    """Mirrors ``llumnix.v1.RequestPhase``; MIGRATING covers the engine's SUSPENDED."""
-
-    UNSPECIFIED = 0
-    WAITING = 1
-    RUNNING = 2
-    MIGRATING = 3
-    FINISHED = 4
 
 
 class InstanceView(NamedTuple):

@@ -29,8 +29,8 @@ from pyllumnix.control_plane.policy.snapshot import (
     DispatchRequestView,
     FloatArray,
     IntArray,
-    Priority,
 )
+from pyllumnix.infra.vocabulary import Priority
 
 NOT_A_CANDIDATE = -math.inf
 
