@@ -8,6 +8,12 @@ a request dispatched to a stalled instance waits for its AddRequest deadline bef
 instance must stop taking requests within a few report intervals. The relative rule keeps a stall of the scheduler
 itself (every report late at once) from emptying the cluster.
 
+Reports cost the leader O(changed) (``data_plane/llumlet/reporter.py``): a llumlet sends its full load only when it
+changed and otherwise a keep-alive every ``LOAD_KEEPALIVE_EVERY`` (3) report intervals, which ``keepalive`` takes with
+a dict write (no view, no snapshot update) when it names the snapshot held here. ``dispatch_stale_after`` is
+``dispatch_stale_after(interval)`` = max(0.3 s, 6 intervals): at least twice the keep-alive period, so a quiet but
+healthy instance stays dispatchable and one silent for two keep-alive periods does not.
+
 ``report_times`` are this process's ``time.monotonic()`` (staleness must not jump with the wall clock); the admin API
 converts them to Unix seconds, as the proto says.
 
@@ -35,6 +41,20 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
 
 # Silent instances are looked for at most this often (an O(instances) scan, kept off the per-dispatch path).
 STALE_SCAN_INTERVAL_S = 0.1
+# An instance silent for this many report intervals (and at least DISPATCH_STALE_MIN_S) gets no new request.
+DISPATCH_STALE_INTERVALS = 6
+DISPATCH_STALE_MIN_S = 0.3
+
+
+def dispatch_stale_after(report_interval_s: float) -> float:
+    """Silence after which an instance gets no new request: max(0.3 s, 6 report intervals). Llumlets send a
+    keep-alive every 3 intervals when their load does not change, so this is at least two keep-alive periods."""
+    return max(DISPATCH_STALE_MIN_S, DISPATCH_STALE_INTERVALS * report_interval_s)
+
+
+class StaleKeepAliveError(Exception):
+    """A keep-alive confirms a snapshot this leader does not hold (never received, throttled, or forgotten when the
+    instance left the registry): the llumlet must send its full load again (a new stream starts with one)."""
 
 
 class ClusterState:
@@ -95,6 +115,25 @@ class ClusterState:
             override = None
         self._unhealthy.discard(iid)
         self._pending[iid] = self._view(load, override, now)
+        return True
+
+    def keepalive(self, instance_id: str, seq: int, now: float) -> bool:
+        """Takes a keep-alive ("load unchanged since snapshot ``seq``"): refreshes the report time only, unless the
+        instance was marked silent (made healthy again) or has dispatched requests its reports do not list yet (whose
+        ``pending_ttl`` is checked). False if the instance is not registered; ``StaleKeepAliveError`` if the snapshot
+        held here is not ``seq``."""
+        if instance_id not in self.infos:
+            return False
+        load = self.loads.get(instance_id)
+        if load is None or load.seq != seq:
+            held = "none" if load is None else str(load.seq)
+            raise StaleKeepAliveError(
+                f"keep-alive of {instance_id} confirms load seq {seq}, the leader holds {held}: send the full load"
+            )
+        self.report_times[instance_id] = now
+        if instance_id in self._unhealthy or self._dispatched.get(instance_id):
+            self._unhealthy.discard(instance_id)
+            self._pending[instance_id] = self._view(load, self.overrides.get(instance_id), now)
         return True
 
     def _view(self, load: common_pb2.InstanceLoad, state: InstanceState | None, now: float) -> InstanceView:

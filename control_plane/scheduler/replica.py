@@ -30,7 +30,7 @@ from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_targ
 from pyllumnix.control_plane.policy.core import PolicyCore
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.snapshot import DispatchRequestView, InstanceState, normalize_priority
-from pyllumnix.control_plane.scheduler.cluster import ClusterState
+from pyllumnix.control_plane.scheduler.cluster import ClusterState, dispatch_stale_after
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
 from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.config_store import ConfigStore
@@ -331,7 +331,7 @@ class SchedulerReplica:
                 continue
             self.config_revision = revision if message is not None else 0
             self.cluster.stale_after = max(1.0, 20 * config.load_report_interval_ms / 1000)
-            self.cluster.dispatch_stale_after = max(0.3, 6 * config.load_report_interval_ms / 1000)
+            self.cluster.dispatch_stale_after = dispatch_stale_after(config.load_report_interval_ms / 1000)
 
     async def _watch_scale_target(self) -> None:
         async for message, _ in self.scale_store.watch():
@@ -448,6 +448,16 @@ class SchedulerReplica:
         gone = self.vanished.get(load.instance_id)
         if gone is not None:  # not registered, but alive: keep its latest request list
             gone.load, gone.last_alive = load, now
+        return False
+
+    def keepalive(self, instance_id: str, seq: int) -> bool:
+        """A llumlet's "load unchanged since ``seq``" (see ``ClusterState.keepalive``); a vanished one is alive."""
+        now = time.monotonic()
+        if self.cluster.keepalive(instance_id, seq, now):
+            return True
+        gone = self.vanished.get(instance_id)
+        if gone is not None:
+            gone.last_alive = now
         return False
 
     def dispatch(self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int) -> tuple[str, str]:

@@ -3,10 +3,13 @@
 A follower answers every call but GetLeader with FAILED_PRECONDITION and the leader's address in the trailing
 metadata key ``llumnix-leader``, so a client retries there and a write is never applied twice.
 
-ReportLoad: a llumlet reports only its own load (each message's ``instance_id`` is the caller's certificate id,
-else PERMISSION_DENIED), and reports of one instance closer together than ``min_report_interval`` are dropped (not
-counted as accepted), so no caller can make the leader do more than a bounded amount of work. Both checks are skipped
-on a plaintext (``--insecure``) connection, which has no identity; the floor still applies per reported instance.
+ReportLoad: a llumlet streams full loads when its load changed and keep-alives otherwise (``cluster.py`` has the
+staleness rule they keep); a keep-alive naming a snapshot this leader does not hold ends the stream with
+FAILED_PRECONDITION, and the llumlet's next stream starts with its full load. A llumlet reports only its own load
+(each message's ``instance_id`` is the caller's certificate id, else PERMISSION_DENIED), and reports of one instance
+closer together than ``min_report_interval`` are dropped (not counted as accepted), so no caller can make the leader
+do more than a bounded amount of work. Both checks are skipped on a plaintext (``--insecure``) connection, which has
+no identity; the floor still applies per reported instance.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any, NoReturn, TypeAlias, TypeVar
 import grpc
 
 from pyllumnix.control_plane.policy.snapshot import InstanceState
+from pyllumnix.control_plane.scheduler.cluster import StaleKeepAliveError
 from pyllumnix.control_plane.scheduler.replica import NotLeaderError, SchedulerReplica, SchedulingError
 from pyllumnix.infra.security.authz import authenticated_caller, require_self
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
@@ -57,6 +61,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         # instance id -> time.monotonic() of its latest accepted report; reports dropped by the floor.
         self._last_report: dict[str, float] = {}
         self.reports_throttled = 0
+        self.keepalives_received = 0
 
     async def Dispatch(
         self, request: scheduler_pb2.DispatchRequest, context: Context
@@ -78,20 +83,28 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         try:
             self.replica.require_leader()
             async for report in request_iterator:
+                keep_alive = report.HasField("keep_alive")
+                iid = report.keep_alive.instance_id if keep_alive else report.load.instance_id
                 if caller is not None:
-                    await require_self(context, report.load.instance_id)
+                    await require_self(context, iid)
                 self.replica.require_leader()
-                iid = report.load.instance_id
                 now = time.monotonic()
                 last = self._last_report.get(iid)
                 if last is not None and now - last < self.min_report_interval:
                     self.reports_throttled += 1
                     continue
-                if self.replica.report(report.load):
+                if keep_alive:
+                    taken = self.replica.keepalive(iid, report.keep_alive.seq)
+                    self.keepalives_received += 1
+                else:
+                    taken = self.replica.report(report.load)
+                if taken:
                     self._last_report[iid] = now
                     accepted += 1
         except NotLeaderError as exc:
             await _fail(context, exc)
+        except StaleKeepAliveError as exc:  # the llumlet's next stream starts with its full load
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return scheduler_pb2.ReportLoadResponse(reports_accepted=accepted)
 
     async def GetMembership(

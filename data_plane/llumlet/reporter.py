@@ -5,6 +5,17 @@ and gRPC address). When the leader changes, or its stream breaks, the reporter r
 
 Neither an etcd outage nor a leader blip stops it: the stream to the last known leader goes on while etcd is away,
 a broken stream is reopened (after a short pause, whatever the error), and the leader watch is reopened with backoff.
+
+What it sends costs the leader O(changed): every interval the llumlet's load is read, but a full ``InstanceLoad`` goes
+out only when something in it changed since the last one this stream carried (``load_change_key``: everything but the
+seq, the timestamp and the requests' output-token counters, which move every step while the blocks a request holds
+change only once per block). An unchanged instance sends a ``LoadKeepAlive`` (its id and the seq of that snapshot)
+every ``LOAD_KEEPALIVE_EVERY`` intervals instead, which the leader takes as "alive, load as last reported" without
+rebuilding anything. The leader stops dispatching to an instance silent for ``dispatch_stale_after`` =
+max(0.3 s, 6 intervals) (``control_plane/scheduler/cluster.py``); a keep-alive every 3 intervals leaves two more
+before that, so a quiet but healthy instance never looks stale. Each new stream (a new leader, a reconnect) starts
+with a full snapshot, so no leader is ever asked to confirm a snapshot it never saw; if it still holds another (a
+snapshot throttled or lost, the instance re-registered meanwhile), it ends the stream and the next one starts full.
 """
 
 from __future__ import annotations
@@ -12,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -21,9 +32,24 @@ from pyllumnix.infra.etcd.client import EtcdClient, raise_if_cancelling
 from pyllumnix.infra.etcd.election import Election
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.runtime import open_channel
-from pyllumnix.protos.llumnix.v1 import admin_pb2, scheduler_pb2, scheduler_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+# An unchanged instance confirms its load every this many report intervals (see the module docstring for why 3).
+LOAD_KEEPALIVE_EVERY = 3
+
+
+def load_change_key(load: common_pb2.InstanceLoad) -> bytes:
+    """What must differ for a load to be sent again: the snapshot without its seq, timestamp and the requests'
+    output-token counters (the leader's admin views may lag those by less than one KV block of tokens)."""
+    key = common_pb2.InstanceLoad()
+    key.CopyFrom(load)
+    key.ClearField("seq")
+    key.ClearField("timestamp")
+    for r in key.requests:
+        r.ClearField("num_output_tokens")
+    return key.SerializeToString(deterministic=True)
 
 
 def leader_address(value: bytes) -> str:
@@ -39,7 +65,8 @@ class LoadReporter:
         self.election = Election(client, layout.election_prefix())
         self.interval_s = interval_s
         self.leader: str | None = None
-        self.reports_sent = 0
+        self.reports_sent = 0  # full snapshots and keep-alives
+        self.keepalives_sent = 0
         self.streams_ended = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -97,8 +124,24 @@ class LoadReporter:
             self.streams_ended += 1
             await asyncio.sleep(self.interval_s * 4)
 
-    async def _reports(self) -> AsyncIterator[scheduler_pb2.ReportLoadRequest]:
+    async def _reports(self) -> AsyncGenerator[scheduler_pb2.ReportLoadRequest, None]:
+        """One stream's messages: a full snapshot first and whenever the load changed, else a keep-alive every
+        ``LOAD_KEEPALIVE_EVERY`` intervals."""
+        sent_key: bytes | None = None
+        sent_seq = 0
+        quiet = 0  # intervals since the last message of this stream
         while True:
-            yield scheduler_pb2.ReportLoadRequest(load=self.llumlet.load_pb())
-            self.reports_sent += 1
+            load = self.llumlet.load_pb()
+            key = load_change_key(load)
+            quiet += 1
+            if key != sent_key:
+                sent_key, sent_seq, quiet = key, load.seq, 0
+                yield scheduler_pb2.ReportLoadRequest(load=load)
+                self.reports_sent += 1
+            elif quiet >= LOAD_KEEPALIVE_EVERY:
+                quiet = 0
+                keep_alive = scheduler_pb2.LoadKeepAlive(instance_id=load.instance_id, seq=sent_seq)
+                yield scheduler_pb2.ReportLoadRequest(keep_alive=keep_alive)
+                self.reports_sent += 1
+                self.keepalives_sent += 1
             await asyncio.sleep(self.interval_s)
