@@ -196,6 +196,16 @@ class Child:
     restart_at: float | None = None
     last_exit: str = ""
 
+    def metrics_address(self) -> str | None:
+        comp = self.comp
+        if comp is None:
+            return None
+        if "metrics_address" in comp.ready:
+            return str(comp.ready["metrics_address"])
+        if "http_url" in comp.ready:
+            return str(comp.ready["http_url"]).split("://", 1)[-1].rstrip("/")
+        return None
+
     def info(self) -> dict[str, Any]:
         comp = self.comp
         state = "stopped"
@@ -210,6 +220,8 @@ class Child:
             "pgid": comp.pgid if comp is not None else None,
             "address": comp.ready.get("grpc_address") if comp is not None else None,
             "instance_id": comp.ready.get("instance_id") if comp is not None else None,
+            # host:port of its Prometheus /metrics (schedulers, llumlets; the frontend's is on its HTTP port)
+            "metrics": self.metrics_address(),
             "log": str(comp.log_path) if comp is not None else None,
             "state": state,
             "restarts": self.restarts,

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from pyllumnix.control_plane.scheduler.metrics import SchedulerMetrics
 from pyllumnix.control_plane.scheduler.provider import (
     DEFAULT_LOCAL_MAX_INSTANCES,
     InstanceProvider,
@@ -34,6 +35,7 @@ from pyllumnix.control_plane.scheduler.service import (
 )
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.grpc_server import start_server
+from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, scheduler_pb2_grpc
@@ -50,6 +52,7 @@ async def run_scheduler(
     seed: int = 0,
     stop: asyncio.Event | None = None,
     advertise_host: str = "",
+    metrics_port: int = -1,
 ) -> int:
     stop = stop or asyncio.Event()
     replica_id = replica_id or f"scheduler-{uuid.uuid4().hex[:6]}"
@@ -69,15 +72,23 @@ async def run_scheduler(
     address = f"{advertise}:{server.port}"
     replica.grpc_address = address
     await replica.start()
+    ready = {"event": "ready", "replica_id": replica_id, "grpc_address": address}
+    metrics_server = None
+    if metrics_port >= 0:
+        metrics = SchedulerMetrics(replica)
+        metrics_server = await start_metrics_server(metrics.registry, host, metrics_port, advertise)
+        ready["metrics_address"] = metrics_server.address
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    print(json.dumps({"event": "ready", "replica_id": replica_id, "grpc_address": address}), flush=True)
+    print(json.dumps(ready), flush=True)
     await stop.wait()
     try:
         await replica.stop()
         await server.stop(1.0)
+        if metrics_server is not None:
+            await metrics_server.close()
     finally:
         if provider is not None:
             await provider.close()  # with --stop-instances-on-exit: stops and waits for its llumlets
@@ -178,6 +189,14 @@ async def run_scheduler(
     help="Seconds a provider-started llumlet gets to exit after SIGTERM before SIGKILL.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the policy core's randomness.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=-1),
+    default=0,
+    show_default=True,
+    help="Port of this replica's Prometheus /metrics (decisions by policy) on --host (0: any free port, named in the"
+    " ready line; -1: off).",
+)
 @security_options
 @click.option("--log-level", default="INFO", show_default=True)
 def scheduler_command(
@@ -204,6 +223,7 @@ def scheduler_command(
     stop_instances_on_exit: bool,
     stop_timeout: float,
     seed: int,
+    metrics_port: int,
     log_level: str,
     **security: Any,
 ) -> None:
@@ -265,6 +285,7 @@ def scheduler_command(
                 timing,
                 seed,
                 advertise_host=advertise_host,
+                metrics_port=metrics_port,
             )
         )
     )

@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+import collections
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -236,6 +237,9 @@ class SchedulerReplica:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._forever(self._watch_registry), name="registry-watch"),
+        # Counts for /metrics: dispatch decisions by (policy, outcome), pairing decisions by (policy, outcome).
+        self.dispatch_decisions: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.pairing_decisions: collections.Counter[tuple[str, str]] = collections.Counter()
             loop.create_task(self._forever(self._watch_config), name="config-watch"),
             loop.create_task(self._forever(self._watch_scale_target), name="scale-target-watch"),
             loop.create_task(self._forever(self._observe_leader), name="leader-observe"),
@@ -500,6 +504,7 @@ class SchedulerReplica:
         while True:
             config = self.core.config
             await asyncio.sleep(config.pairing_interval_ms / 1000)
+        self.dispatch_decisions[self.core.config.dispatch_policy, "refused" if choice is None else "placed"] += 1
             now = time.monotonic()
             snapshot = self.cluster.snapshot(now)
             for order in self.core.pair(snapshot):
@@ -534,7 +539,9 @@ class SchedulerReplica:
 
     def _record_migration(self, result: llumlet_pb2.MigrationResult) -> None:
         self.migration_results.append(result)
+                    self.pairing_decisions[config.pairing_policy, "source_busy"] += 1
         del self.migration_results[:-1000]
+                self.pairing_decisions[config.pairing_policy, "ordered"] += 1
         for hook in self.on_migration:
             hook(result)
 

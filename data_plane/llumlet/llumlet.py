@@ -35,6 +35,7 @@ from typing import Any
 
 from pyllumnix.data_plane.engine.base import Engine, Finish, MigrationState, Phase, TokenOutput, UnknownRequestError
 from pyllumnix.data_plane.llumlet import convert
+from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2
@@ -158,6 +159,9 @@ class Llumlet:
         self.after_step: list[Callable[[], None]] = []
         # Opens a channel to a frontend's output sink (for ``hand_over``): mutual TLS when the process is configured.
         self.sink_channel: Callable[[str], Any] = open_channel
+        # Per-instance vLLM-named metrics (``llumnix llumlet`` sets them up; None: not recorded).
+        self.metrics: InstanceMetrics | None = None
+        self._step_started = 0.0  # wall clock of the current step's start (the metrics' queue time)
 
     # --- lifecycle ---
     def start(self) -> None:
@@ -219,6 +223,8 @@ class Llumlet:
                 request.frontend_address, len(spec.prompt_token_ids), capability=request.capability
             )
             self.stats.requests_added += 1
+            if self.metrics is not None:
+                self.metrics.added(spec.request_id, len(spec.prompt_token_ids), spec.arrival_time or None)
         self.wake()
 
     async def abort_request(self, request_id: str, reason: str = "") -> None:
@@ -245,6 +251,14 @@ class Llumlet:
             capability=capability,
             next_index=len(state.output_token_ids),
         )
+        if self.metrics is not None:
+            self.metrics.adopted(
+                state.spec.request_id,
+                len(state.spec.prompt_token_ids),
+                len(state.output_token_ids),
+                state.spec.arrival_time,
+                state.first_token_time,
+            )
 
     async def hand_over(self, request_id: str, destination_instance_id: str, *, timeout: float = 2.0) -> str:
         """Asks the request's frontend for ``destination_instance_id``'s capability token (before the commit).
@@ -334,6 +348,8 @@ class Llumlet:
 
     # --- outputs ---
     def _emit(self, outputs: list[TokenOutput]) -> None:
+        if self.metrics is not None:
+            self.metrics.outputs(outputs, self._step_started)
         by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
         now = time.monotonic()
         for out in outputs:
@@ -402,6 +418,7 @@ class Llumlet:
                 continue
             async with self.engine_lock:
                 t0 = time.monotonic()
+                self._step_started = time.time()
                 try:
                     if self._step_in_thread:
                         result = await asyncio.to_thread(self.engine.step, time.time())

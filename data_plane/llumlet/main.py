@@ -30,6 +30,7 @@ import click
 
 from pyllumnix.data_plane.engine.base import Engine
 from pyllumnix.data_plane.llumlet.llumlet import HEARTBEAT_S, Llumlet
+from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.output_push import PushSettings
@@ -37,6 +38,7 @@ from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, 
 from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
 from pyllumnix.infra.grpc_server import start_server
+from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
@@ -84,6 +86,8 @@ class LlumletOptions:
     # Seconds of silence after which a held request gets a "still here" output (0: never), so a request queued here
     # longer than its frontend's idle timeout is not ended by it.
     heartbeat_s: float = HEARTBEAT_S
+    # /metrics (vLLM-named per-instance metrics) on --host: 0 any free port, -1 off.
+    metrics_port: int = 0
     migration: MigrationSettings = field(default_factory=MigrationSettings)
 
 
@@ -186,6 +190,16 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     grpc_address = f"{advertise}:{server.port}"
     coordinator.prewarm()
     llumlet.start()
+    metrics_server = None
+    if opts.metrics_port >= 0:
+        llumlet.metrics = InstanceMetrics(
+            instance_id,
+            opts.model or opts.profile,
+            engine.load,
+            lambda: llumlet.stats.migration,
+            engine.request_ids,
+        )
+        metrics_server = await start_metrics_server(llumlet.metrics.registry, opts.host, opts.metrics_port, advertise)
     coordinator.start()
     info = common_pb2.InstanceInfo(
         instance_id=instance_id,
@@ -249,6 +263,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     }
     print(json.dumps(ready), flush=True)
     await stop.wait()
+    if metrics_server is not None:
+        ready["metrics_address"] = metrics_server.address
     for task in background:
         task.cancel()
     log.info("llumlet %s stopping", instance_id)
@@ -264,6 +280,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     await transport.close()
     return 0
 
+    if metrics_server is not None:
+        await metrics_server.close()
 
 @click.command("llumlet")
 @click.option("--instance-id", default="", help="Unique id (default: llumlet-<random>).")
@@ -362,6 +380,14 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 )
 @security_options
 @click.option("--log-level", default="INFO", show_default=True)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=-1),
+    default=0,
+    show_default=True,
+    help="Port of this instance's Prometheus /metrics (vLLM's metric names) on --host (0: any free port, named in"
+    " the ready line; -1: off).",
+)
 def llumlet_command(
     instance_id: str,
     host: str,
@@ -399,6 +425,7 @@ def llumlet_command(
     output_heartbeat: float,
     log_level: str,
     **security: Any,
+    metrics_port: int,
 ) -> None:
     """Run one engine instance (a llumlet). Secure by default: give its certificates (--tls-dir or --ca/--cert/--key;
     the certificate's id is the instance id) or --insecure."""
@@ -438,6 +465,7 @@ def llumlet_command(
         heartbeat_s=output_heartbeat,
         load_interval_ms=load_interval_ms,
         migration=MigrationSettings(
+        metrics_port=metrics_port,
             limits=MigrationLimits(last_stage_max_blocks, max_stages),
             pending_timeout_s=pending_timeout,
             transfer_timeout_s=transfer_timeout,

@@ -1,0 +1,249 @@
+"""Per-instance Prometheus metrics of one llumlet, under vLLM's metric names (``vllm:*``) so dashboards built for vLLM
+work unchanged, plus the llumlet's own migration figures (``llumnix_llumlet_*``).
+
+Why the llumlet and not the frontend: these are the engine's figures (queue time, running and waiting requests, KV
+usage), which vLLM reports per engine; only the instance sees when a request was scheduled. Every series carries
+``model_name`` (vLLM's label) and ``instance`` (the instance id, the label the other ``llumnix_*`` series use).
+Because ``instance`` is also Prometheus' target label, scrape llumlets with ``honor_labels: true``.
+
+Request-level figures follow vLLM V1's definitions as far as an instance can see them:
+
+- ``vllm:request_queue_time_seconds``: arrival at this instance to the start of the step that produced the first
+  token (the engine has no chunked prefill, so that step is the request's first scheduling);
+- ``vllm:time_to_first_token_seconds``: arrival at this instance to the first token leaving the engine step;
+- ``vllm:inter_token_latency_seconds``: time between two consecutive outputs of a request on this instance;
+- ``vllm:e2e_request_latency_seconds`` and ``vllm:request_time_per_output_token_seconds``: at the finish, from the
+  request's arrival in the cluster (a migrated request keeps its original arrival time);
+- ``vllm:prompt_tokens_total`` counts a prompt once it is prefilled here (a request migrated in was prefilled
+  elsewhere); ``vllm:generation_tokens_total`` counts every token this instance produced.
+
+A request migrated in is therefore counted where each event happened: its first token and queue time on the source,
+its later tokens and its finish on the destination. Gauges are read from the engine at scrape time (the scrape runs
+on the llumlet's event loop, between two engine steps).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pyllumnix.data_plane.engine.base import LoadSnapshot, TokenOutput
+from pyllumnix.protos.llumnix.v1 import common_pb2
+
+# vLLM V1's buckets (vllm/v1/metrics/loggers.py), so histogram_quantile over both gives comparable answers.
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+    160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
+    1920.0, 7680.0,
+)  # fmt: skip
+TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+# vLLM's finished_reason label values; every one is exported from the start (at 0) as vLLM does.
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+# Requests remembered before the ones that left without a final output (migrated out) are pruned outside a scrape.
+PRUNE_AT = 4096
+
+
+@dataclass
+class _Tracked:
+    """What the metrics remember of one request while this instance holds it."""
+
+    arrival: float  # wall-clock arrival in the cluster (time.time())
+    arrived_here: float  # wall-clock arrival at this instance
+    num_prompt_tokens: int
+    first_token: float | None = None  # wall clock of its first token (here or, migrated in, on the source)
+    last_output: float | None = None  # wall clock of its latest output on this instance
+    num_generated: int = 0  # tokens generated so far (all instances)
+
+
+class InstanceMetrics(Collector):
+    """The registry served at a llumlet's ``/metrics``; the llumlet calls :meth:`added`, :meth:`adopted` and
+    :meth:`outputs`, and the gauges read ``load()`` (the engine's load snapshot) and ``migration()`` at scrape time."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        model_name: str,
+        load: Callable[[], LoadSnapshot],
+        migration: Callable[[], common_pb2.MigrationStats],
+        request_ids: Callable[[], Iterable[str]],
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.instance_id = instance_id
+        self.model_name = model_name
+        self._load = load
+        self._migration = migration
+        self._request_ids = request_ids
+        self._clock = clock
+        self._tracked: dict[str, _Tracked] = {}
+        self.registry = CollectorRegistry()
+        r = self.registry
+        labels = ["model_name", "instance"]
+        values = (model_name, instance_id)
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=r
+        ).labels(*values)
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=r
+        ).labels(*values)
+        success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [*labels, "finished_reason"],
+            registry=r,
+        )
+        self.success = {reason: success.labels(*values, reason) for reason in FINISHED_REASONS}
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)
+
+        self.ttft = histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
+        )
+        self.itl = histogram(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
+        )
+        self.tpot = histogram(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            ITL_BUCKETS,
+        )
+        self.e2e = histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
+        )
+        self.queue = histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self.request_prompt = histogram(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_COUNT_BUCKETS
+        )
+        self.request_generation = histogram(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", TOKEN_COUNT_BUCKETS
+        )
+        r.register(self)
+
+    # --- events (called by the llumlet, on its loop) ---
+    def added(self, request_id: str, num_prompt_tokens: int, arrival: float | None = None) -> None:
+        """A request arrived here from its frontend; ``arrival``: its cluster arrival time (default: now)."""
+        now = self._clock()
+        if len(self._tracked) >= PRUNE_AT:
+            self.prune()
+        self._tracked[request_id] = _Tracked(arrival or now, now, num_prompt_tokens)
+
+    def adopted(
+        self, request_id: str, num_prompt_tokens: int, num_generated: int, arrival: float, first_token: float
+    ) -> None:
+        """A request migrated in, with ``num_generated`` tokens already produced elsewhere."""
+        now = self._clock()
+        self._tracked[request_id] = _Tracked(
+            arrival or now,
+            now,
+            num_prompt_tokens,
+            first_token=first_token or None,
+            last_output=None,
+            num_generated=num_generated,
+        )
+
+    def outputs(self, outputs: list[TokenOutput], step_started: float | None = None) -> None:
+        """One step's outputs (or outputs produced between steps: aborts, errors); ``step_started``: wall clock of
+        the start of the step that produced them."""
+        now = self._clock()
+        for out in outputs:
+            t = self._tracked.get(out.request_id)
+            if t is None:
+                continue
+            n = len(out.token_ids)
+            if n:
+                self.generation_tokens.inc(n)
+                if t.first_token is None and t.num_generated == 0:
+                    t.first_token = now
+                    self.ttft.observe(now - t.arrived_here)
+                    self.queue.observe(max(0.0, (step_started if step_started is not None else now) - t.arrived_here))
+                    self.prompt_tokens.inc(t.num_prompt_tokens)
+                    self.request_prompt.observe(t.num_prompt_tokens)
+                elif t.last_output is not None:
+                    self.itl.observe(now - t.last_output)
+                t.last_output = now
+                t.num_generated += n
+            if out.finished:
+                del self._tracked[out.request_id]
+                reason = out.finish.value if out.finish is not None else "stop"
+                self.success.get(reason, self.success["error"]).inc()
+                if reason in ("stop", "length"):
+                    self.e2e.observe(max(0.0, now - t.arrival))
+                    self.request_generation.observe(t.num_generated)
+                    if t.first_token is not None and t.num_generated > 1:
+                        self.tpot.observe(max(0.0, now - t.first_token) / (t.num_generated - 1))
+
+    def prune(self) -> None:
+        """Forgets requests that left without a final output here (migrated out, aborted silently)."""
+        here = set(self._request_ids())
+        for rid in [r for r in self._tracked if r not in here]:
+            del self._tracked[rid]
+
+    # --- scrape ---
+    def collect(self) -> Iterator[Metric]:
+        self.prune()
+        labels = ["model_name", "instance"]
+        values = [self.model_name, self.instance_id]
+        load = self._load()
+        running = GaugeMetricFamily(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", labels=labels
+        )
+        running.add_metric(values, load.num_running)
+        waiting = GaugeMetricFamily(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels=labels
+        )
+        waiting.add_metric(values, load.num_waiting)
+        usage = GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=labels
+        )
+        usage.add_metric(
+            values, (load.total_blocks - load.free_blocks) / load.total_blocks if load.total_blocks else 0.0
+        )
+        preemptions = CounterMetricFamily(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels=labels
+        )
+        preemptions.add_metric(values, load.total_preemptions)
+        yield from (running, waiting, usage, preemptions)
+        stats = self._migration()
+        migrations = CounterMetricFamily(
+            "llumnix_llumlet_migrations",
+            "Outgoing migrations of this instance by outcome",
+            labels=["instance", "outcome"],
+        )
+        migrations.add_metric([self.instance_id, "committed"], stats.committed)
+        migrations.add_metric([self.instance_id, "aborted_by_source"], stats.aborted_by_source)
+        migrations.add_metric([self.instance_id, "aborted_by_destination"], stats.aborted_by_destination)
+        yield migrations
+        downtime = HistogramMetricFamily(
+            "llumnix_llumlet_migration_downtime_seconds",
+            "Last-stage downtime of this instance's committed outgoing migrations",
+            labels=["instance"],
+        )
+        # The llumlet's bucket counts are already cumulative (each counts the downtimes <= its bound).
+        buckets = [
+            ("+Inf" if math.isinf(le) else repr(le / 1000), float(count))
+            for le, count in zip(stats.downtime_bucket_le_ms, stats.downtime_bucket_counts, strict=True)
+        ]
+        if not buckets or buckets[-1][0] != "+Inf":
+            buckets.append(("+Inf", float(stats.committed)))
+        downtime.add_metric([self.instance_id], buckets, stats.downtime_sum_ms / 1000)
+        yield downtime
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
