@@ -11,17 +11,23 @@ stalled process still accepts connections) make them revoke its lease. An instan
 written off at once: it may be an etcd blip, after which it re-registers under the same id. Its requests are failed
 only when its process is gone (connection refused twice) or it neither answers nor re-registers within
 ``instance_grace`` (10 s); meanwhile it gets no new request.
+
+Leader work is bound to its term: every task a term starts (the loops, each migrate-out order, the delayed stop of a
+drained instance, the report of a lost instance's requests) is kept and cancelled on step-down, and every order
+(migrate-out, instance state, provider start/stop, failed-request report) checks that this replica still leads at the
+moment it is sent, so a deposed leader acts on nothing it decided while it led.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
-import collections
+from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -73,6 +79,8 @@ class ReplicaTiming:
     - ``instance_grace`` / ``instance_probe_interval`` / ``instance_probe_timeout``: how long a vanished instance may
       take to re-register before its requests are reported failed (see ``_watch_grace``).
     - ``resign_hold_off``: after ``ResignLeader`` the replica stays out of the election this long.
+    - ``drained_stop_after``: a draining instance of the provider found empty is stopped if it still is this much
+      later (it normally stops itself).
     """
 
     election_ttl: int = 6
@@ -83,6 +91,7 @@ class ReplicaTiming:
     instance_probe_interval: float = 0.5
     instance_probe_timeout: float = 1.0
     resign_hold_off: float = 3.0
+    drained_stop_after: float = 5.0
 
     def __post_init__(self) -> None:
         if self.election_ttl < 1:
@@ -95,6 +104,8 @@ class ReplicaTiming:
             raise ValueError("instance_grace must be >= 0, the instance probe interval and timeout > 0")
         if self.resign_hold_off < 0:
             raise ValueError(f"resign_hold_off must be >= 0, got {self.resign_hold_off}")
+        if self.drained_stop_after < 0:
+            raise ValueError(f"drained_stop_after must be >= 0, got {self.drained_stop_after}")
 
 
 # Bind-all addresses: an advertised one names no particular host, so a refusal there proves nothing about the leader.
@@ -211,6 +222,10 @@ class SchedulerReplica:
         self.requests_failed = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._leader_tasks: list[asyncio.Task[None]] = []
+        # The one-off work of the current term (orders, delayed stops, lost-request reports): cancelled on step-down.
+        self._term_tasks: set[asyncio.Task[None]] = set()
+        # Drained instance -> its pending delayed stop (one per instance, not one per pairing round).
+        self._stop_tasks: dict[str, asyncio.Task[None]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._order_in_flight: dict[str, float] = {}
         # The manual scale target, as stored in etcd (watched by every replica, so a new leader has it).
@@ -222,6 +237,9 @@ class SchedulerReplica:
         self._bad_entries: set[tuple[str, int]] = set()
         # Hook for metrics: called with each finished migration result.
         self.on_migration: list[Callable[[llumlet_pb2.MigrationResult], None]] = []
+        # Counts for /metrics: dispatch decisions by (policy, outcome), pairing decisions by (policy, outcome).
+        self.dispatch_decisions: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.pairing_decisions: collections.Counter[tuple[str, str]] = collections.Counter()
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -237,9 +255,6 @@ class SchedulerReplica:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._forever(self._watch_registry), name="registry-watch"),
-        # Counts for /metrics: dispatch decisions by (policy, outcome), pairing decisions by (policy, outcome).
-        self.dispatch_decisions: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.pairing_decisions: collections.Counter[tuple[str, str]] = collections.Counter()
             loop.create_task(self._forever(self._watch_config), name="config-watch"),
             loop.create_task(self._forever(self._watch_scale_target), name="scale-target-watch"),
             loop.create_task(self._forever(self._observe_leader), name="leader-observe"),
@@ -268,6 +283,8 @@ class SchedulerReplica:
                 await body()
             except asyncio.CancelledError:
                 raise
+            except NotLeaderError:
+                log.info("%s: %s stopped: no longer the leader", self.replica_id, getattr(body, "__name__", body))
             except Exception:
                 log.exception("%s: %s failed; restarting", self.replica_id, getattr(body, "__name__", body))
             await asyncio.sleep(0.2)
@@ -317,7 +334,7 @@ class SchedulerReplica:
             else:
                 # Another process under the same id: whatever the old one held is gone with it.
                 reason = "it restarted (a new process re-registered under its id)"
-                asyncio.get_running_loop().create_task(self._fail_requests(iid, gone.load, reason))
+                self._spawn(self._fail_requests(iid, gone.load, reason), f"fail-requests-{iid}")
         self.cluster.upsert(info)
         self._registered(iid)
 
@@ -378,9 +395,19 @@ class SchedulerReplica:
             await self._stop_leader_tasks()
             self.leadership = None
 
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Starts one-off leader work of this term, kept so that step-down cancels it."""
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._term_tasks.add(task)
+        task.add_done_callback(self._term_tasks.discard)
+        return task
+
     async def _stop_leader_tasks(self) -> None:
-        # A follower keeps no loads: the vanished instances' grace watches end with the term.
-        tasks = self._leader_tasks + [v.task for v in self.vanished.values() if v.task is not None]
+        # A follower keeps no loads: the vanished instances' grace watches end with the term, and so does every order
+        # still waiting for its answer (a migration already started runs on at its source, which owns it).
+        tasks = (
+            self._leader_tasks + [v.task for v in self.vanished.values() if v.task is not None] + list(self._term_tasks)
+        )
         self.vanished.clear()
         for task in tasks:
             task.cancel()
@@ -388,6 +415,9 @@ class SchedulerReplica:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._leader_tasks = []
+        self._term_tasks.clear()
+        self._stop_tasks.clear()
+        self._order_in_flight.clear()
 
     async def resign_leader(self) -> tuple[int, float]:
         """Steps down now (the election key is deleted, a standby takes over at once) and stays out of the election
@@ -474,6 +504,7 @@ class SchedulerReplica:
         now = time.monotonic()
         snapshot = self.cluster.snapshot(now)
         choice = self.core.dispatch(snapshot, request)
+        self.dispatch_decisions[self.core.config.dispatch_policy, "refused" if choice is None else "placed"] += 1
         if choice is None:
             if not any(view.accepts_requests for view in snapshot):
                 # Nothing to be full: no instance known, or none active and reporting (e.g. every lease expired while
@@ -504,14 +535,15 @@ class SchedulerReplica:
         while True:
             config = self.core.config
             await asyncio.sleep(config.pairing_interval_ms / 1000)
-        self.dispatch_decisions[self.core.config.dispatch_policy, "refused" if choice is None else "placed"] += 1
             now = time.monotonic()
             snapshot = self.cluster.snapshot(now)
             for order in self.core.pair(snapshot):
                 if now - self._order_in_flight.get(order.source, -1e9) < MIGRATE_WAIT_TIMEOUT_S:
+                    self.pairing_decisions[config.pairing_policy, "source_busy"] += 1
                     continue
+                self.pairing_decisions[config.pairing_policy, "ordered"] += 1
                 self._order_in_flight[order.source] = now
-                asyncio.get_running_loop().create_task(self._order_migration(order))
+                self._spawn(self._order_migration(order), f"migrate-out-{order.source}")
             self._stop_drained()
 
     async def _order_migration(self, order: MigrateOrder) -> None:
@@ -526,10 +558,10 @@ class SchedulerReplica:
                 max_requests=1,
                 wait=True,
             )
+            stub = self._llumlet(order.source)
+            metadata = self._order_metadata()  # raises once this replica no longer leads: no order is sent then
             self.migrations_ordered += 1
-            reply = await self._llumlet(order.source).MigrateOut(
-                request, timeout=MIGRATE_WAIT_TIMEOUT_S, metadata=self._order_metadata()
-            )
+            reply = await stub.MigrateOut(request, timeout=MIGRATE_WAIT_TIMEOUT_S, metadata=metadata)
             for result in reply.results:
                 self._record_migration(result)
         except (grpc.aio.AioRpcError, SchedulingError, NotLeaderError) as exc:
@@ -539,9 +571,7 @@ class SchedulerReplica:
 
     def _record_migration(self, result: llumlet_pb2.MigrationResult) -> None:
         self.migration_results.append(result)
-                    self.pairing_decisions[config.pairing_policy, "source_busy"] += 1
         del self.migration_results[:-1000]
-                self.pairing_decisions[config.pairing_policy, "ordered"] += 1
         for hook in self.on_migration:
             hook(result)
 
@@ -550,15 +580,28 @@ class SchedulerReplica:
         if self.provider is None:
             return
         for iid, load in self.cluster.loads.items():
-            if load.state == common_pb2.INSTANCE_STATE_DRAINING and not load.requests and not load.migrating_in:
-                asyncio.get_running_loop().create_task(self._stop_later(iid))
+            if (
+                load.state == common_pb2.INSTANCE_STATE_DRAINING
+                and not load.requests
+                and not load.migrating_in
+                and iid not in self._stop_tasks
+            ):
+                self._stop_tasks[iid] = self._spawn(self._stop_later(iid), f"stop-drained-{iid}")
 
     async def _stop_later(self, instance_id: str) -> None:
-        await asyncio.sleep(5.0)
-        load = self.cluster.loads.get(instance_id)
-        if load is not None and load.state == common_pb2.INSTANCE_STATE_DRAINING and not load.requests:
+        try:
+            await asyncio.sleep(self.timing.drained_stop_after)
+            load = self.cluster.loads.get(instance_id)
+            if load is None or load.state != common_pb2.INSTANCE_STATE_DRAINING or load.requests:
+                return
+            if not self.is_leader:
+                log.info("not stopping drained instance %s: no longer the leader", instance_id)
+                return
             assert self.provider is not None
             await self.provider.stop_instance(instance_id)
+        finally:
+            if self._stop_tasks.get(instance_id) is asyncio.current_task():
+                del self._stop_tasks[instance_id]
 
     async def _scaling_loop(self) -> None:
         while True:
@@ -587,6 +630,9 @@ class SchedulerReplica:
         """A provider that cannot start instances (Ray head gone, placement impossible) is logged and retried at the
         next scaling pass, never the end of the scaling loop."""
         assert self.provider is not None
+        if not self.is_leader:
+            log.info("not starting %d instance(s): no longer the leader", count)
+            return
         try:
             await self.provider.start_instances(count)
         except Exception as exc:
@@ -697,6 +743,11 @@ class SchedulerReplica:
                 )
             )
         for address, outputs in by_frontend.items():
+            try:
+                self.require_leader()  # it may have stepped down during an earlier push: the next leader reports them
+            except NotLeaderError:
+                log.info("not reporting instance %s's requests to %s: no longer the leader", instance_id, address)
+                return
             try:
                 async with open_channel(address) as channel:
                     await frontend_pb2_grpc.OutputSinkServiceStub(channel).PushOutputs(

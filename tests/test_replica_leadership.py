@@ -1,0 +1,265 @@
+"""A scheduler replica's leader work ends with its term: step-down cancels what the term started, and no order
+(migrate-out, instance state, provider start/stop, failed-request report) leaves a replica that no longer leads.
+
+The replica runs its real ``_lead`` against a fake election (no etcd); llumlets are fake stubs, frontends real gRPC
+servers. Every wait is on an event with a deadline, never a bare sleep that a slow machine could outrun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from typing import Any, cast
+
+from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
+from pyllumnix.control_plane.policy.pairing import MigrateOrder
+from pyllumnix.control_plane.policy.scaling import ScalingDecision
+from pyllumnix.control_plane.scheduler.replica import ReplicaTiming, SchedulerReplica
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.grpc_server import RunningServer, start_server
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2
+
+DEADLINE_S = 10.0
+
+
+class FakeLeadership:
+    """The part of ``infra.etcd.election.Leadership`` a replica uses; ``step_down`` is a lost lease."""
+
+    def __init__(self, revision: int = 7) -> None:
+        self.revision = revision
+        self.lost = asyncio.Event()
+        self.lost_reason: str | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        return not self.lost.is_set()
+
+    def step_down(self, reason: str = "lease lost") -> None:
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
+
+    async def resign(self) -> None:
+        self.step_down("resigned")
+
+
+class FakeElection:
+    """Wins the first campaign at once; a second one (after step-down) would wait forever."""
+
+    def __init__(self) -> None:
+        self.leadership = FakeLeadership()
+
+    async def campaign(self, value: bytes) -> FakeLeadership:
+        return self.leadership
+
+
+class FakeLlumlet:
+    """Records orders; MigrateOut waits (like ``wait=True``) until released or cancelled."""
+
+    def __init__(self, instance_id: str, log: list[str]) -> None:
+        self.instance_id = instance_id
+        self.log = log
+        self.release = asyncio.Event()
+        self.on_state: Callable[[], None] | None = None
+
+    async def MigrateOut(self, request: Any, *, timeout: float, metadata: Any) -> llumlet_pb2.MigrateOutResponse:
+        self.log.append(f"migrate-out {self.instance_id}")
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.log.append(f"cancelled {self.instance_id}")
+            raise
+        return llumlet_pb2.MigrateOutResponse()
+
+    async def SetInstanceState(
+        self, request: Any, *, timeout: float, metadata: Any
+    ) -> llumlet_pb2.SetInstanceStateResponse:
+        self.log.append(f"state {self.instance_id} {request.state}")
+        if self.on_state is not None:
+            self.on_state()
+        return llumlet_pb2.SetInstanceStateResponse()
+
+
+class FakeProvider:
+    """Starts nothing real; a stopped instance leaves the registry, as a real one would."""
+
+    max_instances = 16
+
+    def __init__(self, replica: SchedulerReplica, log: list[str]) -> None:
+        self.replica = replica
+        self.log = log
+        self.stopped = asyncio.Event()
+
+    async def start_instances(self, count: int) -> list[str]:
+        self.log.append(f"start {count}")
+        return []
+
+    async def stop_instance(self, instance_id: str) -> bool:
+        self.log.append(f"stop {instance_id}")
+        self.replica.cluster.remove(instance_id)
+        self.stopped.set()
+        return True
+
+    def starting(self) -> set[str]:
+        return set()
+
+    def registered(self, instance_id: str) -> None:
+        pass
+
+
+def make_replica(ids: tuple[str, ...], log: list[str], **timing: float) -> tuple[SchedulerReplica, FakeElection]:
+    replica = SchedulerReplica(
+        cast(Any, object()),
+        KeyLayout("c1"),
+        "s0",
+        "127.0.0.1:1",
+        timing=ReplicaTiming(**timing),  # type: ignore[arg-type]
+    )
+    election = FakeElection()
+    replica.election = cast(Any, election)
+    replica.core.reconfigure(dataclasses.replace(PolicyConfig(), pairing_interval_ms=10, scaling_interval_ms=100))
+    stubs = {iid: FakeLlumlet(iid, log) for iid in ids}
+    for iid in ids:
+        replica.cluster.upsert(common_pb2.InstanceInfo(instance_id=iid, grpc_address=f"127.0.0.1:{1000 + len(iid)}"))
+    replica._llumlet = lambda instance_id: cast(Any, stubs[instance_id])  # type: ignore[method-assign]
+    return replica, election
+
+
+async def wait_until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(DEADLINE_S):
+        while not check():
+            await asyncio.sleep(0.005)
+
+
+async def test_step_down_cancels_the_orders_of_a_pairing_round_still_in_flight() -> None:
+    log: list[str] = []
+    replica, election = make_replica(("a", "b", "c"), log)
+    orders = [MigrateOrder("a", "c", Selection.SR), MigrateOrder("b", "c", Selection.SR)]
+    replica.core.pair = lambda snapshot: orders  # type: ignore[method-assign]
+    lead = asyncio.create_task(replica._lead())
+    await wait_until(lambda: len(log) >= 2)  # both orders sent, both waiting for their migration's end
+    assert sorted(log) == ["migrate-out a", "migrate-out b"]
+    election.leadership.step_down()
+    async with asyncio.timeout(DEADLINE_S):
+        await lead
+    # Nothing of the old term waits on: both orders were cancelled, and no source counts as busy any more.
+    assert sorted(log) == ["cancelled a", "cancelled b", "migrate-out a", "migrate-out b"]
+    assert replica._order_in_flight == {} and not replica.is_leader
+    await asyncio.sleep(0.05)  # several pairing periods: no further order
+    assert len(log) == 4
+
+
+async def test_a_pairing_round_during_which_leadership_is_lost_sends_nothing() -> None:
+    log: list[str] = []
+    replica, election = make_replica(("a", "c"), log)
+
+    def pair_then_lose(snapshot: Any) -> list[MigrateOrder]:
+        election.leadership.step_down()  # the lease is lost while the round decides
+        return [MigrateOrder("a", "c", Selection.SR)]
+
+    replica.core.pair = pair_then_lose  # type: ignore[method-assign]
+    async with asyncio.timeout(DEADLINE_S):
+        await replica._lead()
+    await asyncio.sleep(0.05)
+    assert log == [] and replica.migrations_ordered == 0
+
+
+async def test_a_scaling_pass_stops_ordering_once_its_term_ended_mid_pass() -> None:
+    log: list[str] = []
+    replica, election = make_replica(("a", "b"), log)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    replica.core.reconfigure(dataclasses.replace(replica.core.config, enable_scaling=True))
+    replica.core.scale = lambda snapshot, starting_count=0: ScalingDecision(  # type: ignore[method-assign]
+        start=2, drain=("a",)
+    )
+    # The drain order for a is answered, but the term ended while it was in flight.
+    stub_a = cast(FakeLlumlet, replica._llumlet("a"))
+    stub_a.on_state = election.leadership.step_down
+    async with asyncio.timeout(DEADLINE_S):
+        await replica._lead()
+    assert log == [f"state a {common_pb2.INSTANCE_STATE_DRAINING}"]  # no instance started by the old term
+
+
+async def test_a_drained_instance_is_stopped_once_while_leading() -> None:
+    """The control for the next test: while the replica leads, the delayed stop does happen (once)."""
+    log: list[str] = []
+    replica, election = make_replica(("d",), log, drained_stop_after=0.2)
+    provider = FakeProvider(replica, log)
+    replica.provider = cast(Any, provider)
+    replica.core.pair = lambda snapshot: []  # type: ignore[method-assign]
+    replica.report(common_pb2.InstanceLoad(instance_id="d", seq=1, state=common_pb2.INSTANCE_STATE_DRAINING))
+    lead = asyncio.create_task(replica._lead())
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            await provider.stopped.wait()
+        await asyncio.sleep(0.1)  # the other pairing rounds that saw d drained must not stop it again
+        assert log == ["stop d"]
+    finally:
+        election.leadership.step_down()
+        async with asyncio.timeout(DEADLINE_S):
+            await lead
+
+
+async def test_a_drained_instance_is_not_stopped_by_a_replica_that_stepped_down() -> None:
+    log: list[str] = []
+    replica, election = make_replica(("d",), log, drained_stop_after=0.2)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    rounds: list[int] = []
+
+    def count_round(snapshot: Any) -> list[MigrateOrder]:
+        rounds.append(1)
+        return []
+
+    replica.core.pair = count_round  # type: ignore[method-assign]
+    replica.report(common_pb2.InstanceLoad(instance_id="d", seq=1, state=common_pb2.INSTANCE_STATE_DRAINING))
+    lead = asyncio.create_task(replica._lead())
+    await wait_until(lambda: len(rounds) >= 3)  # the stop of d is pending
+    election.leadership.step_down()
+    async with asyncio.timeout(DEADLINE_S):
+        await lead
+    await asyncio.sleep(0.4)  # twice drained_stop_after
+    assert log == []
+
+
+class Sink(frontend_pb2_grpc.OutputSinkServiceServicer):
+    def __init__(self, got: list[str], on_push: Callable[[], None] | None = None) -> None:
+        self.got = got
+        self.on_push = on_push
+
+    async def PushOutputs(
+        self, request: frontend_pb2.PushOutputsRequest, context: Any
+    ) -> frontend_pb2.PushOutputsResponse:
+        self.got.extend(o.request_id for o in request.outputs)
+        if self.on_push is not None:
+            self.on_push()
+        return frontend_pb2.PushOutputsResponse()
+
+
+async def serve_sink(sink: Sink) -> RunningServer:
+    return await start_server(
+        [(frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, sink, "llumnix.v1.OutputSinkService")]
+    )
+
+
+async def test_lost_requests_are_not_reported_after_a_step_down_between_two_frontends() -> None:
+    replica, election = make_replica((), [])
+    replica.leadership = cast(Any, election.leadership)
+    got_a: list[str] = []
+    got_b: list[str] = []
+    server_a = await serve_sink(Sink(got_a, on_push=election.leadership.step_down))  # type: ignore[abstract]
+    server_b = await serve_sink(Sink(got_b))  # type: ignore[abstract]
+    try:
+        load = common_pb2.InstanceLoad(
+            instance_id="i-1",
+            requests=[
+                common_pb2.RequestLoad(request_id="r-a", frontend_address=server_a.address),
+                common_pb2.RequestLoad(request_id="r-b", frontend_address=server_b.address),
+            ],
+        )
+        await replica._fail_requests("i-1", load, "its process is gone")
+        assert got_a == ["r-a"]  # sent while leading
+        assert got_b == []  # the term ended during the first push: the next leader reports r-b
+    finally:
+        await server_a.stop(None)
+        await server_b.stop(None)
