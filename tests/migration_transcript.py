@@ -34,7 +34,7 @@ from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigrat
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration
 
-_REST_KEYS = ("reason", "error")
+_REST_KEYS = ("reason", "error", "layout_mismatch")
 _SOURCE_EVENTS: dict[str, type] = {
     "start": ev.Start,
     "observed": ev.Observed,

@@ -177,15 +177,29 @@ def test_mismatches_name_every_difference() -> None:
     b = KvLayout("page[2,4,2,8]", 256, "float16", 3, 32)
     with pytest.raises(KvLayoutMismatch) as e:
         check_compatible(a, b)
-    text = str(e.value)
+    text, _, both = str(e.value).partition(" (here ")
     assert "dtype" in text and "page bytes" in text and "block size" in text and "layers" not in text
+    assert a.encode() in both and b.encode() in both  # the error names both layouts in full
     with pytest.raises(KvLayoutMismatch, match="page layout"):
         check_compatible(host_bytes_layout(1536, 16), a)
+
+
+def test_kernel_split_and_device_kind_are_part_of_the_layout() -> None:
+    whole = BlockMover(LAYOUTS["cpu-NHB2D"](), N, block_size=BS).layout
+    split = BlockMover(_kernel_split(2)(), N, block_size=BS).layout
+    assert (whole.kernel_split, split.kernel_split) == (1, 2) and whole.device == "cpu"
+    with pytest.raises(KvLayoutMismatch, match="kernel blocks per block: 1 here vs 2"):
+        check_compatible(whole, split)
+    gpu = KvLayout(whole.name, whole.page_bytes, whole.dtype, whole.num_layers, BS, 1, "cuda")
+    with pytest.raises(KvLayoutMismatch, match="device: 'cpu' here vs 'cuda' at the peer"):
+        check_compatible(whole, gpu)
 
 
 def test_descriptor_round_trips_through_text() -> None:
     a = KvLayout("page[2,4,2,8]", 512, "bfloat16", 32, 16)
     assert KvLayout.decode(a.encode()) == a
+    b = KvLayout("page[4,2,4,2,8]", 1024, "float16", 2, 16, 4, "cuda")
+    assert KvLayout.decode(b.encode()) == b
     with pytest.raises(KvLayoutError):
         KvLayout.decode("page[2];page=x")
 

@@ -34,6 +34,7 @@ def test_transcripts_cover_every_path() -> None:
         *(f"refuse kind={k}" for k in ("unknown", "not_accepting", "no_slot", "no_blocks", "data_lost", "timed_out")),
         "refuse kind=not_ready",
         "refuse kind=duplicate",
+        "refuse kind=incompatible",
     ):
         assert needle in text, needle
     assert sum(1 for p in TRANSCRIPTS for _ in parse(p)) >= 40

@@ -266,6 +266,7 @@ def pre(mid: str, source: str, *, stage: int = 0, blocks: int = 2) -> llumlet_pb
     )
     if stage == 0:
         request.request.CopyFrom(migrating("127.0.0.1:7000"))
+        request.kv_layout = SimEngine("tiny", payload=False).kv_layout().encode()  # a peer of the same engine
     return request
 
 

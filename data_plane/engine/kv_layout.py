@@ -45,6 +45,11 @@ class KvLayout:
     dtype: str
     num_layers: int = 1
     block_size: int = 0
+    # Kernel blocks per manager block (vLLM may run attention on smaller blocks; the page name shows it too).
+    kernel_split: int = 1
+    # The KV memory's kind, ``cpu`` or ``cuda`` (not the index: peers on different GPUs are compatible). A device
+    # engine and a host engine are refused: their migrations would take paths neither side set up.
+    device: str = "cpu"
 
     @property
     def block_bytes(self) -> int:
@@ -52,7 +57,10 @@ class KvLayout:
 
     def encode(self) -> str:
         """A compact text form for a handshake string field; ``decode`` reverses it."""
-        return f"{self.name};page={self.page_bytes};dtype={self.dtype};layers={self.num_layers};bs={self.block_size}"
+        return (
+            f"{self.name};page={self.page_bytes};dtype={self.dtype};layers={self.num_layers};bs={self.block_size}"
+            f";split={self.kernel_split};dev={self.device}"
+        )
 
     @classmethod
     def decode(cls, text: str) -> KvLayout:
@@ -64,7 +72,15 @@ class KvLayout:
                 raise KvLayoutError(f"bad KV layout descriptor {text!r}")
             fields[k] = v
         try:
-            return cls(name, int(fields["page"]), fields["dtype"], int(fields["layers"]), int(fields["bs"]))
+            return cls(
+                name,
+                int(fields["page"]),
+                fields["dtype"],
+                int(fields["layers"]),
+                int(fields["bs"]),
+                int(fields.get("split", "1")),
+                fields.get("dev", "cpu"),
+            )
         except (KeyError, ValueError) as e:
             raise KvLayoutError(f"bad KV layout descriptor {text!r}: {e}") from e
 
@@ -84,11 +100,16 @@ def check_compatible(local: KvLayout, remote: KvLayout) -> None:
             ("dtype", local.dtype, remote.dtype),
             ("layers", local.num_layers, remote.num_layers),
             ("block size (tokens)", local.block_size, remote.block_size),
+            ("kernel blocks per block", local.kernel_split, remote.kernel_split),
+            ("device", local.device, remote.device),
         )
         if a != b
     ]
     if diffs:
-        raise KvLayoutMismatch("KV cache layouts differ, blocks cannot migrate: " + "; ".join(diffs))
+        raise KvLayoutMismatch(
+            f"KV cache layouts differ, blocks cannot migrate: {'; '.join(diffs)} "
+            f"(here {local.encode()!r}, peer {remote.encode()!r})"
+        )
 
 
 def check_peer_layout(local: KvLayout, peer_encoded: str) -> None:
@@ -147,6 +168,8 @@ class BlockMover:
             dtype_name,
             self.num_layers,
             block_size,
+            int(self._views[0].shape[1]),
+            self.device.type,
         )
         self.fused_view, self.page_contiguous = self._fuse()
         self.fused = self.fused_view is not None

@@ -179,6 +179,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         heartbeat_s=opts.heartbeat_s or None,
     )
     kind, transport_opts = transport_options(opts.transport, opts.host, opts.advertise_host)
+    if kind == "ucx" and engine.kv_device != "cpu":  # UCX moves the GPU's chunks directly (#17)
+        transport_opts["device"] = engine.kv_device
     transport = make_transport(kind, **transport_opts)
     data_plane_address = await transport.start()
     coordinator = MigrationCoordinator(llumlet, transport, opts.migration)
@@ -188,8 +190,6 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     )
     advertise = opts.advertise_host or (opts.host if opts.host not in ("0.0.0.0", "::") else socket.gethostname())
     grpc_address = f"{advertise}:{server.port}"
-    coordinator.prewarm()
-    llumlet.start()
     metrics_server = None
     if opts.metrics_port >= 0:
         llumlet.metrics = InstanceMetrics(
@@ -200,6 +200,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
             engine.request_ids,
         )
         metrics_server = await start_metrics_server(llumlet.metrics.registry, opts.host, opts.metrics_port, advertise)
+    coordinator.prewarm()
+    llumlet.start()
     coordinator.start()
     info = common_pb2.InstanceInfo(
         instance_id=instance_id,
@@ -261,10 +263,10 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         "data_plane_address": data_plane_address,
         "transport": info.transport,
     }
-    print(json.dumps(ready), flush=True)
-    await stop.wait()
     if metrics_server is not None:
         ready["metrics_address"] = metrics_server.address
+    print(json.dumps(ready), flush=True)
+    await stop.wait()
     for task in background:
         task.cancel()
     log.info("llumlet %s stopping", instance_id)
@@ -278,10 +280,10 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     await coordinator.close()
     await llumlet.stop()
     await transport.close()
-    return 0
-
     if metrics_server is not None:
         await metrics_server.close()
+    return 0
+
 
 @click.command("llumlet")
 @click.option("--instance-id", default="", help="Unique id (default: llumlet-<random>).")
@@ -378,8 +380,6 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     help="Seconds of silence after which a held request gets a token-less 'still here' output, so its frontend's"
     " idle timeout does not end a request queued here (0: never). Keep it below a third of that timeout.",
 )
-@security_options
-@click.option("--log-level", default="INFO", show_default=True)
 @click.option(
     "--metrics-port",
     type=click.IntRange(min=-1),
@@ -388,6 +388,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     help="Port of this instance's Prometheus /metrics (vLLM's metric names) on --host (0: any free port, named in"
     " the ready line; -1: off).",
 )
+@security_options
+@click.option("--log-level", default="INFO", show_default=True)
 def llumlet_command(
     instance_id: str,
     host: str,
@@ -423,9 +425,9 @@ def llumlet_command(
     transfer_timeout: float,
     stall_timeout: float,
     output_heartbeat: float,
+    metrics_port: int,
     log_level: str,
     **security: Any,
-    metrics_port: int,
 ) -> None:
     """Run one engine instance (a llumlet). Secure by default: give its certificates (--tls-dir or --ca/--cert/--key;
     the certificate's id is the instance id) or --insecure."""
@@ -463,9 +465,9 @@ def llumlet_command(
         sink_idle_s=sink_idle_close,
         max_waiting=max_waiting,
         heartbeat_s=output_heartbeat,
+        metrics_port=metrics_port,
         load_interval_ms=load_interval_ms,
         migration=MigrationSettings(
-        metrics_port=metrics_port,
             limits=MigrationLimits(last_stage_max_blocks, max_stages),
             pending_timeout_s=pending_timeout,
             transfer_timeout_s=transfer_timeout,

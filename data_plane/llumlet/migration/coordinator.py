@@ -26,8 +26,9 @@ import grpc
 
 from pyllumnix.control_plane.policy.config import Selection
 from pyllumnix.control_plane.policy.selection import select_request
-from pyllumnix.control_plane.policy.snapshot import RequestView
-from pyllumnix.data_plane.engine.base import BlockBuffer, MigrationState, UnknownRequestError
+from pyllumnix.data_plane.engine.base import KvBuffer, MigrationState, UnknownRequestError
+from pyllumnix.data_plane.engine.device import Ready
+from pyllumnix.data_plane.engine.kv_layout import LAYOUT_HOST_BYTES
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.migration import events as ev
@@ -36,6 +37,7 @@ from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigrat
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
 from pyllumnix.data_plane.llumlet.service import MigrationError
+from pyllumnix.data_plane.llumlet.views import request_views
 from pyllumnix.data_plane.transport.base import Transport, TransportError
 from pyllumnix.data_plane.transport.fusion import (
     DEFAULT_CHUNK_BYTES,
@@ -69,6 +71,10 @@ class MigrationSettings:
     # CRC-32 of every stage's bytes, checked by the destination before the commit (#13: on by default, so a corrupted
     # or tampered transfer never becomes a request's KV; zlib.crc32 ran at ~0.5 GB/s on the shared dev machine).
     verify_crc: bool = True
+    # Chunk buffers as torch tensors on the engine's KV device, filled and drained by its asynchronous hooks (#17):
+    # None picks them for engines whose KV cache is torch tensors (vLLM), host arrays for opaque host bytes (the
+    # simulated engine, unchanged); True forces them (any engine's default hooks take CPU tensors), False host arrays.
+    device_buffers: bool | None = None
 
 
 class MigrationHooks:
@@ -131,6 +137,7 @@ _REFUSAL_CODES = {
     ev.Refusal.DATA_LOST: grpc.StatusCode.DATA_LOSS,
     ev.Refusal.TIMED_OUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     ev.Refusal.NOT_READY: grpc.StatusCode.FAILED_PRECONDITION,
+    ev.Refusal.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _OUTCOMES = {
     ev.Outcome.COMMITTED: llumlet_pb2.MIGRATION_OUTCOME_COMMITTED,
@@ -170,13 +177,35 @@ class MigrationCoordinator:
         # Warm chunk buffers, one set per concurrent transfer (taken from and returned to these pools).
         self._send_pool: list[ChunkBuffers] = []
         self._recv_pool: list[ChunkBuffers] = []
+        self.chunk_device = self._chunk_device()
+
+    def _chunk_device(self) -> str | None:
+        """Where chunk buffers live (None: host numpy arrays); refuses a transport that cannot carry that memory
+        now, at start-up, rather than at the first migration."""
+        engine = self.llumlet.engine
+        want = self.settings.device_buffers
+        if want is None:
+            want = engine.kv_layout().name != LAYOUT_HOST_BYTES or engine.kv_device != "cpu"
+        device = engine.kv_device if want else None
+        carried = getattr(self.transport, "device", None)
+        if carried and carried != device:
+            raise ValueError(
+                f"the data-plane transport carries device memory on {carried}, but this engine's migration chunks "
+                f"are {'host memory' if device is None else 'on ' + device}: create the transport for the KV device"
+            )
+        if device is None and engine.kv_device != "cpu":
+            raise ValueError(f"the KV cache is on {engine.kv_device}: migration chunk buffers must live there too")
+        return device
+
+    def _buffers(self, pool: list[ChunkBuffers], count: int) -> ChunkBuffers:
+        return pool.pop() if pool else ChunkBuffers(count, device=self.chunk_device)
 
     def prewarm(self) -> None:
         """Touches one set of send and receive buffers now, so the first migration pays no page faults."""
         engine = self.llumlet.engine
         blocks = plan_chunks(1, engine.block_bytes, self.settings.chunk_bytes).blocks_per_chunk
         for pool, count in ((self._send_pool, 3), (self._recv_pool, 4)):
-            buffers = ChunkBuffers(count)
+            buffers = ChunkBuffers(count, device=self.chunk_device)
             buffers.prewarm(blocks, engine.block_bytes)
             pool.append(buffers)
 
@@ -280,7 +309,7 @@ class MigrationCoordinator:
         async with self.llumlet.engine_lock:
             snap = self.llumlet.engine.load()
         selected = Selection(selection) if selection in Selection._value2member_map_ else Selection.SR
-        return select_request([RequestView.from_engine(r) for r in snap.requests], selected)
+        return select_request(request_views(snap.requests), selected)
 
     async def _migrate_one(
         self, limits: MigrationLimits, mid: str, rid: str, dst_id: str, dst_address: str
@@ -422,6 +451,7 @@ class MigrationCoordinator:
                     return peeked
                 state = peeked
             pre.request.CopyFrom(convert.migration_state_to_pb(state, out.frontend))
+            pre.kv_layout = self.llumlet.engine.kv_layout().encode()
         reply, error = await self._rpc(
             out.stub.PreAllocate(pre, timeout=self.settings.transfer_timeout_s), "pre-allocate"
         )
@@ -527,11 +557,15 @@ class MigrationCoordinator:
         if not src_ids:
             return 0, 0
         engine = self.llumlet.engine
-        buffers = self._send_pool.pop() if self._send_pool else ChunkBuffers(3)
+        buffers = self._buffers(self._send_pool, 3)
+        device = self.chunk_device is not None
 
-        def read(ids: Sequence[int]) -> BlockBuffer:
+        def read(ids: Sequence[int]) -> KvBuffer | tuple[KvBuffer, Ready]:
             # send_blocks gathers one chunk ahead of the one in flight: three buffers in turn never overlap
-            return engine.read_blocks(ids, buffers.rotate(len(ids), engine.block_bytes))
+            out = buffers.rotate(len(ids), engine.block_bytes)
+            if device:  # a kernel on the KV device; send_blocks waits for its handle before sending
+                return engine.read_blocks_async(ids, out)
+            return engine.read_blocks(ids, out)
 
         try:
             sent = await send_blocks(
@@ -545,6 +579,7 @@ class MigrationCoordinator:
                 timeout=self.settings.transfer_timeout_s,
                 stall_timeout=self.settings.stall_timeout_s,
                 checksum=self.settings.verify_crc,
+                staging=buffers if device else None,
             )
         finally:
             self._send_pool.append(buffers)
@@ -560,12 +595,14 @@ class MigrationCoordinator:
             machine = DestinationMigration(mid, self._in_slots, self.llumlet.instance_id)
             incoming = _Incoming(mid, request.source_instance_id, request.request, machine)
             accepting = self.llumlet.state == common_pb2.INSTANCE_STATE_ACTIVE
-            problem = None
-            if request.stage == 0 and request.num_blocks >= 0 and accepting:
+            problem, mismatch = None, ""
+            if request.stage == 0:
+                mismatch = perform.layout_mismatch(self.llumlet.engine, request.kv_layout)
+            if request.stage == 0 and request.num_blocks >= 0 and accepting and not mismatch:
                 problem = perform.admission_problem(
                     self.llumlet.engine, convert.migration_state_from_pb(request.request)
                 )
-            offer = ev.Offered(request.stage, request.num_blocks, accepting, problem)
+            offer = ev.Offered(request.stage, request.num_blocks, accepting, problem, mismatch)
             self._incoming[mid] = incoming
             self.llumlet.set_migrating(incoming=True)
         else:
@@ -648,17 +685,24 @@ class MigrationCoordinator:
     async def _receive_stage(self, mid: str, stage: int, ids: list[int]) -> tuple[int, int]:
         engine = self.llumlet.engine
 
-        def write(block_ids: Sequence[int], data: BlockBuffer) -> None:
-            engine.write_blocks(block_ids, data)
+        device = self.chunk_device is not None
+
+        def write(block_ids: Sequence[int], data: KvBuffer) -> Ready | None:
+            ready: Ready | None = None
+            if device:  # a kernel on the KV device; receive_blocks waits for it before reusing the ring slot
+                ready = engine.write_blocks_async(block_ids, data)
+            else:
+                engine.write_blocks(block_ids, data)
             incoming = self._incoming.get(mid)
             if incoming is not None:  # bytes arriving: the source is alive, the reaper must not free a live stage
                 incoming.last_touch = time.monotonic()
+            return ready
 
         incoming = self._incoming.get(mid)
         if incoming is None:  # freed before this stage's receive began
             raise TransportError(f"migration {mid} is no longer expected here")
         token = incoming.transfer_token
-        buffers = self._recv_pool.pop() if self._recv_pool else ChunkBuffers(4)
+        buffers = self._buffers(self._recv_pool, 4)
         try:
             got = await receive_blocks(
                 self.transport,

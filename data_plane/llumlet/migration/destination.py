@@ -1,6 +1,7 @@
 """The destination side of one migration as a pure state machine: ``step(event) -> actions``, no I/O, no clock.
 
-It admits the first stage (instance accepting, a free ``max_in`` slot, a request it can hold), reserves each stage's
+It admits the first stage (a KV layout byte-compatible with the source's, instance accepting, a free ``max_in``
+slot, a request it can hold), reserves each stage's
 blocks, checks that what the source says it sent is what arrived, installs the request on commit and frees every
 reserved block on any other ending: a refusal, a failed stage, a failed install, the source's abort, or a source
 silent for the pending timeout. A reservation that completes after the migration ended is freed at once.
@@ -83,6 +84,8 @@ class DestinationMigration:
             return self._refuse(Refusal.UNKNOWN, f"unknown migration {self.migration_id} (timed out?)")
         if event.num_blocks < 0:
             return self._refuse(Refusal.INVALID, "num_blocks must be >= 0")
+        if event.layout_mismatch:
+            return self._refuse(Refusal.INCOMPATIBLE, event.layout_mismatch)
         if not event.accepting:
             return self._refuse(Refusal.NOT_ACCEPTING, f"{self.instance} takes no requests")
         if event.invalid is not None:

@@ -202,12 +202,15 @@ SourceAction = (
 @dataclass(frozen=True)
 class Offered:
     """The source asks to reserve ``num_blocks`` for ``stage``. For a first stage the driver also says whether the
-    instance takes requests and what is wrong with the request it carries (``invalid``: none when it is fine)."""
+    instance takes requests, what is wrong with the request it carries (``invalid``: none when it is fine), and how
+    the source's KV layout differs from this engine's (``layout_mismatch``: empty when the blocks are
+    byte-compatible; refused before anything else, since no other answer could make the migration safe)."""
 
     stage: int
     num_blocks: int
     accepting: bool = True
     invalid: Refuse | None = None
+    layout_mismatch: str = ""
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,7 @@ class Refusal(enum.Enum):
     DATA_LOST = "data_lost"
     TIMED_OUT = "timed_out"
     NOT_READY = "not_ready"  # commit before every stage landed, or the install failed
+    INCOMPATIBLE = "incompatible"  # the two engines' KV layouts differ: their blocks cannot migrate
 
 
 @dataclass(frozen=True)

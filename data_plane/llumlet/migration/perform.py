@@ -14,6 +14,7 @@ from pyllumnix.data_plane.engine.base import (
     Phase,
     UnknownRequestError,
 )
+from pyllumnix.data_plane.engine.kv_layout import KvLayoutMismatch, check_peer_layout
 from pyllumnix.data_plane.llumlet.migration.events import (
     BlocksReserved,
     Installed,
@@ -79,6 +80,15 @@ def install(engine: Engine, state: MigrationState, block_ids: Sequence[int], now
     except EngineError as exc:
         return InstallFailed(str(exc))
     return Installed()
+
+
+def layout_mismatch(engine: Engine, peer_layout: str) -> str:
+    """Why the source's KV blocks (its ``KvLayout.encode()``) cannot land in this engine's: empty when they can."""
+    try:
+        check_peer_layout(engine.kv_layout(), peer_layout)
+    except KvLayoutMismatch as exc:
+        return str(exc)
+    return ""
 
 
 def admission_problem(engine: Engine, state: MigrationState) -> Refuse | None:
