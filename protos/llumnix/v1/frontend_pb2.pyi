@@ -225,6 +225,64 @@ class PushOutputsResponse(_message.Message):
 Global___PushOutputsResponse: _TypeAlias = PushOutputsResponse  # noqa: Y015
 
 @_typing.final
+class StreamOutputsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    ACK_REQUESTED_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Numbers the batches of one llumlet's push to this frontend: increasing, also across streams (a resent batch keeps
+    its number).
+    """
+    ack_requested: _builtins.bool
+    """Answer with a StreamOutputsResponse once this batch (and every earlier one) was applied."""
+    @_builtins.property
+    def batch(self) -> Global___PushOutputsRequest:
+        """The outputs (instance_id: the pushing llumlet, the same on every message of a stream)."""
+
+    def __init__(
+        self,
+        *,
+        batch: Global___PushOutputsRequest | None = ...,
+        seq: _builtins.int = ...,
+        ack_requested: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_requested", b"ack_requested", "batch", b"batch", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamOutputsRequest: _TypeAlias = StreamOutputsRequest  # noqa: Y015
+
+@_typing.final
+class StreamOutputsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKED_SEQ_FIELD_NUMBER: _builtins.int
+    UNKNOWN_REQUEST_IDS_FIELD_NUMBER: _builtins.int
+    acked_seq: _builtins.int
+    """Every batch numbered up to this was applied."""
+    @_builtins.property
+    def unknown_request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Requests named in those batches that this frontend does not track (the llumlet aborts them)."""
+
+    def __init__(
+        self,
+        *,
+        acked_seq: _builtins.int = ...,
+        unknown_request_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_seq", b"acked_seq", "unknown_request_ids", b"unknown_request_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamOutputsResponse: _TypeAlias = StreamOutputsResponse  # noqa: Y015
+
+@_typing.final
 class HandOverRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

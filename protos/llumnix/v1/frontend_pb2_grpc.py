@@ -162,6 +162,11 @@ class OutputSinkServiceStub:
                 request_serializer=llumnix_dot_v1_dot_frontend__pb2.PushOutputsRequest.SerializeToString,
                 response_deserializer=llumnix_dot_v1_dot_frontend__pb2.PushOutputsResponse.FromString,
                 _registered_method=True)
+        self.StreamOutputs = channel.stream_stream(
+                '/llumnix.v1.OutputSinkService/StreamOutputs',
+                request_serializer=llumnix_dot_v1_dot_frontend__pb2.StreamOutputsRequest.SerializeToString,
+                response_deserializer=llumnix_dot_v1_dot_frontend__pb2.StreamOutputsResponse.FromString,
+                _registered_method=True)
         self.HandOver = channel.unary_unary(
                 '/llumnix.v1.OutputSinkService/HandOver',
                 request_serializer=llumnix_dot_v1_dot_frontend__pb2.HandOverRequest.SerializeToString,
@@ -176,6 +181,19 @@ class OutputSinkServiceServicer:
     def PushOutputs(self, request, context):
         """A batch of outputs (at most one per request per engine step). Unknown requests are listed in the response so the
         llumlet can abort them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamOutputs(self, request_iterator, context):
+        """The llumlets' push: one long-lived stream per (llumlet, frontend) pair, each message the outputs of one or more
+        engine steps for this frontend (all requests of a step in one message), numbered by `seq`. The frontend applies
+        the batches in order and answers only when asked (`ack_requested`) or when a batch named requests it does not
+        know; an answer acknowledges every batch up to its `acked_seq`. A llumlet resends its unacknowledged batches on a
+        new stream after a failure (the frontend drops tokens it has by their index). The caller's certificate identity
+        is checked once per stream, each output's capability token per output, as for PushOutputs; a refused batch ends
+        the stream with PERMISSION_DENIED. Only llumlets call it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,6 +215,11 @@ def add_OutputSinkServiceServicer_to_server(servicer, server):
                     servicer.PushOutputs,
                     request_deserializer=llumnix_dot_v1_dot_frontend__pb2.PushOutputsRequest.FromString,
                     response_serializer=llumnix_dot_v1_dot_frontend__pb2.PushOutputsResponse.SerializeToString,
+            ),
+            'StreamOutputs': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamOutputs,
+                    request_deserializer=llumnix_dot_v1_dot_frontend__pb2.StreamOutputsRequest.FromString,
+                    response_serializer=llumnix_dot_v1_dot_frontend__pb2.StreamOutputsResponse.SerializeToString,
             ),
             'HandOver': grpc.unary_unary_rpc_method_handler(
                     servicer.HandOver,
@@ -232,6 +255,33 @@ class OutputSinkService:
             '/llumnix.v1.OutputSinkService/PushOutputs',
             llumnix_dot_v1_dot_frontend__pb2.PushOutputsRequest.SerializeToString,
             llumnix_dot_v1_dot_frontend__pb2.PushOutputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamOutputs(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llumnix.v1.OutputSinkService/StreamOutputs',
+            llumnix_dot_v1_dot_frontend__pb2.StreamOutputsRequest.SerializeToString,
+            llumnix_dot_v1_dot_frontend__pb2.StreamOutputsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -89,6 +89,15 @@ class OutputSinkServiceStub:
     """A batch of outputs (at most one per request per engine step). Unknown requests are listed in the response so the
     llumlet can abort them.
     """
+    StreamOutputs: _grpc.StreamStreamMultiCallable[_frontend_pb2.StreamOutputsRequest, _frontend_pb2.StreamOutputsResponse]
+    """The llumlets' push: one long-lived stream per (llumlet, frontend) pair, each message the outputs of one or more
+    engine steps for this frontend (all requests of a step in one message), numbered by `seq`. The frontend applies
+    the batches in order and answers only when asked (`ack_requested`) or when a batch named requests it does not
+    know; an answer acknowledges every batch up to its `acked_seq`. A llumlet resends its unacknowledged batches on a
+    new stream after a failure (the frontend drops tokens it has by their index). The caller's certificate identity
+    is checked once per stream, each output's capability token per output, as for PushOutputs; a refused batch ends
+    the stream with PERMISSION_DENIED. Only llumlets call it.
+    """
     HandOver: _grpc.UnaryUnaryMultiCallable[_frontend_pb2.HandOverRequest, _frontend_pb2.HandOverResponse]
     """A migration source that holds a request asks for the destination's capability token before it commits. The
     source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
@@ -103,6 +112,15 @@ class OutputSinkServiceAsyncStub(OutputSinkServiceStub):
     PushOutputs: _aio.UnaryUnaryMultiCallable[_frontend_pb2.PushOutputsRequest, _frontend_pb2.PushOutputsResponse]  # type: ignore[assignment]
     """A batch of outputs (at most one per request per engine step). Unknown requests are listed in the response so the
     llumlet can abort them.
+    """
+    StreamOutputs: _aio.StreamStreamMultiCallable[_frontend_pb2.StreamOutputsRequest, _frontend_pb2.StreamOutputsResponse]  # type: ignore[assignment]
+    """The llumlets' push: one long-lived stream per (llumlet, frontend) pair, each message the outputs of one or more
+    engine steps for this frontend (all requests of a step in one message), numbered by `seq`. The frontend applies
+    the batches in order and answers only when asked (`ack_requested`) or when a batch named requests it does not
+    know; an answer acknowledges every batch up to its `acked_seq`. A llumlet resends its unacknowledged batches on a
+    new stream after a failure (the frontend drops tokens it has by their index). The caller's certificate identity
+    is checked once per stream, each output's capability token per output, as for PushOutputs; a refused batch ends
+    the stream with PERMISSION_DENIED. Only llumlets call it.
     """
     HandOver: _aio.UnaryUnaryMultiCallable[_frontend_pb2.HandOverRequest, _frontend_pb2.HandOverResponse]  # type: ignore[assignment]
     """A migration source that holds a request asks for the destination's capability token before it commits. The
@@ -121,6 +139,21 @@ class OutputSinkServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_frontend_pb2.PushOutputsResponse, _abc.Awaitable[_frontend_pb2.PushOutputsResponse]]:
         """A batch of outputs (at most one per request per engine step). Unknown requests are listed in the response so the
         llumlet can abort them.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamOutputs(
+        self,
+        request_iterator: _MaybeAsyncIterator[_frontend_pb2.StreamOutputsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_frontend_pb2.StreamOutputsResponse], _abc.AsyncIterator[_frontend_pb2.StreamOutputsResponse]]:
+        """The llumlets' push: one long-lived stream per (llumlet, frontend) pair, each message the outputs of one or more
+        engine steps for this frontend (all requests of a step in one message), numbered by `seq`. The frontend applies
+        the batches in order and answers only when asked (`ack_requested`) or when a batch named requests it does not
+        know; an answer acknowledges every batch up to its `acked_seq`. A llumlet resends its unacknowledged batches on a
+        new stream after a failure (the frontend drops tokens it has by their index). The caller's certificate identity
+        is checked once per stream, each output's capability token per output, as for PushOutputs; a refused batch ends
+        the stream with PERMISSION_DENIED. Only llumlets call it.
         """
 
     @_abc_1.abstractmethod
