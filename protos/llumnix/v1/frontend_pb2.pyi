@@ -231,12 +231,16 @@ class StreamOutputsRequest(_message.Message):
     BATCH_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     ACK_REQUESTED_FIELD_NUMBER: _builtins.int
+    PUSHER_ID_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
-    """Numbers the batches of one llumlet's push to this frontend: increasing, also across streams (a resent batch keeps
-    its number).
+    """Numbers the batches of one pusher to this frontend: from 1, increasing, also across streams (a resent batch keeps
+    its number). 0 (with no outputs): a pusher opening a new stream asks which of its batches were applied already,
+    so it resends only the rest.
     """
     ack_requested: _builtins.bool
     """Answer with a StreamOutputsResponse once this batch (and every earlier one) was applied."""
+    pusher_id: _builtins.int
+    """Random per pusher (one llumlet process): a restarted llumlet numbers its batches afresh."""
     @_builtins.property
     def batch(self) -> Global___PushOutputsRequest:
         """The outputs (instance_id: the pushing llumlet, the same on every message of a stream)."""
@@ -247,10 +251,11 @@ class StreamOutputsRequest(_message.Message):
         batch: Global___PushOutputsRequest | None = ...,
         seq: _builtins.int = ...,
         ack_requested: _builtins.bool = ...,
+        pusher_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_requested", b"ack_requested", "batch", b"batch", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_requested", b"ack_requested", "batch", b"batch", "pusher_id", b"pusher_id", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -263,7 +268,7 @@ class StreamOutputsResponse(_message.Message):
     ACKED_SEQ_FIELD_NUMBER: _builtins.int
     UNKNOWN_REQUEST_IDS_FIELD_NUMBER: _builtins.int
     acked_seq: _builtins.int
-    """Every batch numbered up to this was applied."""
+    """Every batch of this pusher numbered up to this was applied."""
     @_builtins.property
     def unknown_request_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Requests named in those batches that this frontend does not track (the llumlet aborts them)."""

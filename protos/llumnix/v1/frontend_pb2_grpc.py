@@ -190,8 +190,9 @@ class OutputSinkServiceServicer:
         """The llumlets' push: one long-lived stream per (llumlet, frontend) pair, each message the outputs of one or more
         engine steps for this frontend (all requests of a step in one message), numbered by `seq`. The frontend applies
         the batches in order and answers only when asked (`ack_requested`) or when a batch named requests it does not
-        know; an answer acknowledges every batch up to its `acked_seq`. A llumlet resends its unacknowledged batches on a
-        new stream after a failure (the frontend drops tokens it has by their index). The caller's certificate identity
+        know; an answer acknowledges every batch up to its `acked_seq`. After a failure a llumlet opens a new stream,
+        asks which batches were applied (`seq` 0) and resends the rest (the frontend would drop tokens it has by their
+        index anyway). The caller's certificate identity
         is checked once per stream, each output's capability token per output, as for PushOutputs; a refused batch ends
         the stream with PERMISSION_DENIED. Only llumlets call it.
         """
