@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 
 from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, PolicyConfig
 from pyllumnix.control_plane.policy.core import PolicyCore
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView, Priority
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView
+from pyllumnix.infra.vocabulary import Priority
 from pyllumnix.tools.bench_dispatch_core import measure_dispatch_latency, random_view
 
 

@@ -12,7 +12,9 @@ from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.dispatch import DISPATCH_REGISTRY, make_dispatch_policy
 from pyllumnix.control_plane.policy.dispatch.round_robin import RoundRobinDispatch
 from pyllumnix.control_plane.policy.freeness import dispatch_freeness
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView, InstanceState, Priority
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView
+from pyllumnix.infra.vocabulary import InstanceState, Priority
 from tests.test_policy_helpers import instance_views, snapshots, view
 
 NORMAL = DispatchRequestView("n", Priority.NORMAL, num_prompt_tokens=32)

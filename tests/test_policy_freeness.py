@@ -19,12 +19,13 @@ from pyllumnix.control_plane.policy.freeness import (
     most_loaded_first,
     paper_freeness,
 )
-from pyllumnix.control_plane.policy.snapshot import InstanceState, Priority, RequestPhase, RequestView
+from pyllumnix.control_plane.policy.views import RequestView
 from pyllumnix.control_plane.policy.virtual_usage import (
     instance_headroom,
     instance_virtual_usage,
     request_virtual_usages,
 )
+from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase
 from tests.test_policy_helpers import instance_views, view
 
 INF = math.inf

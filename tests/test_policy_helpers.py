@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, InstanceState, InstanceView
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import InstanceView
+from pyllumnix.infra.vocabulary import InstanceState
 
 
 def view(instance_id: str, **kw: object) -> InstanceView:

@@ -7,7 +7,8 @@ from hypothesis import given
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.freeness import migration_freeness
 from pyllumnix.control_plane.policy.pairing import MigrateOrder, pair_instances
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, InstanceState
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.infra.vocabulary import InstanceState
 from tests.test_policy_helpers import snapshots, view
 
 CFG = PolicyConfig()  # threshold 3, de-frag

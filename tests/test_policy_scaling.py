@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.scaling import ScalingDecision, decide_scaling
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, InstanceState
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.infra.vocabulary import InstanceState
 from tests.test_policy_helpers import snapshots, view
 
 CFG = PolicyConfig(enable_scaling=True)  # up 10, down 60, min 1, max 16

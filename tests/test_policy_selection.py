@@ -6,7 +6,8 @@ import pytest
 
 from pyllumnix.control_plane.policy.config import Selection
 from pyllumnix.control_plane.policy.selection import select_request
-from pyllumnix.control_plane.policy.snapshot import Priority, RequestPhase, RequestView
+from pyllumnix.control_plane.policy.views import RequestView
+from pyllumnix.infra.vocabulary import Priority, RequestPhase
 
 R, W = RequestPhase.RUNNING, RequestPhase.WAITING
 REQS = [

@@ -9,17 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyllumnix.control_plane.policy.snapshot import (
-    ClusterSnapshot,
-    DispatchRequestView,
-    InstanceState,
-    Priority,
-    RequestPhase,
-    RequestView,
-    from_instance_load,
-    from_load_snapshot,
-)
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView, RequestView, from_instance_load
 from pyllumnix.data_plane.engine.base import LoadSnapshot, Phase, RequestLoadInfo
+from pyllumnix.data_plane.llumlet.views import instance_view, request_view
+from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
 from tests.test_policy_helpers import instance_views, snapshots, view
 
@@ -74,10 +68,10 @@ def test_from_load_snapshot() -> None:
         RequestLoadInfo("r3", Phase.SUSPENDED, 1, 4, 0, 50, 1, 0, 0.5),
     )
     load = LoadSnapshot(1300, 1284, 16, 13, 2, 1, 1, 7, 7, 0, 5, reqs)
-    v = from_load_snapshot("sim-0", load, migrating_in=True)
+    v = instance_view("sim-0", load, migrating_in=True)
     assert (v.instance_id, v.num_running, v.num_waiting, v.num_preempted) == ("sim-0", 2, 1, 1)
     assert (v.num_running_high, v.running_blocks, v.migrating_in) == (1, 16, True)
-    assert RequestView.from_engine(reqs[2]).phase == RequestPhase.MIGRATING
+    assert request_view(reqs[2]).phase == RequestPhase.MIGRATING
 
 
 def test_dispatch_request_view() -> None:

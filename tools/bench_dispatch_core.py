@@ -12,13 +12,9 @@ import time
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.core import PolicyCore
-from pyllumnix.control_plane.policy.snapshot import (
-    ClusterSnapshot,
-    DispatchRequestView,
-    InstanceState,
-    InstanceView,
-    Priority,
-)
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView, InstanceView
+from pyllumnix.infra.vocabulary import InstanceState, Priority
 
 
 def random_view(rng: random.Random, instance_id: str, total_blocks: int = 1300) -> InstanceView:

@@ -15,14 +15,8 @@ from pyllumnix.control_plane.policy.freeness import (
 from pyllumnix.control_plane.policy.pairing import MigrateOrder, pair_instances
 from pyllumnix.control_plane.policy.scaling import ScalingDecision, decide_scaling
 from pyllumnix.control_plane.policy.selection import select_request
-from pyllumnix.control_plane.policy.snapshot import (
-    ClusterSnapshot,
-    DispatchRequestView,
-    InstanceView,
-    RequestView,
-    from_instance_load,
-    from_load_snapshot,
-)
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView, InstanceView, RequestView, from_instance_load
 from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase
 
 __all__ = [
@@ -46,7 +40,6 @@ __all__ = [
     "decide_scaling",
     "dispatch_freeness",
     "from_instance_load",
-    "from_load_snapshot",
     "make_dispatch_policy",
     "migration_freeness",
     "pair_instances",

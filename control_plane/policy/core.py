@@ -11,7 +11,8 @@ from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.dispatch import DispatchPolicy, make_dispatch_policy
 from pyllumnix.control_plane.policy.pairing import MigrateOrder, pair_instances
 from pyllumnix.control_plane.policy.scaling import ScalingDecision, decide_scaling
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView
 
 
 class PolicyCore:

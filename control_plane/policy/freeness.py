@@ -11,7 +11,7 @@ import math
 from collections.abc import Collection, Iterable
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
-from pyllumnix.control_plane.policy.snapshot import InstanceView
+from pyllumnix.control_plane.policy.views import InstanceView
 from pyllumnix.control_plane.policy.virtual_usage import instance_headroom
 from pyllumnix.infra.vocabulary import InstanceState
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.freeness import freest_first, migration_freeness, most_loaded_first
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, InstanceView
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import InstanceView
 from pyllumnix.infra.vocabulary import InstanceState
 
 _SOURCE_STATES = (InstanceState.ACTIVE, InstanceState.CORDONED, InstanceState.DRAINING)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.freeness import cluster_freeness, cluster_load, dispatch_freeness
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, InstanceView
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import InstanceView
 from pyllumnix.infra.vocabulary import InstanceState
 
 

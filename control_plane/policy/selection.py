@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from pyllumnix.control_plane.policy.config import Selection
-from pyllumnix.control_plane.policy.snapshot import RequestView
+from pyllumnix.control_plane.policy.views import RequestView
 from pyllumnix.infra.vocabulary import Priority, RequestPhase
 
 _KEYS: dict[Selection, Callable[[RequestView], tuple[float, float, str]]] = {

@@ -16,7 +16,7 @@ import math
 from collections.abc import Sequence
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
-from pyllumnix.control_plane.policy.snapshot import InstanceView, RequestView
+from pyllumnix.control_plane.policy.views import InstanceView, RequestView
 from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase
 
 INF = math.inf

@@ -36,7 +36,7 @@ from google.protobuf.message import DecodeError
 from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_target
 from pyllumnix.control_plane.policy.core import PolicyCore
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
-from pyllumnix.control_plane.policy.snapshot import DispatchRequestView, InstanceState, normalize_priority
+from pyllumnix.control_plane.policy.views import DispatchRequestView
 from pyllumnix.control_plane.scheduler.cluster import ClusterState, dispatch_stale_after
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
 from pyllumnix.infra.etcd.client import EtcdClient
@@ -47,6 +47,7 @@ from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.registry import InstanceRegistry, RegistryEventType
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.infra.security.runtime import open_channel
+from pyllumnix.infra.vocabulary import InstanceState, normalize_priority
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     common_pb2,

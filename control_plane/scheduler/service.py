@@ -20,10 +20,10 @@ from typing import Any, NoReturn, TypeAlias, TypeVar
 
 import grpc
 
-from pyllumnix.control_plane.policy.snapshot import InstanceState
 from pyllumnix.control_plane.scheduler.cluster import StaleKeepAliveError
 from pyllumnix.control_plane.scheduler.replica import NotLeaderError, SchedulerReplica, SchedulingError
 from pyllumnix.infra.security.authz import authenticated_caller, require_self
+from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 LEADER_METADATA_KEY = "llumnix-leader"

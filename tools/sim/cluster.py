@@ -22,17 +22,13 @@ from typing import Any
 from pyllumnix.control_plane.policy.core import PolicyCore
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.selection import select_request
-from pyllumnix.control_plane.policy.snapshot import (
-    ClusterSnapshot,
-    DispatchRequestView,
-    InstanceState,
-    Priority,
-    RequestView,
-    from_load_snapshot,
-)
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView
 from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
+from pyllumnix.data_plane.llumlet.views import instance_view, request_views
+from pyllumnix.infra.vocabulary import InstanceState, Priority
 from pyllumnix.tools.metrics.cluster import ClusterSample, InstanceSample
 from pyllumnix.tools.metrics.records import Migration, RequestRecord
 from pyllumnix.tools.sim.config import SimConfig
@@ -192,7 +188,7 @@ class ClusterSimulator:
     def _fresh_view(self, inst: SimInstance) -> Any:
         inst.dirty = False
         self.load_calls += 1
-        return from_load_snapshot(
+        return instance_view(
             inst.instance_id,
             inst.engine.load(),
             state=inst.state,
@@ -371,7 +367,7 @@ class ClusterSimulator:
             return
         self.load_calls += 1
         load = src.engine.load()
-        rid = select_request([RequestView.from_engine(r) for r in load.requests], order.selection)
+        rid = select_request(request_views(load.requests), order.selection)
         if rid is None:
             return
         mig = MigrationProcess(src, dst, rid, self.limits, self.config.transfer, t)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pyllumnix.control_plane.policy.snapshot import InstanceState
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.migration.events import Slots
+from pyllumnix.infra.vocabulary import InstanceState
 
 
 def instance_id(index: int) -> str:

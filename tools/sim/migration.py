@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 
-from pyllumnix.control_plane.policy.snapshot import InstanceState
 from pyllumnix.data_plane.engine.base import MigrationState, UnknownRequestError
 from pyllumnix.data_plane.llumlet.migration import events as ev
 from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration
+from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.tools.sim.config import TransferModel
 from pyllumnix.tools.sim.instance import SimInstance
 

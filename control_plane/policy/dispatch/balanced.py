@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pyllumnix.control_plane.policy.dispatch.base import DispatchPolicy, argmax_where
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView
 
 
 class BalancedDispatch(DispatchPolicy):

@@ -9,7 +9,8 @@ from typing import ClassVar
 import numpy as np
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
-from pyllumnix.control_plane.policy.snapshot import BoolArray, ClusterSnapshot, DispatchRequestView, FloatArray
+from pyllumnix.control_plane.policy.snapshot import BoolArray, ClusterSnapshot, FloatArray
+from pyllumnix.control_plane.policy.views import DispatchRequestView
 
 
 class DispatchPolicy(ABC):

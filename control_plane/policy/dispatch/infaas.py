@@ -12,7 +12,8 @@ import numpy as np
 
 from pyllumnix.control_plane.policy.dispatch.base import DispatchPolicy, argmax_where
 from pyllumnix.control_plane.policy.dispatch.llumnix import LlumnixDispatch
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView
 
 
 class InfaasPlusPlusDispatch(LlumnixDispatch):

@@ -24,12 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyllumnix.control_plane.policy.dispatch.base import DispatchPolicy
-from pyllumnix.control_plane.policy.snapshot import (
-    ClusterSnapshot,
-    DispatchRequestView,
-    FloatArray,
-    IntArray,
-)
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, FloatArray, IntArray
+from pyllumnix.control_plane.policy.views import DispatchRequestView
 from pyllumnix.infra.vocabulary import Priority
 
 NOT_A_CANDIDATE = -math.inf

@@ -11,7 +11,8 @@ import bisect
 import numpy as np
 
 from pyllumnix.control_plane.policy.dispatch.base import DispatchPolicy
-from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot, DispatchRequestView
+from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.policy.views import DispatchRequestView
 
 
 class RoundRobinDispatch(DispatchPolicy):
