@@ -3,11 +3,15 @@ in integration/test_multihost.py on emulated hosts)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import Any
+
 import pytest
 from click.testing import CliRunner
 
 from pyllumnix.control_plane.scheduler.main import scheduler_command
-from pyllumnix.control_plane.scheduler.provider_ray import RayInstanceProvider
+from pyllumnix.control_plane.scheduler.provider_ray import RayInstanceProvider, _Placed
 from pyllumnix.tools.serve import serve_command
 
 
@@ -25,3 +29,83 @@ def test_ray_provider_needs_an_address() -> None:
     assert result.exit_code == 2 and "--provider ray needs --ray-address" in result.output
     result = runner.invoke(serve_command, ["--insecure", "--provider", "ray", "--llumlets", "0"])
     assert result.exit_code == 2 and "--provider ray needs --ray-address" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------- start watch
+class _Method:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    def remote(self, *args: Any) -> Any:
+        self.calls += 1
+
+        async def call() -> Any:
+            if isinstance(self.answer, BaseException):
+                raise self.answer
+            if self.answer == "hang":
+                await asyncio.sleep(3600)
+            return self.answer
+
+        return call()
+
+
+class _Actor:
+    """A Ray actor handle's surface the start watch and the teardown use (method.remote() -> awaitable)."""
+
+    def __init__(self, returncode: Any) -> None:
+        self.returncode = _Method(returncode)
+        self.terminate = _Method(0)
+
+
+def _provider_with(actor: _Actor, **kwargs: Any) -> tuple[RayInstanceProvider, _Placed]:
+    provider = RayInstanceProvider(
+        "127.0.0.1:6379", [], start_poll_interval=0.01, probe_timeout=0.05, probe_failures=2, **kwargs
+    )
+    placed = provider.instances["ray-1"] = _Placed(pg=object(), actor=actor, node_ip="10.0.0.2")
+    placed.watch = asyncio.get_running_loop().create_task(provider._watch_start("ray-1", placed))
+    return provider, placed
+
+
+async def _ended(placed: _Placed) -> None:
+    assert placed.watch is not None
+    await asyncio.wait_for(placed.watch, 10)
+
+
+@pytest.mark.parametrize(
+    ("returncode", "why"),
+    [
+        (2, "the llumlet exited with code 2 before it registered"),
+        (RuntimeError("RayActorError: the actor died"), "stopped answering"),
+        ("hang", "stopped answering"),  # the node vanished: Ray itself would take ~64 s to say so
+    ],
+)
+async def test_a_start_that_dies_before_registering_is_removed(returncode: Any, why: str) -> None:
+    """Before: ``starting()`` counted a llumlet that died before it registered as starting forever (the autoscaler
+    never replaced it) and its actor and placement group stayed."""
+    actor = _Actor(returncode)
+    provider, placed = _provider_with(actor)
+    await _ended(placed)
+    assert provider.starting() == set() and "ray-1" not in provider.instances
+    assert why in provider.start_failures["ray-1"], provider.start_failures
+    assert actor.terminate.calls == 1, "the teardown ran (actor asked to stop, then killed; placement group removed)"
+
+
+async def test_a_start_that_never_registers_times_out() -> None:
+    actor = _Actor(None)  # alive, never registering
+    provider, placed = _provider_with(actor, register_timeout=0.2)
+    assert provider.starting() == {"ray-1"}
+    await _ended(placed)
+    assert provider.starting() == set()
+    assert "did not register within 0.2s" in provider.start_failures["ray-1"]
+
+
+async def test_a_registered_start_is_left_alone() -> None:
+    actor = _Actor(None)
+    provider, placed = _provider_with(actor)
+    await asyncio.sleep(0.05)
+    provider.registered("ray-1")
+    with contextlib.suppress(asyncio.CancelledError):
+        await _ended(placed)
+    assert provider.instances["ray-1"] is placed and provider.starting() == set()
+    assert provider.start_failures == {} and actor.terminate.calls == 0

@@ -26,7 +26,11 @@ then SIGTERMs whatever is left through the actor, kills the actor and removes th
 Failures are clear and leave nothing half-made: a Ray address that does not answer (``ray_connect_timeout``), a
 placement that cannot be satisfied (``placement_timeout``) or a node that disappears before the actor answers
 (``start_timeout``) raise ProviderError after removing the placement group and the actor; the llumlet never got to
-register, or its lease expires with it.
+register, or its lease expires with it. After the actor answers, a watch follows the start until the llumlet
+registers: a llumlet that exits first (bad arguments, a crash: its exit code is logged), an actor that stops answering
+(its node is gone: ``probe_failures`` probes in a row unanswered, far sooner than Ray's own node-death detection) or no
+registration within ``register_timeout`` ends the start: actor and placement group are removed, the instance stops
+counting as starting (so the autoscaler may start another) and ``start_failures`` says why.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class _Placed:
     actor: Any
     node_ip: str
     registered: bool = False
+    watch: asyncio.Task[None] | None = None
 
 
 class RayInstanceProvider(InstanceProvider):
@@ -135,6 +140,10 @@ class RayInstanceProvider(InstanceProvider):
         ray_connect_timeout: float = 30.0,
         placement_timeout: float = 30.0,
         start_timeout: float = 60.0,
+        register_timeout: float = 300.0,
+        start_poll_interval: float = 0.5,
+        probe_timeout: float = 2.0,
+        probe_failures: int = 3,
         security: SecuritySettings | None = None,
     ) -> None:
         if placement not in ("spread", "pack"):
@@ -154,8 +163,14 @@ class RayInstanceProvider(InstanceProvider):
         self.ray_connect_timeout = ray_connect_timeout
         self.placement_timeout = placement_timeout
         self.start_timeout = start_timeout
+        self.register_timeout = register_timeout
+        self.start_poll_interval = start_poll_interval
+        self.probe_timeout = probe_timeout
+        self.probe_failures = probe_failures
         self.security = security
         self.instances: dict[str, _Placed] = {}
+        # instance id -> why its start failed after the actor answered (the llumlet exited, its node vanished, ...)
+        self.start_failures: dict[str, str] = {}
         self._connected = False
         self._lock = asyncio.Lock()
 
@@ -308,13 +323,44 @@ class RayInstanceProvider(InstanceProvider):
             with contextlib.suppress(Exception):
                 remove_placement_group(pg)
             raise
-        self.instances[iid] = _Placed(pg=pg, actor=actor, node_ip=placed_ip)
+        placed = self.instances[iid] = _Placed(pg=pg, actor=actor, node_ip=placed_ip)
+        placed.watch = asyncio.get_running_loop().create_task(self._watch_start(iid, placed), name=f"start-{iid}")
         log.info("started llumlet %s on Ray node %s (pid %d there)", iid, placed_ip, pid)
+
+    async def _watch_start(self, iid: str, placed: _Placed) -> None:
+        """Follows a start until the llumlet registers; ends a start that cannot succeed (module docstring)."""
+        deadline = asyncio.get_running_loop().time() + self.register_timeout
+        unanswered = 0
+        reason = ""
+        while not reason:
+            await asyncio.sleep(self.start_poll_interval)
+            if placed.registered or self.instances.get(iid) is not placed:
+                return
+            try:
+                code = await asyncio.wait_for(placed.actor.returncode.remote(), self.probe_timeout)
+            except Exception as e:  # no answer in time, or Ray says the actor (or its node) died
+                unanswered += 1
+                if unanswered >= self.probe_failures:
+                    reason = f"its Ray actor on {placed.node_ip} stopped answering ({e!r}): the node is gone"
+            else:
+                unanswered = 0
+                if code is not None:
+                    reason = f"the llumlet exited with code {code} before it registered"
+            if not reason and asyncio.get_running_loop().time() > deadline:
+                reason = f"it did not register within {self.register_timeout:g}s"
+        if placed.registered or self.instances.get(iid) is not placed:
+            return
+        del self.instances[iid]
+        self.start_failures[iid] = reason
+        log.error("llumlet %s on Ray node %s did not start: %s; removing it", iid, placed.node_ip, reason)
+        await self._teardown(iid, placed)
 
     async def stop_instance(self, instance_id: str) -> bool:
         placed = self.instances.pop(instance_id, None)
         if placed is None:
             return False
+        if placed.watch is not None:
+            placed.watch.cancel()
         await self._teardown(instance_id, placed)
         return True
 
@@ -339,12 +385,17 @@ class RayInstanceProvider(InstanceProvider):
         placed = self.instances.get(instance_id)
         if placed is not None:
             placed.registered = True
+            if placed.watch is not None:
+                placed.watch.cancel()
 
     def node_of(self, instance_id: str) -> str | None:
         placed = self.instances.get(instance_id)
         return placed.node_ip if placed is not None else None
 
     async def close(self) -> None:
+        for placed in self.instances.values():
+            if placed.watch is not None:
+                placed.watch.cancel()
         if self.stop_on_close:
             await asyncio.gather(*(self._teardown(iid, p) for iid, p in self.instances.items()))
             self.instances.clear()

@@ -88,24 +88,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
                 if caller is not None:
                     await require_self(context, iid)
                 self.replica.require_leader()
-                now = time.monotonic()
-                last = self._last_report.get(iid)
-                if last is not None and now - last < self.min_report_interval:
-                    self.reports_throttled += 1
-                    continue
-                if keep_alive:
-                    taken = self.replica.keepalive(iid, report.keep_alive.seq)
-                    self.keepalives_received += 1
-                else:
-                    taken = self.replica.report(report.load)
-                if taken:
-                    self._last_report[iid] = now
-                    accepted += 1
+                accepted += self.take(report, iid, keep_alive)
         except NotLeaderError as exc:
             await _fail(context, exc)
         except StaleKeepAliveError as exc:  # the llumlet's next stream starts with its full load
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return scheduler_pb2.ReportLoadResponse(reports_accepted=accepted)
+
+    def take(self, report: scheduler_pb2.ReportLoadRequest, instance_id: str, keep_alive: bool) -> bool:
+        """One streamed message of ``instance_id``, past the identity check: the per-instance floor, then the load or
+        keep-alive applied. True if taken. (``llumnix bench dispatch`` feeds its synthetic reports through here.)"""
+        now = time.monotonic()
+        last = self._last_report.get(instance_id)
+        if last is not None and now - last < self.min_report_interval:
+            self.reports_throttled += 1
+            return False
+        if keep_alive:
+            self.keepalives_received += 1
+            taken = self.replica.keepalive(instance_id, report.keep_alive.seq)
+        else:
+            taken = self.replica.report(report.load)
+        if taken:
+            self._last_report[instance_id] = now
+        return taken
 
     async def GetMembership(
         self, request: scheduler_pb2.GetMembershipRequest, context: Context
