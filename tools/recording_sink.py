@@ -4,10 +4,12 @@ benchmarks use it in place of a frontend)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 
+from pyllumnix.control_plane.frontend.sink import serve_output_stream
 from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
@@ -17,6 +19,7 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
         self.outputs: dict[str, list[common_pb2.RequestOutput]] = {}
         self.finished: dict[str, asyncio.Event] = {}
         self.server: RunningServer | None = None
+        self.applied: dict[tuple[str, int], int] = {}  # per pusher: its last batch applied (StreamOutputs)
 
     async def PushOutputs(
         self, request: frontend_pb2.PushOutputsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -26,6 +29,20 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
             if out.finished:
                 self.event(out.request_id).set()
         return frontend_pb2.PushOutputsResponse()
+
+    async def StreamOutputs(
+        self,
+        request_iterator: AsyncIterator[frontend_pb2.StreamOutputsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[frontend_pb2.StreamOutputsResponse]:
+        """The llumlets' push stream, answered as a frontend answers; each batch goes through ``PushOutputs`` (so a
+        subclass that overrides it, e.g. to stall, stalls the stream too)."""
+
+        async def apply(batch: frontend_pb2.PushOutputsRequest) -> list[str]:
+            return list((await self.PushOutputs(batch, context)).unknown_request_ids)
+
+        async for reply in serve_output_stream(request_iterator, apply, self.applied):
+            yield reply
 
     async def HandOver(
         self, request: frontend_pb2.HandOverRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -2,10 +2,12 @@
 
 Who may push what (checked per output, from the caller's certificate identity, on a TLS connection):
 
-- a llumlet pushes as itself (``PushOutputsRequest.instance_id`` is its own id) and, for each request this frontend
-  tracks, with the capability token the request's current holder was given (``HolderLedger``). A forged, missing or
-  foreign token refuses the whole push (PERMISSION_DENIED: an attack, nothing is applied); a genuine but outdated
-  token (the request migrated on, or ended) drops that output and lists its id as unknown, so the llumlet stops it;
+- a llumlet pushes as itself (``PushOutputsRequest.instance_id`` is its own id; over its long-lived
+  ``StreamOutputs`` stream, or the unary ``PushOutputs`` kept for the scheduler and older llumlets) and, for each
+  request this frontend tracks, with the capability token the request's current holder was given
+  (``HolderLedger``). A forged, missing or foreign token refuses the whole push (PERMISSION_DENIED: an attack,
+  nothing is applied; on a stream, the stream ends); a genuine but outdated token (the request migrated on, or ended)
+  drops that output and lists its id as unknown, so the llumlet stops it;
 - the scheduler pushes only token-less ERROR finishes, for requests held by the instance it declared lost;
 - nobody else (the role table says the same; this holds also where no RoleInterceptor is installed).
 
@@ -17,6 +19,7 @@ every pusher by the tracked request itself.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -39,12 +42,43 @@ def _holder_error_notice(out: common_pb2.RequestOutput) -> bool:
     return out.finished and ended and not out.token_ids
 
 
+# Pushers whose last applied batch a sink remembers (a llumlet that restarted often leaves old entries behind).
+MAX_REMEMBERED_PUSHERS = 4096
+
+
+async def serve_output_stream(
+    request_iterator: AsyncIterator[frontend_pb2.StreamOutputsRequest],
+    apply: Callable[[frontend_pb2.PushOutputsRequest], Awaitable[Sequence[str]]],
+    applied: dict[tuple[str, int], int],
+    pusher: str | None = None,
+) -> AsyncIterator[frontend_pb2.StreamOutputsResponse]:
+    """The sink side of ``StreamOutputs`` (the frontend's and the test sinks'): applies batches in order with
+    ``apply`` (which returns the request ids the pusher should stop), answers when a batch asks or named such
+    requests, and answers a new stream's question (``seq`` 0) with the last batch of that pusher applied, which
+    ``applied`` remembers across its streams. ``pusher``: the caller's verified instance id (None: plaintext, the
+    batch's own instance_id is taken)."""
+    async for message in request_iterator:
+        key = (pusher if pusher is not None else message.batch.instance_id, message.pusher_id)
+        if message.seq == 0:
+            yield frontend_pb2.StreamOutputsResponse(acked_seq=applied.get(key, 0))
+            continue
+        unknown = await apply(message.batch)
+        if key not in applied and len(applied) >= MAX_REMEMBERED_PUSHERS:
+            del applied[next(iter(applied))]
+        applied[key] = message.seq
+        if message.ack_requested or unknown:
+            yield frontend_pb2.StreamOutputsResponse(acked_seq=message.seq, unknown_request_ids=unknown)
+
+
 class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
     """Unknown request ids go back to the pusher so it aborts them (the client left, or another frontend owns them)."""
 
     def __init__(self, tracker: RequestTracker) -> None:
         self.tracker = tracker
-        self.pushes = 0
+        self.pushes = 0  # batches received (unary pushes and stream messages)
+        self.streams = 0  # push streams opened
+        # (pusher instance, pusher id) -> the last batch of its streams applied (what a new stream of it asks for)
+        self.applied: dict[tuple[str, int], int] = {}
         # Outputs dropped because their capability was outdated, and pushes refused outright.
         self.stale_outputs = 0
         self.refused_pushes = 0
@@ -65,9 +99,32 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
     async def PushOutputs(
         self, request: frontend_pb2.PushOutputsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> frontend_pb2.PushOutputsResponse:
-        self.pushes += 1
         caller = await self._caller(context, "PushOutputs")
-        outputs: list[common_pb2.RequestOutput] = list(request.outputs)
+        return frontend_pb2.PushOutputsResponse(unknown_request_ids=await self._apply(request, caller, context))
+
+    async def StreamOutputs(
+        self, request_iterator: AsyncIterator[frontend_pb2.StreamOutputsRequest], context: Context
+    ) -> AsyncIterator[frontend_pb2.StreamOutputsResponse]:
+        """A llumlet's long-lived push (see ``serve_output_stream``). The caller's identity is read once: it is the
+        stream's TLS peer."""
+        caller = await self._caller(context, "StreamOutputs")
+        if caller is not None and caller.role != "llumlet":
+            await self._refuse(context, f"caller {caller.role} {caller.id} may not stream outputs")
+        self.streams += 1
+
+        async def apply(batch: frontend_pb2.PushOutputsRequest) -> list[str]:
+            return await self._apply(batch, caller, context)
+
+        async for reply in serve_output_stream(request_iterator, apply, self.applied, caller.id if caller else None):
+            yield reply
+
+    async def _apply(
+        self, request: frontend_pb2.PushOutputsRequest, caller: Identity | None, context: Context
+    ) -> list[str]:
+        """Checks a batch against its pusher (see the module docstring) and routes what passes; returns the request
+        ids the pusher should stop (unknown here, or its capability is outdated)."""
+        self.pushes += 1
+        outputs: Sequence[common_pb2.RequestOutput] = request.outputs
         refused: list[str] = []
         if caller is not None:
             if caller.role == "llumlet":
@@ -77,7 +134,7 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
             else:
                 await self._refuse(context, f"caller {caller.role} {caller.id} may not push outputs")
         unknown = self.tracker.route(request.instance_id, outputs)
-        return frontend_pb2.PushOutputsResponse(unknown_request_ids=unknown + refused)
+        return unknown + refused if refused else unknown
 
     async def _from_llumlet(
         self, request: frontend_pb2.PushOutputsRequest, caller: Identity, context: Context

@@ -1,19 +1,28 @@
 """Pushes request outputs to the frontends that own them, in order per frontend, without ever dropping one silently.
 
-One sender task per frontend address sends one batch at a time; a batch is never overtaken by a later one. A failed
-push is retried with exponential backoff and a growing per-attempt deadline (a slow frontend is not a dead one:
-DEADLINE_EXCEEDED is a retry) for up to ``PushSettings.budget_s``. Only when that budget is spent is the frontend
-given up: its queued outputs are replaced by one final ERROR output per request (sent in case it comes back) and
-``on_unreachable`` lets the llumlet abort its requests and free their blocks.
+One sender task per frontend address keeps one long-lived ``OutputSinkService.StreamOutputs`` stream open and writes
+each engine step's outputs for that frontend as one numbered batch (a unary call per step cost more CPU than the
+step's own Python work). The frontend applies batches in order and answers only when a batch asks: a batch asks when
+the last answer is ``ack_interval_s`` old or a ``flush`` waits, and a quiet stream with unanswered batches sends an
+empty asking batch. An answer acknowledges every batch up to its number; unanswered batches are kept.
 
-While a batch is in flight, newer outputs of one request are merged into one queued message (token ids appended; the
-indices are contiguous), so a stalled frontend costs O(requests) queued messages, not O(tokens).
+A failure -- the stream breaks, or an ask is not answered within its deadline (a slow frontend is not a dead one:
+the deadline doubles with each retry, up to ``max_attempt_timeout_s``) -- closes the stream; after a backoff a new
+stream resends every unacknowledged batch in order (the frontend drops tokens it already has by their index). Only
+when the oldest unacknowledged batch has kept failing for ``PushSettings.budget_s`` is the frontend given up: its
+unacknowledged and queued outputs are replaced by one final ERROR output per request (sent in case it comes back) and
+``on_unreachable`` lets the llumlet abort its requests and free their blocks. A frontend without the stream
+(UNIMPLEMENTED: an older one) is pushed to with one unary ``PushOutputs`` per batch, with the same retry rules.
+
+While an ask is overdue (the frontend stalls) or too many batches are unanswered, no new batch is written: newer
+outputs of one request are merged into one queued message (token ids appended; the indices are contiguous), so a
+stalled frontend costs O(requests) queued messages, not O(tokens).
 
 Ordering matters across a migration: before a request's last stage commits on the destination, the source calls
 ``flush(frontend)`` so every token it produced reaches the frontend before the destination's first one.
 
-A sender with nothing to send for ``idle_close_s`` closes its channel and ends (the next output re-opens one), so
-addresses seen once do not keep a channel and a task for ever.
+A sender with nothing to send for ``idle_close_s`` closes its stream and channel and ends (the next output re-opens
+them), so addresses seen once do not keep a channel and a task for ever.
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
@@ -62,10 +74,17 @@ class PushSettings:
     idle_close_s: float = 60.0
     # flush's default wait, as before (a migration's request is suspended meanwhile; on timeout it aborts).
     flush_timeout_s: float = 6.0
+    # A batch asks for an answer when the last answer is this old (so a dead stream is noticed within about this
+    # plus the attempt deadline); while an ask is unanswered for this long no new batch is written (outputs coalesce).
+    ack_interval_s: float = 0.25
+    # Most batches written and not yet acknowledged; beyond, outputs wait (coalesced) for an answer.
+    max_unacked: int = 32
 
     def __post_init__(self) -> None:
         if min(self.budget_s, self.attempt_timeout_s, self.max_attempt_timeout_s, self.idle_close_s) <= 0:
             raise ValueError(f"push settings must be positive: {self}")
+        if self.ack_interval_s <= 0 or self.max_unacked < 1:
+            raise ValueError(f"ack_interval_s must be positive and max_unacked >= 1: {self}")
 
 
 class FrontendUnreachableError(Exception):
@@ -82,6 +101,16 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
         return str(exc.code().name)
     return type(exc).__name__
+
+
+@dataclass
+class _Batch:
+    """A batch written to the stream and not yet acknowledged (kept for a resend or a give-up)."""
+
+    message: frontend_pb2.StreamOutputsRequest
+    # ``_Sink.submitted`` when the batch was taken: acknowledging it settles every submit up to this.
+    mark: int
+    first_sent: float
 
 
 class _Sink:
@@ -103,6 +132,22 @@ class _Sink:
         self.wake = asyncio.Event()
         self.changed = asyncio.Condition()
         self.task: asyncio.Task[None] | None = None
+        # The stream (None: not open) and the task reading its answers.
+        self.call: Any = None
+        self.reader: asyncio.Task[None] | None = None
+        self.stream_error: BaseException | None = None
+        self.unacked: deque[_Batch] = deque()
+        self.next_seq = 1
+        # The newest batch that asked for an answer and has none yet (0: none), when it asked, its deadline.
+        self.ask_seq = 0
+        self.ask_time = 0.0
+        self.ask_timeout = 0.0
+        self.last_ack = time.monotonic()
+        self.failures = 0  # consecutive failed attempts of the current unacknowledged batches
+        self.flushing = 0  # flush calls waiting
+        self.probing = False  # a new stream asked which batches were applied; no answer yet
+        self.resend = False  # the answer came: the unacknowledged batches are to be written again
+        self.unary = False  # the frontend has no StreamOutputs: one PushOutputs per batch
 
     def add(self, out: common_pb2.RequestOutput) -> bool:
         """Queues ``out``; returns True when it was merged into the request's queued message."""
@@ -156,6 +201,8 @@ class OutputPusher:
         self._on_unreachable = on_unreachable
         self.settings = settings or PushSettings()
         self._sinks: dict[str, _Sink] = {}
+        # Numbers this pusher's batches apart from those of an earlier process of the same instance.
+        self._pusher_id = secrets.randbits(63) or 1
         self.pushed = 0  # messages delivered
         self.coalesced = 0  # outputs merged into a queued message
         self.retries = 0
@@ -195,9 +242,14 @@ class OutputPusher:
         if sink is None:
             return
         target, settled_before = sink.submitted, sink.settled
-        async with asyncio.timeout(self.settings.flush_timeout_s if timeout is None else timeout):
-            async with sink.changed:
-                await sink.changed.wait_for(lambda: sink.settled >= target)
+        sink.flushing += 1
+        sink.wake.set()  # the sender asks for an answer at once
+        try:
+            async with asyncio.timeout(self.settings.flush_timeout_s if timeout is None else timeout):
+                async with sink.changed:
+                    await sink.changed.wait_for(lambda: sink.settled >= target)
+        finally:
+            sink.flushing -= 1
         if sink.last_lost > settled_before:
             raise FrontendUnreachableError(f"outputs to frontend {frontend_address} were given up")
 
@@ -209,7 +261,8 @@ class OutputPusher:
 
     async def _run(self, sink: _Sink) -> None:
         try:
-            while True:
+            await self._stream(sink)
+            while sink.unary:
                 while not sink.pending:
                     sink.wake.clear()
                     try:
@@ -227,6 +280,7 @@ class OutputPusher:
             log.exception("output sender for %s failed", sink.address)
             if self._sinks.get(sink.address) is sink:
                 del self._sinks[sink.address]
+            self._close_call(sink)
             await sink.settle(sink.submitted, lost=True)
 
     async def _retire(self, sink: _Sink) -> None:
@@ -234,7 +288,223 @@ class OutputPusher:
             del self._sinks[sink.address]
         self.sinks_closed += 1
         log.debug("output sender for %s idle for %.0f s; closed", sink.address, self.settings.idle_close_s)
+        self._close_call(sink)
         await sink.channel.close()
+
+    # -- the stream ----------------------------------------------------------------------------------------------
+    async def _stream(self, sink: _Sink) -> None:
+        """Runs the sink's stream until the sender retires (returns) or the frontend turns out to have no stream
+        (returns with ``sink.unary`` set and the unacknowledged outputs queued again in order)."""
+        s = self.settings
+        while True:
+            now = time.monotonic()
+            error = sink.stream_error
+            if error is None and sink.ask_seq and now >= sink.ask_time + sink.ask_timeout:
+                error = TimeoutError(f"no answer within {sink.ask_timeout:.1f} s")
+            if error is not None:
+                if isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    self._fall_back_to_unary(sink)
+                    return
+                await self._stream_failed(sink, error)
+                continue
+            if sink.call is None and (sink.pending or sink.unacked):
+                await self._open(sink)
+                continue
+            if sink.resend:
+                sink.resend = False
+                await self._resend(sink)
+                continue
+            overdue = sink.probing or (sink.ask_seq and now - sink.ask_time > s.ack_interval_s)
+            if sink.pending and len(sink.unacked) < s.max_unacked and not overdue:
+                outputs, mark = sink.take()
+                message = self._message(sink.next_seq)
+                sink.next_seq += 1
+                message.batch.outputs.extend(outputs)
+                sink.unacked.append(_Batch(message, mark, now))
+                await self._write(sink, message, ask=self._should_ask(sink, now))
+                continue
+            if sink.unacked and not sink.ask_seq and (sink.flushing or now - sink.last_ack >= s.ack_interval_s):
+                # Nothing to carry the ask: an empty batch asks (a quiet stream's last batches get answered too).
+                message = self._message(sink.next_seq)
+                sink.next_seq += 1
+                sink.unacked.append(_Batch(message, sink.submitted, now))
+                await self._write(sink, message, ask=True)
+                continue
+            # Wait for outputs, an answer, a failure, the ask's deadline, the next ask, or idleness.
+            if sink.ask_seq:
+                wait: float | None = sink.ask_time + sink.ask_timeout - now
+            elif sink.unacked:
+                wait = sink.last_ack + s.ack_interval_s - now
+            else:
+                wait = None
+            sink.wake.clear()
+            try:
+                async with asyncio.timeout(max(0.0, wait) if wait is not None else s.idle_close_s):
+                    await sink.wake.wait()
+            except TimeoutError:
+                if wait is None and not sink.pending and not sink.unacked and sink.stream_error is None:
+                    await self._retire(sink)
+                    return
+
+    def _message(self, seq: int) -> frontend_pb2.StreamOutputsRequest:
+        message = frontend_pb2.StreamOutputsRequest(seq=seq, pusher_id=self._pusher_id)
+        message.batch.instance_id = self._instance_id
+        return message
+
+    def _should_ask(self, sink: _Sink, now: float) -> bool:
+        if sink.ask_seq:
+            return False
+        return bool(
+            sink.flushing
+            or now - sink.last_ack >= self.settings.ack_interval_s
+            or len(sink.unacked) >= self.settings.max_unacked // 2 + 1
+        )
+
+    async def _open(self, sink: _Sink) -> None:
+        """Opens a stream; with unacknowledged batches, asks the frontend which of them it applied (the rest are
+        resent once it answers)."""
+        call = sink.stub.StreamOutputs()
+        sink.call = call
+        sink.stream_error = None
+        sink.ask_seq = 0
+        sink.probing = sink.resend = False
+        sink.reader = asyncio.get_running_loop().create_task(
+            self._read_answers(sink, call), name=f"push-answers-{sink.address}"
+        )
+        if sink.unacked:
+            # Ask which batches the frontend applied before the last stream broke; the answer makes the rest resent.
+            sink.probing = True
+            await self._write(sink, self._message(0), ask=True)
+
+    async def _resend(self, sink: _Sink) -> None:
+        """Writes every unacknowledged batch again, in order; the last one asks."""
+        call = sink.call
+        resend = list(sink.unacked)
+        for i, batch in enumerate(resend):
+            if sink.call is not call or sink.stream_error is not None:
+                return
+            await self._write(sink, batch.message, ask=i == len(resend) - 1)
+
+    async def _write(self, sink: _Sink, message: frontend_pb2.StreamOutputsRequest, *, ask: bool) -> None:
+        """Writes one batch; a write that is not taken within the attempt deadline (the frontend's flow control is
+        full: it stalls) or fails counts as the stream's failure."""
+        call = sink.call
+        message.ack_requested = ask
+        timeout = self._attempt_timeout(sink)
+        if ask:  # (the question of a new stream has seq 0: -1 marks it asked)
+            sink.ask_seq, sink.ask_time, sink.ask_timeout = message.seq or -1, time.monotonic(), timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await call.write(message)
+        except TimeoutError:
+            self._stream_broke(sink, call, TimeoutError(f"the frontend took no batch for {timeout:.1f} s"))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            self._stream_broke(sink, call, ConnectionError("the output stream was cancelled"))
+        except Exception as exc:
+            self._stream_broke(sink, call, exc)
+
+    def _attempt_timeout(self, sink: _Sink) -> float:
+        s = self.settings
+        base = max(s.attempt_timeout_s, sink.attempt_timeout)
+        return float(min(base * 2**sink.failures, max(base, s.max_attempt_timeout_s)))
+
+    def _stream_broke(self, sink: _Sink, call: Any, exc: BaseException) -> None:
+        if sink.call is call and sink.stream_error is None:
+            sink.stream_error = exc
+        sink.wake.set()
+
+    async def _read_answers(self, sink: _Sink, call: Any) -> None:
+        try:
+            while True:
+                reply = await call.read()
+                if reply is grpc.aio.EOF:
+                    raise ConnectionError("the frontend ended the output stream")
+                await self._answered(sink, reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if sink.call is not call:
+                return  # closed by this side (or replaced): nothing to report
+            self._stream_broke(sink, call, exc)
+
+    async def _answered(self, sink: _Sink, reply: frontend_pb2.StreamOutputsResponse) -> None:
+        """Every batch up to ``acked_seq`` was applied: settles them."""
+        now = time.monotonic()
+        mark = 0
+        while sink.unacked and sink.unacked[0].message.seq <= reply.acked_seq:
+            batch = sink.unacked.popleft()
+            mark = batch.mark
+            self.pushed += len(batch.message.batch.outputs)
+        sink.last_ack = now
+        if sink.probing:  # the answer to a new stream's question: resend what it did not apply
+            sink.probing, sink.ask_seq = False, 0
+            sink.resend = bool(sink.unacked)
+        elif sink.ask_seq and reply.acked_seq >= sink.ask_seq:
+            took, used = now - sink.ask_time, sink.ask_timeout
+            # A frontend that needed a longer deadline keeps it; a fast answer halves it back towards the default.
+            sink.attempt_timeout = used if sink.failures else (used / 2 if took < used / 4 else used)
+            sink.ask_seq = 0
+            if sink.failures:
+                log.info("frontend %s took outputs again after %d failed attempts", sink.address, sink.failures)
+                sink.failures = 0
+        if reply.unknown_request_ids:
+            self._on_orphans(list(reply.unknown_request_ids))
+        sink.wake.set()
+        if mark:
+            await sink.settle(mark, lost=False)
+
+    def _close_call(self, sink: _Sink) -> None:
+        call, reader = sink.call, sink.reader
+        sink.call, sink.reader, sink.ask_seq = None, None, 0
+        sink.probing = sink.resend = False
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        if call is not None:
+            call.cancel()
+
+    async def _stream_failed(self, sink: _Sink, error: BaseException) -> None:
+        """Closes the broken stream; gives the frontend up (permanent error, or the budget is spent) or backs off
+        before the next stream resends what is unacknowledged."""
+        s = self.settings
+        self._close_call(sink)
+        sink.stream_error = None
+        if not sink.unacked and _retryable(error):
+            log.debug("output stream to %s ended while idle: %s", sink.address, _describe(error))
+            return  # nothing was lost; the next output opens a new stream
+        elapsed = time.monotonic() - sink.unacked[0].first_sent if sink.unacked else 0.0
+        if not _retryable(error) or elapsed >= s.budget_s:
+            sent = [out for batch in sink.unacked for out in batch.message.batch.outputs]
+            sink.unacked.clear()
+            sink.failures = 0
+            await self._give_up(sink, sent, error, elapsed)
+            return
+        sink.failures += 1
+        self.retries += 1
+        if sink.failures == 1:
+            log.warning(
+                "push of %d batches to frontend %s failed (%s); retrying for up to %.0f s",
+                len(sink.unacked),
+                sink.address,
+                _describe(error),
+                s.budget_s,
+            )
+        backoff = 0.1 if sink.failures == 1 else min(0.2 * 2 ** (sink.failures - 2), s.max_backoff_s)
+        await asyncio.sleep(max(0.0, min(backoff, s.budget_s - elapsed)))
+
+    def _fall_back_to_unary(self, sink: _Sink) -> None:
+        """The frontend has no StreamOutputs: its unacknowledged outputs go first, by unary pushes from now on."""
+        log.info("frontend %s has no output stream; pushing with PushOutputs", sink.address)
+        self._close_call(sink)
+        sink.stream_error = None
+        sink.unary = True
+        sent = [out for batch in sink.unacked for out in batch.message.batch.outputs]
+        sink.unacked.clear()
+        queued, sink.pending, sink.tail = sink.pending, [], {}
+        for out in [*sent, *queued]:
+            self.coalesced += sink.add(out)
 
     async def _deliver(self, sink: _Sink, batch: list[common_pb2.RequestOutput], seq: int) -> None:
         request = frontend_pb2.PushOutputsRequest(instance_id=self._instance_id, outputs=batch)
@@ -246,7 +516,7 @@ class OutputPusher:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError() from exc
-            await self._give_up(sink, batch, seq, exc, time.monotonic() - start)
+            await self._give_up(sink, batch, exc, time.monotonic() - start)
             return
         self.pushed += len(batch)
         await sink.settle(seq, lost=False)
@@ -324,11 +594,12 @@ class OutputPusher:
         return reply
 
     async def _give_up(
-        self, sink: _Sink, batch: list[common_pb2.RequestOutput], seq: int, exc: BaseException, elapsed: float
+        self, sink: _Sink, sent: list[common_pb2.RequestOutput], exc: BaseException, elapsed: float
     ) -> None:
-        """Drops what cannot be delivered, queues one final ERROR per affected request, tells the llumlet."""
+        """Drops what cannot be delivered (``sent`` and everything queued), queues one final ERROR per affected
+        request, tells the llumlet."""
         self.given_up += 1
-        dropped = batch + sink.pending
+        dropped = sent + sink.pending
         sink.pending, sink.tail = [], {}
         last_seq = sink.submitted
         await sink.settle(last_seq, lost=True)
@@ -378,4 +649,5 @@ class OutputPusher:
             if sink.task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sink.task
+            self._close_call(sink)
             await sink.channel.close()

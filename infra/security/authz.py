@@ -50,6 +50,8 @@ PROJECT_ROLE_TABLE: dict[str, frozenset[str]] = {
     # A frontend: llumlets push outputs (the holder check is a capability token, see tokens.py); the leader pushes
     # the failure of requests whose instance died.
     "/llumnix.v1.OutputSinkService/PushOutputs": frozenset({"llumlet", "scheduler"}),
+    # A llumlet's long-lived push (the same checks per batch; the stream's peer is the pusher).
+    "/llumnix.v1.OutputSinkService/StreamOutputs": frozenset({"llumlet"}),
     # A migration source hands its request over to the destination (the holder check is its capability token).
     "/llumnix.v1.OutputSinkService/HandOver": frozenset({"llumlet"}),
     # The user-facing gRPC API (API keys decide more; see apikeys.py).
