@@ -13,9 +13,11 @@ Automatic migration is switched off through the cluster config, so the only migr
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,12 +26,14 @@ from google.protobuf import field_mask_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from integration.cluster import add_request, dial, get_load, http_headers, leader_of
+from integration.live_metrics import MAX_TOKENS, N_REQUESTS, Scrape, live
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, config_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Component, Launcher
 from pyllumnix.tools.recording_sink import RecordingSink
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+__all__ = ["live"]  # a module-scoped fixture (integration/live_metrics.py)
 
 BLOCK = 16
 # The smallest KV that still holds one 8192-token request above the 1 % watermark.
@@ -276,3 +280,67 @@ async def cluster_metrics(
 
 async def _has_tokens(sink: RecordingSink, rid: str) -> bool:
     return len(sink.tokens(rid)) > 0
+
+
+# --- issue #18: the vLLM-compatible series on a live `llumnix serve` ------------------------------------------------
+
+VLLM_SERIES = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "vllm:kv_cache_usage_perc",
+    "vllm:num_preemptions_total",
+    "vllm:prompt_tokens_total",
+    "vllm:generation_tokens_total",
+    "vllm:request_success_total",
+    "vllm:time_to_first_token_seconds_count",
+    "vllm:inter_token_latency_seconds_count",
+    "vllm:request_time_per_output_token_seconds_count",
+    "vllm:e2e_request_latency_seconds_count",
+    "vllm:request_queue_time_seconds_count",
+)
+
+
+def test_serve_exports_vllm_series_with_sane_values(live: tuple[Component, Scrape]) -> None:
+    serve, s = live
+    llumlets = s.of("llumlet")
+    assert len(llumlets) == 2 and len(s.of("scheduler")) >= 1 and len(s.of("frontend")) == 1
+    instances = set(json.loads(Path(serve.ready["status_file"]).read_text())["instances"])
+    for samples in llumlets.values():
+        for name in VLLM_SERIES:
+            found = [lbls for n, lbls in samples if n == name]
+            assert found, f"{name} missing on a llumlet"
+            for lbls in found:
+                labels = dict(lbls)
+                assert labels["model_name"] == "llama-7b-a10" and labels["instance"] in instances, labels
+        usage = [v for (n, _), v in samples.items() if n == "vllm:kv_cache_usage_perc"]
+        assert usage and all(0.0 <= u <= 1.0 for u in usage)
+    requests = N_REQUESTS + 1  # the migrated stream finished once, on its destination
+    tokens = N_REQUESTS * MAX_TOKENS + 250
+    assert sum(s.values("llumlet", "vllm:num_requests_running")) == 0
+    assert sum(s.values("llumlet", "vllm:num_requests_waiting")) == 0
+    # every token counted once, on the instance that produced it, also across the migration
+    assert sum(s.values("llumlet", "vllm:generation_tokens_total")) == tokens
+    assert sum(s.values("frontend", "llumnix_frontend_generation_tokens_total")) == tokens
+    assert sum(s.values("llumlet", "vllm:prompt_tokens_total")) == sum(
+        s.values("frontend", "llumnix_frontend_prompt_tokens_total")
+    )
+    assert sum(s.values("llumlet", "vllm:request_success_total", finished_reason="length")) == requests
+    assert sum(s.values("llumlet", "vllm:request_success_total", finished_reason="abort")) == 0
+    for name in ("time_to_first_token", "request_queue_time", "e2e_request_latency", "request_time_per_output_token"):
+        assert sum(s.values("llumlet", f"vllm:{name}_seconds_count")) == requests, name
+    ttft = sum(s.values("llumlet", "vllm:time_to_first_token_seconds_sum"))
+    queue = sum(s.values("llumlet", "vllm:request_queue_time_seconds_sum"))
+    e2e = sum(s.values("llumlet", "vllm:e2e_request_latency_seconds_sum"))
+    assert 0 <= queue < ttft < e2e
+    # the sim's 7B profile decodes in tens of ms: inter-token latencies are that order, one per later output
+    itl_n = sum(s.values("llumlet", "vllm:inter_token_latency_seconds_count"))
+    assert requests <= itl_n <= tokens
+    assert 0.005 < sum(s.values("llumlet", "vllm:inter_token_latency_seconds_sum")) / itl_n < 1.0
+    # Llumnix's own: the migration by outcome on its source and the leader's view; dispatch decisions by policy
+    assert sum(s.values("llumlet", "llumnix_llumlet_migrations_total", outcome="committed")) == 1
+    assert sum(s.values("llumlet", "llumnix_llumlet_migration_downtime_seconds_count")) == 1
+    assert sum(s.values("frontend", "llumnix_migrations_total", outcome="committed")) == 1
+    assert sum(s.values("scheduler", "llumnix_scheduler_is_leader")) == 1
+    assert sum(s.values("scheduler", "llumnix_dispatch_decisions_total", policy="llumnix", outcome="placed")) == (
+        requests
+    )

@@ -39,6 +39,7 @@ import numpy as np
 from pyllumnix.data_plane.host_memory import host_buffer
 from pyllumnix.data_plane.transport import Transport, make_transport, ucx_available
 from pyllumnix.data_plane.transport.ucx import UCX_ENV_DEFAULTS, configure_ucx_env
+from pyllumnix.tools.progress import Steps, progress_bar
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -239,17 +240,26 @@ def _ratio(a: dict[int, float], b: dict[int, float], nbytes: int) -> float | Non
     return round(a[nbytes] / b[nbytes], 3) if nbytes in a and nbytes in b and b[nbytes] else None
 
 
-def _one_round(sizes: list[int], kinds: list[str], skipped: dict[str, str]) -> dict[str, dict[int, float]]:
+def _one_round(
+    sizes: list[int], kinds: list[str], skipped: dict[str, str], steps: Steps | None = None
+) -> dict[str, dict[int, float]]:
+    """One round of every row; ``steps`` (a progress bar's task) advances once per row."""
+    steps = steps or Steps()
+    steps.describe("memcpy")
     results: dict[str, dict[int, float]] = {"memcpy": {n: bench_memcpy(n) for n in sizes}}
+    steps.step("memcpy_ring")
     results["memcpy_ring"] = {n: bench_memcpy_ring(n) for n in sizes}
+    steps.step("socket")
     results["socket"] = bench_socket(sizes)
     for kind in kinds:
+        steps.step(kind)
         if kind == "ucx" and not ucx_available():
             skipped[kind] = "ucxx not importable"
         elif kind == "inproc":
             results[kind] = bench_inproc(sizes)
         else:
             results[kind] = bench_transport(kind, sizes)
+    steps.step()
     return results
 
 
@@ -501,8 +511,10 @@ def bench_device(device: str, sizes: list[int], repeat: int, want_ucx: bool) -> 
     samples: dict[str, dict[int, list[float]]] = {}
     skipped: dict[str, str] = {}
     lanes: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="llumnix-bench-") as tmpdir:
-        for _ in range(repeat):
+    with tempfile.TemporaryDirectory(prefix="llumnix-bench-") as tmpdir, progress_bar() as bar:
+        steps = Steps(bar, f"bench dataplane {device}", total=repeat)
+        for r in range(repeat):
+            steps.describe(f"round {r + 1}")
             rows = bench_kernels(device, sizes)
             if device == "cpu":
                 skipped["cuda_ipc_copy"] = "needs a CUDA device"
@@ -518,6 +530,7 @@ def bench_device(device: str, sizes: list[int], repeat: int, want_ucx: bool) -> 
             for name, figures in rows.items():
                 for n, v in figures.items():
                     samples.setdefault(name, {}).setdefault(n, []).append(v)
+            steps.step()
     results = {name: {n: max(v) for n, v in r.items()} for name, r in samples.items()}
     ucx = results.get("ucx_d2d", results.get("ucx_host", {}))
     big = max(sizes)
@@ -564,10 +577,12 @@ def bench_dataplane(
     configure_ucx_env(ucx_tls)  # children inherit the environment
     samples: dict[str, dict[int, list[float]]] = {}
     skipped: dict[str, str] = {}
-    for _ in range(repeat):  # interleaved rounds, so interference from other processes hits every row alike
-        for name, figures in _one_round(size_list, kinds, skipped).items():
-            for n, v in figures.items():
-                samples.setdefault(name, {}).setdefault(n, []).append(v)
+    with progress_bar() as bar:  # on stderr, only on a terminal: stdout is the JSON report
+        steps = Steps(bar, "bench dataplane", total=repeat * (3 + len(kinds)))
+        for _ in range(repeat):  # interleaved rounds, so interference from other processes hits every row alike
+            for name, figures in _one_round(size_list, kinds, skipped, steps).items():
+                for n, v in figures.items():
+                    samples.setdefault(name, {}).setdefault(n, []).append(v)
     results = {name: {n: max(v) for n, v in rows.items()} for name, rows in samples.items()}
     sixteen = 16 * MiB
     ucx = results.get("ucx", {})
@@ -601,7 +616,8 @@ def bench_dataplane(
     click.echo(
         f"dataplane 16MiB GiB/s: {parts} | ucx16/memcpy_ring16={ratios['ucx16_over_memcpy_ring16']} "
         f"ucx16/socket16={ratios['ucx16_over_socket16']} "
-        f"(cache-resident ucx16/memcpy16={ratios['ucx16_over_memcpy16']}) | targets {meets}"
+        f"(cache-resident ucx16/memcpy16={ratios['ucx16_over_memcpy16']}) | targets {meets}",
+        err=True,  # stdout stays the JSON report alone (``... | jq``)
     )
 
 
@@ -626,4 +642,4 @@ def _bench_device_cli(
     big = f"{report['ratio_size_mib']:g}"
     parts = " ".join(f"{k}={v.get(big, '-')}" for k, v in report["gib_s"].items())
     lane = ",".join(report["ucx_lane"].get("transports", [])) or "-"
-    click.echo(f"dataplane {device} {big}MiB GiB/s: {parts} | ratios {report['ratios']} | ucx lane: {lane}")
+    click.echo(f"dataplane {device} {big}MiB GiB/s: {parts} | ratios {report['ratios']} | ucx lane: {lane}", err=True)

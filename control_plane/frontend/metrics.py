@@ -9,6 +9,10 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.registry import Collector
 
+# Label values exported from the start (at 0), as vLLM does for finished_reason: a dashboard's rate() over a series
+# that appears only with its first event shows "No data" on a healthy cluster.
+FINISH_REASONS = ("stop", "length", "abort", "error")
+REFUSAL_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE")
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
@@ -22,6 +26,10 @@ class FrontendMetrics:
         self.rejected = Counter(
             "llumnix_frontend_rejected_requests", "Requests refused, by status", ["code"], registry=r
         )
+        for reason in FINISH_REASONS:
+            self.requests.labels(reason)
+        for code in REFUSAL_CODES:
+            self.rejected.labels(code)
         self.timeouts = Counter(
             "llumnix_frontend_timed_out_requests",
             "Requests ended for lack of output (idle timeout, deadline)",
