@@ -371,6 +371,7 @@ async def test_autoscaling_adds_under_load_and_drains_running_requests(
             min_instances=1,
             max_instances=2,
             scaling_interval_ms=300,
+            warmup_ms=0,  # decide from the first pass: the test's load is there already
         )
         await set_scaling(leader.leader_address, scaling)
 

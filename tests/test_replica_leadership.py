@@ -118,7 +118,9 @@ def make_replica(ids: tuple[str, ...], log: list[str], **timing: float) -> tuple
     )
     election = FakeElection()
     replica.election = cast(Any, election)
-    replica.core.reconfigure(dataclasses.replace(PolicyConfig(), pairing_interval_ms=10, scaling_interval_ms=100))
+    replica.core.reconfigure(
+        dataclasses.replace(PolicyConfig(), pairing_interval_ms=10, scaling_interval_ms=100, scaling_warmup_ms=0)
+    )
     stubs = {iid: FakeLlumlet(iid, log) for iid in ids}
     for iid in ids:
         replica.cluster.upsert(common_pb2.InstanceInfo(instance_id=iid, grpc_address=f"127.0.0.1:{1000 + len(iid)}"))

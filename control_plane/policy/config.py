@@ -36,6 +36,10 @@ _DISPATCH_TO_PB = {
     "balanced": config_pb2.DISPATCH_POLICY_BALANCED,
 }
 _PAIRING_TO_PB = {"defrag": config_pb2.PAIRING_POLICY_DEFRAG, "balanced": config_pb2.PAIRING_POLICY_BALANCED}
+_DRAIN_VICTIM_TO_PB = {
+    "fewest-requests": config_pb2.DRAIN_VICTIM_FEWEST_REQUESTS,
+    "last": config_pb2.DRAIN_VICTIM_LAST,
+}
 
 # The artifact's high-priority headroom is relative to the instance: total blocks - 100 (~1,600 tokens left for the
 # high-priority batch itself). ``high_headroom_blocks`` caps it (the ClusterConfig field; its maximum = no cap).
@@ -67,11 +71,11 @@ class PolicyConfig:
     normal_headroom_blocks: int = 0
     high_headroom_blocks: int = DEFAULT_HIGH_HEADROOM_BLOCKS
     load_report_interval_ms: int = 50
-    # Not in ClusterConfig (yet): these keep their defaults through to_proto/from_proto.
+    # Not in ClusterConfig (yet): keeps its default through to_proto/from_proto.
     # The high headroom of an instance is min(high_headroom_blocks, total - high_headroom_reserve_blocks).
     high_headroom_reserve_blocks: int = DEFAULT_HIGH_HEADROOM_RESERVE_BLOCKS
-    # No scaling decision before this long after the cluster started (the artifact waits 100 s for load to settle).
-    # The simulator honours it; the live scheduler's scaling loop does not read it yet.
+    # No scaling decision before this long after the scaling loop started (the artifact waits 100 s for load to
+    # settle); the simulator counts from t = 0, the live scheduler from the start of the leader's scaling loop.
     scaling_warmup_ms: int = 100_000
     # The instance a scale-down drains: "fewest-requests" (cheapest to empty) or "last" (highest id, the artifact's).
     drain_victim: str = "fewest-requests"
@@ -130,6 +134,8 @@ class PolicyConfig:
         dispatch = {v: k for k, v in _DISPATCH_TO_PB.items()}
         pairing = {v: k for k, v in _PAIRING_TO_PB.items()}
         dp = pb.dispatch.policy
+        dv = pb.scaling.drain_victim
+        victims = {v: k for k, v in _DRAIN_VICTIM_TO_PB.items()}
         pp = pb.migration.pairing_policy
         sel = pb.migration.selection
         m, s = pb.migration, pb.scaling
@@ -161,6 +167,8 @@ class PolicyConfig:
             min_instances=s.min_instances or d.min_instances,
             max_instances=s.max_instances or d.max_instances,
             scaling_interval_ms=s.scaling_interval_ms or d.scaling_interval_ms,
+            scaling_warmup_ms=s.warmup_ms if s.HasField("warmup_ms") else d.scaling_warmup_ms,
+            drain_victim=d.drain_victim if dv == 0 else victims.get(dv, f"<unknown enum {dv}>"),
             normal_headroom_blocks=normal_hr,
             high_headroom_blocks=high_hr,
             load_report_interval_ms=pb.load_report_interval_ms or d.load_report_interval_ms,
@@ -193,6 +201,8 @@ class PolicyConfig:
                 min_instances=self.min_instances,
                 max_instances=self.max_instances,
                 scaling_interval_ms=self.scaling_interval_ms,
+                warmup_ms=self.scaling_warmup_ms,
+                drain_victim=_DRAIN_VICTIM_TO_PB[self.drain_victim],
             ),
             priority=config_pb2.PriorityConfig(
                 headroom=[
@@ -243,6 +253,7 @@ PATHS: dict[str, str] = {
     "min_instances": "scaling.min_instances",
     "max_instances": "scaling.max_instances",
     "scaling_interval_ms": "scaling.scaling_interval_ms",
+    "scaling_warmup_ms": "scaling.warmup_ms",
     "normal_headroom_blocks": "priority.headroom[PRIORITY_NORMAL].headroom_blocks",
     "high_headroom_blocks": "priority.headroom[PRIORITY_HIGH].headroom_blocks",
     "load_report_interval_ms": "load_report_interval_ms",

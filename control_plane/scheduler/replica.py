@@ -605,6 +605,7 @@ class SchedulerReplica:
                 del self._stop_tasks[instance_id]
 
     async def _scaling_loop(self) -> None:
+        began = time.monotonic()
         while True:
             config = self.core.config
             await asyncio.sleep(config.scaling_interval_ms / 1000)
@@ -615,6 +616,8 @@ class SchedulerReplica:
                 continue
             if not config.enable_scaling:
                 continue
+            if time.monotonic() - began < config.scaling_warmup_ms / 1000:
+                continue  # a fresh term's load is still settling (the artifact's warm-up); a manual target is not held
             snapshot = self.cluster.snapshot(time.monotonic())
             # An instance in its vanished grace period (lease lost in a blip, probably coming back) counts as starting:
             # a blip must not make the scaler start a replacement it will have to drain again.

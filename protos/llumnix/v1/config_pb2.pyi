@@ -71,6 +71,27 @@ PAIRING_POLICY_BALANCED: PairingPolicy.ValueType  # 2
 """Like DEFRAG, but a pair is kept only if it narrows the gap without pushing the destination below the threshold."""
 Global___PairingPolicy: _TypeAlias = PairingPolicy  # noqa: Y015
 
+class _DrainVictim:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DrainVictimEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DrainVictim.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DRAIN_VICTIM_UNSPECIFIED: _DrainVictim.ValueType  # 0
+    DRAIN_VICTIM_FEWEST_REQUESTS: _DrainVictim.ValueType  # 1
+    """Fewest requests, then freest, then lowest id: the cheapest instance to empty (default)."""
+    DRAIN_VICTIM_LAST: _DrainVictim.ValueType  # 2
+    """The highest instance id, the artifact's choice."""
+
+class DrainVictim(_DrainVictim, metaclass=_DrainVictimEnumTypeWrapper): ...
+
+DRAIN_VICTIM_UNSPECIFIED: DrainVictim.ValueType  # 0
+DRAIN_VICTIM_FEWEST_REQUESTS: DrainVictim.ValueType  # 1
+"""Fewest requests, then freest, then lowest id: the cheapest instance to empty (default)."""
+DRAIN_VICTIM_LAST: DrainVictim.ValueType  # 2
+"""The highest instance id, the artifact's choice."""
+Global___DrainVictim: _TypeAlias = DrainVictim  # noqa: Y015
+
 @_typing.final
 class DispatchConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -156,6 +177,8 @@ class ScalingConfig(_message.Message):
     MIN_INSTANCES_FIELD_NUMBER: _builtins.int
     MAX_INSTANCES_FIELD_NUMBER: _builtins.int
     SCALING_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    WARMUP_MS_FIELD_NUMBER: _builtins.int
+    DRAIN_VICTIM_FIELD_NUMBER: _builtins.int
     enable: _builtins.bool
     scale_up_threshold: _builtins.float
     """Scale up when the cluster's average freeness falls below. Default 10; range [0, 1000000]."""
@@ -169,6 +192,13 @@ class ScalingConfig(_message.Message):
     """Default 16; range [1, 4096] and >= min_instances. The instance provider may cap it lower."""
     scaling_interval_ms: _builtins.int
     """Scaling loop period. Default 10000 ms; range [100, 3600000]."""
+    warmup_ms: _builtins.int
+    """No scaling decision before this long after the scaling loop started (the leader's term), so that a fresh cluster's
+    load settles first (the artifact waits 100 s). Default 100000 ms; range [0, 3600000] (0: decide from the first
+    interval).
+    """
+    drain_victim: Global___DrainVictim.ValueType
+    """The instance a scale-down drains. Default DRAIN_VICTIM_FEWEST_REQUESTS."""
     def __init__(
         self,
         *,
@@ -178,19 +208,25 @@ class ScalingConfig(_message.Message):
         min_instances: _builtins.int = ...,
         max_instances: _builtins.int = ...,
         scaling_interval_ms: _builtins.int = ...,
+        warmup_ms: _builtins.int | None = ...,
+        drain_victim: Global___DrainVictim.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale_down_threshold", b"_scale_down_threshold", "_scale_up_threshold", b"_scale_up_threshold", "scale_down_threshold", b"scale_down_threshold", "scale_up_threshold", b"scale_up_threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_scale_down_threshold", b"_scale_down_threshold", "_scale_up_threshold", b"_scale_up_threshold", "_warmup_ms", b"_warmup_ms", "scale_down_threshold", b"scale_down_threshold", "scale_up_threshold", b"scale_up_threshold", "warmup_ms", b"warmup_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale_down_threshold", b"_scale_down_threshold", "_scale_up_threshold", b"_scale_up_threshold", "enable", b"enable", "max_instances", b"max_instances", "min_instances", b"min_instances", "scale_down_threshold", b"scale_down_threshold", "scale_up_threshold", b"scale_up_threshold", "scaling_interval_ms", b"scaling_interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_scale_down_threshold", b"_scale_down_threshold", "_scale_up_threshold", b"_scale_up_threshold", "_warmup_ms", b"_warmup_ms", "drain_victim", b"drain_victim", "enable", b"enable", "max_instances", b"max_instances", "min_instances", b"min_instances", "scale_down_threshold", b"scale_down_threshold", "scale_up_threshold", b"scale_up_threshold", "scaling_interval_ms", b"scaling_interval_ms", "warmup_ms", b"warmup_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__scale_down_threshold: _TypeAlias = _typing.Literal["scale_down_threshold"]  # noqa: Y015
     _WhichOneofArgType__scale_down_threshold: _TypeAlias = _typing.Literal["_scale_down_threshold", b"_scale_down_threshold"]  # noqa: Y015
     _WhichOneofReturnType__scale_up_threshold: _TypeAlias = _typing.Literal["scale_up_threshold"]  # noqa: Y015
     _WhichOneofArgType__scale_up_threshold: _TypeAlias = _typing.Literal["_scale_up_threshold", b"_scale_up_threshold"]  # noqa: Y015
+    _WhichOneofReturnType__warmup_ms: _TypeAlias = _typing.Literal["warmup_ms"]  # noqa: Y015
+    _WhichOneofArgType__warmup_ms: _TypeAlias = _typing.Literal["_warmup_ms", b"_warmup_ms"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__scale_down_threshold) -> _WhichOneofReturnType__scale_down_threshold | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__scale_up_threshold) -> _WhichOneofReturnType__scale_up_threshold | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__warmup_ms) -> _WhichOneofReturnType__warmup_ms | None: ...
 
 Global___ScalingConfig: _TypeAlias = ScalingConfig  # noqa: Y015
 
