@@ -237,3 +237,61 @@ async def test_the_leader_takes_keepalives_and_gets_the_full_load_back_when_it_l
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+# ------------------------------------------------------------------------------------- the dispatch bench's model
+class RecordingServicer:
+    def __init__(self) -> None:
+        self.taken: list[tuple[str, bool, int]] = []
+
+    def take(self, report: scheduler_pb2.ReportLoadRequest, instance_id: str, keep_alive: bool) -> bool:
+        seq = report.keep_alive.seq if keep_alive else report.load.seq
+        self.taken.append((instance_id, keep_alive, seq))
+        return True
+
+
+async def bench_messages(change: float, hz: float = 50.0, seconds: float = 0.5) -> RecordingServicer:
+    from pyllumnix.tools.bench_dispatch import _ChildStats, _report_loop
+
+    templates = [[load(f"i-{i}", 0, free_blocks=100 - k) for k in range(4)] for i in range(4)]
+    servicer = RecordingServicer()
+    stats = _ChildStats()
+    task = asyncio.get_running_loop().create_task(_report_loop(cast(Any, servicer), templates, hz, change, 0, stats))
+    await asyncio.sleep(seconds)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert stats.reports == stats.fulls + stats.keepalives == len(servicer.taken)
+    return servicer
+
+
+async def test_the_bench_sends_what_reporters_would() -> None:
+    """The dispatch bench's report model: all full loads when every tick changed; else one full load per instance and
+    a keep-alive every LOAD_KEEPALIVE_EVERY ticks, each confirming that instance's latest full load."""
+    busy = await bench_messages(change=1.0)
+    assert busy.taken and not any(alive for _, alive, _ in busy.taken)
+    quiet = await bench_messages(change=0.0)
+    fulls = [(iid, seq) for iid, alive, seq in quiet.taken if not alive]
+    alives = [(iid, seq) for iid, alive, seq in quiet.taken if alive]
+    assert sorted(iid for iid, _ in fulls) == ["i-0", "i-1", "i-2", "i-3"]
+    assert alives and all(seq == dict(fulls)[iid] for iid, seq in alives)
+    ticks = len(fulls) + len(alives) * LOAD_KEEPALIVE_EVERY
+    assert len(alives) * LOAD_KEEPALIVE_EVERY <= ticks <= len(fulls) + (len(alives) + 4) * LOAD_KEEPALIVE_EVERY
+
+
+def test_the_bench_report_block_extrapolates_from_its_own_rows() -> None:
+    from pyllumnix.tools.bench_dispatch import _load_reports_block
+
+    row = {
+        "reports_per_s": 1000.0,
+        "full_loads_per_s": 500.0,
+        "keepalives_per_s": 500.0,
+        "full_us_mean": 10.0,
+        "keepalive_us_mean": 2.0,
+        "report_cpu_share": 0.006,
+        "report_ticks_skipped": 0,
+    }
+    block = _load_reports_block([row, dict(row, report_cpu_share=0.6)], [row], 1024, 20.0, 0.5)
+    assert block["cpu_share_if_all_changed"] == pytest.approx(10e-6 * 20 * 1024, abs=1e-4)
+    assert block["cpu_share_if_none_changed"] == pytest.approx(2e-6 * 20 / LOAD_KEEPALIVE_EVERY * 1024, abs=1e-4)
+    assert block["cpu_share_of_one_core"] == pytest.approx(0.303) and block["meets"] is True

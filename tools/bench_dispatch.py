@@ -17,11 +17,17 @@ Bench harness in the child (not the production path, said here so the figures ar
   its own registry watch. Nothing listens at their llumlet addresses, so migration is switched off through the
   replica's own ``set_config`` (the pairing loop would otherwise order migrations to nowhere); the cost of one
   ``pair()`` pass over the same cluster is measured and reported instead (``pairing_pass_ms``).
-- Load reports are injected with ``replica.report(load)`` (what ``ReportLoad`` calls per streamed message, minus the
-  stream's protobuf parsing): every instance once at start, then round-robin so each instance reports every
-  ``1/report_hz`` s during every round (default 2 Hz, a tenth of a llumlet's 20 Hz; 2,048 reports/s at N=1,024).
-  ``--report-hz 0`` turns them off. Reports never list dispatched requests, so each dispatch counts on its instance for
-  the scheduler's ``pending_ttl`` (2 s), as a request that has not reached its llumlet yet would.
+- Load reports are the messages N llumlet reporters (``data_plane/llumlet/reporter.py``) would stream, fed to the
+  production per-message path: each is parsed from its wire bytes (``ReportLoadRequest.FromString``) and handed to
+  ``SchedulerServicer.take`` (the per-instance floor, then ``replica.report`` or ``replica.keepalive``), on the
+  scheduler's own event loop. Not included: the gRPC stream's own per-message cost (HTTP/2 framing, the aio
+  iterator). Every instance sends a full load at start; then each instance ticks every ``1/report_hz`` s (default
+  20 Hz, a llumlet's default) and at each tick its load has changed with probability ``--report-change`` (default
+  1.0: every instance busy, the worst case): a changed tick sends a full load (one of 4 synthetic variants), an
+  unchanged one counts towards a keep-alive every ``LOAD_KEEPALIVE_EVERY`` (3) ticks, as the reporter does.
+  ``--report-hz 0`` turns them off. The report CPU share (``load_reports.cpu_share_of_one_core``) is the time spent in
+  that path over the round's wall time. Reports never list dispatched requests, so each dispatch counts on its
+  instance for the scheduler's ``pending_ttl`` (2 s), as a request that has not reached its llumlet yet would.
 - The measured rounds run the production Dispatch path unwrapped. One more Dispatch round after them wraps
   ``replica.dispatch`` with a timer, giving the served decision latency (``served_dispatch``): the policy decision
   plus ``ClusterState`` work (folding buffered reports into the snapshot, the staleness scan, recording). With
@@ -72,6 +78,7 @@ from pyllumnix.control_plane.scheduler.service import (
     AdminServicer,
     SchedulerServicer,
 )
+from pyllumnix.data_plane.llumlet.reporter import LOAD_KEEPALIVE_EVERY
 from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.etcd.keys import KeyLayout
@@ -86,6 +93,7 @@ from pyllumnix.tools.progress import Steps, progress_bar
 TARGET_P99_MS = 0.5
 TARGET_RATIO = 0.8
 TARGET_TLS_RATIO = 0.8
+TARGET_REPORT_CPU_SHARE = 0.5  # of one core, for load reports (issue #16)
 """Acceptance (issue 13): with mutual TLS the Dispatch rate stays >= 0.8x the plaintext rate."""
 CLUSTER = "bench-dispatch"
 TOTAL_BLOCKS = 1300
@@ -136,8 +144,13 @@ class _ChildStats:
     """Counters the parent reads at the start and end of each round."""
 
     def __init__(self) -> None:
-        self.reports = 0
+        self.reports = 0  # messages: full loads and keep-alives
         self.report_s = 0.0
+        self.fulls = 0
+        self.full_s = 0.0
+        self.keepalives = 0
+        self.keepalive_s = 0.0
+        self.ticks_skipped = 0
         self.dispatch_s: list[float] = []
         # Seconds spent in the parts of replica.dispatch, summed over the round.
         self.parts: dict[str, float] = {}
@@ -145,29 +158,72 @@ class _ChildStats:
 
 
 async def _report_loop(
-    replica: SchedulerReplica, templates: list[list[common_pb2.InstanceLoad]], hz: float, stats: _ChildStats
+    servicer: SchedulerServicer,
+    templates: list[list[common_pb2.InstanceLoad]],
+    hz: float,
+    change: float,
+    seed: int,
+    stats: _ChildStats,
 ) -> None:
-    """Round-robin reports at ``hz`` per instance; catches up after a late wake-up so the rate holds under load."""
+    """N reporters' messages: round-robin ticks at ``hz`` per instance (catching up after a late wake-up so the rate
+    holds under load); a tick changed with probability ``change`` sends a full load, else a keep-alive every
+    ``LOAD_KEEPALIVE_EVERY`` unchanged ticks. The wire bytes are made outside the timed part; parsing and the
+    servicer's per-message path are timed in CPU time of the event loop's thread (``time.thread_time``: on a shared
+    machine, time the process spent preempted is not the leader's cost), fulls and keep-alives apart. A process that
+    falls more than a second behind skips the excess ticks (counted in ``ticks_skipped``) instead of spinning on them,
+    so the scheduler's own work (its lease, the bench's commands) still runs."""
     n = len(templates)
     rate = hz * n
+    rng = random.Random(seed + 2)
+    wire = [[scheduler_pb2.ReportLoadRequest(load=v).SerializeToString() for v in variants] for variants in templates]
     seq = itertools.count(1_000_000)
+    last_seq = [0] * n  # the seq of each instance's latest full load (what its keep-alives confirm)
+    quiet = [0] * n
     order = itertools.cycle(range(n))
     start = time.monotonic()
-    sent = 0
+    ticks = 0
+    parse = scheduler_pb2.ReportLoadRequest.FromString
     while True:
         await asyncio.sleep(0.01)
-        due = int((time.monotonic() - start) * rate) - sent
-        t0 = time.perf_counter()
-        for _ in range(due):
+        due = int((time.monotonic() - start) * rate) - ticks
+        if due > rate:  # starved for over a second: catch up one wake-up's worth, skip the rest
+            keep = int(rate * 0.01) + 1
+            stats.ticks_skipped += due - keep
+            for _ in range(due - keep):
+                next(order)
+            ticks += due - keep
+            due = keep
+        fulls: list[tuple[bytes, int]] = []
+        alives: list[bytes] = []
+        for _ in range(max(0, due)):
             i = next(order)
-            variants = templates[i]
-            load = common_pb2.InstanceLoad()
-            load.CopyFrom(variants[sent % len(variants)])
-            load.seq = next(seq)
-            replica.report(load)
-            sent += 1
-        stats.report_s += time.perf_counter() - t0
-        stats.reports += max(0, due)
+            if rng.random() < change or last_seq[i] == 0:
+                last_seq[i], quiet[i] = next(seq), 0
+                fulls.append((wire[i][ticks % len(wire[i])], last_seq[i]))
+            else:
+                quiet[i] += 1
+                if quiet[i] >= LOAD_KEEPALIVE_EVERY:
+                    quiet[i] = 0
+                    iid = templates[i][0].instance_id
+                    keep = scheduler_pb2.LoadKeepAlive(instance_id=iid, seq=last_seq[i])
+                    alives.append(scheduler_pb2.ReportLoadRequest(keep_alive=keep).SerializeToString())
+            ticks += 1
+        t0 = time.thread_time()
+        for data, n_seq in fulls:
+            report = parse(data)
+            report.load.seq = n_seq  # the harness's only step inside the timed part
+            servicer.take(report, report.load.instance_id, False)
+        t1 = time.thread_time()
+        for data in alives:
+            report = parse(data)
+            servicer.take(report, report.keep_alive.instance_id, True)
+        t2 = time.thread_time()
+        stats.full_s += t1 - t0
+        stats.keepalive_s += t2 - t1
+        stats.report_s += t2 - t0
+        stats.fulls += len(fulls)
+        stats.keepalives += len(alives)
+        stats.reports += len(fulls) + len(alives)
 
 
 def _instrument(replica: SchedulerReplica, stats: _ChildStats, parts: bool) -> Callable[[], None]:
@@ -216,13 +272,20 @@ def _pairing_pass_ms(replica: SchedulerReplica) -> float:
 
 
 async def _serve(
-    conn: Connection, endpoints: list[str], instances: int, report_hz: float, seed: int, tls_dir: str = ""
+    conn: Connection,
+    endpoints: list[str],
+    instances: int,
+    report_hz: float,
+    seed: int,
+    tls_dir: str = "",
+    report_change: float = 1.0,
 ) -> None:
     client = EtcdClient(endpoints)
     layout = KeyLayout(CLUSTER)
     replica = SchedulerReplica(client, layout, "bench-scheduler", "", seed=seed)
+    servicer = SchedulerServicer(replica)
     bindings: list[Any] = [
-        (scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, SchedulerServicer(replica), SCHEDULER_SERVICE),
+        (scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, servicer, SCHEDULER_SERVICE),
         (admin_pb2_grpc.add_AdminServiceServicer_to_server, AdminServicer(replica), ADMIN_SERVICE),
     ]
     # The plaintext server always; with ``tls_dir`` a second one on the same replica and event loop, mutual TLS with
@@ -278,7 +341,11 @@ async def _serve(
 
     stats = _ChildStats()
     uninstrument: list[Callable[[], None]] = []
-    reporter = asyncio.create_task(_report_loop(replica, templates, report_hz, stats)) if report_hz > 0 else None
+    reporter = (
+        asyncio.create_task(_report_loop(servicer, templates, report_hz, report_change, seed, stats))
+        if report_hz > 0
+        else None
+    )
 
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
@@ -289,7 +356,16 @@ async def _serve(
         command, arg = conn.recv()
         reply: dict[str, Any] = {}
         if command == "round_start":
-            marks.update(cpu=time.process_time(), reports=stats.reports, report_s=stats.report_s)
+            marks.update(
+                cpu=time.process_time(),
+                reports=stats.reports,
+                report_s=stats.report_s,
+                fulls=stats.fulls,
+                full_s=stats.full_s,
+                keepalives=stats.keepalives,
+                keepalive_s=stats.keepalive_s,
+                skipped=stats.ticks_skipped,
+            )
             stats.dispatch_s = []
             stats.parts = {}
             stats.terms = {replica.leader.term}
@@ -300,6 +376,11 @@ async def _serve(
                 "reports": reports,
                 "report_s": stats.report_s - marks["report_s"],
                 "report_us_mean": (stats.report_s - marks["report_s"]) / reports * 1e6 if reports else 0.0,
+                "fulls": stats.fulls - marks["fulls"],
+                "full_s": stats.full_s - marks["full_s"],
+                "keepalives": stats.keepalives - marks["keepalives"],
+                "keepalive_s": stats.keepalive_s - marks["keepalive_s"],
+                "ticks_skipped": stats.ticks_skipped - marks["skipped"],
                 "dispatch_s": stats.dispatch_s,
                 "parts_s": stats.parts,
                 "leader": replica.is_leader,
@@ -360,10 +441,16 @@ def _profile_rows(profile: cProfile.Profile, top: int) -> list[dict[str, Any]]:
 
 
 def _child_main(
-    conn: Connection, endpoints: list[str], instances: int, report_hz: float, seed: int, tls_dir: str = ""
+    conn: Connection,
+    endpoints: list[str],
+    instances: int,
+    report_hz: float,
+    seed: int,
+    tls_dir: str = "",
+    report_change: float = 1.0,
 ) -> None:
     """Entry of the spawned scheduler process; with ``tls_dir`` it serves a mutual-TLS port beside the plaintext one."""
-    asyncio.run(_serve(conn, endpoints, instances, report_hz, seed, tls_dir))
+    asyncio.run(_serve(conn, endpoints, instances, report_hz, seed, tls_dir, report_change))
 
 
 # --------------------------------------------------------------------------------------------------------------- client
@@ -418,6 +505,12 @@ async def _round(
         "client_cpu_us_per_call": round(client_cpu / max(ok, 1) * 1e6, 1),
         "reports_per_s": round(child["reports"] / elapsed, 1),
         "report_us_mean": round(child["report_us_mean"], 2),
+        "full_loads_per_s": round(child["fulls"] / elapsed, 1),
+        "keepalives_per_s": round(child["keepalives"] / elapsed, 1),
+        "full_us_mean": round(child["full_s"] / child["fulls"] * 1e6, 2) if child["fulls"] else 0.0,
+        "keepalive_us_mean": round(child["keepalive_s"] / child["keepalives"] * 1e6, 2) if child["keepalives"] else 0.0,
+        "report_cpu_share": round(child["report_s"] / elapsed, 4),
+        "report_ticks_skipped": child["ticks_skipped"],
         "leader": child["leader"],
         "leader_terms": child["leader_terms"],
     }
@@ -439,6 +532,7 @@ async def run_bench(
     parts: bool = False,
     steps: Steps | None = None,
     tls_dir: str = "",
+    report_change: float = 1.0,
 ) -> dict[str, Any]:
     """The whole benchmark; ``steps`` (optional) is advanced per phase and round for a progress bar. ``tls_dir``: a
     local PKI; the scheduler serves mutual TLS and the client calls with a frontend certificate."""
@@ -451,7 +545,7 @@ async def run_bench(
         conn, child_conn = ctx.Pipe()
         proc = ctx.Process(
             target=_child_main,
-            args=(child_conn, etcd.endpoints, instances, report_hz, seed, tls_dir),
+            args=(child_conn, etcd.endpoints, instances, report_hz, seed, tls_dir, report_change),
             daemon=True,
         )
         proc.start()
@@ -481,6 +575,7 @@ async def run_bench(
                 parts,
                 steps,
                 tls_dir,
+                report_change,
             )
         finally:
             with contextlib.suppress(Exception):
@@ -489,6 +584,42 @@ async def run_bench(
             if proc.is_alive():
                 proc.terminate()
                 await asyncio.to_thread(proc.join, 5)
+
+
+def _load_reports_block(
+    rows: list[dict[str, Any]], dispatch: list[dict[str, Any]], instances: int, hz: float, change: float
+) -> dict[str, Any]:
+    """The leader's cost of load reports over the measured rounds (medians of per-round figures), and what it would
+    be with every instance changing at every tick (all full loads) or none (keep-alives only) at the same rate."""
+    if hz <= 0:
+        return {"per_instance_hz": 0.0, "injected": "off", "reports_per_s_during_dispatch": 0.0}
+
+    def med(key: str) -> float:
+        values = [r[key] for r in rows if r[key]]
+        return statistics.median(values) if values else 0.0
+
+    full_us, keepalive_us, share = med("full_us_mean"), med("keepalive_us_mean"), med("report_cpu_share")
+    return {
+        "per_instance_hz": hz,
+        "change_fraction": change,
+        "keepalive_every_ticks": LOAD_KEEPALIVE_EVERY,
+        "injected": "wire bytes parsed and fed to SchedulerServicer.take on the scheduler's event loop (bench "
+        "harness; the gRPC stream's own per-message cost is not included)",
+        "reports_per_s_during_dispatch": statistics.median(r["reports_per_s"] for r in dispatch),
+        "full_loads_per_s": med("full_loads_per_s"),
+        "keepalives_per_s": med("keepalives_per_s"),
+        "full_us_mean": round(full_us, 2),
+        "keepalive_us_mean": round(keepalive_us, 2),
+        "cpu_share_of_one_core": round(share, 4),
+        "cpu_share_statistic": "median over all measured rounds of report CPU time / round wall time",
+        "ticks_skipped": sum(r["report_ticks_skipped"] for r in rows),
+        "cpu_share_if_all_changed": round(full_us * hz * instances / 1e6, 4) if full_us else None,
+        "cpu_share_if_none_changed": (
+            round(keepalive_us * hz / LOAD_KEEPALIVE_EVERY * instances / 1e6, 4) if keepalive_us else None
+        ),
+        "target_cpu_share": TARGET_REPORT_CPU_SHARE,
+        "meets": share < TARGET_REPORT_CPU_SHARE,
+    }
 
 
 def _grpc_block(bare: list[dict[str, Any]], dispatch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -574,6 +705,7 @@ async def _measure(
     parts: bool,
     steps: Steps,
     tls_dir: str = "",
+    report_change: float = 1.0,
 ) -> dict[str, Any]:
     rng = random.Random(seed + 1)
     shapes = [
@@ -651,13 +783,13 @@ async def _measure(
                 "parts_us_per_call": timed.get("served_parts_us_per_call", {}),
             },
             "grpc": grpc_block,
-            "load_reports": {
-                "per_instance_hz": report_hz,
-                "injected": "replica.report() in the scheduler process (bench harness)" if report_hz > 0 else "off",
-                "reports_per_s_during_dispatch": statistics.median(
-                    r["reports_per_s"] for r in results[("plaintext", "dispatch")]
-                ),
-            },
+            "load_reports": _load_reports_block(
+                results[("plaintext", "bare")] + results[("plaintext", "dispatch")],
+                results[("plaintext", "dispatch")],
+                instances,
+                report_hz,
+                report_change,
+            ),
             "pairing_pass_ms": round(ready["pairing_pass_ms"], 3),
             "targets": {"in_process_p99_ms": TARGET_P99_MS, "ratio": TARGET_RATIO},
             "meets": {
@@ -698,9 +830,17 @@ async def _measure(
 @click.option("--decisions", default=5000, show_default=True, help="Decisions of the in-process latency run.")
 @click.option(
     "--report-hz",
-    default=2.0,
+    default=20.0,
     show_default=True,
-    help="Load reports per instance per second during the rounds (llumlets send 20; 0: off).",
+    help="Report ticks per instance per second during the rounds (a llumlet's default is 20; 0: off).",
+)
+@click.option(
+    "--report-change",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Probability that an instance's load changed at a tick (a full load; else a keep-alive every "
+    f"{LOAD_KEEPALIVE_EVERY} unchanged ticks). 1.0: every instance busy, the worst case.",
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option("--profile", is_flag=True, help="Profile a Dispatch round in the scheduler even if the ratio is met.")
@@ -722,6 +862,7 @@ def bench_dispatch(
     rounds: int,
     decisions: int,
     report_hz: float,
+    report_change: float,
     seed: int,
     profile: bool,
     parts: bool,
@@ -741,7 +882,18 @@ def bench_dispatch(
         steps = Steps(bar, "bench dispatch", total=4 + 2 * rounds * transports)
         report = asyncio.run(
             run_bench(
-                instances, concurrency, duration, rounds, decisions, report_hz, seed, profile, parts, steps, tls_dir=pki
+                instances,
+                concurrency,
+                duration,
+                rounds,
+                decisions,
+                report_hz,
+                seed,
+                profile,
+                parts,
+                steps,
+                tls_dir=pki,
+                report_change=report_change,
             )
         )
     text = json.dumps(report, indent=2)

@@ -114,9 +114,9 @@ class ClusterState:
 
     def keepalive(self, instance_id: str, seq: int, now: float) -> bool:
         """Takes a keep-alive ("load unchanged since snapshot ``seq``"): refreshes the report time only, unless the
-        instance was marked silent (made healthy again) or has dispatched requests its reports do not list yet (whose
-        ``pending_ttl`` is checked). False if the instance is not registered; ``StaleKeepAliveError`` if the snapshot
-        held here is not ``seq``."""
+        instance was marked silent (made healthy again) or a request dispatched there and not yet listed by a report
+        outlived ``pending_ttl`` (the view is rebuilt without it). False if the instance is not registered;
+        ``StaleKeepAliveError`` if the snapshot held here is not ``seq``."""
         if instance_id not in self.infos:
             return False
         load = self.loads.get(instance_id)
@@ -126,7 +126,9 @@ class ClusterState:
                 f"keep-alive of {instance_id} confirms load seq {seq}, the leader holds {held}: send the full load"
             )
         self.report_times[instance_id] = now
-        if instance_id in self._unhealthy or self._dispatched.get(instance_id):
+        pending = self._dispatched.get(instance_id)  # in dispatch order: the first is the oldest
+        expired = bool(pending) and now - next(iter(pending.values()))[2] > self.pending_ttl
+        if expired or instance_id in self._unhealthy:
             self._unhealthy.discard(instance_id)
             self._pending[instance_id] = self._view(load, self.overrides.get(instance_id), now)
         return True
