@@ -7,6 +7,7 @@ import json
 
 import click
 
+from pyllumnix.tools.progress import Steps, progress_bar
 from pyllumnix.tools.sim.config import SimConfig
 from pyllumnix.tools.sim.runner import load_workload, run_case
 
@@ -42,9 +43,14 @@ def bench_one(instances: int, requests: int, policy: str, seed: int) -> dict[str
 @click.option("--seed", default=0, show_default=True)
 def bench_sim(sizes: tuple[int, ...], requests: int, policy: str, seed: int) -> None:
     """Simulator speed (target: 64 instances x 10,000 requests in <= 60 s wall)."""
-    results = [bench_one(n, requests, policy, seed) for n in sizes]
+    results: list[dict[str, object]] = []
+    # One step per cluster size (no virtual-clock poller: it would share the GIL with the run being timed).
+    with progress_bar() as bar:  # stderr, a terminal only: stdout is the JSON report alone
+        steps = Steps(bar, "bench sim", total=len(sizes))
+        for n in sizes:
+            steps.describe(f"{n} instances")
+            results.append(bench_one(n, requests, policy, seed))
+            steps.step()
     click.echo(json.dumps({"bench": "sim", "results": results}, indent=2))
-    click.echo(
-        "sim: "
-        + ", ".join(f"{r['instances']} instances x {r['requests']} requests {r['wall_s']} s wall" for r in results)
-    )
+    summary = ", ".join(f"{r['instances']} instances x {r['requests']} requests {r['wall_s']} s wall" for r in results)
+    click.echo(f"sim: {summary}", err=True)
