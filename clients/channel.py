@@ -300,11 +300,23 @@ class EndpointPool:
                 endpoints=tried,
                 details=last,
             )
+        last += self._tls_hint(last)
         raise UnavailableError(
             f"{what}: no {self.role} reachable at [{', '.join(tried)}] (last error: {last})",
             endpoints=tried,
             details=last,
         )
+
+    def _tls_hint(self, details: str) -> str:
+        """The reason a TLS channel failed, when we can name it ('; ' first; else ''): the client's own certificate
+        expired or from another CA, the server's not from the trusted CA. A refused client certificate otherwise
+        reads only "Socket closed"."""
+        if self.tls is None:
+            return ""
+        from pyllumnix.infra.security.tls import describe_tls_failure
+
+        hint = describe_tls_failure(details, self.tls.certificate_chain, self.tls.root_certificates)
+        return f"; {hint}" if hint else ""
 
     async def _attempt(
         self,
@@ -388,10 +400,12 @@ class EndpointPool:
                 self._failed(address)
             if round_no + 1 < self.rounds and deadline - loop.time() > 0:
                 await asyncio.sleep(min(0.1 * 2**round_no, max(deadline - loop.time(), 0.0)))
+        hint = self._tls_hint("; ".join(reasons))
+        recent = "; ".join(reasons[-3:]) or "timeout"
         raise UnavailableError(
-            f"no {self.role} reachable at [{', '.join(self._endpoints)}] ({'; '.join(reasons[-3:]) or 'timeout'})",
+            f"no {self.role} reachable at [{', '.join(self._endpoints)}] ({recent}{hint})",
             endpoints=self._endpoints,
-            details="; ".join(reasons),
+            details="; ".join(reasons) + hint,
             may_have_started=False,
         )
 

@@ -8,12 +8,15 @@ plane (asyncio streams) their contexts, so one certificate per component covers 
 
 from __future__ import annotations
 
+import datetime
 import ssl
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 
-from pyllumnix.infra.security.ca import CertPaths
+from pyllumnix.infra.security.ca import CertPaths, identities_in
 
 # Channel options that make a TLS channel check the server certificate against a name other than the target host
 # (for example when dialling an IP that the certificate names only by DNS).
@@ -109,3 +112,66 @@ def tls_failure_hint(details: str) -> str:
             "certificate (missing, expired, or from another CA)"
         )
     return ""
+
+
+def own_certificate_problem(
+    certificate_chain: bytes | None,
+    root_certificates: bytes | None = None,
+    *,
+    now: datetime.datetime | None = None,
+) -> str:
+    """Why this client's own certificate will be refused (expired, not yet valid, not from the CA it trusts), or "".
+
+    Checked on the client because the server cannot say: under TLS 1.3 a grpc server that rejects a client certificate
+    just closes the connection, and the client sees only "Socket closed". ``root_certificates``: the CA bundle the
+    client trusts (the cluster CA); a certificate no certificate in it signed is refused by every cluster server.
+    """
+    if not certificate_chain:
+        return ""
+    try:
+        cert = x509.load_pem_x509_certificate(certificate_chain)
+    except ValueError:
+        return "this client's certificate is not a PEM certificate"
+    ids = identities_in(cert)
+    name = ids[0].uri if len(ids) == 1 else cert.subject.rfc4514_string()
+    moment = now or datetime.datetime.now(datetime.UTC)
+    if moment > cert.not_valid_after_utc:
+        return (
+            f"this client's certificate ({name}) expired at {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: "
+            "issue a new one"
+        )
+    if moment < cert.not_valid_before_utc:
+        return (
+            f"this client's certificate ({name}) is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC "
+            "(check the clocks)"
+        )
+    if root_certificates:
+        try:
+            roots = x509.load_pem_x509_certificates(root_certificates)
+        except ValueError:
+            return ""
+        if not any(_issued_by(cert, root) for root in roots):
+            trusted = ", ".join(root.subject.rfc4514_string() for root in roots)
+            same_name = any(root.subject == cert.issuer for root in roots)
+            issuer = "another CA of the same name" if same_name else cert.issuer.rfc4514_string()
+            return (
+                f"this client's certificate ({name}) is not signed by the CA it trusts ({trusted}) but by {issuer}; "
+                "the cluster's servers refuse a certificate from another CA"
+            )
+    return ""
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def describe_tls_failure(
+    details: str, certificate_chain: bytes | None = None, root_certificates: bytes | None = None
+) -> str:
+    """A sentence for a failed connection of a TLS channel: the problem with the client's own certificate when it has
+    one (the precise cause), else :func:`tls_failure_hint` of the error text ("" when nothing points at TLS)."""
+    return own_certificate_problem(certificate_chain, root_certificates) or tls_failure_hint(details)
