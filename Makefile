@@ -24,6 +24,9 @@ link: install
 serve: link
 	$(VENV)/bin/llumnix serve $(ARGS)
 
+# Python (protos/) and the Node client's TypeScript (clients/node/gen, buf + ts-proto from clients/node's lock file;
+# `npm ci` there when node_modules is missing or stale). Without node the TypeScript half is skipped with a note
+# locally and fails under CI=true.
 protos: install
 	$(PY) tools/gen_protos.py
 

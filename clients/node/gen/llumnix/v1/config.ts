@@ -110,6 +110,47 @@ export function pairingPolicyToJSON(object: PairingPolicy): string {
   }
 }
 
+export enum DrainVictim {
+  DRAIN_VICTIM_UNSPECIFIED = 0,
+  /** DRAIN_VICTIM_FEWEST_REQUESTS - Fewest requests, then freest, then lowest id: the cheapest instance to empty (default). */
+  DRAIN_VICTIM_FEWEST_REQUESTS = 1,
+  /** DRAIN_VICTIM_LAST - The highest instance id, the artifact's choice. */
+  DRAIN_VICTIM_LAST = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function drainVictimFromJSON(object: any): DrainVictim {
+  switch (object) {
+    case 0:
+    case "DRAIN_VICTIM_UNSPECIFIED":
+      return DrainVictim.DRAIN_VICTIM_UNSPECIFIED;
+    case 1:
+    case "DRAIN_VICTIM_FEWEST_REQUESTS":
+      return DrainVictim.DRAIN_VICTIM_FEWEST_REQUESTS;
+    case 2:
+    case "DRAIN_VICTIM_LAST":
+      return DrainVictim.DRAIN_VICTIM_LAST;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return DrainVictim.UNRECOGNIZED;
+  }
+}
+
+export function drainVictimToJSON(object: DrainVictim): string {
+  switch (object) {
+    case DrainVictim.DRAIN_VICTIM_UNSPECIFIED:
+      return "DRAIN_VICTIM_UNSPECIFIED";
+    case DrainVictim.DRAIN_VICTIM_FEWEST_REQUESTS:
+      return "DRAIN_VICTIM_FEWEST_REQUESTS";
+    case DrainVictim.DRAIN_VICTIM_LAST:
+      return "DRAIN_VICTIM_LAST";
+    case DrainVictim.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 export interface DispatchConfig {
   policy: DispatchPolicy;
 }
@@ -154,6 +195,16 @@ export interface ScalingConfig {
   maxInstances: number;
   /** Scaling loop period. Default 10000 ms; range [100, 3600000]. */
   scalingIntervalMs: number;
+  /**
+   * No scaling decision before this long after the scaling loop started (the leader's term), so that a fresh cluster's
+   * load settles first (the artifact waits 100 s). Default 100000 ms; range [0, 3600000] (0: decide from the first
+   * interval).
+   */
+  warmupMs?:
+    | number
+    | undefined;
+  /** The instance a scale-down drains. Default DRAIN_VICTIM_FEWEST_REQUESTS. */
+  drainVictim: DrainVictim;
 }
 
 /** Headroom (in blocks) reserved per priority on an instance holding requests of that priority. */
@@ -521,6 +572,8 @@ function createBaseScalingConfig(): ScalingConfig {
     minInstances: 0,
     maxInstances: 0,
     scalingIntervalMs: 0,
+    warmupMs: undefined,
+    drainVictim: 0,
   };
 }
 
@@ -543,6 +596,12 @@ export const ScalingConfig: MessageFns<ScalingConfig> = {
     }
     if (message.scalingIntervalMs !== 0) {
       writer.uint32(48).int32(message.scalingIntervalMs);
+    }
+    if (message.warmupMs !== undefined) {
+      writer.uint32(56).int32(message.warmupMs);
+    }
+    if (message.drainVictim !== 0) {
+      writer.uint32(64).int32(message.drainVictim);
     }
     return writer;
   },
@@ -608,6 +667,22 @@ export const ScalingConfig: MessageFns<ScalingConfig> = {
             message.scalingIntervalMs = reader.int32();
             continue;
           }
+          case 7: {
+            if (tag !== 56) {
+              break;
+            }
+
+            message.warmupMs = reader.int32();
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.drainVictim = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -648,6 +723,16 @@ export const ScalingConfig: MessageFns<ScalingConfig> = {
         : isSet(object.scaling_interval_ms)
         ? globalThis.Number(object.scaling_interval_ms)
         : 0,
+      warmupMs: isSet(object.warmupMs)
+        ? globalThis.Number(object.warmupMs)
+        : isSet(object.warmup_ms)
+        ? globalThis.Number(object.warmup_ms)
+        : undefined,
+      drainVictim: isSet(object.drainVictim)
+        ? drainVictimFromJSON(object.drainVictim)
+        : isSet(object.drain_victim)
+        ? drainVictimFromJSON(object.drain_victim)
+        : 0,
     };
   },
 
@@ -671,6 +756,12 @@ export const ScalingConfig: MessageFns<ScalingConfig> = {
     if (message.scalingIntervalMs !== 0) {
       obj.scalingIntervalMs = Math.round(message.scalingIntervalMs);
     }
+    if (message.warmupMs !== undefined) {
+      obj.warmupMs = Math.round(message.warmupMs);
+    }
+    if (message.drainVictim !== 0) {
+      obj.drainVictim = drainVictimToJSON(message.drainVictim);
+    }
     return obj;
   },
 
@@ -685,6 +776,8 @@ export const ScalingConfig: MessageFns<ScalingConfig> = {
     message.minInstances = object.minInstances ?? 0;
     message.maxInstances = object.maxInstances ?? 0;
     message.scalingIntervalMs = object.scalingIntervalMs ?? 0;
+    message.warmupMs = object.warmupMs ?? undefined;
+    message.drainVictim = object.drainVictim ?? 0;
     return message;
   },
 };

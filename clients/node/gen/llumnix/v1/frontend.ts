@@ -10,9 +10,11 @@ import {
   type CallOptions,
   type ChannelCredentials,
   Client,
+  type ClientDuplexStream,
   type ClientOptions,
   type ClientReadableStream,
   type ClientUnaryCall,
+  type handleBidiStreamingCall,
   type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
@@ -79,6 +81,30 @@ export interface PushOutputsRequest {
 }
 
 export interface PushOutputsResponse {
+  unknownRequestIds: string[];
+}
+
+export interface StreamOutputsRequest {
+  /** The outputs (instance_id: the pushing llumlet, the same on every message of a stream). */
+  batch?:
+    | PushOutputsRequest
+    | undefined;
+  /**
+   * Numbers the batches of one pusher to this frontend: from 1, increasing, also across streams (a resent batch keeps
+   * its number). 0 (with no outputs): a pusher opening a new stream asks which of its batches were applied already,
+   * so it resends only the rest.
+   */
+  seq: string;
+  /** Answer with a StreamOutputsResponse once this batch (and every earlier one) was applied. */
+  ackRequested: boolean;
+  /** Random per pusher (one llumlet process): a restarted llumlet numbers its batches afresh. */
+  pusherId: string;
+}
+
+export interface StreamOutputsResponse {
+  /** Every batch of this pusher numbered up to this was applied. */
+  ackedSeq: string;
+  /** Requests named in those batches that this frontend does not track (the llumlet aborts them). */
   unknownRequestIds: string[];
 }
 
@@ -955,6 +981,226 @@ export const PushOutputsResponse: MessageFns<PushOutputsResponse> = {
   },
 };
 
+function createBaseStreamOutputsRequest(): StreamOutputsRequest {
+  return { batch: undefined, seq: "0", ackRequested: false, pusherId: "0" };
+}
+
+export const StreamOutputsRequest: MessageFns<StreamOutputsRequest> = {
+  encode(message: StreamOutputsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.batch !== undefined) {
+      PushOutputsRequest.encode(message.batch, writer.uint32(10).fork()).join();
+    }
+    if (message.seq !== "0") {
+      writer.uint32(16).uint64(message.seq);
+    }
+    if (message.ackRequested !== false) {
+      writer.uint32(24).bool(message.ackRequested);
+    }
+    if (message.pusherId !== "0") {
+      writer.uint32(32).uint64(message.pusherId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StreamOutputsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStreamOutputsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.batch = PushOutputsRequest.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.seq = reader.uint64().toString();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.ackRequested = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.pusherId = reader.uint64().toString();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StreamOutputsRequest {
+    return {
+      batch: isSet(object.batch) ? PushOutputsRequest.fromJSON(object.batch) : undefined,
+      seq: isSet(object.seq) ? globalThis.String(object.seq) : "0",
+      ackRequested: isSet(object.ackRequested)
+        ? globalThis.Boolean(object.ackRequested)
+        : isSet(object.ack_requested)
+        ? globalThis.Boolean(object.ack_requested)
+        : false,
+      pusherId: isSet(object.pusherId)
+        ? globalThis.String(object.pusherId)
+        : isSet(object.pusher_id)
+        ? globalThis.String(object.pusher_id)
+        : "0",
+    };
+  },
+
+  toJSON(message: StreamOutputsRequest): unknown {
+    const obj: any = {};
+    if (message.batch !== undefined) {
+      obj.batch = PushOutputsRequest.toJSON(message.batch);
+    }
+    if (message.seq !== "0") {
+      obj.seq = message.seq;
+    }
+    if (message.ackRequested !== false) {
+      obj.ackRequested = message.ackRequested;
+    }
+    if (message.pusherId !== "0") {
+      obj.pusherId = message.pusherId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StreamOutputsRequest>): StreamOutputsRequest {
+    return StreamOutputsRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StreamOutputsRequest>): StreamOutputsRequest {
+    const message = createBaseStreamOutputsRequest();
+    message.batch = (object.batch !== undefined && object.batch !== null)
+      ? PushOutputsRequest.fromPartial(object.batch)
+      : undefined;
+    message.seq = object.seq ?? "0";
+    message.ackRequested = object.ackRequested ?? false;
+    message.pusherId = object.pusherId ?? "0";
+    return message;
+  },
+};
+
+function createBaseStreamOutputsResponse(): StreamOutputsResponse {
+  return { ackedSeq: "0", unknownRequestIds: [] };
+}
+
+export const StreamOutputsResponse: MessageFns<StreamOutputsResponse> = {
+  encode(message: StreamOutputsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.ackedSeq !== "0") {
+      writer.uint32(8).uint64(message.ackedSeq);
+    }
+    for (const v of message.unknownRequestIds) {
+      writer.uint32(18).string(v!);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): StreamOutputsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseStreamOutputsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.ackedSeq = reader.uint64().toString();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.unknownRequestIds.push(reader.string());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): StreamOutputsResponse {
+    return {
+      ackedSeq: isSet(object.ackedSeq)
+        ? globalThis.String(object.ackedSeq)
+        : isSet(object.acked_seq)
+        ? globalThis.String(object.acked_seq)
+        : "0",
+      unknownRequestIds: globalThis.Array.isArray(object?.unknownRequestIds)
+        ? object.unknownRequestIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.unknown_request_ids)
+        ? object.unknown_request_ids.map((e: any) => globalThis.String(e))
+        : [],
+    };
+  },
+
+  toJSON(message: StreamOutputsResponse): unknown {
+    const obj: any = {};
+    if (message.ackedSeq !== "0") {
+      obj.ackedSeq = message.ackedSeq;
+    }
+    if (message.unknownRequestIds?.length) {
+      obj.unknownRequestIds = message.unknownRequestIds;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<StreamOutputsResponse>): StreamOutputsResponse {
+    return StreamOutputsResponse.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<StreamOutputsResponse>): StreamOutputsResponse {
+    const message = createBaseStreamOutputsResponse();
+    message.ackedSeq = object.ackedSeq ?? "0";
+    message.unknownRequestIds = object.unknownRequestIds?.map((e) => e) || [];
+    return message;
+  },
+};
+
 function createBaseHandOverRequest(): HandOverRequest {
   return { requestId: "", capability: "", newInstanceId: "" };
 }
@@ -1227,6 +1473,26 @@ export const OutputSinkServiceService = {
     responseDeserialize: (value: Buffer): PushOutputsResponse => PushOutputsResponse.decode(value),
   },
   /**
+   * The llumlets' push: one long-lived stream per (llumlet, frontend) pair, each message the outputs of one or more
+   * engine steps for this frontend (all requests of a step in one message), numbered by `seq`. The frontend applies
+   * the batches in order and answers only when asked (`ack_requested`) or when a batch named requests it does not
+   * know; an answer acknowledges every batch up to its `acked_seq`. After a failure a llumlet opens a new stream,
+   * asks which batches were applied (`seq` 0) and resends the rest (the frontend would drop tokens it has by their
+   * index anyway). The caller's certificate identity
+   * is checked once per stream, each output's capability token per output, as for PushOutputs; a refused batch ends
+   * the stream with PERMISSION_DENIED. Only llumlets call it.
+   */
+  streamOutputs: {
+    path: "/llumnix.v1.OutputSinkService/StreamOutputs" as const,
+    requestStream: true as const,
+    responseStream: true as const,
+    requestSerialize: (value: StreamOutputsRequest): Buffer => Buffer.from(StreamOutputsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): StreamOutputsRequest => StreamOutputsRequest.decode(value),
+    responseSerialize: (value: StreamOutputsResponse): Buffer =>
+      Buffer.from(StreamOutputsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): StreamOutputsResponse => StreamOutputsResponse.decode(value),
+  },
+  /**
    * A migration source that holds a request asks for the destination's capability token before it commits. The
    * source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
    * request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
@@ -1248,6 +1514,17 @@ export interface OutputSinkServiceServer extends UntypedServiceImplementation {
    * llumlet can abort them.
    */
   pushOutputs: handleUnaryCall<PushOutputsRequest, PushOutputsResponse>;
+  /**
+   * The llumlets' push: one long-lived stream per (llumlet, frontend) pair, each message the outputs of one or more
+   * engine steps for this frontend (all requests of a step in one message), numbered by `seq`. The frontend applies
+   * the batches in order and answers only when asked (`ack_requested`) or when a batch named requests it does not
+   * know; an answer acknowledges every batch up to its `acked_seq`. After a failure a llumlet opens a new stream,
+   * asks which batches were applied (`seq` 0) and resends the rest (the frontend would drop tokens it has by their
+   * index anyway). The caller's certificate identity
+   * is checked once per stream, each output's capability token per output, as for PushOutputs; a refused batch ends
+   * the stream with PERMISSION_DENIED. Only llumlets call it.
+   */
+  streamOutputs: handleBidiStreamingCall<StreamOutputsRequest, StreamOutputsResponse>;
   /**
    * A migration source that holds a request asks for the destination's capability token before it commits. The
    * source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
@@ -1276,6 +1553,22 @@ export interface OutputSinkServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: PushOutputsResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * The llumlets' push: one long-lived stream per (llumlet, frontend) pair, each message the outputs of one or more
+   * engine steps for this frontend (all requests of a step in one message), numbered by `seq`. The frontend applies
+   * the batches in order and answers only when asked (`ack_requested`) or when a batch named requests it does not
+   * know; an answer acknowledges every batch up to its `acked_seq`. After a failure a llumlet opens a new stream,
+   * asks which batches were applied (`seq` 0) and resends the rest (the frontend would drop tokens it has by their
+   * index anyway). The caller's certificate identity
+   * is checked once per stream, each output's capability token per output, as for PushOutputs; a refused batch ends
+   * the stream with PERMISSION_DENIED. Only llumlets call it.
+   */
+  streamOutputs(): ClientDuplexStream<StreamOutputsRequest, StreamOutputsResponse>;
+  streamOutputs(options: Partial<CallOptions>): ClientDuplexStream<StreamOutputsRequest, StreamOutputsResponse>;
+  streamOutputs(
+    metadata: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientDuplexStream<StreamOutputsRequest, StreamOutputsResponse>;
   /**
    * A migration source that holds a request asks for the destination's capability token before it commits. The
    * source's own token stays valid until the destination's first accepted output (a commit that fails leaves the

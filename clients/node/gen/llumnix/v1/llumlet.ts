@@ -192,6 +192,12 @@ export interface PreAllocateRequest {
     | undefined;
   /** Source's data-plane address, so the destination can connect back if its transport needs it. */
   sourceDataPlaneAddress: string;
+  /**
+   * First stage: the source engine's KV block layout descriptor (page shape, page bytes, dtype, layers, block size,
+   * kernel split, device kind). The destination refuses a mismatch with FAILED_PRECONDITION naming both layouts,
+   * before it reserves anything; an empty descriptor is refused too (its blocks could mean anything).
+   */
+  kvLayout: string;
 }
 
 export interface PreAllocateResponse {
@@ -1767,6 +1773,7 @@ function createBasePreAllocateRequest(): PreAllocateRequest {
     numBlocks: 0,
     request: undefined,
     sourceDataPlaneAddress: "",
+    kvLayout: "",
   };
 }
 
@@ -1789,6 +1796,9 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
     }
     if (message.sourceDataPlaneAddress !== "") {
       writer.uint32(50).string(message.sourceDataPlaneAddress);
+    }
+    if (message.kvLayout !== "") {
+      writer.uint32(58).string(message.kvLayout);
     }
     return writer;
   },
@@ -1854,6 +1864,14 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
             message.sourceDataPlaneAddress = reader.string();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.kvLayout = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1890,6 +1908,11 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
         : isSet(object.source_data_plane_address)
         ? globalThis.String(object.source_data_plane_address)
         : "",
+      kvLayout: isSet(object.kvLayout)
+        ? globalThis.String(object.kvLayout)
+        : isSet(object.kv_layout)
+        ? globalThis.String(object.kv_layout)
+        : "",
     };
   },
 
@@ -1913,6 +1936,9 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
     if (message.sourceDataPlaneAddress !== "") {
       obj.sourceDataPlaneAddress = message.sourceDataPlaneAddress;
     }
+    if (message.kvLayout !== "") {
+      obj.kvLayout = message.kvLayout;
+    }
     return obj;
   },
 
@@ -1929,6 +1955,7 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
       ? MigratingRequest.fromPartial(object.request)
       : undefined;
     message.sourceDataPlaneAddress = object.sourceDataPlaneAddress ?? "";
+    message.kvLayout = object.kvLayout ?? "";
     return message;
   },
 };

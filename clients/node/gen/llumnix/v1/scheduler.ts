@@ -45,7 +45,24 @@ export interface DispatchResponse {
 }
 
 export interface ReportLoadRequest {
-  load?: InstanceLoad | undefined;
+  report?:
+    | //
+    /** A full snapshot: something in it changed since the last one this stream carried (or the stream is new). */
+    { $case: "load"; value: InstanceLoad }
+    | //
+    /** Nothing changed since the snapshot named here: the leader only refreshes the instance's report time. */
+    { $case: "keepAlive"; value: LoadKeepAlive }
+    | undefined;
+}
+
+/** "Still alive, load unchanged": a few bytes instead of a full snapshot with its request list. */
+export interface LoadKeepAlive {
+  instanceId: string;
+  /**
+   * The seq of the latest full InstanceLoad this stream carried; the leader refreshes the instance only if that is
+   * the snapshot it holds.
+   */
+  seq: string;
 }
 
 export interface ReportLoadResponse {
@@ -295,13 +312,18 @@ export const DispatchResponse: MessageFns<DispatchResponse> = {
 };
 
 function createBaseReportLoadRequest(): ReportLoadRequest {
-  return { load: undefined };
+  return { report: undefined };
 }
 
 export const ReportLoadRequest: MessageFns<ReportLoadRequest> = {
   encode(message: ReportLoadRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
-    if (message.load !== undefined) {
-      InstanceLoad.encode(message.load, writer.uint32(10).fork()).join();
+    switch (message.report?.$case) {
+      case "load":
+        InstanceLoad.encode(message.report.value, writer.uint32(10).fork()).join();
+        break;
+      case "keepAlive":
+        LoadKeepAlive.encode(message.report.value, writer.uint32(18).fork()).join();
+        break;
     }
     return writer;
   },
@@ -324,7 +346,15 @@ export const ReportLoadRequest: MessageFns<ReportLoadRequest> = {
               break;
             }
 
-            message.load = InstanceLoad.decode(reader, reader.uint32());
+            message.report = { $case: "load", value: InstanceLoad.decode(reader, reader.uint32()) };
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.report = { $case: "keepAlive", value: LoadKeepAlive.decode(reader, reader.uint32()) };
             continue;
           }
         }
@@ -340,13 +370,23 @@ export const ReportLoadRequest: MessageFns<ReportLoadRequest> = {
   },
 
   fromJSON(object: any): ReportLoadRequest {
-    return { load: isSet(object.load) ? InstanceLoad.fromJSON(object.load) : undefined };
+    return {
+      report: isSet(object.load)
+        ? { $case: "load", value: InstanceLoad.fromJSON(object.load) }
+        : isSet(object.keepAlive)
+        ? { $case: "keepAlive", value: LoadKeepAlive.fromJSON(object.keepAlive) }
+        : isSet(object.keep_alive)
+        ? { $case: "keepAlive", value: LoadKeepAlive.fromJSON(object.keep_alive) }
+        : undefined,
+    };
   },
 
   toJSON(message: ReportLoadRequest): unknown {
     const obj: any = {};
-    if (message.load !== undefined) {
-      obj.load = InstanceLoad.toJSON(message.load);
+    if (message.report?.$case === "load") {
+      obj.load = InstanceLoad.toJSON(message.report.value);
+    } else if (message.report?.$case === "keepAlive") {
+      obj.keepAlive = LoadKeepAlive.toJSON(message.report.value);
     }
     return obj;
   },
@@ -356,9 +396,109 @@ export const ReportLoadRequest: MessageFns<ReportLoadRequest> = {
   },
   fromPartial(object: DeepPartial<ReportLoadRequest>): ReportLoadRequest {
     const message = createBaseReportLoadRequest();
-    message.load = (object.load !== undefined && object.load !== null)
-      ? InstanceLoad.fromPartial(object.load)
-      : undefined;
+    switch (object.report?.$case) {
+      case "load": {
+        if (object.report?.value !== undefined && object.report?.value !== null) {
+          message.report = { $case: "load", value: InstanceLoad.fromPartial(object.report.value) };
+        }
+        break;
+      }
+      case "keepAlive": {
+        if (object.report?.value !== undefined && object.report?.value !== null) {
+          message.report = { $case: "keepAlive", value: LoadKeepAlive.fromPartial(object.report.value) };
+        }
+        break;
+      }
+    }
+    return message;
+  },
+};
+
+function createBaseLoadKeepAlive(): LoadKeepAlive {
+  return { instanceId: "", seq: "0" };
+}
+
+export const LoadKeepAlive: MessageFns<LoadKeepAlive> = {
+  encode(message: LoadKeepAlive, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.instanceId !== "") {
+      writer.uint32(10).string(message.instanceId);
+    }
+    if (message.seq !== "0") {
+      writer.uint32(16).uint64(message.seq);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): LoadKeepAlive {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseLoadKeepAlive();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.instanceId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.seq = reader.uint64().toString();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): LoadKeepAlive {
+    return {
+      instanceId: isSet(object.instanceId)
+        ? globalThis.String(object.instanceId)
+        : isSet(object.instance_id)
+        ? globalThis.String(object.instance_id)
+        : "",
+      seq: isSet(object.seq) ? globalThis.String(object.seq) : "0",
+    };
+  },
+
+  toJSON(message: LoadKeepAlive): unknown {
+    const obj: any = {};
+    if (message.instanceId !== "") {
+      obj.instanceId = message.instanceId;
+    }
+    if (message.seq !== "0") {
+      obj.seq = message.seq;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<LoadKeepAlive>): LoadKeepAlive {
+    return LoadKeepAlive.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<LoadKeepAlive>): LoadKeepAlive {
+    const message = createBaseLoadKeepAlive();
+    message.instanceId = object.instanceId ?? "";
+    message.seq = object.seq ?? "0";
     return message;
   },
 };
@@ -737,8 +877,11 @@ export const SchedulerServiceService = {
     responseDeserialize: (value: Buffer): DispatchResponse => DispatchResponse.decode(value),
   },
   /**
-   * Load snapshots streamed by a llumlet (every load_report_interval_ms). The stream ends with FAILED_PRECONDITION
-   * when this replica stops leading; the llumlet then re-targets the new leader.
+   * Load streamed by a llumlet: a full snapshot when something in it changed (checked every load_report_interval_ms),
+   * else a keep-alive at least every LOAD_KEEPALIVE_EVERY intervals (2), well inside the dispatch staleness bound of
+   * max(0.3 s, 6 intervals). Each stream starts with a full snapshot. The stream ends with FAILED_PRECONDITION when
+   * this replica stops leading (the llumlet re-targets the new leader) or when a keep-alive names a snapshot this
+   * leader does not hold (the llumlet opens a new stream, which starts with a full snapshot).
    */
   reportLoad: {
     path: "/llumnix.v1.SchedulerService/ReportLoad" as const,
@@ -770,8 +913,11 @@ export interface SchedulerServiceServer extends UntypedServiceImplementation {
    */
   dispatch: handleUnaryCall<DispatchRequest, DispatchResponse>;
   /**
-   * Load snapshots streamed by a llumlet (every load_report_interval_ms). The stream ends with FAILED_PRECONDITION
-   * when this replica stops leading; the llumlet then re-targets the new leader.
+   * Load streamed by a llumlet: a full snapshot when something in it changed (checked every load_report_interval_ms),
+   * else a keep-alive at least every LOAD_KEEPALIVE_EVERY intervals (2), well inside the dispatch staleness bound of
+   * max(0.3 s, 6 intervals). Each stream starts with a full snapshot. The stream ends with FAILED_PRECONDITION when
+   * this replica stops leading (the llumlet re-targets the new leader) or when a keep-alive names a snapshot this
+   * leader does not hold (the llumlet opens a new stream, which starts with a full snapshot).
    */
   reportLoad: handleClientStreamingCall<ReportLoadRequest, ReportLoadResponse>;
   /** The instances the leader knows (registry membership joined with the latest load). */
@@ -800,8 +946,11 @@ export interface SchedulerServiceClient extends Client {
     callback: (error: ServiceError | null, response: DispatchResponse) => void,
   ): ClientUnaryCall;
   /**
-   * Load snapshots streamed by a llumlet (every load_report_interval_ms). The stream ends with FAILED_PRECONDITION
-   * when this replica stops leading; the llumlet then re-targets the new leader.
+   * Load streamed by a llumlet: a full snapshot when something in it changed (checked every load_report_interval_ms),
+   * else a keep-alive at least every LOAD_KEEPALIVE_EVERY intervals (2), well inside the dispatch staleness bound of
+   * max(0.3 s, 6 intervals). Each stream starts with a full snapshot. The stream ends with FAILED_PRECONDITION when
+   * this replica stops leading (the llumlet re-targets the new leader) or when a keep-alive names a snapshot this
+   * leader does not hold (the llumlet opens a new stream, which starts with a full snapshot).
    */
   reportLoad(
     callback: (error: ServiceError | null, response: ReportLoadResponse) => void,
