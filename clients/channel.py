@@ -30,6 +30,7 @@ import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from pyllumnix.clients.errors import NoLeaderError, UnavailableError, from_rpc_error
+from pyllumnix.infra import tracing
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +203,12 @@ class EndpointPool:
         ch = self._channels.get(address)
         if ch is None:
             options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+            traced = tracing.client_interceptors() or None  # W3C traceparent on every call when tracing is on
             if self.tls is not None:
                 options += self.tls.options()
-                ch = grpc.aio.secure_channel(address, self.tls.credentials(), options=options)
+                ch = grpc.aio.secure_channel(address, self.tls.credentials(), options=options, interceptors=traced)
             else:
-                ch = grpc.aio.insecure_channel(address, options=options)
+                ch = grpc.aio.insecure_channel(address, options=options, interceptors=traced)
             self._channels[address] = ch
         return ch
 

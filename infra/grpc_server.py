@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pyllumnix.infra import tracing
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import SecuritySettings
 
@@ -71,6 +72,7 @@ async def start_server(
     if credentials is None:
         credentials = runtime.server_port_credentials(settings)
         chain = [*runtime.server_interceptors(settings), *chain]
+    chain = [*tracing.server_interceptors(), *chain]  # continues callers' traces (none when tracing is off)
     server = grpc.aio.server(options=list(options), interceptors=chain or None)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

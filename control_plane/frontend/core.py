@@ -28,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from aiohttp import web
@@ -51,6 +51,7 @@ from pyllumnix.control_plane.frontend.errors import (
 from pyllumnix.control_plane.frontend.metrics import FrontendMetrics
 from pyllumnix.control_plane.frontend.requests import RequestTracker, TrackedRequest
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
+from pyllumnix.infra import tracing, wire
 from pyllumnix.infra.security.apikeys import REQUEST_KEY, ApiKey, ApiKeyError, bearer_token, key_id
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
@@ -257,6 +258,9 @@ class Frontend:
         # request id -> the instance its dispatch chose (what the dispatcher's ``release`` expects back).
         self._dispatched: dict[str, str] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # request id -> its trace span (tracing on only): from arrival to release; dispatch and AddRequest are its
+        # children, so the scheduler and the instance continue the same trace.
+        self._traces: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
     async def open(self, inp: GenerationInput, *, owner: ApiKey | None = None) -> AsyncIterator[TrackedRequest]:
@@ -323,8 +327,12 @@ class Frontend:
                 self.metrics.rejected.labels(exc.code.name).inc()
             raise
         self.metrics.inflight.inc()
+        if tracing.enabled():  # a child of the caller's traceparent (gRPC: the server span; HTTP: the handler's)
+            attributes = {"llumnix.request_id": request.request_id, "llumnix.prompt_tokens": len(prompt_ids)}
+            self._traces[request.request_id] = tracing.start_span("llumnix.request", None, attributes)
         try:
-            await self._place(request, self._engine_request(request, inp.sampling, max_tokens))
+            with tracing.activated(self._traces.get(request.request_id)):
+                await self._place(request, self._engine_request(request, inp.sampling, max_tokens))
         except BaseException as exc:
             if isinstance(exc, FrontendError):
                 self.metrics.rejected.labels(exc.code.name).inc()
@@ -346,6 +354,14 @@ class Frontend:
             self._abort_soon(request)
         self.tracker.remove(request.request_id)
         self._admitted -= 1
+        span = self._traces.pop(request.request_id, None)
+        if span is not None:
+            if request.first_token_time is not None:
+                tracing.event(span, "first_token", ts=request.first_token_time)
+            reason = common_pb2.FinishReason.Name(request.finish_reason).removeprefix("FINISH_REASON_").lower()
+            tracing.event(span, "finish", {"llumnix.finish": reason, "llumnix.tokens": request.num_received})
+            span.set_attributes({"llumnix.finish": reason, "llumnix.instance_id": request.instance_id})
+            span.end()
         self._release_dispatch(request.request_id)
         self.metrics.inflight.dec()
         if not record:
@@ -481,7 +497,8 @@ class Frontend:
             add = llumlet_pb2.AddRequestRequest(request=engine_request)
             channel = self.channels.channel(address)
             try:
-                await llumlet_pb2_grpc.LlumletServiceStub(channel).AddRequest(add, timeout=self.call_timeout)
+                with tracing.span("add_request", None, {"llumnix.instance_id": instance_id}):
+                    await llumlet_pb2_grpc.LlumletServiceStub(channel).AddRequest(add, timeout=self.call_timeout)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAVAILABLE:  # the next call dials afresh (e.g. a restarted llumlet)
@@ -523,10 +540,14 @@ class Frontend:
     async def _dispatch(self, request: TrackedRequest, max_tokens: int) -> tuple[str, str]:
         """The dispatcher's choice; client-library errors (routing.py) become frontend errors."""
         try:
-            instance_id, address = await asyncio.wait_for(
-                self.dispatcher.dispatch(request.request_id, request.priority, request.num_prompt_tokens, max_tokens),
-                self.dispatch_timeout,
-            )
+            with tracing.span("dispatch") as span:
+                instance_id, address = await asyncio.wait_for(
+                    self.dispatcher.dispatch(
+                        request.request_id, request.priority, request.num_prompt_tokens, max_tokens
+                    ),
+                    self.dispatch_timeout,
+                )
+                tracing.set_attributes({"llumnix.instance_id": instance_id}, span)
         except FrontendError:
             raise
         except TimeoutError as exc:

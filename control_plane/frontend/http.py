@@ -45,6 +45,7 @@ from pyllumnix.control_plane.frontend.openai_schema import (
     usage,
 )
 from pyllumnix.control_plane.frontend.requests import TrackedRequest
+from pyllumnix.infra import tracing
 from pyllumnix.infra.security.apikeys import ApiKeyStore, api_key_middleware
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
@@ -188,10 +189,12 @@ class HttpApi:
         except FrontendError as exc:
             self.frontend.count_rejected(exc)
             raise
-        async with self.frontend.open(parsed.inp, owner=api_key_of(request)) as tracked:
-            if parsed.stream:
-                return await self._stream(request, parsed, tracked)
-            return await self._complete(parsed, tracked)
+        # A W3C traceparent header makes the request's trace a child of the caller's (tracing on only).
+        with tracing.activated(tracing.extract(request.headers)):
+            async with self.frontend.open(parsed.inp, owner=api_key_of(request)) as tracked:
+                if parsed.stream:
+                    return await self._stream(request, parsed, tracked)
+                return await self._complete(parsed, tracked)
 
     async def _complete(self, parsed: ParsedRequest, tracked: TrackedRequest) -> web.Response:
         async for delta in tracked.deltas():

@@ -32,6 +32,7 @@ from pyllumnix.control_plane.frontend.routing import (
 )
 from pyllumnix.control_plane.frontend.service import advertised, start_grpc
 from pyllumnix.control_plane.frontend.tokenizer import HfTokenizer, SimTokenizer, Tokenizer
+from pyllumnix.infra import tracing
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.runtime import security_options
@@ -88,6 +89,7 @@ def make_tokenizer(opts: FrontendOptions) -> Tokenizer:
 async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None) -> int:
     """Serves until ``stop`` is set (or SIGTERM/SIGINT); returns the process exit code."""
     stop = stop or asyncio.Event()
+    tracing.configure("llumnix-frontend")  # before any server or channel (on only when an exporter is configured)
     etcd_client = None
     source: RegistrySource = StaticRegistrySource()
     security = runtime.current()

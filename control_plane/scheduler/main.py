@@ -33,6 +33,7 @@ from pyllumnix.control_plane.scheduler.service import (
     AdminServicer,
     SchedulerServicer,
 )
+from pyllumnix.infra import tracing
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
@@ -56,6 +57,7 @@ async def run_scheduler(
 ) -> int:
     stop = stop or asyncio.Event()
     replica_id = replica_id or f"scheduler-{uuid.uuid4().hex[:6]}"
+    tracing.configure("llumnix-scheduler")  # before any server or channel (on only when an exporter is configured)
     client = runtime.etcd_client(etcd)
     # The replica advertises its address in the election, so bind the server first and start the replica after.
     replica = SchedulerReplica(client, KeyLayout(cluster), replica_id, "", provider=provider, seed=seed, timing=timing)

@@ -35,10 +35,12 @@ from google.protobuf.message import DecodeError
 
 from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_target
 from pyllumnix.control_plane.policy.core import PolicyCore
+from pyllumnix.control_plane.policy.freeness import dispatch_freeness
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.views import DispatchRequestView
 from pyllumnix.control_plane.scheduler.cluster import ClusterState, dispatch_stale_after
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
+from pyllumnix.infra import tracing
 from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.config_store import ConfigStore
 from pyllumnix.infra.etcd.election import Election, LeaderInfo, Leadership
@@ -519,6 +521,18 @@ class SchedulerReplica:
             )
         view = snapshot.get(choice)
         assert view is not None
+        if tracing.enabled():  # the decision in the request's trace (the frontend's call carried its context)
+            tracing.start_span(
+                "dispatch",
+                None,
+                {
+                    "llumnix.request_id": request_id,
+                    "llumnix.dispatch.policy": str(self.core.config.dispatch_policy),
+                    "llumnix.instance_id": choice,
+                    "llumnix.freeness": dispatch_freeness(view, self.core.config),
+                    "llumnix.instances": len(snapshot),
+                },
+            ).end()
         self.cluster.record_dispatch(choice, request_id, request.demand_blocks(view.block_size), request.priority, now)
         return choice, self.cluster.infos[choice].grpc_address
 

@@ -37,6 +37,7 @@ from pyllumnix.data_plane.engine.base import Engine, Finish, MigrationState, Pha
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
+from pyllumnix.infra import tracing
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2
 
@@ -107,6 +108,9 @@ class RequestOwner:
     # will have (what a heartbeat names).
     last_output: float = field(default_factory=time.monotonic)
     next_index: int = 0
+    # The request's trace context here (its AddRequest's, or its migration commit's): the parent of the spans this
+    # instance makes for it (first token, finish, migration). None when tracing is off or the caller sent none.
+    trace: Any = None
 
 
 class Llumlet:
@@ -220,7 +224,10 @@ class Llumlet:
                     )
             self.engine.add_request(spec, time.time())
             self.owners[spec.request_id] = RequestOwner(
-                request.frontend_address, len(spec.prompt_token_ids), capability=request.capability
+                request.frontend_address,
+                len(spec.prompt_token_ids),
+                capability=request.capability,
+                trace=tracing.current_context(),
             )
             self.stats.requests_added += 1
             if self.metrics is not None:
@@ -250,6 +257,7 @@ class Llumlet:
             len(state.spec.prompt_token_ids),
             capability=capability,
             next_index=len(state.output_token_ids),
+            trace=tracing.current_context(),  # the commit's: the request's trace continues here
         )
         if self.metrics is not None:
             self.metrics.adopted(
@@ -358,6 +366,8 @@ class Llumlet:
                 continue
             owner.last_output = now
             owner.next_index = max(owner.next_index, out.first_index + len(out.token_ids))
+            if owner.trace is not None:
+                self._trace_output(owner.trace, out)
             for listener in owner.listeners:
                 listener(out)
             by_frontend.setdefault(owner.frontend_address, []).append(
@@ -369,6 +379,19 @@ class Llumlet:
         for address, batch in by_frontend.items():
             if address:
                 self.pusher.submit(address, batch)
+
+    def _trace_output(self, parent: Any, out: TokenOutput) -> None:
+        """The request's first-token and finish spans (instants), children of its context on this instance."""
+        attributes = {"llumnix.request_id": out.request_id, "llumnix.instance_id": self.instance_id}
+        if out.first_index == 0 and out.token_ids:
+            tracing.start_span("first_token", parent, attributes).end()
+        if out.finished:
+            finish = out.finish.name.lower() if out.finish is not None else ""
+            tokens = out.first_index + len(out.token_ids)
+            s = tracing.start_span("finish", parent, {**attributes, "llumnix.finish": finish, "llumnix.tokens": tokens})
+            if out.error:
+                s.set_attribute("llumnix.error", out.error)
+            s.end()
 
     def emit(self, outputs: list[TokenOutput]) -> None:
         """Hands outputs produced outside a step (e.g. a migration abort) to the frontends."""

@@ -37,6 +37,7 @@ from pyllumnix.data_plane.llumlet.output_push import PushSettings
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, registry_resolver
 from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
+from pyllumnix.infra import tracing
 from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
@@ -169,6 +170,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     """Serves until ``stop`` is set (or SIGTERM/SIGINT); returns the process exit code."""
     stop = stop or asyncio.Event()
     instance_id = opts.instance_id or f"llumlet-{uuid.uuid4().hex[:8]}"
+    tracing.configure(f"llumnix-llumlet-{instance_id}")  # before any server or channel (on with an exporter only)
     engine = make_engine(opts)
     llumlet = Llumlet(
         engine,

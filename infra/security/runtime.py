@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import grpc
 from cryptography import x509
 
+from pyllumnix.infra import tracing
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
 from pyllumnix.infra.security.ca import CertPaths, Identity, identities_in
@@ -196,9 +197,12 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """THE way product code dials a peer: mutual TLS with this process's certificate, or plaintext when insecure."""
     s = settings or current()
+    traced = tracing.client_interceptors() or None  # the active trace context with every call, when tracing is on
     if s.paths is None:
-        return grpc.aio.insecure_channel(address, options=list(options))
-    return grpc.aio.secure_channel(address, grpc_channel_credentials(s.paths), options=list(options))
+        return grpc.aio.insecure_channel(address, options=list(options), interceptors=traced)
+    return grpc.aio.secure_channel(
+        address, grpc_channel_credentials(s.paths), options=list(options), interceptors=traced
+    )
 
 
 def server_port_credentials(settings: SecuritySettings) -> Any:

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -34,7 +35,7 @@ from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.migration import events as ev
 from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
-from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
+from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
 from pyllumnix.data_plane.llumlet.service import MigrationError
 from pyllumnix.data_plane.llumlet.views import request_views
@@ -47,6 +48,7 @@ from pyllumnix.data_plane.transport.fusion import (
     receive_blocks,
     send_blocks,
 )
+from pyllumnix.infra import tracing
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
@@ -125,6 +127,28 @@ class _Outgoing:
     stopped_at: float = 0.0
     hooked_stage: int = -1
     timings: dict[str, float] = field(default_factory=dict)
+    # Tracing (None when off, or the request came without a trace): the migration's span, a child of the request's
+    # context here, and the current stage's (reserve + copy), so the destination's calls join the request's trace.
+    span: Any = None
+    stage_span: Any = None
+
+    def start_stage_span(self, stage: Stage) -> None:
+        self.end_stage_span()
+        if self.span is not None:
+            self.stage_span = tracing.start_span(
+                "migration.stage",
+                attributes={"llumnix.stage": stage.index, "llumnix.blocks": stage.count, "llumnix.last": stage.last},
+            )
+
+    def end_stage_span(self, error: str = "", nbytes: int = 0) -> None:
+        if self.stage_span is None:
+            return
+        if error:
+            self.stage_span.set_attribute("llumnix.error", error)
+        if nbytes:
+            self.stage_span.set_attribute("llumnix.bytes", nbytes)
+        self.stage_span.end()
+        self.stage_span = None
 
 
 _REFUSAL_CODES = {
@@ -329,10 +353,30 @@ class MigrationCoordinator:
             result,
             owner.frontend_address if owner else "",
         )
+        if owner is not None and owner.trace is not None:
+            out.span = tracing.start_span(
+                "migration",
+                owner.trace,
+                {"llumnix.request_id": rid, "llumnix.migration_id": mid, "llumnix.source": result.source_instance_id,
+                 "llumnix.destination": dst_id},
+            )  # fmt: skip
         try:
-            await self._drive(out)
+            with tracing.activated(out.span):
+                await self._drive(out)
         finally:  # also when cancelled (the llumlet shuts down): the result says how the migration ended
             result.total_ms = (time.monotonic() - t0) * 1000
+            out.end_stage_span(result.reason or "migration ended")
+            if out.span is not None:
+                out.span.set_attributes(
+                    {
+                        "llumnix.outcome": llumlet_pb2.MigrationOutcome.Name(result.outcome),
+                        "llumnix.reason": result.reason,
+                        "llumnix.stages": result.stages,
+                        "llumnix.bytes": result.bytes_sent,
+                        "llumnix.downtime_ms": result.downtime_ms,
+                    }
+                )
+                out.span.end()
             self.llumlet.stats.record_migration(result)
             self.results.append(result)
             del self.results[:-100]
@@ -452,10 +496,13 @@ class MigrationCoordinator:
                 state = peeked
             pre.request.CopyFrom(convert.migration_state_to_pb(state, out.frontend))
             pre.kv_layout = self.llumlet.engine.kv_layout().encode()
-        reply, error = await self._rpc(
-            out.stub.PreAllocate(pre, timeout=self.settings.transfer_timeout_s), "pre-allocate"
-        )
+        out.start_stage_span(stage)
+        with tracing.activated(out.stage_span):
+            reply, error = await self._rpc(
+                out.stub.PreAllocate(pre, timeout=self.settings.transfer_timeout_s), "pre-allocate"
+            )
         if not isinstance(reply, llumlet_pb2.PreAllocateResponse):
+            out.end_stage_span(error)
             return ev.Refused(error)
         out.stage_dst = list(reply.block_ids)
         out.peer = reply.data_plane_address
@@ -472,6 +519,15 @@ class MigrationCoordinator:
         return ev.Reserved(stage.index, len(out.stage_dst))
 
     async def _copy(self, out: _Outgoing, action: ev.Copy) -> ev.SourceEvent:
+        with tracing.activated(out.stage_span):
+            event = await self._copy_stage(out, action)
+        out.end_stage_span(
+            event.reason if isinstance(event, (ev.SourceFailed, ev.CopyFailed)) else "",
+            int(out.timings.get("stage_bytes", 0)),
+        )
+        return event
+
+    async def _copy_stage(self, out: _Outgoing, action: ev.Copy) -> ev.SourceEvent:
         machine, stage = out.machine, action.stage
         mid, rid = machine.migration_id, machine.request_id
         async with self.llumlet.engine_lock:
@@ -486,6 +542,7 @@ class MigrationCoordinator:
         except TransportError as exc:
             return ev.CopyFailed(f"data plane: {exc}")
         out.timings["sent"] = time.monotonic()
+        out.timings["stage_bytes"] = nbytes
         out.result.bytes_sent += nbytes
         notice = llumlet_pb2.TransferStageRequest(
             migration_id=mid, stage=stage.index, block_ids=out.stage_dst, num_bytes=nbytes, crc32=crc, last=stage.last
@@ -514,13 +571,23 @@ class MigrationCoordinator:
         if self.hooks is not None:
             await self.hooks.before_commit(mid, rid, machine.stages)
         t_flushed = time.monotonic()
-        reply, error = await self._rpc(
-            out.stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s), "commit"
-        )
+        span = None
+        if out.span is not None:
+            span = tracing.start_span("migration.commit", attributes={"llumnix.blocks": len(out.dst_ids)})
+        with tracing.activated(span):
+            reply, error = await self._rpc(
+                out.stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s), "commit"
+            )
         if reply is None:
+            if span is not None:
+                span.set_attribute("llumnix.error", error)
+                span.end()
             return ev.CommitFailed(error)
         done = time.monotonic()
         out.result.downtime_ms = (done - out.stopped_at) * 1000
+        if span is not None:
+            span.set_attributes({"llumnix.downtime_ms": out.result.downtime_ms, "llumnix.bytes": out.result.bytes_sent})
+            span.end()
         t = out.timings
         log.info(
             "migration %s of %s committed: %d stages, downtime %.1f ms = reserve %.1f + send %d blocks %.1f + "
