@@ -51,7 +51,7 @@ from pyllumnix.control_plane.frontend.errors import (
 from pyllumnix.control_plane.frontend.metrics import FrontendMetrics
 from pyllumnix.control_plane.frontend.requests import RequestTracker, TrackedRequest
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
-from pyllumnix.infra import tracing, wire
+from pyllumnix.infra import tracing
 from pyllumnix.infra.security.apikeys import REQUEST_KEY, ApiKey, ApiKeyError, bearer_token, key_id
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
