@@ -20,6 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pyllumnix.data_plane.engine.device import Ready  # noqa: E402
+from pyllumnix.data_plane.engine.kv_layout import KvLayout  # noqa: E402
 from pyllumnix.data_plane.engine.sim import SimEngine  # noqa: E402
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet  # noqa: E402
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings  # noqa: E402
@@ -216,3 +217,20 @@ def test_a_host_transport_for_device_chunks_is_fine() -> None:
     llumlet = Llumlet(SimEngine("tiny", payload=False), "x")
     coordinator = MigrationCoordinator(llumlet, make_transport("inproc"), MigrationSettings(device_buffers=True))
     assert coordinator.chunk_device == "cpu"
+
+
+class TorchKvSim(SimEngine):
+    """A sim engine reporting a torch KV layout (as the vLLM adapter does): the coordinator must pick device buffers
+    for it without being told."""
+
+    def kv_layout(self) -> KvLayout:
+        return KvLayout("page[2,16,2,64]", self.block_bytes, "bfloat16", 1, self.block_size)
+
+
+def test_torch_kv_engines_get_device_chunk_buffers_by_default() -> None:
+    torch_kv = MigrationCoordinator(Llumlet(TorchKvSim("tiny", payload=False), "x"), make_transport("inproc"))
+    assert torch_kv.chunk_device == "cpu"
+    host = MigrationCoordinator(Llumlet(SimEngine("tiny", payload=False), "y"), make_transport("inproc"))
+    assert host.chunk_device is None
+    torch_kv.prewarm()
+    assert isinstance(torch_kv._send_pool[0].get(0, 1, torch_kv.llumlet.engine.block_bytes), torch.Tensor)
