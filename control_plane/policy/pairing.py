@@ -39,7 +39,8 @@ def pair_instances(snapshot: ClusterSnapshot, config: PolicyConfig) -> list[Migr
             continue
         f = migration_freeness(v, config)
         if f < threshold or v.num_preempted > 0 or v.state == InstanceState.DRAINING:
-            if not v.migrating_out and v.num_running + v.num_waiting > 0:
+            # Only what may move makes a source: high-priority requests never do (select_request skips them).
+            if not v.migrating_out and v.num_running + v.num_waiting - v.num_running_high - v.num_waiting_high > 0:
                 sources.append((most_loaded_first(f, v.instance_id), v, f))
         elif f > threshold and v.state == InstanceState.ACTIVE and not v.migrating_in:
             dests.append((freest_first(f, v.instance_id), v, f))
