@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, PolicyConfig
+from pyllumnix.control_plane.policy import DISPATCH_POLICIES
+from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.core import PolicyCore
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import DispatchRequestView

@@ -12,6 +12,7 @@ from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.dispatch import DISPATCH_REGISTRY, make_dispatch_policy
 from pyllumnix.control_plane.policy.dispatch.round_robin import RoundRobinDispatch
 from pyllumnix.control_plane.policy.freeness import dispatch_freeness
+from pyllumnix.control_plane.policy.pairing import migration_active
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import DispatchRequestView
 from pyllumnix.infra.vocabulary import InstanceState, Priority
@@ -99,8 +100,8 @@ def test_infaas_pp_is_llumnix_dispatch_without_migration() -> None:
     snap = ClusterSnapshot.of([view("x", free_blocks=900, num_running=10), view("y", free_blocks=500, num_running=2)])
     assert choose("infaas++", snap, NORMAL) == "y"
     assert choose("infaas-mem", snap, NORMAL) == "x"
-    assert not PolicyConfig(dispatch_policy="infaas++").migration_active
-    assert not PolicyConfig(dispatch_policy="infaas-mem").migration_active
+    assert not migration_active(PolicyConfig(dispatch_policy="infaas++"))
+    assert not migration_active(PolicyConfig(dispatch_policy="infaas-mem"))
 
 
 def test_infaas_mem_least_memory_load() -> None:

@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
@@ -101,6 +101,8 @@ def test_snapshot_sorted_and_immutable() -> None:
     assert s.updated([view("c")]).ids == ("a", "b", "c")
 
 
+# Drawing data-dependent snapshot chains is slow on a loaded CPU: the too_slow health check is about the machine.
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(snapshots(min_size=1), st.data())
 def test_incremental_update_equals_rebuild(snap: ClusterSnapshot, data: st.DataObject) -> None:
     ids = data.draw(st.lists(st.sampled_from(snap.ids), unique=True))
@@ -112,6 +114,8 @@ def test_incremental_update_equals_rebuild(snap: ClusterSnapshot, data: st.DataO
         assert np.array_equal(getattr(inc.columns, name), getattr(full.columns, name)), name
 
 
+# Drawing data-dependent snapshot chains is slow on a loaded CPU: the too_slow health check is about the machine.
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(snapshots(min_size=1), st.data())
 def test_chains_of_derived_snapshots_equal_rebuilds(snap: ClusterSnapshot, data: st.DataObject) -> None:
     """Views and columns stay right along long chains (past the delta limit), whichever of them is materialized

@@ -3,17 +3,36 @@
 Shared unchanged by the live scheduler (leader) and the discrete-event simulator.
 """
 
-from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, PAIRING_POLICIES, PolicyConfig, Selection
+from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.core import PolicyCore
-from pyllumnix.control_plane.policy.dispatch import DISPATCH_REGISTRY, DispatchPolicy, make_dispatch_policy
+from pyllumnix.control_plane.policy.dispatch import (
+    DISPATCH_POLICIES,
+    DISPATCH_REGISTRY,
+    DispatchPolicy,
+    make_dispatch_policy,
+)
 from pyllumnix.control_plane.policy.freeness import (
     cluster_freeness,
     dispatch_freeness,
     migration_freeness,
     paper_freeness,
 )
-from pyllumnix.control_plane.policy.pairing import MigrateOrder, pair_instances
-from pyllumnix.control_plane.policy.scaling import ScalingDecision, decide_scaling
+from pyllumnix.control_plane.policy.pairing import (
+    PAIRING_POLICIES,
+    PAIRING_REGISTRY,
+    MigrateOrder,
+    PairingPolicy,
+    migration_active,
+    pair_instances,
+)
+from pyllumnix.control_plane.policy.scaling import (
+    DRAIN_VICTIM_REGISTRY,
+    DRAIN_VICTIMS,
+    ManualScalePlan,
+    ScalingDecision,
+    decide_scaling,
+    plan_manual_scale,
+)
 from pyllumnix.control_plane.policy.selection import select_request
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import DispatchRequestView, InstanceView, RequestView, from_instance_load
@@ -22,13 +41,18 @@ from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase
 __all__ = [
     "DISPATCH_POLICIES",
     "DISPATCH_REGISTRY",
+    "DRAIN_VICTIMS",
+    "DRAIN_VICTIM_REGISTRY",
     "PAIRING_POLICIES",
+    "PAIRING_REGISTRY",
     "ClusterSnapshot",
     "DispatchPolicy",
     "DispatchRequestView",
     "InstanceState",
     "InstanceView",
+    "ManualScalePlan",
     "MigrateOrder",
+    "PairingPolicy",
     "PolicyConfig",
     "PolicyCore",
     "Priority",
@@ -41,8 +65,10 @@ __all__ = [
     "dispatch_freeness",
     "from_instance_load",
     "make_dispatch_policy",
+    "migration_active",
     "migration_freeness",
     "pair_instances",
     "paper_freeness",
+    "plan_manual_scale",
     "select_request",
 ]

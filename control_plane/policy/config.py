@@ -22,13 +22,10 @@ class Selection(enum.IntEnum):
     FCW = 4
 
 
-DISPATCH_POLICIES = ("llumnix", "infaas++", "infaas-mem", "round-robin", "balanced")
-# Baselines that never migrate: INFaaS++ is Llumnix's own dispatch with migration off (the artifact's), infaas-mem the
-# least-memory-fraction variant this project used before (simulator only: ClusterConfig has no enum for it).
-NO_MIGRATION_POLICIES = ("infaas++", "infaas-mem")
-DRAIN_VICTIMS = ("fewest-requests", "last")
-PAIRING_POLICIES = ("defrag", "balanced")
-
+# The policy names (dispatch, pairing, drain victim) are those of the registries, ``dispatch.DISPATCH_REGISTRY``,
+# ``pairing.PAIRING_REGISTRY`` and ``scaling.DRAIN_VICTIM_REGISTRY``; so are the facts about each policy (whether a
+# dispatch policy allows migration: ``DispatchPolicy.allows_migration``). infaas-mem has no ClusterConfig enum value
+# (simulator only).
 _DISPATCH_TO_PB = {
     "llumnix": config_pb2.DISPATCH_POLICY_LLUMNIX,
     "infaas++": config_pb2.DISPATCH_POLICY_INFAAS_PP,
@@ -90,11 +87,6 @@ class PolicyConfig:
         """The high-priority headroom of an instance: all but ``high_headroom_reserve_blocks``, capped."""
         return min(self.high_headroom_blocks, max(0, total_blocks - self.high_headroom_reserve_blocks))
 
-    @property
-    def migration_active(self) -> bool:
-        """The no-migration baselines turn pairing off whatever the migration flag says."""
-        return self.enable_migration and self.dispatch_policy not in NO_MIGRATION_POLICIES
-
     def validate(self) -> PolicyConfig:
         """Returns self, or raises ValueError naming the first bad field, its range and its value.
 
@@ -102,12 +94,19 @@ class PolicyConfig:
         never mark a silent instance unhealthy), a huge instance count would have a provider spawn that many
         processes, a threshold of 1e308 overflows the freeness arithmetic.
         """
-        if self.dispatch_policy not in DISPATCH_POLICIES:
-            raise ValueError(f"dispatch_policy: unknown policy {self.dispatch_policy!r}; known: {DISPATCH_POLICIES}")
-        if self.pairing_policy not in PAIRING_POLICIES:
-            raise ValueError(f"pairing_policy: unknown policy {self.pairing_policy!r}; known: {PAIRING_POLICIES}")
-        if self.drain_victim not in DRAIN_VICTIMS:
-            raise ValueError(f"drain_victim: unknown choice {self.drain_victim!r}; known: {DRAIN_VICTIMS}")
+        # Imported here: the registries' modules import this one. Checked against the registries themselves, so a
+        # policy registered there is valid everywhere.
+        from pyllumnix.control_plane.policy.dispatch import DISPATCH_REGISTRY
+        from pyllumnix.control_plane.policy.pairing import PAIRING_REGISTRY
+        from pyllumnix.control_plane.policy.scaling import DRAIN_VICTIM_REGISTRY
+
+        for field, value, kind, registry in (
+            ("dispatch_policy", self.dispatch_policy, "policy", DISPATCH_REGISTRY),
+            ("pairing_policy", self.pairing_policy, "policy", PAIRING_REGISTRY),
+            ("drain_victim", self.drain_victim, "choice", DRAIN_VICTIM_REGISTRY),
+        ):
+            if value not in registry:
+                raise ValueError(f"{field}: unknown {kind} {value!r}; known: {tuple(registry)}")
         if not isinstance(self.selection, Selection):
             raise ValueError(f"selection: unknown selection {self.selection!r}")
         for name, (lo, hi) in RANGES.items():

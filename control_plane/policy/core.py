@@ -9,7 +9,7 @@ import random
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.dispatch import DispatchPolicy, make_dispatch_policy
-from pyllumnix.control_plane.policy.pairing import MigrateOrder, pair_instances
+from pyllumnix.control_plane.policy.pairing import MigrateOrder, migration_active, pair_instances
 from pyllumnix.control_plane.policy.scaling import ScalingDecision, decide_scaling
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import DispatchRequestView
@@ -43,6 +43,11 @@ class PolicyCore:
         """The instance for a new request, or None when no instance can take requests. The caller records the
         dispatch (``snapshot.record_dispatch``) until that instance's next load report."""
         return self._dispatch.choose(snapshot, request)
+
+    @property
+    def migration_active(self) -> bool:
+        """Whether pairing orders migrations at all under the current config (see ``pairing.migration_active``)."""
+        return migration_active(self._config)
 
     def pair(self, snapshot: ClusterSnapshot) -> list[MigrateOrder]:
         return pair_instances(snapshot, self._config)

@@ -4,13 +4,19 @@ Sources: migration freeness below ``migrate_out_threshold``, or preempted reques
 freeness above the threshold, ACTIVE and healthy, no preempted requests. Sources go most-loaded first, destinations
 least-loaded first, and the i-th is paired with the i-th. Instances already migrating (out or in) sit the round out:
 one migration at a time per instance and direction.
+
+The pairing policy (``PAIRING_REGISTRY``, by name) then decides which of these pairs to keep: "defrag" keeps every
+pair (the paper's), "balanced" only those whose move narrows the freeness gap.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
+from pyllumnix.control_plane.policy.dispatch import DISPATCH_REGISTRY
 from pyllumnix.control_plane.policy.freeness import freest_first, migration_freeness, most_loaded_first
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import InstanceView
@@ -28,9 +34,53 @@ class MigrateOrder:
     selection: Selection
 
 
+class PairingPolicy(ABC):
+    """Which of the matched (source, destination) pairs become migrate orders. Stateless: the class is the policy."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def keeps(cls, src: InstanceView, dst: InstanceView, f_src: float, f_dst: float, config: PolicyConfig) -> bool:
+        """``f_src``/``f_dst``: the pair's migration freeness."""
+
+
+class DefragPairing(PairingPolicy):
+    """Every pair (the paper's): moving load off an overloaded instance also de-fragments its memory."""
+
+    name = "defrag"
+
+    @classmethod
+    def keeps(cls, src: InstanceView, dst: InstanceView, f_src: float, f_dst: float, config: PolicyConfig) -> bool:
+        return True
+
+
+class BalancedPairing(PairingPolicy):
+    """Only pairs whose move narrows the freeness gap (see ``_narrows_gap``)."""
+
+    name = "balanced"
+
+    @classmethod
+    def keeps(cls, src: InstanceView, dst: InstanceView, f_src: float, f_dst: float, config: PolicyConfig) -> bool:
+        return _narrows_gap(src, dst, f_src, f_dst, config)
+
+
+PAIRING_REGISTRY: dict[str, type[PairingPolicy]] = {cls.name: cls for cls in (DefragPairing, BalancedPairing)}
+# The names config validation and the CLIs accept, in registry order.
+PAIRING_POLICIES: tuple[str, ...] = tuple(PAIRING_REGISTRY)
+
+
+def migration_active(config: PolicyConfig) -> bool:
+    """Migration on in the config and allowed by the dispatch policy (the no-migration baselines turn pairing off
+    whatever the migration flag says)."""
+    policy = DISPATCH_REGISTRY.get(config.dispatch_policy)
+    return config.enable_migration and (policy is None or policy.allows_migration)
+
+
 def pair_instances(snapshot: ClusterSnapshot, config: PolicyConfig) -> list[MigrateOrder]:
-    if not config.migration_active:
+    if not migration_active(config):
         return []
+    keeps = PAIRING_REGISTRY[config.pairing_policy].keeps
     threshold = config.migrate_out_threshold
     sources: list[tuple[tuple[float, str], InstanceView, float]] = []
     dests: list[tuple[tuple[float, str], InstanceView, float]] = []
@@ -46,12 +96,11 @@ def pair_instances(snapshot: ClusterSnapshot, config: PolicyConfig) -> list[Migr
             dests.append((freest_first(f, v.instance_id), v, f))
     sources.sort(key=lambda t: t[0])
     dests.sort(key=lambda t: t[0])
-    orders: list[MigrateOrder] = []
-    for (_, src, f_src), (_, dst, f_dst) in zip(sources, dests, strict=False):
-        if config.pairing_policy == "balanced" and not _narrows_gap(src, dst, f_src, f_dst, config):
-            continue
-        orders.append(MigrateOrder(src.instance_id, dst.instance_id, config.selection))
-    return orders
+    return [
+        MigrateOrder(src.instance_id, dst.instance_id, config.selection)
+        for (_, src, f_src), (_, dst, f_dst) in zip(sources, dests, strict=False)
+        if keeps(src, dst, f_src, f_dst, config)
+    ]
 
 
 def _narrows_gap(src: InstanceView, dst: InstanceView, f_src: float, f_dst: float, config: PolicyConfig) -> bool:

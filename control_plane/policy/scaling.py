@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
@@ -73,16 +74,61 @@ def decide_scaling(snapshot: ClusterSnapshot, config: PolicyConfig, starting_cou
 
 
 def _candidate(views: tuple[InstanceView, ...], config: PolicyConfig) -> str | None:
-    """The instance to drain, not mid-migration: the last (highest id) or the cheapest to remove (fewest requests,
-    then freest, then lowest id), per ``config.drain_victim``."""
+    """The instance to drain, not mid-migration, chosen by ``config.drain_victim`` (``DRAIN_VICTIM_REGISTRY``)."""
     cands = [
         v for v in views if v.state == InstanceState.ACTIVE and v.healthy and not v.migrating_in and not v.migrating_out
     ]
     if not cands:
         return None
-    if config.drain_victim == "last":
-        return max(cands, key=lambda v: _id_order(v.instance_id)).instance_id
-    return min(cands, key=lambda v: (v.num_requests, -dispatch_freeness(v, config), v.instance_id)).instance_id
+    return DRAIN_VICTIM_REGISTRY[config.drain_victim](cands, config).instance_id
+
+
+def _last(cands: Sequence[InstanceView], config: PolicyConfig) -> InstanceView:
+    """The highest id in natural order (the artifact's choice: the last-started instance of a numbered cluster)."""
+    return max(cands, key=lambda v: _id_order(v.instance_id))
+
+
+def _fewest_requests(cands: Sequence[InstanceView], config: PolicyConfig) -> InstanceView:
+    """The cheapest to empty: fewest requests, then freest, then lowest id."""
+    return min(cands, key=lambda v: (v.num_requests, -dispatch_freeness(v, config), v.instance_id))
+
+
+# How a scale-down picks its victim among the candidates, by ``PolicyConfig.drain_victim``.
+DRAIN_VICTIM_REGISTRY: dict[str, Callable[[Sequence[InstanceView], PolicyConfig], InstanceView]] = {
+    "fewest-requests": _fewest_requests,
+    "last": _last,
+}
+# The names config validation and the CLIs accept, in registry order.
+DRAIN_VICTIMS: tuple[str, ...] = tuple(DRAIN_VICTIM_REGISTRY)
+
+
+@dataclass(frozen=True, slots=True)
+class ManualScalePlan:
+    """What a manual scale target asks for now: start ``start`` instances, drain ``drain``."""
+
+    start: int = 0
+    drain: tuple[str, ...] = ()
+
+
+def plan_manual_scale(
+    snapshot: ClusterSnapshot, active: Collection[str], starting_count: int, target: int
+) -> ManualScalePlan:
+    """``llmctl scale``'s target, converged one pass at a time: start the instances missing (counting those already
+    starting), or drain the surplus among ``active`` (the registered instances not draining), those with the fewest
+    requests first (cheapest to empty; an instance with no view yet counts as empty), ties by id. Unlike the
+    automatic scaler's candidate, an instance mid-migration is not skipped: the operator's target is met at once."""
+    missing = target - len(active) - starting_count
+    if missing > 0:
+        return ManualScalePlan(start=missing)
+    surplus = len(active) - target
+    if surplus <= 0:
+        return ManualScalePlan()
+
+    def load(instance_id: str) -> tuple[int, str]:
+        view = snapshot.get(instance_id)
+        return (0 if view is None else view.num_requests, instance_id)
+
+    return ManualScalePlan(drain=tuple(sorted(active, key=load)[:surplus]))
 
 
 def _instances_to_reach(views: tuple[InstanceView, ...], config: PolicyConfig, target: float) -> int:

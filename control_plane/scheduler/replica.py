@@ -37,6 +37,7 @@ from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_targ
 from pyllumnix.control_plane.policy.core import PolicyCore
 from pyllumnix.control_plane.policy.freeness import dispatch_freeness
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
+from pyllumnix.control_plane.policy.scaling import plan_manual_scale
 from pyllumnix.control_plane.policy.views import DispatchRequestView
 from pyllumnix.control_plane.scheduler.cluster import ClusterState, dispatch_stale_after
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
@@ -664,16 +665,12 @@ class SchedulerReplica:
             for iid, load in self.cluster.loads.items()
             if load.state != common_pb2.INSTANCE_STATE_DRAINING and iid in self.cluster.infos
         )
-        starting = len(self.provider.starting())
-        target = self.scale_target
-        missing = target - len(active) - starting
-        if missing > 0:
-            await self._start_instances(missing)
-        elif len(active) > target:
-            snapshot = self.cluster.snapshot(time.monotonic())
-            by_load = sorted(active, key=lambda i: (getattr(snapshot.get(i), "num_requests", 0), i))
-            for iid in by_load[: len(active) - target]:
-                await self.set_instance_state(iid, InstanceState.DRAINING)
+        snapshot = self.cluster.snapshot(time.monotonic())
+        plan = plan_manual_scale(snapshot, active, len(self.provider.starting()), self.scale_target)
+        if plan.start:
+            await self._start_instances(plan.start)
+        for iid in plan.drain:
+            await self.set_instance_state(iid, InstanceState.DRAINING)
 
     # ------------------------------------------------------------------ lost instances
     def _instance_vanished(self, instance_id: str) -> None:

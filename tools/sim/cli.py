@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, DRAIN_VICTIMS
+from pyllumnix.control_plane.policy import DISPATCH_POLICIES, DRAIN_VICTIMS
 from pyllumnix.data_plane.engine.profile import PROFILES
 from pyllumnix.tools.progress import progress_bar
 from pyllumnix.tools.sim.compare import run_scenario

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pyllumnix.control_plane.policy.config import DISPATCH_POLICIES, DRAIN_VICTIMS, PolicyConfig, Selection
+from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
+from pyllumnix.control_plane.policy.dispatch import DISPATCH_POLICIES
+from pyllumnix.control_plane.policy.scaling import DRAIN_VICTIMS
 from pyllumnix.data_plane.engine.profile import Profile, get_profile
 
 DEFAULT_BANDWIDTH_GBPS = 20.0

@@ -15,6 +15,8 @@ DISPATCH_REGISTRY: dict[str, type[DispatchPolicy]] = {
     cls.name: cls
     for cls in (LlumnixDispatch, InfaasPlusPlusDispatch, InfaasMemDispatch, RoundRobinDispatch, BalancedDispatch)
 }
+# The names config validation and the CLIs accept, in registry order.
+DISPATCH_POLICIES: tuple[str, ...] = tuple(DISPATCH_REGISTRY)
 
 
 def make_dispatch_policy(name: str, config: PolicyConfig, rng: random.Random | None = None) -> DispatchPolicy:
@@ -27,6 +29,7 @@ def make_dispatch_policy(name: str, config: PolicyConfig, rng: random.Random | N
 
 
 __all__ = [
+    "DISPATCH_POLICIES",
     "DISPATCH_REGISTRY",
     "BalancedDispatch",
     "DispatchPolicy",

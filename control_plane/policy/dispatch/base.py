@@ -19,6 +19,9 @@ class DispatchPolicy(ABC):
     draw randomness only from the seeded ``rng`` they are given."""
 
     name: ClassVar[str]
+    # Whether pairing may migrate requests under this policy. False for the baselines that by definition never migrate
+    # (INFaaS++ and its variant): pairing is then off whatever ``enable_migration`` says.
+    allows_migration: ClassVar[bool] = True
 
     def __init__(self, config: PolicyConfig, rng: random.Random | None = None) -> None:
         self.config = config

@@ -1,4 +1,4 @@
-"""The INFaaS++ baselines; migration is off under both (see PolicyConfig.migration_active).
+"""The INFaaS++ baselines; migration is off under both (``allows_migration = False``).
 
 - ``infaas++``: the paper's strongest baseline as its artifact ran it: Llumnix's own load-based dispatch (highest
   dispatch freeness, (free - all waiting demand) / (running + waiting)) with migration and de-fragmentation off.
@@ -18,10 +18,12 @@ from pyllumnix.control_plane.policy.views import DispatchRequestView
 
 class InfaasPlusPlusDispatch(LlumnixDispatch):
     name = "infaas++"
+    allows_migration = False
 
 
 class InfaasMemDispatch(DispatchPolicy):
     name = "infaas-mem"
+    allows_migration = False
 
     def choose(self, snapshot: ClusterSnapshot, request: DispatchRequestView) -> str | None:
         c = snapshot.columns
