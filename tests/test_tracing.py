@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import grpc
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
@@ -19,9 +21,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from pyllumnix.infra import tracing
 from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.infra.security.runtime import open_channel
-from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 from tests.test_device_migration import make_node, migrate, settle
+from tests.test_frontend_fakes import MODEL, FakeLlumlet, running_stack
+from tests.test_frontend_grpc import generate_request
 from tests.test_migration_paths import request, unmigrated_tokens, wait_tokens
 
 OUTCOME = llumlet_pb2.MigrationOutcome
@@ -193,3 +197,54 @@ def test_an_otlp_endpoint_turns_tracing_on_with_a_batching_exporter() -> None:
         assert isinstance(processors[0].span_exporter, OTLPSpanExporter)
     finally:
         tracing.shutdown()
+
+
+def request_tree(finished: tuple[ReadableSpan, ...], trace_id: int, caller: int) -> dict[str, list[str]]:
+    """Each span of the trace -> its ancestors' names, checking every link resolves up to the caller's span id."""
+    ours = tuple(s for s in finished if s.context.trace_id == trace_id)
+    index = by_id(ours)
+    tree: dict[str, list[str]] = {}
+    for s in ours:
+        top = s
+        while top.parent is not None and top.parent.span_id in index:
+            top = index[top.parent.span_id]
+        assert top.parent is not None and top.parent.span_id == caller, (s.name, "does not lead to the caller")
+        tree[s.name] = ancestors(s, index)
+    return tree
+
+
+EXPECTED_FRONTEND_TREE = {
+    "llumnix.request": [],
+    "dispatch": ["llumnix.request"],
+    "add_request": ["llumnix.request"],
+    "/llumnix.v1.LlumletService/AddRequest": ["add_request", "llumnix.request"],
+}
+
+
+async def test_grpc_frontend_continues_a_callers_traceparent(spans: InMemorySpanExporter) -> None:
+    trace_id, caller = int("12" * 16, 16), int("34" * 8, 16)
+    metadata = (("traceparent", f"00-{trace_id:032x}-{caller:016x}-01"),)
+    async with running_stack([FakeLlumlet("i-1", delay=0.001)]) as stack:
+        async with grpc.aio.insecure_channel(stack.grpc.address) as channel:
+            stub = frontend_pb2_grpc.FrontendServiceStub(channel)
+            call = stub.Generate(generate_request(max_tokens=3, request_id="t-1"), metadata=metadata, timeout=10)
+            replies = [r async for r in call]
+        assert replies[-1].finished
+    finished = spans.get_finished_spans()
+    tree = request_tree(finished, trace_id, caller)
+    generate = "/llumnix.v1.FrontendService/Generate"
+    assert tree == {generate: [], **{k: [*v, generate] for k, v in EXPECTED_FRONTEND_TREE.items()}}, tree
+    (request,) = named(finished, "llumnix.request")
+    assert [e.name for e in request.events] == ["first_token", "finish"]
+    assert (request.attributes or {}).get("llumnix.instance_id") == "i-1"
+
+
+async def test_http_frontend_continues_a_callers_traceparent(spans: InMemorySpanExporter) -> None:
+    trace_id, caller = int("56" * 16, 16), int("78" * 8, 16)
+    headers = {"traceparent": f"00-{trace_id:032x}-{caller:016x}-01"}
+    async with running_stack([FakeLlumlet("i-1", delay=0.001)]) as stack, aiohttp.ClientSession() as session:
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3}
+        async with session.post(f"{stack.http.url}/v1/completions", json=body, headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+    tree = request_tree(spans.get_finished_spans(), trace_id, caller)
+    assert tree == EXPECTED_FRONTEND_TREE, tree
