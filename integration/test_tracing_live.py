@@ -118,6 +118,12 @@ def test_a_migrated_request_is_one_trace_across_processes(tmp_path: Path) -> Non
             out.append(f"{span['service'].split('-')[1]}:{span['name']}")
         return out
 
+    # Only the request's own work is in its trace (no background loop that inherited its context).
+    allowed = {"llumnix.request", "dispatch", "add_request", "first_token", "finish", "migration"}
+    allowed |= {"migration.stage", "migration.commit", "/llumnix.v1.SchedulerService/Dispatch"}
+    allowed |= {"/llumnix.v1.OutputSinkService/HandOver"}  # the source asks the frontend to hand the request over
+    allowed |= {f"{SVC}{m}" for m in ("AddRequest", "PreAllocate", "TransferStage", "CommitMigration")}
+    assert {s["name"] for s in spans} <= allowed, names
     # Every span of the trace leads, link by link, to the caller's traceparent.
     for s in spans:
         chain(s)
