@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import grpc
 import pytest
 
+from pyllumnix.control_plane.scheduler import cluster as cluster_module
 from pyllumnix.control_plane.scheduler.cluster import (
     STALE_SCAN_INTERVAL_S,
     ClusterState,
@@ -288,10 +290,40 @@ def test_the_bench_report_block_extrapolates_from_its_own_rows() -> None:
         "keepalives_per_s": 500.0,
         "full_us_mean": 10.0,
         "keepalive_us_mean": 2.0,
-        "report_cpu_share": 0.006,
+        "report_cpu_share": 0.008,
+        "take_cpu_share": 0.006,
+        "fold_cpu_share": 0.002,  # 4 us per full load
         "report_ticks_skipped": 0,
     }
     block = _load_reports_block([row, dict(row, report_cpu_share=0.6)], [row], 1024, 20.0, 0.5)
-    assert block["cpu_share_if_all_changed"] == pytest.approx(10e-6 * 20 * 1024, abs=1e-4)
+    assert block["fold_us_per_full_load"] == pytest.approx(4.0)
+    assert block["cpu_share_if_all_changed"] == pytest.approx((10e-6 + 4e-6) * 20 * 1024, abs=1e-4)
     assert block["cpu_share_if_none_changed"] == pytest.approx(2e-6 * 20 / LOAD_KEEPALIVE_EVERY * 1024, abs=1e-4)
-    assert block["cpu_share_of_one_core"] == pytest.approx(0.303) and block["meets"] is True
+    assert block["cpu_share_of_one_core"] == pytest.approx(0.304) and block["meets"] is True
+
+
+async def test_reports_are_folded_in_batches_off_the_dispatch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: every snapshot() (each Dispatch) built and folded the views of all reports taken since the last one.
+    Now a timer folds them in one batch, coalescing reports of one instance, and a Dispatch in between folds none."""
+    monkeypatch.setattr(cluster_module, "REPORT_FOLD_INTERVAL_S", 0.5)  # wide margins on a loaded machine
+    cluster = cluster_of("a", "b")
+    now = time.monotonic()
+    cluster.report(load("a", 1), now)
+    cluster.report(load("b", 1), now)
+    await wait_for(lambda: cluster.folds == 1, "the first batch folded by the timer")
+    first = cluster.snapshot(time.monotonic())
+    assert set(first.ids) == {"a", "b"}
+    cluster.report(load("a", 2, free_blocks=50), time.monotonic())
+    cluster.report(load("a", 3, free_blocks=40), time.monotonic())
+    assert cluster.snapshot(time.monotonic()) is first, "a decision right after the reports folds none of them"
+    await wait_for(lambda: cluster.folds == 2, "the second batch")
+    view = cluster.snapshot(time.monotonic()).get("a")
+    assert view is not None and (view.seq, view.free_blocks) == (3, 40), "one view, of the latest load"
+    assert cluster.fold_s > 0
+
+
+def test_without_an_event_loop_the_next_snapshot_folds() -> None:
+    cluster = cluster_of("a")
+    cluster.report(load("a", 1, free_blocks=7), 0.0)
+    view = cluster.snapshot(0.0).get("a")
+    assert view is not None and view.free_blocks == 7
