@@ -200,6 +200,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
             engine.load,
             lambda: llumlet.stats.migration,
             engine.request_ids,
+            vllm_stats=getattr(engine, "vllm_stats", None),  # vLLM's own scheduler statistics (--engine vllm)
         )
         metrics_server = await start_metrics_server(llumlet.metrics.registry, opts.host, opts.metrics_port, advertise)
     coordinator.prewarm()

@@ -28,6 +28,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -35,6 +36,9 @@ from prometheus_client.registry import Collector
 
 from pyllumnix.data_plane.engine.base import LoadSnapshot, TokenOutput
 from pyllumnix.protos.llumnix.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from pyllumnix.data_plane.engine.vllm.stats import VllmSchedulerStats
 
 # vLLM V1's buckets (vllm/v1/metrics/loggers.py), so histogram_quantile over both gives comparable answers.
 TTFT_BUCKETS = (
@@ -79,6 +83,7 @@ class InstanceMetrics(Collector):
         migration: Callable[[], common_pb2.MigrationStats],
         request_ids: Callable[[], Iterable[str]],
         *,
+        vllm_stats: Callable[[], VllmSchedulerStats] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.instance_id = instance_id
@@ -86,6 +91,7 @@ class InstanceMetrics(Collector):
         self._load = load
         self._migration = migration
         self._request_ids = request_ids
+        self._vllm_stats = vllm_stats
         self._clock = clock
         self._tracked: dict[str, _Tracked] = {}
         self.registry = CollectorRegistry()
@@ -181,7 +187,7 @@ class InstanceMetrics(Collector):
                 t.num_generated += n
             if out.finished:
                 del self._tracked[out.request_id]
-                reason = out.finish.value if out.finish is not None else "stop"
+                reason = (out.finish.label if out.finish is not None else None) or "stop"
                 self.success.get(reason, self.success["error"]).inc()
                 if reason in ("stop", "length"):
                     self.e2e.observe(max(0.0, now - t.arrival))
@@ -212,14 +218,30 @@ class InstanceMetrics(Collector):
         usage = GaugeMetricFamily(
             "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=labels
         )
-        usage.add_metric(
-            values, (load.total_blocks - load.free_blocks) / load.total_blocks if load.total_blocks else 0.0
-        )
+        vllm = self._vllm_stats() if self._vllm_stats is not None else None
+        if vllm is not None and vllm.steps:  # vLLM's own figure (its block accounting) once it has stepped
+            usage.add_metric(values, vllm.kv_cache_usage)
+        else:
+            usage.add_metric(
+                values, (load.total_blocks - load.free_blocks) / load.total_blocks if load.total_blocks else 0.0
+            )
         preemptions = CounterMetricFamily(
             "vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels=labels
         )
         preemptions.add_metric(values, load.total_preemptions)
         yield from (running, waiting, usage, preemptions)
+        if vllm is not None:
+            queries = CounterMetricFamily(
+                "vllm:prefix_cache_queries",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                labels=labels,
+            )
+            queries.add_metric(values, vllm.prefix_cache_queries)
+            hits = CounterMetricFamily(
+                "vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", labels=labels
+            )
+            hits.add_metric(values, vllm.prefix_cache_hits)
+            yield from (queries, hits)
         stats = self._migration()
         migrations = CounterMetricFamily(
             "llumnix_llumlet_migrations",

@@ -43,6 +43,7 @@ import numpy as np
 
 from pyllumnix.data_plane.engine.device import Ready
 from pyllumnix.data_plane.engine.kv_layout import BlockCopier, BlockMover, KvLayout, KvLayoutError
+from pyllumnix.data_plane.engine.vllm.stats import VllmSchedulerStats
 
 # vLLM reads these at import or engine start; the in-process engine needs the first one.
 _ENV_DEFAULTS = {
@@ -189,7 +190,9 @@ class CoreAdapter:
         kwargs.update(config.extra_engine_args)
         vllm_config = EngineArgs(**kwargs).create_engine_config()
         self.vllm_config = vllm_config
-        self.core = EngineCore(vllm_config, Executor.get_class(vllm_config), log_stats=False)
+        # vLLM's statistics on (its default under `vllm serve`): each step's SchedulerStats feed the llumlet's /metrics.
+        self.core = EngineCore(vllm_config, Executor.get_class(vllm_config), log_stats=True)
+        self.stats = VllmSchedulerStats()
         self.scheduler = self.core.scheduler
         if self.scheduler.use_v2_model_runner:
             raise VllmUnavailableError("the llumnix adapter supports vLLM's V1 model runner only")
@@ -358,6 +361,8 @@ class CoreAdapter:
         outs: list[CoreOutput] = []
         for eco in outputs_by_client.values():
             for o in eco.outputs:
+            if eco.scheduler_stats is not None:
+                self.stats.record(eco.scheduler_stats)
                 finish = None if o.finish_reason is None else _FINISH_NAMES.get(int(o.finish_reason), "stop")
                 outs.append(CoreOutput(o.request_id, tuple(int(t) for t in o.new_token_ids), finish))
         return CoreStep(outs, prefill, decode, preempted)

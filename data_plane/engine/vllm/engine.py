@@ -44,6 +44,7 @@ from pyllumnix.data_plane.engine.checks import (
 from pyllumnix.data_plane.engine.device import Ready, device_of
 from pyllumnix.data_plane.engine.kv_layout import KvLayout
 from pyllumnix.data_plane.engine.vllm.adapter import CoreAdapter, CoreConfig, ReqView, SamplingArgs
+from pyllumnix.data_plane.engine.vllm.stats import VllmSchedulerStats
 
 ENGINE_STATE_VERSION = 1
 _FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH, "abort": Finish.ABORT, "error": Finish.ERROR}
@@ -108,6 +109,10 @@ class VllmEngine(Engine):
         self.block_bytes = self.core.block_bytes
         self.watermark_blocks = math.ceil(watermark * self.total_blocks)
         self._reqs: dict[str, _Tracked] = {}
+    def vllm_stats(self) -> VllmSchedulerStats:
+        """vLLM's own scheduler statistics of this engine (exported by the llumlet's /metrics)."""
+        return self.core.stats
+
         self._total_preemptions = 0
 
     def close(self) -> None:
