@@ -360,9 +360,9 @@ class CoreAdapter:
             preempted = tuple(sorted(so.preempted_req_ids or ()))
         outs: list[CoreOutput] = []
         for eco in outputs_by_client.values():
-            for o in eco.outputs:
             if eco.scheduler_stats is not None:
                 self.stats.record(eco.scheduler_stats)
+            for o in eco.outputs:
                 finish = None if o.finish_reason is None else _FINISH_NAMES.get(int(o.finish_reason), "stop")
                 outs.append(CoreOutput(o.request_id, tuple(int(t) for t in o.new_token_ids), finish))
         return CoreStep(outs, prefill, decode, preempted)
