@@ -47,6 +47,9 @@ def test_short_drill_passes(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "drill.json").read_text())
     assert data == json.loads(result.stdout)
     assert data["passed"] is True and data["error"] == ""
+    # the local cluster runs secure by default (mutual TLS, role checks, the drill's clients on an admin API key)
+    assert data["config"]["security"].startswith("mutual TLS"), data["config"]["security"]
+    assert (tmp_path / "logs" / "context.yaml").exists() and (tmp_path / "logs" / "pki" / "ca.pem").exists()
     assert data["reference"]["streams"] > 0 and data["reference"]["unfinished"] == 0
     by_name = {s["scenario"]: s for s in data["scenarios"]}
     assert list(by_name) == SCENARIOS

@@ -3,7 +3,8 @@ every exit logged, a clean stop on SIGTERM (reverse order, nothing left behind, 
 and a prompt stop on a storm of signals during startup (no deadlock in the signal handling).
 
 Processes are found only through what serve reports (its ready line and ``serve.json``: pid and process group per
-component) and signalled by PID; nothing is looked up by name.
+component) and signalled by PID; nothing is looked up by name. Serve runs secure, its default: clients use the
+admin API key and certificate of the client context file it writes (``$LLUMNIX_CONTEXT``, a per-session temp file).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import openai
 import pytest
 
+from pyllumnix.infra.security.context import load_context
 from pyllumnix.tools.launch import Launcher, LaunchError
 
 pytestmark = pytest.mark.integration
@@ -61,9 +63,17 @@ def gone(pid: int) -> bool:
     return False
 
 
+def tls_flags() -> list[str]:
+    """llmctl's TLS flags from the context file a secure serve wrote (none for a plaintext one)."""
+    ctx = load_context()
+    if ctx is None or ctx.ca is None:
+        return []
+    return ["--ca", str(ctx.ca), "--cert", str(ctx.cert), "--key", str(ctx.key)]
+
+
 def llmctl_json(schedulers: list[str], *args: str, check: bool = True) -> Any:
     done = subprocess.run(
-        [LLMCTL, "--endpoint", ",".join(schedulers), "--output", "json", *args],
+        [LLMCTL, "--endpoint", ",".join(schedulers), *tls_flags(), "--output", "json", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -98,7 +108,9 @@ def test_config_file_restarts_and_clean_stop(tmp_path: Path) -> None:
         assert names == ["etcd", "scheduler-0", "llumlet-0", "llumlet-1", "frontend"], names
         assert all(c["state"] == "running" and c["pgid"] == c["pid"] for c in ready["components"])
         seen_pids |= {c["pid"] for c in ready["components"]}
-        client = openai.OpenAI(base_url=f"{ready['http']}/v1", api_key="unused", max_retries=0, timeout=30)
+        ctx = load_context(ready["context"])
+        assert ctx is not None and ctx.api_key, "serve (secure by default) writes the admin API key"
+        client = openai.OpenAI(base_url=f"{ready['http']}/v1", api_key=ctx.api_key, max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == ["tiny"]  # the file's profile is the model id
 
         # crashes: each killed component comes back (same addresses for the scheduler and the frontend), logged

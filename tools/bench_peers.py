@@ -230,9 +230,8 @@ def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: 
     """One worker (llumlet + frontend, ``--insecure`` on loopback) per instance, then the router in front."""
     router, policy = spec.split(":", 1)
     log_dir = work / spec.replace(":", "-")
-    launcher = Launcher(
-        log_dir, die_with_parent=True
-    )  # not secure: the workers run --insecure (loopback, behind the router)
+    # Opted out of security: the workers run --insecure (loopback, behind a third-party router that speaks plaintext).
+    launcher = Launcher(log_dir, die_with_parent=True, secure=False)
     from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 
     etcd = EmbeddedEtcd(1, data_dir=log_dir / "etcd")

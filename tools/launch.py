@@ -29,6 +29,30 @@ from typing import Any
 
 PR_SET_PDEATHSIG = 1
 
+SECURITY_ENV = ("LLUMNIX_TLS_DIR", "LLUMNIX_INSECURE")
+"""The variables that tell a component how to secure itself (``infra.security.runtime``); set by :class:`Launcher`."""
+
+_SESSION_PKI: dict[str, Any] = {}
+
+
+def session_pki(cluster: str = "llumnix") -> Any:
+    """A throwaway local PKI (CA, token secret, default certificates) shared by every secure :class:`Launcher` of this
+    process that names no ``pki_dir``: made on first use, removed when the process exits. One per process keeps
+    secure-by-default cheap (a test session issues its CA once); the etcd key prefix, not the CA, keeps the clusters
+    of one process apart."""
+    pki = _SESSION_PKI.get(cluster)
+    if pki is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        from pyllumnix.infra.security.bootstrap import bootstrap_local
+
+        directory = Path(tempfile.mkdtemp(prefix=f"llumnix-pki-{cluster}-"))
+        atexit.register(shutil.rmtree, directory, True)
+        pki = _SESSION_PKI[cluster] = bootstrap_local(directory, cluster)
+    return pki
+
 
 class LaunchError(RuntimeError):
     """A component did not become ready."""
@@ -174,11 +198,15 @@ class Launcher:
     ``die_with_parent``: children get SIGTERM from the kernel if this process dies (``llumnix serve`` sets it; only
     for launchers used from the main thread, since the kernel ties it to the thread that forked).
 
-    ``secure``: a local PKI (``<log_dir>/pki``, or ``pki_dir``) is created and every child gets it
-    (``$LLUMNIX_TLS_DIR``; the folder holds the CA key, so each component issues its own certificate for its role and
-    id), so they talk mutual TLS with role checks; the caller reaches them with :meth:`channel` /
-    :meth:`security`. Not secure: children run ``--insecure`` (``$LLUMNIX_INSECURE``). Components that are given
-    their own ``--tls-dir``/``--insecure`` (``serve``) decide for themselves.
+    ``secure`` (the default, True): every child gets a local PKI (``pki_dir``, else this process's throwaway
+    :func:`session_pki`) through ``$LLUMNIX_TLS_DIR``; the folder holds the CA key, so each component issues its own
+    certificate for its role and id, and they talk mutual TLS with role checks; the caller reaches them with
+    :meth:`channel` / :meth:`security`. ``secure=False`` is the explicit opt-out: children run ``--insecure``
+    (``$LLUMNIX_INSECURE``). ``secure=None``: the caller gives each child its own ``--tls-dir``/``--insecure`` (what
+    ``serve`` does): the launcher passes neither variable on. In no mode are the variables of the launcher's own
+    environment inherited (a ``serve --insecure`` must not hand its children the PKI of a secure launcher that
+    started it, nor a secure launcher's children an ``$LLUMNIX_INSECURE`` of the test process). A ``serve`` child of
+    a secure launcher decides for itself too (it makes its own PKI, or runs ``--insecure``).
     """
 
     def __init__(
@@ -186,7 +214,7 @@ class Launcher:
         log_dir: Path,
         die_with_parent: bool = False,
         *,
-        secure: bool = False,
+        secure: bool | None = True,
         pki_dir: Path | None = None,
         cluster: str = "llumnix",
     ) -> None:
@@ -197,15 +225,21 @@ class Launcher:
         self.secure = secure
         self.pki: Any = None  # ClusterSecurity (imported lazily: serve's supervisor need not load cryptography)
         if secure:
-            from pyllumnix.infra.security.bootstrap import bootstrap_local
+            if pki_dir is not None:
+                from pyllumnix.infra.security.bootstrap import bootstrap_local
 
-            self.pki = bootstrap_local(pki_dir or log_dir / "pki", cluster)
+                self.pki = bootstrap_local(pki_dir, cluster)
+            else:
+                self.pki = session_pki(cluster)
 
     def child_env(self) -> dict[str, str]:
-        """The environment that tells a child how to secure itself (see the class docstring)."""
+        """The environment that tells a child how to secure itself (see the class docstring); empty when the
+        caller passes security flags itself."""
         if self.pki is not None:
             return {"LLUMNIX_TLS_DIR": str(self.pki.directory)}
-        return {"LLUMNIX_INSECURE": "1"}
+        if self.secure is False:
+            return {"LLUMNIX_INSECURE": "1"}
+        return {}
 
     def security(self, role: str = "admin", id: str = "harness") -> Any:
         """``SecuritySettings`` for this process acting as ``role`` (certificate issued on first use); insecure
@@ -227,7 +261,9 @@ class Launcher:
         """Starts a component without waiting for it (see :meth:`wait_ready`); its logs are appended to."""
         log_path = self.log_dir / f"{name}.log"
         out_path = self.log_dir / f"{name}.out"
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.child_env(), **(env or {})}
+        # The launcher alone says how a child secures itself: an inherited variable would override its mode.
+        inherited = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}
+        full_env = {**inherited, "PYTHONUNBUFFERED": "1", **self.child_env(), **(env or {})}
         out_path.write_bytes(b"")  # the ready line of this start, not of an earlier one
         with open(log_path, "ab") as log, open(out_path, "ab") as out:
             proc = spawn(

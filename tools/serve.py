@@ -266,7 +266,7 @@ class Supervisor:
     def __init__(self, opts: dict[str, Any], log_dir: Path) -> None:
         self.opts = opts
         self.log_dir = log_dir
-        self.launcher = Launcher(log_dir, die_with_parent=True)
+        self.launcher = Launcher(log_dir, die_with_parent=True, secure=None)  # each child gets its flags (below)
         self.pki: Any = None  # ClusterSecurity when secure (the default)
         self.children: list[Child] = []
         self.signals: list[int] = []

@@ -88,6 +88,12 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     help="Also write the JSON report here.",
 )
 @click.option("--log-dir", type=click.Path(path_type=Path, file_okay=False), default=None, help="Component logs.")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Local cluster: run every component --insecure (plaintext, no certificates, no API keys). Default: mutual "
+    "TLS with a local PKI in the log dir and an admin API key, as `llumnix serve`.",
+)
 def drill_command(
     scenario_values: tuple[str, ...],
     frontend: str,
@@ -109,6 +115,7 @@ def drill_command(
     seed: int,
     json_path: Path | None,
     log_dir: Path | None,
+    insecure: bool,
 ) -> None:
     """Failover drill: streaming load with known seeds under injected faults, judged token for token.
 
@@ -123,6 +130,10 @@ def drill_command(
     except ScenarioError as exc:
         raise click.BadParameter(str(exc), param_hint="--scenario") from exc
     attach = bool(frontend or scheduler or context_path or context_name)
+    if attach and insecure:
+        raise click.UsageError(
+            "--insecure is for the local cluster; an attached cluster's context says how to reach it"
+        )
     credentials = PLAINTEXT
     if attach:
         if context_path or context_name:
@@ -157,8 +168,11 @@ def drill_command(
     config: dict[str, Any] = {
         "scenarios": [s.label for s in scenarios],
         "mode": "attach" if attach else "local",
-        # The local cluster runs --insecure, as test launchers do (the faults are about failover, not TLS).
-        "security": credentials.description if attach else "plaintext (local cluster started --insecure)",
+        "security": credentials.description
+        if attach
+        else "plaintext (local cluster started --insecure)"
+        if insecure
+        else "mutual TLS + admin API key (local cluster secure, its PKI and context file in the log dir)",
         **asdict(opts),
     }
     signal.signal(signal.SIGTERM, _terminate)
@@ -186,6 +200,7 @@ def drill_command(
                 profile=profile,
                 bytes_per_token=bytes_per_token,
                 transport=transport,
+                secure=not insecure,
             )
             config.update(
                 {
@@ -208,6 +223,7 @@ def drill_command(
                 http_base=cluster.frontend_http,
                 cluster=cluster,
                 progress=console.print,
+                credentials=cluster.credentials(),
             )
         report = asyncio.run(drill.run(scenarios))
         report.config = config

@@ -6,6 +6,11 @@ Every process the drill starts is a child it knows by PID: schedulers, llumlets 
 those PIDs; ``stop`` continues whatever is stopped and ends everything, also after a failure or Ctrl-C.
 Schedulers and the frontend get fixed ports, so a restarted one is reachable where it was before (the frontend's
 ``--scheduler`` list stays valid); a restarted llumlet gets a new port and re-registers its address.
+
+Secure by default, as ``llumnix serve``: a local PKI in ``<log_dir>/pki`` (components talk mutual TLS with role
+checks) and, once the cluster is up, an admin API key and a client context file (``<log_dir>/context.yaml``) that the
+drill's own clients use (:meth:`LocalCluster.credentials`), so the faults are judged on the production path.
+``ClusterOptions.secure=False`` (``llumnix drill --insecure``) runs every component ``--insecure``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pyllumnix.protos.llumnix.v1 import (
     llumlet_pb2_grpc,
     scheduler_pb2,
 )
-from pyllumnix.tools.drill.credentials import PLAINTEXT, Credentials
+from pyllumnix.tools.drill.credentials import PLAINTEXT, Credentials, from_context
 from pyllumnix.tools.launch import Component, Launcher
 
 # Short reconnect backoff: a restarted component must be seen as soon as it listens, not after grpc's 1-120 s backoff.
@@ -55,6 +60,7 @@ class ClusterOptions:
     transport: str = "tcp"
     cluster: str = "drill"
     start_timeout: float = 120.0
+    secure: bool = True
 
 
 class LocalCluster:
@@ -62,7 +68,13 @@ class LocalCluster:
 
     def __init__(self, opts: ClusterOptions) -> None:
         self.opts = opts
-        self.launcher = Launcher(opts.log_dir)
+        self.launcher = Launcher(
+            opts.log_dir,
+            secure=opts.secure,
+            pki_dir=opts.log_dir / "pki" if opts.secure else None,
+            cluster=opts.cluster,
+        )
+        self.context_path: Path | None = None
         self.etcd: EmbeddedEtcd | None = None
         self.scheduler_ports = {f"scheduler-{i}": free_port() for i in range(opts.schedulers)}
         self.llumlet_ports = {f"instance-{i}": free_port() for i in range(opts.llumlets)}
@@ -183,6 +195,37 @@ class LocalCluster:
             list(pool.map(self.start_scheduler, self.scheduler_ports))
             list(pool.map(self.start_llumlet, self.llumlet_ports))
         self.start_frontend()
+        if self.opts.secure:
+            self.context_path = asyncio.run(self._provision_admin())
+
+    async def _provision_admin(self) -> Path:
+        """An admin API key (hashed in etcd) and the client context file naming this cluster, as ``serve`` writes."""
+        from pyllumnix.infra.etcd.client import EtcdClient
+        from pyllumnix.infra.etcd.keys import KeyLayout
+        from pyllumnix.infra.security.apikeys import ApiKeyStore
+        from pyllumnix.infra.security.bootstrap import provision_admin
+
+        assert self.etcd is not None and self.launcher.pki is not None
+        async with EtcdClient(self.etcd.endpoints) as etcd:
+            _, path = await provision_admin(
+                self.launcher.pki,
+                ApiKeyStore(etcd, KeyLayout(self.opts.cluster)),
+                context_path=self.opts.log_dir / "context.yaml",
+                context_name=f"drill-{self.opts.cluster}",
+                scheduler=self.scheduler_addresses,
+                frontend=[self.frontend_grpc],
+                http=self.frontend_http,
+                etcd=list(self.etcd.endpoints),
+            )
+        return path
+
+    def credentials(self) -> Credentials:
+        """How the drill's clients reach this cluster: the admin context's mutual TLS and API key (plaintext when the
+        cluster runs ``--insecure``)."""
+        if self.context_path is None:
+            return PLAINTEXT
+        creds, _ = from_context(str(self.context_path), None)
+        return creds
 
     # signals ----------------------------------------------------------------------------------------------------
     def pause(self, pid: int, *, group: bool = False) -> None:

@@ -1,6 +1,6 @@
-"""How the drill reaches a cluster: plaintext (the local cluster it starts runs ``--insecure``, as test launchers do) or
-the TLS + API key of a client context file (attach mode against a secured cluster, e.g. one ``llumnix serve`` started,
-which writes that file)."""
+"""How the drill reaches a cluster: the TLS + API key of a client context file (the one the drill writes for the local
+cluster it starts, secure by default; or, in attach mode, e.g. the one ``llumnix serve`` wrote), or plaintext (a local
+cluster started ``--insecure``, an attached plaintext one)."""
 
 from __future__ import annotations
 
