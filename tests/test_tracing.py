@@ -248,3 +248,34 @@ async def test_http_frontend_continues_a_callers_traceparent(spans: InMemorySpan
             assert resp.status == 200, await resp.text()
     tree = request_tree(spans.get_finished_spans(), trace_id, caller)
     assert tree == EXPECTED_FRONTEND_TREE, tree
+
+
+async def test_a_refused_migration_shows_in_the_trace_with_its_reason(
+    spans: InMemorySpanExporter, sink: RecordingSink
+) -> None:
+    a, b = await make_node("a", "inproc"), await make_node("b", "inproc", block_size=32)
+    try:
+        async with open_channel(a.server.address) as channel:
+            with tracing.span("caller") as caller:
+                await llumlet_pb2_grpc.LlumletServiceStub(channel).AddRequest(request("r", sink, 60, 100))
+        await wait_tokens(sink, "r", 2)
+        result = (await a.stub.MigrateOut(migrate(a, b, "r"))).results[0]
+        assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION
+        await sink.wait("r")
+        await settle(a, b)
+    finally:
+        await a.close()
+        await b.close()
+    trace_id = caller.get_span_context().trace_id
+    ours = tuple(s for s in spans.get_finished_spans() if s.context.trace_id == trace_id)
+    (migration,) = named(ours, "migration")
+    attrs: Any = migration.attributes
+    assert attrs["llumnix.outcome"] == "MIGRATION_OUTCOME_ABORTED_BY_DESTINATION"
+    assert "KV cache layouts differ" in attrs["llumnix.reason"]
+    (stage,) = named(ours, "migration.stage")
+    assert "FAILED_PRECONDITION" in str((stage.attributes or {}).get("llumnix.error"))
+    (refused,) = named(ours, "/llumnix.v1.LlumletService/PreAllocate")
+    assert refused.status.status_code.name == "ERROR", "the destination's refusal is an error span"
+    (finish,) = named(ours, "finish")
+    assert (finish.attributes or {}).get("llumnix.instance_id") == "a", "it finished on the source"
+    assert not named(ours, "migration.commit")
