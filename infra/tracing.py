@@ -193,23 +193,29 @@ def start_span(
     return _state.tracer.start_span(name, context=ctx, attributes=dict(attributes or {}))
 
 
-@contextlib.contextmanager
-def span(name: str, parent: Context | None = None, attributes: Mapping[str, Any] | None = None) -> Iterator[Span]:
+# What ``span`` and ``activated`` hand out when there is nothing to do: shared, reusable, no generator per call.
+_NO_SPAN: contextlib.AbstractContextManager[Span] = contextlib.nullcontext(trace.INVALID_SPAN)
+_NOTHING: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+
+
+def span(
+    name: str, parent: Context | None = None, attributes: Mapping[str, Any] | None = None
+) -> contextlib.AbstractContextManager[Span]:
     """A span active for the block (a child of ``parent``, default the active context); free when off."""
     if not _state.enabled:
-        yield trace.INVALID_SPAN
-        return
-    with _state.tracer.start_as_current_span(name, context=parent, attributes=dict(attributes or {})) as s:
-        yield s
+        return _NO_SPAN
+    return _state.tracer.start_as_current_span(name, context=parent, attributes=dict(attributes or {}))
+
+
+def activated(s: Span | Context | None) -> contextlib.AbstractContextManager[None]:
+    """Makes ``s`` (a span, or a kept context) the active context for the block, so calls made inside carry it."""
+    if not _state.enabled or s is None:
+        return _NOTHING
+    return _attached(s if isinstance(s, otel_context.Context) else trace.set_span_in_context(s))
 
 
 @contextlib.contextmanager
-def activated(s: Span | Context | None) -> Iterator[None]:
-    """Makes ``s`` (a span, or a kept context) the active context for the block, so calls made inside carry it."""
-    if not _state.enabled or s is None:
-        yield
-        return
-    ctx = s if isinstance(s, otel_context.Context) else trace.set_span_in_context(s)
+def _attached(ctx: Context) -> Iterator[None]:
     token = otel_context.attach(ctx)
     try:
         yield
