@@ -332,6 +332,7 @@ class RayInstanceProvider(InstanceProvider):
         deadline = asyncio.get_running_loop().time() + self.register_timeout
         unanswered = 0
         reason = ""
+        reachable = True
         while not reason:
             await asyncio.sleep(self.start_poll_interval)
             if placed.registered or self.instances.get(iid) is not placed:
@@ -342,6 +343,7 @@ class RayInstanceProvider(InstanceProvider):
                 unanswered += 1
                 if unanswered >= self.probe_failures:
                     reason = f"its Ray actor on {placed.node_ip} stopped answering ({e!r}): the node is gone"
+                    reachable = False
             else:
                 unanswered = 0
                 if code is not None:
@@ -353,7 +355,7 @@ class RayInstanceProvider(InstanceProvider):
         del self.instances[iid]
         self.start_failures[iid] = reason
         log.error("llumlet %s on Ray node %s did not start: %s; removing it", iid, placed.node_ip, reason)
-        await self._teardown(iid, placed)
+        await self._teardown(iid, placed, ask_actor=reachable)
 
     async def stop_instance(self, instance_id: str) -> bool:
         placed = self.instances.pop(instance_id, None)
@@ -364,15 +366,18 @@ class RayInstanceProvider(InstanceProvider):
         await self._teardown(instance_id, placed)
         return True
 
-    async def _teardown(self, instance_id: str, placed: _Placed) -> None:
+    async def _teardown(self, instance_id: str, placed: _Placed, *, ask_actor: bool = True) -> None:
+        """Stops the llumlet through its actor (unless the actor is known unreachable: no waiting on a dead node),
+        then kills the actor and removes the placement group."""
         ray = self._ray()
         from ray.util.placement_group import remove_placement_group
 
-        try:
-            code = await asyncio.wait_for(placed.actor.terminate.remote(self.stop_timeout), self.stop_timeout + 10)
-            log.info("llumlet %s on %s exited with code %s", instance_id, placed.node_ip, code)
-        except Exception as e:  # the node or the actor is gone already: its process went with it
-            log.warning("llumlet %s on %s: no clean stop (%s)", instance_id, placed.node_ip, e)
+        if ask_actor:
+            try:
+                code = await asyncio.wait_for(placed.actor.terminate.remote(self.stop_timeout), self.stop_timeout + 10)
+                log.info("llumlet %s on %s exited with code %s", instance_id, placed.node_ip, code)
+            except Exception as e:  # the node or the actor is gone already: its process went with it
+                log.warning("llumlet %s on %s: no clean stop (%s)", instance_id, placed.node_ip, e)
         with contextlib.suppress(Exception):
             ray.kill(placed.actor, no_restart=True)
         with contextlib.suppress(Exception):
