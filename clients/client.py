@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from pyllumnix.clients import config_paths
 from pyllumnix.clients.channel import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, CallKind, EndpointPool, TlsConfig
 from pyllumnix.clients.errors import InvalidArgumentError, LlumnixError, NotFoundError, UnavailableError, from_rpc_error
+from pyllumnix.infra import vocabulary, wire
 from pyllumnix.infra.security.context import ClientContext, context_path, load_context
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
@@ -34,13 +35,6 @@ from pyllumnix.protos.llumnix.v1 import (
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
-
-FINISH_REASONS: dict[int, str] = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-    common_pb2.FINISH_REASON_ERROR: "error",
-}
 
 Prompt = str | Sequence[int]
 PriorityLike = int | str
@@ -73,7 +67,7 @@ class GenerationChunk:
             token_ids=tuple(msg.token_ids),
             first_token_index=msg.first_token_index,
             finished=msg.finished,
-            finish_reason=FINISH_REASONS.get(msg.finish_reason),
+            finish_reason=wire.finish_label(msg.finish_reason),
             usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens) if msg.HasField("usage") else None,
             instance_id=msg.instance_id,
         )
@@ -107,14 +101,12 @@ class GenerationResult:
 
 
 def parse_priority(priority: PriorityLike) -> int:
-    """ "normal"/"high" (any case, with or without the PRIORITY_ prefix) or the enum number."""
-    if isinstance(priority, bool):
-        raise InvalidArgumentError(f"bad priority {priority!r}")
-    if isinstance(priority, int):
-        if priority not in common_pb2.Priority.values():
-            raise InvalidArgumentError(f"bad priority {priority!r}")
-        return priority
-    return config_paths.parse_enum(common_pb2.Priority.DESCRIPTOR, priority, "priority")
+    """ "normal"/"high" (any case, with or without the PRIORITY_ prefix) or the enum number: the vocabulary's one
+    strict parser, its ValueError raised as the client library's InvalidArgumentError."""
+    try:
+        return int(vocabulary.parse_priority(priority))
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
 
 
 def build_generate_request(

@@ -246,7 +246,7 @@ async def test_waiting_request_migrates_without_kv(sink: RecordingSink) -> None:
 
 def engine_phase(node: Node, rid: str) -> str:
     """The request's phase on ``node``'s engine, or "gone" once it finished or was aborted there."""
-    return node.engine.phase(rid).name if rid in node.engine.request_ids() else "gone"
+    return node.engine.phase(rid).label.upper() if rid in node.engine.request_ids() else "gone"
 
 
 def assert_stream_exact(sink: RecordingSink, rid: str) -> None:

@@ -51,7 +51,7 @@ from pyllumnix.control_plane.frontend.errors import (
 from pyllumnix.control_plane.frontend.metrics import FrontendMetrics
 from pyllumnix.control_plane.frontend.requests import RequestTracker, TrackedRequest
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
-from pyllumnix.infra import tracing
+from pyllumnix.infra import tracing, wire
 from pyllumnix.infra.security.apikeys import REQUEST_KEY, ApiKey, ApiKeyError, bearer_token, key_id
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
@@ -358,7 +358,7 @@ class Frontend:
         if span is not None:
             if request.first_token_time is not None:
                 tracing.event(span, "first_token", ts=request.first_token_time)
-            reason = common_pb2.FinishReason.Name(request.finish_reason).removeprefix("FINISH_REASON_").lower()
+            reason = wire.finish_label(request.finish_reason) or "unspecified"
             tracing.event(span, "finish", {"llumnix.finish": reason, "llumnix.tokens": request.num_received})
             span.set_attributes({"llumnix.finish": reason, "llumnix.instance_id": request.instance_id})
             span.end()
@@ -369,7 +369,7 @@ class Frontend:
         if request.timed_out:
             self.metrics.timeouts.inc()
         now = time.time()
-        reason = common_pb2.FinishReason.Name(request.finish_reason).removeprefix("FINISH_REASON_").lower()
+        reason = wire.finish_label(request.finish_reason) or "unspecified"
         self.metrics.requests.labels(reason).inc()
         self.metrics.generation_tokens.inc(request.num_received)
         self.metrics.e2e.observe(max(0.0, now - request.arrival_time))

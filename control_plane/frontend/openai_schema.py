@@ -23,17 +23,13 @@ from typing import Any
 from pyllumnix.control_plane.frontend.core import MAX_STOP_STRINGS, GenerationInput, check_text
 from pyllumnix.control_plane.frontend.errors import InvalidRequestError
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
+from pyllumnix.infra import wire
+from pyllumnix.infra.vocabulary import Priority
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
+# The priorities an HTTP client may name (the vocabulary's, UNSPECIFIED aside: the API takes names only).
 PRIORITIES: dict[str, common_pb2.Priority.ValueType] = {
-    "normal": common_pb2.PRIORITY_NORMAL,
-    "high": common_pb2.PRIORITY_HIGH,
-}
-FINISH_REASONS: dict[int, str] = {
-    common_pb2.FINISH_REASON_STOP: "stop",
-    common_pb2.FINISH_REASON_LENGTH: "length",
-    common_pb2.FINISH_REASON_ABORT: "abort",
-    common_pb2.FINISH_REASON_ERROR: "error",
+    p.name.lower(): wire.priority_to_pb(p) for p in Priority if p is not Priority.UNSPECIFIED
 }
 # Fields whose non-default values this server cannot honour: rejected rather than silently ignored.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -307,7 +303,7 @@ def choice(text: str, finish_reason: str | None, *, chat: bool, chunk: bool, fir
 
 
 def finish_reason_name(reason: int, finished: bool) -> str | None:
-    return FINISH_REASONS.get(reason, "stop") if finished else None
+    return (wire.finish_label(reason) or "stop") if finished else None
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

@@ -13,7 +13,6 @@ back (``resume``) when the migration aborts.
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy.typing as npt
 
 from pyllumnix.data_plane.engine.device import READY, Ready, host_view, is_torch_tensor
 from pyllumnix.data_plane.engine.kv_layout import KvLayout, host_bytes_layout
+from pyllumnix.infra.vocabulary import FinishReason, RequestPhase
 
 BlockBuffer = npt.NDArray[np.uint8]
 """KV payload of n blocks: shape (n, block_bytes), C-contiguous."""
@@ -57,18 +57,11 @@ class InvalidStateError(EngineError):
     """The request is not in a state that allows the call, e.g. suspending a waiting request (FAILED_PRECONDITION)."""
 
 
-class Phase(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    SUSPENDED = "suspended"
-    FINISHED = "finished"
-
-
-class Finish(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
-    ABORT = "abort"
-    ERROR = "error"
+# The engines speak the one vocabulary (the same ints as the wire): a request's phase (WAITING, RUNNING, SUSPENDED,
+# FINISHED; SUSPENDED is the wire's MIGRATING) and why it finished (STOP, LENGTH, ABORT, ERROR). ``.label`` is the
+# lowercase name.
+Phase = RequestPhase
+Finish = FinishReason
 
 
 @dataclass(frozen=True)

@@ -250,7 +250,7 @@ class SimEngine(Engine):
     def suspend(self, request_id: str) -> MigrationState:
         req = self._get(request_id)
         if req.phase not in (Phase.RUNNING, Phase.WAITING):
-            raise InvalidStateError(f"{request_id} is {req.phase.value}; only running or waiting can be suspended")
+            raise InvalidStateError(f"{request_id} is {req.phase.label}; only running or waiting can be suspended")
         self.scheduler.suspend(req)
         return self._state(req)
 
@@ -267,7 +267,7 @@ class SimEngine(Engine):
     def _get_suspended(self, request_id: str) -> SimRequest:
         req = self._get(request_id)
         if req.phase is not Phase.SUSPENDED:
-            raise InvalidStateError(f"{request_id} is {req.phase.value}, not suspended")
+            raise InvalidStateError(f"{request_id} is {req.phase.label}, not suspended")
         return req
 
     def resume(self, request_id: str) -> None:

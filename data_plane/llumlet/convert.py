@@ -1,9 +1,9 @@
-"""Conversions between the engine's dataclasses and the v1 protos, in one place."""
+"""Conversions between the engine's dataclasses and the v1 protos, in one place (enum values through
+:mod:`pyllumnix.infra.wire`, the one home of every proto enum mapping)."""
 
 from __future__ import annotations
 
 from pyllumnix.data_plane.engine.base import (
-    Finish,
     LoadSnapshot,
     MigrationState,
     Phase,
@@ -12,25 +12,9 @@ from pyllumnix.data_plane.engine.base import (
     Sampling,
     TokenOutput,
 )
+from pyllumnix.infra import wire
+from pyllumnix.infra.vocabulary import Priority
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
-
-_FINISH_TO_PB = {
-    Finish.STOP: common_pb2.FINISH_REASON_STOP,
-    Finish.LENGTH: common_pb2.FINISH_REASON_LENGTH,
-    Finish.ABORT: common_pb2.FINISH_REASON_ABORT,
-    Finish.ERROR: common_pb2.FINISH_REASON_ERROR,
-}
-_PHASE_TO_PB = {
-    Phase.WAITING: common_pb2.REQUEST_PHASE_WAITING,
-    Phase.RUNNING: common_pb2.REQUEST_PHASE_RUNNING,
-    Phase.SUSPENDED: common_pb2.REQUEST_PHASE_MIGRATING,
-    Phase.FINISHED: common_pb2.REQUEST_PHASE_FINISHED,
-}
-
-
-def priority_of(pb: int) -> int:
-    """UNSPECIFIED means NORMAL."""
-    return common_pb2.PRIORITY_NORMAL if pb == common_pb2.PRIORITY_UNSPECIFIED else pb
 
 
 def spec_from_pb(req: common_pb2.EngineRequest) -> RequestSpec:
@@ -51,7 +35,7 @@ def spec_from_pb(req: common_pb2.EngineRequest) -> RequestSpec:
         request_id=req.request_id,
         prompt_token_ids=tuple(req.prompt_token_ids),
         sampling=sampling,
-        priority=priority_of(req.priority),
+        priority=wire.priority_from_pb(req.priority),
         arrival_time=req.arrival_time,
     )
 
@@ -75,7 +59,7 @@ def spec_to_pb(spec: RequestSpec, frontend_address: str) -> common_pb2.EngineReq
         request_id=spec.request_id,
         prompt_token_ids=list(spec.prompt_token_ids),
         sampling=sampling,
-        priority=spec.priority,  # type: ignore[arg-type]
+        priority=wire.priority_to_pb(spec.priority),
         frontend_address=frontend_address,
         arrival_time=spec.arrival_time,
     )
@@ -90,7 +74,7 @@ def output_to_pb(
         token_ids=list(out.token_ids),
         first_token_index=out.first_index,
         finished=out.finished,
-        finish_reason=_FINISH_TO_PB[out.finish] if out.finish else common_pb2.FINISH_REASON_UNSPECIFIED,
+        finish_reason=wire.finish_to_pb(out.finish),
         error=out.error,
         instance_id=instance_id,
         num_prompt_tokens=num_prompt_tokens,
@@ -101,8 +85,8 @@ def output_to_pb(
 def request_load_to_pb(r: RequestLoadInfo) -> common_pb2.RequestLoad:
     return common_pb2.RequestLoad(
         request_id=r.request_id,
-        phase=_PHASE_TO_PB[r.phase],
-        priority=r.priority,  # type: ignore[arg-type]
+        phase=wire.phase_to_pb(r.phase),
+        priority=wire.priority_to_pb(r.priority),
         num_blocks=r.num_blocks,
         demand_blocks=r.demand_blocks,
         num_prompt_tokens=r.num_prompt_tokens,
@@ -116,7 +100,7 @@ def _summary(snap: LoadSnapshot) -> common_pb2.LoadSummary:
     """The same aggregates the policy core would compute from the request list (running includes suspended)."""
     summary = common_pb2.LoadSummary()
     for r in snap.requests:
-        high = r.priority >= common_pb2.PRIORITY_HIGH
+        high = r.priority >= Priority.HIGH
         if r.phase in (Phase.RUNNING, Phase.SUSPENDED):
             summary.running_blocks += r.num_blocks
             if high:

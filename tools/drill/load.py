@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import grpc
 
-from pyllumnix.clients.client import FINISH_REASONS
+from pyllumnix.infra import wire
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 from pyllumnix.tools.drill.credentials import PLAINTEXT, Credentials
 from pyllumnix.tools.drill.report import ProbeRecord, RequestRecord
@@ -115,7 +115,7 @@ class StreamClient:
         if msg.instance_id and (not rec.instances or rec.instances[-1] != msg.instance_id):
             rec.instances.append(msg.instance_id)
         if msg.finished:
-            rec.finish_reason = FINISH_REASONS.get(msg.finish_reason, "unspecified")
+            rec.finish_reason = wire.finish_label(msg.finish_reason) or "unspecified"
 
 
 def _metadata(metadata: Any, key: str) -> str | None:

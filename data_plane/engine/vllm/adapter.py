@@ -44,6 +44,7 @@ import numpy as np
 from pyllumnix.data_plane.engine.device import Ready
 from pyllumnix.data_plane.engine.kv_layout import BlockCopier, BlockMover, KvLayout, KvLayoutError
 from pyllumnix.data_plane.engine.vllm.stats import VllmSchedulerStats
+from pyllumnix.infra.vocabulary import FinishReason, RequestPhase
 
 # vLLM reads these at import or engine start; the in-process engine needs the first one.
 _ENV_DEFAULTS = {
@@ -112,8 +113,8 @@ class SamplingArgs:
 @dataclass(frozen=True)
 class ReqView:
     request_id: str
-    # "running", "waiting" (never ran or preempted), "suspended"
-    where: str
+    # RUNNING, WAITING (never ran or preempted) or SUSPENDED
+    where: RequestPhase
     num_prompt_tokens: int
     output_token_ids: tuple[int, ...]
     num_computed_tokens: int
@@ -126,8 +127,8 @@ class ReqView:
 class CoreOutput:
     request_id: str
     token_ids: tuple[int, ...]
-    # None while running; else "stop", "length", "abort", "error"
-    finish: str | None
+    # None while running; else why it finished
+    finish: FinishReason | None
 
 
 @dataclass(frozen=True)
@@ -295,11 +296,11 @@ class CoreAdapter:
         if req is None or req.is_finished():
             return None
         if request_id in self._suspended:
-            where = "suspended"
+            where = RequestPhase.SUSPENDED
         elif req.status == self._RequestStatus.RUNNING:
-            where = "running"
+            where = RequestPhase.RUNNING
         else:
-            where = "waiting"
+            where = RequestPhase.WAITING
         return ReqView(
             request_id=request_id,
             where=where,
@@ -363,7 +364,9 @@ class CoreAdapter:
             if eco.scheduler_stats is not None:
                 self.stats.record(eco.scheduler_stats)
             for o in eco.outputs:
-                finish = None if o.finish_reason is None else _FINISH_NAMES.get(int(o.finish_reason), "stop")
+                finish = (
+                    None if o.finish_reason is None else _FINISH_FROM_VLLM.get(int(o.finish_reason), FinishReason.STOP)
+                )
                 outs.append(CoreOutput(o.request_id, tuple(int(t) for t in o.new_token_ids), finish))
         return CoreStep(outs, prefill, decode, preempted)
 
@@ -544,4 +547,11 @@ class CoreAdapter:
         self.core.shutdown()
 
 
-_FINISH_NAMES = {0: "stop", 1: "length", 2: "abort", 3: "error", 4: "stop"}
+# vLLM's FinishReason ints (STOP, LENGTH, ABORT, ERROR, REPETITION) in the one vocabulary.
+_FINISH_FROM_VLLM = {
+    0: FinishReason.STOP,
+    1: FinishReason.LENGTH,
+    2: FinishReason.ABORT,
+    3: FinishReason.ERROR,
+    4: FinishReason.STOP,
+}

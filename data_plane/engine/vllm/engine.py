@@ -47,8 +47,6 @@ from pyllumnix.data_plane.engine.vllm.adapter import CoreAdapter, CoreConfig, Re
 from pyllumnix.data_plane.engine.vllm.stats import VllmSchedulerStats
 
 ENGINE_STATE_VERSION = 1
-_FINISH = {"stop": Finish.STOP, "length": Finish.LENGTH, "abort": Finish.ABORT, "error": Finish.ERROR}
-_PHASE = {"running": Phase.RUNNING, "waiting": Phase.WAITING, "suspended": Phase.SUSPENDED}
 
 
 # The engine's vLLM settings are the adapter's (one dataclass; the adapter is where they meet vLLM).
@@ -109,11 +107,11 @@ class VllmEngine(Engine):
         self.block_bytes = self.core.block_bytes
         self.watermark_blocks = math.ceil(watermark * self.total_blocks)
         self._reqs: dict[str, _Tracked] = {}
+        self._total_preemptions = 0
+
     def vllm_stats(self) -> VllmSchedulerStats:
         """vLLM's own scheduler statistics of this engine (exported by the llumlet's /metrics)."""
         return self.core.stats
-
-        self._total_preemptions = 0
 
     def close(self) -> None:
         self.core.shutdown()
@@ -183,7 +181,7 @@ class VllmEngine(Engine):
             if out.token_ids and tracked.num_output == 0:
                 tracked.first_token_time = now + duration
             tracked.num_output += len(out.token_ids)
-            finish = _FINISH.get(out.finish) if out.finish is not None else None
+            finish = out.finish
             if finish is not None:
                 del self._reqs[out.request_id]
             if out.token_ids or finish is not None:
@@ -205,7 +203,7 @@ class VllmEngine(Engine):
         return self.core.has_unfinished() or self.core.has_pending_finished()
 
     def _demand(self, view: ReqView) -> int:
-        if view.where == "suspended":
+        if view.where is Phase.SUSPENDED:
             return 0
         num_tokens = view.num_prompt_tokens + len(view.output_token_ids)
         return max(0, -(-num_tokens // self.block_size) - view.num_blocks)
@@ -221,7 +219,7 @@ class VllmEngine(Engine):
             infos.append(
                 RequestLoadInfo(
                     request_id=rid,
-                    phase=_PHASE[view.where],
+                    phase=view.where,
                     priority=tracked.spec.priority,
                     num_blocks=view.num_blocks,
                     demand_blocks=self._demand(view),
@@ -251,7 +249,7 @@ class VllmEngine(Engine):
         return list(self._reqs)
 
     def phase(self, request_id: str) -> Phase:
-        return _PHASE[self._view(request_id).where]
+        return self._view(request_id).where
 
     # --- migration, source side ---
     def block_ids(self, request_id: str) -> list[int]:
@@ -296,15 +294,15 @@ class VllmEngine(Engine):
 
     def suspend(self, request_id: str) -> MigrationState:
         view = self._view(request_id)
-        if view.where not in ("running", "waiting"):
-            raise InvalidStateError(f"{request_id} is {view.where}; only running or waiting can be suspended")
+        if view.where not in (Phase.RUNNING, Phase.WAITING):
+            raise InvalidStateError(f"{request_id} is {view.where.label}; only running or waiting can be suspended")
         self.core.suspend(request_id)
         return self._state(request_id)
 
     def _check_suspended(self, request_id: str) -> None:
         view = self._view(request_id)
-        if view.where != "suspended":
-            raise InvalidStateError(f"{request_id} is {view.where}, not suspended")
+        if view.where is not Phase.SUSPENDED:
+            raise InvalidStateError(f"{request_id} is {view.where.label}, not suspended")
 
     def resume(self, request_id: str) -> None:
         self._check_suspended(request_id)
