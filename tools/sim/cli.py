@@ -13,6 +13,7 @@ from pyllumnix.data_plane.engine.profile import PROFILES
 from pyllumnix.tools.progress import progress_bar
 from pyllumnix.tools.sim.compare import run_scenario
 from pyllumnix.tools.sim.config import DEFAULT_BANDWIDTH_GBPS, DEFAULT_STAGE_LATENCY_MS, SimConfig, TransferModel
+from pyllumnix.tools.sim.live_demo import live
 from pyllumnix.tools.sim.runner import load_workload, run_case, write_run
 from pyllumnix.tools.sim.scenarios import BUILDERS, DEFAULT_SEEDS, build
 
@@ -173,3 +174,6 @@ def compare(
     click.echo(
         json.dumps({"scenario": sc.name, "runs": runs, "seeds": list(sc.seeds), "report": str(out / "COMPARE.md")})
     )
+
+
+sim.add_command(live)
