@@ -83,6 +83,16 @@ def test_request_lifecycle_feeds_every_series() -> None:
     assert s["vllm:kv_cache_usage_perc", LABELS] == 0.25
     assert s["vllm:num_preemptions_total", LABELS] == 3
 
+    # cumulative buckets with Prometheus' le (<=): TTFT 0.3 s is above 0.25, within 0.5 and +Inf
+    def bucket(name: str, le: str) -> float:
+        return s[f"{name}_bucket", tuple(sorted((*LABELS, ("le", le))))]
+
+    assert bucket("vllm:time_to_first_token_seconds", "0.25") == 0
+    assert bucket("vllm:time_to_first_token_seconds", "0.5") == 1
+    assert bucket("vllm:time_to_first_token_seconds", "+Inf") == 1
+    assert bucket("vllm:request_prompt_tokens", "5.0") == 0 and bucket("vllm:request_prompt_tokens", "10.0") == 1
+    assert bucket("vllm:request_generation_tokens", "2.0") == 0 and bucket("vllm:request_generation_tokens", "5.0") == 1
+
 
 def test_migrated_in_request_counts_only_what_happened_here() -> None:
     clock = Clock()

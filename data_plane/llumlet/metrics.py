@@ -24,13 +24,14 @@ on the llumlet's event loop, between two engine steps).
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -57,6 +58,30 @@ TOKEN_COUNT_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 100
 FINISHED_REASONS = ("stop", "length", "abort", "error")
 # Requests remembered before the ones that left without a final output (migrated out) are pruned outside a scrape.
 PRUNE_AT = 4096
+
+
+class _Histogram:
+    """A histogram's state: per-bucket counts (``bisect``: the first bound >= the value, Prometheus' ``le``)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, doc: str, labels: list[str], values: list[str]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, doc, labels=labels)
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if math.isinf(bound) else repr(float(bound)), float(cumulative)))
+        family.add_metric(values, buckets, self.sum)
+        return family
 
 
 @dataclass
@@ -94,53 +119,20 @@ class InstanceMetrics(Collector):
         self._vllm_stats = vllm_stats
         self._clock = clock
         self._tracked: dict[str, _Tracked] = {}
+        # Plain accumulators rendered at scrape time: the per-output path takes no lock and allocates nothing (it
+        # runs for every token batch of every request, between engine steps).
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.success = dict.fromkeys(FINISHED_REASONS, 0)
+        self.ttft = _Histogram(TTFT_BUCKETS)
+        self.itl = _Histogram(ITL_BUCKETS)
+        self.tpot = _Histogram(ITL_BUCKETS)
+        self.e2e = _Histogram(REQUEST_LATENCY_BUCKETS)
+        self.queue = _Histogram(REQUEST_LATENCY_BUCKETS)
+        self.request_prompt = _Histogram(TOKEN_COUNT_BUCKETS)
+        self.request_generation = _Histogram(TOKEN_COUNT_BUCKETS)
         self.registry = CollectorRegistry()
-        r = self.registry
-        labels = ["model_name", "instance"]
-        values = (model_name, instance_id)
-        self.prompt_tokens = Counter(
-            "vllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=r
-        ).labels(*values)
-        self.generation_tokens = Counter(
-            "vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=r
-        ).labels(*values)
-        success = Counter(
-            "vllm:request_success",
-            "Count of successfully processed requests.",
-            [*labels, "finished_reason"],
-            registry=r,
-        )
-        self.success = {reason: success.labels(*values, reason) for reason in FINISHED_REASONS}
-
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, labels, buckets=buckets, registry=r).labels(*values)
-
-        self.ttft = histogram(
-            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS
-        )
-        self.itl = histogram(
-            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS
-        )
-        self.tpot = histogram(
-            "vllm:request_time_per_output_token_seconds",
-            "Histogram of time_per_output_token_seconds per request.",
-            ITL_BUCKETS,
-        )
-        self.e2e = histogram(
-            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_LATENCY_BUCKETS
-        )
-        self.queue = histogram(
-            "vllm:request_queue_time_seconds",
-            "Histogram of time spent in WAITING phase for request.",
-            REQUEST_LATENCY_BUCKETS,
-        )
-        self.request_prompt = histogram(
-            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", TOKEN_COUNT_BUCKETS
-        )
-        self.request_generation = histogram(
-            "vllm:request_generation_tokens", "Number of generation tokens processed.", TOKEN_COUNT_BUCKETS
-        )
-        r.register(self)
+        self.registry.register(self)
 
     # --- events (called by the llumlet, on its loop) ---
     def added(self, request_id: str, num_prompt_tokens: int, arrival: float | None = None) -> None:
@@ -174,12 +166,12 @@ class InstanceMetrics(Collector):
                 continue
             n = len(out.token_ids)
             if n:
-                self.generation_tokens.inc(n)
+                self.generation_tokens += n
                 if t.first_token is None and t.num_generated == 0:
                     t.first_token = now
                     self.ttft.observe(now - t.arrived_here)
                     self.queue.observe(max(0.0, (step_started if step_started is not None else now) - t.arrived_here))
-                    self.prompt_tokens.inc(t.num_prompt_tokens)
+                    self.prompt_tokens += t.num_prompt_tokens
                     self.request_prompt.observe(t.num_prompt_tokens)
                 elif t.last_output is not None:
                     self.itl.observe(now - t.last_output)
@@ -187,8 +179,8 @@ class InstanceMetrics(Collector):
                 t.num_generated += n
             if out.finished:
                 del self._tracked[out.request_id]
-                reason = (out.finish.label if out.finish is not None else None) or "stop"
-                self.success.get(reason, self.success["error"]).inc()
+                reason = out.finish.name.lower() if out.finish is not None else "stop"
+                self.success[reason if reason in self.success else "error"] += 1
                 if reason in ("stop", "length"):
                     self.e2e.observe(max(0.0, now - t.arrival))
                     self.request_generation.observe(t.num_generated)
@@ -230,6 +222,42 @@ class InstanceMetrics(Collector):
         )
         preemptions.add_metric(values, load.total_preemptions)
         yield from (running, waiting, usage, preemptions)
+        prompt = CounterMetricFamily("vllm:prompt_tokens", "Number of prefill tokens processed.", labels=labels)
+        prompt.add_metric(values, self.prompt_tokens)
+        generation = CounterMetricFamily(
+            "vllm:generation_tokens", "Number of generation tokens processed.", labels=labels
+        )
+        generation.add_metric(values, self.generation_tokens)
+        success = CounterMetricFamily(
+            "vllm:request_success", "Count of successfully processed requests.", labels=[*labels, "finished_reason"]
+        )
+        for reason, count in self.success.items():
+            success.add_metric([*values, reason], count)
+        yield from (prompt, generation, success)
+        yield self.ttft.family(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels, values
+        )
+        yield self.itl.family(
+            "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", labels, values
+        )
+        yield self.tpot.family(
+            "vllm:request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            labels,
+            values,
+        )
+        yield self.e2e.family(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", labels, values
+        )
+        yield self.queue.family(
+            "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", labels, values
+        )
+        yield self.request_prompt.family(
+            "vllm:request_prompt_tokens", "Number of prefill tokens processed.", labels, values
+        )
+        yield self.request_generation.family(
+            "vllm:request_generation_tokens", "Number of generation tokens processed.", labels, values
+        )
         if vllm is not None:
             queries = CounterMetricFamily(
                 "vllm:prefix_cache_queries",
