@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pyllumnix.tools.cli import cli
@@ -15,10 +16,19 @@ def test_bench_migration_reports_each_length(tmp_path: Path) -> None:
     args = ["bench", "migration", "--lengths", "64,256", "--repeats", "1", "--transport", "tcp", "--json", str(out)]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert result.output.strip().splitlines()[-1].startswith("migration downtime ms 64:")
+    summary = result.output.strip().splitlines()[-1]
+    assert summary.startswith("migration (mtls) downtime ms 64:"), summary
     report = json.loads(out.read_text())
-    assert [row["seq_len"] for row in report["rows"]] == [64, 256]
-    for row in report["rows"]:
-        assert row["downtime_ms"] > 0 and row["total_ms"] >= row["downtime_ms"] and row["stages"] >= 1
-        assert row["blocking_copy_ms"] > 0 and row["recompute_ms"] > 0
-        assert row["downtime_ms_all"] == [row["downtime_ms"]]
+    # both phases in one run: the secure one (the default) at the top, plaintext beside it, compared per length
+    assert report["security"] == "mtls" and report["security_check"]["llumlets_refuse_plaintext"] is True
+    assert report["plaintext"]["security_check"]["llumlets_refuse_plaintext"] is False
+    for rows in (report["rows"], report["plaintext"]["rows"]):
+        assert [row["seq_len"] for row in rows] == [64, 256]
+        for row in rows:
+            assert row["downtime_ms"] > 0 and row["total_ms"] >= row["downtime_ms"] and row["stages"] >= 1
+            assert row["blocking_copy_ms"] > 0 and row["recompute_ms"] > 0
+            assert row["downtime_ms_all"] == [row["downtime_ms"]]
+    ratios = report["mtls_vs_plaintext"]["downtime_ratio"]
+    for plain, secure in zip(report["plaintext"]["rows"], report["rows"], strict=True):
+        assert ratios[str(plain["seq_len"])] == pytest.approx(secure["downtime_ms"] / plain["downtime_ms"], abs=1e-3)
+    assert "mTLS/plaintext downtime 64:" in summary
