@@ -10,19 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from pyllumnix.control_plane.policy.views import InstanceView, RequestView, priority_split, view_of
-from pyllumnix.data_plane.engine.base import LoadSnapshot, Phase, RequestLoadInfo
-from pyllumnix.infra.vocabulary import InstanceState, RequestPhase, normalize_priority
-
-
-def request_phase(phase: Phase) -> RequestPhase:
-    """The policy's phase of an engine phase, by name (the engine's SUSPENDED: the vocabulary's alias of MIGRATING)."""
-    return RequestPhase.from_label(phase.name)
+from pyllumnix.data_plane.engine.base import LoadSnapshot, RequestLoadInfo
+from pyllumnix.infra.vocabulary import InstanceState, normalize_priority
 
 
 def request_view(info: RequestLoadInfo) -> RequestView:
     return RequestView(
         request_id=info.request_id,
-        phase=request_phase(info.phase),
+        phase=info.phase,
         priority=normalize_priority(info.priority),
         num_blocks=info.num_blocks,
         demand_blocks=info.demand_blocks,
@@ -46,7 +41,7 @@ def instance_view(
     seq: int = 0,
 ) -> InstanceView:
     """The view of an engine's snapshot (the simulator's path; the state and the migration flags are its own)."""
-    split = priority_split((request_phase(r.phase), r.priority, r.num_blocks) for r in load.requests)
+    split = priority_split((r.phase, r.priority, r.num_blocks) for r in load.requests)
     return view_of(
         load,
         instance_id,
