@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Same numbers as the proto enum llumnix.v1.Priority (PRIORITY_NORMAL = 1, PRIORITY_HIGH = 2); kept as plain ints so
-# workloads and metrics stay free of protobuf.
-PRIORITY_NORMAL = 1
-PRIORITY_HIGH = 2
+from pyllumnix.infra.vocabulary import Priority
+
+# The vocabulary's priorities (the proto's ints), kept as plain ints: records, CSV traces and JSON summaries carry the
+# number, and workloads stay free of protobuf.
+PRIORITY_NORMAL = int(Priority.NORMAL)
+PRIORITY_HIGH = int(Priority.HIGH)
 PRIORITIES = (PRIORITY_NORMAL, PRIORITY_HIGH)
 
 
