@@ -194,3 +194,25 @@ async def test_the_stream_keeps_the_capability_checks_and_max_tokens(stack: Stac
     # A batch naming a request the frontend no longer tracks is answered at once, asked or not.
     replies = await stream(stack, "llumlet", "i-1", batch(3, "i-1", out("gone", 0, [1], cap)))
     assert [(r.acked_seq, list(r.unknown_request_ids)) for r in replies] == [(3, ["gone"])]
+
+
+async def test_nothing_follows_the_final_error_of_a_request_given_up() -> None:
+    """Old behaviour: an output the llumlet produced after the give-up (before its abort landed) was pushed after the
+    request's final ERROR, so the frontend's last word on it was an unfinished output."""
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(budget_s=4.0, attempt_timeout_s=0.5))
+    sink = CountingSink()
+    try:
+        pusher.submit(address, [output("r", 0)])
+        await until(lambda: pusher.given_up == 1, 20, "the give-up")
+        pusher.submit(address, [output("r", 1)])  # the llumlet's next step, before its abort of "r" ran
+        await sink.start_on(port)  # back within the notice's own budget (the channel redials within ~2 s)
+        await pusher.flush(address, timeout=20)
+        outs = sink.outputs["r"]
+        assert outs[-1].finished and outs[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
+        assert "could not deliver outputs to frontend" in outs[-1].error
+        assert [o.first_token_index for o in outs if o.token_ids] == [], "nothing of r after (or before) its ERROR"
+    finally:
+        await pusher.close()
+        await sink.stop()

@@ -57,6 +57,8 @@ PERMANENT_CODES = frozenset(
     }
 )
 _TERMINAL = (common_pb2.FINISH_REASON_ERROR, common_pb2.FINISH_REASON_ABORT)
+# Seconds a sink remembers the requests it gave up (the llumlet aborts them within a step or two).
+ENDED_MEMORY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,8 @@ class _Sink:
         self.probing = False  # a new stream asked which batches were applied; no answer yet
         self.resend = False  # the answer came: the unacknowledged batches are to be written again
         self.unary = False  # the frontend has no StreamOutputs: one PushOutputs per batch
+        # request id -> when its outputs were given up (later outputs of it are dropped; see ``_give_up``)
+        self.ended: dict[str, float] = {}
 
     def add(self, out: common_pb2.RequestOutput) -> bool:
         """Queues ``out``; returns True when it was merged into the request's queued message."""
@@ -227,6 +231,10 @@ class OutputPusher:
         if sink is None:
             sink = self._sinks[frontend_address] = _Sink(frontend_address)
             sink.task = asyncio.get_running_loop().create_task(self._run(sink), name=f"push-{frontend_address}")
+        if sink.ended:  # their final ERROR is queued (given up): the llumlet is aborting them; nothing may follow
+            outputs = [out for out in outputs if out.request_id not in sink.ended]
+            if not outputs:
+                return
         for out in outputs:
             self.coalesced += sink.add(out)
         sink.submitted += 1
@@ -639,6 +647,10 @@ class OutputPusher:
             self._on_orphans([rid for rid, _ in first_dropped.items() if rid not in done])
         if notices:
             self.submit(sink.address, notices)
+        # Outputs the llumlet still produces for these requests before its abort lands must not follow the notice.
+        now = time.monotonic()
+        sink.ended = {rid: t for rid, t in sink.ended.items() if now - t < ENDED_MEMORY_S}
+        sink.ended.update(dict.fromkeys(first_dropped, now))
 
     async def close(self) -> None:
         sinks, self._sinks = list(self._sinks.values()), {}
