@@ -111,3 +111,20 @@ async def test_a_registered_start_is_left_alone() -> None:
         await _ended(placed)
     assert provider.instances["ray-1"] is placed and provider.starting() == set()
     assert provider.start_failures == {} and actor.terminate.calls == 0
+
+
+async def test_connect_adopts_a_ray_init_that_finished_after_its_caller_gave_up() -> None:
+    """A Scale RPC that timed out while ``ray.init`` ran left Ray initialised but the provider unconnected; before,
+    the next start called ``ray.init`` again and failed ("Maybe you called ray.init twice by accident?")."""
+
+    class InitialisedRay:
+        def is_initialized(self) -> bool:
+            return True
+
+        def init(self, **kwargs: Any) -> None:
+            raise AssertionError("ray.init called twice")
+
+    provider = RayInstanceProvider("127.0.0.1:9", [], ray_connect_timeout=1)  # nothing answers there
+    provider._ray = InitialisedRay  # type: ignore[method-assign]
+    await provider.connect()
+    assert provider._connected

@@ -188,6 +188,9 @@ class RayInstanceProvider(InstanceProvider):
             return
         ray = self._ray()
         address = self.ray_address
+        if ray.is_initialized():  # an earlier connect's ray.init finished after its caller gave up (a cancelled RPC)
+            self._connected = True
+            return
 
         def init() -> None:
             ray.init(
