@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from integration.cluster import leader_of, list_instances
+from integration.cluster import leader_of, list_instances, set_harness_pki
+from pyllumnix.clients.client import tls_from_context
+from pyllumnix.infra.security.context import load_context
+from pyllumnix.infra.security.runtime import open_local_pki
 from pyllumnix.tools.bench_serving import replay
 from pyllumnix.tools.launch import Launcher
 from pyllumnix.tools.metrics import prefill_latency, summarize
@@ -60,17 +63,25 @@ def order_agreement(live: list[float], sim: list[float], margin: float) -> tuple
 def test_live_cluster_and_simulator_agree(tmp_path: Path) -> None:
     arrivals = generate(WORKLOAD, 0, max_model_len=8192)
     launcher = Launcher(tmp_path)
+    # serve secure, its default: the workload goes through the frontend's TLS port with the admin context's
+    # credentials, and the replicas are asked with a certificate from serve's own PKI.
     serve = launcher.start(
         "serve",
         "serve",
         *("--http-port", "0", "--grpc-port", "0", "--transport", "tcp", "--llumlets", str(INSTANCES)),
-        *("--log-dir", str(tmp_path / "components")),
+        *("--log-dir", str(tmp_path / "components"), "--context", str(tmp_path / "context.yaml")),
         timeout=120,
     )
     try:
-        live_records = asyncio.run(replay([serve.ready["grpc"]], arrivals))
-        leader = asyncio.run(leader_of(list(serve.ready["schedulers"]))).leader_address
-        statuses = asyncio.run(list_instances(leader))
+        ctx = load_context(serve.ready["context"])
+        assert ctx is not None and ctx.ca is not None, "a secure serve writes a TLS client context"
+        live_records = asyncio.run(replay([serve.ready["grpc"]], arrivals, tls=tls_from_context(ctx)))
+        set_harness_pki(open_local_pki(Path(serve.ready["tls_dir"])))
+        try:
+            leader = asyncio.run(leader_of(list(serve.ready["schedulers"]))).leader_address
+            statuses = asyncio.run(list_instances(leader))
+        finally:
+            set_harness_pki(None)
     finally:
         launcher.stop_all()
     live = summarize(live_records)
