@@ -41,3 +41,15 @@ def test_bench_sim_stdout_is_the_json_report(monkeypatch: pytest.MonkeyPatch) ->
     err = plain(res.stderr)
     assert "bench sim" in err and "2/2" in err
     assert err.strip().splitlines()[-1].startswith("sim: 2 instances x 20 requests")
+
+
+def test_bench_migration_stdout_is_the_json_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real llumlet processes (one secure phase, one length): one progress step per migration pair."""
+    monkeypatch.setenv("LLUMNIX_PROGRESS", "1")
+    args = ["bench", "migration", "--lengths", "64", "--repeats", "1", "--transport", "tcp", "--security", "mtls"]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert [row["seq_len"] for row in json.loads(res.stdout)["rows"]] == [64]
+    err = plain(res.stderr)
+    assert "bench migration" in err and "1/1" in err
+    assert err.strip().splitlines()[-1].startswith("migration (mtls) downtime ms 64:")

@@ -43,6 +43,7 @@ from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Launcher
+from pyllumnix.tools.progress import Steps, progress_bar
 from pyllumnix.tools.recording_sink import RecordingSink
 
 # Enough output that the request never finishes during its migration on a loaded machine (512 decode steps of the
@@ -194,8 +195,15 @@ def _sim_prompt(length: int, max_model_len: int) -> list[int]:
 
 
 async def _sim_phase(
-    phase: Phase, profile_name: str, transport: str, lengths: list[int], bytes_per_token: int | None, repeats: int
+    phase: Phase,
+    profile_name: str,
+    transport: str,
+    lengths: list[int],
+    bytes_per_token: int | None,
+    repeats: int,
+    steps: Steps | None = None,
 ) -> dict[str, Any]:
+    steps = steps or Steps()
     profile = get_profile(profile_name)
     kv_bytes = max(lengths) * (bytes_per_token or profile.bytes_per_token)
     # Each side touches the KV memory of the longest request up front, as a GPU's preallocated KV pool would be.
@@ -216,6 +224,7 @@ async def _sim_phase(
         for length in lengths:
             downtimes, totals, blocking_ms, stages = [], [], [], []
             for r in range(repeats):
+                steps.describe(f"{phase.name} {length} tokens")
                 prompt = _sim_prompt(length, max_len)
                 max_tokens = OUTPUT_TOKENS
                 res = await _migrate_once(
@@ -228,6 +237,7 @@ async def _sim_phase(
                     phase, live[1].address, live[0].address, "llumlet-0", f"b{length}-{r}", prompt, max_tokens, BLOCKING
                 )
                 blocking_ms.append(blk.downtime_ms)
+                steps.step()
             rows.append(
                 {
                     **_measured_row(length, downtimes, totals, stages, blocking_ms),
@@ -304,10 +314,12 @@ async def run_bench(
     bytes_per_token: int | None,
     repeats: int,
     security: str = "both",
+    steps: Steps | None = None,
 ) -> dict[str, Any]:
+    """``steps``: a progress task advanced once per migration pair (phase x length x repeat)."""
     log_dir = Path(tempfile.mkdtemp(prefix="bench-migration-"))
     phases = {
-        mode: await _sim_phase(Phase(mode, log_dir), profile_name, transport, lengths, bytes_per_token, repeats)
+        mode: await _sim_phase(Phase(mode, log_dir), profile_name, transport, lengths, bytes_per_token, repeats, steps)
         for mode in SECURITY_MODES[security]
     }
     report = _combined(phases)
@@ -346,6 +358,7 @@ async def run_vllm_bench(
     max_model_len: int,
     kv_cache_bytes: int,
     security: str = "both",
+    steps: Steps | None = None,
 ) -> dict[str, Any]:
     too_long = [n for n in lengths if n - MIGRATE_AFTER_TOKENS + VLLM_MIN_OUTPUT > max_model_len]
     if too_long:
@@ -355,7 +368,9 @@ async def run_vllm_bench(
         )
     log_dir = Path(tempfile.mkdtemp(prefix="bench-migration-vllm-"))
     phases = {
-        mode: await _vllm_phase(Phase(mode, log_dir), model, transport, lengths, repeats, max_model_len, kv_cache_bytes)
+        mode: await _vllm_phase(
+            Phase(mode, log_dir), model, transport, lengths, repeats, max_model_len, kv_cache_bytes, steps
+        )
         for mode in SECURITY_MODES[security]
     }
     return _combined(phases)
@@ -369,9 +384,11 @@ async def _vllm_phase(
     repeats: int,
     max_model_len: int,
     kv_cache_bytes: int,
+    steps: Steps | None = None,
 ) -> dict[str, Any]:
     from pyllumnix.tools.serve import VLLM_CPU_ENV
 
+    steps = steps or Steps()
     await phase.start_sink()
     launcher = phase.launcher
     common = ["--engine", "vllm", "--model", model, "--max-model-len", str(max_model_len)]
@@ -395,6 +412,7 @@ async def _vllm_phase(
         for length in lengths:
             downtimes, totals, blocking_ms, stages, sent, prefill = [], [], [], [], [], []
             for r in range(repeats):
+                steps.describe(f"{phase.name} {length} tokens")
                 prompt = _vllm_prompt(length - MIGRATE_AFTER_TOKENS, r)
                 max_tokens = max_model_len - len(prompt)
                 res = await _migrate_once(
@@ -425,6 +443,7 @@ async def _vllm_phase(
                 blocking_ms.append(blk.downtime_ms)
                 # Recompute on the destination engine, now idle: a fresh prefill of the whole sequence.
                 prefill.append(await _ttft_ms(phase, live[1].address, f"p{length}-{r}", _vllm_prompt(length, 50 + r)))
+                steps.step()
             rows.append(
                 {
                     **_measured_row(length, downtimes, totals, stages, blocking_ms),
@@ -498,12 +517,16 @@ def bench_migration(
     if not lengths:
         lengths = VLLM_LENGTHS if engine == "vllm" else "256,512,1024,2048,4096,8192"
     seq = [int(x) for x in lengths.split(",") if x]
-    if engine == "vllm":
-        if not model:
-            raise click.UsageError("--engine vllm needs --model PATH")
-        report = asyncio.run(run_vllm_bench(model, transport, seq, repeats, max_model_len, kv_cache_bytes, security))
-    else:
-        report = asyncio.run(run_bench(profile, transport, seq, bytes_per_token, repeats, security))
+    if engine == "vllm" and not model:
+        raise click.UsageError("--engine vllm needs --model PATH")
+    with progress_bar() as bar:  # stderr, a terminal only: stdout is the JSON report alone
+        steps = Steps(bar, "bench migration", total=len(SECURITY_MODES[security]) * len(seq) * repeats)
+        if engine == "vllm":
+            report = asyncio.run(
+                run_vllm_bench(model, transport, seq, repeats, max_model_len, kv_cache_bytes, security, steps)
+            )
+        else:
+            report = asyncio.run(run_bench(profile, transport, seq, bytes_per_token, repeats, security, steps))
     text = json.dumps(report, indent=2)
     if json_path is not None:
         json_path.write_text(text + "\n")
@@ -521,12 +544,14 @@ def bench_migration(
             f"vllm migration ({report['security']}) downtime ms {down} | measured recompute (prefill TTFT) ms "
             f"{recompute} (floor {report['ttft_floor_ms']}) | downtime({seq[-1]})/downtime({seq[0]})="
             f"{r['downtime_last_over_first']} | recompute/downtime({seq[-1]})={r['recompute_over_downtime_last']} | "
-            f"blocking copy/downtime({seq[-1]})={r['blocking_over_downtime_last']}{compared}"
+            f"blocking copy/downtime({seq[-1]})={r['blocking_over_downtime_last']}{compared}",
+            err=True,
         )
         return
     click.echo(
         f"migration ({report['security']}) downtime ms {down} | downtime({seq[-1]})/downtime({seq[0]})="
         f"{r['downtime_last_over_first']} (target <= 1.5) | max downtime/decode step="
         f"{r['max_downtime_over_decode_step']} (target <= 1) | recompute/downtime={r['recompute_over_downtime_last']} "
-        f"(target >= 50){compared}"
+        f"(target >= 50){compared}",
+        err=True,  # stdout stays the JSON report alone (``... | jq``)
     )
