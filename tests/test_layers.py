@@ -76,6 +76,13 @@ def test_policy_core_imports_no_io() -> None:
         assert violations("control_plane/policy", io) == [], io
 
 
+def test_policy_views_import_no_proto() -> None:
+    """The wire→view adapters live with the scheduler (``control_plane/scheduler/views.py``, through ``infra/wire``),
+    not in the core. ``config.py`` is the one exception left: ``PolicyConfig``'s ``ClusterConfig`` round trip."""
+    found = violations("control_plane/policy", f"{PACKAGE}.protos")
+    assert [v for v in found if not v.startswith("control_plane/policy/config.py:")] == []
+
+
 def test_vocabulary_is_pure() -> None:
     """No proto, no I/O: every layer may import it without pulling in anything else of the project."""
     mods = {mod for _, mod in imported_modules(ROOT / "infra" / "vocabulary.py")}

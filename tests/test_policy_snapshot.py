@@ -1,4 +1,4 @@
-"""Snapshot views and their converters from proto load reports and engine snapshots."""
+"""Snapshot views and their adapters from engine snapshots (from proto load reports: test_scheduler_views.py)."""
 
 from __future__ import annotations
 
@@ -10,55 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
-from pyllumnix.control_plane.policy.views import DispatchRequestView, RequestView, from_instance_load
 from pyllumnix.data_plane.engine.base import LoadSnapshot, Phase, RequestLoadInfo
 from pyllumnix.data_plane.llumlet.views import instance_view, request_view
-from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase
-from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
+from pyllumnix.infra.vocabulary import Priority, RequestPhase
 from tests.test_policy_helpers import instance_views, snapshots, view
-
-
-def _requests() -> list[tuple[str, int, int, int, int]]:
-    # id, phase, priority, blocks, demand
-    return [
-        ("r1", common_pb2.REQUEST_PHASE_RUNNING, common_pb2.PRIORITY_HIGH, 12, 0),
-        ("r2", common_pb2.REQUEST_PHASE_RUNNING, common_pb2.PRIORITY_UNSPECIFIED, 30, 0),
-        ("r3", common_pb2.REQUEST_PHASE_WAITING, common_pb2.PRIORITY_HIGH, 0, 9),
-        ("r4", common_pb2.REQUEST_PHASE_MIGRATING, common_pb2.PRIORITY_NORMAL, 5, 0),
-    ]
-
-
-def test_from_instance_load() -> None:
-    pb = common_pb2.InstanceLoad(
-        instance_id="a",
-        seq=7,
-        total_blocks=1300,
-        free_blocks=1200,
-        block_size=16,
-        num_running=3,
-        num_waiting=1,
-        head_of_line_demand_blocks=9,
-        waiting_demand_blocks=9,
-        migrating_out=True,
-        requests=[
-            common_pb2.RequestLoad(request_id=i, phase=ph, priority=p, num_blocks=b, demand_blocks=d)  # type: ignore[arg-type]
-            for i, ph, p, b, d in _requests()
-        ],
-    )
-    v = from_instance_load(pb)
-    assert v.state == InstanceState.ACTIVE  # UNSPECIFIED while reporting reads as ACTIVE
-    assert (v.num_running_high, v.running_high_blocks, v.num_waiting_high) == (1, 12, 1)
-    assert v.running_blocks == 12 + 30 + 5
-    assert v.migrating_out and not v.migrating_in and v.seq == 7
-    assert v.holds_high and v.holds_normal
-    assert from_instance_load(pb, state=InstanceState.DRAINING, healthy=False).state == InstanceState.DRAINING
-    # No request list: running blocks from the block counts.
-    bare = from_instance_load(
-        common_pb2.InstanceLoad(instance_id="b", total_blocks=100, free_blocks=60, reserved_blocks=10)
-    )
-    assert bare.running_blocks == 30
-    assert RequestView.from_proto(pb.requests[1]).priority == Priority.NORMAL
-    assert RequestView.from_proto(pb.requests[3]).phase == RequestPhase.MIGRATING
 
 
 def test_from_load_snapshot() -> None:
@@ -72,16 +27,6 @@ def test_from_load_snapshot() -> None:
     assert (v.instance_id, v.num_running, v.num_waiting, v.num_preempted) == ("sim-0", 2, 1, 1)
     assert (v.num_running_high, v.running_blocks, v.migrating_in) == (1, 16, True)
     assert request_view(reqs[2]).phase == RequestPhase.MIGRATING
-
-
-def test_dispatch_request_view() -> None:
-    r = DispatchRequestView.from_proto(
-        scheduler_pb2.DispatchRequest(
-            request_id="x", priority=common_pb2.PRIORITY_HIGH, num_prompt_tokens=33, max_tokens=5
-        )
-    )
-    assert r.priority == Priority.HIGH
-    assert r.demand_blocks(16) == 3  # ceil(33 / 16)
 
 
 def test_snapshot_sorted_and_immutable() -> None:

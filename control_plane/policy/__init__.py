@@ -35,7 +35,7 @@ from pyllumnix.control_plane.policy.scaling import (
 )
 from pyllumnix.control_plane.policy.selection import select_request
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
-from pyllumnix.control_plane.policy.views import DispatchRequestView, InstanceView, RequestView, from_instance_load
+from pyllumnix.control_plane.policy.views import DispatchRequestView, InstanceView, RequestView
 from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase
 
 __all__ = [
@@ -63,7 +63,6 @@ __all__ = [
     "cluster_freeness",
     "decide_scaling",
     "dispatch_freeness",
-    "from_instance_load",
     "make_dispatch_policy",
     "migration_active",
     "migration_freeness",

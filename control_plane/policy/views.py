@@ -1,21 +1,18 @@
 """What the policy core reads about instances and requests: one immutable view per instance and per request.
 
-The live scheduler builds instance views from ``InstanceLoad`` reports (``from_instance_load``); an engine-side
-caller (the simulator, a llumlet selecting a request to migrate) builds them from its engine's figures with
-``priority_split`` + ``view_of`` and its own phase mapping, so the policy core depends on no engine type. The column
-store over these views is ``snapshot.ClusterSnapshot``.
+The core imports neither engine types nor protos: the adapters live with their callers and share ``priority_split``
++ ``view_of`` — the live scheduler's from ``llumnix.v1`` messages (``control_plane/scheduler/views.py``), the
+engine side's from an engine snapshot (``data_plane/llumlet/views.py``: the simulator, a llumlet selecting a request
+to migrate). The column store over these views is ``snapshot.ClusterSnapshot``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase, normalize_priority
-
-if TYPE_CHECKING:
-    from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
 
 
 class LoadFigures(Protocol):
@@ -129,17 +126,6 @@ class RequestView:
     demand_blocks: int = 0
     arrival_time: float = 0.0
 
-    @classmethod
-    def from_proto(cls, pb: common_pb2.RequestLoad) -> RequestView:
-        return cls(
-            request_id=pb.request_id,
-            phase=RequestPhase(pb.phase) if pb.phase in RequestPhase._value2member_map_ else RequestPhase.UNSPECIFIED,
-            priority=normalize_priority(pb.priority),
-            num_blocks=pb.num_blocks,
-            demand_blocks=pb.demand_blocks,
-            arrival_time=pb.arrival_time,
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class DispatchRequestView:
@@ -153,15 +139,6 @@ class DispatchRequestView:
     def demand_blocks(self, block_size: int) -> int:
         """Blocks needed to prefill the prompt."""
         return -(-self.num_prompt_tokens // block_size) if block_size > 0 else 0
-
-    @classmethod
-    def from_proto(cls, pb: scheduler_pb2.DispatchRequest) -> DispatchRequestView:
-        return cls(
-            request_id=pb.request_id,
-            priority=normalize_priority(pb.priority),
-            num_prompt_tokens=pb.num_prompt_tokens,
-            max_tokens=pb.max_tokens,
-        )
 
 
 def priority_split(requests: Iterable[tuple[int, int, int]]) -> tuple[int, int, int, int, bool]:
@@ -180,40 +157,6 @@ def priority_split(requests: Iterable[tuple[int, int, int]]) -> tuple[int, int, 
         elif phase == RequestPhase.WAITING and high:
             wait_high += 1
     return run_high, run_high_blocks, wait_high, run_blocks, seen
-
-
-def from_instance_load(
-    pb: common_pb2.InstanceLoad,
-    *,
-    state: InstanceState | None = None,
-    healthy: bool = True,
-    dispatched: tuple[int, int, int] = (0, 0, 0),
-) -> InstanceView:
-    """Builds a view from a llumlet's load report. ``state`` overrides the reported one (the leader knows drains and
-    cordons first); an UNSPECIFIED reported state is read as ACTIVE, since the instance is reporting load.
-    ``dispatched`` = (requests, demand blocks, high-priority requests) sent there that the report does not list yet."""
-    reported = InstanceState(pb.state) if pb.state in InstanceState._value2member_map_ else InstanceState.UNSPECIFIED
-    if state is None:
-        state = InstanceState.ACTIVE if reported == InstanceState.UNSPECIFIED else reported
-    if pb.HasField("summary"):
-        s = pb.summary
-        rh, rhb, wh, rb = s.num_running_high, s.running_high_blocks, s.num_waiting_high, s.running_blocks
-        seen = bool(pb.requests)
-    else:
-        rh, rhb, wh, rb, seen = priority_split((r.phase, r.priority, r.num_blocks) for r in pb.requests)
-    return view_of(
-        pb,
-        pb.instance_id,
-        (rh, rhb, wh, rb, seen),
-        state=state,
-        healthy=healthy,
-        migrating_in=pb.migrating_in,
-        migrating_out=pb.migrating_out,
-        dispatched_since_report=dispatched[0],
-        dispatched_demand_blocks=dispatched[1],
-        dispatched_high=dispatched[2],
-        seq=pb.seq,
-    )
 
 
 def view_of(

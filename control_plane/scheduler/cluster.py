@@ -37,7 +37,8 @@ import time
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.freeness import migration_freeness
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
-from pyllumnix.control_plane.policy.views import InstanceView, from_instance_load
+from pyllumnix.control_plane.policy.views import InstanceView
+from pyllumnix.control_plane.scheduler.views import from_instance_load
 from pyllumnix.infra.vocabulary import InstanceState, Priority, normalize_priority
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
 
