@@ -81,6 +81,10 @@ def test_request_lifecycle_feeds_every_series() -> None:
     assert s["vllm:num_requests_running", LABELS] == 1
     assert s["vllm:num_requests_waiting", LABELS] == 2
     assert s["vllm:kv_cache_usage_perc", LABELS] == 0.25
+    # the pre-V1 names older dashboards chart: the same figures
+    assert s["vllm:gpu_cache_usage_perc", LABELS] == 0.25
+    assert s["vllm:time_per_output_token_seconds_count", LABELS] == 2
+    assert s["vllm:time_per_output_token_seconds_sum", LABELS] == s["vllm:inter_token_latency_seconds_sum", LABELS]
     assert s["vllm:num_preemptions_total", LABELS] == 3
 
     # cumulative buckets with Prometheus' le (<=): TTFT 0.3 s is above 0.25, within 0.5 and +Inf

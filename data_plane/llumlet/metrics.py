@@ -212,16 +212,20 @@ class InstanceMetrics(Collector):
         )
         vllm = self._vllm_stats() if self._vllm_stats is not None else None
         if vllm is not None and vllm.steps:  # vLLM's own figure (its block accounting) once it has stepped
-            usage.add_metric(values, vllm.kv_cache_usage)
+            kv_usage = vllm.kv_cache_usage
         else:
-            usage.add_metric(
-                values, (load.total_blocks - load.free_blocks) / load.total_blocks if load.total_blocks else 0.0
-            )
+            kv_usage = (load.total_blocks - load.free_blocks) / load.total_blocks if load.total_blocks else 0.0
+        usage.add_metric(values, kv_usage)
+        # The pre-V1 name, for dashboards that still chart it (vLLM V1 shows it only with --show-hidden-metrics).
+        gpu_usage = GaugeMetricFamily(
+            "vllm:gpu_cache_usage_perc", "Deprecated name of vllm:kv_cache_usage_perc.", labels=labels
+        )
+        gpu_usage.add_metric(values, kv_usage)
         preemptions = CounterMetricFamily(
             "vllm:num_preemptions", "Cumulative number of preemption from the engine.", labels=labels
         )
         preemptions.add_metric(values, load.total_preemptions)
-        yield from (running, waiting, usage, preemptions)
+        yield from (running, waiting, usage, gpu_usage, preemptions)
         prompt = CounterMetricFamily("vllm:prompt_tokens", "Number of prefill tokens processed.", labels=labels)
         prompt.add_metric(values, self.prompt_tokens)
         generation = CounterMetricFamily(
@@ -239,6 +243,13 @@ class InstanceMetrics(Collector):
         )
         yield self.itl.family(
             "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", labels, values
+        )
+        # The pre-V1 name of the inter-token latency (same observations), for older dashboards.
+        yield self.itl.family(
+            "vllm:time_per_output_token_seconds",
+            "Deprecated name of vllm:inter_token_latency_seconds.",
+            labels,
+            values,
         )
         yield self.tpot.family(
             "vllm:request_time_per_output_token_seconds",
