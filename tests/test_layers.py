@@ -83,6 +83,14 @@ def test_policy_views_import_no_proto() -> None:
     assert [v for v in found if not v.startswith("control_plane/policy/config.py:")] == []
 
 
+@pytest.mark.parametrize("folder", ["infra", "clients"])
+def test_shared_layers_import_no_component(folder: str) -> None:
+    """``infra/`` (I/O helpers, vocabulary, wire) sits under every component and the client library is what users
+    import: neither may pull in the control plane, the data plane or the CLI tools."""
+    for component in ("control_plane", "data_plane", "tools"):
+        assert violations(folder, f"{PACKAGE}.{component}") == [], component
+
+
 def test_vocabulary_is_pure() -> None:
     """No proto, no I/O: every layer may import it without pulling in anything else of the project."""
     mods = {mod for _, mod in imported_modules(ROOT / "infra" / "vocabulary.py")}
