@@ -327,3 +327,21 @@ def test_without_an_event_loop_the_next_snapshot_folds() -> None:
     cluster.report(load("a", 1, free_blocks=7), 0.0)
     view = cluster.snapshot(0.0).get("a")
     assert view is not None and view.free_blocks == 7
+
+
+def test_a_load_that_arrives_before_the_registration_counts_from_the_registration_on() -> None:
+    """A llumlet sends its full load once and then keep-alives; if that load reached the leader before the leader saw
+    the registration, it must not be lost (before: the instance stayed out of the snapshot, neither starting nor
+    active, until its stream was restarted, and the scaler started more instances meanwhile)."""
+    cluster = ClusterState()
+    assert not cluster.report(load("a", 1, free_blocks=60), 0.0)
+    assert not cluster.keepalive("a", 1, 0.1)  # confirms the early load: still kept, now fresher
+    cluster.upsert(common_pb2.InstanceInfo(instance_id="a", grpc_address="127.0.0.1:1"))
+    view = cluster.snapshot(0.1).get("a")
+    assert view is not None and view.free_blocks == 60 and view.accepts_requests
+    assert cluster.report_times["a"] == 0.1
+    assert cluster.keepalive("a", 1, 0.2)
+    # A registry resync learns instances too.
+    cluster.report(load("b", 5), 0.2)
+    cluster.set_registry({iid: common_pb2.InstanceInfo(instance_id=iid) for iid in ("a", "b")})
+    assert "b" in cluster.snapshot(0.2)

@@ -46,6 +46,8 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
 STALE_SCAN_INTERVAL_S = 0.1
 # Reports taken are folded into the snapshot this often, in one batch (see the module docstring).
 REPORT_FOLD_INTERVAL_S = 0.01
+# Loads of instances not registered yet kept for their registration (older than stale_after ones make room).
+MAX_EARLY_LOADS = 4096
 # An instance silent for this many report intervals (and at least DISPATCH_STALE_MIN_S) gets no new request.
 DISPATCH_STALE_INTERVALS = 6
 DISPATCH_STALE_MIN_S = 0.3
@@ -82,6 +84,8 @@ class ClusterState:
         self._reported: dict[str, None] = {}
         self._reported_since = 0.0
         self._fold_timer: asyncio.TimerHandle | None = None
+        # Latest load (and arrival time) of instances not registered here yet, at most MAX_EARLY_LOADS.
+        self._early: dict[str, tuple[common_pb2.InstanceLoad, float]] = {}
         self.fold_s = 0.0  # thread CPU seconds spent folding reports into the snapshot
         self.folds = 0
 
@@ -89,13 +93,24 @@ class ClusterState:
     def set_registry(self, entries: dict[str, common_pb2.InstanceInfo]) -> list[str]:
         """Replaces the membership (a registry resync); returns the ids that disappeared."""
         gone = [iid for iid in self.infos if iid not in entries]
+        new = [iid for iid in entries if iid not in self.infos]
         self.infos = dict(entries)
         for iid in gone:
             self.remove(iid)
+        for iid in new:
+            self._take_early(iid)
         return gone
 
     def upsert(self, info: common_pb2.InstanceInfo) -> None:
         self.infos[info.instance_id] = info
+        self._take_early(info.instance_id)
+
+    def _take_early(self, instance_id: str) -> None:
+        """A load that arrived before this leader saw the registration counts from the registration on (with its own
+        arrival time): the llumlet sends it once, then only keep-alives while nothing changes."""
+        early = self._early.pop(instance_id, None)
+        if early is not None:
+            self.report(early[0], early[1])
 
     def remove(self, instance_id: str) -> common_pb2.InstanceLoad | None:
         """Forgets an instance; returns its last load (its requests, to report them failed)."""
@@ -115,6 +130,7 @@ class ClusterState:
         """Takes a report if it is from a registered instance and newer than the last; True if taken."""
         iid = load.instance_id
         if iid not in self.infos:
+            self._keep_early(load, now)
             return False
         last = self.loads.get(iid)
         if last is not None and load.seq <= last.seq and self.report_times.get(iid, 0) > now - self.stale_after:
@@ -131,6 +147,15 @@ class ClusterState:
             self._schedule_fold()
         self._reported[iid] = None
         return True
+
+    def _keep_early(self, load: common_pb2.InstanceLoad, now: float) -> None:
+        early = self._early
+        if load.instance_id not in early and len(early) >= MAX_EARLY_LOADS:
+            for iid in [iid for iid, (_, t) in early.items() if now - t > self.stale_after]:
+                del early[iid]
+            if len(early) >= MAX_EARLY_LOADS:
+                return
+        early[load.instance_id] = (load, now)
 
     def _schedule_fold(self) -> None:
         if self._fold_timer is not None:
@@ -171,6 +196,9 @@ class ClusterState:
         outlived ``pending_ttl`` (the view is rebuilt without it). False if the instance is not registered;
         ``StaleKeepAliveError`` if the snapshot held here is not ``seq``."""
         if instance_id not in self.infos:
+            early = self._early.get(instance_id)
+            if early is not None and early[0].seq == seq:
+                self._early[instance_id] = (early[0], now)
             return False
         load = self.loads.get(instance_id)
         if load is None or load.seq != seq:
