@@ -74,6 +74,8 @@ async def test_generate_from_token_ids() -> None:
         (generate_request(max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT),
         (generate_request(max_tokens=MAX_MODEL_LEN), grpc.StatusCode.INVALID_ARGUMENT),
         (generate_request(model="other"), grpc.StatusCode.NOT_FOUND),
+        # A priority the proto does not define is refused, not silently scheduled as high.
+        (generate_request(priority=7), grpc.StatusCode.INVALID_ARGUMENT),
         (
             frontend_pb2.GenerateRequest(text="a", sampling=common_pb2.SamplingParams(max_tokens=1, temperature=-1)),
             grpc.StatusCode.INVALID_ARGUMENT,

@@ -53,6 +53,7 @@ from pyllumnix.control_plane.frontend.requests import RequestTracker, TrackedReq
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
 from pyllumnix.infra import tracing, wire
 from pyllumnix.infra.security.apikeys import REQUEST_KEY, ApiKey, ApiKeyError, bearer_token, key_id
+from pyllumnix.infra.vocabulary import normalize_priority, parse_priority
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -313,7 +314,7 @@ class Frontend:
                 prompt_token_ids=prompt_ids,
                 detokenizer=self.tokenizer.detokenizer(prompt_ids),
                 stop=[s for s in inp.sampling.stop if s],
-                priority=inp.priority or common_pb2.PRIORITY_NORMAL,
+                priority=wire.priority_to_pb(normalize_priority(inp.priority)),
                 on_stop=self._abort_soon,
                 idle_timeout=self.idle_timeout,
                 deadline=time.monotonic() + self.request_timeout if self.request_timeout else None,
@@ -403,6 +404,10 @@ class Frontend:
         if inp.model and inp.model != self.model:
             check_text(inp.model, "model")
             raise ModelNotFoundError(f"the model {inp.model!r} does not exist (served: {self.model!r})", param="model")
+        try:
+            parse_priority(int(inp.priority))  # a gRPC client may send any int; HTTP parsed it by name already
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="priority") from None
         s = inp.sampling
         if not inp.fill_max_tokens and s.max_tokens <= 0:
             raise InvalidRequestError(f"max_tokens must be positive, got {s.max_tokens}", param="max_tokens")
