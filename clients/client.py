@@ -138,7 +138,7 @@ def build_generate_request(
     request = frontend_pb2.GenerateRequest(
         request_id=request_id,
         sampling=sampling,
-        priority=cast(common_pb2.Priority.ValueType, parse_priority(priority)),
+        priority=wire.priority_to_pb(parse_priority(priority)),
         model=model,
     )
     if isinstance(prompt, str):

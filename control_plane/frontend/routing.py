@@ -12,11 +12,12 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from pyllumnix.clients.channel import CallKind, EndpointPool, TlsConfig
 from pyllumnix.clients.errors import DeadlineExceededError, InvalidArgumentError, LlumnixError, UnavailableError
 from pyllumnix.control_plane.frontend.dispatch import Dispatcher, Readiness, RegistrySource, Releasing
+from pyllumnix.infra import wire
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class LeaderDispatcher:
     ) -> tuple[str, str]:
         request = scheduler_pb2.DispatchRequest(
             request_id=request_id,
-            priority=cast(common_pb2.Priority.ValueType, priority),
+            priority=wire.priority_to_pb(priority),
             num_prompt_tokens=num_prompt_tokens,
             max_tokens=max_tokens,
         )
