@@ -37,8 +37,9 @@ from pyllumnix.data_plane.engine.base import Engine, Finish, MigrationState, Pha
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
-from pyllumnix.infra import tracing
+from pyllumnix.infra import tracing, wire
 from pyllumnix.infra.security.runtime import open_channel
+from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ class Llumlet:
         self.instance_id = instance_id
         self.max_waiting = max_waiting
         self.engine_lock = asyncio.Lock()
-        self.state: int = common_pb2.INSTANCE_STATE_ACTIVE
+        self.state = InstanceState.ACTIVE
         self.owners: dict[str, RequestOwner] = {}
         self.stats = LlumletStats()
         self.pusher = OutputPusher(instance_id, self._abort_orphans, self._frontend_unreachable, push)
@@ -210,10 +211,8 @@ class Llumlet:
 
     # --- serving ---
     async def add_request(self, request: common_pb2.EngineRequest) -> None:
-        if self.state != common_pb2.INSTANCE_STATE_ACTIVE:
-            raise InstanceNotAcceptingError(
-                f"instance {self.instance_id} is {common_pb2.InstanceState.Name(self.state)}"  # type: ignore[arg-type]
-            )
+        if self.state != InstanceState.ACTIVE:
+            raise InstanceNotAcceptingError(f"instance {self.instance_id} is {self.state.name}")
         spec = convert.spec_from_pb(request)
         async with self.engine_lock:
             if self.max_waiting is not None:
@@ -340,7 +339,7 @@ class Llumlet:
             owner = self.owners.get(r.request_id)
             if owner is not None:
                 r.frontend_address = owner.frontend_address
-        pb.state = self.state  # type: ignore[assignment]
+        pb.state = wire.state_to_pb(self.state)
         pb.migrating_in = self._migrating_in
         pb.migrating_out = self._migrating_out
         pb.total_migrations_in = self.stats.migrations_in

@@ -43,6 +43,7 @@ from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
+from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -245,11 +246,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         empty_since: float | None = None
         while not stop.is_set():
             await asyncio.sleep(0.2)
-            drained = (
-                llumlet.state == common_pb2.INSTANCE_STATE_DRAINING
-                and not engine.request_ids()
-                and not coordinator.busy
-            )
+            drained = llumlet.state == InstanceState.DRAINING and not engine.request_ids() and not coordinator.busy
             empty_since = (empty_since or time.monotonic()) if drained else None
             if empty_since is not None and time.monotonic() - empty_since > 0.5:
                 log.info("instance %s drained; stopping", instance_id)

@@ -31,9 +31,11 @@ from pyllumnix.data_plane.engine.base import (
 )
 from pyllumnix.data_plane.llumlet.convert import request_load_to_pb
 from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llumlet, QueueFullError
+from pyllumnix.infra import wire
 from pyllumnix.infra.security.authz import authenticated_caller, is_plaintext
 from pyllumnix.infra.security.ca import Identity
 from pyllumnix.infra.security.fencing import StaleTermError, TermFence, term_from_metadata
+from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -232,16 +234,13 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
     async def SetInstanceState(
         self, request: llumlet_pb2.SetInstanceStateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llumlet_pb2.SetInstanceStateResponse:
-        allowed = (
-            common_pb2.INSTANCE_STATE_ACTIVE,
-            common_pb2.INSTANCE_STATE_CORDONED,
-            common_pb2.INSTANCE_STATE_DRAINING,
-        )
+        allowed = (InstanceState.ACTIVE, InstanceState.CORDONED, InstanceState.DRAINING)
         await self._admit_order(context, "SetInstanceState")
-        if request.state not in allowed:
+        state = wire.state_from_pb(request.state)
+        if state not in allowed:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "state must be ACTIVE, CORDONED or DRAINING")
-        self.llumlet.state = request.state
-        return llumlet_pb2.SetInstanceStateResponse(state=self.llumlet.state)
+        self.llumlet.state = state
+        return llumlet_pb2.SetInstanceStateResponse(state=wire.state_to_pb(self.llumlet.state))
 
     # --- migration ---
     async def _migration(self, context: grpc.aio.ServicerContext[Any, Any]) -> MigrationHandler:

@@ -50,7 +50,8 @@ from pyllumnix.data_plane.transport.fusion import (
 )
 from pyllumnix.infra import tracing
 from pyllumnix.infra.security.runtime import open_channel
-from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.infra.vocabulary import InstanceState
+from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -661,7 +662,7 @@ class MigrationCoordinator:
         if incoming is None:
             machine = DestinationMigration(mid, self._in_slots, self.llumlet.instance_id)
             incoming = _Incoming(mid, request.source_instance_id, request.request, machine)
-            accepting = self.llumlet.state == common_pb2.INSTANCE_STATE_ACTIVE
+            accepting = self.llumlet.state == InstanceState.ACTIVE
             problem, mismatch = None, ""
             if request.stage == 0:
                 mismatch = perform.layout_mismatch(self.llumlet.engine, request.kv_layout)
