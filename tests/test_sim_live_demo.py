@@ -55,3 +55,13 @@ def test_predict_only_runs_both_policies_on_the_live_shape(tmp_path: Path) -> No
     assert report["simulated"]["infaas++"]["migrations"] == 0  # the baseline never migrates
     assert "prefill P99 INFaaS++/Llumnix: simulated" in result.output
     assert (out / "LIVE.md").read_text().startswith("# Live demonstration")
+
+
+def test_migrations_are_counted_from_the_llumlet_logs(tmp_path: Path) -> None:
+    from pyllumnix.tools.sim.live_demo import _committed_migrations
+
+    line = "2026-12-01 18:17:20,363 INFO pyllumnix.data_plane.llumlet.migration.coordinator: migration m1 of r1 "
+    (tmp_path / "llumlet-0.log").write_text(line + "committed: 1 stages, downtime 288.4 ms\n" + line + "in: freed 0\n")
+    (tmp_path / "llumlet-1.log").write_text(line + "committed: 2 stages, downtime 113.5 ms\n")
+    (tmp_path / "frontend.log").write_text(line + "committed: 2 stages\n")  # not a llumlet's
+    assert _committed_migrations(tmp_path) == 2
