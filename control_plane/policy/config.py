@@ -9,8 +9,9 @@ import enum
 import math
 from dataclasses import dataclass
 
+from pyllumnix.infra import wire
 from pyllumnix.infra.vocabulary import Priority
-from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
+from pyllumnix.protos.llumnix.v1 import config_pb2
 
 
 class Selection(enum.IntEnum):
@@ -140,7 +141,7 @@ class PolicyConfig:
         m, s = pb.migration, pb.scaling
         normal_hr, high_hr = d.normal_headroom_blocks, d.high_headroom_blocks
         for h in pb.priority.headroom:
-            if h.priority >= common_pb2.PRIORITY_HIGH:
+            if wire.priority_from_pb(h.priority) is Priority.HIGH:
                 high_hr = h.headroom_blocks
             else:
                 normal_hr = h.headroom_blocks
@@ -206,10 +207,10 @@ class PolicyConfig:
             priority=config_pb2.PriorityConfig(
                 headroom=[
                     config_pb2.PriorityHeadroom(
-                        priority=common_pb2.PRIORITY_NORMAL, headroom_blocks=self.normal_headroom_blocks
+                        priority=wire.priority_to_pb(Priority.NORMAL), headroom_blocks=self.normal_headroom_blocks
                     ),
                     config_pb2.PriorityHeadroom(
-                        priority=common_pb2.PRIORITY_HIGH, headroom_blocks=self.high_headroom_blocks
+                        priority=wire.priority_to_pb(Priority.HIGH), headroom_blocks=self.high_headroom_blocks
                     ),
                 ]
             ),
