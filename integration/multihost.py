@@ -25,6 +25,7 @@ from pyllumnix.infra.etcd.embedded import etcd_binary
 
 VENV_BIN = Path(sys.executable).parent
 RAY_PORT = 6379
+HOST_CPUS = 4  # Ray CPUs per emulated host (room for a test's extra placements beside the scheduler's instances)
 ETCD_PORT = 2379
 
 
@@ -132,7 +133,7 @@ def _ray_start(host: Host, resource: str, head_address: str | None, log: Path, e
     cmd = [
         "unshare", "--pid", "--fork", "--mount-proc",
         str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address", host.ip,
-        "--num-cpus", "2", "--object-store-memory", "100000000", "--disable-usage-stats",
+        "--num-cpus", str(HOST_CPUS), "--object-store-memory", "100000000", "--disable-usage-stats",
         "--resources", f'{{"{resource}": 1}}',
     ]  # fmt: skip
     if head_address is None:

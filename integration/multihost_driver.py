@@ -16,14 +16,15 @@ import sys
 import time
 from typing import Any
 
+from integration.multihost import HOST_CPUS
 from pyllumnix.control_plane.scheduler.provider_ray import ProviderError, RayInstanceProvider
-from pyllumnix.infra.security.runtime import INSECURE, from_options
+from pyllumnix.infra.security.runtime import INSECURE, from_options, open_channel
 
 # The PKI folder of a secure scenario (llmctl then dials with the admin certificate).
 TLS_DIR: dict[str, str] = {}
 
 
-def llmctl(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
+def llmctl(endpoint: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     d = TLS_DIR.get("dir")
     tls = ["--ca", f"{d}/ca.pem", "--cert", f"{d}/admin-admin.pem", "--key", f"{d}/admin-admin-key.pem"] if d else []
     return subprocess.run(
@@ -31,7 +32,7 @@ def llmctl(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
         check=False,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
     )
 
 
@@ -115,10 +116,10 @@ async def main(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: s
         for name, bad in (
             ("unknown_host", RayInstanceProvider(ray_address, llumlet_args, cluster=cluster, hosts=["10.77.255.9"])),
             ("too_big", RayInstanceProvider(ray_address, llumlet_args, cluster=cluster, cpus=64)),
-            (  # fits the node, but its CPUs are taken (B has 2, our instance holds 1): the group never becomes ready
+            (  # fits the node, but its CPUs are taken (our instance holds 1 of B's): the group never becomes ready
                 "busy",
                 RayInstanceProvider(
-                    ray_address, llumlet_args, cluster=cluster, hosts=[host_b], cpus=2, placement_timeout=3
+                    ray_address, llumlet_args, cluster=cluster, hosts=[host_b], cpus=HOST_CPUS, placement_timeout=3
                 ),
             ),
         ):
@@ -153,27 +154,65 @@ async def main(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: s
 
 
 async def host_loss(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: str, port: int) -> dict[str, Any]:
-    """The scheduler's own Ray provider under ``llmctl scale 2`` (one instance per host, spread), then host B's link
-    goes down: B's instance must leave the registry within its lease TTL and the scheduler restore 2 on host A."""
+    """The scheduler's own Ray provider under ``llmctl scale 2`` (one instance per host, spread), a request running
+    on each, then host B's link goes down: B's instance must leave the registry within its lease TTL, its request end
+    at its frontend with an error naming the instance, A's request finish untouched, and the scheduler restore 2 on
+    host A. Secure when argv[10] names a PKI folder (the scheduler's provider then issues the llumlets' certificates;
+    the recording frontend and the driver's calls use a frontend certificate)."""
+    from pyllumnix.infra.grpc_server import start_server
+    from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
+    from pyllumnix.tools.recording_sink import RecordingSink
+
     out: dict[str, Any] = {}
     endpoint = f"{host_a}:{port}"
-    llumlet_args = f"--engine sim --transport tcp --insecure --lease-ttl {LEASE_TTL_S}"
+    tls_dir = sys.argv[10] if len(sys.argv) > 10 else ""
+    llumlet_args = f"--engine sim --transport tcp --lease-ttl {LEASE_TTL_S}"
+    flags = ["--insecure"]
+    frontend = provider_security = INSECURE
+    if tls_dir:
+        TLS_DIR["dir"] = tls_dir
+        flags = ["--tls-dir", tls_dir, "--replica-id", "s0"]
+        frontend = from_options("frontend", "f0", tls_dir=tls_dir, hosts=[host_a])
+        provider_security = from_options("scheduler", "s1", tls_dir=tls_dir, hosts=[host_a])
+    else:
+        llumlet_args += " --insecure"
+    out["secure"] = frontend.secure
     scheduler = subprocess.Popen(
         [
             sys.executable, "-m", "pyllumnix.tools.cli", "scheduler", "--etcd", etcd, "--cluster", cluster,
-            "--host", host_a, "--advertise-host", host_a, "--port", str(port), "--insecure",
+            "--host", host_a, "--advertise-host", host_a, "--port", str(port), *flags,
             "--provider", "ray", "--ray-address", ray_address, "--llumlet-args", llumlet_args,
             "--stop-instances-on-exit",
         ],
         start_new_session=True,
     )  # fmt: skip
+    sink = RecordingSink()  # the frontend of both requests, on A
+    sink.server = await start_server(
+        [(frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, sink, "llumnix.v1.OutputSinkService")],
+        host=host_a,
+        security=frontend,
+    )
 
     def hosts_of() -> list[str]:
         return sorted(grpc_address(i) for i in instances(endpoint))
 
+    async def add(address: str, rid: str, max_tokens: int) -> None:
+        request = common_pb2.EngineRequest(
+            request_id=rid,
+            prompt_token_ids=[(i * 7 + 3) % 200 + 1 for i in range(64)],
+            sampling=common_pb2.SamplingParams(max_tokens=max_tokens, seed=7, ignore_eos=True),
+            frontend_address=f"{host_a}:{sink.server.port}",  # type: ignore[union-attr]
+            arrival_time=time.time(),
+        )
+        async with open_channel(address, settings=frontend) as ch:
+            await llumlet_pb2_grpc.LlumletServiceStub(ch).AddRequest(
+                llumlet_pb2.AddRequestRequest(request=request), timeout=10
+            )
+
     try:
         await wait_for("scheduler up", lambda: llmctl(endpoint, "leader").returncode == 0, 60)
-        scaled = llmctl(endpoint, "scale", "2")
+        # Scale answers once the provider placed the instances (joining Ray first): slow on a loaded machine.
+        scaled = llmctl(endpoint, "--timeout", "100", "scale", "2", timeout=110)
         out["scale"] = scaled.returncode, scaled.stdout + scaled.stderr
 
         def two(on: str = "") -> list[str] | None:
@@ -181,8 +220,25 @@ async def host_loss(ray_address: str, etcd: str, host_a: str, host_b: str, clust
             return found if len(found) == 2 and all(a and a.startswith(on) for a in found) else None
 
         out["before"] = await wait_for("2 instances", two, 90)
+        on_host = {grpc_address(i).split(":")[0]: i for i in instances(endpoint)}
+        ids = {host: next(v for k, v in _strings(i) if k == "instance_id") for host, i in on_host.items()}
+        out["b_id"], out["a_id"] = ids[host_b], ids[host_a]
+        await add(grpc_address(on_host[host_b]), "on-b", 8000)  # still running when B goes away
+        await add(grpc_address(on_host[host_a]), "on-a", A_TOKENS)
+        await wait_for("both requests streaming", lambda: sink.tokens("on-b") and sink.tokens("on-a"), 30)
+        # A host that disappears mid-start: a llumlet placed on B that has not registered yet (its etcd address is a
+        # blackhole in B's subnet, and B's link goes down right after its actor answered).
+        blackhole = host_b.rsplit(".", 1)[0] + ".99:2379"
+        mid_args = ["--etcd", blackhole, "--cluster", cluster, "--engine", "sim", "--transport", "tcp"]
+        extra = RayInstanceProvider(
+            ray_address, mid_args, cluster=cluster, hosts=[host_b], cpus=0.5, security=provider_security
+        )
+        await extra.connect()
+        (mid,) = await extra.start_instances(1)
+        out["mid_starting"] = sorted(extra.starting()) == [mid]
         subprocess.run(["ip", "-n", sys.argv[8], "link", "set", sys.argv[9], "down"], check=True)
         t0 = time.monotonic()
+        out["a_tokens_at_loss"] = len(sink.tokens("on-a"))
         await wait_for("B's instance gone", lambda: (h := hosts_of()) and not any(a.startswith(host_b) for a in h), 60)
         out["gone_after_s"] = round(time.monotonic() - t0, 1)
         try:
@@ -191,7 +247,35 @@ async def host_loss(ray_address: str, etcd: str, host_a: str, host_b: str, clust
             print("LISTED", json.dumps(instances(endpoint)), flush=True)
             raise
         out["restored_after_s"] = round(time.monotonic() - t0, 1)
+        # B's request: ended by the scheduler at its frontend once B is written off (lease TTL + the grace period).
+        last_b = (await sink.wait("on-b", timeout=60))[-1]
+        out["b_failed_after_s"] = round(time.monotonic() - t0, 1)
+        out["b_end"] = {
+            "finish_reason": common_pb2.FinishReason.Name(last_b.finish_reason),
+            "error": last_b.error,
+            "instance_id": last_b.instance_id,
+            "tokens": len(sink.tokens("on-b")),
+        }
+        a_outputs = await sink.wait("on-a", timeout=120)
+        out["a_end"] = {
+            "finish_reason": common_pb2.FinishReason.Name(a_outputs[-1].finish_reason),
+            "errors": [o.error for o in a_outputs if o.error],
+            "indices_ok": sink.raw_indices("on-a") == list(range(A_TOKENS)),
+            "instances": sorted({o.instance_id for o in a_outputs}),
+        }
+        out["requests_seen"] = sorted(sink.outputs)
+        await wait_for("the mid-start failure", lambda: mid in extra.start_failures, 60)
+        from ray.util import placement_group_table
+
+        out["mid"] = {
+            "failure": extra.start_failures[mid],
+            "left": sorted(extra.starting()) + sorted(extra.instances),
+            "group": [str(g.get("state")) for g in placement_group_table().values() if g.get("name") == f"pg-{mid}"],
+            "listed": any(mid in json.dumps(i) for i in instances(endpoint)),
+        }
+        await extra.close()
     finally:
+        await sink.server.stop()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(scheduler.pid, signal.SIGTERM)
         try:
@@ -203,35 +287,65 @@ async def host_loss(ray_address: str, etcd: str, host_a: str, host_b: str, clust
 
 
 LEASE_TTL_S = 3
+A_TOKENS = 600  # host A's request: long enough to span B's loss on the sim engine's default profile
+
+
+def _strings(value: Any, key: str = "") -> list[tuple[str, str]]:
+    """Every (key, string value) pair in a parsed ``llmctl -o json`` entry, at any depth."""
+    if isinstance(value, dict):
+        return [kv for k, v in value.items() for kv in _strings(v, k)]
+    if isinstance(value, list):
+        return [kv for v in value for kv in _strings(v, key)]
+    return [(key, value)] if isinstance(value, str) else []
 
 
 async def migrate(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: str, port: int) -> dict[str, Any]:
-    """Two Ray-placed llumlets (spread: one per host, plaintext), a request started on B and live-migrated to A over
-    the data plane given in argv[8], across the veth; the sink (on A) records every token."""
+    """Two Ray-placed llumlets (spread: one per host), a request started on B and live-migrated to A over the data
+    plane given in argv[8], across the veth, ordered through the scheduler's admin API (``MigrateRequest``: the
+    leader finds the request in B's load reports and orders B with its term); the sink (on A) records every token.
+    Secure when argv[9] names a PKI folder: the scheduler, the provider's llumlets (certificates issued for their
+    node), the recording frontend and the driver's admin and frontend calls all use mutual TLS."""
     import grpc
 
     from integration.test_migration_processes import unmigrated_tokens
     from pyllumnix.infra.grpc_server import start_server
-    from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
+    from pyllumnix.protos.llumnix.v1 import (
+        admin_pb2,
+        admin_pb2_grpc,
+        common_pb2,
+        frontend_pb2_grpc,
+        llumlet_pb2,
+        llumlet_pb2_grpc,
+    )
     from pyllumnix.tools.recording_sink import RecordingSink
 
     transport = sys.argv[8]
+    tls_dir = sys.argv[9] if len(sys.argv) > 9 else ""
     out: dict[str, Any] = {"transport": transport}
     endpoint = f"{host_a}:{port}"
+    flags = ["--insecure"]
+    provider_security = frontend = admin = INSECURE
+    if tls_dir:
+        TLS_DIR["dir"] = tls_dir
+        flags = ["--tls-dir", tls_dir, "--replica-id", "s0"]
+        provider_security = from_options("scheduler", "s1", tls_dir=tls_dir, hosts=[host_a])
+        frontend = from_options("frontend", "f0", tls_dir=tls_dir, hosts=[host_a])
+        admin = from_options("admin", "admin", tls_dir=tls_dir)
+    out["secure"] = frontend.secure
     scheduler = subprocess.Popen(
         [
             sys.executable, "-m", "pyllumnix.tools.cli", "scheduler", "--etcd", etcd, "--cluster", cluster,
-            "--host", host_a, "--advertise-host", host_a, "--port", str(port), "--insecure",
+            "--host", host_a, "--advertise-host", host_a, "--port", str(port), *flags,
         ],
         start_new_session=True,
     )  # fmt: skip
     args = ["--etcd", etcd, "--cluster", cluster, "--profile", "tiny", "--transport", transport, "--verify-kv"]
-    provider = RayInstanceProvider(ray_address, args, cluster=cluster, cpus=1, security=INSECURE)
+    provider = RayInstanceProvider(ray_address, args, cluster=cluster, cpus=1, security=provider_security)
     sink = RecordingSink()
     sink.server = await start_server(
         [(frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, sink, "llumnix.v1.OutputSinkService")],
         host=host_a,
-        security=INSECURE,
+        security=frontend,
     )
     try:
         await provider.connect()
@@ -257,23 +371,24 @@ async def migrate(ray_address: str, etcd: str, host_a: str, host_b: str, cluster
             frontend_address=f"{host_a}:{sink.server.port}",  # RunningServer.address is always 127.0.0.1
             arrival_time=time.time(),
         )
-        async with grpc.aio.insecure_channel(src["grpc_address"]) as ch:
+        async with open_channel(src["grpc_address"], settings=frontend) as ch:
             stub = llumlet_pb2_grpc.LlumletServiceStub(ch)
             await stub.AddRequest(llumlet_pb2.AddRequestRequest(request=request), timeout=10)
-            deadline = time.monotonic() + 30
-            while len(sink.tokens(rid)) < 40 and time.monotonic() < deadline:
-                await asyncio.sleep(0.005)
-            out["tokens_at_migrate"] = len(sink.tokens(rid))
-            reply = await stub.MigrateOut(
-                llumlet_pb2.MigrateOutRequest(
-                    destination_instance_id=dst["instance_id"],
-                    destination_grpc_address=dst["grpc_address"],
-                    request_id=rid,
-                    wait=True,
-                ),
-                timeout=60,
-            )
-        result = reply.results[0]
+        deadline = time.monotonic() + 30
+        while len(sink.tokens(rid)) < 40 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        out["tokens_at_migrate"] = len(sink.tokens(rid))
+        order = admin_pb2.MigrateRequestRequest(request_id=rid, destination_instance_id=dst["instance_id"])
+        async with open_channel(endpoint, settings=admin) as ch:
+            while True:  # NOT_FOUND until B's first load report listing the request reaches the leader
+                try:
+                    reply = await admin_pb2_grpc.AdminServiceStub(ch).MigrateRequest(order, timeout=60)
+                    break
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.02)
+        result = reply.result
         out["outcome"] = llumlet_pb2.MigrationOutcome.Name(result.outcome)
         out["reason"] = result.reason
         out["bytes_sent"] = result.bytes_sent
@@ -299,7 +414,7 @@ async def migrate(ray_address: str, etcd: str, host_a: str, host_b: str, cluster
 
 if __name__ == "__main__":
     ray_address, etcd, host_a, host_b, cluster, port = sys.argv[1:7]
-    # place [PKI folder] | host_loss <B's netns> <B's veth> | migrate <transport>
+    # place [PKI folder] | host_loss <B's netns> <B's veth> [PKI folder] | migrate <transport> [PKI folder]
     scenario = {"place": main, "host_loss": host_loss, "migrate": migrate}[(sys.argv[7:8] or ["place"])[0]]
     result = asyncio.run(scenario(ray_address, etcd, host_a, host_b, cluster, int(port)))
     print("RESULT " + json.dumps(result), flush=True)

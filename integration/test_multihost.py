@@ -1,7 +1,9 @@
 """Multi-host on Ray across emulated hosts (two network namespaces joined by a veth pair, a real Ray head and worker,
 real etcd): the RayInstanceProvider places a llumlet on host B, which binds and advertises B's address (what
 ``llmctl`` run from host A shows); impossible placements fail clearly and leave no placement group; stop removes the
-actor and its group. Skips only where network namespaces cannot be created (not root)."""
+actor and its group; a request migrates B -> A; B's link going down fails B's requests (naming the instance) and
+nothing else. Every scenario is secure (mutual TLS, certificates naming the hosts' addresses), as the rest of the
+suites are by default. Skips only where network namespaces cannot be created (not root)."""
 
 from __future__ import annotations
 
@@ -111,20 +113,24 @@ def test_a_failed_setup_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("transport", ["tcp", "ucx"])
-def test_request_migrates_from_host_b_to_host_a(hosts: TwoHosts, transport: str) -> None:
-    """Token-identical live migration B -> A across the veth (destination checks every KV block's bytes). Before
-    the addressing fixes TCP advertised tcp://127.0.0.1 ("Connect call failed") and UCX offered every interface."""
+def test_request_migrates_from_host_b_to_host_a(hosts: TwoHosts, transport: str, tmp_path: Path) -> None:
+    """Token-identical live migration B -> A across the veth (destination checks every KV block's bytes), ordered
+    through the scheduler's admin API, secure (mutual TLS). Before the addressing fixes TCP advertised
+    tcp://127.0.0.1 ("Connect call failed") and UCX offered every interface."""
     if transport == "ucx" and not ucx_available():
         pytest.skip("ucxx not importable (pyllumnix[ucx])")
     cluster = f"mh{uuid.uuid4().hex[:8]}"
+    pki = tmp_path / "pki"
+    bootstrap_local(pki, "llumnix", hosts=[*DEFAULT_HOSTS, hosts.a.ip, hosts.b.ip])
     done = hosts.a.run(
         sys.executable, "-m", "integration.multihost_driver",
-        hosts.ray_address, hosts.etcd, hosts.a.ip, hosts.b.ip, cluster, "50073", "migrate", transport,
+        hosts.ray_address, hosts.etcd, hosts.a.ip, hosts.b.ip, cluster, "50073", "migrate", transport, str(pki),
         timeout=130, env=hosts.env(),
     )  # fmt: skip
     result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     out = json.loads(result_lines[-1][len("RESULT ") :])
+    assert out["secure"] is True
     if transport == "tcp":
         assert out["src"].startswith(f"tcp://{hosts.b.ip}:") and out["dst"].startswith(f"tcp://{hosts.a.ip}:"), out
     assert out["outcome"] == "MIGRATION_OUTCOME_COMMITTED", out["reason"]
@@ -134,22 +140,49 @@ def test_request_migrates_from_host_b_to_host_a(hosts: TwoHosts, transport: str)
 
 
 @pytest.mark.timeout(240)
-def test_host_b_lost_leaves_registry_and_capacity_is_restored_on_a(hosts: TwoHosts) -> None:
-    """Runs last (it takes B's link down). The scheduler's own Ray provider (``--provider ray``) spreads
-    ``llmctl scale 2`` over both hosts; when B's link goes down its instance leaves the registry within the lease TTL
-    (etcd on A stops hearing from it), and the scheduler starts a replacement on A (Ray declares B dead in ~3 s)."""
+def test_host_b_lost_leaves_registry_and_capacity_is_restored_on_a(hosts: TwoHosts, tmp_path: Path) -> None:
+    """Runs last (it takes B's link down). Secure (mutual TLS everywhere; the scheduler's provider issues each placed
+    llumlet's certificate for its node). The scheduler's own Ray provider (``--provider ray``) spreads
+    ``llmctl scale 2`` over both hosts and a request runs on each; when B's link goes down its instance leaves the
+    registry within the lease TTL (etcd on A stops hearing from it), B's request ends at its frontend with an error
+    naming B's instance, A's request finishes with every token and no error, and the scheduler starts a replacement
+    on A (Ray declares B dead in ~3 s). An instance still starting on B when it vanished (placed, not registered)
+    ends with a clear error and leaves no placement group, actor or registry entry. ``llmctl`` runs in A's namespace
+    throughout."""
     cluster = f"mh{uuid.uuid4().hex[:8]}"
+    pki = tmp_path / "pki"
+    bootstrap_local(pki, "llumnix", hosts=[*DEFAULT_HOSTS, hosts.a.ip, hosts.b.ip])
     done = hosts.a.run(
         sys.executable, "-m", "integration.multihost_driver",
         hosts.ray_address, hosts.etcd, hosts.a.ip, hosts.b.ip, cluster, "50072",
-        "host_loss", hosts.b.name, hosts.b.veth,
+        "host_loss", hosts.b.name, hosts.b.veth, str(pki),
         timeout=220, env=hosts.env(),
     )  # fmt: skip
+    log = hosts.workdir / "host_loss.log"
+    log.write_text(f"{done.stdout}\n--- stderr ---\n{done.stderr}")
     result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}), output in {log}:\n{done.stderr}"
     out = json.loads(result_lines[-1][len("RESULT ") :])
     assert out["scale"][0] == 0, out["scale"]
     before = out["before"]
     assert sorted(a.split(":")[0] for a in before) == [hosts.a.ip, hosts.b.ip], before  # spread: one per host
+    assert out["secure"] is True
     assert out["gone_after_s"] <= 3 * LEASE_TTL_S, out
     assert all(a.startswith(f"{hosts.a.ip}:") for a in out["after"]) and len(out["after"]) == 2, out
+    b_end, b_id = out["b_end"], out["b_id"]
+    assert b_end["finish_reason"] == "FINISH_REASON_ERROR" and b_end["instance_id"] == b_id, b_end
+    assert f"instance {b_id} was lost" in b_end["error"], b_end
+    assert 0 < b_end["tokens"] < 8000, b_end  # it was running, and it did not finish some other way
+    a_end = out["a_end"]
+    assert a_end == {
+        "finish_reason": "FINISH_REASON_LENGTH",
+        "errors": [],
+        "indices_ok": True,
+        "instances": a_end["instances"],
+    }, a_end
+    assert b_id not in a_end["instances"], a_end
+    assert out["requests_seen"] == ["on-a", "on-b"], out
+    # A start on B that had not registered when B vanished: a clear error, nothing half-made left.
+    mid = out["mid"]
+    assert out["mid_starting"] and "stopped answering" in mid["failure"] and "node is gone" in mid["failure"], mid
+    assert mid["left"] == [] and not mid["listed"] and mid["group"] in ([], ["REMOVED"]), mid
