@@ -135,7 +135,15 @@ async def test_micro_benchmark_migrates_continuously_without_losing_tokens(
     loads = [await get_load(c.address) for c in llumlets]
     migrated = loads[0].migration_stats.committed + loads[1].migration_stats.committed
     assert migrated >= 5, f"only {migrated} migrations"
-    assert all(load.free_blocks == load.total_blocks for load in loads)
+    # A migration whose request finished meanwhile frees its reservation through the abort path, which may land just
+    # after the last output (the push stream delivers it sooner than a unary push did): every block must come back,
+    # within a deadline.
+    deadline = time.monotonic() + 10
+    while not all(load.free_blocks == load.total_blocks for load in loads):
+        held = [(load.instance_id, load.free_blocks, load.total_blocks, load.reserved_blocks) for load in loads]
+        assert time.monotonic() < deadline, f"blocks not freed within 10 s: {held}"
+        await asyncio.sleep(0.1)
+        loads = [await get_load(c.address) for c in llumlets]
     moved = [i for i in range(n_requests) if len({o.instance_id for o in sink.outputs[f"m{i}"]}) > 1]
     assert len(moved) >= 5
 
