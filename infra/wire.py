@@ -9,12 +9,13 @@ means no other module spells a proto enum out member by member. ``MIRRORS`` list
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple, cast
+from collections.abc import Mapping
+from typing import NamedTuple, TypeVar, cast
 
 from google.protobuf.descriptor import EnumDescriptor
 
 from pyllumnix.infra.vocabulary import FinishReason, InstanceState, Priority, RequestPhase, normalize_priority
-from pyllumnix.protos.llumnix.v1 import common_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 
 
 class Mirror(NamedTuple):
@@ -78,12 +79,57 @@ def priority_from_pb(value: int) -> Priority:
     return normalize_priority(value)
 
 
+# ---------------------------------------------------------------------------------------------------- config names
+# ClusterConfig's policy enums carry names, not vocabulary enums: the policy registries (``DISPATCH_REGISTRY``,
+# ``PAIRING_REGISTRY``, ``DRAIN_VICTIM_REGISTRY``) are keyed by these names. ``tests/test_enum_vocabulary.py`` checks
+# that each table names every proto value and only registered policies. infaas-mem has no ClusterConfig value
+# (simulator only).
+DISPATCH_POLICIES: Mapping[str, config_pb2.DispatchPolicy.ValueType] = {
+    "llumnix": config_pb2.DISPATCH_POLICY_LLUMNIX,
+    "infaas++": config_pb2.DISPATCH_POLICY_INFAAS_PP,
+    "round-robin": config_pb2.DISPATCH_POLICY_ROUND_ROBIN,
+    "balanced": config_pb2.DISPATCH_POLICY_BALANCED,
+}
+PAIRING_POLICIES: Mapping[str, config_pb2.PairingPolicy.ValueType] = {
+    "defrag": config_pb2.PAIRING_POLICY_DEFRAG,
+    "balanced": config_pb2.PAIRING_POLICY_BALANCED,
+}
+DRAIN_VICTIMS: Mapping[str, config_pb2.DrainVictim.ValueType] = {
+    "fewest-requests": config_pb2.DRAIN_VICTIM_FEWEST_REQUESTS,
+    "last": config_pb2.DRAIN_VICTIM_LAST,
+}
+
+_V = TypeVar("_V", bound=int)
+
+
+def name_to_pb(names: Mapping[str, _V], name: str, field: str) -> _V:
+    """The wire value of a config name; a name without one (a simulator-only policy) is a ValueError naming
+    ``field``."""
+    try:
+        return names[name]
+    except KeyError:
+        raise ValueError(f"{field}: {name!r} has no ClusterConfig value (known: {tuple(names)})") from None
+
+
+def name_from_pb(names: Mapping[str, int], value: int) -> str | None:
+    """The config name of a wire value; None for a value this version does not know (the caller names the field)."""
+    for name, number in names.items():
+        if number == value:
+            return name
+    return None
+
+
 __all__ = [
+    "DISPATCH_POLICIES",
+    "DRAIN_VICTIMS",
     "MIRRORS",
+    "PAIRING_POLICIES",
     "Mirror",
     "finish_from_pb",
     "finish_label",
     "finish_to_pb",
+    "name_from_pb",
+    "name_to_pb",
     "phase_from_pb",
     "phase_to_pb",
     "priority_from_pb",

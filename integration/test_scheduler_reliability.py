@@ -18,6 +18,7 @@ import pytest
 
 from integration.cluster import add_request, dial, get_load, leader_of, llmctl_tls_args
 from integration.procs import Component, Processes
+from pyllumnix.control_plane.scheduler.config_wire import config_to_pb
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider, LocalProcessProvider
 from pyllumnix.control_plane.scheduler.replica import ReplicaTiming, SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import (
@@ -186,7 +187,7 @@ async def test_follower_replica_has_the_new_config_after_config_set(
         )
         await wait_for(lambda: follower.config_revision == revision, 5, "the follower sees the revision")
         assert follower.core.config.migrate_out_threshold == 7.5 and follower.core.config.max_stages == 5
-        assert follower.core.config.to_proto() == stored
+        assert config_to_pb(follower.core.config) == stored
 
 
 async def test_etcd_stall_does_not_move_leadership(etcd_cluster_name: str) -> None:

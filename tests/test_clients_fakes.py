@@ -14,7 +14,8 @@ from typing import Any
 
 import grpc
 
-from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_target
+from pyllumnix.control_plane.policy.config import check_scale_target
+from pyllumnix.control_plane.scheduler.config_wire import config_from_pb
 from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
@@ -192,7 +193,7 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
     async def Scale(self, request: Any, context: Any) -> admin_pb2.ScaleResponse:
         await self.r.gate("Scale", context, leader_only=True)
         try:
-            check_scale_target(request.target_instances, PolicyConfig.from_proto(self.config), self.provider_cap)
+            check_scale_target(request.target_instances, config_from_pb(self.config), self.provider_cap)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         target = request.target_instances if self.scale_reply_target is None else self.scale_reply_target

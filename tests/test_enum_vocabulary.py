@@ -18,6 +18,9 @@ from pyllumnix.control_plane.frontend.errors import InvalidRequestError
 from pyllumnix.control_plane.frontend.openai_schema import PRIORITIES, finish_reason_name
 from pyllumnix.control_plane.frontend.openai_schema import parse_priority as http_priority
 from pyllumnix.control_plane.policy.config import Selection
+from pyllumnix.control_plane.policy.dispatch import DISPATCH_REGISTRY
+from pyllumnix.control_plane.policy.pairing import PAIRING_REGISTRY
+from pyllumnix.control_plane.policy.scaling import DRAIN_VICTIM_REGISTRY
 from pyllumnix.data_plane.engine.base import Finish, Phase, RequestLoadInfo, TokenOutput
 from pyllumnix.data_plane.engine.vllm import vllm_available
 from pyllumnix.data_plane.llumlet import convert
@@ -30,9 +33,9 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2, frontend_pb2, ll
 OTHER_MIRRORS: list[tuple[type[enum.Enum], EnumDescriptor, str]] = [
     (Selection, common_pb2.MigrationSelection.DESCRIPTOR, "MIGRATION_SELECTION_"),
 ]
-# Proto enums deliberately without a Python enum: their values are config names, mapped in policy/config.py
-# (``PolicyConfig.to_proto``/``from_proto``, tested by the config tests); MigrationOutcome's mirror has string
-# values and is checked by name below.
+# Proto enums deliberately without a Python enum: their values are config names (the policy registries' keys),
+# mapped by ``infra/wire.py``'s name tables, checked below; MigrationOutcome's mirror has string values and is
+# checked by name below.
 NOT_MIRRORED = {
     "llumnix.v1.DispatchPolicy",
     "llumnix.v1.PairingPolicy",
@@ -83,6 +86,31 @@ def test_wire_mappings_round_trip_and_read_unknown_values_as_unspecified(mirror:
         # Priority is normalised on the way in: UNSPECIFIED reads as NORMAL.
         assert back is (Priority.NORMAL if member is Priority.UNSPECIFIED else member)
     assert from_pb(99) is (Priority.HIGH if mirror is Priority else mirror(0))
+
+
+@pytest.mark.parametrize(
+    ("names", "descriptor", "registry", "simulator_only"),
+    [
+        (wire.DISPATCH_POLICIES, config_pb2.DispatchPolicy.DESCRIPTOR, DISPATCH_REGISTRY, {"infaas-mem"}),
+        (wire.PAIRING_POLICIES, config_pb2.PairingPolicy.DESCRIPTOR, PAIRING_REGISTRY, set()),
+        (wire.DRAIN_VICTIMS, config_pb2.DrainVictim.DESCRIPTOR, DRAIN_VICTIM_REGISTRY, set()),
+    ],
+    ids=["DispatchPolicy", "PairingPolicy", "DrainVictim"],
+)
+def test_config_name_tables_name_every_proto_value_and_every_registered_policy(
+    names: dict[str, int], descriptor: EnumDescriptor, registry: dict[str, object], simulator_only: set[str]
+) -> None:
+    """Each non-UNSPECIFIED proto value has exactly one policy name, and every registered policy but the
+    simulator-only ones has a value: a policy added on either side without the other fails here."""
+    values = sorted(names.values())
+    assert values == sorted(v.number for v in descriptor.values if v.number != 0)
+    assert set(names) == set(registry) - simulator_only
+    for name in names:
+        assert wire.name_from_pb(names, wire.name_to_pb(names, name, "field")) == name
+    assert wire.name_from_pb(names, 99) is None
+    for name in (*simulator_only, "bogus"):
+        with pytest.raises(ValueError, match=f"field: '{name}' has no ClusterConfig value"):
+            wire.name_to_pb(names, name, "field")
 
 
 def load_info(phase: Phase) -> RequestLoadInfo:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyllumnix.control_plane.policy.config import RANGES, PolicyConfig, Selection, check_scale_target
+from pyllumnix.control_plane.scheduler.config_wire import config_from_pb, config_to_pb
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 
 
@@ -37,7 +38,7 @@ def test_defaults_are_the_papers() -> None:
 
 
 def test_empty_proto_means_defaults() -> None:
-    assert PolicyConfig.from_proto(config_pb2.ClusterConfig()) == PolicyConfig()
+    assert config_from_pb(config_pb2.ClusterConfig()) == PolicyConfig()
 
 
 def test_proto_round_trip() -> None:
@@ -56,12 +57,12 @@ def test_proto_round_trip() -> None:
         normal_headroom_blocks=7,
         high_headroom_blocks=900,
     )
-    assert PolicyConfig.from_proto(c.to_proto()) == c
+    assert config_from_pb(config_to_pb(c)) == c
 
 
 def test_explicit_zero_threshold_is_kept() -> None:
     pb = config_pb2.ClusterConfig(migration=config_pb2.MigrationConfig(migrate_out_threshold=0.0))
-    assert PolicyConfig.from_proto(pb).migrate_out_threshold == 0.0
+    assert config_from_pb(pb).migrate_out_threshold == 0.0
 
 
 def test_headroom_from_proto() -> None:
@@ -70,7 +71,7 @@ def test_headroom_from_proto() -> None:
             headroom=[config_pb2.PriorityHeadroom(priority=common_pb2.PRIORITY_HIGH, headroom_blocks=321)]
         )
     )
-    c = PolicyConfig.from_proto(pb)
+    c = config_from_pb(pb)
     assert (c.high_headroom_blocks, c.normal_headroom_blocks) == (321, 0)
 
 
@@ -111,7 +112,7 @@ def test_validate_rejects(changes: dict[str, object], message: str) -> None:
 )
 def test_from_proto_rejects(pb: config_pb2.ClusterConfig, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        PolicyConfig.from_proto(pb)
+        config_from_pb(pb)
 
 
 @given(
@@ -145,7 +146,7 @@ def test_validate_accepts_exactly_the_valid_configs(
     )
     if valid:
         assert c.validate() is c
-        assert PolicyConfig.from_proto(c.to_proto()) == c
+        assert config_from_pb(config_to_pb(c)) == c
     else:
         with pytest.raises(ValueError):
             c.validate()
@@ -183,7 +184,7 @@ def test_validate_accepts_exactly_the_valid_configs(
 )
 def test_upper_bounds_are_enforced_with_field_range_and_value(pb: config_pb2.ClusterConfig, message: str) -> None:
     with pytest.raises(ValueError) as err:
-        PolicyConfig.from_proto(pb)
+        config_from_pb(pb)
     assert str(err.value) == message
 
 

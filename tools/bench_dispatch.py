@@ -71,6 +71,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.pairing import pair_instances
+from pyllumnix.control_plane.scheduler.config_wire import config_to_pb
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import (
     ADMIN_SERVICE,
@@ -304,7 +305,7 @@ async def _serve(
             raise TimeoutError("the bench replica did not win the election")
         await asyncio.sleep(0.02)
     # No llumlets behind the synthetic instances: no migration orders (see the module docstring).
-    await replica.set_config(PolicyConfig(enable_migration=False).to_proto(), [], 0)
+    await replica.set_config(config_to_pb(PolicyConfig(enable_migration=False)), [], 0)
 
     rng = random.Random(seed)
     ids = [f"instance-{i:05d}" for i in range(instances)]

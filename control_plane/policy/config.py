@@ -1,6 +1,8 @@
-"""Policy knobs with the paper's defaults, and their mapping to ``llumnix.v1.ClusterConfig``.
+"""Policy knobs with the paper's defaults, their ranges and their ``llumnix.v1.ClusterConfig`` paths.
 
-``validate()`` raises ``ValueError`` with a message naming the field; the admin API maps it to INVALID_ARGUMENT.
+No proto here (the policy core imports none): the ``ClusterConfig`` round trip is the scheduler's,
+``control_plane/scheduler/config_wire.py``. ``validate()`` raises ``ValueError`` with a message naming the field;
+the admin API maps it to INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -9,9 +11,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-from pyllumnix.infra import wire
 from pyllumnix.infra.vocabulary import Priority
-from pyllumnix.protos.llumnix.v1 import config_pb2
 
 
 class Selection(enum.IntEnum):
@@ -25,19 +25,8 @@ class Selection(enum.IntEnum):
 
 # The policy names (dispatch, pairing, drain victim) are those of the registries, ``dispatch.DISPATCH_REGISTRY``,
 # ``pairing.PAIRING_REGISTRY`` and ``scaling.DRAIN_VICTIM_REGISTRY``; so are the facts about each policy (whether a
-# dispatch policy allows migration: ``DispatchPolicy.allows_migration``). infaas-mem has no ClusterConfig enum value
-# (simulator only).
-_DISPATCH_TO_PB = {
-    "llumnix": config_pb2.DISPATCH_POLICY_LLUMNIX,
-    "infaas++": config_pb2.DISPATCH_POLICY_INFAAS_PP,
-    "round-robin": config_pb2.DISPATCH_POLICY_ROUND_ROBIN,
-    "balanced": config_pb2.DISPATCH_POLICY_BALANCED,
-}
-_PAIRING_TO_PB = {"defrag": config_pb2.PAIRING_POLICY_DEFRAG, "balanced": config_pb2.PAIRING_POLICY_BALANCED}
-_DRAIN_VICTIM_TO_PB = {
-    "fewest-requests": config_pb2.DRAIN_VICTIM_FEWEST_REQUESTS,
-    "last": config_pb2.DRAIN_VICTIM_LAST,
-}
+# dispatch policy allows migration: ``DispatchPolicy.allows_migration``). Their ClusterConfig values are
+# ``infra/wire.py``'s name tables.
 
 # The artifact's high-priority headroom is relative to the instance: total blocks - 100 (~1,600 tokens left for the
 # high-priority batch itself). ``high_headroom_blocks`` caps it (the ClusterConfig field; its maximum = no cap).
@@ -69,7 +58,7 @@ class PolicyConfig:
     normal_headroom_blocks: int = 0
     high_headroom_blocks: int = DEFAULT_HIGH_HEADROOM_BLOCKS
     load_report_interval_ms: int = 50
-    # Not in ClusterConfig (yet): keeps its default through to_proto/from_proto.
+    # Not in ClusterConfig (yet): keeps its default through the ClusterConfig round trip.
     # The high headroom of an instance is min(high_headroom_blocks, total - high_headroom_reserve_blocks).
     high_headroom_reserve_blocks: int = DEFAULT_HIGH_HEADROOM_RESERVE_BLOCKS
     # No scaling decision before this long after the scaling loop started (the artifact waits 100 s for load to
@@ -126,96 +115,6 @@ class PolicyConfig:
                 f"min_instances ({self.min_instances}) must not exceed max_instances ({self.max_instances})"
             )
         return self
-
-    @classmethod
-    def from_proto(cls, pb: config_pb2.ClusterConfig) -> PolicyConfig:
-        """Reads a ClusterConfig (zero values mean "default") and validates it."""
-        d = cls()
-        dispatch = {v: k for k, v in _DISPATCH_TO_PB.items()}
-        pairing = {v: k for k, v in _PAIRING_TO_PB.items()}
-        dp = pb.dispatch.policy
-        dv = pb.scaling.drain_victim
-        victims = {v: k for k, v in _DRAIN_VICTIM_TO_PB.items()}
-        pp = pb.migration.pairing_policy
-        sel = pb.migration.selection
-        m, s = pb.migration, pb.scaling
-        normal_hr, high_hr = d.normal_headroom_blocks, d.high_headroom_blocks
-        for h in pb.priority.headroom:
-            if wire.priority_from_pb(h.priority) is Priority.HIGH:
-                high_hr = h.headroom_blocks
-            else:
-                normal_hr = h.headroom_blocks
-        cfg = cls(
-            dispatch_policy=d.dispatch_policy if dp == 0 else dispatch.get(dp, f"<unknown enum {dp}>"),
-            enable_migration=not m.disable,
-            pairing_policy=d.pairing_policy if pp == 0 else pairing.get(pp, f"<unknown enum {pp}>"),
-            migrate_out_threshold=(
-                m.migrate_out_threshold if m.HasField("migrate_out_threshold") else d.migrate_out_threshold
-            ),
-            selection=d.selection if sel == 0 else _selection(sel),
-            enable_defrag=not m.disable_defrag,
-            pairing_interval_ms=m.pairing_interval_ms or d.pairing_interval_ms,
-            last_stage_max_blocks=m.last_stage_max_blocks or d.last_stage_max_blocks,
-            max_stages=m.max_stages or d.max_stages,
-            pending_timeout_ms=m.pending_timeout_ms or d.pending_timeout_ms,
-            transfer_timeout_ms=m.transfer_timeout_ms or d.transfer_timeout_ms,
-            enable_scaling=s.enable,
-            scale_up_threshold=s.scale_up_threshold if s.HasField("scale_up_threshold") else d.scale_up_threshold,
-            scale_down_threshold=(
-                s.scale_down_threshold if s.HasField("scale_down_threshold") else d.scale_down_threshold
-            ),
-            min_instances=s.min_instances or d.min_instances,
-            max_instances=s.max_instances or d.max_instances,
-            scaling_interval_ms=s.scaling_interval_ms or d.scaling_interval_ms,
-            scaling_warmup_ms=s.warmup_ms if s.HasField("warmup_ms") else d.scaling_warmup_ms,
-            drain_victim=d.drain_victim if dv == 0 else victims.get(dv, f"<unknown enum {dv}>"),
-            normal_headroom_blocks=normal_hr,
-            high_headroom_blocks=high_hr,
-            load_report_interval_ms=pb.load_report_interval_ms or d.load_report_interval_ms,
-        )
-        return cfg.validate()
-
-    def to_proto(self) -> config_pb2.ClusterConfig:
-        """Writes every field explicitly, so the stored config does not depend on this build's defaults."""
-        self.validate()
-        if self.dispatch_policy not in _DISPATCH_TO_PB:
-            raise ValueError(f"dispatch_policy: {self.dispatch_policy!r} is simulator-only (no ClusterConfig enum)")
-        return config_pb2.ClusterConfig(
-            dispatch=config_pb2.DispatchConfig(policy=_DISPATCH_TO_PB[self.dispatch_policy]),
-            migration=config_pb2.MigrationConfig(
-                disable=not self.enable_migration,
-                pairing_policy=_PAIRING_TO_PB[self.pairing_policy],
-                migrate_out_threshold=self.migrate_out_threshold,
-                selection=int(self.selection),  # type: ignore[arg-type]
-                disable_defrag=not self.enable_defrag,
-                pairing_interval_ms=self.pairing_interval_ms,
-                last_stage_max_blocks=self.last_stage_max_blocks,
-                max_stages=self.max_stages,
-                pending_timeout_ms=self.pending_timeout_ms,
-                transfer_timeout_ms=self.transfer_timeout_ms,
-            ),
-            scaling=config_pb2.ScalingConfig(
-                enable=self.enable_scaling,
-                scale_up_threshold=self.scale_up_threshold,
-                scale_down_threshold=self.scale_down_threshold,
-                min_instances=self.min_instances,
-                max_instances=self.max_instances,
-                scaling_interval_ms=self.scaling_interval_ms,
-                warmup_ms=self.scaling_warmup_ms,
-                drain_victim=_DRAIN_VICTIM_TO_PB[self.drain_victim],
-            ),
-            priority=config_pb2.PriorityConfig(
-                headroom=[
-                    config_pb2.PriorityHeadroom(
-                        priority=wire.priority_to_pb(Priority.NORMAL), headroom_blocks=self.normal_headroom_blocks
-                    ),
-                    config_pb2.PriorityHeadroom(
-                        priority=wire.priority_to_pb(Priority.HIGH), headroom_blocks=self.high_headroom_blocks
-                    ),
-                ]
-            ),
-            load_report_interval_ms=self.load_report_interval_ms,
-        )
 
 
 # Inclusive [low, high] of every numeric knob (also documented per field in config.proto).
@@ -277,10 +176,3 @@ def check_scale_target(target: int, config: PolicyConfig, provider_cap: int | No
             f"target_instances: {target} is outside the range [{config.min_instances}, {high}] "
             f"(scaling.min_instances {config.min_instances}, scaling.max_instances {config.max_instances}{cap})"
         )
-
-
-def _selection(value: int) -> Selection:
-    try:
-        return Selection(value)
-    except ValueError:
-        raise ValueError(f"selection: unknown MigrationSelection {value}") from None

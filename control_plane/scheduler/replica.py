@@ -40,6 +40,7 @@ from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.scaling import plan_manual_scale
 from pyllumnix.control_plane.policy.views import DispatchRequestView
 from pyllumnix.control_plane.scheduler.cluster import ClusterState, dispatch_stale_after
+from pyllumnix.control_plane.scheduler.config_wire import config_from_pb, config_to_pb
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
 from pyllumnix.infra import tracing
 from pyllumnix.infra.etcd.client import EtcdClient
@@ -349,7 +350,7 @@ class SchedulerReplica:
     async def _watch_config(self) -> None:
         async for message, revision in self.config_store.watch():
             try:  # a stored config outside today's ranges (older build, foreign writer) is skipped, not fatal
-                config = PolicyConfig.from_proto(message) if message is not None else PolicyConfig()
+                config = config_from_pb(message) if message is not None else PolicyConfig()
                 self.core.reconfigure(config)
             except ValueError as exc:
                 log.error("ignoring invalid config at revision %d: %s", revision, exc)
@@ -842,7 +843,7 @@ class SchedulerReplica:
         self, config: config_pb2.ClusterConfig, paths: list[str], expected_revision: int
     ) -> tuple[config_pb2.ClusterConfig, int]:
         self.require_leader()
-        merged = self.core.config.to_proto()
+        merged = config_to_pb(self.core.config)
         if paths:
             mask = field_mask_pb2.FieldMask(paths=paths)
             if not mask.IsValidForDescriptor(config_pb2.ClusterConfig.DESCRIPTOR):
@@ -851,10 +852,10 @@ class SchedulerReplica:
         else:
             merged = config
         try:
-            validated = PolicyConfig.from_proto(merged).validate()
+            validated = config_from_pb(merged)
         except ValueError as exc:
             raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        stored = validated.to_proto()
+        stored = config_to_pb(validated)
         try:
             revision = await self.config_store.put(stored, expected_revision=expected_revision or None)
         except ConfigConflictError as exc:

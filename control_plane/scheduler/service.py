@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeAlias, TypeVar
 import grpc
 
 from pyllumnix.control_plane.scheduler.cluster import StaleKeepAliveError
+from pyllumnix.control_plane.scheduler.config_wire import config_to_pb
 from pyllumnix.control_plane.scheduler.replica import NotLeaderError, SchedulerReplica, SchedulingError
 from pyllumnix.infra.security.authz import authenticated_caller, require_self
 from pyllumnix.infra.vocabulary import InstanceState
@@ -210,7 +211,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         async def call() -> admin_pb2.GetConfigResponse:
             self.replica.require_leader()
             return admin_pb2.GetConfigResponse(
-                config=self.replica.core.config.to_proto(), revision=self.replica.config_revision
+                config=config_to_pb(self.replica.core.config), revision=self.replica.config_revision
             )
 
         return await _guard(context, call)
