@@ -1,5 +1,7 @@
 """`llumnix serve --engine vllm` as a subprocess (two real vLLM llumlets on the CPU, the tiny local Llama and its own
-tokenizer), used the way a person would: the official openai client and ``llmctl migrate``.
+tokenizer), used the way a person would: the official openai client and ``llmctl migrate``. Secure, serve's default:
+the openai client sends the admin API key serve wrote to its client context file, and ``llmctl`` is given no endpoint
+or TLS flag (it reads that file, kubectl-style).
 
 The migrated stream's text is compared with a reference run of the same prompt (greedy), so a gap or a duplicate in the
 tokens or in the incremental detokenization cannot pass. Skipped only when vLLM cannot be imported (`make vllm`).
@@ -20,7 +22,10 @@ from typing import Any
 import openai
 import pytest
 
+from pyllumnix.clients import LlumnixClient
+from pyllumnix.clients.client import tls_from_context
 from pyllumnix.data_plane.engine.vllm import vllm_available
+from pyllumnix.infra.security.context import load_context
 from pyllumnix.tools.launch import Component, Launcher
 
 pytestmark = [
@@ -69,6 +74,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
         os.environ.get("LLUMNIX_VLLM_LLUMLET_ARGS", ""),  # e.g. GPU: --gpu-memory-utilization 0.3
         "--log-dir",
         str(launcher.log_dir / "components"),
+        "--context",
+        str(launcher.log_dir / "context.yaml"),
         timeout=300,
         env={"OMP_NUM_THREADS": "1"},
     )
@@ -79,16 +86,20 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
 
 
 def client(cluster: Component) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{cluster.ready['http']}/v1", api_key="unused", max_retries=0, timeout=120)
+    ctx = load_context(cluster.ready["context"])
+    assert ctx is not None and ctx.api_key, "a secure serve writes a client context with an admin API key"
+    return openai.OpenAI(base_url=f"{cluster.ready['http']}/v1", api_key=ctx.api_key, max_retries=0, timeout=120)
 
 
 def llmctl(cluster: Component, *args: str) -> subprocess.CompletedProcess[str]:
+    """``llmctl`` with no endpoint and no TLS flag: the context file serve wrote names the replicas and credentials."""
     return subprocess.run(
-        [LLMCTL, "--endpoint", ",".join(cluster.ready["schedulers"]), "--output", "json", *args],
+        [LLMCTL, "--output", "json", *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
+        env={**os.environ, "LLUMNIX_CONTEXT": str(cluster.ready["context"])},
     )
 
 
@@ -132,12 +143,17 @@ class Stream(threading.Thread):
 
 
 def instance_of(cluster: Component, request_id: str, timeout: float = 10.0) -> str | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for entry in llmctl_json(cluster, "requests").get("requests", []):
-            if entry["request"]["request_id"] == request_id:
-                return str(entry["instance_id"])
-        time.sleep(0.05)
+    """Where the request runs, asked with the client library in this process (a listing every 20 ms over one
+    connection: an ``llmctl`` process per poll costs seconds on a loaded host, longer than a short stream lives)."""
+    ctx = load_context(cluster.ready["context"])
+    assert ctx is not None
+    with LlumnixClient(scheduler_endpoints=ctx.scheduler, tls=tls_from_context(ctx), timeout=10) as c:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for entry in c.list_requests():
+                if entry.request.request_id == request_id:
+                    return str(entry.instance_id)
+            time.sleep(0.02)
     return None
 
 
@@ -177,6 +193,7 @@ def test_llmctl_migrate_streaming_request_between_vllm_instances(cluster: Compon
     expected = client(cluster).completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0)
     assert expected.usage is not None and expected.usage.completion_tokens == n
     # A retry only when the stream ended before the migration could start (a very slow or very fast machine).
+    attempts: list[str] = []
     for attempt in range(3):
         stream = Stream(cluster, model, f"vllm-mig-{attempt}", prompt, n)
         stream.start()
@@ -184,11 +201,13 @@ def test_llmctl_migrate_streaming_request_between_vllm_instances(cluster: Compon
         source = instance_of(cluster, stream.request_id)
         if source is None or not stream.is_alive():
             stream.join(60)
+            attempts.append(f"{stream.request_id}: listed on {source}, running {stream.is_alive()}, {stream.error!r}")
             continue
         target = next(i for i in instances if i != source)
         done = llmctl(cluster, "migrate", stream.request_id, "--to", target)
         stream.join(120)
         if done.returncode != 0 and stream.finish_reason == "length":
+            attempts.append(f"{stream.request_id}: migrate exit {done.returncode}: {done.stderr.strip()[-300:]}")
             continue  # it finished before the migration got to it
         assert done.returncode == 0, done.stdout + done.stderr
         moved = json.loads(done.stdout)
@@ -197,6 +216,6 @@ def test_llmctl_migrate_streaming_request_between_vllm_instances(cluster: Compon
         assert int(moved["bytes_sent"]) > 0
         break
     else:
-        pytest.fail("every stream finished before it could be migrated")
+        pytest.fail(f"every stream finished before it could be migrated: {attempts}")
     assert stream.error is None and stream.finish_reason == "length"
     assert stream.text == expected.choices[0].text, "the migrated stream's text differs from the reference run"
