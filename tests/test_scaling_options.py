@@ -14,6 +14,7 @@ import pytest
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.scaling import ScalingDecision
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
+from pyllumnix.control_plane.scheduler.config_wire import config_from_pb, config_to_pb
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.protos.llumnix.v1 import config_pb2
@@ -24,12 +25,12 @@ DEADLINE_S = 10.0
 @pytest.mark.parametrize(("warmup_ms", "victim"), [(0, "last"), (250_000, "fewest-requests"), (100_000, "last")])
 def test_scaling_options_survive_the_cluster_config(warmup_ms: int, victim: str) -> None:
     config = PolicyConfig(scaling_warmup_ms=warmup_ms, drain_victim=victim)
-    back = PolicyConfig.from_proto(config_pb2.ClusterConfig.FromString(config.to_proto().SerializeToString()))
+    back = config_from_pb(config_pb2.ClusterConfig.FromString(config_to_pb(config).SerializeToString()))
     assert (back.scaling_warmup_ms, back.drain_victim) == (warmup_ms, victim)
 
 
 def test_unset_scaling_options_mean_the_defaults() -> None:
-    c = PolicyConfig.from_proto(config_pb2.ClusterConfig(scaling=config_pb2.ScalingConfig(enable=True)))
+    c = config_from_pb(config_pb2.ClusterConfig(scaling=config_pb2.ScalingConfig(enable=True)))
     assert (c.scaling_warmup_ms, c.drain_victim) == (100_000, "fewest-requests")
 
 
@@ -43,7 +44,7 @@ def test_unset_scaling_options_mean_the_defaults() -> None:
 )
 def test_bad_scaling_options_are_refused_by_name(scaling: config_pb2.ScalingConfig, field: str) -> None:
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        PolicyConfig.from_proto(config_pb2.ClusterConfig(scaling=scaling))
+        config_from_pb(config_pb2.ClusterConfig(scaling=scaling))
 
 
 class _Provider:
