@@ -60,7 +60,10 @@ class LlumnixDispatch(DispatchPolicy):
         if request.priority >= Priority.HIGH:
             demand = -(-request.num_prompt_tokens // np.maximum(keys.block_size, 1))
             preferred = np.where(keys.high_num >= demand, keys.high_eligible, NOT_A_CANDIDATE)
-            fallback = keys.high_eligible
+            # Where the headroom fits nowhere, an instance the prompt still fits (behind its queue) before one where
+            # it would wait: the headroom charged elsewhere must not send it to a full high-priority instance.
+            fits = np.where(snapshot.columns.avail >= demand, keys.high_eligible, NOT_A_CANDIDATE)
+            fallback = fits if fits.max() > NOT_A_CANDIDATE else keys.high_eligible
         else:
             preferred, fallback = keys.normal_preferred, keys.normal_eligible
         i = int(preferred.argmax())  # ties: the lowest index, i.e. the lowest instance id
