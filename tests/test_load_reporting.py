@@ -294,6 +294,7 @@ def test_the_bench_report_block_extrapolates_from_its_own_rows() -> None:
         "take_cpu_share": 0.006,
         "fold_cpu_share": 0.002,  # 4 us per full load
         "report_ticks_skipped": 0,
+        "report_stream_restarts": 0,
     }
     block = _load_reports_block([row, dict(row, report_cpu_share=0.6)], [row], 1024, 20.0, 0.5)
     assert block["fold_us_per_full_load"] == pytest.approx(4.0)
@@ -345,3 +346,19 @@ def test_a_load_that_arrives_before_the_registration_counts_from_the_registratio
     cluster.report(load("b", 5), 0.2)
     cluster.set_registry({iid: common_pb2.InstanceInfo(instance_id=iid) for iid in ("a", "b")})
     assert "b" in cluster.snapshot(0.2)
+
+
+def test_a_full_load_dropped_by_the_floor_is_applied_when_a_keepalive_confirms_it() -> None:
+    """Two messages of one llumlet closer than the floor (a hiccup delivers them back to back): the second, a full
+    load, is dropped; before, the keep-alives confirming it then ended the stream (the leader held an older load)."""
+    replica = leader()
+    servicer = SchedulerServicer(replica, min_report_interval=3600.0)  # every message after the first is throttled
+    first = scheduler_pb2.ReportLoadRequest(load=load("i-1", 1))
+    changed = scheduler_pb2.ReportLoadRequest(load=load("i-1", 2, free_blocks=42))
+    assert servicer.take(first, "i-1", False)
+    assert not servicer.take(changed, "i-1", False) and servicer.reports_throttled == 1
+    servicer.min_report_interval = 0.0  # the floor has passed when the keep-alive comes
+    alive = scheduler_pb2.ReportLoadRequest(keep_alive=scheduler_pb2.LoadKeepAlive(instance_id="i-1", seq=2))
+    assert servicer.take(alive, "i-1", True)
+    assert replica.cluster.loads["i-1"].free_blocks == 42
+    assert servicer.take(alive, "i-1", True), "later keep-alives confirm the load now held"

@@ -71,6 +71,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.pairing import pair_instances
+from pyllumnix.control_plane.scheduler.cluster import StaleKeepAliveError
 from pyllumnix.control_plane.scheduler.config_wire import config_to_pb
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import (
@@ -152,6 +153,7 @@ class _ChildStats:
         self.keepalives = 0
         self.keepalive_s = 0.0
         self.ticks_skipped = 0
+        self.stream_restarts = 0
         self.dispatch_s: list[float] = []
         # Seconds spent in the parts of replica.dispatch, summed over the round.
         self.parts: dict[str, float] = {}
@@ -195,7 +197,7 @@ async def _report_loop(
             ticks += due - catch_up
             due = catch_up
         fulls: list[tuple[bytes, int]] = []
-        alives: list[bytes] = []
+        alives: list[tuple[bytes, int]] = []
         for _ in range(max(0, due)):
             i = next(order)
             if rng.random() < change or last_seq[i] == 0:
@@ -207,7 +209,7 @@ async def _report_loop(
                     quiet[i] = 0
                     iid = templates[i][0].instance_id
                     keep = scheduler_pb2.LoadKeepAlive(instance_id=iid, seq=last_seq[i])
-                    alives.append(scheduler_pb2.ReportLoadRequest(keep_alive=keep).SerializeToString())
+                    alives.append((scheduler_pb2.ReportLoadRequest(keep_alive=keep).SerializeToString(), i))
             ticks += 1
         t0 = time.thread_time()
         for data, n_seq in fulls:
@@ -215,9 +217,13 @@ async def _report_loop(
             report.load.seq = n_seq  # the harness's only step inside the timed part
             servicer.take(report, report.load.instance_id, False)
         t1 = time.thread_time()
-        for data in alives:
+        for data, i in alives:
             report = parse(data)
-            servicer.take(report, report.keep_alive.instance_id, True)
+            try:
+                servicer.take(report, report.keep_alive.instance_id, True)
+            except StaleKeepAliveError:  # the servicer would end this stream: the next one starts with a full load
+                last_seq[i] = 0
+                stats.stream_restarts += 1
         t2 = time.thread_time()
         stats.full_s += t1 - t0
         stats.keepalive_s += t2 - t1
@@ -367,6 +373,7 @@ async def _serve(
                 keepalive_s=stats.keepalive_s,
                 skipped=stats.ticks_skipped,
                 fold_s=replica.cluster.fold_s,
+                restarts=stats.stream_restarts,
             )
             stats.dispatch_s = []
             stats.parts = {}
@@ -384,6 +391,7 @@ async def _serve(
                 "keepalive_s": stats.keepalive_s - marks["keepalive_s"],
                 "ticks_skipped": stats.ticks_skipped - marks["skipped"],
                 "fold_s": replica.cluster.fold_s - marks["fold_s"],
+                "stream_restarts": stats.stream_restarts - marks["restarts"],
                 "dispatch_s": stats.dispatch_s,
                 "parts_s": stats.parts,
                 "leader": replica.is_leader,
@@ -518,6 +526,7 @@ async def _round(
         "take_cpu_share": round(child["report_s"] / elapsed, 4),
         "fold_cpu_share": round(child["fold_s"] / elapsed, 4),
         "report_ticks_skipped": child["ticks_skipped"],
+        "report_stream_restarts": child["stream_restarts"],
         "leader": child["leader"],
         "leader_terms": child["leader_terms"],
     }
@@ -626,6 +635,7 @@ def _load_reports_block(
         "take_cpu_share": round(med("take_cpu_share"), 4),
         "fold_cpu_share": round(med("fold_cpu_share"), 4),
         "ticks_skipped": sum(r["report_ticks_skipped"] for r in rows),
+        "stream_restarts": sum(r["report_stream_restarts"] for r in rows),
         "cpu_share_if_all_changed": round((full_us + fold_us) * hz * instances / 1e6, 4) if full_us else None,
         "cpu_share_if_none_changed": (
             round(keepalive_us * hz / LOAD_KEEPALIVE_EVERY * instances / 1e6, 4) if keepalive_us else None

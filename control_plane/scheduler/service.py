@@ -25,7 +25,7 @@ from pyllumnix.control_plane.scheduler.config_wire import config_to_pb
 from pyllumnix.control_plane.scheduler.replica import NotLeaderError, SchedulerReplica, SchedulingError
 from pyllumnix.infra.security.authz import authenticated_caller, require_self
 from pyllumnix.infra.vocabulary import InstanceState
-from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 LEADER_METADATA_KEY = "llumnix-leader"
 SCHEDULER_SERVICE = "llumnix.v1.SchedulerService"
@@ -63,6 +63,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self._last_report: dict[str, float] = {}
         self.reports_throttled = 0
         self.keepalives_received = 0
+        # instance id -> its latest full load dropped by the floor, applied when a keep-alive confirms it (else a
+        # llumlet that then only confirms it would have its stream ended for a load the leader threw away).
+        self._held: dict[str, common_pb2.InstanceLoad] = {}
 
     async def Dispatch(
         self, request: scheduler_pb2.DispatchRequest, context: Context
@@ -103,10 +106,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         last = self._last_report.get(instance_id)
         if last is not None and now - last < self.min_report_interval:
             self.reports_throttled += 1
+            if not keep_alive:  # kept (the latest only): the keep-alives that follow confirm this load
+                self._held[instance_id] = report.load
             return False
+        held = self._held.pop(instance_id, None)
         if keep_alive:
             self.keepalives_received += 1
-            taken = self.replica.keepalive(instance_id, report.keep_alive.seq)
+            if held is not None and held.seq == report.keep_alive.seq:
+                taken = self.replica.report(held)  # one load for the two messages: still one per floor interval
+            else:
+                taken = self.replica.keepalive(instance_id, report.keep_alive.seq)
         else:
             taken = self.replica.report(report.load)
         if taken:
