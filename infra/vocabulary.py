@@ -1,4 +1,4 @@
-"""The one vocabulary every layer speaks: request phase, finish reason, instance state and priority.
+"""The one vocabulary every layer speaks: request phase, finish reason, instance state, priority and migration outcome.
 
 Pure (no proto import, no I/O) so that the policy core, the engines, the llumlet, the frontend and the clients can all
 use it without depending on one another. Every enum here carries the same ints as its ``llumnix.v1`` proto enum, so a
@@ -90,6 +90,35 @@ class FinishReason(_WireEnum):
         return member
 
 
+class MigrationOutcome(_WireEnum):
+    """Mirrors ``llumnix.v1.MigrationOutcome``: how a migration ended. The migration machines
+    (``data_plane/llumlet/migration``) call a migration that has not ended RUNNING: the alias of UNSPECIFIED, which is
+    what a result not filled in yet carries on the wire."""
+
+    UNSPECIFIED = 0
+    COMMITTED = 1
+    ABORTED_BY_SOURCE = 2
+    ABORTED_BY_DESTINATION = 3
+    RUNNING = 0  # alias of UNSPECIFIED
+
+    @property
+    def label(self) -> str:
+        """The lowercase name metrics, transcripts and the simulator's summary use: "committed", "aborted_by_source",
+        "aborted_by_destination"; "running" for a migration that has not ended."""
+        return "running" if self is MigrationOutcome.UNSPECIFIED else self.name.lower()
+
+    @property
+    def counted_as(self) -> MigrationOutcome:
+        """The outcome a finished migration's result is counted under: one without an outcome this version knows
+        (UNSPECIFIED, or a newer peer's value read leniently) counts as the source giving up, since the request
+        stayed where it was."""
+        return MigrationOutcome.ABORTED_BY_SOURCE if self is MigrationOutcome.UNSPECIFIED else self
+
+
+# The outcomes of a migration that has ended, in the proto's order (metric families list each from the start).
+ENDED_OUTCOMES: tuple[MigrationOutcome, ...] = tuple(o for o in MigrationOutcome if o is not MigrationOutcome.RUNNING)
+
+
 def normalize_priority(value: int) -> Priority:
     """The one reading of a priority int, wherever it comes from (wire, engine, trace): UNSPECIFIED and anything
     unknown below HIGH is NORMAL; anything at or above HIGH is HIGH. Never raises: a request is never refused for a
@@ -118,8 +147,10 @@ def parse_priority(value: int | str) -> Priority:
 _PRIORITY_CHOICES = ", ".join(m.name.lower() for m in Priority) + " or " + ", ".join(str(int(m)) for m in Priority)
 
 __all__ = [
+    "ENDED_OUTCOMES",
     "FinishReason",
     "InstanceState",
+    "MigrationOutcome",
     "Priority",
     "RequestPhase",
     "normalize_priority",

@@ -14,8 +14,15 @@ from typing import NamedTuple, TypeVar, cast
 
 from google.protobuf.descriptor import EnumDescriptor
 
-from pyllumnix.infra.vocabulary import FinishReason, InstanceState, Priority, RequestPhase, normalize_priority
-from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
+from pyllumnix.infra.vocabulary import (
+    FinishReason,
+    InstanceState,
+    MigrationOutcome,
+    Priority,
+    RequestPhase,
+    normalize_priority,
+)
+from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2, llumlet_pb2
 
 
 class Mirror(NamedTuple):
@@ -31,6 +38,7 @@ MIRRORS: tuple[Mirror, ...] = (
     Mirror(FinishReason, common_pb2.FinishReason.DESCRIPTOR, "FINISH_REASON_"),
     Mirror(InstanceState, common_pb2.InstanceState.DESCRIPTOR, "INSTANCE_STATE_"),
     Mirror(Priority, common_pb2.Priority.DESCRIPTOR, "PRIORITY_"),
+    Mirror(MigrationOutcome, llumlet_pb2.MigrationOutcome.DESCRIPTOR, "MIGRATION_OUTCOME_"),
 )
 
 
@@ -77,6 +85,17 @@ def priority_to_pb(priority: int) -> common_pb2.Priority.ValueType:
 def priority_from_pb(value: int) -> Priority:
     """A received priority, normalised (UNSPECIFIED and unknown values below HIGH are NORMAL)."""
     return normalize_priority(value)
+
+
+# ---------------------------------------------------------------------------------------------------- migration outcome
+def outcome_to_pb(outcome: MigrationOutcome) -> llumlet_pb2.MigrationOutcome.ValueType:
+    """A migration not ended (RUNNING) is UNSPECIFIED on the wire."""
+    return cast(llumlet_pb2.MigrationOutcome.ValueType, int(outcome))
+
+
+def outcome_from_pb(value: int) -> MigrationOutcome:
+    """A received outcome (an unknown value reads as UNSPECIFIED: ``counted_as`` says how to count it)."""
+    return MigrationOutcome.of(value)
 
 
 # ---------------------------------------------------------------------------------------------------- config names
@@ -130,6 +149,8 @@ __all__ = [
     "finish_to_pb",
     "name_from_pb",
     "name_to_pb",
+    "outcome_from_pb",
+    "outcome_to_pb",
     "phase_from_pb",
     "phase_to_pb",
     "priority_from_pb",

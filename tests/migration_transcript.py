@@ -69,6 +69,8 @@ def snake(name: str) -> str:
 def _format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, ev.Outcome):
+        return value.label
     if isinstance(value, enum.Enum):
         return str(value.value)
     if isinstance(value, tuple):
@@ -95,7 +97,7 @@ def format_action(action: Any) -> str:
 
 def _parse_value(key: str, text: str) -> Any:
     if key == "phase":
-        return None if text == "none" else Phase[text.upper()]
+        return None if text == "none" else Phase.from_label(text)
     if key == "block_ids":
         return tuple(int(v) for v in text.split(",") if v)
     if text in ("true", "false"):

@@ -26,7 +26,14 @@ from pyllumnix.data_plane.engine.vllm import vllm_available
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.migration.events import Outcome
 from pyllumnix.infra import wire
-from pyllumnix.infra.vocabulary import FinishReason, InstanceState, Priority, RequestPhase
+from pyllumnix.infra.vocabulary import (
+    ENDED_OUTCOMES,
+    FinishReason,
+    InstanceState,
+    MigrationOutcome,
+    Priority,
+    RequestPhase,
+)
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2, frontend_pb2, llumlet_pb2
 
 # Every proto enum with a Python mirror outside ``wire.MIRRORS``: (mirror, descriptor, prefix).
@@ -34,13 +41,11 @@ OTHER_MIRRORS: list[tuple[type[enum.Enum], EnumDescriptor, str]] = [
     (Selection, common_pb2.MigrationSelection.DESCRIPTOR, "MIGRATION_SELECTION_"),
 ]
 # Proto enums deliberately without a Python enum: their values are config names (the policy registries' keys),
-# mapped by ``infra/wire.py``'s name tables, checked below; MigrationOutcome's mirror has string values and is
-# checked by name below.
+# mapped by ``infra/wire.py``'s name tables, checked below.
 NOT_MIRRORED = {
     "llumnix.v1.DispatchPolicy",
     "llumnix.v1.PairingPolicy",
     "llumnix.v1.DrainVictim",
-    "llumnix.v1.MigrationOutcome",
 }
 ALL_MIRRORS = [(m.vocabulary, m.proto, m.prefix) for m in wire.MIRRORS] + OTHER_MIRRORS
 
@@ -79,6 +84,7 @@ def test_wire_mappings_round_trip_and_read_unknown_values_as_unspecified(mirror:
         FinishReason: (wire.finish_to_pb, wire.finish_from_pb),
         InstanceState: (wire.state_to_pb, wire.state_from_pb),
         Priority: (wire.priority_to_pb, wire.priority_from_pb),
+        MigrationOutcome: (wire.outcome_to_pb, wire.outcome_from_pb),
     }
     to_pb, from_pb = conversions[mirror]
     for member in mirror:
@@ -160,9 +166,20 @@ def test_priority_parsing_and_normalising() -> None:
         assert convert.spec_to_pb(spec, "f").priority == int(kept)
 
 
-def test_migration_outcomes_are_the_proto_outcomes() -> None:
-    names = {o.name for o in Outcome if o is not Outcome.RUNNING}
-    assert names == set(proto_values(llumlet_pb2.MigrationOutcome.DESCRIPTOR, "MIGRATION_OUTCOME_")) - {"UNSPECIFIED"}
+def test_the_migration_machines_speak_the_vocabulary() -> None:
+    """The machines' Outcome is the mirrored MigrationOutcome (its RUNNING the wire's UNSPECIFIED), and each ended
+    outcome's label is the MigrationStats field and metric label it is counted under."""
+    assert Outcome is MigrationOutcome
+    assert Outcome.RUNNING is MigrationOutcome.UNSPECIFIED  # type: ignore[comparison-overlap]
+    assert Outcome.RUNNING.label == "running"
+    assert wire.outcome_to_pb(Outcome.RUNNING) == llumlet_pb2.MIGRATION_OUTCOME_UNSPECIFIED
+    assert ENDED_OUTCOMES == (Outcome.COMMITTED, Outcome.ABORTED_BY_SOURCE, Outcome.ABORTED_BY_DESTINATION)
+    stats_fields = set(common_pb2.MigrationStats.DESCRIPTOR.fields_by_name)
+    for outcome in ENDED_OUTCOMES:
+        assert outcome.label == outcome.name.lower() and outcome.label in stats_fields
+        assert outcome.counted_as is outcome
+    # A result without an outcome this version knows counts as the source giving up (the request stayed put).
+    assert wire.outcome_from_pb(99).counted_as is MigrationOutcome.ABORTED_BY_SOURCE
 
 
 @pytest.mark.vllm

@@ -188,7 +188,7 @@ def test_any_interleaving_leaves_one_copy_and_no_leak(
     assert not actions, "the migration did not end"
 
     source = world.source
-    tally(f"{source.outcome.value}: {source.reason.split(':')[0].split('(')[0][:44]}")
+    tally(f"{source.outcome.label}: {source.reason.split(':')[0].split('(')[0][:44]}")
     here, there = RID in src.request_ids(), RID in dst.request_ids()
     assert source.done and not (here and there), (source.outcome, source.reason)
     assert here or there or world.finished or world.client_aborted, f"lost: {source.outcome} {source.reason}"

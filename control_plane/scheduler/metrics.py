@@ -15,13 +15,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
+from pyllumnix.infra import wire
+from pyllumnix.infra.vocabulary import ENDED_OUTCOMES
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2
-
-_OUTCOMES = {
-    llumlet_pb2.MIGRATION_OUTCOME_COMMITTED: "committed",
-    llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE: "aborted_by_source",
-    llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION: "aborted_by_destination",
-}
 
 
 class SchedulerMetrics(Collector):
@@ -29,14 +25,13 @@ class SchedulerMetrics(Collector):
 
     def __init__(self, replica: SchedulerReplica) -> None:
         self.replica = replica
-        self.migration_results: dict[str, int] = dict.fromkeys(_OUTCOMES.values(), 0)
+        self.migration_results: dict[str, int] = {o.label: 0 for o in ENDED_OUTCOMES}
         replica.on_migration.append(self._record)
         self.registry = CollectorRegistry()
         self.registry.register(self)
 
     def _record(self, result: llumlet_pb2.MigrationResult) -> None:
-        outcome = _OUTCOMES.get(result.outcome, "aborted_by_source")
-        self.migration_results[outcome] += 1
+        self.migration_results[wire.outcome_from_pb(result.outcome).counted_as.label] += 1
 
     def collect(self) -> Iterator[Metric]:
         r = self.replica

@@ -39,7 +39,7 @@ from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
 from pyllumnix.infra import tracing, wire
 from pyllumnix.infra.security.runtime import open_channel
-from pyllumnix.infra.vocabulary import InstanceState
+from pyllumnix.infra.vocabulary import InstanceState, MigrationOutcome
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,14 @@ class LlumletStats:
     def record_migration(self, result: llumlet_pb2.MigrationResult) -> None:
         """Counts an outgoing migration by outcome; committed ones feed the downtime histogram."""
         stats = self.migration
-        if result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED:
+        outcome = wire.outcome_from_pb(result.outcome).counted_as
+        if outcome is MigrationOutcome.COMMITTED:
             stats.committed += 1
             stats.downtime_sum_ms += result.downtime_ms
             for i, bound in enumerate(DOWNTIME_BUCKETS_MS):
                 if result.downtime_ms <= bound:
                     stats.downtime_bucket_counts[i] += 1
-        elif result.outcome == llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION:
+        elif outcome is MigrationOutcome.ABORTED_BY_DESTINATION:
             stats.aborted_by_destination += 1
         else:
             stats.aborted_by_source += 1

@@ -16,10 +16,10 @@ from pyllumnix.tools.sim.migration import Outcome
 
 
 def migration_summary(result: SimResult) -> dict[str, Any]:
-    by_outcome = {o.value: 0 for o in Outcome if o is not Outcome.RUNNING}
+    by_outcome = {o.label: 0 for o in Outcome if o is not Outcome.RUNNING}
     for m in result.migrations:
         if m.outcome is not Outcome.RUNNING:
-            by_outcome[m.outcome.value] += 1
+            by_outcome[m.outcome.label] += 1
     committed = [m for m in result.migrations if m.outcome is Outcome.COMMITTED]
     return {
         "attempted": len(result.migrations),

@@ -48,7 +48,7 @@ from pyllumnix.data_plane.transport.fusion import (
     receive_blocks,
     send_blocks,
 )
-from pyllumnix.infra import tracing
+from pyllumnix.infra import tracing, wire
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
@@ -163,11 +163,6 @@ _REFUSAL_CODES = {
     ev.Refusal.TIMED_OUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     ev.Refusal.NOT_READY: grpc.StatusCode.FAILED_PRECONDITION,
     ev.Refusal.INCOMPATIBLE: grpc.StatusCode.FAILED_PRECONDITION,
-}
-_OUTCOMES = {
-    ev.Outcome.COMMITTED: llumlet_pb2.MIGRATION_OUTCOME_COMMITTED,
-    ev.Outcome.ABORTED_BY_SOURCE: llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_SOURCE,
-    ev.Outcome.ABORTED_BY_DESTINATION: llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION,
 }
 
 
@@ -464,7 +459,7 @@ class MigrationCoordinator:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await out.stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=CONTROL_TIMEOUT_S)
         elif isinstance(action, ev.Done):
-            out.result.outcome = _OUTCOMES[action.outcome]
+            out.result.outcome = wire.outcome_to_pb(action.outcome)
             out.result.reason = action.reason
         return None
 

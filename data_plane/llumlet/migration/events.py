@@ -14,15 +14,11 @@ from dataclasses import dataclass, field
 
 from pyllumnix.data_plane.engine.base import Phase
 from pyllumnix.data_plane.llumlet.migration.plan import Stage
+from pyllumnix.infra.vocabulary import MigrationOutcome
 
-
-class Outcome(enum.Enum):
-    """How a migration ended; names equal ``llumlet.v1.MigrationOutcome`` without its prefix (a test checks)."""
-
-    RUNNING = "running"
-    COMMITTED = "committed"
-    ABORTED_BY_SOURCE = "aborted_by_source"
-    ABORTED_BY_DESTINATION = "aborted_by_destination"
+# How a migration ended: the one vocabulary's ``MigrationOutcome`` (``llumnix.v1.MigrationOutcome``'s ints, mapped in
+# ``infra/wire.py``); RUNNING, the machines' name for a migration not ended yet, is its UNSPECIFIED.
+Outcome = MigrationOutcome
 
 
 # ---------------------------------------------------------------- source events
