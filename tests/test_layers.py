@@ -82,6 +82,13 @@ def test_policy_core_imports_no_proto() -> None:
     assert violations("control_plane/policy", f"{PACKAGE}.protos") == []
 
 
+@pytest.mark.parametrize("folder", ["control_plane", "data_plane"])
+def test_components_import_nothing_of_the_cli_tools(folder: str) -> None:
+    """``tools/`` (the CLI, launcher, benchmarks, simulator) sits on top of the components; what a component shares
+    with it lives in ``infra/`` (e.g. ``infra/processes.describe_exit``, once ``tools.launch``'s)."""
+    assert violations(folder, f"{PACKAGE}.tools") == []
+
+
 @pytest.mark.parametrize("folder", ["infra", "clients"])
 def test_shared_layers_import_no_component(folder: str) -> None:
     """``infra/`` (I/O helpers, vocabulary, wire) sits under every component and the client library is what users

@@ -117,18 +117,6 @@ def spawn(
     )
 
 
-def describe_exit(returncode: int | None) -> str:
-    """``exit code 3`` / ``signal SIGKILL`` / ``running``: how a child ended, for logs."""
-    if returncode is None:
-        return "running"
-    if returncode < 0:
-        try:
-            return f"signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"exit code {returncode}"
-
-
 @dataclass
 class Component:
     name: str

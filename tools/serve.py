@@ -49,7 +49,8 @@ import click
 import yaml
 
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, Member
-from pyllumnix.tools.launch import Component, Launcher, LaunchError, describe_exit, libc, signal_group, spawn
+from pyllumnix.infra.processes import describe_exit
+from pyllumnix.tools.launch import Component, Launcher, LaunchError, libc, signal_group, spawn
 
 DEFAULTS: dict[str, Any] = {
     "etcd": "",

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyllumnix.infra.processes import describe_exit
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import SecuritySettings
-from pyllumnix.tools.launch import describe_exit
 
 log = logging.getLogger(__name__)
 
