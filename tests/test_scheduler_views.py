@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pyllumnix.control_plane.scheduler.views import dispatch_request_view, from_instance_load, request_view
-from pyllumnix.infra.vocabulary import InstanceState, Priority, RequestPhase
-from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
+from pyllumnix.control_plane.scheduler.views import from_instance_load
+from pyllumnix.infra.vocabulary import InstanceState
+from pyllumnix.protos.llumnix.v1 import common_pb2
 
 
 def _requests() -> list[tuple[str, int, int, int, int]]:
@@ -59,24 +59,3 @@ def test_from_instance_load_reads_an_unknown_state_as_active() -> None:
     pb = common_pb2.InstanceLoad(instance_id="a", total_blocks=10, free_blocks=10)
     pb.state = 99  # type: ignore[assignment]
     assert from_instance_load(pb).state == InstanceState.ACTIVE
-
-
-def test_request_view() -> None:
-    pb = _load()
-    assert request_view(pb.requests[1]).priority == Priority.NORMAL
-    assert request_view(pb.requests[0]).priority == Priority.HIGH
-    assert request_view(pb.requests[3]).phase == RequestPhase.MIGRATING
-    unknown = common_pb2.RequestLoad(request_id="x", num_blocks=3)
-    unknown.phase = 42  # type: ignore[assignment]
-    assert request_view(unknown).phase == RequestPhase.UNSPECIFIED
-
-
-def test_dispatch_request_view() -> None:
-    r = dispatch_request_view(
-        scheduler_pb2.DispatchRequest(
-            request_id="x", priority=common_pb2.PRIORITY_HIGH, num_prompt_tokens=33, max_tokens=5
-        )
-    )
-    assert r.priority == Priority.HIGH
-    assert r.demand_blocks(16) == 3  # ceil(33 / 16)
-    assert dispatch_request_view(scheduler_pb2.DispatchRequest(request_id="y")).priority == Priority.NORMAL

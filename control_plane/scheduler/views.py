@@ -7,10 +7,10 @@ through ``infra/wire.py``.
 
 from __future__ import annotations
 
-from pyllumnix.control_plane.policy.views import DispatchRequestView, InstanceView, RequestView, priority_split, view_of
+from pyllumnix.control_plane.policy.views import InstanceView, priority_split, view_of
 from pyllumnix.infra import wire
 from pyllumnix.infra.vocabulary import InstanceState
-from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2
 
 
 def from_instance_load(
@@ -47,26 +47,4 @@ def from_instance_load(
         dispatched_demand_blocks=dispatched[1],
         dispatched_high=dispatched[2],
         seq=pb.seq,
-    )
-
-
-def request_view(pb: common_pb2.RequestLoad) -> RequestView:
-    """One reported request as request selection sees it (an unknown phase reads as UNSPECIFIED)."""
-    return RequestView(
-        request_id=pb.request_id,
-        phase=wire.phase_from_pb(pb.phase),
-        priority=wire.priority_from_pb(pb.priority),
-        num_blocks=pb.num_blocks,
-        demand_blocks=pb.demand_blocks,
-        arrival_time=pb.arrival_time,
-    )
-
-
-def dispatch_request_view(pb: scheduler_pb2.DispatchRequest) -> DispatchRequestView:
-    """What dispatch knows about a new request, from its ``Dispatch`` call."""
-    return DispatchRequestView(
-        request_id=pb.request_id,
-        priority=wire.priority_from_pb(pb.priority),
-        num_prompt_tokens=pb.num_prompt_tokens,
-        max_tokens=pb.max_tokens,
     )
