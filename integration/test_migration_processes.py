@@ -136,9 +136,9 @@ async def test_micro_benchmark_migrates_continuously_without_losing_tokens(
     migrated = loads[0].migration_stats.committed + loads[1].migration_stats.committed
     assert migrated >= 5, f"only {migrated} migrations"
     # Every block must come back, within a deadline. With the push stream (#20) a destination was seen (2 runs of 8)
-    # still holding a stage-0 reservation after the last output: the source never sent its bytes nor told it to abort,
-    # and the destination freed it on its own 5 s stall timeout ("stage bytes did not arrive"); not seen with the
-    # unary push (0 of 4). Root cause open: see docs/bench-peers/README.md.
+    # still holding a stage-0 reservation after the last output, freed on its own 5 s stall timeout ("stage bytes did
+    # not arrive"; the source logs no source-side abort); not seen with the unary push (0 of 4). Root cause open: see
+    # docs/bench-peers/README.md.
     deadline = time.monotonic() + 10
     while not all(load.free_blocks == load.total_blocks for load in loads):
         held = [(load.instance_id, load.free_blocks, load.total_blocks, load.reserved_blocks) for load in loads]
