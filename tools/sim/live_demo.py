@@ -9,7 +9,9 @@ llumlet runs them, 50 ms load reports as the live llumlets send) under both poli
 ratio INFaaS++ / Llumnix of every latency figure next to the simulated one.
 
 Every process is started by this command (``llumnix serve`` in its own process group) and stopped by it, also on
-failure. Sized by the workload: ~10 minutes for the default on an idle 2-core machine.
+failure. Sized by the workload: the default took 24 minutes here (two replays of 10-13 minutes: the arrivals span
+207 s, M-M's longest requests then decode ~6k tokens); smaller M-M runs did not queue enough on 4 instances for the
+policies to part (docs/sim/REPORT.md).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from pyllumnix.tools.sim.config import SimConfig
 from pyllumnix.tools.sim.runner import load_workload, run_case
 
 POLICIES = ("llumnix", "infaas++")
-# M-M at 1.5x the artifact's middle rate for 4 instances (7.7 x 4/16 x 1.5): queues form on 4 instances, and the run
-# (arrivals over ~3.5 min, then the drain) fits ~10 minutes for both policies.
+# M-M at 1.5x the artifact's middle rate for 4 instances (7.7 x 4/16 x 1.5): queues form on 4 instances (arrivals
+# over ~3.5 min, then the drain of the longest requests, ~6 min).
 DEFAULT_WORKLOAD = "M-M:poisson:rate=2.9:n=600"
 FIGURES = (
     ("prefill mean", ("prefill_s", "mean")),
