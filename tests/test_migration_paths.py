@@ -20,6 +20,7 @@ import pytest
 from pyllumnix.data_plane.engine.base import MigrationState, RequestSpec, Sampling
 from pyllumnix.data_plane.engine.payload import expected_block_bytes
 from pyllumnix.data_plane.engine.sim import SimEngine
+from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.migration.coordinator import (
     MigrationCoordinator,
@@ -81,6 +82,9 @@ class Hooks(MigrationHooks):
 
     async def before_last_stage(self, migration_id: str, request_id: str, stage: int) -> None:
         await self._at("before_last_stage", stage)
+
+    async def before_copy(self, migration_id: str, request_id: str, stage: int) -> None:
+        await self._at("before_copy", stage)
 
     async def before_commit(self, migration_id: str, request_id: str, stage: int) -> None:
         await self._at("before_commit", stage)
@@ -411,6 +415,115 @@ async def test_source_abort_when_request_is_preempted(sink: RecordingSink) -> No
         assert (a.free, b.free) == (32, b.engine.total_blocks)
     finally:
         await a.close()
+        await b.close()
+
+
+async def test_request_preempted_between_reservation_and_copy_frees_the_destination_at_once(
+    sink: RecordingSink,
+) -> None:
+    """The request loses its blocks to a preemption after stage 0's reservation and before the source reads them:
+    the source aborts (tell-abort) instead of sending nothing and announcing the stage, which left the destination
+    holding the reservation until its stall timeout (5 s) ran out (the lingering reservation of #12's benchmark)."""
+    a, b = await make_node("a", total_blocks=32), await make_node("b")
+    hooks = Hooks()
+    a.coordinator.hooks = hooks
+
+    def preempted() -> bool:
+        return any(r.request_id == "new" and r.num_preemptions > 0 for r in a.engine.load().requests)
+
+    async def wait_for_preemption() -> None:  # reserved on b; both requests grow until "new" (the newest) is evicted
+        assert not preempted(), "preempted before stage 0 was reserved"
+        assert b.engine.load().reserved_blocks > 0
+        await until(preempted, "the preemption of 'new'")
+
+    hooks.actions[("before_copy", 0)] = wait_for_preemption
+    try:
+        await a.stub.AddRequest(request("old", sink, 180, 300))
+        await wait_tokens(sink, "old", 1)
+        await a.stub.AddRequest(request("new", sink, 180, 300))  # most recent: the preemption victim
+        await wait_tokens(sink, "new", 1)
+        result = (await a.stub.MigrateOut(migrate(a, b, "new"))).results[0]
+        hooks.assert_all_ran()
+        assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_SOURCE, result.reason
+        assert result.reason == "request new was preempted during migration"
+        assert result.stages == 0 and result.bytes_sent == 0
+        # told, not timed out: the reservation is gone when the migration's answer arrives
+        assert b.engine.load().reserved_blocks == 0 and not b.coordinator.busy
+        for rid in ("old", "new"):
+            await sink.wait(rid, timeout=60)
+            assert sink.tokens(rid) == unmigrated_tokens(180, 300)
+            assert_stream_exact(sink, rid)
+            assert {o.instance_id for o in sink.outputs[rid]} == {"a"}
+        await settle(a, b)
+        assert (a.free, b.free) == (32, b.engine.total_blocks)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_request_finished_between_reservation_and_copy_frees_the_destination_at_once(
+    sink: RecordingSink,
+) -> None:
+    """The request runs to its end after stage 0's reservation and before the copy: the source tells the destination,
+    which frees the reservation before the migration's answer arrives."""
+    a, b = await make_node("a"), await make_node("b")
+
+    async def finish() -> None:
+        assert b.engine.load().reserved_blocks > 0
+        await sink.wait("short")
+
+    hooks = Hooks({("before_copy", 0): finish})
+    a.coordinator.hooks = hooks
+    try:
+        await a.stub.AddRequest(request("short", sink, 200, 120))
+        await wait_tokens(sink, "short", 1)
+        result = (await a.stub.MigrateOut(migrate(a, b, "short"))).results[0]
+        hooks.assert_all_ran()
+        assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_SOURCE, result.reason
+        assert result.reason == "request short finished or was aborted during migration"
+        assert result.stages == 0
+        assert b.engine.load().reserved_blocks == 0 and not b.coordinator.busy
+        assert sink.tokens("short") == unmigrated_tokens(200, 120)
+        assert_stream_exact(sink, "short")
+        await settle(a, b)
+        assert (a.free, b.free) == (a.engine.total_blocks, b.engine.total_blocks)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_destination_refuses_a_short_stage_at_once(sink: RecordingSink) -> None:
+    """A stage announced with fewer bytes than its reservation holds cannot complete: the destination refuses it and
+    frees the reservation at once, instead of waiting for bytes that will not come until its stall timeout (30 s
+    here; before, the call hung that long)."""
+    b = await make_node("b", settings=MigrationSettings(stall_timeout_s=30.0, transfer_timeout_s=60.0))
+    try:
+        donor = SimEngine("tiny")
+        spec = RequestSpec("r", tuple(range(1, 41)), Sampling(20, seed=1, ignore_eos=True))
+        donor.add_request(spec, 0.0)
+        donor.step(0.0)
+        assert sink.server is not None
+        reply = await b.stub.PreAllocate(
+            llumlet_pb2.PreAllocateRequest(
+                migration_id="m",
+                source_instance_id="a",
+                stage=0,
+                num_blocks=2,
+                request=convert.migration_state_to_pb(donor.export_state("r"), sink.server.address),
+                kv_layout=b.engine.kv_layout().encode(),
+            )
+        )
+        assert len(reply.block_ids) == 2 and b.engine.load().reserved_blocks == 2
+        notice = llumlet_pb2.TransferStageRequest(
+            migration_id="m", stage=0, block_ids=reply.block_ids, num_bytes=b.engine.block_bytes, crc32=0
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await b.stub.TransferStage(notice, timeout=5)
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS, err.value.details()
+        assert f"the source sent {b.engine.block_bytes} bytes for 2 reserved blocks" in (err.value.details() or "")
+        assert b.engine.load().reserved_blocks == 0 and not b.coordinator.busy
+        assert b.free == b.engine.total_blocks
+    finally:
         await b.close()
 
 

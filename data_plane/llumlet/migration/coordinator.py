@@ -92,6 +92,9 @@ class MigrationHooks:
     async def before_last_stage(self, migration_id: str, request_id: str, stage: int) -> None:
         """The request is suspended for the stop-and-copy stage; its blocks are not pre-allocated yet."""
 
+    async def before_copy(self, migration_id: str, request_id: str, stage: int) -> None:
+        """The stage's blocks are reserved on the destination; the source reads which blocks to send next."""
+
     async def before_commit(self, migration_id: str, request_id: str, stage: int) -> None:
         """Every stage is transferred, outputs flushed and the last client-abort check done; the commit RPC is next."""
 
@@ -437,6 +440,7 @@ class MigrationCoordinator:
         if isinstance(action, ev.Commit):
             return await self._commit(out)
         if isinstance(action, ev.TellAbort):
+            log.debug("migration %s of %s: telling the destination to free its reservation", mid, rid)
             await self._tell_abort(out.stub, mid, action.reason)
         elif isinstance(action, ev.Resume):
             async with self.llumlet.engine_lock:
@@ -461,6 +465,19 @@ class MigrationCoordinator:
         elif isinstance(action, ev.Done):
             out.result.outcome = wire.outcome_to_pb(action.outcome)
             out.result.reason = action.reason
+            if action.outcome is not ev.Outcome.COMMITTED:
+                # The source's view of every ending (a destination logs only its own side): what the destination
+                # was asked to reserve and why the migration stopped.
+                log.info(
+                    "migration %s of %s to %s: %s after %d stages (%s): %s",
+                    mid,
+                    rid,
+                    out.result.destination_instance_id,
+                    action.outcome.label,
+                    machine.stages,
+                    "destination told to free its reservation" if machine.asked_reserve else "nothing reserved",
+                    action.reason,
+                )
         return None
 
     async def _hook_stage(self, out: _Outgoing, stage: int) -> None:
@@ -526,11 +543,12 @@ class MigrationCoordinator:
     async def _copy_stage(self, out: _Outgoing, action: ev.Copy) -> ev.SourceEvent:
         machine, stage = out.machine, action.stage
         mid, rid = machine.migration_id, machine.request_id
+        if self.hooks is not None:
+            await self.hooks.before_copy(mid, rid, stage.index)
         async with self.llumlet.engine_lock:
-            try:
-                src_ids = self.llumlet.engine.block_ids(rid)[stage.first : stage.first + stage.count]
-            except UnknownRequestError:
-                return ev.SourceFailed(f"request {rid} finished or was aborted during migration")
+            src_ids = perform.stage_blocks(self.llumlet.engine, rid, stage)
+        if isinstance(src_ids, ev.SourceFailed):
+            return src_ids
         try:
             nbytes, crc = await self._send_stage(data_key(mid, out.transfer_token, stage.index), out.peer, src_ids)
         except (KeyError, IndexError) as exc:  # blocks freed under us: the request was preempted or aborted
@@ -602,10 +620,13 @@ class MigrationCoordinator:
         return ev.Committed()
 
     async def _tell_abort(self, stub: llumlet_pb2_grpc.LlumletServiceStub, mid: str, reason: str) -> None:
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        try:
             await stub.AbortMigration(
                 llumlet_pb2.AbortMigrationRequest(migration_id=mid, reason=reason), timeout=CONTROL_TIMEOUT_S
             )
+        except grpc.aio.AioRpcError as exc:
+            # Not fatal (the destination's pending timeout frees what it holds), but a reservation then lingers.
+            log.warning("migration %s: AbortMigration failed (%s: %s)", mid, exc.code().name, exc.details())
 
     async def _rpc(self, call: Awaitable[object], what: str) -> tuple[object | None, str]:
         """A call to the destination: (its reply, "") or (None, why it failed)."""
@@ -791,11 +812,20 @@ class MigrationCoordinator:
         block_ids = tuple(request.block_ids)
         task = incoming.stages.get(request.stage)
         nbytes, crc, error, timed_out = 0, 0, "", False
+        expected = len(block_ids) * self.llumlet.engine.block_bytes
         if task is not None and incoming.machine.stage_blocks.get(request.stage) == block_ids:
-            try:
-                nbytes, crc = await task
-            except (TransportError, TimeoutError) as exc:
-                error, timed_out = str(exc), True
+            if request.num_bytes != expected:
+                # The source sent all it will: waiting for the rest would only hold the reservation until the stall
+                # timeout. The refusal frees it (and cancels the receive) now.
+                error = (
+                    f"stage {request.stage}: the source sent {request.num_bytes} bytes for {len(block_ids)} reserved "
+                    f"blocks of {self.llumlet.engine.block_bytes}"
+                )
+            else:
+                try:
+                    nbytes, crc = await task
+                except (TransportError, TimeoutError) as exc:
+                    error, timed_out = str(exc), True
         # With verification on, a stage without a CRC (or with a wrong one) is refused: the check cannot be skipped.
         checked = self.settings.verify_crc or bool(request.crc32)
         if not error and (nbytes != request.num_bytes or (checked and crc != request.crc32)):

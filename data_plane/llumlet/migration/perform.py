@@ -26,6 +26,7 @@ from pyllumnix.data_plane.llumlet.migration.events import (
     SourceFailed,
     Suspended,
 )
+from pyllumnix.data_plane.llumlet.migration.plan import Stage
 
 
 def observe(engine: Engine, request_id: str) -> Observed:
@@ -37,6 +38,25 @@ def observe(engine: Engine, request_id: str) -> Observed:
         return Observed(phase, len(engine.block_ids(request_id)), engine.export_state(request_id).num_preemptions)
     except UnknownRequestError:
         return Observed(None)
+
+
+def stage_blocks(engine: Engine, request_id: str, stage: Stage) -> list[int] | SourceFailed:
+    """The source blocks ``stage`` copies, read right before the copy (under the engine lock).
+
+    The observation that planned the stage is older: the reservation's round trip runs while the engine steps, so
+    the request may have finished or lost its blocks to a preemption meanwhile. Fewer blocks than the stage reserved
+    must fail the copy (the machine then tells the destination), never shrink it: the destination expects every
+    reserved block's bytes and would hold the reservation until its stall timeout."""
+    try:
+        phase = engine.phase(request_id)
+        if phase is Phase.FINISHED:
+            return SourceFailed(f"request {request_id} finished during migration")
+        ids = engine.block_ids(request_id)[stage.first : stage.first + stage.count]
+    except UnknownRequestError:
+        return SourceFailed(f"request {request_id} finished or was aborted during migration")
+    if len(ids) != stage.count or (phase is Phase.WAITING and stage.count):
+        return SourceFailed(f"request {request_id} was preempted during migration")
+    return ids
 
 
 def suspend(engine: Engine, request_id: str) -> tuple[Suspended | SourceFailed, MigrationState | None]:

@@ -96,6 +96,11 @@ class SourceMigration:
     def done(self) -> bool:
         return self.state is SourceState.DONE
 
+    @property
+    def asked_reserve(self) -> bool:
+        """The destination was asked to reserve blocks: an abort tells it (``TellAbort``) to free them."""
+        return self._asked_reserve
+
     def step(self, event: SourceEvent) -> list[SourceAction]:
         if isinstance(event, ClientAborted):
             return self._client_aborted()
