@@ -344,7 +344,11 @@ async def _serve(
         first.CopyFrom(variants[0])
         first.seq = i + 1
         replica.report(first)
-    known = len(replica.cluster.snapshot(time.monotonic()))
+    # Reports are folded into the snapshot by the cluster state's timer (every 10 ms), not at once.
+    while (known := len(replica.cluster.snapshot(time.monotonic()))) < instances:
+        if time.monotonic() > deadline + 60:
+            break  # reported as known_instances
+        await asyncio.sleep(0.01)
 
     stats = _ChildStats()
     uninstrument: list[Callable[[], None]] = []
