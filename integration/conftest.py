@@ -22,8 +22,8 @@ from integration.cluster import harness_security, set_harness_pki
 from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.security import runtime
-from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
-from pyllumnix.tools.launch import Launcher
+from pyllumnix.infra.security.bootstrap import ClusterSecurity
+from pyllumnix.tools.launch import Launcher, session_pki
 from pyllumnix.tools.recording_sink import RecordingSink
 
 
@@ -52,10 +52,12 @@ async def etcd_client(etcd1: EmbeddedEtcd) -> AsyncIterator[EtcdClient]:
 
 
 @pytest.fixture(scope="session")
-def harness_pki(tmp_path_factory: pytest.TempPathFactory) -> ClusterSecurity:
-    """One local PKI for the session's test clusters (a CA costs little, but one is enough: the etcd key prefix, not
-    the certificates, keeps test clusters apart)."""
-    return bootstrap_local(tmp_path_factory.mktemp("pki"), "llumnix")
+def harness_pki() -> ClusterSecurity:
+    """One local PKI for the session's test clusters: the same throwaway PKI a default (secure) ``Launcher`` of this
+    process gives its children (``launch.session_pki``), so the CA and the common certificates are issued once per
+    session (the etcd key prefix, not the certificates, keeps test clusters apart)."""
+    pki: ClusterSecurity = session_pki("llumnix")
+    return pki
 
 
 @pytest.fixture
