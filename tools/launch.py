@@ -229,6 +229,12 @@ class Launcher:
             return {"LLUMNIX_INSECURE": "1"}
         return {}
 
+    def environment(self, env: dict[str, str] | None = None) -> dict[str, str]:
+        """A child's whole environment: this process's, less the security variables (the launcher alone says how a
+        child secures itself: an inherited one would override its mode), plus :meth:`child_env` and ``env``."""
+        inherited = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}
+        return {**inherited, "PYTHONUNBUFFERED": "1", **self.child_env(), **(env or {})}
+
     def security(self, role: str = "admin", id: str = "harness") -> Any:
         """``SecuritySettings`` for this process acting as ``role`` (certificate issued on first use); insecure
         settings when the launcher is not secure. Pass to ``open_channel(..., settings=)`` or ``start_server``."""
@@ -249,9 +255,7 @@ class Launcher:
         """Starts a component without waiting for it (see :meth:`wait_ready`); its logs are appended to."""
         log_path = self.log_dir / f"{name}.log"
         out_path = self.log_dir / f"{name}.out"
-        # The launcher alone says how a child secures itself: an inherited variable would override its mode.
-        inherited = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}
-        full_env = {**inherited, "PYTHONUNBUFFERED": "1", **self.child_env(), **(env or {})}
+        full_env = self.environment(env)
         out_path.write_bytes(b"")  # the ready line of this start, not of an earlier one
         with open(log_path, "ab") as log, open(out_path, "ab") as out:
             proc = spawn(
