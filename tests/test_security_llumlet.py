@@ -32,6 +32,7 @@ from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.infra.security.tls import grpc_server_credentials, secure_channel
+from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 
@@ -239,11 +240,11 @@ async def test_migration_orders_need_the_leader_and_a_registered_destination(nod
         grpc.StatusCode.PERMISSION_DENIED,
         "caller role admin may not call",
     )
-    assert node.llumlet.state == common_pb2.INSTANCE_STATE_ACTIVE
+    assert node.llumlet.state == InstanceState.ACTIVE
     # The current leader's order goes through (a newer term is admitted too).
     cordon = llumlet_pb2.SetInstanceStateRequest(state=common_pb2.INSTANCE_STATE_CORDONED)
     await node.call("scheduler", "s0", "SetInstanceState", cordon, metadata=term_metadata(8))
-    assert node.llumlet.state == common_pb2.INSTANCE_STATE_CORDONED
+    assert int(node.llumlet.state) == InstanceState.CORDONED  # int(): mypy keeps the narrowing of the assert above
     assert node.servicer.fence.highest_seen == 8
     await assert_victim_untouched(node)
 
