@@ -90,10 +90,16 @@ class FakeProvider:
         self.replica = replica
         self.log = log
         self.stopped = asyncio.Event()
+        self.started = 0
+        # Started, not registered yet (as a real provider's ``starting()``).
+        self.pending: set[str] = set()
 
     async def start_instances(self, count: int) -> list[str]:
         self.log.append(f"start {count}")
-        return []
+        ids = [f"n{self.started + k + 1}" for k in range(count)]
+        self.started += count
+        self.pending.update(ids)
+        return ids
 
     async def stop_instance(self, instance_id: str) -> bool:
         self.log.append(f"stop {instance_id}")
@@ -102,10 +108,10 @@ class FakeProvider:
         return True
 
     def starting(self) -> set[str]:
-        return set()
+        return set(self.pending)
 
     def registered(self, instance_id: str) -> None:
-        pass
+        self.pending.discard(instance_id)
 
 
 def make_replica(ids: tuple[str, ...], log: list[str], **timing: float) -> tuple[SchedulerReplica, FakeElection]:
@@ -222,6 +228,87 @@ async def test_a_drained_instance_is_not_stopped_by_a_replica_that_stepped_down(
         await lead
     await asyncio.sleep(0.4)  # twice drained_stop_after
     assert log == []
+
+
+def register(replica: SchedulerReplica, instance_id: str) -> None:
+    """The registry watch's path for a new entry (the provider hears of it too); no load report yet."""
+    replica._instance_registered(common_pb2.InstanceInfo(instance_id=instance_id, grpc_address="127.0.0.1:1"))
+
+
+def active_load(instance_id: str, seq: int = 1) -> common_pb2.InstanceLoad:
+    return common_pb2.InstanceLoad(
+        instance_id=instance_id, seq=seq, state=common_pb2.INSTANCE_STATE_ACTIVE, total_blocks=100, free_blocks=100
+    )
+
+
+async def test_manual_scale_counts_an_instance_between_its_registration_and_its_first_load_report() -> None:
+    """The host-loss test's over-start: with the target at 2, an instance that had registered but not reported yet
+    counted neither as starting (the provider forgets it at registration) nor as active (no load), so each pass in that
+    window started another one."""
+    log: list[str] = []
+    replica, election = make_replica((), log)
+    replica.leadership = cast(Any, election.leadership)
+    provider = FakeProvider(replica, log)
+    replica.provider = cast(Any, provider)
+    replica.scale_target = 2
+    await replica._converge_to_target()
+    assert log == ["start 2"] and provider.pending == {"n1", "n2"}
+    register(replica, "n1")  # registered, starting no more, no report yet
+    await replica._converge_to_target()
+    assert log == ["start 2"]  # the old count: 0 active + 1 starting < 2, "start 1"
+    register(replica, "n2")
+    await replica._converge_to_target()
+    assert log == ["start 2"]  # the old count: 0 + 0, "start 2" again
+    assert replica.report(active_load("n1")) and replica.report(active_load("n2"))
+    await replica._converge_to_target()
+    assert log == ["start 2"] and provider.started == 2
+
+
+async def test_manual_scale_drains_an_instance_once_until_it_confirms() -> None:
+    """Three registered (c not reporting yet), target 2: one drain, and only one. An ordered drain counts at once: a
+    pass before the llumlet confirms it (here its next report still says ACTIVE) orders no second drain."""
+    log: list[str] = []
+    replica, election = make_replica(("a", "b", "c"), log)
+    replica.leadership = cast(Any, election.leadership)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    for iid in ("a", "b"):
+        assert replica.report(active_load(iid))
+    replica.scale_target = 2
+    await replica._converge_to_target()
+    assert len(log) == 1 and log[0].endswith(f" {common_pb2.INSTANCE_STATE_DRAINING}")  # the old count: c not active
+    assert replica.report(active_load("c"))
+    for iid in ("a", "b", "c"):  # reports sent before the llumlet took the order: still ACTIVE
+        assert replica.report(active_load(iid, seq=2))
+    await replica._converge_to_target()
+    assert len(log) == 1  # the old count took the report's ACTIVE over the order and drained again
+
+
+async def test_automatic_scaling_counts_an_instance_between_its_registration_and_its_first_load_report() -> None:
+    """The automatic scaler's snapshot holds only instances that reported: one registered a moment ago must count as
+    starting, or ``min_instances`` (here 2, with a and b registered) starts a third."""
+    log: list[str] = []
+    replica, election = make_replica(("a", "b"), log)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    replica.core.reconfigure(dataclasses.replace(replica.core.config, enable_scaling=True, min_instances=2))
+    replica.core.pair = lambda snapshot: []  # type: ignore[method-assign]
+    assert replica.report(active_load("a"))  # b has registered but not reported
+    counts: list[int] = []
+    decide = replica.core.scale
+
+    def counted(snapshot: Any, starting_count: int = 0) -> ScalingDecision:
+        counts.append(starting_count)
+        return decide(snapshot, starting_count)
+
+    replica.core.scale = counted  # type: ignore[method-assign]
+    lead = asyncio.create_task(replica._lead())
+    try:
+        await wait_until(lambda: len(counts) >= 2)
+    finally:
+        election.leadership.step_down()
+        async with asyncio.timeout(DEADLINE_S):
+            await lead
+    assert counts[:2] == [1, 1]  # b, once (the old count: 0)
+    assert not any(entry.startswith("start") for entry in log)  # the old decision: "start 1"
 
 
 class Sink(frontend_pb2_grpc.OutputSinkServiceServicer):

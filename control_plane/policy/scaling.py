@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
@@ -111,13 +111,19 @@ class ManualScalePlan:
 
 
 def plan_manual_scale(
-    snapshot: ClusterSnapshot, active: Collection[str], starting_count: int, target: int
+    snapshot: ClusterSnapshot, registered: Mapping[str, InstanceState | None], starting: Collection[str], target: int
 ) -> ManualScalePlan:
-    """``llmctl scale``'s target, converged one pass at a time: start the instances missing (counting those already
-    starting), or drain the surplus among ``active`` (the registered instances not draining), those with the fewest
-    requests first (cheapest to empty; an instance with no view yet counts as empty), ties by id. Unlike the
-    automatic scaler's candidate, an instance mid-migration is not skipped: the operator's target is met at once."""
-    missing = target - len(active) - starting_count
+    """``llmctl scale``'s target, converged one pass at a time. ``registered``: every registered instance and its
+    state as the leader knows it (a drain order it sent wins over the last report; None before the first report);
+    ``starting``: the ids the provider is starting. Every instance is counted exactly once: a registered one not
+    draining is active, also before its first load report (active with unknown load), and an id both starting and
+    registered counts as registered (the provider hears of a registration after the registry watch).
+
+    Starts the instances missing (counting those starting), or drains the surplus among the active ones, those with
+    the fewest requests first (cheapest to empty; an instance with no view yet counts as empty), ties by id. Unlike
+    the automatic scaler's candidate, an instance mid-migration is not skipped: the operator's target is met at once."""
+    active = [iid for iid, state in registered.items() if state != InstanceState.DRAINING]
+    missing = target - len(active) - len(set(starting).difference(registered))
     if missing > 0:
         return ManualScalePlan(start=missing)
     surplus = len(active) - target
@@ -129,6 +135,14 @@ def plan_manual_scale(
         return (0 if view is None else view.num_requests, instance_id)
 
     return ManualScalePlan(drain=tuple(sorted(active, key=load)[:surplus]))
+
+
+def count_starting(snapshot: ClusterSnapshot, registered: Collection[str], starting: Collection[str]) -> int:
+    """``decide_scaling``'s ``starting_count``: the instances not in the snapshot that will count soon, each once:
+    those the provider starts (or that vanished in a blip and may come back) and those registered that have not
+    reported their load yet. Without the latter, an instance between its registration and its first report would
+    count nowhere, and the scaler would start another in its place."""
+    return len({iid for iid in (*registered, *starting) if iid not in snapshot})
 
 
 def _instances_to_reach(views: tuple[InstanceView, ...], config: PolicyConfig, target: float) -> int:

@@ -37,7 +37,7 @@ from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_targ
 from pyllumnix.control_plane.policy.core import PolicyCore
 from pyllumnix.control_plane.policy.freeness import dispatch_freeness
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
-from pyllumnix.control_plane.policy.scaling import plan_manual_scale
+from pyllumnix.control_plane.policy.scaling import count_starting, plan_manual_scale
 from pyllumnix.control_plane.policy.views import DispatchRequestView
 from pyllumnix.control_plane.scheduler.cluster import ClusterState, dispatch_stale_after
 from pyllumnix.control_plane.scheduler.config_wire import config_from_pb, config_to_pb
@@ -637,7 +637,9 @@ class SchedulerReplica:
             snapshot = self.cluster.snapshot(time.monotonic())
             # An instance in its vanished grace period (lease lost in a blip, probably coming back) counts as starting:
             # a blip must not make the scaler start a replacement it will have to drain again.
-            decision = self.core.scale(snapshot, len(self.provider.starting()) + len(self.vanished))
+            # So does one registered that has not reported its load yet (it is in no snapshot): counted once.
+            starting = count_starting(snapshot, self.cluster.infos, [*self.provider.starting(), *self.vanished])
+            decision = self.core.scale(snapshot, starting)
             for iid in decision.cancel_drain:
                 await self.set_instance_state(iid, InstanceState.ACTIVE)
             for iid in decision.drain:
@@ -661,17 +663,22 @@ class SchedulerReplica:
     async def _converge_to_target(self) -> None:
         """Manual scale: start or drain instances until the active count meets the target."""
         assert self.provider is not None and self.scale_target is not None
-        active = sorted(
-            iid
-            for iid, load in self.cluster.loads.items()
-            if load.state != common_pb2.INSTANCE_STATE_DRAINING and iid in self.cluster.infos
-        )
         snapshot = self.cluster.snapshot(time.monotonic())
-        plan = plan_manual_scale(snapshot, active, len(self.provider.starting()), self.scale_target)
+        plan = plan_manual_scale(snapshot, self._registered_states(), self.provider.starting(), self.scale_target)
         if plan.start:
             await self._start_instances(plan.start)
         for iid in plan.drain:
             await self.set_instance_state(iid, InstanceState.DRAINING)
+
+    def _registered_states(self) -> dict[str, InstanceState | None]:
+        """Each registered instance's state as this leader knows it: the state it ordered and the llumlet has not
+        confirmed yet, else the last report's, else None (no report yet: it is registered, so it counts)."""
+        states: dict[str, InstanceState | None] = {}
+        for iid in self.cluster.infos:
+            load = self.cluster.loads.get(iid)
+            override = self.cluster.overrides.get(iid)
+            states[iid] = override if override is not None else None if load is None else InstanceState.of(load.state)
+        return states
 
     # ------------------------------------------------------------------ lost instances
     def _instance_vanished(self, instance_id: str) -> None:
