@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 
 LLUMLET_CALL_TIMEOUT_S = 2.0
 MIGRATE_WAIT_TIMEOUT_S = 60.0
+# Load messages of one instance in a row that came later than the dispatch staleness bound before the leader warns: a
+# llumlet whose cadence is too slow for the cluster's does so on every idle period, a one-off stall only once.
+LATE_LOAD_MESSAGES_WARN = 2
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,8 @@ class SchedulerReplica:
         self._hold_off_until = 0.0
         # (instance id, mod revision) of registry values already reported undecodable.
         self._bad_entries: set[tuple[str, int]] = set()
+        # Instance -> load messages in a row that came later than the dispatch staleness bound (-1: warned already).
+        self._late_load: dict[str, int] = {}
         # Hook for metrics: called with each finished migration result.
         self.on_migration: list[Callable[[llumlet_pb2.MigrationResult], None]] = []
         # Counts for /metrics: dispatch decisions by (policy, outcome), pairing decisions by (policy, outcome).
@@ -482,7 +487,9 @@ class SchedulerReplica:
     # ------------------------------------------------------------------ load and dispatch
     def report(self, load: common_pb2.InstanceLoad) -> bool:
         now = time.monotonic()
+        last = self.cluster.report_times.get(load.instance_id)
         if self.cluster.report(load, now):
+            self._check_cadence(load.instance_id, last, now)
             return True
         gone = self.vanished.get(load.instance_id)
         if gone is not None:  # not registered, but alive: keep its latest request list
@@ -492,12 +499,43 @@ class SchedulerReplica:
     def keepalive(self, instance_id: str, seq: int) -> bool:
         """A llumlet's "load unchanged since ``seq``" (see ``ClusterState.keepalive``); a vanished one is alive."""
         now = time.monotonic()
+        last = self.cluster.report_times.get(instance_id)
         if self.cluster.keepalive(instance_id, seq, now):
+            self._check_cadence(instance_id, last, now)
             return True
         gone = self.vanished.get(instance_id)
         if gone is not None:
             gone.last_alive = now
         return False
+
+    def _check_cadence(self, instance_id: str, last: float | None, now: float) -> None:
+        """Warns once per instance whose load messages keep coming later than ``dispatch_stale_after``: the llumlet's
+        ``--load-interval-ms`` is its own setting, not the cluster's ``load_report_interval_ms`` the bound is made
+        of, and a llumlet keeping alive slower than the bound looks silent, so gets no new request, while alive."""
+        late = self._late_load.get(instance_id, 0)
+        if last is None or late < 0:
+            return
+        gap, bound = now - last, self.cluster.dispatch_stale_after
+        if gap <= bound:
+            if late:
+                del self._late_load[instance_id]
+            return
+        if late + 1 < LATE_LOAD_MESSAGES_WARN:
+            self._late_load[instance_id] = late + 1
+            return
+        self._late_load[instance_id] = -1
+        log.warning(
+            "instance %s: %d load reports/keep-alives in a row came more than %.2fs apart (the last after %.2fs): "
+            "that is the silence after which an instance gets no new request (from the cluster's "
+            "load_report_interval_ms = %d ms), so it is skipped for dispatch while alive. Its llumlet's keep-alive "
+            "period (a few --load-interval-ms) must stay below it: lower its --load-interval-ms, or raise "
+            "load_report_interval_ms",
+            instance_id,
+            LATE_LOAD_MESSAGES_WARN,
+            bound,
+            gap,
+            self.core.config.load_report_interval_ms,
+        )
 
     def dispatch(self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int) -> tuple[str, str]:
         self.require_leader()
@@ -685,6 +723,7 @@ class SchedulerReplica:
         """The registry key is gone: no more dispatch there at once; its requests wait out the grace (leader)."""
         info = self.cluster.infos.get(instance_id)
         load = self.cluster.remove(instance_id)
+        self._late_load.pop(instance_id, None)  # a process registering under this id again is judged afresh
         log.warning("instance %s left the registry", instance_id)
         if not self.is_leader or info is None or load is None or not load.requests:
             return
