@@ -1,10 +1,11 @@
-"""Progress on the remaining long benchmarks (bench dataplane, bench sim): the bar and the summary line go to stderr,
-stdout is the JSON report alone even with the bar forced on (``... | jq`` keeps working)."""
+"""Progress on the long benchmarks (bench dataplane, sim, migration, peers; sim live): the bar and the summary line go
+to stderr, stdout is the JSON report alone even with the bar forced on (``... | jq`` keeps working)."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -53,3 +54,83 @@ def test_bench_migration_stdout_is_the_json_report(monkeypatch: pytest.MonkeyPat
     err = plain(res.stderr)
     assert "bench migration" in err and "1/1" in err
     assert err.strip().splitlines()[-1].startswith("migration (mtls) downtime ms 64:")
+
+
+def test_a_bar_inside_a_running_bar_draws_on_the_same_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench peers' runs hold a replay's request bar: one console draws both, not two fighting over the cursor."""
+    from pyllumnix.tools.progress import progress_bar
+
+    monkeypatch.setenv("LLUMNIX_PROGRESS", "1")
+    with progress_bar() as outer, progress_bar() as inner:
+        assert inner.console is outer.console and not inner.disable
+    monkeypatch.setenv("LLUMNIX_PROGRESS", "0")
+    with progress_bar() as after:  # the outer bar is over: the environment decides again
+        assert after.disable
+
+
+def _fake_peers(monkeypatch: pytest.MonkeyPatch, ran: list[str]) -> None:
+    """bench peers without processes: a system that stops at once, a run that replays nothing but draws the request
+    bar replay_openai draws (nested in the runs' bar)."""
+    from pyllumnix.tools import bench_peers
+    from pyllumnix.tools.progress import progress_bar
+
+    def start_project(policy: str, work: object, blocks: int, instances: int) -> bench_peers.System:
+        return bench_peers.System(policy, "http://127.0.0.1:9", None, [], notes={"dispatch_policy": policy})
+
+    def run_once(system: bench_peers.System, arrivals: list[object]) -> dict[str, object]:
+        with progress_bar() as bar:
+            task = bar.add_task("requests", total=len(arrivals))
+            bar.advance(task, len(arrivals))
+        ran.append(system.name)
+        return {
+            "completed": len(arrivals),
+            "failed": 0,
+            "dead_processes": [],
+            "ttft_s": {"p99": 0.5},
+            "cpu_ms_per_request": {"total": 3.0},
+            "cpu_ms_per_token_llumlet_frontend": 0.1,
+        }
+
+    monkeypatch.setattr(bench_peers, "start_project", start_project)
+    monkeypatch.setattr(bench_peers, "run_once", run_once)
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_bench_peers_stdout_is_the_json_report(monkeypatch: pytest.MonkeyPatch, forced: str) -> None:
+    """One progress step per run (system x workload x repeat); the processes and the replay are faked (see
+    integration/test_bench_peers_smoke.py for the real thing)."""
+    ran: list[str] = []
+    _fake_peers(monkeypatch, ran)
+    monkeypatch.setenv("LLUMNIX_PROGRESS", forced)
+    args = ["bench", "peers", "--systems", "llumnix,infaas++", "--workload", "fixed:poisson:rate=4:n=3:in=8:out=4"]
+    res = CliRunner().invoke(cli, [*args, "--repeats", "2"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert ran == ["llumnix", "llumnix", "infaas++", "infaas++"]
+    report = json.loads(res.stdout)  # nothing but the JSON
+    runs = report["results"]["fixed:poisson:rate=4:n=3:in=8:out=4"]
+    assert [len(runs[s]["runs"]) for s in ("llumnix", "infaas++")] == [2, 2]
+    err = plain(res.stderr)
+    assert err.strip().splitlines()[-1].startswith("peers fixed:poisson:rate=4:n=3:in=8:out=4: llumnix TTFT p99 0.50 s")
+    assert "infaas++ fixed:poisson:rate=4:n=3:in=8:out=4 run 2/2: 3/3 done" in err  # the per-run lines stay
+    if forced == "1":
+        assert "bench peers" in err and "4/4" in err and "requests" in err
+    else:
+        assert "bench peers" not in err and "requests" not in err
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_sim_live_stdout_is_the_json_report(monkeypatch: pytest.MonkeyPatch, forced: str, tmp_path: Path) -> None:
+    """The prediction alone (no cluster): one step per simulated policy, the summary on stderr."""
+    monkeypatch.setenv("LLUMNIX_PROGRESS", forced)
+    args = ["sim", "live", "--predict-only", "--workload", "M-M:poisson:rate=4:n=20", "--instances", "2"]
+    res = CliRunner().invoke(cli, [*args, "--out", str(tmp_path)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)  # nothing but the JSON
+    assert report["live"] is None and set(report["simulated"]) == {"llumnix", "infaas++"}
+    assert report == json.loads((tmp_path / "live.json").read_text())
+    err = plain(res.stderr)
+    assert err.strip().splitlines()[-1].startswith("prefill P99 INFaaS++/Llumnix: simulated")
+    if forced == "1":
+        assert "sim live" in err and "2/2" in err
+    else:
+        assert "sim live" not in err

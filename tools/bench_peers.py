@@ -14,6 +14,9 @@ spread (min, max) of TTFT / TPOT / e2e P50-P99, throughput, and CPU seconds (uti
 other load on the machine) per request and per streamed token, per component, of every process the benchmark started.
 Every process must be alive after each run (else the run counts as failed). ``--smoke`` runs this project only with
 a few requests (CI). A chart (matplotlib) of TTFT P99 and CPU per request is written with ``--plot``.
+
+stdout is the JSON report alone; the per-run lines, the summary and the progress bar (one step per run, the replay's
+requests beneath it; a terminal only, ``LLUMNIX_PROGRESS`` forces) go to stderr.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 from pyllumnix.tools.bench_serving import replay_openai
 from pyllumnix.tools.launch import Launcher, spawn
 from pyllumnix.tools.metrics import summarize
+from pyllumnix.tools.progress import Steps, progress_bar
 from pyllumnix.tools.workload import RequestArrival, generate
 
 PEER_PINS = {"vllm-router": "0.1.17", "sglang-router": "0.3.2"}
@@ -474,7 +478,9 @@ def bench_peers(
     }
     failed = False
     try:
-        _run_all(names, wl, repeats, seed, instances, total_blocks, peers_bin, work, report)
+        with progress_bar() as bar:  # closed before the JSON: while it draws, rich routes stdout to stderr
+            steps = Steps(bar, "bench peers", total=len(names) * len(wl) * repeats)
+            _run_all(names, wl, repeats, seed, instances, total_blocks, peers_bin, work, report, steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for w in wl:
@@ -495,12 +501,16 @@ def _run_all(
     peers_bin: Path | None,
     work: Path,
     report: dict[str, Any],
+    steps: Steps | None = None,
 ) -> None:
+    """Every system x workload x repeat, each on fresh processes; ``steps`` advances once per run."""
+    steps = steps or Steps()
     for name in names:
         for w in wl:
             arrivals = generate(w, seed)
             runs: list[dict[str, Any]] = []
             for r in range(repeats):
+                steps.describe(f"{name} {w.split(':n=')[0]} run {r + 1}/{repeats}")
                 if name in _POLICY_NAMES:
                     system = start_project(name, work, total_blocks, instances)
                 else:
@@ -512,6 +522,7 @@ def _run_all(
                 finally:
                     system.stop()
                 runs.append(res)
+                steps.step()
                 click.echo(
                     f"{name} {w} run {r + 1}/{repeats}: {res['completed']}/{len(arrivals)} done, TTFT p99 "
                     f"{res['ttft_s']['p99'] or float('nan'):.2f} s, "

@@ -21,6 +21,8 @@ from rich.progress import (
 )
 
 ENV = "LLUMNIX_PROGRESS"
+# The console of the last enabled bar (its live stack says whether that bar is still running).
+_drawing: dict[str, Console] = {}
 
 
 def progress_enabled(console: Console) -> bool:
@@ -39,11 +41,21 @@ def progress_bar(*, transient: bool = True, refresh_per_second: float = 10) -> P
     Disabled (every call a no-op) unless :func:`progress_enabled`; ``transient`` clears the bar when done so the
     result block printed after it stays readable.
     """
-    console = Console(file=sys.stderr, highlight=False)
-    enabled = progress_enabled(console)
-    if enabled and not console.is_terminal:
-        # forced on (LLUMNIX_PROGRESS=1) over a pipe: draw as on a terminal, or rich would keep the bar to itself
-        console = Console(file=sys.stderr, highlight=False, force_terminal=True)
+    drawing = _drawing.get("stderr")
+    if drawing is not None and drawing._live_stack:
+        # A bar inside a running one (a replay's requests within a benchmark's runs): the same console, so rich draws
+        # both as one display instead of two consoles moving the cursor over each other (sys.stderr is rich's proxy
+        # by now, so a new console would write through it anyway).
+        console = drawing
+        enabled = True
+    else:
+        console = Console(file=sys.stderr, highlight=False)
+        enabled = progress_enabled(console)
+        if enabled and not console.is_terminal:
+            # forced on (LLUMNIX_PROGRESS=1) over a pipe: draw as on a terminal, or rich would keep the bar to itself
+            console = Console(file=sys.stderr, highlight=False, force_terminal=True)
+        if enabled:
+            _drawing["stderr"] = console
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),

@@ -12,6 +12,10 @@ Every process is started by this command (``llumnix serve`` in its own process g
 failure. Sized by the workload: the default took 24 minutes here (two replays of 10-13 minutes: the arrivals span
 207 s, M-M's longest requests then decode ~6k tokens); smaller M-M runs did not queue enough on 4 instances for the
 policies to part (docs/sim/REPORT.md).
+
+stdout is the JSON report alone (also written to ``--out``); the summary line and the progress bar (one step per
+simulated or live policy run, the simulator's virtual clock beneath; a terminal only, ``LLUMNIX_PROGRESS`` forces) go
+to stderr.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.progress import Progress
 
 from pyllumnix.tools.bench_peers import start_project
+from pyllumnix.tools.progress import Steps, progress_bar
 from pyllumnix.tools.sim.config import SimConfig
 from pyllumnix.tools.sim.runner import load_workload, run_case
 
@@ -60,10 +66,15 @@ def _ratio(base: float | None, new: float | None) -> float | None:
     return None if base is None or new is None or new <= 0 else base / new
 
 
-def predict(workload: str, seed: int, instances: int) -> dict[str, dict[str, Any]]:
-    """The simulator's overall latency figures for each policy on the live cluster's shape."""
+def predict(
+    workload: str, seed: int, instances: int, steps: Steps | None = None, bar: Progress | None = None
+) -> dict[str, dict[str, Any]]:
+    """The simulator's overall latency figures for each policy on the live cluster's shape; ``steps`` advances once
+    per policy, ``bar`` (the same Progress) follows each simulation's virtual clock."""
+    steps = steps or Steps()
     out: dict[str, dict[str, Any]] = {}
     for policy in POLICIES:
+        steps.describe(f"simulating {policy}")
         config = SimConfig(
             instances=instances,
             policy=policy,
@@ -73,20 +84,27 @@ def predict(workload: str, seed: int, instances: int) -> dict[str, dict[str, Any
             seed=seed,
         )
         arrivals = load_workload(workload, seed, config.profile)
-        _, summary = run_case(config, arrivals)
+        _, summary = run_case(config, arrivals, bar=bar, description=f"sim {policy}")
         out[policy] = {"overall": summary["overall"], "migrations": summary["migration"].get("committed", 0)}
+        steps.step()
     return out
 
 
-def run_live(workload: str, seed: int, instances: int, work: Path) -> dict[str, dict[str, Any]]:
-    """Both policies on a fresh ``llumnix serve`` each, replayed by ``llumnix bench serving``."""
+def run_live(
+    workload: str, seed: int, instances: int, work: Path, steps: Steps | None = None
+) -> dict[str, dict[str, Any]]:
+    """Both policies on a fresh ``llumnix serve`` each, replayed by ``llumnix bench serving``; ``steps`` advances once
+    per policy."""
+    steps = steps or Steps()
     out: dict[str, dict[str, Any]] = {}
     for policy in POLICIES:
+        steps.describe(f"live {policy}")
         system = start_project(policy, work, 0, instances)
         try:
             context = work / f"serve-{policy.replace('+', 'p')}" / "context.yaml"
             report = work / f"bench-{policy.replace('+', 'p')}.json"
-            env = {**os.environ, "LLUMNIX_CONTEXT": str(context)}
+            # The replay's own bar would only fill the captured stderr: this command's bar shows the run instead.
+            env = {**os.environ, "LLUMNIX_CONTEXT": str(context), "LLUMNIX_PROGRESS": "0"}
             cmd = [
                 sys.executable, "-m", "pyllumnix.tools.cli", "bench", "serving", "--workload", workload,
                 "--seed", str(seed), "--max-model-len", "12288", "--json", str(report),
@@ -110,6 +128,7 @@ def run_live(workload: str, seed: int, instances: int, work: Path) -> dict[str, 
             }  # fmt: skip
         finally:
             system.stop()
+        steps.step()
     return out
 
 
@@ -182,12 +201,14 @@ def live(workload: str, seed: int, instances: int, out: Path, predict_only: bool
     """Llumnix vs INFaaS++ on a live `llumnix serve` cluster, the simulator's prediction beside it."""
     out.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
-    sim = predict(workload, seed, instances)
-    click.echo(f"simulated in {time.monotonic() - t:.0f} s", err=True)
     live_res: dict[str, dict[str, Any]] | None = None
-    if not predict_only:
-        with tempfile.TemporaryDirectory(prefix="llumnix-live-") as tmp:
-            live_res = run_live(workload, seed, instances, Path(tmp))
+    with progress_bar() as bar:  # closed before the JSON: while it draws, rich routes stdout to stderr
+        steps = Steps(bar, "sim live", total=len(POLICIES) * (1 if predict_only else 2))
+        sim = predict(workload, seed, instances, steps, bar)
+        click.echo(f"simulated in {time.monotonic() - t:.0f} s", err=True)
+        if not predict_only:
+            with tempfile.TemporaryDirectory(prefix="llumnix-live-") as tmp:
+                live_res = run_live(workload, seed, instances, Path(tmp), steps)
     table = compare_table(live_res, sim)
     p99 = next(r for r in table if r["figure"] == "prefill P99")
     summary = f"prefill P99 INFaaS++/Llumnix: simulated {p99.get('sim_ratio') or 0:.2f}x" + (
@@ -210,4 +231,5 @@ def live(workload: str, seed: int, instances: int, out: Path, predict_only: bool
     }
     (out / "live.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "LIVE.md").write_text(markdown(report))
-    click.echo(summary)
+    click.echo(json.dumps(report, indent=2))
+    click.echo(summary, err=True)
