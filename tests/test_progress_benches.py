@@ -1,10 +1,11 @@
-"""Progress on the long benchmarks (bench dataplane, sim, migration, peers; sim live): the bar and the summary line go
-to stderr, stdout is the JSON report alone even with the bar forced on (``... | jq`` keeps working)."""
+"""Progress on the long runs (bench dataplane, sim, migration, peers; sim live; drill): the bar and the summary line
+go to stderr, stdout is the JSON report alone even with the bar forced on (``... | jq`` keeps working)."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,40 @@ def test_sim_live_stdout_is_the_json_report(monkeypatch: pytest.MonkeyPatch, for
         assert "sim live" in err and "2/2" in err
     else:
         assert "sim live" not in err
+
+
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_drill_bar_counts_the_phases_and_stdout_is_the_json_report(
+    monkeypatch: pytest.MonkeyPatch, forced: str
+) -> None:
+    """Attach mode with the drill faked: it says the runner's phase lines (reference run, each scenario's start and
+    verdict) through the callback the command gives it; the bar counts the reference run and each scenario."""
+    from pyllumnix.tools.drill import cli as drill_cli
+    from pyllumnix.tools.drill.report import DrillReport
+    from pyllumnix.tools.drill.scenarios import Scenario
+
+    class FakeDrill:
+        def __init__(self, opts: object, *, progress: Callable[[str], None], **kwargs: object) -> None:
+            self.say = progress
+
+        async def run(self, scenarios: list[Scenario]) -> DrillReport:
+            self.say("reference run (no fault)")
+            for s in scenarios:
+                self.say(f"[bold]{s.label}[/bold]: running")
+                self.say(f"{s.label}: fault over; waiting for 0 streams")
+                self.say(f"{s.label}: [green]pass[/green]")
+            return DrillReport(config={}, reference={"unfinished": []}, results=[], error="fake drill: no results")
+
+    monkeypatch.setattr(drill_cli, "Drill", FakeDrill)
+    monkeypatch.setenv("LLUMNIX_PROGRESS", forced)
+    args = ["drill", "--frontend", "127.0.0.1:9", "--scheduler", "127.0.0.1:9", "--scenario", "leader-resign,burst"]
+    res = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert res.exit_code == 1, res.output  # no results: not passed
+    report = json.loads(res.stdout)  # nothing but the JSON
+    assert report["error"] == "fake drill: no results" and report["passed"] is False
+    err = plain(res.stderr)
+    assert "reference run (no fault)" in err and "burst" in err  # the phase lines still print
+    if forced == "1":
+        assert "drill" in err and "3/3" in err  # reference run + 2 scenarios
+    else:
+        assert "3/3" not in err

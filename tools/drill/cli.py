@@ -2,7 +2,8 @@
 
 Prints the report as JSON on stdout (and to ``--json FILE``) and a readable summary on stderr; exits 0 when every
 check of every scenario passed, 1 otherwise (anything lost, hung, altered, leaked, an unexpected error, a bound
-missed), 2 on bad usage.
+missed), 2 on bad usage. On a terminal (or with ``LLUMNIX_PROGRESS=1``) a progress bar on stderr counts the phases:
+the cluster's start, the reference run, each scenario.
 """
 
 from __future__ import annotations
@@ -34,12 +35,41 @@ from pyllumnix.tools.drill.scenarios import (
     parse_scenarios,
 )
 from pyllumnix.tools.launch import LaunchError
+from pyllumnix.tools.progress import Steps, progress_bar
 
 
 def _scenario_help() -> str:
     metavar = {"seconds": " S", "requests": " N", None: ""}
     faults = "; ".join(f"{k.name}{metavar[k.param]}: {k.help}" for k in FAULTS.values())
     return f"Fault(s) to inject, repeatable or comma-separated. {faults}; all = {', '.join(ALL)}."
+
+
+class _PhaseLines:
+    """The drill's progress lines, printed above the bar, which advances once per finished phase (the reference run,
+    each scenario: the lines that start and end them are the runner's own)."""
+
+    def __init__(self, console: Console, steps: Steps, labels: list[str]) -> None:
+        self.console = console
+        self.steps = steps
+        self.labels = labels
+        self.in_reference = False
+
+    def __call__(self, message: str) -> None:
+        self.console.print(message)
+        if message.startswith("reference run"):
+            self.in_reference = True
+            self.steps.describe("reference run")
+            return
+        for label in self.labels:
+            if message == f"[bold]{label}[/bold]: running":
+                if self.in_reference:  # the first scenario starts: the reference run is over
+                    self.in_reference = False
+                    self.steps.step()
+                self.steps.describe(label)
+                return
+            if message.startswith(f"{label}: ") and message.endswith(("pass[/green]", "FAIL[/red]")):
+                self.steps.step()
+                return
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -179,63 +209,69 @@ def drill_command(
     cluster: LocalCluster | None = None
     report = DrillReport(config=config, reference={}, results=[])
     started = time.monotonic()
-    try:
-        if attach:
-            drill = Drill(
-                opts,
-                frontend=frontend,
-                schedulers=[s.strip() for s in scheduler.split(",") if s.strip()],
-                http_base=http_base,
-                cluster=None,
-                progress=console.print,
-                credentials=credentials,
-            )
-        else:
-            directory = log_dir or Path(tempfile.mkdtemp(prefix="llumnix-drill-"))
-            cluster_opts = ClusterOptions(
-                log_dir=directory,
-                schedulers=schedulers,
-                llumlets=llumlets,
-                etcd_members=members,
-                profile=profile,
-                bytes_per_token=bytes_per_token,
-                transport=transport,
-                secure=not insecure,
-            )
-            config.update(
-                {
-                    "schedulers": schedulers,
-                    "llumlets": llumlets,
-                    "etcd_members": members,
-                    "profile": profile,
-                    "bytes_per_token": bytes_per_token,
-                    "transport": transport,
-                    "log_dir": str(directory),
-                }
-            )
-            console.print(f"starting a local cluster (logs in {directory})")
-            cluster = LocalCluster(cluster_opts)
-            cluster.start()
-            drill = Drill(
-                opts,
-                frontend=cluster.frontend_grpc,
-                schedulers=cluster.scheduler_addresses,
-                http_base=cluster.frontend_http,
-                cluster=cluster,
-                progress=console.print,
-                credentials=cluster.credentials(),
-            )
-        report = asyncio.run(drill.run(scenarios))
-        report.config = config
-    except LaunchError as exc:
-        report.error = f"cluster did not start: {exc}"
-    except KeyboardInterrupt:
-        report.error = "interrupted"
-    finally:
-        if cluster is not None:
-            console.print("stopping the cluster")
-            cluster.stop()
-            config["pids"] = cluster.started_pids()
+    # closed before the JSON is printed: while the bar draws, rich routes stdout to stderr
+    with progress_bar() as bar:
+        steps = Steps(bar, "drill", total=(0 if attach else 1) + 1 + len(scenarios))
+        say = _PhaseLines(console if bar.disable else bar.console, steps, [s.label for s in scenarios])
+        try:
+            if attach:
+                drill = Drill(
+                    opts,
+                    frontend=frontend,
+                    schedulers=[s.strip() for s in scheduler.split(",") if s.strip()],
+                    http_base=http_base,
+                    cluster=None,
+                    progress=say,
+                    credentials=credentials,
+                )
+            else:
+                directory = log_dir or Path(tempfile.mkdtemp(prefix="llumnix-drill-"))
+                cluster_opts = ClusterOptions(
+                    log_dir=directory,
+                    schedulers=schedulers,
+                    llumlets=llumlets,
+                    etcd_members=members,
+                    profile=profile,
+                    bytes_per_token=bytes_per_token,
+                    transport=transport,
+                    secure=not insecure,
+                )
+                config.update(
+                    {
+                        "schedulers": schedulers,
+                        "llumlets": llumlets,
+                        "etcd_members": members,
+                        "profile": profile,
+                        "bytes_per_token": bytes_per_token,
+                        "transport": transport,
+                        "log_dir": str(directory),
+                    }
+                )
+                say(f"starting a local cluster (logs in {directory})")
+                steps.describe("starting the cluster")
+                cluster = LocalCluster(cluster_opts)
+                cluster.start()
+                steps.step()
+                drill = Drill(
+                    opts,
+                    frontend=cluster.frontend_grpc,
+                    schedulers=cluster.scheduler_addresses,
+                    http_base=cluster.frontend_http,
+                    cluster=cluster,
+                    progress=say,
+                    credentials=cluster.credentials(),
+                )
+            report = asyncio.run(drill.run(scenarios))
+            report.config = config
+        except LaunchError as exc:
+            report.error = f"cluster did not start: {exc}"
+        except KeyboardInterrupt:
+            report.error = "interrupted"
+        finally:
+            if cluster is not None:
+                say("stopping the cluster")
+                cluster.stop()
+                config["pids"] = cluster.started_pids()
     config["seconds"] = round(time.monotonic() - started, 1)
     out = json.dumps(report.to_json(), indent=2)
     click.echo(out)
