@@ -11,6 +11,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pyllumnix.infra.grpc_server import start_server
+from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.bootstrap import bootstrap_local
 from pyllumnix.infra.security.runtime import (
     SecurityConfigError,
@@ -93,3 +94,18 @@ async def test_secure_server_requires_a_ca_signed_client(tmp_path: Path) -> None
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(0)
+
+
+def test_configure_returns_the_settings_it_replaces(tmp_path: Path) -> None:
+    """A benchmark or fixture that switches this process to mTLS for a while restores what was there: before,
+    ``configure`` returned the new settings, so the "restore" kept mTLS and later in-process clients failed."""
+    before = runtime.current()
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    secure = from_options("frontend", "f-0", tls_dir=str(pki.directory), env={})
+    previous = runtime.configure(secure)
+    try:
+        assert previous is before
+        assert runtime.current() is secure
+    finally:
+        runtime.configure(previous)
+    assert runtime.current() is before

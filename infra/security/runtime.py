@@ -99,9 +99,12 @@ _state: dict[str, SecuritySettings] = {"current": INSECURE}
 
 
 def configure(settings: SecuritySettings) -> SecuritySettings:
-    """Makes ``settings`` this process's (called once by each ``main``; tests may call it and restore it)."""
+    """Makes ``settings`` this process's (called once by each ``main``) and returns the settings it replaces, so a
+    test or a benchmark that switches for a while can restore them: ``previous = configure(x) ... configure(previous)``.
+    """
+    previous = _state["current"]
     _state["current"] = settings
-    return settings
+    return previous
 
 
 def current() -> SecuritySettings:
@@ -289,4 +292,5 @@ def configure_from_cli(role: str, id: str, kwargs: dict[str, Any], hosts: Sequen
         raise SystemExit(2) from exc
     if not settings.secure:
         log.warning("running --insecure: plaintext gRPC and no caller authentication")
-    return configure(settings)
+    configure(settings)
+    return settings
