@@ -127,15 +127,16 @@ async def test_an_etcd_outage_longer_than_the_lease_ttl_does_not_stop_a_llumlet(
         # Its load reporter survived the blip too: the leader gets fresh reports from it.
         leader = (await leader_of([scheduler.address], timeout=20)).leader_address
 
-        seen: dict[str, int] = {}
+        seen: dict[str, float] = {}
 
         async def reporting() -> bool:
-            """A report of ``a`` newer than the first one seen (seqs: the leader stamps reports with its own clock)."""
+            """A report or keep-alive of ``a`` later than the first seen: the leader's ``last_report_time`` moves on.
+            (Not the load's seq: an idle llumlet's load does not change, so it sends keep-alives, not new loads.)"""
             status = {i.info.instance_id: i for i in await list_instances(leader)}
-            if "a" not in status or status["a"].load.seq == 0:
+            if "a" not in status or status["a"].last_report_time == 0:
                 return False
-            seq = seen.setdefault("first", status["a"].load.seq)
-            return status["a"].load.seq > seq
+            first = seen.setdefault("first", status["a"].last_report_time)
+            return status["a"].last_report_time > first + 0.5
 
         await until(reporting, 20, "load reports reaching the leader after the outage")
 
