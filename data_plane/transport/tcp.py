@@ -60,6 +60,16 @@ def parse_tcp_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _frame_ok(magic: bytes, key_len: int, nbytes: int) -> bool:
+    """Whether a frame header is this protocol's and within bounds; the connection is dropped otherwise."""
+    if magic != _MAGIC or key_len > _MAX_KEY:
+        return False
+    if nbytes > MAX_FRAME_BYTES:
+        log.warning("data plane: frame of %d bytes (limit %d); dropping the connection", nbytes, MAX_FRAME_BYTES)
+        return False
+    return True
+
+
 @dataclass
 class _Conn:
     sock: socket.socket
@@ -205,31 +215,18 @@ class TcpTransport(BufferingTransport):
                 if not await _recv_exact(loop, sock, memoryview(header)):
                     return
                 magic, key_len, nbytes = _HEADER.unpack(header)
-                if magic != _MAGIC or key_len > _MAX_KEY:
-                    return  # not our protocol: drop the connection
-                if nbytes > MAX_FRAME_BYTES:
-                    log.warning(
-                        "data plane: frame of %d bytes (limit %d); dropping the connection", nbytes, MAX_FRAME_BYTES
-                    )
+                if not _frame_ok(magic, key_len, nbytes):
                     return
                 raw_key = bytearray(key_len)
                 if not await _recv_exact(loop, sock, memoryview(raw_key)):
                     return
                 key = raw_key.decode(errors="replace")
-                exp = self._expected.get(key)
-                direct = exp is not None and not exp.future.done() and exp.nbytes == nbytes
-                if not direct and not self.early_room(nbytes):
-                    self.early_dropped += 1
-                    log.warning(
-                        "data plane: %d bytes for unexpected key %r over the bound; dropping the connection",
-                        nbytes,
-                        key,
-                    )
+                target = self._frame_target(key, nbytes)
+                if target is None:
                     return
-                buf = exp.buffer if direct and exp is not None else np.empty(nbytes, dtype=np.uint8)
+                buf, direct = target
                 if not await _recv_exact(loop, sock, buf.data):
-                    if exp is not None and not exp.future.done():
-                        exp.future.set_exception(TransportError(f"{key!r}: peer closed mid-transfer"))
+                    self._fail_mid_transfer(key)
                     return
                 self._deliver(key, buf, direct)
         except OSError:
@@ -264,25 +261,13 @@ class TcpTransport(BufferingTransport):
                 except asyncio.IncompleteReadError:
                     return
                 magic, key_len, nbytes = _HEADER.unpack(header)
-                if magic != _MAGIC or key_len > _MAX_KEY:
-                    return
-                if nbytes > MAX_FRAME_BYTES:
-                    log.warning(
-                        "data plane: frame of %d bytes (limit %d); dropping the connection", nbytes, MAX_FRAME_BYTES
-                    )
+                if not _frame_ok(magic, key_len, nbytes):
                     return
                 key = (await reader.readexactly(key_len)).decode(errors="replace")
-                exp = self._expected.get(key)
-                direct = exp is not None and not exp.future.done() and exp.nbytes == nbytes
-                if not direct and not self.early_room(nbytes):
-                    self.early_dropped += 1
-                    log.warning(
-                        "data plane: %d bytes for unexpected key %r over the bound; dropping the connection",
-                        nbytes,
-                        key,
-                    )
+                target = self._frame_target(key, nbytes)
+                if target is None:
                     return
-                buf = exp.buffer if direct and exp is not None else np.empty(nbytes, dtype=np.uint8)
+                buf, direct = target
                 view = memoryview(buf.data).cast("B")
                 got = 0
                 try:
@@ -291,8 +276,7 @@ class TcpTransport(BufferingTransport):
                         view[got : got + len(piece)] = piece
                         got += len(piece)
                 except asyncio.IncompleteReadError:
-                    if exp is not None and not exp.future.done():
-                        exp.future.set_exception(TransportError(f"{key!r}: peer closed mid-transfer"))
+                    self._fail_mid_transfer(key)
                     return
                 self._deliver(key, buf, direct)
         except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
@@ -300,6 +284,26 @@ class TcpTransport(BufferingTransport):
         finally:
             self._tls_writers.discard(writer)
             writer.close()
+
+    def _frame_target(self, key: str, nbytes: int) -> tuple[Bytes, bool] | None:
+        """Where a frame's bytes go (both listeners): straight into the expected transfer's buffer (``direct``) or a
+        fresh one kept as early data; None (drop the connection) when an unexpected frame would exceed the early
+        bound."""
+        exp = self._expected.get(key)
+        direct = exp is not None and not exp.future.done() and exp.nbytes == nbytes
+        if not direct and not self.early_room(nbytes):
+            self.early_dropped += 1
+            log.warning(
+                "data plane: %d bytes for unexpected key %r over the bound; dropping the connection", nbytes, key
+            )
+            return None
+        return (exp.buffer if direct and exp is not None else np.empty(nbytes, dtype=np.uint8)), direct
+
+    def _fail_mid_transfer(self, key: str) -> None:
+        """A peer that closed inside a frame fails the transfer waiting for it (keys are one-time per transfer)."""
+        exp = self._expected.get(key)
+        if exp is not None and not exp.future.done():
+            exp.future.set_exception(TransportError(f"{key!r}: peer closed mid-transfer"))
 
     def _deliver(self, key: str, buf: Bytes, direct: bool) -> None:
         exp = self._expected.get(key)
