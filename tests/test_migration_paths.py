@@ -384,38 +384,52 @@ async def test_client_abort_while_the_commit_is_in_flight_reaches_the_destinatio
         await b.close()
 
 
-async def test_source_abort_when_request_is_preempted(sink: RecordingSink) -> None:
+async def migrate_the_preempted_one(
+    sink: RecordingSink, hook: str, check: Callable[[Node, Node], None] = lambda a, b: None
+) -> llumlet_pb2.MigrationResult:
+    """Two requests on a 32-block source; "new" (the newest, the preemption victim) migrates, and at ``hook`` of the
+    first stage that point allows, both grow until "new" is preempted. ``check(a, b)`` runs on the migration's answer.
+    Both requests then finish on the source, unmigrated, and every block comes back."""
     a, b = await make_node("a", total_blocks=32), await make_node("b")
-    hooks = Hooks()
-    a.coordinator.hooks = hooks
 
     def preempted() -> bool:
         return any(r.request_id == "new" and r.num_preemptions > 0 for r in a.engine.load().requests)
 
-    async def wait_for_preemption() -> None:  # stage 0 copied; both requests grow until "new" (the newest) is evicted
-        assert not preempted(), "preempted before stage 0 was copied"
+    async def wait_for_preemption() -> None:
+        assert not preempted(), f"preempted before {hook}"
+        if hook == "before_copy":
+            assert b.engine.load().reserved_blocks > 0
         await until(preempted, "the preemption of 'new'")
 
-    hooks.actions[("before_stage", 1)] = wait_for_preemption
+    hooks = Hooks({(hook, 1 if hook == "before_stage" else 0): wait_for_preemption})
+    a.coordinator.hooks = hooks
     try:
         # 12 blocks each; together they outgrow a's 32 after ~64 tokens each; "old" alone then grows to 30
         await a.stub.AddRequest(request("old", sink, 180, 300))
         await wait_tokens(sink, "old", 1)
-        await a.stub.AddRequest(request("new", sink, 180, 300))  # most recent: the preemption victim
+        await a.stub.AddRequest(request("new", sink, 180, 300))
         await wait_tokens(sink, "new", 1)
-        result = (await a.stub.MigrateOut(migrate(a, b, "new"))).results[0]
+        result: llumlet_pb2.MigrationResult = (await a.stub.MigrateOut(migrate(a, b, "new"))).results[0]
         hooks.assert_all_ran()
         assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_SOURCE, result.reason
         assert result.reason == "request new was preempted during migration"
+        check(a, b)
         for rid in ("old", "new"):
             await sink.wait(rid, timeout=60)
             assert sink.tokens(rid) == unmigrated_tokens(180, 300)
+            assert_stream_exact(sink, rid)
             assert {o.instance_id for o in sink.outputs[rid]} == {"a"}
         await settle(a, b)
         assert (a.free, b.free) == (32, b.engine.total_blocks)
+        return result
     finally:
         await a.close()
         await b.close()
+
+
+async def test_source_abort_when_request_is_preempted(sink: RecordingSink) -> None:
+    """Preempted after stage 0 was copied: the source aborts before the next stage."""
+    await migrate_the_preempted_one(sink, "before_stage")
 
 
 async def test_request_preempted_between_reservation_and_copy_frees_the_destination_at_once(
@@ -424,41 +438,12 @@ async def test_request_preempted_between_reservation_and_copy_frees_the_destinat
     """The request loses its blocks to a preemption after stage 0's reservation and before the source reads them:
     the source aborts (tell-abort) instead of sending nothing and announcing the stage, which left the destination
     holding the reservation until its stall timeout (5 s) ran out (the lingering reservation of #12's benchmark)."""
-    a, b = await make_node("a", total_blocks=32), await make_node("b")
-    hooks = Hooks()
-    a.coordinator.hooks = hooks
 
-    def preempted() -> bool:
-        return any(r.request_id == "new" and r.num_preemptions > 0 for r in a.engine.load().requests)
-
-    async def wait_for_preemption() -> None:  # reserved on b; both requests grow until "new" (the newest) is evicted
-        assert not preempted(), "preempted before stage 0 was reserved"
-        assert b.engine.load().reserved_blocks > 0
-        await until(preempted, "the preemption of 'new'")
-
-    hooks.actions[("before_copy", 0)] = wait_for_preemption
-    try:
-        await a.stub.AddRequest(request("old", sink, 180, 300))
-        await wait_tokens(sink, "old", 1)
-        await a.stub.AddRequest(request("new", sink, 180, 300))  # most recent: the preemption victim
-        await wait_tokens(sink, "new", 1)
-        result = (await a.stub.MigrateOut(migrate(a, b, "new"))).results[0]
-        hooks.assert_all_ran()
-        assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_SOURCE, result.reason
-        assert result.reason == "request new was preempted during migration"
-        assert result.stages == 0 and result.bytes_sent == 0
-        # told, not timed out: the reservation is gone when the migration's answer arrives
+    def told_not_timed_out(a: Node, b: Node) -> None:  # the reservation is gone when the migration's answer arrives
         assert b.engine.load().reserved_blocks == 0 and not b.coordinator.busy
-        for rid in ("old", "new"):
-            await sink.wait(rid, timeout=60)
-            assert sink.tokens(rid) == unmigrated_tokens(180, 300)
-            assert_stream_exact(sink, rid)
-            assert {o.instance_id for o in sink.outputs[rid]} == {"a"}
-        await settle(a, b)
-        assert (a.free, b.free) == (32, b.engine.total_blocks)
-    finally:
-        await a.close()
-        await b.close()
+
+    result = await migrate_the_preempted_one(sink, "before_copy", told_not_timed_out)
+    assert result.stages == 0 and result.bytes_sent == 0
 
 
 async def test_request_finished_between_reservation_and_copy_frees_the_destination_at_once(
