@@ -6,7 +6,11 @@ it started ended, and the control plane imports nothing from ``tools`` (``tests/
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
+from typing import Any
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -22,4 +26,20 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
-__all__ = ["describe_exit"]
+def stop_group(proc: subprocess.Popen[Any], grace: float) -> None:
+    """Stops the process group a child we started leads (spawned in a session of its own): SIGTERM, then SIGKILL
+    after ``grace`` seconds, and reaps the child. Signals only while the child is unreaped (its pid, the group id,
+    cannot have been reused)."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+__all__ = ["describe_exit", "stop_group"]

@@ -7,10 +7,7 @@ It runs in A's network namespace because only there are A's and B's addresses re
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +15,7 @@ from typing import Any
 
 from integration.multihost import HOST_CPUS
 from pyllumnix.control_plane.scheduler.provider_ray import ProviderError, RayInstanceProvider
+from pyllumnix.infra.processes import stop_group
 from pyllumnix.infra.security.runtime import INSECURE, from_options, open_channel
 
 # The PKI folder of a secure scenario (llmctl then dials with the admin certificate).
@@ -143,13 +141,7 @@ async def main(ray_address: str, etcd: str, host_a: str, host_b: str, cluster: s
     finally:
         provider.stop_on_close = True
         await provider.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(scheduler.pid, signal.SIGTERM)
-        try:
-            scheduler.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(scheduler.pid, signal.SIGKILL)
-            scheduler.wait()
+        stop_group(scheduler, 10)
     return out
 
 
@@ -276,13 +268,7 @@ async def host_loss(ray_address: str, etcd: str, host_a: str, host_b: str, clust
         await extra.close()
     finally:
         await sink.server.stop()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(scheduler.pid, signal.SIGTERM)
-        try:
-            scheduler.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(scheduler.pid, signal.SIGKILL)
-            scheduler.wait()
+        stop_group(scheduler, 30)
     return out
 
 
@@ -402,13 +388,7 @@ async def migrate(ray_address: str, etcd: str, host_a: str, host_b: str, cluster
         await sink.server.stop()
         provider.stop_on_close = True
         await provider.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(scheduler.pid, signal.SIGTERM)
-        try:
-            scheduler.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(scheduler.pid, signal.SIGKILL)
-            scheduler.wait()
+        stop_group(scheduler, 10)
     return out
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from typing import Any
 import click
 import numpy as np
 
+from pyllumnix.infra.processes import stop_group
 from pyllumnix.tools.bench_serving import replay_openai
 from pyllumnix.tools.launch import Launcher, spawn
 from pyllumnix.tools.metrics import summarize
@@ -174,13 +174,7 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
     )
 
     def stop() -> None:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_group(proc, 30)
         out.close()
         err.close()
 
@@ -271,13 +265,7 @@ def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: 
         )
 
         def stop_router() -> None:
-            if rproc.poll() is None:
-                os.killpg(rproc.pid, signal.SIGTERM)
-                try:
-                    rproc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(rproc.pid, signal.SIGKILL)
-                    rproc.wait(5)
+            stop_group(rproc, 10)
             rlog.close()
 
         system.stoppers.append(stop_router)
