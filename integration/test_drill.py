@@ -49,6 +49,8 @@ def test_short_drill_passes(tmp_path: Path) -> None:
     assert data["passed"] is True and data["error"] == ""
     # the local cluster runs secure by default (mutual TLS, role checks, the drill's clients on an admin API key)
     assert data["config"]["security"].startswith("mutual TLS"), data["config"]["security"]
+    # ... and so does its etcd (TLS with client-certificate auth, as `llumnix serve` runs it)
+    assert all(e.startswith("https://") for e in data["config"]["etcd"].split(",")), data["config"]["etcd"]
     assert (tmp_path / "logs" / "context.yaml").exists() and (tmp_path / "logs" / "pki" / "ca.pem").exists()
     assert data["reference"]["streams"] > 0 and data["reference"]["unfinished"] == 0
     by_name = {s["scenario"]: s for s in data["scenarios"]}

@@ -251,6 +251,7 @@ def drill_command(
                 steps.describe("starting the cluster")
                 cluster = LocalCluster(cluster_opts)
                 cluster.start()
+                config["etcd"] = cluster.etcd_endpoints
                 steps.step()
                 drill = Drill(
                     opts,

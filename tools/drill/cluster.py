@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, free_port
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, EtcdServerTls, free_port
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -106,8 +106,10 @@ class LocalCluster:
 
     @property
     def etcd_endpoints(self) -> str:
+        """The endpoints as components are given them: ``https://`` when etcd serves TLS (a secure drill)."""
         assert self.etcd is not None
-        return ",".join(self.etcd.endpoints)
+        scheme = "https://" if self.etcd.tls is not None else ""
+        return ",".join(scheme + e for e in self.etcd.endpoints)
 
     # starting ---------------------------------------------------------------------------------------------------
     def _common(self) -> list[str]:
@@ -189,7 +191,7 @@ class LocalCluster:
 
     def start(self) -> None:
         """Starts everything (blocking); llumlets start side by side. Raises LaunchError with the failing log."""
-        self.etcd = EmbeddedEtcd(self.opts.etcd_members).start()
+        self.etcd = EmbeddedEtcd(self.opts.etcd_members, tls=self._etcd_tls()).start()
         self.etcd_pids()
         with ThreadPoolExecutor(max_workers=max(self.opts.llumlets, self.opts.schedulers)) as pool:
             list(pool.map(self.start_scheduler, self.scheduler_ports))
@@ -197,6 +199,17 @@ class LocalCluster:
         self.start_frontend()
         if self.opts.secure:
             self.context_path = asyncio.run(self._provision_admin())
+
+    def _etcd_tls(self) -> EtcdServerTls | None:
+        """A secure drill runs etcd as ``serve`` does: TLS with client-certificate auth from the drill's PKI, so the
+        hop to the registry is authenticated too (None with ``--insecure``)."""
+        if not self.opts.secure:
+            return None
+        pki = self.launcher.pki
+        assert pki is not None
+        server = pki.ensure("etcd", "etcd")
+        health = pki.ensure("admin", "admin")
+        return EtcdServerTls(server.ca, server.cert, server.key, health.cert, health.key)
 
     async def _provision_admin(self) -> Path:
         """An admin API key (hashed in etcd) and the client context file naming this cluster, as ``serve`` writes."""
@@ -206,7 +219,7 @@ class LocalCluster:
         from pyllumnix.infra.security.bootstrap import provision_admin
 
         assert self.etcd is not None and self.launcher.pki is not None
-        async with EtcdClient(self.etcd.endpoints) as etcd:
+        async with EtcdClient(self.etcd.endpoints, tls=self.etcd.client_tls()) as etcd:
             _, path = await provision_admin(
                 self.launcher.pki,
                 ApiKeyStore(etcd, KeyLayout(self.opts.cluster)),
@@ -215,7 +228,7 @@ class LocalCluster:
                 scheduler=self.scheduler_addresses,
                 frontend=[self.frontend_grpc],
                 http=self.frontend_http,
-                etcd=list(self.etcd.endpoints),
+                etcd=self.etcd_endpoints.split(","),
             )
         return path
 
