@@ -170,3 +170,22 @@ async def test_frontend_and_credentials_from_the_context_file(tmp_path: Path, mo
         assert res.exit_code == 2 and "none.yaml names none" in res.output
     finally:
         await server.stop(None)
+
+
+async def test_records_hold_every_request_with_its_token_times(tmp_path: Path) -> None:
+    """--records writes one JSON line per request, the same records the report's figures come from (the live
+    demonstration compares them request by request with the simulator's)."""
+    server = await serve_frontend(FakeFrontend("fe"))
+    try:
+        res = await bench(server.address, "--records", str(tmp_path / "records.jsonl"))
+    finally:
+        await server.stop(None)
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert sorted(r["request_id"] for r in lines) == [f"req-{i:06d}" for i in range(N)]
+    for r in lines:
+        assert r["input_len"] == IN and r["num_output_tokens"] == OUT == len(r["token_times"]) and not r["error"]
+        assert r["arrival"] <= r["first_token_time"] <= r["finish_time"]
+        assert r["token_times"][0] == pytest.approx(r["first_token_time"], abs=1e-4)
+    ttft = [r["first_token_time"] - r["arrival"] for r in lines]
+    assert json.loads(res.stdout)["mean_ttft_ms"] == pytest.approx(1000 * sum(ttft) / N, rel=1e-9)

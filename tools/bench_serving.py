@@ -281,6 +281,25 @@ def serving_result(outcomes: Sequence[Outcome], duration_s: float) -> dict[str, 
     }
 
 
+def write_records(outcomes: Sequence[Outcome], path: Path) -> None:
+    """One JSON line per request: its record (times in seconds from the replay's start, token times to 0.1 ms)."""
+    with path.open("w") as f:
+        for o in outcomes:
+            r = o.record
+            line = {
+                "request_id": r.request_id,
+                "priority": r.priority,
+                "input_len": r.input_len,
+                "arrival": r.arrival,
+                "first_token_time": r.first_token_time,
+                "finish_time": r.finish_time,
+                "num_output_tokens": r.num_output_tokens,
+                "token_times": [round(t, 4) for t in r.token_times or ()],
+                "error": o.error,
+            }
+            f.write(json.dumps(line) + "\n")
+
+
 def result_block(result: dict[str, Any]) -> str:
     """The result block as ``vllm bench serve`` prints it (same labels and order)."""
 
@@ -325,8 +344,10 @@ def run_serving_bench(
     openai_url: str = "",
     model: str = "llama-7b-a10",
     api_key: str | None = None,
+    records_path: Path | None = None,
 ) -> dict[str, Any]:
-    """``openai_url``: measure an OpenAI-compatible HTTP endpoint (streamed completions) instead of gRPC Generate."""
+    """``openai_url``: measure an OpenAI-compatible HTTP endpoint (streamed completions) instead of gRPC Generate.
+    ``records_path``: also write every request's record (JSON lines), for comparing runs request by request."""
     arrivals = generate(workload, seed, max_model_len=max_model_len)
     t = time.monotonic()
     if openai_url:
@@ -334,6 +355,8 @@ def run_serving_bench(
     else:
         outcomes, duration = asyncio.run(replay_outcomes(frontends, arrivals, tls))
     summary = summarize([o.record for o in outcomes])
+    if records_path is not None:
+        write_records(outcomes, records_path)
     summary["workload"] = workload
     summary["wall_s"] = time.monotonic() - t
     # vLLM's key names at the top level, so `vllm bench serve` JSON and this one compare field by field.
@@ -365,6 +388,13 @@ def run_serving_bench(
     "/v1/completions (exact-length text prompts, ignore_eos, streamed usage) instead of gRPC Generate.",
 )
 @click.option("--model", default="llama-7b-a10", show_default=True, help="Model name sent in OpenAI mode.")
+@click.option(
+    "--records",
+    "records_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Also write every request's record here (JSON lines: times, token times, error).",
+)
 def bench_serving(
     frontends: str,
     workload: str,
@@ -377,12 +407,20 @@ def bench_serving(
     api_key: str | None,
     openai_url: str,
     model: str,
+    records_path: Path | None,
 ) -> None:
     """Replay a workload against a live cluster: JSON on stdout; vLLM-style result block and summary on stderr."""
     tls: TlsConfig | None = None
     if openai_url:
         summary = run_serving_bench(
-            [], workload, seed, max_model_len, openai_url=openai_url, model=model, api_key=api_key
+            [],
+            workload,
+            seed,
+            max_model_len,
+            openai_url=openai_url,
+            model=model,
+            api_key=api_key,
+            records_path=records_path,
         )
         _report(summary, workload, json_path)
         return
@@ -399,7 +437,7 @@ def bench_serving(
             raise click.UsageError(str(exc)) from None
         if context is None or not context.frontend:
             raise click.UsageError(f"no --frontend, and the client context file {context_path()} names none")
-    summary = run_serving_bench(endpoints, workload, seed, max_model_len, tls)
+    summary = run_serving_bench(endpoints, workload, seed, max_model_len, tls, records_path=records_path)
     _report(summary, workload, json_path)
 
 
