@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from pyllumnix.tools.recording_sink import RecordingSink
 from pyllumnix.tools.sim.cli import sim
 from pyllumnix.tools.sim.live_demo import compare_table, markdown
 
@@ -65,3 +66,116 @@ def test_migrations_are_counted_from_the_llumlet_logs(tmp_path: Path) -> None:
     (tmp_path / "llumlet-1.log").write_text(line + "committed: 2 stages, downtime 113.5 ms\n")
     (tmp_path / "frontend.log").write_text(line + "committed: 2 stages\n")  # not a llumlet's
     assert _committed_migrations(tmp_path) == 2
+
+
+def test_engine_loop_overhead_per_step_from_the_llumlet_logs(tmp_path: Path) -> None:
+    from pyllumnix.tools.sim.live_demo import engine_loop
+
+    pre = "2026-12-01 18:17:20,363 INFO pyllumnix.data_plane.llumlet.llumlet: "
+    (tmp_path / "llumlet-0.log").write_text(
+        pre + "engine loop of instance-0: 100 steps, modelled 5.000 s, stepped 5.200 s, between steps 0.100 s\n"
+    )
+    (tmp_path / "llumlet-1.log").write_text(
+        pre + "engine loop of instance-1: 300 steps, modelled 15.000 s, stepped 15.300 s, between steps 0.200 s\n"
+    )
+    (tmp_path / "frontend.log").write_text(pre + "engine loop of x: 1 steps, modelled 0 s, stepped 9 s, between 0 s\n")
+    loop = engine_loop(tmp_path)
+    assert set(loop["instances"]) == {"instance-0", "instance-1"}
+    assert loop["total"]["steps"] == 400
+    # (20.5 stepped + 0.3 between - 20.0 modelled) / 400 steps = 2 ms a step
+    assert loop["overhead_ms_per_step"] == pytest.approx(2.0)
+    assert loop["between_ms_per_step"] == pytest.approx(0.75)
+    assert engine_loop(tmp_path / "missing")["overhead_ms_per_step"] is None  # no figures: none made up
+
+
+def test_the_live_step_overhead_is_added_to_every_simulated_step_that_does_work() -> None:
+    from pyllumnix.tools.sim.live_demo import LiveSimConfig
+
+    plain = LiveSimConfig(instances=2).engine_profile()
+    slow = LiveSimConfig(instances=2, step_overhead_ms=4.0).engine_profile()
+    assert slow.total_blocks == plain.total_blocks and slow.split_steps == plain.split_steps
+    assert slow.step_seconds(0, 8, 4000) == pytest.approx(plain.step_seconds(0, 8, 4000) + 0.004)
+    assert slow.step_seconds(512, 8, 4000) == pytest.approx(plain.step_seconds(512, 8, 4000) + 0.004)
+    assert slow.step_seconds(0, 0, 0) == 0.0  # an empty step stays free (the simulator idles on it)
+
+
+def test_predict_with_the_measured_overhead_slows_the_simulated_decode() -> None:
+    from pyllumnix.tools.sim.live_demo import predict
+
+    workload = "M-M:poisson:rate=4:n=40"
+    plain = predict(workload, 0, 2)
+    slow = predict(workload, 0, 2, overhead_ms={"llumnix": 10.0, "infaas++": 10.0})
+    for policy in ("llumnix", "infaas++"):
+        assert slow[policy]["step_overhead_ms"] == 10.0 and plain[policy]["step_overhead_ms"] == 0.0
+        assert sum(plain[policy]["dispatched"]) == 40  # every request placed once, on one of the 2 instances
+        # ~10 ms on ~50-70 ms decode steps
+        ratio = slow[policy]["overall"]["decode_s"]["mean"] / plain[policy]["overall"]["decode_s"]["mean"]
+        assert 1.1 < ratio < 1.3, ratio
+
+
+def test_reused_live_runs_are_set_against_the_calibrated_prediction(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    workload = "M-M:poisson:rate=4:n=40"
+    loop = {"overhead_ms_per_step": 3.0}
+    live_runs = {
+        "llumnix": {**_overall(2.0), "engine_loop": loop},
+        "infaas++": {**_overall(6.0), "engine_loop": {"overhead_ms_per_step": 5.0}},
+    }
+    (work / "live_runs.json").write_text(json.dumps(live_runs))
+    out = tmp_path / "out"
+    args = ["live", "--workload", workload, "--instances", "2", "--out", str(out), "--reuse-live", str(work)]
+    result = CliRunner().invoke(sim, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "live.json").read_text())
+    assert report["step_overhead_ms"] == {"llumnix": 3.0, "infaas++": 5.0}
+    assert report["simulated_calibrated"]["infaas++"]["step_overhead_ms"] == 5.0
+    p99 = next(r for r in report["table_calibrated"] if r["figure"] == "prefill P99")
+    assert p99["live_ratio"] == pytest.approx(3.0)
+    assert p99["live_vs_sim"] == pytest.approx(3.0 / p99["sim_ratio"])
+    text = (out / "LIVE.md").read_text()
+    assert "measured per-step overhead" in text and "llumnix 3.00 ms" in text
+    assert "simulated with the live step overhead" in report["summary"]
+
+
+def test_without_engine_loop_figures_the_calibration_refuses(tmp_path: Path) -> None:
+    (tmp_path / "live_runs.json").write_text(json.dumps({"llumnix": _overall(1.0), "infaas++": _overall(2.0)}))
+    args = ["live", "--workload", "M-M:poisson:rate=4:n=10", "--instances", "2", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(sim, [*args, "--reuse-live", str(tmp_path)])
+    assert result.exit_code != 0 and "no engine-loop figures" in result.output
+
+
+async def test_the_llumlet_accounts_for_its_loop_time(sink: RecordingSink, caplog: pytest.LogCaptureFixture) -> None:
+    """Modelled step time, wall time per step and the wall time handlers held the engine between steps."""
+    import asyncio
+    import logging
+
+    from pyllumnix.data_plane.engine.sim import SimEngine
+    from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+    from pyllumnix.protos.llumnix.v1 import common_pb2
+
+    engine = SimEngine("tiny")
+    llumlet = Llumlet(engine, "inst-loop")
+    llumlet.start()
+    caplog.set_level(logging.INFO, logger="pyllumnix.data_plane.llumlet.llumlet")
+    try:
+        assert sink.server is not None
+        request = common_pb2.EngineRequest(
+            request_id="r", prompt_token_ids=[1, 2, 3], frontend_address=sink.server.address,
+            sampling=common_pb2.SamplingParams(max_tokens=60, seed=1, ignore_eos=True),
+        )  # fmt: skip
+        await llumlet.add_request(request)
+        while llumlet.stats.steps < 5:
+            await asyncio.sleep(0.005)
+        async with llumlet.engine_lock:  # a handler holding the engine between two steps
+            await asyncio.sleep(0.2)
+        await sink.wait("r", timeout=30)
+        async with llumlet.engine_lock:  # the last step's accounting is done
+            pass
+        st = llumlet.stats
+        assert st.steps == 60  # one token a step, the first from the prefill
+        assert st.step_modelled_s > 0 and st.step_wall_s >= st.step_modelled_s * 0.99
+        assert 0.2 <= st.between_steps_s < 0.2 + st.step_wall_s
+    finally:
+        await llumlet.stop()
+    assert any(r.getMessage().startswith(f"engine loop of inst-loop: {st.steps} steps") for r in caplog.records)

@@ -20,24 +20,33 @@ to stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.progress import Progress
 
+from pyllumnix.data_plane.engine.profile import Profile
 from pyllumnix.tools.bench_peers import start_project
 from pyllumnix.tools.progress import Steps, progress_bar
+from pyllumnix.tools.sim.cluster import ClusterSimulator
 from pyllumnix.tools.sim.config import SimConfig
-from pyllumnix.tools.sim.runner import load_workload, run_case
+from pyllumnix.tools.sim.runner import _run_with_progress, load_workload
+from pyllumnix.tools.sim.summary import run_summary
+from pyllumnix.tools.sim.tracker import Track
 
 POLICIES = ("llumnix", "infaas++")
+TRACE_ENV = "LLUMNIX_TRACE_FILE"
 # M-M at 1.5x the artifact's middle rate for 4 instances (7.7 x 4/16 x 1.5): queues form on 4 instances (arrivals
 # over ~3.5 min, then the drain of the longest requests, ~6 min).
 DEFAULT_WORKLOAD = "M-M:poisson:rate=2.9:n=600"
@@ -66,48 +75,112 @@ def _ratio(base: float | None, new: float | None) -> float | None:
     return None if base is None or new is None or new <= 0 else base / new
 
 
+@dataclass(frozen=True)
+class SteppedProfile(Profile):
+    """A profile whose every engine step costs ``step_overhead_ms`` more than modelled: what a live llumlet adds to
+    each step (sleep overshoot, handing the outputs on, handlers and migration stages between two steps)."""
+
+    step_overhead_ms: float = 0.0
+
+    def step_seconds(self, prefill_tokens: int, decode_batch: int, decode_context_tokens: int) -> float:
+        base = super().step_seconds(prefill_tokens, decode_batch, decode_context_tokens)
+        return base + self.step_overhead_ms / 1000.0 if base > 0.0 else base
+
+
+@dataclass(frozen=True)
+class LiveSimConfig(SimConfig):
+    """The simulated run with the live llumlets' measured per-step overhead on top of the profile."""
+
+    step_overhead_ms: float = 0.0
+
+    def engine_profile(self) -> Profile:
+        base = super().engine_profile()
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Profile)}
+        return SteppedProfile(**fields, step_overhead_ms=self.step_overhead_ms)
+
+
 def predict(
-    workload: str, seed: int, instances: int, steps: Steps | None = None, bar: Progress | None = None
+    workload: str,
+    seed: int,
+    instances: int,
+    steps: Steps | None = None,
+    bar: Progress | None = None,
+    overhead_ms: dict[str, float] | None = None,
+    records: dict[str, list[Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The simulator's overall latency figures for each policy on the live cluster's shape; ``steps`` advances once
-    per policy, ``bar`` (the same Progress) follows each simulation's virtual clock."""
+    per policy, ``bar`` (the same Progress) follows each simulation's virtual clock. ``overhead_ms``: per policy, the
+    live run's measured per-step overhead, added to every simulated step (None: the profile alone). ``records``
+    receives each policy's simulated request records."""
     steps = steps or Steps()
     out: dict[str, dict[str, Any]] = {}
     for policy in POLICIES:
         steps.describe(f"simulating {policy}")
-        config = SimConfig(
+        config = LiveSimConfig(
             instances=instances,
             policy=policy,
             enable_migration=policy == "llumnix",
             split_steps=False,  # the live llumlet runs mixed (V1) steps
             report_interval_ms=50,  # the live llumlet's report period
             seed=seed,
+            step_overhead_ms=(overhead_ms or {}).get(policy, 0.0),
         )
         arrivals = load_workload(workload, seed, config.profile)
-        _, summary = run_case(config, arrivals, bar=bar, description=f"sim {policy}")
-        out[policy] = {"overall": summary["overall"], "migrations": summary["migration"].get("committed", 0)}
+        sim = ClusterSimulator(config, arrivals)
+        show = bar is not None and not bar.disable
+        result = _run_with_progress(sim, bar, f"sim {policy}") if show and bar is not None else sim.run()
+        summary = run_summary(result, {a.request_id: a.output_len for a in arrivals})
+        out[policy] = {
+            "overall": summary["overall"],
+            "migrations": summary["migration"].get("committed", 0),
+            "step_overhead_ms": config.step_overhead_ms,
+            "dispatched": sorted(Counter(_first_instance(t) for t in sim.tracker.tracks.values()).values()),
+        }
+        if records is not None:
+            records[policy] = result.records
         steps.step()
     return out
 
 
+def _first_instance(track: Track) -> str:
+    """The instance a simulated request was dispatched to (a migrated one's first source)."""
+    return track.migrations[0].source if track.migrations else track.instance
+
+
 def run_live(
-    workload: str, seed: int, instances: int, work: Path, steps: Steps | None = None
+    workload: str, seed: int, instances: int, work: Path, steps: Steps | None = None, *, trace: bool = False
 ) -> dict[str, dict[str, Any]]:
     """Both policies on a fresh ``llumnix serve`` each, replayed by ``llumnix bench serving``; ``steps`` advances once
-    per policy."""
+    per policy. Each run leaves under ``work``: the serve logs, the replay's report and per-request records
+    (``records-<policy>.jsonl``) and, with ``trace``, the components' spans (``traces-<policy>/``: which instance
+    each request was dispatched to). The engine-loop figures come from the llumlets' logs once they stopped."""
     steps = steps or Steps()
     out: dict[str, dict[str, Any]] = {}
     for policy in POLICIES:
         steps.describe(f"live {policy}")
-        system = start_project(policy, work, 0, instances)
+        tag = policy.replace("+", "p")
+        traces = work / f"traces-{tag}"
+        saved = os.environ.get(TRACE_ENV)
+        if trace:
+            traces.mkdir(parents=True, exist_ok=True)
+            os.environ[TRACE_ENV] = f"{traces}/"  # start_project hands this process's environment to serve
         try:
-            context = work / f"serve-{policy.replace('+', 'p')}" / "context.yaml"
-            report = work / f"bench-{policy.replace('+', 'p')}.json"
+            system = start_project(policy, work, 0, instances)
+        finally:
+            if trace and saved is None:
+                os.environ.pop(TRACE_ENV, None)
+            elif trace and saved is not None:
+                os.environ[TRACE_ENV] = saved
+        try:
+            context = work / f"serve-{tag}" / "context.yaml"
+            report = work / f"bench-{tag}.json"
             # The replay's own bar would only fill the captured stderr: this command's bar shows the run instead.
             env = {**os.environ, "LLUMNIX_CONTEXT": str(context), "LLUMNIX_PROGRESS": "0"}
+            env.pop(TRACE_ENV, None)
             cmd = [
                 sys.executable, "-m", "pyllumnix.tools.cli", "bench", "serving", "--workload", workload,
                 "--seed", str(seed), "--max-model-len", "12288", "--json", str(report),
+                "--records", str(work / f"records-{tag}.jsonl"),
             ]  # fmt: skip
             t = time.monotonic()
             proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=3600)
@@ -128,8 +201,37 @@ def run_live(
             }  # fmt: skip
         finally:
             system.stop()
+        out[policy]["engine_loop"] = engine_loop(work / f"serve-{tag}")
         steps.step()
+    (work / "live_runs.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+ENGINE_LOOP = re.compile(
+    r"engine loop of (\S+): (\d+) steps, modelled ([\d.]+) s, stepped ([\d.]+) s, between steps ([\d.]+) s"
+)
+
+
+def engine_loop(log_dir: Path) -> dict[str, Any]:
+    """Per llumlet and in total: its engine steps, their modelled durations, the wall time they took and the wall time
+    between steps while work waited (each llumlet logs these when it stops), and the mean overhead per step:
+    (stepped + between - modelled) / steps, the live cost the simulator's back-to-back steps lack."""
+    per: dict[str, dict[str, float]] = {}
+    for f in sorted(log_dir.glob("llumlet-*.log")):
+        for m in ENGINE_LOOP.finditer(f.read_text(errors="replace")):
+            per[m[1]] = {"steps": int(m[2]), "modelled_s": float(m[3]), "stepped_s": float(m[4]),
+                         "between_s": float(m[5])}  # fmt: skip
+    total = {k: sum(v[k] for v in per.values()) for k in ("steps", "modelled_s", "stepped_s", "between_s")}
+    n = total["steps"]
+    overhead = (total["stepped_s"] + total["between_s"] - total["modelled_s"]) / n if n else None
+    return {
+        "instances": per,
+        "total": total,
+        "overhead_ms_per_step": None if overhead is None else round(overhead * 1000.0, 3),
+        "stepping_overhead_ms_per_step": None if not n else round(
+            (total["stepped_s"] - total["modelled_s"]) / n * 1000.0, 3),
+        "between_ms_per_step": None if not n else round(total["between_s"] / n * 1000.0, 3),
+    }  # fmt: skip
 
 
 def _committed_migrations(log_dir: Path) -> int:
@@ -175,20 +277,43 @@ def markdown(report: dict[str, Any]) -> str:
         f"# Live demonstration: Llumnix vs INFaaS++ on `llumnix serve`, {report['instances']} sim llumlets",
         "",
         f"Workload `{report['workload']}`, seed {report['seed']}; command: `{report['command']}`.",
-        "",
-        "| figure | sim infaas++ (s) | sim llumnix (s) | sim ratio | live infaas++ (s) | live llumnix (s) "
-        "| live ratio | live / sim |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in report["table"]:
-        sim, live = r.get("sim", {}), r.get("live", {})
-        lines.append(
-            f"| {r['figure']} | {f(sim.get('infaas++'))} | {f(sim.get('llumnix'))} | {f(r.get('sim_ratio'), 'x')} | "
-            f"{f(live.get('infaas++'))} | {f(live.get('llumnix'))} | {f(r.get('live_ratio'), 'x')} | "
-            f"{f(r.get('live_vs_sim'))} |"
+    tables = [("Simulated with the profile alone", report["table"])]
+    if report.get("table_calibrated"):
+        oh = report.get("step_overhead_ms", {})
+        tables.append(
+            (
+                "Simulated with the live run's measured per-step overhead added to every step ("
+                + ", ".join(f"{p} {oh.get(p, 0):.2f} ms" for p in POLICIES)
+                + ")",
+                report["table_calibrated"],
+            )
         )
+    for title, table in tables:
+        lines += [
+            "",
+            f"{title}:",
+            "",
+            "| figure | sim infaas++ (s) | sim llumnix (s) | sim ratio | live infaas++ (s) | live llumnix (s) "
+            "| live ratio | live / sim |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in table:
+            sim, live = r.get("sim", {}), r.get("live", {})
+            lines.append(
+                f"| {r['figure']} | {f(sim.get('infaas++'))} | {f(sim.get('llumnix'))} | {f(r.get('sim_ratio'), 'x')} "
+                f"| {f(live.get('infaas++'))} | {f(live.get('llumnix'))} | {f(r.get('live_ratio'), 'x')} | "
+                f"{f(r.get('live_vs_sim'))} |"
+            )
     lines += ["", report["summary"], ""]
     return "\n".join(lines)
+
+
+def _p99_summary(label: str, table: list[dict[str, Any]], live: bool) -> str:
+    p99 = next(r for r in table if r["figure"] == "prefill P99")
+    return f"{label} {p99.get('sim_ratio') or 0:.2f}x" + (
+        f" (live/sim {p99.get('live_vs_sim') or 0:.2f})" if live else ""
+    )
 
 
 @click.command("live")
@@ -197,35 +322,83 @@ def markdown(report: dict[str, Any]) -> str:
 @click.option("--instances", default=4, show_default=True, help="Sim llumlets (and simulated instances).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--predict-only", is_flag=True, help="Only the simulator's prediction (no live cluster).")
-def live(workload: str, seed: int, instances: int, out: Path, predict_only: bool) -> None:
-    """Llumnix vs INFaaS++ on a live `llumnix serve` cluster, the simulator's prediction beside it."""
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep the live runs' logs, reports and per-request records here (default: a temporary directory, removed).",
+)
+@click.option("--trace", is_flag=True, help="Record the components' spans (which instance each request went to).")
+@click.option(
+    "--reuse-live",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Take the live results from an earlier run's --work-dir (its live_runs.json) instead of running them.",
+)
+def live(
+    workload: str,
+    seed: int,
+    instances: int,
+    out: Path,
+    predict_only: bool,
+    work_dir: Path | None,
+    trace: bool,
+    reuse_live: Path | None,
+) -> None:
+    """Llumnix vs INFaaS++ on a live `llumnix serve` cluster, the simulator's prediction beside it.
+
+    After the live runs the simulator runs again with each live run's measured per-step overhead (the llumlets'
+    wall time per step beyond the modelled duration, between-step work included) added to every step: the
+    prediction for the cluster that actually ran."""
     out.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
     live_res: dict[str, dict[str, Any]] | None = None
+    calibrated: dict[str, dict[str, Any]] | None = None
+    overhead: dict[str, float] = {}
+    with_live = not predict_only
     with progress_bar() as bar:  # closed before the JSON: while it draws, rich routes stdout to stderr
-        steps = Steps(bar, "sim live", total=len(POLICIES) * (1 if predict_only else 2))
+        steps = Steps(bar, "sim live", total=len(POLICIES) * (1 if predict_only else 3))
         sim = predict(workload, seed, instances, steps, bar)
         click.echo(f"simulated in {time.monotonic() - t:.0f} s", err=True)
-        if not predict_only:
+        if reuse_live is not None and with_live:
+            live_res = json.loads((reuse_live / "live_runs.json").read_text())
+            steps.step()
+            steps.step()
+        elif with_live and work_dir is not None:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            live_res = run_live(workload, seed, instances, work_dir, steps, trace=trace)
+        elif with_live:
             with tempfile.TemporaryDirectory(prefix="llumnix-live-") as tmp:
-                live_res = run_live(workload, seed, instances, Path(tmp), steps)
+                live_res = run_live(workload, seed, instances, Path(tmp), steps, trace=trace)
+        if live_res is not None:
+            for policy in POLICIES:
+                measured = live_res[policy].get("engine_loop", {}).get("overhead_ms_per_step")
+                if measured is None:
+                    raise click.ClickException(f"no engine-loop figures in the {policy} llumlet logs")
+                overhead[policy] = float(measured)
+            calibrated = predict(workload, seed, instances, steps, bar, overhead_ms=overhead)
     table = compare_table(live_res, sim)
-    p99 = next(r for r in table if r["figure"] == "prefill P99")
-    summary = f"prefill P99 INFaaS++/Llumnix: simulated {p99.get('sim_ratio') or 0:.2f}x" + (
-        f", live {p99.get('live_ratio') or 0:.2f}x (live/sim {p99.get('live_vs_sim') or 0:.2f})"
-        if live_res is not None
-        else ""
-    )
+    table_cal = compare_table(live_res, calibrated) if calibrated is not None else None
+    summary = "prefill P99 INFaaS++/Llumnix: " + _p99_summary("simulated", table, live_res is not None)
+    if table_cal is not None:
+        summary += ", " + _p99_summary("simulated with the live step overhead", table_cal, True)
+    if live_res is not None:
+        p99 = next(r for r in table if r["figure"] == "prefill P99")
+        summary += f", live {p99.get('live_ratio') or 0:.2f}x"
     report = {
         "workload": workload,
         "seed": seed,
         "instances": instances,
         "profile": "llama-7b-a10",
         "command": f"llumnix sim live --workload {workload} --seed {seed} --instances {instances}"
-        + (" --predict-only" if predict_only else ""),
+        + (" --predict-only" if predict_only else "")
+        + (" --trace" if trace else ""),
         "simulated": sim,
+        "simulated_calibrated": calibrated,
+        "step_overhead_ms": overhead or None,
         "live": live_res,
         "table": table,
+        "table_calibrated": table_cal,
         "summary": summary,
         "wall_s": round(time.monotonic() - t, 1),
     }
