@@ -20,6 +20,7 @@ from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.scheduler.cluster import STALE_SCAN_INTERVAL_S, ClusterState
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica, SchedulingError
 from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
 STEP = STALE_SCAN_INTERVAL_S  # snapshots further apart than this each scan for silent instances
@@ -115,3 +116,23 @@ def test_instances_that_exist_but_are_all_full_are_resource_exhausted() -> None:
     r.core.dispatch = lambda snapshot, request: None  # type: ignore[method-assign]  # a policy that finds no room
     err = dispatch_error(r)
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "all full" in str(err)
+
+
+def test_uncordoning_a_silent_instance_keeps_it_undispatchable() -> None:
+    """An override (drain, cordon, uncordon) rebuilds the instance's view: it must keep the staleness scan's verdict.
+    Before, the rebuilt view was healthy, and since the scan marks an instance only once, an instance uncordoned while
+    silent took new requests until its next report."""
+    cluster = cluster_of("a", "b", stale_after=1.0, dispatch_stale_after=0.3)
+    cluster.report(load("a", 1), 0.0)
+    cluster.report(load("b", 1), 0.0)
+    cluster.set_override("a", InstanceState.CORDONED, 0.0)
+    t, seq = 0.0, 1
+    while t < 0.5:  # b reports every 50 ms, a is stopped
+        t, seq = round(t + 0.05, 3), seq + 1
+        cluster.report(load("b", seq), t)
+    assert accepting(cluster, t + STEP) == {"b"}
+    cluster.set_override("a", InstanceState.ACTIVE, t + STEP)  # uncordoned while still silent
+    cluster.report(load("b", seq + 1), t + 2 * STEP)
+    assert accepting(cluster, t + 3 * STEP) == {"b"}
+    cluster.report(load("a", 2), t + 3 * STEP)  # a speaks again: dispatchable at once
+    assert accepting(cluster, t + 3 * STEP) == {"a", "b"}

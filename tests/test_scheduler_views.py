@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
+from pyllumnix.control_plane.policy.views import InstanceView, priority_split, view_of
 from pyllumnix.control_plane.scheduler.views import from_instance_load
+from pyllumnix.infra import wire
 from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
@@ -59,3 +63,82 @@ def test_from_instance_load_reads_an_unknown_state_as_active() -> None:
     pb = common_pb2.InstanceLoad(instance_id="a", total_blocks=10, free_blocks=10)
     pb.state = 99  # type: ignore[assignment]
     assert from_instance_load(pb).state == InstanceState.ACTIVE
+
+
+def _keyword_view(
+    pb: common_pb2.InstanceLoad,
+    state: InstanceState | None = None,
+    healthy: bool = True,
+    dispatched: tuple[int, int, int] = (0, 0, 0),
+) -> InstanceView:
+    """The mapping by keywords through the policy core's ``view_of`` (what ``from_instance_load`` builds
+    positionally, for speed on the leader's report path)."""
+    if state is None:
+        reported = wire.state_from_pb(pb.state)
+        state = InstanceState.ACTIVE if reported == InstanceState.UNSPECIFIED else reported
+    if pb.HasField("summary"):
+        s = pb.summary
+        split = (s.num_running_high, s.running_high_blocks, s.num_waiting_high, s.running_blocks, bool(pb.requests))
+    else:
+        split = priority_split((r.phase, r.priority, r.num_blocks) for r in pb.requests)
+    return view_of(
+        pb,
+        pb.instance_id,
+        split,
+        state=state,
+        healthy=healthy,
+        migrating_in=pb.migrating_in,
+        migrating_out=pb.migrating_out,
+        dispatched_since_report=dispatched[0],
+        dispatched_demand_blocks=dispatched[1],
+        dispatched_high=dispatched[2],
+        seq=pb.seq,
+    )
+
+
+def _variants() -> list[common_pb2.InstanceLoad]:
+    listed = _load()
+    summarised = _load()
+    summarised.summary.num_running_high, summarised.summary.running_high_blocks = 1, 12
+    summarised.summary.num_waiting_high, summarised.summary.running_blocks = 1, 47
+    summary_only = common_pb2.InstanceLoad(instance_id="c", total_blocks=90, free_blocks=20, reserved_blocks=5)
+    summary_only.summary.running_blocks = 3  # a summary but no request list: the block counts decide
+    odd = common_pb2.InstanceLoad(
+        instance_id="d",
+        total_blocks=10,
+        free_blocks=40,  # more free than total: running blocks clamp at 0
+        block_size=32,
+        watermark_blocks=2,
+        num_preempted=3,
+        migrating_in=True,
+        reserved_blocks=1,
+        seq=2**40,
+    )
+    odd.state = 99  # type: ignore[assignment]
+    states = []
+    for st in (
+        common_pb2.INSTANCE_STATE_DRAINING,
+        common_pb2.INSTANCE_STATE_CORDONED,
+        common_pb2.INSTANCE_STATE_STARTING,
+        common_pb2.INSTANCE_STATE_UNSPECIFIED,
+    ):
+        pb = _load()
+        pb.state = st
+        states.append(pb)
+    return [listed, summarised, summary_only, odd, *states]
+
+
+@pytest.mark.parametrize("state", [None, InstanceState.DRAINING, InstanceState.ACTIVE])
+@pytest.mark.parametrize("healthy", [True, False])
+@pytest.mark.parametrize("dispatched", [(0, 0, 0), (3, 41, 1)])
+def test_positional_view_is_the_keyword_mapping(
+    state: InstanceState | None, healthy: bool, dispatched: tuple[int, int, int]
+) -> None:
+    """``from_instance_load`` builds the view positionally (the leader's fold runs it per report): field for field
+    the mapping through ``view_of``, for every state, override, health, pending dispatch and report shape."""
+    for pb in _variants():
+        fast = from_instance_load(pb, state=state, healthy=healthy, dispatched=dispatched)
+        slow = _keyword_view(pb, state, healthy, dispatched)
+        assert fast == slow and type(fast) is InstanceView, (pb.instance_id, fast, slow)
+        assert fast._asdict() == slow._asdict()
+        assert type(fast.state) is InstanceState

@@ -48,7 +48,7 @@ class StandInReplica:
     def require_leader(self) -> None:
         return None
 
-    def report(self, load: common_pb2.InstanceLoad) -> bool:
+    def report(self, load: common_pb2.InstanceLoad, now: float | None = None) -> bool:
         self.applied.append((load.instance_id, load.seq))
         self.cluster.loads[load.instance_id] = load
         return True

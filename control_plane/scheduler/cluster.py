@@ -175,13 +175,17 @@ class ClusterState:
         of the latest load of each instance reported since the last fold."""
         t0 = time.thread_time() if reports and self._reported else 0.0
         if t0:
-            loads, overrides, unhealthy = self.loads, self.overrides, self._unhealthy
+            loads, overrides, unhealthy, dispatched = self.loads, self.overrides, self._unhealthy, self._dispatched
+            pending = self._pending
             for iid in self._reported:
                 load = loads.get(iid)
                 if load is not None:
-                    view = self._view(load, overrides.get(iid), now)
                     # silent since (a synchronous caller's snapshot() folds late): as the staleness scan found it
-                    self._pending[iid] = view._replace(healthy=False) if iid in unhealthy else view
+                    healthy = iid not in unhealthy
+                    if dispatched.get(iid):
+                        pending[iid] = self._view(load, overrides.get(iid), now, healthy)
+                    else:  # nothing dispatched there since its report: the common case, no pending to reconcile
+                        pending[iid] = from_instance_load(load, state=overrides.get(iid), healthy=healthy)
             self._reported.clear()
         if self._pending:
             self._snapshot = self._snapshot.updated(self._pending.values())
@@ -214,26 +218,33 @@ class ClusterState:
             self._pending[instance_id] = self._view(load, self.overrides.get(instance_id), now)
         return True
 
-    def _view(self, load: common_pb2.InstanceLoad, state: InstanceState | None, now: float) -> InstanceView:
+    def _view(
+        self, load: common_pb2.InstanceLoad, state: InstanceState | None, now: float, healthy: bool = True
+    ) -> InstanceView:
         """The reported view plus the requests dispatched there that the report does not list yet."""
         pending = self._dispatched.get(load.instance_id)
         if not pending:
-            return from_instance_load(load, state=state)
-        listed = {r.request_id for r in load.requests}
-        for rid in [rid for rid, (_, _, t) in pending.items() if rid in listed or now - t > self.pending_ttl]:
+            return from_instance_load(load, state=state, healthy=healthy)
+        for rid in [rid for rid, (_, _, t) in pending.items() if now - t > self.pending_ttl]:
             del pending[rid]
+        if pending:  # the report's request list is walked only for requests still pending
+            listed = {r.request_id for r in load.requests}
+            for rid in [rid for rid in pending if rid in listed]:
+                del pending[rid]
+        if not pending:
+            return from_instance_load(load, state=state, healthy=healthy)
         dispatched = (
             len(pending),
             sum(d for d, _, _ in pending.values()),
             sum(1 for _, p, _ in pending.values() if normalize_priority(p) == Priority.HIGH),
         )
-        return from_instance_load(load, state=state, dispatched=dispatched)
+        return from_instance_load(load, state=state, healthy=healthy, dispatched=dispatched)
 
     def set_override(self, instance_id: str, state: InstanceState, now: float) -> None:
         self.overrides[instance_id] = state
         load = self.loads.get(instance_id)
         if load is not None:
-            self._pending[instance_id] = self._view(load, state, now)
+            self._pending[instance_id] = self._view(load, state, now, instance_id not in self._unhealthy)
 
     def snapshot(self, now: float) -> ClusterSnapshot:
         """The policy snapshot with every buffered report applied and silent instances marked unhealthy."""

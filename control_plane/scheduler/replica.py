@@ -485,20 +485,27 @@ class SchedulerReplica:
             raise NotLeaderError(self.leader.address if self.leader.replica_id != self.replica_id else "")
 
     # ------------------------------------------------------------------ load and dispatch
-    def report(self, load: common_pb2.InstanceLoad) -> bool:
-        now = time.monotonic()
-        last = self.cluster.report_times.get(load.instance_id)
-        if self.cluster.report(load, now):
-            self._check_cadence(load.instance_id, last, now)
+    def report(self, load: common_pb2.InstanceLoad, now: float | None = None) -> bool:
+        """Takes a llumlet's load (``now``: its arrival, ``time.monotonic()``, if the caller read the clock already)."""
+        if now is None:
+            now = time.monotonic()
+        iid = load.instance_id
+        cluster = self.cluster
+        last = cluster.report_times.get(iid)
+        if cluster.report(load, now):
+            # The cadence check only where it can act: a late message, or an instance with late ones on record.
+            if last is not None and (now - last > cluster.dispatch_stale_after or iid in self._late_load):
+                self._check_cadence(iid, last, now)
             return True
-        gone = self.vanished.get(load.instance_id)
+        gone = self.vanished.get(iid)
         if gone is not None:  # not registered, but alive: keep its latest request list
             gone.load, gone.last_alive = load, now
         return False
 
-    def keepalive(self, instance_id: str, seq: int) -> bool:
+    def keepalive(self, instance_id: str, seq: int, now: float | None = None) -> bool:
         """A llumlet's "load unchanged since ``seq``" (see ``ClusterState.keepalive``); a vanished one is alive."""
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         last = self.cluster.report_times.get(instance_id)
         if self.cluster.keepalive(instance_id, seq, now):
             self._check_cadence(instance_id, last, now)

@@ -109,15 +109,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             if not keep_alive:  # kept (the latest only): the keep-alives that follow confirm this load
                 self._held[instance_id] = report.load
             return False
-        held = self._held.pop(instance_id, None)
+        held = self._held.pop(instance_id, None) if self._held else None
         if keep_alive:
             self.keepalives_received += 1
             if held is not None and held.seq == report.keep_alive.seq:
-                taken = self.replica.report(held)  # one load for the two messages: still one per floor interval
+                taken = self.replica.report(held, now)  # one load for the two messages: still one per floor interval
             else:
-                taken = self.replica.keepalive(instance_id, report.keep_alive.seq)
+                taken = self.replica.keepalive(instance_id, report.keep_alive.seq, now)
         else:
-            taken = self.replica.report(report.load)
+            taken = self.replica.report(report.load, now)
         if taken:
             self._last_report[instance_id] = now
         return taken
