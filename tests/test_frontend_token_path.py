@@ -1,21 +1,25 @@
 """The lean token path (#20): SSE chunks rendered from a per-stream template are byte for byte the full rendering,
-queued deltas reach the client in one write, one idle timer per request (not one per token), and ``/get_load``."""
+queued deltas reach the client in one write, one idle timer per request (not one per token), a client that keeps up
+gets each token written as the sink routes it (no queue, no task switch), and ``/get_load``."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+from asyncio import selector_events
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import pytest
 
 from pyllumnix.control_plane.frontend.http import _ChunkTemplate
 from pyllumnix.control_plane.frontend.openai_schema import choice, envelope
-from pyllumnix.control_plane.frontend.requests import TrackedRequest
+from pyllumnix.control_plane.frontend.requests import Delta, TrackedRequest
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
 from pyllumnix.protos.llumnix.v1 import common_pb2
-from tests.test_frontend_fakes import FakeLlumlet, running_stack
+from tests.test_frontend_fakes import FakeLlumlet, expected_text, running_stack
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -99,3 +103,83 @@ async def test_get_load_reports_requests_in_flight() -> None:
             async with session.get(f"{stack.http.url}/get_load") as resp:
                 assert await resp.json() == {"load": 1}
             await stream.read()
+
+
+def _count_queued(monkeypatch: pytest.MonkeyPatch) -> list[Delta]:
+    """Every delta any TrackedRequest puts on its reader's queue, from now on."""
+    queued: list[Delta] = []
+    original: Callable[[TrackedRequest], None] = TrackedRequest.__post_init__
+
+    def post_init(self: TrackedRequest) -> None:
+        original(self)
+        put = self._queue.put_nowait
+
+        def counting(delta: Delta) -> None:
+            queued.append(delta)
+            put(delta)
+
+        self._queue.put_nowait = counting  # type: ignore[method-assign,assignment]
+
+    monkeypatch.setattr(TrackedRequest, "__post_init__", post_init)
+    return queued
+
+
+async def _stream_text(url: str, body: dict[str, object]) -> tuple[str, list[str | None], bool]:
+    """The streamed text, the finish reasons of the chunks with a choice, and whether ``[DONE]`` ended the stream."""
+    text, reasons, done = "", [], False
+    async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+        assert resp.status == 200
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            for c in chunk["choices"]:
+                text += c["delta"].get("content") or "" if "delta" in c else c["text"]
+                reasons.append(c["finish_reason"])
+    return text, reasons, done
+
+
+@pytest.mark.parametrize("chat", [False, True])
+async def test_a_client_that_keeps_up_gets_tokens_without_the_queue(
+    chat: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every unfinished delta is written by the sink's callback itself; only the finishing one is queued for the
+    handler (usage, [DONE], the end of the body). The old path queued every delta and woke the handler per token."""
+    queued = _count_queued(monkeypatch)
+    async with running_stack([FakeLlumlet("i-1", delay=0.005, messy=False)]) as stack:
+        if chat:
+            url = f"{stack.http.url}/v1/chat/completions"
+            body: dict[str, object] = {"messages": [{"role": "user", "content": "hi"}]}
+        else:
+            url = f"{stack.http.url}/v1/completions"
+            body = {"prompt": "hi"}
+        body |= {"model": stack.frontend.model, "max_tokens": 30, "stream": True}
+        text, reasons, done = await _stream_text(url, body)
+    assert text == expected_text(30)
+    assert reasons[-1] == "length" and all(r is None for r in reasons[:-1]) and done
+    assert [d.finished for d in queued] == [True]
+
+
+async def test_a_client_behind_gets_every_token_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the client's socket buffer holds unsent bytes, tokens go through the handler's queue (timed writes);
+    alternating between the two paths loses, repeats and reorders nothing."""
+    queued = _count_queued(monkeypatch)
+    calls = [0]
+    transport_class: Any = getattr(selector_events, "_SelectorSocketTransport")  # noqa: B009 (private, untyped)
+    original: Callable[[Any], int] = transport_class.get_write_buffer_size
+
+    def sometimes_behind(self: Any) -> int:
+        calls[0] += 1
+        return original(self) + (1 if calls[0] % 3 == 0 else 0)
+
+    monkeypatch.setattr(transport_class, "get_write_buffer_size", sometimes_behind)
+    async with running_stack([FakeLlumlet("i-1", delay=0.002, messy=True)]) as stack:
+        body = {"model": stack.frontend.model, "prompt": "hi", "max_tokens": 60, "stream": True}
+        text, reasons, done = await _stream_text(f"{stack.http.url}/v1/completions", body)
+    assert text == expected_text(60)
+    assert reasons[-1] == "length" and done
+    assert len(queued) > 1  # both paths were taken

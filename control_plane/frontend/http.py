@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -44,7 +46,7 @@ from pyllumnix.control_plane.frontend.openai_schema import (
     parse_request,
     usage,
 )
-from pyllumnix.control_plane.frontend.requests import TrackedRequest
+from pyllumnix.control_plane.frontend.requests import Delta, TrackedRequest
 from pyllumnix.infra import tracing
 from pyllumnix.infra.security.apikeys import ApiKeyStore, api_key_middleware
 from pyllumnix.protos.llumnix.v1 import common_pb2
@@ -129,6 +131,28 @@ class _ChunkTemplate:
         if first or reason is not None:
             return f"data: {json.dumps(self._chunk(text, reason, first=first))}\n\n"
         return self._head + json.dumps(text) + self._tail
+
+
+def _direct_writer(
+    writer: AbstractStreamWriter | None, transport: asyncio.Transport | None
+) -> Callable[[bytes], None] | None:
+    """A synchronous write of one body piece to ``transport``, framed as ``writer`` (aiohttp's, after ``prepare``)
+    frames it: a chunk of the chunked encoding, or the bytes as they are. None where that framing is not known
+    (compression, a declared length, another writer): the caller then writes through aiohttp only.
+
+    Why: aiohttp's ``write`` is a coroutine, so a token written through it needs the request's handler task to run;
+    this lets the output sink write a token in the same callback that routed it."""
+    if not isinstance(writer, StreamWriter) or transport is None:
+        return None
+    if writer.length is not None or getattr(writer, "_compress", None) is not None:
+        return None
+    if writer.chunked:
+
+        def chunked(data: bytes) -> None:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+
+        return chunked
+    return transport.write
 
 
 class HttpApi:
@@ -216,7 +240,7 @@ class HttpApi:
                 REQUEST_ID_HEADER: tracked.request_id,
             }
         )
-        await response.prepare(request)
+        writer = await response.prepare(request)
         idle = self.frontend.idle_timeout
         transport = request.transport
 
@@ -241,40 +265,57 @@ class HttpApi:
 
         model = self.frontend.model
         chunks = _ChunkTemplate(tracked.request_id, model, chat=parsed.chat, include_usage=parsed.include_usage)
-        # A write to a client that left raises; leaving ``Frontend.open`` then aborts the request.
-        with contextlib.suppress(ConnectionResetError):
-            first = True
-            ended = False
-            async for batch in tracked.delta_batches():
-                # Every delta already queued goes out in one write (one syscall, one chunked-encoding frame).
-                parts: list[str] = []
-                for delta in batch:
-                    if tracked.timed_out:
-                        parts.append(event(error_body(delta.error, "timeout_error", code="deadline_exceeded")))
-                        ended = True
-                        break
-                    if delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
-                        message = f"request {tracked.request_id} failed: {delta.error or 'engine error'}"
-                        parts.append(event(error_body(message, "server_error", code="internal")))
-                        ended = True
-                        break
-                    if not delta.text and not delta.finished and not first:
-                        continue
-                    parts.append(
-                        chunks.render(delta.text, finish_reason_name(delta.finish_reason, delta.finished), first)
-                    )
+        first = True
+        # A client that keeps up gets each token as the sink routes it (``_direct_writer``): no queue, no task switch.
+        direct = _direct_writer(writer, transport)
+        if direct is not None:
+
+            def take(delta: Delta) -> bool:
+                nonlocal first
+                if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+                    return False  # behind or gone: the loop below writes it, with the idle timeout
+                if delta.text or first:
+                    direct(chunks.render(delta.text, None, first).encode())
                     first = False
-                if parts:
-                    await write("".join(parts).encode())
-                if ended:
-                    break
-            if not ended and parsed.include_usage:
-                chunk = chunks.envelope()
-                chunk["choices"] = []
-                chunk["usage"] = usage(tracked.num_prompt_tokens, tracked.num_received)
-                await write(event(chunk).encode())
-            await write(b"data: [DONE]\n\n")
-            await response.write_eof()
+                return True
+
+            tracked.direct = take
+        # A write to a client that left raises; leaving ``Frontend.open`` then aborts the request.
+        try:
+            with contextlib.suppress(ConnectionResetError):
+                ended = False
+                async for batch in tracked.delta_batches():
+                    # Every delta already queued goes out in one write (one syscall, one chunked-encoding frame).
+                    parts: list[str] = []
+                    for delta in batch:
+                        if tracked.timed_out:
+                            parts.append(event(error_body(delta.error, "timeout_error", code="deadline_exceeded")))
+                            ended = True
+                            break
+                        if delta.finish_reason == common_pb2.FINISH_REASON_ERROR:
+                            message = f"request {tracked.request_id} failed: {delta.error or 'engine error'}"
+                            parts.append(event(error_body(message, "server_error", code="internal")))
+                            ended = True
+                            break
+                        if not delta.text and not delta.finished and not first:
+                            continue
+                        parts.append(
+                            chunks.render(delta.text, finish_reason_name(delta.finish_reason, delta.finished), first)
+                        )
+                        first = False
+                    if parts:
+                        await write("".join(parts).encode())
+                    if ended:
+                        break
+                if not ended and parsed.include_usage:
+                    chunk = chunks.envelope()
+                    chunk["choices"] = []
+                    chunk["usage"] = usage(tracked.num_prompt_tokens, tracked.num_received)
+                    await write(event(chunk).encode())
+                await write(b"data: [DONE]\n\n")
+                await response.write_eof()
+        finally:
+            tracked.direct = None
         return response
 
     async def models(self, request: web.Request) -> web.Response:

@@ -144,6 +144,10 @@ class TrackedRequest:
     _queue: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue, init=False)
     # The idle/deadline timer of a reader (see ``_next``); cancelled when the request ends.
     _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
+    # A synchronous taker of unfinished deltas (the HTTP stream's direct writer), called as each one is made while
+    # nothing is queued: a token then costs no queue and no task switch. It returns False to leave the delta queued
+    # for the reader (e.g. the client is behind); the finishing delta is always queued.
+    direct: Callable[[Delta], bool] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         stops = [s for s in self.stop if s]
@@ -234,7 +238,10 @@ class TrackedRequest:
             self._shown.append(text)
             self._pending = self._pending[cut:]
         if text or new:
-            self._queue.put_nowait(Delta(text, new, first, self.instance_id))
+            delta = Delta(text, new, first, self.instance_id)
+            direct = self.direct
+            if direct is None or not self._queue.empty() or not direct(delta):
+                self._queue.put_nowait(delta)
 
     def _finish(self, new: list[int], first: int, reason: common_pb2.FinishReason.ValueType, error: str) -> None:
         self.finished = True
