@@ -58,8 +58,8 @@ class PolicyConfig:
     normal_headroom_blocks: int = 0
     high_headroom_blocks: int = DEFAULT_HIGH_HEADROOM_BLOCKS
     load_report_interval_ms: int = 50
-    # Not in ClusterConfig (yet): keeps its default through the ClusterConfig round trip.
-    # The high headroom of an instance is min(high_headroom_blocks, total - high_headroom_reserve_blocks).
+    # The high headroom of an instance is min(high_headroom_blocks, total - high_headroom_reserve_blocks)
+    # (ClusterConfig priority.high_headroom_reserve_blocks).
     high_headroom_reserve_blocks: int = DEFAULT_HIGH_HEADROOM_RESERVE_BLOCKS
     # No scaling decision before this long after the scaling loop started (the artifact waits 100 s for load to
     # settle); the simulator counts from t = 0, the live scheduler from the start of the leader's scaling loop.
@@ -155,6 +155,7 @@ PATHS: dict[str, str] = {
     "scaling_warmup_ms": "scaling.warmup_ms",
     "normal_headroom_blocks": "priority.headroom[PRIORITY_NORMAL].headroom_blocks",
     "high_headroom_blocks": "priority.headroom[PRIORITY_HIGH].headroom_blocks",
+    "high_headroom_reserve_blocks": "priority.high_headroom_reserve_blocks",
     "load_report_interval_ms": "load_report_interval_ms",
 }
 

@@ -19,9 +19,9 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 def config_from_pb(pb: config_pb2.ClusterConfig) -> PolicyConfig:
     """Reads a ClusterConfig (zero values mean "default") and validates it: a ValueError names the bad field."""
     d = PolicyConfig()
-    m, s = pb.migration, pb.scaling
+    m, s, pr = pb.migration, pb.scaling, pb.priority
     normal_hr, high_hr = d.normal_headroom_blocks, d.high_headroom_blocks
-    for h in pb.priority.headroom:
+    for h in pr.headroom:
         if wire.priority_from_pb(h.priority) is Priority.HIGH:
             high_hr = h.headroom_blocks
         else:
@@ -50,6 +50,11 @@ def config_from_pb(pb: config_pb2.ClusterConfig) -> PolicyConfig:
         drain_victim=_name(wire.DRAIN_VICTIMS, s.drain_victim, d.drain_victim),
         normal_headroom_blocks=normal_hr,
         high_headroom_blocks=high_hr,
+        high_headroom_reserve_blocks=(
+            pr.high_headroom_reserve_blocks
+            if pr.HasField("high_headroom_reserve_blocks")
+            else d.high_headroom_reserve_blocks
+        ),
         load_report_interval_ms=pb.load_report_interval_ms or d.load_report_interval_ms,
     )
     return cfg.validate()
@@ -94,7 +99,8 @@ def config_to_pb(config: PolicyConfig) -> config_pb2.ClusterConfig:
                 config_pb2.PriorityHeadroom(
                     priority=wire.priority_to_pb(Priority.HIGH), headroom_blocks=config.high_headroom_blocks
                 ),
-            ]
+            ],
+            high_headroom_reserve_blocks=config.high_headroom_reserve_blocks,
         ),
         load_report_interval_ms=config.load_report_interval_ms,
     )

@@ -41,6 +41,13 @@ from pyllumnix.tools.sim.scenarios import BUILDERS, DEFAULT_SEEDS, build
 @click.option("--stage-latency-ms", default=DEFAULT_STAGE_LATENCY_MS, show_default=True, help="Per migration stage.")
 @click.option("--pairing-interval-ms", default=100, show_default=True)
 @click.option("--report-interval-ms", default=100, show_default=True, help="Load report period into the snapshot.")
+@click.option(
+    "--high-headroom-reserve",
+    type=click.IntRange(0, 1_000_000),
+    default=None,
+    help="High-priority headroom = total blocks - this (ClusterConfig priority.high_headroom_reserve_blocks; "
+    "default 100, the artifact's).",
+)
 @click.option("--max-virtual-s", type=float, default=None, help="Stop the virtual clock here.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
@@ -69,6 +76,7 @@ def sim(
     stage_latency_ms: float,
     pairing_interval_ms: int,
     report_interval_ms: int,
+    high_headroom_reserve: int | None,
     max_virtual_s: float | None,
     seed: int,
     out: Path | None,
@@ -98,6 +106,7 @@ def sim(
             migrate_out_threshold=migrate_out_threshold,
             pairing_interval_ms=pairing_interval_ms,
             report_interval_ms=report_interval_ms,
+            high_headroom_reserve_blocks=high_headroom_reserve,
             transfer=TransferModel(bandwidth_gbps, stage_latency_ms),
             seed=seed,
             max_virtual_s=max_virtual_s,

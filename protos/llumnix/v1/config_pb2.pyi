@@ -240,7 +240,9 @@ class PriorityHeadroom(_message.Message):
     HEADROOM_BLOCKS_FIELD_NUMBER: _builtins.int
     priority: _common_pb2.Priority.ValueType
     headroom_blocks: _builtins.int
-    """Range [0, 1000000]."""
+    """Range [0, 1000000]. For PRIORITY_HIGH a cap on the relative headroom below (default 1000000: no cap); for
+    PRIORITY_NORMAL the headroom itself (default 0).
+    """
     def __init__(
         self,
         *,
@@ -260,18 +262,28 @@ class PriorityConfig(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADROOM_FIELD_NUMBER: _builtins.int
+    HIGH_HEADROOM_RESERVE_BLOCKS_FIELD_NUMBER: _builtins.int
+    high_headroom_reserve_blocks: _builtins.int
+    """The high-priority headroom is relative to the instance: total blocks minus this many (the artifact's 100, about
+    1,600 tokens left to the high-priority batch itself), capped by the PRIORITY_HIGH headroom_blocks. Larger: a
+    smaller headroom, so normal requests use more of a high-priority instance's memory. Default 100; range [0,
+    1000000].
+    """
     @_builtins.property
     def headroom(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityHeadroom]: ...
     def __init__(
         self,
         *,
         headroom: _abc.Iterable[Global___PriorityHeadroom] | None = ...,
+        high_headroom_reserve_blocks: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_high_headroom_reserve_blocks", b"_high_headroom_reserve_blocks", "high_headroom_reserve_blocks", b"high_headroom_reserve_blocks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["headroom", b"headroom"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_high_headroom_reserve_blocks", b"_high_headroom_reserve_blocks", "headroom", b"headroom", "high_headroom_reserve_blocks", b"high_headroom_reserve_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__high_headroom_reserve_blocks: _TypeAlias = _typing.Literal["high_headroom_reserve_blocks"]  # noqa: Y015
+    _WhichOneofArgType__high_headroom_reserve_blocks: _TypeAlias = _typing.Literal["_high_headroom_reserve_blocks", b"_high_headroom_reserve_blocks"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__high_headroom_reserve_blocks) -> _WhichOneofReturnType__high_headroom_reserve_blocks | None: ...
 
 Global___PriorityConfig: _TypeAlias = PriorityConfig  # noqa: Y015
 

@@ -210,12 +210,22 @@ export interface ScalingConfig {
 /** Headroom (in blocks) reserved per priority on an instance holding requests of that priority. */
 export interface PriorityHeadroom {
   priority: Priority;
-  /** Range [0, 1000000]. */
+  /**
+   * Range [0, 1000000]. For PRIORITY_HIGH a cap on the relative headroom below (default 1000000: no cap); for
+   * PRIORITY_NORMAL the headroom itself (default 0).
+   */
   headroomBlocks: number;
 }
 
 export interface PriorityConfig {
   headroom: PriorityHeadroom[];
+  /**
+   * The high-priority headroom is relative to the instance: total blocks minus this many (the artifact's 100, about
+   * 1,600 tokens left to the high-priority batch itself), capped by the PRIORITY_HIGH headroom_blocks. Larger: a
+   * smaller headroom, so normal requests use more of a high-priority instance's memory. Default 100; range [0,
+   * 1000000].
+   */
+  highHeadroomReserveBlocks?: number | undefined;
 }
 
 export interface ClusterConfig {
@@ -872,13 +882,16 @@ export const PriorityHeadroom: MessageFns<PriorityHeadroom> = {
 };
 
 function createBasePriorityConfig(): PriorityConfig {
-  return { headroom: [] };
+  return { headroom: [], highHeadroomReserveBlocks: undefined };
 }
 
 export const PriorityConfig: MessageFns<PriorityConfig> = {
   encode(message: PriorityConfig, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     for (const v of message.headroom) {
       PriorityHeadroom.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.highHeadroomReserveBlocks !== undefined) {
+      writer.uint32(16).int32(message.highHeadroomReserveBlocks);
     }
     return writer;
   },
@@ -904,6 +917,14 @@ export const PriorityConfig: MessageFns<PriorityConfig> = {
             message.headroom.push(PriorityHeadroom.decode(reader, reader.uint32()));
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.highHeadroomReserveBlocks = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -921,6 +942,11 @@ export const PriorityConfig: MessageFns<PriorityConfig> = {
       headroom: globalThis.Array.isArray(object?.headroom)
         ? object.headroom.map((e: any) => PriorityHeadroom.fromJSON(e))
         : [],
+      highHeadroomReserveBlocks: isSet(object.highHeadroomReserveBlocks)
+        ? globalThis.Number(object.highHeadroomReserveBlocks)
+        : isSet(object.high_headroom_reserve_blocks)
+        ? globalThis.Number(object.high_headroom_reserve_blocks)
+        : undefined,
     };
   },
 
@@ -928,6 +954,9 @@ export const PriorityConfig: MessageFns<PriorityConfig> = {
     const obj: any = {};
     if (message.headroom?.length) {
       obj.headroom = message.headroom.map((e) => PriorityHeadroom.toJSON(e));
+    }
+    if (message.highHeadroomReserveBlocks !== undefined) {
+      obj.highHeadroomReserveBlocks = Math.round(message.highHeadroomReserveBlocks);
     }
     return obj;
   },
@@ -938,6 +967,7 @@ export const PriorityConfig: MessageFns<PriorityConfig> = {
   fromPartial(object: DeepPartial<PriorityConfig>): PriorityConfig {
     const message = createBasePriorityConfig();
     message.headroom = object.headroom?.map((e) => PriorityHeadroom.fromPartial(e)) || [];
+    message.highHeadroomReserveBlocks = object.highHeadroomReserveBlocks ?? undefined;
     return message;
   },
 };
