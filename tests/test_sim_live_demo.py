@@ -76,7 +76,8 @@ def test_engine_loop_overhead_per_step_from_the_llumlet_logs(tmp_path: Path) -> 
         pre + "engine loop of instance-0: 100 steps, modelled 5.000 s, stepped 5.200 s, between steps 0.100 s\n"
     )
     (tmp_path / "llumlet-1.log").write_text(
-        pre + "engine loop of instance-1: 300 steps, modelled 15.000 s, stepped 15.300 s, between steps 0.200 s\n"
+        pre + "engine loop of instance-1: 300 steps, modelled 15.000 s, stepped 15.300 s, between steps 0.200 s, "
+        "overhead sq 0.002000 s2\n"
     )
     (tmp_path / "frontend.log").write_text(pre + "engine loop of x: 1 steps, modelled 0 s, stepped 9 s, between 0 s\n")
     loop = engine_loop(tmp_path)
@@ -85,6 +86,13 @@ def test_engine_loop_overhead_per_step_from_the_llumlet_logs(tmp_path: Path) -> 
     # (20.5 stepped + 0.3 between - 20.0 modelled) / 400 steps = 2 ms a step
     assert loop["overhead_ms_per_step"] == pytest.approx(2.0)
     assert loop["between_ms_per_step"] == pytest.approx(0.75)
+    assert loop["overhead_sd_ms_per_step"] is None  # instance-0's line (an older llumlet) has no sum of squares
+    (tmp_path / "llumlet-0.log").write_text(
+        pre + "engine loop of instance-0: 100 steps, modelled 5.000 s, stepped 5.200 s, between steps 0.100 s, "
+        "overhead sq 0.003000 s2\n"
+    )
+    # sqrt(0.005 s2 / 400 - (2 ms)^2) = sqrt(12.5 - 4) ms
+    assert engine_loop(tmp_path)["overhead_sd_ms_per_step"] == pytest.approx(8.5**0.5, abs=1e-3)
     assert engine_loop(tmp_path / "missing")["overhead_ms_per_step"] is None  # no figures: none made up
 
 
@@ -176,6 +184,7 @@ async def test_the_llumlet_accounts_for_its_loop_time(sink: RecordingSink, caplo
         assert st.steps == 60  # one token a step, the first from the prefill
         assert st.step_modelled_s > 0 and st.step_wall_s >= st.step_modelled_s * 0.99
         assert 0.2 <= st.between_steps_s < 0.2 + st.step_wall_s
+        assert st.overhead_sq_s2 >= 0.2**2  # the one step that waited 0.2 s carries it in its own overhead
     finally:
         await llumlet.stop()
     assert any(r.getMessage().startswith(f"engine loop of inst-loop: {st.steps} steps") for r in caplog.records)

@@ -87,6 +87,9 @@ class LlumletStats:
     step_modelled_s: float = 0.0
     step_wall_s: float = 0.0
     between_steps_s: float = 0.0
+    # Sum of squares of each step's overhead (wall time beyond the modelled duration, the wait before it included):
+    # with the sums above, the spread of the per-step overhead.
+    overhead_sq_s2: float = 0.0
     migration: common_pb2.MigrationStats = field(default_factory=_empty_migration_stats)
 
     def record_migration(self, result: llumlet_pb2.MigrationResult) -> None:
@@ -215,8 +218,8 @@ class Llumlet:
         await self.pusher.close()
         st = self.stats
         log.info(
-            "engine loop of %s: %d steps, modelled %.3f s, stepped %.3f s, between steps %.3f s",
-            self.instance_id, st.steps, st.step_modelled_s, st.step_wall_s, st.between_steps_s,
+            "engine loop of %s: %d steps, modelled %.3f s, stepped %.3f s, between steps %.3f s, overhead sq %.6f s2",
+            self.instance_id, st.steps, st.step_modelled_s, st.step_wall_s, st.between_steps_s, st.overhead_sq_s2,
         )  # fmt: skip
 
     def wake(self) -> None:
@@ -455,8 +458,8 @@ class Llumlet:
                 continue
             async with self.engine_lock:
                 t0 = time.monotonic()
-                if last_end is not None:
-                    self.stats.between_steps_s += t0 - last_end
+                waited = 0.0 if last_end is None else t0 - last_end
+                self.stats.between_steps_s += waited
                 self._step_started = time.time()
                 try:
                     if self._step_in_thread:
@@ -479,6 +482,7 @@ class Llumlet:
                 last_end = time.monotonic()
                 self.stats.step_modelled_s += result.duration
                 self.stats.step_wall_s += last_end - t0
+                self.stats.overhead_sq_s2 += (waited + last_end - t0 - result.duration) ** 2
             # let handlers waiting on the lock run between steps
             await asyncio.sleep(0)
 

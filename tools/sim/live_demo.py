@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -39,6 +40,7 @@ from rich.progress import Progress
 from pyllumnix.data_plane.engine.profile import Profile
 from pyllumnix.tools.bench_peers import start_project
 from pyllumnix.tools.progress import Steps, progress_bar
+from pyllumnix.tools.sim import live_compare
 from pyllumnix.tools.sim.cluster import ClusterSimulator
 from pyllumnix.tools.sim.config import SimConfig
 from pyllumnix.tools.sim.runner import _run_with_progress, load_workload
@@ -209,6 +211,7 @@ def run_live(
 
 ENGINE_LOOP = re.compile(
     r"engine loop of (\S+): (\d+) steps, modelled ([\d.]+) s, stepped ([\d.]+) s, between steps ([\d.]+) s"
+    r"(?:, overhead sq ([\d.]+) s2)?"
 )
 
 
@@ -220,14 +223,19 @@ def engine_loop(log_dir: Path) -> dict[str, Any]:
     for f in sorted(log_dir.glob("llumlet-*.log")):
         for m in ENGINE_LOOP.finditer(f.read_text(errors="replace")):
             per[m[1]] = {"steps": int(m[2]), "modelled_s": float(m[3]), "stepped_s": float(m[4]),
-                         "between_s": float(m[5])}  # fmt: skip
-    total = {k: sum(v[k] for v in per.values()) for k in ("steps", "modelled_s", "stepped_s", "between_s")}
+                         "between_s": float(m[5]), "overhead_sq_s2": float(m[6] or "nan")}  # fmt: skip
+    keys = ("steps", "modelled_s", "stepped_s", "between_s", "overhead_sq_s2")
+    total = {k: sum(v[k] for v in per.values()) for k in keys}
     n = total["steps"]
     overhead = (total["stepped_s"] + total["between_s"] - total["modelled_s"]) / n if n else None
+    sd = None
+    if overhead is not None and math.isfinite(total["overhead_sq_s2"]):
+        sd = round(math.sqrt(max(0.0, total["overhead_sq_s2"] / n - overhead**2)) * 1000.0, 3)
     return {
         "instances": per,
         "total": total,
         "overhead_ms_per_step": None if overhead is None else round(overhead * 1000.0, 3),
+        "overhead_sd_ms_per_step": sd,
         "stepping_overhead_ms_per_step": None if not n else round(
             (total["stepped_s"] - total["modelled_s"]) / n * 1000.0, 3),
         "between_ms_per_step": None if not n else round(total["between_s"] / n * 1000.0, 3),
@@ -309,6 +317,27 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def per_request_comparison(
+    work: Path, calibrated: dict[str, dict[str, Any]], sim_records: dict[str, list[Any]]
+) -> dict[str, Any]:
+    """Per policy: the kept live run's records beside the calibrated simulation's (``live_compare.compare``) and the
+    requests dispatched per instance, live (its dispatch spans, when traced) and simulated."""
+    out: dict[str, Any] = {}
+    for policy in POLICIES:
+        tag = policy.replace("+", "p")
+        records = work / f"records-{tag}.jsonl"
+        if not records.exists():
+            continue
+        row = live_compare.compare(live_compare.live_records(records), sim_records[policy])
+        traces = work / f"traces-{tag}"
+        row["dispatched"] = {
+            "live": live_compare.live_dispatch(traces) if traces.is_dir() else None,
+            "sim": calibrated[policy]["dispatched"],
+        }
+        out[policy] = row
+    return out
+
+
 def _p99_summary(label: str, table: list[dict[str, Any]], live: bool) -> str:
     p99 = next(r for r in table if r["figure"] == "prefill P99")
     return f"{label} {p99.get('sim_ratio') or 0:.2f}x" + (
@@ -354,6 +383,7 @@ def live(
     t = time.monotonic()
     live_res: dict[str, dict[str, Any]] | None = None
     calibrated: dict[str, dict[str, Any]] | None = None
+    per_request: dict[str, Any] | None = None
     overhead: dict[str, float] = {}
     with_live = not predict_only
     with progress_bar() as bar:  # closed before the JSON: while it draws, rich routes stdout to stderr
@@ -376,7 +406,11 @@ def live(
                 if measured is None:
                     raise click.ClickException(f"no engine-loop figures in the {policy} llumlet logs")
                 overhead[policy] = float(measured)
-            calibrated = predict(workload, seed, instances, steps, bar, overhead_ms=overhead)
+            sim_records: dict[str, list[Any]] = {}
+            calibrated = predict(workload, seed, instances, steps, bar, overhead_ms=overhead, records=sim_records)
+            kept = reuse_live or work_dir
+            if kept is not None:
+                per_request = per_request_comparison(kept, calibrated, sim_records)
     table = compare_table(live_res, sim)
     table_cal = compare_table(live_res, calibrated) if calibrated is not None else None
     summary = "prefill P99 INFaaS++/Llumnix: " + _p99_summary("simulated", table, live_res is not None)
@@ -399,6 +433,7 @@ def live(
         "live": live_res,
         "table": table,
         "table_calibrated": table_cal,
+        "per_request": per_request,
         "summary": summary,
         "wall_s": round(time.monotonic() - t, 1),
     }
