@@ -96,3 +96,13 @@ def test_bench_dispatch_compare_tls_interleaves_plaintext_and_mutual_tls(tmp_pat
     assert report["meets"]["tls_dispatch_rate_ratio"] == cost["meets"]
     summary = result.output.strip().splitlines()[-1]
     assert "mTLS vs plaintext" in summary and f"rate ratio {cost['dispatch_rate_ratio']:.2f}" in summary, summary
+
+
+def test_bench_dispatch_refuses_a_cluster_that_never_reports() -> None:
+    """``--report-hz 0`` once meant "no reports": since the staleness rule every instance is then stale within a
+    second and every Dispatch failed (UNAVAILABLE), so the rounds measured only errors. It is a usage error now."""
+    args = ["bench", "dispatch", "--instances", "4", "--concurrency", "2", "--duration", "0.2", "--rounds", "1"]
+    args += ["--decisions", "10", "--report-hz", "0"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert "--report-hz" in result.output and "x>0.0" in result.output, result.output

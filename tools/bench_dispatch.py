@@ -25,7 +25,9 @@ Bench harness in the child (not the production path, said here so the figures ar
   20 Hz, a llumlet's default) and at each tick its load has changed with probability ``--report-change`` (default
   1.0: every instance busy, the worst case): a changed tick sends a full load (one of 4 synthetic variants), an
   unchanged one counts towards a keep-alive every ``LOAD_KEEPALIVE_EVERY`` (3) ticks, as the reporter does.
-  ``--report-hz 0`` turns them off. The report CPU share (``load_reports.cpu_share_of_one_core``) is the time spent in
+  ``--report-hz`` must be > 0: an instance that never reports is stale after ``dispatch_stale_after`` and takes no
+  request, so every Dispatch would fail (``--report-change 0`` is the idle cluster: keep-alives only). The report CPU
+  share (``load_reports.cpu_share_of_one_core``) is the time spent in
   that path over the round's wall time. Reports never list dispatched requests, so each dispatch counts on its
   instance for the scheduler's ``pending_ttl`` (2 s), as a request that has not reached its llumlet yet would.
 - The measured rounds run the production Dispatch path unwrapped. One more Dispatch round after them wraps
@@ -352,11 +354,7 @@ async def _serve(
 
     stats = _ChildStats()
     uninstrument: list[Callable[[], None]] = []
-    reporter = (
-        asyncio.create_task(_report_loop(servicer, templates, report_hz, report_change, seed, stats))
-        if report_hz > 0
-        else None
-    )
+    reporter = asyncio.create_task(_report_loop(servicer, templates, report_hz, report_change, seed, stats))
 
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
@@ -428,10 +426,9 @@ async def _serve(
     )
     await stopped.wait()
     loop.remove_reader(conn.fileno())
-    if reporter is not None:
-        reporter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reporter
+    reporter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reporter
     await replica.stop()
     await lease.revoke(best_effort=True)
     await server.stop(0.5)
@@ -556,6 +553,8 @@ async def run_bench(
 ) -> dict[str, Any]:
     """The whole benchmark; ``steps`` (optional) is advanced per phase and round for a progress bar. ``tls_dir``: a
     local PKI; the scheduler serves mutual TLS and the client calls with a frontend certificate."""
+    if report_hz <= 0:  # no report at all: every instance goes stale and every Dispatch fails (UNAVAILABLE)
+        raise ValueError(f"report_hz must be > 0, got {report_hz} (an idle cluster is report_change=0)")
     steps = steps or Steps()
     steps.describe(f"in-process latency ({decisions} decisions)")
     core = measure_dispatch_latency(instances, decisions, seed)
@@ -859,7 +858,9 @@ async def _measure(
     "--report-hz",
     default=20.0,
     show_default=True,
-    help="Report ticks per instance per second during the rounds (a llumlet's default is 20; 0: off).",
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Report ticks per instance per second during the rounds (a llumlet's default is 20). Must be > 0: instances "
+    "that never report go stale and take no request (for an idle cluster, keep-alives only: --report-change 0).",
 )
 @click.option(
     "--report-change",
