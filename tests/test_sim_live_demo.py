@@ -133,14 +133,16 @@ def test_reused_live_runs_are_set_against_the_calibrated_prediction(tmp_path: Pa
     (work / "live_runs.json").write_text(json.dumps(live_runs))
     out = tmp_path / "out"
     args = ["live", "--workload", workload, "--instances", "2", "--out", str(out), "--reuse-live", str(work)]
-    result = CliRunner().invoke(sim, args)
+    result = CliRunner().invoke(sim, [*args, "--ensemble", "2"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "live.json").read_text())
     assert report["step_overhead_ms"] == {"llumnix": 3.0, "infaas++": 5.0}
-    assert report["simulated_calibrated"]["infaas++"]["step_overhead_ms"] == 5.0
+    assert len(report["simulated_calibrated"]) == 2  # one simulation per jitter seed
+    assert report["simulated_calibrated"][1]["infaas++"]["step_overhead_ms"] == 5.0
     p99 = next(r for r in report["table_calibrated"] if r["figure"] == "prefill P99")
     assert p99["live_ratio"] == pytest.approx(3.0)
     assert p99["live_vs_sim"] == pytest.approx(3.0 / p99["sim_ratio"])
+    assert p99["sim_ratio_min"] <= p99["sim_ratio"] <= p99["sim_ratio_max"] and len(p99["sim_ratios"]) == 2
     text = (out / "LIVE.md").read_text()
     assert "measured per-step overhead" in text and "llumnix 3.00 ms" in text
     assert "simulated with the live step overhead" in report["summary"]
@@ -188,3 +190,30 @@ async def test_the_llumlet_accounts_for_its_loop_time(sink: RecordingSink, caplo
     finally:
         await llumlet.stop()
     assert any(r.getMessage().startswith(f"engine loop of inst-loop: {st.steps} steps") for r in caplog.records)
+
+
+def test_the_overhead_is_drawn_per_step_with_the_measured_mean_and_spread() -> None:
+    from pyllumnix.tools.sim.live_demo import LiveSimConfig
+
+    def draws(jitter_seed: int) -> list[float]:
+        prof = LiveSimConfig(step_overhead_ms=2.0, step_overhead_sd_ms=6.0, jitter_seed=jitter_seed).engine_profile()
+        plain = LiveSimConfig().engine_profile().step_seconds(0, 4, 1000)
+        return [prof.step_seconds(0, 4, 1000) - plain for _ in range(20000)]
+
+    a = draws(0)
+    assert min(a) >= 0.0  # never faster than modelled
+    assert sum(a) / len(a) == pytest.approx(0.002, rel=0.1)
+    sd = (sum((x - 0.002) ** 2 for x in a) / len(a)) ** 0.5
+    assert sd == pytest.approx(0.006, rel=0.15)
+    assert draws(0)[:50] == a[:50] and draws(1)[:50] != a[:50]  # reproducible per jitter seed, distinct across
+
+
+def test_ensemble_table_takes_the_median_ratio_and_its_range() -> None:
+    from pyllumnix.tools.sim.live_demo import ensemble_table
+
+    members = [{"llumnix": _overall(10.0), "infaas++": _overall(x)} for x in (20.0, 60.0, 30.0)]
+    live_res = {"llumnix": _overall(10.0), "infaas++": _overall(40.0)}
+    p99 = next(r for r in ensemble_table(live_res, members) if r["figure"] == "prefill P99")
+    assert (p99["sim_ratio"], p99["sim_ratio_min"], p99["sim_ratio_max"]) == pytest.approx((3.0, 2.0, 6.0))
+    assert p99["sim"] == {"llumnix": 10.0, "infaas++": 30.0}
+    assert p99["live_ratio"] == pytest.approx(4.0) and p99["live_vs_sim"] == pytest.approx(4.0 / 3.0)

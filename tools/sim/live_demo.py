@@ -30,11 +30,12 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 from rich.progress import Progress
 
 from pyllumnix.data_plane.engine.profile import Profile
@@ -79,26 +80,43 @@ def _ratio(base: float | None, new: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class SteppedProfile(Profile):
-    """A profile whose every engine step costs ``step_overhead_ms`` more than modelled: what a live llumlet adds to
-    each step (sleep overshoot, handing the outputs on, handlers and migration stages between two steps)."""
+    """A profile whose every engine step costs more than modelled by what a live llumlet adds to each step (sleep
+    overshoot, handing the outputs on, handlers and migration stages between two steps): ``step_overhead_ms`` on
+    average, drawn per step from a gamma distribution with standard deviation ``step_overhead_sd_ms`` when that is
+    set (the live overhead is mostly ~1 ms with rare long pauses: a skewed, non-negative distribution), else fixed."""
 
     step_overhead_ms: float = 0.0
+    step_overhead_sd_ms: float = 0.0
+    rng: np.random.Generator | None = field(default=None, compare=False, repr=False)
 
     def step_seconds(self, prefill_tokens: int, decode_batch: int, decode_context_tokens: int) -> float:
         base = super().step_seconds(prefill_tokens, decode_batch, decode_context_tokens)
-        return base + self.step_overhead_ms / 1000.0 if base > 0.0 else base
+        if base <= 0.0 or self.step_overhead_ms <= 0.0:
+            return base
+        mean, sd = self.step_overhead_ms, self.step_overhead_sd_ms
+        if sd > 0.0 and self.rng is not None:
+            return base + float(self.rng.gamma((mean / sd) ** 2, sd * sd / mean)) / 1000.0
+        return base + mean / 1000.0
 
 
 @dataclass(frozen=True)
 class LiveSimConfig(SimConfig):
-    """The simulated run with the live llumlets' measured per-step overhead on top of the profile."""
+    """The simulated run with the live llumlets' measured per-step overhead on top of the profile; ``jitter_seed``
+    seeds the per-step draws (one simulation of the many the live cluster's jitter could have produced)."""
 
     step_overhead_ms: float = 0.0
+    step_overhead_sd_ms: float = 0.0
+    jitter_seed: int = 0
 
     def engine_profile(self) -> Profile:
         base = super().engine_profile()
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Profile)}
-        return SteppedProfile(**fields, step_overhead_ms=self.step_overhead_ms)
+        return SteppedProfile(
+            **fields,
+            step_overhead_ms=self.step_overhead_ms,
+            step_overhead_sd_ms=self.step_overhead_sd_ms,
+            rng=np.random.default_rng([self.seed, self.jitter_seed]),
+        )
 
 
 def predict(
@@ -109,6 +127,8 @@ def predict(
     bar: Progress | None = None,
     overhead_ms: dict[str, float] | None = None,
     records: dict[str, list[Any]] | None = None,
+    overhead_sd_ms: dict[str, float] | None = None,
+    jitter_seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """The simulator's overall latency figures for each policy on the live cluster's shape; ``steps`` advances once
     per policy, ``bar`` (the same Progress) follows each simulation's virtual clock. ``overhead_ms``: per policy, the
@@ -126,6 +146,8 @@ def predict(
             report_interval_ms=50,  # the live llumlet's report period
             seed=seed,
             step_overhead_ms=(overhead_ms or {}).get(policy, 0.0),
+            step_overhead_sd_ms=(overhead_sd_ms or {}).get(policy, 0.0),
+            jitter_seed=jitter_seed,
         )
         arrivals = load_workload(workload, seed, config.profile)
         sim = ClusterSimulator(config, arrivals)
@@ -136,6 +158,7 @@ def predict(
             "overall": summary["overall"],
             "migrations": summary["migration"].get("committed", 0),
             "step_overhead_ms": config.step_overhead_ms,
+            "step_overhead_sd_ms": config.step_overhead_sd_ms,
             "dispatched": sorted(Counter(_first_instance(t) for t in sim.tracker.tracks.values()).values()),
         }
         if records is not None:
@@ -281,6 +304,12 @@ def markdown(report: dict[str, Any]) -> str:
     def f(x: float | None, unit: str = "") -> str:
         return "-" if x is None else f"{x:.3g}{unit}"
 
+    def ratio(r: dict[str, Any]) -> str:
+        text = f(r.get("sim_ratio"), "x")
+        if r.get("sim_ratio_min") is not None and r.get("sim_ratio_max") is not None:
+            text += f" ({f(r['sim_ratio_min'])}-{f(r['sim_ratio_max'])})"
+        return text
+
     lines = [
         f"# Live demonstration: Llumnix vs INFaaS++ on `llumnix serve`, {report['instances']} sim llumlets",
         "",
@@ -288,12 +317,14 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     tables = [("Simulated with the profile alone", report["table"])]
     if report.get("table_calibrated"):
-        oh = report.get("step_overhead_ms", {})
+        oh = report.get("step_overhead_ms") or {}
+        sd = report.get("step_overhead_sd_ms") or {}
+        n = len(report.get("simulated_calibrated") or [])
         tables.append(
             (
-                "Simulated with the live run's measured per-step overhead added to every step ("
-                + ", ".join(f"{p} {oh.get(p, 0):.2f} ms" for p in POLICIES)
-                + ")",
+                "Simulated with the live run's measured per-step overhead added to every step (mean, SD: "
+                + ", ".join(f"{p} {oh.get(p, 0):.2f} ms, {sd.get(p, 0):.2f} ms" for p in POLICIES)
+                + f"); median of {n} draws of the overhead, the sim ratio's range in brackets",
                 report["table_calibrated"],
             )
         )
@@ -309,7 +340,7 @@ def markdown(report: dict[str, Any]) -> str:
         for r in table:
             sim, live = r.get("sim", {}), r.get("live", {})
             lines.append(
-                f"| {r['figure']} | {f(sim.get('infaas++'))} | {f(sim.get('llumnix'))} | {f(r.get('sim_ratio'), 'x')} "
+                f"| {r['figure']} | {f(sim.get('infaas++'))} | {f(sim.get('llumnix'))} | {ratio(r)} "
                 f"| {f(live.get('infaas++'))} | {f(live.get('llumnix'))} | {f(r.get('live_ratio'), 'x')} | "
                 f"{f(r.get('live_vs_sim'))} |"
             )
@@ -338,6 +369,31 @@ def per_request_comparison(
     return out
 
 
+def ensemble_table(
+    live: dict[str, dict[str, Any]] | None, members: list[dict[str, dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """``compare_table`` over several simulations of the same case: per figure the median of each policy's value,
+    the median ratio (``sim_ratio``) and its range over the members; live/sim is set against the median ratio."""
+    tables = [compare_table(live, m) for m in members]
+    rows = []
+    for i, (name, _) in enumerate(FIGURES):
+        row: dict[str, Any] = {"figure": name}
+        vals = {p: [t[i]["sim"][p] for t in tables if t[i]["sim"][p] is not None] for p in POLICIES}
+        row["sim"] = {p: float(np.median(v)) if v else None for p, v in vals.items()}
+        ratios = [t[i]["sim_ratio"] for t in tables if t[i].get("sim_ratio") is not None]
+        row["sim_ratio"] = float(np.median(ratios)) if ratios else None
+        row["sim_ratio_min"] = min(ratios) if ratios else None
+        row["sim_ratio_max"] = max(ratios) if ratios else None
+        row["sim_ratios"] = ratios
+        if live is not None:
+            row["live"] = tables[0][i]["live"]
+            row["live_ratio"] = tables[0][i]["live_ratio"]
+            if row["sim_ratio"] and row["live_ratio"]:
+                row["live_vs_sim"] = row["live_ratio"] / row["sim_ratio"]
+        rows.append(row)
+    return rows
+
+
 def _p99_summary(label: str, table: list[dict[str, Any]], live: bool) -> str:
     p99 = next(r for r in table if r["figure"] == "prefill P99")
     return f"{label} {p99.get('sim_ratio') or 0:.2f}x" + (
@@ -357,6 +413,13 @@ def _p99_summary(label: str, table: list[dict[str, Any]], live: bool) -> str:
     default=None,
     help="Keep the live runs' logs, reports and per-request records here (default: a temporary directory, removed).",
 )
+@click.option(
+    "--ensemble",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 50),
+    help="Calibrated simulations per policy, each with its own draw of the per-step overhead (jitter seeds 0..N-1).",
+)
 @click.option("--trace", is_flag=True, help="Record the components' spans (which instance each request went to).")
 @click.option(
     "--reuse-live",
@@ -373,21 +436,24 @@ def live(
     work_dir: Path | None,
     trace: bool,
     reuse_live: Path | None,
+    ensemble: int,
 ) -> None:
     """Llumnix vs INFaaS++ on a live `llumnix serve` cluster, the simulator's prediction beside it.
 
     After the live runs the simulator runs again with each live run's measured per-step overhead (the llumlets'
-    wall time per step beyond the modelled duration, between-step work included) added to every step: the
-    prediction for the cluster that actually ran."""
+    wall time per step beyond the modelled duration, between-step work included; its mean and spread) added to every
+    step: the prediction for the cluster that actually ran, over --ensemble draws of that overhead (the median and
+    range of each ratio)."""
     out.mkdir(parents=True, exist_ok=True)
     t = time.monotonic()
     live_res: dict[str, dict[str, Any]] | None = None
-    calibrated: dict[str, dict[str, Any]] | None = None
+    calibrated: list[dict[str, dict[str, Any]]] | None = None
+    overhead_sd: dict[str, float] = {}
     per_request: dict[str, Any] | None = None
     overhead: dict[str, float] = {}
     with_live = not predict_only
     with progress_bar() as bar:  # closed before the JSON: while it draws, rich routes stdout to stderr
-        steps = Steps(bar, "sim live", total=len(POLICIES) * (1 if predict_only else 3))
+        steps = Steps(bar, "sim live", total=len(POLICIES) * (1 if predict_only else 2 + ensemble))
         sim = predict(workload, seed, instances, steps, bar)
         click.echo(f"simulated in {time.monotonic() - t:.0f} s", err=True)
         if reuse_live is not None and with_live:
@@ -402,20 +468,36 @@ def live(
                 live_res = run_live(workload, seed, instances, Path(tmp), steps, trace=trace)
         if live_res is not None:
             for policy in POLICIES:
-                measured = live_res[policy].get("engine_loop", {}).get("overhead_ms_per_step")
-                if measured is None:
+                loop = live_res[policy].get("engine_loop", {})
+                if loop.get("overhead_ms_per_step") is None:
                     raise click.ClickException(f"no engine-loop figures in the {policy} llumlet logs")
-                overhead[policy] = float(measured)
+                overhead[policy] = float(loop["overhead_ms_per_step"])
+                overhead_sd[policy] = float(loop.get("overhead_sd_ms_per_step") or 0.0)
             sim_records: dict[str, list[Any]] = {}
-            calibrated = predict(workload, seed, instances, steps, bar, overhead_ms=overhead, records=sim_records)
+            calibrated = [
+                predict(
+                    workload,
+                    seed,
+                    instances,
+                    steps,
+                    bar,
+                    overhead_ms=overhead,
+                    overhead_sd_ms=overhead_sd,
+                    jitter_seed=k,
+                    records=sim_records if k == 0 else None,
+                )
+                for k in range(ensemble)
+            ]
             kept = reuse_live or work_dir
             if kept is not None:
-                per_request = per_request_comparison(kept, calibrated, sim_records)
+                per_request = per_request_comparison(kept, calibrated[0], sim_records)
     table = compare_table(live_res, sim)
-    table_cal = compare_table(live_res, calibrated) if calibrated is not None else None
+    table_cal = ensemble_table(live_res, calibrated) if calibrated is not None else None
     summary = "prefill P99 INFaaS++/Llumnix: " + _p99_summary("simulated", table, live_res is not None)
     if table_cal is not None:
-        summary += ", " + _p99_summary("simulated with the live step overhead", table_cal, True)
+        summary += ", " + _p99_summary(
+            f"simulated with the live step overhead (median of {ensemble} jitter seeds)", table_cal, True
+        )
     if live_res is not None:
         p99 = next(r for r in table if r["figure"] == "prefill P99")
         summary += f", live {p99.get('live_ratio') or 0:.2f}x"
@@ -430,6 +512,7 @@ def live(
         "simulated": sim,
         "simulated_calibrated": calibrated,
         "step_overhead_ms": overhead or None,
+        "step_overhead_sd_ms": overhead_sd or None,
         "live": live_res,
         "table": table,
         "table_calibrated": table_cal,
