@@ -217,3 +217,47 @@ def test_ensemble_table_takes_the_median_ratio_and_its_range() -> None:
     assert (p99["sim_ratio"], p99["sim_ratio_min"], p99["sim_ratio_max"]) == pytest.approx((3.0, 2.0, 6.0))
     assert p99["sim"] == {"llumnix": 10.0, "infaas++": 30.0}
     assert p99["live_ratio"] == pytest.approx(4.0) and p99["live_vs_sim"] == pytest.approx(4.0 / 3.0)
+
+
+def test_per_request_comparison_reads_the_kept_run(tmp_path: Path) -> None:
+    """Records, dispatch spans and migration spans of a kept live run, set against simulated records."""
+    from pyllumnix.tools.metrics.records import RequestRecord
+    from pyllumnix.tools.sim import live_compare
+
+    def rec(rid: str, arrival: float, first: float, n: int = 3) -> dict[str, Any]:
+        times = [first + 0.05 * i for i in range(n)]
+        return {"request_id": rid, "priority": 1, "input_len": 8, "arrival": arrival, "first_token_time": first,
+                "finish_time": times[-1], "num_output_tokens": n, "token_times": times, "error": ""}  # fmt: skip
+
+    live_lines = [rec("a", 0.0, 0.1), rec("b", 1.0, 13.0), rec("c", 2.0, 2.5), rec("d", 3.0, 3.2)]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(x) + "\n" for x in live_lines))
+    live = live_compare.live_records(tmp_path / "records.jsonl")
+    assert [r.request_id for r in live] == ["a", "b", "c", "d"] and live[1].token_times == (13.0, 13.05, 13.1)
+
+    def srec(rid: str, arrival: float, first: float) -> RequestRecord:
+        return RequestRecord(rid, 1, arrival, first, first + 0.08, 3, 8)  # 0.04 s a token
+
+    sim_records = [srec("a", 0.0, 0.2), srec("b", 1.0, 12.0), srec("c", 2.0, 14.0), srec("d", 3.0, 3.1)]
+    row = live_compare.compare(live, sim_records)
+    assert row["requests"] == 4
+    assert row["queued_over_10s"] == {"live": 1, "sim": 2, "both": 1}
+    assert row["share_prefill_over_2s"] == {"live": 0.25, "sim": 0.5}
+    assert row["worst_live"][0] == ("b", 12.0, 11.0) and row["worst_sim"][0] == ("c", 12.0, 0.5)
+    assert row["decode_live_over_sim_median"] == pytest.approx(1.25)
+
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    spans = [{"name": "dispatch", "attributes": {"llumnix.instance_id": i}} for i in ("x", "y", "x", "x")]
+    spans.append({"name": "add_request", "attributes": {"llumnix.instance_id": "y"}})  # not a dispatch
+    (traces / "llumnix-frontend-1.jsonl").write_text("".join(json.dumps(s) + "\n" for s in spans))
+    assert live_compare.live_dispatch(traces) == [1, 3]
+    committed = {"llumnix.outcome": "MIGRATION_OUTCOME_COMMITTED", "llumnix.downtime_ms": 20.0}
+    migs = [
+        {"name": "migration", "start_ns": 0, "end_ns": 2_000_000_000, "attributes": committed},
+        {"name": "migration", "start_ns": 0, "end_ns": 500_000_000, "attributes": {"llumnix.outcome": "X"}},
+        {"name": "migration.commit", "start_ns": 0, "end_ns": 1, "attributes": committed},
+    ]
+    (traces / "llumnix-llumlet-instance-0-2.jsonl").write_text("".join(json.dumps(s) + "\n" for s in migs))
+    m = live_compare.live_migrations(traces)
+    assert (m["attempted"], m["committed"]) == (2, 1)
+    assert m["duration_s"]["mean"] == pytest.approx(2.0) and m["downtime_s"]["mean"] == pytest.approx(0.02)

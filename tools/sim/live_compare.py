@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pyllumnix.tools.metrics.latency import decode_latency, prefill_latency
+from pyllumnix.tools.metrics.latency import decode_latency, prefill_latency, stats
 from pyllumnix.tools.metrics.records import RequestRecord
 
 # Prefill latencies counted as "queued" (the share of requests waiting longer than these, seconds).
@@ -53,6 +53,24 @@ def live_dispatch(traces: Path) -> list[int]:
             if span.get("name") == "dispatch" and "llumnix.instance_id" in span.get("attributes", {}):
                 counts[span["attributes"]["llumnix.instance_id"]] += 1
     return sorted(counts.values())
+
+
+def live_migrations(traces: Path) -> dict[str, Any]:
+    """The llumlets' ``migration`` spans: attempts, committed ones, their duration and downtime (seconds)."""
+    spans = [
+        json.loads(line)
+        for f in sorted(traces.glob("*llumlet*.jsonl"))
+        for line in f.read_text().splitlines()
+        if '"migration"' in line
+    ]
+    spans = [s for s in spans if s.get("name") == "migration"]
+    done = [s for s in spans if s.get("attributes", {}).get("llumnix.outcome") == "MIGRATION_OUTCOME_COMMITTED"]
+    return {
+        "attempted": len(spans),
+        "committed": len(done),
+        "duration_s": stats((s["end_ns"] - s["start_ns"]) / 1e9 for s in done),
+        "downtime_s": stats(float(s["attributes"].get("llumnix.downtime_ms", 0.0)) / 1000 for s in done),
+    }
 
 
 def _by_id(records: Sequence[RequestRecord], fn: Any) -> dict[str, float]:

@@ -157,6 +157,9 @@ def predict(
         out[policy] = {
             "overall": summary["overall"],
             "migrations": summary["migration"].get("committed", 0),
+            "migration_attempts": summary["migration"].get("attempted", 0),
+            "migration_duration_s": summary["migration"]["duration_s"],
+            "migration_downtime_s": summary["migration"]["downtime_s"],
             "step_overhead_ms": config.step_overhead_ms,
             "step_overhead_sd_ms": config.step_overhead_sd_ms,
             "dispatched": sorted(Counter(_first_instance(t) for t in sim.tracker.tracks.values()).values()),
@@ -364,6 +367,16 @@ def per_request_comparison(
         row["dispatched"] = {
             "live": live_compare.live_dispatch(traces) if traces.is_dir() else None,
             "sim": calibrated[policy]["dispatched"],
+        }
+        sim_mig = calibrated[policy]
+        row["migrations"] = {
+            "live": live_compare.live_migrations(traces) if traces.is_dir() else None,
+            "sim": {
+                "attempted": sim_mig["migration_attempts"],
+                "committed": sim_mig["migrations"],
+                "duration_s": sim_mig["migration_duration_s"],
+                "downtime_s": sim_mig["migration_downtime_s"],
+            },
         }
         out[policy] = row
     return out
