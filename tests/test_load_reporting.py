@@ -63,6 +63,9 @@ class FakeLlumlet:
         self.seq += 1
         return load(self.instance_id, self.seq, self.free_blocks, self.tokens)
 
+    def load_version(self) -> None:
+        return None  # cannot tell: the reporter builds and compares every snapshot
+
 
 def reporter(llumlet: FakeLlumlet, interval_s: float = 0.0) -> LoadReporter:
     return LoadReporter(cast(Any, llumlet), cast(Any, object()), KeyLayout("c1"), interval_s)

@@ -189,6 +189,11 @@ class Engine(ABC):
     @abstractmethod
     def load(self) -> LoadSnapshot: ...
 
+    def load_version(self) -> int | None:
+        """A number that changes whenever ``load`` would differ in anything but the requests' output-token counts
+        (None: this engine does not track it, so callers must build and compare snapshots)."""
+        return None
+
     @abstractmethod
     def request_ids(self) -> list[str]:
         """All requests the engine holds (waiting, running, suspended)."""

@@ -101,6 +101,9 @@ class SimEngine(Engine):
             split_steps=prof.split_steps,
         )
         self._requests: dict[str, SimRequest] = {}
+        # Bumped by every change to what ``load`` reports other than the requests' output-token counts (see
+        # ``load_version``); a report loop compares it instead of rebuilding the snapshot 20 times a second.
+        self._load_version = 0
 
     # --- helpers ---
     def _get(self, request_id: str) -> SimRequest:
@@ -136,15 +139,21 @@ class SimEngine(Engine):
         req = SimRequest(spec, request_seed(spec.request_id, spec.sampling.seed), request_key(spec.request_id))
         self._requests[spec.request_id] = req
         self.scheduler.enqueue(req)
+        self._load_version += 1
 
     def abort_request(self, request_id: str) -> TokenOutput:
         req = self._get(request_id)
         self.scheduler.remove(req)
         del self._requests[request_id]
+        self._load_version += 1
         return TokenOutput(request_id, (), len(req.output_token_ids), finished=True, finish=Finish.ABORT)
 
     def step(self, now: float) -> StepResult:
+        free_before = self.pool.num_free
         plan = self.scheduler.schedule()
+        # Whether this step changes the load beyond output-token counts: blocks taken or freed, a phase change
+        # (prefill), a preemption, a finish, or a request that needs a new block before its next token.
+        changed = bool(plan.preempted)
         prefill_tokens = decode_batch = decode_context = 0
         for item in plan.scheduled:
             if item.is_prefill:
@@ -154,8 +163,10 @@ class SimEngine(Engine):
                 decode_context += item.request.num_tokens
         duration = self.profile.step_seconds(prefill_tokens, decode_batch, decode_context)
         outputs: list[TokenOutput] = []
+        block_size = self.block_size
         for item in plan.scheduled:
             req = item.request
+            changed = changed or item.is_prefill
             start = req.num_computed_tokens
             self.payload.fill(req.block_ids, req.key, start, start + item.num_new_tokens)
             req.num_computed_tokens += item.num_new_tokens
@@ -167,6 +178,9 @@ class SimEngine(Engine):
             if finish is not None:
                 self.scheduler.remove(req)
                 del self._requests[req.request_id]
+                changed = True
+            elif not changed and -(-req.num_tokens // block_size) != len(req.block_ids):
+                changed = True  # its demand_blocks became non-zero
             outputs.append(
                 TokenOutput(
                     req.request_id,
@@ -176,6 +190,8 @@ class SimEngine(Engine):
                     finish=finish,
                 )
             )
+        if changed or self.pool.num_free != free_before:
+            self._load_version += 1
         return StepResult(
             outputs,
             duration,
@@ -183,6 +199,9 @@ class SimEngine(Engine):
             num_decode_tokens=decode_batch,
             preempted=tuple(r.request_id for r in plan.preempted),
         )
+
+    def load_version(self) -> int:
+        return self._load_version
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
@@ -252,6 +271,7 @@ class SimEngine(Engine):
         if req.phase not in (Phase.RUNNING, Phase.WAITING):
             raise InvalidStateError(f"{request_id} is {req.phase.label}; only running or waiting can be suspended")
         self.scheduler.suspend(req)
+        self._load_version += 1
         return self._state(req)
 
     def _state(self, req: SimRequest) -> MigrationState:
@@ -272,14 +292,17 @@ class SimEngine(Engine):
 
     def resume(self, request_id: str) -> None:
         self.scheduler.resume(self._get_suspended(request_id))
+        self._load_version += 1
 
     def release_suspended(self, request_id: str) -> None:
         self.scheduler.remove(self._get_suspended(request_id))
         del self._requests[request_id]
+        self._load_version += 1
 
     # --- migration, destination side ---
     def reserve_blocks(self, n: int) -> list[int]:
         check_reservation(n, self.pool.num_free, self.scheduler.watermark_blocks)
+        self._load_version += 1
         return self.pool.reserve(n)
 
     def _check_reserved(self, block_ids: Sequence[int]) -> None:
@@ -288,6 +311,7 @@ class SimEngine(Engine):
     def free_reserved(self, block_ids: Sequence[int]) -> None:
         self._check_reserved(block_ids)
         self.pool.unreserve(block_ids)
+        self._load_version += 1
 
     def write_blocks(self, block_ids: Sequence[int], data: BlockBuffer) -> None:
         self._check_reserved(block_ids)
@@ -349,6 +373,7 @@ class SimEngine(Engine):
             first_token_time=state.first_token_time,
         )
         self._requests[spec.request_id] = req
+        self._load_version += 1
         if state.num_computed_tokens:
             self.pool.claim(block_ids)
             req.block_ids = list(block_ids)

@@ -164,6 +164,8 @@ class Llumlet:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._load_seq = 0
+        # Bumped when the requests' owners change (their frontend addresses are part of the load); see load_version.
+        self._owners_version = 0
         self._migrating_in = False
         self._migrating_out = False
         # Aborts that arrived while the request was suspended for a migration's last stage; the coordinator settles
@@ -245,6 +247,7 @@ class Llumlet:
                 trace=tracing.current_context(),
             )
             self.stats.requests_added += 1
+            self._owners_version += 1
             if self.metrics is not None:
                 self.metrics.added(spec.request_id, len(spec.prompt_token_ids), spec.arrival_time or None)
         self.wake()
@@ -274,6 +277,7 @@ class Llumlet:
             next_index=len(state.output_token_ids),
             trace=tracing.current_context(),  # the commit's: the request's trace continues here
         )
+        self._owners_version += 1
         if self.metrics is not None:
             self.metrics.adopted(
                 state.spec.request_id,
@@ -344,6 +348,27 @@ class Llumlet:
                     )
 
     # --- load ---
+    def load_version(self) -> tuple[Any, ...] | None:
+        """Equal values mean ``load_pb`` would report the same load but for its seq, its timestamp and the requests'
+        output-token counters (what a load report's change key ignores), so a 20 Hz report loop can skip building and
+        comparing a snapshot that cannot have changed. None: the engine cannot tell (build and compare every time)."""
+        engine = self.engine.load_version()
+        if engine is None:
+            return None
+        m = self.stats.migration
+        return (
+            engine,
+            self._owners_version,
+            self.state,
+            self._migrating_in,
+            self._migrating_out,
+            self.stats.migrations_in,
+            self.stats.migrations_out,
+            m.committed,
+            m.aborted_by_source,
+            m.aborted_by_destination,
+        )
+
     def load_pb(self) -> common_pb2.InstanceLoad:
         if self.abort_reasons:  # rare: drop the reasons of requests that left (e.g. migrated out) meanwhile
             here = set(self.engine.request_ids())

@@ -130,17 +130,23 @@ class LoadReporter:
         sent_key: bytes | None = None
         sent_seq = 0
         quiet = 0  # intervals since the last message of this stream
+        # The llumlet's load version when ``sent_key`` was last found current: while it stays, the key cannot have
+        # changed, so the snapshot is neither built nor compared (most ticks of a quiet or steadily decoding instance).
+        checked: object = None
         while True:
-            load = self.llumlet.load_pb()
-            key = load_change_key(load)
+            version = self.llumlet.load_version()
             quiet += 1
+            if version is None or version != checked:
+                load = self.llumlet.load_pb()
+                key = load_change_key(load)
+                checked = version
             if key != sent_key:
                 sent_key, sent_seq, quiet = key, load.seq, 0
                 yield scheduler_pb2.ReportLoadRequest(load=load)
                 self.reports_sent += 1
             elif quiet >= LOAD_KEEPALIVE_EVERY:
                 quiet = 0
-                keep_alive = scheduler_pb2.LoadKeepAlive(instance_id=load.instance_id, seq=sent_seq)
+                keep_alive = scheduler_pb2.LoadKeepAlive(instance_id=self.llumlet.instance_id, seq=sent_seq)
                 yield scheduler_pb2.ReportLoadRequest(keep_alive=keep_alive)
                 self.reports_sent += 1
                 self.keepalives_sent += 1
