@@ -53,6 +53,7 @@ def test_ray_places_llumlet_on_host_b(hosts: TwoHosts, tmp_path: Path) -> None:
     result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     out = json.loads(result_lines[-1][len("RESULT ") :])
+    print("phases (s):", out.get("phases"))  # where the scenario spent its time (pytest -s, or a failure's report)
     iid = out["instance"]
     assert out["secure"] is True
     assert out["node"] == hosts.b.ip
@@ -130,6 +131,7 @@ def test_request_migrates_from_host_b_to_host_a(hosts: TwoHosts, transport: str,
     result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
     out = json.loads(result_lines[-1][len("RESULT ") :])
+    print("phases (s):", out.get("phases"))  # where the scenario spent its time (pytest -s, or a failure's report)
     assert out["secure"] is True
     if transport == "tcp":
         assert out["src"].startswith(f"tcp://{hosts.b.ip}:") and out["dst"].startswith(f"tcp://{hosts.a.ip}:"), out
@@ -147,8 +149,9 @@ def test_host_b_lost_leaves_registry_and_capacity_is_restored_on_a(hosts: TwoHos
     registry within the lease TTL (etcd on A stops hearing from it), B's request ends at its frontend with an error
     naming B's instance, A's request finishes with every token and no error, and the scheduler starts a replacement
     on A (Ray declares B dead in ~3 s). An instance still starting on B when it vanished (placed, not registered)
-    ends with a clear error and leaves no placement group, actor or registry entry. ``llmctl`` runs in A's namespace
-    throughout."""
+    ends with a clear error and leaves no placement group, actor or registry entry. ``llmctl scale`` runs in A's
+    namespace; the listings are the admin API's ``ListInstances`` read from A as ``llmctl -o json instances`` prints
+    it (the placement test checks llmctl's own listing)."""
     cluster = f"mh{uuid.uuid4().hex[:8]}"
     pki = tmp_path / "pki"
     bootstrap_local(pki, "llumnix", hosts=[*DEFAULT_HOSTS, hosts.a.ip, hosts.b.ip])
@@ -163,6 +166,7 @@ def test_host_b_lost_leaves_registry_and_capacity_is_restored_on_a(hosts: TwoHos
     result_lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and result_lines, f"driver failed ({done.returncode}), output in {log}:\n{done.stderr}"
     out = json.loads(result_lines[-1][len("RESULT ") :])
+    print("phases (s):", out.get("phases"))  # where the scenario spent its time (pytest -s, or a failure's report)
     assert out["scale"][0] == 0, out["scale"]
     before = out["before"]
     assert sorted(a.split(":")[0] for a in before) == [hosts.a.ip, hosts.b.ip], before  # spread: one per host
