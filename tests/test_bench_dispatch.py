@@ -26,6 +26,7 @@ def test_bench_dispatch_figures_agree_with_each_other(tmp_path: Path) -> None:
     assert summary.startswith("dispatch N=16 |")
     report = json.loads(out.read_text())
     assert report["known_instances"] == 16 and report["rounds"] == 3
+    assert report["gc_frozen_objects"] > 0  # the scheduler's startup heap, frozen as run_scheduler does
 
     core = report["in_process"]
     assert core["n_decisions"] == 200 and core["n_instances"] == 16
@@ -47,6 +48,7 @@ def test_bench_dispatch_figures_agree_with_each_other(tmp_path: Path) -> None:
         assert row["errors"] == {} and row["leader"] and row["calls"] > 0
         assert row["rps"] == pytest.approx(row["calls"] / row["elapsed_s"], rel=0.01), row
         assert 0 < row["rpc_p50_ms"] <= row["rpc_p99_ms"], row
+        assert 0 <= row["gc_full_passes"] <= row["gc_passes"] and row["gc_us_per_call"] >= 0, row
     pair_ratios = [d["rps"] / b["rps"] for b, d in zip(bare, dispatch, strict=True)]
     assert g["pair_ratios"] == pytest.approx(pair_ratios, abs=1e-3)
     assert g["ratio"] == pytest.approx(statistics.median(pair_ratios), abs=1e-3)
