@@ -10,6 +10,7 @@ token, a refused batch ends the stream, nothing beyond ``max_tokens`` is shown.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -216,3 +217,61 @@ async def test_nothing_follows_the_final_error_of_a_request_given_up() -> None:
     finally:
         await pusher.close()
         await sink.stop()
+
+
+async def test_a_decoding_stream_keeps_one_wake_up_timer_between_answers() -> None:
+    """Between two answers the sender's wake-up deadline (the next ask) stays the same, so its timer is kept: before,
+    every batch created and cancelled one (an ``asyncio.timeout`` around each wait) on top of its write's."""
+    sink = CountingSink()
+    await sink.start()
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=60.0))
+    loop = asyncio.get_running_loop()
+    timers = 0
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        nonlocal timers
+        task = asyncio.current_task()
+        timers += task is not None and task.get_name().startswith("push-")  # the sender's, not this test's polls
+        return call_at(when, callback, *args, **kwargs)
+
+    try:
+        pusher.submit(sink.address, [output("r", 0)])
+        await pusher.flush(sink.address, timeout=5)
+        loop.call_at = counting_call_at  # type: ignore[method-assign,assignment]
+        for i in range(1, 41):
+            pusher.submit(sink.address, [output("r", i)])
+            await until(lambda n=i + 1: sink.messages == n, 5, f"batch {i}")
+        assert sink.raw_indices("r") == list(range(41))
+        # One timer per batch is its write's deadline; the wait's is kept (before: 2 per batch).
+        assert timers <= 40 + 10, f"{timers} timers for 40 batches"
+    finally:
+        loop.call_at = call_at  # type: ignore[method-assign]
+        await pusher.close()
+        await sink.stop()
+
+
+async def test_the_senders_wait_ends_at_its_deadline_or_at_a_wake_and_rearms_after_ringing() -> None:
+    from pyllumnix.data_plane.llumlet.output_push import _Sink
+
+    sink = _Sink("127.0.0.1:1")
+    try:
+        start = time.monotonic()
+        assert not await OutputPusher._sleep(sink, start + 0.05), "the deadline came first"
+        assert time.monotonic() - start >= 0.04
+        assert not await OutputPusher._sleep(sink, time.monotonic() - 1), "a past deadline does not wait"
+        deadline = time.monotonic() + 5
+        asyncio.get_running_loop().call_later(0.02, sink.wake.set)
+        assert await OutputPusher._sleep(sink, deadline), "woken before the deadline"
+        kept = sink.alarm
+        asyncio.get_running_loop().call_later(0.02, sink.wake.set)
+        assert await OutputPusher._sleep(sink, deadline) and sink.alarm is kept, "the same deadline keeps its timer"
+        # An alarm that rang (a hair early, say) is armed again rather than waited for for ever.
+        assert kept is not None
+        kept.cancel()
+        sink.alarm = None
+        assert not await asyncio.wait_for(OutputPusher._sleep(sink, time.monotonic() + 0.05), 2)
+    finally:
+        if sink.alarm is not None:
+            sink.alarm.cancel()
+        await sink.channel.close()

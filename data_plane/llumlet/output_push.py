@@ -132,6 +132,10 @@ class _Sink:
         # First-attempt deadline for the next batch: it stays as long as a slow frontend needed, decays when fast.
         self.attempt_timeout = 0.0
         self.wake = asyncio.Event()
+        # The sender's wake-up timer and its deadline (loop time): kept while the deadline stays (it is the same for
+        # every step between two answers), so a decoding stream does not create and cancel a timer per step.
+        self.alarm: asyncio.TimerHandle | None = None
+        self.alarm_at = 0.0
         self.changed = asyncio.Condition()
         self.task: asyncio.Task[None] | None = None
         # The stream (None: not open) and the task reading its answers.
@@ -182,6 +186,11 @@ class _Sink:
             self.last_lost = max(self.last_lost, seq)
         async with self.changed:
             self.changed.notify_all()
+
+
+def _ring(sink: _Sink) -> None:
+    sink.alarm = None
+    sink.wake.set()
 
 
 class OutputPusher:
@@ -340,19 +349,29 @@ class OutputPusher:
                 continue
             # Wait for outputs, an answer, a failure, the ask's deadline, the next ask, or idleness.
             if sink.ask_seq:
-                wait: float | None = sink.ask_time + sink.ask_timeout - now
+                deadline: float | None = sink.ask_time + sink.ask_timeout
             elif sink.unacked:
-                wait = sink.last_ack + s.ack_interval_s - now
+                deadline = sink.last_ack + s.ack_interval_s
             else:
-                wait = None
-            sink.wake.clear()
-            try:
-                async with asyncio.timeout(max(0.0, wait) if wait is not None else s.idle_close_s):
-                    await sink.wake.wait()
-            except TimeoutError:
-                if wait is None and not sink.pending and not sink.unacked and sink.stream_error is None:
-                    await self._retire(sink)
-                    return
+                deadline = None
+            rang = not await self._sleep(sink, deadline if deadline is not None else now + s.idle_close_s)
+            if rang and deadline is None and not sink.pending and not sink.unacked and sink.stream_error is None:
+                await self._retire(sink)
+                return
+
+    @staticmethod
+    async def _sleep(sink: _Sink, deadline: float) -> bool:
+        """Waits for ``sink.wake`` until ``deadline`` (``time.monotonic``); False when the deadline came first."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if sink.alarm is None or sink.alarm_at != deadline:
+            if sink.alarm is not None:
+                sink.alarm.cancel()
+            sink.alarm, sink.alarm_at = asyncio.get_running_loop().call_later(left, _ring, sink), deadline
+        sink.wake.clear()
+        await sink.wake.wait()
+        return sink.alarm is not None  # (the alarm clears itself when it rings)
 
     def _message(self, seq: int) -> frontend_pb2.StreamOutputsRequest:
         message = frontend_pb2.StreamOutputsRequest(seq=seq, pusher_id=self._pusher_id)
@@ -465,6 +484,9 @@ class OutputPusher:
             await sink.settle(mark, lost=False)
 
     def _close_call(self, sink: _Sink) -> None:
+        if sink.alarm is not None:
+            sink.alarm.cancel()
+            sink.alarm = None
         call, reader = sink.call, sink.reader
         sink.call, sink.reader, sink.ask_seq = None, None, 0
         sink.probing = sink.resend = False
