@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from asyncio import selector_events
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from pyllumnix.control_plane.frontend.http import _ChunkTemplate
+from pyllumnix.control_plane.frontend.http import _ChunkTemplate, start_http
 from pyllumnix.control_plane.frontend.openai_schema import choice, envelope
 from pyllumnix.control_plane.frontend.requests import Delta, TrackedRequest
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
+from pyllumnix.infra.security.ca import CertificateAuthority, Identity
+from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
 from pyllumnix.protos.llumnix.v1 import common_pb2
 from tests.test_frontend_fakes import FakeLlumlet, expected_text, running_stack
 
@@ -124,10 +128,13 @@ def _count_queued(monkeypatch: pytest.MonkeyPatch) -> list[Delta]:
     return queued
 
 
-async def _stream_text(url: str, body: dict[str, object]) -> tuple[str, list[str | None], bool]:
+async def _stream_text(
+    url: str, body: dict[str, object], ssl_context: ssl.SSLContext | None = None
+) -> tuple[str, list[str | None], bool]:
     """The streamed text, the finish reasons of the chunks with a choice, and whether ``[DONE]`` ended the stream."""
     text, reasons, done = "", [], False
-    async with aiohttp.ClientSession() as session, session.post(url, json=body) as resp:
+    connector = aiohttp.TCPConnector(ssl=ssl_context) if ssl_context is not None else None
+    async with aiohttp.ClientSession(connector=connector) as session, session.post(url, json=body) as resp:
         assert resp.status == 200
         async for raw in resp.content:
             line = raw.decode().strip()
@@ -183,3 +190,22 @@ async def test_a_client_behind_gets_every_token_in_order(monkeypatch: pytest.Mon
     assert text == expected_text(60)
     assert reasons[-1] == "length" and done
     assert len(queued) > 1  # both paths were taken
+
+
+async def test_direct_writes_over_https(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The direct path writes to the TLS transport the same chunked frames (an HTTPS frontend)."""
+    queued = _count_queued(monkeypatch)
+    ca = CertificateAuthority.create()
+    ca_cert, _ = ca.write(tmp_path / "ca")
+    server = ca.issue(Identity("c1", "frontend", "f1")).write(tmp_path / "server", ca_cert)
+    client = ca.issue(Identity("c1", "admin", "tester")).write(tmp_path / "client", ca_cert)
+    async with running_stack([FakeLlumlet("i-1", delay=0.002, messy=False)]) as stack:
+        https = await start_http(stack.frontend, ssl_context=server_ssl_context(server, require_client_cert=False))
+        try:
+            body = {"model": stack.frontend.model, "prompt": "hi", "max_tokens": 25, "stream": True}
+            text, reasons, done = await _stream_text(f"{https.url}/v1/completions", body, client_ssl_context(client))
+        finally:
+            await https.stop()
+    assert https.url.startswith("https://")
+    assert text == expected_text(25) and reasons[-1] == "length" and done
+    assert [d.finished for d in queued] == [True]
