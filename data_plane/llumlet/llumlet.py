@@ -155,7 +155,9 @@ class Llumlet:
         self.instance_id = instance_id
         self.max_waiting = max_waiting
         self.engine_lock = asyncio.Lock()
-        self.state = InstanceState.ACTIVE
+        # Set whenever ``state`` is assigned (what waits for a drain sleeps on it instead of polling).
+        self.state_changed = asyncio.Event()
+        self._state = InstanceState.ACTIVE
         self.owners: dict[str, RequestOwner] = {}
         self.stats = LlumletStats()
         self.pusher = OutputPusher(instance_id, self._abort_orphans, self._frontend_unreachable, push)
@@ -180,6 +182,15 @@ class Llumlet:
         # Per-instance vLLM-named metrics (``llumnix llumlet`` sets them up; None: not recorded).
         self.metrics: InstanceMetrics | None = None
         self._step_started = 0.0  # wall clock of the current step's start (the metrics' queue time)
+
+    @property
+    def state(self) -> InstanceState:
+        return self._state
+
+    @state.setter
+    def state(self, value: InstanceState) -> None:
+        self._state = value
+        self.state_changed.set()
 
     # --- lifecycle ---
     def start(self) -> None:

@@ -93,6 +93,25 @@ class LlumletOptions:
     migration: MigrationSettings = field(default_factory=MigrationSettings)
 
 
+async def exit_when_drained(llumlet: Llumlet, coordinator: MigrationCoordinator, stop: asyncio.Event) -> None:
+    """A draining instance that holds nothing leaves (sets ``stop``): its requests went elsewhere, new ones cannot
+    come. Only a draining instance is polled (5 times a second); any other sleeps until its state changes, so an idle
+    llumlet pays nothing for this."""
+    empty_since: float | None = None
+    while not stop.is_set():
+        if llumlet.state is not InstanceState.DRAINING:
+            empty_since = None
+            llumlet.state_changed.clear()
+            await llumlet.state_changed.wait()
+            continue
+        await asyncio.sleep(0.2)
+        drained = llumlet.state is InstanceState.DRAINING and not llumlet.engine.request_ids() and not coordinator.busy
+        empty_since = (empty_since or time.monotonic()) if drained else None
+        if empty_since is not None and time.monotonic() - empty_since > 0.5:
+            log.info("instance %s drained; stopping", llumlet.instance_id)
+            stop.set()
+
+
 def make_engine(opts: LlumletOptions) -> Engine:
     if opts.engine == "sim":
         from pyllumnix.data_plane.engine.profile import get_profile
@@ -241,18 +260,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         reporter.start()
     loop = asyncio.get_running_loop()
 
-    async def exit_when_drained() -> None:
-        """A draining instance that holds nothing leaves: its requests went elsewhere, new ones cannot come."""
-        empty_since: float | None = None
-        while not stop.is_set():
-            await asyncio.sleep(0.2)
-            drained = llumlet.state == InstanceState.DRAINING and not engine.request_ids() and not coordinator.busy
-            empty_since = (empty_since or time.monotonic()) if drained else None
-            if empty_since is not None and time.monotonic() - empty_since > 0.5:
-                log.info("instance %s drained; stopping", instance_id)
-                stop.set()
-
-    background.append(loop.create_task(exit_when_drained()))
+    background.append(loop.create_task(exit_when_drained(llumlet, coordinator, stop)))
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
