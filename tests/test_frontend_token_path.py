@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from pyllumnix.control_plane.frontend import http
 from pyllumnix.control_plane.frontend.http import _ChunkTemplate, start_http
 from pyllumnix.control_plane.frontend.openai_schema import choice, envelope
 from pyllumnix.control_plane.frontend.requests import Delta, TrackedRequest
@@ -209,3 +210,30 @@ async def test_direct_writes_over_https(tmp_path: Path, monkeypatch: pytest.Monk
     assert https.url.startswith("https://")
     assert text == expected_text(25) and reasons[-1] == "length" and done
     assert [d.finished for d in queued] == [True]
+
+
+async def test_a_failing_direct_write_falls_back_to_the_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A direct write runs inside the output sink: if it raises, the delta goes to the handler's queue (and its write)
+    instead of the exception failing the llumlet's push for every request in it."""
+    real = http._direct_writer
+    calls = [0]
+
+    def flaky(*args: Any) -> Callable[[bytes], None] | None:
+        write = real(*args)
+        assert write is not None
+
+        def sometimes_raise(data: bytes) -> None:
+            calls[0] += 1
+            if calls[0] % 4 == 0:
+                raise RuntimeError("injected")
+            write(data)
+
+        return sometimes_raise
+
+    monkeypatch.setattr(http, "_direct_writer", flaky)
+    async with running_stack([FakeLlumlet("i-1", delay=0.002, messy=False)]) as stack:
+        body = {"model": stack.frontend.model, "prompt": "hi", "max_tokens": 30, "stream": True}
+        text, reasons, done = await _stream_text(f"{stack.http.url}/v1/completions", body)
+        assert stack.llumlets["i-1"].unknown_replies == []
+    assert calls[0] >= 4
+    assert text == expected_text(30) and reasons[-1] == "length" and done

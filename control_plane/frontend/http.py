@@ -275,7 +275,11 @@ class HttpApi:
                 if transport is None or transport.is_closing() or transport.get_write_buffer_size():
                     return False  # behind or gone: the loop below writes it, with the idle timeout
                 if delta.text or first:
-                    direct(chunks.render(delta.text, None, first).encode())
+                    try:
+                        direct(chunks.render(delta.text, None, first).encode())
+                    except Exception:  # runs inside the output sink: never let one client break the push stream
+                        log.warning("request %s: direct write failed", tracked.request_id, exc_info=True)
+                        return False  # the handler's own write of it says what happened
                     first = False
                 return True
 
