@@ -136,3 +136,34 @@ def test_uncordoning_a_silent_instance_keeps_it_undispatchable() -> None:
     assert accepting(cluster, t + 3 * STEP) == {"b"}
     cluster.report(load("a", 2), t + 3 * STEP)  # a speaks again: dispatchable at once
     assert accepting(cluster, t + 3 * STEP) == {"a", "b"}
+
+
+@pytest.mark.parametrize(
+    ("listed", "expected"),
+    [
+        ((), (2, 30, 1)),  # nothing listed yet: both fresh dispatches count (r3 outlived pending_ttl)
+        (("r1",), (1, 20, 1)),
+        (("r2", "other"), (1, 10, 0)),
+        (("r1", "r2", "later-1", "later-2"), (0, 0, 0)),  # all found: the rest of the list is not needed
+        (("other", "r2", "r1"), (0, 0, 0)),
+        (("r3",), (2, 30, 1)),  # an expired one listed late changes nothing
+    ],
+)
+def test_a_report_drops_the_dispatched_requests_it_lists(
+    listed: tuple[str, ...], expected: tuple[int, int, int]
+) -> None:
+    """A dispatched request counts on its instance until a report lists it or ``pending_ttl`` passes; the report's
+    request list is walked only while dispatched requests are still pending."""
+    cluster = cluster_of("a", pending_ttl=1.0)
+    cluster.report(load("a", 1), 0.0)
+    cluster.snapshot(0.0)  # the first report folded: dispatch there
+    cluster.record_dispatch("a", "r3", 30, common_pb2.PRIORITY_NORMAL, 0.0)
+    cluster.record_dispatch("a", "r1", 10, common_pb2.PRIORITY_NORMAL, 0.8)
+    cluster.record_dispatch("a", "r2", 20, common_pb2.PRIORITY_HIGH, 0.8)
+    update = load("a", 2)
+    for rid in listed:
+        update.requests.add(request_id=rid, phase=common_pb2.REQUEST_PHASE_RUNNING, num_blocks=1)
+    assert cluster.report(update, 1.2)
+    view = cluster.snapshot(1.2).get("a")
+    assert view is not None
+    assert (view.dispatched_since_report, view.dispatched_demand_blocks, view.dispatched_high) == expected

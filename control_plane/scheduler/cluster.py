@@ -227,10 +227,13 @@ class ClusterState:
             return from_instance_load(load, state=state, healthy=healthy)
         for rid in [rid for rid, (_, _, t) in pending.items() if now - t > self.pending_ttl]:
             del pending[rid]
-        if pending:  # the report's request list is walked only for requests still pending
-            listed = {r.request_id for r in load.requests}
-            for rid in [rid for rid in pending if rid in listed]:
-                del pending[rid]
+        if pending:  # the report's request list is walked only for requests still pending, until all are found
+            for r in load.requests:
+                rid = r.request_id
+                if rid in pending:
+                    del pending[rid]
+                    if not pending:
+                        break
         if not pending:
             return from_instance_load(load, state=state, healthy=healthy)
         dispatched = (
