@@ -127,7 +127,7 @@ def test_reused_live_runs_are_set_against_the_calibrated_prediction(tmp_path: Pa
     workload = "M-M:poisson:rate=4:n=40"
     loop = {"overhead_ms_per_step": 3.0}
     live_runs = {
-        "llumnix": {**_overall(2.0), "engine_loop": loop},
+        "llumnix": {**_overall(2.0), "engine_loop": loop, "migration_downtime_ms": 150.0},
         "infaas++": {**_overall(6.0), "engine_loop": {"overhead_ms_per_step": 5.0}},
     }
     (work / "live_runs.json").write_text(json.dumps(live_runs))
@@ -143,6 +143,7 @@ def test_reused_live_runs_are_set_against_the_calibrated_prediction(tmp_path: Pa
     assert p99["live_ratio"] == pytest.approx(3.0)
     assert p99["live_vs_sim"] == pytest.approx(3.0 / p99["sim_ratio"])
     assert p99["sim_ratio_min"] <= p99["sim_ratio"] <= p99["sim_ratio_max"] and len(p99["sim_ratios"]) == 2
+    assert report["migration_stage_ms"] == 150.0  # the live llumnix run's mean downtime
     text = (out / "LIVE.md").read_text()
     assert "measured per-step overhead" in text and "llumnix 3.00 ms" in text
     assert "simulated with the live step overhead" in report["summary"]
@@ -261,3 +262,29 @@ def test_per_request_comparison_reads_the_kept_run(tmp_path: Path) -> None:
     m = live_compare.live_migrations(traces)
     assert (m["attempted"], m["committed"]) == (2, 1)
     assert m["duration_s"]["mean"] == pytest.approx(2.0) and m["downtime_s"]["mean"] == pytest.approx(0.02)
+
+
+def test_migration_downtime_from_the_llumlet_logs(tmp_path: Path) -> None:
+    from pyllumnix.tools.sim.live_demo import migration_downtime_ms
+
+    pre = "2026-12-01 18:17:20,363 INFO pyllumnix.data_plane.llumlet.migration.coordinator: migration m1 of r1 "
+    (tmp_path / "llumlet-0.log").write_text(
+        pre + "committed: 2 stages, downtime 140.4 ms = reserve 13.2 + send 1 blocks 58.2\n" + pre + "in: freed 0\n"
+    )
+    (tmp_path / "llumlet-1.log").write_text(pre + "committed: 1 stages, downtime 59.6 ms = reserve 1.0\n")
+    assert migration_downtime_ms(tmp_path) == pytest.approx(100.0)
+    assert migration_downtime_ms(tmp_path / "none") is None
+
+
+def test_the_live_migration_cost_replaces_the_paper_transfer_model() -> None:
+    """A stage costs the live handshake (its measured downtime) plus the live payload's bytes, not 7B's 8 MiB blocks
+    at 20 Gbit/s with 2 ms handshakes."""
+    from pyllumnix.tools.sim.live_demo import LIVE_BYTES_PER_TOKEN, live_config
+
+    paper = live_config("llumnix", 4, 0)
+    live = live_config("llumnix", 4, 0, stage_ms=150.0)
+    paper_blocks, live_blocks = paper.engine_profile().block_bytes, live.engine_profile().block_bytes
+    assert live_blocks == 16 * LIVE_BYTES_PER_TOKEN == 128 * 1024 and paper_blocks == 8 * 1024 * 1024
+    assert paper.transfer.stage_seconds(4, paper_blocks) == pytest.approx(0.002 + 4 * 8 * 2**20 * 8 / 20e9)
+    assert live.transfer.stage_seconds(4, live_blocks) == pytest.approx(0.150 + 4 * 2**17 * 8 / 20e9)
+    assert live.engine_profile().total_blocks == paper.engine_profile().total_blocks  # capacity unchanged

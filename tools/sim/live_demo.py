@@ -41,15 +41,18 @@ from rich.progress import Progress
 from pyllumnix.data_plane.engine.profile import Profile
 from pyllumnix.tools.bench_peers import start_project
 from pyllumnix.tools.progress import Steps, progress_bar
+from pyllumnix.tools.serve import DEFAULTS as SERVE_DEFAULTS
 from pyllumnix.tools.sim import live_compare
 from pyllumnix.tools.sim.cluster import ClusterSimulator
-from pyllumnix.tools.sim.config import SimConfig
+from pyllumnix.tools.sim.config import SimConfig, TransferModel
 from pyllumnix.tools.sim.runner import _run_with_progress, load_workload
 from pyllumnix.tools.sim.summary import run_summary
 from pyllumnix.tools.sim.tracker import Track
 
 POLICIES = ("llumnix", "infaas++")
 TRACE_ENV = "LLUMNIX_TRACE_FILE"
+# The KV bytes per token `llumnix serve` gives its sim llumlets (a scaled payload; the latency model stays 7B's).
+LIVE_BYTES_PER_TOKEN = int(SERVE_DEFAULTS["bytes_per_token"])
 # M-M at 1.5x the artifact's middle rate for 4 instances (7.7 x 4/16 x 1.5): queues form on 4 instances (arrivals
 # over ~3.5 min, then the drain of the longest requests, ~6 min).
 DEFAULT_WORKLOAD = "M-M:poisson:rate=2.9:n=600"
@@ -107,16 +110,46 @@ class LiveSimConfig(SimConfig):
     step_overhead_ms: float = 0.0
     step_overhead_sd_ms: float = 0.0
     jitter_seed: int = 0
+    # KV bytes per token the live data plane moves (serve's scaled payload; None: the profile's): only the modelled
+    # copy time of a migration stage depends on it.
+    kv_bytes_per_token: int | None = None
 
     def engine_profile(self) -> Profile:
         base = super().engine_profile()
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(Profile)}
+        if self.kv_bytes_per_token is not None:
+            fields["bytes_per_token"] = self.kv_bytes_per_token
         return SteppedProfile(
             **fields,
             step_overhead_ms=self.step_overhead_ms,
             step_overhead_sd_ms=self.step_overhead_sd_ms,
             rng=np.random.default_rng([self.seed, self.jitter_seed]),
         )
+
+
+def live_config(
+    policy: str,
+    instances: int,
+    seed: int,
+    overhead_ms: float = 0.0,
+    overhead_sd_ms: float = 0.0,
+    jitter_seed: int = 0,
+    stage_ms: float | None = None,
+) -> LiveSimConfig:
+    """The simulated counterpart of one live run (see ``predict``)."""
+    return LiveSimConfig(
+        instances=instances,
+        policy=policy,
+        enable_migration=policy == "llumnix",
+        split_steps=False,  # the live llumlet runs mixed (V1) steps
+        report_interval_ms=50,  # the live llumlet's report period
+        seed=seed,
+        step_overhead_ms=overhead_ms,
+        step_overhead_sd_ms=overhead_sd_ms,
+        jitter_seed=jitter_seed,
+        transfer=TransferModel() if stage_ms is None else TransferModel(stage_latency_ms=stage_ms),
+        kv_bytes_per_token=None if stage_ms is None else LIVE_BYTES_PER_TOKEN,
+    )
 
 
 def predict(
@@ -129,26 +162,22 @@ def predict(
     records: dict[str, list[Any]] | None = None,
     overhead_sd_ms: dict[str, float] | None = None,
     jitter_seed: int = 0,
+    stage_ms: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """The simulator's overall latency figures for each policy on the live cluster's shape; ``steps`` advances once
     per policy, ``bar`` (the same Progress) follows each simulation's virtual clock. ``overhead_ms``: per policy, the
     live run's measured per-step overhead, added to every simulated step (None: the profile alone). ``records``
-    receives each policy's simulated request records."""
+    receives each policy's simulated request records. ``stage_ms``: the live migration's measured per-stage latency
+    (its mean downtime, the last stage being a handshake around at most 4 blocks), with the live scaled payload's
+    bytes; None: the paper's transfer model."""
     steps = steps or Steps()
     out: dict[str, dict[str, Any]] = {}
     for policy in POLICIES:
         steps.describe(f"simulating {policy}")
-        config = LiveSimConfig(
-            instances=instances,
-            policy=policy,
-            enable_migration=policy == "llumnix",
-            split_steps=False,  # the live llumlet runs mixed (V1) steps
-            report_interval_ms=50,  # the live llumlet's report period
-            seed=seed,
-            step_overhead_ms=(overhead_ms or {}).get(policy, 0.0),
-            step_overhead_sd_ms=(overhead_sd_ms or {}).get(policy, 0.0),
-            jitter_seed=jitter_seed,
-        )
+        config = live_config(
+            policy, instances, seed, (overhead_ms or {}).get(policy, 0.0), (overhead_sd_ms or {}).get(policy, 0.0),
+            jitter_seed, stage_ms,
+        )  # fmt: skip
         arrivals = load_workload(workload, seed, config.profile)
         sim = ClusterSimulator(config, arrivals)
         show = bar is not None and not bar.disable
@@ -223,6 +252,7 @@ def run_live(
                 "errors": summary.get("errors", []),
                 # The client cannot see migrations; the llumlets log each committed one.
                 "migrations": _committed_migrations(work / f"serve-{policy.replace('+', 'p')}"),
+                "migration_downtime_ms": migration_downtime_ms(work / f"serve-{policy.replace('+', 'p')}"),
                 "wall_s": round(time.monotonic() - t, 1),
                 "dead_processes": dead,
                 "serve": system.notes,
@@ -278,6 +308,19 @@ def _committed_migrations(log_dir: Path) -> int:
     )
 
 
+DOWNTIME = re.compile(r"coordinator: migration .* committed: \d+ stages, downtime ([\d.]+) ms")
+
+
+def migration_downtime_ms(log_dir: Path) -> float | None:
+    """Mean downtime of the committed migrations, from the llumlet logs (None: no migration committed)."""
+    values = [
+        float(m[1])
+        for f in sorted(log_dir.glob("llumlet-*.log"))
+        for m in DOWNTIME.finditer(f.read_text(errors="replace"))
+    ]
+    return round(sum(values) / len(values), 3) if values else None
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -327,7 +370,9 @@ def markdown(report: dict[str, Any]) -> str:
             (
                 "Simulated with the live run's measured per-step overhead added to every step (mean, SD: "
                 + ", ".join(f"{p} {oh.get(p, 0):.2f} ms, {sd.get(p, 0):.2f} ms" for p in POLICIES)
-                + f"); median of {n} draws of the overhead, the sim ratio's range in brackets",
+                + f"); migration stages cost the live mean downtime ({f(report.get('migration_stage_ms'))} ms) and "
+                f"copy the live {LIVE_BYTES_PER_TOKEN // 1024} KiB/token payload; median of {n} draws of the overhead, "
+                "the sim ratio's range in brackets",
                 report["table_calibrated"],
             )
         )
@@ -462,6 +507,7 @@ def live(
     live_res: dict[str, dict[str, Any]] | None = None
     calibrated: list[dict[str, dict[str, Any]]] | None = None
     overhead_sd: dict[str, float] = {}
+    stage_ms: float | None = None
     per_request: dict[str, Any] | None = None
     overhead: dict[str, float] = {}
     with_live = not predict_only
@@ -486,6 +532,10 @@ def live(
                     raise click.ClickException(f"no engine-loop figures in the {policy} llumlet logs")
                 overhead[policy] = float(loop["overhead_ms_per_step"])
                 overhead_sd[policy] = float(loop.get("overhead_sd_ms_per_step") or 0.0)
+            llumnix_run = live_res["llumnix"]
+            stage_ms = llumnix_run.get("migration_downtime_ms")
+            if stage_ms is None and reuse_live is not None:
+                stage_ms = migration_downtime_ms(reuse_live / "serve-llumnix")
             sim_records: dict[str, list[Any]] = {}
             calibrated = [
                 predict(
@@ -498,6 +548,7 @@ def live(
                     overhead_sd_ms=overhead_sd,
                     jitter_seed=k,
                     records=sim_records if k == 0 else None,
+                    stage_ms=stage_ms,
                 )
                 for k in range(ensemble)
             ]
@@ -526,6 +577,7 @@ def live(
         "simulated_calibrated": calibrated,
         "step_overhead_ms": overhead or None,
         "step_overhead_sd_ms": overhead_sd or None,
+        "migration_stage_ms": stage_ms,
         "live": live_res,
         "table": table,
         "table_calibrated": table_cal,
