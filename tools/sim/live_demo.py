@@ -572,7 +572,10 @@ def live(
         "profile": "llama-7b-a10",
         "command": f"llumnix sim live --workload {workload} --seed {seed} --instances {instances}"
         + (" --predict-only" if predict_only else "")
-        + (" --trace" if trace else ""),
+        + (" --trace" if trace else "")
+        + (f" --work-dir {work_dir}" if work_dir is not None else "")
+        + (f" --reuse-live {reuse_live}" if reuse_live is not None else "")
+        + f" --ensemble {ensemble}",
         "simulated": sim,
         "simulated_calibrated": calibrated,
         "step_overhead_ms": overhead or None,
