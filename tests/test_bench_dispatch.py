@@ -57,6 +57,8 @@ def test_bench_dispatch_figures_agree_with_each_other(tmp_path: Path) -> None:
     assert g["ratio_of_medians"] == pytest.approx(g["dispatch_rps"] / g["bare_rps"], abs=2e-3)
     best = max(r["rps"] for r in dispatch) / max(r["rps"] for r in bare)
     assert g["best_ratio"] == pytest.approx(best, abs=1e-3)
+    assert g["rounds_agree"] == (max(pair_ratios) <= 2.0 * min(pair_ratios))
+    assert ("rounds disagree" in summary) == (not g["rounds_agree"]), summary
     for kind, rows in (("bare", bare), ("dispatch", dispatch)):
         assert g[f"{kind}_server_cpu_us_per_call"] == statistics.median(r["server_cpu_us_per_call"] for r in rows)
     cpu_ratio = statistics.median(r["server_cpu_us_per_call_excl_reports"] for r in bare) / statistics.median(
