@@ -1,5 +1,6 @@
 """``llumnix bench peers`` pieces that need no cluster: exact-length prompts, /proc CPU accounting, the aggregation
-over repeats, the chart, and the refusal to install the routers into the project's virtualenv."""
+over repeats, the chart, the refusal to install the routers into the project's virtualenv, and the routers' workers
+configured as ``llumnix serve`` configures its own components."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import click
 import pytest
 
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
+from pyllumnix.tools import bench_peers
 from pyllumnix.tools.bench_peers import _aggregate, alive, cpu_seconds, ensure_peers, plot
 from pyllumnix.tools.bench_serving import text_prompt_of
 from pyllumnix.tools.workload import generate
@@ -70,3 +72,65 @@ async def test_openai_mode_measures_a_streaming_frontend() -> None:
     result = serving_result(outcomes, duration)
     assert result["completed"] == 4 and result["total_output_tokens"] == 20 and result["p99_ttft_ms"] is not None
     assert [len(a.prompt_token_ids) for a in stack.llumlets["i-1"].added] == [12] * 4  # exact-length prompts
+
+
+class _Started(Exception):
+    """Stops ``start_router`` once its workers are launched (no router, no real processes)."""
+
+
+def test_router_workers_run_the_engines_llumnix_serve_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routers' workers must be configured like this project's own cluster. They were started with the llumlet's
+    bare defaults: the sim profile's full 512 KiB of KV payload per token instead of serve's 8 KiB (64x the bytes
+    written in the event loop per prefill and recompute, which stalled them past AddRequest's 2 s and their lease),
+    and the frontend's 4,096-token limit instead of the profile's."""
+    from pyllumnix.data_plane.engine.profile import get_profile
+    from pyllumnix.infra.etcd import embedded
+    from pyllumnix.tools.serve import DEFAULTS
+
+    launched: dict[str, list[str]] = {}
+
+    class FakeEtcd:
+        def __init__(self, n: int, data_dir: Path) -> None:
+            self.endpoints = ["127.0.0.1:1"]
+            self.members = [type("M", (), {"process": type("P", (), {"pid": os.getpid()})()})()]
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    class FakeLauncher:
+        def __init__(self, log_dir: Path, die_with_parent: bool, secure: bool) -> None:
+            assert not secure
+
+        def start(self, name: str, kind: str, *args: str, timeout: float) -> Any:
+            launched[name] = [kind, *args]
+            return type("C", (), {"pid": os.getpid(), "ready": {"http_port": 1}})()
+
+        def stop_all(self) -> None:
+            pass
+
+    def stop_at_wait(*_a: Any, **_k: Any) -> None:
+        raise _Started
+
+    monkeypatch.setattr(embedded, "EmbeddedEtcd", FakeEtcd)
+    monkeypatch.setattr(bench_peers, "Launcher", FakeLauncher)
+    monkeypatch.setattr(bench_peers, "_wait_http", stop_at_wait)
+    with pytest.raises(_Started):
+        bench_peers.start_router("vllm-router:round_robin", tmp_path, 520, 2, tmp_path)
+    assert sorted(launched) == ["frontend-0", "frontend-1", "llumlet-0", "llumlet-1"]
+
+    def value(argv: list[str], flag: str) -> str:
+        assert flag in argv, f"{flag} missing from {argv}"
+        return argv[argv.index(flag) + 1]
+
+    profile = get_profile(str(DEFAULTS["profile"]))
+    for i in range(2):
+        ll, fe = launched[f"llumlet-{i}"], launched[f"frontend-{i}"]
+        assert value(ll, "--bytes-per-token") == str(DEFAULTS["bytes_per_token"]) == "8192"
+        assert value(ll, "--profile") == profile.name and value(ll, "--engine") == "sim"
+        assert value(ll, "--transport") == "tcp" and value(ll, "--total-blocks") == "520"
+        assert value(fe, "--max-model-len") == str(profile.max_model_len)
+        assert value(fe, "--model") == profile.name
+        assert value(ll, "--cluster") == value(fe, "--cluster") == f"peer{i}"

@@ -224,8 +224,25 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
 _PB_POLICY = {"infaas++": "DISPATCH_POLICY_INFAAS_PP", "llumnix": "DISPATCH_POLICY_LLUMNIX"}
 
 
+def worker_args(blocks: int) -> tuple[list[str], list[str]]:
+    """(llumlet args, frontend args) of a router's worker: the engine settings ``llumnix serve`` gives its own
+    llumlets and frontend (``serve.engine_settings`` on serve's defaults), so both sides run the same engines.
+
+    Why it matters: a llumlet started without serve's ``--bytes-per-token 8192`` writes the profile's full 512 KiB of
+    sim KV payload per token, 64x the bytes, inside its event loop on every prefill and recompute; under the routers'
+    load those writes stalled the workers' llumlets for seconds (AddRequest past the frontend's 2 s, lost leases)."""
+    from pyllumnix.tools.serve import DEFAULTS, engine_settings
+
+    llumlet, frontend, _env = engine_settings({**DEFAULTS, "transport": "tcp"})
+    llumlet = [*llumlet, "--transport", "tcp", "--host", "127.0.0.1"]
+    if blocks:
+        llumlet += ["--total-blocks", str(blocks)]
+    return llumlet, [*frontend, "--host", "127.0.0.1"]
+
+
 def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: Path) -> System:
-    """One worker (llumlet + frontend, ``--insecure`` on loopback) per instance, then the router in front."""
+    """One worker (llumlet + frontend, ``--insecure`` on loopback) per instance, then the router in front; each worker
+    configured as ``llumnix serve`` configures its own components (``worker_args``)."""
     router, policy = spec.split(":", 1)
     log_dir = work / spec.replace(":", "-")
     # Opted out of security: the workers run --insecure (loopback, behind a third-party router that speaks plaintext).
@@ -239,17 +256,17 @@ def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: 
         assert etcd.members[0].process is not None
         system.procs.append(Proc("etcd", "etcd", etcd.members[0].process.pid))
         endpoints = ",".join(etcd.endpoints)
+        llumlet_args, frontend_args = worker_args(blocks)
         urls: list[str] = []
         for i in range(instances):
             common = ["--etcd", endpoints, "--cluster", f"peer{i}"]
             ll = launcher.start(
-                f"llumlet-{i}", "llumlet", *common, "--instance-id", f"instance-{i}", "--transport", "tcp",
-                *(["--total-blocks", str(blocks)] if blocks else []), timeout=120,
-            )  # fmt: skip
+                f"llumlet-{i}", "llumlet", *common, "--instance-id", f"instance-{i}", *llumlet_args, timeout=120
+            )
             port = free_port()
             fe = launcher.start(
                 f"frontend-{i}", "frontend", *common, "--frontend-id", f"f{i}", "--http-port", str(port),
-                "--grpc-port", "0", timeout=120,
+                "--grpc-port", "0", *frontend_args, timeout=120,
             )  # fmt: skip
             system.procs += [Proc(f"llumlet-{i}", "llumlet", ll.pid), Proc(f"frontend-{i}", "frontend", fe.pid)]
             urls.append(f"http://127.0.0.1:{fe.ready.get('http_port', port)}")
@@ -280,6 +297,8 @@ def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: 
             "policy": policy,
             "command": cmd,
             "workers": "one llumlet + one frontend per instance, each worker --insecure on 127.0.0.1 behind the router",
+            "worker_llumlet_args": llumlet_args,
+            "worker_frontend_args": frontend_args,
         }
     except BaseException:
         system.stop()
