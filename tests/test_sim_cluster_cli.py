@@ -94,3 +94,15 @@ def test_compare_fig11_reduced_smoke(tmp_path: Path) -> None:
             assert list(doc2["runs"][seed][group]) == list(by_label)
             for label, summary in by_label.items():
                 assert doc2["runs"][seed][group][label]["overall"] == summary["overall"]
+
+
+def test_sim_high_headroom_reserve_flag(tmp_path: Path) -> None:
+    """``--high-headroom-reserve`` reaches the run's config (the ClusterConfig field's simulator side); a value out of
+    range is a usage error naming the option."""
+    args = ["sim", "--instances", "2", "--profile", "tiny", "--high-headroom-reserve", "8"]
+    args += ["--workload", "fixed:poisson:rate=20:in=32:out=16:n=20:priority_share=0.2", "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["config"]["high_headroom_reserve_blocks"] == 8
+    bad = CliRunner().invoke(cli, [*args[:4], "--high-headroom-reserve=-1", *args[6:]])
+    assert bad.exit_code == 2 and "--high-headroom-reserve" in bad.output
