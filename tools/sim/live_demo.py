@@ -6,10 +6,14 @@ policy ``llumnix`` and once with ``infaas++`` -- switched through the cluster co
 dispatch.policy``), as an operator would -- each time by ``llumnix bench serving`` (gRPC, the context's credentials).
 The simulator runs the same arrivals on a cluster of the same shape (same profile, mixed engine steps as the live
 llumlet runs them, 50 ms load reports as the live llumlets send) under both policies. The report puts the live
-ratio INFaaS++ / Llumnix of every latency figure next to the simulated one.
+ratio INFaaS++ / Llumnix of every latency figure next to the simulated one, twice: simulated with the profile alone,
+and calibrated from the live run itself -- every simulated step costs the llumlets' measured per-step overhead (mean
+and spread, drawn per step, over ``--ensemble`` draws) and a migration stage the live run's measured mean downtime.
+With ``--work-dir`` the runs' records stay and ``per_request`` compares them with the simulation request by request
+(``live_compare.py``); ``--reuse-live`` recomputes the simulations against a kept run.
 
 Every process is started by this command (``llumnix serve`` in its own process group) and stopped by it, also on
-failure. Sized by the workload: the default took 24 minutes here (two replays of 10-13 minutes: the arrivals span
+failure. Sized by the workload: the default took 22-24 minutes here (two replays of 9-13 minutes: the arrivals span
 207 s, M-M's longest requests then decode ~6k tokens); smaller M-M runs did not queue enough on 4 instances for the
 policies to part (docs/sim/REPORT.md).
 
