@@ -237,3 +237,49 @@ async def test_a_failing_direct_write_falls_back_to_the_handler(monkeypatch: pyt
         assert stack.llumlets["i-1"].unknown_replies == []
     assert calls[0] >= 4
     assert text == expected_text(30) and reasons[-1] == "length" and done
+
+
+def test_direct_writer_only_where_the_framing_is_known() -> None:
+    """The direct path writes raw bytes to the transport: it must refuse a writer whose headers are still buffered
+    (they would follow the body) or that has a per-chunk hook, compression or a declared length."""
+    from unittest import mock
+
+    from aiohttp.http_writer import StreamWriter
+
+    loop = asyncio.new_event_loop()
+    try:
+        transport = mock.Mock(spec=asyncio.Transport)
+        protocol = mock.Mock(transport=transport)
+
+        def writer() -> StreamWriter:
+            w = StreamWriter(protocol, loop)
+            w.enable_chunking()
+            w._headers_written = True  # as after prepare(): headers on the wire
+            return w
+
+        write = http._direct_writer(writer(), transport)
+        assert write is not None
+        write(b"abc")
+        transport.write.assert_called_once_with(b"3\r\nabc\r\n")
+
+        held = writer()
+        held._headers_written = False
+        assert http._direct_writer(held, transport) is None
+
+        async def hook(chunk: bytes | bytearray | memoryview[int] | memoryview[bytes]) -> None:
+            return None
+
+        hooked = StreamWriter(protocol, loop, on_chunk_sent=hook)
+        hooked._headers_written = True
+        assert http._direct_writer(hooked, transport) is None
+
+        compressed = writer()
+        compressed.enable_compression("deflate")
+        assert http._direct_writer(compressed, transport) is None
+
+        sized = StreamWriter(protocol, loop)
+        sized._headers_written = True
+        sized.length = 10
+        assert http._direct_writer(sized, transport) is None
+    finally:
+        loop.close()

@@ -146,6 +146,10 @@ def _direct_writer(
         return None
     if writer.length is not None or getattr(writer, "_compress", None) is not None:
         return None
+    # Headers held back for the first body write (or a per-chunk hook) would be bypassed by a raw transport write: the
+    # framing is then not ours to reproduce. aiohttp's server writer sends headers at prepare() and has no hook today.
+    if not getattr(writer, "_headers_written", True) or getattr(writer, "_on_chunk_sent", None) is not None:
+        return None
     if writer.chunked:
 
         def chunked(data: bytes) -> None:
