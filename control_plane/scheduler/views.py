@@ -24,7 +24,7 @@ _REPORTED_STATE: dict[int, InstanceState] = {
 }
 _new_view = tuple.__new__
 # The positional order below is InstanceView's field order; a change there must fail loudly here, not mis-assign.
-assert InstanceView._fields == (
+_FIELD_ORDER = (
     "instance_id",
     "state",
     "healthy",
@@ -48,7 +48,9 @@ assert InstanceView._fields == (
     "dispatched_demand_blocks",
     "dispatched_high",
     "seq",
-), "InstanceView's fields changed: update from_instance_load"
+)
+if InstanceView._fields != _FIELD_ORDER:  # not an assert: ``python -O`` would strip it
+    raise RuntimeError("InstanceView's fields changed: update from_instance_load's positional order")
 
 
 def from_instance_load(

@@ -302,8 +302,9 @@ class SimEngine(Engine):
     # --- migration, destination side ---
     def reserve_blocks(self, n: int) -> list[int]:
         check_reservation(n, self.pool.num_free, self.scheduler.watermark_blocks)
-        self._load_version += 1
-        return self.pool.reserve(n)
+        blocks = self.pool.reserve(n)
+        self._load_version += 1  # after the change: a reader that sees the new version sees the reservation
+        return blocks
 
     def _check_reserved(self, block_ids: Sequence[int]) -> None:
         check_reserved(block_ids, self.pool.is_reserved)
@@ -373,7 +374,6 @@ class SimEngine(Engine):
             first_token_time=state.first_token_time,
         )
         self._requests[spec.request_id] = req
-        self._load_version += 1
         if state.num_computed_tokens:
             self.pool.claim(block_ids)
             req.block_ids = list(block_ids)
@@ -382,3 +382,4 @@ class SimEngine(Engine):
             self.pool.unreserve(block_ids)
             req.preempted = bool(state.output_token_ids)  # lost its KV to a preemption; recompute pending
             self.scheduler.enqueue(req)
+        self._load_version += 1  # after the change, as everywhere else
