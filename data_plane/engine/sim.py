@@ -9,6 +9,7 @@ it. Outputs of a step are the tokens available at ``now + duration``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,23 @@ from pyllumnix.data_plane.engine.checks import (
 )
 from pyllumnix.data_plane.engine.payload import PayloadStore, expected_block_bytes, request_key
 from pyllumnix.data_plane.engine.profile import Profile, get_profile, with_overrides
-from pyllumnix.data_plane.engine.scheduler import Scheduler, SimRequest
+from pyllumnix.data_plane.engine.scheduler import Schedule, Scheduler, SimRequest
 from pyllumnix.data_plane.engine.tokens import decode_state, encode_state, next_token, request_seed
+
+
+@dataclass(frozen=True)
+class SimStepPlan:
+    """A step between ``SimEngine.plan_step`` and ``finish_step``: the schedule, its modelled duration, and the
+    payload writes (logical block ids, request key, token positions [start, end)) it owes."""
+
+    now: float
+    duration: float
+    plan: Schedule
+    writes: tuple[tuple[list[int], int, int, int], ...]
+    payload_bytes: int  # bytes ``write_step_payload`` writes (0 with the payload off)
+    free_before: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
 
 
 class SimEngine(Engine):
@@ -149,26 +165,59 @@ class SimEngine(Engine):
         return TokenOutput(request_id, (), len(req.output_token_ids), finished=True, finish=Finish.ABORT)
 
     def step(self, now: float) -> StepResult:
+        plan = self.plan_step(now)
+        self.write_step_payload(plan)
+        return self.finish_step(plan)
+
+    # A step in three parts, so a real-time driver can write a large payload off its event loop: ``plan_step`` and
+    # ``finish_step`` change the engine's state (call them where every other engine call runs); between them only
+    # ``write_step_payload`` may run, in any thread: it writes bytes into blocks the plan's requests hold, and
+    # nothing else may touch the engine meanwhile but readers (``load``, ``read_blocks``, ...), which see the state
+    # as ``plan_step`` left it.
+    def plan_step(self, now: float) -> SimStepPlan:
+        """Schedules the step: blocks taken, preemptions done; tokens and payload not yet written."""
         free_before = self.pool.num_free
         plan = self.scheduler.schedule()
-        # Whether this step changes the load beyond output-token counts: blocks taken or freed, a phase change
-        # (prefill), a preemption, a finish, or a request that needs a new block before its next token.
-        changed = bool(plan.preempted)
         prefill_tokens = decode_batch = decode_context = 0
+        writes: list[tuple[list[int], int, int, int]] = []
         for item in plan.scheduled:
+            req = item.request
             if item.is_prefill:
                 prefill_tokens += item.num_new_tokens
             else:
                 decode_batch += 1
-                decode_context += item.request.num_tokens
+                decode_context += req.num_tokens
+            start = req.num_computed_tokens
+            writes.append((req.block_ids, req.key, start, start + item.num_new_tokens))
         duration = self.profile.step_seconds(prefill_tokens, decode_batch, decode_context)
+        tokens = sum(end - start for _, _, start, end in writes)
+        return SimStepPlan(
+            now,
+            duration,
+            plan,
+            tuple(writes),
+            tokens * self.profile.bytes_per_token if self.payload.enabled else 0,
+            free_before,
+            prefill_tokens,
+            decode_batch,
+        )
+
+    def write_step_payload(self, step: SimStepPlan) -> None:
+        """Writes the KV payload of the planned step's tokens (the step's only heavy work; releases the GIL)."""
+        for block_ids, key, start, end in step.writes:
+            self.payload.fill(block_ids, key, start, end)
+
+    def finish_step(self, step: SimStepPlan) -> StepResult:
+        """Advances the planned requests by their tokens and returns the step's outputs."""
+        now, duration, plan = step.now, step.duration, step.plan
+        # Whether this step changes the load beyond output-token counts: blocks taken or freed, a phase change
+        # (prefill), a preemption, a finish, or a request that needs a new block before its next token.
+        changed = bool(plan.preempted)
         outputs: list[TokenOutput] = []
         block_size = self.block_size
         for item in plan.scheduled:
             req = item.request
             changed = changed or item.is_prefill
-            start = req.num_computed_tokens
-            self.payload.fill(req.block_ids, req.key, start, start + item.num_new_tokens)
             req.num_computed_tokens += item.num_new_tokens
             token = next_token(req.seed, req.num_tokens, req.last_token, self.profile.vocab_size)
             req.output_token_ids.append(token)
@@ -190,13 +239,13 @@ class SimEngine(Engine):
                     finish=finish,
                 )
             )
-        if changed or self.pool.num_free != free_before:
+        if changed or self.pool.num_free != step.free_before:
             self._load_version += 1
         return StepResult(
             outputs,
             duration,
-            num_prefill_tokens=prefill_tokens,
-            num_decode_tokens=decode_batch,
+            num_prefill_tokens=step.num_prefill_tokens,
+            num_decode_tokens=step.num_decode_tokens,
             preempted=tuple(r.request_id for r in plan.preempted),
         )
 

@@ -3,7 +3,9 @@
 Every engine access holds ``engine_lock``; the step loop holds it for a whole step (compute, the modelled or measured
 duration, and handing the step's outputs to the pusher) and releases it between steps. So a handler that takes the
 lock (add, abort, a migration stage) always runs between two steps, after the previous step's outputs are queued, and
-asyncio's FIFO lock keeps the loop from starving them.
+asyncio's FIFO lock keeps the loop from starving them. One exception: while a sim step writes a large KV payload in a
+worker thread (its only part off the event loop), an add goes in without the lock: it only enqueues, and the write
+touches nothing but the blocks the step's requests already hold.
 
 Every request that ends here ends with a final output to its frontend: finished by the engine, aborted (its message
 says by whom), failed by an engine error, or failed because the instance shuts down. The one exception is a frontend
@@ -31,9 +33,19 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from pyllumnix.data_plane.engine.base import Engine, Finish, MigrationState, Phase, TokenOutput, UnknownRequestError
+from pyllumnix.data_plane.engine.base import (
+    Engine,
+    Finish,
+    MigrationState,
+    Phase,
+    RequestSpec,
+    StepResult,
+    TokenOutput,
+    UnknownRequestError,
+)
+from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
@@ -43,6 +55,15 @@ from pyllumnix.infra.vocabulary import InstanceState, MigrationOutcome
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+def _stock_sim(engine: Engine) -> SimEngine | None:
+    """The engine, if it is a sim engine whose ``step`` is the stock one (so stepping it in parts is the same step);
+    None for another engine, or a sim engine whose ``step`` a subclass or a test replaced (that ``step`` runs)."""
+    if isinstance(engine, SimEngine) and type(engine).step is SimEngine.step and "step" not in vars(engine):
+        return engine
+    return None
 
 
 class InstanceNotAcceptingError(Exception):
@@ -60,6 +81,11 @@ STOP_STEP_WAIT_S = 5.0
 # Default seconds of silence after which a held request gets a heartbeat output: a third of the frontend's default
 # idle timeout (30 s), so two heartbeats may be lost or late before the frontend gives up.
 HEARTBEAT_S = 10.0
+# A sim step whose payload write is at least this many bytes writes it in a worker thread, off the event loop. The
+# hand-off costs ~90 us CPU (asyncio.to_thread, measured on the 2-core dev host), ~9 % of a step's ~1 ms CPU budget,
+# so small writes (decode steps at serve's 8 KiB per token) stay inline; 8 MiB takes ~0.3 ms CPU / 0.7 ms wall into
+# reused arrays (a stall the loop absorbs) and several times that into fresh memory.
+THREAD_PAYLOAD_BYTES = 8 << 20
 
 
 DOWNTIME_BUCKETS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 500.0, 1000.0, math.inf)
@@ -127,7 +153,8 @@ class RequestOwner:
 
 class Llumlet:
     """Runs ``engine`` in real time. ``step_in_thread`` runs each step in a worker thread (vLLM, whose step blocks);
-    the simulated engine steps inline (its step only computes and returns the modelled duration).
+    the simulated engine steps inline (its step computes and returns the modelled duration) but for a large KV
+    payload write, which goes to a worker thread (see ``_sim_step``).
 
     ``max_waiting``: ``add_request`` refuses (QueueFullError) while this many requests wait (None: no limit), so a
     burst queues at the frontend or goes elsewhere instead of piling up behind one instance. ``heartbeat_s``: silence
@@ -162,6 +189,9 @@ class Llumlet:
         self.stats = LlumletStats()
         self.pusher = OutputPusher(instance_id, self._abort_orphans, self._frontend_unreachable, push)
         self._step_in_thread = step_in_thread
+        self._thread_busy = False  # a step (or a sim step's payload write) runs in a worker thread
+        # A sim step's payload write runs in a worker thread: ``add_request`` may add without the lock meanwhile.
+        self._adds_open = False
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -220,7 +250,7 @@ class Llumlet:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), STOP_STEP_WAIT_S)
             except TimeoutError:
-                clean = not self._step_in_thread
+                clean = not self._thread_busy
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
@@ -243,25 +273,34 @@ class Llumlet:
         if self.state != InstanceState.ACTIVE:
             raise InstanceNotAcceptingError(f"instance {self.instance_id} is {self.state.name}")
         spec = convert.spec_from_pb(request)
-        async with self.engine_lock:
-            if self.max_waiting is not None:
-                waiting = self.engine.load().num_waiting
-                if waiting >= self.max_waiting:
-                    raise QueueFullError(
-                        f"instance {self.instance_id} has {waiting} requests waiting, its limit is {self.max_waiting}"
-                    )
-            self.engine.add_request(spec, time.time())
-            self.owners[spec.request_id] = RequestOwner(
-                request.frontend_address,
-                len(spec.prompt_token_ids),
-                capability=request.capability,
-                trace=tracing.current_context(),
-            )
-            self.stats.requests_added += 1
-            self._owners_version += 1
-            if self.metrics is not None:
-                self.metrics.added(spec.request_id, len(spec.prompt_token_ids), spec.arrival_time or None)
+        if self._adds_open:
+            # A sim step is writing its payload in a worker thread and holds the lock until it ends (seconds, for a
+            # large one); adding only enqueues, which that write never reads, so it need not wait.
+            self._add(request, spec)
+        else:
+            async with self.engine_lock:
+                self._add(request, spec)
         self.wake()
+
+    def _add(self, request: common_pb2.EngineRequest, spec: RequestSpec) -> None:
+        """Adds the request to the engine and takes ownership (no await: atomic for the event loop)."""
+        if self.max_waiting is not None:
+            waiting = self.engine.load().num_waiting
+            if waiting >= self.max_waiting:
+                raise QueueFullError(
+                    f"instance {self.instance_id} has {waiting} requests waiting, its limit is {self.max_waiting}"
+                )
+        self.engine.add_request(spec, time.time())
+        self.owners[spec.request_id] = RequestOwner(
+            request.frontend_address,
+            len(spec.prompt_token_ids),
+            capability=request.capability,
+            trace=tracing.current_context(),
+        )
+        self.stats.requests_added += 1
+        self._owners_version += 1
+        if self.metrics is not None:
+            self.metrics.added(spec.request_id, len(spec.prompt_token_ids), spec.arrival_time or None)
 
     async def abort_request(self, request_id: str, reason: str = "") -> None:
         """Aborts a request; its frontend gets a final ABORT output saying why (``reason``, default: by its client).
@@ -499,7 +538,9 @@ class Llumlet:
                 self._step_started = time.time()
                 try:
                     if self._step_in_thread:
-                        result = await asyncio.to_thread(self.engine.step, time.time())
+                        result = await self._in_thread(self.engine.step, time.time())
+                    elif (sim := _stock_sim(self.engine)) is not None:
+                        result = await self._sim_step(sim)
                     else:
                         result = self.engine.step(time.time())
                 except Exception as exc:  # an engine bug must not take the llumlet down
@@ -521,6 +562,30 @@ class Llumlet:
                 self.stats.overhead_sq_s2 += (waited + last_end - t0 - result.duration) ** 2
             # let handlers waiting on the lock run between steps
             await asyncio.sleep(0)
+
+    async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Runs ``fn`` in a worker thread; ``stop`` must not touch the engine while one runs (see ``stop``)."""
+        self._thread_busy = True
+        try:
+            return await asyncio.to_thread(fn, *args)
+        finally:
+            self._thread_busy = False
+
+    async def _sim_step(self, engine: SimEngine) -> StepResult:
+        """A sim step, its payload write in a worker thread when large: planning and finishing change the engine's
+        state and stay here (so a reader on the loop, e.g. a load report, never meets a half-changed engine), while
+        the write, which only fills blocks the step's requests hold, would otherwise hold the event loop for as long
+        as it takes (seconds for a long prefill at a 7B model's 512 KiB per token: missed deadlines, lost leases)."""
+        plan = engine.plan_step(time.time())
+        if plan.payload_bytes >= THREAD_PAYLOAD_BYTES:
+            self._adds_open = True
+            try:
+                await self._in_thread(engine.write_step_payload, plan)
+            finally:
+                self._adds_open = False
+        else:
+            engine.write_step_payload(plan)
+        return engine.finish_step(plan)
 
     def _fail_all(self, message: str) -> None:
         """Ends every request with an ERROR output (call under engine_lock). A request suspended for a migration is
