@@ -154,7 +154,6 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
     """``llumnix serve`` with its default security; the dispatch policy set through llmctl (as a user would)."""
     log_dir = work / f"serve-{policy.replace('+', 'p')}"
     context = log_dir / "context.yaml"
-    http_port = free_port()
     env = {**os.environ, "LLUMNIX_CONTEXT": str(context), "PYTHONUNBUFFERED": "1"}
     args = ["serve", "--llumlets", str(instances), "--schedulers", "1", "--transport", "tcp"]
     args += [
@@ -165,7 +164,9 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
         "--context",
         str(context),
     ]
-    args += ["--http-port", str(http_port), "--grpc-port", str(free_port()), "--provider", "none"]
+    # Ports chosen by the OS at bind time (serve reports them when ready): a port picked here and bound later can be
+    # taken in between by any connection's ephemeral port (seen: EADDRINUSE between two systems of one run).
+    args += ["--http-port", "0", "--grpc-port", "0", "--provider", "none"]
     log_dir.mkdir(parents=True, exist_ok=True)
     out = open(log_dir / "serve.stdout", "wb")  # noqa: SIM115 (closed by the stopper)
     err = open(log_dir / "serve.stderr", "wb")  # noqa: SIM115
@@ -178,7 +179,7 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
         out.close()
         err.close()
 
-    system = System(policy, f"http://127.0.0.1:{http_port}", None, [], stoppers=[stop])
+    system = System(policy, "", None, [], stoppers=[stop])
     try:
         deadline = time.monotonic() + 180
         ready: dict[str, Any] | None = None
@@ -193,6 +194,7 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
                 if line.startswith("{") and '"ready"' in line:
                     ready = json.loads(line)
             time.sleep(0.2)
+        system.url = str(ready["http"])
         from pyllumnix.infra.security.context import load_context
 
         ctx = load_context(path=context)
