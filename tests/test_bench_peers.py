@@ -134,3 +134,28 @@ def test_router_workers_run_the_engines_llumnix_serve_runs(tmp_path: Path, monke
         assert value(fe, "--max-model-len") == str(profile.max_model_len)
         assert value(fe, "--model") == profile.name
         assert value(ll, "--cluster") == value(fe, "--cluster") == f"peer{i}"
+
+
+def test_set_policy_waits_for_a_leader_and_names_other_failures(tmp_path: Path) -> None:
+    """serve can be ready before its scheduler won the first election: llmctl's exit 3 (no leader) is retried; any
+    other exit fails at once with llmctl's message."""
+    import stat
+
+    counter = tmp_path / "calls"
+    fake = tmp_path / "llmctl"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter}\n"
+        'if [ "$n" -lt 3 ]; then echo "no scheduler leader reachable" >&2; exit 3; fi\n'
+        'echo "$@" > ' + str(tmp_path / "args") + "\n"
+    )
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    bench_peers.set_policy("infaas++", dict(os.environ), timeout=30, llmctl=str(fake))
+    assert counter.read_text().strip() == "3"
+    assert (tmp_path / "args").read_text().split() == ["config", "set", "dispatch.policy", "DISPATCH_POLICY_INFAAS_PP"]
+
+    bad = tmp_path / "bad"
+    bad.write_text('#!/bin/sh\necho "invalid argument: nope" >&2\nexit 2\n')
+    bad.chmod(bad.stat().st_mode | stat.S_IEXEC)
+    with pytest.raises(RuntimeError, match="exited 2: invalid argument: nope"):
+        bench_peers.set_policy("infaas++", dict(os.environ), timeout=30, llmctl=str(bad))

@@ -205,12 +205,7 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
                 system.procs.append(Proc(str(comp.get("name", kind)), kind, int(comp["pid"])))
         system.procs.append(Proc("serve", "serve", proc.pid))
         if policy != "llumnix":
-            subprocess.run(
-                [str(Path(sys.executable).parent / "llmctl"), "config", "set", "dispatch.policy", _PB_POLICY[policy]],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
+            set_policy(policy, env)
         system.notes = {
             "security": "default (llumnix serve: mutual TLS between components, API key from the context file)",
             "dispatch_policy": policy,
@@ -221,6 +216,27 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
         system.stop()
         raise
     return system
+
+
+def set_policy(policy: str, env: dict[str, str], timeout: float = 60.0, llmctl: str | None = None) -> None:
+    """``llmctl config set dispatch.policy``, as a user would. serve is ready once its components listen, which can be
+    before the scheduler replica has won its first election: llmctl then exits 3 (no leader reachable), so that exit
+    is retried until ``timeout``; any other failure, or the deadline, raises with llmctl's message."""
+    cmd = [
+        llmctl or str(Path(sys.executable).parent / "llmctl"),
+        "config",
+        "set",
+        "dispatch.policy",
+        _PB_POLICY[policy],
+    ]
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        if done.returncode != 3 or time.monotonic() > deadline:
+            raise RuntimeError(f"{' '.join(cmd[1:])} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        time.sleep(0.5)
 
 
 _PB_POLICY = {"infaas++": "DISPATCH_POLICY_INFAAS_PP", "llumnix": "DISPATCH_POLICY_LLUMNIX"}
