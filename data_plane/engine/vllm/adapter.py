@@ -4,7 +4,8 @@ It runs vLLM V1's ``EngineCore`` in-process (uni-process executor, no engine-cor
 ``VllmEngine`` needs in plain Python types. Everything private it relies on:
 
 - ``EngineCore.scheduler`` (V1 ``Scheduler``): ``requests``, ``running`` (list), ``waiting`` (FCFS deque),
-  ``finish_requests``, ``finished_req_ids``, ``kv_cache_manager.block_pool`` (``blocks``, ``get_new_blocks``,
+  ``schedule`` and ``update_from_output`` (wrapped: they run under the state lock, and the step's schedule is
+  kept), ``finish_requests``, ``finished_req_ids``, ``kv_cache_manager.block_pool`` (``blocks``, ``get_new_blocks``,
   ``free_blocks``, ``get_num_free_blocks``), ``kv_cache_manager.coordinator.single_type_managers[0]``
   (``req_to_blocks``, ``num_cached_block``).
 - ``Request`` (``num_computed_tokens``, ``append_output_token_ids``, ``status``, ``num_preemptions``).
@@ -227,16 +228,27 @@ class CoreAdapter:
         self._reserved: dict[int, Any] = {}
         self._suspended: dict[str, Suspended] = {}
         self._pool_lock = threading.Lock()
+        # Held while a step changes the scheduler's state (its schedule and its update from the model's output, not
+        # the forward pass between them): a reader on another thread (``VllmEngine.load`` on the llumlet's event loop
+        # while the step runs in a worker thread) takes it to see the queues and requests between two changes.
+        self.state_lock = threading.Lock()
         self._last_sched_out: Any = None
         self._stashed: list[CoreStep] = []
         original_schedule = self.scheduler.schedule
+        original_update = self.scheduler.update_from_output
 
         def capture_schedule(*args: Any, **kw: Any) -> Any:
-            out = original_schedule(*args, **kw)
+            with self.state_lock:
+                out = original_schedule(*args, **kw)
             self._last_sched_out = out
             return out
 
+        def locked_update(*args: Any, **kw: Any) -> Any:
+            with self.state_lock:
+                return original_update(*args, **kw)
+
         self.scheduler.schedule = capture_schedule
+        self.scheduler.update_from_output = locked_update
 
     # ------------------------------------------------------------------ requests
     def make_sampling_params(self, s: SamplingArgs) -> Any:

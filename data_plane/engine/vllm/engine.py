@@ -3,7 +3,11 @@ KV cache (no recompute). All vLLM internals live in ``adapter.py``; this module 
 
 Driving it: ``step(now)`` blocks for the real forward pass and returns its measured duration (run it in a worker
 thread: ``Llumlet(engine, id, step_in_thread=True)``). ``read_blocks`` and ``write_blocks`` may run in another thread
-while a step runs (they touch only completed blocks of a running request, or reserved blocks no request owns).
+while a step runs (they touch only completed blocks of a running request, or reserved blocks no request owns), and so
+may ``load`` and ``request_ids`` (the llumlet's load reports do not wait for the step): they read under the adapter's
+state lock, which a step holds only while it changes the scheduler's state or this module's request table, so they
+never see a half-changed engine (nor a table changing size under them) and wait at most for that short part of a
+step, never for its forward pass. Everything else must not run during a step (the llumlet's engine lock).
 """
 
 from __future__ import annotations
@@ -173,22 +177,25 @@ class VllmEngine(Engine):
         result = self.core.step()
         duration = time.monotonic() - t0
         outputs: list[TokenOutput] = []
-        for out in result.outputs:
-            tracked = self._reqs.get(out.request_id)
-            if tracked is None:
-                continue
-            first_index = tracked.num_output
-            if out.token_ids and tracked.num_output == 0:
-                tracked.first_token_time = now + duration
-            tracked.num_output += len(out.token_ids)
-            finish = out.finish
-            if finish is not None:
-                del self._reqs[out.request_id]
-            if out.token_ids or finish is not None:
-                outputs.append(
-                    TokenOutput(out.request_id, out.token_ids, first_index, finished=finish is not None, finish=finish)
-                )
-        self._total_preemptions += len(result.preempted)
+        with self.core.state_lock:  # ``load`` may be reading the table from the event loop's thread
+            for out in result.outputs:
+                tracked = self._reqs.get(out.request_id)
+                if tracked is None:
+                    continue
+                first_index = tracked.num_output
+                if out.token_ids and tracked.num_output == 0:
+                    tracked.first_token_time = now + duration
+                tracked.num_output += len(out.token_ids)
+                finish = out.finish
+                if finish is not None:
+                    del self._reqs[out.request_id]
+                if out.token_ids or finish is not None:
+                    outputs.append(
+                        TokenOutput(
+                            out.request_id, out.token_ids, first_index, finished=finish is not None, finish=finish
+                        )
+                    )
+            self._total_preemptions += len(result.preempted)
         return StepResult(
             outputs,
             duration if result.outputs or result.num_prefill_tokens or result.num_decode_tokens else 0.0,
@@ -209,6 +216,11 @@ class VllmEngine(Engine):
         return max(0, -(-num_tokens // self.block_size) - view.num_blocks)
 
     def load(self) -> LoadSnapshot:
+        """Safe while a step runs in another thread (see the module docstring)."""
+        with self.core.state_lock:
+            return self._load()
+
+    def _load(self) -> LoadSnapshot:
         infos: list[RequestLoadInfo] = []
         views: dict[str, ReqView] = {}
         for rid, tracked in self._reqs.items():
@@ -246,7 +258,8 @@ class VllmEngine(Engine):
         )
 
     def request_ids(self) -> list[str]:
-        return list(self._reqs)
+        with self.core.state_lock:
+            return list(self._reqs)
 
     def phase(self, request_id: str) -> Phase:
         return self._view(request_id).where
