@@ -31,15 +31,31 @@ DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
+# Bind hosts that name every interface rather than one host.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port`` as gRPC spells a bind address or a target: an IPv6 literal goes in brackets (``::1:0`` is no
+    address gRPC can bind, and ``:::0`` no name it can resolve)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
 @dataclass
 class RunningServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
+    # The host it was bound on, as given to ``start_server``.
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        """Where a client on this machine dials the server: the host it is bound on, or loopback for a wildcard bind
+        (which names no host; peers on other machines need the name the process advertises, ``--advertise-host``)."""
+        return host_port("127.0.0.1" if self.host in WILDCARD_HOSTS else self.host, self.port)
 
     async def set_serving(self, service: str, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -82,7 +98,7 @@ async def start_server(
         names.append(name)
     if settings.reflection if reflection_on is None else reflection_on:
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-    address = f"{host}:{port}"
+    address = host_port(host, port)
     bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
@@ -90,4 +106,4 @@ async def start_server(
     for _, _, name in bindings:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    return RunningServer(server=server, port=bound, health=health_servicer)
+    return RunningServer(server=server, port=bound, health=health_servicer, host=host)
