@@ -129,6 +129,7 @@ class FrontendGrpc:
 
     public: RunningServer
     sink: RunningServer | None = None
+    sink_servicer: OutputSinkServicer | None = None
 
     @property
     def port(self) -> int:
@@ -139,6 +140,8 @@ class FrontendGrpc:
         return self.public.address
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        if self.sink_servicer is not None:  # llumlets' push streams never end on their own: end them first
+            await self.sink_servicer.end_streams(grace or 0.0)
         await self.public.stop(grace)
         if self.sink is not None:
             await self.sink.stop(grace)
@@ -159,18 +162,15 @@ async def start_grpc(
     settings = security if security is not None else runtime.current()
     options = server_options(max_message_bytes)
     public_binding = (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, FrontendServicer(frontend), SERVICE_NAME)
-    sink_binding = (
-        frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server,
-        OutputSinkServicer(frontend.tracker),
-        SINK_SERVICE_NAME,
-    )
+    sink_servicer = OutputSinkServicer(frontend.tracker)
+    sink_binding = (frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, sink_servicer, SINK_SERVICE_NAME)
     key_check = [ApiKeyInterceptor(api_keys)] if api_keys is not None else []
     if settings.paths is None:
         server = await start_server(
             [public_binding, sink_binding], host=host, port=port, options=options, interceptors=key_check
         )
         frontend.sink_address = advertised(host, advertise_host, server.port)
-        return FrontendGrpc(server)
+        return FrontendGrpc(server, sink_servicer=sink_servicer)
     sink = await start_server([sink_binding], host=host, port=sink_port, options=options, security=settings)
     try:
         public = await start_server(
@@ -186,4 +186,4 @@ async def start_grpc(
         await sink.stop(0)
         raise
     frontend.sink_address = advertised(host, advertise_host, sink.port)
-    return FrontendGrpc(public, sink)
+    return FrontendGrpc(public, sink, sink_servicer)

@@ -18,6 +18,7 @@ every pusher by the tracked request itself.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
@@ -83,6 +84,24 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         self.stale_outputs = 0
         self.refused_pushes = 0
         self._warned_insecure = False
+        # The open push streams' handler tasks, and whether the frontend is stopping (see ``end_streams``).
+        self._stream_tasks: set[asyncio.Task[Any]] = set()
+        self._ending = False
+
+    def ending(self) -> bool:
+        """True once ``end_streams`` ran: the frontend is stopping."""
+        return self._ending
+
+    async def end_streams(self, timeout: float) -> None:
+        """Ends every open push stream now, cleanly (the pusher reads the end and reconnects, elsewhere or later),
+        and waits up to ``timeout`` for their handlers: a stream left open would be cancelled by the server at the
+        end of its grace period, which grpc logs as an error with a traceback, and would hold the stop that long."""
+        self._ending = True
+        tasks = [t for t in self._stream_tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
 
     async def _caller(self, context: Context, what: str) -> Identity | None:
         identity = await authenticated_caller(context, what)
@@ -115,8 +134,20 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         async def apply(batch: frontend_pb2.PushOutputsRequest) -> list[str]:
             return await self._apply(batch, caller, context)
 
-        async for reply in serve_output_stream(request_iterator, apply, self.applied, caller.id if caller else None):
-            yield reply
+        task = asyncio.current_task()
+        if self.ending() or task is None:
+            return
+        pusher = caller.id if caller else None
+        self._stream_tasks.add(task)
+        try:
+            async for reply in serve_output_stream(request_iterator, apply, self.applied, pusher):
+                yield reply
+        except asyncio.CancelledError:
+            if not self.ending():
+                raise
+            task.uncancel()  # ended by ``end_streams``: the stream ends cleanly (status OK)
+        finally:
+            self._stream_tasks.discard(task)
 
     async def _apply(
         self, request: frontend_pb2.PushOutputsRequest, caller: Identity | None, context: Context

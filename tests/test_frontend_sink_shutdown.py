@@ -1,0 +1,104 @@
+"""Stopping a frontend ends the llumlets' push streams (``StreamOutputs``) cleanly and quietly.
+
+A push stream never ends on its own. Before, ``FrontendGrpc.stop`` left it open: the stop waited out its whole grace
+period, the server then cancelled the stream (the pusher saw CANCELLED), and when the process's loop closed before
+grpc's cancelled handler had finished, grpc logged "Exception not handled by _handle_exceptions in servicer method
+[/llumnix.v1.OutputSinkService/StreamOutputs] ... CancelledError" with a traceback: noise in every worker frontend's
+shutdown (``bench peers``, ``serve``). A real error in a stream's handler is still logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import pytest
+
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
+from tests.test_frontend_fakes import running_stack
+
+GRACE_S = 30.0  # the stop must not wait for it: the stream is ended at once
+DEADLINE_S = 15.0
+
+
+class PushStream:
+    """A llumlet's side of one ``StreamOutputs`` stream, held open by the test."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.outbox: asyncio.Queue[frontend_pb2.StreamOutputsRequest] = asyncio.Queue()
+
+        async def messages() -> AsyncIterator[frontend_pb2.StreamOutputsRequest]:
+            while True:
+                yield await self.outbox.get()
+
+        self.call = frontend_pb2_grpc.OutputSinkServiceStub(self.channel).StreamOutputs(messages())
+
+    async def push(self, seq: int, outputs: Sequence[common_pb2.RequestOutput]) -> frontend_pb2.StreamOutputsResponse:
+        batch = frontend_pb2.PushOutputsRequest(instance_id="i-0", outputs=outputs)
+        await self.outbox.put(frontend_pb2.StreamOutputsRequest(seq=seq, pusher_id=1, batch=batch, ack_requested=True))
+        reply = await asyncio.wait_for(self.call.read(), DEADLINE_S)
+        assert isinstance(reply, frontend_pb2.StreamOutputsResponse)
+        return reply
+
+    async def close(self) -> None:
+        self.call.cancel()
+        await self.channel.close()
+
+
+def unknown_output() -> common_pb2.RequestOutput:
+    return common_pb2.RequestOutput(request_id="nobody", token_ids=[5], first_token_index=0)
+
+
+async def cancel_leftover_tasks() -> None:
+    """What ``asyncio.run`` does when the process's main coroutine returns (where grpc logged the error)."""
+    leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in leftovers:
+        task.cancel()
+    await asyncio.gather(*leftovers, return_exceptions=True)
+
+
+async def test_stopping_a_frontend_ends_an_open_push_stream_cleanly_and_logs_nothing(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Old behaviour: the stop took the whole grace (TimeoutError here), the stream ended CANCELLED, and grpc logged
+    the handler's CancelledError with a traceback (in about half the runs: whenever the loop closed first)."""
+    caplog.set_level(logging.INFO)
+    async with running_stack([]) as stack:
+        stream = PushStream(stack.frontend.sink_address)
+        try:
+            reply = await stream.push(1, [unknown_output()])
+            assert reply.acked_seq == 1 and list(reply.unknown_request_ids) == ["nobody"], "the stream is served"
+            await asyncio.wait_for(stack.grpc.stop(GRACE_S), DEADLINE_S)
+            assert await asyncio.wait_for(stream.call.code(), DEADLINE_S) == grpc.StatusCode.OK
+        finally:
+            await stream.close()
+    await cancel_leftover_tasks()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]
+    assert "Traceback" not in capsys.readouterr().err
+
+
+async def test_a_real_error_in_a_push_stream_is_still_logged(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the frontend's own ending of its streams is quiet: a handler that fails still logs why."""
+
+    def explode(instance_id: str, outputs: Sequence[common_pb2.RequestOutput]) -> list[str]:
+        raise RuntimeError("routing exploded")
+
+    async with running_stack([]) as stack:
+        monkeypatch.setattr(stack.frontend.tracker, "route", explode)
+        stream = PushStream(stack.frontend.sink_address)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await stream.push(1, [unknown_output()])
+            assert failed.value.code() == grpc.StatusCode.UNKNOWN
+        finally:
+            await stream.close()
+    logged = [r for r in caplog.records if r.levelno >= logging.ERROR and r.exc_info]
+    assert any("routing exploded" in str(r.exc_info[1]) for r in logged if r.exc_info), [
+        r.getMessage() for r in caplog.records
+    ]
