@@ -202,6 +202,7 @@ async def test_background_refresh_keeps_the_last_answer_when_the_scheduler_goes_
     servicer.instances = two_instances()
     collector.start()
     try:
+        scrape(collector)  # someone looks: the refresh runs
         for _ in range(200):
             if collector.instances:
                 break
@@ -213,6 +214,61 @@ async def test_background_refresh_keeps_the_last_answer_when_the_scheduler_goes_
         assert servicer.calls == calls
         assert collector._task is not None and not collector._task.done()
         assert value(scrape(collector), "llumnix_instance_used_blocks", instance="a") == 70
+    finally:
+        await collector.stop()
+        await pool.close()
+
+
+async def test_no_scrape_no_call_to_the_scheduler_and_the_refresh_stops_when_scrapes_do(
+    admin: tuple[Admin, RunningServer],
+) -> None:
+    """The refresh asks the leader for every instance's status (O(instances)) every ``interval``: only while someone
+    scrapes. Before: ListInstances every second from start, scraped or not."""
+    servicer, server = admin
+    pool = EndpointPool(server.address)
+    collector = ClusterMetrics(pool, interval=0.02, idle_after=0.3)
+    servicer.instances = two_instances()
+    collector.start()
+    try:
+        await asyncio.sleep(0.3)
+        assert servicer.calls == 0, "nobody scraped: no ListInstances"
+        assert scrape(collector) is not None and not collector.instances  # the first scrape shows the empty cache
+        for _ in range(300):
+            if collector.instances:
+                break
+            await asyncio.sleep(0.01)
+        assert [s.info.instance_id for s in collector.instances] == ["a", "b"]
+        await asyncio.sleep(0.6)  # past idle_after since that scrape: the refresh goes quiet
+        calls = servicer.calls
+        assert calls >= 2
+        await asyncio.sleep(0.3)
+        assert servicer.calls == calls, "no scrape for idle_after: no more calls"
+        servicer.instances[0].load.free_blocks = 50
+        scrape(collector)  # a scrape wakes it again
+        for _ in range(300):
+            if value(scrape(collector), "llumnix_instance_used_blocks", instance="a") == 50:
+                break
+            await asyncio.sleep(0.01)
+        assert servicer.calls > calls
+        assert value(scrape(collector), "llumnix_instance_used_blocks", instance="a") == 50
+    finally:
+        await collector.stop()
+        await pool.close()
+
+
+async def test_a_scrape_from_another_thread_wakes_the_refresh(admin: tuple[Admin, RunningServer]) -> None:
+    servicer, server = admin
+    pool = EndpointPool(server.address)
+    collector = ClusterMetrics(pool, interval=0.02)
+    servicer.instances = two_instances()
+    collector.start()
+    try:
+        await asyncio.to_thread(scrape, collector)
+        for _ in range(300):
+            if collector.instances:
+                break
+            await asyncio.sleep(0.01)
+        assert [s.info.instance_id for s in collector.instances] == ["a", "b"]
     finally:
         await collector.stop()
         await pool.close()

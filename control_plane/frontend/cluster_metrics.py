@@ -1,8 +1,11 @@
 """Scheduler-side figures on the frontend's /metrics: freeness and load per instance, migration counts and a
 cluster-wide migration downtime histogram.
 
-A background task refreshes a cached ``ListInstances`` answer from the scheduler leader (every ``interval`` seconds);
-the collector renders that cache at scrape time, so a scrape never waits on the scheduler.
+A background task refreshes a cached ``ListInstances`` answer from the scheduler leader (every ``interval`` seconds)
+while someone scrapes: from the first scrape until ``idle_after`` seconds after the latest one. The collector renders
+that cache at scrape time, so a scrape never waits on the scheduler (the first scrape after a quiet spell shows the
+cache as it was, and wakes the refresh). Why not always: the answer is O(instances) for the leader to build and for
+every frontend to read, every second, and nobody may be looking.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -23,15 +27,41 @@ from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, s
 log = logging.getLogger(__name__)
 
 
+# Seconds after the latest scrape that the refresh goes on: longer than any usual scrape interval (Prometheus' default
+# is 1 min), so a scraped frontend keeps today's freshness.
+IDLE_AFTER_S = 300.0
+
+
 class ClusterMetrics(Collector):
-    def __init__(self, pool: EndpointPool, interval: float = 1.0) -> None:
+    def __init__(self, pool: EndpointPool, interval: float = 1.0, idle_after: float = IDLE_AFTER_S) -> None:
         self.pool = pool
         self.interval = interval
+        self.idle_after = idle_after
         self.instances: list[scheduler_pb2.InstanceStatus] = []
         self._task: asyncio.Task[None] | None = None
+        self._scraped_at = -math.inf
+        self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._refresh_forever(), name="cluster-metrics")
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._task = self._loop.create_task(self._refresh_forever(), name="cluster-metrics")
+
+    def _scraped(self) -> None:
+        """Notes a scrape (from any thread: prometheus_client may collect outside the loop) and wakes the refresh."""
+        self._scraped_at = time.monotonic()
+        loop, wake = self._loop, self._wake
+        if loop is None or wake is None or wake.is_set() or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            wake.set()
+        else:
+            loop.call_soon_threadsafe(wake.set)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -51,7 +81,13 @@ class ClusterMetrics(Collector):
         self.instances = list(reply.instances)
 
     async def _refresh_forever(self) -> None:
+        wake = self._wake
+        if wake is None:
+            raise RuntimeError("ClusterMetrics: the refresh runs from start()")
         while True:
+            if time.monotonic() - self._scraped_at > self.idle_after:
+                wake.clear()
+                await wake.wait()  # nobody scrapes: no call to the scheduler until someone does
             try:
                 await self.refresh()
             except LlumnixError as exc:
@@ -59,6 +95,7 @@ class ClusterMetrics(Collector):
             await asyncio.sleep(self.interval)
 
     def collect(self) -> Iterator[Metric]:
+        self._scraped()
         labels = ["instance"]
         freeness = GaugeMetricFamily(
             "llumnix_instance_freeness", "Migration freeness F (+Inf when empty)", labels=labels
