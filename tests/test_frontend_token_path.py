@@ -39,6 +39,8 @@ def test_template_chunk_is_the_full_rendering(chat: bool, include_usage: bool, t
         if include_usage:
             full["usage"] = None
         assert t.render(text, reason, first) == f"data: {json.dumps(full)}\n\n"
+    # the bytes a streamed token is written as: the same rendering, encoded
+    assert t.encode(text) == t.render(text, None, False).encode()
 
 
 def _tracked(idle: float | None = None) -> TrackedRequest:
@@ -170,6 +172,47 @@ async def test_a_client_that_keeps_up_gets_tokens_without_the_queue(
     assert text == expected_text(30)
     assert reasons[-1] == "length" and all(r is None for r in reasons[:-1]) and done
     assert [d.finished for d in queued] == [True]
+
+
+async def test_a_token_written_directly_makes_no_delta(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the direct path a token is text to bytes to the socket: no Delta object per token (the old path built one
+    per token and handed it to the writer); only the finishing delta is made (it is queued for the handler)."""
+    from pyllumnix.control_plane.frontend import requests
+
+    made: list[Delta] = []
+
+    class CountingDelta(Delta):
+        __slots__ = ()
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(requests, "Delta", CountingDelta)
+    async with running_stack([FakeLlumlet("i-1", delay=0.005, messy=False)]) as stack:
+        body = {"model": stack.frontend.model, "prompt": "hi", "max_tokens": 30, "stream": True}
+        text, reasons, done = await _stream_text(f"{stack.http.url}/v1/completions", body)
+    assert text == expected_text(30) and reasons[-1] == "length" and done
+    assert [d.finished for d in made] == [True]
+
+
+def test_sim_detokenizer_spells_each_id_once() -> None:
+    """Detokenizing runs per streamed token: an id's word is spelled once and looked up afterwards (the same text)."""
+    tok = SimTokenizer()
+    spelled = [tok._spell(i) for i in range(3, 400)]
+    calls = [0]
+    original = tok._spell
+
+    def counting(token_id: int) -> str:
+        calls[0] += 1
+        return original(token_id)
+
+    tok._spell = counting  # type: ignore[method-assign]
+    detok = tok.detokenizer([])
+    assert [detok.add([i]) for i in range(3, 400)] == spelled
+    assert detok.add(list(range(3, 400))) == "".join(spelled)
+    assert calls[0] == len(spelled)
+    assert tok.word(0) == "" and tok.word(tok.vocab_size) == "" and tok.word(-1) == ""
 
 
 async def test_a_client_behind_gets_every_token_in_order(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,7 +46,7 @@ from pyllumnix.control_plane.frontend.openai_schema import (
     parse_request,
     usage,
 )
-from pyllumnix.control_plane.frontend.requests import Delta, TrackedRequest
+from pyllumnix.control_plane.frontend.requests import TrackedRequest
 from pyllumnix.infra import tracing
 from pyllumnix.infra.security.apikeys import ApiKeyStore, api_key_middleware
 from pyllumnix.protos.llumnix.v1 import common_pb2
@@ -100,6 +100,8 @@ async def openai_errors(request: web.Request, handler: _Handler) -> web.StreamRe
 # Writes this small to a client whose socket buffer is empty cannot block (see ``HttpApi._stream``).
 _UNTIMED_WRITE_BYTES = 16 << 10
 _TEXT_MARK = "\x00llumnix-text\x00"
+# What ``json.dumps`` calls for a str (with its default ensure_ascii=True): the escaped, quoted ASCII text.
+_escape: Callable[[str], str] = json.encoder.encode_basestring_ascii
 
 
 class _ChunkTemplate:
@@ -114,6 +116,8 @@ class _ChunkTemplate:
         mark = json.dumps(_TEXT_MARK)
         head, tail = whole.split(mark)
         self._head, self._tail = "data: " + head, tail + "\n\n"
+        # The same pieces as ASCII bytes (json.dumps escapes every non-ASCII character), for ``encode``.
+        self._head_b, self._tail_b = self._head.encode("ascii"), self._tail.encode("ascii")
 
     def envelope(self) -> dict[str, Any]:
         body = envelope(self.request_id, self.model, chat=self.chat, chunk=True)
@@ -131,6 +135,11 @@ class _ChunkTemplate:
         if first or reason is not None:
             return f"data: {json.dumps(self._chunk(text, reason, first=first))}\n\n"
         return self._head + json.dumps(text) + self._tail
+
+    def encode(self, text: str) -> bytes:
+        """``render(text, None, False).encode()``: a mid-stream chunk straight to bytes (the text escaped by json's C
+        encoder, as ``json.dumps`` escapes it), the form each streamed token takes on its way to the socket."""
+        return b"".join((self._head_b, _escape(text).encode("ascii"), self._tail_b))
 
 
 def _direct_writer(
@@ -151,9 +160,10 @@ def _direct_writer(
     if not getattr(writer, "_headers_written", True) or getattr(writer, "_on_chunk_sent", None) is not None:
         return None
     if writer.chunked:
+        write = transport.write
 
         def chunked(data: bytes) -> None:
-            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+            write(b"%x\r\n%b\r\n" % (len(data), data))
 
         return chunked
     return transport.write
@@ -272,15 +282,16 @@ class HttpApi:
         first = True
         # A client that keeps up gets each token as the sink routes it (``_direct_writer``): no queue, no task switch.
         direct = _direct_writer(writer, transport)
-        if direct is not None:
+        if direct is not None and transport is not None:
+            is_closing, buffered, encode = transport.is_closing, transport.get_write_buffer_size, chunks.encode
 
-            def take(delta: Delta) -> bool:
+            def take(text: str) -> bool:
                 nonlocal first
-                if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+                if is_closing() or buffered():
                     return False  # behind or gone: the loop below writes it, with the idle timeout
-                if delta.text or first:
+                if text or first:
                     try:
-                        direct(chunks.render(delta.text, None, first).encode())
+                        direct(chunks.render(text, None, True).encode() if first else encode(text))
                     except Exception:  # runs inside the output sink: never let one client break the push stream
                         log.warning("request %s: direct write failed", tracked.request_id, exc_info=True)
                         return False  # the handler's own write of it says what happened

@@ -146,10 +146,10 @@ class TrackedRequest:
     _queue: asyncio.Queue[Delta] = field(default_factory=asyncio.Queue, init=False)
     # The idle/deadline timer of a reader (see ``_next``); cancelled when the request ends.
     _timer: asyncio.TimerHandle | None = field(default=None, init=False, repr=False)
-    # A synchronous taker of unfinished deltas (the HTTP stream's direct writer), called as each one is made while
-    # nothing is queued: a token then costs no queue and no task switch. It returns False to leave the delta queued
-    # for the reader (e.g. the client is behind); the finishing delta is always queued.
-    direct: Callable[[Delta], bool] | None = field(default=None, init=False, repr=False)
+    # A synchronous taker of unfinished deltas' text (the HTTP stream's direct writer), called as each one is made
+    # while nothing is queued: a token then costs no queue, no task switch and no Delta object. It returns False to
+    # leave the delta queued for the reader (e.g. the client is behind); the finishing delta is always queued.
+    direct: Callable[[str], bool] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         stops = [s for s in self.stop if s]
@@ -197,7 +197,8 @@ class TrackedRequest:
         current = output.first_token_index + len(output.token_ids) >= self.num_received
         if new or (output.finished and (current or output.finish_reason in _TERMINAL_ANYWHERE)):
             self._apply(output, instance_id, new)
-        self._drain_held()
+        if self._held:
+            self._drain_held()
 
     def _drain_held(self) -> None:
         while self._held and not self.finished:
@@ -234,16 +235,18 @@ class TrackedRequest:
         self._emit(new, first, held=self._matcher.partial if self._matcher is not None else 0)
 
     def _emit(self, new: list[int], first: int, held: int) -> None:
-        cut = len(self._pending) - held
-        text = self._pending[:cut]
+        if held:
+            cut = len(self._pending) - held
+            text, self._pending = self._pending[:cut], self._pending[cut:]
+        else:
+            text, self._pending = self._pending, ""
         if text:
             self._shown.append(text)
-            self._pending = self._pending[cut:]
         if text or new:
-            delta = Delta(text, new, first, self.instance_id)
             direct = self.direct
-            if direct is None or not self._queue.empty() or not direct(delta):
-                self._queue.put_nowait(delta)
+            if direct is not None and self._queue.empty() and direct(text):
+                return
+            self._queue.put_nowait(Delta(text, new, first, self.instance_id))
 
     def _finish(self, new: list[int], first: int, reason: common_pb2.FinishReason.ValueType, error: str) -> None:
         self.finished = True

@@ -60,6 +60,9 @@ class SimTokenizer:
         if vocab_size <= self.NUM_SPECIAL:
             raise ValueError(f"vocab_size must exceed {self.NUM_SPECIAL}")
         self._vocab_size = vocab_size
+        # id -> its text, filled as ids are first decoded (at most vocab_size short strings): detokenizing runs once per
+        # streamed token, and spelling a word costs ~10x a dict lookup.
+        self._words: dict[int, str] = {}
 
     @property
     def vocab_size(self) -> int:
@@ -83,6 +86,14 @@ class SimTokenizer:
 
     def word(self, token_id: int) -> str:
         """The text of one id ("" for special or out-of-vocabulary ids)."""
+        text = self._words.get(token_id)
+        if text is None:
+            text = self._spell(token_id)
+            if 0 <= token_id < self._vocab_size:
+                self._words[token_id] = text
+        return text
+
+    def _spell(self, token_id: int) -> str:
         if token_id < self.NUM_SPECIAL or token_id >= self._vocab_size:
             return ""
         digits: list[str] = []
@@ -103,7 +114,10 @@ class _SimDetokenizer:
         self._tokenizer = tokenizer
 
     def add(self, token_ids: Sequence[int]) -> str:
-        return "".join(self._tokenizer.word(t) for t in token_ids)
+        word = self._tokenizer.word
+        if len(token_ids) == 1:  # one token per engine step: the common case
+            return word(token_ids[0])
+        return "".join([word(t) for t in token_ids])
 
     def flush(self) -> str:
         return ""
