@@ -634,3 +634,19 @@ async def test_a_llumlet_restarted_on_the_same_port_is_reached_at_once() -> None
         assert len(restarted.added) == 1
         assert stack.frontend.channels.discarded >= 1
         assert_clean(stack)
+
+
+async def test_one_llumlet_stub_per_channel() -> None:
+    """AddRequest runs once per request: its stub (a callable per method of the service, built on construction) is
+    kept with its channel and replaced with it (old: a new stub per call)."""
+    from pyllumnix.control_plane.frontend.channels import ChannelPool
+
+    pool = ChannelPool()
+    try:
+        stub = pool.llumlet("127.0.0.1:1")
+        assert pool.llumlet("127.0.0.1:1") is stub
+        assert pool.llumlet("127.0.0.1:2") is not stub
+        pool.discard("127.0.0.1:1")
+        assert pool.llumlet("127.0.0.1:1") is not stub, "a discarded channel's stub goes with it"
+    finally:
+        await pool.close()

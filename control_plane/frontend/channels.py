@@ -34,6 +34,9 @@ class ChannelPool:
         # Discarded channels still closing (with a grace period for their calls), until they are closed.
         self._retired: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
         self.discarded = 0
+        # address -> (its channel, a llumlet stub on it): a stub builds a callable per method of the service, which
+        # costs more than the call it is made for (AddRequest once per request).
+        self._llumlet_stubs: dict[str, tuple[grpc.aio.Channel, llumlet_pb2_grpc.LlumletServiceStub]] = {}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
@@ -42,7 +45,14 @@ class ChannelPool:
         return channel
 
     def llumlet(self, address: str) -> llumlet_pb2_grpc.LlumletServiceStub:
-        return llumlet_pb2_grpc.LlumletServiceStub(self.channel(address))
+        """A stub on ``channel(address)``, the same object while that channel lives."""
+        channel = self.channel(address)
+        cached = self._llumlet_stubs.get(address)
+        if cached is not None and cached[0] is channel:
+            return cached[1]
+        stub = llumlet_pb2_grpc.LlumletServiceStub(channel)
+        self._llumlet_stubs[address] = (channel, stub)
+        return stub
 
     def scheduler(self, address: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
         return scheduler_pb2_grpc.SchedulerServiceStub(self.channel(address))
@@ -54,6 +64,7 @@ class ChannelPool:
         if current is None or (channel is not None and current is not channel):
             return
         del self._channels[address]
+        self._llumlet_stubs.pop(address, None)
         self.discarded += 1
         task = asyncio.get_running_loop().create_task(current.close(grace=DISCARD_GRACE_S))
         self._retired[current] = task
@@ -63,6 +74,7 @@ class ChannelPool:
         """Closes every channel now, discarded ones too (their grace ends with the pool)."""
         channels, self._channels = self._channels, {}
         retired, self._retired = self._retired, {}
+        self._llumlet_stubs.clear()
         for channel in [*channels.values(), *retired]:
             await channel.close()
         for task in retired.values():

@@ -503,7 +503,7 @@ class Frontend:
             channel = self.channels.channel(address)
             try:
                 with tracing.span("add_request", None, {"llumnix.instance_id": instance_id}):
-                    await llumlet_pb2_grpc.LlumletServiceStub(channel).AddRequest(add, timeout=self.call_timeout)
+                    await self.channels.llumlet(address).AddRequest(add, timeout=self.call_timeout)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAVAILABLE:  # the next call dials afresh (e.g. a restarted llumlet)
@@ -545,13 +545,12 @@ class Frontend:
     async def _dispatch(self, request: TrackedRequest, max_tokens: int) -> tuple[str, str]:
         """The dispatcher's choice; client-library errors (routing.py) become frontend errors."""
         try:
+            # asyncio.timeout, not wait_for: no extra task (and loop iteration) per request.
             with tracing.span("dispatch") as span:
-                instance_id, address = await asyncio.wait_for(
-                    self.dispatcher.dispatch(
+                async with asyncio.timeout(self.dispatch_timeout):
+                    instance_id, address = await self.dispatcher.dispatch(
                         request.request_id, request.priority, request.num_prompt_tokens, max_tokens
-                    ),
-                    self.dispatch_timeout,
-                )
+                    )
                 tracing.set_attributes({"llumnix.instance_id": instance_id}, span)
         except FrontendError:
             raise
