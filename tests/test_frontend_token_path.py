@@ -196,6 +196,38 @@ async def test_a_token_written_directly_makes_no_delta(monkeypatch: pytest.Monke
     assert [d.finished for d in made] == [True]
 
 
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_the_end_of_a_stream_is_one_write(include_usage: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finishing chunk, the usage chunk, ``[DONE]`` and the chunked body's terminator leave in one send (old:
+    three or four, each a syscall and a wake-up of the client)."""
+    writes: list[bytes] = []
+    transport_class: Any = getattr(selector_events, "_SelectorSocketTransport")  # noqa: B009 (private, untyped)
+    original_write: Callable[[Any, bytes], None] = transport_class.write
+    original_writelines: Callable[[Any, Any], None] = transport_class.writelines
+
+    def write(self: Any, data: bytes) -> None:
+        writes.append(bytes(data))
+        original_write(self, data)
+
+    def writelines(self: Any, lines: Any) -> None:
+        lines = [bytes(x) for x in lines]
+        writes.append(b"".join(lines))
+        original_writelines(self, lines)
+
+    monkeypatch.setattr(transport_class, "write", write)
+    monkeypatch.setattr(transport_class, "writelines", writelines)
+    async with running_stack([FakeLlumlet("i-1", delay=0.002, messy=False)]) as stack:
+        body: dict[str, object] = {"model": stack.frontend.model, "prompt": "hi", "max_tokens": 12, "stream": True}
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+        text, reasons, done = await _stream_text(f"{stack.http.url}/v1/completions", body)
+    assert text == expected_text(12) and reasons[-1] == "length" and done
+    last = [w for w in writes if b"[DONE]" in w]
+    assert len(last) == 1
+    assert b'"finish_reason": "length"' in last[0] and last[0].endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert (b'"usage": {"prompt_tokens"' in last[0]) == include_usage
+
+
 def test_sim_detokenizer_spells_each_id_once() -> None:
     """Detokenizing runs per streamed token: an id's word is spelled once and looked up afterwards (the same text)."""
     tok = SimTokenizer()

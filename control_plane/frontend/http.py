@@ -258,16 +258,18 @@ class HttpApi:
         idle = self.frontend.idle_timeout
         transport = request.transport
 
-        async def write(data: bytes) -> None:
+        async def write(data: bytes, *, eof: bool = False) -> None:
             # A client that takes nothing for the idle timeout holds a slot for nothing: it is dropped like one that
             # left. A write can block only once the socket's buffer is past its high-water mark, so the timer is armed
             # only when something is still buffered (a client behind): no timer per token for one that keeps up.
+            # ``eof``: ``data`` ends the body (written with the chunked terminator, one send).
+            send = response.write_eof if eof else response.write
             if transport is not None and transport.get_write_buffer_size() == 0 and len(data) < _UNTIMED_WRITE_BYTES:
-                await response.write(data)
+                await send(data)
                 return
             try:
                 async with asyncio.timeout(idle):
-                    await response.write(data)
+                    await send(data)
             except TimeoutError:
                 log.warning("request %s: client took no output for %gs; dropping it", tracked.request_id, idle)
                 if request.transport is not None:
@@ -303,6 +305,8 @@ class HttpApi:
         try:
             with contextlib.suppress(ConnectionResetError):
                 ended = False
+                # The stream's end (the finishing chunk or the error, usage, [DONE], the body's terminator): one write.
+                tail: list[str] = []
                 async for batch in tracked.delta_batches():
                     # Every delta already queued goes out in one write (one syscall, one chunked-encoding frame).
                     parts: list[str] = []
@@ -322,17 +326,18 @@ class HttpApi:
                             chunks.render(delta.text, finish_reason_name(delta.finish_reason, delta.finished), first)
                         )
                         first = False
+                    if ended or batch[-1].finished:
+                        tail = parts
+                        break
                     if parts:
                         await write("".join(parts).encode())
-                    if ended:
-                        break
                 if not ended and parsed.include_usage:
                     chunk = chunks.envelope()
                     chunk["choices"] = []
                     chunk["usage"] = usage(tracked.num_prompt_tokens, tracked.num_received)
-                    await write(event(chunk).encode())
-                await write(b"data: [DONE]\n\n")
-                await response.write_eof()
+                    tail.append(event(chunk))
+                tail.append("data: [DONE]\n\n")
+                await write("".join(tail).encode(), eof=True)
         finally:
             tracked.direct = None
         return response
