@@ -141,7 +141,7 @@ class FrontendGrpc:
 
     async def stop(self, grace: float | None = 1.0) -> None:
         if self.sink_servicer is not None:  # llumlets' push streams never end on their own: end them first
-            await self.sink_servicer.end_streams(grace or 0.0)
+            await self.sink_servicer.end_streams(grace if grace is not None else 1.0)
         await self.public.stop(grace)
         if self.sink is not None:
             await self.sink.stop(grace)
