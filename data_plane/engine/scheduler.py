@@ -9,6 +9,13 @@ Per step (as vLLM V1's ``Scheduler.schedule``):
    the token budget covers the whole (re)computation, and free blocks minus their demand stay at or above the
    watermark. The head blocks everyone behind it (head-of-line blocking, which is what makes fragmentation visible).
 
+Priorities (as vLLM V1's ``priority`` scheduling policy): high-priority requests queue ahead of normal ones, the
+preemption victim is the most recently started *normal* request while one runs, and a high-priority head that lacks
+blocks preempts normal requests (most recent first) when that makes it fit. A departure from the paper's engine (FCFS,
+priorities only in the global scheduler's headroom): it lets normal requests use the memory of an instance holding
+high-priority work in a burst without that work queueing behind them (Fig. 13, docs/sim/REPORT.md). With only normal
+requests (every run without priorities) nothing changes.
+
 With ``split_steps`` (vLLM 0.1.x, the paper's engine) the order is reversed and a step is never mixed: waiting
 requests are admitted first (same rules); if any was, the step prefills only them and every running request waits;
 otherwise the step decodes the running batch (1. above). A prefill thus stalls every decode on the instance.
@@ -21,10 +28,16 @@ from dataclasses import dataclass, field
 
 from pyllumnix.data_plane.engine.base import Phase, RequestSpec
 from pyllumnix.data_plane.engine.block_pool import BlockPool
+from pyllumnix.infra.vocabulary import Priority
 
-# Waiting-queue order: preempted requests first (latest preemption in front, as vLLM prepends them), then fresh or
-# migrated-in requests by arrival time, ties by insertion order.
-QueueKey = tuple[int, float, int]
+# Waiting-queue order: high priority before normal; within a priority, preempted requests first (latest preemption
+# in front, as vLLM prepends them), then fresh or migrated-in requests by arrival time, ties by insertion order.
+QueueKey = tuple[int, int, float, int]
+
+
+def priority_rank(priority: int) -> int:
+    """0 for high priority, 1 otherwise (the first element of a queue key)."""
+    return 0 if priority >= Priority.HIGH else 1
 
 
 @dataclass(eq=False)
@@ -40,7 +53,7 @@ class SimRequest:
     num_preemptions: int = 0
     # Waiting because it was preempted and not yet readmitted.
     preempted: bool = False
-    queue_key: QueueKey = (1, 0.0, 0)
+    queue_key: QueueKey = (1, 1, 0.0, 0)
     # Order in which it (last) started running: the preemption victim is the highest.
     start_seq: int = 0
     suspended_from: Phase | None = None
@@ -49,6 +62,10 @@ class SimRequest:
     @property
     def request_id(self) -> str:
         return self.spec.request_id
+
+    @property
+    def high(self) -> bool:
+        return self.spec.priority >= Priority.HIGH
 
     @property
     def num_tokens(self) -> int:
@@ -116,7 +133,7 @@ class Scheduler:
     # --- queues ---
     def enqueue(self, req: SimRequest) -> None:
         """Adds a fresh (or migrated-in waiting) request by arrival time."""
-        req.queue_key = (1, req.spec.arrival_time, self._next_seq())
+        req.queue_key = (priority_rank(req.spec.priority), 1, req.spec.arrival_time, self._next_seq())
         self.insert_waiting(req)
 
     def insert_waiting(self, req: SimRequest) -> None:
@@ -171,18 +188,18 @@ class Scheduler:
         req.preempted = True
         self.total_preemptions += 1
         self._preempt_seq += 1
-        req.queue_key = (0, float(-self._preempt_seq), 0)
+        req.queue_key = (priority_rank(req.spec.priority), 0, float(-self._preempt_seq), 0)
         self.insert_waiting(req)
 
     # --- one step ---
     def schedule(self) -> Schedule:
         budget = self.max_num_batched_tokens
         scheduled: list[Scheduled] = []
-        if self.split_steps:
-            self._admit(scheduled, budget)
-            if scheduled:
-                return Schedule(scheduled, [])
         preempted: list[SimRequest] = []
+        if self.split_steps:
+            budget = self._admit(scheduled, preempted, budget)
+            if scheduled:
+                return Schedule(scheduled, preempted)
         i = 0
         while i < len(self.running):
             req = self.running[i]
@@ -192,11 +209,15 @@ class Scheduler:
                 continue
             need = self.blocks_for(req.num_tokens) - len(req.block_ids)
             while need > self.pool.num_free:
-                victim = self.running.pop()
+                j = self._victim_index()
+                victim = self.running.pop(j)
+                budget += self._unschedule(scheduled, victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
                     break
+                if j < i:
+                    i -= 1
             if req.phase is not Phase.RUNNING:
                 break
             if need > 0:
@@ -205,26 +226,65 @@ class Scheduler:
             budget -= num_new
             i += 1
         if not preempted and not self.split_steps:
-            self._admit(scheduled, budget)
+            self._admit(scheduled, preempted, budget)
         return Schedule(scheduled, preempted)
 
-    def _admit(self, scheduled: list[Scheduled], budget: int) -> None:
-        """Admits waiting requests in queue order while a sequence slot, the token budget and the watermark allow."""
+    def _victim_index(self) -> int:
+        """The preemption victim: the most recently started normal request, else the most recently started one."""
+        for j in range(len(self.running) - 1, -1, -1):
+            if not self.running[j].high:
+                return j
+        return len(self.running) - 1
+
+    @staticmethod
+    def _unschedule(scheduled: list[Scheduled], victim: SimRequest) -> int:
+        """Drops a victim already scheduled in this step (a normal request older than the high-priority one that
+        needs its blocks); returns the tokens given back to the budget."""
+        for k, item in enumerate(scheduled):
+            if item.request is victim:
+                del scheduled[k]
+                return item.num_new_tokens
+        return 0
+
+    def _admit(self, scheduled: list[Scheduled], preempted: list[SimRequest], budget: int) -> int:
+        """Admits waiting requests in queue order while a sequence slot, the token budget and the watermark allow;
+        returns the budget left. A high-priority head short of blocks first preempts normal running requests, most
+        recent first, if together they free enough."""
         while self.waiting and len(self.running) + self.num_suspended_running < self.max_num_seqs:
             req = self.waiting[0]
             num_new = req.num_tokens - req.num_computed_tokens
             need = self.blocks_for(req.num_tokens) - len(req.block_ids)
-            if num_new > budget or self.pool.num_free - need < self.watermark_blocks:
+            if num_new > budget:
+                break
+            if self.pool.num_free - need < self.watermark_blocks and not (
+                req.high and self._make_room(need, scheduled, preempted)
+            ):
                 break
             self.waiting.pop(0)
             req.block_ids.extend(self.pool.allocate(need))
             self.start_running(req)
             scheduled.append(Scheduled(req, num_new, True))
             budget -= num_new
+        return budget
 
-    def waiting_demand_ahead(self, arrival_time: float) -> int:
-        """Blocks the waiting requests that a fresh request arriving at ``arrival_time`` would queue behind need."""
-        key: QueueKey = (1, arrival_time, 1 << 62)
+    def _make_room(self, need: int, scheduled: list[Scheduled], preempted: list[SimRequest]) -> bool:
+        """Preempts normal running requests (most recent first) until ``need`` blocks fit above the watermark; does
+        nothing and returns False when all of them together would not free enough."""
+        normal = [r for r in self.running if not r.high]
+        if self.pool.num_free + sum(len(r.block_ids) for r in normal) - need < self.watermark_blocks:
+            return False
+        while self.pool.num_free - need < self.watermark_blocks:
+            victim = normal.pop()
+            self.running.remove(victim)
+            self._unschedule(scheduled, victim)
+            self._preempt(victim)
+            preempted.append(victim)
+        return True
+
+    def waiting_demand_ahead(self, arrival_time: float, priority: int = Priority.NORMAL) -> int:
+        """Blocks the waiting requests that a fresh request of ``priority`` arriving at ``arrival_time`` would queue
+        behind need."""
+        key: QueueKey = (priority_rank(priority), 1, arrival_time, 1 << 62)
         return sum(self.demand_blocks(r) for r in self.waiting if r.queue_key < key)
 
     @staticmethod

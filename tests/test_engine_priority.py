@@ -1,0 +1,100 @@
+"""The engine scheduler serves high-priority requests first (as vLLM V1's ``priority`` policy): they queue ahead of
+normal requests, a high-priority head short of blocks preempts normal running requests when that makes it fit, and a
+preemption picks the most recently started normal request before any high-priority one.
+
+Why: with a strictly FCFS engine (the paper's), normal requests placed on an instance holding high-priority work in a
+burst made the high-priority requests arriving there queue behind them, and a 384-block high-priority prompt waited
+~100 s for the long-lived high-priority batch of a full instance (Fig. 13, docs/sim/REPORT.md). Each test below fails
+on the FCFS engine (checked against the previous scheduler.py)."""
+
+from __future__ import annotations
+
+from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
+from pyllumnix.data_plane.engine.sim import SimEngine
+from pyllumnix.infra.vocabulary import Priority
+
+
+def spec(rid: str, prompt_len: int, priority: Priority = Priority.NORMAL, max_tokens: int = 20) -> RequestSpec:
+    return RequestSpec(
+        rid, tuple(range(1, prompt_len + 1)), Sampling(max_tokens=max_tokens, ignore_eos=True), priority=priority
+    )
+
+
+def engine(blocks: int) -> SimEngine:
+    """``tiny``: 16-token blocks, no watermark; mixed steps."""
+    return SimEngine("tiny", payload=False, total_blocks=blocks, max_model_len=16 * blocks)
+
+
+def running(e: SimEngine) -> list[str]:
+    return [r.request_id for r in e.scheduler.running]
+
+
+def waiting(e: SimEngine) -> list[str]:
+    return [r.request_id for r in e.scheduler.waiting]
+
+
+def test_a_high_priority_request_queues_ahead_of_an_earlier_normal_one() -> None:
+    e = engine(8)
+    e.add_request(spec("n0", 96), 0.0)  # 6 blocks
+    e.step(0.0)
+    e.add_request(spec("n1", 48), 0.1)  # 3 blocks: 2 free, waits
+    e.add_request(spec("h", 16, Priority.HIGH), 0.2)  # 1 block: fits, but FCFS kept it behind n1
+    e.step(0.2)
+    assert running(e) == ["n0", "h"]
+    assert waiting(e) == ["n1"]
+
+
+def test_a_high_priority_head_preempts_normal_requests_to_fit() -> None:
+    e = engine(8)
+    e.add_request(spec("n0", 96), 0.0)  # 6 blocks
+    e.step(0.0)
+    e.add_request(spec("h", 64, Priority.HIGH), 0.1)  # 4 blocks, 2 free
+    result = e.step(0.1)
+    assert list(result.preempted) == ["n0"]
+    assert running(e) == ["h"]
+    assert waiting(e) == ["n0"]
+    assert e.pool.num_free == 4
+
+
+def test_no_preemption_that_would_not_make_the_high_priority_head_fit() -> None:
+    e = engine(8)
+    e.add_request(spec("h0", 90, Priority.HIGH), 0.0)  # 6 blocks (room to grow to 96 tokens)
+    e.add_request(spec("n1", 10), 0.0)  # 1 block
+    e.step(0.0)
+    e.add_request(spec("h2", 64, Priority.HIGH), 0.1)  # 4 blocks: 1 free + n1's 1 is not enough
+    result = e.step(0.1)
+    assert list(result.preempted) == []
+    assert running(e) == ["h0", "n1"]
+    assert waiting(e) == ["h2"]
+
+
+def test_a_growing_high_priority_request_preempts_an_older_normal_one_not_itself() -> None:
+    """4 blocks: n0 (20 tokens, 2 blocks) started first, h (31 tokens, 2 blocks) second. When h needs its third block
+    nothing is free: FCFS preempted the most recently started request, h itself; now n0 goes, though it was already
+    scheduled in that step (it is taken out of the step and its budget given back)."""
+    e = engine(4)
+    e.add_request(spec("n0", 20), 0.0)
+    e.step(0.0)
+    e.add_request(spec("h", 31, Priority.HIGH), 0.1)
+    e.step(0.1)  # n0 decodes, h prefills (32 tokens after its first output)
+    e.step(0.2)  # both decode; h now has 33 tokens: the next step needs a third block
+    result = e.step(0.3)
+    assert list(result.preempted) == ["n0"]
+    assert [o.request_id for o in result.outputs] == ["h"]
+    assert running(e) == ["h"]
+    assert waiting(e) == ["n0"]
+
+
+def test_the_victim_is_the_most_recently_started_normal_request() -> None:
+    """6 blocks: n0 and n2 (20 tokens, 2 blocks each) started first, h1 (31 tokens) last. When h1 needs a third block,
+    FCFS preempted h1 (the most recently started); now n2, the most recently started normal request."""
+    e = engine(6)
+    e.add_request(spec("n0", 20), 0.0)
+    e.add_request(spec("n2", 20), 0.0)
+    e.step(0.0)
+    e.add_request(spec("h1", 31, Priority.HIGH), 0.1)
+    e.step(0.1)
+    e.step(0.2)
+    result = e.step(0.3)
+    assert list(result.preempted) == ["n2"]
+    assert running(e) == ["n0", "h1"]
