@@ -42,10 +42,12 @@ def test_a_high_request_that_fits_no_high_instance_goes_where_its_prompt_fits() 
 
 
 def test_where_the_prompt_fits_nowhere_the_freest_instance_still_takes_it() -> None:
+    # Nowhere even by preempting normal requests (the engine does that for a high-priority head; see
+    # test_dispatch_normal_spill.py): b holds only high-priority work too.
     snap = ClusterSnapshot.of(
         [
             view("a-high", free_blocks=20, num_running=4, num_running_high=4, running_high_blocks=980),
-            view("b-normal", free_blocks=10, num_running=10),
+            view("b-high", free_blocks=10, num_running=10, num_running_high=10, running_high_blocks=990),
         ]
     )
     assert LlumnixDispatch(PolicyConfig()).choose(snap, HIGH) == "a-high"

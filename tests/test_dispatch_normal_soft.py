@@ -45,8 +45,11 @@ CASES = [
     # charged freeness (1000 - 40 - 900)/2 = 30 is higher, so its spare memory takes the request. Old: n-inst.
     ("normal instance queues", high_instance(40), normal_instance(20, 10, waiting_demand=300), "h-inst"),
     # The high instance's own batch already uses more than the 100 unreserved blocks: charged freeness
-    # (1000 - 300 - 900)/2 = -100, below the queueing normal instance's -25: normal requests stay off it.
-    ("high instance past its reserve", high_instance(300), normal_instance(20, 10, waiting_demand=300), "n-inst"),
+    # (1000 - 300 - 900)/2 = -100, below the queueing normal instance's -25, so the ranking picks n-inst; but the
+    # request would queue there while h-inst keeps 700 - 8 >= 100 blocks free: it spills (test_dispatch_normal_spill).
+    ("high instance past its reserve", high_instance(300), normal_instance(20, 10, waiting_demand=300), "h-inst"),
+    # The same where the normal instance still has room for it: the ranking's choice.
+    ("high instance past its reserve, room", high_instance(300), normal_instance(60, 10, waiting_demand=40), "n-inst"),
 ]
 
 

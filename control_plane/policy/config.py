@@ -32,6 +32,9 @@ class Selection(enum.IntEnum):
 # high-priority batch itself). ``high_headroom_blocks`` caps it (the ClusterConfig field; its maximum = no cap).
 DEFAULT_HIGH_HEADROOM_RESERVE_BLOCKS = 100
 DEFAULT_HIGH_HEADROOM_BLOCKS = 1_000_000
+# A normal request that would queue on the instance the freeness ranking picks goes instead to an instance holding
+# high-priority work where it runs at once and leaves at least this many blocks free (see dispatch/llumnix.py).
+DEFAULT_NORMAL_SPILL_FLOOR_BLOCKS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,9 @@ class PolicyConfig:
     # The high headroom of an instance is min(high_headroom_blocks, total - high_headroom_reserve_blocks)
     # (ClusterConfig priority.high_headroom_reserve_blocks).
     high_headroom_reserve_blocks: int = DEFAULT_HIGH_HEADROOM_RESERVE_BLOCKS
+    # Blocks a normal request spilled onto an instance holding high-priority work must leave free there
+    # (ClusterConfig priority.normal_spill_floor_blocks); more than any instance holds: no spill (the artifact's rule).
+    normal_spill_floor_blocks: int = DEFAULT_NORMAL_SPILL_FLOOR_BLOCKS
     # No scaling decision before this long after the scaling loop started (the artifact waits 100 s for load to
     # settle); the simulator counts from t = 0, the live scheduler from the start of the leader's scaling loop.
     scaling_warmup_ms: int = 100_000
@@ -135,6 +141,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "normal_headroom_blocks": (0, 1_000_000),
     "high_headroom_blocks": (0, 1_000_000),
     "high_headroom_reserve_blocks": (0, 1_000_000),
+    "normal_spill_floor_blocks": (0, 1_000_000),
     "scaling_warmup_ms": (0, 3_600_000),
     "load_report_interval_ms": (10, 1000),
 }
@@ -156,6 +163,7 @@ PATHS: dict[str, str] = {
     "normal_headroom_blocks": "priority.headroom[PRIORITY_NORMAL].headroom_blocks",
     "high_headroom_blocks": "priority.headroom[PRIORITY_HIGH].headroom_blocks",
     "high_headroom_reserve_blocks": "priority.high_headroom_reserve_blocks",
+    "normal_spill_floor_blocks": "priority.normal_spill_floor_blocks",
     "load_report_interval_ms": "load_report_interval_ms",
 }
 

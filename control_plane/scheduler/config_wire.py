@@ -55,6 +55,9 @@ def config_from_pb(pb: config_pb2.ClusterConfig) -> PolicyConfig:
             if pr.HasField("high_headroom_reserve_blocks")
             else d.high_headroom_reserve_blocks
         ),
+        normal_spill_floor_blocks=(
+            pr.normal_spill_floor_blocks if pr.HasField("normal_spill_floor_blocks") else d.normal_spill_floor_blocks
+        ),
         load_report_interval_ms=pb.load_report_interval_ms or d.load_report_interval_ms,
     )
     return cfg.validate()
@@ -101,6 +104,7 @@ def config_to_pb(config: PolicyConfig) -> config_pb2.ClusterConfig:
                 ),
             ],
             high_headroom_reserve_blocks=config.high_headroom_reserve_blocks,
+            normal_spill_floor_blocks=config.normal_spill_floor_blocks,
         ),
         load_report_interval_ms=config.load_report_interval_ms,
     )

@@ -6,7 +6,10 @@ the high headroom (all but 100 blocks), so normal requests keep away from it whi
 and use its spare memory once every other instance is more loaded than that (the artifact's dispatch load: one soft
 ranking, no tier that excludes high-priority instances). A hard exclusion left those instances' memory idle while
 normal requests queued elsewhere (Fig. 13, S-S at 36 req/s: 3 of 16 instances held 1,550-2,100 free blocks while
-over 1,000 normal requests waited).
+over 1,000 normal requests waited). The soft ranking alone still left it idle in a burst (see ``_spill``): a normal
+request the ranking would queue goes to an instance holding high-priority work where it runs at once and leaves
+``normal_spill_floor_blocks`` free; the engines serve high-priority requests first and preempt normal ones for them
+(``data_plane/engine/scheduler.py``), so the high-priority work there does not queue behind it.
 
 The high headroom is relative to the instance (``PolicyConfig.high_headroom``: by default all but 100 blocks). As in
 the artifact, a high-priority request is charged it only where no high-priority work is yet: an instance already
@@ -67,15 +70,40 @@ class LlumnixDispatch(DispatchPolicy):
             # Where the headroom fits nowhere, an instance the prompt still fits (behind its queue) before one where
             # it would wait: the headroom charged elsewhere must not send it to a full high-priority instance.
             fits = np.where(snapshot.columns.avail >= demand, keys.high_eligible, NOT_A_CANDIDATE)
+            if fits.max() == NOT_A_CANDIDATE:
+                # Nowhere yet: where it fits by preempting normal requests (the engine does so for a high-priority
+                # head), else anywhere. Left to the freeness alone, a 384-block prompt queued ~100 s behind the
+                # long-lived high-priority batch of a full instance, where no migration could reach it (Fig. 13).
+                fits = np.where(_room_with_normal_blocks(snapshot) >= demand, keys.high_eligible, NOT_A_CANDIDATE)
             fallback = fits if fits.max() > NOT_A_CANDIDATE else keys.high_eligible
         else:
-            preferred = fallback = keys.normal_eligible
+            i = int(keys.normal_eligible.argmax())  # ties: the lowest index, i.e. the lowest instance id
+            if keys.normal_eligible[i] == NOT_A_CANDIDATE:
+                return None
+            return snapshot.ids[self._spill(snapshot, keys, request, i)]
         i = int(preferred.argmax())  # ties: the lowest index, i.e. the lowest instance id
         if preferred[i] == NOT_A_CANDIDATE:
             i = int(fallback.argmax())
             if fallback[i] == NOT_A_CANDIDATE:
                 return None
         return snapshot.ids[i]
+
+    def _spill(self, snapshot: ClusterSnapshot, keys: _Keys, request: DispatchRequestView, best: int) -> int:
+        """Where a normal request goes when the ranking's choice ``best`` would queue it: the best-ranked instance
+        holding high-priority work where it runs at once and leaves ``normal_spill_floor_blocks`` free; else ``best``.
+
+        The charged freeness alone leaves that memory idle in a burst: charged the headroom (all but 100 blocks),
+        an instance with a few high-priority requests and hundreds of free blocks has a negative numerator divided by
+        its small batch, while a normal instance with a long queue has one divided by its many requests, so the queue
+        looks freer and keeps growing (Fig. 13, docs/sim/REPORT.md)."""
+        c = snapshot.columns
+        if c.avail[best] * max(int(keys.block_size[best]), 1) >= request.num_prompt_tokens:
+            return best
+        demand = -(-request.num_prompt_tokens // np.maximum(keys.block_size, 1))
+        floor = self.config.normal_spill_floor_blocks
+        room = np.where(c.holds_high & (c.avail - demand >= floor), keys.normal_eligible, NOT_A_CANDIDATE)
+        j = int(room.argmax())
+        return j if room[j] > NOT_A_CANDIDATE else best
 
     def _keys_for(self, snapshot: ClusterSnapshot) -> _Keys:
         cfg = self.config
@@ -91,6 +119,16 @@ class LlumnixDispatch(DispatchPolicy):
                 return keys
         self._keys = keys = _full(snapshot, headroom)
         return keys
+
+
+def _room_with_normal_blocks(snapshot: ClusterSnapshot) -> FloatArray:
+    """``avail`` plus the blocks of each instance's running normal requests (what preempting them would free). A loop
+    over the views: only a high-priority request that fits nowhere as things stand needs it."""
+    normal = np.fromiter(
+        (v.running_blocks - v.running_high_blocks for v in snapshot.instances), dtype=np.float64, count=len(snapshot)
+    )
+    out: FloatArray = snapshot.columns.avail + normal
+    return out
 
 
 def _high_headroom(cap: float, reserve: float, total: FloatArray) -> FloatArray:

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from pyllumnix.protos.llumnix.v1 import common_pb2 as llumnix_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llumnix/v1/config.proto\x12\nllumnix.v1\x1a\x17llumnix/v1/common.proto\"<\n\x0e\x44ispatchConfig\x12*\n\x06policy\x18\x01 \x01(\x0e\x32\x1a.llumnix.v1.DispatchPolicy\"\xe7\x02\n\x0fMigrationConfig\x12\x0f\n\x07\x64isable\x18\x01 \x01(\x08\x12\x31\n\x0epairing_policy\x18\x02 \x01(\x0e\x32\x19.llumnix.v1.PairingPolicy\x12\"\n\x15migrate_out_threshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x31\n\tselection\x18\x04 \x01(\x0e\x32\x1e.llumnix.v1.MigrationSelection\x12\x16\n\x0e\x64isable_defrag\x18\x05 \x01(\x08\x12\x1b\n\x13pairing_interval_ms\x18\x06 \x01(\x05\x12\x1d\n\x15last_stage_max_blocks\x18\x07 \x01(\x05\x12\x12\n\nmax_stages\x18\x08 \x01(\x05\x12\x1a\n\x12pending_timeout_ms\x18\t \x01(\x05\x12\x1b\n\x13transfer_timeout_ms\x18\n \x01(\x05\x42\x18\n\x16_migrate_out_threshold\"\xb3\x02\n\rScalingConfig\x12\x0e\n\x06\x65nable\x18\x01 \x01(\x08\x12\x1f\n\x12scale_up_threshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14scale_down_threshold\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rmin_instances\x18\x04 \x01(\x05\x12\x15\n\rmax_instances\x18\x05 \x01(\x05\x12\x1b\n\x13scaling_interval_ms\x18\x06 \x01(\x05\x12\x16\n\twarmup_ms\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12-\n\x0c\x64rain_victim\x18\x08 \x01(\x0e\x32\x17.llumnix.v1.DrainVictimB\x15\n\x13_scale_up_thresholdB\x17\n\x15_scale_down_thresholdB\x0c\n\n_warmup_ms\"S\n\x10PriorityHeadroom\x12&\n\x08priority\x18\x01 \x01(\x0e\x32\x14.llumnix.v1.Priority\x12\x17\n\x0fheadroom_blocks\x18\x02 \x01(\x05\"\x8c\x01\n\x0ePriorityConfig\x12.\n\x08headroom\x18\x01 \x03(\x0b\x32\x1c.llumnix.v1.PriorityHeadroom\x12)\n\x1chigh_headroom_reserve_blocks\x18\x02 \x01(\x05H\x00\x88\x01\x01\x42\x1f\n\x1d_high_headroom_reserve_blocks\"\xe8\x01\n\rClusterConfig\x12,\n\x08\x64ispatch\x18\x01 \x01(\x0b\x32\x1a.llumnix.v1.DispatchConfig\x12.\n\tmigration\x18\x02 \x01(\x0b\x32\x1b.llumnix.v1.MigrationConfig\x12*\n\x07scaling\x18\x03 \x01(\x0b\x32\x19.llumnix.v1.ScalingConfig\x12,\n\x08priority\x18\x04 \x01(\x0b\x32\x1a.llumnix.v1.PriorityConfig\x12\x1f\n\x17load_report_interval_ms\x18\x05 \x01(\x05\"\'\n\x0bScaleTarget\x12\x18\n\x10target_instances\x18\x01 \x01(\x05*\xac\x01\n\x0e\x44ispatchPolicy\x12\x1f\n\x1b\x44ISPATCH_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44ISPATCH_POLICY_LLUMNIX\x10\x01\x12\x1d\n\x19\x44ISPATCH_POLICY_INFAAS_PP\x10\x02\x12\x1f\n\x1b\x44ISPATCH_POLICY_ROUND_ROBIN\x10\x03\x12\x1c\n\x18\x44ISPATCH_POLICY_BALANCED\x10\x04*g\n\rPairingPolicy\x12\x1e\n\x1aPAIRING_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15PAIRING_POLICY_DEFRAG\x10\x01\x12\x1b\n\x17PAIRING_POLICY_BALANCED\x10\x02*d\n\x0b\x44rainVictim\x12\x1c\n\x18\x44RAIN_VICTIM_UNSPECIFIED\x10\x00\x12 \n\x1c\x44RAIN_VICTIM_FEWEST_REQUESTS\x10\x01\x12\x15\n\x11\x44RAIN_VICTIM_LAST\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17llumnix/v1/config.proto\x12\nllumnix.v1\x1a\x17llumnix/v1/common.proto\"<\n\x0e\x44ispatchConfig\x12*\n\x06policy\x18\x01 \x01(\x0e\x32\x1a.llumnix.v1.DispatchPolicy\"\xe7\x02\n\x0fMigrationConfig\x12\x0f\n\x07\x64isable\x18\x01 \x01(\x08\x12\x31\n\x0epairing_policy\x18\x02 \x01(\x0e\x32\x19.llumnix.v1.PairingPolicy\x12\"\n\x15migrate_out_threshold\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x31\n\tselection\x18\x04 \x01(\x0e\x32\x1e.llumnix.v1.MigrationSelection\x12\x16\n\x0e\x64isable_defrag\x18\x05 \x01(\x08\x12\x1b\n\x13pairing_interval_ms\x18\x06 \x01(\x05\x12\x1d\n\x15last_stage_max_blocks\x18\x07 \x01(\x05\x12\x12\n\nmax_stages\x18\x08 \x01(\x05\x12\x1a\n\x12pending_timeout_ms\x18\t \x01(\x05\x12\x1b\n\x13transfer_timeout_ms\x18\n \x01(\x05\x42\x18\n\x16_migrate_out_threshold\"\xb3\x02\n\rScalingConfig\x12\x0e\n\x06\x65nable\x18\x01 \x01(\x08\x12\x1f\n\x12scale_up_threshold\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14scale_down_threshold\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rmin_instances\x18\x04 \x01(\x05\x12\x15\n\rmax_instances\x18\x05 \x01(\x05\x12\x1b\n\x13scaling_interval_ms\x18\x06 \x01(\x05\x12\x16\n\twarmup_ms\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12-\n\x0c\x64rain_victim\x18\x08 \x01(\x0e\x32\x17.llumnix.v1.DrainVictimB\x15\n\x13_scale_up_thresholdB\x17\n\x15_scale_down_thresholdB\x0c\n\n_warmup_ms\"S\n\x10PriorityHeadroom\x12&\n\x08priority\x18\x01 \x01(\x0e\x32\x14.llumnix.v1.Priority\x12\x17\n\x0fheadroom_blocks\x18\x02 \x01(\x05\"\xd2\x01\n\x0ePriorityConfig\x12.\n\x08headroom\x18\x01 \x03(\x0b\x32\x1c.llumnix.v1.PriorityHeadroom\x12)\n\x1chigh_headroom_reserve_blocks\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12&\n\x19normal_spill_floor_blocks\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x1f\n\x1d_high_headroom_reserve_blocksB\x1c\n\x1a_normal_spill_floor_blocks\"\xe8\x01\n\rClusterConfig\x12,\n\x08\x64ispatch\x18\x01 \x01(\x0b\x32\x1a.llumnix.v1.DispatchConfig\x12.\n\tmigration\x18\x02 \x01(\x0b\x32\x1b.llumnix.v1.MigrationConfig\x12*\n\x07scaling\x18\x03 \x01(\x0b\x32\x19.llumnix.v1.ScalingConfig\x12,\n\x08priority\x18\x04 \x01(\x0b\x32\x1a.llumnix.v1.PriorityConfig\x12\x1f\n\x17load_report_interval_ms\x18\x05 \x01(\x05\"\'\n\x0bScaleTarget\x12\x18\n\x10target_instances\x18\x01 \x01(\x05*\xac\x01\n\x0e\x44ispatchPolicy\x12\x1f\n\x1b\x44ISPATCH_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44ISPATCH_POLICY_LLUMNIX\x10\x01\x12\x1d\n\x19\x44ISPATCH_POLICY_INFAAS_PP\x10\x02\x12\x1f\n\x1b\x44ISPATCH_POLICY_ROUND_ROBIN\x10\x03\x12\x1c\n\x18\x44ISPATCH_POLICY_BALANCED\x10\x04*g\n\rPairingPolicy\x12\x1e\n\x1aPAIRING_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15PAIRING_POLICY_DEFRAG\x10\x01\x12\x1b\n\x17PAIRING_POLICY_BALANCED\x10\x02*d\n\x0b\x44rainVictim\x12\x1c\n\x18\x44RAIN_VICTIM_UNSPECIFIED\x10\x00\x12 \n\x1c\x44RAIN_VICTIM_FEWEST_REQUESTS\x10\x01\x12\x15\n\x11\x44RAIN_VICTIM_LAST\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llumnix.v1.config_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DISPATCHPOLICY']._serialized_start=1303
-  _globals['_DISPATCHPOLICY']._serialized_end=1475
-  _globals['_PAIRINGPOLICY']._serialized_start=1477
-  _globals['_PAIRINGPOLICY']._serialized_end=1580
-  _globals['_DRAINVICTIM']._serialized_start=1582
-  _globals['_DRAINVICTIM']._serialized_end=1682
+  _globals['_DISPATCHPOLICY']._serialized_start=1373
+  _globals['_DISPATCHPOLICY']._serialized_end=1545
+  _globals['_PAIRINGPOLICY']._serialized_start=1547
+  _globals['_PAIRINGPOLICY']._serialized_end=1650
+  _globals['_DRAINVICTIM']._serialized_start=1652
+  _globals['_DRAINVICTIM']._serialized_end=1752
   _globals['_DISPATCHCONFIG']._serialized_start=64
   _globals['_DISPATCHCONFIG']._serialized_end=124
   _globals['_MIGRATIONCONFIG']._serialized_start=127
@@ -47,9 +47,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRIORITYHEADROOM']._serialized_start=798
   _globals['_PRIORITYHEADROOM']._serialized_end=881
   _globals['_PRIORITYCONFIG']._serialized_start=884
-  _globals['_PRIORITYCONFIG']._serialized_end=1024
-  _globals['_CLUSTERCONFIG']._serialized_start=1027
-  _globals['_CLUSTERCONFIG']._serialized_end=1259
-  _globals['_SCALETARGET']._serialized_start=1261
-  _globals['_SCALETARGET']._serialized_end=1300
+  _globals['_PRIORITYCONFIG']._serialized_end=1094
+  _globals['_CLUSTERCONFIG']._serialized_start=1097
+  _globals['_CLUSTERCONFIG']._serialized_end=1329
+  _globals['_SCALETARGET']._serialized_start=1331
+  _globals['_SCALETARGET']._serialized_end=1370
 # @@protoc_insertion_point(module_scope)

@@ -263,11 +263,19 @@ class PriorityConfig(_message.Message):
 
     HEADROOM_FIELD_NUMBER: _builtins.int
     HIGH_HEADROOM_RESERVE_BLOCKS_FIELD_NUMBER: _builtins.int
+    NORMAL_SPILL_FLOOR_BLOCKS_FIELD_NUMBER: _builtins.int
     high_headroom_reserve_blocks: _builtins.int
     """The high-priority headroom is relative to the instance: total blocks minus this many (the artifact's 100, about
     1,600 tokens left to the high-priority batch itself), capped by the PRIORITY_HIGH headroom_blocks. Larger: a
     smaller headroom, so normal requests use more of a high-priority instance's memory. Default 100; range [0,
     1000000].
+    """
+    normal_spill_floor_blocks: _builtins.int
+    """A normal request that would queue on the instance the dispatch ranking picks goes instead to an instance holding
+    high-priority work where it runs at once and leaves at least this many blocks free; a queueing normal instance
+    left without a migration destination sends its head waiting request to such an instance on the same terms. The
+    engines serve high-priority requests first (they preempt these normal requests when they need the memory).
+    Default 100; range [0, 1000000]; more blocks than any instance holds turns it off (the artifact's rule).
     """
     @_builtins.property
     def headroom(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityHeadroom]: ...
@@ -276,14 +284,20 @@ class PriorityConfig(_message.Message):
         *,
         headroom: _abc.Iterable[Global___PriorityHeadroom] | None = ...,
         high_headroom_reserve_blocks: _builtins.int | None = ...,
+        normal_spill_floor_blocks: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_high_headroom_reserve_blocks", b"_high_headroom_reserve_blocks", "high_headroom_reserve_blocks", b"high_headroom_reserve_blocks"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_high_headroom_reserve_blocks", b"_high_headroom_reserve_blocks", "_normal_spill_floor_blocks", b"_normal_spill_floor_blocks", "high_headroom_reserve_blocks", b"high_headroom_reserve_blocks", "normal_spill_floor_blocks", b"normal_spill_floor_blocks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_high_headroom_reserve_blocks", b"_high_headroom_reserve_blocks", "headroom", b"headroom", "high_headroom_reserve_blocks", b"high_headroom_reserve_blocks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_high_headroom_reserve_blocks", b"_high_headroom_reserve_blocks", "_normal_spill_floor_blocks", b"_normal_spill_floor_blocks", "headroom", b"headroom", "high_headroom_reserve_blocks", b"high_headroom_reserve_blocks", "normal_spill_floor_blocks", b"normal_spill_floor_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__high_headroom_reserve_blocks: _TypeAlias = _typing.Literal["high_headroom_reserve_blocks"]  # noqa: Y015
     _WhichOneofArgType__high_headroom_reserve_blocks: _TypeAlias = _typing.Literal["_high_headroom_reserve_blocks", b"_high_headroom_reserve_blocks"]  # noqa: Y015
+    _WhichOneofReturnType__normal_spill_floor_blocks: _TypeAlias = _typing.Literal["normal_spill_floor_blocks"]  # noqa: Y015
+    _WhichOneofArgType__normal_spill_floor_blocks: _TypeAlias = _typing.Literal["_normal_spill_floor_blocks", b"_normal_spill_floor_blocks"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__high_headroom_reserve_blocks) -> _WhichOneofReturnType__high_headroom_reserve_blocks | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__normal_spill_floor_blocks) -> _WhichOneofReturnType__normal_spill_floor_blocks | None: ...
 
 Global___PriorityConfig: _TypeAlias = PriorityConfig  # noqa: Y015
 

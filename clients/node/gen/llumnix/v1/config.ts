@@ -225,7 +225,17 @@ export interface PriorityConfig {
    * smaller headroom, so normal requests use more of a high-priority instance's memory. Default 100; range [0,
    * 1000000].
    */
-  highHeadroomReserveBlocks?: number | undefined;
+  highHeadroomReserveBlocks?:
+    | number
+    | undefined;
+  /**
+   * A normal request that would queue on the instance the dispatch ranking picks goes instead to an instance holding
+   * high-priority work where it runs at once and leaves at least this many blocks free; a queueing normal instance
+   * left without a migration destination sends its head waiting request to such an instance on the same terms. The
+   * engines serve high-priority requests first (they preempt these normal requests when they need the memory).
+   * Default 100; range [0, 1000000]; more blocks than any instance holds turns it off (the artifact's rule).
+   */
+  normalSpillFloorBlocks?: number | undefined;
 }
 
 export interface ClusterConfig {
@@ -882,7 +892,7 @@ export const PriorityHeadroom: MessageFns<PriorityHeadroom> = {
 };
 
 function createBasePriorityConfig(): PriorityConfig {
-  return { headroom: [], highHeadroomReserveBlocks: undefined };
+  return { headroom: [], highHeadroomReserveBlocks: undefined, normalSpillFloorBlocks: undefined };
 }
 
 export const PriorityConfig: MessageFns<PriorityConfig> = {
@@ -892,6 +902,9 @@ export const PriorityConfig: MessageFns<PriorityConfig> = {
     }
     if (message.highHeadroomReserveBlocks !== undefined) {
       writer.uint32(16).int32(message.highHeadroomReserveBlocks);
+    }
+    if (message.normalSpillFloorBlocks !== undefined) {
+      writer.uint32(24).int32(message.normalSpillFloorBlocks);
     }
     return writer;
   },
@@ -925,6 +938,14 @@ export const PriorityConfig: MessageFns<PriorityConfig> = {
             message.highHeadroomReserveBlocks = reader.int32();
             continue;
           }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.normalSpillFloorBlocks = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -947,6 +968,11 @@ export const PriorityConfig: MessageFns<PriorityConfig> = {
         : isSet(object.high_headroom_reserve_blocks)
         ? globalThis.Number(object.high_headroom_reserve_blocks)
         : undefined,
+      normalSpillFloorBlocks: isSet(object.normalSpillFloorBlocks)
+        ? globalThis.Number(object.normalSpillFloorBlocks)
+        : isSet(object.normal_spill_floor_blocks)
+        ? globalThis.Number(object.normal_spill_floor_blocks)
+        : undefined,
     };
   },
 
@@ -958,6 +984,9 @@ export const PriorityConfig: MessageFns<PriorityConfig> = {
     if (message.highHeadroomReserveBlocks !== undefined) {
       obj.highHeadroomReserveBlocks = Math.round(message.highHeadroomReserveBlocks);
     }
+    if (message.normalSpillFloorBlocks !== undefined) {
+      obj.normalSpillFloorBlocks = Math.round(message.normalSpillFloorBlocks);
+    }
     return obj;
   },
 
@@ -968,6 +997,7 @@ export const PriorityConfig: MessageFns<PriorityConfig> = {
     const message = createBasePriorityConfig();
     message.headroom = object.headroom?.map((e) => PriorityHeadroom.fromPartial(e)) || [];
     message.highHeadroomReserveBlocks = object.highHeadroomReserveBlocks ?? undefined;
+    message.normalSpillFloorBlocks = object.normalSpillFloorBlocks ?? undefined;
     return message;
   },
 };
