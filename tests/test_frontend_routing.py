@@ -183,3 +183,38 @@ async def test_readiness_leader_first_then_bypass_and_why_not() -> None:
     lister.fail = True
     answer = await BypassDispatcher(EtcdRegistrySource(lister)).readiness()
     assert not answer.ready and "etcd unavailable" in answer.reason
+
+
+async def test_a_fallback_dispatch_spawns_no_task() -> None:
+    """The leader's deadline is asyncio.timeout around the call, not wait_for (which wraps the call in a task: one
+    more task and loop iteration per request); a leader slower than the deadline still falls back to the bypass."""
+    import asyncio
+    from typing import Any
+
+    class Leader:
+        delay = 0.0
+
+        async def dispatch(self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int) -> Any:
+            await asyncio.sleep(self.delay)
+            return "via-leader", "via-leader:7000"
+
+    leader = Leader()
+    fallback = FallbackDispatcher(
+        leader, BypassDispatcher(StaticRegistrySource([info("z")])), leader_timeout=0.2, retry_leader_after=0.0
+    )
+    loop = asyncio.get_running_loop()
+    tasks: list[object] = []
+    create_task = loop.create_task
+
+    def counting(coro: Any, **kw: Any) -> Any:
+        tasks.append(coro)
+        return create_task(coro, **kw)
+
+    loop.create_task = counting  # type: ignore[method-assign]
+    try:
+        assert (await fallback.dispatch("r1", 1, 8, 8))[0] == "via-leader"
+        assert tasks == []
+        leader.delay = 1.0
+        assert (await fallback.dispatch("r2", 1, 8, 8))[0] == "z"
+    finally:
+        del loop.create_task
