@@ -5,6 +5,11 @@ and gRPC address). When the leader changes, or its stream breaks, the reporter r
 
 Neither an etcd outage nor a leader blip stops it: the stream to the last known leader goes on while etcd is away,
 a broken stream is reopened (after a short pause, whatever the error), and the leader watch is reopened with backoff.
+A stream is "broken" also when grpc cancels the call under the reporter (``await ReportLoad`` raises CancelledError
+though nobody cancelled this task): before, that ended the stream task silently and the leader, hearing nothing,
+stopped dispatching to the instance for good. A report that fails to build (an engine bug or race in ``load_pb``) is
+warned about (rate-limited) and its tick skipped: were it raised into grpc's request iterator, grpc would cancel the
+call. Ticks that keep failing send nothing, not even keep-alives: an instance that cannot tell its load goes stale.
 
 What it sends costs the leader O(changed): every interval the llumlet's load is read, but a full ``InstanceLoad`` goes
 out only when something in it changed since the last one this stream carried (``load_change_key``: everything but the
@@ -23,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncGenerator
 
 import grpc
@@ -38,6 +45,8 @@ log = logging.getLogger(__name__)
 
 # An unchanged instance confirms its load every this many report intervals (see the module docstring for why 3).
 LOAD_KEEPALIVE_EVERY = 3
+# A report that keeps failing to build is warned about at most once per this many seconds (20 Hz ticks).
+REPORT_WARN_EVERY_S = 10.0
 
 
 def load_change_key(load: common_pb2.InstanceLoad) -> bytes:
@@ -68,6 +77,9 @@ class LoadReporter:
         self.reports_sent = 0  # full snapshots and keep-alives
         self.keepalives_sent = 0
         self.streams_ended = 0
+        self.report_failures = 0  # ticks skipped because the load could not be read
+        self._failures_warned = 0  # report_failures at the last warning
+        self._warned_at = -math.inf
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -109,16 +121,25 @@ class LoadReporter:
             backoff = min(backoff * 2, 5.0)
 
     async def _stream_to(self, address: str) -> None:
+        """Keeps one stream to ``address`` open, reopening it after a short pause whatever ended it; only the
+        cancellation of this task (a new leader, ``stop``) ends it."""
+        instance = self.llumlet.instance_id
         while True:
             try:
                 async with open_channel(address) as channel:
                     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
                     await stub.ReportLoad(self._reports())
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # ours: a new leader or stop
+                # grpc cancelled the call itself (e.g. its request iterator failed): a broken stream, not an end.
+                log.warning("%s: load stream to %s was cancelled under the reporter; reopening", instance, address)
             except grpc.aio.AioRpcError as exc:
                 raise_if_cancelling(exc)
-                log.debug("load stream to %s ended: %s", address, exc.code().name)
+                log.debug("%s: load stream to %s ended: %s", instance, address, exc.code().name)
             except Exception as exc:  # whatever broke this stream, the next one may work: never stop reporting
-                log.warning("load stream to %s failed: %r", address, exc)
+                log.warning("%s: load stream to %s failed: %r", instance, address, exc)
             else:
                 log.debug("load stream to %s closed by the scheduler", address)
             self.streams_ended += 1
@@ -134,12 +155,17 @@ class LoadReporter:
         # changed, so the snapshot is neither built nor compared (most ticks of a quiet or steadily decoding instance).
         checked: object = None
         while True:
-            version = self.llumlet.load_version()
+            try:
+                version = self.llumlet.load_version()
+                if version is None or version != checked:
+                    load = self.llumlet.load_pb()
+                    key = load_change_key(load)
+                    checked = version
+            except Exception as exc:  # raised into grpc's iterator it would cancel the call: skip this tick only
+                self._report_failed(exc)
+                await asyncio.sleep(self.interval_s)
+                continue
             quiet += 1
-            if version is None or version != checked:
-                load = self.llumlet.load_pb()
-                key = load_change_key(load)
-                checked = version
             if key != sent_key:
                 sent_key, sent_seq, quiet = key, load.seq, 0
                 yield scheduler_pb2.ReportLoadRequest(load=load)
@@ -151,3 +177,20 @@ class LoadReporter:
                 self.reports_sent += 1
                 self.keepalives_sent += 1
             await asyncio.sleep(self.interval_s)
+
+    def _report_failed(self, exc: Exception) -> None:
+        """Counts a tick whose load could not be read; warns at most every ``REPORT_WARN_EVERY_S`` (at 20 Hz a
+        persistent failure would otherwise log 20 lines a second)."""
+        self.report_failures += 1
+        now = time.monotonic()
+        if now - self._warned_at < REPORT_WARN_EVERY_S:
+            return
+        skipped = self.report_failures - self._failures_warned - 1
+        self._warned_at, self._failures_warned = now, self.report_failures
+        log.warning(
+            "%s: could not read its load for a report (%r); tick skipped%s",
+            self.llumlet.instance_id,
+            exc,
+            f" ({skipped} more since the last warning)" if skipped else "",
+            exc_info=exc,
+        )
