@@ -89,13 +89,26 @@ def test_decode_constants_follow_from_bandwidth_and_the_paper() -> None:
     assert p.decode_b_ms == pytest.approx(p.bytes_per_token / effective * 1e3, rel=0.01)
     # one step is longer than the paper's 7B downtime ("shorter than one decode step")
     assert p.decode_ms(1, 1) > PAPER_7B_DOWNTIME_MS
-    # a decode-only step of a typical batch (1-16 sequences of ~768 tokens, the L-L mean) lies within the artifact's
-    # measured per-token decode latency: prefill stalls, which the measured figure includes, only add to it
+    # a decode-only step of 1-16 sequences of ~768 tokens (the L-L mean) is below the artifact's measured per-token
+    # decode latency's upper end, since the measured figure also carries the prefill-only steps that stall decodes;
+    # a loaded batch (16 such sequences) alone already lies inside the measured range
     lo, hi = ARTIFACT_DECODE_S_PER_TOKEN
     for batch in (1, 4, 16):
-        assert lo * 0.9 < p.decode_ms(batch, batch * 768) / 1e3 < hi, batch
+        assert p.decode_ms(batch, batch * 768) / 1e3 < hi, batch
+    assert lo < p.decode_ms(16, 16 * 768) / 1e3 < hi
     # ... and shorter than the 30B step on 4 x A10 (~65 ms) at a full batch's context of a 2k-token request
     assert p.decode_ms(1, 2048) < 65.0
+
+
+def test_decode_speed_is_the_one_calibrated_on_10k_request_runs() -> None:
+    """64 % of the A10's peak: the kernel efficiency at which INFaaS++'s absolute figures over 10,000 requests at the
+    paper's rates match the artifact's GPU re-run (the sweep is in the profile's comment and docs/sim/REPORT.md). The
+    earlier 50 % (45 ms), picked from 2,000-request runs, left the cluster over capacity at the paper's rates."""
+    p = LLAMA_7B_A10
+    assert WEIGHTS_BYTES / (p.decode_c_ms / 1e3) == pytest.approx(0.64 * A10_GB_S, rel=1e-3)
+    assert p.decode_c_ms == pytest.approx(35.156, abs=1e-3)
+    assert p.decode_b_ms == pytest.approx(p.bytes_per_token / (0.64 * A10_GB_S) * 1e3, rel=1e-3)
+    assert p.decode_a_ms == 0.15
 
 
 def test_decode_is_linear_in_batch_and_context() -> None:

@@ -113,23 +113,39 @@ class Profile:
 #     (768 blocks, still above the 1 % watermark of 792).
 #   prefill (= recompute) ms at 256/512/1k/2k/4k/8k tokens: Fig. 10's 7B recompute 58/110/220/436/940/1,995, kept as
 #     the table; outside it the least-squares line through 256..2k (0.2114 ms/token + 3.04 ms).
-#   decode step: the artifact's GPU re-run measured a mean decode latency of 0.047-0.075 s per token on every trace,
-#     prefill stalls included (its vLLM 0.1.x ran a step as prefill-only or decode-only: split_steps). A decode step
-#     streams the weights once and every context token's KV once. At half of the A10's 600 GB/s peak (what the
-#     memory-bound kernels of that era reached on it) the weights take 13.5 GB / 300 GB/s = 45 ms (c) and each context
-#     token's 512 KiB another 0.00175 ms (b); 0.15 ms per sequence (a) covers sampling and per-sequence kernel
-#     launches. A decode-only step of 1-16 sequences of ~768 tokens (the L-L mean) is then 46-69 ms, and with the
-#     prefill-only steps interleaved the simulated mean per-token decode latency at the paper's rates is ~0.057 s on M-M
-#     and ~0.075 s on L-L (2,000 requests, seed 0; docs/sim/REPORT.md has the calibration table per seed). At 64 %
-#     of peak (35 ms) the same runs gave 0.047 s and queues that hardly formed (INFaaS++ L-L prefill P99 1.4 s vs the
-#     artifact's up to 190 s); at 45 ms INFaaS++ L-L reaches P99 ~230 s, preemption loss ~4 s (artifact 0.5-7.7 s)
-#     and 7.7 % fragmentation (paper 7.9 %): the load regime of the paper's testbed. 45 ms also keeps a step above the
-#     paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
+#   decode step: a step streams the weights once and every context token's KV once, at one effective bandwidth, a
+#     fraction ("kernel efficiency") of the A10's 600 GB/s peak: c = 13.5 GB / (600 GB/s x eff) for the weights, b =
+#     512 KiB / (600 GB/s x eff) per context token; 0.15 ms per sequence (a) covers sampling and per-sequence kernel
+#     launches. eff = 0.64 (c = 35.2 ms, b = 0.001365 ms) is calibrated so that the *baseline's absolute figures*
+#     (INFaaS++ = load-based dispatch, no migration, split steps, the per-trace migrate-out threshold) over 10,000
+#     requests at the paper's rates land where the artifact's GPU re-run measured them (PAPER.md, "The authors'
+#     artifact": decode mean 0.047-0.075 s per token on every trace; INFaaS++ M-M prefill P99 5-15 s at 7.4-7.8 req/s
+#     and 137 s at 8.0, i.e. a knee between 7.8 and 8.0; L-L P99 up to 190 s; preemption loss 0.5-7.7 s). Only the
+#     baseline was fitted, never the Llumnix / INFaaS++ ratio. Sweep (docs/sim/REPORT.md, "Calibration sweep"), INFaaS++
+#     prefill P99 in s per seed, decode mean s/token:
+#       eff   c ms   M-M 7.7 (s0/s1/s2)   M-M 8.0 (s0/s1/s2)   L-L 2.9 (s0)   decode mean (all runs)
+#       0.50  45.0   589 / 2397 / 659     -                    1015           0.084-0.098 (queues grow all run)
+#       0.55  40.9   359                  361                  218            0.069-0.089
+#       0.60  37.5   95 / 409 / 69        121                  8.6            0.054-0.072
+#       0.625 36.0   100 / 304 / 1.5      66                   1.5            0.050-0.059
+#       0.64  35.2   1.5 / 116 / 1.5      5.7 / 300            1.4            0.048-0.059
+#       0.65  34.6   1.4 / 48 / 1.5       1.5 / 293 / 6.8      1.4            0.047-0.060
+#     Per seed M-M's P99 is bimodal near the knee (a long prompt's own prefill, ~1.5 s, or a queue of 50-400 s), so no
+#     value puts the median inside 5-15 s at 7.7; 0.64 puts the knee where the artifact's is (7.7 mostly below it, 8.0
+#     at it: 5.7 s on seed 0, inside the artifact's band, 300 s on seed 1), while 0.625 and below are past it at 7.7
+#     already (median 100 s, the artifact's 8.0 figure) and 0.65 is light at 8.0 on two seeds of three. Every value
+#     from 0.6 up keeps the decode mean (0.047-0.072 s) and preemption loss (0.6-2.4 s) in the artifact's ranges; L-L
+#     at 2.9 is light from 0.6 up (P99 <= 8.6 s; the artifact's "up to 190 s" is a maximum over 2.6-3.2 req/s), so on
+#     L-L this testbed is lighter than the artifact's. The previous value, 0.5 (45 ms), was picked from 2,000-request
+#     runs, which end before a steady state: over 10,000 requests it is over capacity at the paper's rates. A step of
+#     1-16 sequences of ~768 tokens (the L-L mean) is 36-54 ms decode-only; the measured per-token figure also carries
+#     the prefill-only steps that stall it. 35 ms still keeps a step above the paper's 7B last-stage downtime (<= 26 ms,
+#     "shorter than one decode step").
 #   KV bytes/token = 2 (K,V) x 32 layers x 4096 hidden x 2 bytes = 512 KiB; a block of 16 tokens = 8 MiB.
 #   max_num_batched_tokens 12,800 (paper); max_num_seqs 256 (vLLM default); watermark 1 % (artifact).
 #   split_steps stays False here (the live llumlet's engine is V1-like); the paper scenarios turn it on per run.
 A10_PEAK_BYTES_PER_S = 600e9
-A10_KERNEL_EFFICIENCY = 0.5
+A10_KERNEL_EFFICIENCY = 0.64
 LLAMA_7B_WEIGHT_BYTES = 13.5e9
 _KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2
 LLAMA_7B_A10 = Profile(
