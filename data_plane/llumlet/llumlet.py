@@ -88,6 +88,14 @@ HEARTBEAT_S = 10.0
 THREAD_PAYLOAD_BYTES = 8 << 20
 
 
+# A step's outputs that nobody waits on at once (decode tokens: no first token, no finish) may wait for the next
+# step's and go out in one message with them (half the messages, each of which costs llumlet and frontend more CPU
+# than its tokens). The next step's outputs release them; if that step is late (a migration stage or a handler holds
+# the engine), a timer of this many times the step's modelled duration does (the slack over one step is for the
+# step's own overhead beyond its modelled duration: a timer that rang first would only cost the pairing).
+HOLD_STEPS = 1.25
+
+
 DOWNTIME_BUCKETS_MS = (1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 50.0, 100.0, 200.0, 500.0, 1000.0, math.inf)
 
 
@@ -445,15 +453,20 @@ class Llumlet:
             self._migrating_out = outgoing
 
     # --- outputs ---
-    def _emit(self, outputs: list[TokenOutput]) -> None:
+    def _emit(self, outputs: list[TokenOutput], hold_s: float = 0.0) -> None:
+        """Hands outputs to the pusher, one batch per frontend. ``hold_s`` > 0 (an engine step's): a frontend's batch
+        with no first token, finish or error may wait that long for the next step's (see ``OutputPusher.submit``)."""
         if self.metrics is not None:
             self.metrics.outputs(outputs, self._step_started)
         by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
+        urgent: set[str] = set()
         now = time.monotonic()
         for out in outputs:
             owner = self.owners.get(out.request_id)
             if owner is None:
                 continue
+            if out.finished or out.error or (out.first_index == 0 and out.token_ids):
+                urgent.add(owner.frontend_address)
             owner.last_output = now
             owner.next_index = max(owner.next_index, out.first_index + len(out.token_ids))
             if owner.trace is not None:
@@ -468,7 +481,7 @@ class Llumlet:
                 self.stats.requests_finished += 1
         for address, batch in by_frontend.items():
             if address:
-                self.pusher.submit(address, batch)
+                self.pusher.submit(address, batch, 0.0 if address in urgent else hold_s)
 
     def _trace_output(self, parent: Any, out: TokenOutput) -> None:
         """The request's first-token and finish spans (instants), children of its context on this instance."""
@@ -553,7 +566,7 @@ class Llumlet:
                     await asyncio.sleep(remaining)
                 self.stats.steps += 1
                 self.stats.last_step_duration = time.monotonic() - t0
-                self._emit(result.outputs)
+                self._emit(result.outputs, result.duration * HOLD_STEPS)
                 for hook in self.after_step:
                     hook()
                 last_end = time.monotonic()

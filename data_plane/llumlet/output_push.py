@@ -3,8 +3,11 @@
 One sender task per frontend address keeps one long-lived ``OutputSinkService.StreamOutputs`` stream open and writes
 each engine step's outputs for that frontend as one numbered batch (a unary call per step cost more CPU than the
 step's own Python work). The frontend applies batches in order and answers only when a batch asks: a batch asks when
-the last answer is ``ack_interval_s`` old or a ``flush`` waits, and a quiet stream with unanswered batches sends an
-empty asking batch. An answer acknowledges every batch up to its number; unanswered batches are kept.
+the last answer is ``ack_interval_s`` old or a ``flush`` waits, and a stream with unanswered batches that stayed quiet
+for ``ack_interval_s`` sends an empty asking batch (while outputs flow, the ask rides on them). An answer
+acknowledges every batch up to its number; unanswered batches are kept. Every written message costs both sides a
+fixed amount of CPU, more than its tokens: so decode-only steps are held for the next step (``submit``'s ``hold_s``)
+and two steps share a message; first tokens and finishes are never held.
 
 A failure -- the stream breaks, or an ask is not answered within its deadline (a slow frontend is not a dead one:
 the deadline doubles with each retry, up to ``max_attempt_timeout_s``) -- closes the stream; after a backoff a new
@@ -149,8 +152,14 @@ class _Sink:
         self.ask_time = 0.0
         self.ask_timeout = 0.0
         self.last_ack = time.monotonic()
+        # When the last batch with outputs was written: a quiet stream's empty asking batch waits ``ack_interval_s``
+        # from the later of the two, so on a flowing stream the ask rides on the next outputs instead.
+        self.last_data = 0.0
         self.failures = 0  # consecutive failed attempts of the current unacknowledged batches
         self.flushing = 0  # flush calls waiting
+        # While ``pending`` holds only outputs submitted with a hold (see ``OutputPusher.submit``): when they must go
+        # out at the latest (``time.monotonic``); 0: not held.
+        self.hold_until = 0.0
         self.probing = False  # a new stream asked which batches were applied; no answer yet
         self.resend = False  # the answer came: the unacknowledged batches are to be written again
         self.unary = False  # the frontend has no StreamOutputs: one PushOutputs per batch
@@ -218,6 +227,7 @@ class OutputPusher:
         self._pusher_id = secrets.randbits(63) or 1
         self.pushed = 0  # messages delivered
         self.coalesced = 0  # outputs merged into a queued message
+        self.held = 0  # submits held for the next one (see ``submit``)
         self.retries = 0
         self.given_up = 0  # batches given up after the whole budget
         self.sinks_closed = 0  # senders closed for idleness
@@ -232,8 +242,15 @@ class OutputPusher:
         sink = self._sinks.get(frontend_address)
         return len(sink.pending) if sink is not None else 0
 
-    def submit(self, frontend_address: str, outputs: list[common_pb2.RequestOutput]) -> None:
-        """Queues outputs (the pusher owns the messages from now on: it may merge later outputs into them)."""
+    def submit(self, frontend_address: str, outputs: list[common_pb2.RequestOutput], hold_s: float = 0.0) -> None:
+        """Queues outputs (the pusher owns the messages from now on: it may merge later outputs into them).
+
+        ``hold_s`` > 0 (an engine step's outputs that nobody waits on at once: no first token, no finish) lets them
+        wait for the next submit, at most ``hold_s``, so two steps share one message: each written message costs
+        the llumlet and the frontend more CPU than its outputs do. Only outputs submitted to an empty queue are held;
+        the next submit (the next step's outputs), a flush or the deadline sends them. Holding costs no wake-up of
+        the sender: its timer is moved to the deadline here.
+        """
         if not outputs:
             return
         sink = self._sinks.get(frontend_address)
@@ -244,9 +261,20 @@ class OutputPusher:
             outputs = [out for out in outputs if out.request_id not in sink.ended]
             if not outputs:
                 return
+        hold = hold_s > 0 and not sink.pending and not sink.flushing and not sink.unary
         for out in outputs:
             self.coalesced += sink.add(out)
         sink.submitted += 1
+        if hold:
+            self.held += 1
+            deadline = time.monotonic() + hold_s
+            sink.hold_until = deadline
+            if sink.alarm is None or sink.alarm_at > deadline:
+                if sink.alarm is not None:
+                    sink.alarm.cancel()
+                sink.alarm, sink.alarm_at = asyncio.get_running_loop().call_later(hold_s, _ring, sink), deadline
+            return
+        sink.hold_until = 0.0
         sink.wake.set()
 
     async def flush(self, frontend_address: str, timeout: float | None = None) -> None:
@@ -332,15 +360,19 @@ class OutputPusher:
                 await self._resend(sink)
                 continue
             overdue = sink.probing or (sink.ask_seq and now - sink.ask_time > s.ack_interval_s)
-            if sink.pending and len(sink.unacked) < s.max_unacked and not overdue:
+            held = bool(sink.hold_until) and not sink.flushing and now < sink.hold_until
+            if sink.pending and len(sink.unacked) < s.max_unacked and not overdue and not held:
+                sink.hold_until = 0.0
                 outputs, mark = sink.take()
                 message = self._message(sink.next_seq)
                 sink.next_seq += 1
                 message.batch.outputs.extend(outputs)
                 sink.unacked.append(_Batch(message, mark, now))
+                sink.last_data = now
                 await self._write(sink, message, ask=self._should_ask(sink, now))
                 continue
-            if sink.unacked and not sink.ask_seq and (sink.flushing or now - sink.last_ack >= s.ack_interval_s):
+            quiet_since = max(sink.last_ack, sink.last_data)
+            if sink.unacked and not sink.ask_seq and (sink.flushing or now - quiet_since >= s.ack_interval_s):
                 # Nothing to carry the ask: an empty batch asks (a quiet stream's last batches get answered too).
                 message = self._message(sink.next_seq)
                 sink.next_seq += 1
@@ -351,9 +383,15 @@ class OutputPusher:
             if sink.ask_seq:
                 deadline: float | None = sink.ask_time + sink.ask_timeout
             elif sink.unacked:
+                # The next ask is due ``ack_interval_s`` after the last answer (a deadline that stays, and so does its
+                # timer, between answers); once that passed while outputs flow, the empty one waits for a quiet gap.
                 deadline = sink.last_ack + s.ack_interval_s
+                if deadline <= now:
+                    deadline = quiet_since + s.ack_interval_s
             else:
                 deadline = None
+            if held and sink.pending:
+                deadline = sink.hold_until if deadline is None else min(deadline, sink.hold_until)
             rang = not await self._sleep(sink, deadline if deadline is not None else now + s.idle_close_s)
             if rang and deadline is None and not sink.pending and not sink.unacked and sink.stream_error is None:
                 await self._retire(sink)

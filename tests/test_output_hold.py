@@ -1,0 +1,130 @@
+"""#20 lean token path, llumlet side: fewer, fuller stream messages per engine step.
+
+Each message a llumlet writes on its output stream costs it and the frontend a fixed amount of CPU (gRPC, TLS, a
+wake-up on each side), more than the tokens in it. Checked here: decode-only steps are held for the next step and go
+out together (a held batch waits at most its hold, and a flush or the next submit sends it at once), first tokens
+and finishes are never held, tokens stay exact; and a stream with outputs flowing carries its acknowledgement
+requests on those outputs instead of on extra empty batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2
+from pyllumnix.tools.recording_sink import RecordingSink
+from tests.test_llumlet_output_push import engine_request, slow_engine, until
+
+
+class MessageSink(RecordingSink):
+    """Records each stream message's outputs (empty ones too) and when it arrived."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[tuple[float, list[common_pb2.RequestOutput]]] = []
+
+    async def StreamOutputs(
+        self,
+        request_iterator: AsyncIterator[frontend_pb2.StreamOutputsRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[frontend_pb2.StreamOutputsResponse]:
+        async def recorded() -> AsyncIterator[frontend_pb2.StreamOutputsRequest]:
+            async for message in request_iterator:
+                if message.seq:  # (seq 0: a new stream's question, not a batch)
+                    self.messages.append((time.monotonic(), list(message.batch.outputs)))
+                yield message
+
+        async for reply in super().StreamOutputs(recorded(), context):
+            yield reply
+
+    @property
+    def empty(self) -> int:
+        return sum(1 for _, outs in self.messages if not outs)
+
+
+def output(rid: str, index: int) -> common_pb2.RequestOutput:
+    return common_pb2.RequestOutput(request_id=rid, token_ids=[100 + index], first_token_index=index)
+
+
+async def test_decode_steps_share_a_message_while_first_tokens_and_finishes_go_at_once() -> None:
+    """Old behaviour: one message per engine step (41 steps, ~41 messages)."""
+    sink = MessageSink()
+    address = await sink.start()
+    llumlet = Llumlet(slow_engine(step_ms=20.0), "i", push=PushSettings(ack_interval_s=0.25))
+    llumlet.start()
+    try:
+        await llumlet.add_request(engine_request("r", address, max_tokens=41))
+        outs = await sink.wait("r", timeout=30)
+        await llumlet.pusher.flush(address, timeout=5)
+        assert sink.raw_indices("r") == list(range(41)), "every token once, in order"
+        assert outs[0].first_token_index == 0 and len(outs[0].token_ids) == 1, "the first token was not held"
+        assert outs[-1].finished and outs[-1].first_token_index + len(outs[-1].token_ids) == 41
+        data = [outs for _, outs in sink.messages if outs]
+        assert len(data) <= 25, f"{len(data)} messages for 41 steps: decode steps were not paired"
+        assert llumlet.pusher.held >= 15
+        # A finish is never held: the last message ends with it, and the message before it carried no later token.
+        last = [o for o in data[-1] if o.request_id == "r"]
+        assert last and last[-1].finished
+    finally:
+        await llumlet.stop()
+        await sink.stop()
+
+
+async def test_a_held_batch_goes_out_at_its_deadline_or_at_once_with_the_next_submit_or_a_flush() -> None:
+    """Old behaviour: ``submit`` took no hold (TypeError)."""
+    sink = MessageSink()
+    address = await sink.start()
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=60.0))
+    try:
+        pusher.submit(address, [output("r", 0)])
+        await until(lambda: len(sink.messages) == 1, 5, "the unheld first output")
+        # Alone, a held batch waits for its deadline (no next step came), then goes.
+        start = time.monotonic()
+        pusher.submit(address, [output("r", 1)], hold_s=0.3)
+        await asyncio.sleep(0.1)
+        assert len(sink.messages) == 1, "sent before its hold ended"
+        await until(lambda: len(sink.messages) == 2, 5, "the held output after its deadline")
+        assert sink.messages[1][0] - start >= 0.29
+        # The next submit sends both together, long before the hold would end.
+        start = time.monotonic()
+        pusher.submit(address, [output("r", 2)], hold_s=30.0)
+        pusher.submit(address, [output("r", 3)], hold_s=30.0)
+        await until(lambda: len(sink.messages) == 3, 5, "the pair")
+        assert time.monotonic() - start < 5
+        (merged,) = sink.messages[2][1]
+        assert merged.first_token_index == 2 and list(merged.token_ids) == [102, 103]
+        # A flush (a migration's, a shutdown's) sends a held batch at once.
+        pusher.submit(address, [output("r", 4)], hold_s=30.0)
+        await pusher.flush(address, timeout=5)
+        assert sink.raw_indices("r") == [0, 1, 2, 3, 4]
+    finally:
+        await pusher.close()
+        await sink.stop()
+
+
+async def test_a_flowing_stream_asks_for_answers_on_its_outputs_not_on_empty_batches() -> None:
+    """Old behaviour: the ask's timer rang between two batches, and an empty batch asked (here ~1 per 0.1 s)."""
+    sink = MessageSink()
+    address = await sink.start()
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=0.1))
+    try:
+        for i in range(50):
+            pusher.submit(address, [output("r", i)])
+            await asyncio.sleep(0.03)
+        await pusher.flush(address, timeout=5)
+        assert sink.raw_indices("r") == list(range(50))
+        assert sink.empty <= 1, f"{sink.empty} empty asking batches on a flowing stream"
+        assert pusher.pushed == 50, "every batch was acknowledged"
+        # A quiet stream still asks: an output, then nothing; the batch is answered without a flush.
+        pusher.submit(address, [output("r", 50)])
+        await until(lambda: pusher.pushed == 51, 5, "the quiet stream's answer")
+    finally:
+        await pusher.close()
+        await sink.stop()
