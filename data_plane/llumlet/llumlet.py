@@ -277,16 +277,22 @@ class Llumlet:
         self._work.set()
 
     # --- serving ---
-    async def add_request(self, request: common_pb2.EngineRequest) -> None:
+    async def add_request(self, request: common_pb2.EngineRequest, admit: Callable[[], None] | None = None) -> None:
+        """``admit`` runs right before the add, after any wait for the lock; what it raises refuses the request (the
+        AddRequest handler checks there that its caller is still waiting: ``late_adds``)."""
         if self.state != InstanceState.ACTIVE:
             raise InstanceNotAcceptingError(f"instance {self.instance_id} is {self.state.name}")
         spec = convert.spec_from_pb(request)
         if self._adds_open:
             # A sim step is writing its payload in a worker thread and holds the lock until it ends (seconds, for a
             # large one); adding only enqueues, which that write never reads, so it need not wait.
+            if admit is not None:
+                admit()
             self._add(request, spec)
         else:
             async with self.engine_lock:
+                if admit is not None:
+                    admit()
                 self._add(request, spec)
         self.wake()
 

@@ -30,6 +30,13 @@ from pyllumnix.data_plane.engine.base import (
     UnknownRequestError,
 )
 from pyllumnix.data_plane.llumlet.convert import request_load_to_pb
+from pyllumnix.data_plane.llumlet.late_adds import (
+    AbortedBeforeArrivalError,
+    CallerGaveUpError,
+    Tombstones,
+    check_deadline,
+    check_tombstone,
+)
 from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llumlet, QueueFullError
 from pyllumnix.infra import wire
 from pyllumnix.infra.security.authz import authenticated_caller, is_plaintext
@@ -56,6 +63,9 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (InstanceNotAcceptingError, grpc.StatusCode.FAILED_PRECONDITION),
     # The waiting queue is full: the frontend answers HTTP 429 (or tries another instance).
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    # An AddRequest its caller gave up on (see late_adds): refused rather than added for nobody.
+    (CallerGaveUpError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (AbortedBeforeArrivalError, grpc.StatusCode.ABORTED),
 )
 
 
@@ -130,6 +140,8 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         self.fence = TermFence()
         self._warned: set[str] = set()
         self._streams: dict[str, int] = {}
+        # Ids aborted here before their AddRequest arrived (late_adds): that AddRequest is refused.
+        self.tombstones = Tombstones()
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:
@@ -180,13 +192,23 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
     async def AddRequest(
         self, request: llumlet_pb2.AddRequestRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llumlet_pb2.AddRequestResponse:
-        if not request.request.request_id:
+        request_id, instance_id = request.request.request_id, self.llumlet.instance_id
+        if not request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is empty")
+
+        def admit() -> None:
+            """Right before the add, after any wait for the engine lock: is anyone still waiting for this add?"""
+            check_tombstone(self.tombstones, request_id, instance_id)
+            check_deadline(context.time_remaining(), request_id, instance_id)
+
         try:
-            await self.llumlet.add_request(request.request)
-        except (EngineError, InstanceNotAcceptingError, QueueFullError) as exc:
+            await self.llumlet.add_request(request.request, admit)
+        except (EngineError, InstanceNotAcceptingError, QueueFullError, CallerGaveUpError) as exc:
             await abort_with(context, exc)
-        return llumlet_pb2.AddRequestResponse(instance_id=self.llumlet.instance_id)
+        except AbortedBeforeArrivalError as exc:
+            log.info("%s", exc)  # the abort's caller gave up on this add (e.g. its deadline passed on the way)
+            await abort_with(context, exc)
+        return llumlet_pb2.AddRequestResponse(instance_id=instance_id)
 
     async def AbortRequest(
         self, request: llumlet_pb2.AbortRequestRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -194,6 +216,9 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         try:
             await self.llumlet.abort_request(request.request_id)
         except EngineError as exc:
+            if isinstance(exc, UnknownRequestError) and request.request_id:
+                # It may not have arrived yet (the AddRequest overtaken by this abort): its add must not happen.
+                self.tombstones.add(request.request_id)
             await abort_with(context, exc)
         return llumlet_pb2.AbortRequestResponse()
 
