@@ -68,9 +68,15 @@ def test_a_high_instance_with_normal_requests_is_paired_after_the_normal_sources
     assert pair_instances(snap, CFG)[0] == MigrateOrder("n", "dest", Selection.SR)
 
 
-def test_the_head_must_fit_above_the_floor() -> None:
-    # h's room above the floor: 200 - 100 = 100 < the 150-block head.
+def test_a_head_too_big_for_the_room_sends_a_running_request_instead() -> None:
+    # h's room above the floor: 200 - 100 = 100 < the 150-block head: a running request (the configured selection)
+    # moves and leaves its blocks to the blocked head.
     snap = ClusterSnapshot.of([high_instance("h", 200), queueing("n", hol=150)])
+    assert pair_instances(snap, CFG) == [MigrateOrder("n", "h", Selection.SR)]
+
+
+def test_no_spill_to_an_instance_without_room_above_the_floor() -> None:
+    snap = ClusterSnapshot.of([high_instance("h", 100), queueing("n")])
     assert pair_instances(snap, CFG) == []
 
 

@@ -112,7 +112,8 @@ def _spill_orders(
 ) -> list[MigrateOrder]:
     """Pairs the sources left without a destination whose queue is blocked (normal instances only) with instances
     holding high-priority work that have room above ``normal_spill_floor_blocks``, most room first; each moves its
-    head waiting request (FCW: no KV to copy, and it shortens the queue that made it a source).
+    head waiting request (FCW: no KV to copy, and it shortens the queue that made it a source) where that fits the
+    room, else a running request (the configured selection), whose blocks go to the blocked head.
 
     The headroom charged in the migration freeness makes such an instance a source and never a destination, so in a
     burst, when no instance is above the threshold, its spare memory stayed idle while the queues elsewhere drained
@@ -136,11 +137,13 @@ def _spill_orders(
             and v.free_blocks - v.waiting_demand_blocks - floor > 0
         ),
     )
-    out: list[MigrateOrder] = []
-    for src, (neg_room, dst_id) in zip(senders, rooms, strict=False):
-        if -neg_room >= src.head_of_line_demand_blocks:
-            out.append(MigrateOrder(src.instance_id, dst_id, Selection.FCW))
-    return out
+    return [
+        # The head itself where it fits; else a running request, whose blocks the blocked head then gets.
+        MigrateOrder(
+            src.instance_id, dst_id, Selection.FCW if -neg_room >= src.head_of_line_demand_blocks else config.selection
+        )
+        for src, (neg_room, dst_id) in zip(senders, rooms, strict=False)
+    ]
 
 
 def _narrows_gap(src: InstanceView, dst: InstanceView, f_src: float, f_dst: float, config: PolicyConfig) -> bool:
