@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import pytest
 
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
 from pyllumnix.tools import bench_peers
-from pyllumnix.tools.bench_peers import _aggregate, alive, cpu_seconds, ensure_peers, plot
+from pyllumnix.tools.bench_peers import _aggregate, alive, cpu_seconds, ensure_peers, plot, thread_cpu_seconds
 from pyllumnix.tools.bench_serving import text_prompt_of
 from pyllumnix.tools.workload import generate
 
@@ -38,6 +39,37 @@ def test_cpu_seconds_and_alive_read_proc() -> None:
     assert alive(os.getpid()) and not alive(proc.pid) and cpu_seconds(proc.pid) == 0.0
 
 
+def test_thread_cpu_seconds_splits_a_process_by_thread() -> None:
+    """The main thread and every other live thread (by name), each its own CPU; {} for a process that is gone."""
+    import threading
+
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        before = thread_cpu_seconds(os.getpid())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            now = thread_cpu_seconds(os.getpid())
+            others = sum(v for k, v in now.items() if k != "main") - sum(v for k, v in before.items() if k != "main")
+            if others >= 0.05:
+                break
+            time.sleep(0.05)
+        assert "main" in now and others >= 0.05, now
+        assert sum(now.values()) <= cpu_seconds(os.getpid()) + 0.05
+    finally:
+        stop.set()
+        worker.join()
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert thread_cpu_seconds(proc.pid) == {}
+
+
 def test_aggregate_gives_median_and_spread() -> None:
     runs = [{"ttft_s": {"p99": v}, "completed": 10, "summary": {"x": 1}} for v in (3.0, 1.0, 2.0)]
     agg = _aggregate(runs)
@@ -55,6 +87,15 @@ def test_plot_writes_a_chart(tmp_path: Path) -> None:
     med = {"ttft_s.p99": {"median": 0.5}, "cpu_ms_per_request.total": {"median": 120.0}}
     report: dict[str, Any] = {"systems": {"llumnix": {}, "vllm-router:round_robin": {}}, "results": {"w:n=1": {}}}
     report["results"]["w:n=1"] = {"llumnix": {"median": med}, "vllm-router:round_robin": {"median": med}}
+    plot(report, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_runs_where_every_request_failed(tmp_path: Path) -> None:
+    """No TTFT anywhere (every request failed): still a chart, not a crash of the whole benchmark at its end (old:
+    matplotlib's "Data cannot be log-scaled" ValueError after the runs, their JSON lost with it)."""
+    med = {"ttft_s.p99": {"median": float("nan")}, "cpu_ms_per_request.total": {"median": 170.0}}
+    report: dict[str, Any] = {"systems": {"llumnix": {}}, "results": {"w:n=1": {"llumnix": {"median": med}}}}
     plot(report, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
