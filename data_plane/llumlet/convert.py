@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pyllumnix.data_plane.engine.base import (
     LoadSnapshot,
     MigrationState,
@@ -111,8 +113,18 @@ def _summary(snap: LoadSnapshot) -> common_pb2.LoadSummary:
     return summary
 
 
-def load_to_pb(snap: LoadSnapshot, instance_id: str, seq: int, timestamp: float) -> common_pb2.InstanceLoad:
-    return common_pb2.InstanceLoad(
+def load_to_pb(
+    snap: LoadSnapshot,
+    instance_id: str,
+    seq: int,
+    timestamp: float,
+    frontend_of: Callable[[str], str | None] | None = None,
+) -> common_pb2.InstanceLoad:
+    """``frontend_of(request_id)``: the frontend address a request's entry names (None or empty: none).
+
+    Built in place (each request's entry added to the message, not built apart and copied in): a busy llumlet builds
+    its load up to 20 times a second, and the copies were about half of it."""
+    pb = common_pb2.InstanceLoad(
         instance_id=instance_id,
         seq=seq,
         total_blocks=snap.total_blocks,
@@ -124,12 +136,27 @@ def load_to_pb(snap: LoadSnapshot, instance_id: str, seq: int, timestamp: float)
         num_preempted=snap.num_preempted,
         head_of_line_demand_blocks=snap.head_of_line_demand_blocks,
         waiting_demand_blocks=snap.waiting_demand_blocks,
-        requests=[request_load_to_pb(r) for r in snap.requests],
         summary=_summary(snap),
         reserved_blocks=snap.reserved_blocks,
         total_preemptions=snap.total_preemptions,
         timestamp=timestamp,
     )
+    add = pb.requests.add
+    for r in snap.requests:
+        address = frontend_of(r.request_id) if frontend_of is not None else None
+        add(
+            request_id=r.request_id,
+            phase=wire.phase_to_pb(r.phase),
+            priority=wire.priority_to_pb(r.priority),
+            num_blocks=r.num_blocks,
+            demand_blocks=r.demand_blocks,
+            num_prompt_tokens=r.num_prompt_tokens,
+            num_output_tokens=r.num_output_tokens,
+            num_preemptions=r.num_preemptions,
+            arrival_time=r.arrival_time,
+            frontend_address=address or "",
+        )
+    return pb
 
 
 def migration_state_to_pb(state: MigrationState, frontend_address: str) -> llumlet_pb2.MigratingRequest:

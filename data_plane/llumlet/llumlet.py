@@ -439,11 +439,13 @@ class Llumlet:
             for rid in [r for r in self.abort_reasons if r not in here and r not in self.pending_aborts]:
                 del self.abort_reasons[rid]
         self._load_seq += 1
-        pb = convert.load_to_pb(self.engine.load(), self.instance_id, self._load_seq, time.time())
-        for r in pb.requests:
-            owner = self.owners.get(r.request_id)
-            if owner is not None:
-                r.frontend_address = owner.frontend_address
+        owners = self.owners
+
+        def frontend_of(request_id: str) -> str | None:
+            owner = owners.get(request_id)
+            return owner.frontend_address if owner is not None else None
+
+        pb = convert.load_to_pb(self.engine.load(), self.instance_id, self._load_seq, time.time(), frontend_of)
         pb.state = wire.state_to_pb(self.state)
         pb.migrating_in = self._migrating_in
         pb.migrating_out = self._migrating_out
