@@ -134,11 +134,13 @@ async def test_an_add_that_arrives_after_its_abort_is_refused(served: Served) ->
         # Aborting a request that is here leaves no tombstone.
         await stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id="r-other"), timeout=DEADLINE_S)
         assert "r-other" not in served.servicer.tombstones
+    assert served.servicer.late_adds_refused == 1
 
 
 async def test_an_add_woken_from_the_engine_lock_after_its_deadline_is_refused(served: Served) -> None:
-    """A step (or a migration stage) holds the engine lock and, synchronous, the event loop past the AddRequest's
-    deadline: the handler is woken by the lock before grpc's cancellation reaches it (old code: it added)."""
+    """A step (or a migration stage) releases the engine lock but holds the event loop, synchronous, past the
+    AddRequest's deadline: the handler, woken by the lock, runs before grpc's cancellation reaches it (old code: it
+    added). Releasing the lock before the loop is held puts that wake-up first, whatever the machine's load."""
     lock = served.llumlet.engine_lock
     await lock.acquire()
     try:
@@ -148,8 +150,8 @@ async def test_an_add_woken_from_the_engine_lock_after_its_deadline_is_refused(s
             async with asyncio.timeout(DEADLINE_S):  # the handler waits for the lock
                 while not getattr(lock, "_waiters", None):
                     await asyncio.sleep(0.005)
-            time.sleep(1.5)  # a long synchronous step: the deadline passes while the loop is held
-            lock.release()
+            lock.release()  # the step ends: the handler's wake-up is queued...
+            time.sleep(1.5)  # ...but the loop is held (the step's synchronous tail) until the deadline has passed
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -161,6 +163,7 @@ async def test_an_add_woken_from_the_engine_lock_after_its_deadline_is_refused(s
         if lock.locked():
             lock.release()
     assert served.engine.request_ids() == [], "old code: added after its caller had given up"
+    assert served.servicer.late_adds_refused == 1, "refused by the handler, not cancelled by grpc before the add"
 
 
 class FakeContext:

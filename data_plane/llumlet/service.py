@@ -142,6 +142,7 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         self._streams: dict[str, int] = {}
         # Ids aborted here before their AddRequest arrived (late_adds): that AddRequest is refused.
         self.tombstones = Tombstones()
+        self.late_adds_refused = 0  # AddRequests refused because their caller had given up (either check)
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:
@@ -203,10 +204,11 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
 
         try:
             await self.llumlet.add_request(request.request, admit)
-        except (EngineError, InstanceNotAcceptingError, QueueFullError, CallerGaveUpError) as exc:
+        except (EngineError, InstanceNotAcceptingError, QueueFullError) as exc:
             await abort_with(context, exc)
-        except AbortedBeforeArrivalError as exc:
-            log.info("%s", exc)  # the abort's caller gave up on this add (e.g. its deadline passed on the way)
+        except (CallerGaveUpError, AbortedBeforeArrivalError) as exc:
+            self.late_adds_refused += 1
+            log.info("%s", exc)  # its caller has moved on (placed the request elsewhere); nothing to alarm anyone
             await abort_with(context, exc)
         return llumlet_pb2.AddRequestResponse(instance_id=instance_id)
 
