@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -32,7 +33,15 @@ IDLE_S = 10.0
 
 def main() -> dict[str, Any]:
     perf = os.environ.get("PERF", "")
-    system = start_project("llumnix", Path(tempfile.mkdtemp(prefix="decompose-")), 520, 4)
+    work = Path(tempfile.mkdtemp(prefix="decompose-"))
+    try:
+        return _measure(perf, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(perf: str, work: Path) -> dict[str, Any]:
+    system = start_project("llumnix", work, 520, 4)
     pids: dict[str, list[int]] = {}
     for p in system.procs:
         pids.setdefault(p.kind, []).append(p.pid)
