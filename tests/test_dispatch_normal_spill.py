@@ -21,6 +21,7 @@ from tests.test_policy_helpers import view
 
 NORMAL = DispatchRequestView("n", Priority.NORMAL, num_prompt_tokens=16 * 8)  # 8 blocks
 BIG_HIGH = DispatchRequestView("h", Priority.HIGH, num_prompt_tokens=16 * 384)  # 384 blocks
+FLOOR100 = PolicyConfig(normal_spill_floor_blocks=100)
 
 
 def high_instance(iid: str, free: int, n_high: int = 2) -> InstanceView:
@@ -45,8 +46,11 @@ CASES = [
     ("best fits", [high_instance("h", 700), view("n", free_blocks=400, num_running=10)], PolicyConfig(), "n"),
     # n: (4 - 300)/40 = -7.4 beats h's (700 - 900)/2 = -100, but queues there; h has 700 - 8 >= 100 free. Old: n.
     ("best queues, spill", [high_instance("h", 700), queueing_instance("n")], PolicyConfig(), "h"),
-    # h would keep 105 - 8 = 97 < 100 free: the request stays with the ranking's choice.
-    ("room under the floor", [high_instance("h", 105), queueing_instance("n")], PolicyConfig(), "n"),
+    # With a floor of 100, h would keep 105 - 8 = 97 < 100 free: the request stays with the ranking's choice.
+    ("room under the floor", [high_instance("h", 105), queueing_instance("n")], FLOOR100, "n"),
+    # The default floor, 0: all of h's free memory (the engine preempts the request when high-priority work needs it).
+    ("default floor 0", [high_instance("h", 105), queueing_instance("n")], PolicyConfig(), "h"),
+    ("no room at all", [high_instance("h", 7), queueing_instance("n")], PolicyConfig(), "n"),
     (
         "floor 92 lets it in",
         [high_instance("h", 105), queueing_instance("n")],
@@ -81,9 +85,9 @@ def test_normal_request_spills_when_the_ranking_would_queue_it(
 
 def test_spilled_requests_are_counted_until_the_next_report() -> None:
     """Dispatches between two reports take the room they were given: h (120 free) takes two 8-block requests, then
-    120 - 16 - 8 = 96 < 100 and the third goes to the ranking's choice."""
+    120 - 16 - 8 = 96 < 100 (floor 100) and the third goes to the ranking's choice."""
     snap = ClusterSnapshot.of([high_instance("h", 120), queueing_instance("n")])
-    policy = LlumnixDispatch(PolicyConfig())
+    policy = LlumnixDispatch(FLOOR100)
     placed = []
     for _ in range(3):
         chosen = policy.choose(snap, NORMAL)

@@ -16,7 +16,7 @@ from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import InstanceView
 from tests.test_policy_helpers import view
 
-CFG = PolicyConfig()  # threshold 3, de-frag, high headroom = total - 100, spill floor 100
+CFG = PolicyConfig(normal_spill_floor_blocks=100)  # threshold 3, de-frag, high headroom = total - 100
 
 
 def high_instance(iid: str, free: int, *, normal: int = 0) -> InstanceView:
@@ -78,6 +78,8 @@ def test_a_head_too_big_for_the_room_sends_a_running_request_instead() -> None:
 def test_no_spill_to_an_instance_without_room_above_the_floor() -> None:
     snap = ClusterSnapshot.of([high_instance("h", 100), queueing("n")])
     assert pair_instances(snap, CFG) == []
+    # The default floor, 0: its 100 free blocks take the 20-block head.
+    assert pair_instances(snap, PolicyConfig()) == [MigrateOrder("n", "h", Selection.FCW)]
 
 
 def test_no_spill_from_an_instance_without_a_queue_or_with_the_spill_off() -> None:

@@ -25,7 +25,7 @@ def test_floor_survives_the_cluster_config(floor: int) -> None:
 
 def test_unset_floor_is_the_default() -> None:
     assert config_from_pb(config_pb2.ClusterConfig()).normal_spill_floor_blocks == DEFAULT_NORMAL_SPILL_FLOOR_BLOCKS
-    assert DEFAULT_NORMAL_SPILL_FLOOR_BLOCKS == PolicyConfig().normal_spill_floor_blocks == 100
+    assert DEFAULT_NORMAL_SPILL_FLOOR_BLOCKS == PolicyConfig().normal_spill_floor_blocks == 0
 
 
 @pytest.mark.parametrize("bad", [-1, 1_000_001])
@@ -35,7 +35,7 @@ def test_bad_floor_is_refused_by_its_path(bad: int) -> None:
         config_from_pb(pb)
 
 
-@pytest.mark.parametrize(("floor", "expected"), [(100, "h"), (500, "n")])
+@pytest.mark.parametrize(("floor", "expected"), [(0, "h"), (100, "h"), (500, "n")])
 def test_the_configured_floor_decides_dispatch(floor: int, expected: str) -> None:
     """n queues ((4 - 300)/40 < 0, demand 2 blocks > its avail); h (1,000 blocks, 2 high requests) has 400 free:
     400 - 2 >= 100 spills there, >= 500 does not."""

@@ -233,7 +233,8 @@ export interface PriorityConfig {
    * high-priority work where it runs at once and leaves at least this many blocks free; a queueing normal instance
    * left without a migration destination sends its head waiting request to such an instance on the same terms. The
    * engines serve high-priority requests first (they preempt these normal requests when they need the memory).
-   * Default 100; range [0, 1000000]; more blocks than any instance holds turns it off (the artifact's rule).
+   * Default 0 (all of its free memory); range [0, 1000000]; more blocks than any instance holds turns it off (the
+   * artifact's rule).
    */
   normalSpillFloorBlocks?: number | undefined;
 }
