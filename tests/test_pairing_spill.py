@@ -6,7 +6,7 @@ Why: the headroom in the migration freeness makes an instance holding high-prior
 never a destination. It took the freest destinations first and, in a burst, moved its normal requests onto the
 memory the queueing normal instances needed; and after the burst its free memory stayed idle while two normal
 instances held 150-180 waiting requests each (Fig. 13, S-S 33 req/s, seed 1; docs/sim/REPORT.md). Every test but the
-last two fails on the previous pairing."""
+last fails on the previous pairing."""
 
 from __future__ import annotations
 
