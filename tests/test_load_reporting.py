@@ -28,7 +28,20 @@ from pyllumnix.control_plane.scheduler.cluster import (
 )
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import SchedulerServicer
-from pyllumnix.data_plane.llumlet.reporter import LOAD_KEEPALIVE_EVERY, LoadReporter, load_change_key
+from pyllumnix.data_plane.engine.base import Phase
+from pyllumnix.data_plane.engine.sim import SimEngine
+from pyllumnix.data_plane.llumlet import convert
+from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.data_plane.llumlet.reporter import (
+    GROWTH_REPORT_EVERY,
+    LOAD_KEEPALIVE_EVERY,
+    LoadKey,
+    LoadReporter,
+    ReportAction,
+    load_change_key,
+    load_key,
+    report_action,
+)
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -365,3 +378,225 @@ def test_a_full_load_dropped_by_the_floor_is_applied_when_a_keepalive_confirms_i
     assert servicer.take(alive, "i-1", True)
     assert replica.cluster.loads["i-1"].free_blocks == 42
     assert servicer.take(alive, "i-1", True), "later keep-alives confirm the load now held"
+
+
+# ------------------------------------------------------------------------------ running requests' block growth (#20)
+def decoding(free_blocks: int = 80, blocks: tuple[int, ...] = (10, 10), demand: tuple[int, ...] = (0, 0)) -> LoadKey:
+    """The key of a load with running requests r0, r1, ... holding ``blocks`` and needing ``demand`` more."""
+    pb = common_pb2.InstanceLoad(instance_id="i-1", total_blocks=100, free_blocks=free_blocks, block_size=16)
+    pb.summary.running_blocks = sum(blocks)
+    for i, (held, more) in enumerate(zip(blocks, demand, strict=True)):
+        pb.requests.add(request_id=f"r{i}", phase=common_pb2.REQUEST_PHASE_RUNNING, num_blocks=held, demand_blocks=more)
+    return load_key(pb)
+
+
+def with_waiting(key: LoadKey) -> LoadKey:
+    """The same load plus an admitted (waiting) request."""
+    return LoadKey(key.rest + b"+waiting", key.growth)
+
+
+FULL, ALIVE, NOTHING = ReportAction.FULL, ReportAction.KEEP_ALIVE, ReportAction.NOTHING
+K = GROWTH_REPORT_EVERY
+
+
+@pytest.mark.parametrize(
+    ("case", "sent", "current", "since_full", "since_sent", "action"),
+    [
+        ("first tick of a stream", None, decoding(), 1, 1, FULL),
+        ("unchanged, keep-alive not due", decoding(), decoding(), 1, 1, NOTHING),
+        ("unchanged, keep-alive due", decoding(), decoding(), 5, LOAD_KEEPALIVE_EVERY, ALIVE),
+        # Before: each of these growth-only changes was sent at the next tick.
+        ("a block taken, throttled", decoding(80), decoding(79, (11, 10)), 1, 1, NOTHING),
+        ("a block needed, throttled", decoding(), decoding(demand=(1, 0)), 1, 1, NOTHING),
+        ("two blocks taken, throttled", decoding(80), decoding(78, (11, 11)), K - 1, K - 1, NOTHING),
+        ("growth, its period come", decoding(80), decoding(79, (11, 10)), K, K, FULL),
+        ("growth, keep-alive due instead", decoding(80), decoding(79, (11, 10)), K + 2, LOAD_KEEPALIVE_EVERY, FULL),
+        # Every other change goes out at the next tick, whatever the growth period.
+        ("an admission", decoding(), with_waiting(decoding()), 1, 1, FULL),
+        ("an admission with growth", decoding(80), with_waiting(decoding(79, (11, 10))), 1, 1, FULL),
+        ("a finish", decoding(80), decoding(90, (10,), (0,)), 1, 1, FULL),
+        ("blocks freed (a shrink)", decoding(80), decoding(81, (9, 10)), 1, 1, FULL),
+        ("free blocks moved alone", decoding(80), decoding(79), 1, 1, FULL),
+        ("free blocks fell by more than the growth", decoding(80), decoding(77, (11, 10)), 1, 1, FULL),
+        ("demand dropped without a block", decoding(demand=(1, 0)), decoding(), 1, 1, FULL),
+    ],
+)
+def test_what_a_report_tick_sends(
+    case: str, sent: LoadKey | None, current: LoadKey, since_full: int, since_sent: int, action: ReportAction
+) -> None:
+    assert report_action(sent, current, since_full, since_sent) is action, case
+
+
+def test_a_preemption_or_phase_change_is_not_growth() -> None:
+    running = common_pb2.InstanceLoad(instance_id="i-1", free_blocks=80)
+    running.requests.add(request_id="r0", phase=common_pb2.REQUEST_PHASE_RUNNING, num_blocks=10)
+    preempted = common_pb2.InstanceLoad()
+    preempted.CopyFrom(running)
+    preempted.requests[0].phase = common_pb2.REQUEST_PHASE_WAITING
+    preempted.requests[0].num_blocks = 0
+    preempted.free_blocks = 90
+    migrating = common_pb2.InstanceLoad()
+    migrating.CopyFrom(running)
+    migrating.migrating_out = True
+    for changed in (preempted, migrating):
+        assert report_action(load_key(running), load_key(changed), 1, 1) is FULL
+    # A waiting request's blocks and demand are not growth either (only running requests grow block by block).
+    waiting = common_pb2.InstanceLoad(instance_id="i-1", free_blocks=80)
+    waiting.requests.add(request_id="w", phase=common_pb2.REQUEST_PHASE_WAITING, demand_blocks=4)
+    more = common_pb2.InstanceLoad()
+    more.CopyFrom(waiting)
+    more.requests[0].demand_blocks = 5
+    assert report_action(load_key(waiting), load_key(more), 1, 1) is FULL
+
+
+def test_the_change_key_bytes_still_see_growth() -> None:
+    """``load_change_key`` (the whole key) differs for growth too: only the reporter's cadence treats it apart."""
+    a = common_pb2.InstanceLoad(instance_id="i-1", free_blocks=80)
+    a.requests.add(request_id="r0", phase=common_pb2.REQUEST_PHASE_RUNNING, num_blocks=10)
+    b = common_pb2.InstanceLoad()
+    b.CopyFrom(a)
+    b.requests[0].num_blocks, b.free_blocks = 11, 79
+    assert load_change_key(a) != load_change_key(b)
+    b.requests[0].num_output_tokens = 99
+    c = common_pb2.InstanceLoad()
+    c.CopyFrom(b)
+    c.requests[0].num_output_tokens = 3
+    assert load_change_key(b) == load_change_key(c)
+
+
+class ScriptedLlumlet:
+    """A decoding llumlet whose load changes per report tick as a script says (``load_version`` is read once per
+    tick): ``"grow"`` one running request takes a block, ``"admit"`` a request arrives, anything else: no change."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.instance_id = "i-1"
+        self.script = script
+        self.tick = 0
+        self.seq = 0
+        self.free_blocks = 200
+        self.blocks = [10, 10, 10]
+        self.waiting = 0
+
+    def load_version(self) -> None:
+        step = self.script[self.tick] if self.tick < len(self.script) else ""
+        self.tick += 1
+        if step == "grow":
+            self.blocks[self.tick % len(self.blocks)] += 1
+            self.free_blocks -= 1
+        elif step == "admit":
+            self.waiting += 1
+
+    def load_pb(self) -> common_pb2.InstanceLoad:
+        self.seq += 1
+        pb = common_pb2.InstanceLoad(
+            instance_id=self.instance_id, seq=self.seq, free_blocks=self.free_blocks, num_waiting=self.waiting
+        )
+        for i, held in enumerate(self.blocks):
+            pb.requests.add(request_id=f"r{i}", phase=common_pb2.REQUEST_PHASE_RUNNING, num_blocks=held)
+        return pb
+
+
+async def sent_per_tick(llumlet: ScriptedLlumlet, ticks: int) -> dict[int, scheduler_pb2.ReportLoadRequest]:
+    """The messages of the first ``ticks`` report ticks, by the tick (from 1) that sent them."""
+    stream = reporter(cast(Any, llumlet))._reports()
+    sent: dict[int, scheduler_pb2.ReportLoadRequest] = {}
+    while llumlet.tick < ticks:
+        message = await anext(stream)
+        sent[llumlet.tick] = message
+    await stream.aclose()
+    return {tick: m for tick, m in sent.items() if tick <= ticks}
+
+
+async def test_a_steadily_decoding_instance_sends_its_growth_once_per_period_and_stays_fresh() -> None:
+    ticks = 30
+    llumlet = ScriptedLlumlet(["grow"] * ticks)
+    sent = await sent_per_tick(llumlet, ticks)
+    # Before: a full load at every tick (each one's blocks differ). Now: at the first tick, then every K ticks.
+    assert sorted(sent) == list(range(1, ticks + 1, K))
+    assert all(kind(m) == "load" for m in sent.values()), "the growth rides in place of the keep-alive"
+    # Never a longer silence than the keep-alive period: the leader never takes a decoding instance for stale.
+    gaps = [b - a for a, b in zip(sorted(sent), sorted(sent)[1:], strict=False)]
+    assert max(gaps) <= LOAD_KEEPALIVE_EVERY
+    # What the leader holds lags by at most the growth of K - 1 ticks.
+    last = sent[max(sent)].load
+    assert last.free_blocks == 200 - max(sent)
+
+
+async def test_an_admission_goes_out_at_the_next_tick_with_the_growth_so_far() -> None:
+    llumlet = ScriptedLlumlet(["grow", "grow", "admit", "grow", "grow", "grow", "grow", "grow"])
+    sent = await sent_per_tick(llumlet, 8)
+    assert sorted(sent) == [1, 3, 6], "the admission at tick 3 is not held back; growth resumes its period"
+    admitted = sent[3].load
+    assert admitted.num_waiting == 1 and admitted.free_blocks == 200 - 2
+
+
+async def test_a_held_back_load_is_sent_with_a_fresh_timestamp() -> None:
+    """The reporter sends the snapshot it built when the growth happened (the version says nothing changed since),
+    stamped with the time it is sent."""
+    llumlet = Llumlet(SimEngine("tiny", payload=False), "i-1")
+    versions = iter([1, 2, 2, 2])
+    llumlet.load_version = lambda: (next(versions),)  # type: ignore[method-assign]
+    built: list[common_pb2.InstanceLoad] = []
+    load_pb = llumlet.load_pb
+
+    def growing() -> common_pb2.InstanceLoad:
+        pb = load_pb()
+        pb.requests.add(request_id="r0", phase=common_pb2.REQUEST_PHASE_RUNNING, num_blocks=len(built))
+        pb.free_blocks -= len(built)
+        pb.timestamp = float(len(built))
+        built.append(pb)
+        return pb
+
+    llumlet.load_pb = growing  # type: ignore[method-assign]
+    stream = reporter(cast(Any, llumlet))._reports()
+    first = await anext(stream)
+    grown = await anext(stream)  # tick 4: the growth of tick 2, built once
+    await stream.aclose()
+    assert len(built) == 2 and first.load.seq == built[0].seq and grown.load.seq == built[1].seq
+    assert grown.load.timestamp > 1e9, "stamped when sent, not when built"
+
+
+async def test_a_decoding_sim_llumlet_sends_a_third_of_the_loads_and_the_leader_lags_by_at_most_a_block_each() -> None:
+    """A real sim engine decoding 4 requests, one step per report tick: growth-only changes are most ticks' news."""
+    engine = SimEngine("tiny", payload=False)
+    llumlet = Llumlet(engine, "i-1")
+    for i in range(4):
+        await llumlet.add_request(
+            common_pb2.EngineRequest(
+                request_id=f"r{i}",
+                prompt_token_ids=list(range(1, 20 + 5 * i)),
+                sampling=common_pb2.SamplingParams(max_tokens=300, ignore_eos=True),
+                frontend_address="127.0.0.1:1",
+            )
+        )
+    engine.step(0.0)  # the prefill: all running from here on
+    version = llumlet.load_version
+    held: common_pb2.InstanceLoad | None = None  # what the leader holds: the last full load sent
+    ticks = changed = lag = 0
+    last_key = b""
+
+    def tick() -> Any:  # read once per report tick: the engine steps in between, as it would in 50 ms
+        nonlocal ticks, changed, lag, last_key
+        ticks += 1
+        engine.step(float(ticks))
+        truth = engine.load()
+        assert all(r.phase is Phase.RUNNING for r in truth.requests) and len(truth.requests) == 4
+        key = load_change_key(convert.load_to_pb(truth, "i-1", 0, 0.0))
+        changed += key != last_key
+        last_key = key
+        if held is not None:  # as of the previous tick's message at the latest
+            lag = max(lag, held.free_blocks - truth.free_blocks)
+        return version()
+
+    llumlet.load_version = tick  # type: ignore[method-assign]
+    stream = reporter(cast(Any, llumlet))._reports()
+    fulls = 0
+    while ticks < 100:
+        message = await anext(stream)
+        if kind(message) == "load":
+            held, fulls = message.load, fulls + 1
+    await stream.aclose()
+    # Before: a full load whenever the key changed (most ticks); now at most one per growth period.
+    assert fulls <= ticks // GROWTH_REPORT_EVERY + 1 < changed
+    # The leader's free blocks lag the engine's by at most one block per running request.
+    assert 0 <= lag <= 4

@@ -21,16 +21,26 @@ max(0.3 s, 6 intervals) (``control_plane/scheduler/cluster.py``); a keep-alive e
 before that, so a quiet but healthy instance never looks stale. Each new stream (a new leader, a reconnect) starts
 with a full snapshot, so no leader is ever asked to confirm a snapshot it never saw; if it still holds another (a
 snapshot throttled or lost, the instance re-registered meanwhile), it ends the stream and the next one starts full.
+
+A decoding instance's load changes at most ticks only because its running requests' KV blocks grow (a request takes
+a block every ``block_size`` tokens, so with ~30 requests one crosses a boundary nearly every step): before, that sent
+a full snapshot at ~2/3 of all ticks, more messages than the instance's output stream and most of the leader's report
+work. Such a change (``LoadKey.growth`` only: running requests' blocks and block demand grew, free blocks fell by
+exactly the blocks they took) now goes out at most every ``GROWTH_REPORT_EVERY`` intervals, in place of the keep-alive
+that would be due then; every other change (an admission, a finish, a preemption, the queue, a migration, the state)
+still goes out at the next tick, with the growth so far. ``report_action`` is the whole rule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import math
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
 import grpc
 
@@ -49,16 +59,86 @@ LOAD_KEEPALIVE_EVERY = 3
 REPORT_WARN_EVERY_S = 10.0
 
 
-def load_change_key(load: common_pb2.InstanceLoad) -> bytes:
-    """What must differ for a load to be sent again: the snapshot without its seq, timestamp and the requests'
-    output-token counters (the leader's admin views may lag those by less than one KV block of tokens)."""
+# A change that is only running requests' KV-block growth is sent at most every this many intervals. A request takes
+# a block every block_size (16) decode steps, so in 3 intervals (150 ms, ~3-4 steps of ~40 ms) each running request
+# grows by at most one block: the leader's freeness lags by at most one block per running request, which is what a
+# 50 ms report resolution already allows. Equal to the keep-alive period on purpose: a steadily decoding instance
+# then sends one message per keep-alive period, like an idle one (the full load in place of the keep-alive); a longer
+# period (e.g. 4) would send a keep-alive at 3 and the full load at 4, more messages than 3.
+GROWTH_REPORT_EVERY = LOAD_KEEPALIVE_EVERY
+
+
+@dataclass(frozen=True, slots=True)
+class LoadKey:
+    """What must differ for a load to be sent again, in two parts. ``growth``: free blocks, the running-block sums
+    and each running request's (blocks, demand), in request order; ``rest``: everything else but the seq, the
+    timestamp and the requests' output-token counters (the leader's admin views may lag those by less than one KV
+    block of tokens), serialized."""
+
+    rest: bytes
+    growth: tuple[int, ...]
+
+
+class ReportAction(enum.Enum):
+    FULL = "full"
+    KEEP_ALIVE = "keep_alive"
+    NOTHING = "nothing"
+
+
+_RUNNING = common_pb2.REQUEST_PHASE_RUNNING
+
+
+def load_key(load: common_pb2.InstanceLoad) -> LoadKey:
+    """The change key of a load (see ``LoadKey``)."""
     key = common_pb2.InstanceLoad()
     key.CopyFrom(load)
     key.ClearField("seq")
     key.ClearField("timestamp")
+    key.ClearField("free_blocks")
+    key.summary.ClearField("running_blocks")
+    key.summary.ClearField("running_high_blocks")
+    growth = [load.free_blocks, load.summary.running_blocks, load.summary.running_high_blocks]
     for r in key.requests:
         r.ClearField("num_output_tokens")
-    return key.SerializeToString(deterministic=True)
+        if r.phase == _RUNNING:
+            growth += (r.num_blocks, r.demand_blocks)
+            r.ClearField("num_blocks")
+            r.ClearField("demand_blocks")
+    return LoadKey(key.SerializeToString(deterministic=True), tuple(growth))
+
+
+def load_change_key(load: common_pb2.InstanceLoad) -> bytes:
+    """The whole change key as bytes: equal for two loads exactly when their ``load_key``s are."""
+    key = load_key(load)
+    return len(key.rest).to_bytes(4, "big") + key.rest + ",".join(map(str, key.growth)).encode()
+
+
+def only_grew(sent: LoadKey, current: LoadKey) -> bool:
+    """True if ``current`` differs from ``sent`` only by running requests' block growth: the same requests in the same
+    phases (``rest`` equal), none holding or needing fewer blocks, and the free blocks fallen by exactly the blocks
+    they took (a free-block change with another cause, e.g. a reservation released, is not growth)."""
+    if sent.rest != current.rest or len(sent.growth) != len(current.growth):
+        return False
+    took = 0
+    old, new = sent.growth, current.growth
+    for i in range(3, len(new), 2):
+        grown = new[i] - old[i]
+        if grown < 0 or (grown == 0 and new[i + 1] < old[i + 1]):
+            return False
+        took += grown
+    return old[0] - new[0] == took
+
+
+def report_action(sent: LoadKey | None, current: LoadKey, ticks_since_full: int, ticks_since_sent: int) -> ReportAction:
+    """What one report tick sends. ``sent``: the key of this stream's last full load (None: none yet);
+    ``ticks_since_*``: intervals since this stream's last full load / last message, this tick included."""
+    if sent is None:
+        return ReportAction.FULL
+    if current != sent and (ticks_since_full >= GROWTH_REPORT_EVERY or not only_grew(sent, current)):
+        return ReportAction.FULL
+    if ticks_since_sent >= LOAD_KEEPALIVE_EVERY:
+        return ReportAction.KEEP_ALIVE
+    return ReportAction.NOTHING
 
 
 def leader_address(value: bytes) -> str:
@@ -146,32 +226,42 @@ class LoadReporter:
             await asyncio.sleep(self.interval_s * 4)
 
     async def _reports(self) -> AsyncGenerator[scheduler_pb2.ReportLoadRequest, None]:
-        """One stream's messages: a full snapshot first and whenever the load changed, else a keep-alive every
+        """One stream's messages, as ``report_action`` decides each tick: a full snapshot first, whenever the load
+        changed (block growth alone at most every ``GROWTH_REPORT_EVERY`` intervals), else a keep-alive every
         ``LOAD_KEEPALIVE_EVERY`` intervals."""
-        sent_key: bytes | None = None
+        sent_key: LoadKey | None = None
         sent_seq = 0
-        quiet = 0  # intervals since the last message of this stream
-        # The llumlet's load version when ``sent_key`` was last found current: while it stays, the key cannot have
-        # changed, so the snapshot is neither built nor compared (most ticks of a quiet or steadily decoding instance).
+        since_full = since_sent = 0  # intervals since this stream's last full load / last message
+        # The llumlet's load version when ``key`` was last built: while it stays, the key cannot have changed, so the
+        # snapshot is neither built nor compared (most ticks of a quiet or steadily decoding instance).
         checked: object = None
+        load: common_pb2.InstanceLoad | None = None
+        key: LoadKey | None = None
         while True:
+            built = False
             try:
                 version = self.llumlet.load_version()
-                if version is None or version != checked:
+                if version is None or version != checked or load is None:
+                    built = True
                     load = self.llumlet.load_pb()
-                    key = load_change_key(load)
+                    key = load_key(load)
                     checked = version
             except Exception as exc:  # raised into grpc's iterator it would cancel the call: skip this tick only
                 self._report_failed(exc)
                 await asyncio.sleep(self.interval_s)
                 continue
-            quiet += 1
-            if key != sent_key:
-                sent_key, sent_seq, quiet = key, load.seq, 0
+            assert load is not None and key is not None
+            since_full += 1
+            since_sent += 1
+            action = report_action(sent_key, key, since_full, since_sent)
+            if action is ReportAction.FULL:
+                if not built:  # built ticks ago and held back as growth only; unchanged since: the load as of now
+                    load.timestamp = time.time()
+                sent_key, sent_seq, since_full, since_sent = key, load.seq, 0, 0
                 yield scheduler_pb2.ReportLoadRequest(load=load)
                 self.reports_sent += 1
-            elif quiet >= LOAD_KEEPALIVE_EVERY:
-                quiet = 0
+            elif action is ReportAction.KEEP_ALIVE:
+                since_sent = 0
                 keep_alive = scheduler_pb2.LoadKeepAlive(instance_id=self.llumlet.instance_id, seq=sent_seq)
                 yield scheduler_pb2.ReportLoadRequest(keep_alive=keep_alive)
                 self.reports_sent += 1
