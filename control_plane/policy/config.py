@@ -35,7 +35,7 @@ DEFAULT_HIGH_HEADROOM_BLOCKS = 1_000_000
 # A normal request that would queue on the instance the freeness ranking picks goes instead to an instance holding
 # high-priority work where it runs at once and leaves at least this many blocks free (see dispatch/llumnix.py). 0: all
 # of its free memory (the engines preempt such requests for high-priority ones); measured against 100 in
-# docs/sim/REPORT.md (Fig. 13, session 5).
+# docs/sim/REPORT.md (Fig. 13, session 6).
 DEFAULT_NORMAL_SPILL_FLOOR_BLOCKS = 0
 
 
