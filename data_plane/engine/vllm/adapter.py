@@ -3,7 +3,8 @@
 It runs vLLM V1's ``EngineCore`` in-process (uni-process executor, no engine-core subprocess) and exposes what the
 ``VllmEngine`` needs in plain Python types. Everything private it relies on:
 
-- ``EngineCore.scheduler`` (V1 ``Scheduler``): ``requests``, ``running`` (list), ``waiting`` (FCFS deque),
+- ``EngineCore.scheduler`` (V1 ``Scheduler``, run with ``scheduling_policy="priority"``): ``requests``, ``running``
+  (list), ``waiting`` and ``kv_holding_waiting`` (``PriorityRequestQueue``: a heap, iterated in service order),
   ``schedule`` and ``update_from_output`` (wrapped: they run under the state lock, and the step's schedule is
   kept), ``finish_requests``, ``finished_req_ids``, ``kv_cache_manager.block_pool`` (``blocks``, ``get_new_blocks``,
   ``free_blocks``, ``get_num_free_blocks``), ``kv_cache_manager.coordinator.single_type_managers[0]``
@@ -44,6 +45,7 @@ import numpy as np
 
 from pyllumnix.data_plane.engine.device import Ready
 from pyllumnix.data_plane.engine.kv_layout import BlockCopier, BlockMover, KvLayout, KvLayoutError
+from pyllumnix.data_plane.engine.scheduler import priority_rank
 from pyllumnix.data_plane.engine.vllm.stats import VllmSchedulerStats
 from pyllumnix.infra.vocabulary import FinishReason, RequestPhase
 
@@ -55,6 +57,18 @@ _ENV_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 SUPPORTED_VERSION_PREFIX = "0.32."
+# vLLM's own priority policy: waiting requests in (priority, arrival time) order, and a running request short of
+# blocks preempts the running request last in that order (the lowest priority, latest arrival). FCFS, vLLM's
+# default, ignores ``priority``: a high-priority request would queue behind normal ones.
+SCHEDULING_POLICY = "priority"
+
+
+def vllm_priority(priority: int) -> int:
+    """Our priority (``llumnix.v1.Priority``: a HIGHER value is more urgent) as vLLM's (a LOWER value is served
+    first): high -> 0, normal or unspecified -> 1, the sim scheduler's rank, so both engines order alike. Equal ranks
+    go by arrival time, so within a priority the queue stays FCFS. The one place the two orders meet: every request
+    the adapter builds (``add`` and a migration's ``install``) goes through it."""
+    return priority_rank(priority)
 
 
 class VllmUnavailableError(RuntimeError):
@@ -180,6 +194,7 @@ class CoreAdapter:
             "distributed_executor_backend": "uni",
             "enable_prefix_caching": config.enable_prefix_caching,
             "async_scheduling": False,
+            "scheduling_policy": SCHEDULING_POLICY,
         }
         if config.kv_cache_memory_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = config.kv_cache_memory_bytes
@@ -191,6 +206,11 @@ class CoreAdapter:
             kwargs["max_num_batched_tokens"] = config.max_num_batched_tokens
         kwargs.update(config.extra_engine_args)
         vllm_config = EngineArgs(**kwargs).create_engine_config()
+        if vllm_config.scheduler_config.policy != SCHEDULING_POLICY:
+            raise ValueError(
+                f"scheduling_policy={vllm_config.scheduler_config.policy!r}: the llumnix vLLM engine runs vLLM's "
+                f"{SCHEDULING_POLICY!r} policy (request priorities, as the global scheduler assumes)"
+            )
         self.vllm_config = vllm_config
         # vLLM's statistics on (its default under `vllm serve`): each step's SchedulerStats feed the llumlet's /metrics.
         self.core = EngineCore(vllm_config, Executor.get_class(vllm_config), log_stats=True)
@@ -280,7 +300,7 @@ class CoreAdapter:
             lora_request=None,
             cache_salt=None,
             data_parallel_rank=None,
-            priority=priority,
+            priority=vllm_priority(priority),
         )
         req, _wave = self.core.preprocess_add_request(ecr)
         return req
@@ -328,11 +348,19 @@ class CoreAdapter:
         return [r.request_id for r in self.scheduler.running]
 
     def waiting_ids(self) -> list[str]:
-        ids = [r.request_id for r in self.scheduler.waiting]
-        queue = getattr(self.scheduler, "kv_holding_waiting", None)
-        if queue is not None:
-            ids.extend(r.request_id for r in queue)
-        return ids
+        """In the order vLLM admits them: requests holding KV blocks first (vLLM drains that queue before
+        ``waiting``), each queue by (priority, arrival time) (iterating a priority queue pops a copy of its heap)."""
+        holding = getattr(self.scheduler, "kv_holding_waiting", None) or ()
+        return [r.request_id for r in holding] + [r.request_id for r in self.scheduler.waiting]
+
+    def waiting_ids_ahead_of(self, priority: int, arrival_time: float) -> list[str]:
+        """The waiting requests a request of ``priority`` arriving at ``arrival_time`` would queue behind (ties in
+        priority and arrival count as ahead: the conservative side)."""
+        key = (vllm_priority(priority), arrival_time)
+        holding = getattr(self.scheduler, "kv_holding_waiting", None) or ()
+        return [r.request_id for r in holding] + [
+            r.request_id for r in self.scheduler.waiting if (r.priority, r.arrival_time) <= key
+        ]
 
     def block_ids(self, request_id: str) -> list[int]:
         blocks = self._type_manager.req_to_blocks.get(request_id)
@@ -475,7 +503,7 @@ class CoreAdapter:
             running.insert(min(sus.queue_index, len(running)), sus.request)
             return
         queue = self.scheduler.waiting
-        if hasattr(queue, "insert"):
+        if hasattr(queue, "insert"):  # an FCFS deque; the priority heap places it by (priority, arrival) itself
             queue.insert(min(sus.queue_index, len(queue)), sus.request)
         else:
             queue.add_request(sus.request)

@@ -389,10 +389,12 @@ class VllmEngine(Engine):
         return self.core.scatter_async(block_ids, source)
 
     def commit_incoming(self, state: MigrationState, block_ids: Sequence[int], now: float) -> None:
-        """With KV: installed running on the reserved blocks (appended last: the first preemption victim). Without
-        KV: waiting (preempted, recomputed when admitted, if it has outputs); its reserved blocks are freed. Without KV
-        it is refused (``OutOfBlocksError``: a destination abort, it stays on the source) unless its prefill demand,
-        behind every request already waiting here (V1's queue is FCFS), fits above the watermark."""
+        """With KV: installed running on the reserved blocks, with its priority and arrival time (vLLM's preemption
+        victim is the running request of the lowest priority, latest arrival: a migrated-in request is no easier
+        victim than a local one). Without KV: waiting (preempted, recomputed when admitted, if it has outputs); its
+        reserved blocks are freed. Without KV it is refused (``OutOfBlocksError``: a destination abort, it stays on the
+        source) unless its prefill demand, behind the requests waiting here that vLLM's priority queue serves first
+        (higher priority, or equal priority and arrived no later), fits above the watermark."""
         spec = state.spec
         if spec.request_id in self._reqs:
             raise DuplicateRequestError(spec.request_id)
@@ -410,7 +412,7 @@ class VllmEngine(Engine):
         self._check_reserved(block_ids)
         if not state.num_computed_tokens:
             ahead = 0
-            for rid in self.core.waiting_ids():
+            for rid in self.core.waiting_ids_ahead_of(spec.priority, spec.arrival_time or now):
                 view = self.core.view(rid)
                 ahead += self._demand(view) if view is not None else 0
             check_waiting_admission(
