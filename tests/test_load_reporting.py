@@ -6,6 +6,9 @@ instances at 20 Hz would need ~0.45 s of CPU per second). Now an unchanged lluml
 every ``LOAD_KEEPALIVE_EVERY`` intervals, which the leader takes with a dict write, and the staleness rule still holds:
 a quiet but alive instance stays dispatchable, a silent one does not, and a keep-alive the leader cannot match to the
 snapshot it holds makes the llumlet send its full load again.
+
+#20: a decoding instance's load changes at most ticks only because running requests take KV blocks; such a change
+now rides in place of the next keep-alive (at most every ``GROWTH_REPORT_EVERY`` intervals), any other at once.
 """
 
 from __future__ import annotations
