@@ -11,7 +11,7 @@ from pyllumnix.data_plane.engine.base import EngineError, Phase, RequestSpec, Sa
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
-from pyllumnix.data_plane.llumlet.reporter import LoadReporter, load_change_key
+from pyllumnix.data_plane.llumlet.reporter import LoadReporter, load_change_key, load_key, only_grew
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
@@ -27,12 +27,15 @@ def spec(rid: str, prompt: int, max_tokens: int, arrival: float) -> RequestSpec:
 
 
 def test_the_sim_engines_load_version_stays_only_while_its_load_key_does() -> None:
-    """Random adds, steps (with preemptions: few blocks), aborts, suspends, resumes, releases and reservations."""
+    """Random adds, steps (with preemptions: few blocks), aborts, suspends, resumes, releases and reservations. The
+    pair stays only while the key does; its first part stays only while the key at most grew (``only_grew``: what
+    the reporter may hold back without building the snapshot)."""
     rng = random.Random(7)
     engine = SimEngine("tiny", total_blocks=24, payload=False)
-    unchanged_steps = steps = 0
+    unchanged_steps = steps = growth_only = 0
     for i in range(3000):
         version, key = engine.load_version(), engine_key(engine)
+        grown_from = load_key(convert.load_to_pb(engine.load(), "i", 1, 0.0))
         ids = engine.request_ids()
         op = rng.random()
         try:
@@ -58,7 +61,11 @@ def test_the_sim_engines_load_version_stays_only_while_its_load_key_does() -> No
         if engine.load_version() == version:
             assert engine_key(engine) == key, f"operation {i} changed the load without changing its version"
             unchanged_steps += op >= 0.12 and op < 0.8
-    assert steps > 1000 and unchanged_steps > 0
+        elif engine.load_version()[0] == version[0]:
+            now = load_key(convert.load_to_pb(engine.load(), "i", 1, 0.0))
+            assert only_grew(grown_from, now), f"operation {i} changed more than growth but only its growth version"
+            growth_only += 1
+    assert steps > 1000 and unchanged_steps > 0 and growth_only > 50
 
 
 def test_a_steady_decode_keeps_the_version_between_block_boundaries() -> None:
@@ -71,6 +78,8 @@ def test_a_steady_decode_keeps_the_version_between_block_boundaries() -> None:
         versions.append(engine.load_version())
     # 16-token blocks: the version moves about twice per block (a block is needed, then taken), not every step.
     assert len(set(versions)) <= 64 // 16 * 2 + 1
+    # Both moves are growth: the first part stays (the reporter need not build the snapshot for them).
+    assert len({v[0] for v in versions}) == 1
 
 
 async def test_an_idle_llumlets_report_loop_builds_its_load_once_and_sees_a_new_request() -> None:

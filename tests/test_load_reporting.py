@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -31,10 +32,10 @@ from pyllumnix.control_plane.scheduler.cluster import (
 )
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import SchedulerServicer
-from pyllumnix.data_plane.engine.base import Phase
+from pyllumnix.data_plane.engine.base import EngineError, Phase, RequestSpec, Sampling
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet import convert
-from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.data_plane.llumlet.llumlet import Llumlet, LoadVersion
 from pyllumnix.data_plane.llumlet.reporter import (
     GROWTH_REPORT_EVERY,
     LOAD_KEEPALIVE_EVERY,
@@ -537,8 +538,8 @@ async def test_a_held_back_load_is_sent_with_a_fresh_timestamp() -> None:
     """The reporter sends the snapshot it built when the growth happened (the version says nothing changed since),
     stamped with the time it is sent."""
     llumlet = Llumlet(SimEngine("tiny", payload=False), "i-1")
-    versions = iter([1, 2, 2, 2])
-    llumlet.load_version = lambda: (next(versions),)  # type: ignore[method-assign]
+    versions = iter([1, 2, 2, 2])  # moves in ``rest``: built at once (a change the version cannot tell from growth)
+    llumlet.load_version = lambda: LoadVersion((next(versions),), 0)  # type: ignore[method-assign]
     built: list[common_pb2.InstanceLoad] = []
     load_pb = llumlet.load_pb
 
@@ -603,3 +604,129 @@ async def test_a_decoding_sim_llumlet_sends_a_third_of_the_loads_and_the_leader_
     assert fulls <= ticks // GROWTH_REPORT_EVERY + 1 < changed
     # The leader's free blocks lag the engine's by at most one block per running request.
     assert 0 <= lag <= 4
+
+
+class RandomlyDrivenLlumlet:
+    """A real sim llumlet whose engine and migration flags change at random between report ticks (the reporter reads
+    ``load_version`` once per tick, and that read applies the tick's operations). Two with the same seed go through the
+    same states; ``track_version=False`` hides the version, so its reporter builds and compares every tick."""
+
+    def __init__(self, seed: int, *, track_version: bool) -> None:
+        self.engine = SimEngine("tiny", total_blocks=40, payload=False)
+        self.llumlet = Llumlet(self.engine, "i-1")
+        self.instance_id = "i-1"
+        self.rng = random.Random(seed)
+        self.track_version = track_version
+        self.tick = 0
+        self.builds = 0
+
+    def load_version(self) -> LoadVersion | None:
+        self.tick += 1
+        self._operate()
+        return self.llumlet.load_version() if self.track_version else None
+
+    def load_pb(self) -> common_pb2.InstanceLoad:
+        self.builds += 1
+        return self.llumlet.load_pb()
+
+    def _operate(self) -> None:
+        rng, engine = self.rng, self.engine
+        for _ in range(rng.choice((0, 1, 1, 1, 2))):  # 0-2 operations per 50 ms tick, mostly decode steps
+            op = rng.random()
+            ids = engine.request_ids()
+            try:
+                if op < 0.07:
+                    rid = f"r{self.tick}-{rng.randint(0, 1 << 30)}"
+                    prompt = tuple(range(1, rng.randint(2, 60)))
+                    sampling = Sampling(max_tokens=rng.randint(1, 120), ignore_eos=True)
+                    engine.add_request(RequestSpec(rid, prompt, sampling, arrival_time=float(self.tick)), 0.0)
+                elif op < 0.9:
+                    engine.step(float(self.tick))
+                elif op < 0.92 and ids:
+                    engine.abort_request(rng.choice(ids))
+                elif op < 0.95 and ids:
+                    rid = rng.choice(ids)
+                    if engine.phase(rid) is Phase.SUSPENDED:
+                        (engine.resume if rng.random() < 0.7 else engine.release_suspended)(rid)
+                    else:
+                        engine.suspend(rid)
+                elif op < 0.97:
+                    engine.free_reserved(engine.reserve_blocks(rng.randint(1, 3)))
+                elif op < 0.98:
+                    engine.reserve_blocks(1)
+                else:
+                    self.llumlet.set_migrating(outgoing=rng.random() < 0.5)
+            except EngineError:
+                pass
+
+
+async def sent_sequence(llumlet: RandomlyDrivenLlumlet, ticks: int) -> list[tuple[int, str, bytes]]:
+    """(tick, kind, change key of a full load) of each message the reporter sends in the first ``ticks`` ticks."""
+    stream = reporter(cast(Any, llumlet))._reports()
+    sent: list[tuple[int, str, bytes]] = []
+    while llumlet.tick < ticks:
+        message = await anext(stream)
+        sent.append((llumlet.tick, kind(message), load_change_key(message.load) if kind(message) == "load" else b""))
+    await stream.aclose()
+    return sent
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_skipping_the_build_on_held_back_growth_sends_what_building_every_tick_sends(seed: int) -> None:
+    """The reporter builds the snapshot only when the version's ``rest`` moved or growth is due: over random engine
+    operations (decode steps, admissions, preemptions, finishes, aborts, migrations' suspends and reservations,
+    migration flags) it sends the same messages at the same ticks as a reporter that builds at every tick."""
+    ticks = 400
+    tracked = RandomlyDrivenLlumlet(seed, track_version=True)
+    every_tick = RandomlyDrivenLlumlet(seed, track_version=False)
+    sent = await sent_sequence(tracked, ticks)
+    assert sent == await sent_sequence(every_tick, ticks)
+    assert tracked.engine.load() == every_tick.engine.load(), "both went through the same states"
+    kinds = {k for _, k, _ in sent}
+    assert kinds == {"load", "keep_alive"} and len(sent) > ticks // LOAD_KEEPALIVE_EVERY
+    # Useful too: before, every tick whose version moved built the snapshot; growth alone no longer does.
+    assert every_tick.builds == every_tick.tick and tracked.builds < tracked.tick // 2
+
+
+async def test_a_decoding_sim_llumlet_builds_its_load_only_when_the_growth_is_due() -> None:
+    """Steady decoding, one step per tick: every tick's version moves (growth), but the snapshot is built only at
+    the ticks that send it (before: at every tick whose version moved)."""
+    engine = SimEngine("tiny", total_blocks=2000, payload=False)
+    llumlet = Llumlet(engine, "i-1")
+    for i in range(30):
+        await llumlet.add_request(
+            common_pb2.EngineRequest(
+                request_id=f"r{i}",
+                prompt_token_ids=list(range(1, 30 + 3 * i)),
+                sampling=common_pb2.SamplingParams(max_tokens=380, ignore_eos=True),
+                frontend_address="127.0.0.1:1",
+            )
+        )
+    engine.step(0.0)
+    version, load_pb = llumlet.load_version, llumlet.load_pb
+    ticks = builds = moved = 0
+    last: LoadVersion | None = None
+
+    def tick() -> LoadVersion | None:
+        nonlocal ticks, moved, last
+        ticks += 1
+        engine.step(float(ticks))
+        current = version()
+        moved += current != last
+        last = current
+        return current
+
+    def counting() -> common_pb2.InstanceLoad:
+        nonlocal builds
+        builds += 1
+        return load_pb()
+
+    llumlet.load_version = tick  # type: ignore[method-assign]
+    llumlet.load_pb = counting  # type: ignore[method-assign]
+    stream = reporter(cast(Any, llumlet))._reports()
+    fulls = 0
+    while ticks < 60:
+        fulls += kind(await anext(stream)) == "load"
+    await stream.aclose()
+    assert moved > 40, "a decoding instance's version moves at most ticks (49 of 60)"
+    assert builds == fulls <= ticks // GROWTH_REPORT_EVERY + 1

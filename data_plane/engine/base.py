@@ -189,9 +189,11 @@ class Engine(ABC):
     @abstractmethod
     def load(self) -> LoadSnapshot: ...
 
-    def load_version(self) -> int | None:
-        """A number that changes whenever ``load`` would differ in anything but the requests' output-token counts
-        (None: this engine does not track it, so callers must build and compare snapshots)."""
+    def load_version(self) -> tuple[int, int] | None:
+        """``(version, growth_version)``: the pair changes whenever ``load`` would differ in anything but the requests'
+        output-token counts; ``version`` stays only if every change since was running requests' block growth (their
+        blocks and block demand grew, the free blocks fell by exactly the blocks they took). None: this engine does
+        not track it, so callers must build and compare snapshots."""
         return None
 
     @abstractmethod

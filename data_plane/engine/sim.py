@@ -118,8 +118,11 @@ class SimEngine(Engine):
         )
         self._requests: dict[str, SimRequest] = {}
         # Bumped by every change to what ``load`` reports other than the requests' output-token counts (see
-        # ``load_version``); a report loop compares it instead of rebuilding the snapshot 20 times a second.
+        # ``load_version``); a report loop compares it instead of rebuilding the snapshot 20 times a second. A step
+        # whose only change is running requests' block growth bumps ``_growth_version`` instead: the reporter holds
+        # such changes back for a while, so on most ticks it need not build the snapshot just to find that out.
         self._load_version = 0
+        self._growth_version = 0
 
     # --- helpers ---
     def _get(self, request_id: str) -> SimRequest:
@@ -210,9 +213,11 @@ class SimEngine(Engine):
     def finish_step(self, step: SimStepPlan) -> StepResult:
         """Advances the planned requests by their tokens and returns the step's outputs."""
         now, duration, plan = step.now, step.duration, step.plan
-        # Whether this step changes the load beyond output-token counts: blocks taken or freed, a phase change
-        # (prefill), a preemption, a finish, or a request that needs a new block before its next token.
+        # Whether this step changes the load beyond output-token counts and block growth: a phase change (prefill),
+        # a preemption, a finish. ``grew``: a decoding request took a block or needs a new one before its next token
+        # (with nothing else changed, the free blocks fell by exactly the blocks the running requests took).
         changed = bool(plan.preempted)
+        grew = False
         outputs: list[TokenOutput] = []
         block_size = self.block_size
         for item in plan.scheduled:
@@ -228,8 +233,8 @@ class SimEngine(Engine):
                 self.scheduler.remove(req)
                 del self._requests[req.request_id]
                 changed = True
-            elif not changed and -(-req.num_tokens // block_size) != len(req.block_ids):
-                changed = True  # its demand_blocks became non-zero
+            elif not grew and -(-req.num_tokens // block_size) != len(req.block_ids):
+                grew = True  # its demand_blocks became non-zero
             outputs.append(
                 TokenOutput(
                     req.request_id,
@@ -239,8 +244,10 @@ class SimEngine(Engine):
                     finish=finish,
                 )
             )
-        if changed or self.pool.num_free != step.free_before:
+        if changed:
             self._load_version += 1
+        elif grew or self.pool.num_free != step.free_before:
+            self._growth_version += 1
         return StepResult(
             outputs,
             duration,
@@ -249,8 +256,8 @@ class SimEngine(Engine):
             preempted=tuple(r.request_id for r in plan.preempted),
         )
 
-    def load_version(self) -> int:
-        return self._load_version
+    def load_version(self) -> tuple[int, int]:
+        return self._load_version, self._growth_version
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)

@@ -105,6 +105,16 @@ def _empty_migration_stats() -> common_pb2.MigrationStats:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class LoadVersion:
+    """A llumlet's load version in two parts: ``rest`` moves with every change to its load but the requests'
+    output-token counters and running requests' block growth; ``growth`` moves with that growth only. A report loop
+    that holds growth back for a while can then skip building a snapshot when only ``growth`` moved."""
+
+    rest: tuple[Any, ...]
+    growth: int
+
+
 @dataclass
 class LlumletStats:
     steps: int = 0
@@ -412,16 +422,18 @@ class Llumlet:
                     )
 
     # --- load ---
-    def load_version(self) -> tuple[Any, ...] | None:
+    def load_version(self) -> LoadVersion | None:
         """Equal values mean ``load_pb`` would report the same load but for its seq, its timestamp and the requests'
         output-token counters (what a load report's change key ignores), so a 20 Hz report loop can skip building and
-        comparing a snapshot that cannot have changed. None: the engine cannot tell (build and compare every time)."""
+        comparing a snapshot that cannot have changed; an equal ``rest`` means every change since was running
+        requests' block growth (``reporter.only_grew``). None: the engine cannot tell (build and compare every time)."""
         engine = self.engine.load_version()
         if engine is None:
             return None
+        version, growth = engine
         m = self.stats.migration
-        return (
-            engine,
+        rest = (
+            version,
             self._owners_version,
             self.state,
             self._migrating_in,
@@ -432,6 +444,7 @@ class Llumlet:
             m.aborted_by_source,
             m.aborted_by_destination,
         )
+        return LoadVersion(rest, growth)
 
     def load_pb(self) -> common_pb2.InstanceLoad:
         if self.abort_reasons:  # rare: drop the reasons of requests that left (e.g. migrated out) meanwhile
