@@ -136,12 +136,12 @@ class Profile:
 #     already (median 100 s, the artifact's 8.0 figure) and 0.65 barely reaches it at 8.0 (one deep queue in three
 #     seeds). Every value from 0.6 up keeps the decode mean (0.047-0.072 s) and preemption loss (0.6-2.4 s) in the
 #     artifact's ranges; L-L at 2.9 is light from 0.6 up (P99 <= 8.6 s; the artifact's "up to 190 s" is a maximum over
-#     2.6-3.2 req/s) and at 3.2 reaches 150 s (0.64, 3 seeds). The 5-seed Fig. 11 run at 0.64 found 3 of 5 M-M seeds
-#     queueing at 7.7 (P99 median 102 s): our M-M knee is at ~7.7, a little below the artifact's. The previous value,
-#     0.5 (45 ms), was picked from 2,000-request runs, which end before a steady state: over 10,000 requests it is over
-#     capacity at the paper's rates. A step of 1-16 sequences of ~768 tokens (the L-L mean) is 36-54 ms decode-only;
-#     the measured per-token figure also carries the prefill-only steps that stall it. 35 ms still keeps a step above
-#     the paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
+#     2.6-3.2 req/s) and at 3.2 reaches 303 s (0.64, 5 seeds; above it). The 5-seed Fig. 11 run at 0.64 found 3 of
+#     5 M-M seeds queueing at 7.7 (P99 median 102 s): our M-M knee is at ~7.7, a little below the artifact's. The
+#     previous value, 0.5 (45 ms), was picked from 2,000-request runs, which end before a steady state: over 10,000
+#     requests it is over capacity at the paper's rates. A step of 1-16 sequences of ~768 tokens (the L-L mean) is
+#     36-54 ms decode-only; the measured per-token figure also carries the prefill-only steps that stall it. 35 ms
+#     still keeps a step above the paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
 #   KV bytes/token = 2 (K,V) x 32 layers x 4096 hidden x 2 bytes = 512 KiB; a block of 16 tokens = 8 MiB.
 #   max_num_batched_tokens 12,800 (paper); max_num_seqs 256 (vLLM default); watermark 1 % (artifact).
 #   split_steps stays False here (the live llumlet's engine is V1-like); the paper scenarios turn it on per run.
