@@ -1,5 +1,6 @@
 """Counts the load-report messages of one sim llumlet decoding 30 requests, one engine step per report tick (ticks
-run back to back, no gRPC): what the reporter on PYTHONPATH sends, full loads and keep-alives per second at 20 Hz.
+run back to back, no gRPC): what the reporter on PYTHONPATH sends, full loads and keep-alives per second at 20 Hz,
+and how often it builds the snapshot (``Llumlet.load_pb``) and that build's mean thread CPU.
 
     PYTHONPATH=<tree> .venv/bin/python docs/bench-peers/tokpath-reports-count.py
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any, cast
 
 from pyllumnix.data_plane.engine.base import Phase
@@ -33,8 +35,9 @@ async def main() -> None:
             )
         )
     engine.step(0.0)
-    version = llumlet.load_version
-    ticks = 0
+    version, load_pb = llumlet.load_version, llumlet.load_pb
+    ticks = builds = 0
+    build_s = 0.0
 
     def tick() -> Any:  # the reporter reads the version once per tick: one engine step per 50 ms tick
         nonlocal ticks
@@ -42,7 +45,16 @@ async def main() -> None:
         engine.step(float(ticks))
         return version()
 
+    def counting() -> common_pb2.InstanceLoad:
+        nonlocal builds, build_s
+        builds += 1
+        started = time.thread_time()
+        pb = load_pb()
+        build_s += time.thread_time() - started
+        return pb
+
     llumlet.load_version = tick  # type: ignore[method-assign]
+    llumlet.load_pb = counting  # type: ignore[method-assign]
     stream = LoadReporter(llumlet, cast(Any, object()), KeyLayout("c"), 0.0)._reports()
     fulls = keepalives = 0
     while ticks < TICKS:
@@ -62,6 +74,9 @@ async def main() -> None:
                 "full_loads_per_s_at_20hz": round(fulls / ticks * 20, 2),
                 "messages_per_s_at_20hz": round((fulls + keepalives) / ticks * 20, 2),
                 "running_at_end": running,
+                "builds": builds,
+                "builds_per_s_at_20hz": round(builds / ticks * 20, 2),
+                "build_ms_mean": round(build_s / max(builds, 1) * 1e3, 3),
             }
         )
     )
