@@ -111,9 +111,10 @@ def _spill_orders(
     snapshot: ClusterSnapshot, config: PolicyConfig, unpaired: list[InstanceView], orders: list[MigrateOrder]
 ) -> list[MigrateOrder]:
     """Pairs the sources left without a destination whose queue is blocked (normal instances only) with instances
-    holding high-priority work that have room above ``normal_spill_floor_blocks``, most room first; each moves its
-    head waiting request (FCW: no KV to copy, and it shortens the queue that made it a source) where that fits the
-    room, else a running request (the configured selection), whose blocks go to the blocked head.
+    holding high-priority work that have room above ``normal_spill_floor_blocks`` and the watermark (``spill_room``),
+    most room first; each moves its head waiting request (FCW: no KV to copy, and it shortens the queue that made it
+    a source) where that fits the room, else a running request (the configured selection) where the largest it may
+    pick fits, whose blocks go to the blocked head; else it sends nothing (the destination would refuse it).
 
     The headroom charged in the migration freeness makes such an instance a source and never a destination, so in a
     burst, when no instance is above the threshold, its spare memory stayed idle while the queues elsewhere drained
@@ -126,24 +127,53 @@ def _spill_orders(
     if not senders:
         return []
     rooms = sorted(
-        (
-            (-(v.free_blocks - v.waiting_demand_blocks - floor), v.instance_id)
-            for v in snapshot.instances
-            if v.holds_high
-            and v.accepts_requests
-            and not v.migrating_in
-            and v.num_preempted == 0
-            and v.instance_id not in busy
-            and v.free_blocks - v.waiting_demand_blocks - floor > 0
-        ),
+        (-room, v.instance_id)
+        for v in snapshot.instances
+        if v.holds_high
+        and v.accepts_requests
+        and not v.migrating_in
+        and v.num_preempted == 0
+        and v.instance_id not in busy
+        and (room := spill_room(v, floor)) > 0
     )
-    return [
-        # The head itself where it fits; else a running request, whose blocks the blocked head then gets.
-        MigrateOrder(
-            src.instance_id, dst_id, Selection.FCW if -neg_room >= src.head_of_line_demand_blocks else config.selection
-        )
-        for src, (neg_room, dst_id) in zip(senders, rooms, strict=False)
-    ]
+    out: list[MigrateOrder] = []
+    for src in senders:
+        if not rooms:
+            break
+        # Most room first: a sender that does not fit the largest room fits none, and leaves it to the next sender.
+        room = -rooms[0][0]
+        if src.num_preempted == 0 and room >= src.head_of_line_demand_blocks:
+            # The head itself: FCW picks the earliest arrival, which is the queue head only while nothing was
+            # preempted (a preempted request goes back to the front of the queue).
+            selection = Selection.FCW
+        elif room >= _picked_blocks_bound(src, config.selection):
+            # A running request, whose blocks the blocked head then gets.
+            selection = config.selection
+        else:
+            continue
+        out.append(MigrateOrder(src.instance_id, rooms.pop(0)[1], selection))
+    return out
+
+
+def spill_room(v: InstanceView, floor: int) -> int:
+    """Blocks a request spilled onto ``v`` may take: free, less the demand of the waiting requests it may queue behind,
+    less the larger of the spill floor and the watermark the destination's admission checks keep free
+    (``data_plane/engine/checks.py``), so an order the destination would refuse is never issued."""
+    return v.free_blocks - v.waiting_demand_blocks - max(floor, v.watermark_blocks)
+
+
+def _picked_blocks_bound(src: InstanceView, selection: Selection) -> int:
+    """An upper bound on the blocks of the request ``select_request(..., selection)`` takes from a source holding no
+    high-priority work: the view carries only the running total, and every running request holds at least one block,
+    so the shortest holds at most the mean and any other at most the total less one block per other request. With
+    nothing running (or FCW), the waiting request it falls back to needs at most the whole waiting demand."""
+    n = src.num_running_normal
+    blocks = src.running_blocks - src.running_high_blocks
+    if selection == Selection.FCW or n <= 0:
+        return src.waiting_demand_blocks
+    if selection == Selection.SR:
+        return blocks // n
+    return blocks - (n - 1)
 
 
 def _narrows_gap(src: InstanceView, dst: InstanceView, f_src: float, f_dst: float, config: PolicyConfig) -> bool:
