@@ -24,9 +24,16 @@ BIG_HIGH = DispatchRequestView("h", Priority.HIGH, num_prompt_tokens=16 * 384)  
 FLOOR100 = PolicyConfig(normal_spill_floor_blocks=100)
 
 
-def high_instance(iid: str, free: int, n_high: int = 2) -> InstanceView:
+def high_instance(iid: str, free: int, n_high: int = 2, watermark: int = 0) -> InstanceView:
     """1,000 blocks, ``n_high`` high-priority requests running: normal freeness (free - 900) / n_high."""
-    return view(iid, free_blocks=free, num_running=n_high, num_running_high=n_high, running_high_blocks=1000 - free)
+    return view(
+        iid,
+        free_blocks=free,
+        num_running=n_high,
+        num_running_high=n_high,
+        running_high_blocks=1000 - free,
+        watermark_blocks=watermark,
+    )
 
 
 def queueing_instance(iid: str, free: int = 4, waiting_demand: int = 300, running: int = 10) -> InstanceView:
@@ -73,6 +80,37 @@ CASES = [
     ),
     # No instance holds high-priority work: nothing changes (runs without priorities keep their dispatch).
     ("no high instance", [queueing_instance("a", waiting_demand=400), queueing_instance("b")], PolicyConfig(), "b"),
+    # R2 (review 6): "runs at once" keeps the engine's watermark free. n's 20 free blocks take the 8-block prompt but
+    # leave 12 < its watermark 15, so the engine queues it: spill. Old: n.
+    (
+        "best within its watermark, spill",
+        [high_instance("h", 700), view("n", free_blocks=20, num_running=10, watermark_blocks=15)],
+        PolicyConfig(),
+        "h",
+    ),
+    # The same instance with a watermark of 12 admits it (20 - 8 = 12): no spill.
+    (
+        "best at its watermark",
+        [high_instance("h", 700), view("n", free_blocks=20, num_running=10, watermark_blocks=12)],
+        PolicyConfig(),
+        "n",
+    ),
+    # h's 105 free blocks less the 8-block prompt leave 97 < its watermark 100 (floor 0): h would queue it too, so it
+    # stays with the ranking's choice. Old: h.
+    (
+        "room within the watermark",
+        [high_instance("h", 105, watermark=100), queueing_instance("n")],
+        PolicyConfig(),
+        "n",
+    ),
+    ("room at the watermark", [high_instance("h", 105, watermark=97), queueing_instance("n")], PolicyConfig(), "h"),
+    # A floor above the watermark still decides: 97 < 98.
+    (
+        "floor above the watermark",
+        [high_instance("h", 105, watermark=10), queueing_instance("n")],
+        PolicyConfig(normal_spill_floor_blocks=98),
+        "n",
+    ),
 ]
 
 
@@ -120,3 +158,16 @@ def test_a_high_request_that_fits_nowhere_even_by_preemption_keeps_the_freeness_
         ]
     )
     assert LlumnixDispatch(PolicyConfig()).choose(snap, BIG_HIGH) == "h"
+
+
+def test_a_reported_watermark_reaches_the_kept_keys() -> None:
+    """The policy patches its keys from the changed instances of a derived snapshot: a report that only raises h's
+    watermark must move the spill (h: 105 - 8 = 97 free after the prompt) exactly as a fresh computation does. Eight
+    more queueing instances (ranked after n) make one changed instance few enough to be patched, not recomputed."""
+    policy = LlumnixDispatch(PolicyConfig())
+    more = [queueing_instance(f"z{i}", waiting_demand=900) for i in range(8)]
+    snap = ClusterSnapshot.of([high_instance("h", 105), queueing_instance("n"), *more])
+    assert policy.choose(snap, NORMAL) == "h"
+    for watermark, expected in ((100, "n"), (97, "h"), (98, "n")):
+        snap = snap.updated([high_instance("h", 105, watermark=watermark)])
+        assert policy.choose(snap, NORMAL) == expected == LlumnixDispatch(PolicyConfig()).choose(snap, NORMAL)

@@ -45,7 +45,8 @@ class _Keys:
 
     ``normal_eligible``: freeness with the instance's current headroom. ``high_*``: freeness as a high request sees
     it (charged the high headroom only where no high-priority work is yet); ``high_num`` is that numerator and
-    ``block_size`` the instance's, for the request's fit test. ``headroom`` = (high cap, high reserve, normal) the keys
+    ``block_size`` the instance's, for the request's fit test; ``watermark`` the blocks its engine keeps free when it
+    admits a request, for the spill's "runs at once" test. ``headroom`` = (high cap, high reserve, normal) the keys
     were computed with."""
 
     serial: int
@@ -54,6 +55,7 @@ class _Keys:
     high_num: FloatArray
     high_eligible: FloatArray
     block_size: IntArray
+    watermark: FloatArray
 
 
 class LlumnixDispatch(DispatchPolicy):
@@ -90,17 +92,19 @@ class LlumnixDispatch(DispatchPolicy):
 
     def _spill(self, snapshot: ClusterSnapshot, keys: _Keys, request: DispatchRequestView, best: int) -> int:
         """Where a normal request goes when the ranking's choice ``best`` would queue it: the best-ranked instance
-        holding high-priority work where it runs at once and leaves ``normal_spill_floor_blocks`` free; else ``best``.
+        holding high-priority work where it runs at once and leaves ``normal_spill_floor_blocks`` (at least its
+        watermark) free; else ``best``.
 
         The charged freeness alone leaves that memory idle in a burst: charged the headroom (all but 100 blocks),
         an instance with a few high-priority requests and hundreds of free blocks has a negative numerator divided by
         its small batch, while a normal instance with a long queue has one divided by its many requests, so the queue
         looks freer and keeps growing (Fig. 13, docs/sim/REPORT.md)."""
         c = snapshot.columns
-        if c.avail[best] * max(int(keys.block_size[best]), 1) >= request.num_prompt_tokens:
+        # "Runs at once": the engine admits a request only while its prefill leaves the watermark free.
+        if c.avail[best] + request.num_prompt_tokens // -max(int(keys.block_size[best]), 1) >= keys.watermark[best]:
             return best
         demand = -(-request.num_prompt_tokens // np.maximum(keys.block_size, 1))
-        floor = self.config.normal_spill_floor_blocks
+        floor = np.maximum(self.config.normal_spill_floor_blocks, keys.watermark)
         room = np.where(c.holds_high & (c.avail - demand >= floor), keys.normal_eligible, NOT_A_CANDIDATE)
         j = int(room.argmax())
         return j if room[j] > NOT_A_CANDIDATE else best
@@ -152,6 +156,7 @@ def _full(snapshot: ClusterSnapshot, headroom: tuple[int, int, int]) -> _Keys:
         high_num=high_num,
         high_eligible=np.where(c.eligible, freeness_of(high_num, c.load), NOT_A_CANDIDATE),
         block_size=c.block_size.copy(),
+        watermark=np.fromiter((v.watermark_blocks for v in snapshot.instances), dtype=np.float64, count=len(snapshot)),
     )
 
 
@@ -163,6 +168,7 @@ def _patch(keys: _Keys, snapshot: ClusterSnapshot) -> None:
         (avail, load, total), block_size, (eligible, _, holds_high, holds_normal) = snapshot.row_at(i)
         high = min(float(cap), max(0.0, total - reserve))
         keys.block_size[i] = block_size
+        keys.watermark[i] = snapshot.view_at(i).watermark_blocks
         num = avail - (high * holds_high + normal * holds_normal)
         f = num / load if load > 0 else math.inf
         keys.normal_eligible[i] = f if eligible else NOT_A_CANDIDATE
