@@ -110,21 +110,23 @@ async def test_a_held_batch_goes_out_at_its_deadline_or_at_once_with_the_next_su
 
 
 async def test_a_flowing_stream_asks_for_answers_on_its_outputs_not_on_empty_batches() -> None:
-    """Old behaviour: the ask's timer rang between two batches, and an empty batch asked (here ~1 per 0.1 s)."""
+    """Old behaviour: the ask's timer rang between two batches, and an empty batch asked (here ~1 per 0.5 s, so ~5
+    over the 2.4 s stream). The 0.5 s interval is ~16 times the 30 ms gap between outputs: a loaded CI stalls the
+    loop for far less, so a quiet gap (and an honest empty ask) does not open mid-stream."""
     sink = MessageSink()
     address = await sink.start()
-    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=0.1))
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=0.5))
     try:
-        for i in range(50):
+        for i in range(80):
             pusher.submit(address, [output("r", i)])
             await asyncio.sleep(0.03)
         await pusher.flush(address, timeout=5)
-        assert sink.raw_indices("r") == list(range(50))
+        assert sink.raw_indices("r") == list(range(80))
         assert sink.empty <= 1, f"{sink.empty} empty asking batches on a flowing stream"
-        assert pusher.pushed == 50, "every batch was acknowledged"
+        assert pusher.pushed == 80, "every batch was acknowledged"
         # A quiet stream still asks: an output, then nothing; the batch is answered without a flush.
-        pusher.submit(address, [output("r", 50)])
-        await until(lambda: pusher.pushed == 51, 5, "the quiet stream's answer")
+        pusher.submit(address, [output("r", 80)])
+        await until(lambda: pusher.pushed == 81, 5, "the quiet stream's answer")
     finally:
         await pusher.close()
         await sink.stop()
