@@ -84,8 +84,13 @@ def output_to_pb(
     )
 
 
-def request_load_to_pb(r: RequestLoadInfo) -> common_pb2.RequestLoad:
-    return common_pb2.RequestLoad(
+def _request_load(
+    make: Callable[..., common_pb2.RequestLoad], r: RequestLoadInfo, frontend_address: str = ""
+) -> common_pb2.RequestLoad:
+    """One request's RequestLoad made by ``make`` (the message class, or a repeated field's ``add``, which builds it in
+    place): the one field list both builders use, so a new field is added once, with no kwargs dict per request on
+    the load's hot path."""
+    return make(
         request_id=r.request_id,
         phase=wire.phase_to_pb(r.phase),
         priority=wire.priority_to_pb(r.priority),
@@ -95,7 +100,12 @@ def request_load_to_pb(r: RequestLoadInfo) -> common_pb2.RequestLoad:
         num_output_tokens=r.num_output_tokens,
         num_preemptions=r.num_preemptions,
         arrival_time=r.arrival_time,
+        frontend_address=frontend_address,
     )
+
+
+def request_load_to_pb(r: RequestLoadInfo) -> common_pb2.RequestLoad:
+    return _request_load(common_pb2.RequestLoad, r)
 
 
 def _summary(snap: LoadSnapshot) -> common_pb2.LoadSummary:
@@ -144,18 +154,7 @@ def load_to_pb(
     add = pb.requests.add
     for r in snap.requests:
         address = frontend_of(r.request_id) if frontend_of is not None else None
-        add(
-            request_id=r.request_id,
-            phase=wire.phase_to_pb(r.phase),
-            priority=wire.priority_to_pb(r.priority),
-            num_blocks=r.num_blocks,
-            demand_blocks=r.demand_blocks,
-            num_prompt_tokens=r.num_prompt_tokens,
-            num_output_tokens=r.num_output_tokens,
-            num_preemptions=r.num_preemptions,
-            arrival_time=r.arrival_time,
-            frontend_address=address or "",
-        )
+        _request_load(add, r, address or "")
     return pb
 
 
