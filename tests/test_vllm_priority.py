@@ -4,7 +4,8 @@ The global scheduler sends a high-priority request where it is served ahead of n
 normal ones makes room). Before this, the vLLM engine ran vLLM's default FCFS policy, which ignores ``priority``, and
 passed our value (HIGH = 2 > NORMAL = 1) where vLLM serves the LOWER value first: a high-priority request queued
 behind normal ones and was the first preemption victim. Each test here fails on that engine (checked by running them
-against the previous adapter). Skipped unless vLLM is installed (`make vllm`).
+against the previous adapter). And vLLM's own waiting loop never preempts to admit its head: the adapter does that for
+a high-priority head (the sim engine's rule). Skipped unless vLLM is installed (`make vllm`).
 """
 
 from __future__ import annotations
@@ -195,6 +196,94 @@ def test_waiting_migration_counts_only_the_demand_queued_ahead(pair: tuple[VllmE
     assert b.phase("h") is Phase.RUNNING
     assert b.phase("w0") is Phase.WAITING and b.phase("w1") is Phase.WAITING
     run_until_done([a, b], now)
+
+
+@pytest.fixture(scope="module")
+def three_seqs(tiny_model: Path) -> Iterator[VllmEngine]:
+    """Three sequence slots, so a high-priority request arriving behind two running ones waits for blocks alone."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    config = VllmEngineConfig(
+        model=str(tiny_model),
+        max_model_len=256,
+        kv_cache_memory_bytes=NUM_BLOCKS * BLOCK_BYTES,
+        max_num_seqs=3,
+    )
+    engine = VllmEngine(config)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def roomy(three_seqs: VllmEngine) -> Iterator[VllmEngine]:
+    assert not three_seqs.request_ids()
+    yield three_seqs
+    for rid in three_seqs.request_ids():
+        three_seqs.abort_request(rid)
+    drain(three_seqs)
+    assert three_seqs.load().free_blocks == three_seqs.total_blocks, "blocks leaked"
+
+
+def run_collecting(e: VllmEngine, now: Clock, tokens: dict[str, list[int]]) -> None:
+    """Steps until idle, appending every output (checked to continue where the last one stopped) to ``tokens``."""
+    for _ in range(MAX_STEPS):
+        if not e.has_work():
+            return
+        for out in e.step(now()).outputs:
+            got = tokens.setdefault(out.request_id, [])
+            assert out.first_index == len(got), f"{out.request_id}: lost or duplicated tokens"
+            got.extend(out.token_ids)
+    raise AssertionError("engine did not drain")
+
+
+def test_high_priority_head_preempts_normal_running_ones_to_be_admitted(roomy: VllmEngine) -> None:
+    """vLLM's waiting loop stops at a head that lacks blocks; the adapter first preempts normal running requests
+    (latest arrival first, through vLLM's own preemption) when that makes the head fit, as the sim engine does. Before,
+    h waited until a normal request finished. The victim is recomputed later and ends with exactly the tokens it
+    produces when it runs alone (greedy), none lost or repeated."""
+    e = roomy
+    now = Clock()
+    tokens: dict[str, list[int]] = {}
+    normal = {rid: spec(rid, 150, 8) for rid in ("n0", "n1")}  # 5 blocks each once decoding: 1 of 11 stays free
+    for s in normal.values():
+        e.add_request(s, now())
+    for out in e.step(now()).outputs:
+        tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    snap = e.load()
+    assert snap.free_blocks == 1 and snap.num_running == 2
+    e.add_request(spec("h", 64, 4, Priority.HIGH), now())  # needs 2 blocks
+    result = e.step(now())
+    for out in result.outputs:
+        tokens.setdefault(out.request_id, []).extend(out.token_ids)
+    assert e.phase("h") is Phase.RUNNING, "the high-priority head was not admitted"
+    assert result.preempted == ("n1",)  # the later normal one; one victim is enough
+    assert e.phase("n0") is Phase.RUNNING and e.phase("n1") is Phase.WAITING
+    snap = e.load()
+    assert snap.total_preemptions == 1 and snap.num_preempted == 1
+    assert {r.request_id: r.num_preemptions for r in snap.requests}["n1"] == 1
+    run_collecting(e, now, tokens)
+    assert {rid: len(t) for rid, t in tokens.items()} == {"n0": 8, "n1": 8, "h": 4}
+    # The reference: n1's prompt alone, never preempted.
+    alone = RequestSpec("ref", normal["n1"].prompt_token_ids, normal["n1"].sampling)
+    e.add_request(alone, now())
+    reference: dict[str, list[int]] = {}
+    run_collecting(e, now, reference)
+    assert tokens["n1"] == reference["ref"]
+
+
+def test_high_priority_head_preempts_nothing_when_that_cannot_make_it_fit(roomy: VllmEngine) -> None:
+    """Preempting the normal request would not free enough for the head (only preempting the running high-priority
+    one would): nothing is preempted, the head waits."""
+    e = roomy
+    now = Clock()
+    e.add_request(spec("h0", 150, 60, Priority.HIGH), now())  # 5 blocks
+    e.add_request(spec("n0", 100, 60), now())  # 4 blocks
+    e.step(now())
+    assert e.load().free_blocks == 2
+    e.add_request(spec("h1", 200, 4, Priority.HIGH), now())  # 7 blocks: 2 free + n0's 4 are not enough
+    result = e.step(now())
+    assert result.preempted == ()
+    assert e.phase("h1") is Phase.WAITING
+    assert e.phase("h0") is Phase.RUNNING and e.phase("n0") is Phase.RUNNING
 
 
 def step_until_admitted(e: VllmEngine, ids: list[str], now: Clock) -> None:

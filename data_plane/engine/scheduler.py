@@ -10,8 +10,9 @@ Per step (as vLLM V1's ``Scheduler.schedule``):
    watermark. The head blocks everyone behind it (head-of-line blocking, which is what makes fragmentation visible).
 
 Priorities (as vLLM V1's ``priority`` scheduling policy): high-priority requests queue ahead of normal ones, the
-preemption victim is the most recently started *normal* request while one runs, and a high-priority head that lacks
-blocks preempts normal requests (most recent first) when that makes it fit. A departure from the paper's engine (FCFS,
+preemption victim is the most recently started *normal* request while one runs. A high-priority head that lacks blocks
+preempts normal requests (most recent first) when that makes it fit: our rule, not vLLM's (the vLLM adapter adds it,
+``CoreAdapter.admit_high_priority_head``). A departure from the paper's engine (FCFS,
 priorities only in the global scheduler's headroom): it lets normal requests use the memory of an instance holding
 high-priority work in a burst without that work queueing behind them (Fig. 13, docs/sim/REPORT.md). With only normal
 requests (every run without priorities) nothing changes.

@@ -8,7 +8,10 @@ It runs vLLM V1's ``EngineCore`` in-process (uni-process executor, no engine-cor
   ``schedule`` and ``update_from_output`` (wrapped: they run under the state lock, and the step's schedule is
   kept), ``finish_requests``, ``finished_req_ids``, ``kv_cache_manager.block_pool`` (``blocks``, ``get_new_blocks``,
   ``free_blocks``, ``get_num_free_blocks``), ``kv_cache_manager.coordinator.single_type_managers[0]``
-  (``req_to_blocks``, ``num_cached_block``).
+  (``req_to_blocks``, ``num_cached_block``). To admit a high-priority waiting head by preempting normal running
+  requests (before ``schedule``; vLLM does not): ``_preempt_request``, ``_request_blocks_can_be_freed``,
+  ``prev_step_scheduled_req_ids``, ``_pause_state``, ``max_num_active_reqs``, ``num_waiting_for_streaming_input``,
+  ``num_lookahead_tokens``, ``requires_kv_delivery`` and ``kv_cache_manager.watermark_blocks``.
 - ``Request`` (``num_computed_tokens``, ``append_output_token_ids``, ``status``, ``num_preemptions``).
 - The worker's model runner (``model_executor.driver_worker.worker.model_runner``): ``kv_caches`` (one tensor per
   layer, ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` on CPU, K and V on the last axis; GPU layouts
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +51,7 @@ from pyllumnix.data_plane.engine.device import Ready
 from pyllumnix.data_plane.engine.kv_layout import BlockCopier, BlockMover, KvLayout, KvLayoutError
 from pyllumnix.data_plane.engine.scheduler import priority_rank
 from pyllumnix.data_plane.engine.vllm.stats import VllmSchedulerStats
-from pyllumnix.infra.vocabulary import FinishReason, RequestPhase
+from pyllumnix.infra.vocabulary import FinishReason, Priority, RequestPhase
 
 # vLLM reads these at import or engine start; the in-process engine needs the first one.
 _ENV_DEFAULTS = {
@@ -59,8 +63,10 @@ _ENV_DEFAULTS = {
 SUPPORTED_VERSION_PREFIX = "0.32."
 # vLLM's own priority policy: waiting requests in (priority, arrival time) order, and a running request short of
 # blocks preempts the running request last in that order (the lowest priority, latest arrival). FCFS, vLLM's
-# default, ignores ``priority``: a high-priority request would queue behind normal ones.
+# default, ignores ``priority``: a high-priority request would queue behind normal ones. A waiting head short of
+# blocks preempts nobody in vLLM; the adapter adds that for a high-priority head (``admit_high_priority_head``).
 SCHEDULING_POLICY = "priority"
+_HIGH = int(Priority.HIGH)
 
 
 def vllm_priority(priority: int) -> int:
@@ -171,6 +177,7 @@ class CoreAdapter:
         import torch
         from vllm.engine.arg_utils import EngineArgs
         from vllm.sampling_params import SamplingParams
+        from vllm.v1.core.sched.interface import PauseState
         from vllm.v1.engine import EngineCoreRequest
         from vllm.v1.engine.core import EngineCore
         from vllm.v1.executor import Executor
@@ -183,6 +190,7 @@ class CoreAdapter:
         self._Request = Request
         self._RequestStatus = RequestStatus
         self._CachedRequestState = CachedRequestState
+        self._unpaused = PauseState.UNPAUSED
 
         kwargs: dict[str, Any] = {
             "model": config.model,
@@ -259,6 +267,7 @@ class CoreAdapter:
 
         def capture_schedule(*args: Any, **kw: Any) -> Any:
             with self.state_lock:
+                self.admit_high_priority_head()
                 out = original_schedule(*args, **kw)
             self._last_sched_out = out
             return out
@@ -409,6 +418,81 @@ class CoreAdapter:
                 )
                 outs.append(CoreOutput(o.request_id, tuple(int(t) for t in o.new_token_ids), finish))
         return CoreStep(outs, prefill, decode, preempted)
+
+    # ------------------------------------------------------------------ admission by preemption
+    def _blocks_short(self, head: Any, running: Sequence[Any]) -> int:
+        """How many more free blocks the waiting ``head`` needs to be admitted in the next ``schedule``: its whole
+        (re)computation plus lookahead, vLLM's admission watermark, and what ``running`` (scheduled before it, each
+        taking free blocks as it grows) may take this step (their remaining tokens: an upper bound). Prefix-cache hits
+        are not counted, so with prefix caching on (off in this project) this may overstate the need."""
+        sched = self.scheduler
+        lookahead = int(sched.num_lookahead_tokens)
+
+        def blocks_for(req: Any, num_tokens: int) -> int:
+            tokens = min(num_tokens + lookahead, self.max_model_len)
+            held = len(self._type_manager.req_to_blocks.get(req.request_id, ()))
+            return max(0, -(-tokens // self.block_size) - held)
+
+        need = blocks_for(head, int(head.num_tokens)) + int(self.kv_manager.watermark_blocks)
+        need += sum(blocks_for(r, int(r.num_tokens_with_spec)) for r in running)
+        return need - self.num_free_blocks()
+
+    def _freeable_blocks(self, req: Any) -> int:
+        """Blocks preempting ``req`` returns to the free pool now: those it alone holds (0 if vLLM must defer the
+        free). A lower bound where victims share prefix-cached blocks."""
+        if not self.scheduler._request_blocks_can_be_freed(req):
+            return 0
+        blocks = self._type_manager.req_to_blocks.get(req.request_id, ())
+        return sum(1 for b in blocks if not b.is_null and int(b.ref_cnt) == 1)
+
+    def admit_high_priority_head(self) -> list[str]:
+        """Preempts lower-priority running requests, latest (priority, arrival) first (vLLM's own victim order), so
+        that a high-priority request at the head of the waiting queue that lacks blocks is admitted by the next
+        ``schedule`` (vLLM's waiting loop only stops when the head does not fit); returns their ids. Nothing is
+        preempted unless the head waits for blocks alone (a sequence slot is free, vLLM admits now) and preempting
+        all of them makes it fit. The policy core relies on this (spilling normal requests onto an instance holding
+        high-priority work); the sim engine's scheduler does the same (``Scheduler._make_room``).
+
+        Each victim goes through vLLM's ``_preempt_request`` (frees its KV, PREEMPTED, recompute from 0, back into
+        the waiting queue, counted and reported in the step's ``preempted_req_ids``), after leaving ``running`` as
+        in vLLM's own loop. It also leaves ``prev_step_scheduled_req_ids``, as vLLM's ``reset_prefix_cache`` does
+        after preempting outside ``schedule``: if the victim is readmitted in this same schedule, the worker
+        re-adds it as a resumed request. Called under the state lock, right before vLLM's ``schedule``."""
+        sched = self.scheduler
+        if sched._pause_state != self._unpaused or self._holding_waiting() > 0 or not sched.waiting:
+            return []
+        head = sched.waiting.peek_request()
+        if head.priority != vllm_priority(_HIGH) or head.status not in (
+            self._RequestStatus.WAITING,
+            self._RequestStatus.PREEMPTED,
+        ):
+            return []
+        if len(sched.running) + sched.num_waiting_for_streaming_input >= sched.max_num_active_reqs:
+            return []
+        keep = list(sched.running)
+        short = self._blocks_short(head, keep)
+        if short <= 0:
+            return []
+        victims = sorted(
+            (r for r in keep if r.priority > head.priority and self._freeable_blocks(r) > 0),
+            key=lambda r: (r.priority, r.arrival_time),
+            reverse=True,
+        )
+        chosen: list[Any] = []
+        for victim in victims:
+            if short <= 0:
+                break
+            chosen.append(victim)
+            keep.remove(victim)
+            short = self._blocks_short(head, keep) - sum(self._freeable_blocks(v) for v in chosen)
+        if short > 0:
+            return []  # even all of them would not make it fit: never preempt for nothing
+        timestamp = time.monotonic()
+        for victim in chosen:
+            sched.running.remove(victim)
+            sched._preempt_request(victim, timestamp, drop_stale_output=sched.requires_kv_delivery)
+            sched.prev_step_scheduled_req_ids.discard(victim.request_id)
+        return [v.request_id for v in chosen]
 
     # ------------------------------------------------------------------ KV blocks
     def is_in_use(self, block_id: int) -> bool:
