@@ -104,3 +104,24 @@ async def test_a_real_error_in_a_push_stream_is_still_logged(
     assert any("routing exploded" in str(r.exc_info[1]) for r in logged if r.exc_info), [
         r.getMessage() for r in caplog.records
     ]
+
+
+async def test_a_stream_opened_while_the_frontend_stops_is_ended_at_once_and_not_counted() -> None:
+    """``streams`` counts the push streams served. Old: it also counted a stream the stopping sink ended at once."""
+    async with running_stack([]) as stack:
+        servicer = stack.grpc.sink_servicer
+        assert servicer is not None
+        first = PushStream(stack.frontend.sink_address)
+        try:
+            await first.push(1, [unknown_output()])
+            assert servicer.streams == 1
+            await asyncio.wait_for(servicer.end_streams(DEADLINE_S), DEADLINE_S)  # what a stop does first
+            assert await asyncio.wait_for(first.call.code(), DEADLINE_S) == grpc.StatusCode.OK
+        finally:
+            await first.close()
+        late = PushStream(stack.frontend.sink_address)
+        try:
+            assert await asyncio.wait_for(late.call.code(), DEADLINE_S) == grpc.StatusCode.OK, "ended at once"
+        finally:
+            await late.close()
+        assert servicer.streams == 1

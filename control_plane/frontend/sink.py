@@ -129,7 +129,6 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         caller = await self._caller(context, "StreamOutputs")
         if caller is not None and caller.role != "llumlet":
             await self._refuse(context, f"caller {caller.role} {caller.id} may not stream outputs")
-        self.streams += 1
 
         async def apply(batch: frontend_pb2.PushOutputsRequest) -> list[str]:
             return await self._apply(batch, caller, context)
@@ -137,6 +136,7 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         task = asyncio.current_task()
         if self.ending() or task is None:
             return
+        self.streams += 1  # only the streams served: one ended at once by a stopping frontend is not
         pusher = caller.id if caller else None
         self._stream_tasks.add(task)
         try:
