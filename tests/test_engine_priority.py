@@ -9,7 +9,9 @@ on the FCFS engine (checked against the previous scheduler.py)."""
 
 from __future__ import annotations
 
-from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
+import pytest
+
+from pyllumnix.data_plane.engine.base import MigrationState, OutOfBlocksError, RequestSpec, Sampling
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.infra.vocabulary import Priority
 
@@ -98,3 +100,43 @@ def test_the_victim_is_the_most_recently_started_normal_request() -> None:
     result = e.step(0.3)
     assert list(result.preempted) == ["n2"]
     assert running(e) == ["n0", "h1"]
+
+
+def test_a_victim_preempted_for_a_high_priority_head_gives_its_scheduled_tokens_back_to_the_budget() -> None:
+    """Review 6: ``_make_room`` dropped the budget ``_unschedule`` returned. Budget 129: n0 and n1 decode (2 tokens),
+    h1 (80 tokens, 5 blocks, 4 free) preempts n1, whose decode token goes back: 129 - 2 - 80 + 1 = 48 admits the
+    48-token h2 in the same step. Old: 47 left, h2 waited a step although the step ran only 128 tokens."""
+    e = SimEngine("tiny", payload=False, total_blocks=12, max_model_len=128, max_num_batched_tokens=129)
+    e.add_request(spec("n0", 60), 0.0)  # 4 blocks each, with room for 4 more tokens
+    e.add_request(spec("n1", 60), 0.0)
+    e.step(0.0)
+    assert running(e) == ["n0", "n1"] and e.pool.num_free == 4
+    e.add_request(spec("h1", 80, Priority.HIGH), 0.1)
+    e.add_request(spec("h2", 48, Priority.HIGH), 0.2)  # 3 blocks: the 3 left after h1
+    plan = e.scheduler.schedule()  # the step's plan itself, to check the tokens it runs
+    assert [r.spec.request_id for r in plan.preempted] == ["n1"]
+    assert [(item.request.spec.request_id, item.num_new_tokens) for item in plan.scheduled] == [
+        ("n0", 1),
+        ("h1", 80),
+        ("h2", 48),
+    ]
+    assert sum(item.num_new_tokens for item in plan.scheduled) == 129
+    assert running(e) == ["n0", "h1", "h2"]
+    assert waiting(e) == ["n1"]
+
+
+def test_a_migrated_in_high_priority_waiting_request_counts_only_the_demand_queued_ahead_of_it() -> None:
+    """Review 6: ``commit_incoming`` counted every waiting normal request as queued ahead, although a high-priority
+    request is queued ahead of them (``waiting_demand_ahead`` was never given the priority). 9 blocks: n0 holds 7,
+    n1 waits for 3; a 2-block high-priority waiting request fits the 2 free blocks ahead of n1. Old: refused
+    (2 - 3 - 2 < 0); a normal one is still refused behind n1."""
+    e = engine(9)
+    e.add_request(spec("n0", 96), 0.0)
+    e.step(0.0)
+    e.add_request(spec("n1", 48), 0.1)
+    e.step(0.1)
+    assert waiting(e) == ["n1"]
+    with pytest.raises(OutOfBlocksError):
+        e.commit_incoming(MigrationState(spec("m", 32), (), 0), [], 0.2)
+    e.commit_incoming(MigrationState(spec("h", 32, Priority.HIGH), (), 0), [], 0.2)
+    assert waiting(e) == ["h", "n1"]

@@ -250,17 +250,19 @@ class Scheduler:
     def _admit(self, scheduled: list[Scheduled], preempted: list[SimRequest], budget: int) -> int:
         """Admits waiting requests in queue order while a sequence slot, the token budget and the watermark allow;
         returns the budget left. A high-priority head short of blocks first preempts normal running requests, most
-        recent first, if together they free enough."""
+        recent first, if together they free enough; the tokens those victims had been scheduled this step go back to
+        the budget (as the running loop's preemptions give theirs back)."""
         while self.waiting and len(self.running) + self.num_suspended_running < self.max_num_seqs:
             req = self.waiting[0]
             num_new = req.num_tokens - req.num_computed_tokens
             need = self.blocks_for(req.num_tokens) - len(req.block_ids)
             if num_new > budget:
                 break
-            if self.pool.num_free - need < self.watermark_blocks and not (
-                req.high and self._make_room(need, scheduled, preempted)
-            ):
-                break
+            if self.pool.num_free - need < self.watermark_blocks:
+                returned = self._make_room(need, scheduled, preempted) if req.high else None
+                if returned is None:
+                    break
+                budget += returned
             self.waiting.pop(0)
             req.block_ids.extend(self.pool.allocate(need))
             self.start_running(req)
@@ -268,19 +270,21 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _make_room(self, need: int, scheduled: list[Scheduled], preempted: list[SimRequest]) -> bool:
-        """Preempts normal running requests (most recent first) until ``need`` blocks fit above the watermark; does
-        nothing and returns False when all of them together would not free enough."""
+    def _make_room(self, need: int, scheduled: list[Scheduled], preempted: list[SimRequest]) -> int | None:
+        """Preempts normal running requests (most recent first) until ``need`` blocks fit above the watermark and
+        returns the tokens the victims had been scheduled this step (given back to the budget); does nothing and
+        returns None when all of them together would not free enough."""
         normal = [r for r in self.running if not r.high]
         if self.pool.num_free + sum(len(r.block_ids) for r in normal) - need < self.watermark_blocks:
-            return False
+            return None
+        returned = 0
         while self.pool.num_free - need < self.watermark_blocks:
             victim = normal.pop()
             self.running.remove(victim)
-            self._unschedule(scheduled, victim)
+            returned += self._unschedule(scheduled, victim)
             self._preempt(victim)
             preempted.append(victim)
-        return True
+        return returned
 
     def waiting_demand_ahead(self, arrival_time: float, priority: int = Priority.NORMAL) -> int:
         """Blocks the waiting requests that a fresh request of ``priority`` arriving at ``arrival_time`` would queue

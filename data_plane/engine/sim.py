@@ -408,7 +408,7 @@ class SimEngine(Engine):
             check_waiting_admission(
                 spec.request_id,
                 sched.blocks_for(num_tokens),
-                sched.waiting_demand_ahead(spec.arrival_time),
+                sched.waiting_demand_ahead(spec.arrival_time, spec.priority),
                 self.pool.num_free + len(block_ids),
                 sched.watermark_blocks,
             )
