@@ -140,3 +140,20 @@ def test_a_migrated_in_high_priority_waiting_request_counts_only_the_demand_queu
         e.commit_incoming(MigrationState(spec("m", 32), (), 0), [], 0.2)
     e.commit_incoming(MigrationState(spec("h", 32, Priority.HIGH), (), 0), [], 0.2)
     assert waiting(e) == ["h", "n1"]
+
+
+def test_split_steps_a_high_priority_head_preempts_in_its_prefill_only_step() -> None:
+    """vLLM 0.1.x-style split steps admit before the running batch and run a prefill-only step when they admit: the
+    high-priority head preempts the latest normal request there, and nothing else runs in that step (the review
+    found this path untested)."""
+    e = SimEngine("tiny", payload=False, total_blocks=8, max_model_len=16 * 8, split_steps=True)
+    e.add_request(spec("n0", 40), 0.0)  # 3 blocks each, with room to grow
+    e.add_request(spec("n1", 44), 0.0)
+    e.step(0.0)
+    e.step(0.0)  # a decode step
+    assert running(e) == ["n0", "n1"] and e.pool.num_free == 2
+    e.add_request(spec("h", 64, Priority.HIGH), 0.1)  # 4 blocks
+    plan = e.scheduler.schedule()
+    assert [r.spec.request_id for r in plan.preempted] == ["n1"]
+    assert [(item.request.spec.request_id, item.num_new_tokens) for item in plan.scheduled] == [("h", 64)]
+    assert running(e) == ["n0", "h"] and waiting(e) == ["n1"] and e.pool.num_free == 1
