@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pyllumnix.tools.recording_sink import RecordingSink
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama the vLLM tests run (built locally: no model hub here), once per test session;
+    ``LLUMNIX_TINY_MODEL`` names a directory to build it in (or reuse) instead of a temporary one."""
+    from pyllumnix.tools.tiny_model import build_tiny_model
+
+    path = os.environ.get("LLUMNIX_TINY_MODEL")
+    return build_tiny_model(path if path else tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

@@ -34,14 +34,6 @@ VLLM_ENV = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pyllumnix.tools.tiny_model import build_tiny_model
-
-    path = os.environ.get("LLUMNIX_TINY_MODEL")
-    return build_tiny_model(path if path else tmp_path_factory.mktemp("tiny-llama"))
-
-
 def engine_request(rid: str, sink: str, max_tokens: int) -> common_pb2.EngineRequest:
     return common_pb2.EngineRequest(
         request_id=rid,

@@ -41,14 +41,6 @@ MAX_MODEL_LEN = 1024
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pyllumnix.tools.tiny_model import build_tiny_model
-
-    path = os.environ.get("LLUMNIX_TINY_MODEL")
-    return build_tiny_model(path if path else tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Component]:
     launcher = Launcher(tmp_path_factory.mktemp("vllm-serve"))
     serve = launcher.start(

@@ -127,13 +127,9 @@ def test_load_during_a_step_in_another_thread_sees_the_engine_before_or_after_it
 
 
 @pytest.fixture(scope="module")
-def real_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmEngine]:
-    from pyllumnix.tools.tiny_model import build_tiny_model
-
+def real_engine(tiny_model: Path) -> Iterator[VllmEngine]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    path = os.environ.get("LLUMNIX_TINY_MODEL")
-    model: Path = build_tiny_model(path if path else tmp_path_factory.mktemp("tiny-llama"))
-    e = VllmEngine(VllmEngineConfig(model=str(model), dtype="float32", kv_cache_memory_bytes=8 << 20))
+    e = VllmEngine(VllmEngineConfig(model=str(tiny_model), dtype="float32", kv_cache_memory_bytes=8 << 20))
     yield e
     e.close()
 

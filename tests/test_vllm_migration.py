@@ -39,14 +39,6 @@ if vllm_available():
 Tokens = dict[str, list[int]]
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pyllumnix.tools.tiny_model import build_tiny_model
-
-    path = os.environ.get("LLUMNIX_TINY_MODEL")
-    return build_tiny_model(path if path else tmp_path_factory.mktemp("tiny-llama"))
-
-
 @pytest.fixture(scope="module")
 def engines(tiny_model: Path) -> Iterator[tuple[VllmEngine, VllmEngine]]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -36,14 +36,6 @@ NUM_BLOCKS = 12  # 11 usable (block 0 is vLLM's null block): two 7-block request
 MAX_STEPS = 2000  # a bound on every drive loop, so a scheduling bug fails the test instead of hanging it
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pyllumnix.tools.tiny_model import build_tiny_model
-
-    path = os.environ.get("LLUMNIX_TINY_MODEL")
-    return build_tiny_model(path if path else tmp_path_factory.mktemp("tiny-llama"))
-
-
 @pytest.fixture(scope="module")
 def engines(tiny_model: Path) -> Iterator[tuple[VllmEngine, VllmEngine]]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
