@@ -9,6 +9,7 @@ and a ``RoleInterceptor`` checks each call's method against the caller's role. R
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,20 @@ def host_port(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
+
+
+def advertised_host(host: str, advertise_host: str = "") -> str:
+    """The name peers use for a process bound on ``host``: ``advertise_host`` if given, else ``host``, else (a
+    wildcard bind names no host) this machine's host name, the name ``llumnix serve`` puts in the certificates."""
+    if advertise_host:
+        return advertise_host
+    return socket.gethostname() if host in WILDCARD_HOSTS else host
+
+
+def advertised_address(host: str, advertise_host: str, port: int) -> str:
+    """``host:port`` peers dial to reach a server bound on ``host`` (see :func:`advertised_host`), as gRPC spells a
+    target: an IPv6 literal in brackets (``::1:5000`` is no target)."""
+    return host_port(advertised_host(host, advertise_host), port)
 
 
 @dataclass

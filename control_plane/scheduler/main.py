@@ -13,7 +13,6 @@ import json
 import logging
 import shlex
 import signal
-import socket
 import sys
 import uuid
 from pathlib import Path
@@ -27,7 +26,7 @@ from pyllumnix.control_plane.scheduler.provider import (
     InstanceProvider,
     LocalProcessProvider,
 )
-from pyllumnix.control_plane.scheduler.replica import WILDCARD_HOSTS, ReplicaTiming, SchedulerReplica
+from pyllumnix.control_plane.scheduler.replica import ReplicaTiming, SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import (
     ADMIN_SERVICE,
     SCHEDULER_SERVICE,
@@ -36,7 +35,7 @@ from pyllumnix.control_plane.scheduler.service import (
 )
 from pyllumnix.infra import tracing
 from pyllumnix.infra.etcd.keys import KeyLayout
-from pyllumnix.infra.grpc_server import start_server
+from pyllumnix.infra.grpc_server import advertised_address, advertised_host, start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
@@ -83,8 +82,8 @@ async def run_scheduler(
         port,
     )
     # Others (clients following the leader trailer, followers probing the leader) connect here: never a wildcard.
-    advertise = advertise_host or (host if host not in WILDCARD_HOSTS else socket.gethostname())
-    address = f"{advertise}:{server.port}"
+    advertise = advertised_host(host, advertise_host)
+    address = advertised_address(host, advertise_host, server.port)
     replica.grpc_address = address
     await replica.start()
     freeze_startup_heap()

@@ -49,6 +49,7 @@ from pyllumnix.infra.etcd.election import Election, LeaderInfo, Leadership
 from pyllumnix.infra.etcd.errors import ConfigConflictError, EtcdError
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.registry import InstanceRegistry, RegistryEventType
+from pyllumnix.infra.grpc_server import WILDCARD_HOSTS
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.infra.vocabulary import InstanceState, normalize_priority
@@ -114,10 +115,6 @@ class ReplicaTiming:
             raise ValueError(f"resign_hold_off must be >= 0, got {self.resign_hold_off}")
         if self.drained_stop_after < 0:
             raise ValueError(f"drained_stop_after must be >= 0, got {self.drained_stop_after}")
-
-
-# Bind-all addresses: an advertised one names no particular host, so a refusal there proves nothing about the leader.
-WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
 
 
 async def port_refuses(address: str, timeout: float) -> bool | None:
@@ -450,7 +447,7 @@ class SchedulerReplica:
             view = self.leader
             if (
                 view.entry is None
-                or view.address.rpartition(":")[0] in WILDCARD_HOSTS
+                or view.address.rpartition(":")[0] in WILDCARD_HOSTS  # names no host: a refusal there proves nothing
                 or view.replica_id == self.replica_id
                 or self.is_leader
             ):
