@@ -30,9 +30,10 @@ from pyllumnix.control_plane.frontend.routing import (
     LeaderDispatcher,
     StaticRegistrySource,
 )
-from pyllumnix.control_plane.frontend.service import advertised, start_grpc
+from pyllumnix.control_plane.frontend.service import start_grpc
 from pyllumnix.control_plane.frontend.tokenizer import HfTokenizer, SimTokenizer, Tokenizer
 from pyllumnix.infra import tracing
+from pyllumnix.infra.grpc_server import advertised_address
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.runtime import security_options
@@ -156,7 +157,7 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         "model": opts.model,
         "http_port": http_server.port,
         "http_url": http_server.url,
-        "grpc_address": advertised(opts.host, opts.advertise_host, grpc_server.port),
+        "grpc_address": advertised_address(opts.host, opts.advertise_host, grpc_server.port),
         "sink_address": frontend.sink_address,
         "secure": security.secure,
         "api_keys": api_keys is not None,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput, grp
 from pyllumnix.control_plane.frontend.errors import FrontendError
 from pyllumnix.control_plane.frontend.sink import SERVICE_NAME as SINK_SERVICE_NAME
 from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
-from pyllumnix.infra.grpc_server import DEFAULT_OPTIONS, RunningServer, start_server
+from pyllumnix.infra.grpc_server import DEFAULT_OPTIONS, RunningServer, advertised_address, start_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.apikeys import ApiKeyInterceptor, ApiKeyStore
 from pyllumnix.infra.security.runtime import SecuritySettings
@@ -112,12 +111,6 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
         return frontend_pb2.AbortResponse()
 
 
-def advertised(host: str, advertise_host: str, port: int) -> str:
-    """The address peers use to reach a server bound to ``host`` (a wildcard bind advertises the host name)."""
-    name = advertise_host or (host if host not in ("", "0.0.0.0", "::", "[::]") else socket.getfqdn())
-    return f"{name}:{port}"
-
-
 @dataclass
 class FrontendGrpc:
     """The frontend's gRPC listeners: the public one (FrontendService) and the output sink llumlets push to.
@@ -169,7 +162,7 @@ async def start_grpc(
         server = await start_server(
             [public_binding, sink_binding], host=host, port=port, options=options, interceptors=key_check
         )
-        frontend.sink_address = advertised(host, advertise_host, server.port)
+        frontend.sink_address = advertised_address(host, advertise_host, server.port)
         return FrontendGrpc(server, sink_servicer=sink_servicer)
     sink = await start_server([sink_binding], host=host, port=sink_port, options=options, security=settings)
     try:
@@ -185,5 +178,5 @@ async def start_grpc(
     except BaseException:
         await sink.stop(0)
         raise
-    frontend.sink_address = advertised(host, advertise_host, sink.port)
+    frontend.sink_address = advertised_address(host, advertise_host, sink.port)
     return FrontendGrpc(public, sink, sink_servicer)
