@@ -48,6 +48,7 @@ from pyllumnix.control_plane.frontend.openai_schema import (
 )
 from pyllumnix.control_plane.frontend.requests import TrackedRequest
 from pyllumnix.infra import tracing
+from pyllumnix.infra.grpc_server import WILDCARD_HOSTS, host_port
 from pyllumnix.infra.security.apikeys import ApiKeyStore, api_key_middleware
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
@@ -381,10 +382,13 @@ class HttpServer:
     runner: web.AppRunner
     port: int
     https: bool = False
+    host: str = "127.0.0.1"  # the bind host, as given to start_http
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.https else 'http'}://127.0.0.1:{self.port}"
+        """Where a client on this machine reaches the API (loopback for a wildcard bind, as RunningServer.address)."""
+        local = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+        return f"{'https' if self.https else 'http'}://{host_port(local, self.port)}"
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -407,7 +411,7 @@ async def start_http(
     app = HttpApi(frontend, max_body_bytes, api_keys).app()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = web.TCPSite(runner, host.strip("[]"), port, ssl_context=ssl_context)  # a socket takes IPv6 bare
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
-    return HttpServer(runner, int(bound), https=ssl_context is not None)
+    return HttpServer(runner, int(bound), https=ssl_context is not None, host=host)
