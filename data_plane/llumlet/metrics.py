@@ -109,6 +109,8 @@ class InstanceMetrics(Collector):
         request_ids: Callable[[], Iterable[str]],
         *,
         vllm_stats: Callable[[], VllmSchedulerStats] | None = None,
+        late_adds_refused: Callable[[], int] = lambda: 0,
+        report_failures: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.instance_id = instance_id
@@ -117,6 +119,9 @@ class InstanceMetrics(Collector):
         self._migration = migration
         self._request_ids = request_ids
         self._vllm_stats = vllm_stats
+        # The llumlet's own counters of things an operator must see grow (read at scrape time, as the gauges).
+        self._late_adds_refused = late_adds_refused
+        self._report_failures = report_failures
         self._clock = clock
         self._tracked: dict[str, _Tracked] = {}
         # Plain accumulators rendered at scrape time: the per-output path takes no lock and allocates nothing (it
@@ -305,6 +310,19 @@ class InstanceMetrics(Collector):
             buckets.append(("+Inf", float(stats.committed)))
         downtime.add_metric([self.instance_id], buckets, stats.downtime_sum_ms / 1000)
         yield downtime
+        late = CounterMetricFamily(
+            "llumnix_llumlet_late_adds_refused",
+            "AddRequests refused because their caller had given up (deadline passed, or its abort came first)",
+            labels=["instance"],
+        )
+        late.add_metric([self.instance_id], self._late_adds_refused())
+        failures = CounterMetricFamily(
+            "llumnix_llumlet_load_report_failures",
+            "Load-report ticks skipped because the instance's load could not be read",
+            labels=["instance"],
+        )
+        failures.add_metric([self.instance_id], self._report_failures())
+        yield from (late, failures)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
