@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from pyllumnix.infra.grpc_server import host_port
+
 
 @dataclass
 class MetricsServer:
@@ -21,8 +23,8 @@ class MetricsServer:
 
     @property
     def address(self) -> str:
-        """``host:port`` to scrape (``http://{address}/metrics``)."""
-        return f"{self.host}:{self.port}"
+        """``host:port`` to scrape (``http://{address}/metrics``; an IPv6 literal in brackets, as a URL needs)."""
+        return host_port(self.host, self.port)
 
     async def close(self) -> None:
         await self.runner.cleanup()
@@ -40,7 +42,7 @@ async def start_metrics_server(
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host.strip("[]"), port)  # a socket takes an IPv6 literal bare
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     return MetricsServer(runner, advertise_host or host, int(bound))

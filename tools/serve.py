@@ -35,7 +35,6 @@ import os
 import select
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ import click
 import yaml
 
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, Member
+from pyllumnix.infra.grpc_server import advertised_host
 from pyllumnix.infra.processes import describe_exit
 from pyllumnix.tools.launch import Component, Launcher, LaunchError, libc, signal_group, spawn
 
@@ -389,7 +389,7 @@ class Supervisor:
         }
         host = str(opts["host"])
         # A wildcard bind advertises the host name: peers check the certificates against it.
-        hosts = ["localhost", "127.0.0.1", "::1", socket.gethostname() if host in ("0.0.0.0", "::") else host]
+        hosts = ["localhost", "127.0.0.1", "::1", advertised_host(host).strip("[]")]
         self.pki = bootstrap_local(
             tls_dir,
             cluster,

@@ -38,7 +38,7 @@ from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, 
 from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
 from pyllumnix.infra import tracing
-from pyllumnix.infra.grpc_server import start_server
+from pyllumnix.infra.grpc_server import WILDCARD_HOSTS, advertised_address, advertised_host, start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
@@ -172,7 +172,7 @@ def transport_options(kind: str, host: str = "127.0.0.1", advertise_host: str = 
     if kind == "ucx":
         if settings.paths is not None:
             log.warning("the ucx data plane is not encrypted (KV bytes in the clear); --transport tcp uses TLS")
-        local = host if host not in ("", "0.0.0.0", "::", "[::]") else advertise_host
+        local = host if host not in WILDCARD_HOSTS else advertise_host
         return kind, {"host": socket.gethostbyname(local)} if local else {}
     if kind != "tcp":
         return kind, {}
@@ -210,9 +210,10 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     server = await start_server(
         [(llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, servicer, SERVICE_NAME)], opts.host, opts.port
     )
-    advertise = opts.advertise_host or (opts.host if opts.host not in ("0.0.0.0", "::") else socket.gethostname())
-    grpc_address = f"{advertise}:{server.port}"
+    advertise = advertised_host(opts.host, opts.advertise_host)
+    grpc_address = advertised_address(opts.host, opts.advertise_host, server.port)
     metrics_server = None
+    reporter = None  # with --etcd, set below (the metrics read its failure count at scrape time)
     if opts.metrics_port >= 0:
         llumlet.metrics = InstanceMetrics(
             instance_id,
@@ -221,6 +222,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
             lambda: llumlet.stats.migration,
             engine.request_ids,
             vllm_stats=getattr(engine, "vllm_stats", None),  # vLLM's own scheduler statistics (--engine vllm)
+            late_adds_refused=lambda: servicer.late_adds_refused,
+            report_failures=lambda: reporter.report_failures if reporter is not None else 0,
         )
         metrics_server = await start_metrics_server(llumlet.metrics.registry, opts.host, opts.metrics_port, advertise)
     coordinator.prewarm()
@@ -242,7 +245,6 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     )
     registration = None
     client = None
-    reporter = None
     background: list[asyncio.Task[None]] = []
     if opts.etcd:
         from pyllumnix.data_plane.llumlet.registration import InstanceRegistration

@@ -38,6 +38,7 @@ from pyllumnix.data_plane.transport.base import (
     as_bytes_view,
     make_out_buffer,
 )
+from pyllumnix.infra.grpc_server import advertised_address
 
 log = logging.getLogger(__name__)
 
@@ -142,16 +143,16 @@ class TcpTransport(BufferingTransport):
     async def start(self) -> str:
         if self._address is not None:
             return self._address
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        bind_host = self._host.strip("[]")  # a socket takes an IPv6 literal bare
+        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
         listener = socket.socket(family, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((self._host, self._port))
+        listener.bind((bind_host, self._port))
         listener.listen(128)
         listener.setblocking(False)
         self._listener = listener
         port = listener.getsockname()[1]
-        host = self._advertise_host or (socket.gethostname() if self._host in ("0.0.0.0", "::") else self._host)
-        self._address = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+        self._address = f"tcp://{advertised_address(self._host, self._advertise_host or '', port)}"
         if self._ssl_server is not None:
             self._stream_server = await asyncio.start_server(
                 self._serve_tls, sock=listener, ssl=self._ssl_server, ssl_handshake_timeout=10.0

@@ -87,6 +87,7 @@ from pyllumnix.data_plane.transport.base import (
     as_bytes_view,
     make_out_buffer,
 )
+from pyllumnix.infra.grpc_server import WILDCARD_HOSTS
 
 UCX_ENV_DEFAULTS: dict[str, str] = {
     "UCX_TLS": "sm,self,tcp",
@@ -138,7 +139,6 @@ def configure_ucx_env(tls: str | None = None, device: bool = False) -> None:
         _DEFAULTED.discard("UCX_TLS")
 
 
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 _SIOCGIFADDR = 0x8915
 
 

@@ -41,8 +41,6 @@ INSECURE_ENV = "LLUMNIX_INSECURE"
 CLUSTER_FILE = "cluster"
 """A PKI folder written by ``bootstrap_local`` names its cluster (trust domain) in this file."""
 
-WILDCARDS = ("0.0.0.0", "::", "[::]")
-
 HOW_TO_GET_CERTIFICATES = (
     "give --tls-dir DIR (a PKI folder as `llumnix serve` writes it: ca.pem and <role>-<id>.pem/-key.pem; also "
     f"${TLS_DIR_ENV}) or --ca/--cert/--key, or run the whole cluster with `llumnix serve`, which creates one; "
@@ -145,7 +143,8 @@ def from_options(
 
     ``--tls-dir``: this component's files are ``<role>-<id>.pem``/``-key.pem`` there; a folder that holds the CA key
     too (a local PKI) issues them when missing, so llumlets with fresh ids start without a separate step; ``hosts``
-    (the names and addresses peers dial this component at) go into such a certificate beside the local defaults.
+    (the names and addresses peers dial this component at; empty ones are skipped) go into such a certificate beside
+    the local defaults.
     """
     env = dict(os.environ) if env is None else env
     explicit = [v for v in (ca, cert, key) if v]
@@ -171,7 +170,11 @@ def from_options(
     authority: ClusterSecurity | None = None
     if pki.ca_key.exists() and pki.cluster:
         authority = pki
-        paths = pki.ensure(role, id, [h for h in hosts if h and h not in WILDCARDS])
+        # Import here: grpc_server imports this module. A wildcard names no host: the certificate gets the name
+        # such a process advertises instead; an IPv6 literal goes in bare.
+        from pyllumnix.infra.grpc_server import advertised_host
+
+        paths = pki.ensure(role, id, list(dict.fromkeys(advertised_host(h).strip("[]") for h in hosts if h)))
     elif cert_path.exists():
         paths = CertPaths(pki.ca_cert, cert_path, pki.directory / f"{role}-{id}-key.pem")
     else:
