@@ -25,10 +25,13 @@ import pytest
 
 from pyllumnix.control_plane.scheduler import cluster as cluster_module
 from pyllumnix.control_plane.scheduler.cluster import (
+    QUIET_KEEPALIVE_EVERY,
     STALE_SCAN_INTERVAL_S,
     ClusterState,
     StaleKeepAliveError,
     dispatch_stale_after,
+    load_is_quiet,
+    quiet_stale_after,
 )
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
 from pyllumnix.control_plane.scheduler.service import SchedulerServicer
@@ -76,12 +79,26 @@ class FakeLlumlet:
         self.free_blocks = 100
         self.tokens = 0
 
+        self.quiet = False  # nothing on it (no request): what an idle llumlet reports
+
     def load_pb(self) -> common_pb2.InstanceLoad:
         self.seq += 1
+        if self.quiet:
+            return quiet(self.instance_id, self.seq)
         return load(self.instance_id, self.seq, self.free_blocks, self.tokens)
 
     def load_version(self) -> None:
         return None  # cannot tell: the reporter builds and compares every snapshot
+
+
+def quiet(instance_id: str, seq: int) -> common_pb2.InstanceLoad:
+    """An idle instance's load: no request, no migration (``load_is_quiet``)."""
+    pb = common_pb2.InstanceLoad(
+        instance_id=instance_id, seq=seq, total_blocks=100, free_blocks=100, block_size=16, timestamp=float(seq)
+    )
+    pb.state = common_pb2.INSTANCE_STATE_ACTIVE
+    assert load_is_quiet(pb)
+    return pb
 
 
 def reporter(llumlet: FakeLlumlet, interval_s: float = 0.0) -> LoadReporter:
@@ -203,6 +220,140 @@ def test_dispatched_requests_still_expire_on_keepalives() -> None:
     assert cluster.snapshot(0.2).get("a").dispatched_since_report == 1  # type: ignore[union-attr]
     assert cluster.keepalive("a", 1, 0.6)
     assert cluster.snapshot(0.6).get("a").dispatched_since_report == 0  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------------------------- #20: quiet instances
+async def test_a_quiet_llumlet_keeps_alive_once_per_quiet_period_and_sends_a_new_request_at_once() -> None:
+    """An idle llumlet sent a keep-alive every 3 intervals (6.7 a second, about half its idle CPU); now every
+    QUIET_KEEPALIVE_EVERY. Work arriving is still sent at the next tick, and the busy period is back at once."""
+    llumlet = FakeLlumlet()
+    llumlet.quiet = True
+    stream = reporter(llumlet)._reports()
+    assert kind(await anext(stream)) == "load"
+    alive = await anext(stream)
+    assert kind(alive) == "keep_alive" and alive.keep_alive.seq == 1
+    assert llumlet.seq == 1 + QUIET_KEEPALIVE_EVERY  # before: 1 + LOAD_KEEPALIVE_EVERY
+    llumlet.quiet = False  # a request arrived
+    busy = await anext(stream)
+    assert kind(busy) == "load" and llumlet.seq == 2 + QUIET_KEEPALIVE_EVERY, "sent at the next tick"
+    assert kind(await anext(stream)) == "keep_alive"
+    assert llumlet.seq == 2 + QUIET_KEEPALIVE_EVERY + LOAD_KEEPALIVE_EVERY, "busy: the short period again"
+    await stream.aclose()
+
+
+async def test_an_idle_sim_llumlet_sends_one_message_per_quiet_period() -> None:
+    """A real (idle) sim llumlet, 100 report ticks: 1 full load and 5 keep-alives (before: 1 and 33)."""
+    llumlet = Llumlet(SimEngine("tiny", payload=False), "i-1")
+    version = llumlet.load_version
+    ticks = 0
+
+    def tick() -> Any:
+        nonlocal ticks
+        ticks += 1
+        return version()
+
+    llumlet.load_version = tick  # type: ignore[method-assign]
+    stream = reporter(cast(Any, llumlet))._reports()
+    sent: list[str] = []
+    while ticks < 100:
+        sent.append(kind(await anext(stream)))
+    await stream.aclose()
+    assert sent == ["load"] + ["keep_alive"] * (100 // QUIET_KEEPALIVE_EVERY), sent
+
+
+def test_the_quiet_keepalive_period_is_inside_the_quiet_bound() -> None:
+    """Two quiet keep-alive periods fit in the quiet bound, which is never shorter than the busy one."""
+    for interval_ms in (1, 10, 20, 50, 100, 250, 1000):
+        interval = interval_ms / 1000
+        assert 2 * QUIET_KEEPALIVE_EVERY * interval <= quiet_stale_after(interval) + 1e-12, interval_ms
+        assert quiet_stale_after(interval) >= dispatch_stale_after(interval), interval_ms
+
+
+def quiet_cluster(*ids: str) -> ClusterState:
+    interval = 0.05
+    cluster = cluster_of(
+        *ids, stale_after=1.0, dispatch_stale_after=dispatch_stale_after(interval), quiet_stale_after=2.0
+    )
+    assert quiet_stale_after(interval) == 2.0
+    return cluster
+
+
+def test_a_quiet_instance_keeping_alive_once_a_second_stays_dispatchable() -> None:
+    """Before: silent after dispatch_stale_after (0.3 s) whatever the load: 1 s keep-alives made it undispatchable."""
+    cluster = quiet_cluster("q", "busy")
+    cluster.report(quiet("q", 1), 0.0)
+    cluster.report(load("busy", 1), 0.0)
+    assert cluster.quiet == {"q"}
+    t, seq, tick = 0.0, 1, 0
+    while t < 5.0:
+        tick += 1
+        t, seq = round(tick * 0.05, 3), seq + 1
+        cluster.report(load("busy", seq, free_blocks=100 - seq % 50), t)
+        if tick % QUIET_KEEPALIVE_EVERY == 0:
+            assert cluster.keepalive("q", 1, t)
+        if tick % 2 == 0:
+            assert "q" in accepting(cluster, t + 1e-3), f"quiet instance stale at {t}"
+
+
+def test_a_silent_quiet_instance_stops_taking_requests_soon_after_the_first_one_sent_there() -> None:
+    """The bound: dispatch_stale_after (+ one scan) after the first dispatch since its last message; and with nothing
+    sent, quiet_stale_after."""
+    cluster = quiet_cluster("q", "idle", "busy")
+    cluster.report(quiet("q", 1), 0.0)
+    cluster.report(quiet("idle", 1), 0.0)
+    cluster.report(load("busy", 1), 0.0)
+    t, seq, tick = 0.0, 1, 0
+
+    def until(end: float) -> None:
+        nonlocal t, seq, tick
+        while t < end - 1e-9:  # busy reports every 50 ms; q and idle say nothing
+            tick += 1
+            t, seq = round(tick * 0.05, 3), seq + 1
+            cluster.report(load("busy", seq, free_blocks=100 - seq % 50), t)
+
+    until(1.0)
+    assert accepting(cluster, t) == {"q", "idle", "busy"}, "silent 1 s, nothing sent there: within the quiet bound"
+    cluster.record_dispatch("q", "r1", 1, common_pb2.PRIORITY_NORMAL, t)
+    cluster.record_dispatch("q", "r2", 1, common_pb2.PRIORITY_NORMAL, t + 0.1)  # the first dispatch counts
+    sent = t
+    until(sent + cluster.dispatch_stale_after - 0.05)
+    assert "q" in accepting(cluster, t)
+    until(sent + cluster.dispatch_stale_after + STALE_SCAN_INTERVAL_S)
+    assert accepting(cluster, t) == {"idle", "busy"}, "q took r1 and said nothing: no more requests"
+    until(2.0 + STALE_SCAN_INTERVAL_S)
+    assert accepting(cluster, t) == {"busy"}, "idle: silent past the quiet bound"
+    cluster.report(load("q", 2), t)  # q speaks (it got r1): dispatchable at once, by the busy rules
+    assert accepting(cluster, t) == {"q", "busy"} and "q" not in cluster.quiet and not cluster.expecting
+
+
+def test_a_keepalive_ends_the_expectation_only_when_sent_after_the_request_would_have_been_reported() -> None:
+    cluster = quiet_cluster("q", "busy")
+    cluster.report(quiet("q", 1), 0.0)
+    cluster.report(load("busy", 1), 0.0)
+    cluster.snapshot(1.0)  # as the dispatch that chose q
+    cluster.record_dispatch("q", "r1", 1, common_pb2.PRIORITY_NORMAL, 1.0)
+    assert cluster.keepalive("q", 1, 1.05)  # may have left before r1 arrived: proves nothing about r1
+    assert cluster.expecting == {"q": 1.0}
+    cluster.report(load("busy", 2, free_blocks=90), 1.45)
+    assert "q" not in accepting(cluster, 1.45)
+    # r1 never reached q (its AddRequest failed): q's next keep-alive, a quiet period on, says it is alive and idle.
+    assert cluster.keepalive("q", 1, 2.05)
+    assert not cluster.expecting and "q" in accepting(cluster, 2.05)
+    cluster.report(load("busy", 3, free_blocks=80), 3.0)
+    assert "q" in accepting(cluster, 3.0), "judged by the quiet bound again"
+
+
+async def test_a_quiet_load_held_by_the_rate_floor_sets_the_quiet_cadence() -> None:
+    """The llumlet keeps alive at the period of the last load it sent; if the floor held that load back, the leader
+    still waits for its keep-alives at that period (else: silent after 0.3 s until the keep-alive 1 s later)."""
+    replica = leader()
+    servicer = SchedulerServicer(replica, min_report_interval=60.0)
+    assert servicer.take(scheduler_pb2.ReportLoadRequest(load=load("i-1", 1)), "i-1", False)
+    assert "i-1" not in replica.cluster.quiet
+    assert not servicer.take(scheduler_pb2.ReportLoadRequest(load=quiet("i-1", 2)), "i-1", False)  # held
+    assert replica.cluster.loads["i-1"].seq == 1 and "i-1" in replica.cluster.quiet
+    assert not servicer.take(scheduler_pb2.ReportLoadRequest(load=load("i-1", 3)), "i-1", False)  # held: busy again
+    assert "i-1" not in replica.cluster.quiet
 
 
 # --------------------------------------------------------------------------------------------- over gRPC, end to end

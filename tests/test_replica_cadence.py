@@ -11,10 +11,21 @@ import logging
 
 import pytest
 
+from pyllumnix.control_plane.scheduler.cluster import QUIET_KEEPALIVE_EVERY, quiet_stale_after
 from pyllumnix.control_plane.scheduler.replica import LATE_LOAD_MESSAGES_WARN, SchedulerReplica
-from tests.test_replica_leadership import active_load, make_replica, register
+from pyllumnix.protos.llumnix.v1 import common_pb2
+from tests.test_replica_leadership import active_load as quiet_load
+from tests.test_replica_leadership import make_replica, register
 
 LOGGER = "pyllumnix.control_plane.scheduler.replica"
+
+
+def active_load(instance_id: str, seq: int = 1) -> common_pb2.InstanceLoad:
+    """A busy instance's load (a running request): keep-alives every 3 intervals, judged by the short bound."""
+    load = quiet_load(instance_id, seq)
+    load.num_running = 1
+    load.requests.add(request_id=f"{instance_id}-r", phase=common_pb2.REQUEST_PHASE_RUNNING, num_blocks=1)
+    return load
 
 
 def late_keepalive(replica: SchedulerReplica, instance_id: str, gap: float) -> None:
@@ -101,3 +112,30 @@ def test_an_instance_registering_again_is_judged_afresh(caplog: pytest.LogCaptur
     for _ in range(LATE_LOAD_MESSAGES_WARN):
         late_keepalive(replica, "a", 1.0)
     assert len(warnings_about(caplog, "a")) == 2
+
+
+def test_a_quiet_instance_keeping_alive_at_its_quiet_period_is_not_named(caplog: pytest.LogCaptureFixture) -> None:
+    """#20: a quiet llumlet keeps alive every QUIET_KEEPALIVE_EVERY intervals (1 s at 50 ms); judged by the short bound
+    (the old rule) it was named on every idle period. It is judged by the quiet bound, and named only past that."""
+    caplog.set_level(logging.WARNING, LOGGER)
+    replica, _ = make_replica(("q",), [])
+    assert replica.report(quiet_load("q"))
+    period = QUIET_KEEPALIVE_EVERY * 0.05
+    for _ in range(5):
+        late_keepalive(replica, "q", period)
+    assert warnings_about(caplog, "q") == []
+    for _ in range(LATE_LOAD_MESSAGES_WARN):
+        late_keepalive(replica, "q", quiet_stale_after(0.05) + 0.1)
+    (message,) = warnings_about(caplog, "q")
+    assert "more than 2.00s apart" in message
+    # A request arrives after a quiet spell: that first busy load came a quiet period after the last keep-alive, which
+    # is on time (judged by the cadence it was due at); from then on the instance is judged by the short bound.
+    busy, _ = make_replica(("b",), [])
+    assert busy.report(quiet_load("b"))
+    for _ in range(LATE_LOAD_MESSAGES_WARN):
+        late_keepalive(busy, "b", period)
+    late_report(busy, "b", period)
+    assert warnings_about(caplog, "b") == []
+    for _ in range(LATE_LOAD_MESSAGES_WARN):
+        late_keepalive(busy, "b", 0.45)
+    assert len(warnings_about(caplog, "b")) == 1

@@ -37,6 +37,15 @@ def load(instance_id: str, seq: int) -> common_pb2.InstanceLoad:
     )
 
 
+def busy_load(instance_id: str, seq: int) -> common_pb2.InstanceLoad:
+    """A load with a running request: a busy instance keeps alive every 3 intervals and is judged by the short bound
+    (a quiet one, with nothing on it, by the rules in ``test_load_reporting``'s quiet-instance tests)."""
+    pb = load(instance_id, seq)
+    pb.num_running = 1
+    pb.requests.add(request_id=f"{instance_id}-r", phase=common_pb2.REQUEST_PHASE_RUNNING, num_blocks=1)
+    return pb
+
+
 def cluster_of(*ids: str, **kwargs: float) -> ClusterState:
     cluster = ClusterState(**kwargs)
     for iid in ids:
@@ -50,23 +59,23 @@ def accepting(cluster: ClusterState, now: float) -> set[str]:
 
 def test_a_silent_instance_stops_taking_requests_while_the_others_report() -> None:
     cluster = cluster_of("a", "b", stale_after=1.0, dispatch_stale_after=0.3)
-    cluster.report(load("a", 1), 0.0)
-    cluster.report(load("b", 1), 0.0)
+    cluster.report(busy_load("a", 1), 0.0)
+    cluster.report(busy_load("b", 1), 0.0)
     assert accepting(cluster, 0.0) == {"a", "b"}
     t, seq = 0.0, 1
     while t < 0.5:  # b reports every 50 ms, a is stopped
         t, seq = round(t + 0.05, 3), seq + 1
-        cluster.report(load("b", seq), t)
+        cluster.report(busy_load("b", seq), t)
     # 0.5 s of silence: within stale_after (1 s), yet not dispatchable (before the fix: still chosen until 1 s).
     assert accepting(cluster, t + STEP) == {"b"}
-    cluster.report(load("a", 2), t + 2 * STEP)  # a is continued: dispatchable at once
+    cluster.report(busy_load("a", 2), t + 2 * STEP)  # a is continued: dispatchable at once
     assert accepting(cluster, t + 2 * STEP) == {"a", "b"}
 
 
 def test_a_stall_of_the_scheduler_itself_keeps_every_instance() -> None:
     cluster = cluster_of("a", "b", stale_after=1.0, dispatch_stale_after=0.3)
-    cluster.report(load("a", 1), 0.0)
-    cluster.report(load("b", 1), 0.0)
+    cluster.report(busy_load("a", 1), 0.0)
+    cluster.report(busy_load("b", 1), 0.0)
     # No report taken for 0.8 s, from anyone (the scheduler's loop was busy or stopped): nobody is singled out.
     assert accepting(cluster, 0.8) == {"a", "b"}
     # Past stale_after every silent instance is unhealthy, as before.
@@ -123,18 +132,18 @@ def test_uncordoning_a_silent_instance_keeps_it_undispatchable() -> None:
     Before, the rebuilt view was healthy, and since the scan marks an instance only once, an instance uncordoned while
     silent took new requests until its next report."""
     cluster = cluster_of("a", "b", stale_after=1.0, dispatch_stale_after=0.3)
-    cluster.report(load("a", 1), 0.0)
-    cluster.report(load("b", 1), 0.0)
+    cluster.report(busy_load("a", 1), 0.0)
+    cluster.report(busy_load("b", 1), 0.0)
     cluster.set_override("a", InstanceState.CORDONED, 0.0)
     t, seq = 0.0, 1
     while t < 0.5:  # b reports every 50 ms, a is stopped
         t, seq = round(t + 0.05, 3), seq + 1
-        cluster.report(load("b", seq), t)
+        cluster.report(busy_load("b", seq), t)
     assert accepting(cluster, t + STEP) == {"b"}
     cluster.set_override("a", InstanceState.ACTIVE, t + STEP)  # uncordoned while still silent
-    cluster.report(load("b", seq + 1), t + 2 * STEP)
+    cluster.report(busy_load("b", seq + 1), t + 2 * STEP)
     assert accepting(cluster, t + 3 * STEP) == {"b"}
-    cluster.report(load("a", 2), t + 3 * STEP)  # a speaks again: dispatchable at once
+    cluster.report(busy_load("a", 2), t + 3 * STEP)  # a speaks again: dispatchable at once
     assert accepting(cluster, t + 3 * STEP) == {"a", "b"}
 
 

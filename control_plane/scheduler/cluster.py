@@ -20,6 +20,24 @@ a dict write (no view, no snapshot update) when it names the snapshot held here.
 ``dispatch_stale_after(interval)`` = max(0.3 s, 6 intervals): at least twice the keep-alive period, so a quiet but
 healthy instance stays dispatchable and one silent for two keep-alive periods does not.
 
+A quiet instance (``load_is_quiet``: no request, no migration, nothing reserved; what an idle cluster is made of)
+keeps alive only every ``QUIET_KEEPALIVE_EVERY`` (20) intervals, 1 s at the default 50 ms: at 3 intervals an idle
+cluster of 4 llumlets sent the leader 27 messages a second, about half of each llumlet's idle CPU and most of the
+leader's. Both ends read quietness off the same load (the last full load the llumlet sent, which the keep-alives
+confirm), so they agree on the period. Its silence bound is ``quiet_stale_after`` = 2 quiet keep-alive periods (2 s at
+50 ms), but a quiet instance is the likeliest dispatch target because it is quiet: so the leader *expects* it to
+speak once it has dispatched a request there, and the short bound runs from that dispatch instead. A llumlet reports
+the change a new request makes at its next tick, so a live one answers well within ``dispatch_stale_after``.
+**Bound**: a silent quiet instance gets no new request later than ``dispatch_stale_after`` (+ one stale scan) after
+the first request the leader dispatched to it since its last message (before: after it fell silent; the number of
+requests sent to it in that window is bounded the same way); a silent busy instance, as before. A silent quiet
+instance nobody dispatches to is marked unhealthy after ``quiet_stale_after``, so it can be picked as a migration
+destination for that long (before: ``dispatch_stale_after``); such a migration fails at the source's deadline for the
+destination's answer and the request runs on at its source. A keep-alive that arrives ``dispatch_stale_after`` or more
+after such a dispatch shows that the request never reached the instance (it would have sent its load instead) and
+ends the expectation; one arriving sooner does not (it may have been sent before the request arrived), so at worst an
+instance whose request went elsewhere (AddRequest failed) looks silent until its next keep-alive.
+
 ``report_times`` are this process's ``time.monotonic()`` (staleness must not jump with the wall clock); the admin API
 converts them to Unix seconds, as the proto says.
 
@@ -51,6 +69,28 @@ MAX_EARLY_LOADS = 4096
 # An instance silent for this many report intervals (and at least DISPATCH_STALE_MIN_S) gets no new request.
 DISPATCH_STALE_INTERVALS = 6
 DISPATCH_STALE_MIN_S = 0.3
+# A quiet instance (``load_is_quiet``) keeps alive every this many report intervals (1 s at 50 ms), not every 3.
+QUIET_KEEPALIVE_EVERY = 20
+
+
+def load_is_quiet(load: common_pb2.InstanceLoad) -> bool:
+    """Nothing on the instance: no request in any phase, no migration either way, no block reserved for one. Its
+    load can then change only through something sent to it (a request, a reservation) or an order (drain, cordon),
+    so the llumlet keeps alive slowly (``QUIET_KEEPALIVE_EVERY``) and the leader waits for it accordingly."""
+    return not (
+        load.requests
+        or load.num_running
+        or load.num_waiting
+        or load.migrating_in
+        or load.migrating_out
+        or load.reserved_blocks
+    )
+
+
+def quiet_stale_after(report_interval_s: float) -> float:
+    """Silence after which a quiet instance nobody sent anything to counts as silent: two quiet keep-alive periods
+    (2 s at the default 50 ms), so a quiet but healthy instance never looks silent."""
+    return max(DISPATCH_STALE_MIN_S, 2 * QUIET_KEEPALIVE_EVERY * report_interval_s)
 
 
 def dispatch_stale_after(report_interval_s: float) -> float:
@@ -65,7 +105,13 @@ class StaleKeepAliveError(Exception):
 
 
 class ClusterState:
-    def __init__(self, stale_after: float = 1.0, pending_ttl: float = 2.0, dispatch_stale_after: float = 0.3) -> None:
+    def __init__(
+        self,
+        stale_after: float = 1.0,
+        pending_ttl: float = 2.0,
+        dispatch_stale_after: float = 0.3,
+        quiet_stale_after: float = 2.0,
+    ) -> None:
         self.infos: dict[str, common_pb2.InstanceInfo] = {}
         self.loads: dict[str, common_pb2.InstanceLoad] = {}
         self.report_times: dict[str, float] = {}
@@ -73,6 +119,11 @@ class ClusterState:
         self.overrides: dict[str, InstanceState] = {}
         self.stale_after = stale_after
         self.dispatch_stale_after = min(dispatch_stale_after, stale_after)
+        self.quiet_stale_after = quiet_stale_after
+        # Instances whose latest full load (taken, or held by the service's rate floor) is quiet (``load_is_quiet``).
+        self.quiet: set[str] = set()
+        # Quiet instance -> when the leader first dispatched a request to it since its last message.
+        self.expecting: dict[str, float] = {}
         self._pending: dict[str, InstanceView] = {}
         self._snapshot = ClusterSnapshot.of(())
         self._unhealthy: set[str] = set()
@@ -121,6 +172,8 @@ class ClusterState:
         self._reported.pop(instance_id, None)
         self._dispatched.pop(instance_id, None)
         self._unhealthy.discard(instance_id)
+        self.quiet.discard(instance_id)
+        self.expecting.pop(instance_id, None)
         if instance_id in self._snapshot:
             self._snapshot = self._snapshot.without([instance_id])
         return self.loads.pop(instance_id, None)
@@ -137,6 +190,8 @@ class ClusterState:
             return False
         self.loads[iid] = load
         self.report_times[iid] = now
+        self.expecting.pop(iid, None)
+        self.note_cadence(load)
         override = self.overrides.get(iid)
         if override is not None and int(load.state) == int(override):
             del self.overrides[iid]
@@ -147,6 +202,26 @@ class ClusterState:
             self._schedule_fold()
         self._reported[iid] = None
         return True
+
+    def note_cadence(self, load: common_pb2.InstanceLoad) -> None:
+        """Follows the keep-alive period the llumlet now uses: the one of the latest full load it sent (taken here, or
+        held by the service's rate floor until a keep-alive confirms it). Registered instances only."""
+        if load.instance_id not in self.infos:
+            return
+        if load_is_quiet(load):
+            self.quiet.add(load.instance_id)
+        else:
+            self.quiet.discard(load.instance_id)
+
+    def expect(self, instance_id: str, now: float) -> None:
+        """The leader dispatched a request to ``instance_id``: if it is quiet, it must now speak within
+        ``dispatch_stale_after`` (see the module docstring), the first such dispatch counting."""
+        if instance_id in self.quiet and instance_id not in self.expecting:
+            self.expecting[instance_id] = now
+
+    def silence_bound(self, instance_id: str) -> float:
+        """How long ``instance_id`` may be silent, by its cadence, before it stops taking requests."""
+        return self.quiet_stale_after if instance_id in self.quiet else self.dispatch_stale_after
 
     def _keep_early(self, load: common_pb2.InstanceLoad, now: float) -> None:
         early = self._early
@@ -211,6 +286,9 @@ class ClusterState:
                 f"keep-alive of {instance_id} confirms load seq {seq}, the leader holds {held}: send the full load"
             )
         self.report_times[instance_id] = now
+        sent = self.expecting.get(instance_id)
+        if sent is not None and now - sent >= self.dispatch_stale_after:
+            del self.expecting[instance_id]  # sent after the work would have been reported: it never arrived there
         pending = self._dispatched.get(instance_id)  # in dispatch order: the first is the oldest
         expired = pending is not None and bool(pending) and now - next(iter(pending.values()))[2] > self.pending_ttl
         if expired or instance_id in self._unhealthy:
@@ -254,10 +332,19 @@ class ClusterState:
         if now - self._last_stale_scan >= STALE_SCAN_INTERVAL_S:  # an O(n) scan: not on every dispatch
             self._last_stale_scan = now
             newest = max(self.report_times.values(), default=now)
-            quiet = self.dispatch_stale_after
+            short, absolute, quiet, expecting = self.dispatch_stale_after, self.stale_after, self.quiet, self.expecting
             for iid, t in self.report_times.items():
-                silent = now - t > self.stale_after or (now - t > quiet and newest - t > quiet)
-                if iid not in self._unhealthy and silent:
+                if iid in self._unhealthy:
+                    continue
+                if iid not in quiet:
+                    silent = now - t > absolute or (now - t > short and newest - t > short)
+                else:  # see the module docstring: the short bound runs from the first send since its last message
+                    sent = expecting.get(iid)
+                    if sent is None:
+                        silent = now - t > self.quiet_stale_after
+                    else:
+                        silent = now - sent > absolute or (now - sent > short and newest - sent > short)
+                if silent:
                     self._unhealthy.add(iid)
                     view = self._pending.get(iid) or self._snapshot.get(iid)
                     if view is not None:
@@ -276,6 +363,7 @@ class ClusterState:
         if view is None:
             raise KeyError(instance_id)
         self._pending[instance_id] = view.with_dispatch(demand_blocks, priority)
+        self.expect(instance_id, now)
 
     # --- views for the admin API ---
     def status(self, instance_id: str, config: PolicyConfig, now: float) -> scheduler_pb2.InstanceStatus:

@@ -39,7 +39,7 @@ from pyllumnix.control_plane.policy.freeness import dispatch_freeness
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.scaling import count_starting, plan_manual_scale
 from pyllumnix.control_plane.policy.views import DispatchRequestView
-from pyllumnix.control_plane.scheduler.cluster import ClusterState, dispatch_stale_after
+from pyllumnix.control_plane.scheduler.cluster import ClusterState, dispatch_stale_after, quiet_stale_after
 from pyllumnix.control_plane.scheduler.config_wire import config_from_pb, config_to_pb
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
 from pyllumnix.infra import tracing
@@ -360,6 +360,7 @@ class SchedulerReplica:
             self.config_revision = revision if message is not None else 0
             self.cluster.stale_after = max(1.0, 20 * config.load_report_interval_ms / 1000)
             self.cluster.dispatch_stale_after = dispatch_stale_after(config.load_report_interval_ms / 1000)
+            self.cluster.quiet_stale_after = quiet_stale_after(config.load_report_interval_ms / 1000)
 
     async def _watch_scale_target(self) -> None:
         async for message, _ in self.scale_store.watch():
@@ -489,10 +490,11 @@ class SchedulerReplica:
         iid = load.instance_id
         cluster = self.cluster
         last = cluster.report_times.get(iid)
+        bound = cluster.silence_bound(iid)  # the cadence this message was due at (before this load changes it)
         if cluster.report(load, now):
             # The cadence check only where it can act: a late message, or an instance with late ones on record.
-            if last is not None and (now - last > cluster.dispatch_stale_after or iid in self._late_load):
-                self._check_cadence(iid, last, now)
+            if last is not None and (now - last > bound or iid in self._late_load):
+                self._check_cadence(iid, last, now, bound)
             return True
         gone = self.vanished.get(iid)
         if gone is not None:  # not registered, but alive: keep its latest request list
@@ -505,21 +507,22 @@ class SchedulerReplica:
             now = time.monotonic()
         last = self.cluster.report_times.get(instance_id)
         if self.cluster.keepalive(instance_id, seq, now):
-            self._check_cadence(instance_id, last, now)
+            self._check_cadence(instance_id, last, now, self.cluster.silence_bound(instance_id))
             return True
         gone = self.vanished.get(instance_id)
         if gone is not None:
             gone.last_alive = now
         return False
 
-    def _check_cadence(self, instance_id: str, last: float | None, now: float) -> None:
-        """Warns once per instance whose load messages keep coming later than ``dispatch_stale_after``: the llumlet's
+    def _check_cadence(self, instance_id: str, last: float | None, now: float, bound: float) -> None:
+        """Warns once per instance whose load messages keep coming later than ``bound`` (``dispatch_stale_after``, or
+        ``quiet_stale_after`` while its load is quiet: ``ClusterState.silence_bound``): the llumlet's
         ``--load-interval-ms`` is its own setting, not the cluster's ``load_report_interval_ms`` the bound is made
         of, and a llumlet keeping alive slower than the bound looks silent, so gets no new request, while alive."""
         late = self._late_load.get(instance_id, 0)
         if last is None or late < 0:
             return
-        gap, bound = now - last, self.cluster.dispatch_stale_after
+        gap = now - last
         if gap <= bound:
             if late:
                 del self._late_load[instance_id]

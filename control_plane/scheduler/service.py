@@ -108,6 +108,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             self.reports_throttled += 1
             if not keep_alive:  # kept (the latest only): the keep-alives that follow confirm this load
                 self._held[instance_id] = report.load
+                # Its keep-alives now come at this load's period (a quiet load's are 1 s apart): wait for them so.
+                self.replica.cluster.note_cadence(report.load)
             return False
         held = self._held.pop(instance_id, None) if self._held else None
         if keep_alive:

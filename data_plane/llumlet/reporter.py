@@ -31,6 +31,12 @@ that would be due then; every other change (an admission, a finish, a preemption
 still goes out at the next tick, with the growth so far. ``report_action`` is the whole rule. The snapshot itself
 (~0.3 ms at 30 requests) is built only at ticks where that rule could send it: the llumlet's load version says
 whether anything but growth changed since the last build (``LoadVersion.rest``), so growth alone waits for its tick.
+
+A quiet instance (no request, no migration, nothing reserved: ``load_is_quiet``, the leader's own test) keeps alive
+only every ``QUIET_KEEPALIVE_EVERY`` (20) intervals, 1 s at 50 ms (``control_plane/scheduler/cluster.py`` has the
+leader's side and the bound it keeps): an idle llumlet spent about half its CPU on 6.7 keep-alives a second. The
+period follows the last full load this stream sent, which is what the leader holds, so both ends agree on it. Work
+sent to a quiet instance changes its load, which goes out at the next tick as before.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from pyllumnix.control_plane.scheduler.cluster import QUIET_KEEPALIVE_EVERY, load_is_quiet
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet, LoadVersion
 from pyllumnix.infra.etcd.client import EtcdClient, raise_if_cancelling
 from pyllumnix.infra.etcd.election import Election
@@ -131,14 +138,21 @@ def only_grew(sent: LoadKey, current: LoadKey) -> bool:
     return old[0] - new[0] == took
 
 
-def report_action(sent: LoadKey | None, current: LoadKey, ticks_since_full: int, ticks_since_sent: int) -> ReportAction:
+def report_action(
+    sent: LoadKey | None,
+    current: LoadKey,
+    ticks_since_full: int,
+    ticks_since_sent: int,
+    keepalive_every: int = LOAD_KEEPALIVE_EVERY,
+) -> ReportAction:
     """What one report tick sends. ``sent``: the key of this stream's last full load (None: none yet);
-    ``ticks_since_*``: intervals since this stream's last full load / last message, this tick included."""
+    ``ticks_since_*``: intervals since this stream's last full load / last message, this tick included;
+    ``keepalive_every``: the keep-alive period of the last full load (``QUIET_KEEPALIVE_EVERY`` if it was quiet)."""
     if sent is None:
         return ReportAction.FULL
     if current != sent and (ticks_since_full >= GROWTH_REPORT_EVERY or not only_grew(sent, current)):
         return ReportAction.FULL
-    if ticks_since_sent >= LOAD_KEEPALIVE_EVERY:
+    if ticks_since_sent >= keepalive_every:
         return ReportAction.KEEP_ALIVE
     return ReportAction.NOTHING
 
@@ -230,9 +244,10 @@ class LoadReporter:
     async def _reports(self) -> AsyncGenerator[scheduler_pb2.ReportLoadRequest, None]:
         """One stream's messages, as ``report_action`` decides each tick: a full snapshot first, whenever the load
         changed (block growth alone at most every ``GROWTH_REPORT_EVERY`` intervals), else a keep-alive every
-        ``LOAD_KEEPALIVE_EVERY`` intervals."""
+        ``LOAD_KEEPALIVE_EVERY`` intervals (``QUIET_KEEPALIVE_EVERY`` while the last full load sent was quiet)."""
         sent_key: LoadKey | None = None
         sent_seq = 0
+        keepalive_every = LOAD_KEEPALIVE_EVERY  # the period of the last full load sent (its quietness)
         since_full = since_sent = 0  # intervals since this stream's last full load / last message
         # The llumlet's load version when ``key`` was last built: while it stays, the key cannot have changed, so the
         # snapshot is neither built nor compared (most ticks of a quiet instance). While only its ``growth`` moved,
@@ -263,11 +278,12 @@ class LoadReporter:
             assert load is not None and key is not None
             since_full += 1
             since_sent += 1
-            action = report_action(sent_key, key, since_full, since_sent)
+            action = report_action(sent_key, key, since_full, since_sent, keepalive_every)
             if action is ReportAction.FULL:
                 if not built:  # built ticks ago and held back as growth only; unchanged since: the load as of now
                     load.timestamp = time.time()
                 sent_key, sent_seq, since_full, since_sent = key, load.seq, 0, 0
+                keepalive_every = QUIET_KEEPALIVE_EVERY if load_is_quiet(load) else LOAD_KEEPALIVE_EVERY
                 yield scheduler_pb2.ReportLoadRequest(load=load)
                 self.reports_sent += 1
             elif action is ReportAction.KEEP_ALIVE:
