@@ -523,6 +523,13 @@ class Frontend:
                     continue
                 request.instance_id = ""
                 self._release_dispatch(request.request_id)
+                if code == grpc.StatusCode.ABORTED and not request.finished:
+                    # The instance's tombstone for this id: an earlier request's abort (ids may be the client's)
+                    # reached it after that request had left. Never this request's: it is aborted on an instance
+                    # only once finished or once its add there is abandoned. The refusal took the tombstone: retry.
+                    refusals.append(f"{instance_id}: {exc.details()}")
+                    codes.add(code)
+                    continue
                 if code in _RETRYABLE_ADD:
                     refusals.append(f"{instance_id}: {code.name} {exc.details()}")
                     codes.add(code)
