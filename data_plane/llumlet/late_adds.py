@@ -12,9 +12,14 @@ holding KV blocks and a queue slot until its idle timeout (and, without TLS, pus
   tombstone (``Tombstones``), and an AddRequest of that id is refused (ABORTED).
 
 A tombstone is taken by the AddRequest it refuses: it guards the one add its abort overtook, and a client that later
-reuses the id (ids may be client-chosen) is not refused beyond that. Tombstones last ``TOMBSTONE_TTL_S`` (well past
-any AddRequest deadline: a late add is refused by its deadline anyway) and at most ``TOMBSTONE_MAX`` are kept, the
-oldest dropped first, so aborts of unknown ids cannot fill memory.
+reuses the id (ids may be client-chosen) is not refused beyond that. An abort also arrives here for requests that have
+just left (finished, or migrated out, as the client's abort was on its way); the llumlet cannot tell that abort from
+an overtaking one (AbortRequest names only the id), so a reuse of such an id within the TTL has its first add refused.
+The frontend, which never aborts a request on an instance whose add it still awaits, takes an ABORTED answer for a
+live request as an earlier request's tombstone and places it again: the client sees nothing of it.
+
+Tombstones last ``TOMBSTONE_TTL_S`` (well past any AddRequest deadline: a late add is refused by its deadline anyway)
+and at most ``TOMBSTONE_MAX`` are kept, the oldest dropped first, so aborts of unknown ids cannot fill memory.
 """
 
 from __future__ import annotations
