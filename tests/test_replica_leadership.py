@@ -222,7 +222,7 @@ async def test_a_drained_instance_is_not_stopped_by_a_replica_that_stepped_down(
     replica.core.pair = count_round  # type: ignore[method-assign]
     replica.report(common_pb2.InstanceLoad(instance_id="d", seq=1, state=common_pb2.INSTANCE_STATE_DRAINING))
     lead = asyncio.create_task(replica._lead())
-    await wait_until(lambda: len(rounds) >= 3)  # the stop of d is pending
+    await wait_until(lambda: "d" in replica._stop_tasks)  # the stop of d is pending
     election.leadership.step_down()
     async with asyncio.timeout(DEADLINE_S):
         await lead

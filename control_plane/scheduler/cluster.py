@@ -139,6 +139,9 @@ class ClusterState:
         self._early: dict[str, tuple[common_pb2.InstanceLoad, float]] = {}
         self.fold_s = 0.0  # thread CPU seconds spent folding reports into the snapshot
         self.folds = 0
+        # Set whenever the next snapshot() may differ from the last one (a fold, a record or view waiting for one, an
+        # instance removed, ``touch``): the leader's pairing loop sleeps on it while nothing changes.
+        self.changed = asyncio.Event()
 
     # --- membership ---
     def set_registry(self, entries: dict[str, common_pb2.InstanceInfo]) -> list[str]:
@@ -176,6 +179,7 @@ class ClusterState:
         self.expecting.pop(instance_id, None)
         if instance_id in self._snapshot:
             self._snapshot = self._snapshot.without([instance_id])
+            self.changed.set()
         return self.loads.pop(instance_id, None)
 
     # --- load ---
@@ -265,6 +269,7 @@ class ClusterState:
         if self._pending:
             self._snapshot = self._snapshot.updated(self._pending.values())
             self._pending.clear()
+            self.changed.set()
         if t0:
             self.fold_s += time.thread_time() - t0
             self.folds += 1
@@ -294,6 +299,7 @@ class ClusterState:
         if expired or instance_id in self._unhealthy:
             self._unhealthy.discard(instance_id)
             self._pending[instance_id] = self._view(load, self.overrides.get(instance_id), now)
+            self.changed.set()
         return True
 
     def _view(
@@ -326,6 +332,7 @@ class ClusterState:
         load = self.loads.get(instance_id)
         if load is not None:
             self._pending[instance_id] = self._view(load, state, now, instance_id not in self._unhealthy)
+            self.changed.set()
 
     def snapshot(self, now: float) -> ClusterSnapshot:
         """The policy snapshot with every buffered report applied and silent instances marked unhealthy."""
@@ -363,6 +370,7 @@ class ClusterState:
         if view is None:
             raise KeyError(instance_id)
         self._pending[instance_id] = view.with_dispatch(demand_blocks, priority)
+        self.changed.set()
         self.expect(instance_id, now)
 
     # --- views for the admin API ---

@@ -237,6 +237,7 @@ class SchedulerReplica:
         self.scale_target: int | None = None
         self.vanished: dict[str, Vanished] = {}
         self.depositions = 0
+        self.pairing_rounds = 0  # rounds the pairing loop ran (it skips none while pairs are found; see there)
         self._hold_off_until = 0.0
         # (instance id, mod revision) of registry values already reported undecodable.
         self._bad_entries: set[tuple[str, int]] = set()
@@ -361,6 +362,7 @@ class SchedulerReplica:
             self.cluster.stale_after = max(1.0, 20 * config.load_report_interval_ms / 1000)
             self.cluster.dispatch_stale_after = dispatch_stale_after(config.load_report_interval_ms / 1000)
             self.cluster.quiet_stale_after = quiet_stale_after(config.load_report_interval_ms / 1000)
+            self.cluster.changed.set()  # the pairing thresholds may have changed
 
     async def _watch_scale_target(self) -> None:
         async for message, _ in self.scale_store.watch():
@@ -594,12 +596,21 @@ class SchedulerReplica:
         return llumlet_pb2_grpc.LlumletServiceStub(channel)
 
     async def _pairing_loop(self) -> None:
+        """A pairing round every ``pairing_interval_ms`` while there is something to pair. A round that finds no pair
+        waits for the cluster to change first (``ClusterState.changed``: a fold, a dispatch, an override, a config, an
+        order's end): pairing is a pure function of the snapshot and the config, so an unchanged cluster pairs nothing
+        again, and an idle leader woke 10 times a second for nothing (~0.15 ms of CPU a wake-up here). Marking a
+        silent instance unhealthy (done inside ``snapshot()``) only removes candidates, so it needs no wake-up."""
         while True:
             config = self.core.config
             await asyncio.sleep(config.pairing_interval_ms / 1000)
             now = time.monotonic()
             snapshot = self.cluster.snapshot(now)
-            for order in self.core.pair(snapshot):
+            changed = self.cluster.changed
+            changed.clear()  # whatever changes after this snapshot wakes the wait below
+            orders = self.core.pair(snapshot)
+            self.pairing_rounds += 1
+            for order in orders:
                 if now - self._order_in_flight.get(order.source, -1e9) < MIGRATE_WAIT_TIMEOUT_S:
                     self.pairing_decisions[config.pairing_policy, "source_busy"] += 1
                     continue
@@ -607,6 +618,8 @@ class SchedulerReplica:
                 self._order_in_flight[order.source] = now
                 self._spawn(self._order_migration(order), f"migrate-out-{order.source}")
             self._stop_drained()
+            if not orders:
+                await changed.wait()
 
     async def _order_migration(self, order: MigrateOrder) -> None:
         try:
@@ -630,6 +643,7 @@ class SchedulerReplica:
             log.debug("migrate-out order %s -> %s failed: %s", order.source, order.destination, exc)
         finally:
             self._order_in_flight.pop(order.source, None)
+            self.cluster.changed.set()  # its source may take another order
 
     def _record_migration(self, result: llumlet_pb2.MigrationResult) -> None:
         self.migration_results.append(result)
