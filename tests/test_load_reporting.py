@@ -42,6 +42,7 @@ from pyllumnix.data_plane.llumlet.llumlet import Llumlet, LoadVersion
 from pyllumnix.data_plane.llumlet.reporter import (
     GROWTH_REPORT_EVERY,
     LOAD_KEEPALIVE_EVERY,
+    QUIET_TICK_EVERY,
     LoadKey,
     LoadReporter,
     ReportAction,
@@ -228,21 +229,23 @@ async def test_a_quiet_llumlet_keeps_alive_once_per_quiet_period_and_sends_a_new
     QUIET_KEEPALIVE_EVERY. Work arriving is still sent at the next tick, and the busy period is back at once."""
     llumlet = FakeLlumlet()
     llumlet.quiet = True
-    stream = reporter(llumlet)._reports()
+    rep = reporter(llumlet)
+    stream = rep._reports()
     assert kind(await anext(stream)) == "load"
     alive = await anext(stream)
     assert kind(alive) == "keep_alive" and alive.keep_alive.seq == 1
-    assert llumlet.seq == 1 + QUIET_KEEPALIVE_EVERY  # before: 1 + LOAD_KEEPALIVE_EVERY
+    assert rep.intervals == 1 + QUIET_KEEPALIVE_EVERY  # before: 1 + LOAD_KEEPALIVE_EVERY
     llumlet.quiet = False  # a request arrived
     busy = await anext(stream)
-    assert kind(busy) == "load" and llumlet.seq == 2 + QUIET_KEEPALIVE_EVERY, "sent at the next tick"
+    assert kind(busy) == "load" and rep.intervals == 1 + QUIET_KEEPALIVE_EVERY + QUIET_TICK_EVERY, "the next tick"
     assert kind(await anext(stream)) == "keep_alive"
-    assert llumlet.seq == 2 + QUIET_KEEPALIVE_EVERY + LOAD_KEEPALIVE_EVERY, "busy: the short period again"
+    assert rep.intervals == 1 + QUIET_KEEPALIVE_EVERY + QUIET_TICK_EVERY + LOAD_KEEPALIVE_EVERY, "the busy period"
     await stream.aclose()
 
 
-async def test_an_idle_sim_llumlet_sends_one_message_per_quiet_period() -> None:
-    """A real (idle) sim llumlet, 100 report ticks: 1 full load and 5 keep-alives (before: 1 and 33)."""
+async def test_an_idle_sim_llumlet_sends_one_message_per_quiet_period_and_reads_its_load_every_other_interval() -> None:
+    """A real (idle) sim llumlet over 100 report intervals: 1 full load and 5 keep-alives (before: 1 and 33), its
+    load read 50 times (before: 100, one wake-up each)."""
     llumlet = Llumlet(SimEngine("tiny", payload=False), "i-1")
     version = llumlet.load_version
     ticks = 0
@@ -253,12 +256,30 @@ async def test_an_idle_sim_llumlet_sends_one_message_per_quiet_period() -> None:
         return version()
 
     llumlet.load_version = tick  # type: ignore[method-assign]
-    stream = reporter(cast(Any, llumlet))._reports()
+    rep = reporter(cast(Any, llumlet))
+    stream = rep._reports()
     sent: list[str] = []
-    while ticks < 100:
+    while rep.intervals < 100:
         sent.append(kind(await anext(stream)))
     await stream.aclose()
     assert sent == ["load"] + ["keep_alive"] * (100 // QUIET_KEEPALIVE_EVERY), sent
+    assert QUIET_TICK_EVERY >= 2 and ticks == 1 + 100 // QUIET_TICK_EVERY  # intervals 1, 3, ..., 101 (before: 101)
+
+
+async def test_work_sent_to_a_quiet_llumlet_is_reported_within_its_quiet_tick() -> None:
+    """A request arriving at a quiet llumlet goes out at its next (quiet) tick, then the busy cadence resumes."""
+    llumlet = FakeLlumlet()
+    llumlet.quiet = True
+    rep = reporter(llumlet)
+    stream = rep._reports()
+    assert kind(await anext(stream)) == "load" and rep.intervals == 1
+    llumlet.quiet = False  # a request arrived during the quiet sleep after the first tick
+    busy = await anext(stream)
+    assert kind(busy) == "load" and rep.intervals == 1 + QUIET_TICK_EVERY
+    assert dispatch_stale_after(0.05) / 2 >= QUIET_TICK_EVERY * 0.05, "reported well inside the leader's expectation"
+    assert kind(await anext(stream)) == "keep_alive"
+    assert rep.intervals == 1 + QUIET_TICK_EVERY + LOAD_KEEPALIVE_EVERY, "one interval per tick again"
+    await stream.aclose()
 
 
 def test_the_quiet_keepalive_period_is_inside_the_quiet_bound() -> None:
