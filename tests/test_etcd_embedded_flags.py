@@ -1,0 +1,36 @@
+"""#20 idle cost: a single embedded etcd member (``llumnix serve``, most tests) ticks its raft at 100 ms, not 50 ms:
+it has no leader to replace quickly, and the ticker was most of an idle member's CPU. A fast cluster of several members
+keeps 50 ms (failover in well under a second). Checked on the command lines (no process started)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+
+
+@pytest.fixture
+def clusters() -> Iterator[tuple[EmbeddedEtcd, EmbeddedEtcd, EmbeddedEtcd]]:
+    made = (EmbeddedEtcd(1), EmbeddedEtcd(3), EmbeddedEtcd(1, fast=False))
+    try:
+        yield made
+    finally:
+        for etcd in made:
+            etcd.stop()  # nothing started: removes the temporary data dirs
+
+
+def flags(etcd: EmbeddedEtcd) -> dict[str, str]:
+    cmd = etcd._command(etcd.members[0], "new")
+    return dict(arg[2:].split("=", 1) for arg in cmd if arg.startswith(("--heartbeat", "--election")))
+
+
+def test_a_single_member_ticks_at_100_ms_and_a_cluster_at_50(
+    clusters: tuple[EmbeddedEtcd, EmbeddedEtcd, EmbeddedEtcd],
+) -> None:
+    single, three, durable = clusters
+    assert flags(single) == {"heartbeat-interval": "100", "election-timeout": "500"}  # before: 50 / 250
+    assert flags(three) == {"heartbeat-interval": "50", "election-timeout": "250"}
+    assert flags(durable) == {}, "fast=False: etcd's own defaults"
+    assert "--unsafe-no-fsync" in single._command(single.members[0], "new")
