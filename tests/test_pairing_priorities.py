@@ -25,7 +25,7 @@ def test_an_instance_holding_only_high_priority_requests_is_no_source() -> None:
             view("dest", free_blocks=900, num_running=2),  # 450
         ]
     )
-    assert pair_instances(snap, CFG) == [MigrateOrder("normal", "dest", Selection.SR)]
+    assert pair_instances(snap, CFG) == [MigrateOrder("normal", "dest", Selection.SR, 900)]
 
 
 def test_an_instance_holding_high_and_normal_requests_stays_a_source() -> None:
@@ -35,7 +35,7 @@ def test_an_instance_holding_high_and_normal_requests_stays_a_source() -> None:
             view("dest", free_blocks=900, num_running=2),
         ]
     )
-    assert pair_instances(snap, CFG) == [MigrateOrder("mixed", "dest", Selection.SR)]
+    assert pair_instances(snap, CFG) == [MigrateOrder("mixed", "dest", Selection.SR, 900)]
 
 
 def test_a_queued_normal_request_behind_high_ones_is_movable() -> None:
@@ -53,4 +53,4 @@ def test_a_queued_normal_request_behind_high_ones_is_movable() -> None:
             view("dest", free_blocks=900, num_running=2),
         ]
     )
-    assert pair_instances(snap, CFG) == [MigrateOrder("queued", "dest", Selection.SR)]
+    assert pair_instances(snap, CFG) == [MigrateOrder("queued", "dest", Selection.SR, 900)]

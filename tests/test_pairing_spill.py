@@ -50,15 +50,15 @@ def queueing(iid: str, hol: int = 20, free: int = 5) -> InstanceView:
 
 def test_a_queueing_instance_without_destination_sends_its_head_to_a_high_instance_with_room() -> None:
     snap = ClusterSnapshot.of([high_instance("h", 600), queueing("n")])
-    assert pair_instances(snap, CFG) == [MigrateOrder("n", "h", Selection.FCW)]
+    assert pair_instances(snap, CFG) == [MigrateOrder("n", "h", Selection.FCW, 500)]
 
 
 def test_most_room_first_one_per_source() -> None:
     snap = ClusterSnapshot.of([high_instance("h1", 300), high_instance("h2", 600), queueing("n1"), queueing("n2")])
     # n1 and n2 tie in freeness (ids decide): n1 first, to h2 (most room).
     assert pair_instances(snap, CFG) == [
-        MigrateOrder("n1", "h2", Selection.FCW),
-        MigrateOrder("n2", "h1", Selection.FCW),
+        MigrateOrder("n1", "h2", Selection.FCW, 500),
+        MigrateOrder("n2", "h1", Selection.FCW, 200),
     ]
 
 
@@ -72,21 +72,21 @@ def test_a_high_instance_with_normal_requests_is_paired_after_the_normal_sources
             view("dest", free_blocks=900, num_running=2),
         ]
     )
-    assert pair_instances(snap, CFG)[0] == MigrateOrder("n", "dest", Selection.SR)
+    assert pair_instances(snap, CFG)[0] == MigrateOrder("n", "dest", Selection.SR, 900)
 
 
 def test_a_head_too_big_for_the_room_sends_a_running_request_instead() -> None:
     # h's room above the floor: 200 - 100 = 100 < the 150-block head: a running request (the configured selection)
     # moves and leaves its blocks to the blocked head.
     snap = ClusterSnapshot.of([high_instance("h", 200), queueing("n", hol=150)])
-    assert pair_instances(snap, CFG) == [MigrateOrder("n", "h", Selection.SR)]
+    assert pair_instances(snap, CFG) == [MigrateOrder("n", "h", Selection.SR, 100)]
 
 
 def test_no_spill_to_an_instance_without_room_above_the_floor() -> None:
     snap = ClusterSnapshot.of([high_instance("h", 100), queueing("n")])
     assert pair_instances(snap, CFG) == []
     # The default floor, 0: its 100 free blocks take the 20-block head.
-    assert pair_instances(snap, PolicyConfig()) == [MigrateOrder("n", "h", Selection.FCW)]
+    assert pair_instances(snap, PolicyConfig()) == [MigrateOrder("n", "h", Selection.FCW, 100)]
 
 
 def test_no_spill_from_an_instance_without_a_queue_or_with_the_spill_off() -> None:
@@ -119,7 +119,7 @@ WM = PolicyConfig()  # floor 0: the watermark decides
             dict(free_blocks=101, watermark_blocks=10),
             dict(free_blocks=10, num_running=10, running_blocks=90, hol=99, waiting_demand=99),
             WM,
-            [MigrateOrder("n", "h", Selection.SR)],
+            [MigrateOrder("n", "h", Selection.SR, 91)],
         ),
         # The floor above the watermark still decides: room 200 - 100 = 100 takes the 90-block head.
         (
@@ -127,7 +127,7 @@ WM = PolicyConfig()  # floor 0: the watermark decides
             dict(free_blocks=200, watermark_blocks=10),
             dict(free_blocks=10, num_running=10, running_blocks=90, hol=90, waiting_demand=90),
             CFG,
-            [MigrateOrder("n", "h", Selection.FCW)],
+            [MigrateOrder("n", "h", Selection.FCW, 100)],
         ),
         # LR picks the largest running request: of 900 blocks over 2 requests, up to 899. Old: LR into a room of 100.
         (
@@ -152,7 +152,7 @@ WM = PolicyConfig()  # floor 0: the watermark decides
             dict(free_blocks=200),
             dict(free_blocks=10, num_running=10, running_blocks=90, hol=20, waiting_demand=400, preempted=1),
             CFG,
-            [MigrateOrder("n", "h", Selection.SR)],
+            [MigrateOrder("n", "h", Selection.SR, 100)],
         ),
     ],
 )
@@ -187,7 +187,7 @@ def test_a_sender_too_big_for_the_room_leaves_it_to_the_next() -> None:
     n1 = view("n1", free_blocks=5, num_running=1, running_blocks=995, num_waiting=1, head_of_line_demand_blocks=500)
     n1 = n1._replace(waiting_demand_blocks=500)
     snap = ClusterSnapshot.of([h, n1, queueing("n2")])
-    assert pair_instances(snap, CFG) == [MigrateOrder("n2", "h", Selection.FCW)]
+    assert pair_instances(snap, CFG) == [MigrateOrder("n2", "h", Selection.FCW, 200)]
 
 
 def _sim(max_blocks: int = 100) -> SimEngine:
@@ -224,7 +224,7 @@ def test_every_spill_order_is_accepted_by_the_sim_destination(high_blocks: int) 
     n_load = n.load()
     orders = pair_instances(ClusterSnapshot.of([instance_view("h", h.load()), instance_view("n", n_load)]), SPILL_ONLY)
     for order in orders:
-        picked = select_request(request_views(n_load.requests), order.selection)
+        picked = select_request(request_views(n_load.requests), order.selection, max_blocks=order.max_blocks)
         info = next(r for r in n_load.requests if r.request_id == picked)
         if info.phase == RequestPhase.WAITING:
             req = next(r for r in n.scheduler.waiting if r.spec.request_id == picked)
@@ -233,4 +233,4 @@ def test_every_spill_order_is_accepted_by_the_sim_destination(high_blocks: int) 
             h.reserve_blocks(info.num_blocks)
     # Where the room allows it, the head does move (the fix does not just stop spilling).
     free = 200 - high_blocks
-    assert orders == ([MigrateOrder("n", "h", Selection.FCW)] if free - 10 >= 99 else [])
+    assert orders == ([MigrateOrder("n", "h", Selection.FCW, free - 10)] if free - 10 >= 99 else [])

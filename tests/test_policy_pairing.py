@@ -38,8 +38,8 @@ def cluster() -> ClusterSnapshot:
 def test_defrag_pairs_most_loaded_with_least_loaded() -> None:
     # Sources by F: x (-inf), s1 (-2.7), s2 (2), s3 (81.7); destinations by F: d2 (+inf), d1 (200).
     assert pair_instances(cluster(), CFG) == [
-        MigrateOrder("x", "d2", Selection.SR),
-        MigrateOrder("s1", "d1", Selection.SR),
+        MigrateOrder("x", "d2", Selection.SR, 1000),
+        MigrateOrder("s1", "d1", Selection.SR, 800),
     ]
 
 

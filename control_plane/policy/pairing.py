@@ -27,11 +27,14 @@ _SOURCE_STATES = (InstanceState.ACTIVE, InstanceState.CORDONED, InstanceState.DR
 
 @dataclass(frozen=True, slots=True)
 class MigrateOrder:
-    """Tell ``source`` to migrate one request (picked by ``selection``) to ``destination``."""
+    """Tell ``source`` to migrate one request (picked by ``selection``) to ``destination``, one that fits in
+    ``max_blocks`` (the destination's room when the order was made; 0: no limit). Without the limit the source picked
+    a request the destination refused at pre-allocation, and the same order came back every round."""
 
     source: str
     destination: str
     selection: Selection
+    max_blocks: int = 0
 
 
 class PairingPolicy(ABC):
@@ -99,10 +102,12 @@ def pair_instances(snapshot: ClusterSnapshot, config: PolicyConfig) -> list[Migr
             dests.append((freest_first(f, v.instance_id), v, f))
     sources.sort(key=lambda t: t[0])
     dests.sort(key=lambda t: t[0])
+    # A destination without room takes nothing (every request needs a block): no order, rather than one that moves
+    # nothing or is refused.
     orders = [
-        MigrateOrder(src.instance_id, dst.instance_id, config.selection)
+        MigrateOrder(src.instance_id, dst.instance_id, config.selection, room)
         for (_, src, f_src), (_, dst, f_dst) in zip(sources, dests, strict=False)
-        if keeps(src, dst, f_src, f_dst, config)
+        if (room := order_room(dst)) > 0 and keeps(src, dst, f_src, f_dst, config)
     ]
     return orders + _spill_orders(snapshot, config, [v for _, v, _ in sources[len(dests) :]], orders)
 
@@ -151,8 +156,15 @@ def _spill_orders(
             selection = config.selection
         else:
             continue
-        out.append(MigrateOrder(src.instance_id, rooms.pop(0)[1], selection))
+        out.append(MigrateOrder(src.instance_id, rooms.pop(0)[1], selection, room))
     return out
+
+
+def order_room(v: InstanceView) -> int:
+    """The blocks a request migrated onto ``v`` may take (``MigrateOrder.max_blocks``): ``spill_room`` without a
+    floor, i.e. free less the waiting demand it would queue behind (a waiting request is refused behind it, and a
+    running one would take the blocks that queue needs) less the watermark the destination's reservation keeps."""
+    return spill_room(v, 0)
 
 
 def spill_room(v: InstanceView, floor: int) -> int:

@@ -3,6 +3,10 @@
 SR: shortest running (fewest blocks: cheapest to move; the current default); LR: longest running; LCR: last-come
 running (the paper era's default); FCW: the head-of-line waiting request (moves without KV). High-priority requests
 are never picked: migration exists to protect them, not to disturb them. Ties break by arrival, then id.
+
+``max_blocks`` (the destination's room, ``pairing.order_room``) keeps only the candidates the destination can take:
+a source that picked a request too large for it had its migration refused at pre-allocation, and the pairing loop
+sent the same order every round (~10 futile migrations a second, holding both instances' migration slots).
 """
 
 from __future__ import annotations
@@ -21,13 +25,21 @@ _KEYS: dict[Selection, Callable[[RequestView], tuple[float, float, str]]] = {
 }
 
 
-def select_request(requests: Sequence[RequestView], selection: Selection, *, fallback: bool = True) -> str | None:
+def select_request(
+    requests: Sequence[RequestView], selection: Selection, *, fallback: bool = True, max_blocks: int = 0
+) -> str | None:
     """The id of the request to migrate, or None. With ``fallback`` a running-request selection that finds no running
     candidate takes the head waiting request, and FCW with an empty queue takes the shortest running one, so a
-    draining instance can always empty itself."""
+    draining instance can always empty itself. ``max_blocks`` > 0 considers only the requests that fit in that many
+    blocks (0: no limit): a running one needs its blocks plus one block of growth (it keeps decoding while its
+    blocks are copied), a waiting one its prefill demand; the order and the fallback apply among those."""
     movable = [r for r in requests if r.priority < Priority.HIGH]
-    running = [r for r in movable if r.phase == RequestPhase.RUNNING]
-    waiting = [r for r in movable if r.phase == RequestPhase.WAITING]
+    running = [
+        r for r in movable if r.phase == RequestPhase.RUNNING and (max_blocks <= 0 or r.num_blocks + 1 <= max_blocks)
+    ]
+    waiting = [
+        r for r in movable if r.phase == RequestPhase.WAITING and (max_blocks <= 0 or r.demand_blocks <= max_blocks)
+    ]
     primary, other, other_sel = (
         (waiting, running, Selection.SR) if selection == Selection.FCW else (running, waiting, Selection.FCW)
     )

@@ -367,7 +367,7 @@ class ClusterSimulator:
             return
         self.load_calls += 1
         load = src.engine.load()
-        rid = select_request(request_views(load.requests), order.selection)
+        rid = select_request(request_views(load.requests), order.selection, max_blocks=order.max_blocks)
         if rid is None:
             return
         mig = MigrationProcess(src, dst, rid, self.limits, self.config.transfer, t)
