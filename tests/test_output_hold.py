@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
@@ -81,7 +82,7 @@ async def test_a_held_batch_goes_out_at_its_deadline_or_at_once_with_the_next_su
     """Old behaviour: ``submit`` took no hold (TypeError)."""
     sink = MessageSink()
     address = await sink.start()
-    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=60.0))
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=60.0, stream_interval=2))
     try:
         pusher.submit(address, [output("r", 0)])
         await until(lambda: len(sink.messages) == 1, 5, "the unheld first output")
@@ -129,4 +130,71 @@ async def test_a_flowing_stream_asks_for_answers_on_its_outputs_not_on_empty_bat
         await until(lambda: pusher.pushed == 81, 5, "the quiet stream's answer")
     finally:
         await pusher.close()
+        await sink.stop()
+
+
+async def test_stream_interval_steps_share_one_message_and_the_hold_moves_with_each_step() -> None:
+    """Old behaviour: at most two steps per message (the second submit always sent), no ``stream_interval``."""
+    sink = MessageSink()
+    address = await sink.start()
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=60.0, stream_interval=4))
+    try:
+        pusher.submit(address, [output("r", 0)])
+        await until(lambda: len(sink.messages) == 1, 5, "the unheld first output")
+        # Three held steps 0.8 s apart, each held 2 s: together longer than one hold, so the deadline must move with
+        # each step (a deadline kept from the first would send the first three at 2 s, before the fourth).
+        for i in (1, 2, 3):
+            pusher.submit(address, [output("r", i)], hold_s=2.0)
+            await asyncio.sleep(0.8)
+        assert len(sink.messages) == 1, "a held step went out before the fourth"
+        pusher.submit(address, [output("r", 4)], hold_s=2.0)  # the fourth step sends the four together
+        await until(lambda: len(sink.messages) == 2, 5, "the four steps")
+        (merged,) = sink.messages[1][1]
+        assert merged.first_token_index == 1 and list(merged.token_ids) == [101, 102, 103, 104]
+        # A submit without a hold (a first token, a finish) sends what is held with it at once.
+        pusher.submit(address, [output("r", 5)], hold_s=30.0)
+        pusher.submit(address, [output("r", 6)], hold_s=30.0)
+        pusher.submit(address, [output("r", 7)])
+        await until(lambda: len(sink.messages) == 3, 5, "the held steps with the unheld one")
+        assert [list(o.token_ids) for o in sink.messages[2][1]] == [[105, 106, 107]]
+        assert sink.raw_indices("r") == list(range(8))
+    finally:
+        await pusher.close()
+        await sink.stop()
+
+
+async def test_stream_interval_one_holds_nothing() -> None:
+    sink = MessageSink()
+    address = await sink.start()
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=60.0, stream_interval=1))
+    try:
+        for i in range(3):
+            pusher.submit(address, [output("r", i)], hold_s=30.0)
+            await until(lambda i=i: len(sink.messages) == i + 1, 5, f"step {i} on its own")
+        assert pusher.held == 0 and sink.raw_indices("r") == [0, 1, 2]
+    finally:
+        await pusher.close()
+        await sink.stop()
+    with pytest.raises(ValueError, match="stream_interval"):
+        PushSettings(stream_interval=0)
+
+
+async def test_a_llumlet_sends_stream_interval_steps_per_message_by_default() -> None:
+    """Old behaviour: two decode steps per message (41 steps: ~21 messages)."""
+    sink = MessageSink()
+    address = await sink.start()
+    llumlet = Llumlet(slow_engine(step_ms=20.0), "i", push=PushSettings(ack_interval_s=0.25))
+    llumlet.start()
+    try:
+        await llumlet.add_request(engine_request("r", address, max_tokens=41))
+        outs = await sink.wait("r", timeout=30)
+        await llumlet.pusher.flush(address, timeout=5)
+        assert sink.raw_indices("r") == list(range(41)), "every token once, in order"
+        assert outs[0].first_token_index == 0 and len(outs[0].token_ids) == 1, "the first token was not held"
+        assert outs[-1].finished
+        data = [outs for _, outs in sink.messages if outs]
+        # 1 first token + 40 decode steps in groups of 4 = 11; a few groups cut short by a late step are fine.
+        assert len(data) <= 15, f"{len(data)} messages for 41 steps: not stream_interval steps per message"
+    finally:
+        await llumlet.stop()
         await sink.stop()

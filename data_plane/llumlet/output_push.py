@@ -6,8 +6,9 @@ step's own Python work). The frontend applies batches in order and answers only 
 the last answer is ``ack_interval_s`` old or a ``flush`` waits, and a stream with unanswered batches that stayed quiet
 for ``ack_interval_s`` sends an empty asking batch (while outputs flow, the ask rides on them). An answer
 acknowledges every batch up to its number; unanswered batches are kept. Every written message costs both sides a
-fixed amount of CPU, more than its tokens: so decode-only steps are held for the next step (``submit``'s ``hold_s``)
-and two steps share a message; first tokens and finishes are never held.
+fixed amount of CPU, more than its tokens: so decode-only steps are held for the next ones (``submit``'s ``hold_s``)
+and ``PushSettings.stream_interval`` steps share a message (vLLM's ``--stream-interval``); first tokens, finishes and
+errors are never held.
 
 A failure -- the stream breaks, or an ask is not answered within its deadline (a slow frontend is not a dead one:
 the deadline doubles with each retry, up to ``max_attempt_timeout_s``) -- closes the stream; after a backoff a new
@@ -84,12 +85,19 @@ class PushSettings:
     ack_interval_s: float = 0.25
     # Most batches written and not yet acknowledged; beyond, outputs wait (coalesced) for an answer.
     max_unacked: int = 32
+    # Engine steps whose decode-only outputs share one message (see ``OutputPusher.submit``): each message costs the
+    # llumlet and the frontend a fixed amount of CPU (~0.3-0.5 ms each side), more than its tokens. 1: every step
+    # goes out on its own. A held token reaches its client up to ``stream_interval - 1`` steps later; first tokens,
+    # finishes and errors are never held, so TTFT and a request's mean time per output token do not change.
+    stream_interval: int = 4
 
     def __post_init__(self) -> None:
         if min(self.budget_s, self.attempt_timeout_s, self.max_attempt_timeout_s, self.idle_close_s) <= 0:
             raise ValueError(f"push settings must be positive: {self}")
         if self.ack_interval_s <= 0 or self.max_unacked < 1:
             raise ValueError(f"ack_interval_s must be positive and max_unacked >= 1: {self}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1: {self}")
 
 
 class FrontendUnreachableError(Exception):
@@ -158,8 +166,9 @@ class _Sink:
         self.failures = 0  # consecutive failed attempts of the current unacknowledged batches
         self.flushing = 0  # flush calls waiting
         # While ``pending`` holds only outputs submitted with a hold (see ``OutputPusher.submit``): when they must go
-        # out at the latest (``time.monotonic``); 0: not held.
+        # out at the latest (``time.monotonic``); 0: not held. ``held_steps``: the submits held in ``pending``.
         self.hold_until = 0.0
+        self.held_steps = 0
         self.probing = False  # a new stream asked which batches were applied; no answer yet
         self.resend = False  # the answer came: the unacknowledged batches are to be written again
         self.unary = False  # the frontend has no StreamOutputs: one PushOutputs per batch
@@ -187,6 +196,7 @@ class _Sink:
 
     def take(self) -> tuple[list[common_pb2.RequestOutput], int]:
         batch, self.pending, self.tail = self.pending, [], {}
+        self.hold_until, self.held_steps = 0.0, 0
         return batch, self.submitted
 
     async def settle(self, seq: int, *, lost: bool) -> None:
@@ -246,10 +256,11 @@ class OutputPusher:
         """Queues outputs (the pusher owns the messages from now on: it may merge later outputs into them).
 
         ``hold_s`` > 0 (an engine step's outputs that nobody waits on at once: no first token, no finish) lets them
-        wait for the next submit, at most ``hold_s``, so two steps share one message: each written message costs
-        the llumlet and the frontend more CPU than its outputs do. Only outputs submitted to an empty queue are held;
-        the next submit (the next step's outputs), a flush or the deadline sends them. Holding costs no wake-up of
-        the sender: its timer is moved to the deadline here.
+        wait for the next submit, at most ``hold_s``, so ``settings.stream_interval`` steps share one message: each
+        written message costs the llumlet and the frontend more CPU than its outputs do. Outputs are held while the
+        queue holds only held submits, fewer than ``stream_interval - 1``; the submit after them, one without a hold
+        (a first token, a finish), a flush or the deadline (``hold_s`` after the latest held submit) sends them all.
+        Holding costs no wake-up of the sender: its timer is moved to the deadline here.
         """
         if not outputs:
             return
@@ -261,20 +272,30 @@ class OutputPusher:
             outputs = [out for out in outputs if out.request_id not in sink.ended]
             if not outputs:
                 return
-        hold = hold_s > 0 and not sink.pending and not sink.flushing and not sink.unary
+        previous = sink.hold_until  # the deadline of the submits held so far (0: none)
+        hold = (
+            hold_s > 0
+            and sink.held_steps < self.settings.stream_interval - 1
+            and (previous or not sink.pending)
+            and not sink.flushing
+            and not sink.unary
+        )
         for out in outputs:
             self.coalesced += sink.add(out)
         sink.submitted += 1
         if hold:
             self.held += 1
+            sink.held_steps += 1
             deadline = time.monotonic() + hold_s
             sink.hold_until = deadline
-            if sink.alarm is None or sink.alarm_at > deadline:
+            # The alarm moves with the hold when it was the hold's (a later deadline of the sender's own, the ask's,
+            # is then noticed up to one hold late: seconds away, or an empty ask, which a held stream does not need).
+            if sink.alarm is None or sink.alarm_at > deadline or (previous and sink.alarm_at == previous):
                 if sink.alarm is not None:
                     sink.alarm.cancel()
                 sink.alarm, sink.alarm_at = asyncio.get_running_loop().call_later(hold_s, _ring, sink), deadline
             return
-        sink.hold_until = 0.0
+        sink.hold_until, sink.held_steps = 0.0, 0
         sink.wake.set()
 
     async def flush(self, frontend_address: str, timeout: float | None = None) -> None:
@@ -362,7 +383,6 @@ class OutputPusher:
             overdue = sink.probing or (sink.ask_seq and now - sink.ask_time > s.ack_interval_s)
             held = bool(sink.hold_until) and not sink.flushing and now < sink.hold_until
             if sink.pending and len(sink.unacked) < s.max_unacked and not overdue and not held:
-                sink.hold_until = 0.0
                 outputs, mark = sink.take()
                 message = self._message(sink.next_seq)
                 sink.next_seq += 1
@@ -571,6 +591,7 @@ class OutputPusher:
         sent = [out for batch in sink.unacked for out in batch.message.batch.outputs]
         sink.unacked.clear()
         queued, sink.pending, sink.tail = sink.pending, [], {}
+        sink.hold_until, sink.held_steps = 0.0, 0
         for out in [*sent, *queued]:
             self.coalesced += sink.add(out)
 
@@ -669,6 +690,7 @@ class OutputPusher:
         self.given_up += 1
         dropped = sent + sink.pending
         sink.pending, sink.tail = [], {}
+        sink.hold_until, sink.held_steps = 0.0, 0
         last_seq = sink.submitted
         await sink.settle(last_seq, lost=True)
         first_dropped: dict[str, int] = {}
