@@ -89,10 +89,11 @@ THREAD_PAYLOAD_BYTES = 8 << 20
 
 
 # A step's outputs that nobody waits on at once (decode tokens: no first token, no finish) may wait for the next
-# step's and go out in one message with them (half the messages, each of which costs llumlet and frontend more CPU
-# than its tokens). The next step's outputs release them; if that step is late (a migration stage or a handler holds
-# the engine), a timer of this many times the step's modelled duration does (the slack over one step is for the
-# step's own overhead beyond its modelled duration: a timer that rang first would only cost the pairing).
+# steps' and go out in one message with them (``PushSettings.stream_interval`` steps per message: each message costs
+# llumlet and frontend more CPU than its tokens). The last step of the group releases them; if a step is late (a
+# migration stage or a handler holds the engine), a timer of this many times the step's modelled duration after the
+# latest step does (the slack over one step is for the step's own overhead beyond its modelled duration: a timer that
+# rang first would only cost the grouping).
 HOLD_STEPS = 1.25
 
 
@@ -115,6 +116,19 @@ class LoadVersion:
     growth: int
 
 
+class _SignallingLock(asyncio.Lock):
+    """The engine lock: its release sets ``changed``. Every change to the engine happens under it, so a load reader
+    that waits on ``changed`` hears of each (see ``Llumlet.load_changed``)."""
+
+    def __init__(self, changed: asyncio.Event) -> None:
+        super().__init__()
+        self._changed = changed
+
+    def release(self) -> None:
+        super().release()
+        self._changed.set()
+
+
 @dataclass
 class LlumletStats:
     steps: int = 0
@@ -135,9 +149,16 @@ class LlumletStats:
     # with the sums above, the spread of the per-step overhead.
     overhead_sq_s2: float = 0.0
     migration: common_pb2.MigrationStats = field(default_factory=_empty_migration_stats)
+    # Called after ``record_migration`` (the llumlet's ``load_changed``: the counts are part of its load).
+    on_record: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def record_migration(self, result: llumlet_pb2.MigrationResult) -> None:
         """Counts an outgoing migration by outcome; committed ones feed the downtime histogram."""
+        self._record(result)
+        if self.on_record is not None:
+            self.on_record()
+
+    def _record(self, result: llumlet_pb2.MigrationResult) -> None:
         stats = self.migration
         outcome = wire.outcome_from_pb(result.outcome).counted_as
         if outcome is MigrationOutcome.COMMITTED:
@@ -199,12 +220,17 @@ class Llumlet:
         self.engine = engine
         self.instance_id = instance_id
         self.max_waiting = max_waiting
-        self.engine_lock = asyncio.Lock()
+        # Set whenever ``load_version().rest`` may have moved: every release of the engine lock (every step, add,
+        # abort, migration stage), a lock-free add, a state change, ``set_migrating``, a migration recorded. A load
+        # reader clears it before reading the version and may sleep on it (instead of polling) while nothing changes.
+        # Also set after steps whose only change was block growth (every step releases the lock).
+        self.load_changed = asyncio.Event()
+        self.engine_lock: asyncio.Lock = _SignallingLock(self.load_changed)
         # Set whenever ``state`` is assigned (what waits for a drain sleeps on it instead of polling).
         self.state_changed = asyncio.Event()
         self._state = InstanceState.ACTIVE
         self.owners: dict[str, RequestOwner] = {}
-        self.stats = LlumletStats()
+        self.stats = LlumletStats(on_record=self.load_changed.set)
         self.pusher = OutputPusher(instance_id, self._abort_orphans, self._frontend_unreachable, push)
         self._step_in_thread = step_in_thread
         self._thread_busy = False  # a step (or a sim step's payload write) runs in a worker thread
@@ -239,6 +265,7 @@ class Llumlet:
     def state(self, value: InstanceState) -> None:
         self._state = value
         self.state_changed.set()
+        self.load_changed.set()
 
     # --- lifecycle ---
     def start(self) -> None:
@@ -323,6 +350,7 @@ class Llumlet:
         )
         self.stats.requests_added += 1
         self._owners_version += 1
+        self.load_changed.set()  # (also on the lock-free path, which releases no lock)
         if self.metrics is not None:
             self.metrics.added(spec.request_id, len(spec.prompt_token_ids), spec.arrival_time or None)
 
@@ -472,6 +500,7 @@ class Llumlet:
             self._migrating_in = incoming
         if outgoing is not None:
             self._migrating_out = outgoing
+        self.load_changed.set()
 
     # --- outputs ---
     def _emit(self, outputs: list[TokenOutput], hold_s: float = 0.0) -> None:
