@@ -10,6 +10,9 @@ holding both instances' migration slots. Each test here fails on the code before
 
 from __future__ import annotations
 
+from typing import Any, cast
+
+import grpc
 import pytest
 
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
@@ -18,11 +21,26 @@ from pyllumnix.control_plane.policy.selection import select_request
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import DispatchRequestView, RequestView
 from pyllumnix.infra.vocabulary import Priority, RequestPhase
+from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
+from pyllumnix.tools.recording_sink import RecordingSink
 from pyllumnix.tools.sim.cluster import ClusterSimulator
 from pyllumnix.tools.sim.config import SimConfig
 from pyllumnix.tools.sim.migration import MigrationProcess, Outcome
 from pyllumnix.tools.workload.request import RequestArrival
+from tests.test_migration_paths import (
+    OUTCOME,
+    Node,
+    assert_stream_exact,
+    engine_phase,
+    make_node,
+    migrate,
+    request,
+    settle,
+    unmigrated_tokens,
+    wait_tokens,
+)
 from tests.test_policy_helpers import view
+from tests.test_replica_leadership import FakeLeadership, make_replica
 
 R, W = RequestPhase.RUNNING, RequestPhase.WAITING
 # The lead's evidence, reduced: two big running requests, a queue with a 200-block head and a small later one.
@@ -163,3 +181,94 @@ def test_the_simulator_moves_a_fitting_request_instead_of_repeating_a_refused_on
         if m.outcome is Outcome.ABORTED_BY_DESTINATION:
             last_commit = max((c.end_time for c in committed if c.end_time <= m.start_time), default=-1.0)
             assert m.start_time - last_commit <= REPORT_MS / 1000.0, (m.request_id, m.start_time, last_commit)
+
+
+# --- the live llumlet: MigrateOut.max_blocks reaches the selection (two in-process llumlets, real gRPC, sim engines).
+LR = common_pb2.MIGRATION_SELECTION_LR
+
+
+def _order(src: Node, dst: Node, max_blocks: int, selection: int = LR) -> llumlet_pb2.MigrateOutRequest:
+    order = migrate(src, dst, selection=selection)
+    order.max_blocks = max_blocks
+    return order
+
+
+async def test_migrate_out_with_nothing_fitting_starts_nothing(sink: RecordingSink) -> None:
+    """The running request holds 7 blocks (needs 8 with growth): a room of 7 takes nothing, the answer is empty and
+    the source's slot is free again at once (the next order, without a limit, moves it). Old: it was migrated into
+    any room (the destination then refused it when it did not fit)."""
+    a, b = await make_node("a"), await make_node("b")
+    try:
+        await a.stub.AddRequest(request("r", sink, 100, 200))
+        await wait_tokens(sink, "r", 1)
+        reply = await a.stub.MigrateOut(_order(a, b, 7))
+        assert list(reply.results) == [] and not a.coordinator.busy
+        assert engine_phase(a, "r") == "RUNNING" and b.free == b.engine.total_blocks
+        moved = (await a.stub.MigrateOut(_order(a, b, 8))).results
+        assert [(m.request_id, m.outcome) for m in moved] == [("r", OUTCOME.MIGRATION_OUTCOME_COMMITTED)]
+        await sink.wait("r")
+        assert_stream_exact(sink, "r")
+        assert sink.tokens("r") == unmigrated_tokens(100, 200)
+        await settle(a, b)
+        assert (a.free, b.free) == (a.engine.total_blocks, b.engine.total_blocks)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_migrate_out_picks_the_request_that_fits(sink: RecordingSink) -> None:
+    """LR picks the 19-block request without a limit; with a room of 10 it takes the 4-block one. Old: the 19-block
+    one whatever the room."""
+    a, b = await make_node("a"), await make_node("b")
+    try:
+        await a.stub.AddRequest(request("big", sink, 300, 150))
+        await a.stub.AddRequest(request("small", sink, 50, 150))
+        await wait_tokens(sink, "big", 1)
+        await wait_tokens(sink, "small", 1)
+        results = (await a.stub.MigrateOut(_order(a, b, 10))).results
+        assert [(m.request_id, m.outcome) for m in results] == [("small", OUTCOME.MIGRATION_OUTCOME_COMMITTED)]
+        assert engine_phase(a, "big") == "RUNNING" and engine_phase(b, "small") == "RUNNING"
+        for rid, prompt in (("big", 300), ("small", 50)):
+            await sink.wait(rid)
+            assert_stream_exact(sink, rid)
+            assert sink.tokens(rid) == unmigrated_tokens(prompt, 150)
+        await settle(a, b)
+        assert (a.free, b.free) == (a.engine.total_blocks, b.engine.total_blocks)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_negative_room_is_refused(sink: RecordingSink) -> None:
+    a, b = await make_node("a"), await make_node("b")
+    try:
+        await a.stub.AddRequest(request("r", sink, 50, 20))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await a.stub.MigrateOut(_order(a, b, -1))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_blocks" in (err.value.details() or "")
+        await sink.wait("r")
+        assert {o.instance_id for o in sink.outputs["r"]} == {"a"}
+    finally:
+        await a.close()
+        await b.close()
+
+
+class _CapturingLlumlet:
+    def __init__(self) -> None:
+        self.orders: list[llumlet_pb2.MigrateOutRequest] = []
+
+    async def MigrateOut(
+        self, request: llumlet_pb2.MigrateOutRequest, *, timeout: float, metadata: Any
+    ) -> llumlet_pb2.MigrateOutResponse:
+        self.orders.append(request)
+        return llumlet_pb2.MigrateOutResponse()
+
+
+async def test_the_scheduler_sends_the_room_with_the_order() -> None:
+    """Old: the MigrateOut order had no room, whatever the pairing knew."""
+    replica, _ = make_replica(("a", "c"), [])
+    replica.leadership = cast(Any, FakeLeadership())
+    stub = _CapturingLlumlet()
+    replica._llumlet = lambda instance_id: cast(Any, stub)  # type: ignore[method-assign]
+    await replica._order_migration(MigrateOrder("a", "c", Selection.LR, 123))
+    assert [(o.destination_instance_id, o.selection, o.max_blocks) for o in stub.orders] == [("c", LR, 123)]

@@ -33,13 +33,11 @@ def select_request(
     draining instance can always empty itself. ``max_blocks`` > 0 considers only the requests that fit in that many
     blocks (0: no limit): a running one needs its blocks plus one block of growth (it keeps decoding while its
     blocks are copied), a waiting one its prefill demand; the order and the fallback apply among those."""
-    movable = [r for r in requests if r.priority < Priority.HIGH]
-    running = [
-        r for r in movable if r.phase == RequestPhase.RUNNING and (max_blocks <= 0 or r.num_blocks + 1 <= max_blocks)
+    movable = [
+        r for r in requests if r.priority < Priority.HIGH and (max_blocks <= 0 or blocks_needed(r) <= max_blocks)
     ]
-    waiting = [
-        r for r in movable if r.phase == RequestPhase.WAITING and (max_blocks <= 0 or r.demand_blocks <= max_blocks)
-    ]
+    running = [r for r in movable if r.phase == RequestPhase.RUNNING]
+    waiting = [r for r in movable if r.phase == RequestPhase.WAITING]
     primary, other, other_sel = (
         (waiting, running, Selection.SR) if selection == Selection.FCW else (running, waiting, Selection.FCW)
     )
@@ -48,3 +46,9 @@ def select_request(
     if fallback and other:
         return min(other, key=_KEYS[other_sel]).request_id
     return None
+
+
+def blocks_needed(r: RequestView) -> int:
+    """The destination blocks migrating ``r`` takes: a running request's blocks plus one of growth (it keeps decoding
+    while its blocks are copied), a waiting one's prefill demand (it moves without KV)."""
+    return r.num_blocks + 1 if r.phase == RequestPhase.RUNNING else r.demand_blocks

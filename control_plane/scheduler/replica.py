@@ -632,6 +632,7 @@ class SchedulerReplica:
                 selection=int(order.selection),  # type: ignore[arg-type]
                 max_requests=1,
                 wait=True,
+                max_blocks=order.max_blocks,  # the destination's room: the source picks only what fits
             )
             stub = self._llumlet(order.source)
             metadata = self._order_metadata()  # raises once this replica no longer leads: no order is sent then

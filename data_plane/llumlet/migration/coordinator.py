@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from pyllumnix.control_plane.policy.config import Selection
-from pyllumnix.control_plane.policy.selection import select_request
+from pyllumnix.control_plane.policy.selection import blocks_needed, select_request
 from pyllumnix.data_plane.engine.base import KvBuffer, MigrationState, UnknownRequestError
 from pyllumnix.data_plane.engine.device import Ready
 from pyllumnix.data_plane.engine.kv_layout import LAYOUT_HOST_BYTES
@@ -290,6 +290,8 @@ class MigrationCoordinator:
             raise MigrationError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{me} is already migrating out")
         if request.last_stage_max_blocks < 0:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "last_stage_max_blocks must be >= 0")
+        if request.max_blocks < 0:
+            raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "max_blocks must be >= 0 (0: no limit)")
         limits = self.settings.limits
         if request.last_stage_max_blocks:
             limits = MigrationLimits(request.last_stage_max_blocks, limits.max_stages)
@@ -300,19 +302,29 @@ class MigrationCoordinator:
 
         async def run_all() -> list[llumlet_pb2.MigrationResult]:
             results: list[llumlet_pb2.MigrationResult] = []
+            # The destination's room (0: no limit); each committed migration uses up what it took of it.
+            room = request.max_blocks
             try:
                 for i, mid in enumerate(migration_ids):
                     if i and not self._out_slots.take(mid):
                         break  # another order took the slot between two migrations of this one
-                    rid = request.request_id if request.request_id else await self._select(request.selection)
-                    if rid is None:
-                        break
+                    if request.request_id:
+                        rid, needed = request.request_id, 0
+                    else:
+                        picked = await self._select(request.selection, room)
+                        if picked is None:
+                            break  # nothing fits the destination: no migration, an empty result
+                        rid, needed = picked
                     result = await self._migrate_one(
                         limits, mid, rid, request.destination_instance_id, request.destination_grpc_address
                     )
                     results.append(result)
                     if result.outcome != llumlet_pb2.MIGRATION_OUTCOME_COMMITTED or request.request_id:
                         break
+                    if room:
+                        room -= needed
+                        if room <= 0:
+                            break
             finally:
                 for mid in migration_ids:
                     self._out_slots.give(mid)
@@ -328,11 +340,17 @@ class MigrationCoordinator:
             return llumlet_pb2.MigrateOutResponse(results=await asyncio.shield(task))
         return llumlet_pb2.MigrateOutResponse(migration_ids=migration_ids[:1])
 
-    async def _select(self, selection: int) -> str | None:
+    async def _select(self, selection: int, max_blocks: int) -> tuple[str, int] | None:
+        """The request the order's selection picks among those that fit ``max_blocks`` (0: any), with the
+        destination blocks it takes; None when none does."""
         async with self.llumlet.engine_lock:
             snap = self.llumlet.engine.load()
         selected = Selection(selection) if selection in Selection._value2member_map_ else Selection.SR
-        return select_request(request_views(snap.requests), selected)
+        views = request_views(snap.requests)
+        rid = select_request(views, selected, max_blocks=max_blocks)
+        if rid is None:
+            return None
+        return rid, next(blocks_needed(v) for v in views if v.request_id == rid)
 
     async def _migrate_one(
         self, limits: MigrationLimits, mid: str, rid: str, dst_id: str, dst_address: str

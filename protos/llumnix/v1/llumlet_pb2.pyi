@@ -327,6 +327,7 @@ class MigrateOutRequest(_message.Message):
     MAX_REQUESTS_FIELD_NUMBER: _builtins.int
     WAIT_FIELD_NUMBER: _builtins.int
     LAST_STAGE_MAX_BLOCKS_FIELD_NUMBER: _builtins.int
+    MAX_BLOCKS_FIELD_NUMBER: _builtins.int
     destination_instance_id: _builtins.str
     destination_grpc_address: _builtins.str
     selection: _common_pb2.MigrationSelection.ValueType
@@ -341,6 +342,12 @@ class MigrateOutRequest(_message.Message):
     """Overrides the llumlet's last_stage_max_blocks for this order (0: keep it). A huge value makes a blocking,
     single stop-and-copy migration (benchmarks compare the two).
     """
+    max_blocks: _builtins.int
+    """Pick only a request that fits in this many blocks of the destination (0: no limit): a running one needs its
+    blocks plus one of growth, a waiting one its prefill demand; none fits: nothing starts (an empty result, no
+    error). The scheduler's pairing sets the destination's room (free - waiting demand - watermark), so a source
+    never picks a request the destination would refuse; ignored when request_id is set.
+    """
     def __init__(
         self,
         *,
@@ -351,10 +358,11 @@ class MigrateOutRequest(_message.Message):
         max_requests: _builtins.int = ...,
         wait: _builtins.bool = ...,
         last_stage_max_blocks: _builtins.int = ...,
+        max_blocks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_grpc_address", b"destination_grpc_address", "destination_instance_id", b"destination_instance_id", "last_stage_max_blocks", b"last_stage_max_blocks", "max_requests", b"max_requests", "request_id", b"request_id", "selection", b"selection", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_grpc_address", b"destination_grpc_address", "destination_instance_id", b"destination_instance_id", "last_stage_max_blocks", b"last_stage_max_blocks", "max_blocks", b"max_blocks", "max_requests", b"max_requests", "request_id", b"request_id", "selection", b"selection", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

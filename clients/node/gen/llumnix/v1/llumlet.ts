@@ -159,6 +159,13 @@ export interface MigrateOutRequest {
    * single stop-and-copy migration (benchmarks compare the two).
    */
   lastStageMaxBlocks: number;
+  /**
+   * Pick only a request that fits in this many blocks of the destination (0: no limit): a running one needs its
+   * blocks plus one of growth, a waiting one its prefill demand; none fits: nothing starts (an empty result, no
+   * error). The scheduler's pairing sets the destination's room (free - waiting demand - watermark), so a source
+   * never picks a request the destination would refuse; ignored when request_id is set.
+   */
+  maxBlocks: number;
 }
 
 export interface MigrateOutResponse {
@@ -1298,6 +1305,7 @@ function createBaseMigrateOutRequest(): MigrateOutRequest {
     maxRequests: 0,
     wait: false,
     lastStageMaxBlocks: 0,
+    maxBlocks: 0,
   };
 }
 
@@ -1323,6 +1331,9 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
     }
     if (message.lastStageMaxBlocks !== 0) {
       writer.uint32(56).int32(message.lastStageMaxBlocks);
+    }
+    if (message.maxBlocks !== 0) {
+      writer.uint32(64).int32(message.maxBlocks);
     }
     return writer;
   },
@@ -1396,6 +1407,14 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
             message.lastStageMaxBlocks = reader.int32();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.maxBlocks = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1437,6 +1456,11 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
         : isSet(object.last_stage_max_blocks)
         ? globalThis.Number(object.last_stage_max_blocks)
         : 0,
+      maxBlocks: isSet(object.maxBlocks)
+        ? globalThis.Number(object.maxBlocks)
+        : isSet(object.max_blocks)
+        ? globalThis.Number(object.max_blocks)
+        : 0,
     };
   },
 
@@ -1463,6 +1487,9 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
     if (message.lastStageMaxBlocks !== 0) {
       obj.lastStageMaxBlocks = Math.round(message.lastStageMaxBlocks);
     }
+    if (message.maxBlocks !== 0) {
+      obj.maxBlocks = Math.round(message.maxBlocks);
+    }
     return obj;
   },
 
@@ -1478,6 +1505,7 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
     message.maxRequests = object.maxRequests ?? 0;
     message.wait = object.wait ?? false;
     message.lastStageMaxBlocks = object.lastStageMaxBlocks ?? 0;
+    message.maxBlocks = object.maxBlocks ?? 0;
     return message;
   },
 };
