@@ -243,9 +243,9 @@ async def test_a_quiet_llumlet_keeps_alive_once_per_quiet_period_and_sends_a_new
     await stream.aclose()
 
 
-async def test_an_idle_sim_llumlet_sends_one_message_per_quiet_period_and_reads_its_load_every_other_interval() -> None:
+async def test_an_idle_sim_llumlet_sends_one_message_per_quiet_period_and_reads_its_load_only_then() -> None:
     """A real (idle) sim llumlet over 100 report intervals: 1 full load and 5 keep-alives (before: 1 and 33), its
-    load read 50 times (before: 100, one wake-up each)."""
+    load read only when a message is due, 6 times (before: 101, one wake-up each): it sleeps on ``load_changed``."""
     llumlet = Llumlet(SimEngine("tiny", payload=False), "i-1")
     version = llumlet.load_version
     ticks = 0
@@ -263,7 +263,56 @@ async def test_an_idle_sim_llumlet_sends_one_message_per_quiet_period_and_reads_
         sent.append(kind(await anext(stream)))
     await stream.aclose()
     assert sent == ["load"] + ["keep_alive"] * (100 // QUIET_KEEPALIVE_EVERY), sent
-    assert QUIET_TICK_EVERY >= 2 and ticks == 1 + 100 // QUIET_TICK_EVERY  # intervals 1, 3, ..., 101 (before: 101)
+    assert ticks == 1 + 100 // QUIET_KEEPALIVE_EVERY  # intervals 1, 21, ..., 101
+
+
+async def test_a_llumlet_without_the_signal_is_read_every_few_intervals_while_quiet() -> None:
+    llumlet = FakeLlumlet()  # no load_changed
+    llumlet.quiet = True
+    rep = reporter(llumlet)
+    stream = rep._reports()
+    sent: list[str] = []
+    while rep.intervals < 100:
+        sent.append(kind(await anext(stream)))
+    await stream.aclose()
+    assert sent == ["load"] + ["keep_alive"] * (100 // QUIET_KEEPALIVE_EVERY), sent
+    assert QUIET_TICK_EVERY >= 2 and llumlet.seq == 1 + 100 // QUIET_TICK_EVERY  # read every other interval
+
+
+async def test_a_request_to_a_sleeping_quiet_llumlet_is_reported_at_once() -> None:
+    """The quiet stream sleeps until its keep-alive is due (here 20 x 30 s) unless the llumlet signals a change: an
+    AddRequest wakes it and the new load goes out at once (before: at the next 50 ms tick; with the polling fallback
+    only after 2 intervals, 60 s here)."""
+    llumlet = Llumlet(SimEngine("tiny", payload=False), "i-1")
+    version = llumlet.load_version
+    reads = 0
+
+    def counted() -> Any:
+        nonlocal reads
+        reads += 1
+        return version()
+
+    llumlet.load_version = counted  # type: ignore[method-assign]
+    rep = reporter(cast(Any, llumlet), interval_s=30.0)
+    stream = rep._reports()
+    first = await anext(stream)
+    assert kind(first) == "load" and load_is_quiet(first.load)
+    following = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0.05)  # the stream is asleep now (nothing wakes it for 600 s)
+    assert not following.done() and reads == 1
+    await llumlet.add_request(
+        common_pb2.EngineRequest(
+            request_id="r1",
+            prompt_token_ids=[1, 2, 3],
+            sampling=common_pb2.SamplingParams(max_tokens=4),
+            frontend_address="127.0.0.1:1",
+        )
+    )
+    async with asyncio.timeout(DEADLINE_S):
+        message = await following
+    await stream.aclose()
+    assert kind(message) == "load" and [r.request_id for r in message.load.requests] == ["r1"]
+    assert reads == 2
 
 
 async def test_work_sent_to_a_quiet_llumlet_is_reported_within_its_quiet_tick() -> None:

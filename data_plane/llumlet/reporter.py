@@ -35,8 +35,9 @@ whether anything but growth changed since the last build (``LoadVersion.rest``),
 A quiet instance (no request, no migration, nothing reserved: ``load_is_quiet``, the leader's own test) keeps alive
 only every ``QUIET_KEEPALIVE_EVERY`` (20) intervals, 1 s at 50 ms (``control_plane/scheduler/cluster.py`` has the
 leader's side and the bound it keeps): an idle llumlet spent about half its CPU on 6.7 keep-alives a second. The
-period follows the last full load this stream sent, which is what the leader holds, so both ends agree on it. Work
-sent to a quiet instance changes its load, which goes out at the next tick as before.
+period follows the last full load this stream sent, which is what the leader holds, so both ends agree on it. While
+quiet the stream does not tick at all: it sleeps on the llumlet's ``load_changed`` signal until a keep-alive is due, so
+work sent to a quiet instance (a request, a reservation) changes its load and goes out at once.
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ REPORT_WARN_EVERY_S = 10.0
 # then sends one message per keep-alive period, like an idle one (the full load in place of the keep-alive); a longer
 # period (e.g. 4) would send a keep-alive at 3 and the full load at 4, more messages than 3.
 GROWTH_REPORT_EVERY = LOAD_KEEPALIVE_EVERY
-# While the last full load sent was quiet, the load is read every this many intervals (100 ms at 50 ms), not every
-# one: an asyncio wake-up costs ~0.15 ms of CPU here, so 20 a second were ~3 ms/s of an idle llumlet's ~11. Work sent
-# to it (a request, a reservation) is then reported within 2 intervals, well inside the dispatch_stale_after (6
-# intervals) the leader gives a quiet instance it dispatched to. Reading it only when it changes would need a signal
-# from the llumlet for every change outside an engine step (an add, a reservation, a state); it has none today.
+# While the last full load sent was quiet, the stream reads the load only when the llumlet signals a change
+# (``Llumlet.load_changed``) or a keep-alive is due: an asyncio wake-up costs ~0.15 ms of CPU here, so 20 a second were
+# ~3 ms/s of an idle llumlet's ~11. Work sent to it (a request, a reservation) is reported at once. A llumlet without
+# the signal is read every this many intervals (100 ms at 50 ms): work is reported within 2 intervals, well inside
+# the dispatch_stale_after (6 intervals) the leader gives a quiet instance it dispatched to.
 QUIET_TICK_EVERY = 2
 
 
@@ -147,8 +148,8 @@ def only_grew(sent: LoadKey, current: LoadKey) -> bool:
 def report_action(
     sent: LoadKey | None,
     current: LoadKey,
-    ticks_since_full: int,
-    ticks_since_sent: int,
+    ticks_since_full: float,
+    ticks_since_sent: float,
     keepalive_every: int = LOAD_KEEPALIVE_EVERY,
 ) -> ReportAction:
     """What one report tick sends. ``sent``: the key of this stream's last full load (None: none yet);
@@ -180,7 +181,7 @@ class LoadReporter:
         self.keepalives_sent = 0
         self.streams_ended = 0
         self.report_failures = 0  # ticks skipped because the load could not be read
-        self.intervals = 0  # report intervals the streams' ticks covered (a quiet tick covers QUIET_TICK_EVERY)
+        self.intervals = 0.0  # report intervals the streams' ticks covered (a quiet tick covers several)
         self._failures_warned = 0  # report_failures at the last warning
         self._warned_at = -math.inf
         self._task: asyncio.Task[None] | None = None
@@ -255,8 +256,13 @@ class LoadReporter:
         sent_key: LoadKey | None = None
         sent_seq = 0
         keepalive_every = LOAD_KEEPALIVE_EVERY  # the period of the last full load sent (its quietness)
-        since_full = since_sent = 0  # intervals since this stream's last full load / last message
-        step = 1  # intervals until the next tick: QUIET_TICK_EVERY while the last full load sent was quiet
+        # Intervals since this stream's last full load / last message (fractions after a quiet wait a change ended).
+        since_full = since_sent = 0.0
+        step = 1.0  # intervals since the previous tick
+        # Set by the llumlet whenever its load may have changed; while the last full load sent was quiet the stream
+        # sleeps on it (until the next keep-alive is due) instead of reading the load every few intervals. None: the
+        # llumlet cannot signal, so a quiet stream reads every QUIET_TICK_EVERY intervals.
+        changed: asyncio.Event | None = getattr(self.llumlet, "load_changed", None)
         # The llumlet's load version when ``key`` was last built: while it stays, the key cannot have changed, so the
         # snapshot is neither built nor compared (most ticks of a quiet instance). While only its ``growth`` moved,
         # the key only grew since (``only_grew``), which ``report_action`` holds back until growth is due: the build
@@ -266,6 +272,8 @@ class LoadReporter:
         key: LoadKey | None = None
         while True:
             built = False
+            if changed is not None and keepalive_every == QUIET_KEEPALIVE_EVERY:
+                changed.clear()  # before reading: whatever changes from here on ends the next quiet wait
             try:
                 version = self.llumlet.load_version()
                 if (
@@ -291,18 +299,35 @@ class LoadReporter:
             if action is ReportAction.FULL:
                 if not built:  # built ticks ago and held back as growth only; unchanged since: the load as of now
                     load.timestamp = time.time()
-                sent_key, sent_seq, since_full, since_sent = key, load.seq, 0, 0
+                sent_key, sent_seq, since_full, since_sent = key, load.seq, 0.0, 0.0
                 keepalive_every = QUIET_KEEPALIVE_EVERY if load_is_quiet(load) else LOAD_KEEPALIVE_EVERY
                 yield scheduler_pb2.ReportLoadRequest(load=load)
                 self.reports_sent += 1
             elif action is ReportAction.KEEP_ALIVE:
-                since_sent = 0
+                since_sent = 0.0
                 keep_alive = scheduler_pb2.LoadKeepAlive(instance_id=self.llumlet.instance_id, seq=sent_seq)
                 yield scheduler_pb2.ReportLoadRequest(keep_alive=keep_alive)
                 self.reports_sent += 1
                 self.keepalives_sent += 1
-            step = QUIET_TICK_EVERY if keepalive_every == QUIET_KEEPALIVE_EVERY else 1
-            await asyncio.sleep(self.interval_s * step)
+            if keepalive_every != QUIET_KEEPALIVE_EVERY:
+                step = 1.0
+                await asyncio.sleep(self.interval_s)
+            elif changed is not None:
+                step = await self._quiet_wait(changed, QUIET_KEEPALIVE_EVERY - since_sent)
+            else:
+                step = QUIET_TICK_EVERY
+                await asyncio.sleep(self.interval_s * step)
+
+    async def _quiet_wait(self, changed: asyncio.Event, intervals: float) -> float:
+        """Sleeps until ``intervals`` report intervals passed (the keep-alive is due) or the llumlet signals a change,
+        whichever is first; returns the intervals that passed (all of them when the time ran out)."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.0, self.interval_s * intervals)):
+                await changed.wait()
+        except TimeoutError:
+            return intervals
+        return (time.monotonic() - started) / self.interval_s if self.interval_s > 0 else 0.0
 
     def _report_failed(self, exc: Exception) -> None:
         """Counts a tick whose load could not be read; warns at most every ``REPORT_WARN_EVERY_S`` (at 20 Hz a
