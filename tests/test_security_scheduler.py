@@ -37,6 +37,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> ClusterSecurity:
 class _Cluster:
     loads: dict[str, common_pb2.InstanceLoad] = field(default_factory=dict)
 
+    def note_cadence(self, load: common_pb2.InstanceLoad) -> None:
+        """The rate floor tells the cluster the period of a held load's keep-alives; nothing to follow here."""
+
 
 @dataclass
 class StandInReplica:
