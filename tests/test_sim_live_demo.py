@@ -116,9 +116,9 @@ def test_predict_with_the_measured_overhead_slows_the_simulated_decode() -> None
     for policy in ("llumnix", "infaas++"):
         assert slow[policy]["step_overhead_ms"] == 10.0 and plain[policy]["step_overhead_ms"] == 0.0
         assert sum(plain[policy]["dispatched"]) == 40  # every request placed once, on one of the 2 instances
-        # ~10 ms on ~50-70 ms decode steps
+        # ~10 ms on ~30-60 ms decode steps (llama-7b-a10: 29.2 ms + 1.25 ms per sequence + context)
         ratio = slow[policy]["overall"]["decode_s"]["mean"] / plain[policy]["overall"]["decode_s"]["mean"]
-        assert 1.1 < ratio < 1.3, ratio
+        assert 1.1 < ratio < 1.4, ratio
 
 
 def test_reused_live_runs_are_set_against_the_calibrated_prediction(tmp_path: Path) -> None:

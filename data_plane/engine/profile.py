@@ -115,14 +115,17 @@ class Profile:
 #     the table; outside it the least-squares line through 256..2k (0.2114 ms/token + 3.04 ms).
 #   decode step: a step streams the weights once and every context token's KV once, at one effective bandwidth, a
 #     fraction ("kernel efficiency") of the A10's 600 GB/s peak: c = 13.5 GB / (600 GB/s x eff) for the weights, b =
-#     512 KiB / (600 GB/s x eff) per context token; 0.15 ms per sequence (a) covers sampling and per-sequence kernel
-#     launches. eff = 0.64 (c = 35.2 ms, b = 0.001365 ms) is calibrated so that the *baseline's absolute figures*
-#     (INFaaS++ = load-based dispatch, no migration, split steps, the per-trace migrate-out threshold) over 10,000
-#     requests at the paper's rates land where the artifact's GPU re-run measured them (PAPER.md, "The authors'
-#     artifact": decode mean 0.047-0.075 s per token on every trace; INFaaS++ M-M prefill P99 5-15 s at 7.4-7.8 req/s
-#     and 137 s at 8.0, i.e. a knee between 7.8 and 8.0; L-L P99 up to 190 s; preemption loss 0.5-7.7 s). Only the
-#     baseline was fitted, never the Llumnix / INFaaS++ ratio. Sweep (docs/sim/REPORT.md, "Calibration sweep"), INFaaS++
-#     prefill P99 in s per seed, decode mean s/token:
+#     512 KiB / (600 GB/s x eff) per context token; and a per sequence: vLLM 0.1.x's per-step CPU work that grows with
+#     the batch (the Python scheduler, per-sequence sampling, incremental detokenisation and output handling in the
+#     engine loop) besides per-sequence kernel launches. eff = 0.77 (c = 29.2 ms, b = 0.001135 ms) and a = 1.25 ms
+#     (session 7) are calibrated so that the *baseline's absolute figures* (INFaaS++ = load-based dispatch, no
+#     migration, split steps, the per-trace migrate-out threshold) over 10,000 requests at the paper's rates land where
+#     the artifact's GPU re-run measured them (PAPER.md, "The authors' artifact": decode mean 0.047-0.075 s per token on
+#     every trace; INFaaS++ prefill P99 60-100 s on S-S at 32-38 req/s, 5-15 s on M-M at 7.4-7.8 req/s and 137 s at
+#     8.0, i.e. an M-M knee between 7.8 and 8.0; L-L up to 190 s; preemption loss 0.5-7.7 s). Only the baseline was
+#     fitted, never the Llumnix / INFaaS++ ratio. Sweeps: docs/sim/REPORT.md ("Calibration"), summaries in
+#     docs/sim/full/fig11-10k-calib-sweep/ (session 6) and docs/sim/full/fig11-10k-calib-s7/ (session 7).
+#   Session 6 fitted eff alone (a = 0.15) on M-M and L-L; INFaaS++ prefill P99 in s per seed, decode mean s/token:
 #       eff   c ms   M-M 7.7 (s0/s1/s2)   M-M 8.0 (s0/s1/s2)   L-L 2.9 (s0)   decode mean (all runs)
 #       0.50  45.0   589 / 2397 / 659     -                    1015           0.084-0.098 (queues grow all run)
 #       0.55  40.9   359                  361                  218            0.069-0.089
@@ -130,30 +133,44 @@ class Profile:
 #       0.625 36.0   100 / 304 / 1.5      66                   1.5            0.050-0.059
 #       0.64  35.2   1.5 / 116 / 1.5      5.7 / 300            1.4            0.048-0.059
 #       0.65  34.6   1.4 / 48 / 1.5       1.5 / 293 / 6.8      1.4            0.047-0.060
-#     Per seed M-M's P99 is bimodal near the knee (a long prompt's own prefill, ~1.5 s, or a queue of 50-400 s), so no
-#     value puts the median inside 5-15 s at 7.7; 0.64 puts the knee where the artifact's is (7.7 mostly below it, 8.0
-#     at it: 5.7 s on seed 0, inside the artifact's band, 300 s on seed 1), while 0.625 and below are past it at 7.7
-#     already (median 100 s, the artifact's 8.0 figure) and 0.65 barely reaches it at 8.0 (one deep queue in three
-#     seeds). Every value from 0.6 up keeps the decode mean (0.047-0.072 s) and preemption loss (0.6-2.4 s) in the
-#     artifact's ranges; L-L at 2.9 is light from 0.6 up (P99 <= 8.6 s; the artifact's "up to 190 s" is a maximum over
-#     2.6-3.2 req/s) and at 3.2 reaches 303 s (0.64, 5 seeds; above it). The 5-seed Fig. 11 run at 0.64 found 3 of
-#     5 M-M seeds queueing at 7.7 (P99 median 102 s): our M-M knee is at ~7.7, a little below the artifact's. The
-#     previous value, 0.5 (45 ms), was picked from 2,000-request runs, which end before a steady state: over 10,000
-#     requests it is over capacity at the paper's rates. A step of 1-16 sequences of ~768 tokens (the L-L mean) is
-#     36-54 ms decode-only; the measured per-token figure also carries the prefill-only steps that stall it. 35 ms
-#     still keeps a step above the paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
+#     Per seed M-M's P99 is bimodal near the knee (a long prompt's own prefill, ~1.5 s, or a queue of 50-400 s). 0.64
+#     put M-M's knee at ~7.7 (3 of 5 seeds queue there in Fig. 11), a little below the artifact's, and left S-S at
+#     35 req/s far too light: INFaaS++ P99 0.5 s against 60-100 s (26.7 s at 38 req/s). One bandwidth constant
+#     cannot fit both: S-S decodes about twice M-M's batch (14-24 against 7-10 sequences per instance, from the runs'
+#     request timelines), so a per-sequence cost is the parameter S-S pins and M-M sees less of. Session 7 swept it
+#     jointly with eff (INFaaS++, 10,000 requests; S-S 35 seed 0, and M-M 7.7 seed 1, the M-M seed that queues at
+#     0.64; prefill P99 s, decode mean s/token in brackets):
+#       a ms   eff    c ms   S-S 35 s0        M-M 7.7 s1      other
+#       0.15   0.64   35.2   0.5 (0.051)      116 (0.056)     S-S 38 s0: 26.7 (0.056); M-M 8.0 s0: 5.7; L-L 3.2 s0: 39
+#       0.4    0.64   35.2   11.1 (0.061)     -
+#       0.7    0.64   35.2   65.3 (0.073)     -
+#       1.0    0.64   35.2   143 (0.078)      -
+#       1.5    0.64   35.2   337 (0.100)      -
+#       0.85   0.705  31.9   5.3 (0.065)      186 (0.061)
+#       1.0    0.72   31.2   16.6 (0.071)     280 (0.064)
+#       1.25   0.77   29.2   92.8 (0.070)     98.0 (0.061)    M-M 8.0 s0: 1.5 (0.052); L-L 3.2 s0: 2.0 (0.049)
+#       1.3    0.77   29.2   80.8 (0.075)     27.9 (0.058)
+#       2.0    0.85   26.5   134 (0.096)      118 (0.063)
+#     A fixed cost per prefill step instead (0.64, a = 0.15; + 40 / 80 ms on every step that prefills) gave S-S
+#     7.3 / 12.1 s and M-M s1 167 s at 40: it loads M-M as much and saturates (a long prefill step admits more waiting
+#     requests at once). Along the line that holds M-M's knee the per-sequence cost brings S-S into 60-100 s at
+#     a = 1.25-1.3 with eff 0.77, where S-S's decode mean is 0.070-0.075 s (a = 2.0 needs eff 0.85 and decodes S-S at
+#     0.096 s per token, above the artifact's range). The Fig. 11 run on this profile (REPORT) checks every trace over
+#     several seeds. A step of 1-16 sequences of ~768 tokens (the L-L mean) is 31-63 ms decode-only; the measured
+#     per-token figure also carries the prefill-only steps that stall it. 30.5 ms (one sequence) still keeps a step
+#     above the paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
 #   KV bytes/token = 2 (K,V) x 32 layers x 4096 hidden x 2 bytes = 512 KiB; a block of 16 tokens = 8 MiB.
 #   max_num_batched_tokens 12,800 (paper); max_num_seqs 256 (vLLM default); watermark 1 % (artifact).
 #   split_steps stays False here (the live llumlet's engine is V1-like); the paper scenarios turn it on per run.
 A10_PEAK_BYTES_PER_S = 600e9
-A10_KERNEL_EFFICIENCY = 0.64
+A10_KERNEL_EFFICIENCY = 0.77
 LLAMA_7B_WEIGHT_BYTES = 13.5e9
 _KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2
 LLAMA_7B_A10 = Profile(
     name="llama-7b-a10",
     prefill_a_ms=0.2114,
     prefill_b_ms=3.04,
-    decode_a_ms=0.15,
+    decode_a_ms=1.25,
     decode_b_ms=round(_KV_BYTES_PER_TOKEN / (A10_PEAK_BYTES_PER_S * A10_KERNEL_EFFICIENCY) * 1e3, 6),
     decode_c_ms=round(LLAMA_7B_WEIGHT_BYTES / (A10_PEAK_BYTES_PER_S * A10_KERNEL_EFFICIENCY) * 1e3, 3),
     bytes_per_token=_KV_BYTES_PER_TOKEN,
