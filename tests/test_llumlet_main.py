@@ -79,3 +79,22 @@ def test_an_impossible_sim_engine_is_a_usage_error_not_a_traceback(
     result = CliRunner().invoke(llumlet_command, ["--insecure", "--no-payload", *args])
     assert result.exit_code == 2, (result.output, result.exception)
     assert message in result.output
+
+
+def test_stream_interval_reaches_the_llumlet_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--stream-interval``: engine steps per push message (PushSettings.stream_interval); 0 is refused."""
+    seen: list[LlumletOptions] = []
+
+    async def fake_run(opts: LlumletOptions, stop: object = None) -> int:
+        seen.append(opts)
+        return 0
+
+    monkeypatch.setattr(main, "run_llumlet", fake_run)
+    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: None)
+    result = CliRunner().invoke(llumlet_command, ["--insecure", "--stream-interval", "1"])
+    assert result.exit_code == 0, result.output
+    assert seen[-1].stream_interval == 1
+    assert CliRunner().invoke(llumlet_command, ["--insecure"]).exit_code == 0
+    assert seen[-1].stream_interval == LlumletOptions().stream_interval == 4
+    refused = CliRunner().invoke(llumlet_command, ["--stream-interval", "0"])
+    assert refused.exit_code == 2 and "--stream-interval" in refused.output
