@@ -145,6 +145,24 @@ WM = PolicyConfig()  # floor 0: the watermark decides
             CFG,
             [],
         ),
+        # F1 (review 7): the one running request holds exactly the room (200 - 100 = 100) and the 150-block head does
+        # not fit: the source's fit rule counts a running request's growth block (101 > 100) and picks nothing.
+        # Old: SR with max_blocks 100, an order the source answered with nothing, every round.
+        (
+            "running request of exactly the room",
+            dict(free_blocks=200),
+            dict(free_blocks=5, num_running=1, running_blocks=100, hol=150, waiting_demand=150),
+            CFG,
+            [],
+        ),
+        # One block more of room (free 201): it fits with its growth block.
+        (
+            "running request one block below the room",
+            dict(free_blocks=201),
+            dict(free_blocks=5, num_running=1, running_blocks=100, hol=150, waiting_demand=150),
+            CFG,
+            [MigrateOrder("n", "h", Selection.SR, 101)],
+        ),
         # A preempted request is the queue head, not the FCW pick (the earliest arrival), whose demand is unknown:
         # the running branch. Old: FCW on the 20-block head although the whole queue needs 400.
         (

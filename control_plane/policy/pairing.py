@@ -18,6 +18,7 @@ from typing import ClassVar
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.dispatch import DISPATCH_REGISTRY
 from pyllumnix.control_plane.policy.freeness import freest_first, migration_freeness, most_loaded_first
+from pyllumnix.control_plane.policy.selection import RUNNING_GROWTH_BLOCKS
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import InstanceView
 from pyllumnix.infra.vocabulary import InstanceState
@@ -175,17 +176,20 @@ def spill_room(v: InstanceView, floor: int) -> int:
 
 
 def _picked_blocks_bound(src: InstanceView, selection: Selection) -> int:
-    """An upper bound on the blocks of the request ``select_request(..., selection)`` takes from a source holding no
-    high-priority work: the view carries only the running total, and every running request holds at least one block,
-    so the shortest holds at most the mean and any other at most the total less one block per other request. With
-    nothing running (or FCW), the waiting request it falls back to needs at most the whole waiting demand."""
+    """An upper bound on the destination blocks (``selection.blocks_needed``) of the request
+    ``select_request(..., selection)`` takes from a source holding no high-priority work: the view carries only the
+    running total, and every running request holds at least one block, so the shortest holds at most the mean and any
+    other at most the total less one block per other request, and a running pick needs its growth block on top (the
+    source's fit rule counts it: without it, a request of exactly the room was ordered and then refused by the source,
+    every round). With nothing running (or FCW), the waiting request it falls back to needs at most the whole waiting
+    demand."""
     n = src.num_running_normal
     blocks = src.running_blocks - src.running_high_blocks
     if selection == Selection.FCW or n <= 0:
         return src.waiting_demand_blocks
     if selection == Selection.SR:
-        return blocks // n
-    return blocks - (n - 1)
+        return blocks // n + RUNNING_GROWTH_BLOCKS
+    return blocks - (n - 1) + RUNNING_GROWTH_BLOCKS
 
 
 def _narrows_gap(src: InstanceView, dst: InstanceView, f_src: float, f_dst: float, config: PolicyConfig) -> bool:

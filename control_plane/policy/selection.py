@@ -48,7 +48,13 @@ def select_request(
     return None
 
 
+# The block of growth a running request needs at the destination beyond its own: it keeps decoding while its blocks
+# are copied. One constant for the source's fit rule here and the pairing's estimate of it
+# (``pairing._picked_blocks_bound``), so the pairing never orders a pick the source then refuses.
+RUNNING_GROWTH_BLOCKS = 1
+
+
 def blocks_needed(r: RequestView) -> int:
-    """The destination blocks migrating ``r`` takes: a running request's blocks plus one of growth (it keeps decoding
-    while its blocks are copied), a waiting one's prefill demand (it moves without KV)."""
-    return r.num_blocks + 1 if r.phase == RequestPhase.RUNNING else r.demand_blocks
+    """The destination blocks migrating ``r`` takes: a running request's blocks plus ``RUNNING_GROWTH_BLOCKS`` (it
+    keeps decoding while its blocks are copied), a waiting one's prefill demand (it moves without KV)."""
+    return r.num_blocks + RUNNING_GROWTH_BLOCKS if r.phase == RequestPhase.RUNNING else r.demand_blocks
