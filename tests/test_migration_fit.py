@@ -129,6 +129,45 @@ def test_no_order_to_a_destination_without_room() -> None:
     assert pair_instances(ClusterSnapshot.of([source, dest]), PolicyConfig()) == []
 
 
+# F4 (review 7): requests dispatched to the destination and not yet listed by its report arrive there as waiting
+# requests; the room leaves their demand free, as the dispatch freeness counts it. Each row fails on the room that
+# ignored them (``max_blocks`` 300 / 500: a waiting pick refused at pre-allocation, or a running one taking the blocks
+# the just-dispatched queue needs).
+@pytest.mark.parametrize(
+    ("name", "dispatched", "expected"),
+    [
+        ("ordinary pair", (250,), [MigrateOrder("s", "d", Selection.SR, 300 - 250)]),
+        ("ordinary pair, two dispatches", (100, 150), [MigrateOrder("s", "d", Selection.SR, 300 - 250)]),
+        ("ordinary pair, the dispatched demand takes the room", (300,), []),
+    ],
+)
+def test_the_room_leaves_the_demand_dispatched_there_free(
+    name: str, dispatched: tuple[int, ...], expected: list[MigrateOrder]
+) -> None:
+    source = view("s", free_blocks=5, num_running=4, running_blocks=400)
+    dest = view("d", free_blocks=300, num_running=1, running_blocks=100)
+    for demand in dispatched:
+        dest = dest.with_dispatch(demand)
+    assert pair_instances(ClusterSnapshot.of([source, dest]), PolicyConfig()) == expected, name
+
+
+def test_the_spill_room_leaves_the_demand_dispatched_there_free() -> None:
+    """A high-priority instance's room above the spill floor less what was dispatched there: 600 - 100 - 200 = 300
+    still takes the queueing instance's 20-block head; 600 - 100 - 480 = 20 takes it exactly; 481 leaves none."""
+    config = PolicyConfig(normal_spill_floor_blocks=100)
+    high = view("h", free_blocks=600, num_running=3, num_running_high=3, running_high_blocks=300)
+    queueing = view(
+        "n", free_blocks=5, num_running=10, num_waiting=40, head_of_line_demand_blocks=20, waiting_demand_blocks=400
+    )
+    for demand, expected in (
+        (200, [MigrateOrder("n", "h", Selection.FCW, 300)]),
+        (480, [MigrateOrder("n", "h", Selection.FCW, 20)]),
+        (481, []),
+    ):
+        snap = ClusterSnapshot.of([high.with_dispatch(demand, Priority.HIGH), queueing])
+        assert pair_instances(snap, config) == expected, demand
+
+
 # --- the simulator: the same code path as the live llumlet (select_request with the order's room).
 BLOCK = 16
 

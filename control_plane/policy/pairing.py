@@ -169,10 +169,12 @@ def order_room(v: InstanceView) -> int:
 
 
 def spill_room(v: InstanceView, floor: int) -> int:
-    """Blocks a request spilled onto ``v`` may take: free, less the demand of the waiting requests it may queue behind,
-    less the larger of the spill floor and the watermark the destination's admission checks keep free
+    """Blocks a request spilled onto ``v`` may take: free, less the demand of the waiting requests it may queue behind
+    (those reported, and those dispatched there since, which arrive as waiting: the dispatch freeness counts them
+    too), less the larger of the spill floor and the watermark the destination's admission checks keep free
     (``data_plane/engine/checks.py``), so an order the destination would refuse is never issued."""
-    return v.free_blocks - v.waiting_demand_blocks - max(floor, v.watermark_blocks)
+    queued = v.waiting_demand_blocks + v.dispatched_demand_blocks
+    return v.free_blocks - queued - max(floor, v.watermark_blocks)
 
 
 def _picked_blocks_bound(src: InstanceView, selection: Selection) -> int:
