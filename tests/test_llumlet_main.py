@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -98,3 +99,44 @@ def test_stream_interval_reaches_the_llumlet_options(monkeypatch: pytest.MonkeyP
     assert seen[-1].stream_interval == LlumletOptions().stream_interval == 4
     refused = CliRunner().invoke(llumlet_command, ["--stream-interval", "0"])
     assert refused.exit_code == 2 and "--stream-interval" in refused.output
+
+
+# F2 (review 7): UCX finds its interface by the bind host's IPv4 address (socket.gethostbyname); an IPv6 --host made
+# ``--transport auto`` (UCX installed) and ``--transport ucx`` die with a bare socket.gaierror traceback.
+@pytest.mark.parametrize(
+    ("host", "advertise"), [("::1", ""), ("[::1]", ""), ("::", "::1"), ("[::]", "[::1]"), ("fe80::1", "")]
+)
+def test_auto_transport_on_an_ipv6_host_picks_tcp(monkeypatch: pytest.MonkeyPatch, host: str, advertise: str) -> None:
+    monkeypatch.setattr(main, "ucx_available", lambda: True)
+    kind, options = main.transport_options("auto", host, advertise)
+    assert kind == "tcp"
+    assert options["host"] == host and options["advertise_host"] == (advertise or None)
+
+
+@pytest.mark.parametrize(
+    ("host", "advertise", "named"), [("::1", "", "--host ::1"), ("::", "[::1]", "--advertise-host [::1]")]
+)
+def test_ucx_transport_on_an_ipv6_host_is_a_usage_error(host: str, advertise: str, named: str) -> None:
+    with pytest.raises(click.UsageError) as refused:
+        main.transport_options("ucx", host, advertise)
+    assert "--transport ucx" in refused.value.message and named in refused.value.message
+
+
+def test_ucx_transport_keeps_an_ipv4_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What still picks UCX: an IPv4 literal or a name with an IPv4 address; a wildcard without an advertised host
+    leaves UCX its interfaces."""
+    monkeypatch.setattr(main, "ucx_available", lambda: True)
+    assert main.transport_options("auto", "127.0.0.2") == ("ucx", {"host": "127.0.0.2"})
+    assert main.transport_options("ucx", "localhost") == ("ucx", {"host": "127.0.0.1"})
+    assert main.transport_options("ucx", "0.0.0.0") == ("ucx", {})
+
+
+def test_llumlet_cli_with_ucx_on_an_ipv6_host_exits_with_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI: exit 2 with one line naming both options, no traceback (the engine is built before the transport)."""
+    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: None)
+    result = CliRunner().invoke(
+        llumlet_command, ["--insecure", "--no-payload", "--host", "::1", "--port", "0", "--transport", "ucx"]
+    )
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "--transport ucx" in result.output and "--host ::1" in result.output
+    assert "Traceback" not in result.output and "gaierror" not in result.output

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import signal
@@ -169,13 +170,28 @@ def transport_options(kind: str, host: str = "127.0.0.1", advertise_host: str = 
     inside TLS. UCX uses only the interface of ``--host`` (of ``--advertise-host`` when ``--host`` is a wildcard), so
     the worker address peers on other hosts get names no interface they cannot reach."""
     settings = runtime.current()
+    # UCX binds the interface of ``--host`` (of ``--advertise-host`` behind a wildcard), found by its IPv4 address.
+    local, option = (host, "--host") if host not in WILDCARD_HOSTS else (advertise_host, "--advertise-host")
+    ipv4: str | None = None
     if kind == "auto":
         kind = "ucx" if ucx_available() else "tcp"
+        if kind == "ucx" and local and (ipv4 := _ipv4_of(local, option)) is None:
+            log.info(
+                "--transport auto: tcp, not ucx: UCX binds the interface of an IPv4 address only, %s %s has none",
+                option,
+                local,
+            )
+            kind = "tcp"
     if kind == "ucx":
+        ipv4 = ipv4 or (_ipv4_of(local, option) if local else None)
+        if local and ipv4 is None:
+            raise click.UsageError(
+                f"--transport ucx binds the interface of an IPv4 address only, and {option} {local} has none: "
+                f"use --transport tcp for an IPv6 {option}"
+            )
         if settings.paths is not None:
             log.warning("the ucx data plane is not encrypted (KV bytes in the clear); --transport tcp uses TLS")
-        local = host if host not in WILDCARD_HOSTS else advertise_host
-        return kind, {"host": socket.gethostbyname(local)} if local else {}
+        return kind, {"host": ipv4} if ipv4 else {}
     if kind != "tcp":
         return kind, {}
     options: dict[str, Any] = {"host": host, "advertise_host": advertise_host or None}
@@ -186,6 +202,21 @@ def transport_options(kind: str, host: str = "127.0.0.1", advertise_host: str = 
             cluster=settings.cluster,
         )
     return kind, options
+
+
+def _ipv4_of(host: str, option: str) -> str | None:
+    """The IPv4 address of ``host`` (the UCX transport finds its network interface by IPv4 address, ``interface_of``),
+    or None for an IPv6 literal (bracketed or not) or a name with IPv6 addresses only. ``socket.gethostbyname`` on
+    ``::1`` raised a bare ``gaierror``; a name that does not resolve at all is a usage error naming ``option``."""
+    bare = host.strip("[]")
+    with contextlib.suppress(ValueError):  # not an address literal: a name, resolved below
+        if ipaddress.ip_address(bare).version == 6:
+            return None
+    try:
+        infos = socket.getaddrinfo(bare, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise click.UsageError(f"{option} {host}: cannot resolve it ({exc})") from exc
+    return next((str(info[4][0]) for info in infos if info[0] == socket.AF_INET), None)
 
 
 async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -> int:
@@ -340,7 +371,13 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 )
 @click.option("--etcd", default="", help="Comma-separated etcd endpoints; empty runs unregistered.")
 @click.option("--cluster", default="default", show_default=True, help="Cluster name (etcd key prefix).")
-@click.option("--transport", type=click.Choice(["auto", "ucx", "tcp", "inproc"]), default="auto", show_default=True)
+@click.option(
+    "--transport",
+    type=click.Choice(["auto", "ucx", "tcp", "inproc"]),
+    default="auto",
+    show_default=True,
+    help="KV data plane. auto: ucx when installed, unless the host to bind is IPv6 (UCX binds IPv4 interfaces only).",
+)
 @click.option(
     "--lease-ttl",
     type=click.IntRange(min=1),
