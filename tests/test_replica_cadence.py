@@ -11,8 +11,9 @@ import logging
 
 import pytest
 
-from pyllumnix.control_plane.scheduler.cluster import QUIET_KEEPALIVE_EVERY, quiet_stale_after
+from pyllumnix.control_plane.scheduler.cluster import quiet_stale_after
 from pyllumnix.control_plane.scheduler.replica import LATE_LOAD_MESSAGES_WARN, SchedulerReplica
+from pyllumnix.infra.load_cadence import QUIET_KEEPALIVE_EVERY
 from pyllumnix.protos.llumnix.v1 import common_pb2
 from tests.test_replica_leadership import active_load as quiet_load
 from tests.test_replica_leadership import make_replica, register

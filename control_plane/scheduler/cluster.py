@@ -57,6 +57,7 @@ from pyllumnix.control_plane.policy.freeness import migration_freeness
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import InstanceView
 from pyllumnix.control_plane.scheduler.views import from_instance_load
+from pyllumnix.infra.load_cadence import QUIET_KEEPALIVE_EVERY, load_is_quiet
 from pyllumnix.infra.vocabulary import InstanceState, Priority, normalize_priority
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
 
@@ -69,22 +70,6 @@ MAX_EARLY_LOADS = 4096
 # An instance silent for this many report intervals (and at least DISPATCH_STALE_MIN_S) gets no new request.
 DISPATCH_STALE_INTERVALS = 6
 DISPATCH_STALE_MIN_S = 0.3
-# A quiet instance (``load_is_quiet``) keeps alive every this many report intervals (1 s at 50 ms), not every 3.
-QUIET_KEEPALIVE_EVERY = 20
-
-
-def load_is_quiet(load: common_pb2.InstanceLoad) -> bool:
-    """Nothing on the instance: no request in any phase, no migration either way, no block reserved for one. Its
-    load can then change only through something sent to it (a request, a reservation) or an order (drain, cordon),
-    so the llumlet keeps alive slowly (``QUIET_KEEPALIVE_EVERY``) and the leader waits for it accordingly."""
-    return not (
-        load.requests
-        or load.num_running
-        or load.num_waiting
-        or load.migrating_in
-        or load.migrating_out
-        or load.reserved_blocks
-    )
 
 
 def quiet_stale_after(report_interval_s: float) -> float:

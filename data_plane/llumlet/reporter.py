@@ -53,11 +53,11 @@ from dataclasses import dataclass
 
 import grpc
 
-from pyllumnix.control_plane.scheduler.cluster import QUIET_KEEPALIVE_EVERY, load_is_quiet
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet, LoadVersion
 from pyllumnix.infra.etcd.client import EtcdClient, raise_if_cancelling
 from pyllumnix.infra.etcd.election import Election
 from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.load_cadence import QUIET_KEEPALIVE_EVERY, load_is_quiet
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
