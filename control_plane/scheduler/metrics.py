@@ -55,11 +55,12 @@ class SchedulerMetrics(Collector):
                 dispatch.add_metric([*rid, p, outcome], n)
         pairing = CounterMetricFamily(
             "llumnix_pairing_decisions",
-            "Migration pairs chosen by the pairing policy (ordered; source_busy: its previous order still runs)",
+            "Migration pairs chosen by the pairing policy (ordered; source_busy: its previous order still runs; "
+            "nothing_fits: the same order found nothing to move and neither instance's load changed since)",
             labels=["replica", "policy", "outcome"],
         )
         pairing_policy = r.core.config.pairing_policy
-        for outcome in ("ordered", "source_busy"):
+        for outcome in ("ordered", "source_busy", "nothing_fits"):
             pairing.add_metric([*rid, pairing_policy, outcome], r.pairing_decisions.get((pairing_policy, outcome), 0))
         for (p, outcome), n in sorted(r.pairing_decisions.items()):
             if p != pairing_policy:

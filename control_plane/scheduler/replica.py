@@ -233,6 +233,10 @@ class SchedulerReplica:
         self._stop_tasks: dict[str, asyncio.Task[None]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._order_in_flight: dict[str, float] = {}
+        # (source, destination) -> (the order, the source's and the destination's load seq when it was sent): an order
+        # the source answered with nothing started (nothing on it fits the room; the pairing cannot see that), not
+        # sent again until one of the two reports a new load or the pairing makes a different order.
+        self._futile_orders: dict[tuple[str, str], tuple[MigrateOrder, int, int]] = {}
         # The manual scale target, as stored in etcd (watched by every replica, so a new leader has it).
         self.scale_target: int | None = None
         self.vanished: dict[str, Vanished] = {}
@@ -428,6 +432,7 @@ class SchedulerReplica:
         self._term_tasks.clear()
         self._stop_tasks.clear()
         self._order_in_flight.clear()
+        self._futile_orders.clear()
 
     async def resign_leader(self) -> tuple[int, float]:
         """Steps down now (the election key is deleted, a standby takes over at once) and stays out of the election
@@ -600,7 +605,12 @@ class SchedulerReplica:
         waits for the cluster to change first (``ClusterState.changed``: a fold, a dispatch, an override, a config, an
         order's end): pairing is a pure function of the snapshot and the config, so an unchanged cluster pairs nothing
         again, and an idle leader woke 10 times a second for nothing (~0.15 ms of CPU a wake-up here). Marking a
-        silent instance unhealthy (done inside ``snapshot()``) only removes candidates, so it needs no wake-up."""
+        silent instance unhealthy (done inside ``snapshot()``) only removes candidates, so it needs no wake-up.
+
+        So does a round whose every order is one its source answered with nothing started, while neither instance's
+        load changed since (``_futile_orders``): the source would answer the same (the pure pairing cannot tell that
+        none of the source's requests fits the room), and re-sending it cost a MigrateOut, a selection under the
+        source's engine lock and a round every period for as long as the pair lasted."""
         while True:
             config = self.core.config
             await asyncio.sleep(config.pairing_interval_ms / 1000)
@@ -610,18 +620,48 @@ class SchedulerReplica:
             changed.clear()  # whatever changes after this snapshot wakes the wait below
             orders = self.core.pair(snapshot)
             self.pairing_rounds += 1
+            futile = 0
             for order in orders:
+                seqs = self._load_seqs(order)
+                if self._known_futile(order, seqs):
+                    self.pairing_decisions[config.pairing_policy, "nothing_fits"] += 1
+                    futile += 1
+                    continue
                 if now - self._order_in_flight.get(order.source, -1e9) < MIGRATE_WAIT_TIMEOUT_S:
                     self.pairing_decisions[config.pairing_policy, "source_busy"] += 1
                     continue
                 self.pairing_decisions[config.pairing_policy, "ordered"] += 1
                 self._order_in_flight[order.source] = now
-                self._spawn(self._order_migration(order), f"migrate-out-{order.source}")
+                self._spawn(self._order_migration(order, seqs), f"migrate-out-{order.source}")
             self._stop_drained()
-            if not orders:
+            if futile == len(orders):  # no pair, or only orders that would be answered with nothing again
                 await changed.wait()
 
-    async def _order_migration(self, order: MigrateOrder) -> None:
+    def _load_seqs(self, order: MigrateOrder) -> tuple[int, int]:
+        """The seq of the latest load taken from the order's source and destination (-1: none): a new seq is a changed
+        load (keep-alives confirm the seq they name)."""
+        loads = self.cluster.loads
+        src, dst = loads.get(order.source), loads.get(order.destination)
+        return (-1 if src is None else src.seq), (-1 if dst is None else dst.seq)
+
+    def _known_futile(self, order: MigrateOrder, seqs: tuple[int, int]) -> bool:
+        """True if ``order`` was answered with nothing started and neither instance's load changed since; forgets a
+        remembered answer that no longer holds (a new load, another order for the pair, an instance gone)."""
+        futile = self._futile_orders
+        if not futile:
+            return False
+        for key in [k for k in futile if k[0] not in self.cluster.infos or k[1] not in self.cluster.infos]:
+            del futile[key]
+        key = (order.source, order.destination)
+        known = futile.get(key)
+        if known is None:
+            return False
+        if known == (order, *seqs):
+            return True
+        del futile[key]
+        return False
+
+    async def _order_migration(self, order: MigrateOrder, seqs: tuple[int, int] = (-1, -1)) -> None:
         try:
             dst = self.cluster.infos.get(order.destination)
             if dst is None:
@@ -638,6 +678,9 @@ class SchedulerReplica:
             metadata = self._order_metadata()  # raises once this replica no longer leads: no order is sent then
             self.migrations_ordered += 1
             reply = await stub.MigrateOut(request, timeout=MIGRATE_WAIT_TIMEOUT_S, metadata=metadata)
+            if not reply.results and not reply.migration_ids:
+                # Nothing on the source fits (or nothing movable is left): the same order would be answered alike.
+                self._futile_orders[order.source, order.destination] = (order, *seqs)
             for result in reply.results:
                 self._record_migration(result)
         except (grpc.aio.AioRpcError, SchedulingError, NotLeaderError) as exc:
