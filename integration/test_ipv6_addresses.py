@@ -9,7 +9,6 @@ metrics address was no URL.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import aiohttp
@@ -24,19 +23,7 @@ from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.registry import InstanceRegistry
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
-
-
-def ipv6_loopback() -> bool:
-    """Whether this host can bind ::1 (containers without IPv6 cannot: the test skips)."""
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
+from tests.test_infra_grpc_server import ipv6_loopback
 
 pytestmark = [
     pytest.mark.integration,

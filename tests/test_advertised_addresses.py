@@ -24,19 +24,7 @@ from pyllumnix.infra.grpc_server import WILDCARD_HOSTS, advertised_address, adve
 from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security.bootstrap import bootstrap_local
 from pyllumnix.infra.security.runtime import from_options
-
-
-def ipv6_loopback() -> bool:
-    """Whether this host can bind ::1 (containers without IPv6 cannot: those tests skip)."""
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
+from tests.test_infra_grpc_server import ipv6_loopback
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
 

@@ -18,6 +18,10 @@ from pyllumnix.infra.grpc_server import RunningServer, host_port, start_server
 
 
 def ipv6_loopback() -> bool:
+    """Whether this host can bind ::1 (containers without IPv6 cannot: the IPv6 cases skip). Shared by the IPv6
+    tests (``tests/test_advertised_addresses.py``, ``integration/test_ipv6_addresses.py``)."""
+    if not socket.has_ipv6:
+        return False
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
             s.bind(("::1", 0))
