@@ -158,7 +158,8 @@ class Profile:
 #     0.096 s per token, above the artifact's range). Fig. 11 on this profile (REPORT, 5 seeds x 10,000): INFaaS++
 #     P99 M-M 7.7 14.2 s, S-S 35 25.5 s [0.8-94]; decode mean inside 0.047-0.075 on S-S, M-M, S-L, L-S, but L-L's is
 #     0.044-0.047, just below: its 5-7-sequence batches see the faster base and little of a (a cost flat up to 8
-#     sequences, as the artifact's simulator pads the batch to a multiple of 8, would lift it; not done). A step of 1-16 sequences of ~768 tokens (the L-L mean) is 31-63 ms decode-only; the measured
+#     sequences, as the artifact's simulator pads the batch to a multiple of 8, would lift it; not done).
+#     A step of 1-16 sequences of ~768 tokens (the L-L mean) is 31-63 ms decode-only; the measured
 #     per-token figure also carries the prefill-only steps that stall it. 30.5 ms (one sequence) still keeps a step
 #     above the paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
 #   KV bytes/token = 2 (K,V) x 32 layers x 4096 hidden x 2 bytes = 512 KiB; a block of 16 tokens = 8 MiB.
