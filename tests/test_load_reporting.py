@@ -25,12 +25,10 @@ import pytest
 
 from pyllumnix.control_plane.scheduler import cluster as cluster_module
 from pyllumnix.control_plane.scheduler.cluster import (
-    QUIET_KEEPALIVE_EVERY,
     STALE_SCAN_INTERVAL_S,
     ClusterState,
     StaleKeepAliveError,
     dispatch_stale_after,
-    load_is_quiet,
     quiet_stale_after,
 )
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica
@@ -51,6 +49,7 @@ from pyllumnix.data_plane.llumlet.reporter import (
     report_action,
 )
 from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.load_cadence import QUIET_KEEPALIVE_EVERY, load_is_quiet
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 DEADLINE_S = 10.0
