@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,6 +172,8 @@ def two_hosts(workdir: Path | None = None) -> Iterator[TwoHosts]:
     tag = f"{os.getpid() % 10000:04d}{random.randrange(100):02d}"
     n = random.randrange(1, 255)
     prefix = f"10.77.{n}"
+    # A folder made here is removed on exit (every CI run left one in /tmp); a caller's folder is the caller's.
+    owned = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="llx-multihost-"))
     hosts = TwoHosts(
         Host(f"llx{tag}a", f"{prefix}.1", f"lx{tag}a"), Host(f"llx{tag}b", f"{prefix}.2", f"lx{tag}b"), work
@@ -215,3 +218,5 @@ def two_hosts(workdir: Path | None = None) -> Iterator[TwoHosts]:
         for name in made:
             with contextlib.suppress(Exception):
                 _ip("netns", "del", name)
+        if owned:
+            shutil.rmtree(work, ignore_errors=True)

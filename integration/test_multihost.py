@@ -12,6 +12,7 @@ import json
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,7 +92,7 @@ def test_unreachable_ray_address_is_a_clear_error() -> None:
         asyncio.run(RayInstanceProvider("nonsense", []).connect())
 
 
-def test_a_failed_setup_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_setup_leaves_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Ray failing to start after the namespaces, the veth pair and etcd exist: the fixture still removes them all."""
     if _NO_NETNS is not None:
         pytest.skip(f"cannot emulate hosts here: {_NO_NETNS}")
@@ -102,8 +103,10 @@ def test_a_failed_setup_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("ray start failed (injected)")
 
     monkeypatch.setattr(multihost, "_ray_start", fail)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where two_hosts() makes its work folder
     with pytest.raises(RuntimeError, match="injected"), multihost.two_hosts():
         pass
+    assert not list(tmp_path.glob("llx-multihost-*"))  # the folder it made is gone too (CI runs left one each)
     (a,) = seen
     assert a.procs and all(p.poll() is not None for p in a.procs)  # etcd was started, and is gone
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from click.testing import CliRunner
 from pyllumnix.tools.cli import cli
 
 
-def test_bench_migration_reports_each_length(tmp_path: Path) -> None:
+def test_bench_migration_reports_each_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the bench makes its llumlets' log folder
     out = tmp_path / "migration.json"
     args = ["bench", "migration", "--lengths", "64,256", "--repeats", "1", "--transport", "tcp", "--json", str(out)]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
@@ -32,3 +36,5 @@ def test_bench_migration_reports_each_length(tmp_path: Path) -> None:
     for plain, secure in zip(report["plaintext"]["rows"], report["rows"], strict=True):
         assert ratios[str(plain["seq_len"])] == pytest.approx(secure["downtime_ms"] / plain["downtime_ms"], abs=1e-3)
     assert "mTLS/plaintext downtime 64:" in summary
+    # a good run removes the llumlets' logs (every CI run used to leave two folders in /tmp)
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("bench-migration-")]

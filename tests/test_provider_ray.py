@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,13 +24,16 @@ def test_bad_options_are_refused() -> None:
         RayInstanceProvider("127.0.0.1:6379", [], cpus=0, gpus=0)
 
 
-def test_ray_provider_needs_an_address() -> None:
-    """Both the scheduler and serve refuse ``--provider ray`` without ``--ray-address`` before starting anything."""
+def test_ray_provider_needs_an_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both the scheduler and serve refuse ``--provider ray`` without ``--ray-address`` before starting anything
+    (serve not even its log folder: every CI run left an empty one in /tmp)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     runner = CliRunner()
     result = runner.invoke(scheduler_command, ["--etcd", "127.0.0.1:1", "--insecure", "--provider", "ray"])
     assert result.exit_code == 2 and "--provider ray needs --ray-address" in result.output
     result = runner.invoke(serve_command, ["--insecure", "--provider", "ray", "--llumlets", "0"])
     assert result.exit_code == 2 and "--provider ray needs --ray-address" in result.output
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------------- start watch

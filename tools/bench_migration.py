@@ -29,9 +29,12 @@ downtime).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +310,19 @@ def _combined(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return report
 
 
+@contextlib.contextmanager
+def _log_dir(prefix: str) -> Iterator[Path]:
+    """The llumlets' logs: removed after a good run (every CI run left two folders behind), kept and named on
+    stderr after a failed one, where they are the evidence."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    except BaseException:
+        click.echo(f"bench migration failed; the llumlets' logs are in {path}", err=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+
+
 async def run_bench(
     profile_name: str,
     transport: str,
@@ -317,11 +333,13 @@ async def run_bench(
     steps: Steps | None = None,
 ) -> dict[str, Any]:
     """``steps``: a progress task advanced once per migration pair (phase x length x repeat)."""
-    log_dir = Path(tempfile.mkdtemp(prefix="bench-migration-"))
-    phases = {
-        mode: await _sim_phase(Phase(mode, log_dir), profile_name, transport, lengths, bytes_per_token, repeats, steps)
-        for mode in SECURITY_MODES[security]
-    }
+    with _log_dir("bench-migration-") as log_dir:
+        phases = {
+            mode: await _sim_phase(
+                Phase(mode, log_dir), profile_name, transport, lengths, bytes_per_token, repeats, steps
+            )
+            for mode in SECURITY_MODES[security]
+        }
     report = _combined(phases)
     report["targets"] = TARGETS
     return report
@@ -366,13 +384,13 @@ async def run_vllm_bench(
             f"lengths {too_long} leave under {VLLM_MIN_OUTPUT} tokens to decode within --max-model-len {max_model_len}",
             param_hint="--lengths",
         )
-    log_dir = Path(tempfile.mkdtemp(prefix="bench-migration-vllm-"))
-    phases = {
-        mode: await _vllm_phase(
-            Phase(mode, log_dir), model, transport, lengths, repeats, max_model_len, kv_cache_bytes, steps
-        )
-        for mode in SECURITY_MODES[security]
-    }
+    with _log_dir("bench-migration-vllm-") as log_dir:
+        phases = {
+            mode: await _vllm_phase(
+                Phase(mode, log_dir), model, transport, lengths, repeats, max_model_len, kv_cache_bytes, steps
+            )
+            for mode in SECURITY_MODES[security]
+        }
     return _combined(phases)
 
 

@@ -755,11 +755,11 @@ def serve_command(ctx: click.Context, /, config_path: Path | None, **_: Any) -> 
     restarted with backoff; Ctrl-C/SIGTERM stops everything in reverse order)."""
     opts = resolve(ctx, load_config(config_path))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s serve: %(message)s")
-    log_dir = Path(opts["log_dir"]) if opts["log_dir"] else Path(tempfile.mkdtemp(prefix="llumnix-serve-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
-    engine_settings(opts)  # bad engine options fail here, before anything starts
+    engine_settings(opts)  # bad engine options fail here, before anything starts (or any folder is made)
     if opts["provider"] == "ray" and not opts["ray_address"]:
         raise click.UsageError("--provider ray needs --ray-address HOST:PORT (the Ray head)")
+    log_dir = Path(opts["log_dir"]) if opts["log_dir"] else Path(tempfile.mkdtemp(prefix="llumnix-serve-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(opts, log_dir)
     supervisor.install_signals()
     code = 0
