@@ -55,7 +55,7 @@ integration: link
 
 # Everything, the real-vLLM tests included (vLLM is installed first; its tests skip only where it cannot import).
 test: vllm link protos-check lint typecheck
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q tests integration
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q --durations=30 tests integration
 
 clean:
 	rm -rf build *.egg-info .mypy_cache .ruff_cache .pytest_cache
