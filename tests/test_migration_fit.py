@@ -255,6 +255,31 @@ async def test_migrate_out_with_nothing_fitting_starts_nothing(sink: RecordingSi
         await b.close()
 
 
+async def test_an_order_without_wait_names_only_a_migration_that_starts(sink: RecordingSink) -> None:
+    """``wait=False`` answers when a migration starts: with nothing fitting the room the answer names none and the
+    slot is free at once; with room it names the migration, which then commits. Old: the first answer named a
+    migration id although nothing was ever migrated."""
+    a, b = await make_node("a"), await make_node("b")
+    try:
+        await a.stub.AddRequest(request("r", sink, 100, 200))
+        await wait_tokens(sink, "r", 1)
+        order = _order(a, b, 7)
+        order.wait = False
+        reply = await a.stub.MigrateOut(order)
+        assert list(reply.migration_ids) == [] and list(reply.results) == [] and not a.coordinator.busy
+        order.max_blocks = 8
+        (mid,) = (await a.stub.MigrateOut(order)).migration_ids
+        await sink.wait("r")
+        assert_stream_exact(sink, "r")
+        assert sink.tokens("r") == unmigrated_tokens(100, 200)
+        assert {o.instance_id for o in sink.outputs["r"]} == {"a", "b"} and mid.startswith("a-")
+        await settle(a, b)
+        assert (a.free, b.free) == (a.engine.total_blocks, b.engine.total_blocks)
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_migrate_out_picks_the_request_that_fits(sink: RecordingSink) -> None:
     """LR picks the 19-block request without a limit; with a room of 10 it takes the 4-block one. Old: the 19-block
     one whatever the room."""

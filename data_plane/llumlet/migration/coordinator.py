@@ -298,6 +298,17 @@ class MigrationCoordinator:
         count = max(1, request.max_requests)
         migration_ids = [f"{me}-{uuid.uuid4().hex[:12]}" for _ in range(count)]
         self._out_slots.take(migration_ids[0])  # now: a second order must find the slot taken
+        # The first pick happens before the answer, so an order that moves nothing (nothing fits the destination, or
+        # nothing movable is left) answers so even without ``wait``, instead of naming a migration that never runs.
+        first: tuple[str, int] | None = (request.request_id, 0) if request.request_id else None
+        if first is None:
+            try:
+                first = await self._select(request.selection, request.max_blocks)
+            finally:
+                if first is None:
+                    self._out_slots.give(migration_ids[0])
+            if first is None:
+                return llumlet_pb2.MigrateOutResponse()
         self.llumlet.set_migrating(outgoing=True)
 
         async def run_all() -> list[llumlet_pb2.MigrationResult]:
@@ -308,12 +319,14 @@ class MigrationCoordinator:
                 for i, mid in enumerate(migration_ids):
                     if i and not self._out_slots.take(mid):
                         break  # another order took the slot between two migrations of this one
-                    if request.request_id:
+                    if i == 0 and first is not None:
+                        rid, needed = first
+                    elif request.request_id:
                         rid, needed = request.request_id, 0
                     else:
                         picked = await self._select(request.selection, room)
                         if picked is None:
-                            break  # nothing fits the destination: no migration, an empty result
+                            break  # nothing fits the destination: no more migrations
                         rid, needed = picked
                     result = await self._migrate_one(
                         limits, mid, rid, request.destination_instance_id, request.destination_grpc_address
