@@ -48,7 +48,7 @@ import click
 import yaml
 
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, Member
-from pyllumnix.infra.grpc_server import advertised_host, host_port
+from pyllumnix.infra.grpc_server import advertised_host
 from pyllumnix.infra.processes import describe_exit
 from pyllumnix.tools.launch import Component, Launcher, LaunchError, libc, signal_group, spawn
 
@@ -520,7 +520,8 @@ class Supervisor:
 
         frontend = self.add(Child("frontend", "frontend", launch_frontend))
         assert frontend.comp is not None
-        self.info["http"] = f"http://{host_port(host, int(frontend.comp.ready['http_port']))}"
+        # The frontend's own URL: loopback for a wildcard bind (``http://0.0.0.0:...`` names no host to dial).
+        self.info["http"] = str(frontend.comp.ready["http_url"])
         self.info["grpc"] = frontend.comp.ready["grpc_address"]
         if not self.stopping():
             self.provision_admin()
