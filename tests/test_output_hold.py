@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from pyllumnix.data_plane.llumlet import output_push
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2
@@ -197,4 +198,38 @@ async def test_a_llumlet_sends_stream_interval_steps_per_message_by_default() ->
         assert len(data) <= 15, f"{len(data)} messages for 41 steps: not stream_interval steps per message"
     finally:
         await llumlet.stop()
+        await sink.stop()
+
+
+async def test_a_flowing_stream_sets_no_timer_that_rings_between_its_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While outputs flow, the empty ask waits for a quiet gap: no timer of the sender rings between batches. Old
+    behaviour: a timer at each answer's ``ack_interval_s`` rang mid-flow (~8 times in 2.4 s at 0.25 s) only to
+    re-arm for the quiet gap, an event-loop wake-up each."""
+    rings = 0
+    ring = output_push._ring
+
+    def counted(sink: Any) -> None:
+        nonlocal rings
+        rings += 1
+        ring(sink)
+
+    monkeypatch.setattr(output_push, "_ring", counted)
+    sink = MessageSink()
+    address = await sink.start()
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=0.25))
+    try:
+        for i in range(80):
+            pusher.submit(address, [output("r", i)])
+            await asyncio.sleep(0.03)
+        flowing = rings
+        await pusher.flush(address, timeout=5)
+        assert sink.raw_indices("r") == list(range(80))
+        assert pusher.pushed == 80, "every batch was acknowledged (the asks rode on the outputs)"
+        assert flowing <= 1, f"the sender's timer rang {flowing} times while outputs flowed"
+        # A quiet stream still asks: an output, then nothing; its timer rings and the batch is answered.
+        pusher.submit(address, [output("r", 80)])
+        await until(lambda: pusher.pushed == 81, 5, "the quiet stream's answer")
+        assert rings > flowing
+    finally:
+        await pusher.close()
         await sink.stop()

@@ -45,6 +45,7 @@ def wakeups(pid: int) -> dict[str, int]:
 @click.option("--spy-seconds", default=40, show_default=True)
 @click.option("--rate", default=200, show_default=True)
 @click.option("--idle", is_flag=True, help="Also record off-CPU samples.")
+@click.option("--strace", "strace_s", default=0, help="Also strace the traced processes' main threads this long.")
 @click.option("--spy/--no-spy", default=True, help="Without py-spy: only /proc's per-thread CPU and wake-ups.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None)
@@ -56,6 +57,7 @@ def main(
     rate: int,
     idle: bool,
     spy: bool,
+    strace_s: int,
     out_dir: Path,
     json_path: Path | None,
 ) -> None:
@@ -93,6 +95,23 @@ def main(
                 if idle:
                     cmd.append("--idle")
                 spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            if strace_s:
+                for p in targets:
+                    cmd = [
+                        "timeout",
+                        "-s",
+                        "INT",
+                        str(strace_s),
+                        "strace",
+                        "-tt",
+                        "-p",
+                        str(p.pid),
+                        "-e",
+                        "trace=epoll_wait,epoll_pwait,read,write,sendmsg,recvmsg,eventfd2,futex",
+                        "-o",
+                        str(out_dir / f"strace-{p.kind}-{p.pid}.txt"),
+                    ]
+                    spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
             time.sleep(spy_seconds)
             for p in targets:
                 now = thread_cpu_seconds(p.pid)
