@@ -37,7 +37,10 @@ only every ``QUIET_KEEPALIVE_EVERY`` (20) intervals, 1 s at 50 ms (``control_pla
 leader's side and the bound it keeps): an idle llumlet spent about half its CPU on 6.7 keep-alives a second. The
 period follows the last full load this stream sent, which is what the leader holds, so both ends agree on it. While
 quiet the stream does not tick at all: it sleeps on the llumlet's ``load_changed`` signal until a keep-alive is due, so
-work sent to a quiet instance (a request, a reservation) changes its load and goes out at once.
+work sent to a quiet instance (a request, a reservation) changes its load and goes out at once. A busy stream ticks
+at the llumlet's own changes too: at the first one once an interval has passed since its last tick (every engine
+step ends with one), so a stepping instance reads its load in the event loop's wake-up for the step, not in 20 of
+its own a second; a timer ticks when no change comes (``BUSY_TICK_GRACE``, ``BUSY_MESSAGE_GRACE``).
 """
 
 from __future__ import annotations
