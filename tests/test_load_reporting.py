@@ -977,7 +977,7 @@ async def _collect(stream: AsyncIterator[scheduler_pb2.ReportLoadRequest], out: 
 async def test_a_stepping_instance_reads_its_load_at_its_step_ends_not_on_a_timer_of_its_own() -> None:
     """Each engine step ends with ``load_changed`` set (the engine lock's release). A busy stream ticks at the first
     such signal once an interval passed, in the wake-up the step already paid for: before, a 20 Hz timer of its own
-    read the load between steps (an event-loop wake-up each, ~0.15 ms of CPU), at ~12 % of reads within 5 ms after a
+    read the load between steps (an event-loop wake-up each, ~0.15 ms of CPU), ~10-25 % of reads within 10 ms after a
     step's end with 43 ms steps. The messages keep their cadence: one per keep-alive period, none later than
     ``BUSY_MESSAGE_GRACE`` past it."""
     llumlet = SignallingLlumlet()
@@ -997,10 +997,10 @@ async def test_a_stepping_instance_reads_its_load_at_its_step_ends_not_on_a_time
         with contextlib.suppress(asyncio.CancelledError):
             await consumer
     reads = llumlet.reads[1:]  # the first one starts the stream
-    aligned = sum(1 for r in reads if any(0 <= r - s < 0.005 for s in steps))
+    aligned = sum(1 for r in reads if any(0 <= r - s < 0.010 for s in steps))
     assert len(reads) >= 10 and aligned >= 0.8 * len(reads), f"{aligned} of {len(reads)} reads at a step's end"
     gaps = [b - a for a, b in itertools.pairwise(sent)]
-    assert gaps and max(gaps) < (LOAD_KEEPALIVE_EVERY + 0.5) * interval + 0.1, gaps
+    assert gaps and max(gaps) < (LOAD_KEEPALIVE_EVERY + BUSY_MESSAGE_GRACE) * interval + 0.15, gaps
     assert min(gaps) >= LOAD_KEEPALIVE_EVERY * interval - 0.005, gaps
 
 
@@ -1018,4 +1018,4 @@ async def test_a_busy_instance_that_does_not_step_ticks_on_a_slower_timer_and_ke
         await consumer
     assert len(llumlet.reads) <= 1 + 1.2 / ((1 + BUSY_TICK_GRACE) * interval) + 2, llumlet.reads
     gaps = [b - a for a, b in itertools.pairwise(sent)]
-    assert len(gaps) >= 4 and max(gaps) < (LOAD_KEEPALIVE_EVERY + BUSY_MESSAGE_GRACE) * interval + 0.1, gaps
+    assert len(gaps) >= 4 and max(gaps) < (LOAD_KEEPALIVE_EVERY + BUSY_MESSAGE_GRACE) * interval + 0.15, gaps
