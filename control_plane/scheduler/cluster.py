@@ -17,8 +17,9 @@ a stall of the scheduler itself (every report late at once) from emptying the cl
 Reports cost the leader O(changed) (``data_plane/llumlet/reporter.py``): a llumlet sends its full load only when it
 changed and otherwise a keep-alive every ``LOAD_KEEPALIVE_EVERY`` (3) report intervals, which ``keepalive`` takes with
 a dict write (no view, no snapshot update) when it names the snapshot held here. ``dispatch_stale_after`` is
-``dispatch_stale_after(interval)`` = max(0.3 s, 6 intervals): at least twice the keep-alive period, so a quiet but
-healthy instance stays dispatchable and one silent for two keep-alive periods does not.
+``dispatch_stale_after(interval)`` = max(0.3 s, 6 intervals): a busy llumlet ticks at its engine's step ends, so its
+messages come at most 3.5 intervals apart (``data_plane/llumlet/reporter.py``); 6 leave 2.5 intervals of slack, so a
+healthy instance stays dispatchable and one that misses its keep-alive by more than that does not.
 
 A quiet instance (``load_is_quiet``: no request, no migration, nothing reserved; what an idle cluster is made of)
 keeps alive only every ``QUIET_KEEPALIVE_EVERY`` (20) intervals, 1 s at the default 50 ms: at 3 intervals an idle
@@ -80,7 +81,8 @@ def quiet_stale_after(report_interval_s: float) -> float:
 
 def dispatch_stale_after(report_interval_s: float) -> float:
     """Silence after which an instance gets no new request: max(0.3 s, 6 report intervals). Llumlets send a
-    keep-alive every 3 intervals when their load does not change, so this is at least two keep-alive periods."""
+    keep-alive every 3 intervals (3.5 at most while they step) when their load does not change, so this leaves 2.5
+    intervals of slack."""
     return max(DISPATCH_STALE_MIN_S, DISPATCH_STALE_INTERVALS * report_interval_s)
 
 
