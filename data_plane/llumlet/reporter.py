@@ -17,10 +17,11 @@ seq, the timestamp and the requests' output-token counters, which move every ste
 change only once per block). An unchanged instance sends a ``LoadKeepAlive`` (its id and the seq of that snapshot)
 every ``LOAD_KEEPALIVE_EVERY`` intervals instead, which the leader takes as "alive, load as last reported" without
 rebuilding anything. The leader stops dispatching to an instance silent for ``dispatch_stale_after`` =
-max(0.3 s, 6 intervals) (``control_plane/scheduler/cluster.py``); a keep-alive every 3 intervals leaves two more
-before that, so a quiet but healthy instance never looks stale. Each new stream (a new leader, a reconnect) starts
-with a full snapshot, so no leader is ever asked to confirm a snapshot it never saw; if it still holds another (a
-snapshot throttled or lost, the instance re-registered meanwhile), it ends the stream and the next one starts full.
+max(0.3 s, 6 intervals) (``control_plane/scheduler/cluster.py``); a keep-alive every 3 intervals (3.5 at most while
+busy, see below) leaves 2.5 more before that, so a healthy instance never looks stale. Each new stream (a new
+leader, a reconnect) starts with a full snapshot, so no leader is ever asked to confirm a snapshot it never saw; if it
+still holds another (a snapshot throttled or lost, the instance re-registered meanwhile), it ends the stream and the
+next one starts full.
 
 A decoding instance's load changes at most ticks only because its running requests' KV blocks grow (a request takes
 a block every ``block_size`` tokens, so with ~30 requests one crosses a boundary nearly every step): before, that sent
