@@ -13,6 +13,7 @@ step, never for its forward pass. Everything else must not run during a step (th
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import time
@@ -62,6 +63,18 @@ class _Tracked:
     spec: RequestSpec
     num_output: int = 0
     first_token_time: float = 0.0
+
+
+@functools.cache
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for sampling values it refuses: ValueError, and (vLLM >= 0.3x) its own client errors, e.g.
+    ``VLLMValidationError`` ("temperature must be in [0, 2]"), which do not derive from ValueError. Both are the
+    caller's bad input (INVALID_ARGUMENT), not an engine failure. Imported lazily: vLLM loads only with this engine."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # an older vLLM: its SamplingParams raises ValueError only
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
 
 
 def _sampling_args(s: Sampling) -> SamplingArgs:
@@ -149,7 +162,7 @@ class VllmEngine(Engine):
             raise InvalidRequestError(f"{spec.request_id}: token ids outside the vocabulary: {bad[:5]}")
         try:
             self.core.make_sampling_params(_sampling_args(spec.sampling))
-        except ValueError as exc:
+        except _input_errors() as exc:
             raise InvalidRequestError(f"{spec.request_id}: {exc}") from exc
 
     # --- serving ---
