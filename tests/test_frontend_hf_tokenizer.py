@@ -136,3 +136,29 @@ def test_frontend_option(model_dir: Path) -> None:
     assert isinstance(make_tokenizer(FrontendOptions(tokenizer="hf", model=str(model_dir))), HfTokenizer)
     explicit = FrontendOptions(tokenizer="hf", model="served-name", tokenizer_path=str(model_dir))
     assert isinstance(make_tokenizer(explicit), HfTokenizer)
+
+
+def test_chat_template_that_rejects_the_messages_is_a_400(model_dir: Path, tmp_path: Path) -> None:
+    """Llama-2/Mistral-style templates ``raise_exception`` for roles that do not alternate: the client's bad input
+    (InvalidRequestError -> HTTP 400 naming the reason), not jinja2's TemplateError escaping as a 500 (the old code)."""
+    from pyllumnix.control_plane.frontend.errors import InvalidRequestError
+    from pyllumnix.control_plane.frontend.openai_schema import parse_request
+
+    strict = tmp_path / "strict"
+    shutil.copytree(model_dir, strict)
+    config_path = strict / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    )
+    config_path.write_text(json.dumps(config))
+    templated = HfTokenizer(strict)
+    assert templated.render_chat([{"role": "user", "content": "hi"}]) == "[user] hi\n"
+    twice = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    with pytest.raises(InvalidRequestError, match="roles must alternate") as caught:
+        templated.render_chat(twice)
+    assert caught.value.param == "messages" and caught.value.http_status == 400
+    with pytest.raises(InvalidRequestError, match="chat template rejected"):
+        parse_request({"messages": twice}, chat=True, tokenizer=templated, max_model_len=512)

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from pyllumnix.control_plane.frontend.errors import InvalidRequestError
+
 SIM_VOCAB_SIZE = 32_000
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "so", "vi", "de", "po", "la", "zu", "be", "ni", "go", "fa")
 _PIECES = re.compile(r"\S+|\s+")
@@ -186,8 +188,18 @@ class HfTokenizer:
         has none (the frontend then uses its simple template). Content given as text parts is joined first."""
         if not self.has_chat_template:
             return None
+        from jinja2 import TemplateError  # transformers' dependency, as this tokenizer is
+
         plain = [{**m, "content": _text_content(m.get("content"))} for m in messages]
-        text: str = self._tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        try:
+            text: str = self._tok.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
+        except (TemplateError, TypeError, ValueError) as exc:
+            # Many models' templates refuse conversations they were not trained on (``raise_exception`` for roles
+            # that do not alternate, a system message, ...), or fail on a field of an unexpected type: the client's
+            # input, so a 400 naming the reason, not a server error.
+            raise InvalidRequestError(
+                f"the model's chat template rejected the messages: {exc}", param="messages"
+            ) from exc
         return text
 
     def detokenizer(self, prompt_token_ids: Sequence[int]) -> IncrementalDetokenizer:
