@@ -108,6 +108,19 @@ class TlsConfig:
         return []
 
 
+def _plaintext_hint(details: str) -> str:
+    """Why a plaintext channel may have failed ('; ' first; else ''): a TLS server closes the connection on a
+    plaintext client's first bytes, which the client reports only as "Socket closed" (or a reset), naming no TLS."""
+    text = details.lower()
+    if not any(sign in text for sign in ("socket closed", "connection reset", "handshake")):
+        return ""
+    return (
+        "; the server closed the connection: it may require TLS, and this client connects in plaintext "
+        "(give it the cluster's CA and a client certificate: llmctl --ca/--cert/--key, or no --endpoint to use the "
+        "client context `llumnix serve` wrote)"
+    )
+
+
 def normalize_endpoints(endpoints: str | Iterable[str]) -> list[str]:
     """``"a:1,b:2"`` or ``["grpc://a:1", "b:2"]`` -> ``["a:1", "b:2"]`` (order kept, duplicates dropped)."""
     items = [endpoints] if isinstance(endpoints, str) else list(endpoints)
@@ -314,7 +327,7 @@ class EndpointPool:
         expired or from another CA, the server's not from the trusted CA. A refused client certificate otherwise
         reads only "Socket closed"."""
         if self.tls is None:
-            return ""
+            return _plaintext_hint(details)
         from pyllumnix.infra.security.tls import describe_tls_failure
 
         hint = describe_tls_failure(details, self.tls.certificate_chain, self.tls.root_certificates)

@@ -8,6 +8,7 @@ import re
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -15,12 +16,14 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from pyllumnix.clients.client import AsyncLlumnixClient
+from pyllumnix.clients.errors import UnavailableError
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.grpc_server import RunningServer
 from pyllumnix.infra.security.apikeys import ApiKeyInterceptor, ApiKeyStore
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import bootstrap_local, provision_admin
-from pyllumnix.infra.security.context import load_context
+from pyllumnix.infra.security.context import ClientContext, load_context
 from pyllumnix.infra.security.tls import grpc_server_credentials
 from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, common_pb2, config_pb2, llumlet_pb2
 from pyllumnix.tools.llmctl import EXIT_ERROR, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE, cli
@@ -497,13 +500,21 @@ async def test_context_file_gives_the_endpoint_when_none_is_given(
     assert res.exit_code == EXIT_USAGE and "missing.yaml does not exist" in res.output
 
 
-async def test_secure_context_gives_mtls_and_the_api_key(tmp_path: Path) -> None:
-    """The context `llumnix serve` writes (CA, admin certificate, API key) reaches a role- and key-checked replica with
-    no flags; the same context without its key is refused by the server, and llmctl says so (exit 1)."""
+@dataclass
+class SecureReplica:
+    """A role- and key-checked replica over mutual TLS, and the context file `llumnix serve` would write for it."""
+
+    address: str
+    admin: FakeAdmin
+    ctx_file: Path
+    context: ClientContext
+
+
+@pytest.fixture
+async def secure_replica(tmp_path: Path) -> AsyncIterator[SecureReplica]:
     security = bootstrap_local(tmp_path / "pki", "c1")
     store = ApiKeyStore(FakeKV(), KeyLayout("c1"), cache_ttl=0)
-    replica = Replica("s-0", leader=True)
-    admin = FakeAdmin(replica)
+    admin = FakeAdmin(Replica("s-0", leader=True))
     # The admin API is guarded by the admin certificate; here it also asks for the admin key, to see llmctl send it.
     keyed = ApiKeyInterceptor(store, rules={"/llumnix.v1.AdminService/*": "admin"})
     server = grpc.aio.server(interceptors=[RoleInterceptor("c1"), keyed])
@@ -512,24 +523,103 @@ async def test_secure_context_gives_mtls_and_the_api_key(tmp_path: Path) -> None
     await server.start()
     try:
         ctx_file = tmp_path / "context.yaml"
-        await provision_admin(security, store, context_path=ctx_file, scheduler=[f"127.0.0.1:{port}"])
-        res = await llmctl("instances", "-o", "name", env={"LLUMNIX_CONTEXT": str(ctx_file)})
-        assert res.exit_code == 0, res.output
-        assert res.stdout.splitlines() == ["instance/i-1", "instance/i-2"]
-        res = await llmctl("cordon", "i-1", env={"LLUMNIX_CONTEXT": str(ctx_file)})
-        assert res.exit_code == 0 and "cordoned i-1" in res.stdout, res.output
-        # the same certificates with another key: the server refuses, llmctl reports it
+        address = f"127.0.0.1:{port}"
+        await provision_admin(security, store, context_path=ctx_file, scheduler=[address])
         context = load_context(ctx_file)
-        assert context is not None and context.ca and context.cert and context.key
-        args = ["-e", f"127.0.0.1:{port}", "--ca", str(context.ca), "--cert", str(context.cert)]
-        args += ["--key", str(context.key), "--api-key", "llx_wrong", "instances"]
-        res = await llmctl(*args)
-        assert res.exit_code == EXIT_ERROR and "UNAUTHENTICATED" in res.stderr, res.output
-        res = await llmctl(*args[:-3], "instances", env={"LLUMNIX_API_KEY": context.api_key})
-        assert res.exit_code == 0, res.output
-        # no client certificate: the mTLS handshake fails, nothing is sent
-        res = await llmctl("-e", f"127.0.0.1:{port}", "--ca", str(context.ca), "--timeout", "2", "cordon", "i-2")
-        assert res.exit_code == EXIT_UNAVAILABLE, res.output
-        assert admin.instances["i-2"].state == common_pb2.INSTANCE_STATE_ACTIVE
+        assert context is not None and context.ca and context.cert and context.key and context.api_key
+        yield SecureReplica(address, admin, ctx_file, context)
     finally:
         await server.stop(None)
+
+
+async def test_secure_context_gives_mtls_and_the_api_key(secure_replica: SecureReplica) -> None:
+    """The context `llumnix serve` writes (CA, admin certificate, API key) reaches a role- and key-checked replica with
+    no flags; the same context without its key is refused by the server, and llmctl says so (exit 1)."""
+    sr = secure_replica
+    env = {"LLUMNIX_CONTEXT": str(sr.ctx_file)}
+    res = await llmctl("instances", "-o", "name", env=env)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.splitlines() == ["instance/i-1", "instance/i-2"]
+    res = await llmctl("cordon", "i-1", env=env)
+    assert res.exit_code == 0 and "cordoned i-1" in res.stdout, res.output
+    # the same certificates with another key: the server refuses, llmctl reports it
+    context = sr.context
+    args = ["-e", sr.address, "--ca", str(context.ca), "--cert", str(context.cert)]
+    args += ["--key", str(context.key), "--api-key", "llx_wrong", "instances"]
+    res = await llmctl(*args)
+    assert res.exit_code == EXIT_ERROR and "UNAUTHENTICATED" in res.stderr, res.output
+    res = await llmctl(*args[:-3], "instances", env={"LLUMNIX_API_KEY": context.api_key})
+    assert res.exit_code == 0, res.output
+    # no client certificate: the mTLS handshake fails, nothing is sent
+    res = await llmctl("-e", sr.address, "--ca", str(context.ca), "--timeout", "2", "cordon", "i-2")
+    assert res.exit_code == EXIT_UNAVAILABLE, res.output
+    assert sr.admin.instances["i-2"].state == common_pb2.INSTANCE_STATE_ACTIVE
+
+
+async def test_a_tls_flag_with_the_context_overrides_only_its_own_part(secure_replica: SecureReplica) -> None:
+    """LLUMNIX_API_KEY in the environment (set for `bench serving` or OpenAI scripts) or one TLS flag replaces only
+    that part of the context's TLS: its CA still verifies the servers and its admin certificate still authorizes.
+    (llmctl used to drop the whole context TLS then: CERTIFICATE_VERIFY_FAILED against the context's endpoints.)"""
+    sr = secure_replica
+    env = {"LLUMNIX_CONTEXT": str(sr.ctx_file)}
+    res = await llmctl("--timeout", "5", "cordon", "i-1", env={**env, "LLUMNIX_API_KEY": sr.context.api_key})
+    assert res.exit_code == 0 and "cordoned i-1" in res.stdout, res.output
+    # The environment's key is the one sent (the server refuses it), over the context's mutual TLS.
+    res = await llmctl("--timeout", "5", "instances", env={**env, "LLUMNIX_API_KEY": "llx_wrong"})
+    assert res.exit_code == EXIT_ERROR and "UNAUTHENTICATED" in res.stderr, res.output
+    # --ca alone keeps the context's certificate and key; --tls alone changes nothing.
+    for flags in (["--ca", str(sr.context.ca)], ["--tls"]):
+        res = await llmctl(*flags, "--timeout", "5", "instances", "-o", "name", env=env)
+        assert res.exit_code == 0, (flags, res.output)
+        assert res.stdout.splitlines() == ["instance/i-1", "instance/i-2"]
+    # A flag's own file is still checked, and named.
+    res = await llmctl("--cert", str(sr.context.cert), "instances", env=env)
+    assert res.exit_code == EXIT_USAGE and "certificate and its key must be given together" in res.output
+    res = await llmctl("--ca", "/nonexistent/ca.pem", "instances", env=env)
+    assert res.exit_code == EXIT_USAGE and "/nonexistent/ca.pem" in res.output
+
+
+async def test_plaintext_client_against_a_tls_server_is_told_about_tls(secure_replica: SecureReplica) -> None:
+    """A TLS server closes a plaintext client's connection, which grpc reports as "Socket closed" only: the error says
+    the server may require TLS (the README promises a hint), in llmctl's message and in the library's error."""
+    res = await llmctl("-e", secure_replica.address, "--timeout", "2", "instances")
+    assert res.exit_code == EXIT_UNAVAILABLE, res.output
+    assert "may require TLS" in res.stderr and "--ca/--cert/--key" in res.stderr, res.output
+    async with AsyncLlumnixClient(scheduler_endpoints=[secure_replica.address], timeout=2) as client:
+        with pytest.raises(UnavailableError) as err:
+            await client.list_instances()
+    assert "may require TLS" in err.value.details
+
+
+async def test_out_of_range_and_non_finite_arguments_are_usage_errors(tmp_path: Path) -> None:
+    """Checked before anything is sent: an int beyond the proto field's range (protobuf raised ValueError: a
+    traceback), and nan/inf durations, which passed FloatRange (nan compares false) and made every call time out
+    at once or `watch` refresh with no pause."""
+    ep = ["-e", dead_address()]
+    cases = [
+        (["scale", "2147483648"], "0<=x<=2147483647"),
+        (["config", "set", "dispatch.policy", "round-robin", "--expected-revision", str(2**63)], "--expected-revision"),
+        (["--timeout", "nan", "instances"], "nan is not a finite number"),
+        (["--timeout", "inf", "instances"], "--timeout"),
+        (["--timeout", "1e308", "instances"], "--timeout"),
+        (["watch", "--interval", "nan"], "nan is not a finite number"),
+        (["watch", "--interval", "inf"], "--interval"),
+        (["drain", "i-1", "--timeout", "nan"], "nan is not a finite number"),
+        (["drain", "i-1", "--interval", "-inf"], "--interval"),
+    ]
+    for args, message in cases:
+        res = await llmctl(*ep, *args)
+        assert res.exit_code == EXIT_USAGE, (args, res.output)
+        assert message in res.output and "Traceback" not in res.output, (args, res.output)
+
+
+async def test_context_file_that_is_not_text_is_a_clear_error(tmp_path: Path) -> None:
+    ctx = tmp_path / "context.yaml"
+    ctx.write_bytes(b"current-context: dev\n\xff\xfe")
+    ctx.chmod(0o600)
+    res = await llmctl("instances", env={"LLUMNIX_CONTEXT": str(ctx)})
+    assert res.exit_code == EXIT_USAGE, res.output
+    assert "is not UTF-8 text" in res.output and "Traceback" not in res.output
+    ctx.chmod(0o644)  # refused for its mode before its content is read
+    res = await llmctl("instances", env={"LLUMNIX_CONTEXT": str(ctx)})
+    assert res.exit_code == EXIT_USAGE and "accessible by others" in res.output, res.output

@@ -36,7 +36,7 @@ from rich.table import Table
 
 from pyllumnix.clients import config_paths
 from pyllumnix.clients.channel import TlsConfig, normalize_endpoints
-from pyllumnix.clients.client import AsyncLlumnixClient, tls_from_context
+from pyllumnix.clients.client import AsyncLlumnixClient
 from pyllumnix.clients.errors import (
     AbortedError,
     FailedPreconditionError,
@@ -64,6 +64,30 @@ TABLES = ("table", "wide")
 UNBOUNDED_WIDTH = 1 << 16
 ENV_ENDPOINT = "LLUMNIX_ENDPOINT"
 ENV_API_KEY = "LLUMNIX_API_KEY"
+# Upper bounds of the proto fields integer arguments go into (ScaleRequest.target_instances is int32,
+# SetConfigRequest.expected_revision int64): a larger number is a usage error, not protobuf's ValueError.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+# Longest a call or a wait may be given (one day): a bound, so no value turns into a deadline grpc cannot represent.
+MAX_SECONDS = 86400.0
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange that also refuses nan and ±inf: nan passes every range check (it compares false), and an
+    interval of nan made ``watch`` refresh with no pause, a timeout of nan or inf made every call time out at once."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{rv} is not a finite number.", param, ctx)
+        return rv
+
+
+def seconds(minimum: float) -> FiniteFloatRange:
+    """A duration option's type: finite, at least ``minimum``, at most a day."""
+    return FiniteFloatRange(min=minimum, max=MAX_SECONDS)
 
 
 @dataclass
@@ -257,36 +281,46 @@ def output_of(ctx: click.Context, output: str | None) -> str:
 
 def make_client(settings: Settings) -> AsyncLlumnixClient:
     """A client from the flags; with no --endpoint, from the client context file (``llumnix serve`` writes it:
-    scheduler addresses, CA, admin certificate and API key), as the Python client does."""
+    scheduler addresses, CA, admin certificate and API key), as the Python client does.
+
+    With the context's endpoints, a TLS flag overrides only its own part of the context's TLS settings: an API key
+    from ``LLUMNIX_API_KEY`` (which ``llumnix bench serving`` and OpenAI scripts use too) replaces the key but keeps the
+    context's CA, which verifies the cluster's servers, and its admin certificate, which AdminService authorizes by.
+    """
     try:
         endpoints = normalize_endpoints(settings.endpoints)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    tls_flags = settings.tls or settings.ca or settings.cert or settings.key or settings.api_key
-    tls: TlsConfig | None = None
+    ca, cert, key = settings.ca, settings.cert, settings.key
+    server_name, api_key = settings.server_name, settings.api_key
+    use_tls = bool(settings.tls or ca or cert or key or api_key)
+    where = "TLS"
     if not endpoints:
         try:
             context = load_context(name=settings.context)
         except ContextError as exc:
             raise click.UsageError(str(exc)) from None
         if context is None or not context.scheduler:
-            where = f"the client context file {context_path()} " + ("has none" if context else "does not exist")
-            raise click.UsageError(f"no endpoint: pass --endpoint HOST:PORT or set {ENV_ENDPOINT} ({where})")
+            why = f"the client context file {context_path()} " + ("has none" if context else "does not exist")
+            raise click.UsageError(f"no endpoint: pass --endpoint HOST:PORT or set {ENV_ENDPOINT} ({why})")
         endpoints = list(context.scheduler)
-        if not tls_flags:
-            try:
-                tls = tls_from_context(context)
-            except (OSError, ValueError) as exc:
-                raise click.UsageError(f"TLS files of context {context.name!r}: {exc}") from None
+        if context.ca is not None:
+            if not use_tls:
+                where = f"TLS files of context {context.name!r}"
+            use_tls = True
+            ca = ca or str(context.ca)
+            if cert is None and key is None and context.cert is not None and context.key is not None:
+                cert, key = str(context.cert), str(context.key)
+            server_name = server_name or context.server_name or None
+            api_key = api_key or context.api_key or None
     elif settings.context is not None:
         raise click.UsageError("--context and --endpoint exclude each other (a context names its own endpoints)")
-    if tls is None and tls_flags:
+    tls: TlsConfig | None = None
+    if use_tls:
         try:
-            tls = TlsConfig.from_files(
-                settings.ca, settings.cert, settings.key, settings.server_name, api_key=settings.api_key
-            )
+            tls = TlsConfig.from_files(ca, cert, key, server_name, api_key=api_key)
         except (OSError, ValueError) as exc:
-            raise click.UsageError(f"TLS: {exc}") from None
+            raise click.UsageError(f"{where}: {exc}") from None
     return AsyncLlumnixClient(scheduler_endpoints=endpoints, tls=tls, timeout=settings.timeout)
 
 
@@ -367,7 +401,7 @@ output_option = click.option(
     help="Context of the client context file to use when no --endpoint is given (default: its current one; the "
     "file: $LLUMNIX_CONTEXT or ~/.config/llumnix/context.yaml, written by `llumnix serve`).",
 )
-@click.option("--timeout", type=click.FloatRange(min=0.01), default=10.0, show_default=True, help="Seconds per call.")
+@click.option("--timeout", type=seconds(0.01), default=10.0, show_default=True, help="Seconds per call.")
 @output_option
 @click.version_option(package_name="pyllumnix")
 @click.pass_context
@@ -510,8 +544,8 @@ async def _wait_drained(
 @cli.command()
 @click.argument("instance_id", metavar="INSTANCE")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the instance is empty or gone.")
-@click.option("--timeout", "wait_timeout", type=click.FloatRange(min=0), default=600.0, show_default=True)
-@click.option("--interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True, help="Poll period (s).")
+@click.option("--timeout", "wait_timeout", type=seconds(0), default=600.0, show_default=True)
+@click.option("--interval", type=seconds(0.01), default=1.0, show_default=True, help="Poll period (s).")
 @output_option
 @click.pass_context
 def drain(
@@ -574,7 +608,7 @@ def uncordon(ctx: click.Context, instance_id: str, output: str | None) -> None:
 
 
 @cli.command()
-@click.argument("target", type=click.IntRange(min=0), metavar="N")
+@click.argument("target", type=click.IntRange(min=0, max=INT32_MAX), metavar="N")
 @output_option
 @click.pass_context
 def scale(ctx: click.Context, target: int, output: str | None) -> None:
@@ -676,7 +710,12 @@ def config_get(ctx: click.Context, key: str | None, output: str | None) -> None:
 @config.command("set", context_settings={"ignore_unknown_options": True})
 @click.argument("key")
 @click.argument("value")
-@click.option("--expected-revision", type=int, default=0, help="Apply only if the stored config is at this revision.")
+@click.option(
+    "--expected-revision",
+    type=click.IntRange(min=0, max=INT64_MAX),
+    default=0,
+    help="Apply only if the stored config is at this revision.",
+)
 @output_option
 @click.pass_context
 def config_set(ctx: click.Context, key: str, value: str, expected_revision: int, output: str | None) -> None:
@@ -701,7 +740,7 @@ def config_set(ctx: click.Context, key: str, value: str, expected_revision: int,
 
 
 @cli.command()
-@click.option("--interval", type=click.FloatRange(min=0.05), default=2.0, show_default=True, help="Seconds.")
+@click.option("--interval", type=seconds(0.05), default=2.0, show_default=True, help="Seconds.")
 @click.option("--count", type=click.IntRange(min=0), default=0, help="Refreshes before exiting (0: until Ctrl-C).")
 @output_option
 @click.pass_context

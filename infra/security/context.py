@@ -159,15 +159,25 @@ class ClientContext:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """The file's mapping. The mode is checked before the content is read, so a file others may read is refused
+    whatever it holds; a file that is not UTF-8 text is a ContextError like any other unusable file (not a traceback).
+    """
     try:
         mode = path.stat().st_mode
-        text = path.read_text()
     except OSError as exc:
         raise ContextError(f"cannot read the context file {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ContextError(
             f"the context file {path} is accessible by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}"
         )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ContextError(f"cannot read the context file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ContextError(
+            f"the context file {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        ) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
