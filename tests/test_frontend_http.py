@@ -118,6 +118,17 @@ async def test_priority_from_header_and_body() -> None:
         ({"model": MODEL, "prompt": "a", "top_p": 0}, 400, "top_p"),
         ({"model": MODEL, "prompt": "a", "priority": "urgent"}, 400, "priority"),
         ({"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+        # OpenAI's range (vLLM refuses more; this was accepted and failed on the instance as a 500).
+        ({"model": MODEL, "prompt": "a", "temperature": 2.5}, 400, "temperature"),
+        # Fields this server cannot honour are refused, not silently ignored (these were all answered 200).
+        ({"model": MODEL, "prompt": "a", "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ({"model": MODEL, "prompt": "a", "tool_choice": "required"}, 400, "tool_choice"),
+        ({"model": MODEL, "prompt": "a", "functions": [{"name": "f"}]}, 400, "functions"),
+        ({"model": MODEL, "prompt": "a", "function_call": {"name": "f"}}, 400, "function_call"),
+        ({"model": MODEL, "prompt": "a", "min_tokens": 5}, 400, "min_tokens"),
+        ({"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+        ({"model": MODEL, "prompt": "a", "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
+        ({"model": MODEL, "prompt": "a", "stop_token_ids": ["7"]}, 400, "stop_token_ids"),
     ],
 )
 async def test_bad_input_gets_openai_error_bodies(body: dict[str, object], status: int, param: str) -> None:
@@ -127,6 +138,19 @@ async def test_bad_input_gets_openai_error_bodies(body: dict[str, object], statu
             error = (await resp.json())["error"]
             assert error["param"] == param and error["message"] and error["type"]
         assert stack.llumlets["i-1"].added == []
+
+
+async def test_stop_token_ids_reach_the_instance_and_defaults_are_accepted() -> None:
+    """vLLM's ``stop_token_ids`` extension is honoured over HTTP as over gRPC (it was dropped); fields at their
+    defaults pass; ``max_completion_tokens: 0`` names that field (it named max_tokens)."""
+    body = {"model": MODEL, "prompt": "a", "max_tokens": 2, "stop_token_ids": [7], "response_format": {"type": "text"}}
+    async with running_stack([FakeLlumlet("i-1")]) as stack, aiohttp.ClientSession() as session:
+        async with session.post(f"{stack.http.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        assert list(stack.llumlets["i-1"].added[0].sampling.stop_token_ids) == [7, TOKENIZER.eos_token_id]
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 0}
+        async with session.post(f"{stack.http.url}/v1/chat/completions", json=chat) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["param"] == "max_completion_tokens"
 
 
 async def test_errors_through_the_openai_client() -> None:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pyllumnix.control_plane.frontend.core import MAX_STOP_STRINGS, GenerationInput, check_text
+from pyllumnix.control_plane.frontend.core import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, GenerationInput, check_text
 from pyllumnix.control_plane.frontend.errors import InvalidRequestError
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
 from pyllumnix.infra import wire
@@ -40,7 +40,15 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
     "logit_bias": (None, {}),
     "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),  # without tools, "auto" and "none" both mean plain text
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "response_format": (None, {"type": "text"}),  # JSON mode / schemas: the client would get free text
+    "min_tokens": (None, 0),
 }
+# OpenAI's sampling temperature range; vLLM's SamplingParams refuses more, so a larger value is refused here (400)
+# rather than after a dispatch, by the engine.
+MAX_TEMPERATURE = 2.0
 
 
 MAX_JSON_DEPTH = 32
@@ -155,6 +163,20 @@ def _stops(value: object) -> list[str]:
     raise InvalidRequestError("stop must be a string or a list of strings", param="stop")
 
 
+def _token_ids(value: object, param: str) -> list[int]:
+    """A list of token ids (vLLM's ``stop_token_ids`` extension, honoured as the gRPC API honours it); their count
+    and vocabulary range are ``core.check_sampling``'s, after the per-item type check here."""
+    if value is None:
+        return []
+    if isinstance(value, list) and len(value) > MAX_STOP_TOKEN_IDS:  # before any per-item work
+        raise InvalidRequestError(f"at most {MAX_STOP_TOKEN_IDS} {param}, got {len(value)}", param=param)
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise InvalidRequestError(f"{param} must be a list of token ids (integers)", param=param)
+    if not all(INT32[0] <= t <= INT32[1] for t in value):
+        raise InvalidRequestError(f"{param} must fit 32 bits", param=param)
+    return list(value)
+
+
 def _completion_prompt(value: object) -> str | list[int]:
     if isinstance(value, str):
         return value
@@ -225,7 +247,7 @@ def parse_request(
     # Omitted: 0 here, filled in by the frontend from the prompt's token count ("up to the model's maximum length").
     max_tokens = _integer(body, key, 0)
     if body.get(key) is not None and max_tokens <= 0:
-        raise InvalidRequestError(f"{key} must be positive, got {max_tokens}", param="max_tokens")
+        raise InvalidRequestError(f"{key} must be positive, got {max_tokens}", param=key)
     top_p = _number(body, "top_p", 1.0)
     if not 0 < top_p <= 1:
         raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
@@ -236,9 +258,15 @@ def parse_request(
         )
     temperature = _number(body, "temperature", 1.0)
     # float32 on the wire: check the range here, where 1e300 is still 1e300 and not inf.
-    for name, value, hi in (("temperature", temperature, 1e6), ("repetition_penalty", repetition_penalty, 1e6)):
-        if abs(value) > hi:
-            raise InvalidRequestError(f"{name} is out of range: {value}", param=name)
+    if not 0 <= temperature <= MAX_TEMPERATURE:
+        raise InvalidRequestError(
+            f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}", param="temperature"
+        )
+    # float32 on the wire: check the range here, where 1e300 is still 1e300 and not inf.
+    if abs(repetition_penalty) > 1e6:
+        raise InvalidRequestError(
+            f"repetition_penalty is out of range: {repetition_penalty}", param="repetition_penalty"
+        )
     sampling = common_pb2.SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -249,6 +277,7 @@ def parse_request(
         presence_penalty=_bounded(body, "presence_penalty"),
         frequency_penalty=_bounded(body, "frequency_penalty"),
         repetition_penalty=repetition_penalty,
+        stop_token_ids=_token_ids(body.get("stop_token_ids"), "stop_token_ids"),
     )
     if body.get("seed") is not None:
         sampling.seed = _integer(body, "seed", 0, INT64)
@@ -262,6 +291,8 @@ def parse_request(
     if not isinstance(options, dict):
         raise InvalidRequestError("stream_options must be an object", param="stream_options")
     include_usage = _boolean(options, "include_usage")
+    if body.get("stream_options") is not None and not stream:  # OpenAI's rule: options of a stream there is not
+        raise InvalidRequestError("stream_options is only allowed when stream is true", param="stream_options")
     inp = GenerationInput(prompt, sampling, priority, request_id, model, fill_max_tokens=max_tokens == 0)
     return ParsedRequest(inp, stream, include_usage, chat)
 
