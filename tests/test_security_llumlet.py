@@ -414,3 +414,68 @@ async def test_only_the_answered_source_can_write_a_migrations_bytes(node: Node)
         await attacker.close()
         await source.close()
         await node.call("llumlet", "i-2", "AbortMigration", llumlet_pb2.AbortMigrationRequest(migration_id="m1"))
+
+
+async def test_a_llumlet_aborts_only_what_it_migrated_here(node: Node) -> None:
+    """A5: the llumlet role may call AbortRequest so a migration source can forward its client's abort after the
+    commit. Another llumlet's certificate aborts neither a request that came from a frontend nor one another source
+    migrated here (PERMISSION_DENIED, no tombstone); the source that migrated a request here may abort it; frontends
+    and the scheduler keep their rights. Before the fix every llumlet could abort every request by id."""
+    pki = node.pki
+    engine = SimEngine("tiny")
+    source = Llumlet(engine, "i-2")
+    transport = InprocTransport()
+    await transport.start()
+    coordinator = MigrationCoordinator(source, transport)
+    # The source dials the destination with its own llumlet certificate (what open_channel does in a configured
+    # process); the destination's role interceptor and servicer then see caller llumlet i-2.
+    coordinator._channels[node.address] = secure_channel(node.address, pki.paths("llumlet", "i-2"))
+    source.start()
+    coordinator.start()
+    assert node.sink.server is not None
+    try:
+        await add_victim(node)
+        await source.add_request(
+            common_pb2.EngineRequest(
+                request_id="moved",
+                prompt_token_ids=PROMPT,
+                sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, seed=11, ignore_eos=True),
+                frontend_address=node.sink.server.address,
+            )
+        )
+        await until(lambda: len(node.sink.tokens("moved")) >= 2, "'moved' to run on its source")
+        order = llumlet_pb2.MigrateOutRequest(
+            destination_instance_id="i-1", destination_grpc_address=node.address, request_id="moved", wait=True
+        )
+        result = (await coordinator.migrate_out(order)).results[0]
+        assert result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED, result.reason
+        assert node.coordinator.migrated_from("moved") == "i-2"
+        abort = llumlet_pb2.AbortRequestRequest
+        # Another llumlet: neither the migrated request nor the frontend's, nor an unknown id (no tombstone).
+        for caller, rid in (("i-3", "moved"), ("i-2", "victim"), ("i-3", "victim"), ("i-2", "ghost")):
+            await refused(
+                node.call("llumlet", caller, "AbortRequest", abort(request_id=rid)),
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"llumlet {caller} may abort only a request it migrated to i-1; {rid!r} did not come from it",
+            )
+        assert "ghost" not in node.servicer.tombstones
+        n = len(node.sink.tokens("moved"))
+        await until(lambda: len(node.sink.tokens("moved")) > n, "'moved' to keep running after the refusals")
+        # Its source forwards the client's abort: it ends where it lives now.
+        await node.call("llumlet", "i-2", "AbortRequest", abort(request_id="moved"))
+        outs = await node.sink.wait("moved")
+        assert outs[-1].finish_reason == common_pb2.FINISH_REASON_ABORT and outs[-1].instance_id == "i-1"
+        assert node.coordinator.migrated_from("moved") is None, "an ended request is nobody's to abort any more"
+        # Frontends and the scheduler keep theirs (an unknown id: NOT_FOUND, and its late add is refused).
+        for role, id, rid in (("frontend", "f0", "ghost-f"), ("scheduler", "s0", "ghost-s")):
+            await refused(node.call(role, id, "AbortRequest", abort(request_id=rid)), grpc.StatusCode.NOT_FOUND)
+            assert rid in node.servicer.tombstones
+        # The victim went on untouched (assert_victim_untouched expects no migration *out* of i-1: none happened).
+        await node.sink.wait("victim")
+        assert node.sink.tokens("victim") == expected_tokens()
+        assert node.sink.outputs["victim"][-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+        await until(lambda: node.engine.load().free_blocks == node.engine.load().total_blocks, "every block freed")
+    finally:
+        await coordinator.close()
+        await source.stop()
+        await transport.close()

@@ -9,7 +9,9 @@ plaintext connection, which only a llumlet started with ``--insecure`` has):
 - MigrateOut sends only to an instance of the registry whose registered address is the one given (``registry``);
 - the destination side of a migration is bound to its source: PreAllocate's ``source_instance_id`` is the caller,
   one reservation per source at a time, and TransferStage/CommitMigration/AbortMigration only from that source;
-  a commit must name the request and frontend address its first stage announced.
+  a commit must name the request and frontend address its first stage announced;
+- AbortRequest from a llumlet only for a request that llumlet migrated here (a client's abort that raced the commit,
+  forwarded by the source), PERMISSION_DENIED otherwise; frontends and the scheduler may abort any request.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class MigrationHandler(Protocol):
     def incoming_source(self, migration_id: str) -> str | None: ...
     def incoming_request(self, migration_id: str) -> llumlet_pb2.MigratingRequest | None: ...
     def incoming_from(self, source_instance_id: str) -> list[str]: ...
+    def migrated_from(self, request_id: str) -> str | None: ...
 
     async def migrate_out(self, request: llumlet_pb2.MigrateOutRequest) -> llumlet_pb2.MigrateOutResponse: ...
     async def pre_allocate(self, request: llumlet_pb2.PreAllocateRequest) -> llumlet_pb2.PreAllocateResponse: ...
@@ -215,14 +218,35 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
     async def AbortRequest(
         self, request: llumlet_pb2.AbortRequestRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llumlet_pb2.AbortRequestResponse:
+        caller = await self._caller(context, "AbortRequest")
+        if caller is not None and caller.role == "llumlet":
+            await self._forwarded_abort(context, caller, request.request_id)
         try:
             await self.llumlet.abort_request(request.request_id)
         except EngineError as exc:
-            if isinstance(exc, UnknownRequestError) and request.request_id:
-                # It may not have arrived yet (the AddRequest overtaken by this abort): its add must not happen.
+            if (
+                isinstance(exc, UnknownRequestError)
+                and request.request_id
+                and (caller is None or caller.role != "llumlet")
+            ):
+                # It may not have arrived yet (the AddRequest overtaken by this abort): its add must not happen. (A
+                # llumlet's forwarded abort is for a request already here: it plants nothing.)
                 self.tombstones.add(request.request_id)
             await abort_with(context, exc)
         return llumlet_pb2.AbortRequestResponse()
+
+    async def _forwarded_abort(
+        self, context: grpc.aio.ServicerContext[Any, Any], caller: Identity, request_id: str
+    ) -> None:
+        """A llumlet may abort only a request it migrated here (its client's abort that raced the commit, see the
+        coordinator's ForwardAbort); any other request id is none of its business: PERMISSION_DENIED."""
+        source = self.migration.migrated_from(request_id) if self.migration is not None else None
+        if source != caller.id:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"AbortRequest: llumlet {caller.id} may abort only a request it migrated to "
+                f"{self.llumlet.instance_id}; {request_id!r} did not come from it",
+            )
 
     async def GetLoad(
         self, request: llumlet_pb2.GetLoadRequest, context: grpc.aio.ServicerContext[Any, Any]

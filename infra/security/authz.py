@@ -34,7 +34,8 @@ PROJECT_ROLE_TABLE: dict[str, frozenset[str]] = {
     "/llumnix.v1.AdminService/*": frozenset({"admin"}),
     "/llumnix.v1.AdminService/ListInstances": frozenset({"admin", "frontend"}),
     # A llumlet: requests come from frontends; the leader reads load and gives orders; aborts also come from the
-    # leader (dead-peer clean-up) and from a migration source whose request was aborted during the commit.
+    # leader (dead-peer clean-up) and from a migration source whose request was aborted during the commit (the
+    # servicer accepts a llumlet only for a request it migrated there: LlumletServicer.AbortRequest).
     "/llumnix.v1.LlumletService/AddRequest": frozenset({"frontend"}),
     "/llumnix.v1.LlumletService/AbortRequest": frozenset({"frontend", "scheduler", "llumlet"}),
     "/llumnix.v1.LlumletService/GetLoad": frozenset({"scheduler", "admin"}),

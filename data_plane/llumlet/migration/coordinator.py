@@ -31,7 +31,7 @@ from pyllumnix.data_plane.engine.base import KvBuffer, MigrationState, UnknownRe
 from pyllumnix.data_plane.engine.device import Ready
 from pyllumnix.data_plane.engine.kv_layout import LAYOUT_HOST_BYTES
 from pyllumnix.data_plane.llumlet import convert
-from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.data_plane.llumlet.llumlet import Llumlet, RequestOwner
 from pyllumnix.data_plane.llumlet.migration import events as ev
 from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
@@ -190,6 +190,10 @@ class MigrationCoordinator:
         self.settings = settings or MigrationSettings()
         self.hooks = hooks
         self._incoming: dict[str, _Incoming] = {}
+        # Request id -> (the source it was migrated in from, its owner entry here): a source may forward its
+        # client's abort after the commit (ForwardAbort), and only for a request it handed over to this instance
+        # (``migrated_from``). Keyed to the owner object, so a later incarnation of the id is not covered.
+        self._migrated_in: dict[str, tuple[str, RequestOwner]] = {}
         # max_out and max_in: the machines take a slot when they start and give it back when they end.
         self._out_slots = ev.Slots(self.settings.max_out)
         self._in_slots = ev.Slots(self.settings.max_in)
@@ -265,6 +269,16 @@ class MigrationCoordinator:
     def incoming_from(self, source_instance_id: str) -> list[str]:
         """Migrations ``source_instance_id`` holds a reservation for here."""
         return [mid for mid, inc in self._incoming.items() if inc.source_instance_id == source_instance_id]
+
+    def migrated_from(self, request_id: str) -> str | None:
+        """The source instance the request living here came from by migration (None: it did not, or has ended)."""
+        entry = self._migrated_in.get(request_id)
+        if entry is None:
+            return None
+        if self.llumlet.owners.get(request_id) is not entry[1]:
+            del self._migrated_in[request_id]  # ended, migrated on, or the id reused: no longer that source's
+            return None
+        return entry[0]
 
     @property
     def busy(self) -> bool:
@@ -783,6 +797,11 @@ class MigrationCoordinator:
             done = perform.install(self.llumlet.engine, state, block_ids, time.time())
             if isinstance(done, ev.Installed):
                 self.llumlet.adopt(state, commit.request.request.frontend_address, commit.capability)
+                owners = self.llumlet.owners
+                # Entries of requests that ended meanwhile go now: the map holds at most the live ones.
+                self._migrated_in = {r: e for r, e in self._migrated_in.items() if owners.get(r) is e[1]}
+                rid = state.spec.request_id
+                self._migrated_in[rid] = (incoming.source_instance_id, owners[rid])
         return done
 
     async def _free(self, incoming: _Incoming, action: ev.Free) -> int:
