@@ -3,7 +3,9 @@ the aiohttp middleware's 401/403/503 OpenAI-style bodies, and the gRPC Bearer in
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +17,7 @@ from aiohttp import web
 
 from pyllumnix.infra.etcd.keys import KeyLayout, prefix_range_end
 from pyllumnix.infra.security.apikeys import (
+    MAX_UNKNOWN_IDS,
     REQUEST_KEY,
     ApiKeyError,
     ApiKeyInterceptor,
@@ -45,6 +48,7 @@ class FakeKV:
         self.data: dict[bytes, bytes] = {}
         self.down = False
         self.reads = 0
+        self.gate: asyncio.Event | None = None  # when set: reads wait for it (concurrent checks overlap)
 
     def _check(self) -> None:
         if self.down:
@@ -57,6 +61,9 @@ class FakeKV:
     async def get(self, key: str | bytes) -> Entry | None:
         self._check()
         self.reads += 1
+        if self.gate is not None:
+            await self.gate.wait()
+            self._check()
         k = self._b(key)
         return Entry(k, self.data[k]) if k in self.data else None
 
@@ -136,6 +143,76 @@ async def test_cache_and_revocation_in_another_process(kv: FakeKV) -> None:
         await theirs.verify(key)  # within cache_ttl elsewhere
 
 
+async def test_unknown_ids_are_read_once_per_ttl(kv: FakeKV, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A12: checks of an unknown id are answered from a negative cache for cache_ttl, and concurrent checks of one id
+    share one read (before: one etcd read per check, 200 here). A key created meanwhile is accepted after cache_ttl
+    elsewhere, at once where it was created."""
+    clock = [0.0]
+    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=2.0, clock=lambda: clock[0])
+    kid = "0123456789abcdef"
+    unknown = f"llx_{kid}_{'A' * 43}"
+    kv.gate = asyncio.Event()
+    checks = [asyncio.ensure_future(store.verify(unknown)) for _ in range(100)]
+    await asyncio.sleep(0.01)
+    kv.gate.set()
+    results = await asyncio.gather(*checks, return_exceptions=True)
+    assert all(isinstance(r, ApiKeyError) and str(r) == "unknown or revoked API key" for r in results)
+    for _ in range(100):
+        with pytest.raises(ApiKeyError, match="unknown or revoked"):
+            await store.verify(unknown)
+    assert kv.reads == 1, "200 checks of one unknown id within cache_ttl: one read"
+    # Another process creates a key with this id (random ids make that a thought experiment; the TTL bounds it).
+    monkeypatch.setattr(secrets, "token_hex", lambda nbytes: kid)
+    elsewhere = ApiKeyStore(kv, KeyLayout("c1"))
+    key, _ = await elsewhere.create("alice")
+    with pytest.raises(ApiKeyError):
+        await store.verify(key)  # still the cached "no such key"
+    clock[0] += 2.5
+    assert (await store.verify(key)).name == "alice"
+    assert kv.reads == 2
+    # Where the key is created, the cached miss goes at once.
+    await store.revoke("alice")
+    with pytest.raises(ApiKeyError):
+        await store.verify(key)
+    reads = kv.reads
+    key, _ = await store.create("alice")
+    assert (await store.verify(key)).name == "alice" and kv.reads == reads + 1
+
+
+async def test_concurrent_checks_share_a_read_that_outlives_a_cancelled_caller(kv: FakeKV) -> None:
+    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=2.0)
+    key, _ = await store.create("alice")
+    kv.gate = asyncio.Event()
+    first = asyncio.ensure_future(store.verify(key))
+    second = asyncio.ensure_future(store.verify(key))
+    await asyncio.sleep(0.01)
+    first.cancel()  # its client left: the read the second check waits for goes on
+    await asyncio.sleep(0.01)
+    kv.gate.set()
+    assert (await second).name == "alice" and kv.reads == 1
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    # A failed read answers every waiter "unavailable" and caches nothing.
+    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=2.0)
+    kv.gate, kv.reads = asyncio.Event(), 0
+    checks = [asyncio.ensure_future(store.verify(key)) for _ in range(10)]
+    await asyncio.sleep(0.01)
+    kv.down = True
+    kv.gate.set()
+    results = await asyncio.gather(*checks, return_exceptions=True)
+    assert all(isinstance(r, ApiKeyStoreError) for r in results) and kv.reads == 1
+    kv.down, kv.gate = False, None
+    assert (await store.verify(key)).name == "alice" and kv.reads == 2
+
+
+async def test_the_negative_cache_is_bounded(kv: FakeKV) -> None:
+    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=60.0)
+    for i in range(MAX_UNKNOWN_IDS + 5):
+        with pytest.raises(ApiKeyError):
+            await store.verify(f"llx_{i:016x}_{'A' * 43}")
+    assert len(store._unknown) == MAX_UNKNOWN_IDS and f"{0:016x}" not in store._unknown
+
+
 async def test_store_outage_is_not_a_401(store: ApiKeyStore, kv: FakeKV) -> None:
     key, _ = await store.create("alice")
     kv.down = True
@@ -208,6 +285,23 @@ async def test_http_middleware(http: str, store: ApiKeyStore, kv: FakeKV) -> Non
     assert status == 503 and body["error"]["code"] == "auth_unavailable"
 
 
+async def test_http_refuses_several_authorization_headers(http: str, store: ApiKeyStore) -> None:
+    """A1, HTTP side: exactly one credential per request, so the verified value is the only one there is (before:
+    the first header was verified and the rest ignored, here answering 200)."""
+    alice, _ = await store.create("alice", "user")
+    bob, _ = await store.create("bob", "user")
+    forged_alice = f"{alice.rsplit('_', 1)[0]}_{'A' * 43}"
+    for values in ([bob, forged_alice], [alice, alice]):
+        headers = [("Authorization", f"Bearer {v}") for v in values]
+        async with aiohttp.ClientSession() as session, session.get(f"{http}/v1/whoami", headers=headers) as resp:
+            assert resp.status == 401, await resp.text()
+            error = (await resp.json())["error"]
+        assert error["code"] == "invalid_api_key"
+        assert error["message"] == (
+            "the request carries 2 Authorization values; send exactly one: 'Authorization: Bearer <key>'"
+        )
+
+
 # ---- gRPC interceptor ----
 
 
@@ -239,6 +333,17 @@ async def test_grpc_interceptor(store: ApiKeyStore) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.Abort(frontend_pb2.AbortRequest(), metadata=(("authorization", "Bearer nope"),), timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "malformed" in (info.value.details() or "")
+            # A1: metadata is a multimap; a second entry would let code after the check read an unverified one.
+            forged = f"{user.rsplit('_', 1)[0]}_{'A' * 43}"
+            for values in ([forged, user], [user, user]):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.Abort(
+                        frontend_pb2.AbortRequest(),
+                        metadata=tuple(("authorization", f"Bearer {v}") for v in values),
+                        timeout=5,
+                    )
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "carries 2 Authorization values; send exactly one" in (info.value.details() or "")
             # Methods outside the rules are not this interceptor's business (mTLS roles guard them).
             sink = frontend_pb2_grpc.OutputSinkServiceStub(channel)
             await sink.PushOutputs(frontend_pb2.PushOutputsRequest(), timeout=5)

@@ -119,6 +119,33 @@ async def test_only_the_creator_or_an_admin_may_abort_a_request() -> None:
         assert s.llumlet.aborted == ["alice-1"]
 
 
+async def test_a_second_authorization_entry_cannot_pose_as_another_key() -> None:
+    """A1: gRPC metadata is a multimap. Bob sends a forged entry with Alice's key id first and his own valid key
+    last: refused (UNAUTHENTICATED), and Alice's request goes on to its full length. Before the fix the interceptor
+    verified the last entry and the servicer took the caller's identity from the first: Bob aborted Alice's request."""
+    async with served() as s, aiohttp.ClientSession() as session:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 60, "stream": True}
+        headers = {**s.auth("alice"), "X-Request-Id": "alice-3"}
+        async with session.post(f"{s.http.url}/v1/completions", json=body, headers=headers) as stream:
+            assert stream.status == 200
+            await stream.content.readline()
+            forged_alice = f"llx_{s.records['alice'].id}_{'A' * 43}"
+            async with grpc.aio.insecure_channel(s.grpc.address) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await frontend_pb2_grpc.FrontendServiceStub(channel).Abort(
+                        frontend_pb2.AbortRequest(request_id="alice-3"),
+                        metadata=(
+                            ("authorization", f"Bearer {forged_alice}"),
+                            ("authorization", f"Bearer {s.keys['bob']}"),
+                        ),
+                        timeout=5,
+                    )
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+            payload = (await stream.read()).decode()
+        assert '"finish_reason": "length"' in payload and '"finish_reason": "abort"' not in payload
+        assert s.llumlet.aborted == []
+
+
 async def _more_tokens(tracked: TrackedRequest, seen: int) -> None:
     while tracked.num_received <= seen:
         await asyncio.sleep(0.01)

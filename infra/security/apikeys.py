@@ -10,17 +10,26 @@ brute force gets near them, so one SHA-256 is as safe as a slow hash while keepi
 request path. A stolen etcd dump therefore yields no usable key. Hashes are compared with ``hmac.compare_digest``.
 
 Checks cache positive answers for ``cache_ttl`` seconds (default 2): a revocation takes effect at once in the process
-that revoked and within ``cache_ttl`` everywhere else.
+that revoked and within ``cache_ttl`` everywhere else. Negative answers (no such id) are cached for ``cache_ttl`` too,
+in a bounded map (:data:`MAX_UNKNOWN_IDS`), and concurrent checks of one id share one read: a client repeating an
+unknown key costs etcd one read per ``cache_ttl``, not one per request. A new key is not delayed by it: its id is
+random and known to nobody before ``create`` returns, and ``create`` drops any such entry in its own process.
+
+A request carries exactly one credential: several ``Authorization`` headers (HTTP) or ``authorization`` metadata
+entries (gRPC) are refused (401 / UNAUTHENTICATED), so the value that was verified is the only one any later code
+can read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,6 +45,8 @@ KEY_PREFIX = "llx"
 API_ROLES = ("user", "admin")
 _KEY_RE = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_-]{{43}})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+MAX_UNKNOWN_IDS = 10_000
+"""Unknown key ids remembered at most (the oldest go first): bounds the memory a stream of random ids can take."""
 
 
 class ApiKeyError(Exception):
@@ -108,6 +119,9 @@ class ApiKeyStore:
         self.cache_ttl = cache_ttl
         self._clock = clock
         self._cache: dict[str, tuple[ApiKey, str, float]] = {}  # id -> (record, hash, expiry)
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> expiry of "no such key", oldest first
+        # id -> the etcd read under way for it: concurrent checks of one id wait for the same read.
+        self._reads: dict[str, asyncio.Task[tuple[ApiKey, str] | None]] = {}
 
     async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
         try:
@@ -128,33 +142,71 @@ class ApiKeyStore:
         record = ApiKey(kid, name, role, time.time())
         body = {"name": name, "role": role, "created": record.created, "sha256": hash_key(key)}
         await self._call("create", self.kv.put(self.prefix + kid, json.dumps(body).encode()))
+        self._forget(kid)
         return key, record
 
     async def verify(self, key: str) -> ApiKey:
         """The record of a valid key; ApiKeyError if it is not one, ApiKeyStoreError if etcd cannot say."""
         kid = key_id(key)
         digest = hash_key(key.strip())
+        found = await self._lookup(kid)
+        if found is None or not hmac.compare_digest(digest, found[1]):
+            raise ApiKeyError("unknown or revoked API key")
+        return found[0]
+
+    async def _lookup(self, kid: str) -> tuple[ApiKey, str] | None:
+        """(record, stored hash) of ``kid``, None when there is no such key: from the caches while fresh, else from
+        the one read of this id under way (started here if there is none)."""
         now = self._clock()
         cached = self._cache.get(kid)
         if cached is not None and cached[2] > now:
-            record, stored = cached[0], cached[1]
+            return cached[0], cached[1]
+        if self._unknown.get(kid, now) > now:
+            return None
+        read = self._reads.get(kid)
+        if read is None:
+            read = asyncio.ensure_future(self._read(kid))
+            self._reads[kid] = read
+            read.add_done_callback(lambda task: self._landed(kid, task))
+        # Shielded: a caller that gives up (its client left) does not cancel the read the others wait for.
+        return await asyncio.shield(read)
+
+    async def _read(self, kid: str) -> tuple[ApiKey, str] | None:
+        kv = await self._call("verify", self.kv.get(self.prefix + kid))
+        return None if kv is None else self._parse(kid, kv.value)
+
+    def _landed(self, kid: str, read: asyncio.Task[tuple[ApiKey, str] | None]) -> None:
+        """Caches a finished read's answer, unless a create or revoke of the id came meanwhile (then the next check
+        reads again). A failed read caches nothing: etcd could not say."""
+        failed = read.cancelled() or read.exception() is not None  # (retrieved: never "exception never retrieved")
+        if self._reads.get(kid) is not read:
+            return
+        del self._reads[kid]
+        if failed:
+            return
+        found, expiry = read.result(), self._clock() + self.cache_ttl
+        if found is None:
+            self._cache.pop(kid, None)
+            self._unknown[kid] = expiry
+            self._unknown.move_to_end(kid)
+            while len(self._unknown) > MAX_UNKNOWN_IDS:
+                self._unknown.popitem(last=False)
         else:
-            kv = await self._call("verify", self.kv.get(self.prefix + kid))
-            if kv is None:
-                self._cache.pop(kid, None)
-                raise ApiKeyError("unknown or revoked API key")
-            record, stored = self._parse(kid, kv.value)
-            self._cache[kid] = (record, stored, now + self.cache_ttl)
-        if not hmac.compare_digest(digest, stored):
-            raise ApiKeyError("unknown or revoked API key")
-        return record
+            self._unknown.pop(kid, None)
+            self._cache[kid] = (*found, expiry)
+
+    def _forget(self, kid: str) -> None:
+        """Drops what this process knows about ``kid`` (after a create or revoke here): the next check reads etcd."""
+        self._cache.pop(kid, None)
+        self._unknown.pop(kid, None)
+        self._reads.pop(kid, None)
 
     async def revoke(self, name_or_id: str) -> ApiKey:
         """Deletes the key with this name (or id); ValueError if there is none."""
         for record in await self.list():
             if name_or_id in (record.name, record.id):
                 await self._call("revoke", self.kv.delete(self.prefix + record.id))
-                self._cache.pop(record.id, None)
+                self._forget(record.id)
                 return record
         raise ValueError(f"no API key named {name_or_id!r}")
 
@@ -196,8 +248,26 @@ class AuthFailure:
         return {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
 
 
-async def authenticate(store: ApiKeyStore, authorization: str | None, required_role: str) -> ApiKey | AuthFailure:
-    """One decision shared by the HTTP middleware and the gRPC interceptor."""
+def _several(count: int) -> AuthFailure:
+    return AuthFailure(
+        401,
+        grpc.StatusCode.UNAUTHENTICATED,
+        "authentication_error",
+        "invalid_api_key",
+        f"the request carries {count} Authorization values; send exactly one: 'Authorization: Bearer <key>'",
+    )
+
+
+async def authenticate(
+    store: ApiKeyStore, authorization: str | Sequence[str] | None, required_role: str
+) -> ApiKey | AuthFailure:
+    """One decision shared by the HTTP middleware and the gRPC interceptor. ``authorization``: the request's
+    Authorization value(s); more than one is refused, whatever they hold: code after this check reads the request's
+    credential by name, and must not find another value than the one verified here."""
+    if not isinstance(authorization, str) and authorization is not None:
+        if len(authorization) > 1:
+            return _several(len(authorization))
+        authorization = authorization[0] if authorization else None
     token = bearer_token(authorization)
     if token is None:
         return AuthFailure(
@@ -244,7 +314,7 @@ def api_key_middleware(
         if request.path in exempt:
             return await handler(request)
         role = "admin" if any(request.path.startswith(p) for p in admin_prefixes) else "user"
-        outcome = await authenticate(store, request.headers.get("Authorization"), role)
+        outcome = await authenticate(store, request.headers.getall("Authorization", []), role)
         if isinstance(outcome, AuthFailure):
             headers = {"WWW-Authenticate": 'Bearer realm="llumnix"'} if outcome.http_status == 401 else None
             return web.json_response(outcome.body(), status=outcome.http_status, headers=headers)
@@ -280,10 +350,11 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         role = self.required_role(handler_call_details.method)
         if handler is None or role is None:
             return handler
-        authorization = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                authorization = value.decode() if isinstance(value, bytes) else value
+        authorization = [
+            value.decode() if isinstance(value, bytes) else value
+            for key, value in handler_call_details.invocation_metadata or ()
+            if key == "authorization"
+        ]
         outcome = await authenticate(self.store, authorization, role)
         if not isinstance(outcome, AuthFailure):
             return handler
