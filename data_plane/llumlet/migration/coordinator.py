@@ -798,7 +798,7 @@ class MigrationCoordinator:
             if isinstance(done, ev.Installed):
                 self.llumlet.adopt(state, commit.request.request.frontend_address, commit.capability)
                 owners = self.llumlet.owners
-                # Entries of requests that ended meanwhile go now: the map holds at most the live ones.
+                # Entries of requests that ended (or moved on) since the last install go now: the map stays bounded.
                 self._migrated_in = {r: e for r, e in self._migrated_in.items() if owners.get(r) is e[1]}
                 rid = state.spec.request_id
                 self._migrated_in[rid] = (incoming.source_instance_id, owners[rid])
