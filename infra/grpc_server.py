@@ -4,17 +4,20 @@ Every process of the system (scheduler replicas, llumlets, frontends, test sinks
 is always on, the bound port is always reported the same way, and security is applied in one place: with the
 process's security settings (``infra.security.runtime``) secure, the port requires CA-signed client certificates
 and a ``RoleInterceptor`` checks each call's method against the caller's role. Reflection is off unless the settings
-(``--reflection``) or the caller ask for it: it hands out the whole schema to anyone who may connect.
+(``--reflection``) or the caller ask for it: it hands out the whole schema to anyone who may connect. A request body
+that does not parse is answered INVALID_ARGUMENT (``MalformedRequestInterceptor``), not grpc's UNKNOWN.
 """
 
 from __future__ import annotations
 
+import inspect
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -81,6 +84,85 @@ class RunningServer:
         await self.server.stop(grace)
 
 
+class MalformedRequest:
+    """What a request deserializer hands on instead of raising when the bytes are no valid message of its type."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _parse_or_mark(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc))
+
+    return parse
+
+
+async def _refuse_malformed(request: Any, context: Any) -> None:
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+
+
+def _checked(handler: Any) -> Any:
+    """``handler`` (unary request) whose malformed request is refused with INVALID_ARGUMENT before its behaviour."""
+    parse = _parse_or_mark(handler.request_deserializer)
+    if handler.unary_unary is not None:
+        uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            await _refuse_malformed(request, context)
+            result = uu(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return handler._replace(unary_unary=unary_unary, request_deserializer=parse)
+    us = handler.unary_stream
+
+    async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+        await _refuse_malformed(request, context)
+        result = us(request, context)
+        if hasattr(result, "__aiter__"):
+            async for item in result:
+                yield item
+        elif inspect.isawaitable(result):  # a coroutine that writes with context.write
+            await result
+
+    return handler._replace(unary_stream=unary_stream, request_deserializer=parse)
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """INVALID_ARGUMENT, not UNKNOWN, for a request body that does not parse (bad UTF-8 in a string field, corrupt
+    bytes): grpc.aio answers a deserializer's exception with UNKNOWN "Unexpected <class 'DecodeError'>", which reads
+    as a server fault rather than the caller's bad input. It comes last in the chain, so the callers' checks
+    (certificate role, API key) still run first and an unauthenticated caller learns nothing about parsing. Requests
+    of client streams (ReportLoad, StreamOutputs: internal peers) keep grpc's answer: checking them would mean
+    wrapping the servicer's request iterator."""
+
+    def __init__(self) -> None:
+        # method -> (the servicer's handler, its checked copy): built once per method, not per call.
+        self._checked: dict[str, tuple[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method
+        cached = self._checked.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        checked = _checked(handler)
+        self._checked[method] = (handler, checked)
+        return checked
+
+
 async def start_server(
     bindings: Sequence[ServiceBinding],
     host: str = "127.0.0.1",
@@ -104,7 +186,8 @@ async def start_server(
         credentials = runtime.server_port_credentials(settings)
         chain = [*runtime.server_interceptors(settings), *chain]
     chain = [*tracing.server_interceptors(), *chain]  # continues callers' traces (none when tracing is off)
-    server = grpc.aio.server(options=list(options), interceptors=chain or None)
+    chain.append(MalformedRequestInterceptor())  # innermost: after every check of the caller
+    server = grpc.aio.server(options=list(options), interceptors=chain)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [health.SERVICE_NAME]

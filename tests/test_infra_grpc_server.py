@@ -8,6 +8,7 @@ could not be bound at all (``::1:0`` is no address gRPC can bind).
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -15,6 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pyllumnix.infra.grpc_server import RunningServer, host_port, start_server
+from pyllumnix.infra.security.authz import guard_handler
+from pyllumnix.protos.llumnix.v1 import frontend_pb2, frontend_pb2_grpc
 
 
 def ipv6_loopback() -> bool:
@@ -67,3 +70,65 @@ def test_host_port_brackets_ipv6_literals_only() -> None:
     assert host_port("fd00::2", 7) == "[fd00::2]:7"
     assert host_port("10.0.0.3", 7) == "10.0.0.3:7"
     assert host_port("node-a.example", 7) == "node-a.example:7"
+
+
+class EchoFrontend(frontend_pb2_grpc.FrontendServiceServicer):
+    """Generate (unary request, server stream) and Abort (unary), enough to send them any bytes."""
+
+    async def Generate(
+        self, request: frontend_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[frontend_pb2.GenerateResponse]:
+        yield frontend_pb2.GenerateResponse(request_id=request.request_id, text=request.text, finished=True)
+
+    async def Abort(self, request: frontend_pb2.AbortRequest, context: Any) -> frontend_pb2.AbortResponse:
+        return frontend_pb2.AbortResponse()
+
+
+class NeedsKey(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Refuses a call without an "authorization" entry, as an API-key check does (from metadata, before the handler)."""
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if any(key == "authorization" for key, _ in details.invocation_metadata or ()):
+            return handler
+
+        async def refuse(context: Any) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "no key")
+
+        return guard_handler(handler, refuse)
+
+
+BAD_UTF8_ID = b"\x0a\x02\xc3\x28"  # GenerateRequest/AbortRequest.request_id = the bytes C3 28 (not UTF-8)
+GARBAGE = b"\xff\xff\xff\xff"
+
+
+async def test_a_malformed_request_is_invalid_argument_after_the_callers_checks() -> None:
+    """grpc.aio answered a request that does not parse with UNKNOWN "Unexpected <class 'DecodeError'>" (a server
+    fault, to the caller); every server of start_server now says INVALID_ARGUMENT, for unary and server-streaming
+    methods, while a caller's own checks (an interceptor given to start_server) still answer first."""
+    binding = (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, EchoFrontend(), "llumnix.v1.FrontendService")
+    server = await start_server([binding], interceptors=[NeedsKey()])
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            raw = {"request_serializer": bytes, "response_deserializer": bytes}
+            key = (("authorization", "Bearer k"),)
+            generate = channel.unary_stream("/llumnix.v1.FrontendService/Generate", **raw)
+            abort = channel.unary_unary("/llumnix.v1.FrontendService/Abort", **raw)
+            for body in (BAD_UTF8_ID, GARBAGE):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    _ = [m async for m in generate(body, metadata=key, timeout=10)]
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+                assert "malformed request" in (err.value.details() or "")
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await abort(body, metadata=key, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await abort(body, timeout=10)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED  # the caller's check before parsing
+            stub = frontend_pb2_grpc.FrontendServiceStub(channel)
+            request = frontend_pb2.GenerateRequest(request_id="r", text="hi")
+            replies = [m async for m in stub.Generate(request, metadata=key, timeout=10)]
+            assert [(m.request_id, m.text) for m in replies] == [("r", "hi")]  # a well-formed one is served
+            assert await stub.Abort(frontend_pb2.AbortRequest(request_id="r"), metadata=key, timeout=10) is not None
+    finally:
+        await server.stop(None)
