@@ -391,7 +391,8 @@ output_option = click.option(
     "--api-key",
     envvar=ENV_API_KEY,
     default=None,
-    help=f"API key, sent as 'authorization: Bearer' (implies --tls; env {ENV_API_KEY}).",
+    help=f"API key, sent as 'authorization: Bearer' (implies --tls; env {ENV_API_KEY}). With the context file, "
+    "this and --ca/--cert/--key/--server-name replace only their own part of the context's TLS settings.",
 )
 @click.option(
     "--context",
