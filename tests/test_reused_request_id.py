@@ -7,24 +7,34 @@ the tombstone's 60 s had its new request refused: the frontend answered INTERNAL
 arrived"). The frontend never aborts a request on an instance whose add it still awaits, so an ABORTED answer to a
 live request is an earlier request's tombstone, which the refusal took: the frontend places the request again.
 A duplicate *live* id is still refused (ALREADY_EXISTS).
+
+A2 (attack8): an id reused right after its request was dropped. Each grant is a new token (the ledger's generations
+are never reused), the id stays reserved until the abort its release started is answered (that abort names the
+request by id only), and a llumlet told that an output was refused aborts only the incarnation that output belonged
+to. Before, the new request ended ABORT with 0 tokens, or hung until the idle timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
 
-from pyllumnix.control_plane.frontend.core import Frontend
+from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput
 from pyllumnix.control_plane.frontend.dispatch import Placement
+from pyllumnix.control_plane.frontend.errors import DuplicateRequestError
+from pyllumnix.control_plane.frontend.requests import HolderLedger, StaleCapabilityError, TrackedRequest
 from pyllumnix.control_plane.frontend.service import FrontendGrpc, start_grpc
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
 from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.tools.recording_sink import RecordingSink
 from tests.test_frontend_fakes import MAX_MODEL_LEN, MODEL, TOKENIZER, StaticDispatcher
 
 TIMEOUT_S = 20.0
@@ -119,3 +129,200 @@ async def test_a_duplicate_live_id_is_still_refused(cluster: Cluster) -> None:
             await dup.read()
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
         long.cancel()
+
+
+ROUNDS = 20
+
+
+async def test_an_id_reused_right_after_a_cancel_gets_its_own_tokens(cluster: Cluster) -> None:
+    """A2: the client cancels request R after its first token and at once sends R again (max_tokens 5), 20 times.
+
+    Old behaviour: the first request's abort (by bare id) and its late outputs (the same capability token: the ledger
+    forgot the id and granted generation 0 again) landed on the second request, which ended ABORT with 0 tokens in
+    most rounds. Now each answer is all 5 tokens (LENGTH), or a clear ALREADY_EXISTS, and nothing is left behind."""
+    results: list[str] = []
+    async with grpc.aio.insecure_channel(cluster.frontend_grpc.address) as channel:
+        stub = frontend_pb2_grpc.FrontendServiceStub(channel)
+        for i in range(ROUNDS):
+            rid = f"reuse-{i % 3}"  # ids come back across rounds too
+            first = stub.Generate(
+                frontend_pb2.GenerateRequest(
+                    request_id=rid, text="a b c", sampling=common_pb2.SamplingParams(max_tokens=200)
+                ),
+                timeout=TIMEOUT_S,
+            )
+            await first.read()  # its first token: it runs on the llumlet
+            first.cancel()
+            try:
+                again = stub.Generate(
+                    frontend_pb2.GenerateRequest(
+                        request_id=rid, text="a b c", sampling=common_pb2.SamplingParams(max_tokens=5)
+                    ),
+                    timeout=TIMEOUT_S,
+                )
+                replies = [reply async for reply in again]
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.ALREADY_EXISTS, f"round {i}: {exc.code()} {exc.details()}"
+                results.append("409")
+                continue
+            last = replies[-1]
+            tokens = sum(len(r.token_ids) for r in replies)
+            assert last.finished, f"round {i}: the stream ended unfinished"
+            assert (last.finish_reason, tokens) == (common_pb2.FINISH_REASON_LENGTH, 5), (
+                f"round {i}: {common_pb2.FinishReason.Name(last.finish_reason)} with {tokens} tokens"
+            )
+            results.append("ok")
+    assert results.count("ok") >= ROUNDS // 2, f"most reuses are served, not refused: {results}"
+    for _ in range(200):  # the cancelled requests' aborts settle
+        if not cluster.llumlet.engine.request_ids() and not cluster.frontend.tracker:
+            break
+        await asyncio.sleep(0.02)
+    assert cluster.llumlet.engine.request_ids() == [], "nothing left behind on the instance"
+    assert len(cluster.frontend.tracker) == 0 and len(cluster.frontend.tracker.ledger) == 0
+
+
+def test_a_grant_after_forget_is_a_new_token_and_the_old_one_is_refused() -> None:
+    """A2 (token half): the old ledger reset the generation on ``forget``, so a reused id placed on the same
+    instance got a byte-identical token, and the earlier request's late outputs passed ``check`` as the new one's."""
+    ledger = HolderLedger()
+    old = ledger.grant("R", "i-1")
+    ledger.forget("R")
+    new = ledger.grant("R", "i-1")
+    assert new != old
+    assert ledger.check(new, request_id="R", caller_instance_id="i-1").holder_instance_id == "i-1"
+    with pytest.raises(StaleCapabilityError):
+        ledger.check(old, request_id="R", caller_instance_id="i-1")
+    assert ledger.outdated(old, request_id="R") and not ledger.outdated(new, request_id="R")
+    assert not ledger.outdated("", request_id="R"), "a token-less output (insecure hand-over) is not outdated"
+    # A hand-over's token is unique too, and the retired holder's token is stale once the destination pushes.
+    moved = ledger.hand_over(new, request_id="R", caller_instance_id="i-1", new_instance_id="i-2")
+    assert moved not in (old, new)
+    ledger.check(moved, request_id="R", caller_instance_id="i-2")
+    with pytest.raises(StaleCapabilityError):
+        ledger.check(new, request_id="R", caller_instance_id="i-1")
+
+
+def slow_aborts(frontend: Frontend, gate: asyncio.Event) -> list[str]:
+    """Holds the frontend's aborts until ``gate`` is set (an abort still on its way to the instance); returns the ids
+    whose abort reached the instance, in order."""
+    real = frontend._abort_on_instance
+    done: list[str] = []
+
+    async def held(request_id: str, instance_id: str) -> None:
+        await gate.wait()
+        await real(request_id, instance_id)
+        done.append(request_id)
+
+    frontend._abort_on_instance = held  # type: ignore[method-assign]
+    return done
+
+
+async def run_to_end(request: TrackedRequest) -> tuple[int, int]:
+    """(finish reason, tokens) of a tracked request."""
+    tokens = 0
+    async with asyncio.timeout(TIMEOUT_S):
+        async for delta in request.deltas():
+            tokens += len(delta.token_ids)
+            if delta.finished:
+                return delta.finish_reason, tokens
+    raise AssertionError("unreachable")
+
+
+def inp(request_id: str, max_tokens: int) -> GenerationInput:
+    return GenerationInput(
+        prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=max_tokens), request_id=request_id
+    )
+
+
+async def test_a_reused_id_waits_for_the_earlier_requests_abort(cluster: Cluster) -> None:
+    """A2 (bare-id abort): the id stays reserved until the abort its release started is answered, so that abort never
+    lands on the new request. Old behaviour: the new request went to the instance at once, while the old one (its
+    abort still on the way) held the id there: ALREADY_EXISTS; had the old one just left, the abort killed the new."""
+    frontend = cluster.frontend
+    gate = asyncio.Event()
+    aborted = slow_aborts(frontend, gate)
+    first = await frontend.submit(inp("job-3", 200))
+    frontend.release(first)  # the client left: an abort starts, held on its way
+    second = asyncio.create_task(frontend.submit(inp("job-3", 5)))
+    await asyncio.sleep(0.2)
+    assert not second.done(), "the reuse waits while the earlier request's abort is on its way"
+    gate.set()
+    request = await asyncio.wait_for(second, TIMEOUT_S)
+    assert aborted == ["job-3"], "the earlier request's abort was answered before the reuse was placed"
+    try:
+        assert await run_to_end(request) == (common_pb2.FINISH_REASON_LENGTH, 5)
+    finally:
+        frontend.release(request)
+
+
+async def test_a_reused_id_whose_abort_does_not_come_back_is_refused_clearly(cluster: Cluster) -> None:
+    """An abort that is not answered within twice the call timeout: the reuse is a clear 409 (ALREADY_EXISTS), not a
+    request exposed to that abort."""
+    frontend = cluster.frontend
+    frontend.call_timeout = 0.2
+    gate = asyncio.Event()
+    slow_aborts(frontend, gate)
+    first = await frontend.submit(inp("job-4", 200))
+    frontend.release(first)
+    try:
+        with pytest.raises(DuplicateRequestError, match="still being aborted"):
+            await asyncio.wait_for(frontend.submit(inp("job-4", 5)), TIMEOUT_S)
+        assert frontend.inflight == 0, "the refused reuse holds no admission slot"
+    finally:
+        gate.set()
+
+
+class RefusingSink(RecordingSink):
+    """Answers every output that carries a capability in ``refuse`` as a frontend answers a stale one: unknown."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.answered = asyncio.Event()
+
+    async def PushOutputs(
+        self, request: frontend_pb2.PushOutputsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> frontend_pb2.PushOutputsResponse:
+        await super().PushOutputs(request, context)
+        unknown = [out.request_id for out in request.outputs if out.capability in self.refuse]
+        if unknown:
+            self.answered.set()
+        return frontend_pb2.PushOutputsResponse(unknown_request_ids=unknown)
+
+
+async def test_a_stale_output_aborts_only_its_own_incarnation_on_the_llumlet() -> None:
+    """A2 (orphan abort): the frontend refuses a late output of an earlier request with a reused id (its token is
+    outdated) and names the id as unknown. Old behaviour: the llumlet then silently aborted whatever request had that
+    id, i.e. the live new one, which never produced anything again (the client's 30 s idle timeout, 504)."""
+    sink = RefusingSink({"cap-old", "cap-new"})
+    address = await sink.start()
+    llumlet = Llumlet(SimEngine("tiny"), "i-orphan")  # not started: what is added stays queued
+    try:
+        await llumlet.add_request(
+            common_pb2.EngineRequest(
+                request_id="R",
+                prompt_token_ids=[1, 2, 3],
+                sampling=common_pb2.SamplingParams(max_tokens=5),
+                frontend_address=address,
+                capability="cap-new",
+            )
+        )
+
+        async def refused(capability: str) -> None:
+            sink.answered.clear()
+            late = common_pb2.RequestOutput(
+                request_id="R", token_ids=[9], first_token_index=3, instance_id="i-orphan", capability=capability
+            )
+            llumlet.pusher.submit(address, [late])
+            await asyncio.wait_for(sink.answered.wait(), TIMEOUT_S)
+            for _ in range(10):  # the llumlet's abort task runs
+                await asyncio.sleep(0.02)
+
+        await refused("cap-old")  # the earlier incarnation's late output
+        assert llumlet.engine.request_ids() == ["R"], "the new incarnation was aborted for the old one's output"
+        await refused("cap-new")  # its own output refused: that incarnation is an orphan
+        assert llumlet.engine.request_ids() == [], "the refused incarnation itself is aborted"
+        assert "R" not in llumlet.owners
+    finally:
+        await llumlet.stop()
+        await sink.stop()

@@ -259,6 +259,10 @@ class Frontend:
         # request id -> the instance its dispatch chose (what the dispatcher's ``release`` expects back).
         self._dispatched: dict[str, str] = {}
         self._background: set[asyncio.Task[None]] = set()
+        # request id -> its aborts still on their way to an instance. The id stays reserved until they are answered:
+        # an abort names the request by id only, so one landing after a new request of the same id was added (a
+        # client reusing the id at once) would kill that one instead.
+        self._aborting: dict[str, set[asyncio.Task[None]]] = {}
         # request id -> its trace span (tracing on only): from arrival to release; dispatch and AddRequest are its
         # children, so the scheduler and the instance continue the same trace.
         self._traces: dict[str, Any] = {}
@@ -309,6 +313,8 @@ class Frontend:
         self._admitted += 1
         try:
             prompt_ids, max_tokens = await self._validate(inp)
+            if inp.request_id in self._aborting:
+                await self._await_aborts(inp.request_id)
             request = TrackedRequest(
                 request_id=inp.request_id or uuid.uuid4().hex,
                 prompt_token_ids=prompt_ids,
@@ -585,12 +591,38 @@ class Frontend:
             self.dispatcher.release(instance_id)
 
     def _abort_soon(self, request: TrackedRequest) -> None:
-        """Aborts on the current instance in the background (callers may be cancelled or synchronous)."""
+        """Aborts on the current instance in the background (callers may be cancelled or synchronous); the request's
+        id stays reserved until the abort is answered (see ``_await_aborts``)."""
         if not request.instance_id:
             return
-        task = asyncio.get_running_loop().create_task(self._abort_on_instance(request.request_id, request.instance_id))
+        request_id = request.request_id
+        task = asyncio.get_running_loop().create_task(self._abort_on_instance(request_id, request.instance_id))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._aborting.setdefault(request_id, set()).add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._background.discard(t)
+            pending = self._aborting.get(request_id)
+            if pending is not None:
+                pending.discard(t)
+                if not pending:
+                    del self._aborting[request_id]
+
+        task.add_done_callback(done)
+
+    async def _await_aborts(self, request_id: str) -> None:
+        """A new request reuses the id of one whose abort is still on its way: waits for that abort's answer (it is
+        bounded by the call timeout), so it cannot land on the new one; DuplicateRequestError (409) if it does not
+        come in time."""
+        pending = self._aborting.get(request_id)
+        if pending:
+            await asyncio.wait(set(pending), timeout=2 * self.call_timeout)
+        if self._aborting.get(request_id):
+            raise DuplicateRequestError(
+                f"request id {request_id!r} is in use: an earlier request with this id is still being aborted; "
+                "retry shortly",
+                param="request_id",
+            )
 
     async def _abort_on_instance(self, request_id: str, instance_id: str) -> None:
         address = self._addresses.get(instance_id)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -363,6 +364,9 @@ class HolderLedger:
     def __init__(self, tokens: CapabilityTokens | None = None) -> None:
         self.tokens = tokens if tokens is not None else CapabilityTokens(new_secret(), "frontend")
         self._held: dict[str, _Holding] = {}
+        # Generations are numbered across all requests and never reused (``forget`` does not reset them): a client may
+        # reuse a request id at once, and the earlier incarnation's late outputs must never pass for the new one's.
+        self._generations = itertools.count()
 
     def __len__(self) -> int:
         return len(self._held)
@@ -370,8 +374,7 @@ class HolderLedger:
     def grant(self, request_id: str, instance_id: str) -> str:
         """The token sent with AddRequest to ``instance_id``; a re-dispatch (the previous instance refused) replaces
         the previous grant."""
-        prev = self._held.get(request_id)
-        cap = Capability(request_id, instance_id, prev.current.generation + 1 if prev else 0)
+        cap = Capability(request_id, instance_id, next(self._generations))
         token = self.tokens.issue(request_id, instance_id, generation=cap.generation)
         self._held[request_id] = _Holding(cap, token)
         return token
@@ -406,6 +409,16 @@ class HolderLedger:
             f"stale: the request is held by {held.current.holder_instance_id} (generation {held.current.generation})"
         )
 
+    def outdated(self, token: str, *, request_id: str) -> bool:
+        """Whether ``token`` is neither the current nor the pending grant of a request held here: an earlier
+        incarnation's (the id was reused) or a holder's the request was taken from. For pushes that cannot be
+        checked (a plaintext frontend: no caller identity), so a reused id still gets only its own outputs; a
+        token-less output (an insecure migration's destination) is not outdated."""
+        held = self._held.get(request_id)
+        if held is None or not token:
+            return False
+        return not (_same(token, held.token) or _same(token, held.pending_token))
+
     def hand_over(self, token: str, *, request_id: str, caller_instance_id: str, new_instance_id: str) -> str:
         """The current holder hands the request to a migration destination: returns the destination's token (the
         same one again when asked twice for the same destination, e.g. after a lost answer)."""
@@ -419,7 +432,7 @@ class HolderLedger:
             raise StaleCapabilityError(f"{caller_instance_id} does not hold request {request_id!r} now")
         if held.pending is not None and held.pending.holder_instance_id == new_instance_id:
             return held.pending_token
-        cap = Capability(request_id, new_instance_id, held.current.generation + 1)
+        cap = Capability(request_id, new_instance_id, next(self._generations))
         held.pending = cap
         held.pending_token = self.tokens.issue(request_id, new_instance_id, generation=cap.generation)
         return held.pending_token

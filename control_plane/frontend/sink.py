@@ -12,8 +12,9 @@ Who may push what (checked per output, from the caller's certificate identity, o
 - nobody else (the role table says the same; this holds also where no RoleInterceptor is installed).
 
 A plaintext connection exists only on a frontend started with ``--insecure`` (a TLS server has no plaintext port):
-there the checks are skipped with one warning, as there is no identity to check. ``max_tokens`` is enforced for
-every pusher by the tracked request itself.
+there the checks are skipped with one warning, as there is no identity to check, but for one: an output carrying an
+outdated grant of this frontend (an earlier request with a reused id) is dropped as stale, so a reused id gets only
+its own outputs there too. ``max_tokens`` is enforced for every pusher by the tracked request itself.
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
                 outputs = await self._from_scheduler(request, context)
             else:
                 await self._refuse(context, f"caller {caller.role} {caller.id} may not push outputs")
+        else:
+            outputs, refused = self._current_incarnations(outputs)
         unknown = self.tracker.route(request.instance_id, outputs)
         return unknown + refused if refused else unknown
 
@@ -201,6 +204,25 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
                 await self._refuse(context, f"llumlet {caller.id} may not push outputs for {out.request_id!r}: {exc}")
             accepted.append(out)
         return accepted, stale
+
+    def _current_incarnations(
+        self, outputs: Sequence[common_pb2.RequestOutput]
+    ) -> tuple[Sequence[common_pb2.RequestOutput], list[str]]:
+        """Unchecked pushes (plaintext): drops outputs that carry an outdated grant (an earlier request with a reused
+        id), returning their ids as stale so the pusher stops that incarnation."""
+        ledger = self.tracker.ledger
+        if not any(ledger.outdated(out.capability, request_id=out.request_id) for out in outputs):
+            return outputs, []
+        kept: list[common_pb2.RequestOutput] = []
+        stale: list[str] = []
+        for out in outputs:
+            if ledger.outdated(out.capability, request_id=out.request_id):
+                self.stale_outputs += 1
+                if out.request_id not in stale:
+                    stale.append(out.request_id)
+            else:
+                kept.append(out)
+        return kept, stale
 
     async def _from_scheduler(
         self, request: frontend_pb2.PushOutputsRequest, context: Context

@@ -410,9 +410,13 @@ class Llumlet:
             await channel.close()
         return str(reply.capability)
 
-    def _abort_orphans(self, request_ids: list[str]) -> None:
-        """The frontend does not know these requests: abort them (no output: nobody waits for it) to free blocks."""
-        asyncio.get_running_loop().create_task(self._abort_silently(request_ids, {}))
+    def _abort_orphans(self, orphans: dict[str, str]) -> None:
+        """The frontend does not know these requests: abort them (no output: nobody waits for it) to free blocks.
+
+        ``orphans`` maps each id to the capability of the output the frontend refused. Only the request that still
+        holds that capability is aborted: a client may reuse an id right after dropping it, and the new request with
+        that id (another grant, another token) must not be killed by the late outputs of the old one."""
+        asyncio.get_running_loop().create_task(self._abort_silently(list(orphans), {}, orphans))
 
     def _frontend_unreachable(self, address: str, notified: list[str]) -> None:
         """The pusher gave up on ``address`` after its whole budget and queued final ERROR outputs for ``notified``;
@@ -424,11 +428,16 @@ class Llumlet:
         notices = {rid: message for rid in doomed if rid not in told}
         asyncio.get_running_loop().create_task(self._abort_silently(sorted(doomed), notices))
 
-    async def _abort_silently(self, request_ids: list[str], notices: dict[str, str]) -> None:
-        """Aborts requests without the usual ABORT output; ``notices`` (id -> message) get a final ERROR output."""
+    async def _abort_silently(
+        self, request_ids: list[str], notices: dict[str, str], capabilities: dict[str, str] | None = None
+    ) -> None:
+        """Aborts requests without the usual ABORT output; ``notices`` (id -> message) get a final ERROR output.
+        ``capabilities`` (id -> token): abort an id only while its holder here has that token (that incarnation)."""
         for rid in request_ids:
             async with self.engine_lock:
                 owner = self.owners.get(rid)
+                if capabilities is not None and owner is not None and owner.capability != capabilities.get(rid, ""):
+                    continue  # another incarnation of the id (a client reused it): not the one refused
                 try:
                     if self.engine.phase(rid) is Phase.SUSPENDED:  # its migration coordinator settles it
                         self.pending_aborts[rid] = time.time()

@@ -37,7 +37,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +207,13 @@ class _Sink:
             self.changed.notify_all()
 
 
+def _orphans(request_ids: Sequence[str], sent: Sequence[common_pb2.RequestOutput]) -> dict[str, str]:
+    """Each id with the capability its latest output among ``sent`` carried: the incarnation the frontend refused (an
+    id whose output is not among them maps to "", which matches only a request held without a token)."""
+    caps = {out.request_id: out.capability for out in sent}
+    return {rid: caps.get(rid, "") for rid in request_ids}
+
+
 def _ring(sink: _Sink) -> None:
     sink.alarm = None
     sink.wake.set()
@@ -215,7 +222,9 @@ def _ring(sink: _Sink) -> None:
 class OutputPusher:
     """One sender task per frontend address.
 
-    ``on_orphans(request_ids)``: the frontend answered that it does not know these requests (abort them silently).
+    ``on_orphans(orphans)``: the frontend answered that it does not know these requests (abort them silently);
+    ``orphans`` maps each id to the capability token the refused output carried, so the llumlet aborts only that
+    incarnation of the id (a client may reuse an id at once: its new request must not pay for the old one's outputs).
     ``on_unreachable(address, request_ids)``: the frontend could not be reached for the whole budget; ``request_ids``
     had outputs dropped (each got a final ERROR output queued instead); the llumlet aborts every request it still
     holds for ``address``.
@@ -224,7 +233,7 @@ class OutputPusher:
     def __init__(
         self,
         instance_id: str,
-        on_orphans: Callable[[list[str]], None],
+        on_orphans: Callable[[dict[str, str]], None],
         on_unreachable: Callable[[str, list[str]], None] | None = None,
         settings: PushSettings | None = None,
     ) -> None:
@@ -519,10 +528,13 @@ class OutputPusher:
         """Every batch up to ``acked_seq`` was applied: settles them."""
         now = time.monotonic()
         mark = 0
+        acked: list[common_pb2.RequestOutput] = []
         while sink.unacked and sink.unacked[0].message.seq <= reply.acked_seq:
             batch = sink.unacked.popleft()
             mark = batch.mark
             self.pushed += len(batch.message.batch.outputs)
+            if reply.unknown_request_ids:
+                acked.extend(batch.message.batch.outputs)
         sink.last_ack = now
         if sink.probing:  # the answer to a new stream's question: resend what it did not apply
             sink.probing, sink.ask_seq = False, 0
@@ -536,7 +548,7 @@ class OutputPusher:
                 log.info("frontend %s took outputs again after %d failed attempts", sink.address, sink.failures)
                 sink.failures = 0
         if reply.unknown_request_ids:
-            self._on_orphans(list(reply.unknown_request_ids))
+            self._on_orphans(_orphans(reply.unknown_request_ids, acked))
         sink.wake.set()
         if mark:
             await sink.settle(mark, lost=False)
@@ -610,7 +622,7 @@ class OutputPusher:
         self.pushed += len(batch)
         await sink.settle(seq, lost=False)
         if reply.unknown_request_ids:
-            self._on_orphans(list(reply.unknown_request_ids))
+            self._on_orphans(_orphans(reply.unknown_request_ids, batch))
 
     async def _push(
         self, sink: _Sink, request: frontend_pb2.PushOutputsRequest, start: float
@@ -726,7 +738,7 @@ class OutputPusher:
         if self._on_unreachable is not None:
             self._on_unreachable(sink.address, list(first_dropped))
         else:
-            self._on_orphans([rid for rid, _ in first_dropped.items() if rid not in done])
+            self._on_orphans(_orphans([rid for rid in first_dropped if rid not in done], dropped))
         if notices:
             self.submit(sink.address, notices)
         # Outputs the llumlet still produces for these requests before its abort lands must not follow the notice.
