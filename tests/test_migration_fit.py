@@ -62,15 +62,15 @@ SOURCE = [
         # LR keeps its order among the running requests that fit: 321 + 1 block of growth fits 322, 328 does not.
         ("too large candidate skipped (LR)", SOURCE, Selection.LR, 322, "run-321"),
         ("growth block counted (LR)", SOURCE, Selection.LR, 321, "run-40"),
-        # Old: run-321 (refused by a destination with room 207).
-        (
-            "SR: only big running ones, none fits: the fitting waiting head",
-            SOURCE[:2] + SOURCE[4:],
-            Selection.SR,
-            207,
-            "head-200",
-        ),
-        ("SR: head too big, the small waiting one fits", SOURCE[:2] + SOURCE[4:], Selection.SR, 100, "small-30"),
+        # The limit keeps the selection's kind (session 8): running requests exist, none fits, so nothing moves. Before
+        # the limit: run-321, refused by a destination with room 207; with the limit before session 8: the fitting
+        # waiting head-200 / small-30 (the fallback taken for want of a fitting running request; it cost the simulated
+        # Llumnix its prefill latency).
+        ("SR: only big running ones, none fits: nothing", SOURCE[:2] + SOURCE[4:], Selection.SR, 207, None),
+        ("SR: none fits, a small waiting one would: nothing", SOURCE[:2] + SOURCE[4:], Selection.SR, 100, None),
+        ("SR: nothing running: the fitting waiting head", SOURCE[4:], Selection.SR, 207, "head-200"),
+        ("SR: nothing running: head too big, the next waiting one", SOURCE[4:], Selection.SR, 100, "small-30"),
+        ("FCW: the head does not fit, a running one would: nothing", SOURCE[:3] + SOURCE[4:5], Selection.FCW, 41, None),
         ("FCW: the head fits", SOURCE, Selection.FCW, 200, "head-200"),
         ("FCW: head too big, the next waiting one", SOURCE, Selection.FCW, 199, "small-30"),
         ("FCW: no waiting one fits, nor a running one", SOURCE, Selection.FCW, 29, None),
@@ -207,19 +207,17 @@ def _run_crafted() -> list[MigrationProcess]:
 REPORT_MS = 100
 
 
-def test_the_simulator_moves_a_fitting_request_instead_of_repeating_a_refused_one() -> None:
-    """Old: SR picked the 320-block running request big-a every round and the destination refused it (dozens of
-    refusals, ~10 a second). New: the big requests are never tried, the queued ones move; a refusal happens only when
-    the pairing round ran on a load report older than the previous migration's commit (the destination's room in
-    the snapshot did not yet show the request it had just received), at most one per commit."""
+def test_the_simulator_neither_repeats_a_refused_migration_nor_moves_the_queue_instead() -> None:
+    """Before the limit: SR picked the 320-block running request big-a every round and the destination refused it
+    (dozens of refusals, ~10 a second). With the limit before session 8: the big requests were never tried, and the
+    fallback moved the queued q0-q3 instead (a kind of migration the source never made before: it runs requests).
+    Now: nothing is tried while the destination's room holds no running request, no queued request moves, and the
+    queue is served where it is (docs/sim/REPORT.md, session 8: that fallback, ~200 waiting requests moved per
+    10,000, cost the simulated Llumnix its prefill). Once dst-run finishes a big request may move (it fits then)."""
     migrations = _run_crafted()
-    assert not {"big-a", "big-b"} & {m.request_id for m in migrations}
-    committed = [m for m in migrations if m.outcome is Outcome.COMMITTED]
-    assert [m.request_id for m in committed] == ["q0", "q1", "q2", "q3"]
-    for m in migrations:
-        if m.outcome is Outcome.ABORTED_BY_DESTINATION:
-            last_commit = max((c.end_time for c in committed if c.end_time <= m.start_time), default=-1.0)
-            assert m.start_time - last_commit <= REPORT_MS / 1000.0, (m.request_id, m.start_time, last_commit)
+    assert not [m.request_id for m in migrations if m.request_id.startswith("q")]
+    assert not [m for m in migrations if m.outcome is Outcome.ABORTED_BY_DESTINATION]
+    assert all(m.request_id in ("big-a", "big-b") for m in migrations)
 
 
 # --- the live llumlet: MigrateOut.max_blocks reaches the selection (two in-process llumlets, real gRPC, sim engines).

@@ -6,7 +6,11 @@ are never picked: migration exists to protect them, not to disturb them. Ties br
 
 ``max_blocks`` (the destination's room, ``pairing.order_room``) keeps only the candidates the destination can take:
 a source that picked a request too large for it had its migration refused at pre-allocation, and the pairing loop
-sent the same order every round (~10 futile migrations a second, holding both instances' migration slots).
+sent the same order every round (~10 futile migrations a second, holding both instances' migration slots). The limit
+never changes which kind of request moves: the fallback to the other kind applies only when the selection's own kind
+has no candidate at all, as without a limit. A fallback taken because no running request fit moved waiting requests
+from overloaded sources onto nearly full destinations (never done before the limit: a source that runs requests
+sent a running one or nothing), and cost the simulated Llumnix its prefill latency (docs/sim/REPORT.md, session 8).
 """
 
 from __future__ import annotations
@@ -32,20 +36,22 @@ def select_request(
     candidate takes the head waiting request, and FCW with an empty queue takes the shortest running one, so a
     draining instance can always empty itself. ``max_blocks`` > 0 considers only the requests that fit in that many
     blocks (0: no limit): a running one needs its blocks plus one block of growth (it keeps decoding while its
-    blocks are copied), a waiting one its prefill demand; the order and the fallback apply among those."""
-    movable = [
-        r for r in requests if r.priority < Priority.HIGH and (max_blocks <= 0 or blocks_needed(r) <= max_blocks)
-    ]
+    blocks are copied), a waiting one its prefill demand. The order applies among those; the fallback only where the
+    selection's own kind has no candidate at all, fitting or not (see the module docstring)."""
+    movable = [r for r in requests if r.priority < Priority.HIGH]
     running = [r for r in movable if r.phase == RequestPhase.RUNNING]
     waiting = [r for r in movable if r.phase == RequestPhase.WAITING]
     primary, other, other_sel = (
         (waiting, running, Selection.SR) if selection == Selection.FCW else (running, waiting, Selection.FCW)
     )
     if primary:
-        return min(primary, key=_KEYS[selection]).request_id
-    if fallback and other:
-        return min(other, key=_KEYS[other_sel]).request_id
-    return None
+        candidates, order = primary, selection
+    elif fallback and other:
+        candidates, order = other, other_sel
+    else:
+        return None
+    fitting = [r for r in candidates if max_blocks <= 0 or blocks_needed(r) <= max_blocks]
+    return min(fitting, key=_KEYS[order]).request_id if fitting else None
 
 
 # The block of growth a running request needs at the destination beyond its own: it keeps decoding while its blocks
