@@ -65,11 +65,11 @@ async def cluster() -> AsyncIterator[Cluster]:
     frontend_grpc = await start_grpc(frontend)
     try:
         yield Cluster(llumlet, servicer, server, frontend, frontend_grpc)
-    finally:
-        await frontend_grpc.stop(None)
-        await frontend.close()
+    finally:  # the llumlet first: its last outputs still reach a serving frontend (no push retries to wait out)
         await llumlet.stop()
         await server.stop(None)
+        await frontend_grpc.stop(None)
+        await frontend.close()
 
 
 async def generate(cluster: Cluster, request_id: str, max_tokens: int = 4) -> list[frontend_pb2.GenerateResponse]:
