@@ -46,3 +46,29 @@ def test_command_needs_somewhere_to_dispatch() -> None:
     for flag in ("--max-model-len", "--idle-timeout", "--request-timeout", "--max-inflight", "--max-body-bytes"):
         assert flag in help_text
     assert "--max-prompt-bytes" in help_text and "--max-grpc-message-bytes" in help_text
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--idle-timeout", "nan"),
+        ("--idle-timeout", "-1"),
+        ("--idle-timeout", "inf"),
+        ("--request-timeout", "nan"),
+        ("--request-timeout", "-5"),
+        ("--dispatch-timeout", "nan"),
+        ("--dispatch-timeout", "0"),
+        ("--body-timeout", "nan"),
+        ("--body-timeout", "0"),
+        ("--max-body-bytes", "100"),
+    ],
+)
+def test_timeouts_must_be_finite_and_not_negative(flag: str, value: str) -> None:
+    """A usage error (exit 2) naming the option, before anything starts. Was accepted: ``--idle-timeout nan`` made
+    every waiting request's idle timer re-arm at once forever (a spinning event loop), a negative one ended every
+    request as timed out at once."""
+    # No --scheduler/--etcd: the command stops (a usage error naming those) right after parsing, so an accepted
+    # value fails this test at once instead of starting a frontend.
+    result = CliRunner().invoke(frontend_command, [flag, value])
+    assert result.exit_code == 2, result.output
+    assert flag in result.output and "--scheduler" not in result.output

@@ -23,6 +23,7 @@ _OPENAI_TYPE: dict[int, str] = {
     400: "invalid_request_error",
     403: "permission_error",
     404: "not_found_error",
+    408: "timeout_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
@@ -129,3 +130,14 @@ class RequestFailedError(FrontendError):
     """The request started but failed (instance lost, engine error)."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+class BodyTimeoutError(FrontendError):
+    """An HTTP request body that did not arrive in time (HTTP 408; the connection is then closed)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    status = 408
+
+    @property
+    def openai_code(self) -> str:
+        return "request_timeout"

@@ -9,8 +9,10 @@ leader or the registry bypass has an instance; else 503 with ``{"status", "reaso
 Priority: the body field ``"priority": "normal" | "high"`` or the header ``X-Llumnix-Priority: normal | high``; when
 both are given the body wins. Request id: an optional ``X-Request-Id`` header names the request (409 if in use); every
 response carries ``X-Request-Id``, which the abort route takes. ``n`` must be 1. Errors are OpenAI-style bodies
-``{"error": {"message", "type", "param", "code"}}``: malformed input 400, unknown model or request 404, id in use 409,
-a body or prompt over the size caps 413, this frontend's in-flight limit or full instances 429 (with Retry-After),
+``{"error": {"message", "type", "param", "code"}}``: malformed input 400, unknown model or request 404, a body that
+does not arrive within the body timeout 408 (the connection is then closed), id in use 409, a body or prompt over the
+size caps 413, this frontend's in-flight limit (a request counts from before its body is read), too many large bodies
+being read at once, or full instances 429 (with Retry-After),
 no capacity (no leader and nothing to bypass to, etcd unreachable) 503 (with Retry-After), a request that got no
 output in time 504, a failed request (instance lost) 500. A client that disconnects aborts its request; so does one
 that takes nothing from its stream for the idle timeout.
@@ -35,7 +37,14 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pyllumnix.control_plane.frontend.core import Frontend, api_key_of
-from pyllumnix.control_plane.frontend.errors import FrontendError, RequestFailedError, RequestTimeoutError
+from pyllumnix.control_plane.frontend.dispatch import Readiness
+from pyllumnix.control_plane.frontend.errors import (
+    BodyTimeoutError,
+    FrontendError,
+    OverloadedError,
+    RequestFailedError,
+    RequestTimeoutError,
+)
 from pyllumnix.control_plane.frontend.openai_schema import (
     ParsedRequest,
     choice,
@@ -59,9 +68,28 @@ PUBLIC_PATHS = ("/livez", "/readyz", "/health", "/metrics", "/get_load")
 
 PRIORITY_HEADER = "X-Llumnix-Priority"
 REQUEST_ID_HEADER = "X-Request-Id"
-DEFAULT_MAX_BODY_BYTES = 4 << 20
+# 0: the body cap follows the prompt cap (``body_cap``), instead of a flat few MiB no valid request needs.
+DEFAULT_MAX_BODY_BYTES = 0
+MIN_BODY_BYTES = 1 << 20
+# A body may be this many times the prompt cap: JSON escapes (\uXXXX for non-ASCII text), chat message envelopes,
+# stop strings and the other fields around the prompt.
+BODY_BYTES_PER_PROMPT_BYTE = 4
 # Bodies larger than this are parsed on a worker thread (json.loads of a few MiB takes tens of milliseconds).
 OFFLOAD_BODY_BYTES = 64 << 10
+# Large bodies (over OFFLOAD_BODY_BYTES, or of unknown length) read and parsed at once; beyond: 429. Each is held in
+# memory while read and parsed, and json.loads holds the GIL (the one parse thread competes with the event loop), so
+# a few clients uploading big bodies must not be able to stall dispatch for everyone.
+LARGE_BODY_SLOTS = 8
+# Seconds a client has to send its whole body once its headers are in (beyond: 408 and the connection is closed), so
+# a stalled upload does not hold a handler and an in-flight slot forever.
+DEFAULT_BODY_TIMEOUT_S = 30.0
+# Seconds an idle connection (between requests, or one that has not finished its headers) is kept: aiohttp's default
+# is 3630 s, which let a client that never finishes its headers hold a socket for an hour. 75 s: aiohttp's former
+# default, above the common load balancers' idle timeouts (60 s), so they close first and never reuse a closing socket.
+KEEPALIVE_TIMEOUT_S = 75.0
+# Seconds a readiness answer is reused: /health and /readyz are public, and each fresh answer may be an RPC to the
+# scheduler leader; load balancers probe every few seconds, so a one-second-old answer loses nothing.
+READINESS_CACHE_S = 1.0
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -92,7 +120,10 @@ async def openai_errors(request: web.Request, handler: _Handler) -> web.StreamRe
         if exc.status < 400:
             raise
         message = exc.text if exc.status == 413 and exc.text else exc.reason
-        return error_response(exc.status, message, "invalid_request_error", code=str(exc.status))
+        # A 405 must say which methods the resource takes (RFC 9110 15.5.6): keep aiohttp's Allow header.
+        allow = exc.headers.get("Allow")
+        headers = {"Allow": allow} if allow is not None else None
+        return error_response(exc.status, message, "invalid_request_error", code=str(exc.status), headers=headers)
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
         return error_response(500, "internal server error", "server_error", code="internal")
@@ -170,15 +201,38 @@ def _direct_writer(
     return transport.write
 
 
+def body_cap(max_prompt_bytes: int) -> int:
+    """The default body cap for a prompt cap: room for the prompt JSON-escaped and its request around it."""
+    return max(MIN_BODY_BYTES, BODY_BYTES_PER_PROMPT_BYTE * max_prompt_bytes)
+
+
 class HttpApi:
-    """``max_body_bytes``: request body cap (aiohttp answers 413 beyond it, before reading the rest)."""
+    """``max_body_bytes``: request body cap (aiohttp answers 413 beyond it, before reading the rest; 0: derived from
+    the frontend's prompt cap, :func:`body_cap`); ``body_timeout``: seconds to receive a body (408 beyond)."""
 
     def __init__(
-        self, frontend: Frontend, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, api_keys: ApiKeyStore | None = None
+        self,
+        frontend: Frontend,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        api_keys: ApiKeyStore | None = None,
+        *,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+        large_body_slots: int = LARGE_BODY_SLOTS,
     ) -> None:
+        if not body_timeout > 0 or large_body_slots <= 0:
+            raise ValueError("body_timeout and large_body_slots must be positive")
         self.frontend = frontend
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = max_body_bytes or body_cap(frontend.max_prompt_bytes)
         self.api_keys = api_keys
+        self.body_timeout = body_timeout
+        self.large_body_slots = large_body_slots
+        # Requests admitted here whose body is being read or parsed (not yet in ``frontend.inflight``): counted
+        # against the in-flight limit too, so stalled or slow uploads cannot pile up beyond it.
+        self._reading = 0
+        self._large_bodies = 0
+        # The last readiness answer (monotonic time, answer) and the check in progress, shared by concurrent probes.
+        self._readiness: tuple[float, Readiness] | None = None
+        self._readiness_check: asyncio.Task[Readiness] | None = None
 
     def app(self) -> web.Application:
         middlewares: list[Middleware] = [openai_errors]
@@ -207,11 +261,52 @@ class HttpApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=True)
 
+    def _overloaded(self, message: str) -> OverloadedError:
+        exc = OverloadedError(message)
+        self.frontend.count_rejected(exc)
+        return exc
+
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        self.frontend.check_admission()  # shed before reading and parsing the body
+        # Shed before reading and parsing the body; a request whose body is still arriving holds an in-flight slot.
+        limit = self.frontend.max_inflight
+        if self.frontend.inflight + self._reading >= limit:
+            raise self._overloaded(f"this frontend is serving its limit of {limit} requests; retry later")
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
-        raw = await request.read()
+        large = request.content_length is None or request.content_length > OFFLOAD_BODY_BYTES
+        if large and self._large_bodies >= self.large_body_slots:
+            raise self._overloaded(f"{self.large_body_slots} large request bodies are being read; retry later")
+        self._reading += 1
+        self._large_bodies += large
+        try:
+            parsed = await self._read_and_parse(request, chat=chat)
+        except BodyTimeoutError as exc:
+            self.frontend.count_rejected(exc)
+            # The rest of the body may still come: this connection cannot carry another request. Close it once the
+            # answer is out, rather than aiohttp's lingering read of the rest (up to 10 s more of a stalled client).
+            response = frontend_error_response(exc)
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+            return response
+        finally:
+            self._reading -= 1
+            self._large_bodies -= large
+        # Nothing awaits between here and ``submit`` counting the request: its slot passes on without a gap.
+        # A W3C traceparent header makes the request's trace a child of the caller's (tracing on only).
+        with tracing.activated(tracing.extract(request.headers)):
+            async with self.frontend.open(parsed.inp, owner=api_key_of(request)) as tracked:
+                if parsed.stream:
+                    return await self._stream(request, parsed, tracked)
+                return await self._complete(parsed, tracked)
+
+    async def _read_and_parse(self, request: web.Request, *, chat: bool) -> ParsedRequest:
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            raise BodyTimeoutError(f"the request body did not arrive within {self.body_timeout:g}s") from None
 
         def parse() -> ParsedRequest:
             return parse_request(
@@ -224,16 +319,10 @@ class HttpApi:
             )
 
         try:
-            parsed = await self.frontend.offload(parse) if len(raw) > OFFLOAD_BODY_BYTES else parse()
+            return await self.frontend.offload(parse) if len(raw) > OFFLOAD_BODY_BYTES else parse()
         except FrontendError as exc:
             self.frontend.count_rejected(exc)
             raise
-        # A W3C traceparent header makes the request's trace a child of the caller's (tracing on only).
-        with tracing.activated(tracing.extract(request.headers)):
-            async with self.frontend.open(parsed.inp, owner=api_key_of(request)) as tracked:
-                if parsed.stream:
-                    return await self._stream(request, parsed, tracked)
-                return await self._complete(parsed, tracked)
 
     async def _complete(self, parsed: ParsedRequest, tracked: TrackedRequest) -> web.Response:
         async for delta in tracked.deltas():
@@ -359,9 +448,28 @@ class HttpApi:
 
     async def health(self, request: web.Request) -> web.Response:
         """Readiness: 200 only when a request could be dispatched now; 503 with the reason otherwise."""
-        ready, reason = await self.frontend.readiness()
+        ready, reason = await self.readiness()
         body = {"status": "ok" if ready else "unavailable", "reason": reason, "inflight": self.frontend.inflight}
         return web.json_response(body, status=200 if ready else 503, headers=None if ready else {"Retry-After": "2"})
+
+    async def readiness(self) -> Readiness:
+        """``frontend.readiness()``, reused for READINESS_CACHE_S and shared by concurrent probes (one check at a
+        time), so a flood of public probes is not a flood of RPCs to the scheduler leader."""
+        cached = self._readiness
+        if cached is not None and time.monotonic() - cached[0] < READINESS_CACHE_S:
+            return cached[1]
+        if self._readiness_check is None:
+            self._readiness_check = asyncio.create_task(self._check_readiness())
+        # Shielded: a probe whose client leaves (its handler cancelled) must not cancel the check the others wait on.
+        return await asyncio.shield(self._readiness_check)
+
+    async def _check_readiness(self) -> Readiness:
+        try:
+            answer = await self.frontend.readiness()
+            self._readiness = (time.monotonic(), answer)
+            return answer
+        finally:
+            self._readiness_check = None
 
     async def get_load(self, request: web.Request) -> web.Response:
         """The load routers poll (sglang-router / vllm-router ``power_of_two`` read ``load``): requests in flight here,
@@ -402,14 +510,17 @@ async def start_http(
     *,
     api_keys: ApiKeyStore | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S,
+    keepalive_timeout: float = KEEPALIVE_TIMEOUT_S,
 ) -> HttpServer:
     """Serves the API on host:port (0 picks a free port). Handlers are cancelled when their client disconnects.
 
     ``api_keys``: every path but :data:`PUBLIC_PATHS` needs ``Authorization: Bearer <key>`` (401/403 with an OpenAI
-    error body otherwise); ``ssl_context``: HTTPS.
+    error body otherwise); ``ssl_context``: HTTPS; ``body_timeout``: seconds to receive a request body (408 beyond);
+    ``keepalive_timeout``: seconds an idle connection, or one still sending its headers, is kept open.
     """
-    app = HttpApi(frontend, max_body_bytes, api_keys).app()
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    app = HttpApi(frontend, max_body_bytes, api_keys, body_timeout=body_timeout).app()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=keepalive_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host.strip("[]"), port, ssl_context=ssl_context)  # a socket takes IPv6 bare
     await site.start()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pyllumnix.clients.channel import TlsConfig
 from pyllumnix.control_plane.frontend.cluster_metrics import ClusterMetrics
 from pyllumnix.control_plane.frontend.core import Frontend
 from pyllumnix.control_plane.frontend.dispatch import Dispatcher, RegistryResolver, RegistrySource
-from pyllumnix.control_plane.frontend.http import start_http
+from pyllumnix.control_plane.frontend.http import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, start_http
 from pyllumnix.control_plane.frontend.routing import (
     BypassDispatcher,
     EtcdRegistrySource,
@@ -63,7 +64,10 @@ class FrontendOptions:
     # Overall deadline of a request, seconds; 0: none.
     request_timeout: float = 0.0
     max_inflight: int = 256
-    max_body_bytes: int = 4 << 20
+    # 0: derived from the prompt cap (``http.body_cap``).
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    # Seconds a client has to send its request body (HTTP 408 beyond).
+    body_timeout: float = DEFAULT_BODY_TIMEOUT_S
     # 0: derived from max_model_len.
     max_prompt_bytes: int = 0
     max_grpc_message_bytes: int = 4 << 20
@@ -142,6 +146,7 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         max_body_bytes=opts.max_body_bytes,
         api_keys=api_keys,
         ssl_context=ssl_context,
+        body_timeout=opts.body_timeout,
     )
     cluster_metrics = None
     if leader is not None:
@@ -178,6 +183,23 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
     return 0
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, finite only: FloatRange lets ``nan`` (every comparison false) and ``inf`` through, and a
+    ``nan`` timeout makes a timer re-arm itself at once, forever."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+SECONDS = FiniteFloatRange(min=0)
+POSITIVE_SECONDS = FiniteFloatRange(min=0, min_open=True)
+
+
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -201,14 +223,34 @@ def _split(value: str) -> list[str]:
 )
 @click.option("--tokenizer-path", default="", help="hf: the tokenizer directory (default: --model, a model path).")
 @click.option("--vocab-size", default=32_000, show_default=True, help="Vocabulary of the sim tokenizer.")
-@click.option("--dispatch-timeout", default=0.5, show_default=True, help="Deadline of one Dispatch call, seconds.")
+@click.option(
+    "--dispatch-timeout",
+    default=0.5,
+    show_default=True,
+    type=POSITIVE_SECONDS,
+    help="Deadline of one Dispatch call, seconds.",
+)
 @click.option(
     "--idle-timeout",
     default=30.0,
     show_default=True,
+    type=SECONDS,
     help="End (and abort) a request that gets no output, or whose client reads nothing, for this long; 0: never.",
 )
-@click.option("--request-timeout", default=0.0, show_default=True, help="Overall deadline per request, s; 0: none.")
+@click.option(
+    "--request-timeout",
+    default=0.0,
+    show_default=True,
+    type=SECONDS,
+    help="Overall deadline per request, s; 0: none.",
+)
+@click.option(
+    "--body-timeout",
+    default=DEFAULT_BODY_TIMEOUT_S,
+    show_default=True,
+    type=POSITIVE_SECONDS,
+    help="Seconds a client has to send its HTTP request body (408 and the connection closed beyond).",
+)
 @click.option(
     "--max-inflight",
     default=256,
@@ -217,7 +259,11 @@ def _split(value: str) -> list[str]:
     help="Requests served at once; beyond it HTTP 429 / RESOURCE_EXHAUSTED with Retry-After.",
 )
 @click.option(
-    "--max-body-bytes", default=4 << 20, show_default=True, type=click.IntRange(min=1024), help="HTTP body cap (413)."
+    "--max-body-bytes",
+    default=DEFAULT_MAX_BODY_BYTES,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="HTTP body cap (413); 0: 4x the prompt cap, at least 1 MiB.",
 )
 @click.option(
     "--max-prompt-bytes",
@@ -253,6 +299,7 @@ def frontend_command(
     dispatch_timeout: float,
     idle_timeout: float,
     request_timeout: float,
+    body_timeout: float,
     max_inflight: int,
     max_body_bytes: int,
     max_prompt_bytes: int,
@@ -267,6 +314,8 @@ def frontend_command(
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if 0 < max_body_bytes < 1024:
+        raise click.BadParameter(f"{max_body_bytes} is below 1024 (0: derived)", param_hint="--max-body-bytes")
     if not scheduler and not etcd:
         raise click.UsageError("give --scheduler and/or --etcd: there is nothing to dispatch to otherwise")
     settings = runtime.configure_from_cli("frontend", frontend_id, security, [host, advertise_host])
@@ -288,6 +337,7 @@ def frontend_command(
         dispatch_timeout=dispatch_timeout,
         idle_timeout=idle_timeout,
         request_timeout=request_timeout,
+        body_timeout=body_timeout,
         max_inflight=max_inflight,
         max_body_bytes=max_body_bytes,
         max_prompt_bytes=max_prompt_bytes,
