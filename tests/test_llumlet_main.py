@@ -19,6 +19,10 @@ from pyllumnix.infra.security import runtime
         (["--sink-idle-close", "-1"], "--sink-idle-close"),
         (["--max-waiting", "-1"], "--max-waiting"),
         (["--lease-ttl", "0"], "--lease-ttl"),
+        # nan passes click's FloatRange (every comparison is false): a nan budget would never run out
+        (["--push-budget", "nan"], "--push-budget"),
+        (["--sink-idle-close", "inf"], "--sink-idle-close"),
+        (["--output-heartbeat", "nan"], "--output-heartbeat"),
     ],
 )
 def test_bad_reliability_settings_are_refused_with_a_usage_error(args: list[str], option: str) -> None:

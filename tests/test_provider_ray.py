@@ -133,3 +133,11 @@ async def test_connect_adopts_a_ray_init_that_finished_after_its_caller_gave_up(
     provider._ray = InitialisedRay  # type: ignore[method-assign]
     await provider.connect()
     assert provider._connected
+
+
+@pytest.mark.parametrize("option", ["--ray-cpus", "--instance-grace", "--leader-probe-interval"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_scheduler_durations_and_sizes_must_be_finite(option: str, value: str) -> None:
+    """nan passes click's FloatRange (every comparison is false); the scheduler refuses it up front."""
+    result = CliRunner().invoke(scheduler_command, ["--etcd", "127.0.0.1:1", "--insecure", option, value])
+    assert result.exit_code == 2 and "finite" in result.output and option in result.output

@@ -46,6 +46,7 @@ from pyllumnix.clients.errors import (
     NotFoundError,
     UnavailableError,
 )
+from pyllumnix.infra.cli_types import FiniteFloatRange
 from pyllumnix.infra.security.context import ContextError, context_path, load_context
 from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, llumlet_pb2, scheduler_pb2
 
@@ -70,19 +71,6 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 # Longest a call or a wait may be given (one day): a bound, so no value turns into a deadline grpc cannot represent.
 MAX_SECONDS = 86400.0
-
-
-class FiniteFloatRange(click.FloatRange):
-    """click's FloatRange that also refuses nan and ±inf: nan passes every range check (it compares false), and an
-    interval of nan made ``watch`` refresh with no pause, a timeout of nan or inf made every call time out at once."""
-
-    name = "finite float range"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        rv = super().convert(value, param, ctx)
-        if not math.isfinite(rv):
-            self.fail(f"{rv} is not a finite number.", param, ctx)
-        return rv
 
 
 def seconds(minimum: float) -> FiniteFloatRange:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from pyllumnix.control_plane.frontend.routing import (
 from pyllumnix.control_plane.frontend.service import start_grpc
 from pyllumnix.control_plane.frontend.tokenizer import HfTokenizer, SimTokenizer, Tokenizer
 from pyllumnix.infra import tracing
+from pyllumnix.infra.cli_types import FiniteFloatRange
 from pyllumnix.infra.grpc_server import advertised_address
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.apikeys import ApiKeyStore
@@ -181,19 +181,6 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
     if etcd_client is not None:
         await etcd_client.close()
     return 0
-
-
-class FiniteFloatRange(click.FloatRange):
-    """click's FloatRange, finite only: FloatRange lets ``nan`` (every comparison false) and ``inf`` through, and a
-    ``nan`` timeout makes a timer re-arm itself at once, forever."""
-
-    name = "finite float range"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number.", param, ctx)
-        return number
 
 
 SECONDS = FiniteFloatRange(min=0)

@@ -34,6 +34,7 @@ from pyllumnix.control_plane.scheduler.service import (
     SchedulerServicer,
 )
 from pyllumnix.infra import tracing
+from pyllumnix.infra.cli_types import FiniteFloatRange
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.grpc_server import advertised_address, advertised_host, start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
@@ -139,8 +140,8 @@ async def run_scheduler(
     help="--provider ray: put a new instance on the node holding the fewest (spread) or most (pack) instances.",
 )
 @click.option("--ray-hosts", default="", help="--provider ray: comma-separated node IPs to place on (default: any).")
-@click.option("--ray-cpus", type=click.FloatRange(min=0), default=1.0, show_default=True, help="CPUs per instance.")
-@click.option("--ray-gpus", type=click.FloatRange(min=0), default=0.0, show_default=True, help="GPUs per instance.")
+@click.option("--ray-cpus", type=FiniteFloatRange(min=0), default=1.0, show_default=True, help="CPUs per instance.")
+@click.option("--ray-gpus", type=FiniteFloatRange(min=0), default=0.0, show_default=True, help="GPUs per instance.")
 @click.option("--llumlet-args", default="", help="Arguments for llumlets the local provider starts (shell syntax).")
 @click.option("--log-dir", type=click.Path(path_type=Path), default=None, help="Logs of provider-started llumlets.")
 @click.option(
@@ -154,14 +155,14 @@ async def run_scheduler(
 )
 @click.option(
     "--election-renew-every",
-    type=click.FloatRange(min=0.1),
+    type=FiniteFloatRange(min=0.1),
     default=ReplicaTiming.election_renew_every,
     show_default=True,
     help="Seconds between renewals of the leader's lease (less than --election-ttl).",
 )
 @click.option(
     "--leader-probe-interval",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=ReplicaTiming.leader_probe_interval,
     show_default=True,
     help="Seconds between a follower's connection probes of the leader's port; two refusals in a row (the leader "
@@ -169,7 +170,7 @@ async def run_scheduler(
 )
 @click.option(
     "--instance-grace",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=ReplicaTiming.instance_grace,
     show_default=True,
     help="Seconds an instance whose registry key vanished may take to re-register before its requests are reported "
@@ -177,7 +178,7 @@ async def run_scheduler(
 )
 @click.option(
     "--resign-hold-off",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=ReplicaTiming.resign_hold_off,
     show_default=True,
     help="Seconds a replica stays out of the election after `llmctl leader resign`.",
@@ -198,7 +199,7 @@ async def run_scheduler(
 )
 @click.option(
     "--stop-timeout",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=10.0,
     show_default=True,
     help="Seconds a provider-started llumlet gets to exit after SIGTERM before SIGKILL.",

@@ -39,6 +39,7 @@ from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, 
 from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
 from pyllumnix.infra import tracing
+from pyllumnix.infra.cli_types import FiniteFloatRange
 from pyllumnix.infra.grpc_server import WILDCARD_HOSTS, advertised_address, advertised_host, start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
@@ -388,7 +389,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 )
 @click.option(
     "--push-budget",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=30.0,
     show_default=True,
     help="Seconds outputs may keep failing to reach a frontend (retried with backoff, in order) before its "
@@ -396,7 +397,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 )
 @click.option(
     "--sink-idle-close",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteFloatRange(min=0, min_open=True),
     default=60.0,
     show_default=True,
     help="Seconds an output channel to a frontend may stay unused before it is closed.",
@@ -426,7 +427,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 @click.option("--transfer-timeout", default=10.0, show_default=True, help="Seconds a stage may take.")
 @click.option(
     "--stall-timeout",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=DEFAULT_STALL_TIMEOUT_S,
     show_default=True,
     help="Seconds a stage's transfer may go without a chunk completing before it fails (0: off, only"
@@ -434,7 +435,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
 )
 @click.option(
     "--output-heartbeat",
-    type=click.FloatRange(min=0),
+    type=FiniteFloatRange(min=0),
     default=HEARTBEAT_S,
     show_default=True,
     help="Seconds of silence after which a held request gets a token-less 'still here' output, so its frontend's"
