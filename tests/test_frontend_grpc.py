@@ -84,6 +84,11 @@ async def test_generate_from_token_ids() -> None:
             frontend_pb2.GenerateRequest(text="a", sampling=common_pb2.SamplingParams(max_tokens=1, top_p=1.5)),
             grpc.StatusCode.INVALID_ARGUMENT,
         ),
+        # OpenAI's range, as over HTTP: vLLM refuses more, after a dispatch (before: accepted up to 100)
+        (
+            frontend_pb2.GenerateRequest(text="a", sampling=common_pb2.SamplingParams(max_tokens=1, temperature=2.5)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ],
 )
 async def test_generate_validation(request_: frontend_pb2.GenerateRequest, code: grpc.StatusCode) -> None:

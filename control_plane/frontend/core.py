@@ -67,7 +67,9 @@ _RETRYABLE_ADD = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITI
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
-MAX_TEMPERATURE = 100.0
+# OpenAI's sampling temperature range; vLLM's SamplingParams refuses more (VLLMValidationError), so a larger value is
+# refused here, on gRPC and HTTP alike, rather than by the engine after a dispatch.
+MAX_TEMPERATURE = 2.0
 PENALTY_RANGE = (-2.0, 2.0)
 MAX_REPETITION_PENALTY = 10.0
 # Bytes of prompt text allowed per token of the model's length when no explicit cap is given (a token is rarely more

@@ -20,7 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pyllumnix.control_plane.frontend.core import MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, GenerationInput, check_text
+from pyllumnix.control_plane.frontend.core import (
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TEMPERATURE,
+    GenerationInput,
+    check_text,
+)
 from pyllumnix.control_plane.frontend.errors import InvalidRequestError
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
 from pyllumnix.infra import wire
@@ -46,9 +52,6 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "response_format": (None, {"type": "text"}),  # JSON mode / schemas: the client would get free text
     "min_tokens": (None, 0),
 }
-# OpenAI's sampling temperature range; vLLM's SamplingParams refuses more, so a larger value is refused here (400)
-# rather than after a dispatch, by the engine.
-MAX_TEMPERATURE = 2.0
 
 
 MAX_JSON_DEPTH = 32

@@ -273,7 +273,7 @@ class FallbackDispatcher:
                 async with asyncio.timeout(self.leader_timeout):  # not wait_for: no extra task per request
                     instance_id, address = await self._ask_leader(request_id, priority, num_prompt_tokens, max_tokens)
             except (UnavailableError, DeadlineExceededError, TimeoutError) as exc:
-                log.warning("leader dispatch failed (%s); bypassing the scheduler", exc or type(exc).__name__)
+                log.warning("leader dispatch failed (%s); bypassing the scheduler", str(exc) or type(exc).__name__)
                 self._leader_down_until = self._clock() + self.retry_leader_after
             else:
                 self.bypass.acquire(instance_id)
