@@ -12,7 +12,6 @@ from pyllumnix.infra.security.fencing import (
     term_metadata,
 )
 from pyllumnix.infra.security.tokens import (
-    CapabilityLedger,
     CapabilityTokens,
     TokenError,
     TransferTokens,
@@ -74,31 +73,6 @@ def test_capability_rejects_other_secret_other_cluster_and_other_kind() -> None:
         caps().verify(transfer, request_id="r-1", holder_instance_id="i-1")
     with pytest.raises(ValueError):
         CapabilityTokens(b"short", "c1")
-
-
-def test_ledger_handoff_moves_the_capability() -> None:
-    ledger = CapabilityLedger(caps())
-    src = ledger.grant("r-1", "i-1")
-    ledger.check(src, request_id="r-1", caller_instance_id="i-1")
-    with pytest.raises(TokenError, match="already has a holder"):
-        ledger.grant("r-1", "i-3")
-    # A third llumlet cannot take the request over, with or without a token of its own.
-    with pytest.raises(TokenError, match="issued to 'i-1'"):
-        ledger.handoff(src, request_id="r-1", caller_instance_id="i-3", new_holder_instance_id="i-3")
-    dst = ledger.handoff(src, request_id="r-1", caller_instance_id="i-1", new_holder_instance_id="i-2")
-    assert ledger.holder("r-1") == "i-2"
-    ledger.check(dst, request_id="r-1", caller_instance_id="i-2")
-    # The source's token is stale from now on.
-    with pytest.raises(TokenError, match="stale: the request moved to 'i-2'"):
-        ledger.check(src, request_id="r-1", caller_instance_id="i-1")
-    # A repeated handoff (the answer was lost) gets the same destination its token again; another one is refused.
-    assert ledger.handoff(src, request_id="r-1", caller_instance_id="i-1", new_holder_instance_id="i-2") == dst
-    with pytest.raises(TokenError, match="stale"):
-        ledger.handoff(src, request_id="r-1", caller_instance_id="i-1", new_holder_instance_id="i-3")
-    ledger.forget("r-1")
-    assert len(ledger) == 0
-    with pytest.raises(TokenError, match="not held by anyone"):
-        ledger.check(dst, request_id="r-1", caller_instance_id="i-2")
 
 
 class Clock:

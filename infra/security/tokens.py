@@ -2,10 +2,11 @@
 
 mTLS proves *which* llumlet is calling; a capability proves it *holds the request* it talks about. The frontend (the
 only issuer: it keeps the secret, llumlets never see it) grants a token bound to (cluster, request, holder,
-generation) with AddRequest; the llumlet sends it with every PushOutputs; the frontend's :class:`CapabilityLedger`
-accepts an output only from the holder of the request's current generation. A migration hands the request over: the
-source, still holding the current token, asks the frontend for the destination's token (generation + 1), which makes
-the source's token stale, so after the commit only the destination can push.
+generation) with AddRequest; the llumlet sends it with every PushOutputs; the frontend's ledger
+(``HolderLedger`` in ``control_plane/frontend/requests.py``) accepts an output only from the holder of the request's
+current grant. A migration hands the request over: the source, still holding the current token, asks the frontend for
+the destination's token (a new generation), which makes the source's token stale, so after the commit only the
+destination can push. Generations are never reused, not even by a later request with the same id.
 
 Transfer tokens guard the data plane: the destination issues one per migration when it reserves blocks and accepts
 a data-plane connection only with an unused, unexpired token for that migration and source. Tokens are
@@ -91,7 +92,7 @@ class Capability:
 
 
 class CapabilityTokens:
-    """Issues and verifies per-request capability tokens (stateless; see :class:`CapabilityLedger` for handovers)."""
+    """Issues and verifies per-request capability tokens (stateless: the frontend's ``HolderLedger`` keeps grants)."""
 
     KIND = "cap"
 
@@ -115,63 +116,6 @@ class CapabilityTokens:
                 f"not to the caller {holder_instance_id!r}"
             )
         return cap
-
-
-class CapabilityLedger:
-    """The frontend's record of each request's current holder: grants, handovers and checks of capability tokens.
-
-    Not thread-safe (one event loop). ``forget`` a request when it finishes so the ledger stays bounded.
-    """
-
-    def __init__(self, tokens: CapabilityTokens) -> None:
-        self.tokens = tokens
-        self._current: dict[str, Capability] = {}
-
-    def grant(self, request_id: str, holder_instance_id: str) -> str:
-        """The first token of a request (sent with AddRequest to ``holder_instance_id``)."""
-        if request_id in self._current:
-            raise TokenError(f"request {request_id!r} already has a holder ({self._current[request_id]})")
-        self._current[request_id] = Capability(request_id, holder_instance_id, 0)
-        return self.tokens.issue(request_id, holder_instance_id)
-
-    def check(self, token: str, *, request_id: str, caller_instance_id: str) -> Capability:
-        """Accepts a push from ``caller_instance_id`` for ``request_id`` only with the current generation's token."""
-        cap = self.tokens.verify(token, request_id=request_id, holder_instance_id=caller_instance_id)
-        current = self._current.get(request_id)
-        if current is None:
-            raise TokenError(f"request {request_id!r} is not held by anyone here (finished or unknown)")
-        if cap.generation != current.generation:
-            raise TokenError(
-                f"capability token generation {cap.generation} for request {request_id!r} is stale: the request "
-                f"moved to {current.holder_instance_id!r} (generation {current.generation})"
-            )
-        return cap
-
-    def handoff(self, token: str, *, request_id: str, caller_instance_id: str, new_holder_instance_id: str) -> str:
-        """A migration source hands the request to ``new_holder_instance_id``: returns the destination's token.
-
-        The caller's token becomes stale at once. A repeated handoff to the same destination (the answer was lost)
-        returns the destination's token again.
-        """
-        current = self._current.get(request_id)
-        if current is not None and current.holder_instance_id == new_holder_instance_id and current.generation > 0:
-            prev = self.tokens.verify(token, request_id=request_id, holder_instance_id=caller_instance_id)
-            if prev.generation == current.generation - 1:
-                return self.tokens.issue(request_id, new_holder_instance_id, generation=current.generation)
-        cap = self.check(token, request_id=request_id, caller_instance_id=caller_instance_id)
-        nxt = Capability(request_id, new_holder_instance_id, cap.generation + 1)
-        self._current[request_id] = nxt
-        return self.tokens.issue(request_id, new_holder_instance_id, generation=nxt.generation)
-
-    def holder(self, request_id: str) -> str | None:
-        current = self._current.get(request_id)
-        return current.holder_instance_id if current else None
-
-    def forget(self, request_id: str) -> None:
-        self._current.pop(request_id, None)
-
-    def __len__(self) -> int:
-        return len(self._current)
 
 
 class TransferTokens:
