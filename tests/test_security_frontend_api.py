@@ -26,7 +26,7 @@ from pyllumnix.control_plane.frontend.requests import TrackedRequest
 from pyllumnix.control_plane.frontend.service import FrontendGrpc, start_grpc
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKey, ApiKeyStore
-from pyllumnix.protos.llumnix.v1 import frontend_pb2, frontend_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 from tests.test_frontend_fakes import MAX_MODEL_LEN, MODEL, TOKENIZER, FakeLlumlet, StaticDispatcher, start_llumlet
 from tests.test_infra_apikeys import FakeKV
 
@@ -160,6 +160,44 @@ async def test_the_creator_aborts_its_own_request_over_grpc() -> None:
             await grpc_abort(s, "alice", "alice-2")
             payload = (await stream.read()).decode()
         assert '"finish_reason": "abort"' in payload
+
+
+async def test_an_admin_key_aborts_anyones_request_over_grpc_too() -> None:
+    """The servicer takes the caller from the key the interceptor verified, role included. Before, it parsed the
+    metadata again and called every gRPC caller a user: an admin could abort others' requests over HTTP only."""
+    async with served() as s, aiohttp.ClientSession() as session:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 200, "stream": True}
+        headers = {**s.auth("alice"), "X-Request-Id": "alice-4"}
+        async with session.post(f"{s.http.url}/v1/completions", json=body, headers=headers) as stream:
+            await stream.content.readline()
+            await grpc_abort(s, "root", "alice-4")
+            payload = (await stream.read()).decode()
+        assert '"finish_reason": "abort"' in payload
+
+
+async def test_a_request_made_over_grpc_belongs_to_the_verified_key() -> None:
+    """Generate records the verified key as the owner (the servicer reads it from the call's task): Bob may not
+    abort Alice's gRPC request, Alice may."""
+    async with served() as s, grpc.aio.insecure_channel(s.grpc.address) as channel:
+        stub = frontend_pb2_grpc.FrontendServiceStub(channel)
+        call = stub.Generate(
+            frontend_pb2.GenerateRequest(
+                request_id="alice-5", text="a", sampling=common_pb2.SamplingParams(max_tokens=200)
+            ),
+            metadata=(("authorization", f"Bearer {s.keys['alice']}"),),
+            timeout=30,
+        )
+        await call.read()
+        tracked = s.frontend.tracker.get("alice-5")
+        assert tracked is not None and tracked.owner_key_id == s.records["alice"].id
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await grpc_abort(s, "bob", "alice-5")
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        await grpc_abort(s, "alice", "alice-5")
+        last = await call.read()
+        while last.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED:
+            last = await call.read()
+        assert last.finish_reason == common_pb2.FINISH_REASON_ABORT
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ from pyllumnix.control_plane.frontend.metrics import FrontendMetrics
 from pyllumnix.control_plane.frontend.requests import RequestTracker, TrackedRequest
 from pyllumnix.control_plane.frontend.tokenizer import Tokenizer
 from pyllumnix.infra import tracing, wire
-from pyllumnix.infra.security.apikeys import REQUEST_KEY, ApiKey, ApiKeyError, bearer_token, key_id
+from pyllumnix.infra.security.apikeys import REQUEST_KEY, VERIFIED_API_KEY, ApiKey
 from pyllumnix.infra.vocabulary import normalize_priority, parse_priority
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
@@ -105,21 +105,11 @@ def api_key_of(request: web.Request) -> ApiKey | None:
 
 
 def grpc_api_key_of(context: object) -> ApiKey | None:
-    """The caller's API key on the gRPC surface, from its ``authorization`` metadata (the ApiKeyInterceptor has
-    verified it already; only its id is read here, so a gRPC caller counts as a user key: it may abort its own
-    requests). None when the call carries no key (a frontend without API keys)."""
-    metadata = getattr(context, "invocation_metadata", lambda: None)() or ()
-    for name, value in metadata:
-        if name != "authorization":
-            continue
-        token = bearer_token(value.decode() if isinstance(value, bytes) else value)
-        if token is None:
-            return None
-        try:
-            return ApiKey(id=key_id(token), name=key_id(token), role="user", created=0.0)
-        except ApiKeyError:
-            return None
-    return None
+    """The caller's API key on the gRPC surface: the one the ApiKeyInterceptor verified for this call, with its role
+    (an admin key may abort others' requests, as over HTTP). None when the frontend checks no keys. Never read from
+    the metadata here: a second, unverified entry once let a user pose as another key."""
+    del context  # the call's own task carries the verified key
+    return VERIFIED_API_KEY.get()
 
 
 def may_act_on(owner_key_id: str, caller: ApiKey | None) -> bool:

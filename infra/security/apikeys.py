@@ -23,6 +23,7 @@ can read.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import json
@@ -327,6 +328,13 @@ def api_key_middleware(
 DEFAULT_GRPC_RULES: dict[str, str] = {"/llumnix.v1.FrontendService/*": "user"}
 
 
+# The key the ApiKeyInterceptor verified for the gRPC call being served (set in the handler's own task, before the
+# servicer runs): servicers take the caller's identity and role from here, never from the metadata again.
+VERIFIED_API_KEY: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar(
+    "llumnix_verified_api_key", default=None
+)
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Bearer keys on gRPC: methods matching ``rules`` (full name or ``/pkg.Service/*`` -> role) need a key with
     that role in the ``authorization`` metadata; other methods pass through untouched."""
@@ -357,7 +365,12 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         ]
         outcome = await authenticate(self.store, authorization, role)
         if not isinstance(outcome, AuthFailure):
-            return handler
+            verified = outcome
+
+            async def admit(context: Any) -> None:
+                VERIFIED_API_KEY.set(verified)
+
+            return guard_handler(handler, admit)
         failure = outcome
 
         async def refuse(context: Any) -> None:
