@@ -326,3 +326,46 @@ async def test_a_stale_output_aborts_only_its_own_incarnation_on_the_llumlet() -
     finally:
         await llumlet.stop()
         await sink.stop()
+
+
+async def test_on_plaintext_a_migrated_requests_late_outputs_miss_a_reused_id(cluster: Cluster) -> None:
+    """Review 8: on an insecure cluster HandOver gave the migration's destination no token, so its outputs carried
+    none and passed for any later request with the same id. Now the destination gets a grant of its own (the token
+    it is handed over with names the holder), and once the id is reused its late outputs are dropped as stale."""
+    frontend = cluster.frontend
+    first = await frontend.submit(
+        GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=200), request_id="mig")
+    )
+    async with asyncio.timeout(TIMEOUT_S):
+        while "mig" not in cluster.llumlet.owners:
+            await asyncio.sleep(0.005)
+    source_token = cluster.llumlet.owners["mig"].capability
+    async with grpc.aio.insecure_channel(frontend.sink_address) as channel:
+        sink = frontend_pb2_grpc.OutputSinkServiceStub(channel)
+        handed = await sink.HandOver(
+            frontend_pb2.HandOverRequest(request_id="mig", capability=source_token, new_instance_id="i-dst"),
+            timeout=TIMEOUT_S,
+        )
+        assert handed.capability and handed.capability != source_token
+        frontend.release(first)
+        again = await frontend.submit(
+            GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=5), request_id="mig")
+        )
+        late = common_pb2.RequestOutput(
+            request_id="mig",
+            instance_id="i-dst",
+            capability=handed.capability,
+            token_ids=[123],
+            finished=True,
+            finish_reason=common_pb2.FINISH_REASON_ABORT,
+        )
+        await sink.PushOutputs(frontend_pb2.PushOutputsRequest(instance_id="i-dst", outputs=[late]), timeout=TIMEOUT_S)
+    tokens: list[int] = []
+    async with asyncio.timeout(TIMEOUT_S):
+        async for delta in again.deltas():
+            tokens += list(delta.token_ids)
+            if delta.finished:
+                assert delta.finish_reason == common_pb2.FINISH_REASON_LENGTH
+                break
+    frontend.release(again)
+    assert len(tokens) == 5 and 123 not in tokens

@@ -437,6 +437,28 @@ class HolderLedger:
         held.pending_token = self.tokens.issue(request_id, new_instance_id, generation=cap.generation)
         return held.pending_token
 
+    def hand_over_unchecked(self, token: str, *, request_id: str, new_instance_id: str) -> str:
+        """``hand_over`` for a caller with no identity (a plaintext frontend): the token names the holder handing the
+        request over, the current one or the pending one (which becomes current: it has the request now). A grant
+        for the destination lets a later request with the same id tell the migrated request's outputs from its own
+        (``outdated``); an unknown or missing token hands nothing over ("": unchecked, as before)."""
+        held = self._held.get(request_id)
+        if held is None or not token:
+            return ""
+        if held.pending is not None and _same(token, held.pending_token):
+            held.current, held.token, held.pending, held.pending_token = held.pending, token, None, ""
+        if not _same(token, held.token):
+            return ""
+        try:
+            return self.hand_over(
+                token,
+                request_id=request_id,
+                caller_instance_id=held.current.holder_instance_id,
+                new_instance_id=new_instance_id,
+            )
+        except TokenError:
+            return ""
+
     def forget(self, request_id: str) -> None:
         self._held.pop(request_id, None)
 

@@ -253,10 +253,15 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {request.request_id!r} on this frontend")
             raise AssertionError("context.abort raises")  # pragma: no cover
         if caller is None:
-            # Insecure mode: pushes are not checked, so no token is needed. A destination the request was once taken
-            # from (its AddRequest timed out) may hold it again by migration.
+            # Insecure mode: pushes are not checked, but the destination still gets a grant of its own, so that once
+            # the client reuses the id its late outputs are told apart (``_current_incarnations``); before, it held
+            # none and they reached the new request. A destination the request was once taken from (its AddRequest
+            # timed out) may hold it again by migration.
             tracked.revoked.discard(request.new_instance_id)
-            return frontend_pb2.HandOverResponse()
+            token = self.tracker.ledger.hand_over_unchecked(
+                request.capability, request_id=request.request_id, new_instance_id=request.new_instance_id
+            )
+            return frontend_pb2.HandOverResponse(capability=token)
         if caller.role != "llumlet":
             await self._refuse(context, f"caller {caller.role} {caller.id} may not hand requests over")
         try:
