@@ -47,6 +47,15 @@ def host_port(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def local_host(host: str) -> str:
+    """Where a client on this machine dials an asyncio server (the frontend's HTTP API) bound on ``host``: the host
+    itself, or loopback of the wildcard's own family (asyncio binds ``::`` IPv6-only, so nothing listens on 127.0.0.1
+    there; gRPC binds ``[::]`` dual-stack, and ``RunningServer.address`` keeps 127.0.0.1)."""
+    if host in ("::", "[::]"):
+        return "::1"
+    return "127.0.0.1" if host in WILDCARD_HOSTS else host
+
+
 def advertised_host(host: str, advertise_host: str = "") -> str:
     """The name peers use for a process bound on ``host``: ``advertise_host`` if given, else ``host``, else (a
     wildcard bind names no host) this machine's host name, the name ``llumnix serve`` puts in the certificates."""

@@ -102,7 +102,14 @@ async def test_metrics_endpoint_on_ipv6_loopback_is_scrapable_at_its_address(hos
 
 @pytest.mark.parametrize(
     ("host", "url"),
-    [("::1", "http://[::1]:80"), ("10.0.0.5", "http://10.0.0.5:80"), ("0.0.0.0", "http://127.0.0.1:80")],
+    [
+        ("::1", "http://[::1]:80"),
+        ("10.0.0.5", "http://10.0.0.5:80"),
+        ("0.0.0.0", "http://127.0.0.1:80"),
+        # asyncio binds "::" IPv6-only: loopback of that family (review 8: 127.0.0.1 was refused)
+        ("::", "http://[::1]:80"),
+        ("[::]", "http://[::1]:80"),
+    ],
 )
 def test_frontend_http_url_names_the_bind_host(host: str, url: str) -> None:
     """Old behaviour: always ``http://127.0.0.1:<port>`` (nothing listens there for a frontend bound elsewhere)."""

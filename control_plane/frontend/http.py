@@ -57,7 +57,7 @@ from pyllumnix.control_plane.frontend.openai_schema import (
 )
 from pyllumnix.control_plane.frontend.requests import TrackedRequest
 from pyllumnix.infra import tracing
-from pyllumnix.infra.grpc_server import WILDCARD_HOSTS, host_port
+from pyllumnix.infra.grpc_server import host_port, local_host
 from pyllumnix.infra.security.apikeys import ApiKeyStore, api_key_middleware
 from pyllumnix.protos.llumnix.v1 import common_pb2
 
@@ -495,7 +495,7 @@ class HttpServer:
     @property
     def url(self) -> str:
         """Where a client on this machine reaches the API (loopback for a wildcard bind, as RunningServer.address)."""
-        local = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+        local = local_host(self.host)
         return f"{'https' if self.https else 'http'}://{host_port(local, self.port)}"
 
     async def stop(self) -> None:
