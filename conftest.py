@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Any
@@ -12,29 +10,6 @@ from typing import Any
 import pytest
 
 from pyllumnix.tools.recording_sink import RecordingSink
-
-# The session's temporary folder, which child processes inherit through TMPDIR: third-party code leaves files behind
-# (vLLM's executor makes a torch FileStore rendezvous file, /tmp/vllm_dist_<uuid>, and never removes it: ~100 of them
-# after a few CI runs), so everything goes into one folder of the session's own, removed when the session ends.
-_SESSION_TMP: list[tuple[Path, str | None]] = []
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    scratch = Path(tempfile.mkdtemp(prefix="llx-tests-"))
-    _SESSION_TMP.append((scratch, os.environ.get("TMPDIR")))
-    os.environ["TMPDIR"] = str(scratch)
-    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    while _SESSION_TMP:
-        scratch, before = _SESSION_TMP.pop()
-        if before is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = before
-        tempfile.tempdir = None
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
