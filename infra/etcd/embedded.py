@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -41,10 +42,39 @@ def etcd_binary() -> Path:
     return path
 
 
+# Ports handed out by free_port in this process: never handed out twice.
+_HANDED_OUT: set[int] = set()
+_LOW_PORT = 10000
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on, for a component started later on a fixed port. Drawn below the
+    kernel's ephemeral range, so neither a later ``bind(0)`` nor an outgoing connection takes it before the component
+    binds it (a drill's frontend once found its HTTP port in use), and never one this process handed out already."""
+    low, _ = _ephemeral_range()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(_LOW_PORT, low) if low > _LOW_PORT + 1000 else 0
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no free port on 127.0.0.1 after 200 tries")
 
 
 @dataclass(frozen=True)
