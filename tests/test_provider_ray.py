@@ -37,6 +37,31 @@ def test_ray_provider_needs_an_address(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 # ---------------------------------------------------------------------------------------------------- start watch
+class _NoRay:
+    """What the teardown calls on Ray, as no-ops: the real ``ray.kill`` / ``remove_placement_group`` on these fakes
+    auto-started a local Ray cluster (~40 s a test), whose worker then outlived the test run (a llumlet process
+    left behind by a CI run)."""
+
+    def __init__(self) -> None:
+        self.killed: list[Any] = []
+        self.removed: list[Any] = []
+
+    def kill(self, actor: Any, *, no_restart: bool = False) -> None:
+        self.killed.append(actor)
+
+    def remove_placement_group(self, pg: Any) -> None:
+        self.removed.append(pg)
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> _NoRay:
+    fake = _NoRay()
+    monkeypatch.setattr(RayInstanceProvider, "_ray", lambda self: fake)
+    ray_pg = pytest.importorskip("ray.util.placement_group")
+    monkeypatch.setattr(ray_pg, "remove_placement_group", fake.remove_placement_group)
+    return fake
+
+
 class _Method:
     def __init__(self, answer: Any) -> None:
         self.answer = answer
@@ -85,7 +110,9 @@ async def _ended(placed: _Placed) -> None:
         ("hang", "stopped answering", 0),  # the node vanished: Ray itself would take ~64 s to say so
     ],
 )
-async def test_a_start_that_dies_before_registering_is_removed(returncode: Any, why: str, asked: int) -> None:
+async def test_a_start_that_dies_before_registering_is_removed(
+    returncode: Any, why: str, asked: int, no_ray: _NoRay
+) -> None:
     """Before: ``starting()`` counted a llumlet that died before it registered as starting forever (the autoscaler
     never replaced it) and its actor and placement group stayed."""
     actor = _Actor(returncode)
@@ -96,6 +123,7 @@ async def test_a_start_that_dies_before_registering_is_removed(returncode: Any, 
     # The teardown ran: the actor asked to stop the llumlet (not when it is unreachable: no waiting on a dead node),
     # then killed, the placement group removed.
     assert actor.terminate.calls == asked
+    assert no_ray.killed == [actor] and no_ray.removed == [placed.pg]
 
 
 async def test_a_start_that_never_registers_times_out() -> None:
