@@ -12,6 +12,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -382,6 +383,89 @@ async def test_client_abort_while_the_commit_is_in_flight_reaches_the_destinatio
     finally:
         await a.close()
         await b.close()
+
+
+class HeldAborts:
+    """Holds a source's forwarded AbortRequest calls until ``release`` is set (the RPC delayed in flight), and
+    records how the destination answered each; every other call goes through at once."""
+
+    def __init__(self) -> None:
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+        self.answers: list[grpc.StatusCode] = []
+
+    def wrap(self, stub: llumlet_pb2_grpc.LlumletServiceStub) -> Any:
+        gate = self
+
+        class Stub:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(stub, name)
+
+            async def AbortRequest(self, request: llumlet_pb2.AbortRequestRequest, **kwargs: Any) -> Any:
+                gate.held.set()
+                await gate.release.wait()
+                try:
+                    reply = await stub.AbortRequest(request, **kwargs)
+                except grpc.aio.AioRpcError as exc:
+                    gate.answers.append(exc.code())
+                    raise
+                gate.answers.append(grpc.StatusCode.OK)
+                return reply
+
+        return Stub()
+
+
+@pytest.mark.parametrize("reused_by", ["frontend", "migration"])
+async def test_a_forwarded_abort_hits_only_the_incarnation_that_migrated(sink: RecordingSink, reused_by: str) -> None:
+    """The client's abort lands on the source while the commit is in flight, and the source's forward of it to the
+    destination is slow. Meanwhile the migrated request ends on the destination and the client reuses its id: the new
+    request reaches the destination from its frontend, or by a second migration from the same source. The late
+    forward names the migration that moved the old request (``llumnix-migration-id``), so it ends only that one: the
+    new request runs to its end. Before, it named the request by id only and aborted the new request (plaintext: the
+    destination checked nothing; over mTLS, a second migration from the same source passed its source check)."""
+    a, b = await make_node("a"), await make_node("b")
+    gate = HeldAborts()
+    stub_for = a.coordinator._stub
+    a.coordinator._stub = lambda address: gate.wrap(stub_for(address))  # type: ignore[method-assign]
+
+    async def client_abort() -> None:
+        await a.stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id="r"))
+
+    a.coordinator.hooks = hooks = Hooks({("before_commit", 1): client_abort})
+    second = RecordingSink()
+    await second.start()
+    try:
+        await a.stub.AddRequest(request("r", sink, 20, 400))  # 2 blocks: stage 0 is the stop-and-copy stage
+        await wait_tokens(sink, "r", 1)
+        reply = await a.stub.MigrateOut(migrate(a, b, "r", wait=False))
+        assert len(reply.migration_ids) == 1
+        await asyncio.wait_for(gate.held.wait(), 20)  # committed; the forward of the client's abort is in flight
+        hooks.assert_all_ran()
+        assert engine_phase(b, "r") != "gone", "the old request lives on the destination"
+        # It ends there (its frontend's abort), and the client reuses the id.
+        await b.stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id="r"))
+        assert (await sink.wait("r"))[-1].finish_reason == common_pb2.FINISH_REASON_ABORT
+        if reused_by == "frontend":
+            await b.stub.AddRequest(request("r", second, 20, 60))
+        else:
+            await a.stub.AddRequest(request("r", second, 20, 60))
+            await wait_tokens(second, "r", 1)
+            result = (await a.stub.MigrateOut(migrate(a, b, "r"))).results[0]
+            assert result.outcome == OUTCOME.MIGRATION_OUTCOME_COMMITTED, result.reason
+        gate.release.set()
+        await until(lambda: len(gate.answers) == 1, "the destination to answer the forwarded abort")
+        assert gate.answers == [grpc.StatusCode.NOT_FOUND], "the migrated request has ended: nothing to abort"
+        outs = await second.wait("r")
+        assert outs[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH, outs[-1].error
+        assert second.tokens("r") == unmigrated_tokens(20, 60)
+        assert_stream_exact(second, "r")
+        await settle(a, b)
+        assert (a.free, b.free) == (a.engine.total_blocks, b.engine.total_blocks)
+    finally:
+        gate.release.set()
+        await a.close()
+        await b.close()
+        await second.stop()
 
 
 async def migrate_the_preempted_one(

@@ -26,6 +26,7 @@ from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings, data_key
 from pyllumnix.data_plane.llumlet.service import MAX_STREAMS_PER_CALLER, LlumletServicer
+from pyllumnix.data_plane.llumlet.service import forwarded_abort_metadata as forwarded
 from pyllumnix.data_plane.transport.fusion import chunk_key_of
 from pyllumnix.data_plane.transport.inproc import InprocTransport
 from pyllumnix.infra.security.authz import RoleInterceptor
@@ -461,8 +462,20 @@ async def test_a_llumlet_aborts_only_what_it_migrated_here(node: Node) -> None:
         assert "ghost" not in node.servicer.tombstones
         n = len(node.sink.tokens("moved"))
         await until(lambda: len(node.sink.tokens("moved")) > n, "'moved' to keep running after the refusals")
-        # Its source forwards the client's abort: it ends where it lives now.
-        await node.call("llumlet", "i-2", "AbortRequest", abort(request_id="moved"))
+        # Its source, naming no migration or another one (a later incarnation of the id could be hit): refused.
+        await refused(
+            node.call("llumlet", "i-2", "AbortRequest", abort(request_id="moved")),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "llumlet i-2's abort of 'moved' names no migration",
+        )
+        await refused(
+            node.call("llumlet", "i-2", "AbortRequest", abort(request_id="moved"), metadata=forwarded("i-2-other")),
+            grpc.StatusCode.NOT_FOUND,
+            "the request 'moved' that migration i-2-other brought to i-1 is no longer here",
+        )
+        # Its source forwards the client's abort, naming the migration: it ends where it lives now.
+        metadata = forwarded(result.migration_id)
+        await node.call("llumlet", "i-2", "AbortRequest", abort(request_id="moved"), metadata=metadata)
         outs = await node.sink.wait("moved")
         assert outs[-1].finish_reason == common_pb2.FINISH_REASON_ABORT and outs[-1].instance_id == "i-1"
         assert node.coordinator.migrated_from("moved") is None, "an ended request is nobody's to abort any more"

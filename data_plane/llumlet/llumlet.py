@@ -354,12 +354,20 @@ class Llumlet:
         if self.metrics is not None:
             self.metrics.added(spec.request_id, len(spec.prompt_token_ids), spec.arrival_time or None)
 
-    async def abort_request(self, request_id: str, reason: str = "") -> None:
+    async def abort_request(
+        self, request_id: str, reason: str = "", *, incarnation: RequestOwner | None = None
+    ) -> None:
         """Aborts a request; its frontend gets a final ABORT output saying why (``reason``, default: by its client).
 
-        A request suspended for a migration's last stage is only marked; the coordinator settles it.
+        A request suspended for a migration's last stage is only marked; the coordinator settles it. ``incarnation``:
+        abort only while that owner entry holds the id (checked under the lock, so no later request reusing the id is
+        hit); UnknownRequestError otherwise.
         """
         async with self.engine_lock:
+            if incarnation is not None and self.owners.get(request_id) is not incarnation:
+                raise UnknownRequestError(
+                    f"request {request_id}: the incarnation named has ended on {self.instance_id}"
+                )
             if self.engine.phase(request_id) is Phase.SUSPENDED:
                 self.pending_aborts[request_id] = time.time()
                 if reason:

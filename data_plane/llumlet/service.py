@@ -11,14 +11,19 @@ plaintext connection, which only a llumlet started with ``--insecure`` has):
   one reservation per source at a time, and TransferStage/CommitMigration/AbortMigration only from that source;
   a commit must name the request and frontend address its first stage announced;
 - AbortRequest from a llumlet only for a request that llumlet migrated here (a client's abort that raced the commit,
-  forwarded by the source), PERMISSION_DENIED otherwise; frontends and the scheduler may abort any request.
+  forwarded by the source), naming that migration, PERMISSION_DENIED otherwise; frontends and the scheduler may abort
+  any request.
+
+A forwarded abort names its migration (``llumnix-migration-id`` metadata) on any connection, plaintext included, and
+ends only the request that migration installed here: it may arrive after that request ended and its client reused the
+id (NOT_FOUND then, and the later request runs on).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
@@ -39,7 +44,7 @@ from pyllumnix.data_plane.llumlet.late_adds import (
     check_deadline,
     check_tombstone,
 )
-from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llumlet, QueueFullError
+from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llumlet, QueueFullError, RequestOwner
 from pyllumnix.infra import wire
 from pyllumnix.infra.security.authz import authenticated_caller, is_plaintext
 from pyllumnix.infra.security.ca import Identity
@@ -55,6 +60,23 @@ MIN_STREAM_INTERVAL_MS = 5
 # Concurrent StreamLoad streams one caller (certificate identity; not counted without TLS) may hold: with the
 # interval floor this bounds the snapshots per second any caller can make this llumlet build.
 MAX_STREAMS_PER_CALLER = 4
+
+MIGRATION_METADATA_KEY = "llumnix-migration-id"
+
+
+def forwarded_abort_metadata(migration_id: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata of a source's forwarded AbortRequest: the migration that moved the request to the callee (a
+    metadata entry, not a field, as the leader term's: AbortRequestRequest's schema names the request only)."""
+    return ((MIGRATION_METADATA_KEY, migration_id),)
+
+
+def forwarded_migration(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The migration a forwarded abort names ("" for any other abort)."""
+    for key, value in metadata or ():
+        if key == MIGRATION_METADATA_KEY:
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
+
 
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (DuplicateRequestError, grpc.StatusCode.ALREADY_EXISTS),
@@ -108,6 +130,7 @@ class MigrationHandler(Protocol):
     def incoming_request(self, migration_id: str) -> llumlet_pb2.MigratingRequest | None: ...
     def incoming_from(self, source_instance_id: str) -> list[str]: ...
     def migrated_from(self, request_id: str) -> str | None: ...
+    def incarnation(self, request_id: str, migration_id: str) -> RequestOwner | None: ...
 
     async def migrate_out(self, request: llumlet_pb2.MigrateOutRequest) -> llumlet_pb2.MigrateOutResponse: ...
     async def pre_allocate(self, request: llumlet_pb2.PreAllocateRequest) -> llumlet_pb2.PreAllocateResponse: ...
@@ -219,33 +242,47 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         self, request: llumlet_pb2.AbortRequestRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> llumlet_pb2.AbortRequestResponse:
         caller = await self._caller(context, "AbortRequest")
+        request_id = request.request_id
+        migration_id = forwarded_migration(context.invocation_metadata())
         if caller is not None and caller.role == "llumlet":
-            await self._forwarded_abort(context, caller, request.request_id)
+            await self._forwarded_abort(context, caller, request_id, migration_id)
+        incarnation = None
+        if migration_id:
+            incarnation = self.migration.incarnation(request_id, migration_id) if self.migration is not None else None
+            if incarnation is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"AbortRequest: the request {request_id!r} that migration {migration_id} brought to "
+                    f"{self.llumlet.instance_id} is no longer here (a later request with that id is not this abort's)",
+                )
         try:
-            await self.llumlet.abort_request(request.request_id)
+            await self.llumlet.abort_request(request_id, incarnation=incarnation)
         except EngineError as exc:
-            if (
-                isinstance(exc, UnknownRequestError)
-                and request.request_id
-                and (caller is None or caller.role != "llumlet")
-            ):
+            if isinstance(exc, UnknownRequestError) and request_id and not migration_id:
                 # It may not have arrived yet (the AddRequest overtaken by this abort): its add must not happen. (A
-                # llumlet's forwarded abort is for a request already here: it plants nothing.)
-                self.tombstones.add(request.request_id)
+                # forwarded abort is for a request already here: it plants nothing.)
+                self.tombstones.add(request_id)
             await abort_with(context, exc)
         return llumlet_pb2.AbortRequestResponse()
 
     async def _forwarded_abort(
-        self, context: grpc.aio.ServicerContext[Any, Any], caller: Identity, request_id: str
+        self, context: grpc.aio.ServicerContext[Any, Any], caller: Identity, request_id: str, migration_id: str
     ) -> None:
         """A llumlet may abort only a request it migrated here (its client's abort that raced the commit, see the
-        coordinator's ForwardAbort); any other request id is none of its business: PERMISSION_DENIED."""
+        coordinator's ForwardAbort), naming the migration; any other request id is none of its business, and an
+        abort naming no migration could hit a later request of the same id: PERMISSION_DENIED."""
         source = self.migration.migrated_from(request_id) if self.migration is not None else None
         if source != caller.id:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"AbortRequest: llumlet {caller.id} may abort only a request it migrated to "
                 f"{self.llumlet.instance_id}; {request_id!r} did not come from it",
+            )
+        if not migration_id:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"AbortRequest: llumlet {caller.id}'s abort of {request_id!r} names no migration "
+                f"({MIGRATION_METADATA_KEY} metadata)",
             )
 
     async def GetLoad(

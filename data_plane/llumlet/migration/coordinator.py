@@ -37,7 +37,7 @@ from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
-from pyllumnix.data_plane.llumlet.service import MigrationError
+from pyllumnix.data_plane.llumlet.service import MigrationError, forwarded_abort_metadata
 from pyllumnix.data_plane.llumlet.views import request_views
 from pyllumnix.data_plane.transport.base import Transport, TransportError
 from pyllumnix.data_plane.transport.fusion import (
@@ -190,10 +190,11 @@ class MigrationCoordinator:
         self.settings = settings or MigrationSettings()
         self.hooks = hooks
         self._incoming: dict[str, _Incoming] = {}
-        # Request id -> (the source it was migrated in from, its owner entry here): a source may forward its
-        # client's abort after the commit (ForwardAbort), and only for a request it handed over to this instance
-        # (``migrated_from``). Keyed to the owner object, so a later incarnation of the id is not covered.
-        self._migrated_in: dict[str, tuple[str, RequestOwner]] = {}
+        # Request id -> (the source it was migrated in from, the migration, its owner entry here): a source may
+        # forward its client's abort after the commit (ForwardAbort), and only for a request it handed over to this
+        # instance (``migrated_from``), naming the migration (``incarnation``). Keyed to the owner object, so a later
+        # incarnation of the id is not covered.
+        self._migrated_in: dict[str, tuple[str, str, RequestOwner]] = {}
         # max_out and max_in: the machines take a slot when they start and give it back when they end.
         self._out_slots = ev.Slots(self.settings.max_out)
         self._in_slots = ev.Slots(self.settings.max_in)
@@ -275,10 +276,18 @@ class MigrationCoordinator:
         entry = self._migrated_in.get(request_id)
         if entry is None:
             return None
-        if self.llumlet.owners.get(request_id) is not entry[1]:
+        if self.llumlet.owners.get(request_id) is not entry[2]:
             del self._migrated_in[request_id]  # ended, migrated on, or the id reused: no longer that source's
             return None
         return entry[0]
+
+    def incarnation(self, request_id: str, migration_id: str) -> RequestOwner | None:
+        """The owner entry of the request migration ``migration_id`` brought here, while it still lives here (None:
+        it ended or moved on, or the id now names another request: one added later, or another migration's)."""
+        if self.migrated_from(request_id) is None:
+            return None
+        _, mid, owner = self._migrated_in[request_id]
+        return owner if mid == migration_id else None
 
     @property
     def busy(self) -> bool:
@@ -503,10 +512,16 @@ class MigrationCoordinator:
                 await self.llumlet.abort_request(rid)
             self.llumlet.wake()
         elif isinstance(action, ev.ForwardAbort):
-            # The client aborted while the commit was in flight: the request lives on the destination now.
+            # The client aborted while the commit was in flight: the request lives on the destination now. The call
+            # names this migration, so it ends only the request this migration moved there, never a later request
+            # that reuses the id (it may arrive late, after that request ended and the client reused the id).
             self.llumlet.pending_aborts.pop(rid, None)
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await out.stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id=rid), timeout=CONTROL_TIMEOUT_S)
+                await out.stub.AbortRequest(
+                    llumlet_pb2.AbortRequestRequest(request_id=rid),
+                    metadata=forwarded_abort_metadata(mid),
+                    timeout=CONTROL_TIMEOUT_S,
+                )
         elif isinstance(action, ev.Done):
             out.result.outcome = wire.outcome_to_pb(action.outcome)
             out.result.reason = action.reason
@@ -799,9 +814,9 @@ class MigrationCoordinator:
                 self.llumlet.adopt(state, commit.request.request.frontend_address, commit.capability)
                 owners = self.llumlet.owners
                 # Entries of requests that ended (or moved on) since the last install go now: the map stays bounded.
-                self._migrated_in = {r: e for r, e in self._migrated_in.items() if owners.get(r) is e[1]}
+                self._migrated_in = {r: e for r, e in self._migrated_in.items() if owners.get(r) is e[2]}
                 rid = state.spec.request_id
-                self._migrated_in[rid] = (incoming.source_instance_id, owners[rid])
+                self._migrated_in[rid] = (incoming.source_instance_id, incoming.migration_id, owners[rid])
         return done
 
     async def _free(self, incoming: _Incoming, action: ev.Free) -> int:
