@@ -76,7 +76,9 @@ def test_prefill_and_decode_are_monotone(profile: Profile) -> None:
     for batch in (1, 4, 8):
         ctx = [profile.decode_ms(batch, c) for c in range(batch, 8192, 97)]
         assert all(b > a for a, b in itertools.pairwise(ctx))
-    assert all(profile.decode_ms(b + 1, 1000) > profile.decode_ms(b, 1000) for b in range(1, 64))
+    # more sequences never cost less; above the small-batch floor each one costs more
+    assert all(profile.decode_ms(b + 1, 1000) >= profile.decode_ms(b, 1000) for b in range(1, 64))
+    assert all(profile.decode_ms(b + 1, 1000) > profile.decode_ms(b, 1000) for b in range(profile.decode_min_batch, 64))
     assert profile.prefill_ms(0) == profile.decode_ms(0, 0) == 0.0
 
 
@@ -111,19 +113,53 @@ def test_decode_speed_is_the_one_calibrated_on_10k_request_runs() -> None:
     assert p.decode_c_ms == pytest.approx(29.221, abs=1e-3)
     assert p.decode_b_ms == pytest.approx(p.bytes_per_token / (0.77 * A10_GB_S) * 1e3, rel=1e-3)
     assert p.decode_a_ms == 1.25
+    assert p.decode_min_batch == 8
     # S-S decodes about twice M-M's batch: the per-sequence term is what makes its steps slower than M-M's
     assert p.decode_ms(20, 20 * 256) - p.decode_ms(8, 8 * 512) > 10.0
 
 
 def test_decode_is_linear_in_batch_and_context() -> None:
-    """Independent of the coefficients: second differences vanish and a step splits into its parts."""
+    """Independent of the coefficients: from the small-batch floor up, second differences vanish and a step splits
+    into its parts."""
     for p in (LLAMA_7B_A10, TINY):
-        base = p.decode_ms(1, 0)
-        per_seq = p.decode_ms(2, 0) - base
-        per_token = p.decode_ms(1, 1000) - base
+        floor = p.decode_min_batch
+        base = p.decode_ms(floor, 0)
+        per_seq = p.decode_ms(floor + 1, 0) - base
+        per_token = p.decode_ms(floor, 1000) - base
         for batch, ctx in ((8, 2048), (32, 8192), (200, 20000)):
-            expected = base + per_seq * (batch - 1) + per_token * ctx / 1000
+            expected = base + per_seq * (batch - floor) + per_token * ctx / 1000
             assert p.decode_ms(batch, ctx) == pytest.approx(expected, rel=1e-9)
+
+
+def _artifact_padded_batch(batch: int) -> int:
+    """The artifact simulator's decode lookup batch (vllm/simulator/llm_engine.py, LLMEngine.step, branch osdi24ae):
+    ``min(_pad_to_alignment(num_seq, 8), 56)``."""
+    return min(batch + (-batch % 8), 56)
+
+
+def test_a_small_decode_batch_costs_what_eight_sequences_do() -> None:
+    """Session 9: a decode step of 1-8 sequences costs the per-sequence term of 8, as the artifact's simulator prices
+    it (the batch is padded to a multiple of 8 before its latency lookup); before, a step of 5-7 sequences (L-L's
+    batches) was up to 7 x 1.25 ms cheaper, which left L-L's decode mean below the artifact's 0.047-0.075 s. Above 8
+    the term stays linear (the round-up is the lookup's granularity), between the unpadded and the padded cost."""
+    p = LLAMA_7B_A10
+    for ctx in (768, 5 * 768, 8 * 768):
+        eight = p.decode_ms(8, ctx)
+        for batch in range(1, 9):
+            assert _artifact_padded_batch(batch) == 8
+            assert p.decode_ms(batch, ctx) == pytest.approx(eight), batch
+        for batch in (9, 13, 24, 40):
+            unpadded = p.decode_a_ms * batch + p.decode_b_ms * ctx + p.decode_c_ms
+            padded = p.decode_a_ms * _artifact_padded_batch(batch) + p.decode_b_ms * ctx + p.decode_c_ms
+            assert unpadded == pytest.approx(p.decode_ms(batch, ctx)), batch
+            assert unpadded <= padded and (unpadded < padded) == (batch % 8 != 0), batch
+    # one L-L-sized sequence (~768 tokens) alone: the weights, the floor's 8 x 1.25 ms and its own KV
+    assert p.decode_ms(1, 768) == pytest.approx(p.decode_c_ms + 8 * 1.25 + 768 * p.decode_b_ms)
+    # the other profiles keep the linear term down to one sequence
+    assert TINY.decode_min_batch == 1
+    assert TINY.decode_ms(2, 100) - TINY.decode_ms(1, 100) == pytest.approx(TINY.decode_a_ms)
+    with pytest.raises(ValueError, match="decode_min_batch"):
+        dataclasses.replace(TINY, decode_min_batch=0)
 
 
 def test_a_step_costs_its_prefill_plus_its_decode() -> None:

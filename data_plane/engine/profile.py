@@ -167,21 +167,21 @@ class Profile:
 #     0.096 s per token, above the artifact's range). Fig. 11 on this profile (REPORT, 5 seeds x 10,000): INFaaS++
 #     P99 M-M 7.7 14.2 s, S-S 35 25.5 s [0.8-94]; decode mean inside 0.047-0.075 on S-S, M-M, S-L, L-S, but L-L's is
 #     0.044-0.047, just below: its 5-7-sequence batches see the faster base and little of a (a cost flat up to 8
-#     sequences, as the artifact's simulator pads the batch to a multiple of 8, would lift it; not done).
+#     sequences, as the artifact's simulator pads the batch to a multiple of 8, would lift it: session 9 below).
 #   Small-batch floor (session 9): decode_min_batch = 8, i.e. the per-sequence term counts at least 8 sequences. The
 #     artifact's own simulator (vllm/simulator/llm_engine.py, LLMEngine.step, branch osdi24ae) prices a decode-only step
 #     at its profiled latency for `bs = min(_pad_to_alignment(num_seq, 8), 56)` sequences and the batch's summed
 #     context: the batch is padded up to a multiple of 8 (capped at 56) before the lookup, so a 1-8-sequence step
 #     costs what an 8-sequence one does. We adopt that floor only: above 8 the round-up is the lookup's granularity
-#     (its table is profiled at multiples of 8), which the linear term interpolates, and re-pricing every larger batch
+#     (the lookup only ever sees multiples of 8), which the linear term interpolates, and re-pricing every larger batch
 #     upwards by ~3.5 sequences on average would shift the S-S fit; S-S and M-M batches (7-24 sequences) sit at or
 #     above the floor, L-L's 5-7 below it. Without the floor L-L's decode mean on this profile was 0.044-0.047 s per
 #     token, below the artifact's 0.047-0.075, and INFaaS++ at L-L 3.2 hardly queued (P99 2.0 s against "up to
 #     190 s"); with it (session 8, exploratory, one line changed): L-L 3.2 s0 63.5 s (0.061), L-L 2.9 s0 / s1 1.5 /
 #     36.6 s (0.051 / 0.054), M-M 7.7 s0-s2 1.5 / 296 / 1.8 s (0.056-0.072), S-S 35 s0 41.4 s (0.073).
-#     A step of 1-16 sequences of ~768 tokens (the L-L mean) is 31-63 ms decode-only; the measured
-#     per-token figure also carries the prefill-only steps that stall it. 30.5 ms (one sequence) still keeps a step
-#     above the paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
+#     A step of 1-16 sequences of ~768 tokens (the L-L mean) is 40-63 ms decode-only (31-63 ms without the floor);
+#     the measured per-token figure also carries the prefill-only steps that stall it. 40.1 ms (one sequence) keeps a
+#     step above the paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
 #   KV bytes/token = 2 (K,V) x 32 layers x 4096 hidden x 2 bytes = 512 KiB; a block of 16 tokens = 8 MiB.
 #   max_num_batched_tokens 12,800 (paper); max_num_seqs 256 (vLLM default); watermark 1 % (artifact).
 #   split_steps stays False here (the live llumlet's engine is V1-like); the paper scenarios turn it on per run.
