@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import grpc
 import pytest
 
 from pyllumnix.control_plane.frontend.core import Frontend
@@ -27,6 +28,7 @@ from pyllumnix.control_plane.frontend.http import (
     body_cap,
     start_http,
 )
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 from tests.test_frontend_fakes import MAX_MODEL_LEN, MODEL, TOKENIZER, FakeLlumlet, StaticDispatcher, running_stack
 
 # Generous for a shared 2-core machine; the behaviour under test is "an answer at all" (the old code gave none).
@@ -128,6 +130,41 @@ async def test_uploads_hold_in_flight_slots_from_before_their_body_is_read() -> 
         while (status := (await post_status(url, body))[0]) == 429 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         assert status == 200
+        assert stack.frontend.inflight == 0
+
+
+async def test_uploads_count_in_get_load_and_in_grpc_admission() -> None:
+    """Two uploads still sending hold max_inflight=2's slots: /get_load reports them (a router must not pick the
+    frontend busy reading bodies as idle) and a gRPC request is refused (RESOURCE_EXHAUSTED) like an HTTP one; the
+    slots come back when the uploads' clients leave. Old: /get_load said 0 and the gRPC request was admitted beyond
+    the limit (the uploads were counted by the HTTP handler alone)."""
+    async with running_stack([FakeLlumlet("i-1")], max_inflight=2) as stack:
+        load_url = f"{stack.http.url}/get_load"
+        uploads = [await stalled_upload(stack.http.port, 1000) for _ in range(2)]
+
+        async def load_becomes(want: int) -> int:
+            deadline = time.monotonic() + ANSWER_WITHIN_S
+            while True:  # the uploads' handlers start (and end) when the server gets to them: poll
+                status, _, text = await request_status("GET", load_url)
+                assert status == 200, text
+                load = json.loads(text)["load"]
+                if load == want or time.monotonic() > deadline:
+                    return int(load)
+                await asyncio.sleep(0.05)
+
+        assert await load_becomes(2) == 2
+        request = frontend_pb2.GenerateRequest(text="a", sampling=common_pb2.SamplingParams(max_tokens=2))
+        async with grpc.aio.insecure_channel(stack.grpc.address) as channel:
+            stub = frontend_pb2_grpc.FrontendServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await anext(aiter(stub.Generate(request, timeout=ANSWER_WITHIN_S)))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+            assert stack.llumlets["i-1"].added == []
+            for upload in uploads:
+                upload.close()
+            assert await load_becomes(0) == 0
+            replies = [reply async for reply in stub.Generate(request, timeout=ANSWER_WITHIN_S)]
+            assert replies[-1].finished
         assert stack.frontend.inflight == 0
 
 

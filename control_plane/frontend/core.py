@@ -25,7 +25,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -242,6 +242,8 @@ class Frontend:
         self.tracker = RequestTracker()
         # Requests admitted and not yet released (tracked ones plus those still being validated).
         self._admitted = 0
+        # Requests whose body is still being read or parsed (the HTTP API, ``reading_body``): they hold a slot too.
+        self._reading = 0
         # Heavy per-request CPU work (tokenising a long prompt, parsing a large body) runs here, off the event loop.
         # One thread: the work is mostly Python (GIL-bound), so more threads would add contention with the loop, not
         # throughput.
@@ -274,9 +276,28 @@ class Frontend:
         """Requests admitted and not yet released: what the in-flight limit counts."""
         return self._admitted
 
+    @property
+    def load(self) -> int:
+        """Requests holding an in-flight slot: the admitted ones plus those whose body is still being read. The limit
+        counts these on every API (a gRPC request is refused while HTTP uploads hold the slots, as an HTTP one is),
+        and ``/get_load`` reports them: an upload becomes a request here, so a router must not take a frontend busy
+        reading bodies for an idle one."""
+        return self._admitted + self._reading
+
+    @contextlib.contextmanager
+    def reading_body(self) -> Iterator[None]:
+        """Holds an in-flight slot while a request's body is read and parsed (the HTTP API sheds on ``load`` before
+        it reads anything, so stalled or slow uploads cannot pile up beyond the limit); leave it before ``submit``,
+        which takes the request's own slot."""
+        self._reading += 1
+        try:
+            yield
+        finally:
+            self._reading -= 1
+
     def check_admission(self) -> None:
         """Raises OverloadedError when the in-flight limit is reached (cheap: callers may shed before parsing)."""
-        if self._admitted >= self.max_inflight:
+        if self.load >= self.max_inflight:
             exc = OverloadedError(f"this frontend is serving its limit of {self.max_inflight} requests; retry later")
             self.metrics.rejected.labels(exc.code.name).inc()
             raise exc

@@ -1,10 +1,10 @@
 """OpenAI-compatible HTTP API (aiohttp) over a ``Frontend``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (streaming SSE or not), GET /v1/models, GET /metrics
-(Prometheus), GET /get_load (``{"load": requests in flight}``, what routers' load-aware policies poll),
-POST /v1/requests/{request_id}/abort, and two probes: GET /livez (liveness: 200 while the event loop
-runs) and GET /health = GET /readyz (readiness: 200 only when a request could be dispatched now, i.e. the scheduler
-leader or the registry bypass has an instance; else 503 with ``{"status", "reason"}``).
+(Prometheus), GET /get_load (``{"load": requests in flight, bodies being read included}``, what routers'
+load-aware policies poll), POST /v1/requests/{request_id}/abort, and two probes: GET /livez (liveness: 200 while
+the event loop runs) and GET /health = GET /readyz (readiness: 200 only when a request could be dispatched now, i.e.
+the scheduler leader or the registry bypass has an instance; else 503 with ``{"status", "reason"}``).
 
 Priority: the body field ``"priority": "normal" | "high"`` or the header ``X-Llumnix-Priority: normal | high``; when
 both are given the body wins. Request id: an optional ``X-Request-Id`` header names the request (409 if in use); every
@@ -226,9 +226,6 @@ class HttpApi:
         self.api_keys = api_keys
         self.body_timeout = body_timeout
         self.large_body_slots = large_body_slots
-        # Requests admitted here whose body is being read or parsed (not yet in ``frontend.inflight``): counted
-        # against the in-flight limit too, so stalled or slow uploads cannot pile up beyond it.
-        self._reading = 0
         self._large_bodies = 0
         # The last readiness answer (monotonic time, answer) and the check in progress, shared by concurrent probes.
         self._readiness: tuple[float, Readiness] | None = None
@@ -267,19 +264,20 @@ class HttpApi:
         return exc
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
-        # Shed before reading and parsing the body; a request whose body is still arriving holds an in-flight slot.
+        # Shed before reading and parsing the body; a request whose body is still arriving holds an in-flight slot
+        # (``frontend.reading_body``: the gRPC API's admission and /get_load count it too).
         limit = self.frontend.max_inflight
-        if self.frontend.inflight + self._reading >= limit:
+        if self.frontend.load >= limit:
             raise self._overloaded(f"this frontend is serving its limit of {limit} requests; retry later")
         if request.content_length is not None and request.content_length > self.max_body_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_body_bytes, actual_size=request.content_length)
         large = request.content_length is None or request.content_length > OFFLOAD_BODY_BYTES
         if large and self._large_bodies >= self.large_body_slots:
             raise self._overloaded(f"{self.large_body_slots} large request bodies are being read; retry later")
-        self._reading += 1
         self._large_bodies += large
         try:
-            parsed = await self._read_and_parse(request, chat=chat)
+            with self.frontend.reading_body():
+                parsed = await self._read_and_parse(request, chat=chat)
         except BodyTimeoutError as exc:
             self.frontend.count_rejected(exc)
             # The rest of the body may still come: this connection cannot carry another request. Close it once the
@@ -291,7 +289,6 @@ class HttpApi:
             request.protocol.force_close()
             return response
         finally:
-            self._reading -= 1
             self._large_bodies -= large
         # Nothing awaits between here and ``submit`` counting the request: its slot passes on without a gap.
         # A W3C traceparent header makes the request's trace a child of the caller's (tracing on only).
@@ -473,8 +470,10 @@ class HttpApi:
 
     async def get_load(self, request: web.Request) -> web.Response:
         """The load routers poll (sglang-router / vllm-router ``power_of_two`` read ``load``): requests in flight here,
-        so a load-aware router in front of several frontends balances on what each one serves."""
-        return web.json_response({"load": self.frontend.inflight})
+        so a load-aware router in front of several frontends balances on what each one serves. Requests whose body is
+        still being read count (``frontend.load``): each holds an in-flight slot and becomes a request here, so a
+        frontend reading 8 large bodies is loaded, not idle, and the value matches what the in-flight limit sheds on."""
+        return web.json_response({"load": self.frontend.load})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.frontend.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
