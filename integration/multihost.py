@@ -5,6 +5,11 @@ Host A (``<prefix>.1``) runs the Ray head and etcd; host B (``<prefix>.2``) a Ra
 another Ray on the machine. The subnet (``10.77.<n>``) and the names are unique per run. Everything is removed on
 exit, also when a test fails: the namespaces' inits and etcd are killed by PID, the namespaces deleted (the veth pair
 goes with them). Traffic stays inside these namespaces.
+
+The Ray cluster authenticates with a token of its own (``RAY_AUTH_MODE=token``, a fresh token in the work folder named
+by ``RAY_AUTH_TOKEN_PATH``, in every Ray and driver process's environment): Ray otherwise reads ``~/.ray/auth_token``,
+and a token some earlier Ray run left there switched the head to token mode while the drivers sent none
+(InvalidAuthToken). Nothing here reads or writes the user's ``~/.ray``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import secrets
 import shutil
 import signal
 import subprocess
@@ -110,17 +116,26 @@ class TwoHosts:
     etcd: str = ""
 
     @property
+    def ray_token_path(self) -> Path:
+        """This cluster's Ray authentication token (made by ``two_hosts``, removed with the work folder)."""
+        return self.workdir / "ray-auth-token"
+
+    @property
     def ray_address(self) -> str:
         return f"{self.a.ip}:{RAY_PORT}"
 
     def env(self) -> dict[str, str]:
         """The environment for Ray and llumnix processes here: fast node-death detection (3 s, not 64 s)."""
         env = dict(os.environ)
+        env.pop("RAY_AUTH_TOKEN", None)  # a caller's token would take precedence over the path
         env.update(
             RAY_health_check_period_ms="500",
             RAY_health_check_timeout_ms="500",
             RAY_health_check_failure_threshold="3",
             RAY_USAGE_STATS_ENABLED="0",
+            # The cluster's own token, never the user's ~/.ray/auth_token (see the module docstring).
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(self.ray_token_path),
             PYTHONUNBUFFERED="1",
             # Both emulated hosts are one kernel: UCX would take them for one host and pick shared memory / CMA,
             # which cannot cross the PID namespaces ("Endpoint timeout"); real separate hosts reach each other only
@@ -189,6 +204,9 @@ def two_hosts(workdir: Path | None = None) -> Iterator[TwoHosts]:
             _ip("-n", host.name, "addr", "add", f"{host.ip}/24", "dev", host.veth)
             _ip("-n", host.name, "link", "set", host.veth, "up")
             _ip("-n", host.name, "link", "set", "lo", "up")
+        # As `ray get-auth-token --generate` makes one (256 random bits, hex), created readable by the owner only.
+        with open(os.open(hosts.ray_token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as token:
+            token.write(secrets.token_hex(32))
         env = hosts.env()
         hosts.etcd = f"{hosts.a.ip}:{ETCD_PORT}"
         hosts.a.spawn(
@@ -218,5 +236,6 @@ def two_hosts(workdir: Path | None = None) -> Iterator[TwoHosts]:
         for name in made:
             with contextlib.suppress(Exception):
                 _ip("netns", "del", name)
+        hosts.ray_token_path.unlink(missing_ok=True)  # also from a caller's folder: a credential outlives nothing
         if owned:
             shutil.rmtree(work, ignore_errors=True)

@@ -31,12 +31,25 @@ pytest.importorskip("ray", reason="the ray extra is not installed (pip install '
 _NO_NETNS = can_create_namespaces()
 
 
+STALE_RAY_TOKEN = "stale-token-of-an-earlier-ray-run"
+
+
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
+    """The emulated hosts, made and used under a home folder of the module's own that holds a stale
+    ``~/.ray/auth_token`` (what an earlier Ray run leaves behind): the cluster must not depend on the user's home, nor
+    write to it. Before, Ray read that token and every scenario's driver failed to connect (InvalidAuthToken)."""
     if _NO_NETNS is not None:
         pytest.skip(f"cannot emulate hosts here: {_NO_NETNS}")
-    with two_hosts(tmp_path_factory.mktemp("multihost")) as made:
-        yield made
+    home = tmp_path_factory.mktemp("home")
+    (home / ".ray").mkdir()
+    (home / ".ray" / "auth_token").write_text(STALE_RAY_TOKEN)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HOME", str(home))
+        with two_hosts(tmp_path_factory.mktemp("multihost")) as made:
+            yield made
+    assert [p.name for p in (home / ".ray").iterdir()] == ["auth_token"], "Ray wrote into the home folder"
+    assert (home / ".ray" / "auth_token").read_text() == STALE_RAY_TOKEN
 
 
 @pytest.mark.timeout(150)
