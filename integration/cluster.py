@@ -3,25 +3,31 @@
 Components run on mutual TLS with role checks (the ``procs`` fixture gives them the session's PKI), so the test
 process dials them with :func:`dial`: as a given role, or as whichever role each called method allows
 (:class:`RoutedChannel`). Plaintext when no PKI is set (the ``procs`` fixture sets it for each test).
+
+The test clusters' etcd serves TLS with client-certificate auth from the session PKI, as ``llumnix serve`` runs it
+(:func:`etcd_server_tls`): components take :func:`etcd_urls` (``https://``) as ``--etcd``, and the test process reads
+and writes it with :func:`harness_etcd_client`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from pyllumnix.clients.channel import TlsConfig
-from pyllumnix.infra.etcd.client import EtcdClient
+from pyllumnix.infra.etcd.client import EtcdClient, EtcdTls
+from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, EtcdServerTls
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.authz import ANY_ROLE, PROJECT_ROLES
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
 from pyllumnix.infra.security.fencing import term_metadata
-from pyllumnix.infra.security.runtime import INSECURE, SecuritySettings, identity_of, open_channel
+from pyllumnix.infra.security.runtime import INSECURE, SecuritySettings, identity_of, open_channel, split_etcd_endpoints
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -31,8 +37,32 @@ from pyllumnix.protos.llumnix.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
+from pyllumnix.tools.launch import session_pki
 
 _HARNESS: dict[str, ClusterSecurity | None] = {"pki": None}
+
+
+def etcd_server_tls() -> EtcdServerTls:
+    """TLS for a test cluster's etcd as ``llumnix serve`` gives its own: the session PKI's etcd certificate, client
+    certificates required (the admin one for the embedded cluster's health checks)."""
+    pki: ClusterSecurity = session_pki("llumnix")
+    server, health = pki.ensure("etcd", "etcd"), pki.ensure("admin", "admin")
+    return EtcdServerTls(server.ca, server.cert, server.key, health.cert, health.key)
+
+
+def etcd_urls(etcd: EmbeddedEtcd) -> list[str]:
+    """The endpoints a component's ``--etcd`` takes: ``https://`` ones for an etcd serving TLS."""
+    return [f"https://{e}" for e in etcd.endpoints] if etcd.tls is not None else list(etcd.endpoints)
+
+
+def harness_etcd_client(endpoints: Sequence[str], **kwargs: Any) -> EtcdClient:
+    """The test process's etcd client: for ``https://`` endpoints over TLS with the session PKI's harness admin
+    certificate, as a component's (``runtime.etcd_client``); plaintext for plain ones."""
+    plain, tls = split_etcd_endpoints(endpoints)
+    if not tls:
+        return EtcdClient(plain, **kwargs)
+    paths = session_pki("llumnix").ensure("admin", "harness")
+    return EtcdClient(plain, tls=EtcdTls.from_files(paths.ca, paths.cert, paths.key), **kwargs)
 
 
 def set_harness_pki(pki: ClusterSecurity | None) -> None:
@@ -192,7 +222,7 @@ async def get_load(address: str) -> common_pb2.InstanceLoad:
 async def api_key(etcd_endpoints: list[str], cluster: str, role: str = "user") -> str:
     """A new API key of ``role`` in the test cluster's key store (secure frontends want one)."""
     name = f"test-{role}-{time.monotonic_ns()}"
-    async with EtcdClient(etcd_endpoints) as etcd:
+    async with harness_etcd_client(etcd_endpoints) as etcd:
         key, _ = await ApiKeyStore(etcd, KeyLayout(cluster)).create(name, role)
     return key
 

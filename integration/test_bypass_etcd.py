@@ -11,11 +11,10 @@ from collections import Counter
 
 import pytest
 
-from integration.cluster import client_tls
+from integration.cluster import client_tls, etcd_urls, harness_etcd_client
 from integration.procs import Component, Processes
 from pyllumnix.clients import AsyncLlumnixClient
 from pyllumnix.clients.client import GenerationResult
-from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.registry import InstanceRegistry
@@ -29,13 +28,13 @@ def start_llumlet(procs: Processes, etcd: EmbeddedEtcd, cluster: str, iid: str) 
     return procs.start(
         iid,
         "llumlet",
-        *("--etcd", ",".join(etcd.endpoints), "--cluster", cluster, "--instance-id", iid),
+        *("--etcd", ",".join(etcd_urls(etcd)), "--cluster", cluster, "--instance-id", iid),
         *("--profile", "tiny", "--transport", "tcp"),
     )
 
 
 async def registered(etcd: EmbeddedEtcd, cluster: str) -> set[str]:
-    client = EtcdClient(etcd.endpoints)
+    client = harness_etcd_client(etcd_urls(etcd))
     try:
         return set((await InstanceRegistry(client, KeyLayout(cluster)).list()).entries)
     finally:
@@ -75,11 +74,11 @@ async def test_frontend_without_scheduler_dispatches_through_the_etcd_registry(
     fe = procs.start(
         "fe",
         "frontend",
-        *("--etcd", ",".join(etcd1.endpoints), "--cluster", cluster),  # no --scheduler: bypass only
+        *("--etcd", ",".join(etcd_urls(etcd1)), "--cluster", cluster),  # no --scheduler: bypass only
         *("--http-port", "0", "--model", "tiny", "--max-model-len", "512"),
     )
     assert fe.ready["schedulers"] == []
-    tls = await client_tls(etcd1.endpoints, cluster)
+    tls = await client_tls(etcd_urls(etcd1), cluster)
     async with AsyncLlumnixClient(frontend_endpoints=fe.address, timeout=10, tls=tls) as client:
         first = await burst(client, "a", 8)
         placed = Counter(r.instances[0] for r in first)

@@ -3,7 +3,7 @@
 A client with a certificate from the cluster CA works; one without a certificate, one with another CA's certificate,
 and a plaintext client are refused with an EtcdUnavailableError that names the endpoint and the TLS failure, within
 the client's retry budget (no hang). Three members also talk to each other over mutual TLS. API keys are stored and
-checked against the real TLS etcd.
+checked against the real TLS etcd. The suites' shared etcd fixture is such an etcd too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from integration.cluster import etcd_urls, harness_etcd_client
 from pyllumnix.infra.etcd.client import EtcdClient, EtcdTls
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, EtcdServerTls
 from pyllumnix.infra.etcd.errors import EtcdUnavailableError
@@ -116,3 +117,16 @@ async def test_three_members_with_peer_tls(pki: ClusterSecurity, tmp_path: Path)
             rev = await a.put("/tls/replicated", b"1")
             kv = await b.get("/tls/replicated")
             assert kv is not None and kv.mod_revision == rev
+
+
+async def test_the_shared_test_etcd_is_secure(etcd1: EmbeddedEtcd, etcd_cluster_name: str) -> None:
+    """The integration suites' shared etcd (``etcd1``) runs as ``llumnix serve`` runs its own: components are given
+    ``https://`` endpoints, a plaintext client is refused, and the harness's client (session CA) reads and writes.
+    Before, it served plaintext to anyone on loopback."""
+    urls = etcd_urls(etcd1)
+    assert urls and all(u.startswith("https://") for u in urls), urls
+    await refused(EtcdClient(etcd1.endpoints, retry_budget=BUDGET))
+    async with harness_etcd_client(urls) as c:
+        await c.put(f"/{etcd_cluster_name}/k", b"v")
+        kv = await c.get(f"/{etcd_cluster_name}/k")
+        assert kv is not None and kv.value == b"v"

@@ -14,10 +14,9 @@ import time
 import aiohttp
 import pytest
 
-from integration.cluster import dial, leader_of, list_instances
+from integration.cluster import dial, etcd_urls, harness_etcd_client, leader_of, list_instances
 from integration.procs import Processes
 from pyllumnix.data_plane.transport.tcp import parse_tcp_address
-from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.registry import InstanceRegistry
@@ -34,7 +33,7 @@ pytestmark = [
 async def test_scheduler_and_llumlet_on_ipv6_loopback_advertise_dialable_addresses(
     etcd1: EmbeddedEtcd, procs: Processes, sink: RecordingSink, etcd_cluster_name: str
 ) -> None:
-    etcd = ["--etcd", ",".join(etcd1.endpoints), "--cluster", etcd_cluster_name]
+    etcd = ["--etcd", ",".join(etcd_urls(etcd1)), "--cluster", etcd_cluster_name]
     scheduler = procs.start("s6", "scheduler", *etcd, "--host", "::1", "--replica-id", "s6")
     llumlet = procs.start(
         "l6",
@@ -52,7 +51,7 @@ async def test_scheduler_and_llumlet_on_ipv6_loopback_advertise_dialable_address
         "1",
     )
     assert scheduler.address.startswith("[::1]:") and llumlet.address.startswith("[::1]:")
-    client = EtcdClient(etcd1.endpoints)
+    client = harness_etcd_client(etcd_urls(etcd1))
     try:
         # The election entry: what clients following the leader trailer and the llumlet's reporter dial.
         leader = await leader_of([scheduler.address], timeout=20)

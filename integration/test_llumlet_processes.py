@@ -8,9 +8,8 @@ import time
 import grpc
 import pytest
 
-from integration.cluster import dial
+from integration.cluster import dial, etcd_urls, harness_etcd_client
 from integration.procs import Processes
-from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.registry import InstanceRegistry
@@ -44,7 +43,7 @@ async def test_two_llumlets_register_serve_and_expire(
 ) -> None:
     common = [
         "--etcd",
-        ",".join(etcd1.endpoints),
+        ",".join(etcd_urls(etcd1)),
         "--cluster",
         etcd_cluster_name,
         "--profile",
@@ -56,7 +55,7 @@ async def test_two_llumlets_register_serve_and_expire(
     ]
     a = procs.start("llumlet-a", "llumlet", "--instance-id", "a", *common)
     b = procs.start("llumlet-b", "llumlet", "--instance-id", "b", *common)
-    client = EtcdClient(etcd1.endpoints)
+    client = harness_etcd_client(etcd_urls(etcd1))
     registry = InstanceRegistry(client, KeyLayout(etcd_cluster_name))
     try:
         snap = await registry.list()

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 
-from integration.cluster import dial, leader_of, list_instances
+from integration.cluster import dial, etcd_server_tls, etcd_urls, harness_etcd_client, leader_of, list_instances
 from integration.procs import Component, Processes
 from pyllumnix.infra.etcd.client import EtcdClient, KeyValue
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
@@ -30,7 +30,7 @@ LLUMLET_ARGS = ("--profile", "llama-7b-a10", "--no-payload", "--transport", "tcp
 @pytest.fixture
 def own_etcd() -> Iterator[EmbeddedEtcd]:
     """An etcd this test alone uses (it gets paused)."""
-    with EmbeddedEtcd(1) as etcd:
+    with EmbeddedEtcd(1, tls=etcd_server_tls()) as etcd:
         yield etcd
 
 
@@ -78,7 +78,7 @@ def start_llumlet(procs: Processes, etcd: EmbeddedEtcd, cluster: str, *extra: st
         "--instance-id",
         "a",
         "--etcd",
-        ",".join(etcd.endpoints),
+        ",".join(etcd_urls(etcd)),
         "--cluster",
         cluster,
         *LLUMLET_ARGS,
@@ -95,10 +95,10 @@ async def test_an_etcd_outage_longer_than_the_lease_ttl_does_not_stop_a_llumlet(
 ) -> None:
     ttl, outage, tokens = 2, 5.0, 400
     scheduler = procs.start(
-        "s0", "scheduler", "--etcd", ",".join(own_etcd.endpoints), "--cluster", etcd_cluster_name, "--replica-id", "s0"
+        "s0", "scheduler", "--etcd", ",".join(etcd_urls(own_etcd)), "--cluster", etcd_cluster_name, "--replica-id", "s0"
     )
     llumlet = start_llumlet(procs, own_etcd, etcd_cluster_name, "--lease-ttl", str(ttl))
-    client = EtcdClient(own_etcd.endpoints)
+    client = harness_etcd_client(etcd_urls(own_etcd))
     try:
         before = await entry(client, etcd_cluster_name)
         assert before is not None
@@ -151,7 +151,7 @@ async def test_a_llumlet_stalled_past_its_lease_comes_back_registered_with_its_s
 ) -> None:
     ttl, stall, tokens = 2, 4.0, 300
     llumlet = start_llumlet(procs, etcd1, etcd_cluster_name, "--lease-ttl", str(ttl))
-    client = EtcdClient(etcd1.endpoints)
+    client = harness_etcd_client(etcd_urls(etcd1))
     try:
         before = await entry(client, etcd_cluster_name)
         assert before is not None
@@ -184,7 +184,7 @@ async def test_a_short_stall_within_the_default_ttl_keeps_the_lease(
     """The default TTL (5 s, renewed every TTL/5) rides out a 3 s stall: the entry never vanishes (the old default,
     3 s renewed every second, lost it and the llumlet exited)."""
     llumlet = start_llumlet(procs, etcd1, etcd_cluster_name)
-    client = EtcdClient(etcd1.endpoints)
+    client = harness_etcd_client(etcd_urls(etcd1))
     try:
         before = await entry(client, etcd_cluster_name)
         assert before is not None

@@ -25,7 +25,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from integration.cluster import add_request, dial, get_load, http_headers, leader_of
+from integration.cluster import add_request, dial, etcd_urls, get_load, http_headers, leader_of
 from integration.live_metrics import MAX_TOKENS, N_REQUESTS, Scrape, live
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, config_pb2, llumlet_pb2, llumlet_pb2_grpc
@@ -102,7 +102,7 @@ async def test_metrics_follow_what_happened(
     etcd1: EmbeddedEtcd, procs: Launcher, sink: RecordingSink, etcd_cluster_name: str
 ) -> None:
     assert sink.server is not None
-    common = ["--etcd", ",".join(etcd1.endpoints), "--cluster", etcd_cluster_name]
+    common = ["--etcd", ",".join(etcd_urls(etcd1)), "--cluster", etcd_cluster_name]
     scheduler = procs.start("s0", "scheduler", *common, "--replica-id", "s0")
     await leader_of([scheduler.address])
     async with dial(scheduler.address) as ch:
@@ -124,7 +124,7 @@ async def test_metrics_follow_what_happened(
     )
     url = f"http://127.0.0.1:{frontend.ready['http_port']}"
     timeout = aiohttp.ClientTimeout(total=120)
-    headers = await http_headers(etcd1.endpoints, etcd_cluster_name)  # the API key a secure frontend wants
+    headers = await http_headers(etcd_urls(etcd1), etcd_cluster_name)  # the API key a secure frontend wants
     async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
         await frontend_metrics(session, url)
         await cluster_metrics(session, url, scheduler, l0, l1, sink)

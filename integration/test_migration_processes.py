@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from integration.cluster import add_request, dial, get_load, leader_of
+from integration.cluster import add_request, dial, etcd_urls, get_load, leader_of
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Component, Launcher
@@ -105,7 +105,7 @@ async def test_micro_benchmark_migrates_continuously_without_losing_tokens(
 ) -> None:
     """Paper Fig. 10's setting, scaled: two instances, one loaded with most requests, the scheduler migrating."""
     assert sink.server is not None
-    endpoints = ",".join(etcd1.endpoints)
+    endpoints = ",".join(etcd_urls(etcd1))
     common = ["--etcd", endpoints, "--cluster", etcd_cluster_name]
     scheduler = procs.start("s0", "scheduler", *common, "--replica-id", "s0")
     llumlets = [

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from google.protobuf import field_mask_pb2
 
-from integration.cluster import add_request, dial, get_load, http_headers, leader_of, list_instances, submit
+from integration.cluster import add_request, dial, etcd_urls, get_load, http_headers, leader_of, list_instances, submit
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, config_pb2, llumlet_pb2, llumlet_pb2_grpc
@@ -53,7 +53,7 @@ async def test_high_priority_concentrates_repels_normal_and_is_never_migrated(
     etcd1: EmbeddedEtcd, procs: Launcher, sink: RecordingSink, etcd_cluster_name: str
 ) -> None:
     assert sink.server is not None
-    common = ["--etcd", ",".join(etcd1.endpoints), "--cluster", etcd_cluster_name]
+    common = ["--etcd", ",".join(etcd_urls(etcd1)), "--cluster", etcd_cluster_name]
     scheduler = procs.start("s0", "scheduler", *common, "--replica-id", "s0")
     leader = await leader_of([scheduler.address])
     async with dial(scheduler.address) as ch:
@@ -92,7 +92,7 @@ async def test_high_priority_concentrates_repels_normal_and_is_never_migrated(
     await add_request(l1.address, "n0", sink.server.address, 200 * BLOCK, LONG)
     await until(leader_sees(lambda s: s["l1"].summary.running_blocks >= 200), "the leader to see n0 running")
 
-    headers = await http_headers(etcd1.endpoints, etcd_cluster_name)
+    headers = await http_headers(etcd_urls(etcd1), etcd_cluster_name)
     streams: list[aiohttp.ClientResponse] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), headers=headers) as session:
 

@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
-from integration.cluster import add_request, client_tls, dial, get_load, leader_of, list_instances, submit
+from integration.cluster import add_request, client_tls, dial, etcd_urls, get_load, leader_of, list_instances, submit
 from integration.procs import Component, Processes
 from pyllumnix.clients import AsyncLlumnixClient, DeadlineExceededError, LlumnixError
 from pyllumnix.clients.channel import TlsConfig
@@ -41,7 +41,7 @@ pytestmark = pytest.mark.integration
 def start_cluster(
     procs: Processes, etcd: EmbeddedEtcd, cluster: str, n_llumlets: int, scheduler_args: tuple[str, ...] = ()
 ) -> tuple[list[Component], list[Component]]:
-    endpoints = ",".join(etcd.endpoints)
+    endpoints = ",".join(etcd_urls(etcd))
     schedulers = [
         procs.start(
             f"s{i}", "scheduler", "--etcd", endpoints, "--cluster", cluster, "--replica-id", f"s{i}", *scheduler_args
@@ -161,7 +161,7 @@ async def test_dispatch_migration_and_leader_failover(
     fe = start_frontend(procs, etcd1, etcd_cluster_name, schedulers)
     old = next(s for s in schedulers if s.address == leader.leader_address)
     standby = next(s for s in schedulers if s is not old)
-    report = await failover_under_load(fe, old, standby, await client_tls(etcd1.endpoints, etcd_cluster_name))
+    report = await failover_under_load(fe, old, standby, await client_tls(etcd_urls(etcd1), etcd_cluster_name))
     print(f"scheduler failover under load: {report}")
     await wait_reporting(standby.address, 4, timeout=10)
     for i in range(4):
@@ -195,7 +195,7 @@ def start_frontend(procs: Processes, etcd: EmbeddedEtcd, cluster: str, scheduler
     return procs.start(
         "fe",
         "frontend",
-        *("--etcd", ",".join(etcd.endpoints), "--cluster", cluster),
+        *("--etcd", ",".join(etcd_urls(etcd)), "--cluster", cluster),
         *("--scheduler", ",".join(s.address for s in schedulers), "--http-port", "0"),
         *("--model", "tiny", "--max-model-len", "512"),
     )
@@ -357,7 +357,7 @@ async def test_autoscaling_adds_under_load_and_drains_running_requests(
     first = procs.start(
         "l0",
         "llumlet",
-        *("--etcd", ",".join(etcd1.endpoints), "--cluster", etcd_cluster_name, "--instance-id", "l0"),
+        *("--etcd", ",".join(etcd_urls(etcd1)), "--cluster", etcd_cluster_name, "--instance-id", "l0"),
         *SCALING_LLUMLET_ARGS,
         *("--transport", "tcp", "--lease-ttl", "1"),
     )

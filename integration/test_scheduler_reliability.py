@@ -16,7 +16,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from integration.cluster import add_request, dial, get_load, leader_of, llmctl_tls_args
+from integration.cluster import (
+    add_request,
+    dial,
+    etcd_server_tls,
+    etcd_urls,
+    get_load,
+    harness_etcd_client,
+    leader_of,
+    llmctl_tls_args,
+)
 from integration.procs import Component, Processes
 from pyllumnix.control_plane.scheduler.config_wire import config_to_pb
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider, LocalProcessProvider
@@ -72,7 +81,7 @@ async def replicas(
     clients: list[EtcdClient] = []
     try:
         for i in range(n):
-            client = EtcdClient(etcd.endpoints)
+            client = harness_etcd_client(etcd_urls(etcd))
             clients.append(client)
             provider = providers[i] if i < len(providers) else None
             replica = SchedulerReplica(client, KeyLayout(cluster), f"r{i}", "", provider=provider, timing=timing)
@@ -114,7 +123,7 @@ def start_llumlet(procs: Processes, etcd: EmbeddedEtcd, cluster: str, name: str,
         name,
         "llumlet",
         "--etcd",
-        ",".join(etcd.endpoints),
+        ",".join(etcd_urls(etcd)),
         "--cluster",
         cluster,
         "--instance-id",
@@ -192,7 +201,7 @@ async def test_follower_replica_has_the_new_config_after_config_set(
 
 async def test_etcd_stall_does_not_move_leadership(etcd_cluster_name: str) -> None:
     """etcd frozen for 2.5 s (SIGSTOP): the leader keeps its term and nobody else leads (the old 1 s lease flapped)."""
-    with EmbeddedEtcd(1) as etcd:
+    with EmbeddedEtcd(1, tls=etcd_server_tls()) as etcd:
         async with replicas(etcd, etcd_cluster_name, 2) as rs:
             leader, follower = await leader_and_follower(rs)
             held = leader.leadership
@@ -214,7 +223,7 @@ async def test_etcd_stall_does_not_move_leadership(etcd_cluster_name: str) -> No
 async def test_leader_process_stall_does_not_flap_and_a_dead_leader_is_replaced_within_3s(
     etcd1: EmbeddedEtcd, procs: Processes, etcd_cluster_name: str
 ) -> None:
-    endpoints = ",".join(etcd1.endpoints)
+    endpoints = ",".join(etcd_urls(etcd1))
     schedulers = [
         await asyncio.to_thread(
             procs.start,
@@ -342,7 +351,7 @@ async def test_real_scale_cordon_uncordon_and_resign_through_llmctl(
     layout = KeyLayout(etcd_cluster_name)
     l0 = await asyncio.to_thread(start_llumlet, procs, etcd1, etcd_cluster_name, "l0")
     args = ["--profile", "tiny", "--transport", "tcp", "--lease-ttl", "2"]
-    args += ["--etcd", ",".join(etcd1.endpoints), "--cluster", etcd_cluster_name]
+    args += ["--etcd", ",".join(etcd_urls(etcd1)), "--cluster", etcd_cluster_name]
     providers = [
         LocalProcessProvider(args, tmp_path / f"p{i}", id_prefix=f"p{i}", max_instances=2, stop_on_close=True)
         for i in range(2)

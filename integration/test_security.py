@@ -24,8 +24,8 @@ from typing import Any
 import grpc
 import pytest
 
+from integration.cluster import etcd_urls, harness_etcd_client
 from pyllumnix.clients import LlumnixClient
-from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyStore
@@ -65,7 +65,7 @@ class SecureCluster:
 def secure_cluster(etcd1: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecureCluster]:
     launcher = Launcher(tmp_path_factory.mktemp("secure"), secure=True)
     cluster = "sec"
-    common = ["--etcd", ",".join(etcd1.endpoints), "--cluster", cluster]
+    common = ["--etcd", ",".join(etcd_urls(etcd1)), "--cluster", cluster]
     try:
         scheduler = launcher.start("scheduler", "scheduler", *common, "--replica-id", "s0", timeout=60)
         llumlets = [
@@ -75,7 +75,7 @@ def secure_cluster(etcd1: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory
         frontend = launcher.start(
             "frontend", "frontend", *common, "--scheduler", scheduler.address, "--http-port", "0", timeout=60
         )
-        yield SecureCluster(launcher, scheduler, llumlets, frontend, etcd1.endpoints, cluster)
+        yield SecureCluster(launcher, scheduler, llumlets, frontend, etcd_urls(etcd1), cluster)
     finally:
         launcher.stop_all()
 
@@ -215,7 +215,7 @@ def http(url: str, body: dict[str, Any] | None = None, key: str = "") -> tuple[i
 
 
 async def user_key(c: SecureCluster, name: str) -> str:
-    async with EtcdClient(c.etcd_endpoints) as etcd:
+    async with harness_etcd_client(c.etcd_endpoints) as etcd:
         key, _ = await ApiKeyStore(etcd, KeyLayout(c.cluster)).create(name, "user")
     return key
 

@@ -28,9 +28,9 @@ from typing import Any
 import grpc
 import pytest
 
+from integration.cluster import etcd_urls, harness_etcd_client
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.convert import spec_from_pb
-from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyStore
@@ -67,7 +67,7 @@ class Cluster:
 def cluster(etcd1: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     launcher = Launcher(tmp_path_factory.mktemp("attacks"), secure=True)
     name = f"attacks-{time.monotonic_ns()}"
-    common = ["--etcd", ",".join(etcd1.endpoints), "--cluster", name]
+    common = ["--etcd", ",".join(etcd_urls(etcd1)), "--cluster", name]
     try:
         scheduler = launcher.start("scheduler", "scheduler", *common, "--replica-id", "s0", timeout=60)
         llumlets = {
@@ -79,7 +79,7 @@ def cluster(etcd1: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory) -> It
         frontend = launcher.start(
             "frontend", "frontend", *common, "--scheduler", scheduler.address, "--http-port", "0", timeout=60
         )
-        yield Cluster(launcher, scheduler, llumlets, frontend, etcd1.endpoints, name)
+        yield Cluster(launcher, scheduler, llumlets, frontend, etcd_urls(etcd1), name)
     finally:
         launcher.stop_all()
 
@@ -117,7 +117,7 @@ def expected_tokens() -> list[int]:
 
 
 async def user_key(c: Cluster) -> str:
-    async with EtcdClient(c.etcd) as etcd:
+    async with harness_etcd_client(c.etcd) as etcd:
         key, _ = await ApiKeyStore(etcd, KeyLayout(c.name)).create(f"alice-{time.monotonic_ns()}", "user")
     return key
 

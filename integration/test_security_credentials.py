@@ -24,10 +24,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from integration.cluster import etcd_urls, harness_etcd_client
 from pyllumnix.clients import LlumnixClient
 from pyllumnix.clients.channel import TlsConfig
 from pyllumnix.clients.errors import LlumnixError
-from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyStore
@@ -57,14 +57,14 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(etcd1: EmbeddedEtcd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     launcher = Launcher(tmp_path_factory.mktemp("creds"))  # secure, the default
-    common = ["--etcd", ",".join(etcd1.endpoints), "--cluster", CLUSTER]
+    common = ["--etcd", ",".join(etcd_urls(etcd1)), "--cluster", CLUSTER]
     try:
         scheduler = launcher.start("scheduler", "scheduler", *common, "--replica-id", "s0", timeout=60)
         llumlet = launcher.start("l0", "llumlet", *common, "--instance-id", "l0", "--transport", "tcp", timeout=60)
         frontend = launcher.start(
             "frontend", "frontend", *common, "--scheduler", scheduler.address, "--http-port", "0", timeout=60
         )
-        yield Cluster(launcher, scheduler, llumlet, frontend, etcd1.endpoints)
+        yield Cluster(launcher, scheduler, llumlet, frontend, etcd_urls(etcd1))
     finally:
         launcher.stop_all()
 
@@ -188,7 +188,7 @@ def http(url: str, body: dict[str, Any] | None = None, key: str = "") -> tuple[i
 
 
 async def new_key(c: Cluster, role: str) -> str:
-    async with EtcdClient(c.etcd_endpoints) as etcd:
+    async with harness_etcd_client(c.etcd_endpoints) as etcd:
         key, _ = await ApiKeyStore(etcd, KeyLayout(CLUSTER)).create(f"{role}-{time.monotonic_ns()}", role)
     return key
 
@@ -207,7 +207,7 @@ async def test_http_revoked_key_gets_401(cluster: Cluster) -> None:
     key = await new_key(cluster, "user")
     base = str(cluster.frontend.ready["http_url"])
     assert http(f"{base}/v1/models", key=key)[0] == 200
-    async with EtcdClient(cluster.etcd_endpoints) as etcd:
+    async with harness_etcd_client(cluster.etcd_endpoints) as etcd:
         store = ApiKeyStore(etcd, KeyLayout(CLUSTER))
         await store.revoke(key.split("_")[1])
     # the frontend caches verified keys briefly; the revocation must take effect within its TTL, not hang

@@ -13,7 +13,7 @@ import os
 import grpc
 import pytest
 
-from integration.cluster import add_request, dial
+from integration.cluster import add_request, dial, etcd_urls
 from pyllumnix.data_plane.transport import ucx_available
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
@@ -77,7 +77,7 @@ async def migrate(src: Component, dst: Component, sink: RecordingSink, rid: str)
 async def test_idle_llumlets_use_no_cpu_after_ucx_migrations(
     etcd1: EmbeddedEtcd, procs: Launcher, sink: RecordingSink, etcd_cluster_name: str
 ) -> None:
-    common = ["--etcd", ",".join(etcd1.endpoints), "--cluster", etcd_cluster_name]
+    common = ["--etcd", ",".join(etcd_urls(etcd1)), "--cluster", etcd_cluster_name]
     common += ["--profile", "tiny", "--transport", "ucx"]
     a = procs.start("a", "llumlet", "--instance-id", "a", *common)
     b = procs.start("b", "llumlet", "--instance-id", "b", *common)
