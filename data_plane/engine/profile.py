@@ -179,6 +179,13 @@ class Profile:
 #     token, below the artifact's 0.047-0.075, and INFaaS++ at L-L 3.2 hardly queued (P99 2.0 s against "up to
 #     190 s"); with it (session 8, exploratory, one line changed): L-L 3.2 s0 63.5 s (0.061), L-L 2.9 s0 / s1 1.5 /
 #     36.6 s (0.051 / 0.054), M-M 7.7 s0-s2 1.5 / 296 / 1.8 s (0.056-0.072), S-S 35 s0 41.4 s (0.073).
+#     Session 9's Fig. 11 on it (REPORT, 5 seeds x 10,000, INFaaS++ medians): decode mean L-L 0.054, M-M 0.071, S-S
+#     0.069, L-S 0.057 inside 0.047-0.075 but S-L 0.092 above; prefill P99 L-L 2.9 36.6 s (up to 190) but M-M 7.7
+#     288 s [1.5-408] (5-15) and S-L 194 s: M-M's, S-L's and L-S's batches (~7-8 sequences) hover around the floor,
+#     which pushes M-M and S-L past their knees. One re-fit of eff (c and b together) was tried at 0.80, the top of
+#     the band the profile test allows: M-M 7.7 s1 / s3 / s4 154 / 274 / 197 s (296 / 408 / 288 at 0.77), S-S 35
+#     s0 / s1 40.3 / 13.5 s (41.4 / 48.3), i.e. M-M still far out and S-S further below: not adopted. A joint re-fit
+#     of a and eff *with* the floor (likely a smaller a) on S-S, M-M, S-L and L-L together is the next step.
 #     A step of 1-16 sequences of ~768 tokens (the L-L mean) is 40-63 ms decode-only (31-63 ms without the floor);
 #     the measured per-token figure also carries the prefill-only steps that stall it. 40.1 ms (one sequence) keeps a
 #     step above the paper's 7B last-stage downtime (<= 26 ms, "shorter than one decode step").
