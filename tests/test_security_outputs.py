@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -24,14 +24,24 @@ import pytest
 from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput
 from pyllumnix.control_plane.frontend.dispatch import Placement
 from pyllumnix.control_plane.frontend.requests import TrackedRequest
-from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
+from pyllumnix.control_plane.frontend.sink import ElectionLeader, OutputSinkServicer
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
 from pyllumnix.infra.security.ca import CertPaths
 from pyllumnix.infra.security.tls import grpc_server_credentials, secure_channel
 from pyllumnix.infra.security.tokens import CapabilityTokens, new_secret
-from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import (
+    admin_pb2,
+    common_pb2,
+    frontend_pb2,
+    frontend_pb2_grpc,
+    llumlet_pb2,
+    llumlet_pb2_grpc,
+)
+from pyllumnix.protos.third_party.etcd.api.etcdserverpb import rpc_pb2
+from pyllumnix.protos.third_party.etcd.api.mvccpb import kv_pb2
 
 CLUSTER = "c1"
 DEADLINE = 5.0
@@ -43,6 +53,7 @@ LENGTH = common_pb2.FINISH_REASON_LENGTH
 def pki(tmp_path_factory: pytest.TempPathFactory) -> ClusterSecurity:
     security = bootstrap_local(tmp_path_factory.mktemp("pki"), CLUSTER, llumlets=["i-1", "i-2", "i-3"])
     security.ensure("client", "u1")
+    security.ensure("scheduler", "s1")  # a follower replica
     return security
 
 
@@ -79,6 +90,8 @@ class Stack:
     sink: OutputSinkServicer
     sink_address: str
     llumlet: RecordingLlumlet
+    # The scheduler replica the etcd election names leader (what the sink's leader lookup answers).
+    leader: list[str | None]
 
     async def push(
         self, role: str, id: str, instance_id: str, *outputs: common_pb2.RequestOutput
@@ -121,14 +134,20 @@ async def stack(pki: ClusterSecurity) -> AsyncIterator[Stack]:
         dispatcher=OneDispatcher(Placement("i-1", f"127.0.0.1:{llumlet_port}")),
         idle_timeout=30.0,
     )
+    leader: list[str | None] = ["s0"]
+
+    async def current_leader() -> str | None:
+        return leader[0]
+
     sink = OutputSinkServicer(frontend.tracker)
+    sink.scheduler_leader = current_leader
     sink_server = grpc.aio.server(interceptors=[RoleInterceptor(CLUSTER)])
     frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server(sink, sink_server)
     port = sink_server.add_secure_port("127.0.0.1:0", grpc_server_credentials(pki.paths("frontend", "f0")))
     await sink_server.start()
     frontend.sink_address = f"127.0.0.1:{port}"
     try:
-        yield Stack(pki, frontend, sink, frontend.sink_address, llumlet)
+        yield Stack(pki, frontend, sink, frontend.sink_address, llumlet, leader)
     finally:
         await frontend.close()
         await sink_server.stop(None)
@@ -253,6 +272,73 @@ async def test_lost_instance_notice_from_the_scheduler_ends_the_request(stack: S
     await stack.push("scheduler", "s0", "i-1", out("r-lost", 0, [], "", finish=ERROR, error="instance i-1 lost"))
     tokens, reason, error = await collect(request)
     assert tokens == [7, 8] and reason == ERROR and error == "instance i-1 lost"
+
+
+async def test_a_lost_instance_notice_ends_every_request_the_instance_holds_listed_or_not(stack: Stack) -> None:
+    """attack9 B1: the leader's notice names the instance; its last load snapshot of the instance may predate a
+    request's arrival there (here: migrated in from i-1). The request ends at once with the lost-instance error, one
+    still held by another instance does not (before: a notice listing nothing ended nothing, and the migrated request
+    waited for the idle timeout, then ended as "timed out")."""
+    moved, cap1 = await submit(stack, "r-moved")
+    stay, stay_cap = await submit(stack, "r-stay")
+    await stack.push("llumlet", "i-1", "i-1", out("r-moved", 0, [7], cap1), out("r-stay", 0, [9], stay_cap))
+    cap2 = await stack.hand_over("i-1", "r-moved", cap1, "i-2")
+    await stack.push("llumlet", "i-2", "i-2", out("r-moved", 1, [8], cap2, instance_id="i-2"))
+    reply = await stack.push("scheduler", "s0", "i-2")  # "i-2 lost", with no request listed
+    assert reply.unknown_request_ids == []
+    assert moved.finished, "ended on the notice itself, not by the idle timeout"
+    tokens, reason, error = await collect(moved)
+    assert tokens == [7, 8] and reason == ERROR and error == "instance i-2 was lost; the request failed"
+    assert not moved.timed_out
+    assert not stay.finished, "a request held by another instance is untouched"
+    # A listed request takes the leader's own error text, and so do the unlisted ones of the same notice.
+    other, other_cap = await submit(stack, "r-other")
+    await stack.push("llumlet", "i-1", "i-1", out("r-other", 0, [4], other_cap))
+    lost = "instance i-1 was lost (its process is gone); the request failed"
+    await stack.push("scheduler", "s0", "i-1", out("r-other", 1, [], "", finish=ERROR, error=lost))
+    assert (await collect(stay))[1:] == (ERROR, lost)
+    assert (await collect(other))[1:] == (ERROR, lost)
+
+
+async def test_only_the_scheduler_leader_may_declare_an_instance_lost(stack: Stack) -> None:
+    """attack9 B3: a follower's (or a deposed leader's) certificate is refused, and the request runs on to its own
+    finish (before: any scheduler certificate's notice ended it)."""
+    request, cap = await submit(stack, "r-live")
+    await stack.push("llumlet", "i-1", "i-1", out("r-live", 0, [7], cap))
+    forged = out("r-live", 1, [], "", finish=ERROR, error="forged by a follower")
+    await stack.refused(
+        stack.push("scheduler", "s1", "i-1", forged), grpc.StatusCode.PERMISSION_DENIED, "s1 is not the leader (s0)"
+    )
+    await stack.refused(stack.push("scheduler", "s1", "i-1"), grpc.StatusCode.PERMISSION_DENIED, "not the leader")
+    stack.leader[0] = None  # between two terms nobody may
+    await stack.refused(stack.push("scheduler", "s0", "i-1", forged), grpc.StatusCode.PERMISSION_DENIED, "(none)")
+    stack.sink.scheduler_leader = None  # a sink that cannot tell the leader takes no notice at all
+    await stack.refused(stack.push("scheduler", "s0", "i-1"), grpc.StatusCode.PERMISSION_DENIED, "cannot tell")
+    assert not request.finished
+    await stack.push("llumlet", "i-1", "i-1", out("r-live", 1, [8], cap, finish=LENGTH))
+    tokens, reason, _ = await collect(request)
+    assert tokens == [7, 8] and reason == LENGTH
+
+
+async def test_the_frontend_reads_the_leader_from_the_election() -> None:
+    """``ElectionLeader``: the replica id the lowest election key proclaims; None while nobody leads."""
+
+    class FakeEtcd:
+        def __init__(self) -> None:
+            self.kvs: list[kv_pb2.KeyValue] = []
+            self.asked: list[bytes] = []
+
+        async def range(self, request: rpc_pb2.RangeRequest) -> rpc_pb2.RangeResponse:
+            self.asked.append(request.key)
+            return rpc_pb2.RangeResponse(kvs=self.kvs[: request.limit or None])
+
+    etcd = FakeEtcd()
+    lookup = ElectionLeader(cast(Any, etcd), KeyLayout(CLUSTER))
+    assert await lookup() is None
+    value = admin_pb2.SchedulerReplica(replica_id="s0", grpc_address="127.0.0.1:1").SerializeToString()
+    etcd.kvs = [kv_pb2.KeyValue(key=b"/llumnix/c1/election/scheduler/1", value=value, create_revision=5)]
+    assert await lookup() == "s0"
+    assert etcd.asked[-1] == KeyLayout(CLUSTER).election_prefix().encode()
 
 
 async def test_hand_over_moves_the_right_to_push_to_the_destination_only(stack: Stack) -> None:

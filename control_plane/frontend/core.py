@@ -25,7 +25,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -240,6 +240,9 @@ class Frontend:
         self.dispatch_timeout = dispatch_timeout
         self.readiness_timeout = readiness_timeout
         self.tracker = RequestTracker()
+        # Tells the scheduler leader's replica id (``sink.ElectionLeader``; set where etcd is known): the output sink
+        # takes lost-instance notices from that scheduler only (None: from none).
+        self.scheduler_leader: Callable[[], Awaitable[str | None]] | None = None
         # Requests admitted and not yet released (tracked ones plus those still being validated).
         self._admitted = 0
         # Requests whose body is still being read or parsed (the HTTP API, ``reading_body``): they hold a slot too.

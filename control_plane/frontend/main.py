@@ -31,6 +31,7 @@ from pyllumnix.control_plane.frontend.routing import (
     StaticRegistrySource,
 )
 from pyllumnix.control_plane.frontend.service import start_grpc
+from pyllumnix.control_plane.frontend.sink import ElectionLeader
 from pyllumnix.control_plane.frontend.tokenizer import HfTokenizer, SimTokenizer, Tokenizer
 from pyllumnix.infra import tracing
 from pyllumnix.infra.cli_types import FiniteFloatRange
@@ -128,6 +129,8 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         max_inflight=opts.max_inflight,
         max_prompt_bytes=opts.max_prompt_bytes,
     )
+    if etcd_client is not None:
+        frontend.scheduler_leader = ElectionLeader(etcd_client, KeyLayout(opts.cluster))
     grpc_server = await start_grpc(
         frontend,
         opts.host,

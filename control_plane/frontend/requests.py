@@ -388,6 +388,11 @@ class HolderLedger:
             return (held.current.holder_instance_id,)
         return held.current.holder_instance_id, held.pending.holder_instance_id
 
+    def held_by(self, instance_id: str) -> list[str]:
+        """The requests ``instance_id`` holds now as their current holder (a hand-over it received but has not pushed
+        for yet does not count: the source may still finish the request)."""
+        return [rid for rid, held in self._held.items() if held.current.holder_instance_id == instance_id]
+
     def check(self, token: str, *, request_id: str, caller_instance_id: str) -> Capability:
         """Accepts an output of ``caller_instance_id`` for ``request_id``; StaleCapabilityError (a genuine but outdated
         token, or a request nobody holds) or TokenError (forged, missing, another instance's) otherwise."""
@@ -505,6 +510,30 @@ class RequestTracker:
                 continue
             request.accept(output, instance_id)
         return unknown
+
+    def end_held_by(self, instance_id: str, error: str, skip: Sequence[str] = ()) -> list[str]:
+        """Ends every unfinished request ``instance_id`` currently holds with ``error`` (an instance declared lost;
+        ``skip``: ids already ended by the notice itself); returns the ids ended. The frontend is the authority on
+        who holds its requests: a request that reached the instance after the scheduler's last load snapshot of it (a
+        migration landing, a fresh AddRequest) is ended here too, not left to the idle timeout."""
+        ended: list[str] = []
+        for rid in self.ledger.held_by(instance_id):
+            request = self._requests.get(rid)
+            if request is None or request.finished or rid in skip or instance_id in request.revoked:
+                continue
+            request.accept(
+                common_pb2.RequestOutput(
+                    request_id=rid,
+                    first_token_index=request.num_received,
+                    finished=True,
+                    finish_reason=ERROR,
+                    error=error,
+                    instance_id=instance_id,
+                ),
+                instance_id,
+            )
+            ended.append(rid)
+        return ended
 
     def inflight(self) -> dict[str, int]:
         """Unfinished requests per instance (what the bypass dispatcher balances on)."""

@@ -155,7 +155,7 @@ async def start_grpc(
     settings = security if security is not None else runtime.current()
     options = server_options(max_message_bytes)
     public_binding = (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, FrontendServicer(frontend), SERVICE_NAME)
-    sink_servicer = OutputSinkServicer(frontend.tracker)
+    sink_servicer = OutputSinkServicer(frontend.tracker, frontend.scheduler_leader)
     sink_binding = (frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, sink_servicer, SINK_SERVICE_NAME)
     key_check = [ApiKeyInterceptor(api_keys)] if api_keys is not None else []
     if settings.paths is None:

@@ -8,7 +8,12 @@ Who may push what (checked per output, from the caller's certificate identity, o
   (``HolderLedger``). A forged, missing or foreign token refuses the whole push (PERMISSION_DENIED: an attack,
   nothing is applied; on a stream, the stream ends); a genuine but outdated token (the request migrated on, or ended)
   drops that output and lists its id as unknown, so the llumlet stops it;
-- the scheduler pushes only token-less ERROR finishes, for requests held by the instance it declared lost;
+- only the current scheduler leader (its replica id, read from the etcd election, is the caller's certificate id)
+  pushes, and only an "instance lost" notice: token-less ERROR finishes for requests that instance holds, the list
+  possibly empty. The notice is about the instance: every request this frontend's ledger has that instance as the
+  current holder of ends with the lost-instance error, listed or not (the leader's last load snapshot may predate a
+  request's arrival there). Any other scheduler certificate (a follower, a deposed leader) is refused
+  PERMISSION_DENIED, as is every scheduler push on a sink that cannot tell the leader;
 - nobody else (the role table says the same; this holds also where no RoleInterceptor is installed).
 
 A plaintext connection exists only on a frontend started with ``--insecure`` (a TLS server has no plaintext port):
@@ -22,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
@@ -30,7 +35,11 @@ from pyllumnix.control_plane.frontend.requests import RequestTracker, StaleCapab
 from pyllumnix.infra.security.authz import authenticated_caller
 from pyllumnix.infra.security.ca import Identity
 from pyllumnix.infra.security.tokens import TokenError
-from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, frontend_pb2, frontend_pb2_grpc
+
+if TYPE_CHECKING:
+    from pyllumnix.infra.etcd.client import EtcdClient
+    from pyllumnix.infra.etcd.keys import KeyLayout
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,33 @@ def _holder_error_notice(out: common_pb2.RequestOutput) -> bool:
     """A token-less final ERROR/ABORT without tokens (what a llumlet's pusher queues when it gives up)."""
     ended = out.finish_reason in (common_pb2.FINISH_REASON_ERROR, common_pb2.FINISH_REASON_ABORT)
     return out.finished and ended and not out.token_ids
+
+
+# Who leads the schedulers now: the leader's replica id (None: no leader); raises when it cannot be told.
+LeaderLookup: TypeAlias = Callable[[], Awaitable[str | None]]
+
+
+class ElectionLeader:
+    """The scheduler leader as the etcd election names it (the replica id its key's value proclaims), read on each
+    call: lost-instance notices are rare, and a cached answer would let a just-deposed leader through."""
+
+    def __init__(self, client: EtcdClient, layout: KeyLayout) -> None:
+        from pyllumnix.infra.etcd.election import Election
+
+        self.election = Election(client, layout.election_prefix())
+
+    async def __call__(self) -> str | None:
+        info = await self.election.leader()
+        if info is None:
+            return None
+        replica = admin_pb2.SchedulerReplica()
+        replica.ParseFromString(info.value)
+        return replica.replica_id or None
+
+
+def lost_error(instance_id: str) -> str:
+    """What a request held by a lost instance ends with when the leader's notice did not list it."""
+    return f"instance {instance_id} was lost; the request failed"
 
 
 # Pushers whose last applied batch a sink remembers (a llumlet that restarted often leaves old entries behind).
@@ -75,8 +111,10 @@ async def serve_output_stream(
 class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
     """Unknown request ids go back to the pusher so it aborts them (the client left, or another frontend owns them)."""
 
-    def __init__(self, tracker: RequestTracker) -> None:
+    def __init__(self, tracker: RequestTracker, scheduler_leader: LeaderLookup | None = None) -> None:
         self.tracker = tracker
+        # Tells the current scheduler leader, whose lost-instance notices alone are taken (None: none are).
+        self.scheduler_leader = scheduler_leader
         self.pushes = 0  # batches received (unary pushes and stream messages)
         self.streams = 0  # push streams opened
         # (pusher instance, pusher id) -> the last batch of its streams applied (what a new stream of it asks for)
@@ -162,7 +200,7 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
             if caller.role == "llumlet":
                 outputs, refused = await self._from_llumlet(request, caller, context)
             elif caller.role == "scheduler":
-                outputs = await self._from_scheduler(request, context)
+                outputs = await self._from_scheduler(request, caller, context)
             else:
                 await self._refuse(context, f"caller {caller.role} {caller.id} may not push outputs")
         else:
@@ -224,10 +262,26 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
                 kept.append(out)
         return kept, stale
 
+    async def _check_leader(self, caller: Identity, context: Context) -> None:
+        """Refuses a scheduler that is not the current leader (a follower's certificate must not end requests)."""
+        if self.scheduler_leader is None:
+            await self._refuse(context, f"scheduler {caller.id}: this sink cannot tell the scheduler leader")
+            return
+        try:
+            leader = await self.scheduler_leader()
+        except Exception as exc:
+            log.warning("lost-instance notice of %s: cannot read the scheduler leader: %s", caller.id, exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"cannot tell the scheduler leader now: {exc}")
+            return
+        if leader != caller.id:
+            await self._refuse(context, f"scheduler {caller.id} is not the leader ({leader or 'none'})")
+
     async def _from_scheduler(
-        self, request: frontend_pb2.PushOutputsRequest, context: Context
+        self, request: frontend_pb2.PushOutputsRequest, caller: Identity, context: Context
     ) -> list[common_pb2.RequestOutput]:
-        """The leader's "instance lost" notices: ERROR finishes without tokens, for requests that instance holds."""
+        """The leader's "instance lost" notice: ERROR finishes without tokens for the requests that instance holds,
+        listed or not (see the module docstring); returns the listed ones to route, having ended the others."""
+        await self._check_leader(caller, context)
         accepted: list[common_pb2.RequestOutput] = []
         for out in request.outputs:
             if not out.finished or out.finish_reason != common_pb2.FINISH_REASON_ERROR or out.token_ids:
@@ -240,7 +294,12 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
                 log.info("lost-instance notice for %s ignored: held by %s", out.request_id, holders or "nobody")
                 continue
             accepted.append(out)
-        if request.outputs and not accepted:
+        error = accepted[0].error if accepted and accepted[0].error else lost_error(request.instance_id)
+        skip = [out.request_id for out in accepted]
+        ended = self.tracker.end_held_by(request.instance_id, error, skip) if request.instance_id else []
+        if ended:
+            log.warning("instance %s lost: ended the %d request(s) it held: %s", request.instance_id, len(ended), ended)
+        if request.outputs and not accepted and not ended:
             await self._refuse(context, f"no request in this push is held by instance {request.instance_id!r}")
         return accepted
 
