@@ -12,8 +12,9 @@ and writes it with :func:`harness_etcd_client`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import grpc
 
 from pyllumnix.clients.channel import TlsConfig
 from pyllumnix.infra.etcd.client import EtcdClient, EtcdTls
+from pyllumnix.infra.etcd.election import Election
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, EtcdServerTls
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.apikeys import ApiKeyStore
@@ -84,9 +86,25 @@ ROLE_PREFERENCE = ("admin", "scheduler", "frontend", "llumlet", "client")
 
 
 # Orders a llumlet takes only from a leader, with its term (``infra.security.fencing``). Tests that order directly
-# run no scheduler, so the harness is the leader of term 1 (a real leader's term, an etcd revision, is higher).
+# run no scheduler, so the harness is the leader of term 1 (a real leader's term, an etcd revision, is higher); a
+# llumlet registered in etcd admits only a term etcd proves, so such a test leads with ``harness_leadership``.
 LEADER_ORDERS = ("/llumnix.v1.LlumletService/MigrateOut", "/llumnix.v1.LlumletService/SetInstanceState")
 HARNESS_TERM = 1
+
+
+@contextlib.asynccontextmanager
+async def harness_leadership(etcd_endpoints: Sequence[str], cluster: str) -> AsyncIterator[int]:
+    """The harness as the scheduler leader of ``cluster`` (a real election key naming its certificate's id), for a
+    test that orders llumlets registered in etcd without running a scheduler: they admit only a term the election
+    proves is the caller's (attack 9 B3). Yields the term to send (``term_metadata``); resigns on exit."""
+    async with harness_etcd_client(etcd_endpoints) as etcd:
+        leadership = await Election(etcd, KeyLayout(cluster).election_prefix()).campaign(
+            admin_pb2.SchedulerReplica(replica_id="harness").SerializeToString()
+        )
+        try:
+            yield leadership.revision
+        finally:
+            await leadership.resign()
 
 
 def _with_term(call: Any) -> Any:

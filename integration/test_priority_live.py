@@ -21,6 +21,7 @@ from google.protobuf import field_mask_pb2
 from integration.cluster import add_request, dial, etcd_urls, get_load, http_headers, leader_of, list_instances, submit
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.infra.security.fencing import term_metadata
+from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, config_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Launcher
 from pyllumnix.tools.recording_sink import RecordingSink
@@ -141,8 +142,10 @@ async def test_high_priority_concentrates_repels_normal_and_is_never_migrated(
         assert len(highs) == 3
 
         # 4. A migration ordered out of l0 (no request named: the source selects) finds nothing it may move.
-        term = (await leader_of([scheduler.address])).term
-        async with dial(l0.address) as ch:
+        # An order is admitted from the leader only (its certificate; etcd proves its term, attack 9 B3).
+        now = await leader_of([scheduler.address])
+        term = now.term
+        async with open_channel(l0.address, settings=procs.security("scheduler", now.leader_id)) as ch:
             stub = llumlet_pb2_grpc.LlumletServiceStub(ch)
 
             async def migrate_out(selection: int) -> llumlet_pb2.MigrateOutResponse:

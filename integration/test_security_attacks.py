@@ -4,8 +4,9 @@ A user streams a request through the frontend's public gRPC API (server TLS + AP
 
 - token injection: a certificate of the other llumlet and one of the scheduler push foreign tokens and an error to
   the frontend's output sink: PERMISSION_DENIED;
-- prompt/KV theft: MigrateOut orders to a fake destination, without a leader term, with a stale term, and with the
-  leader's own term but an address the registry does not have: refused, and the fake destination receives nothing;
+- prompt/KV theft: MigrateOut orders to a fake destination, without a leader term, with the leader's term from a
+  scheduler certificate that does not lead, with a stale term, and with the leader's own term but an address the
+  registry does not have: refused, and the fake destination receives nothing;
 - aborting it with another user's API key: HTTP 403;
 - a real migration ordered through the leader (admin MigrateRequest) moves the request: the source hands the
   request's capability over at the frontend, the destination pushes with it;
@@ -214,6 +215,16 @@ async def test_attacks_on_a_running_request_fail_and_its_stream_stays_exact(
         await refused(stub.MigrateOut(steal, timeout=10), grpc.StatusCode.PERMISSION_DENIED, "no leader term")
         async with open_channel(cluster.scheduler.address, settings=cluster.launcher.security("admin", "harness")) as a:
             term = (await admin_pb2_grpc.AdminServiceStub(a).GetLeader(admin_pb2.GetLeaderRequest(), timeout=10)).term
+        # A scheduler certificate that does not lead: etcd names s0 as the leader of this term (attack 9 B3).
+        await refused(
+            stub.MigrateOut(steal, timeout=10, metadata=term_metadata(term)),
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"leader term {term} is s0's, not harness's",
+        )
+    async with open_channel(
+        cluster.llumlets[holder].address, settings=cluster.launcher.security("scheduler", "s0")
+    ) as ch:
+        stub = llumlet_pb2_grpc.LlumletServiceStub(ch)  # the leader's own certificate
         await refused(
             stub.MigrateOut(steal, timeout=10, metadata=term_metadata(term)),
             grpc.StatusCode.PERMISSION_DENIED,

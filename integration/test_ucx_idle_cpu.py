@@ -13,9 +13,10 @@ import os
 import grpc
 import pytest
 
-from integration.cluster import add_request, dial, etcd_urls
+from integration.cluster import add_request, dial, etcd_urls, harness_leadership
 from pyllumnix.data_plane.transport import ucx_available
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Component, Launcher
 from pyllumnix.tools.recording_sink import RecordingSink
@@ -44,7 +45,7 @@ async def idle_shares(comps: list[Component], window: float = WINDOW_S) -> dict[
     return {c.name: (cpu_seconds(c.pid) - before[c.name]) / window for c in comps}
 
 
-async def migrate(src: Component, dst: Component, sink: RecordingSink, rid: str) -> None:
+async def migrate(src: Component, dst: Component, sink: RecordingSink, rid: str, term: int) -> None:
     """One request migrated mid-decode from ``src`` to ``dst`` over the data plane, then aborted there."""
     assert sink.server is not None
     await add_request(src.address, rid, sink.server.address, 100, 400)
@@ -59,6 +60,7 @@ async def migrate(src: Component, dst: Component, sink: RecordingSink, rid: str)
                 wait=True,
             ),
             timeout=60,
+            metadata=term_metadata(term),
         )
     result = reply.results[0]
     assert result.outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED, result.reason
@@ -83,9 +85,10 @@ async def test_idle_llumlets_use_no_cpu_after_ucx_migrations(
     b = procs.start("b", "llumlet", "--instance-id", "b", *common)
     assert a.ready["transport"] == b.ready["transport"] == "ucx"
     baseline = await idle_shares([a, b])
-    for i in range(MIGRATIONS):
-        src, dst = (a, b) if i % 2 == 0 else (b, a)
-        await migrate(src, dst, sink, f"r{i}")
+    async with harness_leadership(etcd_urls(etcd1), etcd_cluster_name) as term:  # no scheduler runs: the harness leads
+        for i in range(MIGRATIONS):
+            src, dst = (a, b) if i % 2 == 0 else (b, a)
+            await migrate(src, dst, sink, f"r{i}", term)
     await asyncio.sleep(1.0)  # the last load reports and lease renewals after the aborts
     shares = await idle_shares([a, b])
     print(f"idle share of one core: before {baseline}, after {MIGRATIONS} UCX migrations {shares}")

@@ -25,16 +25,18 @@ from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings, data_key
-from pyllumnix.data_plane.llumlet.service import MAX_STREAMS_PER_CALLER, LlumletServicer
+from pyllumnix.data_plane.llumlet.service import MAX_STREAMS_PER_CALLER, LlumletServicer, election_leader
 from pyllumnix.data_plane.llumlet.service import forwarded_abort_metadata as forwarded
 from pyllumnix.data_plane.transport.fusion import chunk_key_of
 from pyllumnix.data_plane.transport.inproc import InprocTransport
+from pyllumnix.infra.etcd.election import LeaderInfo
+from pyllumnix.infra.etcd.errors import EtcdUnavailableError
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.infra.security.tls import grpc_server_credentials, secure_channel
 from pyllumnix.infra.vocabulary import InstanceState
-from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
 
 CLUSTER = "c1"
@@ -492,3 +494,72 @@ async def test_a_llumlet_aborts_only_what_it_migrated_here(node: Node) -> None:
         await coordinator.close()
         await source.stop()
         await transport.close()
+
+
+async def test_a_made_up_leader_term_is_refused_and_the_leader_keeps_its_llumlet(node: Node) -> None:
+    """Attack 9 B3: a scheduler certificate that does not lead (a follower's) sent one order with a made-up huge term;
+    the llumlet raised its fence to it and refused every order of the real leader until it restarted. A new term is
+    now admitted only once etcd (here: what the election names) proves the caller leads in it."""
+    etcd: dict[str, Any] = {"leader": (40, "s0"), "down": False}
+
+    async def leader_of() -> tuple[int, str] | None:
+        if etcd["down"]:
+            raise EtcdUnavailableError("range", ["127.0.0.1:1"], 0.1, "connection refused")
+        leader: tuple[int, str] | None = etcd["leader"]
+        return leader
+
+    fence = node.servicer.fence
+    fence.leader_of = leader_of
+
+    def state(value: int) -> llumlet_pb2.SetInstanceStateRequest:
+        return llumlet_pb2.SetInstanceStateRequest(state=value)  # type: ignore[arg-type]
+
+    active, cordoned = common_pb2.INSTANCE_STATE_ACTIVE, common_pb2.INSTANCE_STATE_CORDONED
+    await refused(
+        node.call("scheduler", "s1", "SetInstanceState", state(active), metadata=term_metadata(1 << 62)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        f"leader term {1 << 62} is not the current leader's (etcd names term 40 of s0)",
+    )
+    await refused(  # the leader's real term, claimed by another replica
+        node.call("scheduler", "s1", "SetInstanceState", state(active), metadata=term_metadata(40)),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "leader term 40 is s0's, not s1's",
+    )
+    assert fence.highest_seen == 0
+    # The real leader's next order is admitted.
+    await node.call("scheduler", "s0", "SetInstanceState", state(cordoned), metadata=term_metadata(40))
+    assert int(node.llumlet.state) == InstanceState.CORDONED
+    assert fence.highest_seen == 40 and fence.reads == 2  # one read per new term: 2^62 and 40
+    # etcd unreachable: the proven term goes on without a read, a new one is refused until it can be proven.
+    etcd["down"] = True
+    await node.call("scheduler", "s0", "SetInstanceState", state(active), metadata=term_metadata(40))
+    assert int(node.llumlet.state) == InstanceState.ACTIVE and fence.reads == 2
+    etcd["leader"] = (55, "s1")
+    await refused(
+        node.call("scheduler", "s1", "SetInstanceState", state(cordoned), metadata=term_metadata(55)),
+        grpc.StatusCode.UNAVAILABLE,
+        "leader term 55 cannot be checked now: etcd unavailable",
+    )
+    assert int(node.llumlet.state) == InstanceState.ACTIVE
+    etcd["down"] = False
+    await node.call("scheduler", "s1", "SetInstanceState", state(cordoned), metadata=term_metadata(55))
+    assert int(node.llumlet.state) == InstanceState.CORDONED and fence.highest_seen == 55
+    await refused(  # the old leader is fenced off as before
+        node.call("scheduler", "s0", "SetInstanceState", state(active), metadata=term_metadata(40)),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "stale leader: term 40 < 55",
+    )
+
+
+async def test_election_leader_reads_the_term_and_replica_of_the_leader_key() -> None:
+    class FakeElection:
+        def __init__(self, info: LeaderInfo | None) -> None:
+            self.info = info
+
+        async def leader(self) -> LeaderInfo | None:
+            return self.info
+
+    value = admin_pb2.SchedulerReplica(replica_id="s0", grpc_address="127.0.0.1:9").SerializeToString()
+    assert await election_leader(FakeElection(LeaderInfo(b"/e/1", value, 77, 5)))() == (77, "s0")
+    assert await election_leader(FakeElection(LeaderInfo(b"/e/1", b"\xff\xff", 78, 5)))() == (78, "")
+    assert await election_leader(FakeElection(None))() is None

@@ -35,7 +35,7 @@ from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
 from pyllumnix.data_plane.llumlet.output_push import PushSettings
-from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, registry_resolver
+from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, election_leader, registry_resolver
 from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
 from pyllumnix.infra import tracing
@@ -285,6 +285,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     if opts.etcd:
         from pyllumnix.data_plane.llumlet.registration import InstanceRegistration
         from pyllumnix.data_plane.llumlet.reporter import LoadReporter
+        from pyllumnix.infra.etcd.election import Election
         from pyllumnix.infra.etcd.keys import KeyLayout
         from pyllumnix.infra.etcd.registry import InstanceRegistry
 
@@ -294,6 +295,8 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         await registration.start()
         # MigrateOut sends only to registered instances at their registered address (#13).
         servicer.registry = registry_resolver(InstanceRegistry(client, layout))
+        # A new leader term is admitted only once the election in etcd proves it is the caller's (attack 9 B3).
+        servicer.fence.leader_of = election_leader(Election(client, layout.election_prefix()))
         reporter = LoadReporter(llumlet, client, layout, opts.load_interval_ms / 1000)
         reporter.start()
     loop = asyncio.get_running_loop()

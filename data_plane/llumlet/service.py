@@ -5,7 +5,9 @@ plaintext connection, which only a llumlet started with ``--insecure`` has):
 
 - orders (MigrateOut, SetInstanceState) come from the scheduler leader only: each carries the leader's term
   (``llumnix-term`` metadata, see ``infra.security.fencing``); an order without a term is refused (PERMISSION_DENIED),
-  one from an older term than the newest seen here FAILED_PRECONDITION;
+  one from an older term than the newest seen here FAILED_PRECONDITION; a newer term only once etcd proves it is the
+  current leader's and the caller is that leader (``election_leader``; PERMISSION_DENIED otherwise, UNAVAILABLE while
+  etcd cannot answer), so a follower's made-up term cannot lock the leader out;
 - MigrateOut sends only to an instance of the registry whose registered address is the one given (``registry``);
 - the destination side of a migration is bound to its source: PreAllocate's ``source_instance_id`` is the caller,
   one reservation per source at a time, and TransferStage/CommitMigration/AbortMigration only from that source;
@@ -27,6 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from pyllumnix.data_plane.engine.base import (
     DuplicateRequestError,
@@ -48,9 +51,16 @@ from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llum
 from pyllumnix.infra import wire
 from pyllumnix.infra.security.authz import authenticated_caller, is_plaintext
 from pyllumnix.infra.security.ca import Identity
-from pyllumnix.infra.security.fencing import StaleTermError, TermFence, term_from_metadata
+from pyllumnix.infra.security.fencing import (
+    LeaderOf,
+    StaleTermError,
+    TermFence,
+    TermUnverifiableError,
+    UnprovenTermError,
+    term_from_metadata,
+)
 from pyllumnix.infra.vocabulary import InstanceState
-from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +133,24 @@ def registry_resolver(registry: Any) -> Registry:
     return address_of
 
 
+def election_leader(election: Any) -> LeaderOf:
+    """A ``LeaderOf`` over the scheduler's ``Election`` (etcd): the current leader's term (its key's
+    create_revision) and the replica id its value names ("" for a value that is not a SchedulerReplica)."""
+
+    async def leader_of() -> tuple[int, str] | None:
+        info = await election.leader()
+        if info is None:
+            return None
+        replica = admin_pb2.SchedulerReplica()
+        try:
+            replica.ParseFromString(info.value)
+        except DecodeError:
+            return int(info.create_revision), ""
+        return int(info.create_revision), str(replica.replica_id)
+
+    return leader_of
+
+
 class MigrationHandler(Protocol):
     """The migration coordinator's gRPC-facing side (source and destination roles)."""
 
@@ -149,7 +177,8 @@ class MigrationError(Exception):
 
 class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
     """``registry``: where MigrateOut checks its destination (None: unchecked, with a warning; a llumlet that runs
-    without etcd has no registry to ask)."""
+    without etcd has no registry to ask). ``leaders``: where a new leader term is proven (None: terms are taken as
+    written, with a warning; likewise without etcd)."""
 
     def __init__(
         self,
@@ -158,12 +187,13 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         stream_interval_ms: int = 50,
         *,
         registry: Registry | None = None,
+        leaders: LeaderOf | None = None,
     ):
         self.llumlet = llumlet
         self.migration = migration
         self.stream_interval_ms = stream_interval_ms
         self.registry = registry
-        self.fence = TermFence()
+        self.fence = TermFence(leader_of=leaders)
         self._warned: set[str] = set()
         self._streams: dict[str, int] = {}
         # Ids aborted here before their AddRequest arrived (late_adds): that AddRequest is refused.
@@ -182,7 +212,8 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         return caller
 
     async def _admit_order(self, context: grpc.aio.ServicerContext[Any, Any], what: str) -> None:
-        """A leader's order: from role scheduler with a term not older than the newest seen here."""
+        """A leader's order: from role scheduler with a term not older than the newest seen here, and a newer term
+        only once etcd names the caller as its leader (``TermFence.admit_proven``)."""
         caller = await self._caller(context, what)
         term = term_from_metadata(context.invocation_metadata())
         if caller is None and term is None:
@@ -193,10 +224,16 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
             )
         if term is None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what}: the order carries no leader term")
+        if self.fence.leader_of is None:
+            self._warn_once("terms", "leader terms are taken as written: this llumlet has no etcd to prove them")
         try:
-            self.fence.admit(term)
+            await self.fence.admit_proven(term, caller.id if caller is not None else None)
         except StaleTermError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{what}: {exc}")
+        except UnprovenTermError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{what}: {exc}")
+        except TermUnverifiableError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{what}: {exc}")
 
     async def _check_destination(
         self, context: grpc.aio.ServicerContext[Any, Any], request: llumlet_pb2.MigrateOutRequest
