@@ -28,10 +28,16 @@ from pyllumnix.infra.security.runtime import SecuritySettings
 # (add_XServicer_to_server, servicer instance, full service name, e.g. "llumnix.v1.LlumletService")
 ServiceBinding = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
 
+# A connection that has not finished its TLS and HTTP/2 handshake by then is closed. gRPC core's default is 120 s, so
+# anyone who could reach a port (the public one too) held a socket per silent connection for two minutes, without
+# authenticating (attack 9 B8); the KV data plane's TLS handshake timeout is 10 s too.
+HANDSHAKE_TIMEOUT_MS = 10_000
+
 DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.so_reuseport", 0),
+    ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
 )
 
 

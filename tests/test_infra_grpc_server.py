@@ -7,16 +7,28 @@ could not be bound at all (``::1:0`` is no address gRPC can bind).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pyllumnix.infra.grpc_server import RunningServer, host_port, start_server
+from pyllumnix.infra.grpc_server import (
+    DEFAULT_OPTIONS,
+    HANDSHAKE_TIMEOUT_MS,
+    RunningServer,
+    host_port,
+    start_server,
+)
 from pyllumnix.infra.security.authz import guard_handler
+from pyllumnix.infra.security.bootstrap import bootstrap_local
+from pyllumnix.infra.security.runtime import from_options, open_channel
 from pyllumnix.protos.llumnix.v1 import frontend_pb2, frontend_pb2_grpc
 
 
@@ -130,5 +142,32 @@ async def test_a_malformed_request_is_invalid_argument_after_the_callers_checks(
             replies = [m async for m in stub.Generate(request, metadata=key, timeout=10)]
             assert [(m.request_id, m.text) for m in replies] == [("r", "hi")]  # a well-formed one is served
             assert await stub.Abort(frontend_pb2.AbortRequest(request_id="r"), metadata=key, timeout=10) is not None
+    finally:
+        await server.stop(None)
+
+
+async def test_a_silent_connection_is_closed_after_the_handshake_timeout(tmp_path: Path) -> None:
+    """Attack 9 B8: a TCP connection that never starts its TLS handshake was held 120 s (gRPC core's default), so
+    anyone who could reach a port could pin sockets unauthenticated. Every server of start_server now closes it after
+    ``grpc.server_handshake_timeout_ms`` (10 s by default; 1 s here, so the test takes about a second)."""
+    assert dict(DEFAULT_OPTIONS)["grpc.server_handshake_timeout_ms"] == HANDSHAKE_TIMEOUT_MS <= 10_000
+    options = [(k, 1000 if k == "grpc.server_handshake_timeout_ms" else v) for k, v in DEFAULT_OPTIONS]
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    settings = from_options("llumlet", "i-1", tls_dir=pki.directory)
+    assert settings.secure
+    server = await start_server([], options=options, security=settings)
+    try:
+        start = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), timeout=8.0) == b""  # closed by the server, not by us
+        finally:
+            writer.close()
+        assert time.monotonic() - start < 6.0, "a silent connection must not be held past the handshake timeout"
+        # A real client still gets through (the timeout bounds the handshake only).
+        async with open_channel(server.address, settings=settings) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(None)
