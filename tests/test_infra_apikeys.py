@@ -90,7 +90,7 @@ def kv() -> FakeKV:
 
 @pytest.fixture
 def store(kv: FakeKV) -> ApiKeyStore:
-    return ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=0.0)
+    return ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=0.0, stale_grace=0.0)  # no caching: every check reads
 
 
 async def test_create_verify_list_revoke(store: ApiKeyStore, kv: FakeKV) -> None:
@@ -211,6 +211,62 @@ async def test_the_negative_cache_is_bounded(kv: FakeKV) -> None:
         with pytest.raises(ApiKeyError):
             await store.verify(f"llx_{i:016x}_{'A' * 43}")
     assert len(store._unknown) == MAX_UNKNOWN_IDS and f"{0:016x}" not in store._unknown
+
+
+async def test_a_verified_key_rides_out_a_bounded_etcd_outage(kv: FakeKV) -> None:
+    """Attack 9 B4: with etcd stalled, a key verified 2 s before was refused (503) on its next check, so a >2.5 s
+    etcd stall refused every new request. A verified record is now taken for up to ``stale_grace`` past its expiry
+    while etcd reads fail, never longer, and never in place of an answer etcd gives (revocation)."""
+    clock = [0.0]
+    admin = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=2.0, clock=lambda: clock[0])
+    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=2.0, stale_grace=30.0, clock=lambda: clock[0])
+    key, record = await admin.create("alice")
+    other, _ = await admin.create("bob")  # never checked by ``store``: nothing to fall back on
+    assert await store.verify(key) == record  # the one successful read; cached until t=2
+    kv.down = True
+    clock[0] = 2.5
+    assert await store.verify(key) == record, "past the ttl, etcd down: the verified record still counts"
+    clock[0] = 31.9
+    assert await store.verify(key) == record
+    assert store.stale_served == 2
+    with pytest.raises(ApiKeyStoreError, match="unavailable"):
+        await store.verify(other)
+    clock[0] = 32.1  # 30 s past the expiry: refused, as before
+    with pytest.raises(ApiKeyStoreError, match="unavailable"):
+        await store.verify(key)
+    # etcd answers again: a revocation made meanwhile takes effect at the next check.
+    kv.down = False
+    await admin.revoke("alice")
+    with pytest.raises(ApiKeyError):
+        await store.verify(key)
+
+
+async def test_revocation_stays_within_the_ttl_while_etcd_answers(kv: FakeKV) -> None:
+    """The grace is for outages only: with etcd answering, an expired record is re-read and a revocation holds at the
+    ttl. After an outage, the check that finds etcd back (its read runs while it is answered from the stale record)
+    is the last one the stale record serves."""
+    clock = [0.0]
+    admin = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=2.0, clock=lambda: clock[0])
+    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=2.0, stale_grace=30.0, clock=lambda: clock[0])
+    key, _ = await admin.create("alice")
+    await store.verify(key)
+    await admin.revoke("alice")
+    clock[0] = 2.5
+    with pytest.raises(ApiKeyError):
+        await store.verify(key)
+    key, _ = await admin.create("alice")
+    await store.verify(key)
+    kv.down = True
+    clock[0] = 5.0
+    await store.verify(key)  # stale: etcd down
+    kv.down = False
+    await admin.revoke("alice")
+    await store.verify(key)  # the last stale answer: its read finds etcd back
+    for _ in range(10):  # that read (a task) and its done-callback run
+        await asyncio.sleep(0)
+    with pytest.raises(ApiKeyError):
+        await store.verify(key)
+    assert store.stale_served == 2
 
 
 async def test_store_outage_is_not_a_401(store: ApiKeyStore, kv: FakeKV) -> None:

@@ -10,10 +10,17 @@ brute force gets near them, so one SHA-256 is as safe as a slow hash while keepi
 request path. A stolen etcd dump therefore yields no usable key. Hashes are compared with ``hmac.compare_digest``.
 
 Checks cache positive answers for ``cache_ttl`` seconds (default 2): a revocation takes effect at once in the process
-that revoked and within ``cache_ttl`` everywhere else. Negative answers (no such id) are cached for ``cache_ttl`` too,
-in a bounded map (:data:`MAX_UNKNOWN_IDS`), and concurrent checks of one id share one read: a client repeating an
-unknown key costs etcd one read per ``cache_ttl``, not one per request. A new key is not delayed by it: its id is
-random and known to nobody before ``create`` returns, and ``create`` drops any such entry in its own process.
+that revoked and within ``cache_ttl`` everywhere else. While etcd cannot be read (a stall, a lost quorum), a key
+verified before is still taken for up to ``stale_grace`` seconds (default 30) past its cache expiry, and refused
+(UNAVAILABLE / 503) after that (attack 9 B4: an etcd stall of more than ~2.5 s refused every new request, while
+dispatch and the streams in flight rode it out). The trade-off: a key revoked during such an outage works on in the
+other processes for up to ``cache_ttl + stale_grace``; with etcd answering, revocation stays within ``cache_ttl``.
+A key never verified by this process is not admitted during the outage (nothing to fall back on).
+
+Negative answers (no such id) are cached for ``cache_ttl`` too, in a bounded map (:data:`MAX_UNKNOWN_IDS`), and
+concurrent checks of one id share one read: a client repeating an unknown key costs etcd one read per ``cache_ttl``,
+not one per request. A new key is not delayed by it: its id is random and known to nobody before ``create``
+returns, and ``create`` drops any such entry in its own process.
 
 A request carries exactly one credential: several ``Authorization`` headers (HTTP) or ``authorization`` metadata
 entries (gRPC) are refused (401 / UNAUTHENTICATED), so the value that was verified is the only one any later code
@@ -113,12 +120,23 @@ class ApiKeyStore:
     """create / verify / revoke / list against etcd (or any :class:`KV`)."""
 
     def __init__(
-        self, kv: KV, layout: KeyLayout, *, cache_ttl: float = 2.0, clock: Callable[[], float] = time.monotonic
+        self,
+        kv: KV,
+        layout: KeyLayout,
+        *,
+        cache_ttl: float = 2.0,
+        stale_grace: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kv = kv
         self.prefix = apikeys_prefix(layout)
         self.cache_ttl = cache_ttl
+        self.stale_grace = stale_grace  # seconds past expiry a cached record still counts while etcd reads fail
         self._clock = clock
+        # Since the last read failed, until one succeeds: records within their grace are taken without waiting for
+        # a read (each would wait out the etcd client's retry budget), a read in the background finds the recovery.
+        self._failing = False
+        self.stale_served = 0  # checks answered from an expired record because etcd could not be read
         self._cache: dict[str, tuple[ApiKey, str, float]] = {}  # id -> (record, hash, expiry)
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> expiry of "no such key", oldest first
         # id -> the etcd read under way for it: concurrent checks of one id wait for the same read.
@@ -169,8 +187,22 @@ class ApiKeyStore:
             read = asyncio.ensure_future(self._read(kid))
             self._reads[kid] = read
             read.add_done_callback(lambda task: self._landed(kid, task))
-        # Shielded: a caller that gives up (its client left) does not cancel the read the others wait for.
-        return await asyncio.shield(read)
+        stale = cached is not None and cached[2] + self.stale_grace > now
+        if stale and self._failing:
+            return self._stale(cached)
+        try:
+            # Shielded: a caller that gives up (its client left) does not cancel the read the others wait for.
+            return await asyncio.shield(read)
+        except ApiKeyStoreError:
+            if cached is None or cached[2] + self.stale_grace <= self._clock():
+                raise
+            return self._stale(cached)
+
+    def _stale(self, cached: tuple[ApiKey, str, float] | None) -> tuple[ApiKey, str]:
+        """An expired record taken because etcd cannot be read (within ``stale_grace`` of its expiry)."""
+        assert cached is not None
+        self.stale_served += 1
+        return cached[0], cached[1]
 
     async def _read(self, kid: str) -> tuple[ApiKey, str] | None:
         kv = await self._call("verify", self.kv.get(self.prefix + kid))
@@ -184,7 +216,9 @@ class ApiKeyStore:
             return
         del self._reads[kid]
         if failed:
+            self._failing = self._failing or not read.cancelled()
             return
+        self._failing = False
         found, expiry = read.result(), self._clock() + self.cache_ttl
         if found is None:
             self._cache.pop(kid, None)
