@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -352,3 +353,101 @@ async def test_lost_requests_are_not_reported_after_a_step_down_between_two_fron
     finally:
         await server_a.stop(None)
         await server_b.stop(None)
+
+
+class NoticeSink(frontend_pb2_grpc.OutputSinkServiceServicer):
+    """Records each lost-instance notice as (instance, listed request ids)."""
+
+    def __init__(self) -> None:
+        self.notices: list[tuple[str, list[str]]] = []
+        self.got = asyncio.Event()
+
+    async def PushOutputs(
+        self, request: frontend_pb2.PushOutputsRequest, context: Any
+    ) -> frontend_pb2.PushOutputsResponse:
+        self.notices.append((request.instance_id, [o.request_id for o in request.outputs]))
+        self.got.set()
+        return frontend_pb2.PushOutputsResponse()
+
+
+def closed_port_address() -> str:
+    """An address nothing listens on (a port the OS just gave out, closed again): a probe there is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def serving_load(instance_id: str, frontend_address: str, *rids: str) -> common_pb2.InstanceLoad:
+    load = active_load(instance_id)
+    load.requests.extend(common_pb2.RequestLoad(request_id=r, frontend_address=frontend_address) for r in rids)
+    return load
+
+
+FAST_PROBES = {"instance_probe_interval": 0.05, "instance_probe_timeout": 0.5}
+
+
+async def test_an_instance_lost_with_no_load_on_record_is_still_reported_to_every_known_frontend() -> None:
+    """attack9 B1: the leader's last load of the lost instance listed no request (it was idle when a migration
+    landed there) or there is none: it still probes it and tells every frontend it knows, so they end what it held
+    (before: ``_instance_vanished`` returned at once and the frontends' requests waited for their idle timeout)."""
+    replica, election = make_replica(("i-2",), [], **FAST_PROBES)
+    replica.leadership = cast(Any, election.leadership)
+    sink = NoticeSink()  # type: ignore[abstract]
+    server = await serve_sink(cast(Any, sink))
+    try:
+        replica.cluster.upsert(common_pb2.InstanceInfo(instance_id="i-1", grpc_address=closed_port_address()))
+        assert replica.report(serving_load("i-2", server.address, "r-on-2"))  # the frontend, known from i-2
+        assert replica.report(active_load("i-1"))  # i-1 idle as far as the leader knows
+        replica._instance_vanished("i-1")
+        async with asyncio.timeout(DEADLINE_S):
+            await sink.got.wait()
+        assert sink.notices == [("i-1", [])], "a notice for the instance, listing nothing"
+        assert "i-1" not in replica.vanished
+    finally:
+        await replica._stop_leader_tasks()
+        await server.stop(None)
+
+
+async def test_a_replica_elected_after_an_instance_vanished_watches_and_reports_it() -> None:
+    """attack9 B1b: the instance left the registry while this replica followed (it died with the leader, whose
+    report never came); on winning the election the replica probes it and reports it lost to the frontends it knows
+    (before: a follower forgot it, and a new leader never declared it lost)."""
+    replica, election = make_replica(("i-2",), [], **FAST_PROBES)
+    sink = NoticeSink()  # type: ignore[abstract]
+    server = await serve_sink(cast(Any, sink))
+    replica.cluster.upsert(common_pb2.InstanceInfo(instance_id="i-1", grpc_address=closed_port_address()))
+    replica._instance_vanished("i-1")  # a follower: no grace watch of its own
+    assert not replica.vanished
+    assert replica.report(serving_load("i-2", server.address, "r-on-2"))
+    lead = asyncio.create_task(replica._lead())
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            await sink.got.wait()
+        assert sink.notices == [("i-1", [])]
+    finally:
+        election.leadership.step_down()
+        async with asyncio.timeout(DEADLINE_S):
+            await lead
+        await server.stop(None)
+
+
+async def test_an_instance_that_re_registers_after_a_blip_is_not_reported() -> None:
+    """The rule for "lost" is unchanged for an instance with no load on record: a live one that re-registers within
+    the grace keeps its requests, and no frontend hears anything."""
+    replica, election = make_replica(("i-2",), [], instance_grace=0.3, **FAST_PROBES)
+    replica.leadership = cast(Any, election.leadership)
+    sink = NoticeSink()  # type: ignore[abstract]
+    server = await serve_sink(cast(Any, sink))
+    try:
+        info = common_pb2.InstanceInfo(instance_id="i-1", grpc_address=server.address)  # a port that answers
+        replica.cluster.upsert(info)
+        assert replica.report(serving_load("i-2", server.address, "r-on-2"))
+        replica._instance_vanished("i-1")
+        assert "i-1" in replica.vanished
+        replica._instance_registered(info)
+        assert "i-1" not in replica.vanished and "i-1" in replica.cluster.infos
+        await asyncio.sleep(0.6)  # two graces: a watch left running would have reported it by now
+        assert sink.notices == []
+    finally:
+        await replica._stop_leader_tasks()
+        await server.stop(None)

@@ -70,6 +70,14 @@ MIGRATE_WAIT_TIMEOUT_S = 60.0
 # Load messages of one instance in a row that came later than the dispatch staleness bound before the leader warns: a
 # llumlet whose cadence is too slow for the cluster's does so on every idle period, a one-off stall only once.
 LATE_LOAD_MESSAGES_WARN = 2
+# A replica remembers instances that left the registry this long, so that one which becomes the leader meanwhile
+# still watches them (it holds no load of them: they may have died with the previous leader, their requests never
+# reported). Longer than a frontend's default idle timeout (30 s), after which the requests have ended anyway.
+RECENTLY_VANISHED_S = 60.0
+# Frontends seen in load reports are told about every lost instance for this long after they were last seen; an
+# instance's requests are scanned for their frontends at most once per FRONTEND_SCAN_S (a report is a hot path).
+FRONTEND_MEMORY_S = 600.0
+FRONTEND_SCAN_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -149,8 +157,10 @@ def parse_instance_info(instance_id: str, value: bytes) -> common_pb2.InstanceIn
 
 @dataclass
 class Vanished:
-    """An instance whose registry key disappeared while it held requests (leader only): not dispatchable, its
-    requests kept until it re-registers (same id), proves dead, or the grace runs out."""
+    """An instance whose registry key disappeared (leader only): not dispatchable, its requests kept until it
+    re-registers (same id), proves dead, or the grace runs out. ``load`` is the last one known, possibly empty: a
+    request can reach an instance after its last report (a migration landing), and a leader elected meanwhile has no
+    report of it at all, so whether it held requests is the frontends' to say (see ``_fail_requests``)."""
 
     info: common_pb2.InstanceInfo
     load: common_pb2.InstanceLoad
@@ -240,6 +250,12 @@ class SchedulerReplica:
         # The manual scale target, as stored in etcd (watched by every replica, so a new leader has it).
         self.scale_target: int | None = None
         self.vanished: dict[str, Vanished] = {}
+        # Every replica: instance -> (its registry info, when it left the registry), kept RECENTLY_VANISHED_S, so a
+        # replica elected meanwhile watches what may have died with the previous leader (``_watch_recently_vanished``).
+        self._recently_vanished: dict[str, tuple[common_pb2.InstanceInfo, float]] = {}
+        # Leader: frontend sink address -> when a load report last named it; each is told about every lost instance.
+        self._frontends: dict[str, float] = {}
+        self._frontends_scanned: dict[str, float] = {}
         self.depositions = 0
         self.pairing_rounds = 0  # rounds the pairing loop ran (it skips none while pairs are found; see there)
         self._hold_off_until = 0.0
@@ -337,6 +353,7 @@ class SchedulerReplica:
 
     def _instance_registered(self, info: common_pb2.InstanceInfo) -> None:
         iid = info.instance_id
+        self._recently_vanished.pop(iid, None)
         gone = self.vanished.pop(iid, None)
         if gone is not None:
             if gone.task is not None:
@@ -346,7 +363,7 @@ class SchedulerReplica:
             else:
                 # Another process under the same id: whatever the old one held is gone with it.
                 reason = "it restarted (a new process re-registered under its id)"
-                self._spawn(self._fail_requests(iid, gone.load, reason), f"fail-requests-{iid}")
+                self._spawn(self._fail_requests(iid, gone.load, reason, every_frontend=False), f"fail-requests-{iid}")
         self.cluster.upsert(info)
         self._registered(iid)
 
@@ -397,6 +414,7 @@ class SchedulerReplica:
         self.leadership = leadership
         self.leader = LeaderView(self.replica_id, self.grpc_address, leadership.revision)
         log.info("%s leads (term %d)", self.replica_id, leadership.revision)
+        self._watch_recently_vanished()
         loop = asyncio.get_running_loop()
         self._leader_tasks = [
             loop.create_task(self._forever(self._pairing_loop), name="pairing"),
@@ -499,6 +517,9 @@ class SchedulerReplica:
         last = cluster.report_times.get(iid)
         bound = cluster.silence_bound(iid)  # the cadence this message was due at (before this load changes it)
         if cluster.report(load, now):
+            if now - self._frontends_scanned.get(iid, float("-inf")) >= FRONTEND_SCAN_S:
+                self._frontends_scanned[iid] = now
+                self._note_frontends(load, now)
             # The cadence check only where it can act: a late message, or an instance with late ones on record.
             if last is not None and (now - last > bound or iid in self._late_load):
                 self._check_cadence(iid, last, now, bound)
@@ -785,16 +806,50 @@ class SchedulerReplica:
 
     # ------------------------------------------------------------------ lost instances
     def _instance_vanished(self, instance_id: str) -> None:
-        """The registry key is gone: no more dispatch there at once; its requests wait out the grace (leader)."""
+        """The registry key is gone: no more dispatch there at once; the leader watches it through the grace, whatever
+        its last load listed (or none at all), and every replica remembers it in case it leads before that ends."""
         info = self.cluster.infos.get(instance_id)
         load = self.cluster.remove(instance_id)
         self._late_load.pop(instance_id, None)  # a process registering under this id again is judged afresh
+        self._frontends_scanned.pop(instance_id, None)
         log.warning("instance %s left the registry", instance_id)
-        if not self.is_leader or info is None or load is None or not load.requests:
+        if info is None:
             return
-        gone = Vanished(info, load, time.monotonic())
-        self.vanished[instance_id] = gone
-        gone.task = asyncio.get_running_loop().create_task(self._watch_grace(instance_id, gone), name="grace")
+        now = time.monotonic()
+        self._recently_vanished[instance_id] = (info, now)
+        if self.is_leader:
+            self._watch_vanished(info, load, now)
+
+    def _watch_vanished(
+        self, info: common_pb2.InstanceInfo, load: common_pb2.InstanceLoad | None, since: float
+    ) -> None:
+        iid = info.instance_id
+        if iid in self.vanished:
+            return
+        if load is not None:
+            self._note_frontends(load, time.monotonic())
+        gone = Vanished(info, load if load is not None else common_pb2.InstanceLoad(instance_id=iid), since)
+        self.vanished[iid] = gone
+        gone.task = asyncio.get_running_loop().create_task(self._watch_grace(iid, gone), name="grace")
+
+    def _watch_recently_vanished(self) -> None:
+        """A new leader watches the instances that left the registry shortly before (attack9 B1b): one may have died
+        with the previous leader, which never reported its requests; the probe decides as for any vanished instance
+        (a live one that re-registers keeps its requests; a lost one already reported is reported again, harmlessly:
+        its frontends ended those requests)."""
+        now = time.monotonic()
+        for iid, (info, since) in list(self._recently_vanished.items()):
+            if now - since > RECENTLY_VANISHED_S:
+                del self._recently_vanished[iid]
+            elif iid not in self.cluster.infos:
+                log.info("instance %s left the registry %.1fs before this term; watching it", iid, now - since)
+                self._watch_vanished(info, None, since)
+
+    def _note_frontends(self, load: common_pb2.InstanceLoad, now: float) -> None:
+        """Remembers the frontends of ``load``'s requests (see ``_fail_requests``)."""
+        for r in load.requests:
+            if r.frontend_address:
+                self._frontends[r.frontend_address] = now
 
     async def _watch_grace(self, instance_id: str, gone: Vanished) -> None:
         """Waits for a vanished instance to re-register (``_instance_registered`` cancels this), probing it meanwhile.
@@ -846,15 +901,37 @@ class SchedulerReplica:
             )
         except grpc.aio.AioRpcError:
             return False
-        if reply.load.instance_id == gone.info.instance_id:
-            gone.load = reply.load
+        if reply.load.instance_id != gone.info.instance_id:
+            return False  # another instance on that address now: the one watched is gone
+        self._note_frontends(reply.load, time.monotonic())
+        gone.load = reply.load
         return True
 
-    async def _fail_requests(self, instance_id: str, load: common_pb2.InstanceLoad, reason: str) -> None:
-        """Reports the requests of a lost instance as failed to their frontends (leader only)."""
+    async def _fail_requests(
+        self, instance_id: str, load: common_pb2.InstanceLoad, reason: str, *, every_frontend: bool = True
+    ) -> None:
+        """Tells the frontends that an instance is lost (leader only): each frontend its last load listed requests of
+        gets them as failed, and (``every_frontend``) every frontend this leader knows, seen in any report within
+        FRONTEND_MEMORY_S, gets the notice, listing nothing if need be. A frontend ends every request it has held by
+        the instance, listed or not: only it knows them all (one migrated in after the last report is in no snapshot;
+        a leader elected after the instance died has none). Not every frontend for an id that a new process took
+        over already (``_instance_registered``): there a request just placed on the new process is held by the same
+        id, and only the listed ones' frontends are told, as before."""
         if not self.is_leader:
             return
-        log.warning("instance %s is lost: %s; failing its %d request(s)", instance_id, reason, len(load.requests))
+        now = time.monotonic()
+        for current in self.cluster.loads.values():
+            self._note_frontends(current, now)
+        for address, seen in list(self._frontends.items()):
+            if now - seen > FRONTEND_MEMORY_S:
+                del self._frontends[address]
+        log.warning(
+            "instance %s is lost: %s; failing its %d listed request(s), telling %s",
+            instance_id,
+            reason,
+            len(load.requests),
+            f"{len(self._frontends)} known frontend(s)" if every_frontend else "their frontends",
+        )
         by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
         for r in load.requests:
             if not r.frontend_address:
@@ -869,6 +946,9 @@ class SchedulerReplica:
                     instance_id=instance_id,
                 )
             )
+        if every_frontend:
+            for address in self._frontends:
+                by_frontend.setdefault(address, [])
         for address, outputs in by_frontend.items():
             try:
                 self.require_leader()  # it may have stepped down during an earlier push: the next leader reports them
