@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -144,3 +149,32 @@ def test_llumlet_cli_with_ucx_on_an_ipv6_host_exits_with_a_message(monkeypatch: 
     assert result.exit_code == 2, (result.output, result.exception)
     assert "--transport ucx" in result.output and "--host ::1" in result.output
     assert "Traceback" not in result.output and "gaierror" not in result.output
+
+
+def test_a_llumlet_that_cannot_reach_etcd_at_start_exits_with_one_line() -> None:
+    """Attack 9 B5: etcd unreachable at start printed the whole EtcdUnavailableError traceback, then "Event loop is
+    closed" and "coroutine 'AioServer.shutdown' was never awaited" (the server was stopped after the loop closed).
+    Now: one line naming etcd, exit 1, everything shut down inside the loop. A real process (the loop's teardown is
+    what went wrong), against a port that refuses connections: the etcd client's 2.5 s budget, then the exit."""
+    with socket.socket() as closed:  # bound, never listening: connections are refused while the test holds it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LLUMNIX_")}
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from pyllumnix.data_plane.llumlet.main import llumlet_command; llumlet_command()",
+                *["--insecure", "--etcd", f"127.0.0.1:{port}", "--profile", "tiny", "--no-payload"],
+                *["--transport", "tcp", "--metrics-port", "-1"],
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+    assert run.returncode == 1, (run.returncode, run.stderr)
+    assert f"llumlet: etcd unavailable: lease_grant failed on every endpoint [127.0.0.1:{port}]" in run.stderr
+    for noise in ("Traceback", "Event loop is closed", "never awaited"):
+        assert noise not in run.stderr, run.stderr

@@ -40,6 +40,7 @@ from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
 from pyllumnix.infra import tracing
 from pyllumnix.infra.cli_types import FiniteFloatRange
+from pyllumnix.infra.etcd.errors import EtcdError
 from pyllumnix.infra.grpc_server import WILDCARD_HOSTS, advertised_address, advertised_host, start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
@@ -292,7 +293,14 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         client = runtime.etcd_client(opts.etcd)
         layout = KeyLayout(opts.cluster)
         registration = InstanceRegistration(client, layout, instance_id, info.SerializeToString(), opts.lease_ttl)
-        await registration.start()
+        try:
+            await registration.start()
+        except EtcdError as exc:
+            # One line and a non-zero exit, not a traceback; what started is shut down inside this loop (attack 9 B5:
+            # the gRPC server used to be stopped after the loop closed, "Event loop is closed").
+            click.echo(f"llumlet: {exc}", err=True)
+            await _shut_down(llumlet, coordinator, server, transport, metrics_server, registration, client)
+            return 1
         # MigrateOut sends only to registered instances at their registered address (#13).
         servicer.registry = registry_resolver(InstanceRegistry(client, layout))
         # A new leader term is admitted only once the election in etcd proves it is the caller's (attack 9 B3).
@@ -321,6 +329,20 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     log.info("llumlet %s stopping", instance_id)
     if reporter is not None:
         await reporter.stop()
+    await _shut_down(llumlet, coordinator, server, transport, metrics_server, registration, client)
+    return 0
+
+
+async def _shut_down(
+    llumlet: Llumlet,
+    coordinator: MigrationCoordinator,
+    server: Any,
+    transport: Any,
+    metrics_server: Any,
+    registration: Any,
+    client: Any,
+) -> None:
+    """Deregisters (revokes the lease), then stops the server, migrations, engine, data plane and /metrics."""
     if registration is not None:
         await registration.close()
     if client is not None:
@@ -331,7 +353,6 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     await transport.close()
     if metrics_server is not None:
         await metrics_server.close()
-    return 0
 
 
 @click.command("llumlet")
