@@ -13,12 +13,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from click.testing import CliRunner
 
+from pyllumnix.control_plane.scheduler import main as scheduler_main
 from pyllumnix.control_plane.scheduler.service import AdminServicer, SchedulerServicer
+from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
 from pyllumnix.infra.security.tls import grpc_server_credentials, secure_channel
@@ -139,3 +143,27 @@ async def test_cluster_request_listing_is_for_admins_only(served: Served) -> Non
             admin_pb2.ListClusterRequestsRequest(), timeout=DEADLINE
         )
     assert [r.request.request_id for r in reply.requests] == ["secret-prompt"]
+
+
+def test_the_replica_id_is_the_certificates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Llumlets admit a new leader term only from the certificate the election entry names (attack 9 B3), so a
+    scheduler given its certificate with --ca/--cert/--key takes the certificate's id as its replica id (it used to
+    pick a random one), and refuses a --replica-id that differs."""
+    paths = bootstrap_local(tmp_path / "pki", "c1").ensure("scheduler", "s7")
+    started: list[str] = []
+
+    async def fake_run(
+        etcd: list[str], cluster: str, host: str, port: int, replica_id: str, *args: Any, **kw: Any
+    ) -> int:
+        started.append(replica_id)
+        return 0
+
+    monkeypatch.setattr(scheduler_main, "run_scheduler", fake_run)
+    monkeypatch.setitem(runtime._state, "current", runtime.current())  # configure_from_cli sets the process's
+    tls = ["--ca", str(paths.ca), "--cert", str(paths.cert), "--key", str(paths.key), "--etcd", "127.0.0.1:1"]
+    result = CliRunner().invoke(scheduler_main.scheduler_command, [*tls, "--provider", "none"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert started == ["s7"]
+    result = CliRunner().invoke(scheduler_main.scheduler_command, [*tls, "--provider", "none", "--replica-id", "s8"])
+    assert result.exit_code == 2 and "--replica-id s8 is not the certificate's id 's7'" in result.output
+    assert started == ["s7"]

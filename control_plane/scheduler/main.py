@@ -248,8 +248,14 @@ def scheduler_command(
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    given = replica_id
     replica_id = replica_id or f"scheduler-{uuid.uuid4().hex[:6]}"
     settings = runtime.configure_from_cli("scheduler", replica_id, security, [host, advertise_host])
+    if settings.identity is not None and settings.identity.id != replica_id:
+        # Llumlets admit a leader's orders only from the certificate its election entry names (attack 9 B3).
+        if given:
+            raise click.UsageError(f"--replica-id {given} is not the certificate's id {settings.identity.id!r}")
+        replica_id = settings.identity.id
     endpoints = [e for e in etcd.split(",") if e]
     instance_provider: InstanceProvider | None = None
     args = shlex.split(llumlet_args)
