@@ -451,3 +451,20 @@ async def test_an_instance_that_re_registers_after_a_blip_is_not_reported() -> N
     finally:
         await replica._stop_leader_tasks()
         await server.stop(None)
+
+
+async def test_a_drained_empty_instance_leaving_is_no_lost_instance() -> None:
+    """A draining instance stops itself once empty (refusing new requests and migrations meanwhile): its leaving is a
+    scale-down, not a loss, and is not watched; one whose last load still listed a request is."""
+    replica, election = make_replica(("i-2",), [], **FAST_PROBES)
+    replica.leadership = cast(Any, election.leadership)
+    try:
+        for iid, rids in (("i-1", ()), ("i-3", ("r",))):
+            replica.cluster.upsert(common_pb2.InstanceInfo(instance_id=iid, grpc_address=closed_port_address()))
+            load = serving_load(iid, "127.0.0.1:9", *rids)
+            load.state = common_pb2.INSTANCE_STATE_DRAINING
+            assert replica.report(load)
+            replica._instance_vanished(iid)
+        assert set(replica.vanished) == {"i-3"}
+    finally:
+        await replica._stop_leader_tasks()

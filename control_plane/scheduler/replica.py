@@ -815,6 +815,10 @@ class SchedulerReplica:
         log.warning("instance %s left the registry", instance_id)
         if info is None:
             return
+        drained = load is not None and load.state == common_pb2.INSTANCE_STATE_DRAINING
+        if drained and load is not None and not load.requests and not load.migrating_in:
+            log.info("instance %s left the registry drained and empty (it stops itself then)", instance_id)
+            return  # draining refuses new requests and migrations: it held nothing, nobody is told
         now = time.monotonic()
         self._recently_vanished[instance_id] = (info, now)
         if self.is_leader:
