@@ -820,6 +820,8 @@ class SchedulerReplica:
             log.info("instance %s left the registry drained and empty (it stops itself then)", instance_id)
             return  # draining refuses new requests and migrations: it held nothing, nobody is told
         now = time.monotonic()
+        for iid in [i for i, (_, since) in self._recently_vanished.items() if now - since > RECENTLY_VANISHED_S]:
+            del self._recently_vanished[iid]
         self._recently_vanished[instance_id] = (info, now)
         if self.is_leader:
             self._watch_vanished(info, load, now)
