@@ -413,14 +413,18 @@ async def test_a_replica_elected_after_an_instance_vanished_watches_and_reports_
     report never came); on winning the election the replica probes it and reports it lost to the frontends it knows
     (before: a follower forgot it, and a new leader never declared it lost)."""
     replica, election = make_replica(("i-2",), [], **FAST_PROBES)
+    replica.cluster.quiet_stale_after = 0.5  # every live instance reports within this: the new leader waits for it
     sink = NoticeSink()  # type: ignore[abstract]
     server = await serve_sink(cast(Any, sink))
     replica.cluster.upsert(common_pb2.InstanceInfo(instance_id="i-1", grpc_address=closed_port_address()))
     replica._instance_vanished("i-1")  # a follower: no grace watch of its own
     assert not replica.vanished
-    assert replica.report(serving_load("i-2", server.address, "r-on-2"))
     lead = asyncio.create_task(replica._lead())
     try:
+        await wait_until(lambda: replica.is_leader)
+        await wait_until(lambda: "i-1" not in replica.vanished)  # the probe found it gone
+        # The first report of the new term, naming the frontend, comes only after that: the leader waits for it.
+        assert replica.report(serving_load("i-2", server.address, "r-on-2"))
         async with asyncio.timeout(DEADLINE_S):
             await sink.got.wait()
         assert sink.notices == [("i-1", [])]

@@ -256,6 +256,7 @@ class SchedulerReplica:
         # Leader: frontend sink address -> when a load report last named it; each is told about every lost instance.
         self._frontends: dict[str, float] = {}
         self._frontends_scanned: dict[str, float] = {}
+        self._term_began = 0.0  # ``time.monotonic()`` when this replica last won the election
         self.depositions = 0
         self.pairing_rounds = 0  # rounds the pairing loop ran (it skips none while pairs are found; see there)
         self._hold_off_until = 0.0
@@ -414,6 +415,7 @@ class SchedulerReplica:
         self.leadership = leadership
         self.leader = LeaderView(self.replica_id, self.grpc_address, leadership.revision)
         log.info("%s leads (term %d)", self.replica_id, leadership.revision)
+        self._term_began = time.monotonic()
         self._watch_recently_vanished()
         loop = asyncio.get_running_loop()
         self._leader_tasks = [
@@ -923,6 +925,11 @@ class SchedulerReplica:
         a leader elected after the instance died has none). Not every frontend for an id that a new process took
         over already (``_instance_registered``): there a request just placed on the new process is held by the same
         id, and only the listed ones' frontends are told, as before."""
+        learning = self._term_began + self.cluster.quiet_stale_after - time.monotonic()
+        if every_frontend and learning > 0:
+            # A new leader knows the frontends from load reports only: within this window every live instance (a
+            # quiet one too) has sent it one, naming the frontends of the requests it holds.
+            await asyncio.sleep(learning)
         if not self.is_leader:
             return
         now = time.monotonic()
