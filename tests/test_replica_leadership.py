@@ -19,7 +19,7 @@ from pyllumnix.control_plane.policy.scaling import ScalingDecision
 from pyllumnix.control_plane.scheduler.replica import ReplicaTiming, SchedulerReplica
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.grpc_server import RunningServer, start_server
-from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
 
 DEADLINE_S = 10.0
 
@@ -472,3 +472,34 @@ async def test_a_drained_empty_instance_leaving_is_no_lost_instance() -> None:
         assert set(replica.vanished) == {"i-3"}
     finally:
         await replica._stop_leader_tasks()
+
+
+class OtherLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
+    """Answers GetLoad as another instance: a new process that got the vanished instance's address."""
+
+    async def GetLoad(self, request: llumlet_pb2.GetLoadRequest, context: Any) -> llumlet_pb2.GetLoadResponse:
+        return llumlet_pb2.GetLoadResponse(load=active_load("someone-else"))
+
+
+async def test_an_address_answered_by_another_instance_is_no_sign_of_life() -> None:
+    """A vanished instance whose address another llumlet now answers is gone: its grace ends and it is reported
+    (before: any answer counted as alive, and the grace was renewed for as long as the newcomer ran)."""
+    replica, election = make_replica(("i-2",), [], instance_grace=0.3, **FAST_PROBES)
+    replica.leadership = cast(Any, election.leadership)
+    sink = NoticeSink()  # type: ignore[abstract]
+    sink_server = await serve_sink(cast(Any, sink))
+    newcomer = OtherLlumlet()  # type: ignore[abstract]
+    other = await start_server(
+        [(llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, newcomer, "llumnix.v1.LlumletService")]
+    )
+    try:
+        replica.cluster.upsert(common_pb2.InstanceInfo(instance_id="i-1", grpc_address=other.address))
+        assert replica.report(serving_load("i-1", sink_server.address, "r-1"))
+        replica._instance_vanished("i-1")
+        async with asyncio.timeout(DEADLINE_S):
+            await sink.got.wait()
+        assert sink.notices == [("i-1", ["r-1"])]
+    finally:
+        await replica._stop_leader_tasks()
+        await other.stop(None)
+        await sink_server.stop(None)
