@@ -377,9 +377,12 @@ class Supervisor:
             log.warning("--insecure: plaintext gRPC and etcd, no certificates, no API keys; for isolated development")
             self.info["secure"] = False
             return ["--insecure"]
-        from pyllumnix.infra.security.bootstrap import bootstrap_local
+        from pyllumnix.infra.security.bootstrap import RBAC_FILE, bootstrap_local
 
         tls_dir = Path(str(opts["tls_dir"])) if opts["tls_dir"] else self.log_dir / "pki"
+        # An earlier serve's etcd roles: certificates issued before this run's etcd is up must not wait on that one;
+        # the embedded etcd's start sets them up again for every certificate (start_cluster).
+        (tls_dir / RBAC_FILE).unlink(missing_ok=True)
         cluster = str(opts["cluster"])
         components = {
             "etcd": ["etcd"],
@@ -455,6 +458,13 @@ class Supervisor:
             def launch_etcd(n: int) -> Component:
                 if n == 0:
                     etcd.start()
+                    if self.pki is not None:
+                        # Each certificate may touch only its own part of the keyspace (infra.etcd.rbac), before any
+                        # component connects: a user etcd does not know yet is refused everything.
+                        from pyllumnix.infra.etcd.keys import KeyLayout
+
+                        urls = [f"https://{e}" for e in etcd.endpoints]
+                        self.pki.enable_etcd_rbac(urls, KeyLayout(str(opts["cluster"])))
                 else:
                     etcd.restart_member(0)
                     etcd.wait_healthy(30.0)

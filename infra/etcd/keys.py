@@ -32,7 +32,7 @@ def _check_segment(name: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class KeyLayout:
-    """``<root>/<cluster>/{instances/<id>, election/<name>/<lease hex>, config, scale_target}``."""
+    """``<root>/<cluster>/{instances/<id>, election/<name>/<lease hex>, config, scale_target, apikeys/<id>}``."""
 
     cluster: str
     root: str = DEFAULT_ROOT
@@ -66,6 +66,11 @@ class KeyLayout:
     @property
     def config_key(self) -> str:
         return f"{self.base}config"
+
+    @property
+    def apikeys_prefix(self) -> str:
+        """API key records, ``apikeys/<id>`` (``infra.security.apikeys``); named here for etcd's permissions."""
+        return f"{self.base}apikeys/"
 
     @property
     def scale_target_key(self) -> str:

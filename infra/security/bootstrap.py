@@ -3,24 +3,45 @@
 ``llumnix serve`` calls :func:`bootstrap_local` for its folder (reusing the CA and certificates already there, so a
 restart keeps working), starts etcd with the ``etcd`` certificates, then :func:`provision_admin` creates an admin API
 key (hashed in etcd) and writes the client context file so ``llmctl`` works with no flags. New components (llumlets
-started by the autoscaler) get certificates from :meth:`ClusterSecurity.ensure`.
+started by the autoscaler) get certificates from :meth:`ClusterSecurity.ensure`. Between etcd's start and the first
+component, :meth:`ClusterSecurity.enable_etcd_rbac` turns on etcd auth with a user and role per certificate, so each
+component reaches only its own keys; certificates issued after that get theirs in ``ensure``.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+
+from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.rbac import EtcdAuthAdmin, EtcdRbacError, grants_for, user_of
 from pyllumnix.infra.security.apikeys import ApiKeyStore
-from pyllumnix.infra.security.ca import DEFAULT_HOSTS, CertificateAuthority, CertPaths, Identity, _write_private
+from pyllumnix.infra.security.ca import (
+    DEFAULT_HOSTS,
+    CertificateAuthority,
+    CertPaths,
+    Identity,
+    _write_private,
+    etcd_user_name,
+    identities_in,
+)
 from pyllumnix.infra.security.context import ClientContext, save_context
 from pyllumnix.infra.security.tokens import new_secret
 
 SECRET_FILE = "cluster-secret"
 CLUSTER_FILE = "cluster"
 """The folder names its cluster (its certificates' trust domain): a component given only the folder knows it."""
+RBAC_FILE = "etcd-rbac.json"
+"""Present while the folder's etcd enforces per-component roles (``enable_etcd_rbac``): where that etcd is and which
+key prefix, so each certificate issued from now on gets its etcd user and role at once."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,9 +92,56 @@ class ClusterSecurity:
             pass
         identity = Identity(self.cluster, role, id)
         issued = self.authority().issue(identity, [*self.hosts, *hosts])
+        rbac = self._rbac()
+        if rbac is not None:
+            # Before the certificate exists: under etcd auth a user etcd does not know is refused everything, and a
+            # failure here leaves no certificate behind, so the next ensure() tries again.
+            admin, layout = rbac
+            admin.ensure_component(etcd_user_name(identity), grants_for(role, id, layout))
         paths = issued.write(self.directory, self.ca_cert)
         self.issued[identity] = paths
         return paths
+
+    @property
+    def rbac_path(self) -> Path:
+        return self.directory / RBAC_FILE
+
+    def _root_admin(self, endpoints: list[str]) -> EtcdAuthAdmin:
+        """etcdctl as the etcd members' certificate, whose user holds etcd's root role."""
+        root = self.paths("etcd", "etcd")
+        return EtcdAuthAdmin(endpoints, self.ca_cert, root.cert, root.key)
+
+    def _rbac(self) -> tuple[EtcdAuthAdmin, KeyLayout] | None:
+        try:
+            spec = json.loads(self.rbac_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise EtcdRbacError(
+                f"{self.rbac_path} is unreadable ({exc}): cannot give a new certificate its etcd user"
+            ) from exc
+        return self._root_admin(list(spec["endpoints"])), KeyLayout(str(spec["cluster"]))
+
+    def enable_etcd_rbac(self, endpoints: list[str], layout: KeyLayout) -> list[str]:
+        """Switches on etcd auth with a user and role per certificate in this folder (see ``infra.etcd.rbac``), and
+        notes it so later certificates get theirs when issued. Idempotent: a restart of serve on the same etcd data
+        finds the users and auth on. Returns the users set up."""
+        admin = self._root_admin(endpoints)
+        users = []
+        for cert in sorted(self.directory.glob("*.pem")):
+            if cert.name == "ca.pem" or cert.name.endswith("-key.pem"):
+                continue
+            identities = identities_in(x509.load_pem_x509_certificate(cert.read_bytes()))
+            if len(identities) != 1 or identities[0].cluster != self.cluster or identities[0].role == "etcd":
+                continue
+            identity = identities[0]
+            user = user_of(cert)
+            admin.ensure_component(user, grants_for(identity.role, identity.id, layout))
+            users.append(user)
+        admin.enable([user_of(self.paths("etcd", "etcd").cert)])
+        _write_private(self.rbac_path, json.dumps({"endpoints": endpoints, "cluster": layout.cluster}).encode())
+        log.info("etcd auth on at %s: a role per component for %d certificates", ", ".join(endpoints), len(users))
+        return users
 
 
 DEFAULT_COMPONENTS: Mapping[str, Sequence[str]] = {

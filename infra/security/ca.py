@@ -70,6 +70,11 @@ class Identity:
         return f"{self.role} {self.id} of cluster {self.cluster}"
 
 
+def etcd_user_name(identity: Identity) -> str:
+    """The common name of ``identity``'s certificate, which etcd takes as its user name: ``<role>-<id>``."""
+    return f"{identity.role}-{identity.id}"
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -236,8 +241,9 @@ class CertificateAuthority:
             [
                 x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.cluster),
                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.role),
-                # etcd takes the CN as the user name when client-cert auth meets etcd's own auth.
-                x509.NameAttribute(NameOID.COMMON_NAME, identity.id),
+                # etcd takes the CN as the user name when client-cert auth meets etcd's own auth (infra.etcd.rbac):
+                # role and id, so a llumlet and a scheduler of the same id are different etcd users.
+                x509.NameAttribute(NameOID.COMMON_NAME, etcd_user_name(identity)),
             ]
         )
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri), *_san_entries(hosts)]
