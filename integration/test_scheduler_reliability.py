@@ -43,6 +43,7 @@ from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.lease import Lease
 from pyllumnix.infra.etcd.registry import InstanceRegistry
 from pyllumnix.infra.grpc_server import RunningServer, start_server
+from pyllumnix.infra.security import runtime
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2_grpc,
     common_pb2,
@@ -358,6 +359,9 @@ async def test_real_scale_cordon_uncordon_and_resign_through_llmctl(
     ]
     async with replicas(etcd1, etcd_cluster_name, 2, providers=providers) as rs:
         leader, follower = await leader_and_follower(rs)
+        # The in-process replicas dial with this process's certificate, and a llumlet takes orders only from the
+        # certificate the election names (attack 9 B3): from here on it is the leader's (the fixture restores its own).
+        runtime.configure(procs.security("scheduler", leader.replica_id))
         address = next(s.address for r, s in rs if r is leader)
         await wait_for(lambda: "l0" in leader.cluster.loads, 15, "l0 reports")
 
