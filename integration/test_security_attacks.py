@@ -187,7 +187,10 @@ async def test_attacks_on_a_running_request_fail_and_its_stream_stays_exact(
     for role, id, as_instance, needle in (
         ("llumlet", other, other, "carries no capability token"),
         ("llumlet", other, holder, f"may not push outputs as {holder!r}"),
-        ("scheduler", "harness", holder, "only token-less ERROR finishes"),
+        # A scheduler that does not lead may not declare instances lost (attack 9 B3); the leader may, but only with
+        # token-less ERROR finishes, never tokens.
+        ("scheduler", "harness", holder, "scheduler harness is not the leader (s0)"),
+        ("scheduler", "s0", holder, "only token-less ERROR finishes"),
     ):
         async with open_channel(sink, settings=cluster.launcher.security(role, id)) as ch:
             await refused(
