@@ -214,7 +214,7 @@ async def test_config_set_rejects_bad_key_or_value_locally(
 async def test_config_set_server_rejection_and_conflict(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
     server, _, admin = replica
     res = await llmctl("-e", server.address, "config", "set", "migration.max_stages", "4", "--expected-revision", "3")
-    assert res.exit_code == EXIT_ERROR and "conflict: stale expected_revision" in res.stderr
+    assert res.exit_code == EXIT_ERROR and "aborted: stale expected_revision" in res.stderr
     admin.reject_config = "migrate_out_threshold must not be negative"
     res = await llmctl("-e", server.address, "config", "set", "migration.migrate_out_threshold", "-1")
     assert res.exit_code == EXIT_USAGE

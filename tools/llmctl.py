@@ -336,7 +336,7 @@ def run(ctx: click.Context, body: Callable[[AsyncLlumnixClient], Awaitable[T]], 
     except FailedPreconditionError as exc:
         fail(f"refused: {exc.details}", EXIT_ERROR)
     except AbortedError as exc:
-        fail(f"conflict: {exc.details}", EXIT_ERROR)
+        fail(f"aborted: {exc.details}", EXIT_ERROR)
     except LlumnixError as exc:
         fail(f"{exc.code or 'error'}: {exc.details}", EXIT_ERROR)
     except KeyboardInterrupt:

@@ -185,6 +185,26 @@ class SchedulingError(Exception):
         self.code = code
 
 
+# What a llumlet's gRPC status means when the leader relays an admin order to it.
+_NO_ANSWER = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+)
+
+
+def _order_failed(instance_id: str, call: str, exc: grpc.aio.AioRpcError) -> SchedulingError:
+    """The admin caller's error for an order the leader relayed to a llumlet.
+
+    Why: the leader answered, so its caller must not read the llumlet's transport failure (UNAVAILABLE "Socket
+    closed") as "cannot reach the cluster"; a llumlet that did not answer aborts the order (ABORTED, naming the
+    instance). A llumlet's own refusal (a status it chose) passes through unchanged."""
+    details = exc.details() or exc.code().name
+    if exc.code() in _NO_ANSWER:
+        return SchedulingError(
+            grpc.StatusCode.ABORTED, f"instance {instance_id} did not answer {call} ({exc.code().name}: {details})"
+        )
+    return SchedulingError(exc.code(), details)
+
+
 @dataclass
 class LeaderView:
     replica_id: str = ""
@@ -986,11 +1006,14 @@ class SchedulerReplica:
     async def set_instance_state(self, instance_id: str, state: InstanceState) -> None:
         self.require_leader()
         self.known(instance_id)
-        await self._llumlet(instance_id).SetInstanceState(
-            llumlet_pb2.SetInstanceStateRequest(state=int(state)),  # type: ignore[arg-type]
-            timeout=LLUMLET_CALL_TIMEOUT_S,
-            metadata=self._order_metadata(),
-        )
+        try:
+            await self._llumlet(instance_id).SetInstanceState(
+                llumlet_pb2.SetInstanceStateRequest(state=int(state)),  # type: ignore[arg-type]
+                timeout=LLUMLET_CALL_TIMEOUT_S,
+                metadata=self._order_metadata(),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _order_failed(instance_id, "SetInstanceState", exc) from exc
         self.cluster.set_override(instance_id, state, time.monotonic())
 
     async def migrate_request(self, request_id: str, destination: str) -> llumlet_pb2.MigrationResult:
@@ -1018,7 +1041,7 @@ class SchedulerReplica:
                 request, timeout=MIGRATE_WAIT_TIMEOUT_S, metadata=self._order_metadata()
             )
         except grpc.aio.AioRpcError as exc:
-            raise SchedulingError(exc.code(), exc.details() or exc.code().name) from exc
+            raise _order_failed(source, "MigrateOut", exc) from exc
         if not reply.results:
             raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"request {request_id} left {source} before migrating")
         result: llumlet_pb2.MigrationResult = reply.results[0]
