@@ -186,9 +186,7 @@ class SchedulingError(Exception):
 
 
 # What a llumlet's gRPC status means when the leader relays an admin order to it.
-_NO_ANSWER = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
-)
+_NO_ANSWER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 
 def _order_failed(instance_id: str, call: str, exc: grpc.aio.AioRpcError) -> SchedulingError:
