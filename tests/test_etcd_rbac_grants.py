@@ -17,6 +17,7 @@ from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.rbac import EtcdRbacError, Grant, grants_for, user_of
 from pyllumnix.infra.security.apikeys import apikeys_prefix
 from pyllumnix.infra.security.bootstrap import bootstrap_local
+from pyllumnix.infra.security.runtime import configure_from_cli
 
 LAYOUT = KeyLayout("c")
 
@@ -51,3 +52,18 @@ def test_a_certificate_whose_etcd_user_cannot_be_made_is_not_issued(tmp_path: Pa
     with pytest.raises(EtcdRbacError, match="no endpoint answers"):
         pki.ensure("llumlet", "z")
     assert not list(tmp_path.glob("llumlet-z*"))
+
+
+def test_a_component_that_cannot_issue_its_certificate_says_so_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI path of the above (a llumlet issuing its own certificate from a PKI folder while etcd is down): one
+    clear line and exit 1, not a traceback."""
+    pki = bootstrap_local(tmp_path, "c", components={"etcd": ["etcd"]})
+    pki.rbac_path.write_text(json.dumps({"endpoints": [f"https://127.0.0.1:{free_port()}"], "cluster": "c"}))
+    with pytest.raises(SystemExit) as exited:
+        configure_from_cli("llumlet", "z", {"tls_dir": str(tmp_path)})
+    assert exited.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot issue this component's certificate:") and "no endpoint answers" in err
+    assert len(err.splitlines()) == 1

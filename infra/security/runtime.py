@@ -29,6 +29,7 @@ import grpc
 from cryptography import x509
 
 from pyllumnix.infra import tracing
+from pyllumnix.infra.etcd.rbac import EtcdRbacError
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
 from pyllumnix.infra.security.ca import CertPaths, Identity, identities_in
@@ -290,6 +291,9 @@ def configure_from_cli(role: str, id: str, kwargs: dict[str, Any], hosts: Sequen
             reflection=bool(kwargs.pop("reflection", False)),
             hosts=hosts,
         )
+    except EtcdRbacError as exc:  # etcd down while this process issues its own certificate under etcd auth
+        click.echo(f"error: cannot issue this component's certificate: {exc}", err=True)
+        raise SystemExit(1) from exc
     except (SecurityConfigError, OSError, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(2) from exc
