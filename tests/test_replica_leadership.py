@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from pyllumnix.control_plane.frontend.sink import LOST_SCOPE_INSTANCE, LOST_SCOPE_LISTED, lost_scope
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.scaling import ScalingDecision
@@ -360,12 +362,14 @@ class NoticeSink(frontend_pb2_grpc.OutputSinkServiceServicer):
 
     def __init__(self) -> None:
         self.notices: list[tuple[str, list[str]]] = []
+        self.scopes: list[str] = []  # each notice's scope metadata (what the frontend's sink reads)
         self.got = asyncio.Event()
 
     async def PushOutputs(
         self, request: frontend_pb2.PushOutputsRequest, context: Any
     ) -> frontend_pb2.PushOutputsResponse:
         self.notices.append((request.instance_id, [o.request_id for o in request.outputs]))
+        self.scopes.append(lost_scope(context.invocation_metadata()))
         self.got.set()
         return frontend_pb2.PushOutputsResponse()
 
@@ -452,6 +456,60 @@ async def test_an_instance_that_re_registers_after_a_blip_is_not_reported() -> N
         assert "i-1" not in replica.vanished and "i-1" in replica.cluster.infos
         await asyncio.sleep(0.6)  # two graces: a watch left running would have reported it by now
         assert sink.notices == []
+    finally:
+        await replica._stop_leader_tasks()
+        await server.stop(None)
+
+
+async def test_a_notice_for_an_id_a_new_process_took_over_is_marked_listed_only() -> None:
+    """review9 F1: another process re-registered under the vanished id; the notice about the old one tells only the
+    listed requests' frontends and says so (scope "listed"), so the sink does not end the requests the new process
+    holds under the same id (before: no scope, and the sink ended every request held by the id)."""
+    replica, election = make_replica(("i-2",), [], instance_grace=5.0, **FAST_PROBES)
+    replica.leadership = cast(Any, election.leadership)
+    sink = NoticeSink()  # type: ignore[abstract]
+    server = await serve_sink(cast(Any, sink))
+    try:
+        old = common_pb2.InstanceInfo(instance_id="i-1", grpc_address=server.address, started_at=1)
+        replica.cluster.upsert(old)
+        assert replica.report(serving_load("i-1", server.address, "r-old"))
+        replica._instance_vanished("i-1")
+        assert "i-1" in replica.vanished
+        replica._instance_registered(
+            common_pb2.InstanceInfo(instance_id="i-1", grpc_address="127.0.0.1:2", started_at=2)
+        )
+        async with asyncio.timeout(DEADLINE_S):
+            await sink.got.wait()
+        assert sink.notices == [("i-1", ["r-old"])]
+        assert sink.scopes == [LOST_SCOPE_LISTED]
+    finally:
+        await replica._stop_leader_tasks()
+        await server.stop(None)
+
+
+async def test_an_id_re_registered_during_a_new_leaders_wait_gets_a_listed_only_notice() -> None:
+    """review9 F1 (leader side): a new leader waits ``learning`` before telling every frontend; a process that
+    re-registers under the id meanwhile holds its new requests by that id, so the notice shrinks to the listed
+    frontends and is marked listed-only (before: every frontend, scope "instance": the new process's requests ended).
+    A notice with no re-registration keeps the instance-wide scope."""
+    replica, election = make_replica(("i-2",), [])
+    replica.leadership = cast(Any, election.leadership)
+    replica.cluster.quiet_stale_after = 0.5
+    sink = NoticeSink()  # type: ignore[abstract]
+    server = await serve_sink(cast(Any, sink))
+    try:
+        assert replica.report(serving_load("i-2", server.address, "r-on-2"))
+        load = serving_load("i-1", server.address, "r-old")
+        replica._term_began = time.monotonic()
+        failing = asyncio.create_task(replica._fail_requests("i-1", load, "its process is gone"))
+        await asyncio.sleep(0)  # it is in its learning wait now
+        replica._instance_registered(common_pb2.InstanceInfo(instance_id="i-1", grpc_address="127.0.0.1:2"))
+        async with asyncio.timeout(DEADLINE_S):
+            await failing
+        assert sink.notices == [("i-1", ["r-old"])] and sink.scopes == [LOST_SCOPE_LISTED]
+        replica.cluster.remove("i-1")
+        await replica._fail_requests("i-3", common_pb2.InstanceLoad(instance_id="i-3"), "its process is gone")
+        assert sink.notices[1:] == [("i-3", [])] and sink.scopes[1:] == [LOST_SCOPE_INSTANCE]
     finally:
         await replica._stop_leader_tasks()
         await server.stop(None)

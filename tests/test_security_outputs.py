@@ -24,7 +24,12 @@ import pytest
 from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput
 from pyllumnix.control_plane.frontend.dispatch import Placement
 from pyllumnix.control_plane.frontend.requests import TrackedRequest
-from pyllumnix.control_plane.frontend.sink import ElectionLeader, OutputSinkServicer
+from pyllumnix.control_plane.frontend.sink import (
+    LOST_SCOPE_LISTED,
+    LOST_SCOPE_METADATA_KEY,
+    ElectionLeader,
+    OutputSinkServicer,
+)
 from pyllumnix.control_plane.frontend.tokenizer import SimTokenizer
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.authz import RoleInterceptor
@@ -94,12 +99,21 @@ class Stack:
     leader: list[str | None]
 
     async def push(
-        self, role: str, id: str, instance_id: str, *outputs: common_pb2.RequestOutput
+        self,
+        role: str,
+        id: str,
+        instance_id: str,
+        *outputs: common_pb2.RequestOutput,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> frontend_pb2.PushOutputsResponse:
         async with secure_channel(self.sink_address, self.pki.paths(role, id)) as channel:
             reply: frontend_pb2.PushOutputsResponse = await frontend_pb2_grpc.OutputSinkServiceStub(
                 channel
-            ).PushOutputs(frontend_pb2.PushOutputsRequest(instance_id=instance_id, outputs=outputs), timeout=DEADLINE)
+            ).PushOutputs(
+                frontend_pb2.PushOutputsRequest(instance_id=instance_id, outputs=outputs),
+                timeout=DEADLINE,
+                metadata=metadata,
+            )
             return reply
 
     async def hand_over(self, id: str, request_id: str, capability: str, new: str) -> str:
@@ -298,6 +312,22 @@ async def test_a_lost_instance_notice_ends_every_request_the_instance_holds_list
     await stack.push("scheduler", "s0", "i-1", out("r-other", 1, [], "", finish=ERROR, error=lost))
     assert (await collect(stay))[1:] == (ERROR, lost)
     assert (await collect(other))[1:] == (ERROR, lost)
+
+
+async def test_a_listed_only_notice_spares_the_requests_a_new_process_holds_under_the_same_id(stack: Stack) -> None:
+    """review9 F1: a new process re-registered under i-1 and got a request; the leader's notice about the OLD process
+    (marked listed-only) ends the listed request only (before: every request held by i-1, r-new included)."""
+    old, old_cap = await submit(stack, "r-old")
+    await stack.push("llumlet", "i-1", "i-1", out("r-old", 0, [7], old_cap))
+    new, new_cap = await submit(stack, "r-new")
+    await stack.push("llumlet", "i-1", "i-1", out("r-new", 0, [5], new_cap))
+    lost = "instance i-1 was lost (it restarted (a new process re-registered under its id)); the request failed"
+    listed = ((LOST_SCOPE_METADATA_KEY, LOST_SCOPE_LISTED),)
+    await stack.push("scheduler", "s0", "i-1", out("r-old", 1, [], "", finish=ERROR, error=lost), metadata=listed)
+    assert (await collect(old))[1:] == (ERROR, lost)
+    assert not new.finished, "r-new lives on the new process i-1"
+    await stack.push("llumlet", "i-1", "i-1", out("r-new", 1, [6], new_cap, finish=LENGTH))
+    assert await collect(new) == ([5, 6], LENGTH, "")
 
 
 async def test_only_the_scheduler_leader_may_declare_an_instance_lost(stack: Stack) -> None:

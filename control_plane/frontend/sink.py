@@ -13,7 +13,9 @@ Who may push what (checked per output, from the caller's certificate identity, o
   possibly empty. The notice is about the instance: every request this frontend's ledger has that instance as the
   current holder of ends with the lost-instance error, listed or not (the leader's last load snapshot may predate a
   request's arrival there). Any other scheduler certificate (a follower, a deposed leader) is refused
-  PERMISSION_DENIED, as is every scheduler push on a sink that cannot tell the leader;
+  PERMISSION_DENIED, as is every scheduler push on a sink that cannot tell the leader. A notice the leader marks
+  listed-only (``LOST_SCOPE_METADATA_KEY`` = ``LOST_SCOPE_LISTED``: a new process re-registered under the id, and
+  requests placed on it are held by the same id) ends only the listed requests that id still holds;
 - nobody else (the role table says the same; this holds also where no RoleInterceptor is installed).
 
 A plaintext connection exists only on a frontend started with ``--insecure`` (a TLS server has no plaintext port):
@@ -45,6 +47,21 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "llumnix.v1.OutputSinkService"
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+
+
+# Call metadata on the leader's lost-instance notice: its scope. "listed": end only the listed requests (the id lives
+# on in a new process); absent or "instance": end every request the instance holds.
+LOST_SCOPE_METADATA_KEY = "llumnix-lost-scope"
+LOST_SCOPE_LISTED = "listed"
+LOST_SCOPE_INSTANCE = "instance"
+
+
+def lost_scope(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    """The scope a lost-instance notice's metadata names (``LOST_SCOPE_INSTANCE`` when it names none)."""
+    for key, value in metadata or ():
+        if key == LOST_SCOPE_METADATA_KEY:
+            return value.decode() if isinstance(value, bytes) else value
+    return LOST_SCOPE_INSTANCE
 
 
 def _holder_error_notice(out: common_pb2.RequestOutput) -> bool:
@@ -296,7 +313,8 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
             accepted.append(out)
         error = accepted[0].error if accepted and accepted[0].error else lost_error(request.instance_id)
         skip = [out.request_id for out in accepted]
-        ended = self.tracker.end_held_by(request.instance_id, error, skip) if request.instance_id else []
+        every = request.instance_id and lost_scope(context.invocation_metadata()) != LOST_SCOPE_LISTED
+        ended = self.tracker.end_held_by(request.instance_id, error, skip) if every else []
         if ended:
             log.warning("instance %s lost: ended the %d request(s) it held: %s", request.instance_id, len(ended), ended)
         if request.outputs and not accepted and not ended:

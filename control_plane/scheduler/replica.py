@@ -33,6 +33,7 @@ import grpc
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import DecodeError
 
+from pyllumnix.control_plane.frontend.sink import LOST_SCOPE_INSTANCE, LOST_SCOPE_LISTED, LOST_SCOPE_METADATA_KEY
 from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_target
 from pyllumnix.control_plane.policy.core import PolicyCore
 from pyllumnix.control_plane.policy.freeness import dispatch_freeness
@@ -941,13 +942,18 @@ class SchedulerReplica:
         FRONTEND_MEMORY_S, gets the notice, listing nothing if need be. A frontend ends every request it has held by
         the instance, listed or not: only it knows them all (one migrated in after the last report is in no snapshot;
         a leader elected after the instance died has none). Not every frontend for an id that a new process took
-        over already (``_instance_registered``): there a request just placed on the new process is held by the same
-        id, and only the listed ones' frontends are told, as before."""
+        over already (``_instance_registered``, or during the ``learning`` wait): there a request just placed on the
+        new process is held by the same id, so only the listed ones' frontends are told, and the notice is marked
+        listed-only (the sink then ends only those)."""
         learning = self._term_began + self.cluster.quiet_stale_after - time.monotonic()
         if every_frontend and learning > 0:
             # A new leader knows the frontends from load reports only: within this window every live instance (a
             # quiet one too) has sent it one, naming the frontends of the requests it holds.
             await asyncio.sleep(learning)
+            if instance_id in self.cluster.infos:
+                # A new process registered under the id during the wait (``_watch_grace`` had let go of it, so
+                # ``_instance_registered`` found nothing to cancel): requests placed on it are held by the same id.
+                every_frontend = False
         if not self.is_leader:
             return
         now = time.monotonic()
@@ -980,6 +986,8 @@ class SchedulerReplica:
         if every_frontend:
             for address in self._frontends:
                 by_frontend.setdefault(address, [])
+        # The sink ends every request the id holds unless told the notice is about the listed ones only.
+        scope = ((LOST_SCOPE_METADATA_KEY, LOST_SCOPE_INSTANCE if every_frontend else LOST_SCOPE_LISTED),)
         for address, outputs in by_frontend.items():
             try:
                 self.require_leader()  # it may have stepped down during an earlier push: the next leader reports them
@@ -991,6 +999,7 @@ class SchedulerReplica:
                     await frontend_pb2_grpc.OutputSinkServiceStub(channel).PushOutputs(
                         frontend_pb2.PushOutputsRequest(instance_id=instance_id, outputs=outputs),
                         timeout=LLUMLET_CALL_TIMEOUT_S,
+                        metadata=scope,
                     )
                 self.requests_failed += len(outputs)
             except grpc.aio.AioRpcError as exc:
