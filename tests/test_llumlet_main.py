@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
+from typing import Any
 
 import click
+import grpc
 import pytest
 from click.testing import CliRunner
 
 from pyllumnix.data_plane.llumlet import main
-from pyllumnix.data_plane.llumlet.main import LlumletOptions, llumlet_command
+from pyllumnix.data_plane.llumlet.main import LlumletOptions, llumlet_command, run_llumlet
+from pyllumnix.data_plane.llumlet.registration import InstanceRegistration
 from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
+from pyllumnix.infra import grpc_server
+from pyllumnix.infra.etcd.errors import EtcdUnavailableError
 from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.fencing import term_metadata
+from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
 
 @pytest.mark.parametrize(
@@ -178,3 +187,53 @@ def test_a_llumlet_that_cannot_reach_etcd_at_start_exits_with_one_line() -> None
     assert f"llumlet: etcd unavailable: lease_grant failed on every endpoint [127.0.0.1:{port}]" in run.stderr
     for noise in ("Traceback", "Event loop is closed", "never awaited"):
         assert noise not in run.stderr, run.stderr
+
+
+async def test_orders_sent_while_the_llumlet_registers_meet_the_fence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review9 F2 (attack 9 B3 at start): with --etcd, the server served before registration, and the fence's
+    ``leader_of`` (and the MigrateOut registry check) were set only after it: an order with a made-up term 2^62 sent
+    while etcd was slow was admitted (OK), and that term then outranked the real leader's for good. Now both are in
+    place when the server starts, so the term must be proven in etcd, which cannot answer here: UNAVAILABLE.
+
+    The whole ``run_llumlet``, against an etcd port that refuses connections; the order is sent from inside the
+    registration (as a slow etcd would leave it pending), which then fails, so the llumlet exits 1."""
+    at_start: dict[str, Any] = {}
+    real_start_server = grpc_server.start_server
+
+    async def recording_start_server(bindings: Sequence[Any], host: str, port: int) -> Any:
+        servicer = bindings[0][1]
+        at_start["leader_of"], at_start["registry"] = servicer.fence.leader_of, servicer.registry
+        server = await real_start_server(bindings, host, port)
+        at_start["port"] = server.port
+        return server
+
+    real_etcd_client = runtime.etcd_client
+    monkeypatch.setattr(main, "start_server", recording_start_server)
+    # a short retry budget: the proof's etcd read fails in 0.5 s instead of 2.5 s
+    monkeypatch.setattr(runtime, "etcd_client", lambda e: real_etcd_client(e, call_timeout=0.2, retry_budget=0.5))
+    answers: list[grpc.StatusCode] = []
+
+    async def an_order_arrives_while_registering(self: InstanceRegistration) -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{at_start['port']}") as channel:
+            stub = llumlet_pb2_grpc.LlumletServiceStub(channel)
+            try:
+                await stub.SetInstanceState(
+                    llumlet_pb2.SetInstanceStateRequest(state=common_pb2.INSTANCE_STATE_ACTIVE),
+                    metadata=term_metadata(2**62),
+                    timeout=20,
+                )
+                answers.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                answers.append(exc.code())
+        raise EtcdUnavailableError("lease_grant", [self.client.endpoints[0]], 0.0, "refused (test)")
+
+    monkeypatch.setattr(InstanceRegistration, "start", an_order_arrives_while_registering)
+    with socket.socket() as closed:  # bound, never listening: connections are refused while the test holds it
+        closed.bind(("127.0.0.1", 0))
+        etcd = f"127.0.0.1:{closed.getsockname()[1]}"
+        opts = LlumletOptions(
+            instance_id="fenced-1", etcd=[etcd], profile="tiny", payload=False, transport="tcp", metrics_port=-1
+        )
+        assert await asyncio.wait_for(run_llumlet(opts), 60) == 1
+    assert answers == [grpc.StatusCode.UNAVAILABLE], "a made-up term was admitted before the fence could prove it"
+    assert at_start["leader_of"] is not None and at_start["registry"] is not None

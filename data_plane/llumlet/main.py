@@ -41,6 +41,7 @@ from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
 from pyllumnix.infra import tracing
 from pyllumnix.infra.cli_types import FiniteFloatRange
 from pyllumnix.infra.etcd.errors import EtcdError
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.grpc_server import WILDCARD_HOSTS, advertised_address, advertised_host, start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
@@ -243,7 +244,23 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     transport = make_transport(kind, **transport_opts)
     data_plane_address = await transport.start()
     coordinator = MigrationCoordinator(llumlet, transport, opts.migration)
-    servicer = LlumletServicer(llumlet, coordinator, opts.load_interval_ms)
+    layout = KeyLayout(opts.cluster)
+    client = None
+    registry = None
+    leaders = None
+    if opts.etcd:
+        from pyllumnix.infra.etcd.election import Election
+        from pyllumnix.infra.etcd.registry import InstanceRegistry
+
+        # The fence and the registry check are in place before the server serves its first order (review9 F2):
+        # set after registration, a made-up term sent while etcd was slow was admitted and then outranked the real
+        # leader's for good (attack 9 B3 at start), and MigrateOut destinations went unchecked meanwhile.
+        client = runtime.etcd_client(opts.etcd)
+        # MigrateOut sends only to registered instances at their registered address (#13).
+        registry = registry_resolver(InstanceRegistry(client, layout))
+        # A new leader term is admitted only once the election in etcd proves it is the caller's (attack 9 B3).
+        leaders = election_leader(Election(client, layout.election_prefix()))
+    servicer = LlumletServicer(llumlet, coordinator, opts.load_interval_ms, registry=registry, leaders=leaders)
     server = await start_server(
         [(llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, servicer, SERVICE_NAME)], opts.host, opts.port
     )
@@ -281,17 +298,11 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         block_bytes=engine.block_bytes,
     )
     registration = None
-    client = None
     background: list[asyncio.Task[None]] = []
-    if opts.etcd:
+    if client is not None:
         from pyllumnix.data_plane.llumlet.registration import InstanceRegistration
         from pyllumnix.data_plane.llumlet.reporter import LoadReporter
-        from pyllumnix.infra.etcd.election import Election
-        from pyllumnix.infra.etcd.keys import KeyLayout
-        from pyllumnix.infra.etcd.registry import InstanceRegistry
 
-        client = runtime.etcd_client(opts.etcd)
-        layout = KeyLayout(opts.cluster)
         registration = InstanceRegistration(client, layout, instance_id, info.SerializeToString(), opts.lease_ttl)
         try:
             await registration.start()
@@ -301,10 +312,6 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
             click.echo(f"llumlet: {exc}", err=True)
             await _shut_down(llumlet, coordinator, server, transport, metrics_server, registration, client)
             return 1
-        # MigrateOut sends only to registered instances at their registered address (#13).
-        servicer.registry = registry_resolver(InstanceRegistry(client, layout))
-        # A new leader term is admitted only once the election in etcd proves it is the caller's (attack 9 B3).
-        servicer.fence.leader_of = election_leader(Election(client, layout.election_prefix()))
         reporter = LoadReporter(llumlet, client, layout, opts.load_interval_ms / 1000)
         reporter.start()
     loop = asyncio.get_running_loop()
