@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+import grpc
+
 from pyllumnix.control_plane.frontend.sink import LOST_SCOPE_INSTANCE, LOST_SCOPE_LISTED, lost_scope
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
@@ -512,6 +514,46 @@ async def test_an_id_re_registered_during_a_new_leaders_wait_gets_a_listed_only_
         assert sink.notices[1:] == [("i-3", [])] and sink.scopes[1:] == [LOST_SCOPE_INSTANCE]
     finally:
         await replica._stop_leader_tasks()
+        await server.stop(None)
+
+
+class SlowLeaderReadSink(NoticeSink):
+    """Refuses its first notices as a frontend whose etcd read of the leader failed does (UNAVAILABLE)."""
+
+    def __init__(self, refusals: int) -> None:
+        super().__init__()
+        self.refusals = refusals
+        self.attempts = 0
+        self.on_refusal: Callable[[], None] | None = None
+
+    async def PushOutputs(
+        self, request: frontend_pb2.PushOutputsRequest, context: Any
+    ) -> frontend_pb2.PushOutputsResponse:
+        self.attempts += 1
+        if self.attempts <= self.refusals:
+            if self.on_refusal is not None:
+                self.on_refusal()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "cannot tell the scheduler leader now: etcd slow")
+        return await super().PushOutputs(request, context)
+
+
+async def test_a_notice_the_frontend_could_not_take_is_resent() -> None:
+    """review9 F3: the frontend's sink reads the leader from etcd before taking a notice; when that read fails it
+    answers UNAVAILABLE, and the leader resends the notice (before: logged once and dropped, so the lost instance's
+    requests waited for the frontend's idle timeout). A replica that stepped down stops resending."""
+    replica, election = make_replica(("i-2",), [])
+    replica.leadership = cast(Any, election.leadership)
+    sink = SlowLeaderReadSink(refusals=2)  # type: ignore[abstract]
+    server = await serve_sink(cast(Any, sink))
+    try:
+        await replica._fail_requests("i-1", serving_load("i-1", server.address, "r-1"), "its process is gone")
+        assert sink.notices == [("i-1", ["r-1"])] and sink.attempts == 3
+        assert replica.requests_failed == 1
+        sink.refusals, sink.attempts = 10, 0
+        sink.on_refusal = election.leadership.step_down
+        await replica._fail_requests("i-3", serving_load("i-3", server.address, "r-3"), "its process is gone")
+        assert sink.notices == [("i-1", ["r-1"])] and sink.attempts == 1, "no longer the leader: not resent"
+    finally:
         await server.stop(None)
 
 

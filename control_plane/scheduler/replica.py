@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import DecodeError
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from pyllumnix.control_plane.frontend.sink import LOST_SCOPE_INSTANCE, LOST_SCOPE_LISTED, LOST_SCOPE_METADATA_KEY
 from pyllumnix.control_plane.policy.config import PolicyConfig, check_scale_target
@@ -68,6 +69,12 @@ log = logging.getLogger(__name__)
 
 LLUMLET_CALL_TIMEOUT_S = 2.0
 MIGRATE_WAIT_TIMEOUT_S = 60.0
+# A lost-instance notice: the frontend's sink reads the election from etcd before taking it (its client may spend up to
+# its 2.5 s retry budget when etcd is slow), so one attempt gets more than that, and a failed push (the frontend could
+# not read the leader, or timed out) is retried this long: a notice lost here is resent by nobody.
+LOST_NOTICE_TIMEOUT_S = 5.0
+LOST_NOTICE_RETRY_S = 12.0
+_NOTICE_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Load messages of one instance in a row that came later than the dispatch staleness bound before the leader warns: a
 # llumlet whose cadence is too slow for the cluster's does so on every idle period, a one-off stall only once.
 LATE_LOAD_MESSAGES_WARN = 2
@@ -988,22 +995,54 @@ class SchedulerReplica:
                 by_frontend.setdefault(address, [])
         # The sink ends every request the id holds unless told the notice is about the listed ones only.
         scope = ((LOST_SCOPE_METADATA_KEY, LOST_SCOPE_INSTANCE if every_frontend else LOST_SCOPE_LISTED),)
+        retry: list[tuple[str, frontend_pb2.PushOutputsRequest]] = []
         for address, outputs in by_frontend.items():
             try:
                 self.require_leader()  # it may have stepped down during an earlier push: the next leader reports them
             except NotLeaderError:
                 log.info("not reporting instance %s's requests to %s: no longer the leader", instance_id, address)
                 return
+            notice = frontend_pb2.PushOutputsRequest(instance_id=instance_id, outputs=outputs)
             try:
-                async with open_channel(address) as channel:
-                    await frontend_pb2_grpc.OutputSinkServiceStub(channel).PushOutputs(
-                        frontend_pb2.PushOutputsRequest(instance_id=instance_id, outputs=outputs),
-                        timeout=LLUMLET_CALL_TIMEOUT_S,
-                        metadata=scope,
-                    )
-                self.requests_failed += len(outputs)
+                await self._push_notice(address, notice, scope)
             except grpc.aio.AioRpcError as exc:
-                log.warning("could not tell frontend %s about lost requests: %s", address, exc.code().name)
+                if exc.code() in _NOTICE_RETRY_CODES:
+                    retry.append((address, notice))  # after the others: one slow frontend must not hold them up
+                else:
+                    log.warning("could not tell frontend %s about lost requests: %s", address, exc.code().name)
+        if retry:
+            await asyncio.gather(*(self._retry_notice(address, notice, scope) for address, notice in retry))
+
+    async def _push_notice(
+        self, address: str, notice: frontend_pb2.PushOutputsRequest, scope: tuple[tuple[str, str], ...]
+    ) -> None:
+        async with open_channel(address) as channel:
+            await frontend_pb2_grpc.OutputSinkServiceStub(channel).PushOutputs(
+                notice, timeout=LOST_NOTICE_TIMEOUT_S, metadata=scope
+            )
+        self.requests_failed += len(notice.outputs)
+
+    async def _retry_notice(
+        self, address: str, notice: frontend_pb2.PushOutputsRequest, scope: tuple[tuple[str, str], ...]
+    ) -> None:
+        """Resends a notice the frontend could not take (UNAVAILABLE: it could not read the leader from etcd now;
+        DEADLINE_EXCEEDED), while this replica leads, for up to LOST_NOTICE_RETRY_S."""
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_delay(LOST_NOTICE_RETRY_S),
+                wait=wait_exponential(multiplier=0.2, max=2.0),
+                retry=retry_if_exception(
+                    lambda exc: isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _NOTICE_RETRY_CODES
+                ),
+                reraise=True,
+            ):
+                with attempt:
+                    self.require_leader()
+                    await self._push_notice(address, notice, scope)
+        except NotLeaderError:
+            log.info("not reporting instance %s's requests to %s: no longer the leader", notice.instance_id, address)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not tell frontend %s about lost requests: %s", address, exc.code().name)
 
     # ------------------------------------------------------------------ admin operations (leader)
     def known(self, instance_id: str) -> None:
