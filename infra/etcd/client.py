@@ -172,6 +172,20 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, grpc.aio.AioRpcError) and exc.code() in TRANSIENT_CODES
 
 
+# etcd's refusal of a request stamped with an auth-store revision that changed before it applied (a user or role was
+# added meanwhile: under serve's etcd auth, every certificate issued). The request had no effect, so it is retried
+# on the same endpoint, as etcd's own client does.
+STALE_AUTH_DETAILS = ("revision in header is old", "revision of auth store is old")
+
+
+def is_stale_auth(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.aio.AioRpcError) and any(d in (exc.details() or "") for d in STALE_AUTH_DETAILS)
+
+
+def is_retried(exc: BaseException) -> bool:
+    return is_transient(exc) or is_stale_auth(exc)
+
+
 def raise_if_cancelling(exc: BaseException) -> None:
     """Restores a cancellation that grpc reported as AioRpcError(CANCELLED) instead of CancelledError.
 
@@ -292,7 +306,7 @@ class EtcdClient:
             async for attempt in AsyncRetrying(
                 stop=stop_after_delay(self.retry_budget),
                 wait=wait_exponential(multiplier=0.02, max=0.25),
-                retry=retry_if_exception(is_transient),
+                retry=retry_if_exception(is_retried),
                 reraise=True,
             ):
                 with attempt:
