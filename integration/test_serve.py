@@ -27,6 +27,7 @@ import pytest
 from integration.cluster import leader_of, set_harness_pki
 from pyllumnix.clients import LlumnixClient
 from pyllumnix.clients.client import tls_from_context
+from pyllumnix.infra.security.bootstrap import RBAC_FILE
 from pyllumnix.infra.security.context import ClientContext, load_context
 from pyllumnix.infra.security.runtime import open_local_pki
 from pyllumnix.tools.launch import Component, Launcher
@@ -53,10 +54,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Component]:
         timeout=120,
         env={"LLUMNIX_INSECURE": ""},  # secure, the default: PKI, TLS etcd, API keys, the client context file
     )
+    rbac = Path(serve.ready["tls_dir"]) / RBAC_FILE
+    assert rbac.exists(), "serve turned etcd auth on"
     try:
         yield serve
     finally:
         assert serve.terminate(30) == 0, serve.log()[-2000:]
+    # Its etcd is gone: a certificate issued later from this folder must not wait on that etcd's users (review 9 F8).
+    assert not rbac.exists()
 
 
 def context() -> ClientContext:

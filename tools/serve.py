@@ -678,6 +678,9 @@ class Supervisor:
                     log.info("stopped %s (pid %d): %s", child.name, child.comp.pid, child.last_exit)
         self.reap_adopted()
         self._stop_adopted()
+        if self.pki is not None and self.etcd is not None:
+            # The embedded etcd is gone: a certificate issued later from this folder must not wait on its users.
+            self.pki.rbac_path.unlink(missing_ok=True)
         self.ignore_late_signals()
         self.state = "stopped"
         with contextlib.suppress(OSError):
