@@ -10,11 +10,15 @@ A term is a number the caller writes, so a receiver that can read etcd raises it
 name the caller (its certificate id) as its replica. Otherwise any scheduler certificate (a follower's) could send
 one order with a made-up huge term and lock the real leader out for good. Each new term costs one etcd read (the
 proven term and its replica are kept); while etcd cannot answer, a new term is refused (UNAVAILABLE, the leader
-retries) and the terms already proven keep working.
+retries) and the terms already proven keep working. Proof reads run one at a time, and the orders that arrive during
+one share the next (review9): a new leader's first orders, or a stream of made-up terms, cost at most one read in
+flight per receiver, not one each; the shared read starts after every order it answers arrived, so it sees any
+election key written before they were sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable
 
 from pyllumnix.infra.etcd.errors import EtcdError
@@ -81,7 +85,10 @@ class TermFence:
         self.highest_seen = highest_seen
         self.leader_of = leader_of
         self._proven: dict[int, str] = {}  # term -> the replica etcd named as its leader
-        self.reads = 0  # etcd reads made to prove terms
+        self.reads = 0  # etcd reads made to prove terms (started)
+        self._reading = asyncio.Lock()  # one proof read at a time (FIFO: waiters share the next one)
+        self._read_done = 0  # the number of the last read that finished (answer or EtcdError)
+        self._last_read: tuple[int, str] | EtcdError | None = None  # what that read gave
 
     def admit(self, term: int | None) -> int:
         self.highest_seen = check_term(term, self.highest_seen)
@@ -96,11 +103,9 @@ class TermFence:
             return self.admit(term)
         holder = self._proven.get(term)
         if holder is None:
-            self.reads += 1
-            try:
-                leader = await self.leader_of()
-            except EtcdError as exc:
-                raise TermUnverifiableError(f"leader term {term} cannot be checked now: {exc}") from exc
+            leader = await self._read_leader(self.leader_of, term)
+            if isinstance(leader, EtcdError):
+                raise TermUnverifiableError(f"leader term {term} cannot be checked now: {leader}") from leader
             if leader is None or leader[0] != term:
                 named = f"term {leader[0]} of {leader[1] or '?'}" if leader is not None else "no leader"
                 raise UnprovenTermError(f"leader term {term} is not the current leader's (etcd names {named})")
@@ -111,3 +116,22 @@ class TermFence:
         if caller_id is not None and holder != caller_id:
             raise UnprovenTermError(f"leader term {term} is {holder}'s, not {caller_id}'s")
         return self.admit(term)
+
+    async def _read_leader(self, leader_of: LeaderOf, term: int) -> tuple[int, str] | EtcdError | None:
+        """The current leader from a read that started after this call did: the one a waiter ahead of it in the
+        queue made, or its own (a read already in flight at arrival may predate the caller's election key); or
+        ``term`` with its replica when a read made meanwhile proved it."""
+        wanted = self.reads + 1  # the first read that starts from now on
+        async with self._reading:
+            if term in self._proven:
+                return term, self._proven[term]
+            if self._read_done >= wanted:
+                return self._last_read
+            self.reads += 1
+            number = self.reads
+            try:
+                self._last_read = await leader_of()
+            except EtcdError as exc:
+                self._last_read = exc
+            self._read_done = number
+            return self._last_read
