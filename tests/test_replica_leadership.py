@@ -8,6 +8,7 @@ servers. Every wait is on an event with a deadline, never a bare sleep that a sl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import time
@@ -286,6 +287,58 @@ async def test_manual_scale_drains_an_instance_once_until_it_confirms() -> None:
         assert replica.report(active_load(iid, seq=2))
     await replica._converge_to_target()
     assert len(log) == 1  # the old count took the report's ACTIVE over the order and drained again
+
+
+def refuse_orders(replica: SchedulerReplica, instance_id: str, log: list[str]) -> None:
+    """That llumlet refuses state orders as one that cannot prove the leader's term in its etcd now does."""
+
+    async def refuse(request: Any, *, timeout: float, metadata: Any) -> llumlet_pb2.SetInstanceStateResponse:
+        log.append(f"refused {instance_id}")
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="leader term cannot be checked",
+        )
+
+    cast(Any, replica._llumlet(instance_id)).SetInstanceState = refuse
+
+
+async def test_one_refused_drain_does_not_end_the_scaling_pass() -> None:
+    """review9 F5: the automatic pass drains a and b and starts one; a refuses its order. b is still drained and the
+    instance started, and the loop runs on (before: the refusal ended the pass and restarted the loop, and its
+    warm-up)."""
+    log: list[str] = []
+    replica, election = make_replica(("a", "b"), log)
+    replica.leadership = cast(Any, election.leadership)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    replica.core.reconfigure(dataclasses.replace(replica.core.config, enable_scaling=True))
+    replica.core.scale = lambda snapshot, starting_count=0: ScalingDecision(start=1, drain=("a", "b"))  # type: ignore[method-assign]
+    refuse_orders(replica, "a", log)
+    loop = asyncio.create_task(replica._scaling_loop())
+    try:
+        await wait_until(lambda: log.count("start 1") >= 2)  # a second pass of the same loop
+        assert not loop.done()
+        assert log[:3] == ["refused a", f"state b {common_pb2.INSTANCE_STATE_DRAINING}", "start 1"]
+    finally:
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
+
+
+async def test_one_refused_drain_does_not_end_a_manual_scale_pass() -> None:
+    """review9 F5 (manual target): target 1 of three: the first drain is refused, the second is still ordered."""
+    log: list[str] = []
+    replica, election = make_replica(("a", "b", "c"), log)
+    replica.leadership = cast(Any, election.leadership)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    for iid in ("a", "b", "c"):
+        assert replica.report(active_load(iid))
+    replica.scale_target = 1
+    for iid in ("a", "b", "c"):
+        refuse_orders(replica, iid, log)
+    await replica._converge_to_target()
+    assert len(log) == 2 and all(entry.startswith("refused ") for entry in log), "both drains were ordered"
 
 
 async def test_automatic_scaling_counts_an_instance_between_its_registration_and_its_first_load_report() -> None:

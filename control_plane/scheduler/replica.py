@@ -793,9 +793,9 @@ class SchedulerReplica:
             starting = count_starting(snapshot, self.cluster.infos, [*self.provider.starting(), *self.vanished])
             decision = self.core.scale(snapshot, starting)
             for iid in decision.cancel_drain:
-                await self.set_instance_state(iid, InstanceState.ACTIVE)
+                await self._scaling_order(iid, InstanceState.ACTIVE)
             for iid in decision.drain:
-                await self.set_instance_state(iid, InstanceState.DRAINING)
+                await self._scaling_order(iid, InstanceState.DRAINING)
             if decision.start:
                 log.info("scaling up by %d (cluster freeness %.1f)", decision.start, decision.cluster_freeness)
                 await self._start_instances(decision.start)
@@ -820,7 +820,16 @@ class SchedulerReplica:
         if plan.start:
             await self._start_instances(plan.start)
         for iid in plan.drain:
-            await self.set_instance_state(iid, InstanceState.DRAINING)
+            await self._scaling_order(iid, InstanceState.DRAINING)
+
+    async def _scaling_order(self, instance_id: str, state: InstanceState) -> None:
+        """One state order of a scaling pass. A llumlet's refusal (e.g. it cannot prove the new leader's term in its
+        etcd right after a failover) is logged and left to the next pass: it must not end the pass for the other
+        instances, nor restart the scaling loop (which would restart its warm-up). A lost term still ends the pass."""
+        try:
+            await self.set_instance_state(instance_id, state)
+        except SchedulingError as exc:
+            log.warning("scaling: could not set %s %s (next pass retries): %s", instance_id, state.name, exc)
 
     def _registered_states(self) -> dict[str, InstanceState | None]:
         """Each registered instance's state as this leader knows it: the state it ordered and the llumlet has not
