@@ -417,7 +417,7 @@ class NoticeSink(frontend_pb2_grpc.OutputSinkServiceServicer):
 
     def __init__(self) -> None:
         self.notices: list[tuple[str, list[str]]] = []
-        self.scopes: list[str] = []  # each notice's scope metadata (what the frontend's sink reads)
+        self.scopes: list[str | None] = []  # each notice's scope metadata (what the frontend's sink reads)
         self.got = asyncio.Event()
 
     async def PushOutputs(

@@ -25,6 +25,7 @@ from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput
 from pyllumnix.control_plane.frontend.dispatch import Placement
 from pyllumnix.control_plane.frontend.requests import TrackedRequest
 from pyllumnix.control_plane.frontend.sink import (
+    LOST_SCOPE_INSTANCE,
     LOST_SCOPE_LISTED,
     LOST_SCOPE_METADATA_KEY,
     ElectionLeader,
@@ -328,6 +329,38 @@ async def test_a_listed_only_notice_spares_the_requests_a_new_process_holds_unde
     assert not new.finished, "r-new lives on the new process i-1"
     await stack.push("llumlet", "i-1", "i-1", out("r-new", 1, [6], new_cap, finish=LENGTH))
     assert await collect(new) == ([5, 6], LENGTH, "")
+
+
+async def test_a_plaintext_notice_marked_instance_wide_ends_every_request_the_instance_holds(stack: Stack) -> None:
+    """review9 F4: on an --insecure cluster the leader's notice (marked "instance") ends the requests the lost
+    instance holds, listed or not, as on TLS (before: only the listed ones; an unlisted one waited for the idle
+    timeout). A plaintext push without the mark (a llumlet's) ends nothing it does not list."""
+    listed, listed_cap = await submit(stack, "r-listed")
+    unlisted, unlisted_cap = await submit(stack, "r-unlisted")
+    await stack.push(
+        "llumlet", "i-1", "i-1", out("r-listed", 0, [7], listed_cap), out("r-unlisted", 0, [9], unlisted_cap)
+    )
+    plain = grpc.aio.server()
+    frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server(stack.sink, plain)
+    address = f"127.0.0.1:{plain.add_insecure_port('127.0.0.1:0')}"
+    await plain.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            sink = frontend_pb2_grpc.OutputSinkServiceStub(channel)
+            await sink.PushOutputs(frontend_pb2.PushOutputsRequest(instance_id="i-1"), timeout=DEADLINE)
+            assert [r.finished for r in (listed, unlisted)] == [False, False], "no scope: not the leader's notice"
+            lost = "instance i-1 was lost (its process is gone); the request failed"
+            notice = out("r-listed", 1, [], "", finish=ERROR, error=lost)
+            await sink.PushOutputs(
+                frontend_pb2.PushOutputsRequest(instance_id="i-1", outputs=[notice]),
+                timeout=DEADLINE,
+                metadata=((LOST_SCOPE_METADATA_KEY, LOST_SCOPE_INSTANCE),),
+            )
+        assert unlisted.finished, "ended on the notice itself, not by the idle timeout"
+        assert await collect(unlisted) == ([9], ERROR, lost)
+        assert await collect(listed) == ([7], ERROR, lost)
+    finally:
+        await plain.stop(None)
 
 
 async def test_only_the_scheduler_leader_may_declare_an_instance_lost(stack: Stack) -> None:

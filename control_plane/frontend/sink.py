@@ -15,7 +15,8 @@ Who may push what (checked per output, from the caller's certificate identity, o
   request's arrival there). Any other scheduler certificate (a follower, a deposed leader) is refused
   PERMISSION_DENIED, as is every scheduler push on a sink that cannot tell the leader. A notice the leader marks
   listed-only (``LOST_SCOPE_METADATA_KEY`` = ``LOST_SCOPE_LISTED``: a new process re-registered under the id, and
-  requests placed on it are held by the same id) ends only the listed requests that id still holds;
+  requests placed on it are held by the same id) ends only the listed requests that id still holds; one marked
+  ``LOST_SCOPE_INSTANCE`` ends every request the instance holds on a plaintext connection too;
 - nobody else (the role table says the same; this holds also where no RoleInterceptor is installed).
 
 A plaintext connection exists only on a frontend started with ``--insecure`` (a TLS server has no plaintext port):
@@ -50,18 +51,20 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 # Call metadata on the leader's lost-instance notice: its scope. "listed": end only the listed requests (the id lives
-# on in a new process); absent or "instance": end every request the instance holds.
+# on in a new process); "instance": end every request the instance holds. A leader's notice without it (an older
+# scheduler) counts as "instance" on a TLS connection; a plaintext push ends unlisted requests only when marked
+# "instance" (a llumlet's own pushes carry no scope).
 LOST_SCOPE_METADATA_KEY = "llumnix-lost-scope"
 LOST_SCOPE_LISTED = "listed"
 LOST_SCOPE_INSTANCE = "instance"
 
 
-def lost_scope(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    """The scope a lost-instance notice's metadata names (``LOST_SCOPE_INSTANCE`` when it names none)."""
+def lost_scope(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The scope a lost-instance notice's metadata names, None when it names none."""
     for key, value in metadata or ():
         if key == LOST_SCOPE_METADATA_KEY:
             return value.decode() if isinstance(value, bytes) else value
-    return LOST_SCOPE_INSTANCE
+    return None
 
 
 def _holder_error_notice(out: common_pb2.RequestOutput) -> bool:
@@ -222,6 +225,10 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
                 await self._refuse(context, f"caller {caller.role} {caller.id} may not push outputs")
         else:
             outputs, refused = self._current_incarnations(outputs)
+            if request.instance_id and lost_scope(context.invocation_metadata()) == LOST_SCOPE_INSTANCE:
+                # The leader's lost-instance notice on an --insecure cluster (plaintext trusts its callers): as on
+                # TLS, every request the instance holds ends, listed or not.
+                self._end_held_by(request.instance_id, outputs)
         unknown = self.tracker.route(request.instance_id, outputs)
         return unknown + refused if refused else unknown
 
@@ -311,15 +318,20 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
                 log.info("lost-instance notice for %s ignored: held by %s", out.request_id, holders or "nobody")
                 continue
             accepted.append(out)
-        error = accepted[0].error if accepted and accepted[0].error else lost_error(request.instance_id)
-        skip = [out.request_id for out in accepted]
         every = request.instance_id and lost_scope(context.invocation_metadata()) != LOST_SCOPE_LISTED
-        ended = self.tracker.end_held_by(request.instance_id, error, skip) if every else []
-        if ended:
-            log.warning("instance %s lost: ended the %d request(s) it held: %s", request.instance_id, len(ended), ended)
+        ended = self._end_held_by(request.instance_id, accepted) if every else []
         if request.outputs and not accepted and not ended:
             await self._refuse(context, f"no request in this push is held by instance {request.instance_id!r}")
         return accepted
+
+    def _end_held_by(self, instance_id: str, listed: Sequence[common_pb2.RequestOutput]) -> list[str]:
+        """Ends every request the lost instance holds but the listed ones (routed next) with the leader's error text
+        (its first listed output's, else ``lost_error``); returns their ids."""
+        error = listed[0].error if listed and listed[0].error else lost_error(instance_id)
+        ended = self.tracker.end_held_by(instance_id, error, [out.request_id for out in listed])
+        if ended:
+            log.warning("instance %s lost: ended the %d request(s) it held: %s", instance_id, len(ended), ended)
+        return ended
 
     async def HandOver(
         self, request: frontend_pb2.HandOverRequest, context: grpc.aio.ServicerContext[Any, Any]
