@@ -315,6 +315,20 @@ async def test_a_lost_instance_notice_ends_every_request_the_instance_holds_list
     assert (await collect(other))[1:] == (ERROR, lost)
 
 
+async def test_a_request_handed_over_survives_a_notice_about_its_source(stack: Stack) -> None:
+    """review9 F7: the source committed a migration and handed the request over, then was lost before the
+    destination's first push; the notice (listing nothing) must not end the request the destination runs (before: it
+    ended with the lost-instance error while the destination kept decoding for nobody)."""
+    moving, cap1 = await submit(stack, "r-moving")
+    await stack.push("llumlet", "i-1", "i-1", out("r-moving", 0, [7], cap1))
+    cap2 = await stack.hand_over("i-1", "r-moving", cap1, "i-2")
+    await stack.push("scheduler", "s0", "i-1")  # "i-1 lost", listing nothing
+    assert not moving.finished
+    reply = await stack.push("llumlet", "i-2", "i-2", out("r-moving", 1, [8], cap2, instance_id="i-2", finish=LENGTH))
+    assert reply.unknown_request_ids == []
+    assert await collect(moving) == ([7, 8], LENGTH, "")
+
+
 async def test_a_listed_only_notice_spares_the_requests_a_new_process_holds_under_the_same_id(stack: Stack) -> None:
     """review9 F1: a new process re-registered under i-1 and got a request; the leader's notice about the OLD process
     (marked listed-only) ends the listed request only (before: every request held by i-1, r-new included)."""

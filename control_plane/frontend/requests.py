@@ -389,9 +389,15 @@ class HolderLedger:
         return held.current.holder_instance_id, held.pending.holder_instance_id
 
     def held_by(self, instance_id: str) -> list[str]:
-        """The requests ``instance_id`` holds now as their current holder (a hand-over it received but has not pushed
-        for yet does not count: the source may still finish the request)."""
-        return [rid for rid, held in self._held.items() if held.current.holder_instance_id == instance_id]
+        """The requests ``instance_id`` holds now as their current holder and has not handed over. A hand-over it
+        received but has not pushed for yet does not count (the source may still finish the request), nor does one it
+        gave: the destination runs the request now, and its first push makes it the holder; if that commit never
+        landed, the request's idle timeout ends it."""
+        return [
+            rid
+            for rid, held in self._held.items()
+            if held.current.holder_instance_id == instance_id and held.pending is None
+        ]
 
     def check(self, token: str, *, request_id: str, caller_instance_id: str) -> Capability:
         """Accepts an output of ``caller_instance_id`` for ``request_id``; StaleCapabilityError (a genuine but outdated
