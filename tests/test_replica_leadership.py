@@ -656,3 +656,42 @@ async def test_an_address_answered_by_another_instance_is_no_sign_of_life() -> N
         await replica._stop_leader_tasks()
         await other.stop(None)
         await sink_server.stop(None)
+
+
+async def test_a_new_leader_probes_a_recently_vanished_instance_more_than_once() -> None:
+    """review9 F6: an instance that left the registry 15 s before this term (past its 10 s grace) and whose port
+    accepts but does not answer (a stalled llumlet) is declared lost only after the probe rounds the old leader's
+    rule needs to see a sign of life, not on the new leader's first timed-out probe (before: one probe)."""
+    replica, _ = make_replica(("i-2",), [], **FAST_PROBES)
+    replica.cluster.quiet_stale_after = 0.2
+    sink = NoticeSink()  # type: ignore[abstract]
+    server = await serve_sink(cast(Any, sink))
+    slow = socket.socket()
+    slow.bind(("127.0.0.1", 0))
+    slow.listen(16)  # accepts, never answers
+    info = common_pb2.InstanceInfo(instance_id="i-1", grpc_address=f"127.0.0.1:{slow.getsockname()[1]}")
+    replica.cluster.upsert(info)
+    replica._instance_vanished("i-1")  # as a follower
+    replica._recently_vanished["i-1"] = (info, time.monotonic() - 15.0)
+    probes = 0
+    probe = replica._probe_instance
+
+    async def counted(gone: Any) -> bool:
+        nonlocal probes
+        probes += 1
+        return await probe(gone)
+
+    replica._probe_instance = counted  # type: ignore[method-assign]
+    lead = asyncio.create_task(replica._lead())
+    try:
+        await wait_until(lambda: replica.is_leader)
+        assert replica.report(serving_load("i-2", server.address, "r-on-2"))
+        await wait_until(lambda: "i-1" in replica.vanished)
+        await wait_until(lambda: "i-1" not in replica.vanished)
+        assert probes >= 2, f"declared lost after {probes} probe(s)"
+    finally:
+        lead.cancel()
+        await asyncio.gather(lead, return_exceptions=True)
+        await replica._stop_leader_tasks()
+        await server.stop(None)
+        slow.close()

@@ -881,12 +881,15 @@ class SchedulerReplica:
         (a live one that re-registers keeps its requests; a lost one already reported is reported again, harmlessly:
         its frontends ended those requests)."""
         now = time.monotonic()
+        # The grace counts from the departure, but this leader has probed nothing yet: it gets at least the probe
+        # rounds the old leader's rule needs to see a sign of life (review9 F6: one timed-out probe was the verdict).
+        window = self.timing.instance_probe_timeout + 2 * self.timing.instance_probe_interval
         for iid, (info, since) in list(self._recently_vanished.items()):
             if now - since > RECENTLY_VANISHED_S:
                 del self._recently_vanished[iid]
             elif iid not in self.cluster.infos:
                 log.info("instance %s left the registry %.1fs before this term; watching it", iid, now - since)
-                self._watch_vanished(info, None, since)
+                self._watch_vanished(info, None, max(since, now - self.timing.instance_grace + window))
 
     def _note_frontends(self, load: common_pb2.InstanceLoad, now: float) -> None:
         """Remembers the frontends of ``load``'s requests (see ``_fail_requests``)."""
