@@ -45,11 +45,11 @@ async def test_a_source_that_does_not_answer_aborts_the_order_and_is_named() -> 
     with pytest.raises(SchedulingError) as migrate:
         await replica.migrate_request("r1", "b")
     assert migrate.value.code == grpc.StatusCode.ABORTED
-    assert "instance a did not answer MigrateOut (UNAVAILABLE" in str(migrate.value)
+    assert "instance a could not carry out MigrateOut (UNAVAILABLE" in str(migrate.value)
     with pytest.raises(SchedulingError) as state:
         await replica.set_instance_state("a", InstanceState.CORDONED)
     assert state.value.code == grpc.StatusCode.ABORTED
-    assert "instance a did not answer SetInstanceState" in str(state.value)
+    assert "instance a could not carry out SetInstanceState" in str(state.value)
 
 
 class Refusing:

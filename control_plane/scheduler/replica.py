@@ -201,12 +201,13 @@ def _order_failed(instance_id: str, call: str, exc: grpc.aio.AioRpcError) -> Sch
     """The admin caller's error for an order the leader relayed to a llumlet.
 
     Why: the leader answered, so its caller must not read the llumlet's transport failure (UNAVAILABLE "Socket
-    closed") as "cannot reach the cluster"; a llumlet that did not answer aborts the order (ABORTED, naming the
-    instance). A llumlet's own refusal (a status it chose) passes through unchanged."""
+    closed") as "cannot reach the cluster"; a llumlet that did not answer, or could not act now (its leader-term
+    check unavailable), aborts the order (ABORTED, naming the instance). A llumlet's own refusal (a status it chose)
+    passes through unchanged."""
     details = exc.details() or exc.code().name
     if exc.code() in _NO_ANSWER:
         return SchedulingError(
-            grpc.StatusCode.ABORTED, f"instance {instance_id} did not answer {call} ({exc.code().name}: {details})"
+            grpc.StatusCode.ABORTED, f"instance {instance_id} could not carry out {call} ({exc.code().name}: {details})"
         )
     return SchedulingError(exc.code(), details)
 

@@ -156,7 +156,8 @@ class EtcdAuthAdmin:
             self._ctl("user", "grant-role", user, role)
 
     def ensure_component(self, user: str, grants: Sequence[Grant]) -> None:
-        """User ``user`` with a role of the same name holding exactly ``grants`` (more are never added)."""
+        """User ``user`` with a role of the same name holding ``grants``. Grants are only added, never revoked: a role
+        that exists already (a reused id, a folder an older serve set up) keeps what it had."""
         self._check_reachable()
         self._ctl("role", "add", user, tolerate=_EXISTS)
         for g in grants:
