@@ -237,3 +237,36 @@ async def test_orders_sent_while_the_llumlet_registers_meet_the_fence(monkeypatc
         assert await asyncio.wait_for(run_llumlet(opts), 60) == 1
     assert answers == [grpc.StatusCode.UNAVAILABLE], "a made-up term was admitted before the fence could prove it"
     assert at_start["leader_of"] is not None and at_start["registry"] is not None
+
+
+@pytest.mark.parametrize("taken", ["--port", "--metrics-port"])
+async def test_the_etcd_client_is_closed_when_the_llumlet_cannot_serve(
+    monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    """The etcd client is made before the gRPC server now (review9 F2); a port that is taken ends the start with the
+    bind error, and the client (its gRPC channel) is closed, not left open."""
+    made: list[Any] = []
+    real_etcd_client = runtime.etcd_client
+
+    def recording_etcd_client(endpoints: Sequence[str]) -> Any:
+        made.append(real_etcd_client(endpoints))
+        return made[-1]
+
+    monkeypatch.setattr(runtime, "etcd_client", recording_etcd_client)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        opts = LlumletOptions(
+            instance_id="unbound-1",
+            etcd=["127.0.0.1:2379"],
+            profile="tiny",
+            payload=False,
+            transport="tcp",
+            port=port if taken == "--port" else 0,
+            metrics_port=port if taken == "--metrics-port" else -1,
+        )
+        with pytest.raises((OSError, RuntimeError), match=r"bind|address"):  # grpc's bind error is a RuntimeError
+            await asyncio.wait_for(run_llumlet(opts), 60)
+    assert len(made) == 1
+    assert made[0]._closed, "the etcd client was left open"

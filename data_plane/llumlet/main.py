@@ -261,9 +261,14 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         # A new leader term is admitted only once the election in etcd proves it is the caller's (attack 9 B3).
         leaders = election_leader(Election(client, layout.election_prefix()))
     servicer = LlumletServicer(llumlet, coordinator, opts.load_interval_ms, registry=registry, leaders=leaders)
-    server = await start_server(
-        [(llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, servicer, SERVICE_NAME)], opts.host, opts.port
-    )
+    try:
+        server = await start_server(
+            [(llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, servicer, SERVICE_NAME)], opts.host, opts.port
+        )
+    except BaseException:
+        if client is not None:  # made before the server now (review9 F2): closed here when it cannot serve
+            await client.close()
+        raise
     advertise = advertised_host(opts.host, opts.advertise_host)
     grpc_address = advertised_address(opts.host, opts.advertise_host, server.port)
     metrics_server = None
@@ -279,7 +284,15 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
             late_adds_refused=lambda: servicer.late_adds_refused,
             report_failures=lambda: reporter.report_failures if reporter is not None else 0,
         )
-        metrics_server = await start_metrics_server(llumlet.metrics.registry, opts.host, opts.metrics_port, advertise)
+        try:
+            metrics_server = await start_metrics_server(
+                llumlet.metrics.registry, opts.host, opts.metrics_port, advertise
+            )
+        except BaseException:
+            await server.stop(0)
+            if client is not None:
+                await client.close()
+            raise
     coordinator.prewarm()
     llumlet.start()
     coordinator.start()
