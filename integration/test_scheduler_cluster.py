@@ -145,7 +145,10 @@ async def test_dispatch_migration_and_leader_failover(
     await wait_until(lambda: listed_at_leader(leader.leader_address, "l3", ["busy"]), 5, "a report listing busy")
     e_on = {f"e{i}": await submit(leader.leader_address, f"e{i}", sink.server.address, 32, 64) for i in range(3)}
     placed = Counter(e_on.values())
-    assert placed == {"l0": 1, "l1": 1, "l2": 1}, placed
+    # The busy instance gets none and the three spread. Not necessarily one per idle instance: on a loaded host (a
+    # CI run, the shared etcd on TLS since d0ab9eb) an idle instance's report can lag and the leader then leaves it
+    # out for a moment (seen once in CI: l0 2, l2 1).
+    assert "l3" not in placed and max(placed.values()) <= 2, placed
 
     # 2. an overloaded instance (requests added behind the scheduler's back) sheds requests by migration
     overloaded = llumlets[0]
