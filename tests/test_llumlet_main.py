@@ -63,7 +63,7 @@ def test_stall_timeout_and_output_heartbeat_reach_the_llumlet_settings(monkeypat
         return 0
 
     monkeypatch.setattr(main, "run_llumlet", fake_run)
-    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: runtime.INSECURE)
     result = CliRunner().invoke(llumlet_command, ["--insecure", "--stall-timeout", "2.5", "--output-heartbeat", "3"])
     assert result.exit_code == 0, result.output
     given = seen[-1]
@@ -94,7 +94,7 @@ def test_a_small_total_blocks_starts_with_a_lowered_max_model_len() -> None:
 def test_an_impossible_sim_engine_is_a_usage_error_not_a_traceback(
     monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
 ) -> None:
-    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: runtime.INSECURE)
     result = CliRunner().invoke(llumlet_command, ["--insecure", "--no-payload", *args])
     assert result.exit_code == 2, (result.output, result.exception)
     assert message in result.output
@@ -109,7 +109,7 @@ def test_stream_interval_reaches_the_llumlet_options(monkeypatch: pytest.MonkeyP
         return 0
 
     monkeypatch.setattr(main, "run_llumlet", fake_run)
-    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: runtime.INSECURE)
     result = CliRunner().invoke(llumlet_command, ["--insecure", "--stream-interval", "1"])
     assert result.exit_code == 0, result.output
     assert seen[-1].stream_interval == 1
@@ -151,7 +151,7 @@ def test_ucx_transport_keeps_an_ipv4_host(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_llumlet_cli_with_ucx_on_an_ipv6_host_exits_with_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI: exit 2 with one line naming both options, no traceback (the engine is built before the transport)."""
-    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runtime, "configure_from_cli", lambda *args, **kwargs: runtime.INSECURE)
     result = CliRunner().invoke(
         llumlet_command, ["--insecure", "--no-payload", "--host", "::1", "--port", "0", "--transport", "ucx"]
     )
@@ -270,3 +270,29 @@ async def test_the_etcd_client_is_closed_when_the_llumlet_cannot_serve(
             await asyncio.wait_for(run_llumlet(opts), 60)
     assert len(made) == 1
     assert made[0]._closed, "the etcd client was left open"
+
+
+def test_the_instance_id_is_the_certificates(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A llumlet given its certificate with --ca/--cert/--key runs under the certificate's id (peers know it by its
+    certificate: a destination serves only the source its caller's certificate names), and refuses an --instance-id
+    that differs, as the scheduler refuses a --replica-id (it used to run under any id it was given)."""
+    from pyllumnix.infra.security.bootstrap import bootstrap_local
+
+    paths = bootstrap_local(tmp_path / "pki", "c1").ensure("llumlet", "i-7")
+    seen: list[str] = []
+
+    async def fake_run(opts: LlumletOptions, stop: object = None) -> int:
+        seen.append(opts.instance_id)
+        return 0
+
+    monkeypatch.setattr(main, "run_llumlet", fake_run)
+    monkeypatch.setitem(runtime._state, "current", runtime.current())  # configure_from_cli sets the process's
+    tls = ["--ca", str(paths.ca), "--cert", str(paths.cert), "--key", str(paths.key), "--profile", "tiny"]
+    result = CliRunner().invoke(llumlet_command, tls)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert seen == ["i-7"]
+    assert CliRunner().invoke(llumlet_command, [*tls, "--instance-id", "i-7"]).exit_code == 0
+    refused = CliRunner().invoke(llumlet_command, [*tls, "--instance-id", "i-8"])
+    assert refused.exit_code == 2 and "--instance-id i-8 is not the certificate's id 'i-7'" in refused.output
+    assert refused.exception is not None and not isinstance(refused.exception, AssertionError)
+    assert seen == ["i-7", "i-7"]

@@ -376,7 +376,11 @@ async def _shut_down(
 
 
 @click.command("llumlet")
-@click.option("--instance-id", default="", help="Unique id (default: llumlet-<random>).")
+@click.option(
+    "--instance-id",
+    default="",
+    help="Unique id; with a certificate, its id (the default then; without one: llumlet-<random>).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="gRPC bind host.")
 @click.option("--port", default=0, show_default=True, help="gRPC port (0: any free port).")
 @click.option("--advertise-host", default="", help="Host others use to reach this llumlet (default: --host).")
@@ -540,8 +544,10 @@ def llumlet_command(
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    given = instance_id
     instance_id = instance_id or f"llumlet-{uuid.uuid4().hex[:8]}"
-    runtime.configure_from_cli("llumlet", instance_id, security, [host, advertise_host])
+    settings = runtime.configure_from_cli("llumlet", instance_id, security, [host, advertise_host])
+    instance_id = runtime.component_id(settings, given, instance_id, "--instance-id")
     opts = LlumletOptions(
         instance_id=instance_id,
         host=host,

@@ -188,6 +188,23 @@ def from_options(
     )
 
 
+def component_id(settings: SecuritySettings, given: str, chosen: str, option: str) -> str:
+    """This component's id: its certificate's. ``given`` is what ``option`` said ("" when absent), ``chosen`` the id
+    the flags led to (``given`` or a generated default). A given id other than the certificate's is a usage error (exit
+    2): peers know a component by its certificate (llumlets admit a leader's orders only from the certificate its
+    election entry names, a destination serves only the source its caller's certificate names), so a process running
+    under another id than its certificate's would be refused, or worse, impersonate the id it runs under. With no id
+    given, the certificate's is taken."""
+    import click
+
+    identity = settings.identity
+    if identity is None or identity.id == chosen:
+        return chosen
+    if given:
+        raise click.UsageError(f"{option} {given} is not the certificate's id {identity.id!r}")
+    return identity.id
+
+
 def _checked_identity(cert: Path, role: str) -> Identity:
     identity = identity_of(cert)
     if identity.role != role:
