@@ -33,11 +33,31 @@ ServiceBinding = tuple[Callable[[Any, grpc.aio.Server], None], Any, str]
 # authenticating (attack 9 B8); the KV data plane's TLS handshake timeout is 10 s too.
 HANDSHAKE_TIMEOUT_MS = 10_000
 
+# An authenticated connection with no call open for this long is closed (GOAWAY; the client's channel reconnects at
+# its next call): without it, gRPC core holds a connection that carries nothing for ever, so a peer, or a crashed
+# one's half-open socket, pinned server resources without limit. A connection with an open stream (the output push
+# stream, load report streams, watches) is not idle however long the stream lasts.
+MAX_CONNECTION_IDLE_MS = 300_000
+# A connection with an open stream whose peer vanished (host gone, no FIN) is found by the server's own pings: one
+# every KEEPALIVE_TIME_MS while a call is open, the connection closed when the answer takes KEEPALIVE_TIMEOUT_MS.
+KEEPALIVE_TIME_MS = 60_000
+KEEPALIVE_TIMEOUT_MS = 20_000
+# Clients' pings: our channels send none (gRPC's default); a client may ping during calls at most every 10 s, and not
+# at all on a connection without calls (pinging must not keep an idle connection busy); past 2 strikes gRPC closes
+# the connection (ENHANCE_YOUR_CALM).
+MIN_RECV_PING_INTERVAL_MS = 10_000
+
 DEFAULT_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.so_reuseport", 0),
     ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+    ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", MIN_RECV_PING_INTERVAL_MS),
+    ("grpc.http2.max_ping_strikes", 2),
 )
 
 

@@ -19,16 +19,18 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pyllumnix.control_plane.frontend.service import server_options
 from pyllumnix.infra.grpc_server import (
     DEFAULT_OPTIONS,
     HANDSHAKE_TIMEOUT_MS,
+    MAX_CONNECTION_IDLE_MS,
     RunningServer,
     host_port,
     start_server,
 )
 from pyllumnix.infra.security.authz import guard_handler
 from pyllumnix.infra.security.bootstrap import bootstrap_local
-from pyllumnix.infra.security.runtime import from_options, open_channel
+from pyllumnix.infra.security.runtime import INSECURE, from_options, open_channel
 from pyllumnix.protos.llumnix.v1 import frontend_pb2, frontend_pb2_grpc
 
 
@@ -169,5 +171,39 @@ async def test_a_silent_connection_is_closed_after_the_handshake_timeout(tmp_pat
         async with open_channel(server.address, settings=settings) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(None)
+
+
+async def test_an_idle_connection_is_closed_and_an_open_stream_keeps_its_connection() -> None:
+    """An authenticated connection with no call open used to be held for ever (gRPC core has no idle limit): every
+    server now closes one idle for ``grpc.max_connection_idle_ms`` (5 min; 0.5 s here). A connection carrying an
+    open stream (output pushes, load reports and watches are such streams) is not idle, however long it lasts."""
+    assert dict(DEFAULT_OPTIONS)["grpc.max_connection_idle_ms"] == MAX_CONNECTION_IDLE_MS
+    assert dict(DEFAULT_OPTIONS)["grpc.keepalive_permit_without_calls"] == 0
+    assert ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS) in server_options(1 << 20)  # the frontend's ports
+    options = [(k, 500 if k == "grpc.max_connection_idle_ms" else v) for k, v in DEFAULT_OPTIONS]
+    server = await start_server([], options=options, security=INSECURE)
+    try:
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await asyncio.wait_for(watch.read(), 10)).status == health_pb2.HealthCheckResponse.SERVING
+            await asyncio.sleep(2.0)  # four idle timeouts with the stream open
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            await server.set_serving("", False)
+            update = await asyncio.wait_for(watch.read(), 10)
+            assert update.status == health_pb2.HealthCheckResponse.NOT_SERVING, "the open stream was cut"
+            watch.cancel()
+            # no call open now: the server says GOAWAY after 0.5 s and the channel goes idle (it would reconnect)
+            deadline = time.monotonic() + 10
+            state = channel.get_state()
+            while state == grpc.ChannelConnectivity.READY and time.monotonic() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(channel.wait_for_state_change(state), deadline - time.monotonic())
+                state = channel.get_state()
+            assert state != grpc.ChannelConnectivity.READY, "an idle connection was held open"
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)  # the next call reconnects
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         await server.stop(None)
