@@ -563,3 +563,26 @@ async def test_election_leader_reads_the_term_and_replica_of_the_leader_key() ->
     assert await election_leader(FakeElection(LeaderInfo(b"/e/1", value, 77, 5)))() == (77, "s0")
     assert await election_leader(FakeElection(LeaderInfo(b"/e/1", b"\xff\xff", 78, 5)))() == (78, "")
     assert await election_leader(FakeElection(None))() is None
+
+
+async def test_a_registry_that_cannot_be_read_answers_unavailable(node: Node) -> None:
+    """MigrateOut checks its destination in the registry (etcd); when etcd cannot answer, the order is refused with
+    UNAVAILABLE naming what failed (the leader retries it at its next pass), not grpc's UNKNOWN 'Unexpected
+    <class EtcdUnavailableError>', which reads as a fault of the llumlet."""
+    await add_victim(node)
+    await until(lambda: len(node.sink.tokens("victim")) >= 2, "the victim to run")
+
+    async def unreadable(instance_id: str) -> str | None:
+        raise EtcdUnavailableError("range", ["127.0.0.1:1"], 0.1, "connection refused")
+
+    node.servicer.registry = unreadable
+    steal = llumlet_pb2.MigrateOutRequest(
+        destination_instance_id="i-2", destination_grpc_address=node.fake_address, request_id="victim", wait=True
+    )
+    await refused(
+        node.call("scheduler", "s0", "MigrateOut", steal, metadata=term_metadata(7)),
+        grpc.StatusCode.UNAVAILABLE,
+        "MigrateOut: cannot check destination 'i-2' in the registry",
+        "127.0.0.1:1",
+    )
+    await assert_victim_untouched(node)

@@ -49,6 +49,7 @@ from pyllumnix.data_plane.llumlet.late_adds import (
 )
 from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llumlet, QueueFullError, RequestOwner
 from pyllumnix.infra import wire
+from pyllumnix.infra.etcd.errors import EtcdError
 from pyllumnix.infra.security.authz import authenticated_caller, is_plaintext
 from pyllumnix.infra.security.ca import Identity
 from pyllumnix.infra.security.fencing import (
@@ -242,7 +243,12 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
             self._warn_once("registry", "MigrateOut destinations are not checked: this llumlet has no registry")
             return
         dst = request.destination_instance_id
-        registered = await self.registry(dst) if dst else None
+        try:
+            registered = await self.registry(dst) if dst else None
+        except EtcdError as exc:  # the leader retries at its next pass; UNKNOWN would read as a fault of this llumlet
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"MigrateOut: cannot check destination {dst!r} in the registry: {exc}"
+            )
         if registered is None:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, f"MigrateOut: destination {dst!r} is not a registered instance"
