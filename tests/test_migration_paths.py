@@ -877,3 +877,45 @@ async def test_recording_sink_shows_a_pushed_duplicate(sink: RecordingSink) -> N
         )
     assert sink.tokens("d") == [5, 6, 7]
     assert sink.raw_indices("d") == [0, 1, 1, 2] != list(range(len(sink.tokens("d"))))
+
+
+async def test_a_forwarded_abort_follows_the_request_through_a_second_migration(sink: RecordingSink) -> None:
+    """The client's abort lands on A while the commit A->B is in flight, and A's forward of it to B is slow; meanwhile
+    B migrates the request on to C. The forward reaches B, which no longer holds the request: B passes it on to C,
+    naming its own migration, and the request ends there (ABORT, every block free on all three). Before, B answered
+    NOT_FOUND and the request ran on to its last token on C with nobody waiting for it."""
+    a, b, c = await make_node("a"), await make_node("b"), await make_node("c")
+    gate = HeldAborts()
+    stub_for = a.coordinator._stub
+    a.coordinator._stub = lambda address: gate.wrap(stub_for(address))  # type: ignore[method-assign]
+
+    async def client_abort() -> None:
+        await a.stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id="r"))
+
+    a.coordinator.hooks = hooks = Hooks({("before_commit", 1): client_abort})
+    try:
+        await a.stub.AddRequest(request("r", sink, 20, 400))  # 2 blocks: stage 0 is the stop-and-copy stage
+        await wait_tokens(sink, "r", 1)
+        reply = await a.stub.MigrateOut(migrate(a, b, "r", wait=False))
+        assert len(reply.migration_ids) == 1
+        await asyncio.wait_for(gate.held.wait(), 20)  # committed on B; the forward of the client's abort is held
+        hooks.assert_all_ran()
+        await until(lambda: engine_phase(b, "r") == "RUNNING", "the request to run on B")
+        onward = (await b.stub.MigrateOut(migrate(b, c, "r"))).results[0]
+        assert onward.outcome == OUTCOME.MIGRATION_OUTCOME_COMMITTED, onward.reason
+        assert engine_phase(b, "r") == "gone" and engine_phase(c, "r") == "RUNNING"
+        gate.release.set()
+        await until(lambda: len(gate.answers) == 1, "B to answer the forwarded abort")
+        assert gate.answers == [grpc.StatusCode.OK], "B passed the abort on to C, which ended the request"
+        outs = await sink.wait("r")
+        assert outs[-1].finish_reason == common_pb2.FINISH_REASON_ABORT, outs[-1].error
+        assert outs[-1].instance_id == "c", "the abort ended the request where it lives after two migrations"
+        assert 0 < len(sink.tokens("r")) < 400
+        assert_stream_exact(sink, "r")
+        await settle(a, b, c)
+        assert (a.free, b.free, c.free) == (a.engine.total_blocks, b.engine.total_blocks, c.engine.total_blocks)
+    finally:
+        gate.release.set()
+        await a.close()
+        await b.close()
+        await c.close()

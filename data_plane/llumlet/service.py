@@ -18,7 +18,8 @@ plaintext connection, which only a llumlet started with ``--insecure`` has):
 
 A forwarded abort names its migration (``llumnix-migration-id`` metadata) on any connection, plaintext included, and
 ends only the request that migration installed here: it may arrive after that request ended and its client reused the
-id (NOT_FOUND then, and the later request runs on).
+id (NOT_FOUND then, and the later request runs on). If that request left again by a later migration before the
+abort came, the abort follows it, naming that migration (``PassedOn``), however many hops on.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol, TypeVar
 
 import grpc
@@ -73,6 +75,8 @@ MIN_STREAM_INTERVAL_MS = 5
 MAX_STREAMS_PER_CALLER = 4
 
 MIGRATION_METADATA_KEY = "llumnix-migration-id"
+# Deadline of a forwarded abort passed on along a chain of migrations (the caller's remaining time, if shorter).
+FORWARD_ABORT_TIMEOUT_S = 2.0
 
 
 def forwarded_abort_metadata(migration_id: str) -> tuple[tuple[str, str], ...]:
@@ -152,6 +156,19 @@ def election_leader(election: Any) -> LeaderOf:
     return leader_of
 
 
+@dataclass(frozen=True)
+class PassedOn:
+    """A request that came here by a migration from ``source`` and left again by migration ``onward`` to the llumlet
+    at ``address`` (at ``time.monotonic()`` ``at``): the source's abort, forwarded late (the client aborted while that
+    first commit was in flight, and the forward was overtaken by the second migration), goes on along the chain,
+    naming ``onward``, instead of being lost (the request would run on to its end with nobody waiting)."""
+
+    source: str
+    onward: str
+    address: str
+    at: float
+
+
 class MigrationHandler(Protocol):
     """The migration coordinator's gRPC-facing side (source and destination roles)."""
 
@@ -160,6 +177,8 @@ class MigrationHandler(Protocol):
     def incoming_from(self, source_instance_id: str) -> list[str]: ...
     def migrated_from(self, request_id: str) -> str | None: ...
     def incarnation(self, request_id: str, migration_id: str) -> RequestOwner | None: ...
+    def passed_on(self, request_id: str, migration_id: str) -> PassedOn | None: ...
+    async def forward_abort(self, request_id: str, hop: PassedOn, timeout: float) -> None: ...
 
     async def migrate_out(self, request: llumlet_pb2.MigrateOutRequest) -> llumlet_pb2.MigrateOutResponse: ...
     async def pre_allocate(self, request: llumlet_pb2.PreAllocateRequest) -> llumlet_pb2.PreAllocateResponse: ...
@@ -293,20 +312,42 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         if migration_id:
             incarnation = self.migration.incarnation(request_id, migration_id) if self.migration is not None else None
             if incarnation is None:
-                await context.abort(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"AbortRequest: the request {request_id!r} that migration {migration_id} brought to "
-                    f"{self.llumlet.instance_id} is no longer here (a later request with that id is not this abort's)",
-                )
+                await self._pass_abort_on(context, request_id, migration_id)
+                return llumlet_pb2.AbortRequestResponse()
         try:
             await self.llumlet.abort_request(request_id, incarnation=incarnation)
         except EngineError as exc:
-            if isinstance(exc, UnknownRequestError) and request_id and not migration_id:
+            if isinstance(exc, UnknownRequestError) and migration_id:
+                # It migrated on between the check above and the engine lock: the abort follows it.
+                await self._pass_abort_on(context, request_id, migration_id)
+                return llumlet_pb2.AbortRequestResponse()
+            if isinstance(exc, UnknownRequestError) and request_id:
                 # It may not have arrived yet (the AddRequest overtaken by this abort): its add must not happen. (A
                 # forwarded abort is for a request already here: it plants nothing.)
                 self.tombstones.add(request_id)
             await abort_with(context, exc)
         return llumlet_pb2.AbortRequestResponse()
+
+    async def _pass_abort_on(self, context: grpc.aio.ServicerContext[Any, Any], request_id: str, mid: str) -> None:
+        """A forwarded abort of a request migration ``mid`` brought here, which is no longer here: if it went on by
+        a later migration, the abort follows it there (naming that one), so a client's abort that raced two
+        migrations in a row still ends the request and frees its blocks; NOT_FOUND if it ended here (a later request
+        with that id is not this abort's). The next llumlet's answer is this call's."""
+        hop = self.migration.passed_on(request_id, mid) if self.migration is not None else None
+        if hop is None or self.migration is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"AbortRequest: the request {request_id!r} that migration {mid} brought to "
+                f"{self.llumlet.instance_id} is no longer here (a later request with that id is not this abort's)",
+            )
+            return
+        remaining = context.time_remaining()
+        timeout = FORWARD_ABORT_TIMEOUT_S if remaining is None else min(FORWARD_ABORT_TIMEOUT_S, remaining)
+        log.info("abort of %s (migration %s) passed on to %s (migration %s)", request_id, mid, hop.address, hop.onward)
+        try:
+            await self.migration.forward_abort(request_id, hop, timeout)
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), f"AbortRequest passed on to {hop.address}: {exc.details()}")
 
     async def _forwarded_abort(
         self, context: grpc.aio.ServicerContext[Any, Any], caller: Identity, request_id: str, migration_id: str
@@ -315,6 +356,9 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         coordinator's ForwardAbort), naming the migration; any other request id is none of its business, and an
         abort naming no migration could hit a later request of the same id: PERMISSION_DENIED."""
         source = self.migration.migrated_from(request_id) if self.migration is not None else None
+        if source != caller.id and migration_id and self.migration is not None:
+            hop = self.migration.passed_on(request_id, migration_id)  # it came from the caller and went on
+            source = hop.source if hop is not None else source
         if source != caller.id:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,

@@ -37,7 +37,7 @@ from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
-from pyllumnix.data_plane.llumlet.service import MigrationError, forwarded_abort_metadata
+from pyllumnix.data_plane.llumlet.service import MigrationError, PassedOn, forwarded_abort_metadata
 from pyllumnix.data_plane.llumlet.views import request_views
 from pyllumnix.data_plane.transport.base import Transport, TransportError
 from pyllumnix.data_plane.transport.fusion import (
@@ -56,6 +56,9 @@ from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
 log = logging.getLogger(__name__)
 
 CONTROL_TIMEOUT_S = 2.0
+# Seconds a llumlet remembers where a request it had migrated in went on to (``PassedOn``): a source's forwarded abort
+# is one CONTROL_TIMEOUT_S call, so it arrives well within this, or never.
+PASSED_ON_KEEP_S = 60.0
 # Seconds ``close`` waits for cancelled migrations to settle (their shielded AbortMigration to the peer).
 CLOSE_WAIT_S = 5.0
 
@@ -122,6 +125,8 @@ class _Outgoing:
     stub: llumlet_pb2_grpc.LlumletServiceStub
     result: llumlet_pb2.MigrationResult
     frontend: str
+    # The destination's LlumletService address (where a late forwarded abort goes on to, see ``PassedOn``).
+    address: str = ""
     state: MigrationState | None = None
     stage_dst: list[int] = field(default_factory=list)
     dst_ids: list[int] = field(default_factory=list)
@@ -195,6 +200,8 @@ class MigrationCoordinator:
         # instance (``migrated_from``), naming the migration (``incarnation``). Keyed to the owner object, so a later
         # incarnation of the id is not covered.
         self._migrated_in: dict[str, tuple[str, str, RequestOwner]] = {}
+        # (request id, the migration that brought it here) -> where it went on to, kept PASSED_ON_KEEP_S.
+        self._passed_on: dict[tuple[str, str], PassedOn] = {}
         # max_out and max_in: the machines take a slot when they start and give it back when they end.
         self._out_slots = ev.Slots(self.settings.max_out)
         self._in_slots = ev.Slots(self.settings.max_in)
@@ -288,6 +295,35 @@ class MigrationCoordinator:
             return None
         _, mid, owner = self._migrated_in[request_id]
         return owner if mid == migration_id else None
+
+    def passed_on(self, request_id: str, migration_id: str) -> PassedOn | None:
+        """Where the request migration ``migration_id`` brought here went on to by a later migration (None: it did
+        not leave by migration, or that was more than PASSED_ON_KEEP_S ago)."""
+        hop = self._passed_on.get((request_id, migration_id))
+        if hop is not None and time.monotonic() - hop.at > PASSED_ON_KEEP_S:
+            del self._passed_on[(request_id, migration_id)]
+            return None
+        return hop
+
+    def _note_passed_on(self, request_id: str, owner: RequestOwner | None, onward: str, address: str) -> None:
+        """Called under the engine lock as a committed migration releases the request here, in the same critical
+        section as the owner entry goes, so an abort naming the inbound migration finds either the request or this."""
+        entry = self._migrated_in.get(request_id)
+        if owner is None or entry is None or entry[2] is not owner:
+            return  # it had not come here by migration: its frontend's and its source's aborts went elsewhere
+        del self._migrated_in[request_id]
+        now = time.monotonic()
+        self._passed_on = {k: h for k, h in self._passed_on.items() if now - h.at <= PASSED_ON_KEEP_S}
+        self._passed_on[(request_id, entry[1])] = PassedOn(entry[0], onward, address, now)
+
+    async def forward_abort(self, request_id: str, hop: PassedOn, timeout: float) -> None:
+        """Passes a forwarded abort on to where the request went (naming that migration, so it ends only that
+        incarnation there); raises grpc.aio.AioRpcError with the next llumlet's answer."""
+        await self._stub(hop.address).AbortRequest(
+            llumlet_pb2.AbortRequestRequest(request_id=request_id),
+            metadata=forwarded_abort_metadata(hop.onward),
+            timeout=timeout,
+        )
 
     @property
     def busy(self) -> bool:
@@ -405,6 +441,7 @@ class MigrationCoordinator:
             self._stub(dst_address),
             result,
             owner.frontend_address if owner else "",
+            dst_address,
         )
         if owner is not None and owner.trace is not None:
             out.span = tracing.start_span(
@@ -503,7 +540,7 @@ class MigrationCoordinator:
         elif isinstance(action, ev.Release):
             async with self.llumlet.engine_lock:
                 engine.release_suspended(rid)
-                self.llumlet.owners.pop(rid, None)
+                self._note_passed_on(rid, self.llumlet.owners.pop(rid, None), mid, out.address)
             self.llumlet.stats.migrations_out += 1
             self.llumlet.wake()
         elif isinstance(action, ev.AbortHere):
