@@ -96,6 +96,14 @@ async def test_each_role_does_its_job_and_nothing_more(etcd: EmbeddedEtcd, pki: 
         await frontend.get_prefix(LAYOUT.election_prefix())  # whether a lost-instance notice is the leader's
         await denied(frontend.put(LAYOUT.apikeys_prefix + "x", b"{}"))
         await denied(frontend.put(LAYOUT.instance_key("i0"), b"x"))
+        lease = await Lease.grant(frontend, 5)  # its registration, for the leader's lost-instance notices
+        try:
+            await frontend.put(LAYOUT.frontend_key("f0", "127.0.0.1:9"), b"127.0.0.1:9", lease=lease.id)
+            await denied(frontend.put(LAYOUT.frontend_key("f1", "127.0.0.1:9"), b"127.0.0.1:9"))
+            listed = await scheduler.get_prefix(LAYOUT.frontends_prefix)
+            assert [kv.value for kv in listed.kvs] == [b"127.0.0.1:9"]
+        finally:
+            await lease.revoke()
 
         await scheduler.put(LAYOUT.election_prefix() + "abc", b"scheduler s0")
         await scheduler.delete(LAYOUT.election_prefix() + "abc")

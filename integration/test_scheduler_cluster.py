@@ -24,7 +24,9 @@ from integration.cluster import add_request, client_tls, dial, etcd_urls, get_lo
 from integration.procs import Component, Processes
 from pyllumnix.clients import AsyncLlumnixClient, DeadlineExceededError, LlumnixError
 from pyllumnix.clients.channel import TlsConfig
+from pyllumnix.infra.etcd.client import EtcdClient
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -202,6 +204,50 @@ def start_frontend(procs: Processes, etcd: EmbeddedEtcd, cluster: str, scheduler
         *("--scheduler", ",".join(s.address for s in schedulers), "--http-port", "0"),
         *("--model", "tiny", "--max-model-len", "512"),
     )
+
+
+async def test_a_frontend_the_leader_never_saw_is_told_about_a_lost_instance(
+    etcd1: EmbeddedEtcd, procs: Processes, etcd_cluster_name: str, etcd_client: EtcdClient
+) -> None:
+    """A frontend's request runs on l0 when the leader and l0 die together: the standby leads, no load report of its
+    term ever named the frontend (l0 never reported to it), yet the frontend is told (it registered in etcd under its
+    lease), and the request ends with the lost-instance error within seconds. Before, the leader told only frontends
+    it had seen in load reports: the request waited for the frontend's 30 s idle timeout and ended "timed out"."""
+    schedulers, llumlets = start_cluster(procs, etcd1, etcd_cluster_name, 1)
+    leader = await leader_of([s.address for s in schedulers])
+    await wait_reporting(leader.leader_address, 1)
+    fe = start_frontend(procs, etcd1, etcd_cluster_name, schedulers)
+    layout = KeyLayout(etcd_cluster_name)
+
+    async def registered() -> list[bytes]:
+        return [kv.value for kv in (await etcd_client.get_prefix(layout.frontends_prefix)).kvs]
+
+    assert await wait_until(registered, 10, "the frontend's registration") == [fe.ready["sink_address"].encode()]
+    old = next(s for s in schedulers if s.address == leader.leader_address)
+    standby = next(s for s in schedulers if s is not old)
+    tls = await client_tls(etcd_urls(etcd1), etcd_cluster_name)
+    prompt = [(7 * i) % 200 + 1 for i in range(24)]
+    async with AsyncLlumnixClient(frontend_endpoints=fe.address, timeout=10, tls=tls) as client:
+        stream = client.generate(prompt, max_tokens=400, ignore_eos=True, timeout=60)
+        first = await anext(stream)
+        assert first.instance_id == "l0" and not first.finished
+        old.kill()
+        llumlets[0].kill()
+        t0 = time.monotonic()
+
+        async def drain() -> None:
+            async for _ in stream:
+                pass
+
+        with pytest.raises(LlumnixError) as failed:
+            await asyncio.wait_for(drain(), 20)
+        took = time.monotonic() - t0
+    assert "instance l0 was lost" in str(failed.value), failed.value
+    assert (await leader_of([standby.address])).leader_id == standby.name
+    print(f"lost-instance error at a frontend the new leader never saw in a report: {took:.1f} s after the kill")
+    assert took < 12, f"the request ended {took:.1f} s after the kill"
+    assert fe.terminate(30) == 0
+    assert await registered() == [], "a frontend that stops revokes its lease: its key goes with it"
 
 
 async def failover_under_load(fe: Component, old: Component, standby: Component, tls: TlsConfig | None) -> str:

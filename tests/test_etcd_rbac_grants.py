@@ -36,6 +36,17 @@ def test_llumlet_writes_only_its_own_registry_key() -> None:
     assert writes("llumlet", "i0") == [Grant("readwrite", "/llumnix/c/instances/i0")]
 
 
+def test_a_frontend_writes_only_its_own_ids_frontend_keys_and_the_scheduler_reads_them() -> None:
+    """The leader tells every registered frontend about a lost instance: a frontend registers its sink under its own
+    id (one key per process), which nobody else may write; schedulers read them all."""
+    assert writes("frontend", "f1") == [Grant("readwrite", "/llumnix/c/frontends/f1/", prefix=True)]
+    assert LAYOUT.frontend_key("f1", "127.0.0.1:5").startswith(writes("frontend", "f1")[0].key)
+    assert not LAYOUT.frontend_key("f10", "127.0.0.1:5").startswith(writes("frontend", "f1")[0].key)
+    for role in ("llumlet", "scheduler", "admin", "client"):
+        assert not any(g.key.startswith(LAYOUT.frontends_prefix) for g in writes(role, "f1")), role
+    assert Grant("read", LAYOUT.frontends_prefix, prefix=True) in grants_for("scheduler", "s0", LAYOUT)
+
+
 def test_only_admin_writes_api_keys_and_the_apikeys_prefix_matches_the_store() -> None:
     assert LAYOUT.apikeys_prefix == apikeys_prefix(LAYOUT)
     for role in ("llumlet", "scheduler", "frontend", "client", "etcd"):

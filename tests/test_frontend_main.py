@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 import pytest
@@ -12,7 +13,12 @@ from click.testing import CliRunner
 from pyllumnix.control_plane.frontend.main import FrontendOptions, frontend_command, run_frontend
 
 
-async def test_run_frontend_serves_and_stops(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_run_frontend_serves_and_stops(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without --etcd it serves, and says once at start what it goes without (no registration: lost-instance notices
+    only once a load report named it; no registry bypass)."""
+    caplog.set_level(logging.WARNING, logger="pyllumnix.control_plane.frontend.main")
     stop = asyncio.Event()
     opts = FrontendOptions(schedulers=["127.0.0.1:1"], http_port=0, model="m", max_model_len=64, dispatch_timeout=0.2)
     task = asyncio.create_task(run_frontend(opts, stop))
@@ -37,6 +43,8 @@ async def test_run_frontend_serves_and_stops(capsys: pytest.CaptureFixture[str])
             assert resp.status == 503 and "scheduler leader" in reason and "bypass" in reason
     stop.set()
     assert await asyncio.wait_for(task, 10) == 0
+    warned = [r.getMessage() for r in caplog.records if "no --etcd" in r.getMessage()]
+    assert len(warned) == 1 and "lost instance" in warned[0] and "registry" in warned[0], warned
 
 
 def test_command_needs_somewhere_to_dispatch() -> None:

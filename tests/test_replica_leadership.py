@@ -22,7 +22,9 @@ from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.scaling import ScalingDecision
 from pyllumnix.control_plane.scheduler.replica import ReplicaTiming, SchedulerReplica
+from pyllumnix.infra.etcd.client import KeyValue
 from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.etcd.watch import EventType, WatchEvent
 from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
 
@@ -443,6 +445,37 @@ def serving_load(instance_id: str, frontend_address: str, *rids: str) -> common_
 
 
 FAST_PROBES = {"instance_probe_interval": 0.05, "instance_probe_timeout": 0.5}
+
+
+def frontend_kv(layout: KeyLayout, frontend_id: str, address: str) -> KeyValue:
+    return KeyValue(layout.frontend_key(frontend_id, address).encode(), address.encode(), 1, 1, 1, 7)
+
+
+async def test_a_registered_frontend_no_report_named_is_told_about_a_lost_instance() -> None:
+    """A frontend registered in etcd (``frontends/<id>/<sink>``) is told about every lost instance although no load
+    report of this leader's term named it (a new leader; a request placed just before the instance died), and one
+    whose key left the registry is not. Before, only frontends seen in load reports were told: the others' requests
+    waited for their idle timeout."""
+    replica, election = make_replica((), [])
+    replica.leadership = cast(Any, election.leadership)
+    sink, gone = NoticeSink(), NoticeSink()  # type: ignore[abstract]
+    server, server_gone = await serve_sink(cast(Any, sink)), await serve_sink(cast(Any, gone))
+    try:
+        kv, kv_gone = frontend_kv(replica.layout, "f0", server.address), frontend_kv(replica.layout, "f1", "x:1")
+        replica.frontend_event(WatchEvent(EventType.RESYNC, 5, snapshot=(kv_gone,)))
+        replica.frontend_event(WatchEvent(EventType.PUT, 6, kv=kv))
+        replica.frontend_event(WatchEvent(EventType.PUT, 7, kv=frontend_kv(replica.layout, "f1", server_gone.address)))
+        replica.frontend_event(WatchEvent(EventType.DELETE, 8, kv=dataclasses.replace(kv_gone, value=b"")))
+        assert sorted(replica.registered_frontends.values()) == sorted([server.address, server_gone.address])
+        replica.frontend_event(
+            WatchEvent(EventType.DELETE, 9, kv=frontend_kv(replica.layout, "f1", server_gone.address))
+        )
+        await replica._fail_requests("i-1", common_pb2.InstanceLoad(instance_id="i-1"), "its process is gone")
+        assert sink.notices == [("i-1", [])] and sink.scopes == [LOST_SCOPE_INSTANCE]
+        assert gone.notices == [], "a frontend that left the registry is not told"
+    finally:
+        await server.stop(None)
+        await server_gone.stop(None)
 
 
 async def test_an_instance_lost_with_no_load_on_record_is_still_reported_to_every_known_frontend() -> None:

@@ -1,7 +1,10 @@
 """``llumnix frontend``: the OpenAI HTTP API and gRPC Generate in front of the scheduler and the llumlets.
 
 Dispatch goes to the scheduler leader (``--scheduler``, redirects followed); when no leader answers it falls back to
-a bypass choice among the instances in the etcd registry (``--etcd``). Prints one JSON line ``{"event": "ready", ...}``
+a bypass choice among the instances in the etcd registry (``--etcd``). With ``--etcd`` the frontend also registers
+its output sink (``frontends/<id>/<sink address>``, bound to a lease), so the scheduler leader tells it about every
+lost instance even if no load report ever named it (its requests end with the lost-instance error, not the idle
+timeout). Prints one JSON line ``{"event": "ready", ...}``
 on stdout once both servers listen; SIGTERM/SIGINT stop it.
 """
 
@@ -35,6 +38,7 @@ from pyllumnix.control_plane.frontend.sink import ElectionLeader
 from pyllumnix.control_plane.frontend.tokenizer import HfTokenizer, SimTokenizer, Tokenizer
 from pyllumnix.infra import tracing
 from pyllumnix.infra.cli_types import FiniteFloatRange
+from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.grpc_server import advertised_address
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.apikeys import ApiKeyStore
@@ -49,6 +53,9 @@ class FrontendOptions:
     schedulers: list[str] = field(default_factory=list)
     etcd: list[str] = field(default_factory=list)
     cluster: str = "default"
+    # This frontend's id (its certificate's; its registry key is under it) and its registry lease's TTL, seconds.
+    frontend_id: str = "f0"
+    lease_ttl: int = 5
     host: str = "127.0.0.1"
     advertise_host: str = ""
     http_port: int = 8000
@@ -100,8 +107,13 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
     source: RegistrySource = StaticRegistrySource()
     security = runtime.current()
     api_keys: ApiKeyStore | None = None
+    if not opts.etcd:
+        log.warning(
+            "no --etcd: this frontend is not registered, so the scheduler leader tells it about a lost instance only "
+            "after a load report named one of its requests (others end by the idle timeout), and it cannot bypass "
+            "the leader (registry dispatch) when none answers"
+        )
     if opts.etcd:
-        from pyllumnix.infra.etcd.keys import KeyLayout
         from pyllumnix.infra.etcd.registry import InstanceRegistry
 
         etcd_client = runtime.etcd_client(opts.etcd)
@@ -139,6 +151,18 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         max_message_bytes=opts.max_grpc_message_bytes,
         api_keys=api_keys,
     )
+    registration = None
+    if etcd_client is not None:
+        from pyllumnix.infra.etcd.registration import LeasedRegistration
+
+        registration = LeasedRegistration(
+            etcd_client,
+            KeyLayout(opts.cluster).frontend_key(opts.frontend_id, frontend.sink_address),
+            frontend.sink_address.encode(),
+            opts.lease_ttl,
+            name=f"frontend {opts.frontend_id} ({frontend.sink_address})",
+        )
+        registration.start_soon()  # serving does not wait for etcd; lost-instance notices do
     ssl_context = None
     if opts.https and security.paths is not None:
         ssl_context = server_ssl_context(security.paths, require_client_cert=False)
@@ -181,6 +205,8 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
     await frontend.close()
     if leader is not None:
         await leader.close()
+    if registration is not None:
+        await registration.close()
     if etcd_client is not None:
         await etcd_client.close()
     return 0
@@ -270,6 +296,13 @@ def _split(value: str) -> list[str]:
     help="gRPC message cap.",
 )
 @click.option("--frontend-id", default="f0", show_default=True, help="This frontend's id (its certificate's).")
+@click.option(
+    "--lease-ttl",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="TTL of this frontend's etcd registry lease, s (with --etcd; renewed every TTL/5).",
+)
 @click.option("--https", is_flag=True, default=False, help="Serve the OpenAI API over HTTPS (this frontend's cert).")
 @security_options
 @click.option("--log-level", default="INFO", show_default=True)
@@ -295,6 +328,7 @@ def frontend_command(
     max_prompt_bytes: int,
     max_grpc_message_bytes: int,
     frontend_id: str,
+    lease_ttl: int,
     https: bool,
     log_level: str,
     **security: Any,
@@ -315,6 +349,8 @@ def frontend_command(
         schedulers=_split(scheduler),
         etcd=_split(etcd),
         cluster=cluster,
+        frontend_id=frontend_id,
+        lease_ttl=lease_ttl,
         host=host,
         advertise_host=advertise_host,
         http_port=http_port,

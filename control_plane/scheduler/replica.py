@@ -51,6 +51,7 @@ from pyllumnix.infra.etcd.election import Election, LeaderInfo, Leadership
 from pyllumnix.infra.etcd.errors import ConfigConflictError, EtcdError
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.registry import InstanceRegistry, RegistryEventType
+from pyllumnix.infra.etcd.watch import EventType, WatchEvent, watch_prefix
 from pyllumnix.infra.grpc_server import WILDCARD_HOSTS
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.infra.security.runtime import open_channel
@@ -282,6 +283,10 @@ class SchedulerReplica:
         self._recently_vanished: dict[str, tuple[common_pb2.InstanceInfo, float]] = {}
         # Leader: frontend sink address -> when a load report last named it; each is told about every lost instance.
         self._frontends: dict[str, float] = {}
+        # Every replica: the frontends registered in etcd (key -> sink address), told about every lost instance too,
+        # so one that no load report of this term named yet (a new leader; a request just placed) is not left waiting
+        # for its idle timeout.
+        self.registered_frontends: dict[bytes, str] = {}
         self._frontends_scanned: dict[str, float] = {}
         self._term_began = 0.0  # ``time.monotonic()`` when this replica last won the election
         self.depositions = 0
@@ -311,6 +316,7 @@ class SchedulerReplica:
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._forever(self._watch_registry), name="registry-watch"),
+            loop.create_task(self._forever(self._watch_frontends), name="frontends-watch"),
             loop.create_task(self._forever(self._watch_config), name="config-watch"),
             loop.create_task(self._forever(self._watch_scale_target), name="scale-target-watch"),
             loop.create_task(self._forever(self._observe_leader), name="leader-observe"),
@@ -362,6 +368,20 @@ class SchedulerReplica:
                     entry = self._parse_entries({ev.instance_id: ev.value}, {ev.instance_id: ev.revision})
                     if ev.instance_id in entry:
                         self._instance_registered(entry[ev.instance_id])
+
+    async def _watch_frontends(self) -> None:
+        async with watch_prefix(self.client, self.layout.frontends_prefix, initial_snapshot=True) as events:
+            async for ev in events:
+                self.frontend_event(ev)
+
+    def frontend_event(self, ev: WatchEvent) -> None:
+        """Applies one event of the frontend registry (``frontends/<id>/<sink address>`` -> the sink address)."""
+        if ev.type is EventType.RESYNC:
+            self.registered_frontends = {kv.key: kv.value.decode(errors="replace") for kv in ev.snapshot if kv.value}
+        elif ev.kv is not None and ev.type is EventType.DELETE:
+            self.registered_frontends.pop(ev.kv.key, None)
+        elif ev.kv is not None and ev.kv.value:
+            self.registered_frontends[ev.kv.key] = ev.kv.value.decode(errors="replace")
 
     def _parse_entries(
         self, values: Mapping[str, bytes], revisions: Mapping[str, int]
@@ -958,17 +978,18 @@ class SchedulerReplica:
         self, instance_id: str, load: common_pb2.InstanceLoad, reason: str, *, every_frontend: bool = True
     ) -> None:
         """Tells the frontends that an instance is lost (leader only): each frontend its last load listed requests of
-        gets them as failed, and (``every_frontend``) every frontend this leader knows, seen in any report within
-        FRONTEND_MEMORY_S, gets the notice, listing nothing if need be. A frontend ends every request it has held by
-        the instance, listed or not: only it knows them all (one migrated in after the last report is in no snapshot;
-        a leader elected after the instance died has none). Not every frontend for an id that a new process took
-        over already (``_instance_registered``, or during the ``learning`` wait): there a request just placed on the
-        new process is held by the same id, so only the listed ones' frontends are told, and the notice is marked
-        listed-only (the sink then ends only those)."""
+        gets them as failed, and (``every_frontend``) every frontend this leader knows, registered in etcd or seen in
+        any report within FRONTEND_MEMORY_S, gets the notice, listing nothing if need be. A frontend ends every
+        request it has held by the instance, listed or not: only it knows them all (one migrated in after the last
+        report is in no snapshot; a leader elected after the instance died has none). Not every frontend for an id
+        that a new process took over already (``_instance_registered``, or during the ``learning`` wait): there a
+        request just placed on the new process is held by the same id, so only the listed ones' frontends are told,
+        and the notice is marked listed-only (the sink then ends only those)."""
         learning = self._term_began + self.cluster.quiet_stale_after - time.monotonic()
         if every_frontend and learning > 0:
-            # A new leader knows the frontends from load reports only: within this window every live instance (a
-            # quiet one too) has sent it one, naming the frontends of the requests it holds.
+            # A new leader knows unregistered frontends (no --etcd, or an older release) from load reports only:
+            # within this window every live instance (a quiet one too) has sent it one, naming the frontends of the
+            # requests it holds.
             await asyncio.sleep(learning)
             if instance_id in self.cluster.infos:
                 # A new process registered under the id during the wait (``_watch_grace`` had let go of it, so
@@ -982,12 +1003,13 @@ class SchedulerReplica:
         for address, seen in list(self._frontends.items()):
             if now - seen > FRONTEND_MEMORY_S:
                 del self._frontends[address]
+        known = [*self._frontends, *self.registered_frontends.values()]
         log.warning(
             "instance %s is lost: %s; failing its %d listed request(s), telling %s",
             instance_id,
             reason,
             len(load.requests),
-            f"{len(self._frontends)} known frontend(s)" if every_frontend else "their frontends",
+            f"{len(set(known))} known frontend(s)" if every_frontend else "their frontends",
         )
         by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
         for r in load.requests:
@@ -1004,7 +1026,7 @@ class SchedulerReplica:
                 )
             )
         if every_frontend:
-            for address in self._frontends:
+            for address in known:
                 by_frontend.setdefault(address, [])
         # The sink ends every request the id holds unless told the notice is about the listed ones only.
         scope = ((LOST_SCOPE_METADATA_KEY, LOST_SCOPE_INSTANCE if every_frontend else LOST_SCOPE_LISTED),)

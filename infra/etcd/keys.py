@@ -32,7 +32,8 @@ def _check_segment(name: str, what: str) -> str:
 
 @dataclass(frozen=True)
 class KeyLayout:
-    """``<root>/<cluster>/{instances/<id>, election/<name>/<lease hex>, config, scale_target, apikeys/<id>}``."""
+    """``<root>/<cluster>/{instances/<id>, frontends/<id>/<sink address>, election/<name>/<lease hex>, config,
+    scale_target, apikeys/<id>}``."""
 
     cluster: str
     root: str = DEFAULT_ROOT
@@ -59,6 +60,18 @@ class KeyLayout:
         if not text.startswith(self.instances_prefix):
             raise ValueError(f"{text!r} is not an instance key of {self.instances_prefix!r}")
         return text[len(self.instances_prefix) :]
+
+    @property
+    def frontends_prefix(self) -> str:
+        return f"{self.base}frontends/"
+
+    def frontend_prefix(self, frontend_id: str) -> str:
+        """One frontend id's keys (what its certificate may write: several processes may share an id)."""
+        return f"{self.frontends_prefix}{_check_segment(frontend_id, 'frontend id')}/"
+
+    def frontend_key(self, frontend_id: str, sink_address: str) -> str:
+        """A frontend process's registry key: its id and its output sink's address (host:port has no '/')."""
+        return self.frontend_prefix(frontend_id) + _check_segment(sink_address, "sink address")
 
     def election_prefix(self, name: str = "scheduler") -> str:
         return f"{self.base}election/{_check_segment(name, 'election name')}/"

@@ -54,9 +54,11 @@ def grants_for(role: str, id: str, layout: KeyLayout) -> list[Grant]:
       reads the registry (``registry_resolver`` checks a MigrateOut destination) and the election (``LoadReporter``
       follows the leader; fencing checks a leader's term against it).
     - scheduler: campaigns, proclaims and deposes in the election (keys, txns, revoking a dead leader's lease), keeps
-      the config and the scale target, watches the registry.
-    - frontend: watches the registry, checks API keys, reads the election (an "instance lost" notice counts only
-      from the current leader).
+      the config and the scale target, watches the registry and the frontends' (the leader tells every registered
+      frontend about a lost instance).
+    - frontend: writes only its own id's frontend keys (``frontends/<id>/<sink address>``, bound to its lease: two
+      processes may share an id, each with its own sink address), watches the instance registry, checks API keys,
+      reads the election (an "instance lost" notice counts only from the current leader).
     - admin (``llumnix serve``'s provisioning, operators): manages API keys, config and scale target; reads the
       cluster's keys.
     - client and anything else: nothing.
@@ -74,9 +76,11 @@ def grants_for(role: str, id: str, layout: KeyLayout) -> list[Grant]:
             Grant("readwrite", layout.config_key),
             Grant("readwrite", layout.scale_target_key),
             Grant("read", layout.instances_prefix, prefix=True),
+            Grant("read", layout.frontends_prefix, prefix=True),
         ]
     if role == "frontend":
         return [
+            Grant("readwrite", layout.frontend_prefix(id), prefix=True),
             Grant("read", layout.instances_prefix, prefix=True),
             Grant("read", layout.apikeys_prefix, prefix=True),
             Grant("read", f"{base}election/", prefix=True),
