@@ -393,6 +393,7 @@ class HeldAborts:
         self.held = asyncio.Event()
         self.release = asyncio.Event()
         self.answers: list[grpc.StatusCode] = []
+        self.requests: list[llumlet_pb2.AbortRequestRequest] = []
 
     def wrap(self, stub: llumlet_pb2_grpc.LlumletServiceStub) -> Any:
         gate = self
@@ -402,6 +403,7 @@ class HeldAborts:
                 return getattr(stub, name)
 
             async def AbortRequest(self, request: llumlet_pb2.AbortRequestRequest, **kwargs: Any) -> Any:
+                gate.requests.append(request)
                 gate.held.set()
                 await gate.release.wait()
                 try:
@@ -900,6 +902,7 @@ async def test_a_forwarded_abort_follows_the_request_through_a_second_migration(
         assert len(reply.migration_ids) == 1
         await asyncio.wait_for(gate.held.wait(), 20)  # committed on B; the forward of the client's abort is held
         hooks.assert_all_ran()
+        assert gate.requests[0].migration_id == reply.migration_ids[0], "the forward names its migration (field)"
         await until(lambda: engine_phase(b, "r") == "RUNNING", "the request to run on B")
         onward = (await b.stub.MigrateOut(migrate(b, c, "r"))).results[0]
         assert onward.outcome == OUTCOME.MIGRATION_OUTCOME_COMMITTED, onward.reason

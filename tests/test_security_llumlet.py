@@ -470,14 +470,18 @@ async def test_a_llumlet_aborts_only_what_it_migrated_here(node: Node) -> None:
             grpc.StatusCode.PERMISSION_DENIED,
             "llumlet i-2's abort of 'moved' names no migration",
         )
-        await refused(
-            node.call("llumlet", "i-2", "AbortRequest", abort(request_id="moved"), metadata=forwarded("i-2-other")),
-            grpc.StatusCode.NOT_FOUND,
-            "the request 'moved' that migration i-2-other brought to i-1 is no longer here",
-        )
-        # Its source forwards the client's abort, naming the migration: it ends where it lives now.
-        metadata = forwarded(result.migration_id)
-        await node.call("llumlet", "i-2", "AbortRequest", abort(request_id="moved"), metadata=metadata)
+        # Another migration named in the field, or (a source older than the field) in the metadata entry.
+        for request, metadata in (
+            (abort(request_id="moved", migration_id="i-2-other"), ()),
+            (abort(request_id="moved"), forwarded("i-2-other")),
+        ):
+            await refused(
+                node.call("llumlet", "i-2", "AbortRequest", request, metadata=metadata),
+                grpc.StatusCode.NOT_FOUND,
+                "the request 'moved' that migration i-2-other brought to i-1 is no longer here",
+            )
+        # Its source forwards the client's abort, naming the migration in the request: it ends where it lives now.
+        await node.call("llumlet", "i-2", "AbortRequest", abort(request_id="moved", migration_id=result.migration_id))
         outs = await node.sink.wait("moved")
         assert outs[-1].finish_reason == common_pb2.FINISH_REASON_ABORT and outs[-1].instance_id == "i-1"
         assert node.coordinator.migrated_from("moved") is None, "an ended request is nobody's to abort any more"

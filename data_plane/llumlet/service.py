@@ -16,9 +16,10 @@ plaintext connection, which only a llumlet started with ``--insecure`` has):
   forwarded by the source), naming that migration, PERMISSION_DENIED otherwise; frontends and the scheduler may abort
   any request.
 
-A forwarded abort names its migration (``llumnix-migration-id`` metadata) on any connection, plaintext included, and
-ends only the request that migration installed here: it may arrive after that request ended and its client reused the
-id (NOT_FOUND then, and the later request runs on). If that request left again by a later migration before the
+A forwarded abort names its migration (``AbortRequestRequest.migration_id``; older sources: the ``llumnix-migration-id``
+metadata entry, still read for one release) on any connection, plaintext included, and ends only the request that
+migration installed here: it may arrive after that request ended and its client reused the id (NOT_FOUND then, and the
+later request runs on). If that request left again by a later migration before the
 abort came, the abort follows it, naming that migration (``PassedOn``), however many hops on.
 """
 
@@ -74,19 +75,30 @@ MIN_STREAM_INTERVAL_MS = 5
 # interval floor this bounds the snapshots per second any caller can make this llumlet build.
 MAX_STREAMS_PER_CALLER = 4
 
+# The metadata entry a forwarded abort named its migration by before AbortRequestRequest.migration_id existed: still
+# sent alongside the field and still read, for one release, so a peer on either side of the upgrade understands it.
 MIGRATION_METADATA_KEY = "llumnix-migration-id"
 # Deadline of a forwarded abort passed on along a chain of migrations (the caller's remaining time, if shorter).
 FORWARD_ABORT_TIMEOUT_S = 2.0
 
 
 def forwarded_abort_metadata(migration_id: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata of a source's forwarded AbortRequest: the migration that moved the request to the callee (a
-    metadata entry, not a field, as the leader term's: AbortRequestRequest's schema names the request only)."""
+    """The older peers' form of a forwarded abort's migration (see MIGRATION_METADATA_KEY): sent with the field."""
     return ((MIGRATION_METADATA_KEY, migration_id),)
 
 
-def forwarded_migration(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """The migration a forwarded abort names ("" for any other abort)."""
+def forwarded_abort(request_id: str, migration_id: str) -> llumlet_pb2.AbortRequestRequest:
+    """A source's forwarded AbortRequest: the request, and the migration that moved it to the callee."""
+    return llumlet_pb2.AbortRequestRequest(request_id=request_id, migration_id=migration_id)
+
+
+def forwarded_migration(
+    request: llumlet_pb2.AbortRequestRequest, metadata: Iterable[tuple[str, str | bytes]] | None
+) -> str:
+    """The migration a forwarded abort names ("" for any other abort): the field, else (an older source) the
+    metadata entry."""
+    if request.migration_id:
+        return request.migration_id
     for key, value in metadata or ():
         if key == MIGRATION_METADATA_KEY:
             return value.decode() if isinstance(value, bytes) else value
@@ -305,7 +317,7 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
     ) -> llumlet_pb2.AbortRequestResponse:
         caller = await self._caller(context, "AbortRequest")
         request_id = request.request_id
-        migration_id = forwarded_migration(context.invocation_metadata())
+        migration_id = forwarded_migration(request, context.invocation_metadata())
         if caller is not None and caller.role == "llumlet":
             await self._forwarded_abort(context, caller, request_id, migration_id)
         incarnation = None
@@ -369,7 +381,7 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"AbortRequest: llumlet {caller.id}'s abort of {request_id!r} names no migration "
-                f"({MIGRATION_METADATA_KEY} metadata)",
+                "(AbortRequestRequest.migration_id)",
             )
 
     async def GetLoad(

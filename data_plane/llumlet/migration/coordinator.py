@@ -37,7 +37,12 @@ from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
-from pyllumnix.data_plane.llumlet.service import MigrationError, PassedOn, forwarded_abort_metadata
+from pyllumnix.data_plane.llumlet.service import (
+    MigrationError,
+    PassedOn,
+    forwarded_abort,
+    forwarded_abort_metadata,
+)
 from pyllumnix.data_plane.llumlet.views import request_views
 from pyllumnix.data_plane.transport.base import Transport, TransportError
 from pyllumnix.data_plane.transport.fusion import (
@@ -320,8 +325,8 @@ class MigrationCoordinator:
         """Passes a forwarded abort on to where the request went (naming that migration, so it ends only that
         incarnation there); raises grpc.aio.AioRpcError with the next llumlet's answer."""
         await self._stub(hop.address).AbortRequest(
-            llumlet_pb2.AbortRequestRequest(request_id=request_id),
-            metadata=forwarded_abort_metadata(hop.onward),
+            forwarded_abort(request_id, hop.onward),
+            metadata=forwarded_abort_metadata(hop.onward),  # for a peer older than the field (one release)
             timeout=timeout,
         )
 
@@ -555,8 +560,8 @@ class MigrationCoordinator:
             self.llumlet.pending_aborts.pop(rid, None)
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await out.stub.AbortRequest(
-                    llumlet_pb2.AbortRequestRequest(request_id=rid),
-                    metadata=forwarded_abort_metadata(mid),
+                    forwarded_abort(rid, mid),
+                    metadata=forwarded_abort_metadata(mid),  # for a peer older than the field (one release)
                     timeout=CONTROL_TIMEOUT_S,
                 )
         elif isinstance(action, ev.Done):

@@ -92,15 +92,23 @@ class AbortRequestRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MIGRATION_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
+    migration_id: _builtins.str
+    """Set only by a migration's source forwarding its client's abort: the migration that moved the request to the
+    callee, so the abort ends only the request that migration installed (never a later one reusing the id), and
+    follows it through later migrations. Until the next release the source also sends it as the
+    "llumnix-migration-id" call metadata, which llumlets still read, for peers that predate this field.
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
+        migration_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -93,6 +93,13 @@ export interface AddRequestResponse {
 
 export interface AbortRequestRequest {
   requestId: string;
+  /**
+   * Set only by a migration's source forwarding its client's abort: the migration that moved the request to the
+   * callee, so the abort ends only the request that migration installed (never a later one reusing the id), and
+   * follows it through later migrations. Until the next release the source also sends it as the
+   * "llumnix-migration-id" call metadata, which llumlets still read, for peers that predate this field.
+   */
+  migrationId: string;
 }
 
 export interface AbortRequestResponse {
@@ -400,13 +407,16 @@ export const AddRequestResponse: MessageFns<AddRequestResponse> = {
 };
 
 function createBaseAbortRequestRequest(): AbortRequestRequest {
-  return { requestId: "" };
+  return { requestId: "", migrationId: "" };
 }
 
 export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
   encode(message: AbortRequestRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.requestId !== "") {
       writer.uint32(10).string(message.requestId);
+    }
+    if (message.migrationId !== "") {
+      writer.uint32(18).string(message.migrationId);
     }
     return writer;
   },
@@ -432,6 +442,14 @@ export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
             message.requestId = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.migrationId = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -451,6 +469,11 @@ export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
         : isSet(object.request_id)
         ? globalThis.String(object.request_id)
         : "",
+      migrationId: isSet(object.migrationId)
+        ? globalThis.String(object.migrationId)
+        : isSet(object.migration_id)
+        ? globalThis.String(object.migration_id)
+        : "",
     };
   },
 
@@ -458,6 +481,9 @@ export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
     const obj: any = {};
     if (message.requestId !== "") {
       obj.requestId = message.requestId;
+    }
+    if (message.migrationId !== "") {
+      obj.migrationId = message.migrationId;
     }
     return obj;
   },
@@ -468,6 +494,7 @@ export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
   fromPartial(object: DeepPartial<AbortRequestRequest>): AbortRequestRequest {
     const message = createBaseAbortRequestRequest();
     message.requestId = object.requestId ?? "";
+    message.migrationId = object.migrationId ?? "";
     return message;
   },
 };
