@@ -500,6 +500,70 @@ async def test_a_llumlet_aborts_only_what_it_migrated_here(node: Node) -> None:
         await transport.close()
 
 
+async def test_a_forwarded_abort_follows_the_request_on_over_mtls(node: Node) -> None:
+    """REL2 over mutual TLS: 'moved' migrates i-2 -> i-1 -> i-3, and i-2's abort (naming its migration) reaches i-1
+    after the second commit. i-1 lets its source through (the request it passed on came from i-2) and passes the
+    abort on with its own certificate, naming its own migration; i-3 takes it from i-1 (its source) and ends the
+    request, freeing its blocks. Another llumlet naming i-2's migration is still refused. Before, i-1 refused i-2
+    (PERMISSION_DENIED: the request no longer lived there) and the request ran on at i-3."""
+    pki = node.pki
+    assert node.sink.server is not None
+    parts: list[tuple[Llumlet, InprocTransport, MigrationCoordinator]] = []
+    for iid in ("i-2", "i-3"):
+        transport = InprocTransport()
+        await transport.start()
+        llumlet = Llumlet(SimEngine("tiny"), iid)
+        parts.append((llumlet, transport, MigrationCoordinator(llumlet, transport)))
+    (source, _, first), (last, _, third) = parts
+    server = grpc.aio.server(interceptors=[RoleInterceptor(CLUSTER)])
+    llumlet_pb2_grpc.add_LlumletServiceServicer_to_server(LlumletServicer(last, third), server)
+    last_address = (
+        f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', grpc_server_credentials(pki.paths('llumlet', 'i-3')))}"
+    )
+    await server.start()
+    # Each dials the next with its own llumlet certificate (what open_channel does in a configured process).
+    first._channels[node.address] = secure_channel(node.address, pki.paths("llumlet", "i-2"))
+    node.coordinator._channels[last_address] = secure_channel(last_address, pki.paths("llumlet", "i-1"))
+    for llumlet, _, coordinator in parts:
+        llumlet.start()
+        coordinator.start()
+    try:
+        await source.add_request(
+            common_pb2.EngineRequest(
+                request_id="moved",
+                prompt_token_ids=PROMPT,
+                sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, seed=11, ignore_eos=True),
+                frontend_address=node.sink.server.address,
+            )
+        )
+        await until(lambda: len(node.sink.tokens("moved")) >= 2, "'moved' to run on its source")
+        hops = []
+        for coordinator, iid, address in ((first, "i-1", node.address), (node.coordinator, "i-3", last_address)):
+            order = llumlet_pb2.MigrateOutRequest(
+                destination_instance_id=iid, destination_grpc_address=address, request_id="moved", wait=True
+            )
+            hops.append((await coordinator.migrate_out(order)).results[0])
+            assert hops[-1].outcome == llumlet_pb2.MIGRATION_OUTCOME_COMMITTED, hops[-1].reason
+        assert third.migrated_from("moved") == "i-1" and node.coordinator.migrated_from("moved") is None
+        late = llumlet_pb2.AbortRequestRequest(request_id="moved", migration_id=hops[0].migration_id)
+        await refused(
+            node.call("llumlet", "i-3", "AbortRequest", late),
+            grpc.StatusCode.PERMISSION_DENIED,
+            "llumlet i-3 may abort only a request it migrated to i-1",
+        )
+        await node.call("llumlet", "i-2", "AbortRequest", late)  # i-2's forward, late: i-1 passes it on
+        outs = await node.sink.wait("moved")
+        assert outs[-1].finish_reason == common_pb2.FINISH_REASON_ABORT and outs[-1].instance_id == "i-3"
+        assert len(node.sink.tokens("moved")) < MAX_TOKENS
+        await until(lambda: last.engine.load().free_blocks == last.engine.load().total_blocks, "i-3's blocks freed")
+    finally:
+        await server.stop(None)
+        for llumlet, transport, coordinator in parts:
+            await coordinator.close()
+            await llumlet.stop()
+            await transport.close()
+
+
 async def test_a_made_up_leader_term_is_refused_and_the_leader_keeps_its_llumlet(node: Node) -> None:
     """Attack 9 B3: a scheduler certificate that does not lead (a follower's) sent one order with a made-up huge term;
     the llumlet raised its fence to it and refused every order of the real leader until it restarted. A new term is
