@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -80,3 +81,29 @@ def test_timeouts_must_be_finite_and_not_negative(flag: str, value: str) -> None
     result = CliRunner().invoke(frontend_command, [flag, value])
     assert result.exit_code == 2, result.output
     assert flag in result.output and "--scheduler" not in result.output
+
+
+def test_the_frontend_id_is_the_certificates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frontend given its certificate with --ca/--cert/--key runs under the certificate's id (it registers under it
+    in etcd, where its role may write only its own key), and refuses a --frontend-id that differs, as the scheduler
+    and the llumlet do (it used to run as f0 whatever its certificate said)."""
+    from pyllumnix.control_plane.frontend import main
+    from pyllumnix.infra.security import runtime
+    from pyllumnix.infra.security.bootstrap import bootstrap_local
+
+    paths = bootstrap_local(tmp_path / "pki", "c1").ensure("frontend", "f7")
+    seen: list[str] = []
+
+    async def fake_run(opts: FrontendOptions) -> int:
+        seen.append(opts.frontend_id)
+        return 0
+
+    monkeypatch.setattr(main, "run_frontend", fake_run)
+    monkeypatch.setitem(runtime._state, "current", runtime.current())  # configure_from_cli sets the process's
+    tls = ["--ca", str(paths.ca), "--cert", str(paths.cert), "--key", str(paths.key), "--etcd", "127.0.0.1:1"]
+    result = CliRunner().invoke(frontend_command, tls)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert seen == ["f7"]
+    refused = CliRunner().invoke(frontend_command, [*tls, "--frontend-id", "f8"])
+    assert refused.exit_code == 2 and "--frontend-id f8 is not the certificate's id 'f7'" in refused.output
+    assert seen == ["f7"]

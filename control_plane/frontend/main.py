@@ -295,7 +295,11 @@ def _split(value: str) -> list[str]:
     type=click.IntRange(min=1024),
     help="gRPC message cap.",
 )
-@click.option("--frontend-id", default="f0", show_default=True, help="This frontend's id (its certificate's).")
+@click.option(
+    "--frontend-id",
+    default="",
+    help="This frontend's id; with a certificate, its id (the default then; with --tls-dir or --insecure: f0).",
+)
 @click.option(
     "--lease-ttl",
     type=click.IntRange(min=1),
@@ -342,7 +346,10 @@ def frontend_command(
         raise click.BadParameter(f"{max_body_bytes} is below 1024 (0: derived)", param_hint="--max-body-bytes")
     if not scheduler and not etcd:
         raise click.UsageError("give --scheduler and/or --etcd: there is nothing to dispatch to otherwise")
+    given = frontend_id
+    frontend_id = frontend_id or "f0"
     settings = runtime.configure_from_cli("frontend", frontend_id, security, [host, advertise_host])
+    frontend_id = runtime.component_id(settings, given, frontend_id, "--frontend-id")
     if settings.secure and not etcd:
         raise click.UsageError("a secure frontend checks API keys, which live in etcd: give --etcd")
     opts = FrontendOptions(
