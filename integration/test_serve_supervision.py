@@ -91,6 +91,25 @@ def instance_ids(schedulers: list[str]) -> set[str]:
     return {i["info"]["instance_id"] for i in listed["instances"]} if listed else set()
 
 
+def given_paths(pid: int) -> list[str]:
+    """Every command-line argument (the value of a ``--flag=value``) and environment value of a running process."""
+    args = [a.split(b"=", 1)[-1] for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]  # --flag=value
+    env = [v.split(b"=", 1)[-1] for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+    return [v.decode(errors="replace") for v in args + env if v]
+
+
+def assert_no_path_to_the_ca_key(pid: int, pki: Path) -> None:
+    """What serve gives a child (its flags, its environment, the folders they name) leads to no CA key: a compromised
+    child must not mint certificates (it used to get --tls-dir of serve's PKI, CA key included)."""
+    given = given_paths(pid)
+    assert not [v for v in given if str(pki) in v or "ca-key" in v], (pid, given)
+    named = [Path(v) for v in given if v.startswith("/") and Path(v).exists()]
+    folders = {p if p.is_dir() else p.parent for p in named}
+    for folder in folders:
+        assert not (folder / "ca-key.pem").exists(), (pid, folder)
+    assert any((f / "ca.pem").exists() for f in folders), (pid, "given no certificate folder", given)
+
+
 def test_config_file_restarts_and_clean_stop(tmp_path: Path) -> None:
     config = tmp_path / "cluster.yaml"
     # dashes and underscores both work; the --llumlets flag below overrides the file's 3
@@ -108,6 +127,8 @@ def test_config_file_restarts_and_clean_stop(tmp_path: Path) -> None:
         assert names == ["etcd", "scheduler-0", "llumlet-0", "llumlet-1", "frontend"], names
         assert all(c["state"] == "running" and c["pgid"] == c["pid"] for c in ready["components"])
         seen_pids |= {c["pid"] for c in ready["components"]}
+        for c in ready["components"]:
+            assert_no_path_to_the_ca_key(c["pid"], Path(ready["tls_dir"]))
         ctx = load_context(ready["context"])
         assert ctx is not None and ctx.api_key, "serve (secure by default) writes the admin API key"
         client = openai.OpenAI(base_url=f"{ready['http']}/v1", api_key=ctx.api_key, max_retries=0, timeout=30)
@@ -150,6 +171,10 @@ def test_config_file_restarts_and_clean_stop(tmp_path: Path) -> None:
         provider_id, provider_pid = started[0][0], int(started[0][1])
         seen_pids.add(provider_pid)
         wait_for(lambda: provider_id in instance_ids(schedulers), 60, "the provider's llumlet to register")
+        # serve issued it (its restarted replica holds no CA key), and it too got its own files only
+        assert f"issued the certificate of llumlet {provider_id}" in serve.log(), serve.log()[-3000:]
+        for pid in (provider_pid, *(component(st, n)["pid"] for n in before)):
+            assert_no_path_to_the_ca_key(pid, Path(ready["tls_dir"]))
     finally:
         code = serve.terminate(60)
     log = serve.log()

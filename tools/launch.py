@@ -29,7 +29,7 @@ from typing import Any
 
 PR_SET_PDEATHSIG = 1
 
-SECURITY_ENV = ("LLUMNIX_TLS_DIR", "LLUMNIX_INSECURE")
+SECURITY_ENV = ("LLUMNIX_TLS_DIR", "LLUMNIX_INSECURE", "LLUMNIX_CERT_ISSUER")
 """The variables that tell a component how to secure itself (``infra.security.runtime``); set by :class:`Launcher`."""
 
 _SESSION_PKI: dict[str, Any] = {}

@@ -13,6 +13,11 @@ llumlets their provider started, then etcd), each through its process group; a s
 The ready line (stdout) and ``<log-dir>/serve.json`` (rewritten on every change) list each component with its pid,
 process group, address and restarts, so operators and tests signal processes by pid, never by name.
 
+Secure by default: serve makes (or reuses) a local PKI and alone holds its CA key; every child is started with a
+folder of its own (``<log-dir>/certs/<role>-<id>``: the CA certificate, its certificate and key), and the llumlets a
+scheduler replica's provider starts get theirs from serve's issuer (``infra.security.issuer``), so no child is given a
+way to mint certificates.
+
 A YAML ``--config`` file may set any option (keys are the option names with dashes or underscores); flags given on
 the command line win over the file.
 
@@ -38,8 +43,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +56,7 @@ import yaml
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, Member
 from pyllumnix.infra.grpc_server import advertised_host
 from pyllumnix.infra.processes import describe_exit
-from pyllumnix.tools.launch import Component, Launcher, LaunchError, libc, signal_group, spawn
+from pyllumnix.tools.launch import SECURITY_ENV, Component, Launcher, LaunchError, libc, signal_group, spawn
 
 DEFAULTS: dict[str, Any] = {
     "etcd": "",
@@ -181,7 +187,10 @@ class ServeEtcd(EmbeddedEtcd):
     def _spawn(self, m: Member, state: str) -> None:
         m.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(m.log_path, "ab") as out:
-            m.process = spawn(self._command(m, state), stdout=out, stderr=subprocess.STDOUT, die_with_parent=True)
+            env = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}  # etcd is given its files only
+            m.process = spawn(
+                self._command(m, state), stdout=out, stderr=subprocess.STDOUT, env=env, die_with_parent=True
+            )
 
 
 @dataclass
@@ -273,6 +282,9 @@ class Supervisor:
         self.log_dir = log_dir
         self.launcher = Launcher(log_dir, die_with_parent=True, secure=None)  # each child gets its flags (below)
         self.pki: Any = None  # ClusterSecurity when secure (the default)
+        self.issuer: Any = None  # IssuerServer: the llumlets the scheduler replicas' providers start get theirs here
+        self._issue_lock = threading.Lock()
+        self._may_issue: dict[int, Component] = {}  # the scheduler replicas' processes, by pid
         self.children: list[Child] = []
         self.signals: list[int] = []
         self.etcd: ServeEtcd | None = None
@@ -361,22 +373,27 @@ class Supervisor:
         address = comp.ready.get("grpc_address")
         return f" at {address}" if address else ""
 
-    def _launcher_start(self, name: str, args: list[str], timeout: float, env: dict[str, str]) -> Component:
+    def _launcher_start(
+        self, name: str, args: list[str], timeout: float, env: dict[str, str], *, may_issue: bool = False
+    ) -> Component:
         comp = self.launcher.spawn(name, *args, env=env)
+        if may_issue:  # from its first instruction: its provider may ask before it is ready
+            self._may_issue = {pid: c for pid, c in self._may_issue.items() if c.alive()} | {comp.pid: comp}
         # The launcher keeps only live incarnations; serve stops children itself, tier by tier.
         self.launcher.components = [c for c in self.launcher.components if c.alive()]
         comp.ready = self.launcher.wait_ready(comp, timeout, self.stopping)
         return comp
 
-    def setup_security(self) -> list[str]:
-        """Secure by default: a local PKI (CA reused across restarts of serve) with a certificate for every component
-        (llumlets started later by a provider issue theirs from the same folder). Returns the security flags every
-        child gets: ``--tls-dir DIR``, or ``--insecure`` with a warning."""
+    def setup_security(self) -> None:
+        """Secure by default: a local PKI (CA reused across restarts of serve) with a certificate for every component.
+        serve alone holds the CA key: each child gets a folder with only its own certificate and key and the CA
+        certificate (:meth:`security_flags`), and the llumlets a scheduler replica's provider starts are issued by
+        serve too (:meth:`start_issuer`). ``--insecure``: none of it, with a warning."""
         opts = self.opts
         if opts["insecure"]:
             log.warning("--insecure: plaintext gRPC and etcd, no certificates, no API keys; for isolated development")
             self.info["secure"] = False
-            return ["--insecure"]
+            return
         from pyllumnix.infra.security.bootstrap import RBAC_FILE, bootstrap_local
 
         tls_dir = Path(str(opts["tls_dir"])) if opts["tls_dir"] else self.log_dir / "pki"
@@ -400,9 +417,35 @@ class Supervisor:
             llumlets=[f"instance-{i}" for i in range(int(opts["llumlets"]))],
             hosts=hosts,
         )
+        self.pki.handout_root = self.log_dir / "certs"
         self.info["secure"] = True
         self.info["tls_dir"] = str(tls_dir)
-        return ["--tls-dir", str(tls_dir)]
+
+    def hand_out(self, role: str, id: str, hosts: Sequence[str] = ()) -> Any:
+        """A child's own files (``CertPaths``) in its folder under ``<log-dir>/certs``, issued if need be (with its
+        etcd user under etcd auth); serve's main loop and the issuer's thread both issue, one at a time."""
+        with self._issue_lock:
+            return self.pki.hand_out(role, id, hosts)
+
+    def security_flags(self, role: str, id: str) -> list[str]:
+        """A child's security flags: its own folder (no CA key, no other component's key), or ``--insecure``."""
+        if self.pki is None:
+            return ["--insecure"]
+        return ["--tls-dir", str(self.hand_out(role, id).cert.parent)]
+
+    def start_issuer(self) -> dict[str, str]:
+        """Serves certificates to the scheduler replicas' providers (llumlets only, to serve's scheduler processes
+        only); returns the environment that tells a replica where to ask."""
+        if self.pki is None or self.opts["provider"] == "none":
+            return {}
+        from pyllumnix.infra.security.issuer import ISSUER_ENV, IssuerServer
+
+        def may_ask(pid: int) -> bool:
+            comp = self._may_issue.get(pid)
+            return comp is not None and comp.alive()
+
+        self.issuer = IssuerServer(self.hand_out, may_ask).start()
+        return {ISSUER_ENV: str(self.issuer.path)}
 
     def provision_admin(self) -> None:
         """Creates the admin API key (in etcd, hashed) and writes the client context file (0600) that ``llmctl`` and
@@ -442,15 +485,15 @@ class Supervisor:
     def start_cluster(self) -> None:
         opts = self.opts
         engine_args, frontend_args, env = engine_settings(opts)
-        security_args = self.setup_security()
+        self.setup_security()
         etcd_endpoints = str(opts["etcd"])
         if not etcd_endpoints:
             etcd_tls = None
             if self.pki is not None:
                 from pyllumnix.infra.etcd.embedded import EtcdServerTls
 
-                server = self.pki.ensure("etcd", "etcd")
-                health = self.pki.ensure("admin", "admin")
+                server = self.hand_out("etcd", "etcd")  # etcd too is given its own pair only
+                health = self.pki.ensure("admin", "admin")  # serve's own health checks
                 etcd_tls = EtcdServerTls(server.ca, server.cert, server.key, health.cert, health.key)
             etcd = ServeEtcd(1, data_dir=self.log_dir / "etcd-data", tls=etcd_tls)
             self.etcd = etcd
@@ -477,15 +520,18 @@ class Supervisor:
             etcd_endpoints = ",".join(scheme + e for e in etcd.endpoints)
             self.info["embedded_etcd"] = etcd.endpoints
         self.info["etcd"] = etcd_endpoints
-        common = ["--etcd", etcd_endpoints, "--cluster", str(opts["cluster"]), *security_args]
+        common = ["--etcd", etcd_endpoints, "--cluster", str(opts["cluster"])]
+        scheduler_env = {**env, **self.start_issuer()}
         llumlet_args = [*engine_args, "--transport", str(opts["transport"]), "--host", str(opts["host"])]
         llumlet_args += str(opts["llumlet_args"]).split()
         host = str(opts["host"])
 
         schedulers: list[str] = []
         for i in range(int(opts["schedulers"])):
-            args = [*common, "--replica-id", f"scheduler-{i}", "--host", host]
+            args = [*common, *self.security_flags("scheduler", f"scheduler-{i}"), "--replica-id", f"scheduler-{i}"]
+            args += ["--host", host]
             if opts["provider"] == "local":
+                # no security flags: the provider gives each llumlet its own files (issued by serve), or --insecure
                 args += ["--provider", "local", "--llumlet-args", shlex.join([*llumlet_args, *common])]
                 # the replica's provider stops the llumlets it started when the replica exits
                 args += ["--log-dir", str(self.log_dir), SCHEDULER_STOP_FLAG]
@@ -496,7 +542,8 @@ class Supervisor:
                 ray_llumlet += ["--etcd", etcd_endpoints, "--cluster", str(opts["cluster"])]
                 args += ["--provider", "ray", "--ray-address", str(opts["ray_address"])]
                 args += ["--llumlet-args", shlex.join(ray_llumlet), SCHEDULER_STOP_FLAG]
-            child = self.add(Child(f"scheduler-{i}", "scheduler", self._scheduler_launch(f"scheduler-{i}", args, env)))
+            launch = self._scheduler_launch(f"scheduler-{i}", args, scheduler_env)
+            child = self.add(Child(f"scheduler-{i}", "scheduler", launch))
             assert child.comp is not None
             schedulers.append(child.comp.address)
             if self.stopping():
@@ -510,7 +557,7 @@ class Supervisor:
                 # A restarted llumlet is a new instance: the old id's lease must expire so the leader reports the
                 # requests that died with it failed, instead of waiting on them forever.
                 iid = f"instance-{i}" if n == 0 else f"instance-{i}-r{n}"
-                args = ["llumlet", *common, "--instance-id", iid, *llumlet_args]
+                args = ["llumlet", *common, *self.security_flags("llumlet", iid), "--instance-id", iid, *llumlet_args]
                 return self._launcher_start(f"llumlet-{i}", args, timeout, env)
 
             self.add(Child(f"llumlet-{i}", "llumlet", launch_llumlet, restart_on_success=False))
@@ -518,9 +565,11 @@ class Supervisor:
                 return
 
         ports = {"http": str(opts["http_port"]), "grpc": str(opts["grpc_port"])}
+        frontend_security = self.security_flags("frontend", "f0")
 
         def launch_frontend(n: int) -> Component:
-            args = ["frontend", *common, "--scheduler", ",".join(schedulers), "--host", host, "--frontend-id", "f0"]
+            args = ["frontend", *common, *frontend_security, "--scheduler", ",".join(schedulers), "--host", host]
+            args += ["--frontend-id", "f0"]
             args += ["--http-port", ports["http"], "--grpc-port", ports["grpc"], *frontend_args]
             comp = self._launcher_start("frontend", args, 120.0, env)
             # A restart comes back on the same ports (chosen by the OS the first time when 0 was asked).
@@ -541,7 +590,8 @@ class Supervisor:
 
         def launch(n: int) -> Component:
             # A restarted replica binds its first address again: the frontend and llmctl know replicas by address.
-            comp = self._launcher_start(name, ["scheduler", *args, *(["--port", port[0]] if port else [])], 60.0, env)
+            args_now = ["scheduler", *args, *(["--port", port[0]] if port else [])]
+            comp = self._launcher_start(name, args_now, 60.0, env, may_issue=True)
             if not port:
                 port.append(comp.address.rsplit(":", 1)[1])
             return comp
@@ -678,6 +728,8 @@ class Supervisor:
                     log.info("stopped %s (pid %d): %s", child.name, child.comp.pid, child.last_exit)
         self.reap_adopted()
         self._stop_adopted()
+        if self.issuer is not None:  # the schedulers are gone: nobody may ask any more
+            self.issuer.close()
         if self.pki is not None and self.etcd is not None:
             # The embedded etcd is gone: a certificate issued later from this folder must not wait on its users.
             self.pki.rbac_path.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 from pyllumnix.infra.processes import describe_exit
 from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.issuer import without_issuer
 from pyllumnix.infra.security.runtime import SecuritySettings
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ class LocalProcessProvider(InstanceProvider):
     With ``stop_on_close`` the replica's exit stops every llumlet this provider started and waits for them: SIGTERM
     to its process group, SIGKILL after ``stop_timeout``. Every child's exit is logged with its code.
     ``max_instances`` caps the live children: a request beyond it starts only up to the cap. Children join with
-    ``security`` (default: the process's settings): the same PKI folder or certificate files, or ``--insecure``,
-    unless ``llumlet_args`` already say; a local PKI issues each new llumlet's certificate first.
+    ``security`` (default: the process's settings): each new llumlet's own certificate files, issued first by the
+    local PKI or serve's issuer (never the CA key), else this process's PKI folder or files, or ``--insecure``,
+    unless ``llumlet_args`` already say.
     """
 
     def __init__(
@@ -108,18 +110,23 @@ class LocalProcessProvider(InstanceProvider):
         for _ in range(count):
             iid = f"{self.id_prefix}-{uuid.uuid4().hex[:6]}"
             security = self.security or runtime.current()
-            # A local PKI (CA key here) issues the new llumlet's certificate before it starts.
-            await asyncio.to_thread(security.ensure, "llumlet", iid)
+            # The new llumlet's certificate is issued before it starts (by the local PKI, or serve's issuer), in a
+            # folder of its own: the llumlet gets its own files only, never the CA key.
+            own = await asyncio.to_thread(security.ensure, "llumlet", iid)
             cmd = [sys.executable, "-m", "pyllumnix.tools.cli", "llumlet", "--instance-id", iid, *self.llumlet_args]
             if not any(flag in self.llumlet_args for flag in SECURITY_FLAGS):
-                cmd += security.child_args()  # the same PKI as this process (or --insecure)
+                cmd += security.child_args(own)  # its own files (or this process's PKI, or --insecure)
             stderr: Any = subprocess.DEVNULL
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 stderr = await asyncio.to_thread(open, self.log_dir / f"{iid}.log", "ab")
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *cmd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+                    *cmd,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    start_new_session=True,
+                    env=without_issuer(os.environ.items()),  # a llumlet asks for no certificate
                 )
             finally:
                 if self.log_dir is not None:

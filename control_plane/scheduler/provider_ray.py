@@ -302,7 +302,7 @@ class RayInstanceProvider(InstanceProvider):
                 if paths is None:
                     raise ProviderError(
                         "a Ray-placed llumlet needs a certificate and this scheduler cannot issue one "
-                        "(run it with the PKI folder holding the CA key, as `llumnix serve` does)"
+                        "(run it under `llumnix serve`, which issues it, or with a PKI folder holding the CA key)"
                     )
                 pem = {"ca": paths.ca_pem(), "cert": paths.cert_pem(), "key": paths.key_pem()}
             remote = ray.remote(num_cpus=0)(LlumletSupervisor)

@@ -21,6 +21,7 @@ from cryptography import x509
 
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.rbac import EtcdAuthAdmin, EtcdRbacError, grants_for, user_of
+from pyllumnix.infra.security import issuer
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.ca import (
     DEFAULT_HOSTS,
@@ -52,6 +53,8 @@ class ClusterSecurity:
     cluster: str
     hosts: tuple[str, ...] = DEFAULT_HOSTS
     issued: dict[Identity, CertPaths] = field(default_factory=dict)
+    handout_root: Path | None = None
+    """Where :meth:`hand_out` puts each child's folder (default: ``issued/`` in this folder)."""
 
     @property
     def ca_cert(self) -> Path:
@@ -101,6 +104,14 @@ class ClusterSecurity:
         paths = issued.write(self.directory, self.ca_cert)
         self.issued[identity] = paths
         return paths
+
+    def hand_out(self, role: str, id: str, hosts: Sequence[str] = ()) -> CertPaths:
+        """A child component's files, issued here if need be, copied into a folder of its own with the CA
+        certificate and without the CA key (``infra.security.issuer``): what a process that starts components hands
+        each of them."""
+        own = self.ensure(role, id, hosts)
+        root = self.handout_root or self.directory / "issued"
+        return issuer.hand_out(self.ca_cert, own, role, id, self.cluster, root)
 
     @property
     def rbac_path(self) -> Path:

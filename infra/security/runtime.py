@@ -33,6 +33,7 @@ from pyllumnix.infra.etcd.rbac import EtcdRbacError
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
 from pyllumnix.infra.security.ca import CertPaths, Identity, identities_in
+from pyllumnix.infra.security.issuer import ISSUER_ENV, CertificateIssuer, RemoteIssuer
 from pyllumnix.infra.security.tls import grpc_channel_credentials, grpc_server_credentials
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,14 @@ class SecurityConfigError(Exception):
 class SecuritySettings:
     """This process's certificate (None: plaintext) and what it may do with it.
 
-    ``authority``: a local PKI folder holding the CA key (``llumnix serve``'s, the test harness's); only then may this
-    process issue certificates (the local provider does for the llumlets it spawns).
+    ``authority``: what issues the certificates of the components this process starts (the providers' llumlets): a
+    local PKI folder holding the CA key (the test harness's, an operator's), or ``llumnix serve``'s issuer (its
+    scheduler replicas hold no CA key: ``$LLUMNIX_CERT_ISSUER``); None: this process cannot issue.
     """
 
     paths: CertPaths | None = None
     identity: Identity | None = None
-    authority: ClusterSecurity | None = None
+    authority: CertificateIssuer | None = None
     tls_dir: Path | None = None
     reflection: bool = False
 
@@ -76,21 +78,25 @@ class SecuritySettings:
         assert self.identity is not None, "insecure settings have no cluster identity"
         return self.identity.cluster
 
-    def child_args(self) -> list[str]:
-        """Flags for a child component of the same cluster (the provider's llumlets): same PKI, or --insecure."""
+    def child_args(self, own: CertPaths | None = None) -> list[str]:
+        """Flags for a child component of the same cluster (the provider's llumlets): its ``own`` files (what
+        :meth:`ensure` returned), else the same PKI as this process; or --insecure."""
         if not self.secure:
             return ["--insecure"]
+        if own is not None:
+            return ["--ca", str(own.ca), "--cert", str(own.cert), "--key", str(own.key)]
         if self.tls_dir is not None:
             return ["--tls-dir", str(self.tls_dir)]
         assert self.paths is not None
         return ["--ca", str(self.paths.ca), "--cert", str(self.paths.cert), "--key", str(self.paths.key)]
 
     def ensure(self, role: str, id: str, hosts: Sequence[str] = ()) -> CertPaths | None:
-        """Issues a certificate for a component this process starts (needs the CA key); None when insecure or when
-        this process cannot issue (the component must then be given its own files)."""
+        """The files of a component this process starts, issued if need be, in a folder of the component's own
+        without the CA key (hand it only these: :meth:`child_args`); None when insecure or when this process cannot
+        issue (the component must then be given its own files)."""
         if self.authority is None:
             return None
-        return self.authority.ensure(role, id, hosts)
+        return self.authority.hand_out(role, id, hosts)
 
 
 INSECURE = SecuritySettings()
@@ -151,6 +157,8 @@ def from_options(
     explicit = [v for v in (ca, cert, key) if v]
     if insecure and (tls_dir or explicit):
         raise SecurityConfigError("--insecure contradicts --tls-dir/--ca/--cert/--key: pick one")
+    issuer_socket = env.get(ISSUER_ENV, "")
+    remote = RemoteIssuer(issuer_socket) if issuer_socket and not insecure else None
     if explicit:
         if len(explicit) != 3:
             raise SecurityConfigError("--ca, --cert and --key go together")
@@ -158,7 +166,7 @@ def from_options(
         for p in (paths.ca, paths.cert, paths.key):
             if not p.exists():
                 raise SecurityConfigError(f"{p} does not exist")
-        return SecuritySettings(paths, _checked_identity(paths.cert, role), reflection=reflection)
+        return SecuritySettings(paths, _checked_identity(paths.cert, role), authority=remote, reflection=reflection)
     if insecure:
         return SecuritySettings(reflection=reflection)
     directory = tls_dir or env.get(TLS_DIR_ENV, "")
@@ -168,7 +176,7 @@ def from_options(
         raise SecurityConfigError(f"no TLS certificates for this {role}: {HOW_TO_GET_CERTIFICATES}")
     pki = open_local_pki(Path(directory).expanduser().resolve())
     cert_path = pki.directory / f"{role}-{id}.pem"
-    authority: ClusterSecurity | None = None
+    authority: CertificateIssuer | None = remote
     if pki.ca_key.exists() and pki.cluster:
         authority = pki
         # Import here: grpc_server imports this module. A wildcard names no host: the certificate gets the name

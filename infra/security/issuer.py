@@ -1,0 +1,173 @@
+"""Handing a child component its certificate without handing it the CA.
+
+A process that starts components (``llumnix serve``, a scheduler's instance provider) gives each child only what it
+needs: a folder holding the CA certificate (to trust peers), the child's own certificate and key, and the cluster
+name; never the CA key (with it a compromised child could mint an admin or a scheduler certificate) nor the etcd
+root certificate (with it, bypass etcd's per-component roles). :func:`hand_out` writes such a folder.
+
+``llumnix serve`` holds the CA itself and issues every certificate: the llumlets a scheduler replica's provider starts
+(autoscaling, ``llmctl scale``) are issued through :class:`IssuerServer`, a Unix socket serve listens on, which only
+serve's own scheduler processes may ask (checked by the asking process's pid, ``SO_PEERCRED``), and only for llumlet
+certificates; the replica finds it in ``$LLUMNIX_CERT_ISSUER`` and asks through :class:`RemoteIssuer`.
+
+The children run as serve's user, so this is least privilege, not isolation: what the children are given (their
+flags, environment and folders) names no CA key, but a process of the same user that goes looking may still read
+serve's PKI folder. Run components as separate users (or on separate hosts, as in the README's multi-host setup) for
+a boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import socketserver
+import struct
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from pyllumnix.infra.security.ca import CertPaths, Identity, _private_dir, _write_private
+
+log = logging.getLogger(__name__)
+
+ISSUER_ENV = "LLUMNIX_CERT_ISSUER"
+"""The Unix socket of ``llumnix serve``'s issuer, given to its scheduler replicas only."""
+CLUSTER_FILE = "cluster"
+ISSUABLE_ROLES = frozenset({"llumlet"})
+"""What a remote issuer hands out: a provider starts llumlets, nothing else."""
+REQUEST_LIMIT = 64 * 1024
+TIMEOUT_S = 60.0  # issuing under etcd auth creates the certificate's etcd user first (a few etcdctl calls)
+
+
+class IssuerError(Exception):
+    """A certificate could not be issued (the message says why)."""
+
+
+class CertificateIssuer(Protocol):
+    """What may issue a child's certificate: a local PKI holding the CA key, or serve's issuer over its socket."""
+
+    def hand_out(self, role: str, id: str, hosts: Sequence[str] = ()) -> CertPaths:
+        """The child's own files (CA certificate, its certificate and key) in a folder without the CA key."""
+        ...
+
+
+def hand_out(ca_cert: Path, own: CertPaths, role: str, id: str, cluster: str, root: Path) -> CertPaths:
+    """Copies the CA certificate and a component's certificate and key into ``root/<role>-<id>/`` (0700; the key
+    0600) with the cluster file, so the folder works as the child's ``--tls-dir`` and holds nothing else."""
+    Identity(cluster, role, id)  # a malformed id names no folder
+    folder = _private_dir(_private_dir(root) / f"{role}-{id}")
+    os.chmod(folder, 0o700)
+    stem = f"{role}-{id}"
+    paths = CertPaths(folder / "ca.pem", folder / f"{stem}.pem", folder / f"{stem}-key.pem")
+    _write_private(paths.key, own.key.read_bytes())
+    _write_private(paths.cert, own.cert.read_bytes())  # after the key: a cert that exists has its key
+    _write_private(paths.ca, ca_cert.read_bytes())
+    _write_private(folder / CLUSTER_FILE, (cluster + "\n").encode())
+    return paths
+
+
+def _peer_pid(sock: socket.socket) -> int:
+    """The pid of the process at the other end of a Unix socket (Linux ``SO_PEERCRED``: pid, uid, gid)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return int(pid)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        try:
+            reply = self.server.issuer.answer(_peer_pid(self.request), self.rfile.readline(REQUEST_LIMIT))
+        except Exception as exc:  # never let a request take the server down; say what failed
+            log.exception("certificate request failed")
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, issuer: IssuerServer) -> None:
+        self.issuer = issuer
+        super().__init__(path, _Handler)
+
+
+class IssuerServer:
+    """Issues llumlet certificates for the processes ``may_ask`` admits (by pid), on a Unix socket in a private
+    temporary folder. ``issue(role, id, hosts)`` does the work (serve's: its PKI's ``hand_out``, which also gives the
+    certificate its etcd user); it is called from the server's threads, one request at a time."""
+
+    def __init__(self, issue: Callable[[str, str, Sequence[str]], CertPaths], may_ask: Callable[[int], bool]) -> None:
+        self._issue = issue
+        self._may_ask = may_ask
+        self._lock = threading.Lock()
+        self._dir = Path(tempfile.mkdtemp(prefix="llumnix-issuer-"))  # 0700: a socket path short enough for AF_UNIX
+        self.path = self._dir / "issuer.sock"
+        self._server = _Server(str(self.path), self)
+        os.chmod(self.path, 0o600)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="cert-issuer", daemon=True)
+
+    def start(self) -> IssuerServer:
+        self._thread.start()
+        return self
+
+    def answer(self, pid: int, line: bytes) -> dict[str, Any]:
+        if not self._may_ask(pid):
+            log.warning("refused a certificate request from pid %d: not a process allowed to ask", pid)
+            return {"error": f"pid {pid} may not ask for certificates"}
+        try:
+            request = json.loads(line)
+            role, id, hosts = str(request["role"]), str(request["id"]), [str(h) for h in request.get("hosts", [])]
+        except (ValueError, KeyError, TypeError) as exc:
+            return {"error": f"malformed request ({exc})"}
+        if role not in ISSUABLE_ROLES:
+            log.warning("refused a %s certificate to pid %d: only llumlets are issued here", role, pid)
+            return {"error": f"a {role} certificate is not issued here (only {', '.join(sorted(ISSUABLE_ROLES))})"}
+        with self._lock:
+            paths = self._issue(role, id, hosts)
+        log.info("issued the certificate of %s %s for pid %d", role, id, pid)
+        return {"ca": str(paths.ca), "cert": str(paths.cert), "key": str(paths.key)}
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class RemoteIssuer:
+    """Asks ``llumnix serve``'s :class:`IssuerServer` (at ``path``) for a child's certificate (blocking)."""
+
+    def __init__(self, path: str | Path, timeout: float = TIMEOUT_S) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+
+    def hand_out(self, role: str, id: str, hosts: Sequence[str] = ()) -> CertPaths:
+        request = json.dumps({"role": role, "id": id, "hosts": list(hosts)}).encode() + b"\n"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(self.timeout)
+                sock.connect(str(self.path))
+                sock.sendall(request)
+                with sock.makefile("rb") as replies:
+                    line = replies.readline(REQUEST_LIMIT)
+        except OSError as exc:
+            raise IssuerError(f"cannot ask the certificate issuer at {self.path} for {role} {id}: {exc}") from exc
+        try:
+            reply = json.loads(line)
+        except ValueError as exc:
+            raise IssuerError(f"the certificate issuer at {self.path} gave no answer for {role} {id}") from exc
+        if "error" in reply:
+            raise IssuerError(f"the certificate issuer refused {role} {id}: {reply['error']}")
+        return CertPaths(Path(reply["ca"]), Path(reply["cert"]), Path(reply["key"]))
+
+
+def without_issuer(env: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """An environment for a child that must not ask for certificates (a llumlet): the issuer's socket removed."""
+    return {k: v for k, v in env if k != ISSUER_ENV}
