@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
+from pyllumnix.data_plane.transport.inproc import InprocTransport
 from pyllumnix.data_plane.transport.tcp import MAX_FRAME_BYTES, TcpTransport, parse_tcp_address
 
 HEADER = struct.Struct("!4sIQ")
@@ -91,21 +92,51 @@ async def test_chunks_for_unexpected_keys_are_bounded_and_expire(receiver: TcpTr
     await flooder.start()
     chunk = np.full(1 << 20, 7, dtype=np.uint8)
     try:
-        for i in range(4):  # within the bound: kept for a later expectation
+        share = receiver.early_peer_max_bytes  # one sender's bound: half of the whole (B7)
+        assert share == 2 << 20
+        for i in range(2):  # within the bound: kept for a later expectation
             await flooder.send(receiver.address, f"nobody/{i}", chunk, timeout=DEADLINE)
         async with asyncio.timeout(DEADLINE):
-            while receiver.early_bytes < 4 << 20:
+            while receiver.early_bytes < share:
                 await asyncio.sleep(0.01)
         # Over the bound: the receiver drops the connection instead of buffering.
         with pytest.raises(Exception):  # noqa: B017 - a reset or a timeout, depending on timing
             for i in range(4, 64):
                 await flooder.send(receiver.address, f"nobody/{i}", chunk, timeout=1.0)
-        assert receiver.early_bytes <= receiver.early_max_bytes
+        assert receiver.early_bytes <= share
         assert receiver.early_dropped >= 1
         # Unclaimed chunks expire.
         await asyncio.sleep(receiver.early_ttl_s + 0.1)
-        assert receiver.early_room(receiver.early_max_bytes)
+        assert receiver.early_room(share)
         assert receiver.early_bytes == 0
     finally:
         await flooder.close()
     await legit_transfer_lands(receiver)
+
+
+async def test_one_sender_filling_its_early_share_does_not_starve_another() -> None:
+    """B7: a llumlet certificate could fill another llumlet's whole early-data buffer (256 MiB) with keys nobody
+    expects and hold it for its 30 s lifetime, so every other source's chunks that arrived ahead of their expectation
+    were dropped (their migrations failed). Now each sender holds at most its share (half): another source's early
+    chunk is still kept, and claimed by its expectation."""
+    receiver = InprocTransport()
+    receiver.early_max_bytes = 4 << 20
+    flooder, source = InprocTransport(), InprocTransport()
+    for t in (receiver, flooder, source):
+        await t.start()
+    chunk = np.full(1 << 20, 7, dtype=np.uint8)
+    try:
+        for i in range(8):  # the flooder tries to take it all
+            await flooder.send(receiver.address, f"nobody/{i}", chunk, timeout=DEADLINE)
+        assert receiver.early_bytes == 2 << 20, "the flooder holds its share only"
+        assert receiver.early_dropped == 6
+        data = np.arange(1 << 20, dtype=np.uint8)
+        await source.send(receiver.address, "m2~t/0/0", data, timeout=DEADLINE)  # ahead of its expectation
+        assert receiver.early_dropped == 6, "another source's early chunk was dropped"
+        receiver.expect("m2~t/0/0", data.nbytes)
+        assert np.array_equal(await receiver.receive("m2~t/0/0", timeout=DEADLINE), data)
+        assert receiver.early_bytes == 2 << 20  # the flooder's, until they expire
+        assert receiver.early_peer_max_bytes == 2 << 20
+    finally:
+        for t in (receiver, flooder, source):
+            await t.close()

@@ -33,6 +33,9 @@ DEFAULT_TIMEOUT_S = 30.0
 # for at most EARLY_TTL_S; beyond them a chunk is dropped, so a peer writing keys nobody expects cannot fill memory.
 EARLY_MAX_BYTES = 256 << 20
 EARLY_TTL_S = 30.0
+# One sender (a llumlet's certificate id on TLS; its host on plaintext TCP) holds at most half of it (B7): a peer that
+# writes keys nobody expects cannot take the whole buffer for EARLY_TTL_S and starve the migrations of the others.
+EARLY_PEER_SHARE = 0.5
 
 
 class TransportError(Exception):
@@ -178,41 +181,66 @@ class ExpectingTransport(Transport):
 class BufferingTransport(ExpectingTransport):
     """Shared receive side of transports that match arriving chunks to expectations themselves (in-process and TCP):
     ``_early`` holds the chunks that arrived before their expectation, bounded in bytes and age (``early_max_bytes``,
-    ``early_ttl_s``); ``early_dropped`` counts the chunks refused or expired."""
+    ``early_ttl_s``) and per sender (``early_peer_max_bytes``, ``EARLY_PEER_SHARE`` of the whole by default: the
+    sender is who the transport says, ``""`` when it cannot tell); ``early_dropped`` counts the chunks refused or
+    expired."""
 
-    def __init__(self, *, early_max_bytes: int = EARLY_MAX_BYTES, early_ttl_s: float = EARLY_TTL_S) -> None:
+    def __init__(
+        self,
+        *,
+        early_max_bytes: int = EARLY_MAX_BYTES,
+        early_ttl_s: float = EARLY_TTL_S,
+        early_peer_max_bytes: int | None = None,
+    ) -> None:
         super().__init__()
         self._early: dict[str, Bytes] = {}
         self._early_at: dict[str, float] = {}
+        self._early_from: dict[str, str] = {}  # key -> its sender
+        self._peer_early: dict[str, int] = {}  # sender -> its early bytes
         self._early_bytes = 0
         self.early_max_bytes = early_max_bytes
+        self._early_peer_max_bytes = early_peer_max_bytes
         self.early_ttl_s = early_ttl_s
         self.early_dropped = 0
+
+    @property
+    def early_peer_max_bytes(self) -> int:
+        """One sender's bound (``EARLY_PEER_SHARE`` of ``early_max_bytes`` unless given)."""
+        given = self._early_peer_max_bytes
+        return int(self.early_max_bytes * EARLY_PEER_SHARE) if given is None else given
 
     @property
     def early_bytes(self) -> int:
         return self._early_bytes
 
-    def early_room(self, nbytes: int) -> bool:
-        """Whether a chunk of ``nbytes`` for a key nobody expects yet may be kept now."""
+    def early_room(self, nbytes: int, peer: str = "") -> bool:
+        """Whether a chunk of ``nbytes`` from ``peer`` for a key nobody expects yet may be kept now."""
         self._prune_early()
-        return self._early_bytes + nbytes <= self.early_max_bytes
+        return (
+            self._early_bytes + nbytes <= self.early_max_bytes
+            and self._peer_early.get(peer, 0) + nbytes <= self.early_peer_max_bytes
+        )
 
-    def _keep_early(self, key: str, buf: Bytes) -> bool:
+    def _keep_early(self, key: str, buf: Bytes, peer: str = "") -> bool:
         """Keeps a chunk that arrived before its expectation; False (dropped, counted, logged) beyond the bounds."""
         self._take_early(key)
-        if not self.early_room(buf.nbytes):
+        if not self.early_room(buf.nbytes, peer):
             self.early_dropped += 1
             log.warning(
-                "data plane: dropped %d bytes for unexpected key %r (%d of %d early bytes in use)",
+                "data plane: dropped %d bytes from %s for unexpected key %r (%d of its %d, %d of %d early bytes used)",
                 buf.nbytes,
+                peer or "a peer",
                 key,
+                self._peer_early.get(peer, 0),
+                self.early_peer_max_bytes,
                 self._early_bytes,
                 self.early_max_bytes,
             )
             return False
         self._early[key] = buf
         self._early_at[key] = time.monotonic()
+        self._early_from[key] = peer
+        self._peer_early[peer] = self._peer_early.get(peer, 0) + buf.nbytes
         self._early_bytes += buf.nbytes
         return True
 
@@ -221,6 +249,12 @@ class BufferingTransport(ExpectingTransport):
         if buf is not None:
             self._early_bytes -= buf.nbytes
             self._early_at.pop(key, None)
+            peer = self._early_from.pop(key, "")
+            left = self._peer_early.get(peer, 0) - buf.nbytes
+            if left > 0:
+                self._peer_early[peer] = left
+            else:
+                self._peer_early.pop(peer, None)
         return buf
 
     def _prune_early(self) -> None:
@@ -240,6 +274,8 @@ class BufferingTransport(ExpectingTransport):
         super()._fail_pending()
         self._early.clear()
         self._early_at.clear()
+        self._early_from.clear()
+        self._peer_early.clear()
         self._early_bytes = 0
 
 

@@ -73,13 +73,13 @@ class InprocTransport(BufferingTransport):
         target = _REGISTRY.get(peer)
         if target is None:
             raise TransportError(f"no inproc endpoint at {peer}")
-        target._deliver(key, view)
+        target._deliver(key, view, sender=self._address)
 
-    def _deliver(self, key: str, view: memoryview) -> None:
+    def _deliver(self, key: str, view: memoryview, sender: str = "") -> None:
         exp = self._expected.get(key)
         if exp is None:
-            if self.early_room(view.nbytes):
-                self._keep_early(key, np.frombuffer(view, dtype=np.uint8).copy())
+            if self.early_room(view.nbytes, sender):
+                self._keep_early(key, np.frombuffer(view, dtype=np.uint8).copy(), sender)
             else:
                 self.early_dropped += 1
             return

@@ -212,6 +212,7 @@ class TcpTransport(BufferingTransport):
         loop = asyncio.get_running_loop()
         header = bytearray(_HEADER.size)
         try:
+            sender = str(sock.getpeername()[0])  # plaintext: no identity; its host shares one early-data share
             while True:
                 if not await _recv_exact(loop, sock, memoryview(header)):
                     return
@@ -222,14 +223,14 @@ class TcpTransport(BufferingTransport):
                 if not await _recv_exact(loop, sock, memoryview(raw_key)):
                     return
                 key = raw_key.decode(errors="replace")
-                target = self._frame_target(key, nbytes)
+                target = self._frame_target(key, nbytes, sender)
                 if target is None:
                     return
                 buf, direct = target
                 if not await _recv_exact(loop, sock, buf.data):
                     self._fail_mid_transfer(key)
                     return
-                self._deliver(key, buf, direct)
+                self._deliver(key, buf, direct, sender)
         except OSError:
             return
         finally:
@@ -265,7 +266,7 @@ class TcpTransport(BufferingTransport):
                 if not _frame_ok(magic, key_len, nbytes):
                     return
                 key = (await reader.readexactly(key_len)).decode(errors="replace")
-                target = self._frame_target(key, nbytes)
+                target = self._frame_target(key, nbytes, peer.id)
                 if target is None:
                     return
                 buf, direct = target
@@ -279,23 +280,26 @@ class TcpTransport(BufferingTransport):
                 except asyncio.IncompleteReadError:
                     self._fail_mid_transfer(key)
                     return
-                self._deliver(key, buf, direct)
+                self._deliver(key, buf, direct, peer.id)
         except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
             return
         finally:
             self._tls_writers.discard(writer)
             writer.close()
 
-    def _frame_target(self, key: str, nbytes: int) -> tuple[Bytes, bool] | None:
+    def _frame_target(self, key: str, nbytes: int, sender: str) -> tuple[Bytes, bool] | None:
         """Where a frame's bytes go (both listeners): straight into the expected transfer's buffer (``direct``) or a
         fresh one kept as early data; None (drop the connection) when an unexpected frame would exceed the early
-        bound."""
+        bound, the whole or ``sender``'s share."""
         exp = self._expected.get(key)
         direct = exp is not None and not exp.future.done() and exp.nbytes == nbytes
-        if not direct and not self.early_room(nbytes):
+        if not direct and not self.early_room(nbytes, sender):
             self.early_dropped += 1
             log.warning(
-                "data plane: %d bytes for unexpected key %r over the bound; dropping the connection", nbytes, key
+                "data plane: %d bytes from %s for unexpected key %r over the bound; dropping the connection",
+                nbytes,
+                sender,
+                key,
             )
             return None
         return (exp.buffer if direct and exp is not None else np.empty(nbytes, dtype=np.uint8)), direct
@@ -306,10 +310,10 @@ class TcpTransport(BufferingTransport):
         if exp is not None and not exp.future.done():
             exp.future.set_exception(TransportError(f"{key!r}: peer closed mid-transfer"))
 
-    def _deliver(self, key: str, buf: Bytes, direct: bool) -> None:
+    def _deliver(self, key: str, buf: Bytes, direct: bool, sender: str = "") -> None:
         exp = self._expected.get(key)
         if exp is None:
-            self._keep_early(key, buf)
+            self._keep_early(key, buf, sender)
         elif exp.future.done():
             return
         elif buf.nbytes != exp.nbytes:
