@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from pyllumnix.control_plane.policy.config import check_scale_target
-from pyllumnix.control_plane.scheduler.config_wire import config_from_pb
+from pyllumnix.control_plane.scheduler.config_wire import config_from_pb, config_to_pb
 from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
@@ -115,6 +115,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self.revision = 7
         self.set_requests: list[admin_pb2.SetConfigRequest] = []
         self.reject_config: str = ""
+        # As the real replica: store the update read through the cluster's defaults (0 -> the default).
+        self.apply_defaults = False
         # What the next MigrateRequest ends as (the real llumlet reports aborts as an outcome, not an error).
         self.migration_outcome = llumlet_pb2.MIGRATION_OUTCOME_COMMITTED
         self.migration_reason = ""
@@ -211,6 +213,8 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         if request.expected_revision and request.expected_revision != self.revision:
             await context.abort(grpc.StatusCode.ABORTED, "stale expected_revision")
         request.update_mask.MergeMessage(request.config, self.config, replace_message_field=True)
+        if self.apply_defaults:
+            self.config = config_to_pb(config_from_pb(self.config))
         self.revision += 1
         return admin_pb2.SetConfigResponse(config=self.config, revision=self.revision)
 

@@ -221,6 +221,19 @@ async def test_config_set_server_rejection_and_conflict(replica: tuple[RunningSe
     assert "invalid argument: migrate_out_threshold must not be negative" in res.stderr
 
 
+@pytest.mark.parametrize(("key", "default"), [("migration.pairing_interval_ms", "100"), ("scaling.min_instances", "1")])
+async def test_config_set_zero_takes_the_default_and_succeeds(
+    replica: tuple[RunningServer, Replica, FakeAdmin], key: str, default: str
+) -> None:
+    """0 means "the default" (config.proto): the cluster stores and echoes the default, which is what was asked.
+    Before, the write happened and llmctl then exited with "was not applied as asked"."""
+    server, _, admin = replica
+    admin.apply_defaults = True
+    res = await llmctl("-e", server.address, "config", "set", key, "0")
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == f"{key} = {default} (the cluster's default for 0; revision 8)"
+
+
 async def test_unreachable_cluster_names_endpoints() -> None:
     dead = [dead_address(), dead_address()]
     res = await llmctl("--endpoint", dead[0], "--endpoint", dead[1], "--timeout", "2", "instances")

@@ -713,19 +713,35 @@ def config_set(ctx: click.Context, key: str, value: str, expected_revision: int,
         config_paths.make_update({key: value})
     except config_paths.ConfigPathError as exc:
         fail(str(exc), EXIT_USAGE)
+    wanted, _ = config_paths.make_update({key: value})
+    # A zero scalar without presence means "the default" (config.proto): the cluster answers with the default it
+    # applied, which is what was asked, not a refusal.
+    takes_default = _zero_means_default(wanted, key)
     reply = run(ctx, lambda c: c.set_config({key: value}, expected_revision=expected_revision))
     fmt = output_of(ctx, output)
+    held = config_paths.get_path(reply.config, key)
     if emit_data(fmt, reply):
         pass
     elif fmt == "name":
         emit_names("config", [key])
     else:
-        shown = config_paths.format_value(config_paths.get_path(reply.config, key))
-        click.echo(f"{key} = {shown} (revision {reply.revision})")
-    wanted, _ = config_paths.make_update({key: value})
-    if config_paths.get_path(reply.config, key) != config_paths.get_path(wanted, key) or reply.revision <= 0:
-        held = config_paths.get_path(reply.config, key)
+        note = "the cluster's default for 0; " if takes_default and held != config_paths.get_path(wanted, key) else ""
+        click.echo(f"{key} = {config_paths.format_value(held)} ({note}revision {reply.revision})")
+    if reply.revision <= 0 or (not takes_default and held != config_paths.get_path(wanted, key)):
         fail(f"{key} was not applied as asked (the cluster holds {held!r})", EXIT_ERROR)
+
+
+def _zero_means_default(config: Message, key: str) -> bool:
+    """Whether ``key`` in ``config`` is a scalar without presence left at its zero value, which the cluster reads as
+    "use the default" and echoes as that default."""
+    chain = config_paths.resolve(key)
+    leaf = chain[-1]
+    if leaf.has_presence or leaf.message_type is not None or leaf.is_repeated:
+        return False
+    msg = config
+    for field in chain[:-1]:
+        msg = getattr(msg, field.name)
+    return bool(getattr(msg, leaf.name) == leaf.default_value)
 
 
 @cli.command()
