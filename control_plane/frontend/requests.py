@@ -439,8 +439,9 @@ class HolderLedger:
         if held is None:
             raise StaleCapabilityError(f"request {request_id!r} is not held by anyone here (finished or unknown)")
         if not (_same(token, held.token) and held.current.holder_instance_id == caller_instance_id):
-            self.check(token, request_id=request_id, caller_instance_id=caller_instance_id)  # raises: says why
-            raise StaleCapabilityError(f"{caller_instance_id} does not hold request {request_id!r} now")
+            # Raises, saying why, unless the caller is the pending holder with its token: the request was migrated to
+            # it and it passes it on before its first output reached us: ``check`` made it the holder (ATTACK10 F4).
+            self.check(token, request_id=request_id, caller_instance_id=caller_instance_id)
         if held.pending is not None and held.pending.holder_instance_id == new_instance_id:
             return held.pending_token
         cap = Capability(request_id, new_instance_id, next(self._generations))
