@@ -552,6 +552,15 @@ class SchedulerReplica:
             raise NotLeaderError(self.leader.address if self.leader.replica_id != self.replica_id else "")
         return term_metadata(leadership.revision)
 
+    def _carry_migration_knobs(self, request: llumlet_pb2.MigrateOutRequest) -> None:
+        """Puts the cluster config's migration knobs on an order: llumlets apply them (0 there: their own flags), so
+        ``llmctl config set migration.*`` changes live migrations."""
+        config = self.core.config
+        request.last_stage_max_blocks = config.last_stage_max_blocks
+        request.max_stages = config.max_stages
+        request.transfer_timeout_ms = config.transfer_timeout_ms
+        request.pending_timeout_ms = config.pending_timeout_ms
+
     def require_leader(self) -> None:
         if not self.is_leader:
             raise NotLeaderError(self.leader.address if self.leader.replica_id != self.replica_id else "")
@@ -744,6 +753,7 @@ class SchedulerReplica:
                 wait=True,
                 max_blocks=order.max_blocks,  # the destination's room: the source picks only what fits
             )
+            self._carry_migration_knobs(request)
             stub = self._llumlet(order.source)
             metadata = self._order_metadata()  # raises once this replica no longer leads: no order is sent then
             self.migrations_ordered += 1
@@ -1117,6 +1127,7 @@ class SchedulerReplica:
             request_id=request_id,
             wait=True,
         )
+        self._carry_migration_knobs(request)
         try:
             reply = await self._llumlet(source).MigrateOut(
                 request, timeout=MIGRATE_WAIT_TIMEOUT_S, metadata=self._order_metadata()

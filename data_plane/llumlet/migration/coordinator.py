@@ -35,6 +35,7 @@ from pyllumnix.data_plane.llumlet.llumlet import Llumlet, RequestOwner
 from pyllumnix.data_plane.llumlet.migration import events as ev
 from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
+from pyllumnix.data_plane.llumlet.migration.order import handshake_settings, order_settings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
 from pyllumnix.data_plane.llumlet.service import (
@@ -86,6 +87,8 @@ class MigrationSettings:
     # None picks them for engines whose KV cache is torch tensors (vLLM), host arrays for opaque host bytes (the
     # simulated engine, unchanged); True forces them (any engine's default hooks take CPU tensors), False host arrays.
     device_buffers: bool | None = None
+    # The cluster's pending timeout as the leader's orders carried it (order.py), passed on to destinations; 0: none.
+    cluster_pending_timeout_ms: int = 0
 
 
 class MigrationHooks:
@@ -352,13 +355,12 @@ class MigrationCoordinator:
             raise MigrationError(grpc.StatusCode.NOT_FOUND, f"request {request.request_id} is not on {me}")
         if self._out_slots.full:
             raise MigrationError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{me} is already migrating out")
-        if request.last_stage_max_blocks < 0:
-            raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "last_stage_max_blocks must be >= 0")
         if request.max_blocks < 0:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "max_blocks must be >= 0 (0: no limit)")
-        limits = self.settings.limits
-        if request.last_stage_max_blocks:
-            limits = MigrationLimits(request.last_stage_max_blocks, limits.max_stages)
+        try:  # the cluster config's knobs the order carries (0: the llumlet's own)
+            limits, self.settings = order_settings(request, self.settings)
+        except ValueError as exc:
+            raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         count = max(1, request.max_requests)
         migration_ids = [f"{me}-{uuid.uuid4().hex[:12]}" for _ in range(count)]
         self._out_slots.take(migration_ids[0])  # now: a second order must find the slot taken
@@ -600,6 +602,7 @@ class MigrationCoordinator:
             stage=stage.index,
             num_blocks=stage.count,
             source_data_plane_address=self.transport.address,
+            pending_timeout_ms=self.settings.cluster_pending_timeout_ms if stage.index == 0 else 0,
         )
         if stage.index == 0:
             state = out.state
@@ -776,6 +779,10 @@ class MigrationCoordinator:
         mid = request.migration_id
         if not mid:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "migration_id is empty")
+        try:  # the cluster's pending timeout, passed on by the source (order.py)
+            self.settings = handshake_settings(request, self.settings)
+        except ValueError as exc:
+            raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         incoming = self._incoming.get(mid)
         if incoming is None:
             machine = DestinationMigration(mid, self._in_slots, self.llumlet.instance_id)

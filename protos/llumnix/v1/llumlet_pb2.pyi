@@ -336,6 +336,9 @@ class MigrateOutRequest(_message.Message):
     WAIT_FIELD_NUMBER: _builtins.int
     LAST_STAGE_MAX_BLOCKS_FIELD_NUMBER: _builtins.int
     MAX_BLOCKS_FIELD_NUMBER: _builtins.int
+    MAX_STAGES_FIELD_NUMBER: _builtins.int
+    TRANSFER_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    PENDING_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     destination_instance_id: _builtins.str
     destination_grpc_address: _builtins.str
     selection: _common_pb2.MigrationSelection.ValueType
@@ -356,6 +359,19 @@ class MigrateOutRequest(_message.Message):
     error). The scheduler's pairing sets the destination's room (free - waiting demand - watermark), so a source
     never picks a request the destination would refuse; ignored when request_id is set.
     """
+    max_stages: _builtins.int
+    """Overrides the llumlet's max_stages for this order (0: keep it). The leader sends the cluster config's
+    migration.max_stages (and its last_stage_max_blocks above).
+    """
+    transfer_timeout_ms: _builtins.int
+    """The cluster config's migration.transfer_timeout_ms: the llumlet's source-side bound on each call and stage of a
+    migration from this order on (0: keep its own, its --transfer-timeout; an older leader sends none). Range [100,
+    600000].
+    """
+    pending_timeout_ms: _builtins.int
+    """The cluster config's migration.pending_timeout_ms: the llumlet uses it as a destination from this order on and
+    passes it to its destinations in PreAllocate (0: keep its own, its --pending-timeout). Range [100, 600000].
+    """
     def __init__(
         self,
         *,
@@ -367,10 +383,13 @@ class MigrateOutRequest(_message.Message):
         wait: _builtins.bool = ...,
         last_stage_max_blocks: _builtins.int = ...,
         max_blocks: _builtins.int = ...,
+        max_stages: _builtins.int = ...,
+        transfer_timeout_ms: _builtins.int = ...,
+        pending_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_grpc_address", b"destination_grpc_address", "destination_instance_id", b"destination_instance_id", "last_stage_max_blocks", b"last_stage_max_blocks", "max_blocks", b"max_blocks", "max_requests", b"max_requests", "request_id", b"request_id", "selection", b"selection", "wait", b"wait"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination_grpc_address", b"destination_grpc_address", "destination_instance_id", b"destination_instance_id", "last_stage_max_blocks", b"last_stage_max_blocks", "max_blocks", b"max_blocks", "max_requests", b"max_requests", "max_stages", b"max_stages", "pending_timeout_ms", b"pending_timeout_ms", "request_id", b"request_id", "selection", b"selection", "transfer_timeout_ms", b"transfer_timeout_ms", "wait", b"wait"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -454,6 +473,7 @@ class PreAllocateRequest(_message.Message):
     REQUEST_FIELD_NUMBER: _builtins.int
     SOURCE_DATA_PLANE_ADDRESS_FIELD_NUMBER: _builtins.int
     KV_LAYOUT_FIELD_NUMBER: _builtins.int
+    PENDING_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     source_instance_id: _builtins.str
     stage: _builtins.int
@@ -465,6 +485,10 @@ class PreAllocateRequest(_message.Message):
     """First stage: the source engine's KV block layout descriptor (page shape, page bytes, dtype, layers, block size,
     kernel split, device kind). The destination refuses a mismatch with FAILED_PRECONDITION naming both layouts,
     before it reserves anything; an empty descriptor is refused too (its blocks could mean anything).
+    """
+    pending_timeout_ms: _builtins.int
+    """First stage: the cluster's pending timeout the source's orders carried (MigrateOutRequest.pending_timeout_ms);
+    the destination frees reservations of silent sources after it from now on (0: it keeps its own).
     """
     @_builtins.property
     def request(self) -> Global___MigratingRequest:
@@ -480,10 +504,11 @@ class PreAllocateRequest(_message.Message):
         request: Global___MigratingRequest | None = ...,
         source_data_plane_address: _builtins.str = ...,
         kv_layout: _builtins.str = ...,
+        pending_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_layout", b"kv_layout", "migration_id", b"migration_id", "num_blocks", b"num_blocks", "request", b"request", "source_data_plane_address", b"source_data_plane_address", "source_instance_id", b"source_instance_id", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kv_layout", b"kv_layout", "migration_id", b"migration_id", "num_blocks", b"num_blocks", "pending_timeout_ms", b"pending_timeout_ms", "request", b"request", "source_data_plane_address", b"source_data_plane_address", "source_instance_id", b"source_instance_id", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

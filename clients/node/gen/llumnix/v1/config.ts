@@ -166,13 +166,24 @@ export interface MigrationConfig {
   disableDefrag: boolean;
   /** Pairing loop period. Default 100 ms; range [10, 60000]. */
   pairingIntervalMs: number;
-  /** Remaining blocks at or below which the stop-and-copy stage runs. Default 4; range [1, 4096]. */
+  /**
+   * The leader puts the next four on every MigrateOut order (MigrateOutRequest's fields of the same names): the
+   * llumlets apply them, a llumlet's own flags (--last-stage-max-blocks, --max-stages, --transfer-timeout,
+   * --pending-timeout) only where an order leaves them at 0 (an older leader).
+   * Remaining blocks at or below which the stop-and-copy stage runs. Default 4; range [1, 4096].
+   */
   lastStageMaxBlocks: number;
   /** Non-final stages allowed before the migration aborts. Default 3; range [1, 64]. */
   maxStages: number;
-  /** Destination frees a reservation when the source is silent this long. Default 10000 ms; range [100, 600000]. */
+  /**
+   * Destination frees a reservation when the source is silent this long (the source passes it on in its first
+   * PreAllocate; in force on a llumlet from its next migration). Default 10000 ms; range [100, 600000].
+   */
   pendingTimeoutMs: number;
-  /** Source restores the request when a stage's transfer takes longer. Default 10000 ms; range [100, 600000]. */
+  /**
+   * Source restores the request when a stage's transfer (or another call to the destination) takes longer; in force
+   * on a llumlet from its next order. Default 10000 ms; range [100, 600000].
+   */
   transferTimeoutMs: number;
 }
 

@@ -173,6 +173,22 @@ export interface MigrateOutRequest {
    * never picks a request the destination would refuse; ignored when request_id is set.
    */
   maxBlocks: number;
+  /**
+   * Overrides the llumlet's max_stages for this order (0: keep it). The leader sends the cluster config's
+   * migration.max_stages (and its last_stage_max_blocks above).
+   */
+  maxStages: number;
+  /**
+   * The cluster config's migration.transfer_timeout_ms: the llumlet's source-side bound on each call and stage of a
+   * migration from this order on (0: keep its own, its --transfer-timeout; an older leader sends none). Range [100,
+   * 600000].
+   */
+  transferTimeoutMs: number;
+  /**
+   * The cluster config's migration.pending_timeout_ms: the llumlet uses it as a destination from this order on and
+   * passes it to its destinations in PreAllocate (0: keep its own, its --pending-timeout). Range [100, 600000].
+   */
+  pendingTimeoutMs: number;
 }
 
 export interface MigrateOutResponse {
@@ -212,6 +228,11 @@ export interface PreAllocateRequest {
    * before it reserves anything; an empty descriptor is refused too (its blocks could mean anything).
    */
   kvLayout: string;
+  /**
+   * First stage: the cluster's pending timeout the source's orders carried (MigrateOutRequest.pending_timeout_ms);
+   * the destination frees reservations of silent sources after it from now on (0: it keeps its own).
+   */
+  pendingTimeoutMs: number;
 }
 
 export interface PreAllocateResponse {
@@ -1333,6 +1354,9 @@ function createBaseMigrateOutRequest(): MigrateOutRequest {
     wait: false,
     lastStageMaxBlocks: 0,
     maxBlocks: 0,
+    maxStages: 0,
+    transferTimeoutMs: 0,
+    pendingTimeoutMs: 0,
   };
 }
 
@@ -1361,6 +1385,15 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
     }
     if (message.maxBlocks !== 0) {
       writer.uint32(64).int32(message.maxBlocks);
+    }
+    if (message.maxStages !== 0) {
+      writer.uint32(72).int32(message.maxStages);
+    }
+    if (message.transferTimeoutMs !== 0) {
+      writer.uint32(80).int32(message.transferTimeoutMs);
+    }
+    if (message.pendingTimeoutMs !== 0) {
+      writer.uint32(88).int32(message.pendingTimeoutMs);
     }
     return writer;
   },
@@ -1442,6 +1475,30 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
             message.maxBlocks = reader.int32();
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.maxStages = reader.int32();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.transferTimeoutMs = reader.int32();
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.pendingTimeoutMs = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1488,6 +1545,21 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
         : isSet(object.max_blocks)
         ? globalThis.Number(object.max_blocks)
         : 0,
+      maxStages: isSet(object.maxStages)
+        ? globalThis.Number(object.maxStages)
+        : isSet(object.max_stages)
+        ? globalThis.Number(object.max_stages)
+        : 0,
+      transferTimeoutMs: isSet(object.transferTimeoutMs)
+        ? globalThis.Number(object.transferTimeoutMs)
+        : isSet(object.transfer_timeout_ms)
+        ? globalThis.Number(object.transfer_timeout_ms)
+        : 0,
+      pendingTimeoutMs: isSet(object.pendingTimeoutMs)
+        ? globalThis.Number(object.pendingTimeoutMs)
+        : isSet(object.pending_timeout_ms)
+        ? globalThis.Number(object.pending_timeout_ms)
+        : 0,
     };
   },
 
@@ -1517,6 +1589,15 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
     if (message.maxBlocks !== 0) {
       obj.maxBlocks = Math.round(message.maxBlocks);
     }
+    if (message.maxStages !== 0) {
+      obj.maxStages = Math.round(message.maxStages);
+    }
+    if (message.transferTimeoutMs !== 0) {
+      obj.transferTimeoutMs = Math.round(message.transferTimeoutMs);
+    }
+    if (message.pendingTimeoutMs !== 0) {
+      obj.pendingTimeoutMs = Math.round(message.pendingTimeoutMs);
+    }
     return obj;
   },
 
@@ -1533,6 +1614,9 @@ export const MigrateOutRequest: MessageFns<MigrateOutRequest> = {
     message.wait = object.wait ?? false;
     message.lastStageMaxBlocks = object.lastStageMaxBlocks ?? 0;
     message.maxBlocks = object.maxBlocks ?? 0;
+    message.maxStages = object.maxStages ?? 0;
+    message.transferTimeoutMs = object.transferTimeoutMs ?? 0;
+    message.pendingTimeoutMs = object.pendingTimeoutMs ?? 0;
     return message;
   },
 };
@@ -1829,6 +1913,7 @@ function createBasePreAllocateRequest(): PreAllocateRequest {
     request: undefined,
     sourceDataPlaneAddress: "",
     kvLayout: "",
+    pendingTimeoutMs: 0,
   };
 }
 
@@ -1854,6 +1939,9 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
     }
     if (message.kvLayout !== "") {
       writer.uint32(58).string(message.kvLayout);
+    }
+    if (message.pendingTimeoutMs !== 0) {
+      writer.uint32(64).int32(message.pendingTimeoutMs);
     }
     return writer;
   },
@@ -1927,6 +2015,14 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
             message.kvLayout = reader.string();
             continue;
           }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.pendingTimeoutMs = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1968,6 +2064,11 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
         : isSet(object.kv_layout)
         ? globalThis.String(object.kv_layout)
         : "",
+      pendingTimeoutMs: isSet(object.pendingTimeoutMs)
+        ? globalThis.Number(object.pendingTimeoutMs)
+        : isSet(object.pending_timeout_ms)
+        ? globalThis.Number(object.pending_timeout_ms)
+        : 0,
     };
   },
 
@@ -1994,6 +2095,9 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
     if (message.kvLayout !== "") {
       obj.kvLayout = message.kvLayout;
     }
+    if (message.pendingTimeoutMs !== 0) {
+      obj.pendingTimeoutMs = Math.round(message.pendingTimeoutMs);
+    }
     return obj;
   },
 
@@ -2011,6 +2115,7 @@ export const PreAllocateRequest: MessageFns<PreAllocateRequest> = {
       : undefined;
     message.sourceDataPlaneAddress = object.sourceDataPlaneAddress ?? "";
     message.kvLayout = object.kvLayout ?? "";
+    message.pendingTimeoutMs = object.pendingTimeoutMs ?? 0;
     return message;
   },
 };
