@@ -200,3 +200,187 @@ def test_set_policy_waits_for_a_leader_and_names_other_failures(tmp_path: Path) 
     bad.chmod(bad.stat().st_mode | stat.S_IEXEC)
     with pytest.raises(RuntimeError, match="exited 2: invalid argument: nope"):
         bench_peers.set_policy("infaas++", dict(os.environ), timeout=30, llmctl=str(bad))
+
+
+# -- one warm cluster per system, a drain check between runs (session 10) ------------------------------------------
+def _instance_metrics(free_blocks: int = 520, num_waiting: int = 0, total_preemptions: int = 0) -> str:
+    """A llumlet's real /metrics text (``InstanceMetrics``) for an engine load."""
+    from prometheus_client import generate_latest
+
+    from pyllumnix.data_plane.engine.base import LoadSnapshot
+    from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
+    from pyllumnix.protos.llumnix.v1 import common_pb2
+
+    snapshot = LoadSnapshot(
+        total_blocks=520,
+        free_blocks=free_blocks,
+        block_size=16,
+        watermark_blocks=5,
+        num_running=0,
+        num_waiting=num_waiting,
+        num_preempted=0,
+        head_of_line_demand_blocks=0,
+        waiting_demand_blocks=0,
+        reserved_blocks=0,
+        total_preemptions=total_preemptions,
+    )
+    metrics = InstanceMetrics("i-0", "llama-7b-a10", lambda: snapshot, common_pb2.MigrationStats, lambda: ())
+    return generate_latest(metrics.registry).decode()
+
+
+def test_the_drain_check_reads_frontends_and_llumlets() -> None:
+    """Empty only when no frontend has a request in flight and every llumlet has nothing running or waiting and every
+    block free; an endpoint that does not answer, or a scrape without the series, is not empty."""
+    from pyllumnix.tools.bench_peers_drain import Probes, not_drained, preemptions
+
+    pages = {"http://f/get_load": '{"load": 0}', "http://l0/metrics": _instance_metrics()}
+
+    def get(url: str, timeout: float) -> str:
+        if url not in pages:
+            raise OSError("connection refused")
+        return pages[url]
+
+    probes = Probes(["http://f"], {"llumlet-0": "l0"})
+    assert not_drained(probes, get=get) == []
+    pages["http://l0/metrics"] = _instance_metrics(free_blocks=519, total_preemptions=3)  # one block held
+    assert not_drained(probes, get=get) == [f"llumlet-0: kv_cache_usage_perc {1 / 520:g}"]
+    assert preemptions(probes, get=get) == 3.0
+    pages["http://l0/metrics"] = _instance_metrics(num_waiting=2)
+    pages["http://f/get_load"] = '{"load": 1}'
+    assert not_drained(probes, get=get) == [
+        "frontend http://f: 1 request(s) in flight",
+        "llumlet-0: num_requests_waiting 2",
+    ]
+    pages["http://l0/metrics"] = "# nothing here\n"
+    assert not_drained(Probes([], {"llumlet-0": "l0"}), get=get) == [
+        "llumlet-0: num_requests_running nan, num_requests_waiting nan, kv_cache_usage_perc nan"
+    ]
+    left = not_drained(Probes(["http://gone"], {}), get=get)
+    assert len(left) == 1 and "http://gone: /get_load failed (connection refused)" in left[0]
+
+
+def test_wait_drained_waits_gives_up_and_stops_at_a_dead_process() -> None:
+    from pyllumnix.tools.bench_peers_drain import Probes, wait_drained
+
+    looks = iter([["llumlet-0: num_requests_running 1"], []])
+    done = wait_drained(Probes(), lambda: [], 5.0, poll=0.01, check=lambda _p: next(looks))
+    assert done["ok"] and done["left"] == [] and done["dead"] == []
+    t = time.monotonic()
+    stuck = wait_drained(Probes(), lambda: [], 0.2, poll=0.01, check=lambda _p: ["llumlet-0: kv 0.1"])
+    assert not stuck["ok"] and stuck["left"] == ["llumlet-0: kv 0.1"] and stuck["seconds"] >= 0.2
+    dead = wait_drained(Probes(), lambda: ["llumlet-1 (pid 7)"], 60.0, check=lambda _p: ["x"])
+    assert not dead["ok"] and dead["dead"] == ["llumlet-1 (pid 7)"] and time.monotonic() - t < 5
+
+
+def test_repeats_keep_arrivals_and_lengths_but_change_the_prompts() -> None:
+    """A cache-aware router keeps its prefix tree across runs on one cluster: each run's prompts are new text of the
+    same token counts, at the same times."""
+    w = "S-S:poisson:rate=8:n=20:len_max=320"
+    tok = SimTokenizer()
+    a, b, c = (bench_peers.run_arrivals(w, i, 0, r) for i, r in ((0, 0), (0, 1), (1, 0)))
+    for other in (b, c):
+        assert [(x.arrival_time_s, x.input_len, x.output_len) for x in other] == [
+            (x.arrival_time_s, x.input_len, x.output_len) for x in a
+        ]
+    prompts = [{text_prompt_of(x) for x in run} for run in (a, b, c)]
+    assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2])
+    assert [len(tok.encode(text_prompt_of(x))) for x in b] == [x.input_len for x in b]
+
+
+def _fake_cluster(
+    monkeypatch: pytest.MonkeyPatch, drains: list[bool]
+) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """bench peers on fakes: starts, replays (system, first request id) and stops are recorded; the drain check after
+    each replay answers from ``drains`` (True while it runs out)."""
+    started: list[str] = []
+    replays: list[tuple[str, str]] = []
+    stopped: list[str] = []
+
+    def start(name: str, work: Path, blocks: int, instances: int) -> bench_peers.System:
+        started.append(name)
+        system = bench_peers.System(name, "http://127.0.0.1:9", None, [], notes={"name": name})
+        try:
+            from pyllumnix.tools.bench_peers_drain import Probes
+        except ImportError:  # the code before the drain check: these fakes still run on it, and fail its assertions
+            pass
+        else:
+            llumlets = {f"llumlet-{i}": f"127.0.0.1:{i + 1}" for i in range(instances)}
+            system.probes = Probes(["http://127.0.0.1:9"], llumlets)
+        system.stoppers.append(lambda: stopped.append(name))
+        return system
+
+    def run_once(
+        system: bench_peers.System, arrivals: list[Any], idle: dict[str, float] | None = None
+    ) -> dict[str, Any]:
+        replays.append((system.name, arrivals[0].request_id))
+        return {
+            "completed": len(arrivals),
+            "failed": 0,
+            "errors": [],
+            "dead_processes": [],
+            "ttft_s": {"p99": 0.5},
+            "cpu_ms_per_request": {"total": 3.0},
+            "cpu_ms_per_token_llumlet_frontend": 0.1,
+        }
+
+    def check_drained(system: bench_peers.System) -> dict[str, Any]:
+        ok = drains.pop(0) if drains else True
+        return {"ok": ok, "seconds": 0.1, "left": [] if ok else ["llumlet-0: kv_cache_usage_perc 0.01"], "dead": []}
+
+    monkeypatch.setattr(bench_peers, "start_project", start)
+    monkeypatch.setattr(bench_peers, "run_once", run_once)
+    # raising=False: the same fakes run against the code before the warm cluster (which had neither)
+    monkeypatch.setattr(bench_peers, "idle_rates", lambda system: {"llumlet": 0.01}, raising=False)
+    monkeypatch.setattr(bench_peers, "check_drained", check_drained, raising=False)
+    return started, replays, stopped
+
+
+def test_each_system_starts_once_and_its_runs_go_round_by_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old: a fresh cluster for every run (12 starts here, 19 min per repeat of the default run). Now one start per
+    system, a warm-up replay, then every workload once per round."""
+    from click.testing import CliRunner
+
+    started, replays, stopped = _fake_cluster(monkeypatch, [])
+    w0, w1 = "fixed:poisson:rate=4:n=3:in=8:out=4", "fixed:gamma:rate=4:cv=4:n=3:in=8:out=4"
+    args = ["--systems", "llumnix,infaas++", "--workload", w0, "--workload", w1, "--repeats", "3"]
+    res = CliRunner().invoke(bench_peers.bench_peers, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert started == stopped == ["llumnix", "infaas++"]
+    order = [f"w{i}r{r}-" for r in range(3) for i in range(2)]
+    for name in ("llumnix", "infaas++"):
+        mine = [rid for system, rid in replays if system == name]
+        assert mine[0].startswith("w-1r1-")  # the warm-up, not measured
+        assert [rid[: len(order[0])] for rid in mine[1:]] == order
+    report = json_report(res.stdout)
+    assert report["run_order"][:3] == [f"run 1: {w0} repeat 1", f"run 2: {w1} repeat 1", f"run 3: {w0} repeat 2"]
+    cell = report["results"][w1]["infaas++"]
+    assert [r["repeat"] for r in cell["runs"]] == [1, 2, 3] and [r["order"] for r in cell["runs"]] == [2, 4, 6]
+    assert cell["median"]["ttft_s.p99"] == {"median": 0.5, "min": 0.5, "max": 0.5}
+    assert report["systems"]["llumnix"]["cluster_starts"] == 1 and report["systems"]["llumnix"]["warmup_ok"]
+    assert report["wall_s"] > 0 and report["failed_runs"] == []
+
+
+def test_a_run_that_does_not_drain_fails_loudly_and_the_next_gets_a_fresh_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    started, replays, stopped = _fake_cluster(monkeypatch, [True, False])  # warm-up drains, run 1 leaves a block
+    w0 = "fixed:poisson:rate=4:n=3:in=8:out=4"
+    args = ["--systems", "llumnix", "--workload", w0, "--repeats", "2"]
+    res = CliRunner().invoke(bench_peers.bench_peers, args, catch_exceptions=False)
+    assert res.exit_code == 1
+    assert started == stopped == ["llumnix", "llumnix"]
+    assert [rid.split("-")[0] for _, rid in replays] == ["w", "w0r0", "w", "w0r1"]  # warm-up again after the restart
+    assert "NOT DRAINED after 0 s: ['llumlet-0: kv_cache_usage_perc 0.01'] (the cluster is restarted)" in res.stderr
+    report = json_report(res.stdout)
+    assert report["failed_runs"] == [f"llumnix {w0} run 1"]
+    assert [r["cluster_start"] for r in report["results"][w0]["llumnix"]["runs"]] == [1, 2]
+    assert "FAILED: ['llumnix" in res.stderr.strip().splitlines()[-1]
+
+
+def json_report(stdout: str) -> dict[str, Any]:
+    import json
+
+    report: dict[str, Any] = json.loads(stdout)
+    return report

@@ -76,9 +76,12 @@ def _fake_peers(monkeypatch: pytest.MonkeyPatch, ran: list[str]) -> None:
     from pyllumnix.tools.progress import progress_bar
 
     def start_project(policy: str, work: object, blocks: int, instances: int) -> bench_peers.System:
-        return bench_peers.System(policy, "http://127.0.0.1:9", None, [], notes={"dispatch_policy": policy})
+        system = bench_peers.System(policy, "http://127.0.0.1:9", None, [], notes={"dispatch_policy": policy})
+        system.probes.frontends = [system.url]
+        system.probes.llumlet_metrics = {f"llumlet-{i}": f"127.0.0.1:{i + 1}" for i in range(instances)}
+        return system
 
-    def run_once(system: bench_peers.System, arrivals: list[object]) -> dict[str, object]:
+    def run_once(system: bench_peers.System, arrivals: list[object], idle: dict[str, float]) -> dict[str, object]:
         with progress_bar() as bar:
             task = bar.add_task("requests", total=len(arrivals))
             bar.advance(task, len(arrivals))
@@ -86,6 +89,7 @@ def _fake_peers(monkeypatch: pytest.MonkeyPatch, ran: list[str]) -> None:
         return {
             "completed": len(arrivals),
             "failed": 0,
+            "errors": [],
             "dead_processes": [],
             "ttft_s": {"p99": 0.5},
             "cpu_ms_per_request": {"total": 3.0},
@@ -94,6 +98,10 @@ def _fake_peers(monkeypatch: pytest.MonkeyPatch, ran: list[str]) -> None:
 
     monkeypatch.setattr(bench_peers, "start_project", start_project)
     monkeypatch.setattr(bench_peers, "run_once", run_once)
+    monkeypatch.setattr(bench_peers, "idle_rates", lambda system: {})
+    monkeypatch.setattr(
+        bench_peers, "check_drained", lambda system: {"ok": True, "seconds": 0.0, "left": [], "dead": []}
+    )
 
 
 @pytest.mark.parametrize("forced", ["0", "1"])
@@ -106,12 +114,15 @@ def test_bench_peers_stdout_is_the_json_report(monkeypatch: pytest.MonkeyPatch, 
     args = ["bench", "peers", "--systems", "llumnix,infaas++", "--workload", "fixed:poisson:rate=4:n=3:in=8:out=4"]
     res = CliRunner().invoke(cli, [*args, "--repeats", "2"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
-    assert ran == ["llumnix", "llumnix", "infaas++", "infaas++"]
+    assert ran == ["llumnix"] * 3 + ["infaas++"] * 3  # per system: its warm-up, then its two runs
     report = json.loads(res.stdout)  # nothing but the JSON
     runs = report["results"]["fixed:poisson:rate=4:n=3:in=8:out=4"]
     assert [len(runs[s]["runs"]) for s in ("llumnix", "infaas++")] == [2, 2]
     err = plain(res.stderr)
-    assert err.strip().splitlines()[-1].startswith("peers fixed:poisson:rate=4:n=3:in=8:out=4: llumnix TTFT p99 0.50 s")
+    assert err.strip().splitlines()[-2].startswith("peers fixed:poisson:rate=4:n=3:in=8:out=4: llumnix TTFT p99 0.50 s")
+    assert err.strip().splitlines()[-1].startswith("peers total wall ")
+    assert err.strip().splitlines()[-1].endswith("min): 2 system(s), 4 run(s)")
+    assert report["wall_s"] > 0 and report["failed_runs"] == []
     assert "infaas++ fixed:poisson:rate=4:n=3:in=8:out=4 run 2/2: 3/3 done" in err  # the per-run lines stay
     if forced == "1":
         assert "bench peers" in err and "4/4" in err and "requests" in err

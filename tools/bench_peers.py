@@ -9,11 +9,14 @@ Systems:
   worker a llumlet + a frontend of its own (``--insecure``, loopback only, behind the router; the JSON says so).
   The routers are installed at pinned versions into a throwaway virtualenv (``--peers-venv``; never ``.venv``).
 
-Each workload runs ``--repeats`` times per system (fresh processes every run); the report holds the median and the
-spread (min, max) of TTFT / TPOT / e2e P50-P99, throughput, and CPU seconds (utime + stime from /proc, so robust to
-other load on the machine) per request and per streamed token, per component, of every process the benchmark started.
-Every process must be alive after each run (else the run counts as failed). ``--smoke`` runs this project only with
-a few requests (CI). A chart (matplotlib) of TTFT P99 and CPU per request is written with ``--plot``.
+Each system is started once and serves all its runs: a warm-up replay (not measured), an idle CPU sample, then every
+workload ``--repeats`` times in rounds (``schedule``). After each run the cluster must drain -- every request ended at
+every frontend and llumlet, every KV block free, every process alive (``bench_peers_drain``) -- else the run fails
+loudly and the next run gets a fresh cluster. The report holds the median and the spread (min, max) of TTFT / TPOT /
+e2e P50-P99, throughput, and CPU seconds (utime + stime from /proc, so robust to other load on the machine) per
+request and per streamed token, per component, of every process the benchmark started, and the total wall time.
+``--smoke`` runs this project only, the warm-up and one tiny run on its cluster (CI). ``--plot`` writes a chart
+(matplotlib) of TTFT P99 and CPU per request, drawn from the JSON the run writes.
 
 stdout is the JSON report alone; the per-run lines, the summary and the progress bar (one step per run, the replay's
 requests beneath it; a terminal only, ``LLUMNIX_PROGRESS`` forces) go to stderr.
@@ -21,6 +24,7 @@ requests beneath it; a terminal only, ``LLUMNIX_PROGRESS`` forces) go to stderr.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -32,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,7 @@ import click
 import numpy as np
 
 from pyllumnix.infra.processes import stop_group
+from pyllumnix.tools.bench_peers_drain import Probes, preemptions, wait_drained
 from pyllumnix.tools.bench_serving import replay_openai
 from pyllumnix.tools.launch import Launcher, spawn
 from pyllumnix.tools.metrics import summarize
@@ -54,10 +60,13 @@ DEFAULT_SYSTEMS = (
     "vllm-router:cache_aware",
     "sglang-router:cache_aware",
 )
+# The paper's power-law (Zipf) lengths, S-S (means 128/128) capped at 256 tokens: heavy-tailed (median output 76
+# tokens, 24 % at the cap), 160 requests at 8 req/s: ~18-21 s of arrivals and a longest decode of ~15 s, so one run
+# takes ~33 s and 6 systems x 2 workloads x 3 repeats fit in 30 minutes here (docs/bench-peers/README.md, "Within 30
+# minutes (session 10)"). Other workloads (the issue's M-M with len_max=1024, sharegpt) with --workload.
 DEFAULT_WORKLOADS = (
-    "M-M:poisson:rate=4:n=200:len_max=1024",
-    "M-M:gamma:rate=4:cv=4:n=200:len_max=1024",
-    "sharegpt:poisson:rate=2:n=200:len_max=1024",
+    "S-S:poisson:rate=8:n=160:len_max=256",
+    "S-S:gamma:rate=8:cv=4:n=160:len_max=256",
 )
 _POLICY_NAMES = {"llumnix": "llumnix", "infaas++": "infaas++"}
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -127,6 +136,7 @@ class System:
     procs: list[Proc]
     notes: dict[str, Any] = field(default_factory=dict)
     stoppers: list[Any] = field(default_factory=list)
+    probes: Probes = field(default_factory=Probes)  # where the drain check between runs reads emptiness
 
     def stop(self) -> None:
         for stop in reversed(self.stoppers):
@@ -224,6 +234,9 @@ def start_project(policy: str, work: Path, blocks: int, instances: int) -> Syste
             kind = str(comp.get("kind", ""))
             if comp.get("pid") and kind in ("llumlet", "frontend", "scheduler", "etcd"):
                 system.procs.append(Proc(str(comp.get("name", kind)), kind, int(comp["pid"])))
+            if kind == "llumlet" and comp.get("metrics"):
+                system.probes.llumlet_metrics[str(comp.get("name", kind))] = str(comp["metrics"])
+        system.probes.frontends = [system.url]
         system.procs.append(Proc("serve", "serve", proc.pid))
         if policy != "llumnix":
             set_policy(policy, env)
@@ -309,6 +322,9 @@ def start_router(spec: str, work: Path, blocks: int, instances: int, peers_bin: 
             )  # fmt: skip
             system.procs += [Proc(f"llumlet-{i}", "llumlet", ll.pid), Proc(f"frontend-{i}", "frontend", fe.pid)]
             urls.append(f"http://127.0.0.1:{fe.ready.get('http_port', port)}")
+            if ll.ready.get("metrics_address"):
+                system.probes.llumlet_metrics[f"llumlet-{i}"] = str(ll.ready["metrics_address"])
+        system.probes.frontends = list(urls)
         for u in urls:
             _wait_http(f"{u}/readyz", 60, spec, system.procs)
         rport = free_port()
@@ -353,21 +369,29 @@ def _percentiles(values: Sequence[float]) -> dict[str, float | None]:
     return {f"p{p}": float(np.percentile(arr, p)) for p in (50, 90, 95, 99)}
 
 
-def run_once(system: System, arrivals: Sequence[RequestArrival]) -> dict[str, Any]:
-    """Replays the workload once; CPU per component over the run; every process checked alive afterwards."""
+def idle_rates(system: System, seconds: float = IDLE_SAMPLE_S) -> dict[str, float]:
+    """CPU seconds per second of each component kind with nothing to do (load reports, heartbeats, health checks):
+    sampled once per system on its warm, drained cluster, and taken out of the token path's net figure."""
+    idle0 = {p.pid: cpu_seconds(p.pid) for p in system.procs}
+    time.sleep(seconds)
+    rate: dict[str, float] = {}
+    for p in system.procs:
+        rate[p.kind] = rate.get(p.kind, 0.0) + (cpu_seconds(p.pid) - idle0[p.pid]) / seconds
+    return rate
+
+
+def run_once(system: System, arrivals: Sequence[RequestArrival], idle_rate: dict[str, float]) -> dict[str, Any]:
+    """Replays the workload once; CPU per component over the replay; every process checked alive afterwards (the
+    drain check that follows is the caller's: ``check_drained``)."""
     import asyncio
 
-    # The idle rate first (load reports, heartbeats, health checks): what the cluster burns with nothing to do.
-    idle0 = {p.pid: cpu_seconds(p.pid) for p in system.procs}
-    time.sleep(IDLE_SAMPLE_S)
-    idle_rate: dict[str, float] = {}
-    for p in system.procs:
-        idle_rate[p.kind] = idle_rate.get(p.kind, 0.0) + (cpu_seconds(p.pid) - idle0[p.pid]) / IDLE_SAMPLE_S
+    preempted0 = preemptions(system.probes)
     before = {p.pid: cpu_seconds(p.pid) for p in system.procs}
     threads_before = {p.pid: thread_cpu_seconds(p.pid) for p in system.procs}
     t = time.monotonic()
     outcomes, duration = asyncio.run(replay_openai(system.url, arrivals, "llama-7b-a10", system.api_key))
     wall = time.monotonic() - t
+    preempted1 = preemptions(system.probes)
     cpu_by_kind: dict[str, float] = {}
     cpu_by_thread: dict[str, dict[str, float]] = {}
     for p in system.procs:
@@ -413,6 +437,8 @@ def run_once(system: System, arrivals: Sequence[RequestArrival]) -> dict[str, An
         # The same less what those processes burn idle over as long (their background work is not the token path).
         "cpu_ms_per_token_llumlet_frontend_net_of_idle": 1000 * max(0.0, token_path - token_idle) / max(1, tokens),
         "idle_cpu_s_per_s": idle_rate,
+        # Preemptions on every instance over the run (KV blocks ran out; None when a llumlet's /metrics is unreadable).
+        "preemptions": preempted1 - preempted0 if preempted0 is not None and preempted1 is not None else None,
         "summary": summarize([o.record for o in outcomes])["overall"],
     }
 
@@ -441,6 +467,8 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    """TTFT P99 and whole-cluster CPU per request of every system on every workload: bars at the median over the
+    repeats, whiskers from the fastest to the slowest repeat; the title names the run (start, repeats, wall time)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -448,33 +476,41 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     workloads = list(report["results"])
     systems = list(report["systems"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     width = 0.8 / max(1, len(systems))
-    positive_ttft = False
+    ttfts: list[float] = []  # the positive TTFT P99 medians: a log axis only when they span more than 20x
+
+    def stat(w: str, name: str, key: str) -> tuple[float, float, float]:
+        cell = report["results"][w].get(name, {}).get("median", {}).get(key, {})
+        return (cell.get("median", np.nan), cell.get("min", np.nan), cell.get("max", np.nan))
+
     for j, name in enumerate(systems):
-        ttft = [
-            report["results"][w].get(name, {}).get("median", {}).get("ttft_s.p99", {}).get("median", np.nan)
-            for w in workloads
-        ]
-        cpu = [
-            report["results"][w]
-            .get(name, {})
-            .get("median", {})
-            .get("cpu_ms_per_request.total", {})
-            .get("median", np.nan)
-            for w in workloads
-        ]
         xs = np.arange(len(workloads)) + j * width
-        positive_ttft = positive_ttft or any(np.isfinite(v) and v > 0 for v in ttft)
-        axes[0].bar(xs, ttft, width, label=name)
-        axes[1].bar(xs, cpu, width, label=name)
-    for ax, title in zip(axes, ("TTFT P99 (s, median of repeats)", "CPU per request, whole cluster (ms)"), strict=True):
-        ax.set_title(title)
+        for ax, key in zip(axes, ("ttft_s.p99", "cpu_ms_per_request.total"), strict=True):
+            med, lo, hi = (np.array(v, dtype=float) for v in zip(*(stat(w, name, key) for w in workloads), strict=True))
+            if key == "ttft_s.p99":
+                ttfts += [float(v) for v in med if np.isfinite(v) and v > 0]
+            ax.bar(xs, med, width, label=name)
+            # whiskers drawn apart from the bars (matplotlib's bar(yerr=) warns on a one-workload (2, 1) array)
+            yerr = [[float(v) for v in np.nan_to_num(med - lo)], [float(v) for v in np.nan_to_num(hi - med)]]
+            ax.errorbar(xs, med, yerr=yerr, fmt="none", ecolor="black", capsize=2, linewidth=0.8)
+    repeats = report.get("repeats", "?")
+    titles = (f"TTFT P99 (s), median of {repeats} (whiskers: min-max)", "CPU per request, whole cluster (ms)")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=10)
         ax.set_xticks(np.arange(len(workloads)) + 0.4 - width / 2)
         ax.set_xticklabels([w.split(":n=")[0] for w in workloads], rotation=15, fontsize=7)
-    if positive_ttft:  # a log axis over no positive value raises: a run where every request failed still gets a chart
+    # A log axis over no positive value raises (a run where every request failed still gets a chart); over a narrow
+    # range it makes small gaps look large.
+    if ttfts and max(ttfts) > 20 * min(ttfts):
         axes[0].set_yscale("log")
     axes[1].legend(fontsize=7)
+    wall = report.get("wall_s")
+    fig.suptitle(
+        f"llumnix bench peers, started {report.get('started_at', '?')}"
+        + (f", {wall / 60:.1f} min wall" if isinstance(wall, int | float) else ""),
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -482,7 +518,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 @click.command("peers")
 @click.option("--systems", default=",".join(DEFAULT_SYSTEMS), show_default=True, help="Comma-separated systems.")
-@click.option("--workload", "workloads", multiple=True, help="Workload spec (repeatable; default: three).")
+@click.option("--workload", "workloads", multiple=True, help="Workload spec (repeatable; default: two).")
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--instances", default=4, show_default=True)
@@ -499,7 +535,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     show_default=True,
     help="Throwaway virtualenv for the pinned routers (never the project's .venv).",
 )
-@click.option("--smoke", is_flag=True, help="CI: this project only (llumnix), 8 requests, one run.")
+@click.option("--smoke", is_flag=True, help="CI: this project only (llumnix), warm-up and one run of 8 requests.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False), default=None)
 def bench_peers(
@@ -515,16 +551,21 @@ def bench_peers(
     plot_path: Path | None,
 ) -> None:
     """This project vs vllm-router and sglang-router on the same sim engines: JSON on stdout, summary on stderr."""
+    t0 = time.monotonic()
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     names = [s for s in systems.split(",") if s]
     wl = list(workloads) or list(DEFAULT_WORKLOADS)
     if smoke:
-        names, wl, repeats = ["llumnix"], ["fixed:poisson:rate=4:n=8:in=64:out=16"], 1
+        names, wl, repeats = ["llumnix"], [SMOKE_WORKLOAD], 1
+    if repeats < 1:
+        raise click.UsageError("--repeats must be at least 1")
     for n in names:
         if n not in _POLICY_NAMES and n.split(":", 1)[0] not in PEER_PINS:
             raise click.UsageError(f"unknown system {n!r}")
     peers_bin = ensure_peers(peers_venv) if any(n.split(":")[0] in PEER_PINS for n in names) else None
     work = Path(tempfile.mkdtemp(prefix="llumnix-bench-peers-"))
     report: dict[str, Any] = {
+        "started_at": started,
         "systems": {},
         "workloads": wl,
         "repeats": repeats,
@@ -533,21 +574,83 @@ def bench_peers(
         "total_blocks": total_blocks,
         "transport": "tcp",
         "cpu": "utime+stime from /proc of every process started (llumlets, frontends, scheduler, etcd, serve, router)",
+        "procedure": PROCEDURE,
+        "warmup_workload": WARMUP_WORKLOAD,
+        "run_order": [f"run {k + 1}: {w} repeat {r + 1}" for k, (r, w) in enumerate(schedule(wl, repeats))],
         "results": {w: {} for w in wl},
     }
-    failed = False
     try:
         with progress_bar() as bar:  # closed before the JSON: while it draws, rich routes stdout to stderr
             steps = Steps(bar, "bench peers", total=len(names) * len(wl) * repeats)
             _run_all(names, wl, repeats, seed, instances, total_blocks, peers_bin, work, report, steps)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for w in wl:
-        for name in names:
-            failed |= any(r["failed"] or r["dead_processes"] for r in report["results"][w][name]["runs"])
+    failed = [
+        f"{name} {w} run {k + 1}"
+        for w in wl
+        for name in names
+        for k, r in enumerate(report["results"][w][name]["runs"])
+        if not run_ok(r)
+    ]
+    failed += [f"{name} warm-up" for name in names if not report["systems"].get(name, {}).get("warmup_ok", False)]
+    report["failed_runs"] = failed
+    report["wall_s"] = time.monotonic() - t0
     _finish(report, names, wl, json_path, plot_path)
     if failed:
         sys.exit(1)
+
+
+SMOKE_WORKLOAD = "fixed:poisson:rate=4:n=8:in=64:out=16"
+# Replayed once on each freshly started cluster before its measured runs (not measured): every system's first
+# measured run then meets warm connections, imports and caches, as every later run does.
+WARMUP_WORKLOAD = "fixed:poisson:rate=4:n=8:in=64:out=16"
+DRAIN_TIMEOUT_S = 30.0
+PROCEDURE = (
+    "each system is started once; a warm-up replay (not measured), then an idle CPU sample, then its runs in rounds "
+    "(every workload once per round) against the same cluster; after each run every request must have ended at every "
+    "frontend and llumlet, every KV block be free again and every process alive (else the run fails, and the next "
+    "run gets a freshly started cluster)"
+)
+
+
+def schedule(workloads: Sequence[str], repeats: int) -> list[tuple[int, str]]:
+    """The order of one system's runs on its one cluster, as (repeat, workload): round by round (every workload
+    once, then again). Why: a drift over the system's window (host load, the cluster's own warm state) then weighs on
+    every workload's repeats alike, rather than on all the repeats of whichever workload ran last."""
+    return [(r, w) for r in range(repeats) for w in workloads]
+
+
+def run_arrivals(workload: str, index: int, seed: int, repeat: int) -> list[RequestArrival]:
+    """The workload's seeded arrivals (the same times and lengths every repeat) with request ids tagged by workload and
+    repeat, which changes the prompts' text (``text_prompt_of`` salts with the id) but not their token counts. Why: a
+    cache-aware router keeps its prefix tree across runs on a warm cluster; a repeat's prompts must not match an
+    earlier run's (on a freshly started cluster they had nothing to match)."""
+    return [dataclasses.replace(a, request_id=f"w{index}r{repeat}-{a.request_id}") for a in generate(workload, seed)]
+
+
+def run_ok(run: dict[str, Any]) -> bool:
+    """Every request done, every process alive, the cluster drained after it."""
+    return not run["failed"] and not run["dead_processes"] and bool(run.get("drain", {}).get("ok", True))
+
+
+def check_drained(system: System, timeout: float = DRAIN_TIMEOUT_S) -> dict[str, Any]:
+    """``wait_drained`` on the system's frontends and llumlets, with its processes' liveness."""
+    return wait_drained(
+        system.probes, lambda: [f"{p.name} (pid {p.pid})" for p in system.procs if not alive(p.pid)], timeout
+    )
+
+
+def _start(name: str, work: Path, total_blocks: int, instances: int, peers_bin: Path | None) -> System:
+    """The system, refused unless the drain check can read every llumlet and a frontend (else it would pass blind)."""
+    if name in _POLICY_NAMES:
+        system = start_project(name, work, total_blocks, instances)
+    else:
+        assert peers_bin is not None
+        system = start_router(name, work, total_blocks, instances, peers_bin)
+    if len(system.probes.llumlet_metrics) != instances or not system.probes.frontends:
+        system.stop()
+        raise RuntimeError(f"{name}: no /metrics for every llumlet or no frontend to check drains: {system.probes}")
+    return system
 
 
 def _run_all(
@@ -562,35 +665,94 @@ def _run_all(
     report: dict[str, Any],
     steps: Steps | None = None,
 ) -> None:
-    """Every system x workload x repeat, each on fresh processes; ``steps`` advances once per run."""
+    """Every system, one after the other, each on one cluster for all its runs (``_run_system``); then the median
+    and spread of each cell. ``steps`` advances once per run."""
     steps = steps or Steps()
+    for w in wl:
+        for name in names:
+            report["results"][w][name] = {"runs": []}
     for name in names:
-        for w in wl:
-            arrivals = generate(w, seed)
-            runs: list[dict[str, Any]] = []
-            for r in range(repeats):
-                steps.describe(f"{name} {w.split(':n=')[0]} run {r + 1}/{repeats}")
-                if name in _POLICY_NAMES:
-                    system = start_project(name, work, total_blocks, instances)
-                else:
-                    assert peers_bin is not None
-                    system = start_router(name, work, total_blocks, instances, peers_bin)
-                try:
-                    report["systems"][name] = system.notes
-                    res = run_once(system, arrivals)
-                finally:
-                    system.stop()
-                runs.append(res)
-                steps.step()
-                click.echo(
-                    f"{name} {w} run {r + 1}/{repeats}: {res['completed']}/{len(arrivals)} done, TTFT p99 "
-                    f"{res['ttft_s']['p99'] or float('nan'):.2f} s, "
-                    f"CPU {res['cpu_ms_per_request']['total']:.1f} ms/req, "
-                    f"llumlet+frontend {res['cpu_ms_per_token_llumlet_frontend']:.3f} ms/token"
-                    + (f", DEAD: {res['dead_processes']}" if res["dead_processes"] else ""),
-                    err=True,
-                )
-            report["results"][w][name] = {"runs": runs, "median": _aggregate(runs)}
+        _run_system(name, wl, repeats, seed, instances, total_blocks, peers_bin, work, report, steps)
+    for w in wl:
+        for name in names:
+            cell = report["results"][w][name]
+            cell["median"] = _aggregate(cell["runs"])
+
+
+def _run_system(
+    name: str,
+    wl: list[str],
+    repeats: int,
+    seed: int,
+    instances: int,
+    total_blocks: int,
+    peers_bin: Path | None,
+    work: Path,
+    report: dict[str, Any],
+    steps: Steps,
+) -> None:
+    """One system's runs (``schedule``) on one cluster, a drain check after each; a run after which the cluster does
+    not drain (or a process died) is reported as failed, loudly, and the system is restarted for the next run."""
+    t0 = time.monotonic()
+    system: System | None = None
+    idle: dict[str, float] = {}
+    starts = 0
+    notes: dict[str, Any] = {}
+    try:
+        for k, (r, w) in enumerate(schedule(wl, repeats)):
+            if system is None:
+                steps.describe(f"{name}: starting")
+                system = _start(name, work, total_blocks, instances, peers_bin)
+                starts += 1
+                warm = run_once(system, run_arrivals(WARMUP_WORKLOAD, -1, 0, starts), {})
+                warm_drain = check_drained(system)
+                idle = idle_rates(system)
+                notes = {
+                    **system.notes,
+                    "warmup_ok": warm["completed"] == len(generate(WARMUP_WORKLOAD, 0)) and warm_drain["ok"],
+                    "warmup": {"completed": warm["completed"], "errors": warm["errors"], "drain": warm_drain},
+                    "idle_cpu_s_per_s": idle,
+                    "drain_probes": dataclasses.asdict(system.probes),
+                }
+                if not notes["warmup_ok"]:
+                    click.echo(f"bench peers: {name}: WARM-UP FAILED: {notes['warmup']}", err=True)
+            steps.describe(f"{name} {w.split(':n=')[0]} run {r + 1}/{repeats}")
+            res = run_once(system, run_arrivals(w, wl.index(w), seed, r), idle)
+            res["drain"] = check_drained(system)
+            res["repeat"] = r + 1
+            res["order"] = k + 1
+            res["cluster_start"] = starts
+            res["dead_processes"] = sorted(set(res["dead_processes"]) | set(res["drain"]["dead"]))
+            report["results"][w][name]["runs"].append(res)
+            steps.step()
+            _echo_run(name, w, r, repeats, res)
+            if not res["drain"]["ok"]:
+                system.stop()  # the next run (if any) gets a fresh cluster: this one is not back to empty
+                system = None
+    finally:
+        if system is not None:
+            system.stop()
+        notes["cluster_starts"] = starts
+        notes["wall_s"] = time.monotonic() - t0
+        report["systems"][name] = notes
+
+
+def _echo_run(name: str, w: str, r: int, repeats: int, res: dict[str, Any]) -> None:
+    drain = res.get("drain", {"ok": True, "seconds": 0.0, "left": [], "dead": []})
+    click.echo(
+        f"{name} {w} run {r + 1}/{repeats}: {res['completed']}/{res['completed'] + res['failed']} done, TTFT p99 "
+        f"{res['ttft_s']['p99'] or float('nan'):.2f} s, "
+        f"CPU {res['cpu_ms_per_request']['total']:.1f} ms/req, "
+        f"llumlet+frontend {res['cpu_ms_per_token_llumlet_frontend']:.3f} ms/token, "
+        f"{res.get('preemptions')} preemptions, "
+        + (
+            f"drained in {drain['seconds']:.1f} s"
+            if drain["ok"]
+            else f"NOT DRAINED after {drain['seconds']:.0f} s: {drain['left'][:4]} (the cluster is restarted)"
+        )
+        + (f", DEAD: {res['dead_processes']}" if res["dead_processes"] else ""),
+        err=True,
+    )
 
 
 def _finish(
@@ -600,7 +762,7 @@ def _finish(
     if json_path is not None:
         json_path.write_text(text + "\n")
     if plot_path is not None:
-        plot(report, plot_path)
+        plot(json.loads(text), plot_path)  # from the very JSON written: the chart cannot disagree with it
     click.echo(text)
     for w in wl:
         parts = []
@@ -613,3 +775,9 @@ def _finish(
                 else f"{name} -"
             )
         click.echo(f"peers {w}: " + "; ".join(parts), err=True)
+    runs = sum(len(report["results"][w][n]["runs"]) for w in wl for n in names)
+    click.echo(
+        f"peers total wall {report['wall_s']:.0f} s ({report['wall_s'] / 60:.1f} min): {len(names)} system(s), "
+        f"{runs} run(s)" + (f"; FAILED: {report['failed_runs']}" if report["failed_runs"] else ""),
+        err=True,
+    )
