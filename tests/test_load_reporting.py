@@ -367,6 +367,37 @@ def test_a_quiet_instance_keeping_alive_once_a_second_stays_dispatchable() -> No
             assert "q" in accepting(cluster, t + 1e-3), f"quiet instance stale at {t}"
 
 
+def test_an_instance_is_judged_by_the_slower_of_its_own_report_period_and_the_clusters() -> None:
+    """ATTACK10 L4: the cluster's load_report_interval_ms at 10 ms while the llumlets keep their --load-interval-ms
+    of 50 ms. The one that registered its 50 ms keeps alive once a second when quiet and stays dispatchable; one that
+    registered nothing (an older llumlet) is judged by the cluster's 10 ms as before. Before, both were flagged silent
+    (0.4 s quiet bound) and skipped for dispatch while alive."""
+    fast = 0.01
+    cluster = ClusterState(
+        stale_after=max(1.0, 20 * fast), dispatch_stale_after=dispatch_stale_after(fast),
+        quiet_stale_after=quiet_stale_after(fast),
+    )  # fmt: skip
+    for iid, own_ms in (("q50", 50), ("old", 0), ("busy", 10)):
+        cluster.upsert(
+            common_pb2.InstanceInfo(instance_id=iid, grpc_address="127.0.0.1:1", load_report_interval_ms=own_ms)
+        )
+    cluster.report(quiet("q50", 1), 0.0)
+    cluster.report(quiet("old", 1), 0.0)
+    cluster.report(load("busy", 1), 0.0)
+    assert cluster.bounds("q50") == pytest.approx((1.0, 0.3, 2.0)) and cluster.bounds("old") == cluster.bounds("busy")
+    t, seq, tick = 0.0, 1, 0
+    while t < 3.0:
+        tick += 1
+        t, seq = round(tick * fast, 3), seq + 1
+        cluster.report(load("busy", seq, free_blocks=100 - seq % 50), t)
+        if tick % (QUIET_KEEPALIVE_EVERY * 5) == 0:  # every 20 of its own 50 ms periods: 1 s
+            assert cluster.keepalive("q50", 1, t)
+            assert cluster.keepalive("old", 1, t)
+        if tick % 10 == 0:
+            assert "q50" in accepting(cluster, t + 1e-3), f"q50 stale at {t}"
+    assert "old" not in accepting(cluster, t + 0.5)
+
+
 def test_a_silent_quiet_instance_stops_taking_requests_soon_after_the_first_one_sent_there() -> None:
     """The bound: dispatch_stale_after (+ one scan) after the first dispatch since its last message; and with nothing
     sent, quiet_stale_after."""

@@ -86,6 +86,13 @@ def dispatch_stale_after(report_interval_s: float) -> float:
     return max(DISPATCH_STALE_MIN_S, DISPATCH_STALE_INTERVALS * report_interval_s)
 
 
+def silence_bounds(report_interval_s: float) -> tuple[float, float, float]:
+    """(``stale_after``, ``dispatch_stale_after``, ``quiet_stale_after``) of an instance reporting every
+    ``report_interval_s``: unhealthy after 20 intervals (at least 1 s), no new request after the shorter two."""
+    interval = report_interval_s
+    return max(1.0, 20 * interval), dispatch_stale_after(interval), quiet_stale_after(interval)
+
+
 class StaleKeepAliveError(Exception):
     """A keep-alive confirms a snapshot this leader does not hold (never received, throttled, or forgotten when the
     instance left the registry): the llumlet must send its full load again (a new stream starts with one)."""
@@ -212,7 +219,25 @@ class ClusterState:
 
     def silence_bound(self, instance_id: str) -> float:
         """How long ``instance_id`` may be silent, by its cadence, before it stops taking requests."""
-        return self.quiet_stale_after if instance_id in self.quiet else self.dispatch_stale_after
+        _, short, quiet = self.bounds(instance_id)
+        return quiet if instance_id in self.quiet else short
+
+    def set_report_interval(self, report_interval_s: float) -> None:
+        """The cluster's ``load_report_interval_ms`` (in seconds) sets the silence bounds of every instance."""
+        self.stale_after, self.dispatch_stale_after, self.quiet_stale_after = silence_bounds(report_interval_s)
+
+    def bounds(self, instance_id: str) -> tuple[float, float, float]:
+        """(stale_after, dispatch_stale_after, quiet_stale_after) for ``instance_id``: the cluster's, or the longer
+        ones of the report period its llumlet registered (``InstanceInfo.load_report_interval_ms``) when that is
+        slower. A llumlet keeps its own ``--load-interval-ms``: judged by a faster cluster setting it looked silent,
+        so got no new request, while alive."""
+        info = self.infos.get(instance_id)
+        own_ms = info.load_report_interval_ms if info is not None else 0
+        cluster = (self.stale_after, self.dispatch_stale_after, self.quiet_stale_after)
+        if own_ms <= 0:
+            return cluster
+        own = silence_bounds(own_ms / 1000)
+        return max(cluster[0], own[0]), max(cluster[1], own[1]), max(cluster[2], own[2])
 
     def _keep_early(self, load: common_pb2.InstanceLoad, now: float) -> None:
         early = self._early
@@ -279,7 +304,7 @@ class ClusterState:
             )
         self.report_times[instance_id] = now
         sent = self.expecting.get(instance_id)
-        if sent is not None and now - sent >= self.dispatch_stale_after:
+        if sent is not None and now - sent >= self.bounds(instance_id)[1]:
             del self.expecting[instance_id]  # sent after the work would have been reported: it never arrived there
         pending = self._dispatched.get(instance_id)  # in dispatch order: the first is the oldest
         expired = pending is not None and bool(pending) and now - next(iter(pending.values()))[2] > self.pending_ttl
@@ -326,16 +351,17 @@ class ClusterState:
         if now - self._last_stale_scan >= STALE_SCAN_INTERVAL_S:  # an O(n) scan: not on every dispatch
             self._last_stale_scan = now
             newest = max(self.report_times.values(), default=now)
-            short, absolute, quiet, expecting = self.dispatch_stale_after, self.stale_after, self.quiet, self.expecting
+            quiet, expecting = self.quiet, self.expecting
             for iid, t in self.report_times.items():
                 if iid in self._unhealthy:
                     continue
+                absolute, short, quiet_after = self.bounds(iid)
                 if iid not in quiet:
                     silent = now - t > absolute or (now - t > short and newest - t > short)
                 else:  # see the module docstring: the short bound runs from the first send since its last message
                     sent = expecting.get(iid)
                     if sent is None:
-                        silent = now - t > self.quiet_stale_after
+                        silent = now - t > quiet_after
                     else:
                         silent = now - sent > absolute or (now - sent > short and newest - sent > short)
                 if silent:

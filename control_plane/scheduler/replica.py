@@ -41,7 +41,7 @@ from pyllumnix.control_plane.policy.freeness import dispatch_freeness
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.scaling import count_starting, plan_manual_scale
 from pyllumnix.control_plane.policy.views import DispatchRequestView
-from pyllumnix.control_plane.scheduler.cluster import ClusterState, dispatch_stale_after, quiet_stale_after
+from pyllumnix.control_plane.scheduler.cluster import ClusterState
 from pyllumnix.control_plane.scheduler.config_wire import config_from_pb, config_to_pb
 from pyllumnix.control_plane.scheduler.provider import InstanceProvider
 from pyllumnix.infra import tracing
@@ -428,9 +428,7 @@ class SchedulerReplica:
                 log.error("ignoring invalid config at revision %d: %s", revision, exc)
                 continue
             self.config_revision = revision if message is not None else 0
-            self.cluster.stale_after = max(1.0, 20 * config.load_report_interval_ms / 1000)
-            self.cluster.dispatch_stale_after = dispatch_stale_after(config.load_report_interval_ms / 1000)
-            self.cluster.quiet_stale_after = quiet_stale_after(config.load_report_interval_ms / 1000)
+            self.cluster.set_report_interval(config.load_report_interval_ms / 1000)
             self.cluster.changed.set()  # the pairing thresholds may have changed
 
     async def _watch_scale_target(self) -> None:
@@ -602,9 +600,9 @@ class SchedulerReplica:
 
     def _check_cadence(self, instance_id: str, last: float | None, now: float, bound: float) -> None:
         """Warns once per instance whose load messages keep coming later than ``bound`` (``dispatch_stale_after``, or
-        ``quiet_stale_after`` while its load is quiet: ``ClusterState.silence_bound``): the llumlet's
-        ``--load-interval-ms`` is its own setting, not the cluster's ``load_report_interval_ms`` the bound is made
-        of, and a llumlet keeping alive slower than the bound looks silent, so gets no new request, while alive."""
+        ``quiet_stale_after`` while its load is quiet: ``ClusterState.silence_bound``, made of the slower of the
+        cluster's ``load_report_interval_ms`` and the period the llumlet registered): a llumlet keeping alive slower
+        than the bound (stalled, or an older one that registered no period) looks silent, so gets no new request."""
         late = self._late_load.get(instance_id, 0)
         if last is None or late < 0:
             return
@@ -619,10 +617,9 @@ class SchedulerReplica:
         self._late_load[instance_id] = -1
         log.warning(
             "instance %s: %d load reports/keep-alives in a row came more than %.2fs apart (the last after %.2fs): "
-            "that is the silence after which an instance gets no new request (from the cluster's "
-            "load_report_interval_ms = %d ms), so it is skipped for dispatch while alive. Its llumlet's keep-alive "
-            "period (a few --load-interval-ms) must stay below it: lower its --load-interval-ms, or raise "
-            "load_report_interval_ms",
+            "that is the silence after which an instance gets no new request (from the slower of the cluster's "
+            "load_report_interval_ms = %d ms and the llumlet's registered --load-interval-ms), so it is skipped for "
+            "dispatch while alive: the llumlet stalls (CPU starved?), or is too old to register its period",
             instance_id,
             LATE_LOAD_MESSAGES_WARN,
             bound,

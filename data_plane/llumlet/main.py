@@ -309,6 +309,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         hostname=socket.gethostname(),
         started_at=time.time(),
         block_bytes=engine.block_bytes,
+        load_report_interval_ms=opts.load_interval_ms,  # the leader's silence bounds follow the slower of its own
     )
     registration = None
     background: list[asyncio.Task[None]] = []

@@ -560,6 +560,7 @@ class InstanceInfo(_message.Message):
     HOSTNAME_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     BLOCK_BYTES_FIELD_NUMBER: _builtins.int
+    LOAD_REPORT_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     grpc_address: _builtins.str
     """host:port of the LlumletService."""
@@ -577,6 +578,10 @@ class InstanceInfo(_message.Message):
     started_at: _builtins.float
     block_bytes: _builtins.int
     """Bytes of one KV block (all layers, K and V); transfers are sized from it."""
+    load_report_interval_ms: _builtins.int
+    """The llumlet's own load report period (its --load-interval-ms). The leader judges its silence by the slower of this
+    and the cluster's load_report_interval_ms (0: an older llumlet, the cluster's alone).
+    """
     def __init__(
         self,
         *,
@@ -592,10 +597,11 @@ class InstanceInfo(_message.Message):
         hostname: _builtins.str = ...,
         started_at: _builtins.float = ...,
         block_bytes: _builtins.int = ...,
+        load_report_interval_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "block_size", b"block_size", "data_plane_address", b"data_plane_address", "engine", b"engine", "grpc_address", b"grpc_address", "hostname", b"hostname", "instance_id", b"instance_id", "max_model_len", b"max_model_len", "model", b"model", "started_at", b"started_at", "total_blocks", b"total_blocks", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_bytes", b"block_bytes", "block_size", b"block_size", "data_plane_address", b"data_plane_address", "engine", b"engine", "grpc_address", b"grpc_address", "hostname", b"hostname", "instance_id", b"instance_id", "load_report_interval_ms", b"load_report_interval_ms", "max_model_len", b"max_model_len", "model", b"model", "started_at", b"started_at", "total_blocks", b"total_blocks", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -425,6 +425,11 @@ export interface InstanceInfo {
   startedAt: number;
   /** Bytes of one KV block (all layers, K and V); transfers are sized from it. */
   blockBytes: string;
+  /**
+   * The llumlet's own load report period (its --load-interval-ms). The leader judges its silence by the slower of this
+   * and the cluster's load_report_interval_ms (0: an older llumlet, the cluster's alone).
+   */
+  loadReportIntervalMs: number;
 }
 
 function createBaseSamplingParams(): SamplingParams {
@@ -2273,6 +2278,7 @@ function createBaseInstanceInfo(): InstanceInfo {
     hostname: "",
     startedAt: 0,
     blockBytes: "0",
+    loadReportIntervalMs: 0,
   };
 }
 
@@ -2313,6 +2319,9 @@ export const InstanceInfo: MessageFns<InstanceInfo> = {
     }
     if (message.blockBytes !== "0") {
       writer.uint32(96).int64(message.blockBytes);
+    }
+    if (message.loadReportIntervalMs !== 0) {
+      writer.uint32(104).int32(message.loadReportIntervalMs);
     }
     return writer;
   },
@@ -2426,6 +2435,14 @@ export const InstanceInfo: MessageFns<InstanceInfo> = {
             message.blockBytes = reader.int64().toString();
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.loadReportIntervalMs = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2484,6 +2501,11 @@ export const InstanceInfo: MessageFns<InstanceInfo> = {
         : isSet(object.block_bytes)
         ? globalThis.String(object.block_bytes)
         : "0",
+      loadReportIntervalMs: isSet(object.loadReportIntervalMs)
+        ? globalThis.Number(object.loadReportIntervalMs)
+        : isSet(object.load_report_interval_ms)
+        ? globalThis.Number(object.load_report_interval_ms)
+        : 0,
     };
   },
 
@@ -2525,6 +2547,9 @@ export const InstanceInfo: MessageFns<InstanceInfo> = {
     if (message.blockBytes !== "0") {
       obj.blockBytes = message.blockBytes;
     }
+    if (message.loadReportIntervalMs !== 0) {
+      obj.loadReportIntervalMs = Math.round(message.loadReportIntervalMs);
+    }
     return obj;
   },
 
@@ -2545,6 +2570,7 @@ export const InstanceInfo: MessageFns<InstanceInfo> = {
     message.hostname = object.hostname ?? "";
     message.startedAt = object.startedAt ?? 0;
     message.blockBytes = object.blockBytes ?? "0";
+    message.loadReportIntervalMs = object.loadReportIntervalMs ?? 0;
     return message;
   },
 };
