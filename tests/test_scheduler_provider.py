@@ -3,7 +3,9 @@ children it started when it closes (--stop-instances-on-exit), and a log line fo
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,52 @@ async def test_children_are_left_running_without_stop_on_close(tmp_path: Path) -
         stopper.processes[iid] = proc
         await stopper.stop_instance(iid)
     assert proc.returncode is not None
+
+
+async def _until(check: object, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not (callable(check) and check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_llumlets_that_exit_before_registering_hold_further_starts_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ATTACK10 L3: a llumlet that crashes on start (here: an unknown flag) holds starts back 1 s, then 2 s, ...;
+    one that registers ends the run. Before, every scaling pass spawned another one at once (a new certificate folder
+    and log file each time) and ``processes`` kept the dead children."""
+    caplog.set_level(logging.INFO, logger="pyllumnix.control_plane.scheduler.provider")
+    now = [0.0]
+    provider = LocalProcessProvider(
+        [*STANDALONE, "--no-such-flag"], tmp_path, stop_on_close=True, stop_timeout=20, clock=lambda: now[0]
+    )
+    try:
+        [first] = await provider.start_instances(1)
+        await _until(lambda: provider.early_exits == 1, "the first llumlet's exit")
+        assert first not in provider.processes and provider.starting() == set()
+        assert await provider.start_instances(1) == []  # held for 1 s
+        assert await provider.start_instances(1) == []
+        now[0] = 1.5
+        [second] = await provider.start_instances(1)
+        await _until(lambda: provider.early_exits == 2, "the second llumlet's exit")
+        now[0] = 3.0  # held 2 s from 1.5
+        assert await provider.start_instances(1) == []
+        now[0] = 3.6
+        [third] = await provider.start_instances(1)
+        provider.registered(third)  # it came up (before its exit): the run ends, no hold
+        proc = provider.processes[third]
+        await _until(lambda: proc.returncode is not None, "the third llumlet's exit")
+        await asyncio.sleep(0.1)
+        assert provider.early_exits == 0 and len(await provider.start_instances(1)) == 1
+    finally:
+        await provider.close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"llumlet {first} exited before registering (1 in a row): no llumlet is started for 1s" in messages
+    assert f"llumlet {second} exited before registering (2 in a row): no llumlet is started for 2s" in messages
+    held = [m for m in messages if m.startswith("not starting llumlets for")]
+    assert len(held) == 2 and "the last 1 exited before registering" in held[0], held  # once per hold
+    assert len(await asyncio.to_thread(lambda: list(tmp_path.glob("*.log")))) == 4
 
 
 def test_cap_must_be_positive() -> None:

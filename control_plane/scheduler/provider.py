@@ -15,9 +15,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,12 @@ class InstanceProvider(ABC):
 
 
 DEFAULT_LOCAL_MAX_INSTANCES = 64
+# A llumlet that exits before registering (a bad flag, a missing model, a port in use) holds further starts back for
+# EARLY_EXIT_BACKOFF_S, doubled with each such exit in a row up to EARLY_EXIT_BACKOFF_MAX_S; one that registers ends
+# the run. Without it every scaling pass (as often as every 100 ms) spawned another that died the same way, each with
+# a new certificate folder and log file.
+EARLY_EXIT_BACKOFF_S = 1.0
+EARLY_EXIT_BACKOFF_MAX_S = 300.0
 SECURITY_FLAGS = ("--tls-dir", "--ca", "--insecure")
 
 
@@ -78,6 +85,7 @@ class LocalProcessProvider(InstanceProvider):
         stop_on_close: bool = False,
         stop_timeout: float = 10.0,
         security: SecuritySettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_instances < 1:
             raise ValueError(f"max_instances must be >= 1, got {max_instances}")
@@ -91,12 +99,27 @@ class LocalProcessProvider(InstanceProvider):
         self.processes: dict[str, asyncio.subprocess.Process] = {}
         self._starting: set[str] = set()
         self._reapers: set[asyncio.Task[None]] = set()
+        self._clock = clock
+        # Llumlets in a row that exited before registering, and no start before ``_hold_until`` (``_clock`` time).
+        self.early_exits = 0
+        self._hold_until = float("-inf")
+        self._held_logged = False
 
     def alive(self) -> dict[str, asyncio.subprocess.Process]:
         """The children still running."""
         return {iid: p for iid, p in self.processes.items() if p.returncode is None}
 
     async def start_instances(self, count: int) -> list[str]:
+        wait = self._hold_until - self._clock()
+        if count > 0 and wait > 0:
+            if not self._held_logged:  # once per hold: the scaling loop asks again every pass
+                self._held_logged = True
+                log.warning(
+                    "not starting llumlets for %.0fs more: the last %d exited before registering (see their logs)",
+                    wait,
+                    self.early_exits,
+                )
+            return []
         room = self._cap - len(self.alive())
         if count > room:
             log.warning(
@@ -140,12 +163,24 @@ class LocalProcessProvider(InstanceProvider):
             reaper.add_done_callback(self._reapers.discard)
         return ids
 
-    @staticmethod
-    async def _log_exit(instance_id: str, proc: asyncio.subprocess.Process) -> None:
+    async def _log_exit(self, instance_id: str, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
         (log.info if code == 0 else log.warning)(
             "llumlet %s (pid %d) exited: %s", instance_id, proc.pid, describe_exit(code)
         )
+        if instance_id in self._starting and self.processes.get(instance_id) is proc:
+            self._starting.discard(instance_id)
+            del self.processes[instance_id]  # nothing left to stop or to count
+            self.early_exits += 1
+            backoff = min(EARLY_EXIT_BACKOFF_MAX_S, EARLY_EXIT_BACKOFF_S * 2 ** (self.early_exits - 1))
+            self._hold_until = self._clock() + backoff
+            self._held_logged = False
+            log.warning(
+                "llumlet %s exited before registering (%d in a row): no llumlet is started for %.0fs",
+                instance_id,
+                self.early_exits,
+                backoff,
+            )
 
     async def stop_instance(self, instance_id: str) -> bool:
         proc = self.processes.pop(instance_id, None)
@@ -191,11 +226,11 @@ class LocalProcessProvider(InstanceProvider):
                 reaper.cancel()
 
     def starting(self) -> set[str]:
-        for iid in list(self._starting):
-            proc = self.processes.get(iid)
-            if proc is None or proc.returncode is not None:
-                self._starting.discard(iid)  # died before registering
-        return set(self._starting)
+        # One that died before registering is not starting; its reaper (``_log_exit``) forgets it and holds starts.
+        return {iid for iid in self._starting if (p := self.processes.get(iid)) is not None and p.returncode is None}
 
     def registered(self, instance_id: str) -> None:
         self._starting.discard(instance_id)
+        if instance_id in self.processes:  # one of ours came up: starts work again, no hold
+            self.early_exits = 0
+            self._hold_until = float("-inf")
