@@ -38,6 +38,7 @@ from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigrat
 from pyllumnix.data_plane.llumlet.migration.order import handshake_settings, order_settings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
+from pyllumnix.data_plane.llumlet.output_push import FrontendUnreachableError
 from pyllumnix.data_plane.llumlet.service import (
     MigrationError,
     PassedOn,
@@ -67,6 +68,21 @@ CONTROL_TIMEOUT_S = 2.0
 PASSED_ON_KEEP_S = 60.0
 # Seconds ``close`` waits for cancelled migrations to settle (their shielded AbortMigration to the peer).
 CLOSE_WAIT_S = 5.0
+# Seconds a destination remembers how a migration ended, so a source whose commit call failed without an answer
+# (deadline, lost connection) learns by asking again whether the request was installed (``_commit``).
+ENDED_KEEP_S = 60.0
+# Commit calls a source makes at most before it takes a migration the destination never answered for not installed.
+COMMIT_ASKS = 3
+# Answers that say nothing about whether the destination installed: the call may have run there, or be running.
+_UNDECIDED = frozenset(
+    {
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
 
 
 @dataclass
@@ -121,6 +137,9 @@ class _Incoming:
     stages: dict[int, asyncio.Task[tuple[int, int]]] = field(default_factory=dict)
     last_touch: float = 0.0
     commit: llumlet_pb2.CommitMigrationRequest | None = None
+    # The commit's work (install or refusal), run once: a repeated commit call waits for it instead of starting one.
+    committing: asyncio.Task[tuple[ev.Accept | None, int]] | None = None
+    ended_at: float = 0.0
     # One-time secret of this migration's data-plane keys (sent to the source with the first PreAllocate answer).
     transfer_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
 
@@ -216,6 +235,11 @@ class MigrationCoordinator:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
+        # Destination-side steps (a machine's event and its actions), owned here so that a caller's cancellation (its
+        # deadline, its going away) stops only its wait: it never cuts an install, a free or a close half-way.
+        self._steps: set[asyncio.Task[tuple[ev.Accept | None, int]]] = set()
+        # Migrations that ended here (installed or freed), kept ENDED_KEEP_S for a source asking again.
+        self._ended: dict[str, _Incoming] = {}
         self.results: list[llumlet_pb2.MigrationResult] = []
         # Warm chunk buffers, one set per concurrent transfer (taken from and returned to these pools).
         self._send_pool: list[ChunkBuffers] = []
@@ -267,6 +291,8 @@ class MigrationCoordinator:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+        if self._steps:  # installs and frees under way end as they would have (never cut half-way)
+            await asyncio.wait(list(self._steps), timeout=CLOSE_WAIT_S)
         for mid in list(self._incoming):
             await self._free_incoming(mid, ev.AbortAsked("llumlet shutting down"))
         for channel in self._channels.values():
@@ -488,9 +514,25 @@ class MigrationCoordinator:
         actions = machine.step(ev.Start())
         while actions:
             action = actions.pop(0)
+            committing: asyncio.Task[ev.SourceEvent | None] | None = None
             try:
-                event = await self._perform(out, action)
+                if isinstance(action, ev.Commit):
+                    committing = asyncio.get_running_loop().create_task(self._perform(out, action))
+                    event = await asyncio.shield(committing)
+                else:
+                    event = await self._perform(out, action)
             except asyncio.CancelledError:  # shutting down: free the destination's reservation, keep the request
+                if committing is not None:
+                    # The commit is decided by the destination: wait for its answer, so a request it installed is
+                    # released here rather than also resumed (and ended by the shutdown) on this instance.
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait([committing], timeout=CLOSE_WAIT_S)
+                    if not committing.done():
+                        committing.cancel()
+                    elif not committing.cancelled() and committing.exception() is None:
+                        answer = committing.result()
+                        if answer is not None:
+                            actions += machine.step(answer)
                 # An ending's clean-up already under way goes on (the rest of its actions), else the machine ends now.
                 ending = actions + machine.step(ev.SourceFailed("source shutting down"))
                 await asyncio.shield(self._settle(out, ending))
@@ -533,7 +575,16 @@ class MigrationCoordinator:
         if isinstance(action, ev.Flush):
             # Every token produced here must reach the frontend before the destination's first one.
             if out.frontend:
-                await self.llumlet.pusher.flush(out.frontend)
+                pusher = self.llumlet.pusher
+                try:
+                    await pusher.flush(out.frontend)
+                except TimeoutError:  # documented outcomes of a slow or lost frontend, not a bug: no traceback
+                    return ev.SourceFailed(
+                        f"frontend {out.frontend} did not acknowledge outputs within "
+                        f"{pusher.settings.flush_timeout_s:g} s"
+                    )
+                except FrontendUnreachableError as exc:
+                    return ev.SourceFailed(f"flush to frontend {out.frontend}: {exc}")
             return ev.Flushed()
         if isinstance(action, ev.Commit):
             return await self._commit(out)
@@ -694,9 +745,7 @@ class MigrationCoordinator:
         if out.span is not None:
             span = tracing.start_span("migration.commit", attributes={"llumnix.blocks": len(out.dst_ids)})
         with tracing.activated(span):
-            reply, error = await self._rpc(
-                out.stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s), "commit"
-            )
+            reply, error = await self._ask_commit(out.stub, commit)
         if reply is None:
             if span is not None:
                 span.set_attribute("llumnix.error", error)
@@ -723,6 +772,31 @@ class MigrationCoordinator:
             (done - t_flushed) * 1000,
         )
         return ev.Committed()
+
+    async def _ask_commit(
+        self, stub: llumlet_pb2_grpc.LlumletServiceStub, commit: llumlet_pb2.CommitMigrationRequest
+    ) -> tuple[object | None, str]:
+        """The destination's decision on the commit: (its reply, "") when it installed, (None, why) when it did not.
+        A call that ends without an answer (deadline, lost connection) may still have installed there, so the same
+        commit is sent again (the destination answers a repeated commit with its one decision) up to COMMIT_ASKS
+        times; only a refusal, or no answer to any of them, counts as not installed (ATTACK10 F1b: the source
+        resumed while the destination ran the request too)."""
+        error = ""
+        for ask in range(COMMIT_ASKS):
+            call = stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s)
+            try:
+                return await asyncio.wait_for(call, self.settings.transfer_timeout_s), ""
+            except grpc.aio.AioRpcError as exc:
+                if ask and exc.code() is grpc.StatusCode.NOT_FOUND:
+                    # Not known there any more: freed (a repeated commit of an installed one answers success).
+                    return None, f"{error}; asked again: {exc.details()}"
+                error = f"commit: {exc.code().name}: {exc.details()}"
+                if exc.code() not in _UNDECIDED:
+                    return None, error
+            except TimeoutError:
+                error = f"commit: no answer within {self.settings.transfer_timeout_s:g} s"
+            log.warning("migration %s: %s (ask %d of %d)", commit.migration_id, error, ask + 1, COMMIT_ASKS)
+        return None, f"{error} ({COMMIT_ASKS} times)"
 
     async def _tell_abort(self, stub: llumlet_pb2_grpc.LlumletServiceStub, mid: str, reason: str) -> None:
         try:
@@ -810,10 +884,30 @@ class MigrationCoordinator:
 
     async def _answer(self, incoming: _Incoming, event: ev.DestinationEvent) -> ev.Accept:
         """The answer to one call of the source (a refusal raises MigrationError)."""
-        answer, _ = await self._step_incoming(incoming, event)
+        return self._answered(incoming, await asyncio.shield(self._own_step(incoming, event)))
+
+    @staticmethod
+    def _answered(incoming: _Incoming, result: tuple[ev.Accept | None, int]) -> ev.Accept:
+        answer, _ = result
         if answer is None:  # the migration ended meanwhile (aborted or reaped while this call waited)
             raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {incoming.migration_id}")
         return answer
+
+    def _own_step(self, incoming: _Incoming, event: ev.DestinationEvent) -> asyncio.Task[tuple[ev.Accept | None, int]]:
+        """Runs one step of a destination machine in a task owned here (ATTACK10 F1/F3): the gRPC handler awaits it
+        shielded, so the caller's deadline or departure cancels only the handler's wait, never the engine work
+        (install, free) nor the close that gives the slot back, which would otherwise leak for good."""
+        task = asyncio.get_running_loop().create_task(self._step_incoming(incoming, event))
+        self._steps.add(task)
+        task.add_done_callback(self._step_done)
+        return task
+
+    def _step_done(self, task: asyncio.Task[tuple[ev.Accept | None, int]]) -> None:
+        self._steps.discard(task)
+        if not task.cancelled() and isinstance(task.exception(), MigrationError):
+            return  # a refusal nobody waits for any more (the caller went away): it did its clean-up already
+        if not task.cancelled() and task.exception() is not None:
+            log.error("migration step failed", exc_info=task.exception())
 
     async def _step_incoming(self, incoming: _Incoming, event: ev.DestinationEvent) -> tuple[ev.Accept | None, int]:
         """Feeds one event to a destination machine and performs its actions: its answer, if any (a refusal raises
@@ -841,6 +935,7 @@ class MigrationCoordinator:
             elif isinstance(action, ev.Closed):
                 if self._incoming.get(incoming.migration_id) is incoming:
                     del self._incoming[incoming.migration_id]
+                self._remember_ended(incoming)
                 self.llumlet.set_migrating(incoming=bool(self._incoming))
                 if action.installed:
                     self.llumlet.stats.migrations_in += 1
@@ -852,6 +947,14 @@ class MigrationCoordinator:
         if refusal is not None:
             raise MigrationError(_REFUSAL_CODES[refusal.kind], refusal.reason)
         return answer, freed
+
+    def _remember_ended(self, incoming: _Incoming) -> None:
+        """Keeps an ended migration ENDED_KEEP_S, so a repeated commit is answered by what happened (bounded map)."""
+        now = time.monotonic()
+        incoming.ended_at = now
+        incoming.stages.clear()
+        self._ended = {m: i for m, i in self._ended.items() if now - i.ended_at <= ENDED_KEEP_S}
+        self._ended[incoming.migration_id] = incoming
 
     async def _install(self, incoming: _Incoming, block_ids: Sequence[int]) -> ev.Installed | ev.InstallFailed:
         commit = incoming.commit
@@ -951,11 +1054,22 @@ class MigrationCoordinator:
         return llumlet_pb2.TransferStageResponse(bytes_received=nbytes)
 
     async def commit(self, request: llumlet_pb2.CommitMigrationRequest) -> llumlet_pb2.CommitMigrationResponse:
-        incoming = self._incoming.get(request.migration_id)
+        """Idempotent (ATTACK10 F1b): a source whose commit call failed without an answer asks again and gets the one
+        decision: a commit under way is waited for, an ended migration answers how it ended."""
+        mid = request.migration_id
+        incoming = self._incoming.get(mid)
         if incoming is None:
-            raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {request.migration_id}")
-        incoming.commit = request
-        await self._answer(incoming, ev.CommitAsked(tuple(request.block_ids)))
+            ended = self._ended.get(mid)
+            if ended is None or time.monotonic() - ended.ended_at > ENDED_KEEP_S:
+                raise MigrationError(grpc.StatusCode.NOT_FOUND, f"unknown migration {mid}")
+            await self._answer(ended, ev.CommitAsked(tuple(request.block_ids)))
+        elif incoming.committing is not None:
+            incoming.last_touch = time.monotonic()
+            self._answered(incoming, await asyncio.shield(incoming.committing))
+        else:
+            incoming.commit = request
+            incoming.committing = self._own_step(incoming, ev.CommitAsked(tuple(request.block_ids)))
+            self._answered(incoming, await asyncio.shield(incoming.committing))
         return llumlet_pb2.CommitMigrationResponse(instance_id=self.llumlet.instance_id)
 
     async def abort(self, request: llumlet_pb2.AbortMigrationRequest) -> llumlet_pb2.AbortMigrationResponse:
@@ -969,7 +1083,7 @@ class MigrationCoordinator:
         incoming = self._incoming.get(mid)
         if incoming is None:
             return 0
-        _, freed = await self._step_incoming(incoming, event)
+        _, freed = await asyncio.shield(self._own_step(incoming, event))
         return freed
 
     async def _reap_pending(self) -> None:

@@ -73,6 +73,9 @@ class DestinationMigration:
             closing = self._close(event.reason)
             return [*closing, Accept()] if isinstance(event, AbortAsked) else closing
         handler = _HANDLERS.get((self.state, type(event)))
+        if handler is None and self.state is DestinationState.INSTALLING:
+            # Never close under a running install (its blocks become the request's): refuse only this call.
+            return [Refuse(Refusal.INVALID, f"{type(event).__name__} while installing")]
         if handler is None:
             # A call out of order (e.g. a second stage while one is being reserved): the source is confused.
             return self._refuse(Refusal.INVALID, f"{type(event).__name__} while {self.state.value}")
@@ -148,6 +151,10 @@ class DestinationMigration:
         if isinstance(event, BlocksReserved) and event.block_ids:
             return [Free(event.block_ids, "the migration ended while its blocks were being reserved")]
         if isinstance(event, AbortAsked):
+            return [Accept()]
+        if isinstance(event, CommitAsked) and self.installed:
+            # A source whose commit call failed without an answer asks again: the commit is decided here, once, and
+            # a repeated commit learns that decision (installed: success; freed: the migration is unknown now).
             return [Accept()]
         if isinstance(event, (Offered, StageLanded, CommitAsked)):
             return [Refuse(Refusal.UNKNOWN, f"unknown migration {self.migration_id}")]
