@@ -126,3 +126,16 @@ def test_an_order_without_knobs_keeps_the_llumlets_own() -> None:
     assert handshake_settings(llumlet_pb2.PreAllocateRequest(), own) is own
     with pytest.raises(ValueError, match="pending_timeout_ms must be 0"):
         handshake_settings(llumlet_pb2.PreAllocateRequest(pending_timeout_ms=10**7), own)
+
+
+def test_a_default_cluster_config_leaves_the_llumlets_own_timeouts() -> None:
+    """The two timeouts default to 0 in the cluster config: a leader's orders then carry 0 and a llumlet started with
+    ``--transfer-timeout 5 --pending-timeout 1`` (as the process tests do, or an operator for large vLLM caches)
+    keeps them. Before, every order carried 10000 ms and silently overrode both flags."""
+    replica, _ = make_replica((), [])
+    order = llumlet_pb2.MigrateOutRequest()
+    replica._carry_migration_knobs(order)
+    assert (order.transfer_timeout_ms, order.pending_timeout_ms) == (0, 0)
+    own = MigrationSettings(pending_timeout_s=1.0, transfer_timeout_s=5.0)
+    _, settings = order_settings(order, own)
+    assert (settings.transfer_timeout_s, settings.pending_timeout_s) == (5.0, 1.0)

@@ -52,8 +52,10 @@ class PolicyConfig:
     pairing_interval_ms: int = 100
     last_stage_max_blocks: int = 4
     max_stages: int = 3
-    pending_timeout_ms: int = 10_000
-    transfer_timeout_ms: int = 10_000
+    # 0: each llumlet keeps its own --pending-timeout / --transfer-timeout (an operator who tuned those flags, e.g.
+    # for large vLLM caches, is not silently overridden); a value in RANGES is the cluster's, carried on every order.
+    pending_timeout_ms: int = 0
+    transfer_timeout_ms: int = 0
     enable_scaling: bool = False
     scale_up_threshold: float = 10.0
     scale_down_threshold: float = 60.0
@@ -111,8 +113,11 @@ class PolicyConfig:
             value = getattr(self, name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{_label(name)}: must be finite, got {value}")
+            if value == 0 and name in ZERO_KEEPS_LLUMLETS:
+                continue
             if not lo <= value <= hi:
-                raise ValueError(f"{_label(name)}: {value} is outside the range [{lo}, {hi}]")
+                zero = " (or 0: each llumlet's own flag)" if name in ZERO_KEEPS_LLUMLETS else ""
+                raise ValueError(f"{_label(name)}: {value} is outside the range [{lo}, {hi}]{zero}")
         if self.scale_down_threshold <= self.scale_up_threshold:
             raise ValueError(
                 f"scale_down_threshold ({self.scale_down_threshold}) must be greater than scale_up_threshold "
@@ -147,6 +152,9 @@ RANGES: dict[str, tuple[float, float]] = {
     "scaling_warmup_ms": (0, 3_600_000),
     "load_report_interval_ms": (10, 1000),
 }
+
+# Knobs whose 0 (the default) leaves each llumlet's own value in force instead of a cluster-wide one.
+ZERO_KEEPS_LLUMLETS = frozenset({"pending_timeout_ms", "transfer_timeout_ms"})
 
 # The ClusterConfig path of each knob, so an error names what `llmctl config set` takes.
 PATHS: dict[str, str] = {

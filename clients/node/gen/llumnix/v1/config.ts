@@ -169,7 +169,7 @@ export interface MigrationConfig {
   /**
    * The leader puts the next four on every MigrateOut order (MigrateOutRequest's fields of the same names): the
    * llumlets apply them, a llumlet's own flags (--last-stage-max-blocks, --max-stages, --transfer-timeout,
-   * --pending-timeout) only where an order leaves them at 0 (an older leader).
+   * --pending-timeout) only where an order leaves them at 0 (an older leader, or the two timeouts left at 0 here).
    * Remaining blocks at or below which the stop-and-copy stage runs. Default 4; range [1, 4096].
    */
   lastStageMaxBlocks: number;
@@ -177,12 +177,14 @@ export interface MigrationConfig {
   maxStages: number;
   /**
    * Destination frees a reservation when the source is silent this long (the source passes it on in its first
-   * PreAllocate; in force on a llumlet from its next migration). Default 10000 ms; range [100, 600000].
+   * PreAllocate; in force on a llumlet from its next migration). Default 0: each llumlet's own --pending-timeout
+   * (10 s unless set); else range [100, 600000].
    */
   pendingTimeoutMs: number;
   /**
    * Source restores the request when a stage's transfer (or another call to the destination) takes longer; in force
-   * on a llumlet from its next order. Default 10000 ms; range [100, 600000].
+   * on a llumlet from its next order. Default 0: each llumlet's own --transfer-timeout (10 s unless set); else range
+   * [100, 600000].
    */
   transferTimeoutMs: number;
 }
