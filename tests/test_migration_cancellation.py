@@ -100,6 +100,35 @@ async def test_a_commit_answered_after_the_sources_deadline_installs_the_request
         await b.close()
 
 
+async def test_a_commit_the_destination_never_answered_leaves_the_request_on_the_source(sink: RecordingSink) -> None:
+    """The destination's step outlasts all the source's commit calls (3 x 0.3 s): the source gives up, tells the
+    destination and resumes the request. The install, still waiting for the engine, must then not run: before, it
+    ran after the source's abort (ignored while installing) and the request ran on both instances."""
+    a = await make_node("a", settings=MigrationSettings(verify_crc=True, transfer_timeout_s=0.3))
+    b = await make_node("b", settings=MigrationSettings(verify_crc=True, pending_timeout_s=5.0))
+
+    async def busy_destination() -> None:
+        await hold_lock(b, 2.0).wait()
+
+    a.coordinator.hooks = hooks = Hooks({("before_commit", 1): busy_destination})
+    try:
+        await a.stub.AddRequest(request("r", sink, 20, 300))
+        await wait_tokens(sink, "r", 1)
+        result = (await a.stub.MigrateOut(migrate(a, b, "r"))).results[0]
+        hooks.assert_all_ran()
+        assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION
+        assert result.reason.startswith("commit: ") and result.reason.endswith(" (3 times)"), result.reason
+        await assert_clean(b)  # after the 2 s step: the install saw the abort and freed
+        assert "r" not in b.engine.request_ids()
+        await sink.wait("r", timeout=60)
+        assert_exactly_once(sink, "r", 20, 300)
+        assert {o.instance_id for o in sink.outputs["r"]} == {"a"}
+        assert b.free == b.engine.total_blocks
+    finally:
+        await a.close()
+        await b.close()
+
+
 async def test_a_source_shutting_down_during_its_commit_hands_the_request_over(sink: RecordingSink) -> None:
     """The source closes (SIGTERM, scale-down) while its commit waits for one 0.3 s destination step. Before: the
     cancelled call cancelled the destination's install half-way: b stuck INSTALLING for ever. Now b installs, and

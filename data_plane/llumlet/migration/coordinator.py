@@ -961,6 +961,9 @@ class MigrationCoordinator:
         assert commit is not None
         state = convert.migration_state_from_pb(commit.request)
         async with self.llumlet.engine_lock:
+            abandoned = incoming.machine.install_abandoned
+            if abandoned:  # the source gave up on its commit while this waited for the engine, and resumed
+                return ev.InstallFailed(abandoned)
             done = perform.install(self.llumlet.engine, state, block_ids, time.time())
             if isinstance(done, ev.Installed):
                 self.llumlet.adopt(state, commit.request.request.frontend_address, commit.capability)

@@ -58,6 +58,15 @@ class DestinationMigration:
         self.stage_blocks: dict[int, tuple[int, ...]] = {}
         self.landed: set[int] = set()
         self.installed = False
+        # Set when the source aborts while the install waits for the engine: the source resumes the request, so the
+        # driver must not install it any more (``install_abandoned``); an install already done stays.
+        self.abort_reason = ""
+
+    @property
+    def install_abandoned(self) -> str:
+        """Why the install the machine asked for must not run any more ("" : it may): asked by the driver under the
+        engine lock, just before it installs."""
+        return f"the source aborted the migration: {self.abort_reason}" if self.abort_reason else ""
 
     @property
     def closed(self) -> bool:
@@ -68,8 +77,12 @@ class DestinationMigration:
             return self._after_close(event)
         if isinstance(event, (AbortAsked, SourceSilent)):
             if self.state is DestinationState.INSTALLING:
-                # The install decides: freeing its blocks under it would corrupt an installed request.
-                return [Accept()] if isinstance(event, AbortAsked) else []
+                # The install decides: freeing its blocks under it would corrupt an installed request. A source that
+                # aborts here got no answer to its commit and resumes the request: an install not begun must not run.
+                if isinstance(event, AbortAsked):
+                    self.abort_reason = event.reason
+                    return [Accept()]
+                return []
             closing = self._close(event.reason)
             return [*closing, Accept()] if isinstance(event, AbortAsked) else closing
         handler = _HANDLERS.get((self.state, type(event)))
