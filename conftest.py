@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,55 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = os.environ.get("LLUMNIX_TINY_MODEL")
     return build_tiny_model(path if path else tmp_path_factory.mktemp("tiny-llama"))
+
+
+# Seconds before pytest-timeout fires at which every asyncio task's stack is written to the test's stderr: the timeout's
+# own dump shows threads only, and a hung async test sits in the loop's epoll (CI once saw
+# test_etcd_stall_does_not_move_leadership time out at 120 s on a loaded host, with nothing to say which await hung).
+TASK_DUMP_LEAD_S = 5.0
+
+
+def _dump_asyncio_tasks(name: str) -> None:
+    """Best effort from a timer thread: task stacks are read while the loop may run (diagnostics only)."""
+    try:
+        tasks = list(asyncio.tasks._all_tasks)  # type: ignore[attr-defined]  # every loop's tasks (3.11)
+    except RuntimeError:  # the set changed while copied
+        return
+    out = [f"\n=== {len(tasks)} asyncio tasks of {name}, {TASK_DUMP_LEAD_S:.0f} s before its timeout ==="]
+    for task in tasks:
+        if task.done():
+            continue
+        out.append(f"{task.get_name()}: {_await_chain(task.get_coro())}")
+    sys.stderr.write("\n".join(out) + "\n")
+
+
+def _await_chain(coro: Any) -> str:
+    """``outer:line -> inner:line -> ...``: a suspended task's own stack has one frame; its awaits name the rest."""
+    hops: list[str] = []
+    while coro is not None and len(hops) < 40:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is None:
+            hops.append(type(coro).__name__)
+            break
+        hops.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+    return " -> ".join(hops) or "(done)"
+
+
+@pytest.fixture(autouse=True)
+def _asyncio_tasks_before_timeout(request: pytest.FixtureRequest) -> Generator[None, None, None]:
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout") or 0)
+    if timeout <= TASK_DUMP_LEAD_S:
+        yield
+        return
+    timer = threading.Timer(timeout - TASK_DUMP_LEAD_S, _dump_asyncio_tasks, args=(request.node.nodeid,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture
