@@ -13,7 +13,7 @@ import asyncio
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import numpy as np
 import pytest
@@ -140,3 +140,96 @@ async def test_one_sender_filling_its_early_share_does_not_starve_another() -> N
     finally:
         for t in (receiver, flooder, source):
             await t.close()
+
+
+async def test_one_sender_may_fill_the_whole_early_buffer_with_a_stage_being_received(receiver: TcpTransport) -> None:
+    """M4 (REVIEW10): the receiver expects only ``window`` chunks ahead, so the rest of a big stage normally arrives as
+    early data; SEC 5's per-sender share (half) made such a stage from a single source fail at half the room. Chunks
+    of a stage the receiver announced count against the whole bound only, so one sender may fill all of it again."""
+    receiver.early_ttl_s = 30.0
+    sender = TcpTransport()
+    await sender.start()
+    chunk = np.full(1 << 20, 3, dtype=np.uint8)
+    receiver.admit_stage("m4~t/0")
+    try:
+        for i in range(4):  # the whole bound (4 MiB) from one sender, nobody expecting any of it yet
+            await sender.send(receiver.address, f"m4~t/0/{i}", chunk, timeout=DEADLINE)
+        async with asyncio.timeout(DEADLINE):
+            while receiver.early_bytes < 4 << 20 and receiver.early_dropped == 0:
+                await asyncio.sleep(0.01)
+        assert receiver.early_dropped == 0, "a chunk of the announced stage was refused"
+        assert receiver.early_bytes == 4 << 20
+        for i in range(4):
+            receiver.expect(f"m4~t/0/{i}", chunk.nbytes)
+            assert np.array_equal(await receiver.receive(f"m4~t/0/{i}", timeout=DEADLINE), chunk)
+        assert receiver.early_bytes == 0
+    finally:
+        receiver.end_stage("m4~t/0")
+        await sender.close()
+
+
+async def test_a_big_stage_with_a_slow_scatter_lands_from_a_single_sender(receiver: TcpTransport) -> None:
+    """M4 as measured: a stage twice the early bound, chunks streamed at once, each scatter slow, so all but the
+    window wait as early data (4 MiB); with the per-sender share (2 MiB) the receiver dropped the connection and the
+    stage stalled."""
+    from pyllumnix.data_plane.transport.fusion import receive_blocks, send_blocks
+
+    receiver.early_ttl_s = 30.0
+    block, n = 512 << 10, 12  # 6 MiB: 4 chunks expected ahead, 8 (4 MiB) early
+    src = np.random.default_rng(4).integers(0, 255, size=(n, block), dtype=np.uint8)
+    dst = np.zeros_like(src)
+
+    def write(ids: Sequence[int], blocks: np.ndarray) -> None:
+        time.sleep(0.05)  # a busy device: the sender is far ahead
+        dst[list(ids)] = blocks.reshape(len(ids), block)
+
+    sender = TcpTransport()
+    await sender.start()
+    try:
+        ids = list(range(n))
+        recv = asyncio.ensure_future(
+            receive_blocks(receiver, "m4b~t/0", ids, block, write, chunk_bytes=block, timeout=20, stall_timeout=3)
+        )
+        await asyncio.sleep(0.05)
+        await send_blocks(
+            sender,
+            receiver.address,
+            "m4b~t/0",
+            lambda b: src[list(b)].copy(),
+            ids,
+            block,
+            chunk_bytes=block,
+            timeout=20,
+            stall_timeout=3,
+        )
+        await recv
+    finally:
+        await sender.close()
+    assert np.array_equal(src, dst)
+    assert receiver.early_dropped == 0
+    assert receiver.early_bytes == 0
+
+
+async def test_frames_in_flight_count_against_the_early_bound(receiver: TcpTransport) -> None:
+    """A frame for an unexpected key is counted when its header arrives, before its buffer is allocated: parallel
+    connections that each announce a chunk and send it slowly cannot hold more than the sender's share in flight
+    (before, each allocated its frame uncounted, N connections x the frame size)."""
+    socks = [await raw_connection(receiver.address) for _ in range(4)]
+    try:
+        loop = asyncio.get_running_loop()
+        for i, sock in enumerate(socks):
+            key = f"slow/{i}".encode()
+            await loop.sock_sendall(sock, HEADER.pack(b"LLDP", len(key), 1 << 20) + key + b"x")  # 1 byte of 1 MiB
+            await asyncio.sleep(0.05)
+        assert receiver.early_bytes == 2 << 20, "the two frames within the share are counted while in flight"
+        assert await closed_by_peer(socks[2]) and await closed_by_peer(socks[3])
+        assert receiver.early_dropped == 2
+        for sock in socks[:2]:  # a peer that leaves mid-frame returns its claim
+            sock.close()
+        async with asyncio.timeout(DEADLINE):
+            while receiver.early_bytes:
+                await asyncio.sleep(0.01)
+    finally:
+        for sock in socks:
+            sock.close()
+    await legit_transfer_lands(receiver)

@@ -33,9 +33,12 @@ DEFAULT_TIMEOUT_S = 30.0
 # for at most EARLY_TTL_S; beyond them a chunk is dropped, so a peer writing keys nobody expects cannot fill memory.
 EARLY_MAX_BYTES = 256 << 20
 EARLY_TTL_S = 30.0
-# One sender (a llumlet's certificate id on TLS; its host on plaintext TCP) holds at most half of it (B7): a peer that
-# writes keys nobody expects cannot take the whole buffer for EARLY_TTL_S and starve the migrations of the others.
+# One sender (a llumlet's certificate id on TLS; its host on plaintext TCP) holds at most half of it (B7) in chunks of
+# keys nobody announced: a peer that writes such keys cannot take the whole buffer for EARLY_TTL_S and starve the
+# migrations of the others. Chunks of a stage this side is receiving (``admit_stage``) count against the whole only:
+# the receiver expects a few chunks ahead, the rest of a big stage normally arrives early (M4).
 EARLY_PEER_SHARE = 0.5
+_STAGE = "\0stage"  # the early-bytes account of announced stages' chunks (no sender's share)
 
 
 class TransportError(Exception):
@@ -135,6 +138,13 @@ class Transport(ABC):
     def cancel(self, key: str) -> None:
         """Drops an expectation (e.g. the migration aborted); unknown keys are ignored."""
 
+    def admit_stage(self, key_prefix: str) -> None:  # noqa: B027 - optional: a no-op where nothing arrives early
+        """Announces a stage this side is receiving (keys ``<key_prefix>/<index>``): its chunks that arrive before
+        their expectation are not held to one sender's early-data share (only buffering transports keep any)."""
+
+    def end_stage(self, key_prefix: str) -> None:  # noqa: B027 - optional, as admit_stage
+        """Ends ``admit_stage``; early chunks of the stage nobody claimed are dropped."""
+
     async def __aenter__(self) -> Transport:
         await self.start()
         return self
@@ -181,9 +191,9 @@ class ExpectingTransport(Transport):
 class BufferingTransport(ExpectingTransport):
     """Shared receive side of transports that match arriving chunks to expectations themselves (in-process and TCP):
     ``_early`` holds the chunks that arrived before their expectation, bounded in bytes and age (``early_max_bytes``,
-    ``early_ttl_s``) and per sender (``early_peer_max_bytes``, ``EARLY_PEER_SHARE`` of the whole by default: the
-    sender is who the transport says, ``""`` when it cannot tell); ``early_dropped`` counts the chunks refused or
-    expired."""
+    ``early_ttl_s``) and, for keys of no announced stage, per sender (``early_peer_max_bytes``, ``EARLY_PEER_SHARE`` of
+    the whole by default: the sender is who the transport says, ``""`` when it cannot tell); ``early_dropped`` counts
+    the chunks refused or expired. Bytes are counted when claimed (``_claim_early``), before they are allocated."""
 
     def __init__(
         self,
@@ -195,8 +205,9 @@ class BufferingTransport(ExpectingTransport):
         super().__init__()
         self._early: dict[str, Bytes] = {}
         self._early_at: dict[str, float] = {}
-        self._early_from: dict[str, str] = {}  # key -> its sender
-        self._peer_early: dict[str, int] = {}  # sender -> its early bytes
+        self._early_from: dict[str, str] = {}  # key -> the account it counts against (its sender, or _STAGE)
+        self._peer_early: dict[str, int] = {}  # account -> its early bytes, claimed ones included
+        self._stages: dict[str, int] = {}  # announced stage key prefixes -> how many receivers announced it
         self._early_bytes = 0
         self.early_max_bytes = early_max_bytes
         self._early_peer_max_bytes = early_peer_max_bytes
@@ -213,48 +224,88 @@ class BufferingTransport(ExpectingTransport):
     def early_bytes(self) -> int:
         return self._early_bytes
 
-    def early_room(self, nbytes: int, peer: str = "") -> bool:
-        """Whether a chunk of ``nbytes`` from ``peer`` for a key nobody expects yet may be kept now."""
+    def admit_stage(self, key_prefix: str) -> None:
+        self._stages[key_prefix] = self._stages.get(key_prefix, 0) + 1
+        for key, account in list(self._early_from.items()):  # what came before the announcement leaves its share
+            if account != _STAGE and _stage_of(key) == key_prefix:
+                nbytes = self._early[key].nbytes
+                self._count(account, -nbytes)
+                self._count(_STAGE, nbytes)
+                self._early_from[key] = _STAGE
+
+    def end_stage(self, key_prefix: str) -> None:
+        left = self._stages.get(key_prefix, 0) - 1
+        if left > 0:
+            self._stages[key_prefix] = left
+            return
+        self._stages.pop(key_prefix, None)
+        for key in [k for k in self._early if _stage_of(k) == key_prefix]:
+            self._take_early(key)
+
+    def _account(self, key: str, peer: str) -> str:
+        """What an early chunk counts against: an announced stage's bytes (the whole bound only), or its sender."""
+        return _STAGE if key and _stage_of(key) in self._stages else peer
+
+    def _count(self, account: str, nbytes: int) -> None:
+        left = self._peer_early.get(account, 0) + nbytes
+        if left > 0:
+            self._peer_early[account] = left
+        else:
+            self._peer_early.pop(account, None)
+
+    def early_room(self, nbytes: int, peer: str = "", key: str = "") -> bool:
+        """Whether a chunk of ``nbytes`` from ``peer`` for ``key``, which nobody expects yet, may be kept now."""
         self._prune_early()
-        return (
-            self._early_bytes + nbytes <= self.early_max_bytes
-            and self._peer_early.get(peer, 0) + nbytes <= self.early_peer_max_bytes
+        account = self._account(key, peer)
+        return self._early_bytes + nbytes <= self.early_max_bytes and (
+            account == _STAGE or self._peer_early.get(account, 0) + nbytes <= self.early_peer_max_bytes
         )
 
-    def _keep_early(self, key: str, buf: Bytes, peer: str = "") -> bool:
-        """Keeps a chunk that arrived before its expectation; False (dropped, counted, logged) beyond the bounds."""
-        self._take_early(key)
-        if not self.early_room(buf.nbytes, peer):
+    def _claim_early(self, key: str, nbytes: int, peer: str = "") -> str | None:
+        """Counts ``nbytes`` of early data for ``key`` from ``peer`` before they are allocated or read, so chunks
+        in flight are bounded too; the account to hand to ``_keep_early`` or ``_unclaim_early``, or None (refused:
+        counted in ``early_dropped`` and logged)."""
+        if not self.early_room(nbytes, peer, key):
             self.early_dropped += 1
             log.warning(
-                "data plane: dropped %d bytes from %s for unexpected key %r (%d of its %d, %d of %d early bytes used)",
-                buf.nbytes,
+                "data plane: refused %d bytes from %s for unexpected key %r (%d of its %d, %d of %d early bytes used)",
+                nbytes,
                 peer or "a peer",
                 key,
-                self._peer_early.get(peer, 0),
+                self._peer_early.get(self._account(key, peer), 0),
                 self.early_peer_max_bytes,
                 self._early_bytes,
                 self.early_max_bytes,
             )
-            return False
+            return None
+        account = self._account(key, peer)
+        self._count(account, nbytes)
+        self._early_bytes += nbytes
+        return account
+
+    def _unclaim_early(self, nbytes: int, account: str) -> None:
+        """Returns a claim whose bytes were not kept (they went to an expectation, or the peer left mid-frame)."""
+        self._count(account, -nbytes)
+        self._early_bytes = max(0, self._early_bytes - nbytes)  # close() may have reset the counts meanwhile
+
+    def _keep_early(self, key: str, buf: Bytes, peer: str = "", account: str | None = None) -> bool:
+        """Keeps a chunk that arrived before its expectation, under its claim ``account`` (claimed here when None);
+        False (dropped, counted, logged) beyond the bounds."""
+        self._take_early(key)
+        if account is None:
+            account = self._claim_early(key, buf.nbytes, peer)
+            if account is None:
+                return False
         self._early[key] = buf
         self._early_at[key] = time.monotonic()
-        self._early_from[key] = peer
-        self._peer_early[peer] = self._peer_early.get(peer, 0) + buf.nbytes
-        self._early_bytes += buf.nbytes
+        self._early_from[key] = account
         return True
 
     def _take_early(self, key: str) -> Bytes | None:
         buf = self._early.pop(key, None)
         if buf is not None:
-            self._early_bytes -= buf.nbytes
             self._early_at.pop(key, None)
-            peer = self._early_from.pop(key, "")
-            left = self._peer_early.get(peer, 0) - buf.nbytes
-            if left > 0:
-                self._peer_early[peer] = left
-            else:
-                self._peer_early.pop(peer, None)
+            self._unclaim_early(buf.nbytes, self._early_from.pop(key, ""))
         return buf
 
     def _prune_early(self) -> None:
@@ -276,7 +327,13 @@ class BufferingTransport(ExpectingTransport):
         self._early_at.clear()
         self._early_from.clear()
         self._peer_early.clear()
+        self._stages.clear()
         self._early_bytes = 0
+
+
+def _stage_of(key: str) -> str:
+    """The stage key prefix of a chunk key (``chunk_key``: ``<migration>/<stage>/<index>``)."""
+    return key.rpartition("/")[0]
 
 
 async def await_expectation(exp: Expectation, timeout: float) -> Bytes:

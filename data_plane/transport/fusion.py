@@ -390,10 +390,17 @@ async def receive_blocks(
         return zlib.crc32(landing(index).data if staged else _host_bytes(blocks), crc)
 
     outstanding: list[str] = []
-    for index in range(len(ring)):
-        key = chunk_key_of(key_prefix, index)
-        transport.expect(key, plan.nbytes(index), out=landing(index))
-        outstanding.append(key)
+    transport.admit_stage(key_prefix)  # the chunks beyond the window arrive early: not one sender's share (M4)
+    try:
+        for index in range(len(ring)):
+            key = chunk_key_of(key_prefix, index)
+            transport.expect(key, plan.nbytes(index), out=landing(index))
+            outstanding.append(key)
+    except BaseException:
+        for key in outstanding:
+            transport.cancel(key)
+        transport.end_stage(key_prefix)
+        raise
     crc = 0
     try:
         for index in range(plan.n_chunks):
@@ -419,4 +426,5 @@ async def receive_blocks(
     finally:
         for key in outstanding:
             transport.cancel(key)
+        transport.end_stage(key_prefix)
     return TransferResult(plan.n_blocks * block_bytes, plan.n_chunks, crc if checksum else None)

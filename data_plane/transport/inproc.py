@@ -78,10 +78,9 @@ class InprocTransport(BufferingTransport):
     def _deliver(self, key: str, view: memoryview, sender: str = "") -> None:
         exp = self._expected.get(key)
         if exp is None:
-            if self.early_room(view.nbytes, sender):
-                self._keep_early(key, np.frombuffer(view, dtype=np.uint8).copy(), sender)
-            else:
-                self.early_dropped += 1
+            claim = self._claim_early(key, view.nbytes, sender)  # counted before the copy is allocated
+            if claim is not None:
+                self._keep_early(key, np.frombuffer(view, dtype=np.uint8).copy(), sender, claim)
             return
         if exp.future.done():
             return

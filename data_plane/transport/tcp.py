@@ -226,11 +226,17 @@ class TcpTransport(BufferingTransport):
                 target = self._frame_target(key, nbytes, sender)
                 if target is None:
                     return
-                buf, direct = target
-                if not await _recv_exact(loop, sock, buf.data):
+                buf, direct, claim = target
+                try:
+                    got = await _recv_exact(loop, sock, buf.data)
+                except BaseException:
+                    self._unclaim(nbytes, claim)
+                    raise
+                if not got:
+                    self._unclaim(nbytes, claim)
                     self._fail_mid_transfer(key)
                     return
-                self._deliver(key, buf, direct, sender)
+                self._deliver(key, buf, direct, sender, claim)
         except OSError:
             return
         finally:
@@ -269,7 +275,7 @@ class TcpTransport(BufferingTransport):
                 target = self._frame_target(key, nbytes, peer.id)
                 if target is None:
                     return
-                buf, direct = target
+                buf, direct, claim = target
                 view = memoryview(buf.data).cast("B")
                 got = 0
                 try:
@@ -278,31 +284,36 @@ class TcpTransport(BufferingTransport):
                         view[got : got + len(piece)] = piece
                         got += len(piece)
                 except asyncio.IncompleteReadError:
+                    self._unclaim(nbytes, claim)
                     self._fail_mid_transfer(key)
                     return
-                self._deliver(key, buf, direct, peer.id)
+                except BaseException:
+                    self._unclaim(nbytes, claim)
+                    raise
+                self._deliver(key, buf, direct, peer.id, claim)
         except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
             return
         finally:
             self._tls_writers.discard(writer)
             writer.close()
 
-    def _frame_target(self, key: str, nbytes: int, sender: str) -> tuple[Bytes, bool] | None:
+    def _frame_target(self, key: str, nbytes: int, sender: str) -> tuple[Bytes, bool, str | None] | None:
         """Where a frame's bytes go (both listeners): straight into the expected transfer's buffer (``direct``) or a
-        fresh one kept as early data; None (drop the connection) when an unexpected frame would exceed the early
-        bound, the whole or ``sender``'s share."""
+        fresh one, claimed as early data before it is allocated (the claim's account is returned: ``_deliver`` keeps
+        or returns it); None (drop the connection) when an unexpected frame would exceed the early bound, the whole
+        or ``sender``'s share."""
         exp = self._expected.get(key)
-        direct = exp is not None and not exp.future.done() and exp.nbytes == nbytes
-        if not direct and not self.early_room(nbytes, sender):
-            self.early_dropped += 1
-            log.warning(
-                "data plane: %d bytes from %s for unexpected key %r over the bound; dropping the connection",
-                nbytes,
-                sender,
-                key,
-            )
+        if exp is not None and not exp.future.done() and exp.nbytes == nbytes:
+            return exp.buffer, True, None
+        claim = self._claim_early(key, nbytes, sender)
+        if claim is None:
+            log.warning("data plane: dropping the connection from %s (frame %r over the early-data bound)", sender, key)
             return None
-        return (exp.buffer if direct and exp is not None else np.empty(nbytes, dtype=np.uint8)), direct
+        return np.empty(nbytes, dtype=np.uint8), False, claim
+
+    def _unclaim(self, nbytes: int, claim: str | None) -> None:
+        if claim is not None:
+            self._unclaim_early(nbytes, claim)
 
     def _fail_mid_transfer(self, key: str) -> None:
         """A peer that closed inside a frame fails the transfer waiting for it (keys are one-time per transfer)."""
@@ -310,11 +321,13 @@ class TcpTransport(BufferingTransport):
         if exp is not None and not exp.future.done():
             exp.future.set_exception(TransportError(f"{key!r}: peer closed mid-transfer"))
 
-    def _deliver(self, key: str, buf: Bytes, direct: bool, sender: str = "") -> None:
+    def _deliver(self, key: str, buf: Bytes, direct: bool, sender: str = "", claim: str | None = None) -> None:
         exp = self._expected.get(key)
         if exp is None:
-            self._keep_early(key, buf, sender)
-        elif exp.future.done():
+            self._keep_early(key, buf, sender, claim)
+            return
+        self._unclaim(buf.nbytes, claim)  # expected meanwhile: the bytes go to the expectation, not the early buffer
+        if exp.future.done():
             return
         elif buf.nbytes != exp.nbytes:
             exp.future.set_exception(TransportError(f"{key!r}: got {buf.nbytes} bytes, expected {exp.nbytes}"))
