@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import grpc
@@ -45,7 +46,9 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def served() -> AsyncIterator[Served]:
+async def served(**frontend_options: Any) -> AsyncIterator[Served]:
+    """Alice and Bob (user keys) and root (admin) on a frontend over one fake llumlet; ``frontend_options`` go to
+    ``Frontend``."""
     store = ApiKeyStore(FakeKV(), KeyLayout("c1"), cache_ttl=0.0)
     keys: dict[str, str] = {}
     records: dict[str, ApiKey] = {}
@@ -58,6 +61,7 @@ async def served() -> AsyncIterator[Served]:
         max_model_len=MAX_MODEL_LEN,
         tokenizer=TOKENIZER,
         dispatcher=StaticDispatcher([Placement(llumlet.instance_id, llumlet_server.address)]),
+        **frontend_options,
     )
     grpc_server = await start_grpc(frontend, api_keys=store)
     http_server = await start_http(frontend, api_keys=store)

@@ -5,7 +5,8 @@ Both user surfaces (gRPC Generate and the OpenAI HTTP API) go through ``Frontend
 whichever instance holds it now.
 
 Protection of the event loop and of the cluster lives here too, so both surfaces get it: an in-flight limit (beyond it
-OverloadedError, HTTP 429 / RESOURCE_EXHAUSTED), a prompt size cap checked before tokenising, tokenising of large
+OverloadedError, HTTP 429 / RESOURCE_EXHAUSTED) and a per-API-key share of it (so one key cannot take every slot and
+starve the other users), a prompt size cap checked before tokenising, tokenising of large
 prompts on a worker thread, range checks of every sampling parameter, a bounded dispatch, and an idle timeout and
 optional deadline on every request's output stream.
 
@@ -212,15 +213,20 @@ class Frontend:
         idle_timeout: float | None = 30.0,
         request_timeout: float | None = None,
         max_inflight: int = 256,
+        max_requests_per_key: int | None = None,
         max_prompt_bytes: int = 0,
         dispatch_timeout: float = 5.0,
         readiness_timeout: float = 1.0,
     ) -> None:
         """``idle_timeout``: seconds a request may go without output before it is ended and aborted (None: never);
         ``request_timeout``: overall deadline per request (None: none); ``max_inflight``: requests this frontend serves
-        at once (beyond: OverloadedError); ``max_prompt_bytes``: prompt text cap (0: derived from max_model_len)."""
+        at once (beyond: OverloadedError); ``max_requests_per_key``: requests one API key may have in flight here
+        (None: a quarter of ``max_inflight``, at least 1; 0: no cap); ``max_prompt_bytes``: prompt text cap (0: derived
+        from max_model_len)."""
         if max_model_len <= 0 or dispatch_attempts <= 0 or max_inflight <= 0:
             raise ValueError("max_model_len, dispatch_attempts and max_inflight must be positive")
+        if max_requests_per_key is not None and max_requests_per_key < 0:
+            raise ValueError("max_requests_per_key must be >= 0 (0: no cap)")
         self.model = model
         self.max_model_len = max_model_len
         self.tokenizer = tokenizer
@@ -234,6 +240,7 @@ class Frontend:
         self.idle_timeout = idle_timeout if idle_timeout else None
         self.request_timeout = request_timeout if request_timeout else None
         self.max_inflight = max_inflight
+        self.max_requests_per_key = max(1, max_inflight // 4) if max_requests_per_key is None else max_requests_per_key
         self.max_prompt_bytes = max_prompt_bytes or max(
             MIN_AUTO_PROMPT_BYTES, max_model_len * AUTO_PROMPT_BYTES_PER_TOKEN
         )
@@ -247,6 +254,8 @@ class Frontend:
         self._admitted = 0
         # Requests whose body is still being read or parsed (the HTTP API, ``reading_body``): they hold a slot too.
         self._reading = 0
+        # API key id -> its requests admitted and not yet released (the per-key cap; keys with none are not kept).
+        self._per_key: dict[str, int] = {}
         # Heavy per-request CPU work (tokenising a long prompt, parsing a large body) runs here, off the event loop.
         # One thread: the work is mostly Python (GIL-bound), so more threads would add contention with the loop, not
         # throughput.
@@ -305,6 +314,37 @@ class Frontend:
             self.metrics.rejected.labels(exc.code.name).inc()
             raise exc
 
+    def _admit_key(self, owner: ApiKey | None) -> str:
+        """Takes one of ``owner``'s per-key slots (admin keys too: an admin client can starve users as well); returns
+        the key id to give back with ``_release_key`` ("" for a frontend without API keys, which has no per-key cap).
+        Raises OverloadedError at the cap."""
+        if owner is None:
+            return ""
+        held = self._per_key.get(owner.id, 0)
+        if self.max_requests_per_key and held >= self.max_requests_per_key:
+            exc = OverloadedError(
+                f"API key {owner.name!r} has its limit of {self.max_requests_per_key} requests in flight on this "
+                "frontend (--max-requests-per-key); retry when one ends"
+            )
+            self.metrics.rejected.labels(exc.code.name).inc()
+            raise exc
+        self._per_key[owner.id] = held + 1
+        return owner.id
+
+    def _release_key(self, key_id: str) -> None:
+        """Gives back one per-key slot taken by ``_admit_key``."""
+        if not key_id:
+            return
+        held = self._per_key.get(key_id, 0) - 1
+        if held > 0:
+            self._per_key[key_id] = held
+        else:
+            self._per_key.pop(key_id, None)
+
+    def requests_in_flight_of(self, key_id: str) -> int:
+        """Requests of one API key admitted and not yet released (what the per-key cap counts)."""
+        return self._per_key.get(key_id, 0)
+
     async def offload(self, fn: Callable[..., T], *args: object) -> T:
         """Runs ``fn(*args)`` on the frontend's worker threads, so heavy CPU work does not stall the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
@@ -326,6 +366,7 @@ class Frontend:
     async def submit(self, inp: GenerationInput, *, owner: ApiKey | None = None) -> TrackedRequest:
         """Validates, tracks and places a request; the caller must ``release`` it. Raises FrontendError."""
         self.check_admission()
+        key_id = self._admit_key(owner)
         self._admitted += 1
         try:
             prompt_ids, max_tokens = await self._validate(inp)
@@ -346,6 +387,7 @@ class Frontend:
             self.tracker.add(request)
         except BaseException as exc:
             self._admitted -= 1
+            self._release_key(key_id)
             if isinstance(exc, FrontendError):
                 self.metrics.rejected.labels(exc.code.name).inc()
             raise
@@ -377,6 +419,7 @@ class Frontend:
             self._abort_soon(request)
         self.tracker.remove(request.request_id)
         self._admitted -= 1
+        self._release_key(request.owner_key_id)
         span = self._traces.pop(request.request_id, None)
         if span is not None:
             if request.first_token_time is not None:

@@ -72,6 +72,8 @@ class FrontendOptions:
     # Overall deadline of a request, seconds; 0: none.
     request_timeout: float = 0.0
     max_inflight: int = 256
+    # Requests one API key may have in flight (None: a quarter of max_inflight; 0: no cap).
+    max_requests_per_key: int | None = None
     # 0: derived from the prompt cap (``http.body_cap``).
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     # Seconds a client has to send its request body (HTTP 408 beyond).
@@ -139,6 +141,7 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         idle_timeout=opts.idle_timeout or None,
         request_timeout=opts.request_timeout or None,
         max_inflight=opts.max_inflight,
+        max_requests_per_key=opts.max_requests_per_key,
         max_prompt_bytes=opts.max_prompt_bytes,
     )
     if etcd_client is not None:
@@ -275,6 +278,13 @@ def _split(value: str) -> list[str]:
     help="Requests served at once; beyond it HTTP 429 / RESOURCE_EXHAUSTED with Retry-After.",
 )
 @click.option(
+    "--max-requests-per-key",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Requests one API key (admin keys too) may have in flight; beyond it HTTP 429 / RESOURCE_EXHAUSTED, so one "
+    "client cannot starve the others. Default: a quarter of --max-inflight; 0: no cap.",
+)
+@click.option(
     "--max-body-bytes",
     default=DEFAULT_MAX_BODY_BYTES,
     show_default=True,
@@ -328,6 +338,7 @@ def frontend_command(
     request_timeout: float,
     body_timeout: float,
     max_inflight: int,
+    max_requests_per_key: int | None,
     max_body_bytes: int,
     max_prompt_bytes: int,
     max_grpc_message_bytes: int,
@@ -372,6 +383,7 @@ def frontend_command(
         request_timeout=request_timeout,
         body_timeout=body_timeout,
         max_inflight=max_inflight,
+        max_requests_per_key=max_requests_per_key,
         max_body_bytes=max_body_bytes,
         max_prompt_bytes=max_prompt_bytes,
         max_grpc_message_bytes=max_grpc_message_bytes,
