@@ -98,6 +98,12 @@ def given_paths(pid: int) -> list[str]:
     return [v.decode(errors="replace") for v in args + env if v]
 
 
+def has_client_credentials(pid: int) -> bool:
+    """Whether a running process's environment names the client context file (admin API key and certificate)."""
+    names = [v.split(b"=", 1)[0] for v in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+    return b"LLUMNIX_CONTEXT" in names or b"LLUMNIX_API_KEY" in names
+
+
 def assert_no_path_to_the_ca_key(pid: int, pki: Path) -> None:
     """What serve gives a child (its flags, its environment, the folders they name) leads to no CA key: a compromised
     child must not mint certificates (it used to get --tls-dir of serve's PKI, CA key included)."""
@@ -129,6 +135,8 @@ def test_config_file_restarts_and_clean_stop(tmp_path: Path) -> None:
         seen_pids |= {c["pid"] for c in ready["components"]}
         for c in ready["components"]:
             assert_no_path_to_the_ca_key(c["pid"], Path(ready["tls_dir"]))
+            assert not has_client_credentials(c["pid"]), c  # serve's own $LLUMNIX_CONTEXT (the admin key) stays with it
+        assert os.environ.get("LLUMNIX_CONTEXT") and has_client_credentials(serve.pid)
         ctx = load_context(ready["context"])
         assert ctx is not None and ctx.api_key, "serve (secure by default) writes the admin API key"
         client = openai.OpenAI(base_url=f"{ready['http']}/v1", api_key=ctx.api_key, max_retries=0, timeout=30)

@@ -79,3 +79,38 @@ def test_an_orphan_that_exits_between_scans_is_reaped_at_the_next_tick(
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
+
+
+def test_serves_children_get_none_of_its_client_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FIXD: serve's own ``$LLUMNIX_CONTEXT`` (the client context file: admin API key, admin certificate paths) and
+    a caller's ``$LLUMNIX_API_KEY`` / ``$LLUMNIX_ENDPOINT`` reached every component it started (etcd, schedulers and
+    the llumlets their providers start, llumlets, frontend): a compromised one could read the admin key."""
+    monkeypatch.setenv("LLUMNIX_CONTEXT", str(tmp_path / "context.yaml"))
+    monkeypatch.setenv("LLUMNIX_API_KEY", "llx_secret")
+    monkeypatch.setenv("LLUMNIX_ENDPOINT", "127.0.0.1:1")
+    monkeypatch.setenv("FIXD_UNRELATED", "kept")
+    sup = serve.Supervisor({}, tmp_path)
+    env = sup.launcher.environment({"EXTRA": "1"})
+    assert not {"LLUMNIX_CONTEXT", "LLUMNIX_API_KEY", "LLUMNIX_ENDPOINT"} & env.keys(), sorted(env)
+    assert env["FIXD_UNRELATED"] == "kept" and env["EXTRA"] == "1"
+    # etcd is started outside the launcher, with its own environment.
+    given: list[dict[str, str]] = []
+
+    def fake_spawn(cmd: list[str], **kwargs: object) -> None:
+        env = kwargs["env"]
+        assert isinstance(env, dict)
+        given.append(env)
+
+    monkeypatch.setattr(serve, "spawn", fake_spawn)
+    etcd = serve.ServeEtcd(1, data_dir=tmp_path / "etcd-data")
+    monkeypatch.setattr(etcd, "_command", lambda m, state: ["etcd"])
+    etcd._spawn(etcd.members[0], "new")
+    assert given and "LLUMNIX_CONTEXT" not in given[0] and "LLUMNIX_API_KEY" not in given[0]
+    assert given[0]["FIXD_UNRELATED"] == "kept"
+    # A launcher of tests or tools still passes them on (a ``serve`` it starts must write the file it was told to).
+    from pyllumnix.infra.security.context import ENV_VAR
+    from pyllumnix.tools.launch import CLIENT_ENV, Launcher
+    from pyllumnix.tools.llmctl import ENV_API_KEY, ENV_ENDPOINT
+
+    assert set(CLIENT_ENV) == {ENV_VAR, ENV_API_KEY, ENV_ENDPOINT}
+    assert Launcher(tmp_path / "l", secure=None).environment()["LLUMNIX_CONTEXT"] == str(tmp_path / "context.yaml")

@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,10 @@ PR_SET_PDEATHSIG = 1
 
 SECURITY_ENV = ("LLUMNIX_TLS_DIR", "LLUMNIX_INSECURE", "LLUMNIX_CERT_ISSUER")
 """The variables that tell a component how to secure itself (``infra.security.runtime``); set by :class:`Launcher`."""
+CLIENT_ENV = ("LLUMNIX_CONTEXT", "LLUMNIX_API_KEY", "LLUMNIX_ENDPOINT")
+"""A client's credentials and target (the context file with the admin API key and certificate paths:
+``infra.security.context.ENV_VAR``; llmctl's and bench's key and endpoint): what ``serve`` withholds from the cluster's
+components, which need none of them (a compromised component must not find the admin key through them)."""
 
 _SESSION_PKI: dict[str, Any] = {}
 
@@ -205,8 +209,12 @@ class Launcher:
         secure: bool | None = True,
         pki_dir: Path | None = None,
         cluster: str = "llumnix",
+        withheld_env: Sequence[str] = (),
     ) -> None:
+        """``withheld_env``: variables of this process's environment its children do not inherit (besides
+        ``SECURITY_ENV``; ``serve`` gives ``CLIENT_ENV``)."""
         self.log_dir = log_dir
+        self.withheld_env = frozenset(SECURITY_ENV) | frozenset(withheld_env)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.components: list[Component] = []
         self.die_with_parent = die_with_parent
@@ -231,8 +239,9 @@ class Launcher:
 
     def environment(self, env: dict[str, str] | None = None) -> dict[str, str]:
         """A child's whole environment: this process's, less the security variables (the launcher alone says how a
-        child secures itself: an inherited one would override its mode), plus :meth:`child_env` and ``env``."""
-        inherited = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}
+        child secures itself: an inherited one would override its mode) and ``withheld_env``, plus :meth:`child_env` and
+        ``env``."""
+        inherited = {k: v for k, v in os.environ.items() if k not in self.withheld_env}
         return {**inherited, "PYTHONUNBUFFERED": "1", **self.child_env(), **(env or {})}
 
     def security(self, role: str = "admin", id: str = "harness") -> Any:

@@ -56,7 +56,7 @@ import yaml
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd, Member
 from pyllumnix.infra.grpc_server import advertised_host
 from pyllumnix.infra.processes import describe_exit
-from pyllumnix.tools.launch import SECURITY_ENV, Component, Launcher, LaunchError, libc, signal_group, spawn
+from pyllumnix.tools.launch import CLIENT_ENV, SECURITY_ENV, Component, Launcher, LaunchError, libc, signal_group, spawn
 
 DEFAULTS: dict[str, Any] = {
     "etcd": "",
@@ -187,7 +187,8 @@ class ServeEtcd(EmbeddedEtcd):
     def _spawn(self, m: Member, state: str) -> None:
         m.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(m.log_path, "ab") as out:
-            env = {k: v for k, v in os.environ.items() if k not in SECURITY_ENV}  # etcd is given its files only
+            withheld = (*SECURITY_ENV, *CLIENT_ENV)  # etcd is given its files only, and no client credentials
+            env = {k: v for k, v in os.environ.items() if k not in withheld}
             m.process = spawn(
                 self._command(m, state), stdout=out, stderr=subprocess.STDOUT, env=env, die_with_parent=True
             )
@@ -280,7 +281,9 @@ class Supervisor:
     def __init__(self, opts: dict[str, Any], log_dir: Path) -> None:
         self.opts = opts
         self.log_dir = log_dir
-        self.launcher = Launcher(log_dir, die_with_parent=True, secure=None)  # each child gets its flags (below)
+        # Each child gets its security flags (below) and none of serve's client credentials (``$LLUMNIX_CONTEXT``
+        # names the admin API key and certificate: serve writes that file, its components need none of it).
+        self.launcher = Launcher(log_dir, die_with_parent=True, secure=None, withheld_env=CLIENT_ENV)
         self.pki: Any = None  # ClusterSecurity when secure (the default)
         self.issuer: Any = None  # IssuerServer: the llumlets the scheduler replicas' providers start get theirs here
         self._issue_lock = threading.Lock()
