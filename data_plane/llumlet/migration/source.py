@@ -143,6 +143,9 @@ class SourceMigration:
         gone = self._vanished(event)
         if gone is not None:
             return self._abort_by_source(gone)
+        if event.phase is Phase.SUSPENDED and event.preemptions == self._preemptions0:
+            # Only a migration suspends a request: another one of it (``--max-out`` > 1) reached its last stage.
+            return self._abort_by_source(f"request {self.request_id} is already migrating (another migration took it)")
         if event.phase is not Phase.RUNNING or event.preemptions != self._preemptions0:
             return self._abort_by_source(f"request {self.request_id} was preempted during migration")
         plan = next_stage(self.limits, self.stages, self.blocks_copied, event.blocks)
