@@ -9,8 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyllumnix.control_plane.policy.config import RANGES, PolicyConfig, Selection, check_scale_target
+from pyllumnix.control_plane.policy.config import (
+    RANGES,
+    ZERO_KEEPS_LLUMLETS,
+    PolicyConfig,
+    Selection,
+    check_scale_target,
+)
 from pyllumnix.control_plane.scheduler.config_wire import config_from_pb, config_to_pb
+from pyllumnix.data_plane.llumlet.migration.plan import DEFAULT_LAST_STAGE_MAX_BLOCKS, DEFAULT_MAX_STAGES
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 
 
@@ -24,7 +31,9 @@ def test_defaults_are_the_papers() -> None:
     assert (c.scale_up_threshold, c.scale_down_threshold) == (10.0, 60.0)
     assert (c.min_instances, c.max_instances) == (1, 16)
     assert (c.pairing_interval_ms, c.scaling_interval_ms, c.load_report_interval_ms) == (100, 10_000, 50)
-    assert (c.last_stage_max_blocks, c.max_stages) == (4, 3)
+    # 0: each llumlet's own --last-stage-max-blocks / --max-stages, whose defaults are the paper's 4 / 3
+    assert (c.last_stage_max_blocks, c.max_stages) == (0, 0)
+    assert (DEFAULT_LAST_STAGE_MAX_BLOCKS, DEFAULT_MAX_STAGES) == (4, 3)
     # All but 100 blocks of the instance, whatever its size (the artifact's total - 100), and never negative.
     assert c.headroom(common_pb2.PRIORITY_HIGH, 792) == 792 - 100
     assert c.headroom(common_pb2.PRIORITY_HIGH, 1300) == 1300 - 100
@@ -174,7 +183,7 @@ def test_validate_accepts_exactly_the_valid_configs(
         ),
         (
             config_pb2.ClusterConfig(migration=config_pb2.MigrationConfig(max_stages=1000)),
-            "migration.max_stages: 1000 is outside the range [1, 64]",
+            "migration.max_stages: 1000 is outside the range [1, 64] (or 0: each llumlet's own flag)",
         ),
         (
             config_pb2.ClusterConfig(scaling=config_pb2.ScalingConfig(scaling_interval_ms=2_000_000_000)),
@@ -199,7 +208,9 @@ def test_every_range_bound_is_inclusive_and_enforced(name: str) -> None:
         if name in ("scale_up_threshold", "scale_down_threshold", "min_instances", "max_instances"):
             continue  # their pairwise constraint is covered above; only the range matters here
         assert c.validate() is c
-    for bad in (lo - step, hi + step):
+    # Where 0 means "each llumlet's own flag" it is valid: one step below is then a negative number.
+    below = -1 if lo - step == 0 and name in ZERO_KEEPS_LLUMLETS else lo - step
+    for bad in (below, hi + step):
         with pytest.raises(ValueError, match=name):
             replace(base, **{name: type(getattr(base, name))(bad)}).validate()
 

@@ -50,10 +50,11 @@ class PolicyConfig:
     selection: Selection = Selection.SR
     enable_defrag: bool = True
     pairing_interval_ms: int = 100
-    last_stage_max_blocks: int = 4
-    max_stages: int = 3
-    # 0: each llumlet keeps its own --pending-timeout / --transfer-timeout (an operator who tuned those flags, e.g.
-    # for large vLLM caches, is not silently overridden); a value in RANGES is the cluster's, carried on every order.
+    # 0: each llumlet keeps its own --last-stage-max-blocks / --max-stages / --pending-timeout / --transfer-timeout
+    # (an operator who tuned those flags, e.g. for large vLLM caches, is not silently overridden; the flags default to
+    # the paper's 4 blocks / 3 stages / 10 s); a value in RANGES is the cluster's, carried on every order.
+    last_stage_max_blocks: int = 0
+    max_stages: int = 0
     pending_timeout_ms: int = 0
     transfer_timeout_ms: int = 0
     enable_scaling: bool = False
@@ -154,7 +155,7 @@ RANGES: dict[str, tuple[float, float]] = {
 }
 
 # Knobs whose 0 (the default) leaves each llumlet's own value in force instead of a cluster-wide one.
-ZERO_KEEPS_LLUMLETS = frozenset({"pending_timeout_ms", "transfer_timeout_ms"})
+ZERO_KEEPS_LLUMLETS = frozenset({"last_stage_max_blocks", "max_stages", "pending_timeout_ms", "transfer_timeout_ms"})
 
 # The ClusterConfig path of each knob, so an error names what `llmctl config set` takes.
 PATHS: dict[str, str] = {

@@ -26,7 +26,11 @@ from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import DispatchRequestView
 from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
 from pyllumnix.data_plane.engine.sim import SimEngine
-from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
+from pyllumnix.data_plane.llumlet.migration.plan import (
+    DEFAULT_LAST_STAGE_MAX_BLOCKS,
+    DEFAULT_MAX_STAGES,
+    MigrationLimits,
+)
 from pyllumnix.data_plane.llumlet.views import instance_view, request_views
 from pyllumnix.infra.vocabulary import InstanceState, Priority
 from pyllumnix.tools.metrics.cluster import ClusterSample, InstanceSample
@@ -75,7 +79,12 @@ class ClusterSimulator:
         self.profile = config.engine_profile()
         self.policy_config = config.policy_config()
         self.core = PolicyCore(self.policy_config, seed=config.seed)
-        self.limits = MigrationLimits(self.policy_config.last_stage_max_blocks, self.policy_config.max_stages)
+        # 0 in the cluster config is "each llumlet's own flag": the simulated llumlets run with the flags' defaults,
+        # the paper's 4 blocks / 3 stages.
+        self.limits = MigrationLimits(
+            self.policy_config.last_stage_max_blocks or DEFAULT_LAST_STAGE_MAX_BLOCKS,
+            self.policy_config.max_stages or DEFAULT_MAX_STAGES,
+        )
         self.arrivals = sorted(arrivals, key=lambda a: a.arrival_time_s)
         self.tracker = Tracker()
         self.snapshot = ClusterSnapshot.of(())

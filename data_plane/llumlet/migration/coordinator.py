@@ -35,7 +35,7 @@ from pyllumnix.data_plane.llumlet.llumlet import Llumlet, RequestOwner
 from pyllumnix.data_plane.llumlet.migration import events as ev
 from pyllumnix.data_plane.llumlet.migration import perform
 from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
-from pyllumnix.data_plane.llumlet.migration.order import handshake_settings, order_settings
+from pyllumnix.data_plane.llumlet.migration.order import incoming_pending_timeout_s, order_settings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
 from pyllumnix.data_plane.llumlet.output_push import FrontendUnreachableError
@@ -142,6 +142,9 @@ class _Incoming:
     ended_at: float = 0.0
     # One-time secret of this migration's data-plane keys (sent to the source with the first PreAllocate answer).
     transfer_token: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    # This migration's pending timeout (the reaper frees its reservation after this long without a call): the one its
+    # source passed on, clamped around this llumlet's flag, or the flag (order.py incoming_pending_timeout_s).
+    pending_timeout_s: float = 10.0
 
 
 @dataclass
@@ -219,7 +222,10 @@ class MigrationCoordinator:
     ) -> None:
         self.llumlet = llumlet
         self.transport = transport
-        self.settings = settings or MigrationSettings()
+        # The settings the llumlet was started with (its flags), kept as they are: each order's settings are derived
+        # from them (order.py), so an order whose knobs are 0 gets the flags back (REVIEW10 M1).
+        self.flag_settings = settings or MigrationSettings()
+        self.settings = self.flag_settings
         self.hooks = hooks
         self._incoming: dict[str, _Incoming] = {}
         # Request id -> (the source it was migrated in from, the migration, its owner entry here): a source may
@@ -384,7 +390,7 @@ class MigrationCoordinator:
         if request.max_blocks < 0:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "max_blocks must be >= 0 (0: no limit)")
         try:  # the cluster config's knobs the order carries (0: the llumlet's own)
-            limits, self.settings = order_settings(request, self.settings)
+            limits, self.settings = order_settings(request, self.flag_settings)
         except ValueError as exc:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         count = max(1, request.max_requests)
@@ -853,14 +859,14 @@ class MigrationCoordinator:
         mid = request.migration_id
         if not mid:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "migration_id is empty")
-        try:  # the cluster's pending timeout, passed on by the source (order.py)
-            self.settings = handshake_settings(request, self.settings)
-        except ValueError as exc:
-            raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         incoming = self._incoming.get(mid)
         if incoming is None:
+            try:  # the cluster's pending timeout as the source passed it on, for this migration only (order.py)
+                pending_s = incoming_pending_timeout_s(request, self.flag_settings.pending_timeout_s)
+            except ValueError as exc:
+                raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
             machine = DestinationMigration(mid, self._in_slots, self.llumlet.instance_id)
-            incoming = _Incoming(mid, request.source_instance_id, request.request, machine)
+            incoming = _Incoming(mid, request.source_instance_id, request.request, machine, pending_timeout_s=pending_s)
             accepting = self.llumlet.state == InstanceState.ACTIVE
             problem, mismatch = None, ""
             if request.stage == 0:
@@ -1092,10 +1098,12 @@ class MigrationCoordinator:
     async def _reap_pending(self) -> None:
         """Frees reservations whose source went silent (presumed dead)."""
         while True:
-            await asyncio.sleep(min(1.0, self.settings.pending_timeout_s / 4))
+            # Each migration's own pending timeout (REVIEW10 M2); polled at a quarter of the shortest one.
+            shortest = min((i.pending_timeout_s for i in self._incoming.values()), default=1.0)
+            await asyncio.sleep(min(1.0, self.flag_settings.pending_timeout_s / 4, shortest / 4))
             now = time.monotonic()
             for mid, incoming in list(self._incoming.items()):
-                if now - incoming.last_touch > self.settings.pending_timeout_s:
+                if now - incoming.last_touch > incoming.pending_timeout_s:
                     await self._free_incoming(
-                        mid, ev.SourceSilent(f"source silent for {self.settings.pending_timeout_s:g} s")
+                        mid, ev.SourceSilent(f"source silent for {incoming.pending_timeout_s:g} s")
                     )

@@ -136,22 +136,27 @@ class MigrationConfig(_message.Message):
     pairing_interval_ms: _builtins.int
     """Pairing loop period. Default 100 ms; range [10, 60000]."""
     last_stage_max_blocks: _builtins.int
-    """The leader puts the next four on every MigrateOut order (MigrateOutRequest's fields of the same names): the
-    llumlets apply them, a llumlet's own flags (--last-stage-max-blocks, --max-stages, --transfer-timeout,
-    --pending-timeout) only where an order leaves them at 0 (an older leader, or the two timeouts left at 0 here).
-    Remaining blocks at or below which the stop-and-copy stage runs. Default 4; range [1, 4096].
+    """The leader puts the next four on every MigrateOut order (MigrateOutRequest's fields of the same names). Each
+    defaults to 0: every llumlet keeps its own flag (--last-stage-max-blocks, --max-stages, --pending-timeout,
+    --transfer-timeout). A value in range is the cluster's: it holds for the migrations of each order that carries
+    it, and setting the field back to 0 gives every llumlet its flag back from its next order on.
+    Remaining blocks at or below which the stop-and-copy stage runs. Default 0: each llumlet's own
+    --last-stage-max-blocks (4 unless set); else range [1, 4096].
     """
     max_stages: _builtins.int
-    """Non-final stages allowed before the migration aborts. Default 3; range [1, 64]."""
+    """Non-final stages allowed before the migration aborts. Default 0: each llumlet's own --max-stages (3 unless set);
+    else range [1, 64].
+    """
     pending_timeout_ms: _builtins.int
-    """Destination frees a reservation when the source is silent this long (the source passes it on in its first
-    PreAllocate; in force on a llumlet from its next migration). Default 0: each llumlet's own --pending-timeout
-    (10 s unless set); else range [100, 600000].
+    """Destination frees a reservation when the source is silent this long: the source passes it on in the first
+    PreAllocate of each migration, and the destination applies it to that migration only, clamped to [its own
+    --pending-timeout / 10, its own --pending-timeout x 10]. Default 0: each destination's own --pending-timeout (10 s
+    unless set); else range [100, 600000].
     """
     transfer_timeout_ms: _builtins.int
     """Source restores the request when a stage's transfer (or another call to the destination) takes longer; in force
-    on a llumlet from its next order. Default 0: each llumlet's own --transfer-timeout (10 s unless set); else range
-    [100, 600000].
+    for the migrations of each order carrying it. Default 0: each llumlet's own --transfer-timeout (10 s unless set);
+    else range [100, 600000].
     """
     def __init__(
         self,

@@ -175,18 +175,18 @@ export interface MigrateOutRequest {
   maxBlocks: number;
   /**
    * Overrides the llumlet's max_stages for this order (0: keep it). The leader sends the cluster config's
-   * migration.max_stages (and its last_stage_max_blocks above).
+   * migration.max_stages (and its last_stage_max_blocks above; both 0 by default).
    */
   maxStages: number;
   /**
-   * The cluster config's migration.transfer_timeout_ms: the llumlet's source-side bound on each call and stage of a
-   * migration from this order on (0: keep its own, its --transfer-timeout; an older leader sends none). Range [100,
-   * 600000].
+   * The cluster config's migration.transfer_timeout_ms: the llumlet's source-side bound on each call and stage of
+   * this order's migrations (0: its own --transfer-timeout). Range [100, 600000].
    */
   transferTimeoutMs: number;
   /**
-   * The cluster config's migration.pending_timeout_ms: the llumlet uses it as a destination from this order on and
-   * passes it to its destinations in PreAllocate (0: keep its own, its --pending-timeout). Range [100, 600000].
+   * The cluster config's migration.pending_timeout_ms: the llumlet passes it on in the first PreAllocate of each of
+   * this order's migrations (0: nothing passed, each destination keeps its own --pending-timeout). Range [100,
+   * 600000].
    */
   pendingTimeoutMs: number;
 }
@@ -229,8 +229,9 @@ export interface PreAllocateRequest {
    */
   kvLayout: string;
   /**
-   * First stage: the cluster's pending timeout the source's orders carried (MigrateOutRequest.pending_timeout_ms);
-   * the destination frees reservations of silent sources after it from now on (0: it keeps its own).
+   * First stage: the cluster's pending timeout the source's order carried (MigrateOutRequest.pending_timeout_ms);
+   * the destination frees THIS migration's reservation once the source is silent that long, clamped to [its own
+   * --pending-timeout / 10, x 10] (0: its own --pending-timeout). Other migrations keep their own.
    */
   pendingTimeoutMs: number;
 }
