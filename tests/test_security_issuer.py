@@ -8,15 +8,26 @@ scheduler replicas ask serve (over a Unix socket that admits only their pids, fo
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import stat
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
-from pyllumnix.infra.security.issuer import ISSUER_ENV, IssuerError, IssuerServer, RemoteIssuer
+from pyllumnix.infra.security.issuer import (
+    ISSUER_ENV,
+    IssuerError,
+    IssuerServer,
+    RemoteIssuer,
+    remove_stale_socket_dirs,
+)
 
 
 @pytest.fixture
@@ -59,17 +70,17 @@ def test_the_issuer_serves_only_the_processes_it_admits_and_only_llumlets(pki: C
     try:
         remote = RemoteIssuer(server.path, timeout=10)
         with pytest.raises(IssuerError, match=rf"pid {os.getpid()} may not ask"):
-            remote.hand_out("llumlet", "i-1")
-        assert not (pki.directory / "llumlet-i-1.pem").exists(), "a refused request issued nothing"
+            remote.hand_out("llumlet", "auto-0000a1")
+        assert not (pki.directory / "llumlet-auto-0000a1.pem").exists(), "a refused request issued nothing"
         admitted.add(os.getpid())
-        own = remote.hand_out("llumlet", "i-1", ["10.1.2.3"])
-        assert_own_folder_only(own.cert.parent, "llumlet-i-1")
-        assert runtime.identity_of(own.cert).id == "i-1"
+        own = remote.hand_out("llumlet", "auto-0000a1", ["10.1.2.3"])
+        assert_own_folder_only(own.cert.parent, "llumlet-auto-0000a1")
+        assert runtime.identity_of(own.cert).id == "auto-0000a1"
         for role in ("admin", "scheduler", "frontend", "etcd"):
             with pytest.raises(IssuerError, match="only llumlet"):
                 remote.hand_out(role, "evil")
             assert not (pki.directory / f"{role}-evil.pem").exists()
-        with pytest.raises(IssuerError, match="identity id"):
+        with pytest.raises(IssuerError, match="not issued here"):
             remote.hand_out("llumlet", "../x")
     finally:
         server.close()
@@ -82,8 +93,87 @@ def test_the_issuer_socket_in_the_environment_makes_a_scheduler_an_authority(pki
     server = IssuerServer(pki.hand_out, lambda pid: pid == os.getpid()).start()
     try:
         settings = runtime.from_options("scheduler", "s0", tls_dir=own.cert.parent, env={ISSUER_ENV: str(server.path)})
-        issued = settings.ensure("llumlet", "auto-2")
-        assert issued is not None and runtime.identity_of(issued.cert).id == "auto-2"
+        issued = settings.ensure("llumlet", "auto-00000b")
+        assert issued is not None and runtime.identity_of(issued.cert).id == "auto-00000b"
         assert not (issued.cert.parent / "ca-key.pem").exists()
     finally:
         server.close()
+
+
+def test_the_issuer_gives_no_key_of_a_llumlet_it_did_not_start(pki: ClusterSecurity) -> None:
+    """L2 (REVIEW10): a scheduler could obtain the key of any llumlet id, serve's own ``instance-0`` included, and
+    impersonate that live llumlet. Now only ids a provider generates are issued, each to the process that first
+    asked (which may ask again)."""
+    pki.ensure("llumlet", "instance-0")  # serve's own llumlet
+    server = IssuerServer(pki.hand_out, lambda pid: True)
+    try:
+
+        def ask(pid: int, id: str) -> dict[str, str]:
+            return server.answer(pid, json.dumps({"role": "llumlet", "id": id}).encode())
+
+        for id in ("instance-0", "auto-1", "f0", "auto-abc1234", "x-abc123"):
+            assert "not issued here" in ask(100, id)["error"], id
+        first = ask(100, "auto-abc123")
+        assert "error" not in first and runtime.identity_of(Path(first["cert"])).id == "auto-abc123"
+        assert ask(100, "auto-abc123") == first, "the same process may ask again (a retry)"
+        assert "issued to another process" in ask(200, "auto-abc123")["error"]
+        assert "error" not in ask(200, "ray-00ff00")
+    finally:
+        server.close()
+
+
+def test_processes_that_send_nothing_do_not_hold_issuer_threads(pki: ClusterSecurity) -> None:
+    """L9 (REVIEW10): the issuer read a request before it checked the peer's pid, with no timeout: 300 idle
+    connections from a refused process held 300 serve threads until they closed. Now a refused peer is answered at
+    once, unread, and an admitted one that sends nothing is dropped after the read timeout."""
+    admitted = False
+    server = IssuerServer(pki.hand_out, lambda pid: admitted, read_timeout=0.5).start()
+    socks: list[socket.socket] = []
+    try:
+        before = threading.active_count()
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(server.path))
+            sock.settimeout(5)
+            sock.sendall(b'{"role": "llumlet"')  # no newline: the request never ends
+            socks.append(sock)
+        for sock in socks:
+            assert b"may not ask" in sock.recv(4096), "a refused peer is answered without its request"
+        wait_for_threads(before)
+        admitted = True
+        slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        socks.append(slow)
+        slow.connect(str(server.path))
+        slow.settimeout(5)
+        slow.sendall(b'{"role": "llumlet"')
+        t0 = time.monotonic()
+        assert slow.recv(4096) == b"", "an admitted peer that never finishes its request is dropped"
+        assert time.monotonic() - t0 < 3
+        wait_for_threads(before)
+    finally:
+        for sock in socks:
+            sock.close()
+        server.close()
+
+
+def wait_for_threads(count: int) -> None:
+    deadline = time.monotonic() + 3
+    while threading.active_count() > count and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert threading.active_count() <= count, f"{threading.active_count()} threads, {count} before"
+
+
+def test_a_killed_issuers_socket_folder_is_removed_by_the_next(tmp_path: Path) -> None:
+    """L4 (REVIEW10): the socket folder in /tmp was removed only by close(); a SIGKILLed serve left it. Its name now
+    carries the issuer's pid, and the next issuer removes those of processes that are gone."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f"llumnix-issuer-{gone.pid}-abc"
+    live = tmp_path / f"llumnix-issuer-{os.getpid()}-def"
+    other = tmp_path / "llumnix-issuer-xyz"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "issuer.sock").touch()
+    remove_stale_socket_dirs(tmp_path)
+    assert not stale.exists()
+    assert live.exists() and other.exists()

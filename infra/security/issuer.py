@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import socketserver
@@ -40,8 +41,14 @@ ISSUER_ENV = "LLUMNIX_CERT_ISSUER"
 CLUSTER_FILE = "cluster"
 ISSUABLE_ROLES = frozenset({"llumlet"})
 """What a remote issuer hands out: a provider starts llumlets, nothing else."""
+ISSUABLE_IDS = re.compile(r"(?:auto|ray)-[0-9a-f]{6}")
+"""The ids a provider generates (``<id_prefix>-<6 hex>``, the local and Ray providers' prefixes): never serve's own
+``instance-N`` nor any other component's id, so a scheduler cannot obtain the key of a llumlet it did not start."""
 REQUEST_LIMIT = 64 * 1024
 TIMEOUT_S = 60.0  # issuing under etcd auth creates the certificate's etcd user first (a few etcdctl calls)
+READ_TIMEOUT_S = 5.0
+"""How long an admitted process has to send its request: a slow or idle peer cannot hold a server thread."""
+SOCKET_DIR_PREFIX = "llumnix-issuer-"
 
 
 class IssuerError(Exception):
@@ -82,16 +89,31 @@ class _Handler(socketserver.StreamRequestHandler):
     server: _Server
 
     def handle(self) -> None:
+        issuer = self.server.issuer
+        self.request.settimeout(issuer.read_timeout)  # the request's read and the reply's write
         try:
-            reply = self.server.issuer.answer(_peer_pid(self.request), self.rfile.readline(REQUEST_LIMIT))
+            pid = _peer_pid(self.request)
+            # The peer's pid first: a process that may not ask is answered before anything is read from it.
+            reply = issuer.refusal(pid)
+            if reply is None:
+                try:
+                    line = self.rfile.readline(REQUEST_LIMIT)
+                except TimeoutError:
+                    log.warning("pid %d sent no certificate request within %.3g s; closing", pid, issuer.read_timeout)
+                    return
+                reply = issuer.answer(pid, line)
         except Exception as exc:  # never let a request take the server down; say what failed
             log.exception("certificate request failed")
             reply = {"error": f"{type(exc).__name__}: {exc}"}
-        self.wfile.write(json.dumps(reply).encode() + b"\n")
+        try:
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            return  # the peer left (or does not read): nothing to tell it
 
 
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    request_queue_size = 64  # a burst of connections does not make a provider's request fail at once (EAGAIN)
 
     def __init__(self, path: str, issuer: IssuerServer) -> None:
         self.issuer = issuer
@@ -101,13 +123,29 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 class IssuerServer:
     """Issues llumlet certificates for the processes ``may_ask`` admits (by pid), on a Unix socket in a private
     temporary folder. ``issue(role, id, hosts)`` does the work (serve's: its PKI's ``hand_out``, which also gives the
-    certificate its etcd user); it is called from the server's threads, one request at a time."""
+    certificate its etcd user); it is called from the server's threads, one request at a time. Only ids of the
+    ``ids`` pattern are issued, each to the first process that asked for it (that one may ask again).
 
-    def __init__(self, issue: Callable[[str, str, Sequence[str]], CertPaths], may_ask: Callable[[int], bool]) -> None:
+    The folder's name carries this process's pid: one a SIGKILLed serve left behind is removed by the next issuer
+    started (its pid is gone), since nothing else would."""
+
+    def __init__(
+        self,
+        issue: Callable[[str, str, Sequence[str]], CertPaths],
+        may_ask: Callable[[int], bool],
+        *,
+        ids: re.Pattern[str] = ISSUABLE_IDS,
+        read_timeout: float = READ_TIMEOUT_S,
+    ) -> None:
         self._issue = issue
         self._may_ask = may_ask
+        self._ids = ids
+        self.read_timeout = read_timeout
+        self._issued: dict[str, int] = {}  # id -> the pid it was issued to
         self._lock = threading.Lock()
-        self._dir = Path(tempfile.mkdtemp(prefix="llumnix-issuer-"))  # 0700: a socket path short enough for AF_UNIX
+        remove_stale_socket_dirs()
+        # 0700, and a socket path short enough for AF_UNIX (a log folder may be too deep)
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-"))
         self.path = self._dir / "issuer.sock"
         self._server = _Server(str(self.path), self)
         os.chmod(self.path, 0o600)
@@ -117,10 +155,17 @@ class IssuerServer:
         self._thread.start()
         return self
 
+    def refusal(self, pid: int) -> dict[str, Any] | None:
+        """The answer to a process that may not ask (None: it may)."""
+        if self._may_ask(pid):
+            return None
+        log.warning("refused a certificate request from pid %d: not a process allowed to ask", pid)
+        return {"error": f"pid {pid} may not ask for certificates"}
+
     def answer(self, pid: int, line: bytes) -> dict[str, Any]:
-        if not self._may_ask(pid):
-            log.warning("refused a certificate request from pid %d: not a process allowed to ask", pid)
-            return {"error": f"pid {pid} may not ask for certificates"}
+        refused = self.refusal(pid)
+        if refused is not None:
+            return refused
         try:
             request = json.loads(line)
             role, id, hosts = str(request["role"]), str(request["id"]), [str(h) for h in request.get("hosts", [])]
@@ -129,8 +174,18 @@ class IssuerServer:
         if role not in ISSUABLE_ROLES:
             log.warning("refused a %s certificate to pid %d: only llumlets are issued here", role, pid)
             return {"error": f"a {role} certificate is not issued here (only {', '.join(sorted(ISSUABLE_ROLES))})"}
+        if not self._ids.fullmatch(id):
+            log.warning("refused the certificate of %s %r to pid %d: not an id a provider generates", role, id, pid)
+            return {
+                "error": f"{role} id {id!r} is not issued here (only ids a provider generates: {self._ids.pattern})"
+            }
         with self._lock:
+            owner = self._issued.get(id)
+            if owner is not None and owner != pid:
+                log.warning("refused the certificate of %s %s to pid %d: issued to pid %d", role, id, pid, owner)
+                return {"error": f"{role} {id} was issued to another process"}
             paths = self._issue(role, id, hosts)
+            self._issued[id] = pid
         log.info("issued the certificate of %s %s for pid %d", role, id, pid)
         return {"ca": str(paths.ca), "cert": str(paths.cert), "key": str(paths.key)}
 
@@ -139,6 +194,23 @@ class IssuerServer:
             self._server.shutdown()
         self._server.server_close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def remove_stale_socket_dirs(root: Path | None = None) -> None:
+    """Removes the socket folders of issuers whose process is gone (serve killed before ``close``): this user's
+    ``llumnix-issuer-<pid>-*`` folders under ``root`` (the temporary folder) whose pid no longer runs."""
+    root = Path(tempfile.gettempdir()) if root is None else root
+    for folder in root.glob(f"{SOCKET_DIR_PREFIX}*-*"):
+        pid = folder.name[len(SOCKET_DIR_PREFIX) :].partition("-")[0]
+        try:
+            if not pid.isdigit() or folder.is_symlink() or folder.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            log.info("removing %s, left by an issuer that is gone", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue  # alive under another user (EPERM), or the folder went meanwhile
 
 
 class RemoteIssuer:
