@@ -398,6 +398,18 @@ def test_an_instance_is_judged_by_the_slower_of_its_own_report_period_and_the_cl
     assert "old" not in accepting(cluster, t + 0.5)
 
 
+def test_a_registered_report_period_is_clamped_to_the_configs_range() -> None:
+    """REVIEW10 L1: a llumlet registering load_report_interval_ms=2^31-1 is judged by the range's top, 1000 ms
+    (unhealthy after 20 s), not after ~500 days of silence; one registering 1 ms by the cluster's own bounds."""
+    cluster = ClusterState()
+    for iid, own_ms in (("huge", 2**31 - 1), ("tiny", 1)):
+        cluster.upsert(
+            common_pb2.InstanceInfo(instance_id=iid, grpc_address="127.0.0.1:1", load_report_interval_ms=own_ms)
+        )
+    assert cluster.bounds("huge") == pytest.approx(cluster_module.silence_bounds(1.0))
+    assert cluster.bounds("tiny") == (cluster.stale_after, cluster.dispatch_stale_after, cluster.quiet_stale_after)
+
+
 def test_a_silent_quiet_instance_stops_taking_requests_soon_after_the_first_one_sent_there() -> None:
     """The bound: dispatch_stale_after (+ one scan) after the first dispatch since its last message; and with nothing
     sent, quiet_stale_after."""

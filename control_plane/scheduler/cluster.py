@@ -53,7 +53,7 @@ import asyncio
 import math
 import time
 
-from pyllumnix.control_plane.policy.config import PolicyConfig
+from pyllumnix.control_plane.policy.config import RANGES, PolicyConfig
 from pyllumnix.control_plane.policy.freeness import migration_freeness
 from pyllumnix.control_plane.policy.snapshot import ClusterSnapshot
 from pyllumnix.control_plane.policy.views import InstanceView
@@ -230,12 +230,15 @@ class ClusterState:
         """(stale_after, dispatch_stale_after, quiet_stale_after) for ``instance_id``: the cluster's, or the longer
         ones of the report period its llumlet registered (``InstanceInfo.load_report_interval_ms``) when that is
         slower. A llumlet keeps its own ``--load-interval-ms``: judged by a faster cluster setting it looked silent,
-        so got no new request, while alive."""
+        so got no new request, while alive. The registered period is clamped to the cluster config's range: a
+        llumlet registering 2^31 ms would otherwise never be judged silent by its reports (REVIEW10 L1)."""
         info = self.infos.get(instance_id)
         own_ms = info.load_report_interval_ms if info is not None else 0
         cluster = (self.stale_after, self.dispatch_stale_after, self.quiet_stale_after)
         if own_ms <= 0:
             return cluster
+        low, high = RANGES["load_report_interval_ms"]
+        own_ms = min(max(own_ms, low), high)
         own = silence_bounds(own_ms / 1000)
         return max(cluster[0], own[0]), max(cluster[1], own[1]), max(cluster[2], own[2])
 
