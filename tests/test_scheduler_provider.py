@@ -6,11 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from pyllumnix.control_plane.scheduler.provider import LocalProcessProvider
+from pyllumnix.infra.security.issuer import IssuerError
 from pyllumnix.tools.launch import group_alive
 
 # No --etcd: the llumlets run unregistered until signalled.
@@ -92,6 +95,39 @@ async def test_llumlets_that_exit_before_registering_hold_further_starts_back(
     held = [m for m in messages if m.startswith("not starting llumlets for")]
     assert len(held) == 2 and "the last 1 exited before registering" in held[0], held  # once per hold
     assert len(await asyncio.to_thread(lambda: list(tmp_path.glob("*.log")))) == 4
+
+
+class _BrokenIssuer:
+    """Security settings whose certificate issuing fails (serve's issuer or etcd auth broken)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def ensure(self, role: str, id: str, hosts: Sequence[str] = ()) -> None:
+        self.asked += 1
+        raise IssuerError("the issuer refused: etcd auth is broken")
+
+
+async def test_a_failed_certificate_issue_holds_further_starts_back(caplog: pytest.LogCaptureFixture) -> None:
+    """REVIEW10 L3: a start whose certificate cannot be issued counts as an early exit (1 s, then 2 s, ...). Before,
+    the issuer was asked again on every scaling pass (a key generation and etcdctl calls every 100 ms)."""
+    now = [0.0]
+    issuer = _BrokenIssuer()
+    provider = LocalProcessProvider(STANDALONE, security=cast(Any, issuer), clock=lambda: now[0])
+    with pytest.raises(IssuerError):
+        await provider.start_instances(1)
+    assert (await provider.start_instances(1), issuer.asked, provider.early_exits) == ([], 1, 1)  # held for 1 s
+    now[0] = 1.5
+    with pytest.raises(IssuerError):
+        await provider.start_instances(1)
+    now[0] = 3.0  # held 2 s from 1.5
+    assert (await provider.start_instances(1), issuer.asked, provider.early_exits) == ([], 2, 2)
+    assert not provider.processes
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        m.startswith("no certificate for llumlet auto-") and m.endswith("(2 in a row): no llumlet is started for 2s")
+        for m in messages
+    ), messages
 
 
 def test_cap_must_be_positive() -> None:

@@ -54,10 +54,11 @@ class InstanceProvider(ABC):
 
 
 DEFAULT_LOCAL_MAX_INSTANCES = 64
-# A llumlet that exits before registering (a bad flag, a missing model, a port in use) holds further starts back for
-# EARLY_EXIT_BACKOFF_S, doubled with each such exit in a row up to EARLY_EXIT_BACKOFF_MAX_S; one that registers ends
-# the run. Without it every scaling pass (as often as every 100 ms) spawned another that died the same way, each with
-# a new certificate folder and log file.
+# A llumlet that exits before registering (a bad flag, a missing model, a port in use), or whose certificate could
+# not be issued (serve's issuer or etcd auth broken), holds further starts back for EARLY_EXIT_BACKOFF_S, doubled with
+# each such failure in a row up to EARLY_EXIT_BACKOFF_MAX_S; one that registers ends the run. Without it every scaling
+# pass (as often as every 100 ms) spawned another that died the same way, each with a new certificate folder and log
+# file, or ran a key generation and etcdctl calls again (REVIEW10 L3).
 EARLY_EXIT_BACKOFF_S = 1.0
 EARLY_EXIT_BACKOFF_MAX_S = 300.0
 SECURITY_FLAGS = ("--tls-dir", "--ca", "--insecure")
@@ -100,7 +101,7 @@ class LocalProcessProvider(InstanceProvider):
         self._starting: set[str] = set()
         self._reapers: set[asyncio.Task[None]] = set()
         self._clock = clock
-        # Llumlets in a row that exited before registering, and no start before ``_hold_until`` (``_clock`` time).
+        # Failed starts in a row (exited before registering, or no certificate), no start before ``_hold_until``.
         self.early_exits = 0
         self._hold_until = float("-inf")
         self._held_logged = False
@@ -115,7 +116,8 @@ class LocalProcessProvider(InstanceProvider):
             if not self._held_logged:  # once per hold: the scaling loop asks again every pass
                 self._held_logged = True
                 log.warning(
-                    "not starting llumlets for %.0fs more: the last %d exited before registering (see their logs)",
+                    "not starting llumlets for %.0fs more: the last %d exited before registering or got no "
+                    "certificate (see the logs)",
                     wait,
                     self.early_exits,
                 )
@@ -135,7 +137,11 @@ class LocalProcessProvider(InstanceProvider):
             security = self.security or runtime.current()
             # The new llumlet's certificate is issued before it starts (by the local PKI, or serve's issuer), in a
             # folder of its own: the llumlet gets its own files only, never the CA key.
-            own = await asyncio.to_thread(security.ensure, "llumlet", iid)
+            try:
+                own = await asyncio.to_thread(security.ensure, "llumlet", iid)
+            except Exception as exc:  # counts as an early exit: the next passes would fail alike, so hold them back
+                self._hold(f"no certificate for llumlet {iid} ({exc})")
+                raise
             cmd = [sys.executable, "-m", "pyllumnix.tools.cli", "llumlet", "--instance-id", iid, *self.llumlet_args]
             if not any(flag in self.llumlet_args for flag in SECURITY_FLAGS):
                 cmd += security.child_args(own)  # its own files (or this process's PKI, or --insecure)
@@ -171,16 +177,15 @@ class LocalProcessProvider(InstanceProvider):
         if instance_id in self._starting and self.processes.get(instance_id) is proc:
             self._starting.discard(instance_id)
             del self.processes[instance_id]  # nothing left to stop or to count
-            self.early_exits += 1
-            backoff = min(EARLY_EXIT_BACKOFF_MAX_S, EARLY_EXIT_BACKOFF_S * 2 ** (self.early_exits - 1))
-            self._hold_until = self._clock() + backoff
-            self._held_logged = False
-            log.warning(
-                "llumlet %s exited before registering (%d in a row): no llumlet is started for %.0fs",
-                instance_id,
-                self.early_exits,
-                backoff,
-            )
+            self._hold(f"llumlet {instance_id} exited before registering")
+
+    def _hold(self, failure: str) -> None:
+        """Holds starts back after one more failed start in a row (EARLY_EXIT_BACKOFF_S, doubled each time)."""
+        self.early_exits += 1
+        backoff = min(EARLY_EXIT_BACKOFF_MAX_S, EARLY_EXIT_BACKOFF_S * 2 ** (self.early_exits - 1))
+        self._hold_until = self._clock() + backoff
+        self._held_logged = False
+        log.warning("%s (%d in a row): no llumlet is started for %.0fs", failure, self.early_exits, backoff)
 
     async def stop_instance(self, instance_id: str) -> bool:
         proc = self.processes.pop(instance_id, None)
