@@ -10,6 +10,7 @@ waited for it, and kept every unexpected chunk for ever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 import pytest
 
+from pyllumnix.data_plane.transport.base import TransportError
 from pyllumnix.data_plane.transport.inproc import InprocTransport
 from pyllumnix.data_plane.transport.tcp import MAX_FRAME_BYTES, TcpTransport, parse_tcp_address
 
@@ -150,7 +152,7 @@ async def test_one_sender_may_fill_the_whole_early_buffer_with_a_stage_being_rec
     sender = TcpTransport()
     await sender.start()
     chunk = np.full(1 << 20, 3, dtype=np.uint8)
-    receiver.admit_stage("m4~t/0")
+    receiver.admit_stage("m4~t/0", 4)
     try:
         for i in range(4):  # the whole bound (4 MiB) from one sender, nobody expecting any of it yet
             await sender.send(receiver.address, f"m4~t/0/{i}", chunk, timeout=DEADLINE)
@@ -163,6 +165,15 @@ async def test_one_sender_may_fill_the_whole_early_buffer_with_a_stage_being_rec
             receiver.expect(f"m4~t/0/{i}", chunk.nbytes)
             assert np.array_equal(await receiver.receive(f"m4~t/0/{i}", timeout=DEADLINE), chunk)
         assert receiver.early_bytes == 0
+        # keys beyond the announced stage's chunks are held to the sender's share
+        for i in range(4, 7):  # the third is refused: the receiver drops the connection
+            with contextlib.suppress(TransportError):
+                await sender.send(receiver.address, f"m4~t/0/{i}", chunk, timeout=DEADLINE)
+        async with asyncio.timeout(DEADLINE):
+            while receiver.early_bytes < 2 << 20:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+        assert receiver.early_bytes == 2 << 20 and receiver.early_dropped >= 1
     finally:
         receiver.end_stage("m4~t/0")
         await sender.close()
@@ -233,3 +244,29 @@ async def test_frames_in_flight_count_against_the_early_bound(receiver: TcpTrans
         for sock in socks:
             sock.close()
     await legit_transfer_lands(receiver)
+
+
+async def test_chunks_that_came_before_their_stage_was_announced_leave_the_senders_share() -> None:
+    """A source may start a stage before the receiver announced it: those early chunks first count against the
+    source's share, and move to the stage when it is announced, so the rest of the stage still fits; when the stage
+    ends, its unclaimed chunks are dropped."""
+    receiver, source = InprocTransport(), InprocTransport()
+    receiver.early_max_bytes = 4 << 20
+    for t in (receiver, source):
+        await t.start()
+    chunk = np.full(1 << 20, 5, dtype=np.uint8)
+    try:
+        for i in range(3):
+            await source.send(receiver.address, f"m5~t/1/{i}", chunk, timeout=DEADLINE)
+        assert (receiver.early_bytes, receiver.early_dropped) == (2 << 20, 1), "unannounced: the sender's share"
+        receiver.admit_stage("m5~t/1", 4)
+        for i in (2, 3):
+            await source.send(receiver.address, f"m5~t/1/{i}", chunk, timeout=DEADLINE)
+        assert (receiver.early_bytes, receiver.early_dropped) == (4 << 20, 1)
+        await source.send(receiver.address, "other/0", chunk, timeout=DEADLINE)  # the whole bound still holds
+        assert receiver.early_dropped == 2
+        receiver.end_stage("m5~t/1")
+        assert receiver.early_bytes == 0
+    finally:
+        for t in (receiver, source):
+            await t.close()

@@ -138,9 +138,10 @@ class Transport(ABC):
     def cancel(self, key: str) -> None:
         """Drops an expectation (e.g. the migration aborted); unknown keys are ignored."""
 
-    def admit_stage(self, key_prefix: str) -> None:  # noqa: B027 - optional: a no-op where nothing arrives early
-        """Announces a stage this side is receiving (keys ``<key_prefix>/<index>``): its chunks that arrive before
-        their expectation are not held to one sender's early-data share (only buffering transports keep any)."""
+    def admit_stage(self, key_prefix: str, n_chunks: int) -> None:  # noqa: B027 - a no-op where nothing arrives early
+        """Announces a stage this side is receiving (keys ``<key_prefix>/<index>``, index < ``n_chunks``): its chunks
+        that arrive before their expectation are not held to one sender's early-data share (only buffering
+        transports keep any)."""
 
     def end_stage(self, key_prefix: str) -> None:  # noqa: B027 - optional, as admit_stage
         """Ends ``admit_stage``; early chunks of the stage nobody claimed are dropped."""
@@ -207,7 +208,7 @@ class BufferingTransport(ExpectingTransport):
         self._early_at: dict[str, float] = {}
         self._early_from: dict[str, str] = {}  # key -> the account it counts against (its sender, or _STAGE)
         self._peer_early: dict[str, int] = {}  # account -> its early bytes, claimed ones included
-        self._stages: dict[str, int] = {}  # announced stage key prefixes -> how many receivers announced it
+        self._stages: dict[str, tuple[int, int]] = {}  # announced stage key prefix -> (its chunks, announcements)
         self._early_bytes = 0
         self.early_max_bytes = early_max_bytes
         self._early_peer_max_bytes = early_peer_max_bytes
@@ -224,19 +225,20 @@ class BufferingTransport(ExpectingTransport):
     def early_bytes(self) -> int:
         return self._early_bytes
 
-    def admit_stage(self, key_prefix: str) -> None:
-        self._stages[key_prefix] = self._stages.get(key_prefix, 0) + 1
+    def admit_stage(self, key_prefix: str, n_chunks: int) -> None:
+        chunks, count = self._stages.get(key_prefix, (0, 0))
+        self._stages[key_prefix] = (max(chunks, n_chunks), count + 1)
         for key, account in list(self._early_from.items()):  # what came before the announcement leaves its share
-            if account != _STAGE and _stage_of(key) == key_prefix:
+            if account != _STAGE and self._account(key, account) == _STAGE:
                 nbytes = self._early[key].nbytes
                 self._count(account, -nbytes)
                 self._count(_STAGE, nbytes)
                 self._early_from[key] = _STAGE
 
     def end_stage(self, key_prefix: str) -> None:
-        left = self._stages.get(key_prefix, 0) - 1
-        if left > 0:
-            self._stages[key_prefix] = left
+        chunks, count = self._stages.get(key_prefix, (0, 0))
+        if count > 1:
+            self._stages[key_prefix] = (chunks, count - 1)
             return
         self._stages.pop(key_prefix, None)
         for key in [k for k in self._early if _stage_of(k) == key_prefix]:
@@ -244,7 +246,9 @@ class BufferingTransport(ExpectingTransport):
 
     def _account(self, key: str, peer: str) -> str:
         """What an early chunk counts against: an announced stage's bytes (the whole bound only), or its sender."""
-        return _STAGE if key and _stage_of(key) in self._stages else peer
+        prefix, _, index = key.rpartition("/")
+        stage = self._stages.get(prefix)
+        return _STAGE if stage is not None and index.isascii() and index.isdigit() and int(index) < stage[0] else peer
 
     def _count(self, account: str, nbytes: int) -> None:
         left = self._peer_early.get(account, 0) + nbytes

@@ -390,7 +390,9 @@ async def receive_blocks(
         return zlib.crc32(landing(index).data if staged else _host_bytes(blocks), crc)
 
     outstanding: list[str] = []
-    transport.admit_stage(key_prefix)  # the chunks beyond the window arrive early: not one sender's share (M4)
+    transport.admit_stage(
+        key_prefix, plan.n_chunks
+    )  # the chunks beyond the window arrive early: not one sender's share (M4)
     try:
         for index in range(len(ring)):
             key = chunk_key_of(key_prefix, index)
