@@ -191,6 +191,81 @@ async def test_an_abort_answered_after_the_sources_deadline_still_frees_the_dest
         await b.close()
 
 
+@pytest.mark.parametrize("install", ["blocks", "raises"])
+async def test_an_install_that_never_completes_gives_its_blocks_and_slot_back(
+    sink: RecordingSink, install: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FIXD: b's install never completes (it blocks, or it raises). The source gives up on its commit and resumes
+    the request; b's entry stays INSTALLING, which the source's abort and silence do not end. Before: its blocks,
+    its max_in slot and its migrating flag leaked for good. Now the reaper collects it past the pending timeout plus
+    the transfer timeout, with a WARNING."""
+    a = await make_node("a", settings=MigrationSettings(verify_crc=True, transfer_timeout_s=0.3))
+    b = await make_node("b", settings=MigrationSettings(verify_crc=True, pending_timeout_s=1.0, transfer_timeout_s=0.5))
+    entered = asyncio.Event()
+
+    async def stuck_install(incoming: Any, block_ids: Any) -> Any:
+        entered.set()
+        if install == "raises":
+            raise RuntimeError("engine refused the install")
+        await asyncio.Event().wait()  # a hook that never returns
+
+    b.coordinator._install = stuck_install  # type: ignore[method-assign]
+    try:
+        await a.stub.AddRequest(request("r", sink, 20, 300))
+        await wait_tokens(sink, "r", 1)
+        result = (await a.stub.MigrateOut(migrate(a, b, "r"))).results[0]
+        assert entered.is_set()
+        assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION, result.reason
+        assert b.free < b.engine.total_blocks and b.coordinator._in_slots.held  # held while installing
+        await assert_clean(b)
+        assert b.free == b.engine.total_blocks and not b.coordinator._in_slots.held
+        assert any("stuck installing" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+        await sink.wait("r", timeout=60)
+        assert_exactly_once(sink, "r", 20, 300)
+        assert {o.instance_id for o in sink.outputs["r"]} == {"a"}
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_closed_entry_whose_free_failed_is_collected_with_its_blocks(
+    sink: RecordingSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FIXD: the client aborts mid pre-copy and b's free of the reservation fails once (an engine error): the step
+    ended between the close and the entry's removal. Before: the CLOSED entry and its 7 blocks stayed for good (the
+    reaper skipped closed entries). Now the reaper frees them and drops the entry, with a WARNING."""
+    a = await make_node("a")
+    b = await make_node("b", settings=MigrationSettings(verify_crc=True, pending_timeout_s=1.0, transfer_timeout_s=0.5))
+    real_free = b.engine.free_reserved
+    failures: list[tuple[int, ...]] = []
+
+    def failing_once(block_ids: Any) -> None:
+        if not failures:
+            failures.append(tuple(block_ids))
+            raise RuntimeError("engine error while freeing")
+        real_free(block_ids)
+
+    b.engine.free_reserved = failing_once  # type: ignore[method-assign]
+
+    async def abort() -> None:
+        await a.stub.AbortRequest(llumlet_pb2.AbortRequestRequest(request_id="r"))
+
+    a.coordinator.hooks = hooks = Hooks({("before_stage", 1): abort})
+    try:
+        await a.stub.AddRequest(request("r", sink, 100, 400))  # 7 blocks: stage 0 is a pre-copy stage
+        await wait_tokens(sink, "r", 1)
+        result = (await a.stub.MigrateOut(migrate(a, b, "r"))).results[0]
+        hooks.assert_all_ran()
+        assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_SOURCE, result.reason
+        assert failures and b.free < b.engine.total_blocks
+        await assert_clean(b)
+        assert b.free == b.engine.total_blocks and not b.coordinator._in_slots.held
+        assert any("stuck closed" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    finally:
+        await a.close()
+        await b.close()
+
+
 class StallingSink(RecordingSink):
     """Answers pushes only after ``stall_until`` (a frontend slow to acknowledge)."""
 

@@ -34,7 +34,7 @@ from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet, RequestOwner
 from pyllumnix.data_plane.llumlet.migration import events as ev
 from pyllumnix.data_plane.llumlet.migration import perform
-from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration
+from pyllumnix.data_plane.llumlet.migration.destination import DestinationMigration, DestinationState
 from pyllumnix.data_plane.llumlet.migration.order import incoming_pending_timeout_s, order_settings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits, Stage
 from pyllumnix.data_plane.llumlet.migration.source import SourceMigration, SourceState
@@ -145,6 +145,11 @@ class _Incoming:
     # This migration's pending timeout (the reaper frees its reservation after this long without a call): the one its
     # source passed on, clamped around this llumlet's flag, or the flag (order.py incoming_pending_timeout_s).
     pending_timeout_s: float = 10.0
+    # This migration's step tasks still running (``_own_step``): the reaper never collects an entry under one it
+    # has not ended itself.
+    running: set[asyncio.Task[tuple[ev.Accept | None, int]]] = field(default_factory=set)
+    # Blocks of a Free the driver began and did not finish (its step failed or was cancelled): the reaper frees them.
+    freeing: tuple[int, ...] = ()
 
 
 @dataclass
@@ -905,6 +910,8 @@ class MigrationCoordinator:
         (install, free) nor the close that gives the slot back, which would otherwise leak for good."""
         task = asyncio.get_running_loop().create_task(self._step_incoming(incoming, event))
         self._steps.add(task)
+        incoming.running.add(task)
+        task.add_done_callback(incoming.running.discard)
         task.add_done_callback(self._step_done)
         return task
 
@@ -981,6 +988,7 @@ class MigrationCoordinator:
         return done
 
     async def _free(self, incoming: _Incoming, action: ev.Free) -> int:
+        incoming.freeing = tuple(action.block_ids)  # until they are back: a step ended here leaves them to the reaper
         for task in incoming.stages.values():
             task.cancel()
             with contextlib.suppress(BaseException):
@@ -989,6 +997,7 @@ class MigrationCoordinator:
         if action.block_ids:
             async with self.llumlet.engine_lock:
                 self.llumlet.engine.free_reserved(action.block_ids)
+        incoming.freeing = ()
         log.info("migration %s in: freed %d blocks (%s)", incoming.migration_id, len(action.block_ids), action.reason)
         return len(action.block_ids)
 
@@ -1107,3 +1116,47 @@ class MigrationCoordinator:
                     await self._free_incoming(
                         mid, ev.SourceSilent(f"source silent for {incoming.pending_timeout_s:g} s")
                     )
+                if now - incoming.last_touch > incoming.pending_timeout_s + self.flag_settings.transfer_timeout_s:
+                    await self._reap_stuck(mid, incoming)
+
+    async def _reap_stuck(self, mid: str, incoming: _Incoming) -> None:
+        """Collects an entry that a source's silence cannot end (FIXD): one stuck INSTALLING (its install raised, or
+        still waits for the engine past any commit's deadline) or CLOSED with its entry left (a step that failed or
+        was cancelled between its close and the entry's removal, maybe with blocks not freed yet). Without this the
+        reservation, the ``max_in`` slot and the migrating flag leaked for good. A running install is first told not
+        to run (the source gave up on it long ago) and cancelled, never raced: an install happens under the engine
+        lock without a pause, so a cancelled one never began."""
+        machine = incoming.machine
+        if machine.state is not DestinationState.INSTALLING and not machine.closed:
+            return
+        running = [t for t in incoming.running if not t.done()]
+        if running and machine.closed:
+            return  # a close still under way (a Free waiting for the engine) ends the entry itself
+        age = time.monotonic() - incoming.last_touch
+        reason = f"stuck {machine.state.value} for {age:.1f} s"
+        if running:
+            if not machine.install_abandoned:
+                machine.step(ev.AbortAsked(reason))  # an install not begun must not run any more
+            for task in running:
+                task.cancel()
+            await asyncio.wait(running, timeout=CLOSE_WAIT_S)
+            if any(not t.done() for t in running) or self._incoming.get(mid) is not incoming:
+                return  # not settled yet (the next pass tries again), or it ended the entry itself
+        log.warning(
+            "migration %s in (from %s): %s; freeing its %d reserved blocks and its slot",
+            mid,
+            incoming.source_instance_id,
+            reason,
+            len(machine.block_ids) + len(incoming.freeing),
+        )
+        if machine.state is DestinationState.INSTALLING:
+            with contextlib.suppress(MigrationError):  # its refusal: nobody waits for it
+                await asyncio.shield(self._own_step(incoming, ev.InstallFailed(reason)))
+            return
+        if incoming.freeing:
+            await self._free(incoming, ev.Free(incoming.freeing, reason))
+        self._in_slots.give(mid)
+        if self._incoming.get(mid) is incoming:
+            del self._incoming[mid]
+            self._remember_ended(incoming)
+            self.llumlet.set_migrating(incoming=bool(self._incoming))
