@@ -315,10 +315,13 @@ class Frontend:
             raise exc
 
     def _admit_key(self, owner: ApiKey | None) -> str:
-        """Takes one of ``owner``'s per-key slots (admin keys too: an admin client can starve users as well); returns
-        the key id to give back with ``_release_key`` ("" for a frontend without API keys, which has no per-key cap).
-        Raises OverloadedError at the cap."""
-        if owner is None:
+        """Takes one of ``owner``'s per-key slots; returns the key id to give back with ``_release_key`` ("" for a
+        frontend without API keys and for admin keys, which have no per-key cap). Raises OverloadedError at the cap.
+
+        Admin keys are exempt: they are the operator's own tools (``bench serving``/``bench peers``/``sim live`` and
+        drills replay hundreds of concurrent streams on the admin key of ``serve``'s context), and an admin can drain
+        or reconfigure the cluster anyway, so capping it protects no one. The global ``max_inflight`` still holds."""
+        if owner is None or owner.role == "admin":
             return ""
         held = self._per_key.get(owner.id, 0)
         if self.max_requests_per_key and held >= self.max_requests_per_key:

@@ -281,8 +281,9 @@ def _split(value: str) -> list[str]:
     "--max-requests-per-key",
     default=None,
     type=click.IntRange(min=0),
-    help="Requests one API key (admin keys too) may have in flight; beyond it HTTP 429 / RESOURCE_EXHAUSTED, so one "
-    "client cannot starve the others. Default: a quarter of --max-inflight; 0: no cap.",
+    help="Requests one user API key may have in flight; beyond it HTTP 429 / RESOURCE_EXHAUSTED, so one client "
+    "cannot starve the others (admin keys, the operator's benchmarks and drills, are exempt). Default: a quarter of "
+    "--max-inflight; 0: no cap.",
 )
 @click.option(
     "--max-body-bytes",
