@@ -238,8 +238,7 @@ class ClusterState:
         if own_ms <= 0:
             return cluster
         low, high = RANGES["load_report_interval_ms"]
-        own_ms = min(max(own_ms, low), high)
-        own = silence_bounds(own_ms / 1000)
+        own = silence_bounds(min(max(own_ms, low), high) / 1000)
         return max(cluster[0], own[0]), max(cluster[1], own[1]), max(cluster[2], own[2])
 
     def _keep_early(self, load: common_pb2.InstanceLoad, now: float) -> None:
