@@ -120,6 +120,7 @@ def test_the_issuer_gives_no_key_of_a_llumlet_it_did_not_start(pki: ClusterSecur
         assert "error" not in ask(200, "ray-00ff00")
     finally:
         server.close()
+    assert not Path(first["cert"]).parent.exists(), "the folders it handed out go with the issuer (L4)"
 
 
 def test_processes_that_send_nothing_do_not_hold_issuer_threads(pki: ClusterSecurity) -> None:

@@ -127,7 +127,8 @@ class IssuerServer:
     ``ids`` pattern are issued, each to the first process that asked for it (that one may ask again).
 
     The folder's name carries this process's pid: one a SIGKILLed serve left behind is removed by the next issuer
-    started (its pid is gone), since nothing else would."""
+    started (its pid is gone), since nothing else would. ``close`` removes the folders it handed out too: serve
+    closes it after its schedulers stopped, and with them (``--stop-instances-on-exit``) the llumlets they started."""
 
     def __init__(
         self,
@@ -142,6 +143,7 @@ class IssuerServer:
         self._ids = ids
         self.read_timeout = read_timeout
         self._issued: dict[str, int] = {}  # id -> the pid it was issued to
+        self._folders: set[Path] = set()  # the folders handed out
         self._lock = threading.Lock()
         remove_stale_socket_dirs()
         # 0700, and a socket path short enough for AF_UNIX (a log folder may be too deep)
@@ -186,6 +188,7 @@ class IssuerServer:
                 return {"error": f"{role} {id} was issued to another process"}
             paths = self._issue(role, id, hosts)
             self._issued[id] = pid
+            self._folders.add(paths.cert.parent)
         log.info("issued the certificate of %s %s for pid %d", role, id, pid)
         return {"ca": str(paths.ca), "cert": str(paths.cert), "key": str(paths.key)}
 
@@ -194,6 +197,10 @@ class IssuerServer:
             self._server.shutdown()
         self._server.server_close()
         shutil.rmtree(self._dir, ignore_errors=True)
+        with self._lock:
+            for folder in self._folders:
+                shutil.rmtree(folder, ignore_errors=True)
+            self._folders.clear()
 
 
 def remove_stale_socket_dirs(root: Path | None = None) -> None:
