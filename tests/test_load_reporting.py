@@ -1040,8 +1040,11 @@ async def test_a_stepping_instance_reads_its_load_at_its_step_ends_not_on_a_time
         with contextlib.suppress(asyncio.CancelledError):
             await consumer
     reads = llumlet.reads[1:]  # the first one starts the stream
-    aligned = sum(1 for r in reads if any(0 <= r - s < 0.010 for s in steps))
-    assert len(reads) >= 10 and aligned >= 0.8 * len(reads), f"{aligned} of {len(reads)} reads at a step's end"
+    # Within 20 ms of a step's end: a timer of its own (the old reporter) lands there by chance in ~45 % of reads with
+    # 43 ms steps, a signalled read on a quiet host in ~100 %. The bound is 70 %: a loaded CI host (load 2-8) delays
+    # some wake-ups past 10 ms (the earlier 10 ms / 80 % bound failed there: 18 of 23), rarely past 20 ms.
+    aligned = sum(1 for r in reads if any(0 <= r - s < 0.020 for s in steps))
+    assert len(reads) >= 10 and aligned >= 0.7 * len(reads), f"{aligned} of {len(reads)} reads at a step's end"
     gaps = [b - a for a, b in itertools.pairwise(sent)]
     assert gaps and max(gaps) < (LOAD_KEEPALIVE_EVERY + BUSY_MESSAGE_GRACE) * interval + 0.15, gaps
     assert min(gaps) >= LOAD_KEEPALIVE_EVERY * interval - 0.005, gaps
