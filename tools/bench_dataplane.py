@@ -145,6 +145,9 @@ def _transport_receiver(kind: str, conn: Connection) -> None:
                 break
             prefix, nbytes, count = msg
             ring = [_filled(nbytes) for _ in range(2)]  # touched now, not mid-transfer (as ChunkBuffers does)
+            # Announced as receive_blocks announces a migration stage: the chunks beyond the two-slot ring arrive
+            # early and may use the whole early-data buffer, not one sender's share of it.
+            transport.admit_stage(prefix, count)
             for i in range(min(2, count)):
                 transport.expect(f"{prefix}/{i}", nbytes, out=ring[i])
             conn.send("ready")
@@ -152,6 +155,7 @@ def _transport_receiver(kind: str, conn: Connection) -> None:
                 await transport.receive(f"{prefix}/{i}", timeout=120)
                 if i + 2 < count:
                     transport.expect(f"{prefix}/{i + 2}", nbytes, out=ring[i % 2])
+            transport.end_stage(prefix)
             conn.send(time.monotonic())
         await transport.close()
 
