@@ -21,7 +21,7 @@ from pyllumnix.control_plane.frontend.sink import LOST_SCOPE_INSTANCE, LOST_SCOP
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.scaling import ScalingDecision
-from pyllumnix.control_plane.scheduler.replica import ReplicaTiming, SchedulerReplica
+from pyllumnix.control_plane.scheduler.replica import LOST_NOTICE_TIMEOUT_S, ReplicaTiming, SchedulerReplica
 from pyllumnix.infra.etcd.client import KeyValue
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.watch import EventType, WatchEvent
@@ -391,7 +391,7 @@ async def serve_sink(sink: Sink) -> RunningServer:
     )
 
 
-async def test_lost_requests_are_not_reported_after_a_step_down_between_two_frontends() -> None:
+async def test_lost_requests_are_not_reported_after_a_step_down() -> None:
     replica, election = make_replica((), [])
     replica.leadership = cast(Any, election.leadership)
     got_a: list[str] = []
@@ -407,8 +407,11 @@ async def test_lost_requests_are_not_reported_after_a_step_down_between_two_fron
             ],
         )
         await replica._fail_requests("i-1", load, "its process is gone")
-        assert got_a == ["r-a"]  # sent while leading
-        assert got_b == []  # the term ended during the first push: the next leader reports r-b
+        # Both pushes start at once while leading (one stalled frontend must not hold up the others).
+        assert (got_a, got_b) == (["r-a"], ["r-b"])
+        # The term ended during the first push: from then on nothing is sent; the next leader reports.
+        await replica._fail_requests("i-1", load, "its process is gone")
+        assert (got_a, got_b) == (["r-a"], ["r-b"])
     finally:
         await server_a.stop(None)
         await server_b.stop(None)
@@ -476,6 +479,50 @@ async def test_a_registered_frontend_no_report_named_is_told_about_a_lost_instan
     finally:
         await server.stop(None)
         await server_gone.stop(None)
+
+
+class StallingSink(NoticeSink):
+    """A frontend that holds each notice until ``release`` is set (a stalled process, or a black-holed address)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def PushOutputs(
+        self, request: frontend_pb2.PushOutputsRequest, context: Any
+    ) -> frontend_pb2.PushOutputsResponse:
+        await self.release.wait()
+        return await super().PushOutputs(request, context)
+
+
+async def test_a_stalled_frontend_does_not_hold_up_the_others_lost_instance_notices() -> None:
+    """REVIEW10 L7: notices went out one frontend after the other, each waiting up to its 5 s deadline, so one stalled
+    frontend (or any number of black-holed addresses a frontend registered) delayed every later one. Now every
+    frontend is told at once: the live one gets its notice while the stalled one still holds its own (before: only
+    after the stalled push ended, at its 5 s deadline)."""
+    replica, election = make_replica((), [])
+    replica.leadership = cast(Any, election.leadership)
+    stalled, live = StallingSink(), NoticeSink()  # type: ignore[abstract]
+    server_stalled, server_live = await serve_sink(cast(Any, stalled)), await serve_sink(cast(Any, live))
+    try:
+        replica.frontend_event(
+            WatchEvent(EventType.PUT, 5, kv=frontend_kv(replica.layout, "f0", server_stalled.address))
+        )
+        replica.frontend_event(WatchEvent(EventType.PUT, 6, kv=frontend_kv(replica.layout, "f1", server_live.address)))
+        telling = asyncio.create_task(
+            replica._fail_requests("i-1", common_pb2.InstanceLoad(instance_id="i-1"), "its process is gone")
+        )
+        async with asyncio.timeout(LOST_NOTICE_TIMEOUT_S - 1):
+            await live.got.wait()
+        assert live.notices == [("i-1", [])] and not stalled.notices and not telling.done()
+        stalled.release.set()
+        async with asyncio.timeout(DEADLINE_S):
+            await telling
+        assert stalled.notices == [("i-1", [])]
+    finally:
+        stalled.release.set()
+        await server_stalled.stop(None)
+        await server_live.stop(None)
 
 
 async def test_an_instance_lost_with_no_load_on_record_is_still_reported_to_every_known_frontend() -> None:

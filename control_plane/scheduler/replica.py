@@ -1037,21 +1037,28 @@ class SchedulerReplica:
                 by_frontend.setdefault(address, [])
         # The sink ends every request the id holds unless told the notice is about the listed ones only.
         scope = ((LOST_SCOPE_METADATA_KEY, LOST_SCOPE_INSTANCE if every_frontend else LOST_SCOPE_LISTED),)
-        retry: list[tuple[str, frontend_pb2.PushOutputsRequest]] = []
-        for address, outputs in by_frontend.items():
+
+        async def first_attempt(
+            address: str, outputs: list[common_pb2.RequestOutput]
+        ) -> tuple[str, frontend_pb2.PushOutputsRequest] | None:
+            """One push; returns the notice to retry, if any. Every frontend at once: one that stalls (or a black-holed
+            address some frontend registered) must not hold the others up by its deadline, as a loop did."""
             try:
-                self.require_leader()  # it may have stepped down during an earlier push: the next leader reports them
+                self.require_leader()  # it may have stepped down meanwhile: the next leader reports them
             except NotLeaderError:
                 log.info("not reporting instance %s's requests to %s: no longer the leader", instance_id, address)
-                return
+                return None
             notice = frontend_pb2.PushOutputsRequest(instance_id=instance_id, outputs=outputs)
             try:
                 await self._push_notice(address, notice, scope)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in _NOTICE_RETRY_CODES:
-                    retry.append((address, notice))  # after the others: one slow frontend must not hold them up
-                else:
-                    log.warning("could not tell frontend %s about lost requests: %s", address, exc.code().name)
+                    return address, notice
+                log.warning("could not tell frontend %s about lost requests: %s", address, exc.code().name)
+            return None
+
+        outcomes = await asyncio.gather(*(first_attempt(a, outputs) for a, outputs in by_frontend.items()))
+        retry = [outcome for outcome in outcomes if outcome is not None]
         if retry:
             await asyncio.gather(*(self._retry_notice(address, notice, scope) for address, notice in retry))
 
