@@ -37,6 +37,11 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grp
         (["--push-budget", "nan"], "--push-budget"),
         (["--sink-idle-close", "inf"], "--sink-idle-close"),
         (["--output-heartbeat", "nan"], "--output-heartbeat"),
+        # REVIEW10 L1's other half: the period the llumlet registers, and its migration bounds, in the config's ranges
+        (["--load-interval-ms", "0"], "--load-interval-ms"),
+        (["--load-interval-ms", "2147483647"], "--load-interval-ms"),
+        (["--max-stages", "0"], "--max-stages"),
+        (["--last-stage-max-blocks", "-1"], "--last-stage-max-blocks"),
     ],
 )
 def test_bad_reliability_settings_are_refused_with_a_usage_error(args: list[str], option: str) -> None:

@@ -467,9 +467,15 @@ async def _shut_down(
     show_default=True,
     help="AddRequest is refused (RESOURCE_EXHAUSTED) while this many requests wait here (0: no limit).",
 )
-@click.option("--load-interval-ms", default=50, show_default=True, help="Load report period.")
-@click.option("--last-stage-max-blocks", default=4, show_default=True)
-@click.option("--max-stages", default=3, show_default=True)
+@click.option(
+    "--load-interval-ms",
+    default=50,
+    show_default=True,
+    type=click.IntRange(10, 1000),
+    help="Load report period (the cluster config's load_report_interval_ms range).",
+)
+@click.option("--last-stage-max-blocks", default=4, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--max-stages", default=3, show_default=True, type=click.IntRange(1, 64))
 @click.option(
     "--pending-timeout", default=10.0, show_default=True, help="Seconds before a silent source's reservation is freed."
 )
