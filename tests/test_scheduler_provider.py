@@ -13,6 +13,7 @@ from typing import Any, cast
 import pytest
 
 from pyllumnix.control_plane.scheduler.provider import LocalProcessProvider
+from pyllumnix.infra.security.ca import CertPaths
 from pyllumnix.infra.security.issuer import IssuerError
 from pyllumnix.tools.launch import group_alive
 
@@ -128,6 +129,45 @@ async def test_a_failed_certificate_issue_holds_further_starts_back(caplog: pyte
         m.startswith("no certificate for llumlet auto-") and m.endswith("(2 in a row): no llumlet is started for 2s")
         for m in messages
     ), messages
+
+
+class _FolderIssuer:
+    """Security settings that hand each llumlet a folder of its own (``llumlet-<id>``, as ``issuer.hand_out``) and run
+    it insecure (these children crash on an unknown flag before they would read it)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.folders: list[Path] = []
+
+    def ensure(self, role: str, id: str, hosts: Sequence[str] = ()) -> CertPaths:
+        folder = self.root / f"{role}-{id}"
+        folder.mkdir(parents=True)
+        paths = CertPaths(folder / "ca.pem", folder / f"{role}-{id}.pem", folder / f"{role}-{id}-key.pem")
+        for path in paths.ca, paths.cert, paths.key:
+            path.write_bytes(b"-")
+        self.folders.append(folder)
+        return paths
+
+    def child_args(self, own: CertPaths | None) -> list[str]:
+        return ["--insecure"]
+
+
+async def test_an_ended_llumlets_certificate_folder_is_removed(tmp_path: Path) -> None:
+    """An autoscaled llumlet's own folder (its private key) goes when its process ends: a provider never reuses an id.
+    Before, the folders stayed until serve stopped (one per start, REVIEW10/FIXE L4); folders of others stay."""
+    issuer = _FolderIssuer(tmp_path / "issued")
+    other = tmp_path / "issued" / "llumlet-instance-0"
+    other.mkdir(parents=True)
+    provider = LocalProcessProvider([*STANDALONE, "--no-such-flag"], tmp_path / "logs", security=cast(Any, issuer))
+    try:
+        [iid] = await provider.start_instances(1)
+        [folder] = issuer.folders
+        assert folder.name == f"llumlet-{iid}"
+        await _until(lambda: provider.early_exits == 1, "the llumlet's exit")
+        await _until(lambda: not folder.exists(), "its folder's removal")
+        assert other.exists()
+    finally:
+        await provider.close()
 
 
 def test_cap_must_be_positive() -> None:

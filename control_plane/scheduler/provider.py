@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 
 from pyllumnix.infra.processes import describe_exit
 from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.ca import CertPaths
 from pyllumnix.infra.security.issuer import without_issuer
 from pyllumnix.infra.security.runtime import SecuritySettings
 
@@ -62,6 +64,15 @@ DEFAULT_LOCAL_MAX_INSTANCES = 64
 EARLY_EXIT_BACKOFF_S = 1.0
 EARLY_EXIT_BACKOFF_MAX_S = 300.0
 SECURITY_FLAGS = ("--tls-dir", "--ca", "--insecure")
+
+
+def _remove_handed_out(own: CertPaths, instance_id: str) -> None:
+    """Removes an ended llumlet's own certificate folder (``llumlet-<id>``: its key, never reused, since a provider
+    gives every start a new id), so key material does not outlive its process on disk (REVIEW10/FIXE L4: before, the
+    folders stayed until serve stopped, one per start). Any other folder is left alone."""
+    folder = own.cert.parent
+    if folder.name == f"llumlet-{instance_id}" and own.key.parent == folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class LocalProcessProvider(InstanceProvider):
@@ -164,16 +175,18 @@ class LocalProcessProvider(InstanceProvider):
             self._starting.add(iid)
             ids.append(iid)
             log.info("started llumlet %s (pid %d)", iid, proc.pid)
-            reaper = asyncio.get_running_loop().create_task(self._log_exit(iid, proc), name=f"reap-{iid}")
+            reaper = asyncio.get_running_loop().create_task(self._log_exit(iid, proc, own), name=f"reap-{iid}")
             self._reapers.add(reaper)
             reaper.add_done_callback(self._reapers.discard)
         return ids
 
-    async def _log_exit(self, instance_id: str, proc: asyncio.subprocess.Process) -> None:
+    async def _log_exit(self, instance_id: str, proc: asyncio.subprocess.Process, own: CertPaths | None = None) -> None:
         code = await proc.wait()
         (log.info if code == 0 else log.warning)(
             "llumlet %s (pid %d) exited: %s", instance_id, proc.pid, describe_exit(code)
         )
+        if own is not None:
+            await asyncio.to_thread(_remove_handed_out, own, instance_id)
         if instance_id in self._starting and self.processes.get(instance_id) is proc:
             self._starting.discard(instance_id)
             del self.processes[instance_id]  # nothing left to stop or to count
