@@ -24,6 +24,8 @@ from typing import Any, cast
 import grpc
 import pytest
 
+from pyllumnix.control_plane.policy.config import PolicyConfig
+from pyllumnix.control_plane.policy.freeness import migration_freeness
 from pyllumnix.control_plane.scheduler import cluster as cluster_module
 from pyllumnix.control_plane.scheduler.cluster import (
     STALE_SCAN_INTERVAL_S,
@@ -607,6 +609,24 @@ async def test_reports_are_folded_in_batches_off_the_dispatch_path(monkeypatch: 
     view = cluster.snapshot(time.monotonic()).get("a")
     assert view is not None and (view.seq, view.free_blocks) == (3, 40), "one view, of the latest load"
     assert cluster.fold_s > 0
+
+
+async def test_an_instances_status_pairs_its_latest_load_with_the_freeness_of_that_load(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ListInstances (and the frontend's /metrics from it) showed the newest load beside the freeness of the view the
+    fold timer had not updated yet: a live scrape once read used blocks 1234 beside a freeness of 1235 free blocks."""
+    monkeypatch.setattr(cluster_module, "REPORT_FOLD_INTERVAL_S", 30.0)  # the timer never fires within the test
+    cluster = cluster_of("a")
+    config = PolicyConfig()
+    cluster.report(load("a", 1, free_blocks=50, output_tokens=1), time.monotonic())
+    cluster.snapshot(time.monotonic())
+    cluster.report(load("a", 2, free_blocks=40, output_tokens=2), time.monotonic())
+    status = cluster.status("a", config, time.monotonic())
+    assert status.load.free_blocks == 40
+    view = cluster.snapshot(time.monotonic()).get("a")
+    assert view is not None and view.free_blocks == 40
+    assert status.freeness == migration_freeness(view, config)
 
 
 def test_without_an_event_loop_the_next_snapshot_folds() -> None:

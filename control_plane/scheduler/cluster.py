@@ -390,9 +390,13 @@ class ClusterState:
 
     # --- views for the admin API ---
     def status(self, instance_id: str, config: PolicyConfig, now: float) -> scheduler_pb2.InstanceStatus:
+        """The operator's row of one instance: its latest load and the state and freeness of that same load (reports
+        buffered for the fold timer are folded first, so the row never pairs a newer load with an older view)."""
         info = self.infos[instance_id]
         status = scheduler_pb2.InstanceStatus(info=info)
-        view = self.snapshot(now).get(instance_id)
+        self.snapshot(now)
+        self._fold(now, reports=True)
+        view = self._snapshot.get(instance_id)
         load = self.loads.get(instance_id)
         if load is not None:
             status.load.CopyFrom(load)
