@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -119,6 +120,9 @@ async def test_sync_client_generate_and_admin_errors() -> None:
         await server.stop(None)
 
 
-def test_client_needs_some_endpoint() -> None:
+def test_client_needs_some_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No endpoints and no context file. The context path is this test's own: under pytest-xdist a worker may have run
+    an integration module first, whose session fixture points $LLUMNIX_CONTEXT at a file a serve test wrote."""
+    monkeypatch.setenv("LLUMNIX_CONTEXT", str(tmp_path / "absent.yaml"))
     with pytest.raises(ValueError):
         AsyncLlumnixClient()

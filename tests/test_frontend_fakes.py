@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,8 @@ from pyllumnix.protos.llumnix.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
+
+log = logging.getLogger(__name__)
 
 MODEL = "sim-model"
 MAX_MODEL_LEN = 256
@@ -82,6 +85,7 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         self.aborted: list[str] = []
         self.aborted_event = asyncio.Event()
         self.unknown_replies: list[str] = []
+        self.push_failures: list[str] = []
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -135,10 +139,22 @@ class FakeLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
         return frontend_pb2_grpc.OutputSinkServiceStub(self._channels[address])
 
     async def push(self, address: str, outputs: list[common_pb2.RequestOutput]) -> None:
-        reply = await self.sink(address).PushOutputs(
-            frontend_pb2.PushOutputsRequest(instance_id=self.instance_id, outputs=outputs), timeout=5
-        )
-        self.unknown_replies.extend(reply.unknown_request_ids)
+        """Pushes, retrying twice on a transport failure as a real llumlet's pusher does. Each failure is logged and
+        kept in ``push_failures``: a push that failed for good (its task ends silently) leaves the frontend waiting for
+        its idle timeout, and the log says why (a CI run once saw that wait and nothing else)."""
+        request = frontend_pb2.PushOutputsRequest(instance_id=self.instance_id, outputs=outputs)
+        for attempt in range(3):
+            try:
+                reply = await self.sink(address).PushOutputs(request, timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                self.push_failures.append(f"{exc.code().name}: {exc.details()}")
+                log.warning("fake llumlet %s: push %d to %s failed: %s", self.instance_id, attempt + 1, address, exc)
+                if attempt == 2 or exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                await asyncio.sleep(0.1)
+                continue
+            self.unknown_replies.extend(reply.unknown_request_ids)
+            return
 
     async def _run(self, er: common_pb2.EngineRequest) -> None:
         n = self.tokens if self.tokens is not None else er.sampling.max_tokens

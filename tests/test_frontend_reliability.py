@@ -622,7 +622,7 @@ async def test_a_llumlet_restarted_on_the_same_port_is_reached_at_once() -> None
     async with running_stack([first], call_timeout=1.0) as stack:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 2}
         status, _, payload = await post(f"{stack.http.url}/v1/completions", body)
-        assert status == 200, payload
+        assert status == 200, (payload, len(first.added), first.push_failures)
         address = stack.book.addresses["i-1"]
         port = int(address.rsplit(":", 1)[1])
         for server in stack.servers:
