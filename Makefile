@@ -54,8 +54,11 @@ integration: link
 	$(VENV)/bin/pytest -q integration
 
 # Everything, the real-vLLM tests included (vLLM is installed first; its tests skip only where it cannot import).
+# TEST_WORKERS pytest-xdist workers, each running whole modules (module fixtures are set up once; a module's tests
+# keep their order). A test must not depend on what another module left behind in its worker.
+TEST_WORKERS ?= 2
 test: vllm link protos-check lint typecheck
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q --durations=30 tests integration
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 tests integration
 
 clean:
 	rm -rf build *.egg-info .mypy_cache .ruff_cache .pytest_cache
