@@ -68,6 +68,19 @@ from pyllumnix.protos.llumnix.v1 import (
 
 log = logging.getLogger(__name__)
 
+# A failed watch/loop body restarts after RESTART_FIRST_S, doubling per failure in a row up to RESTART_MAX_S (kept
+# short: it bounds how late a watch resumes after an etcd outage); a run of RESTART_HEALTHY_S or more starts a new
+# streak.
+RESTART_FIRST_S = 0.2
+RESTART_MAX_S = 2.0
+RESTART_HEALTHY_S = 5.0
+
+
+def restart_delay(failures_in_a_row: int) -> float:
+    """Seconds before restarting a loop body that failed ``failures_in_a_row`` times (>= 1) in a row."""
+    return min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** min(max(0, failures_in_a_row - 1), 30))
+
+
 LLUMLET_CALL_TIMEOUT_S = 2.0
 MIGRATE_WAIT_TIMEOUT_S = 60.0
 # A lost-instance notice: the frontend's sink reads the election from etcd before taking it (its client may spend up to
@@ -339,17 +352,39 @@ class SchedulerReplica:
             await channel.close()
 
     async def _forever(self, body: Callable[[], Awaitable[None]]) -> None:
-        """Runs a watch/loop body again after failures (etcd outages are retried inside the client)."""
+        """Runs a watch/loop body again after failures (etcd outages are retried inside the client). A body that keeps
+        failing at once (e.g. etcd refuses a key its role was not granted) is restarted at growing intervals
+        (``restart_delay``), its traceback logged once per streak and one line after that: before, every 0.2 s."""
+        name = getattr(body, "__name__", body)
+        failures = 0
         while True:
+            started = time.monotonic()
             try:
                 await body()
             except asyncio.CancelledError:
                 raise
             except NotLeaderError:
-                log.info("%s: %s stopped: no longer the leader", self.replica_id, getattr(body, "__name__", body))
-            except Exception:
-                log.exception("%s: %s failed; restarting", self.replica_id, getattr(body, "__name__", body))
-            await asyncio.sleep(0.2)
+                log.info("%s: %s stopped: no longer the leader", self.replica_id, name)
+                failures = 0
+            except Exception as exc:
+                failures = 1 if time.monotonic() - started >= RESTART_HEALTHY_S else failures + 1
+                delay = restart_delay(failures)
+                if failures == 1:
+                    log.exception("%s: %s failed; restarting", self.replica_id, name)
+                else:
+                    log.warning(
+                        "%s: %s failed again (%d in a row): %s; restarting in %.1f s",
+                        self.replica_id,
+                        name,
+                        failures,
+                        exc,
+                        delay,
+                    )
+                await asyncio.sleep(delay)
+                continue
+            else:
+                failures = 0
+            await asyncio.sleep(RESTART_FIRST_S)
 
     # ------------------------------------------------------------------ watches (every replica)
     async def _watch_registry(self) -> None:
