@@ -78,7 +78,7 @@ RESTART_HEALTHY_S = 5.0
 
 def restart_delay(failures_in_a_row: int) -> float:
     """Seconds before restarting a loop body that failed ``failures_in_a_row`` times (>= 1) in a row."""
-    return min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** min(max(0, failures_in_a_row - 1), 30))
+    return min(RESTART_MAX_S, RESTART_FIRST_S * 2.0 ** min(max(0, failures_in_a_row - 1), 30))
 
 
 LLUMLET_CALL_TIMEOUT_S = 2.0
