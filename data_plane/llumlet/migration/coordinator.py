@@ -243,6 +243,12 @@ class MigrationCoordinator:
         # max_out and max_in: the machines take a slot when they start and give it back when they end.
         self._out_slots = ev.Slots(self.settings.max_out)
         self._in_slots = ev.Slots(self.settings.max_in)
+        # Requests an order of this source has taken (picked or named) until its migration of them ends, each with
+        # its incarnation here (``llumlet.owners``): with ``max_out`` > 1 a second order for one of them is refused up
+        # front and a selection skips them (before, both migrations ran and one aborted only when it found the request
+        # suspended by the other). A claim binds the incarnation: once the request left (committed), a new request
+        # reusing its id is free to move while the old migration still forwards a late abort.
+        self._claimed_out: dict[str, RequestOwner | None] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[object]] = set()
@@ -392,6 +398,10 @@ class MigrationCoordinator:
             raise MigrationError(grpc.StatusCode.NOT_FOUND, f"request {request.request_id} is not on {me}")
         if self._out_slots.full:
             raise MigrationError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{me} is already migrating out")
+        if self._claimed(request.request_id):
+            raise MigrationError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"request {request.request_id} is already migrating out of {me}"
+            )
         if request.max_blocks < 0:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "max_blocks must be >= 0 (0: no limit)")
         try:  # the cluster config's knobs the order carries (0: the llumlet's own)
@@ -412,9 +422,13 @@ class MigrationCoordinator:
                     self._out_slots.give(migration_ids[0])
             if first is None:
                 return llumlet_pb2.MigrateOutResponse()
+            first_claim = self._claimed_out.get(first[0])  # _select claimed it (no await since)
+        else:
+            first_claim = self._claim(first[0])
         self.llumlet.set_migrating(outgoing=True)
 
         async def run_all() -> list[llumlet_pb2.MigrationResult]:
+            nonlocal first
             results: list[llumlet_pb2.MigrationResult] = []
             # The destination's room (0: no limit); each committed migration uses up what it took of it.
             room = request.max_blocks
@@ -424,16 +438,23 @@ class MigrationCoordinator:
                         break  # another order took the slot between two migrations of this one
                     if i == 0 and first is not None:
                         rid, needed = first
+                        claim = first_claim
                     elif request.request_id:
-                        rid, needed = request.request_id, 0
+                        break  # a named request moves once (the loop ends after its migration anyway)
                     else:
                         picked = await self._select(request.selection, room)
                         if picked is None:
                             break  # nothing fits the destination: no more migrations
                         rid, needed = picked
-                    result = await self._migrate_one(
-                        limits, mid, rid, request.destination_instance_id, request.destination_grpc_address
-                    )
+                        claim = self._claimed_out.get(rid)  # _select claimed it (no await since)
+                    try:
+                        result = await self._migrate_one(
+                            limits, mid, rid, request.destination_instance_id, request.destination_grpc_address
+                        )
+                    finally:
+                        self._unclaim(rid, claim)
+                        if i == 0:
+                            first = None
                     results.append(result)
                     if result.outcome != llumlet_pb2.MIGRATION_OUTCOME_COMMITTED or request.request_id:
                         break
@@ -442,6 +463,8 @@ class MigrationCoordinator:
                         if room <= 0:
                             break
             finally:
+                if first is not None:  # claimed, never migrated (cancelled before its first migration ran)
+                    self._unclaim(first[0], first_claim)
                 for mid in migration_ids:
                     self._out_slots.give(mid)
                 self.llumlet.set_migrating(outgoing=bool(self._out_slots.held))
@@ -457,16 +480,31 @@ class MigrationCoordinator:
         return llumlet_pb2.MigrateOutResponse(migration_ids=migration_ids[:1])
 
     async def _select(self, selection: int, max_blocks: int) -> tuple[str, int] | None:
-        """The request the order's selection picks among those that fit ``max_blocks`` (0: any), with the
-        destination blocks it takes; None when none does."""
+        """The request the order's selection picks among those that fit ``max_blocks`` (0: any) and no other order
+        took, with the destination blocks it takes; None when none does. The pick is claimed for the caller (released
+        when its migration ends)."""
         async with self.llumlet.engine_lock:
             snap = self.llumlet.engine.load()
         selected = Selection(selection) if selection in Selection._value2member_map_ else Selection.SR
-        views = request_views(snap.requests)
+        views = [v for v in request_views(snap.requests) if not self._claimed(v.request_id)]
         rid = select_request(views, selected, max_blocks=max_blocks)
         if rid is None:
             return None
+        self._claim(rid)  # no await since the filter: no other order can pick it in between
         return rid, next(blocks_needed(v) for v in views if v.request_id == rid)
+
+    def _claimed(self, request_id: str) -> bool:
+        """Whether an order of this source is migrating this incarnation of ``request_id`` out."""
+        return request_id in self._claimed_out and self._claimed_out[request_id] is self.llumlet.owners.get(request_id)
+
+    def _claim(self, request_id: str) -> RequestOwner | None:
+        owner = self._claimed_out[request_id] = self.llumlet.owners.get(request_id)
+        return owner
+
+    def _unclaim(self, request_id: str, owner: RequestOwner | None) -> None:
+        """Ends a claim, unless a newer incarnation of the id was claimed meanwhile (its claim is not this one's)."""
+        if request_id in self._claimed_out and self._claimed_out[request_id] is owner:
+            del self._claimed_out[request_id]
 
     async def _migrate_one(
         self, limits: MigrationLimits, mid: str, rid: str, dst_id: str, dst_address: str
