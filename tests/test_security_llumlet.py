@@ -331,7 +331,14 @@ async def test_migration_destination_is_bound_to_its_source(node: Node) -> None:
     )
     assert node.coordinator.incoming_source("m1") == "i-2", "a refused call leaves the reservation as it was"
     # A source that goes silent loses its reservation (pending timeout): blocks and the slot come back.
-    await until(lambda: node.coordinator.incoming_source("m1") is None, "the silent source's reservation to expire")
+    await until(lambda: not node.coordinator.incoming_from("i-2"), "the silent source's reservation to expire")
+    # An ended migration still belongs to its source (a repeated commit is answered for ENDED_KEEP_S): before, any
+    # llumlet's commit for it was answered, telling it how the migration ended.
+    await refused(
+        node.call("llumlet", "i-3", "CommitMigration", commit),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "migration m1 belongs to source i-2, not llumlet i-3",
+    )
     reply = await node.call("llumlet", "i-3", "PreAllocate", pre("m3", "i-3"))
     assert len(reply.block_ids) == 2
     await node.call("llumlet", "i-3", "AbortMigration", llumlet_pb2.AbortMigrationRequest(migration_id="m3"))

@@ -316,9 +316,15 @@ class MigrationCoordinator:
             await channel.close()
 
     def incoming_source(self, migration_id: str) -> str | None:
-        """The source instance that holds migration ``migration_id``'s reservation here (None: no such migration)."""
+        """The source instance that holds migration ``migration_id``'s reservation here, or held it until the
+        migration ended within ENDED_KEEP_S: a repeated commit is answered to that source only (None: no such
+        migration)."""
         incoming = self._incoming.get(migration_id)
-        return incoming.source_instance_id if incoming is not None else None
+        if incoming is None:
+            incoming = self._ended.get(migration_id)
+            if incoming is None or time.monotonic() - incoming.ended_at > ENDED_KEEP_S:
+                return None
+        return incoming.source_instance_id
 
     def incoming_request(self, migration_id: str) -> llumlet_pb2.MigratingRequest | None:
         """The request a migration's first stage announced (what its commit must match)."""
