@@ -74,9 +74,10 @@ async def test_one_key_at_its_cap_is_refused_while_another_key_is_served() -> No
                 assert resp.status == 200, await resp.text()
             assert await _grpc_generate(s, "bob") == grpc.StatusCode.OK
             assert await _held(s, "bob") == 0
-            # A refused (invalid) request of Alice's does not keep a slot either.
+            # At her cap even an invalid request of Alice's is shed before its body is read (its upload would hold
+            # a slot of hers), and it keeps none.
             async with session.post(url, json={**SHORT, "max_tokens": -1}, headers=s.auth("alice")) as resp:
-                assert resp.status == 400
+                assert resp.status == 429
             assert await _held(s, "alice") == 2
             # One of Alice's ends by client disconnect, the other by an abort: both slots come back.
             first.close()
@@ -91,6 +92,10 @@ async def test_one_key_at_its_cap_is_refused_while_another_key_is_served() -> No
             return await _held(s, "alice") == 0
 
         await _until(alice_free)
+        # Below her cap an invalid request is read and refused (400), and keeps no slot either.
+        async with session.post(url, json={**SHORT, "max_tokens": -1}, headers=s.auth("alice")) as resp:
+            assert resp.status == 400
+        assert await _held(s, "alice") == 0
         async with session.post(url, json=SHORT, headers=s.auth("alice")) as resp:
             assert resp.status == 200, await resp.text()
         assert await _grpc_generate(s, "alice") == grpc.StatusCode.OK
@@ -134,3 +139,33 @@ def test_the_default_cap_is_a_quarter_of_the_frontends_slots() -> None:
     assert make(max_inflight=2).max_requests_per_key == 1
     with pytest.raises(ValueError, match="max_requests_per_key"):
         make(max_requests_per_key=-1)
+
+
+async def test_a_keys_stalled_uploads_count_against_its_cap() -> None:
+    """A body still being read holds one of its key's slots (session 10's leftover: uploads counted only globally, so
+    one key could hold every slot of the frontend with stalled bodies, within the body timeout and the global cap)."""
+    async with served(max_inflight=16, max_requests_per_key=1) as s, aiohttp.ClientSession() as session:
+        _, writer = await asyncio.open_connection("127.0.0.1", s.http.port)
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {s.keys['alice']}\r\nContent-Length: 1000\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"model": ')  # the rest never comes
+        await writer.drain()
+        try:
+            await _until(lambda: _held(s, "alice"), timeout=5)
+            url = f"{s.http.url}/v1/completions"
+            async with session.post(url, json=SHORT, headers=s.auth("alice")) as resp:
+                assert resp.status == 429, await resp.text()
+                assert "'alice' has its limit of 1 requests in flight" in (await resp.json())["error"]["message"]
+            async with session.post(url, json=SHORT, headers=s.auth("bob")) as resp:
+                assert resp.status == 200, await resp.text()
+        finally:
+            writer.close()
+        await _until(lambda: _is_zero(s, "alice"), timeout=10)  # the upload's slot comes back when it ends
+        async with session.post(f"{s.http.url}/v1/completions", json=SHORT, headers=s.auth("alice")) as resp:
+            assert resp.status == 200, await resp.text()
+
+
+async def _is_zero(s: Served, who: str) -> bool:
+    return await _held(s, who) == 0

@@ -297,15 +297,19 @@ class Frontend:
         return self._admitted + self._reading
 
     @contextlib.contextmanager
-    def reading_body(self) -> Iterator[None]:
+    def reading_body(self, owner: ApiKey | None = None) -> Iterator[None]:
         """Holds an in-flight slot while a request's body is read and parsed (the HTTP API sheds on ``load`` before
         it reads anything, so stalled or slow uploads cannot pile up beyond the limit); leave it before ``submit``,
-        which takes the request's own slot."""
+        which takes the request's own slot. The upload holds one of ``owner``'s per-key slots too (OverloadedError at
+        the cap): before, one key's uploads were counted only globally, so a single key could hold every slot with
+        stalled bodies."""
+        key_id = self._admit_key(owner)
         self._reading += 1
         try:
             yield
         finally:
             self._reading -= 1
+            self._release_key(key_id)
 
     def check_admission(self) -> None:
         """Raises OverloadedError when the in-flight limit is reached (cheap: callers may shed before parsing)."""

@@ -276,7 +276,7 @@ class HttpApi:
             raise self._overloaded(f"{self.large_body_slots} large request bodies are being read; retry later")
         self._large_bodies += large
         try:
-            with self.frontend.reading_body():
+            with self.frontend.reading_body(api_key_of(request)):
                 parsed = await self._read_and_parse(request, chat=chat)
         except BodyTimeoutError as exc:
             self.frontend.count_rejected(exc)
