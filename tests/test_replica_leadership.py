@@ -16,12 +16,18 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import grpc
+import pytest
 
 from pyllumnix.control_plane.frontend.sink import LOST_SCOPE_INSTANCE, LOST_SCOPE_LISTED, lost_scope
 from pyllumnix.control_plane.policy.config import PolicyConfig, Selection
 from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.scaling import ScalingDecision
-from pyllumnix.control_plane.scheduler.replica import LOST_NOTICE_TIMEOUT_S, ReplicaTiming, SchedulerReplica
+from pyllumnix.control_plane.scheduler.replica import (
+    LOST_NOTICE_TIMEOUT_S,
+    MAX_SINKS_PER_FRONTEND,
+    ReplicaTiming,
+    SchedulerReplica,
+)
 from pyllumnix.infra.etcd.client import KeyValue
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.watch import EventType, WatchEvent
@@ -452,6 +458,21 @@ FAST_PROBES = {"instance_probe_interval": 0.05, "instance_probe_timeout": 0.5}
 
 def frontend_kv(layout: KeyLayout, frontend_id: str, address: str) -> KeyValue:
     return KeyValue(layout.frontend_key(frontend_id, address).encode(), address.encode(), 1, 1, 1, 7)
+
+
+def test_lost_instance_notices_go_to_at_most_four_sinks_per_registered_frontend(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A frontend may write any number of keys under its own ``frontends/<id>/`` (RBAC); uncapped, one compromised
+    frontend could make every lost-instance notice go to thousands of addresses (session 10's leftover)."""
+    replica, _ = make_replica((), [])
+    flood = tuple(frontend_kv(replica.layout, "f-bad", f"10.0.0.{i}:1") for i in range(50))
+    honest = frontend_kv(replica.layout, "f-ok", "127.0.0.1:5")
+    replica.frontend_event(WatchEvent(EventType.RESYNC, 5, snapshot=(*flood, honest)))
+    sinks = replica.registered_sinks()
+    assert "127.0.0.1:5" in sinks
+    assert len([a for a in sinks if a.startswith("10.0.0.")]) == MAX_SINKS_PER_FRONTEND == 4
+    assert any("frontend f-bad registered more than 4 sink addresses" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_registered_frontend_no_report_named_is_told_about_a_lost_instance() -> None:

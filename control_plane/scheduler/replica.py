@@ -99,6 +99,8 @@ RECENTLY_VANISHED_S = 60.0
 # Frontends seen in load reports are told about every lost instance for this long after they were last seen; an
 # instance's requests are scanned for their frontends at most once per FRONTEND_SCAN_S (a report is a hot path).
 FRONTEND_MEMORY_S = 600.0
+# Sink addresses of one registered frontend that lost-instance notices go to (a frontend registers one per sink).
+MAX_SINKS_PER_FRONTEND = 4
 FRONTEND_SCAN_S = 1.0
 
 
@@ -417,6 +419,28 @@ class SchedulerReplica:
             self.registered_frontends.pop(ev.kv.key, None)
         elif ev.kv is not None and ev.kv.value:
             self.registered_frontends[ev.kv.key] = ev.kv.value.decode(errors="replace")
+
+    def registered_sinks(self) -> list[str]:
+        """The sink addresses frontends registered in etcd, at most MAX_SINKS_PER_FRONTEND per frontend id (the
+        first in key order). A frontend may write only under its own id (RBAC), but there as many keys as it likes:
+        uncapped, one compromised frontend could make every lost-instance notice go to thousands of addresses."""
+        per_frontend: dict[bytes, int] = {}
+        prefix = self.layout.frontends_prefix.encode()
+        sinks: list[str] = []
+        for key in sorted(self.registered_frontends):
+            frontend_id = key[len(prefix) :].split(b"/", 1)[0] if key.startswith(prefix) else key
+            n = per_frontend.get(frontend_id, 0)
+            per_frontend[frontend_id] = n + 1
+            if n < MAX_SINKS_PER_FRONTEND:
+                sinks.append(self.registered_frontends[key])
+            elif n == MAX_SINKS_PER_FRONTEND:
+                log.warning(
+                    "frontend %s registered more than %d sink addresses; only the first %d are told of lost instances",
+                    frontend_id.decode(errors="replace"),
+                    MAX_SINKS_PER_FRONTEND,
+                    MAX_SINKS_PER_FRONTEND,
+                )
+        return sinks
 
     def _parse_entries(
         self, values: Mapping[str, bytes], revisions: Mapping[str, int]
@@ -1045,7 +1069,7 @@ class SchedulerReplica:
         for address, seen in list(self._frontends.items()):
             if now - seen > FRONTEND_MEMORY_S:
                 del self._frontends[address]
-        known = [*self._frontends, *self.registered_frontends.values()]
+        known = [*self._frontends, *self.registered_sinks()]
         log.warning(
             "instance %s is lost: %s; failing its %d listed request(s), telling %s",
             instance_id,
