@@ -339,6 +339,20 @@ async def test_migration_destination_is_bound_to_its_source(node: Node) -> None:
         grpc.StatusCode.PERMISSION_DENIED,
         "migration m1 belongs to source i-2, not llumlet i-3",
     )
+    # Nor does an ended id open a second reservation for its source (REVIEW11: the source of an ended id was known,
+    # so the one-reservation-per-source check was skipped), nor a new one under the old id.
+    await node.call("llumlet", "i-2", "PreAllocate", pre("m4", "i-2"))
+    await refused(
+        node.call("llumlet", "i-2", "PreAllocate", pre("m1", "i-2")),
+        grpc.StatusCode.ABORTED,
+        "source i-2 already holds reservation m4",
+    )
+    await node.call("llumlet", "i-2", "AbortMigration", llumlet_pb2.AbortMigrationRequest(migration_id="m4"))
+    await refused(
+        node.call("llumlet", "i-2", "PreAllocate", pre("m1", "i-2")),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "migration m1 ended here; a new migration needs a new id",
+    )
     reply = await node.call("llumlet", "i-3", "PreAllocate", pre("m3", "i-3"))
     assert len(reply.block_ids) == 2
     await node.call("llumlet", "i-3", "AbortMigration", llumlet_pb2.AbortMigrationRequest(migration_id="m3"))

@@ -473,8 +473,9 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"PreAllocate: migration {request.migration_id} belongs to source {source}, not {caller.id}",
                 )
-            held = [m for m in handler.incoming_from(caller.id) if m != request.migration_id]
-            if source is None and held:
+            live = handler.incoming_from(caller.id)
+            held = [m for m in live if m != request.migration_id]
+            if request.migration_id not in live and held:  # a new reservation (an ended id's source is known too)
                 await context.abort(
                     grpc.StatusCode.ABORTED, f"PreAllocate: source {caller.id} already holds reservation {held[0]}"
                 )

@@ -909,6 +909,12 @@ class MigrationCoordinator:
         if not mid:
             raise MigrationError(grpc.StatusCode.INVALID_ARGUMENT, "migration_id is empty")
         incoming = self._incoming.get(mid)
+        ended = self._ended.get(mid)
+        recently_ended = ended is not None and time.monotonic() - ended.ended_at <= ENDED_KEEP_S
+        if incoming is None and request.stage == 0 and recently_ended:  # kept for its source's repeated commit
+            raise MigrationError(
+                grpc.StatusCode.ALREADY_EXISTS, f"migration {mid} ended here; a new migration needs a new id"
+            )
         if incoming is None:
             try:  # the cluster's pending timeout as the source passed it on, for this migration only (order.py)
                 pending_s = incoming_pending_timeout_s(request, self.flag_settings.pending_timeout_s)
