@@ -75,3 +75,24 @@ async def test_concurrent_selections_take_different_requests(sink: RecordingSink
     finally:
         await a.close()
         await b.close()
+
+
+async def test_an_order_cancelled_before_it_ran_gives_its_claim_and_slot_back(sink: RecordingSink) -> None:
+    """A migration task cancelled before its first step (the coordinator closing) runs no ``finally``: before, the
+    request's claim, the out slot and the migrating-out flag stayed taken (REVIEW11)."""
+    a = await make_node("a", settings=MigrationSettings(verify_crc=True, max_out=2))
+    b = await make_node("b")
+    try:
+        await a.stub.AddRequest(request("r", sink, 20, 300))
+        await wait_tokens(sink, "r", 1)
+        reply = await a.coordinator.migrate_out(migrate(a, b, "r", wait=False))  # no await inside: not started yet
+        assert len(reply.migration_ids) == 1 and a.coordinator._claimed_out
+        for task in list(a.coordinator._tasks):
+            task.cancel()
+        await until(lambda: not a.coordinator._tasks, "the cancelled order to end")
+        assert not a.coordinator._claimed_out
+        assert not a.coordinator._out_slots.held
+        assert not a.llumlet._migrating_out
+    finally:
+        await a.close()
+        await b.close()

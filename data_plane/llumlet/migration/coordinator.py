@@ -433,8 +433,11 @@ class MigrationCoordinator:
             first_claim = self._claim(first[0])
         self.llumlet.set_migrating(outgoing=True)
 
+        started = False
+
         async def run_all() -> list[llumlet_pb2.MigrationResult]:
-            nonlocal first
+            nonlocal first, started
+            started = True
             results: list[llumlet_pb2.MigrationResult] = []
             # The destination's room (0: no limit); each committed migration uses up what it took of it.
             room = request.max_blocks
@@ -471,16 +474,27 @@ class MigrationCoordinator:
             finally:
                 if first is not None:  # claimed, never migrated (cancelled before its first migration ran)
                     self._unclaim(first[0], first_claim)
-                for mid in migration_ids:
-                    self._out_slots.give(mid)
-                self.llumlet.set_migrating(outgoing=bool(self._out_slots.held))
+                    first = None
+                release()
             return results
+
+        def release() -> None:
+            for mid in migration_ids:
+                self._out_slots.give(mid)
+            self.llumlet.set_migrating(outgoing=bool(self._out_slots.held))
+
+        def never_ran(done: asyncio.Task[list[llumlet_pb2.MigrationResult]]) -> None:
+            """A task cancelled before its first step (``close``) runs no ``finally``: its claim and slot go here."""
+            if not started and first is not None:
+                self._unclaim(first[0], first_claim)
+                release()
 
         # The migration runs in its own task: a caller that goes away (a scheduler leader killed while waiting) must
         # not cancel it halfway, with the request suspended and a reservation held on the destination.
         task = asyncio.get_running_loop().create_task(run_all())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(never_ran)
         if request.wait:
             return llumlet_pb2.MigrateOutResponse(results=await asyncio.shield(task))
         return llumlet_pb2.MigrateOutResponse(migration_ids=migration_ids[:1])
