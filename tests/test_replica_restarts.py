@@ -74,3 +74,31 @@ async def test_a_failure_after_a_healthy_run_starts_a_new_streak(
     caplog.set_level(logging.INFO, logger=LOGGER)
     await run_failing_body(3)
     assert len([r for r in records(caplog) if r.exc_info]) >= 3
+
+
+async def test_a_new_error_in_a_streak_gets_its_traceback_and_election_loops_never_back_off(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """REVIEW11: a streak logged only its first error's traceback, and the campaign and leader-observe loops backed
+    off like the watches (up to 2 s more to a failover after an etcd outage)."""
+    replica, _ = make_replica((), [])
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    errors = [PermissionError("denied"), PermissionError("denied"), KeyError("other"), KeyError("other")]
+    done = asyncio.Event()
+
+    async def watch_frontends() -> None:
+        error = errors.pop(0)
+        if not errors:
+            done.set()
+        raise error
+
+    task = asyncio.get_running_loop().create_task(replica._forever(watch_frontends, back_off=False))
+    try:
+        await asyncio.wait_for(done.wait(), timeout=30)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    logged = records(caplog)
+    assert [bool(r.exc_info) for r in logged] == [True, False, True, False], [r.getMessage() for r in logged]
+    assert all("restarting in 0.2 s" in r.getMessage() for r in logged), [r.getMessage() for r in logged]

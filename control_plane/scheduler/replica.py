@@ -334,11 +334,13 @@ class SchedulerReplica:
             loop.create_task(self._forever(self._watch_frontends), name="frontends-watch"),
             loop.create_task(self._forever(self._watch_config), name="config-watch"),
             loop.create_task(self._forever(self._watch_scale_target), name="scale-target-watch"),
-            loop.create_task(self._forever(self._observe_leader), name="leader-observe"),
-            loop.create_task(self._forever(self._lead), name="campaign"),
+            # The election loops restart at once, never backed off: after an etcd outage they decide the failover.
+            loop.create_task(self._forever(self._observe_leader, back_off=False), name="leader-observe"),
+            loop.create_task(self._forever(self._lead, back_off=False), name="campaign"),
         ]
         if self.timing.leader_probe_interval > 0:
-            self._tasks.append(loop.create_task(self._forever(self._probe_leader), name="leader-probe"))
+            probe = self._forever(self._probe_leader, back_off=False)
+            self._tasks.append(loop.create_task(probe, name="leader-probe"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -353,12 +355,14 @@ class SchedulerReplica:
         for channel in self._channels.values():
             await channel.close()
 
-    async def _forever(self, body: Callable[[], Awaitable[None]]) -> None:
+    async def _forever(self, body: Callable[[], Awaitable[None]], *, back_off: bool = True) -> None:
         """Runs a watch/loop body again after failures (etcd outages are retried inside the client). A body that keeps
         failing at once (e.g. etcd refuses a key its role was not granted) is restarted at growing intervals
-        (``restart_delay``), its traceback logged once per streak and one line after that: before, every 0.2 s."""
+        (``restart_delay``; ``back_off`` False: always after RESTART_FIRST_S), its traceback logged once per streak
+        and error, one line per restart after that: before, a traceback every 0.2 s."""
         name = getattr(body, "__name__", body)
         failures = 0
+        last_error = ""
         while True:
             started = time.monotonic()
             try:
@@ -370,18 +374,20 @@ class SchedulerReplica:
                 failures = 0
             except Exception as exc:
                 failures = 1 if time.monotonic() - started >= RESTART_HEALTHY_S else failures + 1
-                delay = restart_delay(failures)
-                if failures == 1:
-                    log.exception("%s: %s failed; restarting", self.replica_id, name)
+                delay = restart_delay(failures) if back_off else RESTART_FIRST_S
+                error = repr(exc)
+                if failures == 1 or error != last_error:
+                    log.exception("%s: %s failed; restarting in %.1f s", self.replica_id, name, delay)
                 else:
                     log.warning(
                         "%s: %s failed again (%d in a row): %s; restarting in %.1f s",
                         self.replica_id,
                         name,
                         failures,
-                        exc,
+                        error,
                         delay,
                     )
+                last_error = error
                 await asyncio.sleep(delay)
                 continue
             else:
