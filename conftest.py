@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = os.environ.get("LLUMNIX_TINY_MODEL")
     return build_tiny_model(path if path else tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_context_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """``llumnix serve`` (secure) writes a client context file: a temp one, never the user's own. Here, not in
+    integration/, so that every test sees the same (under pytest-xdist a worker runs modules of both folders)."""
+    path = tmp_path_factory.mktemp("context") / "context.yaml"
+    old = os.environ.get("LLUMNIX_CONTEXT")
+    os.environ["LLUMNIX_CONTEXT"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("LLUMNIX_CONTEXT", None)
+        else:
+            os.environ["LLUMNIX_CONTEXT"] = old
 
 
 # Seconds before pytest-timeout fires at which every asyncio task's stack is written to the test's stderr: the timeout's

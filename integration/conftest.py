@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -88,18 +87,3 @@ async def sink(procs: Launcher) -> AsyncIterator[RecordingSink]:
     await s.start()
     yield s
     await s.stop()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_context_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """``llumnix serve`` (secure) writes a client context file: a temp one, never the user's own."""
-    path = tmp_path_factory.mktemp("context") / "context.yaml"
-    old = os.environ.get("LLUMNIX_CONTEXT")
-    os.environ["LLUMNIX_CONTEXT"] = str(path)
-    try:
-        yield path
-    finally:
-        if old is None:
-            os.environ.pop("LLUMNIX_CONTEXT", None)
-        else:
-            os.environ["LLUMNIX_CONTEXT"] = old
