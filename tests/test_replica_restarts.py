@@ -23,27 +23,30 @@ def test_restarts_back_off_to_a_short_cap(failures: int, delay: float) -> None:
     assert restart_delay(failures) == pytest.approx(delay)
 
 
-async def run_failing_body(calls_wanted: int) -> int:
-    """Runs ``_forever`` on a body that is refused every time, until it ran ``calls_wanted`` times."""
+async def run_failing(errors: list[Exception], *, back_off: bool = True) -> None:
+    """Runs a replica's ``_forever`` on a body (named like the frontends watch) that raises ``errors`` in turn, until
+    it raised the last one."""
     replica, _ = make_replica((), [])
-    calls = 0
     done = asyncio.Event()
 
     async def watch_frontends() -> None:
-        nonlocal calls
-        calls += 1
-        if calls >= calls_wanted:
+        error = errors.pop(0)
+        if not errors:
             done.set()
-        raise PermissionError("etcdserver: permission denied")
+        raise error
 
-    task = asyncio.get_running_loop().create_task(replica._forever(watch_frontends))
+    task = asyncio.get_running_loop().create_task(replica._forever(watch_frontends, back_off=back_off))
     try:
         await asyncio.wait_for(done.wait(), timeout=30)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    return calls
+
+
+async def run_failing_body(calls_wanted: int) -> None:
+    """A body refused every time (etcd denies a key), until it ran ``calls_wanted`` times."""
+    await run_failing([PermissionError("etcdserver: permission denied") for _ in range(calls_wanted)])
 
 
 def records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -81,24 +84,10 @@ async def test_a_new_error_in_a_streak_gets_its_traceback_and_election_loops_nev
 ) -> None:
     """REVIEW11: a streak logged only its first error's traceback, and the campaign and leader-observe loops backed
     off like the watches (up to 2 s more to a failover after an etcd outage)."""
-    replica, _ = make_replica((), [])
     caplog.set_level(logging.INFO, logger=LOGGER)
-    errors = [PermissionError("denied"), PermissionError("denied"), KeyError("other"), KeyError("other")]
-    done = asyncio.Event()
-
-    async def watch_frontends() -> None:
-        error = errors.pop(0)
-        if not errors:
-            done.set()
-        raise error
-
-    task = asyncio.get_running_loop().create_task(replica._forever(watch_frontends, back_off=False))
-    try:
-        await asyncio.wait_for(done.wait(), timeout=30)
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+    await run_failing(
+        [PermissionError("denied"), PermissionError("denied"), KeyError("other"), KeyError("other")], back_off=False
+    )
     logged = records(caplog)
     assert [bool(r.exc_info) for r in logged] == [True, False, True, False], [r.getMessage() for r in logged]
     assert all("restarting in 0.2 s" in r.getMessage() for r in logged), [r.getMessage() for r in logged]
