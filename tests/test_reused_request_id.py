@@ -369,3 +369,47 @@ async def test_on_plaintext_a_migrated_requests_late_outputs_miss_a_reused_id(cl
                 break
     frontend.release(again)
     assert len(tokens) == 5 and 123 not in tokens
+
+
+async def test_on_plaintext_take_back_is_decided_by_who_pushed_the_latest_tokens(cluster: Cluster) -> None:
+    """REVIEW12 on an insecure cluster (no caller identity): a source's TakeBack after an unanswered commit is
+    granted while the destination has pushed no tokens (its later outputs are then refused and reported back) and
+    refused FAILED_PRECONDITION once it has (it runs the request now)."""
+    frontend = cluster.frontend
+    request = await frontend.submit(
+        GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=200), request_id="tb")
+    )
+    async with asyncio.timeout(TIMEOUT_S):
+        while request.num_received < 2:
+            await asyncio.sleep(0.005)
+    token = cluster.llumlet.owners["tb"].capability
+    cluster.llumlet.owners["tb"].frontend_address = ""  # the source pushes no more (as while suspended for a commit)
+    ask = frontend_pb2.TakeBackRequest(
+        request_id="tb", capability=token, from_instance_id="i-dst", instance_id="i-reuse"
+    )
+    async with grpc.aio.insecure_channel(frontend.sink_address) as channel:
+        sink = frontend_pb2_grpc.OutputSinkServiceStub(channel)
+        await sink.HandOver(
+            frontend_pb2.HandOverRequest(request_id="tb", capability=token, new_instance_id="i-dst"), timeout=TIMEOUT_S
+        )
+        await sink.TakeBack(ask, timeout=TIMEOUT_S)
+        late = common_pb2.RequestOutput(
+            request_id="tb", instance_id="i-dst", token_ids=[999], first_token_index=request.num_received + 50
+        )
+        reply = await sink.PushOutputs(frontend_pb2.PushOutputsRequest(instance_id="i-dst", outputs=[late]))
+        assert list(reply.unknown_request_ids) == ["tb"], "the destination it was taken from is told to stop"
+
+        # The id's next holder pushed the latest tokens: it holds the request, and the source may not take it back.
+        await sink.HandOver(
+            frontend_pb2.HandOverRequest(request_id="tb", capability=token, new_instance_id="i-next"), timeout=TIMEOUT_S
+        )
+        mine = common_pb2.RequestOutput(
+            request_id="tb", instance_id="i-next", token_ids=[7], first_token_index=request.num_received
+        )
+        await sink.PushOutputs(frontend_pb2.PushOutputsRequest(instance_id="i-next", outputs=[mine]))
+        ask.from_instance_id = "i-next"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await sink.TakeBack(ask, timeout=TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
+    await frontend.abort("tb")
+    frontend.release(request)

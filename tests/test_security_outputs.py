@@ -125,6 +125,15 @@ class Stack:
             )
             return str(reply.capability)
 
+    async def take_back(self, id: str, request_id: str, capability: str, from_instance: str) -> None:
+        async with secure_channel(self.sink_address, self.pki.paths("llumlet", id)) as channel:
+            await frontend_pb2_grpc.OutputSinkServiceStub(channel).TakeBack(
+                frontend_pb2.TakeBackRequest(
+                    request_id=request_id, capability=capability, from_instance_id=from_instance, instance_id=id
+                ),
+                timeout=DEADLINE,
+            )
+
     async def refused(self, coro: Any, code: grpc.StatusCode, *needles: str) -> str:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await asyncio.wait_for(coro, DEADLINE + 2)
@@ -449,6 +458,44 @@ async def test_hand_over_moves_the_right_to_push_to_the_destination_only(stack: 
     assert len(stack.frontend.tracker.ledger) == 1, "the request is still tracked until released"
     stack.frontend.release(request)
     assert len(stack.frontend.tracker.ledger) == 0, "a released request leaves the ledger"
+
+
+async def test_a_source_takes_back_an_unanswered_hand_over_only_while_the_destination_has_not_pushed(
+    stack: Stack,
+) -> None:
+    """REVIEW12: a commit whose answer was lost may have installed the request on the destination. The source asks
+    the frontend (TakeBack): kept while the destination has not pushed (its grant is withdrawn: its outputs are
+    refused and reported back, so it stops its copy); refused once it has (the source must drop its copy). Before,
+    the source resumed unasked and both pushed: one stream spliced from two continuations."""
+    request, cap1 = await submit(stack, "r-back")
+    await stack.push("llumlet", "i-1", "i-1", out("r-back", 0, VICTIM[:2], cap1))
+    cap2 = await stack.hand_over("i-1", "r-back", cap1, "i-2")
+    # Nobody but the holder may take it back, and a token-less or forged ask is refused.
+    await stack.refused(stack.take_back("i-3", "r-back", cap1, "i-2"), grpc.StatusCode.PERMISSION_DENIED)
+    await stack.refused(stack.take_back("i-2", "r-back", cap2, "i-1"), grpc.StatusCode.PERMISSION_DENIED)
+    await stack.take_back("i-1", "r-back", cap1, "i-2")
+    await stack.take_back("i-1", "r-back", cap1, "i-2")  # asking again is harmless
+    # The destination installed anyway: its outputs are refused and reported back (it aborts its copy).
+    reply = await stack.push("llumlet", "i-2", "i-2", out("r-back", 2, [666, 667], cap2, instance_id="i-2"))
+    assert list(reply.unknown_request_ids) == ["r-back"]
+    await stack.push("llumlet", "i-1", "i-1", out("r-back", 2, VICTIM[2:], cap1, finish=LENGTH))
+    tokens, reason, _ = await collect(request)
+    assert tokens == VICTIM and reason == LENGTH and request.instance_id == "i-1"
+    await stack.refused(stack.take_back("i-1", "r-back", cap1, "i-2"), grpc.StatusCode.NOT_FOUND, "no request")
+
+    # Once the destination pushed, it holds the request: the source's ask is refused and its outputs are stale.
+    request, cap1 = await submit(stack, "r-gone-on")
+    await stack.push("llumlet", "i-1", "i-1", out("r-gone-on", 0, VICTIM[:2], cap1))
+    cap2 = await stack.hand_over("i-1", "r-gone-on", cap1, "i-2")
+    await stack.push("llumlet", "i-2", "i-2", out("r-gone-on", 2, VICTIM[2:4], cap2, instance_id="i-2"))
+    await stack.refused(
+        stack.take_back("i-1", "r-gone-on", cap1, "i-2"), grpc.StatusCode.FAILED_PRECONDITION, "held by i-2"
+    )
+    reply = await stack.push("llumlet", "i-1", "i-1", out("r-gone-on", 2, [666], cap1))
+    assert list(reply.unknown_request_ids) == ["r-gone-on"]
+    await stack.push("llumlet", "i-2", "i-2", out("r-gone-on", 4, VICTIM[4:], cap2, finish=LENGTH, instance_id="i-2"))
+    tokens, reason, _ = await collect(request)
+    assert tokens == VICTIM and reason == LENGTH and request.instance_id == "i-2"
 
 
 async def test_a_pushers_own_give_up_notice_needs_no_token(stack: Stack) -> None:

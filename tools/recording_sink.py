@@ -20,15 +20,22 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
         self.finished: dict[str, asyncio.Event] = {}
         self.server: RunningServer | None = None
         self.applied: dict[tuple[str, int], int] = {}  # per pusher: its last batch applied (StreamOutputs)
+        # Per request, the instances it was taken back from (TakeBack): their outputs are refused, as a frontend does.
+        self.revoked: dict[str, set[str]] = {}
 
     async def PushOutputs(
         self, request: frontend_pb2.PushOutputsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> frontend_pb2.PushOutputsResponse:
+        unknown: list[str] = []
         for out in request.outputs:
+            if (out.instance_id or request.instance_id) in self.revoked.get(out.request_id, ()):
+                if out.request_id not in unknown:
+                    unknown.append(out.request_id)
+                continue
             self.outputs.setdefault(out.request_id, []).append(out)
             if out.finished:
                 self.event(out.request_id).set()
-        return frontend_pb2.PushOutputsResponse()
+        return frontend_pb2.PushOutputsResponse(unknown_request_ids=unknown)
 
     async def StreamOutputs(
         self,
@@ -50,6 +57,20 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
         """Checks nothing and grants no token, as an insecure frontend answers (llumlets hand over only requests
         that came with a capability, which this sink's users never give)."""
         return frontend_pb2.HandOverResponse()
+
+    async def TakeBack(
+        self, request: frontend_pb2.TakeBackRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> frontend_pb2.TakeBackResponse:
+        """As an insecure frontend answers: refused when the instance it is taken from pushed the latest tokens (it
+        runs the request now); otherwise that instance's later outputs for it are refused."""
+        rid, source = request.request_id, request.from_instance_id
+        if rid not in self.outputs or self.event(rid).is_set():
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {rid!r} here")
+        pushers = [o.instance_id for o in self.outputs[rid] if o.token_ids]
+        if pushers and pushers[-1] == source:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{source} pushed for {rid!r}: it holds it")
+        self.revoked.setdefault(rid, set()).add(source)
+        return frontend_pb2.TakeBackResponse()
 
     def event(self, request_id: str) -> asyncio.Event:
         return self.finished.setdefault(request_id, asyncio.Event())

@@ -449,6 +449,35 @@ class HolderLedger:
         held.pending_token = self.tokens.issue(request_id, new_instance_id, generation=cap.generation)
         return held.pending_token
 
+    def take_back(self, token: str, *, request_id: str, caller_instance_id: str, from_instance_id: str) -> None:
+        """The holder keeps a request it handed over to ``from_instance_id`` when its commit went unanswered (the
+        destination may have installed it, or not): the destination's grant is withdrawn, unless the destination has
+        pushed for the request already and so holds it now (StaleCapabilityError: the caller must drop its copy; two
+        instances running one request would splice their continuations). TokenError: not the caller's to ask."""
+        held = self._held.get(request_id)
+        if held is None:
+            raise StaleCapabilityError(f"request {request_id!r} is not held by anyone here (finished or unknown)")
+        if not (_same(token, held.token) and held.current.holder_instance_id == caller_instance_id):
+            if held.pending is not None and held.pending.holder_instance_id == caller_instance_id:
+                raise TokenError(
+                    f"{caller_instance_id} has not pushed for request {request_id!r}: nothing to take back"
+                )
+            self.tokens.verify(token, request_id=request_id, holder_instance_id=caller_instance_id)  # forged: raises
+            raise StaleCapabilityError(
+                f"request {request_id!r} is held by {held.current.holder_instance_id} now: it pushed outputs for it"
+            )
+        if held.pending is not None and held.pending.holder_instance_id == from_instance_id:
+            held.pending, held.pending_token = None, ""
+
+    def take_back_unchecked(self, token: str, *, request_id: str, from_instance_id: str) -> None:
+        """``take_back`` for a caller with no identity (a plaintext frontend): withdraws ``from_instance_id``'s
+        pending grant when ``token`` is the current one (the caller checks who pushed last)."""
+        held = self._held.get(request_id)
+        if held is None or not _same(token, held.token):
+            return
+        if held.pending is not None and held.pending.holder_instance_id == from_instance_id:
+            held.pending, held.pending_token = None, ""
+
     def hand_over_unchecked(self, token: str, *, request_id: str, new_instance_id: str) -> str:
         """``hand_over`` for a caller with no identity (a plaintext frontend): the token names the holder handing the
         request over, the current one or the pending one (which becomes current: it has the request now). A grant

@@ -366,3 +366,37 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         tracked.revoked.discard(request.new_instance_id)
         log.info("request %s: %s hands over to %s", request.request_id, caller.id, request.new_instance_id)
         return frontend_pb2.HandOverResponse(capability=token)
+
+    async def TakeBack(self, request: frontend_pb2.TakeBackRequest, context: Context) -> frontend_pb2.TakeBackResponse:
+        """A migration source whose commit went unanswered keeps the request unless the destination has pushed for
+        it (see the proto): who pushed is known only here, so only here can it be decided without a race."""
+        caller = await self._caller(context, "TakeBack")
+        rid, destination = request.request_id, request.from_instance_id
+        tracked = self.tracker.get(rid)
+        if tracked is None or tracked.finished:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {rid!r} on this frontend")
+            raise AssertionError("context.abort raises")  # pragma: no cover
+        if not destination or destination == (caller.id if caller else request.instance_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot take {rid!r} back from {destination!r}")
+        ledger = self.tracker.ledger
+        if caller is None:
+            # Insecure mode: the pusher of the latest tokens is who runs the request now.
+            if tracked.instance_id == destination:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"{destination} pushed for {rid!r}: it holds it"
+                )
+            ledger.take_back_unchecked(request.capability, request_id=rid, from_instance_id=destination)
+        else:
+            if caller.role != "llumlet" or request.instance_id not in ("", caller.id):
+                await self._refuse(context, f"caller {caller.role} {caller.id} may not take {rid!r} back")
+            try:
+                ledger.take_back(
+                    request.capability, request_id=rid, caller_instance_id=caller.id, from_instance_id=destination
+                )
+            except StaleCapabilityError as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            except TokenError as exc:
+                await self._refuse(context, f"llumlet {caller.id} may not take {rid!r} back: {exc}")
+        tracked.revoke(destination)
+        log.warning("request %s: taken back from %s (its commit went unanswered)", rid, destination)
+        return frontend_pb2.TakeBackResponse()

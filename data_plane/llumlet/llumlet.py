@@ -418,6 +418,27 @@ class Llumlet:
             await channel.close()
         return str(reply.capability)
 
+    async def take_back(self, request_id: str, destination_instance_id: str, *, timeout: float = 2.0) -> None:
+        """After a commit to ``destination_instance_id`` that got no answer: asks the request's frontend to leave the
+        request here (its TakeBack). Returns when it stays here; raises grpc.aio.AioRpcError otherwise, e.g.
+        FAILED_PRECONDITION when the destination already pushed for it (it runs there: drop this copy)."""
+        owner = self.owners.get(request_id)
+        if owner is None or not owner.frontend_address:
+            return  # no frontend to ask (a request of nobody's): it stays, as before
+        channel = self.sink_channel(owner.frontend_address)
+        try:
+            await frontend_pb2_grpc.OutputSinkServiceStub(channel).TakeBack(
+                frontend_pb2.TakeBackRequest(
+                    request_id=request_id,
+                    capability=owner.capability,
+                    from_instance_id=destination_instance_id,
+                    instance_id=self.instance_id,
+                ),
+                timeout=timeout,
+            )
+        finally:
+            await channel.close()
+
     def _abort_orphans(self, orphans: dict[str, str]) -> None:
         """The frontend does not know these requests: abort them (no output: nobody waits for it) to free blocks.
 

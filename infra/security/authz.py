@@ -55,6 +55,7 @@ PROJECT_ROLE_TABLE: dict[str, frozenset[str]] = {
     "/llumnix.v1.OutputSinkService/StreamOutputs": frozenset({"llumlet"}),
     # A migration source hands its request over to the destination (the holder check is its capability token).
     "/llumnix.v1.OutputSinkService/HandOver": frozenset({"llumlet"}),
+    "/llumnix.v1.OutputSinkService/TakeBack": frozenset({"llumlet"}),
     # The user-facing gRPC API (API keys decide more; see apikeys.py).
     "/llumnix.v1.FrontendService/Generate": frozenset({"client", "admin"}),
     "/llumnix.v1.FrontendService/Abort": frozenset({"client", "admin"}),

@@ -73,6 +73,11 @@ CLOSE_WAIT_S = 5.0
 ENDED_KEEP_S = 60.0
 # Commit calls a source makes at most before it takes a migration the destination never answered for not installed.
 COMMIT_ASKS = 3
+# Pause before the n-th repeated commit (or take-back) ask is n times this: a lost connection fails at once, and
+# asks with no pause would all land inside one short network blip.
+COMMIT_RETRY_S = 0.1
+# TakeBack calls a source makes after an unanswered commit before it leaves the request to the destination.
+TAKE_BACK_ASKS = 3
 # Answers that say nothing about whether the destination installed: the call may have run there, or be running.
 _UNDECIDED = frozenset(
     {
@@ -814,8 +819,9 @@ class MigrationCoordinator:
         if out.span is not None:
             span = tracing.start_span("migration.commit", attributes={"llumnix.blocks": len(out.dst_ids)})
         with tracing.activated(span):
-            reply, error = await self._ask_commit(out.stub, commit)
-        if reply is None:
+            reply, error, unanswered = await self._ask_commit(out.stub, commit)
+            taken_over = reply is None and unanswered and await self._taken_over(out, error)
+        if reply is None and not taken_over:  # taken over: the destination runs it; released here, as on an answer
             if span is not None:
                 span.set_attribute("llumnix.error", error)
                 span.end()
@@ -844,8 +850,9 @@ class MigrationCoordinator:
 
     async def _ask_commit(
         self, stub: llumlet_pb2_grpc.LlumletServiceStub, commit: llumlet_pb2.CommitMigrationRequest
-    ) -> tuple[object | None, str]:
-        """The destination's decision on the commit: (its reply, "") when it installed, (None, why) when it did not.
+    ) -> tuple[object | None, str, bool]:
+        """The destination's decision on the commit: (its reply, "", False) when it installed, (None, why, False)
+        when it did not, (None, why, True) when no ask got an answer (it may have installed: ``_taken_over``).
         A call that ends without an answer (deadline, lost connection) may still have installed there, so the same
         commit is sent again (the destination answers a repeated commit with its one decision) up to COMMIT_ASKS
         times; only a refusal, or no answer to any of them, counts as not installed (ATTACK10 F1b: the source
@@ -854,18 +861,49 @@ class MigrationCoordinator:
         for ask in range(COMMIT_ASKS):
             call = stub.CommitMigration(commit, timeout=self.settings.transfer_timeout_s)
             try:
-                return await asyncio.wait_for(call, self.settings.transfer_timeout_s), ""
+                return await asyncio.wait_for(call, self.settings.transfer_timeout_s), "", False
             except grpc.aio.AioRpcError as exc:
                 if ask and exc.code() is grpc.StatusCode.NOT_FOUND:
                     # Not known there any more: freed (a repeated commit of an installed one answers success).
-                    return None, f"{error}; asked again: {exc.details()}"
+                    return None, f"{error}; asked again: {exc.details()}", False
                 error = f"commit: {exc.code().name}: {exc.details()}"
                 if exc.code() not in _UNDECIDED:
-                    return None, error
+                    return None, error, False
             except TimeoutError:
                 error = f"commit: no answer within {self.settings.transfer_timeout_s:g} s"
             log.warning("migration %s: %s (ask %d of %d)", commit.migration_id, error, ask + 1, COMMIT_ASKS)
-        return None, f"{error} ({COMMIT_ASKS} times)"
+            if ask + 1 < COMMIT_ASKS:
+                await asyncio.sleep(COMMIT_RETRY_S * (ask + 1))
+        return None, f"{error} ({COMMIT_ASKS} times)", True
+
+    async def _taken_over(self, out: _Outgoing, error: str) -> bool:
+        """Whether the destination holds the request after a commit nobody answered: the request's frontend decides
+        (TakeBack), as the one place that knows whether the destination pushed for it. Resuming here without asking
+        would let both instances run it and splice two continuations into one stream (REVIEW12). Not taken back (the
+        destination pushed, or the frontend cannot be asked within TAKE_BACK_ASKS tries): the destination has it
+        (if it never installed, the frontend's idle timeout ends the request with an error: never a spliced text)."""
+        machine = out.machine
+        mid, rid, dst = machine.migration_id, machine.request_id, out.result.destination_instance_id
+        why = ""
+        for ask in range(TAKE_BACK_ASKS):
+            try:
+                await self.llumlet.take_back(rid, dst, timeout=CONTROL_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                why = f"{exc.code().name}: {exc.details()}"
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+                    # Ended at the frontend (this side's next push is answered unknown and stops it), or a frontend
+                    # that cannot arbitrate (as before: the request resumes here).
+                    log.warning("migration %s: %s; take-back: %s: resuming %s here", mid, error, why, rid)
+                    return False
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
+                    break
+                if ask + 1 < TAKE_BACK_ASKS:
+                    await asyncio.sleep(COMMIT_RETRY_S * (ask + 1))
+                continue
+            log.warning("migration %s: %s; the frontend gave %s back: resuming it here", mid, error, rid)
+            return False
+        log.warning("migration %s: %s; not taken back (%s): %s runs on %s, released here", mid, error, why, rid, dst)
+        return True
 
     async def _tell_abort(self, stub: llumlet_pb2_grpc.LlumletServiceStub, mid: str, reason: str) -> None:
         try:

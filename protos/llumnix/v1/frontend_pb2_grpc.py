@@ -172,6 +172,11 @@ class OutputSinkServiceStub:
                 request_serializer=llumnix_dot_v1_dot_frontend__pb2.HandOverRequest.SerializeToString,
                 response_deserializer=llumnix_dot_v1_dot_frontend__pb2.HandOverResponse.FromString,
                 _registered_method=True)
+        self.TakeBack = channel.unary_unary(
+                '/llumnix.v1.OutputSinkService/TakeBack',
+                request_serializer=llumnix_dot_v1_dot_frontend__pb2.TakeBackRequest.SerializeToString,
+                response_deserializer=llumnix_dot_v1_dot_frontend__pb2.TakeBackResponse.FromString,
+                _registered_method=True)
 
 
 class OutputSinkServiceServicer:
@@ -209,6 +214,18 @@ class OutputSinkServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TakeBack(self, request, context):
+        """A migration source whose commit got no answer (the destination may have installed the request, or not) asks to
+        keep the request: this frontend is the one place that knows whether the destination has pushed outputs for it.
+        OK: the request stays with the caller, and every later output of `from_instance_id` for it is refused (that
+        instance stops its copy); asking again is harmless. FAILED_PRECONDITION: `from_instance_id` (or an instance after
+        it) already pushed outputs for the request and holds it now: the caller drops its copy. NOT_FOUND: the request
+        ended here. PERMISSION_DENIED: the caller does not hold the request. Only llumlets call it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OutputSinkServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +243,11 @@ def add_OutputSinkServiceServicer_to_server(servicer, server):
                     servicer.HandOver,
                     request_deserializer=llumnix_dot_v1_dot_frontend__pb2.HandOverRequest.FromString,
                     response_serializer=llumnix_dot_v1_dot_frontend__pb2.HandOverResponse.SerializeToString,
+            ),
+            'TakeBack': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeBack,
+                    request_deserializer=llumnix_dot_v1_dot_frontend__pb2.TakeBackRequest.FromString,
+                    response_serializer=llumnix_dot_v1_dot_frontend__pb2.TakeBackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +332,33 @@ class OutputSinkService:
             '/llumnix.v1.OutputSinkService/HandOver',
             llumnix_dot_v1_dot_frontend__pb2.HandOverRequest.SerializeToString,
             llumnix_dot_v1_dot_frontend__pb2.HandOverResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeBack(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llumnix.v1.OutputSinkService/TakeBack',
+            llumnix_dot_v1_dot_frontend__pb2.TakeBackRequest.SerializeToString,
+            llumnix_dot_v1_dot_frontend__pb2.TakeBackResponse.FromString,
             options,
             channel_credentials,
             insecure,

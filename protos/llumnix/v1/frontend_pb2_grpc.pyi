@@ -104,6 +104,14 @@ class OutputSinkServiceStub:
     source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
     request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
     """
+    TakeBack: _grpc.UnaryUnaryMultiCallable[_frontend_pb2.TakeBackRequest, _frontend_pb2.TakeBackResponse]
+    """A migration source whose commit got no answer (the destination may have installed the request, or not) asks to
+    keep the request: this frontend is the one place that knows whether the destination has pushed outputs for it.
+    OK: the request stays with the caller, and every later output of `from_instance_id` for it is refused (that
+    instance stops its copy); asking again is harmless. FAILED_PRECONDITION: `from_instance_id` (or an instance after
+    it) already pushed outputs for the request and holds it now: the caller drops its copy. NOT_FOUND: the request
+    ended here. PERMISSION_DENIED: the caller does not hold the request. Only llumlets call it.
+    """
 
 @_typing.type_check_only
 class OutputSinkServiceAsyncStub(OutputSinkServiceStub):
@@ -128,6 +136,14 @@ class OutputSinkServiceAsyncStub(OutputSinkServiceStub):
     """A migration source that holds a request asks for the destination's capability token before it commits. The
     source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
     request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
+    """
+    TakeBack: _aio.UnaryUnaryMultiCallable[_frontend_pb2.TakeBackRequest, _frontend_pb2.TakeBackResponse]  # type: ignore[assignment]
+    """A migration source whose commit got no answer (the destination may have installed the request, or not) asks to
+    keep the request: this frontend is the one place that knows whether the destination has pushed outputs for it.
+    OK: the request stays with the caller, and every later output of `from_instance_id` for it is refused (that
+    instance stops its copy); asking again is harmless. FAILED_PRECONDITION: `from_instance_id` (or an instance after
+    it) already pushed outputs for the request and holds it now: the caller drops its copy. NOT_FOUND: the request
+    ended here. PERMISSION_DENIED: the caller does not hold the request. Only llumlets call it.
     """
 
 class OutputSinkServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -168,6 +184,20 @@ class OutputSinkServiceServicer(metaclass=_abc_1.ABCMeta):
         """A migration source that holds a request asks for the destination's capability token before it commits. The
         source's own token stays valid until the destination's first accepted output (a commit that fails leaves the
         request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def TakeBack(
+        self,
+        request: _frontend_pb2.TakeBackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_frontend_pb2.TakeBackResponse, _abc.Awaitable[_frontend_pb2.TakeBackResponse]]:
+        """A migration source whose commit got no answer (the destination may have installed the request, or not) asks to
+        keep the request: this frontend is the one place that knows whether the destination has pushed outputs for it.
+        OK: the request stays with the caller, and every later output of `from_instance_id` for it is refused (that
+        instance stops its copy); asking again is harmless. FAILED_PRECONDITION: `from_instance_id` (or an instance after
+        it) already pushed outputs for the request and holds it now: the caller drops its copy. NOT_FOUND: the request
+        ended here. PERMISSION_DENIED: the caller does not hold the request. Only llumlets call it.
         """
 
 def add_OutputSinkServiceServicer_to_server(servicer: OutputSinkServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -121,6 +121,19 @@ export interface HandOverResponse {
   capability: string;
 }
 
+export interface TakeBackRequest {
+  requestId: string;
+  /** The caller's current capability token for the request. */
+  capability: string;
+  /** The migration destination the caller handed the request over to. */
+  fromInstanceId: string;
+  /** The caller's instance id (checked against its certificate on a TLS connection). */
+  instanceId: string;
+}
+
+export interface TakeBackResponse {
+}
+
 function createBaseTokenIds(): TokenIds {
   return { ids: [] };
 }
@@ -1377,6 +1390,187 @@ export const HandOverResponse: MessageFns<HandOverResponse> = {
   },
 };
 
+function createBaseTakeBackRequest(): TakeBackRequest {
+  return { requestId: "", capability: "", fromInstanceId: "", instanceId: "" };
+}
+
+export const TakeBackRequest: MessageFns<TakeBackRequest> = {
+  encode(message: TakeBackRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.requestId !== "") {
+      writer.uint32(10).string(message.requestId);
+    }
+    if (message.capability !== "") {
+      writer.uint32(18).string(message.capability);
+    }
+    if (message.fromInstanceId !== "") {
+      writer.uint32(26).string(message.fromInstanceId);
+    }
+    if (message.instanceId !== "") {
+      writer.uint32(34).string(message.instanceId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TakeBackRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTakeBackRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.requestId = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.capability = reader.string();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.fromInstanceId = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.instanceId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TakeBackRequest {
+    return {
+      requestId: isSet(object.requestId)
+        ? globalThis.String(object.requestId)
+        : isSet(object.request_id)
+        ? globalThis.String(object.request_id)
+        : "",
+      capability: isSet(object.capability) ? globalThis.String(object.capability) : "",
+      fromInstanceId: isSet(object.fromInstanceId)
+        ? globalThis.String(object.fromInstanceId)
+        : isSet(object.from_instance_id)
+        ? globalThis.String(object.from_instance_id)
+        : "",
+      instanceId: isSet(object.instanceId)
+        ? globalThis.String(object.instanceId)
+        : isSet(object.instance_id)
+        ? globalThis.String(object.instance_id)
+        : "",
+    };
+  },
+
+  toJSON(message: TakeBackRequest): unknown {
+    const obj: any = {};
+    if (message.requestId !== "") {
+      obj.requestId = message.requestId;
+    }
+    if (message.capability !== "") {
+      obj.capability = message.capability;
+    }
+    if (message.fromInstanceId !== "") {
+      obj.fromInstanceId = message.fromInstanceId;
+    }
+    if (message.instanceId !== "") {
+      obj.instanceId = message.instanceId;
+    }
+    return obj;
+  },
+
+  create(base?: DeepPartial<TakeBackRequest>): TakeBackRequest {
+    return TakeBackRequest.fromPartial(base ?? {});
+  },
+  fromPartial(object: DeepPartial<TakeBackRequest>): TakeBackRequest {
+    const message = createBaseTakeBackRequest();
+    message.requestId = object.requestId ?? "";
+    message.capability = object.capability ?? "";
+    message.fromInstanceId = object.fromInstanceId ?? "";
+    message.instanceId = object.instanceId ?? "";
+    return message;
+  },
+};
+
+function createBaseTakeBackResponse(): TakeBackResponse {
+  return {};
+}
+
+export const TakeBackResponse: MessageFns<TakeBackResponse> = {
+  encode(_: TakeBackResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TakeBackResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTakeBackResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(_: any): TakeBackResponse {
+    return {};
+  },
+
+  toJSON(_: TakeBackResponse): unknown {
+    const obj: any = {};
+    return obj;
+  },
+
+  create(base?: DeepPartial<TakeBackResponse>): TakeBackResponse {
+    return TakeBackResponse.fromPartial(base ?? {});
+  },
+  fromPartial(_: DeepPartial<TakeBackResponse>): TakeBackResponse {
+    const message = createBaseTakeBackResponse();
+    return message;
+  },
+};
+
 /** The user-facing gRPC API of a frontend (the OpenAI HTTP API is served beside it). */
 export type FrontendServiceService = typeof FrontendServiceService;
 export const FrontendServiceService = {
@@ -1506,6 +1700,23 @@ export const OutputSinkServiceService = {
     responseSerialize: (value: HandOverResponse): Buffer => Buffer.from(HandOverResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): HandOverResponse => HandOverResponse.decode(value),
   },
+  /**
+   * A migration source whose commit got no answer (the destination may have installed the request, or not) asks to
+   * keep the request: this frontend is the one place that knows whether the destination has pushed outputs for it.
+   * OK: the request stays with the caller, and every later output of `from_instance_id` for it is refused (that
+   * instance stops its copy); asking again is harmless. FAILED_PRECONDITION: `from_instance_id` (or an instance after
+   * it) already pushed outputs for the request and holds it now: the caller drops its copy. NOT_FOUND: the request
+   * ended here. PERMISSION_DENIED: the caller does not hold the request. Only llumlets call it.
+   */
+  takeBack: {
+    path: "/llumnix.v1.OutputSinkService/TakeBack" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: TakeBackRequest): Buffer => Buffer.from(TakeBackRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): TakeBackRequest => TakeBackRequest.decode(value),
+    responseSerialize: (value: TakeBackResponse): Buffer => Buffer.from(TakeBackResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): TakeBackResponse => TakeBackResponse.decode(value),
+  },
 } as const;
 
 export interface OutputSinkServiceServer extends UntypedServiceImplementation {
@@ -1531,6 +1742,15 @@ export interface OutputSinkServiceServer extends UntypedServiceImplementation {
    * request with the source). Errors: PERMISSION_DENIED (the caller does not hold the request), NOT_FOUND.
    */
   handOver: handleUnaryCall<HandOverRequest, HandOverResponse>;
+  /**
+   * A migration source whose commit got no answer (the destination may have installed the request, or not) asks to
+   * keep the request: this frontend is the one place that knows whether the destination has pushed outputs for it.
+   * OK: the request stays with the caller, and every later output of `from_instance_id` for it is refused (that
+   * instance stops its copy); asking again is harmless. FAILED_PRECONDITION: `from_instance_id` (or an instance after
+   * it) already pushed outputs for the request and holds it now: the caller drops its copy. NOT_FOUND: the request
+   * ended here. PERMISSION_DENIED: the caller does not hold the request. Only llumlets call it.
+   */
+  takeBack: handleUnaryCall<TakeBackRequest, TakeBackResponse>;
 }
 
 export interface OutputSinkServiceClient extends Client {
@@ -1588,6 +1808,29 @@ export interface OutputSinkServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: HandOverResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * A migration source whose commit got no answer (the destination may have installed the request, or not) asks to
+   * keep the request: this frontend is the one place that knows whether the destination has pushed outputs for it.
+   * OK: the request stays with the caller, and every later output of `from_instance_id` for it is refused (that
+   * instance stops its copy); asking again is harmless. FAILED_PRECONDITION: `from_instance_id` (or an instance after
+   * it) already pushed outputs for the request and holds it now: the caller drops its copy. NOT_FOUND: the request
+   * ended here. PERMISSION_DENIED: the caller does not hold the request. Only llumlets call it.
+   */
+  takeBack(
+    request: TakeBackRequest,
+    callback: (error: ServiceError | null, response: TakeBackResponse) => void,
+  ): ClientUnaryCall;
+  takeBack(
+    request: TakeBackRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: TakeBackResponse) => void,
+  ): ClientUnaryCall;
+  takeBack(
+    request: TakeBackRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: TakeBackResponse) => void,
   ): ClientUnaryCall;
 }
 
