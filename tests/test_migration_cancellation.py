@@ -310,3 +310,44 @@ async def test_a_frontend_slow_to_acknowledge_the_flush_aborts_with_a_clear_reas
         await a.close()
         await b.close()
         await sink.stop()
+
+
+async def test_close_is_bounded_when_the_engine_never_gives_its_lock_back(
+    sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """REVIEW12: shutdown closes the coordinator before the llumlet; freeing an incoming reservation takes the engine
+    lock, which a wedged step (a hung device call in its worker thread) never releases. ``close`` waited for it
+    without a deadline, so the llumlet's own stop (and its final outputs) was never reached."""
+    monkeypatch.setattr("pyllumnix.data_plane.llumlet.migration.coordinator.CLOSE_WAIT_S", 0.5)
+    a, b = await make_node("a"), await make_node("b")
+    reserved, go_on, wedge = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def park() -> None:  # b holds the first stage's reservation: an incoming entry
+        reserved.set()
+        await go_on.wait()
+
+    async def wedged_step() -> None:
+        async with b.llumlet.engine_lock:
+            await wedge.wait()
+
+    a.coordinator.hooks = Hooks({("before_copy", 0): park})
+    try:
+        await a.stub.AddRequest(request("r", sink, 20, 300))
+        await wait_tokens(sink, "r", 1)
+        migration = asyncio.ensure_future(a.stub.MigrateOut(migrate(a, b, "r")))
+        await asyncio.wait_for(reserved.wait(), 10)
+        assert b.coordinator._incoming
+        holder = asyncio.ensure_future(wedged_step())
+        await until(b.llumlet.engine_lock.locked, "the wedged step to hold b's engine")
+        started = time.monotonic()
+        await asyncio.wait_for(b.coordinator.close(), 10)
+        assert time.monotonic() - started < 3.0, "close waited for the engine lock"
+        wedge.set()
+        go_on.set()
+        await holder
+        await asyncio.wait([migration], timeout=10)
+    finally:
+        wedge.set()
+        go_on.set()
+        await a.close()
+        await b.close()

@@ -315,8 +315,20 @@ class MigrationCoordinator:
             await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
         if self._steps:  # installs and frees under way end as they would have (never cut half-way)
             await asyncio.wait(list(self._steps), timeout=CLOSE_WAIT_S)
-        for mid in list(self._incoming):
-            await self._free_incoming(mid, ev.AbortAsked("llumlet shutting down"))
+        frees = [
+            asyncio.ensure_future(self._free_incoming(mid, ev.AbortAsked("llumlet shutting down")))
+            for mid in list(self._incoming)
+        ]
+        if frees:
+            # Each free takes the engine lock, which a wedged step (a hung device call in its worker thread) never
+            # gives back: waiting for it unbounded kept the shutdown from ever reaching the llumlet's own stop.
+            _, late = await asyncio.wait(frees, timeout=CLOSE_WAIT_S)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning(
+                    "%d incoming reservation(s) not freed within %g s (the engine is busy)", len(late), CLOSE_WAIT_S
+                )
         for channel in self._channels.values():
             await channel.close()
 
