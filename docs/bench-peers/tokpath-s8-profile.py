@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from pyllumnix.tools.bench_peers import run_once, start_project, thread_cpu_seconds
+from pyllumnix.tools.bench_peers import idle_rates, run_once, start_project, thread_cpu_seconds
 from pyllumnix.tools.workload import generate
 
 
@@ -126,7 +126,7 @@ def main(
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         try:
-            res = run_once(system, arrivals)
+            res = run_once(system, arrivals, idle_rates(system))
             th.join(timeout=spy_seconds + spy_after + 30)
             for s in spies:
                 s.wait(timeout=60)
