@@ -207,3 +207,15 @@ def test_outputs_of_a_revoked_instance_are_dropped_and_reported_unknown() -> Non
     assert tracker.route("b", [out(0, [20], instance="b")]) == []
     assert tracker.route("a", [out(1, [], finished=True, reason=common_pb2.FINISH_REASON_ERROR)]) == []
     assert not req.finished and [t for d in drain(req) for t in d.token_ids] == [20]
+
+
+def test_revoking_an_instance_drops_its_outputs_held_for_a_gap() -> None:
+    """REVIEW13: an output of the instance a request is taken back from, held for a gap, spliced its tokens in once
+    the holder filled the gap; revoking it drops what it has held too."""
+    req = tracked()
+    req.accept(out(0, [100, 101], instance="s"), "s")
+    req.accept(out(3, [900, 901], instance="d"), "d")  # d ran ahead: held for index 2
+    req.revoke("d")
+    req.accept(out(2, [102, 103, 104], finished=True, reason=LENGTH, instance="s"), "s")
+    tokens = [t for delta in drain(req) for t in delta.token_ids]
+    assert tokens == [100, 101, 102, 103, 104] and req.instance_id == "s"

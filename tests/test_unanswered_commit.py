@@ -10,6 +10,7 @@ token index reaches the frontend once, and both instances end with every block f
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationSettings
 from pyllumnix.data_plane.llumlet.service import MigrationError
-from pyllumnix.protos.llumnix.v1 import llumlet_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
 from pyllumnix.tools.recording_sink import RecordingSink
 from tests.test_migration_paths import Node, make_node, migrate, request, settle, unmigrated_tokens, wait_tokens
 
@@ -119,6 +120,74 @@ async def test_the_source_releases_the_request_when_the_destination_already_push
     try:
         assert result.outcome == OUTCOME.MIGRATION_OUTCOME_COMMITTED, (OUTCOME.Name(result.outcome), result.reason)
         _check_ran_once(sink, a, b, "b")
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _unavailable() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "refused")
+
+
+async def _never_installed(sink: RecordingSink, frontend_silent_s: float) -> tuple[Node, Node, Any]:
+    """r's commit never reaches b (its calls fail at once) and, for ``frontend_silent_s`` from the migration's start,
+    neither does a's TakeBack: a short blip of the source's network (REVIEW13), or a long one."""
+    a = await make_node("a", settings=MigrationSettings(verify_crc=True, transfer_timeout_s=1.0))
+    b = await make_node("b")
+
+    async def lost(req: llumlet_pb2.CommitMigrationRequest) -> llumlet_pb2.CommitMigrationResponse:
+        raise MigrationError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+
+    b.coordinator.commit = lost  # type: ignore[method-assign,assignment]
+    real_take_back, silent_until = a.llumlet.take_back, [0.0]
+
+    async def take_back(*args: Any, **kwargs: Any) -> None:
+        if time.monotonic() < silent_until[0]:
+            raise _unavailable()
+        await real_take_back(*args, **kwargs)
+
+    a.llumlet.take_back = take_back  # type: ignore[method-assign]
+    await a.stub.AddRequest(request("r", sink, 20, 300))
+    await wait_tokens(sink, "r", 5)
+    silent_until[0] = time.monotonic() + frontend_silent_s
+    result = (await a.stub.MigrateOut(migrate(a, b, "r"))).results[0]
+    return a, b, result
+
+
+async def test_a_short_blip_of_the_sources_network_keeps_the_request_on_the_source(sink: RecordingSink) -> None:
+    """REVIEW13: commit and take-back asks failing at once for 0.8 s (a blip): the source keeps asking the frontend,
+    is given the request back and resumes it. Before, three fast take-back asks failed and it released the request,
+    which then ran nowhere until the frontend's idle timeout."""
+    a, b, result = await _never_installed(sink, 0.8)
+    try:
+        assert result.outcome == OUTCOME.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION, (
+            OUTCOME.Name(result.outcome),
+            result.reason,
+        )
+        await sink.wait("r", timeout=60)
+        await settle(a, b)
+        _check_ran_once(sink, a, b, "a")
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_frontend_unreachable_past_the_budget_gets_a_clear_error(
+    sink: RecordingSink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither the destination nor the frontend answers for longer than TAKE_BACK_BUDGET_S: the source cannot know
+    where the request runs, so it releases it (never two instances) and queues a final ERROR the frontend takes
+    while the destination has not pushed: the client learns of it at once, not at the idle timeout."""
+    monkeypatch.setattr("pyllumnix.data_plane.llumlet.migration.coordinator.TAKE_BACK_BUDGET_S", 0.5)
+    a, b, result = await _never_installed(sink, 30.0)
+    try:
+        assert result.outcome == OUTCOME.MIGRATION_OUTCOME_COMMITTED, OUTCOME.Name(result.outcome)
+        assert "did not answer within 0.5 s" in result.reason, result.reason
+        last = (await sink.wait("r", timeout=10))[-1]
+        assert last.finished and last.finish_reason == common_pb2.FINISH_REASON_ERROR and "neither b nor" in last.error
+        await settle(a, b)
+        for node in (a, b):
+            assert not node.engine.request_ids() and node.free == node.engine.total_blocks
     finally:
         await a.close()
         await b.close()

@@ -277,8 +277,10 @@ class TrackedRequest:
             self.on_stop(self)
 
     def revoke(self, instance_id: str) -> None:
-        """Drops every later output of ``instance_id`` for this request (see ``revoked``)."""
+        """Drops every later output of ``instance_id`` for this request (see ``revoked``), and those of its outputs
+        held for a gap (they would splice its tokens in once the gap filled)."""
         self.revoked.add(instance_id)
+        self._held = {i: out for i, out in self._held.items() if out.instance_id != instance_id}
 
     def touch(self) -> None:
         """Restarts the idle clock (the request was just placed: waiting for dispatch is not the instance's silence)."""
@@ -469,14 +471,18 @@ class HolderLedger:
         if held.pending is not None and held.pending.holder_instance_id == from_instance_id:
             held.pending, held.pending_token = None, ""
 
-    def take_back_unchecked(self, token: str, *, request_id: str, from_instance_id: str) -> None:
-        """``take_back`` for a caller with no identity (a plaintext frontend): withdraws ``from_instance_id``'s
-        pending grant when ``token`` is the current one (the caller checks who pushed last)."""
+    def take_back_unchecked(self, token: str, *, request_id: str, from_instance_id: str) -> bool:
+        """``take_back`` for a caller with no identity (a plaintext frontend; the caller also checks who pushed
+        last): withdraws ``from_instance_id``'s pending grant when ``token`` is the current one. False when ``token``
+        is not (another holder's, or an earlier one's: the request moved on); a token-less caller cannot be told."""
         held = self._held.get(request_id)
-        if held is None or not _same(token, held.token):
-            return
+        if held is None or not token:
+            return held is not None
+        if not _same(token, held.token):
+            return False
         if held.pending is not None and held.pending.holder_instance_id == from_instance_id:
             held.pending, held.pending_token = None, ""
+        return True
 
     def hand_over_unchecked(self, token: str, *, request_id: str, new_instance_id: str) -> str:
         """``hand_over`` for a caller with no identity (a plaintext frontend): the token names the holder handing the

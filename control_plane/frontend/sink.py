@@ -346,6 +346,9 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
             # the client reuses the id its late outputs are told apart (``_current_incarnations``); before, it held
             # none and they reached the new request. A destination the request was once taken from (its AddRequest
             # timed out) may hold it again by migration.
+            if request.capability and self.tracker.ledger.outdated(request.capability, request_id=request.request_id):
+                # A holder the request was taken back (or moved on) from may not pass it on (REVIEW13).
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{request.request_id!r} moved on")
             tracked.revoked.discard(request.new_instance_id)
             token = self.tracker.ledger.hand_over_unchecked(
                 request.capability, request_id=request.request_id, new_instance_id=request.new_instance_id
@@ -380,12 +383,14 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot take {rid!r} back from {destination!r}")
         ledger = self.tracker.ledger
         if caller is None:
-            # Insecure mode: the pusher of the latest tokens is who runs the request now.
+            # Insecure mode: the pusher of the latest tokens is who runs the request now, and a token other than the
+            # current grant is a holder the request moved on from.
             if tracked.instance_id == destination:
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION, f"{destination} pushed for {rid!r}: it holds it"
                 )
-            ledger.take_back_unchecked(request.capability, request_id=rid, from_instance_id=destination)
+            if not ledger.take_back_unchecked(request.capability, request_id=rid, from_instance_id=destination):
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{rid!r} moved on: the token is not current")
         else:
             if caller.role != "llumlet" or request.instance_id not in ("", caller.id):
                 await self._refuse(context, f"caller {caller.role} {caller.id} may not take {rid!r} back")

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from pyllumnix.control_plane.policy.config import Selection
 from pyllumnix.control_plane.policy.selection import blocks_needed, select_request
-from pyllumnix.data_plane.engine.base import KvBuffer, MigrationState, UnknownRequestError
+from pyllumnix.data_plane.engine.base import Finish, KvBuffer, MigrationState, TokenOutput, UnknownRequestError
 from pyllumnix.data_plane.engine.device import Ready
 from pyllumnix.data_plane.engine.kv_layout import LAYOUT_HOST_BYTES
 from pyllumnix.data_plane.llumlet import convert
@@ -76,8 +77,9 @@ COMMIT_ASKS = 3
 # Pause before the n-th repeated commit (or take-back) ask is n times this: a lost connection fails at once, and
 # asks with no pause would all land inside one short network blip.
 COMMIT_RETRY_S = 0.1
-# TakeBack calls a source makes after an unanswered commit before it leaves the request to the destination.
-TAKE_BACK_ASKS = 3
+# Seconds a source keeps asking an unreachable frontend to settle an unanswered commit (TakeBack) before it releases
+# the request with an ERROR queued for it; the request stays suspended meanwhile.
+TAKE_BACK_BUDGET_S = 10.0
 # Answers that say nothing about whether the destination installed: the call may have run there, or be running.
 _UNDECIDED = frozenset(
     {
@@ -832,8 +834,8 @@ class MigrationCoordinator:
             span = tracing.start_span("migration.commit", attributes={"llumnix.blocks": len(out.dst_ids)})
         with tracing.activated(span):
             reply, error, unanswered = await self._ask_commit(out.stub, commit)
-            taken_over = reply is None and unanswered and await self._taken_over(out, error)
-        if reply is None and not taken_over:  # taken over: the destination runs it; released here, as on an answer
+            released = await self._taken_over(out, error) if reply is None and unanswered else None
+        if reply is None and released is None:  # released: it runs elsewhere (or nowhere, with an error queued)
             if span is not None:
                 span.set_attribute("llumnix.error", error)
                 span.end()
@@ -858,7 +860,7 @@ class MigrationCoordinator:
             (t_flushed - t.get("acked", done)) * 1000,
             (done - t_flushed) * 1000,
         )
-        return ev.Committed()
+        return ev.Committed(released or "")
 
     async def _ask_commit(
         self, stub: llumlet_pb2_grpc.LlumletServiceStub, commit: llumlet_pb2.CommitMigrationRequest
@@ -888,34 +890,56 @@ class MigrationCoordinator:
                 await asyncio.sleep(COMMIT_RETRY_S * (ask + 1))
         return None, f"{error} ({COMMIT_ASKS} times)", True
 
-    async def _taken_over(self, out: _Outgoing, error: str) -> bool:
-        """Whether the destination holds the request after a commit nobody answered: the request's frontend decides
-        (TakeBack), as the one place that knows whether the destination pushed for it. Resuming here without asking
-        would let both instances run it and splice two continuations into one stream (REVIEW12). Not taken back (the
-        destination pushed, or the frontend cannot be asked within TAKE_BACK_ASKS tries): the destination has it
-        (if it never installed, the frontend's idle timeout ends the request with an error: never a spliced text)."""
+    async def _taken_over(self, out: _Outgoing, error: str) -> str | None:
+        """After a commit nobody answered: None when the request stays here (resume it), else why this side releases
+        it. The request's frontend decides (TakeBack), as the one place that knows whether the destination pushed for
+        it; resuming without asking let both instances run it and splice two continuations into one stream
+        (REVIEW12). A frontend that cannot be asked is asked again (backing off) for TAKE_BACK_BUDGET_S; if it still
+        cannot, this side releases the request and queues an ERROR for it (delivered only if the destination has not
+        pushed first: a clear error, or the request goes on there; never two instances, never silence)."""
         machine = out.machine
         mid, rid, dst = machine.migration_id, machine.request_id, out.result.destination_instance_id
-        why = ""
-        for ask in range(TAKE_BACK_ASKS):
-            try:
-                await self.llumlet.take_back(rid, dst, timeout=CONTROL_TIMEOUT_S)
-            except grpc.aio.AioRpcError as exc:
-                why = f"{exc.code().name}: {exc.details()}"
-                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
-                    # Ended at the frontend (this side's next push is answered unknown and stops it), or a frontend
-                    # that cannot arbitrate (as before: the request resumes here).
-                    log.warning("migration %s: %s; take-back: %s: resuming %s here", mid, error, why, rid)
-                    return False
-                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
-                    break
-                if ask + 1 < TAKE_BACK_ASKS:
-                    await asyncio.sleep(COMMIT_RETRY_S * (ask + 1))
-                continue
-            log.warning("migration %s: %s; the frontend gave %s back: resuming it here", mid, error, rid)
-            return False
-        log.warning("migration %s: %s; not taken back (%s): %s runs on %s, released here", mid, error, why, rid, dst)
-        return True
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda e: isinstance(e, grpc.aio.AioRpcError) and e.code() in _UNDECIDED),
+            stop=stop_after_delay(TAKE_BACK_BUDGET_S),
+            wait=wait_exponential(multiplier=COMMIT_RETRY_S, max=2.0),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self.llumlet.take_back(rid, dst, timeout=CONTROL_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            why = f"{exc.code().name}: {exc.details()}"
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:  # a frontend that cannot arbitrate: as before
+                log.warning("migration %s: %s; take-back: %s: resuming %s here", mid, error, why, rid)
+                return None
+            if exc.code() is grpc.StatusCode.NOT_FOUND:  # ended there: nothing to resume (the destination stops too)
+                verdict = f"{error}; the request ended at its frontend ({why})"
+            elif exc.code() in _UNDECIDED:
+                verdict = f"{error}; its frontend did not answer within {TAKE_BACK_BUDGET_S:g} s ({why})"
+                self._queue_error(rid, f"migration to {dst}: neither {dst} nor the frontend answered ({why})")
+            else:  # FAILED_PRECONDITION: the destination pushed for it, so it runs there
+                verdict = f"{error}; the destination holds it ({why})"
+            if exc.code() is not grpc.StatusCode.FAILED_PRECONDITION:
+                # It may never have installed: its reservation goes now, not at its pending timeout (an installed
+                # request ignores this and stops once the frontend refuses its outputs).
+                await self._tell_abort(out.stub, mid, verdict)
+            log.warning("migration %s: %s: %s released here", mid, verdict, rid)
+            return verdict
+        log.warning("migration %s: %s; the frontend gave %s back: resuming it here", mid, error, rid)
+        return None
+
+    def _queue_error(self, request_id: str, error: str) -> None:
+        """Queues a final ERROR for a request this side releases without knowing where it runs: the frontend takes it
+        only while this side's grant is current (the destination never pushed), so the client learns of the failure
+        instead of waiting for the idle timeout."""
+        owner = self.llumlet.owners.get(request_id)
+        if owner is None or not owner.frontend_address:
+            return
+        notice = TokenOutput(request_id, (), owner.next_index, finished=True, finish=Finish.ERROR, error=error)
+        pb = convert.output_to_pb(notice, self.llumlet.instance_id, owner.num_prompt_tokens, owner.capability)
+        self.llumlet.pusher.submit(owner.frontend_address, [pb])
 
     async def _tell_abort(self, stub: llumlet_pb2_grpc.LlumletServiceStub, mid: str, reason: str) -> None:
         try:

@@ -92,7 +92,10 @@ class ClientAborted:
 
 @dataclass(frozen=True)
 class Committed:
-    """The destination installed the request."""
+    """The destination installed the request (``note``: how that is known when its answer was lost; the outcome's
+    reason)."""
+
+    note: str = ""
 
 
 @dataclass(frozen=True)

@@ -189,11 +189,11 @@ class SourceMigration:
             return self._abort_by_source(f"request {self.request_id} was aborted by its client during migration")
         return self._commit()
 
-    def _committed(self, _: Committed) -> list[SourceAction]:
+    def _committed(self, event: Committed) -> list[SourceAction]:
         actions: list[SourceAction] = [Release()]
         if self.client_aborted:
             actions.append(ForwardAbort())  # the request lives on the destination now
-        return actions + self._finish(Outcome.COMMITTED, "")
+        return actions + self._finish(Outcome.COMMITTED, event.note)
 
     def _destination_failed(self, event: Refused | CopyFailed | CommitFailed) -> list[SourceAction]:
         return self._abort_by_destination(event.reason)
