@@ -61,12 +61,14 @@ DEFAULT_SYSTEMS = (
     "sglang-router:cache_aware",
 )
 # The paper's power-law (Zipf) lengths, S-S (means 128/128) capped at 256 tokens: heavy-tailed (median output 76
-# tokens, 24 % at the cap), 160 requests at 8 req/s: ~18-21 s of arrivals and a longest decode of ~15 s, so one run
-# takes ~33 s and 6 systems x 2 workloads x 3 repeats fit in 30 minutes here (docs/bench-peers/README.md, "Within 30
-# minutes (session 10)"). Other workloads (the issue's M-M with len_max=1024, sharegpt) with --workload.
+# tokens, 24 % at the cap), 240 requests at 16 req/s: ~15 s of arrivals and a longest decode of ~20 s, so one run
+# takes ~35 s and 6 systems x 2 workloads x 3 repeats fit in 30 minutes here (20.9 min in session 12). At 16 req/s
+# the 520-block instances run out of KV memory (every system preempts), which is where dispatch policies differ; at
+# 8 req/s nothing preempts and they all tie (docs/bench-peers/README.md, session 12). Other workloads (the issue's
+# M-M with len_max=1024, ~100 s a run; sharegpt) with --workload.
 DEFAULT_WORKLOADS = (
-    "S-S:poisson:rate=8:n=160:len_max=256",
-    "S-S:gamma:rate=8:cv=4:n=160:len_max=256",
+    "S-S:poisson:rate=16:n=240:len_max=256",
+    "S-S:gamma:rate=16:cv=4:n=240:len_max=256",
 )
 _POLICY_NAMES = {"llumnix": "llumnix", "infaas++": "infaas++"}
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
