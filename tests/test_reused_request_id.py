@@ -421,3 +421,58 @@ async def test_on_plaintext_take_back_is_decided_by_who_pushed_the_latest_tokens
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION, info.value.details()
     await frontend.abort("tb")
     frontend.release(request)
+
+
+async def test_on_plaintext_the_destinations_first_output_retires_the_sources_grant(cluster: Cluster) -> None:
+    """REVIEW14: on a plaintext frontend nothing promoted a migration's pending grant, so the source's grant stayed
+    current and a late ERROR from the source (a commit it could not settle) ended a request running fine on the
+    destination. The destination's first output now makes it the holder, as on TLS."""
+    frontend = cluster.frontend
+    request = await frontend.submit(
+        GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=200), request_id="pr")
+    )
+    async with asyncio.timeout(TIMEOUT_S):
+        while request.num_received < 2:
+            await asyncio.sleep(0.005)
+    owner = cluster.llumlet.owners["pr"]
+    token, owner.frontend_address = owner.capability, ""  # the source pushes no more (suspended for its commit)
+    await cluster.llumlet.pusher.drain(5.0)
+    n = request.num_received
+    async with grpc.aio.insecure_channel(frontend.sink_address) as channel:
+        sink = frontend_pb2_grpc.OutputSinkServiceStub(channel)
+        handed = await sink.HandOver(
+            frontend_pb2.HandOverRequest(request_id="pr", capability=token, new_instance_id="i-dst"), timeout=TIMEOUT_S
+        )
+
+        async def push(instance: str, out: common_pb2.RequestOutput) -> list[str]:
+            reply = await sink.PushOutputs(frontend_pb2.PushOutputsRequest(instance_id=instance, outputs=[out]))
+            return list(reply.unknown_request_ids)
+
+        mine = common_pb2.RequestOutput(
+            request_id="pr", instance_id="i-dst", capability=handed.capability, token_ids=[7, 8], first_token_index=n
+        )
+        assert await push("i-dst", mine) == []
+        error = common_pb2.RequestOutput(
+            request_id="pr",
+            instance_id="i-reuse",
+            capability=token,
+            first_token_index=n,
+            finished=True,
+            finish_reason=common_pb2.FINISH_REASON_ERROR,
+            error="neither answered",
+        )
+        assert await push("i-reuse", error) == ["pr"], "the source's late ERROR is stale"
+        assert (request.finished, request.num_received) == (False, n + 2)
+        done = common_pb2.RequestOutput(
+            request_id="pr",
+            instance_id="i-dst",
+            capability=handed.capability,
+            token_ids=[9],
+            first_token_index=n + 2,
+            finished=True,
+            finish_reason=common_pb2.FINISH_REASON_LENGTH,
+        )
+        assert await push("i-dst", done) == []
+    assert request.finished and request.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    await frontend.abort("pr")
+    frontend.release(request)

@@ -191,3 +191,40 @@ async def test_a_frontend_unreachable_past_the_budget_gets_a_clear_error(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_close_while_the_frontend_is_asked_releases_the_request_with_an_error(sink: RecordingSink) -> None:
+    """REVIEW14: closing the llumlet while it asks an unreachable frontend to settle an unanswered commit stopped the
+    asking by cancellation, and a cancelled migration resumes its request here: a request the destination may run
+    too. Now the asking stops at the close and ends as past the budget: released, with its final ERROR queued."""
+    a, b = (
+        await make_node("a", settings=MigrationSettings(verify_crc=True, transfer_timeout_s=1.0)),
+        await make_node("b"),
+    )
+
+    async def lost(req: llumlet_pb2.CommitMigrationRequest) -> llumlet_pb2.CommitMigrationResponse:
+        raise MigrationError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+
+    asked = asyncio.Event()
+
+    async def unreachable(*args: Any, **kwargs: Any) -> None:
+        asked.set()
+        raise _unavailable()
+
+    b.coordinator.commit = lost  # type: ignore[method-assign,assignment]
+    a.llumlet.take_back = unreachable  # type: ignore[method-assign]
+    try:
+        await a.stub.AddRequest(request("r", sink, 20, 300))
+        await wait_tokens(sink, "r", 5)
+        migration = asyncio.ensure_future(a.stub.MigrateOut(migrate(a, b, "r")))
+        await asyncio.wait_for(asked.wait(), 10)
+        started = time.monotonic()
+        await a.coordinator.close()
+        assert time.monotonic() - started < 5.0, "close waited out the take-back budget"
+        last = (await sink.wait("r", timeout=10))[-1]
+        assert last.finished and last.finish_reason == common_pb2.FINISH_REASON_ERROR, last
+        assert "r" not in a.engine.request_ids(), "the request was resumed on the closing source"
+        migration.cancel()  # its answer does not matter here (the coordinator it waits on is closed)
+    finally:
+        await a.close()
+        await b.close()

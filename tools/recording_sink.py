@@ -64,9 +64,9 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
         """As an insecure frontend answers: refused when the instance it is taken from pushed the latest tokens (it
         runs the request now); otherwise that instance's later outputs for it are refused."""
         rid, source = request.request_id, request.from_instance_id
-        if rid not in self.outputs or self.event(rid).is_set():
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no request {rid!r} here")
-        pushers = [o.instance_id for o in self.outputs[rid] if o.token_ids]
+        if self.event(rid).is_set():
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"request {rid!r} has ended here")
+        pushers = [o.instance_id for o in self.outputs.get(rid, []) if o.token_ids]
         if pushers and pushers[-1] == source:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{source} pushed for {rid!r}: it holds it")
         self.revoked.setdefault(rid, set()).add(source)

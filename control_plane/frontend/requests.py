@@ -484,6 +484,14 @@ class HolderLedger:
             held.pending, held.pending_token = None, ""
         return True
 
+    def promote_unchecked(self, token: str, *, request_id: str) -> None:
+        """An output carrying the pending grant reached a plaintext frontend: its pusher (the migration destination)
+        holds the request now, as ``check`` makes it on TLS, so the source's grant is outdated from here on (its
+        late outputs, a final ERROR among them, are dropped instead of ending a request that runs on)."""
+        held = self._held.get(request_id)
+        if held is not None and held.pending is not None and _same(token, held.pending_token):
+            held.current, held.token, held.pending, held.pending_token = held.pending, token, None, ""
+
     def hand_over_unchecked(self, token: str, *, request_id: str, new_instance_id: str) -> str:
         """``hand_over`` for a caller with no identity (a plaintext frontend): the token names the holder handing the
         request over, the current one or the pending one (which becomes current: it has the request now). A grant

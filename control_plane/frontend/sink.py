@@ -273,6 +273,9 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         """Unchecked pushes (plaintext): drops outputs that carry an outdated grant (an earlier request with a reused
         id), returning their ids as stale so the pusher stops that incarnation."""
         ledger = self.tracker.ledger
+        for out in outputs:
+            if out.capability:
+                ledger.promote_unchecked(out.capability, request_id=out.request_id)
         if not any(ledger.outdated(out.capability, request_id=out.request_id) for out in outputs):
             return outputs, []
         kept: list[common_pb2.RequestOutput] = []

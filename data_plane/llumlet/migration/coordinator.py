@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_before_delay, stop_when_event_set, wait_exponential
 
 from pyllumnix.control_plane.policy.config import Selection
 from pyllumnix.control_plane.policy.selection import blocks_needed, select_request
@@ -258,6 +258,8 @@ class MigrationCoordinator:
         self._claimed_out: dict[str, RequestOwner | None] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._reaper: asyncio.Task[None] | None = None
+        # Set when close begins: a source settling an unanswered commit stops asking its frontend (``_taken_over``).
+        self._closing = asyncio.Event()
         self._tasks: set[asyncio.Task[object]] = set()
         # Destination-side steps (a machine's event and its actions), owned here so that a caller's cancellation (its
         # deadline, its going away) stops only its wait: it never cuts an install, a free or a close half-way.
@@ -308,6 +310,7 @@ class MigrationCoordinator:
         """Cancels the migrations in progress and waits for them (up to CLOSE_WAIT_S) before closing the channels:
         a cancelled source still tells its destination (a shielded AbortMigration), which then frees its
         reservation at once instead of after its pending timeout."""
+        self._closing.set()
         if self._reaper is not None:
             self._reaper.cancel()
         tasks = list(self._tasks)
@@ -901,7 +904,9 @@ class MigrationCoordinator:
         mid, rid, dst = machine.migration_id, machine.request_id, out.result.destination_instance_id
         retrying = AsyncRetrying(
             retry=retry_if_exception(lambda e: isinstance(e, grpc.aio.AioRpcError) and e.code() in _UNDECIDED),
-            stop=stop_after_delay(TAKE_BACK_BUDGET_S),
+            # Within the budget (no attempt starts past it), and no longer once this llumlet closes: an undecided
+            # commit must end released with its ERROR, not resumed by the close's cancellation.
+            stop=stop_before_delay(TAKE_BACK_BUDGET_S) | stop_when_event_set(self._closing),  # type: ignore[arg-type]
             wait=wait_exponential(multiplier=COMMIT_RETRY_S, max=2.0),
             reraise=True,
         )
@@ -917,7 +922,8 @@ class MigrationCoordinator:
             if exc.code() is grpc.StatusCode.NOT_FOUND:  # ended there: nothing to resume (the destination stops too)
                 verdict = f"{error}; the request ended at its frontend ({why})"
             elif exc.code() in _UNDECIDED:
-                verdict = f"{error}; its frontend did not answer within {TAKE_BACK_BUDGET_S:g} s ({why})"
+                waited = "this llumlet is closing" if self._closing.is_set() else f"within {TAKE_BACK_BUDGET_S:g} s"
+                verdict = f"{error}; its frontend did not answer {waited} ({why})"
                 self._queue_error(rid, f"migration to {dst}: neither {dst} nor the frontend answered ({why})")
             else:  # FAILED_PRECONDITION: the destination pushed for it, so it runs there
                 verdict = f"{error}; the destination holds it ({why})"
