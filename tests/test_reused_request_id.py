@@ -371,20 +371,27 @@ async def test_on_plaintext_a_migrated_requests_late_outputs_miss_a_reused_id(cl
     assert len(tokens) == 5 and 123 not in tokens
 
 
+async def suspended_source(cluster: Cluster, request_id: str) -> tuple[TrackedRequest, str]:
+    """A request running on the cluster's llumlet that pushes no more from now on (as while suspended for a
+    migration's commit), everything it pushed landed; with its capability token."""
+    request = await cluster.frontend.submit(
+        GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=200), request_id=request_id)
+    )
+    async with asyncio.timeout(TIMEOUT_S):
+        while request.num_received < 2:
+            await asyncio.sleep(0.005)
+    owner = cluster.llumlet.owners[request_id]
+    token, owner.frontend_address = owner.capability, ""
+    await cluster.llumlet.pusher.drain(5.0)
+    return request, token
+
+
 async def test_on_plaintext_take_back_is_decided_by_who_pushed_the_latest_tokens(cluster: Cluster) -> None:
     """REVIEW12 on an insecure cluster (no caller identity): a source's TakeBack after an unanswered commit is
     granted while the destination has pushed no tokens (its later outputs are then refused and reported back) and
     refused FAILED_PRECONDITION once it has (it runs the request now)."""
     frontend = cluster.frontend
-    request = await frontend.submit(
-        GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=200), request_id="tb")
-    )
-    async with asyncio.timeout(TIMEOUT_S):
-        while request.num_received < 2:
-            await asyncio.sleep(0.005)
-    token = cluster.llumlet.owners["tb"].capability
-    cluster.llumlet.owners["tb"].frontend_address = ""  # the source pushes no more (as while suspended for a commit)
-    await cluster.llumlet.pusher.drain(5.0)  # and what it pushed has landed
+    request, token = await suspended_source(cluster, "tb")
     ask = frontend_pb2.TakeBackRequest(
         request_id="tb", capability=token, from_instance_id="i-dst", instance_id="i-reuse"
     )
@@ -428,15 +435,7 @@ async def test_on_plaintext_the_destinations_first_output_retires_the_sources_gr
     current and a late ERROR from the source (a commit it could not settle) ended a request running fine on the
     destination. The destination's first output now makes it the holder, as on TLS."""
     frontend = cluster.frontend
-    request = await frontend.submit(
-        GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=200), request_id="pr")
-    )
-    async with asyncio.timeout(TIMEOUT_S):
-        while request.num_received < 2:
-            await asyncio.sleep(0.005)
-    owner = cluster.llumlet.owners["pr"]
-    token, owner.frontend_address = owner.capability, ""  # the source pushes no more (suspended for its commit)
-    await cluster.llumlet.pusher.drain(5.0)
+    request, token = await suspended_source(cluster, "pr")
     n = request.num_received
     async with grpc.aio.insecure_channel(frontend.sink_address) as channel:
         sink = frontend_pb2_grpc.OutputSinkServiceStub(channel)

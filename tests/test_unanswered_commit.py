@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -24,14 +23,6 @@ from pyllumnix.tools.recording_sink import RecordingSink
 from tests.test_migration_paths import Node, make_node, migrate, request, settle, unmigrated_tokens, wait_tokens
 
 OUTCOME = llumlet_pb2.MigrationOutcome
-
-
-@pytest.fixture
-async def sink() -> AsyncIterator[RecordingSink]:
-    s = RecordingSink()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 async def _run(
