@@ -354,6 +354,17 @@ class _Holding:
     pending: Capability | None = None
     pending_token: str = ""
 
+    def promote(self) -> Capability:
+        """The destination becomes the holder (it pushed, or passes the request on); the source's grant is retired."""
+        assert self.pending is not None
+        self.current, self.token, self.pending, self.pending_token = self.pending, self.pending_token, None, ""
+        return self.current
+
+    def withdraw(self, instance_id: str) -> None:
+        """Withdraws ``instance_id``'s pending grant, if it has one (its commit is taken back)."""
+        if self.pending is not None and self.pending.holder_instance_id == instance_id:
+            self.pending, self.pending_token = None, ""
+
 
 class HolderLedger:
     """Which instance may push outputs for each request, by capability token (see the module docstring).
@@ -412,8 +423,7 @@ class HolderLedger:
         pending = held.pending
         mine = pending is not None and pending.holder_instance_id == caller_instance_id
         if pending is not None and mine and _same(token, held.pending_token):
-            held.current, held.token, held.pending, held.pending_token = pending, token, None, ""
-            return pending
+            return held.promote()
         if not token:
             raise TokenError(f"output for request {request_id!r} carries no capability token")
         cap = self.tokens.verify(token, request_id=request_id, holder_instance_id=caller_instance_id)
@@ -468,8 +478,7 @@ class HolderLedger:
             raise StaleCapabilityError(
                 f"request {request_id!r} is held by {held.current.holder_instance_id} now: it pushed outputs for it"
             )
-        if held.pending is not None and held.pending.holder_instance_id == from_instance_id:
-            held.pending, held.pending_token = None, ""
+        held.withdraw(from_instance_id)
 
     def take_back_unchecked(self, token: str, *, request_id: str, from_instance_id: str) -> bool:
         """``take_back`` for a caller with no identity (a plaintext frontend; the caller also checks who pushed
@@ -480,8 +489,7 @@ class HolderLedger:
             return held is not None
         if not _same(token, held.token):
             return False
-        if held.pending is not None and held.pending.holder_instance_id == from_instance_id:
-            held.pending, held.pending_token = None, ""
+        held.withdraw(from_instance_id)
         return True
 
     def promote_unchecked(self, token: str, *, request_id: str) -> None:
@@ -490,7 +498,7 @@ class HolderLedger:
         late outputs, a final ERROR among them, are dropped instead of ending a request that runs on)."""
         held = self._held.get(request_id)
         if held is not None and held.pending is not None and _same(token, held.pending_token):
-            held.current, held.token, held.pending, held.pending_token = held.pending, token, None, ""
+            held.promote()
 
     def hand_over_unchecked(self, token: str, *, request_id: str, new_instance_id: str) -> str:
         """``hand_over`` for a caller with no identity (a plaintext frontend): the token names the holder handing the
@@ -501,7 +509,7 @@ class HolderLedger:
         if held is None or not token:
             return ""
         if held.pending is not None and _same(token, held.pending_token):
-            held.current, held.token, held.pending, held.pending_token = held.pending, token, None, ""
+            held.promote()
         if not _same(token, held.token):
             return ""
         try:
