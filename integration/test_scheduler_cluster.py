@@ -116,6 +116,9 @@ async def no_pending_dispatches(leader: str) -> bool:
     return all(math.isinf(i.freeness) and i.freeness > 0 for i in await list_instances(leader))
 
 
+BUSY_TOKENS = 300  # prompt 200 + 300 fits the tiny profile's max_model_len of 512
+
+
 async def test_dispatch_migration_and_leader_failover(
     etcd1: EmbeddedEtcd, procs: Processes, sink: RecordingSink, etcd_cluster_name: str
 ) -> None:
@@ -143,9 +146,23 @@ async def test_dispatch_migration_and_leader_failover(
     for i in range(8):
         await sink.wait(f"d{i}")
         assert_complete(sink, f"d{i}", 150)
-    await add_request(llumlets[3].address, "busy", sink.server.address, 200, 150)
+    # busy runs ~0.6 s on the tiny profile (300 steps of ~2 ms); the three decisions are taken back to back on one
+    # channel so that it is still running when they are made (three separate TLS dials + AddRequests outlasted a
+    # 150-token busy once in CI, and the then idle l3 rightly got a request)
+    await add_request(llumlets[3].address, "busy", sink.server.address, 200, BUSY_TOKENS)
     await wait_until(lambda: listed_at_leader(leader.leader_address, "l3", ["busy"]), 5, "a report listing busy")
-    e_on = {f"e{i}": await submit(leader.leader_address, f"e{i}", sink.server.address, 32, 64) for i in range(3)}
+    async with dial(leader.leader_address, "frontend") as ch:
+        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
+        choices = {
+            f"e{i}": await stub.Dispatch(
+                scheduler_pb2.DispatchRequest(request_id=f"e{i}", num_prompt_tokens=32, max_tokens=64), timeout=2
+            )
+            for i in range(3)
+        }
+    assert not sink.event("busy").is_set(), "busy ended before the decisions were taken: the check below is void"
+    for rid, choice in choices.items():
+        await add_request(choice.grpc_address, rid, sink.server.address, 32, 64)
+    e_on = {rid: choice.instance_id for rid, choice in choices.items()}
     placed = Counter(e_on.values())
     # The busy instance gets none and the three spread. Not necessarily one per idle instance: on a loaded host (a
     # CI run, the shared etcd on TLS since d0ab9eb) an idle instance's report can lag and the leader then leaves it
@@ -174,7 +191,7 @@ async def test_dispatch_migration_and_leader_failover(
 
     # every request submitted around the scheduler finishes with every token exactly once
     for rid, n in [
-        ("busy", 150),
+        ("busy", BUSY_TOKENS),
         *((f"e{i}", 64) for i in range(3)),
         *((f"o{i}", 300) for i in range(8)),
         *((f"after{i}", 16) for i in range(4)),
