@@ -101,6 +101,12 @@ BAD_BODIES: list[tuple[bytes, str | None]] = [
     (_raw(f'{{"model": "{MODEL}", "prompt": "a", "max_tokens": 4, "stop": "{"x" * (MAX_STOP_CHARS + 1)}"}}'), "stop"),
     (_raw(f'{{"model": "{MODEL}", "prompt": [1, 4294967296], "max_tokens": 4}}'), "prompt"),
     (_raw(f'{{"model": "{MODEL}", "prompt": "a", "n": {10**400}}}'), "n"),
+    # equal to a default but not of its type: 0 == False, True == 1 (were accepted and silently ignored)
+    (_raw(f'{{"model": "{MODEL}", "prompt": "a", "max_tokens": 4, "logprobs": 0}}'), "logprobs"),
+    (_raw(f'{{"model": "{MODEL}", "prompt": "a", "max_tokens": 4, "best_of": true}}'), "best_of"),
+    (_raw(f'{{"model": "{MODEL}", "prompt": "a", "max_tokens": 4, "stream": true, "stream_options": false}}'), None),
+    # no max_tokens and no room left for a token: the prompt is at fault (the error named max_tokens)
+    (_raw(f'{{"model": "{MODEL}", "prompt": "{"w " * 2000}"}}'), "prompt"),
 ]
 
 
@@ -115,6 +121,23 @@ async def test_bad_payloads_get_400_with_an_openai_body_and_reach_no_instance(ra
             assert error["param"] == param
         assert stack.llumlets["i-1"].added == []
         assert_clean(stack)
+
+
+async def test_a_malformed_max_tokens_beside_max_completion_tokens_is_400() -> None:
+    """A chat body's ``max_completion_tokens`` supersedes ``max_tokens``; a malformed ``max_tokens`` was not checked."""
+    raw = json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": "abc",
+            "max_completion_tokens": 3,
+        }
+    ).encode()
+    async with running_stack([FakeLlumlet("i-1")]) as stack:
+        status, _, payload = await post(f"{stack.http.url}/v1/chat/completions", raw)
+        assert status == 400, payload
+        assert assert_openai_error(payload)["param"] == "max_tokens"
+        assert stack.llumlets["i-1"].added == []
 
 
 async def test_lone_surrogate_in_a_chat_message_is_400() -> None:
@@ -533,11 +556,29 @@ class _BigWordTokenizer(SimTokenizer):
         return "x" * (512 << 10) if token_id >= self.NUM_SPECIAL else ""
 
 
-async def test_a_client_that_stops_reading_is_dropped_and_its_request_aborted() -> None:
-    """500 never-reading streams held every slot: a stream whose client takes nothing for the idle timeout is
-    dropped, its request aborted on the instance and its slot freed, although the instance keeps producing."""
+# (idle_timeout, request_timeout): the idle timeout bounds a send to a client that reads nothing; so does the request's
+# deadline, also with the idle timeout off (before, the deadline ended and aborted the request but the handler stayed
+# in its send, holding the slot until TCP gave up).
+NOT_READING_LIMITS = [(1.0, None), (None, 1.0)]
+
+
+async def wait_inflight_zero(stack: Stack, timeout: float = 8.0) -> None:
+    deadline = time.monotonic() + timeout
+    while stack.frontend.inflight and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(("idle_timeout", "request_timeout"), NOT_READING_LIMITS)
+async def test_a_client_that_stops_reading_is_dropped_and_its_request_aborted(
+    idle_timeout: float | None, request_timeout: float | None
+) -> None:
+    """500 never-reading streams held every slot: a stream whose client takes nothing for the idle timeout (or past
+    the request's deadline) is dropped, its request aborted on the instance and its slot freed, although the instance
+    keeps producing."""
     llumlet = FakeLlumlet("i-1", delay=0.05, messy=False)
-    async with running_stack([llumlet], tokenizer=_BigWordTokenizer(), idle_timeout=1.0) as stack:
+    async with running_stack(
+        [llumlet], tokenizer=_BigWordTokenizer(), idle_timeout=idle_timeout, request_timeout=request_timeout
+    ) as stack:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
@@ -551,20 +592,20 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_request_aborted() 
             # Never read: 200 tokens at 50 ms would take 10 s; the abort must come well before the end.
             await asyncio.wait_for(llumlet.aborted_event.wait(), 8)
             assert llumlet.aborted == [llumlet.added[0].request_id]
-            for _ in range(200):
-                if stack.frontend.inflight == 0:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_inflight_zero(stack)
             assert_clean(stack)
         finally:
             writer.close()
 
 
-async def test_a_grpc_client_that_stops_reading_is_dropped_and_its_request_aborted() -> None:
+@pytest.mark.parametrize(("idle_timeout", "request_timeout"), NOT_READING_LIMITS)
+async def test_a_grpc_client_that_stops_reading_is_dropped_and_its_request_aborted(
+    idle_timeout: float | None, request_timeout: float | None
+) -> None:
     llumlet = FakeLlumlet("i-1", delay=0.05, messy=False)
     big = _BigWordTokenizer()
     async with (
-        running_stack([llumlet], tokenizer=big, idle_timeout=1.0) as stack,
+        running_stack([llumlet], tokenizer=big, idle_timeout=idle_timeout, request_timeout=request_timeout) as stack,
         grpc.aio.insecure_channel(stack.grpc.address) as channel,
     ):
         call = frontend_pb2_grpc.FrontendServiceStub(channel).Generate(
@@ -573,10 +614,7 @@ async def test_a_grpc_client_that_stops_reading_is_dropped_and_its_request_abort
         # Never read: 200 tokens at 50 ms would take 10 s; the abort must come well before the end.
         await asyncio.wait_for(llumlet.aborted_event.wait(), 8)
         assert llumlet.aborted == [llumlet.added[0].request_id]
-        for _ in range(200):
-            if stack.frontend.inflight == 0:
-                break
-            await asyncio.sleep(0.01)
+        await wait_inflight_zero(stack)
         assert_clean(stack)
         call.cancel()
 

@@ -117,6 +117,29 @@ def test_stop_string_spanning_tokens_truncates_and_calls_on_stop() -> None:
     assert req.num_received == 3 and stopped == ["r"]
 
 
+@pytest.mark.parametrize("per_push", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("finished_in_push", [False, True])
+def test_a_stop_string_inside_a_multi_token_push_ends_at_the_token_that_completes_it(
+    per_push: int, finished_in_push: bool
+) -> None:
+    """A llumlet's pusher merges up to ``stream_interval`` steps into one output. Before, a stop string completed
+    inside it counted (and showed, as ids) every token of the output: ``completion_tokens`` depended on batching."""
+    ids = list(range(100, 108))
+    words = [TOK.word(t) for t in ids]
+    stop = words[3][-2:] + words[4][:2]  # completed by the fifth token
+    req = TrackedRequest("r", [5], TOK.detokenizer([5]), stop=[stop])
+    for start in range(0, len(ids), per_push):
+        chunk = ids[start : start + per_push]
+        last = start + len(chunk) >= len(ids)
+        reason = LENGTH if last else common_pb2.FINISH_REASON_UNSPECIFIED
+        req.accept(out(start, chunk, finished=finished_in_push and last, reason=reason))
+    assert req.finished and req.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert req.text == "".join(words[:3]) + words[3][:-2]
+    deltas = drain(req)
+    assert "".join(d.text for d in deltas) == req.text
+    assert req.num_received == 5 and [t for d in deltas for t in d.token_ids] == ids[:5]
+
+
 def test_text_that_may_start_a_stop_string_is_held_back() -> None:
     word = TOK.word(100)
     req = TrackedRequest("r", [5], TOK.detokenizer([5]), stop=[word + "!"])

@@ -517,7 +517,12 @@ class Frontend:
             raise InvalidRequestError("prompt is empty", param="prompt")
         max_tokens = s.max_tokens
         if inp.fill_max_tokens and max_tokens <= 0:
-            max_tokens = max(1, self.max_model_len - len(prompt_ids))
+            if len(prompt_ids) >= self.max_model_len:  # no room for a token: the prompt is at fault, not max_tokens
+                raise InvalidRequestError(
+                    f"the prompt has {len(prompt_ids)} tokens; the model's maximum length is {self.max_model_len}",
+                    param="prompt",
+                )
+            max_tokens = self.max_model_len - len(prompt_ids)
         if len(prompt_ids) + max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's maximum length"

@@ -342,23 +342,24 @@ class HttpApi:
             }
         )
         writer = await response.prepare(request)
-        idle = self.frontend.idle_timeout
         transport = request.transport
 
         async def write(data: bytes, *, eof: bool = False) -> None:
-            # A client that takes nothing for the idle timeout holds a slot for nothing: it is dropped like one that
-            # left. A write can block only once the socket's buffer is past its high-water mark, so the timer is armed
-            # only when something is still buffered (a client behind): no timer per token for one that keeps up.
+            # A client that takes nothing for the idle timeout (or past the request's deadline) holds a slot for
+            # nothing: it is dropped like one that left (``TrackedRequest.send_limit``). A write can block only once
+            # the socket's buffer is past its high-water mark, so the timer is armed only when something is still
+            # buffered (a client behind): no timer per token for one that keeps up.
             # ``eof``: ``data`` ends the body (written with the chunked terminator, one send).
             send = response.write_eof if eof else response.write
             if transport is not None and transport.get_write_buffer_size() == 0 and len(data) < _UNTIMED_WRITE_BYTES:
                 await send(data)
                 return
+            limit, why = tracked.send_limit()
             try:
-                async with asyncio.timeout(idle):
+                async with asyncio.timeout(limit):
                     await send(data)
             except TimeoutError:
-                log.warning("request %s: client took no output for %gs; dropping it", tracked.request_id, idle)
+                log.warning("request %s: %s; dropping it", tracked.request_id, why)
                 if request.transport is not None:
                     request.transport.abort()
                 raise ConnectionResetError("client not reading") from None

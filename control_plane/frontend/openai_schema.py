@@ -54,6 +54,12 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _is_default(value: object, allowed: tuple[Any, ...]) -> bool:
+    """``value`` is one of ``allowed`` by type as well as value: ``0 == False`` and ``True == 1`` in Python, but
+    ``"logprobs": 0`` asks for the sampled token's logprob and ``"best_of": true`` is no count."""
+    return any(value == a and type(value) is type(a) for a in allowed)
+
+
 MAX_JSON_DEPTH = 32
 # A JSON escape of a UTF-16 surrogate: the only way a lone surrogate gets into a parsed body (UTF-8 cannot carry one).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -235,7 +241,7 @@ def parse_request(
     if not isinstance(body, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     for key, allowed in _UNSUPPORTED.items():
-        if key in body and body[key] not in allowed:
+        if key in body and not _is_default(body[key], allowed):
             raise InvalidRequestError(f"{key} is not supported by this server", param=key)
     if _integer(body, "n", 1, INT64) != 1:
         raise InvalidRequestError("only n=1 is supported", param="n")
@@ -247,6 +253,8 @@ def parse_request(
         own = getattr(tokenizer, "render_chat", None)
         prompt = (own(body["messages"]) if own is not None else None) or prompt
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    if key != "max_tokens":
+        _integer(body, "max_tokens", 0)  # superseded, but a malformed one is still an error
     # Omitted: 0 here, filled in by the frontend from the prompt's token count ("up to the model's maximum length").
     max_tokens = _integer(body, key, 0)
     if body.get(key) is not None and max_tokens <= 0:
@@ -290,7 +298,8 @@ def parse_request(
     if body.get("priority") is not None:
         priority = parse_priority(body["priority"], "priority")
     stream = _boolean(body, "stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise InvalidRequestError("stream_options must be an object", param="stream_options")
     include_usage = _boolean(options, "include_usage")

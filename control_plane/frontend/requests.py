@@ -37,6 +37,8 @@ ABORT = common_pb2.FINISH_REASON_ABORT
 ERROR = common_pb2.FINISH_REASON_ERROR
 # Final outputs that end a request whatever its token count (the scheduler's "instance lost" notice has no index).
 _TERMINAL_ANYWHERE = (ABORT, ERROR)
+# Seconds a send to the client may still block once the request's deadline has passed (its final error's send).
+SEND_GRACE_S = 2.0
 
 
 def _failure(pattern: str) -> list[int]:
@@ -217,23 +219,42 @@ class TrackedRequest:
         self.num_received += len(new)
         if new and self.first_token_time is None:
             self.first_token_time = time.time()
-        text = self.detokenizer.add(new) if new else ""
-        if output.finished:
-            text += self.detokenizer.flush()
-        if self._matcher is not None:
-            hit = self._matcher.feed(text)
-            if hit is not None:
-                # By the hold-back rule the stop string starts in the pending tail or in ``text``, never earlier.
-                self._pending = (self._pending + text)[: max(0, len(self._pending) + hit)]
-                self._finish(new, first, STOP, "")
-                if self.on_stop is not None:
-                    self.on_stop(self)
+        matcher = self._matcher
+        if matcher is not None and len(new) > 1:
+            # One pushed output may carry several steps' tokens: a stop string completed inside it ends the request at
+            # the token that completed it, so the count and the ids shown do not depend on how outputs were batched.
+            for k, token in enumerate(new):
+                text = self.detokenizer.add((token,))
+                if output.finished and k == len(new) - 1:
+                    text += self.detokenizer.flush()
+                if self._stopped(matcher, text, new[: k + 1], first):
+                    return
+                self._pending += text
+        else:
+            text = self.detokenizer.add(new) if new else ""
+            if output.finished:
+                text += self.detokenizer.flush()
+            if matcher is not None and self._stopped(matcher, text, new, first):
                 return
-        self._pending += text
+            self._pending += text
         if output.finished:
             self._finish(new, first, output.finish_reason, output.error)
             return
         self._emit(new, first, held=self._matcher.partial if self._matcher is not None else 0)
+
+    def _stopped(self, matcher: StopMatcher, text: str, new: list[int], first: int) -> bool:
+        """Feeds ``text`` (the text of ``new``, the tokens from index ``first`` so far) to the stop matcher; on a hit
+        ends the request there (STOP, tokens counted up to ``new``'s last) and lets ``on_stop`` abort it."""
+        hit = matcher.feed(text)
+        if hit is None:
+            return False
+        # By the hold-back rule the stop string starts in the pending tail or in ``text``, never earlier.
+        self._pending = (self._pending + text)[: max(0, len(self._pending) + hit)]
+        self.num_received = first + len(new)
+        self._finish(new, first, STOP, "")
+        if self.on_stop is not None:
+            self.on_stop(self)
+        return True
 
     def _emit(self, new: list[int], first: int, held: int) -> None:
         if held:
@@ -295,6 +316,21 @@ class TrackedRequest:
             limit, why = self.idle_timeout - (now - self._last_heard), f"no output for {self.idle_timeout:g}s"
         if self.deadline is not None and (limit is None or self.deadline - now < limit):
             limit, why = self.deadline - now, "the request's deadline passed"
+        return limit, why
+
+    def send_limit(self) -> tuple[float | None, str]:
+        """How long one send of this request's output to its client may block (None: no bound), and why it ended.
+
+        The idle timeout bounds a client that takes nothing (it holds a slot for nothing). A deadline bounds it too:
+        when it passes, the request ends and its engine work is aborted, and a handler stuck in a send to a client that
+        reads nothing would otherwise keep the request's in-flight slot (with the idle timeout off: until TCP gives
+        up). Past the deadline the final error's send still gets ``SEND_GRACE_S``."""
+        limit: float | None = self.idle_timeout
+        why = f"client took no output for {self.idle_timeout:g}s" if self.idle_timeout is not None else ""
+        if self.deadline is not None:
+            left = max(0.0, self.deadline - time.monotonic()) + SEND_GRACE_S
+            if limit is None or left < limit:
+                limit, why = left, "the request's deadline passed while its client took no output"
         return limit, why
 
     async def _next(self) -> Delta:

@@ -57,7 +57,6 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
         )
         inp = GenerationInput(prompt, request.sampling, request.priority, request.request_id, request.model)
         timed_out = ""
-        idle = self.frontend.idle_timeout
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         try:
@@ -76,8 +75,14 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
                         reply.usage.prompt_tokens = tracked.num_prompt_tokens
                         reply.usage.completion_tokens = tracked.num_received
                     # The send happens while this generator is suspended at ``yield``, in this task: a client that
-                    # reads nothing (flow control stalls the send) would otherwise hold its slot forever.
-                    watchdog = loop.call_later(idle, self._drop, task, tracked.request_id) if idle and task else None
+                    # reads nothing (flow control stalls the send) would otherwise hold its slot forever. Bounded by
+                    # the idle timeout and the request's deadline (``TrackedRequest.send_limit``).
+                    limit, why = tracked.send_limit()
+                    watchdog = (
+                        loop.call_later(limit, self._drop, task, tracked.request_id, why)
+                        if limit is not None and task
+                        else None
+                    )
                     try:
                         yield reply
                     finally:
@@ -95,10 +100,8 @@ class FrontendServicer(frontend_pb2_grpc.FrontendServiceServicer):
             context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
             context.set_details(timed_out)
 
-    def _drop(self, task: asyncio.Task[Any], request_id: str) -> None:
-        log.warning(
-            "Generate %s: client took no output for %gs; cancelling the call", request_id, self.frontend.idle_timeout
-        )
+    def _drop(self, task: asyncio.Task[Any], request_id: str, why: str) -> None:
+        log.warning("Generate %s: %s; cancelling the call", request_id, why)
         task.cancel()
 
     async def Abort(
