@@ -10,6 +10,7 @@ shutdown (``bench peers``, ``serve``). A real error in a stream's handler is sti
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
@@ -21,6 +22,7 @@ from tests.test_frontend_fakes import running_stack
 
 GRACE_S = 30.0  # the stop must not wait for it: the stream is ended at once
 DEADLINE_S = 15.0
+BATCHES = 100  # of ~200 KiB of replies each: more than grpc buffers for a reader that reads none
 
 
 class PushStream:
@@ -125,3 +127,47 @@ async def test_a_stream_opened_while_the_frontend_stops_is_ended_at_once_and_not
         finally:
             await late.close()
         assert servicer.streams == 1
+
+
+async def test_a_stream_whose_reply_is_being_written_when_the_frontend_stops_still_ends_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``end_streams`` cancelled every stream's task. One suspended in grpc's write of a reply (this handler's generator
+    parked at ``yield``) took the cancel in grpc's own frames: the handler ended with no status, the stream stayed
+    open and the stop waited out its whole grace ("task cancellation failed" in a CI run, where that stop is bounded
+    by ``DEADLINE_S``). Here the pusher reads no replies until the stop has begun, so flow control holds the sink's
+    write of a large one (every id unknown)."""
+    caplog.set_level(logging.INFO)
+    async with running_stack([]) as stack:
+        servicer = stack.grpc.sink_servicer
+        assert servicer is not None
+        stream = PushStream(stack.frontend.sink_address)
+        try:
+            outputs = [
+                common_pb2.RequestOutput(request_id=f"nobody-{i:04d}-{'x' * 200}", token_ids=[5]) for i in range(1000)
+            ]
+            batch = frontend_pb2.PushOutputsRequest(instance_id="i-0", outputs=outputs)
+            for seq in range(1, BATCHES + 1):
+                await stream.outbox.put(
+                    frontend_pb2.StreamOutputsRequest(seq=seq, pusher_id=1, batch=batch, ack_requested=True)
+                )
+            seen = -1
+            while seen != servicer.pushes:  # until the sink stops applying: it is blocked in a write
+                seen = servicer.pushes
+                await asyncio.sleep(0.3)
+            assert 0 < seen < BATCHES, f"the sink applied {seen} of {BATCHES} batches: it never blocked writing"
+
+            async def read_later() -> None:
+                await asyncio.sleep(0.5)  # the stop has begun
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    while await stream.call.read() is not grpc.aio.EOF:
+                        pass
+
+            reader = asyncio.create_task(read_later())
+            await asyncio.wait_for(stack.grpc.stop(GRACE_S), DEADLINE_S)
+            await asyncio.wait_for(reader, DEADLINE_S)
+        finally:
+            await stream.close()
+    await cancel_leftover_tasks()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not errors, [r.getMessage() for r in errors]

@@ -145,6 +145,8 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         self._warned_insecure = False
         # The open push streams' handler tasks, and whether the frontend is stopping (see ``end_streams``).
         self._stream_tasks: set[asyncio.Task[Any]] = set()
+        # Of those, the ones whose reply grpc is writing (see ``StreamOutputs``): not cancelled, they end after it.
+        self._writing: set[asyncio.Task[Any]] = set()
         self._ending = False
 
     def ending(self) -> bool:
@@ -158,7 +160,8 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         self._ending = True
         tasks = [t for t in self._stream_tasks if not t.done()]
         for task in tasks:
-            task.cancel()
+            if task not in self._writing:
+                task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
 
@@ -200,7 +203,16 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         self._stream_tasks.add(task)
         try:
             async for reply in serve_output_stream(request_iterator, apply, self.applied, pusher):
-                yield reply
+                # grpc writes the reply in its own frames, with this generator suspended: a cancel landing there
+                # escapes this handler (grpc swallows it and sends no status, and the server's stop then waits out its
+                # whole grace). So ``end_streams`` leaves a writing stream alone, and it ends here once written.
+                self._writing.add(task)
+                try:
+                    yield reply
+                finally:
+                    self._writing.discard(task)
+                if self.ending():
+                    return
         except asyncio.CancelledError:
             if not self.ending():
                 raise
