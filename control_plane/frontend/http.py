@@ -8,7 +8,8 @@ the scheduler leader or the registry bypass has an instance; else 503 with ``{"s
 
 Priority: the body field ``"priority": "normal" | "high"`` or the header ``X-Llumnix-Priority: normal | high``; when
 both are given the body wins. Request id: an optional ``X-Request-Id`` header names the request (409 if in use); every
-response carries ``X-Request-Id``, which the abort route takes. ``n`` must be 1. Errors are OpenAI-style bodies
+response to a request this frontend took on carries ``X-Request-Id`` (its error responses too: a 504 or 500 names the
+request a client may look up or abort), which the abort route takes. ``n`` must be 1. Errors are OpenAI-style bodies
 ``{"error": {"message", "type", "param", "code"}}``: malformed input 400, unknown model or request 404, a body that
 does not arrive within the body timeout 408 (the connection is then closed), id in use 409, a body or prompt over the
 size caps 413, this frontend's in-flight limit (a request counts from before its body is read), too many large bodies
@@ -68,6 +69,8 @@ PUBLIC_PATHS = ("/livez", "/readyz", "/health", "/metrics", "/get_load")
 
 PRIORITY_HEADER = "X-Llumnix-Priority"
 REQUEST_ID_HEADER = "X-Request-Id"
+# The id of the request a handler took on, kept on the aiohttp request for ``openai_errors``' error responses.
+_TRACKED_ID = web.RequestKey("llumnix.request_id", str)
 # 0: the body cap follows the prompt cap (``body_cap``), instead of a flat few MiB no valid request needs.
 DEFAULT_MAX_BODY_BYTES = 0
 MIN_BODY_BYTES = 1 << 20
@@ -115,7 +118,11 @@ async def openai_errors(request: web.Request, handler: _Handler) -> web.StreamRe
     try:
         return await handler(request)
     except FrontendError as exc:
-        return frontend_error_response(exc)
+        response = frontend_error_response(exc)
+        request_id = request.get(_TRACKED_ID)
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -294,6 +301,7 @@ class HttpApi:
         # A W3C traceparent header makes the request's trace a child of the caller's (tracing on only).
         with tracing.activated(tracing.extract(request.headers)):
             async with self.frontend.open(parsed.inp, owner=api_key_of(request)) as tracked:
+                request[_TRACKED_ID] = tracked.request_id
                 if parsed.stream:
                     return await self._stream(request, parsed, tracked)
                 return await self._complete(parsed, tracked)
