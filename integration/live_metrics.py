@@ -77,6 +77,9 @@ def start_serve(launcher: Launcher) -> Component:
 
 N_REQUESTS = 4
 MAX_TOKENS = 12
+# The migrated stream: long enough (~12-20 s on llama-7b-a10) to still run after the llmctl calls that find and move it
+# on a loaded host.
+MIGRATED_TOKENS = 400
 
 
 def drive(serve: Component) -> None:
@@ -87,7 +90,7 @@ def drive(serve: Component) -> None:
             model="llama-7b-a10", prompt=f"metrics request {i}", max_tokens=MAX_TOKENS, temperature=0
         )
         assert reply.choices[0].finish_reason == "length"
-    stream = Stream(serve, "metrics-mig", "The quick brown fox jumps", 250, 7)
+    stream = Stream(serve, "metrics-mig", "The quick brown fox jumps", MIGRATED_TOKENS, 7)
     stream.start()
     assert stream.started.wait(30)
     source = instance_of(serve, "metrics-mig")

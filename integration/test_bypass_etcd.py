@@ -21,7 +21,7 @@ from pyllumnix.infra.etcd.registry import InstanceRegistry
 
 pytestmark = pytest.mark.integration
 
-N = 48  # tokens per request
+N = 300  # tokens per request (~0.65 s on tiny): a burst's requests all run at once, also on a loaded host
 
 
 def start_llumlet(procs: Processes, etcd: EmbeddedEtcd, cluster: str, iid: str) -> Component:

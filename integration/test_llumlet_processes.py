@@ -19,6 +19,9 @@ from pyllumnix.tools.recording_sink import RecordingSink
 pytestmark = pytest.mark.integration
 
 
+LONG_TOKENS = 400
+
+
 def engine_request(rid: str, sink: str, prompt_len: int = 20, max_tokens: int = 16) -> common_pb2.EngineRequest:
     return common_pb2.EngineRequest(
         request_id=rid,
@@ -80,7 +83,9 @@ async def test_two_llumlets_register_serve_and_expire(
                 assert load.free_blocks == load.total_blocks and load.num_running == 0
 
             # bad input is refused with the right status and disturbs nothing
-            long_req = engine_request("long", sink.server.address, max_tokens=40)
+            # 400 tokens (~0.85 s on tiny): still in the engine for the duplicate below (the sim engine forgets a
+            # finished id, and 40 tokens could end first on a loaded host)
+            long_req = engine_request("long", sink.server.address, max_tokens=LONG_TOKENS)
             await stubs[0].AddRequest(llumlet_pb2.AddRequestRequest(request=long_req), timeout=5)
             bad = [
                 (engine_request("long", sink.server.address), grpc.StatusCode.ALREADY_EXISTS),
@@ -99,7 +104,7 @@ async def test_two_llumlets_register_serve_and_expire(
                 await stubs[0].AbortRequest(llumlet_pb2.AbortRequestRequest(request_id="nope"), timeout=5)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
             await sink.wait("long")
-            assert sink.raw_indices("long") == list(range(40))
+            assert sink.raw_indices("long") == list(range(LONG_TOKENS))
 
         # SIGKILL: no deregistration, the lease (TTL 1 s) expires and the entry disappears
         b.kill()

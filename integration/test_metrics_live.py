@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from integration.cluster import add_request, dial, etcd_urls, get_load, http_headers, leader_of
-from integration.live_metrics import MAX_TOKENS, N_REQUESTS, Scrape, live
+from integration.live_metrics import MAX_TOKENS, MIGRATED_TOKENS, N_REQUESTS, Scrape, live
 from pyllumnix.infra.etcd.embedded import EmbeddedEtcd
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, config_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.launch import Component, Launcher
@@ -201,7 +201,9 @@ async def cluster_metrics(
     await add_request(l0.address, "a0", sink.server.address, 1000, 3000)
     await add_request(l1.address, "a1", sink.server.address, A1_PROMPT, 2000)
     await until(lambda: _has_tokens(sink, "a1"), "a1 to start")
-    await add_request(l1.address, "b1", sink.server.address, B1_PROMPT, 20)
+    # 150 tokens (~4.5 s): b1 must still run when its migration (24 MiB of KV through the leader) starts after its
+    # first token; with 20 (~0.6 s) a loaded host could finish it first
+    await add_request(l1.address, "b1", sink.server.address, B1_PROMPT, 150)
 
     def loaded(s: Samples) -> bool:
         return (
@@ -317,7 +319,7 @@ def test_serve_exports_vllm_series_with_sane_values(live: tuple[Component, Scrap
         usage = [v for (n, _), v in samples.items() if n == "vllm:kv_cache_usage_perc"]
         assert usage and all(0.0 <= u <= 1.0 for u in usage)
     requests = N_REQUESTS + 1  # the migrated stream finished once, on its destination
-    tokens = N_REQUESTS * MAX_TOKENS + 250
+    tokens = N_REQUESTS * MAX_TOKENS + MIGRATED_TOKENS
     assert sum(s.values("llumlet", "vllm:num_requests_running")) == 0
     assert sum(s.values("llumlet", "vllm:num_requests_waiting")) == 0
     # every token counted once, on the instance that produced it, also across the migration

@@ -164,6 +164,9 @@ def unmigrated_tokens(prompt: list[int], max_tokens: int, seed: int) -> list[int
     return tokens
 
 
+MAX_TOKENS = 400  # prompt 100 + 400 fits the tiny profile's max_model_len of 512
+
+
 @pytest.mark.parametrize("transport", ["tcp", "ucx"])
 async def test_migrated_kv_bytes_and_tokens_match_across_processes(
     procs: Launcher, sink: RecordingSink, transport: str
@@ -181,7 +184,9 @@ async def test_migrated_kv_bytes_and_tokens_match_across_processes(
         stub = llumlet_pb2_grpc.LlumletServiceStub(ch)
         for progress in (1, 40, 150):
             rid = f"r{progress}"
-            await add_request(a.address, rid, sink.server.address, 100, 250)
+            # 400 tokens (~0.85 s on tiny): at 150 there is time left for MigrateOut's stages on a loaded host (with
+            # 250, ~0.2 s was left, and the request could end first)
+            await add_request(a.address, rid, sink.server.address, 100, MAX_TOKENS)
             while len(sink.tokens(rid)) < progress:
                 await asyncio.sleep(0.002)
             reply = await stub.MigrateOut(
@@ -199,8 +204,8 @@ async def test_migrated_kv_bytes_and_tokens_match_across_processes(
             downtimes.append(result.downtime_ms)
             await sink.wait(rid)
             prompt = [(i * 7 + len(rid)) % 200 + 1 for i in range(100)]
-            assert sink.tokens(rid) == unmigrated_tokens(prompt, 250, hash(rid) % 1000)
-            assert sink.raw_indices(rid) == list(range(250))
+            assert sink.tokens(rid) == unmigrated_tokens(prompt, MAX_TOKENS, hash(rid) % 1000)
+            assert sink.raw_indices(rid) == list(range(MAX_TOKENS))
             assert {o.instance_id for o in sink.outputs[rid]} == {"a", "b"}
     for comp in (a, b):
         load = await get_load(comp.address)

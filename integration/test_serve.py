@@ -278,7 +278,8 @@ def test_llmctl_instances_and_migrate(cluster: Component) -> None:
     assert llmctl(cluster, "migrate", "nope", "--to", "instance-0").returncode == 1
 
     # llmctl migrate: a streaming request moves; its text equals an unmigrated run's (no gap, no duplicate)
-    prompt, n, seed = "The quick brown fox jumps", 250, 42
+    # 400 tokens: the stream still runs after the llmctl calls that find and move it, also on a loaded host
+    prompt, n, seed = "The quick brown fox jumps", 400, 42
     expected = reference(cluster, prompt, n, seed)
     stream = Stream(cluster, "mig-1", prompt, n, seed)
     stream.start()
@@ -423,7 +424,7 @@ def test_leader_killed_under_continuous_load(cluster: Component) -> None:
     ]
     assert sum(1 for r in after_kill if r[2] == "ok") >= 6, "requests stopped finishing after the kill"
     assert longest_gap < 5.0, f"no request finished for {longest_gap:.2f} s"
-    assert took < 2.0, f"takeover took {took:.2f} s (design: within 3 s)"
+    assert took <= 3.0, f"takeover took {took:.2f} s (design: within 3 s)"
     new_leader = llmctl_json(cluster, "leader")
     assert new_leader["leader_id"] == standby["name"]
     # serve restarts the killed replica (same address); it rejoins as a standby

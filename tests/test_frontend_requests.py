@@ -168,10 +168,11 @@ def test_tracker_ids_are_unique_and_unknown_ids_are_reported() -> None:
 
 async def test_outputs_without_tokens_keep_a_request_alive_and_silence_ends_it() -> None:
     ended: list[str] = []
-    req = TrackedRequest("r", [5], TOK.detokenizer([5]), idle_timeout=0.3, on_stop=lambda r: ended.append("abort"))
+    # idle 0.6 s against a beat every 0.1 s: only a stall of this loop of ~0.5 s (a loaded CI host) could end it
+    req = TrackedRequest("r", [5], TOK.detokenizer([5]), idle_timeout=0.6, on_stop=lambda r: ended.append("abort"))
 
     async def heartbeat() -> None:
-        for _ in range(6):  # 0.6 s of outputs with no new tokens (a queued request), then its only token
+        for _ in range(15):  # 1.5 s of outputs with no new tokens (a queued request), then its only token
             await asyncio.sleep(0.1)
             req.accept(out(0, []))
         req.accept(out(0, [100], finished=True, reason=LENGTH))

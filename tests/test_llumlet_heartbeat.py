@@ -21,7 +21,7 @@ from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_g
 from pyllumnix.tools.recording_sink import RecordingSink
 from tests.test_frontend_fakes import StaticDispatcher, running_stack
 
-IDLE_TIMEOUT_S = 0.6
+IDLE_TIMEOUT_S = 1.2  # heartbeats every 0.3 s: only a stall of ~0.9 s could end the queued request
 
 
 async def test_a_request_queued_past_the_idle_timeout_is_kept_alive_and_then_served() -> None:
