@@ -43,6 +43,13 @@ def test_defrag_pairs_most_loaded_with_least_loaded() -> None:
     ]
 
 
+def test_an_avoided_instance_is_no_destination_and_the_next_freest_takes_its_place() -> None:
+    """The scheduler's back-off of a destination that refused: the most loaded source goes to the next freest."""
+    assert pair_instances(cluster(), CFG, avoid={"d2"}) == [MigrateOrder("x", "d1", Selection.SR, 800)]
+    assert pair_instances(cluster(), CFG, avoid={"d1", "d2"}) == []
+    assert pair_instances(cluster(), CFG, avoid={"s1"}) == pair_instances(cluster(), CFG), "a source stays a source"
+
+
 def test_without_defrag_the_queue_does_not_count() -> None:
     # s1 becomes 20/10 = 2 (still a source); s3 (500/5 = 100) is a source only through its preemption.
     cfg = PolicyConfig(enable_defrag=False, selection=Selection.LCR)

@@ -158,7 +158,7 @@ async def test_step_down_cancels_the_orders_of_a_pairing_round_still_in_flight()
     log: list[str] = []
     replica, election = make_replica(("a", "b", "c"), log)
     orders = [MigrateOrder("a", "c", Selection.SR), MigrateOrder("b", "c", Selection.SR)]
-    replica.core.pair = lambda snapshot: orders  # type: ignore[method-assign]
+    replica.core.pair = lambda snapshot, avoid=(): orders  # type: ignore[method-assign]
     lead = asyncio.create_task(replica._lead())
     await wait_until(lambda: len(log) >= 2)  # both orders sent, both waiting for their migration's end
     assert sorted(log) == ["migrate-out a", "migrate-out b"]
@@ -176,7 +176,7 @@ async def test_a_pairing_round_during_which_leadership_is_lost_sends_nothing() -
     log: list[str] = []
     replica, election = make_replica(("a", "c"), log)
 
-    def pair_then_lose(snapshot: Any) -> list[MigrateOrder]:
+    def pair_then_lose(snapshot: Any, avoid: Any = ()) -> list[MigrateOrder]:
         election.leadership.step_down()  # the lease is lost while the round decides
         return [MigrateOrder("a", "c", Selection.SR)]
 
@@ -209,7 +209,7 @@ async def test_a_drained_instance_is_stopped_once_while_leading() -> None:
     replica, election = make_replica(("d",), log, drained_stop_after=0.2)
     provider = FakeProvider(replica, log)
     replica.provider = cast(Any, provider)
-    replica.core.pair = lambda snapshot: []  # type: ignore[method-assign]
+    replica.core.pair = lambda snapshot, avoid=(): []  # type: ignore[method-assign]
     replica.report(common_pb2.InstanceLoad(instance_id="d", seq=1, state=common_pb2.INSTANCE_STATE_DRAINING))
     lead = asyncio.create_task(replica._lead())
     try:
@@ -229,7 +229,7 @@ async def test_a_drained_instance_is_not_stopped_by_a_replica_that_stepped_down(
     replica.provider = cast(Any, FakeProvider(replica, log))
     rounds: list[int] = []
 
-    def count_round(snapshot: Any) -> list[MigrateOrder]:
+    def count_round(snapshot: Any, avoid: Any = ()) -> list[MigrateOrder]:
         rounds.append(1)
         return []
 
@@ -356,7 +356,7 @@ async def test_automatic_scaling_counts_an_instance_between_its_registration_and
     replica, election = make_replica(("a", "b"), log)
     replica.provider = cast(Any, FakeProvider(replica, log))
     replica.core.reconfigure(dataclasses.replace(replica.core.config, enable_scaling=True, min_instances=2))
-    replica.core.pair = lambda snapshot: []  # type: ignore[method-assign]
+    replica.core.pair = lambda snapshot, avoid=(): []  # type: ignore[method-assign]
     assert replica.report(active_load("a"))  # b has registered but not reported
     counts: list[int] = []
     decide = replica.core.scale

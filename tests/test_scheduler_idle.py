@@ -25,7 +25,7 @@ def counting(replica: SchedulerReplica, orders: list[MigrateOrder] | None = None
     """Replaces the policy's pairing by one that records each round's snapshot and answers ``orders`` (or nothing)."""
     rounds: list[Any] = []
 
-    def pair(snapshot: Any) -> list[MigrateOrder]:
+    def pair(snapshot: Any, avoid: Any = ()) -> list[MigrateOrder]:
         rounds.append(snapshot)
         return list(orders or [])
 
@@ -86,7 +86,7 @@ async def test_a_leader_that_finds_pairs_keeps_its_period_and_an_order_ending_wa
         # No pair any more: one round, then quiet until the order in flight ends (its source is free again).
         rounds_then = len(rounds)
 
-        def no_pair(snapshot: Any) -> list[MigrateOrder]:
+        def no_pair(snapshot: Any, avoid: Any = ()) -> list[MigrateOrder]:
             rounds.append(snapshot)
             return []
 
@@ -121,7 +121,7 @@ async def test_a_new_config_wakes_an_idle_pairing_loop() -> None:
     assert replica.report(active_load("a"))
     configs: list[Any] = []
 
-    def pair(snapshot: Any) -> list[MigrateOrder]:
+    def pair(snapshot: Any, avoid: Any = ()) -> list[MigrateOrder]:
         configs.append(replica.core.config)
         return []
 

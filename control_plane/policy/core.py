@@ -6,6 +6,7 @@ Pure: decisions depend only on (config, seed, the sequence of calls); no I/O, no
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 
 from pyllumnix.control_plane.policy.config import PolicyConfig
 from pyllumnix.control_plane.policy.dispatch import DispatchPolicy, make_dispatch_policy
@@ -49,8 +50,9 @@ class PolicyCore:
         """Whether pairing orders migrations at all under the current config (see ``pairing.migration_active``)."""
         return migration_active(self._config)
 
-    def pair(self, snapshot: ClusterSnapshot) -> list[MigrateOrder]:
-        return pair_instances(snapshot, self._config)
+    def pair(self, snapshot: ClusterSnapshot, avoid: Collection[str] = frozenset()) -> list[MigrateOrder]:
+        """``avoid``: instances that are no destination this round (see ``pair_instances``)."""
+        return pair_instances(snapshot, self._config, avoid)
 
     def scale(self, snapshot: ClusterSnapshot, starting_count: int = 0) -> ScalingDecision:
         return decide_scaling(snapshot, self._config, starting_count)

@@ -12,6 +12,7 @@ pair (the paper's), "balanced" only those whose move narrows the freeness gap.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -81,7 +82,12 @@ def migration_active(config: PolicyConfig) -> bool:
     return config.enable_migration and (policy is None or policy.allows_migration)
 
 
-def pair_instances(snapshot: ClusterSnapshot, config: PolicyConfig) -> list[MigrateOrder]:
+def pair_instances(
+    snapshot: ClusterSnapshot, config: PolicyConfig, avoid: Collection[str] = frozenset()
+) -> list[MigrateOrder]:
+    """``avoid``: instances taken as no destination this round (the scheduler's back-off of destinations that refused
+    its recent orders: one that fails every migration without filling up stays the freest, so the most loaded source,
+    e.g. a draining one, was paired with it every round and never tried another)."""
     if not migration_active(config):
         return []
     keeps = PAIRING_REGISTRY[config.pairing_policy].keeps
@@ -99,7 +105,7 @@ def pair_instances(snapshot: ClusterSnapshot, config: PolicyConfig) -> list[Migr
                 # headroom, so it would otherwise take the freest destinations first, and in a burst move its
                 # spilled normal requests onto the memory the queueing instances need.
                 sources.append(((v.holds_high, *most_loaded_first(f, v.instance_id)), v, f))
-        elif f > threshold and v.state == InstanceState.ACTIVE and not v.migrating_in:
+        elif f > threshold and v.state == InstanceState.ACTIVE and not v.migrating_in and v.instance_id not in avoid:
             dests.append((freest_first(f, v.instance_id), v, f))
     sources.sort(key=lambda t: t[0])
     dests.sort(key=lambda t: t[0])
@@ -110,11 +116,15 @@ def pair_instances(snapshot: ClusterSnapshot, config: PolicyConfig) -> list[Migr
         for (_, src, f_src), (_, dst, f_dst) in zip(sources, dests, strict=False)
         if (room := order_room(dst)) > 0 and keeps(src, dst, f_src, f_dst, config)
     ]
-    return orders + _spill_orders(snapshot, config, [v for _, v, _ in sources[len(dests) :]], orders)
+    return orders + _spill_orders(snapshot, config, [v for _, v, _ in sources[len(dests) :]], orders, avoid)
 
 
 def _spill_orders(
-    snapshot: ClusterSnapshot, config: PolicyConfig, unpaired: list[InstanceView], orders: list[MigrateOrder]
+    snapshot: ClusterSnapshot,
+    config: PolicyConfig,
+    unpaired: list[InstanceView],
+    orders: list[MigrateOrder],
+    avoid: Collection[str],
 ) -> list[MigrateOrder]:
     """Pairs the sources left without a destination whose queue is blocked (normal instances only) with instances
     holding high-priority work that have room above ``normal_spill_floor_blocks`` and the watermark (``spill_room``),
@@ -140,6 +150,7 @@ def _spill_orders(
         and not v.migrating_in
         and v.num_preempted == 0
         and v.instance_id not in busy
+        and v.instance_id not in avoid
         and (room := spill_room(v, floor)) > 0
     )
     out: list[MigrateOrder] = []

@@ -25,7 +25,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +83,10 @@ def restart_delay(failures_in_a_row: int) -> float:
 
 LLUMLET_CALL_TIMEOUT_S = 2.0
 MIGRATE_WAIT_TIMEOUT_S = 60.0
+# A destination that refused an order (ABORTED_BY_DESTINATION) is no destination for this long, doubling per refusal in
+# a row up to the cap; a commit into it clears it (see ``_pairing_loop``).
+REFUSED_BACKOFF_FIRST_S = 1.0
+REFUSED_BACKOFF_MAX_S = 30.0
 # A lost-instance notice: the frontend's sink reads the election from etcd before taking it (its client may spend up to
 # its 2.5 s retry budget when etcd is slow), so one attempt gets more than that, and a failed push (the frontend could
 # not read the leader, or timed out) is retried this long: a notice lost here is resent by nobody.
@@ -290,6 +294,8 @@ class SchedulerReplica:
         # the source answered with nothing started (nothing on it fits the room; the pairing cannot see that), not
         # sent again until one of the two reports a new load or the pairing makes a different order.
         self._futile_orders: dict[tuple[str, str], tuple[MigrateOrder, int, int]] = {}
+        # Destination -> (no destination until this monotonic time, its back-off): it refused the latest orders.
+        self._refused: dict[str, tuple[float, float]] = {}
         # The manual scale target, as stored in etcd (watched by every replica, so a new leader has it).
         self.scale_target: int | None = None
         self.vanished: dict[str, Vanished] = {}
@@ -563,6 +569,7 @@ class SchedulerReplica:
         self._stop_tasks.clear()
         self._order_in_flight.clear()
         self._futile_orders.clear()
+        self._refused.clear()
 
     async def resign_leader(self) -> tuple[int, float]:
         """Steps down now (the election key is deleted, a standby takes over at once) and stays out of the election
@@ -759,7 +766,8 @@ class SchedulerReplica:
             snapshot = self.cluster.snapshot(now)
             changed = self.cluster.changed
             changed.clear()  # whatever changes after this snapshot wakes the wait below
-            orders = self.core.pair(snapshot)
+            avoid = self._refusing(now)
+            orders = self.core.pair(snapshot, avoid)
             self.pairing_rounds += 1
             futile = 0
             for order in orders:
@@ -776,7 +784,28 @@ class SchedulerReplica:
                 self._spawn(self._order_migration(order, seqs), f"migrate-out-{order.source}")
             self._stop_drained()
             if futile == len(orders):  # no pair, or only orders that would be answered with nothing again
-                await changed.wait()
+                # ... until a refusing destination's back-off ends, when it may be paired again
+                until = min((self._refused[d][0] for d in avoid), default=None)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), None if until is None else max(0.0, until - now))
+
+    def _refusing(self, now: float) -> frozenset[str]:
+        """Destinations in their refusal back-off now (forgets those no longer registered)."""
+        refused = self._refused
+        for iid in [i for i in refused if i not in self.cluster.infos]:
+            del refused[iid]
+        return frozenset(iid for iid, (until, _) in refused.items() if until > now)
+
+    def _note_outcome(self, destination: str, results: Sequence[llumlet_pb2.MigrationResult]) -> None:
+        """A refusal puts ``destination`` in back-off (doubling); a commit into it ends its back-off."""
+        outcomes = {r.outcome for r in results}
+        if llumlet_pb2.MIGRATION_OUTCOME_COMMITTED in outcomes:
+            self._refused.pop(destination, None)
+        elif llumlet_pb2.MIGRATION_OUTCOME_ABORTED_BY_DESTINATION in outcomes:
+            _, backoff = self._refused.get(destination, (0.0, REFUSED_BACKOFF_FIRST_S / 2))
+            backoff = min(REFUSED_BACKOFF_MAX_S, 2 * backoff)
+            self._refused[destination] = (time.monotonic() + backoff, backoff)
+            log.info("migration destination %s refused; no destination for %.0f s", destination, backoff)
 
     def _load_seqs(self, order: MigrateOrder) -> tuple[int, int]:
         """The seq of the latest load taken from the order's source and destination (-1: none): a new seq is a changed
@@ -825,6 +854,7 @@ class SchedulerReplica:
                 self._futile_orders[order.source, order.destination] = (order, *seqs)
             for result in reply.results:
                 self._record_migration(result)
+            self._note_outcome(order.destination, reply.results)
         except (grpc.aio.AioRpcError, SchedulingError, NotLeaderError) as exc:
             log.debug("migrate-out order %s -> %s failed: %s", order.source, order.destination, exc)
         finally:
