@@ -32,6 +32,7 @@ from pyllumnix.infra.etcd.client import KeyValue
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.etcd.watch import EventType, WatchEvent
 from pyllumnix.infra.grpc_server import RunningServer, start_server
+from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
 
 DEADLINE_S = 10.0
@@ -796,3 +797,53 @@ async def test_a_new_leader_probes_a_recently_vanished_instance_more_than_once()
         await replica._stop_leader_tasks()
         await server.stop(None)
         slow.close()
+
+
+async def test_a_state_ordered_in_an_earlier_term_does_not_outlive_it() -> None:
+    """REVIEW17-2: this replica drains ``a`` and loses its term before a report confirms it; another leader undrains
+    ``a``; this replica leads again and ``a`` reports ACTIVE. Before, the old term's DRAINING override still won over
+    every report (it was dropped only by a report of the same state): no dispatch to ``a``, ever."""
+    log: list[str] = []
+    replica, election = make_replica(("a", "b"), log)
+    replica.leadership = cast(Any, election.leadership)
+    for iid in ("a", "b"):
+        assert replica.report(active_load(iid))
+    await replica.set_instance_state("a", InstanceState.DRAINING)
+    assert replica.cluster.overrides == {"a": InstanceState.DRAINING}
+    election.leadership.step_down()
+    await replica._stop_leader_tasks()
+    replica.leadership = cast(Any, FakeLeadership(revision=9))  # a later term of this replica
+    for iid in ("a", "b"):
+        assert replica.report(active_load(iid, seq=50))
+    await asyncio.sleep(0.05)  # the reports are folded into the snapshot in batches
+    snapshot = replica.cluster.snapshot(time.monotonic())
+    assert {v.instance_id: v.state for v in snapshot} == {"a": InstanceState.ACTIVE, "b": InstanceState.ACTIVE}
+    assert {replica.dispatch(f"r{i}", 0, 100, 10)[0] for i in range(4)} == {"a", "b"}
+
+
+class _Store:
+    """The scale-target store's ``put``, recorded."""
+
+    def __init__(self) -> None:
+        self.puts: list[int] = []
+
+    async def put(self, message: Any) -> None:
+        self.puts.append(message.target_instances)
+
+
+async def test_scale_to_zero_clears_the_manual_target_and_the_autoscaler_decides_again() -> None:
+    """REVIEW17-3: 0 was refused ("outside the range"), so after any manual scale the autoscaler stayed off (a set
+    target skips it) until someone deleted the etcd key by hand. The watch already read 0 as "no target"."""
+    log: list[str] = []
+    replica, election = make_replica(("a", "b"), log)
+    replica.leadership = cast(Any, election.leadership)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    store = _Store()
+    replica.scale_store = cast(Any, store)
+    for iid in ("a", "b"):
+        assert replica.report(active_load(iid))
+    assert await replica.scale_to(2) == (2, 2)
+    targets = [replica.scale_target]
+    assert await replica.scale_to(0) == (2, 0)
+    targets.append(replica.scale_target)
+    assert targets == [2, None] and store.puts == [2, 0]

@@ -341,6 +341,18 @@ class ClusterState:
         )
         return from_instance_load(load, state=state, healthy=healthy, dispatched=dispatched)
 
+    def clear_overrides(self, now: float) -> None:
+        """Forgets every state this leader ordered and no report confirmed yet (its term ended): a later term, its own
+        or another replica's, cannot know they still hold (another leader may have undrained the instance since), and
+        an override outlived its term for as long as the instance never reported that state (a drain in force for
+        ever: no dispatches, its requests migrated away)."""
+        for iid in list(self.overrides):
+            del self.overrides[iid]
+            load = self.loads.get(iid)
+            if load is not None:
+                self._pending[iid] = self._view(load, None, now, iid not in self._unhealthy)
+        self.changed.set()
+
     def set_override(self, instance_id: str, state: InstanceState, now: float) -> None:
         self.overrides[instance_id] = state
         load = self.loads.get(instance_id)

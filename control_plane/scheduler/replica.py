@@ -570,6 +570,7 @@ class SchedulerReplica:
         self._order_in_flight.clear()
         self._futile_orders.clear()
         self._refused.clear()
+        self.cluster.clear_overrides(time.monotonic())
 
     async def resign_leader(self) -> tuple[int, float]:
         """Steps down now (the election key is deleted, a standby takes over at once) and stays out of the election
@@ -886,6 +887,8 @@ class SchedulerReplica:
             load = self.cluster.loads.get(instance_id)
             if load is None or load.state != common_pb2.INSTANCE_STATE_DRAINING or load.requests:
                 return
+            if self.cluster.overrides.get(instance_id, InstanceState.DRAINING) != InstanceState.DRAINING:
+                return  # undrained meanwhile (its report does not say so yet): it may already hold new requests
             if not self.is_leader:
                 log.info("not stopping drained instance %s: no longer the leader", instance_id)
                 return
@@ -1240,21 +1243,25 @@ class SchedulerReplica:
         return result
 
     async def scale_to(self, target: int) -> tuple[int, int]:
-        """Stores the manual target in etcd (a later leader keeps it) and starts converging to it."""
+        """Stores the manual target in etcd (a later leader keeps it) and starts converging to it. 0 clears it: the
+        autoscaler (if enabled) decides again (before, 0 was refused, so after any manual scale the autoscaler stayed
+        off until someone deleted the etcd key by hand)."""
         self.require_leader()
         if self.provider is None:
             raise SchedulingError(grpc.StatusCode.FAILED_PRECONDITION, "this scheduler has no instance provider")
-        try:
-            check_scale_target(target, self.core.config, self.provider.max_instances)
-        except ValueError as exc:
-            raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        if target != 0:
+            try:
+                check_scale_target(target, self.core.config, self.provider.max_instances)
+            except ValueError as exc:
+                raise SchedulingError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         try:
             await self.scale_store.put(config_pb2.ScaleTarget(target_instances=target))
         except EtcdError as exc:
             raise SchedulingError(grpc.StatusCode.UNAVAILABLE, f"cannot store the scale target: {exc}") from exc
         self.require_leader()  # the term may have ended during the write: the next leader converges then
-        self.scale_target = target
-        await self._converge_to_target()
+        self.scale_target = target or None  # as the watch reads the key (0: no target)
+        if self.scale_target is not None:
+            await self._converge_to_target()
         return len(self.cluster.infos), target
 
     async def set_config(

@@ -286,6 +286,7 @@ class ScaleRequest(_message.Message):
 
     TARGET_INSTANCES_FIELD_NUMBER: _builtins.int
     target_instances: _builtins.int
+    """The instances to converge to; 0 clears the manual target (the autoscaler, if enabled, decides again)."""
     def __init__(
         self,
         *,

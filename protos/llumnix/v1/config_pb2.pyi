@@ -365,7 +365,7 @@ class ScaleTarget(_message.Message):
 
     TARGET_INSTANCES_FIELD_NUMBER: _builtins.int
     target_instances: _builtins.int
-    """> 0; absent key: the autoscaler (if enabled) decides."""
+    """> 0; 0 or an absent key: the autoscaler (if enabled) decides."""
     def __init__(
         self,
         *,

@@ -79,6 +79,7 @@ export interface UncordonInstanceResponse {
 }
 
 export interface ScaleRequest {
+  /** The instances to converge to; 0 clears the manual target (the autoscaler, if enabled, decides again). */
   targetInstances: number;
 }
 

@@ -277,7 +277,7 @@ export interface ClusterConfig {
  * set it: every replica watches it and a new leader keeps converging to it.
  */
 export interface ScaleTarget {
-  /** > 0; absent key: the autoscaler (if enabled) decides. */
+  /** > 0; 0 or an absent key: the autoscaler (if enabled) decides. */
   targetInstances: number;
 }
 
