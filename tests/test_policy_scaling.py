@@ -111,3 +111,45 @@ def test_drain_victim_last_is_the_highest_numbered_instance() -> None:
     snap = snap.without(["i11"])
     assert decide_scaling(snap, last).drain == ("i10",)
     assert decide_scaling(snap, CFG).drain == ("i2",)
+
+
+MIN2 = PolicyConfig(enable_scaling=True, min_instances=2, scale_up_threshold=10, scale_down_threshold=60)
+
+
+def _light(iid: str) -> object:
+    return view(iid, free_blocks=990, num_running=1, running_blocks=10)
+
+
+def test_a_silent_or_cordoned_instance_is_no_capacity_for_the_minimum() -> None:
+    """REVIEW17-6: with one of them counted, a light cluster at min 2 drained a healthy instance, leaving one serving
+    (for as long as the silent one kept its lease)."""
+    silent = view("c", healthy=False, num_running=3, free_blocks=500, running_blocks=500)
+    cordoned = view("c", state=InstanceState.CORDONED)
+    for third in (silent, cordoned):
+        snap = ClusterSnapshot.of([_light("a"), _light("b"), third])  # type: ignore[list-item]
+        assert decide_scaling(snap, MIN2).drain == (), third
+    # one serving instance and a silent one: the minimum starts a second
+    snap = ClusterSnapshot.of([_light("a"), silent])  # type: ignore[list-item]
+    assert decide_scaling(snap, MIN2).start == 1
+
+
+def test_scale_up_never_undrains_a_silent_instance() -> None:
+    snap = ClusterSnapshot.of(
+        [
+            view("a", num_running=50, free_blocks=100, running_blocks=900),
+            view("b", state=InstanceState.DRAINING, healthy=False, num_running=5, free_blocks=0, running_blocks=1000),
+        ]
+    )
+    d = decide_scaling(snap, MIN2)
+    assert d.cancel_drain == () and d.start >= 1
+
+
+def test_only_cancellable_drains_are_cancelled() -> None:
+    """REVIEW17-4: an operator's drain (not in ``cancellable``) stays; a replacement starts instead."""
+    snap = ClusterSnapshot.of([_light("a"), view("b", state=InstanceState.DRAINING, num_running=1)])  # type: ignore[list-item]
+    assert decide_scaling(snap, MIN2) == ScalingDecision(
+        cancel_drain=("b",), cluster_freeness=decide_scaling(snap, MIN2).cluster_freeness
+    )
+    d = decide_scaling(snap, MIN2, cancellable=())
+    assert (d.start, d.cancel_drain) == (1, ())
+    assert decide_scaling(snap, MIN2, cancellable={"b"}).cancel_drain == ("b",)

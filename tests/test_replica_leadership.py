@@ -27,6 +27,7 @@ from pyllumnix.control_plane.scheduler.replica import (
     MAX_SINKS_PER_FRONTEND,
     ReplicaTiming,
     SchedulerReplica,
+    Vanished,
 )
 from pyllumnix.infra.etcd.client import KeyValue
 from pyllumnix.infra.etcd.keys import KeyLayout
@@ -193,7 +194,7 @@ async def test_a_scaling_pass_stops_ordering_once_its_term_ended_mid_pass() -> N
     replica, election = make_replica(("a", "b"), log)
     replica.provider = cast(Any, FakeProvider(replica, log))
     replica.core.reconfigure(dataclasses.replace(replica.core.config, enable_scaling=True))
-    replica.core.scale = lambda snapshot, starting_count=0: ScalingDecision(  # type: ignore[method-assign]
+    replica.core.scale = lambda snapshot, starting_count=0, cancellable=None: ScalingDecision(  # type: ignore[method-assign]
         start=2, drain=("a",)
     )
     # The drain order for a is answered, but the term ended while it was in flight.
@@ -322,7 +323,7 @@ async def test_one_refused_drain_does_not_end_the_scaling_pass() -> None:
     replica.leadership = cast(Any, election.leadership)
     replica.provider = cast(Any, FakeProvider(replica, log))
     replica.core.reconfigure(dataclasses.replace(replica.core.config, enable_scaling=True))
-    replica.core.scale = lambda snapshot, starting_count=0: ScalingDecision(start=1, drain=("a", "b"))  # type: ignore[method-assign]
+    replica.core.scale = lambda snapshot, starting_count=0, cancellable=None: ScalingDecision(start=1, drain=("a", "b"))  # type: ignore[method-assign]
     refuse_orders(replica, "a", log)
     loop = asyncio.create_task(replica._scaling_loop())
     try:
@@ -362,9 +363,9 @@ async def test_automatic_scaling_counts_an_instance_between_its_registration_and
     counts: list[int] = []
     decide = replica.core.scale
 
-    def counted(snapshot: Any, starting_count: int = 0) -> ScalingDecision:
+    def counted(snapshot: Any, starting_count: int = 0, cancellable: Any = None) -> ScalingDecision:
         counts.append(starting_count)
-        return decide(snapshot, starting_count)
+        return decide(snapshot, starting_count, cancellable)
 
     replica.core.scale = counted  # type: ignore[method-assign]
     lead = asyncio.create_task(replica._lead())
@@ -847,3 +848,44 @@ async def test_scale_to_zero_clears_the_manual_target_and_the_autoscaler_decides
     assert await replica.scale_to(0) == (2, 0)
     targets.append(replica.scale_target)
     assert targets == [2, None] and store.puts == [2, 0]
+
+
+async def test_manual_scale_counts_a_vanished_instance_as_coming_back() -> None:
+    """REVIEW17-5: at target 2, ``b``'s key vanished in an etcd blip (it is alive and re-registers). The automatic
+    scaler counted it as starting; the manual path did not, started a replacement, and drained one once ``b`` was
+    back."""
+    log: list[str] = []
+    replica, election = make_replica(("a", "b"), log)
+    replica.leadership = cast(Any, election.leadership)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    for iid in ("a", "b"):
+        assert replica.report(active_load(iid))
+    replica.scale_target = 2
+    await replica._converge_to_target()
+    info = replica.cluster.infos["b"]
+    load = replica.cluster.remove("b")
+    assert load is not None
+    replica.vanished["b"] = Vanished(info, load, time.monotonic())  # what the registry watch's vanish does
+    await replica._converge_to_target()
+    assert log == [], "a replacement was started for an instance in its vanished grace period"
+
+
+async def test_scaling_cancels_only_its_own_drains_not_an_operators() -> None:
+    """REVIEW17-4: ``llmctl drain b`` (to take its host down) at min 2 was undone by the next scaling pass."""
+    log: list[str] = []
+    replica, election = make_replica(("a", "b"), log)
+    replica.leadership = cast(Any, election.leadership)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    replica.core.reconfigure(dataclasses.replace(replica.core.config, enable_scaling=True, min_instances=2))
+    for iid in ("a", "b"):
+        assert replica.report(active_load(iid))
+    await replica.set_instance_state("b", InstanceState.DRAINING)  # the operator's drain (admin path)
+    await asyncio.sleep(0.05)
+    scaling = asyncio.create_task(replica._scaling_loop())
+    try:
+        await wait_until(lambda: any(entry.startswith("start") for entry in log))
+    finally:
+        scaling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await scaling
+    assert "state b 1" not in log, log  # never set ACTIVE (undrained) by the scaler

@@ -68,7 +68,7 @@ async def _first_decision_after(warmup_ms: int) -> float:
     )
     decided = asyncio.Event()
 
-    def scale(snapshot: ClusterSnapshot, starting_count: int = 0) -> ScalingDecision:
+    def scale(snapshot: ClusterSnapshot, starting_count: int = 0, cancellable: object = None) -> ScalingDecision:
         decided.set()
         return ScalingDecision()
 

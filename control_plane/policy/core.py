@@ -54,5 +54,8 @@ class PolicyCore:
         """``avoid``: instances that are no destination this round (see ``pair_instances``)."""
         return pair_instances(snapshot, self._config, avoid)
 
-    def scale(self, snapshot: ClusterSnapshot, starting_count: int = 0) -> ScalingDecision:
-        return decide_scaling(snapshot, self._config, starting_count)
+    def scale(
+        self, snapshot: ClusterSnapshot, starting_count: int = 0, cancellable: Collection[str] | None = None
+    ) -> ScalingDecision:
+        """``cancellable``: the drains this scaler may cancel (see ``decide_scaling``)."""
+        return decide_scaling(snapshot, self._config, starting_count, cancellable)

@@ -38,18 +38,37 @@ class ScalingDecision:
         return self.start == 0 and not self.drain and not self.cancel_drain
 
 
-def decide_scaling(snapshot: ClusterSnapshot, config: PolicyConfig, starting_count: int = 0) -> ScalingDecision:
+def decide_scaling(
+    snapshot: ClusterSnapshot,
+    config: PolicyConfig,
+    starting_count: int = 0,
+    cancellable: Collection[str] | None = None,
+) -> ScalingDecision:
     """``starting_count``: instances the provider is starting that are not in the snapshot yet (STARTING views in the
-    snapshot are counted as well)."""
+    snapshot are counted as well). ``cancellable``: the draining instances whose drain this scaler may cancel (None:
+    every one; the live scheduler passes the drains it ordered itself, so an operator's drain, e.g. to take a host
+    down, is never undone: a replacement starts instead).
+
+    Capacity for ``min_instances`` and for a scale-down is what serves: healthy ACTIVE (or STARTING) instances, not a
+    silent or a cordoned one (before, with one of those counted, a scale-down could leave fewer serving instances than
+    the minimum, for as long as the silent one kept its lease). The ``max_instances`` cap counts every instance."""
     views = snapshot.instances
     f = cluster_freeness(views, config)
     if not config.enable_scaling:
         return ScalingDecision(cluster_freeness=f)
     draining = sorted(
-        (v for v in views if v.state == InstanceState.DRAINING), key=lambda v: (-v.num_requests, v.instance_id)
+        (
+            v
+            for v in views
+            if v.state == InstanceState.DRAINING and v.healthy and (cancellable is None or v.instance_id in cancellable)
+        ),
+        key=lambda v: (-v.num_requests, v.instance_id),
     )
     pending = starting_count + sum(1 for v in views if v.state == InstanceState.STARTING)
     current = sum(1 for v in views if v.state != InstanceState.DRAINING) + starting_count
+    serving = starting_count + sum(
+        1 for v in views if v.healthy and v.state in (InstanceState.ACTIVE, InstanceState.STARTING)
+    )
     lo, hi = config.min_instances, config.max_instances
 
     def grow(needed: int) -> ScalingDecision:
@@ -58,15 +77,16 @@ def decide_scaling(snapshot: ClusterSnapshot, config: PolicyConfig, starting_cou
         start = max(0, min(needed - len(undrain), room - len(undrain)))
         return ScalingDecision(start=start, cancel_drain=undrain, cluster_freeness=f)
 
-    if current < lo:
-        return grow(lo - current)
+    if serving < lo:
+        return grow(lo - serving)
     if current > hi:
         victim = _candidate(views, config)
         return ScalingDecision(drain=(victim,) if victim else (), cluster_freeness=f)
     if f < config.scale_up_threshold:
         needed = _instances_to_reach(views, config, config.scale_up_threshold) - pending
         return grow(needed) if needed > 0 else ScalingDecision(cluster_freeness=f)
-    if f > config.scale_down_threshold and not draining and pending == 0 and current - 1 >= lo:
+    any_draining = any(v.state == InstanceState.DRAINING for v in views)
+    if f > config.scale_down_threshold and not any_draining and pending == 0 and serving - 1 >= lo:
         victim = _candidate(views, config)
         if victim is not None and cluster_freeness(views, config, removed=(victim,)) > config.scale_down_threshold:
             return ScalingDecision(drain=(victim,), cluster_freeness=f)

@@ -296,6 +296,9 @@ class SchedulerReplica:
         self._futile_orders: dict[tuple[str, str], tuple[MigrateOrder, int, int]] = {}
         # Destination -> (no destination until this monotonic time, its back-off): it refused the latest orders.
         self._refused: dict[str, tuple[float, float]] = {}
+        # The drains this term's scaling ordered (automatic or manual target): the only ones scaling may cancel. An
+        # operator's drain (llmctl drain) stays; a new term knows none, so it cancels none.
+        self._scaler_drains: set[str] = set()
         # The manual scale target, as stored in etcd (watched by every replica, so a new leader has it).
         self.scale_target: int | None = None
         self.vanished: dict[str, Vanished] = {}
@@ -570,6 +573,7 @@ class SchedulerReplica:
         self._order_in_flight.clear()
         self._futile_orders.clear()
         self._refused.clear()
+        self._scaler_drains.clear()
         self.cluster.clear_overrides(time.monotonic())
 
     async def resign_leader(self) -> tuple[int, float]:
@@ -917,11 +921,14 @@ class SchedulerReplica:
             # a blip must not make the scaler start a replacement it will have to drain again.
             # So does one registered that has not reported its load yet (it is in no snapshot): counted once.
             starting = count_starting(snapshot, self.cluster.infos, [*self.provider.starting(), *self.vanished])
-            decision = self.core.scale(snapshot, starting)
+            self._scaler_drains &= self.cluster.infos.keys()
+            decision = self.core.scale(snapshot, starting, self._scaler_drains)
             for iid in decision.cancel_drain:
-                await self._scaling_order(iid, InstanceState.ACTIVE)
+                if await self._scaling_order(iid, InstanceState.ACTIVE):
+                    self._scaler_drains.discard(iid)
             for iid in decision.drain:
-                await self._scaling_order(iid, InstanceState.DRAINING)
+                if await self._scaling_order(iid, InstanceState.DRAINING):
+                    self._scaler_drains.add(iid)
             if decision.start:
                 log.info("scaling up by %d (cluster freeness %.1f)", decision.start, decision.cluster_freeness)
                 await self._start_instances(decision.start)
@@ -942,20 +949,27 @@ class SchedulerReplica:
         """Manual scale: start or drain instances until the active count meets the target."""
         assert self.provider is not None and self.scale_target is not None
         snapshot = self.cluster.snapshot(time.monotonic())
-        plan = plan_manual_scale(snapshot, self._registered_states(), self.provider.starting(), self.scale_target)
+        # A vanished instance (lease lost in a blip, probably coming back) counts as starting, as for the autoscaler:
+        # else a blip started an extra instance, and one was drained again once the vanished one re-registered.
+        starting = [*self.provider.starting(), *self.vanished]
+        plan = plan_manual_scale(snapshot, self._registered_states(), starting, self.scale_target)
         if plan.start:
             await self._start_instances(plan.start)
         for iid in plan.drain:
-            await self._scaling_order(iid, InstanceState.DRAINING)
+            if await self._scaling_order(iid, InstanceState.DRAINING):
+                self._scaler_drains.add(iid)
 
-    async def _scaling_order(self, instance_id: str, state: InstanceState) -> None:
-        """One state order of a scaling pass. A llumlet's refusal (e.g. it cannot prove the new leader's term in its
-        etcd right after a failover) is logged and left to the next pass: it must not end the pass for the other
-        instances, nor restart the scaling loop (which would restart its warm-up). A lost term still ends the pass."""
+    async def _scaling_order(self, instance_id: str, state: InstanceState) -> bool:
+        """One state order of a scaling pass; True if the llumlet took it. A llumlet's refusal (e.g. it cannot prove
+        the new leader's term in its etcd right after a failover) is logged and left to the next pass: it must not end
+        the pass for the other instances, nor restart the scaling loop (which would restart its warm-up). A lost term
+        still ends the pass."""
         try:
             await self.set_instance_state(instance_id, state)
         except SchedulingError as exc:
             log.warning("scaling: could not set %s %s (next pass retries): %s", instance_id, state.name, exc)
+            return False
+        return True
 
     def _registered_states(self) -> dict[str, InstanceState | None]:
         """Each registered instance's state as this leader knows it: the state it ordered and the llumlet has not
