@@ -153,3 +153,17 @@ def test_only_cancellable_drains_are_cancelled() -> None:
     d = decide_scaling(snap, MIN2, cancellable=())
     assert (d.start, d.cancel_drain) == (1, ())
     assert decide_scaling(snap, MIN2, cancellable={"b"}).cancel_drain == ("b",)
+
+
+def test_the_fewest_requests_victim_is_not_one_holding_high_priority_work() -> None:
+    """REVIEW17-8: high-priority requests never migrate, so draining their instance lasts as long as they run (and
+    blocks every other scale-down meanwhile); the instance with one high-priority request was the victim."""
+    cfg = PolicyConfig(enable_scaling=True, min_instances=1, scale_up_threshold=10, scale_down_threshold=60)
+    snap = ClusterSnapshot.of(
+        [
+            view("a", num_running=1, num_running_high=1, running_high_blocks=20, running_blocks=20, free_blocks=980),
+            view("b", num_running=3, free_blocks=970, running_blocks=30),
+            view("c", num_running=3, free_blocks=970, running_blocks=30),
+        ]
+    )
+    assert decide_scaling(snap, cfg).drain == ("b",)

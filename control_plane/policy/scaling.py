@@ -109,8 +109,10 @@ def _last(cands: Sequence[InstanceView], config: PolicyConfig) -> InstanceView:
 
 
 def _fewest_requests(cands: Sequence[InstanceView], config: PolicyConfig) -> InstanceView:
-    """The cheapest to empty: fewest requests, then freest, then lowest id."""
-    return min(cands, key=lambda v: (v.num_requests, -dispatch_freeness(v, config), v.instance_id))
+    """The cheapest to empty: one holding no high-priority work first (that never migrates, so such a drain lasts as
+    long as its requests run, and high-priority work gathers on small batches by design), then fewest requests, then
+    freest, then lowest id."""
+    return min(cands, key=lambda v: (v.holds_high, v.num_requests, -dispatch_freeness(v, config), v.instance_id))
 
 
 # How a scale-down picks its victim among the candidates, by ``PolicyConfig.drain_victim``.
