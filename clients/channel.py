@@ -48,6 +48,16 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # The retry rules above are ours; grpc's transparent retries must not re-send a write behind our back.
     ("grpc.enable_retries", 0),
     ("grpc.max_receive_message_length", 64 << 20),
+    # Liveness of a call's connection: a peer that vanished without closing it (host gone, no FIN) would otherwise hang
+    # a Generate stream for ever (generate_timeout defaults to None). Pings go out only while a call is open; the
+    # servers (infra/grpc_server.py) accept a client's pings during calls at most every MIN_RECV_PING_INTERVAL_MS
+    # (10 s, past 2 strikes they close the connection), so one every 20 s stays within their policy. An unanswered
+    # ping fails the calls after 10 s: grpc times keepalive pings by keepalive_timeout_ms but other pings (the flow
+    # control's, which a keepalive ping then waits behind) by ping_timeout_ms, 60 s unless set.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.ping_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
 )
 
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import pytest
@@ -15,9 +16,9 @@ from pyllumnix.clients import (
     NotFoundError,
     UnavailableError,
 )
-from pyllumnix.clients.channel import EndpointPool, normalize_endpoints
+from pyllumnix.clients.channel import EndpointPool, TlsConfig, normalize_endpoints
 from pyllumnix.clients.config_paths import ConfigPathError
-from pyllumnix.infra.grpc_server import RunningServer
+from pyllumnix.infra.grpc_server import DEFAULT_OPTIONS, MIN_RECV_PING_INTERVAL_MS, RunningServer
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 from tests.test_clients_fakes import Blackhole, FakeAdmin, Replica, dead_address, serve_replica, stop_all
 
@@ -39,6 +40,31 @@ def test_normalize_endpoints() -> None:
     assert normalize_endpoints(["grpc://a:1, b:2", "a:1", "http://c:3/"]) == ["a:1", "b:2", "c:3"]
     with pytest.raises(ValueError, match="host:port"):
         normalize_endpoints("nohost")
+
+
+def test_channels_ping_during_calls_within_the_servers_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frontend host that vanishes without closing the connection must fail a Generate stream (no deadline by
+    default) instead of hanging it: the channels ping while a call is open, no more often than the servers allow."""
+    seen: list[dict[str, Any]] = []
+
+    def capture(target: str, *args: Any, options: Sequence[tuple[str, Any]] = (), **kwargs: Any) -> object:
+        seen.append(dict(options))
+        return object()
+
+    monkeypatch.setattr(grpc.aio, "insecure_channel", capture)
+    monkeypatch.setattr(grpc.aio, "secure_channel", capture)
+    EndpointPool("127.0.0.1:1").channel("127.0.0.1:1")
+    EndpointPool("127.0.0.1:1", tls=TlsConfig(server_name_override="x")).channel("127.0.0.1:1")
+    assert len(seen) == 2
+    for options in seen:
+        assert options["grpc.keepalive_time_ms"] == 20_000
+        # Each ping is at least the servers' minimum interval apart (else they strike and close the connection).
+        assert options["grpc.keepalive_time_ms"] >= MIN_RECV_PING_INTERVAL_MS
+        assert 0 < options["grpc.keepalive_timeout_ms"] <= 10_000
+        assert 0 < options["grpc.http2.ping_timeout_ms"] <= 10_000  # grpc's default, 60 s, bounds some pings
+        # No pings on a connection without calls: the servers forbid them (keepalive_permit_without_calls 0).
+        assert options["grpc.keepalive_permit_without_calls"] == 0
+        assert dict(DEFAULT_OPTIONS)["grpc.keepalive_permit_without_calls"] == 0
 
 
 async def test_write_follows_leader_redirect_once_and_remembers(cluster: Cluster) -> None:
