@@ -231,7 +231,8 @@ class AsyncLlumnixClient:
         """Streams a completion. Leaving the loop early cancels the stream, which aborts the request.
 
         Only the connection is retried (another frontend when this one is not reachable); once the stream is open the
-        request is never re-sent, and a broken stream raises UnavailableError(may_have_started=True).
+        request is never re-sent, and a broken stream, or one that ends before a finished message, raises
+        UnavailableError(may_have_started=True).
         """
         request = build_generate_request(
             prompt,
@@ -253,14 +254,24 @@ class AsyncLlumnixClient:
             request, timeout=timeout if timeout is not None else self.generate_timeout
         )
         self._owners[request.request_id] = address
+        finished = False
         try:
             async for msg in call:
+                finished = finished or msg.finished
                 yield GenerationChunk.from_pb(msg)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, endpoint=address, endpoints=[address], may_have_started=True) from None
         finally:
             self._owners.pop(request.request_id, None)
             call.cancel()
+        if not finished:
+            # Status OK without a finished message: the result would be silently truncated.
+            raise UnavailableError(
+                f"generate {request.request_id!r}: the stream from {address} ended before the request finished",
+                endpoints=[address],
+                endpoint=address,
+                may_have_started=True,
+            )
 
     async def generate_text(
         self,

@@ -252,11 +252,20 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServiceServicer):
 
 
 class FakeFrontend(frontend_pb2_grpc.FrontendServiceServicer):
-    """Streams one token per message; ``break_after`` fails the stream with UNAVAILABLE after that many messages."""
+    """Streams one token per message; ``break_after`` fails the stream with UNAVAILABLE after that many messages,
+    ``end_after`` ends it with status OK after that many (no finished message)."""
 
-    def __init__(self, name: str, *, break_after: int | None = None, migrate_at: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        break_after: int | None = None,
+        end_after: int | None = None,
+        migrate_at: int | None = None,
+    ) -> None:
         self.name = name
         self.break_after = break_after
+        self.end_after = end_after
         self.migrate_at = migrate_at
         self.generate_calls: list[frontend_pb2.GenerateRequest] = []
         self.aborted: list[str] = []
@@ -277,6 +286,8 @@ class FakeFrontend(frontend_pb2_grpc.FrontendServiceServicer):
             for i in range(n):
                 if self.break_after is not None and i == self.break_after:
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "frontend lost its connection")
+                if self.end_after is not None and i == self.end_after:
+                    return
                 where = "i-2" if self.migrate_at is not None and i >= self.migrate_at else "i-1"
                 last = i == n - 1
                 msg = frontend_pb2.GenerateResponse(

@@ -126,3 +126,31 @@ def test_client_needs_some_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("LLUMNIX_CONTEXT", str(tmp_path / "absent.yaml"))
     with pytest.raises(ValueError):
         AsyncLlumnixClient()
+
+
+async def test_stream_that_ends_before_a_finished_message_is_an_error() -> None:
+    """Status OK without a finished message: the caller must not take the truncated output for the whole result."""
+    fe = FakeFrontend("fe-short", end_after=2)
+    server = await serve_frontend(fe)
+    try:
+        async with AsyncLlumnixClient(frontend_endpoints=[server.address]) as client:
+            got: list[GenerationChunk] = []
+            with pytest.raises(UnavailableError, match="ended before the request finished") as err:
+                async for chunk in client.generate([1], max_tokens=5):
+                    got.append(chunk)
+            assert err.value.may_have_started
+            assert [c.token_ids for c in got] == [(100,), (101,)]
+            with pytest.raises(UnavailableError, match="ended before the request finished"):
+                await client.generate_text("hi", max_tokens=5)
+
+        def use_sync() -> None:
+            with (
+                LlumnixClient(frontend_endpoints=[server.address]) as client,
+                pytest.raises(UnavailableError, match="ended before the request finished"),
+            ):
+                client.generate_text("hi", max_tokens=5)
+
+        await asyncio.to_thread(use_sync)
+        assert len(fe.generate_calls) == 3  # each request sent once, never re-sent
+    finally:
+        await server.stop(None)
