@@ -10,6 +10,7 @@ import asyncio
 import threading
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -109,6 +110,15 @@ def parse_priority(priority: PriorityLike) -> int:
         raise InvalidArgumentError(str(exc)) from None
 
 
+@contextmanager
+def _argument(name: str) -> Iterator[None]:
+    """Turns protobuf's ValueError/TypeError for a bad value of argument ``name`` into InvalidArgumentError."""
+    try:
+        yield
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidArgumentError(f"invalid {name}: {exc}") from None
+
+
 def build_generate_request(
     prompt: Prompt,
     *,
@@ -124,27 +134,37 @@ def build_generate_request(
     priority: PriorityLike,
     model: str,
 ) -> frontend_pb2.GenerateRequest:
-    sampling = common_pb2.SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        stop=[stop] if isinstance(stop, str) else list(stop or ()),
-        stop_token_ids=list(stop_token_ids or ()),
-        ignore_eos=ignore_eos,
-    )
+    """The GenerateRequest for these arguments; a value its field cannot hold (a seed or token id out of the field's
+    integer range, a temperature that is no number) is InvalidArgumentError naming the argument, not protobuf's bare
+    ValueError/TypeError."""
+    priority_pb = wire.priority_to_pb(parse_priority(priority))
+    sampling = common_pb2.SamplingParams()
+    scalars: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "ignore_eos": ignore_eos,
+    }
     if seed is not None:
-        sampling.seed = seed
-    request = frontend_pb2.GenerateRequest(
-        request_id=request_id,
-        sampling=sampling,
-        priority=wire.priority_to_pb(parse_priority(priority)),
-        model=model,
-    )
-    if isinstance(prompt, str):
-        request.text = prompt
-    else:
-        request.token_ids.ids.extend(int(t) for t in prompt)
+        scalars["seed"] = seed
+    for name, value in scalars.items():
+        with _argument(name):
+            setattr(sampling, name, value)
+    with _argument("stop"):
+        sampling.stop.extend([stop] if isinstance(stop, str) else list(stop or ()))
+    with _argument("stop_token_ids"):
+        sampling.stop_token_ids.extend(list(stop_token_ids or ()))
+    request = frontend_pb2.GenerateRequest(sampling=sampling, priority=priority_pb)
+    with _argument("request_id"):
+        request.request_id = request_id
+    with _argument("model"):
+        request.model = model
+    with _argument("prompt"):
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(int(t) for t in prompt)
     return request
 
 

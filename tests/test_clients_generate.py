@@ -154,3 +154,29 @@ async def test_stream_that_ends_before_a_finished_message_is_an_error() -> None:
         assert len(fe.generate_calls) == 3  # each request sent once, never re-sent
     finally:
         await server.stop(None)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "arguments", "named"),
+    [
+        ([1], {"seed": 2**70}, "seed"),
+        ([2**40], {}, "prompt"),
+        (["x"], {}, "prompt"),
+        ([1], {"temperature": "x"}, "temperature"),
+        ([1], {"max_tokens": 2**40}, "max_tokens"),
+        ([1], {"stop_token_ids": [2**40]}, "stop_token_ids"),
+        ([1], {"top_k": 1.5}, "top_k"),
+    ],
+)
+async def test_out_of_range_generation_arguments_are_invalid_argument(
+    prompt: list[object], arguments: dict[str, object], named: str
+) -> None:
+    """Checked before any connection: the dead frontend is never tried."""
+    async with AsyncLlumnixClient(frontend_endpoints=[dead_address()]) as client:
+        with pytest.raises(InvalidArgumentError, match=f"invalid {named}"):
+            await client.generate_text(prompt, **arguments)  # type: ignore[arg-type]
+    with (
+        LlumnixClient(frontend_endpoints=[dead_address()]) as sync_client,
+        pytest.raises(InvalidArgumentError, match=f"invalid {named}"),
+    ):
+        sync_client.generate_text(prompt, **arguments)  # type: ignore[arg-type]
