@@ -3,8 +3,9 @@
 Retry rules (the one place they are decided; see :class:`CallKind`):
 
 * ``READ`` calls (ListInstances, ListClusterRequests, GetConfig, GetLeader, GetMembership, Dispatch, Abort) are
-  idempotent: on UNAVAILABLE or DEADLINE_EXCEEDED they are retried, with tenacity, at the next endpoint until the call's
-  deadline or attempt budget is spent.
+  idempotent: on UNAVAILABLE, or DEADLINE_EXCEEDED while time is left, they are retried, with tenacity, at the next
+  endpoint until the call's deadline or attempt budget is spent. Each attempt may use all the time left, so a read
+  that runs out of it raises DeadlineExceededError (an endpoint that answers too slowly is not an unreachable one).
 * ``WRITE`` calls (MigrateRequest, DrainInstance, Cordon/Uncordon, Scale, SetConfig) move to another endpoint only
   when they certainly did not start: the channel never became READY, so nothing was sent, or a replica refused them as
   a follower (FAILED_PRECONDITION with the "llumnix-leader" trailer), which the protocol guarantees applies nothing.
@@ -60,6 +61,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_permit_without_calls", 0),
 )
 
+# A READ that fails with less time than this left is not retried (no attempt could finish in it).
+_DEADLINE_SLACK = 0.05
 _TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _SCHEMES = ("grpc://", "grpcs://", "http://", "https://")
 
@@ -366,7 +369,7 @@ class EndpointPool:
             leader = leader_from_error(exc)
             if leader is not None:
                 return await self._follow(invoke, target, leader, what, kind, deadline)
-            raise self._classify(exc, target, kind) from None
+            raise self._classify(exc, target, kind, deadline) from None
 
     async def _follow(
         self,
@@ -395,12 +398,19 @@ class EndpointPool:
                 # Leadership moved again; the next attempt starts from the newly named leader (if any).
                 self._leader = moved or None
                 raise _TryNext(leader, f"leader moved to {moved or 'unknown'}", no_leader=True) from None
-            raise self._classify(exc, leader, kind) from None
+            raise self._classify(exc, leader, kind, deadline) from None
 
-    def _classify(self, exc: grpc.aio.AioRpcError, address: str, kind: CallKind) -> Exception:
-        if exc.code() in _TRANSIENT and kind is CallKind.READ:
-            return _TryNext(address, describe(exc))
-        return from_rpc_error(exc, endpoint=address, endpoints=[address], may_have_started=True)
+    def _classify(self, exc: grpc.aio.AioRpcError, address: str, kind: CallKind, deadline: float) -> Exception:
+        """A retryable failure (_TryNext) or the error to raise. Each attempt is given all the time left, so a READ
+        that timed out with the deadline spent is DeadlineExceededError, not a reason to try elsewhere (the retry
+        loop would stop at once and call the cluster unreachable); one that still has time (the server's own
+        DEADLINE_EXCEEDED) is retried."""
+        code = exc.code()
+        if kind is CallKind.READ and code in _TRANSIENT:
+            time_left = deadline - asyncio.get_running_loop().time() > _DEADLINE_SLACK
+            if code == grpc.StatusCode.UNAVAILABLE or time_left:
+                return _TryNext(address, describe(exc))
+        return from_rpc_error(exc, endpoint=address, endpoints=[address], may_have_started=kind is CallKind.WRITE)
 
     async def ready_endpoint(self, timeout: float | None = None) -> tuple[str, Any]:
         """A READY endpoint and its channel, for calls that must not be re-sent once started (Generate).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from pyllumnix.clients import (
 )
 from pyllumnix.clients.channel import EndpointPool, TlsConfig, normalize_endpoints
 from pyllumnix.clients.config_paths import ConfigPathError
+from pyllumnix.clients.errors import DeadlineExceededError
 from pyllumnix.infra.grpc_server import DEFAULT_OPTIONS, MIN_RECV_PING_INTERVAL_MS, RunningServer
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 from tests.test_clients_fakes import Blackhole, FakeAdmin, Replica, dead_address, serve_replica, stop_all
@@ -200,3 +202,32 @@ async def test_membership_and_leader(cluster: Cluster) -> None:
 async def test_pool_requires_endpoints() -> None:
     with pytest.raises(ValueError):
         EndpointPool([])
+
+
+async def test_read_that_runs_out_of_time_is_deadline_exceeded(cluster: Cluster) -> None:
+    """Each attempt of a read has all the time left: when a slow replica uses it up, the error is the deadline, not
+    "no scheduler reachable" (which would send an operator looking for a network problem)."""
+    servers, (leader, follower), _ = cluster
+    leader.delay["ListInstances"] = 5.0
+    loop = asyncio.get_running_loop()
+    async with AsyncLlumnixClient(scheduler_endpoints=[servers[0].address, servers[1].address], timeout=0.5) as c:
+        started = loop.time()
+        with pytest.raises(DeadlineExceededError) as err:
+            await c.list_instances()
+        assert loop.time() - started < 2.0
+        assert not err.value.may_have_started  # a read applies nothing
+        assert servers[0].address in str(err.value)
+        assert leader.calls["ListInstances"] == 1 and follower.calls["ListInstances"] == 0
+    # A server's own DEADLINE_EXCEEDED while time is left is still retried at the next replica.
+    leader.delay.clear()
+    leader.fail["ListInstances"] = (grpc.StatusCode.DEADLINE_EXCEEDED, "an inner call timed out")
+    async with AsyncLlumnixClient(scheduler_endpoints=[servers[0].address, servers[1].address], timeout=3) as c:
+        assert len(await c.list_instances()) == 2
+    assert follower.calls["ListInstances"] == 1
+    # A write that times out is raised as such, may have been applied, and is never re-sent.
+    leader.delay["CordonInstance"] = 5.0
+    async with AsyncLlumnixClient(scheduler_endpoints=[servers[0].address, servers[1].address], timeout=0.5) as c:
+        with pytest.raises(DeadlineExceededError) as err:
+            await c.cordon("i-1")
+        assert err.value.may_have_started
+    assert leader.calls["CordonInstance"] == 1 and follower.calls["CordonInstance"] == 0

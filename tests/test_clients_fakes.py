@@ -82,9 +82,13 @@ class Replica:
         self.calls: Counter[str] = Counter()
         # method -> (code, details): the next calls of that method fail so.
         self.fail: dict[str, tuple[grpc.StatusCode, str]] = {}
+        # method -> seconds: the next calls of that method answer only after this long (a slow replica).
+        self.delay: dict[str, float] = {}
 
     async def gate(self, method: str, context: Any, *, leader_only: bool) -> None:
         self.calls[method] += 1
+        if method in self.delay:
+            await asyncio.sleep(self.delay[method])
         if method in self.fail:
             code, details = self.fail[method]
             await context.abort(code, details)
