@@ -636,3 +636,18 @@ async def test_context_file_that_is_not_text_is_a_clear_error(tmp_path: Path) ->
     ctx.chmod(0o644)  # refused for its mode before its content is read
     res = await llmctl("instances", env={"LLUMNIX_CONTEXT": str(ctx)})
     assert res.exit_code == EXIT_USAGE and "accessible by others" in res.output, res.output
+
+
+async def test_a_write_that_times_out_may_have_been_applied(replica: tuple[RunningServer, Replica, FakeAdmin]) -> None:
+    """Like a connection lost after sending: the operator is told the write may have happened (exit 3, not 1)."""
+    server, r, _ = replica
+    r.delay["CordonInstance"] = 3.0
+    res = await llmctl("-e", server.address, "--timeout", "0.5", "cordon", "i-1")
+    assert res.exit_code == EXIT_UNAVAILABLE, res.output
+    assert "no answer within 0.5s (--timeout), the call may or may not have been applied" in res.stderr
+    assert r.calls["CordonInstance"] == 1
+    # A read that times out says so, not "cannot reach the cluster" (it was reached; it answered too slowly).
+    r.delay["ListInstances"] = 3.0
+    res = await llmctl("-e", server.address, "--timeout", "0.5", "instances")
+    assert res.exit_code == EXIT_UNAVAILABLE, res.output
+    assert "no answer within 0.5s (--timeout)" in res.stderr and "may or may not" not in res.stderr

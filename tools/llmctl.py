@@ -10,7 +10,8 @@ plain space-aligned columns with full ids (no box drawing, no colour, no trailin
   0 success · 1 the cluster refused or failed the command (NOT_FOUND, FAILED_PRECONDITION, ...), or the operation
   did not happen although the call returned (an aborted migration, another scale target or config value) ·
   2 usage error or invalid argument (a local check or the server's INVALID_ARGUMENT) · 3 cluster unreachable / no
-  leader · 4 timed out waiting (drain --wait) · 130 interrupted.
+  leader / no answer within --timeout (a write that lost its connection or timed out after it was sent may or may
+  not have been applied) · 4 timed out waiting (drain --wait) · 130 interrupted.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pyllumnix.clients.channel import TlsConfig, normalize_endpoints
 from pyllumnix.clients.client import AsyncLlumnixClient
 from pyllumnix.clients.errors import (
     AbortedError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     LlumnixError,
@@ -322,25 +324,36 @@ def run(ctx: click.Context, body: Callable[[AsyncLlumnixClient], Awaitable[T]], 
 
     try:
         return asyncio.run(main())
-    except NotFoundError as exc:
-        fail(f"unknown {subject or 'object'}: {exc.details}" if subject else f"not found: {exc.details}", EXIT_ERROR)
-    except InvalidArgumentError as exc:
-        fail(f"invalid argument: {exc.details}", EXIT_USAGE)
-    except NoLeaderError as exc:
-        fail(f"no scheduler leader reachable via [{', '.join(exc.endpoints)}]: {exc.details}", EXIT_UNAVAILABLE)
-    except UnavailableError as exc:
-        if not exc.may_have_started:
-            where = ", ".join(exc.endpoints or client.scheduler_pool.endpoints)
-            fail(f"cannot reach the cluster at [{where}]: {exc.details}", EXIT_UNAVAILABLE)
-        fail(f"connection lost during the call, it may or may not have been applied: {exc}", EXIT_UNAVAILABLE)
-    except FailedPreconditionError as exc:
-        fail(f"refused: {exc.details}", EXIT_ERROR)
-    except AbortedError as exc:
-        fail(f"aborted: {exc.details}", EXIT_ERROR)
     except LlumnixError as exc:
-        fail(f"{exc.code or 'error'}: {exc.details}", EXIT_ERROR)
+        fail(*describe_error(exc, client, subject))
     except KeyboardInterrupt:
         fail("interrupted", EXIT_INTERRUPTED)
+
+
+def describe_error(exc: LlumnixError, client: AsyncLlumnixClient, subject: str) -> tuple[str, int]:
+    """The message and exit code of a client error (the exit codes of the module docstring)."""
+    if isinstance(exc, NotFoundError):
+        return (f"unknown {subject}: {exc.details}" if subject else f"not found: {exc.details}"), EXIT_ERROR
+    if isinstance(exc, InvalidArgumentError):
+        return f"invalid argument: {exc.details}", EXIT_USAGE
+    if isinstance(exc, NoLeaderError):
+        return f"no scheduler leader reachable via [{', '.join(exc.endpoints)}]: {exc.details}", EXIT_UNAVAILABLE
+    if isinstance(exc, UnavailableError):
+        if not exc.may_have_started:
+            where = ", ".join(exc.endpoints or client.scheduler_pool.endpoints)
+            return f"cannot reach the cluster at [{where}]: {exc.details}", EXIT_UNAVAILABLE
+        return f"connection lost during the call, it may or may not have been applied: {exc}", EXIT_UNAVAILABLE
+    if isinstance(exc, DeadlineExceededError):
+        # Like a connection lost after sending: a write that timed out may still be applied by the cluster.
+        within = f"within {client.timeout:g}s (--timeout)"
+        if exc.may_have_started:
+            return f"no answer {within}, the call may or may not have been applied: {exc}", EXIT_UNAVAILABLE
+        return f"no answer {within}: {exc}", EXIT_UNAVAILABLE
+    if isinstance(exc, FailedPreconditionError):
+        return f"refused: {exc.details}", EXIT_ERROR
+    if isinstance(exc, AbortedError):
+        return f"aborted: {exc.details}", EXIT_ERROR
+    return f"{exc.code or 'error'}: {exc.details}", EXIT_ERROR
 
 
 output_option = click.option(
@@ -359,7 +372,7 @@ output_option = click.option(
 @click.group(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120},
     epilog="Exit codes: 0 ok, 1 refused/not found/not done (e.g. migration aborted), 2 usage or invalid argument, "
-    "3 cluster unreachable or no leader, 4 timed out waiting, 130 interrupted.",
+    "3 cluster unreachable, no leader or no answer within --timeout, 4 timed out waiting, 130 interrupted.",
 )
 @click.option(
     "--endpoint",
