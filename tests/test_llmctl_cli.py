@@ -651,3 +651,15 @@ async def test_a_write_that_times_out_may_have_been_applied(replica: tuple[Runni
     res = await llmctl("-e", server.address, "--timeout", "0.5", "instances")
     assert res.exit_code == EXIT_UNAVAILABLE, res.output
     assert "no answer within 0.5s (--timeout)" in res.stderr and "may or may not" not in res.stderr
+
+
+async def test_drain_accepted_then_waiting_fails_says_it_was_accepted(
+    replica: tuple[RunningServer, Replica, FakeAdmin],
+) -> None:
+    server, r, admin = replica
+    r.fail["ListClusterRequests"] = (grpc.StatusCode.UNAVAILABLE, "replica went away")
+    res = await llmctl("-e", server.address, "--timeout", "2", "drain", "i-1", "--interval", "0.05")
+    assert res.exit_code == EXIT_UNAVAILABLE, res.output
+    assert "drain of i-1 accepted; waiting for it failed: cannot reach the cluster" in res.stderr
+    assert "replica went away" in res.stderr
+    assert admin.instances["i-1"].state == common_pb2.INSTANCE_STATE_DRAINING

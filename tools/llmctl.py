@@ -555,16 +555,24 @@ def drain(
 ) -> None:
     """Drain an instance: it takes nothing new, migrates its requests out and stops when empty."""
     fmt = output_of(ctx, output)
+    subject = f"instance {instance_id!r}"
 
-    async def body(c: AsyncLlumnixClient) -> tuple[scheduler_pb2.InstanceStatus, int]:
+    async def body(c: AsyncLlumnixClient) -> tuple[scheduler_pb2.InstanceStatus, int, tuple[str, int] | None]:
         status = await c.drain(instance_id)
         if not wait:
-            return status, -1
+            return status, -1, None
         show = fmt in TABLES and console(stderr=True).is_terminal
-        left = await _wait_drained(c, instance_id, wait_timeout, interval, show=show)
-        return status, left
+        try:
+            left = await _wait_drained(c, instance_id, wait_timeout, interval, show=show)
+        except LlumnixError as exc:
+            # The drain was accepted and goes on without us: say so, or the operator would think nothing happened.
+            return status, -1, describe_error(exc, c, subject)
+        return status, left, None
 
-    status, left = run(ctx, body, subject=f"instance {instance_id!r}")
+    status, left, wait_failed = run(ctx, body, subject=subject)
+    if wait_failed is not None:
+        message, code = wait_failed
+        fail(f"drain of {instance_id} accepted; waiting for it failed: {message}", code)
     if emit_data(fmt, {"instance": to_dict(status), "waited": wait, "drained": left == 0, "remaining_requests": left}):
         pass
     elif fmt == "name":
