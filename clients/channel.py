@@ -134,6 +134,26 @@ def _plaintext_hint(details: str) -> str:
     )
 
 
+def check_host_port(endpoint: str, given: str) -> None:
+    """Raises ValueError unless ``endpoint`` is ``host:port`` or ``[ipv6]:port`` with a port in 1..65535: grpc takes a
+    larger port modulo 65536 and reports a malformed one only as an unreachable endpoint."""
+    if endpoint.startswith("["):
+        host, sep, rest = endpoint[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"endpoint must be host:port or [ipv6]:port, got {given!r}")
+        port = rest[1:]
+    else:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep:
+            raise ValueError(f"endpoint must be host:port, got {given!r}")
+        if ":" in host:
+            raise ValueError(f"endpoint {given!r}: an IPv6 address goes in brackets, e.g. [::1]:{port}")
+    if not host:
+        raise ValueError(f"endpoint must be host:port, got {given!r}: the host is missing")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"endpoint {given!r}: the port must be a number from 1 to 65535, got {port!r}")
+
+
 def normalize_endpoints(endpoints: str | Iterable[str]) -> list[str]:
     """``"a:1,b:2"`` or ``["grpc://a:1", "b:2"]`` -> ``["a:1", "b:2"]`` (order kept, duplicates dropped)."""
     items = [endpoints] if isinstance(endpoints, str) else list(endpoints)
@@ -147,8 +167,7 @@ def normalize_endpoints(endpoints: str | Iterable[str]) -> list[str]:
             ep = ep.rstrip("/")
             if not ep:
                 continue
-            if ":" not in ep:
-                raise ValueError(f"endpoint must be host:port, got {raw.strip()!r}")
+            check_host_port(ep, raw.strip())
             if ep not in out:
                 out.append(ep)
     return out

@@ -44,6 +44,28 @@ def test_normalize_endpoints() -> None:
         normalize_endpoints("nohost")
 
 
+def test_normalize_endpoints_checks_host_and_port() -> None:
+    """grpc would take port 99999 modulo 65536 and report a malformed port only as an unreachable endpoint."""
+    assert normalize_endpoints("[::1]:5, grpc://[fe80::1]:65535, h:1") == ["[::1]:5", "[fe80::1]:65535", "h:1"]
+    for bad, why in (
+        ("127.0.0.1:99999", "1 to 65535"),
+        ("127.0.0.1:0", "1 to 65535"),
+        ("host:abc", "1 to 65535"),
+        ("host:+5", "1 to 65535"),
+        ("host:", "1 to 65535"),
+        ("host:" + "1" * 5000, "1 to 65535"),
+        (":5", "host is missing"),
+        ("[]:5", "host is missing"),
+        ("::1:5", "brackets"),
+        ("[::1]", "host:port"),
+        ("[::1:5", "host:port"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            normalize_endpoints(bad)
+    with pytest.raises(ValueError, match="1 to 65535"):
+        AsyncLlumnixClient(scheduler_endpoints="127.0.0.1:99999")
+
+
 def test_channels_ping_during_calls_within_the_servers_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     """A frontend host that vanishes without closing the connection must fail a Generate stream (no deadline by
     default) instead of hanging it: the channels ping while a call is open, no more often than the servers allow."""

@@ -663,3 +663,19 @@ async def test_drain_accepted_then_waiting_fails_says_it_was_accepted(
     assert "drain of i-1 accepted; waiting for it failed: cannot reach the cluster" in res.stderr
     assert "replica went away" in res.stderr
     assert admin.instances["i-1"].state == common_pb2.INSTANCE_STATE_DRAINING
+
+
+async def test_bad_endpoint_port_is_a_usage_error(tmp_path: Path) -> None:
+    """grpc took port 99999 modulo 65536; a malformed port was reported as an unreachable cluster (exit 3)."""
+    for endpoint, message in (
+        ("127.0.0.1:99999", "the port must be a number from 1 to 65535, got '99999'"),
+        ("host:abc", "the port must be a number from 1 to 65535, got 'abc'"),
+        (":5", "the host is missing"),
+    ):
+        res = await llmctl("-e", endpoint, "--timeout", "1", "instances")
+        assert res.exit_code == EXIT_USAGE, (endpoint, res.output)
+        assert message in res.output and "Traceback" not in res.output
+    # The same check for a context file's endpoints.
+    ctx = write_context(tmp_path / "context.yaml", "current-context: dev\ncontexts:\n- name: dev\n  scheduler: [h:0]\n")
+    res = await llmctl("--timeout", "1", "instances", env={"LLUMNIX_CONTEXT": str(ctx)})
+    assert res.exit_code == EXIT_USAGE and "context 'dev'" in res.output and "got '0'" in res.output, res.output

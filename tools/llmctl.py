@@ -293,7 +293,10 @@ def make_client(settings: Settings) -> AsyncLlumnixClient:
         if context is None or not context.scheduler:
             why = f"the client context file {context_path()} " + ("has none" if context else "does not exist")
             raise click.UsageError(f"no endpoint: pass --endpoint HOST:PORT or set {ENV_ENDPOINT} ({why})")
-        endpoints = list(context.scheduler)
+        try:
+            endpoints = normalize_endpoints(context.scheduler)
+        except ValueError as exc:
+            raise click.UsageError(f"context {context.name!r} of {context_path()}: {exc}") from None
         if context.ca is not None:
             if not use_tls:
                 where = f"TLS files of context {context.name!r}"
