@@ -23,7 +23,7 @@ import asyncio
 import enum
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,10 +80,27 @@ class TlsConfig:
 
     root_certificates: bytes | None = None
     certificate_chain: bytes | None = None
-    private_key: bytes | None = None
+    # Secrets stay out of repr (logs, tracebacks, debuggers print it).
+    private_key: bytes | None = field(default=None, repr=False)
     server_name_override: str | None = None
     # Sent as ``authorization: Bearer <key>`` on every call (grpc sends call credentials over TLS only).
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        """Checks the API key here: grpc refuses a metadata value with other characters only when a call is sent, and
+        reports it as an unreachable cluster after every retry."""
+        if self.api_key is None:
+            return
+        key = self.api_key.strip()  # a trailing newline from a file or a shell variable is no part of the key
+        if self.api_key and not key:
+            raise ValueError("the API key is blank")
+        bad = [i for i, ch in enumerate(key) if not "!" <= ch <= "~"]
+        if bad:
+            raise ValueError(
+                f"the API key has a character that is not printable ASCII (at position {bad[0]}; spaces, control "
+                "characters and non-ASCII letters cannot go in an authorization header)"
+            )
+        object.__setattr__(self, "api_key", key or None)
 
     @classmethod
     def from_files(

@@ -21,6 +21,7 @@ from pyllumnix.clients.channel import EndpointPool, TlsConfig, normalize_endpoin
 from pyllumnix.clients.config_paths import ConfigPathError
 from pyllumnix.clients.errors import DeadlineExceededError
 from pyllumnix.infra.grpc_server import DEFAULT_OPTIONS, MIN_RECV_PING_INTERVAL_MS, RunningServer
+from pyllumnix.infra.security.context import ClientContext
 from pyllumnix.protos.llumnix.v1 import common_pb2, config_pb2
 from tests.test_clients_fakes import Blackhole, FakeAdmin, Replica, dead_address, serve_replica, stop_all
 
@@ -253,3 +254,25 @@ async def test_read_that_runs_out_of_time_is_deadline_exceeded(cluster: Cluster)
             await c.cordon("i-1")
         assert err.value.may_have_started
     assert leader.calls["CordonInstance"] == 1 and follower.calls["CordonInstance"] == 0
+
+
+def test_api_key_is_checked_when_the_config_is_made() -> None:
+    """grpc refuses such a key only when a call is sent, reported as an unreachable cluster after every retry."""
+    assert TlsConfig(api_key="  llx_abc-1.2/3+=\n").api_key == "llx_abc-1.2/3+="  # surrounding whitespace dropped
+    assert TlsConfig(api_key="").api_key is None
+    for bad in ("llx_a\nb", "llx a", "llx_é", "llx_\x00"):
+        with pytest.raises(ValueError, match="not printable ASCII"):
+            TlsConfig(api_key=bad)
+    with pytest.raises(ValueError, match="blank"):
+        TlsConfig(api_key=" \n")
+    with pytest.raises(ValueError, match="not printable ASCII"):
+        TlsConfig.from_files(api_key="llx_\tx")
+
+
+def test_secrets_stay_out_of_repr() -> None:
+    tls = TlsConfig(root_certificates=b"ROOT", private_key=b"PRIVATE-KEY-PEM", api_key="llx_secret")
+    text = repr(tls)
+    assert "PRIVATE-KEY-PEM" not in text and "llx_secret" not in text
+    assert "ROOT" in text  # public material is still shown
+    ctx = ClientContext(name="c", scheduler=["h:1"], api_key="llx_secret")
+    assert "llx_secret" not in repr(ctx) and "h:1" in repr(ctx)

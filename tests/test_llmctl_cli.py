@@ -679,3 +679,12 @@ async def test_bad_endpoint_port_is_a_usage_error(tmp_path: Path) -> None:
     ctx = write_context(tmp_path / "context.yaml", "current-context: dev\ncontexts:\n- name: dev\n  scheduler: [h:0]\n")
     res = await llmctl("--timeout", "1", "instances", env={"LLUMNIX_CONTEXT": str(ctx)})
     assert res.exit_code == EXIT_USAGE and "context 'dev'" in res.output and "got '0'" in res.output, res.output
+
+
+async def test_api_key_that_cannot_be_sent_is_a_usage_error() -> None:
+    """grpc refused it only at the first call ("Illegal metadata"), reported as an unreachable cluster after retries."""
+    for key in ("llx_a\nb", "llx_clé"):
+        res = await llmctl("-e", dead_address(), "--timeout", "1", "--api-key", key, "instances")
+        assert res.exit_code == EXIT_USAGE, res.output
+        assert "the API key has a character that is not printable ASCII" in res.output
+        assert key not in res.output  # the key itself is not echoed

@@ -74,7 +74,7 @@ class ClientContext:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # a secret: kept out of logs and tracebacks
     server_name: str = ""
 
     def cert_paths(self) -> CertPaths | None:
