@@ -195,14 +195,24 @@ def set_path(config: config_pb2.ClusterConfig, path: str, value: Any) -> None:
                 data = json.loads(value)
             except json.JSONDecodeError as exc:
                 raise ConfigPathError(f"bad value for {path}: expected JSON ({exc.msg})") from None
+            except RecursionError:
+                # The value is the caller's: a ConfigPathError (a usage error in llmctl), never a traceback.
+                raise ConfigPathError(f"bad value for {path}: the JSON is nested too deeply") from None
         if isinstance(data, Message):
-            getattr(msg, leaf.name).CopyFrom(data)
+            if _is_repeated(leaf):
+                raise ConfigPathError(f"bad value for {path}: expected a list, got a {data.DESCRIPTOR.full_name}")
+            try:
+                getattr(msg, leaf.name).CopyFrom(data)
+            except TypeError as exc:
+                raise ConfigPathError(f"bad value for {path}: {exc}") from None
             return
         wrapper = msg.__class__()
         try:
             json_format.ParseDict({leaf.name: data}, wrapper)
-        except json_format.ParseError as exc:
+        except (json_format.ParseError, ValueError, TypeError) as exc:
             raise ConfigPathError(f"bad value for {path}: {exc}") from None
+        except RecursionError:
+            raise ConfigPathError(f"bad value for {path}: the value is nested too deeply") from None
         msg.ClearField(leaf.name)
         msg.MergeFrom(wrapper)
         return

@@ -16,6 +16,7 @@ from pyllumnix.clients import (
     NoLeaderError,
     NotFoundError,
     UnavailableError,
+    config_paths,
 )
 from pyllumnix.clients.channel import EndpointPool, TlsConfig, normalize_endpoints
 from pyllumnix.clients.config_paths import ConfigPathError
@@ -276,3 +277,13 @@ def test_secrets_stay_out_of_repr() -> None:
     assert "ROOT" in text  # public material is still shown
     ctx = ClientContext(name="c", scheduler=["h:1"], api_key="llx_secret")
     assert "llx_secret" not in repr(ctx) and "h:1" in repr(ctx)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["[" * 100_000, "[" + '{"priority":' * 5_000 + "1" + "}" * 5_000 + "]", config_pb2.ClusterConfig()],
+)
+def test_unusable_config_value_is_a_config_path_error(value: object) -> None:
+    """Checked locally, before any call: never a RecursionError or AttributeError from deep inside json/protobuf."""
+    with pytest.raises(ConfigPathError, match=r"bad value for priority\.headroom"):
+        config_paths.make_update({"priority.headroom": value})

@@ -688,3 +688,14 @@ async def test_api_key_that_cannot_be_sent_is_a_usage_error() -> None:
         assert res.exit_code == EXIT_USAGE, res.output
         assert "the API key has a character that is not printable ASCII" in res.output
         assert key not in res.output  # the key itself is not echoed
+
+
+async def test_config_set_deeply_nested_json_is_a_usage_error(
+    replica: tuple[RunningServer, Replica, FakeAdmin],
+) -> None:
+    server, r, _ = replica
+    for value in ("[" * 100_000, "[" + '{"priority":' * 5_000 + "1" + "}" * 5_000 + "]"):
+        res = await llmctl("-e", server.address, "config", "set", "priority.headroom", value)
+        assert res.exit_code == EXIT_USAGE, res.output[-300:]
+        assert "bad value for priority.headroom: the JSON is nested too deeply" in res.stderr
+    assert r.calls["SetConfig"] == 0
