@@ -42,7 +42,8 @@ MAX_CONNECTION_IDLE_MS = 300_000
 # every KEEPALIVE_TIME_MS while a call is open, the connection closed when the answer takes KEEPALIVE_TIMEOUT_MS.
 KEEPALIVE_TIME_MS = 60_000
 KEEPALIVE_TIMEOUT_MS = 20_000
-# Clients' pings: our channels send none (gRPC's default); a client may ping during calls at most every 10 s, and not
+# Clients' pings: the client library's channels ping every 20 s during calls (pyllumnix.clients.channel, to find a
+# vanished server host); a client may ping during calls at most every 10 s, and not
 # at all on a connection without calls (pinging must not keep an idle connection busy); past 2 strikes gRPC closes
 # the connection (ENHANCE_YOUR_CALM).
 MIN_RECV_PING_INTERVAL_MS = 10_000
