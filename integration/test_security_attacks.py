@@ -184,8 +184,14 @@ async def test_attacks_on_a_running_request_fail_and_its_stream_stays_exact(
         error="attacker's error text",
         instance_id=other,
     )
+    # From the other llumlet as itself: its output without a token is refused alone (listed as unknown, so that
+    # llumlet stops it), the push itself is answered.
+    async with open_channel(sink, settings=cluster.launcher.security("llumlet", other)) as ch:
+        reply = await frontend_pb2_grpc.OutputSinkServiceStub(ch).PushOutputs(
+            frontend_pb2.PushOutputsRequest(instance_id=other, outputs=[evil]), timeout=10
+        )
+    assert list(reply.unknown_request_ids) == [rid], reply
     for role, id, as_instance, needle in (
-        ("llumlet", other, other, "carries no capability token"),
         ("llumlet", other, holder, f"may not push outputs as {holder!r}"),
         # A scheduler that does not lead may not declare instances lost (attack 9 B3); the leader may, but only with
         # token-less ERROR finishes, never tokens.

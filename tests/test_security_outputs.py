@@ -4,8 +4,9 @@ The sink is served over mutual TLS with the role interceptor (as a secure fronte
 places a request on a recording llumlet server, which receives the request's capability token with AddRequest. The
 victim's pushes are sent as llumlet ``i-1`` with that token; every attacker push (other roles, another llumlet,
 stolen or forged tokens, the scheduler pushing tokens or a failure for an instance that does not hold the request)
-is refused with PERMISSION_DENIED/UNAUTHENTICATED and the victim's stream stays token-exact, ends with the victim's
-finish, and never exceeds ``max_tokens``. A migration hand-over moves the right to push to the destination only.
+is refused (PERMISSION_DENIED/UNAUTHENTICATED, or that output alone for a llumlet's bad token) and the victim's
+stream stays token-exact, ends with the victim's finish, and never exceeds ``max_tokens``. A migration hand-over
+moves the right to push to the destination only.
 
 Before #13 the sink accepted every push: the attacker's tokens landed in the stream and its error ended it.
 """
@@ -134,6 +135,14 @@ class Stack:
                 timeout=DEADLINE,
             )
 
+    async def dropped(self, coro: Any, request_id: str) -> None:
+        """The push is answered (the pusher's other outputs are not refused with it), ``request_id``'s output is
+        refused on its own: listed as unknown, so the pusher stops that request alone, and counted."""
+        before = self.sink.refused_outputs
+        reply = await asyncio.wait_for(coro, DEADLINE + 2)
+        assert request_id in reply.unknown_request_ids, reply
+        assert self.sink.refused_outputs == before + 1
+
     async def refused(self, coro: Any, code: grpc.StatusCode, *needles: str) -> str:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await asyncio.wait_for(coro, DEADLINE + 2)
@@ -241,21 +250,15 @@ async def test_token_injection_is_refused_and_the_victim_stream_is_exact(stack: 
         grpc.StatusCode.PERMISSION_DENIED,
         "caller llumlet i-2 may not push outputs as 'i-1'",
     )
-    await stack.refused(
-        stack.push("llumlet", "i-2", "i-2", out("victim", 3, foreign, cap, instance_id="i-2")),
-        grpc.StatusCode.PERMISSION_DENIED,
-        "was issued to 'i-1', not to the caller 'i-2'",
+    # With a token that does not let it push for the victim, only that output is refused (listed as unknown):
+    # refusing the whole push made an honest llumlet handed one bad token abort everything it held (REVIEW18-1).
+    await stack.dropped(
+        stack.push("llumlet", "i-2", "i-2", out("victim", 3, foreign, cap, instance_id="i-2")), "victim"
     )
-    await stack.refused(
-        stack.push("llumlet", "i-2", "i-2", out("victim", 3, foreign, "", instance_id="i-2")),
-        grpc.StatusCode.PERMISSION_DENIED,
-        "carries no capability token",
-    )
+    await stack.dropped(stack.push("llumlet", "i-2", "i-2", out("victim", 3, foreign, "", instance_id="i-2")), "victim")
     forged = CapabilityTokens(new_secret(), "frontend").issue("victim", "i-2")
-    await stack.refused(
-        stack.push("llumlet", "i-2", "i-2", out("victim", 3, foreign, forged, instance_id="i-2")),
-        grpc.StatusCode.PERMISSION_DENIED,
-        "signature is invalid",
+    await stack.dropped(
+        stack.push("llumlet", "i-2", "i-2", out("victim", 3, foreign, forged, instance_id="i-2")), "victim"
     )
     # The scheduler: never tokens; a failure only for the instance that holds the request.
     await stack.refused(
@@ -287,7 +290,8 @@ async def test_token_injection_is_refused_and_the_victim_stream_is_exact(stack: 
     tokens, reason, error = await collect(request)
     assert tokens == VICTIM
     assert reason == LENGTH and error == ""
-    assert stack.sink.refused_pushes == 6  # the other three never reach the sink: the role interceptor refuses them
+    # the other three never reach the sink (the role interceptor refuses them); the bad tokens are refused one by one
+    assert (stack.sink.refused_pushes, stack.sink.refused_outputs) == (3, 3)
 
 
 async def test_lost_instance_notice_from_the_scheduler_ends_the_request(stack: Stack) -> None:
@@ -440,11 +444,7 @@ async def test_hand_over_moves_the_right_to_push_to_the_destination_only(stack: 
     # Until the destination pushes, the source still may (its commit may yet fail).
     await stack.push("llumlet", "i-1", "i-1", out("r-mig", 2, VICTIM[2:4], cap1))
     # Nobody else can use the destination's token.
-    await stack.refused(
-        stack.push("llumlet", "i-3", "i-3", out("r-mig", 4, [666], cap2, instance_id="i-3")),
-        grpc.StatusCode.PERMISSION_DENIED,
-        "not to the caller 'i-3'",
-    )
+    await stack.dropped(stack.push("llumlet", "i-3", "i-3", out("r-mig", 4, [666], cap2, instance_id="i-3")), "r-mig")
     reply = await stack.push("llumlet", "i-2", "i-2", out("r-mig", 4, VICTIM[4:6], cap2, instance_id="i-2"))
     assert reply.unknown_request_ids == []
     # The source's token is stale now: its late output is dropped and reported back, so it stops the request.
@@ -502,10 +502,9 @@ async def test_a_pushers_own_give_up_notice_needs_no_token(stack: Stack) -> None
     """The llumlet's pusher queues token-less ERROR notices when it gives up: the holder may end its request."""
     request, cap = await submit(stack, "r-gone")
     await stack.push("llumlet", "i-1", "i-1", out("r-gone", 0, [9], cap))
-    await stack.refused(
+    await stack.dropped(
         stack.push("llumlet", "i-2", "i-2", out("r-gone", 1, [], "", finish=ERROR, error="x", instance_id="i-2")),
-        grpc.StatusCode.PERMISSION_DENIED,
-        "carries no capability token",
+        "r-gone",
     )
     await stack.push("llumlet", "i-1", "i-1", out("r-gone", 1, [], "", finish=ERROR, error="could not deliver"))
     tokens, reason, error = await collect(request)
@@ -530,3 +529,20 @@ async def test_the_holders_heartbeat_keeps_the_request_alive_and_a_stale_one_is_
     await stack.push("llumlet", "i-2", "i-2", out("r-beat", 1, [5], cap2, finish=LENGTH, instance_id="i-2"))
     tokens, reason, _ = await asyncio.wait_for(reader, DEADLINE)
     assert tokens == [4, 5] and reason == LENGTH
+
+
+async def test_one_bad_token_refuses_that_output_alone_not_the_honest_ones_beside_it(stack: Stack) -> None:
+    """REVIEW18-1: a compromised llumlet can hand an honest one a bad token (a migration into it carries any token it
+    likes). Before, the honest llumlet's next push was refused whole (PERMISSION_DENIED, which its pusher takes as
+    permanent: it gave up on the frontend and aborted every request it held there)."""
+    victim, cap = await submit(stack, "honest")
+    await submit(stack, "poisoned")
+    forged = CapabilityTokens(new_secret(), "frontend").issue("poisoned", "i-1")
+    reply = await stack.push(
+        "llumlet", "i-1", "i-1", out("honest", 0, VICTIM, cap, finish=LENGTH), out("poisoned", 0, [666], forged)
+    )
+    assert list(reply.unknown_request_ids) == ["poisoned"]
+    tokens, reason, _ = await collect(victim)
+    assert tokens == VICTIM and reason == LENGTH
+    poisoned = stack.frontend.tracker.get("poisoned")
+    assert poisoned is not None and poisoned.num_received == 0

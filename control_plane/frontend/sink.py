@@ -5,9 +5,11 @@ Who may push what (checked per output, from the caller's certificate identity, o
 - a llumlet pushes as itself (``PushOutputsRequest.instance_id`` is its own id; over its long-lived
   ``StreamOutputs`` stream, or the unary ``PushOutputs`` kept for the scheduler and older llumlets) and, for each
   request this frontend tracks, with the capability token the request's current holder was given
-  (``HolderLedger``). A forged, missing or foreign token refuses the whole push (PERMISSION_DENIED: an attack,
-  nothing is applied; on a stream, the stream ends); a genuine but outdated token (the request migrated on, or ended)
-  drops that output and lists its id as unknown, so the llumlet stops it;
+  (``HolderLedger``). An output with a forged, missing or foreign token is refused, and so is one with a genuine but
+  outdated token (the request migrated on, or ended): that output is dropped and its id listed as unknown, so the
+  llumlet stops that request alone (a bad token is logged and counted in ``refused_outputs``; refusing the whole push
+  made an honest llumlet handed one bad token, e.g. by a compromised peer's migration, abort everything it held). A
+  push as another instance (``instance_id`` not the caller's) is refused whole (PERMISSION_DENIED);
 - only the current scheduler leader (its replica id, read from the etcd election, is the caller's certificate id)
   pushes, and only an "instance lost" notice: token-less ERROR finishes for requests that instance holds, the list
   possibly empty. The notice is about the instance: every request this frontend's ledger has that instance as the
@@ -142,6 +144,8 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         # Outputs dropped because their capability was outdated, and pushes refused outright.
         self.stale_outputs = 0
         self.refused_pushes = 0
+        # Outputs refused one by one: a llumlet's output whose token does not let it push for that request.
+        self.refused_outputs = 0
         self._warned_insecure = False
         # The open push streams' handler tasks, and whether the frontend is stopping (see ``end_streams``).
         self._stream_tasks: set[asyncio.Task[Any]] = set()
@@ -275,7 +279,17 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
                     stale.append(out.request_id)
                 continue
             except TokenError as exc:
-                await self._refuse(context, f"llumlet {caller.id} may not push outputs for {out.request_id!r}: {exc}")
+                # Only this output is refused (its id goes back, so the pusher stops that request alone). Refusing the
+                # whole push ended the stream with PERMISSION_DENIED, which the pusher takes as permanent: an honest
+                # llumlet handed one bad token (a compromised peer's migration into it carries any token it likes)
+                # gave up on the frontend and aborted every request it held for it.
+                self.refused_outputs += 1
+                log.warning(
+                    "output push refused: llumlet %s may not push outputs for %r: %s", caller.id, out.request_id, exc
+                )
+                if out.request_id not in stale:
+                    stale.append(out.request_id)
+                continue
             accepted.append(out)
         return accepted, stale
 
