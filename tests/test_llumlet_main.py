@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,6 +23,7 @@ from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
 from pyllumnix.infra import grpc_server
 from pyllumnix.infra.etcd.errors import EtcdUnavailableError
 from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.bootstrap import bootstrap_local
 from pyllumnix.infra.security.fencing import term_metadata
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc
 
@@ -152,6 +154,22 @@ def test_ucx_transport_keeps_an_ipv4_host(monkeypatch: pytest.MonkeyPatch) -> No
     assert main.transport_options("auto", "127.0.0.2") == ("ucx", {"host": "127.0.0.2"})
     assert main.transport_options("ucx", "localhost") == ("ucx", {"host": "127.0.0.1"})
     assert main.transport_options("ucx", "0.0.0.0") == ("ucx", {})
+
+
+def test_auto_transport_on_a_secure_cluster_is_tls_tcp_and_ucx_only_by_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """REVIEW18-2: UCX has no TLS, yet ``auto`` picked it whenever it was installed, a secure cluster's KV caches
+    (which can be inverted back to prompts) then crossing hosts in the clear. Secure by default: TCP in mutual TLS."""
+    monkeypatch.setattr(main, "ucx_available", lambda: True)
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    previous = runtime.configure(runtime.from_options("llumlet", "l0", tls_dir=str(pki.directory), env={}))
+    try:
+        kind, options = main.transport_options("auto", "127.0.0.2")
+        assert kind == "tcp" and options["ssl_server"] is not None and options["ssl_client"] is not None
+        assert main.transport_options("ucx", "127.0.0.2") == ("ucx", {"host": "127.0.0.2"})  # asked for by name
+    finally:
+        runtime.configure(previous)
 
 
 def test_llumlet_cli_with_ucx_on_an_ipv6_host_exits_with_a_message(monkeypatch: pytest.MonkeyPatch) -> None:

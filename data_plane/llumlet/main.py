@@ -169,15 +169,17 @@ def make_engine(opts: LlumletOptions) -> Engine:
 def transport_options(kind: str, host: str = "127.0.0.1", advertise_host: str = "") -> tuple[str, dict[str, Any]]:
     """(transport kind, its options): the TCP data plane binds the llumlet's ``--host`` and advertises its
     ``--advertise-host``; under secure settings it is mutual TLS with the llumlet's certificate (peers must be
-    llumlets of the cluster). UCX has no TLS: its KV bytes go unencrypted (said once); ``--transport tcp`` keeps them
-    inside TLS. UCX uses only the interface of ``--host`` (of ``--advertise-host`` when ``--host`` is a wildcard), so
+    llumlets of the cluster). UCX has no TLS: its KV bytes go unencrypted (said once), so ``auto`` picks UCX only on
+    an insecure cluster (``--transport ucx`` asks for it on a secure one); TCP keeps them inside TLS. UCX uses only the interface of ``--host`` (of ``--advertise-host`` when ``--host`` is a wildcard), so
     the worker address peers on other hosts get names no interface they cannot reach."""
     settings = runtime.current()
     # UCX binds the interface of ``--host`` (of ``--advertise-host`` behind a wildcard), found by its IPv4 address.
     local, option = (host, "--host") if host not in WILDCARD_HOSTS else (advertise_host, "--advertise-host")
     ipv4: str | None = None
     if kind == "auto":
-        kind = "ucx" if ucx_available() else "tcp"
+        # Secure by default: UCX has no TLS, so on a secure cluster ``auto`` is TCP inside mutual TLS; UCX (NVLink,
+        # InfiniBand) only when asked for by name, where the network between the hosts is trusted.
+        kind = "ucx" if ucx_available() and settings.paths is None else "tcp"
         if kind == "ucx" and local and (ipv4 := _ipv4_of(local, option)) is None:
             log.info(
                 "--transport auto: tcp, not ucx: UCX binds the interface of an IPv4 address only, %s %s has none",
