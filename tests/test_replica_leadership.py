@@ -24,6 +24,7 @@ from pyllumnix.control_plane.policy.pairing import MigrateOrder
 from pyllumnix.control_plane.policy.scaling import ScalingDecision
 from pyllumnix.control_plane.scheduler.replica import (
     LOST_NOTICE_TIMEOUT_S,
+    MAX_REPORTED_FRONTENDS,
     MAX_SINKS_PER_FRONTEND,
     ReplicaTiming,
     SchedulerReplica,
@@ -889,3 +890,23 @@ async def test_scaling_cancels_only_its_own_drains_not_an_operators() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await scaling
     assert "state b 1" not in log, log  # never set ACTIVE (undrained) by the scaler
+
+
+def test_frontends_named_by_load_reports_are_bounded_least_recently_seen_first() -> None:
+    """REVIEW18-5: a report's frontend addresses are what its llumlet says; a compromised one naming millions grew the
+    leader's map without bound (and each would get a lost-instance notice)."""
+    replica, _ = make_replica(("a",), [])
+    many = common_pb2.InstanceLoad(
+        instance_id="a",
+        requests=[
+            common_pb2.RequestLoad(request_id=f"r{i}", frontend_address=f"10.0.{i // 256}.{i % 256}:1")
+            for i in range(MAX_REPORTED_FRONTENDS + 500)
+        ],
+    )
+    replica._note_frontends(many, 1.0)
+    assert len(replica._frontends) == MAX_REPORTED_FRONTENDS
+    honest = common_pb2.InstanceLoad(
+        instance_id="a", requests=[common_pb2.RequestLoad(request_id="x", frontend_address="fe:1")]
+    )
+    replica._note_frontends(honest, 2.0)
+    assert "fe:1" in replica._frontends and len(replica._frontends) == MAX_REPORTED_FRONTENDS

@@ -105,6 +105,10 @@ RECENTLY_VANISHED_S = 60.0
 FRONTEND_MEMORY_S = 600.0
 # Sink addresses of one registered frontend that lost-instance notices go to (a frontend registers one per sink).
 MAX_SINKS_PER_FRONTEND = 4
+# Frontend addresses remembered from load reports, the least recently seen forgotten first: a report's addresses are
+# whatever its llumlet says (a compromised one could name millions, and each is sent a notice when an instance is
+# lost); registered frontends are told in any case.
+MAX_REPORTED_FRONTENDS = 1024
 FRONTEND_SCAN_S = 1.0
 
 
@@ -1032,10 +1036,16 @@ class SchedulerReplica:
                 self._watch_vanished(info, None, max(since, now - self.timing.instance_grace + window))
 
     def _note_frontends(self, load: common_pb2.InstanceLoad, now: float) -> None:
-        """Remembers the frontends of ``load``'s requests (see ``_fail_requests``)."""
+        """Remembers the frontends of ``load``'s requests (see ``_fail_requests``), at most
+        ``MAX_REPORTED_FRONTENDS``, the least recently seen forgotten first (the dict keeps them in that order)."""
+        frontends = self._frontends
         for r in load.requests:
-            if r.frontend_address:
-                self._frontends[r.frontend_address] = now
+            address = r.frontend_address
+            if address:
+                frontends.pop(address, None)
+                frontends[address] = now
+                if len(frontends) > MAX_REPORTED_FRONTENDS:
+                    del frontends[next(iter(frontends))]
 
     async def _watch_grace(self, instance_id: str, gone: Vanished) -> None:
         """Waits for a vanished instance to re-register (``_instance_registered`` cancels this), probing it meanwhile.
