@@ -170,8 +170,9 @@ def transport_options(kind: str, host: str = "127.0.0.1", advertise_host: str = 
     """(transport kind, its options): the TCP data plane binds the llumlet's ``--host`` and advertises its
     ``--advertise-host``; under secure settings it is mutual TLS with the llumlet's certificate (peers must be
     llumlets of the cluster). UCX has no TLS: its KV bytes go unencrypted (said once), so ``auto`` picks UCX only on
-    an insecure cluster (``--transport ucx`` asks for it on a secure one); TCP keeps them inside TLS. UCX uses only the interface of ``--host`` (of ``--advertise-host`` when ``--host`` is a wildcard), so
-    the worker address peers on other hosts get names no interface they cannot reach."""
+    an insecure cluster (``--transport ucx`` asks for it on a secure one); TCP keeps them inside TLS. UCX uses only
+    the interface of ``--host`` (of ``--advertise-host`` when ``--host`` is a wildcard), so the worker address peers on
+    other hosts get names no interface they cannot reach."""
     settings = runtime.current()
     # UCX binds the interface of ``--host`` (of ``--advertise-host`` behind a wildcard), found by its IPv4 address.
     local, option = (host, "--host") if host not in WILDCARD_HOSTS else (advertise_host, "--advertise-host")
