@@ -208,9 +208,9 @@ def slow_aborts(frontend: Frontend, gate: asyncio.Event) -> list[str]:
     real = frontend._abort_on_instance
     done: list[str] = []
 
-    async def held(request_id: str, instance_id: str) -> None:
+    async def held(request_id: str, instance_id: str, capability: str = "") -> None:
         await gate.wait()
-        await real(request_id, instance_id)
+        await real(request_id, instance_id, capability)
         done.append(request_id)
 
     frontend._abort_on_instance = held  # type: ignore[method-assign]
@@ -475,3 +475,29 @@ async def test_on_plaintext_the_destinations_first_output_retires_the_sources_gr
     assert request.finished and request.finish_reason == common_pb2.FINISH_REASON_LENGTH
     await frontend.abort("pr")
     frontend.release(request)
+
+
+async def test_an_abort_naming_another_grant_does_not_end_the_request(cluster: Cluster) -> None:
+    """REVIEW18-4: any frontend could abort any request on a llumlet by its id (e.g. one whose client left while its
+    AddRequest, with the same client-chosen id, was in flight). A frontend's abort now names its grant, and ends only
+    the request that carries it."""
+    frontend = cluster.frontend
+    request = await frontend.submit(
+        GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=200), request_id="shared")
+    )
+    async with asyncio.timeout(TIMEOUT_S):
+        while "shared" not in cluster.llumlet.owners:
+            await asyncio.sleep(0.005)
+    other = HolderLedger().grant("shared", "i-reuse")  # a grant of another frontend for the same id
+    async with grpc.aio.insecure_channel(cluster.llumlet_server.address) as channel:
+        stub = llumlet_pb2_grpc.LlumletServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.AbortRequest(
+                llumlet_pb2.AbortRequestRequest(request_id="shared", capability=other), timeout=TIMEOUT_S
+            )
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "shared" in cluster.llumlet.owners, "another frontend's abort ended the request"
+    frontend.release(request)  # its own frontend's abort (naming its grant) ends it
+    async with asyncio.timeout(TIMEOUT_S):
+        while "shared" in cluster.llumlet.owners:
+            await asyncio.sleep(0.005)

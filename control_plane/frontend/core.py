@@ -667,7 +667,10 @@ class Frontend:
         if not request.instance_id:
             return
         request_id = request.request_id
-        task = asyncio.get_running_loop().create_task(self._abort_on_instance(request_id, request.instance_id))
+        capability = self.tracker.ledger.token_of(request_id, request.instance_id)
+        task = asyncio.get_running_loop().create_task(
+            self._abort_on_instance(request_id, request.instance_id, capability)
+        )
         self._background.add(task)
         self._aborting.setdefault(request_id, set()).add(task)
 
@@ -695,7 +698,7 @@ class Frontend:
                 param="request_id",
             )
 
-    async def _abort_on_instance(self, request_id: str, instance_id: str) -> None:
+    async def _abort_on_instance(self, request_id: str, instance_id: str, capability: str = "") -> None:
         address = self._addresses.get(instance_id)
         if address is None and self.resolver is not None:
             address = await self.resolver.address_of(instance_id)
@@ -708,7 +711,8 @@ class Frontend:
         channel = self.channels.channel(address)
         try:
             await llumlet_pb2_grpc.LlumletServiceStub(channel).AbortRequest(
-                llumlet_pb2.AbortRequestRequest(request_id=request_id), timeout=self.call_timeout
+                llumlet_pb2.AbortRequestRequest(request_id=request_id, capability=capability),
+                timeout=self.call_timeout,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE:

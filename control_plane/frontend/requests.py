@@ -437,6 +437,18 @@ class HolderLedger:
             return (held.current.holder_instance_id,)
         return held.current.holder_instance_id, held.pending.holder_instance_id
 
+    def token_of(self, request_id: str, instance_id: str) -> str:
+        """The token this ledger granted ``instance_id`` for ``request_id`` (current or pending; "" if none): what an
+        abort sent there names, so it ends that request and no other one with the id."""
+        held = self._held.get(request_id)
+        if held is None:
+            return ""
+        if held.current.holder_instance_id == instance_id:
+            return held.token
+        if held.pending is not None and held.pending.holder_instance_id == instance_id:
+            return held.pending_token
+        return ""
+
     def held_by(self, instance_id: str) -> list[str]:
         """The requests ``instance_id`` holds now as their current holder and has not handed over. A hand-over it
         received but has not pushed for yet does not count (the source may still finish the request), nor does one it

@@ -26,6 +26,7 @@ abort came, the abort follows it, naming that migration (``PassedOn``), however 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -326,6 +327,17 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
             if incarnation is None:
                 await self._pass_abort_on(context, request_id, migration_id)
                 return llumlet_pb2.AbortRequestResponse()
+        elif request.capability:
+            # A frontend's abort names its grant: a request with the id holding another token is not this abort's
+            # (another frontend's, whose client chose the same id; before, any frontend could end it by its id).
+            owner = self.llumlet.owners.get(request_id)
+            if owner is not None and owner.capability and not _same(owner.capability, request.capability):
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"AbortRequest: the request {request_id!r} on {self.llumlet.instance_id} carries another "
+                    "capability (not the caller's request)",
+                )
+            incarnation = owner
         try:
             await self.llumlet.abort_request(request_id, incarnation=incarnation)
         except EngineError as exc:
@@ -523,3 +535,8 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{what}: migration {migration_id} belongs to source {source}, not {caller.role} {caller.id}",
             )
+
+
+def _same(a: str, b: str) -> bool:
+    """Two capability tokens are the same (compared in constant time)."""
+    return hmac.compare_digest(a.encode(), b.encode())

@@ -93,6 +93,7 @@ class AbortRequestRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MIGRATION_ID_FIELD_NUMBER: _builtins.int
+    CAPABILITY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     migration_id: _builtins.str
     """Set only by a migration's source forwarding its client's abort: the migration that moved the request to the
@@ -100,15 +101,21 @@ class AbortRequestRequest(_message.Message):
     follows it through later migrations. Until the next release the source also sends it as the
     "llumnix-migration-id" call metadata, which llumlets still read, for peers that predate this field.
     """
+    capability: _builtins.str
+    """Set by a frontend: the capability token it granted this instance for the request it aborts. The llumlet then
+    aborts only the request that carries that token (NOT_FOUND for a request with the id that carries another: e.g.
+    another frontend's, whose client chose the same id). Empty: whatever request has the id (plaintext tools).
+    """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         migration_id: _builtins.str = ...,
+        capability: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["migration_id", b"migration_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capability", b"capability", "migration_id", b"migration_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

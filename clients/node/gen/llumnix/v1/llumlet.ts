@@ -100,6 +100,12 @@ export interface AbortRequestRequest {
    * "llumnix-migration-id" call metadata, which llumlets still read, for peers that predate this field.
    */
   migrationId: string;
+  /**
+   * Set by a frontend: the capability token it granted this instance for the request it aborts. The llumlet then
+   * aborts only the request that carries that token (NOT_FOUND for a request with the id that carries another: e.g.
+   * another frontend's, whose client chose the same id). Empty: whatever request has the id (plaintext tools).
+   */
+  capability: string;
 }
 
 export interface AbortRequestResponse {
@@ -429,7 +435,7 @@ export const AddRequestResponse: MessageFns<AddRequestResponse> = {
 };
 
 function createBaseAbortRequestRequest(): AbortRequestRequest {
-  return { requestId: "", migrationId: "" };
+  return { requestId: "", migrationId: "", capability: "" };
 }
 
 export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
@@ -439,6 +445,9 @@ export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
     }
     if (message.migrationId !== "") {
       writer.uint32(18).string(message.migrationId);
+    }
+    if (message.capability !== "") {
+      writer.uint32(26).string(message.capability);
     }
     return writer;
   },
@@ -472,6 +481,14 @@ export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
             message.migrationId = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.capability = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -496,6 +513,7 @@ export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
         : isSet(object.migration_id)
         ? globalThis.String(object.migration_id)
         : "",
+      capability: isSet(object.capability) ? globalThis.String(object.capability) : "",
     };
   },
 
@@ -507,6 +525,9 @@ export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
     if (message.migrationId !== "") {
       obj.migrationId = message.migrationId;
     }
+    if (message.capability !== "") {
+      obj.capability = message.capability;
+    }
     return obj;
   },
 
@@ -517,6 +538,7 @@ export const AbortRequestRequest: MessageFns<AbortRequestRequest> = {
     const message = createBaseAbortRequestRequest();
     message.requestId = object.requestId ?? "";
     message.migrationId = object.migrationId ?? "";
+    message.capability = object.capability ?? "";
     return message;
   },
 };
