@@ -151,6 +151,14 @@ def make_replica(ids: tuple[str, ...], log: list[str], **timing: float) -> tuple
     return replica, election
 
 
+def leading_with_provider(ids: tuple[str, ...], log: list[str]) -> SchedulerReplica:
+    """A leading replica with a fake instance provider (scaling tests); ``log`` records its orders and starts."""
+    replica, election = make_replica(ids, log)
+    replica.leadership = cast(Any, election.leadership)
+    replica.provider = cast(Any, FakeProvider(replica, log))
+    return replica
+
+
 async def wait_until(check: Callable[[], bool]) -> None:
     async with asyncio.timeout(DEADLINE_S):
         while not check():
@@ -320,9 +328,7 @@ async def test_one_refused_drain_does_not_end_the_scaling_pass() -> None:
     instance started, and the loop runs on (before: the refusal ended the pass and restarted the loop, and its
     warm-up)."""
     log: list[str] = []
-    replica, election = make_replica(("a", "b"), log)
-    replica.leadership = cast(Any, election.leadership)
-    replica.provider = cast(Any, FakeProvider(replica, log))
+    replica = leading_with_provider(("a", "b"), log)
     replica.core.reconfigure(dataclasses.replace(replica.core.config, enable_scaling=True))
     replica.core.scale = lambda snapshot, starting_count=0, cancellable=None: ScalingDecision(start=1, drain=("a", "b"))  # type: ignore[method-assign]
     refuse_orders(replica, "a", log)
@@ -837,9 +843,7 @@ async def test_scale_to_zero_clears_the_manual_target_and_the_autoscaler_decides
     """REVIEW17-3: 0 was refused ("outside the range"), so after any manual scale the autoscaler stayed off (a set
     target skips it) until someone deleted the etcd key by hand. The watch already read 0 as "no target"."""
     log: list[str] = []
-    replica, election = make_replica(("a", "b"), log)
-    replica.leadership = cast(Any, election.leadership)
-    replica.provider = cast(Any, FakeProvider(replica, log))
+    replica = leading_with_provider(("a", "b"), log)
     store = _Store()
     replica.scale_store = cast(Any, store)
     for iid in ("a", "b"):
@@ -856,9 +860,7 @@ async def test_manual_scale_counts_a_vanished_instance_as_coming_back() -> None:
     scaler counted it as starting; the manual path did not, started a replacement, and drained one once ``b`` was
     back."""
     log: list[str] = []
-    replica, election = make_replica(("a", "b"), log)
-    replica.leadership = cast(Any, election.leadership)
-    replica.provider = cast(Any, FakeProvider(replica, log))
+    replica = leading_with_provider(("a", "b"), log)
     for iid in ("a", "b"):
         assert replica.report(active_load(iid))
     replica.scale_target = 2
@@ -874,9 +876,7 @@ async def test_manual_scale_counts_a_vanished_instance_as_coming_back() -> None:
 async def test_scaling_cancels_only_its_own_drains_not_an_operators() -> None:
     """REVIEW17-4: ``llmctl drain b`` (to take its host down) at min 2 was undone by the next scaling pass."""
     log: list[str] = []
-    replica, election = make_replica(("a", "b"), log)
-    replica.leadership = cast(Any, election.leadership)
-    replica.provider = cast(Any, FakeProvider(replica, log))
+    replica = leading_with_provider(("a", "b"), log)
     replica.core.reconfigure(dataclasses.replace(replica.core.config, enable_scaling=True, min_instances=2))
     for iid in ("a", "b"):
         assert replica.report(active_load(iid))
