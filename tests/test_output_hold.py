@@ -111,6 +111,25 @@ async def test_a_held_batch_goes_out_at_its_deadline_or_at_once_with_the_next_su
         await sink.stop()
 
 
+async def test_a_flush_waits_for_held_outputs_an_empty_ask_went_out_before() -> None:
+    """REVIEW19-1: the quiet gap's empty ask was marked with every submit so far, held outputs still unsent included;
+    its answer settled them, so a flush (the migration's barrier before its commit) returned before they were even
+    written, and they reached the frontend after the request had moved on (a gap in its stream)."""
+    sink = MessageSink()
+    address = await sink.start()
+    pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=0.05))
+    try:
+        pusher.submit(address, [output("r", 0)])
+        await until(lambda: len(sink.messages) == 1, 5, "the first output")
+        pusher.submit(address, [output("r", 1)], hold_s=30.0)  # held: a slow decode step's
+        await until(lambda: len(sink.messages) == 2 and sink.empty == 1, 5, "the quiet gap's empty ask")
+        await pusher.flush(address, timeout=5)
+        assert sink.raw_indices("r") == [0, 1], "the flush returned before the held output was delivered"
+    finally:
+        await pusher.close()
+        await sink.stop()
+
+
 async def test_a_flowing_stream_asks_for_answers_on_its_outputs_not_on_empty_batches() -> None:
     """Old behaviour: the ask's timer rang between two batches, and an empty batch asked (here ~1 per 0.5 s, so ~5
     over the 2.4 s stream). The 0.5 s interval is ~16 times the 30 ms gap between outputs: a loaded CI stalls the

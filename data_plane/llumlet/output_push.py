@@ -402,10 +402,13 @@ class OutputPusher:
                 continue
             quiet_since = max(sink.last_ack, sink.last_data)
             if sink.unacked and not sink.ask_seq and (sink.flushing or now - quiet_since >= s.ack_interval_s):
-                # Nothing to carry the ask: an empty batch asks (a quiet stream's last batches get answered too).
+                # Nothing to carry the ask: an empty batch asks (a quiet stream's last batches get answered too). Its
+                # answer settles what was written before it, not outputs still held in ``pending`` (``submitted``
+                # counts those too: a flush then returned before they were even sent, and they reached the frontend
+                # after the migration it waited for had moved the request on).
                 message = self._message(sink.next_seq)
                 sink.next_seq += 1
-                sink.unacked.append(_Batch(message, sink.submitted, now))
+                sink.unacked.append(_Batch(message, sink.unacked[-1].mark, now))
                 await self._write(sink, message, ask=True)
                 continue
             # Wait for outputs, an answer, a failure, the ask's deadline, the next ask, or idleness.
