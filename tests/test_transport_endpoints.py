@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import socket
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +19,7 @@ from pyllumnix.data_plane.transport import (
     make_transport,
     ucx_available,
 )
+from pyllumnix.data_plane.transport.tcp import TcpTransport
 
 KINDS = [
     "inproc",
@@ -157,3 +161,88 @@ async def test_inproc_cost_model_delays_and_times_out() -> None:
 def test_make_transport_rejects_unknown_kind() -> None:
     with pytest.raises(ValueError):
         make_transport("carrier-pigeon")
+
+
+@pytest.fixture
+async def tcp_pair() -> AsyncIterator[tuple[TcpTransport, TcpTransport]]:
+    a, b = TcpTransport(), TcpTransport()
+    await a.start()
+    await b.start()
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def wait_writing(a: TcpTransport, peer: str) -> None:
+    """Until a send to ``peer`` holds the pooled connection (it is writing its frame)."""
+    async with asyncio.timeout(5):
+        while not (peer in a._conns and a._conns[peer].lock.locked()):
+            await asyncio.sleep(0)
+
+
+FRAME = 48 << 20  # large enough that a send is still writing when the test acts
+
+
+async def test_a_send_cancelled_mid_frame_does_not_corrupt_the_next_transfer(
+    tcp_pair: tuple[TcpTransport, TcpTransport],
+) -> None:
+    """REVIEW19-6: the partial frame stayed on the pooled connection; the peer read the next frame's bytes as its
+    payload (delivered as a success, corrupt) and the next transfer was lost."""
+    a, b = tcp_pair
+    b.expect("m1", FRAME)
+    b.expect("m2", FRAME)
+    first = asyncio.create_task(a.send(b.address, "m1", np.full(FRAME, 0xAA, np.uint8), timeout=30))
+    await wait_writing(a, b.address)
+    await asyncio.sleep(0.002)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await a.send(b.address, "m2", np.full(FRAME, 0xBB, np.uint8), timeout=30)
+    got = await b.receive("m2", timeout=10)
+    assert bool(np.all(np.asarray(got) == 0xBB)), "the second transfer arrived corrupt"
+    with pytest.raises(TransportError):  # the cancelled one is never delivered (its connection was dropped)
+        await b.receive("m1", timeout=1)
+
+
+async def test_a_send_that_times_out_waiting_its_turn_leaves_the_writing_one_alone(
+    tcp_pair: tuple[TcpTransport, TcpTransport],
+) -> None:
+    """REVIEW19-7: it closed the connection under the sender holding it, which then failed after its whole timeout."""
+    a, b = tcp_pair
+    b.expect("A", FRAME)
+    b.expect("B", 1024)
+    writing = asyncio.create_task(a.send(b.address, "A", np.full(FRAME, 1, np.uint8), timeout=20))
+    await wait_writing(a, b.address)
+    with pytest.raises(TransportTimeout):
+        await a.send(b.address, "B", np.zeros(1024, np.uint8), timeout=0.001)
+    await writing
+    assert bool(np.all(np.asarray(await b.receive("A", timeout=10)) == 1))
+
+
+async def test_a_failed_accept_does_not_end_the_accept_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """REVIEW19-8: one accept failing (EMFILE) ended the loop: the address stayed published, sends "succeeded"
+    into the kernel backlog and receives timed out for ever."""
+    loop_type = type(asyncio.get_running_loop())
+    real = loop_type.sock_accept
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    async def flaky(self: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[socket.socket, Any]:
+        if failures:
+            raise failures.pop()
+        return await real(self, sock)
+
+    a, b = TcpTransport(), TcpTransport()
+    await a.start()
+    await asyncio.sleep(0.01)  # a's accept loop now waits in the real accept: the failure is b's
+    monkeypatch.setattr(loop_type, "sock_accept", flaky)
+    await b.start()
+    try:
+        b.expect("m", 1000)
+        await a.send(b.address, "m", np.ones(1000, np.uint8), timeout=5)
+        assert bytes(await b.receive("m", timeout=5)) == b"\x01" * 1000
+        assert not failures, "the accept never failed: the test tested nothing"
+    finally:
+        await a.close()
+        await b.close()

@@ -49,6 +49,8 @@ _MAX_KEY = 4096
 # allocated. Migration chunks are 16 MiB by default (``fusion.DEFAULT_CHUNK_BYTES``).
 MAX_FRAME_BYTES = 1 << 30
 _SOCK_BUF = 4 << 20
+# Pause before accepting again after accept itself failed (out of file descriptors, buffers).
+ACCEPT_RETRY_S = 0.1
 
 
 def parse_tcp_address(address: str) -> tuple[str, int]:
@@ -203,7 +205,15 @@ class TcpTransport(BufferingTransport):
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            sock, _ = await loop.sock_accept(listener)
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS...: back off and accept again (as asyncio's own servers do). Ending the loop
+                # left the address published with nobody accepting: sends "succeeded" into the backlog, receives
+                # timed out for ever.
+                log.warning("tcp data plane: accept failed (%s); retrying in %.1f s", exc, ACCEPT_RETRY_S)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             _tune(sock)
             self._server_socks.add(sock)
             self._spawn(self._serve(sock))
@@ -393,10 +403,15 @@ class TcpTransport(BufferingTransport):
         header = _HEADER.pack(_MAGIC, len(raw_key), view.nbytes) + raw_key
         loop = asyncio.get_running_loop()
         conn: _Conn | None = None
+        # Whether this call began writing its frame: only then can it leave a partial frame on the shared connection
+        # (a send that timed out waiting for another sender's turn wrote nothing, and must not close the connection
+        # under that sender's transfer).
+        began = False
         try:
             async with asyncio.timeout(timeout):
                 conn = await self._connect(peer)
                 async with conn.lock:
+                    began = True
                     if conn.writer is not None:
                         conn.writer.write(header)
                         conn.writer.write(view)
@@ -405,13 +420,19 @@ class TcpTransport(BufferingTransport):
                         await loop.sock_sendall(conn.sock, header)
                         await loop.sock_sendall(conn.sock, view)
         except TimeoutError as e:
-            if conn is not None:
+            if conn is not None and began:
                 self._drop(peer, conn)  # a partial frame poisons the connection
             raise TransportTimeout(f"send {key!r} to {peer}: not done within {timeout:.3g}s") from e
         except (OSError, ssl.SSLError) as e:
             if conn is not None:
                 self._drop(peer, conn)
             raise TransportError(f"send {key!r} to {peer}: {e}") from e
+        except BaseException:
+            # Cancelled mid-frame: the rest of it never follows, and the peer would read the next frame's bytes as
+            # this one's payload (a corrupt transfer reported as delivered, the next one lost).
+            if conn is not None and began:
+                self._drop(peer, conn)
+            raise
 
 
 async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> bool:
