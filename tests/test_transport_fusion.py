@@ -226,3 +226,36 @@ async def test_stall_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError):
         await send_blocks(a, a.address, "z", BlockPool(1, 8).read, [0], 8, stall_timeout=0)
     await a.close()
+
+
+async def test_a_cancelled_receive_returns_only_after_its_scatter_thread_ended() -> None:
+    """REVIEW19-4a: cancelling ``receive_blocks`` returned while its scatter thread still wrote into the destination's
+    reserved blocks; the abort then freed them, and the thread wrote into whatever request got them next."""
+    a, b = InprocTransport(), InprocTransport()
+    await a.start()
+    await b.start()
+    block = 4096
+    writing: list[str] = []
+
+    def write(ids: Sequence[int], data: BlockBuffer) -> None:
+        writing.append("begins")
+        time.sleep(0.3)  # a slow copy (a big chunk, a busy host)
+        writing.append("ends")
+
+    try:
+        recv = asyncio.create_task(
+            receive_blocks(b, "m/0", [10, 11], block, write, chunk_bytes=block, timeout=5, scatter_in_thread=True)
+        )
+        await asyncio.sleep(0.01)
+        ones = np.ones((2, block), np.uint8)
+        await send_blocks(a, b.address, "m/0", lambda ids: ones[: len(ids)], [1, 2], block, chunk_bytes=block)
+        async with asyncio.timeout(5):
+            while not writing:
+                await asyncio.sleep(0.005)
+        recv.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await recv
+        assert writing[-1] == "ends", "the receive returned while its thread still wrote into the blocks"
+    finally:
+        await a.close()
+        await b.close()

@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -416,7 +416,7 @@ async def receive_blocks(
                 raise
             outstanding.remove(key)
             if scatter_in_thread:
-                crc = await asyncio.to_thread(scatter, index, crc)
+                crc = await _joined(asyncio.to_thread(scatter, index, crc))
             else:
                 crc = scatter(index, crc)
             clock.progressed(plan.nbytes(index))
@@ -430,3 +430,20 @@ async def receive_blocks(
             transport.cancel(key)
         transport.end_stage(key_prefix)
     return TransferResult(plan.n_blocks * block_bytes, plan.n_chunks, crc if checksum else None)
+
+
+T = TypeVar("T")
+# How long a cancelled transfer waits for its copy thread to finish (it writes into blocks the caller frees next).
+THREAD_JOIN_S = 5.0
+
+
+async def _joined(work: Coroutine[Any, Any, T]) -> T:
+    """Awaits ``work`` (a copy in a worker thread); when cancelled, waits for the thread (up to ``THREAD_JOIN_S``)
+    before passing the cancellation on: a thread cannot be stopped, and one still scattering into the destination's
+    reserved blocks after the abort freed them wrote into whatever request got them next."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task], timeout=THREAD_JOIN_S)
+        raise

@@ -979,22 +979,22 @@ class MigrationCoordinator:
                 return engine.read_blocks_async(ids, out)
             return engine.read_blocks(ids, out)
 
-        try:
-            sent = await send_blocks(
-                self.transport,
-                peer,
-                key,
-                read,
-                list(src_ids),
-                engine.block_bytes,
-                chunk_bytes=self.settings.chunk_bytes,
-                timeout=self.settings.transfer_timeout_s,
-                stall_timeout=self.settings.stall_timeout_s,
-                checksum=self.settings.verify_crc,
-                staging=buffers if device else None,
-            )
-        finally:
-            self._send_pool.append(buffers)
+        # The buffers go back to the pool only after a success: a gather still running in its thread after a failure
+        # may write into them.
+        sent = await send_blocks(
+            self.transport,
+            peer,
+            key,
+            read,
+            list(src_ids),
+            engine.block_bytes,
+            chunk_bytes=self.settings.chunk_bytes,
+            timeout=self.settings.transfer_timeout_s,
+            stall_timeout=self.settings.stall_timeout_s,
+            checksum=self.settings.verify_crc,
+            staging=buffers if device else None,
+        )
+        self._send_pool.append(buffers)
         return sent.nbytes, sent.crc32 or 0
 
     # ------------------------------------------------------------------ destination role
@@ -1166,21 +1166,22 @@ class MigrationCoordinator:
             raise TransportError(f"migration {mid} is no longer expected here")
         token = incoming.transfer_token
         buffers = self._buffers(self._recv_pool, 4)
-        try:
-            got = await receive_blocks(
-                self.transport,
-                data_key(mid, token, stage),
-                ids,
-                engine.block_bytes,
-                write,
-                chunk_bytes=self.settings.chunk_bytes,
-                timeout=self.settings.transfer_timeout_s,
-                stall_timeout=self.settings.stall_timeout_s,
-                checksum=self.settings.verify_crc,
-                buffers=buffers,
-            )
-        finally:
-            self._recv_pool.append(buffers)
+        # The buffers go back to the pool only after a success: a late byte of a failed transfer may still land in them
+        # (a TCP frame already being read, a posted UCX receive), and a healthy migration reusing them failed its CRC
+        # (or, unchecked, took corrupt KV).
+        got = await receive_blocks(
+            self.transport,
+            data_key(mid, token, stage),
+            ids,
+            engine.block_bytes,
+            write,
+            chunk_bytes=self.settings.chunk_bytes,
+            timeout=self.settings.transfer_timeout_s,
+            stall_timeout=self.settings.stall_timeout_s,
+            checksum=self.settings.verify_crc,
+            buffers=buffers,
+        )
+        self._recv_pool.append(buffers)
         return got.nbytes, got.crc32 or 0
 
     async def transfer_stage(self, request: llumlet_pb2.TransferStageRequest) -> llumlet_pb2.TransferStageResponse:
