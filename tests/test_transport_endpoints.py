@@ -19,6 +19,7 @@ from pyllumnix.data_plane.transport import (
     make_transport,
     ucx_available,
 )
+from pyllumnix.data_plane.transport import tcp as tcp_module
 from pyllumnix.data_plane.transport.tcp import TcpTransport
 
 KINDS = [
@@ -246,3 +247,26 @@ async def test_a_failed_accept_does_not_end_the_accept_loop(monkeypatch: pytest.
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_peer_stalled_inside_a_frame_is_dropped_and_its_early_claim_returned(
+    monkeypatch: pytest.MonkeyPatch, tcp_pair: tuple[TcpTransport, TcpTransport]
+) -> None:
+    """REVIEW19-3: a frame's early-data claim was returned only when its connection closed; a peer that sent a header
+    and stalled (no FIN) held it for ever, and healthy migrations' early chunks were refused meanwhile."""
+    monkeypatch.setattr(tcp_module, "FRAME_STALL_S", 0.3, raising=False)  # (raising: the old code had none)
+    _, b = tcp_pair
+    host, port = tcp_module.parse_tcp_address(b.address)
+    _, writer = await asyncio.open_connection(host, port)
+    try:
+        key = b"dead/0/5"  # an early chunk of a stage nobody expects yet
+        writer.write(tcp_module._HEADER.pack(tcp_module._MAGIC, len(key), 4 << 20) + key + b"x" * 100)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            while b.early_bytes == 0:
+                await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):  # old: claimed for as long as the connection stayed open
+            while b.early_bytes:
+                await asyncio.sleep(0.05)
+    finally:
+        writer.close()

@@ -51,6 +51,9 @@ MAX_FRAME_BYTES = 1 << 30
 _SOCK_BUF = 4 << 20
 # Pause before accepting again after accept itself failed (out of file descriptors, buffers).
 ACCEPT_RETRY_S = 0.1
+# Inside a frame (its header read), the longest wait for the next bytes: a peer stalled mid-frame is dropped, its
+# early-data claim returned and the transfer waiting for the frame failed. Between frames a connection may idle.
+FRAME_STALL_S = 30.0
 
 
 def parse_tcp_address(address: str) -> tuple[str, int]:
@@ -230,7 +233,7 @@ class TcpTransport(BufferingTransport):
                 if not _frame_ok(magic, key_len, nbytes):
                     return
                 raw_key = bytearray(key_len)
-                if not await _recv_exact(loop, sock, memoryview(raw_key)):
+                if not await _recv_exact(loop, sock, memoryview(raw_key), FRAME_STALL_S):
                     return
                 key = raw_key.decode(errors="replace")
                 target = self._frame_target(key, nbytes, sender)
@@ -238,7 +241,10 @@ class TcpTransport(BufferingTransport):
                     return
                 buf, direct, claim = target
                 try:
-                    got = await _recv_exact(loop, sock, buf.data)
+                    got = await _recv_exact(loop, sock, buf.data, FRAME_STALL_S)
+                except TimeoutError:
+                    got = False
+                    log.warning("data plane: %s stalled inside frame %r; dropping the connection", sender, key)
                 except BaseException:
                     self._unclaim(nbytes, claim)
                     raise
@@ -281,7 +287,8 @@ class TcpTransport(BufferingTransport):
                 magic, key_len, nbytes = _HEADER.unpack(header)
                 if not _frame_ok(magic, key_len, nbytes):
                     return
-                key = (await reader.readexactly(key_len)).decode(errors="replace")
+                async with asyncio.timeout(FRAME_STALL_S):
+                    key = (await reader.readexactly(key_len)).decode(errors="replace")
                 target = self._frame_target(key, nbytes, peer.id)
                 if target is None:
                     return
@@ -290,10 +297,13 @@ class TcpTransport(BufferingTransport):
                 got = 0
                 try:
                     while got < nbytes:
-                        piece = await reader.readexactly(min(_TLS_SLICE, nbytes - got))
+                        async with asyncio.timeout(FRAME_STALL_S):
+                            piece = await reader.readexactly(min(_TLS_SLICE, nbytes - got))
                         view[got : got + len(piece)] = piece
                         got += len(piece)
-                except asyncio.IncompleteReadError:
+                except (asyncio.IncompleteReadError, TimeoutError) as exc:
+                    if isinstance(exc, TimeoutError):
+                        log.warning("data plane: %s stalled inside frame %r; dropping the connection", peer.id, key)
                     self._unclaim(nbytes, claim)
                     self._fail_mid_transfer(key)
                     return
@@ -435,12 +445,19 @@ class TcpTransport(BufferingTransport):
             raise
 
 
-async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview) -> bool:
-    """Fills ``view``; False on EOF before the first byte or in the middle."""
+async def _recv_exact(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, view: memoryview, stall_s: float | None = None
+) -> bool:
+    """Fills ``view``; False on EOF before the first byte or in the middle. ``stall_s``: the longest wait for each
+    read (TimeoutError past it; None: no bound)."""
     got = 0
     total = view.nbytes
     while got < total:
-        n = await loop.sock_recv_into(sock, view[got:])
+        if stall_s is None:
+            n = await loop.sock_recv_into(sock, view[got:])
+        else:
+            async with asyncio.timeout(stall_s):
+                n = await loop.sock_recv_into(sock, view[got:])
         if n == 0:
             return False
         got += n
