@@ -223,3 +223,63 @@ async def test_idle_output_senders_close_and_reopen_on_demand() -> None:
     finally:
         await pusher.close()
         await sink.stop()
+
+
+async def gave_up(pusher: OutputPusher, address: str) -> None:
+    """What the sender does once the frontend was unreachable for its whole budget (here with the queue as it is)."""
+    await pusher._give_up(pusher._sinks[address], [], TimeoutError("frontend unreachable"), 30.0)
+
+
+async def test_after_a_give_up_a_request_reusing_the_id_is_delivered() -> None:
+    """REVIEW19-9: the given-up requests were remembered by id alone, so for 60 s every output of a later request
+    reusing the id (a client's retry placed here again) was dropped, its finish included."""
+    sink = RecordingSink()
+    address = await sink.start()
+    pusher = OutputPusher("i", lambda _: None, on_unreachable=lambda a, r: None)
+    try:
+        old = common_pb2.RequestOutput(request_id="r", token_ids=[1], first_token_index=0, capability="cap-old")
+        pusher.submit(address, [old], hold_s=30.0)  # still queued when the sender gives up
+        await gave_up(pusher, address)
+        pusher.submit(address, [old])  # the given-up incarnation's late output: dropped
+        new = common_pb2.RequestOutput(
+            request_id="r",
+            token_ids=[7, 8],
+            first_token_index=0,
+            capability="cap-new",
+            finished=True,
+            finish_reason=common_pb2.FINISH_REASON_STOP,
+        )
+        pusher.submit(address, [new])
+        await pusher.flush(address, timeout=5)
+        got = [(list(o.token_ids), o.capability) for o in sink.outputs["r"] if o.token_ids]
+        assert got == [([7, 8], "cap-new")], got
+    finally:
+        await pusher.close()
+        await sink.stop()
+
+
+async def test_a_final_error_queued_when_the_sender_gives_up_is_queued_again() -> None:
+    """REVIEW19-11: a request whose dropped outputs already held its final ERROR got no notice of the pusher's (right)
+    and lost that final too: a frontend that came back never learnt how the request ended."""
+    sink = RecordingSink()
+    address = await sink.start()
+    pusher = OutputPusher("i", lambda _: None, on_unreachable=lambda a, r: None)
+    try:
+        final = common_pb2.RequestOutput(
+            request_id="e",
+            token_ids=[5],
+            first_token_index=3,
+            finished=True,
+            finish_reason=common_pb2.FINISH_REASON_ERROR,
+            error="engine failed",
+            capability="cap-e",
+        )
+        pusher.submit(address, [final], hold_s=30.0)
+        await gave_up(pusher, address)
+        await pusher.flush(address, timeout=5)
+        outs = await sink.wait("e", timeout=5)
+        assert outs[-1].finished and outs[-1].finish_reason == common_pb2.FINISH_REASON_ERROR
+        assert outs[-1].error == "engine failed" and list(outs[-1].token_ids) == []
+    finally:
+        await pusher.close()
+        await sink.stop()

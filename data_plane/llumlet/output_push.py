@@ -173,7 +173,7 @@ class _Sink:
         self.resend = False  # the answer came: the unacknowledged batches are to be written again
         self.unary = False  # the frontend has no StreamOutputs: one PushOutputs per batch
         # request id -> when its outputs were given up (later outputs of it are dropped; see ``_give_up``)
-        self.ended: dict[str, float] = {}
+        self.ended: dict[tuple[str, str], float] = {}
 
     def add(self, out: common_pb2.RequestOutput) -> bool:
         """Queues ``out``; returns True when it was merged into the request's queued message."""
@@ -278,7 +278,8 @@ class OutputPusher:
             sink = self._sinks[frontend_address] = _Sink(frontend_address)
             sink.task = asyncio.get_running_loop().create_task(self._run(sink), name=f"push-{frontend_address}")
         if sink.ended:  # their final ERROR is queued (given up): the llumlet is aborting them; nothing may follow
-            outputs = [out for out in outputs if out.request_id not in sink.ended]
+            # (by id and capability: a later request reusing the id is not one of them)
+            outputs = [out for out in outputs if (out.request_id, out.capability) not in sink.ended]
             if not outputs:
                 return
         previous = sink.hold_until  # the deadline of the submits held so far (0: none)
@@ -709,11 +710,20 @@ class OutputPusher:
         last_seq = sink.submitted
         await sink.settle(last_seq, lost=True)
         first_dropped: dict[str, int] = {}
-        done: set[str] = set()
+        capabilities: dict[str, str] = {}
+        # Requests whose dropped outputs already held their final error (an engine ERROR, an ABORT): no notice of
+        # ours is made for them; that final itself is queued again (before, it was lost with the rest, and a frontend
+        # that came back never told its client how the request ended).
+        finals: dict[str, common_pb2.RequestOutput] = {}
         for out in dropped:
             first_dropped.setdefault(out.request_id, out.first_token_index)
+            capabilities.setdefault(out.request_id, out.capability)
             if out.finished and out.finish_reason in _TERMINAL:
-                done.add(out.request_id)  # already a final error notice: never generate another
+                final = common_pb2.RequestOutput()
+                final.CopyFrom(out)
+                del final.token_ids[:]  # the final alone: its tokens were dropped with the rest
+                finals[out.request_id] = final
+        done = set(finals)
         message = (
             f"instance {self._instance_id} could not deliver outputs to frontend {sink.address} for {elapsed:.1f} s "
             f"(last error: {_describe(exc)}); request aborted"
@@ -742,12 +752,13 @@ class OutputPusher:
             self._on_unreachable(sink.address, list(first_dropped))
         else:
             self._on_orphans(_orphans([rid for rid in first_dropped if rid not in done], dropped))
+        notices += finals.values()
         if notices:
             self.submit(sink.address, notices)
         # Outputs the llumlet still produces for these requests before its abort lands must not follow the notice.
         now = time.monotonic()
-        sink.ended = {rid: t for rid, t in sink.ended.items() if now - t < ENDED_MEMORY_S}
-        sink.ended.update(dict.fromkeys(first_dropped, now))
+        sink.ended = {key: t for key, t in sink.ended.items() if now - t < ENDED_MEMORY_S}
+        sink.ended.update(dict.fromkeys(((rid, capabilities[rid]) for rid in first_dropped), now))
 
     async def close(self) -> None:
         sinks, self._sinks = list(self._sinks.values()), {}
