@@ -177,12 +177,10 @@ async def test_the_stream_keeps_the_capability_checks_and_max_tokens(stack: Stac
     replies = await stream(stack, "llumlet", "i-2", batch(1, "i-2", out("victim", 3, foreign, cap, instance_id="i-2")))
     assert [list(r.unknown_request_ids) for r in replies] == [["victim"]]
     assert stack.sink.refused_outputs == 1
-    # Only llumlets stream (the scheduler keeps the unary push for its lost-instance notices).
-    await stack.refused(
-        stream(stack, "scheduler", "s0", batch(1, "i-1", out("victim", 3, foreign, cap))),
-        grpc.StatusCode.PERMISSION_DENIED,
-        "StreamOutputs",
-    )
+    # Only llumlets stream (the scheduler keeps the unary push for its lost-instance notices). Refused by its role
+    # before any message is read: the call writes none (a write racing the refusal fails in grpc's core, and the call
+    # then ends INTERNAL "Internal error from Core" instead of with the server's status: seen once in ~8 loaded runs).
+    await stack.refused(stream(stack, "scheduler", "s0"), grpc.StatusCode.PERMISSION_DENIED, "StreamOutputs")
     # The holder: the rest, then tokens beyond max_tokens (8), in one asked batch; a new stream's question (seq 0)
     # is answered with the last batch applied, per verified pusher (another llumlet learns nothing of i-1's).
     extra = out("victim", 3, [*VICTIM[3:], 900, 901], cap, finish=LENGTH)
