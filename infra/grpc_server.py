@@ -214,9 +214,11 @@ async def start_server(
 
     ``security`` defaults to the process's settings. ``credentials`` replaces the port's (a public port: server-only
     TLS, callers authenticated by ``interceptors`` such as API keys, no role check); ``reflection_on`` overrides the
-    settings' ``--reflection``.
+    settings' ``--reflection``, which serves reflection on role-checked ports only: the role table allows it to
+    admins, and a public port has no role check (it handed the schema to anyone who could connect).
     """
     settings = security if security is not None else runtime.current()
+    public = credentials is not None
     chain = list(interceptors)
     if credentials is None:
         credentials = runtime.server_port_credentials(settings)
@@ -230,7 +232,7 @@ async def start_server(
     for add, servicer, name in bindings:
         add(servicer, server)
         names.append(name)
-    if settings.reflection if reflection_on is None else reflection_on:
+    if (settings.reflection and not public) if reflection_on is None else reflection_on:
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
     address = host_port(host, port)
     bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pyllumnix.infra.grpc_server import start_server
+from pyllumnix.infra.security import runtime
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -131,6 +133,35 @@ async def test_reflection_lists_every_service(channel: grpc.aio.Channel) -> None
         names |= {s.name for s in reply.list_services_response.service}
     assert set(SERVICES) <= names
     assert "grpc.health.v1.Health" in names
+
+
+async def listed_services(channel: grpc.aio.Channel) -> set[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=2)
+    names: set[str] = set()
+    async for reply in call:
+        names |= {s.name for s in reply.list_services_response.service}
+    return names
+
+
+async def test_reflection_is_never_served_on_a_public_port() -> None:
+    """REVIEW18: ``--reflection`` also opened reflection on the frontend's public port, which has no role check (the
+    role table allows reflection to admins only): the schema went to anyone who could connect."""
+    settings = dataclasses.replace(runtime.INSECURE, reflection=True)
+    binding = (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, Frontend(), "llumnix.v1.FrontendService")  # type: ignore[abstract]
+    local = grpc.LocalConnectionType.LOCAL_TCP
+    public = await start_server([binding], security=settings, credentials=grpc.local_server_credentials(local))
+    internal = await start_server([binding], security=settings)
+    try:
+        async with grpc.aio.secure_channel(public.address, grpc.local_channel_credentials(local)) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await listed_services(ch)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(internal.address) as ch:
+            assert "llumnix.v1.FrontendService" in await listed_services(ch)
+    finally:
+        await public.stop(None)
+        await internal.stop(None)
 
 
 async def test_scheduler_dispatch_and_report_load(channel: grpc.aio.Channel) -> None:
