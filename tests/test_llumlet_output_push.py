@@ -14,6 +14,7 @@ import pytest
 
 from pyllumnix.data_plane.engine.profile import get_profile
 from pyllumnix.data_plane.engine.sim import SimEngine
+from pyllumnix.data_plane.llumlet import output_push
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.output_push import FrontendUnreachableError, OutputPusher, PushSettings
 from pyllumnix.infra.grpc_server import start_server
@@ -283,3 +284,14 @@ async def test_a_final_error_queued_when_the_sender_gives_up_is_queued_again() -
     finally:
         await pusher.close()
         await sink.stop()
+
+
+def test_an_id_refused_in_a_message_holding_two_of_its_incarnations_aborts_neither() -> None:
+    """A message can carry an ended request's late final (its grant refused by the frontend) and the first outputs
+    of a new request reusing the id. The answer lists the id alone; taking the latest output's capability aborted
+    the new request silently (the flaky test_on_plaintext_a_migrated_requests_late_outputs_miss_a_reused_id)."""
+    late = common_pb2.RequestOutput(request_id="r", finished=True, capability="cap-old")
+    new = common_pb2.RequestOutput(request_id="r", token_ids=[1], first_token_index=0, capability="cap-new")
+    other = common_pb2.RequestOutput(request_id="s", token_ids=[2], capability="cap-s")
+    assert output_push._orphans(["r", "s", "gone"], [late, new, other]) == {"s": "cap-s", "gone": ""}
+    assert output_push._orphans(["r"], [new, new]) == {"r": "cap-new"}

@@ -501,3 +501,48 @@ async def test_an_abort_naming_another_grant_does_not_end_the_request(cluster: C
     async with asyncio.timeout(TIMEOUT_S):
         while "shared" in cluster.llumlet.owners:
             await asyncio.sleep(0.005)
+
+
+async def test_a_reused_ids_first_outputs_in_one_message_with_the_old_ones_refused_output_survive(
+    cluster: Cluster,
+) -> None:
+    """The flaky test above, made deterministic: the old incarnation's last output (its grant now refused) and the
+    new request's first outputs leave the llumlet in one message. The frontend's answer lists the id alone; the
+    llumlet took the latest output's capability as the refused one and silently aborted the new request (its client
+    waited for ever; two fresh-clone CI runs of session 13 timed out so)."""
+    frontend = cluster.frontend
+    first = await frontend.submit(
+        GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=200), request_id="twice")
+    )
+    async with asyncio.timeout(TIMEOUT_S):
+        while "twice" not in cluster.llumlet.owners:
+            await asyncio.sleep(0.005)
+    pusher = cluster.llumlet.pusher
+    real_submit = pusher.submit
+    held: list[tuple[Any, Any]] = []
+
+    def hold(*args: Any, **kwargs: Any) -> None:
+        held.append((args, kwargs))
+
+    pusher.submit = hold  # type: ignore[method-assign]
+    try:
+        frontend.release(first)
+        again = await frontend.submit(
+            GenerationInput(prompt=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=100), request_id="twice")
+        )
+        async with asyncio.timeout(TIMEOUT_S):  # the old one's output and the new one's first, both held
+            while not any(out.capability != held[0][0][1][0].capability for args, _ in held for out in args[1]):
+                await asyncio.sleep(0.005)
+    finally:
+        pusher.submit = real_submit  # type: ignore[method-assign]
+    for args, kwargs in held:  # one message: nothing is sent while they are queued here
+        real_submit(*args, **kwargs)
+    tokens: list[int] = []
+    async with asyncio.timeout(TIMEOUT_S):
+        async for delta in again.deltas():
+            tokens += list(delta.token_ids)
+            if delta.finished:
+                assert delta.finish_reason == common_pb2.FINISH_REASON_LENGTH, delta
+                break
+    frontend.release(again)
+    assert len(tokens) == 100
