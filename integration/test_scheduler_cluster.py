@@ -168,6 +168,10 @@ async def test_dispatch_migration_and_leader_failover(
     # busy runs ~0.6 s on the tiny profile (300 steps of ~2 ms); the three decisions are taken back to back on one
     # channel so that it is still running when they are made (three separate TLS dials + AddRequests outlasted a
     # 150-token busy once in CI, and the then idle l3 rightly got a request)
+    # The leader's view first shows every d-request gone (the sink saw them end; the leader learns it from the next
+    # reports, and a d-request no report listed counts until its pending TTL): in CI, l0 and l1 still looked busier
+    # than l3 with "busy", and l3 got a request (Counter({'l2': 2, 'l3': 1})).
+    await wait_until(lambda: no_pending_dispatches(leader.leader_address), 10, "the leader to see the d-requests end")
     async with dial(leader.leader_address, "frontend") as ch:
         await add_request(llumlets[3].address, "busy", sink.server.address, 200, BUSY_TOKENS)
         await wait_until(lambda: listed_at_leader(leader.leader_address, "l3", ["busy"]), 5, "a report listing busy")
