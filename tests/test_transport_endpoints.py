@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -29,9 +30,12 @@ KINDS = [
 ]
 
 
-@pytest.fixture(params=KINDS)
-async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Transport, Transport]]:
-    a, b = make_transport(request.param), make_transport(request.param)
+T = TypeVar("T", bound=Transport)
+
+
+@contextlib.asynccontextmanager
+async def started(a: T, b: T) -> AsyncIterator[tuple[T, T]]:
+    """Two endpoints started, closed on the way out (also on failure)."""
     await a.start()
     await b.start()
     try:
@@ -39,6 +43,12 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Transport,
     finally:
         await a.close()
         await b.close()
+
+
+@pytest.fixture(params=KINDS)
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Transport, Transport]]:
+    async with started(make_transport(request.param), make_transport(request.param)) as endpoints:
+        yield endpoints
 
 
 def payload(n: int, seed: int = 0) -> np.ndarray:
@@ -166,14 +176,8 @@ def test_make_transport_rejects_unknown_kind() -> None:
 
 @pytest.fixture
 async def tcp_pair() -> AsyncIterator[tuple[TcpTransport, TcpTransport]]:
-    a, b = TcpTransport(), TcpTransport()
-    await a.start()
-    await b.start()
-    try:
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
+    async with started(TcpTransport(), TcpTransport()) as endpoints:
+        yield endpoints
 
 
 async def wait_writing(a: TcpTransport, peer: str) -> None:
