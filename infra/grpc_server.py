@@ -11,6 +11,7 @@ that does not parse is answered INVALID_ARGUMENT (``MalformedRequestInterceptor`
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -81,6 +82,18 @@ def local_host(host: str) -> str:
     if host in ("::", "[::]"):
         return "::1"
     return "127.0.0.1" if host in WILDCARD_HOSTS else host
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether a bind on ``host`` is reachable from this machine only (``localhost`` or a loopback literal); a wildcard,
+    another address or a host name is reachable from the network."""
+    bare = host.strip("[]")
+    if bare.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
 
 
 def advertised_host(host: str, advertise_host: str = "") -> str:

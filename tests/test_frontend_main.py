@@ -107,3 +107,59 @@ def test_the_frontend_id_is_the_certificates(tmp_path: Path, monkeypatch: pytest
     refused = CliRunner().invoke(frontend_command, [*tls, "--frontend-id", "f8"])
     assert refused.exit_code == 2 and "--frontend-id f8 is not the certificate's id 'f7'" in refused.output
     assert seen == ["f7"]
+
+
+@pytest.mark.parametrize(
+    ("flag", "secure", "host", "https"),
+    [
+        (None, True, "127.0.0.1", False),  # loopback: nothing leaves the machine
+        (None, True, "::1", False),
+        (None, True, "[::1]", False),
+        (None, True, "localhost", False),
+        (None, True, "0.0.0.0", True),  # the network reaches it: API keys only over TLS
+        (None, True, "::", True),
+        (None, True, "10.1.2.3", True),
+        (None, True, "node-a.example", True),
+        (None, False, "0.0.0.0", False),  # --insecure: nothing to serve TLS with
+        (True, True, "127.0.0.1", True),
+        (False, True, "0.0.0.0", False),  # the operator's TLS proxy in front (warned)
+    ],
+)
+def test_the_openai_api_is_https_wherever_the_network_reaches_it(
+    flag: bool | None, secure: bool, host: str, https: bool
+) -> None:
+    """Was plain HTTP unless ``--https``: a secure frontend bound on 0.0.0.0 took every user's API key in the clear."""
+    from pyllumnix.control_plane.frontend.main import choose_https
+
+    assert choose_https(flag, secure, host) is https
+
+
+def test_https_without_certificates_and_no_https_on_a_public_host_are_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--https --insecure`` was accepted and served plain HTTP; now a usage error. ``--no-https`` on a host the
+    network reaches is honoured with a warning; the default there serves HTTPS."""
+    from pyllumnix.control_plane.frontend import main
+    from pyllumnix.infra.security import runtime
+    from pyllumnix.infra.security.bootstrap import bootstrap_local
+
+    seen: list[bool] = []
+
+    async def fake_run(opts: FrontendOptions) -> int:
+        seen.append(opts.https)
+        return 0
+
+    monkeypatch.setattr(main, "run_frontend", fake_run)
+    monkeypatch.setitem(runtime._state, "current", runtime.current())
+    refused = CliRunner().invoke(frontend_command, ["--insecure", "--https", "--scheduler", "127.0.0.1:1"])
+    assert refused.exit_code == 2 and "--https" in refused.output and "--insecure" in refused.output
+    assert seen == []
+    paths = bootstrap_local(tmp_path / "pki", "c1").ensure("frontend", "f7")
+    tls = ["--ca", str(paths.ca), "--cert", str(paths.cert), "--key", str(paths.key), "--etcd", "127.0.0.1:1"]
+    caplog.set_level(logging.WARNING, logger="pyllumnix.control_plane.frontend.main")
+    for extra in (["--host", "0.0.0.0"], ["--host", "0.0.0.0", "--no-https"], []):
+        result = CliRunner().invoke(frontend_command, [*tls, *extra])
+        assert result.exit_code == 0, (result.output, result.exception)
+    assert seen == [True, False, False]
+    warned = [r.getMessage() for r in caplog.records if "--no-https" in r.getMessage()]
+    assert len(warned) == 1 and "in the clear" in warned[0], warned

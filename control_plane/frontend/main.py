@@ -39,7 +39,7 @@ from pyllumnix.control_plane.frontend.tokenizer import HfTokenizer, SimTokenizer
 from pyllumnix.infra import tracing
 from pyllumnix.infra.cli_types import FiniteFloatRange
 from pyllumnix.infra.etcd.keys import KeyLayout
-from pyllumnix.infra.grpc_server import advertised_address
+from pyllumnix.infra.grpc_server import advertised_address, is_loopback_host
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.runtime import security_options
@@ -81,10 +81,25 @@ class FrontendOptions:
     # 0: derived from max_model_len.
     max_prompt_bytes: int = 0
     max_grpc_message_bytes: int = 4 << 20
-    # HTTPS for the OpenAI API with this component's certificate (secure mode only); default plain HTTP + API keys.
+    # HTTPS for the OpenAI API with this component's certificate (secure mode only); see :func:`choose_https`.
     https: bool = False
     # Secure mode: API keys (in etcd) on the OpenAI API and the public gRPC port; False only for tests of the rest.
     api_keys: bool = True
+
+
+def choose_https(https: bool | None, secure: bool, host: str) -> bool:
+    """Whether the OpenAI API is served over HTTPS. Users send their API keys with every request, so a secure frontend
+    bound where the network reaches it serves HTTPS unless told ``--no-https`` (a TLS proxy in front; then warned);
+    on loopback it serves plain HTTP by default (nothing leaves the machine). ``--https`` needs certificates."""
+    if https and not secure:
+        raise click.UsageError("--https serves the OpenAI API with this frontend's certificate: not with --insecure")
+    if https is not None:
+        if secure and not https and not is_loopback_host(host):
+            log.warning(
+                "--no-https on %s: API keys reach the OpenAI API in the clear unless a TLS proxy is in front", host
+            )
+        return https
+    return secure and not is_loopback_host(host)
 
 
 def make_tokenizer(opts: FrontendOptions) -> Tokenizer:
@@ -318,7 +333,12 @@ def _split(value: str) -> list[str]:
     show_default=True,
     help="TTL of this frontend's etcd registry lease, s (with --etcd; renewed every TTL/5).",
 )
-@click.option("--https", is_flag=True, default=False, help="Serve the OpenAI API over HTTPS (this frontend's cert).")
+@click.option(
+    "--https/--no-https",
+    default=None,
+    help="Serve the OpenAI API over HTTPS with this frontend's certificate. Default: HTTPS when secure and --host is "
+    "not loopback (API keys must not cross a network in the clear), plain HTTP on loopback.",
+)
 @security_options
 @click.option("--log-level", default="INFO", show_default=True)
 def frontend_command(
@@ -345,7 +365,7 @@ def frontend_command(
     max_grpc_message_bytes: int,
     frontend_id: str,
     lease_ttl: int,
-    https: bool,
+    https: bool | None,
     log_level: str,
     **security: Any,
 ) -> None:
@@ -388,6 +408,6 @@ def frontend_command(
         max_body_bytes=max_body_bytes,
         max_prompt_bytes=max_prompt_bytes,
         max_grpc_message_bytes=max_grpc_message_bytes,
-        https=https,
+        https=choose_https(https, settings.secure, host),
     )
     sys.exit(asyncio.run(run_frontend(opts)))
