@@ -22,8 +22,11 @@ from pyllumnix.infra.security.apikeys import (
     ApiKeyError,
     ApiKeyInterceptor,
     ApiKeyStore,
+    ApiKeyStoreBusy,
     ApiKeyStoreError,
+    AuthFailure,
     api_key_middleware,
+    authenticate,
     bearer_token,
     hash_key,
 )
@@ -206,11 +209,49 @@ async def test_concurrent_checks_share_a_read_that_outlives_a_cancelled_caller(k
 
 
 async def test_the_negative_cache_is_bounded(kv: FakeKV) -> None:
-    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=60.0)
+    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=60.0, unknown_reads_per_s=None)
     for i in range(MAX_UNKNOWN_IDS + 5):
         with pytest.raises(ApiKeyError):
             await store.verify(f"llx_{i:016x}_{'A' * 43}")
     assert len(store._unknown) == MAX_UNKNOWN_IDS and f"{0:016x}" not in store._unknown
+
+
+async def test_reads_of_never_seen_ids_are_rate_limited_and_known_keys_never_wait(kv: FakeKV) -> None:
+    """Was: every check of a new random well-formed key read etcd, so one client could make etcd serve reads as fast as
+    it sent requests. Now at most ``unknown_reads_per_s`` a second (a bucket of as many); beyond, "busy" (503), and
+    a key verified before is checked as usual however many random ones arrive."""
+    clock = [0.0]
+    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=2.0, unknown_reads_per_s=10, clock=lambda: clock[0])
+    key, _ = await store.create("alice")
+    assert (await store.verify(key)).name == "alice"  # seen now (one token)
+    outcomes: list[str] = []
+    for i in range(50):
+        try:
+            await store.verify(f"llx_{i:016x}_{'A' * 43}")
+        except ApiKeyStoreBusy as exc:
+            assert "retry" in str(exc)
+            outcomes.append("busy")
+        except ApiKeyError:
+            outcomes.append("unknown")
+    assert outcomes.count("unknown") == 9 and outcomes.count("busy") == 41 and store.busy_refused == 41
+    assert kv.reads == 10
+    for _ in range(3):  # the known key's cache expires and is read again, never held back by the empty bucket
+        clock[0] += 2.5
+        assert (await store.verify(key)).name == "alice"
+    assert kv.reads == 13
+    clock[0] += 0.5  # the bucket refilled over the 7.5 s above, up to its cap of 10
+    outcomes = []
+    for i in range(100, 120):
+        try:
+            await store.verify(f"llx_{i:016x}_{'A' * 43}")
+            outcomes.append("ok")
+        except ApiKeyStoreBusy:
+            outcomes.append("busy")
+        except ApiKeyError:
+            outcomes.append("unknown")
+    assert outcomes == ["unknown"] * 10 + ["busy"] * 10
+    failure = await authenticate(store, f"Bearer llx_{999:016x}_{'A' * 43}", "user")
+    assert isinstance(failure, AuthFailure) and failure.http_status == 503, failure
 
 
 async def test_a_verified_key_rides_out_a_bounded_etcd_outage(kv: FakeKV) -> None:

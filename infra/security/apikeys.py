@@ -22,6 +22,12 @@ concurrent checks of one id share one read: a client repeating an unknown key co
 not one per request. A new key is not delayed by it: its id is random and known to nobody before ``create``
 returns, and ``create`` drops any such entry in its own process.
 
+Reads of ids this process has never seen are rate-limited (``unknown_reads_per_s``, default 100 a second, as a bucket
+of as many): without it a client sending a new random well-formed key with each request made etcd serve one read per
+request, as fast as it could send, taking etcd's time from lease renewals and elections. Beyond the rate such a check
+is answered "busy" (:class:`ApiKeyStoreBusy`: 503 / UNAVAILABLE, retry). Keys this process has verified before are
+never held back, so a flood of random keys delays only a user whose key this process has not seen yet.
+
 A request carries exactly one credential: several ``Authorization`` headers (HTTP) or ``authorization`` metadata
 entries (gRPC) are refused (401 / UNAUTHENTICATED), so the value that was verified is the only one any later code
 can read.
@@ -63,6 +69,10 @@ class ApiKeyError(Exception):
 
 class ApiKeyStoreError(Exception):
     """The key store could not answer (etcd unreachable): neither yes nor no."""
+
+
+class ApiKeyStoreBusy(ApiKeyStoreError):
+    """Too many checks of never-seen key ids this second: the store does not ask etcd (retry shortly)."""
 
 
 class _Value(Protocol):
@@ -126,6 +136,7 @@ class ApiKeyStore:
         *,
         cache_ttl: float = 2.0,
         stale_grace: float = 30.0,
+        unknown_reads_per_s: float | None = 100.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.kv = kv
@@ -141,6 +152,12 @@ class ApiKeyStore:
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> expiry of "no such key", oldest first
         # id -> the etcd read under way for it: concurrent checks of one id wait for the same read.
         self._reads: dict[str, asyncio.Task[tuple[ApiKey, str] | None]] = {}
+        # A token bucket for reads of ids never seen here: ``unknown_reads_per_s`` a second, as many at once (None: no
+        # limit).
+        self.unknown_reads_per_s = unknown_reads_per_s
+        self._tokens = unknown_reads_per_s or 0.0
+        self._filled_at = clock()
+        self.busy_refused = 0  # checks of never-seen ids answered "busy" instead of read from etcd
 
     async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
         try:
@@ -184,6 +201,9 @@ class ApiKeyStore:
             return None
         read = self._reads.get(kid)
         if read is None:
+            if cached is None and not self._take_token(now):
+                self.busy_refused += 1
+                raise ApiKeyStoreBusy("too many checks of unknown API keys right now; retry shortly")
             read = asyncio.ensure_future(self._read(kid))
             self._reads[kid] = read
             read.add_done_callback(lambda task: self._landed(kid, task))
@@ -197,6 +217,18 @@ class ApiKeyStore:
             if cached is None or cached[2] + self.stale_grace <= self._clock():
                 raise
             return self._stale(cached)
+
+    def _take_token(self, now: float) -> bool:
+        """One read of a never-seen id from the bucket, refilled at ``unknown_reads_per_s``; False when empty."""
+        rate = self.unknown_reads_per_s
+        if rate is None:
+            return True
+        self._tokens = min(rate, self._tokens + (now - self._filled_at) * rate)
+        self._filled_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     def _stale(self, cached: tuple[ApiKey, str, float] | None) -> tuple[ApiKey, str]:
         """An expired record taken because etcd cannot be read (within ``stale_grace`` of its expiry)."""
