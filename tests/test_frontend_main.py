@@ -42,10 +42,15 @@ async def test_run_frontend_serves_and_stops(
         async with session.get(f"{url}/health") as resp:  # readiness: nothing to dispatch to
             reason = (await resp.json())["reason"]
             assert resp.status == 503 and "scheduler leader" in reason and "bypass" in reason
+            assert "127.0.0.1:1" not in reason, reason  # a public answer names no address (the log does)
+        async with session.get(f"{url}/health") as resp:
+            assert resp.status == 503
     stop.set()
     assert await asyncio.wait_for(task, 10) == 0
     warned = [r.getMessage() for r in caplog.records if "no --etcd" in r.getMessage()]
     assert len(warned) == 1 and "lost instance" in warned[0] and "registry" in warned[0], warned
+    not_ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not ready")]
+    assert len(not_ready) == 1 and "127.0.0.1:1" in not_ready[0], not_ready  # once for two probes
 
 
 def test_command_needs_somewhere_to_dispatch() -> None:

@@ -36,7 +36,14 @@ from aiohttp import web
 
 from pyllumnix.clients.errors import LlumnixError, ResourceExhaustedError
 from pyllumnix.control_plane.frontend.channels import ChannelPool
-from pyllumnix.control_plane.frontend.dispatch import Dispatcher, Readiness, ReadinessAware, RefusalAware, Releasing
+from pyllumnix.control_plane.frontend.dispatch import (
+    Dispatcher,
+    Readiness,
+    ReadinessAware,
+    RefusalAware,
+    Releasing,
+    public_cause,
+)
 from pyllumnix.control_plane.frontend.errors import (
     DuplicateRequestError,
     FrontendError,
@@ -368,7 +375,7 @@ class Frontend:
             return Readiness(False, f"the dispatcher's readiness check took over {self.readiness_timeout:g}s")
         except Exception as exc:
             log.warning("readiness check failed", exc_info=True)
-            return Readiness(False, f"the dispatcher's readiness check failed: {exc}")
+            return Readiness(False, f"the dispatcher's readiness check failed ({public_cause(exc)})", str(exc))
 
     async def submit(self, inp: GenerationInput, *, owner: ApiKey | None = None) -> TrackedRequest:
         """Validates, tracks and places a request; the caller must ``release`` it. Raises FrontendError."""

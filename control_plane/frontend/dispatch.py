@@ -22,10 +22,20 @@ class Placement(NamedTuple):
 
 
 class Readiness(NamedTuple):
-    """Whether a dispatcher can place a request now, and why (or why not), for a readiness probe."""
+    """Whether a dispatcher can place a request now, and why (or why not), for a readiness probe.
+
+    ``reason`` is answered to anyone (``/health`` needs no key), so it names no address or error text; ``detail``
+    (the errors' own words, which name endpoints) is only logged."""
 
     ready: bool
     reason: str
+    detail: str = ""
+
+
+def public_cause(exc: BaseException) -> str:
+    """An error's kind for a public reason: its gRPC status name or its type, never its text (which names hosts)."""
+    code = getattr(exc, "code", "")
+    return code if isinstance(code, str) and code else type(exc).__name__
 
 
 @runtime_checkable

@@ -16,7 +16,13 @@ from typing import Any, Protocol
 
 from pyllumnix.clients.channel import CallKind, EndpointPool, TlsConfig
 from pyllumnix.clients.errors import DeadlineExceededError, InvalidArgumentError, LlumnixError, UnavailableError
-from pyllumnix.control_plane.frontend.dispatch import Dispatcher, Readiness, RegistrySource, Releasing
+from pyllumnix.control_plane.frontend.dispatch import (
+    Dispatcher,
+    Readiness,
+    RegistrySource,
+    Releasing,
+    public_cause,
+)
 from pyllumnix.infra import wire
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -158,7 +164,7 @@ class LeaderDispatcher:
                 invoke, what="GetMembership", kind=CallKind.READ, prefer_leader=True, timeout=timeout or self.timeout
             )
         except LlumnixError as exc:
-            return Readiness(False, f"scheduler leader: {exc}")
+            return Readiness(False, f"scheduler leader: not answering ({public_cause(exc)})", str(exc))
         active = sum(1 for s in reply.instances if s.state == common_pb2.INSTANCE_STATE_ACTIVE)
         if not active:
             return Readiness(False, f"scheduler leader: no ACTIVE instance ({len(reply.instances)} known)")
@@ -215,7 +221,7 @@ class BypassDispatcher:
         try:
             infos = [i for i in await self.registry.instances() if i.instance_id and i.grpc_address]
         except Exception as exc:
-            return Readiness(False, f"bypass: {exc}")
+            return Readiness(False, f"bypass: the registry cannot be read ({public_cause(exc)})", str(exc))
         if not infos:
             return Readiness(False, "bypass: the registry lists no instance")
         return Readiness(True, f"bypass: {len(infos)} registered instance(s)")
@@ -292,14 +298,17 @@ class FallbackDispatcher:
                 else:
                     answer = await asyncio.wait_for(check(), self.leader_timeout)
             except Exception as exc:
-                answer = Readiness(False, f"scheduler leader: {exc or type(exc).__name__}")
+                answer = Readiness(
+                    False, f"scheduler leader: not answering ({public_cause(exc)})", str(exc) or type(exc).__name__
+                )
             if answer.ready:
                 return answer
             leader = answer
         bypass = await self.bypass.readiness()
         if bypass.ready or leader is None:
             return bypass
-        return Readiness(False, f"{leader.reason}; {bypass.reason}")
+        detail = "; ".join(d for d in (leader.detail, bypass.detail) if d)
+        return Readiness(False, f"{leader.reason}; {bypass.reason}", detail)
 
     def _ask_leader(
         self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int
