@@ -169,3 +169,76 @@ def test_scheduler_durations_and_sizes_must_be_finite(option: str, value: str) -
     """nan passes click's FloatRange (every comparison is false); the scheduler refuses it up front."""
     result = CliRunner().invoke(scheduler_command, ["--etcd", "127.0.0.1:1", "--insecure", option, value])
     assert result.exit_code == 2 and "finite" in result.output and option in result.output
+
+
+def test_a_placed_llumlets_key_is_made_on_its_node_and_only_its_public_part_travels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Was: the provider made the key and passed the PEM as the actor's constructor argument, which Ray keeps in its
+    GCS with the actor's creation task. Now the actor (here: its body, in this process) makes the key in a 0700
+    folder, gives out the public key, gets back the CA and a certificate for that key, and starts the llumlet with
+    the three files; its folder goes when it is terminated."""
+    import os
+    import stat
+    import subprocess
+
+    import ray
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from pyllumnix.control_plane.scheduler import provider_ray
+    from pyllumnix.control_plane.scheduler.provider_ray import LlumletSupervisor
+    from pyllumnix.infra.security.bootstrap import bootstrap_local
+    from pyllumnix.infra.security.ca import identities_in
+    from pyllumnix.infra.security.runtime import from_options
+
+    bootstrap_local(tmp_path / "pki", "c1")
+    security = from_options("scheduler", "s0", tls_dir=tmp_path / "pki")
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
+    started: list[list[str]] = []
+
+    class Proc:
+        pid, returncode = 4242, 0
+
+        def __init__(self, cmd: list[str], **kwargs: Any) -> None:
+            started.append(cmd)
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Proc)
+    actor = LlumletSupervisor("ray-00000a", ["--etcd", "e:1"], True)
+    public = actor.public_key()
+    assert public is not None and b"PRIVATE" not in public
+    assert actor._dir is not None and stat.S_IMODE(os.stat(actor._dir).st_mode) == 0o700
+    assert actor.returncode() is None and not started, "nothing runs before its certificate came"
+    pem = asyncio.run(RayInstanceProvider._certify(security, "ray-00000a", "10.0.0.7", public))
+    assert pem is not None and set(pem) == {"ca", "cert"}
+    cert = x509.load_pem_x509_certificate(pem["cert"])
+    assert (
+        cert.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        == public
+    )
+    assert [i.uri for i in identities_in(cert)] == ["llumnix://c1/llumlet/ray-00000a"]
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "10.0.0.7" in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    assert actor.start(pem) == ("10.0.0.7", 4242)
+    cmd = started[0]
+    folder = actor._dir
+    assert cmd[cmd.index("--key") + 1] == f"{folder}/key.pem" and cmd[cmd.index("--cert") + 1] == f"{folder}/cert.pem"
+    assert stat.S_IMODE(os.stat(f"{folder}/key.pem").st_mode) == 0o600
+    assert actor.terminate(0.1) == 0 and not os.path.exists(folder)
+    # A secure actor refuses to start without its certificate; an insecure one makes no key.
+    bare = LlumletSupervisor("ray-00000b", [], True)
+    with pytest.raises(ValueError, match="needs its certificate"):
+        bare.start(None)
+    bare.terminate(0.1)
+    plain = LlumletSupervisor("ray-00000c", [], False)
+    assert plain.public_key() is None and plain._dir is None
+    plain.start(None)
+    assert "--insecure" in started[-1]
+    # A scheduler that cannot issue says so.
+    assert security.paths is not None
+    unable = from_options("scheduler", "s0", ca=security.paths.ca, cert=security.paths.cert, key=security.paths.key)
+    with pytest.raises(provider_ray.ProviderError, match="cannot issue"):
+        asyncio.run(RayInstanceProvider._certify(unable, "ray-00000d", "10.0.0.7", public))

@@ -88,6 +88,58 @@ def test_the_issuer_serves_only_the_processes_it_admits_and_only_llumlets(pki: C
     assert not server.path.exists()
 
 
+def test_the_issuer_certifies_a_key_made_elsewhere_under_the_same_rules(pki: ClusterSecurity) -> None:
+    """A Ray-placed llumlet makes its key on its node: serve's issuer signs its public key (llumlets only, provider
+    ids only, to admitted processes only) and writes no key file; an issuer without ``certify`` says so."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    public = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    admitted = {os.getpid()}
+    server = IssuerServer(pki.hand_out, admitted.__contains__, certify=pki.certify).start()
+    try:
+        remote = RemoteIssuer(server.path, timeout=10)
+        ca_pem, cert_pem = remote.certify("llumlet", "ray-0000b1", ["10.1.2.4"], public)
+        assert ca_pem == pki.ca_cert.read_bytes()
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        assert (
+            cert.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+            == public
+        )
+        assert not list(pki.directory.rglob("llumlet-ray-0000b1*")), "no key or certificate file is written"
+        with pytest.raises(IssuerError, match="only llumlet"):
+            remote.certify("admin", "ray-0000b2", [], public)
+        with pytest.raises(IssuerError, match="not issued here"):
+            remote.certify("llumlet", "instance-0", [], public)
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        rsa_public = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            .public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        with pytest.raises(IssuerError, match="only EC P-256"):
+            remote.certify("llumlet", "ray-0000b3", [], rsa_public)
+        with pytest.raises(IssuerError, match="not a PEM public key"):
+            remote.certify("llumlet", "ray-0000b3", [], b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+        admitted.clear()
+        with pytest.raises(IssuerError, match="may not ask"):
+            remote.certify("llumlet", "ray-0000b4", [], public)
+    finally:
+        server.close()
+    plain = IssuerServer(pki.hand_out, lambda pid: True).start()
+    try:
+        with pytest.raises(IssuerError, match="certifies no public key"):
+            RemoteIssuer(plain.path, timeout=10).certify("llumlet", "ray-0000b5", [], public)
+    finally:
+        plain.close()
+
+
 def test_the_issuer_socket_in_the_environment_makes_a_scheduler_an_authority(pki: ClusterSecurity) -> None:
     """serve's replicas hold no CA key: $LLUMNIX_CERT_ISSUER names where their providers ask."""
     own = pki.hand_out("scheduler", "s0")

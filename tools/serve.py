@@ -430,6 +430,13 @@ class Supervisor:
         with self._issue_lock:
             return self.pki.hand_out(role, id, hosts)
 
+    def certify(self, role: str, id: str, hosts: Sequence[str], public_key_pem: bytes) -> tuple[bytes, bytes]:
+        """(CA, certificate) PEMs for a key a Ray-placed llumlet made on its node; one issue at a time, as above."""
+        assert self.pki is not None
+        with self._issue_lock:
+            ca_pem, cert_pem = self.pki.certify(role, id, hosts, public_key_pem)
+            return bytes(ca_pem), bytes(cert_pem)
+
     def security_flags(self, role: str, id: str) -> list[str]:
         """A child's security flags: its own folder (no CA key, no other component's key), or ``--insecure``."""
         if self.pki is None:
@@ -447,7 +454,7 @@ class Supervisor:
             comp = self._may_issue.get(pid)
             return comp is not None and comp.alive()
 
-        self.issuer = IssuerServer(self.hand_out, may_ask).start()
+        self.issuer = IssuerServer(self.hand_out, may_ask, certify=self.certify).start()
         return {ISSUER_ENV: str(self.issuer.path)}
 
     def provision_admin(self) -> None:

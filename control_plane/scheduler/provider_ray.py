@@ -16,9 +16,11 @@ worker; a child is stopped by its process group (SIGTERM, then SIGKILL), its exi
 responsive while the llumlet is busy. The llumlet binds and advertises the node's IP (``ray.util.get_node_ip_address``
 on the placed node), never a wildcard or a loopback address.
 
-Security: the certificate is issued *before* the actor is placed, for the node the placement group landed on (its IP
-in the certificate's names), and handed to the actor as PEM content (the files of this host do not exist on that
-one); the actor writes them to a private (0700) folder and removes it when the llumlet exits.
+Security: the llumlet's private key is made by the actor on its node, in a private (0700) folder removed when the
+llumlet exits, and never leaves it: only the public key comes back; this provider has it certified (for the node the
+placement group landed on: its IP in the certificate's names) and hands the actor the CA and the certificate, public
+both, before the llumlet starts. Before, the key was made here and passed as an actor argument, which Ray keeps in its
+control store (GCS) with the actor's creation task and sends over its own (by default plaintext) connections.
 
 Stop: the scheduler drains an instance before it stops it (a drained llumlet deregisters and exits by itself); stop
 then SIGTERMs whatever is left through the actor, kills the actor and removes the placement group.
@@ -63,39 +65,77 @@ class ProviderError(Exception):
 
 
 class LlumletSupervisor:
-    """The body of the Ray actor: runs one ``llumnix llumlet`` child on its node and stops it on request."""
+    """The body of the Ray actor: runs one ``llumnix llumlet`` child on its node and stops it on request.
 
-    def __init__(self, instance_id: str, args: list[str], pem: dict[str, bytes] | None) -> None:
+    Secure: construction makes the llumlet's key on this node (:meth:`public_key` gives its public part);
+    :meth:`start` gets the CA and the certificate and starts the llumlet. Insecure: :meth:`start` with None."""
+
+    def __init__(self, instance_id: str, args: list[str], secure: bool) -> None:
         import ray
 
         self.instance_id = instance_id
         self.node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
-        cmd = [sys.executable, "-m", "pyllumnix.tools.cli", "llumlet", "--instance-id", instance_id, *args]
+        self._public: bytes | None = None
+        if secure:
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import ec
+
+            self._dir = tempfile.mkdtemp(prefix=f"llumnix-{instance_id}-")  # 0700
+            key = ec.generate_private_key(ec.SECP256R1())
+            self._write("key.pem", key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ))  # fmt: skip
+            self._public = key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+
+    def _write(self, name: str, content: bytes) -> None:
+        assert self._dir is not None
+        path = os.path.join(self._dir, name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(content)
+
+    def public_key(self) -> bytes | None:
+        """The public part of the key made here (None when insecure): all of it that leaves this node."""
+        return self._public
+
+    def start(self, pem: dict[str, bytes] | None) -> tuple[str, int]:
+        """Starts the llumlet, secure with ``pem`` (``ca``, ``cert``: for the key made here); returns :meth:`info`."""
+        if self.proc is not None:
+            return self.info()
+        args = self.args
+        cmd = [sys.executable, "-m", "pyllumnix.tools.cli", "llumlet", "--instance-id", self.instance_id, *args]
         if "--host" not in args:
             cmd += ["--host", self.node_ip]
         if "--advertise-host" not in args:
             cmd += ["--advertise-host", self.node_ip]
-        if pem is not None:
-            self._dir = tempfile.mkdtemp(prefix=f"llumnix-{instance_id}-")  # 0700
-            for name, content in pem.items():
-                path = os.path.join(self._dir, f"{name}.pem")
-                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                    f.write(content)
+        if self._dir is not None:
+            if pem is None:
+                raise ValueError(f"{self.instance_id}: a secure llumlet needs its certificate")
+            self._write("ca.pem", pem["ca"])
+            self._write("cert.pem", pem["cert"])
             cmd += ["--ca", f"{self._dir}/ca.pem", "--cert", f"{self._dir}/cert.pem", "--key", f"{self._dir}/key.pem"]
         elif not any(flag in args for flag in SECURITY_FLAGS):
             cmd.append("--insecure")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        return self.info()
 
     def info(self) -> tuple[str, int]:
-        """(node IP, llumlet pid): answers once the actor runs on its node."""
-        return self.node_ip, self.proc.pid
+        """(node IP, llumlet pid; 0 before :meth:`start`)."""
+        return self.node_ip, self.proc.pid if self.proc is not None else 0
 
     def returncode(self) -> int | None:
-        return self.proc.poll()
+        return self.proc.poll() if self.proc is not None else None
 
     def terminate(self, timeout: float) -> int:
-        """SIGTERM to the llumlet's process group, SIGKILL after ``timeout``; returns its exit code."""
+        """SIGTERM to the llumlet's process group, SIGKILL after ``timeout``; returns its exit code (0 if it never
+        started). The key's folder goes either way."""
+        if self.proc is None:
+            self._remove_dir()
+            return 0
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
@@ -105,10 +145,13 @@ class LlumletSupervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        self._remove_dir()
+        return int(self.proc.returncode)
+
+    def _remove_dir(self) -> None:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-        return int(self.proc.returncode)
 
 
 @dataclass
@@ -296,15 +339,6 @@ class RayInstanceProvider(InstanceProvider):
                     f"placement of {iid} ({bundle}) not satisfied within {self.placement_timeout}s on node {node_ip}"
                 ) from e
             security = self.security or runtime.current()
-            pem: dict[str, bytes] | None = None
-            if security.secure:
-                paths = await asyncio.to_thread(security.ensure, "llumlet", iid, [node_ip])
-                if paths is None:
-                    raise ProviderError(
-                        "a Ray-placed llumlet needs a certificate and this scheduler cannot issue one "
-                        "(run it under `llumnix serve`, which issues it, or with a PKI folder holding the CA key)"
-                    )
-                pem = {"ca": paths.ca_pem(), "cert": paths.cert_pem(), "key": paths.key_pem()}
             remote = ray.remote(num_cpus=0)(LlumletSupervisor)
             actor = remote.options(
                 name=f"{ACTOR_PREFIX}{iid}",
@@ -312,15 +346,22 @@ class RayInstanceProvider(InstanceProvider):
                 lifetime="detached",
                 max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-            ).remote(iid, self.llumlet_args, pem)
+            ).remote(iid, self.llumlet_args, security.secure)
             try:
-                placed_ip, pid = await asyncio.wait_for(actor.info.remote(), self.start_timeout)
+                public = await asyncio.wait_for(actor.public_key.remote(), self.start_timeout)
+                pem = await self._certify(security, iid, node_ip, public)
+                placed_ip, pid = await asyncio.wait_for(actor.start.remote(pem), self.start_timeout)
             except TimeoutError as e:
                 raise ProviderError(f"{iid}'s actor on {node_ip} did not start within {self.start_timeout}s") from e
+            except ProviderError:
+                raise
             except Exception as e:  # the node died, the actor failed to construct, ...
                 raise ProviderError(f"{iid}'s actor on {node_ip} failed to start: {e}") from e
-        except BaseException:
+        except BaseException as exc:
             if actor is not None:
+                if not isinstance(exc, asyncio.CancelledError):  # its key's folder goes too (ray.kill runs nothing)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(actor.terminate.remote(0.0), self.probe_timeout)
                 with contextlib.suppress(Exception):
                     ray.kill(actor, no_restart=True)
             with contextlib.suppress(Exception):
@@ -329,6 +370,23 @@ class RayInstanceProvider(InstanceProvider):
         placed = self.instances[iid] = _Placed(pg=pg, actor=actor, node_ip=placed_ip)
         placed.watch = asyncio.get_running_loop().create_task(self._watch_start(iid, placed), name=f"start-{iid}")
         log.info("started llumlet %s on Ray node %s (pid %d there)", iid, placed_ip, pid)
+
+    @staticmethod
+    async def _certify(
+        security: SecuritySettings, iid: str, node_ip: str, public: bytes | None
+    ) -> dict[str, bytes] | None:
+        """The CA and certificate for the key the actor made on ``node_ip`` (None when insecure)."""
+        if not security.secure:
+            return None
+        if public is None:
+            raise ProviderError(f"{iid}'s actor made no key, yet this cluster is secure")
+        issued = await asyncio.to_thread(security.certify, "llumlet", iid, [node_ip], public)
+        if issued is None:
+            raise ProviderError(
+                "a Ray-placed llumlet needs a certificate and this scheduler cannot issue one "
+                "(run it under `llumnix serve`, which issues it, or with a PKI folder holding the CA key)"
+            )
+        return {"ca": issued[0], "cert": issued[1]}
 
     async def _watch_start(self, iid: str, placed: _Placed) -> None:
         """Follows a start until the llumlet registers; ends a start that cannot succeed (module docstring)."""

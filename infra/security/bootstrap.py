@@ -113,6 +113,17 @@ class ClusterSecurity:
         root = self.handout_root or self.directory / "issued"
         return issuer.hand_out(self.ca_cert, own, role, id, self.cluster, root)
 
+    def certify(self, role: str, id: str, hosts: Sequence[str], public_key_pem: bytes) -> tuple[bytes, bytes]:
+        """(CA certificate, certificate) PEMs for a key the component made on its own machine (a Ray-placed
+        llumlet): with its etcd user under etcd auth, as :meth:`ensure`; no key is made or written here."""
+        identity = Identity(self.cluster, role, id)
+        rbac = self._rbac()
+        if rbac is not None:
+            admin, layout = rbac
+            admin.ensure_component(etcd_user_name(identity), grants_for(role, id, layout))
+        cert = self.authority().certify(identity, public_key_pem, [*self.hosts, *hosts])
+        return self.ca_cert.read_bytes(), cert
+
     @property
     def rbac_path(self) -> Path:
         return self.directory / RBAC_FILE

@@ -231,6 +231,30 @@ class CertificateAuthority:
         ``not_before``/``not_after`` override the validity window (tests issue expired certificates with them).
         """
         key = ec.generate_private_key(ec.SECP256R1())
+        cert = self._sign(identity, key.public_key(), hosts, days, not_before, not_after)
+        return IssuedCert(identity, cert, key)
+
+    def certify(self, identity: Identity, public_key_pem: bytes, hosts: Iterable[str] = DEFAULT_HOSTS) -> bytes:
+        """The certificate (PEM) of a key made elsewhere: only its public part comes here, so the private key never
+        leaves the machine that runs the component (a Ray-placed llumlet's node). Only P-256 keys, as :meth:`issue`'s.
+        """
+        try:
+            public = serialization.load_pem_public_key(public_key_pem)
+        except ValueError as exc:
+            raise IdentityError(f"not a PEM public key: {exc}") from exc
+        if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
+            raise IdentityError("only EC P-256 public keys are certified")
+        return self._sign(identity, public, hosts, 365, None, None).public_bytes(serialization.Encoding.PEM)
+
+    def _sign(
+        self,
+        identity: Identity,
+        public: ec.EllipticCurvePublicKey,
+        hosts: Iterable[str],
+        days: float,
+        not_before: datetime.datetime | None,
+        not_after: datetime.datetime | None,
+    ) -> x509.Certificate:
         now = _now()
         start = not_before or now - CLOCK_SKEW
         end = not_after or now + datetime.timedelta(days=days)
@@ -251,7 +275,7 @@ class CertificateAuthority:
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
+            .public_key(public)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
             .not_valid_after(end)
@@ -275,7 +299,7 @@ class CertificateAuthority:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())
         )
-        return IssuedCert(identity, cert, key)
+        return cert
 
 
 def identities_in(cert: x509.Certificate) -> list[Identity]:

@@ -62,6 +62,11 @@ class CertificateIssuer(Protocol):
         """The child's own files (CA certificate, its certificate and key) in a folder without the CA key."""
         ...
 
+    def certify(self, role: str, id: str, hosts: Sequence[str], public_key_pem: bytes) -> tuple[bytes, bytes]:
+        """(CA certificate, certificate) PEMs for a key the child made where it runs: its private key never travels
+        (a Ray-placed llumlet's node)."""
+        ...
+
 
 def hand_out(ca_cert: Path, own: CertPaths, role: str, id: str, cluster: str, root: Path) -> CertPaths:
     """Copies the CA certificate and a component's certificate and key into ``root/<role>-<id>/`` (0700; the key
@@ -135,10 +140,12 @@ class IssuerServer:
         issue: Callable[[str, str, Sequence[str]], CertPaths],
         may_ask: Callable[[int], bool],
         *,
+        certify: Callable[[str, str, Sequence[str], bytes], tuple[bytes, bytes]] | None = None,
         ids: re.Pattern[str] = ISSUABLE_IDS,
         read_timeout: float = READ_TIMEOUT_S,
     ) -> None:
         self._issue = issue
+        self._certify = certify
         self._may_ask = may_ask
         self._ids = ids
         self.read_timeout = read_timeout
@@ -171,8 +178,12 @@ class IssuerServer:
         try:
             request = json.loads(line)
             role, id, hosts = str(request["role"]), str(request["id"]), [str(h) for h in request.get("hosts", [])]
-        except (ValueError, KeyError, TypeError) as exc:
+            public_key = request.get("public_key")
+            public_key = None if public_key is None else str(public_key).encode()
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return {"error": f"malformed request ({exc})"}
+        if public_key is not None and self._certify is None:
+            return {"error": "this issuer certifies no public key (it hands out key files only)"}
         if role not in ISSUABLE_ROLES:
             log.warning("refused a %s certificate to pid %d: only llumlets are issued here", role, pid)
             return {"error": f"a {role} certificate is not issued here (only {', '.join(sorted(ISSUABLE_ROLES))})"}
@@ -186,6 +197,16 @@ class IssuerServer:
             if owner is not None and owner != pid:
                 log.warning("refused the certificate of %s %s to pid %d: issued to pid %d", role, id, pid, owner)
                 return {"error": f"{role} {id} was issued to another process"}
+            if public_key is not None:
+                assert self._certify is not None
+                try:
+                    ca_pem, cert_pem = self._certify(role, id, hosts, public_key)
+                except ValueError as exc:  # not a P-256 public key (IdentityError): the asker's mistake, no traceback
+                    log.warning("refused to certify %s %s for pid %d: %s", role, id, pid, exc)
+                    return {"error": str(exc)}
+                self._issued[id] = pid
+                log.info("certified the key of %s %s for pid %d", role, id, pid)
+                return {"ca_pem": ca_pem.decode(), "cert_pem": cert_pem.decode()}
             paths = self._issue(role, id, hosts)
             self._issued[id] = pid
             self._folders.add(paths.cert.parent)
@@ -228,7 +249,17 @@ class RemoteIssuer:
         self.timeout = timeout
 
     def hand_out(self, role: str, id: str, hosts: Sequence[str] = ()) -> CertPaths:
-        request = json.dumps({"role": role, "id": id, "hosts": list(hosts)}).encode() + b"\n"
+        reply = self._ask(role, id, {"role": role, "id": id, "hosts": list(hosts)})
+        return CertPaths(Path(reply["ca"]), Path(reply["cert"]), Path(reply["key"]))
+
+    def certify(self, role: str, id: str, hosts: Sequence[str], public_key_pem: bytes) -> tuple[bytes, bytes]:
+        ask = {"role": role, "id": id, "hosts": list(hosts), "public_key": public_key_pem.decode()}
+        reply = self._ask(role, id, ask)
+        return str(reply["ca_pem"]).encode(), str(reply["cert_pem"]).encode()
+
+    def _ask(self, role: str, id: str, ask: dict[str, Any]) -> dict[str, Any]:
+        """One request to the issuer and its answer; IssuerError when it cannot be asked or refuses."""
+        request = json.dumps(ask).encode() + b"\n"
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout)
@@ -244,7 +275,7 @@ class RemoteIssuer:
             raise IssuerError(f"the certificate issuer at {self.path} gave no answer for {role} {id}") from exc
         if "error" in reply:
             raise IssuerError(f"the certificate issuer refused {role} {id}: {reply['error']}")
-        return CertPaths(Path(reply["ca"]), Path(reply["cert"]), Path(reply["key"]))
+        return dict(reply)
 
 
 def without_issuer(env: Iterable[tuple[str, str]]) -> dict[str, str]:

@@ -98,6 +98,13 @@ class SecuritySettings:
             return None
         return self.authority.hand_out(role, id, hosts)
 
+    def certify(self, role: str, id: str, hosts: Sequence[str], public_key_pem: bytes) -> tuple[bytes, bytes] | None:
+        """(CA certificate, certificate) PEMs for a key a component made on its own machine (see
+        :meth:`CertificateIssuer.certify`); None when insecure or when this process cannot issue."""
+        if self.authority is None:
+            return None
+        return self.authority.certify(role, id, hosts, public_key_pem)
+
 
 INSECURE = SecuritySettings()
 _state: dict[str, SecuritySettings] = {"current": INSECURE}
