@@ -242,3 +242,74 @@ def test_a_placed_llumlets_key_is_made_on_its_node_and_only_its_public_part_trav
     unable = from_options("scheduler", "s0", ca=security.paths.ca, cert=security.paths.cert, key=security.paths.key)
     with pytest.raises(provider_ray.ProviderError, match="cannot issue"):
         asyncio.run(RayInstanceProvider._certify(unable, "ray-00000d", "10.0.0.7", public))
+
+
+class _StartingActor:
+    """An actor handle for ``_start_one``: ``public_key`` answers, ``start`` does what the test says."""
+
+    def __init__(self, start: Any) -> None:
+        self.public_key = _Method(None)
+        self.start = _Method(start)
+        self.terminate = _Method(0)
+
+
+def _startable(monkeypatch: pytest.MonkeyPatch, no_ray: _NoRay, actor: _StartingActor) -> RayInstanceProvider:
+    """A provider whose Ray places at once and creates ``actor``."""
+    ray_pg = pytest.importorskip("ray.util.placement_group")  # the module (``ray.util`` re-exports the function)
+
+    class Group:
+        async def ready(self) -> None:
+            return None
+
+    class Remote:
+        def options(self, **kwargs: Any) -> Remote:
+            return self
+
+        def remote(self, *args: Any) -> _StartingActor:
+            return actor
+
+    monkeypatch.setattr(ray_pg, "placement_group", lambda *a, **k: Group())
+    monkeypatch.setattr(no_ray, "remote", lambda **kwargs: lambda cls: Remote(), raising=False)
+    provider = RayInstanceProvider("127.0.0.1:6379", [], probe_timeout=0.5, start_timeout=5)
+    monkeypatch.setattr(provider, "_choose_node", lambda: "10.0.0.2")
+    return provider
+
+
+async def test_a_cancelled_or_failed_start_still_has_the_actor_remove_its_key(
+    monkeypatch: pytest.MonkeyPatch, no_ray: _NoRay
+) -> None:
+    """Was: a start cancelled (a lost leadership, a stop) went straight to ``ray.kill``, which runs nothing of the
+    actor's, so the node kept the llumlet's key folder. Now the actor is told to terminate first (in a task of its own
+    when the start was cancelled), then killed and its placement group removed; a start that fails does the same."""
+    hanging = _StartingActor("hang")
+    provider = _startable(monkeypatch, no_ray, hanging)
+    start = asyncio.ensure_future(provider._start_one("ray-00000e"))
+    for _ in range(100):
+        if hanging.start.calls:
+            break
+        await asyncio.sleep(0.01)
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    await provider.close()  # waits for the cleanup of the cancelled start
+    assert hanging.terminate.calls == 1 and no_ray.killed == [hanging] and len(no_ray.removed) == 1
+    assert not provider._discards and "ray-00000e" not in provider.instances
+    failing = _StartingActor(RuntimeError("the actor died"))
+    provider = _startable(monkeypatch, no_ray, failing)
+    with pytest.raises(Exception, match="failed to start"):
+        await provider._start_one("ray-00000f")
+    assert failing.terminate.calls == 1 and no_ray.killed[-1] is failing and len(no_ray.removed) == 2
+
+
+def test_a_terminated_actor_never_starts_its_llumlet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: terminate before start dropped the key folder, and a later start then ran the llumlet with --insecure."""
+    import ray
+
+    from pyllumnix.control_plane.scheduler.provider_ray import LlumletSupervisor
+
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
+    actor = LlumletSupervisor("ray-000010", [], True)
+    assert actor.terminate(0.1) == 0
+    with pytest.raises(RuntimeError, match="terminated before it started"):
+        actor.start({"ca": b"x", "cert": b"y"})
+    assert actor.proc is None

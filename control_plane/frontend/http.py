@@ -237,7 +237,7 @@ class HttpApi:
         # The last readiness answer (monotonic time, answer) and the check in progress, shared by concurrent probes.
         self._readiness: tuple[float, Readiness] | None = None
         self._readiness_check: asyncio.Task[Readiness] | None = None
-        self._logged_detail = ""  # the not-ready detail last logged (the public reason names no address)
+        self._logged_reason = ""  # the not-ready reason last logged with its detail (the public one names no address)
 
     def app(self) -> web.Application:
         middlewares: list[Middleware] = [openai_errors]
@@ -456,9 +456,9 @@ class HttpApi:
     async def health(self, request: web.Request) -> web.Response:
         """Readiness: 200 only when a request could be dispatched now; 503 with the reason otherwise."""
         ready, reason, detail = await self.readiness()
-        if detail and detail != self._logged_detail:  # once per new cause, not once per probe
+        if detail and reason != self._logged_reason:  # once per new cause (the detail's text varies: durations)
             log.warning("not ready: %s: %s", reason, detail)
-        self._logged_detail = detail
+        self._logged_reason = reason if not ready else ""
         body = {"status": "ok" if ready else "unavailable", "reason": reason, "inflight": self.frontend.inflight}
         return web.json_response(body, status=200 if ready else 503, headers=None if ready else {"Retry-After": "2"})
 

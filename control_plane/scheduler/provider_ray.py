@@ -17,9 +17,10 @@ responsive while the llumlet is busy. The llumlet binds and advertises the node'
 on the placed node), never a wildcard or a loopback address.
 
 Security: the llumlet's private key is made by the actor on its node, in a private (0700) folder removed when the
-llumlet exits, and never leaves it: only the public key comes back; this provider has it certified (for the node the
-placement group landed on: its IP in the certificate's names) and hands the actor the CA and the certificate, public
-both, before the llumlet starts. Before, the key was made here and passed as an actor argument, which Ray keeps in its
+actor is told to stop its llumlet (a stop, a failed or cancelled start), and never leaves it: only the public key
+comes back; this provider has it certified (for the node the placement group landed on: its IP in the certificate's
+names) and hands the actor the CA and the certificate, public both, before the llumlet starts. Before, the key was
+made here and passed as an actor argument, which Ray keeps in its
 control store (GCS) with the actor's creation task and sends over its own (by default plaintext) connections.
 
 Stop: the scheduler drains an instance before it stops it (a drained llumlet deregisters and exits by itself); stop
@@ -79,15 +80,21 @@ class LlumletSupervisor:
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
         self._public: bytes | None = None
+        self.secure = secure
+        self._terminated = False
         if secure:
             from cryptography.hazmat.primitives import serialization
             from cryptography.hazmat.primitives.asymmetric import ec
 
             self._dir = tempfile.mkdtemp(prefix=f"llumnix-{instance_id}-")  # 0700
-            key = ec.generate_private_key(ec.SECP256R1())
-            self._write("key.pem", key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ))  # fmt: skip
+            try:
+                key = ec.generate_private_key(ec.SECP256R1())
+                self._write("key.pem", key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                ))  # fmt: skip
+            except BaseException:
+                self._remove_dir()
+                raise
             self._public = key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
@@ -106,17 +113,21 @@ class LlumletSupervisor:
         """Starts the llumlet, secure with ``pem`` (``ca``, ``cert``: for the key made here); returns :meth:`info`."""
         if self.proc is not None:
             return self.info()
+        if self._terminated:
+            raise RuntimeError(f"{self.instance_id}: terminated before it started")
         args = self.args
         cmd = [sys.executable, "-m", "pyllumnix.tools.cli", "llumlet", "--instance-id", self.instance_id, *args]
         if "--host" not in args:
             cmd += ["--host", self.node_ip]
         if "--advertise-host" not in args:
             cmd += ["--advertise-host", self.node_ip]
-        if self._dir is not None:
-            if pem is None:
+        if self.secure:
+            if pem is None or self._dir is None:
                 raise ValueError(f"{self.instance_id}: a secure llumlet needs its certificate")
-            self._write("ca.pem", pem["ca"])
-            self._write("cert.pem", pem["cert"])
+            for name in ("ca", "cert"):
+                with contextlib.suppress(FileNotFoundError):  # a start retried after a partial write
+                    os.unlink(os.path.join(self._dir, f"{name}.pem"))
+                self._write(f"{name}.pem", pem[name])
             cmd += ["--ca", f"{self._dir}/ca.pem", "--cert", f"{self._dir}/cert.pem", "--key", f"{self._dir}/key.pem"]
         elif not any(flag in args for flag in SECURITY_FLAGS):
             cmd.append("--insecure")
@@ -133,6 +144,7 @@ class LlumletSupervisor:
     def terminate(self, timeout: float) -> int:
         """SIGTERM to the llumlet's process group, SIGKILL after ``timeout``; returns its exit code (0 if it never
         started). The key's folder goes either way."""
+        self._terminated = True
         if self.proc is None:
             self._remove_dir()
             return 0
@@ -212,6 +224,7 @@ class RayInstanceProvider(InstanceProvider):
         self.probe_failures = probe_failures
         self.security = security
         self.instances: dict[str, _Placed] = {}
+        self._discards: set[asyncio.Task[None]] = set()  # cleanups of cancelled starts, kept until they end
         # instance id -> why its start failed after the actor answered (the llumlet exited, its node vanished, ...)
         self.start_failures: dict[str, str] = {}
         self._connected = False
@@ -320,7 +333,7 @@ class RayInstanceProvider(InstanceProvider):
 
     async def _start_one(self, iid: str) -> None:
         ray = self._ray()
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         node_ip = await asyncio.to_thread(self._choose_node)
@@ -358,18 +371,32 @@ class RayInstanceProvider(InstanceProvider):
             except Exception as e:  # the node died, the actor failed to construct, ...
                 raise ProviderError(f"{iid}'s actor on {node_ip} failed to start: {e}") from e
         except BaseException as exc:
-            if actor is not None:
-                if not isinstance(exc, asyncio.CancelledError):  # its key's folder goes too (ray.kill runs nothing)
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(actor.terminate.remote(0.0), self.probe_timeout)
-                with contextlib.suppress(Exception):
-                    ray.kill(actor, no_restart=True)
-            with contextlib.suppress(Exception):
-                remove_placement_group(pg)
+            discard = self._discard(ray, actor, pg)
+            if isinstance(exc, asyncio.CancelledError):
+                # Cancelled (a lost leadership, a stop): the cleanup cannot be awaited here, and must not be skipped
+                # (the actor's node keeps the key's folder otherwise), so it goes on in a task of its own.
+                task = asyncio.get_running_loop().create_task(discard, name=f"discard-{iid}")
+                self._discards.add(task)
+                task.add_done_callback(self._discards.discard)
+            else:
+                await discard
             raise
         placed = self.instances[iid] = _Placed(pg=pg, actor=actor, node_ip=placed_ip)
         placed.watch = asyncio.get_running_loop().create_task(self._watch_start(iid, placed), name=f"start-{iid}")
         log.info("started llumlet %s on Ray node %s (pid %d there)", iid, placed_ip, pid)
+
+    async def _discard(self, ray: Any, actor: Any, pg: Any) -> None:
+        """Undoes a start that failed: the actor terminates its llumlet and removes its key's folder (``ray.kill``
+        runs nothing of the actor's), then it is killed and its placement group removed. Never raises."""
+        from ray.util.placement_group import remove_placement_group
+
+        if actor is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(actor.terminate.remote(0.0), self.probe_timeout)
+            with contextlib.suppress(Exception):
+                ray.kill(actor, no_restart=True)
+        with contextlib.suppress(Exception):
+            remove_placement_group(pg)
 
     @staticmethod
     async def _certify(
@@ -465,6 +492,8 @@ class RayInstanceProvider(InstanceProvider):
         if self.stop_on_close:
             await asyncio.gather(*(self._teardown(iid, p) for iid, p in self.instances.items()))
             self.instances.clear()
+        if self._discards:  # cancelled starts still being undone: before Ray goes
+            await asyncio.wait(set(self._discards), timeout=self.probe_timeout + 5)
         if self._connected:
             with contextlib.suppress(Exception):
                 self._ray().shutdown()

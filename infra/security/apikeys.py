@@ -25,8 +25,10 @@ returns, and ``create`` drops any such entry in its own process.
 Reads of ids this process has never seen are rate-limited (``unknown_reads_per_s``, default 100 a second, as a bucket
 of as many): without it a client sending a new random well-formed key with each request made etcd serve one read per
 request, as fast as it could send, taking etcd's time from lease renewals and elections. Beyond the rate such a check
-is answered "busy" (:class:`ApiKeyStoreBusy`: 503 / UNAVAILABLE, retry). Keys this process has verified before are
-never held back, so a flood of random keys delays only a user whose key this process has not seen yet.
+is answered from one listing of every key record, read at most once per :data:`LISTING_TTL_S` and shared by all the
+checks waiting for it: etcd's load stays bounded, and a real key this process has not seen yet (after a restart, or
+created elsewhere) is still accepted during a flood, at most ``LISTING_TTL_S`` later. Keys verified before are checked
+as usual.
 
 A request carries exactly one credential: several ``Authorization`` headers (HTTP) or ``authorization`` metadata
 entries (gRPC) are refused (401 / UNAUTHENTICATED), so the value that was verified is the only one any later code
@@ -40,6 +42,8 @@ import contextvars
 import hashlib
 import hmac
 import json
+import logging
+import math
 import re
 import secrets
 import time
@@ -55,10 +59,14 @@ from aiohttp.typedefs import Middleware
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.authz import guard_handler
 
+log = logging.getLogger(__name__)
+
 KEY_PREFIX = "llx"
 API_ROLES = ("user", "admin")
 _KEY_RE = re.compile(rf"^{KEY_PREFIX}_([0-9a-f]{{16}})_([A-Za-z0-9_-]{{43}})$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+LISTING_TTL_S = 1.0
+"""How long one listing of every key record answers never-seen ids once their read rate is spent."""
 MAX_UNKNOWN_IDS = 10_000
 """Unknown key ids remembered at most (the oldest go first): bounds the memory a stream of random ids can take."""
 
@@ -69,10 +77,6 @@ class ApiKeyError(Exception):
 
 class ApiKeyStoreError(Exception):
     """The key store could not answer (etcd unreachable): neither yes nor no."""
-
-
-class ApiKeyStoreBusy(ApiKeyStoreError):
-    """Too many checks of never-seen key ids this second: the store does not ask etcd (retry shortly)."""
 
 
 class _Value(Protocol):
@@ -152,12 +156,16 @@ class ApiKeyStore:
         self._unknown: OrderedDict[str, float] = OrderedDict()  # id -> expiry of "no such key", oldest first
         # id -> the etcd read under way for it: concurrent checks of one id wait for the same read.
         self._reads: dict[str, asyncio.Task[tuple[ApiKey, str] | None]] = {}
-        # A token bucket for reads of ids never seen here: ``unknown_reads_per_s`` a second, as many at once (None: no
-        # limit).
+        # A token bucket for reads of ids never seen here: ``unknown_reads_per_s`` a second, at least one at once (None:
+        # no limit); beyond it, the shared listing (completion time, id -> (record, hash)) and the read of it under way.
+        if unknown_reads_per_s is not None and not unknown_reads_per_s > 0:
+            raise ValueError(f"unknown_reads_per_s must be positive (None: no limit), got {unknown_reads_per_s}")
         self.unknown_reads_per_s = unknown_reads_per_s
-        self._tokens = unknown_reads_per_s or 0.0
+        self._tokens = max(unknown_reads_per_s or 0.0, 1.0)
         self._filled_at = clock()
-        self.busy_refused = 0  # checks of never-seen ids answered "busy" instead of read from etcd
+        self._listing: tuple[float, dict[str, tuple[ApiKey, str]]] | None = None
+        self._listing_read: asyncio.Task[tuple[float, dict[str, tuple[ApiKey, str]]]] | None = None
+        self.listed_answers = 0  # checks of never-seen ids answered from the listing (the read rate spent)
 
     async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
         try:
@@ -202,8 +210,7 @@ class ApiKeyStore:
         read = self._reads.get(kid)
         if read is None:
             if cached is None and not self._take_token(now):
-                self.busy_refused += 1
-                raise ApiKeyStoreBusy("too many checks of unknown API keys right now; retry shortly")
+                return await self._from_listing(kid, now)
             read = asyncio.ensure_future(self._read(kid))
             self._reads[kid] = read
             read.add_done_callback(lambda task: self._landed(kid, task))
@@ -223,12 +230,47 @@ class ApiKeyStore:
         rate = self.unknown_reads_per_s
         if rate is None:
             return True
-        self._tokens = min(rate, self._tokens + (now - self._filled_at) * rate)
+        self._tokens = min(max(rate, 1.0), self._tokens + (now - self._filled_at) * rate)
         self._filled_at = now
         if self._tokens < 1:
             return False
         self._tokens -= 1
         return True
+
+    async def _from_listing(self, kid: str, now: float) -> tuple[ApiKey, str] | None:
+        """``kid``'s record from the listing of every key (read at most once per LISTING_TTL_S, one read shared by
+        every waiting check); a record found there is cached as a read's would be."""
+        self.listed_answers += 1
+        if self._listing is None or now - self._listing[0] >= LISTING_TTL_S:
+            if self._listing_read is None:
+                self._listing_read = asyncio.ensure_future(self._list_records())
+                self._listing_read.add_done_callback(self._listed)
+            read_at, records = await asyncio.shield(self._listing_read)
+        else:
+            read_at, records = self._listing
+        found = records.get(kid)
+        if found is not None and kid not in self._cache:
+            # Fresh for cache_ttl from when it was read, as a read's answer: a revocation still holds within that.
+            self._cache[kid] = (*found, read_at + self.cache_ttl)
+        return found
+
+    async def _list_records(self) -> tuple[float, dict[str, tuple[ApiKey, str]]]:
+        """(when it was asked for, every key record) from one etcd range read."""
+        asked = self._clock()
+        result = await self._call("verify", self.kv.get_prefix(self.prefix))
+        records = {}
+        for kv in result.kvs:
+            kid = kv.key.decode()[len(self.prefix) :]
+            records[kid] = self._parse(kid, kv.value)
+        return asked, records
+
+    def _listed(self, read: asyncio.Task[tuple[float, dict[str, tuple[ApiKey, str]]]]) -> None:
+        """Keeps a finished listing (a failed one is not kept: the next check lists again)."""
+        if self._listing_read is not read:
+            return  # dropped by a create or revoke here meanwhile
+        self._listing_read = None
+        if not read.cancelled() and read.exception() is None:
+            self._listing = read.result()
 
     def _stale(self, cached: tuple[ApiKey, str, float] | None) -> tuple[ApiKey, str]:
         """An expired record taken because etcd cannot be read (within ``stale_grace`` of its expiry)."""
@@ -266,6 +308,7 @@ class ApiKeyStore:
         """Drops what this process knows about ``kid`` (after a create or revoke here): the next check reads etcd."""
         self._cache.pop(kid, None)
         self._unknown.pop(kid, None)
+        self._listing = self._listing_read = None
         self._reads.pop(kid, None)
 
     async def revoke(self, name_or_id: str) -> ApiKey:
@@ -325,6 +368,18 @@ def _several(count: int) -> AuthFailure:
     )
 
 
+_unavailable_logged = [-math.inf]
+UNAVAILABLE_LOG_EVERY_S = 10.0
+
+
+def _log_unavailable(exc: ApiKeyStoreError) -> None:
+    """At most once per UNAVAILABLE_LOG_EVERY_S: every check fails alike while etcd is out."""
+    now = time.monotonic()
+    if now - _unavailable_logged[0] >= UNAVAILABLE_LOG_EVERY_S:
+        _unavailable_logged[0] = now
+        log.warning("API key checks answered 503: %s", exc)
+
+
 async def authenticate(
     store: ApiKeyStore, authorization: str | Sequence[str] | None, required_role: str
 ) -> ApiKey | AuthFailure:
@@ -349,7 +404,9 @@ async def authenticate(
     except ApiKeyError as exc:
         return AuthFailure(401, grpc.StatusCode.UNAUTHENTICATED, "authentication_error", "invalid_api_key", str(exc))
     except ApiKeyStoreError as exc:
-        return AuthFailure(503, grpc.StatusCode.UNAVAILABLE, "server_error", "auth_unavailable", str(exc))
+        _log_unavailable(exc)  # its text names etcd's endpoints: for the log, not for an unauthenticated caller
+        message = "the API key store is unavailable; retry"
+        return AuthFailure(503, grpc.StatusCode.UNAVAILABLE, "server_error", "auth_unavailable", message)
     if not record.allows(required_role):
         return AuthFailure(
             403,

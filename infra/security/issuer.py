@@ -255,6 +255,8 @@ class RemoteIssuer:
     def certify(self, role: str, id: str, hosts: Sequence[str], public_key_pem: bytes) -> tuple[bytes, bytes]:
         ask = {"role": role, "id": id, "hosts": list(hosts), "public_key": public_key_pem.decode()}
         reply = self._ask(role, id, ask)
+        if not isinstance(reply.get("ca_pem"), str) or not isinstance(reply.get("cert_pem"), str):
+            raise IssuerError(f"the certificate issuer at {self.path} certified no key for {role} {id} (an older one?)")
         return str(reply["ca_pem"]).encode(), str(reply["cert_pem"]).encode()
 
     def _ask(self, role: str, id: str, ask: dict[str, Any]) -> dict[str, Any]:
