@@ -134,7 +134,9 @@ class RoutedChannel:
         role = next((r for r in ROLE_PREFERENCE if r in allowed or ANY_ROLE in allowed), "admin")
         channel = self._channels.get(role)
         if channel is None:
-            channel = self._channels[role] = open_channel(self._address, self._options, settings=harness_security(role))
+            channel = self._channels[role] = open_channel(
+                self._address, self._options, peer=None, settings=harness_security(role)
+            )
         return channel
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -169,7 +171,7 @@ def dial(address: str, role: str | None = None, options: Any = ()) -> Any:
         return grpc.aio.insecure_channel(address, options=list(options))
     if role is None:
         return RoutedChannel(address, options)
-    return open_channel(address, options, settings=harness_security(role))
+    return open_channel(address, options, peer=None, settings=harness_security(role))
 
 
 async def leader_of(addresses: list[str], timeout: float = 10.0) -> admin_pb2.GetLeaderResponse:

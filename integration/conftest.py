@@ -84,6 +84,6 @@ def procs(tmp_path: Path, harness_pki: ClusterSecurity) -> Iterator[Launcher]:
 async def sink(procs: Launcher) -> AsyncIterator[RecordingSink]:
     """The shared ``sink`` fixture, started after ``procs`` so it serves mutual TLS like the components."""
     s = RecordingSink()
-    await s.start()
+    await s.start(harness_security("frontend"))  # a frontend's certificate: llumlets check the sink's role
     yield s
     await s.stop()

@@ -74,7 +74,7 @@ class Admin:
 
     def __init__(self, endpoint: str, tls_dir: str) -> None:
         settings = from_options("admin", "admin", tls_dir=tls_dir) if tls_dir else INSECURE
-        self.channel = open_channel(endpoint, settings=settings)
+        self.channel = open_channel(endpoint, peer=None, settings=settings)
         self.stub = admin_pb2_grpc.AdminServiceStub(self.channel)
 
     async def instances(self) -> list[dict[str, Any]]:
@@ -273,7 +273,7 @@ async def host_loss(ray_address: str, etcd: str, host_a: str, host_b: str, clust
             frontend_address=f"{host_a}:{sink.server.port}",  # type: ignore[union-attr]
             arrival_time=time.time(),
         )
-        async with open_channel(address, settings=frontend) as ch:
+        async with open_channel(address, peer=None, settings=frontend) as ch:
             await llumlet_pb2_grpc.LlumletServiceStub(ch).AddRequest(
                 llumlet_pb2.AddRequestRequest(request=request), timeout=10
             )
@@ -450,7 +450,7 @@ async def migrate(ray_address: str, etcd: str, host_a: str, host_b: str, cluster
             frontend_address=f"{host_a}:{sink.server.port}",  # RunningServer.address is always 127.0.0.1
             arrival_time=time.time(),
         )
-        async with open_channel(src["grpc_address"], settings=frontend) as ch:
+        async with open_channel(src["grpc_address"], peer=None, settings=frontend) as ch:
             stub = llumlet_pb2_grpc.LlumletServiceStub(ch)
             await stub.AddRequest(llumlet_pb2.AddRequestRequest(request=request), timeout=10)
         deadline = time.monotonic() + 30
@@ -459,7 +459,7 @@ async def migrate(ray_address: str, etcd: str, host_a: str, host_b: str, cluster
         out["tokens_at_migrate"] = len(sink.tokens(rid))
         phase("streaming")
         order = admin_pb2.MigrateRequestRequest(request_id=rid, destination_instance_id=dst["instance_id"])
-        async with open_channel(endpoint, settings=admin) as ch:
+        async with open_channel(endpoint, peer=None, settings=admin) as ch:
             while True:  # NOT_FOUND until B's first load report listing the request reaches the leader
                 try:
                     reply = await admin_pb2_grpc.AdminServiceStub(ch).MigrateRequest(order, timeout=60)

@@ -145,7 +145,7 @@ async def test_high_priority_concentrates_repels_normal_and_is_never_migrated(
         # An order is admitted from the leader only (its certificate; etcd proves its term, attack 9 B3).
         now = await leader_of([scheduler.address])
         term = now.term
-        async with open_channel(l0.address, settings=procs.security("scheduler", now.leader_id)) as ch:
+        async with open_channel(l0.address, peer=None, settings=procs.security("scheduler", now.leader_id)) as ch:
             stub = llumlet_pb2_grpc.LlumletServiceStub(ch)
 
             async def migrate_out(selection: int) -> llumlet_pb2.MigrateOutResponse:

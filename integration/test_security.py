@@ -105,7 +105,7 @@ async def test_certificate_from_another_ca_is_refused_with_a_hint(
     other = bootstrap_local(tmp_path / "other-pki", secure_cluster.launcher.pki.cluster)
     paths = other.ensure("admin", "intruder")
     settings = SecuritySettings(paths, identity_of(paths.cert))
-    async with open_channel(secure_cluster.scheduler.address, settings=settings) as ch:
+    async with open_channel(secure_cluster.scheduler.address, peer=None, settings=settings) as ch:
         err = await refused(
             admin_pb2_grpc.AdminServiceStub(ch).GetLeader(admin_pb2.GetLeaderRequest(), timeout=REFUSAL_DEADLINE_S)
         )
@@ -196,7 +196,7 @@ async def test_a_llumlet_reports_only_its_own_load(secure_cluster: SecureCluster
         yield scheduler_pb2.ReportLoadRequest(load=common_pb2.InstanceLoad(instance_id="l1"))
 
     settings = secure_cluster.launcher.security("llumlet", "l0")
-    async with open_channel(secure_cluster.scheduler.address, settings=settings) as ch:
+    async with open_channel(secure_cluster.scheduler.address, peer=None, settings=settings) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await scheduler_pb2_grpc.SchedulerServiceStub(ch).ReportLoad(reports(), timeout=5)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, info.value

@@ -186,7 +186,7 @@ async def test_attacks_on_a_running_request_fail_and_its_stream_stays_exact(
     )
     # From the other llumlet as itself: its output without a token is refused alone (listed as unknown, so that
     # llumlet stops it), the push itself is answered.
-    async with open_channel(sink, settings=cluster.launcher.security("llumlet", other)) as ch:
+    async with open_channel(sink, peer=None, settings=cluster.launcher.security("llumlet", other)) as ch:
         reply = await frontend_pb2_grpc.OutputSinkServiceStub(ch).PushOutputs(
             frontend_pb2.PushOutputsRequest(instance_id=other, outputs=[evil]), timeout=10
         )
@@ -198,7 +198,7 @@ async def test_attacks_on_a_running_request_fail_and_its_stream_stays_exact(
         ("scheduler", "harness", holder, "scheduler harness is not the leader (s0)"),
         ("scheduler", "s0", holder, "only token-less ERROR finishes"),
     ):
-        async with open_channel(sink, settings=cluster.launcher.security(role, id)) as ch:
+        async with open_channel(sink, peer=None, settings=cluster.launcher.security(role, id)) as ch:
             await refused(
                 frontend_pb2_grpc.OutputSinkServiceStub(ch).PushOutputs(
                     frontend_pb2.PushOutputsRequest(instance_id=as_instance, outputs=[evil]), timeout=10
@@ -218,11 +218,13 @@ async def test_attacks_on_a_running_request_fail_and_its_stream_stays_exact(
         destination_instance_id=other, destination_grpc_address=fake_address, request_id=rid, wait=True
     )
     async with open_channel(
-        cluster.llumlets[holder].address, settings=cluster.launcher.security("scheduler", "harness")
+        cluster.llumlets[holder].address, peer=None, settings=cluster.launcher.security("scheduler", "harness")
     ) as ch:
         stub = llumlet_pb2_grpc.LlumletServiceStub(ch)
         await refused(stub.MigrateOut(steal, timeout=10), grpc.StatusCode.PERMISSION_DENIED, "no leader term")
-        async with open_channel(cluster.scheduler.address, settings=cluster.launcher.security("admin", "harness")) as a:
+        async with open_channel(
+            cluster.scheduler.address, peer=None, settings=cluster.launcher.security("admin", "harness")
+        ) as a:
             term = (await admin_pb2_grpc.AdminServiceStub(a).GetLeader(admin_pb2.GetLeaderRequest(), timeout=10)).term
         # A scheduler certificate that does not lead: etcd names s0 as the leader of this term (attack 9 B3).
         await refused(
@@ -231,7 +233,7 @@ async def test_attacks_on_a_running_request_fail_and_its_stream_stays_exact(
             f"leader term {term} is s0's, not harness's",
         )
     async with open_channel(
-        cluster.llumlets[holder].address, settings=cluster.launcher.security("scheduler", "s0")
+        cluster.llumlets[holder].address, peer=None, settings=cluster.launcher.security("scheduler", "s0")
     ) as ch:
         stub = llumlet_pb2_grpc.LlumletServiceStub(ch)  # the leader's own certificate
         await refused(
@@ -247,7 +249,9 @@ async def test_attacks_on_a_running_request_fail_and_its_stream_stays_exact(
     assert fake.received == []
 
     # The leader migrates the request for real: the hand-over makes the destination the only pusher.
-    async with open_channel(cluster.scheduler.address, settings=cluster.launcher.security("admin", "harness")) as a:
+    async with open_channel(
+        cluster.scheduler.address, peer=None, settings=cluster.launcher.security("admin", "harness")
+    ) as a:
         reply = await admin_pb2_grpc.AdminServiceStub(a).MigrateRequest(
             admin_pb2.MigrateRequestRequest(request_id=rid, destination_instance_id=other), timeout=60
         )

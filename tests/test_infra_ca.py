@@ -50,7 +50,13 @@ def test_issued_certificate_contents(tmp_path: Path) -> None:
     cert = issued.cert
     assert identities_in(cert) == [Identity("c1", "llumlet", "i-1")]
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "node-7.example"}
+    # The role's name too: peers dialling a llumlet check for it (a client-only certificate names no role).
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "node-7.example", "llumlet.llumnix.invalid"}
+    admin = ca.issue(Identity("c1", "admin", "a"), ["127.0.0.1"]).cert
+    assert (
+        admin.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        == []
+    )
     assert set(san.get_values_for_type(x509.IPAddress)) == {
         ipaddress.ip_address("127.0.0.1"),
         ipaddress.ip_address("10.0.0.7"),

@@ -168,7 +168,7 @@ async def test_a_silent_connection_is_closed_after_the_handshake_timeout(tmp_pat
             writer.close()
         assert time.monotonic() - start < 6.0, "a silent connection must not be held past the handshake timeout"
         # A real client still gets through (the timeout bounds the handshake only).
-        async with open_channel(server.address, settings=settings) as channel:
+        async with open_channel(server.address, peer=None, settings=settings) as channel:
             reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:

@@ -85,7 +85,7 @@ async def test_secure_server_requires_a_ca_signed_client(tmp_path: Path) -> None
     try:
         client_paths = pki.ensure("scheduler", "s0")
         client = SecuritySettings(client_paths, identity_of(client_paths.cert))
-        async with open_channel(server.address, settings=client) as ch:
+        async with open_channel(server.address, peer=None, settings=client) as ch:
             reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         async with grpc.aio.insecure_channel(server.address) as ch:
@@ -109,3 +109,58 @@ def test_configure_returns_the_settings_it_replaces(tmp_path: Path) -> None:
     finally:
         runtime.configure(previous)
     assert runtime.current() is before
+
+
+async def test_a_peer_must_hold_the_role_it_is_dialled_as(tmp_path: Path) -> None:
+    """Was: a client checked only that the server's certificate was the cluster CA's and named the host, so a
+    llumlet's certificate (valid for its host) could pose as the scheduler, or the frontend's sink, on that host.
+    Now a product channel names the role it dials and the certificate must carry that role's name."""
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    llumlet_paths = pki.ensure("llumlet", "i-1")
+    server = await start_server([], security=SecuritySettings(llumlet_paths, identity_of(llumlet_paths.cert)))
+    try:
+        scheduler_paths = pki.ensure("scheduler", "s0")
+        client = SecuritySettings(scheduler_paths, identity_of(scheduler_paths.cert))
+        for peer, ok in (("llumlet", True), ("scheduler", False), ("frontend", False), (None, True)):
+            async with open_channel(server.address, peer=peer, settings=client) as ch:
+                check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if ok:
+                    assert (await check).status == health_pb2.HealthCheckResponse.SERVING, peer
+                    continue
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await check
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE, peer
+    finally:
+        await server.stop(0)
+
+
+def test_a_certificate_from_before_role_names_is_reissued_or_refused(tmp_path: Path) -> None:
+    """A PKI folder kept from an earlier version: its serving certificates lack the role's name, so peers would refuse
+    them. ``ensure`` issues them again; a component given such a file directly is refused with the way out."""
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from pyllumnix.infra.security.ca import CertificateAuthority, Identity, names_role
+
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    paths = pki.ensure("llumlet", "i-2")
+    authority = CertificateAuthority.load(pki.ca_cert, pki.ca_key)
+    old = authority.issue(Identity("c1", "llumlet", "i-2"), ["127.0.0.1"])
+    assert names_role(old.cert, "llumlet")
+    # What the earlier version issued: the same certificate less the role's DNS name.
+    builder = x509.CertificateBuilder(
+        issuer_name=old.cert.issuer,
+        subject_name=old.cert.subject,
+        public_key=old.key.public_key(),
+        serial_number=x509.random_serial_number(),
+        not_valid_before=old.cert.not_valid_before_utc,
+        not_valid_after=old.cert.not_valid_after_utc,
+    ).add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(old.identity.uri)]), critical=False)
+    legacy = builder.sign(authority.key, hashes.SHA256())
+    assert not names_role(legacy, "llumlet")
+    paths.cert.write_bytes(legacy.public_bytes(serialization.Encoding.PEM))
+    paths.key.write_bytes(old.key_pem)
+    with pytest.raises(SecurityConfigError, match=r"does not name llumlet\.llumnix\.invalid"):
+        from_options("llumlet", "i-2", ca=paths.ca, cert=paths.cert, key=paths.key, env={})
+    fresh = bootstrap_local(tmp_path / "pki", "c1").ensure("llumlet", "i-2")  # a later serve, same folder
+    assert names_role(x509.load_pem_x509_certificate(fresh.cert.read_bytes()), "llumlet")
+    assert from_options("llumlet", "i-2", ca=fresh.ca, cert=fresh.cert, key=fresh.key, env={}).secure

@@ -93,7 +93,7 @@ async def test_w3c_traceparent_continues_across_a_grpc_hop(spans: InMemorySpanEx
     try:
         parent = tracing.extract({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
         assert parent is not None
-        async with open_channel(server.address) as channel:
+        async with open_channel(server.address, peer=None) as channel:
             health = channel.unary_unary("/grpc.health.v1.Health/Check")
             await health(b"")  # untraced: no span
             with tracing.activated(parent), tracing.span("client"):
@@ -114,7 +114,9 @@ async def test_a_migrated_request_is_one_trace_from_add_to_finish(
 ) -> None:
     a, b = await make_node("a", "tcp"), await make_node("b", "tcp")
     try:
-        async with open_channel(a.server.address) as channel:  # the product's channel: it carries the context
+        async with open_channel(
+            a.server.address, peer=None
+        ) as channel:  # the product's channel: it carries the context
             stub = llumlet_pb2_grpc.LlumletServiceStub(channel)
             with tracing.span("caller") as caller:
                 await stub.AddRequest(request("r", sink, 100, 400))
@@ -174,12 +176,12 @@ async def test_a_migrated_request_is_one_trace_from_add_to_finish(
 async def test_no_grpc_interceptor_when_off() -> None:
     """A channel opened with tracing off has no interceptor (no per-call cost)."""
     assert not tracing.enabled()
-    async with open_channel("127.0.0.1:1") as channel:
+    async with open_channel("127.0.0.1:1", peer=None) as channel:
         assert not getattr(channel, "_unary_unary_interceptors", None)
     exporter = InMemorySpanExporter()
     tracing.configure("test", exporter=exporter, environ={})
     try:
-        async with open_channel("127.0.0.1:1") as channel:
+        async with open_channel("127.0.0.1:1", peer=None) as channel:
             assert getattr(channel, "_unary_unary_interceptors", None), "the check above can fail"
     finally:
         tracing.shutdown()
@@ -255,7 +257,7 @@ async def test_a_refused_migration_shows_in_the_trace_with_its_reason(
 ) -> None:
     a, b = await make_node("a", "inproc"), await make_node("b", "inproc", block_size=32)
     try:
-        async with open_channel(a.server.address) as channel:
+        async with open_channel(a.server.address, peer=None) as channel:
             with tracing.span("caller") as caller:
                 await llumlet_pb2_grpc.LlumletServiceStub(channel).AddRequest(request("r", sink, 60, 100))
         await wait_tokens(sink, "r", 2)

@@ -89,3 +89,23 @@ async def test_a_sender_from_another_ca_is_refused_at_the_handshake(tmp_path: Pa
     finally:
         await sender.close()
     await asyncio.sleep(0)
+
+
+async def test_a_receiver_of_another_role_gets_nothing_sent_to_it(pki: ClusterSecurity) -> None:
+    """Was: the sender checked the receiver's certificate for the host only, so a frontend's or scheduler's
+    certificate on the destination's host could take a llumlet's KV bytes. Now the receiver must hold a llumlet's."""
+    for role, id in (("frontend", "f0"), ("scheduler", "s0")):
+        impostor = tls_transport(pki, role, id)
+        await impostor.start()
+        sender = tls_transport(pki, "llumlet", "src")
+        await sender.start()
+        try:
+            impostor.expect("kv", 1024)
+            with pytest.raises(TransportError) as failed:
+                await sender.send(impostor.address, "kv", np.ones(1024, dtype=np.uint8), timeout=DEADLINE)
+            assert "certificate" in str(failed.value).lower() or "handshake" in str(failed.value).lower(), failed.value
+            with pytest.raises((TransportError, TimeoutError)):
+                await impostor.receive("kv", timeout=0.5)
+        finally:
+            await sender.close()
+            await impostor.close()

@@ -795,7 +795,9 @@ async def _measure(
     calls: dict[tuple[str, str], Callable[[], Awaitable[Any]]] = {}
     async with contextlib.AsyncExitStack() as stack:
         for transport, (address, settings) in transports.items():
-            channel = await stack.enter_async_context(runtime.open_channel(address, settings=settings))
+            channel = await stack.enter_async_context(
+                runtime.open_channel(address, peer="scheduler", settings=settings)
+            )
             health = health_pb2_grpc.HealthStub(channel)
             scheduler = scheduler_pb2_grpc.SchedulerServiceStub(channel)
 

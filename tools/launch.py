@@ -254,11 +254,12 @@ class Launcher:
         paths = self.pki.ensure(role, id)
         return SecuritySettings(paths, identity_of(paths.cert), tls_dir=self.pki.directory)
 
-    def channel(self, address: str, role: str = "admin", options: Any = ()) -> Any:
-        """A grpc.aio channel to a component, as ``role`` (mutual TLS when secure)."""
+    def channel(self, address: str, role: str = "admin", options: Any = (), peer: str | None = None) -> Any:
+        """A grpc.aio channel to a component (of role ``peer``: its certificate must name it), as ``role`` (mutual TLS
+        when secure)."""
         from pyllumnix.infra.security.runtime import open_channel
 
-        return open_channel(address, options, settings=self.security(role, f"harness-{role}"))
+        return open_channel(address, options, peer=peer, settings=self.security(role, f"harness-{role}"))
 
     def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> Component:
         """Starts a component without waiting for it (see :meth:`wait_ready`); its logs are appended to."""

@@ -11,6 +11,7 @@ import grpc
 
 from pyllumnix.control_plane.frontend.sink import serve_output_stream
 from pyllumnix.infra.grpc_server import RunningServer, start_server
+from pyllumnix.infra.security.runtime import SecuritySettings
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
 
@@ -91,9 +92,12 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
     def raw_indices(self, request_id: str) -> list[int]:
         return [o.first_token_index + i for o in self.outputs.get(request_id, []) for i in range(len(o.token_ids))]
 
-    async def start(self) -> str:
+    async def start(self, security: SecuritySettings | None = None) -> str:
+        """Serves on loopback with ``security`` (default: the process's). Secure, it must be a frontend's: llumlets
+        pushing outputs check that the sink's certificate names the frontend role."""
         self.server = await start_server(
-            [(frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, self, "llumnix.v1.OutputSinkService")]
+            [(frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, self, "llumnix.v1.OutputSinkService")],
+            security=security,
         )
         return self.server.address
 

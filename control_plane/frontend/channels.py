@@ -41,7 +41,7 @@ class ChannelPool:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address, CHANNEL_OPTIONS)
+            channel = self._channels[address] = open_channel(address, CHANNEL_OPTIONS, peer="llumlet")
         return channel
 
     def llumlet(self, address: str) -> llumlet_pb2_grpc.LlumletServiceStub:

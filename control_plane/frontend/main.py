@@ -42,6 +42,7 @@ from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.grpc_server import advertised_address, is_loopback_host
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.apikeys import ApiKeyStore
+from pyllumnix.infra.security.ca import role_name
 from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.infra.security.tls import server_ssl_context
 
@@ -139,7 +140,8 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
             api_keys = ApiKeyStore(etcd_client, KeyLayout(opts.cluster))
     bypass = BypassDispatcher(source)
     tls = (
-        TlsConfig.from_files(security.paths.ca, security.paths.cert, security.paths.key)
+        # The leader's certificate must name the scheduler role, not merely its host (infra.security.ca.role_name).
+        TlsConfig.from_files(security.paths.ca, security.paths.cert, security.paths.key, role_name("scheduler"))
         if security.paths is not None
         else None
     )

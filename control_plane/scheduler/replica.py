@@ -754,7 +754,7 @@ class SchedulerReplica:
             raise SchedulingError(grpc.StatusCode.NOT_FOUND, f"unknown instance {instance_id}")
         channel = self._channels.get(info.grpc_address)
         if channel is None:
-            channel = self._channels[info.grpc_address] = open_channel(info.grpc_address)
+            channel = self._channels[info.grpc_address] = open_channel(info.grpc_address, peer="llumlet")
         return llumlet_pb2_grpc.LlumletServiceStub(channel)
 
     async def _pairing_loop(self) -> None:
@@ -1090,7 +1090,7 @@ class SchedulerReplica:
         address = gone.info.grpc_address
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address)
+            channel = self._channels[address] = open_channel(address, peer="llumlet")
         try:
             reply = await llumlet_pb2_grpc.LlumletServiceStub(channel).GetLoad(
                 llumlet_pb2.GetLoadRequest(), timeout=self.timing.instance_probe_timeout
@@ -1187,7 +1187,7 @@ class SchedulerReplica:
     async def _push_notice(
         self, address: str, notice: frontend_pb2.PushOutputsRequest, scope: tuple[tuple[str, str], ...]
     ) -> None:
-        async with open_channel(address) as channel:
+        async with open_channel(address, peer="frontend") as channel:
             await frontend_pb2_grpc.OutputSinkServiceStub(channel).PushOutputs(
                 notice, timeout=LOST_NOTICE_TIMEOUT_S, metadata=scope
             )

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -252,7 +253,7 @@ class Llumlet:
         # Called after every step (under the lock) so migration coordinators can react between steps.
         self.after_step: list[Callable[[], None]] = []
         # Opens a channel to a frontend's output sink (for ``hand_over``): mutual TLS when the process is configured.
-        self.sink_channel: Callable[[str], Any] = open_channel
+        self.sink_channel: Callable[[str], Any] = functools.partial(open_channel, peer="frontend")
         # Per-instance vLLM-named metrics (``llumnix llumlet`` sets them up; None: not recorded).
         self.metrics: InstanceMetrics | None = None
         self._step_started = 0.0  # wall clock of the current step's start (the metrics' queue time)

@@ -132,7 +132,7 @@ class _Sink:
 
     def __init__(self, address: str) -> None:
         self.address = address
-        self.channel = open_channel(address)
+        self.channel = open_channel(address, peer="frontend")
         self.stub = frontend_pb2_grpc.OutputSinkServiceStub(self.channel)
         self.pending: list[common_pb2.RequestOutput] = []
         # request id -> its newest message in ``pending`` (the one a next output can be merged into)

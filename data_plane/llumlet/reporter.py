@@ -244,7 +244,7 @@ class LoadReporter:
         instance = self.llumlet.instance_id
         while True:
             try:
-                async with open_channel(address) as channel:
+                async with open_channel(address, peer="scheduler") as channel:
                     stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
                     await stub.ReportLoad(self._reports())
             except asyncio.CancelledError:

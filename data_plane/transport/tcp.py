@@ -39,6 +39,7 @@ from pyllumnix.data_plane.transport.base import (
     make_out_buffer,
 )
 from pyllumnix.infra.grpc_server import advertised_address
+from pyllumnix.infra.security.ca import role_name
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ _MAX_KEY = 4096
 # allocated. Migration chunks are 16 MiB by default (``fusion.DEFAULT_CHUNK_BYTES``).
 MAX_FRAME_BYTES = 1 << 30
 _SOCK_BUF = 4 << 20
+PEER_NAME = role_name("llumlet")
+"""What a TLS sender checks the receiver's certificate for: a llumlet's role, not its host (a component of another
+role on that host cannot pose as the receiving llumlet)."""
 # Pause before accepting again after accept itself failed (out of file descriptors, buffers).
 ACCEPT_RETRY_S = 0.1
 # Inside a frame (its header read), the longest wait for the next bytes: a peer stalled mid-frame is dropped, its
@@ -390,7 +394,7 @@ class TcpTransport(BufferingTransport):
             if self._ssl_client is not None:
                 try:
                     fresh.reader, fresh.writer = await asyncio.open_connection(
-                        sock=sock, ssl=self._ssl_client, server_hostname=host, ssl_handshake_timeout=10.0
+                        sock=sock, ssl=self._ssl_client, server_hostname=PEER_NAME, ssl_handshake_timeout=10.0
                     )
                 except BaseException:
                     sock.close()

@@ -24,6 +24,7 @@ from pyllumnix.infra.etcd.rbac import EtcdAuthAdmin, EtcdRbacError, grants_for, 
 from pyllumnix.infra.security import issuer
 from pyllumnix.infra.security.apikeys import ApiKeyStore
 from pyllumnix.infra.security.ca import (
+    CLIENT_ONLY_ROLES,
     DEFAULT_HOSTS,
     CertificateAuthority,
     CertPaths,
@@ -31,6 +32,7 @@ from pyllumnix.infra.security.ca import (
     _write_private,
     etcd_user_name,
     identities_in,
+    names_role,
 )
 from pyllumnix.infra.security.context import ClientContext, save_context
 from pyllumnix.infra.security.tokens import new_secret
@@ -88,12 +90,19 @@ class ClusterSecurity:
         return p
 
     def ensure(self, role: str, id: str, hosts: Iterable[str] = ()) -> CertPaths:
-        """The component's files, issuing its certificate first if it has none (``hosts`` added to the defaults)."""
-        try:
-            return self.paths(role, id)
-        except FileNotFoundError:
-            pass
+        """The component's files, issuing its certificate first if it has none (``hosts`` added to the defaults), or
+        if the one it has predates role-bound names (:data:`~pyllumnix.infra.security.ca.ROLE_NAME_SUFFIX`; its
+        peers would refuse it): a PKI folder kept from an earlier version keeps working."""
         identity = Identity(self.cluster, role, id)
+        try:
+            existing = self.paths(role, id)
+        except FileNotFoundError:
+            existing = None
+        if existing is not None:
+            if role in CLIENT_ONLY_ROLES or names_role(x509.load_pem_x509_certificate(existing.cert_pem()), role):
+                return existing
+            log.info("re-issuing the certificate of %s: it predates role-bound names", identity)
+            self.issued.pop(identity, None)
         issued = self.authority().issue(identity, [*self.hosts, *hosts])
         rbac = self._rbac()
         if rbac is not None:
@@ -117,11 +126,11 @@ class ClusterSecurity:
         """(CA certificate, certificate) PEMs for a key the component made on its own machine (a Ray-placed
         llumlet): with its etcd user under etcd auth, as :meth:`ensure`; no key is made or written here."""
         identity = Identity(self.cluster, role, id)
+        cert = self.authority().certify(identity, public_key_pem, [*self.hosts, *hosts])  # a bad key: no etcd user
         rbac = self._rbac()
         if rbac is not None:
             admin, layout = rbac
             admin.ensure_component(etcd_user_name(identity), grants_for(role, id, layout))
-        cert = self.authority().certify(identity, public_key_pem, [*self.hosts, *hosts])
         return self.ca_cert.read_bytes(), cert
 
     @property

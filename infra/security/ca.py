@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -26,6 +27,25 @@ ROLES = ("frontend", "scheduler", "llumlet", "admin", "client", "etcd")
 # Roles whose holders only ever connect out: their certificates are not valid for serving.
 CLIENT_ONLY_ROLES = frozenset({"admin", "client"})
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
+ROLE_NAME_SUFFIX = "llumnix.invalid"
+"""Serving certificates also name their role as a DNS name, ``<role>.llumnix.invalid`` (``.invalid``: reserved, never
+resolved), and a component dialling a peer checks the peer's certificate against the role it expects to reach, not
+the host: a llumlet's certificate (valid for its host's address) cannot pass for the scheduler on that host."""
+
+
+def role_name(role: str) -> str:
+    """The DNS name a serving certificate of ``role`` carries, and a client dialling that role checks for."""
+    return f"{role}.{ROLE_NAME_SUFFIX}"
+
+
+def names_role(cert: x509.Certificate, role: str) -> bool:
+    """Whether ``cert`` carries ``role``'s name (certificates issued before role-bound names do not)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return role_name(role) in sans.get_values_for_type(x509.DNSName)
+
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9._~-]+$")
 # Certificates are back-dated a little so a peer whose clock is slightly behind still accepts a fresh one.
@@ -240,8 +260,8 @@ class CertificateAuthority:
         """
         try:
             public = serialization.load_pem_public_key(public_key_pem)
-        except ValueError as exc:
-            raise IdentityError(f"not a PEM public key: {exc}") from exc
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise IdentityError(f"not a PEM public key (of a supported kind): {exc}") from exc
         if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
             raise IdentityError("only EC P-256 public keys are certified")
         return self._sign(identity, public, hosts, 365, None, None).public_bytes(serialization.Encoding.PEM)
@@ -271,6 +291,8 @@ class CertificateAuthority:
             ]
         )
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri), *_san_entries(hosts)]
+        if identity.role not in CLIENT_ONLY_ROLES:
+            sans.append(x509.DNSName(role_name(identity.role)))
         cert = (
             x509.CertificateBuilder()
             .subject_name(subject)

@@ -32,9 +32,9 @@ from pyllumnix.infra import tracing
 from pyllumnix.infra.etcd.rbac import EtcdRbacError
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
-from pyllumnix.infra.security.ca import CertPaths, Identity, identities_in
+from pyllumnix.infra.security.ca import CLIENT_ONLY_ROLES, CertPaths, Identity, identities_in, names_role, role_name
 from pyllumnix.infra.security.issuer import ISSUER_ENV, CertificateIssuer, RemoteIssuer
-from pyllumnix.infra.security.tls import grpc_channel_credentials, grpc_server_credentials
+from pyllumnix.infra.security.tls import SERVER_NAME_OPTION, grpc_channel_credentials, grpc_server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,12 @@ def _checked_identity(cert: Path, role: str) -> Identity:
     identity = identity_of(cert)
     if identity.role != role:
         raise SecurityConfigError(f"{cert} is a {identity.role} certificate ({identity}); this component is a {role}")
+    if role not in CLIENT_ONLY_ROLES and not names_role(x509.load_pem_x509_certificate(cert.read_bytes()), role):
+        raise SecurityConfigError(
+            f"{cert} ({identity}) does not name {role_name(role)}, which peers dialling a {role} check for (it was "
+            "issued before role-bound names): issue it again from the cluster's PKI (`llumnix serve` and a PKI folder "
+            "holding the CA key do so by themselves)"
+        )
     return identity
 
 
@@ -232,15 +238,21 @@ def open_channel(
     address: str,
     options: Sequence[tuple[str, Any]] = (),
     *,
+    peer: str | None,
     settings: SecuritySettings | None = None,
 ) -> grpc.aio.Channel:
-    """THE way product code dials a peer: mutual TLS with this process's certificate, or plaintext when insecure."""
+    """THE way product code dials a peer: mutual TLS with this process's certificate, or plaintext when insecure.
+
+    ``peer``: the role expected at ``address``; the server's certificate must name it (:func:`role_name`), not merely
+    the host, so a component of another role on that host cannot pose as it. None (test harnesses, a tool dialling
+    whatever role): the certificate must name the host, as before."""
     s = settings or current()
     traced = tracing.client_interceptors() or None  # the active trace context with every call, when tracing is on
     if s.paths is None:
         return grpc.aio.insecure_channel(address, options=list(options), interceptors=traced)
+    named = [(SERVER_NAME_OPTION, role_name(peer))] if peer else []
     return grpc.aio.secure_channel(
-        address, grpc_channel_credentials(s.paths), options=list(options), interceptors=traced
+        address, grpc_channel_credentials(s.paths), options=[*options, *named], interceptors=traced
     )
 
 

@@ -412,7 +412,7 @@ class MigrationCoordinator:
     def _stub(self, address: str) -> llumlet_pb2_grpc.LlumletServiceStub:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = open_channel(address)
+            channel = self._channels[address] = open_channel(address, peer="llumlet")
         return llumlet_pb2_grpc.LlumletServiceStub(channel)
 
     # ------------------------------------------------------------------ source role
