@@ -109,3 +109,22 @@ async def test_a_receiver_of_another_role_gets_nothing_sent_to_it(pki: ClusterSe
         finally:
             await sender.close()
             await impostor.close()
+
+
+async def test_closing_leaves_no_connection_handler_to_be_cancelled(pki: ClusterSecurity) -> None:
+    """Was: close() closed the TLS connections without waiting for asyncio's tasks serving them, which the loop then
+    cancelled at its end; Python 3.11 logs each such cancellation as "Exception in callback
+    StreamReaderProtocol...CancelledError" with a traceback (every llumlet shutdown after a migration)."""
+    receiver = tls_transport(pki, "llumlet", "dst2")
+    await receiver.start()
+    sender = tls_transport(pki, "llumlet", "src2")
+    await sender.start()
+    try:
+        receiver.expect("k", 16)
+        await sender.send(receiver.address, "k", np.ones(16, dtype=np.uint8), timeout=DEADLINE)
+        await receiver.receive("k", timeout=DEADLINE)  # the connection stays open for the next transfer
+    finally:
+        await receiver.close()
+        await sender.close()
+    serving = [t for t in asyncio.all_tasks() if "_serve_tls" in repr(t.get_coro()) and not t.done()]
+    assert not serving, serving

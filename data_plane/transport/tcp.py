@@ -53,6 +53,7 @@ _SOCK_BUF = 4 << 20
 PEER_NAME = role_name("llumlet")
 """What a TLS sender checks the receiver's certificate for: a llumlet's role, not its host (a component of another
 role on that host cannot pose as the receiving llumlet)."""
+TLS_HANDLERS_CLOSE_S = 2.0  # how long close waits for the TLS connections' handlers to return
 # Pause before accepting again after accept itself failed (out of file descriptors, buffers).
 ACCEPT_RETRY_S = 0.1
 # Inside a frame (its header read), the longest wait for the next bytes: a peer stalled mid-frame is dropped, its
@@ -147,6 +148,7 @@ class TcpTransport(BufferingTransport):
         self._server_socks: set[socket.socket] = set()
         self._conns: dict[str, _Conn] = {}
         self._tls_writers: set[asyncio.StreamWriter] = set()
+        self._tls_handlers: set[asyncio.Task[Any]] = set()  # the tasks serving TLS connections (asyncio's)
         super().__init__()
 
     async def start(self) -> str:
@@ -198,8 +200,12 @@ class TcpTransport(BufferingTransport):
             conn.close()
         self._conns.clear()
         for writer in list(self._tls_writers):
-            writer.close()
+            writer.transport.abort()  # at once: a TLS close would wait for the peer's close_notify
         self._tls_writers.clear()
+        if self._tls_handlers:
+            # Their reads end with the connections; awaited, not cancelled: asyncio (3.11) logs a connection
+            # handler's cancellation as an "Exception in callback" with a traceback, once per connection.
+            await asyncio.wait(set(self._tls_handlers), timeout=TLS_HANDLERS_CLOSE_S)
         self._fail_pending()
 
     @property
@@ -269,6 +275,9 @@ class TcpTransport(BufferingTransport):
         from pyllumnix.infra.security.identity import identity_from_transport
 
         self._tls_writers.add(writer)
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._tls_handlers.add(handler)
         try:
             try:
                 peer = identity_from_transport(writer.transport)
@@ -319,6 +328,8 @@ class TcpTransport(BufferingTransport):
             return
         finally:
             self._tls_writers.discard(writer)
+            if handler is not None:
+                self._tls_handlers.discard(handler)
             writer.close()
 
     def _frame_target(self, key: str, nbytes: int, sender: str) -> tuple[Bytes, bool, str | None] | None:
