@@ -457,3 +457,30 @@ async def test_grpc_interceptor(store: ApiKeyStore) -> None:
             ApiKeyInterceptor(store, {"/a.B/C": "root"})
     finally:
         await server.stop(None)
+
+
+async def test_a_revocation_here_is_not_undone_by_a_listing_read_before_it(kv: FakeKV) -> None:
+    """A revoke takes effect at once in the revoking process: a check waiting on a listing read before the revoke must
+    not cache (and accept) the revoked key's record when the listing lands after it."""
+    store = ApiKeyStore(kv, KeyLayout("c1"), cache_ttl=2.0, unknown_reads_per_s=1)
+    key, _ = await ApiKeyStore(kv, KeyLayout("c1")).create("carol")
+    with pytest.raises(ApiKeyError):
+        await store.verify(f"llx_{1:016x}_{'A' * 43}")  # the bucket's one read
+    held = asyncio.Event()
+    listed = kv.get_prefix
+
+    async def slow_first_listing(prefix: str | bytes, *, revision: int = 0) -> Range:
+        result = await listed(prefix, revision=revision)  # read now, before the revoke ...
+        kv.get_prefix = listed  # type: ignore[method-assign]
+        await held.wait()  # ... landing after it
+        return result
+
+    kv.get_prefix = slow_first_listing  # type: ignore[method-assign]
+    check = asyncio.ensure_future(store.verify(key))  # never seen here, no token: waits on the listing
+    await asyncio.sleep(0.01)
+    await store.revoke("carol")
+    held.set()
+    with pytest.raises(ApiKeyError):
+        await asyncio.wait_for(check, 5)
+    with pytest.raises(ApiKeyError):
+        await store.verify(key)

@@ -3,6 +3,7 @@ open_channel applying them (mutual TLS required, role checked)."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import grpc
@@ -21,6 +22,7 @@ from pyllumnix.infra.security.runtime import (
     open_channel,
     split_etcd_endpoints,
 )
+from pyllumnix.infra.security.tls import tls_failure_hint
 
 
 def test_no_certificates_and_no_insecure_is_refused_with_the_way_out() -> None:
@@ -130,6 +132,7 @@ async def test_a_peer_must_hold_the_role_it_is_dialled_as(tmp_path: Path) -> Non
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await check
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE, peer
+                assert "llumnix.invalid" in tls_failure_hint(info.value.details() or ""), info.value.details()
     finally:
         await server.stop(0)
 
@@ -139,7 +142,7 @@ def test_a_certificate_from_before_role_names_is_reissued_or_refused(tmp_path: P
     them. ``ensure`` issues them again; a component given such a file directly is refused with the way out."""
     from cryptography.hazmat.primitives import hashes, serialization
 
-    from pyllumnix.infra.security.ca import CertificateAuthority, Identity, names_role
+    from pyllumnix.infra.security.ca import CertificateAuthority, Identity, host_names, names_role
 
     pki = bootstrap_local(tmp_path / "pki", "c1")
     paths = pki.ensure("llumlet", "i-2")
@@ -154,13 +157,20 @@ def test_a_certificate_from_before_role_names_is_reissued_or_refused(tmp_path: P
         serial_number=x509.random_serial_number(),
         not_valid_before=old.cert.not_valid_before_utc,
         not_valid_after=old.cert.not_valid_after_utc,
-    ).add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(old.identity.uri)]), critical=False)
+    ).add_extension(
+        x509.SubjectAlternativeName(
+            [x509.UniformResourceIdentifier(old.identity.uri), x509.IPAddress(ipaddress.ip_address("10.0.0.5"))]
+        ),
+        critical=False,
+    )
     legacy = builder.sign(authority.key, hashes.SHA256())
     assert not names_role(legacy, "llumlet")
     paths.cert.write_bytes(legacy.public_bytes(serialization.Encoding.PEM))
     paths.key.write_bytes(old.key_pem)
-    with pytest.raises(SecurityConfigError, match=r"does not name llumlet\.llumnix\.invalid"):
+    with pytest.raises(SecurityConfigError, match=r"lacks the DNS SAN llumlet\.llumnix\.invalid"):
         from_options("llumlet", "i-2", ca=paths.ca, cert=paths.cert, key=paths.key, env={})
     fresh = bootstrap_local(tmp_path / "pki", "c1").ensure("llumlet", "i-2")  # a later serve, same folder
-    assert names_role(x509.load_pem_x509_certificate(fresh.cert.read_bytes()), "llumlet")
+    reissued = x509.load_pem_x509_certificate(fresh.cert.read_bytes())
+    assert names_role(reissued, "llumlet")
+    assert "10.0.0.5" in host_names(reissued), "the names peers dial it by are kept"
     assert from_options("llumlet", "i-2", ca=fresh.ca, cert=fresh.cert, key=fresh.key, env={}).secure

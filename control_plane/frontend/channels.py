@@ -14,7 +14,7 @@ import asyncio
 import grpc
 
 from pyllumnix.infra.security.runtime import open_channel
-from pyllumnix.protos.llumnix.v1 import llumlet_pb2_grpc, scheduler_pb2_grpc
+from pyllumnix.protos.llumnix.v1 import llumlet_pb2_grpc
 
 # (initial, max) reconnect backoff of the pool's channels, in ms.
 RECONNECT_BACKOFF_MS = (100, 1000)
@@ -53,9 +53,6 @@ class ChannelPool:
         stub = llumlet_pb2_grpc.LlumletServiceStub(channel)
         self._llumlet_stubs[address] = (channel, stub)
         return stub
-
-    def scheduler(self, address: str) -> scheduler_pb2_grpc.SchedulerServiceStub:
-        return scheduler_pb2_grpc.SchedulerServiceStub(self.channel(address))
 
     def discard(self, address: str, channel: grpc.aio.Channel | None = None) -> None:
         """Forgets the channel to ``address`` (only if it is still ``channel``, when given: one that failed, not a

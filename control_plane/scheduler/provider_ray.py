@@ -371,15 +371,14 @@ class RayInstanceProvider(InstanceProvider):
             except Exception as e:  # the node died, the actor failed to construct, ...
                 raise ProviderError(f"{iid}'s actor on {node_ip} failed to start: {e}") from e
         except BaseException as exc:
-            discard = self._discard(ray, actor, pg)
-            if isinstance(exc, asyncio.CancelledError):
-                # Cancelled (a lost leadership, a stop): the cleanup cannot be awaited here, and must not be skipped
-                # (the actor's node keeps the key's folder otherwise), so it goes on in a task of its own.
-                task = asyncio.get_running_loop().create_task(discard, name=f"discard-{iid}")
-                self._discards.add(task)
-                task.add_done_callback(self._discards.discard)
-            else:
-                await discard
+            # In a task of its own, so that no cancellation (a lost leadership, a stop: now, or while it is awaited
+            # below) cuts it short: the actor's node keeps the key's folder otherwise, and Ray the detached actor
+            # and placement group.
+            task = asyncio.get_running_loop().create_task(self._discard(ray, actor, pg), name=f"discard-{iid}")
+            self._discards.add(task)
+            task.add_done_callback(self._discards.discard)
+            if not isinstance(exc, asyncio.CancelledError):
+                await asyncio.shield(task)
             raise
         placed = self.instances[iid] = _Placed(pg=pg, actor=actor, node_ip=placed_ip)
         placed.watch = asyncio.get_running_loop().create_task(self._watch_start(iid, placed), name=f"start-{iid}")
@@ -392,7 +391,8 @@ class RayInstanceProvider(InstanceProvider):
 
         if actor is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(actor.terminate.remote(0.0), self.probe_timeout)
+                # As long as a start may take: an actor still being built runs its queued terminate once it is.
+                await asyncio.wait_for(actor.terminate.remote(0.0), self.start_timeout)
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
         with contextlib.suppress(Exception):
@@ -493,7 +493,7 @@ class RayInstanceProvider(InstanceProvider):
             await asyncio.gather(*(self._teardown(iid, p) for iid, p in self.instances.items()))
             self.instances.clear()
         if self._discards:  # cancelled starts still being undone: before Ray goes
-            await asyncio.wait(set(self._discards), timeout=self.probe_timeout + 5)
+            await asyncio.wait(set(self._discards), timeout=self.start_timeout + 5)
         if self._connected:
             with contextlib.suppress(Exception):
                 self._ray().shutdown()

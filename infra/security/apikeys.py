@@ -166,6 +166,7 @@ class ApiKeyStore:
         self._listing: tuple[float, dict[str, tuple[ApiKey, str]]] | None = None
         self._listing_read: asyncio.Task[tuple[float, dict[str, tuple[ApiKey, str]]]] | None = None
         self.listed_answers = 0  # checks of never-seen ids answered from the listing (the read rate spent)
+        self._generation = 0  # bumped by every create/revoke here: a listing read before one is not cached after it
 
     async def _call(self, what: str, coro: Awaitable[Any]) -> Any:
         try:
@@ -241,13 +242,16 @@ class ApiKeyStore:
         """``kid``'s record from the listing of every key (read at most once per LISTING_TTL_S, one read shared by
         every waiting check); a record found there is cached as a read's would be."""
         self.listed_answers += 1
-        if self._listing is None or now - self._listing[0] >= LISTING_TTL_S:
+        generation = self._generation
+        if self._listing is None or now - self._listing[0] >= min(LISTING_TTL_S, self.cache_ttl):
             if self._listing_read is None:
                 self._listing_read = asyncio.ensure_future(self._list_records())
                 self._listing_read.add_done_callback(self._listed)
             read_at, records = await asyncio.shield(self._listing_read)
         else:
             read_at, records = self._listing
+        if self._generation != generation:  # a create or revoke here meanwhile: this listing may predate it
+            return await self._lookup(kid)
         found = records.get(kid)
         if found is not None and kid not in self._cache:
             # Fresh for cache_ttl from when it was read, as a read's answer: a revocation still holds within that.
@@ -309,6 +313,7 @@ class ApiKeyStore:
         self._cache.pop(kid, None)
         self._unknown.pop(kid, None)
         self._listing = self._listing_read = None
+        self._generation += 1
         self._reads.pop(kid, None)
 
     async def revoke(self, name_or_id: str) -> ApiKey:

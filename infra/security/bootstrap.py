@@ -31,6 +31,7 @@ from pyllumnix.infra.security.ca import (
     Identity,
     _write_private,
     etcd_user_name,
+    host_names,
     identities_in,
     names_role,
 )
@@ -98,13 +99,19 @@ class ClusterSecurity:
             existing = self.paths(role, id)
         except FileNotFoundError:
             existing = None
+        kept: list[str] = []
         if existing is not None:
-            if role in CLIENT_ONLY_ROLES or names_role(x509.load_pem_x509_certificate(existing.cert_pem()), role):
+            # etcd's certificate is checked for its host only (etcd clients may trust an operator's CA): kept as is.
+            if role in CLIENT_ONLY_ROLES or role == "etcd":
+                return existing
+            old = x509.load_pem_x509_certificate(existing.cert_pem())
+            if names_role(old, role):
                 return existing
             log.info("re-issuing the certificate of %s: it predates role-bound names", identity)
             self.issued.pop(identity, None)
-        issued = self.authority().issue(identity, [*self.hosts, *hosts])
-        rbac = self._rbac()
+            kept = host_names(old)  # the names peers already dial it by
+        issued = self.authority().issue(identity, [*self.hosts, *kept, *hosts])
+        rbac = self._rbac() if existing is None else None  # a re-issue keeps the CN: its etcd user exists
         if rbac is not None:
             # Before the certificate exists: under etcd auth a user etcd does not know is refused everything, and a
             # failure here leaves no certificate behind, so the next ensure() tries again.

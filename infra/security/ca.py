@@ -38,6 +38,17 @@ def role_name(role: str) -> str:
     return f"{role}.{ROLE_NAME_SUFFIX}"
 
 
+def host_names(cert: x509.Certificate) -> list[str]:
+    """The IP addresses and DNS names ``cert`` is valid for, less role names (what a re-issue keeps)."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    ips = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    dns = [d for d in sans.get_values_for_type(x509.DNSName) if not d.endswith(f".{ROLE_NAME_SUFFIX}")]
+    return [*ips, *dns]
+
+
 def names_role(cert: x509.Certificate, role: str) -> bool:
     """Whether ``cert`` carries ``role``'s name (certificates issued before role-bound names do not)."""
     try:

@@ -226,9 +226,10 @@ def _checked_identity(cert: Path, role: str) -> Identity:
         raise SecurityConfigError(f"{cert} is a {identity.role} certificate ({identity}); this component is a {role}")
     if role not in CLIENT_ONLY_ROLES and not names_role(x509.load_pem_x509_certificate(cert.read_bytes()), role):
         raise SecurityConfigError(
-            f"{cert} ({identity}) does not name {role_name(role)}, which peers dialling a {role} check for (it was "
-            "issued before role-bound names): issue it again from the cluster's PKI (`llumnix serve` and a PKI folder "
-            "holding the CA key do so by themselves)"
+            f"{cert} ({identity}) lacks the DNS SAN {role_name(role)}, which components dialling a {role} check "
+            "for: with your own CA, add it when issuing (README: multi-host with your own CA); a certificate from "
+            "`llumnix serve` or a PKI folder holding the CA key (issued before role-bound names) is issued again "
+            "by them when given that folder"
         )
     return identity
 

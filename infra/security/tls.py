@@ -100,6 +100,12 @@ def tls_failure_hint(details: str) -> str:
     append this hint to their UNAVAILABLE errors so the user learns where to look.
     """
     text = details.lower()
+    if "hostname verification" in text or "no match found for server name" in text:
+        return (
+            "the server's certificate does not name what this client dials: for a component, the role's name "
+            "(<role>.llumnix.invalid; certificates issued before role-bound names lack it: issue them again), "
+            "otherwise its host"
+        )
     if "expired" in text:
         return "a certificate has expired: issue a new one"
     if "certificate_verify_failed" in text or "certificate verify failed" in text:
