@@ -234,3 +234,16 @@ def test_a_killed_issuers_socket_folder_is_removed_by_the_next(tmp_path: Path) -
     remove_stale_socket_dirs(tmp_path)
     assert not stale.exists()
     assert live.exists() and other.exists()
+
+
+def test_a_refusal_answered_before_the_request_was_read_is_still_heard(pki: ClusterSecurity) -> None:
+    """The issuer answers a process that may not ask before reading its request and closes; a client still sending
+    then got EPIPE and reported "cannot ask the certificate issuer ... Broken pipe" (a CI run) instead of the refusal.
+    A request larger than the socket's buffers makes that certain here."""
+    server = IssuerServer(pki.hand_out, lambda pid: False).start()
+    try:
+        remote = RemoteIssuer(server.path, timeout=10)
+        with pytest.raises(IssuerError, match="may not ask"):
+            remote.hand_out("llumlet", "auto-0000c1", [f"host-{i:06d}.example" for i in range(40_000)])
+    finally:
+        server.close()

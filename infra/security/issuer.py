@@ -266,7 +266,10 @@ class RemoteIssuer:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout)
                 sock.connect(str(self.path))
-                sock.sendall(request)
+                try:
+                    sock.sendall(request)
+                except BrokenPipeError:
+                    pass  # refused before the request was read (a process that may not ask): its answer is waiting
                 with sock.makefile("rb") as replies:
                     line = replies.readline(REQUEST_LIMIT)
         except OSError as exc:
