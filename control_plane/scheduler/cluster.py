@@ -360,6 +360,11 @@ class ClusterState:
             self._pending[instance_id] = self._view(load, state, now, instance_id not in self._unhealthy)
             self.changed.set()
 
+    @property
+    def unfolded(self) -> bool:
+        """Reports are taken but not in the snapshot yet (folded within REPORT_FOLD_INTERVAL_S)."""
+        return bool(self._reported)
+
     def snapshot(self, now: float) -> ClusterSnapshot:
         """The policy snapshot with every buffered report applied and silent instances marked unhealthy."""
         if now - self._last_stale_scan >= STALE_SCAN_INTERVAL_S:  # an O(n) scan: not on every dispatch

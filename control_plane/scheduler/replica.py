@@ -95,6 +95,11 @@ LOST_NOTICE_RETRY_S = 12.0
 _NOTICE_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # Load messages of one instance in a row that came later than the dispatch staleness bound before the leader warns: a
 # llumlet whose cadence is too slow for the cluster's does so on every idle period, a one-off stall only once.
+FIRST_VIEW_WAIT_S = 0.3
+"""A new leader's first dispatches wait, at most this long into its term, until every registered instance has reported
+to it: before, they went to whichever llumlets' streams reopened first, busy ones too (an instance not heard from in
+this term takes no request). The llumlets reopen their streams as soon as etcd names the leader, ~10-100 ms."""
+FIRST_VIEW_POLL_S = 0.01
 LATE_LOAD_MESSAGES_WARN = 2
 # A replica remembers instances that left the registry this long, so that one which becomes the leader meanwhile
 # still watches them (it holds no load of them: they may have died with the previous leader, their requests never
@@ -317,6 +322,7 @@ class SchedulerReplica:
         self.registered_frontends: dict[bytes, str] = {}
         self._frontends_scanned: dict[str, float] = {}
         self._term_began = 0.0  # ``time.monotonic()`` when this replica last won the election
+        self._view_known = False  # this term has heard from every registered instance, or waited FIRST_VIEW_WAIT_S
         self.depositions = 0
         self.pairing_rounds = 0  # rounds the pairing loop ran (it skips none while pairs are found; see there)
         self._hold_off_until = 0.0
@@ -539,6 +545,7 @@ class SchedulerReplica:
         self.leader = LeaderView(self.replica_id, self.grpc_address, leadership.revision)
         log.info("%s leads (term %d)", self.replica_id, leadership.revision)
         self._term_began = time.monotonic()
+        self._view_known = False
         self._watch_recently_vanished()
         loop = asyncio.get_running_loop()
         self._leader_tasks = [
@@ -707,6 +714,26 @@ class SchedulerReplica:
             gap,
             self.core.config.load_report_interval_ms,
         )
+
+    def view_pending(self) -> bool:
+        """Whether a young term still waits for registered instances' first reports (see FIRST_VIEW_WAIT_S); cheap
+        once known, since Dispatch asks it every time."""
+        if self._view_known:
+            return False
+        began, cluster = self._term_began, self.cluster
+        if time.monotonic() - began >= FIRST_VIEW_WAIT_S or (
+            not cluster.unfolded and all(cluster.report_times.get(iid, -1.0) >= began for iid in cluster.infos)
+        ):
+            self._view_known = True
+        return not self._view_known
+
+    async def wait_for_first_view(self, limit: float) -> None:
+        """Until :meth:`view_pending` is over, or ``limit`` seconds (the caller's deadline)."""
+        deadline = time.monotonic() + limit
+        # A poll, not an event: the condition spans every registered instance and the clock, and lasts at most the
+        # first FIRST_VIEW_WAIT_S of a term (``cluster.changed`` is cleared by the pairing loop, so no waiter here).
+        while self.view_pending() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(FIRST_VIEW_POLL_S)
 
     def dispatch(self, request_id: str, priority: int, num_prompt_tokens: int, max_tokens: int) -> tuple[str, str]:
         self.require_leader()

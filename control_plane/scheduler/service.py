@@ -22,7 +22,12 @@ import grpc
 
 from pyllumnix.control_plane.scheduler.cluster import StaleKeepAliveError
 from pyllumnix.control_plane.scheduler.config_wire import config_to_pb
-from pyllumnix.control_plane.scheduler.replica import NotLeaderError, SchedulerReplica, SchedulingError
+from pyllumnix.control_plane.scheduler.replica import (
+    FIRST_VIEW_WAIT_S,
+    NotLeaderError,
+    SchedulerReplica,
+    SchedulingError,
+)
 from pyllumnix.infra.security.authz import authenticated_caller, require_self
 from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -71,6 +76,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self, request: scheduler_pb2.DispatchRequest, context: Context
     ) -> scheduler_pb2.DispatchResponse:
         # The hot path: no closure, no extra coroutine.
+        if self.replica.view_pending():  # a new leader not yet heard from every instance (replica.FIRST_VIEW_WAIT_S)
+            remaining = context.time_remaining()
+            await self.replica.wait_for_first_view(FIRST_VIEW_WAIT_S if remaining is None else remaining - 0.05)
         try:
             iid, address = self.replica.dispatch(
                 request.request_id, request.priority, request.num_prompt_tokens, request.max_tokens
