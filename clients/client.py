@@ -7,6 +7,7 @@ daemon thread so blocking code gets the same behaviour, retry rules included (se
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Coroutine, Iterator, Mapping, Sequence
@@ -21,6 +22,7 @@ from pyllumnix.clients import config_paths
 from pyllumnix.clients.channel import DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, CallKind, EndpointPool, TlsConfig
 from pyllumnix.clients.errors import InvalidArgumentError, LlumnixError, NotFoundError, UnavailableError, from_rpc_error
 from pyllumnix.infra import vocabulary, wire
+from pyllumnix.infra.security.ca import role_name
 from pyllumnix.infra.security.context import ClientContext, context_path, load_context
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
@@ -168,6 +170,9 @@ def build_generate_request(
     return request
 
 
+ROLES_DIALLED = ("frontend", "scheduler")
+
+
 def tls_from_context(ctx: ClientContext) -> TlsConfig | None:
     """The context's CA, client certificate and API key as channel TLS (None: a plaintext context)."""
     files = ctx.tls_files()
@@ -196,6 +201,7 @@ class AsyncLlumnixClient:
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         generate_timeout: float | None = None,
     ) -> None:
+        role_tls: dict[str, TlsConfig] = {}
         fe = frontend_endpoints if frontend_endpoints is not None else endpoints
         se = scheduler_endpoints if scheduler_endpoints is not None else endpoints
         if not fe and not se:
@@ -209,11 +215,18 @@ class AsyncLlumnixClient:
             fe, se = ctx.frontend, ctx.scheduler
             if tls is None:
                 tls = tls_from_context(ctx)
+                if tls is not None and tls.server_name_override is None:
+                    # The cluster's own CA (serve wrote the context): each pool checks its servers' role names, so
+                    # another component's certificate on that host cannot pose as them (API keys go to whoever
+                    # passes the check).
+                    role_tls = {r: dataclasses.replace(tls, server_name_override=role_name(r)) for r in ROLES_DIALLED}
         self.timeout = timeout
         self.generate_timeout = generate_timeout
-        common: dict[str, Any] = {"tls": tls, "timeout": timeout, "connect_timeout": connect_timeout}
-        self._frontends = EndpointPool(fe, role="frontend", **common) if fe else None
-        self._schedulers = EndpointPool(se, role="scheduler", **common) if se else None
+        common: dict[str, Any] = {"timeout": timeout, "connect_timeout": connect_timeout}
+        self._frontends = EndpointPool(fe, role="frontend", tls=role_tls.get("frontend", tls), **common) if fe else None
+        self._schedulers = (
+            EndpointPool(se, role="scheduler", tls=role_tls.get("scheduler", tls), **common) if se else None
+        )
         # request id -> the frontend that owns its stream (Abort must reach that frontend).
         self._owners: dict[str, str] = {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,28 @@ async def test_out_of_range_generation_arguments_are_invalid_argument(
         pytest.raises(InvalidArgumentError, match=f"invalid {named}"),
     ):
         sync_client.generate_text(prompt, **arguments)  # type: ignore[arg-type]
+
+
+def test_a_client_from_serves_context_checks_each_servers_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A context written by ``llumnix serve`` holds the cluster CA: the frontend pool checks its servers for the
+    frontend's role name, the scheduler pool for the scheduler's (was: the host only, so another component's
+    certificate on that host passed, and got the API key). An explicit server name in the context is kept."""
+    from pyllumnix.infra.security.bootstrap import bootstrap_local
+    from pyllumnix.infra.security.context import ClientContext, save_context
+
+    pki = bootstrap_local(tmp_path / "pki", "c1")
+    admin = pki.ensure("admin", "admin")
+    path = tmp_path / "context.yaml"
+    monkeypatch.setenv("LLUMNIX_CONTEXT", str(path))
+    ctx = ClientContext("c1", scheduler=["127.0.0.1:1"], frontend=["127.0.0.1:2"], ca=admin.ca, cert=admin.cert,
+                        key=admin.key)  # fmt: skip
+    save_context(ctx, path)
+    client = AsyncLlumnixClient()
+    assert client._frontends is not None and client._schedulers is not None
+    assert client._frontends.tls is not None and client._schedulers.tls is not None
+    assert client._frontends.tls.server_name_override == "frontend.llumnix.invalid"
+    assert client._schedulers.tls.server_name_override == "scheduler.llumnix.invalid"
+    save_context(dataclasses.replace(ctx, server_name="lb.example"), path)
+    kept = AsyncLlumnixClient()
+    assert kept._frontends is not None and kept._frontends.tls is not None
+    assert kept._frontends.tls.server_name_override == "lb.example"

@@ -49,6 +49,7 @@ from pyllumnix.clients.errors import (
     UnavailableError,
 )
 from pyllumnix.infra.cli_types import FiniteFloatRange
+from pyllumnix.infra.security.ca import role_name
 from pyllumnix.infra.security.context import ContextError, context_path, load_context
 from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, llumlet_pb2, scheduler_pb2
 
@@ -304,7 +305,8 @@ def make_client(settings: Settings) -> AsyncLlumnixClient:
             ca = ca or str(context.ca)
             if cert is None and key is None and context.cert is not None and context.key is not None:
                 cert, key = str(context.cert), str(context.key)
-            server_name = server_name or context.server_name or None
+            # Serve's context: the cluster CA, whose scheduler certificates name their role (not just the host).
+            server_name = server_name or context.server_name or role_name("scheduler")
             api_key = api_key or context.api_key or None
     elif settings.context is not None:
         raise click.UsageError("--context and --endpoint exclude each other (a context names its own endpoints)")
