@@ -114,3 +114,21 @@ def test_serves_children_get_none_of_its_client_credentials(tmp_path: Path, monk
 
     assert set(CLIENT_ENV) == {ENV_VAR, ENV_API_KEY, ENV_ENDPOINT}
     assert Launcher(tmp_path / "l", secure=None).environment()["LLUMNIX_CONTEXT"] == str(tmp_path / "context.yaml")
+
+
+def test_serve_json_gives_each_metrics_endpoint_as_a_whole_url(tmp_path: Path) -> None:
+    """A secure frontend bound beyond loopback serves HTTPS, /metrics included: ``metrics`` (host:port) left the
+    scheme to the reader, who assumed http. ``metrics_url`` says it; schedulers' and llumlets' stay http."""
+    from typing import Any, cast
+
+    from pyllumnix.tools.launch import Component
+
+    def child(kind: str, ready: dict[str, Any]) -> serve.Child:
+        comp = Component(kind, cast(Any, None), tmp_path / f"{kind}.log", ready)
+        return serve.Child(kind, kind, cast(Any, None), comp=comp)
+
+    frontend = child("frontend", {"http_url": "https://127.0.0.1:8000", "grpc_address": "127.0.0.1:50051"})
+    scheduler = child("scheduler", {"metrics_address": "127.0.0.1:9100", "grpc_address": "127.0.0.1:50060"})
+    assert frontend.metrics_url() == "https://127.0.0.1:8000/metrics" and frontend.metrics_address() == "127.0.0.1:8000"
+    assert scheduler.metrics_url() == "http://127.0.0.1:9100/metrics"
+    assert child("etcd", {}).metrics_url() is None

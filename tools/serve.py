@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "bytes_per_token": 8192,
     "transport": "auto",
     "host": "127.0.0.1",
+    "https": None,  # the frontend's default: HTTPS when secure and --host is not loopback
     "http_port": 8000,
     "grpc_port": 50051,
     "log_dir": "",
@@ -221,6 +222,13 @@ class Child:
             return str(comp.ready["http_url"]).split("://", 1)[-1].rstrip("/")
         return None
 
+    def metrics_url(self) -> str | None:
+        comp = self.comp
+        if comp is not None and "http_url" in comp.ready and "metrics_address" not in comp.ready:
+            return f"{str(comp.ready['http_url']).rstrip('/')}/metrics"
+        address = self.metrics_address()
+        return None if address is None else f"http://{address}/metrics"
+
     def info(self) -> dict[str, Any]:
         comp = self.comp
         state = "stopped"
@@ -237,6 +245,8 @@ class Child:
             "instance_id": comp.ready.get("instance_id") if comp is not None else None,
             # host:port of its Prometheus /metrics (schedulers, llumlets; the frontend's is on its HTTP port)
             "metrics": self.metrics_address(),
+            # the whole URL: the frontend's may be https (a secure frontend bound beyond loopback)
+            "metrics_url": self.metrics_url(),
             "log": str(comp.log_path) if comp is not None else None,
             "state": state,
             "restarts": self.restarts,
@@ -581,6 +591,8 @@ class Supervisor:
             args = ["frontend", *common, *frontend_security, "--scheduler", ",".join(schedulers), "--host", host]
             args += ["--frontend-id", "f0"]
             args += ["--http-port", ports["http"], "--grpc-port", ports["grpc"], *frontend_args]
+            if opts["https"] is not None:
+                args.append("--https" if opts["https"] else "--no-https")
             comp = self._launcher_start("frontend", args, 120.0, env)
             # A restart comes back on the same ports (chosen by the OS the first time when 0 was asked).
             ports["http"] = str(comp.ready["http_port"])
@@ -797,6 +809,12 @@ class Supervisor:
 )
 @click.option("--transport", default=DEFAULTS["transport"], show_default=True, help="Data plane: auto|ucx|tcp.")
 @click.option("--host", default=DEFAULTS["host"], show_default=True, help="Bind host for every component.")
+@click.option(
+    "--https/--no-https",
+    default=DEFAULTS["https"],
+    help="The frontend's OpenAI API over HTTPS (default: when secure and --host is not loopback; --no-https for a TLS "
+    "proxy in front).",
+)
 @click.option("--http-port", type=int, default=DEFAULTS["http_port"], show_default=True)
 @click.option("--grpc-port", type=int, default=DEFAULTS["grpc_port"], show_default=True)
 @click.option("--log-dir", default=DEFAULTS["log_dir"], help="Per-component logs (default: a temp dir).")
