@@ -910,3 +910,24 @@ def test_frontends_named_by_load_reports_are_bounded_least_recently_seen_first()
     )
     replica._note_frontends(honest, 2.0)
     assert "fe:1" in replica._frontends and len(replica._frontends) == MAX_REPORTED_FRONTENDS
+
+
+async def test_a_new_scaling_interval_counts_from_the_change_not_from_the_old_sleeps_end() -> None:
+    """Was: the scaling loop slept the interval it read before the sleep, so a cluster reconfigured from an hour to
+    100 ms went on waiting out the hour (and then acted on the config it read before that sleep)."""
+    log: list[str] = []
+    replica, election = make_replica((), log)
+    replica.core.reconfigure(dataclasses.replace(replica.core.config, scaling_interval_ms=3_600_000))
+    provider = FakeProvider(replica, log)
+    replica.provider = cast(Any, provider)
+    replica.scale_target = 1
+    lead = asyncio.ensure_future(replica._lead())
+    try:
+        await wait_until(lambda: replica.leadership is not None)
+        await asyncio.sleep(0.1)
+        assert log == [], "an hour's interval: no pass yet"
+        replica._reconfigure(dataclasses.replace(replica.core.config, scaling_interval_ms=100))
+        await wait_until(lambda: log == ["start 1"])
+    finally:
+        election.leadership.step_down()
+        await asyncio.wait_for(lead, DEADLINE_S)

@@ -323,6 +323,7 @@ class SchedulerReplica:
         self._frontends_scanned: dict[str, float] = {}
         self._term_began = 0.0  # ``time.monotonic()`` when this replica last won the election
         self._view_known = False  # this term has heard from every registered instance, or waited FIRST_VIEW_WAIT_S
+        self._config_changed = asyncio.Event()  # set by every reconfiguration: wakes the scaling loop
         self.depositions = 0
         self.pairing_rounds = 0  # rounds the pairing loop ran (it skips none while pairs are found; see there)
         self._hold_off_until = 0.0
@@ -503,11 +504,17 @@ class SchedulerReplica:
         if self.provider is not None:
             self.provider.registered(instance_id)
 
+    def _reconfigure(self, config: PolicyConfig) -> None:
+        """The policy's new config, and a wake-up for the scaling loop (a new interval counts from now, not from the
+        end of a sleep of the old one: scaling turned on at an hour's interval would otherwise wait that hour)."""
+        self.core.reconfigure(config)
+        self._config_changed.set()
+
     async def _watch_config(self) -> None:
         async for message, revision in self.config_store.watch():
             try:  # a stored config outside today's ranges (older build, foreign writer) is skipped, not fatal
                 config = config_from_pb(message) if message is not None else PolicyConfig()
-                self.core.reconfigure(config)
+                self._reconfigure(config)
             except ValueError as exc:
                 log.error("ignoring invalid config at revision %d: %s", revision, exc)
                 continue
@@ -936,8 +943,12 @@ class SchedulerReplica:
     async def _scaling_loop(self) -> None:
         began = time.monotonic()
         while True:
+            self._config_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._config_changed.wait(), self.core.config.scaling_interval_ms / 1000)
+            if self._config_changed.is_set():
+                continue  # reconfigured: sleep the new interval from now
             config = self.core.config
-            await asyncio.sleep(config.scaling_interval_ms / 1000)
             if self.provider is None:
                 continue
             if self.scale_target is not None:
@@ -1336,6 +1347,6 @@ class SchedulerReplica:
             revision = await self.config_store.put(stored, expected_revision=expected_revision or None)
         except ConfigConflictError as exc:
             raise SchedulingError(grpc.StatusCode.ABORTED, str(exc)) from exc
-        self.core.reconfigure(validated)
+        self._reconfigure(validated)
         self.config_revision = revision
         return stored, revision
