@@ -270,3 +270,23 @@ async def test_chunks_that_came_before_their_stage_was_announced_leave_the_sende
     finally:
         for t in (receiver, source):
             await t.close()
+
+
+async def test_early_chunks_expire_with_no_other_traffic() -> None:
+    """Was: an early chunk expired only when a later one was checked for room, so the last chunks of an abandoned
+    migration held their memory (up to the whole early bound) until some other chunk came. A timer expires them."""
+    receiver, sender = InprocTransport(), InprocTransport()
+    receiver.early_ttl_s = 0.2
+    for t in (receiver, sender):
+        await t.start()
+    try:
+        for i in range(3):
+            await sender.send(receiver.address, f"abandoned/{i}", np.ones(1 << 16, dtype=np.uint8), timeout=DEADLINE)
+        assert receiver.early_bytes == 3 << 16
+        async with asyncio.timeout(DEADLINE):
+            while receiver.early_bytes:  # nothing else arrives, nothing asks for room
+                await asyncio.sleep(0.02)
+        assert receiver.early_dropped == 3
+    finally:
+        for t in (receiver, sender):
+            await t.close()

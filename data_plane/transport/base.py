@@ -38,6 +38,7 @@ EARLY_TTL_S = 30.0
 # migrations of the others. Chunks of a stage this side is receiving (``admit_stage``) count against the whole only:
 # the receiver expects a few chunks ahead, the rest of a big stage normally arrives early (M4).
 EARLY_PEER_SHARE = 0.5
+PRUNE_SLACK_S = 0.05  # the expiry timer fires this much after the oldest chunk's deadline (one timer per batch)
 _STAGE = "\0stage"  # the early-bytes account of announced stages' chunks (no sender's share)
 
 
@@ -210,6 +211,7 @@ class BufferingTransport(ExpectingTransport):
         self._peer_early: dict[str, int] = {}  # account -> its early bytes, claimed ones included
         self._stages: dict[str, tuple[int, int]] = {}  # announced stage key prefix -> (its chunks, announcements)
         self._early_bytes = 0
+        self._prune_timer: asyncio.TimerHandle | None = None  # expires early chunks when no other chunk comes
         self.early_max_bytes = early_max_bytes
         self._early_peer_max_bytes = early_peer_max_bytes
         self.early_ttl_s = early_ttl_s
@@ -303,7 +305,25 @@ class BufferingTransport(ExpectingTransport):
         self._early[key] = buf
         self._early_at[key] = time.monotonic()
         self._early_from[key] = account
+        self._schedule_prune()
         return True
+
+    def _schedule_prune(self) -> None:
+        """A timer for the oldest early chunk's expiry: before, chunks expired only when another one arrived, so the
+        last ones of an abandoned migration held their memory (up to ``early_max_bytes``) indefinitely."""
+        if self._prune_timer is not None or not self._early_at:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): the next early_room() prunes
+            return
+        due = min(self._early_at.values()) + self.early_ttl_s - time.monotonic()
+        self._prune_timer = loop.call_later(max(due, 0.0) + PRUNE_SLACK_S, self._prune_from_timer)
+
+    def _prune_from_timer(self) -> None:
+        self._prune_timer = None
+        self._prune_early()
+        self._schedule_prune()
 
     def _take_early(self, key: str) -> Bytes | None:
         buf = self._early.pop(key, None)
@@ -327,6 +347,9 @@ class BufferingTransport(ExpectingTransport):
     def _fail_pending(self) -> None:
         """Early chunks are dropped too."""
         super()._fail_pending()
+        if self._prune_timer is not None:
+            self._prune_timer.cancel()
+            self._prune_timer = None
         self._early.clear()
         self._early_at.clear()
         self._early_from.clear()
