@@ -302,10 +302,10 @@ class Observer:
         self._md = credentials.call_metadata()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def _channel(self, address: str, peer: str = "scheduler") -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = self.credentials.channel(address, CHANNEL_OPTIONS)
+            ch = self._channels[address] = self.credentials.channel(address, CHANNEL_OPTIONS, peer=peer)
         return ch
 
     async def close(self) -> None:
@@ -359,7 +359,7 @@ class Observer:
 
     async def get_load(self, address: str) -> common_pb2.InstanceLoad | None:
         try:
-            reply = await llumlet_pb2_grpc.LlumletServiceStub(self._channel(address)).GetLoad(
+            reply = await llumlet_pb2_grpc.LlumletServiceStub(self._channel(address, "llumlet")).GetLoad(
                 llumlet_pb2.GetLoadRequest(), timeout=self.timeout * 2, metadata=self._md
             )
         except grpc.aio.AioRpcError:

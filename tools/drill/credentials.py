@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 
+from pyllumnix.infra.security.ca import role_name
+
 
 @dataclass(frozen=True)
 class Credentials:
@@ -23,11 +25,17 @@ class Credentials:
     # CA of HTTPS endpoints (None: the system's).
     ca: Path | None = None
     description: str = "plaintext"
+    # The context's CA is the cluster's (serve or the drill wrote it, naming no server): check servers' role names.
+    role_names: bool = False
 
-    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+    def channel(
+        self, address: str, options: Sequence[tuple[str, Any]] = (), *, peer: str | None = None
+    ) -> grpc.aio.Channel:
+        """A channel to ``address``; with ``role_names``, its server must hold ``peer``'s role (not just the host)."""
         if self.channel_credentials is None:
             return grpc.aio.insecure_channel(address, options=list(options))
-        return grpc.aio.secure_channel(address, self.channel_credentials, options=list(options))
+        named = [("grpc.ssl_target_name_override", role_name(peer))] if peer and self.role_names else []
+        return grpc.aio.secure_channel(address, self.channel_credentials, options=[*options, *named])
 
     def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
         """Per-call metadata (only plaintext channels need it: TLS channels carry the key themselves)."""
@@ -60,5 +68,6 @@ def from_context(path: str | None, name: str | None) -> tuple[Credentials, Any]:
         http_headers=ctx.http_headers(),
         ca=ctx.ca,
         description=f"context {ctx.name!r} ({'TLS' if ctx.ca else 'plaintext'}{', API key' if ctx.api_key else ''})",
+        role_names=ctx.ca is not None and not ctx.server_name,
     )
     return creds, ctx

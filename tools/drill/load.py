@@ -62,7 +62,7 @@ class StreamClient:
         self.clock = clock
         self.deadline = deadline
         self.credentials = credentials
-        self._channels = [credentials.channel(address) for _ in range(channels)]
+        self._channels = [credentials.channel(address, peer="frontend") for _ in range(channels)]
         self._stubs = [frontend_pb2_grpc.FrontendServiceStub(ch) for ch in self._channels]
         self._next = itertools.count()
         self.tag = uuid.uuid4().hex[:6]
