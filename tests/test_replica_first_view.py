@@ -48,7 +48,7 @@ async def test_the_first_dispatches_of_a_term_wait_for_every_instances_first_rep
         await wait_until(lambda: replica.leadership is not None)
         assert replica.report(load("busy", 10))  # the busy llumlet's stream reopened first
         assert replica.view_pending()
-        await wait_until(lambda: not replica.cluster.unfolded)
+        replica.cluster.fold(time.monotonic())
         assert replica.dispatch("early", 0, 16, 16)[0] == "busy", "without the wait: the only instance heard from"
         servicer = SchedulerServicer(replica)
         request = scheduler_pb2.DispatchRequest(request_id="r1", num_prompt_tokens=16, max_tokens=16)
@@ -82,6 +82,21 @@ async def test_a_silent_instance_holds_the_first_dispatches_for_a_bounded_time_o
         assert reply.instance_id == "up" and time.monotonic() - began < 0.2, "the caller's deadline bounds it"
         await asyncio.sleep(0.2)
         assert not replica.view_pending(), "the term's bound"
+    finally:
+        election.leadership.step_down()
+        await asyncio.wait_for(lead, DEADLINE_S)
+
+
+async def test_a_deposed_replica_does_not_hold_dispatches_it_cannot_serve() -> None:
+    """Dispatches reaching a replica that lost its term within FIRST_VIEW_WAIT_S get NotLeader at once (the frontend
+    then goes to the new leader), not after the old term's wait."""
+    replica, election = make_replica(("up", "silent"), [])
+    lead = asyncio.ensure_future(replica._lead())
+    try:
+        await wait_until(lambda: replica.leadership is not None)
+        assert replica.view_pending()
+        election.leadership.step_down()
+        assert not replica.view_pending()
     finally:
         election.leadership.step_down()
         await asyncio.wait_for(lead, DEADLINE_S)

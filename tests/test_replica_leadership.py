@@ -931,3 +931,27 @@ async def test_a_new_scaling_interval_counts_from_the_change_not_from_the_old_sl
     finally:
         election.leadership.step_down()
         await asyncio.wait_for(lead, DEADLINE_S)
+
+
+async def test_frequent_config_writes_do_not_starve_the_scaling_pass() -> None:
+    """Review of the wake-up above: every write restarted the interval, so a key rewritten more often than the interval
+    (a tuning script) kept the scaling pass, and `llmctl scale`'s convergence, from ever running. Only a new interval
+    moves the next pass now."""
+    log: list[str] = []
+    replica, election = make_replica((), log)
+    provider = FakeProvider(replica, log)
+    replica.provider = cast(Any, provider)
+    replica.scale_target = 1
+    lead = asyncio.ensure_future(replica._lead())
+    try:
+        await wait_until(lambda: replica.leadership is not None)
+        config = replica.core.config  # scaling_interval_ms=100 (make_replica)
+        async with asyncio.timeout(DEADLINE_S):
+            threshold = config.migrate_out_threshold
+            while log != ["start 1"]:  # an unrelated key, rewritten every 30 ms
+                threshold = 3.0 if threshold != 3.0 else 4.0
+                replica._reconfigure(dataclasses.replace(config, migrate_out_threshold=threshold))
+                await asyncio.sleep(0.03)
+    finally:
+        election.leadership.step_down()
+        await asyncio.wait_for(lead, DEADLINE_S)

@@ -360,10 +360,9 @@ class ClusterState:
             self._pending[instance_id] = self._view(load, state, now, instance_id not in self._unhealthy)
             self.changed.set()
 
-    @property
-    def unfolded(self) -> bool:
-        """Reports are taken but not in the snapshot yet (folded within REPORT_FOLD_INTERVAL_S)."""
-        return bool(self._reported)
+    def fold(self, now: float) -> None:
+        """Applies every report taken so far to the snapshot now (the timer does within REPORT_FOLD_INTERVAL_S)."""
+        self._fold(now, reports=True)
 
     def snapshot(self, now: float) -> ClusterSnapshot:
         """The policy snapshot with every buffered report applied and silent instances marked unhealthy."""

@@ -323,6 +323,7 @@ class SchedulerReplica:
         self._frontends_scanned: dict[str, float] = {}
         self._term_began = 0.0  # ``time.monotonic()`` when this replica last won the election
         self._view_known = False  # this term has heard from every registered instance, or waited FIRST_VIEW_WAIT_S
+        self._view_checked = 0.0  # when view_pending last scanned the instances
         self._config_changed = asyncio.Event()  # set by every reconfiguration: wakes the scaling loop
         self.depositions = 0
         self.pairing_rounds = 0  # rounds the pairing loop ran (it skips none while pairs are found; see there)
@@ -553,6 +554,7 @@ class SchedulerReplica:
         log.info("%s leads (term %d)", self.replica_id, leadership.revision)
         self._term_began = time.monotonic()
         self._view_known = False
+        self._view_checked = 0.0
         self._watch_recently_vanished()
         loop = asyncio.get_running_loop()
         self._leader_tasks = [
@@ -727,10 +729,15 @@ class SchedulerReplica:
         once known, since Dispatch asks it every time."""
         if self._view_known:
             return False
+        if not self.is_leader:
+            return False  # a deposed replica answers NotLeader at once (the frontend goes to the new leader)
+        now = time.monotonic()
+        if now - self._view_checked < FIRST_VIEW_POLL_S:
+            return True  # many waiters: one scan of the instances per poll period, not one per waiter
+        self._view_checked = now
         began, cluster = self._term_began, self.cluster
-        if time.monotonic() - began >= FIRST_VIEW_WAIT_S or (
-            not cluster.unfolded and all(cluster.report_times.get(iid, -1.0) >= began for iid in cluster.infos)
-        ):
+        if now - began >= FIRST_VIEW_WAIT_S or all(cluster.report_times.get(i, -1.0) >= began for i in cluster.infos):
+            cluster.fold(now)  # every instance heard from: into the snapshot now, not at the next fold timer
             self._view_known = True
         return not self._view_known
 
@@ -942,12 +949,21 @@ class SchedulerReplica:
 
     async def _scaling_loop(self) -> None:
         began = time.monotonic()
+        interval = self.core.config.scaling_interval_ms / 1000
+        next_pass = began + interval
         while True:
             self._config_changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._config_changed.wait(), self.core.config.scaling_interval_ms / 1000)
+                await asyncio.wait_for(self._config_changed.wait(), max(0.0, next_pass - time.monotonic()))
             if self._config_changed.is_set():
-                continue  # reconfigured: sleep the new interval from now
+                # Only a new interval moves the next pass (to one interval from now): other writes, however frequent,
+                # must not keep postponing it (a tuning script would otherwise starve scaling and `llmctl scale`).
+                new_interval = self.core.config.scaling_interval_ms / 1000
+                if new_interval != interval:
+                    interval, next_pass = new_interval, time.monotonic() + new_interval
+                if time.monotonic() < next_pass:
+                    continue
+            next_pass = time.monotonic() + interval
             config = self.core.config
             if self.provider is None:
                 continue
