@@ -215,7 +215,7 @@ class AsyncLlumnixClient:
             fe, se = ctx.frontend, ctx.scheduler
             if tls is None:
                 tls = tls_from_context(ctx)
-                if tls is not None and tls.server_name_override is None:
+                if tls is not None and ctx.checks_role_names():
                     # The cluster's own CA (serve wrote the context): each pool checks its servers' role names, so
                     # another component's certificate on that host cannot pose as them (API keys go to whoever
                     # passes the check).

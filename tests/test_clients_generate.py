@@ -206,3 +206,8 @@ def test_a_client_from_serves_context_checks_each_servers_role(tmp_path: Path, m
     kept = AsyncLlumnixClient()
     assert kept._frontends is not None and kept._frontends.tls is not None
     assert kept._frontends.tls.server_name_override == "lb.example"
+    # A hand-written context for a load balancer (a CA, an API key, no client certificate of the cluster): the host.
+    save_context(dataclasses.replace(ctx, cert=None, key=None, api_key="llx_" + "0" * 16 + "_" + "A" * 43), path)
+    balanced = AsyncLlumnixClient()
+    assert balanced._frontends is not None and balanced._frontends.tls is not None
+    assert balanced._frontends.tls.server_name_override is None

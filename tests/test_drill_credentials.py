@@ -20,7 +20,10 @@ def test_a_context_of_the_clusters_ca_checks_role_names_and_one_naming_a_server_
     assert creds.role_names, "serve's or the drill's own context: the cluster CA"
     save_context(dataclasses.replace(ctx, server_name="lb.example"), path)
     named, _ = from_context(str(path), None)
-    assert not named.role_names, "an explicit server name is what the user wants checked"
+    assert not named.role_names and named.server_name == "lb.example", "an explicit server name is what is checked"
+    save_context(dataclasses.replace(ctx, cert=None, key=None), path)
+    balancer, _ = from_context(str(path), None)
+    assert not balancer.role_names, "no client certificate of the cluster: maybe not its CA, the host is checked"
     save_context(dataclasses.replace(ctx, ca=None, cert=None, key=None), path)
     plain, _ = from_context(str(path), None)
     assert plain.channel_credentials is None and not plain.role_names

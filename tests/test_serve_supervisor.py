@@ -132,3 +132,12 @@ def test_serve_json_gives_each_metrics_endpoint_as_a_whole_url(tmp_path: Path) -
     assert frontend.metrics_url() == "https://127.0.0.1:8000/metrics" and frontend.metrics_address() == "127.0.0.1:8000"
     assert scheduler.metrics_url() == "http://127.0.0.1:9100/metrics"
     assert child("etcd", {}).metrics_url() is None
+
+
+def test_https_with_insecure_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """The frontend refuses ``--https --insecure``, but only after etcd, the schedulers and the llumlets started."""
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(serve.serve_command, ["--insecure", "--https", "--log-dir", str(tmp_path / "logs")])
+    assert result.exit_code == 2 and "not with --insecure" in result.output, result.output
+    assert not (tmp_path / "logs").exists(), "nothing was started"

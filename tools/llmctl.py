@@ -302,11 +302,12 @@ def make_client(settings: Settings) -> AsyncLlumnixClient:
             if not use_tls:
                 where = f"TLS files of context {context.name!r}"
             use_tls = True
+            cluster_ca = ca is None and cert is None and key is None and context.checks_role_names()
             ca = ca or str(context.ca)
             if cert is None and key is None and context.cert is not None and context.key is not None:
                 cert, key = str(context.cert), str(context.key)
-            # Serve's context: the cluster CA, whose scheduler certificates name their role (not just the host).
-            server_name = server_name or context.server_name or role_name("scheduler")
+            # Serve's context, its files unchanged: the cluster CA, whose scheduler certificates name their role.
+            server_name = server_name or context.server_name or (role_name("scheduler") if cluster_ca else None)
             api_key = api_key or context.api_key or None
     elif settings.context is not None:
         raise click.UsageError("--context and --endpoint exclude each other (a context names its own endpoints)")

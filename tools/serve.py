@@ -850,6 +850,8 @@ def serve_command(ctx: click.Context, /, config_path: Path | None, **_: Any) -> 
     opts = resolve(ctx, load_config(config_path))
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s serve: %(message)s")
     engine_settings(opts)  # bad engine options fail here, before anything starts (or any folder is made)
+    if opts["https"] and opts["insecure"]:  # the frontend refuses it too, but only after everything else started
+        raise click.UsageError("--https serves the OpenAI API with the frontend's certificate: not with --insecure")
     if opts["provider"] == "ray" and not opts["ray_address"]:
         raise click.UsageError("--provider ray needs --ray-address HOST:PORT (the Ray head)")
     log_dir = Path(opts["log_dir"]) if opts["log_dir"] else Path(tempfile.mkdtemp(prefix="llumnix-serve-"))

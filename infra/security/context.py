@@ -32,8 +32,9 @@ from typing import Any
 
 import grpc
 import yaml
+from cryptography import x509
 
-from pyllumnix.infra.security.ca import CertPaths
+from pyllumnix.infra.security.ca import CertPaths, identities_in
 
 ENV_VAR = "LLUMNIX_CONTEXT"
 
@@ -82,6 +83,18 @@ class ClientContext:
         if self.ca and self.cert and self.key:
             return CertPaths(self.ca, self.cert, self.key)
         return None
+
+    def checks_role_names(self) -> bool:
+        """Whether clients of this context check their servers' role names (``<role>.llumnix.invalid``) instead of
+        their hosts: only a context of a cluster's own CA, which its client certificate proves (a ``llumnix://``
+        identity: ``llumnix serve``'s admin), and naming no server. A hand-written one for a load balancer with a
+        public or company certificate (an API key, no client certificate) keeps the host check."""
+        if self.ca is None or self.cert is None or self.server_name:
+            return False
+        try:
+            return bool(identities_in(x509.load_pem_x509_certificate(self.cert.read_bytes())))
+        except (OSError, ValueError):
+            return False
 
     def tls_files(self) -> dict[str, Any]:
         """Keyword arguments for ``clients.TlsConfig.from_files`` (empty when the context has no CA: plaintext)."""

@@ -27,6 +27,7 @@ class Credentials:
     description: str = "plaintext"
     # The context's CA is the cluster's (serve or the drill wrote it, naming no server): check servers' role names.
     role_names: bool = False
+    server_name: str = ""  # the context's own server name, checked instead of the host when given
 
     def channel(
         self, address: str, options: Sequence[tuple[str, Any]] = (), *, peer: str | None = None
@@ -34,7 +35,8 @@ class Credentials:
         """A channel to ``address``; with ``role_names``, its server must hold ``peer``'s role (not just the host)."""
         if self.channel_credentials is None:
             return grpc.aio.insecure_channel(address, options=list(options))
-        named = [("grpc.ssl_target_name_override", role_name(peer))] if peer and self.role_names else []
+        name = role_name(peer) if peer and self.role_names else self.server_name
+        named = [("grpc.ssl_target_name_override", name)] if name else []
         return grpc.aio.secure_channel(address, self.channel_credentials, options=[*options, *named])
 
     def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
@@ -68,6 +70,7 @@ def from_context(path: str | None, name: str | None) -> tuple[Credentials, Any]:
         http_headers=ctx.http_headers(),
         ca=ctx.ca,
         description=f"context {ctx.name!r} ({'TLS' if ctx.ca else 'plaintext'}{', API key' if ctx.api_key else ''})",
-        role_names=ctx.ca is not None and not ctx.server_name,
+        role_names=ctx.checks_role_names(),
+        server_name=ctx.server_name,
     )
     return creds, ctx
