@@ -955,3 +955,23 @@ async def test_frequent_config_writes_do_not_starve_the_scaling_pass() -> None:
     finally:
         election.leadership.step_down()
         await asyncio.wait_for(lead, DEADLINE_S)
+
+
+async def test_a_term_ending_as_the_config_changes_still_stops_the_scaling_loop() -> None:
+    """CI hang (step-down waited 120 s for the scaling loop): Python 3.11's ``asyncio.wait_for`` returns the inner
+    result when the outer task's cancellation lands in the same loop turn as the event it waits on, so the loop ran
+    on after its term was cancelled. The loops wait with ``asyncio.timeout`` now."""
+    replica, election = make_replica((), [])
+    replica.provider = cast(Any, FakeProvider(replica, []))
+    lead = asyncio.ensure_future(replica._lead())
+    try:
+        await wait_until(lambda: len(replica._leader_tasks) == 2)
+        await asyncio.sleep(0.05)  # the scaling loop waits on the config event now
+        scaling = replica._leader_tasks[1]
+        replica._config_changed.set()
+        scaling.cancel()
+        done, _ = await asyncio.wait({scaling}, timeout=2.0)
+        assert done, "the cancelled scaling loop ran on"
+    finally:
+        election.leadership.step_down()
+        await asyncio.wait_for(lead, DEADLINE_S)

@@ -836,8 +836,9 @@ class SchedulerReplica:
             if futile == len(orders):  # no pair, or only orders that would be answered with nothing again
                 # ... until a refusing destination's back-off ends, when it may be paired again
                 until = min((self._refused[d][0] for d in avoid), default=None)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), None if until is None else max(0.0, until - now))
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see the scaling loop (3.11's wait_for)
+                    async with asyncio.timeout(None if until is None else max(0.0, until - now)):
+                        await changed.wait()
 
     def _refusing(self, now: float) -> frozenset[str]:
         """Destinations in their refusal back-off now (forgets those no longer registered)."""
@@ -953,8 +954,11 @@ class SchedulerReplica:
         next_pass = began + interval
         while True:
             self._config_changed.clear()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the event's result when a cancellation
+            # (the term's end) lands as it is set, so the loop ran on and step-down waited for it forever (CI).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._config_changed.wait(), max(0.0, next_pass - time.monotonic()))
+                async with asyncio.timeout(max(0.0, next_pass - time.monotonic())):
+                    await self._config_changed.wait()
             if self._config_changed.is_set():
                 # Only a new interval moves the next pass (to one interval from now): other writes, however frequent,
                 # must not keep postponing it (a tuning script would otherwise starve scaling and `llmctl scale`).
