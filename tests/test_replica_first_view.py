@@ -17,7 +17,7 @@ import pytest
 from pyllumnix.control_plane.scheduler import replica as replica_module
 from pyllumnix.control_plane.scheduler.service import SchedulerServicer
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
-from tests.test_replica_leadership import DEADLINE_S, make_replica, wait_until
+from tests.test_replica_leadership import DEADLINE_S, leading, make_replica
 
 
 def load(instance_id: str, free_blocks: int) -> common_pb2.InstanceLoad:
@@ -43,9 +43,7 @@ class Context:
 
 async def test_the_first_dispatches_of_a_term_wait_for_every_instances_first_report() -> None:
     replica, election = make_replica(("busy", "idle-1", "idle-2"), [])
-    lead = asyncio.ensure_future(replica._lead())
-    try:
-        await wait_until(lambda: replica.leadership is not None)
+    async with leading(replica, election):
         assert replica.report(load("busy", 10))  # the busy llumlet's stream reopened first
         assert replica.view_pending()
         replica.cluster.fold(time.monotonic())
@@ -59,9 +57,6 @@ async def test_the_first_dispatches_of_a_term_wait_for_every_instances_first_rep
         reply = await asyncio.wait_for(answer, DEADLINE_S)
         assert reply.instance_id in ("idle-1", "idle-2")
         assert not replica.view_pending()  # and from now on no call waits
-    finally:
-        election.leadership.step_down()
-        await asyncio.wait_for(lead, DEADLINE_S)
 
 
 async def test_a_silent_instance_holds_the_first_dispatches_for_a_bounded_time_only(
@@ -71,9 +66,7 @@ async def test_a_silent_instance_holds_the_first_dispatches_for_a_bounded_time_o
     longer than FIRST_VIEW_WAIT_S, nor a caller past its own deadline."""
     monkeypatch.setattr(replica_module, "FIRST_VIEW_WAIT_S", 0.2)
     replica, election = make_replica(("up", "silent"), [])
-    lead = asyncio.ensure_future(replica._lead())
-    try:
-        await wait_until(lambda: replica.leadership is not None)
+    async with leading(replica, election):
         assert replica.report(load("up", 100))
         servicer = SchedulerServicer(replica)
         request = scheduler_pb2.DispatchRequest(request_id="r1", num_prompt_tokens=16, max_tokens=16)
@@ -82,21 +75,13 @@ async def test_a_silent_instance_holds_the_first_dispatches_for_a_bounded_time_o
         assert reply.instance_id == "up" and time.monotonic() - began < 0.2, "the caller's deadline bounds it"
         await asyncio.sleep(0.2)
         assert not replica.view_pending(), "the term's bound"
-    finally:
-        election.leadership.step_down()
-        await asyncio.wait_for(lead, DEADLINE_S)
 
 
 async def test_a_deposed_replica_does_not_hold_dispatches_it_cannot_serve() -> None:
     """Dispatches reaching a replica that lost its term within FIRST_VIEW_WAIT_S get NotLeader at once (the frontend
     then goes to the new leader), not after the old term's wait."""
     replica, election = make_replica(("up", "silent"), [])
-    lead = asyncio.ensure_future(replica._lead())
-    try:
-        await wait_until(lambda: replica.leadership is not None)
+    async with leading(replica, election):
         assert replica.view_pending()
         election.leadership.step_down()
         assert not replica.view_pending()
-    finally:
-        election.leadership.step_down()
-        await asyncio.wait_for(lead, DEADLINE_S)

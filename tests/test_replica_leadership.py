@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import grpc
@@ -163,6 +163,18 @@ async def wait_until(check: Callable[[], bool]) -> None:
     async with asyncio.timeout(DEADLINE_S):
         while not check():
             await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def leading(replica: SchedulerReplica, election: FakeElection) -> AsyncIterator[None]:
+    """The replica runs its real ``_lead`` (won at once) for the block; the term ends with a lost lease after it."""
+    lead = asyncio.ensure_future(replica._lead())
+    try:
+        await wait_until(lambda: replica.leadership is not None)
+        yield
+    finally:
+        election.leadership.step_down()
+        await asyncio.wait_for(lead, DEADLINE_S)
 
 
 async def test_step_down_cancels_the_orders_of_a_pairing_round_still_in_flight() -> None:
@@ -921,16 +933,11 @@ async def test_a_new_scaling_interval_counts_from_the_change_not_from_the_old_sl
     provider = FakeProvider(replica, log)
     replica.provider = cast(Any, provider)
     replica.scale_target = 1
-    lead = asyncio.ensure_future(replica._lead())
-    try:
-        await wait_until(lambda: replica.leadership is not None)
+    async with leading(replica, election):
         await asyncio.sleep(0.1)
         assert log == [], "an hour's interval: no pass yet"
         replica._reconfigure(dataclasses.replace(replica.core.config, scaling_interval_ms=100))
         await wait_until(lambda: log == ["start 1"])
-    finally:
-        election.leadership.step_down()
-        await asyncio.wait_for(lead, DEADLINE_S)
 
 
 async def test_frequent_config_writes_do_not_starve_the_scaling_pass() -> None:
@@ -942,9 +949,7 @@ async def test_frequent_config_writes_do_not_starve_the_scaling_pass() -> None:
     provider = FakeProvider(replica, log)
     replica.provider = cast(Any, provider)
     replica.scale_target = 1
-    lead = asyncio.ensure_future(replica._lead())
-    try:
-        await wait_until(lambda: replica.leadership is not None)
+    async with leading(replica, election):
         config = replica.core.config  # scaling_interval_ms=100 (make_replica)
         async with asyncio.timeout(DEADLINE_S):
             threshold = config.migrate_out_threshold
@@ -952,9 +957,6 @@ async def test_frequent_config_writes_do_not_starve_the_scaling_pass() -> None:
                 threshold = 3.0 if threshold != 3.0 else 4.0
                 replica._reconfigure(dataclasses.replace(config, migrate_out_threshold=threshold))
                 await asyncio.sleep(0.03)
-    finally:
-        election.leadership.step_down()
-        await asyncio.wait_for(lead, DEADLINE_S)
 
 
 async def test_a_term_ending_as_the_config_changes_still_stops_the_scaling_loop() -> None:
@@ -963,8 +965,7 @@ async def test_a_term_ending_as_the_config_changes_still_stops_the_scaling_loop(
     on after its term was cancelled. The loops wait with ``asyncio.timeout`` now."""
     replica, election = make_replica((), [])
     replica.provider = cast(Any, FakeProvider(replica, []))
-    lead = asyncio.ensure_future(replica._lead())
-    try:
+    async with leading(replica, election):
         await wait_until(lambda: len(replica._leader_tasks) == 2)
         await asyncio.sleep(0.05)  # the scaling loop waits on the config event now
         scaling = replica._leader_tasks[1]
@@ -972,6 +973,3 @@ async def test_a_term_ending_as_the_config_changes_still_stops_the_scaling_loop(
         scaling.cancel()
         done, _ = await asyncio.wait({scaling}, timeout=2.0)
         assert done, "the cancelled scaling loop ran on"
-    finally:
-        election.leadership.step_down()
-        await asyncio.wait_for(lead, DEADLINE_S)
