@@ -93,13 +93,13 @@ REFUSED_BACKOFF_MAX_S = 30.0
 LOST_NOTICE_TIMEOUT_S = 5.0
 LOST_NOTICE_RETRY_S = 12.0
 _NOTICE_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-# Load messages of one instance in a row that came later than the dispatch staleness bound before the leader warns: a
-# llumlet whose cadence is too slow for the cluster's does so on every idle period, a one-off stall only once.
 FIRST_VIEW_WAIT_S = 0.3
 """A new leader's first dispatches wait, at most this long into its term, until every registered instance has reported
 to it: before, they went to whichever llumlets' streams reopened first, busy ones too (an instance not heard from in
 this term takes no request). The llumlets reopen their streams as soon as etcd names the leader, ~10-100 ms."""
 FIRST_VIEW_POLL_S = 0.01
+# Load messages of one instance in a row that came later than the dispatch staleness bound before the leader warns: a
+# llumlet whose cadence is too slow for the cluster's does so on every idle period, a one-off stall only once.
 LATE_LOAD_MESSAGES_WARN = 2
 # A replica remembers instances that left the registry this long, so that one which becomes the leader meanwhile
 # still watches them (it holds no load of them: they may have died with the previous leader, their requests never
