@@ -258,10 +258,10 @@ class ApiKeyStore:
             self._cache[kid] = (*found, read_at + self.cache_ttl)
         return found
 
-    async def _list_records(self) -> tuple[float, dict[str, tuple[ApiKey, str]]]:
-        """(when it was asked for, every key record) from one etcd range read."""
+    async def _list_records(self, what: str = "verify") -> tuple[float, dict[str, tuple[ApiKey, str]]]:
+        """(when it was asked for, every key record with its hash) from one etcd range read."""
         asked = self._clock()
-        result = await self._call("verify", self.kv.get_prefix(self.prefix))
+        result = await self._call(what, self.kv.get_prefix(self.prefix))
         records = {}
         for kv in result.kvs:
             kid = kv.key.decode()[len(self.prefix) :]
@@ -326,12 +326,8 @@ class ApiKeyStore:
         raise ValueError(f"no API key named {name_or_id!r}")
 
     async def list(self) -> list[ApiKey]:
-        result = await self._call("list", self.kv.get_prefix(self.prefix))
-        out = []
-        for kv in result.kvs:
-            kid = kv.key.decode()[len(self.prefix) :]
-            out.append(self._parse(kid, kv.value)[0])
-        return sorted(out, key=lambda k: (k.created, k.id))
+        _, records = await self._list_records("list")
+        return sorted((record for record, _ in records.values()), key=lambda k: (k.created, k.id))
 
     @staticmethod
     def _parse(kid: str, value: bytes) -> tuple[ApiKey, str]:
