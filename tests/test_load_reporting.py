@@ -54,6 +54,7 @@ from pyllumnix.data_plane.llumlet.reporter import (
     report_action,
 )
 from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.framed import listen
 from pyllumnix.infra.load_cadence import QUIET_KEEPALIVE_EVERY, load_is_quiet
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -483,16 +484,19 @@ def leader() -> SchedulerReplica:
 
 
 @pytest.fixture
-async def served() -> AsyncIterator[tuple[SchedulerReplica, SchedulerServicer, str]]:
+async def served() -> AsyncIterator[tuple[SchedulerReplica, SchedulerServicer, str, str]]:
+    """A leader's servicer on gRPC and on a framed listener (plaintext, as on an --insecure scheduler)."""
     replica = leader()
     servicer = SchedulerServicer(replica)
     server = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    framed, framed_port = await listen(servicer.serve_framed_reports, "127.0.0.1", 0, None)
     try:
-        yield replica, servicer, f"127.0.0.1:{port}"
+        yield replica, servicer, f"127.0.0.1:{port}", f"127.0.0.1:{framed_port}"
     finally:
+        framed.close()
         await server.stop(None)
 
 
@@ -503,13 +507,18 @@ async def wait_for(condition: Any, what: str) -> None:
     assert condition(), what
 
 
+@pytest.mark.parametrize("transport", ["grpc", "framed"])
 async def test_the_leader_takes_keepalives_and_gets_the_full_load_back_when_it_lost_it(
-    served: tuple[SchedulerReplica, SchedulerServicer, str],
+    served: tuple[SchedulerReplica, SchedulerServicer, str, str], transport: str
 ) -> None:
-    replica, servicer, address = served
+    """Also over the leader's framed report stream: the same messages, and its refusal (the stale keep-alive) ends
+    the stream as on gRPC (old behaviour: no framed stream)."""
+    replica, servicer, address, framed_address = served
     llumlet = FakeLlumlet()
     rep = reporter(llumlet, interval_s=0.01)
-    task = asyncio.get_running_loop().create_task(rep._stream_to(address))
+    task = asyncio.get_running_loop().create_task(
+        rep._stream_to(address, framed_address if transport == "framed" else "")
+    )
     try:
         await wait_for(lambda: servicer.keepalives_received >= 3, "keep-alives reach the leader")
         first = replica.cluster.loads["i-1"]
@@ -523,6 +532,7 @@ async def test_the_leader_takes_keepalives_and_gets_the_full_load_back_when_it_l
         assert replica.cluster.loads["i-1"].seq > first.seq
         llumlet.free_blocks = 42
         await wait_for(lambda: replica.cluster.loads["i-1"].free_blocks == 42, "a change is reported")
+        assert rep.framed_streams == (rep.streams_ended + 1 if transport == "framed" else 0)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -10,16 +10,21 @@ token, a refused batch ends the stream, nothing beyond ``max_tokens`` is shown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
+from pyllumnix.infra.framed import FramedCall
 from pyllumnix.infra.grpc_server import start_server
-from pyllumnix.infra.security.tls import secure_channel
+from pyllumnix.infra.security.ca import role_name
+from pyllumnix.infra.security.tls import client_ssl_context, secure_channel, server_ssl_context
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 from tests.test_llumlet_output_push import StallingSink, engine_request, free_port, slow_engine, until
 from tests.test_security_outputs import DEADLINE, LENGTH, VICTIM, Stack, collect, out, pki, stack, submit
@@ -151,7 +156,7 @@ def batch(
     return message
 
 
-async def stream(
+async def grpc_stream(
     stack: Stack, role: str, id: str, *messages: frontend_pb2.StreamOutputsRequest
 ) -> list[frontend_pb2.StreamOutputsResponse]:
     async with secure_channel(stack.sink_address, stack.pki.paths(role, id)) as channel:
@@ -162,7 +167,35 @@ async def stream(
         return [reply async for reply in call]
 
 
-async def test_the_stream_keeps_the_capability_checks_and_max_tokens(stack: Stack) -> None:
+async def framed_stream(
+    stack: Stack, role: str, id: str, *messages: frontend_pb2.StreamOutputsRequest
+) -> list[frontend_pb2.StreamOutputsResponse]:
+    """The same exchange over the sink's framed stream (``DescribeSink``), as a llumlet's pusher opens it."""
+    call = await FramedCall.open(
+        stack.sink.stream_address,
+        frontend_pb2.StreamOutputsResponse,
+        ssl_context=client_ssl_context(stack.pki.paths(role, id)),
+        server_name=role_name("frontend"),
+        timeout=DEADLINE,
+    )
+    try:
+        for message in messages:
+            await call.write(message)
+        await call.done_writing()
+        replies: list[frontend_pb2.StreamOutputsResponse] = []
+        async with asyncio.timeout(DEADLINE):
+            while (reply := await call.read()) is not grpc.aio.EOF:
+                assert isinstance(reply, frontend_pb2.StreamOutputsResponse)
+                replies.append(reply)
+        return replies
+    finally:
+        call.cancel()
+
+
+@pytest.mark.parametrize("transport", ["grpc", "framed"])
+async def test_the_stream_keeps_the_capability_checks_and_max_tokens(stack: Stack, transport: str) -> None:
+    """The framed stream is the same exchange: every #13 check holds on it too (old behaviour: no framed stream)."""
+    stream = grpc_stream if transport == "grpc" else framed_stream
     request, cap = await submit(stack)
     replies = await stream(stack, "llumlet", "i-1", batch(1, "i-1", out("victim", 0, VICTIM[:3], cap)))
     assert replies == [], "an unasked batch of known requests gets no answer"
@@ -276,3 +309,34 @@ async def test_the_senders_wait_ends_at_its_deadline_or_at_a_wake_and_rearms_aft
         if sink.alarm is not None:
             sink.alarm.cancel()
         await sink.channel.close()
+
+
+async def test_the_framed_stream_checks_both_peers(stack: Stack) -> None:
+    """A plaintext client gets no batch applied (the port is mutual TLS only); a llumlet refuses a listener whose
+    certificate does not name the frontend role (another component on that host cannot pose as the sink)."""
+    plain = await FramedCall.open(
+        stack.sink.stream_address, frontend_pb2.StreamOutputsResponse, ssl_context=None, server_name=None, timeout=5
+    )
+    try:
+        with contextlib.suppress(ConnectionError):
+            await plain.write(batch(1, "i-1", ask=True))
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(plain.read(), DEADLINE) is grpc.aio.EOF
+    finally:
+        plain.cancel()
+    assert stack.sink.pushes == 0 and stack.sink.streams == 0
+
+    impostor = await asyncio.start_server(
+        stack.sink.serve_framed, "127.0.0.1", 0, ssl=server_ssl_context(stack.pki.paths("llumlet", "i-2"))
+    )
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await FramedCall.open(
+                f"127.0.0.1:{impostor.sockets[0].getsockname()[1]}",
+                frontend_pb2.StreamOutputsResponse,
+                ssl_context=client_ssl_context(stack.pki.paths("llumlet", "i-1")),
+                server_name=role_name("frontend"),
+                timeout=DEADLINE,
+            )
+    finally:
+        impostor.close()

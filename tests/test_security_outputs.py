@@ -37,7 +37,7 @@ from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
 from pyllumnix.infra.security.ca import CertPaths
-from pyllumnix.infra.security.tls import grpc_server_credentials, secure_channel
+from pyllumnix.infra.security.tls import grpc_server_credentials, secure_channel, server_ssl_context
 from pyllumnix.infra.security.tokens import CapabilityTokens, new_secret
 from pyllumnix.protos.llumnix.v1 import (
     admin_pb2,
@@ -179,9 +179,17 @@ async def stack(pki: ClusterSecurity) -> AsyncIterator[Stack]:
     port = sink_server.add_secure_port("127.0.0.1:0", grpc_server_credentials(pki.paths("frontend", "f0")))
     await sink_server.start()
     frontend.sink_address = f"127.0.0.1:{port}"
+    # The framed push stream beside it, as start_grpc serves it (mutual TLS, the same servicer).
+    framed = await asyncio.start_server(
+        sink.serve_framed, "127.0.0.1", 0, ssl=server_ssl_context(pki.paths("frontend", "f0"))
+    )
+    sink.stream_address = f"127.0.0.1:{framed.sockets[0].getsockname()[1]}"
+    sink.stream_cluster = CLUSTER
     try:
         yield Stack(pki, frontend, sink, frontend.sink_address, llumlet, leader)
     finally:
+        framed.close()
+        await sink.end_streams(1.0)
         await frontend.close()
         await sink_server.stop(None)
         await llumlet_server.stop(None)

@@ -10,8 +10,11 @@ from typing import Any
 import grpc
 
 from pyllumnix.control_plane.frontend.sink import serve_output_stream
+from pyllumnix.infra.framed import FramedAbort, FramedContext, FramedServerStream, FrameError
 from pyllumnix.infra.grpc_server import RunningServer, start_server
+from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import SecuritySettings
+from pyllumnix.infra.security.tls import server_ssl_context
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
 
@@ -23,6 +26,11 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
         self.applied: dict[tuple[str, int], int] = {}  # per pusher: its last batch applied (StreamOutputs)
         # Per request, the instances it was taken back from (TakeBack): their outputs are refused, as a frontend does.
         self.revoked: dict[str, set[str]] = {}
+        # The framed push stream (``start(framed=True)``), its address as DescribeSink tells it, streams served.
+        self.framed: asyncio.Server | None = None
+        self.stream_address = ""
+        self.framed_streams = 0
+        self._framed_writers: set[asyncio.StreamWriter] = set()
 
     async def PushOutputs(
         self, request: frontend_pb2.PushOutputsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -51,6 +59,32 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
 
         async for reply in serve_output_stream(request_iterator, apply, self.applied):
             yield reply
+
+    async def DescribeSink(
+        self, request: frontend_pb2.DescribeSinkRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> frontend_pb2.DescribeSinkResponse:
+        return frontend_pb2.DescribeSinkResponse(stream_address=self.stream_address)
+
+    async def serve_framed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The push stream as frames, answered as ``StreamOutputs`` answers (the peer is not checked: a test sink)."""
+        self.framed_streams += 1
+        self._framed_writers.add(writer)
+        stream = FramedServerStream(reader, writer, frontend_pb2.StreamOutputsRequest)
+        context = FramedContext()
+
+        async def apply(batch: frontend_pb2.PushOutputsRequest) -> list[str]:
+            return list((await self.PushOutputs(batch, context)).unknown_request_ids)
+
+        try:
+            async for reply in serve_output_stream(stream.messages(), apply, self.applied):
+                await stream.send(reply)
+            await stream.end()
+        except FramedAbort as exc:
+            await stream.end(exc.code, exc.details)
+        except (FrameError, ConnectionError, OSError):
+            writer.transport.abort()
+        finally:
+            self._framed_writers.discard(writer)
 
     async def HandOver(
         self, request: frontend_pb2.HandOverRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -92,15 +126,34 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
     def raw_indices(self, request_id: str) -> list[int]:
         return [o.first_token_index + i for o in self.outputs.get(request_id, []) for i in range(len(o.token_ids))]
 
-    async def start(self, security: SecuritySettings | None = None) -> str:
+    async def start(self, security: SecuritySettings | None = None, *, framed: bool = False) -> str:
         """Serves on loopback with ``security`` (default: the process's). Secure, it must be a frontend's: llumlets
-        pushing outputs check that the sink's certificate names the frontend role."""
+        pushing outputs check that the sink's certificate names the frontend role. ``framed``: offers the framed
+        push stream too (on a free port, with the same TLS terms), as a frontend does."""
         self.server = await start_server(
             [(frontend_pb2_grpc.add_OutputSinkServiceServicer_to_server, self, "llumnix.v1.OutputSinkService")],
             security=security,
         )
+        if framed:
+            await self.start_framed(security)
         return self.server.address
 
+    async def start_framed(self, security: SecuritySettings | None = None, port: int = 0) -> str:
+        paths = (security if security is not None else runtime.current()).paths
+        ssl_context = server_ssl_context(paths) if paths is not None else None
+        self.framed = await asyncio.start_server(self.serve_framed, "127.0.0.1", port, ssl=ssl_context)
+        self.stream_address = f"127.0.0.1:{self.framed.sockets[0].getsockname()[1]}"
+        return self.stream_address
+
+    async def stop_framed(self) -> None:
+        if self.framed is not None:
+            self.framed.close()
+            for writer in list(self._framed_writers):  # (asyncio.Server.close_clients is Python 3.13's)
+                writer.transport.abort()
+            await self.framed.wait_closed()
+            self.framed = None
+
     async def stop(self) -> None:
+        await self.stop_framed()
         if self.server is not None:
             await self.server.stop(None)

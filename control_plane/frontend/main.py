@@ -61,6 +61,8 @@ class FrontendOptions:
     advertise_host: str = ""
     http_port: int = 8000
     grpc_port: int = 0
+    # The llumlets' framed output stream's port (0: any free one; -1: not offered).
+    stream_port: int = 0
     model: str = "llama-7b-a10"
     max_model_len: int = 4096
     tokenizer: str = "sim"
@@ -170,6 +172,7 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         opts.advertise_host,
         max_message_bytes=opts.max_grpc_message_bytes,
         api_keys=api_keys,
+        stream_port=None if opts.stream_port < 0 else opts.stream_port,
     )
     registration = None
     if etcd_client is not None:
@@ -248,6 +251,14 @@ def _split(value: str) -> list[str]:
 @click.option("--advertise-host", default="", help="Host llumlets use to push outputs here (default: --host).")
 @click.option("--http-port", default=8000, show_default=True, help="OpenAI HTTP API port (0: any free port).")
 @click.option("--grpc-port", default=0, show_default=True, help="gRPC port: Generate and the output sink.")
+@click.option(
+    "--stream-port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=-1, max=65535),
+    help="Port of the llumlets' framed output stream, beside the sink (0: any free port; -1: none, llumlets push "
+    "over gRPC's StreamOutputs).",
+)
 @click.option("--model", default="llama-7b-a10", show_default=True, help="The served model's name.")
 @click.option("--max-model-len", default=4096, show_default=True, help="Prompt + output token limit.")
 @click.option(
@@ -351,6 +362,7 @@ def frontend_command(
     advertise_host: str,
     http_port: int,
     grpc_port: int,
+    stream_port: int,
     model: str,
     max_model_len: int,
     tokenizer: str,
@@ -396,6 +408,7 @@ def frontend_command(
         advertise_host=advertise_host,
         http_port=http_port,
         grpc_port=grpc_port,
+        stream_port=stream_port,
         model=model,
         max_model_len=max_model_len,
         tokenizer=tokenizer,

@@ -10,6 +10,7 @@ is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is parsed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,11 +22,12 @@ from pyllumnix.control_plane.frontend.core import Frontend, GenerationInput, grp
 from pyllumnix.control_plane.frontend.errors import FrontendError
 from pyllumnix.control_plane.frontend.sink import SERVICE_NAME as SINK_SERVICE_NAME
 from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
+from pyllumnix.infra.framed import listen
 from pyllumnix.infra.grpc_server import DEFAULT_OPTIONS, RunningServer, advertised_address, start_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.apikeys import ApiKeyInterceptor, ApiKeyStore
 from pyllumnix.infra.security.runtime import SecuritySettings
-from pyllumnix.infra.security.tls import grpc_server_credentials
+from pyllumnix.infra.security.tls import grpc_server_credentials, server_ssl_context
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,8 @@ class FrontendGrpc:
     public: RunningServer
     sink: RunningServer | None = None
     sink_servicer: OutputSinkServicer | None = None
+    # The llumlets' framed push stream (``OutputSinkServicer.serve_framed``; None: not offered).
+    framed: asyncio.Server | None = None
 
     @property
     def port(self) -> int:
@@ -136,8 +140,14 @@ class FrontendGrpc:
         return self.public.address
 
     async def stop(self, grace: float | None = 1.0) -> None:
+        if self.framed is not None:  # no new framed streams; the open ones end with the gRPC ones just below
+            self.framed.close()
         if self.sink_servicer is not None:  # llumlets' push streams never end on their own: end them first
             await self.sink_servicer.end_streams(grace if grace is not None else 1.0)
+        if self.framed is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace if grace is not None else 1.0):
+                    await self.framed.wait_closed()
         await self.public.stop(grace)
         if self.sink is not None:
             await self.sink.stop(grace)
@@ -153,8 +163,12 @@ async def start_grpc(
     api_keys: ApiKeyStore | None = None,
     security: SecuritySettings | None = None,
     sink_port: int = 0,
+    stream_port: int | None = 0,
 ) -> FrontendGrpc:
-    """Serves FrontendService and OutputSinkService and points the frontend's sink address at the sink's port."""
+    """Serves FrontendService and OutputSinkService and points the frontend's sink address at the sink's port.
+
+    ``stream_port``: where the llumlets' framed push stream listens, on the sink's host and TLS terms (0: a free port;
+    None: not offered, llumlets push over the gRPC stream)."""
     settings = security if security is not None else runtime.current()
     options = server_options(max_message_bytes)
     public_binding = (frontend_pb2_grpc.add_FrontendServiceServicer_to_server, FrontendServicer(frontend), SERVICE_NAME)
@@ -166,7 +180,8 @@ async def start_grpc(
             [public_binding, sink_binding], host=host, port=port, options=options, interceptors=key_check
         )
         frontend.sink_address = advertised_address(host, advertise_host, server.port)
-        return FrontendGrpc(server, sink_servicer=sink_servicer)
+        framed = await _start_framed(sink_servicer, settings, host, advertise_host, stream_port, max_message_bytes)
+        return FrontendGrpc(server, sink_servicer=sink_servicer, framed=framed)
     sink = await start_server([sink_binding], host=host, port=sink_port, options=options, security=settings)
     try:
         public = await start_server(
@@ -182,4 +197,30 @@ async def start_grpc(
         await sink.stop(0)
         raise
     frontend.sink_address = advertised_address(host, advertise_host, sink.port)
-    return FrontendGrpc(public, sink, sink_servicer)
+    try:
+        framed = await _start_framed(sink_servicer, settings, host, advertise_host, stream_port, max_message_bytes)
+    except BaseException:
+        await public.stop(0)
+        await sink.stop(0)
+        raise
+    return FrontendGrpc(public, sink, sink_servicer, framed)
+
+
+async def _start_framed(
+    servicer: OutputSinkServicer,
+    settings: SecuritySettings,
+    host: str,
+    advertise_host: str,
+    port: int | None,
+    max_bytes: int,
+) -> asyncio.Server | None:
+    """The framed push stream's listener (mutual TLS with client certificates required when secure), advertised
+    through ``DescribeSink``."""
+    if port is None:
+        return None
+    ssl_context = None if settings.paths is None else server_ssl_context(settings.paths)
+    server, bound = await listen(servicer.serve_framed, host, port, ssl_context)
+    servicer.stream_address = advertised_address(host, advertise_host, bound)
+    servicer.stream_cluster = None if settings.paths is None else settings.cluster
+    servicer.max_frame_bytes = max_bytes
+    return server

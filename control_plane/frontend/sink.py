@@ -37,6 +37,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 
 from pyllumnix.control_plane.frontend.requests import RequestTracker, StaleCapabilityError
+from pyllumnix.infra.framed import (
+    DEFAULT_MAX_BYTES,
+    FramedAbort,
+    FramedContext,
+    FramedServerStream,
+    FrameError,
+    framed_caller,
+)
 from pyllumnix.infra.security.authz import authenticated_caller
 from pyllumnix.infra.security.ca import Identity
 from pyllumnix.infra.security.tokens import TokenError
@@ -49,6 +57,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "llumnix.v1.OutputSinkService"
+# The framed push stream is StreamOutputs in other frames: the role table's rule for that method decides its callers.
+FRAMED_METHOD = f"/{SERVICE_NAME}/StreamOutputs"
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -152,6 +162,11 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         # Of those, the ones whose reply grpc is writing (see ``StreamOutputs``): not cancelled, they end after it.
         self._writing: set[asyncio.Task[Any]] = set()
         self._ending = False
+        # The framed push stream's address (``DescribeSink``; empty: not offered) and its peers' trust domain (None:
+        # a plaintext listener, as on an --insecure frontend).
+        self.stream_address = ""
+        self.stream_cluster: str | None = None
+        self.max_frame_bytes = DEFAULT_MAX_BYTES
 
     def ending(self) -> bool:
         """True once ``end_streams`` ran: the frontend is stopping."""
@@ -223,6 +238,55 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
             task.uncancel()  # ended by ``end_streams``: the stream ends cleanly (status OK)
         finally:
             self._stream_tasks.discard(task)
+
+    async def DescribeSink(
+        self, request: frontend_pb2.DescribeSinkRequest, context: Context
+    ) -> frontend_pb2.DescribeSinkResponse:
+        """Where the framed push stream listens (see ``serve_framed``); empty when this sink offers none."""
+        return frontend_pb2.DescribeSinkResponse(stream_address=self.stream_address)
+
+    async def serve_framed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One llumlet's push stream over ``infra.framed`` frames: the same exchange and checks as ``StreamOutputs``.
+        The caller is the connection's TLS peer, checked once as the role table checks StreamOutputs (cluster, role
+        llumlet); a refusal ends the stream with its status, as on gRPC."""
+        stream = FramedServerStream(reader, writer, frontend_pb2.StreamOutputsRequest, self.max_frame_bytes)
+        task = asyncio.current_task()
+        context = FramedContext()
+        try:
+            try:
+                caller = framed_caller(writer, self.stream_cluster, FRAMED_METHOD)
+            except FramedAbort as exc:
+                self.refused_pushes += 1
+                log.warning("framed output stream refused: %s", exc.details)
+                raise
+            if caller is None and not self._warned_insecure:
+                self._warned_insecure = True
+                log.warning("output sink: plaintext connection (--insecure): pushes are not checked for their sender")
+            if self.ending() or task is None:
+                raise FramedAbort(grpc.StatusCode.UNAVAILABLE, "the frontend is stopping")
+            self.streams += 1
+            self._stream_tasks.add(task)
+
+            async def apply(batch: frontend_pb2.PushOutputsRequest) -> list[str]:
+                return await self._apply(batch, caller, context)
+
+            pusher = caller.id if caller else None
+            async for reply in serve_output_stream(stream.messages(), apply, self.applied, pusher):
+                await stream.send(reply)
+            await stream.end()
+        except FramedAbort as exc:
+            await stream.end(exc.code, exc.details)
+        except asyncio.CancelledError:
+            if not self.ending() or task is None:
+                raise
+            task.uncancel()  # ended by ``end_streams``: a clean end (the pusher reconnects, elsewhere or later)
+            await stream.end()
+        except (FrameError, ConnectionError, OSError) as exc:
+            log.debug("framed output stream ended: %s", exc)
+            writer.transport.abort()
+        finally:
+            if task is not None:
+                self._stream_tasks.discard(task)
 
     async def _apply(
         self, request: frontend_pb2.PushOutputsRequest, caller: Identity | None, context: Context

@@ -36,10 +36,12 @@ from pyllumnix.control_plane.scheduler.service import (
 from pyllumnix.infra import tracing
 from pyllumnix.infra.cli_types import FiniteFloatRange
 from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.framed import listen
 from pyllumnix.infra.grpc_server import advertised_address, advertised_host, start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import security_options
+from pyllumnix.infra.security.tls import server_ssl_context
 from pyllumnix.protos.llumnix.v1 import admin_pb2_grpc, scheduler_pb2_grpc
 
 
@@ -67,6 +69,7 @@ async def run_scheduler(
     stop: asyncio.Event | None = None,
     advertise_host: str = "",
     metrics_port: int = -1,
+    report_port: int = 0,
 ) -> int:
     stop = stop or asyncio.Event()
     replica_id = replica_id or f"scheduler-{uuid.uuid4().hex[:6]}"
@@ -74,9 +77,10 @@ async def run_scheduler(
     client = runtime.etcd_client(etcd)
     # The replica advertises its address in the election, so bind the server first and start the replica after.
     replica = SchedulerReplica(client, KeyLayout(cluster), replica_id, "", provider=provider, seed=seed, timing=timing)
+    servicer = SchedulerServicer(replica)
     server = await start_server(
         [
-            (scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, SchedulerServicer(replica), SCHEDULER_SERVICE),
+            (scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server, servicer, SCHEDULER_SERVICE),
             (admin_pb2_grpc.add_AdminServiceServicer_to_server, AdminServicer(replica), ADMIN_SERVICE),
         ],
         host,
@@ -86,6 +90,13 @@ async def run_scheduler(
     advertise = advertised_host(host, advertise_host)
     address = advertised_address(host, advertise_host, server.port)
     replica.grpc_address = address
+    framed = None
+    if report_port >= 0:  # the llumlets' framed load streams (the election value names it; see SchedulerReplica)
+        settings = runtime.current()
+        ssl_context = None if settings.paths is None else server_ssl_context(settings.paths)
+        servicer.framed_cluster = None if settings.paths is None else settings.cluster
+        framed, bound = await listen(servicer.serve_framed_reports, host, report_port, ssl_context)
+        replica.report_address = advertised_address(host, advertise_host, bound)
     await replica.start()
     freeze_startup_heap()
     ready = {"event": "ready", "replica_id": replica_id, "grpc_address": address}
@@ -102,6 +113,8 @@ async def run_scheduler(
     await stop.wait()
     try:
         await replica.stop()
+        if framed is not None:
+            framed.close()
         await server.stop(1.0)
         if metrics_server is not None:
             await metrics_server.close()
@@ -213,6 +226,14 @@ async def run_scheduler(
     help="Port of this replica's Prometheus /metrics (decisions by policy) on --host (0: any free port, named in the"
     " ready line; -1: off).",
 )
+@click.option(
+    "--report-port",
+    type=click.IntRange(min=-1, max=65535),
+    default=0,
+    show_default=True,
+    help="Port of the llumlets' framed load-report stream on --host, named in the election (0: any free port; -1: "
+    "none, llumlets stream ReportLoad over gRPC).",
+)
 @security_options
 @click.option("--log-level", default="INFO", show_default=True)
 def scheduler_command(
@@ -240,6 +261,7 @@ def scheduler_command(
     stop_timeout: float,
     seed: int,
     metrics_port: int,
+    report_port: int,
     log_level: str,
     **security: Any,
 ) -> None:
@@ -308,6 +330,7 @@ def scheduler_command(
                 seed,
                 advertise_host=advertise_host,
                 metrics_port=metrics_port,
+                report_port=report_port,
             )
         )
     )

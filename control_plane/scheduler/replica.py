@@ -268,6 +268,8 @@ class SchedulerReplica:
         self.layout = layout
         self.replica_id = replica_id
         self.grpc_address = grpc_address
+        # Where llumlets may stream their load as frames (``SchedulerServicer.serve_framed_reports``); "": nowhere.
+        self.report_address = ""
         self.provider = provider
         self.core = PolicyCore(PolicyConfig(), seed=seed)
         self.cluster = ClusterState(stale_after=stale_after)
@@ -345,7 +347,7 @@ class SchedulerReplica:
 
     def _value(self) -> bytes:
         return admin_pb2.SchedulerReplica(
-            replica_id=self.replica_id, grpc_address=self.grpc_address
+            replica_id=self.replica_id, grpc_address=self.grpc_address, report_address=self.report_address
         ).SerializeToString()
 
     async def start(self) -> None:

@@ -14,6 +14,8 @@ no identity; the floor still applies per reported instance.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeAlias, TypeVar
@@ -28,12 +30,17 @@ from pyllumnix.control_plane.scheduler.replica import (
     SchedulerReplica,
     SchedulingError,
 )
+from pyllumnix.infra.framed import FramedAbort, FramedContext, FramedServerStream, FrameError, framed_caller
 from pyllumnix.infra.security.authz import authenticated_caller, require_self
 from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 LEADER_METADATA_KEY = "llumnix-leader"
 SCHEDULER_SERVICE = "llumnix.v1.SchedulerService"
+# The framed load stream is ReportLoad in other frames: the role table's rule for that method decides its callers.
+REPORT_LOAD_METHOD = f"/{SCHEDULER_SERVICE}/ReportLoad"
 ADMIN_SERVICE = "llumnix.v1.AdminService"
 
 # Reports of one instance closer together than this are dropped (a llumlet reports every 50 ms by default).
@@ -71,6 +78,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         # instance id -> its latest full load dropped by the floor, applied when a keep-alive confirms it (else a
         # llumlet that then only confirms it would have its stream ended for a load the leader threw away).
         self._held: dict[str, common_pb2.InstanceLoad] = {}
+        # The trust domain of framed load streams' peers (None: a plaintext listener, as on an --insecure scheduler).
+        self.framed_cluster: str | None = None
 
     async def Dispatch(
         self, request: scheduler_pb2.DispatchRequest, context: Context
@@ -106,6 +115,22 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         except StaleKeepAliveError as exc:  # the llumlet's next stream starts with its full load
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return scheduler_pb2.ReportLoadResponse(reports_accepted=accepted)
+
+    async def serve_framed_reports(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A llumlet's load stream over ``infra.framed`` frames (the replica's ``report_address``): the caller is the
+        connection's TLS peer, checked as the role table checks ReportLoad; then ``ReportLoad`` itself serves it, its
+        refusals ending the stream with the same status."""
+        stream = FramedServerStream(reader, writer, scheduler_pb2.ReportLoadRequest)
+        try:
+            context = FramedContext(framed_caller(writer, self.framed_cluster, REPORT_LOAD_METHOD))
+            reply = await self.ReportLoad(stream.messages(), context)
+            await stream.send(reply)
+            await stream.end()
+        except FramedAbort as exc:
+            await stream.end(exc.code, exc.details)
+        except (FrameError, ConnectionError, OSError) as exc:
+            log.debug("framed load stream ended: %s", exc)
+            writer.transport.abort()
 
     def take(self, report: scheduler_pb2.ReportLoadRequest, instance_id: str, keep_alive: bool) -> bool:
         """One streamed message of ``instance_id``, past the identity check: the per-instance floor, then the load or

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -44,7 +45,11 @@ from typing import Any
 import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
+from pyllumnix.infra.framed import FramedCall
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.ca import role_name
 from pyllumnix.infra.security.runtime import open_channel
+from pyllumnix.infra.security.tls import client_ssl_context
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -90,6 +95,9 @@ class PushSettings:
     # goes out on its own. A held token reaches its client up to ``stream_interval - 1`` steps later; first tokens,
     # finishes and errors are never held, so TTFT and a request's mean time per output token do not change.
     stream_interval: int = 4
+    # Push over the frontend's framed stream when it offers one (``OutputSinkService.DescribeSink``): the same
+    # exchange without gRPC's per-message CPU. False: always gRPC's StreamOutputs.
+    framed: bool = True
 
     def __post_init__(self) -> None:
         if min(self.budget_s, self.attempt_timeout_s, self.max_attempt_timeout_s, self.idle_close_s) <= 0:
@@ -172,6 +180,9 @@ class _Sink:
         self.probing = False  # a new stream asked which batches were applied; no answer yet
         self.resend = False  # the answer came: the unacknowledged batches are to be written again
         self.unary = False  # the frontend has no StreamOutputs: one PushOutputs per batch
+        # The frontend's framed stream address (see ``OutputPusher._framed``): None: to be asked (again after a
+        # stream failure: a restarted frontend listens elsewhere); "": none, or unreachable (gRPC from then on).
+        self.stream_address: str | None = None
         # request id -> when its outputs were given up (later outputs of it are dropped; see ``_give_up``)
         self.ended: dict[tuple[str, str], float] = {}
 
@@ -262,6 +273,7 @@ class OutputPusher:
         self.retries = 0
         self.given_up = 0  # batches given up after the whole budget
         self.sinks_closed = 0  # senders closed for idleness
+        self._ssl_context: ssl.SSLContext | None = None  # for framed streams (made once, when first needed)
 
     @property
     def addresses(self) -> list[str]:
@@ -473,7 +485,9 @@ class OutputPusher:
     async def _open(self, sink: _Sink) -> None:
         """Opens a stream; with unacknowledged batches, asks the frontend which of them it applied (the rest are
         resent once it answers)."""
-        call = sink.stub.StreamOutputs()
+        call = await self._framed(sink) if self.settings.framed else None
+        if call is None:
+            call = sink.stub.StreamOutputs()
         sink.call = call
         sink.stream_error = None
         sink.ask_seq = 0
@@ -485,6 +499,44 @@ class OutputPusher:
             # Ask which batches the frontend applied before the last stream broke; the answer makes the rest resent.
             sink.probing = True
             await self._write(sink, self._message(0), ask=True)
+
+    async def _framed(self, sink: _Sink) -> FramedCall[frontend_pb2.StreamOutputsResponse] | None:
+        """A framed stream to the frontend when it offers one (asked once per stream failure), else None (the gRPC
+        stream). One that cannot be reached (a firewall lets only the gRPC port through) is not tried again by this
+        sender: the gRPC stream carries the same exchange."""
+        timeout = self._attempt_timeout(sink)
+        if sink.stream_address is None:
+            try:
+                described = await sink.stub.DescribeSink(frontend_pb2.DescribeSinkRequest(), timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED):
+                    sink.stream_address = ""  # an older frontend, or one whose role table lacks the method
+                return None  # (unreachable now: the gRPC stream meets the same failure and its retries)
+            sink.stream_address = described.stream_address
+        if not sink.stream_address:
+            return None
+        if self._ssl_context is None and runtime.current().paths is not None:
+            paths = runtime.current().paths
+            assert paths is not None
+            self._ssl_context = client_ssl_context(paths)
+        secure = runtime.current().paths is not None
+        try:
+            return await FramedCall.open(
+                sink.stream_address,
+                frontend_pb2.StreamOutputsResponse,
+                ssl_context=self._ssl_context if secure else None,
+                server_name=role_name("frontend") if secure else None,
+                timeout=timeout,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            log.warning(
+                "frontend %s: its framed output stream at %s cannot be reached (%s); pushing over gRPC's StreamOutputs",
+                sink.address,
+                sink.stream_address,
+                exc,
+            )
+            sink.stream_address = ""
+            return None
 
     async def _resend(self, sink: _Sink) -> None:
         """Writes every unacknowledged batch again, in order; the last one asks."""
@@ -587,6 +639,8 @@ class OutputPusher:
         s = self.settings
         self._close_call(sink)
         sink.stream_error = None
+        if sink.stream_address:
+            sink.stream_address = None  # ask again: a restarted frontend's framed stream listens elsewhere
         if not sink.unacked and _retryable(error):
             log.debug("output stream to %s ended while idle: %s", sink.address, _describe(error))
             return  # nothing was lost; the next output opens a new stream

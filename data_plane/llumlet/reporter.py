@@ -51,6 +51,7 @@ import contextlib
 import enum
 import logging
 import math
+import ssl
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -61,8 +62,12 @@ from pyllumnix.data_plane.llumlet.llumlet import Llumlet, LoadVersion
 from pyllumnix.infra.etcd.client import EtcdClient, raise_if_cancelling
 from pyllumnix.infra.etcd.election import Election
 from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.framed import FramedCall
 from pyllumnix.infra.load_cadence import QUIET_KEEPALIVE_EVERY, load_is_quiet
+from pyllumnix.infra.security import runtime
+from pyllumnix.infra.security.ca import role_name
 from pyllumnix.infra.security.runtime import open_channel
+from pyllumnix.infra.security.tls import client_ssl_context
 from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -180,16 +185,34 @@ def report_action(
 
 def leader_address(value: bytes) -> str:
     """The gRPC address in an election value (a serialized SchedulerReplica)."""
+    return leader_addresses(value)[0]
+
+
+def leader_addresses(value: bytes) -> tuple[str, str]:
+    """(gRPC address, framed load-report address or "") in an election value (a serialized SchedulerReplica)."""
     replica = admin_pb2.SchedulerReplica()
     replica.ParseFromString(value)
-    return replica.grpc_address
+    return replica.grpc_address, replica.report_address
 
 
 class LoadReporter:
-    def __init__(self, llumlet: Llumlet, client: EtcdClient, layout: KeyLayout, interval_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        llumlet: Llumlet,
+        client: EtcdClient,
+        layout: KeyLayout,
+        interval_s: float = 0.05,
+        *,
+        framed: bool = True,
+    ) -> None:
         self.llumlet = llumlet
         self.election = Election(client, layout.election_prefix())
         self.interval_s = interval_s
+        # Stream over the leader's framed report address when its election value names one (the same messages
+        # without gRPC's per-message CPU); False: always gRPC's ReportLoad.
+        self.framed = framed
+        self.framed_streams = 0  # streams opened over frames
+        self._ssl_context: ssl.SSLContext | None = None
         self.leader: str | None = None
         self.reports_sent = 0  # full snapshots and keep-alives
         self.keepalives_sent = 0
@@ -217,7 +240,7 @@ class LoadReporter:
             try:
                 async for info in self.election.observe():
                     backoff = 0.5
-                    address = leader_address(info.value) if info is not None else None
+                    address, framed = leader_addresses(info.value) if info is not None else (None, "")
                     if address == self.leader and stream is not None and not stream.done():
                         continue
                     if stream is not None:
@@ -226,7 +249,7 @@ class LoadReporter:
                     stream = None
                     if address:
                         log.info("%s reports load to leader %s", self.llumlet.instance_id, address)
-                        stream = asyncio.get_running_loop().create_task(self._stream_to(address))
+                        stream = asyncio.get_running_loop().create_task(self._stream_to(address, framed))
             except asyncio.CancelledError:
                 if stream is not None:
                     stream.cancel()
@@ -238,15 +261,30 @@ class LoadReporter:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
-    async def _stream_to(self, address: str) -> None:
+    async def _stream_to(self, address: str, framed_address: str = "") -> None:
         """Keeps one stream to ``address`` open, reopening it after a short pause whatever ended it; only the
-        cancellation of this task (a new leader, ``stop``) ends it."""
+        cancellation of this task (a new leader, ``stop``) ends it. Over ``framed_address`` when the leader offers it
+        and it can be reached (else over gRPC from then on: a firewall may let only the gRPC port through)."""
         instance = self.llumlet.instance_id
         while True:
             try:
-                async with open_channel(address, peer="scheduler") as channel:
-                    stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
-                    await stub.ReportLoad(self._reports())
+                if self.framed and framed_address:
+                    try:
+                        call = await self._open_framed(framed_address)
+                    except (OSError, TimeoutError, ssl.SSLError) as exc:
+                        log.warning(
+                            "%s: the leader's framed load stream at %s cannot be reached (%s); reporting over gRPC",
+                            instance,
+                            framed_address,
+                            exc,
+                        )
+                        framed_address = ""
+                        continue
+                    await self._report_framed(call)
+                else:
+                    async with open_channel(address, peer="scheduler") as channel:
+                        stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+                        await stub.ReportLoad(self._reports())
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -262,6 +300,47 @@ class LoadReporter:
                 log.debug("load stream to %s closed by the scheduler", address)
             self.streams_ended += 1
             await asyncio.sleep(self.interval_s * 4)
+
+    async def _open_framed(self, address: str) -> FramedCall[scheduler_pb2.ReportLoadResponse]:
+        settings = runtime.current()
+        if settings.paths is not None and self._ssl_context is None:
+            self._ssl_context = client_ssl_context(settings.paths)
+        secure = settings.paths is not None
+        call = await FramedCall.open(
+            address,
+            scheduler_pb2.ReportLoadResponse,
+            ssl_context=self._ssl_context if secure else None,
+            server_name=role_name("scheduler") if secure else None,
+            timeout=max(1.0, self.interval_s * 20),
+        )
+        self.framed_streams += 1
+        return call
+
+    async def _report_framed(self, call: FramedCall[scheduler_pb2.ReportLoadResponse]) -> None:
+        """One framed stream: the reports written as ``_reports`` makes them, until the scheduler ends the stream
+        (its status raised as ``AioRpcError``, as on gRPC) or a write fails."""
+
+        async def write_all() -> None:
+            async for report in self._reports():
+                await call.write(report)
+
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(write_all(), name="framed-load-writer")
+        reader = loop.create_task(call.read(), name="framed-load-reader")
+        try:
+            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if reader not in done and isinstance(writer.exception(), ConnectionError):
+                # The scheduler ended the stream: its status frame usually precedes the close the write ran into.
+                await asyncio.wait({reader}, timeout=1.0)
+            if reader.done():
+                reader.result()  # a status raises; an answer or a clean close ends the stream
+                return
+            writer.result()
+        finally:
+            for task in (writer, reader):
+                task.cancel()
+            await asyncio.gather(writer, reader, return_exceptions=True)
+            call.cancel()
 
     async def _reports(self) -> AsyncGenerator[scheduler_pb2.ReportLoadRequest, None]:
         """One stream's messages, as ``report_action`` decides each tick: a full snapshot first, whenever the load

@@ -53,6 +53,8 @@ PROJECT_ROLE_TABLE: dict[str, frozenset[str]] = {
     "/llumnix.v1.OutputSinkService/PushOutputs": frozenset({"llumlet", "scheduler"}),
     # A llumlet's long-lived push (the same checks per batch; the stream's peer is the pusher).
     "/llumnix.v1.OutputSinkService/StreamOutputs": frozenset({"llumlet"}),
+    # ... and where it may push the same stream as frames (the framed listener checks its peers the same way).
+    "/llumnix.v1.OutputSinkService/DescribeSink": frozenset({"llumlet"}),
     # A migration source hands its request over to the destination (the holder check is its capability token).
     "/llumnix.v1.OutputSinkService/HandOver": frozenset({"llumlet"}),
     "/llumnix.v1.OutputSinkService/TakeBack": frozenset({"llumlet"}),

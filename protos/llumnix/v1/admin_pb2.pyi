@@ -438,19 +438,26 @@ class SchedulerReplica(_message.Message):
     REPLICA_ID_FIELD_NUMBER: _builtins.int
     GRPC_ADDRESS_FIELD_NUMBER: _builtins.int
     LEADER_FIELD_NUMBER: _builtins.int
+    REPORT_ADDRESS_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     grpc_address: _builtins.str
     leader: _builtins.bool
+    report_address: _builtins.str
+    """host:port where this replica also takes SchedulerService.ReportLoad as length-prefixed frames on a plain
+    (mutual-TLS) connection: the same messages, checks and answer, without gRPC's per-message CPU (a llumlet reports
+    several times a second). Empty: not offered; llumlets stream ReportLoad over gRPC.
+    """
     def __init__(
         self,
         *,
         replica_id: _builtins.str = ...,
         grpc_address: _builtins.str = ...,
         leader: _builtins.bool = ...,
+        report_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grpc_address", b"grpc_address", "leader", b"leader", "replica_id", b"replica_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grpc_address", b"grpc_address", "leader", b"leader", "replica_id", b"replica_id", "report_address", b"report_address"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pyllumnix.protos.llumnix.v1 import common_pb2 as llumnix_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llumnix/v1/frontend.proto\x12\nllumnix.v1\x1a\x17llumnix/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xcf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.llumnix.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.llumnix.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.llumnix.v1.Priority\x12\r\n\x05model\x18\x06 \x01(\tB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xdc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x19\n\x11\x66irst_token_index\x18\x04 \x01(\x05\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.llumnix.v1.FinishReason\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.llumnix.v1.Usage\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"U\n\x12PushOutputsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12*\n\x07outputs\x18\x02 \x03(\x0b\x32\x19.llumnix.v1.RequestOutput\"2\n\x13PushOutputsResponse\x12\x1b\n\x13unknown_request_ids\x18\x01 \x03(\t\"|\n\x14StreamOutputsRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.llumnix.v1.PushOutputsRequest\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x15\n\rack_requested\x18\x03 \x01(\x08\x12\x11\n\tpusher_id\x18\x04 \x01(\x04\"G\n\x15StreamOutputsResponse\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x1b\n\x13unknown_request_ids\x18\x02 \x03(\t\"R\n\x0fHandOverRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x17\n\x0fnew_instance_id\x18\x03 \x01(\t\"&\n\x10HandOverResponse\x12\x12\n\ncapability\x18\x01 \x01(\t\"h\n\x0fTakeBackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x18\n\x10\x66rom_instance_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\x12\n\x10TakeBackResponse2\x98\x01\n\x0f\x46rontendService\x12G\n\x08Generate\x12\x1b.llumnix.v1.GenerateRequest\x1a\x1c.llumnix.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.llumnix.v1.AbortRequest\x1a\x19.llumnix.v1.AbortResponse2\xcb\x02\n\x11OutputSinkService\x12N\n\x0bPushOutputs\x12\x1e.llumnix.v1.PushOutputsRequest\x1a\x1f.llumnix.v1.PushOutputsResponse\x12X\n\rStreamOutputs\x12 .llumnix.v1.StreamOutputsRequest\x1a!.llumnix.v1.StreamOutputsResponse(\x01\x30\x01\x12\x45\n\x08HandOver\x12\x1b.llumnix.v1.HandOverRequest\x1a\x1c.llumnix.v1.HandOverResponse\x12\x45\n\x08TakeBack\x12\x1b.llumnix.v1.TakeBackRequest\x1a\x1c.llumnix.v1.TakeBackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19llumnix/v1/frontend.proto\x12\nllumnix.v1\x1a\x17llumnix/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xcf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x14.llumnix.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.llumnix.v1.SamplingParams\x12&\n\x08priority\x18\x05 \x01(\x0e\x32\x14.llumnix.v1.Priority\x12\r\n\x05model\x18\x06 \x01(\tB\x08\n\x06prompt\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xdc\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x19\n\x11\x66irst_token_index\x18\x04 \x01(\x05\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.llumnix.v1.FinishReason\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.llumnix.v1.Usage\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x0f\n\rAbortResponse\"U\n\x12PushOutputsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12*\n\x07outputs\x18\x02 \x03(\x0b\x32\x19.llumnix.v1.RequestOutput\"2\n\x13PushOutputsResponse\x12\x1b\n\x13unknown_request_ids\x18\x01 \x03(\t\"|\n\x14StreamOutputsRequest\x12-\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1e.llumnix.v1.PushOutputsRequest\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x15\n\rack_requested\x18\x03 \x01(\x08\x12\x11\n\tpusher_id\x18\x04 \x01(\x04\"G\n\x15StreamOutputsResponse\x12\x11\n\tacked_seq\x18\x01 \x01(\x04\x12\x1b\n\x13unknown_request_ids\x18\x02 \x03(\t\"\x15\n\x13\x44\x65scribeSinkRequest\".\n\x14\x44\x65scribeSinkResponse\x12\x16\n\x0estream_address\x18\x01 \x01(\t\"R\n\x0fHandOverRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x17\n\x0fnew_instance_id\x18\x03 \x01(\t\"&\n\x10HandOverResponse\x12\x12\n\ncapability\x18\x01 \x01(\t\"h\n\x0fTakeBackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\ncapability\x18\x02 \x01(\t\x12\x18\n\x10\x66rom_instance_id\x18\x03 \x01(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"\x12\n\x10TakeBackResponse2\x98\x01\n\x0f\x46rontendService\x12G\n\x08Generate\x12\x1b.llumnix.v1.GenerateRequest\x1a\x1c.llumnix.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.llumnix.v1.AbortRequest\x1a\x19.llumnix.v1.AbortResponse2\x9e\x03\n\x11OutputSinkService\x12N\n\x0bPushOutputs\x12\x1e.llumnix.v1.PushOutputsRequest\x1a\x1f.llumnix.v1.PushOutputsResponse\x12X\n\rStreamOutputs\x12 .llumnix.v1.StreamOutputsRequest\x1a!.llumnix.v1.StreamOutputsResponse(\x01\x30\x01\x12Q\n\x0c\x44\x65scribeSink\x12\x1f.llumnix.v1.DescribeSinkRequest\x1a .llumnix.v1.DescribeSinkResponse\x12\x45\n\x08HandOver\x12\x1b.llumnix.v1.HandOverRequest\x1a\x1c.llumnix.v1.HandOverResponse\x12\x45\n\x08TakeBack\x12\x1b.llumnix.v1.TakeBackRequest\x1a\x1c.llumnix.v1.TakeBackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,16 +52,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMOUTPUTSREQUEST']._serialized_end=899
   _globals['_STREAMOUTPUTSRESPONSE']._serialized_start=901
   _globals['_STREAMOUTPUTSRESPONSE']._serialized_end=972
-  _globals['_HANDOVERREQUEST']._serialized_start=974
-  _globals['_HANDOVERREQUEST']._serialized_end=1056
-  _globals['_HANDOVERRESPONSE']._serialized_start=1058
-  _globals['_HANDOVERRESPONSE']._serialized_end=1096
-  _globals['_TAKEBACKREQUEST']._serialized_start=1098
-  _globals['_TAKEBACKREQUEST']._serialized_end=1202
-  _globals['_TAKEBACKRESPONSE']._serialized_start=1204
-  _globals['_TAKEBACKRESPONSE']._serialized_end=1222
-  _globals['_FRONTENDSERVICE']._serialized_start=1225
-  _globals['_FRONTENDSERVICE']._serialized_end=1377
-  _globals['_OUTPUTSINKSERVICE']._serialized_start=1380
-  _globals['_OUTPUTSINKSERVICE']._serialized_end=1711
+  _globals['_DESCRIBESINKREQUEST']._serialized_start=974
+  _globals['_DESCRIBESINKREQUEST']._serialized_end=995
+  _globals['_DESCRIBESINKRESPONSE']._serialized_start=997
+  _globals['_DESCRIBESINKRESPONSE']._serialized_end=1043
+  _globals['_HANDOVERREQUEST']._serialized_start=1045
+  _globals['_HANDOVERREQUEST']._serialized_end=1127
+  _globals['_HANDOVERRESPONSE']._serialized_start=1129
+  _globals['_HANDOVERRESPONSE']._serialized_end=1167
+  _globals['_TAKEBACKREQUEST']._serialized_start=1169
+  _globals['_TAKEBACKREQUEST']._serialized_end=1273
+  _globals['_TAKEBACKRESPONSE']._serialized_start=1275
+  _globals['_TAKEBACKRESPONSE']._serialized_end=1293
+  _globals['_FRONTENDSERVICE']._serialized_start=1296
+  _globals['_FRONTENDSERVICE']._serialized_end=1448
+  _globals['_OUTPUTSINKSERVICE']._serialized_start=1451
+  _globals['_OUTPUTSINKSERVICE']._serialized_end=1865
 # @@protoc_insertion_point(module_scope)

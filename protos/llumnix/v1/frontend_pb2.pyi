@@ -288,6 +288,41 @@ class StreamOutputsResponse(_message.Message):
 Global___StreamOutputsResponse: _TypeAlias = StreamOutputsResponse  # noqa: Y015
 
 @_typing.final
+class DescribeSinkRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeSinkRequest: _TypeAlias = DescribeSinkRequest  # noqa: Y015
+
+@_typing.final
+class DescribeSinkResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ADDRESS_FIELD_NUMBER: _builtins.int
+    stream_address: _builtins.str
+    """host:port of the framed push stream (see OutputSinkService.DescribeSink); empty: none."""
+    def __init__(
+        self,
+        *,
+        stream_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stream_address", b"stream_address"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeSinkResponse: _TypeAlias = DescribeSinkResponse  # noqa: Y015
+
+@_typing.final
 class HandOverRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

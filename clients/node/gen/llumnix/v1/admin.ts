@@ -124,6 +124,12 @@ export interface SchedulerReplica {
   replicaId: string;
   grpcAddress: string;
   leader: boolean;
+  /**
+   * host:port where this replica also takes SchedulerService.ReportLoad as length-prefixed frames on a plain
+   * (mutual-TLS) connection: the same messages, checks and answer, without gRPC's per-message CPU (a llumlet reports
+   * several times a second). Empty: not offered; llumlets stream ReportLoad over gRPC.
+   */
+  reportAddress: string;
 }
 
 export interface GetLeaderResponse {
@@ -1648,7 +1654,7 @@ export const GetLeaderRequest: MessageFns<GetLeaderRequest> = {
 };
 
 function createBaseSchedulerReplica(): SchedulerReplica {
-  return { replicaId: "", grpcAddress: "", leader: false };
+  return { replicaId: "", grpcAddress: "", leader: false, reportAddress: "" };
 }
 
 export const SchedulerReplica: MessageFns<SchedulerReplica> = {
@@ -1661,6 +1667,9 @@ export const SchedulerReplica: MessageFns<SchedulerReplica> = {
     }
     if (message.leader !== false) {
       writer.uint32(24).bool(message.leader);
+    }
+    if (message.reportAddress !== "") {
+      writer.uint32(34).string(message.reportAddress);
     }
     return writer;
   },
@@ -1702,6 +1711,14 @@ export const SchedulerReplica: MessageFns<SchedulerReplica> = {
             message.leader = reader.bool();
             continue;
           }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.reportAddress = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1727,6 +1744,11 @@ export const SchedulerReplica: MessageFns<SchedulerReplica> = {
         ? globalThis.String(object.grpc_address)
         : "",
       leader: isSet(object.leader) ? globalThis.Boolean(object.leader) : false,
+      reportAddress: isSet(object.reportAddress)
+        ? globalThis.String(object.reportAddress)
+        : isSet(object.report_address)
+        ? globalThis.String(object.report_address)
+        : "",
     };
   },
 
@@ -1741,6 +1763,9 @@ export const SchedulerReplica: MessageFns<SchedulerReplica> = {
     if (message.leader !== false) {
       obj.leader = message.leader;
     }
+    if (message.reportAddress !== "") {
+      obj.reportAddress = message.reportAddress;
+    }
     return obj;
   },
 
@@ -1752,6 +1777,7 @@ export const SchedulerReplica: MessageFns<SchedulerReplica> = {
     message.replicaId = object.replicaId ?? "";
     message.grpcAddress = object.grpcAddress ?? "";
     message.leader = object.leader ?? false;
+    message.reportAddress = object.reportAddress ?? "";
     return message;
   },
 };

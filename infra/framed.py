@@ -1,0 +1,265 @@
+"""A protobuf message stream as length-prefixed frames on one (mutual-TLS) connection: a lean twin of a gRPC
+bidirectional stream for the hottest internal exchange, the llumlets' output push (``OutputSinkService.DescribeSink``).
+
+Why: a grpc.aio stream message costs ~0.4 ms of CPU per side (the C core's batch, its poller thread handing the
+completion to the event loop, a second wake-up), more than a push batch's own tokens; on this machine a framed write
+is a ``transport.write`` in the step's own wake-up and a read is one wake-up of the receiver
+(docs/bench-peers/README.md has the measurements). The messages and their rules are the gRPC method's own; only the
+framing differs, so the schema stays ``protos/``.
+
+Frame: one kind byte, a 4-byte big-endian length, the body. ``MESSAGE``: a serialized protobuf message. ``STATUS``:
+the stream's end with a gRPC status (2-byte code, UTF-8 details), which the reading side raises as
+``grpc.aio.AioRpcError`` so callers keep one error model; a clean end of the connection reads as ``grpc.aio.EOF``.
+``DONE``: the client sends no more (gRPC's half-close, which a TLS connection cannot do by itself).
+A frame longer than ``max_bytes`` ends the connection (the peer is broken or hostile).
+
+Security is the caller's: TLS contexts from ``infra.security.tls`` (the client checks the server's role name, the
+server reads the peer's identity with ``identity_from_transport`` and decides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Generic, TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from pyllumnix.infra.security.authz import PROJECT_ROLES, authorize
+from pyllumnix.infra.security.ca import Identity, IdentityError
+from pyllumnix.infra.security.identity import identity_from_transport
+
+MESSAGE = 0
+STATUS = 1
+DONE = 2
+_HEADER = struct.Struct(">BI")
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+
+M = TypeVar("M", bound=Message)
+
+
+class FrameError(ConnectionError):
+    """The peer sent something that is not a frame of this protocol."""
+
+
+def frame(kind: int, body: bytes) -> bytes:
+    return _HEADER.pack(kind, len(body)) + body
+
+
+def status_frame(code: grpc.StatusCode, details: str) -> bytes:
+    number = code.value[0]
+    return frame(STATUS, struct.pack(">H", number) + details.encode())
+
+
+def _status_error(body: bytes) -> grpc.aio.AioRpcError:
+    if len(body) < 2:
+        raise FrameError("a status frame without a code")
+    (number,) = struct.unpack(">H", body[:2])
+    code = next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
+    details = body[2:].decode(errors="replace")
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[int, bytes] | None:
+    """The next frame, None at a clean end of the connection (no partial frame)."""
+    try:
+        header = await reader.readexactly(_HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise FrameError("the connection ended inside a frame header") from exc
+        return None
+    kind, length = _HEADER.unpack(header)
+    if kind not in (MESSAGE, STATUS, DONE) or length > max_bytes:
+        raise FrameError(f"bad frame (kind {kind}, {length} bytes; at most {max_bytes})")
+    try:
+        return kind, await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise FrameError("the connection ended inside a frame") from exc
+
+
+class FramedCall(Generic[M]):
+    """The client side: ``write`` a request, ``read`` a response (``grpc.aio.EOF`` at the end; a STATUS frame raises
+    ``AioRpcError``), ``cancel`` drops the connection. Shaped like a grpc.aio stream-stream call, so a caller written
+    for one drives the other."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        response_type: type[M],
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self._reader, self._writer = reader, writer
+        self._response_type = response_type
+        self._max_bytes = max_bytes
+
+    @classmethod
+    async def open(
+        cls,
+        address: str,
+        response_type: type[M],
+        *,
+        ssl_context: ssl.SSLContext | None,
+        server_name: str | None,
+        timeout: float,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> FramedCall[M]:
+        """Connects (TLS with ``ssl_context``, checking that the server's certificate names ``server_name``)."""
+        host, _, port = address.rpartition(":")
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                host.strip("[]"),
+                int(port),
+                ssl=ssl_context,
+                server_hostname=server_name if ssl_context is not None else None,
+                limit=max(2**16, min(max_bytes, 2**22)),
+            )
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(reader, writer, response_type, max_bytes)
+
+    async def write(self, message: Message) -> None:
+        if self._writer.is_closing():
+            raise ConnectionError("the framed stream is closed")
+        self._writer.write(frame(MESSAGE, message.SerializeToString()))
+        await self._writer.drain()
+
+    async def done_writing(self) -> None:
+        """No more requests: the server's ``messages()`` ends."""
+        self._writer.write(frame(DONE, b""))
+        await self._writer.drain()
+
+    async def read(self) -> M | object:
+        got = await read_frame(self._reader, self._max_bytes)
+        if got is None:
+            eof: object = grpc.aio.EOF
+            return eof
+        kind, body = got
+        if kind == STATUS:
+            raise _status_error(body)
+        if kind != MESSAGE:
+            raise FrameError("a server sends messages and a status only")
+        reply = self._response_type()
+        reply.ParseFromString(body)
+        return reply
+
+    def cancel(self) -> bool:
+        self._writer.transport.abort()
+        return True
+
+
+class FramedAbort(Exception):
+    """Raised by a server handler (``FramedContext.abort``) to end the stream with a status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code, self.details = code, details
+
+
+class FramedContext:
+    """What a gRPC servicer's per-call context offers that servicer code uses, so a servicer method serves a framed
+    stream unchanged: ``abort`` (raises ``FramedAbort``), the caller's verified identity as grpc's
+    ``peer_identities``/``auth_context`` show it (``identity``: the TLS peer ``framed_caller`` checked; None: a
+    plaintext connection), no call metadata, and trailing metadata kept but not sent."""
+
+    def __init__(self, identity: Identity | None = None) -> None:
+        self.identity = identity
+        self.trailing: tuple[tuple[str, str], ...] = ()
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise FramedAbort(code, details)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def set_trailing_metadata(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.trailing = metadata
+
+    def peer_identities(self) -> list[bytes] | None:
+        return [self.identity.uri.encode()] if self.identity is not None else None
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        if self.identity is None:
+            return {}
+        # (the certificate was verified by the handshake; its identity is all servicer code reads)
+        return {"transport_security_type": [b"ssl"], "x509_pem_cert": [b""], "peer_uri": [self.identity.uri.encode()]}
+
+
+def framed_caller(writer: asyncio.StreamWriter, cluster: str | None, method: str) -> Identity | None:
+    """The verified TLS peer of a framed connection, allowed to call ``method`` (gRPC's full name: the role table's
+    rule for it decides) as a member of ``cluster``; raises ``FramedAbort`` with the refusal a gRPC port gives.
+    ``cluster`` None: a plaintext listener (an --insecure component), no identity."""
+    if cluster is None:
+        return None
+    try:
+        identity: Identity | IdentityError = identity_from_transport(writer.transport)
+    except IdentityError as exc:
+        identity = exc
+    denial = authorize(method, identity, cluster, PROJECT_ROLES)
+    if denial is not None:
+        raise FramedAbort(denial.code, denial.message)
+    assert isinstance(identity, Identity)
+    return identity
+
+
+async def listen(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+) -> tuple[asyncio.Server, int]:
+    """A framed listener on ``host``:``port`` (0: a free port) and the port it got."""
+    server = await asyncio.start_server(
+        handler, host, port, ssl=ssl_context, ssl_handshake_timeout=10.0 if ssl_context is not None else None
+    )
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+class FramedServerStream(Generic[M]):
+    """The server side of one connection: ``messages()`` yields the requests, ``send`` writes a response, ``end``
+    writes a status and closes."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request_type: type[M],
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.reader, self.writer = reader, writer
+        self._request_type = request_type
+        self._max_bytes = max_bytes
+
+    async def messages(self) -> AsyncIterator[M]:
+        while True:
+            got = await read_frame(self.reader, self._max_bytes)
+            if got is None:
+                return
+            kind, body = got
+            if kind == DONE:
+                return
+            if kind != MESSAGE:
+                raise FrameError("a client may not send a status")
+            message = self._request_type()
+            message.ParseFromString(body)
+            yield message
+
+    async def send(self, message: Message) -> None:
+        self.writer.write(frame(MESSAGE, message.SerializeToString()))
+        await self.writer.drain()
+
+    async def end(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
+        """Writes the status (not for OK: a clean close says that) and closes the connection."""
+        with contextlib.suppress(ConnectionError, OSError, ssl.SSLError, TimeoutError):
+            if code != grpc.StatusCode.OK:
+                self.writer.write(status_frame(code, details))
+            self.writer.close()
+            async with asyncio.timeout(1.0):
+                await self.writer.wait_closed()
