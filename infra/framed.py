@@ -1,5 +1,6 @@
 """A protobuf message stream as length-prefixed frames on one (mutual-TLS) connection: a lean twin of a gRPC
-bidirectional stream for the hottest internal exchange, the llumlets' output push (``OutputSinkService.DescribeSink``).
+bidirectional stream for the two hottest internal exchanges: a llumlet's output push to a frontend
+(``OutputSinkService.DescribeSink``) and its load reports to the scheduler leader (``SchedulerReplica.report_address``).
 
 Why: a grpc.aio stream message costs ~0.4 ms of CPU per side (the C core's batch, its poller thread handing the
 completion to the event loop, a second wake-up), more than a push batch's own tokens; on this machine a framed write
@@ -13,14 +14,16 @@ the stream's end with a gRPC status (2-byte code, UTF-8 details), which the read
 ``DONE``: the client sends no more (gRPC's half-close, which a TLS connection cannot do by itself).
 A frame longer than ``max_bytes`` ends the connection (the peer is broken or hostile).
 
-Security is the caller's: TLS contexts from ``infra.security.tls`` (the client checks the server's role name, the
-server reads the peer's identity with ``identity_from_transport`` and decides).
+Security: TLS contexts from ``infra.security.tls``; the client checks the server's role name (``server_name``), the
+server admits a peer with ``framed_caller`` (the role table's rule of the gRPC method the stream stands for).
+Liveness: TCP keep-alive on both ends, a first frame due within ``FIRST_FRAME_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import ssl
 import struct
@@ -28,11 +31,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from pyllumnix.infra.security.authz import PROJECT_ROLES, authorize
 from pyllumnix.infra.security.ca import Identity, IdentityError
 from pyllumnix.infra.security.identity import identity_from_transport
+
+log = logging.getLogger(__name__)
 
 MESSAGE = 0
 STATUS = 1
@@ -119,17 +124,20 @@ class FramedCall(Generic[M]):
                 server_hostname=server_name if ssl_context is not None else None,
                 limit=max(2**16, min(max_bytes, 2**22)),
             )
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        keep_alive(writer)
         return cls(reader, writer, response_type, max_bytes)
 
     async def write(self, message: Message) -> None:
+        """Raises ConnectionError (a FrameError for TLS and socket errors: retryable, as gRPC's UNAVAILABLE)."""
         if self._writer.is_closing():
             raise ConnectionError("the framed stream is closed")
-        self._writer.write(frame(MESSAGE, message.SerializeToString()))
-        await self._writer.drain()
+        try:
+            self._writer.write(frame(MESSAGE, message.SerializeToString()))
+            await self._writer.drain()
+        except ConnectionError:
+            raise
+        except OSError as exc:  # (ssl.SSLError included; TimeoutError is never raised in here)
+            raise FrameError(f"the framed stream broke: {exc!r}") from exc
 
     async def done_writing(self) -> None:
         """No more requests: the server's ``messages()`` ends."""
@@ -137,7 +145,14 @@ class FramedCall(Generic[M]):
         await self._writer.drain()
 
     async def read(self) -> M | object:
-        got = await read_frame(self._reader, self._max_bytes)
+        """The next response, ``grpc.aio.EOF`` at a clean end; a STATUS frame raises ``AioRpcError``, a broken
+        stream (reset, TLS alert, garbage) ConnectionError."""
+        try:
+            got = await read_frame(self._reader, self._max_bytes)
+        except ConnectionError:
+            raise
+        except OSError as exc:
+            raise FrameError(f"the framed stream broke: {exc!r}") from exc
         if got is None:
             eof: object = grpc.aio.EOF
             return eof
@@ -147,7 +162,10 @@ class FramedCall(Generic[M]):
         if kind != MESSAGE:
             raise FrameError("a server sends messages and a status only")
         reply = self._response_type()
-        reply.ParseFromString(body)
+        try:
+            reply.ParseFromString(body)
+        except DecodeError as exc:
+            raise FrameError(f"an undecodable {self._response_type.__name__}") from exc
         return reply
 
     def cancel(self) -> bool:
@@ -197,6 +215,8 @@ def framed_caller(writer: asyncio.StreamWriter, cluster: str | None, method: str
     rule for it decides) as a member of ``cluster``; raises ``FramedAbort`` with the refusal a gRPC port gives.
     ``cluster`` None: a plaintext listener (an --insecure component), no identity."""
     if cluster is None:
+        if writer.get_extra_info("ssl_object") is not None:  # a TLS listener wired without its trust domain
+            raise FramedAbort(grpc.StatusCode.UNAUTHENTICATED, f"{method}: this listener knows no cluster to admit")
         return None
     try:
         identity: Identity | IdentityError = identity_from_transport(writer.transport)
@@ -209,17 +229,99 @@ def framed_caller(writer: asyncio.StreamWriter, cluster: str | None, method: str
     return identity
 
 
+# TCP keep-alive of framed connections: a peer host that vanishes (no FIN, no RST) is noticed within ~90 s instead of
+# holding a handler and a socket for ever (gRPC's own keep-alive does this on its ports).
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 60, 10, 3
+# A connection that sends no first frame within this (after its TLS handshake) is dropped: every client writes at
+# once (a pusher opens a stream for something to send, a reporter starts with its load), so a silent one holds a
+# socket for nothing (gRPC's plaintext port drops a connection without its HTTP/2 preface after 10 s too).
+FIRST_FRAME_TIMEOUT_S = 10.0
+# How long ``FramedServerStream.end`` waits for the client to take the status and close.
+END_GRACE_S = 1.0
+
+
+def keep_alive(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+
+
 async def listen(
     handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
     host: str,
     port: int,
     ssl_context: ssl.SSLContext | None,
 ) -> tuple[asyncio.Server, int]:
-    """A framed listener on ``host``:``port`` (0: a free port) and the port it got."""
-    server = await asyncio.start_server(
-        handler, host, port, ssl=ssl_context, ssl_handshake_timeout=10.0 if ssl_context is not None else None
-    )
+    """A framed listener on ``host``:``port`` (0: a free port) and the port it got. ``host`` as the components'
+    ``--host`` spells it: an IPv6 literal may come in brackets; a wildcard ("", "::") binds one dual-stack socket,
+    as gRPC's ports do, so one port serves IPv4 and IPv6 peers."""
+    bare = host.strip("[]")
+    if bare in ("", "::"):
+        try:
+            sock = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=128)
+        except (OSError, ValueError):  # a host without IPv6: "" is every IPv4 interface then
+            if bare == "::":
+                raise
+            sock = socket.create_server(("0.0.0.0", port), backlog=128)
+        server = await asyncio.start_server(
+            handler, sock=sock, ssl=ssl_context, ssl_handshake_timeout=10.0 if ssl_context is not None else None
+        )
+    else:
+        server = await asyncio.start_server(
+            handler, bare, port, ssl=ssl_context, ssl_handshake_timeout=10.0 if ssl_context is not None else None
+        )
     return server, int(server.sockets[0].getsockname()[1])
+
+
+async def serve_connection(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    request_type: type[M],
+    run: Callable[[FramedServerStream[M]], Awaitable[None]],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    connections: set[asyncio.StreamWriter] | None = None,
+    clean_cancel: Callable[[], bool] = lambda: False,
+) -> None:
+    """Serves one framed connection with ``run(stream)``, which ends it cleanly by returning or with a status by
+    raising ``FramedAbort``; an undecodable message ends it INVALID_ARGUMENT, a broken peer drops it. Never raises:
+    this is an asyncio connection callback. A cancellation (the owner stopping) ends the stream cleanly when
+    ``clean_cancel()`` says so, else drops it. ``connections``: where the owner finds the open ones to close."""
+    keep_alive(writer)
+    stream = FramedServerStream(reader, writer, request_type, max_bytes)
+    if connections is not None:
+        connections.add(writer)
+    try:
+        await run(stream)
+        await stream.end()
+    except FramedAbort as exc:
+        await stream.end(exc.code, exc.details)
+    except DecodeError:
+        await stream.end(grpc.StatusCode.INVALID_ARGUMENT, f"an undecodable {request_type.__name__}")
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if clean_cancel() and task is not None:
+            task.uncancel()
+            await stream.end()
+        else:
+            writer.transport.abort()
+    except (OSError, TimeoutError) as exc:  # FrameError, resets, TLS errors, a silent first frame
+        log.debug("framed connection dropped: %r", exc)
+        writer.transport.abort()
+    finally:
+        if connections is not None:
+            connections.discard(writer)
+
+
+def drop_connections(connections: set[asyncio.StreamWriter]) -> None:
+    """Closes every open connection of a listener now (asyncio.Server.close_clients is Python 3.13's)."""
+    for writer in list(connections):
+        writer.transport.abort()
 
 
 class FramedServerStream(Generic[M]):
@@ -238,8 +340,14 @@ class FramedServerStream(Generic[M]):
         self._max_bytes = max_bytes
 
     async def messages(self) -> AsyncIterator[M]:
+        first = True
         while True:
-            got = await read_frame(self.reader, self._max_bytes)
+            if first:
+                async with asyncio.timeout(FIRST_FRAME_TIMEOUT_S):
+                    got = await read_frame(self.reader, self._max_bytes)
+                first = False
+            else:
+                got = await read_frame(self.reader, self._max_bytes)
             if got is None:
                 return
             kind, body = got
@@ -256,10 +364,18 @@ class FramedServerStream(Generic[M]):
         await self.writer.drain()
 
     async def end(self, code: grpc.StatusCode = grpc.StatusCode.OK, details: str = "") -> None:
-        """Writes the status (not for OK: a clean close says that) and closes the connection."""
-        with contextlib.suppress(ConnectionError, OSError, ssl.SSLError, TimeoutError):
+        """Writes the status (not for OK: a clean close says that) and closes the connection. After a status, what
+        the client still sends is read and dropped until it closes (at most ``END_GRACE_S``): closing with unread
+        input resets the connection, and the client's reader would see the reset instead of the status."""
+        with contextlib.suppress(OSError, TimeoutError):  # (ConnectionError and ssl.SSLError are OSErrors)
             if code != grpc.StatusCode.OK:
                 self.writer.write(status_frame(code, details))
+                async with asyncio.timeout(END_GRACE_S):
+                    await self.writer.drain()
+                    while await self.reader.read(65536):
+                        pass
             self.writer.close()
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(END_GRACE_S):
                 await self.writer.wait_closed()
+        if not self.writer.transport.is_closing() or code != grpc.StatusCode.OK:
+            self.writer.transport.abort()  # (a no-op once closed; a peer that reads nothing cannot hold it)

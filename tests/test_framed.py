@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
+from typing import Any, cast
 
 import grpc
 import pytest
 
+from pyllumnix.control_plane.frontend.requests import RequestTracker
+from pyllumnix.control_plane.frontend.sink import OutputSinkServicer
 from pyllumnix.control_plane.scheduler.service import SchedulerServicer
-from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
+from pyllumnix.data_plane.llumlet.output_push import FRAMED_RETRY_S, OutputPusher, PushSettings
+from pyllumnix.infra import framed
 from pyllumnix.infra.framed import (
     DONE,
     MESSAGE,
@@ -28,6 +33,7 @@ from pyllumnix.infra.framed import (
     frame,
     listen,
     read_frame,
+    serve_connection,
     status_frame,
 )
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
@@ -139,20 +145,18 @@ class FramedCountingSink(StallingSink):
             yield reply
 
 
-async def test_a_llumlet_pushes_over_the_framed_stream_and_resends_only_what_was_not_applied() -> None:
-    """Old behaviour: every batch went over gRPC's StreamOutputs (no DescribeSink, no framed stream)."""
+async def test_a_llumlet_pushes_over_the_framed_stream_and_resends_nothing_already_applied() -> None:
+    """Old behaviour: every batch went over gRPC's StreamOutputs (no DescribeSink, no framed stream). After a break
+    the new framed stream asks (seq 0) what was applied: five applied, unanswered batches are not applied again."""
     sink = FramedCountingSink()
-    address = await sink.start()
-    stream_port = free_port()
-    await sink.start_framed(port=stream_port)
+    address = await sink.start(framed=True)
     pusher = OutputPusher("i", lambda _: None, settings=PushSettings(ack_interval_s=60.0, attempt_timeout_s=1.0))
     try:
         for i in range(5):
             pusher.submit(address, [output("a", i)])
             await until(lambda n=i + 1: sink.calls == n, 5, f"batch {i + 1} applied")
         assert sink.framed_streams == 1 and sink.grpc_streams == 0, "the batches went over the framed stream"
-        await sink.stop_framed()  # the stream breaks; the sink remembers what it applied
-        await sink.start_framed(port=stream_port)
+        sink.drop_framed_connections()  # the stream breaks; the sink remembers what it applied
         pusher.submit(address, [output("a", 5, finished=True)])
         await pusher.flush(address, timeout=10)
         assert sink.raw_indices("a") == list(range(6)), "each batch applied once, in order"
@@ -163,7 +167,9 @@ async def test_a_llumlet_pushes_over_the_framed_stream_and_resends_only_what_was
         await sink.stop()
 
 
-async def test_an_unreachable_framed_stream_falls_back_to_grpc() -> None:
+async def test_an_unreachable_framed_stream_falls_back_to_grpc_for_a_while() -> None:
+    """Old behaviour (review of 22cc452): one failed connect moved the sender to gRPC until it retired, so a frontend
+    restarted at the same address was never pushed to over frames again."""
     sink = FramedCountingSink()
     address = await sink.start()
     sink.stream_address = f"127.0.0.1:{free_port()}"  # offered, but nobody listens there (a firewall, say)
@@ -174,9 +180,62 @@ async def test_an_unreachable_framed_stream_falls_back_to_grpc() -> None:
         await pusher.flush(address, timeout=10)
         assert sink.raw_indices("b") == list(range(4)) and pusher.given_up == 0
         assert sink.grpc_streams == 1 and sink.framed_streams == 0
+        held = pusher._sinks[address]
+        assert held.framed_off_until > time.monotonic() + FRAMED_RETRY_S - 5, "not tried again for a while"
+        await sink.start_framed()  # it comes back (elsewhere): once the while is over, a new stream goes framed
+        assert await pusher._framed(held) is None, "still within the while"
+        held.framed_off_until = 0.0
+        call = await pusher._framed(held)
+        assert call is not None, "asked where it listens now and connected"
+        call.cancel()
     finally:
         await pusher.close()
         await sink.stop()
+
+
+async def test_listen_takes_bracketed_and_wildcard_hosts() -> None:
+    """Old behaviour: ``--host [::1]`` or ``--host [::]`` crashed the frontend and the scheduler at start
+    (``asyncio.start_server`` takes no brackets); a wildcard bound IPv6 only (or two sockets on two ports)."""
+    for host, dial in (("[::1]", "[::1]"), ("::", "127.0.0.1"), ("[::]", "[::1]"), ("", "127.0.0.1")):
+        server, port = await listen(_serve_echo, host, 0, None)
+        try:
+            call = await FramedCall.open(f"{dial}:{port}", RESP, ssl_context=None, server_name=None, timeout=5)
+            await call.write(REQ(seq=5))
+            assert getattr(await call.read(), "acked_seq", None) == 5, (host, dial)
+            call.cancel()
+        finally:
+            server.close()
+
+
+async def test_an_undecodable_message_ends_the_stream_invalid_argument_and_a_silent_client_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Old behaviour: a DecodeError escaped the connection callback (asyncio logged it, no status was sent); a
+    connection that never sent a frame held its socket and handler for ever."""
+    monkeypatch.setattr(framed, "FIRST_FRAME_TIMEOUT_S", 0.2)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def run(stream: FramedServerStream[frontend_pb2.StreamOutputsRequest]) -> None:
+            async for message in stream.messages():
+                await stream.send(RESP(acked_seq=message.seq))
+
+        await serve_connection(reader, writer, REQ, run)
+
+    server, port = await listen(handler, "127.0.0.1", 0, None)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(frame(MESSAGE, b"\xff\xff\xff"))
+        call = FramedCall(reader, writer, RESP)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(call.read(), 5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        call.cancel()
+
+        silent = await FramedCall.open(f"127.0.0.1:{port}", RESP, ssl_context=None, server_name=None, timeout=5)
+        assert await asyncio.wait_for(silent.read(), 5) is grpc.aio.EOF, "dropped after the first-frame timeout"
+        silent.cancel()
+    finally:
+        server.close()
 
 
 async def _report(
@@ -222,5 +281,22 @@ async def test_the_framed_load_stream_keeps_reportloads_checks(pki: ClusterSecur
             await _report(address, pki.paths("client", "u1"), scheduler_pb2.ReportLoadRequest(load=load("i-1", 3)))
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "ReportLoad" in (info.value.details() or "")
         assert replica.cluster.loads["i-1"].seq == 1
+        servicer.framed_cluster = None  # a TLS listener wired without its trust domain admits nobody
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _report(address, pki.paths("llumlet", "i-1"), scheduler_pb2.ReportLoadRequest(load=load("i-1", 4)))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert replica.cluster.loads["i-1"].seq == 1
     finally:
         server.close()
+        servicer.close_framed()
+
+
+async def test_a_stopping_frontend_offers_no_framed_stream() -> None:
+    """Old behaviour (review of 22cc452): between closing its framed listener and ending its streams a frontend still
+    named the closed port, and the pushers reconnecting then took it for unreachable."""
+    sink = OutputSinkServicer(RequestTracker())
+    sink.stream_address = "127.0.0.1:1"
+    request = frontend_pb2.DescribeSinkRequest()
+    assert (await sink.DescribeSink(request, cast(Any, None))).stream_address == "127.0.0.1:1"
+    await sink.end_streams(0.1)
+    assert (await sink.DescribeSink(request, cast(Any, None))).stream_address == ""

@@ -532,7 +532,7 @@ async def test_the_leader_takes_keepalives_and_gets_the_full_load_back_when_it_l
         assert replica.cluster.loads["i-1"].seq > first.seq
         llumlet.free_blocks = 42
         await wait_for(lambda: replica.cluster.loads["i-1"].free_blocks == 42, "a change is reported")
-        assert rep.framed_streams == (rep.streams_ended + 1 if transport == "framed" else 0)
+        assert rep.framed_streams >= 2 if transport == "framed" else rep.framed_streams == 0
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 
 from pyllumnix.control_plane.frontend.sink import serve_output_stream
-from pyllumnix.infra.framed import FramedAbort, FramedContext, FramedServerStream, FrameError
+from pyllumnix.infra.framed import FramedContext, FramedServerStream, drop_connections, serve_connection
 from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.infra.security import runtime
 from pyllumnix.infra.security.runtime import SecuritySettings
@@ -68,23 +68,20 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
     async def serve_framed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The push stream as frames, answered as ``StreamOutputs`` answers (the peer is not checked: a test sink)."""
         self.framed_streams += 1
-        self._framed_writers.add(writer)
-        stream = FramedServerStream(reader, writer, frontend_pb2.StreamOutputsRequest)
         context = FramedContext()
 
         async def apply(batch: frontend_pb2.PushOutputsRequest) -> list[str]:
             return list((await self.PushOutputs(batch, context)).unknown_request_ids)
 
-        try:
+        async def run(stream: FramedServerStream[frontend_pb2.StreamOutputsRequest]) -> None:
             async for reply in serve_output_stream(stream.messages(), apply, self.applied):
                 await stream.send(reply)
-            await stream.end()
-        except FramedAbort as exc:
-            await stream.end(exc.code, exc.details)
-        except (FrameError, ConnectionError, OSError):
-            writer.transport.abort()
-        finally:
-            self._framed_writers.discard(writer)
+
+        await serve_connection(reader, writer, frontend_pb2.StreamOutputsRequest, run, connections=self._framed_writers)
+
+    def drop_framed_connections(self) -> None:
+        """Breaks every open framed stream (the listener stays)."""
+        drop_connections(self._framed_writers)
 
     async def HandOver(
         self, request: frontend_pb2.HandOverRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -148,8 +145,7 @@ class RecordingSink(frontend_pb2_grpc.OutputSinkServiceServicer):
     async def stop_framed(self) -> None:
         if self.framed is not None:
             self.framed.close()
-            for writer in list(self._framed_writers):  # (asyncio.Server.close_clients is Python 3.13's)
-                writer.transport.abort()
+            drop_connections(self._framed_writers)
             await self.framed.wait_closed()
             self.framed = None
 

@@ -42,8 +42,8 @@ from pyllumnix.infra.framed import (
     FramedAbort,
     FramedContext,
     FramedServerStream,
-    FrameError,
     framed_caller,
+    serve_connection,
 )
 from pyllumnix.infra.security.authz import authenticated_caller
 from pyllumnix.infra.security.ca import Identity
@@ -243,16 +243,16 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
         self, request: frontend_pb2.DescribeSinkRequest, context: Context
     ) -> frontend_pb2.DescribeSinkResponse:
         """Where the framed push stream listens (see ``serve_framed``); empty when this sink offers none."""
-        return frontend_pb2.DescribeSinkResponse(stream_address=self.stream_address)
+        # (a stopping frontend offers none: its framed listener is closed, and a pusher told to go there would take
+        # the refused connection for an unreachable port)
+        return frontend_pb2.DescribeSinkResponse(stream_address="" if self.ending() else self.stream_address)
 
     async def serve_framed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One llumlet's push stream over ``infra.framed`` frames: the same exchange and checks as ``StreamOutputs``.
         The caller is the connection's TLS peer, checked once as the role table checks StreamOutputs (cluster, role
-        llumlet); a refusal ends the stream with its status, as on gRPC."""
-        stream = FramedServerStream(reader, writer, frontend_pb2.StreamOutputsRequest, self.max_frame_bytes)
-        task = asyncio.current_task()
-        context = FramedContext()
-        try:
+        llumlet); a refusal ends the stream with its status, as on gRPC. ``end_streams`` ends it cleanly."""
+
+        async def run(stream: FramedServerStream[frontend_pb2.StreamOutputsRequest]) -> None:
             try:
                 caller = framed_caller(writer, self.stream_cluster, FRAMED_METHOD)
             except FramedAbort as exc:
@@ -262,31 +262,31 @@ class OutputSinkServicer(frontend_pb2_grpc.OutputSinkServiceServicer):
             if caller is None and not self._warned_insecure:
                 self._warned_insecure = True
                 log.warning("output sink: plaintext connection (--insecure): pushes are not checked for their sender")
+            task = asyncio.current_task()
             if self.ending() or task is None:
                 raise FramedAbort(grpc.StatusCode.UNAVAILABLE, "the frontend is stopping")
             self.streams += 1
             self._stream_tasks.add(task)
+            context = FramedContext(caller)
 
             async def apply(batch: frontend_pb2.PushOutputsRequest) -> list[str]:
                 return await self._apply(batch, caller, context)
 
-            pusher = caller.id if caller else None
-            async for reply in serve_output_stream(stream.messages(), apply, self.applied, pusher):
-                await stream.send(reply)
-            await stream.end()
-        except FramedAbort as exc:
-            await stream.end(exc.code, exc.details)
-        except asyncio.CancelledError:
-            if not self.ending() or task is None:
-                raise
-            task.uncancel()  # ended by ``end_streams``: a clean end (the pusher reconnects, elsewhere or later)
-            await stream.end()
-        except (FrameError, ConnectionError, OSError) as exc:
-            log.debug("framed output stream ended: %s", exc)
-            writer.transport.abort()
-        finally:
-            if task is not None:
+            try:
+                pusher = caller.id if caller else None
+                async for reply in serve_output_stream(stream.messages(), apply, self.applied, pusher):
+                    await stream.send(reply)
+            finally:
                 self._stream_tasks.discard(task)
+
+        await serve_connection(
+            reader,
+            writer,
+            frontend_pb2.StreamOutputsRequest,
+            run,
+            max_bytes=self.max_frame_bytes,
+            clean_cancel=self.ending,
+        )
 
     async def _apply(
         self, request: frontend_pb2.PushOutputsRequest, caller: Identity | None, context: Context

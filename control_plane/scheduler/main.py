@@ -115,6 +115,7 @@ async def run_scheduler(
         await replica.stop()
         if framed is not None:
             framed.close()
+            servicer.close_framed()
         await server.stop(1.0)
         if metrics_server is not None:
             await metrics_server.close()

@@ -30,7 +30,13 @@ from pyllumnix.control_plane.scheduler.replica import (
     SchedulerReplica,
     SchedulingError,
 )
-from pyllumnix.infra.framed import FramedAbort, FramedContext, FramedServerStream, FrameError, framed_caller
+from pyllumnix.infra.framed import (
+    FramedContext,
+    FramedServerStream,
+    drop_connections,
+    framed_caller,
+    serve_connection,
+)
 from pyllumnix.infra.security.authz import authenticated_caller, require_self
 from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -80,6 +86,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         self._held: dict[str, common_pb2.InstanceLoad] = {}
         # The trust domain of framed load streams' peers (None: a plaintext listener, as on an --insecure scheduler).
         self.framed_cluster: str | None = None
+        self.framed_connections: set[asyncio.StreamWriter] = set()
 
     async def Dispatch(
         self, request: scheduler_pb2.DispatchRequest, context: Context
@@ -120,17 +127,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         """A llumlet's load stream over ``infra.framed`` frames (the replica's ``report_address``): the caller is the
         connection's TLS peer, checked as the role table checks ReportLoad; then ``ReportLoad`` itself serves it, its
         refusals ending the stream with the same status."""
-        stream = FramedServerStream(reader, writer, scheduler_pb2.ReportLoadRequest)
-        try:
+
+        async def run(stream: FramedServerStream[scheduler_pb2.ReportLoadRequest]) -> None:
             context = FramedContext(framed_caller(writer, self.framed_cluster, REPORT_LOAD_METHOD))
-            reply = await self.ReportLoad(stream.messages(), context)
-            await stream.send(reply)
-            await stream.end()
-        except FramedAbort as exc:
-            await stream.end(exc.code, exc.details)
-        except (FrameError, ConnectionError, OSError) as exc:
-            log.debug("framed load stream ended: %s", exc)
-            writer.transport.abort()
+            await stream.send(await self.ReportLoad(stream.messages(), context))
+
+        await serve_connection(
+            reader, writer, scheduler_pb2.ReportLoadRequest, run, connections=self.framed_connections
+        )
+
+    def close_framed(self) -> None:
+        """Drops every open framed load stream (the replica is stopping; their llumlets follow the next leader)."""
+        drop_connections(self.framed_connections)
 
     def take(self, report: scheduler_pb2.ReportLoadRequest, instance_id: str, keep_alive: bool) -> bool:
         """One streamed message of ``instance_id``, past the identity check: the per-instance floor, then the load or

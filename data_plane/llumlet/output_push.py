@@ -108,6 +108,10 @@ class PushSettings:
             raise ValueError(f"stream_interval must be >= 1: {self}")
 
 
+# A frontend whose framed stream could not be reached is pushed to over gRPC for this long before it is tried again.
+FRAMED_RETRY_S = 30.0
+
+
 class FrontendUnreachableError(Exception):
     """A flush cannot complete: the pusher gave up on the frontend (its outputs were not delivered)."""
 
@@ -181,8 +185,10 @@ class _Sink:
         self.resend = False  # the answer came: the unacknowledged batches are to be written again
         self.unary = False  # the frontend has no StreamOutputs: one PushOutputs per batch
         # The frontend's framed stream address (see ``OutputPusher._framed``): None: to be asked (again after a
-        # stream failure: a restarted frontend listens elsewhere); "": none, or unreachable (gRPC from then on).
+        # stream failure: a restarted frontend listens elsewhere); "": it offers none. Until ``framed_off_until``
+        # (``time.monotonic``) it is not tried: it could not be reached.
         self.stream_address: str | None = None
+        self.framed_off_until = 0.0
         # request id -> when its outputs were given up (later outputs of it are dropped; see ``_give_up``)
         self.ended: dict[tuple[str, str], float] = {}
 
@@ -502,9 +508,11 @@ class OutputPusher:
 
     async def _framed(self, sink: _Sink) -> FramedCall[frontend_pb2.StreamOutputsResponse] | None:
         """A framed stream to the frontend when it offers one (asked once per stream failure), else None (the gRPC
-        stream). One that cannot be reached (a firewall lets only the gRPC port through) is not tried again by this
-        sender: the gRPC stream carries the same exchange."""
+        stream). One that cannot be reached (a firewall lets only the gRPC port through, a stopping frontend) is not
+        tried again for ``FRAMED_RETRY_S``: the gRPC stream carries the same exchange meanwhile."""
         timeout = self._attempt_timeout(sink)
+        if time.monotonic() < sink.framed_off_until:
+            return None
         if sink.stream_address is None:
             try:
                 described = await sink.stub.DescribeSink(frontend_pb2.DescribeSinkRequest(), timeout=timeout)
@@ -528,14 +536,17 @@ class OutputPusher:
                 server_name=role_name("frontend") if secure else None,
                 timeout=timeout,
             )
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
+        except Exception as exc:  # unreachable, refused, a bad address: the gRPC stream carries the same exchange
             log.warning(
-                "frontend %s: its framed output stream at %s cannot be reached (%s); pushing over gRPC's StreamOutputs",
+                "frontend %s: its framed output stream at %s cannot be reached (%r); pushing over gRPC's "
+                "StreamOutputs for %.0f s",
                 sink.address,
                 sink.stream_address,
                 exc,
+                FRAMED_RETRY_S,
             )
-            sink.stream_address = ""
+            sink.stream_address = None  # asked again then: the frontend may have restarted elsewhere
+            sink.framed_off_until = time.monotonic() + FRAMED_RETRY_S
             return None
 
     async def _resend(self, sink: _Sink) -> None:

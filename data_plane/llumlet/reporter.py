@@ -235,14 +235,17 @@ class LoadReporter:
     async def _follow(self) -> None:
         """Runs one stream per leader; a new leader cancels the old stream."""
         stream: asyncio.Task[None] | None = None
+        target: tuple[str | None, str] = (None, "")  # the addresses ``stream`` reports to
         backoff = 0.5
         while True:
             try:
                 async for info in self.election.observe():
                     backoff = 0.5
                     address, framed = leader_addresses(info.value) if info is not None else (None, "")
-                    if address == self.leader and stream is not None and not stream.done():
+                    # (a leader restarted on its gRPC port has a new framed one: a new stream for it too)
+                    if (address, framed) == target and stream is not None and not stream.done():
                         continue
+                    target = (address, framed)
                     if stream is not None:
                         stream.cancel()
                     self.leader = address
@@ -271,7 +274,7 @@ class LoadReporter:
                 if self.framed and framed_address:
                     try:
                         call = await self._open_framed(framed_address)
-                    except (OSError, TimeoutError, ssl.SSLError) as exc:
+                    except Exception as exc:  # unreachable, refused, a bad address: gRPC carries the same stream
                         log.warning(
                             "%s: the leader's framed load stream at %s cannot be reached (%s); reporting over gRPC",
                             instance,

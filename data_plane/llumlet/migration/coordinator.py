@@ -240,6 +240,9 @@ class MigrationCoordinator:
         self.settings = self.flag_settings
         self.hooks = hooks
         self._incoming: dict[str, _Incoming] = {}
+        # Set when a reservation is taken: the reaper sleeps on it while nothing is incoming (an idle llumlet woke
+        # 4 times a second only to find no reservation).
+        self._incoming_added = asyncio.Event()
         # Request id -> (the source it was migrated in from, the migration, its owner entry here): a source may
         # forward its client's abort after the commit (ForwardAbort), and only for a request it handed over to this
         # instance (``migrated_from``), naming the migration (``incarnation``). Keyed to the owner object, so a later
@@ -1026,6 +1029,7 @@ class MigrationCoordinator:
                 )
             offer = ev.Offered(request.stage, request.num_blocks, accepting, problem, mismatch)
             self._incoming[mid] = incoming
+            self._incoming_added.set()
             self.llumlet.set_migrating(incoming=True)
         else:
             offer = ev.Offered(request.stage, request.num_blocks)
@@ -1252,6 +1256,10 @@ class MigrationCoordinator:
     async def _reap_pending(self) -> None:
         """Frees reservations whose source went silent (presumed dead)."""
         while True:
+            if not self._incoming:
+                self._incoming_added.clear()
+                await self._incoming_added.wait()
+                continue  # (re-checked: woken by a reservation already gone, it sleeps again)
             # Each migration's own pending timeout (REVIEW10 M2); polled at a quarter of the shortest one.
             shortest = min((i.pending_timeout_s for i in self._incoming.values()), default=1.0)
             await asyncio.sleep(min(1.0, self.flag_settings.pending_timeout_s / 4, shortest / 4))
