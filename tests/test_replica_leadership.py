@@ -973,3 +973,36 @@ async def test_a_term_ending_as_the_config_changes_still_stops_the_scaling_loop(
         scaling.cancel()
         done, _ = await asyncio.wait({scaling}, timeout=2.0)
         assert done, "the cancelled scaling loop ran on"
+
+
+async def test_a_leaders_probe_loop_wakes_once_a_second_and_a_followers_at_its_interval(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Old behaviour: a leader's probe loop (which has no one to probe) slept the followers' 0.25 s, 4 wake-ups a
+    second on an idle leader; after a step-down the follower's interval is back."""
+    log: list[str] = []
+    replica, election = make_replica(("i-1",), log)
+    replica.leadership = cast(Any, election.leadership)
+    real_sleep = asyncio.sleep
+    delays: list[float] = []
+    probe: asyncio.Task[None] | None = None
+
+    async def spy(delay: float, *args: Any, **kwargs: Any) -> Any:
+        if asyncio.current_task() is probe:
+            delays.append(delay)
+            delay = 0.001
+        return await real_sleep(delay, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "sleep", spy)
+    probe = asyncio.ensure_future(replica._probe_leader())
+    try:
+        await wait_until(lambda: len(delays) >= 3)
+        assert min(delays) >= 1.0, delays
+        election.leadership.step_down()
+        seen = len(delays)
+        await wait_until(lambda: len(delays) >= seen + 3)
+        assert delays[-1] == replica.timing.leader_probe_interval
+    finally:
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe

@@ -94,6 +94,8 @@ LOST_NOTICE_TIMEOUT_S = 5.0
 LOST_NOTICE_RETRY_S = 12.0
 _NOTICE_RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 FIRST_VIEW_WAIT_S = 0.3
+# How often a leader's idle leader-probe loop looks whether it still leads (see ``_probe_leader``).
+LEADER_SELF_PROBE_S = 1.0
 """A new leader's first dispatches wait, at most this long into its term, until every registered instance has reported
 to it: before, they went to whichever llumlets' streams reopened first, busy ones too (an instance not heard from in
 this term takes no request). The llumlets reopen their streams as soon as etcd names the leader, ~10-100 ms."""
@@ -615,7 +617,10 @@ class SchedulerReplica:
         refused = 0
         probed: LeaderInfo | None = None
         while True:
-            await asyncio.sleep(self.timing.leader_probe_interval)
+            # A leader has no one to probe: it looks again each LEADER_SELF_PROBE_S in case it was deposed (it woke 4
+            # times a second for nothing, most of an idle leader's wake-ups).
+            every = self.timing.leader_probe_interval
+            await asyncio.sleep(max(every, LEADER_SELF_PROBE_S) if self.is_leader else every)
             view = self.leader
             if (
                 view.entry is None
