@@ -214,6 +214,8 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         "http_url": http_server.url,
         "grpc_address": advertised_address(opts.host, opts.advertise_host, grpc_server.port),
         "sink_address": frontend.sink_address,
+        # the llumlets' framed output stream (empty: --stream-port -1)
+        "stream_address": grpc_server.sink_servicer.stream_address if grpc_server.sink_servicer else "",
         "secure": security.secure,
         "api_keys": api_keys is not None,
         "schedulers": opts.schedulers,

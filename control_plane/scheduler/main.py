@@ -99,7 +99,12 @@ async def run_scheduler(
         replica.report_address = advertised_address(host, advertise_host, bound)
     await replica.start()
     freeze_startup_heap()
-    ready = {"event": "ready", "replica_id": replica_id, "grpc_address": address}
+    ready = {
+        "event": "ready",
+        "replica_id": replica_id,
+        "grpc_address": address,
+        "report_address": replica.report_address,
+    }
     metrics_server = None
     if metrics_port >= 0:
         metrics = SchedulerMetrics(replica)

@@ -251,7 +251,12 @@ class LoadReporter:
                     self.leader = address
                     stream = None
                     if address:
-                        log.info("%s reports load to leader %s", self.llumlet.instance_id, address)
+                        log.info(
+                            "%s reports load to leader %s%s",
+                            self.llumlet.instance_id,
+                            address,
+                            f" (framed at {framed})" if framed and self.framed else "",
+                        )
                         stream = asyncio.get_running_loop().create_task(self._stream_to(address, framed))
             except asyncio.CancelledError:
                 if stream is not None:
