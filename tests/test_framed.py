@@ -39,9 +39,10 @@ from pyllumnix.infra.framed import (
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
 from pyllumnix.infra.security.ca import CertPaths, role_name
 from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
-from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, scheduler_pb2
+from pyllumnix.protos.llumnix.v1 import frontend_pb2, scheduler_pb2
 from tests.test_llumlet_output_push import StallingSink, free_port, until
 from tests.test_load_reporting import leader, load
+from tests.test_output_stream import output
 from tests.test_security_outputs import CLUSTER, pki
 
 __all__ = ["pki"]  # fixtures used here
@@ -120,16 +121,6 @@ async def test_a_call_carries_messages_both_ways_and_ends_with_eof_or_the_status
 def test_a_status_frame_names_its_code() -> None:
     data = status_frame(grpc.StatusCode.UNAVAILABLE, "stopping")
     assert data[0] == 1 and data[5:7] == struct.pack(">H", grpc.StatusCode.UNAVAILABLE.value[0])
-
-
-def output(rid: str, index: int, *, finished: bool = False) -> common_pb2.RequestOutput:
-    return common_pb2.RequestOutput(
-        request_id=rid,
-        token_ids=[100 + index],
-        first_token_index=index,
-        finished=finished,
-        finish_reason=common_pb2.FINISH_REASON_LENGTH if finished else common_pb2.FINISH_REASON_UNSPECIFIED,
-    )
 
 
 class FramedCountingSink(StallingSink):
