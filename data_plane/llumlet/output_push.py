@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -46,10 +45,7 @@ import grpc
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
 from pyllumnix.infra.framed import FramedCall
-from pyllumnix.infra.security import runtime
-from pyllumnix.infra.security.ca import role_name
-from pyllumnix.infra.security.runtime import open_channel
-from pyllumnix.infra.security.tls import client_ssl_context
+from pyllumnix.infra.security.runtime import open_channel, open_framed
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -279,7 +275,6 @@ class OutputPusher:
         self.retries = 0
         self.given_up = 0  # batches given up after the whole budget
         self.sinks_closed = 0  # senders closed for idleness
-        self._ssl_context: ssl.SSLContext | None = None  # for framed streams (made once, when first needed)
 
     @property
     def addresses(self) -> list[str]:
@@ -523,18 +518,9 @@ class OutputPusher:
             sink.stream_address = described.stream_address
         if not sink.stream_address:
             return None
-        if self._ssl_context is None and runtime.current().paths is not None:
-            paths = runtime.current().paths
-            assert paths is not None
-            self._ssl_context = client_ssl_context(paths)
-        secure = runtime.current().paths is not None
         try:
-            return await FramedCall.open(
-                sink.stream_address,
-                frontend_pb2.StreamOutputsResponse,
-                ssl_context=self._ssl_context if secure else None,
-                server_name=role_name("frontend") if secure else None,
-                timeout=timeout,
+            return await open_framed(
+                sink.stream_address, frontend_pb2.StreamOutputsResponse, peer="frontend", timeout=timeout
             )
         except Exception as exc:  # unreachable, refused, a bad address: the gRPC stream carries the same exchange
             log.warning(

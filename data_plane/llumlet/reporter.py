@@ -51,7 +51,6 @@ import contextlib
 import enum
 import logging
 import math
-import ssl
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -64,10 +63,7 @@ from pyllumnix.infra.etcd.election import Election
 from pyllumnix.infra.etcd.keys import KeyLayout
 from pyllumnix.infra.framed import FramedCall
 from pyllumnix.infra.load_cadence import QUIET_KEEPALIVE_EVERY, load_is_quiet
-from pyllumnix.infra.security import runtime
-from pyllumnix.infra.security.ca import role_name
-from pyllumnix.infra.security.runtime import open_channel
-from pyllumnix.infra.security.tls import client_ssl_context
+from pyllumnix.infra.security.runtime import open_channel, open_framed
 from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -212,7 +208,6 @@ class LoadReporter:
         # without gRPC's per-message CPU); False: always gRPC's ReportLoad.
         self.framed = framed
         self.framed_streams = 0  # streams opened over frames
-        self._ssl_context: ssl.SSLContext | None = None
         self.leader: str | None = None
         self.reports_sent = 0  # full snapshots and keep-alives
         self.keepalives_sent = 0
@@ -310,16 +305,8 @@ class LoadReporter:
             await asyncio.sleep(self.interval_s * 4)
 
     async def _open_framed(self, address: str) -> FramedCall[scheduler_pb2.ReportLoadResponse]:
-        settings = runtime.current()
-        if settings.paths is not None and self._ssl_context is None:
-            self._ssl_context = client_ssl_context(settings.paths)
-        secure = settings.paths is not None
-        call = await FramedCall.open(
-            address,
-            scheduler_pb2.ReportLoadResponse,
-            ssl_context=self._ssl_context if secure else None,
-            server_name=role_name("scheduler") if secure else None,
-            timeout=max(1.0, self.interval_s * 20),
+        call = await open_framed(
+            address, scheduler_pb2.ReportLoadResponse, peer="scheduler", timeout=max(1.0, self.interval_s * 20)
         )
         self.framed_streams += 1
         return call

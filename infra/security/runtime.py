@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,11 +31,17 @@ from cryptography import x509
 
 from pyllumnix.infra import tracing
 from pyllumnix.infra.etcd.rbac import EtcdRbacError
+from pyllumnix.infra.framed import FramedCall, M
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
 from pyllumnix.infra.security.ca import CLIENT_ONLY_ROLES, CertPaths, Identity, identities_in, names_role, role_name
 from pyllumnix.infra.security.issuer import ISSUER_ENV, CertificateIssuer, RemoteIssuer
-from pyllumnix.infra.security.tls import SERVER_NAME_OPTION, grpc_channel_credentials, grpc_server_credentials
+from pyllumnix.infra.security.tls import (
+    SERVER_NAME_OPTION,
+    client_ssl_context,
+    grpc_channel_credentials,
+    grpc_server_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +262,28 @@ def open_channel(
     return grpc.aio.secure_channel(
         address, grpc_channel_credentials(s.paths), options=[*options, *named], interceptors=traced
     )
+
+
+def open_framed(
+    address: str,
+    response_type: type[M],
+    *,
+    peer: str,
+    timeout: float,
+    settings: SecuritySettings | None = None,
+) -> Awaitable[FramedCall[M]]:
+    """The framed-stream twin of :func:`open_channel` (``infra.framed``): mutual TLS with this process's certificate,
+    the server's certificate checked for the ``peer`` role's name; plaintext when insecure."""
+    s = settings or current()
+    if s.paths is None:
+        return FramedCall.open(address, response_type, ssl_context=None, server_name=None, timeout=timeout)
+    context = _client_contexts.get(s.paths)
+    if context is None:  # (loads the files once per process, not per stream)
+        context = _client_contexts[s.paths] = client_ssl_context(s.paths)
+    return FramedCall.open(address, response_type, ssl_context=context, server_name=role_name(peer), timeout=timeout)
+
+
+_client_contexts: dict[CertPaths, ssl.SSLContext] = {}
 
 
 def server_port_credentials(settings: SecuritySettings) -> Any:
