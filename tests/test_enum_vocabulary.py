@@ -137,8 +137,10 @@ def test_every_finish_reason_reaches_clients_under_its_proto_name() -> None:
     for value in common_pb2.FinishReason.DESCRIPTOR.values:
         name = value.name.removeprefix("FINISH_REASON_").lower()
         reason = FinishReason(value.number)
-        out = convert.output_to_pb(TokenOutput("r", (), 0, reason is not FinishReason.UNSPECIFIED, reason), "i")
-        assert out.finish_reason == value.number
+        out = convert.queued_output(TokenOutput("r", (), 0, reason is not FinishReason.UNSPECIFIED, reason))
+        built = frontend_pb2.PushOutputsRequest()
+        out.add_to(built.outputs, "i")
+        assert out.finish_reason == built.outputs[0].finish_reason == value.number
         label = None if name == "unspecified" else name
         assert wire.finish_label(value.number) == label
         chunk = GenerationChunk.from_pb(
@@ -146,7 +148,7 @@ def test_every_finish_reason_reaches_clients_under_its_proto_name() -> None:
         )
         assert chunk.finish_reason == label
         assert finish_reason_name(value.number, finished=True) == (label or "stop")
-    assert convert.output_to_pb(TokenOutput("r", (1,), 0, False, None), "i").finish_reason == 0
+    assert convert.queued_output(TokenOutput("r", (1,), 0, False, None)).finish_reason == 0
     assert wire.finish_label(99) is None and finish_reason_name(99, finished=False) is None
 
 

@@ -16,7 +16,7 @@ from pyllumnix.data_plane.engine.profile import get_profile
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet import output_push
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
-from pyllumnix.data_plane.llumlet.output_push import FrontendUnreachableError, OutputPusher, PushSettings
+from pyllumnix.data_plane.llumlet.output_push import FrontendUnreachableError, OutputPusher, PushSettings, QueuedOutput
 from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
@@ -156,10 +156,10 @@ async def test_outputs_of_one_request_coalesce_while_the_frontend_stalls() -> No
             pusher.submit(
                 sink.address,
                 [
-                    common_pb2.RequestOutput(
-                        request_id=f"r{r}",
-                        token_ids=[index % 7],
-                        first_token_index=index,
+                    QueuedOutput(
+                        f"r{r}",
+                        [index % 7],
+                        index,
                         finished=index == tokens - 1,
                         finish_reason=(
                             common_pb2.FINISH_REASON_LENGTH
@@ -192,7 +192,7 @@ async def test_flush_waits_for_delivery_and_fails_when_the_frontend_is_given_up(
     pusher = OutputPusher("i", lambda _: None, settings=PushSettings(budget_s=2.0, attempt_timeout_s=0.3))
     try:
         sink.stall()
-        pusher.submit(sink.address, [common_pb2.RequestOutput(request_id="a", token_ids=[1])])
+        pusher.submit(sink.address, [QueuedOutput("a", [1], 0)])
         with pytest.raises(TimeoutError):
             await pusher.flush(sink.address, timeout=0.5)
         sink.resume()
@@ -200,7 +200,7 @@ async def test_flush_waits_for_delivery_and_fails_when_the_frontend_is_given_up(
         assert sink.raw_indices("a") == [0]
 
         address = f"127.0.0.1:{free_port()}"
-        pusher.submit(address, [common_pb2.RequestOutput(request_id="b", token_ids=[1])])
+        pusher.submit(address, [QueuedOutput("b", [1], 0)])
         with pytest.raises(FrontendUnreachableError):
             await pusher.flush(address, timeout=10)
     finally:
@@ -213,12 +213,12 @@ async def test_idle_output_senders_close_and_reopen_on_demand() -> None:
     await sink.start()
     pusher = OutputPusher("i", lambda _: None, settings=PushSettings(idle_close_s=0.3))
     try:
-        pusher.submit(sink.address, [common_pb2.RequestOutput(request_id="a", token_ids=[1])])
+        pusher.submit(sink.address, [QueuedOutput("a", [1], 0)])
         await pusher.flush(sink.address, timeout=5)
         assert pusher.addresses == [sink.address]
         await until(lambda: not pusher.addresses, 5, "the idle sender closing")
         assert pusher.sinks_closed == 1
-        pusher.submit(sink.address, [common_pb2.RequestOutput(request_id="a", token_ids=[2], first_token_index=1)])
+        pusher.submit(sink.address, [QueuedOutput("a", [2], 1)])
         await pusher.flush(sink.address, timeout=5)
         assert sink.tokens("a") == [1, 2]
     finally:
@@ -238,17 +238,12 @@ async def test_after_a_give_up_a_request_reusing_the_id_is_delivered() -> None:
     address = await sink.start()
     pusher = OutputPusher("i", lambda _: None, on_unreachable=lambda a, r: None)
     try:
-        old = common_pb2.RequestOutput(request_id="r", token_ids=[1], first_token_index=0, capability="cap-old")
+        old = QueuedOutput("r", [1], 0, capability="cap-old")
         pusher.submit(address, [old], hold_s=30.0)  # still queued when the sender gives up
         await gave_up(pusher, address)
         pusher.submit(address, [old])  # the given-up incarnation's late output: dropped
-        new = common_pb2.RequestOutput(
-            request_id="r",
-            token_ids=[7, 8],
-            first_token_index=0,
-            capability="cap-new",
-            finished=True,
-            finish_reason=common_pb2.FINISH_REASON_STOP,
+        new = QueuedOutput(
+            "r", [7, 8], 0, finished=True, finish_reason=common_pb2.FINISH_REASON_STOP, capability="cap-new"
         )
         pusher.submit(address, [new])
         await pusher.flush(address, timeout=5)
@@ -266,10 +261,10 @@ async def test_a_final_error_queued_when_the_sender_gives_up_is_queued_again() -
     address = await sink.start()
     pusher = OutputPusher("i", lambda _: None, on_unreachable=lambda a, r: None)
     try:
-        final = common_pb2.RequestOutput(
-            request_id="e",
-            token_ids=[5],
-            first_token_index=3,
+        final = QueuedOutput(
+            "e",
+            [5],
+            3,
             finished=True,
             finish_reason=common_pb2.FINISH_REASON_ERROR,
             error="engine failed",

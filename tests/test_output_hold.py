@@ -19,7 +19,7 @@ import pytest
 
 from pyllumnix.data_plane.llumlet import output_push
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
-from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
+from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings, QueuedOutput
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2
 from pyllumnix.tools.recording_sink import RecordingSink
 from tests.test_llumlet_output_push import engine_request, slow_engine, until
@@ -51,8 +51,8 @@ class MessageSink(RecordingSink):
         return sum(1 for _, outs in self.messages if not outs)
 
 
-def output(rid: str, index: int) -> common_pb2.RequestOutput:
-    return common_pb2.RequestOutput(request_id=rid, token_ids=[100 + index], first_token_index=index)
+def output(rid: str, index: int) -> QueuedOutput:
+    return QueuedOutput(rid, [100 + index], index)
 
 
 async def test_decode_steps_share_a_message_while_first_tokens_and_finishes_go_at_once() -> None:

@@ -20,7 +20,7 @@ import grpc
 import pytest
 
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
-from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
+from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings, QueuedOutput
 from pyllumnix.infra.framed import FramedCall
 from pyllumnix.infra.grpc_server import start_server
 from pyllumnix.infra.security.ca import role_name
@@ -58,11 +58,11 @@ class CountingSink(StallingSink):
             yield reply
 
 
-def output(rid: str, index: int, *, finished: bool = False) -> common_pb2.RequestOutput:
-    return common_pb2.RequestOutput(
-        request_id=rid,
-        token_ids=[100 + index],
-        first_token_index=index,
+def output(rid: str, index: int, *, finished: bool = False) -> QueuedOutput:
+    return QueuedOutput(
+        rid,
+        [100 + index],
+        index,
         finished=finished,
         finish_reason=LENGTH if finished else common_pb2.FINISH_REASON_UNSPECIFIED,
     )

@@ -31,6 +31,7 @@ from pyllumnix.control_plane.frontend.requests import HolderLedger, StaleCapabil
 from pyllumnix.control_plane.frontend.service import FrontendGrpc, start_grpc
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
+from pyllumnix.data_plane.llumlet.output_push import QueuedOutput
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer
 from pyllumnix.infra.grpc_server import RunningServer, start_server
 from pyllumnix.protos.llumnix.v1 import common_pb2, frontend_pb2, frontend_pb2_grpc, llumlet_pb2, llumlet_pb2_grpc
@@ -313,7 +314,7 @@ async def test_a_stale_output_aborts_only_its_own_incarnation_on_the_llumlet() -
             late = common_pb2.RequestOutput(
                 request_id="R", token_ids=[9], first_token_index=3, instance_id="i-orphan", capability=capability
             )
-            llumlet.pusher.submit(address, [late])
+            llumlet.pusher.submit(address, [QueuedOutput.from_pb(late)])
             await asyncio.wait_for(sink.answered.wait(), TIMEOUT_S)
             for _ in range(10):  # the llumlet's abort task runs
                 await asyncio.sleep(0.02)

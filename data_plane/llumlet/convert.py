@@ -14,6 +14,7 @@ from pyllumnix.data_plane.engine.base import (
     Sampling,
     TokenOutput,
 )
+from pyllumnix.data_plane.llumlet.output_push import QueuedOutput
 from pyllumnix.infra import wire
 from pyllumnix.infra.vocabulary import Priority
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2
@@ -67,20 +68,18 @@ def spec_to_pb(spec: RequestSpec, frontend_address: str) -> common_pb2.EngineReq
     )
 
 
-def output_to_pb(
-    out: TokenOutput, instance_id: str, num_prompt_tokens: int = 0, capability: str = ""
-) -> common_pb2.RequestOutput:
-    """``capability``: the holder's token for the request (the frontend accepts outputs only with it)."""
-    return common_pb2.RequestOutput(
-        request_id=out.request_id,
-        token_ids=list(out.token_ids),
-        first_token_index=out.first_index,
-        finished=out.finished,
-        finish_reason=wire.finish_to_pb(out.finish),
-        error=out.error,
-        instance_id=instance_id,
-        num_prompt_tokens=num_prompt_tokens,
-        capability=capability,
+def queued_output(out: TokenOutput, num_prompt_tokens: int = 0, capability: str = "") -> QueuedOutput:
+    """An engine output as the pusher queues it; ``capability``: the holder's token for the request (the frontend
+    accepts outputs only with it)."""
+    return QueuedOutput(
+        out.request_id,
+        list(out.token_ids),
+        out.first_index,
+        out.finished,
+        wire.finish_to_pb(out.finish),
+        out.error,
+        num_prompt_tokens,
+        capability,
     )
 
 

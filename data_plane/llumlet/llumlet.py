@@ -49,7 +49,7 @@ from pyllumnix.data_plane.engine.base import (
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet import convert
 from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
-from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
+from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings, QueuedOutput
 from pyllumnix.infra import tracing, wire
 from pyllumnix.infra.security.runtime import open_channel
 from pyllumnix.infra.vocabulary import InstanceState, MigrationOutcome
@@ -485,7 +485,7 @@ class Llumlet:
                     )
                     self.pusher.submit(
                         owner.frontend_address,
-                        [convert.output_to_pb(final, self.instance_id, owner.num_prompt_tokens, owner.capability)],
+                        [convert.queued_output(final, owner.num_prompt_tokens, owner.capability)],
                     )
 
     # --- load ---
@@ -547,7 +547,7 @@ class Llumlet:
         with no first token, finish or error may wait that long for the next step's (see ``OutputPusher.submit``)."""
         if self.metrics is not None:
             self.metrics.outputs(outputs, self._step_started)
-        by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
+        by_frontend: dict[str, list[QueuedOutput]] = {}
         urgent: set[str] = set()
         now = time.monotonic()
         for out in outputs:
@@ -563,7 +563,7 @@ class Llumlet:
             for listener in owner.listeners:
                 listener(out)
             by_frontend.setdefault(owner.frontend_address, []).append(
-                convert.output_to_pb(out, self.instance_id, owner.num_prompt_tokens, owner.capability)
+                convert.queued_output(out, owner.num_prompt_tokens, owner.capability)
             )
             if out.finished:
                 del self.owners[out.request_id]
@@ -594,7 +594,7 @@ class Llumlet:
         """Queues a heartbeat for every held request that got no output for ``silent_for`` seconds (none for one
         suspended for a migration's last stage); returns how many."""
         now = time.monotonic()
-        by_frontend: dict[str, list[common_pb2.RequestOutput]] = {}
+        by_frontend: dict[str, list[QueuedOutput]] = {}
         async with self.engine_lock:  # a consistent view of the phases: no step or migration stage meanwhile
             for rid, owner in self.owners.items():
                 if not owner.frontend_address or now - owner.last_output < silent_for:
@@ -607,7 +607,7 @@ class Llumlet:
                 owner.last_output = now
                 beat = TokenOutput(rid, (), owner.next_index)
                 by_frontend.setdefault(owner.frontend_address, []).append(
-                    convert.output_to_pb(beat, self.instance_id, owner.num_prompt_tokens, owner.capability)
+                    convert.queued_output(beat, owner.num_prompt_tokens, owner.capability)
                 )
         for address, batch in by_frontend.items():
             self.pusher.submit(address, batch)

@@ -124,6 +124,66 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+@dataclass(slots=True)
+class QueuedOutput:
+    """One request's outputs queued for a frontend, kept as plain values until its batch is written (``add_to``).
+
+    Why not the ``RequestOutput`` message itself: a decoding request's outputs of ``stream_interval`` steps are merged
+    into one queued output (``_Sink.add``), so a message built per step was built, merged and thrown away three times
+    in four; a list append is what the merge needs. The fields are the message's (``instance_id`` aside: the pusher's
+    own, set when the message is built)."""
+
+    request_id: str
+    token_ids: list[int]
+    first_token_index: int
+    finished: bool = False
+    finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
+    error: str = ""
+    num_prompt_tokens: int = 0
+    # The holder's capability token for the request (the frontend accepts outputs only with it).
+    capability: str = ""
+
+    @classmethod
+    def from_pb(cls, out: common_pb2.RequestOutput) -> QueuedOutput:
+        return cls(
+            out.request_id,
+            list(out.token_ids),
+            out.first_token_index,
+            out.finished,
+            out.finish_reason,
+            out.error,
+            out.num_prompt_tokens,
+            out.capability,
+        )
+
+    def final(self) -> QueuedOutput:
+        """This output without its tokens (its end alone, at the same index)."""
+        return QueuedOutput(
+            self.request_id,
+            [],
+            self.first_token_index,
+            self.finished,
+            self.finish_reason,
+            self.error,
+            self.num_prompt_tokens,
+            self.capability,
+        )
+
+    def add_to(self, outputs: Any, instance_id: str) -> None:
+        """Appends this output as a ``RequestOutput`` to ``outputs`` (a message's repeated field), built in place."""
+        outputs.add(
+            request_id=self.request_id,
+            token_ids=self.token_ids,
+            first_token_index=self.first_token_index,
+            finished=self.finished,
+            finish_reason=self.finish_reason,
+            error=self.error,
+            instance_id=instance_id,
+            num_prompt_tokens=self.num_prompt_tokens,
+            capability=self.capability,
+        )
+
+
 @dataclass
 class _Batch:
     """A batch written to the stream and not yet acknowledged (kept for a resend or a give-up)."""
@@ -142,9 +202,9 @@ class _Sink:
         self.address = address
         self.channel = open_channel(address, peer="frontend")
         self.stub = frontend_pb2_grpc.OutputSinkServiceStub(self.channel)
-        self.pending: list[common_pb2.RequestOutput] = []
-        # request id -> its newest message in ``pending`` (the one a next output can be merged into)
-        self.tail: dict[str, common_pb2.RequestOutput] = {}
+        self.pending: list[QueuedOutput] = []
+        # request id -> its newest output in ``pending`` (the one a next output can be merged into)
+        self.tail: dict[str, QueuedOutput] = {}
         self.submitted = 0
         self.settled = 0
         self.last_lost = 0  # highest submit given up
@@ -188,8 +248,8 @@ class _Sink:
         # request id -> when its outputs were given up (later outputs of it are dropped; see ``_give_up``)
         self.ended: dict[tuple[str, str], float] = {}
 
-    def add(self, out: common_pb2.RequestOutput) -> bool:
-        """Queues ``out``; returns True when it was merged into the request's queued message."""
+    def add(self, out: QueuedOutput) -> bool:
+        """Queues ``out``; returns True when it was merged into the request's queued output."""
         last = self.tail.get(out.request_id)
         if (
             last is not None
@@ -201,13 +261,12 @@ class _Sink:
                 last.finished = True
                 last.finish_reason = out.finish_reason
                 last.error = out.error
-            last.instance_id = out.instance_id or last.instance_id
             return True
         self.pending.append(out)
         self.tail[out.request_id] = out
         return False
 
-    def take(self) -> tuple[list[common_pb2.RequestOutput], int]:
+    def take(self) -> tuple[list[QueuedOutput], int]:
         batch, self.pending, self.tail = self.pending, [], {}
         self.hold_until, self.held_steps = 0.0, 0
         return batch, self.submitted
@@ -220,7 +279,7 @@ class _Sink:
             self.changed.notify_all()
 
 
-def _orphans(request_ids: Sequence[str], sent: Sequence[common_pb2.RequestOutput]) -> dict[str, str]:
+def _orphans(request_ids: Sequence[str], sent: Sequence[common_pb2.RequestOutput | QueuedOutput]) -> dict[str, str]:
     """Each id with the capability its outputs among ``sent`` carried: the incarnation the frontend refused (an id
     whose output is not among them maps to "", which matches only a request held without a token).
 
@@ -286,8 +345,8 @@ class OutputPusher:
         sink = self._sinks.get(frontend_address)
         return len(sink.pending) if sink is not None else 0
 
-    def submit(self, frontend_address: str, outputs: list[common_pb2.RequestOutput], hold_s: float = 0.0) -> None:
-        """Queues outputs (the pusher owns the messages from now on: it may merge later outputs into them).
+    def submit(self, frontend_address: str, outputs: list[QueuedOutput], hold_s: float = 0.0) -> None:
+        """Queues outputs (the pusher owns them from now on: it may merge later outputs into them).
 
         ``hold_s`` > 0 (an engine step's outputs that nobody waits on at once: no first token, no finish) lets them
         wait for the next submit, at most ``hold_s``, so ``settings.stream_interval`` steps share one message: each
@@ -421,7 +480,9 @@ class OutputPusher:
                 outputs, mark = sink.take()
                 message = self._message(sink.next_seq)
                 sink.next_seq += 1
-                message.batch.outputs.extend(outputs)
+                built = message.batch.outputs
+                for out in outputs:
+                    out.add_to(built, self._instance_id)
                 sink.unacked.append(_Batch(message, mark, now))
                 sink.last_data = now
                 await self._write(sink, message, ask=self._should_ask(sink, now))
@@ -643,7 +704,7 @@ class OutputPusher:
             return  # nothing was lost; the next output opens a new stream
         elapsed = time.monotonic() - sink.unacked[0].first_sent if sink.unacked else 0.0
         if not _retryable(error) or elapsed >= s.budget_s:
-            sent = [out for batch in sink.unacked for out in batch.message.batch.outputs]
+            sent = [QueuedOutput.from_pb(out) for batch in sink.unacked for out in batch.message.batch.outputs]
             sink.unacked.clear()
             sink.failures = 0
             await self._give_up(sink, sent, error, elapsed)
@@ -667,15 +728,17 @@ class OutputPusher:
         self._close_call(sink)
         sink.stream_error = None
         sink.unary = True
-        sent = [out for batch in sink.unacked for out in batch.message.batch.outputs]
+        sent = [QueuedOutput.from_pb(out) for batch in sink.unacked for out in batch.message.batch.outputs]
         sink.unacked.clear()
         queued, sink.pending, sink.tail = sink.pending, [], {}
         sink.hold_until, sink.held_steps = 0.0, 0
         for out in [*sent, *queued]:
             self.coalesced += sink.add(out)
 
-    async def _deliver(self, sink: _Sink, batch: list[common_pb2.RequestOutput], seq: int) -> None:
-        request = frontend_pb2.PushOutputsRequest(instance_id=self._instance_id, outputs=batch)
+    async def _deliver(self, sink: _Sink, batch: list[QueuedOutput], seq: int) -> None:
+        request = frontend_pb2.PushOutputsRequest(instance_id=self._instance_id)
+        for out in batch:
+            out.add_to(request.outputs, self._instance_id)
         start = time.monotonic()
         try:
             reply = await self._push(sink, request, start)
@@ -761,9 +824,7 @@ class OutputPusher:
             )
         return reply
 
-    async def _give_up(
-        self, sink: _Sink, sent: list[common_pb2.RequestOutput], exc: BaseException, elapsed: float
-    ) -> None:
+    async def _give_up(self, sink: _Sink, sent: list[QueuedOutput], exc: BaseException, elapsed: float) -> None:
         """Drops what cannot be delivered (``sent`` and everything queued), queues one final ERROR per affected
         request, tells the llumlet."""
         self.given_up += 1
@@ -777,15 +838,12 @@ class OutputPusher:
         # Requests whose dropped outputs already held their final error (an engine ERROR, an ABORT): no notice of
         # ours is made for them; that final itself is queued again (before, it was lost with the rest, and a frontend
         # that came back never told its client how the request ended).
-        finals: dict[str, common_pb2.RequestOutput] = {}
+        finals: dict[str, QueuedOutput] = {}
         for out in dropped:
             first_dropped.setdefault(out.request_id, out.first_token_index)
             capabilities.setdefault(out.request_id, out.capability)
             if out.finished and out.finish_reason in _TERMINAL:
-                final = common_pb2.RequestOutput()
-                final.CopyFrom(out)
-                del final.token_ids[:]  # the final alone: its tokens were dropped with the rest
-                finals[out.request_id] = final
+                finals[out.request_id] = out.final()  # the final alone: its tokens were dropped with the rest
         done = set(finals)
         message = (
             f"instance {self._instance_id} could not deliver outputs to frontend {sink.address} for {elapsed:.1f} s "
@@ -800,14 +858,7 @@ class OutputPusher:
             exc if not isinstance(exc, grpc.aio.AioRpcError) else f"{exc.code().name}: {exc.details()}",
         )
         notices = [
-            common_pb2.RequestOutput(
-                request_id=rid,
-                first_token_index=first,
-                finished=True,
-                finish_reason=common_pb2.FINISH_REASON_ERROR,
-                error=message,
-                instance_id=self._instance_id,
-            )
+            QueuedOutput(rid, [], first, finished=True, finish_reason=common_pb2.FINISH_REASON_ERROR, error=message)
             for rid, first in first_dropped.items()
             if rid not in done
         ]

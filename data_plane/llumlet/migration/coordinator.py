@@ -947,8 +947,8 @@ class MigrationCoordinator:
         if owner is None or not owner.frontend_address:
             return
         notice = TokenOutput(request_id, (), owner.next_index, finished=True, finish=Finish.ERROR, error=error)
-        pb = convert.output_to_pb(notice, self.llumlet.instance_id, owner.num_prompt_tokens, owner.capability)
-        self.llumlet.pusher.submit(owner.frontend_address, [pb])
+        queued = convert.queued_output(notice, owner.num_prompt_tokens, owner.capability)
+        self.llumlet.pusher.submit(owner.frontend_address, [queued])
 
     async def _tell_abort(self, stub: llumlet_pb2_grpc.LlumletServiceStub, mid: str, reason: str) -> None:
         try:
