@@ -92,11 +92,12 @@ async def until(predicate: Any, timeout: float, what: str) -> None:
 
 async def test_a_frontend_stalled_longer_than_the_old_budget_gets_every_output_once_in_order() -> None:
     """Old behaviour: 3 pushes of 2 s, then the requests were aborted and the stream hung. A 7 s stall now only
-    delays the outputs (default settings)."""
+    delays the outputs (default settings but the answer interval: two failed attempts, 2 s and 4 s deadlines, must fit
+    in the stall after the first ask, which at the default 1 s could come late on a loaded machine)."""
     sink = StallingSink()
     await sink.start()
     engine = slow_engine(step_ms=10.0)
-    llumlet = Llumlet(engine, "i")
+    llumlet = Llumlet(engine, "i", push=PushSettings(ack_interval_s=0.25))
     llumlet.start()
     try:
         await llumlet.add_request(engine_request("r0", sink.address, max_tokens=60))

@@ -85,9 +85,9 @@ class PushSettings:
     # plus the attempt deadline); while an ask is unanswered for this long no new batch is written (outputs coalesce).
     # Each answer costs both sides a message's fixed CPU, as a batch does: at 0.25 s a decoding stream got ~4 answers
     # a second against ~5 batches. A flush (a migration's last stage, shutdown) asks at once whatever this is, a
-    # broken connection is noticed when it breaks, and a client that goes away is aborted by the frontend's own
-    # AbortRequest; what waits longer is a silently stalled frontend (~3 s with the 2 s attempt deadline) and the
-    # answer's list of requests the frontend no longer knows (a backstop).
+    # broken connection is noticed when it breaks, and a batch naming requests the frontend no longer knows is
+    # answered at once, asked or not (control_plane/frontend/sink.py); what waits longer is a silently stalled
+    # frontend (noticed in ~3 s with the 2 s attempt deadline, against ~2.25 s).
     ack_interval_s: float = 1.0
     # Most batches written and not yet acknowledged; beyond, outputs wait (coalesced) for an answer.
     max_unacked: int = 32
