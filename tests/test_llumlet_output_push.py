@@ -291,3 +291,50 @@ def test_an_id_refused_in_a_message_holding_two_of_its_incarnations_aborts_neith
     other = common_pb2.RequestOutput(request_id="s", token_ids=[2], capability="cap-s")
     assert output_push._orphans(["r", "s", "gone"], [late, new, other]) == {"s": "cap-s", "gone": ""}
     assert output_push._orphans(["r"], [new, new]) == {"r": "cap-new"}
+
+
+def test_a_queued_output_builds_the_message_it_was_made_from() -> None:
+    """The pusher keeps outputs as plain values and builds each message once, when its batch is written: every field
+    must survive the round trip, the pusher's instance id is set on the built message, and the queued value never
+    aliases the message (a later merge must not change what was already built)."""
+    message = common_pb2.RequestOutput(
+        request_id="r",
+        token_ids=[4, 5],
+        first_token_index=7,
+        finished=True,
+        finish_reason=common_pb2.FINISH_REASON_ERROR,
+        error="engine failed",
+        instance_id="i-1",
+        num_prompt_tokens=12,
+        capability="cap",
+    )
+    queued = QueuedOutput.from_pb(message)
+    built = frontend_pb2.PushOutputsRequest()
+    queued.add_to(built.outputs, "i-1")
+    assert built.outputs[0] == message
+    queued.token_ids.append(6)
+    assert list(built.outputs[0].token_ids) == [4, 5]
+    final = queued.final()
+    assert final.token_ids == [] and final.first_token_index == 7 and final.error == "engine failed"
+    assert final.capability == "cap" and queued.token_ids == [4, 5, 6]
+
+
+async def test_a_sink_merges_a_requests_next_outputs_into_its_queued_one() -> None:
+    """Contiguous outputs of one request share one queued output (tokens appended, the finish taken); a gap or an
+    output after the finish starts a new one."""
+    sink = output_push._Sink("127.0.0.1:9")
+    assert not sink.add(QueuedOutput("r", [1], 0))
+    assert sink.add(QueuedOutput("r", [2, 3], 1))
+    assert sink.add(QueuedOutput("r", [4], 3, finished=True, finish_reason=common_pb2.FINISH_REASON_LENGTH))
+    assert not sink.add(QueuedOutput("r", [9], 4))  # after the finish: a new incarnation's, never merged
+    assert not sink.add(QueuedOutput("s", [1], 5))
+    assert not sink.add(QueuedOutput("s", [2], 7))  # a gap
+    pending, _ = sink.take()
+    assert [(q.request_id, q.token_ids, q.first_token_index, q.finished) for q in pending] == [
+        ("r", [1, 2, 3, 4], 0, True),
+        ("r", [9], 4, False),
+        ("s", [1], 5, False),
+        ("s", [2], 7, False),
+    ]
+    assert pending[0].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    await sink.channel.close()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -163,16 +164,7 @@ class QueuedOutput:
 
     def final(self) -> QueuedOutput:
         """This output without its tokens (its end alone, at the same index)."""
-        return QueuedOutput(
-            self.request_id,
-            [],
-            self.first_token_index,
-            self.finished,
-            self.finish_reason,
-            self.error,
-            self.num_prompt_tokens,
-            self.capability,
-        )
+        return dataclasses.replace(self, token_ids=[])
 
     def add_to(self, outputs: Any, instance_id: str) -> None:
         """Appends this output as a ``RequestOutput`` to ``outputs`` (a message's repeated field), built in place."""
