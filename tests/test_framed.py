@@ -152,6 +152,7 @@ async def test_a_llumlet_pushes_over_the_framed_stream_and_resends_nothing_alrea
         await pusher.flush(address, timeout=10)
         assert sink.raw_indices("a") == list(range(6)), "each batch applied once, in order"
         assert sink.framed_streams == 2 and sink.grpc_streams == 0 and pusher.retries >= 1
+        assert (pusher.framed_streams, pusher.grpc_streams) == (2, 0), "the pusher counts what it opened"
         assert pusher.given_up == 0
     finally:
         await pusher.close()
@@ -171,6 +172,7 @@ async def test_an_unreachable_framed_stream_falls_back_to_grpc_for_a_while() -> 
         await pusher.flush(address, timeout=10)
         assert sink.raw_indices("b") == list(range(4)) and pusher.given_up == 0
         assert sink.grpc_streams == 1 and sink.framed_streams == 0
+        assert (pusher.framed_streams, pusher.grpc_streams) == (0, 1)
         held = pusher._sinks[address]
         assert held.framed_off_until > time.monotonic() + FRAMED_RETRY_S - 5, "not tried again for a while"
         await sink.start_framed()  # it comes back (elsewhere): once the while is over, a new stream goes framed

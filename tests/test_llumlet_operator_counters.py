@@ -20,7 +20,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pyllumnix.data_plane.llumlet.main import LlumletOptions, run_llumlet
+from pyllumnix.data_plane.llumlet.main import LlumletOptions, run_llumlet, streams_opened
 from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
 from pyllumnix.data_plane.llumlet.reporter import LoadReporter
 from pyllumnix.infra.etcd.keys import KeyLayout
@@ -85,6 +85,42 @@ async def llumlet(capsys: pytest.CaptureFixture[str]) -> AsyncIterator[dict[str,
         with contextlib.suppress(Exception):
             async with asyncio.timeout(30):
                 await task
+
+
+def test_the_streams_opened_are_exported_by_transport() -> None:
+    """Which transport carries a llumlet's outputs and load reports (the peer's framed port, or gRPC when it offers
+    none or cannot be reached) is a series an operator can alert on: ``llumnix_llumlet_streams_opened_total``."""
+
+    class Pusher:
+        framed_streams, grpc_streams = 3, 1
+
+    class Reporter:
+        framed_streams, grpc_streams = 0, 2
+
+    reporter: Reporter | None = Reporter()
+    metrics = InstanceMetrics(
+        "i0",
+        "m",
+        load,
+        common_pb2.MigrationStats,
+        list,
+        streams_opened=lambda: streams_opened(cast(Any, Pusher()), cast(Any, reporter)),
+    )
+    got = {
+        (s.labels["stream"], s.labels["transport"]): s.value
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+        if s.name == "llumnix_llumlet_streams_opened_total" and s.labels.get("instance") == "i0"
+    }
+    assert got == {("outputs", "framed"): 3, ("outputs", "grpc"): 1, ("load", "framed"): 0, ("load", "grpc"): 2}
+    reporter = None  # a llumlet without etcd runs no reporter: only the output streams
+    series = {
+        (s.labels["stream"], s.labels["transport"])
+        for family in text_string_to_metric_families(metrics.render().decode())
+        for s in family.samples
+        if s.name == "llumnix_llumlet_streams_opened_total"
+    }
+    assert series == {("outputs", "framed"), ("outputs", "grpc")}
 
 
 async def test_a_refused_late_add_shows_on_the_llumlets_metrics(llumlet: dict[str, Any]) -> None:

@@ -533,6 +533,7 @@ async def test_the_leader_takes_keepalives_and_gets_the_full_load_back_when_it_l
         llumlet.free_blocks = 42
         await wait_for(lambda: replica.cluster.loads["i-1"].free_blocks == 42, "a change is reported")
         assert rep.framed_streams >= 2 if transport == "framed" else rep.framed_streams == 0
+        assert rep.grpc_streams == 0 if transport == "framed" else rep.grpc_streams >= 2
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

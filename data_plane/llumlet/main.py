@@ -25,7 +25,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -34,7 +34,7 @@ from pyllumnix.data_plane.llumlet.llumlet import HEARTBEAT_S, Llumlet
 from pyllumnix.data_plane.llumlet.metrics import InstanceMetrics
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings
 from pyllumnix.data_plane.llumlet.migration.plan import MigrationLimits
-from pyllumnix.data_plane.llumlet.output_push import PushSettings
+from pyllumnix.data_plane.llumlet.output_push import OutputPusher, PushSettings
 from pyllumnix.data_plane.llumlet.service import SERVICE_NAME, LlumletServicer, election_leader, registry_resolver
 from pyllumnix.data_plane.transport.factory import make_transport, ucx_available
 from pyllumnix.data_plane.transport.fusion import DEFAULT_STALL_TIMEOUT_S
@@ -49,6 +49,9 @@ from pyllumnix.infra.security.runtime import security_options
 from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
 from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2_grpc
+
+if TYPE_CHECKING:
+    from pyllumnix.data_plane.llumlet.reporter import LoadReporter
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,14 @@ async def exit_when_drained(llumlet: Llumlet, coordinator: MigrationCoordinator,
         if empty_since is not None and time.monotonic() - empty_since > 0.5:
             log.info("instance %s drained; stopping", llumlet.instance_id)
             stop.set()
+
+
+def streams_opened(pusher: OutputPusher, reporter: LoadReporter | None) -> dict[tuple[str, str], int]:
+    """(stream, transport) -> streams opened, for ``llumnix_llumlet_streams_opened``."""
+    opened = {("outputs", "framed"): pusher.framed_streams, ("outputs", "grpc"): pusher.grpc_streams}
+    if reporter is not None:
+        opened |= {("load", "framed"): reporter.framed_streams, ("load", "grpc"): reporter.grpc_streams}
+    return opened
 
 
 def make_engine(opts: LlumletOptions) -> Engine:
@@ -286,6 +297,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
             vllm_stats=getattr(engine, "vllm_stats", None),  # vLLM's own scheduler statistics (--engine vllm)
             late_adds_refused=lambda: servicer.late_adds_refused,
             report_failures=lambda: reporter.report_failures if reporter is not None else 0,
+            streams_opened=lambda: streams_opened(llumlet.pusher, reporter),
         )
         try:
             metrics_server = await start_metrics_server(

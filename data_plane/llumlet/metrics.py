@@ -111,6 +111,7 @@ class InstanceMetrics(Collector):
         vllm_stats: Callable[[], VllmSchedulerStats] | None = None,
         late_adds_refused: Callable[[], int] = lambda: 0,
         report_failures: Callable[[], int] = lambda: 0,
+        streams_opened: Callable[[], dict[tuple[str, str], int]] = dict,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.instance_id = instance_id
@@ -122,6 +123,8 @@ class InstanceMetrics(Collector):
         # The llumlet's own counters of things an operator must see grow (read at scrape time, as the gauges).
         self._late_adds_refused = late_adds_refused
         self._report_failures = report_failures
+        # (stream, transport) -> streams opened: the outputs and the load reports, over frames or gRPC.
+        self._streams_opened = streams_opened
         self._clock = clock
         self._tracked: dict[str, _Tracked] = {}
         # Plain accumulators rendered at scrape time: the per-output path takes no lock and allocates nothing (it
@@ -322,7 +325,15 @@ class InstanceMetrics(Collector):
             labels=["instance"],
         )
         failures.add_metric([self.instance_id], self._report_failures())
-        yield from (late, failures)
+        streams = CounterMetricFamily(
+            "llumnix_llumlet_streams_opened",
+            "Output and load-report streams opened, by transport (framed: the peer's framed TLS port; grpc: the "
+            "fallback when it offers none or cannot be reached)",
+            labels=["instance", "stream", "transport"],
+        )
+        for (stream, transport), opened in sorted(self._streams_opened().items()):
+            streams.add_metric([self.instance_id, stream, transport], opened)
+        yield from (late, failures, streams)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

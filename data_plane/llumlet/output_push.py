@@ -331,6 +331,10 @@ class OutputPusher:
         self.retries = 0
         self.given_up = 0  # batches given up after the whole budget
         self.sinks_closed = 0  # senders closed for idleness
+        # Streams opened, by transport (the frontend's framed stream, or gRPC's StreamOutputs when it offers none or
+        # cannot be reached): an operator sees which one carries the outputs (``llumnix_llumlet_streams_opened``).
+        self.framed_streams = 0
+        self.grpc_streams = 0
 
     @property
     def addresses(self) -> list[str]:
@@ -547,6 +551,9 @@ class OutputPusher:
         call = await self._framed(sink) if self.settings.framed else None
         if call is None:
             call = sink.stub.StreamOutputs()
+            self.grpc_streams += 1
+        else:
+            self.framed_streams += 1
         sink.call = call
         sink.stream_error = None
         sink.ask_seq = 0

@@ -208,6 +208,7 @@ class LoadReporter:
         # without gRPC's per-message CPU); False: always gRPC's ReportLoad.
         self.framed = framed
         self.framed_streams = 0  # streams opened over frames
+        self.grpc_streams = 0  # streams opened over gRPC (no framed address offered, or it could not be reached)
         self.leader: str | None = None
         self.reports_sent = 0  # full snapshots and keep-alives
         self.keepalives_sent = 0
@@ -287,6 +288,7 @@ class LoadReporter:
                 else:
                     async with open_channel(address, peer="scheduler") as channel:
                         stub = scheduler_pb2_grpc.SchedulerServiceStub(channel)
+                        self.grpc_streams += 1
                         await stub.ReportLoad(self._reports())
             except asyncio.CancelledError:
                 task = asyncio.current_task()
