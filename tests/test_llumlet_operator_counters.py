@@ -41,17 +41,16 @@ def sample(text: str, name: str, instance: str) -> float | None:
     return None
 
 
+def instance_metrics(**counters: Any) -> InstanceMetrics:
+    """Instance ``i0``'s metrics with the given counter sources (the rest idle)."""
+    return InstanceMetrics("i0", "m", load, common_pb2.MigrationStats, list, **counters)
+
+
 def test_the_counters_are_read_at_scrape_time() -> None:
     counts = {"late": 0}
     reporter = LoadReporter(cast(Any, FakeLlumlet()), cast(Any, object()), KeyLayout("c1"))
-    metrics = InstanceMetrics(
-        "i0",
-        "m",
-        load,
-        common_pb2.MigrationStats,
-        list,
-        late_adds_refused=lambda: counts["late"],
-        report_failures=lambda: reporter.report_failures,
+    metrics = instance_metrics(
+        late_adds_refused=lambda: counts["late"], report_failures=lambda: reporter.report_failures
     )
     text = metrics.render().decode()
     assert sample(text, LATE, "i0") == 0 and sample(text, FAILURES, "i0") == 0, "exported from the start, at 0"
@@ -97,30 +96,19 @@ def test_the_streams_opened_are_exported_by_transport() -> None:
     class Reporter:
         framed_streams, grpc_streams = 0, 2
 
+    def opened() -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["stream"], s.labels["transport"]): s.value
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for s in family.samples
+            if s.name == "llumnix_llumlet_streams_opened_total" and s.labels.get("instance") == "i0"
+        }
+
     reporter: Reporter | None = Reporter()
-    metrics = InstanceMetrics(
-        "i0",
-        "m",
-        load,
-        common_pb2.MigrationStats,
-        list,
-        streams_opened=lambda: streams_opened(cast(Any, Pusher()), cast(Any, reporter)),
-    )
-    got = {
-        (s.labels["stream"], s.labels["transport"]): s.value
-        for family in text_string_to_metric_families(metrics.render().decode())
-        for s in family.samples
-        if s.name == "llumnix_llumlet_streams_opened_total" and s.labels.get("instance") == "i0"
-    }
-    assert got == {("outputs", "framed"): 3, ("outputs", "grpc"): 1, ("load", "framed"): 0, ("load", "grpc"): 2}
+    metrics = instance_metrics(streams_opened=lambda: streams_opened(cast(Any, Pusher()), cast(Any, reporter)))
+    assert opened() == {("outputs", "framed"): 3, ("outputs", "grpc"): 1, ("load", "framed"): 0, ("load", "grpc"): 2}
     reporter = None  # a llumlet without etcd runs no reporter: only the output streams
-    series = {
-        (s.labels["stream"], s.labels["transport"])
-        for family in text_string_to_metric_families(metrics.render().decode())
-        for s in family.samples
-        if s.name == "llumnix_llumlet_streams_opened_total"
-    }
-    assert series == {("outputs", "framed"), ("outputs", "grpc")}
+    assert opened() == {("outputs", "framed"): 3, ("outputs", "grpc"): 1}
 
 
 async def test_a_refused_late_add_shows_on_the_llumlets_metrics(llumlet: dict[str, Any]) -> None:

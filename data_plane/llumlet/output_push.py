@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_delay, wait_exponential
 
 from pyllumnix.infra.framed import FramedCall
@@ -166,7 +167,7 @@ class QueuedOutput:
         """This output without its tokens (its end alone, at the same index)."""
         return dataclasses.replace(self, token_ids=[])
 
-    def add_to(self, outputs: Any, instance_id: str) -> None:
+    def add_to(self, outputs: RepeatedCompositeFieldContainer[common_pb2.RequestOutput], instance_id: str) -> None:
         """Appends this output as a ``RequestOutput`` to ``outputs`` (a message's repeated field), built in place."""
         outputs.add(
             request_id=self.request_id,
