@@ -27,6 +27,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 MESSAGE = 0
 STATUS = 1
 DONE = 2
+# Unary calls on a connection of their own (``infra.framed_calls``): a request, its response, its failure status.
+CALL = 3
+REPLY = 4
+FAULT = 5
+_KINDS = frozenset({MESSAGE, STATUS, DONE, CALL, REPLY, FAULT})
 _HEADER = struct.Struct(">BI")
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
@@ -79,7 +85,7 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[int,
             raise FrameError("the connection ended inside a frame header") from exc
         return None
     kind, length = _HEADER.unpack(header)
-    if kind not in (MESSAGE, STATUS, DONE) or length > max_bytes:
+    if kind not in _KINDS or length > max_bytes:
         raise FrameError(f"bad frame (kind {kind}, {length} bytes; at most {max_bytes})")
     try:
         return kind, await reader.readexactly(length)
@@ -187,9 +193,13 @@ class FramedContext:
     ``peer_identities``/``auth_context`` show it (``identity``: the TLS peer ``framed_caller`` checked; None: a
     plaintext connection), no call metadata, and trailing metadata kept but not sent."""
 
-    def __init__(self, identity: Identity | None = None) -> None:
+    def __init__(self, identity: Identity | None = None, deadline: float | None = None) -> None:
         self.identity = identity
+        self.deadline = deadline  # time.monotonic() by which a framed call must be answered (None: a stream's)
         self.trailing: tuple[tuple[str, str], ...] = ()
+
+    def time_remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise FramedAbort(code, details)
@@ -287,13 +297,15 @@ async def serve_connection(
     max_bytes: int = DEFAULT_MAX_BYTES,
     connections: set[asyncio.StreamWriter] | None = None,
     clean_cancel: Callable[[], bool] = lambda: False,
+    first: tuple[int, bytes] | None = None,
 ) -> None:
     """Serves one framed connection with ``run(stream)``, which ends it cleanly by returning or with a status by
     raising ``FramedAbort``; an undecodable message ends it INVALID_ARGUMENT, a broken peer drops it. Never raises:
     this is an asyncio connection callback. A cancellation (the owner stopping) ends the stream cleanly when
-    ``clean_cancel()`` says so, else drops it. ``connections``: where the owner finds the open ones to close."""
+    ``clean_cancel()`` says so, else drops it. ``connections``: where the owner finds the open ones to close.
+    ``first``: the connection's first frame when the listener already read it (``framed_calls.first_frame``)."""
     keep_alive(writer)
-    stream = FramedServerStream(reader, writer, request_type, max_bytes)
+    stream = FramedServerStream(reader, writer, request_type, max_bytes, first=first)
     if connections is not None:
         connections.add(writer)
     try:
@@ -334,15 +346,22 @@ class FramedServerStream(Generic[M]):
         writer: asyncio.StreamWriter,
         request_type: type[M],
         max_bytes: int = DEFAULT_MAX_BYTES,
+        *,
+        first: tuple[int, bytes] | None = None,
     ) -> None:
         self.reader, self.writer = reader, writer
         self._request_type = request_type
         self._max_bytes = max_bytes
+        self._first = first  # a first frame the listener read already
 
     async def messages(self) -> AsyncIterator[M]:
         first = True
+        got: tuple[int, bytes] | None
         while True:
-            if first:
+            if first and self._first is not None:
+                got, self._first = self._first, None
+                first = False
+            elif first:
                 async with asyncio.timeout(FIRST_FRAME_TIMEOUT_S):
                     got = await read_frame(self.reader, self._max_bytes)
                 first = False

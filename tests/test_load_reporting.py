@@ -485,14 +485,16 @@ def leader() -> SchedulerReplica:
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[SchedulerReplica, SchedulerServicer, str, str]]:
-    """A leader's servicer on gRPC and on a framed listener (plaintext, as on an --insecure scheduler)."""
+    """A leader's servicer on gRPC and on its framed listener (plaintext, as on an --insecure scheduler): load streams
+    and Dispatch calls."""
     replica = leader()
     servicer = SchedulerServicer(replica)
     server = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    framed, framed_port = await listen(servicer.serve_framed_reports, "127.0.0.1", 0, None)
+    framed, framed_port = await listen(servicer.serve_framed, "127.0.0.1", 0, None)
+    replica.report_address = f"127.0.0.1:{framed_port}"
     try:
         yield replica, servicer, f"127.0.0.1:{port}", f"127.0.0.1:{framed_port}"
     finally:

@@ -147,7 +147,12 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         if security.paths is not None
         else None
     )
-    leader = LeaderDispatcher(opts.schedulers, tls=tls, timeout=opts.dispatch_timeout) if opts.schedulers else None
+    # Framed dispatches carry no trace context: with tracing on, every dispatch stays a (traced) gRPC call.
+    leader = (
+        LeaderDispatcher(opts.schedulers, tls=tls, timeout=opts.dispatch_timeout, framed=not tracing.enabled())
+        if opts.schedulers
+        else None
+    )
     dispatcher: Dispatcher = bypass
     if leader is not None:
         dispatcher = FallbackDispatcher(leader, bypass, leader_timeout=opts.dispatch_timeout)

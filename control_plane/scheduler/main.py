@@ -91,11 +91,11 @@ async def run_scheduler(
     address = advertised_address(host, advertise_host, server.port)
     replica.grpc_address = address
     framed = None
-    if report_port >= 0:  # the llumlets' framed load streams (the election value names it; see SchedulerReplica)
+    if report_port >= 0:  # framed load streams (the election value names it) and framed Dispatch calls
         settings = runtime.current()
         ssl_context = None if settings.paths is None else server_ssl_context(settings.paths)
         servicer.framed_cluster = None if settings.paths is None else settings.cluster
-        framed, bound = await listen(servicer.serve_framed_reports, host, report_port, ssl_context)
+        framed, bound = await listen(servicer.serve_framed, host, report_port, ssl_context)
         replica.report_address = advertised_address(host, advertise_host, bound)
     await replica.start()
     freeze_startup_heap()

@@ -270,7 +270,8 @@ class SchedulerReplica:
         self.layout = layout
         self.replica_id = replica_id
         self.grpc_address = grpc_address
-        # Where llumlets may stream their load as frames (``SchedulerServicer.serve_framed_reports``); "": nowhere.
+        # Where llumlets stream their load and frontends send Dispatch calls as frames
+        # (``SchedulerServicer.serve_framed``); "": nowhere.
         self.report_address = ""
         self.provider = provider
         self.core = PolicyCore(PolicyConfig(), seed=seed)

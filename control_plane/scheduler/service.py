@@ -31,12 +31,14 @@ from pyllumnix.control_plane.scheduler.replica import (
     SchedulingError,
 )
 from pyllumnix.infra.framed import (
+    CALL,
     FramedContext,
     FramedServerStream,
     drop_connections,
     framed_caller,
     serve_connection,
 )
+from pyllumnix.infra.framed_calls import CallServer, Method, first_frame
 from pyllumnix.infra.security.authz import authenticated_caller, require_self
 from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import admin_pb2, admin_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -47,6 +49,8 @@ LEADER_METADATA_KEY = "llumnix-leader"
 SCHEDULER_SERVICE = "llumnix.v1.SchedulerService"
 # The framed load stream is ReportLoad in other frames: the role table's rule for that method decides its callers.
 REPORT_LOAD_METHOD = f"/{SCHEDULER_SERVICE}/ReportLoad"
+# Served as framed calls too (a frontend's dispatches, once a gRPC reply named the listener: ``dispatch_address``).
+DISPATCH_METHOD = f"/{SCHEDULER_SERVICE}/Dispatch"
 ADMIN_SERVICE = "llumnix.v1.AdminService"
 
 # Reports of one instance closer together than this are dropped (a llumlet reports every 50 ms by default).
@@ -87,6 +91,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
         # The trust domain of framed load streams' peers (None: a plaintext listener, as on an --insecure scheduler).
         self.framed_cluster: str | None = None
         self.framed_connections: set[asyncio.StreamWriter] = set()
+        self.framed_calls = CallServer(
+            {DISPATCH_METHOD: Method(scheduler_pb2.DispatchRequest, self.Dispatch)}, lambda: self.framed_cluster
+        )
 
     async def Dispatch(
         self, request: scheduler_pb2.DispatchRequest, context: Context
@@ -101,7 +108,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             )
         except (NotLeaderError, SchedulingError) as exc:
             await _fail(context, exc)
-        return scheduler_pb2.DispatchResponse(instance_id=iid, grpc_address=address)
+        return scheduler_pb2.DispatchResponse(
+            instance_id=iid, grpc_address=address, dispatch_address=self.replica.report_address
+        )
 
     async def ReportLoad(
         self, request_iterator: AsyncIterator[scheduler_pb2.ReportLoadRequest], context: Context
@@ -123,22 +132,37 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return scheduler_pb2.ReportLoadResponse(reports_accepted=accepted)
 
-    async def serve_framed_reports(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """A llumlet's load stream over ``infra.framed`` frames (the replica's ``report_address``): the caller is the
-        connection's TLS peer, checked as the role table checks ReportLoad; then ``ReportLoad`` itself serves it, its
-        refusals ending the stream with the same status."""
+    async def serve_framed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A connection to the framed listener (the replica's ``report_address``): framed Dispatch calls when its
+        first frame is a call, else a llumlet's load stream."""
+        first = await first_frame(reader, writer)
+        if first is None:
+            return
+        if first[0] == CALL:
+            await self.framed_calls.serve(reader, writer, first)
+        else:
+            await self.serve_framed_reports(reader, writer, first=first)
+
+    async def serve_framed_reports(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, first: tuple[int, bytes] | None = None
+    ) -> None:
+        """A llumlet's load stream over ``infra.framed`` frames: the caller is the connection's TLS peer, checked as
+        the role table checks ReportLoad; then ``ReportLoad`` itself serves it, its refusals ending the stream with the
+        same status."""
 
         async def run(stream: FramedServerStream[scheduler_pb2.ReportLoadRequest]) -> None:
             context = FramedContext(framed_caller(writer, self.framed_cluster, REPORT_LOAD_METHOD))
             await stream.send(await self.ReportLoad(stream.messages(), context))
 
         await serve_connection(
-            reader, writer, scheduler_pb2.ReportLoadRequest, run, connections=self.framed_connections
+            reader, writer, scheduler_pb2.ReportLoadRequest, run, connections=self.framed_connections, first=first
         )
 
     def close_framed(self) -> None:
-        """Drops every open framed load stream (the replica is stopping; their llumlets follow the next leader)."""
+        """Drops every open framed connection (the replica is stopping; their llumlets follow the next leader, their
+        frontends dispatch over gRPC until a reply names the next leader's listener)."""
         drop_connections(self.framed_connections)
+        self.framed_calls.close()
 
     def take(self, report: scheduler_pb2.ReportLoadRequest, instance_id: str, keep_alive: bool) -> bool:
         """One streamed message of ``instance_id``, past the identity check: the per-instance floor, then the load or

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,6 +32,7 @@ from cryptography import x509
 from pyllumnix.infra import tracing
 from pyllumnix.infra.etcd.rbac import EtcdRbacError
 from pyllumnix.infra.framed import FramedCall, M
+from pyllumnix.infra.framed_calls import UnaryChannel
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
 from pyllumnix.infra.security.ca import CLIENT_ONLY_ROLES, CertPaths, Identity, identities_in, names_role, role_name
@@ -277,10 +278,28 @@ def open_framed(
     s = settings or current()
     if s.paths is None:
         return FramedCall.open(address, response_type, ssl_context=None, server_name=None, timeout=timeout)
-    context = _client_contexts.get(s.paths)
-    if context is None:  # (loads the files once per process, not per stream)
-        context = _client_contexts[s.paths] = client_ssl_context(s.paths)
-    return FramedCall.open(address, response_type, ssl_context=context, server_name=role_name(peer), timeout=timeout)
+    return FramedCall.open(
+        address, response_type, ssl_context=_client_context(s.paths), server_name=role_name(peer), timeout=timeout
+    )
+
+
+def open_framed_calls(
+    address: str, *, peer: str, timeout: float, settings: SecuritySettings | None = None
+) -> Coroutine[Any, Any, UnaryChannel]:
+    """A framed call channel (``infra.framed_calls``) to ``address``, secured as :func:`open_framed` secures a
+    stream."""
+    s = settings or current()
+    if s.paths is None:
+        return UnaryChannel.open(address, ssl_context=None, server_name=None, timeout=timeout)
+    context = _client_context(s.paths)
+    return UnaryChannel.open(address, ssl_context=context, server_name=role_name(peer), timeout=timeout)
+
+
+def _client_context(paths: CertPaths) -> ssl.SSLContext:
+    context = _client_contexts.get(paths)
+    if context is None:  # (loads the files once per process, not per connection)
+        context = _client_contexts[paths] = client_ssl_context(paths)
+    return context
 
 
 _client_contexts: dict[CertPaths, ssl.SSLContext] = {}

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pyllumnix.protos.llumnix.v1 import common_pb2 as llumnix_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allumnix/v1/scheduler.proto\x12\nllumnix.v1\x1a\x17llumnix/v1/common.proto\"|\n\x0f\x44ispatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08priority\x18\x02 \x01(\x0e\x32\x14.llumnix.v1.Priority\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\"=\n\x10\x44ispatchResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"x\n\x11ReportLoadRequest\x12(\n\x04load\x18\x01 \x01(\x0b\x32\x18.llumnix.v1.InstanceLoadH\x00\x12/\n\nkeep_alive\x18\x02 \x01(\x0b\x32\x19.llumnix.v1.LoadKeepAliveH\x00\x42\x08\n\x06report\"1\n\rLoadKeepAlive\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\".\n\x12ReportLoadResponse\x12\x18\n\x10reports_accepted\x18\x01 \x01(\x04\"\x16\n\x14GetMembershipRequest\"\xb6\x01\n\x0eInstanceStatus\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.llumnix.v1.InstanceInfo\x12&\n\x04load\x18\x02 \x01(\x0b\x32\x18.llumnix.v1.InstanceLoad\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.llumnix.v1.InstanceState\x12\x10\n\x08\x66reeness\x18\x04 \x01(\x01\x12\x18\n\x10last_report_time\x18\x05 \x01(\x01\"X\n\x15GetMembershipResponse\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.llumnix.v1.InstanceStatus\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xfe\x01\n\x10SchedulerService\x12\x45\n\x08\x44ispatch\x12\x1b.llumnix.v1.DispatchRequest\x1a\x1c.llumnix.v1.DispatchResponse\x12M\n\nReportLoad\x12\x1d.llumnix.v1.ReportLoadRequest\x1a\x1e.llumnix.v1.ReportLoadResponse(\x01\x12T\n\rGetMembership\x12 .llumnix.v1.GetMembershipRequest\x1a!.llumnix.v1.GetMembershipResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1allumnix/v1/scheduler.proto\x12\nllumnix.v1\x1a\x17llumnix/v1/common.proto\"|\n\x0f\x44ispatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x08priority\x18\x02 \x01(\x0e\x32\x14.llumnix.v1.Priority\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\"W\n\x10\x44ispatchResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x18\n\x10\x64ispatch_address\x18\x03 \x01(\t\"x\n\x11ReportLoadRequest\x12(\n\x04load\x18\x01 \x01(\x0b\x32\x18.llumnix.v1.InstanceLoadH\x00\x12/\n\nkeep_alive\x18\x02 \x01(\x0b\x32\x19.llumnix.v1.LoadKeepAliveH\x00\x42\x08\n\x06report\"1\n\rLoadKeepAlive\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\".\n\x12ReportLoadResponse\x12\x18\n\x10reports_accepted\x18\x01 \x01(\x04\"\x16\n\x14GetMembershipRequest\"\xb6\x01\n\x0eInstanceStatus\x12&\n\x04info\x18\x01 \x01(\x0b\x32\x18.llumnix.v1.InstanceInfo\x12&\n\x04load\x18\x02 \x01(\x0b\x32\x18.llumnix.v1.InstanceLoad\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.llumnix.v1.InstanceState\x12\x10\n\x08\x66reeness\x18\x04 \x01(\x01\x12\x18\n\x10last_report_time\x18\x05 \x01(\x01\"X\n\x15GetMembershipResponse\x12-\n\tinstances\x18\x01 \x03(\x0b\x32\x1a.llumnix.v1.InstanceStatus\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xfe\x01\n\x10SchedulerService\x12\x45\n\x08\x44ispatch\x12\x1b.llumnix.v1.DispatchRequest\x1a\x1c.llumnix.v1.DispatchResponse\x12M\n\nReportLoad\x12\x1d.llumnix.v1.ReportLoadRequest\x1a\x1e.llumnix.v1.ReportLoadResponse(\x01\x12T\n\rGetMembership\x12 .llumnix.v1.GetMembershipRequest\x1a!.llumnix.v1.GetMembershipResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DISPATCHREQUEST']._serialized_start=67
   _globals['_DISPATCHREQUEST']._serialized_end=191
   _globals['_DISPATCHRESPONSE']._serialized_start=193
-  _globals['_DISPATCHRESPONSE']._serialized_end=254
-  _globals['_REPORTLOADREQUEST']._serialized_start=256
-  _globals['_REPORTLOADREQUEST']._serialized_end=376
-  _globals['_LOADKEEPALIVE']._serialized_start=378
-  _globals['_LOADKEEPALIVE']._serialized_end=427
-  _globals['_REPORTLOADRESPONSE']._serialized_start=429
-  _globals['_REPORTLOADRESPONSE']._serialized_end=475
-  _globals['_GETMEMBERSHIPREQUEST']._serialized_start=477
-  _globals['_GETMEMBERSHIPREQUEST']._serialized_end=499
-  _globals['_INSTANCESTATUS']._serialized_start=502
-  _globals['_INSTANCESTATUS']._serialized_end=684
-  _globals['_GETMEMBERSHIPRESPONSE']._serialized_start=686
-  _globals['_GETMEMBERSHIPRESPONSE']._serialized_end=774
-  _globals['_SCHEDULERSERVICE']._serialized_start=777
-  _globals['_SCHEDULERSERVICE']._serialized_end=1031
+  _globals['_DISPATCHRESPONSE']._serialized_end=280
+  _globals['_REPORTLOADREQUEST']._serialized_start=282
+  _globals['_REPORTLOADREQUEST']._serialized_end=402
+  _globals['_LOADKEEPALIVE']._serialized_start=404
+  _globals['_LOADKEEPALIVE']._serialized_end=453
+  _globals['_REPORTLOADRESPONSE']._serialized_start=455
+  _globals['_REPORTLOADRESPONSE']._serialized_end=501
+  _globals['_GETMEMBERSHIPREQUEST']._serialized_start=503
+  _globals['_GETMEMBERSHIPREQUEST']._serialized_end=525
+  _globals['_INSTANCESTATUS']._serialized_start=528
+  _globals['_INSTANCESTATUS']._serialized_end=710
+  _globals['_GETMEMBERSHIPRESPONSE']._serialized_start=712
+  _globals['_GETMEMBERSHIPRESPONSE']._serialized_end=800
+  _globals['_SCHEDULERSERVICE']._serialized_start=803
+  _globals['_SCHEDULERSERVICE']._serialized_end=1057
 # @@protoc_insertion_point(module_scope)

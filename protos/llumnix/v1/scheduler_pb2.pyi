@@ -53,18 +53,24 @@ class DispatchResponse(_message.Message):
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
     GRPC_ADDRESS_FIELD_NUMBER: _builtins.int
+    DISPATCH_ADDRESS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     grpc_address: _builtins.str
     """host:port of the chosen llumlet."""
+    dispatch_address: _builtins.str
+    """host:port of the leader's framed listener, where the caller may send its further Dispatch calls as framed calls
+    (infra/framed_calls.py: the same messages, a frame each way instead of a gRPC call); empty: none.
+    """
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
         grpc_address: _builtins.str = ...,
+        dispatch_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["grpc_address", b"grpc_address", "instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatch_address", b"dispatch_address", "grpc_address", b"grpc_address", "instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

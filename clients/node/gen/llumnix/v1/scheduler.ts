@@ -42,6 +42,11 @@ export interface DispatchResponse {
   instanceId: string;
   /** host:port of the chosen llumlet. */
   grpcAddress: string;
+  /**
+   * host:port of the leader's framed listener, where the caller may send its further Dispatch calls as framed calls
+   * (infra/framed_calls.py: the same messages, a frame each way instead of a gRPC call); empty: none.
+   */
+  dispatchAddress: string;
 }
 
 export interface ReportLoadRequest {
@@ -219,7 +224,7 @@ export const DispatchRequest: MessageFns<DispatchRequest> = {
 };
 
 function createBaseDispatchResponse(): DispatchResponse {
-  return { instanceId: "", grpcAddress: "" };
+  return { instanceId: "", grpcAddress: "", dispatchAddress: "" };
 }
 
 export const DispatchResponse: MessageFns<DispatchResponse> = {
@@ -229,6 +234,9 @@ export const DispatchResponse: MessageFns<DispatchResponse> = {
     }
     if (message.grpcAddress !== "") {
       writer.uint32(18).string(message.grpcAddress);
+    }
+    if (message.dispatchAddress !== "") {
+      writer.uint32(26).string(message.dispatchAddress);
     }
     return writer;
   },
@@ -262,6 +270,14 @@ export const DispatchResponse: MessageFns<DispatchResponse> = {
             message.grpcAddress = reader.string();
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.dispatchAddress = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -286,6 +302,11 @@ export const DispatchResponse: MessageFns<DispatchResponse> = {
         : isSet(object.grpc_address)
         ? globalThis.String(object.grpc_address)
         : "",
+      dispatchAddress: isSet(object.dispatchAddress)
+        ? globalThis.String(object.dispatchAddress)
+        : isSet(object.dispatch_address)
+        ? globalThis.String(object.dispatch_address)
+        : "",
     };
   },
 
@@ -297,6 +318,9 @@ export const DispatchResponse: MessageFns<DispatchResponse> = {
     if (message.grpcAddress !== "") {
       obj.grpcAddress = message.grpcAddress;
     }
+    if (message.dispatchAddress !== "") {
+      obj.dispatchAddress = message.dispatchAddress;
+    }
     return obj;
   },
 
@@ -307,6 +331,7 @@ export const DispatchResponse: MessageFns<DispatchResponse> = {
     const message = createBaseDispatchResponse();
     message.instanceId = object.instanceId ?? "";
     message.grpcAddress = object.grpcAddress ?? "";
+    message.dispatchAddress = object.dispatchAddress ?? "";
     return message;
   },
 };
