@@ -219,10 +219,10 @@ async def test_framed_dispatch_keeps_the_role_rule_beside_the_load_streams(pki: 
                 await channel.aclose()
         assert servicer.framed_calls.calls_served == 1
         # The load stream on the same port still works (test_framed.py checks its rules).
-        reply = await _report(
+        accepted = await _report(
             address, pki.paths("llumlet", "i-1"), scheduler_pb2.ReportLoadRequest(load=load("i-1", 2))
         )
-        assert reply.reports_accepted == 1 and replica.cluster.loads["i-1"].seq == 2
+        assert accepted.reports_accepted == 1 and replica.cluster.loads["i-1"].seq == 2
     finally:
         server.close()
         servicer.close_framed()
