@@ -26,7 +26,7 @@ import logging
 import ssl
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -45,6 +45,7 @@ from pyllumnix.infra.framed import (
     frame,
     framed_caller,
     keep_alive,
+    listen,
     read_frame,
 )
 
@@ -352,3 +353,82 @@ class CallServer:
         """Drops every open call connection (the owner is stopping)."""
         for writer in list(self.connections):
             writer.transport.abort()
+
+
+async def listen_calls(
+    server: CallServer, host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> tuple[asyncio.Server, int]:
+    """A listener whose every connection is a call connection of ``server`` (``framed.listen``'s hosts and ports)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await first_frame(reader, writer, server.max_bytes)
+        if first is not None:
+            await server.serve(reader, writer, first)
+
+    return await listen(handle, host, port, ssl_context)
+
+
+# After a framed connection to a peer failed, its calls stay on gRPC this long (a listener that cannot be reached,
+# e.g. a port a firewall drops, would otherwise cost every call a connection attempt).
+RETRY_AFTER_S = 30.0
+
+
+class CallRoute:
+    """A client's way to one peer's framed call listener, beside its gRPC channel: the listener's address as the peer's
+    last gRPC reply named it (``learn``), the open channel (connected once for all callers waiting on it), and a pause
+    after a connection failure (``failed``) during which the caller stays on gRPC."""
+
+    def __init__(self, opener: Callable[[str, float], Coroutine[Any, Any, UnaryChannel]]) -> None:
+        self._open = opener
+        self.address = ""
+        self._channel: UnaryChannel | None = None
+        self._connecting: asyncio.Task[UnaryChannel] | None = None
+        self._after = 0.0  # time.monotonic() before which ``learn`` ignores the peer's replies
+
+    def learn(self, address: str) -> None:
+        """The listener a gRPC reply named ("" none); ignored while paused after a failure."""
+        if address != self.address and time.monotonic() >= self._after:
+            self.drop()
+            self.address = address
+
+    async def channel(self, timeout: float) -> UnaryChannel:
+        """The open channel to ``address`` (which must be set); raises OSError or TimeoutError when it cannot be had."""
+        address = self.address
+        if self._channel is not None and not self._channel.closed:
+            return self._channel
+        if self._connecting is None:
+            self._connecting = asyncio.get_running_loop().create_task(self._open(address, max(timeout, 1.0)))
+            self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())  # (retrieved: no warning)
+        connecting = self._connecting
+        try:
+            async with asyncio.timeout(timeout):
+                channel = await asyncio.shield(connecting)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise ConnectionError("the framed connection attempt was dropped") from None  # (``drop`` cancelled it)
+        finally:
+            if connecting.done() and self._connecting is connecting:
+                self._connecting = None
+        if self.address != address:  # dropped meanwhile (a failure elsewhere, a new listener)
+            channel.close()
+            raise ConnectionError("the framed listener changed")
+        self._channel = channel
+        return channel
+
+    def failed(self, *, pause: bool) -> None:
+        """The call failed: forget the listener (the next gRPC reply names it again); with ``pause`` (the connection
+        failed, rather than an answer), stay on gRPC for ``RETRY_AFTER_S``."""
+        self.drop()
+        self.address = ""
+        if pause:
+            self._after = time.monotonic() + RETRY_AFTER_S
+
+    def drop(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+            self._connecting = None

@@ -1,12 +1,14 @@
 """#20 lean dispatch path: ``infra.framed_calls``, unary calls answered by id on one framed connection, and the
-frontend's Dispatch to the scheduler leader over it.
+frontend's Dispatch to the scheduler leader and AddRequest to a llumlet over it.
 
 Checked here: concurrent calls are each answered with their own response, in whatever order the server finishes;
 the server's refusals and failures reach the caller as its gRPC status while the connection lives on; a broken
 connection fails every call in flight (never a hang) and the channel stays closed; a hostile or runaway client is
 bounded (a malformed frame ends its connection, calls beyond the in-flight bound are refused). On the scheduler's
 framed listener, Dispatch keeps the role table's rule (frontends only) beside the llumlets' load streams on the same
-port; the frontend dispatches over it once a gRPC reply named it, and falls back to gRPC when it breaks.
+port; the frontend dispatches over it once a gRPC reply named it, and falls back to gRPC when it breaks. A framed
+AddRequest whose connection breaks is an unknown outcome (DEADLINE_EXCEEDED, as a gRPC add without an answer); one
+whose connection cannot be had goes over gRPC, exactly once.
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ import grpc
 import pytest
 
 from pyllumnix.clients.errors import ResourceExhaustedError
+from pyllumnix.control_plane.frontend import channels
 from pyllumnix.control_plane.frontend.routing import DISPATCH_METHOD, LeaderDispatcher
+from pyllumnix.control_plane.scheduler import service as scheduler_service
 from pyllumnix.control_plane.scheduler.replica import SchedulerReplica, SchedulingError
 from pyllumnix.control_plane.scheduler.service import SchedulerServicer
+from pyllumnix.data_plane.llumlet import service as llumlet_service
 from pyllumnix.infra.framed import CALL, FramedContext, frame, listen
-from pyllumnix.infra.framed_calls import CallServer, Method, UnaryChannel, call_frame, first_frame
+from pyllumnix.infra.framed_calls import CallServer, Method, UnaryChannel, call_frame, first_frame, listen_calls
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
 from pyllumnix.infra.security.ca import role_name
 from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
-from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2
+from pyllumnix.protos.llumnix.v1 import common_pb2, llumlet_pb2, llumlet_pb2_grpc, scheduler_pb2
+from tests.test_clients_fakes import dead_address
 from tests.test_framed import _report
 from tests.test_load_reporting import leader, load, served, wait_for
 from tests.test_security_outputs import CLUSTER, pki
@@ -249,7 +255,7 @@ async def test_the_frontend_dispatches_over_the_framed_listener_and_falls_back_t
         monkeypatch.setattr(replica, "dispatch", full)
         with pytest.raises(ResourceExhaustedError, match="all full"):
             await dispatcher.dispatch("r-full", 1, 10, 10)
-        assert (dispatcher.grpc_dispatches, dispatcher.framed_dispatches) == (1, 2)
+        assert (dispatcher.grpc_dispatches, dispatcher.framed_dispatches) == (1, 3)
         # An answer other than the leader's decision (here UNAVAILABLE once; a follower's "not the leader" alike):
         # that dispatch goes over gRPC, whose reply names the listener again, and the next one is framed once more.
         refusals = iter([SchedulingError(grpc.StatusCode.UNAVAILABLE, "no instance right now")])
@@ -263,19 +269,20 @@ async def test_the_frontend_dispatches_over_the_framed_listener_and_falls_back_t
         monkeypatch.setattr(replica, "dispatch", once)
         assert await dispatcher.dispatch("r-once", 1, 10, 10) == ("i-1", "127.0.0.1:1")
         assert await dispatcher.dispatch("r-twice", 1, 10, 10) == ("i-1", "127.0.0.1:1")
-        assert (dispatcher.grpc_dispatches, dispatcher.framed_dispatches) == (2, 3)
+        assert (dispatcher.grpc_dispatches, dispatcher.framed_dispatches) == (2, 5)
         monkeypatch.setattr(replica, "dispatch", original)
-        # The framed connection breaks (the replica stops serving it): that dispatch still succeeds, over gRPC, and
-        # dispatches stay there for a while instead of trying the listener each time.
-        servicer.close_framed()
+        # The listener cannot be reached (its port closed): that dispatch still succeeds, over gRPC, and dispatches
+        # stay there for a while instead of trying the listener each time.
+        dispatcher.route.drop()
+        dispatcher.route.address = dead_address()
         assert await dispatcher.dispatch("r-after", 1, 10, 10) == ("i-1", "127.0.0.1:1")
         assert await dispatcher.dispatch("r-after2", 1, 10, 10) == ("i-1", "127.0.0.1:1")
-        assert (dispatcher.grpc_dispatches, dispatcher.framed_dispatches) == (4, 3)
+        assert (dispatcher.grpc_dispatches, dispatcher.framed_dispatches) == (4, 5)
         # Once that while is over, a gRPC reply naming the listener moves dispatches back onto it.
-        dispatcher._framed_after = 0.0
+        dispatcher.route._after = 0.0
         for i in range(2):
             await dispatcher.dispatch(f"r-back{i}", 1, 10, 10)
-        assert (dispatcher.grpc_dispatches, dispatcher.framed_dispatches) == (5, 4)
+        assert (dispatcher.grpc_dispatches, dispatcher.framed_dispatches) == (5, 6)
     finally:
         await dispatcher.close()
 
@@ -293,3 +300,82 @@ async def test_without_framed_the_frontend_dispatches_over_grpc_only(
         assert servicer.framed_calls.calls_served == 0
     finally:
         await dispatcher.close()
+
+
+def test_both_ends_name_the_same_methods() -> None:
+    """The frontend cannot import the servers' modules (layers): the method names are spelled twice."""
+    assert DISPATCH_METHOD == scheduler_service.DISPATCH_METHOD
+    assert channels.ADD_REQUEST_METHOD == llumlet_service.ADD_REQUEST_METHOD
+
+
+class AddingLlumlet(llumlet_pb2_grpc.LlumletServiceServicer):
+    """AddRequest as a llumlet's servicer answers it (recorded; ``refuse``: the status to refuse with; ``hang``: never
+    answers), naming its framed listener in the reply."""
+
+    def __init__(self) -> None:
+        self.added: list[str] = []
+        self.call_address = ""
+        self.refuse: grpc.StatusCode | None = None
+        self.hang = False
+
+    async def AddRequest(self, request: llumlet_pb2.AddRequestRequest, context: Any) -> llumlet_pb2.AddRequestResponse:
+        if self.refuse is not None:
+            await context.abort(self.refuse, "refused")
+        self.added.append(request.request.request_id)
+        if self.hang:
+            await asyncio.sleep(60)
+        return llumlet_pb2.AddRequestResponse(instance_id="i-1", call_address=self.call_address)
+
+
+def add(request_id: str) -> llumlet_pb2.AddRequestRequest:
+    return llumlet_pb2.AddRequestRequest(request=common_pb2.EngineRequest(request_id=request_id))
+
+
+async def test_the_frontend_adds_over_the_llumlets_framed_listener_once_a_reply_named_it() -> None:
+    llumlet = AddingLlumlet()  # type: ignore[abstract]  # only AddRequest is served
+    server = grpc.aio.server()
+    llumlet_pb2_grpc.add_LlumletServiceServicer_to_server(llumlet, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    calls = CallServer(
+        {channels.ADD_REQUEST_METHOD: Method(llumlet_pb2.AddRequestRequest, llumlet.AddRequest)}, lambda: None
+    )
+    listener, port = await listen_calls(calls, "127.0.0.1", 0, None)
+    llumlet.call_address = f"127.0.0.1:{port}"
+    pool = channels.ChannelPool(framed=True)
+    try:
+        for i in range(3):
+            await pool.add_request(address, add(f"r{i}"), 2)
+        assert llumlet.added == ["r0", "r1", "r2"] and (pool.grpc_adds, pool.framed_adds) == (1, 2)
+        # The llumlet's refusal is the caller's status, as over gRPC; the next add is framed still.
+        llumlet.refuse = grpc.StatusCode.RESOURCE_EXHAUSTED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pool.add_request(address, add("r-full"), 2)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and calls.calls_served == 3
+        assert (pool.grpc_adds, pool.framed_adds) == (1, 3)
+        llumlet.refuse = None
+        # The connection breaks with an add on it: its outcome is unknown (DEADLINE_EXCEEDED, which the frontend
+        # aborts and places elsewhere), and the next adds go over gRPC, once each.
+        llumlet.hang = True
+        pending = asyncio.ensure_future(pool.add_request(address, add("r-lost"), 5))
+        await asyncio.sleep(0.2)
+        calls.close()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pending
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        llumlet.hang = False
+        await pool.add_request(address, add("r-next"), 2)
+        assert (pool.grpc_adds, pool.framed_adds) == (2, 4) and llumlet.added[-2:] == ["r-lost", "r-next"]
+        # A listener that cannot be reached (closed): the add goes over gRPC at once, exactly once.
+        listener.close()
+        await listener.wait_closed()
+        pool._routes[address]._after = 0.0
+        await pool.add_request(address, add("r-learn"), 2)  # gRPC: names the listener again
+        await pool.add_request(address, add("r-refused"), 2)  # the connection is refused: gRPC
+        assert (pool.grpc_adds, pool.framed_adds) == (4, 4)
+        assert llumlet.added[-2:] == ["r-learn", "r-refused"]
+    finally:
+        await pool.close()
+        calls.close()
+        listener.close()
+        await server.stop(None)

@@ -587,7 +587,7 @@ class Frontend:
             channel = self.channels.channel(address)
             try:
                 with tracing.span("add_request", None, {"llumnix.instance_id": instance_id}):
-                    await self.channels.llumlet(address).AddRequest(add, timeout=self.call_timeout)
+                    await self.channels.add_request(address, add, self.call_timeout)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.UNAVAILABLE:  # the next call dials afresh (e.g. a restarted llumlet)

@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from pyllumnix.clients.channel import TlsConfig
+from pyllumnix.control_plane.frontend.channels import ChannelPool
 from pyllumnix.control_plane.frontend.cluster_metrics import ClusterMetrics
 from pyllumnix.control_plane.frontend.core import Frontend
 from pyllumnix.control_plane.frontend.dispatch import Dispatcher, RegistryResolver, RegistrySource
@@ -119,6 +120,15 @@ def make_tokenizer(opts: FrontendOptions) -> Tokenizer:
     raise click.BadParameter(f"unknown tokenizer {opts.tokenizer!r} (available: sim, hf)", param_hint="--tokenizer")
 
 
+def calls_made(leader: LeaderDispatcher | None, channels: ChannelPool) -> dict[tuple[str, str], int]:
+    """(method, transport) -> calls made, for ``llumnix_frontend_calls_total``."""
+    calls = {("AddRequest", "framed"): channels.framed_adds, ("AddRequest", "grpc"): channels.grpc_adds}
+    if leader is not None:
+        calls[("Dispatch", "framed")] = leader.framed_dispatches
+        calls[("Dispatch", "grpc")] = leader.grpc_dispatches
+    return calls
+
+
 async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None) -> int:
     """Serves until ``stop`` is set (or SIGTERM/SIGINT); returns the process exit code."""
     stop = stop or asyncio.Event()
@@ -147,9 +157,10 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         if security.paths is not None
         else None
     )
-    # Framed dispatches carry no trace context: with tracing on, every dispatch stays a (traced) gRPC call.
+    # Framed calls carry no trace context: with tracing on, every dispatch and add stays a (traced) gRPC call.
+    framed = not tracing.enabled()
     leader = (
-        LeaderDispatcher(opts.schedulers, tls=tls, timeout=opts.dispatch_timeout, framed=not tracing.enabled())
+        LeaderDispatcher(opts.schedulers, tls=tls, timeout=opts.dispatch_timeout, framed=framed)
         if opts.schedulers
         else None
     )
@@ -162,6 +173,7 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
         tokenizer=make_tokenizer(opts),
         dispatcher=dispatcher,
         resolver=RegistryResolver(source),
+        channels=ChannelPool(framed=framed),
         idle_timeout=opts.idle_timeout or None,
         request_timeout=opts.request_timeout or None,
         max_inflight=opts.max_inflight,
@@ -170,6 +182,7 @@ async def run_frontend(opts: FrontendOptions, stop: asyncio.Event | None = None)
     )
     if etcd_client is not None:
         frontend.scheduler_leader = ElectionLeader(etcd_client, KeyLayout(opts.cluster))
+    frontend.metrics.count_calls(lambda: calls_made(leader, frontend.channels))
     grpc_server = await start_grpc(
         frontend,
         opts.host,

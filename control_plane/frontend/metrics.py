@@ -6,7 +6,10 @@ serve process adds its own collectors (per-instance freeness and other scheduler
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Label values exported from the start (at 0), as vLLM does for finished_reason: a dashboard's rate() over a series
@@ -48,5 +51,26 @@ class FrontendMetrics:
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
 
+    def count_calls(self, calls: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """Exports ``llumnix_frontend_calls_total{method,transport}`` from ``calls()`` ((method, transport) -> calls
+        made), read at scrape time: which transport carries this frontend's Dispatch and AddRequest calls."""
+        self.registry.register(_CallsCollector(calls))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CallsCollector(Collector):
+    def __init__(self, calls: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._calls = calls
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "llumnix_frontend_calls",
+            "Dispatch and AddRequest calls made, by transport (framed: the peer's framed call listener; grpc: the "
+            "first call to a peer, the fallback, or every call with tracing on)",
+            labels=["method", "transport"],
+        )
+        for (method, transport), made in sorted(self._calls().items()):
+            family.add_metric([method, transport], made)
+        yield family

@@ -32,7 +32,7 @@ from pyllumnix.control_plane.frontend.dispatch import (
     public_cause,
 )
 from pyllumnix.infra import wire
-from pyllumnix.infra.framed_calls import UnaryChannel
+from pyllumnix.infra.framed_calls import RETRY_AFTER_S, CallRoute
 from pyllumnix.infra.security.runtime import open_framed_calls
 from pyllumnix.protos.llumnix.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
@@ -116,9 +116,6 @@ def _check(request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
 DISPATCH_METHOD = "/llumnix.v1.SchedulerService/Dispatch"
 # The answers of a framed Dispatch that are the leader's decision (any other failure is retried over gRPC).
 _FRAMED_FINAL = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT})
-# After a framed dispatch failed, dispatches stay on gRPC this long (a listener that cannot be reached, e.g. a port a
-# firewall drops, would otherwise cost every dispatch a connection attempt).
-FRAMED_RETRY_AFTER_S = 30.0
 
 
 class LeaderDispatcher:
@@ -130,7 +127,7 @@ class LeaderDispatcher:
     request across both sides). Any failure there but the leader's own refusal (full, invalid) drops the connection
     and that dispatch goes over gRPC, whose rules (redirects, failover) find the leader and name its listener again;
     after a connection failure (not an answer such as "not the leader") dispatches stay on gRPC for
-    ``FRAMED_RETRY_AFTER_S``.
+    ``infra.framed_calls.RETRY_AFTER_S``.
     """
 
     def __init__(
@@ -148,11 +145,9 @@ class LeaderDispatcher:
             self._owns_pool = True
         self.timeout = timeout
         self.framed = framed
-        self._framed_address = ""  # the leader's listener, as its last gRPC reply named it
-        self._channel: UnaryChannel | None = None
-        self._connecting: asyncio.Task[UnaryChannel] | None = None
-        self._framed_after = 0.0  # time.monotonic() before which dispatches stay on gRPC (after a framed failure)
-        self.framed_dispatches = 0
+        # The leader's framed listener, as its last gRPC reply named it (``dispatch_address``).
+        self.route = CallRoute(lambda address, left: open_framed_calls(address, peer="scheduler", timeout=left))
+        self.framed_dispatches = 0  # Dispatch calls sent, by transport
         self.grpc_dispatches = 0
 
     async def dispatch(
@@ -172,10 +167,9 @@ class LeaderDispatcher:
         )
 
         budget = timeout or self.timeout
-        if self._framed_address:
+        if self.route.address:
             answer = await self._dispatch_framed(request, budget)
             if answer is not None:
-                self.framed_dispatches += 1
                 return answer.instance_id, answer.grpc_address
 
         async def invoke(channel: Any, left: float) -> scheduler_pb2.DispatchResponse:
@@ -184,62 +178,32 @@ class LeaderDispatcher:
             )
             return reply
 
-        reply = await self.pool.call(invoke, what="Dispatch", kind=CallKind.READ, prefer_leader=True, timeout=budget)
         self.grpc_dispatches += 1
-        if self.framed and reply.dispatch_address != self._framed_address and time.monotonic() >= self._framed_after:
-            self._drop_channel()
-            self._framed_address = reply.dispatch_address
+        reply = await self.pool.call(invoke, what="Dispatch", kind=CallKind.READ, prefer_leader=True, timeout=budget)
+        if self.framed:
+            self.route.learn(reply.dispatch_address)
         return reply.instance_id, reply.grpc_address
 
     async def _dispatch_framed(
         self, request: scheduler_pb2.DispatchRequest, budget: float
     ) -> scheduler_pb2.DispatchResponse | None:
-        """The leader's answer over its framed listener; None (the connection dropped, the listener forgotten) when
-        that failed in a way gRPC's rules handle; the leader's refusal (full, invalid) is raised as gRPC's would be."""
-        address = self._framed_address
+        """The leader's answer over its framed listener; None (the listener forgotten) when that failed in a way
+        gRPC's rules handle; the leader's refusal (full, invalid) is raised as gRPC's would be."""
+        address = self.route.address
         try:
-            channel = await self._framed_channel(address, budget / 2)
+            channel = await self.route.channel(budget / 2)
+            self.framed_dispatches += 1
             return await channel.call(DISPATCH_METHOD, request, scheduler_pb2.DispatchResponse, budget / 2)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _FRAMED_FINAL:
                 raise from_rpc_error(exc, endpoint=address, may_have_started=False) from None
             # The listener answered (e.g. no longer the leader): gRPC's reply names the leader's listener again.
             log.debug("framed dispatch at %s refused (%s); dispatching over gRPC", address, exc.code().name)
+            self.route.failed(pause=False)
         except (OSError, TimeoutError) as exc:  # a refused or broken connection (TLS errors too), no answer in time
-            log.info("framed dispatch at %s failed (%r); over gRPC for %gs", address, exc, FRAMED_RETRY_AFTER_S)
-            self._framed_after = time.monotonic() + FRAMED_RETRY_AFTER_S
-        self._drop_channel()
-        self._framed_address = ""
+            log.info("framed dispatch at %s failed (%r); over gRPC for %gs", address, exc, RETRY_AFTER_S)
+            self.route.failed(pause=True)
         return None
-
-    async def _framed_channel(self, address: str, timeout: float) -> UnaryChannel:
-        """The open channel to ``address``, connecting once for all the dispatches that wait on it."""
-        if self._channel is not None and not self._channel.closed:
-            return self._channel
-        if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_task(
-                open_framed_calls(address, peer="scheduler", timeout=max(timeout, 1.0))
-            )
-        connecting = self._connecting
-        try:
-            async with asyncio.timeout(timeout):
-                channel = await asyncio.shield(connecting)
-        finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
-        if self._framed_address != address:  # dropped meanwhile: a failure elsewhere, or a new leader
-            channel.close()
-            raise ConnectionError("the leader's framed listener changed")
-        self._channel = channel
-        return channel
-
-    def _drop_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-        if self._connecting is not None:
-            self._connecting.cancel()
-            self._connecting = None
 
     async def readiness(self, *, timeout: float | None = None) -> Readiness:
         """Ready when the leader answers GetMembership (only a leader does) and lists an ACTIVE instance."""
@@ -265,8 +229,7 @@ class LeaderDispatcher:
         """Nothing to do: the leader counts requests from the instances' load reports."""
 
     async def close(self) -> None:
-        self._drop_channel()
-        self._framed_address = ""
+        self.route.failed(pause=False)
         if self._owns_pool:
             await self.pool.close()
 

@@ -42,6 +42,7 @@ from pyllumnix.infra import tracing
 from pyllumnix.infra.cli_types import FiniteFloatRange
 from pyllumnix.infra.etcd.errors import EtcdError
 from pyllumnix.infra.etcd.keys import KeyLayout
+from pyllumnix.infra.framed_calls import CallServer, listen_calls
 from pyllumnix.infra.grpc_server import WILDCARD_HOSTS, advertised_address, advertised_host, start_server
 from pyllumnix.infra.metrics_http import start_metrics_server
 from pyllumnix.infra.security import runtime
@@ -61,6 +62,7 @@ class LlumletOptions:
     instance_id: str = ""
     host: str = "127.0.0.1"
     port: int = 0
+    call_port: int = 0  # the framed AddRequest listener (0: any free port; -1: none)
     advertise_host: str = ""
     engine: str = "sim"
     profile: str = "llama-7b-a10"
@@ -275,6 +277,7 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         # A new leader term is admitted only once the election in etcd proves it is the caller's (attack 9 B3).
         leaders = election_leader(Election(client, layout.election_prefix()))
     servicer = LlumletServicer(llumlet, coordinator, opts.load_interval_ms, registry=registry, leaders=leaders)
+    server: Any  # the gRPC server, or it and the framed call listener (``_Servers``)
     try:
         server = await start_server(
             [(llumlet_pb2_grpc.add_LlumletServiceServicer_to_server, servicer, SERVICE_NAME)], opts.host, opts.port
@@ -283,6 +286,14 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
         if client is not None:  # made before the server now (review9 F2): closed here when it cannot serve
             await client.close()
         raise
+    if opts.call_port >= 0:
+        try:
+            server = await _with_call_listener(server, servicer, opts)
+        except BaseException:
+            await server.stop(0)
+            if client is not None:
+                await client.close()
+            raise
     advertise = advertised_host(opts.host, opts.advertise_host)
     grpc_address = advertised_address(opts.host, opts.advertise_host, server.port)
     metrics_server = None
@@ -369,6 +380,29 @@ async def run_llumlet(opts: LlumletOptions, stop: asyncio.Event | None = None) -
     return 0
 
 
+class _Servers:
+    """The gRPC server and the framed call listener beside it, stopped together (``server.stop``'s shape)."""
+
+    def __init__(self, server: Any, listener: asyncio.Server, calls: CallServer) -> None:
+        self.server, self.listener, self.calls = server, listener, calls
+        self.port = server.port
+
+    async def stop(self, grace: float | None) -> None:
+        self.listener.close()
+        self.calls.close()
+        await self.server.stop(grace)
+
+
+async def _with_call_listener(server: Any, servicer: LlumletServicer, opts: LlumletOptions) -> _Servers:
+    """Starts the framed AddRequest listener (``--call-port``), secured as the gRPC port is."""
+    settings = runtime.current()
+    servicer.framed_cluster = None if settings.paths is None else settings.cluster
+    ssl_context = None if settings.paths is None else server_ssl_context(settings.paths)
+    listener, port = await listen_calls(servicer.framed_calls, opts.host, opts.call_port, ssl_context)
+    servicer.call_address = advertised_address(opts.host, opts.advertise_host, port)
+    return _Servers(server, listener, servicer.framed_calls)
+
+
 async def _shut_down(
     llumlet: Llumlet,
     coordinator: MigrationCoordinator,
@@ -399,6 +433,14 @@ async def _shut_down(
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="gRPC bind host.")
 @click.option("--port", default=0, show_default=True, help="gRPC port (0: any free port).")
+@click.option(
+    "--call-port",
+    type=click.IntRange(min=-1, max=65535),
+    default=0,
+    show_default=True,
+    help="Port of the framed AddRequest listener on --host, named in AddRequest replies (0: any free port; -1: none,"
+    " frontends add requests over gRPC).",
+)
 @click.option("--advertise-host", default="", help="Host others use to reach this llumlet (default: --host).")
 @click.option("--engine", type=click.Choice(["sim", "vllm"]), default="sim", show_default=True)
 @click.option("--model", default="", help="Model path or name (vLLM engine).")
@@ -525,6 +567,7 @@ def llumlet_command(
     instance_id: str,
     host: str,
     port: int,
+    call_port: int,
     advertise_host: str,
     engine: str,
     model: str,
@@ -574,6 +617,7 @@ def llumlet_command(
         instance_id=instance_id,
         host=host,
         port=port,
+        call_port=call_port,
         advertise_host=advertise_host,
         engine=engine,
         model=model,

@@ -54,6 +54,7 @@ from pyllumnix.data_plane.llumlet.late_adds import (
 from pyllumnix.data_plane.llumlet.llumlet import InstanceNotAcceptingError, Llumlet, QueueFullError, RequestOwner
 from pyllumnix.infra import wire
 from pyllumnix.infra.etcd.errors import EtcdError
+from pyllumnix.infra.framed_calls import CallServer, Method
 from pyllumnix.infra.security.authz import authenticated_caller, is_plaintext
 from pyllumnix.infra.security.ca import Identity
 from pyllumnix.infra.security.fencing import (
@@ -70,6 +71,8 @@ from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, llumlet_pb2, llum
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "llumnix.v1.LlumletService"
+# Served as framed calls too, once a gRPC reply named the listener (``AddRequestResponse.call_address``).
+ADD_REQUEST_METHOD = f"/{SERVICE_NAME}/AddRequest"
 _R = TypeVar("_R")
 MIN_STREAM_INTERVAL_MS = 5
 # Concurrent StreamLoad streams one caller (certificate identity; not counted without TLS) may hold: with the
@@ -232,6 +235,13 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
         # Ids aborted here before their AddRequest arrived (late_adds): that AddRequest is refused.
         self.tombstones = Tombstones()
         self.late_adds_refused = 0  # AddRequests refused because their caller had given up (either check)
+        # AddRequest as framed calls too (``infra.framed_calls``), on the listener ``call_address`` names ("": none);
+        # its callers checked as members of ``framed_cluster`` (None: a plaintext listener).
+        self.call_address = ""
+        self.framed_cluster: str | None = None
+        self.framed_calls = CallServer(
+            {ADD_REQUEST_METHOD: Method(llumlet_pb2.AddRequestRequest, self.AddRequest)}, lambda: self.framed_cluster
+        )
 
     def _warn_once(self, what: str, message: str) -> None:
         if what not in self._warned:
@@ -311,7 +321,7 @@ class LlumletServicer(llumlet_pb2_grpc.LlumletServiceServicer):
             self.late_adds_refused += 1
             log.info("%s", exc)  # its caller has moved on (placed the request elsewhere); nothing to alarm anyone
             await abort_with(context, exc)
-        return llumlet_pb2.AddRequestResponse(instance_id=instance_id)
+        return llumlet_pb2.AddRequestResponse(instance_id=instance_id, call_address=self.call_address)
 
     async def AbortRequest(
         self, request: llumlet_pb2.AbortRequestRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -73,15 +73,21 @@ class AddRequestResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    CALL_ADDRESS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
+    call_address: _builtins.str
+    """host:port of the llumlet's framed call listener, where the caller may send its further AddRequest calls as framed
+    calls (infra/framed_calls.py: the same messages, a frame each way instead of a gRPC call); empty: none.
+    """
     def __init__(
         self,
         *,
         instance_id: _builtins.str = ...,
+        call_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_address", b"call_address", "instance_id", b"instance_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,6 +89,11 @@ export interface AddRequestRequest {
 
 export interface AddRequestResponse {
   instanceId: string;
+  /**
+   * host:port of the llumlet's framed call listener, where the caller may send its further AddRequest calls as framed
+   * calls (infra/framed_calls.py: the same messages, a frame each way instead of a gRPC call); empty: none.
+   */
+  callAddress: string;
 }
 
 export interface AbortRequestRequest {
@@ -362,13 +367,16 @@ export const AddRequestRequest: MessageFns<AddRequestRequest> = {
 };
 
 function createBaseAddRequestResponse(): AddRequestResponse {
-  return { instanceId: "" };
+  return { instanceId: "", callAddress: "" };
 }
 
 export const AddRequestResponse: MessageFns<AddRequestResponse> = {
   encode(message: AddRequestResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.instanceId !== "") {
       writer.uint32(10).string(message.instanceId);
+    }
+    if (message.callAddress !== "") {
+      writer.uint32(18).string(message.callAddress);
     }
     return writer;
   },
@@ -394,6 +402,14 @@ export const AddRequestResponse: MessageFns<AddRequestResponse> = {
             message.instanceId = reader.string();
             continue;
           }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.callAddress = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -413,6 +429,11 @@ export const AddRequestResponse: MessageFns<AddRequestResponse> = {
         : isSet(object.instance_id)
         ? globalThis.String(object.instance_id)
         : "",
+      callAddress: isSet(object.callAddress)
+        ? globalThis.String(object.callAddress)
+        : isSet(object.call_address)
+        ? globalThis.String(object.call_address)
+        : "",
     };
   },
 
@@ -420,6 +441,9 @@ export const AddRequestResponse: MessageFns<AddRequestResponse> = {
     const obj: any = {};
     if (message.instanceId !== "") {
       obj.instanceId = message.instanceId;
+    }
+    if (message.callAddress !== "") {
+      obj.callAddress = message.callAddress;
     }
     return obj;
   },
@@ -430,6 +454,7 @@ export const AddRequestResponse: MessageFns<AddRequestResponse> = {
   fromPartial(object: DeepPartial<AddRequestResponse>): AddRequestResponse {
     const message = createBaseAddRequestResponse();
     message.instanceId = object.instanceId ?? "";
+    message.callAddress = object.callAddress ?? "";
     return message;
   },
 };
