@@ -93,6 +93,36 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[int,
         raise FrameError("the connection ended inside a frame") from exc
 
 
+async def connect(
+    address: str,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    server_name: str | None,
+    timeout: float,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A framed connection to ``address`` (TLS with ``ssl_context``, checking that the server's certificate names
+    ``server_name``), TCP keep-alive on. A malformed address raises ConnectionError, as an unreachable one does."""
+    host, _, port = address.rpartition(":")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise ConnectionError(f"not a host:port address: {address!r}") from None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                host.strip("[]"),
+                port_number,
+                ssl=ssl_context,
+                server_hostname=server_name if ssl_context is not None else None,
+                limit=max(2**16, min(max_bytes, 2**22)),
+            )
+    except ValueError as exc:  # e.g. a host name IDNA cannot encode (UnicodeError)
+        raise ConnectionError(f"cannot connect to {address!r}: {exc}") from exc
+    keep_alive(writer)
+    return reader, writer
+
+
 class FramedCall(Generic[M]):
     """The client side: ``write`` a request, ``read`` a response (``grpc.aio.EOF`` at the end; a STATUS frame raises
     ``AioRpcError``), ``cancel`` drops the connection. Shaped like a grpc.aio stream-stream call, so a caller written
@@ -121,16 +151,7 @@ class FramedCall(Generic[M]):
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> FramedCall[M]:
         """Connects (TLS with ``ssl_context``, checking that the server's certificate names ``server_name``)."""
-        host, _, port = address.rpartition(":")
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                host.strip("[]"),
-                int(port),
-                ssl=ssl_context,
-                server_hostname=server_name if ssl_context is not None else None,
-                limit=max(2**16, min(max_bytes, 2**22)),
-            )
-        keep_alive(writer)
+        reader, writer = await connect(address, ssl_context=ssl_context, server_name=server_name, timeout=timeout)
         return cls(reader, writer, response_type, max_bytes)
 
     async def write(self, message: Message) -> None:

@@ -1,21 +1,23 @@
 """Unary calls over one framed (mutual-TLS) connection: many requests in flight, each answered by id, so a per-request
-call (a frontend's ``Dispatch`` to the scheduler leader) costs a frame each way instead of a grpc.aio unary call
-(~0.75 ms of CPU a side here: the C core's batch, its poller thread, the hand-off to the event loop; see
-docs/bench-peers/README.md). The messages and their rules are the gRPC method's own, only the framing differs, so
-the schema stays ``protos/`` and a servicer method serves both unchanged (``FramedContext``).
+call (a frontend's ``Dispatch`` to the scheduler leader, its ``AddRequest`` to a llumlet) costs a frame each way
+instead of a grpc.aio unary call (~0.75 ms of CPU a side here: the C core's batch, its poller thread, the hand-off to
+the event loop; see docs/bench-peers/README.md). The messages and their rules are the gRPC method's own, only the
+framing differs, so the schema stays ``protos/`` and a servicer method serves both unchanged (``FramedContext``).
 
 Frames (``infra.framed``'s header: kind byte, 4-byte length):
 - ``CALL``: call id (u32), method name length (u16), the method's gRPC full name, deadline in ms from receipt (u32, 0:
   none), the serialized request.
 - ``REPLY``: call id, the serialized response. ``FAULT``: call id, a gRPC status code (u16), UTF-8 details.
 A connection whose first frame is a ``CALL`` carries calls only; a listener tells it from a stream by that frame
-(``first_frame``), so one port serves both.
+(``first_frame``, at most ``FIRST_FRAME_MAX_BYTES`` before the peer is authorized), so one port serves both.
 
 Security: the caller is the connection's verified TLS peer, checked per method against the role table
-(``framed_caller``, cached per connection and method). Bounds: at most ``MAX_CALLS_IN_FLIGHT`` calls run at once per
-connection (more are answered RESOURCE_EXHAUSTED), every call's deadline is the caller's, the server's handler runs
-under it. A broken connection fails every call in flight with ``ConnectionError`` on the client: a caller that may
-not repeat a request must treat that as an unknown outcome.
+(``framed_caller``, once per connection and method); a refused caller's connection is closed after the refusal.
+Bounds: at most ``MAX_CALLS_IN_FLIGHT`` calls run at once per connection (the server reads no further frame until one
+ends, as HTTP/2 bounds concurrent streams), replies wait for the peer to read them (``DRAIN_TIMEOUT_S``, then the
+connection is dropped), and every call runs under its caller's deadline. A broken connection fails every call in
+flight with ``ConnectionError`` on the client: a caller that may not repeat a request must treat that as an unknown
+outcome.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from pyllumnix.infra.framed import (
     FramedAbort,
     FramedContext,
     FrameError,
+    connect,
+    drop_connections,
     frame,
     framed_caller,
     keep_alive,
@@ -59,6 +63,12 @@ _ID = struct.Struct(">I")
 _FAULT_HEAD = struct.Struct(">IH")
 # Calls one connection may have running on the server at once (a frontend has a few in flight at a time).
 MAX_CALLS_IN_FLIGHT = 256
+# A listener reads at most this much of a new connection before its peer is authorized (a load report or a call is a
+# few KiB; later frames may be as large as ``DEFAULT_MAX_BYTES``).
+FIRST_FRAME_MAX_BYTES = 1 << 20
+# A peer that reads none of its replies for this long is dropped (its replies would pile up in this process).
+DRAIN_TIMEOUT_S = 10.0
+_NAME_SHOWN = 100  # characters of an unknown method's name echoed back
 
 
 def call_frame(call_id: int, method: str, timeout: float | None, body: bytes) -> bytes:
@@ -104,6 +114,7 @@ class UnaryChannel:
         self._pending: dict[int, asyncio.Future[bytes]] = {}
         self._next_id = 0
         self.closed = False
+        self._retiring = False
         self._read_task = asyncio.get_running_loop().create_task(self._read_loop(), name="framed-calls-reader")
 
     @classmethod
@@ -117,22 +128,13 @@ class UnaryChannel:
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> UnaryChannel:
         """Connects (TLS with ``ssl_context``, checking that the server's certificate names ``server_name``)."""
-        host, _, port = address.rpartition(":")
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                host.strip("[]"),
-                int(port),
-                ssl=ssl_context,
-                server_hostname=server_name if ssl_context is not None else None,
-                limit=max(2**16, min(max_bytes, 2**22)),
-            )
-        keep_alive(writer)
+        reader, writer = await connect(address, ssl_context=ssl_context, server_name=server_name, timeout=timeout)
         return cls(reader, writer, max_bytes)
 
     async def call(self, method: str, request: Message, response_type: type[M], timeout: float) -> M:
         """The response; a FAULT raises ``AioRpcError`` with the server's status, no answer within ``timeout``
         TimeoutError, a broken connection ConnectionError (the request may or may not have been served)."""
-        if self.closed:
+        if self.closed or self._retiring:
             raise ConnectionError("the framed call channel is closed")
         call_id = self._next_id
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
@@ -152,6 +154,7 @@ class UnaryChannel:
             raise FrameError(f"the framed call channel broke: {exc!r}") from exc
         finally:
             self._pending.pop(call_id, None)
+            self._close_if_retired()
         reply = response_type()
         try:
             reply.ParseFromString(body)
@@ -196,6 +199,15 @@ class UnaryChannel:
             if not future.done():
                 future.set_exception(reason)
 
+    def retire(self) -> None:
+        """Takes no new call; closes once the calls in flight are answered (or now, with none)."""
+        self._retiring = True
+        self._close_if_retired()
+
+    def _close_if_retired(self) -> None:
+        if self._retiring and not self._pending and not self.closed:
+            self.close()
+
     def close(self) -> None:
         """Drops the connection; calls in flight fail with ConnectionError."""
         self._read_task.cancel()
@@ -219,14 +231,12 @@ class Method:
     handler: Handler
 
 
-async def first_frame(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_bytes: int = DEFAULT_MAX_BYTES
-) -> tuple[int, bytes] | None:
-    """A new connection's first frame (due within ``FIRST_FRAME_TIMEOUT_S``), which tells a call connection from a
-    stream; None (the connection dropped) when it ends, breaks or stays silent."""
+async def first_frame(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[int, bytes] | None:
+    """A new connection's first frame (due within ``FIRST_FRAME_TIMEOUT_S``, at most ``FIRST_FRAME_MAX_BYTES``), which
+    tells a call connection from a stream; None (the connection dropped) when it ends, breaks or stays silent."""
     try:
         async with asyncio.timeout(FIRST_FRAME_TIMEOUT_S):
-            got = await read_frame(reader, max_bytes)
+            got = await read_frame(reader, FIRST_FRAME_MAX_BYTES)
     except (OSError, TimeoutError) as exc:
         log.debug("framed connection dropped before its first frame: %r", exc)
         got = None
@@ -237,7 +247,7 @@ async def first_frame(
 
 class CallServer:
     """Serves call connections for one listener: ``methods`` by gRPC full name, callers checked against the role
-    table as members of ``cluster`` (None: a plaintext listener, no identity)."""
+    table as members of ``cluster()`` (None: a plaintext listener, no identity)."""
 
     def __init__(
         self,
@@ -254,13 +264,24 @@ class CallServer:
         self.connections: set[asyncio.StreamWriter] = set()
         self.calls_served = 0
 
+    async def accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A new connection of a calls-only listener (``listen_calls``): tracked from here, its first frame read."""
+        self.connections.add(writer)
+        try:
+            first = await first_frame(reader, writer)
+            if first is not None:
+                await self.serve(reader, writer, first)
+        finally:
+            self.connections.discard(writer)
+
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: tuple[int, bytes]) -> None:
-        """One call connection, its first frame already read. Never raises (an asyncio connection callback)."""
+        """One call connection, its first frame already read. Raises nothing but a cancellation (after dropping the
+        connection)."""
         keep_alive(writer)
         self.connections.add(writer)
         running: set[asyncio.Task[None]] = set()
-        # method -> the caller's identity once admitted, or the refusal (checked once per connection and method)
-        admitted: dict[str, FramedContext | FramedAbort] = {}
+        # method -> the caller's identity once admitted (checked once per connection and method)
+        admitted: dict[str, FramedContext] = {}
         got: tuple[int, bytes] | None = first
         try:
             while got is not None:
@@ -268,21 +289,32 @@ class CallServer:
                 if kind != CALL:
                     raise FrameError(f"a call connection carries calls only (kind {kind})")
                 call_id, method, timeout, payload = parse_call(body)
-                refusal = self._refusal(method, writer, admitted, len(running))
-                if refusal is not None:
-                    writer.write(fault_frame(call_id, refusal.code, refusal.details))
+                served = self.methods.get(method)
+                if served is None:
+                    shown = method if len(method) <= _NAME_SHOWN else method[:_NAME_SHOWN] + "..."
+                    await self._answer(
+                        writer, fault_frame(call_id, grpc.StatusCode.UNIMPLEMENTED, f"{shown} is not served")
+                    )
                 else:
-                    admission = admitted[method]
-                    assert isinstance(admission, FramedContext)
+                    admission = admitted.get(method)
+                    if admission is None:
+                        try:
+                            admission = admitted[method] = FramedContext(framed_caller(writer, self._cluster(), method))
+                        except FramedAbort as refusal:  # a caller without the role: refused, then let go
+                            await self._answer(writer, fault_frame(call_id, refusal.code, refusal.details))
+                            break
                     task = asyncio.get_running_loop().create_task(
-                        self._run(writer, call_id, self.methods[method], admission, timeout, payload)
+                        self._run(writer, call_id, served, admission.identity, timeout, payload)
                     )
                     running.add(task)
                     task.add_done_callback(running.discard)
+                    if len(running) >= self.max_in_flight:  # read no further call until one ends
+                        await asyncio.wait(set(running), return_when=asyncio.FIRST_COMPLETED)
                 got = await read_frame(reader, self.max_bytes)
         except asyncio.CancelledError:
             writer.transport.abort()
-        except (OSError, TimeoutError) as exc:  # FrameError, resets, TLS errors
+            raise
+        except (OSError, TimeoutError) as exc:  # FrameError, resets, TLS errors, a peer that reads nothing
             log.debug("framed call connection dropped: %r", exc)
             writer.transport.abort()
         finally:
@@ -292,36 +324,19 @@ class CallServer:
             if not writer.transport.is_closing():
                 writer.close()
 
-    def _refusal(
-        self,
-        method: str,
-        writer: asyncio.StreamWriter,
-        admitted: dict[str, FramedContext | FramedAbort],
-        in_flight: int,
-    ) -> FramedAbort | None:
-        if method not in self.methods:
-            return FramedAbort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served on this framed port")
-        admission = admitted.get(method)
-        if admission is None:
-            try:
-                admission = FramedContext(framed_caller(writer, self._cluster(), method))
-            except FramedAbort as exc:
-                admission = exc
-            admitted[method] = admission
-        if isinstance(admission, FramedAbort):
-            return admission
-        if in_flight >= self.max_in_flight:
-            return FramedAbort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {self.max_in_flight} calls in flight on one connection"
-            )
-        return None
+    @staticmethod
+    async def _answer(writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Writes, then waits while the peer lets its replies pile up (TimeoutError after ``DRAIN_TIMEOUT_S``)."""
+        writer.write(data)
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            await writer.drain()
 
     async def _run(
         self,
         writer: asyncio.StreamWriter,
         call_id: int,
         method: Method,
-        admission: FramedContext,
+        identity: Any,
         timeout: float | None,
         payload: bytes,
     ) -> None:
@@ -329,105 +344,133 @@ class CallServer:
         try:
             request.ParseFromString(payload)
         except DecodeError:
-            writer.write(
-                fault_frame(call_id, grpc.StatusCode.INVALID_ARGUMENT, f"an undecodable {type(request).__name__}")
-            )
-            return
-        context = FramedContext(admission.identity, None if timeout is None else time.monotonic() + timeout)
-        try:
-            async with asyncio.timeout(timeout):
-                response = await method.handler(request, context)
-            answer = frame(REPLY, _ID.pack(call_id) + response.SerializeToString())
-        except FramedAbort as exc:
-            answer = fault_frame(call_id, exc.code, exc.details)
-        except TimeoutError:
-            answer = fault_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
-        except Exception as exc:  # a servicer bug: the caller gets a status, the connection lives on
-            log.exception("framed call %s failed", type(request).__name__)
-            answer = fault_frame(call_id, grpc.StatusCode.UNKNOWN, f"unexpected error: {exc!r}")
+            answer = fault_frame(call_id, grpc.StatusCode.INVALID_ARGUMENT, f"an undecodable {type(request).__name__}")
+        else:
+            context = FramedContext(identity, None if timeout is None else time.monotonic() + timeout)
+            deadline = asyncio.timeout(timeout)
+            try:
+                async with deadline:
+                    response = await method.handler(request, context)
+                answer = frame(REPLY, _ID.pack(call_id) + response.SerializeToString())
+            except FramedAbort as exc:
+                answer = fault_frame(call_id, exc.code, exc.details)
+            except Exception as exc:  # a servicer bug: the caller gets a status, the connection lives on
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    answer = fault_frame(call_id, grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+                else:
+                    log.exception("framed call %s failed", type(request).__name__)
+                    answer = fault_frame(call_id, grpc.StatusCode.UNKNOWN, f"unexpected error: {exc!r}")
         self.calls_served += 1
-        if not writer.transport.is_closing():
-            writer.write(answer)
+        if writer.transport.is_closing():
+            return
+        try:
+            await self._answer(writer, answer)
+        except (OSError, TimeoutError) as exc:  # the peer went away or reads nothing: let it go
+            log.debug("framed call connection dropped while answering: %r", exc)
+            writer.transport.abort()
 
     def close(self) -> None:
         """Drops every open call connection (the owner is stopping)."""
-        for writer in list(self.connections):
-            writer.transport.abort()
+        drop_connections(self.connections)
 
 
 async def listen_calls(
     server: CallServer, host: str, port: int, ssl_context: ssl.SSLContext | None
 ) -> tuple[asyncio.Server, int]:
     """A listener whose every connection is a call connection of ``server`` (``framed.listen``'s hosts and ports)."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = await first_frame(reader, writer, server.max_bytes)
-        if first is not None:
-            await server.serve(reader, writer, first)
-
-    return await listen(handle, host, port, ssl_context)
+    return await listen(server.accept, host, port, ssl_context)
 
 
-# After a framed connection to a peer failed, its calls stay on gRPC this long (a listener that cannot be reached,
-# e.g. a port a firewall drops, would otherwise cost every call a connection attempt).
+# After a peer's framed listener could not be reached, its calls stay on gRPC this long (a listener a firewall drops
+# would otherwise cost every call a connection attempt).
 RETRY_AFTER_S = 30.0
 
 
 class CallRoute:
     """A client's way to one peer's framed call listener, beside its gRPC channel: the listener's address as the peer's
-    last gRPC reply named it (``learn``), the open channel (connected once for all callers waiting on it), and a pause
-    after a connection failure (``failed``) during which the caller stays on gRPC."""
+    last gRPC reply named it (``learn``), the open channel (one connection attempt for all callers waiting on it),
+    and a pause after the listener could not be reached (``unreachable``) during which the caller stays on gRPC.
+
+    Each change of route (a new address, ``forget``, ``broken``, ``drop``) starts a new generation: a connection
+    attempt of an older one is closed when it completes, so no channel outlives its route."""
 
     def __init__(self, opener: Callable[[str, float], Coroutine[Any, Any, UnaryChannel]]) -> None:
         self._open = opener
         self.address = ""
         self._channel: UnaryChannel | None = None
         self._connecting: asyncio.Task[UnaryChannel] | None = None
+        self._generation = 0
         self._after = 0.0  # time.monotonic() before which ``learn`` ignores the peer's replies
 
     def learn(self, address: str) -> None:
-        """The listener a gRPC reply named ("" none); ignored while paused after a failure."""
+        """The listener a gRPC reply named ("" none); ignored while paused after ``unreachable``."""
         if address != self.address and time.monotonic() >= self._after:
-            self.drop()
-            self.address = address
+            self._next(address)
 
     async def channel(self, timeout: float) -> UnaryChannel:
-        """The open channel to ``address`` (which must be set); raises OSError or TimeoutError when it cannot be had."""
-        address = self.address
-        if self._channel is not None and not self._channel.closed:
-            return self._channel
-        if self._connecting is None:
-            self._connecting = asyncio.get_running_loop().create_task(self._open(address, max(timeout, 1.0)))
-            self._connecting.add_done_callback(lambda t: t.cancelled() or t.exception())  # (retrieved: no warning)
+        """The open channel to ``address`` (which must be set); raises ConnectionError (the connection failed, or the
+        route changed meanwhile) or TimeoutError."""
+        channel = self._channel
+        if channel is not None and not channel.closed:
+            return channel
         connecting = self._connecting
+        if connecting is None:
+            connecting = self._connecting = asyncio.get_running_loop().create_task(
+                self._connect(self.address, self._generation, max(timeout, 1.0))
+            )
+            connecting.add_done_callback(lambda t: t.cancelled() or t.exception())  # (retrieved: no warning)
         try:
             async with asyncio.timeout(timeout):
-                channel = await asyncio.shield(connecting)
+                return await asyncio.shield(connecting)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise
-            raise ConnectionError("the framed connection attempt was dropped") from None  # (``drop`` cancelled it)
+            raise ConnectionError("the framed connection attempt was dropped") from None  # (the route changed)
+
+    async def _connect(self, address: str, generation: int, timeout: float) -> UnaryChannel:
+        try:
+            channel = await self._open(address, timeout)
+        except (OSError, TimeoutError):
+            raise
+        except Exception as exc:  # whatever else a connection attempt raises (a malformed address) is a failure too
+            raise ConnectionError(f"cannot connect to {address!r}: {exc!r}") from exc
         finally:
-            if connecting.done() and self._connecting is connecting:
+            if self._generation == generation:
                 self._connecting = None
-        if self.address != address:  # dropped meanwhile (a failure elsewhere, a new listener)
+        if self._generation != generation:
             channel.close()
-            raise ConnectionError("the framed listener changed")
+            raise ConnectionError("the framed listener changed while connecting")
         self._channel = channel
         return channel
 
-    def failed(self, *, pause: bool) -> None:
-        """The call failed: forget the listener (the next gRPC reply names it again); with ``pause`` (the connection
-        failed, rather than an answer), stay on gRPC for ``RETRY_AFTER_S``."""
-        self.drop()
-        self.address = ""
-        if pause:
-            self._after = time.monotonic() + RETRY_AFTER_S
+    def forget(self) -> None:
+        """The peer answered in a way the caller handles over gRPC (not the leader): its listener is forgotten until
+        a gRPC reply names it again; calls in flight on the channel still get their answers."""
+        self._next("")
+
+    def broken(self, channel: UnaryChannel) -> None:
+        """``channel`` broke under a call: forgotten (if it is still this route's), as ``forget``."""
+        if channel is self._channel:
+            self._next("")
+
+    def unreachable(self) -> None:
+        """No connection could be had: forgotten, and replies naming a listener ignored for ``RETRY_AFTER_S``."""
+        self._next("")
+        self._after = time.monotonic() + RETRY_AFTER_S
 
     def drop(self) -> None:
+        """Closes everything now (the owner is stopping): calls in flight fail."""
+        channel = self._channel
+        self._next("")
+        if channel is not None:
+            channel.close()
+
+    def _next(self, address: str) -> None:
+        self._generation += 1
+        self.address = address
         if self._channel is not None:
-            self._channel.close()
+            self._channel.retire()
             self._channel = None
         if self._connecting is not None:
             self._connecting.cancel()

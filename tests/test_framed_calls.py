@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,7 +32,15 @@ from pyllumnix.control_plane.scheduler.replica import SchedulerReplica, Scheduli
 from pyllumnix.control_plane.scheduler.service import SchedulerServicer
 from pyllumnix.data_plane.llumlet import service as llumlet_service
 from pyllumnix.infra.framed import CALL, FramedContext, frame, listen
-from pyllumnix.infra.framed_calls import CallServer, Method, UnaryChannel, call_frame, first_frame, listen_calls
+from pyllumnix.infra.framed_calls import (
+    FIRST_FRAME_MAX_BYTES,
+    CallRoute,
+    CallServer,
+    Method,
+    UnaryChannel,
+    call_frame,
+    listen_calls,
+)
 from pyllumnix.infra.security.bootstrap import ClusterSecurity
 from pyllumnix.infra.security.ca import role_name
 from pyllumnix.infra.security.tls import client_ssl_context, server_ssl_context
@@ -64,13 +74,7 @@ async def _echo(request: REQ, context: FramedContext) -> RESP:
 @contextlib.asynccontextmanager
 async def echo_server(max_in_flight: int = 256) -> AsyncIterator[tuple[CallServer, str]]:
     calls = CallServer({ECHO: Method(REQ, _echo)}, lambda: None, max_in_flight=max_in_flight)
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        first = await first_frame(reader, writer)
-        if first is not None:
-            await calls.serve(reader, writer, first)
-
-    server, port = await listen(handle, "127.0.0.1", 0, None)
+    server, port = await listen_calls(calls, "127.0.0.1", 0, None)
     try:
         yield calls, f"127.0.0.1:{port}"
     finally:
@@ -162,19 +166,32 @@ async def test_a_broken_connection_fails_every_call_in_flight_and_the_channel_st
         await channel.aclose()
 
 
-async def test_calls_beyond_the_in_flight_bound_are_refused() -> None:
+async def test_calls_beyond_the_in_flight_bound_wait_for_one_to_end() -> None:
+    """The server reads no further call while the bound is reached (old behaviour: refused RESOURCE_EXHAUSTED, which
+    a frontend would have taken for a full cluster)."""
     async with echo_server(max_in_flight=2) as (_, address):
         channel = await _channel(address)
         try:
-            slow = [asyncio.ensure_future(channel.call(ECHO, REQ(request_id="sleep:0.5"), RESP, 5)) for _ in range(2)]
-            await asyncio.sleep(0.1)
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await channel.call(ECHO, REQ(request_id="ok"), RESP, 5)
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert [r.instance_id for r in await asyncio.gather(*slow)] == ["sleep:0.5"] * 2
-            assert (await channel.call(ECHO, REQ(request_id="ok"), RESP, 5)).instance_id == "ok"
+            started = time.monotonic()
+            calls = [channel.call(ECHO, REQ(request_id="sleep:0.3"), RESP, 5) for _ in range(3)]
+            assert [r.instance_id for r in await asyncio.gather(*calls)] == ["sleep:0.3"] * 3
+            assert time.monotonic() - started >= 0.55, "the third call ran after one of the first two ended"
         finally:
             await channel.aclose()
+
+
+async def test_a_large_first_frame_is_refused_before_the_peer_is_authorized() -> None:
+    async with echo_server() as (calls, address):
+        host, _, port = address.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            writer.write(struct.pack(">BI", CALL, FIRST_FRAME_MAX_BYTES + 1))  # a header announcing 1 MiB + 1
+            with contextlib.suppress(ConnectionResetError):
+                async with asyncio.timeout(5):
+                    assert await reader.read(65536) == b"", "dropped without reading the body"
+            assert not calls.connections
+        finally:
+            writer.close()
 
 
 @pytest.mark.parametrize("data", [frame(CALL, b"\x00\x01"), call_frame(1, ECHO, 5, b"") + frame(0, b"")])
@@ -192,6 +209,45 @@ async def test_a_malformed_call_frame_or_a_stream_frame_ends_the_connection(data
             assert not calls.connections
         finally:
             writer.close()
+
+
+async def test_a_route_connects_once_for_all_waiters_and_a_change_never_strands_a_call() -> None:
+    async with echo_server() as (_, address):
+        opened: list[UnaryChannel] = []
+        gate = asyncio.Event()
+
+        async def opener(target: str, timeout: float) -> UnaryChannel:
+            await gate.wait()
+            channel = await _channel(target)
+            opened.append(channel)
+            return channel
+
+        route = CallRoute(opener)
+        route.learn(address)
+        waiters = [asyncio.ensure_future(route.channel(5)) for _ in range(5)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        got = await asyncio.gather(*waiters)
+        assert len(opened) == 1 and all(channel is opened[0] for channel in got)
+        # Forgotten (e.g. "not the leader"): a call in flight on the channel still gets its answer, then it closes.
+        slow = asyncio.ensure_future(got[0].call(ECHO, REQ(request_id="sleep:0.2"), RESP, 5))
+        await asyncio.sleep(0.05)
+        route.forget()
+        assert route.address == "" and (await slow).instance_id == "sleep:0.2"
+        assert opened[0].closed
+        # The route changes while a connection is being made: its waiters fail at once (never hang), and nothing
+        # is left open.
+        gate.clear()
+        route.learn(address)
+        waiter = asyncio.ensure_future(route.channel(5))
+        await asyncio.sleep(0.05)
+        route.learn("127.0.0.1:1")
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(waiter, 1)
+        gate.set()
+        await asyncio.sleep(0.1)
+        assert len(opened) == 1
+        route.drop()
 
 
 # -- the scheduler's framed listener -------------------------------------------------------------------------------
@@ -221,6 +277,7 @@ async def test_framed_dispatch_keeps_the_role_rule_beside_the_load_streams(pki: 
                     with pytest.raises(grpc.aio.AioRpcError) as info:
                         await channel.call(DISPATCH_METHOD, request, RESP, 5)
                     assert info.value.code() == code and "Dispatch" in (info.value.details() or "")
+                    await wait_for(functools.partial(getattr, channel, "closed"), "a refused caller is let go")
             finally:
                 await channel.aclose()
         assert servicer.framed_calls.calls_served == 1
@@ -364,16 +421,29 @@ async def test_the_frontend_adds_over_the_llumlets_framed_listener_once_a_reply_
             await pending
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         llumlet.hang = False
-        await pool.add_request(address, add("r-next"), 2)
-        assert (pool.grpc_adds, pool.framed_adds) == (2, 4) and llumlet.added[-2:] == ["r-lost", "r-next"]
-        # A listener that cannot be reached (closed): the add goes over gRPC at once, exactly once.
+        await pool.add_request(address, add("r-next"), 2)  # over gRPC, whose reply names the listener again
+        await pool.add_request(address, add("r-again"), 2)  # framed, on a new connection
+        assert (pool.grpc_adds, pool.framed_adds) == (2, 5)
+        assert llumlet.added[-3:] == ["r-lost", "r-next", "r-again"]
+        # No answer in time: unknown too; the connection is fine and stays in use.
+        llumlet.hang = True
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pool.add_request(address, add("r-slow"), 0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        llumlet.hang = False
+        await pool.add_request(address, add("r-after-slow"), 2)
+        assert (pool.grpc_adds, pool.framed_adds) == (2, 7)
+        # A listener that cannot be reached (closed): the add goes over gRPC at once, exactly once, and the adds stay
+        # there for a while.
+        calls.close()
         listener.close()
         await listener.wait_closed()
-        pool._routes[address]._after = 0.0
-        await pool.add_request(address, add("r-learn"), 2)  # gRPC: names the listener again
-        await pool.add_request(address, add("r-refused"), 2)  # the connection is refused: gRPC
-        assert (pool.grpc_adds, pool.framed_adds) == (4, 4)
-        assert llumlet.added[-2:] == ["r-learn", "r-refused"]
+        route = pool._routes[address]
+        await wait_for(lambda: route._channel is None or route._channel.closed, "the client saw its connection end")
+        await pool.add_request(address, add("r-refused"), 2)
+        await pool.add_request(address, add("r-paused"), 2)
+        assert (pool.grpc_adds, pool.framed_adds) == (4, 7)
+        assert llumlet.added[-2:] == ["r-refused", "r-paused"]
     finally:
         await pool.close()
         calls.close()

@@ -25,16 +25,23 @@ from pyllumnix.data_plane.engine.base import RequestSpec, Sampling
 from pyllumnix.data_plane.engine.sim import SimEngine
 from pyllumnix.data_plane.llumlet.llumlet import Llumlet
 from pyllumnix.data_plane.llumlet.migration.coordinator import MigrationCoordinator, MigrationSettings, data_key
-from pyllumnix.data_plane.llumlet.service import MAX_STREAMS_PER_CALLER, LlumletServicer, election_leader
+from pyllumnix.data_plane.llumlet.service import (
+    ADD_REQUEST_METHOD,
+    MAX_STREAMS_PER_CALLER,
+    LlumletServicer,
+    election_leader,
+)
 from pyllumnix.data_plane.llumlet.service import forwarded_abort_metadata as forwarded
 from pyllumnix.data_plane.transport.fusion import chunk_key_of
 from pyllumnix.data_plane.transport.inproc import InprocTransport
 from pyllumnix.infra.etcd.election import LeaderInfo
 from pyllumnix.infra.etcd.errors import EtcdUnavailableError
+from pyllumnix.infra.framed_calls import UnaryChannel, listen_calls
 from pyllumnix.infra.security.authz import RoleInterceptor
 from pyllumnix.infra.security.bootstrap import ClusterSecurity, bootstrap_local
+from pyllumnix.infra.security.ca import role_name
 from pyllumnix.infra.security.fencing import term_metadata
-from pyllumnix.infra.security.tls import grpc_server_credentials, secure_channel
+from pyllumnix.infra.security.tls import client_ssl_context, grpc_server_credentials, secure_channel, server_ssl_context
 from pyllumnix.infra.vocabulary import InstanceState
 from pyllumnix.protos.llumnix.v1 import admin_pb2, common_pb2, llumlet_pb2, llumlet_pb2_grpc
 from pyllumnix.tools.recording_sink import RecordingSink
@@ -675,3 +682,51 @@ async def test_a_registry_that_cannot_be_read_answers_unavailable(node: Node) ->
         "127.0.0.1:1",
     )
     await assert_victim_untouched(node)
+
+
+async def test_the_framed_addrequest_port_admits_frontends_only(node: Node) -> None:
+    """The llumlet's framed call listener (``--call-port``) keeps AddRequest's rule: a frontend's add runs token-exact,
+    another role is refused and let go; its gRPC replies name the listener (before: AddRequest over gRPC only)."""
+    node.servicer.framed_cluster = CLUSTER
+    listener, port = await listen_calls(
+        node.servicer.framed_calls, "127.0.0.1", 0, server_ssl_context(node.pki.paths("llumlet", "i-1"))
+    )
+    node.servicer.call_address = f"127.0.0.1:{port}"
+    assert node.sink.server is not None
+    request = common_pb2.EngineRequest(
+        request_id="victim",
+        prompt_token_ids=PROMPT,
+        sampling=common_pb2.SamplingParams(max_tokens=MAX_TOKENS, seed=11, ignore_eos=True),
+        frontend_address=node.sink.server.address,
+    )
+    add = llumlet_pb2.AddRequestRequest(request=request)
+    try:
+        for role, id in [("llumlet", "i-2"), ("scheduler", "s0"), ("frontend", "f0")]:
+            channel = await UnaryChannel.open(
+                node.servicer.call_address,
+                ssl_context=client_ssl_context(node.pki.paths(role, id)),
+                server_name=role_name("llumlet"),
+                timeout=DEADLINE,
+            )
+            try:
+                if role != "frontend":
+                    await refused(
+                        channel.call(ADD_REQUEST_METHOD, add, llumlet_pb2.AddRequestResponse, DEADLINE),
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "AddRequest",
+                    )
+                    await until(lambda: channel.closed, "a refused caller is let go")  # noqa: B023 (awaited here)
+                    assert "victim" not in node.llumlet.owners
+                else:
+                    reply = await channel.call(ADD_REQUEST_METHOD, add, llumlet_pb2.AddRequestResponse, DEADLINE)
+                    assert reply.instance_id == "i-1" and reply.call_address == node.servicer.call_address
+            finally:
+                await channel.aclose()
+        await assert_victim_untouched(node)
+        # The gRPC reply names the listener.
+        request.request_id = "second"
+        reply = await node.call("frontend", "f0", "AddRequest", llumlet_pb2.AddRequestRequest(request=request))
+        assert reply.call_address == node.servicer.call_address
+    finally:
+        node.servicer.framed_calls.close()
+        listener.close()

@@ -80,15 +80,17 @@ class ChannelPool:
     async def add_request(self, address: str, add: llumlet_pb2.AddRequestRequest, timeout: float) -> None:
         """AddRequest at the llumlet at ``address``: over its framed listener once a gRPC reply named it, else over
         gRPC. Raises ``AioRpcError`` as gRPC does, a framed call whose outcome is unknown (the connection broke after
-        the request went out, no answer in time) as DEADLINE_EXCEEDED; a framed connection that cannot be had sends
-        the request over gRPC instead (nothing went out) and keeps this llumlet's adds there for a while."""
+        the request went out, no answer in time) as DEADLINE_EXCEEDED; when no framed connection can be had the
+        request goes over gRPC in the time left (nothing went out) and this llumlet's adds stay there for a while."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         route = self._routes.get(address)
         if route is not None and route.address:
             try:
                 channel = await route.channel(min(FRAMED_CONNECT_S, timeout / 2))
             except (OSError, TimeoutError) as exc:
                 log.info("framed AddRequest at %s: no connection (%r); over gRPC for %gs", address, exc, RETRY_AFTER_S)
-                route.failed(pause=True)
+                route.unreachable()
             else:
                 self.framed_adds += 1
                 try:
@@ -96,11 +98,11 @@ class ChannelPool:
                 except TimeoutError:
                     raise _ambiguous("no answer to the framed AddRequest in time") from None
                 except OSError as exc:  # the connection broke with the request on its way or there
-                    route.failed(pause=True)
+                    route.broken(channel)
                     raise _ambiguous(f"the framed AddRequest's connection broke: {exc!r}") from None
                 return
         self.grpc_adds += 1
-        reply = await self.llumlet(address).AddRequest(add, timeout=timeout)
+        reply = await self.llumlet(address).AddRequest(add, timeout=max(deadline - loop.time(), 0.001))
         if self.framed:
             if route is None:
                 route = self._routes[address] = CallRoute(
@@ -116,9 +118,6 @@ class ChannelPool:
             return
         del self._channels[address]
         self._llumlet_stubs.pop(address, None)
-        route = self._routes.pop(address, None)
-        if route is not None:
-            route.drop()
         self.discarded += 1
         task = asyncio.get_running_loop().create_task(current.close(grace=DISCARD_GRACE_S))
         self._retired[current] = task

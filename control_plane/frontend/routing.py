@@ -125,9 +125,8 @@ class LeaderDispatcher:
     gRPC reply names the leader's framed listener (``dispatch_address``), further dispatches go there as framed calls
     (``infra.framed_calls``: a frame each way on one connection instead of a grpc.aio unary call, ~1 ms less CPU per
     request across both sides). Any failure there but the leader's own refusal (full, invalid) drops the connection
-    and that dispatch goes over gRPC, whose rules (redirects, failover) find the leader and name its listener again;
-    after a connection failure (not an answer such as "not the leader") dispatches stay on gRPC for
-    ``infra.framed_calls.RETRY_AFTER_S``.
+    and that dispatch goes over gRPC in the time left, whose rules (redirects, failover) find the leader and name its
+    listener again; a listener that cannot be reached keeps dispatches on gRPC for ``infra.framed_calls.RETRY_AFTER_S``.
     """
 
     def __init__(
@@ -166,9 +165,10 @@ class LeaderDispatcher:
             max_tokens=max_tokens,
         )
 
-        budget = timeout or self.timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.timeout)
         if self.route.address:
-            answer = await self._dispatch_framed(request, budget)
+            answer = await self._dispatch_framed(request, deadline)
             if answer is not None:
                 return answer.instance_id, answer.grpc_address
 
@@ -179,30 +179,40 @@ class LeaderDispatcher:
             return reply
 
         self.grpc_dispatches += 1
-        reply = await self.pool.call(invoke, what="Dispatch", kind=CallKind.READ, prefer_leader=True, timeout=budget)
+        left = max(deadline - loop.time(), 0.001)
+        reply = await self.pool.call(invoke, what="Dispatch", kind=CallKind.READ, prefer_leader=True, timeout=left)
         if self.framed:
             self.route.learn(reply.dispatch_address)
         return reply.instance_id, reply.grpc_address
 
     async def _dispatch_framed(
-        self, request: scheduler_pb2.DispatchRequest, budget: float
+        self, request: scheduler_pb2.DispatchRequest, deadline: float
     ) -> scheduler_pb2.DispatchResponse | None:
-        """The leader's answer over its framed listener; None (the listener forgotten) when that failed in a way
-        gRPC's rules handle; the leader's refusal (full, invalid) is raised as gRPC's would be."""
+        """The leader's answer over its framed listener; None when that failed in a way gRPC's rules handle (the
+        caller then dispatches over gRPC in the time left); the leader's refusal (full, invalid) is raised as gRPC's
+        would be."""
+        loop = asyncio.get_running_loop()
         address = self.route.address
         try:
-            channel = await self.route.channel(budget / 2)
-            self.framed_dispatches += 1
-            return await channel.call(DISPATCH_METHOD, request, scheduler_pb2.DispatchResponse, budget / 2)
+            channel = await self.route.channel((deadline - loop.time()) / 2)
+        except (OSError, TimeoutError) as exc:  # refused, unreachable, a TLS failure: gRPC for a while
+            log.info("framed dispatch at %s: no connection (%r); over gRPC for %gs", address, exc, RETRY_AFTER_S)
+            self.route.unreachable()
+            return None
+        self.framed_dispatches += 1
+        try:
+            return await channel.call(DISPATCH_METHOD, request, scheduler_pb2.DispatchResponse, deadline - loop.time())
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _FRAMED_FINAL:
                 raise from_rpc_error(exc, endpoint=address, may_have_started=False) from None
             # The listener answered (e.g. no longer the leader): gRPC's reply names the leader's listener again.
             log.debug("framed dispatch at %s refused (%s); dispatching over gRPC", address, exc.code().name)
-            self.route.failed(pause=False)
-        except (OSError, TimeoutError) as exc:  # a refused or broken connection (TLS errors too), no answer in time
-            log.info("framed dispatch at %s failed (%r); over gRPC for %gs", address, exc, RETRY_AFTER_S)
-            self.route.failed(pause=True)
+            self.route.forget()
+        except TimeoutError:
+            log.debug("framed dispatch at %s: no answer in time", address)
+        except OSError as exc:  # the connection broke
+            log.debug("framed dispatch at %s: %r; dispatching over gRPC", address, exc)
+            self.route.broken(channel)
         return None
 
     async def readiness(self, *, timeout: float | None = None) -> Readiness:
@@ -229,7 +239,7 @@ class LeaderDispatcher:
         """Nothing to do: the leader counts requests from the instances' load reports."""
 
     async def close(self) -> None:
-        self.route.failed(pause=False)
+        self.route.drop()
         if self._owns_pool:
             await self.pool.close()
 

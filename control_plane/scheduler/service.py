@@ -135,13 +135,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def serve_framed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A connection to the framed listener (the replica's ``report_address``): framed Dispatch calls when its
         first frame is a call, else a llumlet's load stream."""
-        first = await first_frame(reader, writer)
-        if first is None:
-            return
-        if first[0] == CALL:
-            await self.framed_calls.serve(reader, writer, first)
-        else:
-            await self.serve_framed_reports(reader, writer, first=first)
+        self.framed_connections.add(writer)  # (from its start: a stop drops it even before its first frame)
+        try:
+            first = await first_frame(reader, writer)
+            if first is None:
+                return
+            if first[0] == CALL:
+                await self.framed_calls.serve(reader, writer, first)
+            else:
+                await self.serve_framed_reports(reader, writer, first=first)
+        finally:
+            self.framed_connections.discard(writer)
 
     async def serve_framed_reports(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, first: tuple[int, bytes] | None = None

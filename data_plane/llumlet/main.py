@@ -388,9 +388,9 @@ class _Servers:
         self.port = server.port
 
     async def stop(self, grace: float | None) -> None:
-        self.listener.close()
-        self.calls.close()
+        self.listener.close()  # no new connection; the calls in flight have gRPC's grace too
         await self.server.stop(grace)
+        self.calls.close()
 
 
 async def _with_call_listener(server: Any, servicer: LlumletServicer, opts: LlumletOptions) -> _Servers:
