@@ -118,6 +118,8 @@ async def connect(
                 limit=max(2**16, min(max_bytes, 2**22)),
             )
     except ValueError as exc:  # e.g. a host name IDNA cannot encode (UnicodeError)
+        if isinstance(exc, OSError):  # ssl.SSLCertVerificationError is both: kept as it is
+            raise
         raise ConnectionError(f"cannot connect to {address!r}: {exc}") from exc
     keep_alive(writer)
     return reader, writer

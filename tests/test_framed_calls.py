@@ -449,3 +449,11 @@ async def test_the_frontend_adds_over_the_llumlets_framed_listener_once_a_reply_
         calls.close()
         listener.close()
         await server.stop(None)
+
+
+@pytest.mark.parametrize("address", ["no-port", "127.0.0.1:http", f"{'a' * 64}.example:1"])
+async def test_a_malformed_address_is_a_connection_failure(address: str) -> None:
+    """A listener address from a peer's reply that cannot be dialled (no port, a label IDNA cannot encode) fails as an
+    unreachable one does, so the caller falls back to gRPC (before: ValueError, which no fallback caught)."""
+    with pytest.raises(ConnectionError):
+        await UnaryChannel.open(address, ssl_context=None, server_name=None, timeout=2)
