@@ -67,13 +67,19 @@ def status_frame(code: grpc.StatusCode, details: str) -> bytes:
     return frame(STATUS, struct.pack(">H", number) + details.encode())
 
 
+def rpc_error(code: grpc.StatusCode | int, details: str) -> grpc.aio.AioRpcError:
+    """The error a gRPC call ending with ``code`` (or its number, as frames carry it) raises, so callers of framed
+    exchanges keep gRPC's one error model."""
+    if isinstance(code, int):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
 def _status_error(body: bytes) -> grpc.aio.AioRpcError:
     if len(body) < 2:
         raise FrameError("a status frame without a code")
     (number,) = struct.unpack(">H", body[:2])
-    code = next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
-    details = body[2:].decode(errors="replace")
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+    return rpc_error(number, body[2:].decode(errors="replace"))
 
 
 async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> tuple[int, bytes] | None:

@@ -51,6 +51,7 @@ from pyllumnix.infra.framed import (
     keep_alive,
     listen,
     read_frame,
+    rpc_error,
 )
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,7 @@ def _fault_error(body: bytes) -> tuple[int, grpc.aio.AioRpcError]:
         call_id, number = _FAULT_HEAD.unpack_from(body)
     except struct.error as exc:
         raise FrameError("a malformed fault frame") from exc
-    code = next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)
-    details = body[_FAULT_HEAD.size :].decode(errors="replace")
-    return call_id, grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+    return call_id, rpc_error(number, body[_FAULT_HEAD.size :].decode(errors="replace"))
 
 
 class UnaryChannel:

@@ -16,6 +16,7 @@ import logging
 
 import grpc
 
+from pyllumnix.infra.framed import rpc_error
 from pyllumnix.infra.framed_calls import RETRY_AFTER_S, CallRoute
 from pyllumnix.infra.security.runtime import open_channel, open_framed_calls
 from pyllumnix.protos.llumnix.v1 import llumlet_pb2, llumlet_pb2_grpc
@@ -41,9 +42,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 def _ambiguous(details: str) -> grpc.aio.AioRpcError:
     """A framed AddRequest whose outcome is unknown (sent, then no answer): the caller handles it as gRPC's
     DEADLINE_EXCEEDED (the instance may still add the request)."""
-    return grpc.aio.AioRpcError(
-        grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details
-    )
+    return rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, details)
 
 
 class ChannelPool:
