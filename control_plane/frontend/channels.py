@@ -93,7 +93,8 @@ class ChannelPool:
             else:
                 self.framed_adds += 1
                 try:
-                    await channel.call(ADD_REQUEST_METHOD, add, llumlet_pb2.AddRequestResponse, timeout)
+                    left = max(deadline - loop.time(), 0.001)  # (the connection may have taken some)
+                    await channel.call(ADD_REQUEST_METHOD, add, llumlet_pb2.AddRequestResponse, left)
                 except TimeoutError:
                     raise _ambiguous("no answer to the framed AddRequest in time") from None
                 except OSError as exc:  # the connection broke with the request on its way or there
