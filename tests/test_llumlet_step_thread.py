@@ -1,9 +1,11 @@
 """A sim llumlet whose step writes a large KV payload keeps its event loop serving while the write runs.
 
 The sim engine writes real bytes per token (``PayloadStore.fill``); at a 7B model's 512 KiB per token a long prefill
-writes hundreds of MiB, which took seconds of wall time in fresh memory. The llumlet ran the whole step in its event
+wrote hundreds of MiB, which took seconds of wall time in fresh memory. The llumlet ran the whole step in its event
 loop, so nothing else ran meanwhile: lease keep-alives, load reports and AddRequest answers missed their deadlines
-(12 lease losses in one 100-request run). Now the write goes to a worker thread; the event loop keeps ticking.
+(12 lease losses in one 100-request run). The store now records in-order fills instead of writing them (payload.py),
+so a prefill writes nothing until read; a large step's write still goes to a worker thread, for the fills the store
+writes as arrays (into blocks a migration brought in). The event loop keeps ticking either way.
 
 Real objects throughout: an in-process Llumlet with a SimEngine and a real output sink (gRPC). The bound compares the
 event loop's worst tick delay with the prefill step's own measured duration, not with a fixed time, so a slow or
@@ -28,6 +30,7 @@ from pyllumnix.tools.recording_sink import RecordingSink
 BYTES_PER_TOKEN = 1 << 20  # 2x a 7B model's, so the prefill's write takes a clearly measurable time on any host
 PROMPT_TOKENS = 480  # 480 MiB written by one step, into fresh memory
 TICK_S = 0.005
+WRITE_S = 0.5  # a large write's least duration in the probe below
 
 
 def _request(rid: str, sink: RecordingSink, prompt_tokens: int, max_tokens: int) -> common_pb2.EngineRequest:
@@ -45,7 +48,8 @@ def _engine() -> SimEngine:
 
 
 class _WriteProbe(SimEngine):
-    """Tells the test (thread-safely) when a large payload write starts and how long it took."""
+    """Tells the test (thread-safely) when a large payload write starts and how long it took; a large write lasts
+    at least ``WRITE_S``, as one into arrays would (the store's recorded fills take microseconds)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(with_overrides(TINY, bytes_per_token=BYTES_PER_TOKEN), payload_spare_bytes=0)
@@ -62,6 +66,7 @@ class _WriteProbe(SimEngine):
             self.loop.call_soon_threadsafe(self.started.set)
         super().write_step_payload(step)
         if big:
+            time.sleep(max(0.0, WRITE_S - (time.monotonic() - t)))  # in the worker thread, as the real write runs
             self.write_s.append(time.monotonic() - t)
 
 

@@ -1,10 +1,14 @@
 """Real KV payload bytes for the simulated engine, so migration moves (and tests can check) actual data.
 
 Each token's slot (``bytes_per_token`` bytes) in its block holds one 64-bit value repeated, a hash of (request id,
-token position): cheap to write (one broadcast store per block) and checkable after any copy. Block memory exists only
-while a block holds data, so a 7B-sized pool costs memory in proportion to the blocks in use. Freed arrays are kept as
-spares (up to ``spare_bytes``) and reused: a fresh 8 MiB array costs page faults on first touch, which made real-time
-steps overrun their modelled duration; ``prewarm`` fills the spares up front, as vLLM allocates its KV cache at start.
+token position): checkable after any copy. A block the engine fills in order (every prefill and decode) is kept as a
+record, (request key, first position, slots filled), and its bytes are made only when read (a migration's source) or
+when a fill breaks the order; a block written from outside (a migration's destination) holds an array. Why: a real
+engine writes its KV on the accelerator, at no host CPU, but writing these bytes eagerly cost each llumlet ~20 % of its
+CPU in ``llumnix bench peers`` (~8 ms per request at 8 KiB per token: memory bandwidth, not arithmetic), work no real
+deployment's host does; a migration still reads, sends and checks every byte. Freed arrays are kept as spares (up to
+``spare_bytes``) and reused: a fresh 8 MiB array costs page faults on first touch; ``prewarm`` fills the spares up
+front, as vLLM allocates its KV cache at start.
 """
 
 from __future__ import annotations
@@ -67,7 +71,11 @@ def expected_block_bytes(
 
 
 class PayloadStore:
-    """Block id -> bytes. ``enabled=False`` keeps nothing (large-scale simulation) and reads back zeros."""
+    """Block id -> bytes, as an array or as a record of in-order fills (see the module docstring). ``enabled=False``
+    keeps nothing (large-scale simulation) and reads back zeros.
+
+    ``read`` may run in another thread while the owner fills: it looks at the records before the arrays, and a record
+    becomes an array by storing the array first, so a block is never missed in between."""
 
     def __init__(
         self, block_size: int, bytes_per_token: int, *, enabled: bool = True, spare_bytes: int = 1 << 30
@@ -78,10 +86,19 @@ class PayloadStore:
         self.enabled = enabled
         self.max_spares = spare_bytes // self.block_bytes
         self._blocks: dict[int, npt.NDArray[np.uint8]] = {}
+        # block id -> (request key, position of its first slot, slots filled): slots [0, filled) hold the request's
+        # values, the rest zeros.
+        self._records: dict[int, tuple[int, int, int]] = {}
         self._spares: list[npt.NDArray[np.uint8]] = []
 
     @property
     def num_materialized(self) -> int:
+        """Blocks holding data, as arrays or records."""
+        return len(self._blocks) + len(self._records)
+
+    @property
+    def num_arrays(self) -> int:
+        """Blocks whose bytes exist as an array (written from outside, or filled out of order)."""
         return len(self._blocks)
 
     @property
@@ -102,19 +119,45 @@ class PayloadStore:
         except IndexError:
             return host_buffer(self.block_bytes)
 
+    def _render(self, out: npt.NDArray[np.uint8], record: tuple[int, int, int]) -> None:
+        """Writes a record's bytes into ``out`` (one block)."""
+        key, first, filled = record
+        bpt = self.bytes_per_token
+        out[filled * bpt :] = 0
+        if filled:
+            _fill_block(out, token_values(key, first, first + filled), 0, bpt)
+
     def _block(self, block_id: int, first_slot: int, end_slot: int) -> npt.NDArray[np.uint8]:
-        """The block's array; a new one gets zeros outside slots [first_slot, end_slot), which the caller fills."""
+        """The block's array, made from its record if it has one; a new one gets zeros outside slots
+        [first_slot, end_slot), which the caller fills."""
         block = self._blocks.get(block_id)
         if block is None:
             block = self._new_array()
-            bpt = self.bytes_per_token
-            block[: first_slot * bpt] = 0
-            block[end_slot * bpt :] = 0
-            self._blocks[block_id] = block
+            record = self._records.get(block_id)
+            if record is not None:
+                self._render(block, record)
+            else:
+                bpt = self.bytes_per_token
+                block[: first_slot * bpt] = 0
+                block[end_slot * bpt :] = 0
+            self._blocks[block_id] = block  # before the record goes: a concurrent read sees one or the other
+            self._records.pop(block_id, None)
         return block
+
+    def _record(self, block_id: int, key: int, first: int, lo: int, hi: int) -> bool:
+        """Records slots [lo, hi) of ``key``'s block starting at position ``first`` when that extends what the block
+        holds in order (a fresh block from slot 0, or the next slots of the same request's block); False otherwise."""
+        if block_id in self._blocks:
+            return False
+        record = self._records.get(block_id)
+        if lo != (0 if record is None else record[2]) or (record is not None and record[:2] != (key, first)):
+            return False
+        self._records[block_id] = (key, first, hi)
+        return True
 
     def drop(self, block_ids: Sequence[int]) -> None:
         for b in block_ids:
+            self._records.pop(b, None)
             block = self._blocks.pop(b, None)
             if block is not None and len(self._spares) < self.max_spares:
                 self._spares.append(block)
@@ -123,19 +166,26 @@ class PayloadStore:
         """Writes the KV of token positions [start, end) of the request whose logical blocks are ``block_ids``."""
         if not self.enabled or end <= start:
             return
+        bs = self.block_size
         if end == start + 1:  # a decode step's one token
-            bs, bpt = self.block_size, self.bytes_per_token
             index, slot = divmod(start, bs)
-            words = bpt // 8
-            block = self._block(block_ids[index], slot, slot + 1)
+            block_id = block_ids[index]
+            if self._record(block_id, key, index * bs, slot, slot + 1):
+                return
+            words = self.bytes_per_token // 8
+            block = self._block(block_id, slot, slot + 1)
             block.view(np.uint64)[slot * words : (slot + 1) * words] = token_value(key, start)
             return
-        values = token_values(key, start, end)
-        bs = self.block_size
+        values: npt.NDArray[np.uint64] | None = None
         for index in range(start // bs, (end - 1) // bs + 1):
-            lo, hi = max(start, index * bs), min(end, (index + 1) * bs)
-            block = self._block(block_ids[index], lo - index * bs, hi - index * bs)
-            _fill_block(block, values[lo - start : hi - start], lo - index * bs, self.bytes_per_token)
+            first = index * bs
+            lo, hi = max(start, first), min(end, first + bs)
+            if self._record(block_ids[index], key, first, lo - first, hi - first):
+                continue
+            if values is None:
+                values = token_values(key, start, end)
+            block = self._block(block_ids[index], lo - first, hi - first)
+            _fill_block(block, values[lo - start : hi - start], lo - first, self.bytes_per_token)
 
     def read(self, block_ids: Sequence[int], out: BlockBuffer | None = None) -> BlockBuffer:
         """Copies the blocks into ``out`` (a reused, already touched buffer avoids page faults) or a new buffer."""
@@ -145,6 +195,10 @@ class PayloadStore:
         elif out.shape != shape or out.dtype != np.uint8:
             raise ValueError(f"out has shape {out.shape} {out.dtype}, need {shape} uint8")
         for i, b in enumerate(block_ids):
+            record = self._records.get(b) if self.enabled else None  # records first: see the class docstring
+            if record is not None:
+                self._render(out[i], record)
+                continue
             block = self._blocks.get(b) if self.enabled else None
             if block is not None:
                 np.copyto(out[i], block)
@@ -161,3 +215,4 @@ class PayloadStore:
                 block = self._new_array()
             np.copyto(block, data[i])
             self._blocks[b] = block
+            self._records.pop(b, None)

@@ -206,7 +206,8 @@ class SimEngine(Engine):
         )
 
     def write_step_payload(self, step: SimStepPlan) -> None:
-        """Writes the KV payload of the planned step's tokens (the step's only heavy work; releases the GIL)."""
+        """Writes the KV payload of the planned step's tokens: in-order fills are only recorded (payload.py); a fill
+        into an array (a block a migration brought in) writes bytes, releasing the GIL."""
         for block_ids, key, start, end in step.writes:
             self.payload.fill(block_ids, key, start, end)
 

@@ -677,7 +677,9 @@ class Llumlet:
         """A sim step, its payload write in a worker thread when large: planning and finishing change the engine's
         state and stay here (so a reader on the loop, e.g. a load report, never meets a half-changed engine), while
         the write, which only fills blocks the step's requests hold, would otherwise hold the event loop for as long
-        as it takes (seconds for a long prefill at a 7B model's 512 KiB per token: missed deadlines, lost leases)."""
+        as it takes (seconds for a long prefill at a 7B model's 512 KiB per token when every fill wrote bytes: missed
+        deadlines, lost leases). The store now records in-order fills, so the hop mostly carries microseconds of work;
+        it stays for the fills written as arrays, and costs ~0.1 ms only on steps of 8 MiB of KV or more."""
         plan = engine.plan_step(time.time())
         if plan.payload_bytes >= THREAD_PAYLOAD_BYTES:
             self._adds_open = True
