@@ -86,7 +86,7 @@ async def test_black_hole_endpoint_is_bounded_too() -> None:
 
 async def test_killing_the_leader_member_fails_over_within_a_lease_stall(etcd3: EmbeddedEtcd) -> None:
     """After the member it talks to dies, the client's calls succeed again (on another member) well within the stall
-    a lease survives (llumlet leases: TTL 5 s - renewal period 1 s = 4 s), so no holder loses its lease to a member
+    a lease survives (llumlet leases: TTL 6 s - renewal period 2 s = 4 s), so no holder loses its lease to a member
     kill. Without fail-over each call would spend its whole retry budget (2.5 s) and then fail."""
     leader = await asyncio.to_thread(etcd3.leader_index)
     # The client talks to the leader first: the worst case, its connection dies with it.

@@ -19,7 +19,7 @@ from pyllumnix.infra.etcd.lease import Lease
 
 pytestmark = pytest.mark.integration
 
-# Scaled from the design (llumlet leases: TTL 5 s renewed every 1 s): a renewal stall of TTL - renew_every = 1.5 s is
+# Scaled from the design (llumlet leases: TTL 6 s renewed every 2 s): a renewal stall of TTL - renew_every = 1.5 s is
 # survived, which covers a member kill's fail-over (measured well under 1 s) with margin.
 TTL, RENEW_EVERY = 2, 0.5
 # Slack for event-loop and process scheduling on a loaded machine (a load average of 10 has been seen).
@@ -100,8 +100,8 @@ async def test_stopped_keepalive_reports_loss_within_ttl(etcd_client: EtcdClient
 
 
 async def test_revoked_elsewhere_is_reported_as_lost(etcd_client: EtcdClient) -> None:
-    ttl = 5
-    lease = await Lease.grant(etcd_client, ttl, renew_every=1.0)  # the llumlet design: TTL 5 s, renewed every 1 s
+    ttl = 6
+    lease = await Lease.grant(etcd_client, ttl, renew_every=2.0)  # the llumlet design: TTL 6 s, renewed every 2 s
     await etcd_client.lease_revoke(lease.id)  # e.g. an operator, or a zombie cleanup
     # Reported by the next keep-alive's answer, well before the local deadline (TTL) could have fired.
     await asyncio.wait_for(lease.lost.wait(), timeout=ttl - 1)

@@ -181,7 +181,7 @@ async def test_a_llumlet_stalled_past_its_lease_comes_back_registered_with_its_s
 async def test_a_short_stall_within_the_default_ttl_keeps_the_lease(
     etcd1: EmbeddedEtcd, procs: Processes, sink: RecordingSink, etcd_cluster_name: str
 ) -> None:
-    """The default TTL (5 s, renewed every TTL/5) rides out a 3 s stall: the entry never vanishes (the old default,
+    """The default TTL (6 s, renewed every TTL/3) rides out a 3 s stall: the entry never vanishes (the old default,
     3 s renewed every second, lost it and the llumlet exited)."""
     llumlet = start_llumlet(procs, etcd1, etcd_cluster_name)
     client = harness_etcd_client(etcd_urls(etcd1))

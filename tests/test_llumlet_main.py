@@ -54,7 +54,7 @@ def test_bad_reliability_settings_are_refused_with_a_usage_error(args: list[str]
 
 def test_defaults_ride_out_short_stalls_and_slow_frontends() -> None:
     opts = LlumletOptions()
-    assert opts.lease_ttl == 5 and opts.push_budget_s == 30.0 and opts.max_waiting == 256
+    assert opts.lease_ttl == 6 and opts.push_budget_s == 30.0 and opts.max_waiting == 256
     help_text = CliRunner().invoke(llumlet_command, ["--help"]).output
     for option in ("--push-budget", "--sink-idle-close", "--max-waiting", "--lease-ttl"):
         assert option in help_text

@@ -57,7 +57,7 @@ class FrontendOptions:
     cluster: str = "default"
     # This frontend's id (its certificate's; its registry key is under it) and its registry lease's TTL, seconds.
     frontend_id: str = "f0"
-    lease_ttl: int = 5
+    lease_ttl: int = 6
     host: str = "127.0.0.1"
     advertise_host: str = ""
     http_port: int = 8000
@@ -362,9 +362,9 @@ def _split(value: str) -> list[str]:
 @click.option(
     "--lease-ttl",
     type=click.IntRange(min=1),
-    default=5,
+    default=6,
     show_default=True,
-    help="TTL of this frontend's etcd registry lease, s (with --etcd; renewed every TTL/5).",
+    help="TTL of this frontend's etcd registry lease, s (with --etcd; renewed every TTL/3).",
 )
 @click.option(
     "--https/--no-https",

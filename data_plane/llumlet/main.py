@@ -7,8 +7,8 @@ an ERROR output to their frontends.
 Losing the registry lease (etcd unreachable, or this process stalled, for longer than ``--lease-ttl``) no longer stops
 the llumlet (it used to exit with code 3, and nothing restarted it): it keeps serving its requests and registers again
 under a new lease with the same instance id and InstanceInfo, retrying etcd with backoff until that succeeds (see
-``registration``). The default TTL of 5 s, renewed every TTL/5, rides out a stall of up to ~3.5 s without losing
-the lease at all; a dead llumlet leaves the registry 5 s after its last renewal.
+``registration``). The default TTL of 6 s, renewed every TTL/3, rides out a stall of up to ~3.5 s without losing
+the lease at all; a dead llumlet leaves the registry 6 s after its last renewal.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class LlumletOptions:
     etcd: list[str] = field(default_factory=list)
     cluster: str = "default"
     transport: str = "auto"
-    lease_ttl: int = 5
+    lease_ttl: int = 6
     load_interval_ms: int = 50
     # Seconds one batch of outputs may keep failing to reach its frontend before that frontend's requests are aborted.
     push_budget_s: float = 30.0
@@ -488,9 +488,9 @@ async def _shut_down(
 @click.option(
     "--lease-ttl",
     type=click.IntRange(min=1),
-    default=5,
+    default=6,
     show_default=True,
-    help="Registry lease TTL, seconds (renewed every TTL/5): an instance that dies leaves the registry (and its "
+    help="Registry lease TTL, seconds (renewed every TTL/3): an instance that dies leaves the registry (and its "
     "requests are failed) this long after its last renewal; a lost lease is replaced while the llumlet serves on.",
 )
 @click.option(

@@ -22,9 +22,12 @@ from pyllumnix.infra.etcd.lease import Lease
 
 log = logging.getLogger(__name__)
 
-# The lease is renewed every TTL/5 (not the default TTL/3): a stall of up to 4/5 of the TTL, less one round trip, never
-# loses it (with the default TTL of 5 s: stalls up to ~3.5 s are ridden out whenever they start).
-RENEW_FRACTION = 0.2
+# The lease is renewed every TTL/3: a stall of up to 2/3 of the TTL, less one round trip, never loses it (with the
+# default TTL of 6 s: stalls up to ~3.5 s are ridden out whenever they start). Not more often: a renewal costs ~1 ms of
+# CPU in the holder and about as much in etcd, and at one a second per process they were ~15 % of a cluster's CPU per
+# request in ``llumnix bench peers`` (docs/bench-peers/README.md, session 18); TTL 5 s renewed every 1 s rode out the
+# same stalls.
+RENEW_FRACTION = 1 / 3
 
 
 class LeasedRegistration:
