@@ -651,8 +651,7 @@ class Llumlet:
                     self._fail_all(f"engine step failed: {exc!r}")
                     continue
                 remaining = result.duration - (time.monotonic() - t0)
-                yielded = remaining > 0
-                if yielded:
+                if remaining > 0:
                     await asyncio.sleep(remaining)
                 self.stats.steps += 1
                 self.stats.last_step_duration = time.monotonic() - t0
@@ -663,11 +662,8 @@ class Llumlet:
                 self.stats.step_modelled_s += result.duration
                 self.stats.step_wall_s += last_end - t0
                 self.stats.overhead_sq_s2 += (waited + last_end - t0 - result.duration) ** 2
-            # Let other tasks run between steps when the step did not sleep (an engine slower than its model would
-            # otherwise never yield). Handlers waiting on the lock need no extra turn: asyncio.Lock is fair, so the
-            # next acquire waits behind them. Every yield is an event-loop iteration of CPU (~20 steps a second).
-            if not yielded:
-                await asyncio.sleep(0)
+            # let handlers waiting on the lock run between steps
+            await asyncio.sleep(0)
 
     async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Runs ``fn`` in a worker thread; ``stop`` must not touch the engine while one runs (see ``stop``)."""
