@@ -19,7 +19,7 @@ from pyllumnix.infra.etcd.lease import Lease
 
 pytestmark = pytest.mark.integration
 
-# Scaled from the design (llumlet leases: TTL 6 s renewed every 2 s): a renewal stall of TTL - renew_every = 1.5 s is
+# Shorter than the design (llumlet leases: TTL 6 s renewed every 2 s): a renewal stall of TTL - renew_every = 1.5 s is
 # survived, which covers a member kill's fail-over (measured well under 1 s) with margin.
 TTL, RENEW_EVERY = 2, 0.5
 # Slack for event-loop and process scheduling on a loaded machine (a load average of 10 has been seen).

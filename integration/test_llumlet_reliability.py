@@ -188,7 +188,7 @@ async def test_a_short_stall_within_the_default_ttl_keeps_the_lease(
     try:
         before = await entry(client, etcd_cluster_name)
         assert before is not None
-        await asyncio.sleep(1.0)  # a few renewals in
+        await asyncio.sleep(2.5)  # a renewal in (every 2 s at the default TTL)
         with paused(llumlet.proc.pid):
             await asyncio.sleep(3.0)
         for _ in range(20):  # 2 s after the stall: same lease, never removed

@@ -52,7 +52,7 @@ class SimStepPlan:
     duration: float
     plan: Schedule
     writes: tuple[tuple[list[int], int, int, int], ...]
-    payload_bytes: int  # bytes ``write_step_payload`` writes (0 with the payload off)
+    payload_bytes: int  # bytes of KV the step's tokens hold (0 with the payload off); written only into arrays
     free_before: int
     num_prefill_tokens: int
     num_decode_tokens: int

@@ -82,10 +82,12 @@ STOP_STEP_WAIT_S = 5.0
 # Default seconds of silence after which a held request gets a heartbeat output: a third of the frontend's default
 # idle timeout (30 s), so two heartbeats may be lost or late before the frontend gives up.
 HEARTBEAT_S = 10.0
-# A sim step whose payload write is at least this many bytes writes it in a worker thread, off the event loop. The
-# hand-off costs ~90 us CPU (asyncio.to_thread, measured on the 2-core dev host), ~9 % of a step's ~1 ms CPU budget,
-# so small writes (decode steps at serve's 8 KiB per token) stay inline; 8 MiB takes ~0.3 ms CPU / 0.7 ms wall into
-# reused arrays (a stall the loop absorbs) and several times that into fresh memory.
+# A sim step whose tokens hold at least this many bytes of KV writes its payload in a worker thread, off the event
+# loop. The hand-off costs ~90 us CPU (asyncio.to_thread, measured on the 2-core dev host), ~9 % of a step's ~1 ms CPU
+# budget, so small steps (decode steps at serve's 8 KiB per token) stay inline; 8 MiB took ~0.3 ms CPU / 0.7 ms wall
+# into reused arrays and several times that into fresh memory. In-order fills are now records (payload.py), so only
+# fills into arrays (blocks a migration brought in, out-of-order fills) still write bytes; the hop stays for those, at
+# ~90 us on the rare step this large (a prompt of 1,024 tokens at 8 KiB).
 THREAD_PAYLOAD_BYTES = 8 << 20
 
 
@@ -323,7 +325,7 @@ class Llumlet:
         spec = convert.spec_from_pb(request)
         if self._adds_open:
             # A sim step is writing its payload in a worker thread and holds the lock until it ends (seconds, for a
-            # large one); adding only enqueues, which that write never reads, so it need not wait.
+            # large write into arrays); adding only enqueues, which that write never reads, so it need not wait.
             if admit is not None:
                 admit()
             self._add(request, spec)
