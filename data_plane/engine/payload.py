@@ -62,12 +62,17 @@ def expected_block_bytes(
 ) -> npt.NDArray[np.uint8]:
     """The bytes logical block ``block_index`` of a request holds once its first ``num_tokens`` tokens have KV
     (slots past ``num_tokens`` are zero)."""
-    block = np.zeros(block_size * bytes_per_token, dtype=np.uint8)
+    block = np.empty(block_size * bytes_per_token, dtype=np.uint8)
     start = block_index * block_size
-    end = min(num_tokens, start + block_size)
-    if end > start:
-        _fill_block(block, token_values(request_key(request_id), start, end), 0, bytes_per_token)
+    _render(block, request_key(request_id), start, max(0, min(num_tokens, start + block_size) - start), bytes_per_token)
     return block
+
+
+def _render(out: npt.NDArray[np.uint8], key: int, first: int, filled: int, bpt: int) -> None:
+    """One block's bytes into ``out``: the values of positions [first, first + filled), zeros after."""
+    out[filled * bpt :] = 0
+    if filled:
+        _fill_block(out, token_values(key, first, first + filled), 0, bpt)
 
 
 class PayloadStore:
@@ -119,14 +124,6 @@ class PayloadStore:
         except IndexError:
             return host_buffer(self.block_bytes)
 
-    def _render(self, out: npt.NDArray[np.uint8], record: tuple[int, int, int]) -> None:
-        """Writes a record's bytes into ``out`` (one block)."""
-        key, first, filled = record
-        bpt = self.bytes_per_token
-        out[filled * bpt :] = 0
-        if filled:
-            _fill_block(out, token_values(key, first, first + filled), 0, bpt)
-
     def _block(self, block_id: int, first_slot: int, end_slot: int) -> npt.NDArray[np.uint8]:
         """The block's array, made from its record if it has one; a new one gets zeros outside slots
         [first_slot, end_slot), which the caller fills."""
@@ -135,7 +132,7 @@ class PayloadStore:
             block = self._new_array()
             record = self._records.get(block_id)
             if record is not None:
-                self._render(block, record)
+                _render(block, *record, self.bytes_per_token)
             else:
                 bpt = self.bytes_per_token
                 block[: first_slot * bpt] = 0
@@ -197,7 +194,7 @@ class PayloadStore:
         for i, b in enumerate(block_ids):
             record = self._records.get(b) if self.enabled else None  # records first: see the class docstring
             if record is not None:
-                self._render(out[i], record)
+                _render(out[i], *record, self.bytes_per_token)
                 continue
             block = self._blocks.get(b) if self.enabled else None
             if block is not None:

@@ -6,14 +6,4 @@
 #   off (an experiment: `PayloadStore.fill` returns at once), L = 429bc76 (payload records), R = 19b44f5 (+ leases
 #   renewed every 2 s), S = 7a04048 (+ one loop turn less per step).
 # Rounds: TREES="P H" N=2, TREES="L I H" FROM=3 N=4, TREES="R L I" FROM=5 N=6, TREES="S R I" FROM=7 N=8.
-cd /work/main
-W="M-M:poisson:rate=4:n=200:len_max=1024"
-mkdir -p /tmp/s18/ab
-for i in $(seq ${FROM:-1} ${N:-2}); do
-  for t in ${TREES:-P H}; do
-    echo "start $t$i $(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg)" >> /tmp/s18/ab/progress.txt
-    PYTHONPATH=/tmp/s18/snap$t .venv/bin/python -m pyllumnix.tools.cli bench peers --systems llumnix --workload "$W" \
-        --total-blocks 792 --repeats 1 --json /tmp/s18/ab/$t$i.json > /tmp/s18/ab/$t$i.out 2> /tmp/s18/ab/$t$i.err
-    echo "end $t$i rc=$? $(date -u +%H:%M:%S)" >> /tmp/s18/ab/progress.txt
-  done
-done
+SNAPS=/tmp/s18 OUT=/tmp/s18/ab TREES="${TREES:-P H}" N="${N:-2}" exec "$(dirname "$0")/../alternate.sh"
