@@ -56,10 +56,17 @@ def latency_cdfs(runs: Mapping[str, Sequence[RequestRecord]], path: Path, title:
     return _save(fig, path)
 
 
-def instances_over_time(series: Mapping[str, Sequence[tuple[float, int]]], path: Path, title: str = "") -> Path:
+def instances_over_time(
+    series: Mapping[str, Sequence[tuple[float, int]]], path: Path, title: str = "", end_s: float | None = None
+) -> Path:
+    """Instance count over time, one step line per run. A series holds only the changes, so ``end_s`` (the run's
+    end) closes each line there: without it a run that never scaled was drawn as a single point at t = 0."""
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    for label, points in series.items():
-        if points:
+    for label, changes in series.items():
+        if changes:
+            points = list(changes)
+            if end_s is not None and points[-1][0] < end_s:
+                points.append((end_s, points[-1][1]))
             ts, ns = zip(*points, strict=True)
             ax.step(ts, ns, where="post", label=label)
     ax.set_xlabel("virtual time (s)")

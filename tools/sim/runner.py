@@ -119,7 +119,11 @@ def write_run(out: Path, result: SimResult, summary: dict[str, Any], label: str)
     paths[1].write_text(f"# Simulated run: {label}\n\n" + markdown_table({label: summary}) + _sim_line(summary))
     write_requests_csv(result, paths[2])
     paths.append(plots.latency_cdfs({label: result.records}, out / "latency_cdf.png", title=label))
-    paths.append(plots.instances_over_time({label: result.instance_series}, out / "instances.png", title=label))
+    paths.append(
+        plots.instances_over_time(
+            {label: result.instance_series}, out / "instances.png", title=label, end_s=result.end_time_s
+        )
+    )
     return paths
 
 
