@@ -1,4 +1,4 @@
-"""Session 19's veto experiment: Llumnix's prefill P99 per seed on the two patched simulators (v2, v2b) against HEAD's
+"""Session 19's veto experiment: Llumnix's prefill P99 per seed on the patched simulators (v2, v2b, v3) against HEAD's
 (session 9's Fig. 11, same code for both policies) and the ratio to session 9's INFaaS++ on the same seed.
 
     python docs/sim/full/s19/veto/table.py
@@ -12,7 +12,12 @@ import statistics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIG11 = os.path.join(HERE, "..", "..", "fig11-10k-s9")
-TRACES = {"mm77": ("M-M", "M-M rate=7.7"), "ll29": ("L-L", "L-L rate=2.9")}
+TRACES = {
+    "mm77": ("M-M", "M-M rate=7.7"),
+    "ll29": ("L-L", "L-L rate=2.9"),
+    "sl425": ("S-L", "S-L rate=4.25"),
+    "ss35": ("S-S", "S-S rate=35"),
+}
 
 
 def p99(o: dict) -> float:
@@ -32,7 +37,7 @@ def main() -> None:
             runs = json.load(f)["runs"]
         infaas = [p99(runs[str(s)][point]["infaas++"]) for s in range(5)]
         variants = {"HEAD (session 9)": [p99(runs[str(s)][point]["llumnix"]) for s in range(5)]}
-        for v in ("v2", "v2b"):
+        for v in ("v2", "v2b", "v3"):
             paths = [os.path.join(HERE, f"{v}-llumnix", f"{key}-s{s}", "summary.json") for s in range(5)]
             if all(os.path.exists(p) for p in paths):
                 variants[v] = [p99(_load(p)) for p in paths]
