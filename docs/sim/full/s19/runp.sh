@@ -1,5 +1,10 @@
 #!/bin/bash
-# cfg name workload threshold seed   (queue file $1, two workers)
+# Session 19's simulation queue runner (session 9's refit/run.sh with the policy as two more fields). Each queue line:
+#   <snapshot> <name> <workload spec> <migrate-out threshold> <seed> <policy> <--migration|--no-migration>
+# runs `llumnix sim` on PYTHONPATH=/tmp/s19/<snapshot>/src (a `git archive` of 1345edc, 4cb7cb2 or 6f8e1ec with the
+# patch of floor/, veto/ or selection/ applied) into /tmp/s19/out/<snapshot>-<policy>/<name>-s<seed>; two workers,
+# nice -n 19. The floor's INFaaS++ runs used the same loop with the policy fixed (`infaas++ --no-migration`) and the
+# output folder /tmp/s19/out/<snapshot>/. Finish times of every run: progress.txt.
 Q=$1
 run() {
   out=/tmp/s19/out/$1-$6/$2-s$5
