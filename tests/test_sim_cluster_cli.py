@@ -96,6 +96,52 @@ def test_compare_fig11_reduced_smoke(tmp_path: Path) -> None:
                 assert doc2["runs"][seed][group][label]["overall"] == summary["overall"]
 
 
+def test_compare_fig14_and_sweep_reduced_smoke(tmp_path: Path) -> None:
+    """CI's reduced Fig. 14 and rate sweep (`make sim-report` runs both at full size): Fig. 14 runs the artifact's
+    scaler (start at half the instances, range 1 to all of them, a 100 s warm-up, the last instance drained,
+    scale-down = scale-up + 50 across the threshold sweep) under both policies, INFaaS++ without migration; the sweep
+    runs M-M at 0.5-2x the artifact's middle rate (scaled to the instances) with M-M's migrate-out threshold."""
+    out = tmp_path / "fig14"
+    args = ["sim", "compare", "--scenario", "paper-fig14", "--requests", "30", "--instances", "4", "--seeds", "1"]
+    result = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((out / "compare.json").read_text())["runs"]["0"]
+    thresholds = sorted(int(g.split("=")[1].split()[0]) for g in runs if g.startswith("threshold"))
+    assert thresholds == [5, 25, 45, 65, 85]
+    assert {g for g in runs if g.startswith("gamma")} == {f"gamma cv={cv} rate=0.5" for cv in (2, 4, 6)}
+    for group, by_policy in runs.items():
+        assert set(by_policy) == {"infaas++", "llumnix"}, group
+        for policy, summary in by_policy.items():
+            config = summary["config"]
+            assert config["autoscale"] and config["scaling_warmup_s"] == 100.0 and config["drain_victim"] == "last"
+            assert (config["min_instances"], config["max_instances"]) == (1, 4)
+            assert summary["instances"]["initial"] == 2
+            assert config["scale_down_threshold"] == config["scale_up_threshold"] + 50
+            assert config["enable_migration"] == (policy == "llumnix")
+            assert summary["conservation"]["ok"] and summary["instance_hours"] > 0
+    assert all(s["migration"]["committed"] == 0 for s in (r["infaas++"] for r in runs.values()))
+    md = (out / "COMPARE.md").read_text()
+    assert ">= 15 % fewer instance-hours, P99 prefill no worse" in md and "instance-hours" in md
+    for png in ("instances.png", "threshold_instance_hours.png", "threshold_p99.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+    sweep = tmp_path / "sweep"
+    args = ["sim", "compare", "--scenario", "paper-fig11-sweep", "--traces", "M-M", "--requests", "30"]
+    result = CliRunner().invoke(cli, [*args, "--instances", "2", "--seeds", "1", "--out", str(sweep)])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((sweep / "compare.json").read_text())["runs"]["0"]
+    rates = sorted(float(g.split("rate=")[1]) for g in runs)
+    middle = 7.7 * 2 / 16
+    assert [round(r / middle, 2) for r in rates] == [0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
+    for by_policy in runs.values():
+        assert set(by_policy) == {"infaas++", "llumnix"}
+        for summary in by_policy.values():
+            assert summary["config"]["split_steps"] and summary["config"]["migrate_out_threshold"] == 10.0
+            assert summary["conservation"]["ok"]
+    for png in ("mm_prefill_mean_vs_rate.png", "mm_prefill_p99_vs_rate.png"):
+        assert (sweep / png).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_sim_high_headroom_reserve_flag(tmp_path: Path) -> None:
     """``--high-headroom-reserve`` reaches the run's config (the ClusterConfig field's simulator side); a value out of
     range is a usage error naming the option."""
