@@ -120,9 +120,11 @@ async def make_node(
     settings: MigrationSettings | None = None,
     total_blocks: int | None = None,
     hooks: MigrationHooks | None = None,
+    engine: SimEngine | None = None,
 ) -> Node:
-    max_len = min(512, total_blocks * 16) if total_blocks else None
-    engine = SimEngine("tiny", total_blocks=total_blocks, max_model_len=max_len)
+    if engine is None:
+        max_len = min(512, total_blocks * 16) if total_blocks else None
+        engine = SimEngine("tiny", total_blocks=total_blocks, max_model_len=max_len)
     llumlet = Llumlet(engine, name)
     transport = InprocTransport(cost_fn=delay)
     await transport.start()

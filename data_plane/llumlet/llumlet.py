@@ -3,9 +3,11 @@
 Every engine access holds ``engine_lock``; the step loop holds it for a whole step (compute, the modelled or measured
 duration, and handing the step's outputs to the pusher) and releases it between steps. So a handler that takes the
 lock (add, abort, a migration stage) always runs between two steps, after the previous step's outputs are queued, and
-asyncio's FIFO lock keeps the loop from starving them. One exception: while a sim step writes a large KV payload in a
+asyncio's FIFO lock keeps the loop from starving them. Two exceptions: while a sim step writes a large KV payload in a
 worker thread (its only part off the event loop), an add goes in without the lock: it only enqueues, and the write
-touches nothing but the blocks the step's requests already hold.
+touches nothing but the blocks the step's requests already hold; and while a sim step's modelled duration passes, the
+lock's ``light`` users (a migration's reservations, copies' reads and install) go in, as they would beside a GPU
+engine's step (see ``EngineLock``).
 
 Every request that ends here ends with a final output to its frontend: finished by the engine, aborted (its message
 says by whom), failed by an engine error, or failed because the instance shuts down. The one exception is a frontend
@@ -32,9 +34,9 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pyllumnix.data_plane.engine.base import (
     Engine,
@@ -119,17 +121,44 @@ class LoadVersion:
     growth: int
 
 
-class _SignallingLock(asyncio.Lock):
+class EngineLock(asyncio.Lock):
     """The engine lock: its release sets ``changed``. Every change to the engine happens under it, so a load reader
-    that waits on ``changed`` hears of each (see ``Llumlet.load_changed``)."""
+    that waits on ``changed`` hears of each (see ``Llumlet.load_changed``).
+
+    ``async with lock`` also waits for ``settled``: a sim step's state is final once computed, and only its modelled
+    duration is left to pass before its outputs go out; the loop clears ``settled`` for that time and leaves the lock
+    free. What must not overtake those outputs (an abort, a migration's suspend or release, a step) waits, as before;
+    ``light()`` is for what may go meanwhile because it neither reads nor changes the pending outputs: a destination
+    reserving, filling and installing a migrated request, a source reading a request's state or blocks. So migration
+    handshakes no longer wait out the other engine's step in progress, as on a GPU engine whose step runs on the
+    device while its process serves them; a measured step (vLLM, or a sim step someone replaced) keeps the lock."""
 
     def __init__(self, changed: asyncio.Event) -> None:
         super().__init__()
         self._changed = changed
+        self.settled = asyncio.Event()
+        self.settled.set()
+
+    async def acquire(self) -> Literal[True]:
+        while True:
+            await self.settled.wait()
+            await super().acquire()
+            if self.settled.is_set():
+                return True
+            super().release()  # a step was computed meanwhile: its outputs go out first
 
     def release(self) -> None:
         super().release()
         self._changed.set()
+
+    @contextlib.asynccontextmanager
+    async def light(self) -> AsyncIterator[None]:
+        """Exclusive access that need not wait for a computed sim step's outputs (see the class)."""
+        await super().acquire()
+        try:
+            yield
+        finally:
+            self.release()
 
 
 @dataclass
@@ -228,7 +257,7 @@ class Llumlet:
         # reader clears it before reading the version and may sleep on it (instead of polling) while nothing changes.
         # Also set after steps whose only change was block growth (every step releases the lock).
         self.load_changed = asyncio.Event()
-        self.engine_lock: asyncio.Lock = _SignallingLock(self.load_changed)
+        self.engine_lock = EngineLock(self.load_changed)
         # Set whenever ``state`` is assigned (what waits for a drain sleeps on it instead of polling).
         self.state_changed = asyncio.Event()
         self._state = InstanceState.ACTIVE
@@ -252,7 +281,7 @@ class Llumlet:
         self.pending_aborts: dict[str, float] = {}
         # Why a pending abort was asked for, when not by the client (its final output carries this message).
         self.abort_reasons: dict[str, str] = {}
-        # Called after every step (under the lock) so migration coordinators can react between steps.
+        # Called after every step, before the next one, once its outputs are handed on.
         self.after_step: list[Callable[[], None]] = []
         # Opens a channel to a frontend's output sink (for ``hand_over``): mutual TLS when the process is configured.
         self.sink_channel: Callable[[str], Any] = functools.partial(open_channel, peer="frontend")
@@ -635,16 +664,19 @@ class Llumlet:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            async with self.engine_lock:
+            lock = self.engine_lock
+            async with lock:
                 t0 = time.monotonic()
                 waited = 0.0 if last_end is None else t0 - last_end
                 self.stats.between_steps_s += waited
                 self._step_started = time.time()
+                modelled = False
                 try:
                     if self._step_in_thread:
                         result = await self._in_thread(self.engine.step, time.time())
                     elif (sim := _stock_sim(self.engine)) is not None:
                         result = await self._sim_step(sim)
+                        modelled = True
                     else:
                         result = self.engine.step(time.time())
                 except Exception as exc:  # an engine bug must not take the llumlet down
@@ -653,19 +685,37 @@ class Llumlet:
                     self._fail_all(f"engine step failed: {exc!r}")
                     continue
                 remaining = result.duration - (time.monotonic() - t0)
-                if remaining > 0:
+                if modelled and remaining > 0:
+                    lock.settled.clear()  # the duration passes below, with the lock free for light users
+                else:
+                    if remaining > 0:
+                        await asyncio.sleep(remaining)
+                    last_end = self._step_done(result, t0, waited)
+            if not lock.settled.is_set():
+                try:
                     await asyncio.sleep(remaining)
-                self.stats.steps += 1
-                self.stats.last_step_duration = time.monotonic() - t0
-                self._emit(result.outputs, result.duration * HOLD_STEPS)
-                for hook in self.after_step:
-                    hook()
-                last_end = time.monotonic()
-                self.stats.step_modelled_s += result.duration
-                self.stats.step_wall_s += last_end - t0
-                self.stats.overhead_sq_s2 += (waited + last_end - t0 - result.duration) ** 2
+                finally:
+                    try:
+                        last_end = self._step_done(result, t0, waited)
+                    finally:
+                        lock.settled.set()
+                        self.load_changed.set()
             # let handlers waiting on the lock run between steps
             await asyncio.sleep(0)
+
+    def _step_done(self, result: StepResult, t0: float, waited: float) -> float:
+        """Hands the step's outputs on and runs the after-step hooks once its duration has passed; returns the time
+        it ended (no await: nothing runs between the outputs and the hooks)."""
+        self.stats.steps += 1
+        self.stats.last_step_duration = time.monotonic() - t0
+        self._emit(result.outputs, result.duration * HOLD_STEPS)
+        for hook in self.after_step:
+            hook()
+        end = time.monotonic()
+        self.stats.step_modelled_s += result.duration
+        self.stats.step_wall_s += end - t0
+        self.stats.overhead_sq_s2 += (waited + end - t0 - result.duration) ** 2
+        return end
 
     async def _in_thread(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Runs ``fn`` in a worker thread; ``stop`` must not touch the engine while one runs (see ``stop``)."""

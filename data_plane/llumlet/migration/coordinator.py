@@ -528,7 +528,7 @@ class MigrationCoordinator:
         """The request the order's selection picks among those that fit ``max_blocks`` (0: any) and no other order
         took, with the destination blocks it takes; None when none does. The pick is claimed for the caller (released
         when its migration ends)."""
-        async with self.llumlet.engine_lock:
+        async with self.llumlet.engine_lock.light():
             snap = self.llumlet.engine.load()
         selected = Selection(selection) if selection in Selection._value2member_map_ else Selection.SR
         views = [v for v in request_views(snap.requests) if not self._claimed(v.request_id)]
@@ -655,7 +655,7 @@ class MigrationCoordinator:
         if isinstance(action, ev.Observe):
             if machine.state is SourceState.OBSERVING:
                 await self._hook_stage(out, machine.stages)
-            async with self.llumlet.engine_lock:
+            async with self.llumlet.engine_lock.light():
                 return perform.observe(engine, rid)
         if isinstance(action, ev.Suspend):
             async with self.llumlet.engine_lock:
@@ -752,7 +752,7 @@ class MigrationCoordinator:
         if stage.index == 0:
             state = out.state
             if state is None:  # the destination validates the request before reserving
-                async with self.llumlet.engine_lock:
+                async with self.llumlet.engine_lock.light():
                     peeked = perform.peek(self.llumlet.engine, rid)
                 if isinstance(peeked, ev.SourceFailed):
                     return peeked
@@ -795,7 +795,7 @@ class MigrationCoordinator:
         mid, rid = machine.migration_id, machine.request_id
         if self.hooks is not None:
             await self.hooks.before_copy(mid, rid, stage.index)
-        async with self.llumlet.engine_lock:
+        async with self.llumlet.engine_lock.light():
             src_ids = perform.stage_blocks(self.llumlet.engine, rid, stage)
         if isinstance(src_ids, ev.SourceFailed):
             return src_ids
@@ -1081,7 +1081,7 @@ class MigrationCoordinator:
         while pending:
             action = pending.pop(0)
             if isinstance(action, ev.ReserveBlocks):
-                async with self.llumlet.engine_lock:
+                async with self.llumlet.engine_lock.light():
                     reserved = perform.reserve(engine, action.stage, action.count)
                 pending += incoming.machine.step(reserved)
             elif isinstance(action, ev.Receive):
@@ -1121,7 +1121,7 @@ class MigrationCoordinator:
         commit = incoming.commit
         assert commit is not None
         state = convert.migration_state_from_pb(commit.request)
-        async with self.llumlet.engine_lock:
+        async with self.llumlet.engine_lock.light():
             abandoned = incoming.machine.install_abandoned
             if abandoned:  # the source gave up on its commit while this waited for the engine, and resumed
                 return ev.InstallFailed(abandoned)
@@ -1143,7 +1143,7 @@ class MigrationCoordinator:
                 await task
         incoming.stages.clear()
         if action.block_ids:
-            async with self.llumlet.engine_lock:
+            async with self.llumlet.engine_lock.light():
                 self.llumlet.engine.free_reserved(action.block_ids)
         incoming.freeing = ()
         log.info("migration %s in: freed %d blocks (%s)", incoming.migration_id, len(action.block_ids), action.reason)
