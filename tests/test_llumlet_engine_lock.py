@@ -117,7 +117,7 @@ async def test_a_destination_reserves_and_installs_while_its_own_step_runs(sink:
     (before: each waited for the step in progress to end), and both token streams stay exact."""
     a, b = await make_node("a"), await make_node("b", engine=_slow_engine(250.0))
     try:
-        await b.stub.AddRequest(request("busy", sink, 20, 8))
+        await b.stub.AddRequest(request("busy", sink, 20, 200))  # b steps throughout the migration
         await until(lambda: not b.llumlet.engine_lock.settled.is_set(), "b's first step in flight")
         await a.stub.AddRequest(request("r", sink, 100, 300))
         await until(lambda: len(sink.tokens("r")) >= 20, "r decoding on a")
@@ -143,7 +143,7 @@ async def test_a_destination_reserves_and_installs_while_its_own_step_runs(sink:
         await sink.wait("r", timeout=120)
         await sink.wait("busy", timeout=60)
         assert sink.tokens("r") == unmigrated_tokens(100, 300)
-        assert sink.raw_indices("r") == list(range(300)) and sink.raw_indices("busy") == list(range(8))
+        assert sink.raw_indices("r") == list(range(300)) and sink.raw_indices("busy") == list(range(200))
         await settle(a, b)
     finally:
         await a.close()

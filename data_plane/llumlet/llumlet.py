@@ -131,7 +131,11 @@ class EngineLock(asyncio.Lock):
     ``light()`` is for what may go meanwhile because it neither reads nor changes the pending outputs: a destination
     reserving, filling and installing a migrated request, a source reading a request's state or blocks. So migration
     handshakes no longer wait out the other engine's step in progress, as on a GPU engine whose step runs on the
-    device while its process serves them; a measured step (vLLM, or a sim step someone replaced) keeps the lock."""
+    device while its process serves them; a measured step (vLLM, or a sim step someone replaced) keeps the lock.
+
+    A light section must not await: the step's outputs and after-step hooks run without the lock when its duration
+    has passed, and rely on the event loop, not the lock, to keep them apart from a light section. (Some readers take
+    no lock at all, e.g. ``load_pb``: they see the state right after a step is computed, as before.)"""
 
     def __init__(self, changed: asyncio.Event) -> None:
         super().__init__()
@@ -410,7 +414,8 @@ class Llumlet:
             self._emit([dataclasses.replace(out, error=f"{message} (on instance {self.instance_id})")])
 
     def adopt(self, state: MigrationState, frontend_address: str, capability: str = "") -> None:
-        """Takes ownership of a request migrated in (call under engine_lock, right after commit_incoming);
+        """Takes ownership of a request migrated in (call under engine_lock or its ``light()``, right after
+        commit_incoming; the request id must not be owned here: see the coordinator's ``_install``);
         ``capability``: the token the source obtained for this instance with ``hand_over``."""
         self.owners[state.spec.request_id] = RequestOwner(
             frontend_address,
@@ -697,6 +702,12 @@ class Llumlet:
                 finally:
                     try:
                         last_end = self._step_done(result, t0, waited)
+                    except Exception:
+                        task = asyncio.current_task()
+                        if task is None or not task.cancelling():
+                            raise
+                        # stopping (cancelled during the sleep): the error must not replace the cancellation
+                        log.exception("handing on the last step's outputs failed on %s", self.instance_id)
                     finally:
                         lock.settled.set()
                         self.load_changed.set()

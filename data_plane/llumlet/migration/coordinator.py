@@ -1121,18 +1121,32 @@ class MigrationCoordinator:
         commit = incoming.commit
         assert commit is not None
         state = convert.migration_state_from_pb(commit.request)
-        async with self.llumlet.engine_lock.light():
-            abandoned = incoming.machine.install_abandoned
-            if abandoned:  # the source gave up on its commit while this waited for the engine, and resumed
-                return ev.InstallFailed(abandoned)
-            done = perform.install(self.llumlet.engine, state, block_ids, time.time())
-            if isinstance(done, ev.Installed):
-                self.llumlet.adopt(state, commit.request.request.frontend_address, commit.capability)
-                owners = self.llumlet.owners
-                # Entries of requests that ended (or moved on) since the last install go now: the map stays bounded.
-                self._migrated_in = {r: e for r, e in self._migrated_in.items() if owners.get(r) is e[2]}
-                rid = state.spec.request_id
-                self._migrated_in[rid] = (incoming.source_instance_id, incoming.migration_id, owners[rid])
+        lock = self.llumlet.engine_lock
+        async with lock.light():
+            if state.spec.request_id not in self.llumlet.owners:
+                return self._install_now(incoming, state, block_ids)
+        # An earlier request of this id is still owned here: it may have ended in the step in flight, whose outputs
+        # (its final one among them) must go out under its owner entry before this request takes the id.
+        async with lock:
+            return self._install_now(incoming, state, block_ids)
+
+    def _install_now(
+        self, incoming: _Incoming, state: MigrationState, block_ids: Sequence[int]
+    ) -> ev.Installed | ev.InstallFailed:
+        """The install itself (under the engine lock, light or full; no await)."""
+        commit = incoming.commit
+        assert commit is not None
+        abandoned = incoming.machine.install_abandoned
+        if abandoned:  # the source gave up on its commit while this waited for the engine, and resumed
+            return ev.InstallFailed(abandoned)
+        done = perform.install(self.llumlet.engine, state, block_ids, time.time())
+        if isinstance(done, ev.Installed):
+            self.llumlet.adopt(state, commit.request.request.frontend_address, commit.capability)
+            owners = self.llumlet.owners
+            # Entries of requests that ended (or moved on) since the last install go now: the map stays bounded.
+            self._migrated_in = {r: e for r, e in self._migrated_in.items() if owners.get(r) is e[2]}
+            rid = state.spec.request_id
+            self._migrated_in[rid] = (incoming.source_instance_id, incoming.migration_id, owners[rid])
         return done
 
     async def _free(self, incoming: _Incoming, action: ev.Free) -> int:
